@@ -1,0 +1,30 @@
+//! `kvplane bench <what>`: each prints a table for people, or one JSON object with `--json`.
+
+use clap::Subcommand;
+
+use super::{CliResult, bench_gather, bench_host, bench_lookup, bench_nvme, bench_ring};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Engine<->daemon ring: NOP round trip across processes and batched throughput,
+    /// against a bare shared-memory ping-pong and a Unix-socket round trip.
+    Ring(bench_ring::RingArgs),
+    /// NVMe tier write/read throughput against fio on the same file system.
+    Nvme(bench_nvme::NvmeArgs),
+    /// Host tier save/load throughput against memcpy.
+    Host(bench_host::HostArgs),
+    /// Registry prefix lookups per second.
+    Lookup(bench_lookup::LookupArgs),
+    /// Paged gather/scatter kernels against memcpy.
+    Gather(bench_gather::GatherArgs),
+}
+
+pub fn run(cmd: BenchCommand) -> CliResult {
+    match cmd {
+        BenchCommand::Ring(args) => bench_ring::run(args),
+        BenchCommand::Nvme(args) => bench_nvme::run(args),
+        BenchCommand::Host(args) => bench_host::run(args),
+        BenchCommand::Lookup(args) => bench_lookup::run(args),
+        BenchCommand::Gather(args) => bench_gather::run(args),
+    }
+}

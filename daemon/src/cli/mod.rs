@@ -1,0 +1,84 @@
+//! Command-line entry points. Each subcommand's arguments and `run` live in its own file.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+pub mod bench;
+pub mod bench_gather;
+pub mod bench_host;
+pub mod bench_lookup;
+pub mod bench_nvme;
+pub mod bench_ring;
+pub mod replay;
+pub mod router;
+pub mod serve;
+pub mod status;
+
+/// Errors at the command-line boundary: any library error, printed with its context.
+pub type CliResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+#[derive(Debug, Parser)]
+#[command(name = "kvplane", version, about = "KV-cache data plane for LLM inference")]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `kvplane_daemon=debug`.
+    #[arg(long, global = true, default_value = "info", env = "KVPLANE_LOG")]
+    pub log: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon: owns the KV tiers and serves engine sessions.
+    Serve(serve::ServeArgs),
+    /// Run the cluster router.
+    Router(router::RouterArgs),
+    /// Benchmarks, each against a ceiling measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Replay a request trace.
+    Replay(replay::ReplayArgs),
+    /// Show a running daemon's state.
+    Status(status::StatusArgs),
+}
+
+pub fn init_logging(filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests) is harmless: keep the first subscriber.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log, cli.log_json);
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Router(args) => router::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
+        Command::Replay(args) => replay::run(args),
+        Command::Status(args) => status::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("kvplane: error: {err}");
+            let mut source = err.source();
+            while let Some(cause) = source {
+                eprintln!("  caused by: {cause}");
+                source = cause.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

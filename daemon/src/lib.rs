@@ -1,0 +1,2 @@
+//! kvplane daemon library. `main.rs` is a thin CLI over this.
+pub mod cli;

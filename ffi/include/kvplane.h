@@ -1,0 +1,335 @@
+/*
+ * kvplane.h: the kvplane engine ABI. The single definition of everything that lives in
+ * a session's shared-memory segment or crosses the daemon/engine boundary.
+ *
+ * Rust types are generated from this file by bindgen (ffi/src/bindings.rs, checked in;
+ * a test regenerates and compares). CUDA kernels include it for kvp_kv_layout and
+ * kvp_copy_desc. Everything here is #[repr(C)]-compatible, pointer-free (offsets, not
+ * addresses) and fixed-size, so a segment means the same in both processes.
+ *
+ * Trust: the daemon treats every byte of a segment as hostile. It keeps its own private
+ * copy of the segment geometry (the kvp_queue_pair_desc values it wrote) and never
+ * reads geometry back; it reads only ring indices and entries, and validates those.
+ *
+ * Segment layout (all offsets in bytes from the start of the segment):
+ *
+ *   [0, KVP_HEADER_BYTES)          struct kvp_segment_header
+ *   per queue pair, in order:      submission ring (kvp_ring_header + sq_entries * kvp_sqe)
+ *                                  completion ring (kvp_ring_header + cq_entries * kvp_cqe)
+ *   arena                          argument arena, split into one slice per queue pair
+ *
+ * Rings are single-producer single-consumer. Indices are free-running uint32 counters;
+ * the slot is index & (entries - 1). The producer writes the entry, then stores `tail`
+ * with release; the consumer loads `tail` with acquire, reads the entry, then stores
+ * `head` with release. A consumer that wants to sleep sets `consumer_sleeping` (seq_cst),
+ * re-checks `tail`, then FUTEX_WAITs on the ring's `doorbell`; a producer, after storing
+ * `tail`, issues a seq_cst fence and only if `consumer_sleeping` is set bumps `doorbell`
+ * and FUTEX_WAKEs it. A busy consumer never enters the kernel, and neither does a
+ * producer feeding it. The daemon side of a session waits on the session-wide
+ * `sq_doorbell` in the header instead of one per submission ring, so one daemon thread
+ * can sleep on all queue pairs of a session.
+ */
+#ifndef KVPLANE_H
+#define KVPLANE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------------------------- */
+/* Constants                                                                           */
+/* ---------------------------------------------------------------------------------- */
+
+/* "KVPLANE1" read as a little-endian u64. */
+#define KVP_MAGIC 0x31454E414C50564BULL
+#define KVP_ABI_VERSION 1u
+
+#define KVP_CACHE_LINE 64u
+#define KVP_HEADER_BYTES 4096u
+#define KVP_MAX_QUEUE_PAIRS 16u
+/* Ring sizes are powers of two in [KVP_MIN_RING_ENTRIES, KVP_MAX_RING_ENTRIES]. */
+#define KVP_MIN_RING_ENTRIES 8u
+#define KVP_MAX_RING_ENTRIES 65536u
+#define KVP_MAX_LAYERS 256u
+/* Upper bound on the number of blocks one submission may name. */
+#define KVP_MAX_BLOCKS_PER_OP 65536u
+#define KVP_MAX_NAMESPACES_PER_SESSION 16u
+#define KVP_NAMESPACE_NAME_BYTES 64u
+
+/* ---------------------------------------------------------------------------------- */
+/* Opcodes, flags, status codes, tiers, states                                         */
+/* ---------------------------------------------------------------------------------- */
+
+enum kvp_opcode {
+    KVP_OP_NOP = 0,             /* no-op: completes with KVP_OK; for liveness and benches */
+    KVP_OP_STATS = 1,           /* writes a kvp_stats into the arena at arg_offset */
+    KVP_OP_ATTACH_LAYOUT = 2,   /* arg: kvp_kv_layout; binds the engine's KV pool layout */
+    KVP_OP_LOOKUP = 3,          /* arg: kvp_block_op[count]; cqe.blocks = leading hits */
+    KVP_OP_SAVE = 4,            /* arg: kvp_block_op[count]; engine pages -> daemon */
+    KVP_OP_LOAD = 5,            /* arg: kvp_block_op[count]; daemon -> engine pages */
+    KVP_OP_PIN = 6,             /* arg: kvp_block_op[count]; take a lease on each block */
+    KVP_OP_UNPIN = 7,           /* arg: kvp_block_op[count]; release leases */
+    KVP_OP_DROP = 8,            /* arg: kvp_block_op[count]; remove blocks */
+    KVP_OP_CLEAR_NAMESPACE = 9, /* no arg; removes every block of sqe.namespace_id */
+    KVP_OP_COUNT = 10
+};
+
+/* kvp_sqe.flags */
+#define KVP_SQE_F_NONE 0u
+/* LOAD: stop at the first missing block and report the prefix (otherwise fail whole). */
+#define KVP_SQE_F_PREFIX_ONLY (1u << 0)
+/* SAVE: write through to NVMe now rather than by policy. */
+#define KVP_SQE_F_WRITE_THROUGH (1u << 1)
+/* SAVE: priority hint; blocks with it are evicted after those without. */
+#define KVP_SQE_F_HIGH_PRIORITY (1u << 2)
+#define KVP_SQE_F_ALL (KVP_SQE_F_PREFIX_ONLY | KVP_SQE_F_WRITE_THROUGH | KVP_SQE_F_HIGH_PRIORITY)
+
+enum kvp_status {
+    KVP_OK = 0,
+    KVP_E_BAD_OPCODE = 1,    /* opcode unknown */
+    KVP_E_BAD_FLAGS = 2,     /* flags outside KVP_SQE_F_ALL or not valid for the opcode */
+    KVP_E_BAD_RANGE = 3,     /* arg_offset/arg_len outside this queue pair's arena slice */
+    KVP_E_BAD_ARG = 4,       /* argument contents invalid (count, layout, block ids) */
+    KVP_E_NAMESPACE = 5,     /* namespace_id not bound to this session */
+    KVP_E_NO_LAYOUT = 6,     /* SAVE/LOAD before ATTACH_LAYOUT */
+    KVP_E_NOT_FOUND = 7,     /* a named block is not present */
+    KVP_E_NO_SPACE = 8,      /* tier full and nothing evictable, or quota reached */
+    KVP_E_IO = 9,            /* NVMe read/write failed */
+    KVP_E_CORRUPT = 10,      /* stored data failed its checksum; block dropped */
+    KVP_E_BUSY = 11,         /* back pressure: retry later */
+    KVP_E_UNSUPPORTED = 12,  /* valid opcode this daemon build cannot serve */
+    KVP_E_SHUTDOWN = 13,     /* daemon is shutting down; operation not performed */
+    KVP_E_INTERNAL = 14      /* daemon bug; the session stays usable */
+};
+
+enum kvp_tier {
+    KVP_TIER_NONE = 0,
+    KVP_TIER_HBM = 1,  /* G1: device memory (host memory standing in on the host backend) */
+    KVP_TIER_HOST = 2, /* G2: pinned host pool */
+    KVP_TIER_NVME = 3  /* G3: NVMe slots */
+};
+
+enum kvp_session_state {
+    KVP_STATE_INIT = 0,
+    KVP_STATE_ACTIVE = 1,
+    KVP_STATE_CLOSING = 2, /* engine asked to detach */
+    KVP_STATE_DEAD = 3     /* daemon ended the session (peer died or protocol violation) */
+};
+
+/* ---------------------------------------------------------------------------------- */
+/* Ring entries                                                                        */
+/* ---------------------------------------------------------------------------------- */
+
+/* Submission entry, written by the engine. 64 bytes. */
+struct kvp_sqe {
+    uint64_t user_data;    /* returned unchanged in the completion */
+    uint16_t opcode;       /* enum kvp_opcode */
+    uint16_t flags;        /* KVP_SQE_F_* */
+    uint32_t namespace_id; /* index into the namespaces bound at attach */
+    uint64_t arg_offset;   /* byte offset of the argument, relative to the QP's arena slice */
+    uint32_t arg_len;      /* argument bytes */
+    uint32_t count;        /* number of elements in the argument (blocks) */
+    uint64_t param0;       /* opcode-specific */
+    uint64_t param1;       /* opcode-specific */
+    uint64_t reserved[2];  /* must be zero */
+};
+
+/* Completion entry, written by the daemon. 32 bytes. */
+struct kvp_cqe {
+    uint64_t user_data; /* from the submission */
+    int32_t status;     /* enum kvp_status */
+    uint32_t blocks;    /* blocks done (LOOKUP: leading blocks present) */
+    uint64_t bytes;     /* bytes moved */
+    uint32_t tier;      /* enum kvp_tier: slowest tier served from (LOAD), or stored to (SAVE) */
+    uint32_t detail;    /* opcode-specific: index of the failing element, or transfer us */
+};
+
+/* ---------------------------------------------------------------------------------- */
+/* Rings and the segment header                                                        */
+/* ---------------------------------------------------------------------------------- */
+
+/* A uint32 alone on its cache line, so producer and consumer never false-share. */
+struct kvp_index_line {
+    uint32_t value;
+    uint32_t aux;
+    uint8_t pad[56];
+};
+
+/* Head of every ring; entries follow at offset sizeof(struct kvp_ring_header). */
+struct kvp_ring_header {
+    struct kvp_index_line tail;     /* written by the producer */
+    struct kvp_index_line head;     /* written by the consumer */
+    struct kvp_index_line doorbell; /* value: futex word; aux: consumer_sleeping */
+    uint32_t entries;               /* informational copy; the daemon keeps its own */
+    uint32_t entry_bytes;
+    uint8_t pad[56];
+};
+
+/* Where one queue pair lives. Written once by the daemon before the engine maps. */
+struct kvp_queue_pair_desc {
+    uint64_t sq_offset;    /* kvp_ring_header of the submission ring */
+    uint64_t cq_offset;    /* kvp_ring_header of the completion ring */
+    uint64_t arena_offset; /* this QP's slice of the argument arena */
+    uint64_t arena_bytes;
+    uint32_t sq_entries;
+    uint32_t cq_entries;
+    uint8_t pad[24];
+};
+
+struct kvp_segment_header {
+    uint64_t magic;       /* KVP_MAGIC */
+    uint32_t abi_version; /* KVP_ABI_VERSION */
+    uint32_t header_bytes;
+    uint64_t session_id;
+    uint64_t segment_bytes;
+    int32_t daemon_pid;
+    int32_t engine_pid;
+    uint32_t num_queue_pairs;
+    uint32_t num_namespaces;
+    uint64_t arena_offset; /* whole arena */
+    uint64_t arena_bytes;
+    /* Cache line 1: written by the daemon only. */
+    uint64_t daemon_heartbeat; /* incremented by the daemon about every 100 ms */
+    uint32_t state;            /* enum kvp_session_state */
+    uint8_t pad1[52];
+    /* Cache line 2: written by the engine only. */
+    uint64_t engine_heartbeat;
+    uint8_t pad2[56];
+    /* Cache line 3: the session-wide submission doorbell the daemon sleeps on. */
+    struct kvp_index_line sq_doorbell; /* value: futex word; aux: daemon_sleeping */
+    /* Cache lines 4..: queue pairs, 64 bytes each. */
+    struct kvp_queue_pair_desc queue_pairs[KVP_MAX_QUEUE_PAIRS];
+};
+
+/* ---------------------------------------------------------------------------------- */
+/* Arguments (placed in the arena)                                                     */
+/* ---------------------------------------------------------------------------------- */
+
+/* One block of a LOOKUP/SAVE/LOAD/PIN/UNPIN/DROP batch. 24 bytes. `hash` is the chained
+ * sequence hash (NVIDIA Dynamo's scheme); `parent_hash` the previous block's, 0 at the root. */
+struct kvp_block_op {
+    uint64_t hash;
+    uint64_t parent_hash;
+    uint32_t engine_block; /* SAVE/LOAD: the engine page holding this block */
+    uint8_t tier;          /* out: LOOKUP/LOAD: tier found in (enum kvp_tier) */
+    uint8_t status;        /* out: per-block enum kvp_status (0 = ok) */
+    uint8_t reserved[2];
+};
+
+/* Strided description of an engine's paged KV pool. One descriptor covers vLLM's
+ * [2, blocks, tokens, heads, dim] and [blocks, 2, tokens, heads, dim] per-layer tensors,
+ * SGLang's token-major pools (separate K and V tensors per layer), TRT-LLM's pool
+ * ([blocks, layers, 2, heads, tokens, dim]) and MLA's [blocks, tokens, latent]
+ * (kv_planes = 1, kv_heads = 1, head_bytes = latent bytes).
+ *
+ * Address of (layer l, plane p, page b, token t, head h), relative to the engine's
+ * registered KV buffer:
+ *   plane_offset[p][l] + b * page_stride_bytes + t * token_stride_bytes + h * head_stride_bytes
+ * and head_bytes contiguous bytes live there. The daemon's block is the same data packed
+ * as [layers][planes][tokens][heads][head_bytes]. */
+struct kvp_kv_layout {
+    uint32_t num_layers;  /* 1..KVP_MAX_LAYERS */
+    uint32_t kv_planes;   /* 2 (K and V) or 1 (MLA) */
+    uint32_t page_tokens; /* tokens per engine page = tokens per daemon block */
+    uint32_t kv_heads;
+    uint32_t head_bytes;  /* bytes of one head of one token (head_dim * dtype bytes) */
+    uint32_t dtype_bytes; /* 1, 2 or 4; informational (checks head_bytes) */
+    uint64_t num_pages;   /* engine pages in the pool */
+    uint64_t page_stride_bytes;
+    uint64_t token_stride_bytes;
+    uint64_t head_stride_bytes;
+    uint64_t buffer_bytes; /* bytes of the registered KV buffer; every access must fit */
+    uint64_t plane_offset[2][KVP_MAX_LAYERS];
+};
+
+/* One element of a batched copy (kernels: batched block copy). */
+struct kvp_copy_desc {
+    uint64_t src_offset;
+    uint64_t dst_offset;
+    uint64_t bytes;
+};
+
+/* Written by KVP_OP_STATS into the arena. */
+struct kvp_stats {
+    uint64_t session_id;
+    uint64_t ops_completed;
+    uint64_t ops_failed;
+    uint64_t blocks_saved;
+    uint64_t blocks_loaded;
+    uint64_t bytes_saved;
+    uint64_t bytes_loaded;
+    uint64_t sessions_active;
+    uint64_t tier_capacity_blocks[4]; /* indexed by enum kvp_tier */
+    uint64_t tier_used_blocks[4];
+    uint64_t lookup_hits;
+    uint64_t lookup_misses;
+    uint32_t backend; /* 0 = host (no GPU), 1 = cuda */
+    uint32_t reserved0;
+    uint64_t reserved[4];
+};
+
+/* ---------------------------------------------------------------------------------- */
+/* Attach handshake (over the daemon's Unix socket, not in shared memory)              */
+/* ---------------------------------------------------------------------------------- */
+
+/* Engine -> daemon, first message. */
+struct kvp_attach_request {
+    uint64_t magic;       /* KVP_MAGIC */
+    uint32_t abi_version; /* KVP_ABI_VERSION */
+    uint32_t num_queue_pairs;
+    uint32_t sq_entries;
+    uint32_t cq_entries;
+    uint64_t arena_bytes; /* whole arena; split evenly across queue pairs */
+    uint64_t kv_buffer_bytes; /* 0, or the size of a KV buffer memfd sent with this message */
+    uint32_t num_namespaces;
+    uint32_t reserved0;
+    char namespaces[KVP_MAX_NAMESPACES_PER_SESSION][KVP_NAMESPACE_NAME_BYTES];
+};
+
+/* Daemon -> engine reply; a memfd for the segment comes with it (SCM_RIGHTS) when
+ * status is KVP_OK. */
+struct kvp_attach_reply {
+    uint64_t magic;
+    uint32_t abi_version;
+    int32_t status;         /* enum kvp_status */
+    uint64_t session_id;
+    uint64_t segment_bytes;
+    int32_t daemon_pid;
+    uint32_t backend;       /* 0 = host, 1 = cuda */
+    char message[96];       /* human-readable reason when status != KVP_OK */
+};
+
+/* ---------------------------------------------------------------------------------- */
+/* Layout checks (C11; C++ static_assert)                                              */
+/* ---------------------------------------------------------------------------------- */
+#if defined(__cplusplus)
+#define KVP_STATIC_ASSERT(c, m) static_assert(c, m)
+#else
+#define KVP_STATIC_ASSERT(c, m) _Static_assert(c, m)
+#endif
+#if !defined(__CUDACC_RTC__)
+#include <stddef.h>
+KVP_STATIC_ASSERT(sizeof(struct kvp_sqe) == 64, "sqe is 64 bytes");
+KVP_STATIC_ASSERT(sizeof(struct kvp_cqe) == 32, "cqe is 32 bytes");
+KVP_STATIC_ASSERT(sizeof(struct kvp_index_line) == KVP_CACHE_LINE, "index line");
+KVP_STATIC_ASSERT(sizeof(struct kvp_ring_header) == 4 * KVP_CACHE_LINE, "ring header");
+KVP_STATIC_ASSERT(offsetof(struct kvp_ring_header, head) == KVP_CACHE_LINE, "head line");
+KVP_STATIC_ASSERT(offsetof(struct kvp_ring_header, doorbell) == 2 * KVP_CACHE_LINE, "bell");
+KVP_STATIC_ASSERT(sizeof(struct kvp_queue_pair_desc) == 64, "qp desc");
+KVP_STATIC_ASSERT(offsetof(struct kvp_segment_header, daemon_heartbeat) == 64, "line 1");
+KVP_STATIC_ASSERT(offsetof(struct kvp_segment_header, engine_heartbeat) == 128, "line 2");
+KVP_STATIC_ASSERT(offsetof(struct kvp_segment_header, sq_doorbell) == 192, "line 3");
+KVP_STATIC_ASSERT(offsetof(struct kvp_segment_header, queue_pairs) == 256, "line 4");
+KVP_STATIC_ASSERT(sizeof(struct kvp_segment_header) <= KVP_HEADER_BYTES, "header fits");
+KVP_STATIC_ASSERT(sizeof(struct kvp_block_op) == 24, "block op");
+KVP_STATIC_ASSERT(sizeof(struct kvp_copy_desc) == 24, "copy desc");
+KVP_STATIC_ASSERT(sizeof(struct kvp_kv_layout) == 64 + 2 * 8 * KVP_MAX_LAYERS, "layout");
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVPLANE_H */
