@@ -1,0 +1,1 @@
+//! Block registry, leases and eviction (issue 3).

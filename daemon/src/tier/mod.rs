@@ -1,0 +1,1 @@
+//! Storage tiers: pinned host pool and NVMe (issue 3).
