@@ -1,1 +1,19 @@
-//! Skeleton; filled in by its issue.
+//! kvplane shared memory: session segments (memfd + memmap2), SPSC rings with futex
+//! doorbells, the attach handshake, liveness, and the Rust client engines use.
+//!
+//! Unsafe code is confined to `sys` (system calls), `segment` (raw access to a mapping,
+//! bounds-checked) and `ring` (volatile entry copies within a checked array).
+
+pub mod error;
+pub mod ring;
+pub mod segment;
+pub mod sys;
+
+pub use error::{Result, ShmError};
+pub use ring::{Consumer, Doorbell, Producer, RingKind, WaitPolicy};
+pub use segment::{Geometry, QpGeometry, Segment};
+pub mod client;
+pub mod handshake;
+pub mod server;
+
+pub use client::{AttachOptions, QueuePair, Session};

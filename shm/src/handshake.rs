@@ -1,0 +1,208 @@
+//! The attach handshake over the daemon's Unix socket.
+//!
+//! engine -> daemon: `kvp_attach_request` (+ optionally a memfd of its KV buffer)
+//! daemon -> engine: `kvp_attach_reply` (+ the session segment's memfd when status is OK)
+//!
+//! The connection then stays open for the life of the session: its hang-up is how each
+//! side learns the other died, even if a pid is reused.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use kvplane_ffi::{self as ffi, Pod, kvp_attach_reply, kvp_attach_request};
+
+use crate::error::{Result, ShmError};
+use crate::sys::{self, PeerCred};
+
+/// How long the daemon waits for a connected peer to send its request.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A validated attach request, as the daemon sees it.
+#[derive(Debug)]
+pub struct AttachRequest {
+    pub peer: PeerCred,
+    pub num_queue_pairs: u32,
+    pub sq_entries: u32,
+    pub cq_entries: u32,
+    pub arena_bytes: u64,
+    pub namespaces: Vec<String>,
+    /// The engine's KV buffer (host backend), with the size it claims; the daemon checks
+    /// the size against the fd itself before mapping.
+    pub kv_buffer: Option<(OwnedFd, u64)>,
+}
+
+/// Parse one fixed-size, NUL-padded namespace name.
+fn parse_name(raw: &[core::ffi::c_char]) -> Option<String> {
+    let bytes: Vec<u8> = raw
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&b| b != 0)
+        .collect();
+    if bytes.is_empty() || bytes.len() >= ffi::NAMESPACE_NAME_BYTES {
+        return None;
+    }
+    let s = String::from_utf8(bytes).ok()?;
+    s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.:/@".contains(c))
+        .then_some(s)
+}
+
+/// Daemon side: read and validate the request of a freshly accepted connection.
+pub fn read_request(stream: &UnixStream) -> Result<AttachRequest> {
+    let peer = sys::peer_cred(stream).map_err(|e| ShmError::io("SO_PEERCRED", e))?;
+    let who = || format!("pid {} uid {}", peer.pid, peer.uid);
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|e| ShmError::io("set_read_timeout", e))?;
+    let mut buf = [0u8; std::mem::size_of::<kvp_attach_request>()];
+    let fd = sys::recv_with_fd(stream, &mut buf).map_err(|e| ShmError::Handshake {
+        peer: who(),
+        reason: format!("reading the attach request: {e}"),
+    })?;
+    let req: kvp_attach_request = ffi::read_pod(&buf).expect("buffer is exactly one request");
+    let bad = |reason: String| ShmError::Handshake {
+        peer: who(),
+        reason,
+    };
+    if req.magic != ffi::MAGIC {
+        return Err(bad(format!("bad magic {:#x}", req.magic)));
+    }
+    if req.abi_version != ffi::ABI_VERSION {
+        return Err(bad(format!(
+            "ABI version {} (daemon speaks {})",
+            req.abi_version,
+            ffi::ABI_VERSION
+        )));
+    }
+    if req.num_namespaces as usize > ffi::MAX_NAMESPACES_PER_SESSION {
+        return Err(bad(format!(
+            "{} namespaces (at most {})",
+            req.num_namespaces,
+            ffi::MAX_NAMESPACES_PER_SESSION
+        )));
+    }
+    let mut namespaces = Vec::with_capacity(req.num_namespaces as usize);
+    for i in 0..req.num_namespaces as usize {
+        match parse_name(&req.namespaces[i]) {
+            Some(n) => namespaces.push(n),
+            None => {
+                return Err(bad(format!(
+                    "namespace #{i} is empty, too long or has characters outside [A-Za-z0-9-_.:/@]"
+                )));
+            }
+        }
+    }
+    let kv_buffer = match (fd, req.kv_buffer_bytes) {
+        (None, 0) => None,
+        (Some(_), 0) => return Err(bad("a file descriptor came without kv_buffer_bytes".into())),
+        (Some(fd), bytes) => {
+            let actual =
+                sys::fd_size(fd.as_raw_fd()).map_err(|e| ShmError::io("fstat kv buffer", e))?;
+            if actual < bytes {
+                return Err(bad(format!(
+                    "KV buffer fd has {actual} bytes, request says {bytes}"
+                )));
+            }
+            // A buffer the engine could shrink under our mapping would SIGBUS the daemon.
+            let seals = sys::memfd_seals(fd.as_raw_fd())
+                .map_err(|e| bad(format!("KV buffer is not a sealable memfd: {e}")))?;
+            if seals & libc::F_SEAL_SHRINK == 0 {
+                return Err(bad("KV buffer memfd must carry F_SEAL_SHRINK".into()));
+            }
+            Some((fd, bytes))
+        }
+        (None, bytes) => {
+            return Err(bad(format!(
+                "kv_buffer_bytes = {bytes} but no file descriptor came with it"
+            )));
+        }
+    };
+    Ok(AttachRequest {
+        peer,
+        num_queue_pairs: req.num_queue_pairs,
+        sq_entries: req.sq_entries,
+        cq_entries: req.cq_entries,
+        arena_bytes: req.arena_bytes,
+        namespaces,
+        kv_buffer,
+    })
+}
+
+/// Daemon side: answer. With `Ok`, `segment_fd` must be the session's memfd.
+pub fn send_reply(
+    stream: &UnixStream,
+    reply: &kvp_attach_reply,
+    segment_fd: Option<&std::fs::File>,
+) -> Result<()> {
+    sys::send_with_fd(
+        stream,
+        ffi::as_bytes(reply),
+        segment_fd.map(|f| f.as_raw_fd()),
+    )
+    .map_err(|e| ShmError::io("send attach reply", e))
+}
+
+/// A reply refusing the attach with `status` and a reason the engine will print.
+pub fn refusal(status: ffi::Status, message: &str) -> kvp_attach_reply {
+    let mut r: kvp_attach_reply = Pod::zeroed();
+    r.magic = ffi::MAGIC;
+    r.abi_version = ffi::ABI_VERSION;
+    r.status = status.raw();
+    r.daemon_pid = sys::getpid();
+    for (dst, src) in r.message.iter_mut().zip(message.bytes().take(95)) {
+        *dst = src as core::ffi::c_char;
+    }
+    r
+}
+
+/// Engine side: build the request for the given shape and namespaces.
+pub fn build_request(
+    num_queue_pairs: u32,
+    sq_entries: u32,
+    cq_entries: u32,
+    arena_bytes: u64,
+    namespaces: &[&str],
+    kv_buffer_bytes: u64,
+) -> Result<kvp_attach_request> {
+    if namespaces.len() > ffi::MAX_NAMESPACES_PER_SESSION {
+        return Err(ShmError::Geometry {
+            field: "namespaces",
+            value: namespaces.len() as u64,
+            reason: "at most 16 namespaces per session",
+        });
+    }
+    let mut req: kvp_attach_request = Pod::zeroed();
+    req.magic = ffi::MAGIC;
+    req.abi_version = ffi::ABI_VERSION;
+    req.num_queue_pairs = num_queue_pairs;
+    req.sq_entries = sq_entries;
+    req.cq_entries = cq_entries;
+    req.arena_bytes = arena_bytes;
+    req.kv_buffer_bytes = kv_buffer_bytes;
+    req.num_namespaces = namespaces.len() as u32;
+    for (i, ns) in namespaces.iter().enumerate() {
+        if ns.is_empty() || ns.len() >= ffi::NAMESPACE_NAME_BYTES {
+            return Err(ShmError::Geometry {
+                field: "namespaces",
+                value: ns.len() as u64,
+                reason: "a namespace name is 1..=63 bytes",
+            });
+        }
+        for (dst, src) in req.namespaces[i].iter_mut().zip(ns.bytes()) {
+            *dst = src as core::ffi::c_char;
+        }
+    }
+    Ok(req)
+}
+
+/// The message of a refusal, as text.
+pub fn reply_message(reply: &kvp_attach_reply) -> String {
+    let bytes: Vec<u8> = reply
+        .message
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&b| b != 0)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}

@@ -1,0 +1,315 @@
+//! Thin, fenced wrappers over the Linux calls the shared-memory layer needs: memfd,
+//! futex, SCM_RIGHTS, SO_PEERCRED, pidfd and poll. Every `unsafe` of this crate that is
+//! not pointer arithmetic into a mapped segment lives here.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+/// Create an anonymous memory file of `bytes`, sealed against shrinking so a peer cannot
+/// truncate it under our mapping (which would turn our reads into SIGBUS).
+pub fn memfd_create_sealed(name: &str, bytes: u64) -> io::Result<OwnedFd> {
+    let cname =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: cname is a valid NUL-terminated string; flags are valid memfd flags.
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate on a valid fd we own.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), bytes as libc::off_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    seal_no_shrink(fd.as_raw_fd())?;
+    Ok(fd)
+}
+
+/// Forbid shrinking (and further sealing changes) of a memfd.
+pub fn seal_no_shrink(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl F_ADD_SEALS on an fd; fails cleanly with EINVAL/EPERM if not a memfd.
+    let rc = unsafe {
+        libc::fcntl(
+            fd,
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Seals currently set on a memfd (to check a peer's memfd cannot shrink under us).
+pub fn memfd_seals(fd: RawFd) -> io::Result<i32> {
+    // SAFETY: fcntl F_GET_SEALS on an fd; returns -1 with errno on a non-memfd.
+    let rc = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// Size of the file behind `fd`.
+pub fn fd_size(fd: RawFd) -> io::Result<u64> {
+    // SAFETY: zeroed stat is a valid out-parameter; fstat fills it for a valid fd.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: st is a valid, writable stat struct.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_size as u64)
+}
+
+/// FUTEX_WAIT on a word that may live in shared memory (no FUTEX_PRIVATE_FLAG). Returns
+/// when woken, when `*word != expected`, on a signal, or after `timeout`.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: word points to a live, aligned u32 for the duration of the call; a
+    // relative timeout pointer is either null or a valid timespec. Errors (EAGAIN when the
+    // value changed, ETIMEDOUT, EINTR) all mean "re-check the condition", so they are ignored.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            ts_ptr,
+            0usize,
+            0u32,
+        );
+    }
+}
+
+/// FUTEX_WAKE all waiters on a word that may live in shared memory.
+pub fn futex_wake_all(word: &AtomicU32) {
+    // SAFETY: word points to a live, aligned u32; FUTEX_WAKE does not dereference beyond it.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            0usize,
+            0usize,
+            0u32,
+        );
+    }
+}
+
+/// Credentials of the process at the other end of a Unix stream (SO_PEERCRED).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+pub fn peer_cred(stream: &UnixStream) -> io::Result<PeerCred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid out-parameters of the right size for SO_PEERCRED.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(PeerCred {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+    })
+}
+
+/// Send `data` with up to one file descriptor attached (SCM_RIGHTS).
+pub fn send_with_fd(stream: &UnixStream, data: &[u8], fd: Option<RawFd>) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // Control buffer sized for one fd, aligned for cmsghdr.
+    let mut cmsg_buf = [0u64; 4];
+    // SAFETY: zeroed msghdr is valid; fields set below point to live buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+        assert!(space <= std::mem::size_of_val(&cmsg_buf));
+        msg.msg_control = cmsg_buf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: msg_control points to `space` bytes we own, so the first header fits;
+        // CMSG_DATA points inside it with room for one RawFd (checked by CMSG_SPACE).
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        }
+    }
+    let mut sent = 0usize;
+    while sent < data.len() {
+        msg.msg_iov = &mut iov;
+        // SAFETY: msg describes live buffers; after the first partial send we resend the
+        // rest without the fd (already delivered with the first byte).
+        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        sent += n as usize;
+        iov.iov_base = data[sent..].as_ptr() as *mut libc::c_void;
+        iov.iov_len = data.len() - sent;
+        msg.msg_control = std::ptr::null_mut();
+        msg.msg_controllen = 0;
+    }
+    Ok(())
+}
+
+/// Receive exactly `buf.len()` bytes and at most one file descriptor. Extra descriptors
+/// a hostile peer attaches are closed, never leaked.
+pub fn recv_with_fd(stream: &UnixStream, buf: &mut [u8]) -> io::Result<Option<OwnedFd>> {
+    let mut received_fd: Option<OwnedFd> = None;
+    let mut got = 0usize;
+    while got < buf.len() {
+        let mut iov = libc::iovec {
+            iov_base: buf[got..].as_mut_ptr().cast(),
+            iov_len: buf.len() - got,
+        };
+        let mut cmsg_buf = [0u64; 16];
+        // SAFETY: zeroed msghdr is valid; fields set below point to live buffers.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg_buf.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cmsg_buf);
+        // SAFETY: msg describes live, writable buffers of the stated sizes.
+        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        got += n as usize;
+        // SAFETY: walking the control messages the kernel wrote into cmsg_buf, within
+        // msg_controllen; each SCM_RIGHTS payload is an array of ints.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let header = libc::CMSG_LEN(0) as usize;
+                    let count = ((*cmsg).cmsg_len as usize).saturating_sub(header)
+                        / std::mem::size_of::<RawFd>();
+                    let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                    for i in 0..count {
+                        let fd = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
+                        if received_fd.is_none() {
+                            received_fd = Some(fd);
+                        } // else: dropped here, closing the extra fd.
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+    }
+    Ok(received_fd)
+}
+
+/// A pidfd for `pid`, so a death is noticed even if the pid is reused.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags, returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd returned by the kernel, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// True when `fd` is readable or hung up right now (pidfd: the process exited; socket:
+/// the peer closed or sent data).
+pub fn poll_ready(fd: RawFd) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, timeout 0 (no blocking).
+    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc > 0 && pfd.revents != 0)
+}
+
+/// True when the peer of a stream socket has hung up (EOF or error), without consuming data.
+pub fn socket_hung_up(stream: &UnixStream) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, timeout 0.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if rc <= 0 {
+        return false;
+    }
+    if pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP) != 0 {
+        return true;
+    }
+    // Readable: either data (protocol violation, treated by the caller) or EOF. Peek.
+    let mut byte = 0u8;
+    // SAFETY: recv into one byte we own, non-blocking peek.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+}
+
+/// Whether a process exists (kill with signal 0).
+pub fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 performs only the permission/existence check.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+pub fn getpid() -> i32 {
+    std::process::id() as i32
+}
