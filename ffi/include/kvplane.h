@@ -32,7 +32,19 @@
 #ifndef KVPLANE_H
 #define KVPLANE_H
 
+#if defined(__CUDACC_RTC__)
+/* NVRTC ships no C library headers; the fixed-width types this ABI uses (LP64). */
+typedef signed char int8_t;
+typedef short int16_t;
+typedef int int32_t;
+typedef long long int64_t;
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
+#else
 #include <stdint.h>
+#endif
 
 #ifdef __cplusplus
 extern "C" {

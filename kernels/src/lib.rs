@@ -1,4 +1,22 @@
-//! kvplane kernels: CUDA sources under `kernels/` and the host shim that runs them on the CPU.
+//! kvplane kernels: the CUDA sources under `kernels/cuda/` (paged gather/scatter over the
+//! strided engine layout, batched block copy, block checksum), the host shim that
+//! compiles the same sources for the CPU (`kernels/shim/`), and the safe, validating
+//! launch wrappers the host backend uses.
+//!
+//! - [`layout`]: validation of the engine's `kvp_kv_layout` ([`validate_layout`]).
+//! - [`host`]: launches of the CPU build ([`gather`], [`scatter`], [`copy_batch`],
+//!   [`checksum_batch`]).
+//! - [`sources`]: the kernel sources as text, for NVRTC (the cuda backend and the
+//!   compile check).
 
 pub mod checksum;
+pub mod host;
+pub mod layout;
+pub mod sources;
+
 pub use checksum::checksum64;
+pub use host::{
+    EngineKv, HostLaunch, KernelError, checksum_batch, checksum_block, copy_batch, copy_within,
+    gather, scatter,
+};
+pub use layout::{LayoutError, LayoutInfo, PagedLayout, validate_layout};

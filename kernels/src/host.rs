@@ -1,0 +1,503 @@
+//! The host backend's kernel launches: the `.cu` kernels compiled for the CPU by build.rs
+//! (through `shim/host_launch.cpp`), behind safe, validating wrappers.
+//!
+//! Every wrapper checks page ids, sizes and ranges before the launch, so nothing a caller
+//! passes (an engine's page ids, a corrupt copy table) can make a kernel touch memory
+//! outside the buffers it was given. One call is one launch over the whole batch.
+
+use crate::layout::PagedLayout;
+use kvplane_ffi::{kvp_copy_desc, kvp_kv_layout};
+use std::ptr::NonNull;
+
+/// Mirrors `struct kvp_host_grid` in `shim/host_launch.cpp`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct HostGrid {
+    grid_x: u32,
+    grid_y: u32,
+    block_x: u32,
+    block_y: u32,
+    block_begin: u64,
+    block_end: u64,
+}
+
+unsafe extern "C" {
+    fn kvp_host_paged_gather(
+        g: *const HostGrid,
+        engine: *const u8,
+        blocks: *mut u8,
+        layout: *const kvp_kv_layout,
+        pages: *const u32,
+        num_batch_pages: u32,
+    );
+    fn kvp_host_paged_scatter(
+        g: *const HostGrid,
+        engine: *mut u8,
+        blocks: *const u8,
+        layout: *const kvp_kv_layout,
+        pages: *const u32,
+        num_batch_pages: u32,
+    );
+    fn kvp_host_copy_batch(
+        g: *const HostGrid,
+        src: *const u8,
+        dst: *mut u8,
+        descs: *const kvp_copy_desc,
+        num_descs: u32,
+    );
+    fn kvp_host_checksum_partial(
+        g: *const HostGrid,
+        base: *const u8,
+        descs: *const kvp_copy_desc,
+        num_descs: u32,
+        sums: *mut u64,
+    );
+    fn kvp_host_checksum_finalize(
+        g: *const HostGrid,
+        descs: *const kvp_copy_desc,
+        num_descs: u32,
+        sums: *mut u64,
+    );
+}
+
+/// Errors of a launch; nothing was copied when one is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "{op}: page id {page} at index {index} is outside the engine pool of {num_pages} pages"
+    )]
+    PageOutOfRange {
+        op: &'static str,
+        index: usize,
+        page: u32,
+        num_pages: u64,
+    },
+    #[error("scatter: page id {page} appears twice in one batch (indices {first} and {second})")]
+    DuplicatePage {
+        page: u32,
+        first: usize,
+        second: usize,
+    },
+    #[error("{op}: batch of {count} exceeds the limit of {max}")]
+    BatchTooLarge {
+        op: &'static str,
+        count: usize,
+        max: usize,
+    },
+    #[error(
+        "{op}: engine buffer of {len_bytes} bytes is smaller than the layout's buffer_bytes {buffer_bytes}"
+    )]
+    EngineBufferTooSmall {
+        op: &'static str,
+        len_bytes: usize,
+        buffer_bytes: u64,
+    },
+    #[error("{op}: block buffer is {got_bytes} bytes, the batch needs exactly {want_bytes}")]
+    BlockBufferSize {
+        op: &'static str,
+        got_bytes: usize,
+        want_bytes: u64,
+    },
+    #[error(
+        "{op}: descriptor {index}: {side} range [{offset}, +{bytes}) exceeds {len_bytes} bytes"
+    )]
+    DescOutOfRange {
+        op: &'static str,
+        index: usize,
+        side: &'static str,
+        offset: u64,
+        bytes: u64,
+        len_bytes: usize,
+    },
+    #[error("copy: descriptor {index}: source and destination ranges overlap")]
+    DescOverlap { index: usize },
+    #[error("checksum: {descs} descriptors but {sums} result slots")]
+    SumsLength { descs: usize, sums: usize },
+}
+
+/// How the host runs a launch. One thread by default, so throughput compares with a
+/// single-threaded memcpy; more threads split the grid's blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostLaunch {
+    pub threads: u32,
+}
+
+impl Default for HostLaunch {
+    fn default() -> Self {
+        Self { threads: 1 }
+    }
+}
+
+/// Largest batch one launch takes (u32 counts in the kernels).
+pub const MAX_BATCH: usize = u32::MAX as usize;
+
+/// An engine's registered KV buffer: memory shared with another process, read (gather)
+/// and written (scatter) through raw pointers only, never as a Rust slice, because the
+/// engine may write it at any time.
+#[derive(Debug)]
+pub struct EngineKv {
+    base: NonNull<u8>,
+    len_bytes: usize,
+}
+
+// SAFETY: EngineKv is an address range; the contract of `new` makes it valid to access
+// from any thread for as long as the value lives.
+unsafe impl Send for EngineKv {}
+// SAFETY: as above; concurrent launches only read it (gather) or write it (scatter) with
+// the same last-writer-wins semantics the engine itself sees on the GPU.
+unsafe impl Sync for EngineKv {}
+
+impl EngineKv {
+    /// # Safety
+    /// `base` must be valid for reads and writes of `len_bytes` bytes for the whole
+    /// lifetime of the returned value (e.g. a mapping the daemon keeps until it drops
+    /// this). The memory may be changed concurrently by another process; gathered data is
+    /// then whatever the engine had written, which is the engine's own affair.
+    pub unsafe fn new(base: NonNull<u8>, len_bytes: usize) -> Self {
+        Self { base, len_bytes }
+    }
+
+    pub fn len_bytes(&self) -> usize {
+        self.len_bytes
+    }
+
+    pub fn base(&self) -> NonNull<u8> {
+        self.base
+    }
+}
+
+fn check_pages(
+    op: &'static str,
+    layout: &PagedLayout,
+    engine: &EngineKv,
+    pages: &[u32],
+    blocks_len: usize,
+) -> Result<(), KernelError> {
+    if pages.len() > MAX_BATCH {
+        return Err(KernelError::BatchTooLarge {
+            op,
+            count: pages.len(),
+            max: MAX_BATCH,
+        });
+    }
+    let buffer_bytes = layout.raw().buffer_bytes;
+    if (engine.len_bytes as u64) < buffer_bytes {
+        return Err(KernelError::EngineBufferTooSmall {
+            op,
+            len_bytes: engine.len_bytes,
+            buffer_bytes,
+        });
+    }
+    let want_bytes = (pages.len() as u64).checked_mul(layout.info().block_bytes);
+    if want_bytes != Some(blocks_len as u64) {
+        return Err(KernelError::BlockBufferSize {
+            op,
+            got_bytes: blocks_len,
+            want_bytes: want_bytes.unwrap_or(u64::MAX),
+        });
+    }
+    let num_pages = layout.num_pages();
+    if let Some((index, &page)) = pages
+        .iter()
+        .enumerate()
+        .find(|(_, p)| u64::from(**p) >= num_pages)
+    {
+        return Err(KernelError::PageOutOfRange {
+            op,
+            index,
+            page,
+            num_pages,
+        });
+    }
+    Ok(())
+}
+
+fn run_split(threads: u32, units: u64, f: impl Fn(HostGrid) + Sync, x_split: bool) {
+    let threads = u64::from(threads.max(1)).min(units.max(1)) as u32;
+    let grid = |i: u32| HostGrid {
+        grid_x: if x_split { threads } else { 1 },
+        grid_y: if x_split { 1 } else { threads },
+        block_x: 1,
+        block_y: 1,
+        block_begin: u64::from(i),
+        block_end: u64::from(i) + 1,
+    };
+    if threads == 1 {
+        f(grid(0));
+        return;
+    }
+    std::thread::scope(|s| {
+        for i in 1..threads {
+            let f = &f;
+            s.spawn(move || f(grid(i)));
+        }
+        f(grid(0));
+    });
+}
+
+/// Gathers engine pages `pages[i]` into `blocks[i * block_bytes ..]`, packed
+/// `[layers][planes][tokens][heads][head_bytes]`. One launch for the batch.
+pub fn gather(
+    engine: &EngineKv,
+    layout: &PagedLayout,
+    pages: &[u32],
+    blocks: &mut [u8],
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    check_pages("gather", layout, engine, pages, blocks.len())?;
+    if pages.is_empty() {
+        return Ok(());
+    }
+    let units = pages.len() as u64 * u64::from(layout.raw().num_layers);
+    let blocks_ptr = SendPtr(blocks.as_mut_ptr());
+    run_split(
+        launch.threads,
+        units,
+        |g| {
+            let blocks_ptr = &blocks_ptr;
+            // SAFETY: `engine` covers buffer_bytes (checked above) and the validated layout
+            // keeps every page < num_pages inside buffer_bytes; every page id was checked;
+            // `blocks` is exactly pages.len() * block_bytes. Threads write disjoint blocks
+            // ranges (different (page, layer, plane) triples).
+            unsafe {
+                kvp_host_paged_gather(
+                    &g,
+                    engine.base.as_ptr(),
+                    blocks_ptr.0,
+                    layout.raw(),
+                    pages.as_ptr(),
+                    pages.len() as u32,
+                )
+            }
+        },
+        false,
+    );
+    Ok(())
+}
+
+/// Scatters `blocks[i * block_bytes ..]` into engine page `pages[i]`: the reverse of
+/// [`gather`]. A page may appear only once per batch (two writers would race on a GPU).
+pub fn scatter(
+    engine: &EngineKv,
+    layout: &PagedLayout,
+    pages: &[u32],
+    blocks: &[u8],
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    check_pages("scatter", layout, engine, pages, blocks.len())?;
+    if pages.is_empty() {
+        return Ok(());
+    }
+    let mut seen: Vec<(u32, usize)> = pages.iter().copied().zip(0..).collect();
+    seen.sort_unstable();
+    if let Some(w) = seen.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(KernelError::DuplicatePage {
+            page: w[0].0,
+            first: w[0].1.min(w[1].1),
+            second: w[0].1.max(w[1].1),
+        });
+    }
+    let units = pages.len() as u64 * u64::from(layout.raw().num_layers);
+    run_split(
+        launch.threads,
+        units,
+        |g| {
+            // SAFETY: as in `gather`; distinct pages of a validated layout, so threads
+            // write the engine buffer at addresses derived only from checked ids.
+            unsafe {
+                kvp_host_paged_scatter(
+                    &g,
+                    engine.base.as_ptr(),
+                    blocks.as_ptr(),
+                    layout.raw(),
+                    pages.as_ptr(),
+                    pages.len() as u32,
+                )
+            }
+        },
+        false,
+    );
+    Ok(())
+}
+
+fn check_descs(
+    op: &'static str,
+    descs: &[kvp_copy_desc],
+    src_len: usize,
+    dst_len: Option<usize>,
+) -> Result<(), KernelError> {
+    if descs.len() > MAX_BATCH {
+        return Err(KernelError::BatchTooLarge {
+            op,
+            count: descs.len(),
+            max: MAX_BATCH,
+        });
+    }
+    let fits = |offset: u64, bytes: u64, len: usize| {
+        offset
+            .checked_add(bytes)
+            .is_some_and(|end| end <= len as u64)
+    };
+    for (index, d) in descs.iter().enumerate() {
+        if !fits(d.src_offset, d.bytes, src_len) {
+            return Err(KernelError::DescOutOfRange {
+                op,
+                index,
+                side: "source",
+                offset: d.src_offset,
+                bytes: d.bytes,
+                len_bytes: src_len,
+            });
+        }
+        if let Some(dst_len) = dst_len
+            && !fits(d.dst_offset, d.bytes, dst_len)
+        {
+            return Err(KernelError::DescOutOfRange {
+                op,
+                index,
+                side: "destination",
+                offset: d.dst_offset,
+                bytes: d.bytes,
+                len_bytes: dst_len,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Copies every `descs[i]` (src_offset, dst_offset, bytes) from `src` to `dst` in one
+/// launch.
+pub fn copy_batch(
+    src: &[u8],
+    dst: &mut [u8],
+    descs: &[kvp_copy_desc],
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    check_descs("copy", descs, src.len(), Some(dst.len()))?;
+    // SAFETY: ranges checked against both slices; `src` and `dst` are distinct borrows,
+    // so they cannot overlap.
+    unsafe { launch_copy(src.as_ptr(), dst.as_mut_ptr(), descs, launch) };
+    Ok(())
+}
+
+/// [`copy_batch`] within one buffer (e.g. moving blocks between slots of one arena).
+/// Descriptors whose source and destination ranges overlap are refused.
+pub fn copy_within(
+    buf: &mut [u8],
+    descs: &[kvp_copy_desc],
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    check_descs("copy", descs, buf.len(), Some(buf.len()))?;
+    for (index, d) in descs.iter().enumerate() {
+        if d.bytes > 0
+            && d.src_offset < d.dst_offset + d.bytes
+            && d.dst_offset < d.src_offset + d.bytes
+        {
+            return Err(KernelError::DescOverlap { index });
+        }
+    }
+    let ptr = buf.as_mut_ptr();
+    // SAFETY: ranges checked against `buf`, and no descriptor's ranges overlap.
+    unsafe { launch_copy(ptr, ptr, descs, launch) };
+    Ok(())
+}
+
+/// # Safety
+/// Every descriptor's source range must be readable from `src` and its destination
+/// range writable at `dst`, with no descriptor's destination overlapping any source
+/// being read concurrently.
+unsafe fn launch_copy(src: *const u8, dst: *mut u8, descs: &[kvp_copy_desc], launch: HostLaunch) {
+    if descs.is_empty() {
+        return;
+    }
+    let total: u64 = descs.iter().map(|d| d.bytes >> 20).sum::<u64>() + 1;
+    let (src, dst) = (SendPtr(src as *mut u8), SendPtr(dst));
+    // Few descriptors: split each across threads (x); many: spread descriptors (y).
+    let x_split = (descs.len() as u32) < launch.threads;
+    run_split(
+        launch.threads,
+        total.max(descs.len() as u64),
+        |g| {
+            let (src, dst) = (&src, &dst);
+            // SAFETY: the caller's contract; threads copy disjoint chunks or descriptors.
+            unsafe { kvp_host_copy_batch(&g, src.0, dst.0, descs.as_ptr(), descs.len() as u32) }
+        },
+        x_split,
+    );
+}
+
+/// Checksums ("kvp checksum v1", equal to [`crate::checksum64`]) of the ranges
+/// `base[src_offset .. src_offset + bytes]` of every descriptor, in one launch.
+pub fn checksum_batch(
+    base: &[u8],
+    descs: &[kvp_copy_desc],
+    sums: &mut [u64],
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    check_descs("checksum", descs, base.len(), None)?;
+    if sums.len() != descs.len() {
+        return Err(KernelError::SumsLength {
+            descs: descs.len(),
+            sums: sums.len(),
+        });
+    }
+    if descs.is_empty() {
+        return Ok(());
+    }
+    sums.fill(0);
+    let words: u64 = descs.iter().map(|d| d.bytes >> 16).sum::<u64>() + 1;
+    let sums_ptr = SendPtr(sums.as_mut_ptr() as *mut u8);
+    run_split(
+        launch.threads,
+        words,
+        |g| {
+            let sums_ptr = &sums_ptr;
+            // SAFETY: ranges checked against `base`; `sums` has one slot per descriptor
+            // and the kernel adds to it atomically.
+            unsafe {
+                kvp_host_checksum_partial(
+                    &g,
+                    base.as_ptr(),
+                    descs.as_ptr(),
+                    descs.len() as u32,
+                    sums_ptr.0 as *mut u64,
+                )
+            }
+        },
+        true,
+    );
+    let one = HostGrid {
+        grid_x: 1,
+        grid_y: 1,
+        block_x: 1,
+        block_y: 1,
+        block_begin: 0,
+        block_end: 1,
+    };
+    // SAFETY: one slot per descriptor; the partial launch has finished (scope joined).
+    unsafe {
+        kvp_host_checksum_finalize(&one, descs.as_ptr(), descs.len() as u32, sums.as_mut_ptr())
+    };
+    Ok(())
+}
+
+/// The checksum kernel over one buffer.
+pub fn checksum_block(data: &[u8]) -> u64 {
+    let desc = kvp_copy_desc {
+        src_offset: 0,
+        dst_offset: 0,
+        bytes: data.len() as u64,
+    };
+    let mut sum = [0u64];
+    checksum_batch(data, &[desc], &mut sum, HostLaunch::default())
+        .expect("one descriptor covering the buffer is in range");
+    sum[0]
+}
+
+/// A raw pointer handed to the scoped launch threads.
+struct SendPtr(*mut u8);
+// SAFETY: only used inside `std::thread::scope` launches whose work split keeps the
+// threads' accesses disjoint (see each call site).
+unsafe impl Sync for SendPtr {}
+// SAFETY: as above.
+unsafe impl Send for SendPtr {}

@@ -1,0 +1,336 @@
+//! Validation of an engine's `kvp_kv_layout`, which arrives from another process and is
+//! hostile until checked. A [`PagedLayout`] exists only for a layout that passed, so the
+//! kernels that take one never recheck geometry (page ids they still check per batch).
+
+use kvplane_ffi::bindings::KVP_MAX_LAYERS;
+use kvplane_ffi::kvp_kv_layout;
+
+/// Why a layout was refused. Field names are the C struct's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("num_layers {got} outside 1..={max}")]
+    Layers { got: u32, max: u32 },
+    #[error("kv_planes {got}: must be 1 (MLA) or 2 (K and V)")]
+    Planes { got: u32 },
+    #[error("{field} is zero")]
+    Zero { field: &'static str },
+    #[error("dtype_bytes {got}: must be 1, 2 or 4")]
+    DtypeBytes { got: u32 },
+    #[error("head_bytes {head_bytes} is not a multiple of dtype_bytes {dtype_bytes}")]
+    HeadBytes { head_bytes: u32, dtype_bytes: u32 },
+    #[error("layout arithmetic overflows computing {what}")]
+    Overflow { what: &'static str },
+    #[error(
+        "layer {layer} plane {plane}: the last page ends at byte {end_bytes}, past buffer_bytes {buffer_bytes}"
+    )]
+    OutOfBounds {
+        layer: u32,
+        plane: u32,
+        end_bytes: u64,
+        buffer_bytes: u64,
+    },
+}
+
+/// What the kernels and the data plane need to know about a valid layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayoutInfo {
+    /// Bytes of one daemon block: layers * planes * page_tokens * kv_heads * head_bytes.
+    pub block_bytes: u64,
+    /// Bytes of one (layer, plane) slice of a block: page_tokens * kv_heads * head_bytes.
+    pub layer_plane_bytes: u64,
+    /// Longest contiguous run the kernels copy at once (head, token or whole plane page).
+    pub run_bytes: u64,
+    /// Contiguous runs per block (copy loop iterations per page).
+    pub runs_per_block: u64,
+    /// One past the highest engine-buffer byte any page in [0, num_pages) touches.
+    pub span_bytes: u64,
+}
+
+fn overflow(what: &'static str) -> LayoutError {
+    LayoutError::Overflow { what }
+}
+
+/// Checks a layout against the rules in `kvplane.h` and returns its derived sizes.
+pub fn validate_layout(layout: &kvp_kv_layout) -> Result<LayoutInfo, LayoutError> {
+    let l = layout;
+    if l.num_layers == 0 || l.num_layers > KVP_MAX_LAYERS {
+        return Err(LayoutError::Layers {
+            got: l.num_layers,
+            max: KVP_MAX_LAYERS,
+        });
+    }
+    if l.kv_planes != 1 && l.kv_planes != 2 {
+        return Err(LayoutError::Planes { got: l.kv_planes });
+    }
+    for (field, value) in [
+        ("page_tokens", u64::from(l.page_tokens)),
+        ("kv_heads", u64::from(l.kv_heads)),
+        ("head_bytes", u64::from(l.head_bytes)),
+        ("num_pages", l.num_pages),
+        ("buffer_bytes", l.buffer_bytes),
+    ] {
+        if value == 0 {
+            return Err(LayoutError::Zero { field });
+        }
+    }
+    if !matches!(l.dtype_bytes, 1 | 2 | 4) {
+        return Err(LayoutError::DtypeBytes { got: l.dtype_bytes });
+    }
+    if l.head_bytes % l.dtype_bytes != 0 {
+        return Err(LayoutError::HeadBytes {
+            head_bytes: l.head_bytes,
+            dtype_bytes: l.dtype_bytes,
+        });
+    }
+    // The kernels index runs within a (layer, plane) with u32.
+    let rows = l
+        .page_tokens
+        .checked_mul(l.kv_heads)
+        .ok_or(overflow("page_tokens * kv_heads"))?;
+    let layer_plane_bytes = u64::from(rows)
+        .checked_mul(u64::from(l.head_bytes))
+        .ok_or(overflow("layer-plane bytes"))?;
+    let block_bytes = layer_plane_bytes
+        .checked_mul(u64::from(l.num_layers) * u64::from(l.kv_planes))
+        .ok_or(overflow("block_bytes"))?;
+    // Offset of the last byte of a page relative to its plane base, for the last page.
+    let page_extent = (u64::from(l.page_tokens) - 1)
+        .checked_mul(l.token_stride_bytes)
+        .and_then(|t| {
+            (u64::from(l.kv_heads) - 1)
+                .checked_mul(l.head_stride_bytes)
+                .and_then(|h| t.checked_add(h))
+        })
+        .and_then(|x| x.checked_add(u64::from(l.head_bytes)))
+        .ok_or(overflow("page extent"))?;
+    let last_page = (l.num_pages - 1)
+        .checked_mul(l.page_stride_bytes)
+        .and_then(|x| x.checked_add(page_extent))
+        .ok_or(overflow("last page extent"))?;
+    let mut span_bytes = 0u64;
+    for plane in 0..l.kv_planes {
+        for layer in 0..l.num_layers {
+            let base = l.plane_offset[plane as usize][layer as usize];
+            let end_bytes = base
+                .checked_add(last_page)
+                .ok_or(overflow("plane_offset + last page"))?;
+            if end_bytes > l.buffer_bytes {
+                return Err(LayoutError::OutOfBounds {
+                    layer,
+                    plane,
+                    end_bytes,
+                    buffer_bytes: l.buffer_bytes,
+                });
+            }
+            span_bytes = span_bytes.max(end_bytes);
+        }
+    }
+    let (run_bytes, runs_per_lp) = runs(l);
+    Ok(LayoutInfo {
+        block_bytes,
+        layer_plane_bytes,
+        run_bytes,
+        runs_per_block: runs_per_lp * u64::from(l.num_layers) * u64::from(l.kv_planes),
+        span_bytes,
+    })
+}
+
+/// The same run split as `kvp_layout_runs` in `paged.cu` (for reporting and sizing).
+fn runs(l: &kvp_kv_layout) -> (u64, u64) {
+    let heads_bytes = u64::from(l.kv_heads) * u64::from(l.head_bytes);
+    let heads_adjacent = l.kv_heads == 1 || l.head_stride_bytes == u64::from(l.head_bytes);
+    let tokens_adjacent =
+        heads_adjacent && (l.page_tokens == 1 || l.token_stride_bytes == heads_bytes);
+    if tokens_adjacent {
+        (heads_bytes * u64::from(l.page_tokens), 1)
+    } else if heads_adjacent {
+        (heads_bytes, u64::from(l.page_tokens))
+    } else {
+        (
+            u64::from(l.head_bytes),
+            u64::from(l.page_tokens) * u64::from(l.kv_heads),
+        )
+    }
+}
+
+/// A layout that passed [`validate_layout`], kept with its derived sizes. Boxed: the C
+/// struct is 4 KiB (per-layer plane offsets).
+#[derive(Clone)]
+pub struct PagedLayout {
+    raw: Box<kvp_kv_layout>,
+    info: LayoutInfo,
+}
+
+impl std::fmt::Debug for PagedLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PagedLayout")
+            .field("num_layers", &self.raw.num_layers)
+            .field("kv_planes", &self.raw.kv_planes)
+            .field("page_tokens", &self.raw.page_tokens)
+            .field("kv_heads", &self.raw.kv_heads)
+            .field("head_bytes", &self.raw.head_bytes)
+            .field("num_pages", &self.raw.num_pages)
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+impl PagedLayout {
+    /// Validates and keeps a private copy (the engine may rewrite its own afterwards).
+    pub fn new(raw: &kvp_kv_layout) -> Result<Self, LayoutError> {
+        let info = validate_layout(raw)?;
+        Ok(Self {
+            raw: Box::new(*raw),
+            info,
+        })
+    }
+
+    pub fn info(&self) -> &LayoutInfo {
+        &self.info
+    }
+
+    pub fn raw(&self) -> &kvp_kv_layout {
+        &self.raw
+    }
+
+    pub fn num_pages(&self) -> u64 {
+        self.raw.num_pages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// vLLM-style [2, pages, tokens, heads, dim] per layer, laid out layer after layer.
+    fn vllm(layers: u32, pages: u64) -> kvp_kv_layout {
+        // SAFETY: kvp_kv_layout is plain old data; all-zero is a valid value.
+        let mut l: kvp_kv_layout = unsafe { std::mem::zeroed() };
+        l.num_layers = layers;
+        l.kv_planes = 2;
+        l.page_tokens = 16;
+        l.kv_heads = 8;
+        l.head_bytes = 256;
+        l.dtype_bytes = 2;
+        l.num_pages = pages;
+        l.head_stride_bytes = 256;
+        l.token_stride_bytes = 8 * 256;
+        l.page_stride_bytes = 16 * 8 * 256;
+        let plane = l.page_stride_bytes * pages;
+        for layer in 0..layers as usize {
+            l.plane_offset[0][layer] = (2 * layer as u64) * plane;
+            l.plane_offset[1][layer] = (2 * layer as u64 + 1) * plane;
+        }
+        l.buffer_bytes = 2 * u64::from(layers) * plane;
+        l
+    }
+
+    #[test]
+    fn accepts_vllm_and_derives_sizes() {
+        let info = validate_layout(&vllm(4, 10)).expect("valid");
+        assert_eq!(info.block_bytes, 4 * 2 * 16 * 8 * 256);
+        assert_eq!(info.layer_plane_bytes, 16 * 8 * 256);
+        assert_eq!(
+            info.run_bytes,
+            16 * 8 * 256,
+            "tokens and heads adjacent: one run"
+        );
+        assert_eq!(info.runs_per_block, 8);
+        assert_eq!(info.span_bytes, vllm(4, 10).buffer_bytes);
+    }
+
+    #[test]
+    fn rejects_each_bad_field() {
+        let good = vllm(2, 4);
+        type Mutation = fn(&mut kvp_kv_layout);
+        let cases: Vec<(Mutation, LayoutError)> = vec![
+            (
+                |l| l.num_layers = 0,
+                LayoutError::Layers { got: 0, max: 256 },
+            ),
+            (
+                |l| l.num_layers = 257,
+                LayoutError::Layers { got: 257, max: 256 },
+            ),
+            (|l| l.kv_planes = 3, LayoutError::Planes { got: 3 }),
+            (|l| l.kv_planes = 0, LayoutError::Planes { got: 0 }),
+            (
+                |l| l.page_tokens = 0,
+                LayoutError::Zero {
+                    field: "page_tokens",
+                },
+            ),
+            (|l| l.kv_heads = 0, LayoutError::Zero { field: "kv_heads" }),
+            (
+                |l| l.head_bytes = 0,
+                LayoutError::Zero {
+                    field: "head_bytes",
+                },
+            ),
+            (
+                |l| l.num_pages = 0,
+                LayoutError::Zero { field: "num_pages" },
+            ),
+            (
+                |l| l.buffer_bytes = 0,
+                LayoutError::Zero {
+                    field: "buffer_bytes",
+                },
+            ),
+            (|l| l.dtype_bytes = 3, LayoutError::DtypeBytes { got: 3 }),
+            (|l| l.dtype_bytes = 8, LayoutError::DtypeBytes { got: 8 }),
+            (
+                |l| {
+                    l.dtype_bytes = 4;
+                    l.head_bytes = 258;
+                },
+                LayoutError::HeadBytes {
+                    head_bytes: 258,
+                    dtype_bytes: 4,
+                },
+            ),
+        ];
+        for (mutate, want) in cases {
+            let mut l = good;
+            mutate(&mut l);
+            assert_eq!(validate_layout(&l), Err(want));
+        }
+    }
+
+    #[test]
+    fn rejects_out_of_bounds_and_overflow() {
+        let mut l = vllm(2, 4);
+        l.buffer_bytes -= 1;
+        assert!(matches!(
+            validate_layout(&l),
+            Err(LayoutError::OutOfBounds {
+                layer: 1,
+                plane: 1,
+                ..
+            })
+        ));
+        let mut l = vllm(2, 4);
+        l.plane_offset[0][1] = u64::MAX - 10;
+        assert!(matches!(
+            validate_layout(&l),
+            Err(LayoutError::Overflow { .. })
+        ));
+        let mut l = vllm(2, 4);
+        l.page_stride_bytes = u64::MAX / 2;
+        assert!(matches!(
+            validate_layout(&l),
+            Err(LayoutError::Overflow { .. })
+        ));
+        let mut l = vllm(2, 4);
+        l.page_tokens = u32::MAX;
+        l.kv_heads = 2;
+        assert!(matches!(
+            validate_layout(&l),
+            Err(LayoutError::Overflow { .. })
+        ));
+        // Offsets of layers past num_layers are ignored, whatever they hold.
+        let mut l = vllm(2, 4);
+        l.plane_offset[0][2] = u64::MAX;
+        assert!(validate_layout(&l).is_ok());
+    }
+}
