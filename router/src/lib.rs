@@ -2,8 +2,11 @@
 //! daemons publish, a compressed radix index of every worker's blocks, KV-aware routing,
 //! the router service and a router-only trace replay.
 
+pub mod events;
 pub mod hash;
 pub mod index;
+pub mod route;
+pub mod vllm;
 
 use serde::{Deserialize, Serialize};
 

@@ -13,10 +13,9 @@ const CHAINS: usize = 6;
 fn chains(shares: &[(usize, usize)], len: usize) -> Vec<Vec<u64>> {
     let mut out: Vec<Vec<u64>> = Vec::new();
     let mut next_id = 1u64;
-    for c in 0..CHAINS {
+    for (c, &(from, share)) in shares.iter().enumerate().take(CHAINS) {
         let mut chain = Vec::with_capacity(len);
         if c > 0 {
-            let (from, share) = shares[c];
             let from = from % c;
             chain.extend_from_slice(&out[from][..share.min(len)]);
         }

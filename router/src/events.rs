@@ -1,0 +1,568 @@
+//! KV events from daemons to routers: types, the wire protocol and the daemon-side
+//! [`Publisher`].
+//!
+//! Wire protocol: TCP (loopback or cluster network), each frame a 4-byte big-endian length
+//! followed by a MessagePack body. MessagePack because vLLM's KV event feed already uses it
+//! (one decoder dependency for both feeds) and because hash chains, the bulk of the
+//! traffic, encode as compact integers (about half the bytes of JSON decimal text).
+//! Bodies are [`Frame`]s encoded with named fields, so either side may add fields later.
+//!
+//! A connection starts with [`Frame::Hello`]. For a kvplane daemon, the daemon then sends
+//! a [`Frame::Snapshot`] of every worker it hosts and afterwards [`Frame::Event`]s, each
+//! with a per-worker sequence number. The router answers a sequence gap with
+//! [`Frame::Resync`] and ignores that worker's events until the next snapshot. Events are
+//! idempotent set operations, so replaying ones already covered by a snapshot is harmless;
+//! this is what lets the publisher take a snapshot without stopping the daemon.
+//!
+//! A `Hello` with [`Source::Vllm`] switches the connection to vLLM's feed: every later
+//! frame body is the 8-byte big-endian sequence number followed by the msgpack
+//! `KVEventBatch`, i.e. the second and third parts of vLLM's ZMQ PUB multipart message.
+//! A ten-line ZMQ-to-TCP forwarder (or vLLM's own publisher pointed at a TCP shim) feeds
+//! the router without a ZMQ dependency here; see [`crate::vllm`].
+
+use crate::{Tier, WorkerId};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Protocol version in [`Frame::Hello`].
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame accepted (a snapshot of a few million blocks fits).
+pub const MAX_FRAME_BYTES: usize = 256 << 20;
+
+/// One KV cache change on one worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvEvent {
+    /// `hashes` (sequence hashes, each the parent of the next) now reside on `tier`;
+    /// `parent` is the block before `hashes[0]` (`None` at the start of a sequence).
+    Stored {
+        namespace: String,
+        parent: Option<u64>,
+        hashes: Vec<u64>,
+        tier: Tier,
+    },
+    /// `hashes` left `tier` (every tier when `None`).
+    Removed {
+        namespace: String,
+        hashes: Vec<u64>,
+        tier: Option<Tier>,
+    },
+    /// Everything in `namespace` (every namespace when `None`) left this worker.
+    Cleared { namespace: Option<String> },
+}
+
+/// One block of a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotBlock {
+    pub hash: u64,
+    pub parent: Option<u64>,
+    /// Bit set of [`Tier::bit`].
+    pub tiers: u8,
+}
+
+/// A namespace's blocks on one worker, parents before children.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceBlocks {
+    pub namespace: String,
+    pub blocks: Vec<SnapshotBlock>,
+}
+
+/// What the daemon's snapshot provider returns for one worker.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerBlocks {
+    pub worker: WorkerId,
+    pub namespaces: Vec<NamespaceBlocks>,
+}
+
+/// A worker's full state as of event `seq` (the next event is `seq + 1`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerSnapshot {
+    pub seq: u64,
+    pub state: WorkerBlocks,
+}
+
+/// Who is on the other end of an event connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
+    /// A kvplane daemon speaking [`Frame`]s.
+    Kvplane,
+    /// A vLLM engine's KV event feed for one worker in one namespace.
+    Vllm {
+        worker: WorkerId,
+        namespace: String,
+        /// Block size the engine hashes with (its `block_size`), for token hashing.
+        block_size: u32,
+    },
+}
+
+/// A frame body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    Hello {
+        node: String,
+        protocol: u32,
+        source: Source,
+    },
+    /// Full state of the listed workers; replaces what the router knew about them.
+    Snapshot { workers: Vec<WorkerSnapshot> },
+    Event {
+        worker: WorkerId,
+        seq: u64,
+        event: KvEvent,
+    },
+    /// Load report: requests running and KV blocks being decoded on `worker`.
+    Load {
+        worker: WorkerId,
+        active_requests: u32,
+        decode_blocks: u64,
+    },
+    /// Router to daemon: send a fresh snapshot.
+    Resync,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("event connection i/o ({op})")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("undecodable frame body")]
+    Decode(#[from] rmp_serde::decode::Error),
+    #[error("unencodable frame")]
+    Encode(#[from] rmp_serde::encode::Error),
+}
+
+impl Frame {
+    /// Encodes with the length prefix, ready to write.
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        let mut out = vec![0u8; 4];
+        rmp_serde::encode::write_named(&mut out, self)?;
+        let len = out.len() - 4;
+        if len > MAX_FRAME_BYTES {
+            return Err(WireError::TooLarge {
+                len,
+                max: MAX_FRAME_BYTES,
+            });
+        }
+        out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(out)
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
+        Ok(rmp_serde::from_slice(body)?)
+    }
+}
+
+/// Reads one length-prefixed frame body. `Ok(None)` on a clean end of stream.
+pub async fn read_frame_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_bytes: usize,
+) -> Result<Option<Vec<u8>>, WireError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(source) => {
+            return Err(WireError::Io {
+                op: "read frame length",
+                source,
+            });
+        }
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max_bytes {
+        return Err(WireError::TooLarge {
+            len,
+            max: max_bytes,
+        });
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)
+        .await
+        .map_err(|source| WireError::Io {
+            op: "read frame body",
+            source,
+        })?;
+    Ok(Some(body))
+}
+
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<(), WireError> {
+    let bytes = frame.encode()?;
+    w.write_all(&bytes).await.map_err(|source| WireError::Io {
+        op: "write frame",
+        source,
+    })
+}
+
+/// Builds the snapshot the daemon's provider describes, as of `seqs`.
+pub type SnapshotProvider = Arc<dyn Fn() -> Vec<WorkerBlocks> + Send + Sync>;
+
+/// Publisher settings.
+#[derive(Clone, Debug)]
+pub struct PublisherConfig {
+    /// Every router to stream to.
+    pub routers: Vec<SocketAddr>,
+    /// Name of this node in the routers' `/workers`.
+    pub node: String,
+    /// Frames queued per router while it is slow or away. Overflow drops events and
+    /// schedules a snapshot instead, so memory stays bounded and the router converges.
+    pub queue_frames: usize,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        PublisherConfig {
+            routers: Vec::new(),
+            node: "kvplane".into(),
+            queue_frames: 65_536,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5_000,
+            connect_timeout_ms: 2_000,
+        }
+    }
+}
+
+/// Per-router counters.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    pub connects: AtomicU64,
+    pub snapshots_sent: AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub frames_dropped: AtomicU64,
+    pub connected: AtomicBool,
+}
+
+struct Link {
+    addr: SocketAddr,
+    tx: mpsc::Sender<Arc<[u8]>>,
+    overflow: AtomicBool,
+    stats: Arc<LinkStats>,
+}
+
+struct Shared {
+    /// Last sequence number per worker. Held while enqueuing so queue order = seq order.
+    seqs: Mutex<HashMap<WorkerId, u64>>,
+    links: Vec<Link>,
+    config: PublisherConfig,
+    provider: SnapshotProvider,
+}
+
+/// The daemon's side of the event stream: streams events to every configured router,
+/// resending a full snapshot on each (re)connect and on request.
+///
+/// Methods never block and never allocate without bound: each router has a bounded
+/// queue. Call them in the same order as the registry changes they describe (e.g. while
+/// holding the registry lock) so each worker's sequence matches its history.
+#[derive(Clone)]
+pub struct Publisher {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("routers", &self.shared.config.routers)
+            .finish()
+    }
+}
+
+impl Publisher {
+    /// Starts one connection task per router on `runtime`.
+    pub fn start(
+        config: PublisherConfig,
+        provider: SnapshotProvider,
+        runtime: &tokio::runtime::Handle,
+    ) -> Publisher {
+        let mut links = Vec::new();
+        let mut receivers = Vec::new();
+        for &addr in &config.routers {
+            let (tx, rx) = mpsc::channel(config.queue_frames.max(1));
+            links.push(Link {
+                addr,
+                tx,
+                overflow: AtomicBool::new(false),
+                stats: Arc::default(),
+            });
+            receivers.push(rx);
+        }
+        let shared = Arc::new(Shared {
+            seqs: Mutex::new(HashMap::new()),
+            links,
+            config,
+            provider,
+        });
+        for (i, rx) in receivers.into_iter().enumerate() {
+            runtime.spawn(link_task(shared.clone(), i, rx));
+        }
+        Publisher { shared }
+    }
+
+    /// Counters of the link to `router`.
+    pub fn link_stats(&self, router: SocketAddr) -> Option<Arc<LinkStats>> {
+        self.shared
+            .links
+            .iter()
+            .find(|l| l.addr == router)
+            .map(|l| l.stats.clone())
+    }
+
+    /// Publishes `blocks` (each `(hash, parent)`) stored on `tier` of `worker`.
+    /// Consecutive blocks whose parent is the previous hash travel as one chain event.
+    pub fn stored(
+        &self,
+        worker: WorkerId,
+        namespace: &str,
+        blocks: &[(u64, Option<u64>)],
+        tier: Tier,
+    ) {
+        let mut start = 0;
+        while start < blocks.len() {
+            let mut end = start + 1;
+            while end < blocks.len() && blocks[end].1 == Some(blocks[end - 1].0) {
+                end += 1;
+            }
+            self.publish(
+                worker,
+                KvEvent::Stored {
+                    namespace: namespace.to_owned(),
+                    parent: blocks[start].1,
+                    hashes: blocks[start..end].iter().map(|b| b.0).collect(),
+                    tier,
+                },
+            );
+            start = end;
+        }
+    }
+
+    /// Publishes that `hashes` left `tier` of `worker` (every tier when `None`).
+    pub fn removed(&self, worker: WorkerId, namespace: &str, hashes: &[u64], tier: Option<Tier>) {
+        if hashes.is_empty() {
+            return;
+        }
+        self.publish(
+            worker,
+            KvEvent::Removed {
+                namespace: namespace.to_owned(),
+                hashes: hashes.to_vec(),
+                tier,
+            },
+        );
+    }
+
+    /// Publishes that `worker` dropped everything in `namespace` (all when `None`).
+    pub fn cleared(&self, worker: WorkerId, namespace: Option<&str>) {
+        self.publish(
+            worker,
+            KvEvent::Cleared {
+                namespace: namespace.map(str::to_owned),
+            },
+        );
+    }
+
+    /// Publishes a load report (not sequenced: the latest one wins).
+    pub fn load(&self, worker: WorkerId, active_requests: u32, decode_blocks: u64) {
+        let frame = Frame::Load {
+            worker,
+            active_requests,
+            decode_blocks,
+        };
+        if let Ok(bytes) = frame.encode() {
+            self.shared.enqueue(bytes.into());
+        }
+    }
+
+    /// Publishes one event with the worker's next sequence number; returns that number.
+    pub fn publish(&self, worker: WorkerId, event: KvEvent) -> u64 {
+        let mut seqs = self.shared.seqs.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = seqs.entry(worker).or_insert(0);
+        *seq += 1;
+        let seq = *seq;
+        match (Frame::Event { worker, seq, event }).encode() {
+            Ok(bytes) => self.shared.enqueue(bytes.into()),
+            Err(err) => {
+                // Only an event beyond MAX_FRAME_BYTES gets here: resync instead.
+                tracing::warn!(%err, worker, "event not encodable; scheduling a snapshot");
+                for link in &self.shared.links {
+                    link.overflow.store(true, Ordering::Release);
+                }
+            }
+        }
+        seq
+    }
+}
+
+impl Shared {
+    fn enqueue(&self, bytes: Arc<[u8]>) {
+        for link in &self.links {
+            if !link.stats.connected.load(Ordering::Acquire) {
+                // The reconnect snapshot covers it; do not fill the queue with stale frames.
+                continue;
+            }
+            if link.tx.try_send(bytes.clone()).is_err() {
+                link.stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                link.overflow.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Snapshot frame as of now: sequence numbers are read *before* the provider runs, so
+    /// every change the snapshot may miss has a later sequence number and is still sent.
+    fn snapshot_frame(&self) -> Result<Vec<u8>, WireError> {
+        let seqs = self.seqs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let workers = (self.provider)()
+            .into_iter()
+            .map(|state| WorkerSnapshot {
+                seq: seqs.get(&state.worker).copied().unwrap_or(0),
+                state,
+            })
+            .collect();
+        Frame::Snapshot { workers }.encode()
+    }
+}
+
+async fn link_task(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<Arc<[u8]>>) {
+    let link = &shared.links[index];
+    let cfg = &shared.config;
+    let mut backoff_ms = cfg.backoff_initial_ms.max(1);
+    loop {
+        let connect = tokio::time::timeout(
+            Duration::from_millis(cfg.connect_timeout_ms),
+            tokio::net::TcpStream::connect(link.addr),
+        )
+        .await;
+        let stream = match connect {
+            Ok(Ok(s)) => s,
+            Ok(Err(err)) => {
+                tracing::debug!(%err, router = %link.addr, "router connect failed");
+                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                backoff_ms = (backoff_ms * 2).min(cfg.backoff_max_ms.max(1));
+                continue;
+            }
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                backoff_ms = (backoff_ms * 2).min(cfg.backoff_max_ms.max(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        link.stats.connects.fetch_add(1, Ordering::Relaxed);
+        match run_link(&shared, link, stream, &mut rx).await {
+            Ok(()) => tracing::info!(router = %link.addr, "router closed the event connection"),
+            Err(err) => tracing::warn!(%err, router = %link.addr, "event connection lost"),
+        }
+        link.stats.connected.store(false, Ordering::Release);
+        if rx.is_closed() {
+            return; // the Publisher was dropped
+        }
+        backoff_ms = cfg.backoff_initial_ms.max(1);
+        tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+    }
+}
+
+async fn send_snapshot(
+    shared: &Shared,
+    link: &Link,
+    rx: &mut mpsc::Receiver<Arc<[u8]>>,
+    w: &mut (impl AsyncWrite + Unpin),
+) -> Result<(), WireError> {
+    // Queued frames predate the sequence numbers the snapshot is taken at: drop them.
+    while rx.try_recv().is_ok() {}
+    link.overflow.store(false, Ordering::Release);
+    let bytes = shared.snapshot_frame()?;
+    w.write_all(&bytes).await.map_err(|source| WireError::Io {
+        op: "write snapshot",
+        source,
+    })?;
+    link.stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+async fn run_link(
+    shared: &Shared,
+    link: &Link,
+    stream: tokio::net::TcpStream,
+    rx: &mut mpsc::Receiver<Arc<[u8]>>,
+) -> Result<(), WireError> {
+    let (mut r, w) = stream.into_split();
+    let mut w = tokio::io::BufWriter::new(w);
+    write_frame(
+        &mut w,
+        &Frame::Hello {
+            node: shared.config.node.clone(),
+            protocol: PROTOCOL_VERSION,
+            source: Source::Kvplane,
+        },
+    )
+    .await?;
+    // Mark connected before the snapshot: events from now on are queued, and any of them
+    // the snapshot already covers is ignored by the router (its sequence is not newer).
+    link.stats.connected.store(true, Ordering::Release);
+    send_snapshot(shared, link, rx, &mut w).await?;
+    flush(&mut w).await?;
+    // Only Resync frames come back. When the router closes, the reader ends and drops
+    // `resync_tx`, which ends the loop below.
+    let (resync_tx, mut resync_rx) = mpsc::channel::<()>(1);
+    let _reader = AbortOnDrop(tokio::spawn(async move {
+        while let Ok(Some(body)) = read_frame_body(&mut r, 1 << 20).await {
+            if let Ok(Frame::Resync) = Frame::decode(&body) {
+                let _ = resync_tx.try_send(());
+            }
+        }
+    }));
+    loop {
+        tokio::select! {
+            frame = rx.recv() => {
+                let Some(frame) = frame else { return Ok(()) };
+                if let Err(source) = w.write_all(&frame).await {
+                    return Err(WireError::Io { op: "write event", source });
+                }
+                link.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+                // Batch whatever else is queued before flushing.
+                while let Ok(frame) = rx.try_recv() {
+                    if let Err(source) = w.write_all(&frame).await {
+                        return Err(WireError::Io { op: "write event", source });
+                    }
+                    link.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                if link.overflow.load(Ordering::Acquire) {
+                    send_snapshot(shared, link, rx, &mut w).await?;
+                }
+                flush(&mut w).await?;
+            }
+            msg = resync_rx.recv() => {
+                if msg.is_none() {
+                    return Ok(());
+                }
+                send_snapshot(shared, link, rx, &mut w).await?;
+                flush(&mut w).await?;
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn flush(w: &mut (impl AsyncWrite + Unpin)) -> Result<(), WireError> {
+    w.flush().await.map_err(|source| WireError::Io {
+        op: "flush",
+        source,
+    })
+}
