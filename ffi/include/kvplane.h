@@ -314,6 +314,48 @@ struct kvp_attach_reply {
 };
 
 /* ---------------------------------------------------------------------------------- */
+/* The C client library (libkvplane.so / libkvplane.a)                                 */
+/* ---------------------------------------------------------------------------------- */
+/* Functions return >= 0 on success and -1 on failure; kvp_last_error() then gives a
+ * message for the calling thread. A kvp_client is one attached session; each of its
+ * queue pairs is taken once with kvp_client_queue() and used by one thread at a time. */
+#if !defined(__CUDACC_RTC__) && !defined(KVP_NO_CLIENT_API)
+struct kvp_client;
+struct kvp_queue;
+
+/* Attach to the daemon at socket_path. kv_buffer_fd < 0 when there is no KV buffer to
+ * register (otherwise a sealed memfd of kv_buffer_bytes, host backend). */
+int32_t kvp_client_attach(const char *socket_path, uint32_t num_queue_pairs,
+                          uint32_t ring_entries, uint64_t arena_bytes,
+                          const char *const *namespaces, uint32_t num_namespaces,
+                          int32_t kv_buffer_fd, uint64_t kv_buffer_bytes,
+                          struct kvp_client **out);
+uint64_t kvp_client_session_id(const struct kvp_client *client);
+/* Detach: the daemon reclaims the session. Queues taken from it stay valid to free. */
+void kvp_client_detach(struct kvp_client *client);
+/* Take queue pair `index` (each once); NULL on error. */
+struct kvp_queue *kvp_client_queue(struct kvp_client *client, uint32_t index);
+void kvp_queue_free(struct kvp_queue *queue);
+uint64_t kvp_queue_arena_bytes(const struct kvp_queue *queue);
+/* Copy into / out of this queue pair's arena slice (offsets relative to the slice). */
+int32_t kvp_queue_write_arena(struct kvp_queue *queue, uint64_t offset, const void *data,
+                              uint64_t len);
+int32_t kvp_queue_read_arena(struct kvp_queue *queue, uint64_t offset, void *out,
+                             uint64_t len);
+/* Submit up to `count` entries; returns how many were queued (0 when the ring is full). */
+int32_t kvp_queue_submit(struct kvp_queue *queue, const struct kvp_sqe *sqes, uint32_t count);
+/* Completions ready now (poll) or after waiting up to timeout_ms for at least one. */
+int32_t kvp_queue_poll(struct kvp_queue *queue, struct kvp_cqe *out, uint32_t max);
+int32_t kvp_queue_wait(struct kvp_queue *queue, struct kvp_cqe *out, uint32_t max,
+                       uint32_t timeout_ms);
+/* Message of the last failure on this thread (valid until the next call). */
+const char *kvp_last_error(void);
+/* sizeof / offsetof of the header's structs as this library was built, for bindings
+ * in other languages to check themselves against: name "kvp_sqe" or "kvp_sqe.count". */
+int64_t kvp_abi_layout(const char *name);
+#endif
+
+/* ---------------------------------------------------------------------------------- */
 /* Layout checks (C11; C++ static_assert)                                              */
 /* ---------------------------------------------------------------------------------- */
 #if defined(__cplusplus)

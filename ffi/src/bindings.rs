@@ -457,3 +457,13 @@ const _: () = {
     ["Offset of field: kvp_attach_reply::message"]
         [::core::mem::offset_of!(kvp_attach_reply, message) - 40usize];
 };
+#[repr(C)]
+#[derive(Debug)]
+pub struct kvp_client {
+    _unused: [u8; 0],
+}
+#[repr(C)]
+#[derive(Debug)]
+pub struct kvp_queue {
+    _unused: [u8; 0],
+}

@@ -313,3 +313,26 @@ pub fn process_alive(pid: i32) -> bool {
 pub fn getpid() -> i32 {
     std::process::id() as i32
 }
+
+/// Pin the calling thread (and threads it spawns later) to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it (cpu is bounds-
+    // checked by the libc macro against CPU_SETSIZE).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// CPUs this process may run on.
+pub fn cpus_allowed() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
