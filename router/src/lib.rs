@@ -6,6 +6,7 @@ pub mod events;
 pub mod hash;
 pub mod index;
 pub mod route;
+pub mod service;
 pub mod vllm;
 
 use serde::{Deserialize, Serialize};

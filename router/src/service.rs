@@ -1,0 +1,1013 @@
+//! The router service: the KV event listener and the HTTP API.
+//!
+//! HTTP is a deliberately small HTTP/1.1 server over tokio (one request per connection,
+//! `Connection: close`): request line and headers capped at 16 KiB, bodies only with
+//! `Content-Length` and capped at `max_body_bytes`, a read timeout, and every malformed
+//! request answered with a 4xx and a reason. The API has four routes and no streaming,
+//! so this avoids a web framework's compile cost and dependency tree on the control plane.
+//!
+//! - `POST /route`: `{"namespace", "token_ids" | "block_hashes", "block_size"?, "salt"?,
+//!   "lora_name"?}` -> the chosen worker and every candidate's score.
+//! - `GET /workers`: known workers, connection state, sequence numbers, load.
+//! - `GET /metrics`: Prometheus text format.
+//! - `GET /healthz`: `ok`.
+
+use crate::events::{
+    Frame, KvEvent, MAX_FRAME_BYTES, Source, WorkerSnapshot, read_frame_body, write_frame,
+};
+use crate::hash;
+use crate::index::{Index, IndexConfig};
+use crate::route::{RouteConfig, Router, WorkerLoad};
+use crate::vllm::{self, IndexOp, VllmTranslator};
+use crate::{Tier, WorkerId};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// `kvplane router` configuration (TOML file and flags).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Where daemons (and vLLM feed forwarders) connect.
+    pub events_addr: SocketAddr,
+    /// HTTP API.
+    pub http_addr: SocketAddr,
+    /// A disconnected worker stays routable this long, then its blocks are dropped.
+    pub grace_ms: u64,
+    /// Block size for `token_ids` queries that do not name one.
+    pub block_size: u32,
+    pub max_nodes_per_namespace: usize,
+    pub max_body_bytes: usize,
+    pub http_timeout_ms: u64,
+    /// Seed of the tie-breaking RNG.
+    pub seed: u64,
+    pub route: RouteConfig,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            events_addr: SocketAddr::from(([127, 0, 0, 1], 7470)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 7471)),
+            grace_ms: 10_000,
+            block_size: 16,
+            max_nodes_per_namespace: 1 << 20,
+            max_body_bytes: 4 << 20,
+            http_timeout_ms: 10_000,
+            seed: 0x006b_7670_6c61_6e65,
+            route: RouteConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("bind {what} on {addr}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections: AtomicU64,
+    pub frames: AtomicU64,
+    pub bad_frames: AtomicU64,
+    pub events_applied: AtomicU64,
+    pub events_stale: AtomicU64,
+    pub seq_gaps: AtomicU64,
+    pub resyncs_requested: AtomicU64,
+    pub snapshots: AtomicU64,
+    pub workers_dropped: AtomicU64,
+    pub vllm_batches: AtomicU64,
+    pub vllm_events: AtomicU64,
+    pub vllm_seq_gaps: AtomicU64,
+    pub route_requests: AtomicU64,
+    pub route_bad_requests: AtomicU64,
+    pub route_no_workers: AtomicU64,
+    pub route_latency_ns_total: AtomicU64,
+    pub http_requests: AtomicU64,
+}
+
+/// What the router knows about one worker.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerInfo {
+    pub worker: WorkerId,
+    pub node: String,
+    pub source: &'static str,
+    pub connected: bool,
+    /// Milliseconds since the connection dropped (while in its grace period).
+    pub disconnected_for_ms: Option<u64>,
+    pub last_seq: u64,
+    pub awaiting_snapshot: bool,
+    pub active_requests: u32,
+    pub decode_blocks: u64,
+    #[serde(skip)]
+    conn: u64,
+    #[serde(skip)]
+    disconnected_at_ms: Option<u64>,
+}
+
+/// Shared router state.
+#[derive(Debug)]
+pub struct RouterState {
+    pub index: Arc<Index>,
+    pub router: Router,
+    pub metrics: Metrics,
+    pub config: ServiceConfig,
+    workers: Mutex<HashMap<WorkerId, WorkerInfo>>,
+    conns: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    next_conn: AtomicU64,
+    start: Instant,
+}
+
+enum Seq {
+    Apply,
+    Ignore,
+    Gap,
+}
+
+impl RouterState {
+    pub fn new(config: ServiceConfig) -> Self {
+        let index = Arc::new(Index::new(IndexConfig {
+            max_nodes_per_namespace: config.max_nodes_per_namespace,
+        }));
+        RouterState {
+            router: Router::new(index.clone(), config.route.clone(), config.seed),
+            index,
+            metrics: Metrics::default(),
+            config,
+            workers: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            start: Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn workers(&self) -> std::sync::MutexGuard<'_, HashMap<WorkerId, WorkerInfo>> {
+        self.workers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Workers currently routable (connected, or disconnected within the grace period).
+    pub fn worker_list(&self) -> Vec<WorkerInfo> {
+        let now = self.now_ms();
+        let mut v: Vec<WorkerInfo> = self
+            .workers()
+            .values()
+            .map(|w| {
+                let mut w = w.clone();
+                w.disconnected_for_ms = w.disconnected_at_ms.map(|t| now.saturating_sub(t));
+                w
+            })
+            .collect();
+        v.sort_by_key(|w| w.worker);
+        v
+    }
+
+    fn register(&self, worker: WorkerId, node: &str, source: &'static str, conn: u64) {
+        let mut workers = self.workers();
+        let e = workers.entry(worker).or_insert_with(|| WorkerInfo {
+            worker,
+            node: node.to_owned(),
+            source,
+            connected: true,
+            disconnected_for_ms: None,
+            last_seq: 0,
+            awaiting_snapshot: true,
+            active_requests: 0,
+            decode_blocks: 0,
+            conn,
+            disconnected_at_ms: None,
+        });
+        e.node = node.to_owned();
+        e.source = source;
+        e.conn = conn;
+        e.connected = true;
+        e.disconnected_at_ms = None;
+    }
+
+    /// Replaces the node's state with the snapshot: listed workers get exactly the listed
+    /// blocks, and workers this node announced before but no longer lists are dropped.
+    pub fn apply_snapshot(&self, node: &str, conn: u64, workers: &[WorkerSnapshot]) {
+        let gone: Vec<WorkerId> = {
+            let mut table = self.workers();
+            let gone: Vec<WorkerId> = table
+                .values()
+                .filter(|w| {
+                    w.node == node
+                        && w.source == "kvplane"
+                        && !workers.iter().any(|s| s.state.worker == w.worker)
+                })
+                .map(|w| w.worker)
+                .collect();
+            for w in &gone {
+                table.remove(w);
+            }
+            gone
+        };
+        for w in gone {
+            self.index.remove_worker(w, None);
+        }
+        for ws in workers {
+            let worker = ws.state.worker;
+            self.register(worker, node, "kvplane", conn);
+            self.index.remove_worker(worker, None);
+            for ns in &ws.state.namespaces {
+                let blocks = &ns.blocks;
+                let mut i = 0;
+                while i < blocks.len() {
+                    // Chains of consecutive blocks with equal tiers go in as one store.
+                    let mut j = i + 1;
+                    while j < blocks.len()
+                        && blocks[j].parent == Some(blocks[j - 1].hash)
+                        && blocks[j].tiers == blocks[i].tiers
+                    {
+                        j += 1;
+                    }
+                    let hashes: Vec<u64> = blocks[i..j].iter().map(|b| b.hash).collect();
+                    for tier in Tier::ALL {
+                        if blocks[i].tiers & tier.bit() != 0 {
+                            self.index.store(
+                                &ns.namespace,
+                                worker,
+                                tier,
+                                blocks[i].parent,
+                                &hashes,
+                            );
+                        }
+                    }
+                    i = j;
+                }
+            }
+            if let Some(e) = self.workers().get_mut(&worker) {
+                e.last_seq = ws.seq;
+                e.awaiting_snapshot = false;
+            }
+        }
+        self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn check_seq(&self, worker: WorkerId, seq: u64) -> Seq {
+        let mut workers = self.workers();
+        let Some(e) = workers.get_mut(&worker) else {
+            return Seq::Gap; // events before any snapshot of this worker
+        };
+        if e.awaiting_snapshot || seq <= e.last_seq {
+            return Seq::Ignore;
+        }
+        if seq != e.last_seq + 1 {
+            e.awaiting_snapshot = true;
+            return Seq::Gap;
+        }
+        e.last_seq = seq;
+        Seq::Apply
+    }
+
+    /// Applies one event; returns false when a resync is needed.
+    pub fn apply_event(&self, worker: WorkerId, seq: u64, event: &KvEvent) -> bool {
+        match self.check_seq(worker, seq) {
+            Seq::Ignore => {
+                self.metrics.events_stale.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Seq::Gap => {
+                self.metrics.seq_gaps.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Seq::Apply => {
+                self.apply_kv_event(worker, event);
+                true
+            }
+        }
+    }
+
+    fn apply_kv_event(&self, worker: WorkerId, event: &KvEvent) {
+        match event {
+            KvEvent::Stored {
+                namespace,
+                parent,
+                hashes,
+                tier,
+            } => {
+                self.index.store(namespace, worker, *tier, *parent, hashes);
+            }
+            KvEvent::Removed {
+                namespace,
+                hashes,
+                tier,
+            } => {
+                self.index.remove(namespace, worker, *tier, hashes);
+            }
+            KvEvent::Cleared { namespace } => {
+                self.index.remove_worker(worker, namespace.as_deref());
+            }
+        }
+        self.metrics.events_applied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn set_load(&self, worker: WorkerId, active_requests: u32, decode_blocks: u64) {
+        if let Some(e) = self.workers().get_mut(&worker) {
+            e.active_requests = active_requests;
+            e.decode_blocks = decode_blocks;
+        }
+    }
+
+    fn connection_closed(&self, conn: u64) {
+        let now = self.now_ms();
+        for e in self.workers().values_mut() {
+            if e.conn == conn && e.connected {
+                e.connected = false;
+                e.disconnected_at_ms = Some(now);
+            }
+        }
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&conn);
+    }
+
+    /// Drops workers whose grace period ended. Returns how many.
+    pub fn reap(&self) -> usize {
+        let now = self.now_ms();
+        let grace = self.config.grace_ms;
+        let expired: Vec<WorkerId> = {
+            let mut workers = self.workers();
+            let ids: Vec<WorkerId> = workers
+                .values()
+                .filter(|w| {
+                    w.disconnected_at_ms
+                        .is_some_and(|t| now.saturating_sub(t) >= grace)
+                })
+                .map(|w| w.worker)
+                .collect();
+            for id in &ids {
+                workers.remove(id);
+            }
+            ids
+        };
+        for &w in &expired {
+            self.index.remove_worker(w, None);
+            tracing::info!(worker = w, "worker dropped after its grace period");
+        }
+        self.metrics
+            .workers_dropped
+            .fetch_add(expired.len() as u64, Ordering::Relaxed);
+        expired.len()
+    }
+
+    /// Closes every event connection (operator action; tests use it to force a resync).
+    pub fn disconnect_all(&self) {
+        for (_, h) in self.conns.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            h.abort();
+        }
+    }
+
+    /// Candidate workers with their load.
+    pub fn candidates(&self) -> Vec<WorkerLoad> {
+        let mut v: Vec<WorkerLoad> = self
+            .workers()
+            .values()
+            .map(|w| WorkerLoad {
+                worker: w.worker,
+                active_requests: w.active_requests,
+                decode_blocks: w.decode_blocks,
+            })
+            .collect();
+        v.sort_by_key(|w| w.worker);
+        v
+    }
+
+    /// Prometheus text exposition.
+    pub fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP kvplane_router_{name} {help}");
+            let _ = writeln!(out, "# TYPE kvplane_router_{name} counter");
+            let _ = writeln!(out, "kvplane_router_{name} {v}");
+        };
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            "event_connections_total",
+            "Event connections accepted.",
+            l(&m.connections),
+        );
+        counter("frames_total", "Event frames received.", l(&m.frames));
+        counter(
+            "bad_frames_total",
+            "Undecodable event frames.",
+            l(&m.bad_frames),
+        );
+        counter(
+            "events_applied_total",
+            "KV events applied to the index.",
+            l(&m.events_applied),
+        );
+        counter(
+            "events_stale_total",
+            "Events ignored as already covered by a snapshot.",
+            l(&m.events_stale),
+        );
+        counter("seq_gaps_total", "Sequence gaps detected.", l(&m.seq_gaps));
+        counter(
+            "resyncs_requested_total",
+            "Snapshots requested after a gap.",
+            l(&m.resyncs_requested),
+        );
+        counter("snapshots_total", "Snapshots applied.", l(&m.snapshots));
+        counter(
+            "workers_dropped_total",
+            "Workers dropped after their grace period.",
+            l(&m.workers_dropped),
+        );
+        counter(
+            "vllm_batches_total",
+            "vLLM KV event batches decoded.",
+            l(&m.vllm_batches),
+        );
+        counter(
+            "vllm_events_total",
+            "vLLM KV events applied.",
+            l(&m.vllm_events),
+        );
+        counter(
+            "vllm_seq_gaps_total",
+            "Gaps in vLLM feed sequence numbers.",
+            l(&m.vllm_seq_gaps),
+        );
+        counter(
+            "route_requests_total",
+            "Successful route decisions.",
+            l(&m.route_requests),
+        );
+        counter(
+            "route_bad_requests_total",
+            "Route requests rejected with 4xx.",
+            l(&m.route_bad_requests),
+        );
+        counter(
+            "route_no_workers_total",
+            "Route requests with no worker available.",
+            l(&m.route_no_workers),
+        );
+        counter(
+            "route_latency_seconds_total",
+            "Total route decision time (divide by requests).",
+            0,
+        );
+        let s = &self.index.stats;
+        counter(
+            "index_evicted_nodes_total",
+            "Index nodes evicted by the node cap.",
+            l(&s.evicted_nodes),
+        );
+        counter(
+            "index_evicted_blocks_total",
+            "Blocks evicted by the node cap.",
+            l(&s.evicted_blocks),
+        );
+        counter(
+            "index_unknown_parent_total",
+            "Store events whose parent was unknown.",
+            l(&s.unknown_parent_events),
+        );
+        // The latency line above is replaced with a float value.
+        out = out.replace(
+            "kvplane_router_route_latency_seconds_total 0\n",
+            &format!(
+                "kvplane_router_route_latency_seconds_total {}\n",
+                l(&m.route_latency_ns_total) as f64 * 1e-9
+            ),
+        );
+        let workers = self.worker_list();
+        let connected = workers.iter().filter(|w| w.connected).count();
+        let mut gauge = |name: &str, help: &str, v: usize| {
+            let _ = writeln!(out, "# HELP kvplane_router_{name} {help}");
+            let _ = writeln!(out, "# TYPE kvplane_router_{name} gauge");
+            let _ = writeln!(out, "kvplane_router_{name} {v}");
+        };
+        gauge("index_nodes", "Radix tree nodes.", self.index.node_count());
+        gauge(
+            "index_blocks",
+            "Distinct blocks indexed.",
+            self.index.block_count(),
+        );
+        gauge(
+            "index_namespaces",
+            "Namespaces indexed.",
+            self.index.namespace_count(),
+        );
+        gauge(
+            "workers",
+            "Known workers (connected or in grace).",
+            workers.len(),
+        );
+        gauge("workers_connected", "Connected workers.", connected);
+        gauge(
+            "predictions",
+            "Live predicted routing decisions.",
+            self.router.predictions(),
+        );
+        out
+    }
+}
+
+/// A running router.
+#[derive(Debug)]
+pub struct RouterService {
+    pub state: Arc<RouterState>,
+    pub events_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RouterService {
+    /// Binds both listeners (port 0 picks a free port) and starts serving.
+    pub async fn start(config: ServiceConfig) -> Result<RouterService, ServiceError> {
+        let events = TcpListener::bind(config.events_addr)
+            .await
+            .map_err(|source| ServiceError::Bind {
+                what: "event listener",
+                addr: config.events_addr,
+                source,
+            })?;
+        let http = TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| ServiceError::Bind {
+                what: "HTTP listener",
+                addr: config.http_addr,
+                source,
+            })?;
+        let events_addr = events.local_addr().unwrap_or(config.events_addr);
+        let http_addr = http.local_addr().unwrap_or(config.http_addr);
+        let state = Arc::new(RouterState::new(config));
+        let tasks = vec![
+            tokio::spawn(accept_events(events, state.clone())),
+            tokio::spawn(accept_http(http, state.clone())),
+            tokio::spawn(reaper(state.clone())),
+        ];
+        Ok(RouterService {
+            state,
+            events_addr,
+            http_addr,
+            tasks,
+        })
+    }
+
+    pub fn shutdown(self) {
+        self.state.disconnect_all();
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn reaper(state: Arc<RouterState>) {
+    let period = Duration::from_millis((state.config.grace_ms / 4).clamp(5, 1_000));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        state.reap();
+    }
+}
+
+async fn accept_events(listener: TcpListener, state: Arc<RouterState>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(err) => {
+                tracing::warn!(%err, "event accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        state.metrics.connections.fetch_add(1, Ordering::Relaxed);
+        let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            if let Err(err) = event_connection(&st, stream, conn).await {
+                tracing::warn!(%err, %peer, "event connection ended");
+            }
+        });
+        let abort = task.abort_handle();
+        state
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(conn, abort);
+        // An aborted task skips `connection_closed`; a watcher runs it either way.
+        let st = state.clone();
+        tokio::spawn(async move {
+            let _ = task.await;
+            st.connection_closed(conn);
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error(transparent)]
+    Wire(#[from] crate::events::WireError),
+    #[error("first frame was not Hello")]
+    NoHello,
+    #[error("vLLM frame shorter than its 8-byte sequence number")]
+    ShortVllmFrame,
+}
+
+async fn event_connection(
+    state: &RouterState,
+    stream: TcpStream,
+    conn: u64,
+) -> Result<(), ConnError> {
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::with_capacity(1 << 16, r);
+    let Some(body) = read_frame_body(&mut r, MAX_FRAME_BYTES).await? else {
+        return Ok(());
+    };
+    state.metrics.frames.fetch_add(1, Ordering::Relaxed);
+    let (node, source) = match Frame::decode(&body) {
+        Ok(Frame::Hello { node, source, .. }) => (node, source),
+        _ => {
+            state.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
+            return Err(ConnError::NoHello);
+        }
+    };
+    if let Source::Vllm {
+        worker,
+        namespace,
+        block_size,
+    } = source
+    {
+        let bs = if block_size > 0 {
+            block_size
+        } else {
+            state.config.block_size
+        };
+        return vllm_connection(state, r, &node, conn, worker, &namespace, bs).await;
+    }
+    while let Some(body) = read_frame_body(&mut r, MAX_FRAME_BYTES).await? {
+        state.metrics.frames.fetch_add(1, Ordering::Relaxed);
+        let frame = match Frame::decode(&body) {
+            Ok(f) => f,
+            Err(err) => {
+                // One bad frame does not poison the stream framing; skip it.
+                state.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%err, conn, "undecodable event frame skipped");
+                continue;
+            }
+        };
+        match frame {
+            Frame::Snapshot { workers } => state.apply_snapshot(&node, conn, &workers),
+            Frame::Event { worker, seq, event } => {
+                if !state.apply_event(worker, seq, &event) {
+                    state
+                        .metrics
+                        .resyncs_requested
+                        .fetch_add(1, Ordering::Relaxed);
+                    write_frame(&mut w, &Frame::Resync).await?;
+                }
+            }
+            Frame::Load {
+                worker,
+                active_requests,
+                decode_blocks,
+            } => state.set_load(worker, active_requests, decode_blocks),
+            Frame::Hello { .. } | Frame::Resync => {}
+        }
+    }
+    Ok(())
+}
+
+async fn vllm_connection(
+    state: &RouterState,
+    mut r: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    node: &str,
+    conn: u64,
+    worker: WorkerId,
+    namespace: &str,
+    block_size: u32,
+) -> Result<(), ConnError> {
+    state.register(worker, node, "vllm", conn);
+    // The feed has no snapshot: start from empty and apply from the first batch on.
+    state.index.remove_worker(worker, None);
+    if let Some(e) = state.workers().get_mut(&worker) {
+        e.awaiting_snapshot = false;
+    }
+    let mut tr = VllmTranslator::new(worker, block_size, 16 << 20);
+    let mut last_seq: Option<u64> = None;
+    while let Some(body) = read_frame_body(&mut r, MAX_FRAME_BYTES).await? {
+        state.metrics.frames.fetch_add(1, Ordering::Relaxed);
+        if body.len() < 8 {
+            state.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
+            return Err(ConnError::ShortVllmFrame);
+        }
+        let seq = u64::from_be_bytes(body[..8].try_into().unwrap_or_default());
+        if last_seq.is_some_and(|l| seq != l.wrapping_add(1)) {
+            // vLLM replays missed batches only over its ZMQ replay socket; count the gap.
+            state.metrics.vllm_seq_gaps.fetch_add(1, Ordering::Relaxed);
+        }
+        last_seq = Some(seq);
+        if let Some(e) = state.workers().get_mut(&worker) {
+            e.last_seq = seq;
+        }
+        let batch = match vllm::decode_batch(&body[8..]) {
+            Ok(b) => b,
+            Err(err) => {
+                state.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%err, worker, "undecodable vLLM batch skipped");
+                continue;
+            }
+        };
+        state.metrics.vllm_batches.fetch_add(1, Ordering::Relaxed);
+        for ev in &batch.events {
+            let Some(op) = tr.translate(ev) else { continue };
+            match op {
+                IndexOp::Store {
+                    parent,
+                    hashes,
+                    tier,
+                } => {
+                    state.index.store(namespace, worker, tier, parent, &hashes);
+                }
+                IndexOp::Remove { hashes, tier } => {
+                    state.index.remove(namespace, worker, tier, &hashes);
+                }
+                IndexOp::Clear => state.index.remove_worker(worker, Some(namespace)),
+            }
+            state.metrics.vllm_events.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP
+
+const MAX_HEAD_BYTES: usize = 16 << 10;
+
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+}
+
+impl Response {
+    fn text(status: u16, body: impl Into<String>) -> Self {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+
+    fn json(status: u16, value: &impl Serialize) -> Self {
+        match serde_json::to_string(value) {
+            Ok(body) => Response {
+                status,
+                content_type: "application/json",
+                body,
+            },
+            Err(e) => Response::text(500, format!("encoding response: {e}\n")),
+        }
+    }
+
+    fn error(status: u16, reason: impl std::fmt::Display) -> Self {
+        Response::json(status, &serde_json::json!({ "error": reason.to_string() }))
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        422 => "Unprocessable Entity",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+async fn accept_http(listener: TcpListener, state: Arc<RouterState>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(err) => {
+                tracing::warn!(%err, "HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let st = state.clone();
+        tokio::spawn(async move {
+            let timeout = Duration::from_millis(st.config.http_timeout_ms);
+            let mut stream = stream;
+            let resp = match tokio::time::timeout(timeout, read_request(&mut stream, &st)).await {
+                Ok(resp) => resp,
+                Err(_) => Response::error(408, "request not received in time"),
+            };
+            let head = format!(
+                "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                resp.status,
+                reason_phrase(resp.status),
+                resp.content_type,
+                resp.body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(resp.body.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+async fn read_request(stream: &mut TcpStream, state: &RouterState) -> Response {
+    state.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
+    let mut buf = Vec::with_capacity(1024);
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+        if buf.len() > MAX_HEAD_BYTES {
+            return Response::error(431, "request head exceeds 16 KiB");
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => {
+                return Response::error(400, "connection closed before the request head ended");
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    if head_end > MAX_HEAD_BYTES {
+        return Response::error(431, "request head exceeds 16 KiB");
+    }
+    let Ok(head) = std::str::from_utf8(&buf[..head_end]) else {
+        return Response::error(400, "request head is not UTF-8");
+    };
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or("");
+    let mut parts = request_line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Response::error(400, "malformed request line");
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Response::error(400, "only HTTP/1.x is supported");
+    }
+    let mut content_length: Option<usize> = None;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            return Response::error(400, "malformed header line");
+        };
+        let (name, value) = (name.trim(), value.trim());
+        if name.eq_ignore_ascii_case("content-length") {
+            match value.parse::<usize>() {
+                Ok(n) if content_length.is_none_or(|c| c == n) => content_length = Some(n),
+                _ => return Response::error(400, "invalid Content-Length"),
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Response::error(
+                501,
+                "Transfer-Encoding is not supported; send Content-Length",
+            );
+        }
+    }
+    let path = target.split('?').next().unwrap_or(target);
+    let body_len = content_length.unwrap_or(0);
+    if body_len > state.config.max_body_bytes {
+        return Response::error(
+            413,
+            format!(
+                "body of {body_len} bytes exceeds {}",
+                state.config.max_body_bytes
+            ),
+        );
+    }
+    let mut body = buf[head_end + 4..].to_vec();
+    if body.len() > body_len {
+        body.truncate(body_len); // pipelined bytes beyond the body are ignored (we close)
+    }
+    while body.len() < body_len {
+        let mut chunk = vec![0u8; (body_len - body.len()).min(64 << 10)];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return Response::error(400, "body shorter than Content-Length"),
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    match (method, path) {
+        ("POST", "/route") => {
+            if content_length.is_none() {
+                return Response::error(411, "POST /route needs Content-Length");
+            }
+            handle_route(state, &body)
+        }
+        ("GET", "/workers") => Response::json(200, &state.worker_list()),
+        ("GET", "/metrics") => Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4",
+            body: state.render_metrics(),
+        },
+        ("GET", "/healthz") => Response::text(200, "ok\n"),
+        (_, "/route" | "/workers" | "/metrics" | "/healthz") => {
+            Response::error(405, format!("{method} not allowed on {path}"))
+        }
+        _ => Response::error(404, format!("no route {path}")),
+    }
+}
+
+/// `POST /route` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRequest {
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub token_ids: Option<Vec<u32>>,
+    /// Sequence hashes (Dynamo scheme), instead of `token_ids`.
+    pub block_hashes: Option<Vec<u64>>,
+    pub block_size: Option<u32>,
+    pub salt: Option<String>,
+    pub lora_name: Option<String>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+#[derive(Debug, Serialize)]
+struct RouteResponse<'a> {
+    namespace: &'a str,
+    #[serde(flatten)]
+    decision: crate::route::Decision,
+}
+
+fn handle_route(state: &RouterState, body: &[u8]) -> Response {
+    let bad = |status, reason: String| {
+        state
+            .metrics
+            .route_bad_requests
+            .fetch_add(1, Ordering::Relaxed);
+        Response::error(status, reason)
+    };
+    let req: RouteRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return bad(400, format!("invalid JSON body: {e}")),
+    };
+    let started = Instant::now();
+    let hashes = match (&req.token_ids, &req.block_hashes) {
+        (Some(tokens), None) => {
+            let bs = req.block_size.unwrap_or(state.config.block_size);
+            if bs == 0 || bs > 1 << 16 {
+                return bad(422, format!("block_size {bs} out of range 1..=65536"));
+            }
+            let salt = hash::salt_hash(req.salt.as_deref(), req.lora_name.as_deref());
+            hash::sequence_hashes(tokens, bs as usize, salt)
+        }
+        (None, Some(h)) => h.clone(),
+        _ => return bad(422, "give exactly one of token_ids or block_hashes".into()),
+    };
+    let candidates = state.candidates();
+    let Some(decision) = state
+        .router
+        .route(&req.namespace, &hashes, &candidates, state.now_ms())
+    else {
+        state
+            .metrics
+            .route_no_workers
+            .fetch_add(1, Ordering::Relaxed);
+        return Response::error(503, "no workers known to this router");
+    };
+    state
+        .metrics
+        .route_latency_ns_total
+        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    state.metrics.route_requests.fetch_add(1, Ordering::Relaxed);
+    Response::json(
+        200,
+        &RouteResponse {
+            namespace: &req.namespace,
+            decision,
+        },
+    )
+}

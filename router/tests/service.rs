@@ -1,0 +1,435 @@
+//! The router service over real TCP on 127.0.0.1: publisher snapshots and resync, sequence
+//! gaps, the disconnect grace period, vLLM feed, and the HTTP API's status codes.
+
+use kvplane_router::Tier;
+use kvplane_router::events::{
+    Frame, KvEvent, NamespaceBlocks, PROTOCOL_VERSION, Publisher, PublisherConfig, SnapshotBlock,
+    Source, WorkerBlocks, WorkerSnapshot, read_frame_body, write_frame,
+};
+use kvplane_router::service::{RouterService, ServiceConfig};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn config(grace_ms: u64) -> ServiceConfig {
+    ServiceConfig {
+        events_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        grace_ms,
+        ..ServiceConfig::default()
+    }
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The daemon-side model: worker -> ordered chain of (hash, parent) on HBM.
+type Model = Arc<Mutex<BTreeMap<u64, Vec<(u64, Option<u64>)>>>>;
+
+fn provider(model: Model) -> kvplane_router::events::SnapshotProvider {
+    Arc::new(move || {
+        model
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(&worker, blocks)| WorkerBlocks {
+                worker,
+                namespaces: vec![NamespaceBlocks {
+                    namespace: "ns".into(),
+                    blocks: blocks
+                        .iter()
+                        .map(|&(hash, parent)| SnapshotBlock {
+                            hash,
+                            parent,
+                            tiers: Tier::Hbm.bit(),
+                        })
+                        .collect(),
+                }],
+            })
+            .collect()
+    })
+}
+
+fn chain(start: u64, n: u64) -> Vec<(u64, Option<u64>)> {
+    (start..start + n)
+        .map(|h| (h, if h == start { None } else { Some(h - 1) }))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_snapshot_events_and_resync_after_drop() {
+    let svc = RouterService::start(config(60_000)).await.unwrap();
+    let state = svc.state.clone();
+    let model: Model = Arc::default();
+    // Worker 1 holds a chain before the router is even connected: the snapshot carries it.
+    model.lock().unwrap().insert(1, chain(100, 4));
+    let publisher = Publisher::start(
+        PublisherConfig {
+            routers: vec![svc.events_addr],
+            node: "node-a".into(),
+            backoff_initial_ms: 10,
+            backoff_max_ms: 50,
+            ..PublisherConfig::default()
+        },
+        provider(model.clone()),
+        &tokio::runtime::Handle::current(),
+    );
+    let holds = |s: &kvplane_router::service::RouterState, w, h| {
+        s.index
+            .with_tree("ns", |t| t.holds(w, h, None))
+            .unwrap_or(false)
+    };
+    eventually("snapshot applied", || holds(&state, 1, 103)).await;
+
+    // Live events.
+    let b = chain(200, 3);
+    model.lock().unwrap().insert(2, b.clone());
+    publisher.stored(2, "ns", &b, Tier::Hbm);
+    eventually("stored event applied", || holds(&state, 2, 202)).await;
+    publisher.removed(1, "ns", &[103], None);
+    eventually("removed event applied", || !holds(&state, 1, 103)).await;
+    model.lock().unwrap().get_mut(&1).unwrap().pop();
+
+    // Drop the connection; change state while the router cannot hear about it.
+    let link = publisher.link_stats(svc.events_addr).unwrap();
+    let connects_before = link.connects.load(std::sync::atomic::Ordering::Relaxed);
+    state.disconnect_all();
+    {
+        let mut m = model.lock().unwrap();
+        m.remove(&2);
+        m.insert(3, chain(300, 2));
+    }
+    publisher.cleared(2, None);
+    publisher.stored(3, "ns", &chain(300, 2), Tier::Hbm);
+    // After the reconnect snapshot the router converges to the daemon's state.
+    eventually("reconnected and converged", || {
+        link.connects.load(std::sync::atomic::Ordering::Relaxed) > connects_before
+            && holds(&state, 3, 301)
+            && !holds(&state, 2, 200)
+            && holds(&state, 1, 102)
+    })
+    .await;
+    assert!(!holds(&state, 1, 103));
+    assert!(
+        link.snapshots_sent
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+    svc.shutdown();
+}
+
+async fn raw_client(addr: std::net::SocketAddr, source: Source) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    write_frame(
+        &mut s,
+        &Frame::Hello {
+            node: "raw".into(),
+            protocol: PROTOCOL_VERSION,
+            source,
+        },
+    )
+    .await
+    .unwrap();
+    s
+}
+
+fn stored(hashes: Vec<u64>, parent: Option<u64>) -> KvEvent {
+    KvEvent::Stored {
+        namespace: "ns".into(),
+        parent,
+        hashes,
+        tier: Tier::Host,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequence_gap_requests_resync_and_grace_period_drops_worker() {
+    let svc = RouterService::start(config(150)).await.unwrap();
+    let state = svc.state.clone();
+    let mut s = raw_client(svc.events_addr, Source::Kvplane).await;
+    let snap = Frame::Snapshot {
+        workers: vec![WorkerSnapshot {
+            seq: 0,
+            state: WorkerBlocks {
+                worker: 9,
+                namespaces: vec![],
+            },
+        }],
+    };
+    write_frame(&mut s, &snap).await.unwrap();
+    let ev = |seq, event| Frame::Event {
+        worker: 9,
+        seq,
+        event,
+    };
+    write_frame(&mut s, &ev(1, stored(vec![1, 2], None)))
+        .await
+        .unwrap();
+    // seq 2 is lost; seq 3 must trigger a Resync and be ignored.
+    write_frame(&mut s, &ev(3, stored(vec![3], Some(2))))
+        .await
+        .unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(5), read_frame_body(&mut s, 1 << 20))
+        .await
+        .expect("resync in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(Frame::decode(&body).unwrap(), Frame::Resync);
+    let held = |h| {
+        state
+            .index
+            .with_tree("ns", |t| t.holds(9, h, Some(Tier::Host)))
+            .unwrap()
+    };
+    assert!(held(2));
+    assert!(!held(3), "event after a gap must not be applied");
+    let w = &state.worker_list()[0];
+    assert!(w.awaiting_snapshot);
+    // Events keep being ignored until the snapshot arrives.
+    write_frame(&mut s, &ev(4, stored(vec![4], Some(3))))
+        .await
+        .unwrap();
+    let snap = Frame::Snapshot {
+        workers: vec![WorkerSnapshot {
+            seq: 4,
+            state: WorkerBlocks {
+                worker: 9,
+                namespaces: vec![NamespaceBlocks {
+                    namespace: "ns".into(),
+                    blocks: (1..=4)
+                        .map(|h| SnapshotBlock {
+                            hash: h,
+                            parent: (h > 1).then(|| h - 1),
+                            tiers: Tier::Host.bit(),
+                        })
+                        .collect(),
+                }],
+            },
+        }],
+    };
+    write_frame(&mut s, &snap).await.unwrap();
+    write_frame(&mut s, &ev(5, stored(vec![5], Some(4))))
+        .await
+        .unwrap();
+    s.flush().await.unwrap();
+    eventually("snapshot and seq 5 applied", || {
+        state
+            .index
+            .with_tree("ns", |t| (1..=5).all(|h| t.holds(9, h, Some(Tier::Host))))
+            .unwrap()
+    })
+    .await;
+    assert_eq!(state.candidates().len(), 1);
+
+    // Disconnect: still a candidate during the grace period, gone after it.
+    drop(s);
+    eventually("marked disconnected", || !state.worker_list()[0].connected).await;
+    assert_eq!(state.candidates().len(), 1, "kept during the grace period");
+    eventually("dropped after grace", || state.candidates().is_empty()).await;
+    assert_eq!(state.index.node_count(), 0, "its blocks left the index");
+    svc.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_feed_over_the_frame_listener() {
+    use rmpv::Value;
+    let svc = RouterService::start(config(60_000)).await.unwrap();
+    let state = svc.state.clone();
+    let mut s = raw_client(
+        svc.events_addr,
+        Source::Vllm {
+            worker: 42,
+            namespace: "llama".into(),
+            block_size: 4,
+        },
+    )
+    .await;
+    let tokens: Vec<u32> = (0..8).collect();
+    let stored = Value::Array(vec![
+        "BlockStored".into(),
+        Value::Array(vec![Value::from(1001u64), Value::from(1002u64)]),
+        Value::Nil,
+        Value::Array(tokens.iter().map(|&t| Value::from(t)).collect()),
+        Value::from(4u64),
+        Value::Nil,
+        Value::from("GPU"),
+    ]);
+    let batch = Value::Array(vec![Value::F64(1.5), Value::Array(vec![stored])]);
+    let mut payload = Vec::new();
+    rmpv::encode::write_value(&mut payload, &batch).unwrap();
+    let mut body = 7u64.to_be_bytes().to_vec();
+    body.extend_from_slice(&payload);
+    s.write_all(&(body.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    s.write_all(&body).await.unwrap();
+    s.flush().await.unwrap();
+    // The router indexes the blocks under its own token hashes: a token query finds them.
+    let expected = kvplane_router::hash::sequence_hashes(&tokens, 4, 1337);
+    eventually("vLLM blocks indexed", || {
+        state
+            .index
+            .find_matches("llama", &expected)
+            .first()
+            .is_some_and(|o| o.worker == 42 && o.blocks == 2)
+    })
+    .await;
+    svc.shutdown();
+}
+
+async fn http(addr: std::net::SocketAddr, raw: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (status, body)
+}
+
+fn post(path: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_api_status_codes() {
+    let svc = RouterService::start(config(60_000)).await.unwrap();
+    let a = svc.http_addr;
+    assert_eq!(
+        http(a, b"GET /healthz HTTP/1.1\r\n\r\n").await,
+        (200, "ok\n".into())
+    );
+    // No workers yet: 503 with a reason.
+    let (st, body) = http(
+        a,
+        &post("/route", r#"{"namespace":"ns","block_hashes":[1,2]}"#),
+    )
+    .await;
+    assert_eq!(st, 503, "{body}");
+    assert!(body.contains("no workers"));
+
+    // Two workers via snapshot; worker 2 holds the prefix.
+    let mut s = raw_client(svc.events_addr, Source::Kvplane).await;
+    let tokens: Vec<u32> = (0..64).collect();
+    let hashes = kvplane_router::hash::sequence_hashes(&tokens, 16, 1337);
+    let blocks = |n: usize| NamespaceBlocks {
+        namespace: "ns".into(),
+        blocks: hashes[..n]
+            .iter()
+            .enumerate()
+            .map(|(i, &h)| SnapshotBlock {
+                hash: h,
+                parent: (i > 0).then(|| hashes[i - 1]),
+                tiers: Tier::Hbm.bit(),
+            })
+            .collect(),
+    };
+    let snap = Frame::Snapshot {
+        workers: vec![
+            WorkerSnapshot {
+                seq: 0,
+                state: WorkerBlocks {
+                    worker: 1,
+                    namespaces: vec![blocks(1)],
+                },
+            },
+            WorkerSnapshot {
+                seq: 0,
+                state: WorkerBlocks {
+                    worker: 2,
+                    namespaces: vec![blocks(4)],
+                },
+            },
+        ],
+    };
+    write_frame(&mut s, &snap).await.unwrap();
+    s.flush().await.unwrap();
+    let state = svc.state.clone();
+    eventually("snapshot", || state.candidates().len() == 2).await;
+
+    let body = serde_json::json!({"namespace": "ns", "token_ids": tokens}).to_string();
+    let (st, resp) = http(a, &post("/route", &body)).await;
+    assert_eq!(st, 200, "{resp}");
+    let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(v["worker"], 2);
+    assert_eq!(v["total_blocks"], 4);
+    assert_eq!(v["scores"].as_array().unwrap().len(), 2);
+    assert_eq!(v["scores"][0]["cached_hbm"], 4);
+
+    let (st, resp) = http(a, b"GET /workers HTTP/1.1\r\n\r\n").await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&resp)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let (st, resp) = http(a, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+    assert_eq!(st, 200);
+    assert!(
+        resp.contains("kvplane_router_route_requests_total 1"),
+        "{resp}"
+    );
+    assert!(resp.contains("kvplane_router_index_blocks 4"), "{resp}");
+
+    // Bad requests: 4xx with a reason.
+    for (raw, want) in [
+        (post("/route", "{not json"), 400),
+        (post("/route", r#"{"namespace":"ns"}"#), 422),
+        (
+            post("/route", r#"{"token_ids":[1],"block_hashes":[1]}"#),
+            422,
+        ),
+        (post("/route", r#"{"token_ids":[1],"block_size":0}"#), 422),
+        (post("/route", r#"{"token_ids":[1],"bogus":1}"#), 400),
+        (post("/nope", "{}"), 404),
+        (b"DELETE /route HTTP/1.1\r\n\r\n".to_vec(), 405),
+        (b"POST /route HTTP/1.1\r\n\r\n".to_vec(), 411),
+        (
+            b"POST /route HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n".to_vec(),
+            413,
+        ),
+        (
+            b"POST /route HTTP/1.1\r\nContent-Length: x\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            b"POST /route HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+            501,
+        ),
+        (b"garbage\r\n\r\n".to_vec(), 400),
+        (
+            [
+                b"GET /healthz HTTP/1.1\r\nX: ".to_vec(),
+                vec![b'a'; 20_000],
+                b"\r\n\r\n".to_vec(),
+            ]
+            .concat(),
+            431,
+        ),
+    ] {
+        let (st, body) = http(a, &raw).await;
+        assert_eq!(
+            st,
+            want,
+            "{}: {body}",
+            String::from_utf8_lossy(&raw[..raw.len().min(60)])
+        );
+        assert!(body.contains("error"), "reason given: {body}");
+    }
+    svc.shutdown();
+}
