@@ -1,1 +1,236 @@
-//! Storage tiers: pinned host pool and NVMe (issue 3).
+//! Storage tiers: G1 (device arena; host memory standing in for HBM on the host backend),
+//! G2 (the pinned host pool) and G3 (NVMe slots). Each tier is a fixed set of equally sized
+//! block slots; the block registry (`crate::block`) decides which block owns which slot.
+
+pub mod hbm;
+pub mod host;
+pub mod nvme;
+
+use serde::Deserialize;
+
+/// A storage tier, ordered fastest first (`Hbm < Host < Nvme`), so `max` of the tiers a
+/// load used is the slowest one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
+#[repr(u8)]
+pub enum Tier {
+    /// G1: device memory (or its host stand-in).
+    Hbm = 0,
+    /// G2: pinned host pool.
+    Host = 1,
+    /// G3: NVMe slots.
+    Nvme = 2,
+    /// Not present in any tier (used in lookup output past the hit prefix).
+    #[default]
+    None = 3,
+}
+
+impl Tier {
+    /// The three real tiers, fastest first.
+    pub const ALL: [Tier; 3] = [Tier::Hbm, Tier::Host, Tier::Nvme];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Hbm => "hbm",
+            Tier::Host => "host",
+            Tier::Nvme => "nvme",
+            Tier::None => "none",
+        }
+    }
+}
+
+/// Bytes of the per-slot header page (NVMe slot header; the host pool keeps the same page in
+/// front of each block so a block is written to NVMe with one contiguous O_DIRECT write).
+pub const SLOT_HEADER_BYTES: usize = 4096;
+/// O_DIRECT alignment used for every slot offset, length and buffer.
+pub const DIRECT_ALIGN: usize = 4096;
+
+pub fn round_up(value: usize, align: usize) -> usize {
+    value.div_ceil(align) * align
+}
+
+/// A configuration value that failed validation: names the key and the reason, e.g.
+/// `tiers.nvme.queue_depth: must be a power of two in 1..=4096, got 3`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{key}: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+pub(crate) fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// `[tiers]`: the three tiers' configuration, embedded by the daemon config.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TiersConfig {
+    pub hbm: hbm::HbmConfig,
+    pub host: host::HostConfig,
+    pub nvme: nvme::NvmeConfig,
+}
+
+impl TiersConfig {
+    /// Checks every value; the error names the full key (`tiers.host.capacity_bytes`).
+    pub fn validate(&self, block_bytes: usize) -> Result<(), ConfigError> {
+        self.hbm.validate("tiers.hbm", block_bytes)?;
+        self.host.validate("tiers.host", block_bytes)?;
+        self.nvme.validate("tiers.nvme", block_bytes)?;
+        Ok(())
+    }
+}
+
+/// A fixed set of slots `0..capacity`: a LIFO free list (recently freed slots are warm in
+/// cache and TLB) plus a used bitmap so a double free or a foreign slot is caught.
+#[derive(Debug, Clone)]
+pub struct SlotAllocator {
+    free: Vec<u32>,
+    used: Vec<u64>,
+    capacity: u32,
+}
+
+impl SlotAllocator {
+    pub fn new(capacity: u32) -> Self {
+        // Hand out low slots first (pop from the end of a descending list).
+        let free: Vec<u32> = (0..capacity).rev().collect();
+        SlotAllocator {
+            free,
+            used: vec![0; (capacity as usize).div_ceil(64)],
+            capacity,
+        }
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    pub fn used(&self) -> u32 {
+        self.capacity - self.free.len() as u32
+    }
+
+    pub fn free_count(&self) -> u32 {
+        self.free.len() as u32
+    }
+
+    pub fn alloc(&mut self) -> Option<u32> {
+        let slot = self.free.pop()?;
+        self.used[slot as usize / 64] |= 1 << (slot % 64);
+        Some(slot)
+    }
+
+    /// Takes a specific slot (rebuilding the index after a restart). False if taken.
+    pub fn claim(&mut self, slot: u32) -> bool {
+        if slot >= self.capacity || self.is_used(slot) {
+            return false;
+        }
+        if let Some(pos) = self.free.iter().position(|&s| s == slot) {
+            self.free.swap_remove(pos);
+        }
+        self.used[slot as usize / 64] |= 1 << (slot % 64);
+        true
+    }
+
+    /// Claims many slots at once (O(capacity), for start-up), keeping the free list ordered.
+    pub fn claim_all(&mut self, slots: &[u32]) {
+        for &slot in slots {
+            if slot < self.capacity {
+                self.used[slot as usize / 64] |= 1 << (slot % 64);
+            }
+        }
+        let used = &self.used;
+        self.free
+            .retain(|&s| used[s as usize / 64] & (1 << (s % 64)) == 0);
+    }
+
+    /// Returns a slot. Panics on a double free or a foreign slot: that is a registry bug
+    /// that would otherwise hand one slot to two blocks.
+    pub fn free(&mut self, slot: u32) {
+        assert!(
+            self.is_used(slot),
+            "slot {slot} freed twice or never allocated"
+        );
+        self.used[slot as usize / 64] &= !(1 << (slot % 64));
+        self.free.push(slot);
+    }
+
+    pub fn is_used(&self, slot: u32) -> bool {
+        slot < self.capacity && self.used[slot as usize / 64] & (1 << (slot % 64)) != 0
+    }
+
+    /// Checks that free list and bitmap agree (tests and `check_invariants`).
+    pub fn check(&self) -> Result<(), String> {
+        let mut seen = vec![false; self.capacity as usize];
+        for &slot in &self.free {
+            if slot >= self.capacity {
+                return Err(format!("free slot {slot} out of range"));
+            }
+            if seen[slot as usize] {
+                return Err(format!("slot {slot} twice in free list"));
+            }
+            seen[slot as usize] = true;
+            if self.is_used(slot) {
+                return Err(format!("slot {slot} both free and used"));
+            }
+        }
+        let used_bits: u32 = self.used.iter().map(|w| w.count_ones()).sum();
+        if used_bits + self.free.len() as u32 != self.capacity {
+            return Err(format!(
+                "leaked slots: {} used + {} free != {}",
+                used_bits,
+                self.free.len(),
+                self.capacity
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocator_round_trip_and_claims() {
+        let mut a = SlotAllocator::new(130);
+        let s0 = a.alloc().unwrap();
+        assert_eq!(s0, 0);
+        assert!(a.claim(77));
+        assert!(!a.claim(77));
+        a.claim_all(&[5, 6, 129]);
+        assert_eq!(a.used(), 5);
+        a.check().unwrap();
+        a.free(77);
+        assert!(!a.is_used(77));
+        a.check().unwrap();
+        let mut all = vec![];
+        while let Some(s) = a.alloc() {
+            all.push(s);
+        }
+        assert_eq!(a.used(), 130);
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 126);
+    }
+
+    #[test]
+    #[should_panic(expected = "freed twice")]
+    fn double_free_panics() {
+        let mut a = SlotAllocator::new(4);
+        let s = a.alloc().unwrap();
+        a.free(s);
+        a.free(s);
+    }
+
+    #[test]
+    fn tier_order_is_speed_order() {
+        assert!(Tier::Hbm < Tier::Host && Tier::Host < Tier::Nvme);
+        assert_eq!(Tier::Hbm.max(Tier::Nvme), Tier::Nvme);
+    }
+}

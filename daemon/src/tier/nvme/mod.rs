@@ -1,0 +1,670 @@
+//! G3: NVMe slots in preallocated files or raw block devices, read and written with O_DIRECT
+//! through an [`IoEngine`] (io_uring, or pread/pwrite where io_uring is refused).
+//!
+//! A slot is `SLOT_HEADER_BYTES` of self-describing header ([`header::SlotHeader`]) followed
+//! by the block, both 4 KiB aligned, written with one I/O from the host pool (whose slots
+//! carry the same header page). On open, a scan reads every header and rebuilds the index;
+//! a torn or corrupt slot is counted, tombstoned and freed, and never served.
+
+pub mod engine;
+pub mod header;
+pub mod uring;
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+
+use self::engine::{FaultInjector, FaultPlan, IoEngine, IoKind, IoOp, SyncEngine};
+use self::header::{HeaderError, SlotHeader};
+use super::{ConfigError, DIRECT_ALIGN, SLOT_HEADER_BYTES, invalid, round_up};
+
+/// Which I/O engine the NVMe tier uses.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineKind {
+    /// io_uring, or pread/pwrite (with a warning) when the kernel refuses io_uring.
+    #[default]
+    Auto,
+    IoUring,
+    Sync,
+}
+
+/// `[tiers.nvme]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NvmeConfig {
+    /// Files (created and preallocated) or raw block devices. Empty disables the tier.
+    pub paths: Vec<PathBuf>,
+    /// Bytes per file (block devices use their whole size).
+    pub capacity_bytes: u64,
+    pub engine: EngineKind,
+    /// io_uring entries = ops in flight per thread.
+    pub queue_depth: u32,
+    /// Ops pushed before each submit.
+    pub batch_size: u32,
+    /// Open with O_DIRECT (bypass the page cache). Only tests turn this off.
+    pub direct: bool,
+    /// At start-up also read every block and check its data checksum (slow on big stores;
+    /// otherwise data is checked on every load).
+    pub verify_on_scan: bool,
+}
+
+impl Default for NvmeConfig {
+    fn default() -> Self {
+        NvmeConfig {
+            paths: Vec::new(),
+            capacity_bytes: 16 << 30,
+            engine: EngineKind::Auto,
+            queue_depth: 64,
+            batch_size: 16,
+            direct: true,
+            verify_on_scan: false,
+        }
+    }
+}
+
+impl NvmeConfig {
+    pub fn validate(&self, key: &str, block_bytes: usize) -> Result<(), ConfigError> {
+        let qd = self.queue_depth;
+        if !(1..=4096).contains(&qd) || !qd.is_power_of_two() {
+            return Err(invalid(
+                &format!("{key}.queue_depth"),
+                format!("must be a power of two in 1..=4096, got {qd}"),
+            ));
+        }
+        if self.batch_size == 0 || self.batch_size > qd {
+            return Err(invalid(
+                &format!("{key}.batch_size"),
+                format!("must be in 1..=queue_depth ({qd}), got {}", self.batch_size),
+            ));
+        }
+        let slot = slot_bytes(block_bytes);
+        if !self.paths.is_empty() && self.capacity_bytes < slot as u64 {
+            return Err(invalid(
+                &format!("{key}.capacity_bytes"),
+                format!(
+                    "must hold at least one slot of {slot} bytes, got {}",
+                    self.capacity_bytes
+                ),
+            ));
+        }
+        for (i, p) in self.paths.iter().enumerate() {
+            if p.as_os_str().is_empty() {
+                return Err(invalid(&format!("{key}.paths[{i}]"), "empty path"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Slot size for a block size: header page + block rounded up to 4 KiB.
+pub fn slot_bytes(block_bytes: usize) -> usize {
+    SLOT_HEADER_BYTES + round_up(block_bytes, DIRECT_ALIGN)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NvmeError {
+    #[error("opening NVMe path {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("preallocating {bytes} bytes in {path} (fallocate): {source}")]
+    Preallocate {
+        path: PathBuf,
+        bytes: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("NVMe path {path} holds no slot of {slot_bytes} bytes (size {size})")]
+    TooSmall {
+        path: PathBuf,
+        size: u64,
+        slot_bytes: usize,
+    },
+    #[error("creating the NVMe I/O engine ({kind}): {source}")]
+    Engine {
+        kind: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("NVMe {op} of slot {slot} ({path} at offset {offset}): {source}")]
+    Io {
+        op: &'static str,
+        slot: u32,
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("NVMe slot {slot} is corrupt: {reason}")]
+    Corrupt { slot: u32, reason: String },
+}
+
+impl NvmeError {
+    /// True for disk-full errors (ENOSPC/EDQUOT), which the manager answers by evicting.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, NvmeError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+}
+
+/// A valid slot found by the start-up scan.
+#[derive(Clone, Copy, Debug)]
+pub struct ScannedSlot {
+    pub slot: u32,
+    pub header: SlotHeader,
+}
+
+#[derive(Debug, Default)]
+pub struct ScanReport {
+    pub valid: Vec<ScannedSlot>,
+    pub empty: u64,
+    /// Torn/corrupt slots found (and tombstoned).
+    pub corrupt: u64,
+    /// Older copies of a key also stored in a newer slot (freed).
+    pub duplicates: u64,
+    pub seconds: f64,
+}
+
+type EngineFactory = Box<dyn Fn() -> Result<Box<dyn IoEngine>, NvmeError> + Send + Sync>;
+
+pub struct NvmeStore {
+    paths: Vec<PathBuf>,
+    _files: Vec<File>,
+    /// First global slot of each file (plus the total at the end).
+    file_first_slot: Vec<u32>,
+    slot_bytes: usize,
+    block_bytes: usize,
+    engines: Mutex<Vec<Box<dyn IoEngine>>>,
+    factory: EngineFactory,
+    generation: AtomicU64,
+    engine_name: String,
+    registered_buffers: bool,
+}
+
+/// A 4 KiB aligned heap buffer for scans and tombstones.
+struct AlignedBuf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN)
+            .expect("layout");
+        // SAFETY: non-zero size layout.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "out of memory allocating {len} bytes");
+        AlignedBuf { ptr, layout }
+    }
+    fn slice(&self) -> &[u8] {
+        // SAFETY: allocated with this size; &self borrows it.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
+    }
+}
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+fn open_path(
+    path: &PathBuf,
+    capacity: u64,
+    direct: bool,
+    slot_bytes: usize,
+) -> Result<(File, u32), NvmeError> {
+    let existing = std::fs::metadata(path).ok();
+    let is_dev = existing
+        .as_ref()
+        .is_some_and(|m| m.file_type().is_block_device());
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(true);
+    if !is_dev {
+        opts.create(true);
+    }
+    if direct {
+        opts.custom_flags(libc::O_DIRECT);
+    }
+    let file = opts.open(path).map_err(|source| NvmeError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    let size = if is_dev {
+        let mut bytes: u64 = 0;
+        const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+        // SAFETY: BLKGETSIZE64 writes a u64 into `bytes`.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut bytes) };
+        if rc != 0 {
+            return Err(NvmeError::Open {
+                path: path.clone(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        bytes
+    } else {
+        let len = file
+            .metadata()
+            .map_err(|source| NvmeError::Open {
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        if len < capacity {
+            // SAFETY: fallocate on our fd; mode 0 allocates and extends.
+            let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, capacity as libc::off_t) };
+            if rc != 0 {
+                let source = std::io::Error::last_os_error();
+                if source.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    file.set_len(capacity)
+                        .map_err(|source| NvmeError::Preallocate {
+                            path: path.clone(),
+                            bytes: capacity,
+                            source,
+                        })?;
+                } else {
+                    return Err(NvmeError::Preallocate {
+                        path: path.clone(),
+                        bytes: capacity,
+                        source,
+                    });
+                }
+            }
+        }
+        capacity
+    };
+    let slots = size / slot_bytes as u64;
+    if slots == 0 {
+        return Err(NvmeError::TooSmall {
+            path: path.clone(),
+            size,
+            slot_bytes,
+        });
+    }
+    Ok((file, slots.min(u32::MAX as u64 / 2) as u32))
+}
+
+impl NvmeStore {
+    /// Opens (creating and preallocating files as needed) and scans the store.
+    /// `regions` is the host pool to register as fixed buffers; `faults` wraps every engine
+    /// in a [`FaultInjector`] (tests).
+    pub fn open(
+        config: &NvmeConfig,
+        block_bytes: usize,
+        regions: Vec<(*mut u8, usize)>,
+        faults: Option<Arc<FaultPlan>>,
+    ) -> Result<(NvmeStore, ScanReport), NvmeError> {
+        let slot_bytes = slot_bytes(block_bytes);
+        let mut files = Vec::new();
+        let mut first = vec![0u32];
+        for path in &config.paths {
+            let (file, slots) = open_path(path, config.capacity_bytes, config.direct, slot_bytes)?;
+            files.push(file);
+            first.push(first.last().copied().unwrap_or(0).saturating_add(slots));
+        }
+        let fds: Arc<Vec<RawFd>> = Arc::new(files.iter().map(|f| f.as_raw_fd()).collect());
+        let regions: Vec<(usize, usize)> =
+            regions.into_iter().map(|(p, l)| (p as usize, l)).collect();
+        let (qd, batch) = (config.queue_depth, config.batch_size);
+        let kind = config.engine;
+        let make_base = {
+            let fds = fds.clone();
+            move || -> Result<Box<dyn IoEngine>, NvmeError> {
+                let regions: Vec<(*mut u8, usize)> =
+                    regions.iter().map(|&(p, l)| (p as *mut u8, l)).collect();
+                match kind {
+                    EngineKind::Sync => Ok(Box::new(SyncEngine::new(fds.clone()))),
+                    EngineKind::IoUring => uring::UringEngine::new(&fds, &regions, qd, batch)
+                        .map(|e| Box::new(e) as Box<dyn IoEngine>)
+                        .map_err(|source| NvmeError::Engine {
+                            kind: "io_uring",
+                            source,
+                        }),
+                    EngineKind::Auto => match uring::UringEngine::new(&fds, &regions, qd, batch) {
+                        Ok(e) => Ok(Box::new(e)),
+                        Err(e) => {
+                            tracing::warn!("io_uring refused ({e}): NVMe tier uses pread/pwrite");
+                            Ok(Box::new(SyncEngine::new(fds.clone())))
+                        }
+                    },
+                }
+            }
+        };
+        let factory: EngineFactory = match faults {
+            None => Box::new(make_base),
+            Some(plan) => Box::new(move || {
+                Ok(Box::new(FaultInjector::new(make_base()?, plan.clone())) as Box<dyn IoEngine>)
+            }),
+        };
+        let first_engine = factory()?;
+        let engine_name = first_engine.name();
+        let registered_buffers = first_engine.registered_buffers();
+        let store = NvmeStore {
+            paths: config.paths.clone(),
+            _files: files,
+            file_first_slot: first,
+            slot_bytes,
+            block_bytes,
+            engines: Mutex::new(vec![first_engine]),
+            factory,
+            generation: AtomicU64::new(1),
+            engine_name,
+            registered_buffers,
+        };
+        let report = store.scan(config.verify_on_scan)?;
+        Ok((store, report))
+    }
+
+    pub fn slot_count(&self) -> u32 {
+        *self.file_first_slot.last().unwrap_or(&0)
+    }
+    pub fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+    pub fn engine_name(&self) -> &str {
+        &self.engine_name
+    }
+    pub fn registered_buffers(&self) -> bool {
+        self.registered_buffers
+    }
+
+    /// A fresh generation for a slot write (newer wins when a key appears twice).
+    pub fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn locate(&self, slot: u32) -> (u32, u64) {
+        let file = self.file_first_slot.partition_point(|&f| f <= slot) - 1;
+        let local = slot - self.file_first_slot[file];
+        (file as u32, local as u64 * self.slot_bytes as u64)
+    }
+
+    /// Runs ops with a per-thread engine (taken from the pool, created on first use).
+    fn run(&self, ops: &mut [IoOp]) -> Result<(), NvmeError> {
+        let engine = self.engines.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut engine = match engine {
+            Some(e) => e,
+            None => (self.factory)()?,
+        };
+        // SAFETY: callers of the pub fns below guarantee buffer validity and exclusivity.
+        let r = unsafe { engine.run(ops) };
+        match r {
+            Ok(()) => {
+                self.engines
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(engine);
+                Ok(())
+            }
+            // A broken ring is dropped; the next call makes a new one.
+            Err(source) => Err(NvmeError::Engine {
+                kind: "run",
+                source,
+            }),
+        }
+    }
+
+    fn io_error(&self, op: &'static str, slot: u32, errno: i32) -> NvmeError {
+        let (file, offset) = self.locate(slot);
+        NvmeError::Io {
+            op,
+            slot,
+            path: self.paths[file as usize].clone(),
+            offset,
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    /// Writes header + block for each `(slot, buf)`; `buf` is a host-pool slot (header page
+    /// already filled by [`NvmeStore::encode_header`]) of `slot_bytes`. One result per item.
+    ///
+    /// # Safety
+    /// Every `buf` is valid for `slot_bytes` and not written by anyone until this returns.
+    pub unsafe fn write_slots(
+        &self,
+        items: &[(u32, *mut u8)],
+        results: &mut Vec<Result<(), NvmeError>>,
+    ) {
+        self.io(IoKind::Write, items, self.slot_bytes, results)
+    }
+
+    /// Reads whole slots into host-pool buffers.
+    ///
+    /// # Safety
+    /// Every `buf` is valid for `slot_bytes` and used by no one else until this returns.
+    pub unsafe fn read_slots(
+        &self,
+        items: &[(u32, *mut u8)],
+        results: &mut Vec<Result<(), NvmeError>>,
+    ) {
+        self.io(IoKind::Read, items, self.slot_bytes, results)
+    }
+
+    fn io(
+        &self,
+        kind: IoKind,
+        items: &[(u32, *mut u8)],
+        len: usize,
+        results: &mut Vec<Result<(), NvmeError>>,
+    ) {
+        results.clear();
+        let mut ops: Vec<IoOp> = items
+            .iter()
+            .map(|&(slot, buf)| {
+                let (file, offset) = self.locate(slot);
+                IoOp::new(kind, file, offset, buf, len as u32)
+            })
+            .collect();
+        let name = if kind == IoKind::Read {
+            "read"
+        } else {
+            "write"
+        };
+        match self.run(&mut ops) {
+            Ok(()) => {
+                for (op, &(slot, _)) in ops.iter().zip(items) {
+                    results.push(op.outcome().map_err(|e| self.io_error(name, slot, e)));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for &(slot, _) in items {
+                    results.push(Err(NvmeError::Io {
+                        op: name,
+                        slot,
+                        path: self.paths[self.locate(slot).0 as usize].clone(),
+                        offset: self.locate(slot).1,
+                        source: std::io::Error::other(msg.clone()),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Fills the header page of a host slot for `header` (data checksum computed here from
+    /// the block bytes that follow the page).
+    pub fn encode_header(&self, slot_buf: &mut [u8], mut header: SlotHeader) -> SlotHeader {
+        let (page, data) = slot_buf.split_at_mut(SLOT_HEADER_BYTES);
+        header.length = self.block_bytes as u64;
+        header.data_checksum = kvplane_kernels::checksum64(&data[..self.block_bytes]);
+        page.fill(0);
+        header.encode(page);
+        header
+    }
+
+    /// Checks a slot read into `slot_buf` against the key and generation the index expects.
+    pub fn verify(
+        &self,
+        slot: u32,
+        slot_buf: &[u8],
+        namespace: u32,
+        hash: u64,
+        generation: u64,
+    ) -> Result<SlotHeader, NvmeError> {
+        let corrupt = |reason: String| NvmeError::Corrupt { slot, reason };
+        let h = SlotHeader::decode(
+            &slot_buf[..SLOT_HEADER_BYTES],
+            self.slot_bytes - SLOT_HEADER_BYTES,
+        )
+        .map_err(|e| corrupt(e.to_string()))?;
+        if h.namespace != namespace || h.hash != hash {
+            return Err(corrupt(format!(
+                "holds ({}, {:#x}), expected ({namespace}, {hash:#x})",
+                h.namespace, h.hash
+            )));
+        }
+        if h.generation != generation {
+            return Err(corrupt(format!(
+                "generation {} expected {generation} (stale slot)",
+                h.generation
+            )));
+        }
+        let data = &slot_buf[SLOT_HEADER_BYTES..SLOT_HEADER_BYTES + h.length as usize];
+        let sum = kvplane_kernels::checksum64(data);
+        if sum != h.data_checksum {
+            return Err(corrupt(format!(
+                "data checksum {sum:#018x} != header {:#018x} (torn or corrupt block)",
+                h.data_checksum
+            )));
+        }
+        Ok(h)
+    }
+
+    /// Overwrites a slot's header with zeros so a dropped block does not come back after a
+    /// restart. Best effort: a failure is logged (the slot is reused and overwritten anyway).
+    pub fn tombstone(&self, slots: &[u32]) {
+        if slots.is_empty() {
+            return;
+        }
+        let buf = AlignedBuf::new(SLOT_HEADER_BYTES);
+        let mut ops: Vec<IoOp> = slots
+            .iter()
+            .map(|&s| {
+                let (file, offset) = self.locate(s);
+                IoOp::new(
+                    IoKind::Write,
+                    file,
+                    offset,
+                    buf.ptr,
+                    SLOT_HEADER_BYTES as u32,
+                )
+            })
+            .collect();
+        match self.run(&mut ops) {
+            Ok(()) => {
+                for (op, s) in ops.iter().zip(slots) {
+                    if let Err(e) = op.outcome() {
+                        tracing::warn!(
+                            slot = s,
+                            "tombstoning NVMe slot: {}",
+                            std::io::Error::from_raw_os_error(e)
+                        );
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("tombstoning NVMe slots: {e}"),
+        }
+    }
+
+    /// Reads every slot header (and with `verify_data` every block) and returns the valid
+    /// slots, newest generation per key; corrupt slots are tombstoned.
+    fn scan(&self, verify_data: bool) -> Result<ScanReport, NvmeError> {
+        let started = std::time::Instant::now();
+        let total = self.slot_count();
+        let read_len = if verify_data {
+            self.slot_bytes
+        } else {
+            SLOT_HEADER_BYTES
+        };
+        const BATCH: u32 = 64;
+        let buf = AlignedBuf::new(read_len * BATCH as usize);
+        let mut report = ScanReport::default();
+        let mut corrupt = Vec::new();
+        let mut results = Vec::new();
+        let mut slot = 0;
+        while slot < total {
+            let n = BATCH.min(total - slot);
+            let items: Vec<(u32, *mut u8)> = (0..n)
+                .map(|i| (slot + i, buf.ptr.wrapping_add(i as usize * read_len)))
+                .collect();
+            self.io(IoKind::Read, &items, read_len, &mut results);
+            for (i, r) in results.iter().enumerate() {
+                let s = slot + i as u32;
+                if let Err(e) = r {
+                    // An unreadable slot is treated as corrupt: never served.
+                    tracing::warn!("scan: {e}");
+                    report.corrupt += 1;
+                    corrupt.push(s);
+                    continue;
+                }
+                let page = &buf.slice()[i * read_len..(i + 1) * read_len];
+                match SlotHeader::decode(page, self.slot_bytes - SLOT_HEADER_BYTES) {
+                    Err(HeaderError::Empty) => report.empty += 1,
+                    Err(e) => {
+                        tracing::warn!(slot = s, "scan: corrupt NVMe slot dropped: {e}");
+                        report.corrupt += 1;
+                        corrupt.push(s);
+                    }
+                    Ok(h) => {
+                        if verify_data {
+                            let data =
+                                &page[SLOT_HEADER_BYTES..SLOT_HEADER_BYTES + h.length as usize];
+                            if kvplane_kernels::checksum64(data) != h.data_checksum {
+                                tracing::warn!(
+                                    slot = s,
+                                    "scan: NVMe slot with bad data checksum dropped"
+                                );
+                                report.corrupt += 1;
+                                corrupt.push(s);
+                                continue;
+                            }
+                        }
+                        report.valid.push(ScannedSlot { slot: s, header: h });
+                    }
+                }
+            }
+            slot += n;
+        }
+        // Newest generation wins per key (a crash between writing a new copy and freeing
+        // the old one leaves two).
+        report.valid.sort_unstable_by_key(|v| {
+            (
+                v.header.namespace,
+                v.header.hash,
+                std::cmp::Reverse(v.header.generation),
+            )
+        });
+        let mut kept: Vec<ScannedSlot> = Vec::with_capacity(report.valid.len());
+        for v in report.valid.drain(..) {
+            if kept.last().is_some_and(|k| {
+                k.header.namespace == v.header.namespace && k.header.hash == v.header.hash
+            }) {
+                report.duplicates += 1;
+                corrupt.push(v.slot);
+            } else {
+                kept.push(v);
+            }
+        }
+        report.valid = kept;
+        let max_gen = report
+            .valid
+            .iter()
+            .map(|v| v.header.generation)
+            .max()
+            .unwrap_or(0);
+        self.generation.store(max_gen + 1, Ordering::Relaxed);
+        self.tombstone(&corrupt);
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests;
