@@ -1,0 +1,889 @@
+//! The block registry: `BlockKey -> entry` bookkeeping for all three tiers, with no I/O and
+//! no data. `BlockManager` holds it under one mutex and moves bytes around its decisions.
+//!
+//! Per tier, an entry is *present* (published slot), *pending* (slot reserved, bytes being
+//! written, invisible to lookups) or absent. Eviction candidates of a tier are entries that
+//! are present there, have no children present in that same tier (leaves go before their
+//! prefixes), no leases and no operation in flight; they are ordered by (priority, last use)
+//! so low priority goes first and LRU decides within a class.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hasher};
+
+use crate::tier::{SlotAllocator, Tier};
+
+pub type SessionId = u64;
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// `(namespace, chained block hash)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockKey {
+    pub namespace: u32,
+    pub hash: u64,
+}
+
+impl BlockKey {
+    pub fn new(namespace: u32, hash: u64) -> Self {
+        BlockKey { namespace, hash }
+    }
+}
+
+/// Keys are already xxh3 hashes: one folded multiply spreads them over both the high bits
+/// (hashbrown's tag) and the low bits (its bucket index), and also copes with test keys like
+/// 0, 1, 2. Not DoS resistant, which is fine: keys come from our own hashing of token ids.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        let m = (self.0 as u128).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (m as u64) ^ ((m >> 64) as u64)
+    }
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8)) ^ b as u64;
+        }
+    }
+    #[inline]
+    fn write_u32(&mut self, n: u32) {
+        self.0 ^= (n as u64).rotate_left(32);
+    }
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+}
+
+#[derive(Clone, Copy, Default, Debug)]
+pub struct BuildKeyHasher;
+impl BuildHasher for BuildKeyHasher {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(0)
+    }
+}
+
+/// Why a block left a tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum RemoveReason {
+    /// Evicted for space, copy kept in a lower tier (demoted).
+    Demoted,
+    /// Evicted for space, no lower copy kept (not admitted, or last tier).
+    Evicted,
+    /// `drop_blocks`.
+    Dropped,
+    /// `clear_namespace`.
+    Cleared,
+    /// Failed verification (NVMe checksum, torn slot).
+    Corrupt,
+    /// An I/O error made the copy unusable.
+    IoError,
+}
+
+impl RemoveReason {
+    pub const ALL: [RemoveReason; 6] = [
+        RemoveReason::Demoted,
+        RemoveReason::Evicted,
+        RemoveReason::Dropped,
+        RemoveReason::Cleared,
+        RemoveReason::Corrupt,
+        RemoveReason::IoError,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            RemoveReason::Demoted => "demoted",
+            RemoveReason::Evicted => "evicted",
+            RemoveReason::Dropped => "dropped",
+            RemoveReason::Cleared => "cleared",
+            RemoveReason::Corrupt => "corrupt",
+            RemoveReason::IoError => "io_error",
+        }
+    }
+}
+
+/// Stored/removed events, per tier, for the router's publisher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum BlockEvent {
+    Stored {
+        namespace: u32,
+        hash: u64,
+        parent: Option<u64>,
+        tier: Tier,
+    },
+    Removed {
+        namespace: u32,
+        hash: u64,
+        parent: Option<u64>,
+        tier: Tier,
+        reason: RemoveReason,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    key: BlockKey,
+    parent: Option<u64>,
+    slots: [u32; 3],
+    /// Bit t: the slot of tier t is reserved, not published.
+    pending: u8,
+    /// Children present (published) in each tier.
+    children: [u32; 3],
+    last_use: u64,
+    priority: u8,
+    leases: u32,
+    busy: u32,
+    hits: u32,
+    nvme_generation: u64,
+    /// Bit t: in `candidates[t]` under (`cand_priority`, `cand_use`).
+    cand: u8,
+    cand_priority: u8,
+    cand_use: u64,
+}
+
+impl Entry {
+    fn present(&self, t: usize) -> bool {
+        self.slots[t] != NO_SLOT && self.pending & (1 << t) == 0
+    }
+    fn eligible(&self, t: usize) -> bool {
+        self.present(t) && self.children[t] == 0 && self.leases == 0 && self.busy == 0
+    }
+    fn garbage(&self) -> bool {
+        self.slots.iter().all(|&s| s == NO_SLOT)
+            && self.children == [0; 3]
+            && self.leases == 0
+            && self.busy == 0
+    }
+    fn fastest(&self) -> Tier {
+        for t in Tier::ALL {
+            if self.present(t.index()) {
+                return t;
+            }
+        }
+        Tier::None
+    }
+}
+
+/// A read-only view of an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryView {
+    pub key: BlockKey,
+    pub parent: Option<u64>,
+    /// `Some(slot)` where present (published).
+    pub present: [Option<u32>; 3],
+    /// `Some(slot)` where reserved, not published.
+    pub pending: [Option<u32>; 3],
+    pub leases: u32,
+    pub busy: u32,
+    pub hits: u32,
+    pub priority: u8,
+    pub nvme_generation: u64,
+}
+
+impl EntryView {
+    pub fn fastest(&self) -> Tier {
+        Tier::ALL
+            .into_iter()
+            .find(|t| self.present[t.index()].is_some())
+            .unwrap_or(Tier::None)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error("block {0:?} already has a slot in tier {1:?}")]
+    AlreadyInTier(BlockKey, Tier),
+    #[error("block {0:?} is not present in tier {1:?}")]
+    NotInTier(BlockKey, Tier),
+    #[error("block {0:?} is unknown")]
+    Unknown(BlockKey),
+    #[error("block {0:?} is leased or in use")]
+    Busy(BlockKey),
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RegistryCounters {
+    pub lookup_hits: u64,
+    pub lookup_misses: u64,
+    /// Indexed by `RemoveReason as usize`, per tier.
+    pub removed: [[u64; 6]; 3],
+}
+
+pub struct Registry {
+    map: HashMap<BlockKey, u32, BuildKeyHasher>,
+    entries: Vec<Entry>,
+    free_entries: Vec<u32>,
+    alloc: [SlotAllocator; 3],
+    candidates: [BTreeSet<(u8, u64, u32)>; 3],
+    sessions: HashMap<SessionId, HashMap<BlockKey, u32, BuildKeyHasher>>,
+    /// Slots taken out of an entry but not yet freed (e.g. an NVMe slot being tombstoned).
+    detached: [Vec<u32>; 3],
+    clock: u64,
+    events: Vec<BlockEvent>,
+    pub record_events: bool,
+    pub counters: RegistryCounters,
+}
+
+impl Registry {
+    /// A registry for tiers of `capacity[t]` slots.
+    pub fn new(capacity: [u32; 3]) -> Self {
+        Registry {
+            map: HashMap::with_hasher(BuildKeyHasher),
+            entries: Vec::new(),
+            free_entries: Vec::new(),
+            alloc: capacity.map(SlotAllocator::new),
+            candidates: Default::default(),
+            sessions: HashMap::default(),
+            detached: Default::default(),
+            clock: 1,
+            events: Vec::new(),
+            record_events: false,
+            counters: RegistryCounters::default(),
+        }
+    }
+
+    pub fn capacity(&self, tier: Tier) -> u32 {
+        self.alloc[tier.index()].capacity()
+    }
+    pub fn used(&self, tier: Tier) -> u32 {
+        self.alloc[tier.index()].used()
+    }
+    pub fn free_slots(&self, tier: Tier) -> u32 {
+        self.alloc[tier.index()].free_count()
+    }
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Takes the events recorded since the last call (when `record_events`).
+    pub fn drain_events(&mut self) -> std::vec::Drain<'_, BlockEvent> {
+        self.events.drain(..)
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    fn idx(&self, key: BlockKey) -> Option<u32> {
+        self.map.get(&key).copied()
+    }
+
+    pub fn view(&self, key: BlockKey) -> Option<EntryView> {
+        let e = &self.entries[self.idx(key)? as usize];
+        let mut present = [None; 3];
+        let mut pending = [None; 3];
+        for t in 0..3 {
+            if e.slots[t] != NO_SLOT {
+                if e.pending & (1 << t) != 0 {
+                    pending[t] = Some(e.slots[t]);
+                } else {
+                    present[t] = Some(e.slots[t]);
+                }
+            }
+        }
+        Some(EntryView {
+            key: e.key,
+            parent: e.parent,
+            present,
+            pending,
+            leases: e.leases,
+            busy: e.busy,
+            hits: e.hits,
+            priority: e.priority,
+            nvme_generation: e.nvme_generation,
+        })
+    }
+
+    // ---- candidate bookkeeping -------------------------------------------------------
+
+    fn uncand(&mut self, i: u32) {
+        let e = &mut self.entries[i as usize];
+        let (mask, p, u) = (e.cand, e.cand_priority, e.cand_use);
+        e.cand = 0;
+        for t in 0..3 {
+            if mask & (1 << t) != 0 {
+                self.candidates[t].remove(&(p, u, i));
+            }
+        }
+    }
+
+    fn recand(&mut self, i: u32) {
+        self.uncand(i);
+        let e = &mut self.entries[i as usize];
+        let (p, u) = (e.priority, e.last_use);
+        let mut mask = 0;
+        for t in 0..3 {
+            if e.eligible(t) {
+                mask |= 1 << t;
+            }
+        }
+        e.cand = mask;
+        e.cand_priority = p;
+        e.cand_use = u;
+        for t in 0..3 {
+            if mask & (1 << t) != 0 {
+                self.candidates[t].insert((p, u, i));
+            }
+        }
+    }
+
+    fn get_or_create(&mut self, key: BlockKey, parent: Option<u64>, priority: u8) -> u32 {
+        // A block cannot be its own prefix; treat such input as a root.
+        let parent = parent.filter(|&p| p != key.hash);
+        if let Some(i) = self.idx(key) {
+            let e = &mut self.entries[i as usize];
+            if e.parent.is_none() {
+                e.parent = parent; // a ghost made for its children learns its own parent
+            }
+            return i;
+        }
+        let entry = Entry {
+            key,
+            parent,
+            slots: [NO_SLOT; 3],
+            pending: 0,
+            children: [0; 3],
+            last_use: 0,
+            priority,
+            leases: 0,
+            busy: 0,
+            hits: 0,
+            nvme_generation: 0,
+            cand: 0,
+            cand_priority: 0,
+            cand_use: 0,
+        };
+        let i = match self.free_entries.pop() {
+            Some(i) => {
+                self.entries[i as usize] = entry;
+                i
+            }
+            None => {
+                self.entries.push(entry);
+                (self.entries.len() - 1) as u32
+            }
+        };
+        self.map.insert(key, i);
+        i
+    }
+
+    fn gc(&mut self, i: u32) {
+        if self.entries[i as usize].garbage() {
+            self.uncand(i);
+            let key = self.entries[i as usize].key;
+            self.map.remove(&key);
+            self.free_entries.push(i);
+        }
+    }
+
+    /// Parent's child count in tier `t` changes by `delta` (creating a ghost parent entry
+    /// when the parent is not stored, so the count survives until it is).
+    fn adjust_parent(&mut self, i: u32, t: usize, up: bool) {
+        let e = &self.entries[i as usize];
+        let Some(ph) = e.parent else { return };
+        let pkey = BlockKey::new(e.key.namespace, ph);
+        let pi = if up {
+            self.get_or_create(pkey, None, 0)
+        } else {
+            match self.idx(pkey) {
+                Some(pi) => pi,
+                None => return,
+            }
+        };
+        let p = &mut self.entries[pi as usize];
+        if up {
+            p.children[t] += 1;
+        } else {
+            p.children[t] = p.children[t].saturating_sub(1);
+        }
+        self.recand(pi);
+        if !up {
+            self.gc(pi);
+        }
+    }
+
+    // ---- queries --------------------------------------------------------------------
+
+    /// Leading blocks of the chain present in some tier; `out_tiers[i]` gets the fastest
+    /// tier of block i (`Tier::None` after the prefix). Counts a hit per found block.
+    /// Read-mostly: does not touch LRU order (a following load does).
+    pub fn lookup(&mut self, namespace: u32, hashes: &[u64], out_tiers: &mut [Tier]) -> usize {
+        let n = hashes.len().min(out_tiers.len());
+        let mut hits = 0;
+        for i in 0..n {
+            let tier = match self.map.get(&BlockKey::new(namespace, hashes[i])) {
+                Some(&idx) => {
+                    let e = &mut self.entries[idx as usize];
+                    let t = e.fastest();
+                    if t != Tier::None {
+                        e.hits = e.hits.saturating_add(1);
+                    }
+                    t
+                }
+                None => Tier::None,
+            };
+            if tier == Tier::None {
+                break;
+            }
+            out_tiers[i] = tier;
+            hits += 1;
+        }
+        for t in out_tiers.iter_mut().take(n).skip(hits) {
+            *t = Tier::None;
+        }
+        self.counters.lookup_hits += hits as u64;
+        self.counters.lookup_misses += (n - hits) as u64;
+        hits
+    }
+
+    /// The fastest tier `key` is present in.
+    pub fn fastest(&self, key: BlockKey) -> Tier {
+        self.idx(key)
+            .map(|i| self.entries[i as usize].fastest())
+            .unwrap_or(Tier::None)
+    }
+
+    /// Number of times a block was seen (saved again, looked up, loaded). NVMe admission.
+    pub fn seen(&self, key: BlockKey) -> u32 {
+        self.idx(key)
+            .map(|i| self.entries[i as usize].hits)
+            .unwrap_or(0)
+    }
+
+    /// Marks a use: LRU position and the seen count.
+    pub fn touch(&mut self, key: BlockKey) {
+        if let Some(i) = self.idx(key) {
+            let now = self.tick();
+            let e = &mut self.entries[i as usize];
+            e.last_use = now;
+            e.hits = e.hits.saturating_add(1);
+            self.recand(i);
+        }
+    }
+
+    // ---- slots ----------------------------------------------------------------------
+
+    pub fn alloc_free(&mut self, tier: Tier) -> Option<u32> {
+        self.alloc[tier.index()].alloc()
+    }
+
+    /// Returns a slot obtained from `alloc_free` but never reserved.
+    pub fn free_unused(&mut self, tier: Tier, slot: u32) {
+        self.alloc[tier.index()].free(slot);
+    }
+
+    /// The next eviction candidate of a tier.
+    pub fn victim(&self, tier: Tier) -> Option<BlockKey> {
+        self.candidates[tier.index()]
+            .first()
+            .map(|&(_, _, i)| self.entries[i as usize].key)
+    }
+
+    /// Whether `key` could be evicted from `tier` now.
+    pub fn evictable(&self, key: BlockKey, tier: Tier) -> bool {
+        self.idx(key)
+            .is_some_and(|i| self.entries[i as usize].eligible(tier.index()))
+    }
+
+    /// Reserves `slot` of `tier` for `key` (not visible until `publish`).
+    pub fn reserve(
+        &mut self,
+        key: BlockKey,
+        parent: Option<u64>,
+        priority: u8,
+        tier: Tier,
+        slot: u32,
+    ) -> Result<(), RegistryError> {
+        let t = tier.index();
+        debug_assert!(self.alloc[t].is_used(slot));
+        let i = self.get_or_create(key, parent, priority);
+        let e = &mut self.entries[i as usize];
+        if e.slots[t] != NO_SLOT {
+            self.gc(i);
+            return Err(RegistryError::AlreadyInTier(key, tier));
+        }
+        e.slots[t] = slot;
+        e.pending |= 1 << t;
+        if e.leases == 0 && e.busy == 0 && e.slots.iter().filter(|&&s| s != NO_SLOT).count() == 1 {
+            e.priority = priority;
+        }
+        Ok(())
+    }
+
+    /// Publishes a reserved slot: visible to lookups, counted for the parent.
+    pub fn publish(
+        &mut self,
+        key: BlockKey,
+        tier: Tier,
+        nvme_generation: u64,
+    ) -> Result<(), RegistryError> {
+        let t = tier.index();
+        let i = self.idx(key).ok_or(RegistryError::Unknown(key))?;
+        let now = self.tick();
+        let e = &mut self.entries[i as usize];
+        if e.slots[t] == NO_SLOT || e.pending & (1 << t) == 0 {
+            return Err(RegistryError::NotInTier(key, tier));
+        }
+        e.pending &= !(1 << t);
+        e.last_use = now;
+        if tier == Tier::Nvme {
+            e.nvme_generation = nvme_generation;
+        }
+        let parent = e.parent;
+        self.adjust_parent(i, t, true);
+        self.recand(i);
+        if self.record_events {
+            self.events.push(BlockEvent::Stored {
+                namespace: key.namespace,
+                hash: key.hash,
+                parent,
+                tier,
+            });
+        }
+        Ok(())
+    }
+
+    /// Gives up a reservation (the slot returns to the free list).
+    pub fn abort(&mut self, key: BlockKey, tier: Tier) -> Result<(), RegistryError> {
+        let t = tier.index();
+        let i = self.idx(key).ok_or(RegistryError::Unknown(key))?;
+        let e = &mut self.entries[i as usize];
+        if e.slots[t] == NO_SLOT || e.pending & (1 << t) == 0 {
+            return Err(RegistryError::NotInTier(key, tier));
+        }
+        let slot = e.slots[t];
+        e.slots[t] = NO_SLOT;
+        e.pending &= !(1 << t);
+        self.alloc[t].free(slot);
+        self.recand(i);
+        self.gc(i);
+        Ok(())
+    }
+
+    /// Takes `key` out of `tier` (present, not pending); frees the slot unless `detach`, in
+    /// which case the slot stays allocated until `free_detached` (so it cannot be reused
+    /// while, e.g., its NVMe header is being erased). Ignores leases: callers check.
+    pub fn remove_tier(
+        &mut self,
+        key: BlockKey,
+        tier: Tier,
+        reason: RemoveReason,
+        detach: bool,
+    ) -> Result<u32, RegistryError> {
+        let t = tier.index();
+        let i = self.idx(key).ok_or(RegistryError::Unknown(key))?;
+        if !self.entries[i as usize].present(t) {
+            return Err(RegistryError::NotInTier(key, tier));
+        }
+        self.adjust_parent(i, t, false);
+        let e = &mut self.entries[i as usize];
+        let slot = e.slots[t];
+        e.slots[t] = NO_SLOT;
+        let parent = e.parent;
+        if detach {
+            self.detached[t].push(slot);
+        } else {
+            self.alloc[t].free(slot);
+        }
+        self.counters.removed[t][reason as usize] += 1;
+        if self.record_events {
+            self.events.push(BlockEvent::Removed {
+                namespace: key.namespace,
+                hash: key.hash,
+                parent,
+                tier,
+                reason,
+            });
+        }
+        self.recand(i);
+        self.gc(i);
+        Ok(slot)
+    }
+
+    /// Evicts `key` from `tier` if it is a candidate; the slot is freed.
+    pub fn evict(
+        &mut self,
+        key: BlockKey,
+        tier: Tier,
+        reason: RemoveReason,
+    ) -> Result<u32, RegistryError> {
+        if !self.evictable(key, tier) {
+            return Err(RegistryError::Busy(key));
+        }
+        self.remove_tier(key, tier, reason, false)
+    }
+
+    pub fn free_detached(&mut self, tier: Tier, slot: u32) {
+        let t = tier.index();
+        if let Some(pos) = self.detached[t].iter().position(|&s| s == slot) {
+            self.detached[t].swap_remove(pos);
+            self.alloc[t].free(slot);
+        }
+    }
+
+    /// Restores a slot found by the NVMe scan (present, LRU order by generation).
+    pub fn restore(
+        &mut self,
+        key: BlockKey,
+        parent: Option<u64>,
+        tier: Tier,
+        slot: u32,
+        generation: u64,
+    ) -> Result<(), RegistryError> {
+        if !self.alloc[tier.index()].claim(slot) {
+            return Err(RegistryError::AlreadyInTier(key, tier));
+        }
+        if let Err(e) = self.reserve(key, parent, 0, tier, slot) {
+            self.alloc[tier.index()].free(slot);
+            return Err(e);
+        }
+        self.publish(key, tier, generation)
+    }
+
+    // ---- in-flight operations ----------------------------------------------------------
+
+    /// Holds `key` against eviction and drop while an operation uses its bytes.
+    pub fn begin_use(&mut self, key: BlockKey) -> bool {
+        let Some(i) = self.idx(key) else { return false };
+        self.entries[i as usize].busy += 1;
+        self.recand(i);
+        true
+    }
+
+    pub fn end_use(&mut self, key: BlockKey) {
+        if let Some(i) = self.idx(key) {
+            let e = &mut self.entries[i as usize];
+            e.busy = e.busy.saturating_sub(1);
+            self.recand(i);
+            self.gc(i);
+        }
+    }
+
+    // ---- leases ---------------------------------------------------------------------
+
+    /// Pins the leading present blocks of the chain for `session`; returns how many.
+    pub fn pin(&mut self, session: SessionId, namespace: u32, hashes: &[u64]) -> usize {
+        let mut n = 0;
+        for &h in hashes {
+            let key = BlockKey::new(namespace, h);
+            let Some(i) = self.idx(key) else { break };
+            if self.entries[i as usize].fastest() == Tier::None {
+                break;
+            }
+            self.entries[i as usize].leases += 1;
+            self.recand(i);
+            *self
+                .sessions
+                .entry(session)
+                .or_default()
+                .entry(key)
+                .or_insert(0) += 1;
+            n += 1;
+        }
+        n
+    }
+
+    /// Drops one lease of `session` on each block it holds; returns how many.
+    pub fn unpin(&mut self, session: SessionId, namespace: u32, hashes: &[u64]) -> usize {
+        let mut n = 0;
+        let Some(held) = self.sessions.get_mut(&session) else {
+            return 0;
+        };
+        let mut touched = Vec::new();
+        for &h in hashes {
+            let key = BlockKey::new(namespace, h);
+            if let Some(c) = held.get_mut(&key) {
+                *c -= 1;
+                if *c == 0 {
+                    held.remove(&key);
+                }
+                touched.push(key);
+                n += 1;
+            }
+        }
+        if held.is_empty() {
+            self.sessions.remove(&session);
+        }
+        for key in touched {
+            if let Some(i) = self.idx(key) {
+                let e = &mut self.entries[i as usize];
+                e.leases = e.leases.saturating_sub(1);
+                self.recand(i);
+                self.gc(i);
+            }
+        }
+        n
+    }
+
+    /// Drops every lease of `session` (engine ended or died); returns leases released.
+    pub fn release_session(&mut self, session: SessionId) -> u64 {
+        let Some(held) = self.sessions.remove(&session) else {
+            return 0;
+        };
+        let mut total = 0u64;
+        for (key, count) in held {
+            total += count as u64;
+            if let Some(i) = self.idx(key) {
+                let e = &mut self.entries[i as usize];
+                e.leases = e.leases.saturating_sub(count);
+                self.recand(i);
+                self.gc(i);
+            }
+        }
+        total
+    }
+
+    pub fn session_leases(&self, session: SessionId) -> u64 {
+        self.sessions
+            .get(&session)
+            .map(|h| h.values().map(|&c| c as u64).sum())
+            .unwrap_or(0)
+    }
+
+    /// Keys of a namespace (for clear).
+    pub fn keys_in_namespace(&self, namespace: u32) -> Vec<BlockKey> {
+        self.map
+            .keys()
+            .filter(|k| k.namespace == namespace)
+            .copied()
+            .collect()
+    }
+
+    /// Whether `key` may be dropped now (no leases, nothing in flight, nothing pending).
+    pub fn droppable(&self, key: BlockKey) -> bool {
+        self.idx(key).is_some_and(|i| {
+            let e = &self.entries[i as usize];
+            e.leases == 0 && e.busy == 0 && e.pending == 0
+        })
+    }
+
+    // ---- invariants -----------------------------------------------------------------
+
+    /// Checks every structural invariant; `Err` describes the first violation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut owner: [HashMap<u32, BlockKey>; 3] = Default::default();
+        let mut children: HashMap<BlockKey, [u32; 3]> = HashMap::new();
+        let mut eligible = [0usize; 3];
+        for t in 0..3 {
+            self.alloc[t]
+                .check()
+                .map_err(|e| format!("tier {t}: {e}"))?;
+        }
+        for (&key, &i) in &self.map {
+            let e = self
+                .entries
+                .get(i as usize)
+                .ok_or(format!("{key:?}: index {i} out of range"))?;
+            if e.key != key {
+                return Err(format!("{key:?}: entry holds {:?}", e.key));
+            }
+            if self.free_entries.contains(&i) {
+                return Err(format!("{key:?}: entry index {i} both used and free"));
+            }
+            if e.garbage() {
+                return Err(format!("{key:?}: empty entry not collected (leak)"));
+            }
+            if e.leases > 0 && e.fastest() == Tier::None {
+                return Err(format!(
+                    "{key:?}: leased but present nowhere (lease not respected)"
+                ));
+            }
+            for t in 0..3 {
+                let s = e.slots[t];
+                if s != NO_SLOT {
+                    if !self.alloc[t].is_used(s) {
+                        return Err(format!("{key:?}: tier {t} slot {s} is on the free list"));
+                    }
+                    if let Some(other) = owner[t].insert(s, key) {
+                        return Err(format!("tier {t} slot {s} owned by {key:?} and {other:?}"));
+                    }
+                    if self.detached[t].contains(&s) {
+                        return Err(format!("tier {t} slot {s} both detached and owned"));
+                    }
+                }
+                if e.present(t)
+                    && let Some(p) = e.parent
+                {
+                    children.entry(BlockKey::new(key.namespace, p)).or_default()[t] += 1;
+                }
+                let in_set = self.candidates[t].contains(&(e.cand_priority, e.cand_use, i));
+                let flagged = e.cand & (1 << t) != 0;
+                if e.eligible(t) != flagged || flagged != in_set {
+                    return Err(format!(
+                        "{key:?}: tier {t} candidate state wrong (eligible {}, flagged {flagged}, in set {in_set})",
+                        e.eligible(t)
+                    ));
+                }
+                if flagged && (e.cand_priority, e.cand_use) != (e.priority, e.last_use) {
+                    return Err(format!("{key:?}: stale candidate order key"));
+                }
+                if e.eligible(t) {
+                    eligible[t] += 1;
+                }
+            }
+        }
+        for t in 0..3 {
+            if self.candidates[t].len() != eligible[t] {
+                return Err(format!(
+                    "tier {t}: {} candidates for {} eligible",
+                    self.candidates[t].len(),
+                    eligible[t]
+                ));
+            }
+            let used = self.alloc[t].used() as usize;
+            if owner[t].len() + self.detached[t].len() != used {
+                return Err(format!(
+                    "tier {t}: {used} slots used but {} owned + {} detached (leaked slot)",
+                    owner[t].len(),
+                    self.detached[t].len()
+                ));
+            }
+        }
+        for (&key, &i) in &self.map {
+            let want = children.get(&key).copied().unwrap_or([0; 3]);
+            if self.entries[i as usize].children != want {
+                return Err(format!(
+                    "{key:?}: child counts {:?}, recount {want:?}",
+                    self.entries[i as usize].children
+                ));
+            }
+        }
+        for (key, counts) in &children {
+            if !self.map.contains_key(key) && *counts != [0; 3] {
+                return Err(format!("parent {key:?} of stored children has no entry"));
+            }
+        }
+        let mut leases: HashMap<BlockKey, u32> = HashMap::new();
+        for held in self.sessions.values() {
+            for (&k, &c) in held {
+                if c == 0 {
+                    return Err(format!("{k:?}: zero lease count kept"));
+                }
+                *leases.entry(k).or_default() += c;
+            }
+        }
+        for (&key, &i) in &self.map {
+            let want = leases.get(&key).copied().unwrap_or(0);
+            if self.entries[i as usize].leases != want {
+                return Err(format!(
+                    "{key:?}: {} leases, sessions hold {want}",
+                    self.entries[i as usize].leases
+                ));
+            }
+        }
+        for key in leases.keys() {
+            if !self.map.contains_key(key) {
+                return Err(format!("session lease on {key:?}, which has no entry"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

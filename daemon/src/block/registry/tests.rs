@@ -1,0 +1,300 @@
+use super::*;
+use proptest::prelude::*;
+
+const H: Tier = Tier::Host;
+const N: Tier = Tier::Nvme;
+
+fn k(h: u64) -> BlockKey {
+    BlockKey::new(1, h)
+}
+
+/// Stores `key` in `tier`, evicting the tier's first candidate when full.
+fn store(r: &mut Registry, key: BlockKey, parent: Option<u64>, prio: u8, tier: Tier) -> bool {
+    let slot = match r.alloc_free(tier) {
+        Some(s) => s,
+        None => {
+            let Some(v) = r.victim(tier) else {
+                return false;
+            };
+            r.evict(v, tier, RemoveReason::Evicted).unwrap();
+            r.alloc_free(tier).unwrap()
+        }
+    };
+    match r.reserve(key, parent, prio, tier, slot) {
+        Ok(()) => {
+            r.publish(key, tier, 1).unwrap();
+            true
+        }
+        Err(_) => {
+            r.free_unused(tier, slot);
+            false
+        }
+    }
+}
+
+#[test]
+fn lookup_reports_prefix_and_fastest_tier() {
+    let mut r = Registry::new([2, 4, 4]);
+    assert!(store(&mut r, k(1), None, 0, H));
+    assert!(store(&mut r, k(2), Some(1), 0, N));
+    assert!(store(&mut r, k(2), Some(1), 0, Tier::Hbm));
+    assert!(store(&mut r, k(4), Some(3), 0, H));
+    let mut out = [Tier::None; 4];
+    assert_eq!(r.lookup(1, &[1, 2, 3, 4], &mut out), 2);
+    assert_eq!(out, [H, Tier::Hbm, Tier::None, Tier::None]);
+    assert_eq!(
+        r.lookup(2, &[1], &mut out[..1]),
+        0,
+        "namespaces never match"
+    );
+    r.check_invariants().unwrap();
+}
+
+#[test]
+fn leaves_are_evicted_before_parents_then_lru() {
+    let mut r = Registry::new([0, 3, 0]);
+    // Chain 1 <- 2 <- 3 fills the tier; 1 is the oldest but has a child.
+    for (h, p) in [(1, None), (2, Some(1)), (3, Some(2))] {
+        assert!(store(&mut r, k(h), p, 0, H));
+    }
+    assert_eq!(r.victim(H), Some(k(3)), "only the leaf is a candidate");
+    assert!(store(&mut r, k(10), None, 0, H));
+    assert!(r.fastest(k(3)) == Tier::None && r.fastest(k(1)) == H);
+    assert_eq!(r.victim(H), Some(k(2)), "2 became a leaf; older than 10");
+    r.check_invariants().unwrap();
+}
+
+#[test]
+fn low_priority_goes_first_and_leases_block_eviction() {
+    let mut r = Registry::new([0, 3, 0]);
+    assert!(store(&mut r, k(1), None, 5, H));
+    assert!(store(&mut r, k(2), None, 1, H));
+    assert!(store(&mut r, k(3), None, 5, H));
+    assert_eq!(
+        r.victim(H),
+        Some(k(2)),
+        "lowest priority first, though newest-but-one"
+    );
+    assert_eq!(r.pin(7, 1, &[2, 1]), 2);
+    assert_eq!(r.victim(H), Some(k(3)));
+    assert!(r.evict(k(2), H, RemoveReason::Evicted).is_err(), "leased");
+    assert_eq!(r.pin(8, 1, &[3]), 1);
+    assert_eq!(r.victim(H), None);
+    assert!(
+        !store(&mut r, k(4), None, 0, H),
+        "everything leased: no space"
+    );
+    assert_eq!(r.release_session(7), 2);
+    assert_eq!(r.victim(H), Some(k(2)));
+    assert_eq!(r.unpin(8, 1, &[3]), 1);
+    assert_eq!(r.session_leases(8), 0);
+    r.check_invariants().unwrap();
+}
+
+#[test]
+fn ghost_parent_keeps_child_counts() {
+    let mut r = Registry::new([0, 4, 4]);
+    // Child stored before its parent: the parent entry exists as a ghost with the count.
+    assert!(store(&mut r, k(2), Some(1), 0, H));
+    assert_eq!(r.len(), 2);
+    assert_eq!(r.fastest(k(1)), Tier::None);
+    assert!(store(&mut r, k(1), None, 0, H));
+    assert_eq!(r.victim(H), Some(k(2)));
+    r.remove_tier(k(2), H, RemoveReason::Dropped, false)
+        .unwrap();
+    assert_eq!(r.victim(H), Some(k(1)));
+    r.remove_tier(k(1), H, RemoveReason::Dropped, false)
+        .unwrap();
+    assert!(r.is_empty(), "all entries collected");
+    r.check_invariants().unwrap();
+}
+
+#[test]
+fn events_are_recorded() {
+    let mut r = Registry::new([0, 1, 0]);
+    r.record_events = true;
+    assert!(store(&mut r, k(1), None, 0, H));
+    assert!(store(&mut r, k(2), None, 0, H));
+    let ev: Vec<_> = r.drain_events().collect();
+    assert_eq!(ev.len(), 3);
+    assert!(matches!(
+        ev[1],
+        BlockEvent::Removed {
+            hash: 1,
+            reason: RemoveReason::Evicted,
+            ..
+        }
+    ));
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Save {
+        chain: u8,
+        len: u8,
+        tier: u8,
+        prio: u8,
+    },
+    Lookup {
+        chain: u8,
+    },
+    Pin {
+        session: u8,
+        chain: u8,
+        len: u8,
+    },
+    Unpin {
+        session: u8,
+        chain: u8,
+        len: u8,
+    },
+    Release {
+        session: u8,
+    },
+    Evict {
+        tier: u8,
+    },
+    Drop {
+        chain: u8,
+        start: u8,
+    },
+    Clear {
+        ns: u8,
+    },
+    Touch {
+        chain: u8,
+        i: u8,
+    },
+}
+
+/// Chains: chain c in namespace c % 2 has hashes c*100 + 0.. with parent links.
+fn chain(c: u8) -> (u32, Vec<(u64, Option<u64>)>) {
+    let ns = (c % 2) as u32;
+    let v = (0..8u64)
+        .map(|i| {
+            let h = c as u64 * 100 + i;
+            (h, if i == 0 { None } else { Some(h - 1) })
+        })
+        .collect();
+    (ns, v)
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..6u8, 1..8u8, 0..3u8, 0..3u8).prop_map(|(chain, len, tier, prio)| Op::Save { chain, len, tier, prio }),
+        2 => (0..6u8).prop_map(|chain| Op::Lookup { chain }),
+        2 => (0..3u8, 0..6u8, 1..8u8).prop_map(|(session, chain, len)| Op::Pin { session, chain, len }),
+        2 => (0..3u8, 0..6u8, 1..8u8).prop_map(|(session, chain, len)| Op::Unpin { session, chain, len }),
+        1 => (0..3u8).prop_map(|session| Op::Release { session }),
+        2 => (0..3u8).prop_map(|tier| Op::Evict { tier }),
+        1 => (0..6u8, 0..8u8).prop_map(|(chain, start)| Op::Drop { chain, start }),
+        1 => (0..2u8).prop_map(|ns| Op::Clear { ns }),
+        2 => (0..6u8, 0..8u8).prop_map(|(chain, i)| Op::Touch { chain, i }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// Random workloads against a small registry: every invariant holds after every step,
+    /// pinned blocks stay present, and an evicted block never had children in its tier.
+    #[test]
+    fn random_workloads_keep_invariants(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut r = Registry::new([3, 6, 10]);
+        let mut pins: HashMap<(u8, BlockKey), u32> = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Save { chain: c, len, tier, prio } => {
+                    let (ns, blocks) = chain(c);
+                    for &(h, p) in blocks.iter().take(len as usize) {
+                        let key = BlockKey::new(ns, h);
+                        let t = Tier::ALL[tier as usize];
+                        if r.view(key).is_some_and(|v| v.present[t.index()].is_some()) {
+                            continue;
+                        }
+                        if let Some(v) = r.victim(t) {
+                            let i = r.idx(v).unwrap() as usize;
+                            prop_assert_eq!(r.entries[i].children[t.index()], 0, "victim has children");
+                        }
+                        store(&mut r, key, p, prio, t);
+                    }
+                }
+                Op::Lookup { chain: c } => {
+                    let (ns, blocks) = chain(c);
+                    let hashes: Vec<u64> = blocks.iter().map(|b| b.0).collect();
+                    let mut out = vec![Tier::None; hashes.len()];
+                    let n = r.lookup(ns, &hashes, &mut out);
+                    for (i, t) in out.iter().enumerate() {
+                        prop_assert_eq!(*t != Tier::None, i < n);
+                        if i < n {
+                            prop_assert_eq!(*t, r.fastest(BlockKey::new(ns, hashes[i])));
+                        }
+                    }
+                    if n < hashes.len() {
+                        prop_assert_eq!(r.fastest(BlockKey::new(ns, hashes[n])), Tier::None);
+                    }
+                }
+                Op::Pin { session, chain: c, len } => {
+                    let (ns, blocks) = chain(c);
+                    let hashes: Vec<u64> = blocks.iter().take(len as usize).map(|b| b.0).collect();
+                    let n = r.pin(session as u64, ns, &hashes);
+                    for &h in &hashes[..n] {
+                        *pins.entry((session, BlockKey::new(ns, h))).or_default() += 1;
+                    }
+                }
+                Op::Unpin { session, chain: c, len } => {
+                    let (ns, blocks) = chain(c);
+                    let hashes: Vec<u64> = blocks.iter().take(len as usize).map(|b| b.0).collect();
+                    r.unpin(session as u64, ns, &hashes);
+                    for &h in &hashes {
+                        let key = (session, BlockKey::new(ns, h));
+                        if let Some(c) = pins.get_mut(&key) {
+                            *c -= 1;
+                            if *c == 0 { pins.remove(&key); }
+                        }
+                    }
+                }
+                Op::Release { session } => {
+                    r.release_session(session as u64);
+                    pins.retain(|(s, _), _| *s != session);
+                }
+                Op::Evict { tier } => {
+                    let t = Tier::ALL[tier as usize];
+                    if let Some(v) = r.victim(t) {
+                        r.evict(v, t, RemoveReason::Evicted).unwrap();
+                    }
+                }
+                Op::Drop { chain: c, start } => {
+                    let (ns, blocks) = chain(c);
+                    for &(h, _) in blocks.iter().skip(start as usize) {
+                        let key = BlockKey::new(ns, h);
+                        if r.droppable(key) {
+                            for t in Tier::ALL {
+                                let _ = r.remove_tier(key, t, RemoveReason::Dropped, false);
+                            }
+                        }
+                    }
+                }
+                Op::Clear { ns } => {
+                    for key in r.keys_in_namespace(ns as u32) {
+                        if r.droppable(key) {
+                            for t in Tier::ALL {
+                                let _ = r.remove_tier(key, t, RemoveReason::Cleared, false);
+                            }
+                        }
+                    }
+                }
+                Op::Touch { chain: c, i } => {
+                    let (ns, blocks) = chain(c);
+                    r.touch(BlockKey::new(ns, blocks[i as usize].0));
+                }
+            }
+            if let Err(e) = r.check_invariants() {
+                prop_assert!(false, "invariant broken: {}", e);
+            }
+            for (_, key) in pins.keys() {
+                prop_assert!(r.fastest(*key) != Tier::None, "pinned {:?} was evicted", key);
+            }
+        }
+    }
+}
