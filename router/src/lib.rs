@@ -5,6 +5,7 @@
 pub mod events;
 pub mod hash;
 pub mod index;
+pub mod replay;
 pub mod route;
 pub mod service;
 pub mod vllm;

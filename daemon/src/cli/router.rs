@@ -1,14 +1,118 @@
-//! `kvplane router`. Not built yet: issue 5 builds it.
+//! `kvplane router`: the cluster router service (KV event listener + HTTP API).
 
 use super::CliResult;
+use kvplane_router::service::{RouterService, ServiceConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 pub struct RouterArgs {
-    /// Print one JSON object instead of a table.
+    /// TOML config file (keys of `ServiceConfig`: events_addr, http_addr, grace_ms,
+    /// block_size, max_nodes_per_namespace, max_body_bytes, http_timeout_ms, seed and a
+    /// [route] table: prefill_weight, decode_weight, active_weight, tier_credit,
+    /// temperature, prediction_ttl_ms, max_predictions). Flags override it.
     #[arg(long)]
-    pub json: bool,
+    pub config: Option<PathBuf>,
+    /// Address daemons and vLLM feed forwarders connect to.
+    #[arg(long)]
+    pub events_addr: Option<SocketAddr>,
+    /// HTTP API address (POST /route, GET /workers, /metrics, /healthz).
+    #[arg(long)]
+    pub http_addr: Option<SocketAddr>,
+    /// How long a disconnected worker stays routable.
+    #[arg(long)]
+    pub grace_ms: Option<u64>,
+    /// Block size for token_ids queries that do not name one.
+    #[arg(long)]
+    pub block_size: Option<u32>,
+    /// Index node cap per namespace (coldest branches are evicted beyond it).
+    #[arg(long)]
+    pub max_nodes: Option<usize>,
+    /// Softmax temperature over negative costs (0 = pick the minimum).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Print the effective configuration as JSON and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
-pub fn run(_args: RouterArgs) -> CliResult {
-    Err("`kvplane router` is not built yet (issue 5)".into())
+#[derive(Debug, thiserror::Error)]
+pub enum RouterCliError {
+    #[error("read router config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parse router config {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("start the tokio runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+pub fn effective_config(args: &RouterArgs) -> Result<ServiceConfig, RouterCliError> {
+    let mut cfg = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| RouterCliError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            toml::from_str(&text).map_err(|source| RouterCliError::Parse {
+                path: path.clone(),
+                source,
+            })?
+        }
+        None => ServiceConfig::default(),
+    };
+    if let Some(a) = args.events_addr {
+        cfg.events_addr = a;
+    }
+    if let Some(a) = args.http_addr {
+        cfg.http_addr = a;
+    }
+    if let Some(g) = args.grace_ms {
+        cfg.grace_ms = g;
+    }
+    if let Some(b) = args.block_size {
+        cfg.block_size = b;
+    }
+    if let Some(n) = args.max_nodes {
+        cfg.max_nodes_per_namespace = n;
+    }
+    if let Some(t) = args.temperature {
+        cfg.route.temperature = t;
+    }
+    Ok(cfg)
+}
+
+pub fn run(args: RouterArgs) -> CliResult {
+    let cfg = effective_config(&args)?;
+    if args.print_config {
+        println!("{}", serde_json::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(RouterCliError::Runtime)?;
+    rt.block_on(async move {
+        let svc = RouterService::start(cfg).await?;
+        tracing::info!(
+            events = %svc.events_addr,
+            http = %svc.http_addr,
+            "kvplane router listening"
+        );
+        eprintln!(
+            "kvplane router: events on {}, HTTP on {} (Ctrl-C to stop)",
+            svc.events_addr, svc.http_addr
+        );
+        tokio::signal::ctrl_c().await?;
+        svc.shutdown();
+        Ok(())
+    })
 }
