@@ -244,12 +244,40 @@ pub fn gather(
     blocks: &mut [u8],
     launch: HostLaunch,
 ) -> Result<(), KernelError> {
-    check_pages("gather", layout, engine, pages, blocks.len())?;
+    // SAFETY: a live, exclusively borrowed slice is valid for writes of its length and
+    // cannot overlap the engine buffer (EngineKv's contract: memory not otherwise
+    // borrowed by Rust code).
+    unsafe {
+        gather_raw(
+            engine,
+            layout,
+            pages,
+            blocks.as_mut_ptr(),
+            blocks.len(),
+            launch,
+        )
+    }
+}
+
+/// [`gather`] into a raw destination (device memory of the host backend).
+///
+/// # Safety
+/// `blocks` must be valid for writes of `blocks_len` bytes, not overlap the engine
+/// buffer, and not be accessed by anything else during the call.
+pub unsafe fn gather_raw(
+    engine: &EngineKv,
+    layout: &PagedLayout,
+    pages: &[u32],
+    blocks: *mut u8,
+    blocks_len: usize,
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    check_pages("gather", layout, engine, pages, blocks_len)?;
     if pages.is_empty() {
         return Ok(());
     }
     let units = pages.len() as u64 * u64::from(layout.raw().num_layers);
-    let blocks_ptr = SendPtr(blocks.as_mut_ptr());
+    let blocks_ptr = SendPtr(blocks);
     run_split(
         launch.threads,
         units,
@@ -257,8 +285,8 @@ pub fn gather(
             let blocks_ptr = &blocks_ptr;
             // SAFETY: `engine` covers buffer_bytes (checked above) and the validated layout
             // keeps every page < num_pages inside buffer_bytes; every page id was checked;
-            // `blocks` is exactly pages.len() * block_bytes. Threads write disjoint blocks
-            // ranges (different (page, layer, plane) triples).
+            // `blocks` is exactly pages.len() * block_bytes (caller's contract). Threads
+            // write disjoint block ranges (different (page, layer, plane) triples).
             unsafe {
                 kvp_host_paged_gather(
                     &g,
@@ -284,7 +312,25 @@ pub fn scatter(
     blocks: &[u8],
     launch: HostLaunch,
 ) -> Result<(), KernelError> {
-    check_pages("scatter", layout, engine, pages, blocks.len())?;
+    // SAFETY: a live shared slice is valid for reads of its length and, being borrowed
+    // by Rust, is not the engine buffer (EngineKv's contract).
+    unsafe { scatter_raw(engine, layout, pages, blocks.as_ptr(), blocks.len(), launch) }
+}
+
+/// [`scatter`] from a raw source (device memory of the host backend).
+///
+/// # Safety
+/// `blocks` must be valid for reads of `blocks_len` bytes, not overlap the engine buffer,
+/// and not be written by anything else during the call.
+pub unsafe fn scatter_raw(
+    engine: &EngineKv,
+    layout: &PagedLayout,
+    pages: &[u32],
+    blocks: *const u8,
+    blocks_len: usize,
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    check_pages("scatter", layout, engine, pages, blocks_len)?;
     if pages.is_empty() {
         return Ok(());
     }
@@ -298,17 +344,19 @@ pub fn scatter(
         });
     }
     let units = pages.len() as u64 * u64::from(layout.raw().num_layers);
+    let blocks_ptr = SendPtr(blocks as *mut u8);
     run_split(
         launch.threads,
         units,
         |g| {
-            // SAFETY: as in `gather`; distinct pages of a validated layout, so threads
-            // write the engine buffer at addresses derived only from checked ids.
+            let blocks_ptr = &blocks_ptr;
+            // SAFETY: as in `gather_raw`; distinct pages of a validated layout, so threads
+            // write the engine buffer at disjoint addresses derived only from checked ids.
             unsafe {
                 kvp_host_paged_scatter(
                     &g,
                     engine.base.as_ptr(),
-                    blocks.as_ptr(),
+                    blocks_ptr.0,
                     layout.raw(),
                     pages.as_ptr(),
                     pages.len() as u32,
@@ -380,6 +428,43 @@ pub fn copy_batch(
     Ok(())
 }
 
+/// [`copy_batch`] between raw buffers (device memory of the host backend). When `src`
+/// and `dst` are the same buffer, descriptors whose ranges overlap are refused.
+///
+/// # Safety
+/// `src` must be valid for reads of `src_len` bytes and `dst` for writes of `dst_len`
+/// bytes during the call, with nothing else accessing them; if the two buffers are
+/// distinct they must not overlap.
+pub unsafe fn copy_batch_raw(
+    src: *const u8,
+    src_len: usize,
+    dst: *mut u8,
+    dst_len: usize,
+    descs: &[kvp_copy_desc],
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    check_descs("copy", descs, src_len, Some(dst_len))?;
+    if std::ptr::eq(src, dst) {
+        check_no_overlap(descs)?;
+    }
+    // SAFETY: ranges checked; the caller's contract covers validity and aliasing.
+    unsafe { launch_copy(src, dst, descs, launch) };
+    Ok(())
+}
+
+fn check_no_overlap(descs: &[kvp_copy_desc]) -> Result<(), KernelError> {
+    for (index, d) in descs.iter().enumerate() {
+        // Ranges were checked not to overflow.
+        if d.bytes > 0
+            && d.src_offset < d.dst_offset + d.bytes
+            && d.dst_offset < d.src_offset + d.bytes
+        {
+            return Err(KernelError::DescOverlap { index });
+        }
+    }
+    Ok(())
+}
+
 /// [`copy_batch`] within one buffer (e.g. moving blocks between slots of one arena).
 /// Descriptors whose source and destination ranges overlap are refused.
 pub fn copy_within(
@@ -434,7 +519,22 @@ pub fn checksum_batch(
     sums: &mut [u64],
     launch: HostLaunch,
 ) -> Result<(), KernelError> {
-    check_descs("checksum", descs, base.len(), None)?;
+    // SAFETY: a live shared slice is valid for reads of its length.
+    unsafe { checksum_batch_raw(base.as_ptr(), base.len(), descs, sums, launch) }
+}
+
+/// [`checksum_batch`] over a raw buffer (device memory of the host backend).
+///
+/// # Safety
+/// `base` must be valid for reads of `base_len` bytes and not written during the call.
+pub unsafe fn checksum_batch_raw(
+    base: *const u8,
+    base_len: usize,
+    descs: &[kvp_copy_desc],
+    sums: &mut [u64],
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    check_descs("checksum", descs, base_len, None)?;
     if sums.len() != descs.len() {
         return Err(KernelError::SumsLength {
             descs: descs.len(),
@@ -447,17 +547,18 @@ pub fn checksum_batch(
     sums.fill(0);
     let words: u64 = descs.iter().map(|d| d.bytes >> 16).sum::<u64>() + 1;
     let sums_ptr = SendPtr(sums.as_mut_ptr() as *mut u8);
+    let base_ptr = SendPtr(base as *mut u8);
     run_split(
         launch.threads,
         words,
         |g| {
-            let sums_ptr = &sums_ptr;
-            // SAFETY: ranges checked against `base`; `sums` has one slot per descriptor
-            // and the kernel adds to it atomically.
+            let (sums_ptr, base_ptr) = (&sums_ptr, &base_ptr);
+            // SAFETY: ranges checked against `base_len` (caller: readable); `sums` has one
+            // slot per descriptor and the kernel adds to it atomically.
             unsafe {
                 kvp_host_checksum_partial(
                     &g,
-                    base.as_ptr(),
+                    base_ptr.0,
                     descs.as_ptr(),
                     descs.len() as u32,
                     sums_ptr.0 as *mut u64,
@@ -501,3 +602,99 @@ struct SendPtr(*mut u8);
 unsafe impl Sync for SendPtr {}
 // SAFETY: as above.
 unsafe impl Send for SendPtr {}
+
+/// Runs the host build of a kernel with a GPU launch shape, thread by thread, on one OS
+/// thread. Slow; for tests that check the kernels' work split under the exact grid and
+/// block dimensions the cuda backend uses.
+pub mod emulate {
+    use super::*;
+    use crate::geometry::GpuLaunch;
+
+    fn grid(l: GpuLaunch) -> HostGrid {
+        HostGrid {
+            grid_x: l.grid.0,
+            grid_y: l.grid.1,
+            block_x: l.block.0,
+            block_y: l.block.1,
+            block_begin: 0,
+            block_end: u64::from(l.grid.0) * u64::from(l.grid.1),
+        }
+    }
+
+    /// [`gather`] with launch shape `l`.
+    pub fn gather(
+        engine: &EngineKv,
+        layout: &PagedLayout,
+        pages: &[u32],
+        blocks: &mut [u8],
+        l: GpuLaunch,
+    ) -> Result<(), KernelError> {
+        check_pages("gather", layout, engine, pages, blocks.len())?;
+        let g = grid(l);
+        // SAFETY: as in `gather_raw` (all checks done above), on one thread.
+        unsafe {
+            kvp_host_paged_gather(
+                &g,
+                engine.base.as_ptr(),
+                blocks.as_mut_ptr(),
+                layout.raw(),
+                pages.as_ptr(),
+                pages.len() as u32,
+            )
+        };
+        Ok(())
+    }
+
+    /// [`copy_batch`] with launch shape `l`.
+    pub fn copy_batch(
+        src: &[u8],
+        dst: &mut [u8],
+        descs: &[kvp_copy_desc],
+        l: GpuLaunch,
+    ) -> Result<(), KernelError> {
+        check_descs("copy", descs, src.len(), Some(dst.len()))?;
+        let g = grid(l);
+        // SAFETY: ranges checked; distinct borrows.
+        unsafe {
+            kvp_host_copy_batch(
+                &g,
+                src.as_ptr(),
+                dst.as_mut_ptr(),
+                descs.as_ptr(),
+                descs.len() as u32,
+            )
+        };
+        Ok(())
+    }
+
+    /// [`checksum_batch`] with launch shapes `partial` and `finalize`.
+    pub fn checksum_batch(
+        base: &[u8],
+        descs: &[kvp_copy_desc],
+        sums: &mut [u64],
+        partial: GpuLaunch,
+        finalize: GpuLaunch,
+    ) -> Result<(), KernelError> {
+        check_descs("checksum", descs, base.len(), None)?;
+        if sums.len() != descs.len() {
+            return Err(KernelError::SumsLength {
+                descs: descs.len(),
+                sums: sums.len(),
+            });
+        }
+        sums.fill(0);
+        let (p, f) = (grid(partial), grid(finalize));
+        // SAFETY: ranges checked; one sum slot per descriptor.
+        unsafe {
+            kvp_host_checksum_partial(
+                &p,
+                base.as_ptr(),
+                descs.as_ptr(),
+                descs.len() as u32,
+                sums.as_mut_ptr(),
+            );
+            kvp_host_checksum_finalize(&f, descs.as_ptr(), descs.len() as u32, sums.as_mut_ptr());
+        }
+        Ok(())
+    }
+}

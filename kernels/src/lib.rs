@@ -6,17 +6,19 @@
 //! - [`layout`]: validation of the engine's `kvp_kv_layout` ([`validate_layout`]).
 //! - [`host`]: launches of the CPU build ([`gather`], [`scatter`], [`copy_batch`],
 //!   [`checksum_batch`]).
+//! - [`geometry`]: the GPU launch shapes (also run on the CPU by the tests).
 //! - [`sources`]: the kernel sources as text, for NVRTC (the cuda backend and the
 //!   compile check).
 
 pub mod checksum;
+pub mod geometry;
 pub mod host;
 pub mod layout;
 pub mod sources;
 
 pub use checksum::checksum64;
 pub use host::{
-    EngineKv, HostLaunch, KernelError, checksum_batch, checksum_block, copy_batch, copy_within,
-    gather, scatter,
+    EngineKv, HostLaunch, KernelError, checksum_batch, checksum_batch_raw, checksum_block,
+    copy_batch, copy_batch_raw, copy_within, gather, gather_raw, scatter, scatter_raw,
 };
 pub use layout::{LayoutError, LayoutInfo, PagedLayout, validate_layout};
