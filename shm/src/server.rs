@@ -152,7 +152,7 @@ impl<'a> ServerQueuePair<'a> {
     /// take right now: an engine that stops draining completions stalls only itself, and
     /// the daemon never buffers its completions (bounded memory).
     pub fn take(&mut self, out: &mut [kvp_sqe]) -> Result<usize> {
-        let room = self.cq.free()? as usize;
+        let room = self.cq.free_cached()? as usize;
         let n = room.min(out.len());
         if n == 0 {
             return Ok(0);

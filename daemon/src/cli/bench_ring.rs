@@ -1,14 +1,86 @@
-//! `kvplane bench ring`. Not built yet: issue 2 builds it.
+//! `kvplane bench ring`: NOP round trip and batched throughput across processes, with
+//! the bare shared-memory floor and a Unix-socket baseline measured in the same run.
+
+use std::path::PathBuf;
 
 use super::CliResult;
+use crate::bench::ring::{self, ChildRole, RingBenchOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct RingArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// NOP and floor round trips measured.
+    #[arg(long, default_value_t = 200_000)]
+    pub round_trips: u64,
+    /// Unix-socket round trips measured.
+    #[arg(long, default_value_t = 20_000)]
+    pub socket_round_trips: u64,
+    /// NOPs in flight in the throughput run.
+    #[arg(long, default_value_t = 256)]
+    pub batch: u32,
+    /// Length of the throughput run, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub batched_ms: u64,
+    /// Pin the daemon and the engine to different CPUs.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub pin: bool,
+    /// Internal: run as the child process of a measurement.
+    #[arg(long, hide = true, value_enum)]
+    pub child: Option<ChildRole>,
+    /// Internal: the child's shared file or socket.
+    #[arg(long, hide = true)]
+    pub target: Option<PathBuf>,
 }
 
-pub fn run(_args: RingArgs) -> CliResult {
-    Err("`kvplane bench ring` is not built yet (issue 2)".into())
+pub fn run(args: RingArgs) -> CliResult {
+    let opts = RingBenchOptions {
+        round_trips: args.round_trips.max(100),
+        socket_round_trips: args.socket_round_trips.max(100),
+        batch: args.batch.clamp(1, 65536),
+        batched_ms: args.batched_ms.max(10),
+        pin: args.pin,
+    };
+    if let Some(role) = args.child {
+        let target = args.target.ok_or("--child needs --target")?;
+        ring::run_child(role, &target, &opts)?;
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    let r = ring::run(&exe, &opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "kvplane bench ring (backend: {}, {} round trips, pinned: {})",
+        r.backend, r.round_trips, r.pinned
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10}",
+        "round trip between two processes", "p50 ns", "p99 ns", "p99.9 ns"
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10}",
+        "bare shm ping-pong (floor)", r.floor_p50_ns, r.floor_p99_ns, r.floor_p999_ns
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10}",
+        "kvplane NOP (ring + daemon)", r.p50_ns, r.p99_ns, r.p999_ns
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10}",
+        "Unix socket request/response", r.socket_p50_ns, r.socket_p99_ns, r.socket_p999_ns
+    );
+    println!(
+        "NOP p50 / floor p50: {:.2}x (goal <= 1.5)   socket p50 / NOP p50: {:.1}x (goal >= 10)",
+        r.p50_over_floor, r.socket_over_p50
+    );
+    println!(
+        "batched NOPs, {} in flight: {:.2} M ops/s (goal >= 10)",
+        r.batch,
+        r.batched_ops_per_s / 1e6
+    );
+    Ok(())
 }

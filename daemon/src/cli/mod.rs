@@ -9,6 +9,8 @@ pub mod bench_host;
 pub mod bench_lookup;
 pub mod bench_nvme;
 pub mod bench_ring;
+pub mod demo;
+pub mod ping;
 pub mod replay;
 pub mod router;
 pub mod serve;
@@ -18,7 +20,11 @@ pub mod status;
 pub type CliResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 #[derive(Debug, Parser)]
-#[command(name = "kvplane", version, about = "KV-cache data plane for LLM inference")]
+#[command(
+    name = "kvplane",
+    version,
+    about = "KV-cache data plane for LLM inference"
+)]
 pub struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `kvplane_daemon=debug`.
     #[arg(long, global = true, default_value = "info", env = "KVPLANE_LOG")]
@@ -43,6 +49,10 @@ pub enum Command {
     Replay(replay::ReplayArgs),
     /// Show a running daemon's state.
     Status(status::StatusArgs),
+    /// Attach to a running daemon as an engine, send NOPs, read STATS.
+    Ping(ping::PingArgs),
+    /// The main job on built-in defaults, no GPU needed.
+    Demo(demo::DemoArgs),
 }
 
 pub fn init_logging(filter: &str, json: bool) {
@@ -50,6 +60,7 @@ pub fn init_logging(filter: &str, json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = if json {
@@ -68,6 +79,8 @@ pub fn main() -> ExitCode {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Replay(args) => replay::run(args),
         Command::Status(args) => status::run(args),
+        Command::Ping(args) => ping::run(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,14 +1,51 @@
-//! `kvplane serve`. Not built yet: issue 2 builds it.
+//! `kvplane serve`: run the node daemon until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use super::CliResult;
+use crate::config::Config;
+use crate::control::signals;
+use crate::dataplane::DataPlane;
+use crate::session::Daemon;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Print one JSON object instead of a table.
+    /// Config file (TOML); `--print-default-config` shows every key.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Engine socket path (overrides serve.socket_path).
     #[arg(long)]
-    pub json: bool,
+    pub socket: Option<PathBuf>,
+    /// Print the default configuration, documented, and exit.
+    #[arg(long)]
+    pub print_default_config: bool,
 }
 
-pub fn run(_args: ServeArgs) -> CliResult {
-    Err("`kvplane serve` is not built yet (issue 2)".into())
+/// Load the config file (or the defaults) and apply flag overrides.
+pub fn load_config(args: &ServeArgs) -> Result<Config, crate::config::ConfigError> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(socket) = &args.socket {
+        config.serve.socket_path = socket.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+pub fn run(args: ServeArgs) -> CliResult {
+    if args.print_default_config {
+        print!("{}", Config::default_toml());
+        return Ok(());
+    }
+    let config = load_config(&args)?;
+    signals::block_termination()?;
+    let daemon = Daemon::start(config, Arc::new(DataPlane::new()))?;
+    let sig = signals::wait_termination()?;
+    tracing::info!(signal = sig, "shutting down: finishing in-flight batches");
+    daemon.shutdown();
+    tracing::info!("daemon stopped");
+    Ok(())
 }

@@ -1,0 +1,263 @@
+//! The daemon's configuration: a TOML file, overridable by flags. Unknown keys and bad
+//! values are errors that name the key and the reason.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// `[serve]`: the engine-facing socket and session limits.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// Unix socket engines connect to.
+    pub socket_path: PathBuf,
+    /// Permission bits of the socket file (access is also checked per uid, SO_PEERCRED).
+    pub socket_mode: u32,
+    /// Sessions served at once; further attaches are refused with a reason.
+    pub max_sessions: u32,
+    /// Largest argument arena one session may ask for.
+    pub max_arena_bytes: u64,
+    /// Most queue pairs per session (at most 16, the ABI's limit).
+    pub max_queue_pairs: u32,
+    /// How long a data-plane thread spins on an idle session before sleeping.
+    pub spin_us: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            socket_path: PathBuf::from("/run/kvplane/kvplane.sock"),
+            socket_mode: 0o660,
+            max_sessions: 64,
+            max_arena_bytes: 256 << 20,
+            max_queue_pairs: 16,
+            spin_us: 50,
+        }
+    }
+}
+
+/// `[[namespaces]]`: which uids may attach to a namespace.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    pub name: String,
+    pub uids: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub serve: ServeConfig,
+    /// When empty, any namespace may be used, but only by the daemon's own uid.
+    pub namespaces: Vec<NamespaceConfig>,
+}
+
+impl Config {
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.serve;
+        if s.socket_path.as_os_str().is_empty() {
+            return Err(invalid("serve.socket_path", "must not be empty"));
+        }
+        // sun_path is 108 bytes including the NUL.
+        if s.socket_path.as_os_str().len() > 107 {
+            return Err(invalid(
+                "serve.socket_path",
+                format!(
+                    "{} bytes; a Unix socket path is at most 107",
+                    s.socket_path.as_os_str().len()
+                ),
+            ));
+        }
+        if s.socket_mode > 0o777 {
+            return Err(invalid(
+                "serve.socket_mode",
+                format!(
+                    "{:#o} is not a permission mode (at most 0o777)",
+                    s.socket_mode
+                ),
+            ));
+        }
+        if s.max_sessions == 0 || s.max_sessions > 4096 {
+            return Err(invalid(
+                "serve.max_sessions",
+                format!("must be in 1..=4096, got {}", s.max_sessions),
+            ));
+        }
+        if s.max_queue_pairs == 0 || s.max_queue_pairs as usize > kvplane_ffi::MAX_QUEUE_PAIRS {
+            return Err(invalid(
+                "serve.max_queue_pairs",
+                format!("must be in 1..=16, got {}", s.max_queue_pairs),
+            ));
+        }
+        if s.max_arena_bytes < 4096 || s.max_arena_bytes > kvplane_shm::segment::MAX_ARENA_BYTES {
+            return Err(invalid(
+                "serve.max_arena_bytes",
+                format!("must be in 4096..=1073741824, got {}", s.max_arena_bytes),
+            ));
+        }
+        if s.spin_us > 10_000 {
+            return Err(invalid(
+                "serve.spin_us",
+                format!("at most 10000 (10 ms), got {}", s.spin_us),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            let key = format!("namespaces[{i}].name");
+            if ns.name.is_empty() || ns.name.len() >= kvplane_ffi::NAMESPACE_NAME_BYTES {
+                return Err(invalid(key, "must be 1..=63 bytes"));
+            }
+            if !ns
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:/@".contains(c))
+            {
+                return Err(invalid(
+                    key,
+                    format!("`{}` has characters outside [A-Za-z0-9-_.:/@]", ns.name),
+                ));
+            }
+            if !seen.insert(ns.name.as_str()) {
+                return Err(invalid(key, format!("`{}` appears twice", ns.name)));
+            }
+        }
+        Ok(())
+    }
+
+    /// May `uid` use namespace `name`?
+    pub fn namespace_allowed(&self, name: &str, uid: u32, daemon_uid: u32) -> bool {
+        if self.namespaces.is_empty() {
+            return uid == daemon_uid;
+        }
+        self.namespaces
+            .iter()
+            .any(|ns| ns.name == name && ns.uids.contains(&uid))
+    }
+
+    /// The documented default configuration, as TOML.
+    pub fn default_toml() -> String {
+        let s = ServeConfig::default();
+        format!(
+            r#"# kvplane daemon configuration. Every key is shown with its default.
+
+[serve]
+# Unix socket engines connect to.
+socket_path = "{}"
+# Permission bits of the socket file; each attach is also checked per uid (SO_PEERCRED).
+socket_mode = 0o{:o}
+# Sessions served at once; further attaches are refused with a reason.
+max_sessions = {}
+# Largest argument arena one session may ask for, in bytes.
+max_arena_bytes = {}
+# Most queue pairs per session (1..=16).
+max_queue_pairs = {}
+# Microseconds a data-plane thread spins on an idle session before sleeping on its futex.
+spin_us = {}
+
+# Namespaces (tenant + model + LoRA) and the uids that may use each. With none listed,
+# any namespace may be used, but only by the daemon's own uid.
+# [[namespaces]]
+# name = "tenant-a/llama-70b"
+# uids = [1000]
+"#,
+            s.socket_path.display(),
+            s.socket_mode,
+            s.max_sessions,
+            s.max_arena_bytes,
+            s.max_queue_pairs,
+            s.spin_us
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn default_toml_parses_to_the_default() {
+        assert_eq!(parse(&Config::default_toml()).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[serve]\nmax_sessions = 0", "serve.max_sessions"),
+            ("[serve]\nmax_queue_pairs = 17", "serve.max_queue_pairs"),
+            ("[serve]\nspin_us = 99999", "serve.spin_us"),
+            ("[serve]\nmax_arena_bytes = 10", "serve.max_arena_bytes"),
+            ("[serve]\nsocket_mode = 0o1777", "serve.socket_mode"),
+            (
+                "[[namespaces]]\nname = \"a b\"\nuids = [1]",
+                "namespaces[0].name",
+            ),
+            (
+                "[[namespaces]]\nname = \"a\"\nuids = [1]\n[[namespaces]]\nname = \"a\"\nuids = [2]",
+                "namespaces[1].name",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
+        let err = parse("[serve]\nbogus = 1").unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+        let err = parse("[serve]\nmax_sessions = \"many\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_sessions"), "{err}");
+    }
+
+    #[test]
+    fn namespace_access() {
+        let c = parse("[[namespaces]]\nname = \"a\"\nuids = [7]").unwrap();
+        assert!(c.namespace_allowed("a", 7, 0));
+        assert!(!c.namespace_allowed("a", 8, 0));
+        assert!(!c.namespace_allowed("b", 7, 0));
+        let open = Config::default();
+        assert!(open.namespace_allowed("anything", 5, 5));
+        assert!(!open.namespace_allowed("anything", 6, 5));
+    }
+}

@@ -1,0 +1,2 @@
+//! Control plane: signals and (later) metrics and admin. Never on the data path.
+pub mod signals;

@@ -1,0 +1,554 @@
+//! Sessions: the accept loop on the engine socket, the attach handshake, and one
+//! data-plane thread per session that polls its queue pairs (spin, then futex sleep)
+//! and notices when the engine is gone.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvplane_ffi::{self as ffi, Pod, SessionState, Status, kvp_attach_reply, kvp_cqe, kvp_sqe};
+use kvplane_shm::handshake::{self, AttachRequest};
+use kvplane_shm::server::{self, ServerHeader, completion, validate_sqe};
+use kvplane_shm::{Geometry, Segment, ShmError, WaitPolicy, sys};
+
+use crate::config::Config;
+use crate::dataplane::{DataPlane, SessionData};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("binding the engine socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is in use by a running daemon")]
+    SocketInUse { path: PathBuf },
+    #[error("spawning thread {name}: {source}")]
+    Spawn {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What the daemon shares between the accept loop and session threads.
+pub struct DaemonShared {
+    pub config: Config,
+    pub dataplane: Arc<DataPlane>,
+    stop: AtomicBool,
+    next_session: AtomicU64,
+    sessions: Mutex<HashMap<u64, SessionSummary>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    daemon_uid: u32,
+}
+
+/// A live session, as `status` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SessionSummary {
+    pub session_id: u64,
+    pub pid: i32,
+    pub uid: u32,
+    pub namespaces: Vec<String>,
+    pub queue_pairs: u32,
+}
+
+/// A running daemon: the engine socket and its session threads.
+pub struct Daemon {
+    shared: Arc<DaemonShared>,
+    accept: Option<JoinHandle<()>>,
+    socket_path: PathBuf,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("socket_path", &self.socket_path)
+            .finish()
+    }
+}
+
+fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
+    if path.exists() {
+        // A live daemon answers; a stale socket file from a crash does not.
+        if UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::SocketInUse {
+                path: path.to_path_buf(),
+            });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let listener = UnixListener::bind(path).map_err(|source| DaemonError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        DaemonError::Bind {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+impl Daemon {
+    pub fn start(config: Config, dataplane: Arc<DataPlane>) -> Result<Daemon, DaemonError> {
+        let socket_path = config.serve.socket_path.clone();
+        let listener = bind_socket(&socket_path, config.serve.socket_mode)?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let daemon_uid = unsafe { libc::geteuid() };
+        let shared = Arc::new(DaemonShared {
+            config,
+            dataplane,
+            stop: AtomicBool::new(false),
+            next_session: AtomicU64::new(1),
+            sessions: Mutex::new(HashMap::new()),
+            threads: Mutex::new(Vec::new()),
+            daemon_uid,
+        });
+        let s = Arc::clone(&shared);
+        let accept = std::thread::Builder::new()
+            .name("kvp-accept".into())
+            .spawn(move || accept_loop(&s, listener))
+            .map_err(|source| DaemonError::Spawn {
+                name: "kvp-accept".into(),
+                source,
+            })?;
+        tracing::info!(socket = %socket_path.display(), "kvplane daemon listening (host backend: no GPU)");
+        Ok(Daemon {
+            shared,
+            accept: Some(accept),
+            socket_path,
+        })
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+    pub fn shared(&self) -> &Arc<DaemonShared> {
+        &self.shared
+    }
+
+    pub fn sessions(&self) -> Vec<SessionSummary> {
+        let mut v: Vec<_> = self
+            .shared
+            .sessions
+            .lock()
+            .expect("sessions poisoned")
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|s| s.session_id);
+        v
+    }
+
+    /// Stop accepting, end every session (engines see state DEAD and a closed socket),
+    /// wait for the session threads to finish their in-flight batch.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop with a connection it will drop.
+        let _ = UnixStream::connect(&self.socket_path);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        let threads = std::mem::take(&mut *self.shared.threads.lock().expect("threads poisoned"));
+        for t in threads {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket_path);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.accept.is_some() {
+            self.stop_and_join();
+        }
+    }
+}
+
+fn accept_loop(shared: &Arc<DaemonShared>, listener: UnixListener) {
+    for conn in listener.incoming() {
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        // The handshake runs on the session's own thread, so a client that connects and
+        // says nothing delays nobody else.
+        let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+        let s = Arc::clone(shared);
+        let name = format!("kvp-session-{id}");
+        match std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || run_session(&s, stream, id))
+        {
+            Ok(handle) => {
+                let mut threads = shared.threads.lock().expect("threads poisoned");
+                threads.retain(|t| !t.is_finished());
+                threads.push(handle);
+            }
+            Err(e) => tracing::error!(error = %e, thread = name, "cannot spawn a session thread"),
+        }
+    }
+}
+
+fn refuse(stream: &UnixStream, status: Status, message: &str) {
+    tracing::warn!(status = %status, message, "attach refused");
+    let _ = handshake::send_reply(stream, &handshake::refusal(status, message), None);
+}
+
+/// Removes the session from the table and releases what it held, however the thread ends
+/// (return, error, or a panic in a handler).
+struct SessionGuard<'a> {
+    shared: &'a DaemonShared,
+    data: Option<SessionData>,
+}
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(data) = &self.data {
+            self.shared.dataplane.session_ended(data);
+            self.shared
+                .sessions
+                .lock()
+                .map(|mut s| s.remove(&data.id))
+                .ok();
+            self.shared
+                .dataplane
+                .counters
+                .sessions_active
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn run_session(shared: &Arc<DaemonShared>, stream: UnixStream, session_id: u64) {
+    let req = match handshake::read_request(&stream) {
+        Ok(r) => r,
+        Err(e) => {
+            if !shared.stop.load(Ordering::SeqCst) {
+                tracing::warn!(session = session_id, error = %e, "bad attach");
+                refuse(&stream, Status::BadArg, &e.to_string());
+            }
+            return;
+        }
+    };
+    let (seg, geometry, data) = match admit(shared, &stream, &req, session_id) {
+        Ok(x) => x,
+        Err((status, message)) => {
+            refuse(&stream, status, &message);
+            return;
+        }
+    };
+    let mut reply: kvp_attach_reply = Pod::zeroed();
+    reply.magic = ffi::MAGIC;
+    reply.abi_version = ffi::ABI_VERSION;
+    reply.status = Status::Ok.raw();
+    reply.session_id = session_id;
+    reply.segment_bytes = geometry.segment_bytes;
+    reply.daemon_pid = sys::getpid();
+    reply.backend = 0;
+    shared
+        .dataplane
+        .counters
+        .sessions_active
+        .fetch_add(1, Ordering::Relaxed);
+    shared
+        .dataplane
+        .counters
+        .sessions_total
+        .fetch_add(1, Ordering::Relaxed);
+    shared.sessions.lock().expect("sessions poisoned").insert(
+        session_id,
+        SessionSummary {
+            session_id,
+            pid: req.peer.pid,
+            uid: req.peer.uid,
+            namespaces: req.namespaces.clone(),
+            queue_pairs: req.num_queue_pairs,
+        },
+    );
+    let mut guard = SessionGuard {
+        shared,
+        data: Some(data),
+    };
+    if let Err(e) = handshake::send_reply(&stream, &reply, Some(seg.file())) {
+        tracing::warn!(session = session_id, error = %e, "engine left during attach");
+        return;
+    }
+    tracing::info!(session = session_id, pid = req.peer.pid, uid = req.peer.uid, namespaces = ?req.namespaces, "session attached");
+    let data = guard.data.as_mut().expect("set above");
+    let reason = serve_session(shared, &stream, &seg, &geometry, data, req.peer.pid);
+    if let Ok(header) = ServerHeader::new(&seg) {
+        header.set_state(SessionState::Dead);
+        // Wake engine threads sleeping on their completion rings so they see DEAD.
+        for q in &geometry.queue_pairs {
+            if let Ok(w) = seg.atomic_u32(q.cq_offset + 128) {
+                w.fetch_add(1, Ordering::Release);
+                sys::futex_wake_all(w);
+            }
+        }
+    }
+    match &reason {
+        End::Detached | End::Shutdown => {
+            tracing::info!(session = session_id, reason = ?reason, "session ended")
+        }
+        End::EngineDied => {
+            shared
+                .dataplane
+                .counters
+                .sessions_reclaimed
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(session = session_id, "engine died; session reclaimed")
+        }
+        End::Violation(e) => {
+            shared
+                .dataplane
+                .counters
+                .protocol_violations
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(session = session_id, error = %e, "protocol violation; session ended")
+        }
+    }
+}
+
+/// Check the request against the config and create the segment.
+fn admit(
+    shared: &DaemonShared,
+    _stream: &UnixStream,
+    req: &AttachRequest,
+    session_id: u64,
+) -> Result<(Segment, Geometry, SessionData), (Status, String)> {
+    let cfg = &shared.config.serve;
+    let active = shared
+        .dataplane
+        .counters
+        .sessions_active
+        .load(Ordering::Relaxed);
+    if active >= cfg.max_sessions as u64 {
+        return Err((
+            Status::Busy,
+            format!("daemon serves its maximum of {} sessions", cfg.max_sessions),
+        ));
+    }
+    if req.num_queue_pairs > cfg.max_queue_pairs {
+        return Err((
+            Status::BadArg,
+            format!(
+                "{} queue pairs asked, at most {}",
+                req.num_queue_pairs, cfg.max_queue_pairs
+            ),
+        ));
+    }
+    if req.arena_bytes > cfg.max_arena_bytes {
+        return Err((
+            Status::BadArg,
+            format!(
+                "arena of {} bytes asked, at most {}",
+                req.arena_bytes, cfg.max_arena_bytes
+            ),
+        ));
+    }
+    for ns in &req.namespaces {
+        if !shared
+            .config
+            .namespace_allowed(ns, req.peer.uid, shared.daemon_uid)
+        {
+            return Err((
+                Status::Namespace,
+                format!("uid {} may not use namespace `{ns}`", req.peer.uid),
+            ));
+        }
+    }
+    let namespaces = shared
+        .dataplane
+        .bind_namespaces(&req.namespaces)
+        .map_err(|e| (Status::Namespace, e.to_string()))?;
+    let geometry = Geometry::new(
+        req.num_queue_pairs,
+        req.sq_entries,
+        req.cq_entries,
+        req.arena_bytes,
+    )
+    .map_err(|e| (Status::BadArg, e.to_string()))?;
+    let seg = Segment::create(
+        &geometry,
+        session_id,
+        req.peer.pid,
+        req.namespaces.len() as u32,
+    )
+    .map_err(|e| (Status::Internal, e.to_string()))?;
+    let kv_buffer = match &req.kv_buffer {
+        None => None,
+        Some((fd, bytes)) => {
+            let fd = fd
+                .try_clone()
+                .map_err(|e| (Status::Internal, format!("dup KV buffer fd: {e}")))?;
+            Some(
+                Segment::map_fd(fd, *bytes)
+                    .map_err(|e| (Status::BadArg, format!("mapping the KV buffer: {e}")))?,
+            )
+        }
+    };
+    let data = SessionData {
+        id: session_id,
+        peer: req.peer,
+        namespaces,
+        kv_buffer,
+    };
+    Ok((seg, geometry, data))
+}
+
+#[derive(Debug)]
+enum End {
+    Detached,
+    EngineDied,
+    Shutdown,
+    Violation(ShmError),
+}
+
+/// Submissions taken per queue pair per pass: bounded work before looking at the others,
+/// so one busy queue pair cannot starve its siblings.
+const BATCH: usize = 64;
+
+fn serve_session(
+    shared: &DaemonShared,
+    stream: &UnixStream,
+    seg: &Segment,
+    geometry: &Geometry,
+    data: &mut SessionData,
+    engine_pid: i32,
+) -> End {
+    let header = match ServerHeader::new(seg) {
+        Ok(h) => h,
+        Err(e) => return End::Violation(e),
+    };
+    header.set_state(SessionState::Active);
+    let mut qps = match server::server_queue_pairs(seg, geometry) {
+        Ok(q) => q,
+        Err(e) => return End::Violation(e),
+    };
+    // A pidfd catches the death of the engine even while its socket is shared with a
+    // child that outlives it; the socket catches everything else.
+    let pidfd = sys::pidfd_open(engine_pid).ok();
+    let policy = WaitPolicy {
+        spin: Duration::from_micros(shared.config.serve.spin_us),
+        sleep_slice: Duration::from_millis(100),
+    };
+    let num_namespaces = data.namespaces.len() as u32;
+    let mut sqes: Vec<kvp_sqe> = vec![Pod::zeroed(); BATCH];
+    let mut cqes: Vec<kvp_cqe> = Vec::with_capacity(BATCH);
+    loop {
+        let mut worked = false;
+        for qp in qps.iter_mut() {
+            let n = match qp.take(&mut sqes) {
+                Ok(n) => n,
+                Err(e) => return End::Violation(e),
+            };
+            if n == 0 {
+                continue;
+            }
+            worked = true;
+            cqes.clear();
+            for sqe in &sqes[..n] {
+                let cqe = match validate_sqe(sqe, &qp.geometry, num_namespaces) {
+                    Ok(req) => shared.dataplane.handle(data, seg, &req),
+                    Err(rejection) => {
+                        let mut c = completion(sqe.user_data, rejection.status);
+                        c.detail = field_code(rejection.field);
+                        tracing::debug!(session = data.id, qp = qp.index, field = rejection.field, status = %rejection.status, "submission rejected");
+                        c
+                    }
+                };
+                cqes.push(cqe);
+            }
+            shared.dataplane.count(&cqes);
+            // Room was reserved by `take`; a short count means the engine published a
+            // head that shrank our free space, which only a broken peer does.
+            match qp.complete(&cqes) {
+                Ok(k) if k == cqes.len() => {}
+                Ok(_) => {
+                    return End::Violation(ShmError::BadSegment {
+                        session_id: data.id,
+                        reason: "completion ring head moved backwards".into(),
+                    });
+                }
+                Err(e) => return End::Violation(e),
+            }
+        }
+        if shared.stop.load(Ordering::Relaxed) {
+            return End::Shutdown;
+        }
+        if worked {
+            continue;
+        }
+        header.heartbeat();
+        let ready = || qps.iter().any(|q| q.has_submissions());
+        let check = || -> Result<(), End> {
+            header.heartbeat();
+            if shared.stop.load(Ordering::Relaxed) {
+                return Err(End::Shutdown);
+            }
+            if sys::socket_hung_up(stream) {
+                return Err(
+                    if pidfd
+                        .as_ref()
+                        .is_some_and(|p| sys::poll_ready(p.as_raw_fd()).unwrap_or(false))
+                    {
+                        End::EngineDied
+                    } else if sys::process_alive(engine_pid) {
+                        End::Detached
+                    } else {
+                        End::EngineDied
+                    },
+                );
+            }
+            if pidfd
+                .as_ref()
+                .is_some_and(|p| sys::poll_ready(p.as_raw_fd()).unwrap_or(false))
+            {
+                return Err(End::EngineDied);
+            }
+            Ok(())
+        };
+        if let Err(end) = header.doorbell.wait_until(policy, None, ready, check) {
+            return end;
+        }
+    }
+}
+
+/// A small code for the rejected field, reported in `cqe.detail` so a client can tell
+/// which field was wrong without parsing logs.
+pub fn field_code(field: &str) -> u32 {
+    match field {
+        "opcode" => 1,
+        "flags" => 2,
+        "namespace_id" => 3,
+        "arg_offset/arg_len" | "arg_offset" => 4,
+        "arg_len" => 5,
+        "count" => 6,
+        "reserved" => 7,
+        _ => 0,
+    }
+}
