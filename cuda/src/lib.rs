@@ -1,6 +1,20 @@
-//! kvplane device layer.
+//! kvplane device layer: the [`Device`] trait and its two backends.
 //!
+//! - [`host`]: host memory and the CPU build of the kernels (runs everywhere).
+//! - [`cuda`]: an NVIDIA GPU through cudarc (dynamic loading; a clear
+//!   [`DeviceError::NoDriver`] where there is no driver), with CUDA IPC import, pinned
+//!   registration, NVML topology.
 //! - [`nvrtc`]: compiling the kernels for a GPU with NVRTC, the on-disk PTX cache, and
 //!   the ptxas resource check.
+//! - [`arena`]: a device allocation carved into fixed-size block slots (the HBM tier).
 
+pub mod arena;
+pub mod cuda;
+pub mod device;
+pub mod host;
 pub mod nvrtc;
+
+pub use device::{
+    BackendChoice, BackendKind, Device, DeviceBuffer, DeviceError, DeviceRange, EventId, LayoutId,
+    Opened, StreamId, open,
+};

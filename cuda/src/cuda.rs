@@ -1,0 +1,924 @@
+//! The cuda backend: cudarc with dynamic loading (no toolkit needed to build), the
+//! kernels compiled for the found device by NVRTC at open (PTX cached on disk), launched
+//! through the driver API. Also CUDA IPC (import an engine's KV allocation and its
+//! events), pinned registration of daemon-mapped host memory, and NVML topology.
+//!
+//! cudarc panics when libcuda cannot be loaded, so [`CudaDevice::open`] probes with
+//! `is_culib_present` before any other call and returns [`DeviceError::NoDriver`].
+//!
+//! Not verifiable here (no GPU on the development machines): everything past the probe.
+//! The kernels' logic is verified on the CPU (the same sources, and the GPU launch shapes
+//! from `kvplane_kernels::geometry`, run by `kernels/tests/layouts.rs`), their GPU
+//! compilation by `tests/kernel_compile.rs`; `examples/gpu_check.rs` checks this file's
+//! paths on a machine with a GPU.
+
+use crate::device::{
+    BackendKind, Device, DeviceBuffer, DeviceError, DeviceRange, EventId, LayoutId, StreamId,
+    check_range,
+};
+use crate::nvrtc::{Arch, CudaTools, PtxCache};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result, sys};
+use kvplane_ffi::{kvp_copy_desc, kvp_kv_layout};
+use kvplane_kernels::{PagedLayout, geometry, sources};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+/// True when libcuda can be loaded (a driver is installed). Never panics.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries dlopen on libcuda's candidate names; no driver call is made.
+    unsafe { sys::is_culib_present() }
+}
+
+fn drv(op: &'static str) -> impl Fn(result::DriverError) -> DeviceError {
+    move |e| DeviceError::Driver {
+        op,
+        detail: format!("{e:?}"),
+    }
+}
+
+enum Region {
+    /// cuMemAlloc'd device memory.
+    Alloc(sys::CUdeviceptr),
+    /// Host memory registered (page-locked, mapped); `dev` is its device address.
+    Registered {
+        host: *mut c_void,
+        dev: sys::CUdeviceptr,
+    },
+    /// Another process's allocation opened from a CUDA IPC handle.
+    Ipc(sys::CUdeviceptr),
+}
+
+impl Region {
+    fn dev(&self) -> sys::CUdeviceptr {
+        match *self {
+            Region::Alloc(d) | Region::Ipc(d) | Region::Registered { dev: d, .. } => d,
+        }
+    }
+}
+
+/// Device-side scratch of one stream for per-launch tables (page ids, descriptors).
+#[derive(Default, Clone, Copy)]
+struct Scratch {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+}
+
+struct State {
+    next_id: u64,
+    buffers: HashMap<u64, (Region, usize)>,
+    layouts: HashMap<u64, (sys::CUdeviceptr, PagedLayout)>,
+    streams: Vec<(Arc<CudaStream>, Scratch)>,
+    events: HashMap<u64, sys::CUevent>,
+}
+
+struct Kernels {
+    gather: CudaFunction,
+    scatter: CudaFunction,
+    copy: CudaFunction,
+    checksum_partial: CudaFunction,
+    checksum_finalize: CudaFunction,
+    _modules: Vec<Arc<CudaModule>>,
+}
+
+/// One CUDA device. See the module docs.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    name: String,
+    compute_capability: (i32, i32),
+    total_mem_bytes: usize,
+    kernels: Kernels,
+    ptx_from_cache: bool,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("name", &self.name)
+            .field("compute_capability", &self.compute_capability)
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: the raw device/host pointers in State are only used under the mutex with the
+// context bound to the calling thread; CUDA handles are usable from any thread.
+unsafe impl Send for CudaDevice {}
+// SAFETY: as above.
+unsafe impl Sync for CudaDevice {}
+
+impl CudaDevice {
+    /// Opens device `ordinal`: probes for the driver (no panic without one), creates the
+    /// primary context, and compiles (or loads from the PTX cache) the kernels for the
+    /// device's compute capability.
+    pub fn open(ordinal: usize) -> Result<Self, DeviceError> {
+        if !driver_present() {
+            return Err(DeviceError::NoDriver);
+        }
+        result::init().map_err(drv("cuInit"))?;
+        let count = CudaContext::device_count().map_err(drv("cuDeviceGetCount"))? as usize;
+        if ordinal >= count {
+            return Err(DeviceError::NoDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(drv("cuDevicePrimaryCtxRetain"))?;
+        let name = ctx.name().map_err(drv("cuDeviceGetName"))?;
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(drv("cuDeviceGetAttribute"))?;
+        let total_mem_bytes = ctx.total_mem().map_err(drv("cuDeviceTotalMem"))?;
+        let arch = Arch {
+            major: compute_capability.0 as u32,
+            minor: compute_capability.1 as u32,
+        };
+        let tools = CudaTools::find().map_err(crate::nvrtc::CompileError::from)?;
+        let cache = PtxCache::new(PtxCache::default_dir());
+        let mut modules = Vec::new();
+        let mut all_cached = true;
+        let mut func = HashMap::new();
+        for src in sources::ALL {
+            let (ptx, cached) = cache.get_or_compile(&tools, &src, arch)?;
+            all_cached &= cached;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .map_err(drv("cuModuleLoadData"))?;
+            for k in src.kernels {
+                func.insert(
+                    *k,
+                    module
+                        .load_function(k)
+                        .map_err(drv("cuModuleGetFunction"))?,
+                );
+            }
+            modules.push(module);
+        }
+        let mut take = |k: &str| {
+            func.remove(k)
+                .expect("every kernel of sources::ALL was loaded")
+        };
+        let kernels = Kernels {
+            gather: take("kvp_paged_gather"),
+            scatter: take("kvp_paged_scatter"),
+            copy: take("kvp_copy_batch"),
+            checksum_partial: take("kvp_checksum_partial"),
+            checksum_finalize: take("kvp_checksum_finalize"),
+            _modules: modules,
+        };
+        Ok(Self {
+            ctx,
+            name,
+            compute_capability,
+            total_mem_bytes,
+            kernels,
+            ptx_from_cache: all_cached,
+            state: Mutex::new(State {
+                next_id: 1,
+                buffers: HashMap::new(),
+                layouts: HashMap::new(),
+                streams: Vec::new(),
+                events: HashMap::new(),
+            }),
+        })
+    }
+
+    /// Whether open() found every kernel's PTX in the disk cache.
+    pub fn ptx_from_cache(&self) -> bool {
+        self.ptx_from_cache
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, DeviceError> {
+        self.ctx.bind_to_thread().map_err(drv("cuCtxSetCurrent"))?;
+        Ok(self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Opens an engine's allocation from its CUDA IPC handle (cudaIpcGetMemHandle's 64
+    /// bytes) as a buffer of `len_bytes`. Undo with [`Device::free`].
+    pub fn import_ipc_memory(
+        &self,
+        handle: &[u8; 64],
+        len_bytes: usize,
+    ) -> Result<DeviceBuffer, DeviceError> {
+        let mut st = self.lock()?;
+        let mut h = sys::CUipcMemHandle_st { reserved: [0; 64] };
+        for (d, s) in h.reserved.iter_mut().zip(handle) {
+            *d = *s as _;
+        }
+        let mut dev: sys::CUdeviceptr = 0;
+        // SAFETY: valid out pointer; the driver validates the handle.
+        unsafe {
+            sys::cuIpcOpenMemHandle_v2(
+                &mut dev,
+                h,
+                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+            )
+        }
+        .result()
+        .map_err(drv("cuIpcOpenMemHandle"))?;
+        Ok(insert_buffer(&mut st, Region::Ipc(dev), len_bytes))
+    }
+
+    /// Opens an engine's interprocess event (cudaIpcGetEventHandle's 64 bytes).
+    pub fn import_ipc_event(&self, handle: &[u8; 64]) -> Result<EventId, DeviceError> {
+        let mut st = self.lock()?;
+        let mut h = sys::CUipcEventHandle_st { reserved: [0; 64] };
+        for (d, s) in h.reserved.iter_mut().zip(handle) {
+            *d = *s as _;
+        }
+        let mut ev: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: valid out pointer; the driver validates the handle.
+        unsafe { sys::cuIpcOpenEventHandle(&mut ev, h) }
+            .result()
+            .map_err(drv("cuIpcOpenEventHandle"))?;
+        Ok(insert_event(&mut st, ev))
+    }
+
+    /// Creates an interprocess event and its handle for an engine, so the engine's stream
+    /// can wait for a load (record it with [`CudaDevice::record_into`]) with no CPU round
+    /// trip.
+    pub fn create_ipc_event(&self) -> Result<(EventId, [u8; 64]), DeviceError> {
+        let mut st = self.lock()?;
+        let mut ev: sys::CUevent = std::ptr::null_mut();
+        let flags = sys::CUevent_flags::CU_EVENT_INTERPROCESS as u32
+            | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+        // SAFETY: valid out pointer; interprocess events require DISABLE_TIMING (given).
+        unsafe { sys::cuEventCreate(&mut ev, flags) }
+            .result()
+            .map_err(drv("cuEventCreate"))?;
+        let mut h = sys::CUipcEventHandle_st { reserved: [0; 64] };
+        // SAFETY: a live interprocess event and a valid out pointer.
+        unsafe { sys::cuIpcGetEventHandle(&mut h, ev) }
+            .result()
+            .map_err(drv("cuIpcGetEventHandle"))?;
+        let mut out = [0u8; 64];
+        for (d, s) in out.iter_mut().zip(h.reserved) {
+            *d = s as u8;
+        }
+        Ok((insert_event(&mut st, ev), out))
+    }
+
+    /// Records an existing event (e.g. an IPC event) at the end of `stream`.
+    pub fn record_into(&self, stream: StreamId, event: EventId) -> Result<(), DeviceError> {
+        let st = self.lock()?;
+        let s = stream_of(&st, "record_into", stream)?;
+        let ev = event_of(&st, "record_into", event)?;
+        // SAFETY: live event and stream of this context.
+        unsafe { result::event::record(ev, s) }.map_err(drv("cuEventRecord"))
+    }
+
+    /// Uploads `bytes` into `stream`'s scratch table (grown as needed); stream-ordered,
+    /// so the previous launch on the stream has consumed the old contents.
+    fn scratch_upload(
+        &self,
+        st: &mut State,
+        stream: StreamId,
+        bytes: &[u8],
+    ) -> Result<sys::CUdeviceptr, DeviceError> {
+        let (s, scratch) =
+            st.streams
+                .get_mut(stream.0 as usize)
+                .ok_or(DeviceError::UnknownHandle {
+                    op: "launch",
+                    what: "stream",
+                    id: u64::from(stream.0),
+                })?;
+        if scratch.bytes < bytes.len() {
+            let s_raw = s.cu_stream();
+            if scratch.ptr != 0 {
+                // SAFETY: stream-ordered free of our own scratch after its last use.
+                unsafe { result::free_async(scratch.ptr, s_raw) }.map_err(drv("cuMemFreeAsync"))?;
+            }
+            let grown = bytes.len().next_power_of_two().max(4096);
+            // SAFETY: plain allocation on our stream.
+            scratch.ptr =
+                unsafe { result::malloc_async(s_raw, grown) }.map_err(drv("cuMemAllocAsync"))?;
+            scratch.bytes = grown;
+        }
+        if !bytes.is_empty() {
+            // SAFETY: scratch holds at least bytes.len(); pageable source is staged by the
+            // driver before this returns.
+            unsafe { result::memcpy_htod_async(scratch.ptr, bytes, s.cu_stream()) }
+                .map_err(drv("cuMemcpyHtoDAsync"))?;
+        }
+        Ok(scratch.ptr)
+    }
+
+    fn launch(
+        &self,
+        f: &CudaFunction,
+        shape: geometry::GpuLaunch,
+        stream: sys::CUstream,
+        params: &mut [*mut c_void],
+    ) -> Result<(), DeviceError> {
+        // SAFETY: `params` point at values of the kernel's parameter types, in order
+        // (each call site builds them from the kernel's signature).
+        unsafe {
+            result::launch_kernel(f.cu_function(), shape.grid, shape.block, 0, stream, params)
+        }
+        .map_err(drv("cuLaunchKernel"))
+    }
+}
+
+fn insert_buffer(st: &mut State, region: Region, len_bytes: usize) -> DeviceBuffer {
+    let id = st.next_id;
+    st.next_id += 1;
+    st.buffers.insert(id, (region, len_bytes));
+    DeviceBuffer { id, len_bytes }
+}
+
+fn insert_event(st: &mut State, ev: sys::CUevent) -> EventId {
+    let id = st.next_id;
+    st.next_id += 1;
+    st.events.insert(id, ev);
+    EventId(id)
+}
+
+fn stream_of(st: &State, op: &'static str, s: StreamId) -> Result<sys::CUstream, DeviceError> {
+    st.streams
+        .get(s.0 as usize)
+        .map(|(s, _)| s.cu_stream())
+        .ok_or(DeviceError::UnknownHandle {
+            op,
+            what: "stream",
+            id: u64::from(s.0),
+        })
+}
+
+fn event_of(st: &State, op: &'static str, e: EventId) -> Result<sys::CUevent, DeviceError> {
+    st.events
+        .get(&e.0)
+        .copied()
+        .ok_or(DeviceError::UnknownHandle {
+            op,
+            what: "event",
+            id: e.0,
+        })
+}
+
+fn dev_of(st: &State, op: &'static str, b: DeviceBuffer) -> Result<sys::CUdeviceptr, DeviceError> {
+    st.buffers
+        .get(&b.id)
+        .map(|(r, _)| r.dev())
+        .ok_or(DeviceError::UnknownHandle {
+            op,
+            what: "buffer",
+            id: b.id,
+        })
+}
+
+fn as_bytes<T>(v: &[T]) -> &[u8] {
+    // SAFETY: T is a plain-old-data ABI type (u32, kvp_copy_desc) here; reading its bytes
+    // is always valid.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+fn arg<T>(v: &mut T) -> *mut c_void {
+    v as *mut T as *mut c_void
+}
+
+impl Device for CudaDevice {
+    fn backend(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "cuda backend: {} (sm_{}{}, {:.1} GiB)",
+            self.name,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.total_mem_bytes as f64 / (1u64 << 30) as f64
+        )
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<DeviceBuffer, DeviceError> {
+        let mut st = self.lock()?;
+        // SAFETY: plain allocation in the bound context.
+        let dev = unsafe { result::malloc_sync(bytes.max(1)) }
+            .map_err(|_| DeviceError::OutOfMemory { op: "alloc", bytes })?;
+        Ok(insert_buffer(&mut st, Region::Alloc(dev), bytes))
+    }
+
+    unsafe fn register_host_memory(
+        &self,
+        ptr: NonNull<u8>,
+        len_bytes: usize,
+    ) -> Result<DeviceBuffer, DeviceError> {
+        let mut st = self.lock()?;
+        let host = ptr.as_ptr() as *mut c_void;
+        // Portable (all contexts) and mapped (kernels can address it).
+        let flags = 0x01 | 0x02;
+        // SAFETY: the caller guarantees [ptr, ptr + len) is valid until freed.
+        unsafe { sys::cuMemHostRegister_v2(host, len_bytes, flags) }
+            .result()
+            .map_err(drv("cuMemHostRegister"))?;
+        let mut dev: sys::CUdeviceptr = 0;
+        // SAFETY: registered just above with the DEVICEMAP flag.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host, 0) }
+            .result()
+            .map_err(drv("cuMemHostGetDevicePointer"))?;
+        Ok(insert_buffer(
+            &mut st,
+            Region::Registered { host, dev },
+            len_bytes,
+        ))
+    }
+
+    fn free(&self, buf: DeviceBuffer) -> Result<(), DeviceError> {
+        let mut st = self.lock()?;
+        let (region, _) = st
+            .buffers
+            .remove(&buf.id)
+            .ok_or(DeviceError::UnknownHandle {
+                op: "free",
+                what: "buffer",
+                id: buf.id,
+            })?;
+        // SAFETY: each region is released exactly once, by the call matching how it was
+        // obtained; callers synchronise work using it first (as with cudaFree).
+        unsafe {
+            match region {
+                Region::Alloc(d) => result::free_sync(d).map_err(drv("cuMemFree")),
+                Region::Registered { host, .. } => sys::cuMemHostUnregister(host)
+                    .result()
+                    .map_err(drv("cuMemHostUnregister")),
+                Region::Ipc(d) => sys::cuIpcCloseMemHandle(d)
+                    .result()
+                    .map_err(drv("cuIpcCloseMemHandle")),
+            }
+        }
+    }
+
+    fn create_stream(&self) -> Result<StreamId, DeviceError> {
+        let mut st = self.lock()?;
+        let s = self.ctx.new_stream().map_err(drv("cuStreamCreate"))?;
+        st.streams.push((s, Scratch::default()));
+        Ok(StreamId(st.streams.len() as u32 - 1))
+    }
+
+    fn sync_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
+        let st = self.lock()?;
+        let s = stream_of(&st, "sync_stream", stream)?;
+        // SAFETY: a live stream of this context.
+        unsafe { result::stream::synchronize(s) }.map_err(drv("cuStreamSynchronize"))
+    }
+
+    fn record_event(&self, stream: StreamId) -> Result<EventId, DeviceError> {
+        let mut st = self.lock()?;
+        let s = stream_of(&st, "record_event", stream)?;
+        let ev = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(drv("cuEventCreate"))?;
+        // SAFETY: fresh event, live stream.
+        unsafe { result::event::record(ev, s) }.map_err(drv("cuEventRecord"))?;
+        Ok(insert_event(&mut st, ev))
+    }
+
+    fn stream_wait_event(&self, stream: StreamId, event: EventId) -> Result<(), DeviceError> {
+        let st = self.lock()?;
+        let s = stream_of(&st, "stream_wait_event", stream)?;
+        let ev = event_of(&st, "stream_wait_event", event)?;
+        // SAFETY: live stream and event.
+        unsafe { result::stream::wait_event(s, ev, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
+            .map_err(drv("cuStreamWaitEvent"))
+    }
+
+    fn sync_event(&self, event: EventId) -> Result<(), DeviceError> {
+        let st = self.lock()?;
+        let ev = event_of(&st, "sync_event", event)?;
+        // SAFETY: live event.
+        unsafe { result::event::synchronize(ev) }.map_err(drv("cuEventSynchronize"))
+    }
+
+    fn destroy_event(&self, event: EventId) -> Result<(), DeviceError> {
+        let mut st = self.lock()?;
+        let ev = st
+            .events
+            .remove(&event.0)
+            .ok_or(DeviceError::UnknownHandle {
+                op: "destroy_event",
+                what: "event",
+                id: event.0,
+            })?;
+        // SAFETY: removed from the table, so destroyed once.
+        unsafe { result::event::destroy(ev) }.map_err(drv("cuEventDestroy"))
+    }
+
+    fn copy_to_device(
+        &self,
+        stream: StreamId,
+        src: &[u8],
+        dst: DeviceRange,
+    ) -> Result<(), DeviceError> {
+        let op = "copy_to_device";
+        let st = self.lock()?;
+        if src.len() != dst.len_bytes {
+            return Err(DeviceError::LengthMismatch {
+                op,
+                host_bytes: src.len(),
+                device_bytes: dst.len_bytes,
+            });
+        }
+        check_range(op, dst.offset_bytes, dst.len_bytes, dst.buffer.len_bytes)?;
+        let d = dev_of(&st, op, dst.buffer)? + dst.offset_bytes as u64;
+        let s = stream_of(&st, op, stream)?;
+        // SAFETY: checked range of a live buffer. Synchronous copy: `src` is an ordinary
+        // borrow that may be reused when this returns (pinned pools use copy_batch).
+        unsafe {
+            result::stream::synchronize(s).map_err(drv("cuStreamSynchronize"))?;
+            result::memcpy_htod_sync(d, src).map_err(drv("cuMemcpyHtoD"))
+        }
+    }
+
+    fn copy_to_host(
+        &self,
+        stream: StreamId,
+        src: DeviceRange,
+        dst: &mut [u8],
+    ) -> Result<(), DeviceError> {
+        let op = "copy_to_host";
+        let st = self.lock()?;
+        if dst.len() != src.len_bytes {
+            return Err(DeviceError::LengthMismatch {
+                op,
+                host_bytes: dst.len(),
+                device_bytes: src.len_bytes,
+            });
+        }
+        check_range(op, src.offset_bytes, src.len_bytes, src.buffer.len_bytes)?;
+        let d = dev_of(&st, op, src.buffer)? + src.offset_bytes as u64;
+        let s = stream_of(&st, op, stream)?;
+        // SAFETY: checked range; the stream is drained first so earlier work is visible.
+        unsafe {
+            result::stream::synchronize(s).map_err(drv("cuStreamSynchronize"))?;
+            result::memcpy_dtoh_sync(dst, d).map_err(drv("cuMemcpyDtoH"))
+        }
+    }
+
+    fn copy_device(
+        &self,
+        stream: StreamId,
+        src: DeviceRange,
+        dst: DeviceRange,
+    ) -> Result<(), DeviceError> {
+        let op = "copy_device";
+        let st = self.lock()?;
+        if src.len_bytes != dst.len_bytes {
+            return Err(DeviceError::LengthMismatch {
+                op,
+                host_bytes: src.len_bytes,
+                device_bytes: dst.len_bytes,
+            });
+        }
+        check_range(op, src.offset_bytes, src.len_bytes, src.buffer.len_bytes)?;
+        check_range(op, dst.offset_bytes, dst.len_bytes, dst.buffer.len_bytes)?;
+        let s_dev = dev_of(&st, op, src.buffer)? + src.offset_bytes as u64;
+        let d_dev = dev_of(&st, op, dst.buffer)? + dst.offset_bytes as u64;
+        let s = stream_of(&st, op, stream)?;
+        // SAFETY: checked ranges of live buffers; unified addressing lets one call serve
+        // device, registered-host and peer memory (copy engines, no SMs).
+        unsafe { sys::cuMemcpyAsync(d_dev, s_dev, src.len_bytes, s) }
+            .result()
+            .map_err(drv("cuMemcpyAsync"))
+    }
+
+    fn upload_layout(&self, layout: &PagedLayout) -> Result<LayoutId, DeviceError> {
+        let mut st = self.lock()?;
+        let bytes = as_bytes(std::slice::from_ref(layout.raw()));
+        // SAFETY: allocation sized for one kvp_kv_layout, then a synchronous upload.
+        let dev = unsafe {
+            let dev = result::malloc_sync(std::mem::size_of::<kvp_kv_layout>())
+                .map_err(drv("cuMemAlloc"))?;
+            result::memcpy_htod_sync(dev, bytes).map_err(drv("cuMemcpyHtoD"))?;
+            dev
+        };
+        let id = st.next_id;
+        st.next_id += 1;
+        st.layouts.insert(id, (dev, layout.clone()));
+        Ok(LayoutId(id))
+    }
+
+    fn free_layout(&self, layout: LayoutId) -> Result<(), DeviceError> {
+        let mut st = self.lock()?;
+        let (dev, _) = st
+            .layouts
+            .remove(&layout.0)
+            .ok_or(DeviceError::UnknownHandle {
+                op: "free_layout",
+                what: "layout",
+                id: layout.0,
+            })?;
+        // SAFETY: removed from the table, freed once.
+        unsafe { result::free_sync(dev) }.map_err(drv("cuMemFree"))
+    }
+
+    fn gather(
+        &self,
+        stream: StreamId,
+        engine: DeviceBuffer,
+        layout: LayoutId,
+        pages: &[u32],
+        blocks: DeviceRange,
+    ) -> Result<(), DeviceError> {
+        self.paged("gather", stream, engine, layout, pages, blocks, true)
+    }
+
+    fn scatter(
+        &self,
+        stream: StreamId,
+        engine: DeviceBuffer,
+        layout: LayoutId,
+        pages: &[u32],
+        blocks: DeviceRange,
+    ) -> Result<(), DeviceError> {
+        self.paged("scatter", stream, engine, layout, pages, blocks, false)
+    }
+
+    fn copy_batch(
+        &self,
+        stream: StreamId,
+        src: DeviceBuffer,
+        dst: DeviceBuffer,
+        descs: &[kvp_copy_desc],
+    ) -> Result<(), DeviceError> {
+        let op = "copy_batch";
+        let mut st = self.lock()?;
+        let mut s_dev = dev_of(&st, op, src)?;
+        let mut d_dev = dev_of(&st, op, dst)?;
+        validate_descs(op, descs, src, Some(dst))?;
+        if descs.is_empty() {
+            return Ok(());
+        }
+        let s = stream_of(&st, op, stream)?;
+        let mut table = self.scratch_upload(&mut st, stream, as_bytes(descs))?;
+        let mut n = descs.len() as u32;
+        let mut params = [
+            arg(&mut s_dev),
+            arg(&mut d_dev),
+            arg(&mut table),
+            arg(&mut n),
+        ];
+        self.launch(&self.kernels.copy, geometry::copy(descs), s, &mut params)
+    }
+
+    fn checksum(
+        &self,
+        stream: StreamId,
+        base: DeviceBuffer,
+        descs: &[kvp_copy_desc],
+    ) -> Result<Vec<u64>, DeviceError> {
+        let op = "checksum";
+        let mut st = self.lock()?;
+        let mut b_dev = dev_of(&st, op, base)?;
+        validate_descs(op, descs, base, None)?;
+        if descs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let s = stream_of(&st, op, stream)?;
+        // One table: descriptors, then the 8-byte sums (zeroed by the upload).
+        let desc_bytes = std::mem::size_of_val(descs);
+        let mut upload = as_bytes(descs).to_vec();
+        upload.resize(desc_bytes + 8 * descs.len(), 0);
+        let mut table = self.scratch_upload(&mut st, stream, &upload)?;
+        let mut sums_dev = table + desc_bytes as u64;
+        let mut n = descs.len() as u32;
+        let mut p1 = [
+            arg(&mut b_dev),
+            arg(&mut table),
+            arg(&mut n),
+            arg(&mut sums_dev),
+        ];
+        self.launch(
+            &self.kernels.checksum_partial,
+            geometry::checksum(descs),
+            s,
+            &mut p1,
+        )?;
+        let mut p2 = [arg(&mut table), arg(&mut n), arg(&mut sums_dev)];
+        self.launch(
+            &self.kernels.checksum_finalize,
+            geometry::checksum_finalize(descs.len()),
+            s,
+            &mut p2,
+        )?;
+        let mut sums = vec![0u64; descs.len()];
+        // SAFETY: sums_dev holds descs.len() u64s; the stream is drained first.
+        unsafe {
+            result::stream::synchronize(s).map_err(drv("cuStreamSynchronize"))?;
+            result::memcpy_dtoh_sync(&mut sums, sums_dev).map_err(drv("cuMemcpyDtoH"))?;
+        }
+        Ok(sums)
+    }
+}
+
+/// Range checks of a copy/checksum table against the buffers' lengths (the same rules
+/// as the host wrappers), before anything is uploaded.
+fn validate_descs(
+    op: &'static str,
+    descs: &[kvp_copy_desc],
+    src: DeviceBuffer,
+    dst: Option<DeviceBuffer>,
+) -> Result<(), DeviceError> {
+    let fits =
+        |off: u64, bytes: u64, len: usize| off.checked_add(bytes).is_some_and(|e| e <= len as u64);
+    for d in descs {
+        if !fits(d.src_offset, d.bytes, src.len_bytes) {
+            return Err(DeviceError::OutOfRange {
+                op,
+                offset_bytes: d.src_offset as usize,
+                len_bytes: d.bytes as usize,
+                buffer_bytes: src.len_bytes,
+            });
+        }
+        if let Some(dst) = dst {
+            if !fits(d.dst_offset, d.bytes, dst.len_bytes) {
+                return Err(DeviceError::OutOfRange {
+                    op,
+                    offset_bytes: d.dst_offset as usize,
+                    len_bytes: d.bytes as usize,
+                    buffer_bytes: dst.len_bytes,
+                });
+            }
+            if dst.id == src.id
+                && d.bytes > 0
+                && d.src_offset < d.dst_offset + d.bytes
+                && d.dst_offset < d.src_offset + d.bytes
+            {
+                return Err(DeviceError::SameBuffer { op });
+            }
+        }
+    }
+    if descs.len() > u32::MAX as usize {
+        return Err(DeviceError::OutOfRange {
+            op,
+            offset_bytes: 0,
+            len_bytes: descs.len(),
+            buffer_bytes: u32::MAX as usize,
+        });
+    }
+    Ok(())
+}
+
+impl CudaDevice {
+    #[allow(clippy::too_many_arguments)]
+    fn paged(
+        &self,
+        op: &'static str,
+        stream: StreamId,
+        engine: DeviceBuffer,
+        layout: LayoutId,
+        pages: &[u32],
+        blocks: DeviceRange,
+        to_blocks: bool,
+    ) -> Result<(), DeviceError> {
+        let mut st = self.lock()?;
+        if engine.id == blocks.buffer.id {
+            return Err(DeviceError::SameBuffer { op });
+        }
+        let (layout_dev, host_layout) = st
+            .layouts
+            .get(&layout.0)
+            .map(|(d, l)| (*d, l.clone()))
+            .ok_or(DeviceError::UnknownHandle {
+                op,
+                what: "layout",
+                id: layout.0,
+            })?;
+        check_range(
+            op,
+            blocks.offset_bytes,
+            blocks.len_bytes,
+            blocks.buffer.len_bytes,
+        )?;
+        // The same checks as the host wrappers, against the device buffers' lengths.
+        let info = *host_layout.info();
+        let kernel_err = |source| DeviceError::Kernel { op, source };
+        if (engine.len_bytes as u64) < host_layout.raw().buffer_bytes {
+            return Err(kernel_err(
+                kvplane_kernels::KernelError::EngineBufferTooSmall {
+                    op,
+                    len_bytes: engine.len_bytes,
+                    buffer_bytes: host_layout.raw().buffer_bytes,
+                },
+            ));
+        }
+        let want = pages.len() as u64 * info.block_bytes;
+        if want != blocks.len_bytes as u64 {
+            return Err(kernel_err(kvplane_kernels::KernelError::BlockBufferSize {
+                op,
+                got_bytes: blocks.len_bytes,
+                want_bytes: want,
+            }));
+        }
+        if let Some((index, &page)) = pages
+            .iter()
+            .enumerate()
+            .find(|(_, p)| u64::from(**p) >= host_layout.num_pages())
+        {
+            return Err(kernel_err(kvplane_kernels::KernelError::PageOutOfRange {
+                op,
+                index,
+                page,
+                num_pages: host_layout.num_pages(),
+            }));
+        }
+        if !to_blocks {
+            let mut sorted = pages.to_vec();
+            sorted.sort_unstable();
+            if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                let first = pages.iter().position(|p| *p == w[0]).unwrap_or(0);
+                let second = pages.iter().rposition(|p| *p == w[0]).unwrap_or(0);
+                return Err(kernel_err(kvplane_kernels::KernelError::DuplicatePage {
+                    page: w[0],
+                    first,
+                    second,
+                }));
+            }
+        }
+        if pages.is_empty() {
+            return Ok(());
+        }
+        let mut e_dev = dev_of(&st, op, engine)?;
+        let mut b_dev = dev_of(&st, op, blocks.buffer)? + blocks.offset_bytes as u64;
+        let s = stream_of(&st, op, stream)?;
+        let mut pages_dev = self.scratch_upload(&mut st, stream, as_bytes(pages))?;
+        let mut layout_ptr = layout_dev;
+        let mut n = pages.len() as u32;
+        let shape = geometry::paged(
+            &info,
+            host_layout.raw().num_layers * host_layout.raw().kv_planes,
+            n,
+        );
+        let f = if to_blocks {
+            &self.kernels.gather
+        } else {
+            &self.kernels.scatter
+        };
+        let mut params = [
+            arg(&mut e_dev),
+            arg(&mut b_dev),
+            arg(&mut layout_ptr),
+            arg(&mut pages_dev),
+            arg(&mut n),
+        ];
+        self.launch(f, shape, s, &mut params)
+    }
+}
+
+/// One GPU as NVML sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuInfo {
+    pub index: u32,
+    pub name: String,
+    pub memory_total_bytes: u64,
+    pub pci_bus_id: String,
+    pub pcie_link_gen: Option<u32>,
+    pub pcie_link_width: Option<u32>,
+    /// PCI bus ids at the far end of each active NVLink.
+    pub nvlink_peers: Vec<String>,
+}
+
+/// GPUs, memory, PCIe links and NVLink peers from NVML (for `kvplane status`). Without
+/// a driver this is an error, never a panic.
+pub fn topology() -> Result<Vec<GpuInfo>, DeviceError> {
+    let nvml_err = |op: &'static str| {
+        move |e: nvml_wrapper::error::NvmlError| DeviceError::Driver {
+            op,
+            detail: e.to_string(),
+        }
+    };
+    let nvml = nvml_wrapper::Nvml::init().map_err(nvml_err("nvmlInit"))?;
+    let count = nvml
+        .device_count()
+        .map_err(nvml_err("nvmlDeviceGetCount"))?;
+    let mut out = Vec::new();
+    for index in 0..count {
+        let dev = nvml
+            .device_by_index(index)
+            .map_err(nvml_err("nvmlDeviceGetHandleByIndex"))?;
+        let mut nvlink_peers = Vec::new();
+        // NVML_NVLINK_MAX_LINKS is 18 on current parts; inactive links report false/error.
+        for link in 0..18 {
+            let l = dev.link_wrapper_for(link);
+            if l.is_active().unwrap_or(false)
+                && let Ok(pci) = l.remote_pci_info()
+            {
+                nvlink_peers.push(pci.bus_id);
+            }
+        }
+        out.push(GpuInfo {
+            index,
+            name: dev.name().map_err(nvml_err("nvmlDeviceGetName"))?,
+            memory_total_bytes: dev
+                .memory_info()
+                .map_err(nvml_err("nvmlDeviceGetMemoryInfo"))?
+                .total,
+            pci_bus_id: dev
+                .pci_info()
+                .map_err(nvml_err("nvmlDeviceGetPciInfo"))?
+                .bus_id,
+            pcie_link_gen: dev.current_pcie_link_gen().ok(),
+            pcie_link_width: dev.current_pcie_link_width().ok(),
+            nvlink_peers,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,310 @@
+//! The `Device` trait: what the daemon asks of a GPU (or of the host standing in for
+//! one): memory, copies, the gather/scatter/copy/checksum kernels, streams and events.
+//!
+//! Buffers, streams, events and layouts are small copyable handles owned by the device;
+//! the device checks every handle, offset and length, so a wrong one is an error, never
+//! an access outside an allocation. As on a GPU, operations on one stream run in order;
+//! work on different streams is ordered only through events.
+
+use kvplane_ffi::kvp_copy_desc;
+use kvplane_kernels::{KernelError, PagedLayout};
+
+/// Which backend a device is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// Host memory and the CPU build of the kernels.
+    Host,
+    /// An NVIDIA GPU through the CUDA driver.
+    Cuda,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Host => "host",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+    /// The `backend` value of the ABI's stats and attach reply (0 = host, 1 = cuda).
+    pub fn abi_code(self) -> u32 {
+        match self {
+            BackendKind::Host => 0,
+            BackendKind::Cuda => 1,
+        }
+    }
+}
+
+/// A device allocation (or registered/imported memory): handle plus its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeviceBuffer {
+    pub(crate) id: u64,
+    pub(crate) len_bytes: usize,
+}
+
+impl DeviceBuffer {
+    pub fn len_bytes(&self) -> usize {
+        self.len_bytes
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len_bytes == 0
+    }
+}
+
+/// A range of a device buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceRange {
+    pub buffer: DeviceBuffer,
+    pub offset_bytes: usize,
+    pub len_bytes: usize,
+}
+
+impl DeviceBuffer {
+    /// `[offset, offset + len)` of this buffer (checked when used).
+    pub fn range(&self, offset_bytes: usize, len_bytes: usize) -> DeviceRange {
+        DeviceRange {
+            buffer: *self,
+            offset_bytes,
+            len_bytes,
+        }
+    }
+    pub fn whole(&self) -> DeviceRange {
+        self.range(0, self.len_bytes)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamId(pub(crate) u32);
+
+impl StreamId {
+    /// A handle no device issued, for tests of handle checking.
+    #[doc(hidden)]
+    pub fn from_raw_for_tests(id: u32) -> Self {
+        StreamId(id)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EventId(pub(crate) u64);
+
+impl EventId {
+    /// A handle no device issued, for tests of handle checking.
+    #[doc(hidden)]
+    pub fn from_raw_for_tests(id: u64) -> Self {
+        EventId(id)
+    }
+}
+
+/// A kernel layout descriptor resident on the device (uploaded once per engine attach).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LayoutId(pub(crate) u64);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(
+        "no NVIDIA driver: libcuda.so could not be loaded (no GPU driver on this machine); \
+         use the host backend"
+    )]
+    NoDriver,
+    #[error("CUDA driver call {op} failed: {detail}")]
+    Driver { op: &'static str, detail: String },
+    #[error("no CUDA device {ordinal} (found {count})")]
+    NoDevice { ordinal: usize, count: usize },
+    #[error("{op}: unknown {what} handle {id}")]
+    UnknownHandle {
+        op: &'static str,
+        what: &'static str,
+        id: u64,
+    },
+    #[error("{op}: range [{offset_bytes}, +{len_bytes}) exceeds the buffer's {buffer_bytes} bytes")]
+    OutOfRange {
+        op: &'static str,
+        offset_bytes: usize,
+        len_bytes: usize,
+        buffer_bytes: usize,
+    },
+    #[error("{op}: host buffer is {host_bytes} bytes, device range is {device_bytes}")]
+    LengthMismatch {
+        op: &'static str,
+        host_bytes: usize,
+        device_bytes: usize,
+    },
+    #[error("{op}: engine buffer and block buffer are the same allocation")]
+    SameBuffer { op: &'static str },
+    #[error("{op}: {source}")]
+    Kernel {
+        op: &'static str,
+        source: KernelError,
+    },
+    #[error("kernel compile: {0}")]
+    Compile(#[from] crate::nvrtc::CompileError),
+    #[error("{op}: out of memory allocating {bytes} bytes")]
+    OutOfMemory { op: &'static str, bytes: usize },
+    #[error("{op} is not available on the {backend} backend")]
+    Unsupported {
+        op: &'static str,
+        backend: &'static str,
+    },
+}
+
+/// The device layer. Implementations: [`crate::host::HostDevice`] and
+/// [`crate::cuda::CudaDevice`].
+pub trait Device: Send + Sync + std::fmt::Debug {
+    fn backend(&self) -> BackendKind;
+    /// One line for logs and `kvplane status` (name, memory, compute capability).
+    fn describe(&self) -> String;
+
+    fn alloc(&self, bytes: usize) -> Result<DeviceBuffer, DeviceError>;
+    /// Makes host memory the daemon mapped (a pinned pool, an engine's shared KV buffer)
+    /// usable by copies and kernels: on CUDA it is page-locked and mapped into the
+    /// device's address space (kernels read it over PCIe/NVLink-C2C); on the host it is
+    /// used in place. Undo with [`Device::free`].
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `len_bytes` until the returned buffer
+    /// is freed, and not overlap another live registration. Another process may write
+    /// it concurrently (engine KV buffers); data
+    /// read then is whatever it wrote.
+    unsafe fn register_host_memory(
+        &self,
+        ptr: std::ptr::NonNull<u8>,
+        len_bytes: usize,
+    ) -> Result<DeviceBuffer, DeviceError>;
+    /// Frees an allocation, or drops a registration/import of external memory.
+    fn free(&self, buf: DeviceBuffer) -> Result<(), DeviceError>;
+
+    fn create_stream(&self) -> Result<StreamId, DeviceError>;
+    /// Blocks until everything queued on `stream` has finished.
+    fn sync_stream(&self, stream: StreamId) -> Result<(), DeviceError>;
+    /// Records an event at the current end of `stream`.
+    fn record_event(&self, stream: StreamId) -> Result<EventId, DeviceError>;
+    /// Makes later work on `stream` wait for `event` (no CPU round trip).
+    fn stream_wait_event(&self, stream: StreamId, event: EventId) -> Result<(), DeviceError>;
+    fn sync_event(&self, event: EventId) -> Result<(), DeviceError>;
+    fn destroy_event(&self, event: EventId) -> Result<(), DeviceError>;
+
+    /// Host -> device copy; `src` may be reused when this returns.
+    fn copy_to_device(
+        &self,
+        stream: StreamId,
+        src: &[u8],
+        dst: DeviceRange,
+    ) -> Result<(), DeviceError>;
+    /// Device -> host copy; complete when this returns.
+    fn copy_to_host(
+        &self,
+        stream: StreamId,
+        src: DeviceRange,
+        dst: &mut [u8],
+    ) -> Result<(), DeviceError>;
+
+    /// Device-side copy of one range through the copy engines (cudaMemcpyAsync; works
+    /// for device, registered host and peer memory alike). Lengths must match.
+    fn copy_device(
+        &self,
+        stream: StreamId,
+        src: DeviceRange,
+        dst: DeviceRange,
+    ) -> Result<(), DeviceError>;
+
+    /// Uploads a validated engine layout; kernels read it from device memory.
+    fn upload_layout(&self, layout: &PagedLayout) -> Result<LayoutId, DeviceError>;
+    fn free_layout(&self, layout: LayoutId) -> Result<(), DeviceError>;
+
+    /// Gathers engine pages `pages[i]` from `engine` (the engine's KV buffer: imported or
+    /// registered memory) into contiguous blocks at `blocks` (exactly
+    /// `pages.len() * block_bytes`), one launch.
+    fn gather(
+        &self,
+        stream: StreamId,
+        engine: DeviceBuffer,
+        layout: LayoutId,
+        pages: &[u32],
+        blocks: DeviceRange,
+    ) -> Result<(), DeviceError>;
+    /// The reverse of [`Device::gather`]; each page at most once per batch.
+    fn scatter(
+        &self,
+        stream: StreamId,
+        engine: DeviceBuffer,
+        layout: LayoutId,
+        pages: &[u32],
+        blocks: DeviceRange,
+    ) -> Result<(), DeviceError>;
+    /// Copies every descriptor's range of `src` to `dst` in one launch.
+    fn copy_batch(
+        &self,
+        stream: StreamId,
+        src: DeviceBuffer,
+        dst: DeviceBuffer,
+        descs: &[kvp_copy_desc],
+    ) -> Result<(), DeviceError>;
+    /// Checksums ("kvp checksum v1") of every descriptor's source range of `base`;
+    /// complete when this returns.
+    fn checksum(
+        &self,
+        stream: StreamId,
+        base: DeviceBuffer,
+        descs: &[kvp_copy_desc],
+    ) -> Result<Vec<u64>, DeviceError>;
+}
+
+/// Checks `[offset, offset + len)` against a buffer of `buffer_bytes`.
+pub(crate) fn check_range(
+    op: &'static str,
+    offset_bytes: usize,
+    len_bytes: usize,
+    buffer_bytes: usize,
+) -> Result<(), DeviceError> {
+    match offset_bytes.checked_add(len_bytes) {
+        Some(end) if end <= buffer_bytes => Ok(()),
+        _ => Err(DeviceError::OutOfRange {
+            op,
+            offset_bytes,
+            len_bytes,
+            buffer_bytes,
+        }),
+    }
+}
+
+/// Which backend to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The host backend.
+    Host,
+    /// CUDA device `ordinal`; an error if there is no driver or device.
+    Cuda { ordinal: usize },
+    /// CUDA device `ordinal` if a driver is present, else the host backend.
+    CudaOrHost { ordinal: usize },
+}
+
+/// An opened device, and why the host was used when CUDA was asked for.
+#[derive(Debug)]
+pub struct Opened {
+    pub device: std::sync::Arc<dyn Device>,
+    pub fallback_reason: Option<String>,
+}
+
+/// Opens the device `choice` asks for; with [`BackendChoice::CudaOrHost`], falls back to
+/// the host backend with the reason (e.g. "no NVIDIA driver") instead of failing.
+pub fn open(choice: BackendChoice) -> Result<Opened, DeviceError> {
+    match choice {
+        BackendChoice::Host => Ok(Opened {
+            device: std::sync::Arc::new(crate::host::HostDevice::new()),
+            fallback_reason: None,
+        }),
+        BackendChoice::Cuda { ordinal } => Ok(Opened {
+            device: std::sync::Arc::new(crate::cuda::CudaDevice::open(ordinal)?),
+            fallback_reason: None,
+        }),
+        BackendChoice::CudaOrHost { ordinal } => match crate::cuda::CudaDevice::open(ordinal) {
+            Ok(dev) => Ok(Opened {
+                device: std::sync::Arc::new(dev),
+                fallback_reason: None,
+            }),
+            Err(e) => Ok(Opened {
+                device: std::sync::Arc::new(crate::host::HostDevice::new()),
+                fallback_reason: Some(e.to_string()),
+            }),
+        },
+    }
+}
