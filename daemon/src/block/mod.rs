@@ -1,6 +1,11 @@
 //! Block registry, leases and eviction (issue 3).
 
+pub mod manager;
 pub mod registry;
 
 pub use crate::tier::Tier;
+pub use manager::{
+    BlockConfig, BlockError, BlockManager, BlockStats, DropReport, LoadFailure, LoadReport,
+    ManagerOptions, SaveReport,
+};
 pub use registry::{BlockEvent, BlockKey, Registry, RemoveReason, SessionId};

@@ -494,6 +494,18 @@ impl HostPool {
         unsafe { std::slice::from_raw_parts_mut(p, self.data_bytes()) }
     }
 
+    /// The header page of a slot, writable (NVMe writes).
+    ///
+    /// # Safety
+    /// The caller is the only user of this slot's header page for the life of the slice
+    /// (the registry lets one NVMe write per block run at a time). Readers of the block
+    /// bytes ([`HostPool::data`]) do not overlap it.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn header_mut(&self, slot: u32) -> &mut [u8] {
+        // SAFETY: in bounds; exclusive per the contract.
+        unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(slot), super::SLOT_HEADER_BYTES) }
+    }
+
     /// Header page + block bytes of a slot, writable (NVMe staging).
     ///
     /// # Safety

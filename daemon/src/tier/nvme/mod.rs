@@ -488,13 +488,17 @@ impl NvmeStore {
         }
     }
 
-    /// Fills the header page of a host slot for `header` (data checksum computed here from
-    /// the block bytes that follow the page).
-    pub fn encode_header(&self, slot_buf: &mut [u8], mut header: SlotHeader) -> SlotHeader {
-        let (page, data) = slot_buf.split_at_mut(SLOT_HEADER_BYTES);
+    /// Fills a slot's header page for `header`; the length and data checksum come from
+    /// `data` (the block bytes that follow the page in the host slot).
+    pub fn encode_header(
+        &self,
+        page: &mut [u8],
+        data: &[u8],
+        mut header: SlotHeader,
+    ) -> SlotHeader {
         header.length = self.block_bytes as u64;
         header.data_checksum = kvplane_kernels::checksum64(&data[..self.block_bytes]);
-        page.fill(0);
+        page[..SLOT_HEADER_BYTES].fill(0);
         header.encode(page);
         header
     }

@@ -52,7 +52,11 @@ fn write_blocks(store: &NvmeStore, pool: &HostPool, n: u32) -> Vec<u64> {
         fill(pool, s, s as u64 + 100);
         let g = store.next_generation();
         // SAFETY: test owns the pool.
-        store.encode_header(unsafe { pool.full_mut(s) }, header(3, 1000 + s as u64, g));
+        store.encode_header(
+            unsafe { pool.header_mut(s) },
+            unsafe { pool.data(s) },
+            header(3, 1000 + s as u64, g),
+        );
         gens.push(g);
         items.push((s, pool.slot_ptr(s)));
     }
@@ -181,7 +185,11 @@ fn injected_faults_fail_only_their_op() {
         fill(&p, s, s as u64);
         let g = store.next_generation();
         // SAFETY: test owns the pool.
-        store.encode_header(unsafe { p.full_mut(s) }, header(1, s as u64, g));
+        store.encode_header(
+            unsafe { p.header_mut(s) },
+            unsafe { p.data(s) },
+            header(1, s as u64, g),
+        );
         items.push((s, p.slot_ptr(s)));
     }
     let mut results = vec![];

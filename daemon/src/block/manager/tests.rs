@@ -1,0 +1,621 @@
+use super::*;
+use crate::tier::hbm::HbmConfig;
+use crate::tier::host::HostConfig;
+use crate::tier::nvme::engine::{FaultEffect, FaultRule, IoKind};
+use crate::tier::nvme::{EngineKind, NvmeConfig};
+use std::collections::HashMap;
+use std::path::Path;
+
+const BLOCK: usize = 4096;
+const SLOT: u64 = 8192;
+
+fn pattern(ns: u32, hash: u64, buf: &mut [u8]) {
+    let mut x = (ns as u64) << 48 ^ hash;
+    for chunk in buf.chunks_mut(8) {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let w = crate::tier::nvme::header::MAGIC ^ kvplane_kernels::checksum::mix64(x);
+        chunk.copy_from_slice(&w.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+fn expect(ns: u32, hash: u64) -> Vec<u8> {
+    let mut v = vec![0; BLOCK];
+    pattern(ns, hash, &mut v);
+    v
+}
+
+fn config(
+    dir: Option<&Path>,
+    host_slots: u64,
+    nvme_slots: u64,
+    engine: EngineKind,
+) -> (BlockConfig, TiersConfig) {
+    let block = BlockConfig {
+        block_bytes: BLOCK,
+        nvme_admit_min_hits: 1,
+        write_through: false,
+    };
+    let tiers = TiersConfig {
+        hbm: HbmConfig {
+            capacity_bytes: 2 * BLOCK as u64,
+        },
+        host: HostConfig {
+            capacity_bytes: host_slots * SLOT,
+            lock: false,
+            touch_threads: 1,
+            ..HostConfig::default()
+        },
+        nvme: NvmeConfig {
+            paths: dir.map(|d| vec![d.join("g3.kvp")]).unwrap_or_default(),
+            capacity_bytes: nvme_slots * SLOT,
+            engine,
+            queue_depth: 8,
+            batch_size: 4,
+            ..NvmeConfig::default()
+        },
+    };
+    (block, tiers)
+}
+
+fn manager(dir: Option<&Path>, host_slots: u64, nvme_slots: u64) -> BlockManager {
+    let (b, t) = config(dir, host_slots, nvme_slots, EngineKind::Sync);
+    BlockManager::new(&b, &t, ManagerOptions::default()).unwrap()
+}
+
+fn chain(base: u64, n: usize) -> Vec<(u64, Option<u64>)> {
+    (0..n as u64)
+        .map(|i| (base + i, if i == 0 { None } else { Some(base + i - 1) }))
+        .collect()
+}
+
+fn save(m: &BlockManager, ns: u32, blocks: &[(u64, Option<u64>)], wt: bool) -> SaveReport {
+    m.save(1, ns, blocks, 0, wt, |i, buf: &mut [u8]| {
+        pattern(ns, blocks[i].0, buf);
+        Ok::<(), std::io::Error>(())
+    })
+    .unwrap()
+}
+
+/// Loads and checks every served block is bit-identical to what was saved.
+fn load(m: &BlockManager, ns: u32, hashes: &[u64]) -> LoadReport {
+    m.load(1, ns, hashes, |i, bytes: &[u8]| {
+        assert_eq!(
+            bytes,
+            &expect(ns, hashes[i])[..],
+            "block {i} ({:#x}) differs",
+            hashes[i]
+        );
+        Ok::<(), std::io::Error>(())
+    })
+    .unwrap()
+}
+
+#[test]
+fn save_lookup_load_round_trip_on_host() {
+    let m = manager(None, 8, 0);
+    let c = chain(100, 5);
+    let r = save(&m, 7, &c, false);
+    assert_eq!(
+        (r.stored, r.already_present, r.bytes),
+        (5, 0, 5 * BLOCK as u64)
+    );
+    assert_eq!(save(&m, 7, &c, false).already_present, 5);
+    let hashes: Vec<u64> = c.iter().map(|b| b.0).collect();
+    let mut tiers = [Tier::None; 6];
+    let mut with_miss = hashes.clone();
+    with_miss.push(999);
+    assert_eq!(m.lookup(7, &with_miss, &mut tiers), 5);
+    assert_eq!(
+        tiers,
+        [
+            Tier::Host,
+            Tier::Host,
+            Tier::Host,
+            Tier::Host,
+            Tier::Host,
+            Tier::None
+        ]
+    );
+    assert_eq!(
+        m.lookup(8, &hashes, &mut tiers[..5]),
+        0,
+        "other namespace sees nothing"
+    );
+    let r = load(&m, 7, &with_miss);
+    assert_eq!(r.loaded, 5);
+    assert_eq!(r.slowest, Tier::Host);
+    assert!(matches!(r.failure, Some((5, LoadFailure::Missing))));
+    m.check_invariants().unwrap();
+    let s = m.stats();
+    assert!(
+        s.tiers[0].backing.contains("standing in for HBM"),
+        "{}",
+        s.tiers[0].backing
+    );
+    assert_eq!(s.tiers[1].used_slots, 5);
+}
+
+#[test]
+fn full_host_demotes_admitted_blocks_and_loads_stage_from_nvme() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager(Some(dir.path()), 4, 16);
+    let hot = chain(1, 2);
+    save(&m, 1, &hot, false);
+    // Seen again (a lookup hit) => admitted to NVMe on demotion.
+    let mut t = [Tier::None; 2];
+    assert_eq!(m.lookup(1, &[1, 2], &mut t), 2);
+    let cold = chain(50, 2);
+    save(&m, 1, &cold, false);
+    // Host full (4 slots). Four more blocks push everything out.
+    let r = save(&m, 1, &chain(200, 4), false);
+    assert_eq!(r.stored, 4);
+    assert_eq!(r.nvme_written, 2, "only the blocks seen twice were written");
+    assert_eq!(m.lookup(1, &[1, 2], &mut t), 2);
+    assert_eq!(t, [Tier::Nvme, Tier::Nvme]);
+    assert_eq!(
+        m.lookup(1, &[50], &mut t[..1]),
+        0,
+        "seen once: dropped, not demoted"
+    );
+    let r = load(&m, 1, &[1, 2]);
+    assert_eq!((r.loaded, r.slowest), (2, Tier::Nvme));
+    assert_eq!(r.tiers, vec![Tier::Nvme, Tier::Nvme]);
+    assert_eq!(m.lookup(1, &[1, 2], &mut t), 2);
+    assert_eq!(
+        t,
+        [Tier::Host, Tier::Host],
+        "staged copies stay in the host tier"
+    );
+    m.check_invariants().unwrap();
+    let s = m.stats();
+    assert_eq!(s.tiers[1].removed["demoted"], 2);
+    assert!(s.tiers[1].removed["evicted"] >= 2);
+}
+
+#[test]
+fn restart_restores_nvme_blocks_and_corruption_is_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = chain(10, 6);
+    let hashes: Vec<u64> = c.iter().map(|b| b.0).collect();
+    for engine in [EngineKind::Sync, EngineKind::IoUring] {
+        let (b, t) = config(Some(dir.path()), 8, 16, engine);
+        {
+            let m = BlockManager::new(&b, &t, ManagerOptions::default()).unwrap();
+            let r = save(&m, 3, &c, true);
+            assert_eq!((r.stored, r.nvme_written), (6, 6), "{:?}", r.nvme_error);
+            // Dropped without any shutdown step: what a SIGKILL leaves.
+        }
+        let m = BlockManager::new(&b, &t, ManagerOptions::default()).unwrap();
+        assert_eq!(m.stats().nvme_scan_valid, 6);
+        let mut tiers = [Tier::None; 6];
+        assert_eq!(m.lookup(3, &hashes, &mut tiers), 6);
+        assert!(tiers.iter().all(|&t| t == Tier::Nvme));
+        let r = load(&m, 3, &hashes);
+        assert_eq!(r.loaded, 6);
+        m.check_invariants().unwrap();
+        std::fs::remove_file(dir.path().join("g3.kvp")).unwrap();
+    }
+
+    // Flip one data byte of the slot holding block 13, then reopen and load.
+    let (b, t) = config(Some(dir.path()), 8, 16, EngineKind::Sync);
+    {
+        let m = BlockManager::new(&b, &t, ManagerOptions::default()).unwrap();
+        save(&m, 3, &c, true);
+    }
+    let slot_of_13 = {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.path().join("g3.kvp"))
+            .unwrap();
+        let mut found = None;
+        for s in 0..16u64 {
+            let mut page = vec![0u8; 4096];
+            f.read_exact_at(&mut page, s * SLOT).unwrap();
+            if let Ok(h) = SlotHeader::decode(&page, BLOCK)
+                && h.hash == 13
+            {
+                found = Some(s);
+            }
+        }
+        let s = found.expect("block 13 on disk");
+        let mut byte = [0u8; 1];
+        f.read_exact_at(&mut byte, s * SLOT + 4096 + 100).unwrap();
+        byte[0] ^= 1;
+        f.write_all_at(&byte, s * SLOT + 4096 + 100).unwrap();
+        s
+    };
+    let m = BlockManager::new(&b, &t, ManagerOptions::default()).unwrap();
+    let r = m
+        .load(1, 3, &hashes, |i, bytes: &[u8]| {
+            assert_eq!(bytes, &expect(3, hashes[i])[..]);
+            Ok::<(), std::io::Error>(())
+        })
+        .unwrap();
+    assert_eq!(
+        r.loaded, 3,
+        "blocks 10..=12 served, 13 is corrupt (slot {slot_of_13})"
+    );
+    assert!(
+        matches!(&r.failure, Some((3, LoadFailure::Corrupt(e))) if e.to_string().contains("checksum")),
+        "{:?}",
+        r.failure
+    );
+    assert_eq!(m.stats().nvme_corrupt_dropped, 1);
+    let mut tiers = [Tier::None; 6];
+    assert_eq!(
+        m.lookup(3, &hashes, &mut tiers),
+        3,
+        "the corrupt block is gone"
+    );
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn nvme_faults_fail_the_operation_and_the_manager_keeps_going() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, t) = config(Some(dir.path()), 8, 16, EngineKind::IoUring);
+    let plan = Arc::new(FaultPlan::default());
+    let m = BlockManager::new(
+        &b,
+        &t,
+        ManagerOptions {
+            faults: Some(plan.clone()),
+            ..ManagerOptions::default()
+        },
+    )
+    .unwrap();
+    plan.add(FaultRule {
+        kind: Some(IoKind::Write),
+        skip: 0,
+        count: 1,
+        effect: FaultEffect::Errno(libc::ENOSPC),
+    });
+    let r = save(&m, 1, &chain(1, 2), true);
+    assert_eq!(r.stored, 2, "host copies are stored");
+    assert_eq!(r.nvme_written, 1);
+    assert!(
+        r.nvme_error.as_ref().is_some_and(|e| e.is_no_space()),
+        "{:?}",
+        r.nvme_error
+    );
+    assert!(r.nvme_error.unwrap().to_string().contains("No space left"));
+    assert_eq!(m.stats().nvme_write_errors, 1);
+    let mut t2 = [Tier::None; 2];
+    m.lookup(1, &[1, 2], &mut t2);
+    // An EIO on the staging read of block 2 fails that load at that block only.
+    let c = chain(100, 2);
+    let r = save(&m, 1, &c, true);
+    assert_eq!(r.nvme_written, 2);
+    assert_eq!(m.drop_blocks(1, &[]).dropped, 0);
+    // Push 100/101 out of the host tier: fill it with pinned-free blocks.
+    save(&m, 1, &chain(500, 8), false);
+    let mut t = [Tier::None; 2];
+    assert_eq!(m.lookup(1, &[100, 101], &mut t), 2);
+    assert_eq!(t, [Tier::Nvme, Tier::Nvme]);
+    plan.add(FaultRule {
+        kind: Some(IoKind::Read),
+        skip: 1,
+        count: 1,
+        effect: FaultEffect::Errno(libc::EIO),
+    });
+    let r = load(&m, 1, &[100, 101]);
+    assert_eq!(r.loaded, 1);
+    assert!(
+        matches!(&r.failure, Some((1, LoadFailure::Io(_)))),
+        "{:?}",
+        r.failure
+    );
+    // The copy is still on NVMe and loads once the disk recovers.
+    assert_eq!(load(&m, 1, &[100, 101]).loaded, 2);
+    assert_eq!(m.stats().nvme_read_errors, 1);
+    // A read that returns flipped bits is caught by the checksum and dropped.
+    save(&m, 1, &chain(600, 8), false);
+    assert_eq!(m.lookup(1, &[100, 101], &mut t), 2);
+    if t[0] == Tier::Nvme {
+        plan.add(FaultRule {
+            kind: Some(IoKind::Read),
+            skip: 0,
+            count: 1,
+            effect: FaultEffect::FlipBit { offset: 5000 },
+        });
+        let r = load(&m, 1, &[100]);
+        assert!(
+            matches!(&r.failure, Some((0, LoadFailure::Corrupt(_)))),
+            "{:?}",
+            r.failure
+        );
+    }
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn leases_block_eviction_until_the_session_is_released() {
+    let m = manager(None, 4, 0);
+    save(&m, 1, &chain(1, 4), false);
+    assert_eq!(m.pin(42, 1, &[1, 2, 3, 4, 5]), 4);
+    let r = save(&m, 1, &chain(10, 2), false);
+    assert_eq!((r.stored, r.no_space), (0, 2), "all host slots leased");
+    assert_eq!(
+        m.drop_blocks(1, &[1, 9]),
+        DropReport {
+            dropped: 0,
+            busy: 1,
+            missing: 1
+        }
+    );
+    assert_eq!(m.release_session(42), 4);
+    let r = save(&m, 1, &chain(10, 2), false);
+    assert_eq!(r.stored, 2);
+    let mut t = [Tier::None; 4];
+    assert_eq!(
+        m.lookup(1, &[1, 2, 3, 4], &mut t),
+        2,
+        "leaf-first eviction kept the prefix 1, 2"
+    );
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn drop_and_clear_erase_nvme_copies_across_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, t) = config(Some(dir.path()), 8, 16, EngineKind::Sync);
+    {
+        let m = BlockManager::new(&b, &t, ManagerOptions::default()).unwrap();
+        save(&m, 1, &chain(1, 3), true);
+        save(&m, 2, &chain(1, 3), true);
+        assert_eq!(m.drop_blocks(1, &[3]).dropped, 1);
+        assert_eq!(m.clear_namespace(2).dropped, 3);
+        m.check_invariants().unwrap();
+    }
+    let m = BlockManager::new(&b, &t, ManagerOptions::default()).unwrap();
+    let mut tiers = [Tier::None; 3];
+    assert_eq!(m.lookup(1, &[1, 2, 3], &mut tiers), 2);
+    assert_eq!(m.lookup(2, &[1, 2, 3], &mut tiers), 0);
+}
+
+#[test]
+fn events_and_g1_promotion() {
+    let (b, t) = config(None, 8, 0, EngineKind::Sync);
+    let (tx, rx) = crossbeam::channel::bounded(64);
+    let m = BlockManager::new(
+        &b,
+        &t,
+        ManagerOptions {
+            events: Some(tx),
+            ..ManagerOptions::default()
+        },
+    )
+    .unwrap();
+    save(&m, 5, &chain(1, 3), false);
+    let stored: Vec<_> = rx.try_iter().collect();
+    assert_eq!(stored.len(), 3);
+    assert!(matches!(
+        stored[1],
+        BlockEvent::Stored {
+            namespace: 5,
+            hash: 2,
+            parent: Some(1),
+            tier: Tier::Host
+        }
+    ));
+    assert_eq!(
+        m.promote(5, &[1, 2, 3]),
+        3,
+        "G1 holds 2 blocks: leaf evicted to make room"
+    );
+    let mut tiers = [Tier::None; 3];
+    assert_eq!(m.lookup(5, &[1, 2, 3], &mut tiers), 3);
+    assert_eq!(tiers.iter().filter(|&&t| t == Tier::Hbm).count(), 2);
+    let r = load(&m, 5, &[1, 2, 3]);
+    assert_eq!(r.loaded, 3);
+    assert_eq!(r.tiers.iter().filter(|&&t| t == Tier::Hbm).count(), 2);
+    m.drop_blocks(5, &[3]);
+    let removed: Vec<_> = rx
+        .try_iter()
+        .filter(|e| matches!(e, BlockEvent::Removed { .. }))
+        .collect();
+    assert!(removed.iter().any(|e| matches!(
+        e,
+        BlockEvent::Removed {
+            hash: 3,
+            tier: Tier::Host,
+            reason: RemoveReason::Dropped,
+            ..
+        }
+    )));
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn concurrent_sessions_keep_data_and_invariants() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, t) = config(Some(dir.path()), 16, 64, EngineKind::IoUring);
+    b.nvme_admit_min_hits = 0;
+    let m = BlockManager::new(&b, &t, ManagerOptions::default()).unwrap();
+    std::thread::scope(|s| {
+        for th in 0..3u64 {
+            let m = &m;
+            s.spawn(move || {
+                for round in 0..60u64 {
+                    let base = (round % 7) * 100 + th * 10_000;
+                    let c = chain(base, 4);
+                    save(m, 1, &c, round % 5 == 0);
+                    let hashes: Vec<u64> = c.iter().map(|b| b.0).collect();
+                    load(m, 1, &hashes);
+                    if round % 3 == 0 {
+                        m.pin(th, 1, &hashes[..2]);
+                    }
+                    if round % 4 == 0 {
+                        m.release_session(th);
+                    }
+                }
+                m.release_session(th);
+            });
+        }
+    });
+    m.check_invariants().unwrap();
+}
+
+/// Deterministic simulation: seeded random workloads through the whole manager (host pool,
+/// G1 stand-in, NVMe on a temp dir) with restarts; after every step the registry invariants
+/// hold, pinned blocks are still stored, and every byte served equals what was saved.
+fn simulate(seed: u64, steps: usize, engine: EngineKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, t) = config(Some(dir.path()), 6, 12, engine);
+    let mut m = BlockManager::new(&b, &t, ManagerOptions::default()).unwrap();
+    let mut rng = seed;
+    let mut next = move |n: u64| {
+        rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        kvplane_kernels::checksum::mix64(rng) % n
+    };
+    let mut pins: HashMap<(u64, u32, u64), u32> = HashMap::new();
+    let (mut served_from, mut restarts, mut demoted) = ([0usize; 3], 0, 0u64);
+    for step in 0..steps {
+        let c = next(8);
+        let ns = (c % 2) as u32;
+        let blocks = chain(c * 100, 1 + next(6) as usize);
+        let hashes: Vec<u64> = blocks.iter().map(|b| b.0).collect();
+        let op = next(100);
+        match op {
+            0..=29 => {
+                let wt = next(5) == 0;
+                let prio = next(3) as u8;
+                let r = m
+                    .save(1, ns, &blocks, prio, wt, |i, buf: &mut [u8]| {
+                        pattern(ns, blocks[i].0, buf);
+                        Ok::<(), std::io::Error>(())
+                    })
+                    .unwrap();
+                assert_eq!(
+                    r.stored + r.already_present + r.no_space,
+                    blocks.len(),
+                    "step {step}"
+                );
+                assert!(r.nvme_error.is_none(), "step {step}: {:?}", r.nvme_error);
+            }
+            30..=44 => {
+                let mut tiers = vec![Tier::None; hashes.len()];
+                let n = m.lookup(ns, &hashes, &mut tiers);
+                assert!(
+                    tiers[..n].iter().all(|&t| t != Tier::None)
+                        && tiers[n..].iter().all(|&t| t == Tier::None)
+                );
+            }
+            45..=64 => {
+                let mut tiers = vec![Tier::None; hashes.len()];
+                let n = m.lookup(ns, &hashes, &mut tiers);
+                let r = load(&m, ns, &hashes);
+                assert!(r.loaded >= n.min(1) || r.failure.is_some(), "step {step}");
+                for t in &r.tiers {
+                    served_from[t.index()] += 1;
+                }
+                if let Some((_, f)) = &r.failure {
+                    assert!(
+                        matches!(f, LoadFailure::Missing | LoadFailure::NoSpace),
+                        "step {step}: {f}"
+                    );
+                }
+            }
+            65..=72 => {
+                let session = next(3);
+                let n = m.pin(session, ns, &hashes);
+                for &h in &hashes[..n] {
+                    *pins.entry((session, ns, h)).or_default() += 1;
+                }
+            }
+            73..=79 => {
+                let session = next(3);
+                m.unpin(session, ns, &hashes);
+                for &h in &hashes {
+                    if let Some(c) = pins.get_mut(&(session, ns, h)) {
+                        *c -= 1;
+                        if *c == 0 {
+                            pins.remove(&(session, ns, h));
+                        }
+                    }
+                }
+            }
+            80..=83 => {
+                let session = next(3);
+                m.release_session(session);
+                pins.retain(|k, _| k.0 != session);
+            }
+            84..=87 => {
+                let r = m.drop_blocks(ns, &hashes[next(hashes.len() as u64) as usize..]);
+                let _ = r;
+            }
+            88..=89 => {
+                m.clear_namespace(ns);
+            }
+            90..=95 => {
+                // Load (staging into the host tier), then promote the hot prefix to G1.
+                let r = load(&m, ns, &hashes);
+                m.promote(ns, &hashes[..r.loaded]);
+            }
+            _ => {
+                // Restart: what survives is exactly what NVMe holds; sessions are gone.
+                demoted += m.stats().tiers[1].removed["demoted"];
+                drop(m);
+                m = BlockManager::new(&b, &t, ManagerOptions::default()).unwrap();
+                pins.clear();
+                restarts += 1;
+            }
+        }
+        if let Err(e) = m.check_invariants() {
+            panic!("seed {seed} step {step} op {op}: {e}");
+        }
+        for &(_, ns, h) in pins.keys() {
+            let mut t = [Tier::None];
+            assert_eq!(
+                m.lookup(ns, &[h], &mut t),
+                1,
+                "seed {seed} step {step}: pinned block {h} gone"
+            );
+        }
+    }
+    // The workload must actually reach every path it claims to test.
+    demoted += m.stats().tiers[1].removed["demoted"];
+    assert!(
+        restarts > 0 && demoted > 0,
+        "seed {seed}: restarts {restarts}, demoted {demoted}"
+    );
+    assert!(
+        served_from.iter().all(|&n| n > 0),
+        "seed {seed}: loads served per tier {served_from:?}"
+    );
+}
+
+#[test]
+fn simulation_sync_engine_seeds() {
+    for seed in 1..=4 {
+        simulate(seed, 400, EngineKind::Sync);
+    }
+}
+
+#[test]
+fn simulation_io_uring_engine() {
+    simulate(99, 400, EngineKind::IoUring);
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let (b, mut t) = config(None, 8, 0, EngineKind::Sync);
+    t.nvme.queue_depth = 3;
+    let e = BlockManager::new(&b, &t, ManagerOptions::default())
+        .err()
+        .unwrap();
+    assert_eq!(
+        e.to_string(),
+        "config: tiers.nvme.queue_depth: must be a power of two in 1..=4096, got 3"
+    );
+    let bad = BlockConfig {
+        block_bytes: 0,
+        ..b
+    };
+    let e = BlockManager::new(&bad, &TiersConfig::default(), ManagerOptions::default())
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("blocks.block_bytes"), "{e}");
+}
