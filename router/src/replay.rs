@@ -206,8 +206,17 @@ impl SimWorker {
         }
     }
 
-    /// Caches `hashes` (a chain), evicting LRU leaves; mirrors changes into the index.
-    fn admit(&mut self, id: WorkerId, hashes: &[u64], tick: u64, capacity: usize, index: &Index) {
+    /// Caches `hashes` (a chain), evicting LRU leaves; mirrors changes into the index and
+    /// into `log` when recording.
+    fn admit(
+        &mut self,
+        id: WorkerId,
+        hashes: &[u64],
+        tick: u64,
+        capacity: usize,
+        index: &Index,
+        log: &mut Option<&mut Vec<SimEvent>>,
+    ) {
         let mut first_new = None;
         for (depth, &h) in hashes.iter().enumerate() {
             let depth = depth as u32;
@@ -221,6 +230,13 @@ impl SimWorker {
         if let Some(k) = first_new {
             let parent = k.checked_sub(1).map(|p| hashes[p]);
             index.store(NAMESPACE, id, Tier::Hbm, parent, &hashes[k..]);
+            if let Some(log) = log {
+                log.push(SimEvent::Stored {
+                    worker: id,
+                    parent,
+                    hashes: hashes[k..].to_vec(),
+                });
+            }
         }
         let mut evicted = Vec::new();
         while self.cache.len() > capacity {
@@ -233,6 +249,12 @@ impl SimWorker {
         if !evicted.is_empty() {
             self.evicted += evicted.len() as u64;
             index.remove(NAMESPACE, id, None, &evicted);
+            if let Some(log) = log {
+                log.push(SimEvent::Removed {
+                    worker: id,
+                    hashes: evicted,
+                });
+            }
         }
     }
 }
@@ -245,8 +267,32 @@ fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
     sorted_ns[i] as f64 / 1_000.0
 }
 
+/// A KV event the simulated workers produced (for benchmarks that replay the stream).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SimEvent {
+    Stored {
+        worker: WorkerId,
+        parent: Option<u64>,
+        hashes: Vec<u64>,
+    },
+    Removed {
+        worker: WorkerId,
+        hashes: Vec<u64>,
+    },
+}
+
 /// Replays `trace` under one policy.
 pub fn replay(trace: &[TraceRequest], policy: Policy, cfg: &ReplayConfig) -> PolicyReport {
+    replay_recording(trace, policy, cfg, None)
+}
+
+/// Like [`replay`], appending every stored/removed event to `log` in order.
+pub fn replay_recording(
+    trace: &[TraceRequest],
+    policy: Policy,
+    cfg: &ReplayConfig,
+    mut log: Option<&mut Vec<SimEvent>>,
+) -> PolicyReport {
     // The global node cap is generous: the simulated caches bound the index already.
     let index = std::sync::Arc::new(Index::new(IndexConfig::default()));
     let router = Router::new(index.clone(), cfg.route.clone(), cfg.seed);
@@ -309,6 +355,7 @@ pub fn replay(trace: &[TraceRequest], policy: Policy, cfg: &ReplayConfig) -> Pol
             i as u64 + 1,
             cfg.capacity_blocks,
             &index,
+            &mut log,
         );
     }
     latencies.sort_unstable();
