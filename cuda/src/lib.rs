@@ -6,11 +6,13 @@
 //!   registration, NVML topology.
 //! - [`nvrtc`]: compiling the kernels for a GPU with NVRTC, the on-disk PTX cache, and
 //!   the ptxas resource check.
+//! - [`gpu_check`]: the bandwidth/correctness check run by `scripts/gpu-check.sh`.
 //! - [`arena`]: a device allocation carved into fixed-size block slots (the HBM tier).
 
 pub mod arena;
 pub mod cuda;
 pub mod device;
+pub mod gpu_check;
 pub mod host;
 pub mod nvrtc;
 

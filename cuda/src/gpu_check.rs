@@ -1,0 +1,548 @@
+//! The GPU check for performance engineers (`scripts/gpu-check.sh`, or
+//! `cargo run --release -p kvplane-cuda --example gpu_check`): on a real device it runs
+//! the batched-copy kernel against the copy-engine path (one cudaMemcpyAsync per block)
+//! on random data, verifies both with the checksum kernel against the host's
+//! `checksum64`, checks gather/scatter against the CPU build of the same kernels, and
+//! prints GB/s with the percentage of a device-to-device copy and of a pinned
+//! host-to-device copy of the same bytes measured in the same run, for block sizes from
+//! 8 KiB to 4 MiB and batches from 1 to 4096.
+//!
+//! Everything here goes through the [`Device`] trait, so the same code runs on the host
+//! backend; the tests do that with small sizes (the CPU-side logic: planning, data,
+//! verification, timing, the table). Host-backend numbers are not GPU numbers and the
+//! report says which backend produced them.
+
+use crate::device::{Device, DeviceBuffer, DeviceError, StreamId};
+use kvplane_ffi::{kvp_copy_desc, kvp_kv_layout};
+use kvplane_kernels::{EngineKv, HostLaunch, PagedLayout, checksum64};
+use std::ptr::NonNull;
+use std::time::Instant;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckConfig {
+    pub block_sizes: Vec<usize>,
+    pub batch_sizes: Vec<usize>,
+    /// Cases moving more than this per launch are skipped (and listed as skipped).
+    pub max_batch_bytes: usize,
+    /// Timed repetitions per measurement.
+    pub iters: u32,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        Self {
+            // 8 KiB .. 4 MiB, powers of two.
+            block_sizes: (13..=22).map(|s| 1usize << s).collect(),
+            batch_sizes: vec![1, 4, 16, 64, 256, 1024, 4096],
+            max_batch_bytes: 2 << 30,
+            iters: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Case {
+    pub block_bytes: usize,
+    pub batch: usize,
+}
+
+/// The cases to run, in table order, and those skipped for the memory budget.
+pub fn plan(cfg: &CheckConfig) -> (Vec<Case>, Vec<Case>) {
+    let mut run = Vec::new();
+    let mut skipped = Vec::new();
+    for &block_bytes in &cfg.block_sizes {
+        for &batch in &cfg.batch_sizes {
+            let case = Case { block_bytes, batch };
+            match block_bytes.checked_mul(batch) {
+                Some(total) if total <= cfg.max_batch_bytes && total > 0 => run.push(case),
+                _ => skipped.push(case),
+            }
+        }
+    }
+    (run, skipped)
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub case: Case,
+    pub kernel_gbps: f64,
+    pub copy_engine_gbps: f64,
+    pub d2d_gbps: f64,
+    pub h2d_pinned_gbps: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub backend: &'static str,
+    pub device: String,
+    pub rows: Vec<Row>,
+    pub skipped: Vec<Case>,
+    /// Layouts whose device gather and scatter matched the CPU build byte for byte.
+    pub paged_layouts_verified: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(
+        "{what}: block {index} of case {block_bytes} B x {batch}: checksum {got:#x}, want {want:#x}"
+    )]
+    Mismatch {
+        what: &'static str,
+        block_bytes: usize,
+        batch: usize,
+        index: usize,
+        got: u64,
+        want: u64,
+    },
+    #[error("paged {what} differs from the CPU build for layout {layout}")]
+    PagedMismatch {
+        what: &'static str,
+        layout: &'static str,
+    },
+    #[error("layout {layout}: {source}")]
+    Layout {
+        layout: &'static str,
+        source: kvplane_kernels::LayoutError,
+    },
+    #[error("CPU reference for {layout}: {source}")]
+    Reference {
+        layout: &'static str,
+        source: kvplane_kernels::KernelError,
+    },
+}
+
+/// Compares per-block checksums; the first difference is the error.
+pub fn verify(what: &'static str, case: Case, got: &[u64], want: &[u64]) -> Result<(), CheckError> {
+    for (index, (g, w)) in got.iter().zip(want).enumerate() {
+        if g != w {
+            return Err(CheckError::Mismatch {
+                what,
+                block_bytes: case.block_bytes,
+                batch: case.batch,
+                index,
+                got: *g,
+                want: *w,
+            });
+        }
+    }
+    assert_eq!(got.len(), want.len(), "one checksum per block");
+    Ok(())
+}
+
+fn fill_random(buf: &mut [u8], mut x: u64) {
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+fn gbps(bytes: usize, iters: u32, secs: f64) -> f64 {
+    bytes as f64 * f64::from(iters) / secs.max(1e-9) / 1e9
+}
+
+fn timed(
+    dev: &dyn Device,
+    stream: StreamId,
+    iters: u32,
+    mut f: impl FnMut() -> Result<(), DeviceError>,
+) -> Result<f64, DeviceError> {
+    f()?; // warm-up
+    dev.sync_stream(stream)?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    dev.sync_stream(stream)?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn run_case(dev: &dyn Device, stream: StreamId, case: Case, iters: u32) -> Result<Row, CheckError> {
+    let total = case.block_bytes * case.batch;
+    let mut host = vec![0u8; total];
+    fill_random(&mut host, 0x9e37_79b9 ^ total as u64 ^ case.batch as u64);
+    let src = dev.alloc(total)?;
+    let dst = dev.alloc(total)?;
+    let result = (|| {
+        dev.copy_to_device(stream, &host, src.whole())?;
+        // Blocks land in reverse order, so a kernel ignoring descriptors fails the check.
+        let descs: Vec<kvp_copy_desc> = (0..case.batch)
+            .map(|i| kvp_copy_desc {
+                src_offset: (i * case.block_bytes) as u64,
+                dst_offset: ((case.batch - 1 - i) * case.block_bytes) as u64,
+                bytes: case.block_bytes as u64,
+            })
+            .collect();
+        let want: Vec<u64> = (0..case.batch)
+            .rev()
+            .map(|i| checksum64(&host[i * case.block_bytes..(i + 1) * case.block_bytes]))
+            .collect();
+        let dst_blocks: Vec<kvp_copy_desc> = (0..case.batch)
+            .map(|i| kvp_copy_desc {
+                src_offset: (i * case.block_bytes) as u64,
+                dst_offset: 0,
+                bytes: case.block_bytes as u64,
+            })
+            .collect();
+
+        let kernel_s = timed(dev, stream, iters, || {
+            dev.copy_batch(stream, src, dst, &descs)
+        })?;
+        verify(
+            "copy kernel",
+            case,
+            &dev.checksum(stream, dst, &dst_blocks)?,
+            &want,
+        )?;
+
+        let engine_s = timed(dev, stream, iters, || {
+            for d in &descs {
+                dev.copy_device(
+                    stream,
+                    src.range(d.src_offset as usize, case.block_bytes),
+                    dst.range(d.dst_offset as usize, case.block_bytes),
+                )?;
+            }
+            Ok(())
+        })?;
+        verify(
+            "copy engine",
+            case,
+            &dev.checksum(stream, dst, &dst_blocks)?,
+            &want,
+        )?;
+
+        let d2d_s = timed(dev, stream, iters, || {
+            dev.copy_device(stream, src.whole(), dst.whole())
+        })?;
+        // Pinned host -> device of the same bytes: the host buffer registered (page-locked
+        // and mapped on CUDA), copied by the copy engines.
+        // SAFETY: `host` outlives the registration (freed below) and is not touched while
+        // registered.
+        let pinned = unsafe {
+            dev.register_host_memory(NonNull::new(host.as_mut_ptr()).expect("non-null"), total)
+        }?;
+        let h2d = timed(dev, stream, iters, || {
+            dev.copy_device(stream, pinned.whole(), dst.whole())
+        });
+        dev.free(pinned)?;
+        let h2d_s = h2d?;
+        Ok(Row {
+            case,
+            kernel_gbps: gbps(total, iters, kernel_s),
+            copy_engine_gbps: gbps(total, iters, engine_s),
+            d2d_gbps: gbps(total, iters, d2d_s),
+            h2d_pinned_gbps: gbps(total, iters, h2d_s),
+        })
+    })();
+    dev.free(src)?;
+    dev.free(dst)?;
+    result
+}
+
+/// Engine layouts for the paged check: (name, layout). Small pools, odd shapes included.
+fn check_layouts() -> Vec<(&'static str, kvp_kv_layout)> {
+    let base = || {
+        // SAFETY: plain old data; all-zero is valid.
+        let l: kvp_kv_layout = unsafe { std::mem::zeroed() };
+        l
+    };
+    let mut out = Vec::new();
+    // vLLM [2, pages, tokens, heads, dim] per layer, bf16, 16-token pages.
+    let mut l = base();
+    (
+        l.num_layers,
+        l.kv_planes,
+        l.page_tokens,
+        l.kv_heads,
+        l.head_bytes,
+        l.dtype_bytes,
+    ) = (4, 2, 16, 8, 256, 2);
+    l.num_pages = 24;
+    l.head_stride_bytes = 256;
+    l.token_stride_bytes = 8 * 256;
+    l.page_stride_bytes = 16 * 8 * 256;
+    let plane = l.num_pages * l.page_stride_bytes;
+    for layer in 0..4 {
+        l.plane_offset[0][layer] = 2 * layer as u64 * plane;
+        l.plane_offset[1][layer] = (2 * layer as u64 + 1) * plane;
+    }
+    l.buffer_bytes = 8 * plane;
+    out.push(("vllm", l));
+    // TRT-LLM head-major pool [pages, layers, 2, heads, tokens, dim], fp8, odd dims, and
+    // a 3-byte misaligned start.
+    let mut l = base();
+    (
+        l.num_layers,
+        l.kv_planes,
+        l.page_tokens,
+        l.kv_heads,
+        l.head_bytes,
+        l.dtype_bytes,
+    ) = (3, 2, 5, 3, 72, 1);
+    l.num_pages = 10;
+    l.token_stride_bytes = 72;
+    l.head_stride_bytes = 5 * 72;
+    let plane = 3 * l.head_stride_bytes;
+    l.page_stride_bytes = 3 * 2 * plane;
+    for layer in 0..3 {
+        l.plane_offset[0][layer] = 3 + 2 * layer as u64 * plane;
+        l.plane_offset[1][layer] = 3 + (2 * layer as u64 + 1) * plane;
+    }
+    l.buffer_bytes = 3 + l.num_pages * l.page_stride_bytes;
+    out.push(("trtllm-fp8-odd", l));
+    // MLA [pages, tokens, latent] per layer, one plane, 576 bf16 latent.
+    let mut l = base();
+    (
+        l.num_layers,
+        l.kv_planes,
+        l.page_tokens,
+        l.kv_heads,
+        l.head_bytes,
+        l.dtype_bytes,
+    ) = (2, 1, 64, 1, 1152, 2);
+    l.num_pages = 6;
+    l.head_stride_bytes = 1152;
+    l.token_stride_bytes = 1152;
+    l.page_stride_bytes = 64 * 1152;
+    for layer in 0..2 {
+        l.plane_offset[0][layer] = layer as u64 * 6 * l.page_stride_bytes;
+    }
+    l.buffer_bytes = 2 * 6 * l.page_stride_bytes;
+    out.push(("mla", l));
+    out
+}
+
+/// Gather and scatter on the device equal the CPU build of the same kernels.
+fn check_paged(dev: &dyn Device, stream: StreamId) -> Result<u32, CheckError> {
+    let mut verified = 0;
+    for (name, raw) in check_layouts() {
+        let layout = PagedLayout::new(&raw).map_err(|source| CheckError::Layout {
+            layout: name,
+            source,
+        })?;
+        let bb = layout.info().block_bytes as usize;
+        let mut engine_host = vec![0u8; raw.buffer_bytes as usize];
+        fill_random(&mut engine_host, raw.buffer_bytes);
+        let pages: Vec<u32> = (0..raw.num_pages as u32).rev().step_by(2).collect();
+        // CPU reference: the host build gathers from a copy of the engine buffer.
+        let mut want = vec![0u8; pages.len() * bb];
+        let mut ref_engine = engine_host.clone();
+        // SAFETY: ref_engine lives to the end of this iteration, accessed only via `kv`.
+        let kv = unsafe {
+            EngineKv::new(
+                NonNull::new(ref_engine.as_mut_ptr()).expect("non-null"),
+                ref_engine.len(),
+            )
+        };
+        let reference = |source| CheckError::Reference {
+            layout: name,
+            source,
+        };
+        kvplane_kernels::gather(&kv, &layout, &pages, &mut want, HostLaunch::default())
+            .map_err(reference)?;
+
+        let engine = dev.alloc(engine_host.len())?;
+        let blocks = dev.alloc(want.len())?;
+        let lid = dev.upload_layout(&layout)?;
+        let outcome = (|| {
+            dev.copy_to_device(stream, &engine_host, engine.whole())?;
+            dev.gather(stream, engine, lid, &pages, blocks.whole())?;
+            let mut got = vec![0u8; want.len()];
+            dev.copy_to_host(stream, blocks.whole(), &mut got)?;
+            if got != want {
+                return Err(CheckError::PagedMismatch {
+                    what: "gather",
+                    layout: name,
+                });
+            }
+            // Scatter fresh blocks back; compare the whole engine buffer with the CPU's.
+            let mut fresh = vec![0u8; want.len()];
+            fill_random(&mut fresh, 77);
+            dev.copy_to_device(stream, &fresh, blocks.whole())?;
+            dev.scatter(stream, engine, lid, &pages, blocks.whole())?;
+            kvplane_kernels::scatter(&kv, &layout, &pages, &fresh, HostLaunch::default())
+                .map_err(reference)?;
+            let mut got_engine = vec![0u8; engine_host.len()];
+            dev.copy_to_host(stream, engine.whole(), &mut got_engine)?;
+            if got_engine != ref_engine {
+                return Err(CheckError::PagedMismatch {
+                    what: "scatter",
+                    layout: name,
+                });
+            }
+            Ok(())
+        })();
+        free_all(dev, &[engine, blocks])?;
+        dev.free_layout(lid)?;
+        outcome?;
+        verified += 1;
+    }
+    Ok(verified)
+}
+
+fn free_all(dev: &dyn Device, bufs: &[DeviceBuffer]) -> Result<(), DeviceError> {
+    for b in bufs {
+        dev.free(*b)?;
+    }
+    Ok(())
+}
+
+/// Runs the whole check on `dev`.
+pub fn run(dev: &dyn Device, cfg: &CheckConfig) -> Result<Report, CheckError> {
+    let stream = dev.create_stream()?;
+    let paged_layouts_verified = check_paged(dev, stream)?;
+    let (cases, skipped) = plan(cfg);
+    let mut rows = Vec::new();
+    for case in cases {
+        rows.push(run_case(dev, stream, case, cfg.iters)?);
+    }
+    Ok(Report {
+        backend: dev.backend().as_str(),
+        device: dev.describe(),
+        rows,
+        skipped,
+        paged_layouts_verified,
+    })
+}
+
+fn size_label(bytes: usize) -> String {
+    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else if bytes >= 1 << 10 && bytes % (1 << 10) == 0 {
+        format!("{} KiB", bytes >> 10)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+fn pct(x: f64, of: f64) -> f64 {
+    if of > 0.0 { 100.0 * x / of } else { 0.0 }
+}
+
+/// The report as a Markdown table.
+pub fn format_report(r: &Report) -> String {
+    let mut s = String::new();
+    s.push_str(&format!("backend: {} ({})\n", r.backend, r.device));
+    s.push_str(&format!(
+        "gather/scatter equal to the CPU build on {} layouts; every copy verified by checksum\n\n",
+        r.paged_layouts_verified
+    ));
+    s.push_str("| block | batch | kernel GB/s | % d2d | % h2d pinned | copy engine GB/s | % d2d | d2d GB/s | h2d pinned GB/s |\n");
+    s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for row in &r.rows {
+        s.push_str(&format!(
+            "| {} | {} | {:.1} | {:.0} | {:.0} | {:.1} | {:.0} | {:.1} | {:.1} |\n",
+            size_label(row.case.block_bytes),
+            row.case.batch,
+            row.kernel_gbps,
+            pct(row.kernel_gbps, row.d2d_gbps),
+            pct(row.kernel_gbps, row.h2d_pinned_gbps),
+            row.copy_engine_gbps,
+            pct(row.copy_engine_gbps, row.d2d_gbps),
+            row.d2d_gbps,
+            row.h2d_pinned_gbps,
+        ));
+    }
+    if !r.skipped.is_empty() {
+        let list: Vec<String> = r
+            .skipped
+            .iter()
+            .map(|c| format!("{} x {}", size_label(c.block_bytes), c.batch))
+            .collect();
+        s.push_str(&format!(
+            "\nskipped (over the per-case memory budget): {}\n",
+            list.join(", ")
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::HostDevice;
+
+    #[test]
+    fn default_plan_covers_8k_to_4m_and_1_to_4096() {
+        let cfg = CheckConfig::default();
+        let (run, skipped) = plan(&cfg);
+        assert_eq!(
+            run[0],
+            Case {
+                block_bytes: 8 << 10,
+                batch: 1
+            }
+        );
+        assert_eq!(cfg.block_sizes.last(), Some(&(4 << 20)));
+        assert_eq!(cfg.batch_sizes.last(), Some(&4096));
+        assert_eq!(run.len() + skipped.len(), 10 * 7);
+        // 4 MiB x 4096 = 16 GiB is over the 2 GiB budget; 512 KiB x 4096 = 2 GiB is in.
+        assert!(skipped.contains(&Case {
+            block_bytes: 4 << 20,
+            batch: 4096
+        }));
+        assert!(run.contains(&Case {
+            block_bytes: 512 << 10,
+            batch: 4096
+        }));
+        assert!(
+            run.iter()
+                .all(|c| c.block_bytes * c.batch <= cfg.max_batch_bytes)
+        );
+    }
+
+    #[test]
+    fn whole_check_runs_on_the_host_backend() {
+        let dev = HostDevice::new();
+        let cfg = CheckConfig {
+            block_sizes: vec![8 << 10, 24 << 10],
+            batch_sizes: vec![1, 3, 64],
+            max_batch_bytes: 2 << 20,
+            iters: 2,
+        };
+        let report = run(&dev, &cfg).expect("check");
+        assert_eq!(report.backend, "host");
+        assert_eq!(report.paged_layouts_verified, 3);
+        assert_eq!(report.rows.len(), 6);
+        assert!(report.skipped.is_empty());
+        for row in &report.rows {
+            for v in [
+                row.kernel_gbps,
+                row.copy_engine_gbps,
+                row.d2d_gbps,
+                row.h2d_pinned_gbps,
+            ] {
+                assert!(v.is_finite() && v > 0.0, "{row:?}");
+            }
+        }
+        let table = format_report(&report);
+        assert!(table.contains("backend: host"));
+        assert!(table.contains("| 24 KiB | 64 |"), "{table}");
+        assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 1 + 6);
+    }
+
+    #[test]
+    fn verify_names_the_first_bad_block() {
+        let case = Case {
+            block_bytes: 8192,
+            batch: 3,
+        };
+        verify("x", case, &[1, 2, 3], &[1, 2, 3]).expect("equal");
+        match verify("copy kernel", case, &[1, 9, 3], &[1, 2, 3]) {
+            Err(CheckError::Mismatch {
+                index: 1,
+                got: 9,
+                want: 2,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(size_label(8 << 10), "8 KiB");
+        assert_eq!(size_label(4 << 20), "4 MiB");
+        assert_eq!(size_label(1000), "1000 B");
+    }
+}
