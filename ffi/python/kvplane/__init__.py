@@ -1,0 +1,202 @@
+"""kvplane: Python bindings (ctypes) over libkvplane, the C client library.
+
+The structs below mirror ffi/include/kvplane.h; `check_abi()` compares every size and
+offset with what the loaded library was built with, and `Client` runs it on attach, so
+a drifted mirror fails loudly instead of corrupting a ring.
+"""
+
+import ctypes
+import ctypes.util
+import os
+from pathlib import Path
+
+# Opcodes, statuses, tiers (enum values from kvplane.h).
+OP_NOP, OP_STATS, OP_ATTACH_LAYOUT, OP_LOOKUP, OP_SAVE, OP_LOAD = 0, 1, 2, 3, 4, 5
+OP_PIN, OP_UNPIN, OP_DROP, OP_CLEAR_NAMESPACE = 6, 7, 8, 9
+STATUS_NAMES = {
+    0: "ok", 1: "bad opcode", 2: "bad flags", 3: "bad range", 4: "bad argument",
+    5: "namespace", 6: "no layout", 7: "not found", 8: "no space", 9: "I/O error",
+    10: "corrupt", 11: "busy", 12: "unsupported", 13: "shutdown", 14: "internal",
+}
+OK, E_BAD_OPCODE = 0, 1
+TIER_NONE, TIER_HBM, TIER_HOST, TIER_NVME = 0, 1, 2, 3
+
+
+class Sqe(ctypes.Structure):
+    _fields_ = [
+        ("user_data", ctypes.c_uint64), ("opcode", ctypes.c_uint16), ("flags", ctypes.c_uint16),
+        ("namespace_id", ctypes.c_uint32), ("arg_offset", ctypes.c_uint64),
+        ("arg_len", ctypes.c_uint32), ("count", ctypes.c_uint32), ("param0", ctypes.c_uint64),
+        ("param1", ctypes.c_uint64), ("reserved", ctypes.c_uint64 * 2),
+    ]
+
+
+class Cqe(ctypes.Structure):
+    _fields_ = [
+        ("user_data", ctypes.c_uint64), ("status", ctypes.c_int32), ("blocks", ctypes.c_uint32),
+        ("bytes", ctypes.c_uint64), ("tier", ctypes.c_uint32), ("detail", ctypes.c_uint32),
+    ]
+
+
+class BlockOp(ctypes.Structure):
+    _fields_ = [
+        ("hash", ctypes.c_uint64), ("parent_hash", ctypes.c_uint64),
+        ("engine_block", ctypes.c_uint32), ("tier", ctypes.c_uint8), ("status", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8 * 2),
+    ]
+
+
+class Stats(ctypes.Structure):
+    _fields_ = [
+        ("session_id", ctypes.c_uint64), ("ops_completed", ctypes.c_uint64),
+        ("ops_failed", ctypes.c_uint64), ("blocks_saved", ctypes.c_uint64),
+        ("blocks_loaded", ctypes.c_uint64), ("bytes_saved", ctypes.c_uint64),
+        ("bytes_loaded", ctypes.c_uint64), ("sessions_active", ctypes.c_uint64),
+        ("tier_capacity_blocks", ctypes.c_uint64 * 4), ("tier_used_blocks", ctypes.c_uint64 * 4),
+        ("lookup_hits", ctypes.c_uint64), ("lookup_misses", ctypes.c_uint64),
+        ("backend", ctypes.c_uint32), ("reserved0", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint64 * 4),
+    ]
+
+
+_MIRRORS = {"kvp_sqe": Sqe, "kvp_cqe": Cqe, "kvp_block_op": BlockOp, "kvp_stats": Stats}
+
+
+class KvplaneError(RuntimeError):
+    pass
+
+
+def _find_library():
+    env = os.environ.get("KVPLANE_LIB")
+    if env:
+        return env
+    root = Path(__file__).resolve().parents[3]
+    for profile in ("release", "debug"):
+        p = root / "target" / profile / "libkvplane.so"
+        if p.exists():
+            return str(p)
+    found = ctypes.util.find_library("kvplane")
+    if found:
+        return found
+    raise KvplaneError("libkvplane.so not found: build it (cargo build -p kvplane-capi) or set KVPLANE_LIB")
+
+
+def load(path=None):
+    lib = ctypes.CDLL(path or _find_library())
+    vp, u32, u64, i32 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int32
+    lib.kvp_client_attach.argtypes = [ctypes.c_char_p, u32, u32, u64, ctypes.POINTER(ctypes.c_char_p), u32, i32, u64, ctypes.POINTER(vp)]
+    lib.kvp_client_attach.restype = i32
+    lib.kvp_client_session_id.argtypes = [vp]
+    lib.kvp_client_session_id.restype = u64
+    lib.kvp_client_detach.argtypes = [vp]
+    lib.kvp_client_detach.restype = None
+    lib.kvp_client_queue.argtypes = [vp, u32]
+    lib.kvp_client_queue.restype = vp
+    lib.kvp_queue_free.argtypes = [vp]
+    lib.kvp_queue_free.restype = None
+    lib.kvp_queue_arena_bytes.argtypes = [vp]
+    lib.kvp_queue_arena_bytes.restype = u64
+    lib.kvp_queue_write_arena.argtypes = [vp, u64, vp, u64]
+    lib.kvp_queue_write_arena.restype = i32
+    lib.kvp_queue_read_arena.argtypes = [vp, u64, vp, u64]
+    lib.kvp_queue_read_arena.restype = i32
+    lib.kvp_queue_submit.argtypes = [vp, ctypes.POINTER(Sqe), u32]
+    lib.kvp_queue_submit.restype = i32
+    lib.kvp_queue_poll.argtypes = [vp, ctypes.POINTER(Cqe), u32]
+    lib.kvp_queue_poll.restype = i32
+    lib.kvp_queue_wait.argtypes = [vp, ctypes.POINTER(Cqe), u32, u32]
+    lib.kvp_queue_wait.restype = i32
+    lib.kvp_last_error.argtypes = []
+    lib.kvp_last_error.restype = ctypes.c_char_p
+    lib.kvp_abi_layout.argtypes = [ctypes.c_char_p]
+    lib.kvp_abi_layout.restype = ctypes.c_int64
+    return lib
+
+
+def check_abi(lib):
+    """Compare each mirrored struct's size and field offsets with the library's."""
+    for cname, py in _MIRRORS.items():
+        want = lib.kvp_abi_layout(cname.encode())
+        if want != ctypes.sizeof(py):
+            raise KvplaneError(f"{cname}: Python mirror is {ctypes.sizeof(py)} bytes, library says {want}")
+        for field, _ in py._fields_:
+            off = lib.kvp_abi_layout(f"{cname}.{field}".encode())
+            if off >= 0 and off != getattr(py, field).offset:
+                raise KvplaneError(f"{cname}.{field}: offset {getattr(py, field).offset} here, {off} in the library")
+
+
+def _check(lib, rc, what):
+    if rc < 0:
+        raise KvplaneError(f"{what}: {lib.kvp_last_error().decode(errors='replace')}")
+    return rc
+
+
+class Queue:
+    """One queue pair; use from one thread at a time."""
+
+    def __init__(self, lib, handle):
+        self._lib, self._h = lib, handle
+
+    @property
+    def arena_bytes(self):
+        return self._lib.kvp_queue_arena_bytes(self._h)
+
+    def write_arena(self, offset, data):
+        buf = ctypes.create_string_buffer(bytes(data), len(data))
+        _check(self._lib, self._lib.kvp_queue_write_arena(self._h, offset, buf, len(data)), "write_arena")
+
+    def read_arena(self, offset, length):
+        buf = ctypes.create_string_buffer(length)
+        _check(self._lib, self._lib.kvp_queue_read_arena(self._h, offset, buf, length), "read_arena")
+        return buf.raw
+
+    def submit(self, sqes):
+        """Submit a list of Sqe; returns how many the ring took."""
+        arr = (Sqe * len(sqes))(*sqes)
+        return _check(self._lib, self._lib.kvp_queue_submit(self._h, arr, len(sqes)), "submit")
+
+    def wait(self, max_completions=64, timeout_ms=5000):
+        out = (Cqe * max_completions)()
+        n = _check(self._lib, self._lib.kvp_queue_wait(self._h, out, max_completions, timeout_ms), "wait")
+        return list(out[:n])
+
+    def close(self):
+        if self._h:
+            self._lib.kvp_queue_free(self._h)
+            self._h = None
+
+
+class Client:
+    """An attached session. `Client(socket, namespaces=["ns"])`, then `.queue(0)`."""
+
+    def __init__(self, socket_path, namespaces=(), queue_pairs=1, ring_entries=256,
+                 arena_bytes=1 << 20, lib=None):
+        self._lib = lib or load()
+        check_abi(self._lib)
+        names = (ctypes.c_char_p * max(1, len(namespaces)))(*[n.encode() for n in namespaces])
+        handle = ctypes.c_void_p()
+        _check(self._lib, self._lib.kvp_client_attach(
+            str(socket_path).encode(), queue_pairs, ring_entries, arena_bytes, names,
+            len(namespaces), -1, 0, ctypes.byref(handle)), "attach")
+        self._h = handle
+
+    @property
+    def session_id(self):
+        return self._lib.kvp_client_session_id(self._h)
+
+    def queue(self, index=0):
+        h = self._lib.kvp_client_queue(self._h, index)
+        if not h:
+            raise KvplaneError(f"queue {index}: {self._lib.kvp_last_error().decode()}")
+        return Queue(self._lib, h)
+
+    def close(self):
+        if self._h:
+            self._lib.kvp_client_detach(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
