@@ -148,7 +148,11 @@ impl CudaTools {
                     PathBuf::from("libnvrtc.so.12")
                 } else {
                     return Err(ToolsError::NvrtcNotFound {
-                        searched: join_paths(&nvrtc) + ", the dynamic loader's path",
+                        searched: format!(
+                            "the tools venv {}, {}, the dynamic loader's path",
+                            venv.display(),
+                            join_paths(&nvrtc)
+                        ),
                     });
                 }
             }
@@ -160,14 +164,18 @@ impl CudaTools {
     }
 
     pub fn ptxas(&self) -> Result<&Path, ToolsError> {
-        self.ptxas
-            .as_deref()
-            .ok_or_else(|| ToolsError::PtxasNotFound {
-                searched: join_paths(&ptxas_candidates(
-                    std::env::var_os("KVPLANE_PTXAS").map(PathBuf::from),
-                    &tools_venv(),
-                )),
-            })
+        self.ptxas.as_deref().ok_or_else(|| {
+            let venv = tools_venv();
+            let candidates =
+                ptxas_candidates(std::env::var_os("KVPLANE_PTXAS").map(PathBuf::from), &venv);
+            ToolsError::PtxasNotFound {
+                searched: format!(
+                    "the tools venv {}, {}",
+                    venv.display(),
+                    join_paths(&candidates)
+                ),
+            }
+        })
     }
 
     /// Loads NVRTC once per process (kept loaded for good) so cudarc's lookup by name

@@ -3,7 +3,8 @@
 //! the same run.
 //!
 //! Geometry: a 70B-class model (80 layers, 8 KV heads, head_dim 128, bf16) in vLLM's
-//! per-layer `[2, pages, tokens, heads, dim]` layout, for 16- and 64-token pages. Each
+//! per-layer `[2, pages, tokens, heads, dim]` layout (or TensorRT-LLM's head-major pool
+//! with `--layout trtllm`), for 16- and 64-token pages. Each
 //! iteration gathers a batch of scattered engine pages into contiguous daemon blocks
 //! (one launch), scatters them back (one launch), and memcpys the same number of bytes
 //! between the same two buffers; the figure reported is the median iteration.
@@ -43,6 +44,26 @@ pub struct GatherArgs {
     /// Bytes per element (2 = bf16).
     #[arg(long, default_value_t = 2)]
     pub dtype_bytes: u32,
+    /// Engine layout: `vllm` (per layer [2, pages, tokens, heads, dim]: one 32 KiB run
+    /// per layer and plane of a 16-token page) or `trtllm` (pool [pages, layers, 2,
+    /// heads, tokens, dim]: head-major, so every head_dim run moves on its own).
+    #[arg(long, value_enum, default_value_t = EngineLayout::Vllm)]
+    pub layout: EngineLayout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineLayout {
+    Vllm,
+    Trtllm,
+}
+
+impl EngineLayout {
+    fn describe(self) -> &'static str {
+        match self {
+            EngineLayout::Vllm => "vllm per-layer [2, pages, tokens, heads, dim]",
+            EngineLayout::Trtllm => "trtllm pool [pages, layers, 2, heads, tokens, dim]",
+        }
+    }
 }
 
 /// Errors of this bench, with the case they happened in.
@@ -81,6 +102,30 @@ struct CaseResult {
     memcpy_gbps: f64,
     gather_ratio: f64,
     scatter_ratio: f64,
+}
+
+/// The engine layout `args.layout` for `pool_pages` pages.
+fn engine_layout(args: &GatherArgs, page_tokens: u32, pool_pages: u64) -> kvp_kv_layout {
+    match args.layout {
+        EngineLayout::Vllm => vllm_layout(args, page_tokens, pool_pages),
+        EngineLayout::Trtllm => trtllm_layout(args, page_tokens, pool_pages),
+    }
+}
+
+/// TensorRT-LLM's pool: [pages, layers, 2, heads, tokens, dim] in one buffer.
+fn trtllm_layout(args: &GatherArgs, page_tokens: u32, pool_pages: u64) -> kvp_kv_layout {
+    let mut l = vllm_layout(args, page_tokens, pool_pages);
+    let head_bytes = u64::from(l.head_bytes);
+    l.token_stride_bytes = head_bytes;
+    l.head_stride_bytes = u64::from(page_tokens) * head_bytes;
+    let plane_bytes = u64::from(args.kv_heads) * l.head_stride_bytes;
+    l.page_stride_bytes = u64::from(args.layers) * 2 * plane_bytes;
+    for layer in 0..(args.layers as usize).min(l.plane_offset[0].len()) {
+        l.plane_offset[0][layer] = 2 * layer as u64 * plane_bytes;
+        l.plane_offset[1][layer] = (2 * layer as u64 + 1) * plane_bytes;
+    }
+    l.buffer_bytes = pool_pages * l.page_stride_bytes;
+    l
 }
 
 /// vLLM flash-attention layout: per layer one tensor [2, pages, tokens, heads, dim],
@@ -134,7 +179,7 @@ fn run_case(args: &GatherArgs, page_tokens: u32) -> Result<CaseResult, BenchGath
         threads: args.threads,
     };
     // Size the batch first from one page's block bytes.
-    let probe = vllm_layout(args, page_tokens, 1);
+    let probe = engine_layout(args, page_tokens, 1);
     let block_bytes = PagedLayout::new(&probe)
         .map_err(|source| BenchGatherError::Layout {
             page_tokens,
@@ -145,7 +190,7 @@ fn run_case(args: &GatherArgs, page_tokens: u32) -> Result<CaseResult, BenchGath
     let batch_pages = ((args.batch_mib << 20) / block_bytes).max(1) as usize;
     // Twice the batch in the pool, batch pages picked spread out and out of order.
     let pool_pages = 2 * batch_pages as u64;
-    let raw = vllm_layout(args, page_tokens, pool_pages);
+    let raw = engine_layout(args, page_tokens, pool_pages);
     let layout = PagedLayout::new(&raw).map_err(|source| BenchGatherError::Layout {
         page_tokens,
         source,
@@ -252,7 +297,7 @@ pub fn run(args: GatherArgs) -> CliResult {
         cases.push(run_case(&args, page_tokens)?);
     }
     let first = &cases[0];
-    let layout_name = "vllm per-layer [2, pages, tokens, heads, dim]";
+    let layout_name = args.layout.describe();
     if args.json {
         let out = serde_json::json!({
             "bench": "gather",
@@ -354,6 +399,28 @@ mod tests {
         assert!(c.gather_gbps > 0.0 && c.scatter_gbps > 0.0 && c.memcpy_gbps > 0.0);
         // vLLM pages are contiguous per (layer, plane): one run of tokens*heads*head_bytes.
         assert_eq!(c.run_bytes, 16 * 2 * 128);
+    }
+
+    #[test]
+    fn trtllm_case_moves_head_runs() {
+        let w = Wrap::parse_from([
+            "x",
+            "--layers",
+            "3",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "64",
+            "--batch-mib",
+            "1",
+            "--iters",
+            "1",
+            "--layout",
+            "trtllm",
+        ]);
+        let c = run_case(&w.args, 16).expect("bench case");
+        assert_eq!(c.run_bytes, 128, "head-major: one head_dim run at a time");
+        assert_eq!(c.block_bytes, 3 * 2 * 16 * 2 * 128);
     }
 
     #[test]
