@@ -181,6 +181,23 @@ impl CudaDevice {
         })
     }
 
+    /// Device base address of `range`'s buffer and the checked offset into it (for
+    /// cuFile, which takes base + offset).
+    pub(crate) fn raw_range(
+        &self,
+        op: &'static str,
+        range: DeviceRange,
+    ) -> Result<(sys::CUdeviceptr, usize), DeviceError> {
+        let st = self.lock()?;
+        check_range(
+            op,
+            range.offset_bytes,
+            range.len_bytes,
+            range.buffer.len_bytes,
+        )?;
+        Ok((dev_of(&st, op, range.buffer)?, range.offset_bytes))
+    }
+
     /// Whether open() found every kernel's PTX in the disk cache.
     pub fn ptx_from_cache(&self) -> bool {
         self.ptx_from_cache

@@ -4,6 +4,8 @@
 //! - [`cuda`]: an NVIDIA GPU through cudarc (dynamic loading; a clear
 //!   [`DeviceError::NoDriver`] where there is no driver), with CUDA IPC import, pinned
 //!   registration, NVML topology.
+//! - [`gds`]: GPUDirect Storage through cuFile (dynamically loaded), with the per-transfer
+//!   choice between it and staging through the pinned pool.
 //! - [`nvrtc`]: compiling the kernels for a GPU with NVRTC, the on-disk PTX cache, and
 //!   the ptxas resource check.
 //! - [`gpu_check`]: the bandwidth/correctness check run by `scripts/gpu-check.sh`.
@@ -12,6 +14,7 @@
 pub mod arena;
 pub mod cuda;
 pub mod device;
+pub mod gds;
 pub mod gpu_check;
 pub mod host;
 pub mod nvrtc;
