@@ -134,7 +134,6 @@ struct Entry {
     priority: u8,
     leases: u32,
     busy: u32,
-    hits: u32,
     nvme_generation: u64,
     /// Bit t: in `candidates[t]` under (`cand_priority`, `cand_use`).
     cand: u8,
@@ -210,8 +209,19 @@ pub struct RegistryCounters {
     pub removed: [[u64; 6]; 3],
 }
 
+/// What the map stores per key: enough to answer a lookup without touching the entry
+/// (one cache miss per key instead of two).
+#[derive(Clone, Copy, Debug)]
+struct Slotref {
+    idx: u32,
+    /// Bit t: present (published) in tier t.
+    present: u8,
+    /// Sightings after the first save (lookup hits, loads, repeated saves); saturating.
+    hits: u16,
+}
+
 pub struct Registry {
-    map: HashMap<BlockKey, u32, BuildKeyHasher>,
+    map: HashMap<BlockKey, Slotref, BuildKeyHasher>,
     entries: Vec<Entry>,
     free_entries: Vec<u32>,
     alloc: [SlotAllocator; 3],
@@ -270,11 +280,26 @@ impl Registry {
     }
 
     fn idx(&self, key: BlockKey) -> Option<u32> {
-        self.map.get(&key).copied()
+        self.map.get(&key).map(|r| r.idx)
+    }
+
+    /// Mirrors an entry's presence bits into its map value.
+    fn sync_present(&mut self, i: u32) {
+        let e = &self.entries[i as usize];
+        let mut mask = 0u8;
+        for t in 0..3 {
+            if e.present(t) {
+                mask |= 1 << t;
+            }
+        }
+        if let Some(r) = self.map.get_mut(&e.key) {
+            r.present = mask;
+        }
     }
 
     pub fn view(&self, key: BlockKey) -> Option<EntryView> {
-        let e = &self.entries[self.idx(key)? as usize];
+        let r = *self.map.get(&key)?;
+        let e = &self.entries[r.idx as usize];
         let mut present = [None; 3];
         let mut pending = [None; 3];
         for t in 0..3 {
@@ -293,7 +318,7 @@ impl Registry {
             pending,
             leases: e.leases,
             busy: e.busy,
-            hits: e.hits,
+            hits: r.hits as u32,
             priority: e.priority,
             nvme_generation: e.nvme_generation,
         })
@@ -352,7 +377,6 @@ impl Registry {
             priority,
             leases: 0,
             busy: 0,
-            hits: 0,
             nvme_generation: 0,
             cand: 0,
             cand_priority: 0,
@@ -368,7 +392,14 @@ impl Registry {
                 (self.entries.len() - 1) as u32
             }
         };
-        self.map.insert(key, i);
+        self.map.insert(
+            key,
+            Slotref {
+                idx: i,
+                present: 0,
+                hits: 0,
+            },
+        );
         i
     }
 
@@ -416,16 +447,13 @@ impl Registry {
         let n = hashes.len().min(out_tiers.len());
         let mut hits = 0;
         for i in 0..n {
-            let tier = match self.map.get(&BlockKey::new(namespace, hashes[i])) {
-                Some(&idx) => {
-                    let e = &mut self.entries[idx as usize];
-                    let t = e.fastest();
-                    if t != Tier::None {
-                        e.hits = e.hits.saturating_add(1);
-                    }
-                    t
+            let tier = match self.map.get_mut(&BlockKey::new(namespace, hashes[i])) {
+                Some(r) if r.present != 0 => {
+                    r.hits = r.hits.saturating_add(1);
+                    // Bit order is speed order: the lowest set bit is the fastest tier.
+                    Tier::ALL[r.present.trailing_zeros() as usize]
                 }
-                None => Tier::None,
+                _ => Tier::None,
             };
             if tier == Tier::None {
                 break;
@@ -450,18 +478,17 @@ impl Registry {
 
     /// Number of times a block was seen (saved again, looked up, loaded). NVMe admission.
     pub fn seen(&self, key: BlockKey) -> u32 {
-        self.idx(key)
-            .map(|i| self.entries[i as usize].hits)
-            .unwrap_or(0)
+        self.map.get(&key).map(|r| r.hits as u32).unwrap_or(0)
     }
 
     /// Marks a use: LRU position and the seen count.
     pub fn touch(&mut self, key: BlockKey) {
         if let Some(i) = self.idx(key) {
             let now = self.tick();
-            let e = &mut self.entries[i as usize];
-            e.last_use = now;
-            e.hits = e.hits.saturating_add(1);
+            self.entries[i as usize].last_use = now;
+            if let Some(r) = self.map.get_mut(&key) {
+                r.hits = r.hits.saturating_add(1);
+            }
             self.recand(i);
         }
     }
@@ -535,6 +562,7 @@ impl Registry {
             e.nvme_generation = nvme_generation;
         }
         let parent = e.parent;
+        self.sync_present(i);
         self.adjust_parent(i, t, true);
         self.recand(i);
         if self.record_events {
@@ -590,6 +618,7 @@ impl Registry {
         } else {
             self.alloc[t].free(slot);
         }
+        self.sync_present(i);
         self.counters.removed[t][reason as usize] += 1;
         if self.record_events {
             self.events.push(BlockEvent::Removed {
@@ -774,13 +803,23 @@ impl Registry {
                 .check()
                 .map_err(|e| format!("tier {t}: {e}"))?;
         }
-        for (&key, &i) in &self.map {
+        for (&key, r) in &self.map {
+            let i = r.idx;
             let e = self
                 .entries
                 .get(i as usize)
                 .ok_or(format!("{key:?}: index {i} out of range"))?;
             if e.key != key {
                 return Err(format!("{key:?}: entry holds {:?}", e.key));
+            }
+            let mask = (0..3)
+                .filter(|&t| e.present(t))
+                .fold(0u8, |m, t| m | 1 << t);
+            if mask != r.present {
+                return Err(format!(
+                    "{key:?}: map presence {:#b}, entry {mask:#b}",
+                    r.present
+                ));
             }
             if self.free_entries.contains(&i) {
                 return Err(format!("{key:?}: entry index {i} both used and free"));
@@ -844,7 +883,7 @@ impl Registry {
                 ));
             }
         }
-        for (&key, &i) in &self.map {
+        for (&key, &Slotref { idx: i, .. }) in &self.map {
             let want = children.get(&key).copied().unwrap_or([0; 3]);
             if self.entries[i as usize].children != want {
                 return Err(format!(
@@ -867,7 +906,7 @@ impl Registry {
                 *leases.entry(k).or_default() += c;
             }
         }
-        for (&key, &i) in &self.map {
+        for (&key, &Slotref { idx: i, .. }) in &self.map {
             let want = leases.get(&key).copied().unwrap_or(0);
             if self.entries[i as usize].leases != want {
                 return Err(format!(
