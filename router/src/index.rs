@@ -395,7 +395,22 @@ impl Tree {
                 continue;
             };
             let k = k as usize;
-            let run = self.run_len(n, k, &hashes[i..]);
+            let fwd = self.run_len(n, k, &hashes[i..]);
+            // Evictions usually list a chain deepest block first: take backward runs too
+            // (removal is a set operation, so order within the event does not matter).
+            let (k, run) = if fwd == 1 {
+                let node_hashes = &self.nodes[n as usize].hashes;
+                let mut back = 1;
+                while i + back < hashes.len()
+                    && back <= k
+                    && node_hashes[k - back] == hashes[i + back]
+                {
+                    back += 1;
+                }
+                (k + 1 - back, back)
+            } else {
+                (k, fwd)
+            };
             i += run;
             let held = self.nodes[n as usize]
                 .holder(worker)

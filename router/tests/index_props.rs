@@ -42,6 +42,7 @@ enum Op {
         start: usize,
         len: usize,
         tier: Option<u8>,
+        reverse: bool,
     },
     RemoveWorker {
         worker: u64,
@@ -52,8 +53,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         5 => (0..WORKERS, 0..CHAINS, 1..12usize, 0..3u8)
             .prop_map(|(worker, chain, len, tier)| Op::Store { worker, chain, len, tier }),
-        3 => (0..WORKERS, 0..CHAINS, 0..12usize, 1..6usize, proptest::option::of(0..3u8))
-            .prop_map(|(worker, chain, start, len, tier)| Op::Remove { worker, chain, start, len, tier }),
+        3 => (0..WORKERS, 0..CHAINS, 0..12usize, 1..6usize, proptest::option::of(0..3u8), any::<bool>())
+            .prop_map(|(worker, chain, start, len, tier, reverse)| Op::Remove { worker, chain, start, len, tier, reverse }),
         1 => (0..WORKERS).prop_map(|worker| Op::RemoveWorker { worker }),
     ]
 }
@@ -82,12 +83,16 @@ proptest! {
                         *model.entry((worker, h)).or_default() |= tier(t).bit();
                     }
                 }
-                Op::Remove { worker, chain, start, len, tier: t } => {
+                Op::Remove { worker, chain, start, len, tier: t, reverse } => {
                     let end = (start + len).min(12);
-                    let hashes = &chains[chain][start..end];
-                    tree.remove(worker, t.map(tier), hashes);
+                    let mut hashes = chains[chain][start..end].to_vec();
+                    if reverse {
+                        // Leaf-first eviction order.
+                        hashes.reverse();
+                    }
+                    tree.remove(worker, t.map(tier), &hashes);
                     let mask = t.map_or(0b111, |t| tier(t).bit());
-                    for &h in hashes {
+                    for &h in &hashes {
                         if let Some(m) = model.get_mut(&(worker, h)) {
                             *m &= !mask;
                             if *m == 0 {

@@ -32,6 +32,7 @@ struct Args {
     trace: PathBuf,
     rounds: u64,
     passes: usize,
+    reps: usize,
     dynamo_threads: usize,
 }
 
@@ -39,8 +40,9 @@ fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         json: false,
         trace: default_trace(),
-        rounds: 32,
+        rounds: 8,
         passes: 5,
+        reps: 5,
         dynamo_threads: 2,
     };
     let mut it = std::env::args().skip(1);
@@ -64,6 +66,7 @@ fn parse_args() -> Result<Args, String> {
                     .parse()
                     .map_err(|e| format!("--dynamo-threads: {e}"))?
             }
+            "--reps" => a.reps = val("--reps")?.parse().map_err(|e| format!("--reps: {e}"))?,
             "--bench" => {} // passed by `cargo bench`
             other => {
                 return Err(format!(
@@ -72,8 +75,8 @@ fn parse_args() -> Result<Args, String> {
             }
         }
     }
-    if a.rounds == 0 || a.passes == 0 || a.dynamo_threads == 0 {
-        return Err("--rounds, --passes and --dynamo-threads must be at least 1".into());
+    if a.rounds == 0 || a.passes == 0 || a.reps == 0 || a.dynamo_threads == 0 {
+        return Err("--rounds, --passes, --reps and --dynamo-threads must be at least 1".into());
     }
     Ok(a)
 }
@@ -135,6 +138,23 @@ fn to_dynamo(ev: &SimEvent, worker_offset: u64, ids: &mut HashMap<u64, u64>) -> 
     )
 }
 
+fn apply_ours(index: &Index, events: &[(u64, SimEvent)]) {
+    for (off, ev) in events {
+        match ev {
+            SimEvent::Stored {
+                worker,
+                parent,
+                hashes,
+            } => {
+                index.store("trace", worker + off, Tier::Hbm, *parent, hashes);
+            }
+            SimEvent::Removed { worker, hashes } => {
+                index.remove("trace", worker + off, None, hashes);
+            }
+        }
+    }
+}
+
 fn main() {
     let args = match parse_args() {
         Ok(a) => a,
@@ -175,43 +195,57 @@ fn main() {
         .sum::<usize>()
         * args.rounds as usize;
 
-    // kvplane: apply on this thread.
-    let index = Index::new(IndexConfig::default());
-    let t0 = Instant::now();
-    for (off, ev) in &ours {
-        match ev {
-            SimEvent::Stored {
-                worker,
-                parent,
-                hashes,
-            } => {
-                index.store("trace", worker + off, Tier::Hbm, *parent, hashes);
-            }
-            SimEvent::Removed { worker, hashes } => {
-                index.remove("trace", worker + off, None, hashes);
-            }
-        }
-    }
-    let ours_s = t0.elapsed().as_secs_f64();
-
-    // Dynamo: enqueue all, then wait for its threads to apply them.
+    // Each repetition builds both indexes from empty; the median time counts. Between
+    // repetitions the two alternate who goes first so neither always gets a warm cache.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let dynamo = ThreadPoolIndexer::new(
-        ConcurrentRadixTreeCompressed::new(),
-        args.dynamo_threads,
-        512,
-    );
-    let t0 = Instant::now();
-    for ev in theirs {
-        dynamo
-            .enqueue_event(ev)
-            .expect("dynamo indexer accepts events");
+    let mut ours_times = Vec::new();
+    let mut theirs_times = Vec::new();
+    let mut kept = None;
+    for rep in 0..args.reps {
+        let theirs_events = theirs.clone();
+        let dynamo = ThreadPoolIndexer::new(
+            ConcurrentRadixTreeCompressed::new(),
+            args.dynamo_threads,
+            512,
+        );
+        let run_ours = || {
+            let index = Index::new(IndexConfig::default());
+            let t0 = Instant::now();
+            apply_ours(&index, &ours);
+            (t0.elapsed().as_secs_f64(), index)
+        };
+        let run_theirs = |events: Vec<RouterEvent>| {
+            let t0 = Instant::now();
+            for ev in events {
+                dynamo
+                    .enqueue_event(ev)
+                    .expect("dynamo indexer accepts events");
+            }
+            rt.block_on(dynamo.flush());
+            t0.elapsed().as_secs_f64()
+        };
+        let (ours_s, index, theirs_s) = if rep % 2 == 0 {
+            let (o, i) = run_ours();
+            (o, i, run_theirs(theirs_events))
+        } else {
+            let t = run_theirs(theirs_events);
+            let (o, i) = run_ours();
+            (o, i, t)
+        };
+        ours_times.push(ours_s);
+        theirs_times.push(theirs_s);
+        kept = Some((index, dynamo));
     }
-    rt.block_on(dynamo.flush());
-    let theirs_s = t0.elapsed().as_secs_f64();
+    let Some((index, dynamo)) = kept else {
+        unreachable!("reps >= 1")
+    };
+    ours_times.sort_by(f64::total_cmp);
+    theirs_times.sort_by(f64::total_cmp);
+    let ours_s = ours_times[ours_times.len() / 2];
+    let theirs_s = theirs_times[theirs_times.len() / 2];
 
     // Lookups, alternating, with a correctness comparison.
     let queries: Vec<(Vec<u64>, Vec<LocalBlockHash>)> = trace
@@ -268,6 +302,7 @@ fn main() {
         "workers": workers * args.rounds,
         "queries": ours_ns.len(),
         "dynamo_threads": args.dynamo_threads,
+        "reps": args.reps,
         "events_per_s": events_per_s,
         "dynamo_events_per_s": dynamo_events_per_s,
         "events_ratio": events_per_s / dynamo_events_per_s,

@@ -24,6 +24,15 @@ pub struct ReplayArgs {
     /// Simulated decode time per output token.
     #[arg(long, default_value_t = 20.0)]
     pub decode_ms_per_token: f64,
+    /// Cost router: weight of uncached (and queued) prefill blocks.
+    #[arg(long, default_value_t = 1.0)]
+    pub prefill_weight: f64,
+    /// Cost router: weight of KV blocks held by running requests.
+    #[arg(long, default_value_t = 1.0)]
+    pub decode_weight: f64,
+    /// Cost router: weight per running request.
+    #[arg(long, default_value_t = 1.0)]
+    pub active_weight: f64,
     /// Seed for tie-breaking.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -81,6 +90,10 @@ pub fn run(args: ReplayArgs) -> CliResult {
         seed: args.seed,
         ..ReplayConfig::default()
     };
+    let mut cfg = cfg;
+    cfg.route.prefill_weight = args.prefill_weight;
+    cfg.route.decode_weight = args.decode_weight;
+    cfg.route.active_weight = args.active_weight;
     let reports: Vec<(Policy, PolicyReport)> = Policy::ALL
         .iter()
         .map(|&p| (p, replay::replay(&trace, p, &cfg)))
