@@ -68,10 +68,25 @@ struct Scratch {
 struct State {
     next_id: u64,
     buffers: HashMap<u64, (Region, usize)>,
-    layouts: HashMap<u64, (sys::CUdeviceptr, PagedLayout)>,
+    layouts: HashMap<u64, (sys::CUdeviceptr, Arc<PagedLayout>)>,
     streams: Vec<(Arc<CudaStream>, Scratch)>,
     events: HashMap<u64, sys::CUevent>,
 }
+
+/// Parameter sizes in bytes of every kernel, in order, as the launches below pass them.
+/// `tests/kernel_compile.rs` checks this table against the PTX NVRTC produces, so a
+/// signature change in a `.cu` file that is not mirrored here fails on the CPU.
+pub const KERNEL_PARAM_BYTES: [(&str, &[usize]); 5] = [
+    // engine, blocks, layout, pages, num_batch_pages
+    ("kvp_paged_gather", &[8, 8, 8, 8, 4]),
+    ("kvp_paged_scatter", &[8, 8, 8, 8, 4]),
+    // src, dst, descs, num_descs
+    ("kvp_copy_batch", &[8, 8, 8, 4]),
+    // base, descs, num_descs, sums
+    ("kvp_checksum_partial", &[8, 8, 4, 8]),
+    // descs, num_descs, sums
+    ("kvp_checksum_finalize", &[8, 4, 8]),
+];
 
 struct Kernels {
     gather: CudaFunction,
@@ -319,17 +334,40 @@ impl CudaDevice {
         Ok(scratch.ptr)
     }
 
+    /// Launches `f` with `params` (pointer to each argument value and its size). The
+    /// sizes must equal the kernel's row in [`KERNEL_PARAM_BYTES`], itself checked
+    /// against the PTX, so a mismatched argument list is refused, not launched.
     fn launch(
         &self,
+        name: &'static str,
         f: &CudaFunction,
         shape: geometry::GpuLaunch,
         stream: sys::CUstream,
-        params: &mut [*mut c_void],
+        params: &[(*mut c_void, usize)],
     ) -> Result<(), DeviceError> {
-        // SAFETY: `params` point at values of the kernel's parameter types, in order
-        // (each call site builds them from the kernel's signature).
+        let expected = KERNEL_PARAM_BYTES
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, p)| *p);
+        let sizes: Vec<usize> = params.iter().map(|(_, size)| *size).collect();
+        if expected != Some(sizes.as_slice()) {
+            return Err(DeviceError::Driver {
+                op: "cuLaunchKernel",
+                detail: format!("{name}: argument sizes {sizes:?} differ from {expected:?}"),
+            });
+        }
+        let mut ptrs: Vec<*mut c_void> = params.iter().map(|(p, _)| *p).collect();
+        // SAFETY: `ptrs` point at live values whose sizes match the kernel's parameters
+        // (checked above against the table the compile test checks against the PTX).
         unsafe {
-            result::launch_kernel(f.cu_function(), shape.grid, shape.block, 0, stream, params)
+            result::launch_kernel(
+                f.cu_function(),
+                shape.grid,
+                shape.block,
+                0,
+                stream,
+                &mut ptrs,
+            )
         }
         .map_err(drv("cuLaunchKernel"))
     }
@@ -388,8 +426,9 @@ fn as_bytes<T>(v: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
-fn arg<T>(v: &mut T) -> *mut c_void {
-    v as *mut T as *mut c_void
+/// A kernel argument: pointer to the value and its size.
+fn arg<T>(v: &mut T) -> (*mut c_void, usize) {
+    (v as *mut T as *mut c_void, std::mem::size_of::<T>())
 }
 
 impl Device for CudaDevice {
@@ -609,7 +648,7 @@ impl Device for CudaDevice {
         };
         let id = st.next_id;
         st.next_id += 1;
-        st.layouts.insert(id, (dev, layout.clone()));
+        st.layouts.insert(id, (dev, Arc::new(layout.clone())));
         Ok(LayoutId(id))
     }
 
@@ -667,13 +706,19 @@ impl Device for CudaDevice {
         let s = stream_of(&st, op, stream)?;
         let mut table = self.scratch_upload(&mut st, stream, as_bytes(descs))?;
         let mut n = descs.len() as u32;
-        let mut params = [
+        let params = [
             arg(&mut s_dev),
             arg(&mut d_dev),
             arg(&mut table),
             arg(&mut n),
         ];
-        self.launch(&self.kernels.copy, geometry::copy(descs), s, &mut params)
+        self.launch(
+            "kvp_copy_batch",
+            &self.kernels.copy,
+            geometry::copy(descs),
+            s,
+            &params,
+        )
     }
 
     fn checksum(
@@ -697,24 +742,26 @@ impl Device for CudaDevice {
         let mut table = self.scratch_upload(&mut st, stream, &upload)?;
         let mut sums_dev = table + desc_bytes as u64;
         let mut n = descs.len() as u32;
-        let mut p1 = [
+        let p1 = [
             arg(&mut b_dev),
             arg(&mut table),
             arg(&mut n),
             arg(&mut sums_dev),
         ];
         self.launch(
+            "kvp_checksum_partial",
             &self.kernels.checksum_partial,
             geometry::checksum(descs),
             s,
-            &mut p1,
+            &p1,
         )?;
-        let mut p2 = [arg(&mut table), arg(&mut n), arg(&mut sums_dev)];
+        let p2 = [arg(&mut table), arg(&mut n), arg(&mut sums_dev)];
         self.launch(
+            "kvp_checksum_finalize",
             &self.kernels.checksum_finalize,
             geometry::checksum_finalize(descs.len()),
             s,
-            &mut p2,
+            &p2,
         )?;
         let mut sums = vec![0u64; descs.len()];
         // SAFETY: sums_dev holds descs.len() u64s; the stream is drained first.
@@ -793,7 +840,7 @@ impl CudaDevice {
         let (layout_dev, host_layout) = st
             .layouts
             .get(&layout.0)
-            .map(|(d, l)| (*d, l.clone()))
+            .map(|(d, l)| (*d, Arc::clone(l)))
             .ok_or(DeviceError::UnknownHandle {
                 op,
                 what: "layout",
@@ -864,19 +911,19 @@ impl CudaDevice {
             host_layout.raw().num_layers * host_layout.raw().kv_planes,
             n,
         );
-        let f = if to_blocks {
-            &self.kernels.gather
+        let (name, f) = if to_blocks {
+            ("kvp_paged_gather", &self.kernels.gather)
         } else {
-            &self.kernels.scatter
+            ("kvp_paged_scatter", &self.kernels.scatter)
         };
-        let mut params = [
+        let params = [
             arg(&mut e_dev),
             arg(&mut b_dev),
             arg(&mut layout_ptr),
             arg(&mut pages_dev),
             arg(&mut n),
         ];
-        self.launch(f, shape, s, &mut params)
+        self.launch(name, f, shape, s, &params)
     }
 }
 

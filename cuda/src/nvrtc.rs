@@ -424,6 +424,28 @@ pub fn ptx_local_bytes(ptx: &str, kernel: &str) -> u32 {
         .sum()
 }
 
+/// Byte sizes of `kernel`'s parameters in PTX (`.param .u64 x`, `.param .u32 y`, ...),
+/// in order; None if the entry is not in the PTX or a parameter type is not scalar.
+pub fn ptx_param_bytes(ptx: &str, kernel: &str) -> Option<Vec<usize>> {
+    let entry = format!(".entry {kernel}(");
+    let start = ptx.find(&entry)? + entry.len();
+    let end = start + ptx[start..].find(')')?;
+    ptx[start..end]
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            let ty = p
+                .split_whitespace()
+                .find(|t| *t != ".param" && t.starts_with('.'))?;
+            let bits: usize = ty
+                .trim_start_matches(|c: char| c == '.' || c.is_alphabetic())
+                .parse()
+                .ok()?;
+            Some(bits / 8)
+        })
+        .collect()
+}
+
 /// Assembles PTX with `ptxas -arch=sm_XY -v` and reports every kernel of `src`.
 pub fn ptxas_resources(
     tools: &CudaTools,
@@ -514,6 +536,15 @@ ptxas info    : Used 255 registers, 380 bytes cmem[0]
             parse_ptxas_verbose(LOG, &["kvp_missing"], "f.cu", "sm_90"),
             Err(CompileError::PtxasParse { .. })
         ));
+    }
+
+    #[test]
+    fn parses_ptx_parameter_sizes() {
+        let ptx = ".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .u32 k_param_1\n)\n{\n}\n\
+                   .visible .entry none(\n)\n{\n}\n";
+        assert_eq!(ptx_param_bytes(ptx, "k"), Some(vec![8, 4]));
+        assert_eq!(ptx_param_bytes(ptx, "none"), Some(vec![]));
+        assert_eq!(ptx_param_bytes(ptx, "missing"), None);
     }
 
     #[test]

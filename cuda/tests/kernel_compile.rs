@@ -5,7 +5,10 @@
 //! This test never skips: without NVRTC/ptxas it fails with the command that installs
 //! them (`scripts/install-cuda-tools.sh`, which CI runs before the tests).
 
-use kvplane_cuda::nvrtc::{Arch, CudaTools, PtxCache, compile_ptx, ptxas_resources};
+use kvplane_cuda::cuda::KERNEL_PARAM_BYTES;
+use kvplane_cuda::nvrtc::{
+    Arch, CudaTools, PtxCache, compile_ptx, ptx_param_bytes, ptxas_resources,
+};
 use kvplane_kernels::sources::{self, ALL};
 use std::path::PathBuf;
 
@@ -44,6 +47,17 @@ fn kernels_compile_for_sm80_and_sm90_without_spills() {
                     ptx.contains(&format!(".entry {k}(")),
                     "{} lacks {k}",
                     src.file
+                );
+                // The cuda backend's launches pass exactly these argument sizes.
+                let want = KERNEL_PARAM_BYTES
+                    .iter()
+                    .find(|(name, _)| name == k)
+                    .map(|(_, p)| p.to_vec())
+                    .unwrap_or_else(|| panic!("{k} missing from KERNEL_PARAM_BYTES"));
+                assert_eq!(
+                    ptx_param_bytes(&ptx, k),
+                    Some(want),
+                    "{k}: launch arguments vs PTX"
                 );
             }
             let res = ptxas_resources(&tools, &src, &ptx, arch, work.path())
