@@ -185,13 +185,22 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(
             max: max_bytes,
         });
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)
+    // Grow with the data actually received: a bogus length cannot reserve the maximum.
+    let mut body = Vec::with_capacity(len.min(1 << 20));
+    let got = r
+        .take(len as u64)
+        .read_to_end(&mut body)
         .await
         .map_err(|source| WireError::Io {
             op: "read frame body",
             source,
         })?;
+    if got != len {
+        return Err(WireError::Io {
+            op: "read frame body",
+            source: std::io::ErrorKind::UnexpectedEof.into(),
+        });
+    }
     Ok(Some(body))
 }
 

@@ -433,3 +433,42 @@ async fn http_api_status_codes() {
     }
     svc.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_event_connections_do_not_hurt_the_router() {
+    let svc = RouterService::start(config(60_000)).await.unwrap();
+    let state = svc.state.clone();
+    // No Hello: closed.
+    let mut s = TcpStream::connect(svc.events_addr).await.unwrap();
+    s.write_all(&[0, 0, 0, 3, 1, 2, 3]).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    // Undecodable frame after Hello is skipped; an absurd length ends that connection only.
+    let mut s = raw_client(svc.events_addr, Source::Kvplane).await;
+    s.write_all(&[0, 0, 0, 2, 0xc1, 0xc1]).await.unwrap();
+    s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    let _ = s.read_to_end(&mut buf).await;
+    // A short vLLM frame ends that connection too.
+    let mut v = raw_client(
+        svc.events_addr,
+        Source::Vllm {
+            worker: 5,
+            namespace: "x".into(),
+            block_size: 16,
+        },
+    )
+    .await;
+    v.write_all(&[0, 0, 0, 1, 9]).await.unwrap();
+    let _ = v.read_to_end(&mut buf).await;
+    eventually("bad frames counted", || {
+        state
+            .metrics
+            .bad_frames
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3
+    })
+    .await;
+    let (st, _) = http(svc.http_addr, b"GET /healthz HTTP/1.1\r\n\r\n").await;
+    assert_eq!(st, 200);
+    svc.shutdown();
+}
