@@ -48,12 +48,18 @@ enum Region {
     },
     /// Another process's allocation opened from a CUDA IPC handle.
     Ipc(sys::CUdeviceptr),
+    /// A peer device's allocation, addressed over NVLink/PCIe peer access; owned by the
+    /// peer (freeing this handle only forgets the mapping).
+    Peer(sys::CUdeviceptr),
 }
 
 impl Region {
     fn dev(&self) -> sys::CUdeviceptr {
         match *self {
-            Region::Alloc(d) | Region::Ipc(d) | Region::Registered { dev: d, .. } => d,
+            Region::Alloc(d)
+            | Region::Ipc(d)
+            | Region::Peer(d)
+            | Region::Registered { dev: d, .. } => d,
         }
     }
 }
@@ -211,6 +217,45 @@ impl CudaDevice {
             range.buffer.len_bytes,
         )?;
         Ok((dev_of(&st, op, range.buffer)?, range.offset_bytes))
+    }
+
+    /// Lets this device's kernels and copies address `peer`'s memory directly (NVLink
+    /// where NVML reports it, else PCIe peer-to-peer). Idempotent.
+    pub fn enable_peer_access(&self, peer: &CudaDevice) -> Result<(), DeviceError> {
+        let _st = self.lock()?;
+        let mut can: std::ffi::c_int = 0;
+        // SAFETY: valid out pointer and device handles of open contexts.
+        unsafe { sys::cuDeviceCanAccessPeer(&mut can, self.ctx.cu_device(), peer.ctx.cu_device()) }
+            .result()
+            .map_err(drv("cuDeviceCanAccessPeer"))?;
+        if can == 0 {
+            return Err(DeviceError::Driver {
+                op: "cuDeviceCanAccessPeer",
+                detail: format!("{} cannot access {}", self.name, peer.name),
+            });
+        }
+        // SAFETY: this context is bound (lock); the peer context is alive (borrowed).
+        match unsafe { sys::cuCtxEnablePeerAccess(peer.ctx.cu_ctx(), 0) } {
+            sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {
+                Ok(())
+            }
+            e => Err(drv("cuCtxEnablePeerAccess")(result::DriverError(e))),
+        }
+    }
+
+    /// A handle on this device for `buf` of `peer` (after [`CudaDevice::enable_peer_access`]),
+    /// so `copy_batch` and the kernels can read or write it: peer GPU over NVLink.
+    pub fn map_peer_buffer(
+        &self,
+        peer: &CudaDevice,
+        buf: DeviceBuffer,
+    ) -> Result<DeviceBuffer, DeviceError> {
+        let dev = {
+            let pst = peer.lock()?;
+            dev_of(&pst, "map_peer_buffer", buf)?
+        };
+        let mut st = self.lock()?;
+        Ok(insert_buffer(&mut st, Region::Peer(dev), buf.len_bytes))
     }
 
     /// Whether open() found every kernel's PTX in the disk cache.
@@ -500,6 +545,7 @@ impl Device for CudaDevice {
                 Region::Ipc(d) => sys::cuIpcCloseMemHandle(d)
                     .result()
                     .map_err(drv("cuIpcCloseMemHandle")),
+                Region::Peer(_) => Ok(()),
             }
         }
     }
