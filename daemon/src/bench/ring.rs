@@ -113,14 +113,23 @@ impl Drop for ChildGuard {
     }
 }
 
+/// How to start a child: the executable and the arguments before `--child` (for
+/// `kvplane` that is `bench ring`; the bench crate's ping-pong binary needs none).
+#[derive(Clone, Debug)]
+pub struct ChildCommand {
+    pub exe: PathBuf,
+    pub prefix: Vec<String>,
+}
+
 fn spawn_child(
-    exe: &Path,
+    cmd: &ChildCommand,
     role: &str,
     target: &Path,
     opts: &RingBenchOptions,
 ) -> Result<ChildGuard, RingBenchError> {
-    let child = Command::new(exe)
-        .args(["bench", "ring", "--child", role, "--target"])
+    let child = Command::new(&cmd.exe)
+        .args(&cmd.prefix)
+        .args(["--child", role, "--target"])
         .arg(target)
         .args(["--round-trips", &opts.round_trips.to_string()])
         .args(["--socket-round-trips", &opts.socket_round_trips.to_string()])
@@ -143,7 +152,7 @@ fn pin_for_role(pin: bool, cpu: usize) -> bool {
 }
 
 /// Run every measurement; `exe` is the `kvplane` binary for the child processes.
-pub fn run(exe: &Path, opts: &RingBenchOptions) -> Result<RingBenchReport, RingBenchError> {
+pub fn run(exe: &ChildCommand, opts: &RingBenchOptions) -> Result<RingBenchReport, RingBenchError> {
     let dir = tempfile_dir()?;
     let pinned = pin_for_role(opts.pin && sys::cpus_allowed() >= 2, 0);
     // The child inherits our one-CPU mask, so it cannot judge for itself: tell it.
@@ -225,7 +234,7 @@ fn check_child(child: &mut ChildGuard, role: &'static str) -> Result<(), RingBen
 }
 
 fn floor_parent(
-    exe: &Path,
+    exe: &ChildCommand,
     dir: &Path,
     opts: &RingBenchOptions,
 ) -> Result<(u64, u64, u64), RingBenchError> {
@@ -260,7 +269,7 @@ fn floor_parent(
 }
 
 fn socket_parent(
-    exe: &Path,
+    exe: &ChildCommand,
     dir: &Path,
     opts: &RingBenchOptions,
 ) -> Result<(u64, u64, u64), RingBenchError> {
@@ -294,7 +303,7 @@ fn socket_parent(
 }
 
 fn engine_parent(
-    exe: &Path,
+    exe: &ChildCommand,
     dir: &Path,
     opts: &RingBenchOptions,
 ) -> Result<EngineChildReport, RingBenchError> {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use super::CliResult;
-use crate::bench::ring::{self, ChildRole, RingBenchOptions};
+use crate::bench::ring::{self, ChildCommand, ChildRole, RingBenchOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct RingArgs {
@@ -35,6 +35,18 @@ pub struct RingArgs {
 }
 
 pub fn run(args: RingArgs) -> CliResult {
+    let exe = std::env::current_exe()?;
+    run_with(
+        args,
+        ChildCommand {
+            exe,
+            prefix: vec!["bench".into(), "ring".into()],
+        },
+    )
+}
+
+/// Run the ring benchmark with child processes started as `child` says.
+pub fn run_with(args: RingArgs, child: ChildCommand) -> CliResult {
     let opts = RingBenchOptions {
         round_trips: args.round_trips.max(100),
         socket_round_trips: args.socket_round_trips.max(100),
@@ -47,8 +59,7 @@ pub fn run(args: RingArgs) -> CliResult {
         ring::run_child(role, &target, &opts)?;
         return Ok(());
     }
-    let exe = std::env::current_exe()?;
-    let r = ring::run(&exe, &opts)?;
+    let r = ring::run(&child, &opts)?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
