@@ -6,4 +6,5 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod session;
+pub mod sim;
 pub mod tier;

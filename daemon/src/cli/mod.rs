@@ -10,8 +10,10 @@ pub mod bench_lookup;
 pub mod bench_nvme;
 pub mod bench_ring;
 pub mod demo;
+pub mod engine_sim;
 pub mod ping;
 pub mod replay;
+pub mod replay_engines;
 pub mod router;
 pub mod serve;
 pub mod status;
@@ -53,6 +55,8 @@ pub enum Command {
     Ping(ping::PingArgs),
     /// The main job on built-in defaults, no GPU needed.
     Demo(demo::DemoArgs),
+    /// A simulated inference engine attached to a daemon over the rings.
+    EngineSim(engine_sim::EngineSimArgs),
 }
 
 pub fn init_logging(filter: &str, json: bool) {
@@ -81,6 +85,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status::run(args),
         Command::Ping(args) => ping::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::EngineSim(args) => engine_sim::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

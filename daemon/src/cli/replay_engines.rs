@@ -1,0 +1,1 @@
+//! `kvplane replay --engines` (issue 6): the trace through the router to simulated engines on real daemons.
