@@ -49,6 +49,90 @@ impl Hasher for PassThroughHasher {
 
 pub type HashMapU64<V> = HashMap<u64, V, BuildHasherDefault<PassThroughHasher>>;
 
+/// A node's children keyed by first hash: a short vector for the common 0-2 children,
+/// a hash map once a node fans out (the root of a busy namespace has thousands).
+#[derive(Debug)]
+enum Children {
+    Small(Vec<(u64, NodeId)>),
+    Map(HashMapU64<NodeId>),
+}
+
+const CHILDREN_SMALL_MAX: usize = 16;
+
+impl Default for Children {
+    fn default() -> Self {
+        Children::Small(Vec::new())
+    }
+}
+
+impl Children {
+    fn single(first: u64, id: NodeId) -> Self {
+        Children::Small(vec![(first, id)])
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Children::Small(v) => v.len(),
+            Children::Map(m) => m.len(),
+        }
+    }
+
+    fn get(&self, first: u64) -> Option<NodeId> {
+        match self {
+            Children::Small(v) => v.iter().find(|(h, _)| *h == first).map(|&(_, c)| c),
+            Children::Map(m) => m.get(&first).copied(),
+        }
+    }
+
+    /// The child when there is exactly one.
+    fn only(&self) -> Option<NodeId> {
+        match self {
+            Children::Small(v) if v.len() == 1 => Some(v[0].1),
+            Children::Map(m) if m.len() == 1 => m.values().next().copied(),
+            _ => None,
+        }
+    }
+
+    fn insert(&mut self, first: u64, id: NodeId) {
+        match self {
+            Children::Small(v) => {
+                if let Some(e) = v.iter_mut().find(|(h, _)| *h == first) {
+                    e.1 = id;
+                } else if v.len() < CHILDREN_SMALL_MAX {
+                    v.push((first, id));
+                } else {
+                    let mut m: HashMapU64<NodeId> = v.drain(..).collect();
+                    m.insert(first, id);
+                    *self = Children::Map(m);
+                }
+            }
+            Children::Map(m) => {
+                m.insert(first, id);
+            }
+        }
+    }
+
+    fn remove(&mut self, first: u64) {
+        match self {
+            Children::Small(v) => v.retain(|&(h, _)| h != first),
+            Children::Map(m) => {
+                m.remove(&first);
+            }
+        }
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = (u64, NodeId)> + '_> {
+        match self {
+            Children::Small(v) => Box::new(v.iter().copied()),
+            Children::Map(m) => Box::new(m.iter().map(|(&h, &c)| (h, c))),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Holder {
     worker: WorkerId,
@@ -60,8 +144,8 @@ struct Holder {
 struct Node {
     hashes: Vec<u64>,
     parent: NodeId,
-    /// Keyed by the child's first hash. Most nodes have 0-2 children: a vector beats a map.
-    children: Vec<(u64, NodeId)>,
+    /// Keyed by the child's first hash.
+    children: Children,
     /// Sorted by worker.
     holders: Vec<Holder>,
     last_use: AtomicU64,
@@ -73,7 +157,7 @@ impl Node {
         Node {
             hashes,
             parent,
-            children: Vec::new(),
+            children: Children::default(),
             holders,
             last_use: AtomicU64::new(last_use),
             alive: true,
@@ -88,10 +172,7 @@ impl Node {
     }
 
     fn child(&self, first: u64) -> Option<NodeId> {
-        self.children
-            .iter()
-            .find(|(h, _)| *h == first)
-            .map(|&(_, c)| c)
+        self.children.get(first)
     }
 }
 
@@ -178,7 +259,7 @@ impl Tree {
         let node = &mut self.nodes[id as usize];
         node.alive = false;
         node.hashes = Vec::new();
-        node.children = Vec::new();
+        node.children = Children::default();
         node.holders = Vec::new();
         self.live_nodes -= 1;
         self.free.push(id);
@@ -194,11 +275,11 @@ impl Tree {
         let last_use = node.last_use.load(Ordering::Relaxed);
         let first = tail[0];
         let m = self.alloc(Node::new(n, tail, holders, last_use));
-        for &(_, c) in &children {
+        for (_, c) in children.iter() {
             self.nodes[c as usize].parent = m;
         }
         self.nodes[m as usize].children = children;
-        self.nodes[n as usize].children = vec![(first, m)];
+        self.nodes[n as usize].children = Children::single(first, m);
         for (i, &h) in self.nodes[m as usize].hashes.iter().enumerate() {
             self.lookup.insert(h, (m, i as u32));
         }
@@ -211,10 +292,9 @@ impl Tree {
             return false;
         }
         let node = &self.nodes[n as usize];
-        if node.children.len() != 1 {
+        let Some(c) = node.children.only() else {
             return false;
-        }
-        let c = node.children[0].1;
+        };
         if self.nodes[c as usize].holders != node.holders {
             return false;
         }
@@ -224,7 +304,7 @@ impl Tree {
         for (i, &h) in child_hashes.iter().enumerate() {
             self.lookup.insert(h, (n, (offset + i) as u32));
         }
-        for &(_, g) in &grandchildren {
+        for (_, g) in grandchildren.iter() {
             self.nodes[g as usize].parent = n;
         }
         let child_use = self.nodes[c as usize].last_use.load(Ordering::Relaxed);
@@ -257,7 +337,7 @@ impl Tree {
         for h in std::mem::take(&mut self.nodes[n as usize].hashes) {
             self.lookup.remove(&h);
         }
-        self.nodes[p as usize].children.retain(|&(h, _)| h != first);
+        self.nodes[p as usize].children.remove(first);
         self.release(n);
         p
     }
@@ -360,7 +440,7 @@ impl Tree {
                 attach
             } else {
                 let id = self.alloc(Node::new(attach, Vec::new(), only_me.to_vec(), now));
-                self.nodes[attach as usize].children.push((hashes[i], id));
+                self.nodes[attach as usize].children.insert(hashes[i], id);
                 id
             };
             while i < hashes.len() {
@@ -562,7 +642,7 @@ impl Tree {
                 continue;
             }
             let id = id as NodeId;
-            for &(first, c) in &node.children {
+            for (first, c) in node.children.iter() {
                 let child = &self.nodes[c as usize];
                 if !child.alive || child.parent != id || child.hashes.first() != Some(&first) {
                     return Err(format!("bad child link {id} -> {c}"));
@@ -578,8 +658,8 @@ impl Tree {
             if node.holders.is_empty() && node.children.is_empty() {
                 return Err(format!("node {id} is an empty leaf"));
             }
-            if node.children.len() == 1
-                && self.nodes[node.children[0].1 as usize].holders == node.holders
+            if let Some(only) = node.children.only()
+                && self.nodes[only as usize].holders == node.holders
             {
                 return Err(format!("node {id} should have merged with its child"));
             }
@@ -806,6 +886,39 @@ mod tests {
         t.check_invariants().unwrap();
         assert_eq!(t.node_count(), 0);
         assert_eq!(t.block_count(), 0);
+    }
+
+    #[test]
+    fn wide_fan_out_uses_a_map_and_returns_to_empty() {
+        let mut t = Tree::new();
+        for i in 0..100u64 {
+            t.store(i % 3, Tier::Hbm, None, &chain(i * 1000, 3), i);
+        }
+        t.store(9, Tier::Hbm, None, &[7_000_000], 200);
+        for i in 0..40u64 {
+            t.store(
+                9,
+                Tier::Hbm,
+                Some(7_000_000),
+                &chain(8_000_000 + i * 10, 2),
+                201,
+            );
+        }
+        t.check_invariants().unwrap();
+        for i in 0..100u64 {
+            let m = t.find_matches(&chain(i * 1000, 3), 300);
+            assert_eq!(m.len(), 1);
+            assert_eq!((m[0].worker, m[0].blocks), (i % 3, 3));
+        }
+        let mut q = vec![7_000_000];
+        q.extend(chain(8_000_000 + 390, 2));
+        assert_eq!(t.find_matches(&q, 300)[0].blocks, 3);
+        for i in (0..100u64).rev() {
+            t.remove(i % 3, None, &chain(i * 1000, 3));
+        }
+        t.remove_worker(9);
+        t.check_invariants().unwrap();
+        assert_eq!(t.node_count(), 0);
     }
 
     #[test]

@@ -4,13 +4,15 @@
 //!
 //! Events: the stored/removed stream that 8 simulated LRU workers produce while the cost
 //! router replays the Mooncake trace (see `kvplane_router::replay`), repeated `--rounds`
-//! times with fresh worker ids per round so the index grows to `rounds * 8` workers.
+//! times with the block ids shifted per round: disjoint prefix spaces on the same 8
+//! workers, like several tenants, so the index grows `rounds` times the trace's size.
 //! Both indexes receive identical events; all conversion happens before timing.
 //! - kvplane: `Index::store/remove` on the calling thread.
 //! - Dynamo: `ThreadPoolIndexer::enqueue_event` for every event, then `flush()` (its
 //!   worker threads apply them; `--dynamo-threads`, default 2 = this machine's cores).
 //!
-//! Queries: every trace request's block ids against the final state, `--passes` times,
+//! Queries: every trace request's block ids (in every round's id space) against the final
+//! state, `--passes` times,
 //! timed one by one, alternating the two indexes so host noise hits both alike. Dynamo's
 //! lookup is `backend().find_matches(seq, false)`, which is what its async `find_matches`
 //! runs inline. Both answers are compared for every query (per-worker overlap).
@@ -40,9 +42,9 @@ fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         json: false,
         trace: default_trace(),
-        rounds: 8,
-        passes: 5,
-        reps: 5,
+        rounds: 16,
+        passes: 2,
+        reps: 7,
         dynamo_threads: 2,
     };
     let mut it = std::env::args().skip(1);
@@ -94,14 +96,14 @@ fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
     sorted_ns[i] as f64 / 1_000.0
 }
 
-fn to_dynamo(ev: &SimEvent, worker_offset: u64, ids: &mut HashMap<u64, u64>) -> RouterEvent {
+fn to_dynamo(ev: &SimEvent, ids: &mut HashMap<u64, u64>) -> RouterEvent {
     let (worker, data) = match ev {
         SimEvent::Stored {
             worker,
             parent,
             hashes,
         } => (
-            worker + worker_offset,
+            *worker,
             KvCacheEventData::Stored(KvCacheStoreData {
                 parent_hash: parent.map(ExternalSequenceBlockHash),
                 start_position: None,
@@ -117,7 +119,7 @@ fn to_dynamo(ev: &SimEvent, worker_offset: u64, ids: &mut HashMap<u64, u64>) -> 
             }),
         ),
         SimEvent::Removed { worker, hashes } => (
-            worker + worker_offset,
+            *worker,
             KvCacheEventData::Removed(KvCacheRemoveData {
                 block_hashes: hashes
                     .iter()
@@ -138,18 +140,41 @@ fn to_dynamo(ev: &SimEvent, worker_offset: u64, ids: &mut HashMap<u64, u64>) -> 
     )
 }
 
-fn apply_ours(index: &Index, events: &[(u64, SimEvent)]) {
-    for (off, ev) in events {
+/// Shifts block ids into round `round`'s id space (trace ids are below 2^32).
+fn shift(h: u64, round: u64) -> u64 {
+    h + (round << 32)
+}
+
+fn shifted(ev: &SimEvent, round: u64) -> SimEvent {
+    match ev {
+        SimEvent::Stored {
+            worker,
+            parent,
+            hashes,
+        } => SimEvent::Stored {
+            worker: *worker,
+            parent: parent.map(|p| shift(p, round)),
+            hashes: hashes.iter().map(|&h| shift(h, round)).collect(),
+        },
+        SimEvent::Removed { worker, hashes } => SimEvent::Removed {
+            worker: *worker,
+            hashes: hashes.iter().map(|&h| shift(h, round)).collect(),
+        },
+    }
+}
+
+fn apply_ours(index: &Index, events: &[SimEvent]) {
+    for ev in events {
         match ev {
             SimEvent::Stored {
                 worker,
                 parent,
                 hashes,
             } => {
-                index.store("trace", worker + off, Tier::Hbm, *parent, hashes);
+                index.store("trace", *worker, Tier::Hbm, *parent, hashes);
             }
             SimEvent::Removed { worker, hashes } => {
-                index.remove("trace", worker + off, None, hashes);
+                index.remove("trace", *worker, None, hashes);
             }
         }
     }
@@ -176,14 +201,14 @@ fn main() {
     replay::replay_recording(&trace, Policy::Cost, &cfg, Some(&mut base));
 
     // Precompute both event streams.
-    let mut ours: Vec<(u64, SimEvent)> = Vec::new();
+    let mut ours: Vec<SimEvent> = Vec::new();
     let mut theirs: Vec<RouterEvent> = Vec::new();
     let mut ids = HashMap::new();
     for round in 0..args.rounds {
-        let off = round * workers;
         for ev in &base {
-            ours.push((off, ev.clone()));
-            theirs.push(to_dynamo(ev, off, &mut ids));
+            let ev = shifted(ev, round);
+            theirs.push(to_dynamo(&ev, &mut ids));
+            ours.push(ev);
         }
     }
     let n_events = ours.len();
@@ -248,13 +273,13 @@ fn main() {
     let theirs_s = theirs_times[theirs_times.len() / 2];
 
     // Lookups, alternating, with a correctness comparison.
-    let queries: Vec<(Vec<u64>, Vec<LocalBlockHash>)> = trace
-        .iter()
-        .map(|r| {
-            (
-                r.hash_ids.clone(),
-                r.hash_ids.iter().map(|&h| LocalBlockHash(h)).collect(),
-            )
+    let queries: Vec<(Vec<u64>, Vec<LocalBlockHash>)> = (0..args.rounds)
+        .flat_map(|round| {
+            trace.iter().map(move |r| {
+                let q: Vec<u64> = r.hash_ids.iter().map(|&h| shift(h, round)).collect();
+                let dq = q.iter().map(|&h| LocalBlockHash(h)).collect();
+                (q, dq)
+            })
         })
         .collect();
     let backend = dynamo.backend();
@@ -299,7 +324,8 @@ fn main() {
         "trace": args.trace.display().to_string(),
         "events": n_events,
         "event_blocks": n_blocks,
-        "workers": workers * args.rounds,
+        "workers": workers,
+        "rounds": args.rounds,
         "queries": ours_ns.len(),
         "dynamo_threads": args.dynamo_threads,
         "reps": args.reps,
@@ -322,7 +348,7 @@ fn main() {
     } else {
         println!(
             "{n_events} events ({n_blocks} blocks) on {} workers, {} lookups; Dynamo with {} threads",
-            workers * args.rounds,
+            workers,
             ours_ns.len(),
             args.dynamo_threads
         );
