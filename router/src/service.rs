@@ -46,6 +46,8 @@ pub struct ServiceConfig {
     pub max_nodes_per_namespace: usize,
     pub max_body_bytes: usize,
     pub http_timeout_ms: u64,
+    /// Concurrent HTTP connections; beyond it new ones get 503 at once.
+    pub max_http_connections: usize,
     /// Seed of the tie-breaking RNG.
     pub seed: u64,
     pub route: RouteConfig,
@@ -61,6 +63,7 @@ impl Default for ServiceConfig {
             max_nodes_per_namespace: 1 << 20,
             max_body_bytes: 4 << 20,
             http_timeout_ms: 10_000,
+            max_http_connections: 256,
             seed: 0x006b_7670_6c61_6e65,
             route: RouteConfig::default(),
         }
@@ -810,8 +813,11 @@ fn reason_phrase(status: u16) -> &'static str {
 }
 
 async fn accept_http(listener: TcpListener, state: Arc<RouterState>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        state.config.max_http_connections.max(1),
+    ));
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (mut stream, _) = match listener.accept().await {
             Ok(x) => x,
             Err(err) => {
                 tracing::warn!(%err, "HTTP accept failed");
@@ -819,10 +825,21 @@ async fn accept_http(listener: TcpListener, state: Arc<RouterState>) {
                 continue;
             }
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tokio::spawn(async move {
+                let body = r#"{"error":"too many concurrent HTTP connections"}"#;
+                let msg = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(msg.as_bytes()).await;
+            });
+            continue;
+        };
         let st = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let timeout = Duration::from_millis(st.config.http_timeout_ms);
-            let mut stream = stream;
             let resp = match tokio::time::timeout(timeout, read_request(&mut stream, &st)).await {
                 Ok(resp) => resp,
                 Err(_) => Response::error(408, "request not received in time"),

@@ -472,3 +472,54 @@ async fn hostile_event_connections_do_not_hurt_the_router() {
     assert_eq!(st, 200);
     svc.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_queue_overflow_falls_back_to_a_snapshot() {
+    let svc = RouterService::start(config(60_000)).await.unwrap();
+    let state = svc.state.clone();
+    let model: Model = Arc::default();
+    model.lock().unwrap().insert(1, Vec::new());
+    let publisher = Publisher::start(
+        PublisherConfig {
+            routers: vec![svc.events_addr],
+            node: "node-q".into(),
+            queue_frames: 2,
+            backoff_initial_ms: 10,
+            ..PublisherConfig::default()
+        },
+        provider(model.clone()),
+        &tokio::runtime::Handle::current(),
+    );
+    let link = publisher.link_stats(svc.events_addr).unwrap();
+    eventually("connected", || {
+        link.connected.load(std::sync::atomic::Ordering::Acquire) && !state.candidates().is_empty()
+    })
+    .await;
+    // A burst far beyond the 2-frame queue: some events are dropped, memory stays bounded,
+    // and the snapshot that replaces them brings the router to the daemon's state.
+    let blocks = chain(1_000, 2_000);
+    for b in blocks.chunks(1) {
+        model.lock().unwrap().get_mut(&1).unwrap().push(b[0]);
+        publisher.stored(1, "ns", b, Tier::Hbm);
+    }
+    eventually("converged after overflow", || {
+        state
+            .index
+            .with_tree("ns", |t| {
+                (1_000..3_000).all(|h| t.holds(1, h, Some(Tier::Hbm)))
+            })
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(
+        link.frames_dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    assert!(
+        link.snapshots_sent
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+    svc.shutdown();
+}

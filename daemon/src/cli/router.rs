@@ -8,7 +8,8 @@ use std::path::PathBuf;
 #[derive(Debug, clap::Args)]
 pub struct RouterArgs {
     /// TOML config file (keys of `ServiceConfig`: events_addr, http_addr, grace_ms,
-    /// block_size, max_nodes_per_namespace, max_body_bytes, http_timeout_ms, seed and a
+    /// block_size, max_nodes_per_namespace, max_body_bytes, http_timeout_ms,
+    /// max_http_connections, seed and a
     /// [route] table: prefill_weight, decode_weight, active_weight, tier_credit,
     /// temperature, prediction_ttl_ms, max_predictions). Flags override it.
     #[arg(long)]
