@@ -19,6 +19,15 @@ pub enum ConfigError {
     Invalid { key: String, reason: String },
 }
 
+impl From<crate::tier::ConfigError> for ConfigError {
+    fn from(e: crate::tier::ConfigError) -> Self {
+        ConfigError::Invalid {
+            key: e.key,
+            reason: e.reason,
+        }
+    }
+}
+
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -69,6 +78,10 @@ pub struct NamespaceConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub serve: ServeConfig,
+    /// `[blocks]`: block size and placement policy.
+    pub blocks: crate::block::BlockConfig,
+    /// `[tiers.hbm]`, `[tiers.host]`, `[tiers.nvme]`.
+    pub tiers: crate::tier::TiersConfig,
     /// When empty, any namespace may be used, but only by the daemon's own uid.
     pub namespaces: Vec<NamespaceConfig>,
 }
@@ -139,6 +152,8 @@ impl Config {
                 format!("at most 10000 (10 ms), got {}", s.spin_us),
             ));
         }
+        self.blocks.validate("blocks")?;
+        self.tiers.validate(self.blocks.block_bytes)?;
         let mut seen = std::collections::HashSet::new();
         for (i, ns) in self.namespaces.iter().enumerate() {
             let key = format!("namespaces[{i}].name");
@@ -172,25 +187,73 @@ impl Config {
             .any(|ns| ns.name == name && ns.uids.contains(&uid))
     }
 
-    /// The documented default configuration, as TOML.
+    /// The documented default configuration, as TOML. Values come from the `Default`
+    /// impls, so this text cannot drift from what the daemon uses (a test parses it back).
     pub fn default_toml() -> String {
-        let s = ServeConfig::default();
+        let d = Config::default();
+        let s = &d.serve;
+        let b = &d.blocks;
+        let h = &d.tiers.host;
+        let n = &d.tiers.nvme;
         format!(
             r#"# kvplane daemon configuration. Every key is shown with its default.
 
 [serve]
 # Unix socket engines connect to.
-socket_path = "{}"
+socket_path = "{socket}"
 # Permission bits of the socket file; each attach is also checked per uid (SO_PEERCRED).
-socket_mode = 0o{:o}
+socket_mode = 0o{mode:o}
 # Sessions served at once; further attaches are refused with a reason.
-max_sessions = {}
+max_sessions = {max_sessions}
 # Largest argument arena one session may ask for, in bytes.
-max_arena_bytes = {}
+max_arena_bytes = {max_arena}
 # Most queue pairs per session (1..=16).
-max_queue_pairs = {}
+max_queue_pairs = {max_qp}
 # Microseconds a data-plane thread spins on an idle session before sleeping on its futex.
-spin_us = {}
+spin_us = {spin}
+
+[blocks]
+# Bytes of one block: all layers of one engine page (layers * planes * tokens * heads *
+# head bytes). An engine's KV layout must describe exactly this size.
+block_bytes = {block_bytes}
+# NVMe admission: times a block must be seen again after its first save before an
+# eviction from the host tier writes it to NVMe (0 admits everything).
+nvme_admit_min_hits = {admit}
+# Write every save through to NVMe before it completes.
+write_through = {write_through}
+
+[tiers.hbm]
+# G1 arena bytes (on the host backend, host memory standing in for HBM). 0 disables G1.
+capacity_bytes = {hbm}
+
+[tiers.host]
+# Pinned host pool bytes (G2), carved into block slots at start-up.
+capacity_bytes = {host}
+# mlock the pool (needs CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK).
+lock = {lock}
+# "auto" (2 MiB hugepages when enough are reserved), "always" or "never".
+hugepages = "auto"
+# NUMA node for the pool; unset = the node of cpus[0], if any.
+# numa_node = 0
+# CPUs the data plane runs on.
+cpus = []
+# Threads touching the pool at start-up (0 = all CPUs).
+touch_threads = {touch}
+
+[tiers.nvme]
+# Files (preallocated) or raw block devices; empty disables the NVMe tier.
+paths = []
+# Bytes per file.
+capacity_bytes = {nvme_cap}
+# "auto" (io_uring, else pread/pwrite), "io_uring" or "sync".
+engine = "auto"
+# I/O operations in flight per thread, and pushed per submit.
+queue_depth = {qd}
+batch_size = {batch}
+# O_DIRECT (bypass the page cache).
+direct = {direct}
+# Read and checksum every stored block at start-up (otherwise on every load).
+verify_on_scan = {verify}
 
 # Namespaces (tenant + model + LoRA) and the uids that may use each. With none listed,
 # any namespace may be used, but only by the daemon's own uid.
@@ -198,12 +261,24 @@ spin_us = {}
 # name = "tenant-a/llama-70b"
 # uids = [1000]
 "#,
-            s.socket_path.display(),
-            s.socket_mode,
-            s.max_sessions,
-            s.max_arena_bytes,
-            s.max_queue_pairs,
-            s.spin_us
+            socket = s.socket_path.display(),
+            mode = s.socket_mode,
+            max_sessions = s.max_sessions,
+            max_arena = s.max_arena_bytes,
+            max_qp = s.max_queue_pairs,
+            spin = s.spin_us,
+            block_bytes = b.block_bytes,
+            admit = b.nvme_admit_min_hits,
+            write_through = b.write_through,
+            hbm = d.tiers.hbm.capacity_bytes,
+            host = h.capacity_bytes,
+            lock = h.lock,
+            touch = h.touch_threads,
+            nvme_cap = n.capacity_bytes,
+            qd = n.queue_depth,
+            batch = n.batch_size,
+            direct = n.direct,
+            verify = n.verify_on_scan,
         )
     }
 }

@@ -62,20 +62,41 @@ pub struct DaemonProc {
     pub log: PathBuf,
 }
 
+/// A small daemon config for tests: 64 KiB blocks, a 16 MiB host pool (not locked, no
+/// hugepages), `extra` appended (e.g. an NVMe section).
+pub fn small_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("kvplane.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[blocks]\nblock_bytes = 65536\n[tiers.host]\ncapacity_bytes = 16777216\nlock = false\nhugepages = \"never\"\ntouch_threads = 1\n{extra}"
+        ),
+    )
+    .expect("write config");
+    path
+}
+
 impl DaemonProc {
+    /// `kvplane serve` with the small test config unless `extra_args` names a `--config`.
     pub fn start(dir: &Path, extra_args: &[&str]) -> DaemonProc {
         let socket = dir.join("kvplane.sock");
         let log = dir.join("daemon.log");
-        let child = Command::new(kvplane_bin())
-            .arg("serve")
-            .arg("--socket")
-            .arg(&socket)
+        let mut cmd = Command::new(kvplane_bin());
+        cmd.arg("serve").arg("--socket").arg(&socket);
+        if !extra_args.contains(&"--config") {
+            cmd.arg("--config").arg(small_config(dir, ""));
+        }
+        let child = cmd
             .args(extra_args)
             .env("KVPLANE_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn kvplane serve");
+        Self::adopt(child, socket, log)
+    }
+
+    fn adopt(child: Child, socket: PathBuf, log: PathBuf) -> DaemonProc {
         let mut d = DaemonProc { child, socket, log };
         d.wait_ready(Duration::from_secs(20));
         d
@@ -167,4 +188,155 @@ pub fn ping_json(socket: &Path, count: u64) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("ping prints JSON")
+}
+
+/// A test engine: a session with a KV buffer (a sealed memfd laid out like vLLM's
+/// `[2, pages, tokens, heads, head_bytes]` per layer) and its layout attached. Its block is
+/// 4 layers x 2 planes x 16 tokens x 4 heads x 128 bytes = 64 KiB, the small config's size.
+pub struct TestEngine {
+    pub session: kvplane_shm::Session,
+    pub qp: kvplane_shm::QueuePair,
+    pub kv: kvplane_shm::Segment,
+    pub layout: kvplane_ffi::kvp_kv_layout,
+    next_user_data: u64,
+}
+
+pub const TEST_PAGES: u64 = 32;
+pub const TEST_PAGE_BYTES: u64 = 16 * 4 * 128;
+pub const TEST_LAYERS: usize = 4;
+
+impl TestEngine {
+    pub fn attach(socket: &Path, namespace: &str) -> Result<TestEngine, kvplane_shm::ShmError> {
+        use kvplane_ffi::Pod;
+        let bytes = TEST_LAYERS as u64 * 2 * TEST_PAGES * TEST_PAGE_BYTES;
+        let fd = kvplane_shm::sys::memfd_create_sealed("test-kv", bytes).expect("memfd");
+        let kv = kvplane_shm::Segment::map_fd(fd.try_clone().expect("dup"), bytes)?;
+        let mut opts = kvplane_shm::AttachOptions::new(socket);
+        opts.namespaces = vec![namespace.to_string()];
+        opts.kv_buffer = Some((fd, bytes));
+        let mut session = kvplane_shm::Session::attach(opts)?;
+        let qp = session.take_queue_pairs()?.remove(0);
+        let mut layout = kvplane_ffi::kvp_kv_layout::zeroed();
+        layout.num_layers = TEST_LAYERS as u32;
+        layout.kv_planes = 2;
+        layout.page_tokens = 16;
+        layout.kv_heads = 4;
+        layout.head_bytes = 128;
+        layout.dtype_bytes = 2;
+        layout.num_pages = TEST_PAGES;
+        layout.page_stride_bytes = TEST_PAGE_BYTES;
+        layout.token_stride_bytes = 4 * 128;
+        layout.head_stride_bytes = 128;
+        layout.buffer_bytes = bytes;
+        for l in 0..TEST_LAYERS {
+            for p in 0..2 {
+                layout.plane_offset[p][l] = ((l * 2 + p) as u64) * TEST_PAGES * TEST_PAGE_BYTES;
+            }
+        }
+        let mut e = TestEngine {
+            session,
+            qp,
+            kv,
+            layout,
+            next_user_data: 1,
+        };
+        let c = e.op(
+            kvplane_ffi::Opcode::AttachLayout,
+            0,
+            kvplane_ffi::as_bytes(&layout).to_vec(),
+            0,
+            0,
+        );
+        assert_eq!(c.status, 0, "attach layout: {c:?}");
+        Ok(e)
+    }
+
+    /// Submit one op with `arg` at arena offset 0 and wait for it.
+    pub fn op(
+        &mut self,
+        opcode: kvplane_ffi::Opcode,
+        flags: u16,
+        arg: Vec<u8>,
+        count: u32,
+        namespace_id: u32,
+    ) -> kvplane_ffi::kvp_cqe {
+        self.qp.write_arena(0, &arg).expect("arena");
+        let mut s = kvplane_shm::client::sqe(opcode, self.next_user_data);
+        self.next_user_data += 1;
+        s.flags = flags;
+        s.arg_len = arg.len() as u32;
+        s.count = count;
+        s.namespace_id = namespace_id;
+        self.qp
+            .call(s, Duration::from_secs(10))
+            .expect("completion")
+    }
+
+    /// A block op batch over (hash, parent, page).
+    pub fn block_op(
+        &mut self,
+        opcode: kvplane_ffi::Opcode,
+        flags: u16,
+        blocks: &[(u64, u64, u32)],
+    ) -> (kvplane_ffi::kvp_cqe, Vec<kvplane_ffi::kvp_block_op>) {
+        use kvplane_ffi::Pod;
+        let mut arg = Vec::with_capacity(blocks.len() * 24);
+        for &(hash, parent, page) in blocks {
+            let mut o = kvplane_ffi::kvp_block_op::zeroed();
+            o.hash = hash;
+            o.parent_hash = parent;
+            o.engine_block = page;
+            arg.extend_from_slice(kvplane_ffi::as_bytes(&o));
+        }
+        let c = self.op(opcode, flags, arg, blocks.len() as u32, 0);
+        let mut out = vec![kvplane_ffi::kvp_block_op::zeroed(); blocks.len()];
+        self.qp.read_block_ops(0, &mut out).expect("read ops");
+        (c, out)
+    }
+
+    /// Fill page `page` with bytes derived from `seed` (every byte, all layers and planes).
+    pub fn fill_page(&self, page: u32, seed: u64) {
+        for (i, off) in self.page_regions(page).into_iter().enumerate() {
+            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64 + 1);
+            let bytes: Vec<u8> = (0..TEST_PAGE_BYTES)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            self.kv.write_bytes(off, &bytes).expect("write page");
+        }
+    }
+
+    /// The bytes of page `page` across all layers and planes.
+    pub fn read_page(&self, page: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        for off in self.page_regions(page) {
+            let mut b = vec![0u8; TEST_PAGE_BYTES as usize];
+            self.kv.read_bytes(off, &mut b).expect("read page");
+            out.extend_from_slice(&b);
+        }
+        out
+    }
+
+    /// Overwrite a page with a poison pattern.
+    pub fn poison_page(&self, page: u32) {
+        for off in self.page_regions(page) {
+            self.kv
+                .write_bytes(off, &vec![0xEEu8; TEST_PAGE_BYTES as usize])
+                .expect("poison");
+        }
+    }
+
+    fn page_regions(&self, page: u32) -> Vec<u64> {
+        let mut v = Vec::new();
+        for l in 0..TEST_LAYERS {
+            for p in 0..2 {
+                v.push(self.layout.plane_offset[p][l] + page as u64 * TEST_PAGE_BYTES);
+            }
+        }
+        v
+    }
 }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use kvplane_ffi::{Opcode, Pod, Status, kvp_cqe, kvp_sqe, kvp_stats};
 use kvplane_shm::{AttachOptions, QueuePair, Session, ShmError, client};
-use kvplane_tests::{DaemonProc, cpu_ticks, kvplane_bin, ping_json, signal, temp_dir};
+use kvplane_tests::{
+    DaemonProc, cpu_ticks, kvplane_bin, ping_json, signal, small_config, temp_dir,
+};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -249,12 +251,14 @@ fn garbage_in_the_segment_gets_error_completions_and_the_daemon_lives() {
 #[test]
 fn attach_limits_and_namespace_rules_are_enforced() {
     let dir = temp_dir("attach");
-    let config = dir.path().join("kvplane.toml");
-    std::fs::write(&config, "[serve]\nmax_sessions = 1\nmax_queue_pairs = 2\n[[namespaces]]\nname = \"ok\"\nuids = [0]\n").unwrap();
-    // The test runs as some uid; allow it explicitly for "ok".
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
-    std::fs::write(&config, format!("[serve]\nmax_sessions = 1\nmax_queue_pairs = 2\n[[namespaces]]\nname = \"ok\"\nuids = [{uid}]\n")).unwrap();
+    let config = small_config(
+        dir.path(),
+        &format!(
+            "[serve]\nmax_sessions = 1\nmax_queue_pairs = 2\n[[namespaces]]\nname = \"ok\"\nuids = [{uid}]\n"
+        ),
+    );
     let daemon = DaemonProc::start(dir.path(), &["--config", config.to_str().unwrap()]);
     let refused = |o: AttachOptions| match Session::attach(o) {
         Err(ShmError::AttachRefused { status, message }) => (status, message),

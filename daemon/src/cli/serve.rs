@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::CliResult;
+use crate::block::{BlockManager, ManagerOptions};
 use crate::config::Config;
 use crate::control::signals;
 use crate::dataplane::DataPlane;
@@ -42,7 +43,17 @@ pub fn run(args: ServeArgs) -> CliResult {
     }
     let config = load_config(&args)?;
     signals::block_termination()?;
-    let daemon = Daemon::start(config, Arc::new(DataPlane::new()))?;
+    let t0 = std::time::Instant::now();
+    let blocks = BlockManager::new(&config.blocks, &config.tiers, ManagerOptions::default())?;
+    let pool = blocks.host_pool().report();
+    tracing::info!(
+        block_bytes = config.blocks.block_bytes,
+        host_pool_bytes = pool.bytes,
+        host_pool_touch_s = pool.touch_seconds,
+        startup_s = t0.elapsed().as_secs_f64(),
+        "tiers ready"
+    );
+    let daemon = Daemon::start(config, Arc::new(DataPlane::with_blocks(Arc::new(blocks))))?;
     let sig = signals::wait_termination()?;
     tracing::info!(signal = sig, "shutting down: finishing in-flight batches");
     daemon.shutdown();

@@ -1,21 +1,40 @@
 //! The data plane: what each validated request does. Runs on the session threads, never
 //! on tokio. Requests arrive already validated against the segment geometry
-//! (`kvplane_shm::server::validate_sqe`); what is checked here is their meaning.
+//! (`kvplane_shm::server::validate_sqe`); what is checked here is their meaning: the KV
+//! layout, page ids, namespaces. Block bytes move between the engine's KV buffer and the
+//! block manager's slots through the host builds of the CUDA kernels.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use kvplane_ffi::{self as ffi, Opcode, Pod, Status, kvp_cqe, kvp_stats};
+use kvplane_ffi::{
+    self as ffi, Opcode, Pod, Status, kvp_block_op, kvp_cqe, kvp_kv_layout, kvp_stats,
+};
+use kvplane_kernels::host::{EngineKv, HostLaunch};
+use kvplane_kernels::layout::PagedLayout;
 use kvplane_shm::Segment;
 use kvplane_shm::server::{Request, completion};
 use kvplane_shm::sys::PeerCred;
+
+use crate::block::{BlockManager, LoadFailure, Tier};
 
 /// Global namespace id: stable across restarts (NVMe slots record it), derived from the
 /// name. Collisions between two live names are refused at attach.
 pub fn namespace_id(name: &str) -> u32 {
     let h = xxhash_rust::xxh3::xxh3_64(name.as_bytes());
     (h ^ (h >> 32)) as u32
+}
+
+/// The ABI's tier code for a daemon tier.
+pub fn abi_tier(t: Tier) -> u32 {
+    match t {
+        Tier::Hbm => ffi::Tier::Hbm.raw(),
+        Tier::Host => ffi::Tier::Host.raw(),
+        Tier::Nvme => ffi::Tier::Nvme.raw(),
+        Tier::None => ffi::Tier::None.raw(),
+    }
 }
 
 /// Daemon-wide counters (relaxed atomics: statistics, not synchronisation).
@@ -27,9 +46,47 @@ pub struct Counters {
     pub sessions_total: AtomicU64,
     pub sessions_reclaimed: AtomicU64,
     pub protocol_violations: AtomicU64,
+    pub blocks_saved: AtomicU64,
+    pub blocks_loaded: AtomicU64,
+    pub bytes_saved: AtomicU64,
+    pub bytes_loaded: AtomicU64,
 }
 
-/// What the daemon keeps about one session, private to its thread.
+/// The engine's KV buffer, mapped, and the layout attached to it.
+pub struct EngineBuffer {
+    // Field order is drop order: the raw view goes before the mapping it points into.
+    kv: EngineKv,
+    layout: Option<PagedLayout>,
+    _mapping: Segment,
+}
+
+impl std::fmt::Debug for EngineBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineBuffer")
+            .field("bytes", &self.kv.len_bytes())
+            .finish()
+    }
+}
+
+impl EngineBuffer {
+    pub fn new(mapping: Segment) -> Result<Self, kvplane_shm::ShmError> {
+        let len = mapping.len();
+        let base = mapping.ptr_checked(0, len, 1)?;
+        let base = std::ptr::NonNull::new(base).expect("a mapping is never at address 0");
+        // SAFETY: the mapping is owned by this struct and dropped after `kv` (field order),
+        // so base..base+len stays valid for reads and writes for kv's whole life; the
+        // engine may write it concurrently, which EngineKv's contract allows.
+        let kv = unsafe { EngineKv::new(base, len as usize) };
+        Ok(EngineBuffer {
+            kv,
+            layout: None,
+            _mapping: mapping,
+        })
+    }
+}
+
+/// What the daemon keeps about one session, private to its thread. The scratch vectors
+/// are sized on first use and reused, so steady-state operations do not allocate.
 #[derive(Debug)]
 pub struct SessionData {
     pub id: u64,
@@ -37,7 +94,31 @@ pub struct SessionData {
     /// Global namespace ids, indexed by the session's namespace_id.
     pub namespaces: Vec<u32>,
     /// Host backend: the engine's KV buffer, mapped.
-    pub kv_buffer: Option<Segment>,
+    pub engine: Option<EngineBuffer>,
+    ops: Vec<kvp_block_op>,
+    hashes: Vec<u64>,
+    chain: Vec<(u64, Option<u64>)>,
+    tiers: Vec<Tier>,
+}
+
+impl SessionData {
+    pub fn new(
+        id: u64,
+        peer: PeerCred,
+        namespaces: Vec<u32>,
+        engine: Option<EngineBuffer>,
+    ) -> Self {
+        SessionData {
+            id,
+            peer,
+            namespaces,
+            engine,
+            ops: Vec::new(),
+            hashes: Vec::new(),
+            chain: Vec::new(),
+            tiers: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,15 +131,58 @@ pub enum NamespaceError {
     },
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct DataPlane {
     pub counters: Counters,
     names: Mutex<HashMap<u32, String>>,
+    blocks: Option<Arc<BlockManager>>,
+    launch: HostLaunch,
+}
+
+impl std::fmt::Debug for DataPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPlane")
+            .field("blocks", &self.blocks.is_some())
+            .finish()
+    }
+}
+
+fn done(
+    user_data: u64,
+    status: Status,
+    blocks: usize,
+    bytes: u64,
+    tier: u32,
+    detail: u32,
+) -> kvp_cqe {
+    let mut c = completion(user_data, status);
+    c.blocks = blocks as u32;
+    c.bytes = bytes;
+    c.tier = tier;
+    c.detail = detail;
+    c
+}
+
+fn micros_since(t0: Instant) -> u32 {
+    t0.elapsed().as_micros().min(u32::MAX as u128) as u32
 }
 
 impl DataPlane {
+    /// A data plane without block storage: NOP and STATS only (ring benchmarks).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A data plane serving block operations from `blocks`.
+    pub fn with_blocks(blocks: Arc<BlockManager>) -> Self {
+        DataPlane {
+            blocks: Some(blocks),
+            ..Self::default()
+        }
+    }
+
+    pub fn blocks(&self) -> Option<&Arc<BlockManager>> {
+        self.blocks.as_ref()
     }
 
     /// Resolve a session's namespace names to global ids.
@@ -85,14 +209,17 @@ impl DataPlane {
         Ok(ids)
     }
 
-    /// Serve one validated request; the returned completion carries its user_data.
-    /// The caller accounts the completion with `count` (once per batch, not per op).
+    /// Serve one validated request; the returned completion carries its user_data. The
+    /// caller accounts the completion with `count` (once per batch, not per op).
     pub fn handle(&self, session: &mut SessionData, seg: &Segment, req: &Request) -> kvp_cqe {
         match req.opcode {
             Opcode::Nop => completion(req.user_data, Status::Ok),
             Opcode::Stats => self.stats(session, seg, req),
-            // The block operations are served once the block manager is wired in.
-            _ => completion(req.user_data, Status::Unsupported),
+            Opcode::AttachLayout => self.attach_layout(session, seg, req),
+            _ => match &self.blocks {
+                None => completion(req.user_data, Status::Unsupported),
+                Some(blocks) => self.block_op(blocks, session, seg, req),
+            },
         }
     }
 
@@ -110,13 +237,314 @@ impl DataPlane {
         }
     }
 
+    fn attach_layout(&self, session: &mut SessionData, seg: &Segment, req: &Request) -> kvp_cqe {
+        let fail = |status, detail| done(req.user_data, status, 0, 0, 0, detail);
+        let Ok(raw) = seg.read_pod::<kvp_kv_layout>(req.arg_offset) else {
+            return fail(Status::Internal, 0);
+        };
+        let Some(engine) = session.engine.as_mut() else {
+            // No KV buffer was registered at attach: nothing to describe.
+            return fail(Status::BadArg, 1);
+        };
+        let layout = match PagedLayout::new(&raw) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(session = session.id, error = %e, "layout rejected");
+                return fail(Status::BadArg, 2);
+            }
+        };
+        if raw.buffer_bytes > engine.kv.len_bytes() as u64 {
+            return fail(Status::BadArg, 3);
+        }
+        if let Some(blocks) = &self.blocks
+            && layout.info().block_bytes != blocks.block_bytes() as u64
+        {
+            tracing::debug!(
+                session = session.id,
+                layout_block_bytes = layout.info().block_bytes,
+                daemon_block_bytes = blocks.block_bytes(),
+                "layout block size differs from the daemon's"
+            );
+            return fail(Status::BadArg, 4);
+        }
+        engine.layout = Some(layout);
+        done(req.user_data, Status::Ok, 0, 0, 0, 0)
+    }
+
+    /// Copy the request's block ops out of shared memory (never re-read: the engine may
+    /// change them under us) and resolve the namespace.
+    fn read_ops(session: &mut SessionData, seg: &Segment, req: &Request) -> Option<u32> {
+        let ns = *session.namespaces.get(req.namespace_id as usize)?;
+        let n = req.count as usize;
+        session.ops.resize(n, kvp_block_op::zeroed());
+        // SAFETY: kvp_block_op is Pod; viewing our own vector as bytes to fill it is valid.
+        let raw = unsafe {
+            std::slice::from_raw_parts_mut(
+                session.ops.as_mut_ptr().cast::<u8>(),
+                n * std::mem::size_of::<kvp_block_op>(),
+            )
+        };
+        seg.read_bytes(req.arg_offset, raw).ok()?;
+        session.hashes.clear();
+        session.hashes.extend(session.ops.iter().map(|o| o.hash));
+        Some(ns)
+    }
+
+    fn write_ops_back(session: &SessionData, seg: &Segment, req: &Request) {
+        let bytes = session.ops.len() * std::mem::size_of::<kvp_block_op>();
+        // SAFETY: kvp_block_op is Pod; reading our own vector as bytes.
+        let raw = unsafe { std::slice::from_raw_parts(session.ops.as_ptr().cast::<u8>(), bytes) };
+        // The range was validated (arg_len == count * 24 inside the slice).
+        let _ = seg.write_bytes(req.arg_offset, raw);
+    }
+
+    fn block_op(
+        &self,
+        blocks: &BlockManager,
+        session: &mut SessionData,
+        seg: &Segment,
+        req: &Request,
+    ) -> kvp_cqe {
+        let ud = req.user_data;
+        if req.opcode == Opcode::ClearNamespace {
+            let Some(&ns) = session.namespaces.get(req.namespace_id as usize) else {
+                return done(ud, Status::Namespace, 0, 0, 0, 0);
+            };
+            let r = blocks.clear_namespace(ns);
+            return done(ud, Status::Ok, r.dropped, 0, 0, r.busy as u32);
+        }
+        let Some(ns) = Self::read_ops(session, seg, req) else {
+            return done(ud, Status::Namespace, 0, 0, 0, 0);
+        };
+        match req.opcode {
+            Opcode::Lookup => {
+                session.tiers.clear();
+                session.tiers.resize(session.hashes.len(), Tier::None);
+                let hits = blocks.lookup(ns, &session.hashes, &mut session.tiers);
+                for (op, t) in session.ops.iter_mut().zip(&session.tiers) {
+                    op.tier = abi_tier(*t) as u8;
+                    op.status = 0;
+                }
+                Self::write_ops_back(session, seg, req);
+                let slowest = session.tiers[..hits]
+                    .iter()
+                    .copied()
+                    .max()
+                    .unwrap_or(Tier::None);
+                done(ud, Status::Ok, hits, 0, abi_tier(slowest), 0)
+            }
+            Opcode::Save => self.save(blocks, session, req, ns),
+            Opcode::Load => self.load(blocks, session, seg, req, ns),
+            Opcode::Pin => done(
+                ud,
+                Status::Ok,
+                blocks.pin(session.id, ns, &session.hashes),
+                0,
+                0,
+                0,
+            ),
+            Opcode::Unpin => done(
+                ud,
+                Status::Ok,
+                blocks.unpin(session.id, ns, &session.hashes),
+                0,
+                0,
+                0,
+            ),
+            Opcode::Drop => {
+                let r = blocks.drop_blocks(ns, &session.hashes);
+                done(ud, Status::Ok, r.dropped, 0, 0, r.busy as u32)
+            }
+            _ => done(ud, Status::Internal, 0, 0, 0, 0),
+        }
+    }
+
+    /// Check that every page id of the batch exists in the engine's pool; the index of
+    /// the first bad one otherwise.
+    fn check_pages(session: &SessionData, layout: &PagedLayout) -> Result<(), usize> {
+        match session
+            .ops
+            .iter()
+            .position(|o| u64::from(o.engine_block) >= layout.num_pages())
+        {
+            Some(i) => Err(i),
+            None => Ok(()),
+        }
+    }
+
+    fn save(
+        &self,
+        blocks: &BlockManager,
+        session: &mut SessionData,
+        req: &Request,
+        ns: u32,
+    ) -> kvp_cqe {
+        let ud = req.user_data;
+        let Some(engine) = session.engine.as_ref() else {
+            return done(ud, Status::NoLayout, 0, 0, 0, 0);
+        };
+        let Some(layout) = engine.layout.as_ref() else {
+            return done(ud, Status::NoLayout, 0, 0, 0, 0);
+        };
+        if let Err(i) = Self::check_pages(session, layout) {
+            return done(ud, Status::BadArg, 0, 0, 0, i as u32);
+        }
+        session.chain.clear();
+        session.chain.extend(
+            session
+                .ops
+                .iter()
+                .map(|o| (o.hash, (o.parent_hash != 0).then_some(o.parent_hash))),
+        );
+        let priority = u8::from(req.flags & ffi::SQE_F_HIGH_PRIORITY != 0);
+        let write_through = req.flags & ffi::SQE_F_WRITE_THROUGH != 0;
+        let ops = &session.ops;
+        let launch = self.launch;
+        let t0 = Instant::now();
+        let result = blocks.save(
+            session.id,
+            ns,
+            &session.chain,
+            priority,
+            write_through,
+            |i, bytes| {
+                let page = [ops[i].engine_block];
+                kvplane_kernels::host::gather(&engine.kv, layout, &page, bytes, launch)
+            },
+        );
+        let us = micros_since(t0);
+        match result {
+            Ok(r) => {
+                let saved = r.stored + r.already_present;
+                self.counters
+                    .blocks_saved
+                    .fetch_add(r.stored as u64, Ordering::Relaxed);
+                self.counters
+                    .bytes_saved
+                    .fetch_add(r.bytes, Ordering::Relaxed);
+                let tier = if write_through && r.nvme_written > 0 {
+                    Tier::Nvme
+                } else {
+                    Tier::Host
+                };
+                let status = if r.no_space > 0 {
+                    Status::NoSpace
+                } else if write_through && r.nvme_error.is_some() {
+                    Status::Io
+                } else {
+                    Status::Ok
+                };
+                done(ud, status, saved, r.bytes, abi_tier(tier), us)
+            }
+            Err(e) => {
+                tracing::warn!(session = session.id, error = %e, "save failed");
+                done(ud, Status::Internal, 0, 0, 0, us)
+            }
+        }
+    }
+
+    fn load(
+        &self,
+        blocks: &BlockManager,
+        session: &mut SessionData,
+        seg: &Segment,
+        req: &Request,
+        ns: u32,
+    ) -> kvp_cqe {
+        let ud = req.user_data;
+        let Some(engine) = session.engine.as_ref() else {
+            return done(ud, Status::NoLayout, 0, 0, 0, 0);
+        };
+        let Some(layout) = engine.layout.as_ref() else {
+            return done(ud, Status::NoLayout, 0, 0, 0, 0);
+        };
+        if let Err(i) = Self::check_pages(session, layout) {
+            return done(ud, Status::BadArg, 0, 0, 0, i as u32);
+        }
+        // Two blocks into one page in one batch is a bug in the engine (and a race on a GPU).
+        {
+            let mut seen: Vec<u32> = session.ops.iter().map(|o| o.engine_block).collect();
+            seen.sort_unstable();
+            if seen.windows(2).any(|w| w[0] == w[1]) {
+                return done(ud, Status::BadArg, 0, 0, 0, 0);
+            }
+        }
+        let ops = &session.ops;
+        let launch = self.launch;
+        let t0 = Instant::now();
+        let result = blocks.load(session.id, ns, &session.hashes, |i, bytes| {
+            let page = [ops[i].engine_block];
+            kvplane_kernels::host::scatter(&engine.kv, layout, &page, bytes, launch)
+        });
+        let us = micros_since(t0);
+        let r = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(session = session.id, error = %e, "load failed");
+                return done(ud, Status::Internal, 0, 0, 0, us);
+            }
+        };
+        self.counters
+            .blocks_loaded
+            .fetch_add(r.loaded as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_loaded
+            .fetch_add(r.bytes, Ordering::Relaxed);
+        for (i, op) in session.ops.iter_mut().enumerate() {
+            op.tier = r
+                .tiers
+                .get(i)
+                .map_or(ffi::Tier::None.raw(), |t| abi_tier(*t)) as u8;
+            op.status = 0;
+        }
+        let prefix_only = req.flags & ffi::SQE_F_PREFIX_ONLY != 0;
+        let status = match &r.failure {
+            None => Status::Ok,
+            Some((i, why)) => {
+                let s = match why {
+                    LoadFailure::Missing => Status::NotFound,
+                    LoadFailure::NoSpace => Status::NoSpace,
+                    LoadFailure::Corrupt(_) => Status::Corrupt,
+                    LoadFailure::Io(_) => Status::Io,
+                };
+                if let Some(op) = session.ops.get_mut(*i) {
+                    op.status = s.raw() as u8;
+                }
+                if prefix_only { Status::Ok } else { s }
+            }
+        };
+        Self::write_ops_back(session, seg, req);
+        let detail = match (&r.failure, status) {
+            (Some((i, _)), s) if s != Status::Ok => *i as u32,
+            _ => us,
+        };
+        done(ud, status, r.loaded, r.bytes, abi_tier(r.slowest), detail)
+    }
+
     fn stats(&self, session: &SessionData, seg: &Segment, req: &Request) -> kvp_cqe {
         let mut st: kvp_stats = Pod::zeroed();
+        let c = &self.counters;
         st.session_id = session.id;
-        st.ops_completed = self.counters.ops_completed.load(Ordering::Relaxed);
-        st.ops_failed = self.counters.ops_failed.load(Ordering::Relaxed);
-        st.sessions_active = self.counters.sessions_active.load(Ordering::Relaxed);
+        st.ops_completed = c.ops_completed.load(Ordering::Relaxed);
+        st.ops_failed = c.ops_failed.load(Ordering::Relaxed);
+        st.sessions_active = c.sessions_active.load(Ordering::Relaxed);
+        st.blocks_saved = c.blocks_saved.load(Ordering::Relaxed);
+        st.blocks_loaded = c.blocks_loaded.load(Ordering::Relaxed);
+        st.bytes_saved = c.bytes_saved.load(Ordering::Relaxed);
+        st.bytes_loaded = c.bytes_loaded.load(Ordering::Relaxed);
         st.backend = 0;
+        if let Some(blocks) = &self.blocks {
+            let s = blocks.stats();
+            for t in &s.tiers {
+                let i = abi_tier(t.tier) as usize;
+                if i < 4 {
+                    st.tier_capacity_blocks[i] = t.capacity_slots as u64;
+                    st.tier_used_blocks[i] = t.used_slots as u64;
+                }
+            }
+            st.lookup_hits = s.lookup_hits;
+            st.lookup_misses = s.lookup_misses;
+        }
         match seg.write_pod(req.arg_offset, &st) {
             Ok(()) => {
                 let mut c = completion(req.user_data, Status::Ok);
@@ -130,7 +558,16 @@ impl DataPlane {
 
     /// The session is gone (detached, killed or cut off): release what it held.
     pub fn session_ended(&self, session: &SessionData) {
-        let _ = session;
+        if let Some(blocks) = &self.blocks {
+            let released = blocks.release_session(session.id);
+            if released > 0 {
+                tracing::info!(
+                    session = session.id,
+                    leases = released,
+                    "released the session's leases"
+                );
+            }
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use kvplane_shm::server::{self, ServerHeader, completion, validate_sqe};
 use kvplane_shm::{Geometry, Segment, ShmError, WaitPolicy, sys};
 
 use crate::config::Config;
-use crate::dataplane::{DataPlane, SessionData};
+use crate::dataplane::{DataPlane, EngineBuffer, SessionData};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -399,24 +399,21 @@ fn admit(
         req.namespaces.len() as u32,
     )
     .map_err(|e| (Status::Internal, e.to_string()))?;
-    let kv_buffer = match &req.kv_buffer {
+    let engine = match &req.kv_buffer {
         None => None,
         Some((fd, bytes)) => {
             let fd = fd
                 .try_clone()
                 .map_err(|e| (Status::Internal, format!("dup KV buffer fd: {e}")))?;
+            let mapping = Segment::map_fd(fd, *bytes)
+                .map_err(|e| (Status::BadArg, format!("mapping the KV buffer: {e}")))?;
             Some(
-                Segment::map_fd(fd, *bytes)
-                    .map_err(|e| (Status::BadArg, format!("mapping the KV buffer: {e}")))?,
+                EngineBuffer::new(mapping)
+                    .map_err(|e| (Status::BadArg, format!("KV buffer: {e}")))?,
             )
         }
     };
-    let data = SessionData {
-        id: session_id,
-        peer: req.peer,
-        namespaces,
-        kv_buffer,
-    };
+    let data = SessionData::new(session_id, req.peer, namespaces, engine);
     Ok((seg, geometry, data))
 }
 
