@@ -117,3 +117,46 @@ pub fn run(args: RouterArgs) -> CliResult {
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: RouterArgs,
+    }
+
+    #[test]
+    fn config_file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("router.toml");
+        std::fs::write(
+            &path,
+            "grace_ms = 500\nblock_size = 32\n[route]\ndecode_weight = 0.25\ntier_credit = [1.0, 0.7, 0.3]\n",
+        )
+        .unwrap();
+        let cmd = Cmd::parse_from([
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+            "--block-size",
+            "64",
+            "--http-addr",
+            "127.0.0.1:9999",
+        ]);
+        let cfg = effective_config(&cmd.args).unwrap();
+        assert_eq!(cfg.grace_ms, 500);
+        assert_eq!(cfg.block_size, 64, "flag overrides file");
+        assert_eq!(cfg.route.decode_weight, 0.25);
+        assert_eq!(cfg.route.tier_credit, [1.0, 0.7, 0.3]);
+        assert_eq!(cfg.http_addr.port(), 9999);
+
+        std::fs::write(&path, "grace_msec = 1\n").unwrap();
+        let cmd = Cmd::parse_from(["x", "--config", path.to_str().unwrap()]);
+        let err = effective_config(&cmd.args).unwrap_err();
+        assert!(matches!(err, RouterCliError::Parse { .. }), "{err}");
+    }
+}
