@@ -922,6 +922,35 @@ mod tests {
     }
 
     #[test]
+    fn lookups_run_while_a_writer_applies_events() {
+        let idx = Arc::new(Index::new(IndexConfig::default()));
+        let stable = chain(1, 20);
+        idx.store("ns", 0, Tier::Hbm, None, &stable);
+        let writer = {
+            let idx = idx.clone();
+            let anchor = stable[9];
+            std::thread::spawn(move || {
+                for round in 0..200u64 {
+                    let c = chain(10_000 + round * 100, 30);
+                    idx.store("ns", 1 + round % 4, Tier::Host, Some(anchor), &c);
+                    idx.remove("ns", 1 + round % 4, None, &c[15..]);
+                }
+            })
+        };
+        let mut lookups = 0;
+        while !writer.is_finished() || lookups < 1_000 {
+            // The stable prefix is always fully visible, whatever the writer is doing.
+            let m = idx.find_matches("ns", &stable);
+            assert!(m.iter().any(|o| o.worker == 0 && o.blocks == 20));
+            lookups += 1;
+        }
+        writer.join().unwrap();
+        idx.with_tree("ns", |t| t.check_invariants().unwrap());
+        // 200 chains of 15 remaining blocks, all under stable[9].
+        assert_eq!(idx.block_count(), 20 + 200 * 15);
+    }
+
+    #[test]
     fn tiers_are_a_set() {
         let mut t = Tree::new();
         let a = chain(1, 3);
