@@ -321,7 +321,18 @@ impl<'a, T: Pod> Consumer<'a, T> {
 
     /// Cheap readiness probe for wait loops (one acquire load, no validation).
     pub fn has_entries(&self) -> bool {
-        self.view.tail.load(Ordering::Acquire) != self.head
+        if self.view.tail.load(Ordering::Acquire) != self.head {
+            return true;
+        }
+        // While waiting, also touch the slot the next entry will land in: its cache line
+        // then travels to this core alongside the tail's, instead of one miss after the
+        // other once the tail moves (a round trip is otherwise two serial misses per side).
+        let slot = (self.head & self.view.mask) as usize;
+        // SAFETY: slot < capacity within the bounds-checked entries array; a one-byte
+        // volatile read of memory the producer may be writing is a plain load of shared
+        // memory whose value we discard.
+        unsafe { std::ptr::read_volatile(self.view.entries.add(slot).cast::<u8>()) };
+        false
     }
 
     /// Copy up to `out.len()` entries out, release them to the producer once.
