@@ -166,7 +166,9 @@ pod!(
 pub fn as_bytes<T: Pod>(value: &T) -> &[u8] {
     // SAFETY: T is Pod (no pointers, no invalid bit patterns); reading its size in bytes
     // from a valid reference stays inside the object.
-    unsafe { core::slice::from_raw_parts((value as *const T).cast::<u8>(), core::mem::size_of::<T>()) }
+    unsafe {
+        core::slice::from_raw_parts((value as *const T).cast::<u8>(), core::mem::size_of::<T>())
+    }
 }
 
 /// Read a plain-old-data value from possibly unaligned bytes; `None` if too short.
