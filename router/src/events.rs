@@ -266,6 +266,8 @@ struct Shared {
     links: Vec<Link>,
     config: PublisherConfig,
     provider: SnapshotProvider,
+    /// Set by [`Publisher::shutdown`]; link tasks exit when it flips.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 /// The daemon's side of the event stream: streams events to every configured router,
@@ -311,11 +313,20 @@ impl Publisher {
             links,
             config,
             provider,
+            stop: tokio::sync::watch::Sender::new(false),
         });
         for (i, rx) in receivers.into_iter().enumerate() {
             runtime.spawn(link_task(shared.clone(), i, rx));
         }
         Publisher { shared }
+    }
+
+    /// Stops every router connection task (the publisher methods become no-ops).
+    pub fn shutdown(&self) {
+        self.shared.stop.send_replace(true);
+        for link in &self.shared.links {
+            link.stats.connected.store(false, Ordering::Release);
+        }
     }
 
     /// Counters of the link to `router`.
@@ -444,8 +455,19 @@ impl Shared {
 async fn link_task(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<Arc<[u8]>>) {
     let link = &shared.links[index];
     let cfg = &shared.config;
+    let mut stop = shared.stop.subscribe();
     let mut backoff_ms = cfg.backoff_initial_ms.max(1);
+    // Sleeps for the backoff unless shutdown comes first; false = stop.
+    async fn pause(stop: &mut tokio::sync::watch::Receiver<bool>, ms: u64) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => !*stop.borrow(),
+            _ = stop.changed() => false,
+        }
+    }
     loop {
+        if *stop.borrow() {
+            return;
+        }
         let connect = tokio::time::timeout(
             Duration::from_millis(cfg.connect_timeout_ms),
             tokio::net::TcpStream::connect(link.addr),
@@ -455,28 +477,35 @@ async fn link_task(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<Arc
             Ok(Ok(s)) => s,
             Ok(Err(err)) => {
                 tracing::debug!(%err, router = %link.addr, "router connect failed");
-                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                if !pause(&mut stop, backoff_ms).await {
+                    return;
+                }
                 backoff_ms = (backoff_ms * 2).min(cfg.backoff_max_ms.max(1));
                 continue;
             }
             Err(_) => {
-                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                if !pause(&mut stop, backoff_ms).await {
+                    return;
+                }
                 backoff_ms = (backoff_ms * 2).min(cfg.backoff_max_ms.max(1));
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
         link.stats.connects.fetch_add(1, Ordering::Relaxed);
-        match run_link(&shared, link, stream, &mut rx).await {
-            Ok(()) => tracing::info!(router = %link.addr, "router closed the event connection"),
+        let result = tokio::select! {
+            r = run_link(&shared, link, stream, &mut rx) => r,
+            _ = stop.changed() => Ok(()),
+        };
+        match result {
+            Ok(()) => tracing::info!(router = %link.addr, "event connection closed"),
             Err(err) => tracing::warn!(%err, router = %link.addr, "event connection lost"),
         }
         link.stats.connected.store(false, Ordering::Release);
-        if rx.is_closed() {
-            return; // the Publisher was dropped
-        }
         backoff_ms = cfg.backoff_initial_ms.max(1);
-        tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+        if !pause(&mut stop, backoff_ms).await {
+            return;
+        }
     }
 }
 

@@ -122,6 +122,12 @@ async fn publisher_snapshot_events_and_resync_after_drop() {
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 2
     );
+    // Shutdown closes the connection: the router sees the node's workers disconnect.
+    publisher.shutdown();
+    eventually("publisher connection closed", || {
+        state.worker_list().iter().all(|w| !w.connected)
+    })
+    .await;
     svc.shutdown();
 }
 
