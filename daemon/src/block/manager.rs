@@ -439,8 +439,15 @@ impl BlockManager {
         items: impl Iterator<Item = (BlockKey, Option<u64>, u32, u32, u64)>,
     ) -> Vec<Result<(), NvmeError>> {
         let store = self.nvme.as_ref().expect("NVMe tier configured");
-        let mut ios = Vec::new();
-        for (key, parent, host_slot, nvme_slot, generation) in items {
+        let jobs: Vec<(BlockKey, Option<u64>, u32, u32, u64)> = items.collect();
+        let ios: Vec<(u32, *mut u8)> = jobs
+            .iter()
+            .map(|j| (j.3, self.host.slot_ptr(j.2)))
+            .collect();
+        // Headers (with the data checksum) are made right before each write is submitted,
+        // overlapping the writes already in flight.
+        let mut prepare = |i: usize| {
+            let (key, parent, host_slot, _, generation) = jobs[i];
             let header = SlotHeader {
                 namespace: key.namespace,
                 hash: key.hash,
@@ -454,12 +461,11 @@ impl BlockManager {
             let (page, data) =
                 unsafe { (self.host.header_mut(host_slot), self.host.data(host_slot)) };
             store.encode_header(page, data, header);
-            ios.push((nvme_slot, self.host.slot_ptr(host_slot)));
-        }
+        };
         let mut results = Vec::with_capacity(ios.len());
         // SAFETY: host slots valid for slot_bytes; not written by anyone during the I/O (see
         // above).
-        unsafe { store.write_slots(&ios, &mut results) };
+        unsafe { store.write_slots_with(&ios, &mut prepare, &mut results) };
         let errors = results.iter().filter(|r| r.is_err()).count() as u64;
         self.counters
             .nvme_write_errors
@@ -710,17 +716,31 @@ impl BlockManager {
             let store = self.nvme.as_ref().expect("NVMe blocks imply an NVMe tier");
             let ios: Vec<(u32, *mut u8)> = reads.iter().map(|r| (r.0, r.1)).collect();
             let mut results = Vec::new();
+            // Each slot is verified as soon as its read completes, while others are in flight.
+            let mut verified: Vec<Option<Result<(), NvmeError>>> =
+                (0..ios.len()).map(|_| None).collect();
+            let mut check = |k: usize| {
+                let (slot, buf, generation) = reads[k];
+                // SAFETY: reserved for this call; the read of this slot completed.
+                let buf = unsafe { std::slice::from_raw_parts(buf, store.slot_bytes()) };
+                verified[k] = Some(
+                    store
+                        .verify(slot, buf, namespace, hashes[read_idx[k]], generation)
+                        .map(|_| ()),
+                );
+            };
             // SAFETY: each host slot is reserved (pending) for this call alone.
-            unsafe { store.read_slots(&ios, &mut results) };
+            unsafe { store.read_slots_with(&ios, &mut check, &mut results) };
             let mut reg = self.lock();
-            for ((&i, read), result) in read_idx.iter().zip(&reads).zip(results) {
+            for ((&i, result), verdict) in read_idx.iter().zip(results).zip(verified) {
                 let key = BlockKey::new(namespace, hashes[i]);
                 let outcome = result.and_then(|()| {
-                    // SAFETY: reserved for this call; the read completed.
-                    let buf = unsafe { std::slice::from_raw_parts(read.1, store.slot_bytes()) };
-                    store
-                        .verify(read.0, buf, namespace, hashes[i], read.2)
-                        .map(|_| ())
+                    verdict.unwrap_or_else(|| {
+                        Err(NvmeError::Corrupt {
+                            slot: u32::MAX,
+                            reason: "read completed but was not verified".into(),
+                        })
+                    })
                 });
                 match outcome {
                     Ok(()) => {

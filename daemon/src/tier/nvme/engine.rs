@@ -58,6 +58,28 @@ pub trait IoEngine: Send {
     /// Each op's `buf` is valid for `len` bytes (writable for reads) and not otherwise
     /// accessed until this returns.
     unsafe fn run(&mut self, ops: &mut [IoOp]) -> std::io::Result<()>;
+
+    /// Like [`IoEngine::run`], calling `before(i)` right before op i is submitted (e.g. to
+    /// checksum the block it writes) and `after(i)` as soon as it completes (e.g. to verify
+    /// what it read), so that CPU work overlaps the I/O of the other ops in flight. The
+    /// default runs all `before`s, the batch, then all `after`s.
+    ///
+    /// # Safety
+    /// As for [`IoEngine::run`]; `before(i)` may write op i's buffer, `after(i)` may read it.
+    unsafe fn run_with(
+        &mut self,
+        ops: &mut [IoOp],
+        before: &mut dyn FnMut(usize),
+        after: &mut dyn FnMut(usize, &IoOp),
+    ) -> std::io::Result<()> {
+        (0..ops.len()).for_each(&mut *before);
+        // SAFETY: forwarded contract.
+        unsafe { self.run(ops)? };
+        for (i, op) in ops.iter().enumerate() {
+            after(i, op);
+        }
+        Ok(())
+    }
 }
 
 /// pread/pwrite, one op at a time: for machines where io_uring is refused (seccomp,

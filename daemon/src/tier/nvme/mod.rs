@@ -387,14 +387,19 @@ impl NvmeStore {
     }
 
     /// Runs ops with a per-thread engine (taken from the pool, created on first use).
-    fn run(&self, ops: &mut [IoOp]) -> Result<(), NvmeError> {
+    fn run(
+        &self,
+        ops: &mut [IoOp],
+        before: &mut dyn FnMut(usize),
+        after: &mut dyn FnMut(usize, &IoOp),
+    ) -> Result<(), NvmeError> {
         let engine = self.engines.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut engine = match engine {
             Some(e) => e,
             None => (self.factory)()?,
         };
         // SAFETY: callers of the pub fns below guarantee buffer validity and exclusivity.
-        let r = unsafe { engine.run(ops) };
+        let r = unsafe { engine.run_with(ops, before, after) };
         match r {
             Ok(()) => {
                 self.engines
@@ -422,29 +427,86 @@ impl NvmeStore {
         }
     }
 
-    /// Writes header + block for each `(slot, buf)`; `buf` is a host-pool slot (header page
-    /// already filled by [`NvmeStore::encode_header`]) of `slot_bytes`. One result per item.
+    /// Writes header + block for each `(slot, buf)`; `buf` is a host-pool slot of
+    /// `slot_bytes` whose header page `prepare(i)` fills (see [`NvmeStore::encode_header`])
+    /// right before item i is submitted, so checksumming overlaps the other writes in
+    /// flight. One result per item.
     ///
     /// # Safety
-    /// Every `buf` is valid for `slot_bytes` and not written by anyone until this returns.
+    /// Every `buf` is valid for `slot_bytes` and not used by anyone else until this returns.
+    pub unsafe fn write_slots_with(
+        &self,
+        items: &[(u32, *mut u8)],
+        prepare: &mut dyn FnMut(usize),
+        results: &mut Vec<Result<(), NvmeError>>,
+    ) {
+        self.io(
+            IoKind::Write,
+            items,
+            self.slot_bytes,
+            prepare,
+            &mut |_| {},
+            results,
+        )
+    }
+
+    /// [`NvmeStore::write_slots_with`] with header pages already filled.
+    ///
+    /// # Safety
+    /// As for [`NvmeStore::write_slots_with`].
     pub unsafe fn write_slots(
         &self,
         items: &[(u32, *mut u8)],
         results: &mut Vec<Result<(), NvmeError>>,
     ) {
-        self.io(IoKind::Write, items, self.slot_bytes, results)
+        self.io(
+            IoKind::Write,
+            items,
+            self.slot_bytes,
+            &mut |_| {},
+            &mut |_| {},
+            results,
+        )
+    }
+
+    /// Reads whole slots into host-pool buffers; `done(i)` runs as soon as item i has been
+    /// read in full (e.g. to verify it while other reads are in flight).
+    ///
+    /// # Safety
+    /// Every `buf` is valid for `slot_bytes` and used by no one else until this returns.
+    pub unsafe fn read_slots_with(
+        &self,
+        items: &[(u32, *mut u8)],
+        done: &mut dyn FnMut(usize),
+        results: &mut Vec<Result<(), NvmeError>>,
+    ) {
+        self.io(
+            IoKind::Read,
+            items,
+            self.slot_bytes,
+            &mut |_| {},
+            done,
+            results,
+        )
     }
 
     /// Reads whole slots into host-pool buffers.
     ///
     /// # Safety
-    /// Every `buf` is valid for `slot_bytes` and used by no one else until this returns.
+    /// As for [`NvmeStore::read_slots_with`].
     pub unsafe fn read_slots(
         &self,
         items: &[(u32, *mut u8)],
         results: &mut Vec<Result<(), NvmeError>>,
     ) {
-        self.io(IoKind::Read, items, self.slot_bytes, results)
+        self.io(
+            IoKind::Read,
+            items,
+            self.slot_bytes,
+            &mut |_| {},
+            &mut |_| {},
+            results,
+        )
     }
 
     fn io(
@@ -452,6 +514,8 @@ impl NvmeStore {
         kind: IoKind,
         items: &[(u32, *mut u8)],
         len: usize,
+        before: &mut dyn FnMut(usize),
+        done: &mut dyn FnMut(usize),
         results: &mut Vec<Result<(), NvmeError>>,
     ) {
         results.clear();
@@ -467,7 +531,12 @@ impl NvmeStore {
         } else {
             "write"
         };
-        match self.run(&mut ops) {
+        let mut after = |i: usize, op: &IoOp| {
+            if op.outcome().is_ok() {
+                done(i);
+            }
+        };
+        match self.run(&mut ops, before, &mut after) {
             Ok(()) => {
                 for (op, &(slot, _)) in ops.iter().zip(items) {
                     results.push(op.outcome().map_err(|e| self.io_error(name, slot, e)));
@@ -561,7 +630,7 @@ impl NvmeStore {
                 )
             })
             .collect();
-        match self.run(&mut ops) {
+        match self.run(&mut ops, &mut |_| {}, &mut |_, _| {}) {
             Ok(()) => {
                 for (op, s) in ops.iter().zip(slots) {
                     if let Err(e) = op.outcome() {
@@ -598,7 +667,14 @@ impl NvmeStore {
             let items: Vec<(u32, *mut u8)> = (0..n)
                 .map(|i| (slot + i, buf.ptr.wrapping_add(i as usize * read_len)))
                 .collect();
-            self.io(IoKind::Read, &items, read_len, &mut results);
+            self.io(
+                IoKind::Read,
+                &items,
+                read_len,
+                &mut |_| {},
+                &mut |_| {},
+                &mut results,
+            );
             for (i, r) in results.iter().enumerate() {
                 let s = slot + i as u32;
                 if let Err(e) = r {

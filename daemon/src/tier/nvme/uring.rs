@@ -121,52 +121,99 @@ impl IoEngine for UringEngine {
         !self.regions.is_empty()
     }
     unsafe fn run(&mut self, ops: &mut [IoOp]) -> std::io::Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { self.run_with(ops, &mut |_| {}, &mut |_, _| {}) }
+    }
+
+    unsafe fn run_with(
+        &mut self,
+        ops: &mut [IoOp],
+        before: &mut dyn FnMut(usize),
+        after: &mut dyn FnMut(usize, &IoOp),
+    ) -> std::io::Result<()> {
         let (mut next, mut inflight, mut done) = (0usize, 0usize, 0usize);
+        let mut unsubmitted = 0usize;
         while done < ops.len() {
-            let mut pushed = 0;
-            while next < ops.len() && inflight < self.queue_depth && pushed < self.batch_size {
+            // Prepare and queue ops while there is room.
+            while next < ops.len() && inflight < self.queue_depth {
+                before(next);
                 let sqe = self.sqe(&ops[next], next as u64);
-                // SAFETY: buffers valid until completion per the trait contract; we wait for
-                // every submitted op before returning, even on error paths below.
+                // SAFETY: buffers valid until completion per the trait contract; every
+                // submitted op is waited for before returning, also on errors.
                 if unsafe { self.ring.submission().push(&sqe) }.is_err() {
-                    break; // submission queue full: submit what we have
+                    break;
                 }
                 next += 1;
                 inflight += 1;
-                pushed += 1;
-            }
-            // Keep the queue full: refill as soon as one op completes.
-            loop {
-                match self.ring.submit_and_wait(1) {
-                    Ok(_) => break,
-                    Err(e)
-                        if e.raw_os_error() == Some(libc::EINTR)
-                            || e.raw_os_error() == Some(libc::EBUSY) =>
-                    {
-                        continue;
-                    }
-                    Err(e) => {
-                        // Cannot abandon in-flight ops that point into caller buffers: drain
-                        // them before reporting the ring failure.
-                        while inflight > 0 {
-                            if self.ring.submit_and_wait(1).is_err() {
-                                break;
-                            }
-                            for cqe in self.ring.completion() {
-                                ops[cqe.user_data() as usize].result = cqe.result();
-                                inflight -= 1;
-                            }
-                        }
-                        return Err(e);
-                    }
+                unsubmitted += 1;
+                // Batch submissions only while the device already has a batch queued;
+                // otherwise submit at once so it never idles while we prepare the next op.
+                if unsubmitted >= self.batch_size || inflight - unsubmitted < self.batch_size {
+                    self.submit(ops, &mut inflight, 0)?;
+                    unsubmitted = 0;
                 }
+                // Completions that are already there: hand them over early.
+                done += self.reap(ops, &mut inflight, after);
             }
-            for cqe in self.ring.completion() {
-                ops[cqe.user_data() as usize].result = cqe.result();
-                inflight -= 1;
-                done += 1;
-            }
+            let want = if done < ops.len() && inflight > 0 {
+                1
+            } else {
+                0
+            };
+            self.submit(ops, &mut inflight, want)?;
+            unsubmitted = 0;
+            done += self.reap(ops, &mut inflight, after);
         }
         Ok(())
+    }
+}
+
+impl UringEngine {
+    fn submit(
+        &mut self,
+        ops: &mut [IoOp],
+        inflight: &mut usize,
+        want: usize,
+    ) -> std::io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => return Ok(()),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {
+                    continue;
+                }
+                Err(e) => {
+                    // In-flight ops point into caller buffers: drain them before failing.
+                    while *inflight > 0 {
+                        if self.ring.submit_and_wait(1).is_err() {
+                            break;
+                        }
+                        for cqe in self.ring.completion() {
+                            ops[cqe.user_data() as usize].result = cqe.result();
+                            *inflight -= 1;
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn reap(
+        &mut self,
+        ops: &mut [IoOp],
+        inflight: &mut usize,
+        after: &mut dyn FnMut(usize, &IoOp),
+    ) -> usize {
+        let mut n = 0;
+        let mut cq = self.ring.completion();
+        cq.sync();
+        for cqe in &mut cq {
+            let i = cqe.user_data() as usize;
+            ops[i].result = cqe.result();
+            *inflight -= 1;
+            n += 1;
+            after(i, &ops[i]);
+        }
+        n
     }
 }
