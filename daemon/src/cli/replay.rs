@@ -36,9 +36,12 @@ pub struct ReplayArgs {
     /// Seed for tie-breaking.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Replay against simulated engines behind real daemons (a later issue).
+    /// Replay against simulated engines (`kvplane engine-sim` processes) on real
+    /// `kvplane serve` daemons, next to a round-robin baseline without daemon tiers.
     #[arg(long)]
-    pub engines: Option<usize>,
+    pub engines: bool,
+    #[command(flatten)]
+    pub engine_opts: super::replay_engines::EngineReplayArgs,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -46,10 +49,6 @@ pub struct ReplayArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayCliError {
-    #[error(
-        "--engines is not available yet: this build replays against simulated workers in the router only"
-    )]
-    EnginesNotAvailable,
     #[error("--workers must be at least 1")]
     NoWorkers,
     #[error("trace {0} not found (looked in the current directory and the source tree)")]
@@ -74,8 +73,22 @@ fn resolve_trace(arg: Option<&Path>) -> Result<PathBuf, ReplayCliError> {
 }
 
 pub fn run(args: ReplayArgs) -> CliResult {
-    if args.engines.is_some() {
-        return Err(ReplayCliError::EnginesNotAvailable.into());
+    if args.engines {
+        let trace_path = resolve_trace(args.trace.as_deref())?;
+        let route = kvplane_router::route::RouteConfig {
+            prefill_weight: args.prefill_weight,
+            decode_weight: args.decode_weight,
+            active_weight: args.active_weight,
+            ..Default::default()
+        };
+        let input = super::replay_engines::ReplayInput {
+            trace_path,
+            workers: args.workers,
+            seed: args.seed,
+            json: args.json,
+            route,
+        };
+        return super::replay_engines::run(input, args.engine_opts);
     }
     if args.workers == 0 {
         return Err(ReplayCliError::NoWorkers.into());

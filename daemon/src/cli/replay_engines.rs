@@ -1,1 +1,1170 @@
-//! `kvplane replay --engines` (issue 6): the trace through the router to simulated engines on real daemons.
+//! `kvplane replay --engines`: a request trace through the KV router to simulated engines
+//! (`kvplane engine-sim` processes) attached to real `kvplane serve` daemons, next to a
+//! baseline without daemon tiers and with round-robin routing.
+//!
+//! Everything runs on one virtual clock owned by this driver: before each arrival it
+//! advances every engine to the arrival time (each runs its passes under Dynamo's
+//! mock-engine timing model and reports what happened), applies the engines' KV events to
+//! the router's index, routes the request and hands it to the chosen engine. Ring
+//! operations, copies and content checks are real; only the GPU's compute time is
+//! modelled. So a 17-minute trace replays in a few minutes and TTFT does not depend on
+//! how busy this machine is, except for the LOAD transfer times the daemons measure.
+//!
+//! KV state reaches the router as events: an engine reports pages stored in and evicted
+//! from its pool (tier hbm) and pages the daemon confirmed on SAVE (tier host, credited to
+//! every engine on that daemon, since they share its tiers).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command as Proc, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvplane_router::Tier as RouterTier;
+use kvplane_router::index::{Index, IndexConfig};
+use kvplane_router::replay::TraceRequest;
+use kvplane_router::route::{RouteConfig, Router, WorkerLoad};
+use serde::Serialize;
+
+use super::CliResult;
+use crate::sim::engine::Offload;
+use crate::sim::pages::{KvGeometry, TRACE_BLOCK_TOKENS, page_hashes};
+use crate::sim::proto::{Command, Done, EngineStats, Event};
+
+const NAMESPACE: &str = "replay";
+/// Bytes in front of each block in a daemon slot (the slot header page).
+const SLOT_HEADER_BYTES: u64 = crate::tier::SLOT_HEADER_BYTES as u64;
+
+/// NVIDIA Dynamo's own replay (ai-dynamo 1.4.2, `python -m dynamo.replay`, mock engine,
+/// 8 workers, engine block_size 64, trace block 512) on the bundled synthetic trace.
+pub const DYNAMO_ROUND_ROBIN_REUSE: f64 = 0.112;
+pub const DYNAMO_KV_ROUTER_REUSE: f64 = 0.501;
+pub const DYNAMO_ROUND_ROBIN_TTFT_P50_MS: f64 = 142.0;
+pub const DYNAMO_KV_ROUTER_TTFT_P50_MS: f64 = 31.0;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineReplayArgs {
+    /// Daemons the engines are spread over (engine i attaches to daemon i mod N).
+    #[arg(long, default_value_t = 1)]
+    pub daemons: usize,
+    /// Speed factor on arrival times: 2 replays the trace twice as fast.
+    #[arg(long, default_value_t = 1.0)]
+    pub speed: f64,
+    /// KV pool pages (64-token blocks) per engine.
+    #[arg(long, default_value_t = 16_384)]
+    pub engine_pages: u32,
+    /// Each daemon's host tier, in multiples of its engines' pools.
+    #[arg(long, default_value_t = 4.0)]
+    pub host_factor: f64,
+    /// NVMe tier bytes per daemon, in a temporary file (0 disables the tier).
+    #[arg(long, default_value_t = 2 << 30)]
+    pub nvme_bytes: u64,
+    /// When engines offer pages to the daemon.
+    #[arg(long, value_enum, default_value_t = Offload::Eager)]
+    pub offload: Offload,
+    /// Directory for the temporary sockets, configs, logs and NVMe files.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Replay only the first N requests.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Also run the KV router without daemon tiers (isolates what the tiers add).
+    #[arg(long)]
+    pub router_only: bool,
+    /// Skip the baseline (round-robin, no daemon tiers).
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Write an SVG chart of TTFT percentiles per configuration.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Keep the work directory (daemon and engine logs) after the run.
+    #[arg(long)]
+    pub keep_work_dir: bool,
+}
+
+/// What `kvplane replay` passes in besides the engine flags.
+#[derive(Debug, Clone)]
+pub struct ReplayInput {
+    pub trace_path: PathBuf,
+    pub workers: usize,
+    pub seed: u64,
+    pub json: bool,
+    pub route: RouteConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayEnginesError {
+    #[error("--{flag}: {reason}")]
+    BadFlag { flag: &'static str, reason: String },
+    #[error("reading CSV trace {path} line {line}: {reason}")]
+    Csv {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting {what}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("daemon {index} did not come up: {reason}; log {log}:\n{tail}")]
+    Daemon {
+        index: usize,
+        reason: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("engine {worker}: {reason}; log {log}:\n{tail}")]
+    Engine {
+        worker: usize,
+        reason: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("accounting: {0}")]
+    Accounting(String),
+}
+
+type Result<T, E = ReplayEnginesError> = std::result::Result<T, E>;
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Reads a trace: Mooncake JSONL, or CSV rows `arrival_ms,input_tokens,output_tokens`
+/// (a header line is skipped). CSV requests carry no prefix information, so each gets
+/// unique block ids (no request shares a prefix with another).
+pub fn load_any_trace(
+    path: &Path,
+) -> Result<Vec<TraceRequest>, Box<dyn std::error::Error + Send + Sync>> {
+    let is_csv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    if !is_csv {
+        return Ok(kvplane_router::replay::load_trace(path)?);
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ReplayEnginesError::Io {
+        what: "reading trace",
+        path: path.into(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    let mut next_id = 1u64 << 40;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let parsed: Option<Vec<f64>> = (fields.len() >= 3)
+            .then(|| fields[..3].iter().map(|f| f.parse::<f64>().ok()).collect())
+            .flatten();
+        let Some(v) = parsed else {
+            if out.is_empty() && i == 0 {
+                continue; // header
+            }
+            return Err(ReplayEnginesError::Csv {
+                path: path.into(),
+                line: i + 1,
+                reason: "expected arrival_ms,input_tokens,output_tokens".into(),
+            }
+            .into());
+        };
+        if v.iter().any(|x| !x.is_finite() || *x < 0.0) {
+            return Err(ReplayEnginesError::Csv {
+                path: path.into(),
+                line: i + 1,
+                reason: "values must be finite and non-negative".into(),
+            }
+            .into());
+        }
+        let input = v[1] as u64;
+        let blocks = input.div_ceil(TRACE_BLOCK_TOKENS).max(1);
+        let hash_ids = (0..blocks).map(|k| next_id + k).collect();
+        next_id += blocks;
+        out.push(TraceRequest {
+            timestamp: v[0] as u64,
+            input_length: input,
+            output_length: v[2] as u64,
+            hash_ids,
+        });
+    }
+    if out.is_empty() {
+        return Err(ReplayEnginesError::Csv {
+            path: path.into(),
+            line: 0,
+            reason: "no requests".into(),
+        }
+        .into());
+    }
+    out.sort_by_key(|r| r.timestamp);
+    Ok(out)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    KvRouter,
+    RoundRobin,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RunSpec {
+    name: &'static str,
+    routing: Routing,
+    daemon_tiers: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Summary {
+    pub mean: f64,
+    pub p50: f64,
+    pub p99: f64,
+}
+
+fn summarize(mut v: Vec<f64>) -> Summary {
+    if v.is_empty() {
+        return Summary::default();
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    Summary {
+        mean: v.iter().sum::<f64>() / v.len() as f64,
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct ByTier {
+    pub engine: f64,
+    pub host: f64,
+    pub nvme: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Throughput {
+    /// Over the virtual makespan (first arrival to last completion).
+    pub requests_per_s: f64,
+    pub input_tokens_per_s: f64,
+    pub output_tokens_per_s: f64,
+    pub makespan_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    pub name: &'static str,
+    pub routing: Routing,
+    pub daemon_tiers: bool,
+    pub requests: usize,
+    pub finished: usize,
+    pub input_tokens: u64,
+    pub cached_tokens: u64,
+    pub computed_tokens: u64,
+    pub prefix_reuse: f64,
+    pub prefix_reuse_by_tier: ByTier,
+    pub ttft_ms: Summary,
+    pub e2e_ms: Summary,
+    pub throughput: Throughput,
+    pub preemptions: u64,
+    pub content_mismatches: u64,
+    pub ring_errors: u64,
+    pub loaded_blocks: u64,
+    pub saved_blocks: u64,
+    pub load_transfer_ms: f64,
+    pub save_transfer_ms: f64,
+    /// Requests per worker.
+    pub requests_per_worker: Vec<u64>,
+    pub wall_s: f64,
+}
+
+/// A private directory removed on drop unless kept.
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl WorkDir {
+    fn new(base: Option<&Path>, keep: bool) -> Result<WorkDir> {
+        let base = base.map_or_else(std::env::temp_dir, Path::to_path_buf);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let path = base.join(format!("kvplane-replay-{}-{stamp:x}", std::process::id()));
+        std::fs::create_dir_all(&path).map_err(|source| ReplayEnginesError::Io {
+            what: "creating work directory",
+            path: path.clone(),
+            source,
+        })?;
+        Ok(WorkDir { path, keep })
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A `kvplane serve` child; SIGTERM and wait on drop.
+struct DaemonChild {
+    child: Child,
+}
+
+impl Drop for DaemonChild {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The daemon config for a replay: block = one engine page, host tier sized in blocks.
+/// Keys follow `BlockConfig` (`[blocks]`) and `TiersConfig` (`[tiers.*]`).
+pub fn daemon_config_toml(
+    socket: &Path,
+    block_bytes: u64,
+    host_blocks: u64,
+    nvme: Option<(&Path, u64)>,
+) -> String {
+    let slot = SLOT_HEADER_BYTES + block_bytes.div_ceil(4096) * 4096;
+    let mut s = format!(
+        r#"# Generated by `kvplane replay --engines`.
+[serve]
+socket_path = "{socket}"
+max_sessions = 256
+
+[blocks]
+block_bytes = {block_bytes}
+nvme_admit_min_hits = 1
+
+[tiers.hbm]
+capacity_bytes = 0
+
+[tiers.host]
+# {host_blocks} blocks of {block_bytes} bytes (+ the slot header page each).
+capacity_bytes = {host_bytes}
+# A replay needs no pinned memory; locking would need CAP_IPC_LOCK for gigabytes.
+lock = false
+hugepages = "never"
+"#,
+        socket = socket.display(),
+        host_bytes = host_blocks * slot,
+    );
+    // Several daemons (and other runs) share the machine: no fixed metrics port.
+    if crate::config::Config::default_toml().contains("[control]") {
+        s.push_str("\n[control]\nmetrics_addr = \"\"\n");
+    }
+    if let Some((path, bytes)) = nvme {
+        s.push_str(&format!(
+            "\n[tiers.nvme]\npaths = [\"{}\"]\ncapacity_bytes = {bytes}\n",
+            path.display()
+        ));
+    }
+    s
+}
+
+fn start_daemon(
+    exe: &Path,
+    dir: &Path,
+    index: usize,
+    cfg_text: &str,
+    socket: &Path,
+) -> Result<DaemonChild> {
+    let cfg = dir.join(format!("daemon{index}.toml"));
+    let log = dir.join(format!("daemon{index}.log"));
+    std::fs::write(&cfg, cfg_text).map_err(|source| ReplayEnginesError::Io {
+        what: "writing daemon config",
+        path: cfg.clone(),
+        source,
+    })?;
+    let log_file = std::fs::File::create(&log).map_err(|source| ReplayEnginesError::Io {
+        what: "creating daemon log",
+        path: log.clone(),
+        source,
+    })?;
+    let child = Proc::new(exe)
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .env("KVPLANE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .map_err(|source| ReplayEnginesError::Spawn {
+            what: format!("daemon {index}"),
+            source,
+        })?;
+    let mut d = DaemonChild { child };
+    let t0 = Instant::now();
+    loop {
+        if let Ok(Some(status)) = d.child.try_wait() {
+            return Err(ReplayEnginesError::Daemon {
+                index,
+                reason: format!("exited with {status}"),
+                tail: log_tail(&log),
+                log,
+            });
+        }
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Ok(d);
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            return Err(ReplayEnginesError::Daemon {
+                index,
+                reason: "no socket after 120 s".into(),
+                tail: log_tail(&log),
+                log,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct EngineChild {
+    worker: usize,
+    daemon: Option<usize>,
+    child: Child,
+    stdin: std::io::BufWriter<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    log: PathBuf,
+    line: String,
+    load: WorkerLoad,
+}
+
+impl Drop for EngineChild {
+    fn drop(&mut self) {
+        // Closing stdin ends a healthy engine; a stuck one is killed.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl EngineChild {
+    fn fail(&self, reason: impl Into<String>) -> ReplayEnginesError {
+        ReplayEnginesError::Engine {
+            worker: self.worker,
+            reason: reason.into(),
+            log: self.log.clone(),
+            tail: log_tail(&self.log),
+        }
+    }
+
+    fn send(&mut self, cmd: &Command) -> Result<()> {
+        let text = serde_json::to_string(cmd).map_err(|e| self.fail(e.to_string()))?;
+        writeln!(self.stdin, "{text}").map_err(|e| self.fail(format!("write: {e}")))
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.stdin
+            .flush()
+            .map_err(|e| self.fail(format!("write: {e}")))
+    }
+
+    fn next_event(&mut self) -> Result<Event> {
+        self.line.clear();
+        let n = self
+            .stdout
+            .read_line(&mut self.line)
+            .map_err(|e| self.fail(format!("read: {e}")))?;
+        if n == 0 {
+            let status = self.child.wait().ok();
+            return Err(self.fail(format!("exited ({status:?})")));
+        }
+        let ev: Event = serde_json::from_str(&self.line)
+            .map_err(|e| self.fail(format!("bad event line: {e}")))?;
+        if let Event::Error { message } = &ev {
+            return Err(self.fail(message.clone()));
+        }
+        Ok(ev)
+    }
+}
+
+/// Per-run state the events feed.
+struct RunState {
+    index: Arc<Index>,
+    done: HashMap<u64, Done>,
+    /// Workers of each daemon (for host-tier credit).
+    daemon_workers: Vec<Vec<usize>>,
+    duplicates: Vec<u64>,
+    /// Requests routed to each worker.
+    sent: Vec<u64>,
+}
+
+impl RunState {
+    fn apply(&mut self, e: &EngineChild, ev: Event) {
+        let w = e.worker as u64;
+        match ev {
+            Event::Stored { parent, hashes } => {
+                self.index
+                    .store(NAMESPACE, w, RouterTier::Hbm, parent, &hashes);
+            }
+            Event::Removed { hashes } => {
+                self.index
+                    .remove(NAMESPACE, w, Some(RouterTier::Hbm), &hashes);
+            }
+            Event::Offloaded { parent, hashes } => {
+                if let Some(d) = e.daemon {
+                    for &peer in &self.daemon_workers[d] {
+                        self.index
+                            .store(NAMESPACE, peer as u64, RouterTier::Host, parent, &hashes);
+                    }
+                }
+            }
+            Event::Done(d) => {
+                if self.done.insert(d.id, d.clone()).is_some() {
+                    self.duplicates.push(d.id);
+                }
+            }
+            Event::Ready { .. }
+            | Event::Advanced { .. }
+            | Event::Finished(_)
+            | Event::Error { .. } => {}
+        }
+    }
+}
+
+struct RunContext<'a> {
+    exe: PathBuf,
+    trace: &'a [TraceRequest],
+    input: &'a ReplayInput,
+    args: &'a EngineReplayArgs,
+    geometry: KvGeometry,
+    progress: indicatif::MultiProgress,
+    show_progress: bool,
+}
+
+fn run_one(ctx: &RunContext<'_>, spec: RunSpec) -> Result<RunReport> {
+    let t0 = Instant::now();
+    let args = ctx.args;
+    let n = ctx.input.workers;
+    let work = WorkDir::new(args.work_dir.as_deref(), args.keep_work_dir)?;
+    let daemons_n = if spec.daemon_tiers { args.daemons } else { 0 };
+    let mut daemon_workers = vec![Vec::new(); daemons_n];
+    for w in 0..n {
+        if daemons_n > 0 {
+            daemon_workers[w % daemons_n].push(w);
+        }
+    }
+    // Daemons first (engines attach to them).
+    let mut daemons = Vec::new();
+    let mut sockets = Vec::new();
+    for (d, workers) in daemon_workers.iter().enumerate() {
+        let socket = work.path.join(format!("d{d}.sock"));
+        let host_blocks = (workers.len() as f64 * f64::from(args.engine_pages) * args.host_factor)
+            .round()
+            .max(1.0) as u64;
+        let nvme_path = work.path.join(format!("d{d}-nvme.img"));
+        let nvme = (args.nvme_bytes > 0).then_some((nvme_path.as_path(), args.nvme_bytes));
+        let cfg = daemon_config_toml(&socket, ctx.geometry.block_bytes(), host_blocks, nvme);
+        daemons.push(start_daemon(&ctx.exe, &work.path, d, &cfg, &socket)?);
+        sockets.push(socket);
+    }
+    // Engines.
+    let mut engines: Vec<EngineChild> = Vec::with_capacity(n);
+    for w in 0..n {
+        let log = work.path.join(format!("engine{w}.log"));
+        let log_file = std::fs::File::create(&log).map_err(|source| ReplayEnginesError::Io {
+            what: "creating engine log",
+            path: log.clone(),
+            source,
+        })?;
+        let daemon = (daemons_n > 0).then_some(w % daemons_n.max(1));
+        let mut cmd = Proc::new(&ctx.exe);
+        cmd.arg("engine-sim")
+            .args(["--worker", &w.to_string()])
+            .args(["--pages", &args.engine_pages.to_string()])
+            .args(["--page-tokens", &ctx.geometry.page_tokens.to_string()])
+            .args(["--layers", &ctx.geometry.layers.to_string()])
+            .args(["--head-bytes", &ctx.geometry.head_bytes.to_string()])
+            .args([
+                "--offload",
+                match args.offload {
+                    Offload::Eager => "eager",
+                    Offload::Evict => "evict",
+                },
+            ])
+            .args(["--namespace", NAMESPACE])
+            .env("KVPLANE_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log_file);
+        if let Some(d) = daemon {
+            cmd.arg("--socket").arg(&sockets[d]);
+        }
+        let mut child = cmd.spawn().map_err(|source| ReplayEnginesError::Spawn {
+            what: format!("engine {w}"),
+            source,
+        })?;
+        let stdin = std::io::BufWriter::new(child.stdin.take().expect("piped"));
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        engines.push(EngineChild {
+            worker: w,
+            daemon,
+            child,
+            stdin,
+            stdout,
+            log,
+            line: String::new(),
+            load: WorkerLoad {
+                worker: w as u64,
+                ..WorkerLoad::default()
+            },
+        });
+    }
+    for e in engines.iter_mut() {
+        match e.next_event()? {
+            Event::Ready { .. } => {}
+            other => return Err(e.fail(format!("expected Ready, got {other:?}"))),
+        }
+    }
+    let index = Arc::new(Index::new(IndexConfig {
+        max_nodes_per_namespace: 1 << 22,
+    }));
+    let router = Router::new(index.clone(), ctx.input.route.clone(), ctx.input.seed);
+    let mut state = RunState {
+        index,
+        done: HashMap::new(),
+        daemon_workers,
+        duplicates: Vec::new(),
+        sent: vec![0; n],
+    };
+    let bar = if ctx.show_progress {
+        let b = ctx
+            .progress
+            .add(indicatif::ProgressBar::new(ctx.trace.len() as u64));
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:>12} [{elapsed_precise}] {wide_bar} {pos}/{len} requests ({msg})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_prefix(spec.name);
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let speed = args.speed;
+    let pt = ctx.geometry.page_tokens;
+    for (i, req) in ctx.trace.iter().enumerate() {
+        let arrival = req.timestamp as f64 / speed;
+        for e in engines.iter_mut() {
+            e.send(&Command::Advance { until_ms: arrival })?;
+            e.flush()?;
+        }
+        for e in engines.iter_mut() {
+            loop {
+                match e.next_event()? {
+                    Event::Advanced {
+                        running,
+                        waiting,
+                        active_pages,
+                        ..
+                    } => {
+                        e.load.active_requests = running + waiting;
+                        e.load.decode_blocks = u64::from(active_pages);
+                        break;
+                    }
+                    ev => state.apply(e, ev),
+                }
+            }
+        }
+        let chosen = match spec.routing {
+            Routing::RoundRobin => i % n,
+            Routing::KvRouter => {
+                let hashes = page_hashes(&req.hash_ids, req.input_length, pt);
+                let loads: Vec<WorkerLoad> = engines.iter().map(|e| e.load).collect();
+                router
+                    .route(NAMESPACE, &hashes, &loads, arrival as u64)
+                    .map_or(i % n, |d| d.worker as usize)
+            }
+        };
+        state.sent[chosen] += 1;
+        let e = &mut engines[chosen];
+        e.send(&Command::Request {
+            id: i as u64,
+            arrival_ms: arrival,
+            input_tokens: req.input_length,
+            output_tokens: req.output_length,
+            hash_ids: req.hash_ids.clone(),
+        })?;
+        bar.set_message(format!("{} done", state.done.len()));
+        bar.inc(1);
+    }
+    let mut stats: Vec<EngineStats> = Vec::with_capacity(n);
+    for e in engines.iter_mut() {
+        e.send(&Command::Finish)?;
+        e.flush()?;
+    }
+    for e in engines.iter_mut() {
+        loop {
+            match e.next_event()? {
+                Event::Finished(s) => {
+                    stats.push(s);
+                    break;
+                }
+                ev => state.apply(e, ev),
+            }
+        }
+    }
+    bar.finish_and_clear();
+    for e in engines.iter_mut() {
+        let _ = e.child.wait();
+    }
+    drop(engines);
+    drop(daemons);
+    report(ctx, spec, &state, &stats, t0.elapsed())
+}
+
+fn report(
+    ctx: &RunContext<'_>,
+    spec: RunSpec,
+    state: &RunState,
+    stats: &[EngineStats],
+    wall: Duration,
+) -> Result<RunReport> {
+    let trace = ctx.trace;
+    if !state.duplicates.is_empty() {
+        return Err(ReplayEnginesError::Accounting(format!(
+            "requests finished twice: {:?}",
+            &state.duplicates[..state.duplicates.len().min(10)]
+        )));
+    }
+    if state.done.len() != trace.len() {
+        return Err(ReplayEnginesError::Accounting(format!(
+            "{} of {} requests finished",
+            state.done.len(),
+            trace.len()
+        )));
+    }
+    let (mut input, mut cached, mut computed, mut out_tokens) = (0u64, [0u64; 3], 0u64, 0u64);
+    let mut ttft = Vec::with_capacity(trace.len());
+    let mut e2e = Vec::with_capacity(trace.len());
+    let (mut first, mut last) = (f64::INFINITY, 0.0f64);
+    for (i, req) in trace.iter().enumerate() {
+        let d = state
+            .done
+            .get(&(i as u64))
+            .ok_or_else(|| ReplayEnginesError::Accounting(format!("request {i} never finished")))?;
+        let c = d.cached_engine + d.cached_host + d.cached_nvme;
+        if c + d.computed != d.input_tokens || d.input_tokens != req.input_length.max(1) {
+            return Err(ReplayEnginesError::Accounting(format!(
+                "request {i}: cached {c} + computed {} != input {} (trace {})",
+                d.computed, d.input_tokens, req.input_length
+            )));
+        }
+        input += d.input_tokens;
+        cached[0] += d.cached_engine;
+        cached[1] += d.cached_host;
+        cached[2] += d.cached_nvme;
+        computed += d.computed;
+        out_tokens += d.output_tokens;
+        ttft.push(d.first_token_ms - d.arrival_ms);
+        e2e.push(d.done_ms - d.arrival_ms);
+        first = first.min(d.arrival_ms);
+        last = last.max(d.done_ms);
+    }
+    let total_cached: u64 = cached.iter().sum();
+    let frac = |x: u64| x as f64 / input.max(1) as f64;
+    let makespan_s = ((last - first) / 1000.0).max(1e-9);
+    let sum = |f: fn(&EngineStats) -> u64| stats.iter().map(f).sum::<u64>();
+    Ok(RunReport {
+        name: spec.name,
+        routing: spec.routing,
+        daemon_tiers: spec.daemon_tiers,
+        requests: trace.len(),
+        finished: state.done.len(),
+        input_tokens: input,
+        cached_tokens: total_cached,
+        computed_tokens: computed,
+        prefix_reuse: frac(total_cached),
+        prefix_reuse_by_tier: ByTier {
+            engine: frac(cached[0]),
+            host: frac(cached[1]),
+            nvme: frac(cached[2]),
+        },
+        ttft_ms: summarize(ttft),
+        e2e_ms: summarize(e2e),
+        throughput: Throughput {
+            requests_per_s: trace.len() as f64 / makespan_s,
+            input_tokens_per_s: input as f64 / makespan_s,
+            output_tokens_per_s: out_tokens as f64 / makespan_s,
+            makespan_s,
+        },
+        preemptions: sum(|s| s.preemptions),
+        content_mismatches: sum(|s| s.content_mismatches),
+        ring_errors: sum(|s| s.ring_errors),
+        loaded_blocks: sum(|s| s.loaded_blocks),
+        saved_blocks: sum(|s| s.saved_blocks),
+        load_transfer_ms: sum(|s| s.load_transfer_us) as f64 / 1000.0,
+        save_transfer_ms: sum(|s| s.save_transfer_us) as f64 / 1000.0,
+        requests_per_worker: state.sent.clone(),
+        wall_s: wall.as_secs_f64(),
+    })
+}
+
+/// Prefix reuse of one infinite shared cache at page granularity (with the last page
+/// recomputed when a whole prompt is cached): the ceiling any placement can reach.
+pub fn infinite_cache_reuse(trace: &[TraceRequest], page_tokens: u32) -> f64 {
+    let pt = u64::from(page_tokens);
+    let mut seen = std::collections::HashSet::new();
+    let (mut cached, mut input) = (0u64, 0u64);
+    for r in trace {
+        let hashes = page_hashes(&r.hash_ids, r.input_length, page_tokens);
+        let max = ((r.input_length.max(1) - 1) / pt) as usize;
+        let hit = hashes.iter().take_while(|h| seen.contains(*h)).count();
+        cached += hit.min(max) as u64 * pt;
+        input += r.input_length.max(1);
+        seen.extend(hashes);
+    }
+    cached as f64 / input.max(1) as f64
+}
+
+fn svg_plot(reports: &[RunReport]) -> String {
+    let (w, h, left, bottom, top) = (720.0, 360.0, 70.0, 60.0, 40.0);
+    let max = reports.iter().map(|r| r.ttft_ms.p99).fold(1.0f64, f64::max) * 1.1;
+    let plot_h = h - bottom - top;
+    let group_w = (w - left - 20.0) / reports.len().max(1) as f64;
+    let bar_w = group_w / 4.5;
+    let colors = ["#4c78a8", "#f58518", "#e45756"];
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">TTFT per configuration (ms, virtual clock)</text>\n",
+        w / 2.0
+    );
+    for k in 0..=4 {
+        let v = max * f64::from(k) / 4.0;
+        let y = top + plot_h - plot_h * f64::from(k) / 4.0;
+        s.push_str(&format!(
+            "<line x1=\"{left}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\
+             <text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.0}</text>\n",
+            w - 20.0,
+            left - 6.0,
+            y + 4.0
+        ));
+    }
+    for (g, r) in reports.iter().enumerate() {
+        let x0 = left + group_w * g as f64 + group_w * 0.1;
+        for (k, (label, v)) in [
+            ("p50", r.ttft_ms.p50),
+            ("mean", r.ttft_ms.mean),
+            ("p99", r.ttft_ms.p99),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let bh = plot_h * v / max;
+            let x = x0 + bar_w * k as f64 * 1.1;
+            let y = top + plot_h - bh;
+            s.push_str(&format!(
+                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{bar_w:.1}\" height=\"{bh:.1}\" fill=\"{}\"><title>{} {label} {v:.1} ms</title></rect>\
+                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{v:.0}</text>\n",
+                colors[k],
+                r.name,
+                x + bar_w / 2.0,
+                y - 3.0
+            ));
+        }
+        s.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{} (reuse {:.2})</text>\n",
+            x0 + bar_w * 1.6,
+            h - bottom + 18.0,
+            r.name,
+            r.prefix_reuse
+        ));
+    }
+    for (k, label) in ["p50", "mean", "p99"].iter().enumerate() {
+        let x = left + 10.0 + 70.0 * k as f64;
+        s.push_str(&format!(
+            "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{label}</text>\n",
+            h - 24.0,
+            colors[k],
+            x + 16.0,
+            h - 14.0
+        ));
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn print_table(reports: &[RunReport], ceiling: f64) {
+    println!(
+        "{:<12} {:<11} {:>5} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}",
+        "config",
+        "routing",
+        "tiers",
+        "reuse",
+        "engine",
+        "host",
+        "nvme",
+        "ttft_mean",
+        "ttft_p50",
+        "ttft_p99",
+        "e2e_mean",
+        "e2e_p50",
+        "e2e_p99",
+        "req/s"
+    );
+    for r in reports {
+        println!(
+            "{:<12} {:<11} {:>5} {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>9.1} {:>8.1} {:>8.1} {:>9.1} {:>8.1} {:>8.1} {:>7.2}",
+            r.name,
+            match r.routing {
+                Routing::KvRouter => "kv_router",
+                Routing::RoundRobin => "round_robin",
+            },
+            if r.daemon_tiers { "yes" } else { "no" },
+            r.prefix_reuse,
+            r.prefix_reuse_by_tier.engine,
+            r.prefix_reuse_by_tier.host,
+            r.prefix_reuse_by_tier.nvme,
+            r.ttft_ms.mean,
+            r.ttft_ms.p50,
+            r.ttft_ms.p99,
+            r.e2e_ms.mean,
+            r.e2e_ms.p50,
+            r.e2e_ms.p99,
+            r.throughput.requests_per_s
+        );
+    }
+    println!(
+        "{:<12} {:<11} {:>5} {:>6.3} {:>57}",
+        "ceiling", "infinite", "-", ceiling, "(one infinite shared cache)"
+    );
+    println!(
+        "{:<12} {:<11} {:>5} {:>6.3} {:>45.1}   (ai-dynamo 1.4.2 replay, same trace)",
+        "dynamo", "round_robin", "no", DYNAMO_ROUND_ROBIN_REUSE, DYNAMO_ROUND_ROBIN_TTFT_P50_MS
+    );
+    println!(
+        "{:<12} {:<11} {:>5} {:>6.3} {:>45.1}   (ai-dynamo 1.4.2 replay, same trace)",
+        "dynamo", "kv_router", "no", DYNAMO_KV_ROUTER_REUSE, DYNAMO_KV_ROUTER_TTFT_P50_MS
+    );
+    for r in reports {
+        println!(
+            "{}: {} requests in {:.0} s virtual ({:.1} s wall), preemptions {}, loads {} blocks ({:.0} ms transfer), saves {} blocks, content mismatches {}, ring errors {}",
+            r.name,
+            r.finished,
+            r.throughput.makespan_s,
+            r.wall_s,
+            r.preemptions,
+            r.loaded_blocks,
+            r.load_transfer_ms,
+            r.saved_blocks,
+            r.content_mismatches,
+            r.ring_errors
+        );
+    }
+}
+
+/// Runs the configurations and prints the comparison.
+pub fn run(input: ReplayInput, args: EngineReplayArgs) -> CliResult {
+    if input.workers == 0 {
+        return Err(ReplayEnginesError::BadFlag {
+            flag: "workers",
+            reason: "must be at least 1".into(),
+        }
+        .into());
+    }
+    if !(args.speed.is_finite() && args.speed > 0.0) {
+        return Err(ReplayEnginesError::BadFlag {
+            flag: "speed",
+            reason: format!("must be a positive number, got {}", args.speed),
+        }
+        .into());
+    }
+    if args.daemons == 0 || args.daemons > input.workers {
+        return Err(ReplayEnginesError::BadFlag {
+            flag: "daemons",
+            reason: format!(
+                "must be in 1..=workers ({}), got {}",
+                input.workers, args.daemons
+            ),
+        }
+        .into());
+    }
+    if !(args.host_factor.is_finite() && args.host_factor > 0.0) {
+        return Err(ReplayEnginesError::BadFlag {
+            flag: "host-factor",
+            reason: format!("must be a positive number, got {}", args.host_factor),
+        }
+        .into());
+    }
+    let geometry = KvGeometry {
+        num_pages: args.engine_pages,
+        ..KvGeometry::default()
+    };
+    geometry
+        .validate()
+        .map_err(|reason| ReplayEnginesError::BadFlag {
+            flag: "engine-pages",
+            reason,
+        })?;
+    let mut trace = load_any_trace(&input.trace_path)?;
+    if let Some(limit) = args.limit {
+        trace.truncate(limit.max(1));
+    }
+    let exe = std::env::current_exe().map_err(|source| ReplayEnginesError::Io {
+        what: "locating the kvplane binary",
+        path: PathBuf::from("/proc/self/exe"),
+        source,
+    })?;
+    let show_progress = !input.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let ctx = RunContext {
+        exe,
+        trace: &trace,
+        input: &input,
+        args: &args,
+        geometry,
+        progress: indicatif::MultiProgress::new(),
+        show_progress,
+    };
+    let mut specs = vec![RunSpec {
+        name: "kvplane",
+        routing: Routing::KvRouter,
+        daemon_tiers: true,
+    }];
+    if args.router_only {
+        specs.push(RunSpec {
+            name: "router_only",
+            routing: Routing::KvRouter,
+            daemon_tiers: false,
+        });
+    }
+    if !args.no_baseline {
+        specs.push(RunSpec {
+            name: "baseline",
+            routing: Routing::RoundRobin,
+            daemon_tiers: false,
+        });
+    }
+    let mut reports = Vec::new();
+    for spec in specs {
+        reports.push(run_one(&ctx, spec)?);
+    }
+    let ceiling = infinite_cache_reuse(&trace, geometry.page_tokens);
+    if let Some(path) = &args.plot {
+        std::fs::write(path, svg_plot(&reports)).map_err(|source| ReplayEnginesError::Io {
+            what: "writing plot",
+            path: path.clone(),
+            source,
+        })?;
+    }
+    if input.json {
+        let main = &reports[0];
+        let mut obj = match serde_json::to_value(main)? {
+            serde_json::Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        };
+        obj.insert(
+            "trace".into(),
+            input.trace_path.display().to_string().into(),
+        );
+        obj.insert("workers".into(), input.workers.into());
+        obj.insert("daemons".into(), args.daemons.into());
+        obj.insert("speed".into(), args.speed.into());
+        obj.insert("engine_pages".into(), args.engine_pages.into());
+        obj.insert("page_tokens".into(), geometry.page_tokens.into());
+        obj.insert("block_bytes".into(), geometry.block_bytes().into());
+        obj.insert("host_factor".into(), args.host_factor.into());
+        obj.insert("nvme_bytes".into(), args.nvme_bytes.into());
+        obj.insert("clock".into(), "virtual".into());
+        obj.insert("infinite_cache_prefix_reuse".into(), ceiling.into());
+        obj.insert(
+            "dynamo_reference".into(),
+            serde_json::json!({
+                "source": "ai-dynamo 1.4.2 `python -m dynamo.replay`, 8 workers, block_size 64, trace block 512, synthetic trace",
+                "round_robin": {"prefix_reuse": DYNAMO_ROUND_ROBIN_REUSE, "ttft_p50_ms": DYNAMO_ROUND_ROBIN_TTFT_P50_MS},
+                "kv_router": {"prefix_reuse": DYNAMO_KV_ROUTER_REUSE, "ttft_p50_ms": DYNAMO_KV_ROUTER_TTFT_P50_MS},
+            }),
+        );
+        for r in &reports[1..] {
+            obj.insert(r.name.into(), serde_json::to_value(r)?);
+        }
+        println!("{}", serde_json::Value::Object(obj));
+    } else {
+        println!(
+            "trace {} ({} requests), {} engines on {} daemon(s), {} pages x {} tokens each, host tier {}x the pools, virtual clock at speed {}",
+            input.trace_path.display(),
+            trace.len(),
+            input.workers,
+            args.daemons,
+            args.engine_pages,
+            geometry.page_tokens,
+            args.host_factor,
+            args.speed
+        );
+        print_table(&reports, ceiling);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_and_ceiling() {
+        let s = summarize((1..=100).map(f64::from).collect());
+        assert_eq!(s.p50, 51.0);
+        assert_eq!(s.p99, 99.0);
+        assert!((s.mean - 50.5).abs() < 1e-9);
+        let r = |t, ids: &[u64]| TraceRequest {
+            timestamp: t,
+            input_length: ids.len() as u64 * 512,
+            output_length: 1,
+            hash_ids: ids.to_vec(),
+        };
+        // Second request shares all 8 pages of the first block; the whole prompt is
+        // cached, so its last page is recomputed: 7 of 8 pages.
+        let trace = vec![r(0, &[1]), r(1, &[1])];
+        let c = infinite_cache_reuse(&trace, 64);
+        assert!((c - 7.0 * 64.0 / 1024.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn csv_trace_and_config_text() {
+        let dir = std::env::temp_dir().join(format!("kvp-csv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.csv");
+        std::fs::write(&p, "arrival_ms,input,output\n10,1000,5\n0,600,2\n").unwrap();
+        let t = load_any_trace(&p).unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].timestamp, 0);
+        assert_eq!(t[0].hash_ids.len(), 2);
+        assert_eq!(t[1].hash_ids.len(), 2);
+        assert!(t[0].hash_ids.iter().all(|h| !t[1].hash_ids.contains(h)));
+        std::fs::write(&p, "1,2\n").unwrap();
+        assert!(load_any_trace(&p).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+        let text = daemon_config_toml(Path::new("/tmp/s.sock"), 4096, 10, None);
+        assert!(text.contains("block_bytes = 4096"));
+        assert!(text.contains(&format!("capacity_bytes = {}", 10 * 8192)));
+    }
+}
