@@ -446,7 +446,7 @@ impl BlockManager {
             .collect();
         // Headers (with the data checksum) are made right before each write is submitted,
         // overlapping the writes already in flight.
-        let mut prepare = |i: usize| {
+        let prepare = |i: usize| {
             let (key, parent, host_slot, _, generation) = jobs[i];
             let header = SlotHeader {
                 namespace: key.namespace,
@@ -457,7 +457,8 @@ impl BlockManager {
                 data_checksum: 0,
             };
             // SAFETY: the registry holds the block busy or pending (no writer of its data),
-            // and only this operation writes its header page (one NVMe copy in flight).
+            // and only this operation writes its header page (one NVMe copy in flight);
+            // each item is prepared once, by one thread.
             let (page, data) =
                 unsafe { (self.host.header_mut(host_slot), self.host.data(host_slot)) };
             store.encode_header(page, data, header);
@@ -465,7 +466,7 @@ impl BlockManager {
         let mut results = Vec::with_capacity(ios.len());
         // SAFETY: host slots valid for slot_bytes; not written by anyone during the I/O (see
         // above).
-        unsafe { store.write_slots_with(&ios, &mut prepare, &mut results) };
+        unsafe { store.write_slots_with(&ios, &prepare, &mut results) };
         let errors = results.iter().filter(|r| r.is_err()).count() as u64;
         self.counters
             .nvme_write_errors
