@@ -959,11 +959,11 @@ fn print_table(reports: &[RunReport], ceiling: f64) {
         "ceiling", "infinite", "-", ceiling, "(one infinite shared cache)"
     );
     println!(
-        "{:<12} {:<11} {:>5} {:>6.3} {:>45.1}   (ai-dynamo 1.4.2 replay, same trace)",
+        "{:<12} {:<11} {:>5} {:>6.3} {:>40.1}   (ai-dynamo 1.4.2 replay, same trace)",
         "dynamo", "round_robin", "no", DYNAMO_ROUND_ROBIN_REUSE, DYNAMO_ROUND_ROBIN_TTFT_P50_MS
     );
     println!(
-        "{:<12} {:<11} {:>5} {:>6.3} {:>45.1}   (ai-dynamo 1.4.2 replay, same trace)",
+        "{:<12} {:<11} {:>5} {:>6.3} {:>40.1}   (ai-dynamo 1.4.2 replay, same trace)",
         "dynamo", "kv_router", "no", DYNAMO_KV_ROUTER_REUSE, DYNAMO_KV_ROUTER_TTFT_P50_MS
     );
     for r in reports {
