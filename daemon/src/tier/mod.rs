@@ -229,6 +229,46 @@ mod tests {
     }
 
     #[test]
+    fn tiers_config_parses_and_names_bad_keys() {
+        let text = r#"
+            [hbm]
+            capacity_bytes = 0
+            [host]
+            capacity_bytes = 1073741824
+            lock = false
+            hugepages = "never"
+            cpus = [0, 1]
+            [nvme]
+            paths = ["/var/lib/kvplane/g3.kvp"]
+            capacity_bytes = 17179869184
+            engine = "io_uring"
+            queue_depth = 64
+            batch_size = 16
+        "#;
+        let c: TiersConfig = toml::from_str(text).unwrap();
+        assert_eq!(c.nvme.engine, nvme::EngineKind::IoUring);
+        assert_eq!(c.host.hugepages, host::HugepageMode::Never);
+        c.validate(2 << 20).unwrap();
+        let e = c.validate(2 << 30).unwrap_err();
+        assert_eq!(e.key, "tiers.host.capacity_bytes");
+        let bad = TiersConfig {
+            nvme: nvme::NvmeConfig {
+                checksum_threads: 0,
+                ..c.nvme.clone()
+            },
+            ..c.clone()
+        };
+        assert_eq!(
+            bad.validate(2 << 20).unwrap_err().key,
+            "tiers.nvme.checksum_threads"
+        );
+        assert!(
+            toml::from_str::<TiersConfig>("[host]\nlocked = true").is_err(),
+            "unknown keys are errors"
+        );
+    }
+
+    #[test]
     fn tier_order_is_speed_order() {
         assert!(Tier::Hbm < Tier::Host && Tier::Host < Tier::Nvme);
         assert_eq!(Tier::Hbm.max(Tier::Nvme), Tier::Nvme);
