@@ -6,8 +6,9 @@
 use std::path::PathBuf;
 
 use super::CliResult;
-use crate::sim::engine::{Engine, EngineConfig, Offload, serve};
+use crate::sim::engine::{Engine, EngineConfig, Offload, serve, serve_real_time};
 use crate::sim::pages::KvGeometry;
+use crate::sim::proto::Command;
 
 #[derive(Debug, clap::Args)]
 pub struct EngineSimArgs {
@@ -41,6 +42,10 @@ pub struct EngineSimArgs {
     /// Namespace the session binds.
     #[arg(long, default_value = "replay")]
     pub namespace: String,
+    /// Wall-clock mode: passes are slept for their modelled duration and requests arrive
+    /// when received (default: virtual clock driven by `Advance`).
+    #[arg(long)]
+    pub real_time: bool,
     /// Print one JSON object instead of a table (accepted for symmetry; the engine's
     /// output is always JSON lines).
     #[arg(long)]
@@ -70,6 +75,28 @@ impl EngineSimArgs {
 pub fn run(args: EngineSimArgs) -> CliResult {
     let stdout = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     let mut engine = Engine::new(args.config(), args.socket.as_deref(), stdout)?;
-    serve(&mut engine, std::io::stdin().lock())?;
+    if !args.real_time {
+        serve(&mut engine, std::io::stdin().lock())?;
+        return Ok(());
+    }
+    // Commands are read on their own thread so the engine keeps its pass schedule.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("engine-sim-stdin".into())
+        .spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { return };
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let msg = serde_json::from_str::<Command>(&line)
+                    .map_err(|e| format!("bad command line: {e}"));
+                if tx.send(msg).is_err() {
+                    return;
+                }
+            }
+        })?;
+    serve_real_time(&mut engine, rx)?;
     Ok(())
 }

@@ -81,6 +81,11 @@ pub struct EngineReplayArgs {
     /// Keep the work directory (daemon and engine logs) after the run.
     #[arg(long)]
     pub keep_work_dir: bool,
+    /// Run on the wall clock instead of the virtual clock: arrivals are paced at
+    /// `--speed` and every engine sleeps through its passes (the trace takes its
+    /// duration divided by the speed).
+    #[arg(long)]
+    pub real_time: bool,
 }
 
 /// What `kvplane replay` passes in besides the engine flags.
@@ -450,9 +455,10 @@ struct EngineChild {
     daemon: Option<usize>,
     child: Child,
     stdin: std::io::BufWriter<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    /// Events from a thread that drains the engine's stdout continuously, so an engine
+    /// never blocks on a full pipe while the driver waits (real-time mode).
+    events: std::sync::mpsc::Receiver<Result<Event, String>>,
     log: PathBuf,
-    line: String,
     load: WorkerLoad,
 }
 
@@ -488,21 +494,31 @@ impl EngineChild {
     }
 
     fn next_event(&mut self) -> Result<Event> {
-        self.line.clear();
-        let n = self
-            .stdout
-            .read_line(&mut self.line)
-            .map_err(|e| self.fail(format!("read: {e}")))?;
-        if n == 0 {
-            let status = self.child.wait().ok();
-            return Err(self.fail(format!("exited ({status:?})")));
-        }
-        let ev: Event = serde_json::from_str(&self.line)
-            .map_err(|e| self.fail(format!("bad event line: {e}")))?;
+        let ev = match self.events.recv() {
+            Ok(Ok(ev)) => ev,
+            Ok(Err(reason)) => return Err(self.fail(reason)),
+            Err(_) => {
+                let status = self.child.wait().ok();
+                return Err(self.fail(format!("exited ({status:?})")));
+            }
+        };
         if let Event::Error { message } = &ev {
             return Err(self.fail(message.clone()));
         }
         Ok(ev)
+    }
+}
+
+fn read_events(stdout: BufReader<ChildStdout>, tx: std::sync::mpsc::Sender<Result<Event, String>>) {
+    for line in stdout.lines() {
+        let msg = match line {
+            Ok(l) => serde_json::from_str::<Event>(&l).map_err(|e| format!("bad event line: {e}")),
+            Err(e) => Err(format!("read: {e}")),
+        };
+        let stop = msg.is_err();
+        if tx.send(msg).is_err() || stop {
+            return;
+        }
     }
 }
 
@@ -618,20 +634,30 @@ fn run_one(ctx: &RunContext<'_>, spec: RunSpec) -> Result<RunReport> {
         if let Some(d) = daemon {
             cmd.arg("--socket").arg(&sockets[d]);
         }
+        if args.real_time {
+            cmd.arg("--real-time");
+        }
         let mut child = cmd.spawn().map_err(|source| ReplayEnginesError::Spawn {
             what: format!("engine {w}"),
             source,
         })?;
         let stdin = std::io::BufWriter::new(child.stdin.take().expect("piped"));
         let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let (tx, events) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("engine{w}-events"))
+            .spawn(move || read_events(stdout, tx))
+            .map_err(|source| ReplayEnginesError::Spawn {
+                what: format!("reader thread of engine {w}"),
+                source,
+            })?;
         engines.push(EngineChild {
             worker: w,
             daemon,
             child,
             stdin,
-            stdout,
+            events,
             log,
-            line: String::new(),
             load: WorkerLoad {
                 worker: w as u64,
                 ..WorkerLoad::default()
@@ -672,8 +698,18 @@ fn run_one(ctx: &RunContext<'_>, spec: RunSpec) -> Result<RunReport> {
     };
     let speed = args.speed;
     let pt = ctx.geometry.page_tokens;
+    let epoch = Instant::now();
+    let first_ts = ctx.trace.first().map_or(0, |r| r.timestamp);
     for (i, req) in ctx.trace.iter().enumerate() {
         let arrival = req.timestamp as f64 / speed;
+        if args.real_time {
+            let due = Duration::from_secs_f64(
+                (req.timestamp.saturating_sub(first_ts)) as f64 / speed / 1000.0,
+            );
+            if let Some(wait) = due.checked_sub(epoch.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         for e in engines.iter_mut() {
             e.send(&Command::Advance { until_ms: arrival })?;
             e.flush()?;
@@ -968,7 +1004,7 @@ fn print_table(reports: &[RunReport], ceiling: f64) {
     );
     for r in reports {
         println!(
-            "{}: {} requests in {:.0} s virtual ({:.1} s wall), preemptions {}, loads {} blocks ({:.0} ms transfer), saves {} blocks, content mismatches {}, ring errors {}",
+            "{}: {} requests in {:.0} s of engine time ({:.1} s wall), preemptions {}, loads {} blocks ({:.0} ms transfer), saves {} blocks, content mismatches {}, ring errors {}",
             r.name,
             r.finished,
             r.throughput.makespan_s,
@@ -1094,7 +1130,10 @@ pub fn run(input: ReplayInput, args: EngineReplayArgs) -> CliResult {
         obj.insert("block_bytes".into(), geometry.block_bytes().into());
         obj.insert("host_factor".into(), args.host_factor.into());
         obj.insert("nvme_bytes".into(), args.nvme_bytes.into());
-        obj.insert("clock".into(), "virtual".into());
+        obj.insert(
+            "clock".into(),
+            if args.real_time { "wall" } else { "virtual" }.into(),
+        );
         obj.insert("infinite_cache_prefix_reuse".into(), ceiling.into());
         obj.insert(
             "dynamo_reference".into(),
@@ -1110,7 +1149,7 @@ pub fn run(input: ReplayInput, args: EngineReplayArgs) -> CliResult {
         println!("{}", serde_json::Value::Object(obj));
     } else {
         println!(
-            "trace {} ({} requests), {} engines on {} daemon(s), {} pages x {} tokens each, host tier {}x the pools, virtual clock at speed {}",
+            "trace {} ({} requests), {} engines on {} daemon(s), {} pages x {} tokens each, host tier {}x the pools, {} clock at speed {}",
             input.trace_path.display(),
             trace.len(),
             input.workers,
@@ -1118,6 +1157,7 @@ pub fn run(input: ReplayInput, args: EngineReplayArgs) -> CliResult {
             args.engine_pages,
             geometry.page_tokens,
             args.host_factor,
+            if args.real_time { "wall" } else { "virtual" },
             args.speed
         );
         print_table(&reports, ceiling);

@@ -426,6 +426,8 @@ pub struct Engine<W: Write> {
     running: Vec<Seq>,
     pending_evicted: Vec<Evicted>,
     stats: EngineStats,
+    /// Real-time mode: the clock is wall time since this instant, passes are slept.
+    epoch: Option<Instant>,
 }
 
 impl<W: Write> std::fmt::Debug for Engine<W> {
@@ -461,6 +463,7 @@ impl<W: Write> Engine<W> {
             running: Vec::new(),
             pending_evicted: Vec::new(),
             stats,
+            epoch: None,
         })
     }
 
@@ -492,6 +495,8 @@ impl<W: Write> Engine<W> {
                 output_tokens,
                 hash_ids,
             } => {
+                // In real time a request arrives when it is received.
+                let arrival_ms = self.wall_ms().unwrap_or(arrival_ms);
                 let hashes = page_hashes(&hash_ids, input_tokens, self.cfg.geometry.page_tokens);
                 let pt = u64::from(self.cfg.geometry.page_tokens);
                 let pages = input_tokens.max(1).div_ceil(pt) + 1;
@@ -520,7 +525,8 @@ impl<W: Write> Engine<W> {
                 Ok(true)
             }
             Command::Advance { until_ms } => {
-                while self.now_ms < until_ms {
+                // In real time passes run on their own schedule; report the state now.
+                while self.epoch.is_none() && self.now_ms < until_ms {
                     if !self.step()? {
                         self.now_ms = until_ms;
                     }
@@ -543,6 +549,11 @@ impl<W: Write> Engine<W> {
                 Ok(false)
             }
         }
+    }
+
+    /// Wall-clock ms since the epoch in real-time mode.
+    fn wall_ms(&self) -> Option<f64> {
+        self.epoch.map(|e| e.elapsed().as_secs_f64() * 1000.0)
     }
 
     /// Announces readiness (after attach).
@@ -748,6 +759,9 @@ impl<W: Write> Engine<W> {
         if self.running.is_empty() && self.waiting.is_empty() {
             return Ok(false);
         }
+        if let Some(wall) = self.wall_ms() {
+            self.now_ms = self.now_ms.max(wall);
+        }
         let pt = u64::from(self.cfg.geometry.page_tokens);
         let mut budget = self.cfg.max_batched_tokens;
         let mut load_us = 0u64;
@@ -899,6 +913,66 @@ pub fn serve<R: std::io::BufRead, W: Write>(
     Ok(())
 }
 
+/// Real-time mode: the engine's clock is the wall clock and every pass is slept for its
+/// modelled duration, while commands (read by another thread into `rx`) keep being
+/// served: requests arrive when received, `Advance` is answered at once with the current
+/// state, `Finish` drains the work and ends.
+pub fn serve_real_time<W: Write>(
+    engine: &mut Engine<W>,
+    rx: std::sync::mpsc::Receiver<Result<Command, String>>,
+) -> Result<(), EngineError> {
+    use std::sync::mpsc::RecvTimeoutError;
+    engine.epoch = Some(Instant::now());
+    engine.ready()?;
+    let mut finishing = false;
+    // Serves one message; true when it was `Finish`.
+    fn handle<W: Write>(
+        engine: &mut Engine<W>,
+        msg: Result<Command, String>,
+    ) -> Result<bool, EngineError> {
+        match msg {
+            Ok(Command::Finish) => Ok(true),
+            Ok(cmd) => engine.handle(cmd).map(|_| false),
+            Err(message) => {
+                engine.emit(&Event::Error { message })?;
+                engine.flush().map(|_| false)
+            }
+        }
+    }
+    loop {
+        while let Ok(msg) = rx.try_recv() {
+            finishing |= handle(engine, msg)?;
+        }
+        let had_work = engine.step()?;
+        engine.flush()?;
+        if had_work {
+            // Sleep until the pass ends, serving commands meanwhile.
+            loop {
+                let wall = engine.wall_ms().unwrap_or(engine.now_ms);
+                if wall >= engine.now_ms {
+                    break;
+                }
+                let left = Duration::from_secs_f64((engine.now_ms - wall) / 1000.0);
+                match rx.recv_timeout(left) {
+                    Ok(msg) => finishing |= handle(engine, msg)?,
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                }
+            }
+            continue;
+        }
+        if finishing {
+            let ev = Event::Finished(engine.stats.clone());
+            engine.emit(&ev)?;
+            return engine.flush();
+        }
+        match rx.recv() {
+            Ok(msg) => finishing |= handle(engine, msg)?,
+            Err(_) => return Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1036,6 +1110,33 @@ mod tests {
         assert_eq!(ids, vec![0, 1, 2, 3]);
         assert!(e.stats().preemptions > 0, "40 pages cannot hold 4 x 12");
         assert_eq!(e.pool.active_pages(), 0);
+    }
+
+    #[test]
+    fn real_time_mode_sleeps_through_passes() {
+        let mut e = engine(256);
+        let (tx, rx) = std::sync::mpsc::channel();
+        tx.send(Ok(req(1, 0.0, 1000, 3, &[1, 2]))).unwrap();
+        tx.send(Ok(Command::Finish)).unwrap();
+        let t0 = Instant::now();
+        serve_real_time(&mut e, rx).unwrap();
+        let wall_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let evs = events(&e.out);
+        assert!(matches!(evs[0], Event::Ready { .. }));
+        assert!(matches!(evs.last(), Some(Event::Finished(_))));
+        let d = evs
+            .iter()
+            .find_map(|ev| match ev {
+                Event::Done(d) => Some(d.clone()),
+                _ => None,
+            })
+            .unwrap();
+        // One prefill pass and two decode passes, each slept in full.
+        let t = Timing::default();
+        let model = t.prefill_ms(1000) + 2.0 * t.decode_ms(0.0);
+        assert!(d.done_ms - d.arrival_ms >= model - 1e-6);
+        assert!(wall_ms >= model, "wall {wall_ms} ms < modelled {model} ms");
+        assert_eq!(d.computed, 1000);
     }
 
     #[test]
