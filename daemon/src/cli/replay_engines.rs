@@ -577,10 +577,19 @@ struct RunContext<'a> {
 }
 
 fn run_one(ctx: &RunContext<'_>, spec: RunSpec) -> Result<RunReport> {
+    let mut work = WorkDir::new(ctx.args.work_dir.as_deref(), ctx.args.keep_work_dir)?;
+    let result = run_in(ctx, spec, &work);
+    if result.is_err() {
+        // The error names logs in it.
+        work.keep = true;
+    }
+    result
+}
+
+fn run_in(ctx: &RunContext<'_>, spec: RunSpec, work: &WorkDir) -> Result<RunReport> {
     let t0 = Instant::now();
     let args = ctx.args;
     let n = ctx.input.workers;
-    let work = WorkDir::new(args.work_dir.as_deref(), args.keep_work_dir)?;
     let daemons_n = if spec.daemon_tiers { args.daemons } else { 0 };
     let mut daemon_workers = vec![Vec::new(); daemons_n];
     for w in 0..n {
