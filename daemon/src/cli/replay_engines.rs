@@ -292,6 +292,8 @@ pub struct RunReport {
     /// Requests per worker.
     pub requests_per_worker: Vec<u64>,
     pub wall_s: f64,
+    /// Sum over engines of modelled pass time (the GPU time the run would take).
+    pub engine_busy_s: f64,
 }
 
 /// A private directory removed on drop unless kept.
@@ -871,6 +873,7 @@ fn report(
         save_transfer_ms: sum(|s| s.save_transfer_us) as f64 / 1000.0,
         requests_per_worker: state.sent.clone(),
         wall_s: wall.as_secs_f64(),
+        engine_busy_s: stats.iter().map(|s| s.busy_ms).sum::<f64>() / 1000.0,
     })
 }
 
@@ -1011,9 +1014,24 @@ fn print_table(reports: &[RunReport], ceiling: f64) {
         "{:<12} {:<11} {:>5} {:>6.3} {:>40.1}   (ai-dynamo 1.4.2 replay, same trace)",
         "dynamo", "kv_router", "no", DYNAMO_KV_ROUTER_REUSE, DYNAMO_KV_ROUTER_TTFT_P50_MS
     );
+    if let (Some(m), Some(b)) = (
+        reports.first(),
+        reports.iter().find(|r| r.name == "baseline"),
+    ) {
+        println!(
+            "{} computes {:.1} % fewer prefill tokens than the baseline ({} vs {}); engines busy {:.0} s vs {:.0} s ({:.1} % less)",
+            m.name,
+            100.0 * (1.0 - m.computed_tokens as f64 / b.computed_tokens.max(1) as f64),
+            m.computed_tokens,
+            b.computed_tokens,
+            m.engine_busy_s,
+            b.engine_busy_s,
+            100.0 * (1.0 - m.engine_busy_s / b.engine_busy_s.max(1e-9))
+        );
+    }
     for r in reports {
         println!(
-            "{}: {} requests in {:.0} s of engine time ({:.1} s wall), preemptions {}, loads {} blocks ({:.0} ms transfer), saves {} blocks, content mismatches {}, ring errors {}",
+            "{}: {} requests over a {:.0} s makespan ({:.1} s wall), preemptions {}, loads {} blocks ({:.0} ms transfer), saves {} blocks, content mismatches {}, ring errors {}",
             r.name,
             r.finished,
             r.throughput.makespan_s,
@@ -1154,6 +1172,16 @@ pub fn run(input: ReplayInput, args: EngineReplayArgs) -> CliResult {
         );
         for r in &reports[1..] {
             obj.insert(r.name.into(), serde_json::to_value(r)?);
+        }
+        if let Some(b) = reports.iter().find(|r| r.name == "baseline") {
+            obj.insert(
+                "prefill_tokens_saved_vs_baseline".into(),
+                (1.0 - main.computed_tokens as f64 / b.computed_tokens.max(1) as f64).into(),
+            );
+            obj.insert(
+                "engine_busy_saved_vs_baseline".into(),
+                (1.0 - main.engine_busy_s / b.engine_busy_s.max(1e-9)).into(),
+            );
         }
         println!("{}", serde_json::Value::Object(obj));
     } else {
