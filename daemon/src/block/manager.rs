@@ -99,6 +99,15 @@ pub enum LoadFailure {
     Io(NvmeError),
 }
 
+/// One block of [`BlockManager::snapshot`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotEntry {
+    pub namespace: u32,
+    pub hash: u64,
+    pub parent: Option<u64>,
+    pub tiers: Vec<Tier>,
+}
+
 #[derive(Debug, Default)]
 pub struct SaveReport {
     /// Blocks newly stored (in order: a leading run of the blocks that needed storing).
@@ -946,6 +955,23 @@ impl BlockManager {
             }
         }
         report
+    }
+
+    /// Every stored block with its parent and the tiers it is in (router snapshots).
+    pub fn snapshot(&self) -> Vec<SnapshotEntry> {
+        self.lock()
+            .snapshot()
+            .into_iter()
+            .map(|(key, parent, present)| SnapshotEntry {
+                namespace: key.namespace,
+                hash: key.hash,
+                parent,
+                tiers: Tier::ALL
+                    .into_iter()
+                    .filter(|t| present[t.index()])
+                    .collect(),
+            })
+            .collect()
     }
 
     /// Removes blocks from every tier (leased or in-use blocks are kept and counted busy).

@@ -774,6 +774,23 @@ impl Registry {
             .unwrap_or(0)
     }
 
+    /// Every block present in some tier: `(key, parent, tiers present)`, for the router
+    /// snapshot (control plane; O(blocks) under the lock).
+    pub fn snapshot(&self) -> Vec<(BlockKey, Option<u64>, [bool; 3])> {
+        self.map
+            .values()
+            .filter(|r| r.present != 0)
+            .map(|r| {
+                let e = &self.entries[r.idx as usize];
+                (
+                    e.key,
+                    e.parent,
+                    [r.present & 1 != 0, r.present & 2 != 0, r.present & 4 != 0],
+                )
+            })
+            .collect()
+    }
+
     /// Keys of a namespace (for clear).
     pub fn keys_in_namespace(&self, namespace: u32) -> Vec<BlockKey> {
         self.map
