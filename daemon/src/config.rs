@@ -84,6 +84,8 @@ pub struct Config {
     pub tiers: crate::tier::TiersConfig,
     /// When empty, any namespace may be used, but only by the daemon's own uid.
     pub namespaces: Vec<NamespaceConfig>,
+    /// `[control]`: the metrics/status listener.
+    pub control: crate::control::admin::ControlConfig,
 }
 
 impl Config {
@@ -154,6 +156,7 @@ impl Config {
         }
         self.blocks.validate("blocks")?;
         self.tiers.validate(self.blocks.block_bytes)?;
+        self.control.validate()?;
         let mut seen = std::collections::HashSet::new();
         for (i, ns) in self.namespaces.iter().enumerate() {
             let key = format!("namespaces[{i}].name");
@@ -255,6 +258,11 @@ direct = {direct}
 # Read and checksum every stored block at start-up (otherwise on every load).
 verify_on_scan = {verify}
 
+[control]
+# Loopback address of the control server: GET /metrics (Prometheus), /status (JSON for
+# `kvplane status`), /healthz. Empty disables it. Only loopback addresses are accepted.
+metrics_addr = "{metrics_addr}"
+
 # Namespaces (tenant + model + LoRA) and the uids that may use each. With none listed,
 # any namespace may be used, but only by the daemon's own uid.
 # [[namespaces]]
@@ -279,6 +287,7 @@ verify_on_scan = {verify}
             batch = n.batch_size,
             direct = n.direct,
             verify = n.verify_on_scan,
+            metrics_addr = d.control.metrics_addr,
         )
     }
 }
@@ -304,6 +313,10 @@ mod tests {
             ("[serve]\nspin_us = 99999", "serve.spin_us"),
             ("[serve]\nmax_arena_bytes = 10", "serve.max_arena_bytes"),
             ("[serve]\nsocket_mode = 0o1777", "serve.socket_mode"),
+            (
+                "[control]\nmetrics_addr = \"0.0.0.0:9464\"",
+                "control.metrics_addr",
+            ),
             (
                 "[[namespaces]]\nname = \"a b\"\nuids = [1]",
                 "namespaces[0].name",

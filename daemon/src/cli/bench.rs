@@ -2,7 +2,9 @@
 
 use clap::Subcommand;
 
-use super::{CliResult, bench_gather, bench_host, bench_lookup, bench_nvme, bench_ring};
+use super::{
+    CliResult, bench_gather, bench_host, bench_lookup, bench_nvme, bench_ring, bench_transfer,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -17,6 +19,9 @@ pub enum BenchCommand {
     Lookup(bench_lookup::LookupArgs),
     /// Paged gather/scatter kernels against memcpy.
     Gather(bench_gather::GatherArgs),
+    /// Transfer sweep over tiers, block size, batch, queue depth and threads, against
+    /// memcpy and raw O_DIRECT io_uring measured in the same run (nixlbench's role).
+    Transfer(bench_transfer::TransferArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> CliResult {
@@ -26,5 +31,6 @@ pub fn run(cmd: BenchCommand) -> CliResult {
         BenchCommand::Host(args) => bench_host::run(args),
         BenchCommand::Lookup(args) => bench_lookup::run(args),
         BenchCommand::Gather(args) => bench_gather::run(args),
+        BenchCommand::Transfer(args) => bench_transfer::run(args),
     }
 }

@@ -54,9 +54,10 @@ pub fn run(args: ServeArgs) -> CliResult {
         "tiers ready"
     );
     let daemon = Daemon::start(config, Arc::new(DataPlane::with_blocks(Arc::new(blocks))))?;
+    let control = crate::control::admin::start_for(&daemon);
     let sig = signals::wait_termination()?;
     tracing::info!(signal = sig, "shutting down: finishing in-flight batches");
-    daemon.shutdown();
+    crate::control::admin::shutdown(daemon, control);
     tracing::info!("daemon stopped");
     Ok(())
 }

@@ -1,2 +1,4 @@
-//! Control plane: signals and (later) metrics and admin. Never on the data path.
+//! Control plane: signals, metrics and the admin (metrics/status) server. Never on the data path.
+pub mod admin;
+pub mod metrics;
 pub mod signals;

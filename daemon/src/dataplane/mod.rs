@@ -50,6 +50,8 @@ pub struct Counters {
     pub blocks_loaded: AtomicU64,
     pub bytes_saved: AtomicU64,
     pub bytes_loaded: AtomicU64,
+    /// Latency histograms, link bytes, per-namespace lookups (for `/metrics`).
+    pub metrics: crate::control::metrics::DataPlaneMetrics,
 }
 
 /// The engine's KV buffer, mapped, and the layout attached to it.
@@ -185,6 +187,12 @@ impl DataPlane {
         self.blocks.as_ref()
     }
 
+    /// Namespaces bound so far: global id -> name (metrics labels).
+    pub fn namespace_names(&self) -> std::collections::BTreeMap<u32, String> {
+        let known = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        known.iter().map(|(id, n)| (*id, n.clone())).collect()
+    }
+
     /// Resolve a session's namespace names to global ids.
     pub fn bind_namespaces(&self, names: &[String]) -> Result<Vec<u32>, NamespaceError> {
         let mut known = self.names.lock().expect("namespace table poisoned");
@@ -212,6 +220,14 @@ impl DataPlane {
     /// Serve one validated request; the returned completion carries its user_data. The
     /// caller accounts the completion with `count` (once per batch, not per op).
     pub fn handle(&self, session: &mut SessionData, seg: &Segment, req: &Request) -> kvp_cqe {
+        let _in_flight = self.counters.metrics.begin();
+        let t0 = Instant::now();
+        let cqe = self.dispatch(session, seg, req);
+        self.counters.metrics.record_op(req.opcode, t0.elapsed());
+        cqe
+    }
+
+    fn dispatch(&self, session: &mut SessionData, seg: &Segment, req: &Request) -> kvp_cqe {
         match req.opcode {
             Opcode::Nop => completion(req.user_data, Status::Ok),
             Opcode::Stats => self.stats(session, seg, req),
@@ -321,6 +337,9 @@ impl DataPlane {
                 session.tiers.clear();
                 session.tiers.resize(session.hashes.len(), Tier::None);
                 let hits = blocks.lookup(ns, &session.hashes, &mut session.tiers);
+                self.counters
+                    .metrics
+                    .record_lookup(ns, &session.tiers, hits, session.hashes.len());
                 for (op, t) in session.ops.iter_mut().zip(&session.tiers) {
                     op.tier = abi_tier(*t) as u8;
                     op.status = 0;
@@ -422,6 +441,7 @@ impl DataPlane {
                 self.counters
                     .bytes_saved
                     .fetch_add(r.bytes, Ordering::Relaxed);
+                self.counters.metrics.record_save(&r, blocks.block_bytes());
                 let tier = if write_through && r.nvme_written > 0 {
                     Tier::Nvme
                 } else {
@@ -490,6 +510,7 @@ impl DataPlane {
         self.counters
             .bytes_loaded
             .fetch_add(r.bytes, Ordering::Relaxed);
+        self.counters.metrics.record_load(&r, blocks.block_bytes());
         for (i, op) in session.ops.iter_mut().enumerate() {
             op.tier = r
                 .tiers

@@ -140,8 +140,20 @@ impl Daemon {
     }
 
     pub fn sessions(&self) -> Vec<SessionSummary> {
+        self.shared.sessions()
+    }
+
+    /// Stop accepting, end every session (engines see state DEAD and a closed socket),
+    /// wait for the session threads to finish their in-flight batch.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+}
+
+impl DaemonShared {
+    /// Live sessions, by id.
+    pub fn sessions(&self) -> Vec<SessionSummary> {
         let mut v: Vec<_> = self
-            .shared
             .sessions
             .lock()
             .expect("sessions poisoned")
@@ -151,13 +163,9 @@ impl Daemon {
         v.sort_by_key(|s| s.session_id);
         v
     }
+}
 
-    /// Stop accepting, end every session (engines see state DEAD and a closed socket),
-    /// wait for the session threads to finish their in-flight batch.
-    pub fn shutdown(mut self) {
-        self.stop_and_join();
-    }
-
+impl Daemon {
     fn stop_and_join(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop with a connection it will drop.

@@ -1,0 +1,658 @@
+//! Metrics: what the data plane records (relaxed atomics, one uncontended mutex for the
+//! per-namespace lookup table) and the Prometheus text rendering the control server
+//! serves on `GET /metrics`. Recording is a few atomic adds per operation; everything
+//! else (formatting, the block manager's stats under its lock) runs on the control thread.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use kvplane_ffi::Opcode;
+
+use crate::block::{BlockStats, LoadReport, SaveReport, Tier};
+use crate::session::SessionSummary;
+
+/// Upper bounds of the latency buckets, in microseconds (Prometheus `le`, shown in seconds).
+pub const LATENCY_BUCKETS_US: [u64; 18] = [
+    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    500_000, 1_000_000, 2_500_000,
+];
+
+/// A fixed-bucket latency histogram: lock-free to record, cumulative when rendered.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Per-bucket (non-cumulative) counts; the last entry is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, elapsed: Duration) {
+        let us = elapsed.as_micros().min(u64::MAX as u128) as u64;
+        let i = LATENCY_BUCKETS_US.partition_point(|&b| b < us);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(
+            elapsed.as_nanos().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Cumulative bucket counts (one per bound, then +Inf), the sum in seconds, the count.
+    pub fn snapshot(&self) -> (Vec<u64>, f64, u64) {
+        let mut acc = 0;
+        let cumulative = self
+            .buckets
+            .iter()
+            .map(|b| {
+                acc += b.load(Ordering::Relaxed);
+                acc
+            })
+            .collect();
+        (
+            cumulative,
+            self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            self.count.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The bucket bound (in microseconds) below which `q` of the samples fall; `None`
+    /// when empty, `u64::MAX` when the quantile is in the +Inf bucket.
+    pub fn quantile_bound_us(&self, q: f64) -> Option<u64> {
+        let (cumulative, _, count) = self.snapshot();
+        if count == 0 {
+            return None;
+        }
+        let target = ((count as f64) * q).ceil().max(1.0) as u64;
+        let i = cumulative.iter().position(|&c| c >= target)?;
+        Some(LATENCY_BUCKETS_US.get(i).copied().unwrap_or(u64::MAX))
+    }
+}
+
+/// The links bytes move over, as `link` label values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    EngineToHost = 0,
+    HostToEngine = 1,
+    HostToNvme = 2,
+    NvmeToHost = 3,
+    /// Loads served from the G1 arena (host memory standing in for HBM on the host backend).
+    G1ToEngine = 4,
+}
+
+impl Link {
+    pub const ALL: [Link; 5] = [
+        Link::EngineToHost,
+        Link::HostToEngine,
+        Link::HostToNvme,
+        Link::NvmeToHost,
+        Link::G1ToEngine,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Link::EngineToHost => "engine_to_host",
+            Link::HostToEngine => "host_to_engine",
+            Link::HostToNvme => "host_to_nvme",
+            Link::NvmeToHost => "nvme_to_host",
+            Link::G1ToEngine => "g1_to_engine",
+        }
+    }
+}
+
+/// Lookup outcomes of one namespace, in blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceLookups {
+    /// Leading blocks found, by the fastest tier holding each (hbm, host, nvme).
+    pub hits: [u64; 3],
+    /// Blocks asked for past the found prefix.
+    pub misses: u64,
+}
+
+/// What the data plane records per operation. Lives in `DataPlane::counters`.
+#[derive(Debug, Default)]
+pub struct DataPlaneMetrics {
+    /// Per opcode, in `Opcode::ALL` order.
+    op_latency: [LatencyHistogram; 10],
+    /// Operations being executed right now (the data plane's queue depth).
+    pub in_flight: AtomicU64,
+    link_bytes: [AtomicU64; 5],
+    lookups: Mutex<BTreeMap<u32, NamespaceLookups>>,
+}
+
+fn opcode_index(op: Opcode) -> usize {
+    Opcode::ALL.iter().position(|&o| o == op).unwrap_or(0)
+}
+
+fn opcode_name(op: Opcode) -> &'static str {
+    match op {
+        Opcode::Nop => "nop",
+        Opcode::Stats => "stats",
+        Opcode::AttachLayout => "attach_layout",
+        Opcode::Lookup => "lookup",
+        Opcode::Save => "save",
+        Opcode::Load => "load",
+        Opcode::Pin => "pin",
+        Opcode::Unpin => "unpin",
+        Opcode::Drop => "drop",
+        Opcode::ClearNamespace => "clear_namespace",
+    }
+}
+
+/// Decrements the in-flight gauge however the operation ends.
+pub struct InFlight<'a>(&'a DataPlaneMetrics);
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl DataPlaneMetrics {
+    pub fn begin(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self)
+    }
+
+    pub fn record_op(&self, op: Opcode, elapsed: Duration) {
+        self.op_latency[opcode_index(op)].record(elapsed);
+    }
+
+    pub fn op_latency(&self, op: Opcode) -> &LatencyHistogram {
+        &self.op_latency[opcode_index(op)]
+    }
+
+    pub fn add_link_bytes(&self, link: Link, bytes: u64) {
+        if bytes > 0 {
+            self.link_bytes[link as usize].fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    pub fn link_bytes(&self, link: Link) -> u64 {
+        self.link_bytes[link as usize].load(Ordering::Relaxed)
+    }
+
+    /// A lookup of `asked` blocks in namespace `ns` found the leading `tiers[..hits]`.
+    pub fn record_lookup(&self, ns: u32, tiers: &[Tier], hits: usize, asked: usize) {
+        let mut map = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map.entry(ns).or_default();
+        for t in &tiers[..hits.min(tiers.len())] {
+            if *t != Tier::None {
+                entry.hits[t.index()] += 1;
+            }
+        }
+        entry.misses += asked.saturating_sub(hits) as u64;
+    }
+
+    pub fn lookups(&self) -> BTreeMap<u32, NamespaceLookups> {
+        self.lookups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Bytes a save moved: engine -> host for stored blocks, host -> NVMe for the blocks
+    /// it wrote through or demoted.
+    pub fn record_save(&self, r: &SaveReport, block_bytes: usize) {
+        self.add_link_bytes(Link::EngineToHost, r.bytes);
+        self.add_link_bytes(Link::HostToNvme, (r.nvme_written * block_bytes) as u64);
+    }
+
+    /// Bytes a load moved: NVMe -> host for staged blocks, then each block to the engine.
+    pub fn record_load(&self, r: &LoadReport, block_bytes: usize) {
+        let b = block_bytes as u64;
+        for t in &r.tiers {
+            match t {
+                Tier::Hbm => self.add_link_bytes(Link::G1ToEngine, b),
+                Tier::Nvme => {
+                    self.add_link_bytes(Link::NvmeToHost, b);
+                    self.add_link_bytes(Link::HostToEngine, b);
+                }
+                _ => self.add_link_bytes(Link::HostToEngine, b),
+            }
+        }
+    }
+}
+
+/// The daemon-wide counters the session layer keeps (copied out of `dataplane::Counters`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SessionCounters {
+    pub sessions_active: u64,
+    pub sessions_total: u64,
+    pub sessions_reclaimed: u64,
+    pub protocol_violations: u64,
+    pub ops_completed: u64,
+    pub ops_failed: u64,
+}
+
+/// Everything one scrape renders, gathered on the control thread.
+pub struct Scrape<'a> {
+    pub blocks: Option<&'a BlockStats>,
+    pub metrics: &'a DataPlaneMetrics,
+    pub counters: &'a SessionCounters,
+    pub sessions: &'a [SessionSummary],
+    /// Global namespace id -> name.
+    pub namespace_names: &'a BTreeMap<u32, String>,
+    pub uptime_s: f64,
+    pub backend: &'a str,
+}
+
+/// Label value escaping per the Prometheus text format.
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Out(String);
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"{}\"", esc(v));
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+}
+
+/// Prometheus text exposition (format 0.0.4) of one scrape.
+pub fn render(s: &Scrape<'_>) -> String {
+    let mut o = Out(String::with_capacity(16 << 10));
+    o.family(
+        "kvplane_build_info",
+        "gauge",
+        "Version and device backend (value 1).",
+    );
+    o.sample(
+        "kvplane_build_info",
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("backend", s.backend),
+        ],
+        1,
+    );
+    o.family(
+        "kvplane_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+    );
+    o.sample("kvplane_uptime_seconds", &[], format!("{:.3}", s.uptime_s));
+
+    if let Some(b) = s.blocks {
+        o.family("kvplane_block_bytes", "gauge", "Bytes of one KV block.");
+        o.sample("kvplane_block_bytes", &[], b.block_bytes);
+        o.family(
+            "kvplane_blocks",
+            "gauge",
+            "Distinct blocks stored in any tier.",
+        );
+        o.sample("kvplane_blocks", &[], b.blocks);
+        o.family(
+            "kvplane_tier_capacity_blocks",
+            "gauge",
+            "Block slots of each tier.",
+        );
+        for t in &b.tiers {
+            o.sample(
+                "kvplane_tier_capacity_blocks",
+                &[("tier", t.tier.name())],
+                t.capacity_slots,
+            );
+        }
+        o.family("kvplane_tier_blocks", "gauge", "Blocks held by each tier.");
+        for t in &b.tiers {
+            o.sample(
+                "kvplane_tier_blocks",
+                &[("tier", t.tier.name())],
+                t.used_slots,
+            );
+        }
+        o.family(
+            "kvplane_tier_capacity_bytes",
+            "gauge",
+            "Block bytes each tier can hold.",
+        );
+        for t in &b.tiers {
+            let v = t.capacity_slots as u64 * b.block_bytes as u64;
+            o.sample("kvplane_tier_capacity_bytes", &[("tier", t.tier.name())], v);
+        }
+        o.family(
+            "kvplane_tier_used_bytes",
+            "gauge",
+            "Block bytes held by each tier.",
+        );
+        for t in &b.tiers {
+            let v = t.used_slots as u64 * b.block_bytes as u64;
+            o.sample("kvplane_tier_used_bytes", &[("tier", t.tier.name())], v);
+        }
+        o.family(
+            "kvplane_tier_removals_total",
+            "counter",
+            "Blocks removed from a tier, by reason (evicted, demoted, dropped, ...).",
+        );
+        for t in &b.tiers {
+            for (reason, n) in &t.removed {
+                o.sample(
+                    "kvplane_tier_removals_total",
+                    &[("tier", t.tier.name()), ("reason", reason)],
+                    n,
+                );
+            }
+        }
+        o.family(
+            "kvplane_registry_lookup_blocks_total",
+            "counter",
+            "Registry lookups, in blocks, all namespaces (hit = found in some tier).",
+        );
+        o.sample(
+            "kvplane_registry_lookup_blocks_total",
+            &[("result", "hit")],
+            b.lookup_hits,
+        );
+        o.sample(
+            "kvplane_registry_lookup_blocks_total",
+            &[("result", "miss")],
+            b.lookup_misses,
+        );
+        o.family(
+            "kvplane_blocks_saved_total",
+            "counter",
+            "Blocks newly stored by saves.",
+        );
+        o.sample("kvplane_blocks_saved_total", &[], b.saves_stored);
+        o.family(
+            "kvplane_blocks_loaded_total",
+            "counter",
+            "Blocks handed to engines by loads.",
+        );
+        o.sample("kvplane_blocks_loaded_total", &[], b.loads_served);
+        o.family(
+            "kvplane_nvme_errors_total",
+            "counter",
+            "NVMe failures, by kind.",
+        );
+        o.sample(
+            "kvplane_nvme_errors_total",
+            &[("kind", "write")],
+            b.nvme_write_errors,
+        );
+        o.sample(
+            "kvplane_nvme_errors_total",
+            &[("kind", "read")],
+            b.nvme_read_errors,
+        );
+        o.sample(
+            "kvplane_nvme_errors_total",
+            &[("kind", "corrupt")],
+            b.nvme_corrupt_dropped,
+        );
+        o.family(
+            "kvplane_nvme_scan_slots",
+            "gauge",
+            "Slots found by the start-up NVMe scan, by outcome.",
+        );
+        o.sample(
+            "kvplane_nvme_scan_slots",
+            &[("outcome", "valid")],
+            b.nvme_scan_valid,
+        );
+        o.sample(
+            "kvplane_nvme_scan_slots",
+            &[("outcome", "corrupt")],
+            b.nvme_scan_corrupt,
+        );
+        o.sample(
+            "kvplane_nvme_scan_slots",
+            &[("outcome", "duplicate")],
+            b.nvme_scan_duplicates,
+        );
+        o.family(
+            "kvplane_events_dropped_total",
+            "counter",
+            "Block events dropped (full channel).",
+        );
+        o.sample("kvplane_events_dropped_total", &[], b.events_dropped);
+    }
+
+    o.family(
+        "kvplane_lookup_blocks_total",
+        "counter",
+        "Blocks asked for by engine lookups, per namespace: hits by the tier that holds them, misses.",
+    );
+    for (ns, l) in &s.metrics.lookups() {
+        let fallback = format!("0x{ns:08x}");
+        let name = s
+            .namespace_names
+            .get(ns)
+            .map(String::as_str)
+            .unwrap_or(&fallback);
+        for t in Tier::ALL {
+            let v = l.hits[t.index()];
+            o.sample(
+                "kvplane_lookup_blocks_total",
+                &[("namespace", name), ("tier", t.name()), ("result", "hit")],
+                v,
+            );
+        }
+        o.sample(
+            "kvplane_lookup_blocks_total",
+            &[("namespace", name), ("tier", "none"), ("result", "miss")],
+            l.misses,
+        );
+    }
+
+    o.family(
+        "kvplane_link_bytes_total",
+        "counter",
+        "Block bytes moved over each link.",
+    );
+    for link in Link::ALL {
+        o.sample(
+            "kvplane_link_bytes_total",
+            &[("link", link.name())],
+            s.metrics.link_bytes(link),
+        );
+    }
+
+    o.family(
+        "kvplane_ops_in_flight",
+        "gauge",
+        "Ring operations the data plane is executing now (its queue depth).",
+    );
+    o.sample(
+        "kvplane_ops_in_flight",
+        &[],
+        s.metrics.in_flight.load(Ordering::Relaxed),
+    );
+    o.family(
+        "kvplane_ops_total",
+        "counter",
+        "Ring operations completed, by result.",
+    );
+    o.sample(
+        "kvplane_ops_total",
+        &[("result", "ok")],
+        s.counters.ops_completed,
+    );
+    o.sample(
+        "kvplane_ops_total",
+        &[("result", "error")],
+        s.counters.ops_failed,
+    );
+
+    o.family(
+        "kvplane_op_duration_seconds",
+        "histogram",
+        "Time the data plane spent on one ring operation, by opcode.",
+    );
+    for &op in Opcode::ALL {
+        let h = s.metrics.op_latency(op);
+        if h.count() == 0 {
+            continue;
+        }
+        let (cumulative, sum_s, count) = h.snapshot();
+        let name = opcode_name(op);
+        for (i, c) in cumulative.iter().enumerate() {
+            let le = match LATENCY_BUCKETS_US.get(i) {
+                Some(us) => format!("{}", *us as f64 / 1e6),
+                None => "+Inf".to_string(),
+            };
+            o.sample(
+                "kvplane_op_duration_seconds_bucket",
+                &[("op", name), ("le", &le)],
+                c,
+            );
+        }
+        o.sample(
+            "kvplane_op_duration_seconds_sum",
+            &[("op", name)],
+            format!("{sum_s:.9}"),
+        );
+        o.sample("kvplane_op_duration_seconds_count", &[("op", name)], count);
+    }
+
+    o.family("kvplane_sessions", "gauge", "Engine sessions attached now.");
+    o.sample("kvplane_sessions", &[], s.counters.sessions_active);
+    o.family(
+        "kvplane_sessions_total",
+        "counter",
+        "Engine sessions ever attached.",
+    );
+    o.sample("kvplane_sessions_total", &[], s.counters.sessions_total);
+    o.family(
+        "kvplane_sessions_reclaimed_total",
+        "counter",
+        "Sessions whose engine died (leases reclaimed).",
+    );
+    o.sample(
+        "kvplane_sessions_reclaimed_total",
+        &[],
+        s.counters.sessions_reclaimed,
+    );
+    o.family(
+        "kvplane_protocol_violations_total",
+        "counter",
+        "Sessions ended for a malformed ring or segment.",
+    );
+    o.sample(
+        "kvplane_protocol_violations_total",
+        &[],
+        s.counters.protocol_violations,
+    );
+    o.family(
+        "kvplane_session_info",
+        "gauge",
+        "One series per attached session (value 1).",
+    );
+    for sess in s.sessions {
+        let id = sess.session_id.to_string();
+        let pid = sess.pid.to_string();
+        let uid = sess.uid.to_string();
+        let ns = sess.namespaces.join(",");
+        o.sample(
+            "kvplane_session_info",
+            &[
+                ("session", &id),
+                ("pid", &pid),
+                ("uid", &uid),
+                ("namespaces", &ns),
+            ],
+            1,
+        );
+    }
+    o.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_quantiles_bound_the_samples() {
+        let h = LatencyHistogram::default();
+        for us in [1, 7, 7, 30, 900, 3_000_000] {
+            h.record(Duration::from_micros(us));
+        }
+        let (cum, sum_s, count) = h.snapshot();
+        assert_eq!(count, 6);
+        assert_eq!(cum.len(), LATENCY_BUCKETS_US.len() + 1);
+        assert_eq!(cum[0], 1); // <= 5 us
+        assert_eq!(cum[1], 3); // <= 10 us
+        assert_eq!(cum[3], 4); // <= 50 us
+        assert_eq!(*cum.last().unwrap(), 6);
+        assert!(cum.windows(2).all(|w| w[0] <= w[1]));
+        assert!((sum_s - 3.000_945).abs() < 1e-6, "{sum_s}");
+        assert_eq!(h.quantile_bound_us(0.5), Some(10));
+        assert_eq!(h.quantile_bound_us(1.0), Some(u64::MAX));
+    }
+
+    #[test]
+    fn render_names_units_and_escapes_labels() {
+        let m = DataPlaneMetrics::default();
+        m.record_op(Opcode::Save, Duration::from_micros(40));
+        m.add_link_bytes(Link::EngineToHost, 4096);
+        m.record_lookup(7, &[Tier::Host, Tier::Nvme, Tier::None], 2, 3);
+        let names = BTreeMap::from([(7u32, "a\"b".to_string())]);
+        let counters = SessionCounters {
+            sessions_active: 1,
+            ..Default::default()
+        };
+        let text = render(&Scrape {
+            blocks: None,
+            metrics: &m,
+            counters: &counters,
+            sessions: &[],
+            namespace_names: &names,
+            uptime_s: 1.0,
+            backend: "host",
+        });
+        assert!(
+            text.contains("kvplane_link_bytes_total{link=\"engine_to_host\"} 4096\n"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "kvplane_lookup_blocks_total{namespace=\"a\\\"b\",tier=\"nvme\",result=\"hit\"} 1\n"
+        ));
+        assert!(text.contains(
+            "kvplane_lookup_blocks_total{namespace=\"a\\\"b\",tier=\"none\",result=\"miss\"} 1\n"
+        ));
+        assert!(
+            text.contains("kvplane_op_duration_seconds_bucket{op=\"save\",le=\"0.00005\"} 1\n")
+        );
+        assert!(text.contains("kvplane_op_duration_seconds_bucket{op=\"save\",le=\"+Inf\"} 1\n"));
+        assert!(text.contains("kvplane_op_duration_seconds_count{op=\"save\"} 1\n"));
+        assert!(
+            !text.contains("op=\"load\""),
+            "empty histograms are not rendered"
+        );
+        assert!(text.contains("kvplane_sessions 1\n"));
+        // Every sample line belongs to a declared family.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let base = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            assert!(
+                text.contains(&format!("# TYPE {name} "))
+                    || text.contains(&format!("# TYPE {base} ")),
+                "{line}"
+            );
+        }
+    }
+}

@@ -1,0 +1,488 @@
+//! Operations against real `kvplane serve` processes: the metrics endpoint after saves,
+//! lookups and loads; `kvplane status --json`; bad control requests; config errors that
+//! name the key; SIGTERM with operations in flight (prompt exit 0, a clean end for the
+//! client, completed write-through saves still there after a restart).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use kvplane_ffi::{Opcode, Pod, SQE_F_WRITE_THROUGH, Status, Tier};
+use kvplane_tests::{DaemonProc, TestEngine, kvplane_bin, small_config, temp_dir};
+
+const BLOCK: u64 = 65536;
+
+/// Config with the control server on an ephemeral loopback port and an NVMe file.
+fn config_with_nvme(dir: &Path, write_through: bool) -> std::path::PathBuf {
+    let nvme = dir.join("nvme.kvp");
+    let extra = format!(
+        "[tiers.nvme]\npaths = [\"{}\"]\ncapacity_bytes = 33554432\n[control]\nmetrics_addr = \"127.0.0.1:0\"\n",
+        nvme.display()
+    );
+    let path = small_config(dir, &extra);
+    if write_through {
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            text.replace("[blocks]\n", "[blocks]\nwrite_through = true\n"),
+        )
+        .unwrap();
+    }
+    path
+}
+
+/// The control address the daemon logged ("control server listening ... addr=IP:PORT").
+fn control_addr(daemon: &DaemonProc) -> String {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        let log = daemon.log_text();
+        if let Some(line) = log.lines().find(|l| l.contains("control server listening"))
+            && let Some(addr) = line.split("addr=").nth(1)
+        {
+            return addr.split_whitespace().next().unwrap().to_string();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "no control server address in the log:\n{}",
+        daemon.log_text()
+    );
+}
+
+/// A raw HTTP exchange; returns (status code, body).
+fn http(addr: &str, request: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the control server");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, body.to_string())
+}
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    http(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+}
+
+/// The value of one sample line (`name{labels}` exactly as rendered).
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no series {series} in:\n{metrics}"))
+        .parse()
+        .unwrap()
+}
+
+fn chain(n: u64, salt: u64) -> Vec<(u64, u64, u32)> {
+    let h = |i: u64| 0xA11CE ^ (salt << 40) ^ (i.wrapping_mul(0x9E37_79B9) + 1);
+    (0..n)
+        .map(|i| (h(i), if i == 0 { 0 } else { h(i - 1) }, i as u32))
+        .collect()
+}
+
+/// Saves 8 blocks (write-through), looks up 10 (8 hits, 2 misses), loads the 8.
+fn traffic(e: &mut TestEngine) {
+    let blocks = chain(8, 1);
+    for (i, b) in blocks.iter().enumerate() {
+        e.fill_page(i as u32, b.0);
+    }
+    let (c, _) = e.block_op(Opcode::Save, 0, &blocks);
+    assert_eq!((c.status, c.blocks), (0, 8), "{c:?}");
+    let longer = chain(10, 1);
+    let (c, _) = e.block_op(Opcode::Lookup, 0, &longer);
+    assert_eq!((c.status, c.blocks), (0, 8), "{c:?}");
+    let into: Vec<_> = blocks.iter().map(|&(h, p, pg)| (h, p, pg + 16)).collect();
+    let (c, _) = e.block_op(Opcode::Load, 0, &into);
+    assert_eq!((c.status, c.blocks), (0, 8), "{c:?}");
+}
+
+#[test]
+fn metrics_count_bytes_per_link_hits_per_namespace_and_latency() {
+    let dir = temp_dir("ops-metrics");
+    let cfg = config_with_nvme(dir.path(), true);
+    let daemon = DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let addr = control_addr(&daemon);
+    let mut e = TestEngine::attach(&daemon.socket, "tenant-a/model").unwrap();
+    traffic(&mut e);
+    let (code, m) = get(&addr, "/metrics");
+    assert_eq!(code, 200);
+    let eight = (8 * BLOCK) as f64;
+    assert_eq!(
+        sample(&m, "kvplane_link_bytes_total{link=\"engine_to_host\"}"),
+        eight
+    );
+    assert_eq!(
+        sample(&m, "kvplane_link_bytes_total{link=\"host_to_nvme\"}"),
+        eight
+    );
+    assert_eq!(
+        sample(&m, "kvplane_link_bytes_total{link=\"host_to_engine\"}"),
+        eight
+    );
+    assert_eq!(
+        sample(&m, "kvplane_link_bytes_total{link=\"nvme_to_host\"}"),
+        0.0
+    );
+    assert_eq!(sample(&m, "kvplane_tier_blocks{tier=\"host\"}"), 8.0);
+    assert_eq!(sample(&m, "kvplane_tier_blocks{tier=\"nvme\"}"), 8.0);
+    assert_eq!(sample(&m, "kvplane_tier_used_bytes{tier=\"host\"}"), eight);
+    assert!(sample(&m, "kvplane_tier_capacity_blocks{tier=\"nvme\"}") > 8.0);
+    assert_eq!(
+        sample(
+            &m,
+            "kvplane_lookup_blocks_total{namespace=\"tenant-a/model\",tier=\"host\",result=\"hit\"}"
+        ),
+        8.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "kvplane_lookup_blocks_total{namespace=\"tenant-a/model\",tier=\"none\",result=\"miss\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(&m, "kvplane_op_duration_seconds_count{op=\"save\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, "kvplane_op_duration_seconds_count{op=\"load\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "kvplane_op_duration_seconds_bucket{op=\"save\",le=\"+Inf\"}"
+        ),
+        1.0
+    );
+    assert!(sample(&m, "kvplane_op_duration_seconds_sum{op=\"save\"}") > 0.0);
+    assert_eq!(sample(&m, "kvplane_sessions"), 1.0);
+    assert_eq!(sample(&m, "kvplane_ops_in_flight"), 0.0);
+    assert_eq!(sample(&m, "kvplane_nvme_errors_total{kind=\"write\"}"), 0.0);
+    assert_eq!(sample(&m, "kvplane_blocks_saved_total"), 8.0);
+    assert!(m.contains("kvplane_build_info{version=\""), "{m}");
+    assert!(m.contains("backend=\"host\"") || m.contains("backend=\"cuda\""));
+    // Counters are monotonic: a second round adds the loads again.
+    let into: Vec<_> = chain(8, 1)
+        .iter()
+        .map(|&(h, p, pg)| (h, p, pg + 16))
+        .collect();
+    e.block_op(Opcode::Load, 0, &into);
+    let (_, m2) = get(&addr, "/metrics");
+    assert_eq!(
+        sample(&m2, "kvplane_link_bytes_total{link=\"host_to_engine\"}"),
+        2.0 * eight
+    );
+}
+
+#[test]
+fn status_json_shows_tiers_sessions_namespaces_and_backend() {
+    let dir = temp_dir("ops-status");
+    let cfg = config_with_nvme(dir.path(), true);
+    let daemon = DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let addr = control_addr(&daemon);
+    let mut e = TestEngine::attach(&daemon.socket, "ns-status").unwrap();
+    traffic(&mut e);
+    let out = Command::new(kvplane_bin())
+        .args(["status", "--json", "--addr", &addr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["pid"], daemon.pid());
+    assert_eq!(v["block_bytes"], BLOCK);
+    assert_eq!(v["blocks"], 8);
+    let tiers = v["tiers"].as_array().unwrap();
+    assert_eq!(tiers.len(), 3);
+    let host = tiers.iter().find(|t| t["tier"] == "host").unwrap();
+    assert_eq!(host["used_blocks"], 8);
+    assert_eq!(host["lookup_hits"], 8);
+    assert!(
+        (host["hit_rate"].as_f64().unwrap() - 0.8).abs() < 1e-9,
+        "{host}"
+    );
+    assert!(host["capacity_bytes"].as_u64().unwrap() >= 8 * BLOCK);
+    assert_eq!(v["lookup_hits"], 8);
+    assert_eq!(v["lookup_misses"], 2);
+    let sessions = v["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0]["pid"], std::process::id());
+    assert_eq!(sessions[0]["namespaces"][0], "ns-status");
+    assert_eq!(v["namespaces"][0]["namespace"], "ns-status");
+    let link = |name: &str| {
+        v["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["link"] == name)
+            .unwrap()["bytes_total"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(link("engine_to_host"), 8 * BLOCK);
+    assert_eq!(link("host_to_nvme"), 8 * BLOCK);
+    assert!(!v["nvme"]["engine"].as_str().unwrap().is_empty());
+    // No GPU here: the backend says so; with a GPU, NVML lists it.
+    if v["gpus"].as_array().unwrap().is_empty() {
+        assert_eq!(v["backend"], "host");
+        assert!(
+            v["gpu_note"].as_str().unwrap().contains("host backend"),
+            "{v}"
+        );
+    }
+    // The table for people.
+    let out = Command::new(kvplane_bin())
+        .args(["status", "--addr", &addr])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        table.contains("ns-status") && table.contains("host_to_nvme"),
+        "{table}"
+    );
+    // Nothing listening: a clear error, non-zero exit.
+    drop(daemon);
+    let out = Command::new(kvplane_bin())
+        .args(["status", "--addr", &addr, "--timeout-ms", "500"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no kvplane daemon answering"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn bad_control_requests_get_4xx_with_a_reason() {
+    let dir = temp_dir("ops-http");
+    let cfg = config_with_nvme(dir.path(), false);
+    let daemon = DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let addr = control_addr(&daemon);
+    let (code, body) = http(
+        &addr,
+        b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(code, 405, "{body}");
+    assert!(body.contains("POST"));
+    let (code, body) = get(&addr, "/secrets");
+    assert_eq!(code, 404);
+    assert!(body.contains("/secrets"));
+    let (code, _) = http(&addr, b"GARBAGE\r\n\r\n");
+    assert_eq!(code, 400);
+    let (code, body) = http(
+        &addr,
+        b"GET /status HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+    );
+    assert_eq!(code, 413, "{body}");
+    let huge = format!(
+        "GET /metrics HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let (code, _) = http(&addr, huge.as_bytes());
+    assert_eq!(code, 431);
+    let (code, body) = get(&addr, "/healthz");
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    // Still serving after the bad ones.
+    assert_eq!(get(&addr, "/status").0, 200);
+}
+
+#[test]
+fn config_errors_name_the_key_through_the_binary() {
+    let dir = temp_dir("ops-config");
+    let cases = [
+        (
+            "[control]\nmetrics_addr = \"0.0.0.0:9464\"\n",
+            "control.metrics_addr",
+        ),
+        (
+            "[control]\nmetrics_addr = \"localhost\"\n",
+            "control.metrics_addr",
+        ),
+        ("[serve]\nmax_sessions = 0\n", "serve.max_sessions"),
+        ("[blocks]\nblock_bytes = 0\n", "blocks.block_bytes"),
+        ("[control]\nbogus_key = 1\n", "bogus_key"),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(kvplane_bin())
+            .args(["serve", "--config"])
+            .arg(&path)
+            .arg("--socket")
+            .arg(dir.path().join("never.sock"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text:?} was accepted");
+        assert!(
+            stderr.contains(key),
+            "{text:?}: stderr does not name {key}: {stderr}"
+        );
+    }
+    // The documented default config round-trips through the binary.
+    let out = Command::new(kvplane_bin())
+        .args(["serve", "--print-default-config"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[control]") && text.contains("metrics_addr = \"127.0.0.1:9464\""));
+}
+
+/// One block op that may fail (the daemon is going away): Ok(cqe) or the client error.
+fn try_block_op(
+    e: &mut TestEngine,
+    opcode: Opcode,
+    flags: u16,
+    blocks: &[(u64, u64, u32)],
+    user_data: u64,
+) -> Result<kvplane_ffi::kvp_cqe, String> {
+    let mut arg = Vec::new();
+    for &(hash, parent, page) in blocks {
+        let mut o = kvplane_ffi::kvp_block_op::zeroed();
+        o.hash = hash;
+        o.parent_hash = parent;
+        o.engine_block = page;
+        arg.extend_from_slice(kvplane_ffi::as_bytes(&o));
+    }
+    e.qp.write_arena(0, &arg).map_err(|x| x.to_string())?;
+    let mut s = kvplane_shm::client::sqe(opcode, user_data);
+    s.flags = flags;
+    s.arg_len = arg.len() as u32;
+    s.count = blocks.len() as u32;
+    e.qp.call(s, Duration::from_secs(30))
+        .map_err(|x| x.to_string())
+}
+
+#[test]
+fn sigterm_with_operations_in_flight_exits_promptly_and_keeps_completed_saves() {
+    let dir = temp_dir("ops-sigterm");
+    let cfg = config_with_nvme(dir.path(), false);
+    let mut daemon = DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let mut e = TestEngine::attach(&daemon.socket, "ns-term").unwrap();
+    for p in 0..16 {
+        e.fill_page(p, 1000 + p as u64);
+    }
+    let started = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let s2 = Arc::clone(&started);
+    // Hammer: write-through saves of fresh 4-block chains, each followed by a load.
+    let hammer = std::thread::spawn(move || {
+        let mut completed: Vec<Vec<(u64, u64, u32)>> = Vec::new();
+        let mut end = String::new();
+        for round in 0u64.. {
+            // 100 chains (400 blocks) fit the NVMe tier (481 slots), so nothing completed is
+            // evicted; after them the hammer keeps loading (staging from NVMe as the host
+            // tier, 240 slots, turns over).
+            let blocks = chain(4, round % 100 + 100);
+            let save = round < 100;
+            if save {
+                match try_block_op(
+                    &mut e,
+                    Opcode::Save,
+                    SQE_F_WRITE_THROUGH,
+                    &blocks,
+                    2 * round + 1,
+                ) {
+                    Ok(c) if c.status == 0 => {
+                        assert_eq!(c.tier, Tier::Nvme.raw(), "{c:?}");
+                        completed.push(blocks.clone());
+                    }
+                    Ok(c) => {
+                        end = format!("save completed with status {}", c.status);
+                        assert!(
+                            c.status == Status::Shutdown.raw(),
+                            "a save in flight at shutdown may only fail with Shutdown: {c:?}"
+                        );
+                        break;
+                    }
+                    Err(x) => {
+                        end = x;
+                        break;
+                    }
+                }
+            }
+            s2.store(true, Ordering::SeqCst);
+            let into: Vec<_> = blocks.iter().map(|&(h, p, pg)| (h, p, pg + 8)).collect();
+            match try_block_op(&mut e, Opcode::Load, 0, &into, 2 * round + 2) {
+                Ok(c) if c.status == 0 => assert_eq!(c.blocks, 4),
+                Ok(c) => {
+                    assert_eq!(c.status, Status::Shutdown.raw(), "{c:?}");
+                    end = "load: Shutdown".into();
+                    break;
+                }
+                Err(x) => {
+                    end = x;
+                    break;
+                }
+            }
+        }
+        tx.send((completed, end)).unwrap();
+    });
+    let t0 = Instant::now();
+    while !started.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let t_term = Instant::now();
+    assert!(
+        daemon.terminate(Duration::from_secs(10)),
+        "daemon did not exit 0 within 10 s of SIGTERM; log:\n{}",
+        daemon.log_text()
+    );
+    let exit_s = t_term.elapsed().as_secs_f64();
+    assert!(exit_s < 5.0, "SIGTERM took {exit_s:.2} s");
+    // The client sees a clean end, not a hang.
+    let (completed, end) = rx
+        .recv_timeout(Duration::from_secs(15))
+        .expect("the engine's call hung after the daemon exited");
+    hammer.join().unwrap();
+    assert!(!completed.is_empty(), "no save completed before SIGTERM");
+    assert!(!end.is_empty());
+    let log = daemon.log_text();
+    assert!(log.contains("NVMe flushed"), "{log}");
+    // A restarted daemon on the same NVMe file still has every completed save.
+    drop(daemon);
+    let daemon = DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let mut e = TestEngine::attach(&daemon.socket, "ns-term").unwrap();
+    for blocks in &completed {
+        let (c, ops) = e.block_op(Opcode::Lookup, 0, blocks);
+        assert_eq!(
+            (c.status, c.blocks),
+            (0, 4),
+            "a completed save was lost: {c:?}"
+        );
+        assert!(ops.iter().all(|o| o.tier == Tier::Nvme.raw() as u8));
+    }
+    // ... and the bytes are the ones saved (the last chain, loaded from NVMe).
+    let last = completed.last().unwrap();
+    let into: Vec<_> = last.iter().map(|&(h, p, pg)| (h, p, pg + 20)).collect();
+    for p in 0..4 {
+        e.fill_page(p, 1000 + p as u64);
+    }
+    let (c, _) = e.block_op(Opcode::Load, 0, &into);
+    assert_eq!((c.status, c.blocks), (0, 4), "{c:?}");
+    for i in 0..4u32 {
+        assert!(
+            e.read_page(20 + i) == e.read_page(i),
+            "block {i} differs after restart"
+        );
+    }
+}
