@@ -294,6 +294,8 @@ pub struct RunReport {
     pub wall_s: f64,
     /// Sum over engines of modelled pass time (the GPU time the run would take).
     pub engine_busy_s: f64,
+    /// KV events received from the daemons' streams and applied to the router.
+    pub daemon_events: u64,
 }
 
 /// A private directory removed on drop unless kept.
@@ -356,6 +358,7 @@ pub fn daemon_config_toml(
     block_bytes: u64,
     host_blocks: u64,
     nvme: Option<(&Path, u64)>,
+    events: Option<(std::net::SocketAddr, u64)>,
 ) -> String {
     let slot = SLOT_HEADER_BYTES + block_bytes.div_ceil(4096) * 4096;
     let mut s = format!(
@@ -384,6 +387,15 @@ hugepages = "never"
     // Several daemons (and other runs) share the machine: no fixed metrics port.
     if crate::config::Config::default_toml().contains("[control]") {
         s.push_str("\n[control]\nmetrics_addr = \"\"\n");
+    }
+    // The daemon streams its tiers' KV events to the driver's router, when this build's
+    // daemon has the `[events]` section.
+    if let Some((addr, worker)) = events
+        && crate::config::Config::default_toml().contains("[events]")
+    {
+        s.push_str(&format!(
+            "\n[events]\nrouters = [\"{addr}\"]\nworker_id = {worker}\n"
+        ));
     }
     if let Some((path, bytes)) = nvme {
         s.push_str(&format!(
@@ -524,6 +536,166 @@ fn read_events(stdout: BufReader<ChildStdout>, tx: std::sync::mpsc::Sender<Resul
     }
 }
 
+/// Worker id of daemon `d` in the event stream (far from the engines' 0..N).
+const DAEMON_WORKER_BASE: u64 = 1 << 48;
+
+/// The router's event listener for the daemons' streams (the wire protocol of
+/// `kvplane_router::events`): their host and NVMe tier contents are credited to every
+/// engine attached to that daemon, and their evictions withdrawn.
+struct DaemonEvents {
+    addr: std::net::SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    applied: Arc<std::sync::atomic::AtomicU64>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DaemonEvents {
+    fn start(index: Arc<Index>, daemon_workers: Vec<Vec<usize>>) -> Result<DaemonEvents> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let io = |source| ReplayEnginesError::Io {
+            what: "event listener",
+            path: PathBuf::from("127.0.0.1:0"),
+            source,
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?;
+        listener.set_nonblocking(true).map_err(io)?;
+        let addr = listener.local_addr().map_err(io)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let applied = Arc::new(AtomicU64::new(0));
+        let (s, a) = (stop.clone(), applied.clone());
+        let workers = Arc::new(daemon_workers);
+        let accept = std::thread::Builder::new()
+            .name("replay-events".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let (index, workers, a) = (index.clone(), workers.clone(), a.clone());
+                            let _ = stream.set_nonblocking(false);
+                            let _ = std::thread::Builder::new()
+                                .name("replay-events-conn".into())
+                                .spawn(move || read_daemon_stream(stream, &index, &workers, &a));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })
+            .map_err(|source| ReplayEnginesError::Spawn {
+                what: "event listener thread".into(),
+                source,
+            })?;
+        Ok(DaemonEvents {
+            addr,
+            stop,
+            applied,
+            accept: Some(accept),
+        })
+    }
+}
+
+impl Drop for DaemonEvents {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Applies one daemon's frames until it disconnects (connection threads end with it).
+fn read_daemon_stream(
+    mut stream: std::net::TcpStream,
+    index: &Index,
+    daemon_workers: &[Vec<usize>],
+    applied: &std::sync::atomic::AtomicU64,
+) {
+    use kvplane_router::events::{Frame, KvEvent, MAX_FRAME_BYTES};
+    use std::io::Read;
+    let engines_of = |worker: u64| -> &[usize] {
+        worker
+            .checked_sub(DAEMON_WORKER_BASE)
+            .and_then(|d| daemon_workers.get(d as usize))
+            .map_or(&[], Vec::as_slice)
+    };
+    let daemon_tiers = |t: Option<RouterTier>| -> Vec<RouterTier> {
+        match t {
+            Some(RouterTier::Hbm) => Vec::new(),
+            Some(t) => vec![t],
+            None => vec![RouterTier::Host, RouterTier::Nvme],
+        }
+    };
+    loop {
+        let mut len = [0u8; 4];
+        if stream.read_exact(&mut len).is_err() {
+            return;
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_FRAME_BYTES {
+            return;
+        }
+        let mut body = vec![0u8; len];
+        if stream.read_exact(&mut body).is_err() {
+            return;
+        }
+        let Ok(frame) = Frame::decode(&body) else {
+            continue;
+        };
+        match frame {
+            Frame::Snapshot { workers } => {
+                for ws in workers {
+                    for ns in &ws.state.namespaces {
+                        for b in &ns.blocks {
+                            for t in [RouterTier::Host, RouterTier::Nvme] {
+                                if b.tiers & t.bit() != 0 {
+                                    for &w in engines_of(ws.state.worker) {
+                                        index.store(
+                                            &ns.namespace,
+                                            w as u64,
+                                            t,
+                                            b.parent,
+                                            &[b.hash],
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Frame::Event { worker, event, .. } => {
+                match event {
+                    KvEvent::Stored {
+                        namespace,
+                        parent,
+                        hashes,
+                        tier,
+                    } => {
+                        for t in daemon_tiers(Some(tier)) {
+                            for &w in engines_of(worker) {
+                                index.store(&namespace, w as u64, t, parent, &hashes);
+                            }
+                        }
+                    }
+                    KvEvent::Removed {
+                        namespace,
+                        hashes,
+                        tier,
+                    } => {
+                        for t in daemon_tiers(tier) {
+                            for &w in engines_of(worker) {
+                                index.remove(&namespace, w as u64, Some(t), &hashes);
+                            }
+                        }
+                    }
+                    KvEvent::Cleared { .. } => {}
+                }
+                applied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Per-run state the events feed.
 struct RunState {
     index: Arc<Index>,
@@ -599,6 +771,14 @@ fn run_in(ctx: &RunContext<'_>, spec: RunSpec, work: &WorkDir) -> Result<RunRepo
             daemon_workers[w % daemons_n].push(w);
         }
     }
+    let index = Arc::new(Index::new(IndexConfig {
+        max_nodes_per_namespace: 1 << 22,
+    }));
+    let daemon_events = if daemons_n > 0 {
+        Some(DaemonEvents::start(index.clone(), daemon_workers.clone())?)
+    } else {
+        None
+    };
     // Daemons first (engines attach to them).
     let mut daemons = Vec::new();
     let mut sockets = Vec::new();
@@ -609,7 +789,16 @@ fn run_in(ctx: &RunContext<'_>, spec: RunSpec, work: &WorkDir) -> Result<RunRepo
             .max(1.0) as u64;
         let nvme_path = work.path.join(format!("d{d}-nvme.img"));
         let nvme = (args.nvme_bytes > 0).then_some((nvme_path.as_path(), args.nvme_bytes));
-        let cfg = daemon_config_toml(&socket, ctx.geometry.block_bytes(), host_blocks, nvme);
+        let events = daemon_events
+            .as_ref()
+            .map(|e| (e.addr, DAEMON_WORKER_BASE + d as u64));
+        let cfg = daemon_config_toml(
+            &socket,
+            ctx.geometry.block_bytes(),
+            host_blocks,
+            nvme,
+            events,
+        );
         daemons.push(start_daemon(&ctx.exe, &work.path, d, &cfg, &socket)?);
         sockets.push(socket);
     }
@@ -681,9 +870,6 @@ fn run_in(ctx: &RunContext<'_>, spec: RunSpec, work: &WorkDir) -> Result<RunRepo
             other => return Err(e.fail(format!("expected Ready, got {other:?}"))),
         }
     }
-    let index = Arc::new(Index::new(IndexConfig {
-        max_nodes_per_namespace: 1 << 22,
-    }));
     let router = Router::new(index.clone(), ctx.input.route.clone(), ctx.input.seed);
     let mut state = RunState {
         index,
@@ -786,7 +972,13 @@ fn run_in(ctx: &RunContext<'_>, spec: RunSpec, work: &WorkDir) -> Result<RunRepo
     }
     drop(engines);
     drop(daemons);
-    report(ctx, spec, &state, &stats, t0.elapsed())
+    let daemon_events_applied = daemon_events
+        .as_ref()
+        .map_or(0, |e| e.applied.load(std::sync::atomic::Ordering::Relaxed));
+    drop(daemon_events);
+    let mut r = report(ctx, spec, &state, &stats, t0.elapsed())?;
+    r.daemon_events = daemon_events_applied;
+    Ok(r)
 }
 
 fn report(
@@ -874,6 +1066,7 @@ fn report(
         requests_per_worker: state.sent.clone(),
         wall_s: wall.as_secs_f64(),
         engine_busy_s: stats.iter().map(|s| s.busy_ms).sum::<f64>() / 1000.0,
+        daemon_events: 0,
     })
 }
 
@@ -1240,7 +1433,7 @@ mod tests {
         std::fs::write(&p, "1,2\n").unwrap();
         assert!(load_any_trace(&p).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
-        let text = daemon_config_toml(Path::new("/tmp/s.sock"), 4096, 10, None);
+        let text = daemon_config_toml(Path::new("/tmp/s.sock"), 4096, 10, None, None);
         assert!(text.contains("block_bytes = 4096"));
         assert!(text.contains(&format!("capacity_bytes = {}", 10 * 8192)));
     }
