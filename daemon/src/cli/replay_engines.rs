@@ -1087,7 +1087,7 @@ pub fn infinite_cache_reuse(trace: &[TraceRequest], page_tokens: u32) -> f64 {
     cached as f64 / input.max(1) as f64
 }
 
-fn svg_plot(reports: &[RunReport]) -> String {
+fn svg_plot(reports: &[RunReport], clock: &str) -> String {
     let (w, h, left, bottom, top) = (720.0, 360.0, 70.0, 60.0, 40.0);
     let max = reports.iter().map(|r| r.ttft_ms.p99).fold(1.0f64, f64::max) * 1.1;
     let plot_h = h - bottom - top;
@@ -1097,7 +1097,7 @@ fn svg_plot(reports: &[RunReport]) -> String {
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">TTFT per configuration (ms, virtual clock)</text>\n",
+         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">TTFT per configuration (ms, {clock} clock)</text>\n",
         w / 2.0
     );
     for k in 0..=4 {
@@ -1109,6 +1109,20 @@ fn svg_plot(reports: &[RunReport]) -> String {
             w - 20.0,
             left - 6.0,
             y + 4.0
+        ));
+    }
+    // Dynamo's own replay of the synthetic trace, for reference.
+    for (label, v) in [
+        ("Dynamo KV router p50", DYNAMO_KV_ROUTER_TTFT_P50_MS),
+        ("Dynamo round robin p50", DYNAMO_ROUND_ROBIN_TTFT_P50_MS),
+    ] {
+        let y = top + plot_h - plot_h * v / max;
+        s.push_str(&format!(
+            "<line x1=\"{left}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#555\" stroke-dasharray=\"4 3\"/>\
+             <text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" font-size=\"10\" fill=\"#555\">{label} {v:.0} ms</text>\n",
+            w - 20.0,
+            w - 22.0,
+            y - 3.0
         ));
     }
     for (g, r) in reports.iter().enumerate() {
@@ -1326,7 +1340,11 @@ pub fn run(input: ReplayInput, args: EngineReplayArgs) -> CliResult {
     }
     let ceiling = infinite_cache_reuse(&trace, geometry.page_tokens);
     if let Some(path) = &args.plot {
-        std::fs::write(path, svg_plot(&reports)).map_err(|source| ReplayEnginesError::Io {
+        std::fs::write(
+            path,
+            svg_plot(&reports, if args.real_time { "wall" } else { "virtual" }),
+        )
+        .map_err(|source| ReplayEnginesError::Io {
             what: "writing plot",
             path: path.clone(),
             source,
@@ -1416,6 +1434,53 @@ mod tests {
         let trace = vec![r(0, &[1]), r(1, &[1])];
         let c = infinite_cache_reuse(&trace, 64);
         assert!((c - 7.0 * 64.0 / 1024.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn plot_has_a_bar_per_percentile_and_configuration() {
+        let r = RunReport {
+            name: "kvplane",
+            routing: Routing::KvRouter,
+            daemon_tiers: true,
+            requests: 1,
+            finished: 1,
+            input_tokens: 10,
+            cached_tokens: 5,
+            computed_tokens: 5,
+            prefix_reuse: 0.5,
+            prefix_reuse_by_tier: ByTier::default(),
+            ttft_ms: Summary {
+                mean: 20.0,
+                p50: 10.0,
+                p99: 300.0,
+            },
+            e2e_ms: Summary::default(),
+            throughput: Throughput::default(),
+            preemptions: 0,
+            content_mismatches: 0,
+            ring_errors: 0,
+            loaded_blocks: 0,
+            saved_blocks: 0,
+            load_transfer_ms: 0.0,
+            save_transfer_ms: 0.0,
+            requests_per_worker: vec![1],
+            wall_s: 0.0,
+            engine_busy_s: 0.0,
+            daemon_events: 0,
+        };
+        let mut b = r.clone();
+        b.name = "baseline";
+        let svg = svg_plot(&[r, b], "virtual");
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        for name in ["kvplane", "baseline"] {
+            for p in ["p50 10.0", "mean 20.0", "p99 300.0"] {
+                assert!(
+                    svg.contains(&format!("<title>{name} {p} ms</title>")),
+                    "{name} {p}"
+                );
+            }
+        }
+        assert!(svg.contains("Dynamo KV router p50 31 ms"));
     }
 
     #[test]
