@@ -86,6 +86,8 @@ pub struct Config {
     pub namespaces: Vec<NamespaceConfig>,
     /// `[control]`: the metrics/status listener.
     pub control: crate::control::admin::ControlConfig,
+    /// `[events]`: KV events streamed to routers.
+    pub events: crate::control::events::EventsConfig,
 }
 
 impl Config {
@@ -157,6 +159,7 @@ impl Config {
         self.blocks.validate("blocks")?;
         self.tiers.validate(self.blocks.block_bytes)?;
         self.control.validate()?;
+        self.events.validate()?;
         let mut seen = std::collections::HashSet::new();
         for (i, ns) in self.namespaces.iter().enumerate() {
             let key = format!("namespaces[{i}].name");
@@ -263,6 +266,16 @@ verify_on_scan = {verify}
 # `kvplane status`), /healthz. Empty disables it. Only loopback addresses are accepted.
 metrics_addr = "{metrics_addr}"
 
+[events]
+# Routers' event listeners ("host:port") this daemon streams its KV events to, with a
+# full snapshot on every (re)connect. Empty: no stream.
+routers = []
+# Worker id this daemon's tiers appear under (0 = derived from host name and socket path).
+worker_id = 0
+# Events queued between the data plane and the publisher (overflow: dropped, counted,
+# repaired by the next snapshot).
+queue_events = {queue_events}
+
 # Namespaces (tenant + model + LoRA) and the uids that may use each. With none listed,
 # any namespace may be used, but only by the daemon's own uid.
 # [[namespaces]]
@@ -288,6 +301,7 @@ metrics_addr = "{metrics_addr}"
             direct = n.direct,
             verify = n.verify_on_scan,
             metrics_addr = d.control.metrics_addr,
+            queue_events = d.events.queue_events,
         )
     }
 }

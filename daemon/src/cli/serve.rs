@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::CliResult;
 use crate::block::{BlockManager, ManagerOptions};
 use crate::config::Config;
+use crate::control::events::EventStream;
 use crate::control::signals;
 use crate::dataplane::DataPlane;
 use crate::session::Daemon;
@@ -44,7 +45,13 @@ pub fn run(args: ServeArgs) -> CliResult {
     let config = load_config(&args)?;
     signals::block_termination()?;
     let t0 = std::time::Instant::now();
-    let blocks = BlockManager::new(&config.blocks, &config.tiers, ManagerOptions::default())?;
+    let (events_tx, events_rx) = crossbeam::channel::bounded(config.events.queue_events);
+    let streaming = !config.events.routers.is_empty();
+    let options = ManagerOptions {
+        events: streaming.then_some(events_tx),
+        ..ManagerOptions::default()
+    };
+    let blocks = Arc::new(BlockManager::new(&config.blocks, &config.tiers, options)?);
     let pool = blocks.host_pool().report();
     tracing::info!(
         block_bytes = config.blocks.block_bytes,
@@ -53,11 +60,29 @@ pub fn run(args: ServeArgs) -> CliResult {
         startup_s = t0.elapsed().as_secs_f64(),
         "tiers ready"
     );
-    let daemon = Daemon::start(config, Arc::new(DataPlane::with_blocks(Arc::new(blocks))))?;
+    let dataplane = Arc::new(DataPlane::with_blocks(Arc::clone(&blocks)));
+    let worker = config.events.resolve_worker_id(&config.serve.socket_path);
+    let events = if streaming {
+        let s = EventStream::start(
+            &config.events,
+            worker,
+            Arc::clone(&blocks),
+            Arc::clone(&dataplane),
+            events_rx,
+        )?;
+        tracing::info!(worker, routers = ?config.events.routers, "streaming KV events to routers");
+        Some(s)
+    } else {
+        None
+    };
+    let daemon = Daemon::start(config, dataplane)?;
     let control = crate::control::admin::start_for(&daemon);
     let sig = signals::wait_termination()?;
     tracing::info!(signal = sig, "shutting down: finishing in-flight batches");
     crate::control::admin::shutdown(daemon, control);
+    if let Some(e) = events {
+        e.stop();
+    }
     tracing::info!("daemon stopped");
     Ok(())
 }

@@ -1,4 +1,5 @@
 //! Control plane: signals, metrics and the admin (metrics/status) server. Never on the data path.
 pub mod admin;
+pub mod events;
 pub mod metrics;
 pub mod signals;

@@ -193,6 +193,16 @@ impl DataPlane {
         known.iter().map(|(id, n)| (*id, n.clone())).collect()
     }
 
+    /// The name of a global namespace id (its hex id when no session has named it since
+    /// start-up, e.g. blocks restored from NVMe).
+    pub fn namespace_name(&self, id: u32) -> String {
+        let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("ns-{id:08x}"))
+    }
+
     /// Resolve a session's namespace names to global ids.
     pub fn bind_namespaces(&self, names: &[String]) -> Result<Vec<u32>, NamespaceError> {
         let mut known = self.names.lock().expect("namespace table poisoned");
