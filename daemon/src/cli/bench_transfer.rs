@@ -71,7 +71,8 @@ pub struct TransferArgs {
     /// Block size (KiB) at which batch, queue depth and threads are swept.
     #[arg(long, default_value_t = 2048)]
     pub pivot_kib: u64,
-    /// Bytes moved per host point, in MiB (NVMe points move a quarter of it, at least one batch).
+    /// Bytes moved per host point, in MiB (NVMe points a quarter of it, at most 2048
+    /// blocks; every point at least one batch per thread).
     #[arg(long, default_value_t = 256)]
     pub point_mib: u64,
     /// Passes per point; the median pass is reported.
@@ -595,10 +596,12 @@ fn run_point(
     passes: usize,
     dir: &Path,
 ) -> Result<Point, TransferError> {
+    // NVMe points move a quarter of the bytes, and at most 2048 blocks (small I/O on a slow
+    // disk would otherwise take minutes per point).
     let bytes = if kind.nvme() {
-        host_bytes / 4
+        (host_bytes / 4).min(2048 * shape.block as u64)
     } else {
-        host_bytes
+        host_bytes.min(65536 * shape.block as u64)
     };
     let (blocks, per_thread) = blocks_for(shape, bytes);
     let bb = shape.block;
@@ -823,10 +826,10 @@ fn csv(points: &[Point]) -> String {
 /// Hand-written SVG: GB/s (linear) against block size (log2) per path, from the block-size
 /// sweep points (first batch/qd/threads), with each path's ceiling dashed.
 pub fn svg(points: &[Point], title: &str) -> String {
-    const W: f64 = 900.0;
+    const W: f64 = 1020.0;
     const H: f64 = 520.0;
     const L: f64 = 70.0;
-    const R: f64 = 190.0;
+    const R: f64 = 290.0;
     const T: f64 = 50.0;
     const B: f64 = 60.0;
     let colors = [
@@ -952,7 +955,7 @@ pub fn svg(points: &[Point], title: &str) -> String {
         }
         let ly = T + 10.0 + i as f64 * 36.0;
         s += &format!(
-            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{c}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{}</text>\n<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"{c}\" stroke-dasharray=\"5,4\"/><text x=\"{}\" y=\"{}\" fill=\"#555\">ceiling: {}</text>\n",
+            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{c}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{}</text>\n<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"{c}\" stroke-dasharray=\"5,4\"/><text x=\"{}\" y=\"{}\" fill=\"#555\" font-size=\"11\">ceiling: {}</text>\n",
             W - R + 15.0,
             W - R + 40.0,
             W - R + 46.0,
