@@ -486,3 +486,61 @@ fn sigterm_with_operations_in_flight_exits_promptly_and_keeps_completed_saves() 
         );
     }
 }
+
+#[test]
+fn bench_transfer_quick_prints_one_json_object_and_writes_csv_and_svg() {
+    let dir = temp_dir("ops-bench");
+    let csv = dir.path().join("t.csv");
+    let svg = dir.path().join("t.svg");
+    let out = Command::new(kvplane_bin())
+        .args([
+            "--log", "warn", "bench", "transfer", "--quick", "--json", "--dir",
+        ])
+        .arg(dir.path().join("files"))
+        .arg("--csv")
+        .arg(&csv)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(v["backend"].as_str().unwrap().contains("host"), "{v}");
+    let points = v["points"].as_array().unwrap();
+    let paths = [
+        "engine->host",
+        "host->engine",
+        "host->nvme",
+        "nvme->host",
+        "g1->engine",
+    ];
+    for p in paths {
+        let n = points.iter().filter(|x| x["path"] == p).count();
+        // 3 block sizes, batch 1, 2 threads; NVMe paths also queue depth 1.
+        let want = if p.contains("nvme") { 6 } else { 5 };
+        assert_eq!(n, want, "{p}");
+    }
+    for p in points {
+        let g = p["gbps"].as_f64().unwrap();
+        let c = p["ceiling_gbps"].as_f64().unwrap();
+        assert!(g.is_finite() && g > 0.0 && c.is_finite() && c > 0.0, "{p}");
+        assert!(p["p99_us"].as_f64().unwrap() >= p["p50_us"].as_f64().unwrap());
+        let ceiling = p["ceiling"].as_str().unwrap();
+        if p["path"].as_str().unwrap().contains("nvme") {
+            assert!(ceiling.contains("O_DIRECT io_uring"), "{ceiling}");
+        } else {
+            assert_eq!(ceiling, "memcpy");
+        }
+    }
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(csv.lines().count(), points.len() + 1);
+    assert!(csv.starts_with("path,block_bytes,batch,queue_depth,threads,"));
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("stroke-width=\"2\" points=").count(), 5);
+    assert!(!svg.contains("NaN") && !svg.contains("inf"));
+}
