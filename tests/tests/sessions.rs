@@ -355,3 +355,50 @@ fn queue_pairs_serve_threads_independently() {
         h.join().unwrap();
     }
 }
+
+#[test]
+fn an_engine_that_stops_draining_completions_stalls_only_itself() {
+    let dir = temp_dir("backpressure");
+    let daemon = DaemonProc::start(dir.path(), &[]);
+    let mut o = AttachOptions::new(&daemon.socket);
+    o.sq_entries = 64;
+    o.cq_entries = 64;
+    let mut lazy = Session::attach(o).unwrap();
+    let mut lazy_qp = lazy.take_queue_pairs().unwrap().remove(0);
+    // Fill the completion ring (64) and then the submission ring (64) without reading.
+    let batch: Vec<kvp_sqe> = (0..64).map(|i| client::sqe(Opcode::Nop, i)).collect();
+    assert_eq!(lazy_qp.submit(&batch).unwrap(), 64);
+    std::thread::sleep(Duration::from_millis(100));
+    let batch2: Vec<kvp_sqe> = (64..128).map(|i| client::sqe(Opcode::Nop, i)).collect();
+    assert_eq!(
+        lazy_qp.submit(&batch2).unwrap(),
+        64,
+        "the daemon took the first 64, freeing the ring"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    // The daemon holds back: nothing more fits, and nothing is buffered on its side.
+    assert_eq!(
+        lazy_qp.submit(&[client::sqe(Opcode::Nop, 999)]).unwrap(),
+        0,
+        "back pressure reaches the engine"
+    );
+    // Meanwhile another engine is served normally.
+    let (_s2, mut qp2) = attach(&daemon.socket);
+    for i in 0..1000 {
+        assert_eq!(
+            call(&mut qp2, client::sqe(Opcode::Nop, i)).status,
+            Status::Ok.raw()
+        );
+    }
+    // The lazy engine drains: every submission completes exactly once, in order.
+    let mut out = [kvp_cqe::zeroed(); 64];
+    let mut next = 0u64;
+    while next < 128 {
+        let n = lazy_qp.wait(&mut out, T).unwrap();
+        for c in &out[..n] {
+            assert_eq!(c.user_data, next);
+            next += 1;
+        }
+    }
+    assert!(daemon.log_text().contains("session attached"));
+}
