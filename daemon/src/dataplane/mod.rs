@@ -393,16 +393,26 @@ impl DataPlane {
         }
     }
 
-    /// Check that every page id of the batch exists in the engine's pool; the index of
-    /// the first bad one otherwise.
-    fn check_pages(session: &SessionData, layout: &PagedLayout) -> Result<(), usize> {
-        match session
-            .ops
+    /// The engine buffer and its layout, with every page id of the batch checked to
+    /// exist in the engine's pool; otherwise the completion to return (NoLayout, or
+    /// BadArg with the index of the first bad page).
+    fn engine_pages<'a>(
+        engine: &'a Option<EngineBuffer>,
+        ops: &[kvp_block_op],
+        user_data: u64,
+    ) -> Result<(&'a EngineBuffer, &'a PagedLayout), kvp_cqe> {
+        let Some(engine) = engine.as_ref() else {
+            return Err(done(user_data, Status::NoLayout, 0, 0, 0, 0));
+        };
+        let Some(layout) = engine.layout.as_ref() else {
+            return Err(done(user_data, Status::NoLayout, 0, 0, 0, 0));
+        };
+        match ops
             .iter()
             .position(|o| u64::from(o.engine_block) >= layout.num_pages())
         {
-            Some(i) => Err(i),
-            None => Ok(()),
+            Some(i) => Err(done(user_data, Status::BadArg, 0, 0, 0, i as u32)),
+            None => Ok((engine, layout)),
         }
     }
 
@@ -414,15 +424,10 @@ impl DataPlane {
         ns: u32,
     ) -> kvp_cqe {
         let ud = req.user_data;
-        let Some(engine) = session.engine.as_ref() else {
-            return done(ud, Status::NoLayout, 0, 0, 0, 0);
+        let (engine, layout) = match Self::engine_pages(&session.engine, &session.ops, ud) {
+            Ok(x) => x,
+            Err(cqe) => return cqe,
         };
-        let Some(layout) = engine.layout.as_ref() else {
-            return done(ud, Status::NoLayout, 0, 0, 0, 0);
-        };
-        if let Err(i) = Self::check_pages(session, layout) {
-            return done(ud, Status::BadArg, 0, 0, 0, i as u32);
-        }
         session.chain.clear();
         session.chain.extend(
             session
@@ -487,15 +492,10 @@ impl DataPlane {
         ns: u32,
     ) -> kvp_cqe {
         let ud = req.user_data;
-        let Some(engine) = session.engine.as_ref() else {
-            return done(ud, Status::NoLayout, 0, 0, 0, 0);
+        let (engine, layout) = match Self::engine_pages(&session.engine, &session.ops, ud) {
+            Ok(x) => x,
+            Err(cqe) => return cqe,
         };
-        let Some(layout) = engine.layout.as_ref() else {
-            return done(ud, Status::NoLayout, 0, 0, 0, 0);
-        };
-        if let Err(i) = Self::check_pages(session, layout) {
-            return done(ud, Status::BadArg, 0, 0, 0, i as u32);
-        }
         // Two blocks into one page in one batch is a bug in the engine (and a race on a GPU).
         {
             let mut seen: Vec<u32> = session.ops.iter().map(|o| o.engine_block).collect();
