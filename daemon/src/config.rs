@@ -163,17 +163,10 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for (i, ns) in self.namespaces.iter().enumerate() {
             let key = format!("namespaces[{i}].name");
-            if ns.name.is_empty() || ns.name.len() >= kvplane_ffi::NAMESPACE_NAME_BYTES {
-                return Err(invalid(key, "must be 1..=63 bytes"));
-            }
-            if !ns
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.:/@".contains(c))
-            {
+            if !kvplane_shm::handshake::valid_namespace_name(&ns.name) {
                 return Err(invalid(
                     key,
-                    format!("`{}` has characters outside [A-Za-z0-9-_.:/@]", ns.name),
+                    format!("`{}` must be 1..=63 bytes of [A-Za-z0-9-_.:/@]", ns.name),
                 ));
             }
             if !seen.insert(ns.name.as_str()) {

@@ -171,6 +171,27 @@ pub fn as_bytes<T: Pod>(value: &T) -> &[u8] {
     }
 }
 
+/// The bytes of a slice of plain-old-data values.
+pub fn slice_as_bytes<T: Pod>(values: &[T]) -> &[u8] {
+    // SAFETY: T is Pod; the byte view covers exactly the slice's memory.
+    unsafe {
+        core::slice::from_raw_parts(values.as_ptr().cast::<u8>(), core::mem::size_of_val(values))
+    }
+}
+
+/// The bytes of a slice of plain-old-data values, writable: any bytes written form valid
+/// values, since every bit pattern is a valid T.
+pub fn slice_as_bytes_mut<T: Pod>(values: &mut [T]) -> &mut [u8] {
+    // SAFETY: T is Pod (any bit pattern valid); the byte view covers exactly the slice's
+    // memory and borrows it exclusively.
+    unsafe {
+        core::slice::from_raw_parts_mut(
+            values.as_mut_ptr().cast::<u8>(),
+            core::mem::size_of_val(values),
+        )
+    }
+}
+
 /// Read a plain-old-data value from possibly unaligned bytes; `None` if too short.
 pub fn read_pod<T: Pod>(bytes: &[u8]) -> Option<T> {
     if bytes.len() < core::mem::size_of::<T>() {

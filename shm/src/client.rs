@@ -280,17 +280,11 @@ impl QueuePair {
     }
 
     pub fn write_block_ops(&mut self, offset: u64, ops: &[kvp_block_op]) -> Result<()> {
-        let bytes = std::mem::size_of_val(ops);
-        // SAFETY: kvp_block_op is Pod; viewing a slice of them as bytes is valid.
-        let raw = unsafe { std::slice::from_raw_parts(ops.as_ptr().cast::<u8>(), bytes) };
-        self.write_arena(offset, raw)
+        self.write_arena(offset, ffi::slice_as_bytes(ops))
     }
 
     pub fn read_block_ops(&self, offset: u64, out: &mut [kvp_block_op]) -> Result<()> {
-        let bytes = std::mem::size_of_val(out);
-        // SAFETY: kvp_block_op is Pod (any bytes valid); the slice is exclusively ours.
-        let raw = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), bytes) };
-        self.read_arena(offset, raw)
+        self.read_arena(offset, ffi::slice_as_bytes_mut(out))
     }
 
     /// Submit as many entries as fit; returns how many. Rings the daemon's doorbell only

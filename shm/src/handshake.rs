@@ -32,6 +32,16 @@ pub struct AttachRequest {
     pub kv_buffer: Option<(OwnedFd, u64)>,
 }
 
+/// The namespace-name rule, shared by the handshake and the daemon's config: 1..=63
+/// bytes of `[A-Za-z0-9-_.:/@]`.
+pub fn valid_namespace_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < ffi::NAMESPACE_NAME_BYTES
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/@".contains(c))
+}
+
 /// Parse one fixed-size, NUL-padded namespace name.
 fn parse_name(raw: &[core::ffi::c_char]) -> Option<String> {
     let bytes: Vec<u8> = raw
@@ -39,13 +49,8 @@ fn parse_name(raw: &[core::ffi::c_char]) -> Option<String> {
         .map(|&c| c as u8)
         .take_while(|&b| b != 0)
         .collect();
-    if bytes.is_empty() || bytes.len() >= ffi::NAMESPACE_NAME_BYTES {
-        return None;
-    }
     let s = String::from_utf8(bytes).ok()?;
-    s.chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_.:/@".contains(c))
-        .then_some(s)
+    valid_namespace_name(&s).then_some(s)
 }
 
 /// Daemon side: read and validate the request of a freshly accepted connection.

@@ -14,10 +14,31 @@ use crate::error::{Result, ShmError};
 use crate::segment::Segment;
 use crate::sys;
 
-const TAIL: u64 = 0;
-const HEAD: u64 = 64;
-const BELL_WORD: u64 = 128;
-const BELL_SLEEPING: u64 = 132;
+/// Offsets inside a `kvp_ring_header`, from the header's definition.
+pub mod ring_offsets {
+    use core::mem::offset_of;
+    use kvplane_ffi::{kvp_index_line, kvp_ring_header};
+    pub const TAIL: u64 =
+        (offset_of!(kvp_ring_header, tail) + offset_of!(kvp_index_line, value)) as u64;
+    pub const HEAD: u64 =
+        (offset_of!(kvp_ring_header, head) + offset_of!(kvp_index_line, value)) as u64;
+    pub const BELL_WORD: u64 =
+        (offset_of!(kvp_ring_header, doorbell) + offset_of!(kvp_index_line, value)) as u64;
+    pub const BELL_SLEEPING: u64 =
+        (offset_of!(kvp_ring_header, doorbell) + offset_of!(kvp_index_line, aux)) as u64;
+    pub const ENTRIES: u64 = offset_of!(kvp_ring_header, entries) as u64;
+    pub const ENTRY_BYTES: u64 = offset_of!(kvp_ring_header, entry_bytes) as u64;
+}
+use ring_offsets::{BELL_SLEEPING, BELL_WORD, HEAD, TAIL};
+
+/// Wake whoever sleeps on the doorbell of the ring at `ring_offset` (used when a session
+/// ends, so a waiter re-checks the session state instead of sleeping out its slice).
+pub fn wake_ring_waiters(seg: &Segment, ring_offset: u64) -> Result<()> {
+    let word = seg.atomic_u32(ring_offset + BELL_WORD)?;
+    word.fetch_add(1, Ordering::Release);
+    sys::futex_wake_all(word);
+    Ok(())
+}
 
 /// A futex doorbell: a word bumped by the notifier and a flag the waiter sets before
 /// sleeping, so a busy pair never makes a system call.

@@ -221,17 +221,14 @@ impl Segment {
         }
         seg.write_pod(0, &h)?;
         // Informational ring headers (entries, entry size) for debuggers and C clients.
+        use crate::ring::ring_offsets::{ENTRIES, ENTRY_BYTES};
+        let sqe_bytes = std::mem::size_of::<ffi::kvp_sqe>() as u32;
+        let cqe_bytes = std::mem::size_of::<ffi::kvp_cqe>() as u32;
         for q in &geometry.queue_pairs {
-            seg.write_pod(q.sq_offset + 192, &q.sq_entries)?;
-            seg.write_pod(
-                q.sq_offset + 196,
-                &(std::mem::size_of::<ffi::kvp_sqe>() as u32),
-            )?;
-            seg.write_pod(q.cq_offset + 192, &q.cq_entries)?;
-            seg.write_pod(
-                q.cq_offset + 196,
-                &(std::mem::size_of::<ffi::kvp_cqe>() as u32),
-            )?;
+            seg.write_pod(q.sq_offset + ENTRIES, &q.sq_entries)?;
+            seg.write_pod(q.sq_offset + ENTRY_BYTES, &sqe_bytes)?;
+            seg.write_pod(q.cq_offset + ENTRIES, &q.cq_entries)?;
+            seg.write_pod(q.cq_offset + ENTRY_BYTES, &cqe_bytes)?;
         }
         Ok(seg)
     }

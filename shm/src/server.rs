@@ -193,8 +193,17 @@ impl<'a> ServerHeader<'a> {
     }
     pub fn set_state(&self, state: ffi::SessionState) {
         self.state.store(state.raw(), Ordering::Release);
-        // Wake any engine thread sleeping on a completion ring so it sees the state.
     }
+}
+
+/// End a session in the segment: state DEAD, and every engine thread sleeping on a
+/// completion ring woken so it sees that at once rather than after its sleep slice.
+pub fn mark_dead(seg: &Segment, geometry: &Geometry) -> Result<()> {
+    ServerHeader::new(seg)?.set_state(ffi::SessionState::Dead);
+    for q in &geometry.queue_pairs {
+        crate::ring::wake_ring_waiters(seg, q.cq_offset)?;
+    }
+    Ok(())
 }
 
 /// All queue pairs of a session, built from the daemon's private geometry.

@@ -160,9 +160,9 @@ pub fn run(exe: &ChildCommand, opts: &RingBenchOptions) -> Result<RingBenchRepor
         pin: pinned,
         ..opts.clone()
     };
-    let floor = floor_parent(exe, &dir.0, opts)?;
-    let socket = socket_parent(exe, &dir.0, opts)?;
-    let engine = engine_parent(exe, &dir.0, opts)?;
+    let floor = floor_parent(exe, dir.path(), opts)?;
+    let socket = socket_parent(exe, dir.path(), opts)?;
+    let engine = engine_parent(exe, dir.path(), opts)?;
     let (p50, p99, p999) = (engine.p50_ns, engine.p99_ns, engine.p999_ns);
     Ok(RingBenchReport {
         p50_ns: p50,
@@ -185,27 +185,17 @@ pub fn run(exe: &ChildCommand, opts: &RingBenchOptions) -> Result<RingBenchRepor
     })
 }
 
-/// A private temporary directory, removed on drop.
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempfile_dir() -> Result<TempDir, RingBenchError> {
+/// A private temporary directory (removed on drop), on tmpfs when there is one.
+fn tempfile_dir() -> Result<tempfile::TempDir, RingBenchError> {
     let base = if Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
     } else {
         std::env::temp_dir()
     };
-    let dir = base.join(format!(
-        "kvplane-bench-{}-{}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).map_err(io("create bench dir"))?;
-    Ok(TempDir(dir))
+    tempfile::Builder::new()
+        .prefix("kvplane-bench-")
+        .tempdir_in(base)
+        .map_err(io("create bench dir"))
 }
 
 /// Map a small shared file (the floor's one word) through the same segment code.

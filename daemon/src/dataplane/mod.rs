@@ -101,6 +101,7 @@ pub struct SessionData {
     hashes: Vec<u64>,
     chain: Vec<(u64, Option<u64>)>,
     tiers: Vec<Tier>,
+    pages: Vec<u32>,
 }
 
 impl SessionData {
@@ -119,6 +120,7 @@ impl SessionData {
             hashes: Vec::new(),
             chain: Vec::new(),
             tiers: Vec::new(),
+            pages: Vec::new(),
         }
     }
 }
@@ -205,7 +207,7 @@ impl DataPlane {
 
     /// Resolve a session's namespace names to global ids.
     pub fn bind_namespaces(&self, names: &[String]) -> Result<Vec<u32>, NamespaceError> {
-        let mut known = self.names.lock().expect("namespace table poisoned");
+        let mut known = self.names.lock().unwrap_or_else(|e| e.into_inner());
         let mut ids = Vec::with_capacity(names.len());
         for name in names {
             let id = namespace_id(name);
@@ -308,25 +310,16 @@ impl DataPlane {
         let ns = *session.namespaces.get(req.namespace_id as usize)?;
         let n = req.count as usize;
         session.ops.resize(n, kvp_block_op::zeroed());
-        // SAFETY: kvp_block_op is Pod; viewing our own vector as bytes to fill it is valid.
-        let raw = unsafe {
-            std::slice::from_raw_parts_mut(
-                session.ops.as_mut_ptr().cast::<u8>(),
-                n * std::mem::size_of::<kvp_block_op>(),
-            )
-        };
-        seg.read_bytes(req.arg_offset, raw).ok()?;
+        seg.read_bytes(req.arg_offset, ffi::slice_as_bytes_mut(&mut session.ops))
+            .ok()?;
         session.hashes.clear();
         session.hashes.extend(session.ops.iter().map(|o| o.hash));
         Some(ns)
     }
 
     fn write_ops_back(session: &SessionData, seg: &Segment, req: &Request) {
-        let bytes = session.ops.len() * std::mem::size_of::<kvp_block_op>();
-        // SAFETY: kvp_block_op is Pod; reading our own vector as bytes.
-        let raw = unsafe { std::slice::from_raw_parts(session.ops.as_ptr().cast::<u8>(), bytes) };
         // The range was validated (arg_len == count * 24 inside the slice).
-        let _ = seg.write_bytes(req.arg_offset, raw);
+        let _ = seg.write_bytes(req.arg_offset, ffi::slice_as_bytes(&session.ops));
     }
 
     fn block_op(
@@ -497,12 +490,13 @@ impl DataPlane {
             Err(cqe) => return cqe,
         };
         // Two blocks into one page in one batch is a bug in the engine (and a race on a GPU).
-        {
-            let mut seen: Vec<u32> = session.ops.iter().map(|o| o.engine_block).collect();
-            seen.sort_unstable();
-            if seen.windows(2).any(|w| w[0] == w[1]) {
-                return done(ud, Status::BadArg, 0, 0, 0, 0);
-            }
+        session.pages.clear();
+        session
+            .pages
+            .extend(session.ops.iter().map(|o| o.engine_block));
+        session.pages.sort_unstable();
+        if session.pages.windows(2).any(|w| w[0] == w[1]) {
+            return done(ud, Status::BadArg, 0, 0, 0, 0);
         }
         let ops = &session.ops;
         let launch = self.launch;

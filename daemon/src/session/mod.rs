@@ -39,7 +39,9 @@ pub enum DaemonError {
     },
 }
 
-/// What the daemon shares between the accept loop and session threads.
+/// What the daemon shares between the accept loop and session threads. Its tables hold
+/// plain data that no panic leaves half-updated, so a poisoned lock (a session thread
+/// panicked while holding it) is taken over, not propagated to every other session.
 pub struct DaemonShared {
     pub config: Config,
     pub dataplane: Arc<DataPlane>,
@@ -156,7 +158,7 @@ impl DaemonShared {
         let mut v: Vec<_> = self
             .sessions
             .lock()
-            .expect("sessions poisoned")
+            .unwrap_or_else(|e| e.into_inner())
             .values()
             .cloned()
             .collect();
@@ -173,7 +175,13 @@ impl Daemon {
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
-        let threads = std::mem::take(&mut *self.shared.threads.lock().expect("threads poisoned"));
+        let threads = std::mem::take(
+            &mut *self
+                .shared
+                .threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
         for t in threads {
             let _ = t.join();
         }
@@ -212,7 +220,7 @@ fn accept_loop(shared: &Arc<DaemonShared>, listener: UnixListener) {
             .spawn(move || run_session(&s, stream, id))
         {
             Ok(handle) => {
-                let mut threads = shared.threads.lock().expect("threads poisoned");
+                let mut threads = shared.threads.lock().unwrap_or_else(|e| e.into_inner());
                 threads.retain(|t| !t.is_finished());
                 threads.push(handle);
             }
@@ -287,16 +295,20 @@ fn run_session(shared: &Arc<DaemonShared>, stream: UnixStream, session_id: u64) 
         .counters
         .sessions_total
         .fetch_add(1, Ordering::Relaxed);
-    shared.sessions.lock().expect("sessions poisoned").insert(
-        session_id,
-        SessionSummary {
+    shared
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
             session_id,
-            pid: req.peer.pid,
-            uid: req.peer.uid,
-            namespaces: req.namespaces.clone(),
-            queue_pairs: req.num_queue_pairs,
-        },
-    );
+            SessionSummary {
+                session_id,
+                pid: req.peer.pid,
+                uid: req.peer.uid,
+                namespaces: req.namespaces.clone(),
+                queue_pairs: req.num_queue_pairs,
+            },
+        );
     let mut guard = SessionGuard {
         shared,
         data: Some(data),
@@ -308,16 +320,7 @@ fn run_session(shared: &Arc<DaemonShared>, stream: UnixStream, session_id: u64) 
     tracing::info!(session = session_id, pid = req.peer.pid, uid = req.peer.uid, namespaces = ?req.namespaces, "session attached");
     let data = guard.data.as_mut().expect("set above");
     let reason = serve_session(shared, &stream, &seg, &geometry, data, req.peer.pid);
-    if let Ok(header) = ServerHeader::new(&seg) {
-        header.set_state(SessionState::Dead);
-        // Wake engine threads sleeping on their completion rings so they see DEAD.
-        for q in &geometry.queue_pairs {
-            if let Ok(w) = seg.atomic_u32(q.cq_offset + 128) {
-                w.fetch_add(1, Ordering::Release);
-                sys::futex_wake_all(w);
-            }
-        }
-    }
+    let _ = server::mark_dead(&seg, &geometry);
     match &reason {
         End::Detached | End::Shutdown => {
             tracing::info!(session = session_id, reason = ?reason, "session ended")
