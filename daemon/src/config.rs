@@ -51,6 +51,12 @@ pub struct ServeConfig {
     pub max_queue_pairs: u32,
     /// How long a data-plane thread spins on an idle session before sleeping.
     pub spin_us: u64,
+    /// After set-up (pool locked, NVMe opened, sockets bound), give up every capability
+    /// and set no_new_privs and non-dumpable (see `crate::privileges`).
+    pub drop_privileges: bool,
+    /// Switch to this uid/gid after set-up (needs root or CAP_SETUID/CAP_SETGID).
+    pub run_as_uid: Option<u32>,
+    pub run_as_gid: Option<u32>,
 }
 
 impl Default for ServeConfig {
@@ -62,16 +68,33 @@ impl Default for ServeConfig {
             max_arena_bytes: 256 << 20,
             max_queue_pairs: 16,
             spin_us: 50,
+            drop_privileges: true,
+            run_as_uid: None,
+            run_as_gid: None,
         }
     }
 }
 
-/// `[[namespaces]]`: which uids may attach to a namespace.
+/// `[[namespaces]]`: which uids may attach to a namespace, and how much of each tier it
+/// may hold (unset: no limit beyond the tier's size; 0: none of that tier).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NamespaceConfig {
     pub name: String,
     pub uids: Vec<u32>,
+    #[serde(default)]
+    pub max_hbm_bytes: Option<u64>,
+    #[serde(default)]
+    pub max_host_bytes: Option<u64>,
+    #[serde(default)]
+    pub max_nvme_bytes: Option<u64>,
+}
+
+impl NamespaceConfig {
+    /// Per-tier limits (HBM, host, NVMe) in bytes.
+    pub fn max_bytes(&self) -> [Option<u64>; 3] {
+        [self.max_hbm_bytes, self.max_host_bytes, self.max_nvme_bytes]
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -172,6 +195,33 @@ impl Config {
             if !seen.insert(ns.name.as_str()) {
                 return Err(invalid(key, format!("`{}` appears twice", ns.name)));
             }
+            for (tier, bytes) in ["hbm", "host", "nvme"].iter().zip(ns.max_bytes()) {
+                match bytes {
+                    Some(b) if b != 0 && b < self.blocks.block_bytes as u64 => {
+                        return Err(invalid(
+                            format!("namespaces[{i}].max_{tier}_bytes"),
+                            format!(
+                                "{b} is less than one block ({} bytes); use 0 to keep the \
+                                 namespace out of this tier",
+                                self.blocks.block_bytes
+                            ),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if (s.run_as_uid.is_some() || s.run_as_gid.is_some()) && !s.drop_privileges {
+            return Err(invalid(
+                "serve.run_as_uid",
+                "switching uid/gid is part of dropping privileges: set drop_privileges = true",
+            ));
+        }
+        if s.run_as_uid == Some(0) || s.run_as_gid == Some(0) {
+            return Err(invalid(
+                "serve.run_as_uid",
+                "0 (root) is not a privilege drop; leave it unset to keep the current uid",
+            ));
         }
         Ok(())
     }
@@ -210,6 +260,13 @@ max_arena_bytes = {max_arena}
 max_queue_pairs = {max_qp}
 # Microseconds a data-plane thread spins on an idle session before sleeping on its futex.
 spin_us = {spin}
+# After set-up (pool locked, NVMe opened, sockets bound): drop every capability, set
+# no_new_privs, and make the process non-dumpable (KV blocks are user prompts).
+drop_privileges = {drop}
+# Then also switch to this uid and gid (needs root or CAP_SETUID/CAP_SETGID; the socket
+# directory must be writable by that uid for a clean shutdown).
+# run_as_uid = 990
+# run_as_gid = 990
 
 [blocks]
 # Bytes of one block: all layers of one engine page (layers * planes * tokens * heads *
@@ -271,9 +328,14 @@ queue_events = {queue_events}
 
 # Namespaces (tenant + model + LoRA) and the uids that may use each. With none listed,
 # any namespace may be used, but only by the daemon's own uid.
+# Each may be limited per tier, in bytes (unset: up to the tier's size; 0: kept out of
+# that tier). A namespace at its limit evicts its own least valuable blocks, never a
+# neighbour's.
 # [[namespaces]]
 # name = "tenant-a/llama-70b"
 # uids = [1000]
+# max_host_bytes = 17179869184
+# max_nvme_bytes = 274877906944
 "#,
             socket = s.socket_path.display(),
             mode = s.socket_mode,
@@ -281,6 +343,7 @@ queue_events = {queue_events}
             max_arena = s.max_arena_bytes,
             max_qp = s.max_queue_pairs,
             spin = s.spin_us,
+            drop = s.drop_privileges,
             block_bytes = b.block_bytes,
             admit = b.nvme_admit_min_hits,
             write_through = b.write_through,
@@ -331,6 +394,15 @@ mod tests {
             (
                 "[[namespaces]]\nname = \"a\"\nuids = [1]\n[[namespaces]]\nname = \"a\"\nuids = [2]",
                 "namespaces[1].name",
+            ),
+            (
+                "[[namespaces]]\nname = \"a\"\nuids = [1]\nmax_host_bytes = 5",
+                "namespaces[0].max_host_bytes",
+            ),
+            ("[serve]\nrun_as_uid = 0", "serve.run_as_uid"),
+            (
+                "[serve]\ndrop_privileges = false\nrun_as_uid = 5",
+                "serve.run_as_uid",
             ),
         ];
         for (text, key) in cases {

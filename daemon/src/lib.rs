@@ -5,6 +5,9 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+/// Properties checked by the fuzz targets in `fuzz/` and by `tests/fuzz_regressions.rs`.
+pub mod fuzz_props;
+pub mod privileges;
 pub mod session;
 pub mod sim;
 pub mod tier;

@@ -175,6 +175,8 @@ pub struct BlockStats {
     pub nvme_registered_buffers: bool,
     pub events_dropped: u64,
     pub host_pool: HostPoolReport,
+    /// Namespaces with a quota.
+    pub namespaces: Vec<NamespaceStats>,
 }
 
 /// Optional parts for tests and integration.
@@ -186,6 +188,26 @@ pub struct ManagerOptions {
     pub events: Option<Sender<BlockEvent>>,
     /// Replace the G1 arena (the cuda backend's device arena).
     pub hbm: Option<Box<dyn DeviceArena>>,
+    /// Per-namespace limits on each tier (`[[namespaces]]` in the config).
+    pub quotas: Vec<NamespaceQuota>,
+}
+
+/// A namespace's limit per tier (HBM, host, NVMe) in bytes; `None` = no limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceQuota {
+    pub namespace: u32,
+    pub name: String,
+    pub max_bytes: [Option<u64>; 3],
+}
+
+/// A namespace's limit and usage per tier, in slots (one block each).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NamespaceStats {
+    pub name: String,
+    pub namespace: u32,
+    /// HBM, host, NVMe; `None` = no limit.
+    pub max_slots: [Option<u32>; 3],
+    pub used_slots: [u32; 3],
 }
 
 #[derive(Default)]
@@ -219,6 +241,8 @@ pub struct BlockManager {
     events: Option<Sender<BlockEvent>>,
     counters: Counters,
     scan: (u64, u64, u64),
+    /// Names of namespaces with a quota (for stats).
+    quota_names: Vec<(u32, String)>,
 }
 
 /// Errors from a caller's fill/drain closure.
@@ -261,6 +285,16 @@ impl BlockManager {
             nvme.as_ref().map(|n| n.slot_count()).unwrap_or(0),
         ];
         let mut reg = Registry::new(caps);
+        let mut quota_names = Vec::with_capacity(options.quotas.len());
+        for q in &options.quotas {
+            // Whole blocks: a limit below one block keeps the namespace out of the tier.
+            let max_slots = q.max_bytes.map(|b| match b {
+                Some(b) => u32::try_from(b / block.block_bytes as u64).unwrap_or(u32::MAX - 1),
+                None => u32::MAX,
+            });
+            reg.set_quota(q.namespace, max_slots);
+            quota_names.push((q.namespace, q.name.clone()));
+        }
         let mut scan_counts = (0, 0, 0);
         if let Some(scan) = scan {
             let mut valid = scan.valid;
@@ -298,6 +332,7 @@ impl BlockManager {
             events: options.events,
             counters: Counters::default(),
             scan: scan_counts,
+            quota_names,
         })
     }
 
@@ -339,8 +374,14 @@ impl BlockManager {
             && reg.seen(key) >= self.admit_min_hits
     }
 
-    /// An NVMe slot, evicting the NVMe tier's candidate when full.
-    fn nvme_slot(&self, reg: &mut Registry) -> Option<u32> {
+    /// An NVMe slot for a block of `namespace`, evicting that namespace's own candidate
+    /// when it is at its NVMe quota, else the tier's candidate when the tier is full.
+    fn nvme_slot(&self, reg: &mut Registry, namespace: u32) -> Option<u32> {
+        if reg.quota_room(namespace, Tier::Nvme) == 0 {
+            let v = reg.victim_in(namespace, Tier::Nvme)?;
+            reg.evict(v, Tier::Nvme, RemoveReason::Evicted).ok()?;
+            return reg.alloc_free(Tier::Nvme);
+        }
         if let Some(s) = reg.alloc_free(Tier::Nvme) {
             return Some(s);
         }
@@ -349,23 +390,46 @@ impl BlockManager {
         reg.alloc_free(Tier::Nvme)
     }
 
-    /// Gets up to `n` free slots of `tier` into `out`, evicting (and for the host tier,
-    /// demoting admitted blocks to NVMe) as needed. Fewer when everything is leased.
-    fn acquire(&self, tier: Tier, n: usize, out: &mut Vec<u32>, report: &mut SaveReport) {
+    /// Gets up to `n` free slots of `tier` for blocks of `namespace` into `out`, evicting
+    /// (and for the host tier, demoting admitted blocks to NVMe) as needed. Fewer when
+    /// everything is leased. A namespace at its quota only ever evicts its own blocks.
+    fn acquire(
+        &self,
+        tier: Tier,
+        namespace: u32,
+        n: usize,
+        out: &mut Vec<u32>,
+        report: &mut SaveReport,
+    ) {
         for _round in 0..8 {
             let mut jobs: Vec<Demotion> = Vec::new();
             {
                 let mut reg = self.lock();
                 while out.len() + jobs.len() < n {
-                    if let Some(s) = reg.alloc_free(tier) {
-                        out.push(s);
-                        continue;
-                    }
-                    let Some(v) = reg.victim(tier) else { break };
+                    // After this round, own demotions will have freed their slots: the
+                    // namespace then holds `used - own_jobs + out + jobs` slots.
+                    let own_jobs = jobs.iter().filter(|j| j.key.namespace == namespace).count();
+                    let at_quota = (out.len() + jobs.len() - own_jobs) as u64
+                        >= u64::from(reg.quota_room(namespace, tier));
+                    let v = if at_quota {
+                        match reg.victim_in(namespace, tier) {
+                            Some(v) => v,
+                            None => break, // its own blocks are all leased or in use
+                        }
+                    } else {
+                        if let Some(s) = reg.alloc_free(tier) {
+                            out.push(s);
+                            continue;
+                        }
+                        match reg.victim(tier) {
+                            Some(v) => v,
+                            None => break,
+                        }
+                    };
                     if tier == Tier::Host && self.should_demote(&reg, v) {
                         let view = reg.view(v).expect("victim exists");
                         let host_slot = view.present[1].expect("victim present");
-                        if let Some(nvme_slot) = self.nvme_slot(&mut reg) {
+                        if let Some(nvme_slot) = self.nvme_slot(&mut reg, v.namespace) {
                             let generation =
                                 self.nvme.as_ref().map(|s| s.next_generation()).unwrap_or(0);
                             reg.reserve(v, view.parent, view.priority, Tier::Nvme, nvme_slot)
@@ -525,7 +589,7 @@ impl BlockManager {
             }
         }
         let mut slots = Vec::with_capacity(need.len());
-        self.acquire(Tier::Host, need.len(), &mut slots, &mut report);
+        self.acquire(Tier::Host, namespace, need.len(), &mut slots, &mut report);
         // Reserve in chain order; a block another session reserved meanwhile is skipped.
         let mut reserved: Vec<(usize, u32)> = Vec::with_capacity(slots.len());
         {
@@ -580,7 +644,7 @@ impl BlockManager {
             {
                 let mut reg = self.lock();
                 for (n, &(i, slot)) in reserved.iter().enumerate() {
-                    let Some(nvme_slot) = self.nvme_slot(&mut reg) else {
+                    let Some(nvme_slot) = self.nvme_slot(&mut reg, namespace) else {
                         break;
                     };
                     let (h, parent) = blocks[i];
@@ -679,7 +743,7 @@ impl BlockManager {
         if !staged.is_empty() {
             let mut dummy = SaveReport::default();
             let mut slots = Vec::with_capacity(staged.len());
-            self.acquire(Tier::Host, staged.len(), &mut slots, &mut dummy);
+            self.acquire(Tier::Host, namespace, staged.len(), &mut slots, &mut dummy);
             let mut reads = Vec::new();
             let mut read_idx = Vec::new();
             let mut cut = plan.len();
@@ -850,10 +914,21 @@ impl BlockManager {
                     continue;
                 }
                 let Some(host_slot) = v.present[1] else { break };
-                let slot = match reg.alloc_free(Tier::Hbm) {
+                let at_quota = reg.quota_room(namespace, Tier::Hbm) == 0;
+                let free = if at_quota {
+                    None
+                } else {
+                    reg.alloc_free(Tier::Hbm)
+                };
+                let slot = match free {
                     Some(s) => s,
                     None => {
-                        let Some(victim) = reg.victim(Tier::Hbm) else {
+                        let victim = if at_quota {
+                            reg.victim_in(namespace, Tier::Hbm)
+                        } else {
+                            reg.victim(Tier::Hbm)
+                        };
+                        let Some(victim) = victim else {
                             break;
                         };
                         let _ = reg.evict(victim, Tier::Hbm, RemoveReason::Evicted);
@@ -1043,6 +1118,21 @@ impl BlockManager {
             nvme_registered_buffers: self.nvme.as_ref().is_some_and(|n| n.registered_buffers()),
             events_dropped: self.counters.events_dropped.load(Ordering::Relaxed),
             host_pool: self.host.report().clone(),
+            namespaces: reg
+                .quota_usage()
+                .into_iter()
+                .map(|u| NamespaceStats {
+                    name: self
+                        .quota_names
+                        .iter()
+                        .find(|(id, _)| *id == u.namespace)
+                        .map(|(_, n)| n.clone())
+                        .unwrap_or_default(),
+                    namespace: u.namespace,
+                    max_slots: u.max_slots.map(|m| (m != u32::MAX).then_some(m)),
+                    used_slots: u.used_slots,
+                })
+                .collect(),
         }
     }
 

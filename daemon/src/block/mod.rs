@@ -6,6 +6,6 @@ pub mod registry;
 pub use crate::tier::Tier;
 pub use manager::{
     BlockConfig, BlockError, BlockManager, BlockStats, DropReport, LoadFailure, LoadReport,
-    ManagerOptions, SaveReport,
+    ManagerOptions, NamespaceQuota, NamespaceStats, SaveReport,
 };
 pub use registry::{BlockEvent, BlockKey, Registry, RemoveReason, SessionId};

@@ -137,6 +137,8 @@ struct Entry {
     nvme_generation: u64,
     /// Bit t: in `candidates[t]` under (`cand_priority`, `cand_use`).
     cand: u8,
+    /// 1 + index into `Registry::quotas` when the namespace has a quota, else 0.
+    quota: u16,
     cand_priority: u8,
     cand_use: u64,
 }
@@ -220,6 +222,25 @@ struct Slotref {
     hits: u16,
 }
 
+/// Accounting of one namespace with a quota: slots it holds per tier (reserved or
+/// published) and its own eviction candidates, so that a namespace at its limit evicts
+/// its own least valuable block instead of a neighbour's.
+struct NsQuota {
+    namespace: u32,
+    /// `u32::MAX`: unlimited in that tier.
+    max_slots: [u32; 3],
+    used_slots: [u32; 3],
+    candidates: [BTreeSet<(u8, u64, u32)>; 3],
+}
+
+/// A namespace's quota and usage, for stats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuotaUsage {
+    pub namespace: u32,
+    pub max_slots: [u32; 3],
+    pub used_slots: [u32; 3],
+}
+
 pub struct Registry {
     map: HashMap<BlockKey, Slotref, BuildKeyHasher>,
     entries: Vec<Entry>,
@@ -229,6 +250,8 @@ pub struct Registry {
     sessions: HashMap<SessionId, HashMap<BlockKey, u32, BuildKeyHasher>>,
     /// Slots taken out of an entry but not yet freed (e.g. an NVMe slot being tombstoned).
     detached: [Vec<u32>; 3],
+    /// Namespaces with a quota (set at start-up, before any block exists).
+    quotas: Vec<NsQuota>,
     clock: u64,
     events: Vec<BlockEvent>,
     pub record_events: bool,
@@ -246,6 +269,7 @@ impl Registry {
             candidates: Default::default(),
             sessions: HashMap::default(),
             detached: Default::default(),
+            quotas: Vec::new(),
             clock: 1,
             events: Vec::new(),
             record_events: false,
@@ -267,6 +291,82 @@ impl Registry {
     }
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+
+    /// Limits `namespace` to `max_slots[t]` slots of tier t (`u32::MAX`: unlimited). Set
+    /// at start-up, before any block is stored or restored.
+    pub fn set_quota(&mut self, namespace: u32, max_slots: [u32; 3]) {
+        assert!(
+            self.map.is_empty(),
+            "quotas are set before any block exists"
+        );
+        assert!(self.quotas.len() < u16::MAX as usize, "too many quotas");
+        match self.quotas.iter_mut().find(|q| q.namespace == namespace) {
+            Some(q) => q.max_slots = max_slots,
+            None => self.quotas.push(NsQuota {
+                namespace,
+                max_slots,
+                used_slots: [0; 3],
+                candidates: Default::default(),
+            }),
+        }
+    }
+
+    /// Quota position (1-based; 0 = none) of a namespace. Linear: quotas are few
+    /// (configured namespaces) and this runs once per new entry.
+    fn quota_of(&self, namespace: u32) -> u16 {
+        self.quotas
+            .iter()
+            .position(|q| q.namespace == namespace)
+            .map_or(0, |i| i as u16 + 1)
+    }
+
+    /// Slots `namespace` may still take in `tier` (`u32::MAX` when it has no limit).
+    pub fn quota_room(&self, namespace: u32, tier: Tier) -> u32 {
+        match self.quota_of(namespace) {
+            0 => u32::MAX,
+            q => {
+                let q = &self.quotas[q as usize - 1];
+                let t = tier.index();
+                if q.max_slots[t] == u32::MAX {
+                    u32::MAX
+                } else {
+                    q.max_slots[t].saturating_sub(q.used_slots[t])
+                }
+            }
+        }
+    }
+
+    /// The eviction candidate of `tier` among `namespace`'s own blocks (namespaces with a
+    /// quota only).
+    pub fn victim_in(&self, namespace: u32, tier: Tier) -> Option<BlockKey> {
+        let q = self.quota_of(namespace);
+        if q == 0 {
+            return None;
+        }
+        self.quotas[q as usize - 1].candidates[tier.index()]
+            .first()
+            .map(|&(_, _, i)| self.entries[i as usize].key)
+    }
+
+    /// Every quota with its current usage.
+    pub fn quota_usage(&self) -> Vec<QuotaUsage> {
+        self.quotas
+            .iter()
+            .map(|q| QuotaUsage {
+                namespace: q.namespace,
+                max_slots: q.max_slots,
+                used_slots: q.used_slots,
+            })
+            .collect()
+    }
+
+    fn count_slot(&mut self, i: u32, t: usize, taken: bool) {
+        let q = self.entries[i as usize].quota;
+        if q != 0 {
+            let used = &mut self.quotas[q as usize - 1].used_slots[t];
+            *used = if taken { *used + 1 } else { *used - 1 };
+        }
     }
 
     /// Takes the events recorded since the last call (when `record_events`).
@@ -328,11 +428,14 @@ impl Registry {
 
     fn uncand(&mut self, i: u32) {
         let e = &mut self.entries[i as usize];
-        let (mask, p, u) = (e.cand, e.cand_priority, e.cand_use);
+        let (mask, p, u, q) = (e.cand, e.cand_priority, e.cand_use, e.quota);
         e.cand = 0;
         for t in 0..3 {
             if mask & (1 << t) != 0 {
                 self.candidates[t].remove(&(p, u, i));
+                if q != 0 {
+                    self.quotas[q as usize - 1].candidates[t].remove(&(p, u, i));
+                }
             }
         }
     }
@@ -350,9 +453,13 @@ impl Registry {
         e.cand = mask;
         e.cand_priority = p;
         e.cand_use = u;
+        let q = e.quota;
         for t in 0..3 {
             if mask & (1 << t) != 0 {
                 self.candidates[t].insert((p, u, i));
+                if q != 0 {
+                    self.quotas[q as usize - 1].candidates[t].insert((p, u, i));
+                }
             }
         }
     }
@@ -381,6 +488,11 @@ impl Registry {
             cand: 0,
             cand_priority: 0,
             cand_use: 0,
+            quota: if self.quotas.is_empty() {
+                0
+            } else {
+                self.quota_of(key.namespace)
+            },
         };
         let i = match self.free_entries.pop() {
             Some(i) => {
@@ -539,6 +651,7 @@ impl Registry {
         if e.leases == 0 && e.busy == 0 && e.slots.iter().filter(|&&s| s != NO_SLOT).count() == 1 {
             e.priority = priority;
         }
+        self.count_slot(i, t, true);
         Ok(())
     }
 
@@ -588,6 +701,7 @@ impl Registry {
         e.slots[t] = NO_SLOT;
         e.pending &= !(1 << t);
         self.alloc[t].free(slot);
+        self.count_slot(i, t, false);
         self.recand(i);
         self.gc(i);
         Ok(())
@@ -613,6 +727,7 @@ impl Registry {
         let slot = e.slots[t];
         e.slots[t] = NO_SLOT;
         let parent = e.parent;
+        self.count_slot(i, t, false);
         if detach {
             self.detached[t].push(slot);
         } else {
@@ -815,6 +930,8 @@ impl Registry {
         let mut owner: [HashMap<u32, BlockKey>; 3] = Default::default();
         let mut children: HashMap<BlockKey, [u32; 3]> = HashMap::new();
         let mut eligible = [0usize; 3];
+        let mut quota_used = vec![[0u32; 3]; self.quotas.len()];
+        let mut quota_eligible = vec![[0usize; 3]; self.quotas.len()];
         for t in 0..3 {
             self.alloc[t]
                 .check()
@@ -843,6 +960,9 @@ impl Registry {
             }
             if e.garbage() {
                 return Err(format!("{key:?}: empty entry not collected (leak)"));
+            }
+            if e.quota != self.quota_of(key.namespace) {
+                return Err(format!("{key:?}: quota index {} is stale", e.quota));
             }
             if e.leases > 0 && e.fastest() == Tier::None {
                 return Err(format!(
@@ -881,6 +1001,18 @@ impl Registry {
                 if e.eligible(t) {
                     eligible[t] += 1;
                 }
+                if e.quota != 0 {
+                    let q = e.quota as usize - 1;
+                    quota_used[q][t] += u32::from(s != NO_SLOT);
+                    quota_eligible[q][t] += usize::from(e.eligible(t));
+                    let in_own =
+                        self.quotas[q].candidates[t].contains(&(e.cand_priority, e.cand_use, i));
+                    if in_own != flagged {
+                        return Err(format!(
+                            "{key:?}: tier {t} namespace candidate set disagrees"
+                        ));
+                    }
+                }
             }
         }
         for t in 0..3 {
@@ -898,6 +1030,24 @@ impl Registry {
                     owner[t].len(),
                     self.detached[t].len()
                 ));
+            }
+        }
+        for (q, quota) in self.quotas.iter().enumerate() {
+            for t in 0..3 {
+                if quota.used_slots[t] != quota_used[q][t] {
+                    return Err(format!(
+                        "namespace {:#x} tier {t}: {} slots counted, {} held",
+                        quota.namespace, quota.used_slots[t], quota_used[q][t]
+                    ));
+                }
+                if quota.candidates[t].len() != quota_eligible[q][t] {
+                    return Err(format!(
+                        "namespace {:#x} tier {t}: {} candidates for {} eligible",
+                        quota.namespace,
+                        quota.candidates[t].len(),
+                        quota_eligible[q][t]
+                    ));
+                }
             }
         }
         for (&key, &Slotref { idx: i, .. }) in &self.map {

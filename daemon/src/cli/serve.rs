@@ -4,11 +4,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::CliResult;
-use crate::block::{BlockManager, ManagerOptions};
+use crate::block::{BlockManager, ManagerOptions, NamespaceQuota};
 use crate::config::Config;
 use crate::control::events::EventStream;
 use crate::control::signals;
 use crate::dataplane::DataPlane;
+use crate::privileges::{DropPlan, drop_privileges};
 use crate::session::Daemon;
 
 #[derive(Debug, clap::Args)]
@@ -47,8 +48,19 @@ pub fn run(args: ServeArgs) -> CliResult {
     let t0 = std::time::Instant::now();
     let (events_tx, events_rx) = crossbeam::channel::bounded(config.events.queue_events);
     let streaming = !config.events.routers.is_empty();
+    let quotas = config
+        .namespaces
+        .iter()
+        .filter(|ns| ns.max_bytes().iter().any(Option::is_some))
+        .map(|ns| NamespaceQuota {
+            namespace: crate::dataplane::namespace_id(&ns.name),
+            name: ns.name.clone(),
+            max_bytes: ns.max_bytes(),
+        })
+        .collect();
     let options = ManagerOptions {
         events: streaming.then_some(events_tx),
+        quotas,
         ..ManagerOptions::default()
     };
     let blocks = Arc::new(BlockManager::new(&config.blocks, &config.tiers, options)?);
@@ -61,6 +73,22 @@ pub fn run(args: ServeArgs) -> CliResult {
         "tiers ready"
     );
     let dataplane = Arc::new(DataPlane::with_blocks(Arc::clone(&blocks)));
+    // Everything privileged is done once the socket is bound: drop before any long-lived
+    // thread starts (capabilities are per thread; new threads inherit the empty sets).
+    let drop = config.serve.drop_privileges.then_some(DropPlan {
+        run_as_uid: config.serve.run_as_uid,
+        run_as_gid: config.serve.run_as_gid,
+    });
+    let bound = Daemon::bind(config.clone(), Arc::clone(&dataplane))?;
+    if let Some(plan) = drop {
+        let now = drop_privileges(plan)?;
+        tracing::info!(
+            uid = now.uid,
+            gid = now.gid,
+            cap_bounding = format!("{:#x}", now.cap_bounding),
+            "privileges dropped: no capabilities, no_new_privs, not dumpable"
+        );
+    }
     let worker = config.events.resolve_worker_id(&config.serve.socket_path);
     let events = if streaming {
         let s = EventStream::start(
@@ -75,7 +103,7 @@ pub fn run(args: ServeArgs) -> CliResult {
     } else {
         None
     };
-    let daemon = Daemon::start(config, dataplane)?;
+    let daemon = bound.start()?;
     let control = crate::control::admin::start_for(&daemon);
     let sig = signals::wait_termination()?;
     tracing::info!(signal = sig, "shutting down: finishing in-flight batches");

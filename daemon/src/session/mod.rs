@@ -105,10 +105,44 @@ fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
 
 impl Daemon {
     pub fn start(config: Config, dataplane: Arc<DataPlane>) -> Result<Daemon, DaemonError> {
-        let socket_path = config.serve.socket_path.clone();
-        let listener = bind_socket(&socket_path, config.serve.socket_mode)?;
+        Daemon::bind(config, dataplane)?.start()
+    }
+
+    /// Binds the engine socket without serving it yet, so privileges can be dropped in
+    /// between (before any session thread exists).
+    pub fn bind(config: Config, dataplane: Arc<DataPlane>) -> Result<BoundDaemon, DaemonError> {
+        let listener = bind_socket(&config.serve.socket_path, config.serve.socket_mode)?;
+        // The uid that started the daemon (before any privilege drop) is the one that may
+        // use namespaces when none are configured.
         // SAFETY: geteuid has no preconditions and cannot fail.
         let daemon_uid = unsafe { libc::geteuid() };
+        Ok(BoundDaemon {
+            config,
+            dataplane,
+            listener,
+            daemon_uid,
+        })
+    }
+}
+
+/// A daemon whose socket is bound but not yet served.
+pub struct BoundDaemon {
+    config: Config,
+    dataplane: Arc<DataPlane>,
+    listener: UnixListener,
+    daemon_uid: u32,
+}
+
+impl BoundDaemon {
+    /// Starts the accept loop (one thread per session follows).
+    pub fn start(self) -> Result<Daemon, DaemonError> {
+        let BoundDaemon {
+            config,
+            dataplane,
+            listener,
+            daemon_uid,
+        } = self;
+        let socket_path = config.serve.socket_path.clone();
         let shared = Arc::new(DaemonShared {
             config,
             dataplane,
@@ -133,7 +167,9 @@ impl Daemon {
             socket_path,
         })
     }
+}
 
+impl Daemon {
     pub fn socket_path(&self) -> &Path {
         &self.socket_path
     }

@@ -464,7 +464,12 @@ fn concurrent_sessions_keep_data_and_invariants() {
 fn simulate(seed: u64, steps: usize, engine: EngineKind) {
     let dir = tempfile::tempdir().unwrap();
     let (b, t) = config(Some(dir.path()), 6, 12, engine);
-    let mut m = BlockManager::new(&b, &t, ManagerOptions::default()).unwrap();
+    // Namespace 1 is limited in every tier; namespace 0 is not.
+    let options = || ManagerOptions {
+        quotas: vec![quota(1, [Some(1), Some(3), Some(5)])],
+        ..ManagerOptions::default()
+    };
+    let mut m = BlockManager::new(&b, &t, options()).unwrap();
     let mut rng = seed;
     let mut next = move |n: u64| {
         rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -558,13 +563,24 @@ fn simulate(seed: u64, steps: usize, engine: EngineKind) {
                 // Restart: what survives is exactly what NVMe holds; sessions are gone.
                 demoted += m.stats().tiers[1].removed["demoted"];
                 drop(m);
-                m = BlockManager::new(&b, &t, ManagerOptions::default()).unwrap();
+                m = BlockManager::new(&b, &t, options()).unwrap();
                 pins.clear();
                 restarts += 1;
             }
         }
         if let Err(e) = m.check_invariants() {
             panic!("seed {seed} step {step} op {op}: {e}");
+        }
+        for q in m.stats().namespaces {
+            for t in 0..3 {
+                let max = q.max_slots[t].unwrap_or(u32::MAX);
+                assert!(
+                    q.used_slots[t] <= max,
+                    "seed {seed} step {step}: namespace {} holds {} slots of tier {t}, quota {max}",
+                    q.namespace,
+                    q.used_slots[t]
+                );
+            }
         }
         for &(_, ns, h) in pins.keys() {
             let mut t = [Tier::None];
@@ -585,6 +601,83 @@ fn simulate(seed: u64, steps: usize, engine: EngineKind) {
         served_from.iter().all(|&n| n > 0),
         "seed {seed}: loads served per tier {served_from:?}"
     );
+}
+
+/// A quota of `blocks[t]` whole blocks per tier.
+fn quota(ns: u32, blocks: [Option<u64>; 3]) -> NamespaceQuota {
+    NamespaceQuota {
+        namespace: ns,
+        name: format!("ns-{ns}"),
+        max_bytes: blocks.map(|b| b.map(|b| b * BLOCK as u64)),
+    }
+}
+
+/// One tenant flooding the host tier at its quota evicts only its own blocks: every block
+/// of the neighbour stays stored and loads back bit-identical, and the flooder's recent
+/// blocks are still served (it keeps a working cache of its quota's size).
+#[test]
+fn quota_bounds_a_flooding_namespace_to_its_own_blocks() {
+    let (b, t) = config(None, 16, 0, EngineKind::Sync);
+    let m = BlockManager::new(
+        &b,
+        &t,
+        ManagerOptions {
+            quotas: vec![quota(7, [Some(0), Some(4), None])],
+            ..ManagerOptions::default()
+        },
+    )
+    .unwrap();
+    let quiet = chain(1_000, 8);
+    assert_eq!(save(&m, 3, &quiet, false).stored, 8);
+    for round in 0..50u64 {
+        let r = save(&m, 7, &chain(10_000 + round * 10, 3), false);
+        assert_eq!(r.stored, 3, "round {round}: the flooder still stores");
+        let s = m.stats();
+        let q = &s.namespaces[0];
+        assert_eq!(q.max_slots, [Some(0), Some(4), None]);
+        assert!(q.used_slots[1] <= 4, "round {round}: {:?}", q.used_slots);
+        m.check_invariants().unwrap();
+    }
+    let hashes: Vec<u64> = quiet.iter().map(|b| b.0).collect();
+    let r = load(&m, 3, &hashes);
+    assert_eq!(
+        r.loaded, 8,
+        "the quiet namespace lost blocks: {:?}",
+        r.failure
+    );
+    // The flooder's newest chain is served; its oldest was evicted (by itself).
+    assert_eq!(load(&m, 7, &[10_490, 10_491, 10_492]).loaded, 3);
+    assert_eq!(load(&m, 7, &[10_000]).loaded, 0);
+    // A zero quota keeps the namespace out of G1.
+    assert_eq!(m.promote(7, &[10_490]), 0);
+    assert_eq!(m.promote(3, &[1_000]), 1);
+    // Unlimited namespaces still share what is left: the rest of the tier.
+    assert_eq!(save(&m, 3, &chain(2_000, 4), false).stored, 4);
+    assert_eq!(m.stats().tiers[1].used_slots, 16);
+}
+
+/// Pinned blocks count against the quota but cannot be evicted: a namespace whose quota
+/// is all pinned stores nothing more (`no_space`) rather than taking a neighbour's slot.
+#[test]
+fn quota_full_of_leases_refuses_instead_of_evicting_neighbours() {
+    let (b, t) = config(None, 8, 0, EngineKind::Sync);
+    let m = BlockManager::new(
+        &b,
+        &t,
+        ManagerOptions {
+            quotas: vec![quota(7, [None, Some(2), None])],
+            ..ManagerOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(save(&m, 7, &chain(1, 2), false).stored, 2);
+    assert_eq!(m.pin(9, 7, &[1, 2]), 2);
+    let r = save(&m, 7, &chain(100, 3), false);
+    assert_eq!((r.stored, r.no_space), (0, 3));
+    assert_eq!(m.stats().tiers[1].used_slots, 2);
+    m.release_session(9);
+    assert_eq!(save(&m, 7, &chain(100, 2), false).stored, 2);
+    m.check_invariants().unwrap();
 }
 
 #[test]
