@@ -354,6 +354,38 @@ pub fn render(s: &Scrape<'_>) -> String {
                 );
             }
         }
+        if !b.namespaces.is_empty() {
+            o.family(
+                "kvplane_namespace_blocks",
+                "gauge",
+                "Blocks a namespace with a quota holds in each tier.",
+            );
+            for q in &b.namespaces {
+                for t in Tier::ALL {
+                    o.sample(
+                        "kvplane_namespace_blocks",
+                        &[("namespace", &q.name), ("tier", t.name())],
+                        q.used_slots[t.index()],
+                    );
+                }
+            }
+            o.family(
+                "kvplane_namespace_quota_blocks",
+                "gauge",
+                "A namespace's quota in each tier, in blocks (tiers without a limit are absent).",
+            );
+            for q in &b.namespaces {
+                for t in Tier::ALL {
+                    if let Some(max) = q.max_slots[t.index()] {
+                        o.sample(
+                            "kvplane_namespace_quota_blocks",
+                            &[("namespace", &q.name), ("tier", t.name())],
+                            max,
+                        );
+                    }
+                }
+            }
+        }
         o.family(
             "kvplane_registry_lookup_blocks_total",
             "counter",
