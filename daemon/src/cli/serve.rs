@@ -73,6 +73,11 @@ pub fn run(args: ServeArgs) -> CliResult {
         "tiers ready"
     );
     let dataplane = Arc::new(DataPlane::with_blocks(Arc::clone(&blocks)));
+    // Configured names are known before any engine attaches: blocks restored from NVMe are
+    // published to routers under their names, and two names whose ids collide stop the
+    // start-up instead of the second tenant's first attach.
+    let configured: Vec<String> = config.namespaces.iter().map(|n| n.name.clone()).collect();
+    dataplane.bind_namespaces(&configured)?;
     // Everything privileged is done once the socket is bound: drop before any long-lived
     // thread starts (capabilities are per thread; new threads inherit the empty sets).
     let drop = config.serve.drop_privileges.then_some(DropPlan {
