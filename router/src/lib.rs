@@ -3,6 +3,8 @@
 //! the router service and a router-only trace replay.
 
 pub mod events;
+/// Properties checked by the fuzz targets in `fuzz/` and by `tests/fuzz_regressions.rs`.
+pub mod fuzz_props;
 pub mod hash;
 pub mod index;
 pub mod replay;

@@ -17,3 +17,5 @@ pub mod handshake;
 pub mod server;
 
 pub use client::{AttachOptions, QueuePair, Session};
+/// Properties checked by the fuzz targets in `fuzz/` and by `tests/fuzz_regressions.rs`.
+pub mod fuzz_props;

@@ -1,0 +1,6 @@
+#![no_main]
+//! Property: `kvplane_daemon::fuzz_props::check_config` (documented there).
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    kvplane_daemon::fuzz_props::check_config(data);
+});

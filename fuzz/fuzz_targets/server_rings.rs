@@ -1,0 +1,6 @@
+#![no_main]
+//! Property: `kvplane_shm::fuzz_props::check_server_rings` (documented there).
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    kvplane_shm::fuzz_props::check_server_rings(data);
+});
