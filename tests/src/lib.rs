@@ -340,3 +340,169 @@ impl TestEngine {
         v
     }
 }
+
+impl TestEngine {
+    /// Like [`TestEngine::block_op`], but a dead daemon (or any ring error) is returned
+    /// instead of panicking: fault tests kill the daemon under a running engine.
+    pub fn try_block_op(
+        &mut self,
+        opcode: kvplane_ffi::Opcode,
+        flags: u16,
+        blocks: &[(u64, u64, u32)],
+        timeout: Duration,
+    ) -> Result<(kvplane_ffi::kvp_cqe, Vec<kvplane_ffi::kvp_block_op>), kvplane_shm::ShmError> {
+        use kvplane_ffi::Pod;
+        let mut arg = Vec::with_capacity(blocks.len() * 24);
+        for &(hash, parent, page) in blocks {
+            let mut o = kvplane_ffi::kvp_block_op::zeroed();
+            o.hash = hash;
+            o.parent_hash = parent;
+            o.engine_block = page;
+            arg.extend_from_slice(kvplane_ffi::as_bytes(&o));
+        }
+        self.qp.write_arena(0, &arg)?;
+        let mut s = kvplane_shm::client::sqe(opcode, self.next_user_data);
+        self.next_user_data += 1;
+        s.flags = flags;
+        s.arg_len = arg.len() as u32;
+        s.count = blocks.len() as u32;
+        let c = self.qp.call(s, timeout)?;
+        let mut out = vec![kvplane_ffi::kvp_block_op::zeroed(); blocks.len()];
+        self.qp.read_block_ops(0, &mut out)?;
+        Ok((c, out))
+    }
+
+    /// The bytes [`TestEngine::fill_page`] writes for `seed`, without touching the pool
+    /// (to check a loaded page against what was saved).
+    pub fn expected_page(seed: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(TEST_LAYERS * 2 * TEST_PAGE_BYTES as usize);
+        for i in 0..TEST_LAYERS * 2 {
+            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64 + 1);
+            out.extend((0..TEST_PAGE_BYTES).map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            }));
+        }
+        out
+    }
+}
+
+/// The control-plane address a daemon logged ("control server listening ... addr=IP:PORT");
+/// use with `[control] metrics_addr = "127.0.0.1:0"` so parallel tests never share a port.
+pub fn control_addr(daemon: &DaemonProc) -> String {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        let log = daemon.log_text();
+        if let Some(line) = log.lines().find(|l| l.contains("control server listening"))
+            && let Some(addr) = line.split("addr=").nth(1)
+        {
+            return addr.split_whitespace().next().expect("address").to_string();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "no control server address in the log:\n{}",
+        daemon.log_text()
+    );
+}
+
+/// `GET /status` from a daemon's control server, parsed.
+pub fn status_json(addr: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the control server");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read /status");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "/status: {head}");
+    serde_json::from_str(body).expect("/status is JSON")
+}
+
+/// `used_blocks` of one tier ("hbm", "host", "nvme") in a `/status` report.
+pub fn tier_used(status: &serde_json::Value, tier: &str) -> u64 {
+    status["tiers"]
+        .as_array()
+        .expect("tiers")
+        .iter()
+        .find(|t| t["tier"] == tier)
+        .unwrap_or_else(|| panic!("no tier {tier} in {status}"))["used_blocks"]
+        .as_u64()
+        .expect("used_blocks")
+}
+
+/// Resident set size of a process, in KiB (VmRSS from /proc/PID/status).
+pub fn rss_kib(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/pid/status");
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// A small seeded generator (SplitMix64) for fault tests: the same seed gives the same
+/// kill points, delays and fault choices, so a failure replays.
+#[derive(Clone, Debug)]
+pub struct FaultRng(u64);
+
+impl FaultRng {
+    pub fn new(seed: u64) -> Self {
+        FaultRng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `lo..hi` (`hi > lo`).
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo)
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next_u64() % 100 < percent
+    }
+}
+
+/// The seeds a fault test runs: `KVPLANE_FAULT_SEED` (decimal or 0x-hex) alone when set,
+/// to replay one failure, else `defaults`.
+pub fn fault_seeds(defaults: &[u64]) -> Vec<u64> {
+    match std::env::var("KVPLANE_FAULT_SEED") {
+        Ok(s) => {
+            let s = s.trim();
+            let seed = match s.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => s.parse(),
+            };
+            vec![seed.unwrap_or_else(|e| panic!("KVPLANE_FAULT_SEED={s}: {e}"))]
+        }
+        Err(_) => defaults.to_vec(),
+    }
+}
+
+/// Runs `run(seed)` for each of [`fault_seeds`]; if it panics, the seed and the command
+/// that replays it are printed first.
+pub fn for_each_seed(test: &str, defaults: &[u64], mut run: impl FnMut(u64)) {
+    struct Replay<'a>(&'a str, u64);
+    impl Drop for Replay<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                eprintln!(
+                    "\n*** {} failed with seed {:#x}; replay with:\n    KVPLANE_FAULT_SEED={:#x} cargo test -p kvplane-tests -- --exact {}\n",
+                    self.0, self.1, self.1, self.0
+                );
+            }
+        }
+    }
+    for seed in fault_seeds(defaults) {
+        let _replay = Replay(test, seed);
+        eprintln!("{test}: seed {seed:#x}");
+        run(seed);
+    }
+}

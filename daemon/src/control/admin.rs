@@ -532,6 +532,12 @@ pub struct StatusReport {
     pub ops_completed: u64,
     pub ops_failed: u64,
     pub ops_in_flight: u64,
+    /// Block leases (pins) held by live sessions; a dead engine's are released.
+    #[serde(default)]
+    pub leases_held: u64,
+    /// Sessions whose engine died (their leases released, their session reclaimed).
+    #[serde(default)]
+    pub sessions_reclaimed: u64,
     pub op_latency: Vec<OpLatency>,
     pub nvme: NvmeStatus,
     pub sessions: Vec<SessionStatus>,
@@ -580,6 +586,12 @@ pub struct NvmeStatus {
     pub read_errors: u64,
     pub corrupt_dropped: u64,
     pub restored_at_start: u64,
+    /// Slots the start-up scan found torn or corrupt (dropped, never served).
+    #[serde(default)]
+    pub scan_corrupt: u64,
+    /// Older copies of a key the start-up scan found next to a newer one (freed).
+    #[serde(default)]
+    pub scan_duplicates: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -721,6 +733,8 @@ fn status_report(state: &State) -> StatusReport {
             read_errors: s.nvme_read_errors,
             corrupt_dropped: s.nvme_corrupt_dropped,
             restored_at_start: s.nvme_scan_valid,
+            scan_corrupt: s.nvme_scan_corrupt,
+            scan_duplicates: s.nvme_scan_duplicates,
         })
         .unwrap_or_default();
     let (gpus, gpu_note) = match &state.gpus {
@@ -748,6 +762,8 @@ fn status_report(state: &State) -> StatusReport {
         ops_completed: counters.ops_completed,
         ops_failed: counters.ops_failed,
         ops_in_flight: m.in_flight.load(Ordering::Relaxed),
+        leases_held: dp.counters.leases_held.load(Ordering::Relaxed),
+        sessions_reclaimed: counters.sessions_reclaimed,
         op_latency,
         nvme,
         sessions: state

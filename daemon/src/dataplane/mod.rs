@@ -50,6 +50,9 @@ pub struct Counters {
     pub blocks_loaded: AtomicU64,
     pub bytes_saved: AtomicU64,
     pub bytes_loaded: AtomicU64,
+    /// Block leases held by live sessions (pins not yet unpinned or released at session
+    /// end): 0 once every engine has gone, however it ended.
+    pub leases_held: AtomicU64,
     /// Latency histograms, link bytes, per-namespace lookups (for `/metrics`).
     pub metrics: crate::control::metrics::DataPlaneMetrics,
 }
@@ -362,22 +365,20 @@ impl DataPlane {
             }
             Opcode::Save => self.save(blocks, session, req, ns),
             Opcode::Load => self.load(blocks, session, seg, req, ns),
-            Opcode::Pin => done(
-                ud,
-                Status::Ok,
-                blocks.pin(session.id, ns, &session.hashes),
-                0,
-                0,
-                0,
-            ),
-            Opcode::Unpin => done(
-                ud,
-                Status::Ok,
-                blocks.unpin(session.id, ns, &session.hashes),
-                0,
-                0,
-                0,
-            ),
+            Opcode::Pin => {
+                let n = blocks.pin(session.id, ns, &session.hashes);
+                self.counters
+                    .leases_held
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                done(ud, Status::Ok, n, 0, 0, 0)
+            }
+            Opcode::Unpin => {
+                let n = blocks.unpin(session.id, ns, &session.hashes);
+                self.counters
+                    .leases_held
+                    .fetch_sub(n as u64, Ordering::Relaxed);
+                done(ud, Status::Ok, n, 0, 0, 0)
+            }
             Opcode::Drop => {
                 let r = blocks.drop_blocks(ns, &session.hashes);
                 done(ud, Status::Ok, r.dropped, 0, 0, r.busy as u32)
@@ -590,6 +591,9 @@ impl DataPlane {
     pub fn session_ended(&self, session: &SessionData) {
         if let Some(blocks) = &self.blocks {
             let released = blocks.release_session(session.id);
+            self.counters
+                .leases_held
+                .fetch_sub(released, Ordering::Relaxed);
             if released > 0 {
                 tracing::info!(
                     session = session.id,

@@ -611,6 +611,18 @@ impl NvmeStore {
                 }
             }
         }
+        if kind == IoKind::Write && len == self.slot_bytes {
+            // A failed slot write may still have put its header page on disk (a short or
+            // torn write: the header goes first), and a restart's header scan would index
+            // that slot. The caller still holds the slot, so erase the header now.
+            let failed: Vec<u32> = items
+                .iter()
+                .zip(results.iter())
+                .filter(|(_, r)| r.is_err())
+                .map(|(&(slot, _), _)| slot)
+                .collect();
+            self.tombstone(&failed);
+        }
     }
 
     /// Fills a slot's header page for `header`; the length and data checksum come from
