@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kvplane_ffi::{Opcode, Pod, Status, kvp_cqe, kvp_sqe, kvp_stats};
 use kvplane_shm::{AttachOptions, QueuePair, Session, ShmError, client};
 use kvplane_tests::{
-    DaemonProc, cpu_ticks, kvplane_bin, ping_json, signal, small_config, temp_dir,
+    DaemonProc, cpu_ticks, kvplane_bin, ping_json, rss_kib, signal, small_config, temp_dir,
 };
 
 const T: Duration = Duration::from_secs(5);
@@ -360,6 +360,7 @@ fn queue_pairs_serve_threads_independently() {
 fn an_engine_that_stops_draining_completions_stalls_only_itself() {
     let dir = temp_dir("backpressure");
     let daemon = DaemonProc::start(dir.path(), &[]);
+    let rss_start_kib = rss_kib(daemon.pid());
     let mut o = AttachOptions::new(&daemon.socket);
     o.sq_entries = 64;
     o.cq_entries = 64;
@@ -382,14 +383,52 @@ fn an_engine_that_stops_draining_completions_stalls_only_itself() {
         0,
         "back pressure reaches the engine"
     );
-    // Meanwhile another engine is served normally.
+    let rss_stalled_kib = rss_kib(daemon.pid());
+    // Meanwhile another engine is served normally, with no wait longer than a scheduling
+    // hiccup, while the stalled engine keeps knocking on its full ring.
     let (_s2, mut qp2) = attach(&daemon.socket);
-    for i in 0..1000 {
+    let mut slowest = Duration::ZERO;
+    let mut rss_max_kib = rss_stalled_kib;
+    for i in 0..20_000 {
+        let t0 = Instant::now();
         assert_eq!(
             call(&mut qp2, client::sqe(Opcode::Nop, i)).status,
             Status::Ok.raw()
         );
+        slowest = slowest.max(t0.elapsed());
+        assert_eq!(
+            lazy_qp
+                .submit(&[client::sqe(Opcode::Nop, 1000 + i)])
+                .unwrap(),
+            0,
+            "still full"
+        );
+        if i % 1000 == 0 {
+            rss_max_kib = rss_max_kib.max(rss_kib(daemon.pid()));
+        }
     }
+    assert!(
+        slowest < Duration::from_secs(1),
+        "the other engine waited {slowest:?} for a NOP"
+    );
+    // Bounded memory: the daemon buffers nothing for the stalled engine, so 20 000 more
+    // operations elsewhere leave its resident set where the stall found it (the two
+    // sessions' segments and thread stacks are all it took in the first place).
+    assert!(
+        rss_max_kib <= rss_stalled_kib + 2048,
+        "daemon RSS grew from {rss_stalled_kib} KiB to {rss_max_kib} KiB while an engine was stalled"
+    );
+    eprintln!(
+        "fault-summary stalled_completion_ring daemon_rss_kib start={rss_start_kib} \
+         stalled={rss_stalled_kib} max_during_20000_other_ops={rss_max_kib} \
+         other_engine_slowest_nop_us={}",
+        slowest.as_micros()
+    );
+    assert!(
+        rss_stalled_kib <= rss_start_kib + 8192,
+        "one stalled session cost {} KiB",
+        rss_stalled_kib - rss_start_kib
+    );
     // The lazy engine drains: every submission completes exactly once, in order.
     let mut out = [kvp_cqe::zeroed(); 64];
     let mut next = 0u64;
