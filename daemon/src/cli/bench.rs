@@ -3,7 +3,8 @@
 use clap::Subcommand;
 
 use super::{
-    CliResult, bench_gather, bench_host, bench_lookup, bench_nvme, bench_ring, bench_transfer,
+    CliResult, bench_gather, bench_host, bench_lookup, bench_nvme, bench_ring, bench_soak,
+    bench_transfer,
 };
 
 #[derive(Debug, Subcommand)]
@@ -22,6 +23,9 @@ pub enum BenchCommand {
     /// Transfer sweep over tiers, block size, batch, queue depth and threads, against
     /// memcpy and raw O_DIRECT io_uring measured in the same run (nixlbench's role).
     Transfer(bench_transfer::TransferArgs),
+    /// Soak: a real daemon (host + NVMe tiers) under many sessions and queue pairs with a
+    /// seeded save/load/lookup/drop mix for minutes; every loaded byte checked, RSS sampled.
+    Soak(bench_soak::SoakArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> CliResult {
@@ -32,5 +36,6 @@ pub fn run(cmd: BenchCommand) -> CliResult {
         BenchCommand::Lookup(args) => bench_lookup::run(args),
         BenchCommand::Gather(args) => bench_gather::run(args),
         BenchCommand::Transfer(args) => bench_transfer::run(args),
+        BenchCommand::Soak(args) => bench_soak::run(args),
     }
 }

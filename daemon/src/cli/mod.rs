@@ -9,6 +9,7 @@ pub mod bench_host;
 pub mod bench_lookup;
 pub mod bench_nvme;
 pub mod bench_ring;
+pub mod bench_soak;
 pub mod bench_transfer;
 pub mod demo;
 pub mod engine_sim;
