@@ -761,8 +761,15 @@ fn nvme_file_system_full_fails_writes_cleanly_and_the_host_tier_keeps_serving() 
         (OK, Tier::Nvme.raw(), host.clone())
     );
     assert_eq!(tier_used(&status_json(&addr), "nvme"), 4);
-    // Another process fills the file system.
+    // Another process fills the file system, all but two pages: the next slot write
+    // lands its first 8 KiB and then runs out of space (a short write).
     let (filler, filled) = fill_up(&mnt);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap()
+        .set_len(filled - 8192)
+        .unwrap();
     let mut faults = 0u64;
     for tag in 2..6 {
         // A write-through save now fails its NVMe half: status Io, blocks kept on host.
@@ -789,10 +796,19 @@ fn nvme_file_system_full_fails_writes_cleanly_and_the_host_tier_keeps_serving() 
     assert_eq!(s["nvme"]["write_errors"], faults, "{s}");
     assert!(s["ops_failed"].as_u64().unwrap() >= 4, "{s}");
     assert!(daemon.alive(), "the daemon survives a full disk");
+    // Every failed write names the cause, also the one that got its first 8 KiB onto the
+    // disk before running out of space (a short write is continued until the real error).
     let log = daemon.log_text();
+    let failures: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("NVMe write failed"))
+        .collect();
+    assert_eq!(failures.len() as u64, faults, "{log}");
     assert!(
-        log.contains("No space left on device"),
-        "the error names the cause: {log}"
+        failures
+            .iter()
+            .all(|l| l.contains("No space left on device")),
+        "the error names the cause: {failures:#?}"
     );
     // Space freed: NVMe writes succeed again.
     std::fs::remove_file(&filler).unwrap();
@@ -801,9 +817,20 @@ fn nvme_file_system_full_fails_writes_cleanly_and_the_host_tier_keeps_serving() 
         (OK, Tier::Nvme.raw(), host)
     );
     assert_eq!(tier_used(&status_json(&addr), "nvme"), 8);
+    let engine = status_json(&addr)["nvme"]["engine"].to_string();
     assert!(daemon.terminate(T), "clean exit after the episode");
+    drop((a, b));
+    // A restart finds exactly the 8 blocks whose writes succeeded, nothing torn.
+    let daemon = DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    let s = status_json(&control_addr(&daemon));
+    assert_eq!(
+        (&s["nvme"]["restored_at_start"], &s["nvme"]["scan_corrupt"]),
+        (&8.into(), &0.into()),
+        "{s}"
+    );
+    drop(daemon);
     eprintln!(
-        "fault-summary nvme_enospc tmpfs_bytes={} filler_bytes={filled} \
+        "fault-summary nvme_enospc engine={engine} tmpfs_bytes={} filler_bytes={filled} \
          enospc_writes_failed={faults} blocks_verified={} blocks_lost=0 daemon_crashes=0",
         4 << 20,
         verified.get()

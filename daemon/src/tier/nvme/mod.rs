@@ -621,7 +621,7 @@ impl NvmeStore {
                 .filter(|(_, r)| r.is_err())
                 .map(|(&(slot, _), _)| slot)
                 .collect();
-            self.tombstone(&failed);
+            self.erase_headers(&failed, true);
         }
     }
 
@@ -681,6 +681,14 @@ impl NvmeStore {
     /// Overwrites a slot's header with zeros so a dropped block does not come back after a
     /// restart. Best effort: a failure is logged (the slot is reused and overwritten anyway).
     pub fn tombstone(&self, slots: &[u32]) {
+        self.erase_headers(slots, false);
+    }
+
+    /// Zeroes the header pages of `slots`. With `after_failed_write`, a failure is logged at
+    /// debug level only: the slot's own write just failed, most often without putting
+    /// anything on disk (a full file system cannot take the erasure either), and a header
+    /// that did land is still caught by its data checksum on load.
+    fn erase_headers(&self, slots: &[u32], after_failed_write: bool) {
         if slots.is_empty() {
             return;
         }
@@ -702,11 +710,12 @@ impl NvmeStore {
             Ok(()) => {
                 for (op, s) in ops.iter().zip(slots) {
                     if let Err(e) = op.outcome() {
-                        tracing::warn!(
-                            slot = s,
-                            "tombstoning NVMe slot: {}",
-                            std::io::Error::from_raw_os_error(e)
-                        );
+                        let e = std::io::Error::from_raw_os_error(e);
+                        if after_failed_write {
+                            tracing::debug!(slot = s, "erasing the header of a failed write: {e}");
+                        } else {
+                            tracing::warn!(slot = s, "tombstoning NVMe slot: {e}");
+                        }
                     }
                 }
             }

@@ -90,21 +90,24 @@ impl UringEngine {
         (start + len as usize <= rs + rl).then_some(i as u16)
     }
 
-    fn sqe(&self, op: &IoOp, user_data: u64) -> io_uring::squeue::Entry {
+    /// The entry for op `user_data`'s bytes from `done` on (0 for a new op; more when a
+    /// short transfer is resubmitted).
+    fn sqe(&self, op: &IoOp, done: u32, user_data: u64) -> io_uring::squeue::Entry {
         let fd = types::Fixed(op.file);
-        let entry = match (op.kind, self.buffer_index(op.buf, op.len)) {
-            (IoKind::Read, Some(b)) => opcode::ReadFixed::new(fd, op.buf, op.len, b)
-                .offset(op.offset)
+        let (buf, len, offset) = (
+            op.buf.wrapping_add(done as usize),
+            op.len - done,
+            op.offset + done as u64,
+        );
+        let entry = match (op.kind, self.buffer_index(buf, len)) {
+            (IoKind::Read, Some(b)) => opcode::ReadFixed::new(fd, buf, len, b)
+                .offset(offset)
                 .build(),
-            (IoKind::Write, Some(b)) => opcode::WriteFixed::new(fd, op.buf, op.len, b)
-                .offset(op.offset)
+            (IoKind::Write, Some(b)) => opcode::WriteFixed::new(fd, buf, len, b)
+                .offset(offset)
                 .build(),
-            (IoKind::Read, None) => opcode::Read::new(fd, op.buf, op.len)
-                .offset(op.offset)
-                .build(),
-            (IoKind::Write, None) => opcode::Write::new(fd, op.buf, op.len)
-                .offset(op.offset)
-                .build(),
+            (IoKind::Read, None) => opcode::Read::new(fd, buf, len).offset(offset).build(),
+            (IoKind::Write, None) => opcode::Write::new(fd, buf, len).offset(offset).build(),
         };
         entry.user_data(user_data)
     }
@@ -133,11 +136,13 @@ impl IoEngine for UringEngine {
     ) -> std::io::Result<()> {
         let (mut next, mut inflight, mut done) = (0usize, 0usize, 0usize);
         let mut unsubmitted = 0usize;
+        // Bytes each op has moved so far (short transfers are continued, see `reap`).
+        let mut moved = vec![0u32; ops.len()];
         while done < ops.len() {
             // Prepare and queue ops while there is room.
             while next < ops.len() && inflight < self.queue_depth {
                 before(next);
-                let sqe = self.sqe(&ops[next], next as u64);
+                let sqe = self.sqe(&ops[next], 0, next as u64);
                 // SAFETY: buffers valid until completion per the trait contract; every
                 // submitted op is waited for before returning, also on errors.
                 if unsafe { self.ring.submission().push(&sqe) }.is_err() {
@@ -153,7 +158,7 @@ impl IoEngine for UringEngine {
                     unsubmitted = 0;
                 }
                 // Completions that are already there: hand them over early.
-                done += self.reap(ops, &mut inflight, after);
+                done += self.reap(ops, &mut moved, &mut inflight, after);
             }
             let want = if done < ops.len() && inflight > 0 {
                 1
@@ -162,7 +167,7 @@ impl IoEngine for UringEngine {
             };
             self.submit(ops, &mut inflight, want)?;
             unsubmitted = 0;
-            done += self.reap(ops, &mut inflight, after);
+            done += self.reap(ops, &mut moved, &mut inflight, after);
         }
         Ok(())
     }
@@ -198,18 +203,41 @@ impl UringEngine {
         }
     }
 
+    /// Takes the completions there are; returns how many ops finished. A short transfer
+    /// (a file system out of space after part of a write, a read at the end of a file) is
+    /// continued from where it stopped, like pwrite/pread loops do, so the op ends with the
+    /// error that stopped it (ENOSPC, ...) or a 0-byte transfer, never a bare short count
+    /// that would be reported as EIO.
     fn reap(
         &mut self,
         ops: &mut [IoOp],
+        moved: &mut [u32],
         inflight: &mut usize,
         after: &mut dyn FnMut(usize, &IoOp),
     ) -> usize {
         let mut n = 0;
         let mut cq = self.ring.completion();
         cq.sync();
-        for cqe in &mut cq {
-            let i = cqe.user_data() as usize;
-            ops[i].result = cqe.result();
+        let ready: Vec<(usize, i32)> = (&mut cq)
+            .map(|c| (c.user_data() as usize, c.result()))
+            .collect();
+        drop(cq);
+        for (i, res) in ready {
+            if res > 0 && moved[i] + (res as u32) < ops[i].len {
+                moved[i] += res as u32;
+                let sqe = self.sqe(&ops[i], moved[i], i as u64);
+                // SAFETY: the op's buffer stays valid until it completes (trait contract);
+                // the slot this completion freed makes room in the submission queue.
+                if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                    continue; // still in flight; submitted with the next submit
+                }
+                ops[i].result = moved[i] as i32; // reported short (EIO)
+            } else if res < 0 {
+                ops[i].result = res;
+            } else {
+                // res == 0 (end of file: short) or the rest of the op.
+                ops[i].result = (moved[i] + res as u32) as i32;
+            }
             *inflight -= 1;
             n += 1;
             after(i, &ops[i]);
