@@ -51,13 +51,24 @@ fn check_seed_corpus(t: &ReplayTarget) {
         }
         return;
     }
-    let hint = "regenerate with KVPLANE_BLESS=1 cargo test --test fuzz_regressions";
+    let hint = concat!(
+        "regenerate with KVPLANE_BLESS=1 cargo test -p ",
+        env!("CARGO_PKG_NAME"),
+        " --test fuzz_regressions"
+    );
     for (name, bytes) in &seeds {
-        assert!(name.starts_with("seed-"), "{name}: seed names start with seed-");
+        assert!(
+            name.starts_with("seed-"),
+            "{name}: seed names start with seed-"
+        );
         let path = dir.join(name);
-        let on_disk = std::fs::read(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}; {hint}", path.display()));
-        assert!(&on_disk == bytes, "{} differs from its generator; {hint}", path.display());
+        let on_disk =
+            std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}; {hint}", path.display()));
+        assert!(
+            &on_disk == bytes,
+            "{} differs from its generator; {hint}",
+            path.display()
+        );
     }
     let stale: Vec<_> = files_in(&dir)
         .into_iter()
@@ -90,6 +101,10 @@ fn run_replay(targets: &[ReplayTarget]) {
         check_seed_corpus(t);
         let (replayed, accepted) = replay(t);
         // The seeds must reach the accepting paths, or the property is checked vacuously.
-        assert!(accepted > 0, "{}: none of {replayed} inputs accepted", t.name);
+        assert!(
+            accepted > 0,
+            "{}: none of {replayed} inputs accepted",
+            t.name
+        );
     }
 }

@@ -130,6 +130,7 @@ pub fn seeds_config() -> Vec<Seed> {
 
 /// Input: the largest data length the slot allows (u32, little-endian), then the bytes
 /// read from the slot's first page. Properties:
+/// - a page shorter than the header is an error, never a panic;
 /// - a length refusal is only for a length over the maximum, and an accepted header's
 ///   length is at most the maximum;
 /// - an accepted header re-encodes to the same fields it was read from and decodes back
@@ -146,6 +147,14 @@ pub fn check_slot_header(data: &[u8]) -> bool {
             assert!(
                 len > max_length as u64,
                 "length {len} refused under {max_length}"
+            );
+            return false;
+        }
+        Err(HeaderError::Short(len)) => {
+            assert!(
+                len == page.len() && len < HEADER_LEN,
+                "short({len}) for {}",
+                page.len()
             );
             return false;
         }

@@ -47,6 +47,8 @@ pub enum HeaderError {
     Checksum,
     #[error("length {0} larger than the slot")]
     Length(u64),
+    #[error("{0} bytes is shorter than a slot header ({HEADER_LEN})")]
+    Short(usize),
 }
 
 fn u64_at(b: &[u8], off: usize) -> u64 {
@@ -81,7 +83,10 @@ impl SlotHeader {
     }
 
     pub fn decode(page: &[u8], max_length: usize) -> Result<SlotHeader, HeaderError> {
-        let b = &page[..HEADER_LEN];
+        // A short read is an error, not a panic (found by the slot_header fuzz target).
+        let b = page
+            .get(..HEADER_LEN)
+            .ok_or(HeaderError::Short(page.len()))?;
         let magic = u64_at(b, 0);
         if magic == 0 && b.iter().all(|&x| x == 0) {
             return Err(HeaderError::Empty);
