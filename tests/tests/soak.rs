@@ -70,8 +70,7 @@ fn short_soak_verifies_blocks_and_loses_none() {
         );
     }
     assert!(num(&v, &["ceiling", "ops_per_s"]) > 0.0);
-    let ratio = num(&v, &["ratio_to_ceiling"]);
-    assert!(ratio > 0.0 && ratio < 1.5, "ratio {ratio}");
+    assert!(num(&v, &["ratio_to_ceiling"]) > 0.0);
     // Both tiers took part: the host tier demoted blocks to NVMe, nothing was removed
     // without a lower copy, and the daemon shut down cleanly.
     assert_eq!(num(&v, &["daemon_removed_without_copy"]), 0.0, "{v}");
