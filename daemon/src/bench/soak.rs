@@ -107,6 +107,8 @@ pub struct SoakOptions {
     pub host_share: f64,
     /// Where the daemon's socket, config, log and NVMe file go (a fresh subdirectory).
     pub dir: PathBuf,
+    /// An op without a completion for this long fails the run (a hung daemon).
+    pub op_timeout: Duration,
     /// Print progress lines to stderr every 10 s.
     pub progress: bool,
 }
@@ -366,7 +368,10 @@ struct InFlight {
 
 struct DriverQp {
     qp: QueuePair,
+    /// Index into the driver's sessions.
     session: usize,
+    /// Session number in the run and queue-pair index within it (for messages).
+    label: (usize, u32),
     first_page: u32,
     rng: Rng,
     next_user_data: u64,
@@ -475,6 +480,7 @@ struct Driver<'a> {
     qps: Vec<DriverQp>,
     region_bytes: usize,
     chain: u32,
+    op_timeout: Duration,
     stats: DriverStats,
     live: &'a Live,
     scratch: Vec<u8>,
@@ -528,7 +534,13 @@ impl Driver<'_> {
                 let oldest = (0..self.qps.len())
                     .filter_map(|q| self.qps[q].inflight.as_ref().map(|f| (f.submitted, q)))
                     .min();
-                if let Some((_, q)) = oldest {
+                if let Some((since, q)) = oldest
+                    && since.elapsed() > self.op_timeout
+                {
+                    // A daemon that stops answering must fail the run, not hang it.
+                    let ms = self.op_timeout.as_millis();
+                    self.fatal(q, format!("no completion within {ms} ms"));
+                } else if let Some((_, q)) = oldest {
                     match self.qps[q].qp.wait(&mut cqes, Duration::from_millis(2)) {
                         Ok(n) => {
                             let now = Instant::now();
@@ -542,12 +554,6 @@ impl Driver<'_> {
             for &(q, c, at) in &done {
                 self.complete(q, c, at);
             }
-            if self.live.stop.load(Ordering::Relaxed) && self.stats.unexpected > 0 {
-                // A fatal error elsewhere: leave what is in flight.
-                if self.qps.iter().all(|q| q.inflight.is_none()) {
-                    break;
-                }
-            }
         }
         t0.elapsed().as_secs_f64()
     }
@@ -555,8 +561,9 @@ impl Driver<'_> {
     fn fatal(&mut self, q: usize, what: String) {
         self.stats.unexpected += 1;
         self.live.bad.fetch_add(1, Ordering::Relaxed);
+        let (session, qp) = self.qps[q].label;
         self.stats
-            .example(format!("session {} qp {}: {what}", self.qps[q].session, q));
+            .example(format!("session {session} queue pair {qp}: {what}"));
         // The queue pair is unusable: forget its op and stop everyone.
         self.qps[q].inflight = None;
         self.live.stop.store(true, Ordering::Relaxed);
@@ -834,7 +841,14 @@ impl Driver<'_> {
                             f.ns_global, f.seq, loaded
                         ));
                     }
-                    _ => self.unexpected(q, &f, &c),
+                    _ => {
+                        // Report the per-block reason of a PREFIX_ONLY load, not its OK.
+                        let mut c = c;
+                        if let Some(w) = why {
+                            c.status = w.raw();
+                        }
+                        self.unexpected(q, &f, &c)
+                    }
                 }
             }
             OpKind::Nop => {}
@@ -919,12 +933,13 @@ impl Driver<'_> {
     fn unexpected(&mut self, q: usize, f: &InFlight, c: &kvp_cqe) {
         self.stats.unexpected += 1;
         self.live.bad.fetch_add(1, Ordering::Relaxed);
+        let (session, qp) = self.qps[q].label;
         self.stats.example(format!(
-            "session {} {} of {} blocks: status {} detail {}",
-            self.qps[q].session,
+            "session {session} queue pair {qp}: {} of {} blocks: status {} ({} done, detail {})",
             f.kind.name(),
             f.len,
             crate::dataplane::status_name(c.status),
+            c.blocks,
             c.detail
         ));
     }
@@ -1366,6 +1381,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
             qps: Vec::new(),
             region_bytes,
             chain: o.chain_blocks,
+            op_timeout: o.op_timeout,
             stats: DriverStats::new(),
             live: &live,
             scratch: vec![0u8; region_bytes],
@@ -1382,6 +1398,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
             d.qps.push(DriverQp {
                 qp,
                 session: si,
+                label: (i, qi),
                 first_page: qi * o.chain_blocks,
                 rng: Rng(splitmix(
                     o.seed ^ ((i as u64) << 20) ^ u64::from(qi).wrapping_mul(0xA24B_AED4),
@@ -1432,7 +1449,9 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
                     rss_anon.push(anon_kib);
                 }
                 fds.extend(open_fds(pid));
-                next += Duration::from_secs(1);
+                while next <= now {
+                    next += Duration::from_secs(1);
+                }
                 if o.progress && now.duration_since(last_progress) >= Duration::from_secs(10) {
                     last_progress = now;
                     let n = rss.lock().unwrap_or_else(|e| e.into_inner());
@@ -1645,6 +1664,7 @@ mod tests {
             chain_blocks: 8,
             host_share: 0.25,
             dir: PathBuf::from("/tmp"),
+            op_timeout: Duration::from_secs(60),
             progress: false,
         };
         o.check().unwrap();

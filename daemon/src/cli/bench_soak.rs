@@ -50,6 +50,9 @@ pub struct SoakArgs {
     /// subdirectory, removed afterwards). Default: the system temp directory.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// An op without a completion for this many milliseconds fails the run.
+    #[arg(long, default_value_t = 60_000)]
+    pub op_timeout_ms: u64,
 }
 
 pub fn run(args: SoakArgs) -> CliResult {
@@ -67,6 +70,7 @@ pub fn run(args: SoakArgs) -> CliResult {
         chain_blocks: args.chain_blocks,
         host_share: args.host_share,
         dir: args.dir.unwrap_or_else(std::env::temp_dir),
+        op_timeout: std::time::Duration::from_millis(args.op_timeout_ms.max(1)),
         progress: !args.json,
     };
     let r = soak::run(&opts)?;
