@@ -291,7 +291,13 @@ fn wait_status(addr: &str, what: &str, ok: impl Fn(&serde_json::Value) -> bool) 
         if ok(&s) {
             return;
         }
-        assert!(t0.elapsed() < T, "{what}: /status still {s}");
+        assert!(
+            t0.elapsed() < T,
+            "{what}: /status still sessions {} reclaimed {} leases {}: {s}",
+            s["sessions"],
+            s["sessions_reclaimed"],
+            s["leases_held"]
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -752,8 +758,10 @@ fn nvme_file_system_full_fails_writes_cleanly_and_the_host_tier_keeps_serving() 
     let Some(_mount) = mount_tmpfs(&mnt, 4 << 20) else {
         return;
     };
-    // A sparse (thin-provisioned) slot file: larger than the file system, so the daemon
-    // does not preallocate it and the disk space is taken by the slot writes themselves.
+    // A sparse (thin-provisioned) slot file, larger than the file system: the daemon does
+    // not preallocate a file that already has its size, so disk space is taken by the slot
+    // writes themselves. (A file the daemon preallocates with fallocate never sees ENOSPC
+    // later: writes into reserved tmpfs pages succeed even with the file system full.)
     // O_DIRECT opens fine on tmpfs.
     let nvme = mnt.join("nvme.kvp");
     std::fs::File::create(&nvme)

@@ -555,18 +555,7 @@ fn serve_session(
                 return Err(End::Shutdown);
             }
             if sys::socket_hung_up(stream) {
-                return Err(
-                    if pidfd
-                        .as_ref()
-                        .is_some_and(|p| sys::poll_ready(p.as_raw_fd()).unwrap_or(false))
-                    {
-                        End::EngineDied
-                    } else if sys::process_alive(engine_pid) {
-                        End::Detached
-                    } else {
-                        End::EngineDied
-                    },
-                );
+                return Err(classify_hangup(pidfd.as_ref(), engine_pid));
             }
             if pidfd
                 .as_ref()
@@ -579,6 +568,32 @@ fn serve_session(
         if let Err(end) = header.doorbell.wait_until(policy, None, ready, check) {
             return end;
         }
+    }
+}
+
+/// How long a closed engine socket waits for the engine's exit to become visible before
+/// the session counts as a clean detach.
+const HANGUP_GRACE: Duration = Duration::from_millis(100);
+
+/// The engine's socket closed: a detach, or the first sign of its death. A dying process's
+/// files are closed before its pidfd reports the exit, and `kill(pid, 0)` still finds it in
+/// between (the window is short, but a preempted exit can stretch it), so a SIGKILLed
+/// engine can look alive for a moment after its socket hangs up; without this grace it
+/// would be logged and counted as a clean detach rather than a reclaimed session.
+fn classify_hangup(pidfd: Option<&std::os::fd::OwnedFd>, engine_pid: i32) -> End {
+    let exited = || {
+        pidfd.is_some_and(|p| sys::poll_ready(p.as_raw_fd()).unwrap_or(false))
+            || !sys::process_alive(engine_pid)
+    };
+    let t0 = std::time::Instant::now();
+    loop {
+        if exited() {
+            return End::EngineDied;
+        }
+        if t0.elapsed() >= HANGUP_GRACE {
+            return End::Detached;
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
