@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Fuzz every cargo-fuzz target in fuzz/ for a bounded time, starting from the checked-in
+# seed corpus (what each target asserts: docs/threat-model.md, "Fuzzing").
+#
+#   FUZZ_SECONDS      seconds per target (default 60)
+#   FUZZ_TARGETS      space-separated subset of targets (default: all of `cargo fuzz list`)
+#   FUZZ_TARGET_DIR   cargo target directory for the instrumented build (default fuzz/target)
+#
+# The corpus is copied to a temporary directory first, so the inputs libFuzzer adds never
+# dirty the checkout. A crash fails the run; libFuzzer leaves the input in
+# fuzz/artifacts/<target>/ (ignored by git). Copy it to fuzz/regressions/<target>/ and
+# fix the parser: `cargo test` replays that directory from then on.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CARGO_FUZZ_VERSION=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -qF "$CARGO_FUZZ_VERSION"; then
+    cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
+fi
+
+# cargo-fuzz passes nightly-only flags (-Zsanitizer=address); stable rustc accepts them
+# with RUSTC_BOOTSTRAP, so CI needs no second toolchain.
+export RUSTC_BOOTSTRAP=1
+seconds=${FUZZ_SECONDS:-60}
+target_dir=${FUZZ_TARGET_DIR:-fuzz/target}
+read -r -a targets <<<"${FUZZ_TARGETS:-$(cargo fuzz list | tr '\n' ' ')}"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+build_start=$SECONDS
+cargo fuzz build --target-dir "$target_dir" >&2
+echo "fuzz: built ${#targets[@]} targets in $((SECONDS - build_start)) s" >&2
+
+failed=()
+summary=()
+for t in "${targets[@]}"; do
+    corpus="$work/$t"
+    mkdir -p "$corpus"
+    cp -r "fuzz/corpus/$t/." "$corpus/"
+    extra=()
+    [[ -d fuzz/regressions/$t ]] && extra+=("fuzz/regressions/$t")
+    log="$work/$t.log"
+    echo "fuzz: $t for ${seconds} s" >&2
+    if cargo fuzz run --target-dir "$target_dir" "$t" "$corpus" "${extra[@]}" -- \
+        -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+        >"$log" 2>&1; then
+        status=ok
+    else
+        status=CRASH
+        failed+=("$t")
+        tail -n 60 "$log" >&2
+    fi
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+    rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
+    inputs=$(find "$corpus" -type f | wc -l)
+    summary+=("$(printf '%-16s %-6s %12s execs %9s execs/s %6s corpus inputs' \
+        "$t" "$status" "${execs:-?}" "${rate:-?}" "$inputs")")
+done
+
+printf 'fuzz: %s\n' "${summary[@]}" >&2
+if ((${#failed[@]})); then
+    echo "fuzz: FAILED: ${failed[*]} (inputs in fuzz/artifacts/)" >&2
+    exit 1
+fi
