@@ -306,7 +306,7 @@ fn wait_status(addr: &str, what: &str, ok: impl Fn(&serde_json::Value) -> bool) 
 fn engine_killed_at_random_points_releases_leases_and_leaks_no_slot() {
     for_each_seed(
         "engine_killed_at_random_points_releases_leases_and_leaks_no_slot",
-        &[0x5EED_0001, 0x5EED_0002, 0x5EED_0003],
+        &[0x5EED_0001, 0x5EED_0002, 0x5EED_0003, 0x5EED_0004],
         engine_kill_campaign,
     );
 }
@@ -592,7 +592,7 @@ fn load_all_from_nvme(e: &mut TestEngine, hashes: &[u64], life: u64) {
 fn daemon_killed_during_nvme_writes_restarts_with_every_acknowledged_block() {
     for_each_seed(
         "daemon_killed_during_nvme_writes_restarts_with_every_acknowledged_block",
-        &[0xD1E_0001, 0xD1E_0002, 0xD1E_0003],
+        &[0xD1E_0001, 0xD1E_0002, 0xD1E_0003, 0xD1E_0004],
         daemon_kill_campaign,
     );
 }
