@@ -830,8 +830,9 @@ impl Driver<'_> {
                 };
                 match why {
                     Some(Status::Ok) | Some(Status::NotFound) => self.check_present(&f, loaded),
-                    // Another load was staging the same block from NVMe: not a loss.
+                    // No host slot to stage into (everything leased or in use): not a loss.
                     Some(Status::NoSpace) => self.stats.load_no_space += 1,
+                    // Another load was staging the same block from NVMe: retry, not a loss.
                     Some(Status::Busy) => self.stats.busy += 1,
                     Some(Status::Corrupt) => {
                         self.stats.corrupted += 1;

@@ -93,6 +93,8 @@ pub enum LoadFailure {
     Missing,
     #[error("no host slot free to stage the block (all leased or in use)")]
     NoSpace,
+    #[error("another load is staging the block from NVMe right now; retry")]
+    Busy,
     #[error("corrupt NVMe copy dropped: {0}")]
     Corrupt(NvmeError),
     #[error("NVMe read failed: {0}")]
@@ -769,10 +771,11 @@ impl BlockManager {
                         .reserve(key, v.parent, v.priority, Tier::Host, slot)
                         .is_err()
                     {
-                        // Being staged by another load right now: stop here rather than wait.
+                        // Being staged by another load right now: stop here rather than wait
+                        // (the engine retries; the block is not missing and space is not short).
                         reg.free_unused(Tier::Host, slot);
                         cut = cut.min(i);
-                        report.failure = Some((i, LoadFailure::NoSpace));
+                        report.failure = Some((i, LoadFailure::Busy));
                         break;
                     }
                     plan[i].2 = slot;

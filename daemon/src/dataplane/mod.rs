@@ -535,6 +535,7 @@ impl DataPlane {
                 let s = match why {
                     LoadFailure::Missing => Status::NotFound,
                     LoadFailure::NoSpace => Status::NoSpace,
+                    LoadFailure::Busy => Status::Busy,
                     LoadFailure::Corrupt(_) => Status::Corrupt,
                     LoadFailure::Io(_) => Status::Io,
                 };
