@@ -808,6 +808,9 @@ impl BlockManager {
             };
             // SAFETY: each host slot is reserved (pending) for this call alone.
             unsafe { store.read_slots_with(&ios, &mut check, &mut results) };
+            // Corrupt copies' NVMe slots: held until their header is erased (as a drop does),
+            // so a restart's scan does not index the bad copy again.
+            let mut tomb: Vec<u32> = Vec::new();
             let mut reg = self.lock();
             for ((&i, result), verdict) in read_idx.iter().zip(results).zip(verified) {
                 let key = BlockKey::new(namespace, hashes[i]);
@@ -831,7 +834,11 @@ impl BlockManager {
                                 .fetch_add(1, Ordering::Relaxed);
                             tracing::warn!("{e}: dropped, not served");
                             // Remove the bad copy so it is never served again.
-                            let _ = reg.remove_tier(key, Tier::Nvme, RemoveReason::Corrupt, false);
+                            if let Ok(slot) =
+                                reg.remove_tier(key, Tier::Nvme, RemoveReason::Corrupt, true)
+                            {
+                                tomb.push(slot);
+                            }
                             LoadFailure::Corrupt(e)
                         } else {
                             self.counters
@@ -848,6 +855,13 @@ impl BlockManager {
             }
             self.flush_events(&mut reg);
             drop(reg);
+            if !tomb.is_empty() {
+                store.tombstone(&tomb);
+                let mut reg = self.lock();
+                for slot in tomb {
+                    reg.free_detached(Tier::Nvme, slot);
+                }
+            }
             // Blocks past the first failure are not served: release them now.
             if cut < plan.len() {
                 let mut reg = self.lock();
