@@ -113,6 +113,44 @@ fn daemon_events_reach_the_router_and_a_restarted_router_converges() {
     wait_for(http, 42, &hashes, 4);
 }
 
+/// Blocks restored from NVMe after a daemon crash reach the router under their configured
+/// namespace name before any engine attaches (the config's names are known at start-up).
+#[test]
+fn blocks_restored_from_nvme_are_published_under_their_configured_name() {
+    let dir = temp_dir("events-restore");
+    let (ev, http) = (free_port(), free_port());
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let config = small_config(
+        dir.path(),
+        &format!(
+            "[tiers.nvme]\npaths = [\"{}\"]\ncapacity_bytes = 8388608\n\
+             [events]\nrouters = [\"127.0.0.1:{ev}\"]\nworker_id = 42\n\
+             [[namespaces]]\nname = \"ev\"\nuids = [{uid}]\n",
+            dir.path().join("nvme.slots").display()
+        ),
+    );
+    let cfg = config.to_str().unwrap();
+    let hashes: Vec<u64> = (0..5).map(|i| 0xD0C0 + i).collect();
+    {
+        let daemon = DaemonProc::start(dir.path(), &["--config", cfg]);
+        let mut e = TestEngine::attach(&daemon.socket, "ev").unwrap();
+        let ops: Vec<(u64, u64, u32)> = hashes
+            .iter()
+            .enumerate()
+            .map(|(i, &h)| (h, if i == 0 { 0 } else { hashes[i - 1] }, i as u32))
+            .collect();
+        let c = e
+            .block_op(Opcode::Save, kvplane_ffi::SQE_F_WRITE_THROUGH, &ops)
+            .0;
+        assert_eq!((c.status, c.blocks), (0, 5));
+        kvplane_tests::signal(daemon.pid(), libc::SIGKILL);
+    }
+    let _router = start_router(ev, http);
+    let _daemon = DaemonProc::start(dir.path(), &["--config", cfg]);
+    wait_for(http, 42, &hashes, 5);
+}
+
 /// The router is SIGKILLed while an engine keeps saving and dropping blocks, stays down
 /// while the daemon's state moves on, and is restarted with the stream still running: once
 /// the engine stops, the router's view of every chain equals what the daemon holds (the
