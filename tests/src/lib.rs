@@ -279,19 +279,8 @@ impl TestEngine {
         flags: u16,
         blocks: &[(u64, u64, u32)],
     ) -> (kvplane_ffi::kvp_cqe, Vec<kvplane_ffi::kvp_block_op>) {
-        use kvplane_ffi::Pod;
-        let mut arg = Vec::with_capacity(blocks.len() * 24);
-        for &(hash, parent, page) in blocks {
-            let mut o = kvplane_ffi::kvp_block_op::zeroed();
-            o.hash = hash;
-            o.parent_hash = parent;
-            o.engine_block = page;
-            arg.extend_from_slice(kvplane_ffi::as_bytes(&o));
-        }
-        let c = self.op(opcode, flags, arg, blocks.len() as u32, 0);
-        let mut out = vec![kvplane_ffi::kvp_block_op::zeroed(); blocks.len()];
-        self.qp.read_block_ops(0, &mut out).expect("read ops");
-        (c, out)
+        self.try_block_op(opcode, flags, blocks, Duration::from_secs(10))
+            .expect("block op")
     }
 
     /// Fill page `page` with bytes derived from `seed` (every byte, all layers and planes).
@@ -341,6 +330,34 @@ impl TestEngine {
     }
 }
 
+/// A chain of blocks as (hash, parent, page) with consecutive pages from `first_page`:
+/// each block's parent is the one before it (0 for the first).
+pub fn chain_ops(hashes: &[u64], first_page: u32) -> Vec<(u64, u64, u32)> {
+    hashes
+        .iter()
+        .enumerate()
+        .map(|(i, &h)| {
+            let parent = if i == 0 { 0 } else { hashes[i - 1] };
+            (h, parent, first_page + i as u32)
+        })
+        .collect()
+}
+
+/// The arena argument of a block op batch over (hash, parent, page).
+pub fn block_op_arg(blocks: &[(u64, u64, u32)]) -> Vec<u8> {
+    use kvplane_ffi::Pod;
+    let mut arg =
+        Vec::with_capacity(blocks.len() * std::mem::size_of::<kvplane_ffi::kvp_block_op>());
+    for &(hash, parent, page) in blocks {
+        let mut o = kvplane_ffi::kvp_block_op::zeroed();
+        o.hash = hash;
+        o.parent_hash = parent;
+        o.engine_block = page;
+        arg.extend_from_slice(kvplane_ffi::as_bytes(&o));
+    }
+    arg
+}
+
 impl TestEngine {
     /// Like [`TestEngine::block_op`], but a dead daemon (or any ring error) is returned
     /// instead of panicking: fault tests kill the daemon under a running engine.
@@ -351,15 +368,7 @@ impl TestEngine {
         blocks: &[(u64, u64, u32)],
         timeout: Duration,
     ) -> Result<(kvplane_ffi::kvp_cqe, Vec<kvplane_ffi::kvp_block_op>), kvplane_shm::ShmError> {
-        use kvplane_ffi::Pod;
-        let mut arg = Vec::with_capacity(blocks.len() * 24);
-        for &(hash, parent, page) in blocks {
-            let mut o = kvplane_ffi::kvp_block_op::zeroed();
-            o.hash = hash;
-            o.parent_hash = parent;
-            o.engine_block = page;
-            arg.extend_from_slice(kvplane_ffi::as_bytes(&o));
-        }
+        let arg = block_op_arg(blocks);
         self.qp.write_arena(0, &arg)?;
         let mut s = kvplane_shm::client::sqe(opcode, self.next_user_data);
         self.next_user_data += 1;
@@ -367,7 +376,7 @@ impl TestEngine {
         s.arg_len = arg.len() as u32;
         s.count = blocks.len() as u32;
         let c = self.qp.call(s, timeout)?;
-        let mut out = vec![kvplane_ffi::kvp_block_op::zeroed(); blocks.len()];
+        let mut out = vec![<kvplane_ffi::kvp_block_op as kvplane_ffi::Pod>::zeroed(); blocks.len()];
         self.qp.read_block_ops(0, &mut out)?;
         Ok((c, out))
     }
@@ -408,19 +417,38 @@ pub fn control_addr(daemon: &DaemonProc) -> String {
     );
 }
 
-/// `GET /status` from a daemon's control server, parsed.
-pub fn status_json(addr: &str) -> serde_json::Value {
+/// A raw HTTP exchange with a control server; returns (status code, body).
+pub fn http(addr: &str, request: &[u8]) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect to the control server");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
-        .expect("send");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read /status");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "/status: {head}");
-    serde_json::from_str(body).expect("/status is JSON")
+    s.write_all(request).expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read the response");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    (code, body.to_string())
+}
+
+/// `GET path` from a control server; returns (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+}
+
+/// `GET /status` from a daemon's control server, parsed.
+pub fn status_json(addr: &str) -> serde_json::Value {
+    let (code, body) = http_get(addr, "/status");
+    assert_eq!(code, 200, "/status: {body}");
+    serde_json::from_str(&body).expect("/status is JSON")
 }
 
 /// `used_blocks` of one tier ("hbm", "host", "nvme") in a `/status` report.

@@ -7,26 +7,13 @@ use std::time::{Duration, Instant};
 
 use kvplane_ffi::{Opcode, SQE_F_PREFIX_ONLY, SQE_F_WRITE_THROUGH, Status, Tier};
 use kvplane_tests::{
-    DaemonProc, TestEngine, kvplane_bin, lib_dir, repo_root, signal, small_config, temp_dir,
+    DaemonProc, TestEngine, chain_ops, kvplane_bin, lib_dir, repo_root, signal, small_config,
+    temp_dir,
 };
 
 fn chain(n: u64, salt: u64) -> Vec<u64> {
     (0..n)
         .map(|i| 0xC0FFEE ^ (salt << 32) ^ (i * 0x9E37_79B9))
-        .collect()
-}
-
-fn with_parents(hashes: &[u64], first_page: u32) -> Vec<(u64, u64, u32)> {
-    hashes
-        .iter()
-        .enumerate()
-        .map(|(i, &h)| {
-            (
-                h,
-                if i == 0 { 0 } else { hashes[i - 1] },
-                first_page + i as u32,
-            )
-        })
         .collect()
 }
 
@@ -40,7 +27,7 @@ fn save_then_load_is_bit_identical_and_lookup_reports_the_prefix() {
         e.fill_page(i as u32, h);
     }
     let originals: Vec<Vec<u8>> = (0..8).map(|p| e.read_page(p)).collect();
-    let (c, _) = e.block_op(Opcode::Save, 0, &with_parents(&hashes, 0));
+    let (c, _) = e.block_op(Opcode::Save, 0, &chain_ops(&hashes, 0));
     assert_eq!(
         (c.status, c.blocks, c.bytes, c.tier),
         (0, 8, 8 * 65536, Tier::Host.raw()),
@@ -49,7 +36,7 @@ fn save_then_load_is_bit_identical_and_lookup_reports_the_prefix() {
     // Lookup of a longer chain: the 8 leading blocks, then a miss.
     let mut longer = hashes.clone();
     longer.push(12345);
-    let (c, ops) = e.block_op(Opcode::Lookup, 0, &with_parents(&longer, 0));
+    let (c, ops) = e.block_op(Opcode::Lookup, 0, &chain_ops(&longer, 0));
     assert_eq!((c.status, c.blocks), (0, 8));
     assert!(ops[..8].iter().all(|o| o.tier == Tier::Host.raw() as u8));
     assert_eq!(ops[8].tier, Tier::None.raw() as u8);
@@ -57,7 +44,7 @@ fn save_then_load_is_bit_identical_and_lookup_reports_the_prefix() {
     for p in 16..24 {
         e.poison_page(p);
     }
-    let (c, _) = e.block_op(Opcode::Load, 0, &with_parents(&hashes, 16));
+    let (c, _) = e.block_op(Opcode::Load, 0, &chain_ops(&hashes, 16));
     assert_eq!((c.status, c.blocks, c.bytes), (0, 8, 8 * 65536), "{c:?}");
     for i in 0..8 {
         assert!(
@@ -67,20 +54,20 @@ fn save_then_load_is_bit_identical_and_lookup_reports_the_prefix() {
         );
     }
     // Missing block: NotFound with its index, or the prefix with PREFIX_ONLY.
-    let (c, _) = e.block_op(Opcode::Load, 0, &with_parents(&longer, 16));
+    let (c, _) = e.block_op(Opcode::Load, 0, &chain_ops(&longer, 16));
     assert_eq!(
         (c.status, c.blocks, c.detail),
         (Status::NotFound.raw(), 8, 8)
     );
-    let (c, _) = e.block_op(Opcode::Load, SQE_F_PREFIX_ONLY, &with_parents(&longer, 16));
+    let (c, _) = e.block_op(Opcode::Load, SQE_F_PREFIX_ONLY, &chain_ops(&longer, 16));
     assert_eq!((c.status, c.blocks), (0, 8));
     // A page id outside the pool is refused before any copy.
     let (c, _) = e.block_op(Opcode::Load, 0, &[(hashes[0], 0, 999)]);
     assert_eq!(c.status, Status::BadArg.raw());
     // Drop, then the lookup misses.
-    let (c, _) = e.block_op(Opcode::Drop, 0, &with_parents(&hashes[7..], 0));
+    let (c, _) = e.block_op(Opcode::Drop, 0, &chain_ops(&hashes[7..], 0));
     assert_eq!((c.status, c.blocks), (0, 1));
-    let (c, _) = e.block_op(Opcode::Lookup, 0, &with_parents(&hashes, 0));
+    let (c, _) = e.block_op(Opcode::Lookup, 0, &chain_ops(&hashes, 0));
     assert_eq!(c.blocks, 7);
 }
 
@@ -137,30 +124,26 @@ fn namespaces_never_see_each_others_blocks() {
         a.fill_page(i as u32, h);
     }
     assert_eq!(
-        a.block_op(Opcode::Save, 0, &with_parents(&hashes, 0))
-            .0
-            .blocks,
+        a.block_op(Opcode::Save, 0, &chain_ops(&hashes, 0)).0.blocks,
         4
     );
     // The same hashes (a guessed or colliding key) from another namespace: nothing.
     assert_eq!(
-        b.block_op(Opcode::Lookup, 0, &with_parents(&hashes, 0))
+        b.block_op(Opcode::Lookup, 0, &chain_ops(&hashes, 0))
             .0
             .blocks,
         0
     );
-    let (c, _) = b.block_op(Opcode::Load, 0, &with_parents(&hashes, 0));
+    let (c, _) = b.block_op(Opcode::Load, 0, &chain_ops(&hashes, 0));
     assert_eq!((c.status, c.blocks), (Status::NotFound.raw(), 0));
     assert_eq!(
-        b.block_op(Opcode::Drop, 0, &with_parents(&hashes, 0))
-            .0
-            .blocks,
+        b.block_op(Opcode::Drop, 0, &chain_ops(&hashes, 0)).0.blocks,
         0
     );
     let c = b.op(Opcode::ClearNamespace, 0, Vec::new(), 0, 0);
     assert_eq!((c.status, c.blocks), (0, 0));
     assert_eq!(
-        a.block_op(Opcode::Lookup, 0, &with_parents(&hashes, 0))
+        a.block_op(Opcode::Lookup, 0, &chain_ops(&hashes, 0))
             .0
             .blocks,
         4,
@@ -187,7 +170,7 @@ fn daemon_killed_after_write_through_saves_restarts_with_every_block_and_drops_a
             e.fill_page(i as u32, h);
         }
         originals = (0..12).map(|p| e.read_page(p)).collect();
-        let (c, _) = e.block_op(Opcode::Save, SQE_F_WRITE_THROUGH, &with_parents(&hashes, 0));
+        let (c, _) = e.block_op(Opcode::Save, SQE_F_WRITE_THROUGH, &chain_ops(&hashes, 0));
         assert_eq!(
             (c.status, c.blocks, c.tier),
             (0, 12, Tier::Nvme.raw()),
@@ -210,7 +193,7 @@ fn daemon_killed_after_write_through_saves_restarts_with_every_block_and_drops_a
 
     let daemon = DaemonProc::start(dir.path(), &["--config", cfg]);
     let mut e = TestEngine::attach(&daemon.socket, "durable").unwrap();
-    let (c, _) = e.block_op(Opcode::Lookup, 0, &with_parents(&hashes, 0));
+    let (c, _) = e.block_op(Opcode::Lookup, 0, &chain_ops(&hashes, 0));
     assert_eq!(c.blocks, 12, "the index was rebuilt from the slots");
     let mut served = 0;
     let mut corrupt = 0;
@@ -253,7 +236,7 @@ fn leases_of_a_killed_engine_are_released() {
     }
     assert_eq!(
         owner
-            .block_op(Opcode::Save, 0, &with_parents(&hashes, 0))
+            .block_op(Opcode::Save, 0, &chain_ops(&hashes, 0))
             .0
             .blocks,
         3
@@ -293,13 +276,13 @@ sys.stdin.read()
     .unwrap();
     assert_eq!(line.trim(), "pinned 0 3");
     // Leased: a drop keeps them (detail = busy count).
-    let (c, _) = owner.block_op(Opcode::Drop, 0, &with_parents(&hashes, 0));
+    let (c, _) = owner.block_op(Opcode::Drop, 0, &chain_ops(&hashes, 0));
     assert_eq!((c.blocks, c.detail), (0, 3));
     signal(child.id() as i32, libc::SIGKILL);
     child.wait().unwrap();
     let t0 = Instant::now();
     loop {
-        let (c, _) = owner.block_op(Opcode::Drop, 0, &with_parents(&hashes, 0));
+        let (c, _) = owner.block_op(Opcode::Drop, 0, &chain_ops(&hashes, 0));
         if c.blocks == 3 {
             break;
         }

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvplane_ffi::Opcode;
-use kvplane_tests::{DaemonProc, TestEngine, kvplane_bin, small_config, temp_dir};
+use kvplane_tests::{DaemonProc, TestEngine, chain_ops, kvplane_bin, small_config, temp_dir};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -97,11 +97,7 @@ fn daemon_events_reach_the_router_and_a_restarted_router_converges() {
     let daemon = DaemonProc::start(dir.path(), &["--config", config.to_str().unwrap()]);
     let mut e = TestEngine::attach(&daemon.socket, "ev").unwrap();
     let hashes: Vec<u64> = (0..6).map(|i| 0xABC0 + i).collect();
-    let ops: Vec<(u64, u64, u32)> = hashes
-        .iter()
-        .enumerate()
-        .map(|(i, &h)| (h, if i == 0 { 0 } else { hashes[i - 1] }, i as u32))
-        .collect();
+    let ops = chain_ops(&hashes, 0);
     assert_eq!(e.block_op(Opcode::Save, 0, &ops).0.blocks, 6);
     wait_for(http, 42, &hashes, 6);
     // Dropping the last two leaves a 4-block prefix routable.
@@ -135,11 +131,7 @@ fn blocks_restored_from_nvme_are_published_under_their_configured_name() {
     {
         let daemon = DaemonProc::start(dir.path(), &["--config", cfg]);
         let mut e = TestEngine::attach(&daemon.socket, "ev").unwrap();
-        let ops: Vec<(u64, u64, u32)> = hashes
-            .iter()
-            .enumerate()
-            .map(|(i, &h)| (h, if i == 0 { 0 } else { hashes[i - 1] }, i as u32))
-            .collect();
+        let ops = chain_ops(&hashes, 0);
         let c = e
             .block_op(Opcode::Save, kvplane_ffi::SQE_F_WRITE_THROUGH, &ops)
             .0;
@@ -182,13 +174,7 @@ fn router_kill_campaign(seed: u64) {
             .map(|j| (seed << 20) ^ (i << 4) ^ j ^ 0x1_0000_0000)
             .collect()
     };
-    let ops_of = |hashes: &[u64]| -> Vec<(u64, u64, u32)> {
-        hashes
-            .iter()
-            .enumerate()
-            .map(|(i, &h)| (h, if i == 0 { 0 } else { hashes[i - 1] }, i as u32))
-            .collect()
-    };
+    let ops_of = |hashes: &[u64]| chain_ops(hashes, 0);
     let stop = Arc::new(AtomicBool::new(false));
     let saved = Arc::new(AtomicU64::new(0));
     let engine_rng = Mutex::new(kvplane_tests::FaultRng::new(rng.next_u64()));

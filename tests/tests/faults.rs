@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use kvplane_ffi::{Opcode, SQE_F_WRITE_THROUGH, Status, Tier};
 use kvplane_tests::{
-    DaemonProc, FaultRng, TestEngine, control_addr, for_each_seed, signal, status_json, temp_dir,
-    tier_used,
+    DaemonProc, FaultRng, TestEngine, chain_ops, control_addr, for_each_seed, signal, status_json,
+    temp_dir, tier_used,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -57,21 +57,6 @@ fn hash_of(parts: &[u64]) -> u64 {
         a.rotate_left(17) ^ p.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }));
     rng.next_u64() | 1
-}
-
-/// `(hash, parent, page)` for a chain of hashes stored from/into pages `first_page..`.
-fn chain_ops(hashes: &[u64], first_page: u32) -> Vec<(u64, u64, u32)> {
-    hashes
-        .iter()
-        .enumerate()
-        .map(|(i, &h)| {
-            (
-                h,
-                if i == 0 { 0 } else { hashes[i - 1] },
-                first_page + i as u32,
-            )
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------

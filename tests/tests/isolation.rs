@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kvplane_ffi::Opcode;
-use kvplane_tests::{DaemonProc, TEST_PAGES, TestEngine, small_config, temp_dir};
+use kvplane_tests::{DaemonProc, TEST_PAGES, TestEngine, chain_ops, small_config, temp_dir};
 
 /// The small config's block (see `TestEngine`).
 const BLOCK_BYTES: u64 = 65536;
@@ -20,14 +20,7 @@ fn chain(salt: u64, first_page: u32) -> Vec<(u64, u64, u32)> {
     let hashes: Vec<u64> = (0..CHAIN_BLOCKS)
         .map(|i| 0xF100D ^ (salt << 24) ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
         .collect();
-    hashes
-        .iter()
-        .enumerate()
-        .map(|(i, &h)| {
-            let parent = if i == 0 { 0 } else { hashes[i - 1] };
-            (h, parent, first_page + i as u32)
-        })
-        .collect()
+    chain_ops(&hashes, first_page)
 }
 
 fn euid() -> u32 {

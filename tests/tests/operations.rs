@@ -3,16 +3,17 @@
 //! name the key; SIGTERM with operations in flight (prompt exit 0, a clean end for the
 //! client, completed write-through saves still there after a restart).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use kvplane_ffi::{Opcode, Pod, SQE_F_WRITE_THROUGH, Status, Tier};
-use kvplane_tests::{DaemonProc, TestEngine, kvplane_bin, small_config, temp_dir};
+use kvplane_ffi::{Opcode, SQE_F_WRITE_THROUGH, Status, Tier};
+use kvplane_tests::{
+    DaemonProc, TestEngine, control_addr, http, http_get as get, kvplane_bin, small_config,
+    temp_dir,
+};
 
 const BLOCK: u64 = 65536;
 
@@ -33,44 +34,6 @@ fn config_with_nvme(dir: &Path, write_through: bool) -> std::path::PathBuf {
         .unwrap();
     }
     path
-}
-
-/// The control address the daemon logged ("control server listening ... addr=IP:PORT").
-fn control_addr(daemon: &DaemonProc) -> String {
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(10) {
-        let log = daemon.log_text();
-        if let Some(line) = log.lines().find(|l| l.contains("control server listening"))
-            && let Some(addr) = line.split("addr=").nth(1)
-        {
-            return addr.split_whitespace().next().unwrap().to_string();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!(
-        "no control server address in the log:\n{}",
-        daemon.log_text()
-    );
-}
-
-/// A raw HTTP exchange; returns (status code, body).
-fn http(addr: &str, request: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to the control server");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(request).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
-    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (code, body.to_string())
-}
-
-fn get(addr: &str, path: &str) -> (u16, String) {
-    http(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
-    )
 }
 
 /// The value of one sample line (`name{labels}` exactly as rendered).
@@ -347,27 +310,15 @@ fn config_errors_name_the_key_through_the_binary() {
 }
 
 /// One block op that may fail (the daemon is going away): Ok(cqe) or the client error.
+/// One block op with a 30 s timeout: the completion, or why there was none.
 fn try_block_op(
     e: &mut TestEngine,
     opcode: Opcode,
     flags: u16,
     blocks: &[(u64, u64, u32)],
-    user_data: u64,
 ) -> Result<kvplane_ffi::kvp_cqe, String> {
-    let mut arg = Vec::new();
-    for &(hash, parent, page) in blocks {
-        let mut o = kvplane_ffi::kvp_block_op::zeroed();
-        o.hash = hash;
-        o.parent_hash = parent;
-        o.engine_block = page;
-        arg.extend_from_slice(kvplane_ffi::as_bytes(&o));
-    }
-    e.qp.write_arena(0, &arg).map_err(|x| x.to_string())?;
-    let mut s = kvplane_shm::client::sqe(opcode, user_data);
-    s.flags = flags;
-    s.arg_len = arg.len() as u32;
-    s.count = blocks.len() as u32;
-    e.qp.call(s, Duration::from_secs(30))
+    e.try_block_op(opcode, flags, blocks, Duration::from_secs(30))
+        .map(|(c, _)| c)
         .map_err(|x| x.to_string())
 }
 
@@ -394,13 +345,7 @@ fn sigterm_with_operations_in_flight_exits_promptly_and_keeps_completed_saves() 
             let blocks = chain(4, round % 100 + 100);
             let save = round < 100;
             if save {
-                match try_block_op(
-                    &mut e,
-                    Opcode::Save,
-                    SQE_F_WRITE_THROUGH,
-                    &blocks,
-                    2 * round + 1,
-                ) {
+                match try_block_op(&mut e, Opcode::Save, SQE_F_WRITE_THROUGH, &blocks) {
                     Ok(c) if c.status == 0 => {
                         assert_eq!(c.tier, Tier::Nvme.raw(), "{c:?}");
                         completed.push(blocks.clone());
@@ -421,7 +366,7 @@ fn sigterm_with_operations_in_flight_exits_promptly_and_keeps_completed_saves() 
             }
             s2.store(true, Ordering::SeqCst);
             let into: Vec<_> = blocks.iter().map(|&(h, p, pg)| (h, p, pg + 8)).collect();
-            match try_block_op(&mut e, Opcode::Load, 0, &into, 2 * round + 2) {
+            match try_block_op(&mut e, Opcode::Load, 0, &into) {
                 Ok(c) if c.status == 0 => assert_eq!(c.blocks, 4),
                 Ok(c) => {
                     assert_eq!(c.status, Status::Shutdown.raw(), "{c:?}");
