@@ -175,6 +175,16 @@ pub fn cpu_ticks(pid: i32) -> u64 {
     fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
 }
 
+/// The number at `path` (object keys) in a `--json` report; panics naming the path.
+pub fn json_num(v: &serde_json::Value, path: &[&str]) -> f64 {
+    let mut cur = v;
+    for p in path {
+        cur = &cur[*p];
+    }
+    cur.as_f64()
+        .unwrap_or_else(|| panic!("{} missing in {v}", path.join(".")))
+}
+
 /// Run `kvplane ping --json` against a socket and return its report.
 pub fn ping_json(socket: &Path, count: u64) -> serde_json::Value {
     let out = Command::new(kvplane_bin())

@@ -5,17 +5,8 @@
 
 use std::process::Command;
 
-use kvplane_tests::{kvplane_bin, repo_root, temp_dir};
+use kvplane_tests::{json_num as num, kvplane_bin, repo_root, temp_dir};
 use serde_json::Value;
-
-fn num(v: &Value, path: &[&str]) -> f64 {
-    let mut cur = v;
-    for p in path {
-        cur = &cur[*p];
-    }
-    cur.as_f64()
-        .unwrap_or_else(|| panic!("{} missing in {v}", path.join(".")))
-}
 
 #[test]
 fn trace_slice_through_router_engines_and_daemon() {
