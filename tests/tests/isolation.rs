@@ -6,7 +6,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kvplane_ffi::Opcode;
-use kvplane_tests::{DaemonProc, TEST_PAGES, TestEngine, chain_ops, small_config, temp_dir};
+use kvplane_tests::{
+    DaemonProc, TEST_PAGES, TestEngine, chain_ops, control_addr, http_get, small_config,
+    status_json, temp_dir,
+};
 
 /// The small config's block (see `TestEngine`).
 const BLOCK_BYTES: u64 = 65536;
@@ -38,7 +41,8 @@ fn config(dir: &Path, flood_quota: bool) -> std::path::PathBuf {
     small_config(
         dir,
         &format!(
-            "[[namespaces]]\nname = \"quiet\"\nuids = [{uid}]\n\
+            "[control]\nmetrics_addr = \"127.0.0.1:0\"\n\
+             [[namespaces]]\nname = \"quiet\"\nuids = [{uid}]\n\
              [[namespaces]]\nname = \"flood\"\nuids = [{uid}]\n{quota}"
         ),
     )
@@ -109,8 +113,17 @@ fn flood(socket: &Path, duration: Duration) -> (u64, u64) {
     (chains, found)
 }
 
-/// Runs the quiet tenant alone, then under a flood; returns (alone, flooded, flood stats).
-fn quiet_vs_flood(flood_quota: bool) -> (QuietReport, QuietReport, (u64, u64)) {
+/// Runs the quiet tenant alone, then under a flood; returns (alone, flooded, flood stats,
+/// the daemon's `/status` and `/metrics` after the flood).
+fn quiet_vs_flood(
+    flood_quota: bool,
+) -> (
+    QuietReport,
+    QuietReport,
+    (u64, u64),
+    serde_json::Value,
+    String,
+) {
     let dir = temp_dir("isolation");
     let cfg = config(dir.path(), flood_quota);
     let daemon = DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
@@ -132,7 +145,10 @@ fn quiet_vs_flood(flood_quota: bool) -> (QuietReport, QuietReport, (u64, u64)) {
     std::thread::sleep(Duration::from_millis(500));
     let flooded = quiet_loads(&mut quiet, &originals, Duration::from_millis(2000));
     let flood_stats = flooder.join().unwrap();
-    (alone, flooded, flood_stats)
+    let addr = control_addr(&daemon);
+    let (code, metrics) = http_get(&addr, "/metrics");
+    assert_eq!(code, 200);
+    (alone, flooded, flood_stats, status_json(&addr), metrics)
 }
 
 /// The bound this test states: under a flood from a tenant held to its quota, the quiet
@@ -141,7 +157,7 @@ fn quiet_vs_flood(flood_quota: bool) -> (QuietReport, QuietReport, (u64, u64)) {
 /// guarantees is the hit rate, the latency bound guards against stalls).
 #[test]
 fn a_flooding_tenant_held_to_its_quota_leaves_the_quiet_tenants_hits_and_latency_in_bound() {
-    let (alone, flooded, (chains, found)) = quiet_vs_flood(true);
+    let (alone, flooded, (chains, found), status, metrics) = quiet_vs_flood(true);
     eprintln!(
         "quiet alone: hit {:.3}, p50 {:.0} us, p99 {:.0} us ({} loads); under flood: hit {:.3}, \
          p50 {:.0} us, p99 {:.0} us ({} loads); flood saved {chains} chains, {found} blocks kept",
@@ -172,13 +188,27 @@ fn a_flooding_tenant_held_to_its_quota_leaves_the_quiet_tenants_hits_and_latency
         "flood holds {found} blocks, quota {FLOOD_QUOTA_BLOCKS}"
     );
     assert!(found > 0, "the flooder keeps a cache of its own");
+    // The daemon reports the quota and what each namespace holds.
+    let ns = status["namespaces"].as_array().expect("namespaces");
+    let flood = ns
+        .iter()
+        .find(|n| n["namespace"] == "flood")
+        .expect("flood");
+    assert_eq!(flood["quota_blocks"][1], FLOOD_QUOTA_BLOCKS, "{flood}");
+    assert!(flood["used_blocks"][1].as_u64().unwrap() <= FLOOD_QUOTA_BLOCKS);
+    assert!(
+        metrics.contains(&format!(
+            "kvplane_namespace_quota_blocks{{namespace=\"flood\",tier=\"host\"}} {FLOOD_QUOTA_BLOCKS}\n"
+        )),
+        "{metrics}"
+    );
 }
 
 /// The control: the same flood without a quota does evict the quiet tenant (so the test
 /// above measures the quota, not a pool too large to fill).
 #[test]
 fn without_a_quota_the_same_flood_evicts_the_quiet_tenant() {
-    let (alone, flooded, (chains, found)) = quiet_vs_flood(false);
+    let (alone, flooded, (chains, found), _, _) = quiet_vs_flood(false);
     eprintln!(
         "no quota: quiet hit alone {:.3}, under flood {:.3}; flood saved {chains} chains, \
          {found} blocks kept",

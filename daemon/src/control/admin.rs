@@ -609,6 +609,12 @@ pub struct NamespaceStatus {
     pub lookup_hits: u64,
     pub lookup_misses: u64,
     pub hit_rate: Option<f64>,
+    /// Namespaces with a quota: blocks held per tier (HBM, host, NVMe).
+    #[serde(default)]
+    pub used_blocks: Option<[u32; 3]>,
+    /// Namespaces with a quota: the limit per tier (HBM, host, NVMe; null = none).
+    #[serde(default)]
+    pub quota_blocks: Option<[Option<u32>; 3]>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -649,7 +655,29 @@ fn status_report(state: &State) -> StatusReport {
             lookup_hits: hits,
             lookup_misses: l.misses,
             hit_rate: ratio(hits, hits + l.misses),
+            used_blocks: None,
+            quota_blocks: None,
         });
+    }
+    // Quota'd namespaces: usage and limits, whether or not they have looked anything up.
+    for q in stats.iter().flat_map(|s| &s.namespaces) {
+        // `namespaces` was filled in `lookups` order, so a position in one is one in the other.
+        let i = match lookups.keys().position(|&ns| ns == q.namespace) {
+            Some(i) => i,
+            None => {
+                namespaces.push(NamespaceStatus {
+                    namespace: q.name.clone(),
+                    lookup_hits: 0,
+                    lookup_misses: 0,
+                    hit_rate: None,
+                    used_blocks: None,
+                    quota_blocks: None,
+                });
+                namespaces.len() - 1
+            }
+        };
+        namespaces[i].used_blocks = Some(q.used_slots);
+        namespaces[i].quota_blocks = Some(q.max_slots);
     }
     let hits: u64 = tier_hits.iter().sum();
     let asked = hits + misses;
