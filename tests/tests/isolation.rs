@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use kvplane_ffi::Opcode;
 use kvplane_tests::{
-    DaemonProc, TEST_PAGES, TestEngine, chain_ops, control_addr, http_get, small_config,
-    status_json, temp_dir,
+    DaemonProc, TEST_PAGES, TestEngine, chain_ops, control_addr, http_get, kvplane_bin,
+    small_config, status_json, temp_dir,
 };
 
 /// The small config's block (see `TestEngine`).
@@ -113,17 +113,16 @@ fn flood(socket: &Path, duration: Duration) -> (u64, u64) {
     (chains, found)
 }
 
+/// The daemon's `/status`, `/metrics` and `kvplane status` table after a flood.
+struct Reports {
+    status: serde_json::Value,
+    metrics: String,
+    table: String,
+}
+
 /// Runs the quiet tenant alone, then under a flood; returns (alone, flooded, flood stats,
-/// the daemon's `/status` and `/metrics` after the flood).
-fn quiet_vs_flood(
-    flood_quota: bool,
-) -> (
-    QuietReport,
-    QuietReport,
-    (u64, u64),
-    serde_json::Value,
-    String,
-) {
+/// the daemon's reports after the flood).
+fn quiet_vs_flood(flood_quota: bool) -> (QuietReport, QuietReport, (u64, u64), Reports) {
     let dir = temp_dir("isolation");
     let cfg = config(dir.path(), flood_quota);
     let daemon = DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
@@ -148,7 +147,17 @@ fn quiet_vs_flood(
     let addr = control_addr(&daemon);
     let (code, metrics) = http_get(&addr, "/metrics");
     assert_eq!(code, 200);
-    (alone, flooded, flood_stats, status_json(&addr), metrics)
+    let out = std::process::Command::new(kvplane_bin())
+        .args(["status", "--addr", &addr])
+        .output()
+        .expect("run kvplane status");
+    assert!(out.status.success());
+    let reports = Reports {
+        status: status_json(&addr),
+        metrics,
+        table: String::from_utf8_lossy(&out.stdout).into_owned(),
+    };
+    (alone, flooded, flood_stats, reports)
 }
 
 /// The bound this test states: under a flood from a tenant held to its quota, the quiet
@@ -157,7 +166,12 @@ fn quiet_vs_flood(
 /// guarantees is the hit rate, the latency bound guards against stalls).
 #[test]
 fn a_flooding_tenant_held_to_its_quota_leaves_the_quiet_tenants_hits_and_latency_in_bound() {
-    let (alone, flooded, (chains, found), status, metrics) = quiet_vs_flood(true);
+    let (alone, flooded, (chains, found), reports) = quiet_vs_flood(true);
+    let Reports {
+        status,
+        metrics,
+        table,
+    } = reports;
     eprintln!(
         "quiet alone: hit {:.3}, p50 {:.0} us, p99 {:.0} us ({} loads); under flood: hit {:.3}, \
          p50 {:.0} us, p99 {:.0} us ({} loads); flood saved {chains} chains, {found} blocks kept",
@@ -202,13 +216,18 @@ fn a_flooding_tenant_held_to_its_quota_leaves_the_quiet_tenants_hits_and_latency
         )),
         "{metrics}"
     );
+    let line = table
+        .lines()
+        .find(|l| l.contains("namespace flood"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(line.contains(&format!("/{FLOOD_QUOTA_BLOCKS}")), "{line}");
 }
 
 /// The control: the same flood without a quota does evict the quiet tenant (so the test
 /// above measures the quota, not a pool too large to fill).
 #[test]
 fn without_a_quota_the_same_flood_evicts_the_quiet_tenant() {
-    let (alone, flooded, (chains, found), _, _) = quiet_vs_flood(false);
+    let (alone, flooded, (chains, found), _) = quiet_vs_flood(false);
     eprintln!(
         "no quota: quiet hit alone {:.3}, under flood {:.3}; flood saved {chains} chains, \
          {found} blocks kept",

@@ -224,12 +224,21 @@ pub fn render(s: &StatusReport) -> String {
     }
     for ns in &s.namespaces {
         o += &format!(
-            "  namespace {:<32} hits {:>9} misses {:>9} hit rate {}\n",
+            "  namespace {:<32} hits {:>9} misses {:>9} hit rate {}",
             ns.namespace,
             ns.lookup_hits,
             ns.lookup_misses,
             pct(ns.hit_rate)
         );
+        // Namespaces with a quota: blocks held / limit per tier ("-" = no limit).
+        if let (Some(used), Some(quota)) = (ns.used_blocks, ns.quota_blocks) {
+            o += "  blocks/quota";
+            for (tier, (u, q)) in ["hbm", "host", "nvme"].iter().zip(used.iter().zip(quota)) {
+                let q = q.map_or("-".to_string(), |q| q.to_string());
+                o += &format!(" {tier} {u}/{q}");
+            }
+        }
+        o += "\n";
     }
     o += "\nGPUs:\n";
     if s.gpus.is_empty() {
