@@ -169,10 +169,8 @@ impl Engine {
     ) -> (kvp_cqe, Vec<kvp_block_op>) {
         let mut arg = Vec::new();
         for (i, &h) in hashes.iter().enumerate() {
-            let mut o = kvp_block_op::zeroed();
-            o.hash = h;
-            o.parent_hash = if i == 0 { 0 } else { hashes[i - 1] };
-            o.engine_block = first_page + i as u32;
+            let parent = if i == 0 { 0 } else { hashes[i - 1] };
+            let o = kvp_block_op::new(h, parent, first_page + i as u32);
             arg.extend_from_slice(kvplane_ffi::as_bytes(&o));
         }
         let c = self.submit(op, flags, arg, hashes.len() as u32);

@@ -201,3 +201,18 @@ pub fn read_pod<T: Pod>(bytes: &[u8]) -> Option<T> {
     // so any bytes form a valid T.
     Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
+
+impl b::kvp_block_op {
+    /// A request entry: block `hash` whose prefix ends at `parent_hash` (0: none), in engine
+    /// page `engine_block`; the daemon fills `tier` and `status`.
+    pub fn new(hash: u64, parent_hash: u64, engine_block: u32) -> Self {
+        b::kvp_block_op {
+            hash,
+            parent_hash,
+            engine_block,
+            tier: 0,
+            status: 0,
+            reserved: [0; 2],
+        }
+    }
+}

@@ -355,17 +355,11 @@ pub fn chain_ops(hashes: &[u64], first_page: u32) -> Vec<(u64, u64, u32)> {
 
 /// The arena argument of a block op batch over (hash, parent, page).
 pub fn block_op_arg(blocks: &[(u64, u64, u32)]) -> Vec<u8> {
-    use kvplane_ffi::Pod;
-    let mut arg =
-        Vec::with_capacity(blocks.len() * std::mem::size_of::<kvplane_ffi::kvp_block_op>());
-    for &(hash, parent, page) in blocks {
-        let mut o = kvplane_ffi::kvp_block_op::zeroed();
-        o.hash = hash;
-        o.parent_hash = parent;
-        o.engine_block = page;
-        arg.extend_from_slice(kvplane_ffi::as_bytes(&o));
-    }
-    arg
+    let ops: Vec<kvplane_ffi::kvp_block_op> = blocks
+        .iter()
+        .map(|&(hash, parent, page)| kvplane_ffi::kvp_block_op::new(hash, parent, page))
+        .collect();
+    kvplane_ffi::slice_as_bytes(&ops).to_vec()
 }
 
 impl TestEngine {

@@ -1,6 +1,7 @@
 //! Benchmarks behind `kvplane bench`, as library code so the criterion benches and the
 //! bench binaries drive the same measurements.
 pub mod ring;
+pub mod serve_child;
 pub mod soak;
 
 /// p50, p99 and p99.9 of `samples` (sorted in place), in the samples' unit.

@@ -28,7 +28,6 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
@@ -38,6 +37,7 @@ use kvplane_ffi::{self as ffi, Opcode, Pod, Status, kvp_block_op, kvp_cqe, kvp_k
 use kvplane_shm::{AttachOptions, QueuePair, Segment, Session, ShmError, client, sys};
 use serde::Serialize;
 
+use super::serve_child::{ServeChild, ServeChildError};
 use crate::control::admin::StatusReport;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,12 +49,8 @@ pub enum SoakError {
         #[source]
         source: std::io::Error,
     },
-    #[error("starting `kvplane serve` ({exe}): {source}")]
-    Spawn {
-        exe: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Serve(#[from] ServeChildError),
     #[error("daemon: {reason}; log {log}:\n{tail}")]
     Daemon {
         reason: String,
@@ -650,11 +646,12 @@ impl Driver<'_> {
         ops_buf.clear();
         for j in first..first + count {
             let idx = u.index(ns, seq, j);
-            let mut o = kvp_block_op::zeroed();
-            o.hash = u.hashes[idx];
-            o.parent_hash = if j == 0 { 0 } else { u.hashes[idx - 1] };
-            o.engine_block = qp.first_page + (j - first);
-            ops_buf.push(o);
+            let parent = if j == 0 { 0 } else { u.hashes[idx - 1] };
+            ops_buf.push(kvp_block_op::new(
+                u.hashes[idx],
+                parent,
+                qp.first_page + (j - first),
+            ));
         }
         let words = (region_bytes / 8) as u64;
         let mut flags = 0u16;
@@ -946,51 +943,6 @@ impl Driver<'_> {
     }
 }
 
-/// A `kvplane serve` child: SIGTERM and wait on drop.
-struct DaemonChild {
-    child: Child,
-    log: PathBuf,
-}
-
-impl DaemonChild {
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-    /// SIGTERM, then wait up to `timeout`; whether it exited successfully.
-    fn terminate(&mut self, timeout: Duration) -> bool {
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        unsafe {
-            libc::kill(self.pid(), libc::SIGTERM);
-        }
-        let t0 = Instant::now();
-        while t0.elapsed() < timeout {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.success();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        false
-    }
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-    fn tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-impl Drop for DaemonChild {
-    fn drop(&mut self) {
-        if self.alive() {
-            self.terminate(Duration::from_secs(10));
-        }
-    }
-}
-
 /// `VmRSS` and `RssAnon` of a process in KiB, from /proc/PID/status.
 pub fn rss_kib(pid: i32) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -1079,49 +1031,6 @@ metrics_addr = "{metrics}"
 
 fn namespace_name(ns: u32) -> String {
     format!("soak-tenant-{ns}/model")
-}
-
-fn start_daemon(exe: &Path, dir: &Path, cfg_text: &str) -> Result<DaemonChild, SoakError> {
-    let cfg = dir.join("kvplane.toml");
-    let log = dir.join("daemon.log");
-    std::fs::write(&cfg, cfg_text).map_err(io_err("writing daemon config", &cfg))?;
-    let log_file = std::fs::File::create(&log).map_err(io_err("creating daemon log", &log))?;
-    let child = Command::new(exe)
-        .arg("serve")
-        .arg("--config")
-        .arg(&cfg)
-        .env("KVPLANE_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .map_err(|source| SoakError::Spawn {
-            exe: exe.to_path_buf(),
-            source,
-        })?;
-    let mut d = DaemonChild { child, log };
-    let socket = dir.join("kvplane.sock");
-    let t0 = Instant::now();
-    loop {
-        if !d.alive() {
-            return Err(SoakError::Daemon {
-                reason: "exited during start-up".into(),
-                tail: d.tail(),
-                log: d.log.clone(),
-            });
-        }
-        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-            return Ok(d);
-        }
-        if t0.elapsed() > Duration::from_secs(120) {
-            return Err(SoakError::Daemon {
-                reason: "no socket after 120 s".into(),
-                tail: d.tail(),
-                log: d.log.clone(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Attach session `index` with its KV buffer and layout.
@@ -1344,7 +1253,14 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
         .uid();
     let port = free_loopback_port();
     let (cfg, host_blocks, nvme_blocks) = config_toml(o, dir, uid, port);
-    let mut daemon = start_daemon(&o.exe, dir, &cfg)?;
+    let mut daemon = ServeChild::start(
+        &o.exe,
+        &dir.join("kvplane.toml"),
+        &dir.join("daemon.log"),
+        &cfg,
+        &dir.join("kvplane.sock"),
+        Duration::from_secs(120),
+    )?;
     let pid = daemon.pid();
     let socket = dir.join("kvplane.sock");
     let metrics = port.map(|p| format!("127.0.0.1:{p}"));

@@ -28,6 +28,7 @@ use kvplane_router::route::{RouteConfig, Router, WorkerLoad};
 use serde::Serialize;
 
 use super::CliResult;
+use crate::bench::serve_child::{ServeChild, ServeChildError, log_tail};
 use crate::sim::engine::Offload;
 use crate::sim::pages::{KvGeometry, TRACE_BLOCK_TOKENS, page_hashes};
 use crate::sim::proto::{Command, Done, EngineStats, Event};
@@ -121,12 +122,11 @@ pub enum ReplayEnginesError {
         #[source]
         source: std::io::Error,
     },
-    #[error("daemon {index} did not come up: {reason}; log {log}:\n{tail}")]
+    #[error("daemon {index} did not come up: {source}")]
     Daemon {
         index: usize,
-        reason: String,
-        log: PathBuf,
-        tail: String,
+        #[source]
+        source: ServeChildError,
     },
     #[error("engine {worker}: {reason}; log {log}:\n{tail}")]
     Engine {
@@ -140,12 +140,6 @@ pub enum ReplayEnginesError {
 }
 
 type Result<T, E = ReplayEnginesError> = std::result::Result<T, E>;
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
-}
 
 /// Reads a trace: Mooncake JSONL, or CSV rows `arrival_ms,input_tokens,output_tokens`
 /// (a header line is skipped). CSV requests carry no prefix information, so each gets
@@ -328,29 +322,6 @@ impl Drop for WorkDir {
     }
 }
 
-/// A `kvplane serve` child; SIGTERM and wait on drop.
-struct DaemonChild {
-    child: Child,
-}
-
-impl Drop for DaemonChild {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(10) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The daemon config for a replay: block = one engine page, host tier sized in blocks.
 /// Keys follow `BlockConfig` (`[blocks]`) and `TiersConfig` (`[tiers.*]`).
 pub fn daemon_config_toml(
@@ -406,64 +377,6 @@ hugepages = "never"
     s
 }
 
-fn start_daemon(
-    exe: &Path,
-    dir: &Path,
-    index: usize,
-    cfg_text: &str,
-    socket: &Path,
-) -> Result<DaemonChild> {
-    let cfg = dir.join(format!("daemon{index}.toml"));
-    let log = dir.join(format!("daemon{index}.log"));
-    std::fs::write(&cfg, cfg_text).map_err(|source| ReplayEnginesError::Io {
-        what: "writing daemon config",
-        path: cfg.clone(),
-        source,
-    })?;
-    let log_file = std::fs::File::create(&log).map_err(|source| ReplayEnginesError::Io {
-        what: "creating daemon log",
-        path: log.clone(),
-        source,
-    })?;
-    let child = Proc::new(exe)
-        .arg("serve")
-        .arg("--config")
-        .arg(&cfg)
-        .env("KVPLANE_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .map_err(|source| ReplayEnginesError::Spawn {
-            what: format!("daemon {index}"),
-            source,
-        })?;
-    let mut d = DaemonChild { child };
-    let t0 = Instant::now();
-    loop {
-        if let Ok(Some(status)) = d.child.try_wait() {
-            return Err(ReplayEnginesError::Daemon {
-                index,
-                reason: format!("exited with {status}"),
-                tail: log_tail(&log),
-                log,
-            });
-        }
-        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            return Ok(d);
-        }
-        if t0.elapsed() > Duration::from_secs(120) {
-            return Err(ReplayEnginesError::Daemon {
-                index,
-                reason: "no socket after 120 s".into(),
-                tail: log_tail(&log),
-                log,
-            });
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 struct EngineChild {
     worker: usize,
     daemon: Option<usize>,
@@ -492,7 +405,7 @@ impl EngineChild {
             worker: self.worker,
             reason: reason.into(),
             log: self.log.clone(),
-            tail: log_tail(&self.log),
+            tail: log_tail(&self.log, 15),
         }
     }
 
@@ -799,7 +712,16 @@ fn run_in(ctx: &RunContext<'_>, spec: RunSpec, work: &WorkDir) -> Result<RunRepo
             nvme,
             events,
         );
-        daemons.push(start_daemon(&ctx.exe, &work.path, d, &cfg, &socket)?);
+        let daemon = ServeChild::start(
+            &ctx.exe,
+            &work.path.join(format!("daemon{d}.toml")),
+            &work.path.join(format!("daemon{d}.log")),
+            &cfg,
+            &socket,
+            Duration::from_secs(120),
+        )
+        .map_err(|source| ReplayEnginesError::Daemon { index: d, source })?;
+        daemons.push(daemon);
         sockets.push(socket);
     }
     // Engines.

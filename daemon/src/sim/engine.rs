@@ -245,6 +245,23 @@ impl DaemonLink {
         }
     }
 
+    /// Whether a completion is OK; a misconfiguration is an error, anything else (a full or
+    /// busy daemon) is counted as a ring error and ends the batch.
+    fn accepted(
+        op: &'static str,
+        c: &kvp_cqe,
+        stats: &mut EngineStats,
+    ) -> Result<bool, EngineError> {
+        if c.status == Status::Ok.raw() {
+            return Ok(true);
+        }
+        if Self::is_fatal(c.status) {
+            return Err(Self::fatal(op, c));
+        }
+        stats.ring_errors += 1;
+        Ok(false)
+    }
+
     /// Errors that mean "misconfigured", as opposed to a full or busy daemon.
     fn is_fatal(status: i32) -> bool {
         [
@@ -274,20 +291,14 @@ impl DaemonLink {
             let items: Vec<kvp_block_op> = chunk
                 .iter()
                 .map(|&h| {
-                    let mut o: kvp_block_op = Pod::zeroed();
-                    o.hash = h;
-                    o.parent_hash = prev;
+                    let o = kvp_block_op::new(h, prev, 0);
                     prev = h;
                     o
                 })
                 .collect();
             stats.lookups += 1;
             let c = self.block_op("LOOKUP", Opcode::Lookup, 0, &items, &mut stats.ring_wall_us)?;
-            if c.status != Status::Ok.raw() {
-                if Self::is_fatal(c.status) {
-                    return Err(Self::fatal("LOOKUP", &c));
-                }
-                stats.ring_errors += 1;
+            if !Self::accepted("LOOKUP", &c, stats)? {
                 break;
             }
             let hit = (c.blocks as usize).min(chunk.len());
@@ -310,13 +321,7 @@ impl DaemonLink {
         for chunk in items.chunks(self.max_ops) {
             let ops: Vec<kvp_block_op> = chunk
                 .iter()
-                .map(|&(h, p, page)| {
-                    let mut o: kvp_block_op = Pod::zeroed();
-                    o.hash = h;
-                    o.parent_hash = p;
-                    o.engine_block = page;
-                    o
-                })
+                .map(|&(h, p, page)| kvp_block_op::new(h, p, page))
                 .collect();
             stats.loads += 1;
             let c = self.block_op(
@@ -326,11 +331,7 @@ impl DaemonLink {
                 &ops,
                 &mut stats.ring_wall_us,
             )?;
-            if c.status != Status::Ok.raw() {
-                if Self::is_fatal(c.status) {
-                    return Err(Self::fatal("LOAD", &c));
-                }
-                stats.ring_errors += 1;
+            if !Self::accepted("LOAD", &c, stats)? {
                 break;
             }
             let n = (c.blocks as usize).min(chunk.len());
@@ -359,21 +360,11 @@ impl DaemonLink {
         for chunk in items.chunks(self.max_ops) {
             let ops: Vec<kvp_block_op> = chunk
                 .iter()
-                .map(|&(h, p, page)| {
-                    let mut o: kvp_block_op = Pod::zeroed();
-                    o.hash = h;
-                    o.parent_hash = p;
-                    o.engine_block = page;
-                    o
-                })
+                .map(|&(h, p, page)| kvp_block_op::new(h, p, page))
                 .collect();
             stats.saves += 1;
             let c = self.block_op("SAVE", Opcode::Save, 0, &ops, &mut stats.ring_wall_us)?;
-            if c.status != Status::Ok.raw() {
-                if Self::is_fatal(c.status) {
-                    return Err(Self::fatal("SAVE", &c));
-                }
-                stats.ring_errors += 1;
+            if !Self::accepted("SAVE", &c, stats)? {
                 break;
             }
             let n = (c.blocks as usize).min(chunk.len());
