@@ -6,6 +6,7 @@ pub mod events;
 /// Properties checked by the fuzz targets in `fuzz/` and by `tests/fuzz_regressions.rs`.
 pub mod fuzz_props;
 pub mod hash;
+pub mod http;
 pub mod index;
 pub mod replay;
 pub mod route;

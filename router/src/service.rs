@@ -16,6 +16,7 @@ use crate::events::{
     Frame, KvEvent, MAX_FRAME_BYTES, Source, WorkerSnapshot, read_frame_body, write_frame,
 };
 use crate::hash;
+use crate::http::{self, Response};
 use crate::index::{Index, IndexConfig};
 use crate::route::{RouteConfig, Router, WorkerLoad};
 use crate::vllm::{self, IndexOp, VllmTranslator};
@@ -27,7 +28,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -764,54 +765,6 @@ async fn vllm_connection(
 
 const MAX_HEAD_BYTES: usize = 16 << 10;
 
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    body: String,
-}
-
-impl Response {
-    fn text(status: u16, body: impl Into<String>) -> Self {
-        Response {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: body.into(),
-        }
-    }
-
-    fn json(status: u16, value: &impl Serialize) -> Self {
-        match serde_json::to_string(value) {
-            Ok(body) => Response {
-                status,
-                content_type: "application/json",
-                body,
-            },
-            Err(e) => Response::text(500, format!("encoding response: {e}\n")),
-        }
-    }
-
-    fn error(status: u16, reason: impl std::fmt::Display) -> Self {
-        Response::json(status, &serde_json::json!({ "error": reason.to_string() }))
-    }
-}
-
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        422 => "Unprocessable Entity",
-        431 => "Request Header Fields Too Large",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        _ => "Error",
-    }
-}
-
 async fn accept_http(listener: TcpListener, state: Arc<RouterState>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(
         state.config.max_http_connections.max(1),
@@ -827,12 +780,8 @@ async fn accept_http(listener: TcpListener, state: Arc<RouterState>) {
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tokio::spawn(async move {
-                let body = r#"{"error":"too many concurrent HTTP connections"}"#;
-                let msg = format!(
-                    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(msg.as_bytes()).await;
+                let resp = Response::error(503, "too many concurrent HTTP connections");
+                let _ = http::write_response(&mut stream, &resp, false).await;
             });
             continue;
         };
@@ -844,74 +793,31 @@ async fn accept_http(listener: TcpListener, state: Arc<RouterState>) {
                 Ok(resp) => resp,
                 Err(_) => Response::error(408, "request not received in time"),
             };
-            let head = format!(
-                "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                resp.status,
-                reason_phrase(resp.status),
-                resp.content_type,
-                resp.body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(resp.body.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            let _ = http::write_response(&mut stream, &resp, false).await;
         });
     }
 }
 
 async fn read_request(stream: &mut TcpStream, state: &RouterState) -> Response {
     state.metrics.http_requests.fetch_add(1, Ordering::Relaxed);
-    let mut buf = Vec::with_capacity(1024);
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p;
-        }
-        if buf.len() > MAX_HEAD_BYTES {
-            return Response::error(431, "request head exceeds 16 KiB");
-        }
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => {
-                return Response::error(400, "connection closed before the request head ended");
-            }
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+    let head = match http::read_head(stream, MAX_HEAD_BYTES).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(resp)) => return resp,
+        Err(_) => {
+            return Response::error(400, "connection closed before the end of the request head");
         }
     };
-    if head_end > MAX_HEAD_BYTES {
-        return Response::error(431, "request head exceeds 16 KiB");
+    if head.transfer_encoding {
+        return Response::error(
+            501,
+            "Transfer-Encoding is not supported; send Content-Length",
+        );
     }
-    let Ok(head) = std::str::from_utf8(&buf[..head_end]) else {
-        return Response::error(400, "request head is not UTF-8");
-    };
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap_or("");
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Response::error(400, "malformed request line");
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Response::error(400, "only HTTP/1.x is supported");
-    }
-    let mut content_length: Option<usize> = None;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            return Response::error(400, "malformed header line");
-        };
-        let (name, value) = (name.trim(), value.trim());
-        if name.eq_ignore_ascii_case("content-length") {
-            match value.parse::<usize>() {
-                Ok(n) if content_length.is_none_or(|c| c == n) => content_length = Some(n),
-                _ => return Response::error(400, "invalid Content-Length"),
-            }
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Response::error(
-                501,
-                "Transfer-Encoding is not supported; send Content-Length",
-            );
-        }
-    }
-    let path = target.split('?').next().unwrap_or(target);
+    let (method, path, content_length) = (
+        head.method.as_str(),
+        head.path.as_str(),
+        head.content_length,
+    );
     let body_len = content_length.unwrap_or(0);
     if body_len > state.config.max_body_bytes {
         return Response::error(
@@ -922,7 +828,7 @@ async fn read_request(stream: &mut TcpStream, state: &RouterState) -> Response {
             ),
         );
     }
-    let mut body = buf[head_end + 4..].to_vec();
+    let mut body = head.rest;
     if body.len() > body_len {
         body.truncate(body_len); // pipelined bytes beyond the body are ignored (we close)
     }

@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use kvplane_router::http::{self, Head, Response};
 
 use super::metrics::{self, Link, Scrape, SessionCounters};
 use crate::block::Tier;
@@ -302,137 +303,27 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     }
 }
 
-/// A response: status code, content type, body.
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    body: String,
-}
-
-impl Response {
-    fn error(status: u16, reason: impl std::fmt::Display) -> Self {
-        Response {
-            status,
-            content_type: "application/json",
-            body: serde_json::json!({ "error": reason.to_string() }).to_string(),
-        }
-    }
-}
-
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        413 => "Payload Too Large",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        _ => "Unknown",
-    }
-}
-
 async fn serve_connection(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
-    let (response, head_only) =
-        match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-            Err(_) => (
-                Response::error(408, "request head not received within 5 s"),
+    let head = tokio::time::timeout(READ_TIMEOUT, http::read_head(&mut stream, MAX_HEAD_BYTES));
+    let (response, head_only) = match head.await {
+        Err(_) => (
+            Response::error(408, "request head not received within 5 s"),
+            false,
+        ),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(Err(resp))) => (resp, false),
+        // The control server takes no request bodies.
+        Ok(Ok(Ok(head)))
+            if head.transfer_encoding || head.content_length.is_some_and(|n| n != 0) =>
+        {
+            (
+                Response::error(413, "request bodies are not accepted"),
                 false,
-            ),
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(head)) => match head {
-                Err(resp) => (resp, false),
-                Ok(head) => {
-                    let head_only = head.method == "HEAD";
-                    (route(&head, state), head_only)
-                }
-            },
-        };
-    let header = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        response.status,
-        reason_phrase(response.status),
-        response.content_type,
-        response.body.len()
-    );
-    stream.write_all(header.as_bytes()).await?;
-    if !head_only {
-        stream.write_all(response.body.as_bytes()).await?;
-    }
-    stream.shutdown().await
-}
-
-struct Head {
-    method: String,
-    path: String,
-}
-
-/// Reads and parses the request head; a bad request becomes the response to send.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Result<Head, Response>> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
+            )
         }
-        if buf.len() > MAX_HEAD_BYTES {
-            return Ok(Err(Response::error(
-                431,
-                format!("request head larger than {MAX_HEAD_BYTES} bytes"),
-            )));
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(Err(Response::error(
-                400,
-                "connection closed before the end of the request head",
-            )));
-        }
-        buf.extend_from_slice(&chunk[..n]);
+        Ok(Ok(Ok(head))) => (route(&head, state), head.method == "HEAD"),
     };
-    if end > MAX_HEAD_BYTES {
-        return Ok(Err(Response::error(
-            431,
-            format!("request head larger than {MAX_HEAD_BYTES} bytes"),
-        )));
-    }
-    let Ok(text) = std::str::from_utf8(&buf[..end]) else {
-        return Ok(Err(Response::error(400, "request head is not UTF-8")));
-    };
-    let mut lines = text.split("\r\n");
-    let request_line = lines.next().unwrap_or("");
-    let parts: Vec<&str> = request_line.split(' ').collect();
-    let [method, target, version] = parts[..] else {
-        return Ok(Err(Response::error(
-            400,
-            format!("malformed request line `{}`", request_line.escape_debug()),
-        )));
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Ok(Err(Response::error(
-            400,
-            format!("unsupported protocol `{}`", version.escape_debug()),
-        )));
-    }
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            return Ok(Err(Response::error(
-                400,
-                format!("malformed header `{}`", line.escape_debug()),
-            )));
-        };
-        if name.trim().eq_ignore_ascii_case("content-length") && value.trim() != "0" {
-            return Ok(Err(Response::error(413, "request bodies are not accepted")));
-        }
-        if name.trim().eq_ignore_ascii_case("transfer-encoding") {
-            return Ok(Err(Response::error(413, "request bodies are not accepted")));
-        }
-    }
-    Ok(Ok(Head {
-        method: method.to_string(),
-        path: target.split('?').next().unwrap_or("").to_string(),
-    }))
+    http::write_response(&mut stream, &response, head_only).await
 }
 
 fn route(head: &Head, state: &State) -> Response {
@@ -451,19 +342,8 @@ fn route(head: &Head, state: &State) -> Response {
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             body: render_metrics(state),
         },
-        "/status" => match serde_json::to_string(&status_report(state)) {
-            Ok(body) => Response {
-                status: 200,
-                content_type: "application/json",
-                body,
-            },
-            Err(e) => Response::error(500, e),
-        },
-        "/healthz" => Response {
-            status: 200,
-            content_type: "text/plain; charset=utf-8",
-            body: "ok\n".into(),
-        },
+        "/status" => Response::json(200, &status_report(state)),
+        "/healthz" => Response::text(200, "ok\n"),
         other => Response::error(
             404,
             format!(
