@@ -2,10 +2,13 @@
 //! PTX for a `compute_XY` target, a disk cache keeps the PTX (keyed by source hash, target
 //! and NVRTC version), and `ptxas` reports registers, stack and spills per kernel.
 //!
-//! cudarc finds `libnvrtc.so.12` by name and panics when it cannot; this module loads the
-//! library by absolute path first (the PyPI wheel's copy, a CUDA toolkit's, or whatever
-//! the dynamic loader finds), so the name lookup that follows resolves to the already
-//! loaded object, and never calls into cudarc's NVRTC before that succeeded.
+//! NVRTC 12 and 13 are both accepted: the calls used (create, compile, log, PTX, version)
+//! have the same ABI in both, and cudarc (built for CUDA 13.0) looks for `libnvrtc.so.13`
+//! and then `libnvrtc.so.12` by soname. cudarc panics when it finds neither, so this
+//! module loads the library by absolute path first (the PyPI wheel's copy, a CUDA
+//! toolkit's, or whatever the dynamic loader finds), so the name lookup that follows
+//! resolves to the already loaded object by its soname, and never calls into cudarc's
+//! NVRTC before that succeeded.
 
 use kvplane_kernels::sources::{self, KernelSource};
 use std::path::{Path, PathBuf};
@@ -15,7 +18,7 @@ use std::sync::OnceLock;
 /// Where the CUDA compile tools are; see [`CudaTools::find`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CudaTools {
-    /// Absolute path of libnvrtc.so.12, or just the soname when the loader finds it.
+    /// Absolute path of libnvrtc.so.13 or .12, or just the soname when the loader finds it.
     pub nvrtc_lib: PathBuf,
     /// The `ptxas` binary, if found (only the compile check needs it).
     pub ptxas: Option<PathBuf>,
@@ -24,8 +27,8 @@ pub struct CudaTools {
 #[derive(Debug, thiserror::Error)]
 pub enum ToolsError {
     #[error(
-        "libnvrtc.so.12 not found (looked in: {searched}); run scripts/install-cuda-tools.sh \
-         or set KVPLANE_NVRTC_LIB"
+        "NVRTC (libnvrtc.so.13 or libnvrtc.so.12) not found (looked in: {searched}); run \
+         scripts/install-cuda-tools.sh or set KVPLANE_NVRTC_LIB"
     )]
     NvrtcNotFound { searched: String },
     #[error("loading {path}: {reason}")]
@@ -91,16 +94,30 @@ fn in_venv(venv: &Path, rel: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The candidates searched, in order, given the environment values (pure, for tests).
+/// NVRTC sonames cudarc (built for CUDA 13.0) resolves by name, newest first.
+pub const NVRTC_SONAMES: [&str; 2] = ["libnvrtc.so.13", "libnvrtc.so.12"];
+
+/// The candidates searched, in order, given the environment values (pure, for tests):
+/// the explicit path, the tools venv (the CUDA 12 wheel's layout, then the CUDA 13
+/// wheel's), then each toolkit directory with NVRTC 13 before 12.
 pub fn nvrtc_candidates(explicit: Option<PathBuf>, venv: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = explicit.into_iter().collect();
-    if let Some(p) = in_venv(venv, "nvidia/cuda_nvrtc/lib/libnvrtc.so.12") {
-        out.push(p);
+    for rel in [
+        "nvidia/cuda_nvrtc/lib/libnvrtc.so.12",
+        "nvidia/cu13/lib/libnvrtc.so.13",
+    ] {
+        if let Some(p) = in_venv(venv, rel) {
+            out.push(p);
+        }
     }
-    if let Some(home) = std::env::var_os("CUDA_HOME") {
-        out.push(PathBuf::from(home).join("lib64/libnvrtc.so.12"));
+    let mut toolkits: Vec<PathBuf> = std::env::var_os("CUDA_HOME")
+        .map(|home| PathBuf::from(home).join("lib64"))
+        .into_iter()
+        .collect();
+    toolkits.push(PathBuf::from("/usr/local/cuda/lib64"));
+    for dir in toolkits {
+        out.extend(NVRTC_SONAMES.iter().map(|soname| dir.join(soname)));
     }
-    out.push(PathBuf::from("/usr/local/cuda/lib64/libnvrtc.so.12"));
     out
 }
 
@@ -141,19 +158,22 @@ impl CudaTools {
         let nvrtc_lib = match nvrtc.iter().find(|p| p.is_file()) {
             Some(p) => p.clone(),
             None => {
-                // SAFETY: loading NVRTC runs only its initialisers, which have no
-                // preconditions; the handle is dropped at once.
-                let by_name = unsafe { libloading::Library::new("libnvrtc.so.12") };
-                if by_name.is_ok() {
-                    PathBuf::from("libnvrtc.so.12")
-                } else {
-                    return Err(ToolsError::NvrtcNotFound {
-                        searched: format!(
-                            "the tools venv {}, {}, the dynamic loader's path",
-                            venv.display(),
-                            join_paths(&nvrtc)
-                        ),
-                    });
+                let by_name = NVRTC_SONAMES.iter().find(|soname| {
+                    // SAFETY: loading NVRTC runs only its initialisers, which have no
+                    // preconditions; the handle is dropped at once.
+                    unsafe { libloading::Library::new(soname) }.is_ok()
+                });
+                match by_name {
+                    Some(soname) => PathBuf::from(soname),
+                    None => {
+                        return Err(ToolsError::NvrtcNotFound {
+                            searched: format!(
+                                "the tools venv {}, {}, the dynamic loader's path",
+                                venv.display(),
+                                join_paths(&nvrtc)
+                            ),
+                        });
+                    }
                 }
             }
         };
@@ -192,8 +212,9 @@ impl CudaTools {
                     // SAFETY: a probe that only tries to dlopen by name.
                     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
                         return Err(format!(
-                            "{} loaded but not found again by soname libnvrtc.so.12",
-                            self.nvrtc_lib.display()
+                            "{} loaded but not found again by soname (cudarc looks for {})",
+                            self.nvrtc_lib.display(),
+                            NVRTC_SONAMES.join(" or ")
                         ));
                     }
                     let (mut major, mut minor) = (0, 0);
@@ -598,5 +619,35 @@ ptxas info    : Used 255 registers, 380 bytes cmem[0]
             !c.iter().any(|p| p.starts_with(dir.path())),
             "no ptxas in this venv"
         );
+    }
+
+    #[test]
+    fn candidates_take_nvrtc_13_or_12() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lib13 = dir
+            .path()
+            .join("lib/python3.12/site-packages/nvidia/cu13/lib");
+        std::fs::create_dir_all(&lib13).unwrap();
+        std::fs::write(lib13.join("libnvrtc.so.13"), b"").unwrap();
+        let c = nvrtc_candidates(None, dir.path());
+        assert_eq!(c[0], lib13.join("libnvrtc.so.13"), "the CUDA 13 wheel");
+        let toolkit = |name: &str| Path::new("/usr/local/cuda/lib64").join(name);
+        let pos = |p: PathBuf| c.iter().position(|x| *x == p).expect("listed");
+        assert!(pos(toolkit("libnvrtc.so.13")) < pos(toolkit("libnvrtc.so.12")));
+    }
+
+    #[test]
+    fn cudarc_resolves_both_nvrtc_sonames() {
+        // What `load_nvrtc` relies on: after the library is loaded by path, cudarc's own
+        // lookup by name finds it by soname, for NVRTC 13 (the GPU test machine's CUDA
+        // 13 toolkit) and NVRTC 12 (the PyPI wheel CI uses). Building cudarc for a CUDA
+        // 12 version drops `.so.13` from its list and fails this.
+        let names = cudarc::get_lib_name_candidates("nvrtc");
+        for soname in NVRTC_SONAMES {
+            assert!(
+                names.iter().any(|n| n == soname),
+                "{soname} not in {names:?}"
+            );
+        }
     }
 }
