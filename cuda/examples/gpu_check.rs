@@ -1,9 +1,15 @@
 //! GPU check: `cargo run --release -p kvplane-cuda --example gpu_check -- [--backend cuda|host]
-//! [--device N] [--max-batch-mib M] [--iters K]` (or `scripts/gpu-check.sh`).
-//! See `kvplane_cuda::gpu_check` for what it runs and prints.
+//! [--device N] [--max-batch-mib M] [--iters K] [--offload-only] [--no-offload]
+//! [--offload-max-case-mib M] [--json]` (or `scripts/gpu-check.sh`).
+//!
+//! Runs the kernels' correctness and device-to-device check (`kvplane_cuda::gpu_check`),
+//! then the offload path (`kvplane_cuda::offload`: engine pages <-> pinned host and G1
+//! against a bulk copy and a per-page copy loop). `--json` prints one JSON object
+//! instead of the tables. Exit status 1 on any mismatch or device error.
 
 use kvplane_cuda::gpu_check::{CheckConfig, format_report, run};
 use kvplane_cuda::host::HostDevice;
+use kvplane_cuda::offload::{self, OffloadConfig};
 use kvplane_cuda::{Device, cuda::CudaDevice};
 use std::process::ExitCode;
 
@@ -11,6 +17,8 @@ fn main() -> ExitCode {
     let mut backend = "cuda".to_string();
     let mut ordinal = 0usize;
     let mut cfg = CheckConfig::default();
+    let mut ocfg = OffloadConfig::default();
+    let (mut json, mut check, mut offload_on) = (false, true, true);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| {
@@ -28,7 +36,25 @@ fn main() -> ExitCode {
             "--max-batch-mib" => value("--max-batch-mib")
                 .parse::<usize>()
                 .map(|v| cfg.max_batch_bytes = v << 20),
-            "--iters" => value("--iters").parse().map(|v| cfg.iters = v),
+            "--offload-max-case-mib" => value("--offload-max-case-mib")
+                .parse::<usize>()
+                .map(|v| ocfg.max_case_bytes = v << 20),
+            "--iters" => value("--iters").parse().map(|v| {
+                cfg.iters = v;
+                ocfg.iters = v;
+            }),
+            "--json" => {
+                json = true;
+                Ok(())
+            }
+            "--offload-only" => {
+                check = false;
+                Ok(())
+            }
+            "--no-offload" => {
+                offload_on = false;
+                Ok(())
+            }
             other => {
                 eprintln!("gpu_check: unknown argument {other}");
                 return ExitCode::from(2);
@@ -50,6 +76,7 @@ fn main() -> ExitCode {
         "host" => {
             // The CPU path is slow on the big cases: keep it small unless asked.
             cfg.max_batch_bytes = cfg.max_batch_bytes.min(64 << 20);
+            ocfg.max_case_bytes = ocfg.max_case_bytes.min(64 << 20);
             Box::new(HostDevice::new())
         }
         other => {
@@ -57,14 +84,41 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(dev.as_ref(), &cfg) {
-        Ok(report) => {
-            print!("{}", format_report(&report));
-            ExitCode::SUCCESS
+    let check_report = if check {
+        match run(dev.as_ref(), &cfg) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("gpu_check: FAILED: {e}");
+                return ExitCode::FAILURE;
+            }
         }
-        Err(e) => {
-            eprintln!("gpu_check: FAILED: {e}");
-            ExitCode::FAILURE
-        }
+    } else {
+        None
+    };
+    if let (false, Some(r)) = (json, &check_report) {
+        println!("{}", format_report(r));
     }
+    let offload_report = if offload_on {
+        match offload::run(dev.as_ref(), &ocfg) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("gpu_check: offload FAILED: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    if json {
+        let out = serde_json::json!({
+            "backend": dev.backend().as_str(),
+            "device": dev.describe(),
+            "check": check_report,
+            "offload": offload_report,
+        });
+        println!("{out}");
+    } else if let Some(r) = &offload_report {
+        print!("{}", offload::format_report(r));
+    }
+    ExitCode::SUCCESS
 }

@@ -9,6 +9,8 @@
 //! - [`nvrtc`]: compiling the kernels for a GPU with NVRTC, the on-disk PTX cache, and
 //!   the ptxas resource check.
 //! - [`gpu_check`]: the bandwidth/correctness check run by `scripts/gpu-check.sh`.
+//! - [`offload`]: the offload path (engine pages <-> pinned host and G1), verified and
+//!   timed against a bulk copy and a per-page copy loop in the same run.
 //! - [`arena`]: a device allocation carved into fixed-size block slots (the HBM tier).
 
 pub mod arena;
@@ -18,6 +20,7 @@ pub mod gds;
 pub mod gpu_check;
 pub mod host;
 pub mod nvrtc;
+pub mod offload;
 
 pub use device::{
     BackendChoice, BackendKind, Device, DeviceBuffer, DeviceError, DeviceRange, EventId, LayoutId,
