@@ -1,11 +1,11 @@
 //! GPU check: `cargo run --release -p kvplane-cuda --example gpu_check -- [--backend cuda|host]
 //! [--device N] [--max-batch-mib M] [--iters K] [--offload-only] [--no-offload]
-//! [--offload-max-case-mib M] [--json]` (or `scripts/gpu-check.sh`).
+//! [--offload-max-case-mib M] [--json] [--json-out PATH]` (or `scripts/gpu-check.sh`).
 //!
 //! Runs the kernels' correctness and device-to-device check (`kvplane_cuda::gpu_check`),
 //! then the offload path (`kvplane_cuda::offload`: engine pages <-> pinned host and G1
 //! against a bulk copy and a per-page copy loop). `--json` prints one JSON object
-//! instead of the tables. Exit status 1 on any mismatch or device error.
+//! instead of the tables; `--json-out PATH` writes it to a file besides the tables. Exit status 1 on any mismatch or device error.
 
 use kvplane_cuda::gpu_check::{CheckConfig, format_report, run};
 use kvplane_cuda::host::HostDevice;
@@ -19,6 +19,7 @@ fn main() -> ExitCode {
     let mut cfg = CheckConfig::default();
     let mut ocfg = OffloadConfig::default();
     let (mut json, mut check, mut offload_on) = (false, true, true);
+    let mut json_out: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| {
@@ -45,6 +46,10 @@ fn main() -> ExitCode {
             }),
             "--json" => {
                 json = true;
+                Ok(())
+            }
+            "--json-out" => {
+                json_out = Some(value("--json-out"));
                 Ok(())
             }
             "--offload-only" => {
@@ -109,16 +114,22 @@ fn main() -> ExitCode {
     } else {
         None
     };
+    let out = serde_json::json!({
+        "backend": dev.backend().as_str(),
+        "device": dev.describe(),
+        "check": check_report,
+        "offload": offload_report,
+    });
     if json {
-        let out = serde_json::json!({
-            "backend": dev.backend().as_str(),
-            "device": dev.describe(),
-            "check": check_report,
-            "offload": offload_report,
-        });
         println!("{out}");
     } else if let Some(r) = &offload_report {
         print!("{}", offload::format_report(r));
+    }
+    if let Some(path) = json_out
+        && let Err(e) = std::fs::write(&path, format!("{out}\n"))
+    {
+        eprintln!("gpu_check: writing {path}: {e}");
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
 }

@@ -126,7 +126,11 @@ fn kernels_compile_for_sm80_and_sm90_without_spills() {
 fn sources_compile_in_place_with_repo_include_dirs() {
     let tools = tools();
     tools.load_nvrtc().expect("load NVRTC");
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    // KVPLANE_REPO: where the sources are when this binary runs away from its build
+    // tree (scripts/gpu/device-run.sh on a GPU machine).
+    let repo = std::env::var_os("KVPLANE_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."));
     for src in ALL {
         let text =
             std::fs::read_to_string(repo.join("kernels/cuda").join(src.file)).expect("read .cu");
