@@ -444,8 +444,8 @@ pub fn seeds_server_rings() -> Vec<Seed> {
 /// /dev/null), then the request bytes, sent over a real Unix socket pair (a short input is
 /// a peer hanging up mid-request). Properties of an accepted request: every namespace
 /// obeys the name rule and there are at most `MAX_NAMESPACES_PER_SESSION`; a KV buffer
-/// comes back iff `kv_buffer_bytes` is non-zero, and it is a shrink-sealed file at least
-/// that large; the numbers are the ones sent. Returns whether the request was accepted.
+/// comes back iff `kv_buffer_bytes` is non-zero, and it is a shrink-sealed shmem memfd of
+/// exactly that size; the numbers are the ones sent. Returns whether the request was accepted.
 pub fn check_attach_request(data: &[u8]) -> bool {
     let mut b = Bytes(data);
     let fd_kind = b.u8() % 3;
@@ -490,13 +490,14 @@ pub fn check_attach_request(data: &[u8]) -> bool {
     );
     match &req.kv_buffer {
         None => assert_eq!(raw.kv_buffer_bytes, 0),
-        Some((fd, bytes)) => {
-            assert_eq!(*bytes, raw.kv_buffer_bytes);
-            assert!(*bytes > 0);
+        Some(kv) => {
+            assert_eq!(kv.bytes, raw.kv_buffer_bytes);
+            assert!(kv.bytes > 0);
             assert_eq!(fd_kind, 1, "only the sealed memfd may be accepted");
-            assert!(sys::fd_size(fd.as_raw_fd()).expect("fstat") >= *bytes);
-            let seals = sys::memfd_seals(fd.as_raw_fd()).expect("seals");
+            assert_eq!(sys::fd_size(kv.fd.as_raw_fd()).expect("fstat"), kv.bytes);
+            let seals = sys::memfd_seals(kv.fd.as_raw_fd()).expect("seals");
             assert_ne!(seals & libc::F_SEAL_SHRINK, 0);
+            assert_eq!(kv.backing, sys::Backing::Shmem);
         }
     }
     // The engine's encoder reproduces what was accepted.
