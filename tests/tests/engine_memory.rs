@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use kvplane_ffi::{Opcode, Status};
 use kvplane_shm::{AttachOptions, Session, ShmError, sys};
 use kvplane_tests::{
-    DaemonProc, TEST_KV_BYTES, TestEngine, chain_ops, proc_status_kib, small_config, temp_dir,
+    DaemonProc, TEST_KV_BYTES, TestEngine, chain_ops, control_addr, http_get, proc_status_kib,
+    small_config, temp_dir,
 };
 
 const HUGEPAGE: u64 = 2 << 20;
@@ -295,7 +296,10 @@ impl Drop for HugeMapping {
 #[test]
 fn a_vanished_hugetlb_page_ends_that_session_only() {
     let dir = temp_dir("engine-mem-sigbus");
-    let config = small_config(dir.path(), "[serve]\nallow_hugetlb_kv_buffers = true\n");
+    let config = small_config(
+        dir.path(),
+        "[serve]\nallow_hugetlb_kv_buffers = true\n[control]\nmetrics_addr = \"127.0.0.1:0\"\n",
+    );
     let mut daemon = DaemonProc::start(
         dir.path(),
         &["--config", config.to_str().expect("utf-8 path")],
@@ -346,6 +350,12 @@ fn a_vanished_hugetlb_page_ends_that_session_only() {
     assert!(daemon.alive(), "the daemon died:\n{}", daemon.log_text());
     let log = daemon.log_text();
     assert!(log.contains("engine KV buffer faulted"), "{log}");
+    let (code, metrics) = http_get(&control_addr(&daemon), "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("kvplane_engine_memory_faults_total 1\n"),
+        "{metrics}"
+    );
     // Nothing of the faulted save was stored.
     let (c, ops) = bystander.block_op(Opcode::Lookup, 0, &chain_ops(&hashes, 0));
     assert_eq!(
@@ -403,7 +413,11 @@ fn a_vanished_hugetlb_page_under_a_load_ends_that_session_only() {
 fn sparse_buffers_past_the_mapped_cap_are_refused_and_address_space_stays_bounded() {
     let dir = temp_dir("engine-mem-cap");
     // Default limit: the machine's physical memory.
-    let daemon = DaemonProc::start(dir.path(), &[]);
+    let config = small_config(dir.path(), "[control]\nmetrics_addr = \"127.0.0.1:0\"\n");
+    let daemon = DaemonProc::start(
+        dir.path(),
+        &["--config", config.to_str().expect("utf-8 path")],
+    );
     let vm_before_kib = proc_status_kib(daemon.pid(), "VmSize");
     let mut kept = Vec::new();
     for round in 0..6u64 {
@@ -431,6 +445,9 @@ fn sparse_buffers_past_the_mapped_cap_are_refused_and_address_space_stays_bounde
         grown_mib < 4096,
         "daemon address space grew by {grown_mib} MiB"
     );
+    let (_, metrics) = http_get(&control_addr(&daemon), "/metrics");
+    let mapped = format!("kvplane_engine_mapped_bytes {}\n", 6 * TEST_KV_BYTES);
+    assert!(metrics.contains(&mapped), "{metrics}");
 }
 
 #[test]
