@@ -445,9 +445,23 @@ fn sparse_buffers_past_the_mapped_cap_are_refused_and_address_space_stays_bounde
         grown_mib < 4096,
         "daemon address space grew by {grown_mib} MiB"
     );
-    let (_, metrics) = http_get(&control_addr(&daemon), "/metrics");
+    let addr = control_addr(&daemon);
+    let (_, metrics) = http_get(&addr, "/metrics");
     let mapped = format!("kvplane_engine_mapped_bytes {}\n", 6 * TEST_KV_BYTES);
     assert!(metrics.contains(&mapped), "{metrics}");
+    // Sessions that end give their share back (nothing stays mapped).
+    kept.clear();
+    let t0 = Instant::now();
+    while !http_get(&addr, "/metrics")
+        .1
+        .contains("kvplane_engine_mapped_bytes 0\n")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "engine memory still counted as mapped after every session ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
