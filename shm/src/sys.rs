@@ -11,22 +11,26 @@ use std::time::Duration;
 /// Create an anonymous memory file of `bytes`, sealed against shrinking so a peer cannot
 /// truncate it under our mapping (which would turn our reads into SIGBUS).
 pub fn memfd_create_sealed(name: &str, bytes: u64) -> io::Result<OwnedFd> {
-    let cname =
-        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: cname is a valid NUL-terminated string; flags are valid memfd flags.
-    let fd =
-        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = memfd_create(name, libc::MFD_ALLOW_SEALING)?;
     // SAFETY: ftruncate on a valid fd we own.
     if unsafe { libc::ftruncate(fd.as_raw_fd(), bytes as libc::off_t) } != 0 {
         return Err(io::Error::last_os_error());
     }
     seal_no_shrink(fd.as_raw_fd())?;
     Ok(fd)
+}
+
+/// A new, empty memfd (close-on-exec) with `flags` (`MFD_ALLOW_SEALING`, `MFD_HUGETLB`...).
+pub fn memfd_create(name: &str, flags: u32) -> io::Result<OwnedFd> {
+    let cname =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: cname is a valid NUL-terminated string; unknown flag bits fail with EINVAL.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Forbid shrinking (and further sealing changes) of a memfd.

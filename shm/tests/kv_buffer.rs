@@ -3,7 +3,7 @@
 //! everything whose backing could vanish under the daemon's mapping is refused with a
 //! reason.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use kvplane_ffi as ffi;
@@ -19,15 +19,9 @@ fn attach_with(fd: &OwnedFd, bytes: u64) -> Result<kvplane_shm::handshake::Attac
 }
 
 fn memfd(flags: u32, bytes: u64) -> OwnedFd {
-    // SAFETY: a valid NUL-terminated name and memfd flags.
-    let fd = unsafe { libc::memfd_create(c"kv-test".as_ptr(), libc::MFD_CLOEXEC | flags) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: a fresh fd owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ftruncate on our own fd.
-    let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), bytes as libc::off_t) };
-    assert_eq!(rc, 0, "ftruncate: {}", std::io::Error::last_os_error());
-    fd
+    let file = std::fs::File::from(sys::memfd_create("kv-test", flags).expect("memfd_create"));
+    file.set_len(bytes).expect("size the memfd");
+    file.into()
 }
 
 fn expect_refused(fd: &OwnedFd, bytes: u64, why: &str) {

@@ -13,7 +13,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -28,16 +28,9 @@ const HUGEPAGE: u64 = 2 << 20;
 const HUGEPAGES_DIR: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 
 fn memfd(name: &str, flags: u32, bytes: u64) -> OwnedFd {
-    let cname = std::ffi::CString::new(name).expect("name");
-    // SAFETY: a valid NUL-terminated name and memfd flags.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | flags) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: a fresh fd owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ftruncate on our own fd.
-    let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), bytes as libc::off_t) };
-    assert_eq!(rc, 0, "ftruncate: {}", std::io::Error::last_os_error());
-    fd
+    let file = File::from(sys::memfd_create(name, flags).expect("memfd_create"));
+    file.set_len(bytes).expect("size the memfd");
+    file.into()
 }
 
 /// A hugetlb memfd of one hugepage, sealed against shrinking: what today's handshake
