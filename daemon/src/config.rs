@@ -57,6 +57,22 @@ pub struct ServeConfig {
     /// Switch to this uid/gid after set-up (needs root or CAP_SETUID/CAP_SETGID).
     pub run_as_uid: Option<u32>,
     pub run_as_gid: Option<u32>,
+    /// Bytes of engine KV buffers the daemon maps at once, across all sessions (a
+    /// buffer's full memfd size counts, sparse or not). Unset: the machine's physical
+    /// memory. An attach past it is refused.
+    pub max_mapped_bytes: Option<u64>,
+    /// Accept hugetlb (`MFD_HUGETLB`) KV buffers. Their pages can vanish under the daemon
+    /// (punched out while the hugepage pool is empty); the copies survive that (the
+    /// session ends), but the default refuses such buffers at attach.
+    pub allow_hugetlb_kv_buffers: bool,
+}
+
+impl ServeConfig {
+    /// `max_mapped_bytes`, resolved.
+    pub fn mapped_bytes_limit(&self) -> u64 {
+        self.max_mapped_bytes
+            .unwrap_or_else(crate::dataplane::mapped::physical_memory_bytes)
+    }
 }
 
 impl Default for ServeConfig {
@@ -71,6 +87,8 @@ impl Default for ServeConfig {
             drop_privileges: true,
             run_as_uid: None,
             run_as_gid: None,
+            max_mapped_bytes: None,
+            allow_hugetlb_kv_buffers: false,
         }
     }
 }
@@ -88,6 +106,10 @@ pub struct NamespaceConfig {
     pub max_host_bytes: Option<u64>,
     #[serde(default)]
     pub max_nvme_bytes: Option<u64>,
+    /// Bytes of engine KV buffers the daemon maps at once for sessions bound to this
+    /// namespace (unset: only `serve.max_mapped_bytes` applies).
+    #[serde(default)]
+    pub max_mapped_bytes: Option<u64>,
 }
 
 impl NamespaceConfig {
@@ -267,6 +289,11 @@ drop_privileges = {drop}
 # directory must be writable by that uid for a clean shutdown).
 # run_as_uid = 990
 # run_as_gid = 990
+# Bytes of engine KV buffers mapped at once, all sessions together (a buffer's full memfd
+# size counts, sparse or not); an attach past it is refused. Unset: physical memory.
+# max_mapped_bytes = 1099511627776
+# Accept hugetlb KV buffers (their pages can vanish; a fault then ends that session).
+allow_hugetlb_kv_buffers = {hugetlb}
 
 [blocks]
 # Bytes of one block: all layers of one engine page (layers * planes * tokens * heads *
@@ -336,6 +363,8 @@ queue_events = {queue_events}
 # uids = [1000]
 # max_host_bytes = 17179869184
 # max_nvme_bytes = 274877906944
+# Bytes of engine KV buffers mapped at once for this namespace's sessions.
+# max_mapped_bytes = 68719476736
 "#,
             socket = s.socket_path.display(),
             mode = s.socket_mode,
@@ -344,6 +373,7 @@ queue_events = {queue_events}
             max_qp = s.max_queue_pairs,
             spin = s.spin_us,
             drop = s.drop_privileges,
+            hugetlb = s.allow_hugetlb_kv_buffers,
             block_bytes = b.block_bytes,
             admit = b.nvme_admit_min_hits,
             write_through = b.write_through,

@@ -30,14 +30,27 @@ unsafe extern "C" {
         pages: *const u32,
         num_batch_pages: u32,
     );
-    fn kvp_host_paged_scatter(
+    fn kvp_host_fault_guard_install() -> i32;
+    fn kvp_host_paged_gather_guarded(
+        g: *const HostGrid,
+        engine: *const u8,
+        engine_bytes: u64,
+        blocks: *mut u8,
+        layout: *const kvp_kv_layout,
+        pages: *const u32,
+        num_batch_pages: u32,
+        fault_addr: *mut usize,
+    ) -> i32;
+    fn kvp_host_paged_scatter_guarded(
         g: *const HostGrid,
         engine: *mut u8,
+        engine_bytes: u64,
         blocks: *const u8,
         layout: *const kvp_kv_layout,
         pages: *const u32,
         num_batch_pages: u32,
-    );
+        fault_addr: *mut usize,
+    ) -> i32;
     fn kvp_host_copy_batch(
         g: *const HostGrid,
         src: *const u8,
@@ -113,6 +126,19 @@ pub enum KernelError {
     DescOverlap { index: usize },
     #[error("checksum: {descs} descriptors but {sums} result slots")]
     SumsLength { descs: usize, sums: usize },
+    /// The engine's memory faulted under the copy (its backing vanished: a punched-out
+    /// hugetlb page, a poisoned page). Part of the batch may have been copied.
+    #[error(
+        "{op}: the engine's KV buffer faulted (signal {signal}) at byte {offset_bytes} of its {len_bytes}: its memory is gone"
+    )]
+    EngineFault {
+        op: &'static str,
+        signal: i32,
+        offset_bytes: u64,
+        len_bytes: usize,
+    },
+    #[error("installing the SIGBUS/SIGSEGV guard for engine memory failed: errno {errno}")]
+    FaultGuard { errno: i32 },
 }
 
 /// How the host runs a launch. One thread by default, so throughput compares with a
@@ -133,7 +159,9 @@ pub const MAX_BATCH: usize = u32::MAX as usize;
 
 /// An engine's registered KV buffer: memory shared with another process, read (gather)
 /// and written (scatter) through raw pointers only, never as a Rust slice, because the
-/// engine may write it at any time.
+/// engine may write it at any time. Every launch over it is fault-guarded: if its backing
+/// vanishes under the copy (SIGBUS/SIGSEGV at an address inside it), the launch returns
+/// [`KernelError::EngineFault`] instead of the process dying.
 #[derive(Debug)]
 pub struct EngineKv {
     base: NonNull<u8>,
@@ -212,6 +240,41 @@ fn check_pages(
     Ok(())
 }
 
+/// Installs the process-wide handler that turns a fault inside a guarded engine-buffer
+/// launch into [`KernelError::EngineFault`] (once; later calls are free).
+pub fn install_fault_guard() -> Result<(), KernelError> {
+    // SAFETY: idempotent (pthread_once) and has no preconditions; it only calls sigaction.
+    match unsafe { kvp_host_fault_guard_install() } {
+        0 => Ok(()),
+        errno => Err(KernelError::FaultGuard { errno }),
+    }
+}
+
+/// The first fault any thread of a launch reported: (signal, address).
+#[derive(Default)]
+struct FaultSlot(std::sync::Mutex<Option<(i32, usize)>>);
+
+impl FaultSlot {
+    fn record(&self, signal: i32, addr: usize) {
+        if signal != 0 {
+            let mut f = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            f.get_or_insert((signal, addr));
+        }
+    }
+
+    fn result(self, op: &'static str, engine: &EngineKv) -> Result<(), KernelError> {
+        match self.0.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            None => Ok(()),
+            Some((signal, addr)) => Err(KernelError::EngineFault {
+                op,
+                signal,
+                offset_bytes: addr.wrapping_sub(engine.base.as_ptr() as usize) as u64,
+                len_bytes: engine.len_bytes,
+            }),
+        }
+    }
+}
+
 fn run_split(threads: u32, units: u64, f: impl Fn(HostGrid) + Sync, x_split: bool) {
     let threads = u64::from(threads.max(1)).min(units.max(1)) as u32;
     let grid = |i: u32| HostGrid {
@@ -276,31 +339,38 @@ pub unsafe fn gather_raw(
     if pages.is_empty() {
         return Ok(());
     }
+    install_fault_guard()?;
     let units = pages.len() as u64 * u64::from(layout.raw().num_layers);
     let blocks_ptr = SendPtr(blocks);
+    let fault = FaultSlot::default();
     run_split(
         launch.threads,
         units,
         |g| {
             let blocks_ptr = &blocks_ptr;
+            let mut addr = 0usize;
             // SAFETY: `engine` covers buffer_bytes (checked above) and the validated layout
             // keeps every page < num_pages inside buffer_bytes; every page id was checked;
             // `blocks` is exactly pages.len() * block_bytes (caller's contract). Threads
-            // write disjoint block ranges (different (page, layer, plane) triples).
-            unsafe {
-                kvp_host_paged_gather(
+            // write disjoint block ranges (different (page, layer, plane) triples). A fault
+            // in the engine's range returns here as a signal number (guard installed above).
+            let signal = unsafe {
+                kvp_host_paged_gather_guarded(
                     &g,
                     engine.base.as_ptr(),
+                    engine.len_bytes as u64,
                     blocks_ptr.0,
                     layout.raw(),
                     pages.as_ptr(),
                     pages.len() as u32,
+                    &mut addr,
                 )
-            }
+            };
+            fault.record(signal, addr);
         },
         false,
     );
-    Ok(())
+    fault.result("gather", engine)
 }
 
 /// Scatters `blocks[i * block_bytes ..]` into engine page `pages[i]`: the reverse of
@@ -343,29 +413,35 @@ pub unsafe fn scatter_raw(
             second: w[0].1.max(w[1].1),
         });
     }
+    install_fault_guard()?;
     let units = pages.len() as u64 * u64::from(layout.raw().num_layers);
     let blocks_ptr = SendPtr(blocks as *mut u8);
+    let fault = FaultSlot::default();
     run_split(
         launch.threads,
         units,
         |g| {
             let blocks_ptr = &blocks_ptr;
+            let mut addr = 0usize;
             // SAFETY: as in `gather_raw`; distinct pages of a validated layout, so threads
             // write the engine buffer at disjoint addresses derived only from checked ids.
-            unsafe {
-                kvp_host_paged_scatter(
+            let signal = unsafe {
+                kvp_host_paged_scatter_guarded(
                     &g,
                     engine.base.as_ptr(),
+                    engine.len_bytes as u64,
                     blocks_ptr.0,
                     layout.raw(),
                     pages.as_ptr(),
                     pages.len() as u32,
+                    &mut addr,
                 )
-            }
+            };
+            fault.record(signal, addr);
         },
         false,
     );
-    Ok(())
+    fault.result("scatter", engine)
 }
 
 fn check_descs(

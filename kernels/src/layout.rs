@@ -20,6 +20,24 @@ pub enum LayoutError {
     HeadBytes { head_bytes: u32, dtype_bytes: u32 },
     #[error("layout arithmetic overflows computing {what}")]
     Overflow { what: &'static str },
+    #[error("num_pages {num_pages}: page ids are 32-bit, so at most {max} pages can be named")]
+    TooManyPages { num_pages: u64, max: u64 },
+    #[error(
+        "page_stride_bytes {page_stride_bytes} is less than the {page_extent_bytes} bytes one page spans: pages would overlap"
+    )]
+    PagesOverlap {
+        page_stride_bytes: u64,
+        page_extent_bytes: u64,
+    },
+    #[error(
+        "num_pages {num_pages} x block_bytes {block_bytes} = {total_bytes} bytes of KV, more than buffer_bytes {buffer_bytes}"
+    )]
+    PagesExceedBuffer {
+        num_pages: u64,
+        block_bytes: u64,
+        total_bytes: u64,
+        buffer_bytes: u64,
+    },
     #[error(
         "layer {layer} plane {plane}: the last page ends at byte {end_bytes}, past buffer_bytes {buffer_bytes}"
     )]
@@ -45,6 +63,9 @@ pub struct LayoutInfo {
     /// One past the highest engine-buffer byte any page in [0, num_pages) touches.
     pub span_bytes: u64,
 }
+
+/// Pages an engine pool may have: block ops name a page with a `u32`.
+pub const MAX_PAGES: u64 = 1 << 32;
 
 fn overflow(what: &'static str) -> LayoutError {
     LayoutError::Overflow { what }
@@ -103,6 +124,20 @@ pub fn validate_layout(layout: &kvp_kv_layout) -> Result<LayoutInfo, LayoutError
         })
         .and_then(|x| x.checked_add(u64::from(l.head_bytes)))
         .ok_or(overflow("page extent"))?;
+    // Every size is checked against the region it describes, not only the last page's
+    // end: a stride of 0 would let any num_pages (2^64 - 1 included) alias one page.
+    if l.num_pages > MAX_PAGES {
+        return Err(LayoutError::TooManyPages {
+            num_pages: l.num_pages,
+            max: MAX_PAGES,
+        });
+    }
+    if l.num_pages > 1 && l.page_stride_bytes < page_extent {
+        return Err(LayoutError::PagesOverlap {
+            page_stride_bytes: l.page_stride_bytes,
+            page_extent_bytes: page_extent,
+        });
+    }
     let last_page = (l.num_pages - 1)
         .checked_mul(l.page_stride_bytes)
         .and_then(|x| x.checked_add(page_extent))
@@ -124,6 +159,20 @@ pub fn validate_layout(layout: &kvp_kv_layout) -> Result<LayoutInfo, LayoutError
             }
             span_bytes = span_bytes.max(end_bytes);
         }
+    }
+    // Each (layer, plane) fits; together they must not describe more KV than the region
+    // holds (layers or planes laid over one another).
+    let total_bytes = l
+        .num_pages
+        .checked_mul(block_bytes)
+        .ok_or(overflow("num_pages * block_bytes"))?;
+    if total_bytes > l.buffer_bytes {
+        return Err(LayoutError::PagesExceedBuffer {
+            num_pages: l.num_pages,
+            block_bytes,
+            total_bytes,
+            buffer_bytes: l.buffer_bytes,
+        });
     }
     let (run_bytes, runs_per_lp) = runs(l);
     Ok(LayoutInfo {
@@ -328,6 +377,54 @@ mod tests {
             validate_layout(&l),
             Err(LayoutError::Overflow { .. })
         ));
+        // Overflowing with a page stride of 0 (pages aliasing one another) used to pass:
+        // the last page then ended where the first did.
+        let mut l = vllm(2, 4);
+        l.num_pages = u64::MAX;
+        l.page_stride_bytes = 0;
+        assert_eq!(
+            validate_layout(&l),
+            Err(LayoutError::TooManyPages {
+                num_pages: u64::MAX,
+                max: MAX_PAGES
+            })
+        );
+        let msg = validate_layout(&l).unwrap_err().to_string();
+        assert!(msg.contains("18446744073709551615"), "{msg}");
+        let mut l = vllm(2, 4);
+        l.num_pages = MAX_PAGES;
+        l.page_stride_bytes = 0;
+        assert_eq!(
+            validate_layout(&l),
+            Err(LayoutError::PagesOverlap {
+                page_stride_bytes: 0,
+                page_extent_bytes: 16 * 8 * 256,
+            })
+        );
+        let mut l = vllm(2, 4);
+        l.page_stride_bytes -= 1;
+        assert!(matches!(
+            validate_layout(&l),
+            Err(LayoutError::PagesOverlap { .. })
+        ));
+        // Every (layer, plane) inside the buffer, but all four on the same bytes: the pages
+        // described hold more KV than the region has.
+        let mut l = vllm(2, 4);
+        for plane in 0..2 {
+            for layer in 0..2 {
+                l.plane_offset[plane][layer] = 0;
+            }
+        }
+        l.buffer_bytes = 4 * 16 * 8 * 256;
+        assert_eq!(
+            validate_layout(&l),
+            Err(LayoutError::PagesExceedBuffer {
+                num_pages: 4,
+                block_bytes: 2 * 2 * 16 * 8 * 256,
+                total_bytes: 4 * 2 * 2 * 16 * 8 * 256,
+                buffer_bytes: 4 * 16 * 8 * 256,
+            })
+        );
         // Offsets of layers past num_layers are ignored, whatever they hold.
         let mut l = vllm(2, 4);
         l.plane_offset[0][2] = u64::MAX;

@@ -19,6 +19,7 @@ pub mod sources;
 pub use checksum::checksum64;
 pub use host::{
     EngineKv, HostLaunch, KernelError, checksum_batch, checksum_batch_raw, checksum_block,
-    copy_batch, copy_batch_raw, copy_within, gather, gather_raw, scatter, scatter_raw,
+    copy_batch, copy_batch_raw, copy_within, gather, gather_raw, install_fault_guard, scatter,
+    scatter_raw,
 };
 pub use layout::{LayoutError, LayoutInfo, PagedLayout, validate_layout};

@@ -440,21 +440,27 @@ pub fn seeds_server_rings() -> Vec<Seed> {
 // attach_request
 // ---------------------------------------------------------------------------------------
 
-/// Input: what to send along (byte 0: no descriptor, a sealed memfd of 4 KiB, or
-/// /dev/null), then the request bytes, sent over a real Unix socket pair (a short input is
+/// Input: what to send along (byte 0: no descriptor, a sealed memfd of 4 KiB, /dev/null,
+/// an unsealed memfd of 4 KiB, or a sealed hugetlb memfd of 2 MiB), then the request bytes, sent over a real Unix socket pair (a short input is
 /// a peer hanging up mid-request). Properties of an accepted request: every namespace
 /// obeys the name rule and there are at most `MAX_NAMESPACES_PER_SESSION`; a KV buffer
-/// comes back iff `kv_buffer_bytes` is non-zero, and it is a shrink-sealed file at least
-/// that large; the numbers are the ones sent. Returns whether the request was accepted.
+/// comes back iff `kv_buffer_bytes` is non-zero, and it is a shrink-sealed shmem memfd of
+/// exactly that size; the numbers are the ones sent. Returns whether the request was accepted.
 pub fn check_attach_request(data: &[u8]) -> bool {
     let mut b = Bytes(data);
-    let fd_kind = b.u8() % 3;
+    let fd_kind = b.u8() % 5;
     let body = b.0;
     let (ours, daemon) = UnixStream::pair().expect("socketpair");
     let fd: Option<OwnedFd> = match fd_kind {
         0 => None,
         1 => Some(sys::memfd_create_sealed("kvplane-fuzz", 4096).expect("memfd")),
-        _ => Some(std::fs::File::open("/dev/null").expect("/dev/null").into()),
+        2 => Some(std::fs::File::open("/dev/null").expect("/dev/null").into()),
+        3 => Some(fuzz_memfd(libc::MFD_ALLOW_SEALING, 4096)),
+        _ => {
+            let fd = fuzz_memfd(libc::MFD_HUGETLB | libc::MFD_ALLOW_SEALING, 2 << 20);
+            sys::seal_no_shrink(fd.as_raw_fd()).expect("seal hugetlb memfd");
+            Some(fd)
+        }
     };
     let request_bytes = std::mem::size_of::<kvp_attach_request>();
     let sent = &body[..body.len().min(request_bytes)];
@@ -490,13 +496,22 @@ pub fn check_attach_request(data: &[u8]) -> bool {
     );
     match &req.kv_buffer {
         None => assert_eq!(raw.kv_buffer_bytes, 0),
-        Some((fd, bytes)) => {
-            assert_eq!(*bytes, raw.kv_buffer_bytes);
-            assert!(*bytes > 0);
-            assert_eq!(fd_kind, 1, "only the sealed memfd may be accepted");
-            assert!(sys::fd_size(fd.as_raw_fd()).expect("fstat") >= *bytes);
-            let seals = sys::memfd_seals(fd.as_raw_fd()).expect("seals");
+        Some(kv) => {
+            assert_eq!(kv.bytes, raw.kv_buffer_bytes);
+            assert!(kv.bytes > 0);
+            assert!(
+                fd_kind == 1 || fd_kind == 4,
+                "only the sealed memfds may be accepted (kind {fd_kind})"
+            );
+            assert_eq!(sys::fd_size(kv.fd.as_raw_fd()).expect("fstat"), kv.bytes);
+            let seals = sys::memfd_seals(kv.fd.as_raw_fd()).expect("seals");
             assert_ne!(seals & libc::F_SEAL_SHRINK, 0);
+            let want = if fd_kind == 1 {
+                sys::Backing::Shmem
+            } else {
+                sys::Backing::Hugetlb
+            };
+            assert_eq!(kv.backing, want, "the daemon decides on hugetlb by this");
         }
     }
     // The engine's encoder reproduces what was accepted.
@@ -520,6 +535,13 @@ pub fn check_attach_request(data: &[u8]) -> bool {
         );
     }
     true
+}
+
+/// A memfd of `bytes` with `flags` (for the descriptors a fuzzed request carries).
+fn fuzz_memfd(flags: u32, bytes: u64) -> OwnedFd {
+    let file = std::fs::File::from(sys::memfd_create("kvplane-fuzz", flags).expect("memfd_create"));
+    file.set_len(bytes).expect("size the memfd");
+    file.into()
 }
 
 /// Requests the engine's `build_request` makes: with and without a KV buffer, with
@@ -547,5 +569,13 @@ pub fn seeds_attach_request() -> Vec<Seed> {
             with(2, req(&["a", "b"], 4096)),
         ),
         ("seed-max-namespaces".into(), with(0, req(&many, 0))),
+        (
+            "seed-shrinkable-memfd".into(),
+            with(3, req(&["tenant-a/llama-70b"], 4096)),
+        ),
+        (
+            "seed-hugetlb-memfd".into(),
+            with(4, req(&["tenant-a/llama-70b"], 2 << 20)),
+        ),
     ]
 }

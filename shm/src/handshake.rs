@@ -27,9 +27,51 @@ pub struct AttachRequest {
     pub cq_entries: u32,
     pub arena_bytes: u64,
     pub namespaces: Vec<String>,
-    /// The engine's KV buffer (host backend), with the size it claims; the daemon checks
-    /// the size against the fd itself before mapping.
-    pub kv_buffer: Option<(OwnedFd, u64)>,
+    /// The engine's KV buffer (host backend), checked to be a memfd that cannot shrink,
+    /// of exactly the size the request announced.
+    pub kv_buffer: Option<KvBuffer>,
+}
+
+/// An engine's KV buffer as the handshake accepted it: a memfd (shmem or hugetlbfs)
+/// sealed against shrinking, whose size is exactly `bytes`. Whether hugetlb backing is
+/// acceptable is the daemon's policy (`Backing::Hugetlb` can fault when the pool runs dry).
+#[derive(Debug)]
+pub struct KvBuffer {
+    pub fd: OwnedFd,
+    pub bytes: u64,
+    pub backing: sys::Backing,
+}
+
+/// Checks a KV buffer descriptor an engine sent: everything that lets its backing vanish
+/// under the daemon's mapping is refused here. The seals are read first: once
+/// `F_SEAL_SHRINK` is set it can never be removed, so the size read after it is final
+/// (reading the size first would let the engine shrink the file, then seal it).
+fn check_kv_buffer(fd: &OwnedFd, bytes: u64) -> std::result::Result<sys::Backing, String> {
+    let raw = fd.as_raw_fd();
+    let seals = sys::memfd_seals(raw).map_err(|e| {
+        // Refusals travel in a 96-byte reply: reasons are short, the key words first.
+        format!("KV buffer: not a memfd ({e})")
+    })?;
+    if seals & libc::F_SEAL_SHRINK == 0 {
+        return Err("KV buffer memfd must carry F_SEAL_SHRINK".into());
+    }
+    match sys::is_regular_file(raw) {
+        Ok(true) => {}
+        Ok(false) => return Err("KV buffer: not a regular file".into()),
+        Err(e) => return Err(format!("fstat KV buffer: {e}")),
+    }
+    let actual = sys::fd_size(raw).map_err(|e| format!("fstat KV buffer: {e}"))?;
+    if actual != bytes {
+        return Err(format!(
+            "KV buffer size must equal the announced size: {actual} != {bytes}"
+        ));
+    }
+    match sys::backing(raw).map_err(|e| format!("fstatfs KV buffer: {e}"))? {
+        sys::Backing::Other(magic) => Err(format!(
+            "KV buffer: not a memfd (file system {magic:#x}, not shmem or hugetlbfs)"
+        )),
+        b => Ok(b),
+    }
 }
 
 /// The namespace-name rule, shared by the handshake and the daemon's config: 1..=63
@@ -102,20 +144,8 @@ pub fn read_request(stream: &UnixStream) -> Result<AttachRequest> {
         (None, 0) => None,
         (Some(_), 0) => return Err(bad("a file descriptor came without kv_buffer_bytes".into())),
         (Some(fd), bytes) => {
-            let actual =
-                sys::fd_size(fd.as_raw_fd()).map_err(|e| ShmError::io("fstat kv buffer", e))?;
-            if actual < bytes {
-                return Err(bad(format!(
-                    "KV buffer fd has {actual} bytes, request says {bytes}"
-                )));
-            }
-            // A buffer the engine could shrink under our mapping would SIGBUS the daemon.
-            let seals = sys::memfd_seals(fd.as_raw_fd())
-                .map_err(|e| bad(format!("KV buffer is not a sealable memfd: {e}")))?;
-            if seals & libc::F_SEAL_SHRINK == 0 {
-                return Err(bad("KV buffer memfd must carry F_SEAL_SHRINK".into()));
-            }
-            Some((fd, bytes))
+            let backing = check_kv_buffer(&fd, bytes).map_err(bad)?;
+            Some(KvBuffer { fd, bytes, backing })
         }
         (None, bytes) => {
             return Err(bad(format!(

@@ -11,22 +11,26 @@ use std::time::Duration;
 /// Create an anonymous memory file of `bytes`, sealed against shrinking so a peer cannot
 /// truncate it under our mapping (which would turn our reads into SIGBUS).
 pub fn memfd_create_sealed(name: &str, bytes: u64) -> io::Result<OwnedFd> {
-    let cname =
-        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: cname is a valid NUL-terminated string; flags are valid memfd flags.
-    let fd =
-        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = memfd_create(name, libc::MFD_ALLOW_SEALING)?;
     // SAFETY: ftruncate on a valid fd we own.
     if unsafe { libc::ftruncate(fd.as_raw_fd(), bytes as libc::off_t) } != 0 {
         return Err(io::Error::last_os_error());
     }
     seal_no_shrink(fd.as_raw_fd())?;
     Ok(fd)
+}
+
+/// A new, empty memfd (close-on-exec) with `flags` (`MFD_ALLOW_SEALING`, `MFD_HUGETLB`...).
+pub fn memfd_create(name: &str, flags: u32) -> io::Result<OwnedFd> {
+    let cname =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: cname is a valid NUL-terminated string; unknown flag bits fail with EINVAL.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Forbid shrinking (and further sealing changes) of a memfd.
@@ -53,6 +57,52 @@ pub fn memfd_seals(fd: RawFd) -> io::Result<i32> {
         return Err(io::Error::last_os_error());
     }
     Ok(rc)
+}
+
+/// What backs a file: the file system it lives on, from `fstatfs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// shmem (tmpfs), where a plain memfd lives: pages come from ordinary memory and a
+    /// hole an engine punches is refilled with zeroes on the next touch, never a fault.
+    Shmem,
+    /// hugetlbfs (`MFD_HUGETLB`): pages come from the hugepage pool; a punched-out page
+    /// touched while the pool is empty is a SIGBUS in whoever touches it.
+    Hugetlb,
+    /// Any other file system (a regular file, a device), by its magic number.
+    Other(i64),
+}
+
+/// tmpfs/shmem, `TMPFS_MAGIC` in `<linux/magic.h>`.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// hugetlbfs, `HUGETLBFS_MAGIC` in `<linux/magic.h>`.
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// The file system backing `fd`.
+pub fn backing(fd: RawFd) -> io::Result<Backing> {
+    // SAFETY: zeroed statfs is a valid out-parameter; fstatfs fills it for a valid fd.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: st is a valid, writable statfs struct.
+    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type is i64 on x86-64, u32/i32 elsewhere
+    let magic = st.f_type as i64;
+    Ok(match magic {
+        TMPFS_MAGIC => Backing::Shmem,
+        HUGETLBFS_MAGIC => Backing::Hugetlb,
+        m => Backing::Other(m),
+    })
+}
+
+/// True when `fd` is a regular file (not a device, pipe, socket or directory).
+pub fn is_regular_file(fd: RawFd) -> io::Result<bool> {
+    // SAFETY: zeroed stat is a valid out-parameter; fstat fills it for a valid fd.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: st is a valid, writable stat struct.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_mode & libc::S_IFMT == libc::S_IFREG)
 }
 
 /// Size of the file behind `fd`.

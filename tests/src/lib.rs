@@ -214,12 +214,24 @@ pub struct TestEngine {
 pub const TEST_PAGES: u64 = 32;
 pub const TEST_PAGE_BYTES: u64 = 16 * 4 * 128;
 pub const TEST_LAYERS: usize = 4;
+/// Bytes of a test engine's KV buffer (2 MiB: one hugepage).
+pub const TEST_KV_BYTES: u64 = TEST_LAYERS as u64 * 2 * TEST_PAGES * TEST_PAGE_BYTES;
 
 impl TestEngine {
     pub fn attach(socket: &Path, namespace: &str) -> Result<TestEngine, kvplane_shm::ShmError> {
+        let fd = kvplane_shm::sys::memfd_create_sealed("test-kv", TEST_KV_BYTES).expect("memfd");
+        Self::attach_with_buffer(socket, namespace, fd)
+    }
+
+    /// [`TestEngine::attach`] with a KV buffer the caller made (`TEST_KV_BYTES` of it are
+    /// mapped and announced), e.g. a hugetlb memfd.
+    pub fn attach_with_buffer(
+        socket: &Path,
+        namespace: &str,
+        fd: std::os::fd::OwnedFd,
+    ) -> Result<TestEngine, kvplane_shm::ShmError> {
         use kvplane_ffi::Pod;
-        let bytes = TEST_LAYERS as u64 * 2 * TEST_PAGES * TEST_PAGE_BYTES;
-        let fd = kvplane_shm::sys::memfd_create_sealed("test-kv", bytes).expect("memfd");
+        let bytes = TEST_KV_BYTES;
         let kv = kvplane_shm::Segment::map_fd(fd.try_clone().expect("dup"), bytes)?;
         let mut opts = kvplane_shm::AttachOptions::new(socket);
         opts.namespaces = vec![namespace.to_string()];
@@ -469,12 +481,17 @@ pub fn tier_used(status: &serde_json::Value, tier: &str) -> u64 {
 
 /// Resident set size of a process, in KiB (VmRSS from /proc/PID/status).
 pub fn rss_kib(pid: i32) -> u64 {
+    proc_status_kib(pid, "VmRSS")
+}
+
+/// A KiB figure of /proc/PID/status (`VmRSS`, `VmSize`, ...).
+pub fn proc_status_kib(pid: i32, field: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/pid/status");
     s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
 
 /// A small seeded generator (SplitMix64) for fault tests: the same seed gives the same

@@ -361,6 +361,8 @@ fn session_counters(state: &State) -> SessionCounters {
         sessions_total: c.sessions_total.load(Ordering::Relaxed),
         sessions_reclaimed: c.sessions_reclaimed.load(Ordering::Relaxed),
         protocol_violations: c.protocol_violations.load(Ordering::Relaxed),
+        engine_memory_faults: c.engine_memory_faults.load(Ordering::Relaxed),
+        engine_mapped_bytes: state.shared.dataplane.mapped.total_bytes(),
         ops_completed: c.ops_completed.load(Ordering::Relaxed),
         ops_failed: c.ops_failed.load(Ordering::Relaxed),
     }

@@ -226,6 +226,10 @@ pub struct SessionCounters {
     pub sessions_total: u64,
     pub sessions_reclaimed: u64,
     pub protocol_violations: u64,
+    /// Sessions ended because a copy faulted in the engine's own KV buffer.
+    pub engine_memory_faults: u64,
+    /// Engine KV buffers mapped now (against `serve.max_mapped_bytes`).
+    pub engine_mapped_bytes: u64,
     pub ops_completed: u64,
     pub ops_failed: u64,
 }
@@ -585,6 +589,26 @@ pub fn render(s: &Scrape<'_>) -> String {
         "kvplane_protocol_violations_total",
         &[],
         s.counters.protocol_violations,
+    );
+    o.family(
+        "kvplane_engine_memory_faults_total",
+        "counter",
+        "Sessions ended because a copy faulted in the engine's own KV buffer.",
+    );
+    o.sample(
+        "kvplane_engine_memory_faults_total",
+        &[],
+        s.counters.engine_memory_faults,
+    );
+    o.family(
+        "kvplane_engine_mapped_bytes",
+        "gauge",
+        "Bytes of engine KV buffers the daemon maps now.",
+    );
+    o.sample(
+        "kvplane_engine_mapped_bytes",
+        &[],
+        s.counters.engine_mapped_bytes,
     );
     o.family(
         "kvplane_session_info",

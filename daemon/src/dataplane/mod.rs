@@ -12,13 +12,16 @@ use std::time::Instant;
 use kvplane_ffi::{
     self as ffi, Opcode, Pod, Status, kvp_block_op, kvp_cqe, kvp_kv_layout, kvp_stats,
 };
-use kvplane_kernels::host::{EngineKv, HostLaunch};
+use kvplane_kernels::host::{EngineKv, HostLaunch, KernelError};
 use kvplane_kernels::layout::PagedLayout;
 use kvplane_shm::Segment;
 use kvplane_shm::server::{Request, completion};
 use kvplane_shm::sys::PeerCred;
 
-use crate::block::{BlockManager, LoadFailure, Tier};
+use crate::block::{BlockError, BlockManager, LoadFailure, Tier};
+
+pub mod mapped;
+pub use mapped::{MapLimitError, MappedCharge, MappedLedger, NamespaceLimit};
 
 /// Global namespace id: stable across restarts (NVMe slots record it), derived from the
 /// name. Collisions between two live names are refused at attach.
@@ -53,16 +56,21 @@ pub struct Counters {
     /// Block leases held by live sessions (pins not yet unpinned or released at session
     /// end): 0 once every engine has gone, however it ended.
     pub leases_held: AtomicU64,
+    /// Copies that faulted in an engine's KV buffer (its backing vanished); each ended
+    /// its session.
+    pub engine_memory_faults: AtomicU64,
     /// Latency histograms, link bytes, per-namespace lookups (for `/metrics`).
     pub metrics: crate::control::metrics::DataPlaneMetrics,
 }
 
 /// The engine's KV buffer, mapped, and the layout attached to it.
 pub struct EngineBuffer {
-    // Field order is drop order: the raw view goes before the mapping it points into.
+    // Field order is drop order: the raw view goes before the mapping it points into, and
+    // the mapping before the charge that paid for its address space.
     kv: EngineKv,
     layout: Option<PagedLayout>,
     _mapping: Segment,
+    _charge: MappedCharge,
 }
 
 impl std::fmt::Debug for EngineBuffer {
@@ -74,7 +82,8 @@ impl std::fmt::Debug for EngineBuffer {
 }
 
 impl EngineBuffer {
-    pub fn new(mapping: Segment) -> Result<Self, kvplane_shm::ShmError> {
+    /// Wraps a mapping of the engine's buffer, paid for by `charge` (see [`mapped`]).
+    pub fn new(mapping: Segment, charge: MappedCharge) -> Result<Self, kvplane_shm::ShmError> {
         let len = mapping.len();
         let base = mapping.ptr_checked(0, len, 1)?;
         let base = std::ptr::NonNull::new(base).expect("a mapping is never at address 0");
@@ -86,6 +95,7 @@ impl EngineBuffer {
             kv,
             layout: None,
             _mapping: mapping,
+            _charge: charge,
         })
     }
 }
@@ -105,6 +115,9 @@ pub struct SessionData {
     chain: Vec<(u64, Option<u64>)>,
     tiers: Vec<Tier>,
     pages: Vec<u32>,
+    /// Set when a copy faulted in the engine's KV buffer: the session is ended after the
+    /// batch, and no further copy touches the buffer.
+    engine_fault: Option<KernelError>,
 }
 
 impl SessionData {
@@ -124,7 +137,14 @@ impl SessionData {
             chain: Vec::new(),
             tiers: Vec::new(),
             pages: Vec::new(),
+            engine_fault: None,
         }
+    }
+
+    /// The fault that made the engine's KV buffer unusable, if one did: the session must
+    /// end (its engine made its own memory vanish).
+    pub fn engine_fault(&self) -> Option<&KernelError> {
+        self.engine_fault.as_ref()
     }
 }
 
@@ -141,6 +161,9 @@ pub enum NamespaceError {
 #[derive(Default)]
 pub struct DataPlane {
     pub counters: Counters,
+    /// Engine memory mapped for live sessions, against `serve.max_mapped_bytes` and the
+    /// namespaces' `max_mapped_bytes`.
+    pub mapped: Arc<MappedLedger>,
     names: Mutex<HashMap<u32, String>>,
     blocks: Option<Arc<BlockManager>>,
     launch: HostLaunch,
@@ -168,6 +191,20 @@ fn done(
     c.tier = tier;
     c.detail = detail;
     c
+}
+
+/// The engine-memory fault behind a failed copy, with the index of the block it hit.
+fn engine_fault(e: &BlockError) -> Option<(usize, &KernelError)> {
+    let (index, source) = match e {
+        BlockError::Fill { index, source } | BlockError::Drain { index, source } => {
+            (*index, source)
+        }
+        _ => return None,
+    };
+    source
+        .downcast_ref::<KernelError>()
+        .filter(|k| matches!(k, KernelError::EngineFault { .. }))
+        .map(|k| (index, k))
 }
 
 fn micros_since(t0: Instant) -> u32 {
@@ -285,7 +322,9 @@ impl DataPlane {
         let layout = match PagedLayout::new(&raw) {
             Ok(l) => l,
             Err(e) => {
-                tracing::debug!(session = session.id, error = %e, "layout rejected");
+                // An engine's integration bug, worth the operator's eye (the completion
+                // carries only BadArg, detail 2).
+                tracing::warn!(session = session.id, error = %e, "KV layout refused");
                 return fail(Status::BadArg, 2);
             }
         };
@@ -392,9 +431,14 @@ impl DataPlane {
     /// BadArg with the index of the first bad page).
     fn engine_pages<'a>(
         engine: &'a Option<EngineBuffer>,
+        fault: &Option<KernelError>,
         ops: &[kvp_block_op],
         user_data: u64,
     ) -> Result<(&'a EngineBuffer, &'a PagedLayout), kvp_cqe> {
+        if fault.is_some() {
+            // The buffer faulted earlier in this batch; the session ends after it.
+            return Err(done(user_data, Status::BadArg, 0, 0, 0, 0));
+        }
         let Some(engine) = engine.as_ref() else {
             return Err(done(user_data, Status::NoLayout, 0, 0, 0, 0));
         };
@@ -418,10 +462,11 @@ impl DataPlane {
         ns: u32,
     ) -> kvp_cqe {
         let ud = req.user_data;
-        let (engine, layout) = match Self::engine_pages(&session.engine, &session.ops, ud) {
-            Ok(x) => x,
-            Err(cqe) => return cqe,
-        };
+        let (engine, layout) =
+            match Self::engine_pages(&session.engine, &session.engine_fault, &session.ops, ud) {
+                Ok(x) => x,
+                Err(cqe) => return cqe,
+            };
         session.chain.clear();
         session.chain.extend(
             session
@@ -471,6 +516,9 @@ impl DataPlane {
                 done(ud, status, saved, r.bytes, abi_tier(tier), us)
             }
             Err(e) => {
+                if let Some((index, fault)) = engine_fault(&e) {
+                    return self.engine_faulted(session, fault.clone(), ud, index);
+                }
                 tracing::warn!(session = session.id, error = %e, "save failed");
                 done(ud, Status::Internal, 0, 0, 0, us)
             }
@@ -486,10 +534,11 @@ impl DataPlane {
         ns: u32,
     ) -> kvp_cqe {
         let ud = req.user_data;
-        let (engine, layout) = match Self::engine_pages(&session.engine, &session.ops, ud) {
-            Ok(x) => x,
-            Err(cqe) => return cqe,
-        };
+        let (engine, layout) =
+            match Self::engine_pages(&session.engine, &session.engine_fault, &session.ops, ud) {
+                Ok(x) => x,
+                Err(cqe) => return cqe,
+            };
         // Two blocks into one page in one batch is a bug in the engine (and a race on a GPU).
         session.pages.clear();
         session
@@ -510,6 +559,9 @@ impl DataPlane {
         let r = match result {
             Ok(r) => r,
             Err(e) => {
+                if let Some((index, fault)) = engine_fault(&e) {
+                    return self.engine_faulted(session, fault.clone(), ud, index);
+                }
                 tracing::warn!(session = session.id, error = %e, "load failed");
                 return done(ud, Status::Internal, 0, 0, 0, us);
             }
@@ -551,6 +603,24 @@ impl DataPlane {
             _ => us,
         };
         done(ud, status, r.loaded, r.bytes, abi_tier(r.slowest), detail)
+    }
+
+    /// A copy faulted in the engine's KV buffer: its memory is gone (or was never there).
+    /// The op fails with BadArg naming the block (`detail`), nothing it touched is
+    /// published, and the session is marked to end after this batch.
+    fn engine_faulted(
+        &self,
+        session: &mut SessionData,
+        fault: KernelError,
+        user_data: u64,
+        index: usize,
+    ) -> kvp_cqe {
+        tracing::warn!(session = session.id, pid = session.peer.pid, uid = session.peer.uid, block = index, error = %fault, "engine KV buffer faulted; ending the session");
+        self.counters
+            .engine_memory_faults
+            .fetch_add(1, Ordering::Relaxed);
+        session.engine_fault = Some(fault);
+        done(user_data, Status::BadArg, 0, 0, 0, index as u32)
     }
 
     fn stats(&self, session: &SessionData, seg: &Segment, req: &Request) -> kvp_cqe {

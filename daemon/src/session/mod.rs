@@ -19,7 +19,7 @@ use kvplane_shm::server::{self, ServerHeader, completion, validate_sqe};
 use kvplane_shm::{Geometry, Segment, ShmError, WaitPolicy, sys};
 
 use crate::config::Config;
-use crate::dataplane::{DataPlane, EngineBuffer, SessionData};
+use crate::dataplane::{DataPlane, EngineBuffer, NamespaceLimit, SessionData};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -369,6 +369,9 @@ fn run_session(shared: &Arc<DaemonShared>, stream: UnixStream, session_id: u64) 
                 .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(session = session_id, "engine died; session reclaimed")
         }
+        End::EngineMemoryFault(e) => {
+            tracing::warn!(session = session_id, error = %e, "engine memory fault; session ended")
+        }
         End::Violation(e) => {
             shared
                 .dataplane
@@ -448,20 +451,56 @@ fn admit(
     .map_err(|e| (Status::Internal, e.to_string()))?;
     let engine = match &req.kv_buffer {
         None => None,
-        Some((fd, bytes)) => {
-            let fd = fd
-                .try_clone()
-                .map_err(|e| (Status::Internal, format!("dup KV buffer fd: {e}")))?;
-            let mapping = Segment::map_fd(fd, *bytes)
-                .map_err(|e| (Status::BadArg, format!("mapping the KV buffer: {e}")))?;
-            Some(
-                EngineBuffer::new(mapping)
-                    .map_err(|e| (Status::BadArg, format!("KV buffer: {e}")))?,
-            )
-        }
+        Some(kv) => Some(map_kv_buffer(shared, req, kv, &namespaces)?),
     };
     let data = SessionData::new(session_id, req.peer, namespaces, engine);
     Ok((seg, geometry, data))
+}
+
+/// Maps an engine's KV buffer, which the handshake found to be a shrink-sealed memfd of
+/// the announced size: refuses hugetlb backing unless the operator allowed it, and charges
+/// the mapping to the daemon's and the namespaces' limits of mapped engine memory first.
+fn map_kv_buffer(
+    shared: &DaemonShared,
+    req: &AttachRequest,
+    kv: &handshake::KvBuffer,
+    namespace_ids: &[u32],
+) -> Result<EngineBuffer, (Status, String)> {
+    let cfg = &shared.config.serve;
+    if kv.backing == sys::Backing::Hugetlb && !cfg.allow_hugetlb_kv_buffers {
+        return Err((
+            Status::BadArg,
+            "hugetlb KV buffer refused: its pages can vanish (serve.allow_hugetlb_kv_buffers)"
+                .into(),
+        ));
+    }
+    let limits: Vec<NamespaceLimit<'_>> = req
+        .namespaces
+        .iter()
+        .zip(namespace_ids)
+        .map(|(name, &id)| NamespaceLimit {
+            id,
+            name,
+            max_mapped_bytes: shared
+                .config
+                .namespaces
+                .iter()
+                .find(|n| &n.name == name)
+                .and_then(|n| n.max_mapped_bytes),
+        })
+        .collect();
+    let charge = shared
+        .dataplane
+        .mapped
+        .charge(kv.bytes, cfg.mapped_bytes_limit(), &limits)
+        .map_err(|e| (Status::NoSpace, e.to_string()))?;
+    let fd = kv
+        .fd
+        .try_clone()
+        .map_err(|e| (Status::Internal, format!("dup KV buffer fd: {e}")))?;
+    let mapping = Segment::map_fd(fd, kv.bytes)
+        .map_err(|e| (Status::BadArg, format!("mapping the KV buffer: {e}")))?;
+    EngineBuffer::new(mapping, charge).map_err(|e| (Status::BadArg, format!("KV buffer: {e}")))
 }
 
 #[derive(Debug)]
@@ -470,6 +509,8 @@ enum End {
     EngineDied,
     Shutdown,
     Violation(ShmError),
+    /// A copy faulted in the engine's KV buffer (its backing vanished).
+    EngineMemoryFault(String),
 }
 
 /// Submissions taken per queue pair per pass: bounded work before looking at the others,
@@ -539,6 +580,9 @@ fn serve_session(
                     });
                 }
                 Err(e) => return End::Violation(e),
+            }
+            if let Some(fault) = data.engine_fault() {
+                return End::EngineMemoryFault(fault.to_string());
             }
         }
         if shared.stop.load(Ordering::Relaxed) {
