@@ -148,7 +148,7 @@ fn quiet_vs_flood(flood_quota: bool) -> (QuietReport, QuietReport, (u64, u64), R
     let (code, metrics) = http_get(&addr, "/metrics");
     assert_eq!(code, 200);
     let out = std::process::Command::new(kvplane_bin())
-        .args(["status", "--addr", &addr])
+        .args(["status", "--socket", &addr])
         .output()
         .expect("run kvplane status");
     assert!(out.status.success());

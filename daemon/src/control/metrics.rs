@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use kvplane_ffi::Opcode;
 
+use super::access::View;
 use crate::block::{BlockStats, LoadReport, SaveReport, Tier};
 use crate::session::SessionSummary;
 
@@ -240,6 +241,9 @@ pub struct Scrape<'a> {
     pub namespace_names: &'a BTreeMap<u32, String>,
     pub uptime_s: f64,
     pub backend: &'a str,
+    /// Who asks: namespace-labelled series are rendered only for namespaces it may see
+    /// (`sessions` is already filtered).
+    pub view: &'a View,
 }
 
 /// Label value escaping per the Prometheus text format.
@@ -354,13 +358,18 @@ pub fn render(s: &Scrape<'_>) -> String {
                 );
             }
         }
-        if !b.namespaces.is_empty() {
+        let quota_namespaces: Vec<_> = b
+            .namespaces
+            .iter()
+            .filter(|q| s.view.sees_namespace(&q.name))
+            .collect();
+        if !quota_namespaces.is_empty() {
             o.family(
                 "kvplane_namespace_blocks",
                 "gauge",
                 "Blocks a namespace with a quota holds in each tier.",
             );
-            for q in &b.namespaces {
+            for q in &quota_namespaces {
                 for t in Tier::ALL {
                     o.sample(
                         "kvplane_namespace_blocks",
@@ -374,7 +383,7 @@ pub fn render(s: &Scrape<'_>) -> String {
                 "gauge",
                 "A namespace's quota in each tier, in blocks (tiers without a limit are absent).",
             );
-            for q in &b.namespaces {
+            for q in &quota_namespaces {
                 for t in Tier::ALL {
                     if let Some(max) = q.max_slots[t.index()] {
                         o.sample(
@@ -473,6 +482,9 @@ pub fn render(s: &Scrape<'_>) -> String {
             .get(ns)
             .map(String::as_str)
             .unwrap_or(&fallback);
+        if !s.view.sees_namespace(name) {
+            continue;
+        }
         for t in Tier::ALL {
             let v = l.hits[t.index()];
             o.sample(
@@ -652,6 +664,7 @@ mod tests {
             namespace_names: &names,
             uptime_s: 1.0,
             backend: "host",
+            view: &View::All,
         });
         assert!(
             text.contains("kvplane_link_bytes_total{link=\"engine_to_host\"} 4096\n"),
