@@ -700,4 +700,63 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn views_hide_other_namespaces_and_sessions() {
+        let m = DataPlaneMetrics::default();
+        m.record_lookup(1, &[Tier::Host], 1, 1);
+        m.record_lookup(2, &[Tier::Host], 1, 1);
+        let names = BTreeMap::from([(1u32, "mine".to_string()), (2u32, "theirs".to_string())]);
+        let session = |uid: u32, ns: &str| SessionSummary {
+            session_id: u64::from(uid),
+            pid: 100 + uid as i32,
+            uid,
+            namespaces: vec![ns.into()],
+            queue_pairs: 1,
+        };
+        let all = [session(7, "mine"), session(8, "theirs")];
+        let counters = SessionCounters::default();
+        let render_as = |view: &View| {
+            let sessions: Vec<SessionSummary> = all
+                .iter()
+                .filter(|s| view.sees_session(s))
+                .cloned()
+                .collect();
+            render(&Scrape {
+                blocks: None,
+                metrics: &m,
+                counters: &counters,
+                sessions: &sessions,
+                namespace_names: &names,
+                uptime_s: 1.0,
+                backend: "host",
+                view,
+            })
+        };
+        let tenant = View::Tenant {
+            uid: 7,
+            namespaces: ["mine".to_string()].into(),
+        };
+        let text = render_as(&tenant);
+        assert!(text.contains("namespace=\"mine\""), "{text}");
+        assert!(
+            !text.contains("theirs") && !text.contains("uid=\"8\""),
+            "{text}"
+        );
+        assert!(text.contains("uid=\"7\""), "{text}");
+        let text = render_as(&View::Aggregate);
+        assert!(
+            !text.contains("namespace=") && !text.contains("uid="),
+            "{text}"
+        );
+        assert!(
+            text.contains("kvplane_link_bytes_total"),
+            "aggregates stay: {text}"
+        );
+        let text = render_as(&View::All);
+        assert!(
+            text.contains("theirs") && text.contains("uid=\"8\""),
+            "{text}"
+        );
+    }
 }
