@@ -336,6 +336,16 @@ fn run_as_uid_switches_user_after_setup() {
         "[serve]\nrun_as_uid = 65534\nrun_as_gid = 65534\n",
     );
     let daemon = DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    // The engine socket is bound (and connectable) just before the switch: wait for it.
+    let t0 = Instant::now();
+    while !daemon.log_text().contains("privileges dropped") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no privilege drop logged:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let s = proc_status(daemon.child.id(), None);
     assert!(
         field(&s, "Uid:").split_whitespace().all(|u| u == "65534"),
