@@ -339,9 +339,21 @@ direct = {direct}
 verify_on_scan = {verify}
 
 [control]
-# Loopback address of the control server: GET /metrics (Prometheus), /status (JSON for
-# `kvplane status`), /healthz. Empty disables it. Only loopback addresses are accepted.
+# Loopback TCP port for Prometheus: GET /metrics (daemon-wide aggregates: no namespace,
+# session, pid or uid) and /healthz. Empty disables it. Only loopback addresses.
 metrics_addr = "{metrics_addr}"
+# The control socket: GET /status (`kvplane status`), /metrics, /healthz, shown per
+# caller uid (SO_PEERCRED): root, the daemon's uid and admin_uids see everything; a uid
+# of a [[namespaces]] entry sees its own namespaces and sessions; anyone else gets 403.
+# Unset: next to serve.socket_path (kvplane.sock -> kvplane.control.sock). "" disables.
+# socket_path = "/run/kvplane/kvplane.control.sock"
+socket_mode = 0o{control_mode:o}
+# Group of the control socket file (members may connect; uids still decide what they see).
+# socket_gid = 990
+admin_uids = []
+# Serve /status and per-namespace /metrics over TCP too: every local user (and any local
+# browser page) then reads every tenant's sessions and activity. Single-tenant nodes only.
+tcp_tenant_data = {tcp_tenant_data}
 
 [events]
 # Routers' event listeners ("host:port") this daemon streams its KV events to, with a
@@ -387,6 +399,8 @@ queue_events = {queue_events}
             direct = n.direct,
             verify = n.verify_on_scan,
             metrics_addr = d.control.metrics_addr,
+            control_mode = d.control.socket_mode,
+            tcp_tenant_data = d.control.tcp_tenant_data,
             queue_events = d.events.queue_events,
         )
     }

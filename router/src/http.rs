@@ -1,6 +1,5 @@
-//! The minimal HTTP/1.1 both kvplane servers speak (the router's API and the daemon's
-//! loopback control server): one request per connection, a bounded head, `Connection:
-//! close`. Each server keeps its own routes and body rules; the wire format is here once.
+//! The minimal HTTP/1.1 the router's API speaks: one request per connection, a bounded
+//! head, `Connection: close`. (The daemon's control server uses hyper.)
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -4,6 +4,7 @@
 //! The binaries come from `cargo build --workspace` (the README's test command runs it
 //! before `cargo test`); a missing one is a clear failure, never a skip.
 
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -414,36 +415,67 @@ impl TestEngine {
     }
 }
 
-/// The control-plane address a daemon logged ("control server listening ... addr=IP:PORT");
-/// use with `[control] metrics_addr = "127.0.0.1:0"` so parallel tests never share a port.
-pub fn control_addr(daemon: &DaemonProc) -> String {
+/// The value of `key=` on the first log line containing `message`, waiting for it.
+fn logged_value(daemon: &DaemonProc, message: &str, key: &str) -> String {
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(10) {
         let log = daemon.log_text();
-        if let Some(line) = log.lines().find(|l| l.contains("control server listening"))
-            && let Some(addr) = line.split("addr=").nth(1)
+        if let Some(line) = log.lines().find(|l| l.contains(message))
+            && let Some(v) = line.split(key).nth(1)
         {
-            return addr.split_whitespace().next().expect("address").to_string();
+            return v.split_whitespace().next().expect("value").to_string();
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!(
-        "no control server address in the log:\n{}",
-        daemon.log_text()
-    );
+    panic!("no `{message}` {key} in the log:\n{}", daemon.log_text());
 }
 
-/// A raw HTTP exchange with a control server; returns (status code, body).
-pub fn http(addr: &str, request: &[u8]) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the control server");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+/// The daemon's control socket (it logs "control socket listening ... path=PATH"), where
+/// the test process, the daemon's own uid, sees everything. The helpers below take it
+/// (a path) or a TCP address alike.
+pub fn control_addr(daemon: &DaemonProc) -> String {
+    logged_value(daemon, "control socket listening", "path=")
+}
+
+/// The loopback TCP address of the control server ("control server listening ...
+/// addr=IP:PORT"); use with `[control] metrics_addr = "127.0.0.1:0"` so parallel tests
+/// never share a port. It serves `/healthz` and aggregate `/metrics` only by default.
+pub fn control_tcp_addr(daemon: &DaemonProc) -> String {
+    logged_value(daemon, "control server listening", "addr=")
+}
+
+/// Connects to a control endpoint: a Unix socket path (starting with `/`) or `IP:port`.
+pub fn control_connect(endpoint: &str) -> Box<dyn ReadWrite> {
+    if endpoint.starts_with('/') {
+        let s = std::os::unix::net::UnixStream::connect(endpoint)
+            .unwrap_or_else(|e| panic!("connect to {endpoint}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        Box::new(s)
+    } else {
+        let s = std::net::TcpStream::connect(endpoint)
+            .unwrap_or_else(|e| panic!("connect to {endpoint}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        Box::new(s)
+    }
+}
+
+/// A byte stream (TCP or Unix).
+pub trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+/// A raw HTTP exchange with a control server (socket path or `IP:port`); returns
+/// (status code, body).
+pub fn http(endpoint: &str, request: &[u8]) -> (u16, String) {
+    let mut s = control_connect(endpoint);
     s.write_all(request).expect("send");
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read the response");
     let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
     let code = head
         .split(' ')
         .nth(1)
@@ -452,19 +484,87 @@ pub fn http(addr: &str, request: &[u8]) -> (u16, String) {
     (code, body.to_string())
 }
 
-/// `GET path` from a control server; returns (status code, body).
-pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+/// `GET path` from a control server (socket path or `IP:port`), as a local client does
+/// (`Host: localhost`); returns (status code, body).
+pub fn http_get(endpoint: &str, path: &str) -> (u16, String) {
     http(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        endpoint,
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes(),
     )
 }
 
 /// `GET /status` from a daemon's control server, parsed.
-pub fn status_json(addr: &str) -> serde_json::Value {
-    let (code, body) = http_get(addr, "/status");
+pub fn status_json(endpoint: &str) -> serde_json::Value {
+    let (code, body) = http_get(endpoint, "/status");
     assert_eq!(code, 200, "/status: {body}");
     serde_json::from_str(&body).expect("/status is JSON")
+}
+
+/// Runs `f` in a forked child that has become `uid`/`gid` (no supplementary groups), and
+/// returns the string it produced: a client that really is another user. Needs root; the
+/// child's failure (or panic) fails the caller.
+pub fn as_user(uid: u32, gid: u32, f: impl FnOnce() -> String) -> String {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: the child only switches ids, runs `f` and leaves with _exit (no return into
+    // the test harness, no destructors of the parent's state).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: plain syscalls on integers; a null list of zero groups is valid.
+        let switched = unsafe {
+            libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setresgid(gid, gid, gid) == 0
+                && libc::setresuid(uid, uid, uid) == 0
+        };
+        let (out, code) = if !switched {
+            (
+                format!(
+                    "switching to uid {uid}: {}",
+                    std::io::Error::last_os_error()
+                ),
+                2,
+            )
+        } else {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                Ok(out) => (out, 0),
+                Err(p) => (
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "panic".into()),
+                    3,
+                ),
+            }
+        };
+        let mut rest = out.as_bytes();
+        while !rest.is_empty() {
+            // SAFETY: writing from a live buffer of `rest.len()` bytes to our pipe end.
+            let n = unsafe { libc::write(fds[1], rest.as_ptr().cast(), rest.len()) };
+            if n <= 0 {
+                break;
+            }
+            rest = &rest[n as usize..];
+        }
+        // SAFETY: ends the child without running the parent's atexit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    // SAFETY: closing our copy of the write end, which we own.
+    unsafe { libc::close(fds[1]) };
+    // SAFETY: the read end is ours alone from here.
+    let mut r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+    let mut out = String::new();
+    r.read_to_string(&mut out).expect("read the child's output");
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child as uid {uid} failed (status {status:#x}): {out}"
+    );
+    out
 }
 
 /// `used_blocks` of one tier ("hbm", "host", "nvme") in a `/status` report.

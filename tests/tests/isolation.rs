@@ -148,7 +148,7 @@ fn quiet_vs_flood(flood_quota: bool) -> (QuietReport, QuietReport, (u64, u64), R
     let (code, metrics) = http_get(&addr, "/metrics");
     assert_eq!(code, 200);
     let out = std::process::Command::new(kvplane_bin())
-        .args(["status", "--addr", &addr])
+        .args(["status", "--socket", &addr])
         .output()
         .expect("run kvplane status");
     assert!(out.status.success());
@@ -336,6 +336,16 @@ fn run_as_uid_switches_user_after_setup() {
         "[serve]\nrun_as_uid = 65534\nrun_as_gid = 65534\n",
     );
     let daemon = DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    // The engine socket is bound (and connectable) just before the switch: wait for it.
+    let t0 = Instant::now();
+    while !daemon.log_text().contains("privileges dropped") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no privilege drop logged:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let s = proc_status(daemon.child.id(), None);
     assert!(
         field(&s, "Uid:").split_whitespace().all(|u| u == "65534"),

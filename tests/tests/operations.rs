@@ -158,7 +158,7 @@ fn status_json_shows_tiers_sessions_namespaces_and_backend() {
     let mut e = TestEngine::attach(&daemon.socket, "ns-status").unwrap();
     traffic(&mut e);
     let out = Command::new(kvplane_bin())
-        .args(["status", "--json", "--addr", &addr])
+        .args(["status", "--json", "--socket", &addr])
         .output()
         .unwrap();
     assert!(
@@ -210,7 +210,7 @@ fn status_json_shows_tiers_sessions_namespaces_and_backend() {
     }
     // The table for people.
     let out = Command::new(kvplane_bin())
-        .args(["status", "--addr", &addr])
+        .args(["status", "--socket", &addr])
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
@@ -222,7 +222,7 @@ fn status_json_shows_tiers_sessions_namespaces_and_backend() {
     // Nothing listening: a clear error, non-zero exit.
     drop(daemon);
     let out = Command::new(kvplane_bin())
-        .args(["status", "--addr", &addr, "--timeout-ms", "500"])
+        .args(["status", "--socket", &addr, "--timeout-ms", "500"])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -241,7 +241,7 @@ fn bad_control_requests_get_4xx_with_a_reason() {
     let addr = control_addr(&daemon);
     let (code, body) = http(
         &addr,
-        b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        b"POST /metrics HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
     );
     assert_eq!(code, 405, "{body}");
     assert!(body.contains("POST"));
@@ -252,7 +252,7 @@ fn bad_control_requests_get_4xx_with_a_reason() {
     assert_eq!(code, 400);
     let (code, body) = http(
         &addr,
-        b"GET /status HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+        b"GET /status HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello",
     );
     assert_eq!(code, 413, "{body}");
     let huge = format!(

@@ -1263,12 +1263,11 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
     )?;
     let pid = daemon.pid();
     let socket = dir.join("kvplane.sock");
-    let metrics = port.map(|p| format!("127.0.0.1:{p}"));
-    let fetch_status = || {
-        metrics
-            .as_deref()
-            .and_then(|a| crate::cli::status::fetch(a, Duration::from_secs(5)).ok())
-    };
+    // `/status` names sessions and namespaces: it is served on the control socket (next
+    // to the engine socket), where this process, the daemon's own uid, sees everything.
+    let control =
+        crate::cli::status::Endpoint::Unix(crate::control::admin::default_socket_path(&socket));
+    let fetch_status = || crate::cli::status::fetch(&control, Duration::from_secs(5)).ok();
     if let Some(st) = fetch_status() {
         let nvme = st
             .tiers

@@ -357,7 +357,7 @@ hugepages = "never"
     );
     // Several daemons (and other runs) share the machine: no fixed metrics port.
     if crate::config::Config::default_toml().contains("[control]") {
-        s.push_str("\n[control]\nmetrics_addr = \"\"\n");
+        s.push_str("\n[control]\nmetrics_addr = \"\"\nsocket_path = \"\"\n");
     }
     // The daemon streams its tiers' KV events to the driver's router, when this build's
     // daemon has the `[events]` section.

@@ -84,6 +84,10 @@ pub fn run(args: ServeArgs) -> CliResult {
         run_as_uid: config.serve.run_as_uid,
         run_as_gid: config.serve.run_as_gid,
     });
+    // The control listeners first (the engine socket answering is what tells clients the
+    // daemon is up): the control socket's group is set with CAP_CHOWN, its directory may
+    // be root's.
+    let control = crate::control::admin::bind_for(&config);
     let bound = Daemon::bind(config.clone(), Arc::clone(&dataplane))?;
     if let Some(plan) = drop {
         let now = drop_privileges(plan)?;
@@ -109,7 +113,7 @@ pub fn run(args: ServeArgs) -> CliResult {
         None
     };
     let daemon = bound.start()?;
-    let control = crate::control::admin::start_for(&daemon);
+    let control = crate::control::admin::start_for(&daemon, control);
     let sig = signals::wait_termination()?;
     tracing::info!(signal = sig, "shutting down: finishing in-flight batches");
     crate::control::admin::shutdown(daemon, control);

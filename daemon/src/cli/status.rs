@@ -1,25 +1,64 @@
 //! `kvplane status`: like `nvidia-smi` for KV. Reads `GET /status` from the running
-//! daemon's control server and prints tiers, hit rates, throughput, sessions and GPUs, or
-//! the daemon's JSON with `--json`.
+//! daemon's control socket (or, where the operator allows it, its loopback TCP port) and
+//! prints tiers, hit rates, throughput, sessions and GPUs, or the daemon's JSON with
+//! `--json`. What it shows depends on who runs it: the operator sees everything, a tenant
+//! its own namespaces and sessions (the daemon checks the caller's uid).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::CliResult;
 use crate::control::admin::StatusReport;
+
+/// The default engine socket's control socket (`[control] socket_path` unset).
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/kvplane/kvplane.control.sock";
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// The daemon's control address (`[control] metrics_addr`).
-    #[arg(long, default_value = "127.0.0.1:9464")]
-    pub addr: String,
+    /// The daemon's control socket (`[control] socket_path`; by default next to the engine
+    /// socket, `kvplane.sock` -> `kvplane.control.sock`).
+    #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+    pub socket: PathBuf,
+    /// Ask the loopback TCP listener instead (`[control] metrics_addr`; it serves
+    /// `/status` only with `tcp_tenant_data = true`).
+    #[arg(long)]
+    pub addr: Option<String>,
     /// Give up after this many milliseconds.
     #[arg(long, default_value_t = 3000)]
     pub timeout_ms: u64,
+}
+
+/// Where the control server is.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    /// The control Unix socket.
+    Unix(PathBuf),
+    /// A loopback `IP:port`.
+    Tcp(String),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "{}", p.display()),
+            Endpoint::Tcp(a) => f.write_str(a),
+        }
+    }
+}
+
+impl StatusArgs {
+    pub fn endpoint(&self) -> Endpoint {
+        match &self.addr {
+            Some(a) => Endpoint::Tcp(a.clone()),
+            None => Endpoint::Unix(self.socket.clone()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -27,54 +66,90 @@ pub enum StatusError {
     #[error("control address `{addr}`: {reason}")]
     Addr { addr: String, reason: String },
     #[error(
-        "no kvplane daemon answering at {addr} ({source}); is `kvplane serve` running, and is [control] metrics_addr this address?"
+        "no kvplane daemon answering at {at} ({source}); is `kvplane serve` running, and is this its control socket ([control] socket_path) or metrics_addr?"
     )]
     Connect {
-        addr: SocketAddr,
+        at: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("reading /status from {addr}: {source}")]
+    #[error("reading from {at}: {source}")]
     Io {
-        addr: SocketAddr,
+        at: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{addr} answered {status_line}: {body}")]
+    #[error("{at} answered {status_line}: {body}")]
     Http {
-        addr: SocketAddr,
+        at: String,
         status_line: String,
         body: String,
     },
-    #[error("{addr} sent a /status body that is not a kvplane status: {source}")]
+    #[error("{at} sent a /status body that is not a kvplane status: {source}")]
     Decode {
-        addr: SocketAddr,
+        at: String,
         #[source]
         source: serde_json::Error,
     },
 }
 
+/// A connected stream to the control server, with its timeouts set.
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
+fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Box<dyn Stream>, StatusError> {
+    let at = endpoint.to_string();
+    let io = |source| StatusError::Io {
+        at: at.clone(),
+        source,
+    };
+    let connect_err = |source| StatusError::Connect {
+        at: at.clone(),
+        source,
+    };
+    match endpoint {
+        Endpoint::Unix(path) => {
+            let s = UnixStream::connect(path).map_err(connect_err)?;
+            s.set_read_timeout(Some(timeout)).map_err(io)?;
+            s.set_write_timeout(Some(timeout)).map_err(io)?;
+            Ok(Box::new(s))
+        }
+        Endpoint::Tcp(addr) => {
+            let sock = addr
+                .to_socket_addrs()
+                .map_err(|e| StatusError::Addr {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?
+                .next()
+                .ok_or_else(|| StatusError::Addr {
+                    addr: addr.clone(),
+                    reason: "resolves to nothing".into(),
+                })?;
+            let s = TcpStream::connect_timeout(&sock, timeout).map_err(connect_err)?;
+            s.set_read_timeout(Some(timeout)).map_err(io)?;
+            s.set_write_timeout(Some(timeout)).map_err(io)?;
+            Ok(Box::new(s))
+        }
+    }
+}
+
 /// One blocking `GET path` against the control server; returns the body of a 200.
-pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<String, StatusError> {
-    let sock = addr
-        .to_socket_addrs()
-        .map_err(|e| StatusError::Addr {
-            addr: addr.into(),
-            reason: e.to_string(),
-        })?
-        .next()
-        .ok_or_else(|| StatusError::Addr {
-            addr: addr.into(),
-            reason: "resolves to nothing".into(),
-        })?;
-    let io = |source| StatusError::Io { addr: sock, source };
-    let mut stream = TcpStream::connect_timeout(&sock, timeout)
-        .map_err(|source| StatusError::Connect { addr: sock, source })?;
-    stream.set_read_timeout(Some(timeout)).map_err(io)?;
-    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+pub fn http_get(endpoint: &Endpoint, path: &str, timeout: Duration) -> Result<String, StatusError> {
+    let at = endpoint.to_string();
+    let io = |source| StatusError::Io {
+        at: at.clone(),
+        source,
+    };
+    let mut stream = connect(endpoint, timeout)?;
+    // The server answers only loopback Host names (DNS rebinding).
+    let host = match endpoint {
+        Endpoint::Unix(_) => "localhost",
+        Endpoint::Tcp(a) => a.as_str(),
+    };
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )
     .map_err(io)?;
     let mut raw = Vec::new();
@@ -85,7 +160,7 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<String, Sta
     let status_line = head.lines().next().unwrap_or("").to_string();
     if status_line.split(' ').nth(1) != Some("200") {
         return Err(StatusError::Http {
-            addr: sock,
+            at,
             status_line,
             body: body.trim().to_string(),
         });
@@ -93,14 +168,12 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<String, Sta
     Ok(body.to_string())
 }
 
-pub fn fetch(addr: &str, timeout: Duration) -> Result<StatusReport, StatusError> {
-    let body = http_get(addr, "/status", timeout)?;
-    let sock = addr
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-    serde_json::from_str(&body).map_err(|source| StatusError::Decode { addr: sock, source })
+pub fn fetch(endpoint: &Endpoint, timeout: Duration) -> Result<StatusReport, StatusError> {
+    let body = http_get(endpoint, "/status", timeout)?;
+    serde_json::from_str(&body).map_err(|source| StatusError::Decode {
+        at: endpoint.to_string(),
+        source,
+    })
 }
 
 fn gib(bytes: u64) -> String {
@@ -264,12 +337,12 @@ pub fn render(s: &StatusReport) -> String {
 
 pub fn run(args: StatusArgs) -> CliResult {
     let timeout = Duration::from_millis(args.timeout_ms.max(1));
+    let report = fetch(&args.endpoint(), timeout)?;
     if args.json {
         // The daemon's own JSON, re-serialised through the typed report (one object).
-        let report = fetch(&args.addr, timeout)?;
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        print!("{}", render(&fetch(&args.addr, timeout)?));
+        print!("{}", render(&report));
     }
     Ok(())
 }

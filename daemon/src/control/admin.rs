@@ -1,44 +1,101 @@
 //! The control-plane HTTP server: `GET /metrics` (Prometheus text), `GET /status` (the
-//! JSON `kvplane status` reads) and `GET /healthz`, on a loopback TCP port, served by a
-//! current-thread tokio runtime on its own thread. It only reads
-//! counters and takes the block manager's lock briefly for `stats()`; it is never on the
-//! data path. Requests are bounded (head size, time, connections) and bad ones get a 4xx
-//! with a reason.
+//! JSON `kvplane status` reads) and `GET /healthz`, served by hyper on a current-thread
+//! tokio runtime on its own thread. It only reads counters and takes the block manager's
+//! lock briefly for `stats()`; it is never on the data path.
+//!
+//! Two listeners, both optional: the control Unix socket (default, next to the engine
+//! socket), where the kernel names the caller (SO_PEERCRED) and each uid sees what
+//! [`AccessPolicy`] allows; and a loopback TCP port for Prometheus, which has no caller
+//! identity and so serves `/healthz` and daemon-wide aggregate `/metrics` only unless
+//! `control.tcp_tenant_data` is set. Every request must name a loopback Host (DNS
+//! rebinding), and connections are bounded in number, in head size and in time: an idle
+//! or slow client is closed after 2 s, and when the table is full the oldest connection
+//! that has not sent a request yet makes room, so idle connections cannot starve
+//! `/healthz`.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use http_body_util::Full;
+use hyper::body::{Body, Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 
-use kvplane_router::http::{self, Head, Response};
-
+use super::access::{AccessPolicy, Caller, View, host_is_loopback};
+use super::listen::{SocketError, bind_control_socket};
 use super::metrics::{self, Link, Scrape, SessionCounters};
 use crate::block::Tier;
-use crate::config::ConfigError;
+use crate::config::{Config, ConfigError};
 use crate::session::DaemonShared;
 
-/// `[control]`: the control-plane (metrics and status) listener.
+/// `[control]`: the control-plane (metrics and status) listeners.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
-    /// Loopback address for `/metrics` and `/status`; empty disables the server.
+    /// Loopback address for Prometheus scrapes of `/metrics` (aggregates only, unless
+    /// `tcp_tenant_data`) and `/healthz`; empty disables the TCP listener.
     pub metrics_addr: String,
+    /// The control Unix socket (`/status`, `/metrics`, `/healthz`, shown per caller uid).
+    /// Unset: next to the engine socket (`kvplane.sock` -> `kvplane.control.sock`);
+    /// empty: no control socket.
+    pub socket_path: Option<PathBuf>,
+    /// Permission bits of the control socket file.
+    pub socket_mode: u32,
+    /// Group of the control socket file (with `socket_mode = 0o660`, the group whose
+    /// members may connect; what each sees still depends on its uid).
+    pub socket_gid: Option<u32>,
+    /// uids shown everything on the control socket, besides root and the daemon's own uid.
+    pub admin_uids: Vec<u32>,
+    /// Serve `/status` and per-namespace `/metrics` series over TCP too. Any local user
+    /// (and any local browser page that passes the Host check) can then read every
+    /// tenant's sessions and activity: only for single-tenant nodes.
+    pub tcp_tenant_data: bool,
 }
 
 impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             metrics_addr: "127.0.0.1:9464".into(),
+            socket_path: None,
+            socket_mode: 0o660,
+            socket_gid: None,
+            admin_uids: Vec::new(),
+            tcp_tenant_data: false,
         }
     }
 }
 
 impl ControlConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.socket_mode & !0o777 != 0 {
+            return Err(ConfigError::Invalid {
+                key: "control.socket_mode".into(),
+                reason: format!(
+                    "0o{:o} has bits beyond 0o777 (setuid, setgid, sticky)",
+                    self.socket_mode
+                ),
+            });
+        }
+        if let Some(p) = &self.socket_path
+            && !p.as_os_str().is_empty()
+            && !p.is_absolute()
+        {
+            return Err(ConfigError::Invalid {
+                key: "control.socket_path".into(),
+                reason: format!("`{}` is not an absolute path", p.display()),
+            });
+        }
         if self.metrics_addr.is_empty() {
             return Ok(());
         }
@@ -49,7 +106,7 @@ impl ControlConfig {
                     key: "control.metrics_addr".into(),
                     reason: format!("`{}` is not an IP:port address ({e})", self.metrics_addr),
                 })?;
-        // Metrics and status carry namespace names and pids: never on a public interface.
+        // Metrics carry daemon-wide activity: never on a public interface.
         if !addr.ip().is_loopback() {
             return Err(ConfigError::Invalid {
                 key: "control.metrics_addr".into(),
@@ -61,6 +118,21 @@ impl ControlConfig {
         }
         Ok(())
     }
+
+    /// The control socket for a daemon whose engine socket is `engine_socket`, or `None`
+    /// when disabled.
+    pub fn resolved_socket_path(&self, engine_socket: &Path) -> Option<PathBuf> {
+        match &self.socket_path {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p.clone()),
+            None => Some(default_socket_path(engine_socket)),
+        }
+    }
+}
+
+/// `kvplane.sock` -> `kvplane.control.sock`, in the same directory.
+pub fn default_socket_path(engine_socket: &Path) -> PathBuf {
+    engine_socket.with_extension("control.sock")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,16 +143,25 @@ pub enum AdminError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     #[error("starting the control-plane runtime: {0}")]
     Runtime(#[source] std::io::Error),
 }
 
-/// Most simultaneous control connections; more wait in the kernel's backlog.
-const MAX_CONNECTIONS: usize = 32;
-/// Largest request head accepted (request line + headers).
+/// Most connections open at once on each listener; past it, the oldest one that has not
+/// sent its request yet is closed to make room.
+const MAX_CONNECTIONS: usize = 256;
+/// Largest request head accepted (request line + headers); hyper's smallest buffer.
 const MAX_HEAD_BYTES: usize = 8 << 10;
-/// A client gets this long to send its request head.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client gets this long from connecting to the end of its request head. Control
+/// clients send a few hundred bytes at once, so this only ever closes idle or slow ones.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// No connection lives longer than this (a client that does not read its response).
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections the kernel queues for `accept` (std's default of 128 overflows under a
+/// burst of connects, and a dropped SYN costs the next client a 1 s retransmit).
+const TCP_BACKLOG: u32 = 1024;
 /// Throughput in `/status` is averaged over at most this window.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -89,51 +170,120 @@ type Sample = (Instant, [u64; 5]);
 
 struct State {
     shared: Arc<DaemonShared>,
+    policy: AccessPolicy,
+    /// The control socket, named in the TCP listener's 403s.
+    socket_path: Option<PathBuf>,
     started: Instant,
     /// GPU topology read once at start (NVML can take a while), or why there is none.
     gpus: Result<Vec<GpuStatus>, String>,
     samples: Mutex<VecDeque<Sample>>,
 }
 
-/// The running control server. `stop` (or drop) ends it and joins its thread.
-pub struct ControlServer {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
 }
 
-impl std::fmt::Debug for ControlServer {
+/// The control listeners, bound (before privileges are dropped: the socket's group needs
+/// CAP_CHOWN, its directory may be root's) but not served yet.
+pub struct BoundControl {
+    runtime: tokio::runtime::Runtime,
+    listeners: Vec<Listener>,
+    addr: Option<SocketAddr>,
+    socket_path: Option<PathBuf>,
+    policy: AccessPolicy,
+}
+
+impl std::fmt::Debug for BoundControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ControlServer")
+        f.debug_struct("BoundControl")
             .field("addr", &self.addr)
+            .field("socket_path", &self.socket_path)
             .finish()
     }
 }
 
-impl ControlServer {
-    /// Binds `config.metrics_addr` and serves it on a new thread. `Ok(None)` when the
-    /// server is disabled (empty address).
-    pub fn start(
-        config: &ControlConfig,
-        shared: Arc<DaemonShared>,
-    ) -> Result<Option<ControlServer>, AdminError> {
-        if config.metrics_addr.is_empty() {
-            return Ok(None);
+impl BoundControl {
+    /// Binds the configured listeners. Each one that fails is returned in the error list
+    /// and left out; `Ok(None)` when none is configured or none bound.
+    pub fn bind(config: &Config) -> (Option<BoundControl>, Vec<AdminError>) {
+        let c = &config.control;
+        let socket = c.resolved_socket_path(&config.serve.socket_path);
+        if c.metrics_addr.is_empty() && socket.is_none() {
+            return (None, Vec::new());
         }
-        let bind_err = |source| AdminError::Bind {
-            addr: config.metrics_addr.clone(),
-            source,
-        };
-        let std_listener = std::net::TcpListener::bind(&config.metrics_addr).map_err(bind_err)?;
-        std_listener.set_nonblocking(true).map_err(bind_err)?;
-        let addr = std_listener.local_addr().map_err(bind_err)?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
             .build()
-            .map_err(AdminError::Runtime)?;
+        {
+            Ok(r) => r,
+            Err(e) => return (None, vec![AdminError::Runtime(e)]),
+        };
+        let mut errors = Vec::new();
+        let mut listeners = Vec::new();
+        let (mut addr, mut socket_path) = (None, None);
+        {
+            // Registering the listeners with the runtime's reactor needs its context.
+            let _enter = runtime.enter();
+            if !c.metrics_addr.is_empty() {
+                match bind_tcp(&c.metrics_addr) {
+                    Ok((l, a)) => {
+                        listeners.push(Listener::Tcp(l));
+                        addr = Some(a);
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+            if let Some(path) = socket {
+                let bound = bind_control_socket(&path, c.socket_mode, c.socket_gid)
+                    .map_err(AdminError::from)
+                    .and_then(|(l, real)| {
+                        l.set_nonblocking(true)
+                            .and_then(|()| UnixListener::from_std(l))
+                            .map(|l| (l, real))
+                            .map_err(|source| AdminError::Bind {
+                                addr: path.display().to_string(),
+                                source,
+                            })
+                    });
+                match bound {
+                    Ok((l, real)) => {
+                        listeners.push(Listener::Unix(l));
+                        socket_path = Some(real);
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        if listeners.is_empty() {
+            return (None, errors);
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let start_uid = unsafe { libc::geteuid() };
+        let bound = BoundControl {
+            runtime,
+            listeners,
+            addr,
+            socket_path,
+            policy: AccessPolicy::new(config, start_uid),
+        };
+        (Some(bound), errors)
+    }
+
+    /// Serves the bound listeners on a new thread.
+    pub fn start(self, shared: Arc<DaemonShared>) -> Result<ControlServer, AdminError> {
+        let BoundControl {
+            runtime,
+            listeners,
+            addr,
+            socket_path,
+            policy,
+        } = self;
         let state = Arc::new(State {
             shared,
+            policy,
+            socket_path: socket_path.clone(),
             started: Instant::now(),
             gpus: gpu_topology(),
             samples: Mutex::new(VecDeque::new()),
@@ -143,31 +293,82 @@ impl ControlServer {
             .name("kvp-control".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let listener = match TcpListener::from_std(std_listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(error = %e, "control listener");
-                            return;
-                        }
-                    };
+                    for l in listeners {
+                        tokio::spawn(accept_loop(l, Arc::clone(&state)));
+                    }
                     tokio::select! {
-                        _ = accept_loop(listener, Arc::clone(&state)) => {}
                         _ = sampler(Arc::clone(&state)) => {}
                         _ = rx => {}
                     }
                 });
+                // Dropping the runtime here ends every connection task.
             })
             .map_err(AdminError::Runtime)?;
-        tracing::info!(addr = %addr, "control server listening: GET /metrics, /status");
-        Ok(Some(ControlServer {
+        if let Some(addr) = addr {
+            tracing::info!(addr = %addr, "control server listening: GET /healthz, aggregate /metrics");
+        }
+        if let Some(p) = &socket_path {
+            tracing::info!(path = %p.display(), "control socket listening: GET /status, /metrics, /healthz per caller uid");
+        }
+        Ok(ControlServer {
             addr,
+            socket_path,
             stop: Some(tx),
             thread: Some(thread),
-        }))
+        })
+    }
+}
+
+fn bind_tcp(addr_text: &str) -> Result<(TcpListener, SocketAddr), AdminError> {
+    let bind_err = |source| AdminError::Bind {
+        addr: addr_text.to_string(),
+        source,
+    };
+    let addr: SocketAddr = addr_text.parse().map_err(|e| {
+        bind_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{e}"),
+        ))
+    })?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(bind_err)?;
+    socket.set_reuseaddr(true).map_err(bind_err)?;
+    socket.bind(addr).map_err(bind_err)?;
+    let listener = socket.listen(TCP_BACKLOG).map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    Ok((listener, local))
+}
+
+/// The running control server. `stop` (or drop) ends it, joins its thread and removes
+/// the control socket file.
+pub struct ControlServer {
+    addr: Option<SocketAddr>,
+    socket_path: Option<PathBuf>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ControlServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlServer")
+            .field("addr", &self.addr)
+            .field("socket_path", &self.socket_path)
+            .finish()
+    }
+}
+
+impl ControlServer {
+    /// The TCP listener's address, when there is one.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.addr
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+    pub fn socket_path(&self) -> Option<&Path> {
+        self.socket_path.as_deref()
     }
 
     pub fn stop(mut self) {
@@ -181,6 +382,15 @@ impl ControlServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        if let Some(p) = self.socket_path.take() {
+            // Only our socket: the directory is trusted, so nothing else is at the path.
+            // After a uid switch the directory may not be writable any more; the next
+            // start replaces the stale file.
+            use std::os::unix::fs::FileTypeExt;
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
     }
 }
 
@@ -190,14 +400,25 @@ impl Drop for ControlServer {
     }
 }
 
-/// Starts the control server for a running daemon. A bind failure (port taken, e.g. by a
-/// second daemon on the node) is logged and the daemon runs on without metrics: the data
-/// plane matters more than its dashboard.
-pub fn start_for(daemon: &crate::session::Daemon) -> Option<ControlServer> {
+/// Binds the control listeners of `config` (call before dropping privileges). A listener
+/// that fails (port taken, e.g. by a second daemon; an unsafe socket directory) is logged
+/// and left out, and the daemon runs on: the data plane matters more than its dashboard.
+pub fn bind_for(config: &Config) -> Option<BoundControl> {
+    let (bound, errors) = BoundControl::bind(config);
+    for e in &errors {
+        tracing::error!(error = %e, "control listener not started");
+    }
+    bound
+}
+
+/// Starts the control server for a running daemon on the listeners [`bind_for`] bound.
+pub fn start_for(
+    daemon: &crate::session::Daemon,
+    bound: Option<BoundControl>,
+) -> Option<ControlServer> {
     let shared = Arc::clone(daemon.shared());
-    let config = shared.config.control.clone();
-    match ControlServer::start(&config, shared) {
-        Ok(server) => server,
+    match bound?.start(shared) {
+        Ok(server) => Some(server),
         Err(e) => {
             tracing::error!(error = %e, "control server not started: no /metrics or /status");
             None
@@ -279,78 +500,192 @@ async fn sampler(state: Arc<State>) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+/// A connection being served: whether its request head has arrived, and its task.
+struct Live {
+    busy: Arc<AtomicBool>,
+    task: tokio::task::AbortHandle,
+}
+
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    /// With the peer's uid, from the kernel (SO_PEERCRED), not from anything it sends.
+    Unix(tokio::net::UnixStream, u32),
+}
+
+async fn accept_loop(listener: Listener, state: Arc<State>) {
+    let mut live: VecDeque<Live> = VecDeque::with_capacity(MAX_CONNECTIONS);
     loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
+        let accepted = match &listener {
+            Listener::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
+            Listener::Unix(l) => l.accept().await.and_then(|(s, _)| {
+                let uid = s.peer_cred()?.uid();
+                Ok(Accepted::Unix(s, uid))
+            }),
         };
-        let (stream, peer) = match listener.accept().await {
+        let accepted = match accepted {
             Ok(c) => c,
             Err(e) => {
+                // EMFILE and the like: back off instead of spinning.
                 tracing::warn!(error = %e, "control accept failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = serve_connection(stream, &state).await {
-                tracing::debug!(%peer, error = %e, "control connection");
+        live.retain(|c| !c.task.is_finished());
+        if live.len() >= MAX_CONNECTIONS {
+            // Make room by closing the oldest connection still waiting for its request
+            // (idle or slow); if every one is mid-request, the new one is refused.
+            match live.iter().position(|c| !c.busy.load(Ordering::Relaxed)) {
+                Some(i) => {
+                    if let Some(old) = live.remove(i) {
+                        old.task.abort();
+                    }
+                }
+                None => continue,
             }
+        }
+        let busy = Arc::new(AtomicBool::new(false));
+        let (st, b) = (Arc::clone(&state), Arc::clone(&busy));
+        let task = match accepted {
+            Accepted::Tcp(s) => tokio::spawn(serve_connection(s, Caller::Tcp, st, b)),
+            Accepted::Unix(s, uid) => {
+                tokio::spawn(serve_connection(s, Caller::Unix { uid }, st, b))
+            }
+        };
+        live.push_back(Live {
+            busy,
+            task: task.abort_handle(),
         });
     }
 }
 
-async fn serve_connection(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
-    let head = tokio::time::timeout(READ_TIMEOUT, http::read_head(&mut stream, MAX_HEAD_BYTES));
-    let (response, head_only) = match head.await {
-        Err(_) => (
-            Response::error(408, "request head not received within 5 s"),
-            false,
-        ),
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(Err(resp))) => (resp, false),
-        // The control server takes no request bodies.
-        Ok(Ok(Ok(head)))
-            if head.transfer_encoding || head.content_length.is_some_and(|n| n != 0) =>
-        {
-            (
-                Response::error(413, "request bodies are not accepted"),
-                false,
-            )
-        }
-        Ok(Ok(Ok(head))) => (route(&head, state), head.method == "HEAD"),
-    };
-    http::write_response(&mut stream, &response, head_only).await
+async fn serve_connection<S>(stream: S, caller: Caller, state: Arc<State>, busy: Arc<AtomicBool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        busy.store(true, Ordering::Relaxed);
+        let response = respond(&req, caller, &state);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(CONNECTION_DEADLINE, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "control connection"),
+        Err(_) => tracing::debug!("control connection closed at its deadline"),
+    }
 }
 
-fn route(head: &Head, state: &State) -> Response {
-    if head.method != "GET" && head.method != "HEAD" {
-        return Response::error(
-            405,
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// `{"error": reason}` with `status`.
+fn error(status: StatusCode, reason: impl std::fmt::Display) -> Reply {
+    let body = serde_json::json!({ "error": reason.to_string() }).to_string();
+    reply(status, "application/json", body)
+}
+
+fn json(value: &impl Serialize) -> Reply {
+    match serde_json::to_string(value) {
+        Ok(body) => reply(StatusCode::OK, "application/json", body),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding: {e}")),
+    }
+}
+
+const ROUTES: &str = "GET /metrics, /status or /healthz";
+
+fn respond(req: &Request<Incoming>, caller: Caller, state: &State) -> Reply {
+    // DNS rebinding: a page from evil.example, re-resolved to 127.0.0.1, still sends
+    // `Host: evil.example`. Only loopback names are answered.
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or("<not ASCII>"));
+    match host {
+        None => return error(StatusCode::BAD_REQUEST, "a Host header is required"),
+        Some(h) if !host_is_loopback(h) => {
+            return error(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!(
+                    "Host `{}` is not served here: use localhost, 127.0.0.1 or [::1]",
+                    h.escape_debug()
+                ),
+            );
+        }
+        Some(_) => {}
+    }
+    if let Some(a) = req.uri().authority()
+        && !host_is_loopback(a.as_str())
+    {
+        return error(
+            StatusCode::MISDIRECTED_REQUEST,
             format!(
-                "method `{}` not allowed: GET /metrics, /status or /healthz",
-                head.method.escape_debug()
+                "authority `{}` is not served here",
+                a.as_str().escape_debug()
             ),
         );
     }
-    match head.path.as_str() {
-        "/metrics" => Response {
-            status: 200,
-            content_type: "text/plain; version=0.0.4; charset=utf-8",
-            body: render_metrics(state),
-        },
-        "/status" => Response::json(200, &status_report(state)),
-        "/healthz" => Response::text(200, "ok\n"),
-        other => Response::error(
-            404,
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
             format!(
-                "no such path `{}`: GET /metrics, /status or /healthz",
-                other.escape_debug()
+                "method `{}` not allowed: {ROUTES}",
+                req.method().as_str().escape_debug()
+            ),
+        );
+    }
+    // The control server takes no request bodies.
+    if !req.body().is_end_stream() {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request bodies are not accepted",
+        );
+    }
+    let path = req.uri().path();
+    if path == "/healthz" {
+        return reply(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into());
+    }
+    if path != "/metrics" && path != "/status" {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no such path `{}`: {ROUTES}", path.escape_debug()),
+        );
+    }
+    let view = match state.policy.view(caller) {
+        Ok(v) => v,
+        Err(reason) => return error(StatusCode::FORBIDDEN, reason),
+    };
+    match (path, &view) {
+        ("/metrics", _) => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            render_metrics(state, &view),
+        ),
+        ("/status", View::Aggregate) => error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "/status names tenants' sessions and activity: it is served on the control \
+                 socket{} (`kvplane status --socket PATH`), per caller uid; \
+                 control.tcp_tenant_data = true serves it here too",
+                state
+                    .socket_path
+                    .as_ref()
+                    .map_or(String::new(), |p| format!(" {}", p.display()))
             ),
         ),
+        _ => json(&status_report(state, &view)),
     }
 }
 
@@ -375,11 +710,12 @@ fn backend_name(state: &State) -> &'static str {
     }
 }
 
-fn render_metrics(state: &State) -> String {
+fn render_metrics(state: &State, view: &View) -> String {
     let dp = &state.shared.dataplane;
     let stats = dp.blocks().map(|b| b.stats());
     let counters = session_counters(state);
-    let sessions = state.shared.sessions();
+    let mut sessions = state.shared.sessions();
+    sessions.retain(|s| view.sees_session(s));
     let names = dp.namespace_names();
     metrics::render(&Scrape {
         blocks: stats.as_ref(),
@@ -389,6 +725,7 @@ fn render_metrics(state: &State) -> String {
         namespace_names: &names,
         uptime_s: state.started.elapsed().as_secs_f64(),
         backend: backend_name(state),
+        view,
     })
 }
 
@@ -514,7 +851,8 @@ fn ratio(a: u64, b: u64) -> Option<f64> {
     (b > 0).then(|| a as f64 / b as f64)
 }
 
-fn status_report(state: &State) -> StatusReport {
+/// The report `view` may see: its namespaces and sessions; daemon-wide totals.
+fn status_report(state: &State, view: &View) -> StatusReport {
     let dp = &state.shared.dataplane;
     let m = &dp.counters.metrics;
     let stats = dp.blocks().map(|b| b.stats());
@@ -680,6 +1018,7 @@ fn status_report(state: &State) -> StatusReport {
             .shared
             .sessions()
             .into_iter()
+            .filter(|s| view.sees_session(s))
             .map(|s| SessionStatus {
                 session_id: s.session_id,
                 pid: s.pid,
@@ -688,7 +1027,10 @@ fn status_report(state: &State) -> StatusReport {
                 queue_pairs: s.queue_pairs,
             })
             .collect(),
-        namespaces,
+        namespaces: namespaces
+            .into_iter()
+            .filter(|n| view.sees_namespace(&n.namespace))
+            .collect(),
         gpus,
         gpu_note,
     }
@@ -703,6 +1045,7 @@ mod tests {
         let ok = |a: &str| {
             ControlConfig {
                 metrics_addr: a.into(),
+                ..ControlConfig::default()
             }
             .validate()
         };
@@ -713,5 +1056,29 @@ mod tests {
             let e = ok(bad).unwrap_err().to_string();
             assert!(e.contains("control.metrics_addr"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn control_socket_defaults_next_to_the_engine_socket() {
+        let c = ControlConfig::default();
+        assert_eq!(
+            c.resolved_socket_path(Path::new("/run/kvplane/kvplane.sock")),
+            Some(PathBuf::from("/run/kvplane/kvplane.control.sock"))
+        );
+        let off = ControlConfig {
+            socket_path: Some(PathBuf::new()),
+            ..ControlConfig::default()
+        };
+        assert_eq!(off.resolved_socket_path(Path::new("/x.sock")), None);
+        let relative = ControlConfig {
+            socket_path: Some("c.sock".into()),
+            ..ControlConfig::default()
+        };
+        assert!(relative.validate().is_err());
+        let setuid = ControlConfig {
+            socket_mode: 0o4660,
+            ..ControlConfig::default()
+        };
+        assert!(setuid.validate().is_err());
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use kvplane_ffi::Opcode;
 
+use super::access::View;
 use crate::block::{BlockStats, LoadReport, SaveReport, Tier};
 use crate::session::SessionSummary;
 
@@ -244,6 +245,9 @@ pub struct Scrape<'a> {
     pub namespace_names: &'a BTreeMap<u32, String>,
     pub uptime_s: f64,
     pub backend: &'a str,
+    /// Who asks: namespace-labelled series are rendered only for namespaces it may see
+    /// (`sessions` is already filtered).
+    pub view: &'a View,
 }
 
 /// Label value escaping per the Prometheus text format.
@@ -358,13 +362,18 @@ pub fn render(s: &Scrape<'_>) -> String {
                 );
             }
         }
-        if !b.namespaces.is_empty() {
+        let quota_namespaces: Vec<_> = b
+            .namespaces
+            .iter()
+            .filter(|q| s.view.sees_namespace(&q.name))
+            .collect();
+        if !quota_namespaces.is_empty() {
             o.family(
                 "kvplane_namespace_blocks",
                 "gauge",
                 "Blocks a namespace with a quota holds in each tier.",
             );
-            for q in &b.namespaces {
+            for q in &quota_namespaces {
                 for t in Tier::ALL {
                     o.sample(
                         "kvplane_namespace_blocks",
@@ -378,7 +387,7 @@ pub fn render(s: &Scrape<'_>) -> String {
                 "gauge",
                 "A namespace's quota in each tier, in blocks (tiers without a limit are absent).",
             );
-            for q in &b.namespaces {
+            for q in &quota_namespaces {
                 for t in Tier::ALL {
                     if let Some(max) = q.max_slots[t.index()] {
                         o.sample(
@@ -477,6 +486,9 @@ pub fn render(s: &Scrape<'_>) -> String {
             .get(ns)
             .map(String::as_str)
             .unwrap_or(&fallback);
+        if !s.view.sees_namespace(name) {
+            continue;
+        }
         for t in Tier::ALL {
             let v = l.hits[t.index()];
             o.sample(
@@ -676,6 +688,7 @@ mod tests {
             namespace_names: &names,
             uptime_s: 1.0,
             backend: "host",
+            view: &View::All,
         });
         assert!(
             text.contains("kvplane_link_bytes_total{link=\"engine_to_host\"} 4096\n"),
@@ -710,5 +723,64 @@ mod tests {
                 "{line}"
             );
         }
+    }
+
+    #[test]
+    fn views_hide_other_namespaces_and_sessions() {
+        let m = DataPlaneMetrics::default();
+        m.record_lookup(1, &[Tier::Host], 1, 1);
+        m.record_lookup(2, &[Tier::Host], 1, 1);
+        let names = BTreeMap::from([(1u32, "mine".to_string()), (2u32, "theirs".to_string())]);
+        let session = |uid: u32, ns: &str| SessionSummary {
+            session_id: u64::from(uid),
+            pid: 100 + uid as i32,
+            uid,
+            namespaces: vec![ns.into()],
+            queue_pairs: 1,
+        };
+        let all = [session(7, "mine"), session(8, "theirs")];
+        let counters = SessionCounters::default();
+        let render_as = |view: &View| {
+            let sessions: Vec<SessionSummary> = all
+                .iter()
+                .filter(|s| view.sees_session(s))
+                .cloned()
+                .collect();
+            render(&Scrape {
+                blocks: None,
+                metrics: &m,
+                counters: &counters,
+                sessions: &sessions,
+                namespace_names: &names,
+                uptime_s: 1.0,
+                backend: "host",
+                view,
+            })
+        };
+        let tenant = View::Tenant {
+            uid: 7,
+            namespaces: ["mine".to_string()].into(),
+        };
+        let text = render_as(&tenant);
+        assert!(text.contains("namespace=\"mine\""), "{text}");
+        assert!(
+            !text.contains("theirs") && !text.contains("uid=\"8\""),
+            "{text}"
+        );
+        assert!(text.contains("uid=\"7\""), "{text}");
+        let text = render_as(&View::Aggregate);
+        assert!(
+            !text.contains("namespace=") && !text.contains("uid="),
+            "{text}"
+        );
+        assert!(
+            text.contains("kvplane_link_bytes_total"),
+            "aggregates stay: {text}"
+        );
+        let text = render_as(&View::All);
+        assert!(
+            text.contains("theirs") && text.contains("uid=\"8\""),
+            "{text}"
+        );
     }
 }
