@@ -384,8 +384,8 @@ fn a_uid_with_no_namespace_is_refused_before_its_request_is_read() {
 fn a_burst_of_attaches_admits_exactly_max_sessions() {
     let dir = temp_dir("burst");
     const MAX: usize = 4;
-    const CLIENTS: usize = 12;
-    const ROUNDS: usize = 25;
+    const CLIENTS: usize = 32;
+    const ROUNDS: usize = 50;
     let daemon = start(
         dir.path(),
         &format!("[serve]\nmax_sessions = {MAX}\nmax_pending_handshakes_per_uid = 64\n"),
