@@ -296,3 +296,46 @@ pub fn reply_message(reply: &kvp_attach_reply) -> String {
         .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_request_arriving_in_pieces_is_read_without_blocking() {
+        let (mut engine, daemon) = UnixStream::pair().unwrap();
+        daemon.set_nonblocking(true).unwrap();
+        let req = build_request(2, 64, 64, 1 << 16, &["tenant-a", "b"], 4096).unwrap();
+        let bytes = ffi::as_bytes(&req);
+        let kv = sys::memfd_create_sealed("kv", 4096).unwrap();
+        let mut reader = RequestReader::new();
+        assert!(
+            !reader.read_more(&daemon, true).unwrap(),
+            "nothing sent yet"
+        );
+        // The descriptor rides on the first piece; the rest trickles in.
+        sys::send_with_fd(&engine, &bytes[..7], Some(kv.as_raw_fd())).unwrap();
+        assert!(!reader.read_more(&daemon, true).unwrap());
+        assert_eq!(reader.received(), 7);
+        engine.write_all(&bytes[7..500]).unwrap();
+        assert!(!reader.read_more(&daemon, true).unwrap());
+        engine.write_all(&bytes[500..]).unwrap();
+        assert!(reader.read_more(&daemon, true).unwrap());
+        let got = reader.finish(&daemon).unwrap();
+        assert_eq!(got.namespaces, ["tenant-a", "b"]);
+        assert_eq!((got.num_queue_pairs, got.arena_bytes), (2, 1 << 16));
+        assert_eq!(got.kv_buffer.map(|(_, b)| b), Some(4096));
+    }
+
+    #[test]
+    fn a_peer_hanging_up_mid_request_is_an_error_naming_the_bytes() {
+        let (mut engine, daemon) = UnixStream::pair().unwrap();
+        daemon.set_nonblocking(true).unwrap();
+        engine.write_all(&[0u8; 16]).unwrap();
+        drop(engine);
+        let mut reader = RequestReader::new();
+        let e = reader.read_more(&daemon, true).unwrap_err().to_string();
+        assert!(e.contains("after 16 of"), "{e}");
+    }
+}

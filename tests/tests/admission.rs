@@ -337,9 +337,10 @@ fn thousands_of_slow_handshakes_hold_no_threads_and_delay_no_other_uid() {
     );
     // Sessions have a thread each (bounded by max_sessions); the handshake adds none, so
     // beyond the sessions' own threads the daemon has what it had before the flood
-    // (accept loop, workers, main), plus one for a session whose thread is finishing.
+    // (accept loop, workers, main), plus the threads of ended sessions still returning
+    // (their count drops just before the thread exits; a few on a loaded machine).
     assert!(
-        max_extra <= baseline + 1,
+        max_extra <= baseline + 4,
         "daemon threads beyond its sessions grew from {baseline} to {max_extra} under {CONNS} slow handshakes"
     );
     assert!(

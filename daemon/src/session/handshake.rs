@@ -17,7 +17,7 @@ use kvplane_ffi::Status;
 use kvplane_shm::handshake::{AttachRequest, RequestReader};
 use kvplane_shm::sys;
 
-use super::{DaemonShared, refuse};
+use super::{DaemonShared, refuse, send_refusal};
 
 /// Wakes the accept loop's poll (shutdown), whatever happened to the socket's path.
 #[derive(Debug)]
@@ -118,6 +118,7 @@ pub(super) fn accept_loop(
     let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(max_pending + 2);
     let mut refused_log = Throttled::new();
     let mut timeout_log = Throttled::new();
+    let mut bad_log = Throttled::new();
     let release = |per_uid: &mut HashMap<u32, u32>, uid: u32| {
         if let Some(n) = per_uid.get_mut(&uid) {
             *n -= 1;
@@ -185,7 +186,7 @@ pub(super) fn accept_loop(
                             "attach handshake timed out; connection closed"
                         )
                     });
-                    refuse(
+                    send_refusal(
                         &p.stream,
                         Status::Busy,
                         "the attach request did not arrive in time",
@@ -199,13 +200,20 @@ pub(super) fn accept_loop(
                 Ok(true) => {
                     let p = pending.swap_remove(i);
                     release(&mut per_uid, p.uid);
-                    hand_on(shared, p, &work);
+                    hand_on(shared, p, &work, &mut bad_log);
                 }
                 Err(e) => {
                     let p = pending.swap_remove(i);
                     release(&mut per_uid, p.uid);
-                    tracing::warn!(uid = p.uid, error = %e, "bad attach");
-                    refuse(&p.stream, Status::BadArg, &e.to_string());
+                    if p.reader.received() == 0 {
+                        // A probe (is the daemon up?) or a client that gave up: no request.
+                        tracing::debug!(uid = p.uid, "connection closed before a request");
+                    } else {
+                        bad_log.warn(
+                            |more| tracing::warn!(uid = p.uid, error = %e, more, "bad attach"),
+                        );
+                    }
+                    send_refusal(&p.stream, Status::BadArg, &e.to_string());
                 }
             }
         }
@@ -252,11 +260,7 @@ pub(super) fn accept_loop(
                     tracing::warn!(uid, pid = peer.pid, %status, more, "{message}; connection refused")
                 });
                 // The request is not read: the reply goes out on a fresh socket with room.
-                let _ = kvplane_shm::handshake::send_reply(
-                    &stream,
-                    &kvplane_shm::handshake::refusal(status, &message),
-                    None,
-                );
+                send_refusal(&stream, status, &message);
                 continue;
             }
             if let Err(e) = stream.set_nonblocking(true) {
@@ -277,14 +281,19 @@ pub(super) fn accept_loop(
 }
 
 /// A complete request: validate it and queue it for a worker.
-fn hand_on(shared: &DaemonShared, p: Pending, work: &Sender<Complete>) {
-    let Pending { stream, reader, .. } = p;
+fn hand_on(shared: &DaemonShared, p: Pending, work: &Sender<Complete>, bad_log: &mut Throttled) {
+    let Pending {
+        stream,
+        reader,
+        uid,
+        ..
+    } = p;
     let req = match reader.finish(&stream) {
         Ok(r) => r,
         Err(e) => {
             if !shared.stop.load(Ordering::SeqCst) {
-                tracing::warn!(error = %e, "bad attach");
-                refuse(&stream, Status::BadArg, &e.to_string());
+                bad_log.warn(|more| tracing::warn!(uid, error = %e, more, "bad attach"));
+                send_refusal(&stream, Status::BadArg, &e.to_string());
             }
             return;
         }

@@ -269,6 +269,12 @@ impl Drop for Daemon {
 
 fn refuse(stream: &UnixStream, status: Status, message: &str) {
     tracing::warn!(status = %status, message, "attach refused");
+    send_refusal(stream, status, message);
+}
+
+/// The refusal reply alone (callers that rate-limit their own logging). Best effort: a
+/// peer that is gone or never reads gets nothing more.
+fn send_refusal(stream: &UnixStream, status: Status, message: &str) {
     let _ = kvplane_shm::handshake::send_reply(
         stream,
         &kvplane_shm::handshake::refusal(status, message),
