@@ -45,6 +45,23 @@ pub struct ServeConfig {
     pub socket_mode: u32,
     /// Sessions served at once; further attaches are refused with a reason.
     pub max_sessions: u32,
+    /// Sessions one uid may hold at once (unset: up to `max_sessions`). On a node shared
+    /// by tenants, set it below `max_sessions` so no tenant can lock the others out.
+    pub max_sessions_per_uid: Option<u32>,
+    /// Queue pairs one uid's sessions may hold together (unset: no limit of its own).
+    pub max_queue_pairs_per_uid: Option<u32>,
+    /// Group of the socket directory and socket file (unset: the daemon's gid). Engines
+    /// of other uids connect through this group (see `socket_mode`).
+    pub socket_group: Option<u32>,
+    /// Milliseconds a connection has to deliver its whole attach request.
+    pub handshake_timeout_ms: u64,
+    /// Threads that admit complete attach requests (the socket I/O of every handshake
+    /// runs on one poll loop; these only check limits and build segments).
+    pub handshake_workers: u32,
+    /// Connections in the handshake at once, all uids together; more are refused.
+    pub max_pending_handshakes: u32,
+    /// Connections one uid may have in the handshake at once; more are refused.
+    pub max_pending_handshakes_per_uid: u32,
     /// Largest argument arena one session may ask for.
     pub max_arena_bytes: u64,
     /// Most queue pairs per session (at most 16, the ABI's limit).
@@ -81,6 +98,13 @@ impl Default for ServeConfig {
             socket_path: PathBuf::from("/run/kvplane/kvplane.sock"),
             socket_mode: 0o660,
             max_sessions: 64,
+            max_sessions_per_uid: None,
+            max_queue_pairs_per_uid: None,
+            socket_group: None,
+            handshake_timeout_ms: 5000,
+            handshake_workers: 2,
+            max_pending_handshakes: 1024,
+            max_pending_handshakes_per_uid: 64,
             max_arena_bytes: 256 << 20,
             max_queue_pairs: 16,
             spin_us: 50,
@@ -110,6 +134,13 @@ pub struct NamespaceConfig {
     /// namespace (unset: only `serve.max_mapped_bytes` applies).
     #[serde(default)]
     pub max_mapped_bytes: Option<u64>,
+
+    /// Sessions attached to this namespace at once (unset: no limit of its own).
+    #[serde(default)]
+    pub max_sessions: Option<u32>,
+    /// Queue pairs of the sessions attached to this namespace, together.
+    #[serde(default)]
+    pub max_queue_pairs: Option<u32>,
 }
 
 impl NamespaceConfig {
@@ -183,6 +214,49 @@ impl Config {
                 format!("must be in 1..=4096, got {}", s.max_sessions),
             ));
         }
+        if let Some(n) = s.max_sessions_per_uid
+            && (n == 0 || n > s.max_sessions)
+        {
+            return Err(invalid(
+                "serve.max_sessions_per_uid",
+                format!("must be in 1..=max_sessions ({}), got {n}", s.max_sessions),
+            ));
+        }
+        if s.max_queue_pairs_per_uid == Some(0) {
+            return Err(invalid(
+                "serve.max_queue_pairs_per_uid",
+                "must be at least 1 (leave it unset for no limit)",
+            ));
+        }
+        if !(100..=60_000).contains(&s.handshake_timeout_ms) {
+            return Err(invalid(
+                "serve.handshake_timeout_ms",
+                format!("must be in 100..=60000, got {}", s.handshake_timeout_ms),
+            ));
+        }
+        if s.handshake_workers == 0 || s.handshake_workers > 16 {
+            return Err(invalid(
+                "serve.handshake_workers",
+                format!("must be in 1..=16, got {}", s.handshake_workers),
+            ));
+        }
+        if s.max_pending_handshakes == 0 || s.max_pending_handshakes > 16_384 {
+            return Err(invalid(
+                "serve.max_pending_handshakes",
+                format!("must be in 1..=16384, got {}", s.max_pending_handshakes),
+            ));
+        }
+        if s.max_pending_handshakes_per_uid == 0
+            || s.max_pending_handshakes_per_uid > s.max_pending_handshakes
+        {
+            return Err(invalid(
+                "serve.max_pending_handshakes_per_uid",
+                format!(
+                    "must be in 1..=max_pending_handshakes ({}), got {}",
+                    s.max_pending_handshakes, s.max_pending_handshakes_per_uid
+                ),
+            ));
+        }
         if s.max_queue_pairs == 0 || s.max_queue_pairs as usize > kvplane_ffi::MAX_QUEUE_PAIRS {
             return Err(invalid(
                 "serve.max_queue_pairs",
@@ -216,6 +290,18 @@ impl Config {
             }
             if !seen.insert(ns.name.as_str()) {
                 return Err(invalid(key, format!("`{}` appears twice", ns.name)));
+            }
+            if ns.max_sessions == Some(0) {
+                return Err(invalid(
+                    format!("namespaces[{i}].max_sessions"),
+                    "must be at least 1 (remove the namespace to keep everyone out)",
+                ));
+            }
+            if ns.max_queue_pairs == Some(0) {
+                return Err(invalid(
+                    format!("namespaces[{i}].max_queue_pairs"),
+                    "must be at least 1",
+                ));
             }
             for (tier, bytes) in ["hbm", "host", "nvme"].iter().zip(ns.max_bytes()) {
                 match bytes {
@@ -258,6 +344,15 @@ impl Config {
             .any(|ns| ns.name == name && ns.uids.contains(&uid))
     }
 
+    /// May `uid` attach at all (is any namespace open to it)? Checked when a connection is
+    /// accepted, before its request is read, so a uid with no namespace holds nothing.
+    pub fn uid_may_attach(&self, uid: u32, daemon_uid: u32) -> bool {
+        if self.namespaces.is_empty() {
+            return uid == daemon_uid;
+        }
+        self.namespaces.iter().any(|ns| ns.uids.contains(&uid))
+    }
+
     /// The documented default configuration, as TOML. Values come from the `Default`
     /// impls, so this text cannot drift from what the daemon uses (a test parses it back).
     pub fn default_toml() -> String {
@@ -276,6 +371,20 @@ socket_path = "{socket}"
 socket_mode = 0o{mode:o}
 # Sessions served at once; further attaches are refused with a reason.
 max_sessions = {max_sessions}
+# Sessions, and queue pairs of its sessions together, one uid may hold (unset: no limit
+# of their own). On a node shared by tenants set max_sessions_per_uid below max_sessions.
+# max_sessions_per_uid = 16
+# max_queue_pairs_per_uid = 64
+# Group of the socket directory (created 0750 when missing) and the socket file; engines
+# of other uids connect through it. Unset: the daemon's gid.
+# socket_group = 990
+# The attach handshake: milliseconds a connection has to send its request, threads that
+# admit complete requests, and connections waiting in the handshake at once, in all and
+# per uid (more are refused at once).
+handshake_timeout_ms = {hs_timeout}
+handshake_workers = {hs_workers}
+max_pending_handshakes = {hs_pending}
+max_pending_handshakes_per_uid = {hs_pending_uid}
 # Largest argument arena one session may ask for, in bytes.
 max_arena_bytes = {max_arena}
 # Most queue pairs per session (1..=16).
@@ -285,8 +394,9 @@ spin_us = {spin}
 # After set-up (pool locked, NVMe opened, sockets bound): drop every capability, set
 # no_new_privs, and make the process non-dumpable (KV blocks are user prompts).
 drop_privileges = {drop}
-# Then also switch to this uid and gid (needs root or CAP_SETUID/CAP_SETGID; the socket
-# directory must be writable by that uid for a clean shutdown).
+# Then also switch to this uid and gid (needs root or CAP_SETUID/CAP_SETGID). The socket
+# directory is then created owned by this uid, so the daemon can remove its socket at a
+# clean shutdown.
 # run_as_uid = 990
 # run_as_gid = 990
 # Bytes of engine KV buffers mapped at once, all sessions together (a buffer's full memfd
@@ -377,10 +487,18 @@ queue_events = {queue_events}
 # max_nvme_bytes = 274877906944
 # Bytes of engine KV buffers mapped at once for this namespace's sessions.
 # max_mapped_bytes = 68719476736
+
+# Sessions attached to the namespace at once, and their queue pairs together.
+# max_sessions = 8
+# max_queue_pairs = 32
 "#,
             socket = s.socket_path.display(),
             mode = s.socket_mode,
             max_sessions = s.max_sessions,
+            hs_timeout = s.handshake_timeout_ms,
+            hs_workers = s.handshake_workers,
+            hs_pending = s.max_pending_handshakes,
+            hs_pending_uid = s.max_pending_handshakes_per_uid,
             max_arena = s.max_arena_bytes,
             max_qp = s.max_queue_pairs,
             spin = s.spin_us,
@@ -445,6 +563,23 @@ mod tests {
             ),
             ("[serve]\nrun_as_uid = 0", "serve.run_as_uid"),
             (
+                "[serve]\nmax_sessions = 4\nmax_sessions_per_uid = 5",
+                "serve.max_sessions_per_uid",
+            ),
+            (
+                "[serve]\nhandshake_timeout_ms = 5",
+                "serve.handshake_timeout_ms",
+            ),
+            ("[serve]\nhandshake_workers = 0", "serve.handshake_workers"),
+            (
+                "[serve]\nmax_pending_handshakes = 4\nmax_pending_handshakes_per_uid = 8",
+                "serve.max_pending_handshakes_per_uid",
+            ),
+            (
+                "[[namespaces]]\nname = \"a\"\nuids = [1]\nmax_sessions = 0",
+                "namespaces[0].max_sessions",
+            ),
+            (
                 "[serve]\ndrop_privileges = false\nrun_as_uid = 5",
                 "serve.run_as_uid",
             ),
@@ -470,5 +605,7 @@ mod tests {
         let open = Config::default();
         assert!(open.namespace_allowed("anything", 5, 5));
         assert!(!open.namespace_allowed("anything", 6, 5));
+        assert!(c.uid_may_attach(7, 0) && !c.uid_may_attach(8, 0));
+        assert!(open.uid_may_attach(5, 5) && !open.uid_may_attach(6, 5));
     }
 }

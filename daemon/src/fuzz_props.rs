@@ -47,6 +47,15 @@ pub fn check_config(data: &[u8]) -> bool {
     assert!(s.socket_mode <= 0o777);
     assert!((1..=kvplane_ffi::MAX_QUEUE_PAIRS as u32).contains(&s.max_queue_pairs));
     assert!((4096..=kvplane_shm::segment::MAX_ARENA_BYTES).contains(&s.max_arena_bytes));
+    // The session and handshake bounds start-up sizes its threads and tables by.
+    assert!(
+        s.max_sessions_per_uid
+            .is_none_or(|n| (1..=s.max_sessions).contains(&n))
+    );
+    assert!((1..=16).contains(&s.handshake_workers));
+    assert!((100..=60_000).contains(&s.handshake_timeout_ms));
+    assert!((1..=s.max_pending_handshakes).contains(&s.max_pending_handshakes_per_uid));
+    assert!(s.max_pending_handshakes <= 16_384);
     let block_bytes = config.blocks.block_bytes;
     assert!(
         (1..=1 << 30).contains(&block_bytes),
@@ -63,6 +72,7 @@ pub fn check_config(data: &[u8]) -> bool {
             "{:?}",
             ns.name
         );
+        assert!(ns.max_sessions != Some(0) && ns.max_queue_pairs != Some(0));
         assert!(
             names.insert(ns.name.as_str()),
             "namespace {:?} twice",
@@ -90,7 +100,8 @@ pub fn seeds_config() -> Vec<Seed> {
         (
             "seed-tenants",
             with(
-                "[[namespaces]]\nname = \"tenant-a/llama-70b\"\nuids = [1000, 1001]\n\n\
+                "[[namespaces]]\nname = \"tenant-a/llama-70b\"\nuids = [1000, 1001]\n\
+                 max_sessions = 8\nmax_queue_pairs = 32\n\n\
                  [[namespaces]]\nname = \"tenant-b/qwen@lora:v2\"\nuids = [2000]",
             ),
         ),

@@ -117,17 +117,25 @@ impl Session {
             kv_bytes,
         )?;
         use std::os::fd::AsRawFd;
-        sys::send_with_fd(
+        // A daemon that refuses before reading (a uid with no namespace, too many attaches
+        // in progress) has already sent its reply and closed: the send then fails, and the
+        // reply, still readable, says why.
+        let sent = sys::send_with_fd(
             &stream,
             ffi::as_bytes(&req),
             opts.kv_buffer.as_ref().map(|(fd, _)| fd.as_raw_fd()),
-        )
-        .map_err(|e| ShmError::io("send attach request", e))?;
+        );
         let mut buf = [0u8; std::mem::size_of::<kvp_attach_reply>()];
-        let fd = sys::recv_with_fd(&stream, &mut buf).map_err(|e| ShmError::Handshake {
-            peer: opts.socket_path.display().to_string(),
-            reason: format!("reading the reply: {e}"),
-        })?;
+        let fd = match (sys::recv_with_fd(&stream, &mut buf), sent) {
+            (Ok(fd), _) => fd,
+            (Err(_), Err(e)) => return Err(ShmError::io("send attach request", e)),
+            (Err(e), Ok(())) => {
+                return Err(ShmError::Handshake {
+                    peer: opts.socket_path.display().to_string(),
+                    reason: format!("reading the reply: {e}"),
+                });
+            }
+        };
         let reply: kvp_attach_reply = ffi::read_pod(&buf).expect("exact size");
         if reply.magic != ffi::MAGIC {
             return Err(ShmError::Handshake {

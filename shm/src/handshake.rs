@@ -95,19 +95,104 @@ fn parse_name(raw: &[core::ffi::c_char]) -> Option<String> {
     valid_namespace_name(&s).then_some(s)
 }
 
-/// Daemon side: read and validate the request of a freshly accepted connection.
+/// Bytes of one attach request on the wire.
+pub const REQUEST_BYTES: usize = std::mem::size_of::<kvp_attach_request>();
+
+/// Daemon side: read and validate the request of a freshly accepted connection, blocking
+/// up to [`HANDSHAKE_TIMEOUT`] for it.
 pub fn read_request(stream: &UnixStream) -> Result<AttachRequest> {
-    let peer = sys::peer_cred(stream).map_err(|e| ShmError::io("SO_PEERCRED", e))?;
-    let who = || format!("pid {} uid {}", peer.pid, peer.uid);
     stream
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(|e| ShmError::io("set_read_timeout", e))?;
-    let mut buf = [0u8; std::mem::size_of::<kvp_attach_request>()];
-    let fd = sys::recv_with_fd(stream, &mut buf).map_err(|e| ShmError::Handshake {
-        peer: who(),
-        reason: format!("reading the attach request: {e}"),
-    })?;
-    let req: kvp_attach_request = ffi::read_pod(&buf).expect("buffer is exactly one request");
+    let mut reader = RequestReader::new();
+    while !reader.read_more(stream, false)? {}
+    reader.finish(stream)
+}
+
+/// An attach request read in pieces from a non-blocking socket, so one thread can wait
+/// on many connections at once and a peer that sends a byte at a time holds no thread.
+pub struct RequestReader {
+    buf: Box<[u8; REQUEST_BYTES]>,
+    got: usize,
+    fd: Option<OwnedFd>,
+}
+
+impl Default for RequestReader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RequestReader {
+    pub fn new() -> RequestReader {
+        RequestReader {
+            buf: Box::new([0u8; REQUEST_BYTES]),
+            got: 0,
+            fd: None,
+        }
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> usize {
+        self.got
+    }
+
+    /// Reads what the peer has sent: `Ok(true)` once the whole request is in, `Ok(false)`
+    /// when more is to come (with `dont_wait`, nothing more is there yet). A hang-up
+    /// before the end is an error naming how much came.
+    pub fn read_more(&mut self, stream: &UnixStream, dont_wait: bool) -> Result<bool> {
+        while self.got < REQUEST_BYTES {
+            match sys::recv_some(stream, &mut self.buf[self.got..], &mut self.fd, dont_wait) {
+                Ok(0) => {
+                    return Err(self.failed(
+                        stream,
+                        format!(
+                            "reading the attach request: the peer hung up after {} of {REQUEST_BYTES} bytes",
+                            self.got
+                        ),
+                    ));
+                }
+                Ok(n) => self.got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if dont_wait && e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Ok(false);
+                }
+                Err(e) => {
+                    return Err(self.failed(stream, format!("reading the attach request: {e}")));
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn failed(&self, stream: &UnixStream, reason: String) -> ShmError {
+        let peer = sys::peer_cred(stream)
+            .map(|p| format!("pid {} uid {}", p.pid, p.uid))
+            .unwrap_or_else(|_| "unknown peer".into());
+        ShmError::Handshake { peer, reason }
+    }
+
+    /// Validates the complete request (call after `read_more` returned `Ok(true)`).
+    pub fn finish(self, stream: &UnixStream) -> Result<AttachRequest> {
+        let peer = sys::peer_cred(stream).map_err(|e| ShmError::io("SO_PEERCRED", e))?;
+        if self.got < REQUEST_BYTES {
+            return Err(ShmError::Handshake {
+                peer: format!("pid {} uid {}", peer.pid, peer.uid),
+                reason: format!("incomplete request: {} of {REQUEST_BYTES} bytes", self.got),
+            });
+        }
+        parse_request(peer, &self.buf, self.fd)
+    }
+}
+
+/// Validates a complete request from `peer`, with the descriptor that came with it.
+fn parse_request(
+    peer: PeerCred,
+    buf: &[u8; REQUEST_BYTES],
+    fd: Option<OwnedFd>,
+) -> Result<AttachRequest> {
+    let who = || format!("pid {} uid {}", peer.pid, peer.uid);
+    let req: kvp_attach_request = ffi::read_pod(buf).expect("buffer is exactly one request");
     let bad = |reason: String| ShmError::Handshake {
         peer: who(),
         reason,
@@ -240,4 +325,47 @@ pub fn reply_message(reply: &kvp_attach_reply) -> String {
         .take_while(|&b| b != 0)
         .collect();
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_request_arriving_in_pieces_is_read_without_blocking() {
+        let (mut engine, daemon) = UnixStream::pair().unwrap();
+        daemon.set_nonblocking(true).unwrap();
+        let req = build_request(2, 64, 64, 1 << 16, &["tenant-a", "b"], 4096).unwrap();
+        let bytes = ffi::as_bytes(&req);
+        let kv = sys::memfd_create_sealed("kv", 4096).unwrap();
+        let mut reader = RequestReader::new();
+        assert!(
+            !reader.read_more(&daemon, true).unwrap(),
+            "nothing sent yet"
+        );
+        // The descriptor rides on the first piece; the rest trickles in.
+        sys::send_with_fd(&engine, &bytes[..7], Some(kv.as_raw_fd())).unwrap();
+        assert!(!reader.read_more(&daemon, true).unwrap());
+        assert_eq!(reader.received(), 7);
+        engine.write_all(&bytes[7..500]).unwrap();
+        assert!(!reader.read_more(&daemon, true).unwrap());
+        engine.write_all(&bytes[500..]).unwrap();
+        assert!(reader.read_more(&daemon, true).unwrap());
+        let got = reader.finish(&daemon).unwrap();
+        assert_eq!(got.namespaces, ["tenant-a", "b"]);
+        assert_eq!((got.num_queue_pairs, got.arena_bytes), (2, 1 << 16));
+        assert_eq!(got.kv_buffer.map(|(_, b)| b), Some(4096));
+    }
+
+    #[test]
+    fn a_peer_hanging_up_mid_request_is_an_error_naming_the_bytes() {
+        let (mut engine, daemon) = UnixStream::pair().unwrap();
+        daemon.set_nonblocking(true).unwrap();
+        engine.write_all(&[0u8; 16]).unwrap();
+        drop(engine);
+        let mut reader = RequestReader::new();
+        let e = reader.read_more(&daemon, true).unwrap_err().to_string();
+        assert!(e.contains("after 16 of"), "{e}");
+    }
 }

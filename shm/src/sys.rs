@@ -249,52 +249,63 @@ pub fn recv_with_fd(stream: &UnixStream, buf: &mut [u8]) -> io::Result<Option<Ow
     let mut received_fd: Option<OwnedFd> = None;
     let mut got = 0usize;
     while got < buf.len() {
-        let mut iov = libc::iovec {
-            iov_base: buf[got..].as_mut_ptr().cast(),
-            iov_len: buf.len() - got,
-        };
-        let mut cmsg_buf = [0u64; 16];
-        // SAFETY: zeroed msghdr is valid; fields set below point to live buffers.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cmsg_buf.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&cmsg_buf);
-        // SAFETY: msg describes live, writable buffers of the stated sizes.
-        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if n == 0 {
-            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
-        }
-        got += n as usize;
-        // SAFETY: walking the control messages the kernel wrote into cmsg_buf, within
-        // msg_controllen; each SCM_RIGHTS payload is an array of ints.
-        unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-            while !cmsg.is_null() {
-                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                    let header = libc::CMSG_LEN(0) as usize;
-                    let count = ((*cmsg).cmsg_len as usize).saturating_sub(header)
-                        / std::mem::size_of::<RawFd>();
-                    let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                    for i in 0..count {
-                        let fd = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
-                        if received_fd.is_none() {
-                            received_fd = Some(fd);
-                        } // else: dropped here, closing the extra fd.
-                    }
-                }
-                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-            }
+        match recv_some(stream, &mut buf[got..], &mut received_fd, false) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
     }
     Ok(received_fd)
+}
+
+/// One `recvmsg` into `buf` (non-blocking with `dont_wait`: `WouldBlock` when nothing is
+/// there). The first descriptor that arrives is kept in `received_fd` if it is empty;
+/// any other is closed, never leaked. Returns the bytes read (0: the peer hung up).
+pub fn recv_some(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    received_fd: &mut Option<OwnedFd>,
+    dont_wait: bool,
+) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cmsg_buf = [0u64; 16];
+    // SAFETY: zeroed msghdr is valid; fields set below point to live buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg_buf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg_buf);
+    let flags = libc::MSG_CMSG_CLOEXEC | if dont_wait { libc::MSG_DONTWAIT } else { 0 };
+    // SAFETY: msg describes live, writable buffers of the stated sizes.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, flags) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: walking the control messages the kernel wrote into cmsg_buf, within
+    // msg_controllen; each SCM_RIGHTS payload is an array of ints.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let header = libc::CMSG_LEN(0) as usize;
+                let count = ((*cmsg).cmsg_len as usize).saturating_sub(header)
+                    / std::mem::size_of::<RawFd>();
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..count {
+                    let fd = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
+                    if received_fd.is_none() {
+                        *received_fd = Some(fd);
+                    } // else: dropped here, closing the extra fd.
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(n as usize)
 }
 
 /// A pidfd for `pid`, so a death is noticed even if the pid is reused.

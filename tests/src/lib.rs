@@ -80,7 +80,12 @@ pub fn small_config(dir: &Path, extra: &str) -> PathBuf {
 impl DaemonProc {
     /// `kvplane serve` with the small test config unless `extra_args` names a `--config`.
     pub fn start(dir: &Path, extra_args: &[&str]) -> DaemonProc {
-        let socket = dir.join("kvplane.sock");
+        Self::start_with_socket(dir, &dir.join("kvplane.sock"), extra_args)
+    }
+
+    /// Like [`DaemonProc::start`], with the engine socket at `socket`.
+    pub fn start_with_socket(dir: &Path, socket: &Path, extra_args: &[&str]) -> DaemonProc {
+        let socket = socket.to_path_buf();
         let log = dir.join("daemon.log");
         let mut cmd = Command::new(kvplane_bin());
         cmd.arg("serve").arg("--socket").arg(&socket);
@@ -577,6 +582,37 @@ pub fn tier_used(status: &serde_json::Value, tier: &str) -> u64 {
         .unwrap_or_else(|| panic!("no tier {tier} in {status}"))["used_blocks"]
         .as_u64()
         .expect("used_blocks")
+}
+
+/// Threads of a process now (`Threads:` in /proc/PID/status).
+pub fn thread_count(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/pid/status");
+    s.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Threads")
+}
+
+/// The uid and gid tests use as "another user" (nobody/nogroup on Debian).
+pub const OTHER_UID: u32 = 65534;
+
+/// Fails (never skips) a test that needs root to act as another uid.
+pub fn require_root(test: &str) {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "{test} runs processes as another uid (setuid/setgid) and needs root; CI runs tests as root"
+    );
+}
+
+/// A `kvplane` command that runs as `uid`/`gid` (no supplementary groups): a real other
+/// user for tenant tests.
+pub fn kvplane_as(uid: u32, gid: u32) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(kvplane_bin());
+    c.uid(uid).gid(gid);
+    c
 }
 
 /// Resident set size of a process, in KiB (VmRSS from /proc/PID/status).

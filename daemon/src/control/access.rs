@@ -177,6 +177,9 @@ mod tests {
                 max_hbm_bytes: None,
                 max_host_bytes: None,
                 max_nvme_bytes: None,
+                max_mapped_bytes: None,
+                max_sessions: None,
+                max_queue_pairs: None,
             },
             crate::config::NamespaceConfig {
                 name: "b".into(),
@@ -184,6 +187,9 @@ mod tests {
                 max_hbm_bytes: None,
                 max_host_bytes: None,
                 max_nvme_bytes: None,
+                max_mapped_bytes: None,
+                max_sessions: None,
+                max_queue_pairs: None,
             },
         ];
         let p = AccessPolicy::new(&config, 990);

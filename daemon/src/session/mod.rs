@@ -1,11 +1,15 @@
-//! Sessions: the accept loop on the engine socket, the attach handshake, and one
-//! data-plane thread per session that polls its queue pairs (spin, then futex sleep)
-//! and notices when the engine is gone.
+//! Sessions: the engine socket (see `socket`), the bounded attach handshake (see
+//! `handshake`), admission against every session limit in one place (see `admission`),
+//! and one data-plane thread per admitted session that polls its queue pairs (spin, then
+//! futex sleep) and notices when the engine is gone.
+
+pub mod admission;
+mod handshake;
+pub mod socket;
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,23 +18,22 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvplane_ffi::{self as ffi, Pod, SessionState, Status, kvp_attach_reply, kvp_cqe, kvp_sqe};
-use kvplane_shm::handshake::{self, AttachRequest};
+use kvplane_shm::handshake::AttachRequest;
 use kvplane_shm::server::{self, ServerHeader, completion, validate_sqe};
 use kvplane_shm::{Geometry, Segment, ShmError, WaitPolicy, sys};
 
 use crate::config::Config;
 use crate::dataplane::{DataPlane, EngineBuffer, NamespaceLimit, SessionData};
+use admission::{Admission, Reservation};
+use handshake::{Complete, Waker};
+use socket::{SocketFile, SocketOwner, SocketPathError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("binding the engine socket {path}: {source}")]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{path} is in use by a running daemon")]
-    SocketInUse { path: PathBuf },
+    #[error(transparent)]
+    SocketPath(#[from] SocketPathError),
+    #[error("creating the accept loop's wake-up eventfd: {0}")]
+    Waker(#[source] io::Error),
     #[error("spawning thread {name}: {source}")]
     Spawn {
         name: String,
@@ -49,6 +52,7 @@ pub struct DaemonShared {
     next_session: AtomicU64,
     sessions: Mutex<HashMap<u64, SessionSummary>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    admission: Arc<Admission>,
     daemon_uid: u32,
 }
 
@@ -62,10 +66,14 @@ pub struct SessionSummary {
     pub queue_pairs: u32,
 }
 
-/// A running daemon: the engine socket and its session threads.
+/// A running daemon: the engine socket, its accept loop and handshake workers, and the
+/// session threads.
 pub struct Daemon {
     shared: Arc<DaemonShared>,
     accept: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+    waker: Arc<Waker>,
+    socket: SocketFile,
     socket_path: PathBuf,
 }
 
@@ -77,32 +85,6 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
-fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
-    if path.exists() {
-        // A live daemon answers; a stale socket file from a crash does not.
-        if UnixStream::connect(path).is_ok() {
-            return Err(DaemonError::SocketInUse {
-                path: path.to_path_buf(),
-            });
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    let listener = UnixListener::bind(path).map_err(|source| DaemonError::Bind {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
-        DaemonError::Bind {
-            path: path.to_path_buf(),
-            source,
-        }
-    })?;
-    Ok(listener)
-}
-
 impl Daemon {
     pub fn start(config: Config, dataplane: Arc<DataPlane>) -> Result<Daemon, DaemonError> {
         Daemon::bind(config, dataplane)?.start()
@@ -111,15 +93,24 @@ impl Daemon {
     /// Binds the engine socket without serving it yet, so privileges can be dropped in
     /// between (before any session thread exists).
     pub fn bind(config: Config, dataplane: Arc<DataPlane>) -> Result<BoundDaemon, DaemonError> {
-        let listener = bind_socket(&config.serve.socket_path, config.serve.socket_mode)?;
         // The uid that started the daemon (before any privilege drop) is the one that may
         // use namespaces when none are configured.
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let daemon_uid = unsafe { libc::geteuid() };
+        // SAFETY: geteuid/getegid have no preconditions and cannot fail.
+        let (daemon_uid, daemon_gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let s = &config.serve;
+        // After a switch to run_as_uid the daemon must still be able to remove its socket,
+        // so that uid owns what is created.
+        let owner = SocketOwner {
+            uid: s.run_as_uid.unwrap_or(daemon_uid),
+            gid: s.socket_group.or(s.run_as_gid).unwrap_or(daemon_gid),
+            mode: s.socket_mode,
+        };
+        let (listener, socket) = socket::bind(&s.socket_path, owner)?;
         Ok(BoundDaemon {
             config,
             dataplane,
             listener,
+            socket,
             daemon_uid,
         })
     }
@@ -130,20 +121,27 @@ pub struct BoundDaemon {
     config: Config,
     dataplane: Arc<DataPlane>,
     listener: UnixListener,
+    socket: SocketFile,
     daemon_uid: u32,
 }
 
 impl BoundDaemon {
-    /// Starts the accept loop (one thread per session follows).
+    /// Starts the accept loop and the handshake workers (one thread per admitted session
+    /// follows).
     pub fn start(self) -> Result<Daemon, DaemonError> {
         let BoundDaemon {
             config,
             dataplane,
             listener,
+            socket,
             daemon_uid,
         } = self;
         let socket_path = config.serve.socket_path.clone();
+        let (tx, rx) =
+            crossbeam::channel::bounded::<Complete>(config.serve.max_pending_handshakes as usize);
+        let workers_n = config.serve.handshake_workers;
         let shared = Arc::new(DaemonShared {
+            admission: Admission::new(&config),
             config,
             dataplane,
             stop: AtomicBool::new(false),
@@ -152,18 +150,48 @@ impl BoundDaemon {
             threads: Mutex::new(Vec::new()),
             daemon_uid,
         });
-        let s = Arc::clone(&shared);
-        let accept = std::thread::Builder::new()
-            .name("kvp-accept".into())
-            .spawn(move || accept_loop(&s, listener))
-            .map_err(|source| DaemonError::Spawn {
-                name: "kvp-accept".into(),
-                source,
-            })?;
+        let waker = Arc::new(Waker::new().map_err(DaemonError::Waker)?);
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(f)
+                .map_err(|source| DaemonError::Spawn { name, source })
+        };
+        let mut workers = Vec::new();
+        for i in 0..workers_n {
+            let (s, rx) = (Arc::clone(&shared), rx.clone());
+            let started = spawn(
+                format!("kvp-handshake-{i}"),
+                Box::new(move || {
+                    for c in rx {
+                        start_session(&s, c);
+                    }
+                }),
+            );
+            match started {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    drop(tx);
+                    for h in workers {
+                        let _ = h.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        drop(rx);
+        let (s, w) = (Arc::clone(&shared), Arc::clone(&waker));
+        let accept = spawn(
+            "kvp-accept".into(),
+            Box::new(move || handshake::accept_loop(&s, listener, &w, tx)),
+        )?;
         tracing::info!(socket = %socket_path.display(), "kvplane daemon listening (host backend: no GPU)");
         Ok(Daemon {
             shared,
             accept: Some(accept),
+            workers,
+            waker,
+            socket,
             socket_path,
         })
     }
@@ -206,9 +234,14 @@ impl DaemonShared {
 impl Daemon {
     fn stop_and_join(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop with a connection it will drop.
-        let _ = UnixStream::connect(&self.socket_path);
+        // The eventfd wakes the accept loop's poll: no connection to the socket's path,
+        // which may have been removed or replaced.
+        self.waker.wake();
         if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        // The accept loop dropped the queue's sender: workers finish what is queued.
+        for t in self.workers.drain(..) {
             let _ = t.join();
         }
         let threads = std::mem::take(
@@ -221,7 +254,8 @@ impl Daemon {
         for t in threads {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.socket_path);
+        let removal = self.socket.remove();
+        tracing::debug!(path = %self.socket_path.display(), ?removal, "engine socket");
     }
 }
 
@@ -233,41 +267,19 @@ impl Drop for Daemon {
     }
 }
 
-fn accept_loop(shared: &Arc<DaemonShared>, listener: UnixListener) {
-    for conn in listener.incoming() {
-        if shared.stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let stream = match conn {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-        };
-        // The handshake runs on the session's own thread, so a client that connects and
-        // says nothing delays nobody else.
-        let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
-        let s = Arc::clone(shared);
-        let name = format!("kvp-session-{id}");
-        match std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || run_session(&s, stream, id))
-        {
-            Ok(handle) => {
-                let mut threads = shared.threads.lock().unwrap_or_else(|e| e.into_inner());
-                threads.retain(|t| !t.is_finished());
-                threads.push(handle);
-            }
-            Err(e) => tracing::error!(error = %e, thread = name, "cannot spawn a session thread"),
-        }
-    }
-}
-
 fn refuse(stream: &UnixStream, status: Status, message: &str) {
     tracing::warn!(status = %status, message, "attach refused");
-    let _ = handshake::send_reply(stream, &handshake::refusal(status, message), None);
+    send_refusal(stream, status, message);
+}
+
+/// The refusal reply alone (callers that rate-limit their own logging). Best effort: a
+/// peer that is gone or never reads gets nothing more.
+fn send_refusal(stream: &UnixStream, status: Status, message: &str) {
+    let _ = kvplane_shm::handshake::send_reply(
+        stream,
+        &kvplane_shm::handshake::refusal(status, message),
+        None,
+    );
 }
 
 /// Removes the session from the table and releases what it held, however the thread ends
@@ -275,6 +287,8 @@ fn refuse(stream: &UnixStream, status: Status, message: &str) {
 struct SessionGuard<'a> {
     shared: &'a DaemonShared,
     data: Option<SessionData>,
+    /// Given back after the session's data, so a slot is free only once the session is.
+    reservation: Option<Reservation>,
 }
 
 impl Drop for SessionGuard<'_> {
@@ -286,6 +300,11 @@ impl Drop for SessionGuard<'_> {
                 .lock()
                 .map(|mut s| s.remove(&data.id))
                 .ok();
+        }
+        // Released before the counter drops: whoever sees `sessions_active` fall may
+        // attach in the freed slot.
+        drop(self.reservation.take());
+        if self.data.is_some() {
             self.shared
                 .dataplane
                 .counters
@@ -295,24 +314,68 @@ impl Drop for SessionGuard<'_> {
     }
 }
 
-fn run_session(shared: &Arc<DaemonShared>, stream: UnixStream, session_id: u64) {
-    let req = match handshake::read_request(&stream) {
-        Ok(r) => r,
-        Err(e) => {
-            if !shared.stop.load(Ordering::SeqCst) {
-                tracing::warn!(session = session_id, error = %e, "bad attach");
-                refuse(&stream, Status::BadArg, &e.to_string());
-            }
-            return;
-        }
-    };
-    let (seg, geometry, data) = match admit(shared, &stream, &req, session_id) {
+/// A handshake worker's part: admit a complete request (reserving its slot), then hand it
+/// to a new session thread, which replies and serves it.
+fn start_session(shared: &Arc<DaemonShared>, c: Complete) {
+    let Complete { stream, req } = c;
+    if shared.stop.load(Ordering::SeqCst) {
+        return;
+    }
+    let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let admitted = match admit(shared, &req, session_id) {
         Ok(x) => x,
         Err((status, message)) => {
             refuse(&stream, status, &message);
             return;
         }
     };
+    // Kept to refuse on if no thread can be started (the closure owns `stream`).
+    let answer = stream.try_clone();
+    let s = Arc::clone(shared);
+    let name = format!("kvp-session-{session_id}");
+    match std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || run_session(&s, stream, req, session_id, admitted))
+    {
+        Ok(handle) => {
+            let mut threads = shared.threads.lock().unwrap_or_else(|e| e.into_inner());
+            threads.retain(|t| !t.is_finished());
+            threads.push(handle);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, thread = name, "cannot spawn a session thread");
+            if let Ok(a) = answer {
+                refuse(
+                    &a,
+                    Status::Internal,
+                    "the daemon cannot start a session thread",
+                );
+            }
+        }
+    }
+}
+
+/// What admission hands a session thread.
+struct Admitted {
+    seg: Segment,
+    geometry: Geometry,
+    data: SessionData,
+    reservation: Reservation,
+}
+
+fn run_session(
+    shared: &Arc<DaemonShared>,
+    stream: UnixStream,
+    req: AttachRequest,
+    session_id: u64,
+    admitted: Admitted,
+) {
+    let Admitted {
+        seg,
+        geometry,
+        data,
+        reservation,
+    } = admitted;
     let mut reply: kvp_attach_reply = Pod::zeroed();
     reply.magic = ffi::MAGIC;
     reply.abi_version = ffi::ABI_VERSION;
@@ -348,11 +411,14 @@ fn run_session(shared: &Arc<DaemonShared>, stream: UnixStream, session_id: u64) 
     let mut guard = SessionGuard {
         shared,
         data: Some(data),
+        reservation: Some(reservation),
     };
-    if let Err(e) = handshake::send_reply(&stream, &reply, Some(seg.file())) {
+    if let Err(e) = kvplane_shm::handshake::send_reply(&stream, &reply, Some(seg.file())) {
         tracing::warn!(session = session_id, error = %e, "engine left during attach");
         return;
     }
+    // The reply had a bounded send time; the session's socket is only polled from here.
+    let _ = stream.set_write_timeout(None);
     tracing::info!(session = session_id, pid = req.peer.pid, uid = req.peer.uid, namespaces = ?req.namespaces, "session attached");
     let data = guard.data.as_mut().expect("set above");
     let reason = serve_session(shared, &stream, &seg, &geometry, data, req.peer.pid);
@@ -383,25 +449,15 @@ fn run_session(shared: &Arc<DaemonShared>, stream: UnixStream, session_id: u64) 
     }
 }
 
-/// Check the request against the config and create the segment.
+/// Check the request against the config, reserve its share of the session limits (one
+/// reserve-or-refuse: see `admission`), and create the segment. The reservation is held
+/// by what is returned, and released if anything after it fails.
 fn admit(
     shared: &DaemonShared,
-    _stream: &UnixStream,
     req: &AttachRequest,
     session_id: u64,
-) -> Result<(Segment, Geometry, SessionData), (Status, String)> {
+) -> Result<Admitted, (Status, String)> {
     let cfg = &shared.config.serve;
-    let active = shared
-        .dataplane
-        .counters
-        .sessions_active
-        .load(Ordering::Relaxed);
-    if active >= cfg.max_sessions as u64 {
-        return Err((
-            Status::Busy,
-            format!("daemon serves its maximum of {} sessions", cfg.max_sessions),
-        ));
-    }
     if req.num_queue_pairs > cfg.max_queue_pairs {
         return Err((
             Status::BadArg,
@@ -431,6 +487,10 @@ fn admit(
             ));
         }
     }
+    let reservation = shared
+        .admission
+        .reserve(req.peer.uid, &req.namespaces, req.num_queue_pairs)
+        .map_err(|r| (Status::Busy, r.to_string()))?;
     let namespaces = shared
         .dataplane
         .bind_namespaces(&req.namespaces)
@@ -454,7 +514,12 @@ fn admit(
         Some(kv) => Some(map_kv_buffer(shared, req, kv, &namespaces)?),
     };
     let data = SessionData::new(session_id, req.peer, namespaces, engine);
-    Ok((seg, geometry, data))
+    Ok(Admitted {
+        seg,
+        geometry,
+        data,
+        reservation,
+    })
 }
 
 /// Maps an engine's KV buffer, which the handshake found to be a shrink-sealed memfd of
@@ -463,7 +528,7 @@ fn admit(
 fn map_kv_buffer(
     shared: &DaemonShared,
     req: &AttachRequest,
-    kv: &handshake::KvBuffer,
+    kv: &kvplane_shm::handshake::KvBuffer,
     namespace_ids: &[u32],
 ) -> Result<EngineBuffer, (Status, String)> {
     let cfg = &shared.config.serve;
