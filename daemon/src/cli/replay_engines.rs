@@ -349,6 +349,9 @@ pub struct RunReport {
     pub ttft_transfer_share: f64,
     /// Requests per worker.
     pub requests_per_worker: Vec<u64>,
+    /// Max / mean over engines of requests routed and of modelled busy time.
+    pub request_imbalance: f64,
+    pub busy_imbalance: f64,
     pub wall_s: f64,
     /// Sum over engines of modelled pass time (the GPU time the run would take).
     pub engine_busy_s: f64,
@@ -1079,10 +1082,22 @@ fn report(
             0.0
         },
         requests_per_worker: state.sent.clone(),
+        request_imbalance: max_over_mean(&state.sent.iter().map(|&x| x as f64).collect::<Vec<_>>()),
+        busy_imbalance: max_over_mean(&stats.iter().map(|s| s.busy_ms).collect::<Vec<_>>()),
         wall_s: wall.as_secs_f64(),
         engine_busy_s: stats.iter().map(|s| s.busy_ms).sum::<f64>() / 1000.0,
         daemon_events: 0,
     })
+}
+
+/// Max / mean (1 = perfectly even; 0 for no data).
+fn max_over_mean(v: &[f64]) -> f64 {
+    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    if mean > 0.0 {
+        v.iter().copied().fold(0.0, f64::max) / mean
+    } else {
+        0.0
+    }
 }
 
 /// Prefix reuse of one infinite shared cache at page granularity (with the last page
@@ -1306,11 +1321,13 @@ fn print_table(reports: &[RunReport], ceiling: f64, dynamo: &[DynamoRow]) {
     for r in reports {
         let c = &r.charged;
         println!(
-            "{}: {} requests over a {:.0} s makespan ({:.1} s wall), preemptions {}, loads {} blocks ({:.1} GB declared: link {:.0} ms + waiting for saves {:.0} ms + NVMe {:.0} ms), lookups {:.0} ms, saves {} blocks ({:.1} GB declared, link {:.0} ms; {:.0} ms of it for evictions, which hold up the pass), passes held up {:.0} ms in all, content mismatches {}, ring errors {}",
+            "{}: {} requests over a {:.0} s makespan ({:.1} s wall), imbalance (max/mean over engines) {:.3} in requests, {:.3} in busy time, preemptions {}, loads {} blocks ({:.1} GB declared: link {:.0} ms + waiting for saves {:.0} ms + NVMe {:.0} ms), lookups {:.0} ms, saves {} blocks ({:.1} GB declared, link {:.0} ms; {:.0} ms of it for evictions, which hold up the pass), passes held up {:.0} ms in all, content mismatches {}, ring errors {}",
             r.name,
             r.finished,
             r.throughput.makespan_s,
             r.wall_s,
+            r.request_imbalance,
+            r.busy_imbalance,
             r.preemptions,
             r.loaded_blocks,
             c.load_bytes as f64 / 1e9,
@@ -1639,6 +1656,8 @@ mod tests {
         assert_eq!(s.p50, 51.0);
         assert_eq!(s.p99, 99.0);
         assert!((s.mean - 50.5).abs() < 1e-9);
+        assert_eq!(max_over_mean(&[1.0, 1.0, 4.0]), 2.0);
+        assert_eq!(max_over_mean(&[]), 0.0);
         let r = |t, ids: &[u64]| TraceRequest {
             timestamp: t,
             input_length: ids.len() as u64 * 512,
@@ -1682,6 +1701,8 @@ mod tests {
             charged: Charged::default(),
             ttft_transfer_share: 0.0,
             requests_per_worker: vec![1],
+            request_imbalance: 1.0,
+            busy_imbalance: 1.0,
             wall_s: 0.0,
             engine_busy_s: 0.0,
             daemon_events: 0,
