@@ -6,8 +6,6 @@ use kvplane_router::replay::{self, Policy, PolicyReport, ReplayConfig};
 use std::path::{Path, PathBuf};
 
 const DEFAULT_TRACE: &str = "data/traces/mooncake/synthetic_trace.jsonl";
-/// The KV router's prefill weight in `replay --engines` unless given.
-const ENGINES_PREFILL_WEIGHT: f64 = 1.5;
 
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
@@ -26,11 +24,9 @@ pub struct ReplayArgs {
     /// Simulated decode time per output token.
     #[arg(long, default_value_t = 20.0)]
     pub decode_ms_per_token: f64,
-    /// Cost router: weight of uncached (and queued) prefill blocks. Default 1.0; with
-    /// --engines 1.5 (with the tracked load, more reuse and lower TTFT than 1.0 on both
-    /// bundled traces without more imbalance: docs/replay.md).
-    #[arg(long)]
-    pub prefill_weight: Option<f64>,
+    /// Cost router: weight of uncached (and queued) prefill blocks.
+    #[arg(long, default_value_t = 1.0)]
+    pub prefill_weight: f64,
     /// Cost router: weight of KV blocks held by running requests.
     #[arg(long, default_value_t = 1.0)]
     pub decode_weight: f64,
@@ -80,7 +76,7 @@ pub fn run(args: ReplayArgs) -> CliResult {
     if args.engines {
         let trace_path = resolve_trace(args.trace.as_deref())?;
         let route = kvplane_router::route::RouteConfig {
-            prefill_weight: args.prefill_weight.unwrap_or(ENGINES_PREFILL_WEIGHT),
+            prefill_weight: args.prefill_weight,
             decode_weight: args.decode_weight,
             active_weight: args.active_weight,
             ..Default::default()
@@ -108,7 +104,7 @@ pub fn run(args: ReplayArgs) -> CliResult {
         ..ReplayConfig::default()
     };
     let mut cfg = cfg;
-    cfg.route.prefill_weight = args.prefill_weight.unwrap_or(1.0);
+    cfg.route.prefill_weight = args.prefill_weight;
     cfg.route.decode_weight = args.decode_weight;
     cfg.route.active_weight = args.active_weight;
     let reports: Vec<(Policy, PolicyReport)> = Policy::ALL
