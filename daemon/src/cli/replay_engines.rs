@@ -1389,6 +1389,17 @@ pub fn run(input: ReplayInput, args: EngineReplayArgs) -> CliResult {
             flag: "engine-pages",
             reason,
         })?;
+    let is_csv = input
+        .trace_path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    if args.with_dynamo && is_csv {
+        return Err(ReplayEnginesError::BadFlag {
+            flag: "with-dynamo",
+            reason: "Dynamo's replay reads Mooncake JSONL traces, not CSV".into(),
+        }
+        .into());
+    }
     let model = ModelGeometry::parse(&args.model)?;
     let link = LinkProfile::parse(&args.link)?;
     let cost = TransferCost::new(&model, geometry.page_tokens, &link);
