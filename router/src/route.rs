@@ -18,13 +18,29 @@
 //! prefill and one active request each): the KV events of a just-routed request arrive
 //! only after its prefill, and without this a burst sharing one new prefix would see
 //! every worker at zero overlap and equal load.
+//!
+//! A caller that sees requests through their life (the trace replay; a frontend) can
+//! instead tell the router when each routed request finishes its prefill and when it
+//! ends ([`Router::route_request`], [`Router::prefill_done`], [`Router::finished`]), the
+//! way Dynamo's KV router tracks active sequences. The load of a worker is then exact,
+//! not a guess that expires:
+//!
+//! ```text
+//! cost = prefill_weight * (n - credit + prefill blocks of its requests still in prefill)
+//!      + decode_weight  * (distinct blocks of its active requests
+//!                          + the query's blocks not among them)
+//!      + active_weight  * active requests
+//! ```
+//!
+//! The decode term counts the blocks the worker would hold with this request, so a worker
+//! already running requests on the same prefix is cheaper (they share those blocks).
 
 use crate::index::{Index, Overlap};
 use crate::{Tier, WorkerId};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 /// Weights of the cost function (from the router config).
@@ -41,6 +57,8 @@ pub struct RouteConfig {
     pub prediction_ttl_ms: u64,
     /// Cap on remembered decisions (memory bound under a request flood).
     pub max_predictions: usize,
+    /// Cap on tracked requests ([`Router::route_request`]); the oldest is dropped beyond.
+    pub max_tracked_requests: usize,
 }
 
 impl Default for RouteConfig {
@@ -53,6 +71,7 @@ impl Default for RouteConfig {
             temperature: 0.0,
             prediction_ttl_ms: 2_000,
             max_predictions: 8_192,
+            max_tracked_requests: 65_536,
         }
     }
 }
@@ -100,10 +119,52 @@ struct Prediction {
     prefill_blocks: u64,
 }
 
+/// A routed request the caller reports on (Dynamo's active sequence).
+#[derive(Debug)]
+struct Tracked {
+    worker: WorkerId,
+    hashes: Vec<u64>,
+    /// Uncached blocks on its worker, until its prefill is done.
+    prefill_blocks: u64,
+}
+
+/// The tracked load of one worker.
+#[derive(Debug, Default)]
+struct WorkerActive {
+    /// Distinct blocks of its active requests, with how many requests hold each.
+    blocks: HashMap<u64, u32>,
+    prefill_blocks: u64,
+    requests: u32,
+}
+
 #[derive(Debug)]
 struct State {
     predictions: VecDeque<Prediction>,
     rng: SmallRng,
+    tracked: HashMap<u64, Tracked>,
+    /// Tracked request ids, oldest first (may hold ids already finished).
+    tracked_order: VecDeque<u64>,
+    active: HashMap<WorkerId, WorkerActive>,
+}
+
+impl State {
+    fn untrack(&mut self, id: u64) {
+        let Some(t) = self.tracked.remove(&id) else {
+            return;
+        };
+        if let Some(w) = self.active.get_mut(&t.worker) {
+            w.prefill_blocks -= t.prefill_blocks;
+            w.requests -= 1;
+            for h in &t.hashes {
+                if let Some(c) = w.blocks.get_mut(h) {
+                    *c -= 1;
+                    if *c == 0 {
+                        w.blocks.remove(h);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The routing policy over a shared [`Index`].
@@ -122,6 +183,9 @@ impl Router {
             state: Mutex::new(State {
                 predictions: VecDeque::new(),
                 rng: SmallRng::seed_from_u64(seed),
+                tracked: HashMap::new(),
+                tracked_order: VecDeque::new(),
+                active: HashMap::new(),
             }),
         }
     }
@@ -139,6 +203,58 @@ impl Router {
     /// remembers the decision. `None` when there are no candidates.
     pub fn route(
         &self,
+        namespace: &str,
+        hashes: &[u64],
+        candidates: &[WorkerLoad],
+        now_ms: u64,
+    ) -> Option<Decision> {
+        self.route_inner(None, namespace, hashes, candidates, now_ms)
+    }
+
+    /// Routes request `id` and tracks it until [`Router::finished`]: the load of each
+    /// worker is its tracked requests (their prefill until [`Router::prefill_done`], their
+    /// distinct blocks until they finish), not `candidates`' reported load nor predictions.
+    pub fn route_request(
+        &self,
+        id: u64,
+        namespace: &str,
+        hashes: &[u64],
+        candidates: &[WorkerLoad],
+        now_ms: u64,
+    ) -> Option<Decision> {
+        self.route_inner(Some(id), namespace, hashes, candidates, now_ms)
+    }
+
+    /// Request `id` computed its prompt (its first token is out).
+    pub fn prefill_done(&self, id: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &mut *st;
+        if let Some(t) = st.tracked.get_mut(&id) {
+            if let Some(w) = st.active.get_mut(&t.worker) {
+                w.prefill_blocks -= t.prefill_blocks;
+            }
+            t.prefill_blocks = 0;
+        }
+    }
+
+    /// Request `id` ended: its blocks and load leave its worker.
+    pub fn finished(&self, id: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.untrack(id);
+    }
+
+    /// Requests tracked now.
+    pub fn tracked_requests(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .tracked
+            .len()
+    }
+
+    fn route_inner(
+        &self,
+        track: Option<u64>,
         namespace: &str,
         hashes: &[u64],
         candidates: &[WorkerLoad],
@@ -169,6 +285,9 @@ impl Router {
                         worker: c.worker,
                         ..Default::default()
                     });
+                if track.is_some() {
+                    return Self::tracked_score(cfg, &st.active, c.worker, &o, hashes);
+                }
                 let (mut predicted, mut pending, mut active_pred) = (0u32, 0u64, 0u32);
                 for p in st.predictions.iter().filter(|p| p.worker == c.worker) {
                     pending += p.prefill_blocks;
@@ -245,7 +364,37 @@ impl Router {
         let chosen = &scores[pick];
         let worker = chosen.worker;
         let uncached = n.saturating_sub(chosen.cached_blocks.max(chosen.predicted_blocks) as usize);
-        if cfg.prediction_ttl_ms > 0 && n > 0 {
+        if let Some(id) = track {
+            let st = &mut *st;
+            // A reused id replaces its earlier request.
+            st.untrack(id);
+            while st.tracked.len() >= cfg.max_tracked_requests.max(1) {
+                match st.tracked_order.pop_front() {
+                    Some(old) => st.untrack(old),
+                    None => break,
+                }
+            }
+            let w = st.active.entry(worker).or_default();
+            w.prefill_blocks += uncached as u64;
+            w.requests += 1;
+            for &h in hashes {
+                *w.blocks.entry(h).or_insert(0) += 1;
+            }
+            st.tracked.insert(
+                id,
+                Tracked {
+                    worker,
+                    hashes: hashes.to_vec(),
+                    prefill_blocks: uncached as u64,
+                },
+            );
+            st.tracked_order.push_back(id);
+            if st.tracked_order.len() > 2 * cfg.max_tracked_requests.max(1) {
+                // Drop ids already finished so the order queue stays bounded.
+                let tracked = &st.tracked;
+                st.tracked_order.retain(|i| tracked.contains_key(i));
+            }
+        } else if cfg.prediction_ttl_ms > 0 && n > 0 {
             if st.predictions.len() >= cfg.max_predictions.max(1) {
                 st.predictions.pop_front();
             }
@@ -262,6 +411,49 @@ impl Router {
             total_blocks: n,
             scores,
         })
+    }
+
+    /// A candidate's score from the tracked requests (see the module comment).
+    fn tracked_score(
+        cfg: &RouteConfig,
+        active: &HashMap<WorkerId, WorkerActive>,
+        worker: WorkerId,
+        o: &Overlap,
+        hashes: &[u64],
+    ) -> Score {
+        let n = hashes.len();
+        let credit: f64 = Tier::ALL
+            .iter()
+            .map(|&t| cfg.tier_credit[t as usize] * f64::from(o.by_tier[t as usize]))
+            .sum();
+        let prefill = (n as f64 - credit).max(0.0);
+        let (pending, held, new, requests) = match active.get(&worker) {
+            Some(w) => (
+                w.prefill_blocks,
+                w.blocks.len() as u64,
+                hashes.iter().filter(|h| !w.blocks.contains_key(h)).count() as u64,
+                w.requests,
+            ),
+            None => (0, 0, n as u64, 0),
+        };
+        let decode = held + new;
+        let cost = cfg.prefill_weight * (prefill + pending as f64)
+            + cfg.decode_weight * decode as f64
+            + cfg.active_weight * f64::from(requests);
+        Score {
+            worker,
+            cached_blocks: o.blocks,
+            cached_hbm: o.by_tier[0],
+            cached_host: o.by_tier[1],
+            cached_nvme: o.by_tier[2],
+            predicted_blocks: 0,
+            prefill_blocks: prefill,
+            pending_prefill_blocks: pending,
+            decode_blocks: decode,
+            active_requests: requests,
+            cost,
+            probability: 0.0,
+        }
     }
 }
 
@@ -319,6 +511,61 @@ mod tests {
         // After the TTL the predictions are gone.
         let d = r.route("ns", &q, &loads(8), 10_000).unwrap();
         assert!(d.scores.iter().all(|s| s.predicted_blocks == 0));
+    }
+
+    #[test]
+    fn tracked_requests_carry_load_until_they_finish() {
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let r = Router::new(index.clone(), RouteConfig::default(), 5);
+        let q: Vec<u64> = (1..=10).collect();
+        // Two requests of one new prefix: the second goes elsewhere while the first is
+        // in prefill (its 10 blocks are pending there).
+        let a = r.route_request(1, "ns", &q, &loads(2), 0).unwrap().worker;
+        let b = r.route_request(2, "ns", &q, &loads(2), 0).unwrap();
+        assert_ne!(a, b.worker);
+        let on_a = b.scores.iter().find(|s| s.worker == a).unwrap();
+        assert_eq!(on_a.pending_prefill_blocks, 10);
+        // A's prompt is computed and cached there: a third request sharing it goes to A
+        // (no prefill; its blocks are already held by the running request).
+        r.prefill_done(1);
+        r.prefill_done(2);
+        index.store("ns", a, Tier::Hbm, None, &q);
+        let c = r.route_request(3, "ns", &q, &loads(2), 0).unwrap();
+        assert_eq!(c.worker, a);
+        let s = c.scores.iter().find(|s| s.worker == a).unwrap();
+        assert_eq!((s.pending_prefill_blocks, s.decode_blocks), (0, 10));
+        assert_eq!(s.active_requests, 1);
+        assert_eq!(r.tracked_requests(), 3);
+        for id in 1..=3 {
+            r.finished(id);
+        }
+        assert_eq!(r.tracked_requests(), 0);
+        let d = r.route_request(4, "ns", &q, &loads(2), 0).unwrap();
+        assert!(d.scores.iter().all(|s| s.active_requests == 0));
+        // Finishing an unknown or finished id is harmless.
+        r.finished(99);
+        r.finished(1);
+    }
+
+    #[test]
+    fn tracking_is_bounded() {
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let cfg = RouteConfig {
+            max_tracked_requests: 4,
+            ..Default::default()
+        };
+        let r = Router::new(index, cfg, 1);
+        for id in 0..100u64 {
+            r.route_request(id, "ns", &[id, id + 1000], &loads(3), 0);
+            if id % 3 == 0 {
+                r.finished(id);
+            }
+        }
+        assert!(r.tracked_requests() <= 4);
+        let st = r.state.lock().unwrap();
+        assert!(st.tracked_order.len() <= 8);
+        let held: usize = st.active.values().map(|w| w.blocks.len()).sum();
+        assert_eq!(held, 2 * st.tracked.len());
     }
 
     #[test]

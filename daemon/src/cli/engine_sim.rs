@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use super::CliResult;
+use crate::sim::cost::TransferCost;
 use crate::sim::engine::{Engine, EngineConfig, Offload, serve, serve_real_time};
 use crate::sim::pages::KvGeometry;
 use crate::sim::proto::Command;
@@ -46,10 +47,19 @@ pub struct EngineSimArgs {
     /// when received (default: virtual clock driven by `Advance`).
     #[arg(long)]
     pub real_time: bool,
+    /// What the virtual clock charges for transfers with the daemon, as JSON
+    /// (`kvplane_daemon::sim::cost::TransferCost`; default: Llama-3.1-8B pages over the
+    /// H200 link profile). `kvplane replay --engines` passes its `--model` and `--link`.
+    #[arg(long, value_parser = parse_cost)]
+    pub cost: Option<TransferCost>,
     /// Print one JSON object instead of a table (accepted for symmetry; the engine's
     /// output is always JSON lines).
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_cost(s: &str) -> Result<TransferCost, String> {
+    serde_json::from_str(s).map_err(|e| format!("not a transfer cost: {e}"))
 }
 
 impl EngineSimArgs {
@@ -67,6 +77,7 @@ impl EngineSimArgs {
             max_running: self.max_running.max(1),
             offload: self.offload,
             namespace: self.namespace.clone(),
+            cost: self.cost.clone().unwrap_or_default(),
             ..EngineConfig::default()
         }
     }

@@ -15,6 +15,7 @@ pub mod demo;
 pub mod engine_sim;
 pub mod ping;
 pub mod replay;
+pub mod replay_dynamo;
 pub mod replay_engines;
 pub mod router;
 pub mod serve;

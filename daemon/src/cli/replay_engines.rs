@@ -28,7 +28,9 @@ use kvplane_router::route::{RouteConfig, Router, WorkerLoad};
 use serde::Serialize;
 
 use super::CliResult;
+use super::replay_dynamo::{self, DynamoRow, DynamoSettings, TraceId};
 use crate::bench::serve_child::{ServeChild, ServeChildError, log_tail};
+use crate::sim::cost::{LinkProfile, ModelGeometry, TransferCost};
 use crate::sim::engine::Offload;
 use crate::sim::pages::{KvGeometry, TRACE_BLOCK_TOKENS, page_hashes};
 use crate::sim::proto::{Command, Done, EngineStats, Event};
@@ -37,12 +39,9 @@ const NAMESPACE: &str = "replay";
 /// Bytes in front of each block in a daemon slot (the slot header page).
 const SLOT_HEADER_BYTES: u64 = crate::tier::SLOT_HEADER_BYTES as u64;
 
-/// NVIDIA Dynamo's own replay (ai-dynamo 1.4.2, `python -m dynamo.replay`, mock engine,
-/// 8 workers, engine block_size 64, trace block 512) on the bundled synthetic trace.
-pub const DYNAMO_ROUND_ROBIN_REUSE: f64 = 0.112;
-pub const DYNAMO_KV_ROUTER_REUSE: f64 = 0.501;
-pub const DYNAMO_ROUND_ROBIN_TTFT_P50_MS: f64 = 142.0;
-pub const DYNAMO_KV_ROUTER_TTFT_P50_MS: f64 = 31.0;
+/// Engine settings the replay shares with Dynamo's mock engine (its defaults).
+const MAX_BATCHED_TOKENS: u64 = 8192;
+const MAX_RUNNING: usize = 256;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct EngineReplayArgs {
@@ -70,9 +69,42 @@ pub struct EngineReplayArgs {
     /// Replay only the first N requests.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Also run the KV router without daemon tiers (isolates what the tiers add).
+    /// Skip the KV router without daemon tiers (run by default: it is the row that compares
+    /// with Dynamo's KV router, and what the tiers add is measured against it).
     #[arg(long)]
+    pub no_router_only: bool,
+    /// Accepted for compatibility: the router-only run is on by default.
+    #[arg(long, hide = true)]
     pub router_only: bool,
+    /// Model whose KV the virtual clock charges: llama-3.1-8b (default, bf16: 128 KiB a
+    /// token), llama-3.1-70b (320 KiB a token) or layers=L,kv_heads=H,head_dim=D,dtype_bytes=B.
+    #[arg(long, default_value = "llama-3.1-8b")]
+    pub model: String,
+    /// Link model (measured bandwidths) the clock charges transfers at: `h200`
+    /// (data/profiles/h200.json, figures from ../shared/GPU-NOTES.md) or a profile file.
+    #[arg(long, default_value = "h200")]
+    pub link: String,
+    /// Also run NVIDIA Dynamo's replay (scripts/install-dynamo.sh installs it) on the same
+    /// trace and settings, both router modes, and print its measured rows.
+    #[arg(long)]
+    pub with_dynamo: bool,
+    /// Python of the Dynamo venv (default: $KVPLANE_DYNAMO_PYTHON, else the install
+    /// script's venv).
+    #[arg(long)]
+    pub dynamo_python: Option<PathBuf>,
+    /// With --with-dynamo: write the Dynamo runs (command, versions, trace hash, settings,
+    /// raw reports) to this file, for data/reference/.
+    #[arg(long, requires = "with_dynamo")]
+    pub record_reference: Option<PathBuf>,
+    /// Where recorded Dynamo runs are looked up (default: data/reference).
+    #[arg(long)]
+    pub reference_dir: Option<PathBuf>,
+    /// How the KV router sees each engine's load: `tracked` (the requests it routed, until
+    /// their first token for prefill and until they end for blocks, as Dynamo's router
+    /// does) or `reported` (the engines' running requests and pool pages, plus its own
+    /// recent decisions for a TTL).
+    #[arg(long, value_enum, default_value_t = RouterLoad::Tracked)]
+    pub router_load: RouterLoad,
     /// Skip the baseline (round-robin, no daemon tiers).
     #[arg(long)]
     pub no_baseline: bool,
@@ -137,6 +169,10 @@ pub enum ReplayEnginesError {
     },
     #[error("accounting: {0}")]
     Accounting(String),
+    #[error(transparent)]
+    Cost(#[from] crate::sim::cost::CostError),
+    #[error(transparent)]
+    Dynamo(#[from] replay_dynamo::DynamoError),
 }
 
 type Result<T, E = ReplayEnginesError> = std::result::Result<T, E>;
@@ -211,6 +247,14 @@ pub fn load_any_trace(
     Ok(out)
 }
 
+/// Where the KV router's load signal comes from (`--router-load`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterLoad {
+    Tracked,
+    Reported,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Routing {
@@ -252,6 +296,21 @@ pub struct ByTier {
     pub nvme: f64,
 }
 
+/// Virtual-clock transfer charges over all engines.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Charged {
+    pub lookup_ms: f64,
+    pub load_ms: f64,
+    pub link_wait_ms: f64,
+    pub nvme_ms: f64,
+    pub save_ms: f64,
+    pub evict_save_ms: f64,
+    pub load_bytes: u64,
+    pub save_bytes: u64,
+    /// Pass time held up by transfers.
+    pub stall_ms: f64,
+}
+
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Throughput {
     /// Over the virtual makespan (first arrival to last completion).
@@ -281,10 +340,18 @@ pub struct RunReport {
     pub ring_errors: u64,
     pub loaded_blocks: u64,
     pub saved_blocks: u64,
+    /// Host copy time the daemons measured for the (small) pages, not charged.
     pub load_transfer_ms: f64,
     pub save_transfer_ms: f64,
+    /// What the clock charged (declared geometry over the link model).
+    pub charged: Charged,
+    /// Sum over requests of their transfer wait before the first token / sum of TTFT.
+    pub ttft_transfer_share: f64,
     /// Requests per worker.
     pub requests_per_worker: Vec<u64>,
+    /// Max / mean over engines of requests routed and of modelled busy time.
+    pub request_imbalance: f64,
+    pub busy_imbalance: f64,
     pub wall_s: f64,
     /// Sum over engines of modelled pass time (the GPU time the run would take).
     pub engine_busy_s: f64,
@@ -356,14 +423,9 @@ hugepages = "never"
         host_bytes = host_blocks * slot,
     );
     // Several daemons (and other runs) share the machine: no fixed metrics port.
-    if crate::config::Config::default_toml().contains("[control]") {
-        s.push_str("\n[control]\nmetrics_addr = \"\"\nsocket_path = \"\"\n");
-    }
-    // The daemon streams its tiers' KV events to the driver's router, when this build's
-    // daemon has the `[events]` section.
-    if let Some((addr, worker)) = events
-        && crate::config::Config::default_toml().contains("[events]")
-    {
+    s.push_str("\n[control]\nmetrics_addr = \"\"\nsocket_path = \"\"\n");
+    // The daemon streams its tiers' KV events to the driver's router.
+    if let Some((addr, worker)) = events {
         s.push_str(&format!(
             "\n[events]\nrouters = [\"{addr}\"]\nworker_id = {worker}\n"
         ));
@@ -621,7 +683,7 @@ struct RunState {
 }
 
 impl RunState {
-    fn apply(&mut self, e: &EngineChild, ev: Event) {
+    fn apply(&mut self, e: &EngineChild, ev: Event, router: &Router) {
         let w = e.worker as u64;
         match ev {
             Event::Stored { parent, hashes } => {
@@ -640,7 +702,9 @@ impl RunState {
                     }
                 }
             }
+            Event::FirstToken { id } => router.prefill_done(id),
             Event::Done(d) => {
+                router.finished(d.id);
                 if self.done.insert(d.id, d.clone()).is_some() {
                     self.duplicates.push(d.id);
                 }
@@ -659,6 +723,8 @@ struct RunContext<'a> {
     input: &'a ReplayInput,
     args: &'a EngineReplayArgs,
     geometry: KvGeometry,
+    /// `TransferCost` as JSON, for the engines' `--cost`.
+    cost_json: String,
     progress: indicatif::MultiProgress,
     show_progress: bool,
 }
@@ -749,6 +815,10 @@ fn run_in(ctx: &RunContext<'_>, spec: RunSpec, work: &WorkDir) -> Result<RunRepo
                 },
             ])
             .args(["--namespace", NAMESPACE])
+            .args(["--max-batched-tokens", &MAX_BATCHED_TOKENS.to_string()])
+            .args(["--max-running", &MAX_RUNNING.to_string()])
+            .arg("--cost")
+            .arg(&ctx.cost_json)
             .env("KVPLANE_LOG", "warn")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -846,7 +916,7 @@ fn run_in(ctx: &RunContext<'_>, spec: RunSpec, work: &WorkDir) -> Result<RunRepo
                         e.load.decode_blocks = u64::from(active_pages);
                         break;
                     }
-                    ev => state.apply(e, ev),
+                    ev => state.apply(e, ev, &router),
                 }
             }
         }
@@ -855,9 +925,15 @@ fn run_in(ctx: &RunContext<'_>, spec: RunSpec, work: &WorkDir) -> Result<RunRepo
             Routing::KvRouter => {
                 let hashes = page_hashes(&req.hash_ids, req.input_length, pt);
                 let loads: Vec<WorkerLoad> = engines.iter().map(|e| e.load).collect();
-                router
-                    .route(NAMESPACE, &hashes, &loads, arrival as u64)
-                    .map_or(i % n, |d| d.worker as usize)
+                let decision = match args.router_load {
+                    RouterLoad::Tracked => {
+                        router.route_request(i as u64, NAMESPACE, &hashes, &loads, arrival as u64)
+                    }
+                    RouterLoad::Reported => {
+                        router.route(NAMESPACE, &hashes, &loads, arrival as u64)
+                    }
+                };
+                decision.map_or(i % n, |d| d.worker as usize)
             }
         };
         state.sent[chosen] += 1;
@@ -884,7 +960,7 @@ fn run_in(ctx: &RunContext<'_>, spec: RunSpec, work: &WorkDir) -> Result<RunRepo
                     stats.push(s);
                     break;
                 }
-                ev => state.apply(e, ev),
+                ev => state.apply(e, ev, &router),
             }
         }
     }
@@ -927,6 +1003,7 @@ fn report(
     let (mut input, mut cached, mut computed, mut out_tokens) = (0u64, [0u64; 3], 0u64, 0u64);
     let mut ttft = Vec::with_capacity(trace.len());
     let mut e2e = Vec::with_capacity(trace.len());
+    let mut transfer_ms = 0.0f64;
     let (mut first, mut last) = (f64::INFINITY, 0.0f64);
     for (i, req) in trace.iter().enumerate() {
         let d = state
@@ -947,6 +1024,7 @@ fn report(
         computed += d.computed;
         out_tokens += d.output_tokens;
         ttft.push(d.first_token_ms - d.arrival_ms);
+        transfer_ms += d.transfer_ms;
         e2e.push(d.done_ms - d.arrival_ms);
         first = first.min(d.arrival_ms);
         last = last.max(d.done_ms);
@@ -955,6 +1033,8 @@ fn report(
     let frac = |x: u64| x as f64 / input.max(1) as f64;
     let makespan_s = ((last - first) / 1000.0).max(1e-9);
     let sum = |f: fn(&EngineStats) -> u64| stats.iter().map(f).sum::<u64>();
+    let sumf = |f: fn(&EngineStats) -> f64| stats.iter().map(f).sum::<f64>();
+    let ttft_total: f64 = ttft.iter().sum();
     Ok(RunReport {
         name: spec.name,
         routing: spec.routing,
@@ -985,11 +1065,39 @@ fn report(
         saved_blocks: sum(|s| s.saved_blocks),
         load_transfer_ms: sum(|s| s.load_transfer_us) as f64 / 1000.0,
         save_transfer_ms: sum(|s| s.save_transfer_us) as f64 / 1000.0,
+        charged: Charged {
+            lookup_ms: sumf(|s| s.charged_lookup_ms),
+            load_ms: sumf(|s| s.charged_load_ms),
+            link_wait_ms: sumf(|s| s.charged_link_wait_ms),
+            nvme_ms: sumf(|s| s.charged_nvme_ms),
+            save_ms: sumf(|s| s.charged_save_ms),
+            evict_save_ms: sumf(|s| s.charged_evict_save_ms),
+            load_bytes: sum(|s| s.charged_load_bytes),
+            save_bytes: sum(|s| s.charged_save_bytes),
+            stall_ms: sumf(|s| s.stall_ms),
+        },
+        ttft_transfer_share: if ttft_total > 0.0 {
+            transfer_ms / ttft_total
+        } else {
+            0.0
+        },
         requests_per_worker: state.sent.clone(),
+        request_imbalance: max_over_mean(&state.sent.iter().map(|&x| x as f64).collect::<Vec<_>>()),
+        busy_imbalance: max_over_mean(&stats.iter().map(|s| s.busy_ms).collect::<Vec<_>>()),
         wall_s: wall.as_secs_f64(),
         engine_busy_s: stats.iter().map(|s| s.busy_ms).sum::<f64>() / 1000.0,
         daemon_events: 0,
     })
+}
+
+/// Max / mean (1 = perfectly even; 0 for no data).
+fn max_over_mean(v: &[f64]) -> f64 {
+    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    if mean > 0.0 {
+        v.iter().copied().fold(0.0, f64::max) / mean
+    } else {
+        0.0
+    }
 }
 
 /// Prefix reuse of one infinite shared cache at page granularity (with the last page
@@ -1009,7 +1117,7 @@ pub fn infinite_cache_reuse(trace: &[TraceRequest], page_tokens: u32) -> f64 {
     cached as f64 / input.max(1) as f64
 }
 
-fn svg_plot(reports: &[RunReport], clock: &str) -> String {
+fn svg_plot(reports: &[RunReport], dynamo: &[DynamoRow], clock: &str) -> String {
     let (w, h, left, bottom, top) = (720.0, 360.0, 70.0, 60.0, 40.0);
     let max = reports.iter().map(|r| r.ttft_ms.p99).fold(1.0f64, f64::max) * 1.1;
     let plot_h = h - bottom - top;
@@ -1033,11 +1141,12 @@ fn svg_plot(reports: &[RunReport], clock: &str) -> String {
             y + 4.0
         ));
     }
-    // Dynamo's own replay of the synthetic trace, for reference.
-    for (label, v) in [
-        ("Dynamo KV router p50", DYNAMO_KV_ROUTER_TTFT_P50_MS),
-        ("Dynamo round robin p50", DYNAMO_ROUND_ROBIN_TTFT_P50_MS),
-    ] {
+    // Dynamo's replay of the same trace, where measured (or recorded for it).
+    for d in dynamo {
+        let (label, v) = (format!("Dynamo {} p50", d.router_mode), d.ttft_p50_ms);
+        if !(v.is_finite() && v <= max) {
+            continue;
+        }
         let y = top + plot_h - plot_h * v / max;
         s.push_str(&format!(
             "<line x1=\"{left}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#555\" stroke-dasharray=\"4 3\"/>\
@@ -1091,9 +1200,16 @@ fn svg_plot(reports: &[RunReport], clock: &str) -> String {
     s
 }
 
-fn print_table(reports: &[RunReport], ceiling: f64) {
+fn routing_name(r: Routing) -> &'static str {
+    match r {
+        Routing::KvRouter => "kv_router",
+        Routing::RoundRobin => "round_robin",
+    }
+}
+
+fn print_table(reports: &[RunReport], ceiling: f64, dynamo: &[DynamoRow]) {
     println!(
-        "{:<12} {:<11} {:>5} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7}",
+        "{:<12} {:<11} {:>5} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8} {:>6} {:>12} {:>8} {:>8}",
         "config",
         "routing",
         "tiers",
@@ -1104,19 +1220,16 @@ fn print_table(reports: &[RunReport], ceiling: f64) {
         "ttft_mean",
         "ttft_p50",
         "ttft_p99",
-        "e2e_mean",
+        "xfer%",
+        "prefill_tok",
         "e2e_p50",
-        "e2e_p99",
-        "req/s"
+        "e2e_p99"
     );
     for r in reports {
         println!(
-            "{:<12} {:<11} {:>5} {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>9.1} {:>8.1} {:>8.1} {:>9.1} {:>8.1} {:>8.1} {:>7.2}",
+            "{:<12} {:<11} {:>5} {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>9.1} {:>8.1} {:>8.1} {:>6.2} {:>12} {:>8.1} {:>8.1}",
             r.name,
-            match r.routing {
-                Routing::KvRouter => "kv_router",
-                Routing::RoundRobin => "round_robin",
-            },
+            routing_name(r.routing),
             if r.daemon_tiers { "yes" } else { "no" },
             r.prefix_reuse,
             r.prefix_reuse_by_tier.engine,
@@ -1125,28 +1238,75 @@ fn print_table(reports: &[RunReport], ceiling: f64) {
             r.ttft_ms.mean,
             r.ttft_ms.p50,
             r.ttft_ms.p99,
-            r.e2e_ms.mean,
+            100.0 * r.ttft_transfer_share,
+            r.computed_tokens,
             r.e2e_ms.p50,
             r.e2e_ms.p99,
-            r.throughput.requests_per_s
         );
     }
     println!(
-        "{:<12} {:<11} {:>5} {:>6.3} {:>57}",
-        "ceiling", "infinite", "-", ceiling, "(one infinite shared cache)"
+        "{:<12} {:<11} {:>5} {:>6.3}   (one infinite shared cache)",
+        "ceiling", "infinite", "-", ceiling
     );
-    println!(
-        "{:<12} {:<11} {:>5} {:>6.3} {:>40.1}   (ai-dynamo 1.4.2 replay, same trace)",
-        "dynamo", "round_robin", "no", DYNAMO_ROUND_ROBIN_REUSE, DYNAMO_ROUND_ROBIN_TTFT_P50_MS
-    );
-    println!(
-        "{:<12} {:<11} {:>5} {:>6.3} {:>40.1}   (ai-dynamo 1.4.2 replay, same trace)",
-        "dynamo", "kv_router", "no", DYNAMO_KV_ROUTER_REUSE, DYNAMO_KV_ROUTER_TTFT_P50_MS
-    );
-    if let (Some(m), Some(b)) = (
-        reports.first(),
-        reports.iter().find(|r| r.name == "baseline"),
+    for d in dynamo {
+        println!(
+            "{:<12} {:<11} {:>5} {:>6.3} {:>6} {:>6} {:>6} {:>9.1} {:>8.1} {:>8.1} {:>6} {:>12} {:>8.1} {:>8.1}   (ai-dynamo replay, {})",
+            "dynamo",
+            d.router_mode,
+            "no",
+            d.prefix_reuse,
+            "",
+            "",
+            "",
+            d.ttft_mean_ms,
+            d.ttft_p50_ms,
+            d.ttft_p99_ms,
+            "0.00",
+            d.computed_tokens,
+            d.e2e_p50_ms,
+            d.e2e_p99_ms,
+            d.label
+        );
+    }
+    // Like with like: the router alone against Dynamo's KV router (neither has tiers),
+    // then what the tiers add to the same router.
+    let find = |n: &str| reports.iter().find(|r| r.name == n);
+    let pct = |a: f64, b: f64| 100.0 * (a / b - 1.0);
+    if let (Some(r), Some(d)) = (
+        find("router_only"),
+        dynamo.iter().find(|d| d.router_mode == "kv_router"),
     ) {
+        println!(
+            "router only vs Dynamo's KV router (no tiers either side): reuse {:.3} vs {:.3}, TTFT p50 {:.1} vs {:.1} ms ({:+.1} %), p99 {:.0} vs {:.0} ms, prefill tokens {} vs {} ({:+.1} %)",
+            r.prefix_reuse,
+            d.prefix_reuse,
+            r.ttft_ms.p50,
+            d.ttft_p50_ms,
+            pct(r.ttft_ms.p50, d.ttft_p50_ms),
+            r.ttft_ms.p99,
+            d.ttft_p99_ms,
+            r.computed_tokens,
+            d.computed_tokens,
+            pct(r.computed_tokens as f64, d.computed_tokens as f64),
+        );
+    }
+    if let (Some(k), Some(r)) = (find("kvplane"), find("router_only")) {
+        println!(
+            "router + tiers vs router only (same router): reuse {:.3} vs {:.3}, TTFT p50 {:.1} vs {:.1} ms ({:+.1} %), p99 {:.0} vs {:.0} ms, prefill tokens {} vs {} ({:+.1} %); {:.2} % of TTFT was transfers",
+            k.prefix_reuse,
+            r.prefix_reuse,
+            k.ttft_ms.p50,
+            r.ttft_ms.p50,
+            pct(k.ttft_ms.p50, r.ttft_ms.p50),
+            k.ttft_ms.p99,
+            r.ttft_ms.p99,
+            k.computed_tokens,
+            r.computed_tokens,
+            pct(k.computed_tokens as f64, r.computed_tokens as f64),
+            100.0 * k.ttft_transfer_share,
+        );
+    }
+    if let (Some(m), Some(b)) = (find("kvplane"), find("baseline")) {
         println!(
             "{} computes {:.1} % fewer prefill tokens than the baseline ({} vs {}); engines busy {:.0} s vs {:.0} s ({:.1} % less)",
             m.name,
@@ -1159,16 +1319,27 @@ fn print_table(reports: &[RunReport], ceiling: f64) {
         );
     }
     for r in reports {
+        let c = &r.charged;
         println!(
-            "{}: {} requests over a {:.0} s makespan ({:.1} s wall), preemptions {}, loads {} blocks ({:.0} ms transfer), saves {} blocks, content mismatches {}, ring errors {}",
+            "{}: {} requests over a {:.0} s makespan ({:.1} s wall), imbalance (max/mean over engines) {:.3} in requests, {:.3} in busy time, preemptions {}, loads {} blocks ({:.1} GB declared: link {:.0} ms + waiting for saves {:.0} ms + NVMe {:.0} ms), lookups {:.0} ms, saves {} blocks ({:.1} GB declared, link {:.0} ms; {:.0} ms of it for evictions, which hold up the pass), passes held up {:.0} ms in all, content mismatches {}, ring errors {}",
             r.name,
             r.finished,
             r.throughput.makespan_s,
             r.wall_s,
+            r.request_imbalance,
+            r.busy_imbalance,
             r.preemptions,
             r.loaded_blocks,
-            r.load_transfer_ms,
+            c.load_bytes as f64 / 1e9,
+            c.load_ms,
+            c.link_wait_ms,
+            c.nvme_ms,
+            c.lookup_ms,
             r.saved_blocks,
+            c.save_bytes as f64 / 1e9,
+            c.save_ms + c.evict_save_ms,
+            c.evict_save_ms,
+            c.stall_ms,
             r.content_mismatches,
             r.ring_errors
         );
@@ -1218,10 +1389,63 @@ pub fn run(input: ReplayInput, args: EngineReplayArgs) -> CliResult {
             flag: "engine-pages",
             reason,
         })?;
+    let is_csv = input
+        .trace_path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    if args.with_dynamo && is_csv {
+        return Err(ReplayEnginesError::BadFlag {
+            flag: "with-dynamo",
+            reason: "Dynamo's replay reads Mooncake JSONL traces, not CSV".into(),
+        }
+        .into());
+    }
+    let model = ModelGeometry::parse(&args.model)?;
+    let link = LinkProfile::parse(&args.link)?;
+    let cost = TransferCost::new(&model, geometry.page_tokens, &link);
     let mut trace = load_any_trace(&input.trace_path)?;
     if let Some(limit) = args.limit {
         trace.truncate(limit.max(1));
     }
+    // The trace as replayed, for Dynamo: its content hash, and a file to hand to Dynamo
+    // (the original, or the first --limit lines of a JSONL trace).
+    let trace_bytes =
+        std::fs::read(&input.trace_path).map_err(|source| ReplayEnginesError::Io {
+            what: "reading trace",
+            path: input.trace_path.clone(),
+            source,
+        })?;
+    let trace_file = input
+        .trace_path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let (trace_id, replayed_bytes) = if args.limit.is_some() {
+        let text = String::from_utf8_lossy(&trace_bytes);
+        let mut cut: String = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .take(trace.len())
+            .collect::<Vec<_>>()
+            .join("\n");
+        cut.push('\n');
+        let id = TraceId::of_bytes(&trace_file, cut.as_bytes(), trace.len());
+        (id, Some(cut))
+    } else {
+        (
+            TraceId::of_bytes(&trace_file, &trace_bytes, trace.len()),
+            None,
+        )
+    };
+    let dynamo_settings = DynamoSettings {
+        workers: input.workers,
+        block_size: geometry.page_tokens,
+        trace_block_size: TRACE_BLOCK_TOKENS,
+        num_gpu_blocks: args.engine_pages,
+        max_num_batched_tokens: MAX_BATCHED_TOKENS,
+        max_num_seqs: MAX_RUNNING,
+        arrival_speedup_ratio: args.speed,
+        replay_mode: "offline".into(),
+    };
     let exe = std::env::current_exe().map_err(|source| ReplayEnginesError::Io {
         what: "locating the kvplane binary",
         path: PathBuf::from("/proc/self/exe"),
@@ -1234,6 +1458,7 @@ pub fn run(input: ReplayInput, args: EngineReplayArgs) -> CliResult {
         input: &input,
         args: &args,
         geometry,
+        cost_json: serde_json::to_string(&cost)?,
         progress: indicatif::MultiProgress::new(),
         show_progress,
     };
@@ -1242,7 +1467,7 @@ pub fn run(input: ReplayInput, args: EngineReplayArgs) -> CliResult {
         routing: Routing::KvRouter,
         daemon_tiers: true,
     }];
-    if args.router_only {
+    if !args.no_router_only {
         specs.push(RunSpec {
             name: "router_only",
             routing: Routing::KvRouter,
@@ -1261,10 +1486,75 @@ pub fn run(input: ReplayInput, args: EngineReplayArgs) -> CliResult {
         reports.push(run_one(&ctx, spec)?);
     }
     let ceiling = infinite_cache_reuse(&trace, geometry.page_tokens);
+    // Dynamo's figures: measured now, or recorded for exactly this trace and settings.
+    let (dynamo, dynamo_source) = if args.with_dynamo {
+        let mut work = WorkDir::new(args.work_dir.as_deref(), args.keep_work_dir)?;
+        let trace_for_dynamo = match &replayed_bytes {
+            Some(cut) => {
+                let p = work.path.join(&trace_file);
+                std::fs::write(&p, cut).map_err(|source| ReplayEnginesError::Io {
+                    what: "writing the replayed part of the trace",
+                    path: p.clone(),
+                    source,
+                })?;
+                p
+            }
+            None => input.trace_path.clone(),
+        };
+        let python = replay_dynamo::dynamo_python(args.dynamo_python.as_deref());
+        let measured = replay_dynamo::run_dynamo(
+            &python,
+            &trace_for_dynamo,
+            trace_id.clone(),
+            &dynamo_settings,
+            &work.path,
+        );
+        let measured = match measured {
+            Ok(m) => m,
+            Err(e) => {
+                work.keep = true;
+                return Err(ReplayEnginesError::from(e).into());
+            }
+        };
+        if let Some(path) = &args.record_reference {
+            replay_dynamo::write_reference(path, &measured)?;
+        }
+        let source = format!(
+            "ai-dynamo {} measured in this run",
+            measured.versions["ai-dynamo"].as_str().unwrap_or("?")
+        );
+        (
+            replay_dynamo::rows(&measured, "measured in this run"),
+            source,
+        )
+    } else {
+        match replay_dynamo::reference_dir(args.reference_dir.as_deref())
+            .and_then(|dir| replay_dynamo::find_reference(&dir, &trace_id, &dynamo_settings))
+        {
+            Some((path, r)) => {
+                let label = format!("recorded {}, not re-run", r.recorded);
+                let source = format!(
+                    "ai-dynamo {} {} ({})",
+                    r.versions["ai-dynamo"].as_str().unwrap_or("?"),
+                    label,
+                    path.display()
+                );
+                (replay_dynamo::rows(&r, &label), source)
+            }
+            None => (
+                Vec::new(),
+                "none: no recorded Dynamo run matches this trace's hash and settings (--with-dynamo runs it)".to_owned(),
+            ),
+        }
+    };
     if let Some(path) = &args.plot {
         std::fs::write(
             path,
-            svg_plot(&reports, if args.real_time { "wall" } else { "virtual" }),
+            svg_plot(
+                &reports,
+                &dynamo,
+                if args.real_time { "wall" } else { "virtual" },
+            ),
         )
         .map_err(|source| ReplayEnginesError::Io {
             what: "writing plot",
@@ -1295,14 +1585,22 @@ pub fn run(input: ReplayInput, args: EngineReplayArgs) -> CliResult {
             if args.real_time { "wall" } else { "virtual" }.into(),
         );
         obj.insert("infinite_cache_prefix_reuse".into(), ceiling.into());
+        obj.insert("trace_xxh3_128".into(), trace_id.xxh3_128.clone().into());
         obj.insert(
-            "dynamo_reference".into(),
-            serde_json::json!({
-                "source": "ai-dynamo 1.4.2 `python -m dynamo.replay`, 8 workers, block_size 64, trace block 512, synthetic trace",
-                "round_robin": {"prefix_reuse": DYNAMO_ROUND_ROBIN_REUSE, "ttft_p50_ms": DYNAMO_ROUND_ROBIN_TTFT_P50_MS},
-                "kv_router": {"prefix_reuse": DYNAMO_KV_ROUTER_REUSE, "ttft_p50_ms": DYNAMO_KV_ROUTER_TTFT_P50_MS},
-            }),
+            "router_load".into(),
+            serde_json::to_value(args.router_load)?,
         );
+        obj.insert("route".into(), serde_json::to_value(&input.route)?);
+        obj.insert("model".into(), serde_json::to_value(&model)?);
+        obj.insert("bytes_per_token".into(), model.bytes_per_token().into());
+        obj.insert("declared_page_bytes".into(), cost.page_bytes.into());
+        obj.insert("link".into(), serde_json::to_value(&link)?);
+        obj.insert("dynamo_source".into(), dynamo_source.clone().into());
+        let mut dyn_obj = serde_json::Map::new();
+        for d in &dynamo {
+            dyn_obj.insert(d.router_mode.clone(), serde_json::to_value(d)?);
+        }
+        obj.insert("dynamo".into(), serde_json::Value::Object(dyn_obj));
         for r in &reports[1..] {
             obj.insert(r.name.into(), serde_json::to_value(r)?);
         }
@@ -1319,9 +1617,10 @@ pub fn run(input: ReplayInput, args: EngineReplayArgs) -> CliResult {
         println!("{}", serde_json::Value::Object(obj));
     } else {
         println!(
-            "trace {} ({} requests), {} engines on {} daemon(s), {} pages x {} tokens each, host tier {}x the pools, {} clock at speed {}",
+            "trace {} ({} requests, xxh3-128 {}), {} engines on {} daemon(s), {} pages x {} tokens each, host tier {}x the pools, {} clock at speed {}",
             input.trace_path.display(),
             trace.len(),
+            trace_id.xxh3_128,
             input.workers,
             args.daemons,
             args.engine_pages,
@@ -1330,7 +1629,30 @@ pub fn run(input: ReplayInput, args: EngineReplayArgs) -> CliResult {
             if args.real_time { "wall" } else { "virtual" },
             args.speed
         );
-        print_table(&reports, ceiling);
+        println!(
+            "model {}: {} layers x {} KV heads x {} dim x {} B x K,V = {} bytes per token ({:.1} MiB per {}-token page); the clock charges these bytes, the engines move {}-byte pages and check them byte for byte",
+            model.name,
+            model.layers,
+            model.kv_heads,
+            model.head_dim,
+            model.dtype_bytes,
+            model.bytes_per_token(),
+            cost.page_bytes as f64 / f64::from(1u32 << 20),
+            geometry.page_tokens,
+            geometry.block_bytes()
+        );
+        println!(
+            "link profile {}: load {} GB/s ({}); save {} GB/s ({}); NVMe read {} GB/s ({}); lookups: measured ring round trip",
+            link.name,
+            link.load_gbps,
+            link.load_source,
+            link.save_gbps,
+            link.save_source,
+            link.nvme_read_gbps,
+            link.nvme_read_source
+        );
+        println!("Dynamo rows: {dynamo_source}");
+        print_table(&reports, ceiling, &dynamo);
     }
     Ok(())
 }
@@ -1345,6 +1667,8 @@ mod tests {
         assert_eq!(s.p50, 51.0);
         assert_eq!(s.p99, 99.0);
         assert!((s.mean - 50.5).abs() < 1e-9);
+        assert_eq!(max_over_mean(&[1.0, 1.0, 4.0]), 2.0);
+        assert_eq!(max_over_mean(&[]), 0.0);
         let r = |t, ids: &[u64]| TraceRequest {
             timestamp: t,
             input_length: ids.len() as u64 * 512,
@@ -1385,14 +1709,30 @@ mod tests {
             saved_blocks: 0,
             load_transfer_ms: 0.0,
             save_transfer_ms: 0.0,
+            charged: Charged::default(),
+            ttft_transfer_share: 0.0,
             requests_per_worker: vec![1],
+            request_imbalance: 1.0,
+            busy_imbalance: 1.0,
             wall_s: 0.0,
             engine_busy_s: 0.0,
             daemon_events: 0,
         };
         let mut b = r.clone();
         b.name = "baseline";
-        let svg = svg_plot(&[r, b], "virtual");
+        let d = DynamoRow {
+            router_mode: "kv_router".into(),
+            prefix_reuse: 0.5,
+            ttft_mean_ms: 100.0,
+            ttft_p50_ms: 31.0,
+            ttft_p99_ms: 1000.0,
+            e2e_p50_ms: 0.0,
+            e2e_p99_ms: 0.0,
+            input_tokens: 0,
+            computed_tokens: 0,
+            label: "test".into(),
+        };
+        let svg = svg_plot(&[r.clone(), b.clone()], &[d], "virtual");
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         for name in ["kvplane", "baseline"] {
             for p in ["p50 10.0", "mean 20.0", "p99 300.0"] {
@@ -1402,7 +1742,9 @@ mod tests {
                 );
             }
         }
-        assert!(svg.contains("Dynamo KV router p50 31 ms"));
+        assert!(svg.contains("Dynamo kv_router p50 31 ms"));
+        // No Dynamo row given, no Dynamo line drawn.
+        assert!(!svg_plot(&[r, b], &[], "virtual").contains("Dynamo"));
     }
 
     #[test]
@@ -1423,5 +1765,18 @@ mod tests {
         let text = daemon_config_toml(Path::new("/tmp/s.sock"), 4096, 10, None, None);
         assert!(text.contains("block_bytes = 4096"));
         assert!(text.contains(&format!("capacity_bytes = {}", 10 * 8192)));
+        assert!(!text.contains("[events]"));
+        // The generated config is one this daemon accepts, events section included.
+        let addr: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let text = daemon_config_toml(
+            Path::new("/tmp/s.sock"),
+            4096,
+            10,
+            Some((Path::new("/tmp/n.img"), 1 << 20)),
+            Some((addr, 7)),
+        );
+        let cfg = crate::config::Config::from_toml(&text, Path::new("replay.toml")).unwrap();
+        assert_eq!(cfg.blocks.block_bytes, 4096);
+        assert!(text.contains("routers = [\"127.0.0.1:9\"]"), "{text}");
     }
 }

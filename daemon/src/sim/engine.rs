@@ -28,6 +28,7 @@ use kvplane_ffi::{Opcode, Pod, Status, Tier, kvp_block_op, kvp_cqe, kvp_kv_layou
 use kvplane_shm::{AttachOptions, QueuePair, Session, ShmError, client};
 use serde::{Deserialize, Serialize};
 
+use super::cost::{LinkClock, TransferCost};
 use super::pages::{KvGeometry, page_hashes};
 use super::pool::{Evicted, KvPool, PoolError};
 use super::proto::{Command, Done, EngineStats, Event};
@@ -83,6 +84,8 @@ pub struct EngineConfig {
     pub watermark: f64,
     pub offload: Offload,
     pub namespace: String,
+    /// What the virtual clock charges for transfers with the daemon.
+    pub cost: TransferCost,
 }
 
 impl Default for EngineConfig {
@@ -96,6 +99,7 @@ impl Default for EngineConfig {
             watermark: 0.01,
             offload: Offload::Eager,
             namespace: "replay".into(),
+            cost: TransferCost::default(),
         }
     }
 }
@@ -113,6 +117,8 @@ pub struct DaemonLink {
     next_user_data: u64,
     max_ops: usize,
     ops: Vec<kvp_block_op>,
+    /// Bytes of one page as the daemon stores it (the real, small page).
+    block_bytes: u64,
 }
 
 impl std::fmt::Debug for DaemonLink {
@@ -159,6 +165,7 @@ impl DaemonLink {
             next_user_data: 1,
             max_ops,
             ops: Vec::new(),
+            block_bytes: pool.geometry().block_bytes().max(1),
         };
         let layout = pool.geometry().layout();
         link.qp
@@ -350,13 +357,15 @@ impl DaemonLink {
     }
 
     /// Saves `items` (hash, parent, source page); returns how many leading items the
-    /// daemon now holds (stored or already present).
+    /// daemon now holds (stored or already present) and how many of them it copied (a
+    /// block it already held moves no bytes).
     pub fn save(
         &mut self,
         items: &[(u64, u64, u32)],
         stats: &mut EngineStats,
-    ) -> Result<usize, EngineError> {
+    ) -> Result<(usize, u64), EngineError> {
         let mut saved = 0;
+        let mut copied = 0;
         for chunk in items.chunks(self.max_ops) {
             let ops: Vec<kvp_block_op> = chunk
                 .iter()
@@ -369,6 +378,7 @@ impl DaemonLink {
             }
             let n = (c.blocks as usize).min(chunk.len());
             saved += n;
+            copied += c.bytes / self.block_bytes;
             stats.saved_bytes += c.bytes;
             stats.save_transfer_us += u64::from(c.detail);
             if n < chunk.len() {
@@ -376,7 +386,7 @@ impl DaemonLink {
             }
         }
         stats.saved_blocks += saved as u64;
-        Ok(saved)
+        Ok((saved, copied))
     }
 }
 
@@ -398,6 +408,8 @@ struct Seq {
     cached: [u64; 3],
     first_token_ms: f64,
     preemptions: u32,
+    /// Transfer stalls of the passes it waited through before its first token.
+    transfer_ms: f64,
 }
 
 impl Seq {
@@ -417,6 +429,8 @@ pub struct Engine<W: Write> {
     running: Vec<Seq>,
     pending_evicted: Vec<Evicted>,
     stats: EngineStats,
+    /// The engine's link to its daemon on the virtual clock (saves and loads share it).
+    link_clock: LinkClock,
     /// Real-time mode: the clock is wall time since this instant, passes are slept.
     epoch: Option<Instant>,
 }
@@ -454,6 +468,7 @@ impl<W: Write> Engine<W> {
             running: Vec::new(),
             pending_evicted: Vec::new(),
             stats,
+            link_clock: LinkClock::default(),
             epoch: None,
         })
     }
@@ -511,6 +526,7 @@ impl<W: Write> Engine<W> {
                     cached: [0; 3],
                     first_token_ms: 0.0,
                     preemptions: 0,
+                    transfer_ms: 0.0,
                 });
                 self.now_ms = self.now_ms.max(arrival_ms);
                 Ok(true)
@@ -570,8 +586,9 @@ impl<W: Write> Engine<W> {
     }
 
     /// Saves queued evicted pages to the daemon and reports their removal; must run before
-    /// any of those pages is overwritten.
-    fn flush_evicted(&mut self) -> Result<(), EngineError> {
+    /// any of those pages is overwritten, so the pass waits for the copy: `cursor` (the
+    /// pass's transfer time line) moves past it on the link.
+    fn flush_evicted(&mut self, cursor: &mut f64) -> Result<(), EngineError> {
         if self.pending_evicted.is_empty() {
             return Ok(());
         }
@@ -579,7 +596,16 @@ impl<W: Write> Engine<W> {
         if let Some(link) = self.link.as_mut() {
             let items: Vec<(u64, u64, u32)> =
                 evicted.iter().map(|e| (e.hash, e.parent, e.page)).collect();
-            let saved = link.save(&items, &mut self.stats)?;
+            let (saved, copied) = link.save(&items, &mut self.stats)?;
+            if copied > 0 {
+                let c = &self.cfg.cost;
+                let ms = c.ms(copied, c.save_gbps);
+                let before = *cursor;
+                *cursor = self.link_clock.occupy(*cursor, ms);
+                self.stats.charged_evict_save_ms += ms;
+                self.stats.charged_link_wait_ms += *cursor - before - ms;
+                self.stats.charged_save_bytes += copied * c.page_bytes;
+            }
             for e in &evicted[..saved] {
                 let ev = Event::Offloaded {
                     parent: (e.parent != 0).then_some(e.parent),
@@ -614,8 +640,10 @@ impl<W: Write> Engine<W> {
         self.waiting.push_front(s);
     }
 
-    /// Admission of the waiting head; false when it does not fit now.
-    fn admit(&mut self, load_us: &mut u64) -> Result<bool, EngineError> {
+    /// Admission of the waiting head; false when it does not fit now. Its LOOKUP, the
+    /// saves of pages it evicts and its LOAD advance `cursor`, the pass's transfer time
+    /// line (the pass starts computing when they are done).
+    fn admit(&mut self, cursor: &mut f64) -> Result<bool, EngineError> {
         let Some(s) = self.waiting.front() else {
             return Ok(false);
         };
@@ -644,9 +672,16 @@ impl<W: Write> Engine<W> {
             && let Some(link) = self.link.as_mut()
         {
             let parent = if local > 0 { s.hashes[local - 1] } else { 0 };
+            let wall0 = self.stats.ring_wall_us;
             remote = link
                 .lookup(&s.hashes[local..max_cached], parent, &mut self.stats)?
                 .min(max_cached - local);
+            if self.cfg.cost.charge_lookups {
+                // The round trip as measured here (engine -> daemon -> engine).
+                let ms = (self.stats.ring_wall_us - wall0) as f64 / 1000.0;
+                *cursor += ms;
+                self.stats.charged_lookup_ms += ms;
+            }
         }
         for &h in &s.hashes[..local] {
             let page = self.pool.acquire_cached(h).expect("matched above");
@@ -656,7 +691,7 @@ impl<W: Write> Engine<W> {
             let page = self.alloc_page().expect("availability checked");
             s.pages.push(page);
         }
-        self.flush_evicted()?;
+        self.flush_evicted(cursor)?;
         let mut loaded = 0;
         if remote > 0 {
             let mut items = Vec::with_capacity(remote);
@@ -668,7 +703,26 @@ impl<W: Write> Engine<W> {
             }
             let link = self.link.as_mut().expect("remote hits need a link");
             let r = link.load(&items, &mut self.stats)?;
-            *load_us += r.transfer_us;
+            // Charge the declared bytes: NVMe pages are staged to host first, then every
+            // page crosses the link (after the saves already on it).
+            let c = &self.cfg.cost;
+            let nvme_pages = r
+                .tiers
+                .iter()
+                .filter(|&&t| u32::from(t) == Tier::Nvme.raw())
+                .count() as u64;
+            let pages = r.tiers.len() as u64;
+            if pages > 0 {
+                let nvme_ms = c.ms(nvme_pages, c.nvme_read_gbps);
+                let link_ms = c.ms(pages, c.load_gbps);
+                *cursor += nvme_ms;
+                let before = *cursor;
+                *cursor = self.link_clock.occupy(*cursor, link_ms);
+                self.stats.charged_nvme_ms += nvme_ms;
+                self.stats.charged_load_ms += link_ms;
+                self.stats.charged_link_wait_ms += *cursor - before - link_ms;
+                self.stats.charged_load_bytes += pages * c.page_bytes;
+            }
             for (k, &tier) in r.tiers.iter().enumerate() {
                 let j = local + k;
                 if !self.pool.verify(s.pages[j], s.hashes[j])? {
@@ -733,7 +787,15 @@ impl<W: Write> Engine<W> {
                     (s.hashes[j], parent, s.pages[j])
                 })
                 .collect();
-            let saved = link.save(&items, &mut self.stats)?;
+            let (saved, copied) = link.save(&items, &mut self.stats)?;
+            if copied > 0 {
+                // Offload after the pass: the link is busy, no pass waits for it.
+                let c = &self.cfg.cost;
+                let ms = c.ms(copied, c.save_gbps);
+                self.link_clock.occupy(self.now_ms, ms);
+                self.stats.charged_save_ms += ms;
+                self.stats.charged_save_bytes += copied * c.page_bytes;
+            }
             if saved > 0 {
                 let ev = Event::Offloaded {
                     parent: (from > 0).then(|| s.hashes[from - 1]),
@@ -755,7 +817,9 @@ impl<W: Write> Engine<W> {
         }
         let pt = u64::from(self.cfg.geometry.page_tokens);
         let mut budget = self.cfg.max_batched_tokens;
-        let mut load_us = 0u64;
+        // The pass computes once its transfers (charged on the virtual clock) are done.
+        let pass_start = self.now_ms;
+        let mut cursor = pass_start;
         // 1. Decode: one token per sequence past its prefill.
         let mut i = 0;
         while i < self.running.len() {
@@ -788,7 +852,7 @@ impl<W: Write> Engine<W> {
             budget = budget.saturating_sub(1);
             i += 1;
         }
-        self.flush_evicted()?;
+        self.flush_evicted(&mut cursor)?;
         // 2. Continue prefills, then 3. admit while budget, seats and pages last.
         let mut chunks: Vec<(u64, u64)> = Vec::new(); // (seq id, tokens)
         for s in &self.running {
@@ -802,7 +866,7 @@ impl<W: Write> Engine<W> {
             }
         }
         while budget > 0 && self.running.len() < self.cfg.max_running {
-            if !self.admit(&mut load_us)? {
+            if !self.admit(&mut cursor)? {
                 break;
             }
             let s = self.running.last().expect("just admitted");
@@ -818,16 +882,28 @@ impl<W: Write> Engine<W> {
             return Ok(false);
         }
         let occupancy = f64::from(self.pool.active_pages()) / f64::from(self.pool.num_pages());
-        let mut dur = self.cfg.timing.prefill_ms(prefill_tokens) + load_us as f64 / 1000.0;
+        let stall = cursor - pass_start;
+        let mut dur = self.cfg.timing.prefill_ms(prefill_tokens) + stall;
         if decoders > 0 {
             dur += self.cfg.timing.decode_ms(occupancy);
         }
         self.now_ms += dur;
         self.stats.passes += 1;
         self.stats.busy_ms += dur;
+        self.stats.stall_ms += stall;
+        if stall > 0.0 {
+            // Every request still waiting for its first token waited through it.
+            for s in self.waiting.iter_mut() {
+                s.transfer_ms += stall;
+            }
+            for s in self.running.iter_mut().filter(|s| s.generated == 0) {
+                s.transfer_ms += stall;
+            }
+        }
         let now = self.now_ms;
         // Pass end: decoders emit a token, prefills advance (and may emit their first).
         let mut done_idx = Vec::new();
+        let mut first_tokens = Vec::new();
         let mut running = std::mem::take(&mut self.running);
         for (idx, s) in running.iter_mut().enumerate() {
             if let Some(&(_, c)) = chunks.iter().find(|c| c.0 == s.id) {
@@ -840,6 +916,7 @@ impl<W: Write> Engine<W> {
                 if s.decoding() {
                     s.generated = 1;
                     s.first_token_ms = now;
+                    first_tokens.push(s.id);
                     if s.generated >= s.output {
                         done_idx.push(idx);
                     }
@@ -850,6 +927,9 @@ impl<W: Write> Engine<W> {
                     done_idx.push(idx);
                 }
             }
+        }
+        for id in first_tokens {
+            self.emit(&Event::FirstToken { id })?;
         }
         for &idx in done_idx.iter().rev() {
             let s = running.remove(idx);
@@ -867,6 +947,7 @@ impl<W: Write> Engine<W> {
                 cached_nvme: s.cached[2],
                 computed: s.input - cached,
                 preemptions: s.preemptions,
+                transfer_ms: s.transfer_ms,
             };
             self.emit(&Event::Done(done))?;
         }

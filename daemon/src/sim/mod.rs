@@ -23,6 +23,7 @@
 //! 2 layers x 2 planes (K, V) x 64 tokens x 1 head x 16 bytes = 4 KiB per page (one daemon
 //! block). Timing does not depend on it: the model charges tokens, not bytes.
 
+pub mod cost;
 pub mod engine;
 pub mod pages;
 pub mod pool;

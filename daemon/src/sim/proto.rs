@@ -42,6 +42,11 @@ pub struct Done {
     /// Prompt tokens computed (prefill).
     pub computed: u64,
     pub preemptions: u32,
+    /// Of `first_token_ms - arrival_ms`, the time passes were held up by transfers with
+    /// the daemon (LOOKUP round trips, LOAD bytes over the link, NVMe staging, saves of
+    /// evicted pages) while this request waited for its first token.
+    #[serde(default)]
+    pub transfer_ms: f64,
 }
 
 /// Engine-wide counters at the end.
@@ -68,6 +73,30 @@ pub struct EngineStats {
     pub ring_errors: u64,
     /// Wall-clock microseconds spent in ring round trips.
     pub ring_wall_us: u64,
+    /// Virtual-clock charges (declared model geometry over the link model), ms:
+    /// LOOKUP round trips, LOAD bytes over the link, waiting for the link behind saves,
+    /// NVMe -> host staging, eager saves (link occupied, no pass held up) and saves of
+    /// evicted pages (the pass that needs the page waits).
+    #[serde(default)]
+    pub charged_lookup_ms: f64,
+    #[serde(default)]
+    pub charged_load_ms: f64,
+    #[serde(default)]
+    pub charged_link_wait_ms: f64,
+    #[serde(default)]
+    pub charged_nvme_ms: f64,
+    #[serde(default)]
+    pub charged_save_ms: f64,
+    #[serde(default)]
+    pub charged_evict_save_ms: f64,
+    /// Declared bytes loaded and saved (pages x the declared page size).
+    #[serde(default)]
+    pub charged_load_bytes: u64,
+    #[serde(default)]
+    pub charged_save_bytes: u64,
+    /// Sum over passes of the time they were held up by transfers.
+    #[serde(default)]
+    pub stall_ms: f64,
 }
 
 /// Engine to driver.
@@ -93,6 +122,10 @@ pub enum Event {
     Offloaded {
         parent: Option<u64>,
         hashes: Vec<u64>,
+    },
+    /// A request's first token is out (its prompt is computed or loaded).
+    FirstToken {
+        id: u64,
     },
     Done(Done),
     /// Answer to `Advance`: the engine clock and its load.
