@@ -355,7 +355,7 @@ mod tests {
         let got = reader.finish(&daemon).unwrap();
         assert_eq!(got.namespaces, ["tenant-a", "b"]);
         assert_eq!((got.num_queue_pairs, got.arena_bytes), (2, 1 << 16));
-        assert_eq!(got.kv_buffer.map(|(_, b)| b), Some(4096));
+        assert_eq!(got.kv_buffer.map(|kv| kv.bytes), Some(4096));
     }
 
     #[test]
