@@ -16,6 +16,7 @@ pub mod engine_sim;
 pub mod ping;
 pub mod replay;
 pub mod replay_engines;
+pub mod replay_nats;
 pub mod router;
 pub mod serve;
 pub mod status;
