@@ -179,6 +179,28 @@ fn scores(port: u16, namespace: &str, hashes: &[u64]) -> Option<HashMap<u64, u64
     )
 }
 
+/// One field of one worker's score for the chain.
+fn worker_score(
+    port: u16,
+    namespace: &str,
+    hashes: &[u64],
+    worker: u64,
+    field: &str,
+) -> Option<u64> {
+    let body = serde_json::json!({"namespace": namespace, "block_hashes": hashes}).to_string();
+    let req = format!(
+        "POST /route HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        body.len(),
+        body
+    );
+    let v: serde_json::Value = serde_json::from_str(&http(port, &req)?).ok()?;
+    v["scores"]
+        .as_array()?
+        .iter()
+        .find(|s| s["worker"] == worker)?[field]
+        .as_u64()
+}
+
 fn metric(port: u16, name: &str) -> u64 {
     let text = http(
         port,
@@ -536,17 +558,26 @@ fn daemon_restarted_with_its_nvme_cache_while_routers_run() {
     // changes tier and must match again.
     assert!(truth.iter().all(|(_, m)| m.get(&401) == Some(&3)));
     let t = converge(&[&r1, &r2], NS, &truth);
-    let tiers = {
-        let body = serde_json::json!({"namespace": NS, "block_hashes": chains[0]}).to_string();
-        let req = format!(
-            "POST /route HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-            body.len(),
-            body
+    // Same counts as before the crash, but every block now only on NVMe: wait until both
+    // replicas route them as NVMe blocks (the restarted daemon's snapshot replaced the old
+    // host-tier view).
+    let t_tier = Instant::now();
+    loop {
+        let on_nvme = [&r1, &r2].iter().all(|r| {
+            chains
+                .iter()
+                .all(|ch| worker_score(r.http, NS, ch, 401, "cached_nvme") == Some(3))
+        });
+        if on_nvme {
+            break;
+        }
+        assert!(
+            t_tier.elapsed() < CONVERGE_TIMEOUT,
+            "routers still route the restored chains as host-tier blocks"
         );
-        let v: serde_json::Value = serde_json::from_str(&http(r2.http, &req).unwrap()).unwrap();
-        v["scores"][0]["cached_nvme"].as_u64().unwrap_or(0)
-    };
-    assert_eq!(tiers, 3, "the restored chain is routed as held on NVMe");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let t = t + t_tier.elapsed();
     eprintln!(
         "nats-summary daemon_restarted chains={} restored_blocks={} converge_ms_after_restart={} \
          converge_ms_after_ready={}",
@@ -748,9 +779,10 @@ fn dynamo_decodes_our_events() {
     for (chain, _) in &truth {
         for len in 1..=chain.len() {
             let q = &chain[..len];
+            let dq: Vec<LocalBlockHash> = q.iter().map(|&h| LocalBlockHash(h)).collect();
             let theirs: HashMap<u64, u64> = indexer
                 .backend()
-                .find_matches(q.iter().map(|&h| LocalBlockHash(h)).collect(), false)
+                .find_matches(&dq, false)
                 .scores
                 .iter()
                 .filter(|(_, s)| **s > 0)

@@ -55,6 +55,8 @@ pub enum NatsReplayError {
     },
     #[error("replica {replica} differs from the in-process index on {mismatches} queries")]
     Mismatch { replica: usize, mismatches: usize },
+    #[error("the workers' publishers did not reach JetStream within 20 s")]
+    PublishersNotUp,
     #[error("the late replica did not start from a router snapshot")]
     NoSnapshot,
     #[error("tokio runtime")]
@@ -183,6 +185,19 @@ pub fn run(
             )
         })
         .collect();
+    // A publisher's first act is its start-up snapshot, which replaces whatever was queued
+    // before it (a daemon's snapshot covers those changes; these workers' provider is
+    // empty): start the events once every worker has announced itself.
+    let t_up = Instant::now();
+    while publishers
+        .iter()
+        .any(|p| p.stats().snapshots.load(Ordering::Relaxed) == 0)
+    {
+        if t_up.elapsed() > Duration::from_secs(20) {
+            return Err(NatsReplayError::PublishersNotUp.into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let reference = Index::new(IndexConfig::default());
     let t0 = Instant::now();
     for ev in &events {
@@ -208,6 +223,7 @@ pub fn run(
     }
     let want = (events.len() + cfg.workers) as u64;
     let timeout = Duration::from_secs(300);
+
     for (i, r) in replicas.iter().enumerate() {
         wait_seq(r, i, want, timeout)?;
     }
