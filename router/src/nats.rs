@@ -94,6 +94,16 @@ pub async fn connect(
     name: &str,
     retry_initial: bool,
 ) -> Result<async_nats::Client, NatsError> {
+    connect_watching(cfg, name, retry_initial, None).await
+}
+
+/// [`connect`], bumping `reconnects` each time the connection comes back after a loss.
+async fn connect_watching(
+    cfg: &NatsStreamConfig,
+    name: &str,
+    retry_initial: bool,
+    reconnects: Option<tokio::sync::watch::Sender<u64>>,
+) -> Result<async_nats::Client, NatsError> {
     let mut opts = async_nats::ConnectOptions::new()
         .name(name)
         .request_timeout(Some(Duration::from_millis(cfg.request_timeout_ms.max(1))))
@@ -105,6 +115,14 @@ pub async fn connect(
         .max_reconnects(None);
     if retry_initial {
         opts = opts.retry_on_initial_connect();
+    }
+    if let Some(tx) = reconnects {
+        opts = opts.event_callback(move |event| {
+            if matches!(event, async_nats::Event::Connected) {
+                tx.send_modify(|n| *n += 1);
+            }
+            std::future::ready(())
+        });
     }
     opts.connect(cfg.url.as_str())
         .await
@@ -678,7 +696,17 @@ pub async fn run_consumer(state: Arc<RouterState>, cfg: RouterNatsConfig) {
     let mut backoff_ms = 50u64;
     let (_never, mut stop) = tokio::sync::watch::channel(false);
     loop {
-        let client = match connect(&cfg.stream, "kvplane-router", false).await {
+        // A consumer does not survive a server restart; its client would notice only after
+        // missed heartbeats (seconds), so a reconnect restarts reading at once instead.
+        let (reconnect_tx, mut reconnected) = tokio::sync::watch::channel(0u64);
+        let client = match connect_watching(
+            &cfg.stream,
+            "kvplane-router",
+            false,
+            Some(reconnect_tx),
+        )
+        .await
+        {
             Ok(c) => c,
             Err(err) => {
                 tracing::debug!(%err, "router: NATS connect failed");
@@ -773,6 +801,13 @@ pub async fn run_consumer(state: Arc<RouterState>, cfg: RouterNatsConfig) {
                         }
                     }
                     state.nats_seq.store(seq, Ordering::Relaxed);
+                }
+                Ok(()) = reconnected.changed() => {
+                    // 1 is this client's first connection; more is a reconnect.
+                    if *reconnected.borrow_and_update() > 1 {
+                        tracing::debug!("router: NATS connection came back; resuming the stream");
+                        break;
+                    }
                 }
                 _ = tick.tick(), if cfg.snapshot_interval_ms > 0 => {
                     let seq = next_seq - 1;
