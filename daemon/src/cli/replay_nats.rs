@@ -223,6 +223,19 @@ pub fn run(
     }
     let want = (events.len() + cfg.workers) as u64;
     let timeout = Duration::from_secs(300);
+    // Acknowledged by JetStream (the publishers' side of the end-to-end time).
+    while publishers
+        .iter()
+        .map(|p| p.stats().published.load(Ordering::Relaxed))
+        .sum::<u64>()
+        < want
+    {
+        if t0.elapsed() > timeout {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let acked_s = t0.elapsed().as_secs_f64();
 
     for (i, r) in replicas.iter().enumerate() {
         wait_seq(r, i, want, timeout)?;
@@ -290,6 +303,7 @@ pub fn run(
         "stream_messages": want,
         "publisher_drops": dropped,
         "replicas": replicas.len(),
+        "publish_acked_s": acked_s,
         "publish_to_all_replicas_applied_s": live_s,
         "events_per_s": want as f64 / live_s,
         "late_replica_rebuild_s": late_s,
