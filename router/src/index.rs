@@ -918,6 +918,38 @@ mod tests {
     }
 
     #[test]
+    fn dump_and_restore_rebuild_equal_answers() {
+        let a = Index::new(IndexConfig::default());
+        let base = chain(100, 12);
+        a.store("x", 1, Tier::Hbm, None, &base);
+        a.store("x", 2, Tier::Host, None, &base[..5]);
+        a.store("x", 2, Tier::Nvme, None, &base[..8]);
+        a.store("x", 3, Tier::Host, Some(base[3]), &chain(500, 4));
+        a.remove("x", 1, Some(Tier::Hbm), &base[9..]);
+        a.store("y", 1, Tier::Nvme, None, &chain(900, 3));
+        let b = Index::new(IndexConfig::default());
+        b.restore(&a.dump());
+        let mut queries = vec![base.clone(), chain(900, 3)];
+        queries.push(base[..4].iter().copied().chain(500..504).collect());
+        for ns in ["x", "y"] {
+            for q in &queries {
+                let key = |i: &Index| {
+                    let mut v: Vec<(u64, u32, [u32; 3])> = i
+                        .find_matches(ns, q)
+                        .iter()
+                        .map(|o| (o.worker, o.blocks, o.by_tier))
+                        .collect();
+                    v.sort_unstable();
+                    v
+                };
+                assert_eq!(key(&a), key(&b), "{ns} {q:?}");
+            }
+        }
+        assert_eq!(a.block_count(), b.block_count());
+        assert_eq!(a.node_count(), b.node_count());
+    }
+
+    #[test]
     fn store_lookup_split_merge() {
         let mut t = Tree::new();
         let a = chain(100, 10);
