@@ -431,8 +431,11 @@ async fn publish_task(
 ) {
     let mut stop = shared.stop.subscribe();
     let stats = shared.stats.clone();
+    // Acknowledgements in flight when the connection dropped never come; a reconnect
+    // retries them at once instead of after the request timeout.
+    let (reconnect_tx, mut reconnected) = tokio::sync::watch::channel(0u64);
     let client = loop {
-        match connect(&cfg.stream, &cfg.node, true).await {
+        match connect_watching(&cfg.stream, &cfg.node, true, Some(reconnect_tx.clone())).await {
             Ok(c) => break c,
             Err(err) => {
                 tracing::warn!(%err, "NATS connect failed; retrying");
@@ -501,7 +504,15 @@ async fn publish_task(
                 Err(_) => break,
             }
         }
-        match publish_window(&js, &subject, &mut pending, cfg.window.max(1), &stats).await {
+        reconnected.borrow_and_update();
+        let result = tokio::select! {
+            r = publish_window(&js, &subject, &mut pending, cfg.window.max(1), &stats) => r,
+            Ok(()) = reconnected.changed() => {
+                backoff_ms = 50;
+                Err("connection re-established; retrying un-acknowledged messages".into())
+            }
+        };
+        match result {
             Ok(()) => {
                 stats.healthy.store(true, Ordering::Relaxed);
                 backoff_ms = 50;
