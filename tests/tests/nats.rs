@@ -801,3 +801,30 @@ fn dynamo_decodes_our_events() {
         messages.len()
     );
 }
+
+/// A daemon started while NATS is down serves engines at once and publishes everything
+/// when NATS comes up.
+#[test]
+fn daemon_started_while_nats_is_down_publishes_when_it_comes_up() {
+    let mut c = Cluster::new("nats-late");
+    let url = c.nats.url();
+    c.nats.kill();
+    let d1 = c.daemon("d1", 701, &url, "");
+    let w1 = Workload::start(&d1.socket, NS, 11);
+    w1.wait_saved(60);
+    c.nats.spawn();
+    let up = Instant::now();
+    let r1 = c.router("r1", 0);
+    w1.more(20);
+    let chains = w1.finish();
+    let truth = daemon_truth(NS, &chains, &[(701, &d1.socket)]);
+    assert!(truth.iter().filter(|(_, m)| !m.is_empty()).count() > 20);
+    let t = converge(&[&r1], NS, &truth);
+    eprintln!(
+        "nats-summary nats_down_at_start chains={} converge_ms_after_last_change={} \
+         converge_ms_after_nats_up={}",
+        chains.len(),
+        t.as_millis(),
+        up.elapsed().as_millis()
+    );
+}
