@@ -659,7 +659,15 @@ fn daemon_partitioned_from_nats_overflows_then_republishes_its_state() {
     let w1 = Workload::start(&d1.socket, NS, 8);
     let w2 = Workload::start(&d2.socket, NS, 9);
     w1.wait_saved(30);
+    // Both daemons' start-up snapshots are applied (a worker appears with its snapshot), so
+    // any snapshot counted from here on is the partitioned daemon's re-publication.
+    let t0 = Instant::now();
+    while metric(r1.http, "kvplane_router_workers") < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "both daemons known");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let snaps_before = metric(r1.http, "kvplane_router_snapshots_total");
+    assert_eq!(snaps_before, 2, "one start-up snapshot per daemon");
     part.cut();
     let cut_at = Instant::now();
     w1.more(150);
