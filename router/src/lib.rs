@@ -2,12 +2,14 @@
 //! daemons publish, a compressed radix index of every worker's blocks, KV-aware routing,
 //! the router service and a router-only trace replay.
 
+pub mod dynamo;
 pub mod events;
 /// Properties checked by the fuzz targets in `fuzz/` and by `tests/fuzz_regressions.rs`.
 pub mod fuzz_props;
 pub mod hash;
 pub mod http;
 pub mod index;
+pub mod nats;
 pub mod replay;
 pub mod route;
 pub mod service;

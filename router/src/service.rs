@@ -52,6 +52,8 @@ pub struct ServiceConfig {
     /// Seed of the tie-breaking RNG.
     pub seed: u64,
     pub route: RouteConfig,
+    /// Read KV events from this NATS JetStream stream (in addition to the TCP listener).
+    pub nats: Option<crate::nats::RouterNatsConfig>,
 }
 
 impl Default for ServiceConfig {
@@ -67,6 +69,7 @@ impl Default for ServiceConfig {
             max_http_connections: 256,
             seed: 0x006b_7670_6c61_6e65,
             route: RouteConfig::default(),
+            nats: None,
         }
     }
 }
@@ -102,6 +105,14 @@ pub struct Metrics {
     pub route_no_workers: AtomicU64,
     pub route_latency_ns_total: AtomicU64,
     pub http_requests: AtomicU64,
+    pub nats_messages: AtomicU64,
+    pub nats_bad_messages: AtomicU64,
+    /// Stream sequence numbers this replica never saw (aged out or purged).
+    pub nats_history_gaps: AtomicU64,
+    /// A worker's event ids skipped a number within one publisher epoch.
+    pub nats_event_gaps: AtomicU64,
+    pub nats_snapshots_written: AtomicU64,
+    pub nats_snapshots_restored: AtomicU64,
 }
 
 /// What the router knows about one worker.
@@ -117,6 +128,8 @@ pub struct WorkerInfo {
     pub awaiting_snapshot: bool,
     pub active_requests: u32,
     pub decode_blocks: u64,
+    /// Boot epoch of the worker's NATS publisher (0 for other sources).
+    pub epoch: u64,
     #[serde(skip)]
     conn: u64,
     #[serde(skip)]
@@ -134,6 +147,8 @@ pub struct RouterState {
     conns: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
     next_conn: AtomicU64,
     start: Instant,
+    /// Stream sequence of the last NATS message applied.
+    pub nats_seq: AtomicU64,
 }
 
 enum Seq {
@@ -156,6 +171,7 @@ impl RouterState {
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             start: Instant::now(),
+            nats_seq: AtomicU64::new(0),
         }
     }
 
@@ -195,6 +211,7 @@ impl RouterState {
             awaiting_snapshot: true,
             active_requests: 0,
             decode_blocks: 0,
+            epoch: 0,
             conn,
             disconnected_at_ms: None,
         });
@@ -374,6 +391,128 @@ impl RouterState {
         expired.len()
     }
 
+    /// Applies one message of the NATS stream (in stream order).
+    pub fn apply_nats(&self, meta: &crate::nats::MessageMeta, ev: &crate::dynamo::RouterEvent) {
+        let worker = ev.worker_id;
+        let id = ev.event.event_id;
+        {
+            let mut workers = self.workers();
+            let e = workers.entry(worker).or_insert_with(|| WorkerInfo {
+                worker,
+                node: meta
+                    .node
+                    .clone()
+                    .unwrap_or_else(|| format!("nats-{worker:x}")),
+                source: "nats",
+                connected: true,
+                disconnected_for_ms: None,
+                last_seq: 0,
+                // A kvplane publisher's state starts with its snapshot; a Dynamo
+                // publisher has none to wait for.
+                awaiting_snapshot: meta.epoch != 0 && !meta.snapshot,
+                active_requests: 0,
+                decode_blocks: 0,
+                epoch: meta.epoch,
+                conn: 0,
+                disconnected_at_ms: None,
+            });
+            if meta.snapshot {
+                e.epoch = meta.epoch;
+                e.awaiting_snapshot = false;
+            } else if meta.epoch != e.epoch {
+                // Events of a publisher epoch whose snapshot this replica never saw.
+                e.epoch = meta.epoch;
+                e.awaiting_snapshot = true;
+                self.metrics.nats_event_gaps.fetch_add(1, Ordering::Relaxed);
+            } else if e.last_seq != 0 && id != e.last_seq + 1 {
+                e.awaiting_snapshot |= meta.epoch != 0;
+                self.metrics.nats_event_gaps.fetch_add(1, Ordering::Relaxed);
+            }
+            e.last_seq = id;
+            if let Some(node) = &meta.node {
+                e.node.clone_from(node);
+            }
+        }
+        let ns = meta.namespace.as_deref().unwrap_or("default");
+        crate::nats::apply_to_index(&self.index, ns, ev);
+        if meta.snapshot {
+            self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+        }
+        self.metrics.events_applied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// After a hole in the stream history every NATS worker's state is suspect.
+    pub fn mark_all_nats_workers_stale(&self) {
+        for e in self.workers().values_mut() {
+            if e.source == "nats" {
+                e.awaiting_snapshot = true;
+            }
+        }
+    }
+
+    /// This replica's NATS-fed state as of stream sequence `seq`.
+    pub fn nats_snapshot(&self, stream: String, seq: u64) -> crate::nats::RouterSnapshot {
+        let workers: Vec<crate::nats::SnapshotWorker> = self
+            .workers()
+            .values()
+            .filter(|w| w.source == "nats")
+            .map(|w| crate::nats::SnapshotWorker {
+                worker: w.worker,
+                node: w.node.clone(),
+                epoch: w.epoch,
+                last_event_id: w.last_seq,
+                awaiting_snapshot: w.awaiting_snapshot,
+            })
+            .collect();
+        let ids: std::collections::HashSet<WorkerId> = workers.iter().map(|w| w.worker).collect();
+        let index = self
+            .index
+            .dump()
+            .into_iter()
+            .map(|(ns, nodes)| {
+                let nodes = nodes
+                    .into_iter()
+                    .filter_map(|mut n| {
+                        n.holders.retain(|(w, _)| ids.contains(w));
+                        (!n.holders.is_empty()).then_some(n)
+                    })
+                    .collect();
+                (ns, nodes)
+            })
+            .collect();
+        crate::nats::RouterSnapshot {
+            stream,
+            stream_seq: seq,
+            workers,
+            index,
+        }
+    }
+
+    /// Loads a snapshot written by any replica (before reading the stream after it).
+    pub fn restore_nats_snapshot(&self, snap: &crate::nats::RouterSnapshot) {
+        self.index.restore(&snap.index);
+        let mut workers = self.workers();
+        for w in &snap.workers {
+            workers.insert(
+                w.worker,
+                WorkerInfo {
+                    worker: w.worker,
+                    node: w.node.clone(),
+                    source: "nats",
+                    connected: true,
+                    disconnected_for_ms: None,
+                    last_seq: w.last_event_id,
+                    awaiting_snapshot: w.awaiting_snapshot,
+                    active_requests: 0,
+                    decode_blocks: 0,
+                    epoch: w.epoch,
+                    conn: 0,
+                    disconnected_at_ms: None,
+                },
+            );
+        }
+    }
+
     /// Closes every event connection (operator action; tests use it to force a resync).
     pub fn disconnect_all(&self) {
         for (_, h) in self.conns.lock().unwrap_or_else(|e| e.into_inner()).drain() {
@@ -490,6 +629,45 @@ impl RouterState {
             "Store events whose parent was unknown.",
             l(&s.unknown_parent_events),
         );
+        for (name, help, v) in [
+            (
+                "nats_messages_total",
+                "NATS stream messages read.",
+                &m.nats_messages,
+            ),
+            (
+                "nats_bad_messages_total",
+                "Undecodable NATS messages skipped.",
+                &m.nats_bad_messages,
+            ),
+            (
+                "nats_history_gaps_total",
+                "Stream sequences never read (aged out or purged).",
+                &m.nats_history_gaps,
+            ),
+            (
+                "nats_event_gaps_total",
+                "Worker event-id gaps within a publisher epoch.",
+                &m.nats_event_gaps,
+            ),
+            (
+                "nats_snapshots_written_total",
+                "Router snapshots written to the object store.",
+                &m.nats_snapshots_written,
+            ),
+            (
+                "nats_snapshots_restored_total",
+                "Router snapshots restored at start.",
+                &m.nats_snapshots_restored,
+            ),
+        ] {
+            counter(name, help, l(v));
+        }
+        counter(
+            "nats_stream_sequence",
+            "Stream sequence of the last NATS message applied.",
+            l(&self.nats_seq),
+        );
         // The latency line above is replaced with a float value.
         out = out.replace(
             "kvplane_router_route_latency_seconds_total 0\n",
@@ -559,12 +737,16 @@ impl RouterService {
             })?;
         let events_addr = events.local_addr().unwrap_or(config.events_addr);
         let http_addr = http.local_addr().unwrap_or(config.http_addr);
+        let nats = config.nats.clone();
         let state = Arc::new(RouterState::new(config));
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(accept_events(events, state.clone())),
             tokio::spawn(accept_http(http, state.clone())),
             tokio::spawn(reaper(state.clone())),
         ];
+        if let Some(nats) = nats {
+            tasks.push(tokio::spawn(crate::nats::run_consumer(state.clone(), nats)));
+        }
         Ok(RouterService {
             state,
             events_addr,

@@ -17,6 +17,7 @@ pub mod ping;
 pub mod replay;
 pub mod replay_dynamo;
 pub mod replay_engines;
+pub mod replay_nats;
 pub mod router;
 pub mod serve;
 pub mod status;

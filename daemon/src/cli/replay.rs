@@ -42,6 +42,12 @@ pub struct ReplayArgs {
     pub engines: bool,
     #[command(flatten)]
     pub engine_opts: super::replay_engines::EngineReplayArgs,
+    /// Carry the cost policy's KV events through a real NATS JetStream server to router
+    /// replicas and check every replica against the in-process index.
+    #[arg(long)]
+    pub nats: bool,
+    #[command(flatten)]
+    pub nats_opts: super::replay_nats::NatsReplayArgs,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -107,6 +113,9 @@ pub fn run(args: ReplayArgs) -> CliResult {
     cfg.route.prefill_weight = args.prefill_weight;
     cfg.route.decode_weight = args.decode_weight;
     cfg.route.active_weight = args.active_weight;
+    if args.nats {
+        return super::replay_nats::run(&trace, &cfg, &args.nats_opts, args.json);
+    }
     let reports: Vec<(Policy, PolicyReport)> = Policy::ALL
         .iter()
         .map(|&p| (p, replay::replay(&trace, p, &cfg)))

@@ -32,6 +32,20 @@ pub struct RouterArgs {
     /// Softmax temperature over negative costs (0 = pick the minimum).
     #[arg(long)]
     pub temperature: Option<f64>,
+    /// Read KV events from this NATS JetStream server (`nats://host:4222`), in Dynamo's
+    /// format; the `[nats]` table of the config file has the other keys (namespace,
+    /// component, max_age_s, request_timeout_ms, snapshot_interval_ms).
+    #[arg(long)]
+    pub nats_url: Option<String>,
+    /// Dynamo namespace of the stream name (with --nats-url).
+    #[arg(long)]
+    pub nats_namespace: Option<String>,
+    /// Dynamo component of the stream name (with --nats-url).
+    #[arg(long)]
+    pub nats_component: Option<String>,
+    /// How often this replica writes its index snapshot to the object store (0 = never).
+    #[arg(long)]
+    pub snapshot_interval_ms: Option<u64>,
     /// Print the effective configuration as JSON and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -86,6 +100,20 @@ pub fn effective_config(args: &RouterArgs) -> Result<ServiceConfig, RouterCliErr
     }
     if let Some(t) = args.temperature {
         cfg.route.temperature = t;
+    }
+    if let Some(url) = &args.nats_url {
+        cfg.nats.get_or_insert_with(Default::default).stream.url = url.clone();
+    }
+    if let Some(n) = cfg.nats.as_mut() {
+        if let Some(ns) = &args.nats_namespace {
+            n.stream.namespace = ns.clone();
+        }
+        if let Some(c) = &args.nats_component {
+            n.stream.component = c.clone();
+        }
+        if let Some(ms) = args.snapshot_interval_ms {
+            n.snapshot_interval_ms = ms;
+        }
     }
     Ok(cfg)
 }

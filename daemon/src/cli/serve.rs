@@ -47,7 +47,7 @@ pub fn run(args: ServeArgs) -> CliResult {
     signals::block_termination()?;
     let t0 = std::time::Instant::now();
     let (events_tx, events_rx) = crossbeam::channel::bounded(config.events.queue_events);
-    let streaming = !config.events.routers.is_empty();
+    let streaming = config.events.enabled();
     let quotas = config
         .namespaces
         .iter()
@@ -107,7 +107,7 @@ pub fn run(args: ServeArgs) -> CliResult {
             Arc::clone(&dataplane),
             events_rx,
         )?;
-        tracing::info!(worker, routers = ?config.events.routers, "streaming KV events to routers");
+        tracing::info!(worker, routers = ?config.events.routers, nats = ?config.events.nats_url, "streaming KV events");
         Some(s)
     } else {
         None

@@ -2,8 +2,10 @@
 //! (a bounded channel, filled under the registry lock so order = history) are translated
 //! to the router's wire events (namespace names, router tiers) and handed to
 //! `kvplane_router::events::Publisher`, which streams them to every configured router and
-//! resends a full snapshot on each (re)connect. Control plane only: a full channel drops
-//! events (counted by the manager) and the next snapshot repairs the routers' view.
+//! resends a full snapshot on each (re)connect, and, with `nats_url` set, to
+//! `kvplane_router::nats::NatsPublisher`, which publishes them to a NATS JetStream stream
+//! in NVIDIA Dynamo's KV event format. Control plane only: a full channel drops events
+//! (counted by the manager) and the next snapshot repairs the routers' view.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use crossbeam::channel::{Receiver, RecvTimeoutError};
 use kvplane_router::events::{
     NamespaceBlocks, Publisher, PublisherConfig, SnapshotBlock, WorkerBlocks,
 };
+use kvplane_router::nats::{NatsPublisher, NatsPublisherConfig, NatsStreamConfig};
 use kvplane_router::{Tier as RouterTier, WorkerId};
 use serde::Deserialize;
 
@@ -31,6 +34,15 @@ pub struct EventsConfig {
     pub worker_id: u64,
     /// Events queued between the data plane and the publisher.
     pub queue_events: usize,
+    /// NATS server(s) to publish KV events to (`nats://host:4222`); absent = no NATS.
+    pub nats_url: Option<String>,
+    /// Dynamo namespace and component naming the JetStream stream
+    /// (`namespace-{ns}-component-{component}-kv-events`).
+    pub nats_namespace: String,
+    pub nats_component: String,
+    /// Changes buffered while NATS is away; beyond it the daemon re-publishes its full
+    /// state once NATS is back.
+    pub nats_queue_events: usize,
 }
 
 impl Default for EventsConfig {
@@ -39,6 +51,10 @@ impl Default for EventsConfig {
             routers: Vec::new(),
             worker_id: 0,
             queue_events: 65_536,
+            nats_url: None,
+            nats_namespace: "kvplane".into(),
+            nats_component: "kvplane".into(),
+            nats_queue_events: 65_536,
         }
     }
 }
@@ -53,6 +69,31 @@ impl EventsConfig {
                 });
             }
         }
+        if let Some(url) = &self.nats_url
+            && !(url.starts_with("nats://") || url.starts_with("tls://"))
+        {
+            return Err(ConfigError::Invalid {
+                key: "events.nats_url".into(),
+                reason: format!("`{url}` is not a URL like nats://127.0.0.1:4222"),
+            });
+        }
+        for (key, v) in [
+            ("events.nats_namespace", &self.nats_namespace),
+            ("events.nats_component", &self.nats_component),
+        ] {
+            if v.is_empty() || v.len() > 64 {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    reason: "must be 1-64 characters".into(),
+                });
+            }
+        }
+        if self.nats_queue_events == 0 || self.nats_queue_events > 1 << 24 {
+            return Err(ConfigError::Invalid {
+                key: "events.nats_queue_events".into(),
+                reason: format!("must be in 1..=16777216, got {}", self.nats_queue_events),
+            });
+        }
         if self.queue_events == 0 || self.queue_events > 1 << 24 {
             return Err(ConfigError::Invalid {
                 key: "events.queue_events".into(),
@@ -60,6 +101,11 @@ impl EventsConfig {
             });
         }
         Ok(())
+    }
+
+    /// Whether any event stream is configured.
+    pub fn enabled(&self) -> bool {
+        !self.routers.is_empty() || self.nats_url.is_some()
     }
 
     pub fn router_addrs(&self) -> Vec<SocketAddr> {
@@ -92,6 +138,7 @@ pub struct EventStream {
     forwarder: Option<JoinHandle<()>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     pub publisher: Publisher,
+    pub nats: Option<NatsPublisher>,
     pub worker: WorkerId,
 }
 
@@ -119,27 +166,42 @@ impl EventStream {
             .build()?;
         let snap_blocks = Arc::clone(&blocks);
         let snap_names = Arc::clone(&dataplane);
-        let provider = Arc::new(move || vec![snapshot(worker, &snap_blocks, &snap_names)]);
+        let provider: kvplane_router::events::SnapshotProvider =
+            Arc::new(move || vec![snapshot(worker, &snap_blocks, &snap_names)]);
+        let node = format!("kvplane-{worker:x}");
         let publisher = Publisher::start(
             PublisherConfig {
                 routers: config.router_addrs(),
-                node: format!("kvplane-{worker:x}"),
+                node: node.clone(),
                 ..PublisherConfig::default()
             },
-            provider,
+            provider.clone(),
             runtime.handle(),
         );
+        let nats = config.nats_url.as_ref().map(|url| {
+            let stream = NatsStreamConfig {
+                url: url.clone(),
+                namespace: config.nats_namespace.clone(),
+                component: config.nats_component.clone(),
+                ..NatsStreamConfig::default()
+            };
+            let mut c = NatsPublisherConfig::new(stream, node, worker);
+            c.queue_events = config.nats_queue_events;
+            NatsPublisher::start(c, provider, runtime.handle())
+        });
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let p = publisher.clone();
+        let n = nats.clone();
         let s = Arc::clone(&stop);
         let forwarder = std::thread::Builder::new()
             .name("kvp-events-fwd".into())
-            .spawn(move || forward(&events, &p, worker, &dataplane, &s))?;
+            .spawn(move || forward(&events, &p, n.as_ref(), worker, &dataplane, &s))?;
         Ok(EventStream {
             _runtime: runtime,
             forwarder: Some(forwarder),
             stop,
             publisher,
+            nats,
             worker,
         })
     }
@@ -148,6 +210,9 @@ impl EventStream {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(t) = self.forwarder.take() {
             let _ = t.join();
+        }
+        if let Some(n) = &self.nats {
+            n.shutdown();
         }
     }
 }
@@ -217,6 +282,7 @@ fn order_parents_first(blocks: Vec<SnapshotBlock>) -> Vec<SnapshotBlock> {
 fn forward(
     events: &Receiver<BlockEvent>,
     publisher: &Publisher,
+    nats: Option<&NatsPublisher>,
     worker: WorkerId,
     dataplane: &DataPlane,
     stop: &std::sync::atomic::AtomicBool,
@@ -228,7 +294,11 @@ fn forward(
         if let Some((ns, tier)) = key.take()
             && let Some(t) = router_tier(tier)
         {
-            publisher.stored(worker, &dataplane.namespace_name(ns), run, t);
+            let name = dataplane.namespace_name(ns);
+            publisher.stored(worker, &name, run, t);
+            if let Some(n) = nats {
+                n.stored(&name, run, t);
+            }
         }
         run.clear();
     };
@@ -256,12 +326,11 @@ fn forward(
                 ..
             }) => {
                 flush(&mut run, &mut run_key);
-                publisher.removed(
-                    worker,
-                    &dataplane.namespace_name(namespace),
-                    &[hash],
-                    router_tier(tier),
-                );
+                let name = dataplane.namespace_name(namespace);
+                publisher.removed(worker, &name, &[hash], router_tier(tier));
+                if let Some(n) = nats {
+                    n.removed(&name, &[hash], router_tier(tier));
+                }
             }
             Err(RecvTimeoutError::Timeout) => {
                 flush(&mut run, &mut run_key);
@@ -299,6 +368,36 @@ mod tests {
         let pos = |h| out.iter().position(|x| x.hash == h).unwrap();
         assert!(pos(1) < pos(2) && pos(2) < pos(3));
         assert_eq!(out.len(), 6, "every block once, cycle included");
+    }
+
+    #[test]
+    fn nats_keys_are_checked() {
+        let ok = EventsConfig {
+            nats_url: Some("nats://127.0.0.1:4222".into()),
+            ..EventsConfig::default()
+        };
+        assert!(ok.validate().is_ok() && ok.enabled());
+        let bad = EventsConfig {
+            nats_url: Some("127.0.0.1:4222".into()),
+            ..EventsConfig::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("events.nats_url")
+        );
+        let bad = EventsConfig {
+            nats_queue_events: 0,
+            ..ok.clone()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("events.nats_queue_events")
+        );
+        assert!(!EventsConfig::default().enabled());
     }
 
     #[test]

