@@ -50,8 +50,8 @@ fn short_soak_verifies_blocks_and_loses_none() {
     assert_eq!(num(&v, &["blocks_lost"]), 0.0, "{v}");
     assert_eq!(num(&v, &["unexpected_errors"]), 0.0, "{v}");
     // Excused outcomes stay under the stated bound (the run fails above it).
-    assert_eq!(num(&v, &["max_excused_fraction"]), 0.01);
-    assert!(num(&v, &["excused_fraction"]) <= 0.01, "{v}");
+    assert_eq!(num(&v, &["max_excused_fraction"]), 0.02);
+    assert!(num(&v, &["excused_fraction"]) <= 0.02, "{v}");
     assert_eq!(v["capacity_pressure"], Value::Bool(false));
     // The lost check covered real blocks, not an empty set.
     assert!(num(&v, &["blocks_checked_present"]) > 0.0, "{v}");

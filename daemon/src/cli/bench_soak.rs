@@ -59,7 +59,7 @@ pub struct SoakArgs {
     pub capacity_pressure: bool,
     /// Most SAVEs and LOADs excused as NO_SPACE or BUSY, as a fraction of all SAVEs and
     /// LOADs; more fails the run.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.02)]
     pub max_excused_fraction: f64,
 }
 
