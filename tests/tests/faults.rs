@@ -9,7 +9,7 @@
 //!   on the same NVMe file: every acknowledged block loads back bit-identical, in-flight
 //!   ones are absent or intact, and a torn slot is reported by the start-up scan and never
 //!   served;
-//! - the NVMe tier's file system filling up (a small tmpfs): write-through saves fail with
+//! - the NVMe tier's file system filling up (a small tmpfs, or an ext4 loop file where tmpfs mounts are refused): write-through saves fail with
 //!   an I/O status and are counted, the host tier keeps serving every session, and NVMe
 //!   writes succeed again once space is freed.
 //!
@@ -683,40 +683,94 @@ fn daemon_kill_campaign(seed: u64) {
 }
 
 // ---------------------------------------------------------------------------------------
-// 3. A full NVMe file system (tmpfs with a size limit).
+// 3. A full NVMe file system (a size-limited tmpfs, or an ext4 loop file).
 // ---------------------------------------------------------------------------------------
 
-/// A tmpfs mount, unmounted on drop.
-struct Tmpfs(PathBuf);
-impl Drop for Tmpfs {
+/// A small file system mounted for the test, unmounted (and its loop device detached) on
+/// drop.
+struct SmallFs {
+    mnt: PathBuf,
+    /// `tmpfs` or `ext4 on /dev/loopN`: which one the test ran on (printed in its summary).
+    kind: String,
+    loop_dev: Option<String>,
+}
+impl Drop for SmallFs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        if let Some(dev) = &self.loop_dev {
+            let _ = Command::new("losetup").arg("-d").arg(dev).status();
+        }
     }
 }
 
-/// Mounts a tmpfs of `bytes` at `dir`; `None` (with the reason printed) when this process
-/// may not mount (EPERM: not root, or no CAP_SYS_ADMIN in this container).
-fn mount_tmpfs(dir: &Path, bytes: u64) -> Option<Tmpfs> {
-    std::fs::create_dir_all(dir).unwrap();
-    let out = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-        .arg(dir)
+fn run_tool(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd
         .output()
-        .expect("run mount");
+        .map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
     if out.status.success() {
-        return Some(Tmpfs(dir.to_path_buf()));
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(format!(
+            "{:?} {:?}: {}",
+            cmd.get_program(),
+            cmd.get_args().collect::<Vec<_>>(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
-    let err = String::from_utf8_lossy(&out.stderr);
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root || err.contains("ermission denied") || err.contains("not permitted") {
-        eprintln!(
-            "SKIPPED nvme_file_system_full: cannot mount a tmpfs here (EPERM: {}); run as root",
-            err.trim()
-        );
-        return None;
+}
+
+/// A file system of `bytes` at `dir`: a tmpfs with `size=`, or, where mounting a tmpfs is
+/// refused (some containers allow loop devices but not tmpfs), an ext4 image (no journal,
+/// no reserved blocks, so freed space is usable at once) on a loop device. Neither
+/// possible: the test fails, naming both refusals. The injected ENOSPC at the I/O engine
+/// is `kvplane-daemon`'s `nvme_faults` test; this one needs a real full file system.
+/// `KVPLANE_TEST_SMALL_FS=loop` skips the tmpfs attempt (to exercise the fallback).
+fn small_fs(dir: &Path, bytes: u64) -> SmallFs {
+    std::fs::create_dir_all(dir).unwrap();
+    let only_loop = std::env::var("KVPLANE_TEST_SMALL_FS").is_ok_and(|v| v == "loop");
+    let tmpfs = if only_loop {
+        Err("not tried (KVPLANE_TEST_SMALL_FS=loop)".to_owned())
+    } else {
+        run_tool(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+                .arg(dir),
+        )
+    };
+    if tmpfs.is_ok() {
+        return SmallFs {
+            mnt: dir.to_path_buf(),
+            kind: "tmpfs".into(),
+            loop_dev: None,
+        };
     }
-    panic!("mount -t tmpfs failed: {err}");
+    let image = dir.with_extension("img");
+    let ext4 = (|| -> Result<SmallFs, String> {
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(bytes))
+            .map_err(|e| format!("creating {}: {e}", image.display()))?;
+        run_tool(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-m", "0", "-O", "^has_journal"])
+                .arg(&image),
+        )?;
+        let dev = run_tool(Command::new("losetup").args(["-f", "--show"]).arg(&image))?;
+        let fs = SmallFs {
+            mnt: dir.to_path_buf(),
+            kind: format!("ext4 on {dev}"),
+            loop_dev: Some(dev.clone()),
+        };
+        run_tool(Command::new("mount").arg(&dev).arg(dir))?;
+        Ok(fs)
+    })();
+    match ext4 {
+        Ok(fs) => fs,
+        Err(loop_err) => panic!(
+            "no small file system for the full-disk test: tmpfs mount refused ({}); ext4 loop \
+             file refused ({loop_err}). Run as root with mount and loop devices allowed.",
+            tmpfs.unwrap_err()
+        ),
+    }
 }
 
 /// Fills the file system holding `dir` with one file until the write hits ENOSPC.
@@ -736,18 +790,19 @@ fn fill_up(dir: &Path) -> (PathBuf, u64) {
     (path, written)
 }
 
+/// Size of the small file system the NVMe tier's file lives on.
+const FS_BYTES: u64 = 4 << 20;
+
 #[test]
 fn nvme_file_system_full_fails_writes_cleanly_and_the_host_tier_keeps_serving() {
     let dir = temp_dir("fault-enospc");
     let mnt = dir.path().join("nvme-mnt");
-    let Some(_mount) = mount_tmpfs(&mnt, 4 << 20) else {
-        return;
-    };
+    let fs = small_fs(&mnt, FS_BYTES);
     // A sparse (thin-provisioned) slot file, larger than the file system: the daemon does
     // not preallocate a file that already has its size, so disk space is taken by the slot
     // writes themselves. (A file the daemon preallocates with fallocate never sees ENOSPC
-    // later: writes into reserved tmpfs pages succeed even with the file system full.)
-    // O_DIRECT opens fine on tmpfs.
+    // later: writes into reserved pages succeed even with the file system full.)
+    // O_DIRECT opens fine on tmpfs and ext4.
     let nvme = mnt.join("nvme.kvp");
     std::fs::File::create(&nvme)
         .unwrap()
@@ -861,9 +916,11 @@ fn nvme_file_system_full_fails_writes_cleanly_and_the_host_tier_keeps_serving() 
     );
     drop(daemon);
     eprintln!(
-        "fault-summary nvme_enospc engine={engine} tmpfs_bytes={} filler_bytes={filled} \
-         enospc_writes_failed={faults} blocks_verified={} blocks_lost=0 daemon_crashes=0",
-        4 << 20,
+        "fault-summary nvme_enospc engine={engine} file_system=\"{}\" fs_bytes={FS_BYTES} \
+         filler_bytes={filled} enospc_writes_failed={faults} blocks_verified={} blocks_lost=0 \
+         daemon_crashes=0",
+        fs.kind,
         verified.get()
     );
+    drop(fs);
 }

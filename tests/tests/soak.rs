@@ -1,7 +1,10 @@
 //! `kvplane bench soak` end to end, short: a real daemon with host and NVMe tiers under 8
 //! sessions (1 to 3 queue pairs each, 4 namespaces) for a few seconds. Every loaded block
 //! is checked byte for byte by the bench; here the JSON must show blocks verified, none
-//! corrupted or lost, no unexpected error, both tiers used, and a flat daemon RSS.
+//! corrupted or lost, no unexpected error, both tiers used, excused NO_SPACE/BUSY outcomes
+//! under their stated bound, and a flat daemon RSS. A second run puts the tiers under
+//! capacity pressure (they hold half the working set) and counts lost blocks by the same
+//! definition, bounded by the daemon's evictions.
 
 use std::process::Command;
 
@@ -46,6 +49,10 @@ fn short_soak_verifies_blocks_and_loses_none() {
     assert_eq!(num(&v, &["blocks_corrupted"]), 0.0, "{v}");
     assert_eq!(num(&v, &["blocks_lost"]), 0.0, "{v}");
     assert_eq!(num(&v, &["unexpected_errors"]), 0.0, "{v}");
+    // Excused outcomes stay under the stated bound (the run fails above it).
+    assert_eq!(num(&v, &["max_excused_fraction"]), 0.02);
+    assert!(num(&v, &["excused_fraction"]) <= 0.02, "{v}");
+    assert_eq!(v["capacity_pressure"], Value::Bool(false));
     // The lost check covered real blocks, not an empty set.
     assert!(num(&v, &["blocks_checked_present"]) > 0.0, "{v}");
     for op in ["save", "load", "lookup", "drop"] {
@@ -78,6 +85,55 @@ fn short_soak_verifies_blocks_and_loses_none() {
     assert!(growth < 16.0 * 1024.0, "daemon RSS grew {growth} KiB");
     // No descriptor leak while sessions come and go within the run.
     assert!(num(&v, &["daemon_fds_max"]) < 4.0 * num(&v, &["daemon_fds_first"]) + 64.0);
+}
+
+#[test]
+fn short_soak_under_capacity_pressure_loses_nothing_the_daemon_did_not_evict() {
+    let dir = temp_dir("soak-pressure");
+    let out = Command::new(kvplane_bin())
+        .args(["bench", "soak", "--json", "--capacity-pressure"])
+        .args([
+            "--sessions",
+            "8",
+            "--seconds",
+            "3",
+            "--ceiling-seconds",
+            "1",
+        ])
+        // 1024-block working set; host 128 + NVMe 384 blocks.
+        .args(["--block-kib", "16", "--sequences", "32", "--seed", "11"])
+        .arg("--dir")
+        .arg(dir.path())
+        .env("KVPLANE_LOG", "warn")
+        .output()
+        .expect("run kvplane bench soak");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kvplane bench soak --capacity-pressure failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(v["passed"], Value::Bool(true), "{v}");
+    assert_eq!(v["capacity_pressure"], Value::Bool(true));
+    let ws = num(&v, &["working_set_blocks"]);
+    assert_eq!(ws, 1024.0);
+    assert_eq!(
+        num(&v, &["host_capacity_blocks"]) + num(&v, &["nvme_capacity_blocks"]),
+        ws / 2.0
+    );
+    // The daemon evicted (the run was under pressure) and every miss of a settled block
+    // is covered by an eviction: none lost, none corrupted, every load checked.
+    let evicted = num(&v, &["daemon_removed_without_copy"]);
+    assert!(evicted > 0.0, "{v}");
+    assert!(num(&v, &["settled_misses"]) <= evicted, "{v}");
+    assert_eq!(num(&v, &["blocks_lost"]), 0.0, "{v}");
+    assert_eq!(num(&v, &["blocks_corrupted"]), 0.0, "{v}");
+    assert_eq!(num(&v, &["unexpected_errors"]), 0.0, "{v}");
+    assert!(num(&v, &["blocks_verified"]) > 0.0, "{v}");
+    assert!(num(&v, &["excused_fraction"]) <= num(&v, &["max_excused_fraction"]));
+    assert_eq!(v["daemon_exit_clean"], Value::Bool(true));
 }
 
 #[test]

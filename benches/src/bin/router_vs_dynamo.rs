@@ -9,13 +9,19 @@
 //! Both indexes receive identical events; all conversion happens before timing.
 //! - kvplane: `Index::store/remove` on the calling thread.
 //! - Dynamo: `ThreadPoolIndexer::enqueue_event` for every event, then `flush()` (its
-//!   worker threads apply them; `--dynamo-threads`, default 2 = this machine's cores).
+//!   worker threads apply them). One configuration per `--dynamo-threads` entry (default
+//!   `1,2`): with one pool thread Dynamo's producer and its one worker share this 2-core
+//!   machine without the pool threads also competing with each other; with 2 the pool
+//!   takes both cores besides the producer. Each row is its own ratio.
 //!
 //! Queries: every trace request's block ids (in every round's id space) against the final
 //! state, `--passes` times,
 //! timed one by one, alternating the two indexes so host noise hits both alike. Dynamo's
 //! lookup is `backend().find_matches(seq, false)`, which is what its async `find_matches`
-//! runs inline. Both answers are compared for every query (per-worker overlap).
+//! runs inline. Answers are compared for every query (per-worker overlap) against every
+//! Dynamo configuration's final tree; any query whose answers differ fails the run (exit
+//! status 1, after the figures are printed), since a speed ratio between two indexes that
+//! disagree means nothing.
 
 use dynamo_kv_router::protocols::{
     ExternalSequenceBlockHash, KvCacheEvent, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData,
@@ -35,7 +41,7 @@ struct Args {
     rounds: u64,
     passes: usize,
     reps: usize,
-    dynamo_threads: usize,
+    dynamo_threads: Vec<usize>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -45,7 +51,7 @@ fn parse_args() -> Result<Args, String> {
         rounds: 16,
         passes: 2,
         reps: 7,
-        dynamo_threads: 2,
+        dynamo_threads: vec![1, 2],
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -65,8 +71,10 @@ fn parse_args() -> Result<Args, String> {
             }
             "--dynamo-threads" => {
                 a.dynamo_threads = val("--dynamo-threads")?
-                    .parse()
-                    .map_err(|e| format!("--dynamo-threads: {e}"))?
+                    .split(',')
+                    .map(|t| t.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("--dynamo-threads (comma-separated counts): {e}"))?
             }
             "--reps" => a.reps = val("--reps")?.parse().map_err(|e| format!("--reps: {e}"))?,
             "--bench" => {} // passed by `cargo bench`
@@ -77,7 +85,12 @@ fn parse_args() -> Result<Args, String> {
             }
         }
     }
-    if a.rounds == 0 || a.passes == 0 || a.reps == 0 || a.dynamo_threads == 0 {
+    if a.rounds == 0
+        || a.passes == 0
+        || a.reps == 0
+        || a.dynamo_threads.is_empty()
+        || a.dynamo_threads.contains(&0)
+    {
         return Err("--rounds, --passes, --reps and --dynamo-threads must be at least 1".into());
     }
     Ok(a)
@@ -220,59 +233,61 @@ fn main() {
         .sum::<usize>()
         * args.rounds as usize;
 
-    // Each repetition builds both indexes from empty; the median time counts. Between
-    // repetitions the two alternate who goes first so neither always gets a warm cache.
+    // Each repetition builds every index from empty; the median time counts. The order
+    // rotates between repetitions so no index always runs first (or last, on a warm cache).
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
+    let configs = &args.dynamo_threads;
     let mut ours_times = Vec::new();
-    let mut theirs_times = Vec::new();
-    let mut kept = None;
+    let mut theirs_times: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    let mut kept_index = None;
+    let mut kept_dynamo: Vec<Option<ThreadPoolIndexer<ConcurrentRadixTreeCompressed>>> =
+        configs.iter().map(|_| None).collect();
     for rep in 0..args.reps {
-        let theirs_events = theirs.clone();
-        let dynamo = ThreadPoolIndexer::new(
-            ConcurrentRadixTreeCompressed::new(),
-            args.dynamo_threads,
-            512,
-        );
-        let run_ours = || {
-            let index = Index::new(IndexConfig::default());
-            let t0 = Instant::now();
-            apply_ours(&index, &ours);
-            (t0.elapsed().as_secs_f64(), index)
-        };
-        let run_theirs = |events: Vec<RouterEvent>| {
-            let t0 = Instant::now();
-            for ev in events {
-                dynamo
-                    .enqueue_event(ev)
-                    .expect("dynamo indexer accepts events");
+        // Slot 0 is kvplane, slot c + 1 Dynamo configuration c.
+        let slots = configs.len() + 1;
+        for k in 0..slots {
+            let slot = (rep + k) % slots;
+            if slot == 0 {
+                let index = Index::new(IndexConfig::default());
+                let t0 = Instant::now();
+                apply_ours(&index, &ours);
+                ours_times.push(t0.elapsed().as_secs_f64());
+                kept_index = Some(index);
+            } else {
+                let c = slot - 1;
+                let events = theirs.clone();
+                let dynamo =
+                    ThreadPoolIndexer::new(ConcurrentRadixTreeCompressed::new(), configs[c], 512);
+                let t0 = Instant::now();
+                for ev in events {
+                    dynamo
+                        .enqueue_event(ev)
+                        .expect("dynamo indexer accepts events");
+                }
+                rt.block_on(dynamo.flush());
+                theirs_times[c].push(t0.elapsed().as_secs_f64());
+                kept_dynamo[c] = Some(dynamo);
             }
-            rt.block_on(dynamo.flush());
-            t0.elapsed().as_secs_f64()
-        };
-        let (ours_s, index, theirs_s) = if rep % 2 == 0 {
-            let (o, i) = run_ours();
-            (o, i, run_theirs(theirs_events))
-        } else {
-            let t = run_theirs(theirs_events);
-            let (o, i) = run_ours();
-            (o, i, t)
-        };
-        ours_times.push(ours_s);
-        theirs_times.push(theirs_s);
-        kept = Some((index, dynamo));
+        }
     }
-    let Some((index, dynamo)) = kept else {
+    let Some(index) = kept_index else {
         unreachable!("reps >= 1")
     };
-    ours_times.sort_by(f64::total_cmp);
-    theirs_times.sort_by(f64::total_cmp);
-    let ours_s = ours_times[ours_times.len() / 2];
-    let theirs_s = theirs_times[theirs_times.len() / 2];
+    let dynamos: Vec<_> = kept_dynamo
+        .into_iter()
+        .map(|d| d.expect("reps >= 1"))
+        .collect();
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ours_s = median(&mut ours_times);
+    let theirs_s: Vec<f64> = theirs_times.iter_mut().map(median).collect();
 
-    // Lookups, alternating, with a correctness comparison.
+    // Lookups, alternating kvplane and each configuration, with a correctness comparison.
     let queries: Vec<(Vec<u64>, Vec<LocalBlockHash>)> = (0..args.rounds)
         .flat_map(|round| {
             trace.iter().map(move |r| {
@@ -282,101 +297,139 @@ fn main() {
             })
         })
         .collect();
-    let backend = dynamo.backend();
+    let backends: Vec<_> = dynamos.iter().map(|d| d.backend()).collect();
     let mut ours_ns = Vec::with_capacity(queries.len() * args.passes);
-    let mut theirs_ns = Vec::with_capacity(queries.len() * args.passes);
-    let mut mismatches = 0usize;
+    let mut theirs_ns: Vec<Vec<u64>> = configs
+        .iter()
+        .map(|_| Vec::with_capacity(queries.len() * args.passes))
+        .collect();
+    let mut mismatches = vec![0usize; configs.len()];
+    let mut first_mismatch: Vec<Option<String>> = vec![None; configs.len()];
     let mut matched_blocks = 0u64;
     for pass in 0..args.passes {
-        for (q, dq) in &queries {
+        for (qi, (q, dq)) in queries.iter().enumerate() {
             let t = Instant::now();
             let a = index.find_matches("trace", q);
             ours_ns.push(t.elapsed().as_nanos() as u64);
-            let t = Instant::now();
-            let b = backend.find_matches(dq, false);
-            theirs_ns.push(t.elapsed().as_nanos() as u64);
+            let mut mine: Vec<(u64, u32)> = a.iter().map(|o| (o.worker, o.blocks)).collect();
+            mine.sort_unstable();
             if pass == 0 {
-                let mut mine: Vec<(u64, u32)> = a.iter().map(|o| (o.worker, o.blocks)).collect();
-                let mut other: Vec<(u64, u32)> = b
-                    .scores
-                    .iter()
-                    .filter(|(_, s)| **s > 0)
-                    .map(|(w, s)| (w.worker_id, *s))
-                    .collect();
-                mine.sort_unstable();
-                other.sort_unstable();
                 matched_blocks += mine.iter().map(|m| u64::from(m.1)).sum::<u64>();
-                if mine != other {
-                    mismatches += 1;
+            }
+            for (c, backend) in backends.iter().enumerate() {
+                let t = Instant::now();
+                let b = backend.find_matches(dq, false);
+                theirs_ns[c].push(t.elapsed().as_nanos() as u64);
+                if pass == 0 {
+                    let mut other: Vec<(u64, u32)> = b
+                        .scores
+                        .iter()
+                        .filter(|(_, s)| **s > 0)
+                        .map(|(w, s)| (w.worker_id, *s))
+                        .collect();
+                    other.sort_unstable();
+                    if mine != other {
+                        mismatches[c] += 1;
+                        first_mismatch[c].get_or_insert_with(|| {
+                            format!(
+                                "query {qi} ({} blocks): kvplane (worker, blocks) {mine:?}, Dynamo {other:?}",
+                                q.len()
+                            )
+                        });
+                    }
                 }
             }
         }
     }
     ours_ns.sort_unstable();
-    theirs_ns.sort_unstable();
     let events_per_s = n_events as f64 / ours_s;
-    let dynamo_events_per_s = n_events as f64 / theirs_s;
     let lookup_p50_us = percentile_us(&ours_ns, 0.50);
     let lookup_p99_us = percentile_us(&ours_ns, 0.99);
-    let dynamo_lookup_p50_us = percentile_us(&theirs_ns, 0.50);
-    let dynamo_lookup_p99_us = percentile_us(&theirs_ns, 0.99);
+    let rows: Vec<serde_json::Value> = configs
+        .iter()
+        .enumerate()
+        .map(|(c, &threads)| {
+            theirs_ns[c].sort_unstable();
+            let ev = n_events as f64 / theirs_s[c];
+            let p50 = percentile_us(&theirs_ns[c], 0.50);
+            let p99 = percentile_us(&theirs_ns[c], 0.99);
+            serde_json::json!({
+                "dynamo_threads": threads,
+                "dynamo_events_per_s": ev,
+                "events_ratio": events_per_s / ev,
+                "dynamo_lookup_p50_us": p50,
+                "dynamo_lookup_p99_us": p99,
+                "lookup_p50_ratio": p50 / lookup_p50_us,
+                "lookup_p99_ratio": p99 / lookup_p99_us,
+                "answers_differ": mismatches[c],
+                "first_difference": first_mismatch[c],
+            })
+        })
+        .collect();
+    let differ: usize = mismatches.iter().sum();
     let out = serde_json::json!({
         "trace": args.trace.display().to_string(),
         "events": n_events,
         "event_blocks": n_blocks,
         "workers": workers,
         "rounds": args.rounds,
-        "queries": ours_ns.len(),
-        "dynamo_threads": args.dynamo_threads,
+        "queries": queries.len(),
+        "passes": args.passes,
         "reps": args.reps,
         "events_per_s": events_per_s,
-        "dynamo_events_per_s": dynamo_events_per_s,
-        "events_ratio": events_per_s / dynamo_events_per_s,
         "lookup_p50_us": lookup_p50_us,
         "lookup_p99_us": lookup_p99_us,
-        "dynamo_lookup_p50_us": dynamo_lookup_p50_us,
-        "dynamo_lookup_p99_us": dynamo_lookup_p99_us,
-        "lookup_p50_ratio": dynamo_lookup_p50_us / lookup_p50_us,
-        "lookup_p99_ratio": dynamo_lookup_p99_us / lookup_p99_us,
         "index_nodes": index.node_count(),
         "index_blocks": index.block_count(),
-        "answers_differ": mismatches,
         "matched_blocks": matched_blocks,
+        "dynamo": rows,
+        "answers_differ": differ,
+        "passed": differ == 0,
     });
     if args.json {
         println!("{out}");
     } else {
         println!(
-            "{n_events} events ({n_blocks} blocks) on {} workers, {} lookups; Dynamo with {} threads",
-            workers,
-            ours_ns.len(),
-            args.dynamo_threads
+            "{n_events} events ({n_blocks} blocks) on {workers} workers, {} queries x {} passes; kvplane on 1 thread",
+            queries.len(),
+            args.passes
         );
         println!(
-            "{:<22} {:>14} {:>14} {:>8}",
-            "", "kvplane", "dynamo", "ratio"
+            "{:<22} {:>12} {:>8} {:>10} {:>10} {:>8} {:>8}",
+            "", "events/s", "ratio", "p50 us", "p99 us", "ratio", "differ"
         );
         println!(
-            "{:<22} {:>14.0} {:>14.0} {:>8.2}",
-            "events/s",
-            events_per_s,
-            dynamo_events_per_s,
-            events_per_s / dynamo_events_per_s
+            "{:<22} {:>12.0} {:>8} {:>10.2} {:>10.2} {:>8} {:>8}",
+            "kvplane (1 thread)", events_per_s, "", lookup_p50_us, lookup_p99_us, "", ""
         );
-        println!(
-            "{:<22} {:>14.2} {:>14.2} {:>8.2}",
-            "lookup p50 (us)",
-            lookup_p50_us,
-            dynamo_lookup_p50_us,
-            dynamo_lookup_p50_us / lookup_p50_us
+        for r in &rows {
+            println!(
+                "{:<22} {:>12.0} {:>8.2} {:>10.2} {:>10.2} {:>8.2} {:>8}",
+                format!("Dynamo, {} pool thr", r["dynamo_threads"]),
+                r["dynamo_events_per_s"].as_f64().unwrap_or(0.0),
+                r["events_ratio"].as_f64().unwrap_or(0.0),
+                r["dynamo_lookup_p50_us"].as_f64().unwrap_or(0.0),
+                r["dynamo_lookup_p99_us"].as_f64().unwrap_or(0.0),
+                r["lookup_p99_ratio"].as_f64().unwrap_or(0.0),
+                r["answers_differ"]
+            );
+        }
+        println!("ratios: kvplane events/s over Dynamo's; Dynamo lookup p99 over kvplane's");
+    }
+    if differ > 0 {
+        for (c, m) in first_mismatch.iter().enumerate() {
+            if let Some(m) = m {
+                eprintln!(
+                    "router-vs-dynamo: Dynamo with {} pool thread(s): {} of {} queries answered differently; first: {m}",
+                    configs[c],
+                    mismatches[c],
+                    queries.len()
+                );
+            }
+        }
+        eprintln!(
+            "router-vs-dynamo: FAILED: the two indexes disagree, so their timings do not compare"
         );
-        println!(
-            "{:<22} {:>14.2} {:>14.2} {:>8.2}",
-            "lookup p99 (us)",
-            lookup_p99_us,
-            dynamo_lookup_p99_us,
-            dynamo_lookup_p99_us / lookup_p99_us
-        );
-        println!("queries whose per-worker overlap differs between the two: {mismatches}");
+        std::process::exit(1);
     }
 }

@@ -2,6 +2,7 @@
 //! bench binaries drive the same measurements.
 pub mod ring;
 pub mod serve_child;
+pub mod served;
 pub mod soak;
 
 /// p50, p99 and p99.9 of `samples` (sorted in place), in the samples' unit.

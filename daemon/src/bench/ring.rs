@@ -3,6 +3,15 @@
 //! shared-memory ping-pong of one atomic word (the floor) and a Unix-socket
 //! request/response. Each measurement that needs a second process re-executes the
 //! `kvplane` binary in a hidden child role.
+//!
+//! The floor and the ring are interleaved: one child process (the engine, pinned to the
+//! second CPU) runs `rounds` pairs of batches, a floor batch (ping-pong with this
+//! process's main thread) and a ring batch (NOP calls to the daemon's data-plane thread
+//! in this process), alternating which goes first. Both peers run on the first CPU, and
+//! the idle one sleeps (the main thread on a futex, the data-plane thread after its spin),
+//! so the VM's drift between runs (the floor alone moves ~3x from run to run here) falls
+//! on both within each pair. Each pair's ring p50 over its floor p50 is reported, and the
+//! aggregate over all pairs.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -52,6 +61,8 @@ pub struct RingBenchOptions {
     pub batched_ms: u64,
     /// Pin daemon and engine to different CPUs (when there are two).
     pub pin: bool,
+    /// Floor/ring batch pairs the round trips are split into.
+    pub rounds: u32,
 }
 
 impl Default for RingBenchOptions {
@@ -62,6 +73,7 @@ impl Default for RingBenchOptions {
             batch: 256,
             batched_ms: 2000,
             pin: true,
+            rounds: 20,
         }
     }
 }
@@ -78,8 +90,15 @@ pub struct RingBenchReport {
     pub socket_p99_ns: u64,
     pub socket_p999_ns: u64,
     pub batched_ops_per_s: f64,
-    /// p50 NOP round trip / p50 floor (goal <= 1.5).
+    /// p50 NOP round trip / p50 floor over all pairs' samples (goal <= 1.5).
     pub p50_over_floor: f64,
+    /// Each pair's ring p50 / floor p50, in run order.
+    pub pairs: Vec<PairReport>,
+    /// Median, min and max of the pairs' ratios.
+    pub pair_ratio_median: f64,
+    pub pair_ratio_min: f64,
+    pub pair_ratio_max: f64,
+    pub rounds: u32,
     /// p50 socket / p50 NOP round trip (goal >= 10).
     pub socket_over_p50: f64,
     pub round_trips: u64,
@@ -89,12 +108,23 @@ pub struct RingBenchReport {
     pub backend: &'static str,
 }
 
+/// One floor batch and one ring batch, run back to back.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PairReport {
+    /// Which batch of the pair ran first.
+    pub floor_first: bool,
+    pub floor_p50_ns: u64,
+    pub p50_ns: u64,
+    /// p50_ns / floor_p50_ns.
+    pub ratio: f64,
+}
+
 /// Hidden child roles (`kvplane bench ring --child ROLE --target PATH`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ChildRole {
-    Floor,
+    /// The engine: floor and ring batches interleaved (target: the bench directory).
+    Interleaved,
     Socket,
-    Engine,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -102,8 +132,23 @@ struct EngineChildReport {
     p50_ns: u64,
     p99_ns: u64,
     p999_ns: u64,
+    floor_p50_ns: u64,
+    floor_p99_ns: u64,
+    floor_p999_ns: u64,
+    pairs: Vec<PairReport>,
     batched_ops_per_s: f64,
 }
+
+/// The control word of the floor file (its own cache line, away from the ping-pong word).
+const CTL_OFFSET: u64 = 64;
+/// Nothing to answer: the main thread sleeps on the control word.
+const CTL_IDLE: u32 = 0;
+/// The engine asks for a floor batch.
+const CTL_FLOOR: u32 = 1;
+/// The main thread spins on the ping-pong word.
+const CTL_FLOOR_READY: u32 = 2;
+/// The engine is finished.
+const CTL_DONE: u32 = 3;
 
 struct ChildGuard(Child);
 impl Drop for ChildGuard {
@@ -135,6 +180,7 @@ fn spawn_child(
         .args(["--socket-round-trips", &opts.socket_round_trips.to_string()])
         .args(["--batch", &opts.batch.to_string()])
         .args(["--batched-ms", &opts.batched_ms.to_string()])
+        .args(["--rounds", &opts.rounds.to_string()])
         .arg(if opts.pin {
             "--pin=true"
         } else {
@@ -160,22 +206,28 @@ pub fn run(exe: &ChildCommand, opts: &RingBenchOptions) -> Result<RingBenchRepor
         pin: pinned,
         ..opts.clone()
     };
-    let floor = floor_parent(exe, dir.path(), opts)?;
     let socket = socket_parent(exe, dir.path(), opts)?;
-    let engine = engine_parent(exe, dir.path(), opts)?;
+    let engine = interleaved_parent(exe, dir.path(), opts)?;
     let (p50, p99, p999) = (engine.p50_ns, engine.p99_ns, engine.p999_ns);
+    let mut ratios: Vec<f64> = engine.pairs.iter().map(|p| p.ratio).collect();
+    ratios.sort_by(f64::total_cmp);
     Ok(RingBenchReport {
         p50_ns: p50,
         p99_ns: p99,
         p999_ns: p999,
-        floor_p50_ns: floor.0,
-        floor_p99_ns: floor.1,
-        floor_p999_ns: floor.2,
+        floor_p50_ns: engine.floor_p50_ns,
+        floor_p99_ns: engine.floor_p99_ns,
+        floor_p999_ns: engine.floor_p999_ns,
         socket_p50_ns: socket.0,
         socket_p99_ns: socket.1,
         socket_p999_ns: socket.2,
         batched_ops_per_s: engine.batched_ops_per_s,
-        p50_over_floor: p50 as f64 / floor.0.max(1) as f64,
+        p50_over_floor: p50 as f64 / engine.floor_p50_ns.max(1) as f64,
+        pair_ratio_median: ratios.get(ratios.len() / 2).copied().unwrap_or(0.0),
+        pair_ratio_min: ratios.first().copied().unwrap_or(0.0),
+        pair_ratio_max: ratios.last().copied().unwrap_or(0.0),
+        pairs: engine.pairs,
+        rounds: opts.rounds,
         socket_over_p50: socket.0 as f64 / p50.max(1) as f64,
         round_trips: opts.round_trips,
         socket_round_trips: opts.socket_round_trips,
@@ -223,41 +275,6 @@ fn check_child(child: &mut ChildGuard, role: &'static str) -> Result<(), RingBen
     Ok(())
 }
 
-fn floor_parent(
-    exe: &ChildCommand,
-    dir: &Path,
-    opts: &RingBenchOptions,
-) -> Result<(u64, u64, u64), RingBenchError> {
-    let path = dir.join("floor");
-    let seg = map_word_file(&path, true)?;
-    let word = seg.atomic_u32(0)?;
-    let ready = seg.atomic_u32(64)?;
-    let mut child = spawn_child(exe, "floor", &path, opts)?;
-    while ready.load(Ordering::Acquire) == 0 {
-        check_child(&mut child, "floor")?;
-        std::thread::yield_now();
-    }
-    let warmup = opts.round_trips / 10;
-    let total = opts.round_trips + warmup;
-    let mut samples = Vec::with_capacity(opts.round_trips as usize);
-    for i in 0..total as u32 {
-        let t0 = Instant::now();
-        word.store(2 * i + 1, Ordering::Release);
-        let mut spins = 0u64;
-        while word.load(Ordering::Acquire) != 2 * i + 2 {
-            std::hint::spin_loop();
-            spins += 1;
-            if spins % (1 << 24) == 0 {
-                check_child(&mut child, "floor")?;
-            }
-        }
-        if i as u64 >= warmup {
-            samples.push(t0.elapsed().as_nanos() as u64);
-        }
-    }
-    Ok(percentiles(&mut samples))
-}
-
 fn socket_parent(
     exe: &ChildCommand,
     dir: &Path,
@@ -292,33 +309,80 @@ fn socket_parent(
     Ok(percentiles(&mut samples))
 }
 
-fn engine_parent(
+/// Starts a daemon in this process and the engine child, then answers the child's floor
+/// batches on this thread until it is done; returns the child's report.
+fn interleaved_parent(
     exe: &ChildCommand,
     dir: &Path,
     opts: &RingBenchOptions,
 ) -> Result<EngineChildReport, RingBenchError> {
+    let seg = map_word_file(&dir.join("floor"), true)?;
+    let word = seg.atomic_u32(0)?;
+    let ctl = seg.atomic_u32(CTL_OFFSET)?;
     let mut config = Config::default();
     config.serve.socket_path = dir.join("kvplane.sock");
+    // Started after this process pinned itself: the data-plane thread shares the first
+    // CPU with the floor's answering thread, and the engine has the second.
     let daemon = Daemon::start(config, Arc::new(DataPlane::new()))?;
-    let mut child = spawn_child(exe, "engine", daemon.socket_path(), opts)?;
+    let mut child = spawn_child(exe, "interleaved", dir, opts)?;
     let stdout = child.0.stdout.take().ok_or(RingBenchError::Child {
-        role: "engine",
+        role: "interleaved",
         reason: "no stdout".into(),
     })?;
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
+    // The report arrives at the end; read it on a thread so this one can answer.
+    let reader = std::thread::spawn(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    });
+    loop {
+        match ctl.load(Ordering::Acquire) {
+            CTL_FLOOR => {
+                ctl.store(CTL_FLOOR_READY, Ordering::Release);
+                let mut spins = 0u64;
+                loop {
+                    let w = word.load(Ordering::Acquire);
+                    if w & 1 == 1 {
+                        word.store(w.wrapping_add(1), Ordering::Release);
+                        continue;
+                    }
+                    std::hint::spin_loop();
+                    spins += 1;
+                    // The engine ends the batch only while nothing is in flight, so
+                    // looking at the control word now and then delays no round trip.
+                    if spins % 256 == 0 && ctl.load(Ordering::Acquire) != CTL_FLOOR_READY {
+                        break;
+                    }
+                    if spins % (1 << 24) == 0 {
+                        check_child(&mut child, "interleaved")?;
+                    }
+                }
+            }
+            CTL_DONE => break,
+            _ => {
+                if child.0.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                sys::futex_wait(ctl, CTL_IDLE, Some(Duration::from_millis(50)));
+            }
+        }
+    }
+    let line = reader
+        .join()
+        .map_err(|_| RingBenchError::Child {
+            role: "interleaved",
+            reason: "report reader panicked".into(),
+        })?
         .map_err(io("read engine child report"))?;
     let status = child.0.wait().map_err(io("wait engine child"))?;
     daemon.shutdown();
     if !status.success() {
         return Err(RingBenchError::Child {
-            role: "engine",
+            role: "interleaved",
             reason: format!("exited with {status}"),
         });
     }
     serde_json::from_str(&line).map_err(|e| RingBenchError::Child {
-        role: "engine",
+        role: "interleaved",
         reason: format!("bad report {line:?}: {e}"),
     })
 }
@@ -331,28 +395,6 @@ pub fn run_child(
 ) -> Result<(), RingBenchError> {
     pin_for_role(opts.pin, 1);
     match role {
-        ChildRole::Floor => {
-            let seg = map_word_file(target, false)?;
-            let word = seg.atomic_u32(0)?;
-            seg.atomic_u32(64)?.store(1, Ordering::Release);
-            let total = opts.round_trips + opts.round_trips / 10;
-            let parent = std::os::unix::process::parent_id() as i32;
-            for i in 0..total as u32 {
-                let mut spins = 0u64;
-                while word.load(Ordering::Acquire) != 2 * i + 1 {
-                    std::hint::spin_loop();
-                    spins += 1;
-                    if spins % (1 << 24) == 0 && !sys::process_alive(parent) {
-                        return Err(RingBenchError::Child {
-                            role: "floor",
-                            reason: "parent died".into(),
-                        });
-                    }
-                }
-                word.store(2 * i + 2, Ordering::Release);
-            }
-            Ok(())
-        }
         ChildRole::Socket => {
             let mut stream = UnixStream::connect(target).map_err(io("connect bench socket"))?;
             let mut buf = [0u8; 8];
@@ -369,7 +411,7 @@ pub fn run_child(
                 }
             }
         }
-        ChildRole::Engine => {
+        ChildRole::Interleaved => {
             let report = engine_child(target, opts)?;
             println!("{}", serde_json::to_string(&report).expect("serialisable"));
             Ok(())
@@ -377,32 +419,91 @@ pub fn run_child(
     }
 }
 
-fn engine_child(
-    socket: &Path,
-    opts: &RingBenchOptions,
-) -> Result<EngineChildReport, RingBenchError> {
-    let mut ao = AttachOptions::new(socket);
+fn engine_child(dir: &Path, opts: &RingBenchOptions) -> Result<EngineChildReport, RingBenchError> {
+    let seg = map_word_file(&dir.join("floor"), false)?;
+    let word = seg.atomic_u32(0)?;
+    let ctl = seg.atomic_u32(CTL_OFFSET)?;
+    let mut ao = AttachOptions::new(dir.join("kvplane.sock"));
     ao.sq_entries = opts.batch.next_power_of_two().max(256);
     ao.cq_entries = ao.sq_entries;
     let mut session = Session::attach(ao)?;
     let mut qp = session.take_queue_pairs()?.remove(0);
     let timeout = Duration::from_secs(10);
-    let warmup = opts.round_trips / 10;
-    let mut samples = Vec::with_capacity(opts.round_trips as usize);
-    for i in 0..opts.round_trips + warmup {
-        let t0 = Instant::now();
-        let c = qp.call(client::sqe(Opcode::Nop, i), timeout)?;
-        if i >= warmup {
-            samples.push(t0.elapsed().as_nanos() as u64);
+    let parent = std::os::unix::process::parent_id() as i32;
+    let rounds = opts.rounds.max(1) as u64;
+    let per_batch = (opts.round_trips / rounds).max(10);
+    // The first tenth of each batch warms it up: the peer was asleep until it began.
+    let warmup = per_batch / 10;
+    let mut ring_all = Vec::with_capacity((per_batch * rounds) as usize);
+    let mut floor_all = Vec::with_capacity((per_batch * rounds) as usize);
+    let mut pairs = Vec::with_capacity(rounds as usize);
+    let mut counter = 0u32;
+    let mut ud = 0u64;
+    for round in 0..rounds {
+        let floor_first = round % 2 == 0;
+        let mut floor = Vec::with_capacity(per_batch as usize);
+        let mut ring = Vec::with_capacity(per_batch as usize);
+        for step in 0..2 {
+            if (step == 0) == floor_first {
+                // Floor batch: wake the main thread, wait until it spins, ping-pong.
+                ctl.store(CTL_FLOOR, Ordering::Release);
+                sys::futex_wake_all(ctl);
+                let mut spins = 0u64;
+                while ctl.load(Ordering::Acquire) != CTL_FLOOR_READY {
+                    std::hint::spin_loop();
+                    spins += 1;
+                    if spins % (1 << 24) == 0 && !sys::process_alive(parent) {
+                        return Err(RingBenchError::Child {
+                            role: "interleaved",
+                            reason: "parent died".into(),
+                        });
+                    }
+                }
+                for i in 0..per_batch + warmup {
+                    let ping = counter.wrapping_add(1);
+                    let t0 = Instant::now();
+                    word.store(ping, Ordering::Release);
+                    while word.load(Ordering::Acquire) != ping.wrapping_add(1) {
+                        std::hint::spin_loop();
+                    }
+                    let ns = t0.elapsed().as_nanos() as u64;
+                    counter = counter.wrapping_add(2);
+                    if i >= warmup {
+                        floor.push(ns);
+                    }
+                }
+                ctl.store(CTL_IDLE, Ordering::Release);
+            } else {
+                for i in 0..per_batch + warmup {
+                    ud += 1;
+                    let t0 = Instant::now();
+                    let c = qp.call(client::sqe(Opcode::Nop, ud), timeout)?;
+                    let ns = t0.elapsed().as_nanos() as u64;
+                    if c.status != Status::Ok.raw() || c.user_data != ud {
+                        return Err(RingBenchError::Child {
+                            role: "interleaved",
+                            reason: format!("bad completion {c:?}"),
+                        });
+                    }
+                    if i >= warmup {
+                        ring.push(ns);
+                    }
+                }
+            }
         }
-        if c.status != Status::Ok.raw() || c.user_data != i {
-            return Err(RingBenchError::Child {
-                role: "engine",
-                reason: format!("bad completion {c:?}"),
-            });
-        }
+        ring_all.extend_from_slice(&ring);
+        floor_all.extend_from_slice(&floor);
+        let (floor_p50, _, _) = percentiles(&mut floor);
+        let (ring_p50, _, _) = percentiles(&mut ring);
+        pairs.push(PairReport {
+            floor_first,
+            floor_p50_ns: floor_p50,
+            p50_ns: ring_p50,
+            ratio: ring_p50 as f64 / floor_p50.max(1) as f64,
+        });
     }
-    let (p50, p99, p999) = percentiles(&mut samples);
+    let (p50, p99, p999) = percentiles(&mut ring_all);
+    let (floor_p50, floor_p99, floor_p999) = percentiles(&mut floor_all);
 
     // Throughput: keep up to `batch` NOPs in flight, submitting and reaping in bulk.
     let batch = opts.batch.min(qp.sq_entries()) as usize;
@@ -435,10 +536,16 @@ fn engine_child(
         done += n as u64;
     }
     let secs = t0.elapsed().as_secs_f64();
+    ctl.store(CTL_DONE, Ordering::Release);
+    sys::futex_wake_all(ctl);
     Ok(EngineChildReport {
         p50_ns: p50,
         p99_ns: p99,
         p999_ns: p999,
+        floor_p50_ns: floor_p50,
+        floor_p99_ns: floor_p99,
+        floor_p999_ns: floor_p999,
+        pairs,
         batched_ops_per_s: done as f64 / secs,
     })
 }

@@ -14,6 +14,19 @@
 //! settled block; the daemon's own removal counters are checked for the same property
 //! (no removal without a copy in a lower tier, except explicit drops).
 //!
+//! Under **capacity pressure** (`capacity_pressure`) the working set is twice what the
+//! tiers hold together (host + NVMe slots = half the working set), so the daemon must
+//! evict. Misses are counted by the same definition (a settled block reported missing, no
+//! DROP racing it); each such miss also un-settles the block (the engine now knows it is
+//! gone; it is checked again only after a new SAVE), so every counted miss stands for at
+//! least one eviction of that block since it settled. The daemon's own count of removals
+//! without a lower-tier copy (evictions out of the last tier) bounds them: misses beyond
+//! it are **lost** blocks, and the run fails.
+//!
+//! Excused outcomes are bounded too: LOADs stopped with NO_SPACE (no host slot to stage
+//! into) or BUSY (another load staging the same block) and SAVEs answered BUSY are not
+//! losses, but more than `max_excused_fraction` of all SAVEs and LOADs fails the run.
+//!
 //! Sessions are not threads: `threads` driver threads (default 2, one per core here) each
 //! own a share of the sessions and round-robin over their queue pairs, one op in flight
 //! per queue pair (like one engine thread per queue pair). 64 threads of busy clients on 2
@@ -107,6 +120,11 @@ pub struct SoakOptions {
     pub op_timeout: Duration,
     /// Print progress lines to stderr every 10 s.
     pub progress: bool,
+    /// Size the tiers at half the working set (host + NVMe slots together).
+    pub capacity_pressure: bool,
+    /// Most NO_SPACE/BUSY-excused SAVEs and LOADs, as a fraction of all SAVEs and LOADs,
+    /// before the run fails.
+    pub max_excused_fraction: f64,
 }
 
 impl SoakOptions {
@@ -144,6 +162,21 @@ impl SoakOptions {
         }
         if !(self.host_share > 0.0 && self.host_share <= 1.0) {
             return bad("--host-share", format!("(0, 1], got {}", self.host_share));
+        }
+        if !(0.0..=1.0).contains(&self.max_excused_fraction) {
+            return bad(
+                "--max-excused-fraction",
+                format!("[0, 1], got {}", self.max_excused_fraction),
+            );
+        }
+        if self.capacity_pressure && self.working_set_blocks() < 64 {
+            return bad(
+                "--capacity-pressure",
+                format!(
+                    "needs a working set of at least 64 blocks, got {}",
+                    self.working_set_blocks()
+                ),
+            );
         }
         if !(self.seconds > 0.0 && self.ceiling_seconds > 0.0) {
             return bad("--seconds", "must be > 0".into());
@@ -204,6 +237,17 @@ impl BlockState {
     }
     fn drop_end(&self) {
         self.update(|s| (s - DROP_ONE) & !SAVED);
+    }
+    /// The daemon reported the block missing while it was settled at `epoch` (under
+    /// capacity pressure: evicted). It counts as saved again only after a new SAVE.
+    fn forget(&self, epoch: u64) {
+        self.update(|s| {
+            if s & EPOCH_MASK == epoch {
+                s & !SAVED
+            } else {
+                s
+            }
+        });
     }
     /// Epoch if the block is settled (saved, nothing in flight) right now.
     fn settled(&self) -> Option<u64> {
@@ -405,9 +449,12 @@ struct DriverStats {
     verified: u64,
     corrupted: u64,
     lost: u64,
+    /// Under capacity pressure: settled blocks reported missing (the lost definition).
+    settled_misses: u64,
     checked_present: u64,
     misses_excused_by_drop: u64,
     load_no_space: u64,
+    save_no_space: u64,
     busy: u64,
     unexpected: u64,
     examples: Vec<String>,
@@ -423,9 +470,11 @@ impl DriverStats {
             verified: 0,
             corrupted: 0,
             lost: 0,
+            settled_misses: 0,
             checked_present: 0,
             misses_excused_by_drop: 0,
             load_no_space: 0,
+            save_no_space: 0,
             busy: 0,
             unexpected: 0,
             examples: Vec::new(),
@@ -450,9 +499,11 @@ impl DriverStats {
         self.verified += o.verified;
         self.corrupted += o.corrupted;
         self.lost += o.lost;
+        self.settled_misses += o.settled_misses;
         self.checked_present += o.checked_present;
         self.misses_excused_by_drop += o.misses_excused_by_drop;
         self.load_no_space += o.load_no_space;
+        self.save_no_space += o.save_no_space;
         self.busy += o.busy;
         self.unexpected += o.unexpected;
         for e in &o.examples {
@@ -477,6 +528,8 @@ struct Driver<'a> {
     region_bytes: usize,
     chain: u32,
     op_timeout: Duration,
+    /// Misses are expected (evictions) and bounded at the end, not failures each.
+    pressure: bool,
     stats: DriverStats,
     live: &'a Live,
     scratch: Vec<u8>,
@@ -782,6 +835,9 @@ impl Driver<'_> {
                     self.add_blocks(f.kind, c.blocks, c.bytes);
                 } else if status == Some(Status::Busy) {
                     self.stats.busy += 1;
+                } else if status == Some(Status::NoSpace) {
+                    // Every slot leased or being written: bounded, not a loss.
+                    self.stats.save_no_space += 1;
                 } else {
                     self.unexpected(q, &f, &c);
                 }
@@ -870,7 +926,10 @@ impl Driver<'_> {
         }
         let j = present;
         let state = &u.states[u.index(f.ns_global, f.seq, j)];
-        if state.epoch() == f.snaps[j as usize] {
+        if state.epoch() == f.snaps[j as usize] && self.pressure {
+            self.stats.settled_misses += 1;
+            state.forget(f.snaps[j as usize]);
+        } else if state.epoch() == f.snaps[j as usize] {
             self.stats.lost += 1;
             self.live.bad.fetch_add(1, Ordering::Relaxed);
             self.stats.example(format!(
@@ -966,7 +1025,9 @@ fn free_loopback_port() -> Option<u16> {
 }
 
 /// The daemon config: a host tier holding `host_blocks`, an NVMe file holding the whole
-/// working set with room to spare, every eviction from host demoted to NVMe.
+/// working set with room to spare, every eviction from host demoted to NVMe. Under
+/// capacity pressure the two tiers together hold half the working set (the host tier
+/// its `host_share` of that half).
 fn config_toml(
     o: &SoakOptions,
     dir: &Path,
@@ -975,10 +1036,18 @@ fn config_toml(
 ) -> (String, u64, u64) {
     let slot = crate::tier::nvme::slot_bytes(o.block_bytes) as u64;
     let ws = o.working_set_blocks();
-    let host_blocks = ((ws as f64 * o.host_share).ceil() as u64).max(1);
-    // The whole working set, an eighth more and 64 slots spare: the NVMe tier never
-    // has to evict, so nothing the soak saved may legitimately disappear.
-    let nvme_blocks = ws + ws / 8 + 64;
+    let (host_blocks, nvme_blocks) = if o.capacity_pressure {
+        let tiers = ws / 2;
+        let host = ((tiers as f64 * o.host_share).ceil() as u64).clamp(1, tiers - 1);
+        (host, tiers - host)
+    } else {
+        // The whole working set, an eighth more and 64 slots spare: the NVMe tier never
+        // has to evict, so nothing the soak saved may legitimately disappear.
+        (
+            ((ws as f64 * o.host_share).ceil() as u64).max(1),
+            ws + ws / 8 + 64,
+        )
+    };
     let mut s = format!(
         r#"# Generated by `kvplane bench soak`.
 [serve]
@@ -996,7 +1065,7 @@ write_through = false
 capacity_bytes = 0
 
 [tiers.host]
-# {host_blocks} blocks (a {share:.0} % share of the {ws}-block working set).
+# {host_blocks} blocks of the {ws}-block working set.
 capacity_bytes = {host_bytes}
 lock = false
 hugepages = "never"
@@ -1004,7 +1073,7 @@ touch_threads = 0
 
 [tiers.nvme]
 paths = ["{nvme}"]
-# {nvme_blocks} slots: the whole working set fits.
+# {nvme_blocks} slots{fits}.
 capacity_bytes = {nvme_bytes}
 
 [control]
@@ -1014,7 +1083,11 @@ metrics_addr = "{metrics}"
         max_sessions = o.sessions + 8,
         max_qp = o.max_queue_pairs,
         block_bytes = o.block_bytes,
-        share = o.host_share * 100.0,
+        fits = if o.capacity_pressure {
+            ": with the host tier, half the working set (capacity pressure)"
+        } else {
+            ": the whole working set fits"
+        },
         host_bytes = host_blocks * slot,
         nvme = dir.join("nvme0.slots").display(),
         nvme_bytes = nvme_blocks * slot,
@@ -1191,6 +1264,17 @@ pub struct SoakReport {
     pub blocks_corrupted: u64,
     pub blocks_lost: u64,
     pub lost_definition: &'static str,
+    /// Tiers sized at half the working set.
+    pub capacity_pressure: bool,
+    /// Under capacity pressure: settled blocks reported missing (each un-settles the block
+    /// until its next SAVE), bounded by the daemon's evictions.
+    pub settled_misses: u64,
+    /// SAVEs that completed NO_SPACE (no slot could be freed for them).
+    pub save_no_space: u64,
+    /// (LOAD NO_SPACE + SAVE NO_SPACE + BUSY) / (SAVEs + LOADs).
+    pub excused_fraction: f64,
+    /// The run fails above this.
+    pub max_excused_fraction: f64,
     /// Settled blocks a LOOKUP or LOAD found present (the blocks the lost check covered).
     pub blocks_checked_present: u64,
     /// Misses of once-settled blocks a concurrent DROP explains (not losses).
@@ -1233,6 +1317,8 @@ pub struct CeilingReport {
 
 pub const LOST_DEFINITION: &str = "a block the daemon reports missing (LOOKUP: not among the leading hits; LOAD: NOT_FOUND) that was settled when the op was submitted (a SAVE of it completed OK with no DROP of it in flight or submitted since, and no SAVE or DROP of it in flight) and had no DROP submitted before the completion; the NVMe tier holds the whole working set, so no eviction may explain a miss";
 
+pub const LOST_UNDER_PRESSURE: &str = "capacity pressure (tiers hold half the working set): a settled block the daemon reports missing counts as a miss by the same definition as without pressure, and un-settles the block until its next SAVE; misses beyond the daemon's own count of removals without a lower-tier copy (evictions) are lost";
+
 const MIX: &str = "per op: 30% SAVE (1..=chain blocks; 10% write-through, 10% high priority), 35% LOAD of the leading settled blocks (20% PREFIX_ONLY; a SAVE when none is settled), 30% LOOKUP, 5% DROP of a chain suffix; 80% of picks from the hottest 20% of chains";
 
 fn us(h: &Histogram<u64>, q: f64) -> f64 {
@@ -1269,17 +1355,28 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
         crate::cli::status::Endpoint::Unix(crate::control::admin::default_socket_path(&socket));
     let fetch_status = || crate::cli::status::fetch(&control, Duration::from_secs(5)).ok();
     if let Some(st) = fetch_status() {
-        let nvme = st
-            .tiers
-            .iter()
-            .find(|t| t.tier == "nvme")
-            .map_or(0, |t| t.capacity_blocks);
-        if nvme < o.working_set_blocks() {
+        let cap = |name: &str| {
+            st.tiers
+                .iter()
+                .find(|t| t.tier == name)
+                .map_or(0, |t| t.capacity_blocks)
+        };
+        let (host, nvme) = (cap("host"), cap("nvme"));
+        let ws = o.working_set_blocks();
+        let wrong = if o.capacity_pressure {
+            (host + nvme > ws / 2).then(|| {
+                format!(
+                    "tiers hold {host} + {nvme} blocks, more than half the {ws}-block working set"
+                )
+            })
+        } else {
+            (nvme < ws).then(|| {
+                format!("NVMe tier holds {nvme} blocks, less than the {ws}-block working set")
+            })
+        };
+        if let Some(reason) = wrong {
             return Err(SoakError::Daemon {
-                reason: format!(
-                    "NVMe tier holds {nvme} blocks, less than the {}-block working set",
-                    o.working_set_blocks()
-                ),
+                reason,
                 tail: daemon.tail(),
                 log: daemon.log.clone(),
             });
@@ -1298,6 +1395,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
             region_bytes,
             chain: o.chain_blocks,
             op_timeout: o.op_timeout,
+            pressure: o.capacity_pressure,
             stats: DriverStats::new(),
             live: &live,
             scratch: vec![0u8; region_bytes],
@@ -1448,8 +1546,41 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
     if all.corrupted > 0 {
         failures.push(format!("{} blocks corrupted", all.corrupted));
     }
-    if all.lost > 0 {
-        failures.push(format!("{} blocks lost", all.lost));
+    // Under pressure a miss is lost only beyond what the daemon's evictions explain.
+    let lost = if o.capacity_pressure {
+        match removed_without_copy {
+            Some(evicted) => {
+                if evicted == 0 {
+                    failures.push(
+                        "capacity pressure: the daemon evicted nothing, so the run was not under pressure"
+                            .into(),
+                    );
+                }
+                all.settled_misses.saturating_sub(evicted)
+            }
+            None => {
+                failures.push(
+                    "capacity pressure: no eviction count from the daemon's /status to bound the misses"
+                        .into(),
+                );
+                all.settled_misses
+            }
+        }
+    } else {
+        all.lost
+    };
+    if lost > 0 {
+        failures.push(format!("{lost} blocks lost"));
+    }
+    let saves_and_loads = all.kinds[OpKind::Save.index()].ops + all.kinds[OpKind::Load.index()].ops;
+    let excused = all.load_no_space + all.save_no_space + all.busy;
+    let excused_fraction = excused as f64 / saves_and_loads.max(1) as f64;
+    if excused_fraction > o.max_excused_fraction {
+        failures.push(format!(
+            "{excused} of {saves_and_loads} SAVEs and LOADs excused as NO_SPACE or BUSY ({:.2} %), over the stated maximum of {:.2} %",
+            excused_fraction * 100.0,
+            o.max_excused_fraction * 100.0
+        ));
     }
     if all.unexpected > 0 {
         failures.push(format!("{} unexpected errors", all.unexpected));
@@ -1459,6 +1590,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
     }
     if let Some(n) = removed_without_copy
         && n > 0
+        && !o.capacity_pressure
     {
         failures.push(format!(
             "the daemon removed {n} blocks without a lower-tier copy"
@@ -1493,8 +1625,17 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
         by_op,
         blocks_verified: all.verified,
         blocks_corrupted: all.corrupted,
-        blocks_lost: all.lost,
-        lost_definition: LOST_DEFINITION,
+        blocks_lost: lost,
+        lost_definition: if o.capacity_pressure {
+            LOST_UNDER_PRESSURE
+        } else {
+            LOST_DEFINITION
+        },
+        capacity_pressure: o.capacity_pressure,
+        settled_misses: all.settled_misses,
+        save_no_space: all.save_no_space,
+        excused_fraction,
+        max_excused_fraction: o.max_excused_fraction,
         blocks_checked_present: all.checked_present,
         misses_excused_by_drop: all.misses_excused_by_drop,
         load_no_space_transient: all.load_no_space,
@@ -1582,6 +1723,8 @@ mod tests {
             dir: PathBuf::from("/tmp"),
             op_timeout: Duration::from_secs(60),
             progress: false,
+            capacity_pressure: false,
+            max_excused_fraction: 0.01,
         };
         o.check().unwrap();
         let (text, host, nvme) = config_toml(&o, Path::new("/tmp/x"), 1000, Some(9999));
@@ -1596,5 +1739,36 @@ mod tests {
         distinct.sort_unstable();
         distinct.dedup();
         assert_eq!(distinct.len(), u.hashes.len(), "hashes are distinct");
+        // Under capacity pressure both tiers together hold half the working set.
+        let p = SoakOptions {
+            capacity_pressure: true,
+            ..o.clone()
+        };
+        p.check().unwrap();
+        let (text, host, nvme) = config_toml(&p, Path::new("/tmp/x"), 1000, None);
+        crate::config::Config::from_toml(&text, Path::new("soak.toml")).unwrap();
+        assert_eq!(host + nvme, p.working_set_blocks() / 2);
+        assert_eq!(host, 1024);
+    }
+
+    #[test]
+    fn a_reported_miss_unsettles_the_block_until_the_next_save() {
+        let b = BlockState(AtomicU64::new(0));
+        let before = b.save_begin();
+        b.save_end(before, true);
+        let epoch = b.settled().unwrap();
+        b.forget(epoch);
+        assert_eq!(b.settled(), None);
+        let before = b.save_begin();
+        b.save_end(before, true);
+        assert_eq!(b.settled(), Some(epoch));
+        // A miss seen for an older epoch (a DROP came between) changes nothing.
+        b.drop_begin();
+        b.drop_end();
+        let before = b.save_begin();
+        b.save_end(before, true);
+        let newer = b.settled().unwrap();
+        b.forget(epoch);
+        assert_eq!(b.settled(), Some(newer));
     }
 }

@@ -651,8 +651,16 @@ impl BlockManager {
                     };
                     let (h, parent) = blocks[i];
                     let key = BlockKey::new(namespace, h);
-                    reg.reserve(key, parent, priority, Tier::Nvme, nvme_slot)
-                        .expect("new block");
+                    if reg
+                        .reserve(key, parent, priority, Tier::Nvme, nvme_slot)
+                        .is_err()
+                    {
+                        // The block reached NVMe meanwhile (the lock was released while the
+                        // host copy was filled; an in-flight demotion can land it): its
+                        // NVMe copy exists, so give the slot back rather than panic.
+                        reg.free_unused(Tier::Nvme, nvme_slot);
+                        continue;
+                    }
                     let generation = self.nvme.as_ref().map(|s| s.next_generation()).unwrap_or(0);
                     jobs.push((n, (key, parent, slot, nvme_slot, generation)));
                 }

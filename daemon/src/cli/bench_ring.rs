@@ -1,5 +1,6 @@
 //! `kvplane bench ring`: NOP round trip and batched throughput across processes, with
-//! the bare shared-memory floor and a Unix-socket baseline measured in the same run.
+//! the bare shared-memory floor (interleaved with the ring, batch by batch) and a
+//! Unix-socket baseline measured in the same run.
 
 use std::path::PathBuf;
 
@@ -11,9 +12,13 @@ pub struct RingArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// NOP and floor round trips measured.
+    /// NOP and floor round trips measured (each, over all rounds).
     #[arg(long, default_value_t = 200_000)]
     pub round_trips: u64,
+    /// Pairs of floor and ring batches the round trips are split into, alternating which
+    /// runs first.
+    #[arg(long, default_value_t = 20)]
+    pub rounds: u32,
     /// Unix-socket round trips measured.
     #[arg(long, default_value_t = 20_000)]
     pub socket_round_trips: u64,
@@ -53,6 +58,7 @@ pub fn run_with(args: RingArgs, child: ChildCommand) -> CliResult {
         batch: args.batch.clamp(1, 65536),
         batched_ms: args.batched_ms.max(10),
         pin: args.pin,
+        rounds: args.rounds.clamp(1, 10_000),
     };
     if let Some(role) = args.child {
         let target = args.target.ok_or("--child needs --target")?;
@@ -65,8 +71,8 @@ pub fn run_with(args: RingArgs, child: ChildCommand) -> CliResult {
         return Ok(());
     }
     println!(
-        "kvplane bench ring (backend: {}, {} round trips, pinned: {})",
-        r.backend, r.round_trips, r.pinned
+        "kvplane bench ring (backend: {}, {} round trips each in {} interleaved floor/ring batch pairs, pinned: {})",
+        r.backend, r.round_trips, r.rounds, r.pinned
     );
     println!(
         "{:<34} {:>10} {:>10} {:>10}",
@@ -85,9 +91,19 @@ pub fn run_with(args: RingArgs, child: ChildCommand) -> CliResult {
         "Unix socket request/response", r.socket_p50_ns, r.socket_p99_ns, r.socket_p999_ns
     );
     println!(
-        "NOP p50 / floor p50: {:.2}x (goal <= 1.5)   socket p50 / NOP p50: {:.1}x (goal >= 10)",
+        "NOP p50 / floor p50, all pairs' samples: {:.2}x (goal <= 1.5)   socket p50 / NOP p50: {:.1}x (goal >= 10)",
         r.p50_over_floor, r.socket_over_p50
     );
+    println!(
+        "per pair (ring p50 / floor p50 of the same pair): median {:.2}x, min {:.2}x, max {:.2}x",
+        r.pair_ratio_median, r.pair_ratio_min, r.pair_ratio_max
+    );
+    let list: Vec<String> = r
+        .pairs
+        .iter()
+        .map(|p| format!("{}/{}", p.p50_ns, p.floor_p50_ns))
+        .collect();
+    println!("  pairs, ring/floor p50 ns: {}", list.join(" "));
     println!(
         "batched NOPs, {} in flight: {:.2} M ops/s (goal >= 10)",
         r.batch,

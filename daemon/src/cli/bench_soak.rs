@@ -53,6 +53,14 @@ pub struct SoakArgs {
     /// An op without a completion for this many milliseconds fails the run.
     #[arg(long, default_value_t = 60_000)]
     pub op_timeout_ms: u64,
+    /// Size the host and NVMe tiers together at half the working set, so the daemon must
+    /// evict; misses of settled blocks beyond its evictions count as lost.
+    #[arg(long)]
+    pub capacity_pressure: bool,
+    /// Most SAVEs and LOADs excused as NO_SPACE or BUSY, as a fraction of all SAVEs and
+    /// LOADs; more fails the run.
+    #[arg(long, default_value_t = 0.02)]
+    pub max_excused_fraction: f64,
 }
 
 pub fn run(args: SoakArgs) -> CliResult {
@@ -72,6 +80,8 @@ pub fn run(args: SoakArgs) -> CliResult {
         dir: args.dir.unwrap_or_else(std::env::temp_dir),
         op_timeout: std::time::Duration::from_millis(args.op_timeout_ms.max(1)),
         progress: !args.json,
+        capacity_pressure: args.capacity_pressure,
+        max_excused_fraction: args.max_excused_fraction,
     };
     let r = soak::run(&opts)?;
     if args.json {
@@ -141,6 +151,24 @@ pub fn render(r: &SoakReport) -> String {
         r.busy,
         r.unexpected_errors
     );
+    let _ = writeln!(
+        s,
+        "excused (LOAD NO_SPACE {} + SAVE NO_SPACE {} + BUSY {}) / (SAVEs + LOADs) = {:.3} % (stated maximum {:.2} %)",
+        r.load_no_space_transient,
+        r.save_no_space,
+        r.busy,
+        r.excused_fraction * 100.0,
+        r.max_excused_fraction * 100.0
+    );
+    if r.capacity_pressure {
+        let _ = writeln!(
+            s,
+            "capacity pressure: {} settled blocks reported missing; the daemon evicted {} without a lower copy",
+            r.settled_misses,
+            r.daemon_removed_without_copy
+                .map_or_else(|| "an unknown number".into(), |n| n.to_string())
+        );
+    }
     let _ = writeln!(s, "lost = {}", r.lost_definition);
     let mib = |k: u64| k as f64 / 1024.0;
     for (name, rss) in [("RSS", &r.daemon_rss), ("RssAnon", &r.daemon_rss_anon)] {

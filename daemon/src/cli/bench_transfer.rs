@@ -1,10 +1,9 @@
 //! `kvplane bench transfer`: the transfer benchmark (the role of nixlbench for kvplane).
 //!
-//! Sweeps the paths a KV block takes through the daemon's real code (`BlockManager` save
-//! and load, the host pool, the NVMe tier with its headers and checksums), over block
-//! size, batch size (blocks per call), queue depth (NVMe I/O in flight) and thread count
-//! (concurrent callers, as concurrent sessions are). Every point is reported next to a
-//! ceiling measured in the same run with the same shape:
+//! Sweeps the paths a KV block takes through the daemon, over block size, batch size
+//! (blocks per call), queue depth (NVMe I/O in flight) and thread count (concurrent
+//! callers). Every point is reported next to a ceiling measured in the same run with the
+//! same shape, the two alternating pass by pass:
 //! - host paths: `memcpy` of the same bytes in the same batches on the same threads;
 //! - NVMe paths: raw O_DIRECT io_uring on a plain file in the same directory, same I/O
 //!   size (the 4 KiB slot header included) and queue depth (what fio's io_uring engine does);
@@ -12,14 +11,21 @@
 //!   where "engine buffer" and G1 are host memory, and it says so.
 //!
 //! Paths:
-//! - `engine->host`: save (`BlockManager::save`, write-back) copying each block from an
-//!   engine buffer into a host-pool slot;
-//! - `host->engine`: load of host-resident blocks into the engine buffer;
+//! - `engine->host`: SAVE through a real `kvplane serve` child: one engine session per
+//!   thread, its KV pool a registered memfd in a vLLM per-layer paged layout (8 KV heads,
+//!   head_dim 128, bf16, up to 64 layers; page tokens make up the block size, see
+//!   `EngineGeometry::for_block_bytes`), timed from submission to completion as the engine
+//!   sees it (arena, rings, validation, registry, paged gather into a host-tier slot);
+//! - `host->engine`: LOAD of host-resident blocks the same way (paged scatter into
+//!   poisoned pages; every byte checked after each pass, untimed);
 //! - `host->nvme`: write-through save (engine -> host slot -> NVMe slot, header and
 //!   checksum), the time until the save completes;
 //! - `nvme->host`: load of blocks only on NVMe (a daemon restarted on the same file):
 //!   staged NVMe -> host slot, verified, then copied to the engine;
-//! - `g1->engine`: load served from the G1 arena (host memory standing in for HBM).
+//! - `g1->engine` (only when asked for): load served from the G1 arena (host memory
+//!   standing in for HBM) by an in-process `BlockManager`, copying into a flat buffer: no
+//!   ring op fills G1 (it is filled by `promote`), so this one does not go through a
+//!   session, and says so in its ceiling column.
 
 use std::io::IsTerminal;
 use std::os::fd::AsRawFd;
@@ -29,6 +35,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::CliResult;
+use kvplane_ffi::{Opcode, kvp_block_op};
+
+use crate::bench::served::{EngineGeometry, EngineSession, ServedDaemon, ServedOptions, chain_ops};
 use crate::block::{BlockConfig, BlockManager, ManagerOptions};
 use crate::tier::TiersConfig;
 use crate::tier::host::{HostConfig, HugepageMode};
@@ -49,7 +58,7 @@ pub struct TransferArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "engine->host,host->engine,host->nvme,nvme->host,g1->engine"
+        default_value = "engine->host,host->engine,host->nvme,nvme->host"
     )]
     pub paths: Vec<String>,
     /// Block sizes in KiB (comma-separated), 4 KiB to 64 MiB.
@@ -100,6 +109,8 @@ pub enum TransferError {
     },
     #[error("{path}: {detail}")]
     Op { path: String, detail: String },
+    #[error("through kvplane serve: {0}")]
+    Served(#[from] crate::bench::served::ServedError),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +156,7 @@ impl PathKind {
         match self {
             PathKind::HostToNvme => "raw O_DIRECT io_uring write",
             PathKind::NvmeToHost => "raw O_DIRECT io_uring read",
+            PathKind::G1ToEngine => "memcpy (in-process BlockManager, no ring)",
             _ => "memcpy",
         }
     }
@@ -167,6 +179,9 @@ pub struct Point {
     pub ceiling: String,
     pub ceiling_gbps: f64,
     pub pct_of_ceiling: f64,
+    /// What was timed: `kvplane serve, <layers>x<page tokens> vLLM pages` (a session over
+    /// the rings) or `in-process BlockManager`.
+    pub via: String,
 }
 
 #[derive(Clone, Copy)]
@@ -439,6 +454,65 @@ fn load_pass(
     })
 }
 
+fn page_seed(thread: usize, page: u32) -> u64 {
+    ((thread as u64) << 32) | u64::from(page)
+}
+
+/// Thread t's chain of batch `i` (its blocks `[first + i, first + i + batch)`) as block ops
+/// into its session's pages `[i, i + batch)`.
+fn served_ops(shape: Shape, per_thread: u64, t: usize, i: u64) -> Vec<kvp_block_op> {
+    let first = t as u64 * per_thread;
+    let hashes: Vec<u64> = (first + i..first + i + shape.batch as u64)
+        .map(hash_of)
+        .collect();
+    let parent = if i > 0 { hash_of(first + i - 1) } else { 0 };
+    chain_ops(&hashes, parent, i as u32)
+}
+
+/// One pass of `opcode` (SAVE or LOAD) over every block, each thread through its own
+/// engine session, in batches; latency per call is submission to completion.
+fn served_pass(
+    sessions: &[std::sync::Mutex<EngineSession>],
+    shape: Shape,
+    per_thread: u64,
+    opcode: Opcode,
+) -> Result<Pass, TransferError> {
+    let name = if opcode == Opcode::Save {
+        "SAVE"
+    } else {
+        "LOAD"
+    };
+    parallel(shape.threads, |t| {
+        let mut e = sessions[t].lock().unwrap_or_else(|e| e.into_inner());
+        let mut lat = Vec::with_capacity((per_thread / shape.batch as u64) as usize);
+        let mut i = 0;
+        while i < per_thread {
+            let ops = served_ops(shape, per_thread, t, i);
+            lat.push(e.op_all(name, opcode, &ops)?.seconds * 1e6);
+            i += shape.batch as u64;
+        }
+        Ok(lat)
+    })
+}
+
+/// `opcode` (DROP) over every block, untimed.
+fn served_all(
+    sessions: &[std::sync::Mutex<EngineSession>],
+    shape: Shape,
+    per_thread: u64,
+    opcode: Opcode,
+) -> Result<(), TransferError> {
+    for (t, s) in sessions.iter().enumerate() {
+        let mut e = s.lock().unwrap_or_else(|e| e.into_inner());
+        let mut i = 0;
+        while i < per_thread {
+            e.op_all("DROP", opcode, &served_ops(shape, per_thread, t, i))?;
+            i += shape.batch as u64;
+        }
+    }
+    Ok(())
+}
+
 /// The memcpy ceiling: the same blocks, batches and threads, buffer to buffer.
 fn memcpy_pass(
     src: &Aligned,
@@ -562,6 +636,7 @@ fn point(
     blocks: u64,
     passes: Vec<Pass>,
     ceiling: Vec<Pass>,
+    via: String,
 ) -> Point {
     let bytes = blocks as f64 * shape.block as f64;
     let mut passes = passes;
@@ -586,6 +661,7 @@ fn point(
         ceiling: kind.ceiling_name().into(),
         ceiling_gbps,
         pct_of_ceiling: 100.0 * gbps / ceiling_gbps,
+        via,
     }
 }
 
@@ -612,35 +688,90 @@ fn run_point(
     let _ = std::fs::remove_file(&nvme_file);
     let mut measured = Vec::new();
     let mut ceiling = Vec::new();
+    let mut via = "in-process BlockManager".to_owned();
     match kind {
-        PathKind::EngineToHost | PathKind::HostToEngine | PathKind::G1ToEngine => {
-            let g1 = kind == PathKind::G1ToEngine;
-            let m = manager(shape, blocks, None, g1)?;
+        PathKind::EngineToHost | PathKind::HostToEngine => {
+            let g = EngineGeometry::for_block_bytes(bb as u64)?;
+            via = format!(
+                "kvplane serve, engine session per thread, vLLM pages {}x{}",
+                g.layers, g.page_tokens
+            );
+            let daemon = ServedDaemon::start(&ServedOptions {
+                exe: std::env::current_exe().map_err(|source| TransferError::Io {
+                    path: "/proc/self/exe".into(),
+                    source,
+                })?,
+                dir: dir.to_path_buf(),
+                block_bytes: bb as u64,
+                // Every block fits (no eviction inside a pass), plus one slot of slack.
+                host_blocks: blocks + 1,
+                lock: false,
+                sessions: shape.threads as u32,
+            })?;
+            let mut sessions = Vec::with_capacity(shape.threads);
+            for t in 0..shape.threads {
+                let mut e = daemon.attach(g, per_thread as u32)?;
+                if e.max_ops() < shape.batch {
+                    return Err(TransferError::Arg {
+                        flag: "batch",
+                        reason: format!(
+                            "{} exceeds the session arena's {} block ops",
+                            shape.batch,
+                            e.max_ops()
+                        ),
+                    });
+                }
+                for page in 0..per_thread as u32 {
+                    e.fill_page(page, page_seed(t, page))?;
+                }
+                sessions.push(std::sync::Mutex::new(e));
+            }
             let dst = Aligned::new(blocks as usize * bb);
             fill(&dst, blocks as usize * bb, 1);
             for p in 0..passes {
                 if kind == PathKind::EngineToHost {
                     if p > 0 {
-                        let all: Vec<u64> = (0..blocks).map(hash_of).collect();
-                        m.drop_blocks(1, &all);
+                        served_all(&sessions, shape, per_thread, Opcode::Drop)?;
                     }
-                    measured.push(save_pass(&m, &engine, shape, per_thread, false)?);
+                    measured.push(served_pass(&sessions, shape, per_thread, Opcode::Save)?);
                 } else {
                     if p == 0 {
-                        save_pass(&m, &engine, shape, per_thread, false)?;
-                        if g1 {
-                            let all: Vec<u64> = (0..blocks).map(hash_of).collect();
-                            for t in 0..shape.threads as u64 {
-                                let s = (t * per_thread) as usize;
-                                m.promote(1, &all[s..s + per_thread as usize]);
-                            }
+                        served_pass(&sessions, shape, per_thread, Opcode::Save)?;
+                    }
+                    for s in &sessions {
+                        let mut e = s.lock().unwrap_or_else(|e| e.into_inner());
+                        for page in 0..per_thread as u32 {
+                            e.poison_page(page)?;
                         }
                     }
-                    measured.push(load_pass(&m, &dst, shape, per_thread)?);
+                    measured.push(served_pass(&sessions, shape, per_thread, Opcode::Load)?);
+                    for (t, s) in sessions.iter().enumerate() {
+                        let mut e = s.lock().unwrap_or_else(|e| e.into_inner());
+                        for page in 0..per_thread as u32 {
+                            e.check_page(page, page_seed(t, page))?;
+                        }
+                    }
                 }
                 ceiling.push(memcpy_pass(&engine, &dst, shape, per_thread)?);
             }
-            if g1 && m.stats().tiers[0].used_slots as u64 != blocks {
+        }
+        PathKind::G1ToEngine => {
+            let m = manager(shape, blocks, None, true)?;
+            let dst = Aligned::new(blocks as usize * bb);
+            fill(&dst, blocks as usize * bb, 1);
+            for p in 0..passes {
+                if p == 0 {
+                    save_pass(&m, &engine, shape, per_thread, false)?;
+                    let all: Vec<u64> = (0..blocks).map(hash_of).collect();
+                    for t in 0..shape.threads as u64 {
+                        let s = (t * per_thread) as usize;
+                        m.promote(1, &all[s..s + per_thread as usize]);
+                    }
+                }
+                measured.push(load_pass(&m, &dst, shape, per_thread)?);
+                ceiling.push(memcpy_pass(&engine, &dst, shape, per_thread)?);
+            }
+            if m.stats().tiers[0].used_slots as u64 != blocks {
                 return Err(TransferError::Op {
                     path: kind.name().into(),
                     detail: "blocks were not all promoted to G1".into(),
@@ -684,7 +815,7 @@ fn run_point(
             let _ = std::fs::remove_file(&raw_file);
         }
     }
-    Ok(point(kind, shape, blocks, measured, ceiling))
+    Ok(point(kind, shape, blocks, measured, ceiling, via))
 }
 
 /// The sweep: every path over block sizes at the first batch/qd/threads, then batch, queue
@@ -800,11 +931,11 @@ fn human_bytes(b: u64) -> String {
 
 fn csv(points: &[Point]) -> String {
     let mut s = String::from(
-        "path,block_bytes,batch,queue_depth,threads,blocks,gbps,iops,p50_us,p99_us,ceiling,ceiling_gbps,pct_of_ceiling\n",
+        "path,block_bytes,batch,queue_depth,threads,blocks,gbps,iops,p50_us,p99_us,ceiling,ceiling_gbps,pct_of_ceiling,via\n",
     );
     for p in points {
         s += &format!(
-            "{},{},{},{},{},{},{:.4},{:.1},{:.1},{:.1},{},{:.4},{:.1}\n",
+            "{},{},{},{},{},{},{:.4},{:.1},{:.1},{:.1},{},{:.4},{:.1},{}\n",
             p.path,
             p.block_bytes,
             p.batch,
@@ -817,7 +948,8 @@ fn csv(points: &[Point]) -> String {
             p.p99_us,
             p.ceiling,
             p.ceiling_gbps,
-            p.pct_of_ceiling
+            p.pct_of_ceiling,
+            p.via
         );
     }
     s
@@ -1094,12 +1226,12 @@ pub fn run(mut args: TransferArgs) -> CliResult {
         args.passes
     );
     println!(
-        "{:<13} {:>8} {:>5} {:>4} {:>3} {:>8} {:>10} {:>10} {:>10} {:>8} {:>6}  ceiling",
+        "{:<13} {:>8} {:>5} {:>4} {:>3} {:>8} {:>10} {:>10} {:>10} {:>8} {:>6}  ceiling; timed via",
         "path", "block", "batch", "qd", "thr", "GB/s", "IOPS", "p50 us", "p99 us", "ceil", "%ceil"
     );
     for p in &points {
         println!(
-            "{:<13} {:>8} {:>5} {:>4} {:>3} {:>8.2} {:>10.0} {:>10.1} {:>10.1} {:>8.2} {:>5.0}%  {}",
+            "{:<13} {:>8} {:>5} {:>4} {:>3} {:>8.2} {:>10.0} {:>10.1} {:>10.1} {:>8.2} {:>5.0}%  {}; {}",
             p.path,
             human_bytes(p.block_bytes),
             p.batch,
@@ -1111,7 +1243,8 @@ pub fn run(mut args: TransferArgs) -> CliResult {
             p.p99_us,
             p.ceiling_gbps,
             p.pct_of_ceiling,
-            p.ceiling
+            p.ceiling,
+            p.via
         );
     }
     println!("{} points in {elapsed_s:.1} s", points.len());
@@ -1137,6 +1270,7 @@ mod tests {
             ceiling: "memcpy".into(),
             ceiling_gbps: gbps * 2.0,
             pct_of_ceiling: 50.0,
+            via: "in-process BlockManager".into(),
         }
     }
 
