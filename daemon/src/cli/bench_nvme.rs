@@ -73,6 +73,7 @@ impl Drop for Scratch {
             let _ = std::fs::remove_dir_all(&self.path);
         } else {
             let _ = std::fs::remove_file(self.path.join("kvplane-bench.kvp"));
+            let _ = std::fs::remove_file(self.path.join("kvplane-bench.kvp.key"));
             let _ = std::fs::remove_file(self.path.join("fio-bench.dat"));
         }
     }
@@ -231,6 +232,7 @@ pub fn run(args: NvmeArgs) -> CliResult {
                 length: 0,
                 generation: gens[i],
                 data_checksum: 0,
+                data_mac: [0; 32],
             };
             // SAFETY: the bench is the pool's only user; header and data do not overlap.
             let (page, data) = unsafe { (pool.header_mut(s), pool.data(s)) };
