@@ -364,8 +364,13 @@ pub fn open(path: &Path, spec: &OpenSpec) -> Result<Opened, PathError> {
                     at: here,
                 });
             }
-            // The final object, not a link: opened (never following) and checked.
-            _ => return open_final(&dir, &name, here, &shown, spec, euid),
+            // The final object, not a link: its type is checked before an open with the
+            // caller's flags (opening a device or FIFO can act on it), then it is opened
+            // (never following) and checked again on that descriptor.
+            _ => {
+                check_kind(&st, spec, &shown)?;
+                return open_final(&dir, &name, here, &shown, spec, euid);
+            }
         }
     }
     // Only reached when the last link target ended in `..`.
@@ -374,6 +379,26 @@ pub fn open(path: &Path, spec: &OpenSpec) -> Result<Opened, PathError> {
         &at,
         io::Error::from_raw_os_error(libc::EISDIR),
     ))
+}
+
+fn check_kind(st: &libc::stat, spec: &OpenSpec, shown: &Path) -> Result<(), PathError> {
+    if spec.kinds.iter().any(|k| k.matches(st.st_mode)) {
+        return Ok(());
+    }
+    let expected = spec
+        .kinds
+        .iter()
+        .map(|k| match k {
+            Kind::Regular => "regular file",
+            Kind::BlockDevice => "block device",
+        })
+        .collect::<Vec<_>>()
+        .join(" or ");
+    Err(PathError::Type {
+        path: shown.to_path_buf(),
+        found: type_name(st.st_mode),
+        expected,
+    })
 }
 
 /// Opens the last component relative to its checked directory with the caller's flags plus
@@ -401,22 +426,7 @@ fn open_final(
         at: resolved.clone(),
         source,
     })?;
-    if !spec.kinds.iter().any(|k| k.matches(stat.st_mode)) {
-        let expected = spec
-            .kinds
-            .iter()
-            .map(|k| match k {
-                Kind::Regular => "regular file",
-                Kind::BlockDevice => "block device",
-            })
-            .collect::<Vec<_>>()
-            .join(" or ");
-        return Err(PathError::Type {
-            path: shown.to_path_buf(),
-            found: type_name(stat.st_mode),
-            expected,
-        });
-    }
+    check_kind(&stat, spec, shown)?;
     if stat.st_uid != 0 && stat.st_uid != euid {
         return Err(PathError::Owner {
             path: shown.to_path_buf(),
