@@ -137,7 +137,16 @@ fn refuses_group_or_other_bits_and_the_wrong_type() {
     );
     assert!(e.to_string().contains(&p.display().to_string()), "{e}");
     let e = open(dir.path(), &SECRET_RW).unwrap_err();
-    assert!(matches!(e, PathError::Io { .. }), "a directory: {e}");
+    assert!(
+        matches!(
+            e,
+            PathError::Type {
+                found: "directory",
+                ..
+            }
+        ),
+        "{e}"
+    );
     let fifo = dir.path().join("fifo");
     let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
     // SAFETY: NUL-terminated path.
