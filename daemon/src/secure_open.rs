@@ -74,11 +74,25 @@ pub struct Opened {
     pub stat: libc::stat,
     /// The path as resolved (links replaced by their targets).
     pub resolved: PathBuf,
+    /// The checked directory holding it (an `O_PATH` descriptor).
+    dir: OwnedFd,
 }
 
 impl Opened {
     pub fn is_block_device(&self) -> bool {
         Kind::BlockDevice.matches(self.stat.st_mode)
+    }
+
+    /// fsyncs the directory holding the file, so a file just created survives a crash
+    /// (its directory entry is durable only then).
+    pub fn sync_dir(&self) -> io::Result<()> {
+        let d = openat(
+            self.dir.as_raw_fd(),
+            OsStr::new("."),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            0,
+        )?;
+        File::from(d).sync_all()
     }
 }
 
@@ -443,10 +457,17 @@ fn open_final(
             allowed: 0o7777 & !spec.forbidden_mode,
         });
     }
+    let dir = dir.try_clone().map_err(|source| PathError::Io {
+        path: shown.to_path_buf(),
+        op: "dup",
+        at: resolved.clone(),
+        source,
+    })?;
     Ok(Opened {
         file: File::from(fd),
         stat,
         resolved,
+        dir,
     })
 }
 

@@ -107,8 +107,11 @@ impl SlotKey {
                     op: "getrandom",
                     source,
                 })?;
-                let mut file = opened.file;
-                let r = file.write_all(&material).and_then(|()| file.sync_all());
+                let mut file = &opened.file;
+                let r = file
+                    .write_all(&material)
+                    .and_then(|()| file.sync_all())
+                    .and_then(|()| opened.sync_dir());
                 let key = SlotKey::from_material(&material);
                 material.fill(0);
                 r.map_err(|source| KeyError::Io {
