@@ -16,7 +16,7 @@ pub enum ConfigError {
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config file refused: {0}")]
-    Path(#[source] crate::secure_open::PathError),
+    Path(crate::secure_open::PathError),
     #[error("config key `{key}`: {reason}")]
     Invalid { key: String, reason: String },
 }

@@ -142,15 +142,12 @@ pub enum PathError {
         found: &'static str,
         expected: String,
     },
-    #[error(
-        "{path}: mode {mode:04o} has bits {bits:04o} set that must be clear (allowed at most \
-         {allowed:04o}); refused"
-    )]
+    #[error("{path}: mode {mode:04o}, but {rule} (bits {bits:04o} set); refused")]
     Mode {
         path: PathBuf,
         mode: u32,
         bits: u32,
-        allowed: u32,
+        rule: &'static str,
     },
 }
 
@@ -454,7 +451,11 @@ fn open_final(
             path: shown.to_path_buf(),
             mode: stat.st_mode & 0o7777,
             bits,
-            allowed: 0o7777 & !spec.forbidden_mode,
+            rule: match spec.forbidden_mode {
+                0o077 => "group and other must have no access (it holds secrets)",
+                0o022 => "group and other must not be able to write it",
+                _ => "some permission bits must be clear",
+            },
         });
     }
     let dir = dir.try_clone().map_err(|source| PathError::Io {

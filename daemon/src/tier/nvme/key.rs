@@ -23,7 +23,7 @@ const DATA_CONTEXT: &str = "kvplane 2026-12-04 NVMe slot data MAC v2";
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("NVMe slot key: {0}")]
-    Path(#[source] PathError),
+    Path(PathError),
     #[error("NVMe slot key {path}: {op}: {source}")]
     Io {
         path: PathBuf,

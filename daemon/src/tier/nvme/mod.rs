@@ -184,7 +184,7 @@ pub enum NvmeError {
     Corrupt { slot: u32, reason: String },
     /// A path refused before anything was written to it (link, owner, mode, directory).
     #[error("NVMe tier: {0}")]
-    Path(#[source] PathError),
+    Path(PathError),
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(
