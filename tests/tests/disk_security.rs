@@ -5,6 +5,7 @@
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use kvplane_ffi::{Opcode, SQE_F_WRITE_THROUGH, Status, Tier};
 use kvplane_tests::{
@@ -32,6 +33,18 @@ fn as_other_user(argv: &[&str]) {
         .status()
         .expect("setpriv (util-linux) runs");
     assert!(status.success(), "{argv:?} as uid {OTHER_UID}: {status}");
+}
+
+/// Recomputes a slot header's checksum after an edit, as an attacker who knows the public
+/// format does: format 1 sums bytes 0..64 into 64..72, format 2 bytes 0..96 into 96..104.
+/// (Handling both lets this test show the attack on the format-1 daemon too.)
+fn fix_header_checksum(page: &mut [u8]) {
+    let end = match u32::from_le_bytes(page[8..12].try_into().unwrap()) {
+        1 => 64,
+        _ => 96,
+    };
+    let sum = kvplane_kernels::checksum64(&page[..end]);
+    page[end..end + 8].copy_from_slice(&sum.to_le_bytes());
 }
 
 /// The headers of every used slot: (slot, namespace, hash, generation).
@@ -81,10 +94,6 @@ fn a_tenant_who_can_write_the_tier_cannot_plant_blocks_in_another_namespace() {
         signal(daemon.pid(), libc::SIGKILL);
         daemon.child.wait().unwrap();
     }
-    assert_eq!(
-        std::fs::metadata(&nvme).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
     // The attacker (the file's group could write it before) reads the headers: the same
     // hashes twice, the victim's copies written first (lower generations).
     let file = std::fs::OpenOptions::new()
@@ -106,8 +115,7 @@ fn a_tenant_who_can_write_the_tier_cannot_plant_blocks_in_another_namespace() {
     file.read_exact_at(&mut page, e2.0 * SLOT_BYTES).unwrap();
     page[16..20].copy_from_slice(&v2.1.to_le_bytes());
     page[48..56].copy_from_slice(&(1u64 << 40).to_le_bytes());
-    let sum = kvplane_kernels::checksum64(&page[..96]);
-    page[96..104].copy_from_slice(&sum.to_le_bytes());
+    fix_header_checksum(&mut page);
     file.write_all_at(&page, e2.0 * SLOT_BYTES).unwrap();
     // Block 4: the victim's own slot given evil's block, with every checksum recomputed.
     let (v4, e4) = copy(hashes[4]);
@@ -116,8 +124,7 @@ fn a_tenant_who_can_write_the_tier_cannot_plant_blocks_in_another_namespace() {
         .unwrap();
     file.read_exact_at(&mut page, v4.0 * SLOT_BYTES).unwrap();
     page[56..64].copy_from_slice(&kvplane_kernels::checksum64(&block).to_le_bytes());
-    let sum = kvplane_kernels::checksum64(&page[..96]);
-    page[96..104].copy_from_slice(&sum.to_le_bytes());
+    fix_header_checksum(&mut page);
     file.write_all_at(&block, v4.0 * SLOT_BYTES + 4096).unwrap();
     file.write_all_at(&page, v4.0 * SLOT_BYTES).unwrap();
     drop(file);
@@ -150,6 +157,11 @@ fn a_tenant_who_can_write_the_tier_cannot_plant_blocks_in_another_namespace() {
         log.contains("corrupt=2"),
         "both forged slots refused by the scan: {log}"
     );
+    assert_eq!(
+        std::fs::metadata(&nvme).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the tier file is the daemon's alone"
+    );
 }
 
 #[test]
@@ -172,15 +184,32 @@ fn serve_refuses_an_nvme_path_another_user_linked_and_leaves_the_target_alone() 
             link.display()
         ),
     );
-    let out = Command::new(kvplane_bin())
+    let log = dir.path().join("serve.log");
+    let mut child = Command::new(kvplane_bin())
         .args(["serve", "--config", config.to_str().unwrap(), "--socket"])
         .arg(dir.path().join("kvplane.sock"))
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started: {stderr}");
+    // It must exit at start-up; a daemon that is still up has accepted the link.
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "kvplane serve started on the planted link; the target is now {} bytes",
+                std::fs::metadata(&victim).unwrap().len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains(&link.display().to_string()) && stderr.contains("owned by uid 65534"),
         "the error names the path and the reason: {stderr}"
