@@ -15,6 +15,8 @@ pub enum ConfigError {
     },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("config file refused: {0}")]
+    Path(crate::secure_open::PathError),
     #[error("config key `{key}`: {reason}")]
     Invalid { key: String, reason: String },
 }
@@ -176,11 +178,28 @@ impl Config {
         Ok(config)
     }
 
+    /// Reads the config file. The daemon reads it as root and trusts it (paths, uids): it
+    /// is opened through [`crate::secure_open`] (no link another user planted, no
+    /// directory on the way another user can change) and must be a regular file owned by
+    /// root or the daemon's user that group and other cannot write.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        use std::io::Read;
+        let spec = crate::secure_open::OpenSpec {
+            flags: libc::O_RDONLY,
+            create_mode: 0,
+            kinds: &[crate::secure_open::Kind::Regular],
+            forbidden_mode: 0o022,
+            follow_final_link: true,
+        };
+        let mut file = crate::secure_open::open(path, &spec)
+            .map_err(ConfigError::Path)?
+            .file;
+        let mut text = String::new();
+        file.read_to_string(&mut text)
+            .map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Self::from_toml(&text, path)
     }
 
@@ -447,6 +466,9 @@ batch_size = {batch}
 direct = {direct}
 # Read and checksum every stored block at start-up (otherwise on every load).
 verify_on_scan = {verify}
+# File with the key that authenticates NVMe slots (created 0600 on first start; losing it
+# empties the NVMe cache). Unset: "<first path>.key"; required for block devices.
+# key_path = "/var/lib/kvplane/slot.key"
 
 [control]
 # Loopback TCP port for Prometheus: GET /metrics (daemon-wide aggregates: no namespace,
@@ -607,5 +629,45 @@ mod tests {
         assert!(!open.namespace_allowed("anything", 6, 5));
         assert!(c.uid_may_attach(7, 0) && !c.uid_may_attach(8, 0));
         assert!(open.uid_may_attach(5, 5) && !open.uid_may_attach(6, 5));
+    }
+
+    /// Issue 17, finding 4: the config file is read as root without following a link
+    /// another user planted, and only if no other user can write it.
+    #[test]
+    fn config_file_others_can_change_is_refused() {
+        use crate::secure_open::PathError;
+        use crate::secure_open::tests::{
+            OTHER_UID, chmod, chown, other_user_symlink, require_root, sticky_dir,
+        };
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        chmod(dir.path(), 0o755);
+        let path = dir.path().join("kvplane.toml");
+        std::fs::write(&path, "[serve]\nmax_sessions = 7\n").unwrap();
+        chmod(&path, 0o644);
+        assert_eq!(Config::load(&path).unwrap().serve.max_sessions, 7);
+        chmod(&path, 0o664);
+        let e = Config::load(&path).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Path(PathError::Mode { mode: 0o664, .. })),
+            "{e}"
+        );
+        chmod(&path, 0o644);
+        chown(&path, OTHER_UID);
+        let e = Config::load(&path).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Path(PathError::Owner { .. })),
+            "{e}"
+        );
+        chown(&path, 0);
+        // A link another user planted in a shared directory (to a file that would pass).
+        let shared = sticky_dir(dir.path(), "shared");
+        let link = shared.join("kvplane.toml");
+        other_user_symlink(&path, &link);
+        let e = Config::load(&link).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Path(PathError::UntrustedSymlink { .. })),
+            "{e}"
+        );
     }
 }

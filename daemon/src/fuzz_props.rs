@@ -11,6 +11,14 @@ use std::path::Path;
 
 use crate::config::{Config, ConfigError};
 use crate::tier::nvme::header::{HEADER_LEN, HeaderError, SlotHeader};
+use crate::tier::nvme::key::SlotKey;
+
+/// The key the slot-header property and its seeds use (a fixed one, so seeds written by
+/// `SlotHeader::encode` authenticate; the fuzzer cannot learn a key from them any more
+/// than an attacker could).
+fn fuzz_slot_key() -> SlotKey {
+    SlotKey::from_material(&[0x5a; 32])
+}
 use crate::tier::nvme::slot_bytes;
 
 /// A named seed input.
@@ -146,13 +154,15 @@ pub fn seeds_config() -> Vec<Seed> {
 ///   length is at most the maximum;
 /// - an accepted header re-encodes to the same fields it was read from and decodes back
 ///   to itself;
-/// - flipping any single bit of the 72 header bytes of an accepted header is detected.
+/// - flipping any single bit of the header bytes of an accepted header is detected (header
+///   checksum and MAC, both under the fixed key [`fuzz_slot_key`]).
 pub fn check_slot_header(data: &[u8]) -> bool {
     let (max, page) = data.split_at(data.len().min(4));
     let mut max_bytes = [0u8; 4];
     max_bytes[..max.len()].copy_from_slice(max);
     let max_length = u32::from_le_bytes(max_bytes) as usize;
-    let header = match SlotHeader::decode(page, max_length) {
+    let key = fuzz_slot_key();
+    let header = match SlotHeader::decode(page, max_length, &key) {
         Ok(h) => h,
         Err(HeaderError::Length(len)) => {
             assert!(
@@ -176,15 +186,15 @@ pub fn check_slot_header(data: &[u8]) -> bool {
         "length over the maximum accepted"
     );
     let mut encoded = vec![0u8; HEADER_LEN];
-    header.encode(&mut encoded);
+    header.encode(&mut encoded, &key);
     assert_eq!(
-        SlotHeader::decode(&encoded, max_length),
+        SlotHeader::decode(&encoded, max_length, &key),
         Ok(header),
         "decode(encode(h))"
     );
     // Every field decode reads, at the same place (reserved bytes, unknown flag bits and
     // an absent parent's word are covered by the checksum but not read back).
-    for range in [0..12, 16..20, 24..32, 40..64] {
+    for range in [0..12, 16..20, 24..32, 40..HEADER_LEN] {
         assert_eq!(
             encoded[range.clone()],
             page[range.clone()],
@@ -198,7 +208,7 @@ pub fn check_slot_header(data: &[u8]) -> bool {
         let mut flipped = encoded.clone();
         flipped[bit / 8] ^= 1 << (bit % 8);
         assert!(
-            SlotHeader::decode(&flipped, max_length).is_err(),
+            SlotHeader::decode(&flipped, max_length, &key).is_err(),
             "bit flip {bit} undetected"
         );
     }
@@ -206,14 +216,15 @@ pub fn check_slot_header(data: &[u8]) -> bool {
 }
 
 /// Headers `SlotHeader::encode` writes (chained, root, at the length limit), an empty
-/// slot, a torn header and a length over the limit. Each page is cut to its first 128
-/// bytes (decode reads 72) to keep the corpus small.
+/// slot, a torn header and a length over the limit. Each page is cut to its first 192
+/// bytes (decode reads 136) to keep the corpus small.
 pub fn seeds_slot_header() -> Vec<Seed> {
     let block = 64 << 10;
+    let key = fuzz_slot_key();
     let page_of = |max: u32, h: &SlotHeader| {
         let mut v = max.to_le_bytes().to_vec();
-        let mut page = vec![0u8; 128];
-        h.encode(&mut page);
+        let mut page = vec![0u8; 192];
+        h.encode(&mut page, &key);
         v.extend_from_slice(&page);
         v
     };
@@ -224,6 +235,7 @@ pub fn seeds_slot_header() -> Vec<Seed> {
         length: block as u64,
         generation: 17,
         data_checksum: 0x5555_aaaa_5555_aaaa,
+        data_mac: [0x3c; 32],
     };
     let root = SlotHeader {
         parent: None,
@@ -233,7 +245,7 @@ pub fn seeds_slot_header() -> Vec<Seed> {
     let mut torn = page_of(block, &chained);
     torn[4 + 36..].fill(0);
     let mut empty = block.to_le_bytes().to_vec();
-    empty.extend_from_slice(&[0u8; 128]);
+    empty.extend_from_slice(&[0u8; 192]);
     vec![
         ("seed-chained".into(), page_of(block, &chained)),
         ("seed-root".into(), page_of(block, &root)),

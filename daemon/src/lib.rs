@@ -8,6 +8,7 @@ pub mod dataplane;
 /// Properties checked by the fuzz targets in `fuzz/` and by `tests/fuzz_regressions.rs`.
 pub mod fuzz_props;
 pub mod privileges;
+pub mod secure_open;
 pub mod session;
 pub mod sim;
 pub mod tier;

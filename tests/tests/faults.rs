@@ -802,12 +802,19 @@ fn nvme_file_system_full_fails_writes_cleanly_and_the_host_tier_keeps_serving() 
     // not preallocate a file that already has its size, so disk space is taken by the slot
     // writes themselves. (A file the daemon preallocates with fallocate never sees ENOSPC
     // later: writes into reserved pages succeed even with the file system full.)
-    // O_DIRECT opens fine on tmpfs and ext4.
+    // O_DIRECT opens fine on tmpfs and ext4. Mode 0600, as the daemon requires of a tier file.
     let nvme = mnt.join("nvme.kvp");
-    std::fs::File::create(&nvme)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&nvme)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+    }
     let cfg = config(dir.path(), 16, Some((&nvme, 16 << 20)), false);
     let mut daemon = DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
     let addr = control_addr(&daemon);

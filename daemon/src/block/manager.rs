@@ -318,6 +318,7 @@ impl BlockManager {
                 blocks = scan_counts.0,
                 corrupt = scan.corrupt,
                 duplicates = scan.duplicates,
+                old_format = scan.old_format,
                 seconds = scan.seconds,
                 "NVMe index rebuilt"
             );
@@ -340,6 +341,15 @@ impl BlockManager {
 
     pub fn block_bytes(&self) -> usize {
         self.block_bytes
+    }
+
+    /// fsyncs the NVMe tier through its open descriptors (graceful stop). One entry per
+    /// failure; none without an NVMe tier.
+    pub fn flush_nvme(&self) -> Vec<(std::path::PathBuf, std::io::Error)> {
+        self.nvme
+            .as_ref()
+            .map(NvmeStore::sync_all)
+            .unwrap_or_default()
     }
 
     pub fn host_pool(&self) -> &HostPool {
@@ -530,6 +540,7 @@ impl BlockManager {
                 length: 0,
                 generation,
                 data_checksum: 0,
+                data_mac: [0; 32],
             };
             // SAFETY: the registry holds the block busy or pending (no writer of its data),
             // and only this operation writes its header page (one NVMe copy in flight);

@@ -431,10 +431,13 @@ pub fn start_for(
 /// then stop the control server (so `/status` answers until the data plane is quiet).
 pub fn shutdown(daemon: crate::session::Daemon, control: Option<ControlServer>) {
     let nvme_paths = daemon.shared().config.tiers.nvme.paths.clone();
+    let blocks = daemon.shared().dataplane.blocks().cloned();
     let t0 = Instant::now();
     daemon.shutdown();
     let sessions_s = t0.elapsed().as_secs_f64();
-    let failures = flush_nvme(&nvme_paths);
+    // Through the tier's own descriptors: reopening the paths after the privilege drop
+    // could fail (0600 files) or follow a link planted since start-up.
+    let failures = blocks.map(|b| b.flush_nvme()).unwrap_or_default();
     for (path, e) in &failures {
         tracing::error!(path = %path.display(), error = %e, "NVMe flush (fsync) failed");
     }
@@ -447,19 +450,6 @@ pub fn shutdown(daemon: crate::session::Daemon, control: Option<ControlServer>) 
     if let Some(c) = control {
         c.stop();
     }
-}
-
-/// Flushes the NVMe tier's files (data and metadata: the fallocated extents written with
-/// O_DIRECT become durable on ext4/xfs only after a journal commit) before exit.
-pub fn flush_nvme(paths: &[std::path::PathBuf]) -> Vec<(std::path::PathBuf, std::io::Error)> {
-    let mut failures = Vec::new();
-    for path in paths {
-        let r = std::fs::File::open(path).and_then(|f| f.sync_all());
-        if let Err(e) = r {
-            failures.push((path.clone(), e));
-        }
-    }
-    failures
 }
 
 fn gpu_topology() -> Result<Vec<GpuStatus>, String> {

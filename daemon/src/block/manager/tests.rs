@@ -209,11 +209,12 @@ fn restart_restores_nvme_blocks_and_corruption_is_never_served() {
             .write(true)
             .open(dir.path().join("g3.kvp"))
             .unwrap();
+        let key = crate::tier::nvme::key::SlotKey::load(&dir.path().join("g3.kvp.key")).unwrap();
         let mut found = None;
         for s in 0..16u64 {
             let mut page = vec![0u8; 4096];
             f.read_exact_at(&mut page, s * SLOT).unwrap();
-            if let Ok(h) = SlotHeader::decode(&page, BLOCK)
+            if let Ok(h) = SlotHeader::decode(&page, BLOCK, &key)
                 && h.hash == 13
             {
                 found = Some(s);
@@ -721,4 +722,103 @@ fn config_errors_name_the_key() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("blocks.block_bytes"), "{e}");
+}
+
+/// Issue 17, finding 3: an engine user with write access to the tier file rewrites a
+/// victim's slot. Neither a rewrite that keeps the block's checksum nor one that
+/// recomputes the header's checksums gets the attacker's bytes to the victim, in a running
+/// manager or after a restart.
+#[test]
+fn a_slot_rewritten_without_the_key_never_reaches_the_victim() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (b, t) = config(Some(dir.path()), 4, 16, EngineKind::Sync);
+    let c = chain(10, 4);
+    let hashes: Vec<u64> = c.iter().map(|b| b.0).collect();
+    let m = BlockManager::new(&b, &t, ManagerOptions::default()).unwrap();
+    assert_eq!(save(&m, 3, &c, true).nvme_written, 4);
+    save(&m, 9, &chain(100, 4), true); // pushes the victim's blocks out of the host tier
+    let mut tiers = [Tier::None; 4];
+    assert_eq!(m.lookup(3, &hashes, &mut tiers), 4);
+    assert_eq!(tiers, [Tier::Nvme; 4]);
+
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&t.nvme.paths[0])
+        .unwrap();
+    // The attacker reads the unauthenticated fields to find the victim's slots.
+    let slot_of = |hash: u64| {
+        (0..16u64)
+            .find(|s| {
+                let mut page = [0u8; 32];
+                f.read_exact_at(&mut page, s * SLOT).unwrap();
+                page[16..20] == 3u32.to_le_bytes() && page[24..32] == hash.to_le_bytes()
+            })
+            .expect("victim slot on disk")
+    };
+    let attacker = vec![0xeeu8; BLOCK];
+    let mut forged = attacker.clone();
+    let s12 = slot_of(12);
+    let mut original = vec![0u8; BLOCK];
+    f.read_exact_at(&mut original, s12 * SLOT + 4096).unwrap();
+    crate::tier::nvme::tests::keep_checksum(&original, &mut forged);
+    f.write_all_at(&forged, s12 * SLOT + 4096).unwrap();
+
+    let victim_load = |m: &BlockManager| {
+        m.load(1, 3, &hashes, |i, bytes: &[u8]| {
+            assert_ne!(
+                bytes,
+                &forged[..],
+                "the attacker's block reached the victim"
+            );
+            assert_eq!(bytes, &expect(3, hashes[i])[..], "block {i}");
+            Ok::<(), std::io::Error>(())
+        })
+        .unwrap()
+    };
+    let r = victim_load(&m);
+    assert_eq!(r.loaded, 2, "blocks 10 and 11 served");
+    assert!(
+        matches!(&r.failure, Some((2, LoadFailure::Corrupt(e))) if e.to_string().contains("data MAC")),
+        "{:?}",
+        r.failure
+    );
+    assert_eq!(
+        m.lookup(3, &hashes, &mut tiers),
+        2,
+        "the rewritten copy is gone"
+    );
+    m.check_invariants().unwrap();
+    drop(m);
+
+    // Offline, the attacker now rewrites block 13 and fixes up every checksum it can.
+    let s13 = slot_of(13);
+    let mut page = vec![0u8; 4096];
+    f.read_exact_at(&mut page, s13 * SLOT).unwrap();
+    f.write_all_at(&attacker, s13 * SLOT + 4096).unwrap();
+    page[56..64].copy_from_slice(&kvplane_kernels::checksum64(&attacker).to_le_bytes());
+    let sum = kvplane_kernels::checksum64(&page[..96]);
+    page[96..104].copy_from_slice(&sum.to_le_bytes());
+    f.write_all_at(&page, s13 * SLOT).unwrap();
+    drop(f);
+    let m = BlockManager::new(&b, &t, ManagerOptions::default()).unwrap();
+    assert_eq!(
+        m.stats().nvme_scan_corrupt,
+        1,
+        "refused by the restart's scan"
+    );
+    let r = victim_load(&m);
+    assert_eq!(r.loaded, 2);
+    assert!(
+        matches!(r.failure, Some((2, LoadFailure::Missing))),
+        "{:?}",
+        r.failure
+    );
+    assert_eq!(
+        m.lookup(3, &hashes[3..], &mut tiers[..1]),
+        0,
+        "13 not indexed"
+    );
+    m.check_invariants().unwrap();
 }

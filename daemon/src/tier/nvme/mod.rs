@@ -5,15 +5,22 @@
 //! by the block, both 4 KiB aligned, written with one I/O from the host pool (whose slots
 //! carry the same header page). On open, a scan reads every header and rebuilds the index;
 //! a torn or corrupt slot is counted, tombstoned and freed, and never served.
+//!
+//! The tier's data are tenants' prompts and must be both secret and authentic: paths are
+//! opened through [`crate::secure_open`] (no link planted by another user is followed, no
+//! directory on the way can be changed by another user, files are created 0600 and an
+//! existing file or device must be the daemon's or root's with no group/other access), and
+//! every slot carries MACs under the daemon's key ([`key`]), so a slot rewritten by someone
+//! who can write the file is refused as `Corrupt`.
 
 pub mod engine;
 pub mod header;
+pub mod key;
 pub mod uring;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -21,7 +28,9 @@ use serde::Deserialize;
 
 use self::engine::{FaultInjector, FaultPlan, IoEngine, IoKind, IoOp, SyncEngine};
 use self::header::{HeaderError, SlotHeader};
+use self::key::{KeyError, SlotKey};
 use super::{ConfigError, DIRECT_ALIGN, SLOT_HEADER_BYTES, invalid, round_up};
+use crate::secure_open::{self, Kind, OpenSpec, PathError};
 
 /// Which I/O engine the NVMe tier uses.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default, serde::Serialize)]
@@ -56,6 +65,11 @@ pub struct NvmeConfig {
     /// `checksum_threads - 1` helpers for that call). The checksum runs at 1.6-2.5 GB/s per
     /// core on the development VM, below a fast disk.
     pub checksum_threads: usize,
+    /// The file holding the key that authenticates slots (32 random bytes, created 0600 on
+    /// first start). Unset: `<first path>.key` beside the first file; must be set when the
+    /// first path is a block device. Whoever can read it can forge slots: keep it on a file
+    /// system only the daemon's user can write.
+    pub key_path: Option<PathBuf>,
 }
 
 impl Default for NvmeConfig {
@@ -69,6 +83,7 @@ impl Default for NvmeConfig {
             direct: true,
             verify_on_scan: false,
             checksum_threads: 2,
+            key_path: None,
         }
     }
 }
@@ -107,6 +122,17 @@ impl NvmeConfig {
         for (i, p) in self.paths.iter().enumerate() {
             if p.as_os_str().is_empty() {
                 return Err(invalid(&format!("{key}.paths[{i}]"), "empty path"));
+            }
+        }
+        if let Some(k) = &self.key_path {
+            if k.as_os_str().is_empty() {
+                return Err(invalid(&format!("{key}.key_path"), "empty path"));
+            }
+            if self.paths.contains(k) {
+                return Err(invalid(
+                    &format!("{key}.key_path"),
+                    "is also one of the tier's paths",
+                ));
             }
         }
         Ok(())
@@ -156,6 +182,16 @@ pub enum NvmeError {
     },
     #[error("NVMe slot {slot} is corrupt: {reason}")]
     Corrupt { slot: u32, reason: String },
+    /// A path refused before anything was written to it (link, owner, mode, directory).
+    #[error("NVMe tier: {0}")]
+    Path(PathError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(
+        "tiers.nvme.key_path must be set: the first NVMe path {path} is a block device, and a \
+         key file beside it (in /dev) would not survive a reboot"
+    )]
+    KeyPathRequired { path: PathBuf },
 }
 
 impl NvmeError {
@@ -177,8 +213,10 @@ pub struct ScannedSlot {
 pub struct ScanReport {
     pub valid: Vec<ScannedSlot>,
     pub empty: u64,
-    /// Torn/corrupt slots found (and tombstoned).
+    /// Torn/corrupt slots found (and tombstoned), including slots whose MAC does not verify.
     pub corrupt: u64,
+    /// Slots in an older header format (version 1, no MAC): not indexed, tombstoned.
+    pub old_format: u64,
     /// Older copies of a key also stored in a newer slot (freed).
     pub duplicates: u64,
     pub seconds: f64,
@@ -199,6 +237,7 @@ pub struct NvmeStore {
     engine_name: String,
     registered_buffers: bool,
     checksum_threads: usize,
+    key: SlotKey,
 }
 
 /// A 4 KiB aligned heap buffer for scans and tombstones.
@@ -227,28 +266,30 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// Opens one tier path: a new file is created 0600; an existing file or device must be owned
+/// by root or the daemon's user, with no group/other access (see [`crate::secure_open`]).
+/// The checks are made on the descriptor that is then used, before anything is written.
 fn open_path(
-    path: &PathBuf,
+    path: &Path,
     capacity: u64,
     direct: bool,
     slot_bytes: usize,
-) -> Result<(File, u32), NvmeError> {
-    let existing = std::fs::metadata(path).ok();
-    let is_dev = existing
-        .as_ref()
-        .is_some_and(|m| m.file_type().is_block_device());
-    let mut opts = OpenOptions::new();
-    opts.read(true).write(true);
-    if !is_dev {
-        opts.create(true);
-    }
+) -> Result<(File, u32, bool), NvmeError> {
+    let mut flags = libc::O_RDWR | libc::O_CREAT;
     if direct {
-        opts.custom_flags(libc::O_DIRECT);
+        flags |= libc::O_DIRECT;
     }
-    let file = opts.open(path).map_err(|source| NvmeError::Open {
-        path: path.clone(),
-        source,
-    })?;
+    let spec = OpenSpec {
+        flags,
+        create_mode: 0o600,
+        kinds: &[Kind::Regular, Kind::BlockDevice],
+        forbidden_mode: 0o077,
+        // udev's stable names (/dev/disk/by-id, /dev/kvplane/...) are root's links.
+        follow_final_link: true,
+    };
+    let opened = secure_open::open(path, &spec).map_err(NvmeError::Path)?;
+    let is_dev = opened.is_block_device();
+    let file = opened.file;
     let size = if is_dev {
         let mut bytes: u64 = 0;
         const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -256,19 +297,13 @@ fn open_path(
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut bytes) };
         if rc != 0 {
             return Err(NvmeError::Open {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source: std::io::Error::last_os_error(),
             });
         }
         bytes
     } else {
-        let len = file
-            .metadata()
-            .map_err(|source| NvmeError::Open {
-                path: path.clone(),
-                source,
-            })?
-            .len();
+        let len = opened.stat.st_size as u64;
         if len < capacity {
             // SAFETY: fallocate on our fd; mode 0 allocates and extends.
             let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, capacity as libc::off_t) };
@@ -277,13 +312,13 @@ fn open_path(
                 if source.raw_os_error() == Some(libc::EOPNOTSUPP) {
                     file.set_len(capacity)
                         .map_err(|source| NvmeError::Preallocate {
-                            path: path.clone(),
+                            path: path.to_path_buf(),
                             bytes: capacity,
                             source,
                         })?;
                 } else {
                     return Err(NvmeError::Preallocate {
-                        path: path.clone(),
+                        path: path.to_path_buf(),
                         bytes: capacity,
                         source,
                     });
@@ -295,12 +330,23 @@ fn open_path(
     let slots = size / slot_bytes as u64;
     if slots == 0 {
         return Err(NvmeError::TooSmall {
-            path: path.clone(),
+            path: path.to_path_buf(),
             size,
             slot_bytes,
         });
     }
-    Ok((file, slots.min(u32::MAX as u64 / 2) as u32))
+    Ok((file, slots.min(u32::MAX as u64 / 2) as u32, is_dev))
+}
+
+/// The key file a config names: `key_path`, else `<first path>.key`.
+pub fn key_path(config: &NvmeConfig) -> Option<PathBuf> {
+    config.key_path.clone().or_else(|| {
+        config.paths.first().map(|p| {
+            let mut name = p.clone().into_os_string();
+            name.push(".key");
+            PathBuf::from(name)
+        })
+    })
 }
 
 impl NvmeStore {
@@ -316,11 +362,32 @@ impl NvmeStore {
         let slot_bytes = slot_bytes(block_bytes);
         let mut files = Vec::new();
         let mut first = vec![0u32];
-        for path in &config.paths {
-            let (file, slots) = open_path(path, config.capacity_bytes, config.direct, slot_bytes)?;
+        let mut first_is_dev = false;
+        for (i, path) in config.paths.iter().enumerate() {
+            let (file, slots, is_dev) =
+                open_path(path, config.capacity_bytes, config.direct, slot_bytes)?;
+            first_is_dev |= i == 0 && is_dev;
             files.push(file);
             first.push(first.last().copied().unwrap_or(0).saturating_add(slots));
         }
+        if config.key_path.is_none() && first_is_dev {
+            return Err(NvmeError::KeyPathRequired {
+                path: config.paths[0].clone(),
+            });
+        }
+        // Loaded here, at start-up, while the daemon may still read root's files; privileges
+        // are dropped later (cli/serve.rs).
+        let key = match key_path(config) {
+            Some(path) => {
+                let (key, created) = SlotKey::load_or_create(&path)?;
+                if created {
+                    tracing::info!(path = %path.display(), "created the NVMe slot key (0600)");
+                }
+                key
+            }
+            // No paths: a store without slots never reads or writes a header.
+            None => SlotKey::from_material(&[0; key::KEY_BYTES]),
+        };
         let fds: Arc<Vec<RawFd>> = Arc::new(files.iter().map(|f| f.as_raw_fd()).collect());
         let regions: Vec<(usize, usize)> =
             regions.into_iter().map(|(p, l)| (p as usize, l)).collect();
@@ -370,6 +437,7 @@ impl NvmeStore {
             engine_name,
             registered_buffers,
             checksum_threads: config.checksum_threads.max(1),
+            key,
         };
         let report = store.scan(config.verify_on_scan)?;
         Ok((store, report))
@@ -625,18 +693,20 @@ impl NvmeStore {
         }
     }
 
-    /// Fills a slot's header page for `header`; the length and data checksum come from
-    /// `data` (the block bytes that follow the page in the host slot).
+    /// Fills a slot's header page for `header`; the length, data checksum and data MAC come
+    /// from `data` (the block bytes that follow the page in the host slot).
     pub fn encode_header(
         &self,
         page: &mut [u8],
         data: &[u8],
         mut header: SlotHeader,
     ) -> SlotHeader {
+        let data = &data[..self.block_bytes];
         header.length = self.block_bytes as u64;
-        header.data_checksum = kvplane_kernels::checksum64(&data[..self.block_bytes]);
+        header.data_checksum = kvplane_kernels::checksum64(data);
+        header.data_mac = self.key.data_mac(data);
         page[..SLOT_HEADER_BYTES].fill(0);
-        header.encode(page);
+        header.encode(page, &self.key);
         header
     }
 
@@ -653,6 +723,7 @@ impl NvmeStore {
         let h = SlotHeader::decode(
             &slot_buf[..SLOT_HEADER_BYTES],
             self.slot_bytes - SLOT_HEADER_BYTES,
+            &self.key,
         )
         .map_err(|e| corrupt(e.to_string()))?;
         if h.namespace != namespace || h.hash != hash {
@@ -668,14 +739,38 @@ impl NvmeStore {
             )));
         }
         let data = &slot_buf[SLOT_HEADER_BYTES..SLOT_HEADER_BYTES + h.length as usize];
+        self.check_data(&h, data).map_err(corrupt)?;
+        Ok(h)
+    }
+
+    /// The data checksum (torn or failing disk), then the data MAC (tampering: a rewrite
+    /// can keep the checksum, not the MAC).
+    fn check_data(&self, h: &SlotHeader, data: &[u8]) -> Result<(), String> {
         let sum = kvplane_kernels::checksum64(data);
         if sum != h.data_checksum {
-            return Err(corrupt(format!(
+            return Err(format!(
                 "data checksum {sum:#018x} != header {:#018x} (torn or corrupt block)",
                 h.data_checksum
-            )));
+            ));
         }
-        Ok(h)
+        if !SlotKey::mac_eq(&self.key.data_mac(data), &h.data_mac) {
+            return Err(
+                "data MAC mismatch (block rewritten without this daemon's key: tampered)".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// fsyncs every file or device of the tier (data and metadata: fallocated extents
+    /// written with O_DIRECT become durable on ext4/xfs only after a journal commit) through
+    /// the descriptors opened at start-up, before exit. The paths are not opened again:
+    /// after dropping privileges the daemon may not be able to. One entry per failure.
+    pub fn sync_all(&self) -> Vec<(PathBuf, std::io::Error)> {
+        self.paths
+            .iter()
+            .zip(&self._files)
+            .filter_map(|(p, f)| f.sync_all().err().map(|e| (p.clone(), e)))
+            .collect()
     }
 
     /// Overwrites a slot's header with zeros so a dropped block does not come back after a
@@ -762,10 +857,18 @@ impl NvmeStore {
                     continue;
                 }
                 let page = &buf.slice()[i * read_len..(i + 1) * read_len];
-                match SlotHeader::decode(page, self.slot_bytes - SLOT_HEADER_BYTES) {
+                match SlotHeader::decode(page, self.slot_bytes - SLOT_HEADER_BYTES, &self.key) {
                     Err(HeaderError::Empty) => report.empty += 1,
+                    Err(HeaderError::Version(v)) if v < header::VERSION => {
+                        // Unauthenticated: nothing says who wrote it. Summarised below.
+                        report.old_format += 1;
+                        corrupt.push(s);
+                    }
                     Err(e) => {
-                        tracing::warn!(slot = s, "scan: corrupt NVMe slot dropped: {e}");
+                        // A lost key makes every slot fail: name the first few only.
+                        if report.corrupt < 16 {
+                            tracing::warn!(slot = s, "scan: corrupt NVMe slot dropped: {e}");
+                        }
                         report.corrupt += 1;
                         corrupt.push(s);
                     }
@@ -773,11 +876,8 @@ impl NvmeStore {
                         if verify_data {
                             let data =
                                 &page[SLOT_HEADER_BYTES..SLOT_HEADER_BYTES + h.length as usize];
-                            if kvplane_kernels::checksum64(data) != h.data_checksum {
-                                tracing::warn!(
-                                    slot = s,
-                                    "scan: NVMe slot with bad data checksum dropped"
-                                );
+                            if let Err(e) = self.check_data(&h, data) {
+                                tracing::warn!(slot = s, "scan: NVMe slot dropped: {e}");
                                 report.corrupt += 1;
                                 corrupt.push(s);
                                 continue;
@@ -817,6 +917,19 @@ impl NvmeStore {
             .max()
             .unwrap_or(0);
         self.generation.store(max_gen + 1, Ordering::Relaxed);
+        if report.old_format > 0 {
+            tracing::warn!(
+                slots = report.old_format,
+                "scan: NVMe slots in the old header format (version 1, no MAC) are not \
+                 trusted: not indexed, erased"
+            );
+        }
+        if report.corrupt > 16 {
+            tracing::warn!(
+                slots = report.corrupt,
+                "scan: NVMe slots dropped as corrupt (a new or replaced key file drops all)"
+            );
+        }
         self.tombstone(&corrupt);
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
@@ -824,4 +937,4 @@ impl NvmeStore {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

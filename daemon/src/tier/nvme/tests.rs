@@ -41,6 +41,7 @@ fn header(ns: u32, hash: u64, generation: u64) -> SlotHeader {
         length: 0,
         generation,
         data_checksum: 0,
+        data_mac: [0; 32],
     }
 }
 
@@ -256,4 +257,354 @@ fn config_validation_names_keys() {
     assert_eq!(c.engine, EngineKind::Sync);
     c.validate("tiers.nvme", 4096).unwrap();
     assert!(toml::from_str::<NvmeConfig>("queue_dept = 1").is_err());
+}
+
+// Finding 2, 3 and 4 of issue 17: tier files are the tenants' secret, slots are
+// authenticated, and no path another user controls is followed.
+
+use crate::secure_open::PathError;
+use crate::secure_open::tests::{
+    OTHER_UID, chmod, chown, other_user_open_errno, other_user_symlink, require_root, sticky_dir,
+};
+use kvplane_kernels::checksum::{GOLDEN, mix64};
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+fn mode_of(p: &std::path::Path) -> u32 {
+    std::fs::metadata(p).unwrap().mode() & 0o7777
+}
+
+#[test]
+fn tier_files_and_the_key_are_created_0600() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), EngineKind::Sync);
+    NvmeStore::open(&cfg, BLOCK, vec![], None).unwrap();
+    let key = dir.path().join("a.kvp.key");
+    assert_eq!(key_path(&cfg).unwrap(), key);
+    for p in [&cfg.paths[0], &cfg.paths[1], &key] {
+        let m = std::fs::metadata(p).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o600, "{}", p.display());
+        assert!(m.is_file());
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(m.uid(), unsafe { libc::geteuid() });
+    }
+    assert_eq!(std::fs::metadata(&key).unwrap().len(), 32);
+    // A restart loads the same key: the slots it wrote are still valid (see
+    // restart_rebuilds_index_sync_and_uring); a second key file is not made.
+    let before = std::fs::read(&key).unwrap();
+    NvmeStore::open(&cfg, BLOCK, vec![], None).unwrap();
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+}
+
+#[test]
+fn user_65534_cannot_read_the_tier_files_or_the_key() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o755); // only the files' own modes stand in the way
+    let cfg = config(dir.path(), EngineKind::Sync);
+    NvmeStore::open(&cfg, BLOCK, vec![], None).unwrap();
+    for p in [&cfg.paths[0], &cfg.paths[1], &dir.path().join("a.kvp.key")] {
+        assert_eq!(
+            other_user_open_errno(p),
+            libc::EACCES,
+            "uid {OTHER_UID} opened {}",
+            p.display()
+        );
+    }
+    // Control: the same user reads a 0644 file in the same directory.
+    let ctl = dir.path().join("public");
+    std::fs::write(&ctl, b"x").unwrap();
+    chmod(&ctl, 0o644);
+    assert_eq!(other_user_open_errno(&ctl), 0);
+}
+
+#[test]
+fn a_link_planted_at_the_tier_or_key_path_is_refused_and_its_target_untouched() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o755);
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"a root-owned file").unwrap();
+    chmod(&victim, 0o600);
+    let shared = sticky_dir(dir.path(), "shared");
+    let link = shared.join("g3.kvp");
+    other_user_symlink(&victim, &link);
+    let cfg = NvmeConfig {
+        paths: vec![link.clone()],
+        key_path: Some(dir.path().join("slot.key")),
+        ..config(dir.path(), EngineKind::Sync)
+    };
+    let e = NvmeStore::open(&cfg, BLOCK, vec![], None).err().unwrap();
+    assert!(
+        matches!(
+            &e,
+            NvmeError::Path(PathError::UntrustedSymlink { uid: OTHER_UID, .. })
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("g3.kvp"), "names the path: {e}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"a root-owned file");
+    assert_eq!(mode_of(&victim), 0o600);
+
+    // The key path: any link there is refused, even before a tier file is written.
+    let key_link = shared.join("slot.key");
+    other_user_symlink(&victim, &key_link);
+    let cfg = NvmeConfig {
+        paths: vec![dir.path().join("g3.kvp")],
+        key_path: Some(key_link),
+        ..cfg
+    };
+    let e = NvmeStore::open(&cfg, BLOCK, vec![], None).err().unwrap();
+    assert!(
+        matches!(
+            &e,
+            NvmeError::Key(KeyError::Path(PathError::Symlink { .. }))
+        ),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"a root-owned file");
+}
+
+#[test]
+fn existing_files_others_can_read_or_that_others_own_are_refused() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = NvmeConfig {
+        paths: vec![dir.path().join("g3.kvp")],
+        ..config(dir.path(), EngineKind::Sync)
+    };
+    let tier = &cfg.paths[0];
+    // What the daemon used to create: 0644.
+    std::fs::write(tier, b"").unwrap();
+    chmod(tier, 0o644);
+    let e = NvmeStore::open(&cfg, BLOCK, vec![], None).err().unwrap();
+    assert!(
+        matches!(&e, NvmeError::Path(PathError::Mode { mode: 0o644, .. })),
+        "{e}"
+    );
+    assert!(e.to_string().contains("g3.kvp"), "{e}");
+    assert_eq!(
+        std::fs::metadata(tier).unwrap().len(),
+        0,
+        "not preallocated"
+    );
+    chmod(tier, 0o600);
+    chown(tier, OTHER_UID);
+    let e = NvmeStore::open(&cfg, BLOCK, vec![], None).err().unwrap();
+    assert!(
+        matches!(&e, NvmeError::Path(PathError::Owner { uid: OTHER_UID, .. })),
+        "{e}"
+    );
+    chown(tier, 0);
+    NvmeStore::open(&cfg, BLOCK, vec![], None).unwrap();
+
+    // The key file: group-readable, another user's, or not 32 bytes.
+    let key = key_path(&cfg).unwrap();
+    chmod(&key, 0o640);
+    let e = NvmeStore::open(&cfg, BLOCK, vec![], None).err().unwrap();
+    assert!(
+        matches!(
+            &e,
+            NvmeError::Key(KeyError::Path(PathError::Mode { mode: 0o640, .. }))
+        ),
+        "{e}"
+    );
+    chmod(&key, 0o600);
+    chown(&key, OTHER_UID);
+    let e = NvmeStore::open(&cfg, BLOCK, vec![], None).err().unwrap();
+    assert!(
+        matches!(&e, NvmeError::Key(KeyError::Path(PathError::Owner { .. }))),
+        "{e}"
+    );
+    chown(&key, 0);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&key)
+        .unwrap()
+        .write_all_at(b"!", 32)
+        .unwrap();
+    let e = NvmeStore::open(&cfg, BLOCK, vec![], None).err().unwrap();
+    assert!(
+        matches!(&e, NvmeError::Key(KeyError::Size { size: 33, .. })),
+        "{e}"
+    );
+}
+
+/// splitmix64's finaliser undone (each step is a bijection): what lets anyone who can
+/// write a slot give any block the checksum of another.
+fn unmix64(mut x: u64) -> u64 {
+    fn inverse(a: u64) -> u64 {
+        // Newton's iteration for the inverse of an odd number modulo 2^64.
+        let mut inv = a;
+        for _ in 0..6 {
+            inv = inv.wrapping_mul(2u64.wrapping_sub(a.wrapping_mul(inv)));
+        }
+        inv
+    }
+    fn unshift(y: u64, s: u32) -> u64 {
+        let mut x = y;
+        for _ in 0..64 / s + 1 {
+            x = y ^ (x >> s);
+        }
+        x
+    }
+    x = unshift(x, 31);
+    x = x.wrapping_mul(inverse(0x94D0_49BB_1331_11EB));
+    x = unshift(x, 27);
+    x = x.wrapping_mul(inverse(0xBF58_476D_1CE4_E5B9));
+    unshift(x, 30)
+}
+
+/// Rewrites the last 8-byte word of `forged` so that its kvp checksum equals `original`'s
+/// (both a multiple of 8 bytes long, same length).
+pub(crate) fn keep_checksum(original: &[u8], forged: &mut [u8]) {
+    assert_eq!(original.len(), forged.len());
+    assert_eq!(forged.len() % 8, 0);
+    let words = forged.len() / 8;
+    let term = |w: u64, i: usize| mix64(w ^ (i as u64).wrapping_mul(GOLDEN));
+    let sum_of = |d: &[u8], n: usize| {
+        (0..n).fold(0u64, |s, i| {
+            let w = u64::from_le_bytes(d[i * 8..i * 8 + 8].try_into().unwrap());
+            s.wrapping_add(term(w, i))
+        })
+    };
+    let want = sum_of(original, words);
+    let have = sum_of(forged, words - 1);
+    let last = unmix64(want.wrapping_sub(have)) ^ ((words - 1) as u64).wrapping_mul(GOLDEN);
+    forged[(words - 1) * 8..].copy_from_slice(&last.to_le_bytes());
+    assert_eq!(
+        kvplane_kernels::checksum64(forged),
+        kvplane_kernels::checksum64(original),
+        "forged block keeps the checksum"
+    );
+}
+
+#[test]
+fn unmix64_inverts_mix64() {
+    for x in [0u64, 1, 42, u64::MAX, GOLDEN, 0x0123_4567_89ab_cdef] {
+        assert_eq!(unmix64(mix64(x)), x);
+        assert_eq!(mix64(unmix64(x)), x);
+    }
+}
+
+#[test]
+fn rewritten_slots_are_refused_as_corrupt_at_load_and_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(16);
+    let cfg = config(dir.path(), EngineKind::Sync);
+    let (store, _) = NvmeStore::open(&cfg, BLOCK, vec![], None).unwrap();
+    let gens = write_blocks(&store, &p, 4); // namespace 3, hashes 1000..=1003, slots 0..=3
+    let sb = slot_bytes(BLOCK) as u64;
+    // The attacker can read and write the file (as the daemon's group could before), knows
+    // the format and the checksum, but not the key.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&cfg.paths[0])
+        .unwrap();
+    let attacker: Vec<u8> = (0..BLOCK).map(|i| (i as u8) ^ 0xa5).collect();
+    let read = |off: u64, len: usize| {
+        let mut v = vec![0u8; len];
+        f.read_exact_at(&mut v, off).unwrap();
+        v
+    };
+    // (a) Slot 0: the attacker's block, data checksum and header checksum recomputed, the
+    // MACs left as they were.
+    let mut page = read(0, 4096);
+    f.write_all_at(&attacker, 4096).unwrap();
+    page[56..64].copy_from_slice(&kvplane_kernels::checksum64(&attacker).to_le_bytes());
+    let sum = kvplane_kernels::checksum64(&page[..96]);
+    page[96..104].copy_from_slice(&sum.to_le_bytes());
+    f.write_all_at(&page, 0).unwrap();
+    // (b) Slot 1: the attacker's block made to keep the old data checksum; header untouched.
+    let mut forged_b = attacker.clone();
+    keep_checksum(&read(sb + 4096, BLOCK), &mut forged_b);
+    f.write_all_at(&forged_b, sb + 4096).unwrap();
+    // (c) Slot 5 (empty): a complete slot for namespace 3 with a newer generation, sealed
+    // with a key of the attacker's choosing.
+    let guess = SlotKey::from_material(&[0; 32]);
+    let mut page = vec![0u8; 4096];
+    SlotHeader {
+        namespace: 3,
+        hash: 1002,
+        parent: Some(1002 ^ 1),
+        length: BLOCK as u64,
+        generation: 1 << 40,
+        data_checksum: kvplane_kernels::checksum64(&attacker),
+        data_mac: guess.data_mac(&attacker),
+    }
+    .encode(&mut page, &guess);
+    f.write_all_at(&page, 5 * sb).unwrap();
+    f.write_all_at(&attacker, 5 * sb + 4096).unwrap();
+    drop(f);
+
+    // At load, in the running store: refused as Corrupt, whatever the registry expects.
+    let load = |store: &NvmeStore, slot: u32, hash: u64, generation: u64| {
+        let mut results = vec![];
+        // SAFETY: the test owns the pool.
+        unsafe { store.read_slots(&[(slot, p.slot_ptr(slot))], &mut results) };
+        results[0].as_ref().unwrap();
+        // SAFETY: as above; the read completed.
+        store.verify(slot, unsafe { p.full_mut(slot) }, 3, hash, generation)
+    };
+    let reason = |r: Result<SlotHeader, NvmeError>| match r {
+        Err(NvmeError::Corrupt { reason, .. }) => reason,
+        other => panic!("expected Corrupt, got {other:?}"),
+    };
+    assert!(reason(load(&store, 0, 1000, gens[0])).contains("header MAC"));
+    assert!(reason(load(&store, 1, 1001, gens[1])).contains("data MAC"));
+    assert!(reason(load(&store, 5, 1002, 1 << 40)).contains("header MAC"));
+    load(&store, 2, 1002, gens[2]).unwrap();
+    drop(store);
+
+    // After a restart: the header scan refuses (a) and (c); (b)'s header is genuine, so it
+    // is indexed, and its load is refused.
+    let (store, report) = NvmeStore::open(&cfg, BLOCK, vec![], None).unwrap();
+    let slots: Vec<u32> = report.valid.iter().map(|v| v.slot).collect();
+    assert_eq!(slots, vec![1, 2, 3], "{report:?}");
+    assert_eq!(report.corrupt, 2);
+    let g2 = report.valid.iter().find(|v| v.slot == 2).unwrap();
+    assert_eq!(g2.header.generation, gens[2], "the forged newer copy lost");
+    assert!(reason(load(&store, 1, 1001, gens[1])).contains("data MAC"));
+    drop(store);
+    // With verify_on_scan the rewritten block is refused at start-up too.
+    let cfg = NvmeConfig {
+        verify_on_scan: true,
+        ..cfg
+    };
+    let (_store, report) = NvmeStore::open(&cfg, BLOCK, vec![], None).unwrap();
+    let slots: Vec<u32> = report.valid.iter().map(|v| v.slot).collect();
+    assert_eq!(slots, vec![2, 3]);
+    assert_eq!(report.corrupt, 1);
+}
+
+#[test]
+fn old_format_slots_are_not_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(16);
+    let cfg = config(dir.path(), EngineKind::Sync);
+    let (store, _) = NvmeStore::open(&cfg, BLOCK, vec![], None).unwrap();
+    write_blocks(&store, &p, 2);
+    drop(store);
+    // Slot 1 as the version 1 format wrote it (checksum at 64, no MAC).
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cfg.paths[0])
+        .unwrap();
+    let mut page = vec![0u8; 4096];
+    page[0..8].copy_from_slice(&header::MAGIC.to_le_bytes());
+    page[8..12].copy_from_slice(&1u32.to_le_bytes());
+    page[16..20].copy_from_slice(&3u32.to_le_bytes());
+    page[24..32].copy_from_slice(&1001u64.to_le_bytes());
+    page[40..48].copy_from_slice(&(BLOCK as u64).to_le_bytes());
+    let sum = kvplane_kernels::checksum64(&page[..64]);
+    page[64..72].copy_from_slice(&sum.to_le_bytes());
+    f.write_all_at(&page, slot_bytes(BLOCK) as u64).unwrap();
+    drop(f);
+    let (_store, report) = NvmeStore::open(&cfg, BLOCK, vec![], None).unwrap();
+    assert_eq!(report.valid.len(), 1);
+    assert_eq!((report.old_format, report.corrupt), (1, 0));
+    drop(_store);
+    let (_store, report) = NvmeStore::open(&cfg, BLOCK, vec![], None).unwrap();
+    assert_eq!(report.old_format, 0, "erased at the first scan");
+    assert_eq!(report.empty, 15);
 }
