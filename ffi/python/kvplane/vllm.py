@@ -49,7 +49,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 import kvplane
 from kvplane import hashing
 
-logger = logging.getLogger("kvplane.vllm")
+# Under "vllm." so it goes through vLLM's own logging configuration.
+logger = logging.getLogger("vllm.kvplane")
 
 DEFAULT_STAGING_BLOCKS = 256
 DEFAULT_OP_TIMEOUT_MS = 5000
