@@ -217,8 +217,8 @@ class StagingRegion:
         self.bytes = g.num_layers * pages * g.layer_block_bytes
         self.fd = kvplane.sealed_memfd("kvplane-vllm-staging", self.bytes)
         self._map = mmap.mmap(self.fd, self.bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        flat = torch.frombuffer(self._map, dtype=torch.uint8)
-        self.view = flat.view(g.num_layers, pages, g.layer_block_bytes)
+        flat = torch.frombuffer(self._map, dtype=torch.uint8).view(g.word)
+        self.view = flat.view(g.num_layers, pages, -1)
         self.ranges = _Ranges(pages)
 
     def layout(self):
@@ -264,6 +264,16 @@ class Geometry:
     @property
     def block_bytes(self):
         return self.num_layers * self.layer_block_bytes
+
+    @property
+    def word(self):
+        """Element type the copies move: 8-byte words where the block allows (torch's
+        index_select/index_copy cost is per element)."""
+        return torch.int64 if self.layer_block_bytes % 8 == 0 else torch.uint8
+
+    def block_view(self, kv):
+        """vLLM's per-layer tensor as [num_blocks, words of one block]."""
+        return kv.view(kv.shape[0], -1).view(torch.uint8).view(self.word).view(kv.shape[0], -1)
 
 
 def host_geometry(kv_caches, block_tokens, kv_heads, head_size):
@@ -557,7 +567,7 @@ class KvplaneConnector(KVConnectorBase_V1):
             logger.error("kvplane: %s; the connector is off for this engine", e)
             return
         self._layers = list(kv_caches)
-        self._kv_u8 = [t.view(t.shape[0], -1).view(torch.uint8) for t in kv_caches.values()]
+        self._kv_u8 = [self._geometry.block_view(t) for t in kv_caches.values()]
         logger.info("kvplane: registered %d KV layers, %d bytes per block, staging %d blocks",
                     len(self._layers), self._geometry.block_bytes, self._staging_blocks)
         self._connect()
