@@ -73,7 +73,7 @@ def namespace_name(model, lora_name=None, salt=None):
         name += ":%08x" % (xxhash.xxh3_64_intdigest(salt.encode()) & 0xFFFFFFFF)
     if len(name) > _NS_MAX:
         digest = "%016x" % xxhash.xxh3_64_intdigest(f"{model}\0{lora_name}\0{salt}".encode())
-        name = name[: _NS_MAX - 17] + "~" + digest
+        name = name[: _NS_MAX - 17] + "-" + digest
     return name
 
 
