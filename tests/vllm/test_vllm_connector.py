@@ -195,8 +195,10 @@ def test_vllm_on_kvplane(work):
             "ttft_mean_ms": round(ttft_ms(r), 1),
             "generate_s": round(r["generate_s"], 2),
             "connector": {k: r["worker_stats"][k] for k in
-                          ("loaded_blocks", "saved_blocks", "load_failed_blocks", "copy_s", "copied_bytes")}
+                          ("loaded_blocks", "saved_blocks", "load_failed_blocks", "copy_s", "copied_bytes",
+                           "load_wait_s", "save_submit_s")}
             if "worker_stats" in r else None,
+            "lookup_s": r["scheduler_stats"]["lookup_s"] if "scheduler_stats" in r else None,
         }
     (OUT / "figures.json").write_text(json.dumps(figures, indent=1))
     print(json.dumps(figures, indent=1))

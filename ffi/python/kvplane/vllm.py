@@ -309,8 +309,9 @@ class _Stats:
         self.lookups = self.lookup_hit_blocks = 0
         self.loaded_blocks = self.load_failed_blocks = 0
         self.saved_blocks = self.save_skipped_blocks = self.save_failed_blocks = 0
-        self.copy_s = 0.0
+        self.copy_s = 0.0  # staging copies, both directions
         self.copied_bytes = 0
+        self.lookup_s = self.load_wait_s = self.save_submit_s = 0.0  # time in daemon ops
         self.disconnects = self.attach_failures = 0
 
     def as_dict(self):
@@ -362,6 +363,7 @@ class KvplaneConnector(KVConnectorBase_V1):
         self._kv_u8 = []
         self._geometry = None
         self._staging = None
+        self._staging_attached = False
         self._disabled = None
         self._load_errors = set()
         self._pending_saves = []  # (batch, staging start) copied this step
@@ -384,14 +386,18 @@ class KvplaneConnector(KVConnectorBase_V1):
                 if not self._layers:
                     return False
                 # A new region for each session: ops of a dead session can never touch
-                # the pages of a live one.
-                if self._staging is not None:
+                # the pages of a live one. (One that no session saw is kept.)
+                if self._staging is not None and self._staging_attached:
                     self._staging.close()
-                self._staging = StagingRegion(self._geometry, self._staging_blocks)
+                    self._staging = None
+                if self._staging is None:
+                    self._staging = StagingRegion(self._geometry, self._staging_blocks)
+                    self._staging_attached = False
                 s = _Session(self._socket, self._namespaces, self._staging.fd, self._staging.bytes,
                              arena_bytes=_arena_bytes(self._staging_blocks))
                 lay = self._staging.layout()
                 ud, _ = s.submit(kvplane.OP_ATTACH_LAYOUT, arg=bytes(lay))
+                self._staging_attached = True
                 c = s.wait_for(ud, self._timeout_ms)
                 if c.status != kvplane.OK:
                     s.close()
@@ -405,8 +411,9 @@ class KvplaneConnector(KVConnectorBase_V1):
         except (kvplane.KvplaneError, OSError) as e:
             self.stats.attach_failures += 1
             self._once(("attach", self._socket), logging.WARNING,
-                       "kvplane: cannot attach to %s (%s): vLLM runs without the KV cache "
-                       "and retries every %.0f s", self._socket, e, self._reconnect_s)
+                       "kvplane: %s cannot attach to %s (%s): vLLM runs without the KV cache "
+                       "and retries every %.0f s", self.role.name.lower(), self._socket, e,
+                       self._reconnect_s)
             return False
         self._session = s
         self._once.__init__()  # log the next failure again
@@ -418,8 +425,8 @@ class KvplaneConnector(KVConnectorBase_V1):
         """The session failed: drop it; what was in flight is lost, never used."""
         self.stats.disconnects += 1
         self._once(("lost",), logging.WARNING,
-                   "kvplane: daemon session lost (%s): recomputing what cannot be loaded, "
-                   "retrying every %.0f s", err, self._reconnect_s)
+                   "kvplane: %s daemon session lost (%s): recomputing what cannot be loaded, "
+                   "retrying every %.0f s", self.role.name.lower(), err, self._reconnect_s)
         if self._session is not None:
             self._session.close()
         self._session = None
@@ -478,10 +485,12 @@ class KvplaneConnector(KVConnectorBase_V1):
             if max_blocks > 0 and self._connect():
                 hashes = self._hashes_upto(st, prompt, max_blocks)
                 batch = BlockBatch(st.ns_id, hashes, [0] + hashes[:-1], [0] * len(hashes))
+                t0 = time.perf_counter()
                 try:
                     ud, _ = self._session.submit(kvplane.OP_LOOKUP, st.ns_id,
                                                  _block_op_bytes(batch, batch.block_ids), len(hashes))
                     c = self._session.wait_for(ud, self._timeout_ms)
+                    self.stats.lookup_s += time.perf_counter() - t0
                     if c.status == kvplane.OK and c.blocks <= len(hashes):
                         hits = c.blocks
                     else:
@@ -631,11 +640,13 @@ class KvplaneConnector(KVConnectorBase_V1):
                 return
             part = BlockBatch(batch.ns_id, batch.hashes[done:done + chunk],
                               batch.parents[done:done + chunk], batch.block_ids[done:done + chunk])
+            t0 = time.perf_counter()
             try:
                 ud, _ = self._session.submit(kvplane.OP_LOAD, batch.ns_id,
                                              _block_op_bytes(part, range(start, start + chunk)),
                                              chunk, flags=kvplane.SQE_F_PREFIX_ONLY)
                 c = self._session.wait_for(ud, self._timeout_ms)
+                self.stats.load_wait_s += time.perf_counter() - t0
             except kvplane.KvplaneError as e:
                 self._lost(e)
                 self._fail_load(batch, done, str(e))
@@ -701,9 +712,11 @@ class KvplaneConnector(KVConnectorBase_V1):
             if self._session is None:
                 self.stats.save_skipped_blocks += n
                 continue
+            t0 = time.perf_counter()
             try:
                 ud, _ = self._session.submit(kvplane.OP_SAVE, batch.ns_id,
                                              _block_op_bytes(batch, range(start, start + n)), n)
+                self.stats.save_submit_s += time.perf_counter() - t0
             except kvplane.KvplaneError as e:
                 self._lost(e)
                 self.stats.save_skipped_blocks += sum(len(b.hashes) for b, _ in pending[i:])
