@@ -18,13 +18,14 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from daemon import Daemon  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "target" / "vllm-test"
@@ -49,47 +50,6 @@ def prompts():
     r = random.Random(7)
     prefix = [r.randrange(3, 1024) for _ in range(384)]
     return [prefix + [r.randrange(3, 1024) for _ in range(200 + 13 * i)] for i in range(8)]
-
-
-def kvplane_bin():
-    for profile in ("debug", "release"):
-        p = ROOT / "target" / profile / "kvplane"
-        if p.exists():
-            return p
-    pytest.fail("target/*/kvplane not built (cargo build -p kvplane-daemon)")
-
-
-class Daemon:
-    def __init__(self, work):
-        self.socket = work / "kvplane.sock"
-        cfg = work / "kvplane.toml"
-        cfg.write_text(
-            f"[blocks]\nblock_bytes = {BLOCK_BYTES}\n"
-            "[tiers.host]\ncapacity_bytes = 134217728\nlock = false\nhugepages = \"never\"\n"
-            "touch_threads = 1\n[control]\nmetrics_addr = \"\"\n")
-        self.log = work / "daemon.log"
-        self.proc = subprocess.Popen(
-            [str(kvplane_bin()), "serve", "--config", str(cfg), "--socket", str(self.socket)],
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"kvplane serve exited:\n{self.log.read_text()}"
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(self.socket))
-                return
-            except OSError:
-                time.sleep(0.05)
-        pytest.fail(f"kvplane serve did not listen:\n{self.log.read_text()}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
 
 
 def run_engine(work, name, socket_path=None, kill_pid=None):
@@ -142,7 +102,7 @@ def test_vllm_on_kvplane(work):
     base = run_engine(work, "baseline")
     assert len(base["outputs"]) == n and all(len(o) == 16 for o in base["outputs"])
 
-    daemon = Daemon(work)
+    daemon = Daemon(work, BLOCK_BYTES)
     try:
         a = run_engine(work, "engine_a", daemon.socket)
         assert a["outputs"] == base["outputs"], "engine A's outputs differ from the baseline"

@@ -113,6 +113,10 @@ def _block_op_bytes(batch, engine_pages):
     return bytes(ops)
 
 
+class RingFull(kvplane.KvplaneError):
+    """The submission ring is full: back pressure, not a failed session."""
+
+
 class _Session:
     """One daemon session and its queue pair, used from one thread."""
 
@@ -128,9 +132,10 @@ class _Session:
     def submit(self, opcode, ns_id=0, arg=b"", count=0, flags=0):
         """Queue one op (its argument copied into the arena) and return its user data.
 
-        The arena is used as a ring of argument slots; the daemon copies an argument out
-        before it completes the op, and at most 256 ops are in flight, so a slot is free
-        again once its op completed (the caller waits before reusing the ring).
+        The arena is used as a ring of argument slots. The daemon takes submissions of a
+        queue pair in order and copies each argument out when it takes it, so a slot can
+        be reused once the bytes submitted after it exceed what may still be waiting in
+        the ring; the arena is sized for that (`_arena_bytes`).
         """
         arg = bytes(arg)
         size = max(len(arg), 1)
@@ -147,7 +152,7 @@ class _Session:
         sqe = kvplane.Sqe(user_data=ud, opcode=opcode, flags=flags, namespace_id=ns_id,
                           arg_offset=off, arg_len=len(arg), count=count)
         if self.queue.submit([sqe]) != 1:
-            raise kvplane.KvplaneError("submission ring full")
+            raise RingFull("submission ring full")
         return ud, off
 
     def wait_for(self, ud, timeout_ms):
@@ -633,8 +638,12 @@ class KvplaneConnector(KVConnectorBase_V1):
             return
         done = 0
         while done < n:
-            start = self._staging.ranges.alloc(min(n - done, self._staging_blocks))
             chunk = min(n - done, self._staging_blocks)
+            start = self._staging.ranges.alloc(chunk)
+            if start is None and self._inflight:
+                # Saves hold the pages: a load is worth waiting for them (bounded).
+                self._drain_saves()
+                start = self._staging.ranges.alloc(chunk) if self._session is not None else None
             if start is None:
                 self._fail_load(batch, done, "staging region full")
                 return
@@ -667,6 +676,20 @@ class KvplaneConnector(KVConnectorBase_V1):
                 self._fail_load(batch, done + landed, reason)
                 return
             done += chunk
+
+    def _drain_saves(self):
+        deadline = time.monotonic() + self._timeout_ms / 1000
+        while self._inflight and self._session is not None:
+            if time.monotonic() >= deadline:
+                self._lost(kvplane.KvplaneError(f"SAVEs not completed in {self._timeout_ms} ms"))
+                return
+            try:
+                for c in self._session.queue.wait(timeout_ms=max(1, int((deadline - time.monotonic()) * 1000))):
+                    self._session._early[c.user_data] = c
+            except kvplane.KvplaneError as e:
+                self._lost(e)
+                return
+            self._reap()
 
     def _fail_load(self, batch, first_failed, reason):
         failed = batch.block_ids[first_failed:]
@@ -717,6 +740,12 @@ class KvplaneConnector(KVConnectorBase_V1):
                 ud, _ = self._session.submit(kvplane.OP_SAVE, batch.ns_id,
                                              _block_op_bytes(batch, range(start, start + n)), n)
                 self.stats.save_submit_s += time.perf_counter() - t0
+            except RingFull:
+                self._staging.ranges.release(start, n)
+                self.stats.save_skipped_blocks += n
+                self._once(("ring-full",), logging.WARNING,
+                           "kvplane: submission ring full: saves skipped while the daemon catches up")
+                continue
             except kvplane.KvplaneError as e:
                 self._lost(e)
                 self.stats.save_skipped_blocks += sum(len(b.hashes) for b, _ in pending[i:])
