@@ -18,9 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-# One process: the scheduler and the worker (and so both connector roles) live here,
-# which lets the kill hook and the stats below reach them.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# One process by default: the scheduler and the worker (and so both connector roles) live
+# here, which lets the kill hook and the stats below reach them. --multiprocess keeps
+# vLLM's default (the engine core in a child process, as `vllm serve` runs it).
+MULTIPROCESS = "--multiprocess" in sys.argv
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if MULTIPROCESS else "0"
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ffi" / "python"))
 
 
@@ -56,6 +58,7 @@ def main():
     ap.add_argument("--staging-blocks", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--multiprocess", action="store_true", help="vLLM's default process layout")
     args = ap.parse_args()
 
     t0 = time.monotonic()
@@ -79,7 +82,9 @@ def main():
     init_s = time.monotonic() - t0
 
     sched_conn = worker_conn = None
-    if args.socket:
+    if args.kill_daemon_pid and args.multiprocess:
+        ap.error("--kill-daemon-pid needs the in-process engine")
+    if args.socket and not args.multiprocess:
         from vllm.distributed.kv_transfer import get_kv_transfer_group
 
         worker_conn = get_kv_transfer_group()
