@@ -33,7 +33,6 @@ import ctypes
 import logging
 import mmap
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -355,7 +354,6 @@ class KvplaneConnector(KVConnectorBase_V1):
         self.stats = _Stats()
         self._session = None
         self._next_attach = 0.0
-        self._lock = threading.Lock()
         if self._kv_transfer_config.kv_load_failure_policy != "recompute":
             logger.warning("kvplane: kv_load_failure_policy is %r: a block that fails to load "
                            "fails its request; set \"recompute\" to recompute it instead",
@@ -400,10 +398,13 @@ class KvplaneConnector(KVConnectorBase_V1):
                     self._staging_attached = False
                 s = _Session(self._socket, self._namespaces, self._staging.fd, self._staging.bytes,
                              arena_bytes=_arena_bytes(self._staging_blocks))
-                lay = self._staging.layout()
-                ud, _ = s.submit(kvplane.OP_ATTACH_LAYOUT, arg=bytes(lay))
-                self._staging_attached = True
-                c = s.wait_for(ud, self._timeout_ms)
+                self._staging_attached = True  # the daemon mapped it at attach
+                try:
+                    ud, _ = s.submit(kvplane.OP_ATTACH_LAYOUT, arg=bytes(self._staging.layout()))
+                    c = s.wait_for(ud, self._timeout_ms)
+                except kvplane.KvplaneError:
+                    s.close()
+                    raise
                 if c.status != kvplane.OK:
                     s.close()
                     self._disabled = (f"the daemon refused the KV layout "
@@ -541,6 +542,7 @@ class KvplaneConnector(KVConnectorBase_V1):
             elif new_ids is not None:
                 st.block_ids.extend(new_ids[0])
             steps.append((st, cached.num_computed_tokens[i]))
+        saving = set()  # (namespace, hash) saved this step: requests sharing a prefix
         for st, computed in steps:
             rid = st.request.request_id
             if st.load is not None:
@@ -556,10 +558,16 @@ class KvplaneConnector(KVConnectorBase_V1):
             if full > st.in_daemon:
                 hashes = self._hashes_upto(st, st.request.all_token_ids, full)
                 first = st.in_daemon
-                meta.saves.append(BlockBatch(
-                    st.ns_id, hashes[first:full],
-                    ([hashes[first - 1]] if first else [0]) + hashes[first:full - 1],
-                    st.block_ids[first:full], rid))
+                # Chained hashes: a block saved by another request this step has all its
+                # predecessors saved too, so only a leading run can be shared.
+                while first < full and (st.ns_id, hashes[first]) in saving:
+                    first += 1
+                saving.update((st.ns_id, h) for h in hashes[first:full])
+                if first < full:
+                    meta.saves.append(BlockBatch(
+                        st.ns_id, hashes[first:full],
+                        ([hashes[first - 1]] if first else [0]) + hashes[first:full - 1],
+                        st.block_ids[first:full], rid))
                 st.in_daemon = full
         return meta
 
