@@ -11,7 +11,8 @@ sys.path.insert(0, str(ROOT / "ffi" / "python"))
 
 from kvplane import hashing  # noqa: E402
 
-VECTORS = ROOT.parent / "shared" / "vectors" / "dynamo_chained_hash.json"
+# The router's checked-in copy of ../shared/vectors/dynamo_chained_hash.json.
+VECTORS = ROOT / "router" / "tests" / "data" / "dynamo_chained_hash.json"
 
 
 def cases():
