@@ -78,6 +78,14 @@ def test_save_then_load_roundtrip():
             miss = BlockBatch(0, other, [0], [0])
             ud, _ = s.submit(kvplane.OP_LOAD, 0, _block_op_bytes(miss, [0]), 1, flags=kvplane.SQE_F_PREFIX_ONLY)
             assert s.wait_for(ud, 5000).blocks == 0
+            # A block gone between LOOKUP and LOAD (dropped here): PREFIX_ONLY completes OK
+            # with the leading blocks only; the connector copies those and reports the rest.
+            ud, _ = s.submit(kvplane.OP_DROP, 0, _block_op_bytes(BlockBatch(0, hashes[2:3], parents[2:3], [0]), [0]), 1)
+            assert s.wait_for(ud, 5000).status == kvplane.OK
+            ud, _ = s.submit(kvplane.OP_LOAD, 0, _block_op_bytes(batch, range(0, 5)), 5,
+                             flags=kvplane.SQE_F_PREFIX_ONLY)
+            c = s.wait_for(ud, 5000)
+            assert (c.status, c.blocks) == (kvplane.OK, 2)
             s.close()
         finally:
             daemon.stop()
