@@ -10,3 +10,5 @@ cargo build --workspace --locked
 cargo test --workspace --locked
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
     cargo test --locked --release -p kvplane-shm --test loom_doorbell
+# The vLLM KV connector against real vLLM (installs vLLM's CPU build on first use).
+scripts/test-vllm.sh

@@ -59,7 +59,24 @@ class Stats(ctypes.Structure):
     ]
 
 
-_MIRRORS = {"kvp_sqe": Sqe, "kvp_cqe": Cqe, "kvp_block_op": BlockOp, "kvp_stats": Stats}
+MAX_LAYERS = 256
+SQE_F_PREFIX_ONLY = 1 << 0
+
+
+class KvLayout(ctypes.Structure):
+    """kvp_kv_layout: a strided description of the registered KV buffer's pages."""
+    _fields_ = [
+        ("num_layers", ctypes.c_uint32), ("kv_planes", ctypes.c_uint32),
+        ("page_tokens", ctypes.c_uint32), ("kv_heads", ctypes.c_uint32),
+        ("head_bytes", ctypes.c_uint32), ("dtype_bytes", ctypes.c_uint32),
+        ("num_pages", ctypes.c_uint64), ("page_stride_bytes", ctypes.c_uint64),
+        ("token_stride_bytes", ctypes.c_uint64), ("head_stride_bytes", ctypes.c_uint64),
+        ("buffer_bytes", ctypes.c_uint64), ("plane_offset", (ctypes.c_uint64 * MAX_LAYERS) * 2),
+    ]
+
+
+_MIRRORS = {"kvp_sqe": Sqe, "kvp_cqe": Cqe, "kvp_block_op": BlockOp, "kvp_stats": Stats,
+            "kvp_kv_layout": KvLayout}
 
 
 class KvplaneError(RuntimeError):
@@ -160,6 +177,11 @@ class Queue:
         n = _check(self._lib, self._lib.kvp_queue_wait(self._h, out, max_completions, timeout_ms), "wait")
         return list(out[:n])
 
+    def poll(self, max_completions=64):
+        out = (Cqe * max_completions)()
+        n = _check(self._lib, self._lib.kvp_queue_poll(self._h, out, max_completions), "poll")
+        return list(out[:n])
+
     def close(self):
         if self._h:
             self._lib.kvp_queue_free(self._h)
@@ -170,14 +192,16 @@ class Client:
     """An attached session. `Client(socket, namespaces=["ns"])`, then `.queue(0)`."""
 
     def __init__(self, socket_path, namespaces=(), queue_pairs=1, ring_entries=256,
-                 arena_bytes=1 << 20, lib=None):
+                 arena_bytes=1 << 20, lib=None, kv_buffer_fd=-1, kv_buffer_bytes=0):
+        """`kv_buffer_fd`: a sealed memfd (F_SEAL_SHRINK) of `kv_buffer_bytes` holding the
+        engine's KV pages on the host backend, or -1 (see `sealed_memfd`)."""
         self._lib = lib or load()
         check_abi(self._lib)
         names = (ctypes.c_char_p * max(1, len(namespaces)))(*[n.encode() for n in namespaces])
         handle = ctypes.c_void_p()
         _check(self._lib, self._lib.kvp_client_attach(
             str(socket_path).encode(), queue_pairs, ring_entries, arena_bytes, names,
-            len(namespaces), -1, 0, ctypes.byref(handle)), "attach")
+            len(namespaces), kv_buffer_fd, kv_buffer_bytes, ctypes.byref(handle)), "attach")
         self._h = handle
 
     @property
@@ -200,3 +224,19 @@ class Client:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def sealed_memfd(name, size_bytes):
+    """A memfd of `size_bytes` that cannot shrink (F_SEAL_SHRINK | F_SEAL_SEAL), as the
+    daemon requires of a KV buffer it maps: a tenant that could truncate it under the
+    daemon's mapping would crash the daemon with SIGBUS."""
+    import fcntl
+
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size_bytes)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
