@@ -9,6 +9,7 @@
 # check (kernels/tests/nvrtc_ptxas.rs) finds the venv through the same variable/default.
 # Prints two lines to stdout: `KVPLANE_NVRTC_LIB=<path>` and `KVPLANE_PTXAS=<path>`.
 set -euo pipefail
+. "$(dirname "$0")/lib/venv.sh"
 
 venv="${KVPLANE_CUDA_TOOLS:-$HOME/.cache/kvplane/cuda-tools}"
 python="${PYTHON:-python3}"
@@ -21,22 +22,7 @@ find_tools() {
 find_tools
 if [[ -z "$nvrtc_lib" || -z "$ptxas_bin" ]]; then
     echo "installing nvidia-cuda-nvrtc-cu12 and nvidia-cuda-nvcc-cu12 into $venv" >&2
-    if [[ ! -x "$venv/bin/python" ]]; then
-        mkdir -p "$(dirname "$venv")"
-        if ! "$python" -m venv "$venv" >&2; then
-            # A bare Debian image lacks ensurepip: install the venv module, then retry.
-            if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-                rm -rf "$venv"
-                apt-get update -qq >&2
-                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
-                python=python3
-                "$python" -m venv "$venv" >&2
-            else
-                echo "error: '$python -m venv' failed; install python3-venv" >&2
-                exit 1
-            fi
-        fi
-    fi
+    ensure_venv "$venv" "$python"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
         'nvidia-cuda-nvrtc-cu12>=12.4,<13' 'nvidia-cuda-nvcc-cu12>=12.4,<13' >&2
     find_tools

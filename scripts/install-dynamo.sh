@@ -9,6 +9,7 @@
 # Idempotent. Prints one line to stdout: `KVPLANE_DYNAMO_PYTHON=<path>`; the replay finds
 # the venv through the same variable or the default path.
 set -euo pipefail
+. "$(dirname "$0")/lib/venv.sh"
 
 venv="${KVPLANE_DYNAMO_VENV:-$HOME/.cache/kvplane/dynamo}"
 python="${PYTHON:-python3}"
@@ -24,21 +25,7 @@ PY
 
 if ! installed; then
     echo "installing ai-dynamo==$version ai-dynamo-runtime==$version into $venv" >&2
-    if [[ ! -x "$venv/bin/python" ]]; then
-        mkdir -p "$(dirname "$venv")"
-        if ! "$python" -m venv "$venv" >&2; then
-            if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-                rm -rf "$venv"
-                apt-get update -qq >&2
-                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
-                python=python3
-                "$python" -m venv "$venv" >&2
-            else
-                echo "error: '$python -m venv' failed; install python3-venv" >&2
-                exit 1
-            fi
-        fi
-    fi
+    ensure_venv "$venv" "$python"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
         "ai-dynamo==$version" "ai-dynamo-runtime==$version" >&2
 fi

