@@ -86,7 +86,10 @@ pub fn run(args: ServeArgs) -> CliResult {
     });
     // The control listeners first (the engine socket answering is what tells clients the
     // daemon is up): the control socket's group is set with CAP_CHOWN, its directory may
-    // be root's.
+    // be root's. The engine socket's directory is checked and made before either, so the
+    // control socket (next to it by default) is never put through a link or into a
+    // directory the daemon would refuse.
+    crate::session::prepare_socket_dir(&config)?;
     let control = crate::control::admin::bind_for(&config);
     let bound = Daemon::bind(config.clone(), Arc::clone(&dataplane))?;
     if let Some(plan) = drop {

@@ -85,6 +85,27 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
+/// Who owns what the daemon creates for its engine socket. After a switch to run_as_uid
+/// the daemon must still be able to remove its socket, so that uid owns it.
+fn socket_owner(config: &Config) -> SocketOwner {
+    // SAFETY: geteuid/getegid have no preconditions and cannot fail.
+    let (daemon_uid, daemon_gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let s = &config.serve;
+    SocketOwner {
+        uid: s.run_as_uid.unwrap_or(daemon_uid),
+        gid: s.socket_group.or(s.run_as_gid).unwrap_or(daemon_gid),
+        mode: s.socket_mode,
+    }
+}
+
+/// Checks (and creates, with its mode and group) the engine socket's directory, refusing
+/// links and directories others can change, before anything else is put there (the
+/// control socket lives next to the engine socket by default).
+pub fn prepare_socket_dir(config: &Config) -> Result<(), DaemonError> {
+    socket::prepare_dir(&config.serve.socket_path, socket_owner(config))?;
+    Ok(())
+}
+
 impl Daemon {
     pub fn start(config: Config, dataplane: Arc<DataPlane>) -> Result<Daemon, DaemonError> {
         Daemon::bind(config, dataplane)?.start()
@@ -95,17 +116,9 @@ impl Daemon {
     pub fn bind(config: Config, dataplane: Arc<DataPlane>) -> Result<BoundDaemon, DaemonError> {
         // The uid that started the daemon (before any privilege drop) is the one that may
         // use namespaces when none are configured.
-        // SAFETY: geteuid/getegid have no preconditions and cannot fail.
-        let (daemon_uid, daemon_gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        let s = &config.serve;
-        // After a switch to run_as_uid the daemon must still be able to remove its socket,
-        // so that uid owns what is created.
-        let owner = SocketOwner {
-            uid: s.run_as_uid.unwrap_or(daemon_uid),
-            gid: s.socket_group.or(s.run_as_gid).unwrap_or(daemon_gid),
-            mode: s.socket_mode,
-        };
-        let (listener, socket) = socket::bind(&s.socket_path, owner)?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let daemon_uid = unsafe { libc::geteuid() };
+        let (listener, socket) = socket::bind(&config.serve.socket_path, socket_owner(&config))?;
         Ok(BoundDaemon {
             config,
             dataplane,

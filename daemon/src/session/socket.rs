@@ -126,6 +126,14 @@ fn cstr(name: &OsStr, path: &Path) -> Result<CString, SocketPathError> {
     })
 }
 
+/// Checks and, when missing, creates the socket directory of `path` exactly as [`bind`]
+/// does, binding nothing.
+pub fn prepare_dir(path: &Path, owner: SocketOwner) -> Result<(), SocketPathError> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    open_socket_dir(path, &[0, euid, owner.uid], owner).map(drop)
+}
+
 /// Binds the engine socket at `path` (see the module comment for what is refused).
 pub fn bind(
     path: &Path,
