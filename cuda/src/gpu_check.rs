@@ -132,7 +132,7 @@ pub fn verify(what: &'static str, case: Case, got: &[u64], want: &[u64]) -> Resu
     Ok(())
 }
 
-fn fill_random(buf: &mut [u8], mut x: u64) {
+pub(crate) fn fill_random(buf: &mut [u8], mut x: u64) {
     for chunk in buf.chunks_mut(8) {
         x ^= x << 13;
         x ^= x >> 7;
@@ -141,11 +141,11 @@ fn fill_random(buf: &mut [u8], mut x: u64) {
     }
 }
 
-fn gbps(bytes: usize, iters: u32, secs: f64) -> f64 {
+pub(crate) fn gbps(bytes: usize, iters: u32, secs: f64) -> f64 {
     bytes as f64 * f64::from(iters) / secs.max(1e-9) / 1e9
 }
 
-fn timed(
+pub(crate) fn timed(
     dev: &dyn Device,
     stream: StreamId,
     iters: u32,
@@ -397,7 +397,7 @@ pub fn run(dev: &dyn Device, cfg: &CheckConfig) -> Result<Report, CheckError> {
     })
 }
 
-fn size_label(bytes: usize) -> String {
+pub(crate) fn size_label(bytes: usize) -> String {
     if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
         format!("{} MiB", bytes >> 20)
     } else if bytes >= 1 << 10 && bytes % (1 << 10) == 0 {

@@ -20,6 +20,7 @@
 //! code runs on the host backend, where the numbers are memcpy figures and say so.
 
 use crate::device::{Device, DeviceBuffer, DeviceError, DeviceRange, StreamId};
+use crate::gpu_check::{fill_random, gbps, size_label, timed};
 use kvplane_ffi::kvp_kv_layout;
 use kvplane_kernels::{LayoutError, PagedLayout};
 use serde::Serialize;
@@ -185,17 +186,6 @@ pub fn vllm_layout(g: &Geometry, page_tokens: u32, num_pages: u64) -> kvp_kv_lay
     l
 }
 
-/// Xorshift64 bytes: cheap, seeded, never constant.
-fn fill_random(buf: &mut [u8], seed: u64) {
-    let mut x = seed | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-}
-
 /// `n` distinct pages of `0..pool`, scattered (a seeded shuffle), and `n` more disjoint
 /// from them for the loads.
 fn pick_pages(pool: u32, n: usize, seed: u64) -> (Vec<u32>, Vec<u32>) {
@@ -210,28 +200,6 @@ fn pick_pages(pool: u32, n: usize, seed: u64) -> (Vec<u32>, Vec<u32>) {
     let load = all[n..2 * n].to_vec();
     all.truncate(n);
     (all, load)
-}
-
-fn gbps(bytes: usize, iters: u32, secs: f64) -> f64 {
-    bytes as f64 * f64::from(iters) / secs.max(1e-9) / 1e9
-}
-
-/// Average seconds per round of `f` over `iters` rounds queued back to back on `stream`
-/// (after one warm-up round), synchronised once at the end.
-fn timed(
-    dev: &dyn Device,
-    stream: StreamId,
-    iters: u32,
-    mut f: impl FnMut() -> Result<(), DeviceError>,
-) -> Result<f64, DeviceError> {
-    f()?;
-    dev.sync_stream(stream)?;
-    let t = Instant::now();
-    for _ in 0..iters {
-        f()?;
-    }
-    dev.sync_stream(stream)?;
-    Ok(t.elapsed().as_secs_f64())
 }
 
 /// The (source, destination) ranges of every per-page copy of a batch: page `pages[i]`,
@@ -639,16 +607,6 @@ pub fn goals(row: &OffloadRow) -> [(&'static str, f64, f64); 5] {
             0.8,
         ),
     ]
-}
-
-fn size_label(bytes: usize) -> String {
-    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
-        format!("{} MiB", bytes >> 20)
-    } else if bytes >= 1 << 10 && bytes % (1 << 10) == 0 {
-        format!("{} KiB", bytes >> 10)
-    } else {
-        format!("{bytes} B")
-    }
 }
 
 /// The report as Markdown tables: one per direction, then G1, then the goals.

@@ -476,7 +476,17 @@ pub fn http(endpoint: &str, request: &[u8]) -> (u16, String) {
     let mut s = control_connect(endpoint);
     s.write_all(request).expect("send");
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read the response");
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            // A server that answers an oversized request and closes without reading the
+            // rest of it resets the connection; what it answered is already here.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !raw.is_empty() => break,
+            Err(e) => panic!("read the response ({} bytes so far): {e}", raw.len()),
+        }
+    }
     let text = String::from_utf8_lossy(&raw).to_string();
     let (head, body) = text
         .split_once("\r\n\r\n")
