@@ -6,7 +6,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The cargo target profile directory the test binary runs from (…/target/debug).
@@ -699,5 +699,38 @@ pub fn for_each_seed(test: &str, defaults: &[u64], mut run: impl FnMut(u64)) {
         let _replay = Replay(test, seed);
         eprintln!("{test}: seed {seed:#x}");
         run(seed);
+    }
+}
+
+/// Runs `kvplane serve --config CONFIG --socket SOCKET` (stderr to `log`) and waits up to
+/// `timeout` for it to exit, for tests of start-up refusals. `None`: it was still up (and
+/// is then killed), i.e. it accepted what it should have refused.
+pub fn serve_until_exit(
+    config: &Path,
+    socket: &Path,
+    log: &Path,
+    timeout: Duration,
+) -> Option<ExitStatus> {
+    let mut child = Command::new(kvplane_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .arg("--socket")
+        .arg(socket)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("spawn kvplane serve");
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for kvplane serve") {
+            return Some(status);
+        }
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -4,12 +4,12 @@
 
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use kvplane_ffi::{Opcode, SQE_F_WRITE_THROUGH, Status, Tier};
 use kvplane_tests::{
-    DaemonProc, TestEngine, chain_ops, kvplane_bin, signal, small_config, temp_dir,
+    DaemonProc, TestEngine, chain_ops, serve_until_exit, signal, small_config, temp_dir,
 };
 
 const SLOT_BYTES: u64 = 4096 + 65536;
@@ -185,28 +185,13 @@ fn serve_refuses_an_nvme_path_another_user_linked_and_leaves_the_target_alone() 
         ),
     );
     let log = dir.path().join("serve.log");
-    let mut child = Command::new(kvplane_bin())
-        .args(["serve", "--config", config.to_str().unwrap(), "--socket"])
-        .arg(dir.path().join("kvplane.sock"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
     // It must exit at start-up; a daemon that is still up has accepted the link.
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if t0.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "kvplane serve started on the planted link; the target is now {} bytes",
-                std::fs::metadata(&victim).unwrap().len()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let socket = dir.path().join("kvplane.sock");
+    let Some(status) = serve_until_exit(&config, &socket, &log, Duration::from_secs(20)) else {
+        panic!(
+            "kvplane serve started on the planted link; the target is now {} bytes",
+            std::fs::metadata(&victim).unwrap().len()
+        );
     };
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(!status.success(), "{stderr}");

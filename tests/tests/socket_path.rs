@@ -7,12 +7,11 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvplane_ffi::{Opcode, SQE_F_WRITE_THROUGH, Tier};
 use kvplane_tests::{
-    DaemonProc, OTHER_UID, TestEngine, chain_ops, kvplane_as, kvplane_bin, require_root,
+    DaemonProc, OTHER_UID, TestEngine, chain_ops, kvplane_as, require_root, serve_until_exit,
     small_config, temp_dir,
 };
 
@@ -150,31 +149,12 @@ fn a_second_daemon_on_the_same_path_keeps_its_socket_when_the_first_stops() {
 fn refused_to_start(dir: &Path, socket: &Path, extra: &str) -> String {
     let config = small_config(dir, extra);
     let log = dir.join("refused.log");
-    let mut child = Command::new(kvplane_bin())
-        .arg("serve")
-        .arg("--socket")
-        .arg(socket)
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t0.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "kvplane serve started on {}; log:\n{}",
-                socket.display(),
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = serve_until_exit(&config, socket, &log, Duration::from_secs(20)) else {
+        panic!(
+            "kvplane serve started on {}; log:\n{}",
+            socket.display(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     };
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
