@@ -90,7 +90,8 @@ fn start(dir: &Path, plan: Option<Arc<FaultPlan>>) -> (Daemon, Arc<BlockManager>
         )
         .expect("tiers"),
     );
-    let dataplane = Arc::new(DataPlane::with_blocks(blocks.clone()));
+    let device: Arc<dyn kvplane_cuda::Device> = Arc::new(kvplane_cuda::host::HostDevice::new());
+    let dataplane = Arc::new(DataPlane::with_blocks(blocks.clone(), device).expect("data plane"));
     let daemon = Daemon::start(config, dataplane).expect("daemon");
     (daemon, blocks, socket)
 }

@@ -19,13 +19,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crossbeam::channel::Sender;
 use serde::Deserialize;
 
+use super::plan::{
+    DropPlan, LoadItem, LoadPlan, NvmeRead, NvmeWrite, PromotePlan, RoomPlan, SavePlan, StoreItem,
+    TierCopy,
+};
 use super::registry::{BlockEvent, BlockKey, Registry, RemoveReason, SessionId};
 use crate::tier::hbm::{DeviceArena, HostStandInArena};
 use crate::tier::host::{HostError, HostPool, HostPoolReport};
 use crate::tier::nvme::engine::FaultPlan;
-use crate::tier::nvme::header::SlotHeader;
 use crate::tier::nvme::{NvmeError, NvmeStore};
-use crate::tier::{ConfigError, SLOT_HEADER_BYTES, Tier, TiersConfig, invalid};
+use crate::tier::{ConfigError, SLOT_HEADER_BYTES, Stores, Tier, TiersConfig, invalid};
 
 /// `[blocks]`: block geometry and placement policy.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -222,21 +225,11 @@ struct Counters {
     events_dropped: AtomicU64,
 }
 
-struct Demotion {
-    key: BlockKey,
-    parent: Option<u64>,
-    host_slot: u32,
-    nvme_slot: u32,
-    generation: u64,
-}
-
 pub struct BlockManager {
-    // Field order is drop order: the NVMe engines (which registered the host pool as fixed
-    // buffers) go before the pool.
-    nvme: Option<NvmeStore>,
+    /// The tiers' bytes: the manager reads only their geometry and the NVMe index it
+    /// rebuilt at start-up; the mover (`crate::dataplane::mover`) moves the bytes.
+    stores: Arc<Stores>,
     reg: Mutex<Registry>,
-    hbm: Option<Box<dyn DeviceArena>>,
-    host: HostPool,
     block_bytes: usize,
     admit_min_hits: u32,
     write_through: bool,
@@ -246,9 +239,6 @@ pub struct BlockManager {
     /// Names of namespaces with a quota (for stats).
     quota_names: Vec<(u32, String)>,
 }
-
-/// Errors from a caller's fill/drain closure.
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl BlockManager {
     /// Sets up all tiers (host pool mapped, touched and locked; NVMe opened and scanned,
@@ -325,10 +315,13 @@ impl BlockManager {
         }
         reg.record_events = options.events.is_some();
         Ok(BlockManager {
-            nvme,
+            stores: Arc::new(Stores {
+                nvme,
+                hbm,
+                host,
+                block_bytes: block.block_bytes,
+            }),
             reg: Mutex::new(reg),
-            hbm,
-            host,
             block_bytes: block.block_bytes,
             admit_min_hits: block.nvme_admit_min_hits,
             write_through: block.write_through,
@@ -346,14 +339,20 @@ impl BlockManager {
     /// fsyncs the NVMe tier through its open descriptors (graceful stop). One entry per
     /// failure; none without an NVMe tier.
     pub fn flush_nvme(&self) -> Vec<(std::path::PathBuf, std::io::Error)> {
-        self.nvme
+        self.stores
+            .nvme
             .as_ref()
             .map(NvmeStore::sync_all)
             .unwrap_or_default()
     }
 
     pub fn host_pool(&self) -> &HostPool {
-        &self.host
+        &self.stores.host
+    }
+
+    /// The tiers' bytes, for the mover.
+    pub fn stores(&self) -> &Arc<Stores> {
+        &self.stores
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
@@ -379,7 +378,7 @@ impl BlockManager {
     }
 
     fn should_demote(&self, reg: &Registry, key: BlockKey) -> bool {
-        self.nvme.is_some()
+        self.stores.nvme.is_some()
             && reg
                 .view(key)
                 .is_some_and(|v| v.present[2].is_none() && v.pending[2].is_none())
@@ -402,611 +401,597 @@ impl BlockManager {
         reg.alloc_free(Tier::Nvme)
     }
 
-    /// Gets up to `n` free slots of `tier` for blocks of `namespace` into `out`, evicting
-    /// (and for the host tier, demoting admitted blocks to NVMe) as needed. Fewer when
-    /// everything is leased. A namespace at its quota only ever evicts its own blocks.
-    fn acquire(
-        &self,
-        tier: Tier,
-        namespace: u32,
-        n: usize,
-        out: &mut Vec<u32>,
-        report: &mut SaveReport,
-    ) {
-        for _round in 0..8 {
-            let mut jobs: Vec<Demotion> = Vec::new();
-            {
-                let mut reg = self.lock();
-                while out.len() + jobs.len() < n {
-                    // After this round, own demotions will have freed their slots: the
-                    // namespace then holds `used - own_jobs + out + jobs` slots.
-                    let own_jobs = jobs.iter().filter(|j| j.key.namespace == namespace).count();
-                    let at_quota = (out.len() + jobs.len() - own_jobs) as u64
-                        >= u64::from(reg.quota_room(namespace, tier));
-                    let v = if at_quota {
-                        match reg.victim_in(namespace, tier) {
-                            Some(v) => v,
-                            None => break, // its own blocks are all leased or in use
-                        }
-                    } else {
-                        if let Some(s) = reg.alloc_free(tier) {
-                            out.push(s);
-                            continue;
-                        }
-                        match reg.victim(tier) {
-                            Some(v) => v,
-                            None => break,
-                        }
-                    };
-                    if tier == Tier::Host && self.should_demote(&reg, v) {
-                        let view = reg.view(v).expect("victim exists");
-                        let host_slot = view.present[1].expect("victim present");
-                        if let Some(nvme_slot) = self.nvme_slot(&mut reg, v.namespace) {
-                            let generation =
-                                self.nvme.as_ref().map(|s| s.next_generation()).unwrap_or(0);
-                            reg.reserve(v, view.parent, view.priority, Tier::Nvme, nvme_slot)
-                                .expect("checked: no NVMe slot");
-                            reg.begin_use(v);
-                            jobs.push(Demotion {
-                                key: v,
-                                parent: view.parent,
-                                host_slot,
-                                nvme_slot,
-                                generation,
-                            });
-                            continue;
-                        }
-                    }
-                    let reason = if reg.view(v).is_some_and(|e| {
-                        e.present
-                            .iter()
-                            .enumerate()
-                            .any(|(t, s)| t > tier.index() && s.is_some())
-                    }) {
-                        RemoveReason::Demoted
-                    } else {
-                        RemoveReason::Evicted
-                    };
-                    reg.evict(v, tier, reason).expect("victim is evictable");
-                }
-                self.flush_events(&mut reg);
-            }
-            if jobs.is_empty() {
-                return;
-            }
-            let results = self.write_nvme(
-                jobs.iter()
-                    .map(|j| (j.key, j.parent, j.host_slot, j.nvme_slot, j.generation)),
-            );
-            let mut reg = self.lock();
-            for (job, result) in jobs.iter().zip(results) {
-                reg.end_use(job.key);
-                match result {
-                    Ok(()) => {
-                        reg.publish(job.key, Tier::Nvme, job.generation)
-                            .expect("reserved");
-                        report.nvme_written += 1;
-                    }
-                    Err(e) => {
-                        reg.abort(job.key, Tier::Nvme).expect("reserved");
-                        if report.nvme_error.is_none() {
-                            report.nvme_error = Some(e);
-                        }
-                    }
-                }
-                // Evict even when the write failed: the host needs the space; the block is
-                // a cache entry and the error is counted and reported.
-                if out.len() < n && reg.evictable(job.key, Tier::Host) {
-                    let reason = if reg.fastest(job.key) != Tier::Host
-                        || reg.view(job.key).is_some_and(|v| v.present[2].is_some())
-                    {
-                        RemoveReason::Demoted
-                    } else {
-                        RemoveReason::IoError
-                    };
-                    if reg.evict(job.key, Tier::Host, reason).is_ok()
-                        && let Some(s) = reg.alloc_free(Tier::Host)
-                    {
-                        out.push(s);
-                    }
-                }
-            }
-            self.flush_events(&mut reg);
-            if out.len() >= n {
-                return;
-            }
-        }
+    fn next_generation(&self) -> u64 {
+        self.stores
+            .nvme
+            .as_ref()
+            .map(|s| s.next_generation())
+            .unwrap_or(0)
     }
 
-    /// Writes host slots to NVMe slots (header page filled here). One result per item.
-    fn write_nvme(
-        &self,
-        items: impl Iterator<Item = (BlockKey, Option<u64>, u32, u32, u64)>,
-    ) -> Vec<Result<(), NvmeError>> {
-        let store = self.nvme.as_ref().expect("NVMe tier configured");
-        let jobs: Vec<(BlockKey, Option<u64>, u32, u32, u64)> = items.collect();
-        let ios: Vec<(u32, *mut u8)> = jobs
-            .iter()
-            .map(|j| (j.3, self.host.slot_ptr(j.2)))
-            .collect();
-        // Headers (with the data checksum) are made right before each write is submitted,
-        // overlapping the writes already in flight.
-        let prepare = |i: usize| {
-            let (key, parent, host_slot, _, generation) = jobs[i];
-            let header = SlotHeader {
-                namespace: key.namespace,
-                hash: key.hash,
-                parent,
-                length: 0,
-                generation,
-                data_checksum: 0,
-                data_mac: [0; 32],
-            };
-            // SAFETY: the registry holds the block busy or pending (no writer of its data),
-            // and only this operation writes its header page (one NVMe copy in flight);
-            // each item is prepared once, by one thread.
-            let (page, data) =
-                unsafe { (self.host.header_mut(host_slot), self.host.data(host_slot)) };
-            store.encode_header(page, data, header);
-        };
-        let mut results = Vec::with_capacity(ios.len());
-        // SAFETY: host slots valid for slot_bytes; not written by anyone during the I/O (see
-        // above).
-        unsafe { store.write_slots_with(&ios, &prepare, &mut results) };
+    /// Counts and logs the failed NVMe writes of a batch.
+    fn note_write_errors(&self, results: &[Result<(), NvmeError>]) {
         let errors = results.iter().filter(|r| r.is_err()).count() as u64;
-        self.counters
-            .nvme_write_errors
-            .fetch_add(errors, Ordering::Relaxed);
+        if errors > 0 {
+            self.counters
+                .nvme_write_errors
+                .fetch_add(errors, Ordering::Relaxed);
+        }
         for r in results.iter().filter_map(|r| r.as_ref().err()) {
             tracing::warn!("NVMe write failed, block kept off NVMe: {r}");
         }
-        results
     }
 
-    /// Saves a chain of blocks: allocates host slots (evicting/demoting as policy says),
-    /// calls `fill(i, bytes)` for each block to store (outside the lock), then publishes.
-    /// Blocks already stored are skipped. With `write_through` (or the config's), stored
-    /// blocks are also on NVMe before this returns.
-    pub fn save<E, F>(
+    // ---- making room ----------------------------------------------------------------
+
+    /// Plans room for `want` blocks of `namespace` in `tier` (counting those already in
+    /// `out`): free slots are allocated into `out` at once (the caller owns them until it
+    /// reserves or frees them); victims NVMe admission accepts become demotions in the
+    /// returned plan, to be written by the mover and handed back to [`Self::commit_room`];
+    /// other victims are evicted. Fewer when everything is leased or in use. A namespace
+    /// at its quota only ever evicts its own blocks.
+    pub fn plan_room(
         &self,
-        session: SessionId,
+        tier: Tier,
+        namespace: u32,
+        want: usize,
+        out: &mut Vec<u32>,
+    ) -> RoomPlan {
+        let mut room = RoomPlan {
+            want,
+            demotions: Vec::new(),
+        };
+        let mut reg = self.lock();
+        while out.len() + room.demotions.len() < want {
+            // After this round, own demotions will have freed their slots: the namespace
+            // then holds `used - own_jobs + out + jobs` slots.
+            let jobs = &room.demotions;
+            let own_jobs = jobs.iter().filter(|j| j.key.namespace == namespace).count();
+            let at_quota = (out.len() + jobs.len() - own_jobs) as u64
+                >= u64::from(reg.quota_room(namespace, tier));
+            let v = if at_quota {
+                match reg.victim_in(namespace, tier) {
+                    Some(v) => v,
+                    None => break, // its own blocks are all leased or in use
+                }
+            } else {
+                if let Some(s) = reg.alloc_free(tier) {
+                    out.push(s);
+                    continue;
+                }
+                match reg.victim(tier) {
+                    Some(v) => v,
+                    None => break,
+                }
+            };
+            if tier == Tier::Host && self.should_demote(&reg, v) {
+                let view = reg.view(v).expect("victim exists");
+                let host_slot = view.present[1].expect("victim present");
+                if let Some(nvme_slot) = self.nvme_slot(&mut reg, v.namespace) {
+                    reg.reserve(v, view.parent, view.priority, Tier::Nvme, nvme_slot)
+                        .expect("checked: no NVMe slot");
+                    reg.begin_use(v);
+                    room.demotions.push(NvmeWrite {
+                        key: v,
+                        parent: view.parent,
+                        host_slot,
+                        nvme_slot,
+                        generation: self.next_generation(),
+                    });
+                    continue;
+                }
+            }
+            let reason = if reg.view(v).is_some_and(|e| {
+                e.present
+                    .iter()
+                    .enumerate()
+                    .any(|(t, s)| t > tier.index() && s.is_some())
+            }) {
+                RemoveReason::Demoted
+            } else {
+                RemoveReason::Evicted
+            };
+            reg.evict(v, tier, reason).expect("victim is evictable");
+        }
+        self.flush_events(&mut reg);
+        room
+    }
+
+    /// Commits a room plan with the mover's result for each demotion: NVMe copies that
+    /// landed are published, the victims leave the host (even when their write failed: the
+    /// host needs the space; the block is a cache entry and the error is counted and
+    /// reported), and their slots go to `out`, up to the plan's `want`.
+    pub fn commit_room(
+        &self,
+        room: RoomPlan,
+        results: Vec<Result<(), NvmeError>>,
+        out: &mut Vec<u32>,
+        report: &mut SaveReport,
+    ) {
+        assert_eq!(
+            results.len(),
+            room.demotions.len(),
+            "one result per demotion"
+        );
+        self.note_write_errors(&results);
+        let mut reg = self.lock();
+        for (job, result) in room.demotions.iter().zip(results) {
+            reg.end_use(job.key);
+            match result {
+                Ok(()) => {
+                    reg.publish(job.key, Tier::Nvme, job.generation)
+                        .expect("reserved");
+                    report.nvme_written += 1;
+                }
+                Err(e) => {
+                    reg.abort(job.key, Tier::Nvme).expect("reserved");
+                    if report.nvme_error.is_none() {
+                        report.nvme_error = Some(e);
+                    }
+                }
+            }
+            if out.len() < room.want && reg.evictable(job.key, Tier::Host) {
+                let reason = if reg.fastest(job.key) != Tier::Host
+                    || reg.view(job.key).is_some_and(|v| v.present[2].is_some())
+                {
+                    RemoveReason::Demoted
+                } else {
+                    RemoveReason::IoError
+                };
+                if reg.evict(job.key, Tier::Host, reason).is_ok()
+                    && let Some(s) = reg.alloc_free(Tier::Host)
+                {
+                    out.push(s);
+                }
+            }
+        }
+        self.flush_events(&mut reg);
+    }
+
+    /// Gives back slots allocated by [`Self::plan_room`] that were not used.
+    pub fn free_room(&self, tier: Tier, slots: impl IntoIterator<Item = u32>) {
+        let mut reg = self.lock();
+        for s in slots {
+            reg.free_unused(tier, s);
+        }
+    }
+
+    // ---- save -----------------------------------------------------------------------
+
+    /// Starts a save of a chain: blocks stored already (or being stored) are skipped and
+    /// touched; the plan lists the chain indices that need a host slot
+    /// ([`SavePlan::slots_needed`]), to be found with [`Self::plan_room`] and reserved
+    /// with [`Self::reserve_save`].
+    pub fn begin_save(
+        &self,
         namespace: u32,
         blocks: &[(u64, Option<u64>)],
         priority: u8,
-        write_through: bool,
-        mut fill: F,
-    ) -> Result<SaveReport, BlockError>
-    where
-        E: Into<BoxError>,
-        F: FnMut(usize, &mut [u8]) -> Result<(), E>,
-    {
-        let _ = session; // saves hold no lease; sessions pin explicitly
-        let mut report = SaveReport::default();
-        let mut need: Vec<usize> = Vec::with_capacity(blocks.len());
-        {
-            let mut reg = self.lock();
-            for (i, &(h, _)) in blocks.iter().enumerate() {
-                let key = BlockKey::new(namespace, h);
-                match reg.view(key) {
-                    Some(v)
-                        if v.present
-                            .iter()
-                            .chain(v.pending.iter())
-                            .any(|s| s.is_some()) =>
-                    {
-                        reg.touch(key);
-                        report.already_present += 1;
-                    }
-                    _ => need.push(i),
+    ) -> SavePlan {
+        let mut plan = SavePlan {
+            namespace,
+            priority,
+            ..SavePlan::default()
+        };
+        let mut reg = self.lock();
+        for (i, &(h, parent)) in blocks.iter().enumerate() {
+            let key = BlockKey::new(namespace, h);
+            match reg.view(key) {
+                Some(v)
+                    if v.present
+                        .iter()
+                        .chain(v.pending.iter())
+                        .any(|s| s.is_some()) =>
+                {
+                    reg.touch(key);
+                    plan.report.already_present += 1;
                 }
-            }
-        }
-        let mut slots = Vec::with_capacity(need.len());
-        self.acquire(Tier::Host, namespace, need.len(), &mut slots, &mut report);
-        // Reserve in chain order; a block another session reserved meanwhile is skipped.
-        let mut reserved: Vec<(usize, u32)> = Vec::with_capacity(slots.len());
-        {
-            let mut reg = self.lock();
-            let mut spare = slots.into_iter();
-            for &i in &need {
-                let Some(slot) = spare.next() else {
-                    report.no_space += 1;
-                    continue;
-                };
-                let (h, parent) = blocks[i];
-                match reg.reserve(
-                    BlockKey::new(namespace, h),
-                    parent,
-                    priority,
-                    Tier::Host,
-                    slot,
-                ) {
-                    Ok(()) => reserved.push((i, slot)),
-                    Err(_) => {
-                        reg.free_unused(Tier::Host, slot);
-                        report.already_present += 1;
-                    }
-                }
-            }
-            for slot in spare {
-                reg.free_unused(Tier::Host, slot);
-            }
-        }
-        // Fill outside the lock.
-        for (n, &(i, slot)) in reserved.iter().enumerate() {
-            // SAFETY: the slot is reserved for this call: no one else reads or writes it.
-            let data = unsafe { &mut self.host.data_mut(slot)[..self.block_bytes] };
-            if let Err(e) = fill(i, data) {
-                let mut reg = self.lock();
-                for &(j, _) in &reserved[n..] {
-                    let _ = reg.abort(BlockKey::new(namespace, blocks[j].0), Tier::Host);
-                }
-                for &(j, _) in &reserved[..n] {
-                    let _ = reg.abort(BlockKey::new(namespace, blocks[j].0), Tier::Host);
-                }
-                return Err(BlockError::Fill {
+                _ => plan.need.push(StoreItem {
                     index: i,
-                    source: e.into(),
-                });
+                    key,
+                    parent,
+                    host_slot: u32::MAX,
+                }),
             }
         }
-        // Write-through: NVMe copies before publishing.
-        let mut nvme_done: Vec<Option<u64>> = vec![None; reserved.len()];
-        if (write_through || self.write_through) && self.nvme.is_some() && !reserved.is_empty() {
-            let mut jobs = Vec::new();
+        plan
+    }
+
+    /// Reserves `slots` (from [`Self::plan_room`]) for the blocks the save needs, in chain
+    /// order; blocks left without a slot count as no space, spare slots are freed, and a
+    /// block another session reserved meanwhile is skipped.
+    pub fn reserve_save(&self, plan: &mut SavePlan, slots: Vec<u32>) {
+        let mut reg = self.lock();
+        let mut spare = slots.into_iter();
+        for item in std::mem::take(&mut plan.need) {
+            let Some(slot) = spare.next() else {
+                plan.report.no_space += 1;
+                continue;
+            };
+            match reg.reserve(item.key, item.parent, plan.priority, Tier::Host, slot) {
+                Ok(()) => plan.stores.push(StoreItem {
+                    host_slot: slot,
+                    ..item
+                }),
+                Err(_) => {
+                    reg.free_unused(Tier::Host, slot);
+                    plan.report.already_present += 1;
+                }
+            }
+        }
+        for slot in spare {
+            reg.free_unused(Tier::Host, slot);
+        }
+    }
+
+    /// Reserves NVMe slots for a write-through copy of every block the save stores (after
+    /// the mover filled their host slots); the mover writes `plan.writes`.
+    pub fn plan_write_through(&self, plan: &mut SavePlan) {
+        if self.stores.nvme.is_none() {
+            return;
+        }
+        let mut reg = self.lock();
+        for (k, item) in plan.stores.iter().enumerate() {
+            let Some(nvme_slot) = self.nvme_slot(&mut reg, plan.namespace) else {
+                break;
+            };
+            if reg
+                .reserve(item.key, item.parent, plan.priority, Tier::Nvme, nvme_slot)
+                .is_err()
             {
-                let mut reg = self.lock();
-                for (n, &(i, slot)) in reserved.iter().enumerate() {
-                    let Some(nvme_slot) = self.nvme_slot(&mut reg, namespace) else {
-                        break;
-                    };
-                    let (h, parent) = blocks[i];
-                    let key = BlockKey::new(namespace, h);
-                    if reg
-                        .reserve(key, parent, priority, Tier::Nvme, nvme_slot)
-                        .is_err()
-                    {
-                        // The block reached NVMe meanwhile (the lock was released while the
-                        // host copy was filled; an in-flight demotion can land it): its
-                        // NVMe copy exists, so give the slot back rather than panic.
-                        reg.free_unused(Tier::Nvme, nvme_slot);
-                        continue;
-                    }
-                    let generation = self.nvme.as_ref().map(|s| s.next_generation()).unwrap_or(0);
-                    jobs.push((n, (key, parent, slot, nvme_slot, generation)));
-                }
-                self.flush_events(&mut reg);
+                // The block reached NVMe meanwhile (an in-flight demotion can land it
+                // while the host copy is filled): its NVMe copy exists, so give the slot
+                // back rather than panic.
+                reg.free_unused(Tier::Nvme, nvme_slot);
+                continue;
             }
-            let results = self.write_nvme(jobs.iter().map(|j| j.1));
-            let mut reg = self.lock();
-            for ((n, job), r) in jobs.iter().zip(results) {
-                match r {
-                    Ok(()) => {
-                        nvme_done[*n] = Some(job.4);
-                        report.nvme_written += 1;
-                    }
-                    Err(e) => {
-                        let _ = reg.abort(job.0, Tier::Nvme);
-                        if report.nvme_error.is_none() {
-                            report.nvme_error = Some(e);
-                        }
+            plan.writes.push((
+                k,
+                NvmeWrite {
+                    key: item.key,
+                    parent: item.parent,
+                    host_slot: item.host_slot,
+                    nvme_slot,
+                    generation: self.next_generation(),
+                },
+            ));
+        }
+        self.flush_events(&mut reg);
+    }
+
+    /// Whether saves write through to NVMe by configuration.
+    pub fn writes_through(&self) -> bool {
+        self.write_through && self.stores.nvme.is_some()
+    }
+
+    /// The mover could not fill the save's slots (the engine's memory faulted): every
+    /// reservation is given up, nothing is published.
+    pub fn abort_save(&self, plan: SavePlan) {
+        let mut reg = self.lock();
+        for (_, w) in &plan.writes {
+            let _ = reg.abort(w.key, Tier::Nvme);
+        }
+        for item in &plan.stores {
+            let _ = reg.abort(item.key, Tier::Host);
+        }
+    }
+
+    /// Publishes what the save stored (the mover filled every host slot of `plan.stores`)
+    /// with the result of each write-through copy (`write_results[k]` for `plan.writes[k]`).
+    pub fn commit_save(
+        &self,
+        plan: SavePlan,
+        write_results: Vec<Result<(), NvmeError>>,
+    ) -> SaveReport {
+        assert_eq!(
+            write_results.len(),
+            plan.writes.len(),
+            "one result per NVMe write"
+        );
+        self.note_write_errors(&write_results);
+        let SavePlan {
+            stores,
+            writes,
+            mut report,
+            ..
+        } = plan;
+        let mut reg = self.lock();
+        for item in &stores {
+            reg.publish(item.key, Tier::Host, 0)
+                .expect("reserved by this save");
+        }
+        for ((_, w), r) in writes.iter().zip(write_results) {
+            match r {
+                Ok(()) => {
+                    reg.publish(w.key, Tier::Nvme, w.generation)
+                        .expect("reserved by this save");
+                    report.nvme_written += 1;
+                }
+                Err(e) => {
+                    let _ = reg.abort(w.key, Tier::Nvme);
+                    if report.nvme_error.is_none() {
+                        report.nvme_error = Some(e);
                     }
                 }
             }
         }
-        {
-            let mut reg = self.lock();
-            for (n, &(i, _)) in reserved.iter().enumerate() {
-                let key = BlockKey::new(namespace, blocks[i].0);
-                reg.publish(key, Tier::Host, 0)
-                    .expect("reserved by this call");
-                if let Some(generation) = nvme_done[n] {
-                    reg.publish(key, Tier::Nvme, generation)
-                        .expect("reserved by this call");
-                }
-            }
-            self.flush_events(&mut reg);
-        }
-        report.stored = reserved.len();
-        report.bytes = (reserved.len() * self.block_bytes) as u64;
+        self.flush_events(&mut reg);
+        drop(reg);
+        report.stored = stores.len();
+        report.bytes = (stores.len() * self.block_bytes) as u64;
         self.counters
             .saves_stored
             .fetch_add(report.stored as u64, Ordering::Relaxed);
-        Ok(report)
+        report
     }
 
-    /// Loads the leading stored blocks of a chain: each block's bytes are handed to
-    /// `drain(i, bytes)` (outside the lock) in chain order. Blocks only on NVMe are first
-    /// staged into the host tier and verified.
-    pub fn load<E, F>(
-        &self,
-        session: SessionId,
-        namespace: u32,
-        hashes: &[u64],
-        mut drain: F,
-    ) -> Result<LoadReport, BlockError>
-    where
-        E: Into<BoxError>,
-        F: FnMut(usize, &[u8]) -> Result<(), E>,
-    {
-        let _ = session;
-        let mut report = LoadReport {
-            slowest: Tier::None,
-            ..LoadReport::default()
-        };
-        // (tier served from, tier of the bytes, slot); staged blocks get their host slot later.
-        let mut plan: Vec<(Tier, Tier, u32)> = Vec::with_capacity(hashes.len());
-        let mut staged: Vec<usize> = Vec::new();
-        {
-            let mut reg = self.lock();
-            for (i, &h) in hashes.iter().enumerate() {
-                let key = BlockKey::new(namespace, h);
-                let Some(v) = reg.view(key) else {
-                    report.failure = Some((i, LoadFailure::Missing));
-                    break;
-                };
-                let t = v.fastest();
-                if t == Tier::None {
-                    report.failure = Some((i, LoadFailure::Missing));
-                    break;
-                }
-                reg.begin_use(key);
-                reg.touch(key);
-                if t == Tier::Nvme {
-                    staged.push(i);
-                    plan.push((Tier::Nvme, Tier::Host, u32::MAX));
-                } else {
-                    plan.push((t, t, v.present[t.index()].expect("present")));
-                }
-            }
-        }
-        // Staging NVMe -> host.
-        if !staged.is_empty() {
-            let mut dummy = SaveReport::default();
-            let mut slots = Vec::with_capacity(staged.len());
-            self.acquire(Tier::Host, namespace, staged.len(), &mut slots, &mut dummy);
-            let mut reads = Vec::new();
-            let mut read_idx = Vec::new();
-            let mut cut = plan.len();
-            {
-                let mut reg = self.lock();
-                let mut spare = slots.into_iter();
-                for &i in &staged {
-                    let key = BlockKey::new(namespace, hashes[i]);
-                    let v = reg.view(key).expect("held busy");
-                    if let Some(s) = v.present[1] {
-                        // Another load staged it meanwhile.
-                        plan[i] = (Tier::Nvme, Tier::Host, s);
-                        continue;
-                    }
-                    let Some(slot) = spare.next() else {
-                        cut = cut.min(i);
-                        if report.failure.as_ref().is_none_or(|f| f.0 > i) {
-                            report.failure = Some((i, LoadFailure::NoSpace));
-                        }
-                        break;
-                    };
-                    if reg
-                        .reserve(key, v.parent, v.priority, Tier::Host, slot)
-                        .is_err()
-                    {
-                        // Being staged by another load right now: stop here rather than wait
-                        // (the engine retries; the block is not missing and space is not short).
-                        reg.free_unused(Tier::Host, slot);
-                        cut = cut.min(i);
-                        report.failure = Some((i, LoadFailure::Busy));
-                        break;
-                    }
-                    plan[i].2 = slot;
-                    reads.push((
-                        v.present[2].expect("on NVMe"),
-                        self.host.slot_ptr(slot),
-                        v.nvme_generation,
-                    ));
-                    read_idx.push(i);
-                }
-                for slot in spare {
-                    reg.free_unused(Tier::Host, slot);
-                }
-            }
-            let store = self.nvme.as_ref().expect("NVMe blocks imply an NVMe tier");
-            let ios: Vec<(u32, *mut u8)> = reads.iter().map(|r| (r.0, r.1)).collect();
-            let mut results = Vec::new();
-            // Each slot is verified as soon as its read completes, while others are in flight.
-            let mut verified: Vec<Option<Result<(), NvmeError>>> =
-                (0..ios.len()).map(|_| None).collect();
-            let mut check = |k: usize| {
-                let (slot, buf, generation) = reads[k];
-                // SAFETY: reserved for this call; the read of this slot completed.
-                let buf = unsafe { std::slice::from_raw_parts(buf, store.slot_bytes()) };
-                verified[k] = Some(
-                    store
-                        .verify(slot, buf, namespace, hashes[read_idx[k]], generation)
-                        .map(|_| ()),
-                );
+    // ---- load -----------------------------------------------------------------------
+
+    /// Plans a load of the leading stored blocks of a chain: each is held busy and read
+    /// from its fastest tier; blocks only on NVMe need staging into the host tier first
+    /// ([`LoadPlan::needs_staging`], [`Self::plan_staging`]).
+    pub fn plan_load(&self, namespace: u32, hashes: &[u64]) -> LoadPlan {
+        let mut plan = LoadPlan::default();
+        let mut reg = self.lock();
+        for (i, &h) in hashes.iter().enumerate() {
+            let key = BlockKey::new(namespace, h);
+            let Some(v) = reg.view(key) else {
+                plan.failure = Some((i, LoadFailure::Missing));
+                break;
             };
-            // SAFETY: each host slot is reserved (pending) for this call alone.
-            unsafe { store.read_slots_with(&ios, &mut check, &mut results) };
-            // Corrupt copies' NVMe slots: held until their header is erased (as a drop does),
-            // so a restart's scan does not index the bad copy again.
-            let mut tomb: Vec<u32> = Vec::new();
-            let mut reg = self.lock();
-            for ((&i, result), verdict) in read_idx.iter().zip(results).zip(verified) {
-                let key = BlockKey::new(namespace, hashes[i]);
-                let outcome = result.and_then(|()| {
-                    verdict.unwrap_or_else(|| {
-                        Err(NvmeError::Corrupt {
-                            slot: u32::MAX,
-                            reason: "read completed but was not verified".into(),
-                        })
-                    })
-                });
-                match outcome {
-                    Ok(()) => {
-                        reg.publish(key, Tier::Host, 0).expect("reserved");
-                    }
-                    Err(e) => {
-                        let _ = reg.abort(key, Tier::Host);
-                        let failure = if matches!(e, NvmeError::Corrupt { .. }) {
-                            self.counters
-                                .nvme_corrupt_dropped
-                                .fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!("{e}: dropped, not served");
-                            // Remove the bad copy so it is never served again.
-                            if let Ok(slot) =
-                                reg.remove_tier(key, Tier::Nvme, RemoveReason::Corrupt, true)
-                            {
-                                tomb.push(slot);
-                            }
-                            LoadFailure::Corrupt(e)
-                        } else {
-                            self.counters
-                                .nvme_read_errors
-                                .fetch_add(1, Ordering::Relaxed);
-                            LoadFailure::Io(e)
-                        };
-                        if i < cut {
-                            cut = i;
-                            report.failure = Some((i, failure));
-                        }
-                    }
-                }
-            }
-            self.flush_events(&mut reg);
-            drop(reg);
-            if !tomb.is_empty() {
-                store.tombstone(&tomb);
-                let mut reg = self.lock();
-                for slot in tomb {
-                    reg.free_detached(Tier::Nvme, slot);
-                }
-            }
-            // Blocks past the first failure are not served: release them now.
-            if cut < plan.len() {
-                let mut reg = self.lock();
-                for &h in &hashes[cut..plan.len()] {
-                    reg.end_use(BlockKey::new(namespace, h));
-                }
-                plan.truncate(cut);
-            }
-        }
-        // Drain in chain order, outside the lock.
-        let mut drain_err = None;
-        for (i, &(from, tier, slot)) in plan.iter().enumerate() {
-            // SAFETY: the block is held busy (no eviction, no writer) until end_use below.
-            let bytes: &[u8] = match tier {
-                Tier::Hbm => {
-                    let arena = self.hbm.as_ref().expect("G1 blocks imply a G1 arena");
-                    match arena.host_ptr(slot) {
-                        // SAFETY: host-addressable arena slot held busy.
-                        Some(p) => unsafe { std::slice::from_raw_parts(p, self.block_bytes) },
-                        None => unreachable!("device arenas are served by the device backend"),
-                    }
-                }
-                // SAFETY: host slot held busy: readers only until end_use.
-                _ => unsafe { &self.host.data(slot)[..self.block_bytes] },
-            };
-            if let Err(e) = drain(i, bytes) {
-                drain_err = Some(BlockError::Drain {
-                    index: i,
-                    source: e.into(),
-                });
+            let t = v.fastest();
+            if t == Tier::None {
+                plan.failure = Some((i, LoadFailure::Missing));
                 break;
             }
-            report.loaded += 1;
-            report.tiers.push(from);
-        }
-        {
-            let mut reg = self.lock();
-            for &h in &hashes[..plan.len()] {
-                reg.end_use(BlockKey::new(namespace, h));
+            reg.begin_use(key);
+            reg.touch(key);
+            if t == Tier::Nvme {
+                plan.staged.push(i);
+                plan.items.push(LoadItem {
+                    index: i,
+                    key,
+                    found: Tier::Nvme,
+                    tier: Tier::Host,
+                    slot: u32::MAX,
+                });
+            } else {
+                plan.items.push(LoadItem {
+                    index: i,
+                    key,
+                    found: t,
+                    tier: t,
+                    slot: v.present[t.index()].expect("present"),
+                });
             }
         }
-        if let Some(e) = drain_err {
-            return Err(e);
+        plan
+    }
+
+    /// Reserves host slots (from [`Self::plan_room`]) for the blocks a load stages from
+    /// NVMe and lists the reads in `plan.reads`. The load is cut at the first block that
+    /// gets no slot (no space) or is being staged by another load (busy); spare slots are
+    /// freed.
+    pub fn plan_staging(&self, plan: &mut LoadPlan, slots: Vec<u32>) {
+        let mut cut = plan.items.len();
+        let mut reg = self.lock();
+        let mut spare = slots.into_iter();
+        for &i in &plan.staged {
+            let key = plan.items[i].key;
+            let v = reg.view(key).expect("held busy");
+            if let Some(s) = v.present[1] {
+                // Another load staged it meanwhile.
+                plan.items[i].slot = s;
+                continue;
+            }
+            let Some(slot) = spare.next() else {
+                cut = cut.min(i);
+                if plan.failure.as_ref().is_none_or(|f| f.0 > i) {
+                    plan.failure = Some((i, LoadFailure::NoSpace));
+                }
+                break;
+            };
+            if reg
+                .reserve(key, v.parent, v.priority, Tier::Host, slot)
+                .is_err()
+            {
+                // Being staged by another load right now: stop here rather than wait (the
+                // engine retries; the block is not missing and space is not short).
+                reg.free_unused(Tier::Host, slot);
+                cut = cut.min(i);
+                plan.failure = Some((i, LoadFailure::Busy));
+                break;
+            }
+            plan.items[i].slot = slot;
+            plan.reads.push(NvmeRead {
+                index: i,
+                key,
+                nvme_slot: v.present[2].expect("on NVMe"),
+                host_slot: slot,
+                generation: v.nvme_generation,
+            });
         }
-        report.slowest = report.tiers.iter().copied().max().unwrap_or(Tier::None);
-        report.bytes = (report.loaded * self.block_bytes) as u64;
+        for slot in spare {
+            reg.free_unused(Tier::Host, slot);
+        }
+        plan.staged.clear();
+        Self::cut_load(&mut reg, plan, cut);
+    }
+
+    /// Releases the blocks of a load from chain index `cut` on (not served).
+    fn cut_load(reg: &mut Registry, plan: &mut LoadPlan, cut: usize) {
+        if cut < plan.items.len() {
+            for item in &plan.items[cut..] {
+                reg.end_use(item.key);
+            }
+            plan.items.truncate(cut);
+            plan.reads.retain(|r| r.index < cut);
+        }
+    }
+
+    /// Commits the staging reads with the mover's verdict for each (read and verified
+    /// against the slot key, namespace, hash and generation): verified copies are published
+    /// in the host tier; a corrupt copy is removed from NVMe and never served, and the load
+    /// is cut at the first failure. Returns the NVMe slots whose headers the mover must
+    /// erase (then [`Self::commit_erase`]), so a restart does not index the bad copy again.
+    pub fn commit_staging(
+        &self,
+        plan: &mut LoadPlan,
+        results: Vec<Result<(), NvmeError>>,
+    ) -> Vec<u32> {
+        assert_eq!(results.len(), plan.reads.len(), "one result per read");
+        let mut tomb = Vec::new();
+        let mut cut = plan.items.len();
+        let mut reg = self.lock();
+        for (read, result) in plan.reads.iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    reg.publish(read.key, Tier::Host, 0).expect("reserved");
+                }
+                Err(e) => {
+                    let _ = reg.abort(read.key, Tier::Host);
+                    let failure = if matches!(e, NvmeError::Corrupt { .. }) {
+                        self.counters
+                            .nvme_corrupt_dropped
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("{e}: dropped, not served");
+                        if let Ok(slot) =
+                            reg.remove_tier(read.key, Tier::Nvme, RemoveReason::Corrupt, true)
+                        {
+                            tomb.push(slot);
+                        }
+                        LoadFailure::Corrupt(e)
+                    } else {
+                        self.counters
+                            .nvme_read_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        LoadFailure::Io(e)
+                    };
+                    if read.index < cut {
+                        cut = read.index;
+                        plan.failure = Some((read.index, failure));
+                    }
+                }
+            }
+        }
+        plan.reads.clear();
+        self.flush_events(&mut reg);
+        Self::cut_load(&mut reg, plan, cut);
+        tomb
+    }
+
+    /// Frees NVMe slots whose headers the mover erased (after a drop or a corrupt copy).
+    pub fn commit_erase(&self, slots: &[u32]) {
+        if slots.is_empty() {
+            return;
+        }
+        let mut reg = self.lock();
+        for &s in slots {
+            reg.free_detached(Tier::Nvme, s);
+        }
+    }
+
+    /// Ends a load: `served` leading items of the plan reached the engine (all of them
+    /// unless the mover failed). Every block the plan held is released.
+    pub fn commit_load(&self, plan: LoadPlan, served: usize) -> LoadReport {
+        let LoadPlan { items, failure, .. } = plan;
+        {
+            let mut reg = self.lock();
+            for item in &items {
+                reg.end_use(item.key);
+            }
+        }
+        let served = served.min(items.len());
+        let tiers: Vec<Tier> = items[..served].iter().map(|i| i.found).collect();
+        let report = LoadReport {
+            loaded: served,
+            slowest: tiers.iter().copied().max().unwrap_or(Tier::None),
+            bytes: (served * self.block_bytes) as u64,
+            tiers,
+            failure,
+        };
         self.counters
             .loads_served
             .fetch_add(report.loaded as u64, Ordering::Relaxed);
-        Ok(report)
+        report
     }
 
-    /// Copies the leading host-resident blocks of a chain into G1 (evicting G1 leaves).
-    /// Returns how many blocks are in G1 afterwards (leading). Host-addressable arenas only.
-    pub fn promote(&self, namespace: u32, hashes: &[u64]) -> usize {
-        let Some(arena) = self.hbm.as_ref() else {
-            return 0;
-        };
-        let mut done = 0;
+    // ---- promotion ------------------------------------------------------------------
+
+    /// Plans copies of the leading host-resident blocks of a chain into G1 (evicting G1
+    /// leaves): G1 slots reserved, host copies held busy. Stops at the first block that is
+    /// neither in G1 nor in the host tier, or gets no G1 slot.
+    pub fn plan_promote(&self, namespace: u32, hashes: &[u64]) -> PromotePlan {
+        let mut plan = PromotePlan::default();
+        if self.stores.hbm.is_none() {
+            return plan;
+        }
+        let mut reg = self.lock();
         for &h in hashes {
             let key = BlockKey::new(namespace, h);
-            let (host_slot, slot) = {
-                let mut reg = self.lock();
-                let Some(v) = reg.view(key) else { break };
-                if v.present[0].is_some() {
-                    done += 1;
+            let Some(v) = reg.view(key) else { break };
+            if v.present[0].is_some() {
+                if plan.copies.is_empty() {
+                    plan.already += 1;
                     continue;
                 }
-                let Some(host_slot) = v.present[1] else { break };
-                let at_quota = reg.quota_room(namespace, Tier::Hbm) == 0;
-                let free = if at_quota {
-                    None
-                } else {
-                    reg.alloc_free(Tier::Hbm)
-                };
-                let slot = match free {
-                    Some(s) => s,
-                    None => {
-                        let victim = if at_quota {
-                            reg.victim_in(namespace, Tier::Hbm)
-                        } else {
-                            reg.victim(Tier::Hbm)
-                        };
-                        let Some(victim) = victim else {
-                            break;
-                        };
-                        let _ = reg.evict(victim, Tier::Hbm, RemoveReason::Evicted);
-                        match reg.alloc_free(Tier::Hbm) {
-                            Some(s) => s,
-                            None => break,
-                        }
-                    }
-                };
-                if reg
-                    .reserve(key, v.parent, v.priority, Tier::Hbm, slot)
-                    .is_err()
-                {
-                    reg.free_unused(Tier::Hbm, slot);
-                    break;
-                }
-                reg.begin_use(key);
-                self.flush_events(&mut reg);
-                (host_slot, slot)
-            };
-            let Some(dst) = arena.host_ptr(slot) else {
-                let mut reg = self.lock();
-                reg.end_use(key);
-                let _ = reg.abort(key, Tier::Hbm);
                 break;
-            };
-            // SAFETY: the host slot is held busy (readers only); the G1 slot is reserved for
-            // this call; they do not overlap (different mappings).
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.host.data(host_slot).as_ptr(),
-                    dst,
-                    self.block_bytes,
-                );
             }
-            let mut reg = self.lock();
-            reg.end_use(key);
-            reg.publish(key, Tier::Hbm, 0).expect("reserved");
-            self.flush_events(&mut reg);
-            done += 1;
+            let Some(host_slot) = v.present[1] else { break };
+            let at_quota = reg.quota_room(namespace, Tier::Hbm) == 0;
+            let free = if at_quota {
+                None
+            } else {
+                reg.alloc_free(Tier::Hbm)
+            };
+            let slot = match free {
+                Some(s) => s,
+                None => {
+                    let victim = if at_quota {
+                        reg.victim_in(namespace, Tier::Hbm)
+                    } else {
+                        reg.victim(Tier::Hbm)
+                    };
+                    let Some(victim) = victim else { break };
+                    let _ = reg.evict(victim, Tier::Hbm, RemoveReason::Evicted);
+                    match reg.alloc_free(Tier::Hbm) {
+                        Some(s) => s,
+                        None => break,
+                    }
+                }
+            };
+            if reg
+                .reserve(key, v.parent, v.priority, Tier::Hbm, slot)
+                .is_err()
+            {
+                reg.free_unused(Tier::Hbm, slot);
+                break;
+            }
+            reg.begin_use(key);
+            plan.copies.push(TierCopy {
+                key,
+                from: (Tier::Host, host_slot),
+                to: (Tier::Hbm, slot),
+            });
         }
-        done
+        self.flush_events(&mut reg);
+        plan
+    }
+
+    /// Commits a promotion: with `copied`, every planned copy landed and is published;
+    /// otherwise every reservation is given up. Returns the leading blocks now in G1.
+    pub fn commit_promote(&self, plan: PromotePlan, copied: bool) -> usize {
+        let mut reg = self.lock();
+        for c in &plan.copies {
+            reg.end_use(c.key);
+            if copied {
+                reg.publish(c.key, Tier::Hbm, 0).expect("reserved");
+            } else {
+                let _ = reg.abort(c.key, Tier::Hbm);
+            }
+        }
+        self.flush_events(&mut reg);
+        plan.already + if copied { plan.copies.len() } else { 0 }
     }
 
     /// Leases the leading stored blocks for `session`; returns how many.
@@ -1021,51 +1006,6 @@ impl BlockManager {
     /// Drops all leases of a session (engine ended or died). Returns leases released.
     pub fn release_session(&self, session: SessionId) -> u64 {
         self.lock().release_session(session)
-    }
-
-    fn drop_keys(
-        &self,
-        keys: impl IntoIterator<Item = BlockKey>,
-        reason: RemoveReason,
-    ) -> DropReport {
-        let mut report = DropReport::default();
-        let mut tomb = Vec::new();
-        {
-            let mut reg = self.lock();
-            for key in keys {
-                if reg.view(key).is_none_or(|v| {
-                    v.fastest() == Tier::None && v.pending.iter().all(|s| s.is_none())
-                }) {
-                    report.missing += 1;
-                    continue;
-                }
-                if !reg.droppable(key) {
-                    report.busy += 1;
-                    continue;
-                }
-                for t in Tier::ALL {
-                    // NVMe slots stay allocated until their header is erased, so a restart
-                    // does not bring the block back and the slot is not reused meanwhile.
-                    if let Ok(slot) = reg.remove_tier(key, t, reason, t == Tier::Nvme)
-                        && t == Tier::Nvme
-                    {
-                        tomb.push(slot);
-                    }
-                }
-                report.dropped += 1;
-            }
-            self.flush_events(&mut reg);
-        }
-        if !tomb.is_empty() {
-            if let Some(store) = &self.nvme {
-                store.tombstone(&tomb);
-            }
-            let mut reg = self.lock();
-            for s in tomb {
-                reg.free_detached(Tier::Nvme, s);
-            }
-        }
-        report
     }
 
     /// Every stored block with its parent and the tiers it is in (router snapshots).
@@ -1085,30 +1025,73 @@ impl BlockManager {
             .collect()
     }
 
-    /// Removes blocks from every tier (leased or in-use blocks are kept and counted busy).
-    pub fn drop_blocks(&self, namespace: u32, hashes: &[u64]) -> DropReport {
-        self.drop_keys(
+    fn plan_drop_keys(
+        &self,
+        keys: impl IntoIterator<Item = BlockKey>,
+        reason: RemoveReason,
+    ) -> DropPlan {
+        let mut plan = DropPlan::default();
+        let mut reg = self.lock();
+        for key in keys {
+            if reg
+                .view(key)
+                .is_none_or(|v| v.fastest() == Tier::None && v.pending.iter().all(|s| s.is_none()))
+            {
+                plan.report.missing += 1;
+                continue;
+            }
+            if !reg.droppable(key) {
+                plan.report.busy += 1;
+                continue;
+            }
+            for t in Tier::ALL {
+                // NVMe slots stay allocated until their header is erased, so a restart
+                // does not bring the block back and the slot is not reused meanwhile.
+                if let Ok(slot) = reg.remove_tier(key, t, reason, t == Tier::Nvme)
+                    && t == Tier::Nvme
+                {
+                    plan.erase_nvme.push(slot);
+                }
+            }
+            plan.report.dropped += 1;
+        }
+        self.flush_events(&mut reg);
+        plan
+    }
+
+    /// Plans removing blocks from every tier (leased or in-use blocks are kept and counted
+    /// busy); the mover erases `erase_nvme`, then [`Self::commit_drop`].
+    pub fn plan_drop(&self, namespace: u32, hashes: &[u64]) -> DropPlan {
+        self.plan_drop_keys(
             hashes.iter().map(|&h| BlockKey::new(namespace, h)),
             RemoveReason::Dropped,
         )
     }
 
-    /// Removes every block of a namespace (leased or in-use blocks are kept).
-    pub fn clear_namespace(&self, namespace: u32) -> DropReport {
+    /// Plans removing every block of a namespace (leased or in-use blocks are kept).
+    pub fn plan_clear(&self, namespace: u32) -> DropPlan {
         let keys = self.lock().keys_in_namespace(namespace);
-        self.drop_keys(keys, RemoveReason::Cleared)
+        self.plan_drop_keys(keys, RemoveReason::Cleared)
+    }
+
+    /// Ends a drop once the mover erased its NVMe headers: the slots are free again.
+    pub fn commit_drop(&self, plan: DropPlan) -> DropReport {
+        self.commit_erase(&plan.erase_nvme);
+        plan.report
     }
 
     pub fn stats(&self) -> BlockStats {
         let reg = self.lock();
         let backing = |t: Tier| match t {
             Tier::Hbm => self
+                .stores
                 .hbm
                 .as_ref()
                 .map(|a| a.kind().to_string())
                 .unwrap_or_else(|| "disabled".into()),
-            Tier::Host => format!("pinned host pool: {}", self.host.report().pages),
+            Tier::Host => format!("pinned host pool: {}", self.stores.host.report().pages),
             _ => self
+                .stores
                 .nvme
                 .as_ref()
                 .map(|n| format!("NVMe via {}", n.engine_name()))
@@ -1122,7 +1105,7 @@ impl BlockManager {
                 slot_bytes: if t == Tier::Hbm {
                     self.block_bytes
                 } else {
-                    self.host.slot_bytes()
+                    self.stores.host.slot_bytes()
                 },
                 capacity_slots: reg.capacity(t),
                 used_slots: reg.used(t),
@@ -1147,13 +1130,18 @@ impl BlockManager {
             nvme_scan_corrupt: self.scan.1,
             nvme_scan_duplicates: self.scan.2,
             nvme_engine: self
+                .stores
                 .nvme
                 .as_ref()
                 .map(|n| n.engine_name().to_string())
                 .unwrap_or_default(),
-            nvme_registered_buffers: self.nvme.as_ref().is_some_and(|n| n.registered_buffers()),
+            nvme_registered_buffers: self
+                .stores
+                .nvme
+                .as_ref()
+                .is_some_and(|n| n.registered_buffers()),
             events_dropped: self.counters.events_dropped.load(Ordering::Relaxed),
-            host_pool: self.host.report().clone(),
+            host_pool: self.stores.host.report().clone(),
             namespaces: reg
                 .quota_usage()
                 .into_iter()
@@ -1180,6 +1168,3 @@ impl BlockManager {
     /// The slot header size in front of each host block (for callers sizing buffers).
     pub const SLOT_HEADER_BYTES: usize = SLOT_HEADER_BYTES;
 }
-
-#[cfg(test)]
-mod tests;

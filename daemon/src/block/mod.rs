@@ -1,6 +1,7 @@
 //! Block registry, leases and eviction (issue 3).
 
 pub mod manager;
+pub mod plan;
 pub mod registry;
 
 pub use crate::tier::Tier;

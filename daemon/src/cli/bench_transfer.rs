@@ -39,6 +39,7 @@ use kvplane_ffi::{Opcode, kvp_block_op};
 
 use crate::bench::served::{EngineGeometry, EngineSession, ServedDaemon, ServedOptions, chain_ops};
 use crate::block::{BlockConfig, BlockManager, ManagerOptions};
+use crate::dataplane::transfer::LocalBlocks;
 use crate::tier::TiersConfig;
 use crate::tier::host::{HostConfig, HugepageMode};
 use crate::tier::nvme::{NvmeConfig, slot_bytes};
@@ -327,7 +328,7 @@ fn manager(
     blocks: u64,
     nvme_file: Option<&Path>,
     g1: bool,
-) -> Result<BlockManager, TransferError> {
+) -> Result<LocalBlocks, TransferError> {
     let slot = slot_bytes(shape.block) as u64;
     let mut tiers = TiersConfig {
         host: HostConfig {
@@ -360,10 +361,13 @@ fn manager(
         nvme_admit_min_hits: 0,
         write_through: false,
     };
-    BlockManager::new(&block, &tiers, ManagerOptions::default()).map_err(|e| TransferError::Op {
+    let setup = |detail: String| TransferError::Op {
         path: "setup".into(),
-        detail: e.to_string(),
-    })
+        detail,
+    };
+    let m = BlockManager::new(&block, &tiers, ManagerOptions::default())
+        .map_err(|e| setup(e.to_string()))?;
+    LocalBlocks::new(m).map_err(|e| setup(e.to_string()))
 }
 
 fn hash_of(i: u64) -> u64 {
@@ -372,7 +376,7 @@ fn hash_of(i: u64) -> u64 {
 
 /// One save pass over every block (per thread: its own chain, in batches).
 fn save_pass(
-    m: &BlockManager,
+    m: &LocalBlocks,
     engine: &Aligned,
     shape: Shape,
     per_thread: u64,
@@ -389,7 +393,7 @@ fn save_pass(
                 .collect();
             let t0 = Instant::now();
             let r = m
-                .save(t as u64 + 1, 1, &chain, 0, write_through, |j, dst| {
+                .save_with(1, &chain, 0, write_through, |j, dst| {
                     let off = (i as usize + j) * bb;
                     // SAFETY: each thread reads its own blocks; no one writes the engine buffer.
                     dst.copy_from_slice(unsafe { engine.slice(off, bb) });
@@ -417,7 +421,7 @@ fn save_pass(
 
 /// One load pass over every block, into the engine buffer.
 fn load_pass(
-    m: &BlockManager,
+    m: &LocalBlocks,
     engine: &Aligned,
     shape: Shape,
     per_thread: u64,
@@ -431,7 +435,7 @@ fn load_pass(
             let hashes: Vec<u64> = (i..i + shape.batch as u64).map(hash_of).collect();
             let t0 = Instant::now();
             let r = m
-                .load(t as u64 + 1, 1, &hashes, |j, src| {
+                .load_with(1, &hashes, |j, src| {
                     let off = (i as usize + j) * bb;
                     // SAFETY: each thread writes its own blocks of the engine buffer.
                     unsafe { engine.slice_mut(off, bb) }.copy_from_slice(src);

@@ -72,7 +72,11 @@ pub fn run(args: ServeArgs) -> CliResult {
         startup_s = t0.elapsed().as_secs_f64(),
         "tiers ready"
     );
-    let dataplane = Arc::new(DataPlane::with_blocks(Arc::clone(&blocks)));
+    // The GPU data path (engines with KV in HBM, a cuda device) is issue 13's; engines
+    // register host memory, which the host backend moves with the same kernels.
+    let device: Arc<dyn kvplane_cuda::Device> = Arc::new(kvplane_cuda::host::HostDevice::new());
+    tracing::info!(device = %device.describe(), "data-plane device");
+    let dataplane = Arc::new(DataPlane::with_blocks(Arc::clone(&blocks), device)?);
     // Configured names are known before any engine attaches: blocks restored from NVMe are
     // published to routers under their names, and two names whose ids collide stop the
     // start-up instead of the second tenant's first attach.

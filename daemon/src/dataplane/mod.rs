@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use kvplane_cuda::{Device, DeviceBuffer, DeviceError, LayoutId, StreamId};
 use kvplane_ffi::{
     self as ffi, Opcode, Pod, Status, kvp_block_op, kvp_cqe, kvp_kv_layout, kvp_stats,
 };
-use kvplane_kernels::host::{EngineKv, HostLaunch, KernelError};
+use kvplane_kernels::host::{EngineKv, KernelError};
 use kvplane_kernels::layout::PagedLayout;
 use kvplane_shm::Segment;
 use kvplane_shm::server::{Request, completion};
@@ -21,7 +22,10 @@ use kvplane_shm::sys::PeerCred;
 use crate::block::{BlockError, BlockManager, LoadFailure, Tier};
 
 pub mod mapped;
+pub mod mover;
+pub mod transfer;
 pub use mapped::{MapLimitError, MappedCharge, MappedLedger, NamespaceLimit};
+pub use mover::{EngineTarget, MoveError, Mover};
 
 /// Global namespace id: stable across restarts (NVMe slots record it), derived from the
 /// name. Collisions between two live names are refused at attach.
@@ -63,10 +67,32 @@ pub struct Counters {
     pub metrics: crate::control::metrics::DataPlaneMetrics,
 }
 
+/// The engine's KV memory registered with the device, and its layout uploaded: what the
+/// mover's gather/scatter launches take. Unregistered on drop.
+struct DeviceView {
+    device: Arc<dyn Device>,
+    buffer: DeviceBuffer,
+    layout: Option<LayoutId>,
+    stream: StreamId,
+}
+
+impl Drop for DeviceView {
+    fn drop(&mut self) {
+        if let Some(layout) = self.layout.take() {
+            let _ = self.device.free_layout(layout);
+        }
+        if let Err(e) = self.device.free(self.buffer) {
+            tracing::warn!(error = %e, "unregistering an engine's KV buffer");
+        }
+    }
+}
+
 /// The engine's KV buffer, mapped, and the layout attached to it.
 pub struct EngineBuffer {
-    // Field order is drop order: the raw view goes before the mapping it points into, and
-    // the mapping before the charge that paid for its address space.
+    // Field order is drop order: the device registration goes first, then the raw view,
+    // both before the mapping they point into, and the mapping before the charge that
+    // paid for its address space.
+    view: Option<DeviceView>,
     kv: EngineKv,
     layout: Option<PagedLayout>,
     _mapping: Segment,
@@ -82,6 +108,48 @@ impl std::fmt::Debug for EngineBuffer {
 }
 
 impl EngineBuffer {
+    /// Registers the buffer with `device` (once) and uploads `layout`, replacing the layout
+    /// uploaded before.
+    fn attach_device(
+        &mut self,
+        device: &Arc<dyn Device>,
+        layout: &PagedLayout,
+    ) -> Result<(), DeviceError> {
+        if self.view.is_none() {
+            // SAFETY: the mapping is owned by this struct and dropped after `view` (field
+            // order), so base..base+len stays valid while registered; the engine may write
+            // it concurrently, which register_host_memory's contract allows.
+            let buffer =
+                unsafe { device.register_host_memory(self.kv.base(), self.kv.len_bytes())? };
+            let view = DeviceView {
+                device: Arc::clone(device),
+                buffer,
+                layout: None,
+                stream: StreamId::from_raw_for_tests(0),
+            };
+            // Registered first, so a failure below still unregisters it (Drop).
+            self.view = Some(view);
+            let stream = device.create_stream()?;
+            self.view.as_mut().expect("set above").stream = stream;
+        }
+        let view = self.view.as_mut().expect("set above");
+        let id = device.upload_layout(layout)?;
+        if let Some(old) = view.layout.replace(id) {
+            let _ = device.free_layout(old);
+        }
+        Ok(())
+    }
+
+    /// What the mover's launches take, once a layout is attached.
+    fn target(&self) -> Option<EngineTarget> {
+        let v = self.view.as_ref()?;
+        Some(EngineTarget {
+            buffer: v.buffer,
+            layout: v.layout?,
+            stream: v.stream,
+        })
+    }
+
     /// Wraps a mapping of the engine's buffer, paid for by `charge` (see [`mapped`]).
     pub fn new(mapping: Segment, charge: MappedCharge) -> Result<Self, kvplane_shm::ShmError> {
         let len = mapping.len();
@@ -92,6 +160,7 @@ impl EngineBuffer {
         // engine may write it concurrently, which EngineKv's contract allows.
         let kv = unsafe { EngineKv::new(base, len as usize) };
         Ok(EngineBuffer {
+            view: None,
             kv,
             layout: None,
             _mapping: mapping,
@@ -166,7 +235,8 @@ pub struct DataPlane {
     pub mapped: Arc<MappedLedger>,
     names: Mutex<HashMap<u32, String>>,
     blocks: Option<Arc<BlockManager>>,
-    launch: HostLaunch,
+    /// Executes the block manager's plans (present with `blocks`).
+    mover: Option<Mover>,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -202,8 +272,8 @@ fn engine_fault(e: &BlockError) -> Option<(usize, &KernelError)> {
         _ => return None,
     };
     source
-        .downcast_ref::<KernelError>()
-        .filter(|k| matches!(k, KernelError::EngineFault { .. }))
+        .downcast_ref::<MoveError>()
+        .and_then(MoveError::engine_fault)
         .map(|k| (index, k))
 }
 
@@ -217,12 +287,23 @@ impl DataPlane {
         Self::default()
     }
 
-    /// A data plane serving block operations from `blocks`.
-    pub fn with_blocks(blocks: Arc<BlockManager>) -> Self {
-        DataPlane {
+    /// A data plane serving block operations from `blocks`, moving bytes on `device`
+    /// (the tiers' memory is registered with it here).
+    pub fn with_blocks(
+        blocks: Arc<BlockManager>,
+        device: Arc<dyn Device>,
+    ) -> Result<Self, DeviceError> {
+        let mover = Mover::new(device, Arc::clone(blocks.stores()))?;
+        Ok(DataPlane {
             blocks: Some(blocks),
+            mover: Some(mover),
             ..Self::default()
-        }
+        })
+    }
+
+    /// The mover executing this data plane's plans.
+    pub fn mover(&self) -> Option<&Mover> {
+        self.mover.as_ref()
     }
 
     pub fn blocks(&self) -> Option<&Arc<BlockManager>> {
@@ -342,6 +423,12 @@ impl DataPlane {
             );
             return fail(Status::BadArg, 4);
         }
+        if let Some(mover) = &self.mover
+            && let Err(e) = engine.attach_device(mover.device(), &layout)
+        {
+            tracing::warn!(session = session.id, error = %e, "registering the KV buffer with the device");
+            return fail(Status::Internal, 0);
+        }
         engine.layout = Some(layout);
         done(req.user_data, Status::Ok, 0, 0, 0, 0)
     }
@@ -372,11 +459,15 @@ impl DataPlane {
         req: &Request,
     ) -> kvp_cqe {
         let ud = req.user_data;
+        let mover = self
+            .mover
+            .as_ref()
+            .expect("a data plane with blocks has a mover");
         if req.opcode == Opcode::ClearNamespace {
             let Some(&ns) = session.namespaces.get(req.namespace_id as usize) else {
                 return done(ud, Status::Namespace, 0, 0, 0, 0);
             };
-            let r = blocks.clear_namespace(ns);
+            let r = transfer::clear_namespace(blocks, mover, ns);
             return done(ud, Status::Ok, r.dropped, 0, 0, r.busy as u32);
         }
         let Some(ns) = Self::read_ops(session, seg, req) else {
@@ -402,8 +493,8 @@ impl DataPlane {
                     .unwrap_or(Tier::None);
                 done(ud, Status::Ok, hits, 0, abi_tier(slowest), 0)
             }
-            Opcode::Save => self.save(blocks, session, req, ns),
-            Opcode::Load => self.load(blocks, session, seg, req, ns),
+            Opcode::Save => self.save(blocks, mover, session, req, ns),
+            Opcode::Load => self.load(blocks, mover, session, seg, req, ns),
             Opcode::Pin => {
                 let n = blocks.pin(session.id, ns, &session.hashes);
                 self.counters
@@ -419,7 +510,7 @@ impl DataPlane {
                 done(ud, Status::Ok, n, 0, 0, 0)
             }
             Opcode::Drop => {
-                let r = blocks.drop_blocks(ns, &session.hashes);
+                let r = transfer::drop_blocks(blocks, mover, ns, &session.hashes);
                 done(ud, Status::Ok, r.dropped, 0, 0, r.busy as u32)
             }
             _ => done(ud, Status::Internal, 0, 0, 0, 0),
@@ -457,6 +548,7 @@ impl DataPlane {
     fn save(
         &self,
         blocks: &BlockManager,
+        mover: &Mover,
         session: &mut SessionData,
         req: &Request,
         ns: u32,
@@ -476,18 +568,24 @@ impl DataPlane {
         );
         let priority = u8::from(req.flags & ffi::SQE_F_HIGH_PRIORITY != 0);
         let write_through = req.flags & ffi::SQE_F_WRITE_THROUGH != 0;
+        let Some(target) = engine.target() else {
+            return done(ud, Status::NoLayout, 0, 0, 0, 0);
+        };
+        let _ = layout;
         let ops = &session.ops;
-        let launch = self.launch;
+        let pages = &mut session.pages;
         let t0 = Instant::now();
-        let result = blocks.save(
-            session.id,
+        let result = transfer::save(
+            blocks,
+            mover,
             ns,
             &session.chain,
             priority,
             write_through,
-            |i, bytes| {
-                let page = [ops[i].engine_block];
-                kvplane_kernels::host::gather(&engine.kv, layout, &page, bytes, launch)
+            |m, stores| {
+                pages.clear();
+                pages.extend(stores.iter().map(|s| ops[s.index].engine_block));
+                m.gather(target, pages, stores)
             },
         );
         let us = micros_since(t0);
@@ -528,6 +626,7 @@ impl DataPlane {
     fn load(
         &self,
         blocks: &BlockManager,
+        mover: &Mover,
         session: &mut SessionData,
         seg: &Segment,
         req: &Request,
@@ -548,12 +647,17 @@ impl DataPlane {
         if session.pages.windows(2).any(|w| w[0] == w[1]) {
             return done(ud, Status::BadArg, 0, 0, 0, 0);
         }
+        let Some(target) = engine.target() else {
+            return done(ud, Status::NoLayout, 0, 0, 0, 0);
+        };
+        let _ = layout;
         let ops = &session.ops;
-        let launch = self.launch;
+        let pages = &mut session.pages;
         let t0 = Instant::now();
-        let result = blocks.load(session.id, ns, &session.hashes, |i, bytes| {
-            let page = [ops[i].engine_block];
-            kvplane_kernels::host::scatter(&engine.kv, layout, &page, bytes, launch)
+        let result = transfer::load(blocks, mover, ns, &session.hashes, |m, items| {
+            pages.clear();
+            pages.extend(items.iter().map(|i| ops[i.index].engine_block));
+            m.scatter(target, pages, items)
         });
         let us = micros_since(t0);
         let r = match result {

@@ -42,6 +42,32 @@ impl Tier {
     }
 }
 
+/// The bytes of the tiers: what the mover (`crate::dataplane::mover`) reads and writes.
+/// The block manager decides which block owns which slot; it reads only geometry from
+/// here (and the NVMe index once, at start-up).
+pub struct Stores {
+    // Field order is drop order: the NVMe engines (which registered the host pool as fixed
+    // buffers) go before the pool.
+    /// G3, when configured.
+    pub nvme: Option<nvme::NvmeStore>,
+    /// G1, when configured.
+    pub hbm: Option<Box<dyn hbm::DeviceArena>>,
+    /// G2.
+    pub host: host::HostPool,
+    /// Bytes of one block (every tier's slot payload).
+    pub block_bytes: usize,
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stores")
+            .field("block_bytes", &self.block_bytes)
+            .field("hbm", &self.hbm.is_some())
+            .field("nvme", &self.nvme.is_some())
+            .finish()
+    }
+}
+
 /// Bytes of the per-slot header page (NVMe slot header; the host pool keeps the same page in
 /// front of each block so a block is written to NVMe with one contiguous O_DIRECT write).
 pub const SLOT_HEADER_BYTES: usize = 4096;
