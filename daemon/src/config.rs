@@ -147,8 +147,8 @@ pub struct NamespaceConfig {
 
 impl NamespaceConfig {
     /// Per-tier limits (HBM, host, NVMe) in bytes.
-    pub fn max_bytes(&self) -> [Option<u64>; 3] {
-        [self.max_hbm_bytes, self.max_host_bytes, self.max_nvme_bytes]
+    pub fn max_bytes(&self) -> crate::tier::PerTier<Option<u64>> {
+        crate::tier::PerTier([self.max_hbm_bytes, self.max_host_bytes, self.max_nvme_bytes])
     }
 }
 
@@ -322,7 +322,7 @@ impl Config {
                     "must be at least 1",
                 ));
             }
-            for (tier, bytes) in ["hbm", "host", "nvme"].iter().zip(ns.max_bytes()) {
+            for (tier, &bytes) in ns.max_bytes().iter() {
                 match bytes {
                     Some(b) if b != 0 && b < self.blocks.block_bytes as u64 => {
                         return Err(invalid(

@@ -24,6 +24,12 @@ pub use bindings::{
 mod types;
 pub use types::*;
 
+mod tier;
+pub use tier::{PerTier, Tier};
+
+#[cfg(test)]
+extern crate std;
+
 // Layout pins: the same numbers as the header's _Static_asserts, so a change to either
 // side fails to compile.
 const _: () = {

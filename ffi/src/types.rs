@@ -77,16 +77,6 @@ c_enum!(
 );
 
 c_enum!(
-    /// `enum kvp_tier`.
-    Tier: u32 {
-        None = b::kvp_tier_KVP_TIER_NONE,
-        Hbm = b::kvp_tier_KVP_TIER_HBM,
-        Host = b::kvp_tier_KVP_TIER_HOST,
-        Nvme = b::kvp_tier_KVP_TIER_NVME,
-    }
-);
-
-c_enum!(
     /// `enum kvp_session_state`.
     SessionState: u32 {
         Init = b::kvp_session_state_KVP_STATE_INIT,

@@ -19,6 +19,7 @@
 //! on the trace (see `benches/src/bin/router_vs_dynamo.rs`).
 
 use crate::{Tier, WorkerId};
+use kvplane_ffi::PerTier;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -192,7 +193,7 @@ pub struct Overlap {
     /// Leading query blocks this worker holds (on any tier).
     pub blocks: u32,
     /// The same blocks counted by the fastest tier the worker holds each on.
-    pub by_tier: [u32; 3],
+    pub by_tier: PerTier<u32>,
 }
 
 /// Result of applying a store event.
@@ -592,8 +593,8 @@ impl Tree {
                     .holders
                     .iter()
                     .map(|h| {
-                        let mut by_tier = [0; 3];
-                        by_tier[h.tiers.trailing_zeros() as usize] = m;
+                        let mut by_tier = PerTier::default();
+                        by_tier[Tier::ALL[h.tiers.trailing_zeros() as usize]] = m;
                         Overlap {
                             worker: h.worker,
                             blocks: m,
@@ -610,7 +611,7 @@ impl Tree {
                     }
                     if hi < node.holders.len() && node.holders[hi].worker == o.worker {
                         o.blocks += m;
-                        o.by_tier[node.holders[hi].tiers.trailing_zeros() as usize] += m;
+                        o.by_tier[Tier::ALL[node.holders[hi].tiers.trailing_zeros() as usize]] += m;
                         true
                     } else {
                         done.push(o.clone());
@@ -934,7 +935,7 @@ mod tests {
         for ns in ["x", "y"] {
             for q in &queries {
                 let key = |i: &Index| {
-                    let mut v: Vec<(u64, u32, [u32; 3])> = i
+                    let mut v: Vec<(u64, u32, PerTier<u32>)> = i
                         .find_matches(ns, q)
                         .iter()
                         .map(|o| (o.worker, o.blocks, o.by_tier))
@@ -962,8 +963,8 @@ mod tests {
         let m = t.find_matches(&a, 3);
         let w1 = m.iter().find(|o| o.worker == 1).unwrap();
         let w2 = m.iter().find(|o| o.worker == 2).unwrap();
-        assert_eq!((w1.blocks, w1.by_tier), (10, [10, 0, 0]));
-        assert_eq!((w2.blocks, w2.by_tier), (4, [0, 4, 0]));
+        assert_eq!((w1.blocks, w1.by_tier), (10, PerTier([10, 0, 0])));
+        assert_eq!((w2.blocks, w2.by_tier), (4, PerTier([0, 4, 0])));
         // Branch off block 5 for worker 1.
         t.store(1, Tier::Hbm, Some(a[5]), &chain(500, 3), 4);
         t.check_invariants().unwrap();
@@ -1049,9 +1050,9 @@ mod tests {
         let a = chain(1, 3);
         t.store(7, Tier::Nvme, None, &a, 1);
         t.store(7, Tier::Hbm, None, &a, 2);
-        assert_eq!(t.find_matches(&a, 3)[0].by_tier, [3, 0, 0]);
+        assert_eq!(t.find_matches(&a, 3)[0].by_tier, PerTier([3, 0, 0]));
         t.remove(7, Some(Tier::Hbm), &a);
-        assert_eq!(t.find_matches(&a, 4)[0].by_tier, [0, 0, 3]);
+        assert_eq!(t.find_matches(&a, 4)[0].by_tier, PerTier([0, 0, 3]));
         assert!(t.holds(7, a[0], Some(Tier::Nvme)));
         t.remove(7, Some(Tier::Nvme), &a);
         assert_eq!(t.node_count(), 0);

@@ -15,34 +15,9 @@ pub mod route;
 pub mod service;
 pub mod vllm;
 
-use serde::{Deserialize, Serialize};
-
 /// A routable worker (one engine or GPU behind a daemon), unique across the cluster.
 pub type WorkerId = u64;
 
-/// Where a worker holds a block. Lower is faster: HBM gets more overlap credit than host,
-/// host more than NVMe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Tier {
-    Hbm = 0,
-    Host = 1,
-    Nvme = 2,
-}
-
-impl Tier {
-    pub const ALL: [Tier; 3] = [Tier::Hbm, Tier::Host, Tier::Nvme];
-
-    /// Bit of this tier in a holder's tier mask.
-    pub const fn bit(self) -> u8 {
-        1 << (self as u8)
-    }
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Tier::Hbm => "hbm",
-            Tier::Host => "host",
-            Tier::Nvme => "nvme",
-        }
-    }
-}
+/// Where a worker holds a block: the one tier type of the ABI, the daemon and the router.
+/// Lower is faster: HBM gets more overlap credit than host, host more than NVMe.
+pub use kvplane_ffi::Tier;

@@ -37,6 +37,7 @@
 
 use crate::index::{Index, Overlap};
 use crate::{Tier, WorkerId};
+use kvplane_ffi::PerTier;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -51,7 +52,7 @@ pub struct RouteConfig {
     pub decode_weight: f64,
     pub active_weight: f64,
     /// Fraction of a block's prefill saved when it is cached on hbm, host, nvme.
-    pub tier_credit: [f64; 3],
+    pub tier_credit: PerTier<f64>,
     /// 0 picks the minimum; above 0 samples a softmax over negative costs.
     pub temperature: f64,
     pub prediction_ttl_ms: u64,
@@ -67,7 +68,7 @@ impl Default for RouteConfig {
             prefill_weight: 1.0,
             decode_weight: 1.0,
             active_weight: 1.0,
-            tier_credit: [1.0, 0.8, 0.5],
+            tier_credit: PerTier([1.0, 0.8, 0.5]),
             temperature: 0.0,
             prediction_ttl_ms: 2_000,
             max_predictions: 8_192,
@@ -304,10 +305,10 @@ impl Router {
                 }
                 let mut credit: f64 = Tier::ALL
                     .iter()
-                    .map(|&t| cfg.tier_credit[t as usize] * f64::from(o.by_tier[t as usize]))
+                    .map(|&t| cfg.tier_credit[t] * f64::from(o.by_tier[t]))
                     .sum();
                 if predicted > o.blocks {
-                    credit += cfg.tier_credit[Tier::Hbm as usize] * f64::from(predicted - o.blocks);
+                    credit += cfg.tier_credit[Tier::Hbm] * f64::from(predicted - o.blocks);
                 }
                 let prefill = (n as f64 - credit).max(0.0);
                 let active = c.active_requests + active_pred;
@@ -317,9 +318,9 @@ impl Router {
                 Score {
                     worker: c.worker,
                     cached_blocks: o.blocks,
-                    cached_hbm: o.by_tier[0],
-                    cached_host: o.by_tier[1],
-                    cached_nvme: o.by_tier[2],
+                    cached_hbm: o.by_tier[Tier::Hbm],
+                    cached_host: o.by_tier[Tier::Host],
+                    cached_nvme: o.by_tier[Tier::Nvme],
                     predicted_blocks: predicted,
                     prefill_blocks: prefill,
                     pending_prefill_blocks: pending,
@@ -424,7 +425,7 @@ impl Router {
         let n = hashes.len();
         let credit: f64 = Tier::ALL
             .iter()
-            .map(|&t| cfg.tier_credit[t as usize] * f64::from(o.by_tier[t as usize]))
+            .map(|&t| cfg.tier_credit[t] * f64::from(o.by_tier[t]))
             .sum();
         let prefill = (n as f64 - credit).max(0.0);
         let (pending, held, new, requests) = match active.get(&worker) {
@@ -443,9 +444,9 @@ impl Router {
         Score {
             worker,
             cached_blocks: o.blocks,
-            cached_hbm: o.by_tier[0],
-            cached_host: o.by_tier[1],
-            cached_nvme: o.by_tier[2],
+            cached_hbm: o.by_tier[Tier::Hbm],
+            cached_host: o.by_tier[Tier::Host],
+            cached_nvme: o.by_tier[Tier::Nvme],
             predicted_blocks: 0,
             prefill_blocks: prefill,
             pending_prefill_blocks: pending,

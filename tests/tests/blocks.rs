@@ -39,7 +39,7 @@ fn save_then_load_is_bit_identical_and_lookup_reports_the_prefix() {
     let (c, ops) = e.block_op(Opcode::Lookup, 0, &chain_ops(&longer, 0));
     assert_eq!((c.status, c.blocks), (0, 8));
     assert!(ops[..8].iter().all(|o| o.tier == Tier::Host.raw() as u8));
-    assert_eq!(ops[8].tier, Tier::None.raw() as u8);
+    assert_eq!(ops[8].tier, Tier::NONE_RAW as u8);
     // Load into other pages (16..24), poisoned first: every byte must come back.
     for p in 16..24 {
         e.poison_page(p);

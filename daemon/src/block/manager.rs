@@ -28,7 +28,7 @@ use crate::tier::hbm::{DeviceArena, HostStandInArena};
 use crate::tier::host::{HostError, HostPool, HostPoolReport};
 use crate::tier::nvme::engine::FaultPlan;
 use crate::tier::nvme::{NvmeError, NvmeStore};
-use crate::tier::{ConfigError, SLOT_HEADER_BYTES, Stores, Tier, TiersConfig, invalid};
+use crate::tier::{ConfigError, PerTier, SLOT_HEADER_BYTES, Stores, Tier, TiersConfig, invalid};
 
 /// `[blocks]`: block geometry and placement policy.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -136,7 +136,7 @@ pub struct LoadReport {
     pub tiers: Vec<Tier>,
     pub bytes: u64,
     /// Slowest tier used (`Tier::None` when nothing was loaded).
-    pub slowest: Tier,
+    pub slowest: Option<Tier>,
     /// Why the load stopped early, with the chain index, if it did.
     pub failure: Option<(usize, LoadFailure)>,
 }
@@ -202,7 +202,7 @@ pub struct ManagerOptions {
 pub struct NamespaceQuota {
     pub namespace: u32,
     pub name: String,
-    pub max_bytes: [Option<u64>; 3],
+    pub max_bytes: PerTier<Option<u64>>,
 }
 
 /// A namespace's limit and usage per tier, in slots (one block each).
@@ -211,8 +211,8 @@ pub struct NamespaceStats {
     pub name: String,
     pub namespace: u32,
     /// HBM, host, NVMe; `None` = no limit.
-    pub max_slots: [Option<u32>; 3],
-    pub used_slots: [u32; 3],
+    pub max_slots: PerTier<Option<u32>>,
+    pub used_slots: PerTier<u32>,
 }
 
 #[derive(Default)]
@@ -271,11 +271,11 @@ impl BlockManager {
             )?;
             (Some(store), Some(scan))
         };
-        let caps = [
+        let caps = PerTier([
             hbm.as_ref().map(|a| a.slot_count()).unwrap_or(0),
             host.slot_count(),
             nvme.as_ref().map(|n| n.slot_count()).unwrap_or(0),
-        ];
+        ]);
         let mut reg = Registry::new(caps);
         let mut quota_names = Vec::with_capacity(options.quotas.len());
         for q in &options.quotas {
@@ -373,7 +373,7 @@ impl BlockManager {
     }
 
     /// Leading blocks of the chain stored anywhere; `out_tiers[i]` = fastest tier of block i.
-    pub fn lookup(&self, namespace: u32, hashes: &[u64], out_tiers: &mut [Tier]) -> usize {
+    pub fn lookup(&self, namespace: u32, hashes: &[u64], out_tiers: &mut [Option<Tier>]) -> usize {
         self.lock().lookup(namespace, hashes, out_tiers)
     }
 
@@ -381,7 +381,7 @@ impl BlockManager {
         self.stores.nvme.is_some()
             && reg
                 .view(key)
-                .is_some_and(|v| v.present[2].is_none() && v.pending[2].is_none())
+                .is_some_and(|v| v.present[Tier::Nvme].is_none() && v.pending[Tier::Nvme].is_none())
             && reg.seen(key) >= self.admit_min_hits
     }
 
@@ -466,7 +466,7 @@ impl BlockManager {
             };
             if tier == Tier::Host && self.should_demote(&reg, v) {
                 let view = reg.view(v).expect("victim exists");
-                let host_slot = view.present[1].expect("victim present");
+                let host_slot = view.present[Tier::Host].expect("victim present");
                 if let Some(nvme_slot) = self.nvme_slot(&mut reg, v.namespace) {
                     reg.reserve(v, view.parent, view.priority, Tier::Nvme, nvme_slot)
                         .expect("checked: no NVMe slot");
@@ -481,12 +481,10 @@ impl BlockManager {
                     continue;
                 }
             }
-            let reason = if reg.view(v).is_some_and(|e| {
-                e.present
-                    .iter()
-                    .enumerate()
-                    .any(|(t, s)| t > tier.index() && s.is_some())
-            }) {
+            let reason = if reg
+                .view(v)
+                .is_some_and(|e| e.present.iter().any(|(t, s)| t > tier && s.is_some()))
+            {
                 RemoveReason::Demoted
             } else {
                 RemoveReason::Evicted
@@ -531,8 +529,10 @@ impl BlockManager {
                 }
             }
             if out.len() < room.want && reg.evictable(job.key, Tier::Host) {
-                let reason = if reg.fastest(job.key) != Tier::Host
-                    || reg.view(job.key).is_some_and(|v| v.present[2].is_some())
+                let reason = if reg.fastest(job.key) != Some(Tier::Host)
+                    || reg
+                        .view(job.key)
+                        .is_some_and(|v| v.present[Tier::Nvme].is_some())
                 {
                     RemoveReason::Demoted
                 } else {
@@ -581,7 +581,7 @@ impl BlockManager {
                     if v.present
                         .iter()
                         .chain(v.pending.iter())
-                        .any(|s| s.is_some()) =>
+                        .any(|(_, s)| s.is_some()) =>
                 {
                     reg.touch(key);
                     plan.report.already_present += 1;
@@ -739,11 +739,10 @@ impl BlockManager {
                 plan.failure = Some((i, LoadFailure::Missing));
                 break;
             };
-            let t = v.fastest();
-            if t == Tier::None {
+            let Some(t) = v.fastest() else {
                 plan.failure = Some((i, LoadFailure::Missing));
                 break;
-            }
+            };
             reg.begin_use(key);
             reg.touch(key);
             if t == Tier::Nvme {
@@ -761,7 +760,7 @@ impl BlockManager {
                     key,
                     found: t,
                     tier: t,
-                    slot: v.present[t.index()].expect("present"),
+                    slot: v.present[t].expect("present"),
                 });
             }
         }
@@ -779,7 +778,7 @@ impl BlockManager {
         for &i in &plan.staged {
             let key = plan.items[i].key;
             let v = reg.view(key).expect("held busy");
-            if let Some(s) = v.present[1] {
+            if let Some(s) = v.present[Tier::Host] {
                 // Another load staged it meanwhile.
                 plan.items[i].slot = s;
                 continue;
@@ -806,7 +805,7 @@ impl BlockManager {
             plan.reads.push(NvmeRead {
                 index: i,
                 key,
-                nvme_slot: v.present[2].expect("on NVMe"),
+                nvme_slot: v.present[Tier::Nvme].expect("on NVMe"),
                 host_slot: slot,
                 generation: v.nvme_generation,
             });
@@ -905,7 +904,7 @@ impl BlockManager {
         let tiers: Vec<Tier> = items[..served].iter().map(|i| i.found).collect();
         let report = LoadReport {
             loaded: served,
-            slowest: tiers.iter().copied().max().unwrap_or(Tier::None),
+            slowest: tiers.iter().copied().max(),
             bytes: (served * self.block_bytes) as u64,
             tiers,
             failure,
@@ -930,14 +929,16 @@ impl BlockManager {
         for &h in hashes {
             let key = BlockKey::new(namespace, h);
             let Some(v) = reg.view(key) else { break };
-            if v.present[0].is_some() {
+            if v.present[Tier::Hbm].is_some() {
                 if plan.copies.is_empty() {
                     plan.already += 1;
                     continue;
                 }
                 break;
             }
-            let Some(host_slot) = v.present[1] else { break };
+            let Some(host_slot) = v.present[Tier::Host] else {
+                break;
+            };
             let at_quota = reg.quota_room(namespace, Tier::Hbm) == 0;
             let free = if at_quota {
                 None
@@ -1017,10 +1018,7 @@ impl BlockManager {
                 namespace: key.namespace,
                 hash: key.hash,
                 parent,
-                tiers: Tier::ALL
-                    .into_iter()
-                    .filter(|t| present[t.index()])
-                    .collect(),
+                tiers: Tier::ALL.into_iter().filter(|&t| present[t]).collect(),
             })
             .collect()
     }
@@ -1035,7 +1033,7 @@ impl BlockManager {
         for key in keys {
             if reg
                 .view(key)
-                .is_none_or(|v| v.fastest() == Tier::None && v.pending.iter().all(|s| s.is_none()))
+                .is_none_or(|v| v.fastest().is_none() && v.pending.values().all(|s| s.is_none()))
             {
                 plan.report.missing += 1;
                 continue;
@@ -1111,7 +1109,7 @@ impl BlockManager {
                 used_slots: reg.used(t),
                 removed: RemoveReason::ALL
                     .into_iter()
-                    .map(|r| (r.name(), reg.counters.removed[t.index()][r as usize]))
+                    .map(|r| (r.name(), reg.counters.removed[t][r as usize]))
                     .collect(),
             })
             .collect();

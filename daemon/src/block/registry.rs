@@ -10,7 +10,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hasher};
 
-use crate::tier::{SlotAllocator, Tier};
+use crate::tier::{PerTier, SlotAllocator, Tier};
 
 pub type SessionId = u64;
 pub const NO_SLOT: u32 = u32::MAX;
@@ -125,11 +125,11 @@ pub enum BlockEvent {
 struct Entry {
     key: BlockKey,
     parent: Option<u64>,
-    slots: [u32; 3],
+    slots: PerTier<u32>,
     /// Bit t: the slot of tier t is reserved, not published.
     pending: u8,
     /// Children present (published) in each tier.
-    children: [u32; 3],
+    children: PerTier<u32>,
     last_use: u64,
     priority: u8,
     leases: u32,
@@ -144,25 +144,20 @@ struct Entry {
 }
 
 impl Entry {
-    fn present(&self, t: usize) -> bool {
-        self.slots[t] != NO_SLOT && self.pending & (1 << t) == 0
+    fn present(&self, t: Tier) -> bool {
+        self.slots[t] != NO_SLOT && self.pending & t.bit() == 0
     }
-    fn eligible(&self, t: usize) -> bool {
+    fn eligible(&self, t: Tier) -> bool {
         self.present(t) && self.children[t] == 0 && self.leases == 0 && self.busy == 0
     }
     fn garbage(&self) -> bool {
-        self.slots.iter().all(|&s| s == NO_SLOT)
-            && self.children == [0; 3]
+        self.slots.values().all(|&s| s == NO_SLOT)
+            && self.children.values().all(|&c| c == 0)
             && self.leases == 0
             && self.busy == 0
     }
-    fn fastest(&self) -> Tier {
-        for t in Tier::ALL {
-            if self.present(t.index()) {
-                return t;
-            }
-        }
-        Tier::None
+    fn fastest(&self) -> Option<Tier> {
+        Tier::ALL.into_iter().find(|&t| self.present(t))
     }
 }
 
@@ -172,9 +167,9 @@ pub struct EntryView {
     pub key: BlockKey,
     pub parent: Option<u64>,
     /// `Some(slot)` where present (published).
-    pub present: [Option<u32>; 3],
+    pub present: PerTier<Option<u32>>,
     /// `Some(slot)` where reserved, not published.
-    pub pending: [Option<u32>; 3],
+    pub pending: PerTier<Option<u32>>,
     pub leases: u32,
     pub busy: u32,
     pub hits: u32,
@@ -183,11 +178,8 @@ pub struct EntryView {
 }
 
 impl EntryView {
-    pub fn fastest(&self) -> Tier {
-        Tier::ALL
-            .into_iter()
-            .find(|t| self.present[t.index()].is_some())
-            .unwrap_or(Tier::None)
+    pub fn fastest(&self) -> Option<Tier> {
+        Tier::ALL.into_iter().find(|&t| self.present[t].is_some())
     }
 }
 
@@ -208,7 +200,7 @@ pub struct RegistryCounters {
     pub lookup_hits: u64,
     pub lookup_misses: u64,
     /// Indexed by `RemoveReason as usize`, per tier.
-    pub removed: [[u64; 6]; 3],
+    pub removed: PerTier<[u64; 6]>,
 }
 
 /// What the map stores per key: enough to answer a lookup without touching the entry
@@ -228,28 +220,28 @@ struct Slotref {
 struct NsQuota {
     namespace: u32,
     /// `u32::MAX`: unlimited in that tier.
-    max_slots: [u32; 3],
-    used_slots: [u32; 3],
-    candidates: [BTreeSet<(u8, u64, u32)>; 3],
+    max_slots: PerTier<u32>,
+    used_slots: PerTier<u32>,
+    candidates: PerTier<BTreeSet<(u8, u64, u32)>>,
 }
 
 /// A namespace's quota and usage, for stats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QuotaUsage {
     pub namespace: u32,
-    pub max_slots: [u32; 3],
-    pub used_slots: [u32; 3],
+    pub max_slots: PerTier<u32>,
+    pub used_slots: PerTier<u32>,
 }
 
 pub struct Registry {
     map: HashMap<BlockKey, Slotref, BuildKeyHasher>,
     entries: Vec<Entry>,
     free_entries: Vec<u32>,
-    alloc: [SlotAllocator; 3],
-    candidates: [BTreeSet<(u8, u64, u32)>; 3],
+    alloc: PerTier<SlotAllocator>,
+    candidates: PerTier<BTreeSet<(u8, u64, u32)>>,
     sessions: HashMap<SessionId, HashMap<BlockKey, u32, BuildKeyHasher>>,
     /// Slots taken out of an entry but not yet freed (e.g. an NVMe slot being tombstoned).
-    detached: [Vec<u32>; 3],
+    detached: PerTier<Vec<u32>>,
     /// Namespaces with a quota (set at start-up, before any block exists).
     quotas: Vec<NsQuota>,
     clock: u64,
@@ -260,7 +252,7 @@ pub struct Registry {
 
 impl Registry {
     /// A registry for tiers of `capacity[t]` slots.
-    pub fn new(capacity: [u32; 3]) -> Self {
+    pub fn new(capacity: PerTier<u32>) -> Self {
         Registry {
             map: HashMap::with_hasher(BuildKeyHasher),
             entries: Vec::new(),
@@ -278,13 +270,13 @@ impl Registry {
     }
 
     pub fn capacity(&self, tier: Tier) -> u32 {
-        self.alloc[tier.index()].capacity()
+        self.alloc[tier].capacity()
     }
     pub fn used(&self, tier: Tier) -> u32 {
-        self.alloc[tier.index()].used()
+        self.alloc[tier].used()
     }
     pub fn free_slots(&self, tier: Tier) -> u32 {
-        self.alloc[tier.index()].free_count()
+        self.alloc[tier].free_count()
     }
     pub fn len(&self) -> usize {
         self.map.len()
@@ -295,7 +287,7 @@ impl Registry {
 
     /// Limits `namespace` to `max_slots[t]` slots of tier t (`u32::MAX`: unlimited). Set
     /// at start-up, before any block is stored or restored.
-    pub fn set_quota(&mut self, namespace: u32, max_slots: [u32; 3]) {
+    pub fn set_quota(&mut self, namespace: u32, max_slots: PerTier<u32>) {
         assert!(
             self.map.is_empty(),
             "quotas are set before any block exists"
@@ -306,7 +298,7 @@ impl Registry {
             None => self.quotas.push(NsQuota {
                 namespace,
                 max_slots,
-                used_slots: [0; 3],
+                used_slots: PerTier::default(),
                 candidates: Default::default(),
             }),
         }
@@ -327,7 +319,7 @@ impl Registry {
             0 => u32::MAX,
             q => {
                 let q = &self.quotas[q as usize - 1];
-                let t = tier.index();
+                let t = tier;
                 if q.max_slots[t] == u32::MAX {
                     u32::MAX
                 } else {
@@ -344,7 +336,7 @@ impl Registry {
         if q == 0 {
             return None;
         }
-        self.quotas[q as usize - 1].candidates[tier.index()]
+        self.quotas[q as usize - 1].candidates[tier]
             .first()
             .map(|&(_, _, i)| self.entries[i as usize].key)
     }
@@ -361,7 +353,7 @@ impl Registry {
             .collect()
     }
 
-    fn count_slot(&mut self, i: u32, t: usize, taken: bool) {
+    fn count_slot(&mut self, i: u32, t: Tier, taken: bool) {
         let q = self.entries[i as usize].quota;
         if q != 0 {
             let used = &mut self.quotas[q as usize - 1].used_slots[t];
@@ -387,9 +379,9 @@ impl Registry {
     fn sync_present(&mut self, i: u32) {
         let e = &self.entries[i as usize];
         let mut mask = 0u8;
-        for t in 0..3 {
+        for t in Tier::ALL {
             if e.present(t) {
-                mask |= 1 << t;
+                mask |= t.bit();
             }
         }
         if let Some(r) = self.map.get_mut(&e.key) {
@@ -400,11 +392,11 @@ impl Registry {
     pub fn view(&self, key: BlockKey) -> Option<EntryView> {
         let r = *self.map.get(&key)?;
         let e = &self.entries[r.idx as usize];
-        let mut present = [None; 3];
-        let mut pending = [None; 3];
-        for t in 0..3 {
+        let mut present = PerTier::default();
+        let mut pending = PerTier::default();
+        for t in Tier::ALL {
             if e.slots[t] != NO_SLOT {
-                if e.pending & (1 << t) != 0 {
+                if e.pending & t.bit() != 0 {
                     pending[t] = Some(e.slots[t]);
                 } else {
                     present[t] = Some(e.slots[t]);
@@ -430,8 +422,8 @@ impl Registry {
         let e = &mut self.entries[i as usize];
         let (mask, p, u, q) = (e.cand, e.cand_priority, e.cand_use, e.quota);
         e.cand = 0;
-        for t in 0..3 {
-            if mask & (1 << t) != 0 {
+        for t in Tier::ALL {
+            if mask & t.bit() != 0 {
                 self.candidates[t].remove(&(p, u, i));
                 if q != 0 {
                     self.quotas[q as usize - 1].candidates[t].remove(&(p, u, i));
@@ -445,17 +437,17 @@ impl Registry {
         let e = &mut self.entries[i as usize];
         let (p, u) = (e.priority, e.last_use);
         let mut mask = 0;
-        for t in 0..3 {
+        for t in Tier::ALL {
             if e.eligible(t) {
-                mask |= 1 << t;
+                mask |= t.bit();
             }
         }
         e.cand = mask;
         e.cand_priority = p;
         e.cand_use = u;
         let q = e.quota;
-        for t in 0..3 {
-            if mask & (1 << t) != 0 {
+        for t in Tier::ALL {
+            if mask & t.bit() != 0 {
                 self.candidates[t].insert((p, u, i));
                 if q != 0 {
                     self.quotas[q as usize - 1].candidates[t].insert((p, u, i));
@@ -477,9 +469,9 @@ impl Registry {
         let entry = Entry {
             key,
             parent,
-            slots: [NO_SLOT; 3],
+            slots: PerTier::splat(NO_SLOT),
             pending: 0,
-            children: [0; 3],
+            children: PerTier::default(),
             last_use: 0,
             priority,
             leases: 0,
@@ -526,7 +518,7 @@ impl Registry {
 
     /// Parent's child count in tier `t` changes by `delta` (creating a ghost parent entry
     /// when the parent is not stored, so the count survives until it is).
-    fn adjust_parent(&mut self, i: u32, t: usize, up: bool) {
+    fn adjust_parent(&mut self, i: u32, t: Tier, up: bool) {
         let e = &self.entries[i as usize];
         let Some(ph) = e.parent else { return };
         let pkey = BlockKey::new(e.key.namespace, ph);
@@ -553,9 +545,14 @@ impl Registry {
     // ---- queries --------------------------------------------------------------------
 
     /// Leading blocks of the chain present in some tier; `out_tiers[i]` gets the fastest
-    /// tier of block i (`Tier::None` after the prefix). Counts a hit per found block.
+    /// tier of block i (`None` after the prefix). Counts a hit per found block.
     /// Read-mostly: does not touch LRU order (a following load does).
-    pub fn lookup(&mut self, namespace: u32, hashes: &[u64], out_tiers: &mut [Tier]) -> usize {
+    pub fn lookup(
+        &mut self,
+        namespace: u32,
+        hashes: &[u64],
+        out_tiers: &mut [Option<Tier>],
+    ) -> usize {
         let n = hashes.len().min(out_tiers.len());
         let mut hits = 0;
         for i in 0..n {
@@ -565,16 +562,13 @@ impl Registry {
                     // Bit order is speed order: the lowest set bit is the fastest tier.
                     Tier::ALL[r.present.trailing_zeros() as usize]
                 }
-                _ => Tier::None,
+                _ => break,
             };
-            if tier == Tier::None {
-                break;
-            }
-            out_tiers[i] = tier;
+            out_tiers[i] = Some(tier);
             hits += 1;
         }
         for t in out_tiers.iter_mut().take(n).skip(hits) {
-            *t = Tier::None;
+            *t = None;
         }
         self.counters.lookup_hits += hits as u64;
         self.counters.lookup_misses += (n - hits) as u64;
@@ -582,10 +576,9 @@ impl Registry {
     }
 
     /// The fastest tier `key` is present in.
-    pub fn fastest(&self, key: BlockKey) -> Tier {
+    pub fn fastest(&self, key: BlockKey) -> Option<Tier> {
         self.idx(key)
-            .map(|i| self.entries[i as usize].fastest())
-            .unwrap_or(Tier::None)
+            .and_then(|i| self.entries[i as usize].fastest())
     }
 
     /// Number of times a block was seen (saved again, looked up, loaded). NVMe admission.
@@ -608,17 +601,17 @@ impl Registry {
     // ---- slots ----------------------------------------------------------------------
 
     pub fn alloc_free(&mut self, tier: Tier) -> Option<u32> {
-        self.alloc[tier.index()].alloc()
+        self.alloc[tier].alloc()
     }
 
     /// Returns a slot obtained from `alloc_free` but never reserved.
     pub fn free_unused(&mut self, tier: Tier, slot: u32) {
-        self.alloc[tier.index()].free(slot);
+        self.alloc[tier].free(slot);
     }
 
     /// The next eviction candidate of a tier.
     pub fn victim(&self, tier: Tier) -> Option<BlockKey> {
-        self.candidates[tier.index()]
+        self.candidates[tier]
             .first()
             .map(|&(_, _, i)| self.entries[i as usize].key)
     }
@@ -626,7 +619,7 @@ impl Registry {
     /// Whether `key` could be evicted from `tier` now.
     pub fn evictable(&self, key: BlockKey, tier: Tier) -> bool {
         self.idx(key)
-            .is_some_and(|i| self.entries[i as usize].eligible(tier.index()))
+            .is_some_and(|i| self.entries[i as usize].eligible(tier))
     }
 
     /// Reserves `slot` of `tier` for `key` (not visible until `publish`).
@@ -638,7 +631,7 @@ impl Registry {
         tier: Tier,
         slot: u32,
     ) -> Result<(), RegistryError> {
-        let t = tier.index();
+        let t = tier;
         debug_assert!(self.alloc[t].is_used(slot));
         let i = self.get_or_create(key, parent, priority);
         let e = &mut self.entries[i as usize];
@@ -647,8 +640,9 @@ impl Registry {
             return Err(RegistryError::AlreadyInTier(key, tier));
         }
         e.slots[t] = slot;
-        e.pending |= 1 << t;
-        if e.leases == 0 && e.busy == 0 && e.slots.iter().filter(|&&s| s != NO_SLOT).count() == 1 {
+        e.pending |= t.bit();
+        if e.leases == 0 && e.busy == 0 && e.slots.values().filter(|&&s| s != NO_SLOT).count() == 1
+        {
             e.priority = priority;
         }
         self.count_slot(i, t, true);
@@ -662,14 +656,14 @@ impl Registry {
         tier: Tier,
         nvme_generation: u64,
     ) -> Result<(), RegistryError> {
-        let t = tier.index();
+        let t = tier;
         let i = self.idx(key).ok_or(RegistryError::Unknown(key))?;
         let now = self.tick();
         let e = &mut self.entries[i as usize];
-        if e.slots[t] == NO_SLOT || e.pending & (1 << t) == 0 {
+        if e.slots[t] == NO_SLOT || e.pending & t.bit() == 0 {
             return Err(RegistryError::NotInTier(key, tier));
         }
-        e.pending &= !(1 << t);
+        e.pending &= !t.bit();
         e.last_use = now;
         if tier == Tier::Nvme {
             e.nvme_generation = nvme_generation;
@@ -691,15 +685,15 @@ impl Registry {
 
     /// Gives up a reservation (the slot returns to the free list).
     pub fn abort(&mut self, key: BlockKey, tier: Tier) -> Result<(), RegistryError> {
-        let t = tier.index();
+        let t = tier;
         let i = self.idx(key).ok_or(RegistryError::Unknown(key))?;
         let e = &mut self.entries[i as usize];
-        if e.slots[t] == NO_SLOT || e.pending & (1 << t) == 0 {
+        if e.slots[t] == NO_SLOT || e.pending & t.bit() == 0 {
             return Err(RegistryError::NotInTier(key, tier));
         }
         let slot = e.slots[t];
         e.slots[t] = NO_SLOT;
-        e.pending &= !(1 << t);
+        e.pending &= !t.bit();
         self.alloc[t].free(slot);
         self.count_slot(i, t, false);
         self.recand(i);
@@ -717,7 +711,7 @@ impl Registry {
         reason: RemoveReason,
         detach: bool,
     ) -> Result<u32, RegistryError> {
-        let t = tier.index();
+        let t = tier;
         let i = self.idx(key).ok_or(RegistryError::Unknown(key))?;
         if !self.entries[i as usize].present(t) {
             return Err(RegistryError::NotInTier(key, tier));
@@ -763,7 +757,7 @@ impl Registry {
     }
 
     pub fn free_detached(&mut self, tier: Tier, slot: u32) {
-        let t = tier.index();
+        let t = tier;
         if let Some(pos) = self.detached[t].iter().position(|&s| s == slot) {
             self.detached[t].swap_remove(pos);
             self.alloc[t].free(slot);
@@ -779,11 +773,11 @@ impl Registry {
         slot: u32,
         generation: u64,
     ) -> Result<(), RegistryError> {
-        if !self.alloc[tier.index()].claim(slot) {
+        if !self.alloc[tier].claim(slot) {
             return Err(RegistryError::AlreadyInTier(key, tier));
         }
         if let Err(e) = self.reserve(key, parent, 0, tier, slot) {
-            self.alloc[tier.index()].free(slot);
+            self.alloc[tier].free(slot);
             return Err(e);
         }
         self.publish(key, tier, generation)
@@ -816,7 +810,7 @@ impl Registry {
         for &h in hashes {
             let key = BlockKey::new(namespace, h);
             let Some(i) = self.idx(key) else { break };
-            if self.entries[i as usize].fastest() == Tier::None {
+            if self.entries[i as usize].fastest().is_none() {
                 break;
             }
             self.entries[i as usize].leases += 1;
@@ -891,7 +885,7 @@ impl Registry {
 
     /// Every block present in some tier: `(key, parent, tiers present)`, for the router
     /// snapshot (control plane; O(blocks) under the lock).
-    pub fn snapshot(&self) -> Vec<(BlockKey, Option<u64>, [bool; 3])> {
+    pub fn snapshot(&self) -> Vec<(BlockKey, Option<u64>, PerTier<bool>)> {
         self.map
             .values()
             .filter(|r| r.present != 0)
@@ -900,7 +894,7 @@ impl Registry {
                 (
                     e.key,
                     e.parent,
-                    [r.present & 1 != 0, r.present & 2 != 0, r.present & 4 != 0],
+                    PerTier::from_fn(|t| r.present & t.bit() != 0),
                 )
             })
             .collect()
@@ -927,12 +921,12 @@ impl Registry {
 
     /// Checks every structural invariant; `Err` describes the first violation.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let mut owner: [HashMap<u32, BlockKey>; 3] = Default::default();
-        let mut children: HashMap<BlockKey, [u32; 3]> = HashMap::new();
-        let mut eligible = [0usize; 3];
-        let mut quota_used = vec![[0u32; 3]; self.quotas.len()];
-        let mut quota_eligible = vec![[0usize; 3]; self.quotas.len()];
-        for t in 0..3 {
+        let mut owner: PerTier<HashMap<u32, BlockKey>> = Default::default();
+        let mut children: HashMap<BlockKey, PerTier<u32>> = HashMap::new();
+        let mut eligible = PerTier::<usize>::default();
+        let mut quota_used = vec![PerTier::<u32>::default(); self.quotas.len()];
+        let mut quota_eligible = vec![PerTier::<usize>::default(); self.quotas.len()];
+        for t in Tier::ALL {
             self.alloc[t]
                 .check()
                 .map_err(|e| format!("tier {t}: {e}"))?;
@@ -946,9 +940,10 @@ impl Registry {
             if e.key != key {
                 return Err(format!("{key:?}: entry holds {:?}", e.key));
             }
-            let mask = (0..3)
+            let mask = Tier::ALL
+                .into_iter()
                 .filter(|&t| e.present(t))
-                .fold(0u8, |m, t| m | 1 << t);
+                .fold(0u8, |m, t| m | t.bit());
             if mask != r.present {
                 return Err(format!(
                     "{key:?}: map presence {:#b}, entry {mask:#b}",
@@ -964,12 +959,12 @@ impl Registry {
             if e.quota != self.quota_of(key.namespace) {
                 return Err(format!("{key:?}: quota index {} is stale", e.quota));
             }
-            if e.leases > 0 && e.fastest() == Tier::None {
+            if e.leases > 0 && e.fastest().is_none() {
                 return Err(format!(
                     "{key:?}: leased but present nowhere (lease not respected)"
                 ));
             }
-            for t in 0..3 {
+            for t in Tier::ALL {
                 let s = e.slots[t];
                 if s != NO_SLOT {
                     if !self.alloc[t].is_used(s) {
@@ -988,7 +983,7 @@ impl Registry {
                     children.entry(BlockKey::new(key.namespace, p)).or_default()[t] += 1;
                 }
                 let in_set = self.candidates[t].contains(&(e.cand_priority, e.cand_use, i));
-                let flagged = e.cand & (1 << t) != 0;
+                let flagged = e.cand & t.bit() != 0;
                 if e.eligible(t) != flagged || flagged != in_set {
                     return Err(format!(
                         "{key:?}: tier {t} candidate state wrong (eligible {}, flagged {flagged}, in set {in_set})",
@@ -1015,7 +1010,7 @@ impl Registry {
                 }
             }
         }
-        for t in 0..3 {
+        for t in Tier::ALL {
             if self.candidates[t].len() != eligible[t] {
                 return Err(format!(
                     "tier {t}: {} candidates for {} eligible",
@@ -1033,7 +1028,7 @@ impl Registry {
             }
         }
         for (q, quota) in self.quotas.iter().enumerate() {
-            for t in 0..3 {
+            for t in Tier::ALL {
                 if quota.used_slots[t] != quota_used[q][t] {
                     return Err(format!(
                         "namespace {:#x} tier {t}: {} slots counted, {} held",
@@ -1051,7 +1046,7 @@ impl Registry {
             }
         }
         for (&key, &Slotref { idx: i, .. }) in &self.map {
-            let want = children.get(&key).copied().unwrap_or([0; 3]);
+            let want = children.get(&key).copied().unwrap_or_default();
             if self.entries[i as usize].children != want {
                 return Err(format!(
                     "{key:?}: child counts {:?}, recount {want:?}",
@@ -1060,7 +1055,7 @@ impl Registry {
             }
         }
         for (key, counts) in &children {
-            if !self.map.contains_key(key) && *counts != [0; 3] {
+            if !self.map.contains_key(key) && counts.values().any(|&c| c != 0) {
                 return Err(format!("parent {key:?} of stored children has no entry"));
             }
         }

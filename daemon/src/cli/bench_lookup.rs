@@ -12,6 +12,7 @@ use std::time::Instant;
 use super::CliResult;
 use crate::block::registry::{BuildKeyHasher, Registry};
 use crate::block::{BlockKey, Tier};
+use crate::tier::PerTier;
 
 #[derive(Debug, clap::Args)]
 pub struct LookupArgs {
@@ -64,7 +65,7 @@ pub fn run(args: LookupArgs) -> CliResult {
     let build = Instant::now();
     // Blocks live in the NVMe tier here only because it is the tier with room for 1M slots
     // without memory behind them; lookup cost does not depend on the tier.
-    let mut reg = Registry::new([0, 0, hashes.len() as u32]);
+    let mut reg = Registry::new(PerTier([0, 0, hashes.len() as u32]));
     for c in 0..chains as usize {
         let chain = &hashes[c * args.chain as usize..(c + 1) * args.chain as usize];
         for (j, &h) in chain.iter().enumerate() {
@@ -81,7 +82,7 @@ pub fn run(args: LookupArgs) -> CliResult {
     let order: Vec<usize> = (0..1 << 16)
         .map(|i| (mix(i as u64) % chains) as usize)
         .collect();
-    let mut out = vec![Tier::None; args.chain as usize];
+    let mut out = vec![None; args.chain as usize];
     let chain_len = args.chain as usize;
 
     let measure = |f: &mut dyn FnMut(&[u64]) -> usize| -> (f64, u64) {

@@ -21,7 +21,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command as Proc, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvplane_router::Tier as RouterTier;
+use kvplane_ffi::{PerTier, Tier};
 use kvplane_router::index::{Index, IndexConfig};
 use kvplane_router::replay::TraceRequest;
 use kvplane_router::route::{RouteConfig, Router, WorkerLoad};
@@ -592,11 +592,11 @@ fn read_daemon_stream(
             .and_then(|d| daemon_workers.get(d as usize))
             .map_or(&[], Vec::as_slice)
     };
-    let daemon_tiers = |t: Option<RouterTier>| -> Vec<RouterTier> {
+    let daemon_tiers = |t: Option<Tier>| -> Vec<Tier> {
         match t {
-            Some(RouterTier::Hbm) => Vec::new(),
+            Some(Tier::Hbm) => Vec::new(),
             Some(t) => vec![t],
-            None => vec![RouterTier::Host, RouterTier::Nvme],
+            None => vec![Tier::Host, Tier::Nvme],
         }
     };
     loop {
@@ -620,7 +620,7 @@ fn read_daemon_stream(
                 for ws in workers {
                     for ns in &ws.state.namespaces {
                         for b in &ns.blocks {
-                            for t in [RouterTier::Host, RouterTier::Nvme] {
+                            for t in [Tier::Host, Tier::Nvme] {
                                 if b.tiers & t.bit() != 0 {
                                     for &w in engines_of(ws.state.worker) {
                                         index.store(
@@ -687,18 +687,16 @@ impl RunState {
         let w = e.worker as u64;
         match ev {
             Event::Stored { parent, hashes } => {
-                self.index
-                    .store(NAMESPACE, w, RouterTier::Hbm, parent, &hashes);
+                self.index.store(NAMESPACE, w, Tier::Hbm, parent, &hashes);
             }
             Event::Removed { hashes } => {
-                self.index
-                    .remove(NAMESPACE, w, Some(RouterTier::Hbm), &hashes);
+                self.index.remove(NAMESPACE, w, Some(Tier::Hbm), &hashes);
             }
             Event::Offloaded { parent, hashes } => {
                 if let Some(d) = e.daemon {
                     for &peer in &self.daemon_workers[d] {
                         self.index
-                            .store(NAMESPACE, peer as u64, RouterTier::Host, parent, &hashes);
+                            .store(NAMESPACE, peer as u64, Tier::Host, parent, &hashes);
                     }
                 }
             }
@@ -1000,7 +998,8 @@ fn report(
             trace.len()
         )));
     }
-    let (mut input, mut cached, mut computed, mut out_tokens) = (0u64, [0u64; 3], 0u64, 0u64);
+    let (mut input, mut cached, mut computed, mut out_tokens) =
+        (0u64, PerTier::<u64>::default(), 0u64, 0u64);
     let mut ttft = Vec::with_capacity(trace.len());
     let mut e2e = Vec::with_capacity(trace.len());
     let mut transfer_ms = 0.0f64;
@@ -1018,9 +1017,9 @@ fn report(
             )));
         }
         input += d.input_tokens;
-        cached[0] += d.cached_engine;
-        cached[1] += d.cached_host;
-        cached[2] += d.cached_nvme;
+        cached[Tier::Hbm] += d.cached_engine;
+        cached[Tier::Host] += d.cached_host;
+        cached[Tier::Nvme] += d.cached_nvme;
         computed += d.computed;
         out_tokens += d.output_tokens;
         ttft.push(d.first_token_ms - d.arrival_ms);
@@ -1029,7 +1028,7 @@ fn report(
         first = first.min(d.arrival_ms);
         last = last.max(d.done_ms);
     }
-    let total_cached: u64 = cached.iter().sum();
+    let total_cached: u64 = cached.values().sum();
     let frac = |x: u64| x as f64 / input.max(1) as f64;
     let makespan_s = ((last - first) / 1000.0).max(1e-9);
     let sum = |f: fn(&EngineStats) -> u64| stats.iter().map(f).sum::<u64>();
@@ -1046,9 +1045,9 @@ fn report(
         computed_tokens: computed,
         prefix_reuse: frac(total_cached),
         prefix_reuse_by_tier: ByTier {
-            engine: frac(cached[0]),
-            host: frac(cached[1]),
-            nvme: frac(cached[2]),
+            engine: frac(cached[Tier::Hbm]),
+            host: frac(cached[Tier::Host]),
+            nvme: frac(cached[Tier::Nvme]),
         },
         ttft_ms: summarize(ttft),
         e2e_ms: summarize(e2e),

@@ -51,7 +51,7 @@ pub fn run(args: ServeArgs) -> CliResult {
     let quotas = config
         .namespaces
         .iter()
-        .filter(|ns| ns.max_bytes().iter().any(Option::is_some))
+        .filter(|ns| ns.max_bytes().values().any(Option::is_some))
         .map(|ns| NamespaceQuota {
             namespace: crate::dataplane::namespace_id(&ns.name),
             name: ns.name.clone(),

@@ -306,8 +306,8 @@ pub fn render(s: &StatusReport) -> String {
         // Namespaces with a quota: blocks held / limit per tier ("-" = no limit).
         if let (Some(used), Some(quota)) = (ns.used_blocks, ns.quota_blocks) {
             o += "  blocks/quota";
-            for (tier, (u, q)) in ["hbm", "host", "nvme"].iter().zip(used.iter().zip(quota)) {
-                let q = q.map_or("-".to_string(), |q| q.to_string());
+            for (tier, u) in used.iter() {
+                let q = quota[tier].map_or("-".to_string(), |q| q.to_string());
                 o += &format!(" {tier} {u}/{q}");
             }
         }

@@ -35,9 +35,9 @@ use tokio::net::{TcpListener, UnixListener};
 use super::access::{AccessPolicy, Caller, View, host_is_loopback};
 use super::listen::{SocketError, bind_control_socket};
 use super::metrics::{self, Link, Scrape, SessionCounters};
-use crate::block::Tier;
 use crate::config::{Config, ConfigError};
 use crate::session::DaemonShared;
+use crate::tier::PerTier;
 
 /// `[control]`: the control-plane (metrics and status) listeners.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -820,10 +820,10 @@ pub struct NamespaceStatus {
     pub hit_rate: Option<f64>,
     /// Namespaces with a quota: blocks held per tier (HBM, host, NVMe).
     #[serde(default)]
-    pub used_blocks: Option<[u32; 3]>,
+    pub used_blocks: Option<PerTier<u32>>,
     /// Namespaces with a quota: the limit per tier (HBM, host, NVMe; null = none).
     #[serde(default)]
-    pub quota_blocks: Option<[Option<u32>; 3]>,
+    pub quota_blocks: Option<PerTier<Option<u32>>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -848,15 +848,15 @@ fn status_report(state: &State, view: &View) -> StatusReport {
     let stats = dp.blocks().map(|b| b.stats());
     let lookups = m.lookups();
     let names = dp.namespace_names();
-    let mut tier_hits = [0u64; 3];
+    let mut tier_hits = PerTier::<u64>::default();
     let mut misses = 0;
     let mut namespaces = Vec::new();
     for (ns, l) in &lookups {
-        for (t, h) in tier_hits.iter_mut().zip(l.hits) {
-            *t += h;
+        for (t, h) in l.hits.iter() {
+            tier_hits[t] += h;
         }
         misses += l.misses;
-        let hits: u64 = l.hits.iter().sum();
+        let hits: u64 = l.hits.values().sum();
         namespaces.push(NamespaceStatus {
             namespace: names
                 .get(ns)
@@ -889,7 +889,7 @@ fn status_report(state: &State, view: &View) -> StatusReport {
         namespaces[i].used_blocks = Some(q.used_slots);
         namespaces[i].quota_blocks = Some(q.max_slots);
     }
-    let hits: u64 = tier_hits.iter().sum();
+    let hits: u64 = tier_hits.values().sum();
     let asked = hits + misses;
     let block_bytes = stats.as_ref().map_or(0, |s| s.block_bytes as u64);
     let tiers = stats
@@ -904,19 +904,8 @@ fn status_report(state: &State, view: &View) -> StatusReport {
                     used_blocks: t.used_slots as u64,
                     capacity_bytes: t.capacity_slots as u64 * block_bytes,
                     used_bytes: t.used_slots as u64 * block_bytes,
-                    lookup_hits: if t.tier == Tier::None {
-                        0
-                    } else {
-                        tier_hits[t.tier.index()]
-                    },
-                    hit_rate: ratio(
-                        if t.tier == Tier::None {
-                            0
-                        } else {
-                            tier_hits[t.tier.index()]
-                        },
-                        asked,
-                    ),
+                    lookup_hits: tier_hits[t.tier],
+                    hit_rate: ratio(tier_hits[t.tier], asked),
                     removed: t.removed.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
                 })
                 .collect()

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam::channel::{Receiver, RecvTimeoutError};
+use kvplane_router::WorkerId;
 use kvplane_router::events::{
     NamespaceBlocks, Publisher, PublisherConfig, SnapshotBlock, WorkerBlocks,
 };
 use kvplane_router::nats::{NatsPublisher, NatsPublisherConfig, NatsStreamConfig};
-use kvplane_router::{Tier as RouterTier, WorkerId};
 use serde::Deserialize;
 
 use crate::block::{BlockEvent, BlockManager, Tier};
@@ -123,15 +123,6 @@ impl EventsConfig {
     }
 }
 
-fn router_tier(t: Tier) -> Option<RouterTier> {
-    match t {
-        Tier::Hbm => Some(RouterTier::Hbm),
-        Tier::Host => Some(RouterTier::Host),
-        Tier::Nvme => Some(RouterTier::Nvme),
-        Tier::None => None,
-    }
-}
-
 /// The running event stream: a forwarding thread and the publisher's runtime.
 pub struct EventStream {
     _runtime: tokio::runtime::Runtime,
@@ -222,11 +213,7 @@ fn snapshot(worker: WorkerId, blocks: &BlockManager, dataplane: &DataPlane) -> W
     let mut by_ns: std::collections::BTreeMap<u32, Vec<SnapshotBlock>> =
         std::collections::BTreeMap::new();
     for b in blocks.snapshot() {
-        let tiers = b
-            .tiers
-            .iter()
-            .filter_map(|t| router_tier(*t))
-            .fold(0u8, |m, t| m | t.bit());
+        let tiers = b.tiers.iter().fold(0u8, |m, t| m | t.bit());
         if tiers != 0 {
             by_ns.entry(b.namespace).or_default().push(SnapshotBlock {
                 hash: b.hash,
@@ -291,9 +278,7 @@ fn forward(
     let mut run: Vec<(u64, Option<u64>)> = Vec::new();
     let mut run_key: Option<(u32, Tier)> = None;
     let flush = |run: &mut Vec<(u64, Option<u64>)>, key: &mut Option<(u32, Tier)>| {
-        if let Some((ns, tier)) = key.take()
-            && let Some(t) = router_tier(tier)
-        {
+        if let Some((ns, t)) = key.take() {
             let name = dataplane.namespace_name(ns);
             publisher.stored(worker, &name, run, t);
             if let Some(n) = nats {
@@ -327,9 +312,9 @@ fn forward(
             }) => {
                 flush(&mut run, &mut run_key);
                 let name = dataplane.namespace_name(namespace);
-                publisher.removed(worker, &name, &[hash], router_tier(tier));
+                publisher.removed(worker, &name, &[hash], Some(tier));
                 if let Some(n) = nats {
-                    n.removed(&name, &[hash], router_tier(tier));
+                    n.removed(&name, &[hash], Some(tier));
                 }
             }
             Err(RecvTimeoutError::Timeout) => {

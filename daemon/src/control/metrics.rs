@@ -14,6 +14,7 @@ use kvplane_ffi::Opcode;
 use super::access::View;
 use crate::block::{BlockStats, LoadReport, SaveReport, Tier};
 use crate::session::SessionSummary;
+use crate::tier::PerTier;
 
 /// Upper bounds of the latency buckets, in microseconds (Prometheus `le`, shown in seconds).
 pub const LATENCY_BUCKETS_US: [u64; 18] = [
@@ -111,7 +112,7 @@ impl Link {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NamespaceLookups {
     /// Leading blocks found, by the fastest tier holding each (hbm, host, nvme).
-    pub hits: [u64; 3],
+    pub hits: PerTier<u64>,
     /// Blocks asked for past the found prefix.
     pub misses: u64,
 }
@@ -179,13 +180,11 @@ impl DataPlaneMetrics {
     }
 
     /// A lookup of `asked` blocks in namespace `ns` found the leading `tiers[..hits]`.
-    pub fn record_lookup(&self, ns: u32, tiers: &[Tier], hits: usize, asked: usize) {
+    pub fn record_lookup(&self, ns: u32, tiers: &[Option<Tier>], hits: usize, asked: usize) {
         let mut map = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
         let entry = map.entry(ns).or_default();
-        for t in &tiers[..hits.min(tiers.len())] {
-            if *t != Tier::None {
-                entry.hits[t.index()] += 1;
-            }
+        for t in tiers[..hits.min(tiers.len())].iter().flatten() {
+            entry.hits[*t] += 1;
         }
         entry.misses += asked.saturating_sub(hits) as u64;
     }
@@ -378,7 +377,7 @@ pub fn render(s: &Scrape<'_>) -> String {
                     o.sample(
                         "kvplane_namespace_blocks",
                         &[("namespace", &q.name), ("tier", t.name())],
-                        q.used_slots[t.index()],
+                        q.used_slots[t],
                     );
                 }
             }
@@ -389,7 +388,7 @@ pub fn render(s: &Scrape<'_>) -> String {
             );
             for q in &quota_namespaces {
                 for t in Tier::ALL {
-                    if let Some(max) = q.max_slots[t.index()] {
+                    if let Some(max) = q.max_slots[t] {
                         o.sample(
                             "kvplane_namespace_quota_blocks",
                             &[("namespace", &q.name), ("tier", t.name())],
@@ -490,7 +489,7 @@ pub fn render(s: &Scrape<'_>) -> String {
             continue;
         }
         for t in Tier::ALL {
-            let v = l.hits[t.index()];
+            let v = l.hits[t];
             o.sample(
                 "kvplane_lookup_blocks_total",
                 &[("namespace", name), ("tier", t.name()), ("result", "hit")],
@@ -674,7 +673,7 @@ mod tests {
         let m = DataPlaneMetrics::default();
         m.record_op(Opcode::Save, Duration::from_micros(40));
         m.add_link_bytes(Link::EngineToHost, 4096);
-        m.record_lookup(7, &[Tier::Host, Tier::Nvme, Tier::None], 2, 3);
+        m.record_lookup(7, &[Some(Tier::Host), Some(Tier::Nvme), None], 2, 3);
         let names = BTreeMap::from([(7u32, "a\"b".to_string())]);
         let counters = SessionCounters {
             sessions_active: 1,
@@ -728,8 +727,8 @@ mod tests {
     #[test]
     fn views_hide_other_namespaces_and_sessions() {
         let m = DataPlaneMetrics::default();
-        m.record_lookup(1, &[Tier::Host], 1, 1);
-        m.record_lookup(2, &[Tier::Host], 1, 1);
+        m.record_lookup(1, &[Some(Tier::Host)], 1, 1);
+        m.record_lookup(2, &[Some(Tier::Host)], 1, 1);
         let names = BTreeMap::from([(1u32, "mine".to_string()), (2u32, "theirs".to_string())]);
         let session = |uid: u32, ns: &str| SessionSummary {
             session_id: u64::from(uid),

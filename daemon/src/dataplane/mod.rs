@@ -34,16 +34,6 @@ pub fn namespace_id(name: &str) -> u32 {
     (h ^ (h >> 32)) as u32
 }
 
-/// The ABI's tier code for a daemon tier.
-pub fn abi_tier(t: Tier) -> u32 {
-    match t {
-        Tier::Hbm => ffi::Tier::Hbm.raw(),
-        Tier::Host => ffi::Tier::Host.raw(),
-        Tier::Nvme => ffi::Tier::Nvme.raw(),
-        Tier::None => ffi::Tier::None.raw(),
-    }
-}
-
 /// Daemon-wide counters (relaxed atomics: statistics, not synchronisation).
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -182,7 +172,7 @@ pub struct SessionData {
     ops: Vec<kvp_block_op>,
     hashes: Vec<u64>,
     chain: Vec<(u64, Option<u64>)>,
-    tiers: Vec<Tier>,
+    tiers: Vec<Option<Tier>>,
     pages: Vec<u32>,
     /// Set when a copy faulted in the engine's KV buffer: the session is ended after the
     /// batch, and no further copy touches the buffer.
@@ -476,22 +466,18 @@ impl DataPlane {
         match req.opcode {
             Opcode::Lookup => {
                 session.tiers.clear();
-                session.tiers.resize(session.hashes.len(), Tier::None);
+                session.tiers.resize(session.hashes.len(), None);
                 let hits = blocks.lookup(ns, &session.hashes, &mut session.tiers);
                 self.counters
                     .metrics
                     .record_lookup(ns, &session.tiers, hits, session.hashes.len());
                 for (op, t) in session.ops.iter_mut().zip(&session.tiers) {
-                    op.tier = abi_tier(*t) as u8;
+                    op.tier = Tier::raw_or_none(*t) as u8;
                     op.status = 0;
                 }
                 Self::write_ops_back(session, seg, req);
-                let slowest = session.tiers[..hits]
-                    .iter()
-                    .copied()
-                    .max()
-                    .unwrap_or(Tier::None);
-                done(ud, Status::Ok, hits, 0, abi_tier(slowest), 0)
+                let slowest = session.tiers[..hits].iter().copied().max().flatten();
+                done(ud, Status::Ok, hits, 0, Tier::raw_or_none(slowest), 0)
             }
             Opcode::Save => self.save(blocks, mover, session, req, ns),
             Opcode::Load => self.load(blocks, mover, session, seg, req, ns),
@@ -611,7 +597,7 @@ impl DataPlane {
                 } else {
                     Status::Ok
                 };
-                done(ud, status, saved, r.bytes, abi_tier(tier), us)
+                done(ud, status, saved, r.bytes, tier.raw(), us)
             }
             Err(e) => {
                 if let Some((index, fault)) = engine_fault(&e) {
@@ -678,10 +664,7 @@ impl DataPlane {
             .fetch_add(r.bytes, Ordering::Relaxed);
         self.counters.metrics.record_load(&r, blocks.block_bytes());
         for (i, op) in session.ops.iter_mut().enumerate() {
-            op.tier = r
-                .tiers
-                .get(i)
-                .map_or(ffi::Tier::None.raw(), |t| abi_tier(*t)) as u8;
+            op.tier = r.tiers.get(i).map_or(Tier::NONE_RAW, |t| t.raw()) as u8;
             op.status = 0;
         }
         let prefix_only = req.flags & ffi::SQE_F_PREFIX_ONLY != 0;
@@ -706,7 +689,14 @@ impl DataPlane {
             (Some((i, _)), s) if s != Status::Ok => *i as u32,
             _ => us,
         };
-        done(ud, status, r.loaded, r.bytes, abi_tier(r.slowest), detail)
+        done(
+            ud,
+            status,
+            r.loaded,
+            r.bytes,
+            Tier::raw_or_none(r.slowest),
+            detail,
+        )
     }
 
     /// A copy faulted in the engine's KV buffer: its memory is gone (or was never there).
@@ -742,7 +732,7 @@ impl DataPlane {
         if let Some(blocks) = &self.blocks {
             let s = blocks.stats();
             for t in &s.tiers {
-                let i = abi_tier(t.tier) as usize;
+                let i = t.tier.raw() as usize;
                 if i < 4 {
                     st.tier_capacity_blocks[i] = t.capacity_slots as u64;
                     st.tier_used_blocks[i] = t.used_slots as u64;

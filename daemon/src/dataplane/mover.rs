@@ -163,7 +163,7 @@ impl Mover {
                     .expect("every host slot lies in a registered region");
                 (region.buffer, (addr - region.base) as u64)
             }
-            Tier::Nvme | Tier::None => unreachable!("engine copies run between memory tiers"),
+            Tier::Nvme => unreachable!("engine copies run between memory tiers"),
         }
     }
 

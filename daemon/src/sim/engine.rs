@@ -24,7 +24,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kvplane_ffi::{Opcode, Pod, Status, Tier, kvp_block_op, kvp_cqe, kvp_kv_layout};
+use kvplane_ffi::{Opcode, PerTier, Pod, Status, Tier, kvp_block_op, kvp_cqe, kvp_kv_layout};
 use kvplane_shm::{AttachOptions, QueuePair, Session, ShmError, client};
 use serde::{Deserialize, Serialize};
 
@@ -405,7 +405,7 @@ struct Seq {
     /// Prompt tokens whose KV exists (cached + computed so far).
     prefilled: u64,
     generated: u64,
-    cached: [u64; 3],
+    cached: PerTier<u64>,
     first_token_ms: f64,
     preemptions: u32,
     /// Transfer stalls of the passes it waited through before its first token.
@@ -523,7 +523,7 @@ impl<W: Write> Engine<W> {
                     registered: 0,
                     prefilled: 0,
                     generated: 0,
-                    cached: [0; 3],
+                    cached: PerTier::default(),
                     first_token_ms: 0.0,
                     preemptions: 0,
                     transfer_ms: 0.0,
@@ -634,7 +634,7 @@ impl<W: Write> Engine<W> {
         s.registered = 0;
         s.prefilled = 0;
         s.generated = 0;
-        s.cached = [0; 3];
+        s.cached = PerTier::default();
         s.preemptions += 1;
         self.stats.preemptions += 1;
         self.waiting.push_front(s);
@@ -730,15 +730,15 @@ impl<W: Write> Engine<W> {
                     break;
                 }
                 let t = if u32::from(tier) == Tier::Nvme.raw() {
-                    2
+                    Tier::Nvme
                 } else {
-                    1
+                    Tier::Host
                 };
                 s.cached[t] += pt;
                 loaded += 1;
             }
         }
-        s.cached[0] = local as u64 * pt;
+        s.cached[Tier::Hbm] = local as u64 * pt;
         s.prefilled = (local + loaded) as u64 * pt;
         s.registered = local;
         // Loaded pages join the prefix cache now (they hold verified content).
@@ -934,7 +934,7 @@ impl<W: Write> Engine<W> {
         for &idx in done_idx.iter().rev() {
             let s = running.remove(idx);
             self.release_pages(&s.pages);
-            let cached = s.cached.iter().sum::<u64>();
+            let cached = s.cached.values().sum::<u64>();
             let done = Done {
                 id: s.id,
                 arrival_ms: s.arrival_ms,
@@ -942,9 +942,9 @@ impl<W: Write> Engine<W> {
                 done_ms: now,
                 input_tokens: s.input,
                 output_tokens: s.output,
-                cached_engine: s.cached[0],
-                cached_host: s.cached[1],
-                cached_nvme: s.cached[2],
+                cached_engine: s.cached[Tier::Hbm],
+                cached_host: s.cached[Tier::Host],
+                cached_nvme: s.cached[Tier::Nvme],
                 computed: s.input - cached,
                 preemptions: s.preemptions,
                 transfer_ms: s.transfer_ms,

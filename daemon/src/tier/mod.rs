@@ -8,39 +8,8 @@ pub mod nvme;
 
 use serde::Deserialize;
 
-/// A storage tier, ordered fastest first (`Hbm < Host < Nvme`), so `max` of the tiers a
-/// load used is the slowest one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
-#[repr(u8)]
-pub enum Tier {
-    /// G1: device memory (or its host stand-in).
-    Hbm = 0,
-    /// G2: pinned host pool.
-    Host = 1,
-    /// G3: NVMe slots.
-    Nvme = 2,
-    /// Not present in any tier (used in lookup output past the hit prefix).
-    #[default]
-    None = 3,
-}
-
-impl Tier {
-    /// The three real tiers, fastest first.
-    pub const ALL: [Tier; 3] = [Tier::Hbm, Tier::Host, Tier::Nvme];
-
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Tier::Hbm => "hbm",
-            Tier::Host => "host",
-            Tier::Nvme => "nvme",
-            Tier::None => "none",
-        }
-    }
-}
+/// A storage tier, fastest first: the one tier type of the ABI, the daemon and the router.
+pub use kvplane_ffi::{PerTier, Tier};
 
 /// The bytes of the tiers: what the mover (`crate::dataplane::mover`) reads and writes.
 /// The block manager decides which block owns which slot; it reads only geometry from
@@ -292,11 +261,5 @@ mod tests {
             toml::from_str::<TiersConfig>("[host]\nlocked = true").is_err(),
             "unknown keys are errors"
         );
-    }
-
-    #[test]
-    fn tier_order_is_speed_order() {
-        assert!(Tier::Hbm < Tier::Host && Tier::Host < Tier::Nvme);
-        assert_eq!(Tier::Hbm.max(Tier::Nvme), Tier::Nvme);
     }
 }

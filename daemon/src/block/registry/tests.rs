@@ -34,14 +34,14 @@ fn store(r: &mut Registry, key: BlockKey, parent: Option<u64>, prio: u8, tier: T
 
 #[test]
 fn lookup_reports_prefix_and_fastest_tier() {
-    let mut r = Registry::new([2, 4, 4]);
+    let mut r = Registry::new(PerTier([2, 4, 4]));
     assert!(store(&mut r, k(1), None, 0, H));
     assert!(store(&mut r, k(2), Some(1), 0, N));
     assert!(store(&mut r, k(2), Some(1), 0, Tier::Hbm));
     assert!(store(&mut r, k(4), Some(3), 0, H));
-    let mut out = [Tier::None; 4];
+    let mut out = [None; 4];
     assert_eq!(r.lookup(1, &[1, 2, 3, 4], &mut out), 2);
-    assert_eq!(out, [H, Tier::Hbm, Tier::None, Tier::None]);
+    assert_eq!(out, [Some(H), Some(Tier::Hbm), None, None]);
     assert_eq!(
         r.lookup(2, &[1], &mut out[..1]),
         0,
@@ -52,21 +52,21 @@ fn lookup_reports_prefix_and_fastest_tier() {
 
 #[test]
 fn leaves_are_evicted_before_parents_then_lru() {
-    let mut r = Registry::new([0, 3, 0]);
+    let mut r = Registry::new(PerTier([0, 3, 0]));
     // Chain 1 <- 2 <- 3 fills the tier; 1 is the oldest but has a child.
     for (h, p) in [(1, None), (2, Some(1)), (3, Some(2))] {
         assert!(store(&mut r, k(h), p, 0, H));
     }
     assert_eq!(r.victim(H), Some(k(3)), "only the leaf is a candidate");
     assert!(store(&mut r, k(10), None, 0, H));
-    assert!(r.fastest(k(3)) == Tier::None && r.fastest(k(1)) == H);
+    assert!(r.fastest(k(3)) == None && r.fastest(k(1)) == Some(H));
     assert_eq!(r.victim(H), Some(k(2)), "2 became a leaf; older than 10");
     r.check_invariants().unwrap();
 }
 
 #[test]
 fn low_priority_goes_first_and_leases_block_eviction() {
-    let mut r = Registry::new([0, 3, 0]);
+    let mut r = Registry::new(PerTier([0, 3, 0]));
     assert!(store(&mut r, k(1), None, 5, H));
     assert!(store(&mut r, k(2), None, 1, H));
     assert!(store(&mut r, k(3), None, 5, H));
@@ -93,11 +93,11 @@ fn low_priority_goes_first_and_leases_block_eviction() {
 
 #[test]
 fn ghost_parent_keeps_child_counts() {
-    let mut r = Registry::new([0, 4, 4]);
+    let mut r = Registry::new(PerTier([0, 4, 4]));
     // Child stored before its parent: the parent entry exists as a ghost with the count.
     assert!(store(&mut r, k(2), Some(1), 0, H));
     assert_eq!(r.len(), 2);
-    assert_eq!(r.fastest(k(1)), Tier::None);
+    assert_eq!(r.fastest(k(1)), None);
     assert!(store(&mut r, k(1), None, 0, H));
     assert_eq!(r.victim(H), Some(k(2)));
     r.remove_tier(k(2), H, RemoveReason::Dropped, false)
@@ -111,7 +111,7 @@ fn ghost_parent_keeps_child_counts() {
 
 #[test]
 fn events_are_recorded() {
-    let mut r = Registry::new([0, 1, 0]);
+    let mut r = Registry::new(PerTier([0, 1, 0]));
     r.record_events = true;
     assert!(store(&mut r, k(1), None, 0, H));
     assert!(store(&mut r, k(2), None, 0, H));
@@ -200,7 +200,7 @@ proptest! {
     /// pinned blocks stay present, and an evicted block never had children in its tier.
     #[test]
     fn random_workloads_keep_invariants(ops in proptest::collection::vec(op(), 1..120)) {
-        let mut r = Registry::new([3, 6, 10]);
+        let mut r = Registry::new(PerTier([3, 6, 10]));
         let mut pins: HashMap<(u8, BlockKey), u32> = HashMap::new();
         for op in ops {
             match op {
@@ -209,12 +209,12 @@ proptest! {
                     for &(h, p) in blocks.iter().take(len as usize) {
                         let key = BlockKey::new(ns, h);
                         let t = Tier::ALL[tier as usize];
-                        if r.view(key).is_some_and(|v| v.present[t.index()].is_some()) {
+                        if r.view(key).is_some_and(|v| v.present[t].is_some()) {
                             continue;
                         }
                         if let Some(v) = r.victim(t) {
                             let i = r.idx(v).unwrap() as usize;
-                            prop_assert_eq!(r.entries[i].children[t.index()], 0, "victim has children");
+                            prop_assert_eq!(r.entries[i].children[t], 0, "victim has children");
                         }
                         store(&mut r, key, p, prio, t);
                     }
@@ -222,16 +222,16 @@ proptest! {
                 Op::Lookup { chain: c } => {
                     let (ns, blocks) = chain(c);
                     let hashes: Vec<u64> = blocks.iter().map(|b| b.0).collect();
-                    let mut out = vec![Tier::None; hashes.len()];
+                    let mut out = vec![None; hashes.len()];
                     let n = r.lookup(ns, &hashes, &mut out);
                     for (i, t) in out.iter().enumerate() {
-                        prop_assert_eq!(*t != Tier::None, i < n);
+                        prop_assert_eq!(*t != None, i < n);
                         if i < n {
                             prop_assert_eq!(*t, r.fastest(BlockKey::new(ns, hashes[i])));
                         }
                     }
                     if n < hashes.len() {
-                        prop_assert_eq!(r.fastest(BlockKey::new(ns, hashes[n])), Tier::None);
+                        prop_assert_eq!(r.fastest(BlockKey::new(ns, hashes[n])), None);
                     }
                 }
                 Op::Pin { session, chain: c, len } => {
@@ -293,7 +293,7 @@ proptest! {
                 prop_assert!(false, "invariant broken: {}", e);
             }
             for (_, key) in pins.keys() {
-                prop_assert!(r.fastest(*key) != Tier::None, "pinned {:?} was evicted", key);
+                prop_assert!(r.fastest(*key) != None, "pinned {:?} was evicted", key);
             }
         }
     }

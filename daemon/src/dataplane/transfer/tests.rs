@@ -1,13 +1,13 @@
 use super::*;
 use crate::block::{BlockConfig, DropReport, LoadFailure, ManagerOptions, NamespaceQuota};
 use crate::block::{BlockEvent, RemoveReason};
-use crate::tier::TiersConfig;
 use crate::tier::hbm::HbmConfig;
 use crate::tier::host::HostConfig;
 use crate::tier::nvme::engine::FaultPlan;
 use crate::tier::nvme::engine::{FaultEffect, FaultRule, IoKind};
 use crate::tier::nvme::header::SlotHeader;
 use crate::tier::nvme::{EngineKind, NvmeConfig};
+use crate::tier::{PerTier, TiersConfig};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -111,19 +111,19 @@ fn save_lookup_load_round_trip_on_host() {
     );
     assert_eq!(save(&m, 7, &c, false).already_present, 5);
     let hashes: Vec<u64> = c.iter().map(|b| b.0).collect();
-    let mut tiers = [Tier::None; 6];
+    let mut tiers = [None; 6];
     let mut with_miss = hashes.clone();
     with_miss.push(999);
     assert_eq!(m.lookup(7, &with_miss, &mut tiers), 5);
     assert_eq!(
         tiers,
         [
-            Tier::Host,
-            Tier::Host,
-            Tier::Host,
-            Tier::Host,
-            Tier::Host,
-            Tier::None
+            Some(Tier::Host),
+            Some(Tier::Host),
+            Some(Tier::Host),
+            Some(Tier::Host),
+            Some(Tier::Host),
+            None
         ]
     );
     assert_eq!(
@@ -133,7 +133,7 @@ fn save_lookup_load_round_trip_on_host() {
     );
     let r = load(&m, 7, &with_miss);
     assert_eq!(r.loaded, 5);
-    assert_eq!(r.slowest, Tier::Host);
+    assert_eq!(r.slowest, Some(Tier::Host));
     assert!(matches!(r.failure, Some((5, LoadFailure::Missing))));
     m.check_invariants().unwrap();
     let s = m.stats();
@@ -152,7 +152,7 @@ fn full_host_demotes_admitted_blocks_and_loads_stage_from_nvme() {
     let hot = chain(1, 2);
     save(&m, 1, &hot, false);
     // Seen again (a lookup hit) => admitted to NVMe on demotion.
-    let mut t = [Tier::None; 2];
+    let mut t = [None; 2];
     assert_eq!(m.lookup(1, &[1, 2], &mut t), 2);
     let cold = chain(50, 2);
     save(&m, 1, &cold, false);
@@ -161,19 +161,19 @@ fn full_host_demotes_admitted_blocks_and_loads_stage_from_nvme() {
     assert_eq!(r.stored, 4);
     assert_eq!(r.nvme_written, 2, "only the blocks seen twice were written");
     assert_eq!(m.lookup(1, &[1, 2], &mut t), 2);
-    assert_eq!(t, [Tier::Nvme, Tier::Nvme]);
+    assert_eq!(t, [Some(Tier::Nvme); 2]);
     assert_eq!(
         m.lookup(1, &[50], &mut t[..1]),
         0,
         "seen once: dropped, not demoted"
     );
     let r = load(&m, 1, &[1, 2]);
-    assert_eq!((r.loaded, r.slowest), (2, Tier::Nvme));
+    assert_eq!((r.loaded, r.slowest), (2, Some(Tier::Nvme)));
     assert_eq!(r.tiers, vec![Tier::Nvme, Tier::Nvme]);
     assert_eq!(m.lookup(1, &[1, 2], &mut t), 2);
     assert_eq!(
         t,
-        [Tier::Host, Tier::Host],
+        [Some(Tier::Host); 2],
         "staged copies stay in the host tier"
     );
     m.check_invariants().unwrap();
@@ -197,9 +197,9 @@ fn restart_restores_nvme_blocks_and_corruption_is_never_served() {
         }
         let m = local(BlockManager::new(&b, &t, ManagerOptions::default()).unwrap());
         assert_eq!(m.stats().nvme_scan_valid, 6);
-        let mut tiers = [Tier::None; 6];
+        let mut tiers = [None; 6];
         assert_eq!(m.lookup(3, &hashes, &mut tiers), 6);
-        assert!(tiers.iter().all(|&t| t == Tier::Nvme));
+        assert!(tiers.iter().all(|&t| t == Some(Tier::Nvme)));
         let r = load(&m, 3, &hashes);
         assert_eq!(r.loaded, 6);
         m.check_invariants().unwrap();
@@ -254,7 +254,7 @@ fn restart_restores_nvme_blocks_and_corruption_is_never_served() {
         r.failure
     );
     assert_eq!(m.stats().nvme_corrupt_dropped, 1);
-    let mut tiers = [Tier::None; 6];
+    let mut tiers = [None; 6];
     assert_eq!(
         m.lookup(3, &hashes, &mut tiers),
         3,
@@ -305,7 +305,7 @@ fn nvme_faults_fail_the_operation_and_the_manager_keeps_going() {
     );
     assert!(r.nvme_error.unwrap().to_string().contains("No space left"));
     assert_eq!(m.stats().nvme_write_errors, 1);
-    let mut t2 = [Tier::None; 2];
+    let mut t2 = [None; 2];
     m.lookup(1, &[1, 2], &mut t2);
     // An EIO on the staging read of block 2 fails that load at that block only.
     let c = chain(100, 2);
@@ -314,9 +314,9 @@ fn nvme_faults_fail_the_operation_and_the_manager_keeps_going() {
     assert_eq!(m.drop_blocks(1, &[]).dropped, 0);
     // Push 100/101 out of the host tier: fill it with pinned-free blocks.
     save(&m, 1, &chain(500, 8), false);
-    let mut t = [Tier::None; 2];
+    let mut t = [None; 2];
     assert_eq!(m.lookup(1, &[100, 101], &mut t), 2);
-    assert_eq!(t, [Tier::Nvme, Tier::Nvme]);
+    assert_eq!(t, [Some(Tier::Nvme); 2]);
     plan.add(FaultRule {
         kind: Some(IoKind::Read),
         skip: 1,
@@ -336,7 +336,7 @@ fn nvme_faults_fail_the_operation_and_the_manager_keeps_going() {
     // A read that returns flipped bits is caught by the checksum and dropped.
     save(&m, 1, &chain(600, 8), false);
     assert_eq!(m.lookup(1, &[100, 101], &mut t), 2);
-    if t[0] == Tier::Nvme {
+    if t[0] == Some(Tier::Nvme) {
         plan.add(FaultRule {
             kind: Some(IoKind::Read),
             skip: 0,
@@ -371,7 +371,7 @@ fn leases_block_eviction_until_the_session_is_released() {
     assert_eq!(m.release_session(42), 4);
     let r = save(&m, 1, &chain(10, 2), false);
     assert_eq!(r.stored, 2);
-    let mut t = [Tier::None; 4];
+    let mut t = [None; 4];
     assert_eq!(
         m.lookup(1, &[1, 2, 3, 4], &mut t),
         2,
@@ -393,7 +393,7 @@ fn drop_and_clear_erase_nvme_copies_across_restart() {
         m.check_invariants().unwrap();
     }
     let m = local(BlockManager::new(&b, &t, ManagerOptions::default()).unwrap());
-    let mut tiers = [Tier::None; 3];
+    let mut tiers = [None; 3];
     assert_eq!(m.lookup(1, &[1, 2, 3], &mut tiers), 2);
     assert_eq!(m.lookup(2, &[1, 2, 3], &mut tiers), 0);
 }
@@ -431,9 +431,9 @@ fn events_and_g1_promotion() {
         "G1 holds 2 blocks: the chain's first two (one batch; its own reservations are \
          not evicted for the third)"
     );
-    let mut tiers = [Tier::None; 3];
+    let mut tiers = [None; 3];
     assert_eq!(m.lookup(5, &[1, 2, 3], &mut tiers), 3);
-    assert_eq!(tiers.iter().filter(|&&t| t == Tier::Hbm).count(), 2);
+    assert_eq!(tiers.iter().filter(|&&t| t == Some(Tier::Hbm)).count(), 2);
     let r = load(&m, 5, &[1, 2, 3]);
     assert_eq!(r.loaded, 3);
     assert_eq!(r.tiers.iter().filter(|&&t| t == Tier::Hbm).count(), 2);
@@ -502,7 +502,7 @@ fn simulate(seed: u64, steps: usize, engine: EngineKind) {
         kvplane_kernels::checksum::mix64(rng) % n
     };
     let mut pins: HashMap<(u64, u32, u64), u32> = HashMap::new();
-    let (mut served_from, mut restarts, mut demoted) = ([0usize; 3], 0, 0u64);
+    let (mut served_from, mut restarts, mut demoted) = (PerTier::<usize>::default(), 0, 0u64);
     for step in 0..steps {
         let c = next(8);
         let ns = (c % 2) as u32;
@@ -527,20 +527,19 @@ fn simulate(seed: u64, steps: usize, engine: EngineKind) {
                 assert!(r.nvme_error.is_none(), "step {step}: {:?}", r.nvme_error);
             }
             30..=44 => {
-                let mut tiers = vec![Tier::None; hashes.len()];
+                let mut tiers = vec![None; hashes.len()];
                 let n = m.lookup(ns, &hashes, &mut tiers);
                 assert!(
-                    tiers[..n].iter().all(|&t| t != Tier::None)
-                        && tiers[n..].iter().all(|&t| t == Tier::None)
+                    tiers[..n].iter().all(|&t| t != None) && tiers[n..].iter().all(|&t| t == None)
                 );
             }
             45..=64 => {
-                let mut tiers = vec![Tier::None; hashes.len()];
+                let mut tiers = vec![None; hashes.len()];
                 let n = m.lookup(ns, &hashes, &mut tiers);
                 let r = load(&m, ns, &hashes);
                 assert!(r.loaded >= n.min(1) || r.failure.is_some(), "step {step}");
                 for t in &r.tiers {
-                    served_from[t.index()] += 1;
+                    served_from[*t] += 1;
                 }
                 if let Some((_, f)) = &r.failure {
                     assert!(
@@ -598,7 +597,7 @@ fn simulate(seed: u64, steps: usize, engine: EngineKind) {
             panic!("seed {seed} step {step} op {op}: {e}");
         }
         for q in m.stats().namespaces {
-            for t in 0..3 {
+            for t in Tier::ALL {
                 let max = q.max_slots[t].unwrap_or(u32::MAX);
                 assert!(
                     q.used_slots[t] <= max,
@@ -609,7 +608,7 @@ fn simulate(seed: u64, steps: usize, engine: EngineKind) {
             }
         }
         for &(_, ns, h) in pins.keys() {
-            let mut t = [Tier::None];
+            let mut t = [None];
             assert_eq!(
                 m.lookup(ns, &[h], &mut t),
                 1,
@@ -624,7 +623,7 @@ fn simulate(seed: u64, steps: usize, engine: EngineKind) {
         "seed {seed}: restarts {restarts}, demoted {demoted}"
     );
     assert!(
-        served_from.iter().all(|&n| n > 0),
+        served_from.values().all(|&n| n > 0),
         "seed {seed}: loads served per tier {served_from:?}"
     );
 }
@@ -634,7 +633,7 @@ fn quota(ns: u32, blocks: [Option<u64>; 3]) -> NamespaceQuota {
     NamespaceQuota {
         namespace: ns,
         name: format!("ns-{ns}"),
-        max_bytes: blocks.map(|b| b.map(|b| b * BLOCK as u64)),
+        max_bytes: PerTier(blocks.map(|b| b.map(|b| b * BLOCK as u64))),
     }
 }
 
@@ -662,8 +661,12 @@ fn quota_bounds_a_flooding_namespace_to_its_own_blocks() {
         assert_eq!(r.stored, 3, "round {round}: the flooder still stores");
         let s = m.stats();
         let q = &s.namespaces[0];
-        assert_eq!(q.max_slots, [Some(0), Some(4), None]);
-        assert!(q.used_slots[1] <= 4, "round {round}: {:?}", q.used_slots);
+        assert_eq!(q.max_slots, PerTier([Some(0), Some(4), None]));
+        assert!(
+            q.used_slots[Tier::Host] <= 4,
+            "round {round}: {:?}",
+            q.used_slots
+        );
         m.check_invariants().unwrap();
     }
     let hashes: Vec<u64> = quiet.iter().map(|b| b.0).collect();
@@ -757,9 +760,9 @@ fn a_slot_rewritten_without_the_key_never_reaches_the_victim() {
     let m = local(BlockManager::new(&b, &t, ManagerOptions::default()).unwrap());
     assert_eq!(save(&m, 3, &c, true).nvme_written, 4);
     save(&m, 9, &chain(100, 4), true); // pushes the victim's blocks out of the host tier
-    let mut tiers = [Tier::None; 4];
+    let mut tiers = [None; 4];
     assert_eq!(m.lookup(3, &hashes, &mut tiers), 4);
-    assert_eq!(tiers, [Tier::Nvme; 4]);
+    assert_eq!(tiers, [Some(Tier::Nvme); 4]);
 
     let f = std::fs::OpenOptions::new()
         .read(true)
