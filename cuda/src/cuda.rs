@@ -343,7 +343,7 @@ impl CudaDevice {
     }
 
     /// Uploads `parts` into `stream`'s scratch table (grown as needed), each at the
-    /// offset [`scratch_offsets`] gives it (16-byte aligned), and returns the table's
+    /// offset [`scratch_align`] gives it (16-byte aligned), and returns the table's
     /// address. Stream-ordered, so the previous launch on the stream has consumed the old
     /// contents.
     fn scratch_upload(
