@@ -83,9 +83,9 @@ struct State {
 /// `tests/kernel_compile.rs` checks this table against the PTX NVRTC produces, so a
 /// signature change in a `.cu` file that is not mirrored here fails on the CPU.
 pub const KERNEL_PARAM_BYTES: [(&str, &[usize]); 5] = [
-    // engine, blocks, layout, pages, num_batch_pages
-    ("kvp_paged_gather", &[8, 8, 8, 8, 4]),
-    ("kvp_paged_scatter", &[8, 8, 8, 8, 4]),
+    // engine, blocks, layout, pages, block_offsets (0 = contiguous), num_batch_pages
+    ("kvp_paged_gather", &[8, 8, 8, 8, 8, 4]),
+    ("kvp_paged_scatter", &[8, 8, 8, 8, 8, 4]),
     // src, dst, descs, num_descs
     ("kvp_copy_batch", &[8, 8, 8, 4]),
     // base, descs, num_descs, sums
@@ -342,13 +342,15 @@ impl CudaDevice {
         unsafe { result::event::record(ev, s) }.map_err(drv("cuEventRecord"))
     }
 
-    /// Uploads `bytes` into `stream`'s scratch table (grown as needed); stream-ordered,
-    /// so the previous launch on the stream has consumed the old contents.
+    /// Uploads `parts` into `stream`'s scratch table (grown as needed), each at the
+    /// offset [`scratch_align`] gives it (16-byte aligned), and returns the table's
+    /// address. Stream-ordered, so the previous launch on the stream has consumed the old
+    /// contents.
     fn scratch_upload(
         &self,
         st: &mut State,
         stream: StreamId,
-        bytes: &[u8],
+        parts: &[&[u8]],
     ) -> Result<sys::CUdeviceptr, DeviceError> {
         let (s, scratch) =
             st.streams
@@ -358,23 +360,32 @@ impl CudaDevice {
                     what: "stream",
                     id: u64::from(stream.0),
                 })?;
-        if scratch.bytes < bytes.len() {
+        let total = parts
+            .iter()
+            .fold(0usize, |at, p| scratch_align(at) + p.len());
+        if scratch.bytes < total {
             let s_raw = s.cu_stream();
             if scratch.ptr != 0 {
                 // SAFETY: stream-ordered free of our own scratch after its last use.
                 unsafe { result::free_async(scratch.ptr, s_raw) }.map_err(drv("cuMemFreeAsync"))?;
             }
-            let grown = bytes.len().next_power_of_two().max(4096);
+            let grown = total.next_power_of_two().max(4096);
             // SAFETY: plain allocation on our stream.
             scratch.ptr =
                 unsafe { result::malloc_async(s_raw, grown) }.map_err(drv("cuMemAllocAsync"))?;
             scratch.bytes = grown;
         }
-        if !bytes.is_empty() {
-            // SAFETY: scratch holds at least bytes.len(); pageable source is staged by the
-            // driver before this returns.
-            unsafe { result::memcpy_htod_async(scratch.ptr, bytes, s.cu_stream()) }
-                .map_err(drv("cuMemcpyHtoDAsync"))?;
+        let mut at = 0usize;
+        for part in parts {
+            at = scratch_align(at);
+            if !part.is_empty() {
+                // SAFETY: scratch holds at least `total` bytes, of which this part takes
+                // [at, at + len); a pageable source is staged by the driver before this
+                // returns.
+                unsafe { result::memcpy_htod_async(scratch.ptr + at as u64, part, s.cu_stream()) }
+                    .map_err(drv("cuMemcpyHtoDAsync"))?;
+            }
+            at += part.len();
         }
         Ok(scratch.ptr)
     }
@@ -416,6 +427,11 @@ impl CudaDevice {
         }
         .map_err(drv("cuLaunchKernel"))
     }
+}
+
+/// Where the next part of a scratch upload starts: 16-byte aligned for any table type.
+const fn scratch_align(at: usize) -> usize {
+    at.next_multiple_of(16)
 }
 
 fn insert_buffer(st: &mut State, region: Region, len_bytes: usize) -> DeviceBuffer {
@@ -720,7 +736,7 @@ impl Device for CudaDevice {
         pages: &[u32],
         blocks: DeviceRange,
     ) -> Result<(), DeviceError> {
-        self.paged("gather", stream, engine, layout, pages, blocks, true)
+        self.paged("gather", stream, engine, layout, pages, blocks, None)
     }
 
     fn scatter(
@@ -731,7 +747,49 @@ impl Device for CudaDevice {
         pages: &[u32],
         blocks: DeviceRange,
     ) -> Result<(), DeviceError> {
-        self.paged("scatter", stream, engine, layout, pages, blocks, false)
+        self.paged("scatter", stream, engine, layout, pages, blocks, None)
+    }
+
+    fn gather_to_slots(
+        &self,
+        stream: StreamId,
+        engine: DeviceBuffer,
+        layout: LayoutId,
+        pages: &[u32],
+        blocks: DeviceBuffer,
+        block_offsets: &[u64],
+    ) -> Result<(), DeviceError> {
+        let whole = blocks.whole();
+        self.paged(
+            "gather",
+            stream,
+            engine,
+            layout,
+            pages,
+            whole,
+            Some(block_offsets),
+        )
+    }
+
+    fn scatter_from_slots(
+        &self,
+        stream: StreamId,
+        engine: DeviceBuffer,
+        layout: LayoutId,
+        pages: &[u32],
+        blocks: DeviceBuffer,
+        block_offsets: &[u64],
+    ) -> Result<(), DeviceError> {
+        let whole = blocks.whole();
+        self.paged(
+            "scatter",
+            stream,
+            engine,
+            layout,
+            pages,
+            whole,
+            Some(block_offsets),
+        )
     }
 
     fn copy_batch(
@@ -750,7 +808,7 @@ impl Device for CudaDevice {
             return Ok(());
         }
         let s = stream_of(&st, op, stream)?;
-        let mut table = self.scratch_upload(&mut st, stream, as_bytes(descs))?;
+        let mut table = self.scratch_upload(&mut st, stream, &[as_bytes(descs)])?;
         let mut n = descs.len() as u32;
         let params = [
             arg(&mut s_dev),
@@ -785,7 +843,7 @@ impl Device for CudaDevice {
         let desc_bytes = std::mem::size_of_val(descs);
         let mut upload = as_bytes(descs).to_vec();
         upload.resize(desc_bytes + 8 * descs.len(), 0);
-        let mut table = self.scratch_upload(&mut st, stream, &upload)?;
+        let mut table = self.scratch_upload(&mut st, stream, &[&upload])?;
         let mut sums_dev = table + desc_bytes as u64;
         let mut n = descs.len() as u32;
         let p1 = [
@@ -868,6 +926,10 @@ fn validate_descs(
 }
 
 impl CudaDevice {
+    /// Gather (`op` "gather") or scatter of `pages` against `blocks`: contiguous blocks
+    /// filling the range (`block_offsets` None: the kernel gets NULL) or blocks at
+    /// `blocks.offset_bytes + block_offsets[i]` (slots; the table is uploaded beside the
+    /// page ids).
     #[allow(clippy::too_many_arguments)]
     fn paged(
         &self,
@@ -877,7 +939,7 @@ impl CudaDevice {
         layout: LayoutId,
         pages: &[u32],
         blocks: DeviceRange,
-        to_blocks: bool,
+        block_offsets: Option<&[u64]>,
     ) -> Result<(), DeviceError> {
         let mut st = self.lock()?;
         if engine.id == blocks.buffer.id {
@@ -898,66 +960,37 @@ impl CudaDevice {
             blocks.len_bytes,
             blocks.buffer.len_bytes,
         )?;
-        // The same checks as the host wrappers, against the device buffers' lengths.
-        let info = *host_layout.info();
-        let kernel_err = |source| DeviceError::Kernel { op, source };
-        if (engine.len_bytes as u64) < host_layout.raw().buffer_bytes {
-            return Err(kernel_err(
-                kvplane_kernels::KernelError::EngineBufferTooSmall {
-                    op,
-                    len_bytes: engine.len_bytes,
-                    buffer_bytes: host_layout.raw().buffer_bytes,
-                },
-            ));
-        }
-        let want = pages.len() as u64 * info.block_bytes;
-        if want != blocks.len_bytes as u64 {
-            return Err(kernel_err(kvplane_kernels::KernelError::BlockBufferSize {
-                op,
-                got_bytes: blocks.len_bytes,
-                want_bytes: want,
-            }));
-        }
-        if let Some((index, &page)) = pages
-            .iter()
-            .enumerate()
-            .find(|(_, p)| u64::from(**p) >= host_layout.num_pages())
-        {
-            return Err(kernel_err(kvplane_kernels::KernelError::PageOutOfRange {
-                op,
-                index,
-                page,
-                num_pages: host_layout.num_pages(),
-            }));
-        }
-        if !to_blocks {
-            let mut sorted = pages.to_vec();
-            sorted.sort_unstable();
-            if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
-                let first = pages.iter().position(|p| *p == w[0]).unwrap_or(0);
-                let second = pages.iter().rposition(|p| *p == w[0]).unwrap_or(0);
-                return Err(kernel_err(kvplane_kernels::KernelError::DuplicatePage {
-                    page: w[0],
-                    first,
-                    second,
-                }));
-            }
-        }
+        // The host wrappers' checks, against the device buffers' lengths.
+        kvplane_kernels::check_paged_batch(
+            op,
+            &host_layout,
+            engine.len_bytes,
+            pages,
+            blocks.len_bytes,
+            block_offsets,
+            op == "scatter",
+        )
+        .map_err(|source| DeviceError::Kernel { op, source })?;
         if pages.is_empty() {
             return Ok(());
         }
         let mut e_dev = dev_of(&st, op, engine)?;
         let mut b_dev = dev_of(&st, op, blocks.buffer)? + blocks.offset_bytes as u64;
         let s = stream_of(&st, op, stream)?;
-        let mut pages_dev = self.scratch_upload(&mut st, stream, as_bytes(pages))?;
+        // One table: the block offsets (if any), then the page ids.
+        let offsets_bytes = block_offsets.map_or(&[][..], as_bytes);
+        let table = self.scratch_upload(&mut st, stream, &[offsets_bytes, as_bytes(pages)])?;
+        let mut offsets_dev = if block_offsets.is_some() { table } else { 0 };
+        let mut pages_dev = table + scratch_align(offsets_bytes.len()) as u64;
         let mut layout_ptr = layout_dev;
         let mut n = pages.len() as u32;
+        let info = *host_layout.info();
         let shape = geometry::paged(
             &info,
             host_layout.raw().num_layers * host_layout.raw().kv_planes,
             n,
         );
-        let (name, f) = if to_blocks {
+        let (name, f) = if op == "gather" {
             ("kvp_paged_gather", &self.kernels.gather)
         } else {
             ("kvp_paged_scatter", &self.kernels.scatter)
@@ -967,6 +1000,7 @@ impl CudaDevice {
             arg(&mut b_dev),
             arg(&mut layout_ptr),
             arg(&mut pages_dev),
+            arg(&mut offsets_dev),
             arg(&mut n),
         ];
         self.launch(name, f, shape, s, &params)

@@ -4,7 +4,8 @@
 //! Buffers, streams, events and layouts are small copyable handles owned by the device;
 //! the device checks every handle, offset and length, so a wrong one is an error, never
 //! an access outside an allocation. As on a GPU, operations on one stream run in order;
-//! work on different streams is ordered only through events.
+//! work on different streams is ordered only through events, and may run at the same
+//! time (so threads that copy in parallel use a stream each).
 
 use kvplane_ffi::kvp_copy_desc;
 use kvplane_kernels::{KernelError, PagedLayout};
@@ -139,6 +140,12 @@ pub enum DeviceError {
     Compile(#[from] crate::nvrtc::CompileError),
     #[error("{op}: out of memory allocating {bytes} bytes")]
     OutOfMemory { op: &'static str, bytes: usize },
+    #[error("slot arena of {capacity_bytes} bytes for blocks of {block_bytes} bytes: {reason}")]
+    SlotArena {
+        capacity_bytes: u64,
+        block_bytes: usize,
+        reason: &'static str,
+    },
     #[error("{op} is not available on the {backend} backend")]
     Unsupported {
         op: &'static str,
@@ -229,6 +236,29 @@ pub trait Device: Send + Sync + std::fmt::Debug {
         layout: LayoutId,
         pages: &[u32],
         blocks: DeviceRange,
+    ) -> Result<(), DeviceError>;
+    /// Gathers engine pages `pages[i]` into the block at `blocks` + `block_offsets[i]`
+    /// (each a whole block inside `blocks`; destinations pairwise disjoint), one launch.
+    /// The same kernel as [`Device::gather`], addressing a tier's slots directly.
+    fn gather_to_slots(
+        &self,
+        stream: StreamId,
+        engine: DeviceBuffer,
+        layout: LayoutId,
+        pages: &[u32],
+        blocks: DeviceBuffer,
+        block_offsets: &[u64],
+    ) -> Result<(), DeviceError>;
+    /// The reverse: block at `blocks` + `block_offsets[i]` into engine page `pages[i]`
+    /// (each page at most once per batch).
+    fn scatter_from_slots(
+        &self,
+        stream: StreamId,
+        engine: DeviceBuffer,
+        layout: LayoutId,
+        pages: &[u32],
+        blocks: DeviceBuffer,
+        block_offsets: &[u64],
     ) -> Result<(), DeviceError>;
     /// Copies every descriptor's range of `src` to `dst` in one launch.
     fn copy_batch(

@@ -80,6 +80,9 @@ pub struct Report {
     pub skipped: Vec<Case>,
     /// Layouts whose device gather and scatter matched the CPU build byte for byte.
     pub paged_layouts_verified: u32,
+    /// Layouts whose slot-addressed gather and scatter (non-contiguous, out-of-order,
+    /// unaligned offsets) matched the contiguous kernels on the same device.
+    pub slot_layouts_verified: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +102,11 @@ pub enum CheckError {
     },
     #[error("paged {what} differs from the CPU build for layout {layout}")]
     PagedMismatch {
+        what: &'static str,
+        layout: &'static str,
+    },
+    #[error("{what} differs from the contiguous kernel for layout {layout}")]
+    SlotMismatch {
         what: &'static str,
         layout: &'static str,
     },
@@ -372,6 +380,85 @@ fn check_paged(dev: &dyn Device, stream: StreamId) -> Result<u32, CheckError> {
     Ok(verified)
 }
 
+/// Slot offsets for `n` blocks of `bb` bytes: every other slot of stride `bb + 40`, in
+/// reversed and rotated order, from byte 3 (so blocks start unaligned, out of order, with
+/// gaps). Returns the offsets and the buffer length they need.
+fn slot_offsets(n: usize, bb: usize) -> (Vec<u64>, usize) {
+    let stride = (bb + 40) as u64;
+    let n64 = n as u64;
+    let offsets = (0..n64)
+        .map(|i| 3 + ((n64 - 1 - i + n64 / 2 + 1) % n64) * 2 * stride)
+        .collect();
+    (offsets, 3 + 2 * n * stride as usize)
+}
+
+/// `gather_to_slots` and `scatter_from_slots` on the device equal the contiguous
+/// `gather` and `scatter` of the same pages on the same device: each slot holds the block
+/// the contiguous launch put at its index, bytes between slots are untouched, and a
+/// scatter from slots leaves the engine buffer as a contiguous scatter of the same blocks.
+fn check_slots(dev: &dyn Device, stream: StreamId) -> Result<u32, CheckError> {
+    const POISON: u8 = 0xA5;
+    let mut verified = 0;
+    for (name, raw) in check_layouts() {
+        let layout = PagedLayout::new(&raw).map_err(|source| CheckError::Layout {
+            layout: name,
+            source,
+        })?;
+        let bb = layout.info().block_bytes as usize;
+        let mut engine_host = vec![0u8; raw.buffer_bytes as usize];
+        fill_random(&mut engine_host, raw.buffer_bytes ^ 0x510f);
+        let pages: Vec<u32> = (0..raw.num_pages as u32).step_by(2).rev().collect();
+        let (offsets, slots_len) = slot_offsets(pages.len(), bb);
+        let engine = dev.alloc(engine_host.len())?;
+        let contiguous = dev.alloc(pages.len() * bb)?;
+        let slots = dev.alloc(slots_len)?;
+        let lid = dev.upload_layout(&layout)?;
+        let outcome = (|| {
+            let mismatch = |what| CheckError::SlotMismatch { what, layout: name };
+            dev.copy_to_device(stream, &engine_host, engine.whole())?;
+            dev.copy_to_device(stream, &vec![POISON; slots_len], slots.whole())?;
+            dev.gather(stream, engine, lid, &pages, contiguous.whole())?;
+            dev.gather_to_slots(stream, engine, lid, &pages, slots, &offsets)?;
+            let mut want = vec![0u8; pages.len() * bb];
+            dev.copy_to_host(stream, contiguous.whole(), &mut want)?;
+            let mut got = vec![0u8; slots_len];
+            dev.copy_to_host(stream, slots.whole(), &mut got)?;
+            let mut expect = vec![POISON; slots_len];
+            for (i, o) in offsets.iter().map(|o| *o as usize).enumerate() {
+                expect[o..o + bb].copy_from_slice(&want[i * bb..(i + 1) * bb]);
+            }
+            if got != expect {
+                return Err(mismatch("gather_to_slots"));
+            }
+            // Fresh blocks in the slots; the same blocks contiguous for the reference.
+            let mut fresh = vec![0u8; slots_len];
+            fill_random(&mut fresh, 0x5107);
+            let mut packed = vec![0u8; pages.len() * bb];
+            for (i, o) in offsets.iter().map(|o| *o as usize).enumerate() {
+                packed[i * bb..(i + 1) * bb].copy_from_slice(&fresh[o..o + bb]);
+            }
+            dev.copy_to_device(stream, &fresh, slots.whole())?;
+            dev.scatter_from_slots(stream, engine, lid, &pages, slots, &offsets)?;
+            let mut got_engine = vec![0u8; engine_host.len()];
+            dev.copy_to_host(stream, engine.whole(), &mut got_engine)?;
+            dev.copy_to_device(stream, &engine_host, engine.whole())?;
+            dev.copy_to_device(stream, &packed, contiguous.whole())?;
+            dev.scatter(stream, engine, lid, &pages, contiguous.whole())?;
+            let mut want_engine = vec![0u8; engine_host.len()];
+            dev.copy_to_host(stream, engine.whole(), &mut want_engine)?;
+            if got_engine != want_engine || got_engine == engine_host {
+                return Err(mismatch("scatter_from_slots"));
+            }
+            Ok(())
+        })();
+        free_all(dev, &[engine, contiguous, slots])?;
+        dev.free_layout(lid)?;
+        outcome?;
+        verified += 1;
+    }
+    Ok(verified)
+}
+
 fn free_all(dev: &dyn Device, bufs: &[DeviceBuffer]) -> Result<(), DeviceError> {
     for b in bufs {
         dev.free(*b)?;
@@ -383,6 +470,7 @@ fn free_all(dev: &dyn Device, bufs: &[DeviceBuffer]) -> Result<(), DeviceError> 
 pub fn run(dev: &dyn Device, cfg: &CheckConfig) -> Result<Report, CheckError> {
     let stream = dev.create_stream()?;
     let paged_layouts_verified = check_paged(dev, stream)?;
+    let slot_layouts_verified = check_slots(dev, stream)?;
     let (cases, skipped) = plan(cfg);
     let mut rows = Vec::new();
     for case in cases {
@@ -394,6 +482,7 @@ pub fn run(dev: &dyn Device, cfg: &CheckConfig) -> Result<Report, CheckError> {
         rows,
         skipped,
         paged_layouts_verified,
+        slot_layouts_verified,
     })
 }
 
@@ -416,8 +505,12 @@ pub fn format_report(r: &Report) -> String {
     let mut s = String::new();
     s.push_str(&format!("backend: {} ({})\n", r.backend, r.device));
     s.push_str(&format!(
-        "gather/scatter equal to the CPU build on {} layouts; every copy verified by checksum\n\n",
+        "gather/scatter equal to the CPU build on {} layouts; every copy verified by checksum\n",
         r.paged_layouts_verified
+    ));
+    s.push_str(&format!(
+        "gather_to_slots/scatter_from_slots (out-of-order, unaligned slots) equal to the contiguous kernels on {} layouts\n\n",
+        r.slot_layouts_verified
     ));
     s.push_str("device to device (G1 copies): batched-copy kernel and one cuMemcpyAsync per block vs one bulk copy\n\n");
     s.push_str("| block | batch | kernel GB/s | % d2d | copy engine GB/s | % d2d | d2d GB/s |\n");
@@ -494,6 +587,7 @@ mod tests {
         let report = run(&dev, &cfg).expect("check");
         assert_eq!(report.backend, "host");
         assert_eq!(report.paged_layouts_verified, 3);
+        assert_eq!(report.slot_layouts_verified, 3);
         assert_eq!(report.rows.len(), 6);
         assert!(report.skipped.is_empty());
         for row in &report.rows {
@@ -526,5 +620,24 @@ mod tests {
         assert_eq!(size_label(8 << 10), "8 KiB");
         assert_eq!(size_label(4 << 20), "4 MiB");
         assert_eq!(size_label(1000), "1000 B");
+    }
+
+    #[test]
+    fn check_slot_offsets_are_disjoint_out_of_order_and_unaligned() {
+        for (n, bb) in [(1usize, 64usize), (3, 100), (5, 72), (12, 4096)] {
+            let (offsets, len) = slot_offsets(n, bb);
+            let mut sorted = offsets.clone();
+            sorted.sort_unstable();
+            assert!(sorted.windows(2).all(|w| w[1] - w[0] >= bb as u64 + 40));
+            // Even block sizes: every block starts at an odd address offset.
+            assert!(
+                offsets
+                    .iter()
+                    .all(|o| o % 2 == 1 && *o as usize + bb <= len)
+            );
+            if n > 2 {
+                assert_ne!(offsets, sorted, "out of order");
+            }
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! The host backend: "device memory" is host memory and the kernels are the CPU build of
-//! `kernels/cuda/*.cu`. Operations execute when called, one at a time per device (a
-//! single in-order queue, like one GPU stream), so streams and events are always
-//! complete; they exist so the daemon runs the same code on both backends.
+//! `kernels/cuda/*.cu`. Operations execute when called, on the calling thread, so a call
+//! that returns is complete. As on a GPU, operations on one stream run one at a time in
+//! order, and operations on different streams run concurrently: the device-wide table
+//! lock is held only to look up and check handles, never during a copy, so data-plane
+//! threads with a stream each copy in parallel. Events are complete when recorded.
 
 use crate::device::{
     BackendKind, Device, DeviceBuffer, DeviceError, DeviceRange, EventId, LayoutId, StreamId,
@@ -11,37 +13,96 @@ use kvplane_ffi::kvp_copy_desc;
 use kvplane_kernels::{EngineKv, HostLaunch, PagedLayout};
 use std::collections::HashMap;
 use std::ptr::NonNull;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Memory allocated here; u128 elements keep it 16-byte aligned for the vector path.
+/// Shared (`Arc`) between the buffer table and every operation running on it, so a
+/// `free` while a copy runs only drops the table's reference: the memory goes when the
+/// copy is done.
+struct OwnedMem {
+    elems: NonNull<[u128]>,
+}
+
+impl OwnedMem {
+    fn new(bytes: usize) -> Result<Self, DeviceError> {
+        let mut v: Vec<u128> = Vec::new();
+        v.try_reserve_exact(bytes.div_ceil(16))
+            .map_err(|_| DeviceError::OutOfMemory { op: "alloc", bytes })?;
+        v.resize(bytes.div_ceil(16), 0);
+        let elems = NonNull::from(Box::leak(v.into_boxed_slice()));
+        Ok(Self { elems })
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        self.elems.as_ptr() as *mut u8
+    }
+}
+
+impl Drop for OwnedMem {
+    fn drop(&mut self) {
+        // SAFETY: `elems` came from Box::leak in `new` and is released only here, once.
+        drop(unsafe { Box::from_raw(self.elems.as_ptr()) });
+    }
+}
+
+// SAFETY: plain heap memory; all access is through raw pointers handed to operations,
+// whose checks (one writer per byte per launch) and the stream order govern races.
+unsafe impl Send for OwnedMem {}
+// SAFETY: as above.
+unsafe impl Sync for OwnedMem {}
 
 enum Region {
-    /// Allocated here; u128 elements keep it 16-byte aligned for the vector path.
-    Owned(Vec<u128>),
+    Owned(Arc<OwnedMem>),
     /// Registered memory owned by someone else (see `register_host_memory`).
-    External { ptr: NonNull<u8> },
+    External {
+        ptr: NonNull<u8>,
+    },
+}
+
+/// A region as one operation holds it: its address, and the allocation kept alive until
+/// the operation is done.
+struct Held {
+    ptr: *mut u8,
+    _keep: Option<Arc<OwnedMem>>,
 }
 
 impl Region {
-    fn ptr(&mut self) -> *mut u8 {
+    fn hold(&self) -> Held {
         match self {
-            Region::Owned(v) => v.as_mut_ptr() as *mut u8,
-            Region::External { ptr } => ptr.as_ptr(),
+            Region::Owned(m) => Held {
+                ptr: m.ptr(),
+                _keep: Some(Arc::clone(m)),
+            },
+            Region::External { ptr } => Held {
+                ptr: ptr.as_ptr(),
+                _keep: None,
+            },
         }
     }
 }
+
+/// A stream: operations on it run one at a time, in the order they take this lock (as
+/// work queued on one GPU stream runs in order). Operations on different streams run
+/// concurrently.
+type StreamLock = Arc<Mutex<()>>;
 
 #[derive(Default)]
 struct State {
     next_id: u64,
     buffers: HashMap<u64, Region>,
-    layouts: HashMap<u64, PagedLayout>,
-    streams: u32,
+    layouts: HashMap<u64, Arc<PagedLayout>>,
+    streams: Vec<StreamLock>,
     events: HashMap<u64, ()>,
 }
+
+/// Called by every copy and kernel after its checks, holding only its stream (test hook).
+pub type LaunchHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
 /// See the module docs.
 pub struct HostDevice {
     state: Mutex<State>,
     launch: HostLaunch,
+    hook: Option<LaunchHook>,
 }
 
 impl std::fmt::Debug for HostDevice {
@@ -52,11 +113,11 @@ impl std::fmt::Debug for HostDevice {
     }
 }
 
-// SAFETY: the raw pointers in `Region::External` are only dereferenced by operations
-// that hold the state mutex; `register_host_memory`'s contract makes them valid from any
-// thread until freed.
+// SAFETY: the raw pointers in `Region::External` are valid from any thread until freed
+// (`register_host_memory`'s contract); owned memory is Send + Sync; the tables are
+// behind the state mutex.
 unsafe impl Send for HostDevice {}
-// SAFETY: as above; all access goes through the mutex.
+// SAFETY: as above.
 unsafe impl Sync for HostDevice {}
 
 impl Default for HostDevice {
@@ -78,12 +139,33 @@ impl HostDevice {
                 ..State::default()
             }),
             launch,
+            hook: None,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    /// A device that calls `hook(op)` inside every copy and kernel, after the op's checks,
+    /// holding only its stream: tests use it to stop an operation midway.
+    #[doc(hidden)]
+    pub fn with_launch_hook_for_tests(launch: HostLaunch, hook: LaunchHook) -> Self {
+        Self {
+            hook: Some(hook),
+            ..Self::with_launch(launch)
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
         // A panic inside an operation leaves only plain data behind: keep going.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Enters `stream` (waits for the operation running on it, if any), then runs the
+    /// test hook. The device-wide state lock is not held.
+    fn enter<'a>(&self, op: &'static str, stream: &'a StreamLock) -> MutexGuard<'a, ()> {
+        let guard = stream.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hook) = &self.hook {
+            hook(op);
+        }
+        guard
     }
 }
 
@@ -92,26 +174,34 @@ fn unknown(op: &'static str, what: &'static str, id: u64) -> DeviceError {
 }
 
 impl State {
-    fn region(&mut self, op: &'static str, buf: DeviceBuffer) -> Result<*mut u8, DeviceError> {
+    fn region(&self, op: &'static str, buf: DeviceBuffer) -> Result<Held, DeviceError> {
         self.buffers
-            .get_mut(&buf.id)
-            .map(Region::ptr)
+            .get(&buf.id)
+            .map(Region::hold)
             .ok_or_else(|| unknown(op, "buffer", buf.id))
     }
 
-    fn range(&mut self, op: &'static str, r: DeviceRange) -> Result<*mut u8, DeviceError> {
+    /// The held region of `r.buffer` and the address of `r`'s first byte.
+    fn range(&self, op: &'static str, r: DeviceRange) -> Result<(Held, *mut u8), DeviceError> {
         check_range(op, r.offset_bytes, r.len_bytes, r.buffer.len_bytes)?;
-        let base = self.region(op, r.buffer)?;
+        let held = self.region(op, r.buffer)?;
         // SAFETY: offset + len <= the buffer's length (checked just above).
-        Ok(unsafe { base.add(r.offset_bytes) })
+        let at = unsafe { held.ptr.add(r.offset_bytes) };
+        Ok((held, at))
     }
 
-    fn stream(&self, op: &'static str, s: StreamId) -> Result<(), DeviceError> {
-        if s.0 < self.streams {
-            Ok(())
-        } else {
-            Err(unknown(op, "stream", u64::from(s.0)))
-        }
+    fn stream(&self, op: &'static str, s: StreamId) -> Result<StreamLock, DeviceError> {
+        self.streams
+            .get(s.0 as usize)
+            .cloned()
+            .ok_or_else(|| unknown(op, "stream", u64::from(s.0)))
+    }
+
+    fn layout(&self, op: &'static str, l: LayoutId) -> Result<Arc<PagedLayout>, DeviceError> {
+        self.layouts
+            .get(&l.0)
+            .cloned()
+            .ok_or_else(|| unknown(op, "layout", l.0))
     }
 }
 
@@ -128,14 +218,12 @@ impl Device for HostDevice {
     }
 
     fn alloc(&self, bytes: usize) -> Result<DeviceBuffer, DeviceError> {
-        let mut v = Vec::new();
-        v.try_reserve_exact(bytes.div_ceil(16))
-            .map_err(|_| DeviceError::OutOfMemory { op: "alloc", bytes })?;
-        v.resize(bytes.div_ceil(16), 0u128);
+        // Allocated and zeroed outside the lock.
+        let mem = OwnedMem::new(bytes)?;
         let mut st = self.lock();
         let id = st.next_id;
         st.next_id += 1;
-        st.buffers.insert(id, Region::Owned(v));
+        st.buffers.insert(id, Region::Owned(Arc::new(mem)));
         Ok(DeviceBuffer {
             id,
             len_bytes: bytes,
@@ -155,26 +243,38 @@ impl Device for HostDevice {
     }
 
     fn free(&self, buf: DeviceBuffer) -> Result<(), DeviceError> {
-        self.lock()
+        let region = self
+            .lock()
             .buffers
             .remove(&buf.id)
-            .map(drop)
-            .ok_or_else(|| unknown("free", "buffer", buf.id))
+            .ok_or_else(|| unknown("free", "buffer", buf.id))?;
+        // Outside the lock: the last reference (if no operation holds one) unmaps here.
+        drop(region);
+        Ok(())
     }
 
     fn create_stream(&self) -> Result<StreamId, DeviceError> {
         let mut st = self.lock();
-        st.streams += 1;
-        Ok(StreamId(st.streams - 1))
+        let id = u32::try_from(st.streams.len()).map_err(|_| DeviceError::OutOfMemory {
+            op: "create_stream",
+            bytes: 0,
+        })?;
+        st.streams.push(StreamLock::default());
+        Ok(StreamId(id))
     }
 
     fn sync_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
-        self.lock().stream("sync_stream", stream)
+        let s = self.lock().stream("sync_stream", stream)?;
+        // Waits for an operation another thread is running on it.
+        drop(s.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok(())
     }
 
     fn record_event(&self, stream: StreamId) -> Result<EventId, DeviceError> {
+        let s = self.lock().stream("record_event", stream)?;
+        // At the end of the stream: after the operation running on it, if any.
+        drop(s.lock().unwrap_or_else(|p| p.into_inner()));
         let mut st = self.lock();
-        st.stream("record_event", stream)?;
         let id = st.next_id;
         st.next_id += 1;
         st.events.insert(id, ());
@@ -212,8 +312,6 @@ impl Device for HostDevice {
         dst: DeviceRange,
     ) -> Result<(), DeviceError> {
         let op = "copy_to_device";
-        let mut st = self.lock();
-        st.stream(op, stream)?;
         if src.len() != dst.len_bytes {
             return Err(DeviceError::LengthMismatch {
                 op,
@@ -221,9 +319,13 @@ impl Device for HostDevice {
                 device_bytes: dst.len_bytes,
             });
         }
-        let d = st.range(op, dst)?;
-        // SAFETY: `d` is valid for dst.len_bytes (checked range of a live region, the
-        // lock held); `src` is a Rust slice, so not device memory being written.
+        let (s, (_held, d)) = {
+            let st = self.lock();
+            (st.stream(op, stream)?, st.range(op, dst)?)
+        };
+        let _in_stream = self.enter(op, &s);
+        // SAFETY: `d` is valid for dst.len_bytes (checked range of a region `_held` keeps
+        // alive); `src` is a Rust slice, so not device memory being written.
         unsafe { std::ptr::copy(src.as_ptr(), d, src.len()) };
         Ok(())
     }
@@ -235,8 +337,6 @@ impl Device for HostDevice {
         dst: &mut [u8],
     ) -> Result<(), DeviceError> {
         let op = "copy_to_host";
-        let mut st = self.lock();
-        st.stream(op, stream)?;
         if dst.len() != src.len_bytes {
             return Err(DeviceError::LengthMismatch {
                 op,
@@ -244,9 +344,13 @@ impl Device for HostDevice {
                 device_bytes: src.len_bytes,
             });
         }
-        let s = st.range(op, src)?;
+        let (s, (_held, p)) = {
+            let st = self.lock();
+            (st.stream(op, stream)?, st.range(op, src)?)
+        };
+        let _in_stream = self.enter(op, &s);
         // SAFETY: as in copy_to_device, reversed.
-        unsafe { std::ptr::copy(s, dst.as_mut_ptr(), dst.len()) };
+        unsafe { std::ptr::copy(p, dst.as_mut_ptr(), dst.len()) };
         Ok(())
     }
 
@@ -257,8 +361,6 @@ impl Device for HostDevice {
         dst: DeviceRange,
     ) -> Result<(), DeviceError> {
         let op = "copy_device";
-        let mut st = self.lock();
-        st.stream(op, stream)?;
         if src.len_bytes != dst.len_bytes {
             return Err(DeviceError::LengthMismatch {
                 op,
@@ -266,18 +368,26 @@ impl Device for HostDevice {
                 device_bytes: dst.len_bytes,
             });
         }
-        let s = st.range(op, src)?;
-        let d = st.range(op, dst)?;
-        // SAFETY: checked ranges of live regions, lock held; `copy` allows overlap.
-        unsafe { std::ptr::copy(s, d, src.len_bytes) };
+        let (s, (_hs, sp), (_hd, dp)) = {
+            let st = self.lock();
+            (
+                st.stream(op, stream)?,
+                st.range(op, src)?,
+                st.range(op, dst)?,
+            )
+        };
+        let _in_stream = self.enter(op, &s);
+        // SAFETY: checked ranges of regions kept alive by `_hs`/`_hd`; `copy` allows overlap.
+        unsafe { std::ptr::copy(sp, dp, src.len_bytes) };
         Ok(())
     }
 
     fn upload_layout(&self, layout: &PagedLayout) -> Result<LayoutId, DeviceError> {
+        let layout = Arc::new(layout.clone());
         let mut st = self.lock();
         let id = st.next_id;
         st.next_id += 1;
-        st.layouts.insert(id, layout.clone());
+        st.layouts.insert(id, layout);
         Ok(LayoutId(id))
     }
 
@@ -297,7 +407,7 @@ impl Device for HostDevice {
         pages: &[u32],
         blocks: DeviceRange,
     ) -> Result<(), DeviceError> {
-        self.paged("gather", stream, engine, layout, pages, blocks, true)
+        self.paged("gather", stream, engine, layout, pages, blocks, None)
     }
 
     fn scatter(
@@ -308,7 +418,49 @@ impl Device for HostDevice {
         pages: &[u32],
         blocks: DeviceRange,
     ) -> Result<(), DeviceError> {
-        self.paged("scatter", stream, engine, layout, pages, blocks, false)
+        self.paged("scatter", stream, engine, layout, pages, blocks, None)
+    }
+
+    fn gather_to_slots(
+        &self,
+        stream: StreamId,
+        engine: DeviceBuffer,
+        layout: LayoutId,
+        pages: &[u32],
+        blocks: DeviceBuffer,
+        block_offsets: &[u64],
+    ) -> Result<(), DeviceError> {
+        let whole = blocks.whole();
+        self.paged(
+            "gather",
+            stream,
+            engine,
+            layout,
+            pages,
+            whole,
+            Some(block_offsets),
+        )
+    }
+
+    fn scatter_from_slots(
+        &self,
+        stream: StreamId,
+        engine: DeviceBuffer,
+        layout: LayoutId,
+        pages: &[u32],
+        blocks: DeviceBuffer,
+        block_offsets: &[u64],
+    ) -> Result<(), DeviceError> {
+        let whole = blocks.whole();
+        self.paged(
+            "scatter",
+            stream,
+            engine,
+            layout,
+            pages,
+            whole,
+            Some(block_offsets),
+        )
     }
 
     fn copy_batch(
@@ -319,16 +471,28 @@ impl Device for HostDevice {
         descs: &[kvp_copy_desc],
     ) -> Result<(), DeviceError> {
         let op = "copy_batch";
-        let mut st = self.lock();
-        st.stream(op, stream)?;
-        let s = st.region(op, src)?;
-        let d = st.region(op, dst)?;
-        // SAFETY: both regions are live for their recorded lengths while the lock is
-        // held; distinct handles are distinct allocations (registered external memory
-        // could alias another registration: the caller registered both), and the same
-        // handle is checked for overlapping descriptors by copy_batch_raw.
+        let (st_lock, s, d) = {
+            let st = self.lock();
+            (
+                st.stream(op, stream)?,
+                st.region(op, src)?,
+                st.region(op, dst)?,
+            )
+        };
+        let _in_stream = self.enter(op, &st_lock);
+        // SAFETY: both regions are kept alive for their recorded lengths by `s`/`d`;
+        // distinct handles are distinct allocations (registered external memory could
+        // alias another registration: the caller registered both), and the same handle is
+        // checked for overlapping descriptors by copy_batch_raw.
         unsafe {
-            kvplane_kernels::copy_batch_raw(s, src.len_bytes, d, dst.len_bytes, descs, self.launch)
+            kvplane_kernels::copy_batch_raw(
+                s.ptr,
+                src.len_bytes,
+                d.ptr,
+                dst.len_bytes,
+                descs,
+                self.launch,
+            )
         }
         .map_err(|source| DeviceError::Kernel { op, source })
     }
@@ -340,13 +504,21 @@ impl Device for HostDevice {
         descs: &[kvp_copy_desc],
     ) -> Result<Vec<u64>, DeviceError> {
         let op = "checksum";
-        let mut st = self.lock();
-        st.stream(op, stream)?;
-        let b = st.region(op, base)?;
+        let (s, b) = {
+            let st = self.lock();
+            (st.stream(op, stream)?, st.region(op, base)?)
+        };
         let mut sums = vec![0u64; descs.len()];
-        // SAFETY: live region of base.len_bytes, only read, lock held.
+        let _in_stream = self.enter(op, &s);
+        // SAFETY: a region of base.len_bytes kept alive by `b`, only read.
         unsafe {
-            kvplane_kernels::checksum_batch_raw(b, base.len_bytes, descs, &mut sums, self.launch)
+            kvplane_kernels::checksum_batch_raw(
+                b.ptr,
+                base.len_bytes,
+                descs,
+                &mut sums,
+                self.launch,
+            )
         }
         .map_err(|source| DeviceError::Kernel { op, source })?;
         Ok(sums)
@@ -354,6 +526,9 @@ impl Device for HostDevice {
 }
 
 impl HostDevice {
+    /// Gather (`op` "gather") or scatter of `pages` against `blocks`: contiguous blocks
+    /// filling the range (`block_offsets` None) or blocks at `blocks.offset_bytes +
+    /// block_offsets[i]` (slots; `blocks` is then the whole buffer).
     #[allow(clippy::too_many_arguments)]
     fn paged(
         &self,
@@ -363,35 +538,44 @@ impl HostDevice {
         layout: LayoutId,
         pages: &[u32],
         blocks: DeviceRange,
-        to_blocks: bool,
+        block_offsets: Option<&[u64]>,
     ) -> Result<(), DeviceError> {
-        let mut st = self.lock();
-        st.stream(op, stream)?;
         if engine.id == blocks.buffer.id {
             return Err(DeviceError::SameBuffer { op });
         }
-        let e = st.region(op, engine)?;
-        let b = st.range(op, blocks)?;
-        let layout = st
-            .layouts
-            .get(&layout.0)
-            .ok_or_else(|| unknown(op, "layout", layout.0))?;
-        let e = NonNull::new(e).ok_or_else(|| unknown(op, "buffer", engine.id))?;
-        // SAFETY: a live region of engine.len_bytes (lock held; external regions are
+        let (s, e, (_hb, b), layout) = {
+            let st = self.lock();
+            (
+                st.stream(op, stream)?,
+                st.region(op, engine)?,
+                st.range(op, blocks)?,
+                st.layout(op, layout)?,
+            )
+        };
+        let e_ptr = NonNull::new(e.ptr).ok_or_else(|| unknown(op, "buffer", engine.id))?;
+        // SAFETY: a region of engine.len_bytes kept alive by `e` (external regions are
         // valid per register_host_memory's contract) that is not the blocks buffer.
-        let kv = unsafe { EngineKv::new(e, engine.len_bytes) };
-        let res = if to_blocks {
-            // SAFETY: `b` is a checked range of another live region, accessed by nothing
-            // else while the lock is held.
-            unsafe {
-                kvplane_kernels::gather_raw(&kv, layout, pages, b, blocks.len_bytes, self.launch)
-            }
-        } else {
-            // SAFETY: as above.
-            unsafe {
-                kvplane_kernels::scatter_raw(&kv, layout, pages, b, blocks.len_bytes, self.launch)
+        let kv = unsafe { EngineKv::new(e_ptr, engine.len_bytes) };
+        let kernel = |source| DeviceError::Kernel { op, source };
+        let _in_stream = self.enter(op, &s);
+        let (n, launch) = (blocks.len_bytes, self.launch);
+        // SAFETY: (all four calls) `b` is a checked range of another region kept alive by `_hb`;
+        // the wrappers check every block against `n` and, for a gather into slots, that
+        // the destinations are disjoint. Nothing else writes it: operations on this
+        // stream run one at a time, and other streams touching the same bytes at once
+        // race exactly as they would on a GPU (the caller's ordering, through events).
+        let res = unsafe {
+            match (op, block_offsets) {
+                ("gather", None) => kvplane_kernels::gather_raw(&kv, &layout, pages, b, n, launch),
+                ("gather", Some(o)) => {
+                    kvplane_kernels::gather_slots_raw(&kv, &layout, pages, b, n, o, launch)
+                }
+                (_, None) => kvplane_kernels::scatter_raw(&kv, &layout, pages, b, n, launch),
+                (_, Some(o)) => {
+                    kvplane_kernels::scatter_slots_raw(&kv, &layout, pages, b, n, o, launch)
+                }
             }
         };
-        res.map_err(|source| DeviceError::Kernel { op, source })
+        res.map_err(kernel)
     }
 }

@@ -11,9 +11,9 @@
 //! - [`gpu_check`]: the bandwidth/correctness check run by `scripts/gpu-check.sh`.
 //! - [`offload`]: the offload path (engine pages <-> pinned host and G1), verified and
 //!   timed against a bulk copy and a per-page copy loop in the same run.
-//! - [`arena`]: a device allocation carved into fixed-size block slots (the HBM tier).
+//! - [`slots`]: the tier seam ([`SlotStore`]) and G1's [`SlotArena`], a device allocation
+//!   carved into fixed-size block slots at start-up.
 
-pub mod arena;
 pub mod cuda;
 pub mod device;
 pub mod gds;
@@ -21,8 +21,10 @@ pub mod gpu_check;
 pub mod host;
 pub mod nvrtc;
 pub mod offload;
+pub mod slots;
 
 pub use device::{
     BackendChoice, BackendKind, Device, DeviceBuffer, DeviceError, DeviceRange, EventId, LayoutId,
     Opened, StreamId, open,
 };
+pub use slots::{SlotArena, SlotStore};

@@ -4,7 +4,8 @@
  * The engine pool is described by struct kvp_kv_layout (ffi/include/kvplane.h); the
  * daemon block of one page is packed [layers][planes][tokens][heads][head_bytes].
  * One launch moves a whole batch: `pages[i]` is the engine page of daemon block i, which
- * lives at blocks + i * block_bytes.
+ * lives at blocks + block_offsets[i] (a tier's slot), or at blocks + i * block_bytes when
+ * block_offsets is NULL (one contiguous staging range).
  *
  * Work split, for any grid/block shape:
  *   - blockIdx.y walks the (block i, layer, plane) triples ("plane pages");
@@ -16,8 +17,9 @@
  * vLLM's and SGLang's layouts move in runs of kilobytes and TRT-LLM's in head_bytes.
  *
  * The caller validates the layout (every byte any page in [0, num_pages) touches lies
- * inside the engine buffer) and the page ids; the kernel still skips a page id outside
- * [0, num_pages), so a bad id can never turn into an out-of-bounds access.
+ * inside the engine buffer), the page ids, and the block offsets (each block inside the
+ * block buffer; gather destinations pairwise disjoint); the kernel still skips a page id
+ * outside [0, num_pages), so a bad id can never turn into an out-of-bounds access.
  */
 #include "kvp_compat.h"
 
@@ -52,7 +54,8 @@ KVP_FN struct kvp_runs kvp_layout_runs(const struct kvp_kv_layout* layout) {
 /* to_blocks: true = gather (engine -> blocks), false = scatter (blocks -> engine). */
 KVP_FN void kvp_paged_move(unsigned char* engine, unsigned char* blocks,
                            const struct kvp_kv_layout* __restrict__ layout,
-                           const uint32_t* __restrict__ pages, uint32_t num_batch_pages,
+                           const uint32_t* __restrict__ pages,
+                           const uint64_t* __restrict__ block_offsets, uint32_t num_batch_pages,
                            bool to_blocks) {
     const struct kvp_runs runs = kvp_layout_runs(layout);
     const uint32_t layers = layout->num_layers;
@@ -74,8 +77,9 @@ KVP_FN void kvp_paged_move(unsigned char* engine, unsigned char* blocks,
         if (page >= layout->num_pages) continue; /* defence in depth: callers reject these */
         unsigned char* engine_base =
             engine + layout->plane_offset[plane][layer] + page * layout->page_stride_bytes;
+        const uint64_t block_at = block_offsets ? block_offsets[i] : (uint64_t)i * block_bytes;
         unsigned char* block_base =
-            blocks + (uint64_t)i * block_bytes + (uint64_t)lp * runs.rows_per_lp * runs.run_bytes;
+            blocks + block_at + (uint64_t)lp * runs.rows_per_lp * runs.run_bytes;
         for (uint32_t r = group; r < runs.rows_per_lp; r += groups) {
             const uint32_t token = r / runs.head_rows;
             const uint32_t head = r - token * runs.head_rows;
@@ -91,14 +95,19 @@ KVP_FN void kvp_paged_move(unsigned char* engine, unsigned char* blocks,
     }
 }
 
+/* block_offsets: NULL = contiguous blocks (block i at i * block_bytes). */
 extern "C" __global__ void kvp_paged_gather(const unsigned char* engine, unsigned char* blocks,
                                             const struct kvp_kv_layout* layout,
-                                            const uint32_t* pages, uint32_t num_batch_pages) {
-    kvp_paged_move((unsigned char*)engine, blocks, layout, pages, num_batch_pages, true);
+                                            const uint32_t* pages, const uint64_t* block_offsets,
+                                            uint32_t num_batch_pages) {
+    kvp_paged_move((unsigned char*)engine, blocks, layout, pages, block_offsets, num_batch_pages,
+                   true);
 }
 
 extern "C" __global__ void kvp_paged_scatter(unsigned char* engine, const unsigned char* blocks,
                                              const struct kvp_kv_layout* layout,
-                                             const uint32_t* pages, uint32_t num_batch_pages) {
-    kvp_paged_move(engine, (unsigned char*)blocks, layout, pages, num_batch_pages, false);
+                                             const uint32_t* pages, const uint64_t* block_offsets,
+                                             uint32_t num_batch_pages) {
+    kvp_paged_move(engine, (unsigned char*)blocks, layout, pages, block_offsets, num_batch_pages,
+                   false);
 }

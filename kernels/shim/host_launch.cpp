@@ -149,36 +149,49 @@ int kvp_host_fault_guard_install(void) {
     return kvp_guard_error;
 }
 
+/* block_offsets: NULL = contiguous blocks, as in the kernels. */
 int kvp_host_paged_gather_guarded(const kvp_host_grid* g, const unsigned char* engine,
                                   uint64_t engine_bytes, unsigned char* blocks,
                                   const struct kvp_kv_layout* layout, const uint32_t* pages,
-                                  uint32_t num_batch_pages, uintptr_t* fault_addr) {
+                                  const uint64_t* block_offsets, uint32_t num_batch_pages,
+                                  uintptr_t* fault_addr) {
     uintptr_t lo = (uintptr_t)engine;
     return kvp_guarded(lo, lo + engine_bytes, fault_addr, [&] {
-        kvp_host_run(g, [&] { kvp_paged_gather(engine, blocks, layout, pages, num_batch_pages); });
+        kvp_host_run(g, [&] {
+            kvp_paged_gather(engine, blocks, layout, pages, block_offsets, num_batch_pages);
+        });
     });
 }
 
 int kvp_host_paged_scatter_guarded(const kvp_host_grid* g, unsigned char* engine,
                                    uint64_t engine_bytes, const unsigned char* blocks,
                                    const struct kvp_kv_layout* layout, const uint32_t* pages,
-                                   uint32_t num_batch_pages, uintptr_t* fault_addr) {
+                                   const uint64_t* block_offsets, uint32_t num_batch_pages,
+                                   uintptr_t* fault_addr) {
     uintptr_t lo = (uintptr_t)engine;
     return kvp_guarded(lo, lo + engine_bytes, fault_addr, [&] {
-        kvp_host_run(g, [&] { kvp_paged_scatter(engine, blocks, layout, pages, num_batch_pages); });
+        kvp_host_run(g, [&] {
+            kvp_paged_scatter(engine, blocks, layout, pages, block_offsets, num_batch_pages);
+        });
     });
 }
 
 void kvp_host_paged_gather(const kvp_host_grid* g, const unsigned char* engine,
                            unsigned char* blocks, const struct kvp_kv_layout* layout,
-                           const uint32_t* pages, uint32_t num_batch_pages) {
-    kvp_host_run(g, [&] { kvp_paged_gather(engine, blocks, layout, pages, num_batch_pages); });
+                           const uint32_t* pages, const uint64_t* block_offsets,
+                           uint32_t num_batch_pages) {
+    kvp_host_run(g, [&] {
+        kvp_paged_gather(engine, blocks, layout, pages, block_offsets, num_batch_pages);
+    });
 }
 
 void kvp_host_paged_scatter(const kvp_host_grid* g, unsigned char* engine,
                             const unsigned char* blocks, const struct kvp_kv_layout* layout,
-                            const uint32_t* pages, uint32_t num_batch_pages) {
-    kvp_host_run(g, [&] { kvp_paged_scatter(engine, blocks, layout, pages, num_batch_pages); });
+                            const uint32_t* pages, const uint64_t* block_offsets,
+                            uint32_t num_batch_pages) {
+    kvp_host_run(g, [&] {
+        kvp_paged_scatter(engine, blocks, layout, pages, block_offsets, num_batch_pages);
+    });
 }
 
 void kvp_host_copy_batch(const kvp_host_grid* g, const unsigned char* src, unsigned char* dst,

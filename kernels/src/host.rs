@@ -28,6 +28,7 @@ unsafe extern "C" {
         blocks: *mut u8,
         layout: *const kvp_kv_layout,
         pages: *const u32,
+        block_offsets: *const u64,
         num_batch_pages: u32,
     );
     fn kvp_host_fault_guard_install() -> i32;
@@ -38,6 +39,7 @@ unsafe extern "C" {
         blocks: *mut u8,
         layout: *const kvp_kv_layout,
         pages: *const u32,
+        block_offsets: *const u64,
         num_batch_pages: u32,
         fault_addr: *mut usize,
     ) -> i32;
@@ -48,6 +50,7 @@ unsafe extern "C" {
         blocks: *const u8,
         layout: *const kvp_kv_layout,
         pages: *const u32,
+        block_offsets: *const u64,
         num_batch_pages: u32,
         fault_addr: *mut usize,
     ) -> i32;
@@ -110,6 +113,33 @@ pub enum KernelError {
         op: &'static str,
         got_bytes: usize,
         want_bytes: u64,
+    },
+    #[error("{op}: {offsets} block offsets for {pages} pages")]
+    OffsetsLength {
+        op: &'static str,
+        offsets: usize,
+        pages: usize,
+    },
+    #[error(
+        "{op}: block {index} at offset {offset_bytes} (+{block_bytes}) lies outside the block buffer of {len_bytes} bytes"
+    )]
+    SlotOutOfRange {
+        op: &'static str,
+        index: usize,
+        offset_bytes: u64,
+        block_bytes: u64,
+        len_bytes: usize,
+    },
+    #[error(
+        "{op}: blocks {first} and {second} overlap in the block buffer (offsets {first_offset} and {second_offset}, {block_bytes} bytes each)"
+    )]
+    SlotOverlap {
+        op: &'static str,
+        first: usize,
+        second: usize,
+        first_offset: u64,
+        second_offset: u64,
+        block_bytes: u64,
     },
     #[error(
         "{op}: descriptor {index}: {side} range [{offset}, +{bytes}) exceeds {len_bytes} bytes"
@@ -194,12 +224,24 @@ impl EngineKv {
     }
 }
 
-fn check_pages(
+/// The checks every paged launch makes before it runs, shared by the host wrappers and the
+/// cuda backend (against the device buffers' lengths), so both refuse the same batches.
+///
+/// - `engine_len_bytes` covers the layout's `buffer_bytes`; every page id is `< num_pages`;
+/// - contiguous blocks (`block_offsets` None): the block buffer is exactly
+///   `pages.len() * block_bytes`;
+/// - slots (`block_offsets` Some): one offset per page, each block `[offset, offset +
+///   block_bytes)` inside the block buffer (no overflow), and for a gather the destinations
+///   pairwise disjoint (two writers of one byte would race on a GPU);
+/// - scatter: each page at most once per batch (the same race, on the engine side).
+pub fn check_paged_batch(
     op: &'static str,
     layout: &PagedLayout,
-    engine: &EngineKv,
+    engine_len_bytes: usize,
     pages: &[u32],
     blocks_len: usize,
+    block_offsets: Option<&[u64]>,
+    scatter: bool,
 ) -> Result<(), KernelError> {
     if pages.len() > MAX_BATCH {
         return Err(KernelError::BatchTooLarge {
@@ -209,20 +251,56 @@ fn check_pages(
         });
     }
     let buffer_bytes = layout.raw().buffer_bytes;
-    if (engine.len_bytes as u64) < buffer_bytes {
+    if (engine_len_bytes as u64) < buffer_bytes {
         return Err(KernelError::EngineBufferTooSmall {
             op,
-            len_bytes: engine.len_bytes,
+            len_bytes: engine_len_bytes,
             buffer_bytes,
         });
     }
-    let want_bytes = (pages.len() as u64).checked_mul(layout.info().block_bytes);
-    if want_bytes != Some(blocks_len as u64) {
-        return Err(KernelError::BlockBufferSize {
-            op,
-            got_bytes: blocks_len,
-            want_bytes: want_bytes.unwrap_or(u64::MAX),
-        });
+    let block_bytes = layout.info().block_bytes;
+    match block_offsets {
+        None => {
+            let want_bytes = (pages.len() as u64).checked_mul(block_bytes);
+            if want_bytes != Some(blocks_len as u64) {
+                return Err(KernelError::BlockBufferSize {
+                    op,
+                    got_bytes: blocks_len,
+                    want_bytes: want_bytes.unwrap_or(u64::MAX),
+                });
+            }
+        }
+        Some(offsets) => {
+            if offsets.len() != pages.len() {
+                return Err(KernelError::OffsetsLength {
+                    op,
+                    offsets: offsets.len(),
+                    pages: pages.len(),
+                });
+            }
+            if let Some((index, &offset_bytes)) = offsets.iter().enumerate().find(|(_, o)| {
+                o.checked_add(block_bytes)
+                    .is_none_or(|end| end > blocks_len as u64)
+            }) {
+                return Err(KernelError::SlotOutOfRange {
+                    op,
+                    index,
+                    offset_bytes,
+                    block_bytes,
+                    len_bytes: blocks_len,
+                });
+            }
+            if !scatter && let Some((first, second)) = first_clash(offsets, block_bytes) {
+                return Err(KernelError::SlotOverlap {
+                    op,
+                    first,
+                    second,
+                    first_offset: offsets[first],
+                    second_offset: offsets[second],
+                    block_bytes,
+                });
+            }
+        }
     }
     let num_pages = layout.num_pages();
     if let Some((index, &page)) = pages
@@ -237,7 +315,50 @@ fn check_pages(
             num_pages,
         });
     }
+    if scatter && let Some((first, second)) = first_clash(pages, 1) {
+        return Err(KernelError::DuplicatePage {
+            page: pages[first],
+            first,
+            second,
+        });
+    }
     Ok(())
+}
+
+thread_local! {
+    /// (key, index) pairs sorted by [`first_clash`]; kept per thread so the data path's
+    /// checks do not allocate once it has seen its largest batch.
+    static CLASH_SCRATCH: std::cell::RefCell<Vec<(u64, usize)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Indices `(i, j)`, `i < j`, of two keys less than `min_gap` apart (`min_gap` 1: equal
+/// keys; `block_bytes`: overlapping blocks at those offsets), or None. Keys already in
+/// increasing order with room between them (the common batch) are checked in one pass;
+/// others are sorted in a per-thread scratch.
+fn first_clash<K: Copy + Into<u64>>(keys: &[K], min_gap: u64) -> Option<(usize, usize)> {
+    if min_gap == 0 || keys.len() < 2 {
+        return None;
+    }
+    let spaced = |a: u64, b: u64| b.checked_sub(a).is_some_and(|d| d >= min_gap);
+    if keys.windows(2).all(|w| spaced(w[0].into(), w[1].into())) {
+        return None;
+    }
+    let find = |sorted: &mut Vec<(u64, usize)>| {
+        sorted.clear();
+        sorted.extend(keys.iter().map(|k| (*k).into()).zip(0..));
+        sorted.sort_unstable();
+        sorted
+            .windows(2)
+            .find(|w| !spaced(w[0].0, w[1].0))
+            .map(|w| (w[0].1.min(w[1].1), w[0].1.max(w[1].1)))
+    };
+    CLASH_SCRATCH
+        .try_with(|cell| match cell.try_borrow_mut() {
+            Ok(mut v) => find(&mut v),
+            Err(_) => find(&mut Vec::new()),
+        })
+        .unwrap_or_else(|_| find(&mut Vec::new()))
 }
 
 /// Installs the process-wide handler that turns a fault inside a guarded engine-buffer
@@ -335,42 +456,66 @@ pub unsafe fn gather_raw(
     blocks_len: usize,
     launch: HostLaunch,
 ) -> Result<(), KernelError> {
-    check_pages("gather", layout, engine, pages, blocks_len)?;
-    if pages.is_empty() {
-        return Ok(());
+    // SAFETY: the caller's contract.
+    unsafe {
+        paged_raw(
+            "gather", engine, layout, pages, blocks, blocks_len, None, launch,
+        )
     }
-    install_fault_guard()?;
-    let units = pages.len() as u64 * u64::from(layout.raw().num_layers);
-    let blocks_ptr = SendPtr(blocks);
-    let fault = FaultSlot::default();
-    run_split(
-        launch.threads,
-        units,
-        |g| {
-            let blocks_ptr = &blocks_ptr;
-            let mut addr = 0usize;
-            // SAFETY: `engine` covers buffer_bytes (checked above) and the validated layout
-            // keeps every page < num_pages inside buffer_bytes; every page id was checked;
-            // `blocks` is exactly pages.len() * block_bytes (caller's contract). Threads
-            // write disjoint block ranges (different (page, layer, plane) triples). A fault
-            // in the engine's range returns here as a signal number (guard installed above).
-            let signal = unsafe {
-                kvp_host_paged_gather_guarded(
-                    &g,
-                    engine.base.as_ptr(),
-                    engine.len_bytes as u64,
-                    blocks_ptr.0,
-                    layout.raw(),
-                    pages.as_ptr(),
-                    pages.len() as u32,
-                    &mut addr,
-                )
-            };
-            fault.record(signal, addr);
-        },
-        false,
-    );
-    fault.result("gather", engine)
+}
+
+/// Gathers engine pages `pages[i]` into the block at `blocks + block_offsets[i]` (a
+/// tier's slots): each block inside `[blocks, blocks + blocks_len)`, destinations
+/// pairwise disjoint, one launch for the batch.
+///
+/// # Safety
+/// As [`gather_raw`]: `blocks` valid for writes of `blocks_len` bytes, not overlapping
+/// the engine buffer, the written blocks accessed by nothing else during the call.
+pub unsafe fn gather_slots_raw(
+    engine: &EngineKv,
+    layout: &PagedLayout,
+    pages: &[u32],
+    blocks: *mut u8,
+    blocks_len: usize,
+    block_offsets: &[u64],
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        paged_raw(
+            "gather",
+            engine,
+            layout,
+            pages,
+            blocks,
+            blocks_len,
+            Some(block_offsets),
+            launch,
+        )
+    }
+}
+
+/// [`gather_slots_raw`] into a slice.
+pub fn gather_slots(
+    engine: &EngineKv,
+    layout: &PagedLayout,
+    pages: &[u32],
+    blocks: &mut [u8],
+    block_offsets: &[u64],
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    // SAFETY: as in `gather`.
+    unsafe {
+        gather_slots_raw(
+            engine,
+            layout,
+            pages,
+            blocks.as_mut_ptr(),
+            blocks.len(),
+            block_offsets,
+            launch,
+        )
+    }
 }
 
 /// Scatters `blocks[i * block_bytes ..]` into engine page `pages[i]`: the reverse of
@@ -400,48 +545,158 @@ pub unsafe fn scatter_raw(
     blocks_len: usize,
     launch: HostLaunch,
 ) -> Result<(), KernelError> {
-    check_pages("scatter", layout, engine, pages, blocks_len)?;
+    // SAFETY: the caller's contract; a scatter only reads `blocks`.
+    unsafe {
+        paged_raw(
+            "scatter",
+            engine,
+            layout,
+            pages,
+            blocks as *mut u8,
+            blocks_len,
+            None,
+            launch,
+        )
+    }
+}
+
+/// The reverse of [`gather_slots_raw`]: the block at `blocks + block_offsets[i]` into
+/// engine page `pages[i]`, each page at most once per batch (sources may repeat).
+///
+/// # Safety
+/// As [`scatter_raw`]: `blocks` valid for reads of `blocks_len` bytes, not overlapping
+/// the engine buffer, the read blocks written by nothing else during the call.
+pub unsafe fn scatter_slots_raw(
+    engine: &EngineKv,
+    layout: &PagedLayout,
+    pages: &[u32],
+    blocks: *const u8,
+    blocks_len: usize,
+    block_offsets: &[u64],
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    // SAFETY: the caller's contract; a scatter only reads `blocks`.
+    unsafe {
+        paged_raw(
+            "scatter",
+            engine,
+            layout,
+            pages,
+            blocks as *mut u8,
+            blocks_len,
+            Some(block_offsets),
+            launch,
+        )
+    }
+}
+
+/// [`scatter_slots_raw`] from a slice.
+pub fn scatter_slots(
+    engine: &EngineKv,
+    layout: &PagedLayout,
+    pages: &[u32],
+    blocks: &[u8],
+    block_offsets: &[u64],
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    // SAFETY: as in `scatter`.
+    unsafe {
+        scatter_slots_raw(
+            engine,
+            layout,
+            pages,
+            blocks.as_ptr(),
+            blocks.len(),
+            block_offsets,
+            launch,
+        )
+    }
+}
+
+/// One guarded launch of the paged kernels; `op` is "gather" (engine -> blocks) or
+/// "scatter" (blocks -> engine, `blocks` only read).
+///
+/// # Safety
+/// `blocks` must be valid for reads (scatter) or writes (gather) of `blocks_len` bytes,
+/// not overlap the engine buffer, and not be accessed by anything else in the ranges
+/// this launch writes during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn paged_raw(
+    op: &'static str,
+    engine: &EngineKv,
+    layout: &PagedLayout,
+    pages: &[u32],
+    blocks: *mut u8,
+    blocks_len: usize,
+    block_offsets: Option<&[u64]>,
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    let to_blocks = op == "gather";
+    check_paged_batch(
+        op,
+        layout,
+        engine.len_bytes,
+        pages,
+        blocks_len,
+        block_offsets,
+        !to_blocks,
+    )?;
     if pages.is_empty() {
         return Ok(());
     }
-    let mut seen: Vec<(u32, usize)> = pages.iter().copied().zip(0..).collect();
-    seen.sort_unstable();
-    if let Some(w) = seen.windows(2).find(|w| w[0].0 == w[1].0) {
-        return Err(KernelError::DuplicatePage {
-            page: w[0].0,
-            first: w[0].1.min(w[1].1),
-            second: w[0].1.max(w[1].1),
-        });
-    }
     install_fault_guard()?;
     let units = pages.len() as u64 * u64::from(layout.raw().num_layers);
-    let blocks_ptr = SendPtr(blocks as *mut u8);
+    let blocks_ptr = SendPtr(blocks);
+    // An address, so the closure stays Sync; NULL selects contiguous blocks.
+    let offsets_addr = block_offsets.map_or(0, |o| o.as_ptr() as usize);
     let fault = FaultSlot::default();
     run_split(
         launch.threads,
         units,
         |g| {
             let blocks_ptr = &blocks_ptr;
+            let offsets_ptr = offsets_addr as *const u64;
             let mut addr = 0usize;
-            // SAFETY: as in `gather_raw`; distinct pages of a validated layout, so threads
-            // write the engine buffer at disjoint addresses derived only from checked ids.
+            // SAFETY: `engine` covers buffer_bytes (checked above) and the validated layout
+            // keeps every page < num_pages inside buffer_bytes; every page id was checked;
+            // every block (contiguous: exactly pages.len() * block_bytes; slots: each offset
+            // + block_bytes) lies inside `blocks_len` (checked), which the caller made valid.
+            // Threads work on disjoint (page, layer, plane) triples: a gather's destinations
+            // are disjoint blocks (checked for slots), a scatter's distinct pages (checked).
+            // A fault in the engine's range returns here as a signal number (guard
+            // installed above).
             let signal = unsafe {
-                kvp_host_paged_scatter_guarded(
-                    &g,
-                    engine.base.as_ptr(),
-                    engine.len_bytes as u64,
-                    blocks_ptr.0,
-                    layout.raw(),
-                    pages.as_ptr(),
-                    pages.len() as u32,
-                    &mut addr,
-                )
+                if to_blocks {
+                    kvp_host_paged_gather_guarded(
+                        &g,
+                        engine.base.as_ptr(),
+                        engine.len_bytes as u64,
+                        blocks_ptr.0,
+                        layout.raw(),
+                        pages.as_ptr(),
+                        offsets_ptr,
+                        pages.len() as u32,
+                        &mut addr,
+                    )
+                } else {
+                    kvp_host_paged_scatter_guarded(
+                        &g,
+                        engine.base.as_ptr(),
+                        engine.len_bytes as u64,
+                        blocks_ptr.0,
+                        layout.raw(),
+                        pages.as_ptr(),
+                        offsets_ptr,
+                        pages.len() as u32,
+                        &mut addr,
+                    )
+                }
             };
             fault.record(signal, addr);
         },
         false,
     );
-    fault.result("scatter", engine)
+    fault.result(op, engine)
 }
 
 fn check_descs(
@@ -705,9 +960,40 @@ pub mod emulate {
         blocks: &mut [u8],
         l: GpuLaunch,
     ) -> Result<(), KernelError> {
-        check_pages("gather", layout, engine, pages, blocks.len())?;
+        gather_at(engine, layout, pages, blocks, None, l)
+    }
+
+    /// [`gather_slots`] with launch shape `l`.
+    pub fn gather_slots(
+        engine: &EngineKv,
+        layout: &PagedLayout,
+        pages: &[u32],
+        blocks: &mut [u8],
+        block_offsets: &[u64],
+        l: GpuLaunch,
+    ) -> Result<(), KernelError> {
+        gather_at(engine, layout, pages, blocks, Some(block_offsets), l)
+    }
+
+    fn gather_at(
+        engine: &EngineKv,
+        layout: &PagedLayout,
+        pages: &[u32],
+        blocks: &mut [u8],
+        block_offsets: Option<&[u64]>,
+        l: GpuLaunch,
+    ) -> Result<(), KernelError> {
+        check_paged_batch(
+            "gather",
+            layout,
+            engine.len_bytes,
+            pages,
+            blocks.len(),
+            block_offsets,
+            false,
+        )?;
         let g = grid(l);
-        // SAFETY: as in `gather_raw` (all checks done above), on one thread.
+        // SAFETY: as in `paged_raw` (all checks done above), on one thread.
         unsafe {
             kvp_host_paged_gather(
                 &g,
@@ -715,6 +1001,7 @@ pub mod emulate {
                 blocks.as_mut_ptr(),
                 layout.raw(),
                 pages.as_ptr(),
+                block_offsets.map_or(std::ptr::null(), <[u64]>::as_ptr),
                 pages.len() as u32,
             )
         };

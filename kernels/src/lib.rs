@@ -18,8 +18,8 @@ pub mod sources;
 
 pub use checksum::checksum64;
 pub use host::{
-    EngineKv, HostLaunch, KernelError, checksum_batch, checksum_batch_raw, checksum_block,
-    copy_batch, copy_batch_raw, copy_within, gather, gather_raw, install_fault_guard, scatter,
-    scatter_raw,
+    EngineKv, HostLaunch, KernelError, check_paged_batch, checksum_batch, checksum_batch_raw,
+    checksum_block, copy_batch, copy_batch_raw, copy_within, gather, gather_raw, gather_slots,
+    gather_slots_raw, install_fault_guard, scatter, scatter_raw, scatter_slots, scatter_slots_raw,
 };
 pub use layout::{LayoutError, LayoutInfo, PagedLayout, validate_layout};

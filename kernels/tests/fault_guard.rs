@@ -4,7 +4,9 @@
 //! a fault anywhere else still kills the process as it would without the guard.
 
 use kvplane_ffi::kvp_kv_layout;
-use kvplane_kernels::{EngineKv, HostLaunch, KernelError, PagedLayout, gather, scatter};
+use kvplane_kernels::{
+    EngineKv, HostLaunch, KernelError, PagedLayout, gather, gather_slots, scatter, scatter_slots,
+};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 use std::ptr::NonNull;
@@ -122,6 +124,27 @@ fn faults_in_the_engine_buffer_fail_the_launch_not_the_process() {
             );
             expect_fault(
                 scatter(&kv, &l, &[6, 2, 7], &vec![7u8; 3 * block], launch),
+                "scatter",
+                4 * PAGE as u64,
+            );
+        }
+        // Slot-addressed launches are guarded the same way.
+        let mut slots = vec![0u8; 5 * block];
+        for _ in 0..2 {
+            expect_fault(
+                gather_slots(
+                    &kv,
+                    &l,
+                    &[1, 6],
+                    &mut slots,
+                    &[(4 * block) as u64, 0],
+                    launch,
+                ),
+                "gather",
+                4 * PAGE as u64,
+            );
+            expect_fault(
+                scatter_slots(&kv, &l, &[2, 7], &slots, &[(3 * block) as u64, 1], launch),
                 "scatter",
                 4 * PAGE as u64,
             );

@@ -5,7 +5,7 @@
 use kvplane_ffi::{kvp_copy_desc, kvp_kv_layout};
 use kvplane_kernels::{
     EngineKv, HostLaunch, KernelError, PagedLayout, checksum_batch, checksum_block, checksum64,
-    copy_batch, copy_within, gather, scatter,
+    copy_batch, copy_within, gather, gather_slots, scatter, scatter_slots,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -657,4 +657,239 @@ fn gpu_launch_shapes_give_reference_results() {
             checksum64(&src[d.src_offset as usize..(d.src_offset + d.bytes) as usize])
         );
     }
+}
+
+/// Slot offsets for `n` blocks of `block_bytes` in a buffer: a shuffled order of slots
+/// `stride` apart (stride > block_bytes, odd, so blocks start unaligned and have gaps
+/// between them), from `base`. Returns (offsets, buffer length).
+fn shuffled_slots(rng: &mut StdRng, n: usize, block_bytes: usize, base: u64) -> (Vec<u64>, usize) {
+    let stride = (block_bytes + 3) as u64 | 1;
+    let slots = n + 2;
+    let mut order: Vec<u64> = (0..slots as u64).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    let offsets = order[..n].iter().map(|s| base + s * stride).collect();
+    (offsets, (base + slots as u64 * stride) as usize)
+}
+
+/// Slot-addressed gather/scatter equal one contiguous launch per page into the same
+/// offsets, for every layout kind, on 1 and 3 launch threads; bytes between and around
+/// the slots are never written.
+#[test]
+fn slot_gather_and_scatter_equal_per_page_launches() {
+    let mut rng = StdRng::seed_from_u64(0x510f);
+    for kind in KINDS {
+        for g in [geometries()[0], geometries()[4], geometries()[8]] {
+            let raw = build(kind, g);
+            let layout = PagedLayout::new(&raw).expect("valid");
+            let bb = layout.info().block_bytes as usize;
+            let mut engine = Engine {
+                storage: random_bytes(&mut rng, 1 + raw.buffer_bytes as usize),
+                shift: 1,
+            };
+            let mut pages: Vec<u32> = (0..g.pages as u32).rev().collect();
+            pages.push(0); // a gather may read one page into two slots
+            let (offsets, len) = shuffled_slots(&mut rng, pages.len(), bb, 5);
+            // Reference: one contiguous launch per page, copied into its slot.
+            let mut want = vec![0xA5u8; len];
+            for (p, o) in pages.iter().zip(&offsets) {
+                let mut one = vec![0u8; bb];
+                gather(
+                    &engine.kv(),
+                    &layout,
+                    &[*p],
+                    &mut one,
+                    HostLaunch::default(),
+                )
+                .expect("per-page gather");
+                want[*o as usize..*o as usize + bb].copy_from_slice(&one);
+            }
+            for threads in [1u32, 3] {
+                let mut got = vec![0xA5u8; len];
+                gather_slots(
+                    &engine.kv(),
+                    &layout,
+                    &pages,
+                    &mut got,
+                    &offsets,
+                    HostLaunch { threads },
+                )
+                .expect("slot gather");
+                assert!(got == want, "{kind:?} {g:?} threads {threads}");
+            }
+            // Scatter (distinct pages) from the slots == per-page scatters.
+            pages.pop();
+            let offsets = &offsets[..pages.len()];
+            let blocks = random_bytes(&mut rng, len);
+            let mut want_engine = engine.storage.clone();
+            let mut reference = Engine {
+                storage: want_engine.clone(),
+                shift: 1,
+            };
+            for (p, o) in pages.iter().zip(offsets) {
+                scatter(
+                    &reference.kv(),
+                    &layout,
+                    &[*p],
+                    &blocks[*o as usize..*o as usize + bb],
+                    HostLaunch::default(),
+                )
+                .expect("per-page scatter");
+            }
+            want_engine.copy_from_slice(&reference.storage);
+            for threads in [1u32, 3] {
+                let mut e = Engine {
+                    storage: engine.storage.clone(),
+                    shift: 1,
+                };
+                scatter_slots(
+                    &e.kv(),
+                    &layout,
+                    &pages,
+                    &blocks,
+                    offsets,
+                    HostLaunch { threads },
+                )
+                .expect("slot scatter");
+                assert!(e.storage == want_engine, "{kind:?} {g:?} threads {threads}");
+            }
+            // The GPU launch shape, run on the CPU, agrees too.
+            let shape = kvplane_kernels::geometry::paged(
+                layout.info(),
+                raw.num_layers * raw.kv_planes,
+                pages.len() as u32,
+            );
+            let mut got = vec![0xA5u8; len];
+            kvplane_kernels::host::emulate::gather_slots(
+                &engine.kv(),
+                &layout,
+                &pages,
+                &mut got,
+                offsets,
+                shape,
+            )
+            .expect("emulated slot gather");
+            let mut want = vec![0xA5u8; len];
+            for (p, o) in pages.iter().zip(offsets) {
+                let at = *o as usize;
+                gather(
+                    &engine.kv(),
+                    &layout,
+                    &[*p],
+                    &mut want[at..at + bb],
+                    HostLaunch::default(),
+                )
+                .expect("per-page gather");
+            }
+            assert!(got == want, "{kind:?} {g:?} GPU shape");
+        }
+    }
+}
+
+#[test]
+fn bad_slot_batches_are_refused_before_any_copy() {
+    let g = geometries()[0];
+    let raw = build(Kind::VllmKvFirst, g);
+    let layout = PagedLayout::new(&raw).expect("valid");
+    let bb = layout.info().block_bytes;
+    let mut engine = Engine {
+        storage: random_bytes(&mut StdRng::seed_from_u64(3), raw.buffer_bytes as usize),
+        shift: 0,
+    };
+    let launch = HostLaunch::default();
+    let mut buf = vec![0x11u8; 4 * bb as usize];
+    let len = buf.len();
+    let untouched = |b: &[u8]| b.iter().all(|&x| x == 0x11);
+    // One offset per page.
+    assert_eq!(
+        gather_slots(&engine.kv(), &layout, &[1, 2], &mut buf, &[0], launch),
+        Err(KernelError::OffsetsLength {
+            op: "gather",
+            offsets: 1,
+            pages: 2
+        })
+    );
+    // A block reaching past the buffer, by one byte and by overflow.
+    for bad in [3 * bb + 1, u64::MAX - 2] {
+        assert_eq!(
+            gather_slots(&engine.kv(), &layout, &[1, 2], &mut buf, &[0, bad], launch),
+            Err(KernelError::SlotOutOfRange {
+                op: "gather",
+                index: 1,
+                offset_bytes: bad,
+                block_bytes: bb,
+                len_bytes: len
+            })
+        );
+    }
+    gather_slots(
+        &engine.kv(),
+        &layout,
+        &[1],
+        &mut buf[..len - 1],
+        &[0],
+        launch,
+    )
+    .expect("a block that just fits");
+    buf.fill(0x11);
+    // Overlapping destinations, in and out of order; the same slot twice.
+    for offsets in [[0, 2 * bb, bb + 7], [2 * bb, 0, 3 * bb - 1], [bb, 0, bb]] {
+        let err = gather_slots(
+            &engine.kv(),
+            &layout,
+            &[1, 2, 3],
+            &mut buf,
+            &offsets,
+            launch,
+        );
+        assert!(
+            matches!(err, Err(KernelError::SlotOverlap { op: "gather", .. })),
+            "{offsets:?}: {err:?}"
+        );
+        assert!(untouched(&buf), "nothing copied on error");
+    }
+    match gather_slots(
+        &engine.kv(),
+        &layout,
+        &[1, 2, 3],
+        &mut buf,
+        &[bb, 3 * bb, 0],
+        launch,
+    ) {
+        Ok(()) => {}
+        other => panic!("disjoint, out of order: {other:?}"),
+    }
+    buf.fill(0x11);
+    // Scatter: sources may repeat, pages may not.
+    let before = engine.bytes().to_vec();
+    assert_eq!(
+        scatter_slots(
+            &engine.kv(),
+            &layout,
+            &[3, 2, 3],
+            &buf,
+            &[0, bb, 2 * bb],
+            launch
+        ),
+        Err(KernelError::DuplicatePage {
+            page: 3,
+            first: 0,
+            second: 2
+        })
+    );
+    assert!(matches!(
+        scatter_slots(&engine.kv(), &layout, &[3, 2], &buf, &[0, 4 * bb], launch),
+        Err(KernelError::SlotOutOfRange { op: "scatter", .. })
+    ));
+    assert!(
+        engine.bytes() == before.as_slice(),
+        "nothing scattered on error"
+    );
+    scatter_slots(&engine.kv(), &layout, &[3, 2], &buf, &[bb, bb], launch)
+        .expect("one source block into two pages");
+    assert!(matches!(
+        gather_slots(&engine.kv(), &layout, &[7], &mut buf, &[0], launch),
+        Err(KernelError::PageOutOfRange { page: 7, .. })
+    ));
 }
