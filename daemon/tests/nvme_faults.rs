@@ -90,8 +90,7 @@ fn start(dir: &Path, plan: Option<Arc<FaultPlan>>) -> (Daemon, Arc<BlockManager>
         )
         .expect("tiers"),
     );
-    let device: Arc<dyn kvplane_cuda::Device> = Arc::new(kvplane_cuda::host::HostDevice::new());
-    let dataplane = Arc::new(DataPlane::with_blocks(blocks.clone(), device).expect("data plane"));
+    let dataplane = Arc::new(DataPlane::with_blocks(blocks.clone()));
     let daemon = Daemon::start(config, dataplane).expect("daemon");
     (daemon, blocks, socket)
 }

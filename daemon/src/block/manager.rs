@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crossbeam::channel::Sender;
+use kvplane_cuda::SlotStore;
 use serde::Deserialize;
 
 use super::plan::{
@@ -24,7 +25,6 @@ use super::plan::{
     TierCopy,
 };
 use super::registry::{BlockEvent, BlockKey, Registry, RemoveReason, SessionId};
-use crate::tier::hbm::{DeviceArena, HostStandInArena};
 use crate::tier::host::{HostError, HostPool, HostPoolReport};
 use crate::tier::nvme::engine::FaultPlan;
 use crate::tier::nvme::{NvmeError, NvmeStore};
@@ -73,8 +73,8 @@ pub enum BlockError {
     Host(#[from] HostError),
     #[error(transparent)]
     Nvme(#[from] NvmeError),
-    #[error("G1 arena: {0}")]
-    Hbm(#[source] std::io::Error),
+    #[error("device memory for the tiers: {0}")]
+    Device(#[source] kvplane_cuda::DeviceError),
     #[error("filling block {index} of the save: {source}")]
     Fill {
         index: usize,
@@ -191,8 +191,9 @@ pub struct ManagerOptions {
     pub faults: Option<Arc<FaultPlan>>,
     /// Stored/removed events (try_send: a full channel drops events and counts them).
     pub events: Option<Sender<BlockEvent>>,
-    /// Replace the G1 arena (the cuda backend's device arena).
-    pub hbm: Option<Box<dyn DeviceArena>>,
+    /// The device the memory tiers live on (G1 allocated on it, G2 registered with it);
+    /// the host backend when none is given.
+    pub device: Option<Arc<dyn kvplane_cuda::Device>>,
     /// Per-namespace limits on each tier (`[[namespaces]]` in the config).
     pub quotas: Vec<NamespaceQuota>,
 }
@@ -251,14 +252,18 @@ impl BlockManager {
         block.validate("blocks")?;
         tiers.validate(block.block_bytes)?;
         let slot_bytes = crate::tier::nvme::slot_bytes(block.block_bytes);
-        let host = HostPool::new(&tiers.host, slot_bytes)?;
-        let hbm: Option<Box<dyn DeviceArena>> = match options.hbm {
-            Some(a) => Some(a),
-            None if tiers.hbm.capacity_bytes > 0 => Some(Box::new(
-                HostStandInArena::new(tiers.hbm.capacity_bytes, block.block_bytes)
-                    .map_err(BlockError::Hbm)?,
-            )),
-            None => None,
+        let device = options
+            .device
+            .unwrap_or_else(|| Arc::new(kvplane_cuda::host::HostDevice::new()));
+        let mut host = HostPool::new(&tiers.host, slot_bytes)?;
+        host.register_with(Arc::clone(&device), block.block_bytes)
+            .map_err(BlockError::Device)?;
+        let hbm = match tiers.hbm.capacity_bytes {
+            0 => None,
+            bytes => Some(
+                kvplane_cuda::SlotArena::new(Arc::clone(&device), bytes, block.block_bytes)
+                    .map_err(BlockError::Device)?,
+            ),
         };
         let (nvme, scan) = if tiers.nvme.paths.is_empty() {
             (None, None)
@@ -320,6 +325,7 @@ impl BlockManager {
                 hbm,
                 host,
                 block_bytes: block.block_bytes,
+                device,
             }),
             reg: Mutex::new(reg),
             block_bytes: block.block_bytes,
@@ -1085,9 +1091,9 @@ impl BlockManager {
                 .stores
                 .hbm
                 .as_ref()
-                .map(|a| a.kind().to_string())
+                .map(kvplane_cuda::SlotStore::describe)
                 .unwrap_or_else(|| "disabled".into()),
-            Tier::Host => format!("pinned host pool: {}", self.stores.host.report().pages),
+            Tier::Host => kvplane_cuda::SlotStore::describe(&self.stores.host),
             _ => self
                 .stores
                 .nvme

@@ -58,9 +58,14 @@ pub fn run(args: ServeArgs) -> CliResult {
             max_bytes: ns.max_bytes(),
         })
         .collect();
+    // The GPU data path (a cuda device, engines with KV in HBM) is the next step; engines
+    // register host memory, which the host backend moves with the same kernels.
+    let device: Arc<dyn kvplane_cuda::Device> = Arc::new(kvplane_cuda::host::HostDevice::new());
+    tracing::info!(device = %device.describe(), "data-plane device");
     let options = ManagerOptions {
         events: streaming.then_some(events_tx),
         quotas,
+        device: Some(device),
         ..ManagerOptions::default()
     };
     let blocks = Arc::new(BlockManager::new(&config.blocks, &config.tiers, options)?);
@@ -74,9 +79,7 @@ pub fn run(args: ServeArgs) -> CliResult {
     );
     // The GPU data path (engines with KV in HBM, a cuda device) is issue 13's; engines
     // register host memory, which the host backend moves with the same kernels.
-    let device: Arc<dyn kvplane_cuda::Device> = Arc::new(kvplane_cuda::host::HostDevice::new());
-    tracing::info!(device = %device.describe(), "data-plane device");
-    let dataplane = Arc::new(DataPlane::with_blocks(Arc::clone(&blocks), device)?);
+    let dataplane = Arc::new(DataPlane::with_blocks(Arc::clone(&blocks)));
     // Configured names are known before any engine attaches: blocks restored from NVMe are
     // published to routers under their names, and two names whose ids collide stop the
     // start-up instead of the second tenant's first attach.

@@ -25,7 +25,7 @@ pub mod mapped;
 pub mod mover;
 pub mod transfer;
 pub use mapped::{MapLimitError, MappedCharge, MappedLedger, NamespaceLimit};
-pub use mover::{EngineTarget, MoveError, Mover};
+pub use mover::{EngineTarget, MoveError, MoveScratch, Mover};
 
 /// Global namespace id: stable across restarts (NVMe slots record it), derived from the
 /// name. Collisions between two live names are refused at attach.
@@ -174,6 +174,8 @@ pub struct SessionData {
     chain: Vec<(u64, Option<u64>)>,
     tiers: Vec<Option<Tier>>,
     pages: Vec<u32>,
+    /// The mover's vectors for this session's batches.
+    scratch: MoveScratch,
     /// Set when a copy faulted in the engine's KV buffer: the session is ended after the
     /// batch, and no further copy touches the buffer.
     engine_fault: Option<KernelError>,
@@ -196,6 +198,7 @@ impl SessionData {
             chain: Vec::new(),
             tiers: Vec::new(),
             pages: Vec::new(),
+            scratch: MoveScratch::default(),
             engine_fault: None,
         }
     }
@@ -277,18 +280,15 @@ impl DataPlane {
         Self::default()
     }
 
-    /// A data plane serving block operations from `blocks`, moving bytes on `device`
-    /// (the tiers' memory is registered with it here).
-    pub fn with_blocks(
-        blocks: Arc<BlockManager>,
-        device: Arc<dyn Device>,
-    ) -> Result<Self, DeviceError> {
-        let mover = Mover::new(device, Arc::clone(blocks.stores()))?;
-        Ok(DataPlane {
+    /// A data plane serving block operations from `blocks`, moving bytes on the device
+    /// its tiers live on.
+    pub fn with_blocks(blocks: Arc<BlockManager>) -> Self {
+        let mover = Mover::new(Arc::clone(blocks.stores()));
+        DataPlane {
             blocks: Some(blocks),
             mover: Some(mover),
             ..Self::default()
-        })
+        }
     }
 
     /// The mover executing this data plane's plans.
@@ -560,6 +560,7 @@ impl DataPlane {
         let _ = layout;
         let ops = &session.ops;
         let pages = &mut session.pages;
+        let scratch = &mut session.scratch;
         let t0 = Instant::now();
         let result = transfer::save(
             blocks,
@@ -571,7 +572,7 @@ impl DataPlane {
             |m, stores| {
                 pages.clear();
                 pages.extend(stores.iter().map(|s| ops[s.index].engine_block));
-                m.gather(target, pages, stores)
+                m.gather(target, pages, stores, scratch)
             },
         );
         let us = micros_since(t0);
@@ -639,11 +640,12 @@ impl DataPlane {
         let _ = layout;
         let ops = &session.ops;
         let pages = &mut session.pages;
+        let scratch = &mut session.scratch;
         let t0 = Instant::now();
         let result = transfer::load(blocks, mover, ns, &session.hashes, |m, items| {
             pages.clear();
             pages.extend(items.iter().map(|i| ops[i.index].engine_block));
-            m.scatter(target, pages, items)
+            m.scatter(target, pages, items, scratch)
         });
         let us = micros_since(t0);
         let r = match result {

@@ -13,10 +13,7 @@ use kvplane_kernels::KernelError;
 use crate::block::plan::{LoadItem, NvmeRead, NvmeWrite, StoreItem, TierCopy};
 use crate::tier::nvme::NvmeError;
 use crate::tier::nvme::header::SlotHeader;
-use crate::tier::{SLOT_HEADER_BYTES, Stores, Tier};
-
-/// CUDA registers host memory in chunks of at most 64 GiB (ARCHITECTURE.md, tiers).
-const MAX_REGISTRATION_BYTES: usize = 64 << 30;
+use crate::tier::{Stores, Tier};
 
 /// Errors from a caller's fill/drain closure (tools and tests that are their own engine).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -61,14 +58,6 @@ impl MoveError {
     }
 }
 
-/// A range of a tier's memory registered with the device.
-#[derive(Debug, Clone, Copy)]
-struct Region {
-    buffer: DeviceBuffer,
-    base: usize,
-    len_bytes: usize,
-}
-
 /// An engine's KV memory as the device sees it: the registered buffer, the uploaded
 /// layout, and the stream its copies run on.
 #[derive(Debug, Clone, Copy)]
@@ -78,163 +67,153 @@ pub struct EngineTarget {
     pub stream: StreamId,
 }
 
-/// Executes plans on a device and the NVMe store. Shared by every data-plane thread: it
-/// holds no per-operation state (scratch vectors belong to the caller's session).
+/// Reusable vectors of one caller (a session): the page ids and slot offsets of the batch
+/// being launched, so steady-state batches do not allocate.
+#[derive(Debug, Default)]
+pub struct MoveScratch {
+    pages: Vec<u32>,
+    offsets: Vec<u64>,
+    /// Index in the batch of each entry of `pages`/`offsets` (when a batch spans buffers).
+    index: Vec<usize>,
+    /// Buffers launched so far.
+    buffers: Vec<DeviceBuffer>,
+}
+
+/// Executes plans on the tiers' device and the NVMe store. Shared by every data-plane
+/// thread: it holds no per-operation state (scratch belongs to the caller's session).
 pub struct Mover {
-    device: Arc<dyn Device>,
     stores: Arc<Stores>,
-    /// The host pool, registered with the device in chunks (whole slots each).
-    host_regions: Vec<Region>,
-    /// The G1 arena, registered with the device.
-    hbm: Option<Region>,
 }
 
 impl std::fmt::Debug for Mover {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mover")
-            .field("device", &self.device.describe())
-            .field("host_regions", &self.host_regions.len())
+            .field("device", &self.stores.device.describe())
             .finish()
     }
 }
 
-impl Mover {
-    /// Registers the tiers' memory with `device` (on CUDA: page-locked and mapped, so
-    /// kernels and copy engines reach it directly).
-    pub fn new(device: Arc<dyn Device>, stores: Arc<Stores>) -> Result<Self, DeviceError> {
-        let mut mover = Mover {
-            device,
-            stores,
-            host_regions: Vec::new(),
-            hbm: None,
-        };
-        for (ptr, len_bytes) in mover.stores.host.regions(MAX_REGISTRATION_BYTES) {
-            let region = mover.register(ptr, len_bytes)?;
-            mover.host_regions.push(region);
-        }
-        if let Some(arena) = &mover.stores.hbm
-            && arena.slot_count() > 0
-        {
-            let ptr = arena
-                .host_ptr(0)
-                .expect("the G1 arena of the host backend is host memory");
-            let len = arena.slot_count() as usize * arena.slot_bytes();
-            mover.hbm = Some(mover.register(ptr, len)?);
-        }
-        Ok(mover)
-    }
+/// Where a planned slot of a memory tier lies on the device.
+fn slot_of(stores: &Stores, tier: Tier, slot: u32) -> (DeviceBuffer, u64) {
+    stores
+        .memory_tier(tier)
+        .and_then(|s| s.slot_at(slot))
+        .expect("a planned slot of a configured memory tier")
+}
 
-    fn register(&self, ptr: *mut u8, len_bytes: usize) -> Result<Region, DeviceError> {
-        let base = std::ptr::NonNull::new(ptr).expect("tier memory is never at address 0");
-        // SAFETY: the tier's mapping lives in `stores`, which this mover holds (an Arc) and
-        // outlives the registration (freed in Drop below, before the Arc); regions of one
-        // pool do not overlap, and the G1 arena is a separate mapping.
-        let buffer = unsafe { self.device.register_host_memory(base, len_bytes)? };
-        Ok(Region {
-            buffer,
-            base: ptr as usize,
-            len_bytes,
-        })
+impl Mover {
+    pub fn new(stores: Arc<Stores>) -> Self {
+        Mover { stores }
     }
 
     pub fn device(&self) -> &Arc<dyn Device> {
-        &self.device
+        &self.stores.device
     }
 
     pub fn stores(&self) -> &Arc<Stores> {
         &self.stores
     }
 
-    /// The device buffer and offset of a tier slot's block bytes.
-    fn locate(&self, tier: Tier, slot: u32) -> (DeviceBuffer, u64) {
-        match tier {
-            Tier::Hbm => {
-                let region = self.hbm.expect("G1 blocks imply a G1 arena");
-                let offset = slot as usize * self.stores.block_bytes;
-                assert!(offset + self.stores.block_bytes <= region.len_bytes);
-                (region.buffer, offset as u64)
+    /// Runs `launch(buffer, pages, offsets)` once per device buffer the batch's slots lie
+    /// in: one launch for the whole batch, unless its slots span tiers (a load from G1
+    /// and G2) or a pool registered in several chunks.
+    fn per_buffer(
+        &self,
+        scratch: &mut MoveScratch,
+        slots: impl Iterator<Item = (u32, (DeviceBuffer, u64))> + Clone,
+        mut launch: impl FnMut(DeviceBuffer, &[u32], &[u64]) -> Result<(), DeviceError>,
+    ) -> Result<(), MoveError> {
+        let total = slots.clone().count();
+        let mut covered = 0;
+        scratch.buffers.clear();
+        while covered < total {
+            let buffer = slots
+                .clone()
+                .map(|(_, (b, _))| b)
+                .find(|b| !scratch.buffers.contains(b))
+                .expect("a slot not launched yet");
+            scratch.buffers.push(buffer);
+            scratch.pages.clear();
+            scratch.offsets.clear();
+            scratch.index.clear();
+            for (k, (page, (b, offset))) in slots.clone().enumerate() {
+                if b == buffer {
+                    scratch.pages.push(page);
+                    scratch.offsets.push(offset);
+                    scratch.index.push(k);
+                }
             }
-            Tier::Host => {
-                let addr = self.stores.host.slot_ptr(slot) as usize + SLOT_HEADER_BYTES;
-                let region = self
-                    .host_regions
-                    .iter()
-                    .find(|r| addr >= r.base && addr < r.base + r.len_bytes)
-                    .expect("every host slot lies in a registered region");
-                (region.buffer, (addr - region.base) as u64)
-            }
-            Tier::Nvme => unreachable!("engine copies run between memory tiers"),
+            launch(buffer, &scratch.pages, &scratch.offsets).map_err(|source| {
+                MoveError::Device {
+                    index: scratch.index[0],
+                    source,
+                }
+            })?;
+            covered += scratch.index.len();
         }
+        Ok(())
     }
 
-    /// Gathers engine pages `pages[k]` into the reserved host slots of `stores[k]` and
-    /// waits for the copies.
+    /// Gathers engine pages `pages[k]` into the reserved host slots of `stores[k]` (one
+    /// launch) and waits for it.
     pub fn gather(
         &self,
         engine: EngineTarget,
         pages: &[u32],
         stores: &[StoreItem],
+        scratch: &mut MoveScratch,
     ) -> Result<(), MoveError> {
         assert_eq!(pages.len(), stores.len(), "one page per block");
-        let bb = self.stores.block_bytes;
-        for (k, (item, &page)) in stores.iter().zip(pages).enumerate() {
-            let (buffer, offset) = self.locate(Tier::Host, item.host_slot);
-            self.device
-                .gather(
-                    engine.stream,
-                    engine.buffer,
-                    engine.layout,
-                    &[page],
-                    buffer.range(offset as usize, bb),
-                )
-                .map_err(|source| MoveError::Device { index: k, source })?;
-        }
-        self.device
+        let st = &self.stores;
+        let slots = pages
+            .iter()
+            .zip(stores)
+            .map(|(&p, s)| (p, slot_of(st, Tier::Host, s.host_slot)));
+        let device = &st.device;
+        self.per_buffer(scratch, slots, |buffer, pages, offsets| {
+            device.gather_to_slots(
+                engine.stream,
+                engine.buffer,
+                engine.layout,
+                pages,
+                buffer,
+                offsets,
+            )
+        })?;
+        device
             .sync_stream(engine.stream)
             .map_err(|source| MoveError::Device { index: 0, source })
     }
 
-    /// Scatters each item's block into engine page `pages[k]` and waits for the copies.
+    /// Scatters each item's block into engine page `pages[k]` (one launch per tier the
+    /// blocks are in) and waits for it.
     pub fn scatter(
         &self,
         engine: EngineTarget,
         pages: &[u32],
         items: &[LoadItem],
+        scratch: &mut MoveScratch,
     ) -> Result<(), MoveError> {
         assert_eq!(pages.len(), items.len(), "one page per block");
-        let bb = self.stores.block_bytes;
-        for (k, (item, &page)) in items.iter().zip(pages).enumerate() {
-            let (buffer, offset) = self.locate(item.tier, item.slot);
-            self.device
-                .scatter(
-                    engine.stream,
-                    engine.buffer,
-                    engine.layout,
-                    &[page],
-                    buffer.range(offset as usize, bb),
-                )
-                .map_err(|source| MoveError::Device { index: k, source })?;
-        }
-        self.device
+        let st = &self.stores;
+        let slots = pages
+            .iter()
+            .zip(items)
+            .map(|(&p, i)| (p, slot_of(st, i.tier, i.slot)));
+        let device = &st.device;
+        self.per_buffer(scratch, slots, |buffer, pages, offsets| {
+            device.scatter_from_slots(
+                engine.stream,
+                engine.buffer,
+                engine.layout,
+                pages,
+                buffer,
+                offsets,
+            )
+        })?;
+        device
             .sync_stream(engine.stream)
             .map_err(|source| MoveError::Device { index: 0, source })
-    }
-
-    /// Host bytes of a memory tier's slot (tools and tests that are their own engine).
-    fn slot_bytes_ptr(&self, tier: Tier, slot: u32) -> *mut u8 {
-        match tier {
-            Tier::Hbm => self
-                .stores
-                .hbm
-                .as_ref()
-                .and_then(|a| a.host_ptr(slot))
-                .expect("a host-addressable G1 slot"),
-            _ => self
-                .stores
-                .host
-                .slot_ptr(slot)
-                .wrapping_add(SLOT_HEADER_BYTES),
-        }
     }
 
     /// Fills the reserved host slots of `stores` with `fill(k, bytes)` (the caller is the
@@ -245,10 +224,11 @@ impl Mover {
         mut fill: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
     ) -> Result<(), MoveError> {
         for (k, item) in stores.iter().enumerate() {
-            let p = self.slot_bytes_ptr(Tier::Host, item.host_slot);
             // SAFETY: the slot is reserved for this save: no one else reads or writes it
-            // until the plan is committed; block_bytes lie inside the slot.
-            let data = unsafe { std::slice::from_raw_parts_mut(p, self.stores.block_bytes) };
+            // until the plan is committed.
+            let data = unsafe {
+                &mut self.stores.host.data_mut(item.host_slot)[..self.stores.block_bytes]
+            };
             fill(k, data).map_err(|e| MoveError::Caller {
                 index: k,
                 source: e.into(),
@@ -257,17 +237,33 @@ impl Mover {
         Ok(())
     }
 
-    /// Hands each item's block bytes to `drain(k, bytes)`, in order.
+    /// Hands each item's block bytes to `drain(k, bytes)`, in order. Blocks in G1 are
+    /// first copied to host memory through the device (`stream`), as a GPU's would be.
     pub fn drain_with<E: Into<BoxError>>(
         &self,
+        stream: StreamId,
         items: &[LoadItem],
         mut drain: impl FnMut(usize, &[u8]) -> Result<(), E>,
     ) -> Result<(), MoveError> {
+        let bb = self.stores.block_bytes;
+        let mut staged: Vec<u8> = Vec::new();
         for (k, item) in items.iter().enumerate() {
-            let p = self.slot_bytes_ptr(item.tier, item.slot);
-            // SAFETY: the block is held busy by the load plan (readers only, no eviction)
-            // until it is committed.
-            let data = unsafe { std::slice::from_raw_parts(p, self.stores.block_bytes) };
+            let data: &[u8] = match item.tier {
+                Tier::Host => {
+                    // SAFETY: the block is held busy by the load plan (readers only, no
+                    // eviction) until it is committed.
+                    unsafe { &self.stores.host.data(item.slot)[..bb] }
+                }
+                tier => {
+                    let (buffer, offset) = slot_of(&self.stores, tier, item.slot);
+                    staged.resize(bb, 0);
+                    self.stores
+                        .device
+                        .copy_to_host(stream, buffer.range(offset as usize, bb), &mut staged)
+                        .map_err(|source| MoveError::Device { index: k, source })?;
+                    &staged
+                }
+            };
             drain(k, data).map_err(|e| MoveError::Caller {
                 index: k,
                 source: e.into(),
@@ -282,8 +278,8 @@ impl Mover {
         let bb = self.stores.block_bytes as u64;
         let mut groups: Vec<(DeviceBuffer, DeviceBuffer, Vec<kvp_copy_desc>)> = Vec::new();
         for c in copies {
-            let (src, src_offset) = self.locate(c.from.0, c.from.1);
-            let (dst, dst_offset) = self.locate(c.to.0, c.to.1);
+            let (src, src_offset) = slot_of(&self.stores, c.from.0, c.from.1);
+            let (dst, dst_offset) = slot_of(&self.stores, c.to.0, c.to.1);
             let desc = kvp_copy_desc {
                 src_offset,
                 dst_offset,
@@ -295,9 +291,9 @@ impl Mover {
             }
         }
         for (src, dst, descs) in &groups {
-            self.device.copy_batch(stream, *src, *dst, descs)?;
+            self.stores.device.copy_batch(stream, *src, *dst, descs)?;
         }
-        self.device.sync_stream(stream)
+        self.stores.device.sync_stream(stream)
     }
 
     /// Writes host slots to their NVMe slots (the header page, with the data checksum and
@@ -390,16 +386,6 @@ impl Mover {
     pub fn erase_nvme(&self, slots: &[u32]) {
         if let (false, Some(store)) = (slots.is_empty(), &self.stores.nvme) {
             store.tombstone(slots);
-        }
-    }
-}
-
-impl Drop for Mover {
-    fn drop(&mut self) {
-        for r in self.host_regions.iter().chain(self.hbm.iter()) {
-            if let Err(e) = self.device.free(r.buffer) {
-                tracing::warn!(error = %e, "unregistering tier memory from the device");
-            }
         }
     }
 }

@@ -198,13 +198,11 @@ impl std::ops::Deref for LocalBlocks {
 }
 
 impl LocalBlocks {
-    /// `blocks` with a mover on the host backend.
+    /// `blocks` with a mover on the tiers' device.
     pub fn new(blocks: BlockManager) -> Result<Self, kvplane_cuda::DeviceError> {
         let blocks = std::sync::Arc::new(blocks);
-        let device: std::sync::Arc<dyn kvplane_cuda::Device> =
-            std::sync::Arc::new(kvplane_cuda::host::HostDevice::new());
-        let stream = device.create_stream()?;
-        let mover = Mover::new(device, std::sync::Arc::clone(blocks.stores()))?;
+        let mover = Mover::new(std::sync::Arc::clone(blocks.stores()));
+        let stream = mover.device().create_stream()?;
         Ok(LocalBlocks {
             mover,
             blocks,
@@ -241,7 +239,7 @@ impl LocalBlocks {
         mut drain: impl FnMut(usize, &[u8]) -> Result<(), E>,
     ) -> Result<LoadReport, BlockError> {
         load(&self.blocks, &self.mover, namespace, hashes, |m, items| {
-            m.drain_with(items, |k, bytes| drain(items[k].index, bytes))
+            m.drain_with(self.stream, items, |k, bytes| drain(items[k].index, bytes))
         })
     }
 

@@ -137,7 +137,20 @@ pub struct HostPool {
     slot_bytes: usize,
     slot_count: u32,
     report: HostPoolReport,
+    /// The pool as the device sees it, once registered (`register_with`).
+    device_view: Option<DeviceView>,
 }
+
+/// The pool registered with a device, in regions of whole slots.
+struct DeviceView {
+    device: std::sync::Arc<dyn kvplane_cuda::Device>,
+    /// (buffer, first slot, slots) per region.
+    regions: Vec<(kvplane_cuda::DeviceBuffer, u32, u32)>,
+    block_bytes: usize,
+}
+
+/// CUDA registers host memory in chunks of at most 64 GiB.
+const MAX_REGISTRATION_BYTES: usize = 64 << 30;
 
 // SAFETY: the pool is a fixed mapping owned by this value; the pointer is only turned into
 // slices through the `unsafe` accessors whose callers follow the registry's one-writer rule.
@@ -320,6 +333,7 @@ impl HostPool {
             len,
             slot_bytes,
             slot_count,
+            device_view: None,
             report: HostPoolReport {
                 bytes: data_len,
                 slot_bytes,
@@ -534,8 +548,80 @@ impl HostPool {
     }
 }
 
+impl HostPool {
+    /// Registers the pool with `device` (on CUDA: page-locked and mapped, so the kernels
+    /// and copy engines reach its slots directly) for blocks of `block_bytes`; from then
+    /// on it is a [`kvplane_cuda::SlotStore`]. Unregistered when the pool is dropped.
+    pub fn register_with(
+        &mut self,
+        device: std::sync::Arc<dyn kvplane_cuda::Device>,
+        block_bytes: usize,
+    ) -> Result<(), kvplane_cuda::DeviceError> {
+        assert!(self.device_view.is_none(), "registered once");
+        assert!(block_bytes <= self.data_bytes(), "a block fits its slot");
+        let mut view = DeviceView {
+            device,
+            regions: Vec::new(),
+            block_bytes,
+        };
+        let mut first = 0u32;
+        for (ptr, len) in self.regions(MAX_REGISTRATION_BYTES) {
+            let base = std::ptr::NonNull::new(ptr).expect("a mapping is never at address 0");
+            // SAFETY: the region lies inside this pool's mapping, which stays mapped until
+            // Drop unregisters it first; regions do not overlap each other or any other
+            // registration (the pool is its own mapping).
+            let buffer = unsafe { view.device.register_host_memory(base, len)? };
+            let slots = (len / self.slot_bytes) as u32;
+            view.regions.push((buffer, first, slots));
+            first += slots;
+        }
+        self.device_view = Some(view);
+        Ok(())
+    }
+}
+
+impl kvplane_cuda::SlotStore for HostPool {
+    fn slot_count(&self) -> u32 {
+        self.slot_count
+    }
+
+    fn block_bytes(&self) -> usize {
+        self.device_view
+            .as_ref()
+            .map_or(self.data_bytes(), |v| v.block_bytes)
+    }
+
+    /// The block bytes of a slot (after its header page), in the region holding it.
+    fn slot_at(&self, slot: u32) -> Option<(kvplane_cuda::DeviceBuffer, u64)> {
+        let view = self.device_view.as_ref()?;
+        let &(buffer, first, _) = view
+            .regions
+            .iter()
+            .find(|&&(_, first, n)| slot >= first && slot - first < n)?;
+        let offset =
+            u64::from(slot - first) * self.slot_bytes as u64 + super::SLOT_HEADER_BYTES as u64;
+        Some((buffer, offset))
+    }
+
+    fn describe(&self) -> String {
+        format!("pinned host pool: {}", self.report.pages)
+    }
+
+    fn is_device_memory(&self) -> bool {
+        false
+    }
+}
+
 impl Drop for HostPool {
     fn drop(&mut self) {
+        // Registrations first: the device must not reach into memory about to be unmapped.
+        if let Some(view) = self.device_view.take() {
+            for (buffer, _, _) in view.regions {
+                if let Err(e) = view.device.free(buffer) {
+                    tracing::warn!(error = %e, "unregistering the host pool from the device");
+                }
+            }
+        }
         // SAFETY: unmapping the mapping this value owns; no slices outlive the pool (they
         // borrow it).
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };

@@ -20,11 +20,25 @@ pub struct Stores {
     /// G3, when configured.
     pub nvme: Option<nvme::NvmeStore>,
     /// G1, when configured.
-    pub hbm: Option<Box<dyn hbm::DeviceArena>>,
-    /// G2.
+    pub hbm: Option<kvplane_cuda::SlotArena>,
+    /// G2, registered with `device`.
     pub host: host::HostPool,
     /// Bytes of one block (every tier's slot payload).
     pub block_bytes: usize,
+    /// The device the memory tiers are allocated on or registered with.
+    pub device: std::sync::Arc<dyn kvplane_cuda::Device>,
+}
+
+impl Stores {
+    /// A memory tier's slots as the device sees them (`None` for NVMe, or G1 when it is
+    /// not configured).
+    pub fn memory_tier(&self, tier: Tier) -> Option<&dyn kvplane_cuda::SlotStore> {
+        match tier {
+            Tier::Hbm => self.hbm.as_ref().map(|a| a as &dyn kvplane_cuda::SlotStore),
+            Tier::Host => Some(&self.host),
+            Tier::Nvme => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Stores {

@@ -59,7 +59,7 @@ fn leaves_are_evicted_before_parents_then_lru() {
     }
     assert_eq!(r.victim(H), Some(k(3)), "only the leaf is a candidate");
     assert!(store(&mut r, k(10), None, 0, H));
-    assert!(r.fastest(k(3)) == None && r.fastest(k(1)) == Some(H));
+    assert!(r.fastest(k(3)).is_none() && r.fastest(k(1)) == Some(H));
     assert_eq!(r.victim(H), Some(k(2)), "2 became a leaf; older than 10");
     r.check_invariants().unwrap();
 }
@@ -225,7 +225,7 @@ proptest! {
                     let mut out = vec![None; hashes.len()];
                     let n = r.lookup(ns, &hashes, &mut out);
                     for (i, t) in out.iter().enumerate() {
-                        prop_assert_eq!(*t != None, i < n);
+                        prop_assert_eq!(t.is_some(), i < n);
                         if i < n {
                             prop_assert_eq!(*t, r.fastest(BlockKey::new(ns, hashes[i])));
                         }
@@ -293,7 +293,7 @@ proptest! {
                 prop_assert!(false, "invariant broken: {}", e);
             }
             for (_, key) in pins.keys() {
-                prop_assert!(r.fastest(*key) != None, "pinned {:?} was evicted", key);
+                prop_assert!(r.fastest(*key).is_some(), "pinned {:?} was evicted", key);
             }
         }
     }

@@ -530,7 +530,8 @@ fn simulate(seed: u64, steps: usize, engine: EngineKind) {
                 let mut tiers = vec![None; hashes.len()];
                 let n = m.lookup(ns, &hashes, &mut tiers);
                 assert!(
-                    tiers[..n].iter().all(|&t| t != None) && tiers[n..].iter().all(|&t| t == None)
+                    tiers[..n].iter().all(|t| t.is_some())
+                        && tiers[n..].iter().all(|t| t.is_none())
                 );
             }
             45..=64 => {
