@@ -33,10 +33,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 
 use super::access::{AccessPolicy, Caller, View, host_is_loopback};
-use super::listen::{SocketError, bind_control_socket};
+use super::listen::bind_control_socket;
 use super::metrics::{self, Link, Scrape, SessionCounters};
 use crate::config::{Config, ConfigError};
 use crate::session::DaemonShared;
+use crate::session::socket::{SocketFile, SocketPathError};
 use crate::tier::PerTier;
 
 /// `[control]`: the control-plane (metrics and status) listeners.
@@ -144,7 +145,7 @@ pub enum AdminError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Socket(#[from] SocketError),
+    Socket(#[from] SocketPathError),
     #[error("starting the control-plane runtime: {0}")]
     Runtime(#[source] std::io::Error),
 }
@@ -190,7 +191,8 @@ pub struct BoundControl {
     runtime: tokio::runtime::Runtime,
     listeners: Vec<Listener>,
     addr: Option<SocketAddr>,
-    socket_path: Option<PathBuf>,
+    /// The control socket file bound (removed at stop only while it is still ours).
+    socket: Option<SocketFile>,
     policy: AccessPolicy,
 }
 
@@ -198,7 +200,7 @@ impl std::fmt::Debug for BoundControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BoundControl")
             .field("addr", &self.addr)
-            .field("socket_path", &self.socket_path)
+            .field("socket", &self.socket)
             .finish()
     }
 }
@@ -222,7 +224,7 @@ impl BoundControl {
         };
         let mut errors = Vec::new();
         let mut listeners = Vec::new();
-        let (mut addr, mut socket_path) = (None, None);
+        let (mut addr, mut socket_file) = (None, None);
         {
             // Registering the listeners with the runtime's reactor needs its context.
             let _enter = runtime.enter();
@@ -248,9 +250,9 @@ impl BoundControl {
                             })
                     });
                 match bound {
-                    Ok((l, real)) => {
+                    Ok((l, file)) => {
                         listeners.push(Listener::Unix(l));
-                        socket_path = Some(real);
+                        socket_file = Some(file);
                     }
                     Err(e) => errors.push(e),
                 }
@@ -265,7 +267,7 @@ impl BoundControl {
             runtime,
             listeners,
             addr,
-            socket_path,
+            socket: socket_file,
             policy: AccessPolicy::new(config, start_uid),
         };
         (Some(bound), errors)
@@ -277,9 +279,10 @@ impl BoundControl {
             runtime,
             listeners,
             addr,
-            socket_path,
+            socket,
             policy,
         } = self;
+        let socket_path = socket.as_ref().map(|s| s.path().to_path_buf());
         let state = Arc::new(State {
             shared,
             policy,
@@ -312,7 +315,7 @@ impl BoundControl {
         }
         Ok(ControlServer {
             addr,
-            socket_path,
+            socket,
             stop: Some(tx),
             thread: Some(thread),
         })
@@ -347,7 +350,7 @@ fn bind_tcp(addr_text: &str) -> Result<(TcpListener, SocketAddr), AdminError> {
 /// the control socket file.
 pub struct ControlServer {
     addr: Option<SocketAddr>,
-    socket_path: Option<PathBuf>,
+    socket: Option<SocketFile>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -356,7 +359,7 @@ impl std::fmt::Debug for ControlServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControlServer")
             .field("addr", &self.addr)
-            .field("socket_path", &self.socket_path)
+            .field("socket", &self.socket)
             .finish()
     }
 }
@@ -368,7 +371,7 @@ impl ControlServer {
     }
 
     pub fn socket_path(&self) -> Option<&Path> {
-        self.socket_path.as_deref()
+        self.socket.as_ref().map(SocketFile::path)
     }
 
     pub fn stop(mut self) {
@@ -382,14 +385,11 @@ impl ControlServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        if let Some(p) = self.socket_path.take() {
-            // Only our socket: the directory is trusted, so nothing else is at the path.
-            // After a uid switch the directory may not be writable any more; the next
-            // start replaces the stale file.
-            use std::os::unix::fs::FileTypeExt;
-            if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_socket()) {
-                let _ = std::fs::remove_file(&p);
-            }
+        if let Some(socket) = self.socket.take() {
+            // Only the inode bound, relative to the checked directory. After a uid switch
+            // the directory may not be writable any more; the next start replaces the
+            // stale file.
+            let _ = socket.remove();
         }
     }
 }
