@@ -12,13 +12,20 @@
 //! so the VM's drift between runs (the floor alone moves ~3x from run to run here) falls
 //! on both within each pair. Each pair's ring p50 over its floor p50 is reported, and the
 //! aggregate over all pairs.
+//!
+//! A second, like-for-like ceiling runs between the two in every pair: the same two
+//! threads move a ring entry's bytes (64 bytes engine -> daemon on one cache line, 32 back
+//! on another), each line written by one side only and the receiver polling the entry
+//! itself. The one-word floor bounces a single line whose ownership migrates with the
+//! word; any queue pair with a line per direction pays an invalidation per write on top,
+//! so this one is the floor of the ring's design, the one-word floor that of the machine.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kvplane_ffi::{Opcode, Pod, Status, kvp_cqe, kvp_sqe};
@@ -86,18 +93,30 @@ pub struct RingBenchReport {
     pub floor_p50_ns: u64,
     pub floor_p99_ns: u64,
     pub floor_p999_ns: u64,
+    /// The like-for-like floor: a 64-byte request line and a 32-byte response line.
+    pub entry_floor_p50_ns: u64,
+    pub entry_floor_p99_ns: u64,
+    pub entry_floor_p999_ns: u64,
     pub socket_p50_ns: u64,
     pub socket_p99_ns: u64,
     pub socket_p999_ns: u64,
     pub batched_ops_per_s: f64,
     /// p50 NOP round trip / p50 floor over all pairs' samples (goal <= 1.5).
     pub p50_over_floor: f64,
+    /// p50 NOP round trip / p50 entry-sized floor over all pairs' samples.
+    pub p50_over_entry_floor: f64,
+    /// p50 entry-sized floor / p50 one-word floor: what separate lines per direction cost.
+    pub entry_floor_over_floor: f64,
     /// Each pair's ring p50 / floor p50, in run order.
     pub pairs: Vec<PairReport>,
     /// Median, min and max of the pairs' ratios.
     pub pair_ratio_median: f64,
     pub pair_ratio_min: f64,
     pub pair_ratio_max: f64,
+    /// Median, min and max of the pairs' ring p50 / entry-sized floor p50.
+    pub pair_entry_ratio_median: f64,
+    pub pair_entry_ratio_min: f64,
+    pub pair_entry_ratio_max: f64,
     pub rounds: u32,
     /// p50 socket / p50 NOP round trip (goal >= 10).
     pub socket_over_p50: f64,
@@ -108,15 +127,19 @@ pub struct RingBenchReport {
     pub backend: &'static str,
 }
 
-/// One floor batch and one ring batch, run back to back.
+/// One floor batch, one entry-sized floor batch and one ring batch, run back to back
+/// (the entry-sized floor always in the middle).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PairReport {
-    /// Which batch of the pair ran first.
+    /// Which batch of the pair ran first: the one-word floor or the ring.
     pub floor_first: bool,
     pub floor_p50_ns: u64,
+    pub entry_floor_p50_ns: u64,
     pub p50_ns: u64,
     /// p50_ns / floor_p50_ns.
     pub ratio: f64,
+    /// p50_ns / entry_floor_p50_ns.
+    pub entry_ratio: f64,
 }
 
 /// Hidden child roles (`kvplane bench ring --child ROLE --target PATH`).
@@ -135,6 +158,9 @@ struct EngineChildReport {
     floor_p50_ns: u64,
     floor_p99_ns: u64,
     floor_p999_ns: u64,
+    entry_floor_p50_ns: u64,
+    entry_floor_p99_ns: u64,
+    entry_floor_p999_ns: u64,
     pairs: Vec<PairReport>,
     batched_ops_per_s: f64,
 }
@@ -149,6 +175,44 @@ const CTL_FLOOR: u32 = 1;
 const CTL_FLOOR_READY: u32 = 2;
 /// The engine is finished.
 const CTL_DONE: u32 = 3;
+/// The engine asks for an entry-sized floor batch.
+const CTL_ENTRY: u32 = 4;
+/// The main thread polls the request line.
+const CTL_ENTRY_READY: u32 = 5;
+/// The entry-sized floor's request line (a submission's 64 bytes; word 0 is the sequence
+/// number, written last) and response line (a completion's 32 bytes, likewise), each on
+/// its own cache line, away from the one-word floor's and the control word's.
+const REQ_OFFSET: u64 = 1024;
+const REQ_WORDS: u64 = 8;
+const RESP_OFFSET: u64 = 2048;
+const RESP_WORDS: u64 = 4;
+
+/// The words of an entry-sized line at `offset` (word 0 the sequence number).
+fn entry_line(seg: &Segment, offset: u64, words: u64) -> Result<Vec<&AtomicU64>, RingBenchError> {
+    (0..words)
+        .map(|k| seg.atomic_u64(offset + 8 * k).map_err(RingBenchError::from))
+        .collect()
+}
+
+/// Write an entry's payload words, then publish it by its sequence number (release).
+#[inline]
+fn publish_entry(line: &[&AtomicU64], seq: u64, payload: u64) {
+    for (k, w) in line.iter().enumerate().skip(1) {
+        w.store(payload ^ k as u64, Ordering::Relaxed);
+    }
+    line[0].store(seq, Ordering::Release);
+}
+
+/// Read an entry's payload (after its sequence number was seen with acquire); returns
+/// the payload word 1 was built from.
+#[inline]
+fn read_entry(line: &[&AtomicU64]) -> u64 {
+    let mut x = 0;
+    for (k, w) in line.iter().enumerate().skip(1) {
+        x ^= w.load(Ordering::Relaxed) ^ k as u64;
+    }
+    x
+}
 
 struct ChildGuard(Child);
 impl Drop for ChildGuard {
@@ -209,8 +273,13 @@ pub fn run(exe: &ChildCommand, opts: &RingBenchOptions) -> Result<RingBenchRepor
     let socket = socket_parent(exe, dir.path(), opts)?;
     let engine = interleaved_parent(exe, dir.path(), opts)?;
     let (p50, p99, p999) = (engine.p50_ns, engine.p99_ns, engine.p999_ns);
-    let mut ratios: Vec<f64> = engine.pairs.iter().map(|p| p.ratio).collect();
-    ratios.sort_by(f64::total_cmp);
+    let sorted = |f: fn(&PairReport) -> f64| {
+        let mut v: Vec<f64> = engine.pairs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let ratios = sorted(|p| p.ratio);
+    let entry_ratios = sorted(|p| p.entry_ratio);
     Ok(RingBenchReport {
         p50_ns: p50,
         p99_ns: p99,
@@ -218,14 +287,26 @@ pub fn run(exe: &ChildCommand, opts: &RingBenchOptions) -> Result<RingBenchRepor
         floor_p50_ns: engine.floor_p50_ns,
         floor_p99_ns: engine.floor_p99_ns,
         floor_p999_ns: engine.floor_p999_ns,
+        entry_floor_p50_ns: engine.entry_floor_p50_ns,
+        entry_floor_p99_ns: engine.entry_floor_p99_ns,
+        entry_floor_p999_ns: engine.entry_floor_p999_ns,
         socket_p50_ns: socket.0,
         socket_p99_ns: socket.1,
         socket_p999_ns: socket.2,
         batched_ops_per_s: engine.batched_ops_per_s,
         p50_over_floor: p50 as f64 / engine.floor_p50_ns.max(1) as f64,
+        p50_over_entry_floor: p50 as f64 / engine.entry_floor_p50_ns.max(1) as f64,
+        entry_floor_over_floor: engine.entry_floor_p50_ns as f64
+            / engine.floor_p50_ns.max(1) as f64,
         pair_ratio_median: ratios.get(ratios.len() / 2).copied().unwrap_or(0.0),
         pair_ratio_min: ratios.first().copied().unwrap_or(0.0),
         pair_ratio_max: ratios.last().copied().unwrap_or(0.0),
+        pair_entry_ratio_median: entry_ratios
+            .get(entry_ratios.len() / 2)
+            .copied()
+            .unwrap_or(0.0),
+        pair_entry_ratio_min: entry_ratios.first().copied().unwrap_or(0.0),
+        pair_entry_ratio_max: entry_ratios.last().copied().unwrap_or(0.0),
         pairs: engine.pairs,
         rounds: opts.rounds,
         socket_over_p50: socket.0 as f64 / p50.max(1) as f64,
@@ -319,6 +400,8 @@ fn interleaved_parent(
     let seg = map_word_file(&dir.join("floor"), true)?;
     let word = seg.atomic_u32(0)?;
     let ctl = seg.atomic_u32(CTL_OFFSET)?;
+    let req = entry_line(&seg, REQ_OFFSET, REQ_WORDS)?;
+    let resp = entry_line(&seg, RESP_OFFSET, RESP_WORDS)?;
     let mut config = Config::default();
     config.serve.socket_path = dir.join("kvplane.sock");
     // Started after this process pinned itself: the data-plane thread shares the first
@@ -350,6 +433,30 @@ fn interleaved_parent(
                     // The engine ends the batch only while nothing is in flight, so
                     // looking at the control word now and then delays no round trip.
                     if spins % 256 == 0 && ctl.load(Ordering::Acquire) != CTL_FLOOR_READY {
+                        break;
+                    }
+                    if spins % (1 << 24) == 0 {
+                        check_child(&mut child, "interleaved")?;
+                    }
+                }
+            }
+            CTL_ENTRY => {
+                // The engine writes nothing before it sees READY: what is there now was
+                // answered in an earlier batch.
+                let mut served = req[0].load(Ordering::Acquire);
+                ctl.store(CTL_ENTRY_READY, Ordering::Release);
+                let mut spins = 0u64;
+                loop {
+                    let seq = req[0].load(Ordering::Acquire);
+                    if seq != served {
+                        let payload = read_entry(&req);
+                        publish_entry(&resp, seq, payload);
+                        served = seq;
+                        continue;
+                    }
+                    std::hint::spin_loop();
+                    spins += 1;
+                    if spins % 256 == 0 && ctl.load(Ordering::Acquire) != CTL_ENTRY_READY {
                         break;
                     }
                     if spins % (1 << 24) == 0 {
@@ -423,6 +530,8 @@ fn engine_child(dir: &Path, opts: &RingBenchOptions) -> Result<EngineChildReport
     let seg = map_word_file(&dir.join("floor"), false)?;
     let word = seg.atomic_u32(0)?;
     let ctl = seg.atomic_u32(CTL_OFFSET)?;
+    let req = entry_line(&seg, REQ_OFFSET, REQ_WORDS)?;
+    let resp = entry_line(&seg, RESP_OFFSET, RESP_WORDS)?;
     let mut ao = AttachOptions::new(dir.join("kvplane.sock"));
     ao.sq_entries = opts.batch.next_power_of_two().max(256);
     ao.cq_entries = ao.sq_entries;
@@ -436,29 +545,61 @@ fn engine_child(dir: &Path, opts: &RingBenchOptions) -> Result<EngineChildReport
     let warmup = per_batch / 10;
     let mut ring_all = Vec::with_capacity((per_batch * rounds) as usize);
     let mut floor_all = Vec::with_capacity((per_batch * rounds) as usize);
+    let mut entry_all = Vec::with_capacity((per_batch * rounds) as usize);
+    let mut seq = req[0].load(Ordering::Relaxed);
     let mut pairs = Vec::with_capacity(rounds as usize);
     let mut counter = 0u32;
     let mut ud = 0u64;
     for round in 0..rounds {
         let floor_first = round % 2 == 0;
         let mut floor = Vec::with_capacity(per_batch as usize);
+        let mut entry = Vec::with_capacity(per_batch as usize);
         let mut ring = Vec::with_capacity(per_batch as usize);
-        for step in 0..2 {
-            if (step == 0) == floor_first {
-                // Floor batch: wake the main thread, wait until it spins, ping-pong.
-                ctl.store(CTL_FLOOR, Ordering::Release);
-                sys::futex_wake_all(ctl);
-                let mut spins = 0u64;
-                while ctl.load(Ordering::Acquire) != CTL_FLOOR_READY {
-                    std::hint::spin_loop();
-                    spins += 1;
-                    if spins % (1 << 24) == 0 && !sys::process_alive(parent) {
+        // Wake the main thread for a floor batch of either kind and wait until it polls.
+        let ask = |request: u32, ready: u32| -> Result<(), RingBenchError> {
+            ctl.store(request, Ordering::Release);
+            sys::futex_wake_all(ctl);
+            let mut spins = 0u64;
+            while ctl.load(Ordering::Acquire) != ready {
+                std::hint::spin_loop();
+                spins += 1;
+                if spins % (1 << 24) == 0 && !sys::process_alive(parent) {
+                    return Err(RingBenchError::Child {
+                        role: "interleaved",
+                        reason: "parent died".into(),
+                    });
+                }
+            }
+            Ok(())
+        };
+        for step in 0..3 {
+            if step == 1 {
+                // Entry-sized floor: a submission's bytes out, a completion's back.
+                ask(CTL_ENTRY, CTL_ENTRY_READY)?;
+                for i in 0..per_batch + warmup {
+                    seq = seq.wrapping_add(1);
+                    let payload = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    let t0 = Instant::now();
+                    publish_entry(&req, seq, payload);
+                    while resp[0].load(Ordering::Acquire) != seq {
+                        std::hint::spin_loop();
+                    }
+                    let echoed = read_entry(&resp);
+                    let ns = t0.elapsed().as_nanos() as u64;
+                    if echoed != payload {
                         return Err(RingBenchError::Child {
                             role: "interleaved",
-                            reason: "parent died".into(),
+                            reason: format!("entry floor echoed {echoed:#x}, sent {payload:#x}"),
                         });
                     }
+                    if i >= warmup {
+                        entry.push(ns);
+                    }
                 }
+                ctl.store(CTL_IDLE, Ordering::Release);
+            } else if (step == 0) == floor_first {
+                // Floor batch: wake the main thread, wait until it spins, ping-pong.
+                ask(CTL_FLOOR, CTL_FLOOR_READY)?;
                 for i in 0..per_batch + warmup {
                     let ping = counter.wrapping_add(1);
                     let t0 = Instant::now();
@@ -493,17 +634,22 @@ fn engine_child(dir: &Path, opts: &RingBenchOptions) -> Result<EngineChildReport
         }
         ring_all.extend_from_slice(&ring);
         floor_all.extend_from_slice(&floor);
+        entry_all.extend_from_slice(&entry);
         let (floor_p50, _, _) = percentiles(&mut floor);
+        let (entry_p50, _, _) = percentiles(&mut entry);
         let (ring_p50, _, _) = percentiles(&mut ring);
         pairs.push(PairReport {
             floor_first,
             floor_p50_ns: floor_p50,
+            entry_floor_p50_ns: entry_p50,
             p50_ns: ring_p50,
             ratio: ring_p50 as f64 / floor_p50.max(1) as f64,
+            entry_ratio: ring_p50 as f64 / entry_p50.max(1) as f64,
         });
     }
     let (p50, p99, p999) = percentiles(&mut ring_all);
     let (floor_p50, floor_p99, floor_p999) = percentiles(&mut floor_all);
+    let (entry_p50, entry_p99, entry_p999) = percentiles(&mut entry_all);
 
     // Throughput: keep up to `batch` NOPs in flight, submitting and reaping in bulk.
     let batch = opts.batch.min(qp.sq_entries()) as usize;
@@ -545,6 +691,9 @@ fn engine_child(dir: &Path, opts: &RingBenchOptions) -> Result<EngineChildReport
         floor_p50_ns: floor_p50,
         floor_p99_ns: floor_p99,
         floor_p999_ns: floor_p999,
+        entry_floor_p50_ns: entry_p50,
+        entry_floor_p99_ns: entry_p99,
+        entry_floor_p999_ns: entry_p999,
         pairs,
         batched_ops_per_s: done as f64 / secs,
     })

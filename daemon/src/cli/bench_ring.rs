@@ -71,7 +71,7 @@ pub fn run_with(args: RingArgs, child: ChildCommand) -> CliResult {
         return Ok(());
     }
     println!(
-        "kvplane bench ring (backend: {}, {} round trips each in {} interleaved floor/ring batch pairs, pinned: {})",
+        "kvplane bench ring (backend: {}, {} round trips each in {} interleaved floor/entry-floor/ring batch rounds, pinned: {})",
         r.backend, r.round_trips, r.rounds, r.pinned
     );
     println!(
@@ -81,6 +81,13 @@ pub fn run_with(args: RingArgs, child: ChildCommand) -> CliResult {
     println!(
         "{:<34} {:>10} {:>10} {:>10}",
         "bare shm ping-pong (floor)", r.floor_p50_ns, r.floor_p99_ns, r.floor_p999_ns
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10}",
+        "entry-sized lines 64 B / 32 B",
+        r.entry_floor_p50_ns,
+        r.entry_floor_p99_ns,
+        r.entry_floor_p999_ns
     );
     println!(
         "{:<34} {:>10} {:>10} {:>10}",
@@ -95,15 +102,23 @@ pub fn run_with(args: RingArgs, child: ChildCommand) -> CliResult {
         r.p50_over_floor, r.socket_over_p50
     );
     println!(
+        "NOP p50 / entry-sized floor p50: {:.2}x   entry-sized floor p50 / floor p50: {:.2}x",
+        r.p50_over_entry_floor, r.entry_floor_over_floor
+    );
+    println!(
         "per pair (ring p50 / floor p50 of the same pair): median {:.2}x, min {:.2}x, max {:.2}x",
         r.pair_ratio_median, r.pair_ratio_min, r.pair_ratio_max
+    );
+    println!(
+        "per pair (ring p50 / entry-sized floor p50): median {:.2}x, min {:.2}x, max {:.2}x",
+        r.pair_entry_ratio_median, r.pair_entry_ratio_min, r.pair_entry_ratio_max
     );
     let list: Vec<String> = r
         .pairs
         .iter()
-        .map(|p| format!("{}/{}", p.p50_ns, p.floor_p50_ns))
+        .map(|p| format!("{}/{}/{}", p.p50_ns, p.entry_floor_p50_ns, p.floor_p50_ns))
         .collect();
-    println!("  pairs, ring/floor p50 ns: {}", list.join(" "));
+    println!("  pairs, ring/entry-floor/floor p50 ns: {}", list.join(" "));
     println!(
         "batched NOPs, {} in flight: {:.2} M ops/s (goal >= 10)",
         r.batch,
