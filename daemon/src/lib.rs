@@ -1,7 +1,7 @@
-//! kvplane daemon library. `main.rs` is a thin CLI over this.
-pub mod bench;
+//! kvplane daemon library: only what runs inside `kvplane serve` (config, tiers, block
+//! registry, data plane, sessions, control plane). The `kvplane` binary (`kvplane/`) is a
+//! thin main over this, the router and `kvplane-sim` (the tools that measure a daemon).
 pub mod block;
-pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
@@ -9,6 +9,6 @@ pub mod dataplane;
 pub mod fuzz_props;
 pub mod privileges;
 pub mod secure_open;
+pub mod serve;
 pub mod session;
-pub mod sim;
 pub mod tier;

@@ -51,7 +51,7 @@ use kvplane_shm::{AttachOptions, QueuePair, Segment, Session, ShmError, client, 
 use serde::Serialize;
 
 use super::serve_child::{ServeChild, ServeChildError};
-use crate::control::admin::StatusReport;
+use kvplane_daemon::control::admin::StatusReport;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SoakError {
@@ -995,7 +995,7 @@ impl Driver<'_> {
             "session {session} queue pair {qp}: {} of {} blocks: status {} ({} done, detail {})",
             f.kind.name(),
             f.len,
-            crate::dataplane::status_name(c.status),
+            kvplane_daemon::dataplane::status_name(c.status),
             c.blocks,
             c.detail
         ));
@@ -1034,7 +1034,7 @@ fn config_toml(
     uid: u32,
     metrics_port: Option<u16>,
 ) -> (String, u64, u64) {
-    let slot = crate::tier::nvme::slot_bytes(o.block_bytes) as u64;
+    let slot = kvplane_daemon::tier::nvme::slot_bytes(o.block_bytes) as u64;
     let ws = o.working_set_blocks();
     let (host_blocks, nvme_blocks) = if o.capacity_pressure {
         let tiers = ws / 2;
@@ -1170,7 +1170,7 @@ fn attach(
     if c.status != Status::Ok.raw() {
         return Err(SoakError::Layout {
             index,
-            status: crate::dataplane::status_name(c.status),
+            status: kvplane_daemon::dataplane::status_name(c.status),
         });
     }
     Ok((
@@ -1351,8 +1351,9 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
     let socket = dir.join("kvplane.sock");
     // `/status` names sessions and namespaces: it is served on the control socket (next
     // to the engine socket), where this process, the daemon's own uid, sees everything.
-    let control =
-        crate::cli::status::Endpoint::Unix(crate::control::admin::default_socket_path(&socket));
+    let control = crate::cli::status::Endpoint::Unix(
+        kvplane_daemon::control::admin::default_socket_path(&socket),
+    );
     let fetch_status = || crate::cli::status::fetch(&control, Duration::from_secs(5)).ok();
     if let Some(st) = fetch_status() {
         let cap = |name: &str| {
@@ -1728,7 +1729,7 @@ mod tests {
         };
         o.check().unwrap();
         let (text, host, nvme) = config_toml(&o, Path::new("/tmp/x"), 1000, Some(9999));
-        let c = crate::config::Config::from_toml(&text, Path::new("soak.toml")).unwrap();
+        let c = kvplane_daemon::config::Config::from_toml(&text, Path::new("soak.toml")).unwrap();
         assert_eq!(c.namespaces.len(), 4);
         assert!(c.namespace_allowed(&namespace_name(3), 1000, 0));
         assert_eq!(host, 2048);
@@ -1746,7 +1747,7 @@ mod tests {
         };
         p.check().unwrap();
         let (text, host, nvme) = config_toml(&p, Path::new("/tmp/x"), 1000, None);
-        crate::config::Config::from_toml(&text, Path::new("soak.toml")).unwrap();
+        kvplane_daemon::config::Config::from_toml(&text, Path::new("soak.toml")).unwrap();
         assert_eq!(host + nvme, p.working_set_blocks() / 2);
         assert_eq!(host, 1024);
     }

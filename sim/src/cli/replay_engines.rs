@@ -30,14 +30,14 @@ use serde::Serialize;
 use super::CliResult;
 use super::replay_dynamo::{self, DynamoRow, DynamoSettings, TraceId};
 use crate::bench::serve_child::{ServeChild, ServeChildError, log_tail};
-use crate::sim::cost::{LinkProfile, ModelGeometry, TransferCost};
-use crate::sim::engine::Offload;
-use crate::sim::pages::{KvGeometry, TRACE_BLOCK_TOKENS, page_hashes};
-use crate::sim::proto::{Command, Done, EngineStats, Event};
+use crate::engine_sim::cost::{LinkProfile, ModelGeometry, TransferCost};
+use crate::engine_sim::engine::Offload;
+use crate::engine_sim::pages::{KvGeometry, TRACE_BLOCK_TOKENS, page_hashes};
+use crate::engine_sim::proto::{Command, Done, EngineStats, Event};
 
 const NAMESPACE: &str = "replay";
 /// Bytes in front of each block in a daemon slot (the slot header page).
-const SLOT_HEADER_BYTES: u64 = crate::tier::SLOT_HEADER_BYTES as u64;
+const SLOT_HEADER_BYTES: u64 = kvplane_daemon::tier::SLOT_HEADER_BYTES as u64;
 
 /// Engine settings the replay shares with Dynamo's mock engine (its defaults).
 const MAX_BATCHED_TOKENS: u64 = 8192;
@@ -170,7 +170,7 @@ pub enum ReplayEnginesError {
     #[error("accounting: {0}")]
     Accounting(String),
     #[error(transparent)]
-    Cost(#[from] crate::sim::cost::CostError),
+    Cost(#[from] crate::engine_sim::cost::CostError),
     #[error(transparent)]
     Dynamo(#[from] replay_dynamo::DynamoError),
 }
@@ -1775,7 +1775,8 @@ mod tests {
             Some((Path::new("/tmp/n.img"), 1 << 20)),
             Some((addr, 7)),
         );
-        let cfg = crate::config::Config::from_toml(&text, Path::new("replay.toml")).unwrap();
+        let cfg =
+            kvplane_daemon::config::Config::from_toml(&text, Path::new("replay.toml")).unwrap();
         assert_eq!(cfg.blocks.block_bytes, 4096);
         assert!(text.contains("routers = [\"127.0.0.1:9\"]"), "{text}");
     }

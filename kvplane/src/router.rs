@@ -1,6 +1,6 @@
 //! `kvplane router`: the cluster router service (KV event listener + HTTP API).
 
-use super::CliResult;
+use crate::CliResult;
 use kvplane_router::service::{RouterService, ServiceConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -242,7 +242,8 @@ metrics_addr = ""
             block = o.block_bytes,
             // Host slots are NVMe-slot sized (block + its 4 KiB header), so a demotion
             // writes one slot as is.
-            host = o.host_blocks * crate::tier::nvme::slot_bytes(o.block_bytes as usize) as u64,
+            host = o.host_blocks
+                * kvplane_daemon::tier::nvme::slot_bytes(o.block_bytes as usize) as u64,
             lock = o.lock,
         );
         let child = ServeChild::start(
@@ -352,7 +353,7 @@ const RING_TIMEOUT: Duration = Duration::from_secs(60);
 fn op_error(op: &'static str, c: &kvp_cqe, want: usize) -> ServedError {
     ServedError::Op {
         op,
-        status: crate::dataplane::status_name(c.status),
+        status: kvplane_daemon::dataplane::status_name(c.status),
         blocks: c.blocks,
         want,
         detail: c.detail,
