@@ -5,6 +5,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod control;
+mod events;
+pub use control::{ControlConfig, default_socket_path};
+pub use events::EventsConfig;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config {path}: {source}")]
@@ -86,11 +91,26 @@ pub struct ServeConfig {
     pub allow_hugetlb_kv_buffers: bool,
 }
 
+/// The machine's physical memory, in bytes: the default limit of mapped engine memory
+/// (an engine's KV buffer is memory it must back; more than the machine has is sparse).
+pub fn physical_memory_bytes() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || page_size <= 0 {
+        return u64::MAX; // unknown: the namespaces' limits still apply
+    }
+    (pages as u64).saturating_mul(page_size as u64)
+}
+
 impl ServeConfig {
     /// `max_mapped_bytes`, resolved.
     pub fn mapped_bytes_limit(&self) -> u64 {
-        self.max_mapped_bytes
-            .unwrap_or_else(crate::dataplane::mapped::physical_memory_bytes)
+        self.max_mapped_bytes.unwrap_or_else(physical_memory_bytes)
     }
 }
 
@@ -163,9 +183,9 @@ pub struct Config {
     /// When empty, any namespace may be used, but only by the daemon's own uid.
     pub namespaces: Vec<NamespaceConfig>,
     /// `[control]`: the metrics/status listener.
-    pub control: crate::control::admin::ControlConfig,
+    pub control: ControlConfig,
     /// `[events]`: KV events streamed to routers.
-    pub events: crate::control::events::EventsConfig,
+    pub events: EventsConfig,
 }
 
 impl Config {

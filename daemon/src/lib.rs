@@ -7,6 +7,8 @@ pub mod control;
 pub mod dataplane;
 /// Properties checked by the fuzz targets in `fuzz/` and by `tests/fuzz_regressions.rs`.
 pub mod fuzz_props;
+/// The data plane's metrics sink (below dataplane/ and control/).
+pub mod metrics;
 pub mod privileges;
 pub mod secure_open;
 pub mod serve;

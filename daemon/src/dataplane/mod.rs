@@ -60,7 +60,7 @@ pub struct Counters {
     /// its session.
     pub engine_memory_faults: AtomicU64,
     /// Latency histograms, link bytes, per-namespace lookups (for `/metrics`).
-    pub metrics: crate::control::metrics::DataPlaneMetrics,
+    pub metrics: crate::metrics::DataPlaneMetrics,
 }
 
 /// The engine's KV buffer, mapped, and the layout attached to it.
