@@ -28,7 +28,7 @@ use crate::tier::nvme::{NvmeError, NvmeStore};
 use crate::tier::{ConfigError, SLOT_HEADER_BYTES, Tier, TiersConfig, invalid};
 
 /// `[blocks]`: block geometry and placement policy.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BlockConfig {
     /// Bytes of one block (all layers of `block_tokens` tokens), the slot payload size.

@@ -4,12 +4,12 @@
 use std::net::SocketAddr;
 
 use kvplane_router::WorkerId;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
 
 /// `[events]`: where this daemon streams its KV events.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsConfig {
     /// Routers' event listeners (`host:port`); empty disables the stream.
