@@ -1,6 +1,10 @@
 //! kvplane daemon library: only what runs inside `kvplane serve` (config, tiers, block
 //! registry, data plane, sessions, control plane). The `kvplane` binary (`kvplane/`) is a
 //! thin main over this, the router and `kvplane-sim` (the tools that measure a daemon).
+//!
+//! Modules depend one way: `tier` < `block` < `config`; `block` < `metrics` (the data
+//! plane's sink) < `dataplane` < `session` < `control` (reads metrics, sessions and the
+//! data plane; writes nothing they own) < `serve` (start-up, privilege drop, shutdown).
 pub mod block;
 pub mod config;
 pub mod control;
