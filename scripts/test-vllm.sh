@@ -9,6 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=$(scripts/install-vllm.sh)
-cargo build --locked -p kvplane-daemon -p kvplane-capi
+cargo build --locked -p kvplane -p kvplane-capi
 timeout "${KVPLANE_VLLM_TEST_TIMEOUT_S:-2400}" "$python" -m pytest -q -s -p no:cacheprovider \
     ffi/python/tests tests/vllm

@@ -3,7 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+mod control;
+mod events;
+pub use control::{ControlConfig, default_socket_path};
+pub use events::EventsConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -19,6 +24,8 @@ pub enum ConfigError {
     Path(crate::secure_open::PathError),
     #[error("config key `{key}`: {reason}")]
     Invalid { key: String, reason: String },
+    #[error("writing the config as TOML: {0}")]
+    Serialize(#[source] toml::ser::Error),
 }
 
 impl From<crate::tier::ConfigError> for ConfigError {
@@ -38,7 +45,7 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 }
 
 /// `[serve]`: the engine-facing socket and session limits.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServeConfig {
     /// Unix socket engines connect to.
@@ -86,11 +93,26 @@ pub struct ServeConfig {
     pub allow_hugetlb_kv_buffers: bool,
 }
 
+/// The machine's physical memory, in bytes: the default limit of mapped engine memory
+/// (an engine's KV buffer is memory it must back; more than the machine has is sparse).
+pub fn physical_memory_bytes() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || page_size <= 0 {
+        return u64::MAX; // unknown: the namespaces' limits still apply
+    }
+    (pages as u64).saturating_mul(page_size as u64)
+}
+
 impl ServeConfig {
     /// `max_mapped_bytes`, resolved.
     pub fn mapped_bytes_limit(&self) -> u64 {
-        self.max_mapped_bytes
-            .unwrap_or_else(crate::dataplane::mapped::physical_memory_bytes)
+        self.max_mapped_bytes.unwrap_or_else(physical_memory_bytes)
     }
 }
 
@@ -121,7 +143,7 @@ impl Default for ServeConfig {
 
 /// `[[namespaces]]`: which uids may attach to a namespace, and how much of each tier it
 /// may hold (unset: no limit beyond the tier's size; 0: none of that tier).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NamespaceConfig {
     pub name: String,
@@ -146,13 +168,27 @@ pub struct NamespaceConfig {
 }
 
 impl NamespaceConfig {
+    /// A namespace `uids` may use, with no limits of its own.
+    pub fn new(name: impl Into<String>, uids: Vec<u32>) -> NamespaceConfig {
+        NamespaceConfig {
+            name: name.into(),
+            uids,
+            max_hbm_bytes: None,
+            max_host_bytes: None,
+            max_nvme_bytes: None,
+            max_mapped_bytes: None,
+            max_sessions: None,
+            max_queue_pairs: None,
+        }
+    }
+
     /// Per-tier limits (HBM, host, NVMe) in bytes.
     pub fn max_bytes(&self) -> crate::tier::PerTier<Option<u64>> {
         crate::tier::PerTier([self.max_hbm_bytes, self.max_host_bytes, self.max_nvme_bytes])
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub serve: ServeConfig,
@@ -163,9 +199,9 @@ pub struct Config {
     /// When empty, any namespace may be used, but only by the daemon's own uid.
     pub namespaces: Vec<NamespaceConfig>,
     /// `[control]`: the metrics/status listener.
-    pub control: crate::control::admin::ControlConfig,
+    pub control: ControlConfig,
     /// `[events]`: KV events streamed to routers.
-    pub events: crate::control::events::EventsConfig,
+    pub events: EventsConfig,
 }
 
 impl Config {
@@ -182,6 +218,13 @@ impl Config {
     /// is opened through [`crate::secure_open`] (no link another user planted, no
     /// directory on the way another user can change) and must be a regular file owned by
     /// root or the daemon's user that group and other cannot write.
+    /// The config as a TOML file `kvplane serve --config` reads back to an equal `Config`.
+    /// Tests and tools build a `Config` in Rust and write this instead of TOML by hand,
+    /// so a renamed or retyped key is a compile error there, not a refused file.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(ConfigError::Serialize)
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         use std::io::Read;
         let spec = crate::secure_open::OpenSpec {
@@ -557,6 +600,92 @@ mod tests {
     #[test]
     fn default_toml_parses_to_the_default() {
         assert_eq!(parse(&Config::default_toml()).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn serialised_configs_parse_back_equal() {
+        let default = Config::default();
+        let text = default.to_toml().unwrap();
+        assert_eq!(parse(&text).unwrap(), default, "{text}");
+
+        // Every table, and every optional key set, to values other than the defaults.
+        let mut full = Config {
+            serve: ServeConfig {
+                socket_path: "/run/kvp-test/engines.sock".into(),
+                socket_mode: 0o600,
+                max_sessions: 12,
+                max_sessions_per_uid: Some(3),
+                max_queue_pairs_per_uid: Some(7),
+                socket_group: Some(44),
+                handshake_timeout_ms: 1500,
+                handshake_workers: 3,
+                max_pending_handshakes: 100,
+                max_pending_handshakes_per_uid: 10,
+                max_arena_bytes: 1 << 20,
+                max_queue_pairs: 4,
+                spin_us: 7,
+                drop_privileges: true,
+                run_as_uid: Some(65534),
+                run_as_gid: Some(65534),
+                max_mapped_bytes: Some(1 << 34),
+                allow_hugetlb_kv_buffers: true,
+            },
+            ..Config::default()
+        };
+        full.blocks.block_bytes = 128 << 10;
+        full.blocks.write_through = !full.blocks.write_through;
+        full.blocks.nvme_admit_min_hits += 1;
+        full.tiers.hbm.capacity_bytes = 1 << 30;
+        full.tiers.host.capacity_bytes = 64 << 20;
+        full.tiers.host.lock = false;
+        full.tiers.host.hugepages = crate::tier::host::HugepageMode::Never;
+        full.tiers.host.touch_threads = 1;
+        full.tiers.host.numa_node = Some(0);
+        full.tiers.host.cpus = vec![0, 1];
+        full.tiers.nvme.paths = vec!["/var/lib/kvp-test/a".into(), "/var/lib/kvp-test/b".into()];
+        full.tiers.nvme.capacity_bytes = 1 << 30;
+        full.tiers.nvme.engine = crate::tier::nvme::EngineKind::Sync;
+        full.tiers.nvme.verify_on_scan = !full.tiers.nvme.verify_on_scan;
+        full.tiers.nvme.queue_depth = 8;
+        full.tiers.nvme.batch_size = 4;
+        full.tiers.nvme.direct = false;
+        full.tiers.nvme.checksum_threads = 1;
+        full.tiers.nvme.key_path = Some("/var/lib/kvp-test/slot.key".into());
+        full.namespaces = vec![
+            NamespaceConfig {
+                name: "tenant-a/llama-70b".into(),
+                uids: vec![1000, 1001],
+                max_hbm_bytes: Some(1 << 29),
+                max_host_bytes: Some(0),
+                max_nvme_bytes: Some(1 << 30),
+                max_mapped_bytes: Some(1 << 31),
+                max_sessions: Some(2),
+                max_queue_pairs: Some(4),
+            },
+            NamespaceConfig::new("tenant-b", vec![2000]),
+        ];
+        full.control = ControlConfig {
+            metrics_addr: String::new(),
+            socket_path: Some("/run/kvp-test/control.sock".into()),
+            socket_mode: 0o640,
+            socket_gid: Some(45),
+            admin_uids: vec![1, 2],
+            tcp_tenant_data: true,
+        };
+        full.events = EventsConfig {
+            routers: vec!["127.0.0.1:7070".into(), "[::1]:7071".into()],
+            worker_id: 42,
+            queue_events: 1024,
+            nats_url: Some("nats://127.0.0.1:4222".into()),
+            nats_namespace: "ns".into(),
+            nats_component: "comp".into(),
+            nats_queue_events: 2048,
+        };
+        full.validate().unwrap();
+        let text = full.to_toml().unwrap();
+        assert_eq!(parse(&text).unwrap(), full, "{text}");
+        // An unset optional key is left out, not written as some stand-in value.
+        assert!(!default.to_toml().unwrap().contains("run_as_uid"));
     }
 
     #[test]

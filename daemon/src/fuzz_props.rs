@@ -27,7 +27,8 @@ pub type Seed = (String, Vec<u8>);
 /// Input: the text of a config file (non-UTF-8 input is skipped: the daemon reads the
 /// file as a `String` and reports that itself). Properties:
 /// - a refusal that blames a key names one (`Invalid` never has an empty key);
-/// - an accepted config passes `validate` again, parses to the same value twice, and
+/// - an accepted config passes `validate` again, parses to the same value twice,
+///   serialises (`Config::to_toml`) to TOML that parses back to the same value, and
 ///   obeys the limits the daemon relies on at start-up: socket path fits `sun_path`,
 ///   queue pairs within the ABI, arena within what a segment may map, a block size
 ///   whose slot arithmetic cannot overflow, NVMe files large enough for one slot, and
@@ -50,6 +51,10 @@ pub fn check_config(data: &[u8]) -> bool {
         .expect("an accepted config validates again");
     let again = Config::from_toml(text, path).expect("parses twice");
     assert_eq!(again, config, "parsing is not deterministic");
+    // What tests and tools write (Config::to_toml) reads back to the same config.
+    let written = config.to_toml().expect("an accepted config serialises");
+    let back = Config::from_toml(&written, path).expect("its TOML parses back");
+    assert_eq!(back, config, "serialising changed the config:\n{written}");
     let s = &config.serve;
     assert!(!s.socket_path.as_os_str().is_empty() && s.socket_path.as_os_str().len() <= 107);
     assert!(s.socket_mode <= 0o777);

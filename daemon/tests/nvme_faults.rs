@@ -20,6 +20,8 @@ use kvplane_daemon::block::{BlockManager, ManagerOptions, Tier};
 use kvplane_daemon::config::Config;
 use kvplane_daemon::dataplane::DataPlane;
 use kvplane_daemon::session::Daemon;
+use kvplane_daemon::tier::host::HugepageMode;
+use kvplane_daemon::tier::nvme::EngineKind;
 use kvplane_daemon::tier::nvme::engine::{FaultEffect, FaultPlan, FaultRule, IoKind};
 use kvplane_ffi::{Opcode, Pod, SQE_F_WRITE_THROUGH, Status, kvp_block_op, kvp_cqe, kvp_kv_layout};
 use kvplane_shm::{AttachOptions, QueuePair, Segment, Session};
@@ -68,17 +70,18 @@ fn log_text() -> String {
 fn start(dir: &Path, plan: Option<Arc<FaultPlan>>) -> (Daemon, Arc<BlockManager>, PathBuf) {
     logs();
     let socket = dir.join("kvplane.sock");
-    let toml = format!(
-        "[blocks]\nblock_bytes = {BLOCK_BYTES}\n\
-         [tiers.host]\ncapacity_bytes = {}\nlock = false\nhugepages = \"never\"\ntouch_threads = 1\n\
-         [tiers.nvme]\npaths = [\"{}\"]\ncapacity_bytes = {}\nengine = \"io_uring\"\n\
-         [control]\nmetrics_addr = \"\"\n",
-        SLOTS * SLOT_BYTES,
-        dir.join("nvme.kvp").display(),
-        SLOTS * SLOT_BYTES
-    );
-    let mut config = Config::from_toml(&toml, &dir.join("kvplane.toml")).expect("config");
+    let mut config = Config::default();
     config.serve.socket_path = socket.clone();
+    config.blocks.block_bytes = BLOCK_BYTES as usize;
+    config.tiers.host.capacity_bytes = SLOTS * SLOT_BYTES;
+    config.tiers.host.lock = false;
+    config.tiers.host.hugepages = HugepageMode::Never;
+    config.tiers.host.touch_threads = 1;
+    config.tiers.nvme.paths = vec![dir.join("nvme.kvp")];
+    config.tiers.nvme.capacity_bytes = SLOTS * SLOT_BYTES;
+    config.tiers.nvme.engine = EngineKind::IoUring;
+    config.control.metrics_addr = String::new();
+    config.validate().expect("config");
     let blocks = Arc::new(
         BlockManager::new(
             &config.blocks,

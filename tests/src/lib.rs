@@ -63,18 +63,43 @@ pub struct DaemonProc {
     pub log: PathBuf,
 }
 
-/// A small daemon config for tests: 64 KiB blocks, a 16 MiB host pool (not locked, no
-/// hugepages), `extra` appended (e.g. an NVMe section).
-pub fn small_config(dir: &Path, extra: &str) -> PathBuf {
+pub use kvplane_daemon::config::{Config, NamespaceConfig};
+
+/// The small daemon config tests start from: 64 KiB blocks, a 16 MiB host pool (not
+/// locked, no hugepages, one touch thread), everything else the daemon's default.
+pub fn small_daemon_config() -> Config {
+    let mut c = Config::default();
+    c.blocks.block_bytes = 64 << 10;
+    c.tiers.host.capacity_bytes = 16 << 20;
+    c.tiers.host.lock = false;
+    c.tiers.host.hugepages = kvplane_daemon::tier::host::HugepageMode::Never;
+    c.tiers.host.touch_threads = 1;
+    c
+}
+
+/// `config` written as `dir/kvplane.toml` (what `kvplane serve --config` reads).
+pub fn write_config(dir: &Path, config: &Config) -> PathBuf {
     let path = dir.join("kvplane.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[blocks]\nblock_bytes = 65536\n[tiers.host]\ncapacity_bytes = 16777216\nlock = false\nhugepages = \"never\"\ntouch_threads = 1\n{extra}"
-        ),
-    )
-    .expect("write config");
+    std::fs::write(&path, config.to_toml().expect("config as TOML")).expect("write config");
     path
+}
+
+/// [`small_daemon_config`] changed by `edit` (e.g. an NVMe tier), written to `dir`.
+pub fn small_config(dir: &Path, edit: impl FnOnce(&mut Config)) -> PathBuf {
+    let mut c = small_daemon_config();
+    edit(&mut c);
+    write_config(dir, &c)
+}
+
+/// An NVMe tier of `capacity_bytes` in the file `path`.
+pub fn with_nvme(c: &mut Config, path: &Path, capacity_bytes: u64) {
+    c.tiers.nvme.paths = vec![path.to_path_buf()];
+    c.tiers.nvme.capacity_bytes = capacity_bytes;
+}
+
+/// The control server's TCP listener on an ephemeral loopback port (parallel tests).
+pub fn with_ephemeral_metrics(c: &mut Config) {
+    c.control.metrics_addr = "127.0.0.1:0".into();
 }
 
 impl DaemonProc {
@@ -90,7 +115,7 @@ impl DaemonProc {
         let mut cmd = Command::new(kvplane_bin());
         cmd.arg("serve").arg("--socket").arg(&socket);
         if !extra_args.contains(&"--config") {
-            cmd.arg("--config").arg(small_config(dir, ""));
+            cmd.arg("--config").arg(small_config(dir, |_| {}));
         }
         let child = cmd
             .args(extra_args)

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use kvplane_ffi::{Opcode, Status, kvp_stats};
 use kvplane_shm::{AttachOptions, QueuePair, Session, ShmError, client};
 use kvplane_tests::{
-    DaemonProc, OTHER_UID, kvplane_as, require_root, small_config, temp_dir, thread_count,
+    Config, DaemonProc, NamespaceConfig, OTHER_UID, kvplane_as, require_root, small_config,
+    temp_dir, thread_count,
 };
 
 const T: Duration = Duration::from_secs(5);
@@ -23,8 +24,8 @@ fn shared_dir(tag: &str) -> tempfile::TempDir {
     dir
 }
 
-fn start(dir: &Path, extra: &str) -> DaemonProc {
-    let config = small_config(dir, extra);
+fn start(dir: &Path, edit: impl FnOnce(&mut Config)) -> DaemonProc {
+    let config = small_config(dir, edit);
     DaemonProc::start_with_socket(
         dir,
         &dir.join("run/kvplane.sock"),
@@ -101,16 +102,19 @@ fn one_tenant_at_its_limits_does_not_lock_another_out() {
     require_root("one_tenant_at_its_limits_does_not_lock_another_out");
     let dir = shared_dir("fair-share");
     // Tenant A is uid 0 (this test), tenant B the other uid.
-    let daemon = start(
-        dir.path(),
-        &format!(
-            "[serve]\nmax_sessions = 8\nmax_sessions_per_uid = 3\nmax_queue_pairs_per_uid = 4\n\
-             socket_group = {OTHER_UID}\n\
-             [[namespaces]]\nname = \"a\"\nuids = [0]\nmax_sessions = 2\n\
-             [[namespaces]]\nname = \"a2\"\nuids = [0]\n\
-             [[namespaces]]\nname = \"b\"\nuids = [{OTHER_UID}]\n"
-        ),
-    );
+    let daemon = start(dir.path(), |c| {
+        c.serve.max_sessions = 8;
+        c.serve.max_sessions_per_uid = Some(3);
+        c.serve.max_queue_pairs_per_uid = Some(4);
+        c.serve.socket_group = Some(OTHER_UID);
+        let mut a = NamespaceConfig::new("a", vec![0]);
+        a.max_sessions = Some(2);
+        c.namespaces = vec![
+            a,
+            NamespaceConfig::new("a2", vec![0]),
+            NamespaceConfig::new("b", vec![OTHER_UID]),
+        ];
+    });
     let s = &daemon.socket;
     let a1 = Session::attach(opts(s, "a", 1)).expect("A's first session");
     let _a2 = Session::attach(opts(s, "a", 1)).expect("A's second session");
@@ -162,10 +166,11 @@ fn a_namespace_queue_pair_limit_binds_every_uid_of_it() {
     let dir = temp_dir("ns-qp");
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
-    let daemon = start(
-        dir.path(),
-        &format!("[[namespaces]]\nname = \"q\"\nuids = [{uid}]\nmax_queue_pairs = 3\n"),
-    );
+    let daemon = start(dir.path(), |c| {
+        let mut q = NamespaceConfig::new("q", vec![uid]);
+        q.max_queue_pairs = Some(3);
+        c.namespaces = vec![q];
+    });
     let _first = Session::attach(opts(&daemon.socket, "q", 2)).expect("2 of 3 queue pairs");
     let (status, message) = refused(opts(&daemon.socket, "q", 2));
     assert_eq!(status, Status::Busy.raw());
@@ -272,17 +277,19 @@ fn slow_handshake_flood(socket: &Path, conns: usize) -> (i32, std::fs::File) {
 fn thousands_of_slow_handshakes_hold_no_threads_and_delay_no_other_uid() {
     require_root("thousands_of_slow_handshakes_hold_no_threads_and_delay_no_other_uid");
     let dir = shared_dir("slow-handshakes");
-    let daemon = start(
-        dir.path(),
-        &format!(
-            "[serve]\nmax_sessions = 16\nhandshake_timeout_ms = 1500\nhandshake_workers = 2\n\
-             max_pending_handshakes = 256\nmax_pending_handshakes_per_uid = 16\n\
-             socket_group = {OTHER_UID}\n\
-             [control]\nmetrics_addr = \"\"\n\
-             [[namespaces]]\nname = \"a\"\nuids = [0]\n\
-             [[namespaces]]\nname = \"b\"\nuids = [{OTHER_UID}]\n"
-        ),
-    );
+    let daemon = start(dir.path(), |c| {
+        c.serve.max_sessions = 16;
+        c.serve.handshake_timeout_ms = 1500;
+        c.serve.handshake_workers = 2;
+        c.serve.max_pending_handshakes = 256;
+        c.serve.max_pending_handshakes_per_uid = 16;
+        c.serve.socket_group = Some(OTHER_UID);
+        c.control.metrics_addr = String::new();
+        c.namespaces = vec![
+            NamespaceConfig::new("a", vec![0]),
+            NamespaceConfig::new("b", vec![OTHER_UID]),
+        ];
+    });
     let pid = daemon.pid();
     let baseline = thread_count(pid);
     const CONNS: usize = 2000;
@@ -370,10 +377,10 @@ fn thousands_of_slow_handshakes_hold_no_threads_and_delay_no_other_uid() {
 fn a_uid_with_no_namespace_is_refused_before_its_request_is_read() {
     require_root("a_uid_with_no_namespace_is_refused_before_its_request_is_read");
     let dir = shared_dir("no-namespace");
-    let daemon = start(
-        dir.path(),
-        &format!("[serve]\nsocket_group = {OTHER_UID}\n[[namespaces]]\nname = \"a\"\nuids = [0]\n"),
-    );
+    let daemon = start(dir.path(), |c| {
+        c.serve.socket_group = Some(OTHER_UID);
+        c.namespaces = vec![NamespaceConfig::new("a", vec![0])];
+    });
     let err = ping_as_other(&daemon.socket, "a").expect_err("uid 65534 has no namespace");
     assert!(
         err.contains("uid 65534 may use no namespace"),
@@ -387,10 +394,10 @@ fn a_burst_of_attaches_admits_exactly_max_sessions() {
     const MAX: usize = 4;
     const CLIENTS: usize = 32;
     const ROUNDS: usize = 50;
-    let daemon = start(
-        dir.path(),
-        &format!("[serve]\nmax_sessions = {MAX}\nmax_pending_handshakes_per_uid = 64\n"),
-    );
+    let daemon = start(dir.path(), |c| {
+        c.serve.max_sessions = MAX as u32;
+        c.serve.max_pending_handshakes_per_uid = 64;
+    });
     let socket: PathBuf = daemon.socket.clone();
     // One probe session stays attached (one slot) and watches the count between rounds.
     let mut probe = Session::attach(opts(&socket, "tenant-a", 1)).unwrap();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kvplane_ffi::{Opcode, SQE_F_PREFIX_ONLY, SQE_F_WRITE_THROUGH, Status, Tier};
 use kvplane_tests::{
     DaemonProc, TestEngine, chain_ops, kvplane_bin, lib_dir, repo_root, signal, small_config,
-    temp_dir,
+    temp_dir, with_nvme,
 };
 
 fn chain(n: u64, salt: u64) -> Vec<u64> {
@@ -155,11 +155,7 @@ fn namespaces_never_see_each_others_blocks() {
 fn daemon_killed_after_write_through_saves_restarts_with_every_block_and_drops_a_corrupt_slot() {
     let dir = temp_dir("restart");
     let nvme = dir.path().join("nvme.slots");
-    let nvme_section = format!(
-        "[tiers.nvme]\npaths = [\"{}\"]\ncapacity_bytes = 8388608\n",
-        nvme.display()
-    );
-    let config = small_config(dir.path(), &nvme_section);
+    let config = small_config(dir.path(), |c| with_nvme(c, &nvme, 8 << 20));
     let cfg = config.to_str().unwrap();
     let hashes = chain(12, 3);
     let originals: Vec<Vec<u8>>;

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use kvplane_ffi::Opcode;
 use kvplane_tests::{
-    DaemonProc, TestEngine, as_user, chain_ops, control_addr, control_tcp_addr, http, http_get,
-    kvplane_bin, small_config, status_json, temp_dir,
+    DaemonProc, NamespaceConfig, TestEngine, as_user, chain_ops, control_addr, control_tcp_addr,
+    http, http_get, kvplane_bin, small_config, status_json, temp_dir, with_ephemeral_metrics,
 };
 
 const TENANT_A: u32 = 4242;
@@ -44,15 +44,16 @@ fn require_root() {
 fn tenant_daemon(dir: &Path) -> DaemonProc {
     // Other uids must reach the sockets inside the test's private directory.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let cfg = small_config(
-        dir,
-        &format!(
-            "[serve]\nsocket_mode = 0o666\n\
-             [control]\nmetrics_addr = \"127.0.0.1:0\"\nsocket_mode = 0o660\nsocket_gid = {CONTROL_GID}\n\
-             [[namespaces]]\nname = \"tenant-a\"\nuids = [0, {TENANT_A}]\n\
-             [[namespaces]]\nname = \"tenant-b\"\nuids = [0, {TENANT_B}]\n"
-        ),
-    );
+    let cfg = small_config(dir, |c| {
+        c.serve.socket_mode = 0o666;
+        with_ephemeral_metrics(c);
+        c.control.socket_mode = 0o660;
+        c.control.socket_gid = Some(CONTROL_GID);
+        c.namespaces = vec![
+            NamespaceConfig::new("tenant-a", vec![0, TENANT_A]),
+            NamespaceConfig::new("tenant-b", vec![0, TENANT_B]),
+        ];
+    });
     DaemonProc::start(dir, &["--config", cfg.to_str().unwrap()])
 }
 
@@ -282,7 +283,7 @@ fn an_unknown_uid_gets_403_and_tcp_serves_only_aggregates() {
 #[test]
 fn a_host_header_other_than_loopback_is_refused() {
     let dir = temp_dir("control-host");
-    let cfg = small_config(dir.path(), "[control]\nmetrics_addr = \"127.0.0.1:0\"\n");
+    let cfg = small_config(dir.path(), with_ephemeral_metrics);
     let daemon = DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
     let tcp = control_tcp_addr(&daemon);
     let port = tcp.rsplit(':').next().unwrap();
@@ -343,7 +344,7 @@ const HEALTHZ_BOUND: Duration = Duration::from_secs(1);
 fn three_thousand_idle_connections_do_not_starve_healthz() {
     raise_open_files(IDLE_CONNECTIONS as u64 + 1_024);
     let dir = temp_dir("control-idle");
-    let cfg = small_config(dir.path(), "[control]\nmetrics_addr = \"127.0.0.1:0\"\n");
+    let cfg = small_config(dir.path(), with_ephemeral_metrics);
     let daemon = DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
     let tcp = control_tcp_addr(&daemon);
     let sock: std::net::SocketAddr = tcp.parse().unwrap();
@@ -416,7 +417,7 @@ fn closed_after(tcp: &str, prefix: &[u8], trickle: bool) -> Option<f64> {
 #[test]
 fn slow_and_idle_clients_are_closed_after_the_header_timeout() {
     let dir = temp_dir("control-slow");
-    let cfg = small_config(dir.path(), "[control]\nmetrics_addr = \"127.0.0.1:0\"\n");
+    let cfg = small_config(dir.path(), with_ephemeral_metrics);
     let daemon = DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
     let tcp = control_tcp_addr(&daemon);
     // The stated timeout is 2 s from connecting to the end of the request head; allow

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kvplane_ffi::{Opcode, SQE_F_WRITE_THROUGH, Status, Tier};
 use kvplane_tests::{
-    DaemonProc, TestEngine, chain_ops, serve_until_exit, signal, small_config, temp_dir,
+    DaemonProc, TestEngine, chain_ops, serve_until_exit, signal, small_config, temp_dir, with_nvme,
 };
 
 const SLOT_BYTES: u64 = 4096 + 65536;
@@ -66,11 +66,7 @@ fn slots_on_disk(file: &std::fs::File) -> Vec<(u64, u32, u64, u64)> {
 fn a_tenant_who_can_write_the_tier_cannot_plant_blocks_in_another_namespace() {
     let dir = temp_dir("plant");
     let nvme = dir.path().join("nvme.slots");
-    let nvme_section = format!(
-        "[tiers.nvme]\npaths = [\"{}\"]\ncapacity_bytes = 8388608\n",
-        nvme.display()
-    );
-    let config = small_config(dir.path(), &nvme_section);
+    let config = small_config(dir.path(), |c| with_nvme(c, &nvme, 8 << 20));
     let cfg = config.to_str().unwrap();
     let hashes: Vec<u64> = (0..6u64).map(|i| 0x5EC0_0000 + i * 7919).collect();
     let originals: Vec<Vec<u8>>;
@@ -177,13 +173,7 @@ fn serve_refuses_an_nvme_path_another_user_linked_and_leaves_the_target_alone() 
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
     let link = shared.join("nvme.slots");
     as_other_user(&["ln", "-s", victim.to_str().unwrap(), link.to_str().unwrap()]);
-    let config = small_config(
-        dir.path(),
-        &format!(
-            "[tiers.nvme]\npaths = [\"{}\"]\ncapacity_bytes = 8388608\n",
-            link.display()
-        ),
-    );
+    let config = small_config(dir.path(), |c| with_nvme(c, &link, 8 << 20));
     let log = dir.path().join("serve.log");
     // It must exit at start-up; a daemon that is still up has accepted the link.
     let socket = dir.path().join("kvplane.sock");

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use kvplane_ffi::{Opcode, Status};
 use kvplane_shm::{AttachOptions, Session, ShmError, sys};
 use kvplane_tests::{
-    DaemonProc, TEST_KV_BYTES, TestEngine, chain_ops, control_addr, http_get, proc_status_kib,
-    small_config, temp_dir,
+    DaemonProc, NamespaceConfig, TEST_KV_BYTES, TestEngine, chain_ops, control_addr, http_get,
+    proc_status_kib, small_config, temp_dir, with_ephemeral_metrics,
 };
 
 const HUGEPAGE: u64 = 2 << 20;
@@ -289,10 +289,10 @@ impl Drop for HugeMapping {
 #[test]
 fn a_vanished_hugetlb_page_ends_that_session_only() {
     let dir = temp_dir("engine-mem-sigbus");
-    let config = small_config(
-        dir.path(),
-        "[serve]\nallow_hugetlb_kv_buffers = true\n[control]\nmetrics_addr = \"127.0.0.1:0\"\n",
-    );
+    let config = small_config(dir.path(), |c| {
+        c.serve.allow_hugetlb_kv_buffers = true;
+        with_ephemeral_metrics(c);
+    });
     let mut daemon = DaemonProc::start(
         dir.path(),
         &["--config", config.to_str().expect("utf-8 path")],
@@ -372,7 +372,7 @@ fn a_vanished_hugetlb_page_ends_that_session_only() {
 #[test]
 fn a_vanished_hugetlb_page_under_a_load_ends_that_session_only() {
     let dir = temp_dir("engine-mem-sigbus-load");
-    let config = small_config(dir.path(), "[serve]\nallow_hugetlb_kv_buffers = true\n");
+    let config = small_config(dir.path(), |c| c.serve.allow_hugetlb_kv_buffers = true);
     let mut daemon = DaemonProc::start(
         dir.path(),
         &["--config", config.to_str().expect("utf-8 path")],
@@ -406,7 +406,7 @@ fn a_vanished_hugetlb_page_under_a_load_ends_that_session_only() {
 fn sparse_buffers_past_the_mapped_cap_are_refused_and_address_space_stays_bounded() {
     let dir = temp_dir("engine-mem-cap");
     // Default limit: the machine's physical memory.
-    let config = small_config(dir.path(), "[control]\nmetrics_addr = \"127.0.0.1:0\"\n");
+    let config = small_config(dir.path(), with_ephemeral_metrics);
     let daemon = DaemonProc::start(
         dir.path(),
         &["--config", config.to_str().expect("utf-8 path")],
@@ -462,16 +462,12 @@ fn a_namespace_is_held_to_its_mapped_cap() {
     let dir = temp_dir("engine-mem-ns-cap");
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
-    let config = small_config(
-        dir.path(),
-        &format!(
-            "[serve]\nmax_mapped_bytes = {total}\n\
-             [[namespaces]]\nname = \"capped\"\nuids = [{uid}]\nmax_mapped_bytes = {cap}\n\
-             [[namespaces]]\nname = \"open\"\nuids = [{uid}]\n",
-            total = 5 * TEST_KV_BYTES,
-            cap = TEST_KV_BYTES * 3 / 2,
-        ),
-    );
+    let config = small_config(dir.path(), |c| {
+        c.serve.max_mapped_bytes = Some(5 * TEST_KV_BYTES);
+        let mut capped = NamespaceConfig::new("capped", vec![uid]);
+        capped.max_mapped_bytes = Some(TEST_KV_BYTES * 3 / 2);
+        c.namespaces = vec![capped, NamespaceConfig::new("open", vec![uid])];
+    });
     let daemon = DaemonProc::start(
         dir.path(),
         &["--config", config.to_str().expect("utf-8 path")],

@@ -8,7 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvplane_ffi::Opcode;
-use kvplane_tests::{DaemonProc, TestEngine, chain_ops, kvplane_bin, small_config, temp_dir};
+use kvplane_tests::{
+    DaemonProc, NamespaceConfig, TestEngine, chain_ops, kvplane_bin, small_config, temp_dir,
+    with_nvme,
+};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -89,10 +92,10 @@ fn wait_for(http: u16, worker: u64, hashes: &[u64], want: u64) {
 fn daemon_events_reach_the_router_and_a_restarted_router_converges() {
     let dir = temp_dir("events");
     let (ev, http) = (free_port(), free_port());
-    let config = small_config(
-        dir.path(),
-        &format!("[events]\nrouters = [\"127.0.0.1:{ev}\"]\nworker_id = 42\n"),
-    );
+    let config = small_config(dir.path(), |c| {
+        c.events.routers = vec![format!("127.0.0.1:{ev}")];
+        c.events.worker_id = 42;
+    });
     let router = start_router(ev, http);
     let daemon = DaemonProc::start(dir.path(), &["--config", config.to_str().unwrap()]);
     let mut e = TestEngine::attach(&daemon.socket, "ev").unwrap();
@@ -117,15 +120,12 @@ fn blocks_restored_from_nvme_are_published_under_their_configured_name() {
     let (ev, http) = (free_port(), free_port());
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
-    let config = small_config(
-        dir.path(),
-        &format!(
-            "[tiers.nvme]\npaths = [\"{}\"]\ncapacity_bytes = 8388608\n\
-             [events]\nrouters = [\"127.0.0.1:{ev}\"]\nworker_id = 42\n\
-             [[namespaces]]\nname = \"ev\"\nuids = [{uid}]\n",
-            dir.path().join("nvme.slots").display()
-        ),
-    );
+    let config = small_config(dir.path(), |c| {
+        with_nvme(c, &dir.path().join("nvme.slots"), 8 << 20);
+        c.events.routers = vec![format!("127.0.0.1:{ev}")];
+        c.events.worker_id = 42;
+        c.namespaces = vec![NamespaceConfig::new("ev", vec![uid])];
+    });
     let cfg = config.to_str().unwrap();
     let hashes: Vec<u64> = (0..5).map(|i| 0xD0C0 + i).collect();
     {
@@ -163,10 +163,10 @@ fn router_kill_campaign(seed: u64) {
     let mut rng = kvplane_tests::FaultRng::new(seed);
     let dir = temp_dir("events-kill");
     let (ev, http) = (free_port(), free_port());
-    let config = small_config(
-        dir.path(),
-        &format!("[events]\nrouters = [\"127.0.0.1:{ev}\"]\nworker_id = 7\n"),
-    );
+    let config = small_config(dir.path(), |c| {
+        c.events.routers = vec![format!("127.0.0.1:{ev}")];
+        c.events.worker_id = 7;
+    });
     let router = start_router(ev, http);
     let daemon = DaemonProc::start(dir.path(), &["--config", config.to_str().unwrap()]);
     let chain_of = move |i: u64| -> Vec<u64> {

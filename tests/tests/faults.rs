@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use kvplane_ffi::{Opcode, SQE_F_WRITE_THROUGH, Status, Tier};
 use kvplane_tests::{
-    DaemonProc, FaultRng, TestEngine, chain_ops, control_addr, for_each_seed, signal, status_json,
-    temp_dir, tier_used,
+    DaemonProc, FaultRng, TestEngine, chain_ops, control_addr, for_each_seed, signal, small_config,
+    status_json, temp_dir, tier_used, with_ephemeral_metrics, with_nvme,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -36,19 +36,14 @@ const OK: i32 = 0;
 /// A config with a host pool of `host_mib`, an NVMe file (if given) and the control server
 /// on an ephemeral port.
 fn config(dir: &Path, host_mib: u64, nvme: Option<(&Path, u64)>, verify_on_scan: bool) -> PathBuf {
-    let mut text = format!(
-        "[blocks]\nblock_bytes = 65536\n[tiers.host]\ncapacity_bytes = {}\nlock = false\nhugepages = \"never\"\ntouch_threads = 1\n[control]\nmetrics_addr = \"127.0.0.1:0\"\n",
-        host_mib << 20
-    );
-    if let Some((path, bytes)) = nvme {
-        text += &format!(
-            "[tiers.nvme]\npaths = [\"{}\"]\ncapacity_bytes = {bytes}\nverify_on_scan = {verify_on_scan}\n",
-            path.display()
-        );
-    }
-    let path = dir.join("kvplane.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    small_config(dir, |c| {
+        c.tiers.host.capacity_bytes = host_mib << 20;
+        with_ephemeral_metrics(c);
+        if let Some((path, bytes)) = nvme {
+            with_nvme(c, path, bytes);
+            c.tiers.nvme.verify_on_scan = verify_on_scan;
+        }
+    })
 }
 
 /// A non-zero block hash derived from the test's coordinates.

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use kvplane_ffi::Opcode;
 use kvplane_tests::{
-    DaemonProc, TEST_PAGES, TestEngine, chain_ops, control_addr, http_get, kvplane_bin,
-    small_config, status_json, temp_dir,
+    DaemonProc, NamespaceConfig, TEST_PAGES, TestEngine, chain_ops, control_addr, http_get,
+    kvplane_bin, small_config, status_json, temp_dir, with_ephemeral_metrics,
 };
 
 /// The small config's block (see `TestEngine`).
@@ -32,20 +32,15 @@ fn euid() -> u32 {
 }
 
 fn config(dir: &Path, flood_quota: bool) -> std::path::PathBuf {
-    let quota = if flood_quota {
-        format!("max_host_bytes = {}\n", FLOOD_QUOTA_BLOCKS * BLOCK_BYTES)
-    } else {
-        String::new()
-    };
     let uid = euid();
-    small_config(
-        dir,
-        &format!(
-            "[control]\nmetrics_addr = \"127.0.0.1:0\"\n\
-             [[namespaces]]\nname = \"quiet\"\nuids = [{uid}]\n\
-             [[namespaces]]\nname = \"flood\"\nuids = [{uid}]\n{quota}"
-        ),
-    )
+    small_config(dir, |c| {
+        with_ephemeral_metrics(c);
+        let mut flood = NamespaceConfig::new("flood", vec![uid]);
+        if flood_quota {
+            flood.max_host_bytes = Some(FLOOD_QUOTA_BLOCKS * BLOCK_BYTES);
+        }
+        c.namespaces = vec![NamespaceConfig::new("quiet", vec![uid]), flood];
+    })
 }
 
 struct QuietReport {
@@ -334,10 +329,10 @@ fn privileges_are_dropped_after_setup_and_the_daemon_still_serves() {
 fn run_as_uid_switches_user_after_setup() {
     assert_root("run_as_uid switches users");
     let dir = temp_dir("runas");
-    let cfg = small_config(
-        dir.path(),
-        "[serve]\nrun_as_uid = 65534\nrun_as_gid = 65534\n",
-    );
+    let cfg = small_config(dir.path(), |c| {
+        c.serve.run_as_uid = Some(65534);
+        c.serve.run_as_gid = Some(65534);
+    });
     let daemon = DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
     // The engine socket is bound (and connectable) just before the switch: wait for it.
     let t0 = Instant::now();

@@ -14,7 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvplane_ffi::Opcode;
-use kvplane_tests::{DaemonProc, TestEngine, chain_ops, kvplane_bin, small_config, temp_dir};
+use kvplane_tests::{
+    Config, DaemonProc, NamespaceConfig, TestEngine, chain_ops, kvplane_bin, small_config,
+    temp_dir, with_nvme,
+};
 
 /// Every replica must match the daemons within this time after the last change.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -335,20 +338,18 @@ impl Workload {
     }
 }
 
-/// `extra` goes before the `[events]` table, `events_extra` into it.
+/// Events to `nats_url` as `worker`, then `edit`.
 fn daemon_config(
     dir: &Path,
     nats_url: &str,
     worker: u64,
-    extra: &str,
-    events_extra: &str,
+    edit: impl FnOnce(&mut Config),
 ) -> PathBuf {
-    small_config(
-        dir,
-        &format!(
-            "{extra}[events]\nnats_url = \"{nats_url}\"\nworker_id = {worker}\n{events_extra}"
-        ),
-    )
+    small_config(dir, |c| {
+        c.events.nats_url = Some(nats_url.to_string());
+        c.events.worker_id = worker;
+        edit(c);
+    })
 }
 
 struct Cluster {
@@ -369,9 +370,15 @@ impl Cluster {
         p
     }
 
-    fn daemon(&self, name: &str, worker: u64, nats_url: &str, events_extra: &str) -> DaemonProc {
+    fn daemon(
+        &self,
+        name: &str,
+        worker: u64,
+        nats_url: &str,
+        edit: impl FnOnce(&mut Config),
+    ) -> DaemonProc {
         let d = self.sub(name);
-        let cfg = daemon_config(&d, nats_url, worker, "", events_extra);
+        let cfg = daemon_config(&d, nats_url, worker, edit);
         DaemonProc::start(&d, &["--config", cfg.to_str().unwrap()])
     }
 
@@ -393,8 +400,8 @@ fn replicas_agree_and_a_new_replica_rebuilds_without_the_daemons() {
     let r1 = c.router("r1", 200);
     let r2 = c.router("r2", 0);
     let r3 = c.router("r3", 0);
-    let d1 = c.daemon("d1", 101, &url, "");
-    let d2 = c.daemon("d2", 102, &url, "");
+    let d1 = c.daemon("d1", 101, &url, |_| {});
+    let d2 = c.daemon("d2", 102, &url, |_| {});
     let w1 = Workload::start(&d1.socket, NS, 1);
     let w2 = Workload::start(&d2.socket, NS, 2);
     w1.wait_saved(120);
@@ -458,8 +465,8 @@ fn nats_server_killed_and_restarted_with_jetstream_on_disk() {
     let url = c.nats.url();
     let r1 = c.router("r1", 500);
     let r2 = c.router("r2", 0);
-    let d1 = c.daemon("d1", 201, &url, "");
-    let d2 = c.daemon("d2", 202, &url, "");
+    let d1 = c.daemon("d1", 201, &url, |_| {});
+    let d2 = c.daemon("d2", 202, &url, |_| {});
     let w1 = Workload::start(&d1.socket, NS, 3);
     let w2 = Workload::start(&d2.socket, NS, 4);
     w1.wait_saved(40);
@@ -491,7 +498,7 @@ fn router_replica_killed_mid_stream_rebuilds_from_snapshot_and_stream() {
     let url = c.nats.url();
     let r1 = c.router("r1", 200);
     let r2 = c.router("r2", 200);
-    let d1 = c.daemon("d1", 301, &url, "");
+    let d1 = c.daemon("d1", 301, &url, |_| {});
     let w1 = Workload::start(&d1.socket, NS, 5);
     w1.wait_saved(60);
     while metric(r2.http, "kvplane_router_nats_snapshots_written_total") == 0 {
@@ -527,11 +534,10 @@ fn daemon_restarted_with_its_nvme_cache_while_routers_run() {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     let d = c.sub("d1");
-    let extra = format!(
-        "[tiers.nvme]\npaths = [\"{}\"]\ncapacity_bytes = 8388608\n[[namespaces]]\nname = \"{NS}\"\nuids = [{uid}]\n",
-        d.join("nvme.slots").display()
-    );
-    let cfg = daemon_config(&d, &url, 401, &extra, "");
+    let cfg = daemon_config(&d, &url, 401, |c| {
+        with_nvme(c, &d.join("nvme.slots"), 8 << 20);
+        c.namespaces = vec![NamespaceConfig::new(NS, vec![uid])];
+    });
     let cfg = cfg.to_str().unwrap();
     let chains: Vec<Vec<u64>> = (0..40).map(|i| chain_of(7, i)).collect();
     {
@@ -649,13 +655,10 @@ fn daemon_partitioned_from_nats_overflows_then_republishes_its_state() {
     let r2 = c.router("r2", 0);
     let part = Partition::start(c.nats.port);
     // A small buffer so the partition overflows it.
-    let d1 = c.daemon(
-        "d1",
-        501,
-        &format!("nats://127.0.0.1:{}", part.port),
-        "nats_queue_events = 32\n",
-    );
-    let d2 = c.daemon("d2", 502, &url, "");
+    let d1 = c.daemon("d1", 501, &format!("nats://127.0.0.1:{}", part.port), |c| {
+        c.events.nats_queue_events = 32
+    });
+    let d2 = c.daemon("d2", 502, &url, |_| {});
     let w1 = Workload::start(&d1.socket, NS, 8);
     let w2 = Workload::start(&d2.socket, NS, 9);
     w1.wait_saved(30);
@@ -707,7 +710,7 @@ fn dynamo_decodes_our_events() {
     let c = Cluster::new("nats-dynamo");
     let url = c.nats.url();
     let r = c.router("r1", 0);
-    let d = c.daemon("d1", 601, &url, "");
+    let d = c.daemon("d1", 601, &url, |_| {});
     let w = Workload::start(&d.socket, NS, 10);
     w.wait_saved(150); // 450 blocks through a 256-block host tier: evictions too
     let chains = w.finish();
@@ -817,7 +820,7 @@ fn daemon_started_while_nats_is_down_publishes_when_it_comes_up() {
     let mut c = Cluster::new("nats-late");
     let url = c.nats.url();
     c.nats.kill();
-    let d1 = c.daemon("d1", 701, &url, "");
+    let d1 = c.daemon("d1", 701, &url, |_| {});
     let w1 = Workload::start(&d1.socket, NS, 11);
     w1.wait_saved(60);
     c.nats.spawn();

@@ -12,28 +12,18 @@ use std::time::{Duration, Instant};
 use kvplane_ffi::{Opcode, SQE_F_WRITE_THROUGH, Status, Tier};
 use kvplane_tests::{
     DaemonProc, TestEngine, control_addr, http, http_get as get, kvplane_bin, small_config,
-    temp_dir,
+    temp_dir, with_ephemeral_metrics, with_nvme,
 };
 
 const BLOCK: u64 = 65536;
 
 /// Config with the control server on an ephemeral loopback port and an NVMe file.
 fn config_with_nvme(dir: &Path, write_through: bool) -> std::path::PathBuf {
-    let nvme = dir.join("nvme.kvp");
-    let extra = format!(
-        "[tiers.nvme]\npaths = [\"{}\"]\ncapacity_bytes = 33554432\n[control]\nmetrics_addr = \"127.0.0.1:0\"\n",
-        nvme.display()
-    );
-    let path = small_config(dir, &extra);
-    if write_through {
-        let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(
-            &path,
-            text.replace("[blocks]\n", "[blocks]\nwrite_through = true\n"),
-        )
-        .unwrap();
-    }
-    path
+    small_config(dir, |c| {
+        with_nvme(c, &dir.join("nvme.kvp"), 32 << 20);
+        with_ephemeral_metrics(c);
+        c.blocks.write_through = write_through;
+    })
 }
 
 /// The value of one sample line (`name{labels}` exactly as rendered).

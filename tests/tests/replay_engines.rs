@@ -104,12 +104,11 @@ fn engine_sim_rejects_a_daemon_with_the_wrong_block_size() {
     // The default daemon block size is 2 MiB; an engine with 4 KiB pages must get a clear
     // error from ATTACH_LAYOUT, not a crash on either side.
     let dir = temp_dir("engine-sim-layout");
-    let cfg = dir.path().join("d.toml");
-    std::fs::write(
-        &cfg,
-        "[tiers.host]\ncapacity_bytes = 67108864\nlock = false\nhugepages = \"never\"\n",
-    )
-    .unwrap();
+    let mut config = kvplane_tests::Config::default();
+    config.tiers.host.capacity_bytes = 64 << 20;
+    config.tiers.host.lock = false;
+    config.tiers.host.hugepages = kvplane_daemon::tier::host::HugepageMode::Never;
+    let cfg = kvplane_tests::write_config(dir.path(), &config);
     let mut daemon =
         kvplane_tests::DaemonProc::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
     let out = Command::new(kvplane_bin())

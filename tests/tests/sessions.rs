@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use kvplane_ffi::{Opcode, Pod, Status, kvp_cqe, kvp_sqe, kvp_stats};
 use kvplane_shm::{AttachOptions, QueuePair, Session, ShmError, client};
 use kvplane_tests::{
-    DaemonProc, cpu_ticks, kvplane_bin, ping_json, rss_kib, signal, small_config, temp_dir,
+    DaemonProc, NamespaceConfig, cpu_ticks, kvplane_bin, ping_json, rss_kib, signal, small_config,
+    temp_dir,
 };
 
 const T: Duration = Duration::from_secs(5);
@@ -253,12 +254,11 @@ fn attach_limits_and_namespace_rules_are_enforced() {
     let dir = temp_dir("attach");
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
-    let config = small_config(
-        dir.path(),
-        &format!(
-            "[serve]\nmax_sessions = 1\nmax_queue_pairs = 2\n[[namespaces]]\nname = \"ok\"\nuids = [{uid}]\n"
-        ),
-    );
+    let config = small_config(dir.path(), |c| {
+        c.serve.max_sessions = 1;
+        c.serve.max_queue_pairs = 2;
+        c.namespaces = vec![NamespaceConfig::new("ok", vec![uid])];
+    });
     let daemon = DaemonProc::start(dir.path(), &["--config", config.to_str().unwrap()]);
     let refused = |o: AttachOptions| match Session::attach(o) {
         Err(ShmError::AttachRefused { status, message }) => (status, message),

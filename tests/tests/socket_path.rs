@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use kvplane_ffi::{Opcode, SQE_F_WRITE_THROUGH, Tier};
 use kvplane_tests::{
-    DaemonProc, OTHER_UID, TestEngine, chain_ops, kvplane_as, require_root, serve_until_exit,
-    small_config, temp_dir,
+    DaemonProc, NamespaceConfig, OTHER_UID, TestEngine, chain_ops, kvplane_as, require_root,
+    serve_until_exit, small_config, temp_dir, with_nvme,
 };
 
 /// How long SIGTERM may take to stop the daemon (sessions end within their 100 ms sleep
@@ -22,14 +22,10 @@ const OK: i32 = 0;
 
 fn nvme_config(dir: &Path) -> std::path::PathBuf {
     let nvme = dir.join("nvme.kvp");
-    small_config(
-        dir,
-        &format!(
-            "[tiers.nvme]\npaths = [\"{}\"]\ncapacity_bytes = {}\n[control]\nmetrics_addr = \"\"\n",
-            nvme.display(),
-            16 << 20
-        ),
-    )
+    small_config(dir, |c| {
+        with_nvme(c, &nvme, 16 << 20);
+        c.control.metrics_addr = String::new();
+    })
 }
 
 fn hashes() -> Vec<u64> {
@@ -146,8 +142,8 @@ fn a_second_daemon_on_the_same_path_keeps_its_socket_when_the_first_stops() {
 }
 
 /// `kvplane serve` that must refuse to start: exits non-zero within 20 s; its log.
-fn refused_to_start(dir: &Path, socket: &Path, extra: &str) -> String {
-    let config = small_config(dir, extra);
+fn refused_to_start(dir: &Path, socket: &Path) -> String {
+    let config = small_config(dir, |_| {});
     let log = dir.join("refused.log");
     let Some(status) = serve_until_exit(&config, socket, &log, Duration::from_secs(20)) else {
         panic!(
@@ -177,7 +173,7 @@ fn links_foreign_and_writable_paths_are_refused_and_left_alone() {
     let real = d.join("real");
     std::fs::create_dir(&real).unwrap();
     std::os::unix::fs::symlink(&precious, real.join("kvplane.sock")).unwrap();
-    let log = refused_to_start(d, &real.join("kvplane.sock"), "");
+    let log = refused_to_start(d, &real.join("kvplane.sock"));
     assert!(log.contains("is a symbolic link"), "{log}");
     assert!(
         std::fs::symlink_metadata(real.join("kvplane.sock"))
@@ -189,7 +185,7 @@ fn links_foreign_and_writable_paths_are_refused_and_left_alone() {
 
     // A dangling link is refused too (bind would otherwise create its target).
     std::os::unix::fs::symlink(d.join("elsewhere.sock"), real.join("dangling.sock")).unwrap();
-    let log = refused_to_start(d, &real.join("dangling.sock"), "");
+    let log = refused_to_start(d, &real.join("dangling.sock"));
     assert!(log.contains("is a symbolic link"), "{log}");
     assert!(!d.join("elsewhere.sock").exists());
 
@@ -197,7 +193,7 @@ fn links_foreign_and_writable_paths_are_refused_and_left_alone() {
     let target = d.join("target");
     std::fs::create_dir(&target).unwrap();
     std::os::unix::fs::symlink(&target, d.join("linkdir")).unwrap();
-    let log = refused_to_start(d, &d.join("linkdir/kvplane.sock"), "");
+    let log = refused_to_start(d, &d.join("linkdir/kvplane.sock"));
     assert!(log.contains("is a symbolic link"), "{log}");
     assert_eq!(
         std::fs::read_dir(&target).unwrap().count(),
@@ -209,19 +205,19 @@ fn links_foreign_and_writable_paths_are_refused_and_left_alone() {
     let theirs = d.join("theirs");
     std::fs::create_dir(&theirs).unwrap();
     std::os::unix::fs::chown(&theirs, Some(OTHER_UID), Some(OTHER_UID)).unwrap();
-    let log = refused_to_start(d, &theirs.join("kvplane.sock"), "");
+    let log = refused_to_start(d, &theirs.join("kvplane.sock"));
     assert!(log.contains("owned by uid 65534"), "{log}");
 
     // A directory anyone may write.
     let open = d.join("open");
     std::fs::create_dir(&open).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let log = refused_to_start(d, &open.join("kvplane.sock"), "");
+    let log = refused_to_start(d, &open.join("kvplane.sock"));
     assert!(log.contains("writable by group or others"), "{log}");
 
     // A file that is not a socket at the path: refused, not removed.
     std::fs::write(real.join("file.sock"), b"not a socket").unwrap();
-    let log = refused_to_start(d, &real.join("file.sock"), "");
+    let log = refused_to_start(d, &real.join("file.sock"));
     assert!(log.contains("is not a socket"), "{log}");
     assert_eq!(
         std::fs::read(real.join("file.sock")).unwrap(),
@@ -232,7 +228,7 @@ fn links_foreign_and_writable_paths_are_refused_and_left_alone() {
     let other = std::os::unix::net::UnixListener::bind(real.join("other.sock")).unwrap();
     std::os::unix::fs::lchown(real.join("other.sock"), Some(OTHER_UID), None).unwrap();
     drop(other);
-    let log = refused_to_start(d, &real.join("other.sock"), "");
+    let log = refused_to_start(d, &real.join("other.sock"));
     assert!(log.contains("owned by uid 65534"), "{log}");
     assert!(real.join("other.sock").exists());
 }
@@ -243,13 +239,11 @@ fn the_socket_directory_is_created_0750_with_the_socket_group() {
     let dir = temp_dir("sock-dir");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let socket = dir.path().join("run/kvplane.sock");
-    let config = small_config(
-        dir.path(),
-        &format!(
-            "[serve]\nsocket_group = {OTHER_UID}\nsocket_mode = 0o660\n\
-             [[namespaces]]\nname = \"b\"\nuids = [{OTHER_UID}]\n"
-        ),
-    );
+    let config = small_config(dir.path(), |c| {
+        c.serve.socket_group = Some(OTHER_UID);
+        c.serve.socket_mode = 0o660;
+        c.namespaces = vec![NamespaceConfig::new("b", vec![OTHER_UID])];
+    });
     let daemon =
         DaemonProc::start_with_socket(dir.path(), &socket, &["--config", config.to_str().unwrap()]);
     let d = std::fs::symlink_metadata(dir.path().join("run")).unwrap();

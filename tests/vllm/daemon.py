@@ -16,7 +16,7 @@ def kvplane_bin():
         p = ROOT / "target" / profile / "kvplane"
         if p.exists():
             return p
-    pytest.fail("target/*/kvplane not built (cargo build -p kvplane-daemon)")
+    pytest.fail("target/*/kvplane not built (cargo build -p kvplane)")
 
 
 class Daemon:

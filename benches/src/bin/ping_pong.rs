@@ -5,8 +5,8 @@
 //!   cargo run --release -p kvplane-benches --bin ping-pong -- [--json]
 
 use clap::Parser;
-use kvplane_daemon::bench::ring::ChildCommand;
-use kvplane_daemon::cli::bench_ring::{RingArgs, run_with};
+use kvplane_sim::bench::ring::ChildCommand;
+use kvplane_sim::cli::bench_ring::{RingArgs, run_with};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -31,7 +31,7 @@ use crate::tier::nvme::{NvmeError, NvmeStore};
 use crate::tier::{ConfigError, PerTier, SLOT_HEADER_BYTES, Stores, Tier, TiersConfig, invalid};
 
 /// `[blocks]`: block geometry and placement policy.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BlockConfig {
     /// Bytes of one block (all layers of `block_tokens` tokens), the slot payload size.

@@ -7,7 +7,6 @@
 //! in NVIDIA Dynamo's KV event format. Control plane only: a full channel drops events
 //! (counted by the manager) and the next snapshot repairs the routers' view.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -17,111 +16,12 @@ use kvplane_router::events::{
     NamespaceBlocks, Publisher, PublisherConfig, SnapshotBlock, WorkerBlocks,
 };
 use kvplane_router::nats::{NatsPublisher, NatsPublisherConfig, NatsStreamConfig};
-use serde::Deserialize;
 
 use crate::block::{BlockEvent, BlockManager, Tier};
-use crate::config::ConfigError;
 use crate::dataplane::DataPlane;
 
-/// `[events]`: where this daemon streams its KV events.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct EventsConfig {
-    /// Routers' event listeners (`host:port`); empty disables the stream.
-    pub routers: Vec<String>,
-    /// The worker id this daemon's tiers appear under in the routers (0 = derived from
-    /// the host name and the engine socket path).
-    pub worker_id: u64,
-    /// Events queued between the data plane and the publisher.
-    pub queue_events: usize,
-    /// NATS server(s) to publish KV events to (`nats://host:4222`); absent = no NATS.
-    pub nats_url: Option<String>,
-    /// Dynamo namespace and component naming the JetStream stream
-    /// (`namespace-{ns}-component-{component}-kv-events`).
-    pub nats_namespace: String,
-    pub nats_component: String,
-    /// Changes buffered while NATS is away; beyond it the daemon re-publishes its full
-    /// state once NATS is back.
-    pub nats_queue_events: usize,
-}
-
-impl Default for EventsConfig {
-    fn default() -> Self {
-        EventsConfig {
-            routers: Vec::new(),
-            worker_id: 0,
-            queue_events: 65_536,
-            nats_url: None,
-            nats_namespace: "kvplane".into(),
-            nats_component: "kvplane".into(),
-            nats_queue_events: 65_536,
-        }
-    }
-}
-
-impl EventsConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        for (i, r) in self.routers.iter().enumerate() {
-            if r.parse::<SocketAddr>().is_err() {
-                return Err(ConfigError::Invalid {
-                    key: format!("events.routers[{i}]"),
-                    reason: format!("`{r}` is not an address like 127.0.0.1:7070"),
-                });
-            }
-        }
-        if let Some(url) = &self.nats_url
-            && !(url.starts_with("nats://") || url.starts_with("tls://"))
-        {
-            return Err(ConfigError::Invalid {
-                key: "events.nats_url".into(),
-                reason: format!("`{url}` is not a URL like nats://127.0.0.1:4222"),
-            });
-        }
-        for (key, v) in [
-            ("events.nats_namespace", &self.nats_namespace),
-            ("events.nats_component", &self.nats_component),
-        ] {
-            if v.is_empty() || v.len() > 64 {
-                return Err(ConfigError::Invalid {
-                    key: key.into(),
-                    reason: "must be 1-64 characters".into(),
-                });
-            }
-        }
-        if self.nats_queue_events == 0 || self.nats_queue_events > 1 << 24 {
-            return Err(ConfigError::Invalid {
-                key: "events.nats_queue_events".into(),
-                reason: format!("must be in 1..=16777216, got {}", self.nats_queue_events),
-            });
-        }
-        if self.queue_events == 0 || self.queue_events > 1 << 24 {
-            return Err(ConfigError::Invalid {
-                key: "events.queue_events".into(),
-                reason: format!("must be in 1..=16777216, got {}", self.queue_events),
-            });
-        }
-        Ok(())
-    }
-
-    /// Whether any event stream is configured.
-    pub fn enabled(&self) -> bool {
-        !self.routers.is_empty() || self.nats_url.is_some()
-    }
-
-    pub fn router_addrs(&self) -> Vec<SocketAddr> {
-        self.routers.iter().filter_map(|r| r.parse().ok()).collect()
-    }
-
-    /// The configured worker id, or one derived from the host name and `socket`.
-    pub fn resolve_worker_id(&self, socket: &std::path::Path) -> WorkerId {
-        if self.worker_id != 0 {
-            return self.worker_id;
-        }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        let key = format!("{}:{}", host.trim(), socket.display());
-        xxhash_rust::xxh3::xxh3_64(key.as_bytes()).max(1)
-    }
-}
+/// The `[events]` table lives with the config (below the control plane).
+pub use crate::config::EventsConfig;
 
 /// The running event stream: a forwarding thread and the publisher's runtime.
 pub struct EventStream {

@@ -1,223 +1,22 @@
-//! Metrics: what the data plane records (relaxed atomics, one uncontended mutex for the
-//! per-namespace lookup table) and the Prometheus text rendering the control server
-//! serves on `GET /metrics`. Recording is a few atomic adds per operation; everything
-//! else (formatting, the block manager's stats under its lock) runs on the control thread.
+//! Metrics: the Prometheus text rendering the control server serves on `GET /metrics`,
+//! read from the data plane's sink (`crate::metrics`) on the control thread (formatting,
+//! the block manager's stats under its lock); the control plane never writes there.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use kvplane_ffi::Opcode;
 
 use super::access::View;
-use crate::block::{BlockStats, LoadReport, SaveReport, Tier};
+use crate::block::{BlockStats, Tier};
+use crate::metrics::opcode_name;
 use crate::session::SessionSummary;
-use crate::tier::PerTier;
 
-/// Upper bounds of the latency buckets, in microseconds (Prometheus `le`, shown in seconds).
-pub const LATENCY_BUCKETS_US: [u64; 18] = [
-    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
-    500_000, 1_000_000, 2_500_000,
-];
-
-/// A fixed-bucket latency histogram: lock-free to record, cumulative when rendered.
-#[derive(Debug, Default)]
-pub struct LatencyHistogram {
-    /// Per-bucket (non-cumulative) counts; the last entry is +Inf.
-    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
-    sum_ns: AtomicU64,
-    count: AtomicU64,
-}
-
-impl LatencyHistogram {
-    pub fn record(&self, elapsed: Duration) {
-        let us = elapsed.as_micros().min(u64::MAX as u128) as u64;
-        let i = LATENCY_BUCKETS_US.partition_point(|&b| b < us);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns.fetch_add(
-            elapsed.as_nanos().min(u64::MAX as u128) as u64,
-            Ordering::Relaxed,
-        );
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    /// Cumulative bucket counts (one per bound, then +Inf), the sum in seconds, the count.
-    pub fn snapshot(&self) -> (Vec<u64>, f64, u64) {
-        let mut acc = 0;
-        let cumulative = self
-            .buckets
-            .iter()
-            .map(|b| {
-                acc += b.load(Ordering::Relaxed);
-                acc
-            })
-            .collect();
-        (
-            cumulative,
-            self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            self.count.load(Ordering::Relaxed),
-        )
-    }
-
-    /// The bucket bound (in microseconds) below which `q` of the samples fall; `None`
-    /// when empty, `u64::MAX` when the quantile is in the +Inf bucket.
-    pub fn quantile_bound_us(&self, q: f64) -> Option<u64> {
-        let (cumulative, _, count) = self.snapshot();
-        if count == 0 {
-            return None;
-        }
-        let target = ((count as f64) * q).ceil().max(1.0) as u64;
-        let i = cumulative.iter().position(|&c| c >= target)?;
-        Some(LATENCY_BUCKETS_US.get(i).copied().unwrap_or(u64::MAX))
-    }
-}
-
-/// The links bytes move over, as `link` label values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Link {
-    EngineToHost = 0,
-    HostToEngine = 1,
-    HostToNvme = 2,
-    NvmeToHost = 3,
-    /// Loads served from the G1 arena (host memory standing in for HBM on the host backend).
-    G1ToEngine = 4,
-}
-
-impl Link {
-    pub const ALL: [Link; 5] = [
-        Link::EngineToHost,
-        Link::HostToEngine,
-        Link::HostToNvme,
-        Link::NvmeToHost,
-        Link::G1ToEngine,
-    ];
-    pub fn name(self) -> &'static str {
-        match self {
-            Link::EngineToHost => "engine_to_host",
-            Link::HostToEngine => "host_to_engine",
-            Link::HostToNvme => "host_to_nvme",
-            Link::NvmeToHost => "nvme_to_host",
-            Link::G1ToEngine => "g1_to_engine",
-        }
-    }
-}
-
-/// Lookup outcomes of one namespace, in blocks.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NamespaceLookups {
-    /// Leading blocks found, by the fastest tier holding each (hbm, host, nvme).
-    pub hits: PerTier<u64>,
-    /// Blocks asked for past the found prefix.
-    pub misses: u64,
-}
-
-/// What the data plane records per operation. Lives in `DataPlane::counters`.
-#[derive(Debug, Default)]
-pub struct DataPlaneMetrics {
-    /// Per opcode, in `Opcode::ALL` order.
-    op_latency: [LatencyHistogram; 10],
-    /// Operations being executed right now (the data plane's queue depth).
-    pub in_flight: AtomicU64,
-    link_bytes: [AtomicU64; 5],
-    lookups: Mutex<BTreeMap<u32, NamespaceLookups>>,
-}
-
-fn opcode_index(op: Opcode) -> usize {
-    Opcode::ALL.iter().position(|&o| o == op).unwrap_or(0)
-}
-
-fn opcode_name(op: Opcode) -> &'static str {
-    match op {
-        Opcode::Nop => "nop",
-        Opcode::Stats => "stats",
-        Opcode::AttachLayout => "attach_layout",
-        Opcode::Lookup => "lookup",
-        Opcode::Save => "save",
-        Opcode::Load => "load",
-        Opcode::Pin => "pin",
-        Opcode::Unpin => "unpin",
-        Opcode::Drop => "drop",
-        Opcode::ClearNamespace => "clear_namespace",
-    }
-}
-
-/// Decrements the in-flight gauge however the operation ends.
-pub struct InFlight<'a>(&'a DataPlaneMetrics);
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl DataPlaneMetrics {
-    pub fn begin(&self) -> InFlight<'_> {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self)
-    }
-
-    pub fn record_op(&self, op: Opcode, elapsed: Duration) {
-        self.op_latency[opcode_index(op)].record(elapsed);
-    }
-
-    pub fn op_latency(&self, op: Opcode) -> &LatencyHistogram {
-        &self.op_latency[opcode_index(op)]
-    }
-
-    pub fn add_link_bytes(&self, link: Link, bytes: u64) {
-        if bytes > 0 {
-            self.link_bytes[link as usize].fetch_add(bytes, Ordering::Relaxed);
-        }
-    }
-
-    pub fn link_bytes(&self, link: Link) -> u64 {
-        self.link_bytes[link as usize].load(Ordering::Relaxed)
-    }
-
-    /// A lookup of `asked` blocks in namespace `ns` found the leading `tiers[..hits]`.
-    pub fn record_lookup(&self, ns: u32, tiers: &[Option<Tier>], hits: usize, asked: usize) {
-        let mut map = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = map.entry(ns).or_default();
-        for t in tiers[..hits.min(tiers.len())].iter().flatten() {
-            entry.hits[*t] += 1;
-        }
-        entry.misses += asked.saturating_sub(hits) as u64;
-    }
-
-    pub fn lookups(&self) -> BTreeMap<u32, NamespaceLookups> {
-        self.lookups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Bytes a save moved: engine -> host for stored blocks, host -> NVMe for the blocks
-    /// it wrote through or demoted.
-    pub fn record_save(&self, r: &SaveReport, block_bytes: usize) {
-        self.add_link_bytes(Link::EngineToHost, r.bytes);
-        self.add_link_bytes(Link::HostToNvme, (r.nvme_written * block_bytes) as u64);
-    }
-
-    /// Bytes a load moved: NVMe -> host for staged blocks, then each block to the engine.
-    pub fn record_load(&self, r: &LoadReport, block_bytes: usize) {
-        let b = block_bytes as u64;
-        for t in &r.tiers {
-            match t {
-                Tier::Hbm => self.add_link_bytes(Link::G1ToEngine, b),
-                Tier::Nvme => {
-                    self.add_link_bytes(Link::NvmeToHost, b);
-                    self.add_link_bytes(Link::HostToEngine, b);
-                }
-                _ => self.add_link_bytes(Link::HostToEngine, b),
-            }
-        }
-    }
-}
+/// The data plane's sink, re-exported under the names the control plane has always used.
+pub use crate::metrics::{
+    DataPlaneMetrics, InFlight, LATENCY_BUCKETS_US, LatencyHistogram, Link, NamespaceLookups,
+};
 
 /// The daemon-wide counters the session layer keeps (copied out of `dataplane::Counters`).
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -648,25 +447,7 @@ pub fn render(s: &Scrape<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_buckets_are_cumulative_and_quantiles_bound_the_samples() {
-        let h = LatencyHistogram::default();
-        for us in [1, 7, 7, 30, 900, 3_000_000] {
-            h.record(Duration::from_micros(us));
-        }
-        let (cum, sum_s, count) = h.snapshot();
-        assert_eq!(count, 6);
-        assert_eq!(cum.len(), LATENCY_BUCKETS_US.len() + 1);
-        assert_eq!(cum[0], 1); // <= 5 us
-        assert_eq!(cum[1], 3); // <= 10 us
-        assert_eq!(cum[3], 4); // <= 50 us
-        assert_eq!(*cum.last().unwrap(), 6);
-        assert!(cum.windows(2).all(|w| w[0] <= w[1]));
-        assert!((sum_s - 3.000_945).abs() < 1e-6, "{sum_s}");
-        assert_eq!(h.quantile_bound_us(0.5), Some(10));
-        assert_eq!(h.quantile_bound_us(1.0), Some(u64::MAX));
-    }
+    use std::time::Duration;
 
     #[test]
     fn render_names_units_and_escapes_labels() {

@@ -138,22 +138,6 @@ impl Drop for MappedCharge {
     }
 }
 
-/// The machine's physical memory, in bytes: the default limit of mapped engine memory
-/// (an engine's KV buffer is memory it must back; more than the machine has is sparse).
-pub fn physical_memory_bytes() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let (pages, page_size) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    if pages <= 0 || page_size <= 0 {
-        return u64::MAX; // unknown: the namespaces' limits still apply
-    }
-    (pages as u64).saturating_mul(page_size as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,7 +54,7 @@ pub struct Counters {
     /// its session.
     pub engine_memory_faults: AtomicU64,
     /// Latency histograms, link bytes, per-namespace lookups (for `/metrics`).
-    pub metrics: crate::control::metrics::DataPlaneMetrics,
+    pub metrics: crate::metrics::DataPlaneMetrics,
 }
 
 /// The engine's KV memory registered with the device, and its layout uploaded: what the

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::{ConfigError, invalid};
 
 /// `[tiers.hbm]`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HbmConfig {
     /// Bytes of the G1 arena (0 disables G1).

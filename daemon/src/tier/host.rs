@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::{ConfigError, invalid};
 
 /// `[tiers.host]`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HostConfig {
     /// Bytes of the pinned pool (rounded down to whole slots).
@@ -33,7 +33,7 @@ pub struct HostConfig {
     pub touch_threads: usize,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum HugepageMode {
     #[default]

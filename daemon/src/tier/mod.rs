@@ -78,7 +78,7 @@ pub(crate) fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
 }
 
 /// `[tiers]`: the three tiers' configuration, embedded by the daemon config.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TiersConfig {
     pub hbm: hbm::HbmConfig,

@@ -44,7 +44,7 @@ pub enum EngineKind {
 }
 
 /// `[tiers.nvme]`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NvmeConfig {
     /// Files (created and preallocated) or raw block devices. Empty disables the tier.

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use super::CliResult;
-use crate::config::Config;
-use crate::dataplane::DataPlane;
-use crate::session::Daemon;
+use kvplane_daemon::config::Config;
+use kvplane_daemon::dataplane::DataPlane;
+use kvplane_daemon::session::Daemon;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {

@@ -10,9 +10,9 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::CliResult;
-use crate::block::registry::{BuildKeyHasher, Registry};
-use crate::block::{BlockKey, Tier};
-use crate::tier::PerTier;
+use kvplane_daemon::block::registry::{BuildKeyHasher, Registry};
+use kvplane_daemon::block::{BlockKey, Tier};
+use kvplane_daemon::tier::PerTier;
 
 #[derive(Debug, clap::Args)]
 pub struct LookupArgs {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::CliResult;
-use crate::control::admin::StatusReport;
+use kvplane_daemon::control::admin::StatusReport;
 
 /// The default engine socket's control socket (`[control] socket_path` unset).
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/kvplane/kvplane.control.sock";

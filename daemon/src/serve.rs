@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::CliResult;
 use crate::block::{BlockManager, ManagerOptions, NamespaceQuota};
 use crate::config::Config;
 use crate::control::events::EventStream;
@@ -11,6 +10,9 @@ use crate::control::signals;
 use crate::dataplane::DataPlane;
 use crate::privileges::{DropPlan, drop_privileges};
 use crate::session::Daemon;
+
+/// What `kvplane serve` returns: any start-up error, printed with its context by the binary.
+pub type ServeResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -38,7 +40,7 @@ pub fn load_config(args: &ServeArgs) -> Result<Config, crate::config::ConfigErro
     Ok(config)
 }
 
-pub fn run(args: ServeArgs) -> CliResult {
+pub fn run(args: ServeArgs) -> ServeResult {
     if args.print_default_config {
         print!("{}", Config::default_toml());
         return Ok(());

@@ -1,29 +1,16 @@
-//! Command-line entry points. Each subcommand's arguments and `run` live in its own file.
+//! `kvplane`: the node daemon, the cluster router, benchmarks and tools. A thin main over
+//! `kvplane_daemon` (`serve`), `kvplane_router` (`router`) and `kvplane_sim` (everything
+//! that measures a daemon), so tests and benches drive the same code.
 
 use clap::{Parser, Subcommand};
+use kvplane_daemon::serve;
+use kvplane_sim::cli::{bench, demo, engine_sim, ping, replay, status};
 use std::process::ExitCode;
 
-pub mod bench;
-pub mod bench_gather;
-pub mod bench_host;
-pub mod bench_lookup;
-pub mod bench_nvme;
-pub mod bench_ring;
-pub mod bench_soak;
-pub mod bench_transfer;
-pub mod demo;
-pub mod engine_sim;
-pub mod ping;
-pub mod replay;
-pub mod replay_dynamo;
-pub mod replay_engines;
-pub mod replay_nats;
-pub mod router;
-pub mod serve;
-pub mod status;
+mod router;
 
 /// Errors at the command-line boundary: any library error, printed with its context.
-pub type CliResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+pub type CliResult = kvplane_sim::cli::CliResult;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -63,7 +50,7 @@ pub enum Command {
     EngineSim(engine_sim::EngineSimArgs),
 }
 
-pub fn init_logging(filter: &str, json: bool) {
+fn init_logging(filter: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -78,7 +65,7 @@ pub fn init_logging(filter: &str, json: bool) {
     };
 }
 
-pub fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log, cli.log_json);
     let result = match cli.command {

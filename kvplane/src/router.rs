@@ -1,6 +1,6 @@
 //! `kvplane router`: the cluster router service (KV event listener + HTTP API).
 
-use super::CliResult;
+use crate::CliResult;
 use kvplane_router::service::{RouterService, ServiceConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -179,7 +179,7 @@ mod tests {
         assert_eq!(cfg.grace_ms, 500);
         assert_eq!(cfg.block_size, 64, "flag overrides file");
         assert_eq!(cfg.route.decode_weight, 0.25);
-        assert_eq!(cfg.route.tier_credit, kvplane_ffi::PerTier([1.0, 0.7, 0.3]));
+        assert_eq!(cfg.route.tier_credit.0, [1.0, 0.7, 0.3]);
         assert_eq!(cfg.http_addr.port(), 9999);
 
         std::fs::write(&path, "grace_msec = 1\n").unwrap();

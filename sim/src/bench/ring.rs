@@ -32,9 +32,9 @@ use kvplane_ffi::{Opcode, Pod, Status, kvp_cqe, kvp_sqe};
 use kvplane_shm::{AttachOptions, Segment, Session, client, sys};
 
 use super::percentiles;
-use crate::config::Config;
-use crate::dataplane::DataPlane;
-use crate::session::Daemon;
+use kvplane_daemon::config::Config;
+use kvplane_daemon::dataplane::DataPlane;
+use kvplane_daemon::session::Daemon;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RingBenchError {
@@ -49,7 +49,7 @@ pub enum RingBenchError {
     #[error(transparent)]
     Shm(#[from] kvplane_shm::ShmError),
     #[error(transparent)]
-    Daemon(#[from] crate::session::DaemonError),
+    Daemon(#[from] kvplane_daemon::session::DaemonError),
 }
 
 fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> RingBenchError {

@@ -14,9 +14,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use super::CliResult;
-use crate::tier::host::{HostConfig, HostPool};
-use crate::tier::nvme::header::SlotHeader;
-use crate::tier::nvme::{EngineKind, NvmeConfig, NvmeStore, slot_bytes};
+use kvplane_daemon::tier::host::{HostConfig, HostPool};
+use kvplane_daemon::tier::nvme::header::SlotHeader;
+use kvplane_daemon::tier::nvme::{EngineKind, NvmeConfig, NvmeStore, slot_bytes};
 
 #[derive(Debug, clap::Args)]
 pub struct NvmeArgs {
@@ -301,7 +301,7 @@ pub fn run(args: NvmeArgs) -> CliResult {
     // slot's data MAC (keyed BLAKE3; the key's value does not change its speed), which every
     // write computes and every load verifies on the CPU. Passes over the same blocks
     // alternate (medians), so a busy machine slows both alike and their ratio holds.
-    let key = crate::tier::nvme::key::SlotKey::from_material(&[1; 32]);
+    let key = kvplane_daemon::tier::nvme::key::SlotKey::from_material(&[1; 32]);
     let pass_gbps = |f: &dyn Fn(&[u8]) -> u8| {
         let t = Instant::now();
         let mut acc = 0u8;

@@ -6,8 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kvplane_daemon::config::{Config, ConfigError};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeChildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -43,13 +47,13 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 }
 
 impl ServeChild {
-    /// Writes `config_text` to `config`, starts `exe serve --config config` with its log in
-    /// `log`, and waits up to `timeout` for `socket` to accept a connection.
+    /// Writes `settings` as TOML to `config`, starts `exe serve --config config` with its
+    /// log in `log`, and waits up to `timeout` for `socket` to accept a connection.
     pub fn start(
         exe: &Path,
         config: &Path,
         log: &Path,
-        config_text: &str,
+        settings: &Config,
         socket: &Path,
         timeout: Duration,
     ) -> Result<ServeChild, ServeChildError> {
@@ -57,7 +61,8 @@ impl ServeChild {
             let path = path.to_path_buf();
             move |source| ServeChildError::Io { what, path, source }
         };
-        std::fs::write(config, config_text).map_err(io("writing daemon config", config))?;
+        let text = settings.to_toml()?;
+        std::fs::write(config, text).map_err(io("writing daemon config", config))?;
         let log_file = std::fs::File::create(log).map_err(io("creating daemon log", log))?;
         let child = Command::new(exe)
             .arg("serve")

@@ -38,11 +38,11 @@ use super::CliResult;
 use kvplane_ffi::{Opcode, kvp_block_op};
 
 use crate::bench::served::{EngineGeometry, EngineSession, ServedDaemon, ServedOptions, chain_ops};
-use crate::block::{BlockConfig, BlockManager, ManagerOptions};
-use crate::dataplane::transfer::LocalBlocks;
-use crate::tier::TiersConfig;
-use crate::tier::host::{HostConfig, HugepageMode};
-use crate::tier::nvme::{NvmeConfig, slot_bytes};
+use kvplane_daemon::block::{BlockConfig, BlockManager, ManagerOptions};
+use kvplane_daemon::dataplane::transfer::LocalBlocks;
+use kvplane_daemon::tier::TiersConfig;
+use kvplane_daemon::tier::host::{HostConfig, HugepageMode};
+use kvplane_daemon::tier::nvme::{NvmeConfig, slot_bytes};
 
 #[derive(Debug, clap::Args)]
 pub struct TransferArgs {

@@ -1,15 +1,15 @@
 //! `kvplane engine-sim`: a simulated inference engine in its own process. It attaches to a
 //! daemon over the rings like a real engine (its KV pool registered as the session's KV
 //! buffer), then takes commands as JSON lines on stdin and answers on stdout
-//! (`kvplane_daemon::sim::proto`). `kvplane replay --engines` starts and drives these.
+//! (`kvplane_sim::engine_sim::proto`). `kvplane replay --engines` starts and drives these.
 
 use std::path::PathBuf;
 
 use super::CliResult;
-use crate::sim::cost::TransferCost;
-use crate::sim::engine::{Engine, EngineConfig, Offload, serve, serve_real_time};
-use crate::sim::pages::KvGeometry;
-use crate::sim::proto::Command;
+use crate::engine_sim::cost::TransferCost;
+use crate::engine_sim::engine::{Engine, EngineConfig, Offload, serve, serve_real_time};
+use crate::engine_sim::pages::KvGeometry;
+use crate::engine_sim::proto::Command;
 
 #[derive(Debug, clap::Args)]
 pub struct EngineSimArgs {
@@ -48,7 +48,7 @@ pub struct EngineSimArgs {
     #[arg(long)]
     pub real_time: bool,
     /// What the virtual clock charges for transfers with the daemon, as JSON
-    /// (`kvplane_daemon::sim::cost::TransferCost`; default: Llama-3.1-8B pages over the
+    /// (`kvplane_sim::engine_sim::cost::TransferCost`; default: Llama-3.1-8B pages over the
     /// H200 link profile). `kvplane replay --engines` passes its `--model` and `--link`.
     #[arg(long, value_parser = parse_cost)]
     pub cost: Option<TransferCost>,
