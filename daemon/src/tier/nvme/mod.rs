@@ -62,8 +62,9 @@ pub struct NvmeConfig {
     /// otherwise data is checked on every load).
     pub verify_on_scan: bool,
     /// Threads computing slot checksums during a write batch (the calling thread plus
-    /// `checksum_threads - 1` helpers for that call). The checksum runs at 1.6-2.5 GB/s per
-    /// core on the development VM, below a fast disk.
+    /// `checksum_threads - 1` helpers for that call). Each slot costs its data checksum and
+    /// its data MAC: on the development VM under other builds' load, 2.6-4.6 and 1.8-2.2
+    /// GB/s per core (`kvplane bench nvme`), together below a fast disk on one core.
     pub checksum_threads: usize,
     /// The file holding the key that authenticates slots (32 random bytes, created 0600 on
     /// first start). Unset: `<first path>.key` beside the first file; must be set when the
