@@ -20,6 +20,7 @@ use kvplane_shm::sys::PeerCred;
 
 use crate::block::{BlockError, BlockManager, LoadFailure, Tier};
 
+pub mod io;
 pub mod mapped;
 pub use mapped::{MapLimitError, MappedCharge, MappedLedger, NamespaceLimit};
 
@@ -167,6 +168,8 @@ pub struct DataPlane {
     names: Mutex<HashMap<u32, String>>,
     blocks: Option<Arc<BlockManager>>,
     launch: HostLaunch,
+    /// The block manager has an NVMe tier (see `io::DataPlane::may_do_io`).
+    has_nvme: bool,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -219,8 +222,14 @@ impl DataPlane {
 
     /// A data plane serving block operations from `blocks`.
     pub fn with_blocks(blocks: Arc<BlockManager>) -> Self {
+        let has_nvme = blocks
+            .stats()
+            .tiers
+            .iter()
+            .any(|t| t.tier == Tier::Nvme && t.capacity_slots > 0);
         DataPlane {
             blocks: Some(blocks),
+            has_nvme,
             ..Self::default()
         }
     }
