@@ -30,8 +30,8 @@
 //! Sessions are not threads: `threads` driver threads (default 2, one per core here) each
 //! own a share of the sessions and round-robin over their queue pairs, one op in flight
 //! per queue pair (like one engine thread per queue pair). 64 threads of busy clients on 2
-//! cores would measure the scheduler, not the daemon; the daemon itself runs one thread per
-//! session as it would in production.
+//! cores would measure the scheduler, not the daemon; the daemon serves them all from its
+//! fixed pool of data-plane threads (`serve.dataplane_threads`) and I/O executors.
 //!
 //! The ceiling, measured first in the same run on the same sessions, queue pairs and
 //! driver threads: NOP round trips per second (ring + daemon dispatch with no block work).

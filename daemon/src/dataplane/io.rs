@@ -156,11 +156,16 @@ fn run(dp: &DataPlane, mut job: IoJob) {
 }
 
 impl DataPlane {
-    /// Whether serving `req` may wait on NVMe I/O: a SAVE (write-through, or a demotion
-    /// to make room in the host tier) or a LOAD (staged from NVMe) when the daemon has an
-    /// NVMe tier. Such requests go to the [`IoPool`]; everything else is served on the
+    /// Whether serving `req` may wait on NVMe I/O when the daemon has an NVMe tier: a
+    /// SAVE (write-through, or a demotion to make room in the host tier), a LOAD (staged
+    /// from NVMe), a DROP or CLEAR_NAMESPACE (they erase the NVMe slot headers before
+    /// completing). Such requests go to the [`IoPool`]; everything else is served on the
     /// data-plane thread.
     pub fn may_do_io(&self, req: &Request) -> bool {
-        self.has_nvme && matches!(req.opcode, Opcode::Save | Opcode::Load)
+        self.has_nvme
+            && matches!(
+                req.opcode,
+                Opcode::Save | Opcode::Load | Opcode::Drop | Opcode::ClearNamespace
+            )
     }
 }

@@ -282,6 +282,9 @@ struct Served {
 }
 
 impl Served {
+    /// The session's views into its segment; on a bad segment, the session back (to end
+    /// it) with the reason. Runs once per attach, so the large error is no burden.
+    #[allow(clippy::result_large_err)]
     fn new(a: Attached) -> Result<Served, (Attached, End)> {
         let seg = Arc::new(a.seg);
         // SAFETY: the segment lives on the heap behind `seg` (a stable address) for as
