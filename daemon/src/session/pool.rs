@@ -351,10 +351,11 @@ impl Served {
     /// Waiting for something no doorbell announces: room in the I/O queue or in a
     /// completion ring, or the end of a hang-up's grace period.
     fn blocked(&self) -> bool {
+        // A session with an operation out is not: its return wakes the thread.
         self.ending.is_none()
             && (self.parked.is_some()
                 || self.hung_up.is_some()
-                || self.qps.iter().any(|q| q.has_submissions()))
+                || (!self.out && self.qps.iter().any(|q| q.has_submissions())))
     }
 
     /// A hung-up socket's verdict once known: the engine exited (death), or the grace
