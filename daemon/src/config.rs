@@ -91,6 +91,19 @@ pub struct ServeConfig {
     /// (punched out while the hugepage pool is empty); the copies survive that (the
     /// session ends), but the default refuses such buffers at attach.
     pub allow_hugetlb_kv_buffers: bool,
+    /// Data-plane threads polling every session's queue pairs (each serves up to
+    /// `MAX_SESSIONS_PER_THREAD` sessions). 0: half the CPUs this process may use (at
+    /// least 1, at most 8).
+    pub dataplane_threads: u32,
+    /// CPUs to pin the data-plane threads to (thread i on `dataplane_cpus[i % len]`).
+    /// Empty: not pinned.
+    pub dataplane_cpus: Vec<usize>,
+    /// Threads running operations that may wait on NVMe (SAVE, LOAD with an NVMe tier), so
+    /// that a slow disk never holds up a thread that polls rings.
+    pub io_threads: u32,
+    /// Operations queued for the I/O threads at once; when full, the sessions with such an
+    /// operation wait (the others keep being served).
+    pub io_queue: u32,
 }
 
 /// The machine's physical memory, in bytes: the default limit of mapped engine memory
@@ -110,6 +123,14 @@ pub fn physical_memory_bytes() -> u64 {
 }
 
 impl ServeConfig {
+    /// `dataplane_threads`, resolved.
+    pub fn dataplane_threads_resolved(&self) -> usize {
+        match self.dataplane_threads {
+            0 => (kvplane_shm::sys::cpus_allowed() / 2).clamp(1, 8),
+            n => n as usize,
+        }
+    }
+
     /// `max_mapped_bytes`, resolved.
     pub fn mapped_bytes_limit(&self) -> u64 {
         self.max_mapped_bytes.unwrap_or_else(physical_memory_bytes)
@@ -137,6 +158,10 @@ impl Default for ServeConfig {
             run_as_gid: None,
             max_mapped_bytes: None,
             allow_hugetlb_kv_buffers: false,
+            dataplane_threads: 0,
+            dataplane_cpus: Vec::new(),
+            io_threads: 2,
+            io_queue: 64,
         }
     }
 }
@@ -337,6 +362,37 @@ impl Config {
                 format!("at most 10000 (10 ms), got {}", s.spin_us),
             ));
         }
+        if s.dataplane_threads > 64 {
+            return Err(invalid(
+                "serve.dataplane_threads",
+                format!(
+                    "must be in 0..=64 (0: automatic), got {}",
+                    s.dataplane_threads
+                ),
+            ));
+        }
+        if let Some(&cpu) = s
+            .dataplane_cpus
+            .iter()
+            .find(|&&c| c >= libc::CPU_SETSIZE as usize)
+        {
+            return Err(invalid(
+                "serve.dataplane_cpus",
+                format!("CPU {cpu} is not below {}", libc::CPU_SETSIZE),
+            ));
+        }
+        if s.io_threads == 0 || s.io_threads > 64 {
+            return Err(invalid(
+                "serve.io_threads",
+                format!("must be in 1..=64, got {}", s.io_threads),
+            ));
+        }
+        if s.io_queue == 0 || s.io_queue > 4096 {
+            return Err(invalid(
+                "serve.io_queue",
+                format!("must be in 1..=4096, got {}", s.io_queue),
+            ));
+        }
         self.blocks.validate("blocks")?;
         self.tiers.validate(self.blocks.block_bytes)?;
         self.control.validate()?;
@@ -466,6 +522,15 @@ drop_privileges = {drop}
 # max_mapped_bytes = 1099511627776
 # Accept hugetlb KV buffers (their pages can vanish; a fault then ends that session).
 allow_hugetlb_kv_buffers = {hugetlb}
+# Data-plane threads polling all sessions' queue pairs, each serving up to 127 sessions
+# (an attach beyond that is refused). 0: half the CPUs (at least 1, at most 8).
+dataplane_threads = {dp_threads}
+# CPUs to pin them to (thread i on dataplane_cpus[i % len]); empty: not pinned.
+dataplane_cpus = []
+# Threads running the operations that may wait on NVMe (SAVE and LOAD with an NVMe tier),
+# and how many such operations may wait for them (then their sessions wait, no one else).
+io_threads = {io_threads}
+io_queue = {io_queue}
 
 [blocks]
 # Bytes of one block: all layers of one engine page (layers * planes * tokens * heads *
@@ -569,6 +634,9 @@ queue_events = {queue_events}
             spin = s.spin_us,
             drop = s.drop_privileges,
             hugetlb = s.allow_hugetlb_kv_buffers,
+            dp_threads = s.dataplane_threads,
+            io_threads = s.io_threads,
+            io_queue = s.io_queue,
             block_bytes = b.block_bytes,
             admit = b.nvme_admit_min_hits,
             write_through = b.write_through,
@@ -629,6 +697,10 @@ mod tests {
                 run_as_gid: Some(65534),
                 max_mapped_bytes: Some(1 << 34),
                 allow_hugetlb_kv_buffers: true,
+                dataplane_threads: 2,
+                dataplane_cpus: vec![1, 0],
+                io_threads: 3,
+                io_queue: 16,
             },
             ..Config::default()
         };
@@ -694,6 +766,13 @@ mod tests {
             ("[serve]\nmax_sessions = 0", "serve.max_sessions"),
             ("[serve]\nmax_queue_pairs = 17", "serve.max_queue_pairs"),
             ("[serve]\nspin_us = 99999", "serve.spin_us"),
+            ("[serve]\ndataplane_threads = 65", "serve.dataplane_threads"),
+            (
+                "[serve]\ndataplane_cpus = [0, 5000]",
+                "serve.dataplane_cpus",
+            ),
+            ("[serve]\nio_threads = 0", "serve.io_threads"),
+            ("[serve]\nio_queue = 0", "serve.io_queue"),
             ("[serve]\nmax_arena_bytes = 10", "serve.max_arena_bytes"),
             ("[serve]\nsocket_mode = 0o1777", "serve.socket_mode"),
             (

@@ -73,6 +73,17 @@ impl<'a> Doorbell<'a> {
         Doorbell { word, sleeping }
     }
 
+    /// The futex word notifiers bump (a waiter that sleeps on several doorbells at once
+    /// reads it, sets [`Doorbell::sleeping_flag`], re-checks, then waits on all words).
+    pub fn word(&self) -> &'a AtomicU32 {
+        self.word
+    }
+
+    /// The flag a waiter sets before sleeping; notifiers wake only when it is set.
+    pub fn sleeping_flag(&self) -> &'a AtomicU32 {
+        self.sleeping
+    }
+
     /// Notifier side, after publishing: wake the waiter only if it said it sleeps.
     #[inline]
     pub fn notify(&self) {

@@ -168,6 +168,13 @@ impl<'a> ServerQueuePair<'a> {
     pub fn has_submissions(&self) -> bool {
         self.sq.has_entries()
     }
+
+    /// Whether `take` would return something now: submissions waiting and room for their
+    /// completions. An engine that stops draining its completions has submissions that
+    /// cannot be taken; a thread serving many sessions must not spin on it.
+    pub fn can_take(&mut self) -> Result<bool> {
+        Ok(self.sq.has_entries() && self.cq.free_cached()? > 0)
+    }
 }
 
 /// Shared per-session words the daemon touches.

@@ -142,6 +142,112 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
     }
 }
 
+/// One word of a [`futex_waitv`]: sleep while `*word == expected`.
+#[derive(Clone, Copy, Debug)]
+pub struct FutexWaiter<'a> {
+    pub word: &'a AtomicU32,
+    pub expected: u32,
+}
+
+/// The kernel's `struct futex_waitv` (linux/futex.h).
+#[repr(C)]
+struct RawFutexWaitv {
+    val: u64,
+    uaddr: u64,
+    flags: u32,
+    reserved: u32,
+}
+
+/// The most words one `futex_waitv` call takes (FUTEX_WAITV_MAX).
+pub const FUTEX_WAITV_MAX: usize = 128;
+const FUTEX2_SIZE_U32: u32 = 2;
+
+/// Why [`futex_waitv`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitvWake {
+    /// Woken through a word, or a word differed from its expected value, or a signal
+    /// ended the sleep: re-check every condition either way.
+    Woken,
+    TimedOut,
+}
+
+/// FUTEX_WAITV (Linux >= 5.16) on words that may live in shared memory (no
+/// FUTEX_PRIVATE_FLAG): sleeps until one of them is woken, one differs from its expected
+/// value, or `timeout` passes. At most [`FUTEX_WAITV_MAX`] words. Errors: `ENOSYS` on an
+/// older kernel, `EINVAL` for a bad argument.
+pub fn futex_waitv<'a>(
+    waiters: impl IntoIterator<Item = FutexWaiter<'a>>,
+    timeout: Duration,
+) -> io::Result<WaitvWake> {
+    let mut raw = [const {
+        RawFutexWaitv {
+            val: 0,
+            uaddr: 0,
+            flags: 0,
+            reserved: 0,
+        }
+    }; FUTEX_WAITV_MAX];
+    let mut n = 0;
+    for w in waiters {
+        let Some(r) = raw.get_mut(n) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        r.val = u64::from(w.expected);
+        r.uaddr = w.word.as_ptr() as u64;
+        r.flags = FUTEX2_SIZE_U32;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // The timeout is absolute, on the clock named by the last argument.
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: now is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let nanos = now.tv_nsec as u64 + u64::from(timeout.subsec_nanos());
+    let deadline = libc::timespec {
+        tv_sec: now.tv_sec
+            + timeout.as_secs() as libc::time_t
+            + (nanos / 1_000_000_000) as libc::time_t,
+        tv_nsec: (nanos % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: raw holds n initialised entries whose words stay alive and aligned for the
+    // call (borrowed for 'a, which outlives it); deadline is a valid timespec.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex_waitv,
+            raw.as_ptr(),
+            n as libc::c_uint,
+            0u32,
+            &deadline as *const libc::timespec,
+            libc::CLOCK_MONOTONIC,
+        )
+    };
+    if r >= 0 {
+        return Ok(WaitvWake::Woken);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ETIMEDOUT) => Ok(WaitvWake::TimedOut),
+        Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(WaitvWake::Woken),
+        _ => Err(e),
+    }
+}
+
+/// Whether this kernel has FUTEX_WAITV (a call on a word that never matches returns at
+/// once when it does, ENOSYS when it does not).
+pub fn futex_waitv_available() -> io::Result<()> {
+    let word = AtomicU32::new(1);
+    let w = FutexWaiter {
+        word: &word,
+        expected: 0,
+    };
+    futex_waitv([w], Duration::ZERO).map(|_| ())
+}
+
 /// FUTEX_WAKE all waiters on a word that may live in shared memory.
 pub fn futex_wake_all(word: &AtomicU32) {
     // SAFETY: word points to a live, aligned u32; FUTEX_WAKE does not dereference beyond it.

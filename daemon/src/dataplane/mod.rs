@@ -21,6 +21,7 @@ use kvplane_shm::sys::PeerCred;
 
 use crate::block::{BlockError, BlockManager, LoadFailure, Tier};
 
+pub mod io;
 pub mod mapped;
 pub mod mover;
 pub mod transfer;
@@ -230,6 +231,8 @@ pub struct DataPlane {
     blocks: Option<Arc<BlockManager>>,
     /// Executes the block manager's plans (present with `blocks`).
     mover: Option<Mover>,
+    /// The block manager has an NVMe tier (see `io::DataPlane::may_do_io`).
+    has_nvme: bool,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -284,9 +287,11 @@ impl DataPlane {
     /// its tiers live on.
     pub fn with_blocks(blocks: Arc<BlockManager>) -> Self {
         let mover = Mover::new(Arc::clone(blocks.stores()));
+        let has_nvme = blocks.stores().nvme.is_some();
         DataPlane {
             blocks: Some(blocks),
             mover: Some(mover),
+            has_nvme,
             ..Self::default()
         }
     }

@@ -1,10 +1,12 @@
 //! Sessions: the engine socket (see `socket`), the bounded attach handshake (see
 //! `handshake`), admission against every session limit in one place (see `admission`),
-//! and one data-plane thread per admitted session that polls its queue pairs (spin, then
-//! futex sleep) and notices when the engine is gone.
+//! and a fixed pool of data-plane threads that poll all admitted sessions' queue pairs
+//! (spin, then one futex sleep on all their doorbells) and notice when an engine is gone
+//! (see `pool`).
 
 pub mod admission;
 mod handshake;
+pub mod pool;
 pub mod socket;
 
 use std::collections::HashMap;
@@ -17,12 +19,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvplane_ffi::{self as ffi, Pod, SessionState, Status, kvp_attach_reply, kvp_cqe, kvp_sqe};
+use kvplane_ffi::{self as ffi, Pod, Status, kvp_attach_reply};
 use kvplane_shm::handshake::AttachRequest;
-use kvplane_shm::server::{self, ServerHeader, completion, validate_sqe};
-use kvplane_shm::{Geometry, Segment, ShmError, WaitPolicy, sys};
+use kvplane_shm::{Geometry, Segment, ShmError, sys};
 
 use crate::config::Config;
+use crate::dataplane::io::{IoPool, IoSpawnError};
 use crate::dataplane::{DataPlane, EngineBuffer, NamespaceLimit, SessionData};
 use admission::{Admission, Reservation};
 use handshake::{Complete, Waker};
@@ -40,6 +42,20 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    IoSpawn(#[from] IoSpawnError),
+    #[error(
+        "config key `serve.dataplane_cpus`: pinning a data-plane thread to CPU {cpu}: {source}"
+    )]
+    Pin {
+        cpu: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the data-plane threads sleep on many sessions' doorbells at once with futex_waitv, which this kernel lacks (Linux >= 5.16 needed): {0}"
+    )]
+    FutexWaitv(#[source] io::Error),
 }
 
 /// What the daemon shares between the accept loop and session threads. Its tables hold
@@ -51,7 +67,8 @@ pub struct DaemonShared {
     stop: AtomicBool,
     next_session: AtomicU64,
     sessions: Mutex<HashMap<u64, SessionSummary>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The data-plane threads (sessions are assigned to them at attach).
+    pool: pool::Pool,
     admission: Arc<Admission>,
     daemon_uid: u32,
 }
@@ -66,12 +83,14 @@ pub struct SessionSummary {
     pub queue_pairs: u32,
 }
 
-/// A running daemon: the engine socket, its accept loop and handshake workers, and the
-/// session threads.
+/// A running daemon: the engine socket, its accept loop and handshake workers, the
+/// data-plane threads and the I/O executors.
 pub struct Daemon {
     shared: Arc<DaemonShared>,
     accept: Option<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
+    dataplane_threads: Vec<JoinHandle<()>>,
+    io: IoPool,
     waker: Arc<Waker>,
     socket: SocketFile,
     socket_path: PathBuf,
@@ -139,8 +158,8 @@ pub struct BoundDaemon {
 }
 
 impl BoundDaemon {
-    /// Starts the accept loop and the handshake workers (one thread per admitted session
-    /// follows).
+    /// Starts the data-plane threads, the I/O executors, the accept loop and the
+    /// handshake workers.
     pub fn start(self) -> Result<Daemon, DaemonError> {
         let BoundDaemon {
             config,
@@ -153,16 +172,29 @@ impl BoundDaemon {
         let (tx, rx) =
             crossbeam::channel::bounded::<Complete>(config.serve.max_pending_handshakes as usize);
         let workers_n = config.serve.handshake_workers;
+        sys::futex_waitv_available().map_err(DaemonError::FutexWaitv)?;
+        let mut io = IoPool::start(
+            &dataplane,
+            config.serve.io_threads as usize,
+            config.serve.io_queue as usize,
+        )?;
         let shared = Arc::new(DaemonShared {
             admission: Admission::new(&config),
+            pool: pool::Pool::new(config.serve.dataplane_threads_resolved()),
             config,
             dataplane,
             stop: AtomicBool::new(false),
             next_session: AtomicU64::new(1),
             sessions: Mutex::new(HashMap::new()),
-            threads: Mutex::new(Vec::new()),
             daemon_uid,
         });
+        let dataplane_threads = match pool::start_threads(&shared, || io.submitter()) {
+            Ok(t) => t,
+            Err(e) => {
+                io.shutdown();
+                return Err(e);
+            }
+        };
         let waker = Arc::new(Waker::new().map_err(DaemonError::Waker)?);
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -188,21 +220,34 @@ impl BoundDaemon {
                     for h in workers {
                         let _ = h.join();
                     }
+                    stop_pool(&shared, dataplane_threads, &mut io);
                     return Err(e);
                 }
             }
         }
         drop(rx);
         let (s, w) = (Arc::clone(&shared), Arc::clone(&waker));
-        let accept = spawn(
+        let accept = match spawn(
             "kvp-accept".into(),
             Box::new(move || handshake::accept_loop(&s, listener, &w, tx)),
-        )?;
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                // The closure (and the queue's sender) is gone: the workers end.
+                for h in workers {
+                    let _ = h.join();
+                }
+                stop_pool(&shared, dataplane_threads, &mut io);
+                return Err(e);
+            }
+        };
         tracing::info!(socket = %socket_path.display(), "kvplane daemon listening (host backend: no GPU)");
         Ok(Daemon {
             shared,
             accept: Some(accept),
             workers,
+            dataplane_threads,
+            io,
             waker,
             socket,
             socket_path,
@@ -223,7 +268,7 @@ impl Daemon {
     }
 
     /// Stop accepting, end every session (engines see state DEAD and a closed socket),
-    /// wait for the session threads to finish their in-flight batch.
+    /// wait for the data-plane threads to finish their in-flight batches.
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
@@ -257,19 +302,24 @@ impl Daemon {
         for t in self.workers.drain(..) {
             let _ = t.join();
         }
-        let threads = std::mem::take(
-            &mut *self
-                .shared
-                .threads
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        for t in threads {
-            let _ = t.join();
-        }
+        // No session can be handed over any more: the data-plane threads end theirs
+        // (waiting for operations out on the I/O threads), then the executors stop.
+        let threads = std::mem::take(&mut self.dataplane_threads);
+        stop_pool(&self.shared, threads, &mut self.io);
         let removal = self.socket.remove();
         tracing::debug!(path = %self.socket_path.display(), ?removal, "engine socket");
     }
+}
+
+/// Ends the data-plane threads (after `stop` or on a failed start) and then the I/O
+/// executors.
+fn stop_pool(shared: &DaemonShared, threads: Vec<JoinHandle<()>>, io: &mut IoPool) {
+    shared.stop.store(true, Ordering::SeqCst);
+    shared.pool.close();
+    for t in threads {
+        let _ = t.join();
+    }
+    io.shutdown();
 }
 
 impl Drop for Daemon {
@@ -295,16 +345,16 @@ fn send_refusal(stream: &UnixStream, status: Status, message: &str) {
     );
 }
 
-/// Removes the session from the table and releases what it held, however the thread ends
-/// (return, error, or a panic in a handler).
-struct SessionGuard<'a> {
-    shared: &'a DaemonShared,
+/// Removes the session from the table and releases what it held, however the session
+/// ends (detach, death, violation, a panic in one of its operations).
+struct SessionGuard {
+    shared: Arc<DaemonShared>,
     data: Option<SessionData>,
     /// Given back after the session's data, so a slot is free only once the session is.
     reservation: Option<Reservation>,
 }
 
-impl Drop for SessionGuard<'_> {
+impl Drop for SessionGuard {
     fn drop(&mut self) {
         if let Some(data) = &self.data {
             self.shared.dataplane.session_ended(data);
@@ -327,8 +377,8 @@ impl Drop for SessionGuard<'_> {
     }
 }
 
-/// A handshake worker's part: admit a complete request (reserving its slot), then hand it
-/// to a new session thread, which replies and serves it.
+/// A handshake worker's part: admit a complete request (reserving its slot and a place on
+/// a data-plane thread), reply, then hand the session to that thread, which serves it.
 fn start_session(shared: &Arc<DaemonShared>, c: Complete) {
     let Complete { stream, req } = c;
     if shared.stop.load(Ordering::SeqCst) {
@@ -342,47 +392,18 @@ fn start_session(shared: &Arc<DaemonShared>, c: Complete) {
             return;
         }
     };
-    // Kept to refuse on if no thread can be started (the closure owns `stream`).
-    let answer = stream.try_clone();
-    let s = Arc::clone(shared);
-    let name = format!("kvp-session-{session_id}");
-    match std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(move || run_session(&s, stream, req, session_id, admitted))
-    {
-        Ok(handle) => {
-            let mut threads = shared.threads.lock().unwrap_or_else(|e| e.into_inner());
-            threads.retain(|t| !t.is_finished());
-            threads.push(handle);
-        }
-        Err(e) => {
-            tracing::error!(error = %e, thread = name, "cannot spawn a session thread");
-            if let Ok(a) = answer {
-                refuse(
-                    &a,
-                    Status::Internal,
-                    "the daemon cannot start a session thread",
-                );
-            }
-        }
-    }
-}
-
-/// What admission hands a session thread.
-struct Admitted {
-    seg: Segment,
-    geometry: Geometry,
-    data: SessionData,
-    reservation: Reservation,
-}
-
-fn run_session(
-    shared: &Arc<DaemonShared>,
-    stream: UnixStream,
-    req: AttachRequest,
-    session_id: u64,
-    admitted: Admitted,
-) {
+    let Some(place) = shared.pool.assign() else {
+        refuse(
+            &stream,
+            Status::Busy,
+            &format!(
+                "every data-plane thread serves its maximum of {} sessions ({} in all; raise serve.dataplane_threads)",
+                pool::MAX_SESSIONS_PER_THREAD,
+                shared.pool.capacity()
+            ),
+        );
+        return;
+    };
     let Admitted {
         seg,
         geometry,
@@ -421,8 +442,8 @@ fn run_session(
                 queue_pairs: req.num_queue_pairs,
             },
         );
-    let mut guard = SessionGuard {
-        shared,
+    let guard = SessionGuard {
+        shared: Arc::clone(shared),
         data: Some(data),
         reservation: Some(reservation),
     };
@@ -433,33 +454,22 @@ fn run_session(
     // The reply had a bounded send time; the session's socket is only polled from here.
     let _ = stream.set_write_timeout(None);
     tracing::info!(session = session_id, pid = req.peer.pid, uid = req.peer.uid, namespaces = ?req.namespaces, "session attached");
-    let data = guard.data.as_mut().expect("set above");
-    let reason = serve_session(shared, &stream, &seg, &geometry, data, req.peer.pid);
-    let _ = server::mark_dead(&seg, &geometry);
-    match &reason {
-        End::Detached | End::Shutdown => {
-            tracing::info!(session = session_id, reason = ?reason, "session ended")
-        }
-        End::EngineDied => {
-            shared
-                .dataplane
-                .counters
-                .sessions_reclaimed
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(session = session_id, "engine died; session reclaimed")
-        }
-        End::EngineMemoryFault(e) => {
-            tracing::warn!(session = session_id, error = %e, "engine memory fault; session ended")
-        }
-        End::Violation(e) => {
-            shared
-                .dataplane
-                .counters
-                .protocol_violations
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(session = session_id, error = %e, "protocol violation; session ended")
-        }
-    }
+    place.hand_over(pool::Attached {
+        guard,
+        stream,
+        seg,
+        geometry,
+        engine_pid: req.peer.pid,
+        id: session_id,
+    });
+}
+
+/// What admission hands a session thread.
+struct Admitted {
+    seg: Segment,
+    geometry: Geometry,
+    data: SessionData,
+    reservation: Reservation,
 }
 
 /// Check the request against the config, reserve its share of the session limits (one
@@ -589,134 +599,28 @@ enum End {
     Violation(ShmError),
     /// A copy faulted in the engine's KV buffer (its backing vanished).
     EngineMemoryFault(String),
+    /// One of its operations panicked (a daemon bug): that session ends, the others are
+    /// served.
+    Panicked,
 }
 
 /// Submissions taken per queue pair per pass: bounded work before looking at the others,
 /// so one busy queue pair cannot starve its siblings.
 const BATCH: usize = 64;
 
-fn serve_session(
-    shared: &DaemonShared,
-    stream: &UnixStream,
-    seg: &Segment,
-    geometry: &Geometry,
-    data: &mut SessionData,
-    engine_pid: i32,
-) -> End {
-    let header = match ServerHeader::new(seg) {
-        Ok(h) => h,
-        Err(e) => return End::Violation(e),
-    };
-    header.set_state(SessionState::Active);
-    let mut qps = match server::server_queue_pairs(seg, geometry) {
-        Ok(q) => q,
-        Err(e) => return End::Violation(e),
-    };
-    // A pidfd catches the death of the engine even while its socket is shared with a
-    // child that outlives it; the socket catches everything else.
-    let pidfd = sys::pidfd_open(engine_pid).ok();
-    let policy = WaitPolicy {
-        spin: Duration::from_micros(shared.config.serve.spin_us),
-        sleep_slice: Duration::from_millis(100),
-    };
-    let num_namespaces = data.namespaces.len() as u32;
-    let mut sqes: Vec<kvp_sqe> = vec![Pod::zeroed(); BATCH];
-    let mut cqes: Vec<kvp_cqe> = Vec::with_capacity(BATCH);
-    loop {
-        let mut worked = false;
-        for qp in qps.iter_mut() {
-            let n = match qp.take(&mut sqes) {
-                Ok(n) => n,
-                Err(e) => return End::Violation(e),
-            };
-            if n == 0 {
-                continue;
-            }
-            worked = true;
-            cqes.clear();
-            for sqe in &sqes[..n] {
-                let cqe = match validate_sqe(sqe, &qp.geometry, num_namespaces) {
-                    Ok(req) => shared.dataplane.handle(data, seg, &req),
-                    Err(rejection) => {
-                        let mut c = completion(sqe.user_data, rejection.status);
-                        c.detail = field_code(rejection.field);
-                        tracing::debug!(session = data.id, qp = qp.index, field = rejection.field, status = %rejection.status, "submission rejected");
-                        c
-                    }
-                };
-                cqes.push(cqe);
-            }
-            shared.dataplane.count(&cqes);
-            // Room was reserved by `take`; a short count means the engine published a
-            // head that shrank our free space, which only a broken peer does.
-            match qp.complete(&cqes) {
-                Ok(k) if k == cqes.len() => {}
-                Ok(_) => {
-                    return End::Violation(ShmError::BadSegment {
-                        session_id: data.id,
-                        reason: "completion ring head moved backwards".into(),
-                    });
-                }
-                Err(e) => return End::Violation(e),
-            }
-            if let Some(fault) = data.engine_fault() {
-                return End::EngineMemoryFault(fault.to_string());
-            }
-        }
-        if shared.stop.load(Ordering::Relaxed) {
-            return End::Shutdown;
-        }
-        if worked {
-            continue;
-        }
-        header.heartbeat();
-        let ready = || qps.iter().any(|q| q.has_submissions());
-        let check = || -> Result<(), End> {
-            header.heartbeat();
-            if shared.stop.load(Ordering::Relaxed) {
-                return Err(End::Shutdown);
-            }
-            if sys::socket_hung_up(stream) {
-                return Err(classify_hangup(pidfd.as_ref(), engine_pid));
-            }
-            if pidfd
-                .as_ref()
-                .is_some_and(|p| sys::poll_ready(p.as_raw_fd()).unwrap_or(false))
-            {
-                return Err(End::EngineDied);
-            }
-            Ok(())
-        };
-        if let Err(end) = header.doorbell.wait_until(policy, None, ready, check) {
-            return end;
-        }
-    }
-}
-
 /// How long a closed engine socket waits for the engine's exit to become visible before
-/// the session counts as a clean detach.
+/// the session counts as a clean detach. A dying process's files are closed before its
+/// pidfd reports the exit, and `kill(pid, 0)` still finds it in between (the window is
+/// short, but a preempted exit can stretch it), so a SIGKILLed engine can look alive for a
+/// moment after its socket hangs up; without this grace it would be logged and counted as
+/// a clean detach rather than a reclaimed session. The data-plane thread re-checks each
+/// pass; it never waits.
 const HANGUP_GRACE: Duration = Duration::from_millis(100);
 
-/// The engine's socket closed: a detach, or the first sign of its death. A dying process's
-/// files are closed before its pidfd reports the exit, and `kill(pid, 0)` still finds it in
-/// between (the window is short, but a preempted exit can stretch it), so a SIGKILLed
-/// engine can look alive for a moment after its socket hangs up; without this grace it
-/// would be logged and counted as a clean detach rather than a reclaimed session.
-fn classify_hangup(pidfd: Option<&std::os::fd::OwnedFd>, engine_pid: i32) -> End {
-    let exited = || {
-        pidfd.is_some_and(|p| sys::poll_ready(p.as_raw_fd()).unwrap_or(false))
-            || !sys::process_alive(engine_pid)
-    };
-    let t0 = std::time::Instant::now();
-    loop {
-        if exited() {
-            return End::EngineDied;
-        }
-        if t0.elapsed() >= HANGUP_GRACE {
-            return End::Detached;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+/// Whether the engine process has exited (its pidfd, or its pid gone).
+fn engine_exited(pidfd: Option<&std::os::fd::OwnedFd>, engine_pid: i32) -> bool {
+    pidfd.is_some_and(|p| sys::poll_ready(p.as_raw_fd()).unwrap_or(false))
+        || !sys::process_alive(engine_pid)
 }
 
 /// A small code for the rejected field, reported in `cqe.detail` so a client can tell

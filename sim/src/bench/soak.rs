@@ -30,12 +30,16 @@
 //! Sessions are not threads: `threads` driver threads (default 2, one per core here) each
 //! own a share of the sessions and round-robin over their queue pairs, one op in flight
 //! per queue pair (like one engine thread per queue pair). 64 threads of busy clients on 2
-//! cores would measure the scheduler, not the daemon; the daemon itself runs one thread per
-//! session as it would in production.
+//! cores would measure the scheduler, not the daemon; the daemon serves them all from its
+//! fixed pool of data-plane threads (`serve.dataplane_threads`) and I/O executors.
 //!
 //! The ceiling, measured first in the same run on the same sessions, queue pairs and
 //! driver threads: NOP round trips per second (ring + daemon dispatch with no block work).
 //! `ratio_to_ceiling` is the mixed workload's ops/s over that.
+//!
+//! NOP latency under load: during the mixed phase one more session (a probe, not counted
+//! in the mix's ops) sends one NOP at a time, a millisecond apart, and times each round
+//! trip: what an engine's liveness ping or cheap call waits while the daemon is busy.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -1052,6 +1056,7 @@ fn daemon_config(
     };
     let mut c = Config::default();
     c.serve.socket_path = dir.join("kvplane.sock");
+    // The mix's sessions, the NOP probe, and room to spare.
     c.serve.max_sessions = o.sessions + 8;
     c.serve.max_queue_pairs = o.max_queue_pairs;
     c.blocks.block_bytes = o.block_bytes;
@@ -1226,6 +1231,7 @@ pub struct SoakReport {
     pub mix: &'static str,
     pub seconds: f64,
     pub ceiling: CeilingReport,
+    pub nop_under_load: NopUnderLoadReport,
     pub ops: u64,
     pub ops_per_s: f64,
     /// ops_per_s / ceiling.ops_per_s.
@@ -1275,6 +1281,17 @@ pub struct SoakReport {
     pub daemon_status: Option<StatusReport>,
     pub passed: bool,
     pub failures: Vec<String>,
+}
+
+/// NOP round trips of the probe session during the mixed phase.
+#[derive(Clone, Debug, Serialize)]
+pub struct NopUnderLoadReport {
+    pub what: &'static str,
+    pub ops: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -1399,13 +1416,32 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
         d.sessions.push(sess);
     }
 
+    // The NOP probe: its own session (one queue pair, no KV buffer), not one of the mix's.
+    let mut probe_opts = AttachOptions::new(&socket);
+    probe_opts.namespaces = vec![namespace_name(0)];
+    probe_opts.sq_entries = 16;
+    probe_opts.cq_entries = 16;
+    let mut probe_session = Session::attach(probe_opts).map_err(|source| SoakError::Attach {
+        index: o.sessions as usize,
+        source,
+    })?;
+    let mut probe_qp = probe_session
+        .take_queue_pairs()
+        .map_err(|source| SoakError::Attach {
+            index: o.sessions as usize,
+            source,
+        })?
+        .remove(0);
+    let probe_stop = AtomicBool::new(false);
+    let probe_failed = AtomicU64::new(0);
+
     let barrier = Barrier::new(threads + 1);
     let ceiling = Duration::from_secs_f64(o.ceiling_seconds);
     let soak = Duration::from_secs_f64(o.seconds);
     let rss: Mutex<Vec<u64>> = Mutex::new(Vec::new());
     let mut rss_anon: Vec<u64> = Vec::new();
     let mut fds: Vec<u64> = Vec::new();
-    let stats: Vec<DriverStats> = std::thread::scope(|scope| {
+    let (stats, probe_hist): (Vec<DriverStats>, Histogram<u64>) = std::thread::scope(|scope| {
         let handles: Vec<_> = drivers
             .into_iter()
             .enumerate()
@@ -1425,6 +1461,30 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
             .collect();
         barrier.wait();
         barrier.wait();
+        let (probe_stop, probe_failed, probe_qp) = (&probe_stop, &probe_failed, &mut probe_qp);
+        let probe = std::thread::Builder::new()
+            .name("soak-nop-probe".into())
+            .spawn_scoped(scope, move || {
+                let mut hist = KindStats::new().hist;
+                let mut user_data = 1u64;
+                while !probe_stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match probe_qp
+                        .call(client::sqe(Opcode::Nop, user_data), Duration::from_secs(60))
+                    {
+                        Ok(c) if c.status == Status::Ok.raw() && c.user_data == user_data => {
+                            let _ = hist.record((t.elapsed().as_nanos() as u64).max(1));
+                        }
+                        _ => {
+                            probe_failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    user_data += 1;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                hist
+            })
+            .expect("spawn the NOP probe thread");
         // The mixed phase runs: sample the daemon's RSS every second.
         let t0 = Instant::now();
         let mut next = t0;
@@ -1456,11 +1516,15 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        handles
+        probe_stop.store(true, Ordering::Relaxed);
+        let probe_hist = probe.join().map_err(|_| SoakError::DriverPanic)?;
+        let stats = handles
             .into_iter()
             .map(|h| h.join().map_err(|_| SoakError::DriverPanic))
-            .collect::<Result<Vec<_>, _>>()
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok::<_, SoakError>((stats, probe_hist))
     })?;
+    drop((probe_qp, probe_session));
     let mut all = DriverStats::new();
     for s in &stats {
         all.merge(s);
@@ -1506,6 +1570,14 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
         ops_per_s: (all.ceiling_ops as f64 / ceiling_s).round(),
         p50_us: us(&nop.hist, 0.50),
         p99_us: us(&nop.hist, 0.99),
+    };
+    let nop_under_load = NopUnderLoadReport {
+        what: "NOP round trips of one more session (one at a time, 1 ms apart) during the mixed phase",
+        ops: probe_hist.len(),
+        p50_us: us(&probe_hist, 0.50),
+        p99_us: us(&probe_hist, 0.99),
+        p999_us: us(&probe_hist, 0.999),
+        max_us: (probe_hist.max() as f64 / 100.0).round() / 10.0,
     };
     let ops_per_s = ops as f64 / soak_s;
     let removed_without_copy = daemon_status.as_ref().map(|st| {
@@ -1556,6 +1628,13 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
             o.max_excused_fraction * 100.0
         ));
     }
+    let probe_failed = probe_failed.into_inner();
+    if probe_failed > 0 {
+        failures.push(format!("{probe_failed} NOPs of the probe session failed"));
+    }
+    if probe_hist.is_empty() {
+        failures.push("the NOP probe completed no round trip during the mixed phase".into());
+    }
     if all.unexpected > 0 {
         failures.push(format!("{} unexpected errors", all.unexpected));
     }
@@ -1590,6 +1669,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
         mix: MIX,
         seconds: (soak_s * 100.0).round() / 100.0,
         ceiling,
+        nop_under_load,
         ops,
         ops_per_s: ops_per_s.round(),
         ratio_to_ceiling: (ops_per_s / (all.ceiling_ops as f64 / ceiling_s).max(1e-9) * 1000.0)

@@ -139,6 +139,12 @@ pub fn render(r: &SoakReport) -> String {
         "ceiling: {:.0} NOP round trips/s on the same sessions (p50 {:.1} us, p99 {:.1} us); soak / ceiling = {:.3}",
         r.ceiling.ops_per_s, r.ceiling.p50_us, r.ceiling.p99_us, r.ratio_to_ceiling
     );
+    let n = &r.nop_under_load;
+    let _ = writeln!(
+        s,
+        "NOP under load (a probe session, one at a time): {} round trips, p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
+        n.ops, n.p50_us, n.p99_us, n.p999_us, n.max_us
+    );
     let _ = writeln!(
         s,
         "\nblocks verified {}  corrupted {}  lost {}  (present-checked {}, misses explained by a concurrent DROP {}, LOAD NO_SPACE while another load staged the block {}, busy {}, unexpected errors {})",

@@ -1,5 +1,5 @@
 //! The NVMe I/O engine interface and the synchronous pread/pwrite engine, plus a fault
-//! injector that wraps any engine (tests: ENOSPC, EIO, torn writes).
+//! injector that wraps any engine (tests: ENOSPC, EIO, torn writes, a stalled device).
 
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
@@ -152,6 +152,9 @@ pub enum FaultEffect {
     /// Let the op succeed, then flip one bit of the buffer at `offset` (a read that returns
     /// corrupt data, or a write of corrupt data).
     FlipBit { offset: u32 },
+    /// Let the op succeed after `ms` milliseconds: a stalled or very slow device (the
+    /// calling thread waits, as it would on a disk that takes that long).
+    Delay { ms: u32 },
 }
 
 /// A rule: skip `skip` matching ops, then apply `effect` to the next `count`.
@@ -235,6 +238,11 @@ impl IoEngine for FaultInjector {
                     unsafe { self.inner.run(std::slice::from_mut(op))? }
                 }
                 Some(FaultEffect::Errno(e)) => op.result = -e,
+                Some(FaultEffect::Delay { ms }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(u64::from(ms)));
+                    // SAFETY: forwarded contract.
+                    unsafe { self.inner.run(std::slice::from_mut(op))? }
+                }
                 Some(FaultEffect::TornWrite { bytes }) => {
                     let mut part =
                         IoOp::new(op.kind, op.file, op.offset, op.buf, bytes.min(op.len));

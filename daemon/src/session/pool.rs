@@ -1,0 +1,760 @@
+//! The data-plane threads: a fixed number (`serve.dataplane_threads`, optionally pinned to
+//! `serve.dataplane_cpus`) started with the daemon. Each owns the sessions assigned to it
+//! at attach (the least-loaded thread, at most [`MAX_SESSIONS_PER_THREAD`]), polls all
+//! their queue pairs round-robin (at most `BATCH` submissions per queue pair per pass),
+//! and sleeps on all their doorbells at once (FUTEX_WAITV) plus its own wake word when
+//! every one is idle. Operations that may wait on NVMe go to the I/O executors
+//! (`dataplane::io`) with their session checked out; the session takes no further
+//! submission until the completion comes back, every other session keeps being served.
+//!
+//! Liveness (socket hang-up, pidfd, stop) is checked for every owned session at least
+//! every [`LIVENESS_PERIOD`]; a session ends (detach, death, violation, engine memory
+//! fault, a panic in its operation) by releasing what it held through its
+//! `SessionGuard`, as a session thread did before.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering, fence};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvplane_ffi::{Pod, SessionState, kvp_cqe, kvp_sqe};
+use kvplane_shm::server::{self, ServerHeader, ServerQueuePair, completion, validate_sqe};
+use kvplane_shm::sys::{self, FutexWaiter};
+use kvplane_shm::{Geometry, Segment, ShmError};
+
+use super::{
+    BATCH, DaemonError, DaemonShared, End, HANGUP_GRACE, SessionGuard, engine_exited, field_code,
+};
+use crate::dataplane::io::{IoDone, IoJob, IoReturn, IoSubmitter};
+
+/// Sessions one thread serves: FUTEX_WAITV takes at most 128 words, one is the thread's
+/// own wake word.
+pub const MAX_SESSIONS_PER_THREAD: usize = sys::FUTEX_WAITV_MAX - 1;
+
+/// How often every owned session's engine is checked for life (and the daemon heartbeat
+/// bumped), busy or idle; also the longest sleep.
+const LIVENESS_PERIOD: Duration = Duration::from_millis(100);
+
+/// The longest sleep while a session waits for something no doorbell announces: room in
+/// a completion ring its engine does not drain, or room in the full I/O queue.
+const BLOCKED_RETRY: Duration = Duration::from_millis(1);
+
+/// An admitted session whose reply was sent, handed to its data-plane thread.
+pub(super) struct Attached {
+    pub guard: SessionGuard,
+    pub stream: UnixStream,
+    pub seg: Segment,
+    pub geometry: Geometry,
+    pub engine_pid: i32,
+    pub id: u64,
+}
+
+/// What the handshake side and the I/O executors share with one data-plane thread.
+pub(super) struct PoolThread {
+    index: usize,
+    /// Futex word: bumped to wake the thread (a new session, an I/O completion, stop).
+    wake: AtomicU32,
+    /// Set while the thread sleeps (or is about to): wakers make the system call only then.
+    sleeping: AtomicU32,
+    /// Sessions assigned (reserved at admission, released when the session is gone).
+    load: AtomicUsize,
+    inbox_tx: crossbeam::channel::Sender<Attached>,
+    inbox_rx: crossbeam::channel::Receiver<Attached>,
+    done_tx: crossbeam::channel::Sender<IoDone>,
+    done_rx: crossbeam::channel::Receiver<IoDone>,
+}
+
+impl PoolThread {
+    fn new(index: usize) -> PoolThread {
+        // Both bounded by the sessions a thread can hold: each has at most one pending
+        // hand-over and one operation out.
+        let (inbox_tx, inbox_rx) = crossbeam::channel::bounded(MAX_SESSIONS_PER_THREAD);
+        let (done_tx, done_rx) = crossbeam::channel::bounded(MAX_SESSIONS_PER_THREAD);
+        PoolThread {
+            index,
+            wake: AtomicU32::new(0),
+            sleeping: AtomicU32::new(0),
+            load: AtomicUsize::new(0),
+            inbox_tx,
+            inbox_rx,
+            done_tx,
+            done_rx,
+        }
+    }
+
+    /// After publishing work for the thread: wake it if it sleeps. Pairs with the fence
+    /// in `sleep` (Dekker): either it sees the work, or we see its flag.
+    fn wake(&self) {
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::Relaxed) != 0 {
+            self.wake.fetch_add(1, Ordering::Release);
+            sys::futex_wake_all(&self.wake);
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        !self.inbox_rx.is_empty() || !self.done_rx.is_empty()
+    }
+}
+
+impl IoReturn for PoolThread {
+    fn io_done(&self, done: IoDone) {
+        // Never full: one operation out per session, at most MAX_SESSIONS_PER_THREAD.
+        if self.done_tx.send(done).is_ok() {
+            self.wake();
+        }
+    }
+}
+
+/// A thread slot reserved for a session being admitted; given back unless handed over.
+pub(super) struct Assignment {
+    thread: Arc<PoolThread>,
+    handed: bool,
+}
+
+impl Assignment {
+    /// Hands the session to its thread (which owns it from here).
+    pub fn hand_over(mut self, a: Attached) {
+        self.handed = true;
+        if let Err(e) = self.thread.inbox_tx.try_send(a) {
+            // Unreachable (the reservation guarantees room); the session ends here.
+            tracing::error!(thread = self.thread.index, "data-plane thread inbox full");
+            drop(e.into_inner());
+            self.thread.load.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        self.thread.wake();
+    }
+}
+
+impl Drop for Assignment {
+    fn drop(&mut self) {
+        if !self.handed {
+            self.thread.load.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The data-plane threads, as the handshake side sees them.
+pub(super) struct Pool {
+    threads: Vec<Arc<PoolThread>>,
+    /// Set once no session can be handed over any more (the handshake workers are
+    /// joined): threads exit when they own nothing.
+    closed: AtomicBool,
+}
+
+impl Pool {
+    pub fn new(threads: usize) -> Pool {
+        Pool {
+            threads: (0..threads).map(|i| Arc::new(PoolThread::new(i))).collect(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Reserves a place on the least-loaded thread, or `None` when every thread serves
+    /// its maximum.
+    pub fn assign(&self) -> Option<Assignment> {
+        loop {
+            let t = self
+                .threads
+                .iter()
+                .min_by_key(|t| t.load.load(Ordering::Acquire))?;
+            let n = t.load.load(Ordering::Acquire);
+            if n >= MAX_SESSIONS_PER_THREAD {
+                return None;
+            }
+            if t.load
+                .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Some(Assignment {
+                    thread: Arc::clone(t),
+                    handed: false,
+                });
+            }
+        }
+    }
+
+    /// Most sessions the threads serve together.
+    pub fn capacity(&self) -> usize {
+        self.threads.len() * MAX_SESSIONS_PER_THREAD
+    }
+
+    pub fn wake_all(&self) {
+        for t in &self.threads {
+            t.wake.fetch_add(1, Ordering::Release);
+            sys::futex_wake_all(&t.wake);
+        }
+    }
+
+    /// No more hand-overs: threads finish their sessions and exit.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+}
+
+/// Starts the data-plane threads of `shared.pool`, pinned per `serve.dataplane_cpus`.
+pub(super) fn start_threads(
+    shared: &Arc<DaemonShared>,
+    io: impl Fn() -> Option<IoSubmitter>,
+) -> Result<Vec<JoinHandle<()>>, DaemonError> {
+    let cpus = shared.config.serve.dataplane_cpus.clone();
+    let mut handles = Vec::new();
+    for t in &shared.pool.threads {
+        let (s, t) = (Arc::clone(shared), Arc::clone(t));
+        let cpu = (!cpus.is_empty()).then(|| cpus[t.index % cpus.len()]);
+        let Some(io) = io() else {
+            break;
+        };
+        let name = format!("kvp-dataplane-{}", t.index);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let h = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                if let Some(cpu) = cpu
+                    && let Err(e) = sys::pin_to_cpu(cpu)
+                {
+                    let _ = ready_tx.send(Err((cpu, e)));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                run_thread(&s, &t, &io);
+            })
+            .map_err(|source| DaemonError::Spawn { name, source });
+        let h = match h {
+            Ok(h) => h,
+            Err(e) => {
+                shared.pool.close();
+                handles.into_iter().for_each(|h: JoinHandle<()>| {
+                    let _ = h.join();
+                });
+                return Err(e);
+            }
+        };
+        let pinned = ready_rx.recv().unwrap_or(Ok(()));
+        handles.push(h);
+        if let Err((cpu, source)) = pinned {
+            shared.pool.close();
+            for h in handles {
+                let _ = h.join();
+            }
+            return Err(DaemonError::Pin { cpu, source });
+        }
+    }
+    Ok(handles)
+}
+
+/// One session as its thread serves it.
+struct Served {
+    // Field order is drop order: the views into the segment go before the segment.
+    qps: Vec<ServerQueuePair<'static>>,
+    header: ServerHeader<'static>,
+    /// Shared with the I/O executor while an operation is out.
+    seg: Arc<Segment>,
+    geometry: Geometry,
+    guard: SessionGuard,
+    stream: UnixStream,
+    pidfd: Option<OwnedFd>,
+    engine_pid: i32,
+    id: u64,
+    num_namespaces: u32,
+    /// Submissions taken from queue pair `stash_qp` (`stash[stash_at..stash_len]` not yet
+    /// served: an operation went to the I/O pool in the middle of the batch); served
+    /// first when it returns.
+    stash: Box<[kvp_sqe]>,
+    stash_len: usize,
+    stash_at: usize,
+    stash_qp: usize,
+    /// An operation is with the I/O executors (the session's data with it).
+    out: bool,
+    /// A job the full I/O queue refused, retried each pass.
+    parked: Option<IoJob>,
+    /// Why the session ends, once known; it ends when nothing is out.
+    ending: Option<End>,
+    /// When its socket hung up: not served any more; a detach, or an engine death that
+    /// its pidfd shows within `HANGUP_GRACE` (checked each pass, never waited for).
+    hung_up: Option<Instant>,
+    /// Doorbell value read before the thread last set the session's sleeping flag.
+    bell_seq: u32,
+}
+
+impl Served {
+    /// The session's views into its segment; on a bad segment, the session back (to end
+    /// it) with the reason. Runs once per attach, so the large error is no burden.
+    #[allow(clippy::result_large_err)]
+    fn new(a: Attached) -> Result<Served, (Attached, End)> {
+        let seg = Arc::new(a.seg);
+        // SAFETY: the segment lives on the heap behind `seg` (a stable address) for as
+        // long as any clone of the Arc; the views made from this reference are stored in
+        // the same `Served`, in fields dropped before `seg`, and never leave it, so no
+        // view outlives the mapping.
+        let seg_ref: &'static Segment = unsafe { &*Arc::as_ptr(&seg) };
+        let parts = ServerHeader::new(seg_ref)
+            .and_then(|h| Ok((h, server::server_queue_pairs(seg_ref, &a.geometry)?)));
+        let (header, qps) = match parts {
+            Ok(x) => x,
+            Err(e) => {
+                let seg = Arc::try_unwrap(seg).unwrap_or_else(|_| unreachable!("one owner"));
+                return Err((Attached { seg, ..a }, End::Violation(e)));
+            }
+        };
+        header.set_state(SessionState::Active);
+        let num_namespaces = a
+            .guard
+            .data
+            .as_ref()
+            .map_or(0, |d| d.namespaces.len() as u32);
+        Ok(Served {
+            qps,
+            header,
+            seg,
+            geometry: a.geometry,
+            guard: a.guard,
+            // A pidfd catches the death of the engine even while its socket is shared
+            // with a child that outlives it; the socket catches everything else.
+            pidfd: sys::pidfd_open(a.engine_pid).ok(),
+            stream: a.stream,
+            engine_pid: a.engine_pid,
+            id: a.id,
+            num_namespaces,
+            stash: vec![Pod::zeroed(); BATCH].into_boxed_slice(),
+            stash_len: 0,
+            stash_at: 0,
+            stash_qp: 0,
+            out: false,
+            parked: None,
+            ending: None,
+            hung_up: None,
+            bell_seq: 0,
+        })
+    }
+
+    /// Whether a pass would find something to do for this session now.
+    fn ready(&mut self) -> bool {
+        if !self.serving() {
+            return false;
+        }
+        if self.stash_at < self.stash_len {
+            return true;
+        }
+        self.qps.iter_mut().any(|q| q.can_take().unwrap_or(true))
+    }
+
+    /// Still taking submissions (not ending, socket open, nothing out).
+    fn serving(&self) -> bool {
+        self.ending.is_none() && self.hung_up.is_none() && !self.out
+    }
+
+    /// Waiting for something no doorbell announces: room in the I/O queue or in a
+    /// completion ring, or the end of a hang-up's grace period.
+    fn blocked(&self) -> bool {
+        // A session with an operation out is not: its return wakes the thread.
+        self.ending.is_none()
+            && (self.parked.is_some()
+                || self.hung_up.is_some()
+                || (!self.out && self.qps.iter().any(|q| q.has_submissions())))
+    }
+
+    /// A hung-up socket's verdict once known: the engine exited (death), or the grace
+    /// period passed (detach).
+    fn judge_hangup(&mut self, now: Instant) {
+        if let (Some(since), None) = (self.hung_up, &self.ending) {
+            if engine_exited(self.pidfd.as_ref(), self.engine_pid) {
+                self.ending = Some(End::EngineDied);
+            } else if now.duration_since(since) >= HANGUP_GRACE {
+                self.ending = Some(End::Detached);
+            }
+        }
+    }
+
+    fn check_liveness(&mut self, stop: bool, now: Instant) {
+        self.header.heartbeat();
+        if self.ending.is_some() {
+            return;
+        }
+        if stop {
+            self.ending = Some(End::Shutdown);
+        } else if self.hung_up.is_none() && sys::socket_hung_up(&self.stream) {
+            self.hung_up = Some(now);
+            self.judge_hangup(now);
+        } else if self
+            .pidfd
+            .as_ref()
+            .is_some_and(|p| sys::poll_ready(p.as_raw_fd()).unwrap_or(false))
+        {
+            self.ending = Some(End::EngineDied);
+        }
+    }
+}
+
+/// The thread's scratch, allocated once.
+struct Scratch {
+    cqes: Vec<kvp_cqe>,
+}
+
+fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
+    let back: Arc<dyn IoReturn> = Arc::clone(me) as Arc<dyn IoReturn>;
+    let mut slots: Vec<Option<Served>> = (0..MAX_SESSIONS_PER_THREAD).map(|_| None).collect();
+    let mut scratch = Scratch {
+        cqes: Vec::with_capacity(BATCH),
+    };
+    let spin = Duration::from_micros(shared.config.serve.spin_us);
+    let mut last_work = Instant::now();
+    let mut next_check = last_work + LIVENESS_PERIOD;
+    loop {
+        let mut worked = false;
+        while let Ok(a) = me.inbox_rx.try_recv() {
+            worked = true;
+            let Some(free) = slots.iter().position(Option::is_none) else {
+                // Unreachable: the load reservation bounds the sessions.
+                tracing::error!(session = a.id, "data-plane thread full");
+                me.load.fetch_sub(1, Ordering::AcqRel);
+                continue;
+            };
+            match Served::new(a) {
+                Ok(s) => slots[free] = Some(s),
+                Err((a, end)) => {
+                    let _ = server::mark_dead(&a.seg, &a.geometry);
+                    log_end(shared, a.id, &end);
+                    drop(a);
+                    me.load.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+        while let Ok(d) = me.done_rx.try_recv() {
+            worked = true;
+            let Some(s) = slots.get_mut(d.slot as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            returned(shared, s, d, &mut scratch);
+        }
+        let stop = shared.stop.load(Ordering::Relaxed);
+        let now = Instant::now();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let Some(s) = slot else { continue };
+            if s.serving() {
+                worked |= serve(shared, s, i as u32, io, &back, &mut scratch);
+            }
+            s.judge_hangup(now);
+            if stop && s.ending.is_none() {
+                s.ending = Some(End::Shutdown);
+            }
+            if s.ending.is_some() && !s.out {
+                let s = slot.take().expect("checked above");
+                finish(shared, s);
+                me.load.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        if now >= next_check {
+            next_check = now + LIVENESS_PERIOD;
+            for s in slots.iter_mut().flatten() {
+                s.check_liveness(stop, now);
+            }
+        }
+        if shared.pool.closed.load(Ordering::SeqCst)
+            && slots.iter().all(Option::is_none)
+            && me.inbox_rx.is_empty()
+        {
+            return;
+        }
+        if worked {
+            last_work = now;
+            continue;
+        }
+        if now.duration_since(last_work) < spin {
+            std::hint::spin_loop();
+            continue;
+        }
+        sleep(me, &mut slots, next_check.saturating_duration_since(now));
+        last_work = Instant::now();
+    }
+}
+
+/// Sleeps on every owned session's doorbell and the thread's wake word, unless something
+/// is ready after announcing it (each session's sleeping flag is set first, so an engine
+/// that submits from here on rings the futex).
+fn sleep(me: &PoolThread, slots: &mut [Option<Served>], until_check: Duration) {
+    let wake_seq = me.wake.load(Ordering::Acquire);
+    me.sleeping.store(1, Ordering::SeqCst);
+    let mut blocked = false;
+    for s in slots.iter_mut().flatten() {
+        let bell = s.header.doorbell;
+        s.bell_seq = bell.word().load(Ordering::Acquire);
+        bell.sleeping_flag().store(1, Ordering::SeqCst);
+        blocked |= s.blocked();
+    }
+    fence(Ordering::SeqCst);
+    let ready = me.has_work() || slots.iter_mut().flatten().any(Served::ready);
+    if !ready {
+        let timeout = if blocked {
+            BLOCKED_RETRY
+        } else {
+            until_check.max(Duration::from_millis(1))
+        };
+        let waiters = slots
+            .iter()
+            .flatten()
+            .map(|s| FutexWaiter {
+                word: s.header.doorbell.word(),
+                expected: s.bell_seq,
+            })
+            .chain(std::iter::once(FutexWaiter {
+                word: &me.wake,
+                expected: wake_seq,
+            }));
+        if let Err(e) = sys::futex_waitv(waiters, timeout) {
+            // Checked at start-up; a failure here is a bug, not a reason to spin.
+            tracing::error!(error = %e, "futex_waitv failed");
+            std::thread::sleep(BLOCKED_RETRY);
+        }
+    }
+    for s in slots.iter_mut().flatten() {
+        s.header
+            .doorbell
+            .sleeping_flag()
+            .store(0, Ordering::Relaxed);
+    }
+    me.sleeping.store(0, Ordering::Relaxed);
+}
+
+/// One pass over a session: its parked job, the rest of its stash, then each queue pair's
+/// next batch. Returns whether it did anything.
+fn serve(
+    shared: &DaemonShared,
+    s: &mut Served,
+    slot: u32,
+    io: &IoSubmitter,
+    back: &Arc<dyn IoReturn>,
+    scratch: &mut Scratch,
+) -> bool {
+    if let Some(job) = s.parked.take() {
+        match io.try_submit(job) {
+            Ok(()) => {
+                s.out = true;
+                return true;
+            }
+            Err(job) => {
+                s.parked = Some(job);
+                return false;
+            }
+        }
+    }
+    let mut worked = false;
+    if s.stash_at < s.stash_len {
+        worked = true;
+        let qp = s.stash_qp;
+        if let Err(end) = run_stash(shared, s, qp, slot, io, back, scratch) {
+            s.ending = Some(end);
+            return true;
+        }
+        if s.out || s.parked.is_some() {
+            return true;
+        }
+    }
+    for qp in 0..s.qps.len() {
+        let n = match s.qps[qp].take(&mut s.stash) {
+            Ok(n) => n,
+            Err(e) => {
+                s.ending = Some(End::Violation(e));
+                return true;
+            }
+        };
+        if n == 0 {
+            continue;
+        }
+        worked = true;
+        s.stash_len = n;
+        s.stash_at = 0;
+        s.stash_qp = qp;
+        if let Err(end) = run_stash(shared, s, qp, slot, io, back, scratch) {
+            s.ending = Some(end);
+            return true;
+        }
+        if s.out || s.parked.is_some() {
+            return true;
+        }
+    }
+    worked
+}
+
+/// Serves the stashed submissions of queue pair `qp` in order, inline, until one that may
+/// wait on NVMe: the completions so far are posted and that one goes to the I/O pool.
+fn run_stash(
+    shared: &DaemonShared,
+    s: &mut Served,
+    qp: usize,
+    slot: u32,
+    io: &IoSubmitter,
+    back: &Arc<dyn IoReturn>,
+    scratch: &mut Scratch,
+) -> Result<(), End> {
+    scratch.cqes.clear();
+    let dp = &shared.dataplane;
+    let mut handoff = None;
+    while s.stash_at < s.stash_len {
+        let sqe = s.stash[s.stash_at];
+        s.stash_at += 1;
+        let q = &s.qps[qp];
+        let cqe = match validate_sqe(&sqe, &q.geometry, s.num_namespaces) {
+            Ok(req) if dp.may_do_io(&req) => {
+                handoff = Some(req);
+                break;
+            }
+            Ok(req) => {
+                let data = s.guard.data.as_mut().expect("held while nothing is out");
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    dp.handle(data, &s.seg, &req)
+                })) {
+                    Ok(c) => c,
+                    Err(_) => {
+                        tracing::error!(session = s.id, opcode = ?req.opcode, "an operation panicked; ending the session");
+                        scratch
+                            .cqes
+                            .push(completion(req.user_data, kvplane_ffi::Status::Internal));
+                        post(shared, s, qp, scratch)?;
+                        return Err(End::Panicked);
+                    }
+                }
+            }
+            Err(rejection) => {
+                let mut c = completion(sqe.user_data, rejection.status);
+                c.detail = field_code(rejection.field);
+                tracing::debug!(session = s.id, qp, field = rejection.field, status = %rejection.status, "submission rejected");
+                c
+            }
+        };
+        scratch.cqes.push(cqe);
+    }
+    post(shared, s, qp, scratch)?;
+    if let Some(fault) = s.guard.data.as_ref().and_then(|d| d.engine_fault()) {
+        return Err(End::EngineMemoryFault(fault.to_string()));
+    }
+    if let Some(req) = handoff {
+        let data = s.guard.data.take().expect("held while nothing is out");
+        let job = IoJob {
+            slot,
+            queue_pair: qp as u32,
+            data,
+            seg: Arc::clone(&s.seg),
+            req,
+            back: Arc::clone(back),
+        };
+        match io.try_submit(job) {
+            Ok(()) => s.out = true,
+            Err(job) => s.parked = Some(job),
+        }
+    }
+    Ok(())
+}
+
+/// Posts the completions in `scratch` on queue pair `qp` (room was reserved by `take`).
+fn post(
+    shared: &DaemonShared,
+    s: &mut Served,
+    qp: usize,
+    scratch: &mut Scratch,
+) -> Result<(), End> {
+    if scratch.cqes.is_empty() {
+        return Ok(());
+    }
+    shared.dataplane.count(&scratch.cqes);
+    // A short count means the engine published a head that shrank our free space, which
+    // only a broken peer does.
+    let r = match s.qps[qp].complete(&scratch.cqes) {
+        Ok(k) if k == scratch.cqes.len() => Ok(()),
+        Ok(_) => Err(End::Violation(ShmError::BadSegment {
+            session_id: s.id,
+            reason: "completion ring head moved backwards".into(),
+        })),
+        Err(e) => Err(End::Violation(e)),
+    };
+    scratch.cqes.clear();
+    r
+}
+
+/// An operation came back from the I/O pool: the session's data returns, its completion
+/// is posted, and the rest of its batch is served on the next pass.
+fn returned(shared: &DaemonShared, s: &mut Served, d: IoDone, scratch: &mut Scratch) {
+    s.out = false;
+    s.guard.data = Some(d.data);
+    scratch.cqes.clear();
+    scratch.cqes.push(d.cqe);
+    let posted = post(shared, s, d.queue_pair as usize, scratch);
+    if s.ending.is_some() {
+        return;
+    }
+    if d.panicked {
+        s.ending = Some(End::Panicked);
+    } else if let Err(end) = posted {
+        s.ending = Some(end);
+    } else if let Some(fault) = s.guard.data.as_ref().and_then(|d| d.engine_fault()) {
+        s.ending = Some(End::EngineMemoryFault(fault.to_string()));
+    }
+}
+
+/// The session is over: tell the engine (state DEAD, its waiters woken), log why, and
+/// release what it held (the guard, dropped with `s`).
+fn finish(shared: &DaemonShared, mut s: Served) {
+    if let Some(job) = s.parked.take() {
+        // Never queued: its session data comes home, so the guard releases it.
+        s.guard.data = Some(job.data);
+    }
+    let _ = server::mark_dead(&s.seg, &s.geometry);
+    if let Some(end) = &s.ending {
+        log_end(shared, s.id, end);
+    }
+    drop(s);
+}
+
+pub(super) fn log_end(shared: &DaemonShared, session: u64, end: &End) {
+    let c = &shared.dataplane.counters;
+    match end {
+        End::Detached | End::Shutdown => {
+            tracing::info!(session, reason = ?end, "session ended")
+        }
+        End::EngineDied => {
+            c.sessions_reclaimed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(session, "engine died; session reclaimed")
+        }
+        End::EngineMemoryFault(e) => {
+            tracing::warn!(session, error = %e, "engine memory fault; session ended")
+        }
+        End::Violation(e) => {
+            c.protocol_violations.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(session, error = %e, "protocol violation; session ended")
+        }
+        End::Panicked => {
+            tracing::error!(
+                session,
+                "an operation of the session panicked; session ended"
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assignment_picks_the_least_loaded_thread_and_refuses_beyond_the_bound() {
+        let pool = Pool::new(2);
+        let a = pool.assign().unwrap();
+        let b = pool.assign().unwrap();
+        assert_ne!(a.thread.index, b.thread.index, "spread over both threads");
+        drop(a);
+        let c = pool.assign().unwrap();
+        assert_ne!(c.thread.index, b.thread.index, "the freed place is reused");
+        let mut held = vec![b, c];
+        while let Some(x) = pool.assign() {
+            held.push(x);
+        }
+        assert_eq!(held.len(), pool.capacity());
+        assert!(pool.assign().is_none(), "every thread at its bound");
+        held.pop();
+        assert!(pool.assign().is_some(), "a place freed by a session's end");
+    }
+}

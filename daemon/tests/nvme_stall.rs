@@ -1,0 +1,200 @@
+//! A stalled NVMe device (every write takes 2 s, injected at the I/O engine through
+//! `FaultPlan`) must not delay another session's NOPs, even when both sessions share the
+//! one data-plane thread (`serve.dataplane_threads = 1`): the write-through SAVE runs on
+//! an I/O executor while the data-plane thread keeps serving. With the SAVE run on the
+//! thread that polls the rings (as every session's own thread did before the thread
+//! pool), the NOPs of a session sharing that thread would wait the full 2 s.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvplane_daemon::block::{BlockManager, ManagerOptions};
+use kvplane_daemon::config::Config;
+use kvplane_daemon::dataplane::DataPlane;
+use kvplane_daemon::session::Daemon;
+use kvplane_daemon::tier::nvme::engine::{FaultEffect, FaultPlan, FaultRule, IoKind};
+use kvplane_ffi::{Opcode, Pod, SQE_F_WRITE_THROUGH, Status, kvp_block_op, kvp_kv_layout};
+use kvplane_shm::{AttachOptions, QueuePair, Segment, Session, ShmError, client};
+
+/// 2 layers x 2 planes x 16 tokens x 1 head x 128 bytes = 8 KiB blocks.
+const LAYERS: usize = 2;
+const PAGES: u64 = 16;
+const PAGE_BYTES: u64 = 16 * 128;
+const BLOCK_BYTES: u64 = LAYERS as u64 * 2 * PAGE_BYTES;
+const SLOTS: u64 = 32;
+const SLOT_BYTES: u64 = 4096 + BLOCK_BYTES;
+
+/// How long every NVMe write takes.
+const STALL_MS: u32 = 2000;
+/// The bound on a NOP round trip of another session while the stalled write is in flight.
+const NOP_P99_BOUND: Duration = Duration::from_millis(50);
+/// The slowest NOP allowed (scheduling hiccups of a loaded 2-core VM; far below the stall).
+const NOP_MAX_BOUND: Duration = Duration::from_millis(250);
+
+fn start(dir: &Path, plan: Arc<FaultPlan>) -> Daemon {
+    let toml = format!(
+        "[serve]\ndataplane_threads = 1\nio_threads = 2\n\
+         [blocks]\nblock_bytes = {BLOCK_BYTES}\n\
+         [tiers.host]\ncapacity_bytes = {}\nlock = false\nhugepages = \"never\"\ntouch_threads = 1\n\
+         [tiers.nvme]\npaths = [\"{}\"]\ncapacity_bytes = {}\nengine = \"sync\"\n\
+         [control]\nmetrics_addr = \"\"\n",
+        SLOTS * SLOT_BYTES,
+        dir.join("nvme.kvp").display(),
+        SLOTS * SLOT_BYTES
+    );
+    let mut config = Config::from_toml(&toml, &dir.join("kvplane.toml")).expect("config");
+    config.serve.socket_path = dir.join("kvplane.sock");
+    let blocks = Arc::new(
+        BlockManager::new(
+            &config.blocks,
+            &config.tiers,
+            ManagerOptions {
+                faults: Some(plan),
+                ..ManagerOptions::default()
+            },
+        )
+        .expect("tiers"),
+    );
+    Daemon::start(config, Arc::new(DataPlane::with_blocks(blocks))).expect("daemon")
+}
+
+/// An engine with a paged KV pool (a sealed memfd) and its layout attached.
+fn attach_with_kv(socket: &Path) -> (Session, QueuePair, Segment) {
+    let bytes = LAYERS as u64 * 2 * PAGES * PAGE_BYTES;
+    let fd = kvplane_shm::sys::memfd_create_sealed("kv", bytes).unwrap();
+    let kv = Segment::map_fd(fd.try_clone().unwrap(), bytes).unwrap();
+    let mut o = AttachOptions::new(socket);
+    o.namespaces = vec!["stall".into()];
+    o.kv_buffer = Some((fd, bytes));
+    let mut session = Session::attach(o).expect("attach");
+    let mut qp = session.take_queue_pairs().unwrap().remove(0);
+    let mut l = kvp_kv_layout::zeroed();
+    l.num_layers = LAYERS as u32;
+    l.kv_planes = 2;
+    l.page_tokens = 16;
+    l.kv_heads = 1;
+    l.head_bytes = 128;
+    l.dtype_bytes = 2;
+    l.num_pages = PAGES;
+    l.page_stride_bytes = PAGE_BYTES;
+    l.token_stride_bytes = 128;
+    l.head_stride_bytes = 128;
+    l.buffer_bytes = bytes;
+    for layer in 0..LAYERS {
+        for p in 0..2 {
+            l.plane_offset[p][layer] = ((layer * 2 + p) as u64) * PAGES * PAGE_BYTES;
+        }
+    }
+    qp.write_arena(0, kvplane_ffi::as_bytes(&l)).unwrap();
+    let mut s = client::sqe(Opcode::AttachLayout, 1);
+    s.arg_len = std::mem::size_of::<kvp_kv_layout>() as u32;
+    let c = qp.call(s, Duration::from_secs(10)).expect("layout");
+    assert_eq!(c.status, Status::Ok.raw(), "layout: {c:?}");
+    (session, qp, kv)
+}
+
+#[test]
+fn a_stalled_nvme_write_does_not_delay_another_sessions_nops_on_the_same_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = Arc::new(FaultPlan::default());
+    plan.add(FaultRule {
+        kind: Some(IoKind::Write),
+        skip: 0,
+        count: u64::MAX,
+        effect: FaultEffect::Delay { ms: STALL_MS },
+    });
+    let daemon = start(dir.path(), plan.clone());
+    let socket = daemon.socket_path().to_path_buf();
+    let (_a, mut qa, kv) = attach_with_kv(&socket);
+    let mut ob = AttachOptions::new(&socket);
+    ob.namespaces = vec!["stall".into()];
+    let mut b = Session::attach(ob).expect("attach B");
+    let mut qb = b.take_queue_pairs().unwrap().remove(0);
+    assert_eq!(
+        daemon.sessions().len(),
+        2,
+        "both sessions on the daemon's one data-plane thread"
+    );
+
+    // A: a write-through SAVE of two blocks; each NVMe write stalls for STALL_MS.
+    let hashes = [0x5EED_0001u64, 0x5EED_0002];
+    let mut arg = Vec::new();
+    for (i, &h) in hashes.iter().enumerate() {
+        kv.write_bytes(
+            i as u64 * PAGE_BYTES,
+            &vec![i as u8 + 1; PAGE_BYTES as usize],
+        )
+        .unwrap();
+        let parent = if i == 0 { 0 } else { hashes[i - 1] };
+        arg.extend_from_slice(kvplane_ffi::as_bytes(&kvp_block_op::new(
+            h, parent, i as u32,
+        )));
+    }
+    qa.write_arena(0, &arg).unwrap();
+    let mut s = client::sqe(Opcode::Save, 7);
+    s.flags = SQE_F_WRITE_THROUGH;
+    s.count = hashes.len() as u32;
+    s.arg_len = arg.len() as u32;
+    let t0 = Instant::now();
+    assert_eq!(qa.submit(&[s]).unwrap(), 1);
+
+    // B: NOP round trips for as long as A's SAVE is in flight.
+    let mut rtts: Vec<Duration> = Vec::new();
+    let mut cqe = [Pod::zeroed(); 1];
+    let save = loop {
+        let n = qa.poll(&mut cqe).unwrap();
+        if n == 1 {
+            break cqe[0];
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the SAVE never completed"
+        );
+        let t = Instant::now();
+        let c = qb
+            .call(
+                client::sqe(Opcode::Nop, rtts.len() as u64),
+                Duration::from_secs(10),
+            )
+            .map_err(|e: ShmError| e.to_string())
+            .expect("NOP of B");
+        assert_eq!(c.status, Status::Ok.raw());
+        rtts.push(t.elapsed());
+    };
+    let save_took = t0.elapsed();
+    assert_eq!(save.status, Status::Ok.raw(), "SAVE: {save:?}");
+    assert_eq!(save.blocks, 2);
+    assert!(
+        plan.fired() >= 2,
+        "the stall was injected ({} writes)",
+        plan.fired()
+    );
+    assert!(
+        save_took >= Duration::from_millis(u64::from(STALL_MS)),
+        "the write-through SAVE took {save_took:?}: the stall did not hold it"
+    );
+    rtts.sort_unstable();
+    let p99 = rtts[(rtts.len() * 99 / 100).min(rtts.len() - 1)];
+    let max = *rtts.last().unwrap();
+    eprintln!(
+        "stalled NVMe: SAVE took {save_took:?}; meanwhile {} NOPs of another session on the same data-plane thread: p50 {:?}, p99 {p99:?}, max {max:?}",
+        rtts.len(),
+        rtts[rtts.len() / 2]
+    );
+    assert!(
+        rtts.len() >= 100,
+        "only {} NOPs completed during a {save_took:?} stall",
+        rtts.len()
+    );
+    assert!(
+        p99 < NOP_P99_BOUND,
+        "NOP p99 {p99:?} over {NOP_P99_BOUND:?} while another session's write stalled"
+    );
+    assert!(
+        max < NOP_MAX_BOUND,
+        "slowest NOP {max:?} over {NOP_MAX_BOUND:?} while another session's write stalled"
+    );
+    drop((qa, qb, b));
+    daemon.shutdown();
+}
