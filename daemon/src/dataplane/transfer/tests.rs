@@ -492,7 +492,7 @@ fn simulate(seed: u64, steps: usize, engine: EngineKind) {
     let (b, t) = config(Some(dir.path()), 6, 12, engine);
     // Namespace 1 is limited in every tier; namespace 0 is not.
     let options = || ManagerOptions {
-        quotas: vec![quota(1, [Some(1), Some(3), Some(5)])],
+        quotas: vec![quota(1, PerTier([Some(1), Some(3), Some(5)]))],
         ..ManagerOptions::default()
     };
     let mut m = local(BlockManager::new(&b, &t, options()).unwrap());
@@ -630,11 +630,11 @@ fn simulate(seed: u64, steps: usize, engine: EngineKind) {
 }
 
 /// A quota of `blocks[t]` whole blocks per tier.
-fn quota(ns: u32, blocks: [Option<u64>; 3]) -> NamespaceQuota {
+fn quota(ns: u32, blocks: PerTier<Option<u64>>) -> NamespaceQuota {
     NamespaceQuota {
         namespace: ns,
         name: format!("ns-{ns}"),
-        max_bytes: PerTier(blocks.map(|b| b.map(|b| b * BLOCK as u64))),
+        max_bytes: blocks.map(|b| b.map(|b| b * BLOCK as u64)),
     }
 }
 
@@ -649,7 +649,7 @@ fn quota_bounds_a_flooding_namespace_to_its_own_blocks() {
             &b,
             &t,
             ManagerOptions {
-                quotas: vec![quota(7, [Some(0), Some(4), None])],
+                quotas: vec![quota(7, PerTier([Some(0), Some(4), None]))],
                 ..ManagerOptions::default()
             },
         )
@@ -698,7 +698,7 @@ fn quota_full_of_leases_refuses_instead_of_evicting_neighbours() {
             &b,
             &t,
             ManagerOptions {
-                quotas: vec![quota(7, [None, Some(2), None])],
+                quotas: vec![quota(7, PerTier([None, Some(2), None]))],
                 ..ManagerOptions::default()
             },
         )
