@@ -16,23 +16,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvplane_daemon::block::{BlockManager, ManagerOptions, Tier};
-use kvplane_daemon::config::Config;
-use kvplane_daemon::dataplane::DataPlane;
+use kvplane_daemon::block::{BlockManager, Tier};
 use kvplane_daemon::session::Daemon;
-use kvplane_daemon::tier::host::HugepageMode;
 use kvplane_daemon::tier::nvme::EngineKind;
 use kvplane_daemon::tier::nvme::engine::{FaultEffect, FaultPlan, FaultRule, IoKind};
-use kvplane_ffi::{Opcode, Pod, SQE_F_WRITE_THROUGH, Status, kvp_block_op, kvp_cqe, kvp_kv_layout};
-use kvplane_shm::{AttachOptions, QueuePair, Segment, Session};
+use kvplane_ffi::{Opcode, Pod, SQE_F_WRITE_THROUGH, Status, kvp_block_op, kvp_cqe};
+use kvplane_shm::{QueuePair, Segment, Session};
 
-/// Engine geometry: 2 layers x 2 planes x 16 tokens x 1 head x 128 bytes = 8 KiB blocks.
-const LAYERS: usize = 2;
-const PAGES: u64 = 16;
-const PAGE_BYTES: u64 = 16 * 128;
-const BLOCK_BYTES: u64 = LAYERS as u64 * 2 * PAGE_BYTES;
-const SLOTS: u64 = 32;
-const SLOT_BYTES: u64 = 4096 + BLOCK_BYTES;
+mod common;
+use common::{BLOCK_BYTES, LAYERS, PAGE_BYTES, PAGES};
 
 /// Log lines of the daemon in this process (one subscriber for the whole test binary).
 fn logs() -> Arc<Mutex<Vec<u8>>> {
@@ -69,32 +61,9 @@ fn log_text() -> String {
 /// A daemon in this process whose NVMe engines are wrapped by `plan`'s injector.
 fn start(dir: &Path, plan: Option<Arc<FaultPlan>>) -> (Daemon, Arc<BlockManager>, PathBuf) {
     logs();
-    let socket = dir.join("kvplane.sock");
-    let mut config = Config::default();
-    config.serve.socket_path = socket.clone();
-    config.blocks.block_bytes = BLOCK_BYTES as usize;
-    config.tiers.host.capacity_bytes = SLOTS * SLOT_BYTES;
-    config.tiers.host.lock = false;
-    config.tiers.host.hugepages = HugepageMode::Never;
-    config.tiers.host.touch_threads = 1;
-    config.tiers.nvme.paths = vec![dir.join("nvme.kvp")];
-    config.tiers.nvme.capacity_bytes = SLOTS * SLOT_BYTES;
-    config.tiers.nvme.engine = EngineKind::IoUring;
-    config.control.metrics_addr = String::new();
-    config.validate().expect("config");
-    let blocks = Arc::new(
-        BlockManager::new(
-            &config.blocks,
-            &config.tiers,
-            ManagerOptions {
-                faults: plan,
-                ..ManagerOptions::default()
-            },
-        )
-        .expect("tiers"),
-    );
-    let dataplane = Arc::new(DataPlane::with_blocks(blocks.clone()));
-    let daemon = Daemon::start(config, dataplane).expect("daemon");
+    let config = common::config(dir, EngineKind::IoUring);
+    let socket = config.serve.socket_path.clone();
+    let (daemon, blocks) = common::start(config, plan);
     (daemon, blocks, socket)
 }
 
@@ -108,45 +77,13 @@ struct Engine {
 
 impl Engine {
     fn attach(socket: &Path) -> Engine {
-        let bytes = LAYERS as u64 * 2 * PAGES * PAGE_BYTES;
-        let fd = kvplane_shm::sys::memfd_create_sealed("kv", bytes).unwrap();
-        let kv = Segment::map_fd(fd.try_clone().unwrap(), bytes).unwrap();
-        let mut o = AttachOptions::new(socket);
-        o.namespaces = vec!["faults".into()];
-        o.kv_buffer = Some((fd, bytes));
-        let mut session = Session::attach(o).expect("attach");
-        let qp = session.take_queue_pairs().unwrap().remove(0);
-        let mut l = kvp_kv_layout::zeroed();
-        l.num_layers = LAYERS as u32;
-        l.kv_planes = 2;
-        l.page_tokens = 16;
-        l.kv_heads = 1;
-        l.head_bytes = 128;
-        l.dtype_bytes = 2;
-        l.num_pages = PAGES;
-        l.page_stride_bytes = PAGE_BYTES;
-        l.token_stride_bytes = 128;
-        l.head_stride_bytes = 128;
-        l.buffer_bytes = bytes;
-        for layer in 0..LAYERS {
-            for p in 0..2 {
-                l.plane_offset[p][layer] = ((layer * 2 + p) as u64) * PAGES * PAGE_BYTES;
-            }
-        }
-        let mut e = Engine {
+        let (session, qp, kv) = common::attach_with_kv(socket, "faults");
+        Engine {
             _session: session,
             qp,
             kv,
             user_data: 1,
-        };
-        let c = e.submit(
-            Opcode::AttachLayout,
-            0,
-            kvplane_ffi::as_bytes(&l).to_vec(),
-            0,
-        );
-        assert_eq!(c.status, Status::Ok.raw(), "layout: {c:?}");
-        e
+        }
     }
 
     fn submit(&mut self, op: Opcode, flags: u16, arg: Vec<u8>, count: u32) -> kvp_cqe {

@@ -9,21 +9,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvplane_daemon::block::{BlockManager, ManagerOptions};
-use kvplane_daemon::config::Config;
-use kvplane_daemon::dataplane::DataPlane;
 use kvplane_daemon::session::Daemon;
+use kvplane_daemon::tier::nvme::EngineKind;
 use kvplane_daemon::tier::nvme::engine::{FaultEffect, FaultPlan, FaultRule, IoKind};
-use kvplane_ffi::{Opcode, Pod, SQE_F_WRITE_THROUGH, Status, kvp_block_op, kvp_kv_layout};
+use kvplane_ffi::{Opcode, Pod, SQE_F_WRITE_THROUGH, Status, kvp_block_op};
 use kvplane_shm::{AttachOptions, QueuePair, Segment, Session, ShmError, client};
 
-/// 2 layers x 2 planes x 16 tokens x 1 head x 128 bytes = 8 KiB blocks.
-const LAYERS: usize = 2;
-const PAGES: u64 = 16;
-const PAGE_BYTES: u64 = 16 * 128;
-const BLOCK_BYTES: u64 = LAYERS as u64 * 2 * PAGE_BYTES;
-const SLOTS: u64 = 32;
-const SLOT_BYTES: u64 = 4096 + BLOCK_BYTES;
+mod common;
+use common::PAGE_BYTES;
 
 /// How long every NVMe write takes.
 const STALL_MS: u32 = 2000;
@@ -32,66 +25,18 @@ const NOP_P99_BOUND: Duration = Duration::from_millis(50);
 /// The slowest NOP allowed (scheduling hiccups of a loaded 2-core VM; far below the stall).
 const NOP_MAX_BOUND: Duration = Duration::from_millis(250);
 
+/// The daemon on one data-plane thread and two I/O threads, its NVMe writes wrapped by
+/// `plan`'s injector.
 fn start(dir: &Path, plan: Arc<FaultPlan>) -> Daemon {
-    let toml = format!(
-        "[serve]\ndataplane_threads = 1\nio_threads = 2\n\
-         [blocks]\nblock_bytes = {BLOCK_BYTES}\n\
-         [tiers.host]\ncapacity_bytes = {}\nlock = false\nhugepages = \"never\"\ntouch_threads = 1\n\
-         [tiers.nvme]\npaths = [\"{}\"]\ncapacity_bytes = {}\nengine = \"sync\"\n\
-         [control]\nmetrics_addr = \"\"\n",
-        SLOTS * SLOT_BYTES,
-        dir.join("nvme.kvp").display(),
-        SLOTS * SLOT_BYTES
-    );
-    let mut config = Config::from_toml(&toml, &dir.join("kvplane.toml")).expect("config");
-    config.serve.socket_path = dir.join("kvplane.sock");
-    let blocks = Arc::new(
-        BlockManager::new(
-            &config.blocks,
-            &config.tiers,
-            ManagerOptions {
-                faults: Some(plan),
-                ..ManagerOptions::default()
-            },
-        )
-        .expect("tiers"),
-    );
-    Daemon::start(config, Arc::new(DataPlane::with_blocks(blocks))).expect("daemon")
+    let mut config = common::config(dir, EngineKind::Sync);
+    config.serve.dataplane_threads = 1;
+    config.serve.io_threads = 2;
+    common::start(config, Some(plan)).0
 }
 
 /// An engine with a paged KV pool (a sealed memfd) and its layout attached.
 fn attach_with_kv(socket: &Path) -> (Session, QueuePair, Segment) {
-    let bytes = LAYERS as u64 * 2 * PAGES * PAGE_BYTES;
-    let fd = kvplane_shm::sys::memfd_create_sealed("kv", bytes).unwrap();
-    let kv = Segment::map_fd(fd.try_clone().unwrap(), bytes).unwrap();
-    let mut o = AttachOptions::new(socket);
-    o.namespaces = vec!["stall".into()];
-    o.kv_buffer = Some((fd, bytes));
-    let mut session = Session::attach(o).expect("attach");
-    let mut qp = session.take_queue_pairs().unwrap().remove(0);
-    let mut l = kvp_kv_layout::zeroed();
-    l.num_layers = LAYERS as u32;
-    l.kv_planes = 2;
-    l.page_tokens = 16;
-    l.kv_heads = 1;
-    l.head_bytes = 128;
-    l.dtype_bytes = 2;
-    l.num_pages = PAGES;
-    l.page_stride_bytes = PAGE_BYTES;
-    l.token_stride_bytes = 128;
-    l.head_stride_bytes = 128;
-    l.buffer_bytes = bytes;
-    for layer in 0..LAYERS {
-        for p in 0..2 {
-            l.plane_offset[p][layer] = ((layer * 2 + p) as u64) * PAGES * PAGE_BYTES;
-        }
-    }
-    qp.write_arena(0, kvplane_ffi::as_bytes(&l)).unwrap();
-    let mut s = client::sqe(Opcode::AttachLayout, 1);
-    s.arg_len = std::mem::size_of::<kvp_kv_layout>() as u32;
-    let c = qp.call(s, Duration::from_secs(10)).expect("layout");
-    assert_eq!(c.status, Status::Ok.raw(), "layout: {c:?}");
-    (session, qp, kv)
+    common::attach_with_kv(socket, "stall")
 }
 
 #[test]

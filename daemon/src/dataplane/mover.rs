@@ -164,25 +164,8 @@ impl Mover {
         scratch: &mut MoveScratch,
     ) -> Result<(), MoveError> {
         assert_eq!(pages.len(), stores.len(), "one page per block");
-        let st = &self.stores;
-        let slots = pages
-            .iter()
-            .zip(stores)
-            .map(|(&p, s)| (p, slot_of(st, Tier::Host, s.host_slot)));
-        let device = &st.device;
-        self.per_buffer(scratch, slots, |buffer, pages, offsets| {
-            device.gather_to_slots(
-                engine.stream,
-                engine.buffer,
-                engine.layout,
-                pages,
-                buffer,
-                offsets,
-            )
-        })?;
-        device
-            .sync_stream(engine.stream)
-            .map_err(|source| MoveError::Device { index: 0, source })
+        let slots = stores.iter().map(|s| (Tier::Host, s.host_slot));
+        self.paged(engine, pages, slots, scratch, true)
     }
 
     /// Scatters each item's block into engine page `pages[k]` (one launch per tier the
@@ -195,21 +178,33 @@ impl Mover {
         scratch: &mut MoveScratch,
     ) -> Result<(), MoveError> {
         assert_eq!(pages.len(), items.len(), "one page per block");
+        let slots = items.iter().map(|i| (i.tier, i.slot));
+        self.paged(engine, pages, slots, scratch, false)
+    }
+
+    /// One gather (`to_slots`) or scatter launch per device buffer between engine pages
+    /// and tier slots, then a wait for the engine's stream.
+    fn paged(
+        &self,
+        engine: EngineTarget,
+        pages: &[u32],
+        slots: impl Iterator<Item = (Tier, u32)> + Clone,
+        scratch: &mut MoveScratch,
+        to_slots: bool,
+    ) -> Result<(), MoveError> {
         let st = &self.stores;
-        let slots = pages
+        let located = pages
             .iter()
-            .zip(items)
-            .map(|(&p, i)| (p, slot_of(st, i.tier, i.slot)));
+            .zip(slots)
+            .map(|(&p, (tier, slot))| (p, slot_of(st, tier, slot)));
         let device = &st.device;
-        self.per_buffer(scratch, slots, |buffer, pages, offsets| {
-            device.scatter_from_slots(
-                engine.stream,
-                engine.buffer,
-                engine.layout,
-                pages,
-                buffer,
-                offsets,
-            )
+        self.per_buffer(scratch, located, |buffer, pages, offsets| {
+            let (stream, kv, layout) = (engine.stream, engine.buffer, engine.layout);
+            if to_slots {
+                device.gather_to_slots(stream, kv, layout, pages, buffer, offsets)
+            } else {
+                device.scatter_from_slots(stream, kv, layout, pages, buffer, offsets)
+            }
         })?;
         device
             .sync_stream(engine.stream)

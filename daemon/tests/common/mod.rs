@@ -1,0 +1,100 @@
+//! What the in-process daemon tests share: the engine geometry, a daemon on a host tier
+//! and an NVMe file whose I/O engines a `FaultPlan` can wrap, and an engine session with
+//! a paged KV pool (a sealed memfd) and its layout attached.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvplane_daemon::block::{BlockManager, ManagerOptions};
+use kvplane_daemon::config::Config;
+use kvplane_daemon::dataplane::DataPlane;
+use kvplane_daemon::session::Daemon;
+use kvplane_daemon::tier::host::HugepageMode;
+use kvplane_daemon::tier::nvme::EngineKind;
+use kvplane_daemon::tier::nvme::engine::FaultPlan;
+use kvplane_ffi::{Opcode, Pod, Status, kvp_kv_layout};
+use kvplane_shm::{AttachOptions, QueuePair, Segment, Session, client};
+
+/// Engine geometry: 2 layers x 2 planes x 16 tokens x 1 head x 128 bytes = 8 KiB blocks.
+pub const LAYERS: usize = 2;
+pub const PAGES: u64 = 16;
+pub const PAGE_BYTES: u64 = 16 * 128;
+pub const BLOCK_BYTES: u64 = LAYERS as u64 * 2 * PAGE_BYTES;
+/// Slots of the host tier and of the NVMe file.
+pub const SLOTS: u64 = 32;
+pub const SLOT_BYTES: u64 = 4096 + BLOCK_BYTES;
+
+/// The daemon config of these tests: engine socket in `dir`, `SLOTS` host slots, an NVMe
+/// file of `SLOTS` slots on `engine`, no control listeners.
+pub fn config(dir: &Path, engine: EngineKind) -> Config {
+    let mut config = Config::default();
+    config.serve.socket_path = dir.join("kvplane.sock");
+    config.blocks.block_bytes = BLOCK_BYTES as usize;
+    config.tiers.host.capacity_bytes = SLOTS * SLOT_BYTES;
+    config.tiers.host.lock = false;
+    config.tiers.host.hugepages = HugepageMode::Never;
+    config.tiers.host.touch_threads = 1;
+    config.tiers.nvme.paths = vec![dir.join("nvme.kvp")];
+    config.tiers.nvme.capacity_bytes = SLOTS * SLOT_BYTES;
+    config.tiers.nvme.engine = engine;
+    config.control.metrics_addr = String::new();
+    config
+}
+
+/// A daemon in this process serving `config`, its NVMe engines wrapped by `plan`'s
+/// injector when given.
+pub fn start(config: Config, plan: Option<Arc<FaultPlan>>) -> (Daemon, Arc<BlockManager>) {
+    config.validate().expect("config");
+    let blocks = Arc::new(
+        BlockManager::new(
+            &config.blocks,
+            &config.tiers,
+            ManagerOptions {
+                faults: plan,
+                ..ManagerOptions::default()
+            },
+        )
+        .expect("tiers"),
+    );
+    let dataplane = Arc::new(DataPlane::with_blocks(blocks.clone()));
+    let daemon = Daemon::start(config, dataplane).expect("daemon");
+    (daemon, blocks)
+}
+
+/// An engine session in `namespace` with a paged KV pool of `PAGES` pages per layer and
+/// plane (a sealed memfd, also mapped here as the returned segment) and its layout
+/// attached.
+pub fn attach_with_kv(socket: &Path, namespace: &str) -> (Session, QueuePair, Segment) {
+    let bytes = LAYERS as u64 * 2 * PAGES * PAGE_BYTES;
+    let fd = kvplane_shm::sys::memfd_create_sealed("kv", bytes).unwrap();
+    let kv = Segment::map_fd(fd.try_clone().unwrap(), bytes).unwrap();
+    let mut o = AttachOptions::new(socket);
+    o.namespaces = vec![namespace.into()];
+    o.kv_buffer = Some((fd, bytes));
+    let mut session = Session::attach(o).expect("attach");
+    let mut qp = session.take_queue_pairs().unwrap().remove(0);
+    let mut l = kvp_kv_layout::zeroed();
+    l.num_layers = LAYERS as u32;
+    l.kv_planes = 2;
+    l.page_tokens = 16;
+    l.kv_heads = 1;
+    l.head_bytes = 128;
+    l.dtype_bytes = 2;
+    l.num_pages = PAGES;
+    l.page_stride_bytes = PAGE_BYTES;
+    l.token_stride_bytes = 128;
+    l.head_stride_bytes = 128;
+    l.buffer_bytes = bytes;
+    for layer in 0..LAYERS {
+        for p in 0..2 {
+            l.plane_offset[p][layer] = ((layer * 2 + p) as u64) * PAGES * PAGE_BYTES;
+        }
+    }
+    qp.write_arena(0, kvplane_ffi::as_bytes(&l)).unwrap();
+    let mut s = client::sqe(Opcode::AttachLayout, u64::MAX);
+    s.arg_len = std::mem::size_of::<kvp_kv_layout>() as u32;
+    let c = qp.call(s, Duration::from_secs(10)).expect("layout");
+    assert_eq!(c.status, Status::Ok.raw(), "layout: {c:?}");
+    (session, qp, kv)
+}
