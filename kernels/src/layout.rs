@@ -247,31 +247,46 @@ impl PagedLayout {
     }
 }
 
+/// The common paged pool shape (vLLM's per-layer `[2, pages, tokens, heads, dim]`): every
+/// (layer, K|V plane) a contiguous run of `pages` pages, layer after layer, tokens of
+/// `kv_heads` adjacent heads of `head_bytes`, 2-byte elements; `buffer_bytes` exactly covers
+/// it. Validate with [`PagedLayout::new`] like any other descriptor.
+pub fn planes_per_layer(
+    layers: u32,
+    page_tokens: u32,
+    kv_heads: u32,
+    head_bytes: u32,
+    pages: u64,
+) -> kvp_kv_layout {
+    // SAFETY: kvp_kv_layout is plain old data; all-zero is a valid value.
+    let mut l: kvp_kv_layout = unsafe { std::mem::zeroed() };
+    l.num_layers = layers;
+    l.kv_planes = 2;
+    l.page_tokens = page_tokens;
+    l.kv_heads = kv_heads;
+    l.head_bytes = head_bytes;
+    l.dtype_bytes = 2;
+    l.num_pages = pages;
+    l.head_stride_bytes = u64::from(head_bytes);
+    l.token_stride_bytes = u64::from(kv_heads) * u64::from(head_bytes);
+    l.page_stride_bytes = u64::from(page_tokens) * l.token_stride_bytes;
+    let plane = l.page_stride_bytes * pages;
+    for layer in 0..layers as usize {
+        for p in 0..2 {
+            l.plane_offset[p][layer] = (2 * layer as u64 + p as u64) * plane;
+        }
+    }
+    l.buffer_bytes = 2 * u64::from(layers) * plane;
+    l
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// vLLM-style [2, pages, tokens, heads, dim] per layer, laid out layer after layer.
     fn vllm(layers: u32, pages: u64) -> kvp_kv_layout {
-        // SAFETY: kvp_kv_layout is plain old data; all-zero is a valid value.
-        let mut l: kvp_kv_layout = unsafe { std::mem::zeroed() };
-        l.num_layers = layers;
-        l.kv_planes = 2;
-        l.page_tokens = 16;
-        l.kv_heads = 8;
-        l.head_bytes = 256;
-        l.dtype_bytes = 2;
-        l.num_pages = pages;
-        l.head_stride_bytes = 256;
-        l.token_stride_bytes = 8 * 256;
-        l.page_stride_bytes = 16 * 8 * 256;
-        let plane = l.page_stride_bytes * pages;
-        for layer in 0..layers as usize {
-            l.plane_offset[0][layer] = (2 * layer as u64) * plane;
-            l.plane_offset[1][layer] = (2 * layer as u64 + 1) * plane;
-        }
-        l.buffer_bytes = 2 * u64::from(layers) * plane;
-        l
+        planes_per_layer(layers, 16, 8, 256, pages)
     }
 
     #[test]

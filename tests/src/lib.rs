@@ -261,7 +261,6 @@ impl TestEngine {
         namespace: &str,
         fd: std::os::fd::OwnedFd,
     ) -> Result<TestEngine, kvplane_shm::ShmError> {
-        use kvplane_ffi::Pod;
         let bytes = TEST_KV_BYTES;
         let kv = kvplane_shm::Segment::map_fd(fd.try_clone().expect("dup"), bytes)?;
         let mut opts = kvplane_shm::AttachOptions::new(socket);
@@ -269,23 +268,12 @@ impl TestEngine {
         opts.kv_buffer = Some((fd, bytes));
         let mut session = kvplane_shm::Session::attach(opts)?;
         let qp = session.take_queue_pairs()?.remove(0);
-        let mut layout = kvplane_ffi::kvp_kv_layout::zeroed();
-        layout.num_layers = TEST_LAYERS as u32;
-        layout.kv_planes = 2;
-        layout.page_tokens = 16;
-        layout.kv_heads = 4;
-        layout.head_bytes = 128;
-        layout.dtype_bytes = 2;
-        layout.num_pages = TEST_PAGES;
-        layout.page_stride_bytes = TEST_PAGE_BYTES;
-        layout.token_stride_bytes = 4 * 128;
-        layout.head_stride_bytes = 128;
-        layout.buffer_bytes = bytes;
-        for l in 0..TEST_LAYERS {
-            for p in 0..2 {
-                layout.plane_offset[p][l] = ((l * 2 + p) as u64) * TEST_PAGES * TEST_PAGE_BYTES;
-            }
-        }
+        let layout =
+            kvplane_kernels::layout::planes_per_layer(TEST_LAYERS as u32, 16, 4, 128, TEST_PAGES);
+        assert_eq!(
+            layout.buffer_bytes, bytes,
+            "the test pool is exactly the layout"
+        );
         let mut e = TestEngine {
             session,
             qp,

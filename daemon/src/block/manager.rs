@@ -637,7 +637,7 @@ impl BlockManager {
             return;
         }
         let mut reg = self.lock();
-        for (k, item) in plan.stores.iter().enumerate() {
+        for item in &plan.stores {
             let Some(nvme_slot) = self.nvme_slot(&mut reg, plan.namespace) else {
                 break;
             };
@@ -651,16 +651,13 @@ impl BlockManager {
                 reg.free_unused(Tier::Nvme, nvme_slot);
                 continue;
             }
-            plan.writes.push((
-                k,
-                NvmeWrite {
-                    key: item.key,
-                    parent: item.parent,
-                    host_slot: item.host_slot,
-                    nvme_slot,
-                    generation: self.next_generation(),
-                },
-            ));
+            plan.writes.push(NvmeWrite {
+                key: item.key,
+                parent: item.parent,
+                host_slot: item.host_slot,
+                nvme_slot,
+                generation: self.next_generation(),
+            });
         }
         self.flush_events(&mut reg);
     }
@@ -674,7 +671,7 @@ impl BlockManager {
     /// reservation is given up, nothing is published.
     pub fn abort_save(&self, plan: SavePlan) {
         let mut reg = self.lock();
-        for (_, w) in &plan.writes {
+        for w in &plan.writes {
             let _ = reg.abort(w.key, Tier::Nvme);
         }
         for item in &plan.stores {
@@ -706,7 +703,7 @@ impl BlockManager {
             reg.publish(item.key, Tier::Host, 0)
                 .expect("reserved by this save");
         }
-        for ((_, w), r) in writes.iter().zip(write_results) {
+        for (w, r) in writes.iter().zip(write_results) {
             match r {
                 Ok(()) => {
                     reg.publish(w.key, Tier::Nvme, w.generation)

@@ -69,8 +69,8 @@ pub struct SavePlan {
     pub(super) priority: u8,
     /// Blocks to store, in chain order.
     pub stores: Vec<StoreItem>,
-    /// Write-through copies (after `plan_write_through`); `stores[k]` for each.
-    pub writes: Vec<(usize, NvmeWrite)>,
+    /// Write-through copies of stored blocks (after `plan_write_through`).
+    pub writes: Vec<NvmeWrite>,
     /// Blocks that need a host slot (before `reserve_save`).
     pub(super) need: Vec<StoreItem>,
     /// What the save did so far (already present, no space, demotions written).

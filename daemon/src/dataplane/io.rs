@@ -162,7 +162,7 @@ impl DataPlane {
     /// completing). Such requests go to the [`IoPool`]; everything else is served on the
     /// data-plane thread.
     pub fn may_do_io(&self, req: &Request) -> bool {
-        self.has_nvme
+        self.mover().is_some_and(|m| m.stores().nvme.is_some())
             && matches!(
                 req.opcode,
                 Opcode::Save | Opcode::Load | Opcode::Drop | Opcode::ClearNamespace

@@ -112,16 +112,19 @@ impl EngineBuffer {
             // it concurrently, which register_host_memory's contract allows.
             let buffer =
                 unsafe { device.register_host_memory(self.kv.base(), self.kv.len_bytes())? };
-            let view = DeviceView {
+            let stream = match device.create_stream() {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = device.free(buffer);
+                    return Err(e);
+                }
+            };
+            self.view = Some(DeviceView {
                 device: Arc::clone(device),
                 buffer,
                 layout: None,
-                stream: StreamId::from_raw_for_tests(0),
-            };
-            // Registered first, so a failure below still unregisters it (Drop).
-            self.view = Some(view);
-            let stream = device.create_stream()?;
-            self.view.as_mut().expect("set above").stream = stream;
+                stream,
+            });
         }
         let view = self.view.as_mut().expect("set above");
         let id = device.upload_layout(layout)?;
@@ -231,8 +234,6 @@ pub struct DataPlane {
     blocks: Option<Arc<BlockManager>>,
     /// Executes the block manager's plans (present with `blocks`).
     mover: Option<Mover>,
-    /// The block manager has an NVMe tier (see `io::DataPlane::may_do_io`).
-    has_nvme: bool,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -287,11 +288,9 @@ impl DataPlane {
     /// its tiers live on.
     pub fn with_blocks(blocks: Arc<BlockManager>) -> Self {
         let mover = Mover::new(Arc::clone(blocks.stores()));
-        let has_nvme = blocks.stores().nvme.is_some();
         DataPlane {
             blocks: Some(blocks),
             mover: Some(mover),
-            has_nvme,
             ..Self::default()
         }
     }
@@ -511,12 +510,12 @@ impl DataPlane {
     /// The engine buffer and its layout, with every page id of the batch checked to
     /// exist in the engine's pool; otherwise the completion to return (NoLayout, or
     /// BadArg with the index of the first bad page).
-    fn engine_pages<'a>(
-        engine: &'a Option<EngineBuffer>,
+    fn engine_pages(
+        engine: &Option<EngineBuffer>,
         fault: &Option<KernelError>,
         ops: &[kvp_block_op],
         user_data: u64,
-    ) -> Result<(&'a EngineBuffer, &'a PagedLayout), kvp_cqe> {
+    ) -> Result<EngineTarget, kvp_cqe> {
         if fault.is_some() {
             // The buffer faulted earlier in this batch; the session ends after it.
             return Err(done(user_data, Status::BadArg, 0, 0, 0, 0));
@@ -524,7 +523,7 @@ impl DataPlane {
         let Some(engine) = engine.as_ref() else {
             return Err(done(user_data, Status::NoLayout, 0, 0, 0, 0));
         };
-        let Some(layout) = engine.layout.as_ref() else {
+        let (Some(layout), Some(target)) = (engine.layout.as_ref(), engine.target()) else {
             return Err(done(user_data, Status::NoLayout, 0, 0, 0, 0));
         };
         match ops
@@ -532,7 +531,7 @@ impl DataPlane {
             .position(|o| u64::from(o.engine_block) >= layout.num_pages())
         {
             Some(i) => Err(done(user_data, Status::BadArg, 0, 0, 0, i as u32)),
-            None => Ok((engine, layout)),
+            None => Ok(target),
         }
     }
 
@@ -545,7 +544,7 @@ impl DataPlane {
         ns: u32,
     ) -> kvp_cqe {
         let ud = req.user_data;
-        let (engine, layout) =
+        let target =
             match Self::engine_pages(&session.engine, &session.engine_fault, &session.ops, ud) {
                 Ok(x) => x,
                 Err(cqe) => return cqe,
@@ -559,10 +558,6 @@ impl DataPlane {
         );
         let priority = u8::from(req.flags & ffi::SQE_F_HIGH_PRIORITY != 0);
         let write_through = req.flags & ffi::SQE_F_WRITE_THROUGH != 0;
-        let Some(target) = engine.target() else {
-            return done(ud, Status::NoLayout, 0, 0, 0, 0);
-        };
-        let _ = layout;
         let ops = &session.ops;
         let pages = &mut session.pages;
         let scratch = &mut session.scratch;
@@ -625,7 +620,7 @@ impl DataPlane {
         ns: u32,
     ) -> kvp_cqe {
         let ud = req.user_data;
-        let (engine, layout) =
+        let target =
             match Self::engine_pages(&session.engine, &session.engine_fault, &session.ops, ud) {
                 Ok(x) => x,
                 Err(cqe) => return cqe,
@@ -639,10 +634,6 @@ impl DataPlane {
         if session.pages.windows(2).any(|w| w[0] == w[1]) {
             return done(ud, Status::BadArg, 0, 0, 0, 0);
         }
-        let Some(target) = engine.target() else {
-            return done(ud, Status::NoLayout, 0, 0, 0, 0);
-        };
-        let _ = layout;
         let ops = &session.ops;
         let pages = &mut session.pages;
         let scratch = &mut session.scratch;

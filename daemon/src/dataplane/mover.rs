@@ -67,16 +67,15 @@ pub struct EngineTarget {
     pub stream: StreamId,
 }
 
-/// Reusable vectors of one caller (a session): the page ids and slot offsets of the batch
-/// being launched, so steady-state batches do not allocate.
+/// Reusable vectors of one caller (a session), so steady-state batches do not allocate.
 #[derive(Debug, Default)]
 pub struct MoveScratch {
-    pages: Vec<u32>,
-    offsets: Vec<u64>,
-    /// Index in the batch of each entry of `pages`/`offsets` (when a batch spans buffers).
-    index: Vec<usize>,
-    /// Buffers launched so far.
+    /// The device buffer and offset of each block of the batch.
     buffers: Vec<DeviceBuffer>,
+    offsets: Vec<u64>,
+    /// One launch's page ids and offsets, when a batch spans buffers.
+    group_pages: Vec<u32>,
+    group_offsets: Vec<u64>,
 }
 
 /// Executes plans on the tiers' device and the NVMe store. Shared by every data-plane
@@ -114,46 +113,6 @@ impl Mover {
         &self.stores
     }
 
-    /// Runs `launch(buffer, pages, offsets)` once per device buffer the batch's slots lie
-    /// in: one launch for the whole batch, unless its slots span tiers (a load from G1
-    /// and G2) or a pool registered in several chunks.
-    fn per_buffer(
-        &self,
-        scratch: &mut MoveScratch,
-        slots: impl Iterator<Item = (u32, (DeviceBuffer, u64))> + Clone,
-        mut launch: impl FnMut(DeviceBuffer, &[u32], &[u64]) -> Result<(), DeviceError>,
-    ) -> Result<(), MoveError> {
-        let total = slots.clone().count();
-        let mut covered = 0;
-        scratch.buffers.clear();
-        while covered < total {
-            let buffer = slots
-                .clone()
-                .map(|(_, (b, _))| b)
-                .find(|b| !scratch.buffers.contains(b))
-                .expect("a slot not launched yet");
-            scratch.buffers.push(buffer);
-            scratch.pages.clear();
-            scratch.offsets.clear();
-            scratch.index.clear();
-            for (k, (page, (b, offset))) in slots.clone().enumerate() {
-                if b == buffer {
-                    scratch.pages.push(page);
-                    scratch.offsets.push(offset);
-                    scratch.index.push(k);
-                }
-            }
-            launch(buffer, &scratch.pages, &scratch.offsets).map_err(|source| {
-                MoveError::Device {
-                    index: scratch.index[0],
-                    source,
-                }
-            })?;
-            covered += scratch.index.len();
-        }
-        Ok(())
-    }
-
     /// Gathers engine pages `pages[k]` into the reserved host slots of `stores[k]` (one
     /// launch) and waits for it.
     pub fn gather(
@@ -183,29 +142,57 @@ impl Mover {
     }
 
     /// One gather (`to_slots`) or scatter launch per device buffer between engine pages
-    /// and tier slots, then a wait for the engine's stream.
+    /// and tier slots (one for the whole batch unless its slots span tiers, a load from
+    /// G1 and G2, or a pool registered in several chunks), then a wait for the engine's
+    /// stream.
     fn paged(
         &self,
         engine: EngineTarget,
         pages: &[u32],
-        slots: impl Iterator<Item = (Tier, u32)> + Clone,
+        slots: impl Iterator<Item = (Tier, u32)>,
         scratch: &mut MoveScratch,
         to_slots: bool,
     ) -> Result<(), MoveError> {
-        let st = &self.stores;
-        let located = pages
-            .iter()
-            .zip(slots)
-            .map(|(&p, (tier, slot))| (p, slot_of(st, tier, slot)));
-        let device = &st.device;
-        self.per_buffer(scratch, located, |buffer, pages, offsets| {
+        let device = &self.stores.device;
+        scratch.buffers.clear();
+        scratch.offsets.clear();
+        for (tier, slot) in slots {
+            let (buffer, offset) = slot_of(&self.stores, tier, slot);
+            scratch.buffers.push(buffer);
+            scratch.offsets.push(offset);
+        }
+        let Some(&first) = scratch.buffers.first() else {
+            return Ok(());
+        };
+        let launch = |buffer, pages: &[u32], offsets: &[u64], index| {
             let (stream, kv, layout) = (engine.stream, engine.buffer, engine.layout);
             if to_slots {
                 device.gather_to_slots(stream, kv, layout, pages, buffer, offsets)
             } else {
                 device.scatter_from_slots(stream, kv, layout, pages, buffer, offsets)
             }
-        })?;
+            .map_err(|source| MoveError::Device { index, source })
+        };
+        if scratch.buffers.iter().all(|b| *b == first) {
+            launch(first, pages, &scratch.offsets, 0)?;
+        } else {
+            for k in 0..scratch.buffers.len() {
+                let buffer = scratch.buffers[k];
+                if scratch.buffers[..k].contains(&buffer) {
+                    continue; // launched with the first block in this buffer
+                }
+                scratch.group_pages.clear();
+                scratch.group_offsets.clear();
+                let rest = scratch.buffers[k..].iter().zip(&scratch.offsets[k..]);
+                for ((&b, &offset), &page) in rest.zip(&pages[k..]) {
+                    if b == buffer {
+                        scratch.group_pages.push(page);
+                        scratch.group_offsets.push(offset);
+                    }
+                }
+                launch(buffer, &scratch.group_pages, &scratch.group_offsets, k)?;
+            }
+        }
         device
             .sync_stream(engine.stream)
             .map_err(|source| MoveError::Device { index: 0, source })

@@ -75,8 +75,7 @@ pub fn save(
     if write_through || blocks.writes_through() {
         blocks.plan_write_through(&mut plan);
     }
-    let writes: Vec<_> = plan.writes.iter().map(|(_, w)| *w).collect();
-    let results = mover.write_nvme(&writes);
+    let results = mover.write_nvme(&plan.writes);
     Ok(blocks.commit_save(plan, results))
 }
 

@@ -13,7 +13,7 @@ use kvplane_daemon::session::Daemon;
 use kvplane_daemon::tier::host::HugepageMode;
 use kvplane_daemon::tier::nvme::EngineKind;
 use kvplane_daemon::tier::nvme::engine::FaultPlan;
-use kvplane_ffi::{Opcode, Pod, Status, kvp_kv_layout};
+use kvplane_ffi::{Opcode, Status, kvp_kv_layout};
 use kvplane_shm::{AttachOptions, QueuePair, Segment, Session, client};
 
 /// Engine geometry: 2 layers x 2 planes x 16 tokens x 1 head x 128 bytes = 8 KiB blocks.
@@ -74,23 +74,8 @@ pub fn attach_with_kv(socket: &Path, namespace: &str) -> (Session, QueuePair, Se
     o.kv_buffer = Some((fd, bytes));
     let mut session = Session::attach(o).expect("attach");
     let mut qp = session.take_queue_pairs().unwrap().remove(0);
-    let mut l = kvp_kv_layout::zeroed();
-    l.num_layers = LAYERS as u32;
-    l.kv_planes = 2;
-    l.page_tokens = 16;
-    l.kv_heads = 1;
-    l.head_bytes = 128;
-    l.dtype_bytes = 2;
-    l.num_pages = PAGES;
-    l.page_stride_bytes = PAGE_BYTES;
-    l.token_stride_bytes = 128;
-    l.head_stride_bytes = 128;
-    l.buffer_bytes = bytes;
-    for layer in 0..LAYERS {
-        for p in 0..2 {
-            l.plane_offset[p][layer] = ((layer * 2 + p) as u64) * PAGES * PAGE_BYTES;
-        }
-    }
+    let l = kvplane_kernels::layout::planes_per_layer(LAYERS as u32, 16, 1, 128, PAGES);
+    assert_eq!(l.buffer_bytes, bytes);
     qp.write_arena(0, kvplane_ffi::as_bytes(&l)).unwrap();
     let mut s = client::sqe(Opcode::AttachLayout, u64::MAX);
     s.arg_len = std::mem::size_of::<kvp_kv_layout>() as u32;

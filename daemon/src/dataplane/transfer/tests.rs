@@ -845,3 +845,60 @@ fn a_slot_rewritten_without_the_key_never_reaches_the_victim() {
     );
     m.check_invariants().unwrap();
 }
+
+/// A load served partly from G1 and partly from the host tier (two device buffers): the
+/// mover launches one scatter per buffer, and every block lands in its engine page exactly
+/// as the reference kernel puts it there.
+#[test]
+fn a_load_from_g1_and_host_scatters_each_block_into_its_page() {
+    use crate::dataplane::mover::{EngineTarget, MoveScratch};
+    use kvplane_kernels::{EngineKv, HostLaunch, PagedLayout};
+    let m = manager(None, 8, 0);
+    save(&m, 5, &chain(1, 4), false);
+    assert_eq!(m.promote(5, &[1, 2]), 2);
+    // 2 layers x K,V x 16 tokens x one 64-byte head: `BLOCK` bytes a block.
+    let raw = kvplane_kernels::layout::planes_per_layer(2, 16, 1, 64, 8);
+    let layout = PagedLayout::new(&raw).unwrap();
+    assert_eq!(layout.info().block_bytes, BLOCK as u64);
+    let bytes = raw.buffer_bytes as usize;
+    let mut engine = vec![0u8; bytes];
+    let device = m.mover.device();
+    let base = std::ptr::NonNull::new(engine.as_mut_ptr()).unwrap();
+    // SAFETY: `engine` outlives the registration (freed below, before it is read or
+    // dropped) and is not touched meanwhile except through the device.
+    let buffer = unsafe { device.register_host_memory(base, bytes) }.unwrap();
+    let target = EngineTarget {
+        buffer,
+        layout: device.upload_layout(&layout).unwrap(),
+        stream: device.create_stream().unwrap(),
+    };
+    let hashes = [1, 2, 3, 4];
+    let pages = [6u32, 0, 3, 5];
+    let mut scratch = MoveScratch::default();
+    let r = super::load(&m.blocks, &m.mover, 5, &hashes, |mv, items| {
+        mv.scatter(target, &pages[..items.len()], items, &mut scratch)
+    })
+    .unwrap();
+    assert_eq!(r.loaded, 4);
+    assert_eq!(r.tiers, [Tier::Hbm, Tier::Hbm, Tier::Host, Tier::Host]);
+    device.free_layout(target.layout).unwrap();
+    device.free(buffer).unwrap();
+    let mut want = vec![0u8; bytes];
+    let want_base = std::ptr::NonNull::new(want.as_mut_ptr()).unwrap();
+    // SAFETY: `want` is live for the view's life and borrowed by nothing else meanwhile.
+    let kv = unsafe { EngineKv::new(want_base, bytes) };
+    for (h, page) in hashes.iter().zip(pages) {
+        kvplane_kernels::host::scatter(
+            &kv,
+            &layout,
+            &[page],
+            &expect(5, *h),
+            HostLaunch::default(),
+        )
+        .unwrap();
+    }
+    assert!(
+        engine == want,
+        "engine pages differ from the reference scatter"
+    );
+}
