@@ -56,7 +56,9 @@ extern "C" {
 
 /* "KVPLANE1" read as a little-endian u64. */
 #define KVP_MAGIC 0x31454E414C50564BULL
-#define KVP_ABI_VERSION 1u
+/* 2: KV memory is a list of regions (host memfds, CUDA IPC and VMM allocations) sent after
+ * the attach request, and the layout names a region per layer and plane. */
+#define KVP_ABI_VERSION 2u
 
 #define KVP_CACHE_LINE 64u
 #define KVP_HEADER_BYTES 4096u
@@ -69,6 +71,10 @@ extern "C" {
 #define KVP_MAX_BLOCKS_PER_OP 65536u
 #define KVP_MAX_NAMESPACES_PER_SESSION 16u
 #define KVP_NAMESPACE_NAME_BYTES 64u
+/* KV memory regions one session may register: one tensor per layer and plane at most. */
+#define KVP_MAX_KV_REGIONS 512u
+#define KVP_GPU_UUID_BYTES 16u
+#define KVP_CUDA_IPC_HANDLE_BYTES 64u
 
 /* ---------------------------------------------------------------------------------- */
 /* Opcodes, flags, status codes, tiers, states                                         */
@@ -121,6 +127,22 @@ enum kvp_tier {
     KVP_TIER_HBM = 1,  /* G1: device memory (host memory standing in on the host backend) */
     KVP_TIER_HOST = 2, /* G2: pinned host pool */
     KVP_TIER_NVME = 3  /* G3: NVMe slots */
+};
+
+/* What a kvp_kv_region names. */
+enum kvp_region_kind {
+    KVP_REGION_NONE = 0,
+    /* Host memory: a memfd (shmem or hugetlbfs) sealed with F_SEAL_SHRINK, sent with the
+     * region's message (SCM_RIGHTS). alloc_bytes is its exact size. */
+    KVP_REGION_HOST_MEMFD = 1,
+    /* GPU memory: the legacy CUDA IPC handle (cudaIpcGetMemHandle / cuIpcGetMemHandle) of
+     * a cudaMalloc allocation's base, as PyTorch's caching allocator hands them out;
+     * alloc_bytes is the allocation's size (cuMemGetAddressRange). No descriptor. */
+    KVP_REGION_CUDA_IPC = 2,
+    /* GPU memory: a VMM allocation (cuMemCreate) exported as a POSIX file descriptor
+     * (cuMemExportToShareableHandle), sent with the region's message like a memfd;
+     * alloc_bytes is the allocation's size (a multiple of its granularity). */
+    KVP_REGION_CUDA_VMM_FD = 3
 };
 
 enum kvp_session_state {
@@ -236,10 +258,11 @@ struct kvp_block_op {
  * ([blocks, layers, 2, heads, tokens, dim]) and MLA's [blocks, tokens, latent]
  * (kv_planes = 1, kv_heads = 1, head_bytes = latent bytes).
  *
- * Address of (layer l, plane p, page b, token t, head h), relative to the engine's
- * registered KV buffer:
+ * Address of (layer l, plane p, page b, token t, head h), relative to the start of the
+ * session's KV region plane_region[p][l]:
  *   plane_offset[p][l] + b * page_stride_bytes + t * token_stride_bytes + h * head_stride_bytes
- * and head_bytes contiguous bytes live there. The daemon's block is the same data packed
+ * and head_bytes contiguous bytes live there; every page of every (layer, plane) must lie
+ * inside its region. Per-layer tensors (vLLM, SGLang) are each a region, or share one. The daemon's block is the same data packed
  * as [layers][planes][tokens][heads][head_bytes]. */
 struct kvp_kv_layout {
     uint32_t num_layers;  /* 1..KVP_MAX_LAYERS */
@@ -252,8 +275,13 @@ struct kvp_kv_layout {
     uint64_t page_stride_bytes;
     uint64_t token_stride_bytes;
     uint64_t head_stride_bytes;
-    uint64_t buffer_bytes; /* bytes of the registered KV buffer; every access must fit */
-    uint64_t plane_offset[2][KVP_MAX_LAYERS];
+    /* Written by the daemon, in the copy it hands its kernels: there plane_offset is
+     * resolved against one window over all of the session's regions and buffer_bytes is
+     * that window's length, which every access must fit. What an engine puts here is
+     * ignored (each region's length is known from the attach). */
+    uint64_t buffer_bytes;
+    uint64_t plane_offset[2][KVP_MAX_LAYERS]; /* offset in region plane_region[p][l] */
+    uint16_t plane_region[2][KVP_MAX_LAYERS]; /* index into the session's regions */
 };
 
 /* One element of a batched copy (kernels: batched block copy). */
@@ -286,7 +314,8 @@ struct kvp_stats {
 /* Attach handshake (over the daemon's Unix socket, not in shared memory)              */
 /* ---------------------------------------------------------------------------------- */
 
-/* Engine -> daemon, first message. */
+/* Engine -> daemon, first message; num_kv_regions kvp_kv_region messages follow it, each
+ * with its descriptor (SCM_RIGHTS) when its kind carries one. */
 struct kvp_attach_request {
     uint64_t magic;       /* KVP_MAGIC */
     uint32_t abi_version; /* KVP_ABI_VERSION */
@@ -294,10 +323,26 @@ struct kvp_attach_request {
     uint32_t sq_entries;
     uint32_t cq_entries;
     uint64_t arena_bytes; /* whole arena; split evenly across queue pairs */
-    uint64_t kv_buffer_bytes; /* 0, or the size of a KV buffer memfd sent with this message */
+    uint32_t num_kv_regions; /* 0..KVP_MAX_KV_REGIONS */
+    uint32_t reserved0;      /* must be zero */
     uint32_t num_namespaces;
-    uint32_t reserved0;
+    uint32_t reserved1;      /* must be zero */
     char namespaces[KVP_MAX_NAMESPACES_PER_SESSION][KVP_NAMESPACE_NAME_BYTES];
+};
+
+/* One KV memory region of the attaching engine. 128 bytes. The region is
+ * [offset_bytes, offset_bytes + len_bytes) of the allocation the handle or descriptor names,
+ * which is alloc_bytes long. The daemon checks every field and imports every region before
+ * it answers; one bad region refuses that attach only, naming the region. */
+struct kvp_kv_region {
+    uint32_t kind;         /* enum kvp_region_kind */
+    uint32_t flags;        /* must be zero */
+    uint64_t alloc_bytes;
+    uint64_t offset_bytes;
+    uint64_t len_bytes;    /* > 0 */
+    uint8_t gpu_uuid[KVP_GPU_UUID_BYTES]; /* CUDA kinds: the GPU's UUID (cuDeviceGetUuid); host: zero */
+    uint8_t handle[KVP_CUDA_IPC_HANDLE_BYTES]; /* KVP_REGION_CUDA_IPC: the IPC handle; else zero */
+    uint8_t reserved[16];  /* must be zero */
 };
 
 /* Daemon -> engine reply; a memfd for the segment comes with it (SCM_RIGHTS) when
@@ -323,13 +368,15 @@ struct kvp_attach_reply {
 struct kvp_client;
 struct kvp_queue;
 
-/* Attach to the daemon at socket_path. kv_buffer_fd < 0 when there is no KV buffer to
- * register (otherwise a sealed memfd of kv_buffer_bytes, host backend). */
+/* Attach to the daemon at socket_path, registering num_regions KV memory regions
+ * (0: none). region_fds[i] is region i's descriptor for the kinds that carry one
+ * (KVP_REGION_HOST_MEMFD, KVP_REGION_CUDA_VMM_FD) and -1 otherwise; the library does not
+ * close them. */
 int32_t kvp_client_attach(const char *socket_path, uint32_t num_queue_pairs,
                           uint32_t ring_entries, uint64_t arena_bytes,
                           const char *const *namespaces, uint32_t num_namespaces,
-                          int32_t kv_buffer_fd, uint64_t kv_buffer_bytes,
-                          struct kvp_client **out);
+                          const struct kvp_kv_region *regions, const int32_t *region_fds,
+                          uint32_t num_regions, struct kvp_client **out);
 uint64_t kvp_client_session_id(const struct kvp_client *client);
 /* Detach: the daemon reclaims the session. Queues taken from it stay valid to free. */
 void kvp_client_detach(struct kvp_client *client);
@@ -379,7 +426,8 @@ KVP_STATIC_ASSERT(offsetof(struct kvp_segment_header, queue_pairs) == 256, "line
 KVP_STATIC_ASSERT(sizeof(struct kvp_segment_header) <= KVP_HEADER_BYTES, "header fits");
 KVP_STATIC_ASSERT(sizeof(struct kvp_block_op) == 24, "block op");
 KVP_STATIC_ASSERT(sizeof(struct kvp_copy_desc) == 24, "copy desc");
-KVP_STATIC_ASSERT(sizeof(struct kvp_kv_layout) == 64 + 2 * 8 * KVP_MAX_LAYERS, "layout");
+KVP_STATIC_ASSERT(sizeof(struct kvp_kv_layout) == 64 + 2 * 10 * KVP_MAX_LAYERS, "layout");
+KVP_STATIC_ASSERT(sizeof(struct kvp_kv_region) == 128, "kv region");
 #endif
 
 #ifdef __cplusplus

@@ -13,6 +13,9 @@ pub const MAX_LAYERS: usize = b::KVP_MAX_LAYERS as usize;
 pub const MAX_BLOCKS_PER_OP: u32 = b::KVP_MAX_BLOCKS_PER_OP;
 pub const MAX_NAMESPACES_PER_SESSION: usize = b::KVP_MAX_NAMESPACES_PER_SESSION as usize;
 pub const NAMESPACE_NAME_BYTES: usize = b::KVP_NAMESPACE_NAME_BYTES as usize;
+pub const MAX_KV_REGIONS: usize = b::KVP_MAX_KV_REGIONS as usize;
+pub const GPU_UUID_BYTES: usize = b::KVP_GPU_UUID_BYTES as usize;
+pub const CUDA_IPC_HANDLE_BYTES: usize = b::KVP_CUDA_IPC_HANDLE_BYTES as usize;
 pub const RING_HEADER_BYTES: usize = core::mem::size_of::<b::kvp_ring_header>();
 
 pub const SQE_F_PREFIX_ONLY: u16 = b::KVP_SQE_F_PREFIX_ONLY as u16;
@@ -75,6 +78,33 @@ c_enum!(
         Internal = b::kvp_status_KVP_E_INTERNAL,
     }
 );
+
+c_enum!(
+    /// `enum kvp_region_kind` (without `NONE`, which is never a valid region).
+    RegionKind: u32 {
+        HostMemfd = b::kvp_region_kind_KVP_REGION_HOST_MEMFD,
+        CudaIpc = b::kvp_region_kind_KVP_REGION_CUDA_IPC,
+        CudaVmmFd = b::kvp_region_kind_KVP_REGION_CUDA_VMM_FD,
+    }
+);
+
+impl RegionKind {
+    /// Whether a region of this kind arrives with a file descriptor (SCM_RIGHTS).
+    pub fn carries_fd(self) -> bool {
+        matches!(self, RegionKind::HostMemfd | RegionKind::CudaVmmFd)
+    }
+    /// Whether the memory is on a GPU (needs the cuda backend).
+    pub fn is_device(self) -> bool {
+        matches!(self, RegionKind::CudaIpc | RegionKind::CudaVmmFd)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            RegionKind::HostMemfd => "host memfd",
+            RegionKind::CudaIpc => "CUDA IPC",
+            RegionKind::CudaVmmFd => "CUDA VMM fd",
+        }
+    }
+}
 
 c_enum!(
     /// `enum kvp_session_state`.
@@ -140,6 +170,7 @@ pod!(
     b::kvp_cqe,
     b::kvp_block_op,
     b::kvp_kv_layout,
+    b::kvp_kv_region,
     b::kvp_stats,
     b::kvp_attach_request,
     b::kvp_attach_reply,
@@ -204,5 +235,50 @@ impl b::kvp_block_op {
             status: 0,
             reserved: [0; 2],
         }
+    }
+}
+
+impl b::kvp_kv_region {
+    fn with(kind: RegionKind, alloc_bytes: u64, offset_bytes: u64, len_bytes: u64) -> Self {
+        let mut r: b::kvp_kv_region = Pod::zeroed();
+        r.kind = kind.raw();
+        r.alloc_bytes = alloc_bytes;
+        r.offset_bytes = offset_bytes;
+        r.len_bytes = len_bytes;
+        r
+    }
+    /// The whole of a sealed host memfd of `bytes` (its descriptor travels with it).
+    pub fn host_memfd(bytes: u64) -> Self {
+        Self::with(RegionKind::HostMemfd, bytes, 0, bytes)
+    }
+    /// `[offset_bytes, +len_bytes)` of the `cudaMalloc` allocation of `alloc_bytes` whose
+    /// base `handle` (cudaIpcGetMemHandle) names, on the GPU `gpu_uuid`.
+    pub fn cuda_ipc(
+        handle: [u8; CUDA_IPC_HANDLE_BYTES],
+        gpu_uuid: [u8; GPU_UUID_BYTES],
+        alloc_bytes: u64,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Self {
+        let mut r = Self::with(RegionKind::CudaIpc, alloc_bytes, offset_bytes, len_bytes);
+        r.handle = handle;
+        r.gpu_uuid = gpu_uuid;
+        r
+    }
+    /// `[offset_bytes, +len_bytes)` of a VMM allocation of `alloc_bytes` exported as a POSIX
+    /// file descriptor (which travels with it), on the GPU `gpu_uuid`.
+    pub fn cuda_vmm_fd(
+        gpu_uuid: [u8; GPU_UUID_BYTES],
+        alloc_bytes: u64,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Self {
+        let mut r = Self::with(RegionKind::CudaVmmFd, alloc_bytes, offset_bytes, len_bytes);
+        r.gpu_uuid = gpu_uuid;
+        r
+    }
+    /// The region's kind, if `kind` names one.
+    pub fn region_kind(&self) -> Option<RegionKind> {
+        RegionKind::from_raw(self.kind)
     }
 }

@@ -27,8 +27,8 @@ pub struct AttachOptions {
     pub cq_entries: u32,
     pub arena_bytes: u64,
     pub namespaces: Vec<String>,
-    /// Host backend: a sealed memfd holding the engine's paged KV pool, and its size.
-    pub kv_buffer: Option<(OwnedFd, u64)>,
+    /// The engine's KV memory (host memfds, GPU allocations); layouts name them by index.
+    pub kv_regions: Vec<handshake::EngineRegion>,
     pub wait: WaitPolicy,
 }
 
@@ -41,9 +41,17 @@ impl AttachOptions {
             cq_entries: 256,
             arena_bytes: 1 << 20,
             namespaces: Vec::new(),
-            kv_buffer: None,
+            kv_regions: Vec::new(),
             wait: WaitPolicy::default(),
         }
+    }
+
+    /// Registers a sealed host memfd of `bytes` as the next KV region (the common case on
+    /// the host backend: one pool in one memfd, region 0).
+    pub fn host_kv_buffer(&mut self, fd: OwnedFd, bytes: u64) -> &mut Self {
+        self.kv_regions
+            .push(handshake::EngineRegion::host_memfd(fd, bytes));
+        self
     }
 }
 
@@ -107,24 +115,18 @@ impl Session {
             reason: format!("connect: {e}"),
         })?;
         let names: Vec<&str> = opts.namespaces.iter().map(String::as_str).collect();
-        let kv_bytes = opts.kv_buffer.as_ref().map_or(0, |(_, b)| *b);
         let req = handshake::build_request(
             opts.queue_pairs,
             opts.sq_entries,
             opts.cq_entries,
             opts.arena_bytes,
             &names,
-            kv_bytes,
+            opts.kv_regions.len(),
         )?;
-        use std::os::fd::AsRawFd;
         // A daemon that refuses before reading (a uid with no namespace, too many attaches
         // in progress) has already sent its reply and closed: the send then fails, and the
         // reply, still readable, says why.
-        let sent = sys::send_with_fd(
-            &stream,
-            ffi::as_bytes(&req),
-            opts.kv_buffer.as_ref().map(|(fd, _)| fd.as_raw_fd()),
-        );
+        let sent = handshake::send_request(&stream, &req, &opts.kv_regions);
         let mut buf = [0u8; std::mem::size_of::<kvp_attach_reply>()];
         let fd = match (sys::recv_with_fd(&stream, &mut buf), sent) {
             (Ok(fd), _) => fd,

@@ -13,12 +13,15 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use kvplane_ffi::{
-    self as ffi, Opcode, Pod, Status, kvp_attach_request, kvp_block_op, kvp_cqe, kvp_kv_layout,
-    kvp_sqe, kvp_stats,
+    self as ffi, Opcode, Pod, RegionKind, Status, kvp_attach_request, kvp_block_op, kvp_cqe,
+    kvp_kv_layout, kvp_kv_region, kvp_sqe, kvp_stats,
 };
 
 use crate::error::ShmError;
-use crate::handshake::{build_request, read_request, valid_namespace_name};
+use crate::handshake::{
+    MAX_ATTACH_BYTES, REGION_BYTES, REQUEST_BYTES, build_request, read_request,
+    valid_namespace_name,
+};
 use crate::ring::ring_offsets::{BELL_WORD, HEAD, TAIL};
 use crate::segment::{Geometry, QpGeometry, Segment};
 use crate::server::{ServerQueuePair, completion, validate_sqe};
@@ -441,11 +444,15 @@ pub fn seeds_server_rings() -> Vec<Seed> {
 // ---------------------------------------------------------------------------------------
 
 /// Input: what to send along (byte 0: no descriptor, a sealed memfd of 4 KiB, /dev/null,
-/// an unsealed memfd of 4 KiB, or a sealed hugetlb memfd of 2 MiB), then the request bytes, sent over a real Unix socket pair (a short input is
-/// a peer hanging up mid-request). Properties of an accepted request: every namespace
-/// obeys the name rule and there are at most `MAX_NAMESPACES_PER_SESSION`; a KV buffer
-/// comes back iff `kv_buffer_bytes` is non-zero, and it is a shrink-sealed shmem memfd of
-/// exactly that size; the numbers are the ones sent. Returns whether the request was accepted.
+/// an unsealed memfd of 4 KiB, or a sealed hugetlb memfd of 2 MiB), then the request bytes
+/// and region bytes, sent over a real Unix socket pair: the request in one message, each
+/// 128-byte region in one more, the descriptor with the first region (or with the request
+/// when there is none); a short input is a peer hanging up mid-request. Properties of an
+/// accepted request: every namespace obeys the name rule and there are at most
+/// `MAX_NAMESPACES_PER_SESSION`; as many regions as announced (at most `MAX_KV_REGIONS`),
+/// each inside its allocation, not empty, with a descriptor exactly when its kind carries
+/// one; a host memfd region's descriptor is a shrink-sealed memfd of exactly its
+/// `alloc_bytes`; the numbers are the ones sent. Returns whether the request was accepted.
 pub fn check_attach_request(data: &[u8]) -> bool {
     let mut b = Bytes(data);
     let fd_kind = b.u8() % 5;
@@ -462,17 +469,23 @@ pub fn check_attach_request(data: &[u8]) -> bool {
             Some(fd)
         }
     };
-    let request_bytes = std::mem::size_of::<kvp_attach_request>();
-    let sent = &body[..body.len().min(request_bytes)];
-    if !sent.is_empty() {
-        sys::send_with_fd(&ours, sent, fd.as_ref().map(|f| f.as_raw_fd())).expect("send");
+    let sent = &body[..body.len().min(MAX_ATTACH_BYTES)];
+    let (head, regions) = sent.split_at(sent.len().min(REQUEST_BYTES));
+    let mut fd_left = fd.as_ref().map(|f| f.as_raw_fd());
+    if !head.is_empty() {
+        let with = if regions.is_empty() { fd_left.take() } else { None };
+        sys::send_with_fd(&ours, head, with).expect("send");
+    }
+    for chunk in regions.chunks(REGION_BYTES) {
+        // A peer may hang up before reading everything: a failed send is fine.
+        let _ = sys::send_with_fd(&ours, chunk, fd_left.take());
     }
     drop(ours); // a short request then reads as the peer hanging up
     let Ok(req) = read_request(&daemon) else {
         return false;
     };
-    assert_eq!(sent.len(), request_bytes, "accepted a short request");
-    let raw: kvp_attach_request = ffi::read_pod(sent).expect("full request");
+    assert!(head.len() == REQUEST_BYTES, "accepted a short request");
+    let raw: kvp_attach_request = ffi::read_pod(head).expect("full request");
     assert_eq!(raw.magic, ffi::MAGIC);
     assert_eq!(raw.abi_version, ffi::ABI_VERSION);
     assert!(req.namespaces.len() <= ffi::MAX_NAMESPACES_PER_SESSION);
@@ -494,24 +507,33 @@ pub fn check_attach_request(data: &[u8]) -> bool {
             raw.arena_bytes
         )
     );
-    match &req.kv_buffer {
-        None => assert_eq!(raw.kv_buffer_bytes, 0),
-        Some(kv) => {
-            assert_eq!(kv.bytes, raw.kv_buffer_bytes);
-            assert!(kv.bytes > 0);
+    assert_eq!(req.kv_regions.len(), raw.num_kv_regions as usize);
+    assert!(req.kv_regions.len() <= ffi::MAX_KV_REGIONS);
+    assert!(regions.len() >= req.kv_regions.len() * REGION_BYTES);
+    let fds: usize = req.kv_regions.iter().filter(|r| r.fd.is_some()).count();
+    assert!(fds <= usize::from(fd_kind != 0), "one descriptor was sent");
+    for (i, r) in req.kv_regions.iter().enumerate() {
+        let d = &r.desc;
+        let sent: kvp_kv_region =
+            ffi::read_pod(&regions[i * REGION_BYTES..]).expect("region bytes");
+        assert_eq!(ffi::as_bytes(d), ffi::as_bytes(&sent), "region #{i} as sent");
+        assert!(d.len_bytes > 0 && d.offset_bytes + d.len_bytes <= d.alloc_bytes);
+        assert_eq!(r.fd.is_some(), r.kind.carries_fd(), "region #{i}");
+        if r.kind == RegionKind::HostMemfd {
+            let fd = r.fd.as_ref().expect("checked above").as_raw_fd();
             assert!(
                 fd_kind == 1 || fd_kind == 4,
                 "only the sealed memfds may be accepted (kind {fd_kind})"
             );
-            assert_eq!(sys::fd_size(kv.fd.as_raw_fd()).expect("fstat"), kv.bytes);
-            let seals = sys::memfd_seals(kv.fd.as_raw_fd()).expect("seals");
+            assert_eq!(sys::fd_size(fd).expect("fstat"), d.alloc_bytes);
+            let seals = sys::memfd_seals(fd).expect("seals");
             assert_ne!(seals & libc::F_SEAL_SHRINK, 0);
             let want = if fd_kind == 1 {
                 sys::Backing::Shmem
             } else {
                 sys::Backing::Hugetlb
             };
-            assert_eq!(kv.backing, want, "the daemon decides on hugetlb by this");
+            assert_eq!(r.backing, Some(want), "the daemon decides on hugetlb by this");
         }
     }
     // The engine's encoder reproduces what was accepted.
@@ -522,7 +544,7 @@ pub fn check_attach_request(data: &[u8]) -> bool {
         req.cq_entries,
         req.arena_bytes,
         &names,
-        raw.kv_buffer_bytes,
+        req.kv_regions.len(),
     )
     .expect("an accepted request re-encodes");
     for (i, name) in names.iter().enumerate() {
@@ -544,38 +566,53 @@ fn fuzz_memfd(flags: u32, bytes: u64) -> OwnedFd {
     file.into()
 }
 
-/// Requests the engine's `build_request` makes: with and without a KV buffer, with
-/// several namespaces, and with the maximum number.
+/// Requests the engine's `build_request` makes: with and without KV regions (host memfds
+/// and GPU handles), with several namespaces, and with the maximum number.
 pub fn seeds_attach_request() -> Vec<Seed> {
-    let with = |fd_kind: u8, req: kvp_attach_request| {
+    let with = |fd_kind: u8, req: kvp_attach_request, regions: &[kvp_kv_region]| {
         let mut v = vec![fd_kind];
         v.extend_from_slice(ffi::as_bytes(&req));
+        for r in regions {
+            v.extend_from_slice(ffi::as_bytes(r));
+        }
         v
     };
     let many: Vec<String> = (0..ffi::MAX_NAMESPACES_PER_SESSION)
         .map(|i| format!("tenant-{i}/model@lora.{i}:v1"))
         .collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
-    let req =
-        |names: &[&str], kv: u64| build_request(4, 256, 256, 1 << 20, names, kv).expect("valid");
+    let req = |names: &[&str], regions: usize| {
+        build_request(4, 256, 256, 1 << 20, names, regions).expect("valid")
+    };
+    let memfd = kvp_kv_region::host_memfd(4096);
+    let ipc = kvp_kv_region::cuda_ipc([0xab; 64], [0x5a; 16], 1 << 30, 1 << 20, 1 << 29);
+    let vmm = kvp_kv_region::cuda_vmm_fd([0x5a; 16], 2 << 20, 0, 2 << 20);
     vec![
-        ("seed-plain".into(), with(0, req(&["default"], 0))),
+        ("seed-plain".into(), with(0, req(&["default"], 0), &[])),
         (
             "seed-kv-buffer".into(),
-            with(1, req(&["tenant-a/llama-70b"], 4096)),
+            with(1, req(&["tenant-a/llama-70b"], 1), &[memfd]),
         ),
         (
             "seed-unsealed-buffer".into(),
-            with(2, req(&["a", "b"], 4096)),
+            with(2, req(&["a", "b"], 1), &[memfd]),
         ),
-        ("seed-max-namespaces".into(), with(0, req(&many, 0))),
+        ("seed-max-namespaces".into(), with(0, req(&many, 0), &[])),
         (
             "seed-shrinkable-memfd".into(),
-            with(3, req(&["tenant-a/llama-70b"], 4096)),
+            with(3, req(&["tenant-a/llama-70b"], 1), &[memfd]),
         ),
         (
             "seed-hugetlb-memfd".into(),
-            with(4, req(&["tenant-a/llama-70b"], 2 << 20)),
+            with(4, req(&["tenant-a/llama-70b"], 1), &[kvp_kv_region::host_memfd(2 << 20)]),
+        ),
+        (
+            "seed-gpu-regions".into(),
+            with(1, req(&["tenant-a/llama-70b"], 3), &[ipc, memfd, ipc]),
+        ),
+        (
+            "seed-vmm-region".into(),
+            with(2, req(&["tenant-a/llama-70b"], 2), &[vmm, ipc]),
         ),
     ]
 }

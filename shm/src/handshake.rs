@@ -1,7 +1,13 @@
 //! The attach handshake over the daemon's Unix socket.
 //!
-//! engine -> daemon: `kvp_attach_request` (+ optionally a memfd of its KV buffer)
+//! engine -> daemon: `kvp_attach_request`, then `num_kv_regions` `kvp_kv_region`s, each
+//!                   with its descriptor (SCM_RIGHTS) when its kind carries one
 //! daemon -> engine: `kvp_attach_reply` (+ the session segment's memfd when status is OK)
+//!
+//! Descriptors are matched to the regions whose kinds carry one, in order; a descriptor
+//! too many or too few refuses the attach. The handshake checks what it can without a
+//! device (kinds, ranges, zero fields, memfd seals and sizes); importing device memory
+//! and checking the GPU is the daemon's.
 //!
 //! The connection then stays open for the life of the session: its hang-up is how each
 //! side learns the other died, even if a pid is reused.
@@ -10,7 +16,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use kvplane_ffi::{self as ffi, Pod, kvp_attach_reply, kvp_attach_request};
+use kvplane_ffi::{self as ffi, Pod, RegionKind, kvp_attach_reply, kvp_attach_request, kvp_kv_region};
 
 use crate::error::{Result, ShmError};
 use crate::sys::{self, PeerCred};
@@ -27,23 +33,43 @@ pub struct AttachRequest {
     pub cq_entries: u32,
     pub arena_bytes: u64,
     pub namespaces: Vec<String>,
-    /// The engine's KV buffer (host backend), checked to be a memfd that cannot shrink,
-    /// of exactly the size the request announced.
-    pub kv_buffer: Option<KvBuffer>,
+    /// The engine's KV memory, in the order it sent it (layouts name regions by index).
+    pub kv_regions: Vec<KvRegion>,
 }
 
-/// An engine's KV buffer as the handshake accepted it: a memfd (shmem or hugetlbfs)
-/// sealed against shrinking, whose size is exactly `bytes`. Whether hugetlb backing is
-/// acceptable is the daemon's policy (`Backing::Hugetlb` can fault when the pool runs dry).
+/// One KV memory region as the handshake accepted it.
 #[derive(Debug)]
-pub struct KvBuffer {
-    pub fd: OwnedFd,
-    pub bytes: u64,
-    pub backing: sys::Backing,
+pub struct KvRegion {
+    pub kind: RegionKind,
+    /// The descriptor as sent; `offset_bytes + len_bytes <= alloc_bytes` holds, the flags
+    /// and reserved bytes are zero, and the uuid/handle fields are set as `kind` needs.
+    pub desc: kvp_kv_region,
+    /// Present exactly when `kind.carries_fd()`.
+    pub fd: Option<OwnedFd>,
+    /// Host memfds: what backs the memory (whether hugetlb is acceptable is the daemon's
+    /// policy: its pages can fault when the pool runs dry).
+    pub backing: Option<sys::Backing>,
 }
 
-/// Checks a KV buffer descriptor an engine sent: everything that lets its backing vanish
-/// under the daemon's mapping is refused here. The seals are read first: once
+/// Engine side: one region to register, with its descriptor when its kind carries one.
+#[derive(Debug)]
+pub struct EngineRegion {
+    pub desc: kvp_kv_region,
+    pub fd: Option<OwnedFd>,
+}
+
+impl EngineRegion {
+    /// The whole of a sealed host memfd of `bytes`.
+    pub fn host_memfd(fd: OwnedFd, bytes: u64) -> Self {
+        EngineRegion {
+            desc: kvp_kv_region::host_memfd(bytes),
+            fd: Some(fd),
+        }
+    }
+}
+
+/// Checks a host memfd an engine sent: everything that lets its backing vanish under the
+/// daemon's mapping is refused here. The seals are read first: once
 /// `F_SEAL_SHRINK` is set it can never be removed, so the size read after it is final
 /// (reading the size first would let the engine shrink the file, then seal it).
 fn check_kv_buffer(fd: &OwnedFd, bytes: u64) -> std::result::Result<sys::Backing, String> {
@@ -95,8 +121,12 @@ fn parse_name(raw: &[core::ffi::c_char]) -> Option<String> {
     valid_namespace_name(&s).then_some(s)
 }
 
-/// Bytes of one attach request on the wire.
+/// Bytes of one attach request on the wire (the regions that follow it not counted).
 pub const REQUEST_BYTES: usize = std::mem::size_of::<kvp_attach_request>();
+/// Bytes of one region on the wire.
+pub const REGION_BYTES: usize = std::mem::size_of::<kvp_kv_region>();
+/// The most bytes one attach may send: the request and the most regions.
+pub const MAX_ATTACH_BYTES: usize = REQUEST_BYTES + ffi::MAX_KV_REGIONS * REGION_BYTES;
 
 /// Daemon side: read and validate the request of a freshly accepted connection, blocking
 /// up to [`HANDSHAKE_TIMEOUT`] for it.
@@ -111,10 +141,14 @@ pub fn read_request(stream: &UnixStream) -> Result<AttachRequest> {
 
 /// An attach request read in pieces from a non-blocking socket, so one thread can wait
 /// on many connections at once and a peer that sends a byte at a time holds no thread.
+/// The request comes first; its `num_kv_regions` (checked against the maximum before any
+/// room is made for them) says how many region messages follow.
 pub struct RequestReader {
-    buf: Box<[u8; REQUEST_BYTES]>,
+    buf: Vec<u8>,
     got: usize,
-    fd: Option<OwnedFd>,
+    /// Bytes expected in all: the request, then the regions once it has been read.
+    want: usize,
+    fds: Vec<OwnedFd>,
 }
 
 impl Default for RequestReader {
@@ -126,9 +160,10 @@ impl Default for RequestReader {
 impl RequestReader {
     pub fn new() -> RequestReader {
         RequestReader {
-            buf: Box::new([0u8; REQUEST_BYTES]),
+            buf: vec![0u8; REQUEST_BYTES],
             got: 0,
-            fd: None,
+            want: REQUEST_BYTES,
+            fds: Vec::new(),
         }
     }
 
@@ -137,32 +172,63 @@ impl RequestReader {
         self.got
     }
 
-    /// Reads what the peer has sent: `Ok(true)` once the whole request is in, `Ok(false)`
-    /// when more is to come (with `dont_wait`, nothing more is there yet). A hang-up
-    /// before the end is an error naming how much came.
+    /// Reads what the peer has sent: `Ok(true)` once the request and all its regions are
+    /// in, `Ok(false)` when more is to come (with `dont_wait`, nothing more is there yet).
+    /// A hang-up before the end is an error naming how much came.
     pub fn read_more(&mut self, stream: &UnixStream, dont_wait: bool) -> Result<bool> {
-        while self.got < REQUEST_BYTES {
-            match sys::recv_some(stream, &mut self.buf[self.got..], &mut self.fd, dont_wait) {
-                Ok(0) => {
-                    return Err(self.failed(
-                        stream,
-                        format!(
-                            "reading the attach request: the peer hung up after {} of {REQUEST_BYTES} bytes",
-                            self.got
-                        ),
-                    ));
-                }
-                Ok(n) => self.got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) if dont_wait && e.kind() == std::io::ErrorKind::WouldBlock => {
-                    return Ok(false);
-                }
-                Err(e) => {
-                    return Err(self.failed(stream, format!("reading the attach request: {e}")));
+        loop {
+            while self.got < self.want {
+                // One more descriptor than any request may carry, so a surplus is seen.
+                let max_fds = ffi::MAX_KV_REGIONS + 1;
+                match sys::recv_some(
+                    stream,
+                    &mut self.buf[self.got..self.want],
+                    &mut self.fds,
+                    max_fds,
+                    dont_wait,
+                ) {
+                    Ok(0) => {
+                        return Err(self.failed(
+                            stream,
+                            format!(
+                                "reading the attach request: the peer hung up after {} of {} bytes",
+                                self.got, self.want
+                            ),
+                        ));
+                    }
+                    Ok(n) => self.got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) if dont_wait && e.kind() == std::io::ErrorKind::WouldBlock => {
+                        return Ok(false);
+                    }
+                    Err(e) => {
+                        return Err(
+                            self.failed(stream, format!("reading the attach request: {e}"))
+                        );
+                    }
                 }
             }
+            if self.want > REQUEST_BYTES {
+                return Ok(true);
+            }
+            // The request is in: make room for the regions it announces (bounded first).
+            let req: kvp_attach_request = ffi::read_pod(&self.buf).expect("one whole request");
+            let regions = req.num_kv_regions as usize;
+            if regions > ffi::MAX_KV_REGIONS {
+                return Err(self.failed(
+                    stream,
+                    format!(
+                        "{regions} KV regions (at most {})",
+                        ffi::MAX_KV_REGIONS
+                    ),
+                ));
+            }
+            if regions == 0 {
+                return Ok(true);
+            }
+            self.want = REQUEST_BYTES + regions * REGION_BYTES;
+            self.buf.resize(self.want, 0);
         }
-        Ok(true)
     }
 
     fn failed(&self, stream: &UnixStream, reason: String) -> ShmError {
@@ -175,24 +241,57 @@ impl RequestReader {
     /// Validates the complete request (call after `read_more` returned `Ok(true)`).
     pub fn finish(self, stream: &UnixStream) -> Result<AttachRequest> {
         let peer = sys::peer_cred(stream).map_err(|e| ShmError::io("SO_PEERCRED", e))?;
-        if self.got < REQUEST_BYTES {
+        if self.got < self.want || self.got < REQUEST_BYTES {
             return Err(ShmError::Handshake {
                 peer: format!("pid {} uid {}", peer.pid, peer.uid),
-                reason: format!("incomplete request: {} of {REQUEST_BYTES} bytes", self.got),
+                reason: format!("incomplete request: {} of {} bytes", self.got, self.want),
             });
         }
-        parse_request(peer, &self.buf, self.fd)
+        parse_request(peer, &self.buf[..self.got], self.fds)
     }
 }
 
-/// Validates a complete request from `peer`, with the descriptor that came with it.
-fn parse_request(
-    peer: PeerCred,
-    buf: &[u8; REQUEST_BYTES],
-    fd: Option<OwnedFd>,
-) -> Result<AttachRequest> {
+/// Checks one region's fields that need no device and no descriptor.
+fn check_region(r: &kvp_kv_region) -> std::result::Result<RegionKind, String> {
+    let kind = r
+        .region_kind()
+        .ok_or_else(|| format!("unknown kind {}", r.kind))?;
+    if r.flags != 0 || r.reserved.iter().any(|&b| b != 0) {
+        return Err("flags and reserved bytes must be zero".into());
+    }
+    if r.len_bytes == 0 {
+        return Err("len_bytes is 0".into());
+    }
+    match r.offset_bytes.checked_add(r.len_bytes) {
+        Some(end) if end <= r.alloc_bytes => {}
+        _ => {
+            return Err(format!(
+                "offset {} + len {} past the allocation's {} bytes",
+                r.offset_bytes, r.len_bytes, r.alloc_bytes
+            ));
+        }
+    }
+    let uuid_set = r.gpu_uuid.iter().any(|&b| b != 0);
+    let handle_set = r.handle.iter().any(|&b| b != 0);
+    match kind {
+        RegionKind::HostMemfd if uuid_set || handle_set => {
+            Err("host memfd with a GPU uuid or IPC handle".into())
+        }
+        RegionKind::CudaIpc if !uuid_set || !handle_set => {
+            Err("CUDA IPC region needs gpu_uuid and handle".into())
+        }
+        RegionKind::CudaVmmFd if !uuid_set || handle_set => {
+            Err("CUDA VMM region needs gpu_uuid and no IPC handle".into())
+        }
+        _ => Ok(kind),
+    }
+}
+
+/// Validates a complete request from `peer`: the request, its regions, and the
+/// descriptors that came with them, in order.
+fn parse_request(peer: PeerCred, buf: &[u8], fds: Vec<OwnedFd>) -> Result<AttachRequest> {
     let who = || format!("pid {} uid {}", peer.pid, peer.uid);
-    let req: kvp_attach_request = ffi::read_pod(buf).expect("buffer is exactly one request");
+    let req: kvp_attach_request = ffi::read_pod(buf).expect("buffer holds one request");
     let bad = |reason: String| ShmError::Handshake {
         peer: who(),
         reason,
@@ -202,10 +301,13 @@ fn parse_request(
     }
     if req.abi_version != ffi::ABI_VERSION {
         return Err(bad(format!(
-            "ABI version {} (daemon speaks {})",
+            "ABI version {} (daemon speaks {}): update the engine's kvplane client",
             req.abi_version,
             ffi::ABI_VERSION
         )));
+    }
+    if req.reserved0 != 0 || req.reserved1 != 0 {
+        return Err(bad("reserved request fields must be zero".into()));
     }
     if req.num_namespaces as usize > ffi::MAX_NAMESPACES_PER_SESSION {
         return Err(bad(format!(
@@ -225,19 +327,42 @@ fn parse_request(
             }
         }
     }
-    let kv_buffer = match (fd, req.kv_buffer_bytes) {
-        (None, 0) => None,
-        (Some(_), 0) => return Err(bad("a file descriptor came without kv_buffer_bytes".into())),
-        (Some(fd), bytes) => {
-            let backing = check_kv_buffer(&fd, bytes).map_err(bad)?;
-            Some(KvBuffer { fd, bytes, backing })
-        }
-        (None, bytes) => {
-            return Err(bad(format!(
-                "kv_buffer_bytes = {bytes} but no file descriptor came with it"
-            )));
-        }
-    };
+    let regions = req.num_kv_regions as usize;
+    if regions > ffi::MAX_KV_REGIONS || buf.len() != REQUEST_BYTES + regions * REGION_BYTES {
+        return Err(bad(format!("{regions} KV regions announced, {} bytes sent", buf.len())));
+    }
+    let mut fds = fds.into_iter();
+    let mut kv_regions = Vec::with_capacity(regions);
+    for i in 0..regions {
+        let at = REQUEST_BYTES + i * REGION_BYTES;
+        let desc: kvp_kv_region = ffi::read_pod(&buf[at..]).expect("bounds checked above");
+        let kind = check_region(&desc).map_err(|e| bad(format!("KV region #{i}: {e}")))?;
+        let fd = if kind.carries_fd() {
+            Some(fds.next().ok_or_else(|| {
+                bad(format!("KV region #{i} ({}): no descriptor came with it", kind.name()))
+            })?)
+        } else {
+            None
+        };
+        let backing = match (&fd, kind) {
+            (Some(fd), RegionKind::HostMemfd) => Some(
+                check_kv_buffer(fd, desc.alloc_bytes)
+                    .map_err(|e| bad(format!("KV region #{i}: {e}")))?,
+            ),
+            _ => None,
+        };
+        kv_regions.push(KvRegion {
+            kind,
+            desc,
+            fd,
+            backing,
+        });
+    }
+    if fds.next().is_some() {
+        return Err(bad(
+            "more file descriptors than KV regions that carry one".into()
+        ));
+    }
     Ok(AttachRequest {
         peer,
         num_queue_pairs: req.num_queue_pairs,
@@ -245,7 +370,7 @@ fn parse_request(
         cq_entries: req.cq_entries,
         arena_bytes: req.arena_bytes,
         namespaces,
-        kv_buffer,
+        kv_regions,
     })
 }
 
@@ -283,8 +408,15 @@ pub fn build_request(
     cq_entries: u32,
     arena_bytes: u64,
     namespaces: &[&str],
-    kv_buffer_bytes: u64,
+    num_kv_regions: usize,
 ) -> Result<kvp_attach_request> {
+    if num_kv_regions > ffi::MAX_KV_REGIONS {
+        return Err(ShmError::Geometry {
+            field: "kv_regions",
+            value: num_kv_regions as u64,
+            reason: "at most KVP_MAX_KV_REGIONS (512) KV regions per session",
+        });
+    }
     if namespaces.len() > ffi::MAX_NAMESPACES_PER_SESSION {
         return Err(ShmError::Geometry {
             field: "namespaces",
@@ -299,7 +431,7 @@ pub fn build_request(
     req.sq_entries = sq_entries;
     req.cq_entries = cq_entries;
     req.arena_bytes = arena_bytes;
-    req.kv_buffer_bytes = kv_buffer_bytes;
+    req.num_kv_regions = num_kv_regions as u32;
     req.num_namespaces = namespaces.len() as u32;
     for (i, ns) in namespaces.iter().enumerate() {
         if ns.is_empty() || ns.len() >= ffi::NAMESPACE_NAME_BYTES {
@@ -314,6 +446,24 @@ pub fn build_request(
         }
     }
     Ok(req)
+}
+
+/// Engine side: send `req` and then each region, each in a message of its own with its
+/// descriptor (so descriptors arrive in region order).
+pub fn send_request(
+    stream: &UnixStream,
+    req: &kvp_attach_request,
+    regions: &[EngineRegion],
+) -> std::io::Result<()> {
+    sys::send_with_fd(stream, ffi::as_bytes(req), None)?;
+    for r in regions {
+        sys::send_with_fd(
+            stream,
+            ffi::as_bytes(&r.desc),
+            r.fd.as_ref().map(|fd| fd.as_raw_fd()),
+        )?;
+    }
+    Ok(())
 }
 
 /// The message of a refusal, as text.
@@ -336,26 +486,127 @@ mod tests {
     fn a_request_arriving_in_pieces_is_read_without_blocking() {
         let (mut engine, daemon) = UnixStream::pair().unwrap();
         daemon.set_nonblocking(true).unwrap();
-        let req = build_request(2, 64, 64, 1 << 16, &["tenant-a", "b"], 4096).unwrap();
-        let bytes = ffi::as_bytes(&req);
+        let req = build_request(2, 64, 64, 1 << 16, &["tenant-a", "b"], 2).unwrap();
+        let ipc = kvp_kv_region::cuda_ipc([7; 64], [9; 16], 1 << 20, 4096, 8192);
+        let mut bytes = ffi::as_bytes(&req).to_vec();
+        bytes.extend_from_slice(ffi::as_bytes(&ipc));
+        let memfd = kvp_kv_region::host_memfd(4096);
         let kv = sys::memfd_create_sealed("kv", 4096).unwrap();
         let mut reader = RequestReader::new();
         assert!(
             !reader.read_more(&daemon, true).unwrap(),
             "nothing sent yet"
         );
-        // The descriptor rides on the first piece; the rest trickles in.
-        sys::send_with_fd(&engine, &bytes[..7], Some(kv.as_raw_fd())).unwrap();
+        engine.write_all(&bytes[..7]).unwrap();
         assert!(!reader.read_more(&daemon, true).unwrap());
         assert_eq!(reader.received(), 7);
         engine.write_all(&bytes[7..500]).unwrap();
         assert!(!reader.read_more(&daemon, true).unwrap());
-        engine.write_all(&bytes[500..]).unwrap();
+        // The request ends and the first region starts inside one piece.
+        engine.write_all(&bytes[500..REQUEST_BYTES + 3]).unwrap();
+        assert!(!reader.read_more(&daemon, true).unwrap());
+        engine.write_all(&bytes[REQUEST_BYTES + 3..]).unwrap();
+        assert!(!reader.read_more(&daemon, true).unwrap(), "one region to come");
+        // The memfd rides on its region's first byte.
+        let m = ffi::as_bytes(&memfd);
+        sys::send_with_fd(&engine, &m[..5], Some(kv.as_raw_fd())).unwrap();
+        assert!(!reader.read_more(&daemon, true).unwrap());
+        engine.write_all(&m[5..]).unwrap();
         assert!(reader.read_more(&daemon, true).unwrap());
         let got = reader.finish(&daemon).unwrap();
         assert_eq!(got.namespaces, ["tenant-a", "b"]);
         assert_eq!((got.num_queue_pairs, got.arena_bytes), (2, 1 << 16));
-        assert_eq!(got.kv_buffer.map(|kv| kv.bytes), Some(4096));
+        assert_eq!(got.kv_regions.len(), 2);
+        assert_eq!(got.kv_regions[0].kind, RegionKind::CudaIpc);
+        assert!(got.kv_regions[0].fd.is_none());
+        assert_eq!(got.kv_regions[0].desc.handle, [7; 64]);
+        assert_eq!(got.kv_regions[1].kind, RegionKind::HostMemfd);
+        assert!(got.kv_regions[1].fd.is_some());
+        assert_eq!(got.kv_regions[1].backing, Some(sys::Backing::Shmem));
+    }
+
+    /// Sends `req` and `regions` (each with the descriptor given) and parses what the
+    /// daemon side makes of it.
+    fn exchange(
+        req: &kvp_attach_request,
+        regions: &[(kvp_kv_region, Option<&OwnedFd>)],
+    ) -> std::result::Result<AttachRequest, String> {
+        let (engine, daemon) = UnixStream::pair().unwrap();
+        sys::send_with_fd(&engine, ffi::as_bytes(req), None).unwrap();
+        for (desc, fd) in regions {
+            sys::send_with_fd(&engine, ffi::as_bytes(desc), fd.map(|f| f.as_raw_fd())).unwrap();
+        }
+        drop(engine);
+        read_request(&daemon).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn every_bad_region_field_is_refused_naming_the_region() {
+        let kv = sys::memfd_create_sealed("kv", 8192).unwrap();
+        let good_ipc = kvp_kv_region::cuda_ipc([1; 64], [2; 16], 1 << 20, 0, 4096);
+        let good_vmm = kvp_kv_region::cuda_vmm_fd([2; 16], 1 << 21, 0, 1 << 21);
+        let req2 = build_request(1, 64, 64, 1 << 16, &["a"], 2).unwrap();
+        let with = |f: fn(&mut kvp_kv_region)| {
+            let mut r = good_ipc;
+            f(&mut r);
+            r
+        };
+        let cases: Vec<(kvp_kv_region, &str)> = vec![
+            (with(|r| r.kind = 0), "unknown kind 0"),
+            (with(|r| r.kind = 99), "unknown kind 99"),
+            (with(|r| r.flags = 1), "must be zero"),
+            (with(|r| r.reserved[15] = 1), "must be zero"),
+            (with(|r| r.len_bytes = 0), "len_bytes is 0"),
+            (with(|r| r.offset_bytes = (1 << 20) - 100), "past the allocation"),
+            (with(|r| r.offset_bytes = u64::MAX), "past the allocation"),
+            (with(|r| r.gpu_uuid = [0; 16]), "needs gpu_uuid and handle"),
+            (with(|r| r.handle = [0; 64]), "needs gpu_uuid and handle"),
+        ];
+        for (region, want) in cases {
+            let e = exchange(&req2, &[(kvp_kv_region::host_memfd(8192), Some(&kv)), (region, None)])
+                .unwrap_err();
+            assert!(e.contains("KV region #1") && e.contains(want), "{want}: {e}");
+        }
+        // Descriptors: missing, surplus, and on a kind that carries none.
+        let e = exchange(&req2, &[(good_ipc, None), (good_vmm, None)]).unwrap_err();
+        assert!(e.contains("KV region #1 (CUDA VMM fd): no descriptor"), "{e}");
+        let e = exchange(&req2, &[(good_ipc, Some(&kv)), (good_ipc, None)]).unwrap_err();
+        assert!(e.contains("more file descriptors"), "{e}");
+        let e = exchange(&req2, &[(good_vmm, Some(&kv)), (good_ipc, Some(&kv))]).unwrap_err();
+        assert!(e.contains("more file descriptors"), "{e}");
+        // A host memfd whose size is not alloc_bytes, and one with a GPU uuid.
+        let mut wrong = kvp_kv_region::host_memfd(4096);
+        let e = exchange(&req2, &[(good_ipc, None), (wrong, Some(&kv))]).unwrap_err();
+        assert!(e.contains("KV region #1") && e.contains("8192 != 4096"), "{e}");
+        wrong = kvp_kv_region::host_memfd(8192);
+        wrong.gpu_uuid[0] = 1;
+        let e = exchange(&req2, &[(good_ipc, None), (wrong, Some(&kv))]).unwrap_err();
+        assert!(e.contains("host memfd with a GPU uuid"), "{e}");
+        // Both good: accepted, the VMM region with its descriptor.
+        let ok = exchange(&req2, &[(good_ipc, None), (good_vmm, Some(&kv))]).unwrap();
+        assert_eq!(ok.kv_regions[1].kind, RegionKind::CudaVmmFd);
+        assert!(ok.kv_regions[1].fd.is_some());
+    }
+
+    #[test]
+    fn region_counts_are_bounded_before_any_room_is_made() {
+        let mut req = build_request(1, 64, 64, 1 << 16, &[], 0).unwrap();
+        req.num_kv_regions = u32::MAX;
+        let e = exchange(&req, &[]).unwrap_err();
+        assert!(e.contains("4294967295 KV regions (at most 512)"), "{e}");
+        assert!(build_request(1, 64, 64, 1 << 16, &[], ffi::MAX_KV_REGIONS + 1).is_err());
+        // Announced regions that never come: the hang-up names the bytes.
+        req.num_kv_regions = 3;
+        let e = exchange(&req, &[]).unwrap_err();
+        assert!(e.contains(&format!("of {} bytes", REQUEST_BYTES + 3 * REGION_BYTES)), "{e}");
+    }
+
+    #[test]
+    fn an_old_client_gets_a_version_error() {
+        let mut req = build_request(1, 64, 64, 1 << 16, &[], 0).unwrap();
+        req.abi_version = 1;
+        let e = exchange(&req, &[]).unwrap_err();
+        assert!(e.contains("ABI version 1 (daemon speaks 2)"), "{e}");
     }
 
     #[test]

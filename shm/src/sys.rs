@@ -352,33 +352,41 @@ pub fn send_with_fd(stream: &UnixStream, data: &[u8], fd: Option<RawFd>) -> io::
 /// Receive exactly `buf.len()` bytes and at most one file descriptor. Extra descriptors
 /// a hostile peer attaches are closed, never leaked.
 pub fn recv_with_fd(stream: &UnixStream, buf: &mut [u8]) -> io::Result<Option<OwnedFd>> {
-    let mut received_fd: Option<OwnedFd> = None;
+    let mut received: Vec<OwnedFd> = Vec::with_capacity(1);
     let mut got = 0usize;
     while got < buf.len() {
-        match recv_some(stream, &mut buf[got..], &mut received_fd, false) {
+        match recv_some(stream, &mut buf[got..], &mut received, 1, false) {
             Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
     }
-    Ok(received_fd)
+    Ok(received.pop())
 }
 
+/// Descriptors one `recvmsg` can carry into [`recv_some`]'s control buffer. Senders in
+/// this crate attach at most one per message.
+const RECV_FDS_PER_CALL: usize = 16;
+
 /// One `recvmsg` into `buf` (non-blocking with `dont_wait`: `WouldBlock` when nothing is
-/// there). The first descriptor that arrives is kept in `received_fd` if it is empty;
-/// any other is closed, never leaked. Returns the bytes read (0: the peer hung up).
+/// there). Descriptors that arrive are appended to `received`, in order, while it holds
+/// fewer than `max_fds`; any other is closed, never leaked (a caller that must notice
+/// surplus descriptors passes one more than it expects and checks the length). Returns
+/// the bytes read (0: the peer hung up).
 pub fn recv_some(
     stream: &UnixStream,
     buf: &mut [u8],
-    received_fd: &mut Option<OwnedFd>,
+    received: &mut Vec<OwnedFd>,
+    max_fds: usize,
     dont_wait: bool,
 ) -> io::Result<usize> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
-    let mut cmsg_buf = [0u64; 16];
+    // Room for RECV_FDS_PER_CALL descriptors in one SCM_RIGHTS message, 8-byte aligned.
+    let mut cmsg_buf = [0u64; 2 + RECV_FDS_PER_CALL / 2];
     // SAFETY: zeroed msghdr is valid; fields set below point to live buffers.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -403,8 +411,8 @@ pub fn recv_some(
                 let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
                 for i in 0..count {
                     let fd = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
-                    if received_fd.is_none() {
-                        *received_fd = Some(fd);
+                    if received.len() < max_fds {
+                        received.push(fd);
                     } // else: dropped here, closing the extra fd.
                 }
             }

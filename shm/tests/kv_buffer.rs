@@ -1,4 +1,4 @@
-//! The attach handshake's checks on an engine's KV buffer descriptor: only a memfd that
+//! The attach handshake's checks on an engine's host memfd KV region: only a memfd that
 //! cannot shrink, of exactly the announced size, on shmem or hugetlbfs, comes through;
 //! everything whose backing could vanish under the daemon's mapping is refused with a
 //! reason.
@@ -7,14 +7,16 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use kvplane_ffi as ffi;
-use kvplane_shm::handshake::{build_request, read_request};
+use kvplane_shm::handshake::{EngineRegion, build_request, read_request, send_request};
 use kvplane_shm::sys::{self, Backing};
 
-/// Sends a request announcing `bytes` with `fd`, returns what the daemon side made of it.
+/// Sends a request with one host memfd region of `bytes` carrying `fd`, returns what the
+/// daemon side made of it.
 fn attach_with(fd: &OwnedFd, bytes: u64) -> Result<kvplane_shm::handshake::AttachRequest, String> {
     let (engine, daemon) = UnixStream::pair().expect("socketpair");
-    let req = build_request(1, 8, 8, 4096, &["ns"], bytes).expect("request");
-    sys::send_with_fd(&engine, ffi::as_bytes(&req), Some(fd.as_raw_fd())).expect("send");
+    let req = build_request(1, 8, 8, 4096, &["ns"], 1).expect("request");
+    let dup = fd.try_clone().expect("dup");
+    send_request(&engine, &req, &[EngineRegion::host_memfd(dup, bytes)]).expect("send");
     read_request(&daemon).map_err(|e| e.to_string())
 }
 
@@ -28,7 +30,7 @@ fn expect_refused(fd: &OwnedFd, bytes: u64, why: &str) {
     match attach_with(fd, bytes) {
         Ok(r) => panic!(
             "accepted ({:?}); expected a refusal naming {why:?}",
-            r.kv_buffer
+            r.kv_regions
         ),
         Err(e) => assert!(e.contains(why), "refusal {e:?} does not say {why:?}"),
     }
@@ -38,8 +40,12 @@ fn expect_refused(fd: &OwnedFd, bytes: u64, why: &str) {
 fn a_sealed_memfd_of_the_announced_size_is_accepted() {
     let fd = sys::memfd_create_sealed("kv", 1 << 20).expect("memfd");
     let req = attach_with(&fd, 1 << 20).expect("accepted");
-    let kv = req.kv_buffer.expect("a KV buffer");
-    assert_eq!((kv.bytes, kv.backing), (1 << 20, Backing::Shmem));
+    let kv = &req.kv_regions[0];
+    assert_eq!(kv.kind, ffi::RegionKind::HostMemfd);
+    assert_eq!(
+        (kv.desc.alloc_bytes, kv.desc.len_bytes, kv.backing),
+        (1 << 20, 1 << 20, Some(Backing::Shmem))
+    );
 }
 
 #[test]
@@ -99,5 +105,5 @@ fn a_hugetlb_memfd_is_reported_as_such() {
     let fd = memfd(libc::MFD_HUGETLB | libc::MFD_ALLOW_SEALING, 2 << 20);
     sys::seal_no_shrink(fd.as_raw_fd()).expect("seal");
     let req = attach_with(&fd, 2 << 20).expect("the handshake reports, the daemon decides");
-    assert_eq!(req.kv_buffer.expect("buffer").backing, Backing::Hugetlb);
+    assert_eq!(req.kv_regions[0].backing, Some(Backing::Hugetlb));
 }

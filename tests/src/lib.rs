@@ -265,7 +265,7 @@ impl TestEngine {
         let kv = kvplane_shm::Segment::map_fd(fd.try_clone().expect("dup"), bytes)?;
         let mut opts = kvplane_shm::AttachOptions::new(socket);
         opts.namespaces = vec![namespace.to_string()];
-        opts.kv_buffer = Some((fd, bytes));
+        opts.host_kv_buffer(fd, bytes);
         let mut session = kvplane_shm::Session::attach(opts)?;
         let qp = session.take_queue_pairs()?.remove(0);
         let layout =

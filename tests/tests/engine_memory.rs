@@ -66,7 +66,7 @@ fn attach_raw(
 ) -> Result<Session, ShmError> {
     let mut opts = AttachOptions::new(socket);
     opts.namespaces = vec![namespace.to_string()];
-    opts.kv_buffer = Some((fd, bytes));
+    opts.host_kv_buffer(fd, bytes);
     Session::attach(opts)
 }
 

@@ -71,7 +71,7 @@ pub fn attach_with_kv(socket: &Path, namespace: &str) -> (Session, QueuePair, Se
     let kv = Segment::map_fd(fd.try_clone().unwrap(), bytes).unwrap();
     let mut o = AttachOptions::new(socket);
     o.namespaces = vec![namespace.into()];
-    o.kv_buffer = Some((fd, bytes));
+    o.host_kv_buffer(fd, bytes);
     let mut session = Session::attach(o).expect("attach");
     let mut qp = session.take_queue_pairs().unwrap().remove(0);
     let l = kvplane_kernels::layout::planes_per_layer(LAYERS as u32, 16, 1, 128, PAGES);

@@ -99,7 +99,7 @@ pub unsafe extern "C" fn kvp_client_attach(
                 ));
             }
             // SAFETY: dup is a fresh descriptor owned by nobody else.
-            opts.kv_buffer = Some((unsafe { OwnedFd::from_raw_fd(dup) }, kv_buffer_bytes));
+            opts.host_kv_buffer(unsafe { OwnedFd::from_raw_fd(dup) }, kv_buffer_bytes);
         }
         let mut session = Session::attach(opts).map_err(|e| e.to_string())?;
         let queues = session

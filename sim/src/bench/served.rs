@@ -299,7 +299,7 @@ impl ServedDaemon {
         let mut o = AttachOptions::new(&self.socket);
         o.namespaces = vec![NAMESPACE.to_owned()];
         o.arena_bytes = 1 << 20;
-        o.kv_buffer = Some((fd, bytes));
+        o.host_kv_buffer(fd, bytes);
         let mut session = Session::attach(o).map_err(shm("attach"))?;
         let qp = session
             .take_queue_pairs()

@@ -1116,7 +1116,7 @@ fn attach(
     opts.cq_entries = 16;
     opts.arena_bytes = u64::from(qps) * 64 * 1024;
     opts.namespaces = namespaces.iter().map(|&n| namespace_name(n)).collect();
-    opts.kv_buffer = Some((fd, bytes));
+    opts.host_kv_buffer(fd, bytes);
     // Driver threads sleep on a queue pair only when all of theirs are idle: spin briefly.
     opts.wait.spin = Duration::from_micros(20);
     let mut session = Session::attach(opts).map_err(err)?;

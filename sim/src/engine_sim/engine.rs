@@ -145,7 +145,7 @@ impl DaemonLink {
         let mut o = AttachOptions::new(socket);
         o.namespaces = vec![namespace.to_owned()];
         o.arena_bytes = 1 << 20;
-        o.kv_buffer = Some((pool.share_fd()?, pool.geometry().pool_bytes()));
+        o.host_kv_buffer(pool.share_fd()?, pool.geometry().pool_bytes());
         let mut session = Session::attach(o).map_err(|source| EngineError::Attach {
             socket: socket.display().to_string(),
             source,
