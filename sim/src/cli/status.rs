@@ -203,6 +203,15 @@ pub fn render(s: &StatusReport) -> String {
         s.backend,
         s.socket_path
     );
+    // Which device moves the bytes, what was configured, and why they differ.
+    let d = &s.device;
+    o += &format!(
+        "device: {}  ([device] backend = \"{}\", ordinal {})\n",
+        d.describe, d.choice, d.ordinal
+    );
+    if let Some(reason) = &d.fallback_reason {
+        o += &format!("  {} backend because: {reason}\n", d.backend);
+    }
     o += &format!(
         "block {} KiB, {} blocks stored; lookups: {} hits, {} misses, hit rate {}\n\n",
         s.block_bytes / 1024,
@@ -314,10 +323,10 @@ pub fn render(s: &StatusReport) -> String {
         o += "\n";
     }
     o += "\nGPUs:\n";
-    if s.gpus.is_empty() {
-        o += &format!("  {}\n", s.gpu_note.as_deref().unwrap_or("none"));
+    if d.gpus.is_empty() {
+        o += &format!("  {}\n", d.gpu_note.as_deref().unwrap_or("none"));
     }
-    for g in &s.gpus {
+    for g in &d.gpus {
         o += &format!(
             "  GPU{} {} {} PCIe gen{} x{} NVLink peers: {}\n",
             g.index,
