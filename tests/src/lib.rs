@@ -715,6 +715,18 @@ pub fn for_each_seed(test: &str, defaults: &[u64], mut run: impl FnMut(u64)) {
     }
 }
 
+/// The STATS op on `qp` (its reply lands at arena offset 0), asserted to succeed.
+pub fn stats(qp: &mut kvplane_shm::QueuePair) -> kvplane_ffi::kvp_stats {
+    use kvplane_ffi::kvp_stats;
+    let mut s = kvplane_shm::client::sqe(kvplane_ffi::Opcode::Stats, 77);
+    s.arg_len = std::mem::size_of::<kvp_stats>() as u32;
+    let c = qp.call(s, Duration::from_secs(10)).expect("stats");
+    assert_eq!(c.status, kvplane_ffi::Status::Ok.raw(), "stats: {c:?}");
+    let mut raw = [0u8; std::mem::size_of::<kvp_stats>()];
+    qp.read_arena(0, &mut raw).expect("read the stats reply");
+    kvplane_ffi::read_pod::<kvp_stats>(&raw).expect("a kvp_stats")
+}
+
 /// Runs `kvplane serve --config CONFIG --socket SOCKET` (stderr to `log`) and waits up to
 /// `timeout` for it to exit, for tests of start-up refusals. `None`: it was still up (and
 /// is then killed), i.e. it accepted what it should have refused.
