@@ -379,6 +379,7 @@ fn gpu_topology() -> Result<Vec<GpuStatus>, String> {
             .map(|g| GpuStatus {
                 index: g.index,
                 name: g.name,
+                uuid: g.uuid,
                 memory_total_bytes: g.memory_total_bytes,
                 pci_bus_id: g.pci_bus_id,
                 pcie_link_gen: g.pcie_link_gen,
@@ -782,6 +783,9 @@ pub struct NamespaceStatus {
 pub struct GpuStatus {
     pub index: u32,
     pub name: String,
+    /// `GPU-...` (NVML), as engines name the GPU of a device memory region.
+    #[serde(default)]
+    pub uuid: String,
     pub memory_total_bytes: u64,
     pub pci_bus_id: String,
     pub pcie_link_gen: Option<u32>,
