@@ -66,9 +66,12 @@ pub struct DaemonProc {
 pub use kvplane_daemon::config::{Config, NamespaceConfig};
 
 /// The small daemon config tests start from: 64 KiB blocks, a 16 MiB host pool (not
-/// locked, no hugepages, one touch thread), everything else the daemon's default.
+/// locked, no hugepages, one touch thread), the host backend even on a GPU machine (what
+/// the tests expect of labels and backings; `tests/device.rs` covers `auto` and `cuda`),
+/// everything else the daemon's default.
 pub fn small_daemon_config() -> Config {
     let mut c = Config::default();
+    c.device.backend = kvplane_daemon::config::BackendSetting::Host;
     c.blocks.block_bytes = 64 << 10;
     c.tiers.host.capacity_bytes = 16 << 20;
     c.tiers.host.lock = false;
