@@ -1185,6 +1185,9 @@ impl CudaDevice {
 pub struct GpuInfo {
     pub index: u32,
     pub name: String,
+    /// `GPU-xxxxxxxx-...`: what names a GPU across processes and CUDA_VISIBLE_DEVICES
+    /// orderings (an engine's device memory region carries it).
+    pub uuid: String,
     pub memory_total_bytes: u64,
     pub pci_bus_id: String,
     pub pcie_link_gen: Option<u32>,
@@ -1224,6 +1227,7 @@ pub fn topology() -> Result<Vec<GpuInfo>, DeviceError> {
         out.push(GpuInfo {
             index,
             name: dev.name().map_err(nvml_err("nvmlDeviceGetName"))?,
+            uuid: dev.uuid().map_err(nvml_err("nvmlDeviceGetUUID"))?,
             memory_total_bytes: dev
                 .memory_info()
                 .map_err(nvml_err("nvmlDeviceGetMemoryInfo"))?

@@ -643,7 +643,7 @@ impl DataPlane {
         st.blocks_loaded = c.blocks_loaded.load(Ordering::Relaxed);
         st.bytes_saved = c.bytes_saved.load(Ordering::Relaxed);
         st.bytes_loaded = c.bytes_loaded.load(Ordering::Relaxed);
-        st.backend = 0;
+        st.backend = crate::device::abi_backend(self.blocks.as_ref());
         if let Some(blocks) = &self.blocks {
             let s = blocks.stats();
             for t in &s.tiers {

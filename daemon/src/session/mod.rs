@@ -241,7 +241,7 @@ impl BoundDaemon {
                 return Err(e);
             }
         };
-        tracing::info!(socket = %socket_path.display(), "kvplane daemon listening (host backend: no GPU)");
+        tracing::info!(socket = %socket_path.display(), "kvplane daemon listening");
         Ok(Daemon {
             shared,
             accept: Some(accept),
@@ -417,7 +417,7 @@ fn start_session(shared: &Arc<DaemonShared>, c: Complete) {
     reply.session_id = session_id;
     reply.segment_bytes = geometry.segment_bytes;
     reply.daemon_pid = sys::getpid();
-    reply.backend = 0;
+    reply.backend = crate::device::abi_backend(shared.dataplane.blocks());
     shared
         .dataplane
         .counters
