@@ -16,6 +16,7 @@
 
 pub mod cuda;
 pub mod device;
+pub mod engine;
 pub mod gds;
 pub mod gpu_check;
 pub mod host;

@@ -4,7 +4,7 @@
 
 use clap::{Parser, Subcommand};
 use kvplane_daemon::serve;
-use kvplane_sim::cli::{bench, demo, engine_sim, ping, replay, status};
+use kvplane_sim::cli::{bench, demo, engine_sim, gpu_engine, ping, replay, status};
 use std::process::ExitCode;
 
 mod router;
@@ -48,6 +48,9 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// A simulated inference engine attached to a daemon over the rings.
     EngineSim(engine_sim::EngineSimArgs),
+    /// An engine with its KV pool in GPU memory (or a host memfd) that saves a chain of
+    /// blocks or loads and checks it (scripts/gpu-e2e.sh runs two across processes).
+    GpuEngine(gpu_engine::GpuEngineArgs),
 }
 
 fn init_logging(filter: &str, json: bool) {
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
         Command::Ping(args) => ping::run(args),
         Command::Demo(args) => demo::run(args),
         Command::EngineSim(args) => engine_sim::run(args),
+        Command::GpuEngine(args) => gpu_engine::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

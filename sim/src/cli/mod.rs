@@ -11,6 +11,7 @@ pub mod bench_soak;
 pub mod bench_transfer;
 pub mod demo;
 pub mod engine_sim;
+pub mod gpu_engine;
 pub mod ping;
 pub mod replay;
 pub mod replay_dynamo;

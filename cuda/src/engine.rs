@@ -1,0 +1,280 @@
+//! The engine's side of registering GPU memory with the daemon (ABI 2 KV regions): what
+//! an engine process, or a tool acting as one, does to describe a `cudaMalloc`
+//! allocation by its CUDA IPC handle, or to create a VMM allocation and export it as a
+//! file descriptor. The daemon's side is [`crate::Device::import_engine_memory`].
+//!
+//! Not verifiable here (no GPU on the development machines); `scripts/gpu-e2e.sh` runs it
+//! across processes on a GPU machine (`kvplane gpu-engine`).
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, result, sys};
+use kvplane_ffi::kvp_kv_region;
+
+use crate::cuda::driver_present;
+use crate::device::DeviceError;
+
+fn drv(op: &'static str) -> impl Fn(result::DriverError) -> DeviceError {
+    move |e| DeviceError::Driver {
+        op,
+        detail: format!("{e:?}"),
+    }
+}
+
+/// How an engine's GPU memory was allocated, and so how it is shared with the daemon.
+#[derive(Debug)]
+enum Backing {
+    /// `cuMemAlloc` (what `cudaMalloc` and PyTorch's caching allocator use).
+    Alloc,
+    /// `cuMemCreate` with POSIX-descriptor export, mapped at the pointer.
+    Vmm {
+        handle: sys::CUmemGenericAllocationHandle,
+        bytes: usize,
+    },
+}
+
+/// One GPU allocation of an engine: its device pointer, its size, and how to register it.
+#[derive(Debug)]
+pub struct EngineAlloc {
+    gpu: Arc<EngineGpu>,
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+    backing: Backing,
+}
+
+/// The engine's GPU: a context on device `ordinal` and its UUID.
+#[derive(Debug)]
+pub struct EngineGpu {
+    ctx: Arc<CudaContext>,
+    uuid: [u8; 16],
+}
+
+impl EngineGpu {
+    pub fn open(ordinal: usize) -> Result<Arc<Self>, DeviceError> {
+        if !driver_present() {
+            return Err(DeviceError::NoDriver);
+        }
+        let ctx = CudaContext::new(ordinal).map_err(drv("cuDevicePrimaryCtxRetain"))?;
+        let mut raw = sys::CUuuid_st { bytes: [0; 16] };
+        // SAFETY: a valid out pointer and the device of a live context.
+        unsafe { sys::cuDeviceGetUuid_v2(&mut raw, ctx.cu_device()) }
+            .result()
+            .map_err(drv("cuDeviceGetUuid"))?;
+        Ok(Arc::new(EngineGpu {
+            ctx,
+            uuid: raw.bytes.map(|b| b as u8),
+        }))
+    }
+
+    pub fn uuid(&self) -> [u8; 16] {
+        self.uuid
+    }
+
+    fn bind(&self) -> Result<(), DeviceError> {
+        self.ctx.bind_to_thread().map_err(drv("cuCtxSetCurrent"))
+    }
+
+    /// `bytes` of device memory from `cuMemAlloc`, zeroed.
+    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<EngineAlloc, DeviceError> {
+        self.bind()?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: a valid out pointer in the bound context.
+        unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes.max(1)) }
+            .result()
+            .map_err(|_| DeviceError::OutOfMemory {
+                op: "cuMemAlloc",
+                bytes,
+            })?;
+        let a = EngineAlloc {
+            gpu: Arc::clone(self),
+            ptr,
+            bytes,
+            backing: Backing::Alloc,
+        };
+        a.write(0, &vec![0u8; bytes])?;
+        Ok(a)
+    }
+
+    /// At least `bytes` of VMM memory (rounded up to the allocation granularity),
+    /// exportable as a POSIX file descriptor, mapped read/write here and zeroed.
+    pub fn alloc_vmm(self: &Arc<Self>, bytes: usize) -> Result<EngineAlloc, DeviceError> {
+        self.bind()?;
+        let dev = self.ctx.cu_device();
+        // SAFETY: all-zero is a valid CUmemAllocationProp (plain C struct, null pointer).
+        let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+        prop.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.requestedHandleTypes =
+            sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+        prop.location = sys::CUmemLocation_st {
+            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: dev,
+        };
+        let mut gran = 0usize;
+        // SAFETY: valid pointers to a filled property struct and an out value.
+        unsafe {
+            sys::cuMemGetAllocationGranularity(
+                &mut gran,
+                &prop,
+                sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+            )
+        }
+        .result()
+        .map_err(drv("cuMemGetAllocationGranularity"))?;
+        let gran = gran.max(1);
+        let size = bytes.max(1).div_ceil(gran) * gran;
+        let mut handle: sys::CUmemGenericAllocationHandle = 0;
+        // SAFETY: valid out pointer and property struct.
+        unsafe { sys::cuMemCreate(&mut handle, size, &prop, 0) }
+            .result()
+            .map_err(|_| DeviceError::OutOfMemory {
+                op: "cuMemCreate",
+                bytes: size,
+            })?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        let mapped = (|| {
+            // SAFETY: valid out pointer; a fresh reservation.
+            unsafe { sys::cuMemAddressReserve(&mut ptr, size, gran, 0, 0) }
+                .result()
+                .map_err(drv("cuMemAddressReserve"))?;
+            // SAFETY: our reservation and allocation, both `size` bytes.
+            unsafe { sys::cuMemMap(ptr, size, 0, handle, 0) }
+                .result()
+                .map_err(drv("cuMemMap"))?;
+            let access = sys::CUmemAccessDesc_st {
+                location: prop.location,
+                flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+            };
+            // SAFETY: the range is mapped; one valid access descriptor.
+            unsafe { sys::cuMemSetAccess(ptr, size, &access, 1) }
+                .result()
+                .map_err(drv("cuMemSetAccess"))
+        })();
+        let a = EngineAlloc {
+            gpu: Arc::clone(self),
+            ptr,
+            bytes: size,
+            backing: Backing::Vmm {
+                handle,
+                bytes: size,
+            },
+        };
+        // On error, dropping `a` undoes what was done (unmap and free ignore failures).
+        mapped?;
+        a.write(0, &vec![0u8; size])?;
+        Ok(a)
+    }
+}
+
+impl EngineAlloc {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn len_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The region describing `[offset, offset + len)` of this allocation, and the
+    /// descriptor that must travel with it (VMM allocations).
+    pub fn region(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<(kvp_kv_region, Option<OwnedFd>), DeviceError> {
+        self.gpu.bind()?;
+        match self.backing {
+            Backing::Alloc => {
+                let mut h = sys::CUipcMemHandle_st { reserved: [0; 64] };
+                // SAFETY: ptr is the base of a live cuMemAlloc allocation.
+                unsafe { sys::cuIpcGetMemHandle(&mut h, self.ptr) }
+                    .result()
+                    .map_err(drv("cuIpcGetMemHandle"))?;
+                let handle = h.reserved.map(|b| b as u8);
+                Ok((
+                    kvp_kv_region::cuda_ipc(
+                        handle,
+                        self.gpu.uuid,
+                        self.bytes as u64,
+                        offset_bytes,
+                        len_bytes,
+                    ),
+                    None,
+                ))
+            }
+            Backing::Vmm { handle, bytes } => {
+                let mut fd: std::ffi::c_int = -1;
+                // SAFETY: for POSIX descriptors the driver writes an int through the
+                // pointer; the new descriptor is ours.
+                unsafe {
+                    sys::cuMemExportToShareableHandle(
+                        (&mut fd as *mut std::ffi::c_int).cast(),
+                        handle,
+                        sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                        0,
+                    )
+                }
+                .result()
+                .map_err(drv("cuMemExportToShareableHandle"))?;
+                // SAFETY: a fresh descriptor the driver created for us.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                Ok((
+                    kvp_kv_region::cuda_vmm_fd(
+                        self.gpu.uuid,
+                        bytes as u64,
+                        offset_bytes,
+                        len_bytes,
+                    ),
+                    Some(fd),
+                ))
+            }
+        }
+    }
+
+    /// Copies `data` to `offset` of the allocation (synchronous).
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), DeviceError> {
+        crate::device::check_range("EngineAlloc::write", offset, data.len(), self.bytes)?;
+        self.gpu.bind()?;
+        // SAFETY: the range was checked to lie inside the live allocation; data is a
+        // valid host slice of that length.
+        unsafe { sys::cuMemcpyHtoD_v2(self.ptr + offset as u64, data.as_ptr().cast(), data.len()) }
+            .result()
+            .map_err(drv("cuMemcpyHtoD"))
+    }
+
+    /// Copies `out.len()` bytes from `offset` of the allocation (synchronous).
+    pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<(), DeviceError> {
+        crate::device::check_range("EngineAlloc::read", offset, out.len(), self.bytes)?;
+        self.gpu.bind()?;
+        // SAFETY: as in write, in the other direction.
+        unsafe {
+            sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), self.ptr + offset as u64, out.len())
+        }
+        .result()
+        .map_err(drv("cuMemcpyDtoH"))
+    }
+}
+
+impl Drop for EngineAlloc {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_err() {
+            return;
+        }
+        // SAFETY: each resource is released once, by the call matching how it was made;
+        // nothing uses the memory after its owner is dropped.
+        unsafe {
+            match self.backing {
+                Backing::Alloc => {
+                    let _ = sys::cuMemFree_v2(self.ptr);
+                }
+                Backing::Vmm { handle, bytes } => {
+                    if self.ptr != 0 {
+                        let _ = sys::cuMemUnmap(self.ptr, bytes);
+                        let _ = sys::cuMemAddressFree(self.ptr, bytes);
+                    }
+                    let _ = sys::cuMemRelease(handle);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! `kvplane gpu-engine`: one engine process with its KV pool in GPU memory (or a host
+//! memfd), registered with a running daemon as KV regions: `--role save` fills a chain
+//! of blocks with a pattern and saves it; `--role load`, run in another process, loads the
+//! chain into its own pool and compares every byte. What `scripts/gpu-e2e.sh` runs across
+//! processes on a GPU machine; `--memory host` runs the same steps anywhere (a test does).
+//!
+//! The pool is vLLM's: per layer a [2, pages, tokens, heads, head_bytes] tensor, each its
+//! own allocation with `--per-layer` (as vLLM allocates them), else one allocation for all
+//! layers. Saves use pages 0..blocks, loads pages blocks..2*blocks, so a load that ignored
+//! the page ids would not find its bytes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvplane_cuda::engine::{EngineAlloc, EngineGpu};
+use kvplane_ffi::{Opcode, Pod, Status, kvp_block_op, kvp_kv_layout, kvp_kv_region};
+use kvplane_shm::handshake::EngineRegion;
+use kvplane_shm::{AttachOptions, Segment, Session, client, sys};
+
+use super::CliResult;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    Save,
+    Load,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Memory {
+    /// cudaMalloc-style memory, registered by its CUDA IPC handle.
+    Ipc,
+    /// A VMM allocation exported as a file descriptor.
+    Vmm,
+    /// A sealed host memfd (no GPU needed).
+    Host,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GpuEngineArgs {
+    /// The daemon's engine socket.
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[arg(long, value_enum)]
+    pub role: Role,
+    #[arg(long, value_enum, default_value = "ipc")]
+    pub memory: Memory,
+    /// One allocation per layer (vLLM) instead of one for the whole pool.
+    #[arg(long)]
+    pub per_layer: bool,
+    /// CUDA device ordinal of the engine's memory.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    #[arg(long, default_value = "gpu-e2e")]
+    pub namespace: String,
+    /// Blocks in the chain.
+    #[arg(long, default_value_t = 16)]
+    pub blocks: u32,
+    /// Hash of the chain's first block (the rest follow it).
+    #[arg(long, default_value_t = 0x6b76_0001)]
+    pub first_hash: u64,
+    #[arg(long, default_value_t = 4)]
+    pub layers: u32,
+    #[arg(long, default_value_t = 16)]
+    pub page_tokens: u32,
+    #[arg(long, default_value_t = 8)]
+    pub kv_heads: u32,
+    /// Bytes of one head of one token (head_dim x dtype bytes).
+    #[arg(long, default_value_t = 256)]
+    pub head_bytes: u32,
+    /// SAVE with KVP_SQE_F_WRITE_THROUGH (lands on NVMe now).
+    #[arg(long)]
+    pub write_through: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct GpuEngineReport {
+    pub role: &'static str,
+    pub memory: Memory,
+    pub per_layer: bool,
+    pub blocks: u32,
+    pub block_bytes: u64,
+    pub regions: usize,
+    pub status: i32,
+    pub blocks_done: u32,
+    /// The slowest tier a LOAD was served from / a SAVE stored to (kvp_tier).
+    pub tier: u32,
+    /// From submission to completion of the SAVE or LOAD.
+    pub op_us: f64,
+    /// LOAD: blocks whose bytes differ from what was saved (must be 0).
+    pub mismatched_blocks: u32,
+}
+
+/// The engine's pool: allocations and, per layer, (allocation, offset of its tensor).
+enum Pool {
+    Gpu(Vec<EngineAlloc>),
+    Host(Vec<Segment>),
+}
+
+impl Pool {
+    fn write(&self, alloc: usize, offset: u64, data: &[u8]) -> CliResult {
+        match self {
+            Pool::Gpu(a) => a[alloc].write(offset as usize, data)?,
+            Pool::Host(s) => s[alloc].write_bytes(offset, data)?,
+        }
+        Ok(())
+    }
+    fn read(&self, alloc: usize, offset: u64, out: &mut [u8]) -> CliResult {
+        match self {
+            Pool::Gpu(a) => a[alloc].read(offset as usize, out)?,
+            Pool::Host(s) => s[alloc].read_bytes(offset, out)?,
+        }
+        Ok(())
+    }
+}
+
+/// The bytes block `hash` is saved with.
+pub fn pattern(hash: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (i % 61)) as u8 ^ (i as u8))
+        .collect()
+}
+
+struct Geometry {
+    layers: u32,
+    pages: u64,
+    /// Bytes of one page of one (layer, plane).
+    page_bytes: u64,
+}
+
+impl Geometry {
+    fn plane_bytes(&self) -> u64 {
+        self.pages * self.page_bytes
+    }
+    fn layer_bytes(&self) -> u64 {
+        2 * self.plane_bytes()
+    }
+    fn block_bytes(&self) -> u64 {
+        u64::from(self.layers) * 2 * self.page_bytes
+    }
+    /// (allocation, offset) of page `page` of (layer, plane).
+    fn at(&self, per_layer: bool, layer: u32, plane: u64, page: u64) -> (usize, u64) {
+        let in_layer = plane * self.plane_bytes() + page * self.page_bytes;
+        if per_layer {
+            (layer as usize, in_layer)
+        } else {
+            (0, u64::from(layer) * self.layer_bytes() + in_layer)
+        }
+    }
+}
+
+pub fn gpu_engine(
+    args: &GpuEngineArgs,
+) -> Result<GpuEngineReport, Box<dyn std::error::Error + Send + Sync>> {
+    let page_bytes =
+        u64::from(args.page_tokens) * u64::from(args.kv_heads) * u64::from(args.head_bytes);
+    let g = Geometry {
+        layers: args.layers,
+        pages: 2 * u64::from(args.blocks),
+        page_bytes,
+    };
+    let allocs = if args.per_layer {
+        args.layers as usize
+    } else {
+        1
+    };
+    let alloc_bytes = if args.per_layer {
+        g.layer_bytes()
+    } else {
+        u64::from(args.layers) * g.layer_bytes()
+    };
+    let mut regions = Vec::with_capacity(allocs);
+    let pool = match args.memory {
+        Memory::Host => {
+            let mut segs = Vec::new();
+            for _ in 0..allocs {
+                let fd = sys::memfd_create_sealed("gpu-engine-kv", alloc_bytes)?;
+                segs.push(Segment::map_fd(fd.try_clone()?, alloc_bytes)?);
+                regions.push(EngineRegion::host_memfd(fd, alloc_bytes));
+            }
+            Pool::Host(segs)
+        }
+        Memory::Ipc | Memory::Vmm => {
+            let gpu: Arc<EngineGpu> = EngineGpu::open(args.gpu)?;
+            let mut a = Vec::new();
+            for _ in 0..allocs {
+                let alloc = match args.memory {
+                    Memory::Vmm => gpu.alloc_vmm(alloc_bytes as usize)?,
+                    _ => gpu.alloc(alloc_bytes as usize)?,
+                };
+                let (desc, fd): (kvp_kv_region, _) = alloc.region(0, alloc_bytes)?;
+                regions.push(EngineRegion { desc, fd });
+                a.push(alloc);
+            }
+            Pool::Gpu(a)
+        }
+    };
+    let region_count = regions.len();
+    let mut opts = AttachOptions::new(&args.socket);
+    opts.namespaces = vec![args.namespace.clone()];
+    opts.kv_regions = regions;
+    let mut session = Session::attach(opts)?;
+    let mut qp = session.take_queue_pairs()?.remove(0);
+    let timeout = Duration::from_secs(60);
+
+    let mut l: kvp_kv_layout = Pod::zeroed();
+    l.num_layers = args.layers;
+    l.kv_planes = 2;
+    l.page_tokens = args.page_tokens;
+    l.kv_heads = args.kv_heads;
+    l.head_bytes = args.head_bytes;
+    l.dtype_bytes = 2;
+    l.num_pages = g.pages;
+    l.head_stride_bytes = u64::from(args.head_bytes);
+    l.token_stride_bytes = u64::from(args.kv_heads) * u64::from(args.head_bytes);
+    l.page_stride_bytes = page_bytes;
+    for layer in 0..args.layers {
+        for plane in 0..2u64 {
+            let (alloc, off) = g.at(args.per_layer, layer, plane, 0);
+            l.plane_region[plane as usize][layer as usize] = alloc as u16;
+            l.plane_offset[plane as usize][layer as usize] = off;
+        }
+    }
+    qp.write_arena(0, kvplane_ffi::as_bytes(&l))?;
+    let mut s = client::sqe(Opcode::AttachLayout, 1);
+    s.arg_len = std::mem::size_of::<kvp_kv_layout>() as u32;
+    let c = qp.call(s, timeout)?;
+    if c.status != Status::Ok.raw() {
+        return Err(format!(
+            "ATTACH_LAYOUT refused: status {} detail {} (does blocks.block_bytes = {}?)",
+            c.status,
+            c.detail,
+            g.block_bytes()
+        )
+        .into());
+    }
+
+    let block_bytes = g.block_bytes() as usize;
+    let first_page = match args.role {
+        Role::Save => 0,
+        Role::Load => u64::from(args.blocks),
+    };
+    let hashes: Vec<u64> = (0..u64::from(args.blocks))
+        .map(|i| args.first_hash.wrapping_add(i))
+        .collect();
+    // Each block's bytes, packed [layer][plane][page bytes], to or from its page.
+    let place = |page: u64, bytes: &[u8]| -> CliResult {
+        for layer in 0..args.layers {
+            for plane in 0..2u64 {
+                let k = (2 * u64::from(layer) + plane) as usize * page_bytes as usize;
+                let (alloc, off) = g.at(args.per_layer, layer, plane, page);
+                pool.write(alloc, off, &bytes[k..k + page_bytes as usize])?;
+            }
+        }
+        Ok(())
+    };
+    for (i, &h) in hashes.iter().enumerate() {
+        let bytes = match args.role {
+            Role::Save => pattern(h, block_bytes),
+            Role::Load => vec![0xEE; block_bytes],
+        };
+        place(first_page + i as u64, &bytes)?;
+    }
+    let mut arg = Vec::with_capacity(hashes.len() * std::mem::size_of::<kvp_block_op>());
+    for (i, &h) in hashes.iter().enumerate() {
+        let parent = if i == 0 { 0 } else { hashes[i - 1] };
+        let op = kvp_block_op::new(h, parent, (first_page + i as u64) as u32);
+        arg.extend_from_slice(kvplane_ffi::as_bytes(&op));
+    }
+    qp.write_arena(0, &arg)?;
+    let mut s = client::sqe(
+        match args.role {
+            Role::Save => Opcode::Save,
+            Role::Load => Opcode::Load,
+        },
+        2,
+    );
+    s.arg_len = arg.len() as u32;
+    s.count = args.blocks;
+    if args.write_through && args.role == Role::Save {
+        s.flags = kvplane_ffi::SQE_F_WRITE_THROUGH;
+    }
+    let t0 = Instant::now();
+    let c = qp.call(s, timeout)?;
+    let op_us = t0.elapsed().as_secs_f64() * 1e6;
+    let mut mismatched = 0u32;
+    if args.role == Role::Load && c.status == Status::Ok.raw() {
+        let mut got = vec![0u8; block_bytes];
+        for (i, &h) in hashes.iter().enumerate() {
+            let page = first_page + i as u64;
+            for layer in 0..args.layers {
+                for plane in 0..2u64 {
+                    let k = (2 * u64::from(layer) + plane) as usize * page_bytes as usize;
+                    let (alloc, off) = g.at(args.per_layer, layer, plane, page);
+                    pool.read(alloc, off, &mut got[k..k + page_bytes as usize])?;
+                }
+            }
+            if got != pattern(h, block_bytes) {
+                mismatched += 1;
+            }
+        }
+    }
+    drop(session);
+    Ok(GpuEngineReport {
+        role: match args.role {
+            Role::Save => "save",
+            Role::Load => "load",
+        },
+        memory: args.memory,
+        per_layer: args.per_layer,
+        blocks: args.blocks,
+        block_bytes: g.block_bytes(),
+        regions: region_count,
+        status: c.status,
+        blocks_done: c.blocks,
+        tier: c.tier,
+        op_us: (op_us * 10.0).round() / 10.0,
+        mismatched_blocks: mismatched,
+    })
+}
+
+pub fn run(args: GpuEngineArgs) -> CliResult {
+    let r = gpu_engine(&args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} {} blocks ({} B each, {:?} memory, {} regions): status {} blocks {} tier {} in {:.1} us, {} mismatched",
+            r.role,
+            r.blocks,
+            r.block_bytes,
+            r.memory,
+            r.regions,
+            r.status,
+            r.blocks_done,
+            r.tier,
+            r.op_us,
+            r.mismatched_blocks
+        );
+    }
+    if r.status != Status::Ok.raw() || r.blocks_done != r.blocks || r.mismatched_blocks != 0 {
+        return Err(format!(
+            "{} failed: status {}, {} of {} blocks, {} mismatched",
+            r.role, r.status, r.blocks_done, r.blocks, r.mismatched_blocks
+        )
+        .into());
+    }
+    Ok(())
+}
