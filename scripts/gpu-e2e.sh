@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# The GPU data path end to end, on a GPU machine, over prebuilt binaries (no Rust
+# toolchain there; a CUDA 12 or 13 driver and NVRTC, as on the GPU test machine in
+# ../shared/GPU-NOTES.md). Build on any Linux x86-64 machine with
+# `scripts/gpu/build-bin.sh` (into gpu-bin/: kvplane, gpu_check, the kvplane-cuda tests),
+# copy the repository with gpu-bin/ to the GPU machine, then:
+#
+#   OUT=/tmp/gpu-e2e scripts/gpu-e2e.sh
+#
+# Steps, each under its own timeout (about 5 minutes in all); output in $OUT/steps.log,
+# each engine's JSON report in $OUT/engines.jsonl, one summary in $OUT/summary.json:
+#   1. `kvplane serve` on the cuda backend (refuses to start without one), a pinned host
+#      tier, a G1 arena in HBM and an NVMe tier file;
+#   2. two engine processes with their KV pools in HBM, one saving a chain of 2 MiB blocks
+#      (Llama-3.1-8B geometry, 16-token pages) from per-layer cudaMalloc tensors registered
+#      by CUDA IPC handle, the other, a different process with one allocation, loading it
+#      into its own pool and comparing every byte; the same with VMM allocations exported
+#      as file descriptors;
+#   3. the same chain saved with write-through, the daemon restarted, and loaded from NVMe;
+#   4. compute-sanitizer (memcheck) over a daemon serving one small save/load round;
+#   5. `kvplane bench transfer --quick --json` (its paths are host ones today; the kernel
+#      and offload tables against the PCIe ceiling are gpu_check's, scripts/gpu/device-run.sh).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-gpu-bin}
+OUT=${OUT:-/tmp/kvplane-gpu-e2e}
+WORK=${WORK:-$OUT/work}
+mkdir -p "$OUT" "$WORK"
+: >"$OUT/steps.log"
+: >"$OUT/engines.jsonl"
+export KVPLANE_CUDA_TOOLS=${KVPLANE_CUDA_TOOLS:-/nonexistent}   # the machine's CUDA
+export PATH="$PATH:/usr/local/cuda/bin"
+KV="$BIN/kvplane"
+SOCK="$WORK/kvplane.sock"
+declare -A status
+DAEMON_PID=
+
+step() { # name timeout_s command...
+    local name=$1 t=$2; shift 2
+    local start=$SECONDS
+    echo "=== $name: $*" >>"$OUT/steps.log"
+    timeout "$t" "$@" >>"$OUT/steps.log" 2>&1
+    local rc=$?
+    echo "=== $name: rc=$rc" >>"$OUT/steps.log"
+    status[$name]="$rc $((SECONDS - start))"
+    echo "step $name: rc=$rc in $((SECONDS - start)) s"
+    return $rc
+}
+
+config() { # path [extra TOML lines]
+    cat >"$1" <<EOF
+[serve]
+socket_path = "$SOCK"
+drop_privileges = false
+[device]
+backend = "cuda"
+[blocks]
+block_bytes = 2097152
+[tiers.hbm]
+capacity_bytes = 1073741824
+[tiers.host]
+capacity_bytes = 4294967296
+hugepages = "never"
+[tiers.nvme]
+paths = ["$WORK/nvme.kvp"]
+capacity_bytes = 4294967296
+direct = false
+[control]
+metrics_addr = ""
+EOF
+}
+
+start_daemon() { # [wrapper...]
+    rm -f "$SOCK"
+    "$@" "$KV" serve --config "$WORK/kvplane.toml" >>"$OUT/daemon.log" 2>&1 &
+    DAEMON_PID=$!
+    for _ in $(seq 1 300); do
+        [ -S "$SOCK" ] && return 0
+        kill -0 "$DAEMON_PID" 2>/dev/null || { echo "daemon exited; see daemon.log"; return 1; }
+        sleep 0.1
+    done
+    echo "daemon did not listen within 30 s"
+    return 1
+}
+
+started() { # name: records start_daemon's outcome as a step
+    local start=$SECONDS
+    shift_args=("${@:2}")
+    start_daemon "${shift_args[@]}"
+    local rc=$?
+    status[$1]="$rc $((SECONDS - start))"
+    echo "step $1: rc=$rc"
+    return $rc
+}
+
+stop_daemon() {
+    [ -n "$DAEMON_PID" ] || return 0
+    # Under compute-sanitizer the daemon is the wrapper's child: stop it, not only them.
+    pkill -TERM -P "$DAEMON_PID" 2>/dev/null
+    kill -TERM "$DAEMON_PID" 2>/dev/null
+    timeout 30 tail --pid="$DAEMON_PID" -f /dev/null 2>/dev/null
+    kill -KILL "$DAEMON_PID" 2>/dev/null
+    DAEMON_PID=
+}
+trap stop_daemon EXIT
+
+engine() { # name args... (JSON report appended to engines.jsonl)
+    local name=$1; shift
+    echo "=== engine $name: $*" >>"$OUT/steps.log"
+    local start=$SECONDS
+    timeout 60 "$KV" gpu-engine --socket "$SOCK" --json "$@" >"$WORK/engine.json" 2>>"$OUT/steps.log"
+    local rc=$?
+    [ -s "$WORK/engine.json" ] && sed "s/^{/{\"step\":\"$name\",\"rc\":$rc,/" "$WORK/engine.json" >>"$OUT/engines.jsonl"
+    status[$name]="$rc $((SECONDS - start))"
+    echo "engine $name: rc=$rc"
+    return $rc
+}
+
+step nvidia-smi 20 nvidia-smi
+config "$WORK/kvplane.toml"
+rm -f "$WORK/nvme.kvp"
+if started serve-cuda; then
+    BLOCKS=(--blocks 64 --layers 32 --page-tokens 16 --kv-heads 8 --head-bytes 256)
+    engine save-ipc --role save --memory ipc --per-layer --first-hash 1000 "${BLOCKS[@]}"
+    engine load-ipc --role load --memory ipc --first-hash 1000 "${BLOCKS[@]}"
+    engine save-vmm --role save --memory vmm --per-layer --first-hash 2000 "${BLOCKS[@]}"
+    engine load-vmm --role load --memory vmm --first-hash 2000 "${BLOCKS[@]}"
+    # One block: the engine-visible cost of a SAVE and a LOAD.
+    engine save-one --role save --memory ipc --first-hash 3000 "${BLOCKS[@]}" --blocks 1
+    engine load-one --role load --memory ipc --first-hash 3000 "${BLOCKS[@]}" --blocks 1
+    engine save-nvme --role save --memory ipc --per-layer --write-through --first-hash 4000 "${BLOCKS[@]}"
+    stop_daemon
+    if started restart-cuda; then
+        engine load-nvme --role load --memory ipc --first-hash 4000 "${BLOCKS[@]}"
+    fi
+    stop_daemon
+fi
+if command -v compute-sanitizer >/dev/null; then
+    rm -f "$WORK/nvme.kvp"
+    if started serve-sanitizer compute-sanitizer --tool memcheck \
+        --error-exitcode 9 --target-processes all; then
+        SMALL=(--blocks 4 --layers 32 --page-tokens 16 --kv-heads 8 --head-bytes 256)
+        engine sanitizer-save --role save --memory ipc --per-layer --first-hash 5000 "${SMALL[@]}"
+        engine sanitizer-load --role load --memory vmm --first-hash 5000 "${SMALL[@]}"
+        pid=$DAEMON_PID
+        stop_daemon
+        wait "$pid" 2>/dev/null
+        status[sanitizer-exit]="$? 0"
+        grep -E "ERROR SUMMARY" "$OUT/daemon.log" | tail -1
+    fi
+else
+    status[compute-sanitizer]="127 0"
+fi
+step bench-transfer 150 "$KV" bench transfer --quick --json
+{
+    echo "{"
+    echo "  \"date\": \"$(date -u +%FT%TZ)\","
+    echo "  \"gpu\": \"$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)\","
+    echo "  \"steps\": {"
+    first=1
+    for k in "${!status[@]}"; do
+        read -r rc secs <<<"${status[$k]}"
+        [ $first = 1 ] || echo ","
+        first=0
+        printf '    "%s": {"rc": %s, "seconds": %s}' "$k" "$rc" "$secs"
+    done
+    echo
+    echo "  },"
+    echo "  \"engines\": ["
+    sed '$!s/$/,/' "$OUT/engines.jsonl" | sed 's/^/    /'
+    echo "  ]"
+    echo "}"
+} >"$OUT/summary.json"
+cat "$OUT/summary.json"
+fail=0
+for k in "${!status[@]}"; do
+    read -r rc _ <<<"${status[$k]}"
+    [ "$rc" = 0 ] || fail=1
+done
+exit $fail
