@@ -749,6 +749,10 @@ impl Device for CudaDevice {
     fn sync_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
         let st = self.lock()?;
         let s = stream_of(&st, "sync_stream", stream)?;
+        // Waiting for the GPU must not hold the device's table lock: every other session's
+        // launch would queue behind this one's copy. Streams are never destroyed while the
+        // device lives, so the handle stays valid (the context stays bound to this thread).
+        drop(st);
         // SAFETY: a live stream of this context.
         unsafe { result::stream::synchronize(s) }.map_err(drv("cuStreamSynchronize"))
     }
@@ -837,6 +841,9 @@ impl Device for CudaDevice {
         check_range(op, src.offset_bytes, src.len_bytes, src.buffer.len_bytes)?;
         let d = dev_of(&st, op, src.buffer)? + src.offset_bytes as u64;
         let s = stream_of(&st, op, stream)?;
+        // Not holding the table lock while the GPU drains (see sync_stream); the buffer
+        // stays allocated, as free's contract requires of callers with work on it.
+        drop(st);
         // SAFETY: checked range; the stream is drained first so earlier work is visible.
         unsafe {
             result::stream::synchronize(s).map_err(drv("cuStreamSynchronize"))?;
@@ -1041,6 +1048,9 @@ impl Device for CudaDevice {
             &p2,
         )?;
         let mut sums = vec![0u64; descs.len()];
+        // The scratch table is this stream's alone (one caller per stream): no lock needed
+        // while the GPU drains (see sync_stream).
+        drop(st);
         // SAFETY: sums_dev holds descs.len() u64s; the stream is drained first.
         unsafe {
             result::stream::synchronize(s).map_err(drv("cuStreamSynchronize"))?;
