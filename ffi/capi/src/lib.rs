@@ -453,7 +453,7 @@ pub fn abi_layout(name: &str) -> Option<usize> {
         kvp_sqe { user_data, opcode, flags, namespace_id, arg_offset, arg_len, count, param0, param1, reserved }
         kvp_cqe { user_data, status, blocks, bytes, tier, detail }
         kvp_block_op { hash, parent_hash, engine_block, tier, status, reserved }
-        kvp_stats { session_id, ops_completed, ops_failed, blocks_saved, blocks_loaded, bytes_saved, bytes_loaded, sessions_active, tier_capacity_blocks, tier_used_blocks, lookup_hits, lookup_misses, backend }
+        kvp_stats { session_id, ops_completed, ops_failed, blocks_saved, blocks_loaded, bytes_saved, bytes_loaded, sessions_active, tier_capacity_blocks, tier_used_blocks, lookup_hits, lookup_misses, backend, reserved0, reserved }
         kvp_kv_layout { num_layers, kv_planes, page_tokens, kv_heads, head_bytes, dtype_bytes, num_pages, page_stride_bytes, token_stride_bytes, head_stride_bytes, buffer_bytes, plane_offset, plane_region }
         kvp_kv_region { kind, flags, alloc_bytes, offset_bytes, len_bytes, gpu_uuid, handle, reserved }
     )
