@@ -144,7 +144,6 @@ pub fn engine_regions(
 /// `socket_path` is a NUL-terminated string; `namespaces` points to `num_namespaces`
 /// NUL-terminated strings (or is NULL when 0); `regions` and `region_fds` point to
 /// `num_regions` entries each (or are NULL when 0); `out` is writable.
-#[allow(clippy::too_many_arguments)] // the C prototype in kvplane.h
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvp_client_attach(
     socket_path: *const c_char,
