@@ -263,6 +263,9 @@ class Client:
             str(socket_path).encode(), queue_pairs, ring_entries, arena_bytes, names,
             len(namespaces), descs, fds, len(pairs), ctypes.byref(handle)), "attach")
         self._h = handle
+        # The daemon now maps this memory: what register_kv holds (the tensors, the host
+        # buffers) stays alive with the session.
+        self._kv = regions
 
     @property
     def session_id(self):
@@ -278,6 +281,7 @@ class Client:
         if self._h:
             self._lib.kvp_client_detach(self._h)
             self._h = None
+            self._kv = None
 
     def __enter__(self):
         return self
