@@ -13,8 +13,8 @@
 //! paths on a machine with a GPU.
 
 use crate::device::{
-    BackendKind, Device, DeviceBuffer, DeviceError, DeviceRange, EventId, LayoutId, StreamId,
-    check_range,
+    BackendKind, Device, DeviceBuffer, DeviceError, DeviceRange, EngineImport, EngineWindow,
+    EventId, LayoutId, StreamId, check_range,
 };
 use crate::nvrtc::{Arch, CudaTools, PtxCache};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result, sys};
@@ -51,6 +51,12 @@ enum Region {
     /// A peer device's allocation, addressed over NVLink/PCIe peer access; owned by the
     /// peer (freeing this handle only forgets the mapping).
     Peer(sys::CUdeviceptr),
+    /// Another process's VMM allocation, imported from its file descriptor and mapped at
+    /// `dev` (a reservation of `bytes` this device made).
+    Vmm { dev: sys::CUdeviceptr, bytes: usize },
+    /// The device's whole address space, as one buffer at address 0: how one kernel
+    /// launch reaches an engine's regions wherever the driver put them. Owns nothing.
+    Window,
 }
 
 impl Region {
@@ -59,7 +65,9 @@ impl Region {
             Region::Alloc(d)
             | Region::Ipc(d)
             | Region::Peer(d)
+            | Region::Vmm { dev: d, .. }
             | Region::Registered { dev: d, .. } => d,
+            Region::Window => 0,
         }
     }
 }
@@ -107,6 +115,7 @@ struct Kernels {
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     name: String,
+    uuid: [u8; 16],
     compute_capability: (i32, i32),
     total_mem_bytes: usize,
     kernels: Kernels,
@@ -148,6 +157,12 @@ impl CudaDevice {
             .compute_capability()
             .map_err(drv("cuDeviceGetAttribute"))?;
         let total_mem_bytes = ctx.total_mem().map_err(drv("cuDeviceTotalMem"))?;
+        let mut raw_uuid = sys::CUuuid_st { bytes: [0; 16] };
+        // SAFETY: a valid out pointer and the device of a live context.
+        unsafe { sys::cuDeviceGetUuid_v2(&mut raw_uuid, ctx.cu_device()) }
+            .result()
+            .map_err(drv("cuDeviceGetUuid"))?;
+        let uuid = raw_uuid.bytes.map(|b| b as u8);
         let arch = Arch {
             major: compute_capability.0 as u32,
             minor: compute_capability.1 as u32,
@@ -188,6 +203,7 @@ impl CudaDevice {
         Ok(Self {
             ctx,
             name,
+            uuid,
             compute_capability,
             total_mem_bytes,
             kernels,
@@ -269,7 +285,9 @@ impl CudaDevice {
     }
 
     /// Opens an engine's allocation from its CUDA IPC handle (cudaIpcGetMemHandle's 64
-    /// bytes) as a buffer of `len_bytes`. Undo with [`Device::free`].
+    /// bytes) as a buffer of `len_bytes`, refused (and closed again) unless the handle
+    /// names an allocation's base and the allocation holds `len_bytes`. Undo with
+    /// [`Device::free`].
     pub fn import_ipc_memory(
         &self,
         handle: &[u8; 64],
@@ -291,7 +309,105 @@ impl CudaDevice {
         }
         .result()
         .map_err(drv("cuIpcOpenMemHandle"))?;
+        // The engine says how long the allocation is; the driver knows. Believing the
+        // engine would let every later launch read and write past it.
+        let (mut base, mut size): (sys::CUdeviceptr, usize) = (0, 0);
+        // SAFETY: valid out pointers; dev is a live mapping opened just above.
+        let range = unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, dev) }
+            .result()
+            .map_err(drv("cuMemGetAddressRange"));
+        let fits = match range {
+            Ok(()) if base == dev && size >= len_bytes => Ok(()),
+            Ok(()) => Err(DeviceError::Driver {
+                op: "cuMemGetAddressRange",
+                detail: format!(
+                    "the IPC allocation is {size} bytes at offset {} of its base; the engine announced {len_bytes} from the base",
+                    dev - base
+                ),
+            }),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = fits {
+            // SAFETY: dev was opened above and is not recorded anywhere else.
+            let _ = unsafe { sys::cuIpcCloseMemHandle(dev) };
+            return Err(e);
+        }
         Ok(insert_buffer(&mut st, Region::Ipc(dev), len_bytes))
+    }
+
+    /// Imports a VMM allocation exported as a POSIX file descriptor and maps `len_bytes`
+    /// of it into a reservation of this device's address space, readable and writable
+    /// by this device. The driver refuses a mapping longer than the allocation.
+    pub fn import_vmm_fd(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        len_bytes: usize,
+    ) -> Result<DeviceBuffer, DeviceError> {
+        use std::os::fd::AsRawFd;
+        let mut st = self.lock()?;
+        let mut handle: sys::CUmemGenericAllocationHandle = 0;
+        // SAFETY: valid out pointer; for POSIX descriptors the driver takes the fd number
+        // in the pointer argument and dups what it needs (the caller keeps its fd).
+        unsafe {
+            sys::cuMemImportFromShareableHandle(
+                &mut handle,
+                fd.as_raw_fd() as usize as *mut c_void,
+                sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+            )
+        }
+        .result()
+        .map_err(drv("cuMemImportFromShareableHandle"))?;
+        let mapped = self.map_vmm(handle, len_bytes);
+        // The mapping holds its own reference to the allocation; ours goes either way.
+        // SAFETY: handle was imported above and is released exactly once.
+        let _ = unsafe { sys::cuMemRelease(handle) };
+        let dev = mapped?;
+        Ok(insert_buffer(
+            &mut st,
+            Region::Vmm {
+                dev,
+                bytes: len_bytes,
+            },
+            len_bytes,
+        ))
+    }
+
+    /// Reserves `len_bytes` of address space, maps `handle` there and grants this device
+    /// read/write access; undoes what it did on failure.
+    fn map_vmm(
+        &self,
+        handle: sys::CUmemGenericAllocationHandle,
+        len_bytes: usize,
+    ) -> Result<sys::CUdeviceptr, DeviceError> {
+        let mut dev: sys::CUdeviceptr = 0;
+        // SAFETY: valid out pointer; a fresh reservation (no fixed address).
+        unsafe { sys::cuMemAddressReserve(&mut dev, len_bytes, 0, 0, 0) }
+            .result()
+            .map_err(drv("cuMemAddressReserve"))?;
+        // SAFETY: dev..dev+len_bytes is our reservation; the driver checks len_bytes
+        // against the allocation's size and fails rather than map past it.
+        if let Err(e) = unsafe { sys::cuMemMap(dev, len_bytes, 0, handle, 0) }.result() {
+            // SAFETY: the reservation made above, unused.
+            let _ = unsafe { sys::cuMemAddressFree(dev, len_bytes) };
+            return Err(drv("cuMemMap")(e));
+        }
+        let access = sys::CUmemAccessDesc_st {
+            location: sys::CUmemLocation_st {
+                type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+                id: self.ctx.cu_device(),
+            },
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the range was mapped just above; one valid access descriptor.
+        if let Err(e) = unsafe { sys::cuMemSetAccess(dev, len_bytes, &access, 1) }.result() {
+            // SAFETY: undoing the map and reservation made above, in reverse order.
+            unsafe {
+                let _ = sys::cuMemUnmap(dev, len_bytes);
+                let _ = sys::cuMemAddressFree(dev, len_bytes);
+            }
+            return Err(drv("cuMemSetAccess")(e));
+        }
+        Ok(dev)
     }
 
     /// Opens an engine's interprocess event (cudaIpcGetEventHandle's 64 bytes).
@@ -561,9 +677,66 @@ impl Device for CudaDevice {
                 Region::Ipc(d) => sys::cuIpcCloseMemHandle(d)
                     .result()
                     .map_err(drv("cuIpcCloseMemHandle")),
-                Region::Peer(_) => Ok(()),
+                Region::Vmm { dev, bytes } => sys::cuMemUnmap(dev, bytes)
+                    .result()
+                    .map_err(drv("cuMemUnmap"))
+                    .and_then(|()| {
+                        sys::cuMemAddressFree(dev, bytes)
+                            .result()
+                            .map_err(drv("cuMemAddressFree"))
+                    }),
+                Region::Peer(_) | Region::Window => Ok(()),
             }
         }
+    }
+
+    fn gpu_uuid(&self) -> Option<[u8; 16]> {
+        Some(self.uuid)
+    }
+
+    fn import_engine_memory(
+        &self,
+        what: EngineImport<'_>,
+        alloc_bytes: u64,
+    ) -> Result<DeviceBuffer, DeviceError> {
+        let len_bytes = usize::try_from(alloc_bytes).map_err(|_| DeviceError::OutOfRange {
+            op: "import_engine_memory",
+            offset_bytes: 0,
+            len_bytes: usize::MAX,
+            buffer_bytes: usize::MAX,
+        })?;
+        match what {
+            EngineImport::CudaIpc { handle } => self.import_ipc_memory(handle, len_bytes),
+            EngineImport::CudaVmmFd { fd } => self.import_vmm_fd(fd, len_bytes),
+        }
+    }
+
+    fn engine_window(&self, parts: &[DeviceBuffer]) -> Result<EngineWindow, DeviceError> {
+        if let [one] = parts {
+            let st = self.lock()?;
+            dev_of(&st, "engine_window", *one)?;
+            return Ok(EngineWindow {
+                buffer: *one,
+                part_offsets: vec![0],
+                owns_buffer: false,
+            });
+        }
+        // Regions the driver placed anywhere: address them from 0, each at its device
+        // address. The window's length covers the highest; the layout checks keep every
+        // access inside its own region.
+        let mut st = self.lock()?;
+        let mut part_offsets = Vec::with_capacity(parts.len());
+        let mut end = 0usize;
+        for p in parts {
+            let dev = dev_of(&st, "engine_window", *p)?;
+            part_offsets.push(dev);
+            end = end.max(dev as usize + p.len_bytes);
+        }
+        Ok(EngineWindow {
+            buffer: insert_buffer(&mut st, Region::Window, end),
+            part_offsets,
+            owns_buffer: true,
+        })
     }
 
     fn create_stream(&self) -> Result<StreamId, DeviceError> {
@@ -1012,6 +1185,9 @@ impl CudaDevice {
 pub struct GpuInfo {
     pub index: u32,
     pub name: String,
+    /// `GPU-xxxxxxxx-...`: what names a GPU across processes and CUDA_VISIBLE_DEVICES
+    /// orderings (an engine's device memory region carries it).
+    pub uuid: String,
     pub memory_total_bytes: u64,
     pub pci_bus_id: String,
     pub pcie_link_gen: Option<u32>,
@@ -1051,6 +1227,7 @@ pub fn topology() -> Result<Vec<GpuInfo>, DeviceError> {
         out.push(GpuInfo {
             index,
             name: dev.name().map_err(nvml_err("nvmlDeviceGetName"))?,
+            uuid: dev.uuid().map_err(nvml_err("nvmlDeviceGetUUID"))?,
             memory_total_bytes: dev
                 .memory_info()
                 .map_err(nvml_err("nvmlDeviceGetMemoryInfo"))?

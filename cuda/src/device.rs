@@ -153,6 +153,25 @@ pub enum DeviceError {
     },
 }
 
+/// GPU memory another process exported, for [`Device::import_engine_memory`].
+#[derive(Debug, Clone, Copy)]
+pub enum EngineImport<'a> {
+    /// The legacy CUDA IPC handle of a `cudaMalloc` allocation's base.
+    CudaIpc { handle: &'a [u8; 64] },
+    /// A VMM allocation (`cuMemCreate`) exported as a POSIX file descriptor.
+    CudaVmmFd { fd: std::os::fd::BorrowedFd<'a> },
+}
+
+/// One buffer through which a device's kernels address several others (an engine's
+/// regions): `buffer` + `part_offsets[i]` is the start of part `i`.
+#[derive(Debug, Clone)]
+pub struct EngineWindow {
+    pub buffer: DeviceBuffer,
+    pub part_offsets: Vec<u64>,
+    /// Whether `buffer` is a handle of its own (free it before the parts) or one of them.
+    pub owns_buffer: bool,
+}
+
 /// The device layer. Implementations: [`crate::host::HostDevice`] and
 /// [`crate::cuda::CudaDevice`].
 pub trait Device: Send + Sync + std::fmt::Debug {
@@ -178,6 +197,21 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     ) -> Result<DeviceBuffer, DeviceError>;
     /// Frees an allocation, or drops a registration/import of external memory.
     fn free(&self, buf: DeviceBuffer) -> Result<(), DeviceError>;
+
+    /// The GPU's UUID (`cuDeviceGetUuid`); `None` on the host backend.
+    fn gpu_uuid(&self) -> Option<[u8; 16]>;
+    /// Opens GPU memory an engine exported, as a buffer of `alloc_bytes` (the whole
+    /// allocation): the import is refused when the allocation is smaller, so no later
+    /// access can leave it. Undo with [`Device::free`]. The host backend has no GPU
+    /// memory to import and says so.
+    fn import_engine_memory(
+        &self,
+        what: EngineImport<'_>,
+        alloc_bytes: u64,
+    ) -> Result<DeviceBuffer, DeviceError>;
+    /// A buffer through which one kernel launch addresses all of `parts` (an engine's
+    /// registered and imported regions). With one part, that part.
+    fn engine_window(&self, parts: &[DeviceBuffer]) -> Result<EngineWindow, DeviceError>;
 
     fn create_stream(&self) -> Result<StreamId, DeviceError>;
     /// Blocks until everything queued on `stream` has finished.

@@ -6,8 +6,8 @@
 //! threads with a stream each copy in parallel. Events are complete when recorded.
 
 use crate::device::{
-    BackendKind, Device, DeviceBuffer, DeviceError, DeviceRange, EventId, LayoutId, StreamId,
-    check_range,
+    BackendKind, Device, DeviceBuffer, DeviceError, DeviceRange, EngineImport, EngineWindow,
+    EventId, LayoutId, StreamId, check_range,
 };
 use kvplane_ffi::kvp_copy_desc;
 use kvplane_kernels::{EngineKv, HostLaunch, PagedLayout};
@@ -251,6 +251,40 @@ impl Device for HostDevice {
         // Outside the lock: the last reference (if no operation holds one) unmaps here.
         drop(region);
         Ok(())
+    }
+
+    fn gpu_uuid(&self) -> Option<[u8; 16]> {
+        None
+    }
+
+    fn import_engine_memory(
+        &self,
+        _what: EngineImport<'_>,
+        _alloc_bytes: u64,
+    ) -> Result<DeviceBuffer, DeviceError> {
+        Err(DeviceError::Unsupported {
+            op: "importing GPU memory",
+            backend: "host",
+        })
+    }
+
+    fn engine_window(&self, parts: &[DeviceBuffer]) -> Result<EngineWindow, DeviceError> {
+        // Host memory an engine registers arrives as one contiguous mapping (the daemon
+        // maps all its memfds into one window), so one part is all there can be here.
+        match parts {
+            [one] => {
+                self.lock().region("engine_window", *one)?;
+                Ok(EngineWindow {
+                    buffer: *one,
+                    part_offsets: vec![0],
+                    owns_buffer: false,
+                })
+            }
+            _ => Err(DeviceError::Unsupported {
+                op: "a window over several buffers",
+                backend: "host",
+            }),
+        }
     }
 
     fn create_stream(&self) -> Result<StreamId, DeviceError> {

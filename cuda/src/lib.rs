@@ -24,7 +24,7 @@ pub mod offload;
 pub mod slots;
 
 pub use device::{
-    BackendChoice, BackendKind, Device, DeviceBuffer, DeviceError, DeviceRange, EventId, LayoutId,
-    Opened, StreamId, open,
+    BackendChoice, BackendKind, Device, DeviceBuffer, DeviceError, DeviceRange, EngineImport,
+    EngineWindow, EventId, LayoutId, Opened, StreamId, open,
 };
 pub use slots::{SlotArena, SlotStore};

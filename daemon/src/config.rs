@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod control;
+mod device;
 mod events;
 pub use control::{ControlConfig, default_socket_path};
+pub use device::{BackendSetting, DeviceConfig, MAX_DEVICE_ORDINAL};
 pub use events::EventsConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +229,8 @@ pub struct Config {
     pub control: ControlConfig,
     /// `[events]`: KV events streamed to routers.
     pub events: EventsConfig,
+    /// `[device]`: the device backend the data plane runs on.
+    pub device: DeviceConfig,
 }
 
 impl Config {
@@ -397,6 +401,7 @@ impl Config {
         self.tiers.validate(self.blocks.block_bytes)?;
         self.control.validate()?;
         self.events.validate()?;
+        self.device.validate()?;
         let mut seen = std::collections::HashSet::new();
         for (i, ns) in self.namespaces.iter().enumerate() {
             let key = format!("namespaces[{i}].name");
@@ -605,6 +610,15 @@ worker_id = 0
 # repaired by the next snapshot).
 queue_events = {queue_events}
 
+[device]
+# The device the data plane runs on: "auto" (the CUDA device below when an NVIDIA driver
+# and that GPU are present, else the host backend; the log and /status say why),
+# "cuda" (refuse to start without it) or "host" (host memory and the CPU build of the
+# kernels).
+backend = "{device_backend}"
+# The CUDA device (driver ordinal) the daemon uses.
+ordinal = {device_ordinal}
+
 # Namespaces (tenant + model + LoRA) and the uids that may use each. With none listed,
 # any namespace may be used, but only by the daemon's own uid.
 # Each may be limited per tier, in bytes (unset: up to the tier's size; 0: kept out of
@@ -653,6 +667,8 @@ queue_events = {queue_events}
             control_mode = d.control.socket_mode,
             tcp_tenant_data = d.control.tcp_tenant_data,
             queue_events = d.events.queue_events,
+            device_backend = d.device.backend.as_str(),
+            device_ordinal = d.device.ordinal,
         )
     }
 }
@@ -753,6 +769,10 @@ mod tests {
             nats_component: "comp".into(),
             nats_queue_events: 2048,
         };
+        full.device = DeviceConfig {
+            backend: BackendSetting::Cuda,
+            ordinal: 3,
+        };
         full.validate().unwrap();
         let text = full.to_toml().unwrap();
         assert_eq!(parse(&text).unwrap(), full, "{text}");
@@ -813,6 +833,12 @@ mod tests {
                 "[serve]\ndrop_privileges = false\nrun_as_uid = 5",
                 "serve.run_as_uid",
             ),
+            ("[device]\nbackend = \"gpu\"", "device.backend"),
+            ("[device]\nbackend = \"CUDA\"", "device.backend"),
+            ("[device]\nbackend = 1", "backend"),
+            ("[device]\nordinal = 256", "device.ordinal"),
+            ("[device]\nordinal = -1", "ordinal"),
+            ("[device]\ngpu = 0", "gpu"),
         ];
         for (text, key) in cases {
             let err = parse(text).unwrap_err().to_string();
@@ -824,6 +850,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_sessions"), "{err}");
+    }
+
+    #[test]
+    fn device_backend_takes_each_value_and_defaults_to_auto() {
+        let d = parse("").unwrap().device;
+        assert_eq!((d.backend, d.ordinal), (BackendSetting::Auto, 0));
+        for (text, backend) in [
+            ("auto", BackendSetting::Auto),
+            ("cuda", BackendSetting::Cuda),
+            ("host", BackendSetting::Host),
+        ] {
+            let c = parse(&format!("[device]\nbackend = \"{text}\"\nordinal = 2")).unwrap();
+            assert_eq!((c.device.backend, c.device.ordinal), (backend, 2), "{text}");
+            assert_eq!(backend.as_str(), text);
+            // Written back as the same word, read back equal.
+            let toml = c.to_toml().unwrap();
+            assert!(toml.contains(&format!("backend = \"{text}\"")), "{toml}");
+            assert_eq!(parse(&toml).unwrap(), c);
+        }
+        let err = parse("[device]\nbackend = \"gpu\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("device.backend") && err.contains("\"gpu\"") && err.contains("\"host\""),
+            "{err}"
+        );
+        // The ordinal's upper bound is accepted, one past it is not.
+        let max = MAX_DEVICE_ORDINAL;
+        assert_eq!(
+            parse(&format!("[device]\nordinal = {max}"))
+                .unwrap()
+                .device
+                .ordinal,
+            max
+        );
+        assert!(parse(&format!("[device]\nordinal = {}", max + 1)).is_err());
     }
 
     #[test]

@@ -9,6 +9,8 @@ pub mod block;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+/// The device `[device]` chose, opened at start-up (below dataplane/ and control/).
+pub mod device;
 /// Properties checked by the fuzz targets in `fuzz/` and by `tests/fuzz_regressions.rs`.
 pub mod fuzz_props;
 /// The data plane's metrics sink (below dataplane/ and control/).

@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::control::events::EventStream;
 use crate::control::signals;
 use crate::dataplane::DataPlane;
+use crate::device::DaemonDevice;
 use crate::privileges::{DropPlan, drop_privileges};
 use crate::session::Daemon;
 
@@ -60,14 +61,14 @@ pub fn run(args: ServeArgs) -> ServeResult {
             max_bytes: ns.max_bytes(),
         })
         .collect();
-    // The GPU data path (a cuda device, engines with KV in HBM) is the next step; engines
-    // register host memory, which the host backend moves with the same kernels.
-    let device: Arc<dyn kvplane_cuda::Device> = Arc::new(kvplane_cuda::host::HostDevice::new());
-    tracing::info!(device = %device.describe(), "data-plane device");
+    // Before any tier: G1 is allocated on this device and the host pool registered with
+    // it. `backend = "cuda"` without a driver or that GPU ends the start-up here.
+    let device = DaemonDevice::open(&config.device)?;
+    device.log();
     let options = ManagerOptions {
         events: streaming.then_some(events_tx),
         quotas,
-        device: Some(device),
+        device: Some(Arc::clone(&device.device)),
         ..ManagerOptions::default()
     };
     let blocks = Arc::new(BlockManager::new(&config.blocks, &config.tiers, options)?);
@@ -79,8 +80,6 @@ pub fn run(args: ServeArgs) -> ServeResult {
         startup_s = t0.elapsed().as_secs_f64(),
         "tiers ready"
     );
-    // The GPU data path (engines with KV in HBM, a cuda device) is issue 13's; engines
-    // register host memory, which the host backend moves with the same kernels.
     let dataplane = Arc::new(DataPlane::with_blocks(Arc::clone(&blocks)));
     // Configured names are known before any engine attaches: blocks restored from NVMe are
     // published to routers under their names, and two names whose ids collide stop the
@@ -125,7 +124,7 @@ pub fn run(args: ServeArgs) -> ServeResult {
         None
     };
     let daemon = bound.start()?;
-    let control = crate::control::admin::start_for(&daemon, control);
+    let control = crate::control::admin::start_for(&daemon, control, &device);
     let sig = signals::wait_termination()?;
     tracing::info!(signal = sig, "shutting down: finishing in-flight batches");
     crate::control::admin::shutdown(daemon, control);

@@ -18,7 +18,8 @@ pub mod bindings;
 
 pub use bindings::{
     kvp_attach_reply, kvp_attach_request, kvp_block_op, kvp_copy_desc, kvp_cqe, kvp_index_line,
-    kvp_kv_layout, kvp_kv_region, kvp_queue_pair_desc, kvp_ring_header, kvp_segment_header, kvp_sqe, kvp_stats,
+    kvp_kv_layout, kvp_kv_region, kvp_queue_pair_desc, kvp_ring_header, kvp_segment_header,
+    kvp_sqe, kvp_stats,
 };
 
 mod types;

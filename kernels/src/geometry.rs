@@ -101,6 +101,7 @@ mod tests {
             run_bytes,
             runs_per_block,
             span_bytes: 0,
+            plane_span_bytes: 0,
         }
     }
 

@@ -47,6 +47,25 @@ pub enum LayoutError {
         end_bytes: u64,
         buffer_bytes: u64,
     },
+    #[error(
+        "layer {layer} plane {plane}: plane_region {region}, but the session has {regions} KV regions"
+    )]
+    RegionIndex {
+        layer: u32,
+        plane: u32,
+        region: u16,
+        regions: usize,
+    },
+    #[error(
+        "layer {layer} plane {plane}: the last page ends at byte {end_bytes} of KV region {region}, past its {region_bytes} bytes"
+    )]
+    OutOfRegion {
+        layer: u32,
+        plane: u32,
+        region: u16,
+        end_bytes: u64,
+        region_bytes: u64,
+    },
 }
 
 /// What the kernels and the data plane need to know about a valid layout.
@@ -62,6 +81,8 @@ pub struct LayoutInfo {
     pub runs_per_block: u64,
     /// One past the highest engine-buffer byte any page in [0, num_pages) touches.
     pub span_bytes: u64,
+    /// Bytes from a (layer, plane)'s base to the end of its last page.
+    pub plane_span_bytes: u64,
 }
 
 /// Pages an engine pool may have: block ops name a page with a `u32`.
@@ -181,7 +202,76 @@ pub fn validate_layout(layout: &kvp_kv_layout) -> Result<LayoutInfo, LayoutError
         run_bytes,
         runs_per_block: runs_per_lp * u64::from(l.num_layers) * u64::from(l.kv_planes),
         span_bytes,
+        plane_span_bytes: last_page,
     })
+}
+
+/// Where one of a session's KV regions lies in the window the kernels address (one
+/// contiguous host mapping, or a device's address space).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionSpan {
+    pub window_offset_bytes: u64,
+    pub len_bytes: u64,
+}
+
+/// Turns an engine's layout, whose (plane_region, plane_offset) name a place in one of its
+/// `regions`, into the layout the kernels take: plane_offset relative to a window of
+/// `window_bytes` that holds every region, `buffer_bytes` that window's length,
+/// `plane_region` zero. Every (layer, plane) must name a region and lie inside it, not just
+/// inside the window: regions need not be adjacent, and the bytes between them are not the
+/// engine's. Entries past `num_layers`/`kv_planes` are ignored and come out zero.
+pub fn resolve_regions(
+    engine: &kvp_kv_layout,
+    regions: &[RegionSpan],
+    window_bytes: u64,
+) -> Result<PagedLayout, LayoutError> {
+    let mut resolved = *engine;
+    resolved.buffer_bytes = window_bytes;
+    resolved.plane_offset = [[0; KVP_MAX_LAYERS as usize]; 2];
+    resolved.plane_region = [[0; KVP_MAX_LAYERS as usize]; 2];
+    let planes = engine.kv_planes.min(2);
+    let layers = engine.num_layers.min(KVP_MAX_LAYERS);
+    for plane in 0..planes {
+        for layer in 0..layers {
+            let (p, l) = (plane as usize, layer as usize);
+            let region = engine.plane_region[p][l];
+            let span = regions
+                .get(usize::from(region))
+                .ok_or(LayoutError::RegionIndex {
+                    layer,
+                    plane,
+                    region,
+                    regions: regions.len(),
+                })?;
+            resolved.plane_offset[p][l] = span
+                .window_offset_bytes
+                .checked_add(engine.plane_offset[p][l])
+                .ok_or(overflow("region offset + plane_offset"))?;
+        }
+    }
+    // Geometry, strides and the window first (this also yields the plane span).
+    let layout = PagedLayout::new(&resolved)?;
+    let plane_span = layout.info().plane_span_bytes;
+    for plane in 0..planes {
+        for layer in 0..layers {
+            let (p, l) = (plane as usize, layer as usize);
+            let region = engine.plane_region[p][l];
+            let region_bytes = regions[usize::from(region)].len_bytes;
+            let end_bytes = engine.plane_offset[p][l]
+                .checked_add(plane_span)
+                .ok_or(overflow("plane_offset + last page"))?;
+            if end_bytes > region_bytes {
+                return Err(LayoutError::OutOfRegion {
+                    layer,
+                    plane,
+                    region,
+                    end_bytes,
+                    region_bytes,
+                });
+            }
+        }
+    }
+    Ok(layout)
 }
 
 /// The same run split as `kvp_layout_runs` in `paged.cu` (for reporting and sizing).
@@ -444,5 +534,108 @@ mod tests {
         let mut l = vllm(2, 4);
         l.plane_offset[0][2] = u64::MAX;
         assert!(validate_layout(&l).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod region_tests {
+    use super::*;
+
+    /// One region per (layer, plane), as per-layer K and V tensors (SGLang) register.
+    fn per_tensor(layers: u32, pages: u64) -> (kvp_kv_layout, u64) {
+        let mut l = planes_per_layer(layers, 16, 2, 128, pages);
+        let plane = l.page_stride_bytes * pages;
+        for layer in 0..layers as usize {
+            for p in 0..2 {
+                l.plane_region[p][layer] = (2 * layer + p) as u16;
+                l.plane_offset[p][layer] = 0;
+            }
+        }
+        l.buffer_bytes = 0; // ignored from engines
+        (l, plane)
+    }
+
+    #[test]
+    fn regions_resolve_into_the_window_and_are_checked_one_by_one() {
+        let (l, plane) = per_tensor(3, 10);
+        // Regions scattered in the window with gaps between them, in reverse order.
+        let regions: Vec<RegionSpan> = (0..6u64)
+            .map(|i| RegionSpan {
+                window_offset_bytes: (5 - i) * 2 * plane + 4096,
+                len_bytes: plane,
+            })
+            .collect();
+        let window = 12 * plane + 4096;
+        let r = resolve_regions(&l, &regions, window).unwrap();
+        for layer in 0..3 {
+            for p in 0..2 {
+                let i = 2 * layer + p;
+                assert_eq!(
+                    r.raw().plane_offset[p][layer],
+                    regions[i].window_offset_bytes
+                );
+                assert_eq!(r.raw().plane_region[p][layer], 0);
+            }
+        }
+        assert_eq!(r.raw().buffer_bytes, window);
+        assert_eq!(r.info().plane_span_bytes, plane);
+        // Past the number of regions.
+        let mut bad = l;
+        bad.plane_region[1][2] = 6;
+        assert_eq!(
+            resolve_regions(&bad, &regions, window).unwrap_err(),
+            LayoutError::RegionIndex {
+                layer: 2,
+                plane: 1,
+                region: 6,
+                regions: 6
+            }
+        );
+        // Inside the window but out of its own region (into the gap and the next one).
+        let mut bad = l;
+        bad.plane_offset[0][1] = 4096;
+        match resolve_regions(&bad, &regions, window).unwrap_err() {
+            LayoutError::OutOfRegion {
+                layer: 1,
+                plane: 0,
+                region: 2,
+                end_bytes,
+                region_bytes,
+            } => assert_eq!((end_bytes, region_bytes), (plane + 4096, plane)),
+            e => panic!("{e}"),
+        }
+        // A region offset near u64::MAX cannot wrap around.
+        let mut far = regions.clone();
+        far[0].window_offset_bytes = u64::MAX - 10;
+        assert!(matches!(
+            resolve_regions(&l, &far, window).unwrap_err(),
+            LayoutError::Overflow { .. } | LayoutError::OutOfBounds { .. }
+        ));
+        // Entries past num_layers are ignored, even when they name no region.
+        let mut extra = l;
+        extra.plane_region[0][200] = 999;
+        extra.plane_offset[0][200] = u64::MAX;
+        let r = resolve_regions(&extra, &regions, window).unwrap();
+        assert_eq!(r.raw().plane_offset[0][200], 0);
+    }
+
+    #[test]
+    fn one_region_with_every_layer_in_it_is_the_old_single_buffer() {
+        let single = planes_per_layer(4, 16, 8, 128, 10);
+        let regions = [RegionSpan {
+            window_offset_bytes: 0,
+            len_bytes: single.buffer_bytes,
+        }];
+        let r = resolve_regions(&single, &regions, single.buffer_bytes).unwrap();
+        assert_eq!(r.raw().plane_offset, single.plane_offset);
+        // One byte short of the last page: refused naming region 0.
+        let short = [RegionSpan {
+            window_offset_bytes: 0,
+            len_bytes: single.buffer_bytes - 1,
+        }];
+        assert!(matches!(
+            resolve_regions(&single, &short, single.buffer_bytes).unwrap_err(),
+            LayoutError::OutOfRegion { region: 0, .. }
+        ));
     }
 }

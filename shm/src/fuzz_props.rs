@@ -473,7 +473,11 @@ pub fn check_attach_request(data: &[u8]) -> bool {
     let (head, regions) = sent.split_at(sent.len().min(REQUEST_BYTES));
     let mut fd_left = fd.as_ref().map(|f| f.as_raw_fd());
     if !head.is_empty() {
-        let with = if regions.is_empty() { fd_left.take() } else { None };
+        let with = if regions.is_empty() {
+            fd_left.take()
+        } else {
+            None
+        };
         sys::send_with_fd(&ours, head, with).expect("send");
     }
     for chunk in regions.chunks(REGION_BYTES) {
@@ -516,7 +520,11 @@ pub fn check_attach_request(data: &[u8]) -> bool {
         let d = &r.desc;
         let sent: kvp_kv_region =
             ffi::read_pod(&regions[i * REGION_BYTES..]).expect("region bytes");
-        assert_eq!(ffi::as_bytes(d), ffi::as_bytes(&sent), "region #{i} as sent");
+        assert_eq!(
+            ffi::as_bytes(d),
+            ffi::as_bytes(&sent),
+            "region #{i} as sent"
+        );
         assert!(d.len_bytes > 0 && d.offset_bytes + d.len_bytes <= d.alloc_bytes);
         assert_eq!(r.fd.is_some(), r.kind.carries_fd(), "region #{i}");
         if r.kind == RegionKind::HostMemfd {
@@ -533,7 +541,11 @@ pub fn check_attach_request(data: &[u8]) -> bool {
             } else {
                 sys::Backing::Hugetlb
             };
-            assert_eq!(r.backing, Some(want), "the daemon decides on hugetlb by this");
+            assert_eq!(
+                r.backing,
+                Some(want),
+                "the daemon decides on hugetlb by this"
+            );
         }
     }
     // The engine's encoder reproduces what was accepted.
@@ -604,7 +616,11 @@ pub fn seeds_attach_request() -> Vec<Seed> {
         ),
         (
             "seed-hugetlb-memfd".into(),
-            with(4, req(&["tenant-a/llama-70b"], 1), &[kvp_kv_region::host_memfd(2 << 20)]),
+            with(
+                4,
+                req(&["tenant-a/llama-70b"], 1),
+                &[kvp_kv_region::host_memfd(2 << 20)],
+            ),
         ),
         (
             "seed-gpu-regions".into(),

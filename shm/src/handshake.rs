@@ -16,7 +16,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use kvplane_ffi::{self as ffi, Pod, RegionKind, kvp_attach_reply, kvp_attach_request, kvp_kv_region};
+use kvplane_ffi::{
+    self as ffi, Pod, RegionKind, kvp_attach_reply, kvp_attach_request, kvp_kv_region,
+};
 
 use crate::error::{Result, ShmError};
 use crate::sys::{self, PeerCred};
@@ -202,9 +204,7 @@ impl RequestReader {
                         return Ok(false);
                     }
                     Err(e) => {
-                        return Err(
-                            self.failed(stream, format!("reading the attach request: {e}"))
-                        );
+                        return Err(self.failed(stream, format!("reading the attach request: {e}")));
                     }
                 }
             }
@@ -217,10 +217,7 @@ impl RequestReader {
             if regions > ffi::MAX_KV_REGIONS {
                 return Err(self.failed(
                     stream,
-                    format!(
-                        "{regions} KV regions (at most {})",
-                        ffi::MAX_KV_REGIONS
-                    ),
+                    format!("{regions} KV regions (at most {})", ffi::MAX_KV_REGIONS),
                 ));
             }
             if regions == 0 {
@@ -329,7 +326,10 @@ fn parse_request(peer: PeerCred, buf: &[u8], fds: Vec<OwnedFd>) -> Result<Attach
     }
     let regions = req.num_kv_regions as usize;
     if regions > ffi::MAX_KV_REGIONS || buf.len() != REQUEST_BYTES + regions * REGION_BYTES {
-        return Err(bad(format!("{regions} KV regions announced, {} bytes sent", buf.len())));
+        return Err(bad(format!(
+            "{regions} KV regions announced, {} bytes sent",
+            buf.len()
+        )));
     }
     let mut fds = fds.into_iter();
     let mut kv_regions = Vec::with_capacity(regions);
@@ -339,7 +339,10 @@ fn parse_request(peer: PeerCred, buf: &[u8], fds: Vec<OwnedFd>) -> Result<Attach
         let kind = check_region(&desc).map_err(|e| bad(format!("KV region #{i}: {e}")))?;
         let fd = if kind.carries_fd() {
             Some(fds.next().ok_or_else(|| {
-                bad(format!("KV region #{i} ({}): no descriptor came with it", kind.name()))
+                bad(format!(
+                    "KV region #{i} ({}): no descriptor came with it",
+                    kind.name()
+                ))
             })?)
         } else {
             None
@@ -506,7 +509,10 @@ mod tests {
         engine.write_all(&bytes[500..REQUEST_BYTES + 3]).unwrap();
         assert!(!reader.read_more(&daemon, true).unwrap());
         engine.write_all(&bytes[REQUEST_BYTES + 3..]).unwrap();
-        assert!(!reader.read_more(&daemon, true).unwrap(), "one region to come");
+        assert!(
+            !reader.read_more(&daemon, true).unwrap(),
+            "one region to come"
+        );
         // The memfd rides on its region's first byte.
         let m = ffi::as_bytes(&memfd);
         sys::send_with_fd(&engine, &m[..5], Some(kv.as_raw_fd())).unwrap();
@@ -557,19 +563,31 @@ mod tests {
             (with(|r| r.flags = 1), "must be zero"),
             (with(|r| r.reserved[15] = 1), "must be zero"),
             (with(|r| r.len_bytes = 0), "len_bytes is 0"),
-            (with(|r| r.offset_bytes = (1 << 20) - 100), "past the allocation"),
+            (
+                with(|r| r.offset_bytes = (1 << 20) - 100),
+                "past the allocation",
+            ),
             (with(|r| r.offset_bytes = u64::MAX), "past the allocation"),
             (with(|r| r.gpu_uuid = [0; 16]), "needs gpu_uuid and handle"),
             (with(|r| r.handle = [0; 64]), "needs gpu_uuid and handle"),
         ];
         for (region, want) in cases {
-            let e = exchange(&req2, &[(kvp_kv_region::host_memfd(8192), Some(&kv)), (region, None)])
-                .unwrap_err();
-            assert!(e.contains("KV region #1") && e.contains(want), "{want}: {e}");
+            let e = exchange(
+                &req2,
+                &[(kvp_kv_region::host_memfd(8192), Some(&kv)), (region, None)],
+            )
+            .unwrap_err();
+            assert!(
+                e.contains("KV region #1") && e.contains(want),
+                "{want}: {e}"
+            );
         }
         // Descriptors: missing, surplus, and on a kind that carries none.
         let e = exchange(&req2, &[(good_ipc, None), (good_vmm, None)]).unwrap_err();
-        assert!(e.contains("KV region #1 (CUDA VMM fd): no descriptor"), "{e}");
+        assert!(
+            e.contains("KV region #1 (CUDA VMM fd): no descriptor"),
+            "{e}"
+        );
         let e = exchange(&req2, &[(good_ipc, Some(&kv)), (good_ipc, None)]).unwrap_err();
         assert!(e.contains("more file descriptors"), "{e}");
         let e = exchange(&req2, &[(good_vmm, Some(&kv)), (good_ipc, Some(&kv))]).unwrap_err();
@@ -577,7 +595,10 @@ mod tests {
         // A host memfd whose size is not alloc_bytes, and one with a GPU uuid.
         let mut wrong = kvp_kv_region::host_memfd(4096);
         let e = exchange(&req2, &[(good_ipc, None), (wrong, Some(&kv))]).unwrap_err();
-        assert!(e.contains("KV region #1") && e.contains("8192 != 4096"), "{e}");
+        assert!(
+            e.contains("KV region #1") && e.contains("8192 != 4096"),
+            "{e}"
+        );
         wrong = kvp_kv_region::host_memfd(8192);
         wrong.gpu_uuid[0] = 1;
         let e = exchange(&req2, &[(good_ipc, None), (wrong, Some(&kv))]).unwrap_err();
@@ -598,7 +619,10 @@ mod tests {
         // Announced regions that never come: the hang-up names the bytes.
         req.num_kv_regions = 3;
         let e = exchange(&req, &[]).unwrap_err();
-        assert!(e.contains(&format!("of {} bytes", REQUEST_BYTES + 3 * REGION_BYTES)), "{e}");
+        assert!(
+            e.contains(&format!("of {} bytes", REQUEST_BYTES + 3 * REGION_BYTES)),
+            "{e}"
+        );
     }
 
     #[test]

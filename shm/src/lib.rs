@@ -2,12 +2,14 @@
 //! doorbells, the attach handshake, liveness, and the Rust client engines use.
 //!
 //! Unsafe code is confined to `sys` (system calls), `segment` (raw access to a mapping,
-//! bounds-checked) and `ring` (volatile entry copies within a checked array).
+//! bounds-checked), `ring` (volatile entry copies within a checked array) and `window`
+//! (fixed mappings inside its own reservation).
 
 pub mod error;
 pub mod ring;
 pub mod segment;
 pub mod sys;
+pub mod window;
 
 pub use error::{Result, ShmError};
 pub use ring::{Consumer, Doorbell, Producer, RingKind, WaitPolicy};

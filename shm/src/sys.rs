@@ -5,6 +5,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
@@ -92,6 +93,82 @@ pub fn backing(fd: RawFd) -> io::Result<Backing> {
         HUGETLBFS_MAGIC => Backing::Hugetlb,
         m => Backing::Other(m),
     })
+}
+
+/// The system page size in bytes.
+pub fn page_bytes() -> usize {
+    // SAFETY: sysconf only reads a system constant.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).unwrap_or(4096).max(4096)
+}
+
+/// The page size mappings of `fd` must be aligned to: its file system's block size
+/// (the huge page size on hugetlbfs), at least the system page.
+pub fn file_page_bytes(fd: RawFd) -> io::Result<usize> {
+    // SAFETY: zeroed statfs is a valid out-parameter; fstatfs fills it for a valid fd.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: st is a valid, writable statfs struct.
+    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let bsize = usize::try_from(st.f_bsize).unwrap_or(0);
+    Ok(if bsize.is_power_of_two() {
+        bsize.max(page_bytes())
+    } else {
+        page_bytes()
+    })
+}
+
+/// Reserves `bytes` of address space with no access and no memory behind it.
+pub fn reserve_address_space(bytes: usize) -> io::Result<NonNull<u8>> {
+    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing touches no
+    // existing memory.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned address 0"))
+}
+
+/// Maps `len` bytes of `fd` from offset 0, shared and read/write, at exactly `at`.
+///
+/// # Safety
+/// `[at, at + len)` must be address space the caller owns and nothing uses (a reservation
+/// of its own): `MAP_FIXED` replaces whatever is mapped there.
+pub unsafe fn map_shared_fixed(at: NonNull<u8>, len: usize, fd: RawFd) -> io::Result<()> {
+    // SAFETY: the caller owns [at, at + len) per the contract.
+    let p = unsafe {
+        libc::mmap(
+            at.as_ptr().cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Unmaps `[at, at + len)`.
+///
+/// # Safety
+/// The range must be a mapping the caller owns and nothing will access again.
+pub unsafe fn unmap(at: NonNull<u8>, len: usize) {
+    // SAFETY: per the contract; munmap of an owned range cannot affect other memory.
+    let _ = unsafe { libc::munmap(at.as_ptr().cast(), len) };
 }
 
 /// True when `fd` is a regular file (not a device, pipe, socket or directory).

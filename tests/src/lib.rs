@@ -66,9 +66,12 @@ pub struct DaemonProc {
 pub use kvplane_daemon::config::{Config, NamespaceConfig};
 
 /// The small daemon config tests start from: 64 KiB blocks, a 16 MiB host pool (not
-/// locked, no hugepages, one touch thread), everything else the daemon's default.
+/// locked, no hugepages, one touch thread), the host backend even on a GPU machine (what
+/// the tests expect of labels and backings; `tests/device.rs` covers `auto` and `cuda`),
+/// everything else the daemon's default.
 pub fn small_daemon_config() -> Config {
     let mut c = Config::default();
+    c.device.backend = kvplane_daemon::config::BackendSetting::Host;
     c.blocks.block_bytes = 64 << 10;
     c.tiers.host.capacity_bytes = 16 << 20;
     c.tiers.host.lock = false;
@@ -713,6 +716,18 @@ pub fn for_each_seed(test: &str, defaults: &[u64], mut run: impl FnMut(u64)) {
         eprintln!("{test}: seed {seed:#x}");
         run(seed);
     }
+}
+
+/// The STATS op on `qp` (its reply lands at arena offset 0), asserted to succeed.
+pub fn stats(qp: &mut kvplane_shm::QueuePair) -> kvplane_ffi::kvp_stats {
+    use kvplane_ffi::kvp_stats;
+    let mut s = kvplane_shm::client::sqe(kvplane_ffi::Opcode::Stats, 77);
+    s.arg_len = std::mem::size_of::<kvp_stats>() as u32;
+    let c = qp.call(s, Duration::from_secs(10)).expect("stats");
+    assert_eq!(c.status, kvplane_ffi::Status::Ok.raw(), "stats: {c:?}");
+    let mut raw = [0u8; std::mem::size_of::<kvp_stats>()];
+    qp.read_arena(0, &mut raw).expect("read the stats reply");
+    kvplane_ffi::read_pod::<kvp_stats>(&raw).expect("a kvp_stats")
 }
 
 /// Runs `kvplane serve --config CONFIG --socket SOCKET` (stderr to `log`) and waits up to

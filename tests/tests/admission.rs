@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kvplane_ffi::{Opcode, Status, kvp_stats};
+use kvplane_ffi::{Opcode, Status};
 use kvplane_shm::{AttachOptions, QueuePair, Session, ShmError, client};
 use kvplane_tests::{
     Config, DaemonProc, NamespaceConfig, OTHER_UID, kvplane_as, require_root, small_config,
@@ -70,15 +70,7 @@ fn ping_as_other(socket: &Path, namespace: &str) -> Result<serde_json::Value, St
 }
 
 fn sessions_active(qp: &mut QueuePair) -> u64 {
-    let mut s = client::sqe(Opcode::Stats, 77);
-    s.arg_len = std::mem::size_of::<kvp_stats>() as u32;
-    let c = qp.call(s, T).expect("stats");
-    assert_eq!(c.status, Status::Ok.raw());
-    let mut raw = [0u8; std::mem::size_of::<kvp_stats>()];
-    qp.read_arena(0, &mut raw).unwrap();
-    kvplane_ffi::read_pod::<kvp_stats>(&raw)
-        .unwrap()
-        .sessions_active
+    kvplane_tests::stats(qp).sessions_active
 }
 
 /// Attaches, retrying while the daemon still counts a session that just detached.

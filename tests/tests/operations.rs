@@ -190,13 +190,11 @@ fn status_json_shows_tiers_sessions_namespaces_and_backend() {
     assert_eq!(link("engine_to_host"), 8 * BLOCK);
     assert_eq!(link("host_to_nvme"), 8 * BLOCK);
     assert!(!v["nvme"]["engine"].as_str().unwrap().is_empty());
-    // No GPU here: the backend says so; with a GPU, NVML lists it.
-    if v["gpus"].as_array().unwrap().is_empty() {
-        assert_eq!(v["backend"], "host");
-        assert!(
-            v["gpu_note"].as_str().unwrap().contains("host backend"),
-            "{v}"
-        );
+    // The device in use, once: the top-level backend is the device's. No GPUs listed
+    // comes with the reason (tests/tests/device.rs checks each `[device] backend`).
+    assert_eq!(v["backend"], v["device"]["backend"], "{v}");
+    if v["device"]["gpus"].as_array().unwrap().is_empty() {
+        assert!(!v["device"]["gpu_note"].as_str().unwrap().is_empty(), "{v}");
     }
     // The table for people.
     let out = Command::new(kvplane_bin())

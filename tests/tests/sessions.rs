@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use kvplane_ffi::{Opcode, Pod, Status, kvp_cqe, kvp_sqe, kvp_stats};
+use kvplane_ffi::{Opcode, Pod, Status, kvp_cqe, kvp_sqe};
 use kvplane_shm::{AttachOptions, QueuePair, Session, ShmError, client};
 use kvplane_tests::{
     DaemonProc, NamespaceConfig, cpu_ticks, kvplane_bin, ping_json, rss_kib, signal, small_config,
@@ -30,15 +30,7 @@ fn call(qp: &mut QueuePair, sqe: kvp_sqe) -> kvp_cqe {
 }
 
 fn sessions_active(qp: &mut QueuePair) -> u64 {
-    let mut s = client::sqe(Opcode::Stats, 77);
-    s.arg_len = std::mem::size_of::<kvp_stats>() as u32;
-    let c = call(qp, s);
-    assert_eq!(c.status, Status::Ok.raw());
-    let mut raw = [0u8; std::mem::size_of::<kvp_stats>()];
-    qp.read_arena(0, &mut raw).unwrap();
-    kvplane_ffi::read_pod::<kvp_stats>(&raw)
-        .unwrap()
-        .sessions_active
+    kvplane_tests::stats(qp).sessions_active
 }
 
 #[test]

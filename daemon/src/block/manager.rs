@@ -192,7 +192,8 @@ pub struct ManagerOptions {
     /// Stored/removed events (try_send: a full channel drops events and counts them).
     pub events: Option<Sender<BlockEvent>>,
     /// The device the memory tiers live on (G1 allocated on it, G2 registered with it);
-    /// the host backend when none is given.
+    /// the host backend when none is given (in-process tests; `kvplane serve` always
+    /// passes the one `[device]` chose, see `crate::device`).
     pub device: Option<Arc<dyn kvplane_cuda::Device>>,
     /// Per-namespace limits on each tier (`[[namespaces]]` in the config).
     pub quotas: Vec<NamespaceQuota>,
@@ -359,6 +360,11 @@ impl BlockManager {
     /// The tiers' bytes, for the mover.
     pub fn stores(&self) -> &Arc<Stores> {
         &self.stores
+    }
+
+    /// The device the memory tiers live on and the mover copies with.
+    pub fn device(&self) -> &Arc<dyn kvplane_cuda::Device> {
+        &self.stores.device
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {

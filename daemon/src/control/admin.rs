@@ -36,6 +36,7 @@ use super::access::{AccessPolicy, Caller, View, host_is_loopback};
 use super::listen::bind_control_socket;
 use super::metrics::{self, Link, Scrape, SessionCounters};
 use crate::config::Config;
+use crate::device::DaemonDevice;
 use crate::session::DaemonShared;
 use crate::session::socket::{SocketFile, SocketPathError};
 use crate::tier::PerTier;
@@ -83,8 +84,9 @@ struct State {
     /// The control socket, named in the TCP listener's 403s.
     socket_path: Option<PathBuf>,
     started: Instant,
-    /// GPU topology read once at start (NVML can take a while), or why there is none.
-    gpus: Result<Vec<GpuStatus>, String>,
+    /// The data-plane device and the GPUs seen, read once at start (NVML can take a
+    /// while).
+    device: DeviceStatus,
     samples: Mutex<VecDeque<Sample>>,
 }
 
@@ -182,7 +184,11 @@ impl BoundControl {
     }
 
     /// Serves the bound listeners on a new thread.
-    pub fn start(self, shared: Arc<DaemonShared>) -> Result<ControlServer, AdminError> {
+    pub fn start(
+        self,
+        shared: Arc<DaemonShared>,
+        device: &DaemonDevice,
+    ) -> Result<ControlServer, AdminError> {
         let BoundControl {
             runtime,
             listeners,
@@ -196,7 +202,7 @@ impl BoundControl {
             policy,
             socket_path: socket_path.clone(),
             started: Instant::now(),
-            gpus: gpu_topology(),
+            device: DeviceStatus::of(device),
             samples: Mutex::new(VecDeque::new()),
         });
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -319,13 +325,15 @@ pub fn bind_for(config: &Config) -> Option<BoundControl> {
     bound
 }
 
-/// Starts the control server for a running daemon on the listeners [`bind_for`] bound.
+/// Starts the control server for a running daemon on the listeners [`bind_for`] bound;
+/// it reports `device`, the one the daemon's data plane runs on.
 pub fn start_for(
     daemon: &crate::session::Daemon,
     bound: Option<BoundControl>,
+    device: &DaemonDevice,
 ) -> Option<ControlServer> {
     let shared = Arc::clone(daemon.shared());
-    match bound?.start(shared) {
+    match bound?.start(shared, device) {
         Ok(server) => Some(server),
         Err(e) => {
             tracing::error!(error = %e, "control server not started: no /metrics or /status");
@@ -360,13 +368,18 @@ pub fn shutdown(daemon: crate::session::Daemon, control: Option<ControlServer>) 
     }
 }
 
+/// The GPUs NVML lists, or why there is no list (no driver: NVML's library is part of it).
 fn gpu_topology() -> Result<Vec<GpuStatus>, String> {
+    if !kvplane_cuda::cuda::driver_present() {
+        return Err("no NVIDIA driver (libcuda.so could not be loaded)".into());
+    }
     match kvplane_cuda::cuda::topology() {
         Ok(gpus) => Ok(gpus
             .into_iter()
             .map(|g| GpuStatus {
                 index: g.index,
                 name: g.name,
+                uuid: g.uuid,
                 memory_total_bytes: g.memory_total_bytes,
                 pci_bus_id: g.pci_bus_id,
                 pcie_link_gen: g.pcie_link_gen,
@@ -374,7 +387,7 @@ fn gpu_topology() -> Result<Vec<GpuStatus>, String> {
                 nvlink_peers: g.nvlink_peers,
             })
             .collect()),
-        Err(e) => Err(format!("no NVIDIA driver: host backend ({e})")),
+        Err(e) => Err(format!("NVML could not list the GPUs: {e}")),
     }
 }
 
@@ -601,13 +614,6 @@ fn session_counters(state: &State) -> SessionCounters {
     }
 }
 
-fn backend_name(state: &State) -> &'static str {
-    match &state.gpus {
-        Ok(g) if !g.is_empty() => "cuda",
-        _ => "host",
-    }
-}
-
 fn render_metrics(state: &State, view: &View) -> String {
     let dp = &state.shared.dataplane;
     let stats = dp.blocks().map(|b| b.stats());
@@ -622,7 +628,7 @@ fn render_metrics(state: &State, view: &View) -> String {
         sessions: &sessions,
         namespace_names: &names,
         uptime_s: state.started.elapsed().as_secs_f64(),
-        backend: backend_name(state),
+        device: &state.device,
         view,
     })
 }
@@ -631,7 +637,7 @@ fn render_metrics(state: &State, view: &View) -> String {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatusReport {
     pub version: String,
-    /// "host" or "cuda".
+    /// "host" or "cuda": the backend the data plane runs on (as `device.backend`).
     pub backend: String,
     pub pid: u32,
     pub uptime_s: f64,
@@ -659,9 +665,48 @@ pub struct StatusReport {
     pub nvme: NvmeStatus,
     pub sessions: Vec<SessionStatus>,
     pub namespaces: Vec<NamespaceStatus>,
+    /// The data-plane device: the backend in use, the one configured, why they differ.
+    pub device: DeviceStatus,
+}
+
+/// `/status` `device`: which backend the data plane runs on and why, and the GPUs seen.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    /// "host" or "cuda": what the data plane runs on (what STATS reports as 0 or 1).
+    pub backend: String,
+    /// `[device] backend`: "auto", "cuda" or "host".
+    pub choice: String,
+    /// `[device] ordinal`: the CUDA device asked for.
+    pub ordinal: u32,
+    /// Why `auto` runs on the host backend, e.g. "no NVIDIA driver: libcuda.so could not
+    /// be loaded ..."; null when the backend is the one asked for.
+    pub fallback_reason: Option<String>,
+    /// The device's own line: GPU name, compute capability and memory, or the host
+    /// backend's.
+    pub describe: String,
+    /// GPUs NVML lists on this machine (used by the daemon or not).
     pub gpus: Vec<GpuStatus>,
-    /// Why there are no GPUs, e.g. "no NVIDIA driver: host backend (...)".
+    /// Why `gpus` is empty, e.g. "no NVIDIA driver (...)".
     pub gpu_note: Option<String>,
+}
+
+impl DeviceStatus {
+    fn of(d: &DaemonDevice) -> DeviceStatus {
+        let (gpus, gpu_note) = match gpu_topology() {
+            Ok(g) if g.is_empty() => (g, Some("NVML lists no GPUs".to_string())),
+            Ok(g) => (g, None),
+            Err(reason) => (Vec::new(), Some(reason)),
+        };
+        DeviceStatus {
+            backend: d.backend().as_str().into(),
+            choice: d.choice.as_str().into(),
+            ordinal: d.ordinal,
+            fallback_reason: d.fallback_reason.clone(),
+            describe: d.device.describe(),
+            gpus,
+            gpu_note,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -738,6 +783,9 @@ pub struct NamespaceStatus {
 pub struct GpuStatus {
     pub index: u32,
     pub name: String,
+    /// `GPU-...` (NVML), as engines name the GPU of a device memory region.
+    #[serde(default)]
+    pub uuid: String,
     pub memory_total_bytes: u64,
     pub pci_bus_id: String,
     pub pcie_link_gen: Option<u32>,
@@ -872,17 +920,9 @@ fn status_report(state: &State, view: &View) -> StatusReport {
             scan_duplicates: s.nvme_scan_duplicates,
         })
         .unwrap_or_default();
-    let (gpus, gpu_note) = match &state.gpus {
-        Ok(g) if !g.is_empty() => (g.clone(), None),
-        Ok(_) => (
-            Vec::new(),
-            Some("NVML reports no GPUs: host backend".to_string()),
-        ),
-        Err(reason) => (Vec::new(), Some(reason.clone())),
-    };
     StatusReport {
         version: env!("CARGO_PKG_VERSION").into(),
-        backend: backend_name(state).into(),
+        backend: state.device.backend.clone(),
         pid: std::process::id(),
         uptime_s: state.started.elapsed().as_secs_f64(),
         socket_path: state.shared.config.serve.socket_path.display().to_string(),
@@ -918,8 +958,7 @@ fn status_report(state: &State, view: &View) -> StatusReport {
             .into_iter()
             .filter(|n| view.sees_namespace(&n.namespace))
             .collect(),
-        gpus,
-        gpu_note,
+        device: state.device.clone(),
     }
 }
 

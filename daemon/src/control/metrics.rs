@@ -42,7 +42,8 @@ pub struct Scrape<'a> {
     /// Global namespace id -> name.
     pub namespace_names: &'a BTreeMap<u32, String>,
     pub uptime_s: f64,
-    pub backend: &'a str,
+    /// The data-plane device (`/status` `device`).
+    pub device: &'a super::admin::DeviceStatus,
     /// Who asks: namespace-labelled series are rendered only for namespaces it may see
     /// (`sessions` is already filtered).
     pub view: &'a View,
@@ -88,10 +89,27 @@ pub fn render(s: &Scrape<'_>) -> String {
         "kvplane_build_info",
         &[
             ("version", env!("CARGO_PKG_VERSION")),
-            ("backend", s.backend),
+            ("backend", &s.device.backend),
         ],
         1,
     );
+    o.family(
+        "kvplane_device_info",
+        "gauge",
+        "The data-plane device (value 1): the backend in use and the [device] backend \
+         configured (auto falls back to host without a usable GPU; /status says why).",
+    );
+    o.sample(
+        "kvplane_device_info",
+        &[("backend", &s.device.backend), ("choice", &s.device.choice)],
+        1,
+    );
+    o.family(
+        "kvplane_gpus",
+        "gauge",
+        "GPUs NVML lists on this machine (0 without an NVIDIA driver).",
+    );
+    o.sample("kvplane_gpus", &[], s.device.gpus.len());
     o.family(
         "kvplane_uptime_seconds",
         "gauge",
@@ -449,6 +467,19 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// `auto` on a machine with no driver: the host backend, no GPUs.
+    fn host_fallback() -> super::super::admin::DeviceStatus {
+        super::super::admin::DeviceStatus {
+            backend: "host".into(),
+            choice: "auto".into(),
+            ordinal: 0,
+            fallback_reason: Some("no NVIDIA driver".into()),
+            describe: "host backend".into(),
+            gpus: Vec::new(),
+            gpu_note: Some("no NVIDIA driver".into()),
+        }
+    }
+
     #[test]
     fn render_names_units_and_escapes_labels() {
         let m = DataPlaneMetrics::default();
@@ -467,7 +498,7 @@ mod tests {
             sessions: &[],
             namespace_names: &names,
             uptime_s: 1.0,
-            backend: "host",
+            device: &host_fallback(),
             view: &View::All,
         });
         assert!(
@@ -490,6 +521,12 @@ mod tests {
             "empty histograms are not rendered"
         );
         assert!(text.contains("kvplane_sessions 1\n"));
+        assert!(text.contains("kvplane_build_info{version=\""), "{text}");
+        assert!(
+            text.contains("kvplane_device_info{backend=\"host\",choice=\"auto\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("kvplane_gpus 0\n"), "{text}");
         // Every sample line belongs to a declared family.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();
@@ -533,7 +570,7 @@ mod tests {
                 sessions: &sessions,
                 namespace_names: &names,
                 uptime_s: 1.0,
-                backend: "host",
+                device: &host_fallback(),
                 view,
             })
         };

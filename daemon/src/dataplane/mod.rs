@@ -9,22 +9,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kvplane_cuda::{Device, DeviceBuffer, DeviceError, LayoutId, StreamId};
+use kvplane_cuda::Device;
 use kvplane_ffi::{
     self as ffi, Opcode, Pod, Status, kvp_block_op, kvp_cqe, kvp_kv_layout, kvp_stats,
 };
-use kvplane_kernels::host::{EngineKv, KernelError};
-use kvplane_kernels::layout::PagedLayout;
+use kvplane_kernels::host::KernelError;
 use kvplane_shm::Segment;
 use kvplane_shm::server::{Request, completion};
 use kvplane_shm::sys::PeerCred;
 
 use crate::block::{BlockError, BlockManager, LoadFailure, Tier};
 
+pub mod engine_memory;
 pub mod io;
 pub mod mapped;
 pub mod mover;
 pub mod transfer;
+pub use engine_memory::{AttachLayoutError, EngineMemory, RegionError};
 pub use mapped::{MapLimitError, MappedCharge, MappedLedger, NamespaceLimit};
 pub use mover::{EngineTarget, MoveError, MoveScratch, Mover};
 
@@ -58,111 +59,6 @@ pub struct Counters {
     pub metrics: crate::metrics::DataPlaneMetrics,
 }
 
-/// The engine's KV memory registered with the device, and its layout uploaded: what the
-/// mover's gather/scatter launches take. Unregistered on drop.
-struct DeviceView {
-    device: Arc<dyn Device>,
-    buffer: DeviceBuffer,
-    layout: Option<LayoutId>,
-    stream: StreamId,
-}
-
-impl Drop for DeviceView {
-    fn drop(&mut self) {
-        if let Some(layout) = self.layout.take() {
-            let _ = self.device.free_layout(layout);
-        }
-        if let Err(e) = self.device.free(self.buffer) {
-            tracing::warn!(error = %e, "unregistering an engine's KV buffer");
-        }
-    }
-}
-
-/// The engine's KV buffer, mapped, and the layout attached to it.
-pub struct EngineBuffer {
-    // Field order is drop order: the device registration goes first, then the raw view,
-    // both before the mapping they point into, and the mapping before the charge that
-    // paid for its address space.
-    view: Option<DeviceView>,
-    kv: EngineKv,
-    layout: Option<PagedLayout>,
-    _mapping: Segment,
-    _charge: MappedCharge,
-}
-
-impl std::fmt::Debug for EngineBuffer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EngineBuffer")
-            .field("bytes", &self.kv.len_bytes())
-            .finish()
-    }
-}
-
-impl EngineBuffer {
-    /// Registers the buffer with `device` (once) and uploads `layout`, replacing the layout
-    /// uploaded before.
-    fn attach_device(
-        &mut self,
-        device: &Arc<dyn Device>,
-        layout: &PagedLayout,
-    ) -> Result<(), DeviceError> {
-        if self.view.is_none() {
-            // SAFETY: the mapping is owned by this struct and dropped after `view` (field
-            // order), so base..base+len stays valid while registered; the engine may write
-            // it concurrently, which register_host_memory's contract allows.
-            let buffer =
-                unsafe { device.register_host_memory(self.kv.base(), self.kv.len_bytes())? };
-            let stream = match device.create_stream() {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = device.free(buffer);
-                    return Err(e);
-                }
-            };
-            self.view = Some(DeviceView {
-                device: Arc::clone(device),
-                buffer,
-                layout: None,
-                stream,
-            });
-        }
-        let view = self.view.as_mut().expect("set above");
-        let id = device.upload_layout(layout)?;
-        if let Some(old) = view.layout.replace(id) {
-            let _ = device.free_layout(old);
-        }
-        Ok(())
-    }
-
-    /// What the mover's launches take, once a layout is attached.
-    fn target(&self) -> Option<EngineTarget> {
-        let v = self.view.as_ref()?;
-        Some(EngineTarget {
-            buffer: v.buffer,
-            layout: v.layout?,
-            stream: v.stream,
-        })
-    }
-
-    /// Wraps a mapping of the engine's buffer, paid for by `charge` (see [`mapped`]).
-    pub fn new(mapping: Segment, charge: MappedCharge) -> Result<Self, kvplane_shm::ShmError> {
-        let len = mapping.len();
-        let base = mapping.ptr_checked(0, len, 1)?;
-        let base = std::ptr::NonNull::new(base).expect("a mapping is never at address 0");
-        // SAFETY: the mapping is owned by this struct and dropped after `kv` (field order),
-        // so base..base+len stays valid for reads and writes for kv's whole life; the
-        // engine may write it concurrently, which EngineKv's contract allows.
-        let kv = unsafe { EngineKv::new(base, len as usize) };
-        Ok(EngineBuffer {
-            view: None,
-            kv,
-            layout: None,
-            _mapping: mapping,
-            _charge: charge,
-        })
-    }
-}
-
 /// What the daemon keeps about one session, private to its thread. The scratch vectors
 /// are sized on first use and reused, so steady-state operations do not allocate.
 #[derive(Debug)]
@@ -171,8 +67,8 @@ pub struct SessionData {
     pub peer: PeerCred,
     /// Global namespace ids, indexed by the session's namespace_id.
     pub namespaces: Vec<u32>,
-    /// Host backend: the engine's KV buffer, mapped.
-    pub engine: Option<EngineBuffer>,
+    /// The engine's KV memory, imported at attach (None: it registered none).
+    pub engine: Option<EngineMemory>,
     ops: Vec<kvp_block_op>,
     hashes: Vec<u64>,
     chain: Vec<(u64, Option<u64>)>,
@@ -190,7 +86,7 @@ impl SessionData {
         id: u64,
         peer: PeerCred,
         namespaces: Vec<u32>,
-        engine: Option<EngineBuffer>,
+        engine: Option<EngineMemory>,
     ) -> Self {
         SessionData {
             id,
@@ -321,6 +217,11 @@ impl DataPlane {
     }
 
     /// Resolve a session's namespace names to global ids.
+    /// The device the data plane moves bytes with (None without block tiers).
+    pub fn device(&self) -> Option<&Arc<dyn Device>> {
+        self.mover.as_ref().map(Mover::device)
+    }
+
     pub fn bind_namespaces(&self, names: &[String]) -> Result<Vec<u32>, NamespaceError> {
         let mut known = self.names.lock().unwrap_or_else(|e| e.into_inner());
         let mut ids = Vec::with_capacity(names.len());
@@ -394,8 +295,15 @@ impl DataPlane {
             // No KV buffer was registered at attach: nothing to describe.
             return fail(Status::BadArg, 1);
         };
-        let layout = match PagedLayout::new(&raw) {
-            Ok(l) => l,
+        // Block size first: checking it needs no device work, and a refused layout must
+        // leave the one attached before in place.
+        let block_bytes = match kvplane_kernels::layout::validate_layout(&{
+            let mut probe = raw;
+            probe.buffer_bytes = u64::MAX; // extents are checked per region below
+            probe.plane_offset = [[0; ffi::MAX_LAYERS]; 2];
+            probe
+        }) {
+            Ok(info) => info.block_bytes,
             Err(e) => {
                 // An engine's integration bug, worth the operator's eye (the completion
                 // carries only BadArg, detail 2).
@@ -403,27 +311,36 @@ impl DataPlane {
                 return fail(Status::BadArg, 2);
             }
         };
-        if raw.buffer_bytes > engine.kv.len_bytes() as u64 {
-            return fail(Status::BadArg, 3);
-        }
         if let Some(blocks) = &self.blocks
-            && layout.info().block_bytes != blocks.block_bytes() as u64
+            && block_bytes != blocks.block_bytes() as u64
         {
             tracing::debug!(
                 session = session.id,
-                layout_block_bytes = layout.info().block_bytes,
+                layout_block_bytes = block_bytes,
                 daemon_block_bytes = blocks.block_bytes(),
                 "layout block size differs from the daemon's"
             );
             return fail(Status::BadArg, 4);
         }
-        if let Some(mover) = &self.mover
-            && let Err(e) = engine.attach_device(mover.device(), &layout)
-        {
-            tracing::warn!(session = session.id, error = %e, "registering the KV buffer with the device");
-            return fail(Status::Internal, 0);
+        match engine.attach_layout(&raw) {
+            Ok(()) => {}
+            Err(AttachLayoutError::Layout(e)) => {
+                tracing::warn!(session = session.id, error = %e, "KV layout refused");
+                // 3: the layout does not fit the registered regions; 2: its geometry.
+                let detail = match e {
+                    kvplane_kernels::layout::LayoutError::RegionIndex { .. }
+                    | kvplane_kernels::layout::LayoutError::OutOfRegion { .. }
+                    | kvplane_kernels::layout::LayoutError::OutOfBounds { .. }
+                    | kvplane_kernels::layout::LayoutError::PagesExceedBuffer { .. } => 3,
+                    _ => 2,
+                };
+                return fail(Status::BadArg, detail);
+            }
+            Err(AttachLayoutError::Device(e)) => {
+                tracing::warn!(session = session.id, error = %e, "uploading the KV layout");
+                return fail(Status::Internal, 0);
+            }
         }
-        engine.layout = Some(layout);
         done(req.user_data, Status::Ok, 0, 0, 0, 0)
     }
 
@@ -511,7 +428,7 @@ impl DataPlane {
     /// exist in the engine's pool; otherwise the completion to return (NoLayout, or
     /// BadArg with the index of the first bad page).
     fn engine_pages(
-        engine: &Option<EngineBuffer>,
+        engine: &Option<EngineMemory>,
         fault: &Option<KernelError>,
         ops: &[kvp_block_op],
         user_data: u64,
@@ -726,7 +643,7 @@ impl DataPlane {
         st.blocks_loaded = c.blocks_loaded.load(Ordering::Relaxed);
         st.bytes_saved = c.bytes_saved.load(Ordering::Relaxed);
         st.bytes_loaded = c.bytes_loaded.load(Ordering::Relaxed);
-        st.backend = 0;
+        st.backend = crate::device::abi_backend(self.blocks.as_ref());
         if let Some(blocks) = &self.blocks {
             let s = blocks.stats();
             for t in &s.tiers {

@@ -25,7 +25,7 @@ use kvplane_shm::{Geometry, Segment, ShmError, sys};
 
 use crate::config::Config;
 use crate::dataplane::io::{IoPool, IoSpawnError};
-use crate::dataplane::{DataPlane, EngineBuffer, NamespaceLimit, SessionData};
+use crate::dataplane::{DataPlane, EngineMemory, NamespaceLimit, RegionError, SessionData};
 use admission::{Admission, Reservation};
 use handshake::{Complete, Waker};
 use socket::{SocketFile, SocketOwner, SocketPathError};
@@ -241,7 +241,7 @@ impl BoundDaemon {
                 return Err(e);
             }
         };
-        tracing::info!(socket = %socket_path.display(), "kvplane daemon listening (host backend: no GPU)");
+        tracing::info!(socket = %socket_path.display(), "kvplane daemon listening");
         Ok(Daemon {
             shared,
             accept: Some(accept),
@@ -417,7 +417,7 @@ fn start_session(shared: &Arc<DaemonShared>, c: Complete) {
     reply.session_id = session_id;
     reply.segment_bytes = geometry.segment_bytes;
     reply.daemon_pid = sys::getpid();
-    reply.backend = 0;
+    reply.backend = crate::device::abi_backend(shared.dataplane.blocks());
     shared
         .dataplane
         .counters
@@ -532,9 +532,10 @@ fn admit(
         req.namespaces.len() as u32,
     )
     .map_err(|e| (Status::Internal, e.to_string()))?;
-    let engine = match &req.kv_buffer {
-        None => None,
-        Some(kv) => Some(map_kv_buffer(shared, req, kv, &namespaces)?),
+    let engine = if req.kv_regions.is_empty() {
+        None
+    } else {
+        Some(import_kv_regions(shared, req, &namespaces)?)
     };
     let data = SessionData::new(session_id, req.peer, namespaces, engine);
     Ok(Admitted {
@@ -545,22 +546,26 @@ fn admit(
     })
 }
 
-/// Maps an engine's KV buffer, which the handshake found to be a shrink-sealed memfd of
-/// the announced size: refuses hugetlb backing unless the operator allowed it, and charges
-/// the mapping to the daemon's and the namespaces' limits of mapped engine memory first.
-fn map_kv_buffer(
+/// Imports an engine's KV regions, which the handshake checked field by field: refuses
+/// hugetlb host memory unless the operator allowed it, charges the host mappings to the
+/// daemon's and the namespaces' limits of mapped engine memory first, then maps and
+/// imports everything (see [`EngineMemory::import`]). GPU memory is not charged: it takes
+/// no daemon address space.
+fn import_kv_regions(
     shared: &DaemonShared,
     req: &AttachRequest,
-    kv: &kvplane_shm::handshake::KvBuffer,
     namespace_ids: &[u32],
-) -> Result<EngineBuffer, (Status, String)> {
+) -> Result<EngineMemory, (Status, String)> {
     let cfg = &shared.config.serve;
-    if kv.backing == sys::Backing::Hugetlb && !cfg.allow_hugetlb_kv_buffers {
-        return Err((
-            Status::BadArg,
-            "hugetlb KV buffer refused: its pages can vanish (serve.allow_hugetlb_kv_buffers)"
-                .into(),
-        ));
+    for (i, r) in req.kv_regions.iter().enumerate() {
+        if r.backing == Some(sys::Backing::Hugetlb) && !cfg.allow_hugetlb_kv_buffers {
+            return Err((
+                Status::BadArg,
+                format!(
+                    "KV region #{i}: hugetlb refused, its pages can vanish (serve.allow_hugetlb_kv_buffers)"
+                ),
+            ));
+        }
     }
     let limits: Vec<NamespaceLimit<'_>> = req
         .namespaces
@@ -577,18 +582,24 @@ fn map_kv_buffer(
                 .and_then(|n| n.max_mapped_bytes),
         })
         .collect();
+    let host_bytes = req
+        .kv_regions
+        .iter()
+        .filter(|r| r.kind == kvplane_ffi::RegionKind::HostMemfd)
+        .fold(0u64, |sum, r| sum.saturating_add(r.desc.alloc_bytes));
     let charge = shared
         .dataplane
         .mapped
-        .charge(kv.bytes, cfg.mapped_bytes_limit(), &limits)
+        .charge(host_bytes, cfg.mapped_bytes_limit(), &limits)
         .map_err(|e| (Status::NoSpace, e.to_string()))?;
-    let fd = kv
-        .fd
-        .try_clone()
-        .map_err(|e| (Status::Internal, format!("dup KV buffer fd: {e}")))?;
-    let mapping = Segment::map_fd(fd, kv.bytes)
-        .map_err(|e| (Status::BadArg, format!("mapping the KV buffer: {e}")))?;
-    EngineBuffer::new(mapping, charge).map_err(|e| (Status::BadArg, format!("KV buffer: {e}")))
+    EngineMemory::import(shared.dataplane.device(), &req.kv_regions, charge).map_err(|e| {
+        let status = match e {
+            RegionError::Device(_) => Status::Internal,
+            RegionError::NoGpu { .. } => Status::Unsupported,
+            _ => Status::BadArg,
+        };
+        (status, e.to_string())
+    })
 }
 
 #[derive(Debug)]

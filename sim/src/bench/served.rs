@@ -230,6 +230,9 @@ impl ServedDaemon {
         config.tiers.host.lock = o.lock;
         config.tiers.host.touch_threads = 0;
         config.control.metrics_addr = String::new();
+        // The host path is what `bench host` and `bench transfer` time and label ("host
+        // backend"), GPU or not; the device paths are measured by `gpu_check`.
+        config.device.backend = kvplane_daemon::config::BackendSetting::Host;
         let child = ServeChild::start(
             &o.exe,
             &dir.path().join("kvplane.toml"),

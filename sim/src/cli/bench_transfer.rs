@@ -365,6 +365,7 @@ fn manager(
         path: "setup".into(),
         detail,
     };
+    // No device given: the host backend, which this in-process path measures and labels.
     let m = BlockManager::new(&block, &tiers, ManagerOptions::default())
         .map_err(|e| setup(e.to_string()))?;
     LocalBlocks::new(m).map_err(|e| setup(e.to_string()))

@@ -21,7 +21,7 @@ pub fn run(args: DemoArgs) -> CliResult {
     let mut config = Config::default();
     config.serve.socket_path = dir.join("kvplane.sock");
     println!(
-        "starting daemon on {} (host backend: no GPU on this machine)",
+        "starting daemon on {} (ring NOPs only: no tiers, no device)",
         config.serve.socket_path.display()
     );
     let daemon = Daemon::start(config, Arc::new(DataPlane::new()))?;

@@ -203,6 +203,15 @@ pub fn render(s: &StatusReport) -> String {
         s.backend,
         s.socket_path
     );
+    // Which device moves the bytes, what was configured, and why they differ.
+    let d = &s.device;
+    o += &format!(
+        "device: {}  ([device] backend = \"{}\", ordinal {})\n",
+        d.describe, d.choice, d.ordinal
+    );
+    if let Some(reason) = &d.fallback_reason {
+        o += &format!("  {} backend because: {reason}\n", d.backend);
+    }
     o += &format!(
         "block {} KiB, {} blocks stored; lookups: {} hits, {} misses, hit rate {}\n\n",
         s.block_bytes / 1024,
@@ -314,14 +323,15 @@ pub fn render(s: &StatusReport) -> String {
         o += "\n";
     }
     o += "\nGPUs:\n";
-    if s.gpus.is_empty() {
-        o += &format!("  {}\n", s.gpu_note.as_deref().unwrap_or("none"));
+    if d.gpus.is_empty() {
+        o += &format!("  {}\n", d.gpu_note.as_deref().unwrap_or("none"));
     }
-    for g in &s.gpus {
+    for g in &d.gpus {
         o += &format!(
-            "  GPU{} {} {} PCIe gen{} x{} NVLink peers: {}\n",
+            "  GPU{} {} {} {} PCIe gen{} x{} NVLink peers: {}\n",
             g.index,
             g.name,
+            g.uuid,
             gib(g.memory_total_bytes),
             g.pcie_link_gen.map_or("?".into(), |v| v.to_string()),
             g.pcie_link_width.map_or("?".into(), |v| v.to_string()),
@@ -345,4 +355,66 @@ pub fn run(args: StatusArgs) -> CliResult {
         print!("{}", render(&report));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report as the daemon serialises it, with `device` set by the caller.
+    fn report(device: serde_json::Value) -> StatusReport {
+        serde_json::from_value(serde_json::json!({
+            "version": "0.1.0", "backend": device["backend"], "pid": 42, "uptime_s": 3.0,
+            "socket_path": "/run/kvplane/kvplane.sock", "block_bytes": 2097152, "blocks": 0,
+            "tiers": [], "lookup_hits": 0, "lookup_misses": 0, "hit_rate": null, "links": [],
+            "rate_window_s": 10.0, "ops_completed": 0, "ops_failed": 0, "ops_in_flight": 0,
+            "op_latency": [], "nvme": {"engine": "", "registered_buffers": false,
+            "write_errors": 0, "read_errors": 0, "corrupt_dropped": 0, "restored_at_start": 0},
+            "sessions": [], "namespaces": [], "device": device,
+        }))
+        .expect("a StatusReport")
+    }
+
+    #[test]
+    fn the_device_line_says_the_backend_the_choice_and_why() {
+        // `auto` with no driver: the host, the reason, no GPUs and why.
+        let host = render(&report(serde_json::json!({
+            "backend": "host", "choice": "auto", "ordinal": 0,
+            "fallback_reason": "no NVIDIA driver: libcuda.so could not be loaded",
+            "describe": "host backend: CPU build of kernels/cuda/*.cu",
+            "gpus": [], "gpu_note": "no NVIDIA driver (libcuda.so could not be loaded)",
+        })));
+        assert!(host.contains("backend: host  socket"), "{host}");
+        assert!(
+            host.contains(
+                "device: host backend: CPU build of kernels/cuda/*.cu  ([device] backend = \"auto\", ordinal 0)\n  host backend because: no NVIDIA driver: libcuda.so could not be loaded\n"
+            ),
+            "{host}"
+        );
+        assert!(
+            host.contains("GPUs:\n  no NVIDIA driver (libcuda.so could not be loaded)\n"),
+            "{host}"
+        );
+        // `cuda` on a GPU: its line, no reason, the GPU listed with its UUID.
+        let cuda = render(&report(serde_json::json!({
+            "backend": "cuda", "choice": "cuda", "ordinal": 1, "fallback_reason": null,
+            "describe": "cuda backend: NVIDIA H200 (sm_90, 139.8 GiB)",
+            "gpus": [{"index": 1, "name": "NVIDIA H200", "uuid": "GPU-0123",
+                "memory_total_bytes": 150_000_000_000u64, "pci_bus_id": "00000000:19:00.0",
+                "pcie_link_gen": 5, "pcie_link_width": 16, "nvlink_peers": []}],
+            "gpu_note": null,
+        })));
+        assert!(cuda.contains("backend: cuda  socket"), "{cuda}");
+        assert!(
+            cuda.contains(
+                "device: cuda backend: NVIDIA H200 (sm_90, 139.8 GiB)  ([device] backend = \"cuda\", ordinal 1)\n"
+            ),
+            "{cuda}"
+        );
+        assert!(!cuda.contains("because"), "{cuda}");
+        assert!(
+            cuda.contains("  GPU1 NVIDIA H200 GPU-0123 139.70 GiB PCIe gen5 x16"),
+            "{cuda}"
+        );
+    }
 }

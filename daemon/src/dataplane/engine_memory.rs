@@ -1,0 +1,329 @@
+//! An engine's KV memory: the regions it registered at attach (host memfds, GPU
+//! allocations), imported once, and the one window through which the kernels address all
+//! of them. The engine's layout names (region, offset) per layer and plane; attaching it
+//! resolves those against the window ([`kvplane_kernels::layout::resolve_regions`]), so a
+//! gather or scatter is still one launch over one buffer, however many tensors the engine
+//! keeps its KV in.
+//!
+//! Host regions are mapped one after another into one [`HostWindow`] and registered with
+//! the device as one buffer; GPU regions are imported by the device (CUDA IPC or a VMM
+//! descriptor) after their GPU is checked to be the daemon's; the device then gives one
+//! window over all of them ([`Device::engine_window`]). Everything is imported before the
+//! attach is answered, so a bad region refuses that attach, naming the region, and
+//! nothing else.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use kvplane_cuda::{Device, DeviceBuffer, DeviceError, EngineImport, LayoutId, StreamId};
+use kvplane_ffi::{RegionKind, kvp_kv_layout};
+use kvplane_kernels::layout::{LayoutError, PagedLayout, RegionSpan, resolve_regions};
+use kvplane_shm::handshake::KvRegion;
+use kvplane_shm::window::HostWindow;
+
+use super::mapped::MappedCharge;
+use super::mover::EngineTarget;
+
+/// Why an engine's KV memory was refused at attach. The index is the region's, in the
+/// order the engine sent them. Short, key words first: refusals travel in a 96-byte reply.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    #[error("KV region #{index}: GPU memory, but the daemon runs the host backend")]
+    NoGpu { index: usize },
+    #[error("KV region #{index}: GPU {region_gpu}, daemon's GPU is {daemon_gpu}")]
+    OtherGpu {
+        index: usize,
+        region_gpu: String,
+        daemon_gpu: String,
+    },
+    #[error("KV region #{index}: import failed: {source}")]
+    Import {
+        index: usize,
+        #[source]
+        source: DeviceError,
+    },
+    #[error("KV regions: mapping host memfds: {0}")]
+    Map(#[source] kvplane_shm::ShmError),
+    #[error("KV regions: registering with the device: {0}")]
+    Device(#[source] DeviceError),
+}
+
+/// Why a layout could not be attached to an engine's memory.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachLayoutError {
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("uploading the layout: {0}")]
+    Device(#[from] DeviceError),
+}
+
+/// A GPU UUID as `nvidia-smi -L` prints it.
+fn uuid_text(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// What this engine's memory is registered as on the daemon's device. Freed on drop:
+/// the layout, the window (when it is a handle of its own), then every part.
+struct DeviceView {
+    device: Arc<dyn Device>,
+    parts: Vec<DeviceBuffer>,
+    /// Set once every part is in.
+    window: Option<DeviceBuffer>,
+    owns_window: bool,
+    layout: Option<LayoutId>,
+    stream: StreamId,
+}
+
+impl Drop for DeviceView {
+    fn drop(&mut self) {
+        if let Some(layout) = self.layout.take() {
+            let _ = self.device.free_layout(layout);
+        }
+        if let Some(window) = self.window.take()
+            && self.owns_window
+        {
+            let _ = self.device.free(window);
+        }
+        for part in self.parts.drain(..).rev() {
+            if let Err(e) = self.device.free(part) {
+                tracing::warn!(error = %e, "releasing an engine's KV region");
+            }
+        }
+    }
+}
+
+/// An engine's KV memory, imported, and the layout attached to it.
+pub struct EngineMemory {
+    // Field order is drop order: the device's registrations and imports go first, then
+    // the host mapping they point into, then the charge that paid for its address space.
+    view: Option<DeviceView>,
+    /// Each region's place in the window, by the engine's region index.
+    spans: Vec<RegionSpan>,
+    window_bytes: u64,
+    pub(super) layout: Option<PagedLayout>,
+    _host: Option<HostWindow>,
+    _charge: MappedCharge,
+}
+
+impl std::fmt::Debug for EngineMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineMemory")
+            .field("regions", &self.spans.len())
+            .field("window_bytes", &self.window_bytes)
+            .finish()
+    }
+}
+
+impl EngineMemory {
+    /// Maps the host regions into one window and, with a `device`, registers it and
+    /// imports the GPU regions. Without a device (a daemon with no block tiers) GPU
+    /// regions are refused: nothing could ever copy them. `charge` paid for the host
+    /// mapping (see [`super::mapped`]).
+    pub fn import(
+        device: Option<&Arc<dyn Device>>,
+        regions: &[KvRegion],
+        charge: MappedCharge,
+    ) -> Result<Self, RegionError> {
+        let host: Vec<(usize, &KvRegion)> = regions
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.kind == RegionKind::HostMemfd)
+            .collect();
+        let host_window = if host.is_empty() {
+            None
+        } else {
+            let fds: Vec<_> = host
+                .iter()
+                .map(|(_, r)| {
+                    let fd =
+                        r.fd.as_ref()
+                            .expect("the handshake checked: memfds carry fds");
+                    (fd.as_fd(), r.desc.alloc_bytes)
+                })
+                .collect();
+            Some(HostWindow::map(&fds).map_err(RegionError::Map)?)
+        };
+        // Where each host memfd starts inside the host window.
+        let mut host_start = vec![0u64; regions.len()];
+        if let Some(w) = &host_window {
+            for ((i, _), &at) in host.iter().zip(w.part_offsets()) {
+                host_start[*i] = at;
+            }
+        }
+        let Some(device) = device else {
+            if let Some(index) = regions.iter().position(|r| r.kind.is_device()) {
+                return Err(RegionError::NoGpu { index });
+            }
+            let spans = regions
+                .iter()
+                .enumerate()
+                .map(|(i, r)| RegionSpan {
+                    window_offset_bytes: host_start[i] + r.desc.offset_bytes,
+                    len_bytes: r.desc.len_bytes,
+                })
+                .collect();
+            return Ok(EngineMemory {
+                view: None,
+                spans,
+                window_bytes: host_window.as_ref().map_or(0, |w| w.len_bytes() as u64),
+                layout: None,
+                _host: host_window,
+                _charge: charge,
+            });
+        };
+        let (view, spans, window_bytes) =
+            Self::register(device, regions, host_window.as_ref(), &host_start)?;
+        Ok(EngineMemory {
+            view: Some(view),
+            spans,
+            window_bytes,
+            layout: None,
+            _host: host_window,
+            _charge: charge,
+        })
+    }
+
+    /// The device side of [`EngineMemory::import`]: the host window as one part, each GPU
+    /// region as one more, and a window over all of them.
+    fn register(
+        device: &Arc<dyn Device>,
+        regions: &[KvRegion],
+        host_window: Option<&HostWindow>,
+        host_start: &[u64],
+    ) -> Result<(DeviceView, Vec<RegionSpan>, u64), RegionError> {
+        // Checked before anything is imported: a GPU region the daemon cannot serve.
+        let daemon_gpu = device.gpu_uuid();
+        for (index, r) in regions.iter().enumerate() {
+            if !r.kind.is_device() {
+                continue;
+            }
+            match daemon_gpu {
+                None => return Err(RegionError::NoGpu { index }),
+                Some(g) if g != r.desc.gpu_uuid => {
+                    return Err(RegionError::OtherGpu {
+                        index,
+                        region_gpu: uuid_text(&r.desc.gpu_uuid),
+                        daemon_gpu: uuid_text(&g),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        let stream = device.create_stream().map_err(RegionError::Device)?;
+        // The view owns every part from the moment it exists, so an error below releases
+        // what was imported so far (its drop).
+        let mut view = DeviceView {
+            device: Arc::clone(device),
+            parts: Vec::with_capacity(regions.len() + 1),
+            window: None,
+            owns_window: false,
+            layout: None,
+            stream,
+        };
+        // Which part each region lives in.
+        let mut part_of = vec![0usize; regions.len()];
+        if let Some(w) = host_window {
+            // SAFETY: the window is owned by the EngineMemory this view belongs to and is
+            // dropped after the view (field order), so base..base+len stays valid while
+            // registered; the engine may write it concurrently, which
+            // register_host_memory's contract allows.
+            let part = unsafe { device.register_host_memory(w.base(), w.len_bytes()) }
+                .map_err(RegionError::Device)?;
+            view.parts.push(part);
+        }
+        for (index, r) in regions.iter().enumerate() {
+            let what = match r.kind {
+                RegionKind::HostMemfd => continue,
+                RegionKind::CudaIpc => EngineImport::CudaIpc {
+                    handle: &r.desc.handle,
+                },
+                RegionKind::CudaVmmFd => EngineImport::CudaVmmFd {
+                    fd: r
+                        .fd
+                        .as_ref()
+                        .expect("the handshake checked: VMM regions carry fds")
+                        .as_fd(),
+                },
+            };
+            let part = device
+                .import_engine_memory(what, r.desc.alloc_bytes)
+                .map_err(|source| RegionError::Import { index, source })?;
+            part_of[index] = view.parts.len();
+            view.parts.push(part);
+        }
+        let window = device
+            .engine_window(&view.parts)
+            .map_err(RegionError::Device)?;
+        view.window = Some(window.buffer);
+        view.owns_window = window.owns_buffer;
+        let spans = regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let part_at = window.part_offsets[part_of[i]];
+                let in_part = if r.kind == RegionKind::HostMemfd {
+                    host_start[i]
+                } else {
+                    0
+                };
+                RegionSpan {
+                    window_offset_bytes: part_at + in_part + r.desc.offset_bytes,
+                    len_bytes: r.desc.len_bytes,
+                }
+            })
+            .collect();
+        let window_bytes = window.buffer.len_bytes() as u64;
+        Ok((view, spans, window_bytes))
+    }
+
+    /// Resolves the engine's layout against its regions and uploads it (replacing the one
+    /// before). On error the previous layout stays.
+    pub fn attach_layout(&mut self, raw: &kvp_kv_layout) -> Result<(), AttachLayoutError> {
+        let layout = resolve_regions(raw, &self.spans, self.window_bytes)?;
+        if let Some(view) = self.view.as_mut() {
+            let id = view.device.upload_layout(&layout)?;
+            if let Some(old) = view.layout.replace(id) {
+                let _ = view.device.free_layout(old);
+            }
+        }
+        self.layout = Some(layout);
+        Ok(())
+    }
+
+    /// What the mover's launches take, once a layout is attached.
+    pub fn target(&self) -> Option<EngineTarget> {
+        let v = self.view.as_ref()?;
+        Some(EngineTarget {
+            buffer: v.window?,
+            layout: v.layout?,
+            stream: v.stream,
+        })
+    }
+
+    /// The regions, as the engine registered them (their places in the window).
+    pub fn spans(&self) -> &[RegionSpan] {
+        &self.spans
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_read_like_nvidia_smi() {
+        let u = [
+            0x5a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f, 0x60, 0x71, 0x82, 0x93, 0xa4, 0xb5, 0xc6, 0xd7,
+            0xe8, 0xf9,
+        ];
+        assert_eq!(uuid_text(&u), "GPU-5a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9");
+    }
+}

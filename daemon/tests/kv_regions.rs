@@ -1,0 +1,316 @@
+//! KV memory regions (ABI 2): an engine that keeps each layer's K and V in tensors of
+//! their own registers them as regions and a layout naming (region, offset) per layer and
+//! plane; the daemon gathers and scatters them in place. Blocks saved from such an engine
+//! load byte for byte into an engine with one buffer and the other way round; GPU regions
+//! on the host backend refuse that attach only; layouts that leave their regions are
+//! refused and leave the attached one in place.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{BLOCK_BYTES, LAYERS, PAGE_BYTES, PAGES};
+use kvplane_daemon::tier::nvme::EngineKind;
+use kvplane_ffi::{Opcode, Status, kvp_block_op, kvp_cqe, kvp_kv_layout, kvp_kv_region};
+use kvplane_shm::handshake::EngineRegion;
+use kvplane_shm::{AttachOptions, QueuePair, Segment, Session, ShmError, client, sys};
+
+/// Bytes of one (layer, plane) of the whole pool.
+const PLANE_BYTES: u64 = PAGES * PAGE_BYTES;
+/// Where the first region's tensor starts inside its memfd (a region need not be a whole
+/// allocation).
+const REGION0_OFFSET: u64 = 8192;
+
+/// An engine and where each (layer, plane) of its pool lives: `planes[k]` is (segment,
+/// offset of page 0) for k = 2 * layer + plane, the block's packing order.
+struct Engine {
+    _session: Session,
+    qp: QueuePair,
+    segs: Vec<Segment>,
+    planes: Vec<(usize, u64)>,
+    user_data: u64,
+}
+
+fn pattern(hash: u64) -> Vec<u8> {
+    (0..BLOCK_BYTES)
+        .map(|i| (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (i % 53)) as u8 ^ (i as u8))
+        .collect()
+}
+
+fn attach_layout(qp: &mut QueuePair, l: &kvp_kv_layout) -> kvp_cqe {
+    qp.write_arena(0, kvplane_ffi::as_bytes(l)).unwrap();
+    let mut s = client::sqe(Opcode::AttachLayout, u64::MAX - 1);
+    s.arg_len = std::mem::size_of::<kvp_kv_layout>() as u32;
+    qp.call(s, Duration::from_secs(10)).expect("layout")
+}
+
+/// The standard geometry with each (layer, plane) in region `3 - k` at offset 0: the
+/// regions come in the reverse order of the planes, so a mix-up of index and plane shows.
+fn per_tensor_layout() -> kvp_kv_layout {
+    let mut l = kvplane_kernels::layout::planes_per_layer(LAYERS as u32, 16, 1, 128, PAGES);
+    for layer in 0..LAYERS {
+        for p in 0..2 {
+            let k = 2 * layer + p;
+            l.plane_region[p][layer] = (2 * LAYERS - 1 - k) as u16;
+            l.plane_offset[p][layer] = 0;
+        }
+    }
+    l.buffer_bytes = 0; // ignored: the daemon knows each region's length
+    l
+}
+
+impl Engine {
+    /// One memfd, one region, the layout of `common` (every plane in region 0).
+    fn single(socket: &Path) -> Engine {
+        let (session, qp, kv) = common::attach_with_kv(socket, "regions");
+        Engine {
+            _session: session,
+            qp,
+            segs: vec![kv],
+            planes: (0..2 * LAYERS as u64)
+                .map(|k| (0, k * PLANE_BYTES))
+                .collect(),
+            user_data: 1,
+        }
+    }
+
+    /// A memfd per (layer, plane), as per-layer K and V tensors; region 0 starts
+    /// REGION0_OFFSET bytes into its memfd.
+    fn per_tensor(socket: &Path) -> Engine {
+        let regions = 2 * LAYERS;
+        let mut o = AttachOptions::new(socket);
+        o.namespaces = vec!["regions".into()];
+        let mut segs = Vec::new();
+        for r in 0..regions {
+            let offset = if r == 0 { REGION0_OFFSET } else { 0 };
+            let alloc = offset + PLANE_BYTES;
+            let fd = sys::memfd_create_sealed("kv-tensor", alloc).unwrap();
+            segs.push(Segment::map_fd(fd.try_clone().unwrap(), alloc).unwrap());
+            let mut desc = kvp_kv_region::host_memfd(alloc);
+            desc.offset_bytes = offset;
+            desc.len_bytes = PLANE_BYTES;
+            o.kv_regions.push(EngineRegion { desc, fd: Some(fd) });
+        }
+        let mut session = Session::attach(o).expect("attach");
+        let mut qp = session.take_queue_pairs().unwrap().remove(0);
+        let c = attach_layout(&mut qp, &per_tensor_layout());
+        assert_eq!(c.status, Status::Ok.raw(), "layout: {c:?}");
+        let planes = (0..regions)
+            .map(|k| {
+                let r = regions - 1 - k;
+                (r, if r == 0 { REGION0_OFFSET } else { 0 })
+            })
+            .collect();
+        Engine {
+            _session: session,
+            qp,
+            segs,
+            planes,
+            user_data: 1,
+        }
+    }
+
+    fn at(&self, k: usize, page: u32) -> (&Segment, u64) {
+        let (seg, base) = self.planes[k];
+        (&self.segs[seg], base + u64::from(page) * PAGE_BYTES)
+    }
+
+    fn fill(&self, page: u32, bytes: &[u8]) {
+        for k in 0..2 * LAYERS {
+            let (seg, off) = self.at(k, page);
+            let part = &bytes[k * PAGE_BYTES as usize..(k + 1) * PAGE_BYTES as usize];
+            seg.write_bytes(off, part).unwrap();
+        }
+    }
+
+    fn read(&self, page: u32) -> Vec<u8> {
+        let mut out = vec![0u8; BLOCK_BYTES as usize];
+        for k in 0..2 * LAYERS {
+            let (seg, off) = self.at(k, page);
+            let part = &mut out[k * PAGE_BYTES as usize..(k + 1) * PAGE_BYTES as usize];
+            seg.read_bytes(off, part).unwrap();
+        }
+        out
+    }
+
+    /// One op over a chain of `hashes` in pages `first_page..`.
+    fn blocks(&mut self, op: Opcode, hashes: &[u64], first_page: u32) -> kvp_cqe {
+        let mut arg = Vec::new();
+        for (i, &h) in hashes.iter().enumerate() {
+            let parent = if i == 0 { 0 } else { hashes[i - 1] };
+            let o = kvp_block_op::new(h, parent, first_page + i as u32);
+            arg.extend_from_slice(kvplane_ffi::as_bytes(&o));
+        }
+        self.qp.write_arena(0, &arg).unwrap();
+        let mut s = client::sqe(op, self.user_data);
+        self.user_data += 1;
+        s.arg_len = arg.len() as u32;
+        s.count = hashes.len() as u32;
+        self.qp
+            .call(s, Duration::from_secs(10))
+            .expect("completion")
+    }
+
+    /// Saves `hashes` from pages 0.. filled with their patterns.
+    fn save(&mut self, hashes: &[u64]) {
+        for (i, &h) in hashes.iter().enumerate() {
+            self.fill(i as u32, &pattern(h));
+        }
+        let c = self.blocks(Opcode::Save, hashes, 0);
+        assert_eq!(
+            (c.status, c.blocks as usize),
+            (Status::Ok.raw(), hashes.len()),
+            "save: {c:?}"
+        );
+    }
+
+    /// Loads `hashes` into poisoned pages `first_page..` and checks every byte.
+    fn load_and_check(&mut self, hashes: &[u64], first_page: u32) {
+        for i in 0..hashes.len() as u32 {
+            self.fill(first_page + i, &vec![0xEE; BLOCK_BYTES as usize]);
+        }
+        let c = self.blocks(Opcode::Load, hashes, first_page);
+        assert_eq!(
+            (c.status, c.blocks as usize),
+            (Status::Ok.raw(), hashes.len()),
+            "load: {c:?}"
+        );
+        for (i, &h) in hashes.iter().enumerate() {
+            assert!(
+                self.read(first_page + i as u32) == pattern(h),
+                "block {i} loaded into page {} differs",
+                first_page + i as u32
+            );
+        }
+    }
+}
+
+fn daemon(dir: &Path) -> kvplane_daemon::session::Daemon {
+    let (daemon, _blocks) = common::start(common::config(dir, EngineKind::Sync), None);
+    daemon
+}
+
+#[test]
+fn per_tensor_regions_and_one_buffer_exchange_blocks_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = daemon(dir.path());
+    let socket = dir.path().join("kvplane.sock");
+    let mut tensors = Engine::per_tensor(&socket);
+    let mut single = Engine::single(&socket);
+
+    let a: Vec<u64> = (1..=4).map(|i| 0xA000 + i).collect();
+    tensors.save(&a);
+    single.load_and_check(&a, 8);
+
+    let b: Vec<u64> = (1..=4).map(|i| 0xB000 + i).collect();
+    single.save(&b);
+    tensors.load_and_check(&b, 10);
+
+    // Region 0 starts REGION0_OFFSET bytes into its memfd: nothing before it was touched.
+    let mut head = vec![0xFFu8; REGION0_OFFSET as usize];
+    tensors.segs[0].read_bytes(0, &mut head).unwrap();
+    assert!(
+        head.iter().all(|&b| b == 0),
+        "bytes before region 0 written"
+    );
+    drop(daemon);
+}
+
+#[test]
+fn gpu_regions_on_the_host_backend_refuse_that_attach_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = daemon(dir.path());
+    let socket = dir.path().join("kvplane.sock");
+    let ipc = kvp_kv_region::cuda_ipc([1; 64], [2; 16], 1 << 20, 0, 1 << 20);
+    let vmm = kvp_kv_region::cuda_vmm_fd([2; 16], 2 << 20, 0, 2 << 20);
+    let attach = |regions: Vec<EngineRegion>| {
+        let mut o = AttachOptions::new(&socket);
+        o.namespaces = vec!["regions".into()];
+        o.kv_regions = regions;
+        Session::attach(o)
+    };
+    let memfd = || sys::memfd_create_sealed("kv", PLANE_BYTES).unwrap();
+    let cases: Vec<(Vec<EngineRegion>, &str)> = vec![
+        (
+            vec![EngineRegion {
+                desc: ipc,
+                fd: None,
+            }],
+            "KV region #0: GPU memory",
+        ),
+        (
+            vec![EngineRegion {
+                desc: vmm,
+                fd: Some(memfd()),
+            }],
+            "KV region #0: GPU memory",
+        ),
+        (
+            vec![
+                EngineRegion::host_memfd(memfd(), PLANE_BYTES),
+                EngineRegion {
+                    desc: ipc,
+                    fd: None,
+                },
+            ],
+            "KV region #1: GPU memory",
+        ),
+    ];
+    for (regions, want) in cases {
+        match attach(regions) {
+            Err(ShmError::AttachRefused { status, message }) => {
+                assert_eq!(status, Status::Unsupported.raw(), "{message}");
+                assert!(message.contains(want), "{message:?} lacks {want:?}");
+                assert!(message.contains("host backend"), "{message}");
+            }
+            Err(e) => panic!("expected a refusal naming the region, got {e}"),
+            Ok(_) => panic!("a GPU region was accepted by the host backend"),
+        }
+    }
+    // The daemon serves everyone else as before.
+    let mut engine = Engine::single(&socket);
+    let h = [0xC001, 0xC002];
+    engine.save(&h);
+    engine.load_and_check(&h, 4);
+    drop(daemon);
+}
+
+#[test]
+fn layouts_that_leave_their_regions_are_refused_and_the_old_one_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = daemon(dir.path());
+    let socket = dir.path().join("kvplane.sock");
+    let mut engine = Engine::per_tensor(&socket);
+    let good = per_tensor_layout();
+    let refused = |engine: &mut Engine, l: kvp_kv_layout, detail: u32, what: &str| {
+        let c = attach_layout(&mut engine.qp, &l);
+        assert_eq!(
+            (c.status, c.detail),
+            (Status::BadArg.raw(), detail),
+            "{what}: {c:?}"
+        );
+    };
+    // A region index past the four registered.
+    let mut l = good;
+    l.plane_region[1][1] = 4;
+    refused(&mut engine, l, 3, "region index 4 of 4");
+    // Inside the window (region 1 follows region 0) but past region 0's end.
+    let mut l = good;
+    let k_in_region0 = (0..2 * LAYERS).find(|&k| engine.planes[k].0 == 0).unwrap();
+    l.plane_offset[k_in_region0 % 2][k_in_region0 / 2] = PAGE_BYTES;
+    refused(&mut engine, l, 3, "one page past region 0");
+    // Geometry: three planes.
+    let mut l = good;
+    l.kv_planes = 3;
+    refused(&mut engine, l, 2, "kv_planes 3");
+    // What the engine writes in buffer_bytes is ignored either way.
+    let mut l = good;
+    l.buffer_bytes = 1;
+    assert_eq!(attach_layout(&mut engine.qp, &l).status, Status::Ok.raw());
+    // The attached layout still moves the right bytes.
+    let h = [0xD001, 0xD002, 0xD003];
+    engine.save(&h);
+    engine.load_and_check(&h, 12);
+    drop(daemon);
+}
