@@ -52,3 +52,22 @@ def test_a_load_of_blocks_never_saved_fails(daemon):
                           *GEOMETRY], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1, run.stdout + run.stderr
     assert "lookup=0/8" in run.stdout, run.stdout
+
+
+def test_gpu_regions_reach_the_daemon_which_refuses_them_on_the_host_backend(daemon):
+    """The CUDA path's descriptors travel through Client and libkvplane intact enough for
+    the daemon to judge them: on the host backend it refuses the attach naming the region,
+    and keeps serving."""
+    from test_regions import CudaArray, FakeCuda  # the fake driver, same directory
+
+    import kvplane
+    from kvplane import regions
+
+    base = 0x7F00_0000_0000
+    fake = FakeCuda({base: (1 << 20, 0)})
+    reg = kvplane.register_kv([CudaArray(base, (2, 4, TOKENS, HEADS, DIM))],
+                              driver=regions.CudaDriver(fake))
+    with pytest.raises(kvplane.KvplaneError, match="KV region #0: GPU memory, but the daemon runs the host backend"):
+        kvplane.Client(daemon.socket, namespaces=["gpu-on-host"], regions=reg)
+    out = engine(daemon, "save", "vllm", seed=21)
+    assert "blocks=8/8" in out, out
