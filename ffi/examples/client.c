@@ -1,9 +1,14 @@
 /* A C engine talking to kvplane through libkvplane and the ABI header alone:
- * attach, submit a batch of NOPs and a STATS, read the completions.
+ * attach registering one host KV region (a sealed memfd), submit a batch of NOPs and a
+ * STATS, read the completions.
  * Build: cc -std=c11 -Iffi/include ffi/examples/client.c -Ltarget/debug -lkvplane
  * Run:   ./client /path/to/kvplane.sock                                              */
+#define _GNU_SOURCE /* memfd_create */
+#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "kvplane.h"
 
@@ -13,11 +18,29 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *namespaces[] = {"c-example"};
+    /* The engine's KV pool: host memory the daemon can map, so a memfd sealed against
+     * shrinking (a GPU pool would be a KVP_REGION_CUDA_IPC region with no descriptor). */
+    const uint64_t kv_bytes = 1 << 20;
+    int kv_fd = memfd_create("c-example-kv", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (kv_fd < 0 || ftruncate(kv_fd, (off_t)kv_bytes) != 0 ||
+        fcntl(kv_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_SEAL) != 0) {
+        perror("KV memfd");
+        return 1;
+    }
+    struct kvp_kv_region region;
+    memset(&region, 0, sizeof region);
+    region.kind = KVP_REGION_HOST_MEMFD;
+    region.alloc_bytes = kv_bytes;
+    region.offset_bytes = 0;
+    region.len_bytes = kv_bytes;
+    int32_t region_fds[1] = {kv_fd};
     struct kvp_client *client = NULL;
-    if (kvp_client_attach(argv[1], 1, 64, 1 << 16, namespaces, 1, -1, 0, &client) < 0) {
+    if (kvp_client_attach(argv[1], 1, 64, 1 << 16, namespaces, 1, &region, region_fds, 1,
+                          &client) < 0) {
         fprintf(stderr, "attach: %s\n", kvp_last_error());
         return 1;
     }
+    close(kv_fd); /* the library sent its own duplicate; the daemon keeps what it mapped */
     struct kvp_queue *q = kvp_client_queue(client, 0);
     if (!q) {
         fprintf(stderr, "queue: %s\n", kvp_last_error());
@@ -67,7 +90,9 @@ int main(int argc, char **argv) {
     }
     /* The library checks the header against itself too. */
     if (kvp_abi_layout("kvp_sqe") != (int64_t)sizeof(struct kvp_sqe) ||
-        kvp_abi_layout("kvp_cqe.status") != (int64_t)offsetof(struct kvp_cqe, status)) {
+        kvp_abi_layout("kvp_cqe.status") != (int64_t)offsetof(struct kvp_cqe, status) ||
+        kvp_abi_layout("kvp_kv_region") != (int64_t)sizeof(struct kvp_kv_region) ||
+        kvp_abi_layout("kvp_kv_region.handle") != (int64_t)offsetof(struct kvp_kv_region, handle)) {
         fprintf(stderr, "ABI layout mismatch between header and library\n");
         return 1;
     }

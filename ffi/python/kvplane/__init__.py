@@ -3,6 +3,9 @@
 The structs below mirror ffi/include/kvplane.h; `check_abi()` compares every size and
 offset with what the loaded library was built with, and `Client` runs it on attach, so
 a drifted mirror fails loudly instead of corrupting a ring.
+
+KV memory (host buffers, CUDA tensors) is registered with `register_kv` and
+`host_buffer`, from `kvplane.regions` (its docstring has the details).
 """
 
 import ctypes
@@ -64,7 +67,8 @@ SQE_F_PREFIX_ONLY = 1 << 0
 
 
 class KvLayout(ctypes.Structure):
-    """kvp_kv_layout: a strided description of the registered KV buffer's pages."""
+    """kvp_kv_layout: a strided description of the engine's KV pages; plane (p, l) starts
+    at plane_offset[p][l] in the session's KV region plane_region[p][l]."""
     _fields_ = [
         ("num_layers", ctypes.c_uint32), ("kv_planes", ctypes.c_uint32),
         ("page_tokens", ctypes.c_uint32), ("kv_heads", ctypes.c_uint32),
@@ -72,11 +76,58 @@ class KvLayout(ctypes.Structure):
         ("num_pages", ctypes.c_uint64), ("page_stride_bytes", ctypes.c_uint64),
         ("token_stride_bytes", ctypes.c_uint64), ("head_stride_bytes", ctypes.c_uint64),
         ("buffer_bytes", ctypes.c_uint64), ("plane_offset", (ctypes.c_uint64 * MAX_LAYERS) * 2),
+        ("plane_region", (ctypes.c_uint16 * MAX_LAYERS) * 2),
     ]
 
 
+# enum kvp_region_kind and the region limits.
+REGION_NONE, REGION_HOST_MEMFD, REGION_CUDA_IPC, REGION_CUDA_VMM_FD = 0, 1, 2, 3
+REGION_KIND_NAMES = {REGION_HOST_MEMFD: "host memfd", REGION_CUDA_IPC: "CUDA IPC",
+                     REGION_CUDA_VMM_FD: "CUDA VMM fd"}
+MAX_KV_REGIONS = 512
+GPU_UUID_BYTES = 16
+CUDA_IPC_HANDLE_BYTES = 64
+
+
+class KvRegion(ctypes.Structure):
+    """kvp_kv_region: [offset_bytes, +len_bytes) of an allocation of alloc_bytes that a
+    memfd (sent alongside), a CUDA IPC handle or a VMM descriptor names."""
+    _fields_ = [
+        ("kind", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+        ("alloc_bytes", ctypes.c_uint64), ("offset_bytes", ctypes.c_uint64),
+        ("len_bytes", ctypes.c_uint64), ("gpu_uuid", ctypes.c_uint8 * GPU_UUID_BYTES),
+        ("handle", ctypes.c_uint8 * CUDA_IPC_HANDLE_BYTES), ("reserved", ctypes.c_uint8 * 16),
+    ]
+
+    @classmethod
+    def host_memfd(cls, nbytes):
+        """The whole of a sealed memfd of `nbytes` (its descriptor goes with it)."""
+        return cls(kind=REGION_HOST_MEMFD, alloc_bytes=nbytes, offset_bytes=0, len_bytes=nbytes)
+
+    @classmethod
+    def cuda_ipc(cls, handle, gpu_uuid, alloc_bytes, offset_bytes, len_bytes):
+        """[offset_bytes, +len_bytes) of the cudaMalloc allocation of alloc_bytes whose base
+        the 64-byte IPC `handle` names, on the GPU `gpu_uuid` (16 bytes). No descriptor."""
+        if len(handle) != CUDA_IPC_HANDLE_BYTES or len(gpu_uuid) != GPU_UUID_BYTES:
+            raise ValueError(f"CUDA IPC region: handle is {len(handle)} bytes (need "
+                             f"{CUDA_IPC_HANDLE_BYTES}), uuid {len(gpu_uuid)} (need {GPU_UUID_BYTES})")
+        r = cls(kind=REGION_CUDA_IPC, alloc_bytes=alloc_bytes, offset_bytes=offset_bytes,
+                len_bytes=len_bytes)
+        ctypes.memmove(r.handle, bytes(handle), CUDA_IPC_HANDLE_BYTES)
+        ctypes.memmove(r.gpu_uuid, bytes(gpu_uuid), GPU_UUID_BYTES)
+        return r
+
+    def carries_fd(self):
+        return self.kind in (REGION_HOST_MEMFD, REGION_CUDA_VMM_FD)
+
+    def __repr__(self):
+        kind = REGION_KIND_NAMES.get(self.kind, f"kind {self.kind}")
+        return (f"KvRegion({kind}, alloc_bytes={self.alloc_bytes}, "
+                f"offset_bytes={self.offset_bytes}, len_bytes={self.len_bytes})")
+
+
 _MIRRORS = {"kvp_sqe": Sqe, "kvp_cqe": Cqe, "kvp_block_op": BlockOp, "kvp_stats": Stats,
-            "kvp_kv_layout": KvLayout}
+            "kvp_kv_layout": KvLayout, "kvp_kv_region": KvRegion}
 
 
 class KvplaneError(RuntimeError):
@@ -101,7 +152,8 @@ def _find_library():
 def load(path=None):
     lib = ctypes.CDLL(path or _find_library())
     vp, u32, u64, i32 = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int32
-    lib.kvp_client_attach.argtypes = [ctypes.c_char_p, u32, u32, u64, ctypes.POINTER(ctypes.c_char_p), u32, i32, u64, ctypes.POINTER(vp)]
+    lib.kvp_client_attach.argtypes = [ctypes.c_char_p, u32, u32, u64, ctypes.POINTER(ctypes.c_char_p), u32,
+                                      ctypes.POINTER(KvRegion), ctypes.POINTER(i32), u32, ctypes.POINTER(vp)]
     lib.kvp_client_attach.restype = i32
     lib.kvp_client_session_id.argtypes = [vp]
     lib.kvp_client_session_id.restype = u64
@@ -138,7 +190,9 @@ def check_abi(lib):
             raise KvplaneError(f"{cname}: Python mirror is {ctypes.sizeof(py)} bytes, library says {want}")
         for field, _ in py._fields_:
             off = lib.kvp_abi_layout(f"{cname}.{field}".encode())
-            if off >= 0 and off != getattr(py, field).offset:
+            if off < 0:
+                raise KvplaneError(f"{cname}.{field}: the library does not know this field")
+            if off != getattr(py, field).offset:
                 raise KvplaneError(f"{cname}.{field}: offset {getattr(py, field).offset} here, {off} in the library")
 
 
@@ -192,17 +246,26 @@ class Client:
     """An attached session. `Client(socket, namespaces=["ns"])`, then `.queue(0)`."""
 
     def __init__(self, socket_path, namespaces=(), queue_pairs=1, ring_entries=256,
-                 arena_bytes=1 << 20, lib=None, kv_buffer_fd=-1, kv_buffer_bytes=0):
-        """`kv_buffer_fd`: a sealed memfd (F_SEAL_SHRINK) of `kv_buffer_bytes` holding the
-        engine's KV pages on the host backend, or -1 (see `sealed_memfd`)."""
+                 arena_bytes=1 << 20, lib=None, regions=()):
+        """`regions`: the engine's KV memory, what `register_kv` returned (its `.regions`
+        are sent) or a sequence of `(KvRegion, fd)` pairs, fd -1 for kinds without one
+        (e.g. `(KvRegion.host_memfd(n), sealed_memfd("kv", n))`). Layouts name regions by
+        their index here. The descriptors are duplicated: the caller keeps and closes its
+        own."""
         self._lib = lib or load()
         check_abi(self._lib)
+        pairs = list(getattr(regions, "regions", regions))
+        descs = (KvRegion * max(1, len(pairs)))(*[r for r, _ in pairs])
+        fds = (ctypes.c_int32 * max(1, len(pairs)))(*[fd for _, fd in pairs])
         names = (ctypes.c_char_p * max(1, len(namespaces)))(*[n.encode() for n in namespaces])
         handle = ctypes.c_void_p()
         _check(self._lib, self._lib.kvp_client_attach(
             str(socket_path).encode(), queue_pairs, ring_entries, arena_bytes, names,
-            len(namespaces), kv_buffer_fd, kv_buffer_bytes, ctypes.byref(handle)), "attach")
+            len(namespaces), descs, fds, len(pairs), ctypes.byref(handle)), "attach")
         self._h = handle
+        # The daemon now maps this memory: what register_kv holds (the tensors, the host
+        # buffers) stays alive with the session.
+        self._kv = regions
 
     @property
     def session_id(self):
@@ -218,6 +281,7 @@ class Client:
         if self._h:
             self._lib.kvp_client_detach(self._h)
             self._h = None
+            self._kv = None
 
     def __enter__(self):
         return self
@@ -240,3 +304,9 @@ def sealed_memfd(name, size_bytes):
         os.close(fd)
         raise
     return fd
+
+
+# After the mirrors it builds on (regions.py imports them from this package).
+from .regions import (  # noqa: E402
+    CudaDriver, CudaError, HostBuffer, KvRegistration, KvTensor, host_buffer, register_kv,
+)

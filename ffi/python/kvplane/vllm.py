@@ -120,9 +120,9 @@ class _Session:
     """One daemon session and its queue pair, used from one thread."""
 
     def __init__(self, socket, namespaces, kv_fd=-1, kv_bytes=0, arena_bytes=1 << 20):
+        regions = [(kvplane.KvRegion.host_memfd(kv_bytes), kv_fd)] if kv_fd >= 0 else []
         self.client = kvplane.Client(socket, namespaces=namespaces, ring_entries=256,
-                                     arena_bytes=arena_bytes, kv_buffer_fd=kv_fd,
-                                     kv_buffer_bytes=kv_bytes)
+                                     arena_bytes=arena_bytes, regions=regions)
         self.queue = self.client.queue(0)
         self._next = 1
         self._early = {}  # completions read while waiting for another
