@@ -32,20 +32,9 @@ export KVPLANE_CUDA_TOOLS=${KVPLANE_CUDA_TOOLS:-/nonexistent}   # the machine's 
 export PATH="$PATH:/usr/local/cuda/bin"
 KV="$BIN/kvplane"
 SOCK="$WORK/kvplane.sock"
-declare -A status
 DAEMON_PID=
 
-step() { # name timeout_s command...
-    local name=$1 t=$2; shift 2
-    local start=$SECONDS
-    echo "=== $name: $*" >>"$OUT/steps.log"
-    timeout "$t" "$@" >>"$OUT/steps.log" 2>&1
-    local rc=$?
-    echo "=== $name: rc=$rc" >>"$OUT/steps.log"
-    status[$name]="$rc $((SECONDS - start))"
-    echo "step $name: rc=$rc in $((SECONDS - start)) s"
-    return $rc
-}
+source scripts/lib/steps.sh
 
 config() { # path [extra TOML lines]
     cat >"$1" <<EOF
@@ -154,27 +143,11 @@ fi
 step bench-transfer 150 "$KV" bench transfer --quick --json
 {
     echo "{"
-    echo "  \"date\": \"$(date -u +%FT%TZ)\","
-    echo "  \"gpu\": \"$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)\","
-    echo "  \"steps\": {"
-    first=1
-    for k in "${!status[@]}"; do
-        read -r rc secs <<<"${status[$k]}"
-        [ $first = 1 ] || echo ","
-        first=0
-        printf '    "%s": {"rc": %s, "seconds": %s}' "$k" "$rc" "$secs"
-    done
-    echo
-    echo "  },"
-    echo "  \"engines\": ["
+    steps_json
+    echo "  ,\"engines\": ["
     sed '$!s/$/,/' "$OUT/engines.jsonl" | sed 's/^/    /'
     echo "  ]"
     echo "}"
 } >"$OUT/summary.json"
 cat "$OUT/summary.json"
-fail=0
-for k in "${!status[@]}"; do
-    read -r rc _ <<<"${status[$k]}"
-    [ "$rc" = 0 ] || fail=1
-done
-exit $fail
+steps_rc

@@ -19,18 +19,7 @@ mkdir -p "$OUT"
 export KVPLANE_CUDA_TOOLS=${KVPLANE_CUDA_TOOLS:-/nonexistent}   # use the machine's CUDA
 export PATH="$PATH:/usr/local/cuda/bin"
 export KVPLANE_REPO=$PWD   # tests that read kernels/cuda/*.cu
-declare -A status
-
-step() { # name timeout_s command...
-    local name=$1 t=$2; shift 2
-    local start=$SECONDS
-    echo "=== $name: $*" >>"$OUT/steps.log"
-    timeout "$t" "$@" >>"$OUT/steps.log" 2>&1
-    local rc=$?
-    echo "=== $name: rc=$rc" >>"$OUT/steps.log"
-    status[$name]="$rc $((SECONDS - start))"
-    echo "step $name: rc=$rc in $((SECONDS - start)) s"
-}
+source scripts/lib/steps.sh
 
 step nvidia-smi 20 nvidia-smi
 step gpu_check 240 "$BIN/gpu_check" --iters "${ITERS:-5}" --max-batch-mib 512 \
@@ -48,24 +37,8 @@ fi
 
 {
     echo "{"
-    echo "  \"date\": \"$(date -u +%FT%TZ)\","
-    echo "  \"gpu\": \"$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)\","
-    echo "  \"steps\": {"
-    first=1
-    for k in "${!status[@]}"; do
-        read -r rc secs <<<"${status[$k]}"
-        [ $first = 1 ] || echo ","
-        first=0
-        printf '    "%s": {"rc": %s, "seconds": %s}' "$k" "$rc" "$secs"
-    done
-    echo
-    echo "  }"
+    steps_json
     echo "}"
 } >"$OUT/summary.json"
 cat "$OUT/summary.json"
-fail=0
-for k in "${!status[@]}"; do
-    read -r rc _ <<<"${status[$k]}"
-    [ "$rc" = 0 ] || fail=1
-done
-exit $fail
+steps_rc

@@ -14,11 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvplane_cuda::engine::{EngineAlloc, EngineGpu};
-use kvplane_ffi::{Opcode, Pod, Status, kvp_block_op, kvp_kv_layout, kvp_kv_region};
+use kvplane_ffi::{Opcode, Status, kvp_block_op, kvp_kv_layout, kvp_kv_region};
 use kvplane_shm::handshake::EngineRegion;
 use kvplane_shm::{AttachOptions, Segment, Session, client, sys};
 
 use super::CliResult;
+use crate::bench::served::EngineGeometry;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
@@ -125,54 +126,42 @@ pub fn pattern(hash: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-struct Geometry {
-    layers: u32,
+/// (allocation, offset) of page `page` of (layer, plane): the pool is `g`'s vLLM layout
+/// of `pages` pages, in one allocation or (`per_layer`) one per layer.
+fn at(
+    g: &EngineGeometry,
     pages: u64,
-    /// Bytes of one page of one (layer, plane).
-    page_bytes: u64,
-}
-
-impl Geometry {
-    fn plane_bytes(&self) -> u64 {
-        self.pages * self.page_bytes
-    }
-    fn layer_bytes(&self) -> u64 {
-        2 * self.plane_bytes()
-    }
-    fn block_bytes(&self) -> u64 {
-        u64::from(self.layers) * 2 * self.page_bytes
-    }
-    /// (allocation, offset) of page `page` of (layer, plane).
-    fn at(&self, per_layer: bool, layer: u32, plane: u64, page: u64) -> (usize, u64) {
-        let in_layer = plane * self.plane_bytes() + page * self.page_bytes;
-        if per_layer {
-            (layer as usize, in_layer)
-        } else {
-            (0, u64::from(layer) * self.layer_bytes() + in_layer)
-        }
+    per_layer: bool,
+    layer: u32,
+    plane: u32,
+    page: u64,
+) -> (usize, u64) {
+    let page_at = page * g.run_bytes();
+    if per_layer {
+        (layer as usize, g.run_offset(pages, 0, plane, 0) + page_at)
+    } else {
+        (0, g.run_offset(pages, layer, plane, 0) + page_at)
     }
 }
 
 pub fn gpu_engine(
     args: &GpuEngineArgs,
 ) -> Result<GpuEngineReport, Box<dyn std::error::Error + Send + Sync>> {
-    let page_bytes =
-        u64::from(args.page_tokens) * u64::from(args.kv_heads) * u64::from(args.head_bytes);
-    let g = Geometry {
+    let g = EngineGeometry {
         layers: args.layers,
-        pages: 2 * u64::from(args.blocks),
-        page_bytes,
+        page_tokens: args.page_tokens,
+        kv_heads: args.kv_heads,
+        head_bytes: args.head_bytes,
     };
+    g.validate()?;
+    let pages = 2 * u64::from(args.blocks);
+    let page_bytes = g.run_bytes();
     let allocs = if args.per_layer {
         args.layers as usize
     } else {
         1
     };
-    let alloc_bytes = if args.per_layer {
-        g.layer_bytes()
-    } else {
-        u64::from(args.layers) * g.layer_bytes()
-    };
+    let alloc_bytes = pages * g.block_bytes() / allocs as u64;
     let mut regions = Vec::with_capacity(allocs);
     let pool = match args.memory {
         Memory::Host => {
@@ -207,20 +196,11 @@ pub fn gpu_engine(
     let mut qp = session.take_queue_pairs()?.remove(0);
     let timeout = Duration::from_secs(60);
 
-    let mut l: kvp_kv_layout = Pod::zeroed();
-    l.num_layers = args.layers;
-    l.kv_planes = 2;
-    l.page_tokens = args.page_tokens;
-    l.kv_heads = args.kv_heads;
-    l.head_bytes = args.head_bytes;
-    l.dtype_bytes = 2;
-    l.num_pages = g.pages;
-    l.head_stride_bytes = u64::from(args.head_bytes);
-    l.token_stride_bytes = u64::from(args.kv_heads) * u64::from(args.head_bytes);
-    l.page_stride_bytes = page_bytes;
+    // The vLLM layout of one pool, each (layer, plane) then placed in its allocation.
+    let mut l: kvp_kv_layout = g.layout(pages);
     for layer in 0..args.layers {
-        for plane in 0..2u64 {
-            let (alloc, off) = g.at(args.per_layer, layer, plane, 0);
+        for plane in 0..2 {
+            let (alloc, off) = at(&g, pages, args.per_layer, layer, plane, 0);
             l.plane_region[plane as usize][layer as usize] = alloc as u16;
             l.plane_offset[plane as usize][layer as usize] = off;
         }
@@ -250,9 +230,9 @@ pub fn gpu_engine(
     // Each block's bytes, packed [layer][plane][page bytes], to or from its page.
     let place = |page: u64, bytes: &[u8]| -> CliResult {
         for layer in 0..args.layers {
-            for plane in 0..2u64 {
-                let k = (2 * u64::from(layer) + plane) as usize * page_bytes as usize;
-                let (alloc, off) = g.at(args.per_layer, layer, plane, page);
+            for plane in 0..2 {
+                let k = (2 * layer + plane) as usize * page_bytes as usize;
+                let (alloc, off) = at(&g, pages, args.per_layer, layer, plane, page);
                 pool.write(alloc, off, &bytes[k..k + page_bytes as usize])?;
             }
         }
@@ -293,9 +273,9 @@ pub fn gpu_engine(
         for (i, &h) in hashes.iter().enumerate() {
             let page = first_page + i as u64;
             for layer in 0..args.layers {
-                for plane in 0..2u64 {
-                    let k = (2 * u64::from(layer) + plane) as usize * page_bytes as usize;
-                    let (alloc, off) = g.at(args.per_layer, layer, plane, page);
+                for plane in 0..2 {
+                    let k = (2 * layer + plane) as usize * page_bytes as usize;
+                    let (alloc, off) = at(&g, pages, args.per_layer, layer, plane, page);
                     pool.read(alloc, off, &mut got[k..k + page_bytes as usize])?;
                 }
             }
