@@ -10,7 +10,7 @@ pub mod segment;
 pub mod sys;
 
 pub use error::{Result, ShmError};
-pub use ring::{Consumer, Doorbell, Producer, RingKind, WaitPolicy};
+pub use ring::{Consumer, Doorbell, Producer, RingEntry, RingKind, WaitPolicy};
 pub use segment::{Geometry, QpGeometry, Segment};
 pub mod client;
 pub mod handshake;

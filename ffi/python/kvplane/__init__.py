@@ -27,14 +27,15 @@ class Sqe(ctypes.Structure):
         ("user_data", ctypes.c_uint64), ("opcode", ctypes.c_uint16), ("flags", ctypes.c_uint16),
         ("namespace_id", ctypes.c_uint32), ("arg_offset", ctypes.c_uint64),
         ("arg_len", ctypes.c_uint32), ("count", ctypes.c_uint32), ("param0", ctypes.c_uint64),
-        ("param1", ctypes.c_uint64), ("reserved", ctypes.c_uint64 * 2),
+        ("param1", ctypes.c_uint64), ("reserved", ctypes.c_uint8 * 14), ("seq", ctypes.c_uint16),
     ]
 
 
 class Cqe(ctypes.Structure):
     _fields_ = [
         ("user_data", ctypes.c_uint64), ("status", ctypes.c_int32), ("blocks", ctypes.c_uint32),
-        ("bytes", ctypes.c_uint64), ("tier", ctypes.c_uint32), ("detail", ctypes.c_uint32),
+        ("bytes", ctypes.c_uint64), ("tier", ctypes.c_uint16), ("seq", ctypes.c_uint16),
+        ("detail", ctypes.c_uint32),
     ]
 
 
