@@ -137,6 +137,11 @@ def check_abi(lib):
         want = lib.kvp_abi_layout(cname.encode())
         if want != ctypes.sizeof(py):
             raise KvplaneError(f"{cname}: Python mirror is {ctypes.sizeof(py)} bytes, library says {want}")
+        # The header's structs have no implicit padding (every byte is a named field), so
+        # a mirror missing a trailing field that alignment padding would hide shows here.
+        covered = sum(ctypes.sizeof(t) for _, t in py._fields_)
+        if covered != want:
+            raise KvplaneError(f"{cname}: Python mirror's fields cover {covered} of its {want} bytes")
         for field, _ in py._fields_:
             off = lib.kvp_abi_layout(f"{cname}.{field}".encode())
             if off >= 0 and off != getattr(py, field).offset:
