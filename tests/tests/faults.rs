@@ -478,7 +478,7 @@ fn saver(
             ) {
                 Ok((c, _)) => {
                     let mut l = log.lock().unwrap();
-                    if (c.status, c.blocks, c.tier) == (OK, 2, Tier::Nvme.raw()) {
+                    if (c.status, c.blocks, u32::from(c.tier)) == (OK, 2, Tier::Nvme.raw()) {
                         l.acked[k] = true;
                     } else {
                         l.bad.push(format!("save {i}: {c:?}"));
