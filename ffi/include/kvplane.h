@@ -27,11 +27,13 @@
  * index wrap too). The producer writes every other byte of the entry, then stores `seq`
  * with release; the consumer loads the `seq` of the slot at its `head` with acquire, and
  * owns the entry once it equals the value for `head`. Whatever a caller puts in `seq`
- * is overwritten by the ring code.
+ * is overwritten by the ring code. The client library and the daemon publish a batch last
+ * entry first, so a consumer polling its head sees the batch whole.
  *
  * `head` is stored by the consumer, with release, after each batch it takes; the
  * producer keeps its own copy and re-reads `head` only when that copy says the ring has
- * too little room, so `head` crosses once per lap on a busy ring. `tail` is stored by the
+ * too little room (and checks it: tail - head <= entries), so `head` crosses about once
+ * per lap on a busy ring. `tail` is stored by the
  * producer after each batch; only attach reads it (tail - head <= entries), the consumer
  * never polls it.
  *
