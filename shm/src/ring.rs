@@ -48,6 +48,16 @@ use ring_offsets::{BELL_SLEEPING, BELL_WORD, HEAD, TAIL};
 pub trait RingEntry: Pod {
     /// Byte offset of `seq` in the entry.
     const SEQ_OFFSET: usize;
+    /// Checked at compile time wherever the ring uses `T` (the unsafe entry accesses rely
+    /// on it): `seq` is an aligned u16 inside the entry, and the entry is whole 8-byte
+    /// words, 8-aligned.
+    const LAYOUT_OK: () = assert!(
+        Self::SEQ_OFFSET % 2 == 0
+            && Self::SEQ_OFFSET + 2 <= std::mem::size_of::<Self>()
+            && std::mem::size_of::<Self>() % 8 == 0
+            && std::mem::align_of::<Self>() >= 8,
+        "a ring entry needs an aligned u16 seq inside it and a size and alignment of 8"
+    );
 }
 
 impl RingEntry for kvp_sqe {
@@ -243,10 +253,12 @@ impl<'a, T: RingEntry> RingView<'a, T> {
     /// The `seq` word of the entry at `index`'s slot.
     #[inline]
     fn seq_of(&self, index: u32) -> &AtomicU16 {
+        let () = T::LAYOUT_OK;
         let slot = (index & self.mask) as usize;
         // SAFETY: slot < capacity within the entries array bounds-checked at construction
-        // (8-aligned, and SEQ_OFFSET is even, so the u16 is aligned); the mapping outlives
-        // 'a. Both sides access this word only atomically.
+        // (8-aligned); SEQ_OFFSET is even and the u16 lies inside the entry (LAYOUT_OK), so
+        // it is aligned and in bounds; the mapping outlives 'a. Both sides access this
+        // word only atomically.
         unsafe {
             AtomicU16::from_ptr(
                 self.entries
@@ -283,7 +295,7 @@ impl<'a, T: RingEntry> RingView<'a, T> {
 /// `src` points to a readable, 8-aligned `T` (ring entries are both, by `RingView::new`).
 #[inline]
 unsafe fn read_entry<T: RingEntry>(src: *const T) -> T {
-    const { assert!(std::mem::size_of::<T>() % 8 == 0 && std::mem::align_of::<T>() >= 8) };
+    let () = T::LAYOUT_OK;
     let mut out = T::zeroed();
     let words = std::mem::size_of::<T>() / 8;
     let dst = (&mut out as *mut T).cast::<u64>();
@@ -364,14 +376,16 @@ impl<'a, T: RingEntry> Producer<'a, T> {
     /// Write every byte of `item` but its `seq` into the slot of index `index`.
     #[inline]
     fn write_payload(&self, index: u32, item: &T) {
+        let () = T::LAYOUT_OK;
         let slot = (index & self.view.mask) as usize;
         let seq_end = T::SEQ_OFFSET + 2;
         let src = (item as *const T).cast::<u8>();
         // SAFETY: slot < capacity within the bounds-checked entries array; the slot is
         // free (its previous entry was consumed: index - head < capacity), so an honest
-        // consumer is not reading these bytes; the two copies skip the `seq` word, which
-        // is written only atomically, after them (release: a consumer that sees the new
-        // seq sees these bytes).
+        // consumer is not reading these bytes; the two copies, [0, SEQ_OFFSET) and
+        // [SEQ_OFFSET + 2, size), lie inside both entries (LAYOUT_OK) and skip the `seq`
+        // word, which is written only atomically, after them (release: a consumer that
+        // sees the new seq sees these bytes).
         unsafe {
             let dst = self.view.entries.add(slot).cast::<u8>();
             std::ptr::copy_nonoverlapping(src, dst, T::SEQ_OFFSET);

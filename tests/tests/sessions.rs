@@ -7,8 +7,9 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use kvplane_ffi::{Opcode, Pod, Status, kvp_cqe, kvp_sqe, kvp_stats};
+use kvplane_ffi::{Opcode, Pod, SessionState, Status, kvp_cqe, kvp_sqe, kvp_stats};
 use kvplane_shm::ring::ring_offsets::HEAD;
+use kvplane_shm::segment::header_offsets;
 use kvplane_shm::{AttachOptions, QueuePair, Session, ShmError, client};
 use kvplane_tests::{
     DaemonProc, NamespaceConfig, cpu_ticks, kvplane_bin, ping_json, rss_kib, signal, small_config,
@@ -234,6 +235,17 @@ fn garbage_in_the_segment_gets_error_completions_and_the_daemon_lives() {
         submitted += qp
             .submit(&[client::sqe(Opcode::Nop, 10_000 + submitted as u64)])
             .unwrap();
+    }
+    // Not a completion is read until the daemon has ended the session: reading one would
+    // republish a good head before the daemon looks.
+    let state = seg.atomic_u32(header_offsets::STATE).unwrap();
+    let deadline = Instant::now() + T;
+    while state.load(Ordering::Acquire) != SessionState::Dead.raw() {
+        assert!(
+            Instant::now() < deadline,
+            "the corrupt head was never noticed"
+        );
+        std::thread::sleep(Duration::from_millis(1));
     }
     let r = loop {
         // Completions posted before the daemon looked are read first.
