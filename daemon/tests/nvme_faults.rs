@@ -225,7 +225,7 @@ fn enospc_eio_and_torn_writes_fail_the_save_free_the_slot_and_clear_with_the_fau
     plan.add(rule(IoKind::Write, 0, 2, FaultEffect::Errno(libc::ENOSPC)));
     let c = e.save_through(&[101, 102]);
     assert_eq!(
-        (c.status, c.blocks, c.tier),
+        (c.status, c.blocks, u32::from(c.tier)),
         (Status::Io.raw(), 2, abi_host),
         "failed write-through: Io, blocks kept on the host tier: {c:?}"
     );
@@ -267,7 +267,7 @@ fn enospc_eio_and_torn_writes_fail_the_save_free_the_slot_and_clear_with_the_fau
     // The faults are spent: write-through works again.
     let c = e.save_through(&[401, 402]);
     assert_eq!(
-        (c.status, c.blocks, c.tier),
+        (c.status, c.blocks, u32::from(c.tier)),
         (Status::Ok.raw(), 2, abi_nvme),
         "{c:?}"
     );

@@ -19,15 +19,35 @@
  *   arena                          argument arena, split into one slice per queue pair
  *
  * Rings are single-producer single-consumer. Indices are free-running uint32 counters;
- * the slot is index & (entries - 1). The producer writes the entry, then stores `tail`
- * with release; the consumer loads `tail` with acquire, reads the entry, then stores
- * `head` with release. A consumer that wants to sleep sets `consumer_sleeping` (seq_cst),
- * re-checks `tail`, then FUTEX_WAITs on the ring's `doorbell`; a producer, after storing
- * `tail`, issues a seq_cst fence and only if `consumer_sleeping` is set bumps `doorbell`
- * and FUTEX_WAKEs it. A busy consumer never enters the kernel, and neither does a
- * producer feeding it. The daemon side of a session waits on the session-wide
- * `sq_doorbell` in the header instead of one per submission ring, so one daemon thread
- * can sleep on all queue pairs of a session.
+ * the slot is index & (entries - 1). An entry is published by its own `seq` field, so the
+ * consumer polls the entry itself (one cache line per entry crosses between the cores):
+ * the entry at index i carries seq = (i / entries + 1) mod 65536, its lap counted from 1
+ * (a zeroed ring reads as empty; the entry a slot held one lap earlier carries the
+ * previous value; 2^32 / entries is a multiple of 65536, so this holds across the
+ * index wrap too). The producer writes every other byte of the entry, then stores `seq`
+ * with release; the consumer loads the `seq` of the slot at its `head` with acquire, and
+ * owns the entry once it equals the value for `head`. Whatever a caller puts in `seq`
+ * is overwritten by the ring code. The client library and the daemon publish a batch last
+ * entry first, so a consumer polling its head sees the batch whole.
+ *
+ * `head` is stored by the consumer, with release, after each batch it takes; the
+ * producer keeps its own copy and re-reads `head` only when that copy says the ring has
+ * too little room (and checks it: tail - head <= entries), so `head` crosses about once
+ * per lap on a busy ring. `tail` is stored by the
+ * producer after each batch; only attach reads it (tail - head <= entries), the consumer
+ * never polls it.
+ *
+ * A consumer that wants to sleep sets `consumer_sleeping` (seq_cst), re-checks the `seq`
+ * of its next entry, then FUTEX_WAITs on the ring's `doorbell`; a producer, after
+ * storing an entry's `seq`, issues a seq_cst fence and only if `consumer_sleeping` is set
+ * bumps `doorbell` and FUTEX_WAKEs it. A busy consumer never enters the kernel, and
+ * neither does a producer feeding it. The daemon side of a session waits on the
+ * session-wide `sq_doorbell` in the header instead of one per submission ring, so one
+ * daemon thread can sleep on all queue pairs of a session.
+ *
+ * The daemon treats a submission whose `seq` is not the expected value as not yet
+ * written: it reads nothing at or after it, so a stale or forged `seq` stalls only that
+ * engine's own queue pair; it never makes the daemon read outside the ring or loop.
  */
 #ifndef KVPLANE_H
 #define KVPLANE_H
@@ -57,7 +77,8 @@ extern "C" {
 /* "KVPLANE1" read as a little-endian u64. */
 #define KVP_MAGIC 0x31454E414C50564BULL
 /* 2: KV memory is a list of regions (host memfds, CUDA IPC and VMM allocations) sent after
- * the attach request, and the layout names a region per layer and plane. */
+ * the attach request, the layout names a region per layer and plane, and ring entries
+ * carry their own sequence number (`seq`). */
 #define KVP_ABI_VERSION 2u
 
 #define KVP_CACHE_LINE 64u
@@ -167,7 +188,8 @@ struct kvp_sqe {
     uint32_t count;        /* number of elements in the argument (blocks) */
     uint64_t param0;       /* opcode-specific */
     uint64_t param1;       /* opcode-specific */
-    uint64_t reserved[2];  /* must be zero */
+    uint8_t reserved[14];  /* must be zero */
+    uint16_t seq;          /* ring protocol (see the top of this file); set by the ring code */
 };
 
 /* Completion entry, written by the daemon. 32 bytes. */
@@ -176,7 +198,8 @@ struct kvp_cqe {
     int32_t status;     /* enum kvp_status */
     uint32_t blocks;    /* blocks done (LOOKUP: leading blocks present) */
     uint64_t bytes;     /* bytes moved */
-    uint32_t tier;      /* enum kvp_tier: slowest tier served from (LOAD), or stored to (SAVE) */
+    uint16_t tier;      /* enum kvp_tier: slowest tier served from (LOAD), or stored to (SAVE) */
+    uint16_t seq;       /* ring protocol (see the top of this file); set by the ring code */
     uint32_t detail;    /* opcode-specific: index of the failing element, or transfer us */
 };
 
@@ -414,6 +437,8 @@ int64_t kvp_abi_layout(const char *name);
 #include <stddef.h>
 KVP_STATIC_ASSERT(sizeof(struct kvp_sqe) == 64, "sqe is 64 bytes");
 KVP_STATIC_ASSERT(sizeof(struct kvp_cqe) == 32, "cqe is 32 bytes");
+KVP_STATIC_ASSERT(offsetof(struct kvp_sqe, seq) == 62, "sqe seq");
+KVP_STATIC_ASSERT(offsetof(struct kvp_cqe, seq) == 26, "cqe seq");
 KVP_STATIC_ASSERT(sizeof(struct kvp_index_line) == KVP_CACHE_LINE, "index line");
 KVP_STATIC_ASSERT(sizeof(struct kvp_ring_header) == 4 * KVP_CACHE_LINE, "ring header");
 KVP_STATIC_ASSERT(offsetof(struct kvp_ring_header, head) == KVP_CACHE_LINE, "head line");

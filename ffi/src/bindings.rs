@@ -76,7 +76,8 @@ pub struct kvp_sqe {
     pub count: u32,
     pub param0: u64,
     pub param1: u64,
-    pub reserved: [u64; 2usize],
+    pub reserved: [u8; 14usize],
+    pub seq: u16,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -94,6 +95,7 @@ const _: () = {
     ["Offset of field: kvp_sqe::param0"][::core::mem::offset_of!(kvp_sqe, param0) - 32usize];
     ["Offset of field: kvp_sqe::param1"][::core::mem::offset_of!(kvp_sqe, param1) - 40usize];
     ["Offset of field: kvp_sqe::reserved"][::core::mem::offset_of!(kvp_sqe, reserved) - 48usize];
+    ["Offset of field: kvp_sqe::seq"][::core::mem::offset_of!(kvp_sqe, seq) - 62usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -102,7 +104,8 @@ pub struct kvp_cqe {
     pub status: i32,
     pub blocks: u32,
     pub bytes: u64,
-    pub tier: u32,
+    pub tier: u16,
+    pub seq: u16,
     pub detail: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -114,6 +117,7 @@ const _: () = {
     ["Offset of field: kvp_cqe::blocks"][::core::mem::offset_of!(kvp_cqe, blocks) - 12usize];
     ["Offset of field: kvp_cqe::bytes"][::core::mem::offset_of!(kvp_cqe, bytes) - 16usize];
     ["Offset of field: kvp_cqe::tier"][::core::mem::offset_of!(kvp_cqe, tier) - 24usize];
+    ["Offset of field: kvp_cqe::seq"][::core::mem::offset_of!(kvp_cqe, seq) - 26usize];
     ["Offset of field: kvp_cqe::detail"][::core::mem::offset_of!(kvp_cqe, detail) - 28usize];
 };
 #[repr(C)]

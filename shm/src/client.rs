@@ -315,7 +315,7 @@ impl QueuePair {
                 None => break,
             }
         }
-        Ok(n + self.cq.pop_many(&mut out[n..])?)
+        Ok(n + self.cq.pop_many(&mut out[n..]))
     }
 
     /// Wait (spin, then sleep) until at least one completion is ready or `timeout`.
@@ -366,7 +366,7 @@ impl QueuePair {
         loop {
             // One completion at a time: the common case is exactly one, ours.
             let mut one: [kvp_cqe; 1] = [Pod::zeroed()];
-            if self.cq.pop_many(&mut one)? == 1 {
+            if self.cq.pop_many(&mut one) == 1 {
                 if one[0].user_data == sqe.user_data {
                     return Ok(one[0]);
                 }

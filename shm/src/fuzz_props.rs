@@ -22,6 +22,7 @@ use crate::handshake::{
     MAX_ATTACH_BYTES, REGION_BYTES, REQUEST_BYTES, build_request, read_request,
     valid_namespace_name,
 };
+use crate::ring::entry_seq;
 use crate::ring::ring_offsets::{BELL_WORD, HEAD, TAIL};
 use crate::segment::{Geometry, QpGeometry, Segment};
 use crate::server::{ServerQueuePair, completion, validate_sqe};
@@ -99,7 +100,7 @@ pub fn assert_accepted_sqe_is_sound(
         (r.count, r.param0, r.param1),
         (sqe.count, sqe.param0, sqe.param1)
     );
-    assert_eq!(sqe.reserved, [0, 0], "reserved words must be zero");
+    assert_eq!(sqe.reserved, [0; 14], "reserved bytes must be zero");
     assert_eq!(sqe.flags & !ffi::SQE_F_ALL, 0, "unknown flag accepted");
     match r.opcode {
         Opcode::Nop | Opcode::Stats | Opcode::AttachLayout => {}
@@ -283,7 +284,9 @@ fn writes_only<R>(
 /// Input: a script of engine actions (scribbling over any header or ring byte, including
 /// the published indices) and daemon actions (attach a server queue pair, serve a round
 /// the way the session loop does: take, validate, complete). Properties:
-/// - corrupt indices are `RingCorrupt` errors, never a panic or an out-of-range access;
+/// - corrupt indices are `RingCorrupt` errors, never a panic or an out-of-range access,
+///   and a forged or stale entry `seq` makes that entry (and what follows) read as not
+///   yet written: every entry taken carries the `seq` of the index it was taken at;
 /// - a serve round takes no more than asked and posts exactly as many completions as it
 ///   took (the room `take` reserved is there, with no engine write in between);
 /// - the server writes only its submission ring's head, its completion ring's tail,
@@ -320,6 +323,10 @@ fn run_ring_script(fx: &RingFixture, data: &[u8]) -> bool {
         (cq_entries, cq_entries + u64::from(q.cq_entries) * cqe_bytes),
     ];
     let mut server: Option<ServerQueuePair<'_>> = None;
+    // The server's submission head as it must be: what it read at attach plus what it took.
+    let mut sq_head = 0u32;
+    let sq_head_word = seg.atomic_u32(q.sq_offset + HEAD).expect("in bounds");
+    let log2_entries = q.sq_entries.trailing_zeros();
     let mut sqes = [kvp_sqe::zeroed(); 2 * RING_ENTRIES as usize];
     let mut served = 0usize;
     let mut b = Bytes(data);
@@ -340,7 +347,10 @@ fn run_ring_script(fx: &RingFixture, data: &[u8]) -> bool {
                 server = match writes_only(seg, pre_arena, &[], "attach", || {
                     ServerQueuePair::new(seg, q, 0)
                 }) {
-                    Ok(s) => Some(s),
+                    Ok(s) => {
+                        sq_head = sq_head_word.load(std::sync::atomic::Ordering::Relaxed);
+                        Some(s)
+                    }
                     Err(ShmError::RingCorrupt { .. }) => None,
                     Err(e) => panic!("attach failed other than RingCorrupt: {e}"),
                 };
@@ -364,6 +374,15 @@ fn run_ring_script(fx: &RingFixture, data: &[u8]) -> bool {
                     "took {n} of {want}"
                 );
                 served += n;
+                for (i, sqe) in sqes[..n].iter().enumerate() {
+                    let index = sq_head.wrapping_add(i as u32);
+                    assert_eq!(
+                        sqe.seq,
+                        entry_seq(index, log2_entries),
+                        "took an entry not published for index {index}"
+                    );
+                }
+                sq_head = sq_head.wrapping_add(n as u32);
                 let cqes: Vec<kvp_cqe> = sqes[..n]
                     .iter()
                     .map(|sqe| {
@@ -399,11 +418,14 @@ fn run_ring_script(fx: &RingFixture, data: &[u8]) -> bool {
     served > 0
 }
 
-/// Scripts an honest engine would produce (submit some entries by writing them and
-/// publishing the tail, then let the daemon serve), and a hostile one (tail far ahead).
+/// Scripts an honest engine would produce (submit some entries by writing them with their
+/// `seq` and publishing the tail, then let the daemon serve), a hostile one (tail far
+/// ahead, completion head garbage), and one forging `seq`s (stale and future laps around
+/// a correctly published entry).
 pub fn seeds_server_rings() -> Vec<Seed> {
     let g = Geometry::new(2, RING_ENTRIES, RING_ENTRIES, 8192).expect("fixed geometry");
     let q = g.queue_pairs[0];
+    let log2_entries = RING_ENTRIES.trailing_zeros();
     let scribble = |out: &mut Vec<u8>, offset: u64, bytes: &[u8]| {
         out.push(0);
         out.extend_from_slice(&(offset as u16).to_le_bytes());
@@ -412,14 +434,19 @@ pub fn seeds_server_rings() -> Vec<Seed> {
     };
     let sqe_bytes = std::mem::size_of::<kvp_sqe>() as u64;
     let entry = |i: u64| q.sq_offset + ffi::RING_HEADER_BYTES as u64 + (i % 8) * sqe_bytes;
+    let lookup = |user_data: u64, seq: u16| {
+        let mut s = crate::client::sqe(Opcode::Lookup, user_data);
+        s.count = 1;
+        s.arg_len = std::mem::size_of::<kvp_block_op>() as u32;
+        s.arg_offset = 64 * (user_data % 8);
+        s.seq = seq;
+        s
+    };
     let mut honest = vec![1u8];
     let mut tail = 0u32;
     for round in 0..3u64 {
         for i in 0..5u64 {
-            let mut s = crate::client::sqe(Opcode::Lookup, round * 10 + i);
-            s.count = 1;
-            s.arg_len = std::mem::size_of::<kvp_block_op>() as u32;
-            s.arg_offset = 64 * i;
+            let s = lookup(round * 10 + i, entry_seq(tail, log2_entries));
             scribble(&mut honest, entry(u64::from(tail)), ffi::as_bytes(&s));
             tail += 1;
         }
@@ -433,9 +460,19 @@ pub fn seeds_server_rings() -> Vec<Seed> {
     hostile.extend_from_slice(&[2, 8, 1]);
     scribble(&mut hostile, q.cq_offset + HEAD, &u32::MAX.to_le_bytes());
     hostile.extend_from_slice(&[1, 2, 8]);
+    // Slot 0 published for lap 1 (taken), slot 1 claiming lap 0xffff (stale: the take
+    // stops there), then slot 1 republished correctly and slot 2 from a future lap.
+    let mut forged = vec![1u8];
+    scribble(&mut forged, entry(0), ffi::as_bytes(&lookup(1, 1)));
+    scribble(&mut forged, entry(1), ffi::as_bytes(&lookup(2, 0xffff)));
+    forged.extend_from_slice(&[2, 16, 3]);
+    scribble(&mut forged, entry(1), ffi::as_bytes(&lookup(2, 1)));
+    scribble(&mut forged, entry(2), ffi::as_bytes(&lookup(3, 5)));
+    forged.extend_from_slice(&[3, 2, 16]);
     vec![
         ("seed-honest-engine".into(), honest),
         ("seed-hostile-indices".into(), hostile),
+        ("seed-forged-seq".into(), forged),
     ]
 }
 

@@ -12,7 +12,7 @@ pub mod sys;
 pub mod window;
 
 pub use error::{Result, ShmError};
-pub use ring::{Consumer, Doorbell, Producer, RingKind, WaitPolicy};
+pub use ring::{Consumer, Doorbell, Producer, RingEntry, RingKind, WaitPolicy};
 pub use segment::{Geometry, QpGeometry, Segment};
 pub mod client;
 pub mod handshake;

@@ -1,14 +1,26 @@
 //! SPSC rings and futex doorbells in a shared segment.
 //!
-//! Each side keeps its own index privately and only *publishes* it; it reads the peer's
-//! index and validates it (`tail - head <= capacity` in wrapping arithmetic) before use,
-//! so a hostile peer can make its own ring look corrupt, never make us read outside it.
+//! Each side keeps its own index privately. An entry is published by its own `seq` field
+//! (the lap of its index, [`entry_seq`]), which the consumer polls: one cache line
+//! travels per entry, not an index line and then the entry line. The consumer publishes
+//! `head` after each batch it takes; the producer re-reads it only when its cached copy
+//! says the ring is full, and validates it (`tail - head <= capacity` in wrapping
+//! arithmetic), so a hostile peer can make its own ring look corrupt, never make us read
+//! outside it. `tail` is still published after each batch, but only attach reads it.
+//!
+//! A hostile producer (the engine, on a submission ring) controls every `seq`. An entry
+//! whose `seq` is not the value for the consumer's `head` is treated as not yet written:
+//! the consumer reads nothing at or after it, so a stale or forged `seq` only stalls that
+//! queue pair's own submissions. A forged `seq` equal to the expected value is simply a
+//! submission (validated like any other). The consumer reads at most the `out.len()`
+//! entries it was asked for, each once, so no value of `seq` makes it loop or read
+//! outside the ring.
 
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU32, Ordering, fence};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering, fence};
 use std::time::{Duration, Instant};
 
-use kvplane_ffi::{self as ffi, Pod};
+use kvplane_ffi::{self as ffi, Pod, kvp_cqe, kvp_sqe};
 
 use crate::error::{Result, ShmError};
 use crate::segment::Segment;
@@ -30,6 +42,41 @@ pub mod ring_offsets {
     pub const ENTRY_BYTES: u64 = offset_of!(kvp_ring_header, entry_bytes) as u64;
 }
 use ring_offsets::{BELL_SLEEPING, BELL_WORD, HEAD, TAIL};
+
+/// An ABI struct that travels in a ring: plain data with a `uint16_t seq` the ring
+/// protocol owns (whatever the caller puts there is overwritten on push).
+pub trait RingEntry: Pod {
+    /// Byte offset of `seq` in the entry.
+    const SEQ_OFFSET: usize;
+    /// Checked at compile time wherever the ring uses `T` (the unsafe entry accesses rely
+    /// on it): `seq` is an aligned u16 inside the entry, and the entry is whole 8-byte
+    /// words, 8-aligned.
+    const LAYOUT_OK: () = assert!(
+        Self::SEQ_OFFSET % 2 == 0
+            && Self::SEQ_OFFSET + 2 <= std::mem::size_of::<Self>()
+            && std::mem::size_of::<Self>() % 8 == 0
+            && std::mem::align_of::<Self>() >= 8,
+        "a ring entry needs an aligned u16 seq inside it and a size and alignment of 8"
+    );
+}
+
+impl RingEntry for kvp_sqe {
+    const SEQ_OFFSET: usize = core::mem::offset_of!(kvp_sqe, seq);
+}
+
+impl RingEntry for kvp_cqe {
+    const SEQ_OFFSET: usize = core::mem::offset_of!(kvp_cqe, seq);
+}
+
+/// The `seq` of the entry at free-running index `index` in a ring of `1 << log2_entries`
+/// entries: its lap counted from 1, mod 2^16 (`kvplane.h`). Consecutive laps differ by one
+/// even across the u32 index wrap (2^32 / entries laps is a multiple of 2^16, since
+/// entries <= 2^16), so the entry a slot held one lap earlier never matches, and a zeroed
+/// ring reads as empty.
+#[inline]
+pub fn entry_seq(index: u32, log2_entries: u32) -> u16 {
+    ((index >> log2_entries) as u16).wrapping_add(1)
+}
 
 /// Wake whoever sleeps on the doorbell of the ring at `ring_offset` (used when a session
 /// ends, so a waiter re-checks the session state instead of sleeping out its slice).
@@ -170,12 +217,14 @@ struct RingView<'a, T> {
     entries: *mut T,
     capacity: u32,
     mask: u32,
+    /// log2(capacity), for [`entry_seq`].
+    shift: u32,
     qp: u32,
     kind: RingKind,
     _t: PhantomData<T>,
 }
 
-impl<'a, T: Pod> RingView<'a, T> {
+impl<'a, T: RingEntry> RingView<'a, T> {
     fn new(seg: &'a Segment, offset: u64, capacity: u32, qp: u32, kind: RingKind) -> Result<Self> {
         assert!(capacity.is_power_of_two());
         let entry_bytes = std::mem::size_of::<T>() as u64;
@@ -194,10 +243,38 @@ impl<'a, T: Pod> RingView<'a, T> {
             entries,
             capacity,
             mask: capacity - 1,
+            shift: capacity.trailing_zeros(),
             qp,
             kind,
             _t: PhantomData,
         })
+    }
+
+    /// The `seq` word of the entry at `index`'s slot.
+    #[inline]
+    fn seq_of(&self, index: u32) -> &AtomicU16 {
+        let () = T::LAYOUT_OK;
+        let slot = (index & self.mask) as usize;
+        // SAFETY: slot < capacity within the entries array bounds-checked at construction
+        // (8-aligned); SEQ_OFFSET is even and the u16 lies inside the entry (LAYOUT_OK), so
+        // it is aligned and in bounds; the mapping outlives 'a. Both sides access this
+        // word only atomically.
+        unsafe {
+            AtomicU16::from_ptr(
+                self.entries
+                    .add(slot)
+                    .cast::<u8>()
+                    .add(T::SEQ_OFFSET)
+                    .cast::<u16>(),
+            )
+        }
+    }
+
+    /// Whether the entry at `index` is published (its `seq` is that index's), acquiring
+    /// its contents if so.
+    #[inline]
+    fn published(&self, index: u32) -> bool {
+        self.seq_of(index).load(Ordering::Acquire) == entry_seq(index, self.shift)
     }
 
     fn corrupt(&self, head: u32, tail: u32) -> ShmError {
@@ -209,6 +286,30 @@ impl<'a, T: Pod> RingView<'a, T> {
             capacity: self.capacity,
         }
     }
+}
+
+/// Copy an entry out of shared memory in 8-byte volatile loads (a field-by-field volatile
+/// read would copy a byte array byte by byte).
+///
+/// # Safety
+/// `src` points to a readable, 8-aligned `T` (ring entries are both, by `RingView::new`).
+#[inline]
+unsafe fn read_entry<T: RingEntry>(src: *const T) -> T {
+    let () = T::LAYOUT_OK;
+    let mut out = T::zeroed();
+    let words = std::mem::size_of::<T>() / 8;
+    let dst = (&mut out as *mut T).cast::<u64>();
+    for k in 0..words {
+        // SAFETY: k < size_of::<T>() / 8 words inside both `*src` (caller's guarantee) and
+        // `out`, both 8-aligned. T is Pod: any bytes are a valid T, so a hostile producer
+        // rewriting the entry meanwhile only garbles its own request, which is validated
+        // after this copy.
+        unsafe {
+            dst.add(k)
+                .write(std::ptr::read_volatile(src.cast::<u64>().add(k)))
+        };
+    }
+    out
 }
 
 /// Producer end of an SPSC ring.
@@ -223,7 +324,7 @@ pub struct Producer<'a, T> {
 // which outlives 'a.
 unsafe impl<T: Send> Send for Producer<'_, T> {}
 
-impl<'a, T: Pod> Producer<'a, T> {
+impl<'a, T: RingEntry> Producer<'a, T> {
     /// Attach as producer. `tail` and `head` start from what is published (a fresh
     /// segment is zeroed).
     pub fn new(
@@ -272,28 +373,62 @@ impl<'a, T: Pod> Producer<'a, T> {
         self.free()
     }
 
-    /// Write as many of `items` as fit, publish once, ring the doorbell at most once.
+    /// Write every byte of `item` but its `seq` into the slot of index `index`.
+    #[inline]
+    fn write_payload(&self, index: u32, item: &T) {
+        let () = T::LAYOUT_OK;
+        let slot = (index & self.view.mask) as usize;
+        let seq_end = T::SEQ_OFFSET + 2;
+        let src = (item as *const T).cast::<u8>();
+        // SAFETY: slot < capacity within the bounds-checked entries array; the slot is
+        // free (its previous entry was consumed: index - head < capacity), so an honest
+        // consumer is not reading these bytes; the two copies, [0, SEQ_OFFSET) and
+        // [SEQ_OFFSET + 2, size), lie inside both entries (LAYOUT_OK) and skip the `seq`
+        // word, which is written only atomically, after them (release: a consumer that
+        // sees the new seq sees these bytes).
+        unsafe {
+            let dst = self.view.entries.add(slot).cast::<u8>();
+            std::ptr::copy_nonoverlapping(src, dst, T::SEQ_OFFSET);
+            std::ptr::copy_nonoverlapping(
+                src.add(seq_end),
+                dst.add(seq_end),
+                std::mem::size_of::<T>() - seq_end,
+            );
+        }
+    }
+
+    /// Write as many of `items` as fit, publish them, ring the doorbell at most once.
     /// Returns how many were written.
+    ///
+    /// A batch is published last entry first: the consumer polls the first one, so it
+    /// sees the whole batch at once and takes it in one go, instead of chasing this loop
+    /// entry by entry over cache lines still being written (which costs both sides a line
+    /// transfer per entry, and the consumer a pass per entry).
     pub fn push_many(&mut self, items: &[T], bell: Option<&Doorbell<'_>>) -> Result<usize> {
         let mut room = self.view.capacity - self.tail.wrapping_sub(self.cached_head);
         if room < items.len() as u32 {
             room = self.free()?;
         }
         let n = (room as usize).min(items.len());
-        for item in &items[..n] {
-            let slot = (self.tail & self.view.mask) as usize;
-            // SAFETY: slot < capacity, and the entries array of `capacity` Ts was bounds-
-            // checked against the mapping at construction; the slot is free (between tail
-            // and head + capacity) so the consumer is not reading it.
-            unsafe { std::ptr::write_volatile(self.view.entries.add(slot), *item) };
-            self.tail = self.tail.wrapping_add(1);
+        if n == 0 {
+            return Ok(0);
         }
-        if n > 0 {
-            self.view.tail.store(self.tail, Ordering::Release);
-            match bell {
-                Some(b) => b.notify(),
-                None => self.own_doorbell().notify(),
-            }
+        for (k, item) in items[..n].iter().enumerate() {
+            self.write_payload(self.tail.wrapping_add(k as u32), item);
+        }
+        for k in (0..n as u32).rev() {
+            let index = self.tail.wrapping_add(k);
+            self.view
+                .seq_of(index)
+                .store(entry_seq(index, self.view.shift), Ordering::Release);
+        }
+        self.tail = self.tail.wrapping_add(n as u32);
+        // For attach and tools only: the consumer polls the entries, not this line, so the
+        // store stays in this core's cache.
+        self.view.tail.store(self.tail, Ordering::Release);
+        match bell {
+            Some(b) => b.notify(),
+            None => self.own_doorbell().notify(),
         }
         Ok(n)
     }
@@ -313,13 +448,14 @@ impl<'a, T: Pod> Producer<'a, T> {
 pub struct Consumer<'a, T> {
     view: RingView<'a, T>,
     head: u32,
-    cached_tail: u32,
 }
 
 // SAFETY: the consumer is the only writer of its head; see Producer.
 unsafe impl<T: Send> Send for Consumer<'_, T> {}
 
-impl<'a, T: Pod> Consumer<'a, T> {
+impl<'a, T: RingEntry> Consumer<'a, T> {
+    /// Attach as consumer: `head` starts from what is published, checked against the
+    /// published `tail` (a fresh segment is zeroed).
     pub fn new(
         seg: &'a Segment,
         offset: u64,
@@ -333,63 +469,46 @@ impl<'a, T: Pod> Consumer<'a, T> {
         if tail.wrapping_sub(head) > capacity {
             return Err(view.corrupt(head, tail));
         }
-        Ok(Consumer {
-            view,
-            head,
-            cached_tail: head,
-        })
+        Ok(Consumer { view, head })
     }
 
-    /// Entries ready to read, refreshing the producer's tail. Err if it is garbage.
-    pub fn available(&mut self) -> Result<u32> {
-        let tail = self.view.tail.load(Ordering::Acquire);
-        let ready = tail.wrapping_sub(self.head);
-        if ready > self.view.capacity {
-            return Err(self.view.corrupt(self.head, tail));
+    /// Entries ready to read now: the published run from `head`, at most a ring's worth.
+    /// (A scan of the entries' `seq`s, for tests and tools; `pop_many` does not need it.)
+    pub fn available(&self) -> u32 {
+        let mut ready = 0;
+        while ready < self.view.capacity && self.view.published(self.head.wrapping_add(ready)) {
+            ready += 1;
         }
-        self.cached_tail = tail;
-        Ok(ready)
+        ready
     }
 
-    /// Cheap readiness probe for wait loops (one acquire load, no validation).
+    /// Cheap readiness probe for wait loops: one acquire load of the next entry's `seq`.
+    #[inline]
     pub fn has_entries(&self) -> bool {
-        if self.view.tail.load(Ordering::Acquire) != self.head {
-            return true;
-        }
-        // While waiting, also touch the slot the next entry will land in: its cache line
-        // then travels to this core alongside the tail's, instead of one miss after the
-        // other once the tail moves (a round trip is otherwise two serial misses per side).
-        let slot = (self.head & self.view.mask) as usize;
-        // SAFETY: slot < capacity within the bounds-checked entries array; a one-byte
-        // volatile read of memory the producer may be writing is a plain load of shared
-        // memory whose value we discard.
-        unsafe { std::ptr::read_volatile(self.view.entries.add(slot).cast::<u8>()) };
-        false
+        self.view.published(self.head)
     }
 
-    /// Copy up to `out.len()` entries out, release them to the producer once.
-    pub fn pop_many(&mut self, out: &mut [T]) -> Result<usize> {
-        let mut ready = self.cached_tail.wrapping_sub(self.head);
-        if ready == 0 {
-            ready = self.available()?;
-        }
-        let n = (ready as usize).min(out.len());
-        for o in &mut out[..n] {
+    /// Copy up to `out.len()` published entries out (stopping at the first that is not),
+    /// then release them to the producer with one `head` store.
+    pub fn pop_many(&mut self, out: &mut [T]) -> usize {
+        let mut n = 0;
+        while n < out.len() && self.view.published(self.head) {
             let slot = (self.head & self.view.mask) as usize;
             // SAFETY: slot < capacity within the bounds-checked entries array; the entry
-            // was published (head < tail, acquire-loaded). T is Pod: any bytes are valid.
-            *o = unsafe { std::ptr::read_volatile(self.view.entries.add(slot)) };
+            // was published (its seq acquire-loaded above).
+            out[n] = unsafe { read_entry(self.view.entries.add(slot)) };
             self.head = self.head.wrapping_add(1);
+            n += 1;
         }
         if n > 0 {
             self.view.head.store(self.head, Ordering::Release);
         }
-        Ok(n)
+        n
     }
 
-    pub fn pop(&mut self) -> Result<Option<T>> {
+    pub fn pop(&mut self) -> Option<T> {
         let mut one = [T::zeroed()];
-        Ok((self.pop_many(&mut one)? == 1).then_some(one[0]))
+        (self.pop_many(&mut one) == 1).then_some(one[0])
     }
 
     /// The doorbell in this ring's own header (the consumer sleeps on it).
@@ -408,29 +527,52 @@ mod tests {
         (Segment::create(&g, 1, 1, 0).unwrap(), g)
     }
 
+    fn cqe(v: u64) -> kvp_cqe {
+        let mut c = kvp_cqe::zeroed();
+        c.user_data = v;
+        c.bytes = !v;
+        c
+    }
+
+    /// Push `items` and check each comes back intact, in order.
+    fn round_trip(
+        p: &mut Producer<'_, kvp_cqe>,
+        c: &mut Consumer<'_, kvp_cqe>,
+        items: std::ops::Range<u64>,
+    ) {
+        let want: Vec<kvp_cqe> = items.clone().map(cqe).collect();
+        assert_eq!(p.push_many(&want, None).unwrap(), want.len());
+        let mut out = vec![kvp_cqe::zeroed(); want.len() + 1];
+        assert_eq!(c.pop_many(&mut out), want.len());
+        for (v, o) in items.zip(&out) {
+            assert_eq!((o.user_data, o.bytes), (v, !v));
+        }
+    }
+
     #[test]
     fn wraps_around_full_and_empty() {
         let (s, g) = seg(8);
         let q = g.queue_pairs[0];
-        let mut p = Producer::<u64>::new(&s, q.sq_offset, 8, 0, RingKind::Submission).unwrap();
-        let mut c = Consumer::<u64>::new(&s, q.sq_offset, 8, 0, RingKind::Submission).unwrap();
+        let mut p = Producer::<kvp_cqe>::new(&s, q.cq_offset, 8, 0, RingKind::Completion).unwrap();
+        let mut c = Consumer::<kvp_cqe>::new(&s, q.cq_offset, 8, 0, RingKind::Completion).unwrap();
         let mut next = 0u64;
         let mut expect = 0u64;
-        let mut buf = [0u64; 5];
+        let mut buf = [kvp_cqe::zeroed(); 5];
         for round in 0..1000 {
-            let want: Vec<u64> = (next..next + (round % 11) as u64).collect();
+            let want: Vec<kvp_cqe> = (next..next + (round % 11) as u64).map(cqe).collect();
             let n = p.push_many(&want, None).unwrap();
             assert!(n <= 8);
             next += n as u64;
             assert!(next - expect <= 8, "never more than capacity in flight");
-            let got = c.pop_many(&mut buf).unwrap();
+            assert_eq!(c.available() as u64, next - expect);
+            let got = c.pop_many(&mut buf);
             for v in &buf[..got] {
-                assert_eq!(*v, expect);
+                assert_eq!(v.user_data, expect);
                 expect += 1;
             }
         }
-        while let Some(v) = c.pop().unwrap() {
-            assert_eq!(v, expect);
+        while let Some(v) = c.pop() {
+            assert_eq!(v.user_data, expect);
             expect += 1;
         }
         assert_eq!(expect, next);
@@ -438,25 +580,110 @@ mod tests {
     }
 
     #[test]
+    fn sequence_survives_the_u16_lap_wrap_and_the_u32_index_wrap() {
+        // Start a few laps before the 16-bit lap counter wraps, and a few laps before the
+        // 32-bit index wraps (a lap-counter wrap too), with the slots holding the previous
+        // lap's entries as a running ring's would.
+        for (cap, start) in [
+            (8u32, (0xfffeu32 << 3).wrapping_sub(3)),
+            (8, 0u32.wrapping_sub(8 * 3 + 5)),
+            (65536, 0u32.wrapping_sub(65536 * 2 + 7)),
+        ] {
+            let (s, g) = seg(cap);
+            let q = g.queue_pairs[0];
+            let before = start.wrapping_sub(cap);
+            for index in [TAIL, HEAD] {
+                s.atomic_u32(q.cq_offset + index)
+                    .unwrap()
+                    .store(before, Ordering::Relaxed);
+            }
+            let mut p = Producer::new(&s, q.cq_offset, cap, 0, RingKind::Completion).unwrap();
+            let mut c = Consumer::new(&s, q.cq_offset, cap, 0, RingKind::Completion).unwrap();
+            assert_eq!(c.available(), 0, "a zeroed ring is empty at any index");
+            round_trip(&mut p, &mut c, 0..u64::from(cap));
+            let half = cap / 2;
+            let (mut index, mut value) = (start, u64::from(cap));
+            let mut crossed = false;
+            for _ in 0..10 {
+                crossed |= entry_seq(index, cap.trailing_zeros()) == 0;
+                assert_eq!(c.available(), 0, "cap {cap}: a lap-old entry reads as new");
+                round_trip(&mut p, &mut c, value..value + u64::from(half));
+                index = index.wrapping_add(half);
+                value += u64::from(half);
+            }
+            assert!(crossed, "cap {cap}: the run crossed the lap-counter wrap");
+        }
+    }
+
+    #[test]
+    fn a_stale_or_forged_seq_reads_as_not_written() {
+        let (s, g) = seg(8);
+        let q = g.queue_pairs[0];
+        let mut c = Consumer::<kvp_sqe>::new(&s, q.sq_offset, 8, 0, RingKind::Submission).unwrap();
+        // A hostile engine writes the seq words directly.
+        let forge = |slot: u64, seq: u16| {
+            let at = q.sq_offset
+                + ffi::RING_HEADER_BYTES as u64
+                + slot * std::mem::size_of::<kvp_sqe>() as u64
+                + kvp_sqe::SEQ_OFFSET as u64;
+            s.write_bytes(at, &seq.to_le_bytes()).unwrap();
+        };
+        // Slots claiming the previous lap or a later one: nothing is taken.
+        for (slot, seq) in [0u16, 2, 3, 0xffff, 7, 100, 2, 9].into_iter().enumerate() {
+            forge(slot as u64, seq);
+        }
+        // A tail far ahead is not looked at after attach (the consumer polls entries).
+        s.atomic_u32(q.sq_offset + TAIL)
+            .unwrap()
+            .store(1000, Ordering::Release);
+        let mut out = [kvp_sqe::zeroed(); 16];
+        assert!(!c.has_entries());
+        assert_eq!(c.pop_many(&mut out), 0);
+        // Slots 0 and 1 published for lap 1, slot 2 not: exactly two are taken.
+        forge(0, 1);
+        forge(1, 1);
+        assert_eq!(c.available(), 2);
+        assert_eq!(c.pop_many(&mut out), 2);
+        // Every slot forged as published (slots 0-1 for lap 2): a scan stops after one
+        // ring's worth, and a pop takes only what it is asked for.
+        for slot in 0..8u64 {
+            forge(slot, if slot < 2 { 2 } else { 1 });
+        }
+        assert_eq!(c.available(), 8);
+        assert_eq!(c.pop_many(&mut out[..3]), 3);
+        assert_eq!(
+            s.atomic_u32(q.sq_offset + HEAD)
+                .unwrap()
+                .load(Ordering::Acquire),
+            5
+        );
+    }
+
+    #[test]
     fn corrupt_indices_are_errors_not_reads() {
         let (s, g) = seg(8);
         let q = g.queue_pairs[0];
-        let mut c = Consumer::<u64>::new(&s, q.sq_offset, 8, 0, RingKind::Submission).unwrap();
-        // A hostile producer publishes a tail far beyond capacity.
-        s.atomic_u32(q.sq_offset)
+        // A hostile producer publishes a tail far beyond capacity before we attach.
+        s.atomic_u32(q.sq_offset + TAIL)
             .unwrap()
             .store(1000, Ordering::Release);
-        assert!(matches!(c.pop(), Err(ShmError::RingCorrupt { .. })));
-        let mut p = Producer::<u64>::new(&s, q.cq_offset, 8, 0, RingKind::Completion).unwrap();
+        assert!(matches!(
+            Consumer::<kvp_sqe>::new(&s, q.sq_offset, 8, 0, RingKind::Submission),
+            Err(ShmError::RingCorrupt { .. })
+        ));
+        let mut p = Producer::<kvp_cqe>::new(&s, q.cq_offset, 8, 0, RingKind::Completion).unwrap();
         // A hostile consumer publishes a head ahead of our tail.
-        s.atomic_u32(q.cq_offset + 64)
+        s.atomic_u32(q.cq_offset + HEAD)
             .unwrap()
             .store(100, Ordering::Release);
         assert_eq!(
-            p.push_many(&[1; 8], None).unwrap(),
+            p.push_many(&[cqe(1); 8], None).unwrap(),
             8,
             "room from our own view"
         );
-        assert!(matches!(p.push(1, None), Err(ShmError::RingCorrupt { .. })));
+        assert!(matches!(
+            p.push(cqe(1), None),
+            Err(ShmError::RingCorrupt { .. })
+        ));
     }
 }

@@ -55,7 +55,7 @@ pub fn validate_sqe(
     if !flags_ok {
         return Err(reject(Status::BadFlags, "flags"));
     }
-    if sqe.reserved != [0, 0] {
+    if sqe.reserved != [0; 14] {
         return Err(reject(Status::BadArg, "reserved"));
     }
     let needs_namespace = !matches!(opcode, Opcode::Nop | Opcode::Stats | Opcode::AttachLayout);
@@ -157,7 +157,7 @@ impl<'a> ServerQueuePair<'a> {
         if n == 0 {
             return Ok(0);
         }
-        self.sq.pop_many(&mut out[..n])
+        Ok(self.sq.pop_many(&mut out[..n]))
     }
 
     /// Post completions (room was reserved by `take`). Returns how many were posted.
@@ -281,7 +281,7 @@ mod tests {
             Status::BadFlags
         );
         s.flags = 0;
-        s.reserved[1] = 1;
+        s.reserved[13] = 1;
         assert_eq!(
             validate_sqe(&s, &q, 1).unwrap_err(),
             reject(Status::BadArg, "reserved")

@@ -29,7 +29,7 @@ fn save_then_load_is_bit_identical_and_lookup_reports_the_prefix() {
     let originals: Vec<Vec<u8>> = (0..8).map(|p| e.read_page(p)).collect();
     let (c, _) = e.block_op(Opcode::Save, 0, &chain_ops(&hashes, 0));
     assert_eq!(
-        (c.status, c.blocks, c.bytes, c.tier),
+        (c.status, c.blocks, c.bytes, u32::from(c.tier)),
         (0, 8, 8 * 65536, Tier::Host.raw()),
         "{c:?}"
     );
@@ -168,7 +168,7 @@ fn daemon_killed_after_write_through_saves_restarts_with_every_block_and_drops_a
         originals = (0..12).map(|p| e.read_page(p)).collect();
         let (c, _) = e.block_op(Opcode::Save, SQE_F_WRITE_THROUGH, &chain_ops(&hashes, 0));
         assert_eq!(
-            (c.status, c.blocks, c.tier),
+            (c.status, c.blocks, u32::from(c.tier)),
             (0, 12, Tier::Nvme.raw()),
             "{c:?}"
         );

@@ -82,7 +82,7 @@ fn a_tenant_who_can_write_the_tier_cannot_plant_blocks_in_another_namespace() {
         for e in [&mut victim, &mut evil] {
             let (c, _) = e.block_op(Opcode::Save, SQE_F_WRITE_THROUGH, &chain_ops(&hashes, 0));
             assert_eq!(
-                (c.status, c.blocks, c.tier),
+                (c.status, c.blocks, u32::from(c.tier)),
                 (0, 6, Tier::Nvme.raw()),
                 "{c:?}"
             );

@@ -478,7 +478,7 @@ fn saver(
             ) {
                 Ok((c, _)) => {
                     let mut l = log.lock().unwrap();
-                    if (c.status, c.blocks, c.tier) == (OK, 2, Tier::Nvme.raw()) {
+                    if (c.status, c.blocks, u32::from(c.tier)) == (OK, 2, Tier::Nvme.raw()) {
                         l.acked[k] = true;
                     } else {
                         l.bad.push(format!("save {i}: {c:?}"));
@@ -840,7 +840,11 @@ fn nvme_file_system_full_fails_writes_cleanly_and_the_host_tier_keeps_serving() 
             );
             verified.set(verified.get() + 1);
         }
-        (c.status, c.tier, ops.iter().map(|o| o.tier).collect())
+        (
+            c.status,
+            u32::from(c.tier),
+            ops.iter().map(|o| o.tier).collect(),
+        )
     };
     let host = vec![Tier::Host.raw() as u8; 4];
     // Space left: write-through saves land on NVMe.

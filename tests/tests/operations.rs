@@ -335,7 +335,7 @@ fn sigterm_with_operations_in_flight_exits_promptly_and_keeps_completed_saves() 
             if save {
                 match try_block_op(&mut e, Opcode::Save, SQE_F_WRITE_THROUGH, &blocks) {
                     Ok(c) if c.status == 0 => {
-                        assert_eq!(c.tier, Tier::Nvme.raw(), "{c:?}");
+                        assert_eq!(u32::from(c.tier), Tier::Nvme.raw(), "{c:?}");
                         completed.push(blocks.clone());
                     }
                     Ok(c) => {

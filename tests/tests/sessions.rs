@@ -7,7 +7,9 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use kvplane_ffi::{Opcode, Pod, Status, kvp_cqe, kvp_sqe};
+use kvplane_ffi::{Opcode, Pod, SessionState, Status, kvp_cqe, kvp_sqe};
+use kvplane_shm::ring::ring_offsets::HEAD;
+use kvplane_shm::segment::header_offsets;
 use kvplane_shm::{AttachOptions, QueuePair, Session, ShmError, client};
 use kvplane_tests::{
     DaemonProc, NamespaceConfig, cpu_ticks, kvplane_bin, ping_json, rss_kib, signal, small_config,
@@ -170,7 +172,7 @@ fn garbage_in_the_segment_gets_error_completions_and_the_daemon_lives() {
                 e.opcode %= 12;
                 if r % 4 != 0 {
                     e.flags = 0;
-                    e.reserved = [0, 0];
+                    e.reserved = [0; 14];
                 }
                 e.namespace_id %= 2;
                 e.arg_offset %= arena * 2;
@@ -210,15 +212,42 @@ fn garbage_in_the_segment_gets_error_completions_and_the_daemon_lives() {
         Status::Ok.raw()
     );
 
-    // A corrupt ring index ends only this session.
-    let sq_tail = session.geometry().queue_pairs[0].sq_offset;
-    seg.atomic_u32(sq_tail)
+    // A corrupt ring index ends only this session. The daemon polls submissions by their
+    // `seq` and never reads the submission tail after attach; the index it does read is
+    // the completion ring's head, when its cached view says that ring is full. So: corrupt
+    // that head, stop draining (draining would republish a good one), and submit as many
+    // NOPs as the completion ring holds, which makes the daemon refresh its view.
+    let q = session.geometry().queue_pairs[0];
+    seg.atomic_u32(q.cq_offset + HEAD)
         .unwrap()
         .fetch_add(100_000, Ordering::Release);
-    let mut out = [kvp_cqe::zeroed(); 4];
-    let r = qp.wait(&mut out, T);
+    let mut submitted = 0;
+    let deadline = Instant::now() + T;
+    while submitted < q.cq_entries as usize && Instant::now() < deadline {
+        submitted += qp
+            .submit(&[client::sqe(Opcode::Nop, 10_000 + submitted as u64)])
+            .unwrap();
+    }
+    // Not a completion is read until the daemon has ended the session: reading one would
+    // republish a good head before the daemon looks.
+    let state = seg.atomic_u32(header_offsets::STATE).unwrap();
+    let deadline = Instant::now() + T;
+    while state.load(Ordering::Acquire) != SessionState::Dead.raw() {
+        assert!(
+            Instant::now() < deadline,
+            "the corrupt head was never noticed"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let r = loop {
+        // Completions posted before the daemon looked are read first.
+        let mut out = [kvp_cqe::zeroed(); 64];
+        if let Err(e) = qp.wait(&mut out, T) {
+            break e;
+        }
+    };
     assert!(
-        matches!(r, Err(ShmError::SessionDead { .. })),
+        matches!(r, ShmError::SessionDead { .. }),
         "session ended: {r:?}"
     );
 

@@ -151,7 +151,8 @@ fn done(
     let mut c = completion(user_data, status);
     c.blocks = blocks as u32;
     c.bytes = bytes;
-    c.tier = tier;
+    // enum kvp_tier values are 0..=3; the completion carries them in 16 bits.
+    c.tier = tier as u16;
     c.detail = detail;
     c
 }

@@ -398,6 +398,10 @@ struct Scratch {
 fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
     let back: Arc<dyn IoReturn> = Arc::clone(me) as Arc<dyn IoReturn>;
     let mut slots: Vec<Option<Served>> = (0..MAX_SESSIONS_PER_THREAD).map(|_| None).collect();
+    // Every slot at or past `high` is empty. A pass visits only `slots[..high]`: walking
+    // all of them (about 1.4 KiB apart) costs a pass a few hundred ns of cache misses, which
+    // a submission waits for on average half of before the thread polls its ring.
+    let mut high = 0usize;
     let mut scratch = Scratch {
         cqes: Vec::with_capacity(BATCH),
     };
@@ -415,7 +419,10 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
                 continue;
             };
             match Served::new(a) {
-                Ok(s) => slots[free] = Some(s),
+                Ok(s) => {
+                    slots[free] = Some(s);
+                    high = high.max(free + 1);
+                }
                 Err((a, end)) => {
                     let _ = server::mark_dead(&a.seg, &a.geometry);
                     log_end(shared, a.id, &end);
@@ -433,7 +440,7 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
         }
         let stop = shared.stop.load(Ordering::Relaxed);
         let now = Instant::now();
-        for (i, slot) in slots.iter_mut().enumerate() {
+        for (i, slot) in slots[..high].iter_mut().enumerate() {
             let Some(s) = slot else { continue };
             if s.serving() {
                 worked |= serve(shared, s, i as u32, io, &back, &mut scratch);
@@ -448,16 +455,16 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
                 me.load.fetch_sub(1, Ordering::AcqRel);
             }
         }
+        while high > 0 && slots[high - 1].is_none() {
+            high -= 1;
+        }
         if now >= next_check {
             next_check = now + LIVENESS_PERIOD;
-            for s in slots.iter_mut().flatten() {
+            for s in slots[..high].iter_mut().flatten() {
                 s.check_liveness(stop, now);
             }
         }
-        if shared.pool.closed.load(Ordering::SeqCst)
-            && slots.iter().all(Option::is_none)
-            && me.inbox_rx.is_empty()
-        {
+        if shared.pool.closed.load(Ordering::SeqCst) && high == 0 && me.inbox_rx.is_empty() {
             return;
         }
         if worked {
@@ -468,7 +475,11 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
             std::hint::spin_loop();
             continue;
         }
-        sleep(me, &mut slots, next_check.saturating_duration_since(now));
+        sleep(
+            me,
+            &mut slots[..high],
+            next_check.saturating_duration_since(now),
+        );
         last_work = Instant::now();
     }
 }

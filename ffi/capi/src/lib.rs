@@ -449,8 +449,8 @@ macro_rules! layout_table {
 /// sizeof/offsetof for the structs other languages mirror.
 pub fn abi_layout(name: &str) -> Option<usize> {
     layout_table!(name;
-        kvp_sqe { user_data, opcode, flags, namespace_id, arg_offset, arg_len, count, param0, param1, reserved }
-        kvp_cqe { user_data, status, blocks, bytes, tier, detail }
+        kvp_sqe { user_data, opcode, flags, namespace_id, arg_offset, arg_len, count, param0, param1, reserved, seq }
+        kvp_cqe { user_data, status, blocks, bytes, tier, seq, detail }
         kvp_block_op { hash, parent_hash, engine_block, tier, status, reserved }
         kvp_stats { session_id, ops_completed, ops_failed, blocks_saved, blocks_loaded, bytes_saved, bytes_loaded, sessions_active, tier_capacity_blocks, tier_used_blocks, lookup_hits, lookup_misses, backend, reserved0, reserved }
         kvp_kv_layout { num_layers, kv_planes, page_tokens, kv_heads, head_bytes, dtype_bytes, num_pages, page_stride_bytes, token_stride_bytes, head_stride_bytes, buffer_bytes, plane_offset, plane_region }

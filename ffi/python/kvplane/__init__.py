@@ -30,14 +30,15 @@ class Sqe(ctypes.Structure):
         ("user_data", ctypes.c_uint64), ("opcode", ctypes.c_uint16), ("flags", ctypes.c_uint16),
         ("namespace_id", ctypes.c_uint32), ("arg_offset", ctypes.c_uint64),
         ("arg_len", ctypes.c_uint32), ("count", ctypes.c_uint32), ("param0", ctypes.c_uint64),
-        ("param1", ctypes.c_uint64), ("reserved", ctypes.c_uint64 * 2),
+        ("param1", ctypes.c_uint64), ("reserved", ctypes.c_uint8 * 14), ("seq", ctypes.c_uint16),
     ]
 
 
 class Cqe(ctypes.Structure):
     _fields_ = [
         ("user_data", ctypes.c_uint64), ("status", ctypes.c_int32), ("blocks", ctypes.c_uint32),
-        ("bytes", ctypes.c_uint64), ("tier", ctypes.c_uint32), ("detail", ctypes.c_uint32),
+        ("bytes", ctypes.c_uint64), ("tier", ctypes.c_uint16), ("seq", ctypes.c_uint16),
+        ("detail", ctypes.c_uint32),
     ]
 
 
@@ -188,6 +189,11 @@ def check_abi(lib):
         want = lib.kvp_abi_layout(cname.encode())
         if want != ctypes.sizeof(py):
             raise KvplaneError(f"{cname}: Python mirror is {ctypes.sizeof(py)} bytes, library says {want}")
+        # The header's structs have no implicit padding (every byte is a named field), so
+        # a mirror missing a trailing field that alignment padding would hide shows here.
+        covered = sum(ctypes.sizeof(t) for _, t in py._fields_)
+        if covered != want:
+            raise KvplaneError(f"{cname}: Python mirror's fields cover {covered} of its {want} bytes")
         for field, _ in py._fields_:
             off = lib.kvp_abi_layout(f"{cname}.{field}".encode())
             if off < 0:

@@ -297,7 +297,7 @@ pub fn gpu_engine(
         regions: region_count,
         status: c.status,
         blocks_done: c.blocks,
-        tier: c.tier,
+        tier: u32::from(c.tier),
         op_us: (op_us * 10.0).round() / 10.0,
         mismatched_blocks: mismatched,
     })
