@@ -83,7 +83,9 @@ struct State {
     next_id: u64,
     buffers: HashMap<u64, (Region, usize)>,
     layouts: HashMap<u64, (sys::CUdeviceptr, Arc<PagedLayout>)>,
-    streams: Vec<(Arc<CudaStream>, Scratch)>,
+    /// Indexed by stream id; `None` for a destroyed stream whose id is in `free_streams`.
+    streams: Vec<Option<(Arc<CudaStream>, Scratch)>>,
+    free_streams: Vec<u32>,
     events: HashMap<u64, sys::CUevent>,
 }
 
@@ -213,6 +215,7 @@ impl CudaDevice {
                 buffers: HashMap::new(),
                 layouts: HashMap::new(),
                 streams: Vec::new(),
+                free_streams: Vec::new(),
                 events: HashMap::new(),
             }),
         })
@@ -468,14 +471,15 @@ impl CudaDevice {
         stream: StreamId,
         parts: &[&[u8]],
     ) -> Result<sys::CUdeviceptr, DeviceError> {
-        let (s, scratch) =
-            st.streams
-                .get_mut(stream.0 as usize)
-                .ok_or(DeviceError::UnknownHandle {
-                    op: "launch",
-                    what: "stream",
-                    id: u64::from(stream.0),
-                })?;
+        let (s, scratch) = st
+            .streams
+            .get_mut(stream.0 as usize)
+            .and_then(Option::as_mut)
+            .ok_or(DeviceError::UnknownHandle {
+                op: "launch",
+                what: "stream",
+                id: u64::from(stream.0),
+            })?;
         let total = parts
             .iter()
             .fold(0usize, |at, p| scratch_align(at) + p.len());
@@ -567,6 +571,7 @@ fn insert_event(st: &mut State, ev: sys::CUevent) -> EventId {
 fn stream_of(st: &State, op: &'static str, s: StreamId) -> Result<sys::CUstream, DeviceError> {
     st.streams
         .get(s.0 as usize)
+        .and_then(Option::as_ref)
         .map(|(s, _)| s.cu_stream())
         .ok_or(DeviceError::UnknownHandle {
             op,
@@ -742,16 +747,43 @@ impl Device for CudaDevice {
     fn create_stream(&self) -> Result<StreamId, DeviceError> {
         let mut st = self.lock()?;
         let s = self.ctx.new_stream().map_err(drv("cuStreamCreate"))?;
-        st.streams.push((s, Scratch::default()));
+        if let Some(id) = st.free_streams.pop() {
+            st.streams[id as usize] = Some((s, Scratch::default()));
+            return Ok(StreamId(id));
+        }
+        st.streams.push(Some((s, Scratch::default())));
         Ok(StreamId(st.streams.len() as u32 - 1))
+    }
+
+    fn destroy_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
+        let mut st = self.lock()?;
+        let (s, scratch) = st
+            .streams
+            .get_mut(stream.0 as usize)
+            .and_then(Option::take)
+            .ok_or(DeviceError::UnknownHandle {
+                op: "destroy_stream",
+                what: "stream",
+                id: u64::from(stream.0),
+            })?;
+        st.free_streams.push(stream.0);
+        if scratch.ptr != 0 {
+            // SAFETY: the stream's own scratch, freed in stream order after its last use.
+            unsafe { result::free_async(scratch.ptr, s.cu_stream()) }
+                .map_err(drv("cuMemFreeAsync"))?;
+        }
+        // Dropping the last reference destroys the stream once its work is done.
+        drop(s);
+        Ok(())
     }
 
     fn sync_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
         let st = self.lock()?;
         let s = stream_of(&st, "sync_stream", stream)?;
         // Waiting for the GPU must not hold the device's table lock: every other session's
-        // launch would queue behind this one's copy. Streams are never destroyed while the
-        // device lives, so the handle stays valid (the context stays bound to this thread).
+        // launch would queue behind this one's copy. Only the stream's owner destroys it,
+        // and not while it waits on it, so the handle stays valid (the context stays bound
+        // to this thread).
         drop(st);
         // SAFETY: a live stream of this context.
         unsafe { result::stream::synchronize(s) }.map_err(drv("cuStreamSynchronize"))

@@ -82,6 +82,11 @@ impl StreamId {
     pub fn from_raw_for_tests(id: u32) -> Self {
         StreamId(id)
     }
+    /// The handle's number, for tests that check the stream table stays bounded.
+    #[doc(hidden)]
+    pub fn raw_for_tests(self) -> u32 {
+        self.0
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -214,6 +219,10 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     fn engine_window(&self, parts: &[DeviceBuffer]) -> Result<EngineWindow, DeviceError>;
 
     fn create_stream(&self) -> Result<StreamId, DeviceError>;
+    /// Destroys a stream once its owner is done with it (after waiting for its work); its
+    /// handle may be issued again by a later `create_stream`. Without this, a daemon that
+    /// gives each session a stream would grow its stream table for as long as it runs.
+    fn destroy_stream(&self, stream: StreamId) -> Result<(), DeviceError>;
     /// Blocks until everything queued on `stream` has finished.
     fn sync_stream(&self, stream: StreamId) -> Result<(), DeviceError>;
     /// Records an event at the current end of `stream`.

@@ -91,7 +91,9 @@ struct State {
     next_id: u64,
     buffers: HashMap<u64, Region>,
     layouts: HashMap<u64, Arc<PagedLayout>>,
-    streams: Vec<StreamLock>,
+    /// Indexed by stream id; `None` for a destroyed stream whose id is in `free_streams`.
+    streams: Vec<Option<StreamLock>>,
+    free_streams: Vec<u32>,
     events: HashMap<u64, ()>,
 }
 
@@ -193,7 +195,7 @@ impl State {
     fn stream(&self, op: &'static str, s: StreamId) -> Result<StreamLock, DeviceError> {
         self.streams
             .get(s.0 as usize)
-            .cloned()
+            .and_then(Clone::clone)
             .ok_or_else(|| unknown(op, "stream", u64::from(s.0)))
     }
 
@@ -289,12 +291,26 @@ impl Device for HostDevice {
 
     fn create_stream(&self) -> Result<StreamId, DeviceError> {
         let mut st = self.lock();
+        if let Some(id) = st.free_streams.pop() {
+            st.streams[id as usize] = Some(StreamLock::default());
+            return Ok(StreamId(id));
+        }
         let id = u32::try_from(st.streams.len()).map_err(|_| DeviceError::OutOfMemory {
             op: "create_stream",
             bytes: 0,
         })?;
-        st.streams.push(StreamLock::default());
+        st.streams.push(Some(StreamLock::default()));
         Ok(StreamId(id))
+    }
+
+    fn destroy_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
+        let mut st = self.lock();
+        st.streams
+            .get_mut(stream.0 as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| unknown("destroy_stream", "stream", u64::from(stream.0)))?;
+        st.free_streams.push(stream.0);
+        Ok(())
     }
 
     fn sync_stream(&self, stream: StreamId) -> Result<(), DeviceError> {

@@ -852,3 +852,32 @@ fn concurrent_slot_copies_with_churn_stay_exact() {
         assert!(churn.join().expect("churn") >= 10);
     });
 }
+
+#[test]
+fn destroyed_streams_are_refused_and_their_ids_reused() {
+    let dev = HostDevice::new();
+    let a = dev.create_stream().unwrap();
+    let b = dev.create_stream().unwrap();
+    dev.destroy_stream(a).unwrap();
+    // A destroyed stream is an unknown handle everywhere, not a stream that still works.
+    assert!(matches!(
+        dev.sync_stream(a),
+        Err(DeviceError::UnknownHandle { what: "stream", .. })
+    ));
+    assert!(matches!(
+        dev.destroy_stream(a),
+        Err(DeviceError::UnknownHandle { what: "stream", .. })
+    ));
+    dev.sync_stream(b).unwrap();
+    // Sessions come and go: the table stays at the most ever live at once.
+    for _ in 0..1000 {
+        let s = dev.create_stream().unwrap();
+        assert_eq!(s, a, "the one free id");
+        dev.sync_stream(s).unwrap();
+        dev.destroy_stream(s).unwrap();
+    }
+    let c = dev.create_stream().unwrap();
+    assert_eq!(c, a, "the freed id is issued again");
+    let d = dev.create_stream().unwrap();
+    assert!(d != a && d != b, "a new id once none is free");
+}

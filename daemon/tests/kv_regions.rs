@@ -314,3 +314,44 @@ fn layouts_that_leave_their_regions_are_refused_and_the_old_one_stays() {
     engine.load_and_check(&h, 12);
     drop(daemon);
 }
+
+#[test]
+fn sessions_coming_and_going_do_not_grow_the_devices_stream_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, blocks) = common::start(common::config(dir.path(), EngineKind::Sync), None);
+    let socket = dir.path().join("kvplane.sock");
+    let device = std::sync::Arc::clone(&blocks.stores().device);
+    // The table's size now: a new stream takes the next slot, and is freed again.
+    let first = device.create_stream().unwrap();
+    device.destroy_stream(first).unwrap();
+    const SESSIONS: u32 = 40;
+    for _ in 0..SESSIONS {
+        let mut engine = Engine::per_tensor(&socket);
+        engine.save(&[0xE001]);
+        drop(engine);
+    }
+    // Each session's stream goes when the daemon reclaims it. Without that, the 40
+    // sessions' streams fill 40 slots past `first` and every new stream takes one more;
+    // with it, all come back and a new stream takes a freed one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut held = Vec::new();
+    loop {
+        held.clear();
+        for _ in 0..SESSIONS {
+            held.push(device.create_stream().unwrap());
+        }
+        let highest = held.iter().map(|s| s.raw_for_tests()).max().unwrap();
+        for s in held.drain(..) {
+            device.destroy_stream(s).unwrap();
+        }
+        if highest < first.raw_for_tests() + SESSIONS {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{SESSIONS} new streams reach id {highest} (first {first:?}): ended sessions' streams were not destroyed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(daemon);
+}

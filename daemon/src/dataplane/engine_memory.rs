@@ -97,6 +97,10 @@ impl Drop for DeviceView {
                 tracing::warn!(error = %e, "releasing an engine's KV region");
             }
         }
+        // Every copy on the stream has been waited for (the mover syncs each batch).
+        if let Err(e) = self.device.destroy_stream(self.stream) {
+            tracing::warn!(error = %e, "destroying a session's stream");
+        }
     }
 }
 
