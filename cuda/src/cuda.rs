@@ -471,15 +471,9 @@ impl CudaDevice {
         stream: StreamId,
         parts: &[&[u8]],
     ) -> Result<sys::CUdeviceptr, DeviceError> {
-        let (s, scratch) = st
-            .streams
-            .get_mut(stream.0 as usize)
-            .and_then(Option::as_mut)
-            .ok_or(DeviceError::UnknownHandle {
-                op: "launch",
-                what: "stream",
-                id: u64::from(stream.0),
-            })?;
+        let (s, scratch) = stream_slot(st, "launch", stream)?
+            .as_mut()
+            .ok_or_else(|| unknown_stream("launch", stream))?;
         let total = parts
             .iter()
             .fold(0usize, |at, p| scratch_align(at) + p.len());
@@ -568,16 +562,31 @@ fn insert_event(st: &mut State, ev: sys::CUevent) -> EventId {
     EventId(id)
 }
 
+fn unknown_stream(op: &'static str, s: StreamId) -> DeviceError {
+    DeviceError::UnknownHandle {
+        op,
+        what: "stream",
+        id: u64::from(s.0),
+    }
+}
+
+/// The table slot of stream `s` (`None` inside: destroyed, its id free).
+fn stream_slot<'a>(
+    st: &'a mut State,
+    op: &'static str,
+    s: StreamId,
+) -> Result<&'a mut Option<(Arc<CudaStream>, Scratch)>, DeviceError> {
+    st.streams
+        .get_mut(s.0 as usize)
+        .ok_or_else(|| unknown_stream(op, s))
+}
+
 fn stream_of(st: &State, op: &'static str, s: StreamId) -> Result<sys::CUstream, DeviceError> {
     st.streams
         .get(s.0 as usize)
         .and_then(Option::as_ref)
         .map(|(s, _)| s.cu_stream())
-        .ok_or(DeviceError::UnknownHandle {
-            op,
-            what: "stream",
-            id: u64::from(s.0),
-        })
+        .ok_or_else(|| unknown_stream(op, s))
 }
 
 fn event_of(st: &State, op: &'static str, e: EventId) -> Result<sys::CUevent, DeviceError> {
@@ -757,15 +766,9 @@ impl Device for CudaDevice {
 
     fn destroy_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
         let mut st = self.lock()?;
-        let (s, scratch) = st
-            .streams
-            .get_mut(stream.0 as usize)
-            .and_then(Option::take)
-            .ok_or(DeviceError::UnknownHandle {
-                op: "destroy_stream",
-                what: "stream",
-                id: u64::from(stream.0),
-            })?;
+        let (s, scratch) = stream_slot(&mut st, "destroy_stream", stream)?
+            .take()
+            .ok_or_else(|| unknown_stream("destroy_stream", stream))?;
         st.free_streams.push(stream.0);
         if scratch.ptr != 0 {
             // SAFETY: the stream's own scratch, freed in stream order after its last use.

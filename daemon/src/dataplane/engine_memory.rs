@@ -48,15 +48,6 @@ pub enum RegionError {
     Device(#[source] DeviceError),
 }
 
-/// Why a layout could not be attached to an engine's memory.
-#[derive(Debug, thiserror::Error)]
-pub enum AttachLayoutError {
-    #[error(transparent)]
-    Layout(#[from] LayoutError),
-    #[error("uploading the layout: {0}")]
-    Device(#[from] DeviceError),
-}
-
 /// A GPU UUID as `nvidia-smi -L` prints it.
 fn uuid_text(u: &[u8; 16]) -> String {
     let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
@@ -288,10 +279,13 @@ impl EngineMemory {
         Ok((view, spans, window_bytes))
     }
 
-    /// Resolves the engine's layout against its regions and uploads it (replacing the one
-    /// before). On error the previous layout stays.
-    pub fn attach_layout(&mut self, raw: &kvp_kv_layout) -> Result<(), AttachLayoutError> {
-        let layout = resolve_regions(raw, &self.spans, self.window_bytes)?;
+    /// The engine's layout resolved against its regions: what the kernels take.
+    pub fn resolve_layout(&self, raw: &kvp_kv_layout) -> Result<PagedLayout, LayoutError> {
+        resolve_regions(raw, &self.spans, self.window_bytes)
+    }
+
+    /// Uploads a resolved layout, replacing the one before; on error that one stays.
+    pub fn install_layout(&mut self, layout: PagedLayout) -> Result<(), DeviceError> {
         if let Some(view) = self.view.as_mut() {
             let id = view.device.upload_layout(&layout)?;
             if let Some(old) = view.layout.replace(id) {

@@ -14,6 +14,7 @@ use kvplane_ffi::{
     self as ffi, Opcode, Pod, Status, kvp_block_op, kvp_cqe, kvp_kv_layout, kvp_stats,
 };
 use kvplane_kernels::host::KernelError;
+use kvplane_kernels::layout::LayoutError;
 use kvplane_shm::Segment;
 use kvplane_shm::server::{Request, completion};
 use kvplane_shm::sys::PeerCred;
@@ -25,7 +26,7 @@ pub mod io;
 pub mod mapped;
 pub mod mover;
 pub mod transfer;
-pub use engine_memory::{AttachLayoutError, EngineMemory, RegionError};
+pub use engine_memory::{EngineMemory, RegionError};
 pub use mapped::{MapLimitError, MappedCharge, MappedLedger, NamespaceLimit};
 pub use mover::{EngineTarget, MoveError, MoveScratch, Mover};
 
@@ -296,51 +297,39 @@ impl DataPlane {
             // No KV buffer was registered at attach: nothing to describe.
             return fail(Status::BadArg, 1);
         };
-        // Block size first: checking it needs no device work, and a refused layout must
-        // leave the one attached before in place.
-        let block_bytes = match kvplane_kernels::layout::validate_layout(&{
-            let mut probe = raw;
-            probe.buffer_bytes = u64::MAX; // extents are checked per region below
-            probe.plane_offset = [[0; ffi::MAX_LAYERS]; 2];
-            probe
-        }) {
-            Ok(info) => info.block_bytes,
+        // Resolved and checked before anything is uploaded: a refused layout leaves the
+        // one attached before in place.
+        let layout = match engine.resolve_layout(&raw) {
+            Ok(l) => l,
             Err(e) => {
                 // An engine's integration bug, worth the operator's eye (the completion
-                // carries only BadArg, detail 2).
+                // carries only BadArg and the detail: 3, it does not fit its regions; 2,
+                // its geometry).
                 tracing::warn!(session = session.id, error = %e, "KV layout refused");
-                return fail(Status::BadArg, 2);
+                let detail = match e {
+                    LayoutError::RegionIndex { .. }
+                    | LayoutError::OutOfRegion { .. }
+                    | LayoutError::OutOfBounds { .. }
+                    | LayoutError::PagesExceedBuffer { .. } => 3,
+                    _ => 2,
+                };
+                return fail(Status::BadArg, detail);
             }
         };
         if let Some(blocks) = &self.blocks
-            && block_bytes != blocks.block_bytes() as u64
+            && layout.info().block_bytes != blocks.block_bytes() as u64
         {
             tracing::debug!(
                 session = session.id,
-                layout_block_bytes = block_bytes,
+                layout_block_bytes = layout.info().block_bytes,
                 daemon_block_bytes = blocks.block_bytes(),
                 "layout block size differs from the daemon's"
             );
             return fail(Status::BadArg, 4);
         }
-        match engine.attach_layout(&raw) {
-            Ok(()) => {}
-            Err(AttachLayoutError::Layout(e)) => {
-                tracing::warn!(session = session.id, error = %e, "KV layout refused");
-                // 3: the layout does not fit the registered regions; 2: its geometry.
-                let detail = match e {
-                    kvplane_kernels::layout::LayoutError::RegionIndex { .. }
-                    | kvplane_kernels::layout::LayoutError::OutOfRegion { .. }
-                    | kvplane_kernels::layout::LayoutError::OutOfBounds { .. }
-                    | kvplane_kernels::layout::LayoutError::PagesExceedBuffer { .. } => 3,
-                    _ => 2,
-                };
-                return fail(Status::BadArg, detail);
-            }
-            Err(AttachLayoutError::Device(e)) => {
-                tracing::warn!(session = session.id, error = %e, "uploading the KV layout");
-                return fail(Status::Internal, 0);
-            }
+        if let Err(e) = engine.install_layout(layout) {
+            tracing::warn!(session = session.id, error = %e, "uploading the KV layout");
+            return fail(Status::Internal, 0);
         }
         done(req.user_data, Status::Ok, 0, 0, 0, 0)
     }

@@ -20,6 +20,7 @@ use kvplane_shm::{AttachOptions, Segment, Session, client, sys};
 
 use super::CliResult;
 use crate::bench::served::EngineGeometry;
+use crate::engine_sim::pages::fill_block;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
@@ -119,13 +120,6 @@ impl Pool {
     }
 }
 
-/// The bytes block `hash` is saved with.
-pub fn pattern(hash: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (i % 61)) as u8 ^ (i as u8))
-        .collect()
-}
-
 /// (allocation, offset) of page `page` of (layer, plane): the pool is `g`'s vLLM layout
 /// of `pages` pages, in one allocation or (`per_layer`) one per layer.
 fn at(
@@ -144,6 +138,26 @@ fn at(
     }
 }
 
+/// Calls `f` with each (layer, plane) part of page `page`: its bytes in the packed block
+/// ([layer][plane][page bytes]) and where it lives in the pool.
+fn for_each_part(
+    g: &EngineGeometry,
+    pages: u64,
+    per_layer: bool,
+    page: u64,
+    mut f: impl FnMut(std::ops::Range<usize>, usize, u64) -> CliResult,
+) -> CliResult {
+    let run = g.run_bytes() as usize;
+    for layer in 0..g.layers {
+        for plane in 0..2 {
+            let k = (2 * layer + plane) as usize * run;
+            let (alloc, off) = at(g, pages, per_layer, layer, plane, page);
+            f(k..k + run, alloc, off)?;
+        }
+    }
+    Ok(())
+}
+
 pub fn gpu_engine(
     args: &GpuEngineArgs,
 ) -> Result<GpuEngineReport, Box<dyn std::error::Error + Send + Sync>> {
@@ -155,7 +169,6 @@ pub fn gpu_engine(
     };
     g.validate()?;
     let pages = 2 * u64::from(args.blocks);
-    let page_bytes = g.run_bytes();
     let allocs = if args.per_layer {
         args.layers as usize
     } else {
@@ -227,23 +240,19 @@ pub fn gpu_engine(
     let hashes: Vec<u64> = (0..u64::from(args.blocks))
         .map(|i| args.first_hash.wrapping_add(i))
         .collect();
-    // Each block's bytes, packed [layer][plane][page bytes], to or from its page.
-    let place = |page: u64, bytes: &[u8]| -> CliResult {
-        for layer in 0..args.layers {
-            for plane in 0..2 {
-                let k = (2 * layer + plane) as usize * page_bytes as usize;
-                let (alloc, off) = at(&g, pages, args.per_layer, layer, plane, page);
-                pool.write(alloc, off, &bytes[k..k + page_bytes as usize])?;
-            }
-        }
-        Ok(())
-    };
+    let mut bytes = vec![0u8; block_bytes];
     for (i, &h) in hashes.iter().enumerate() {
-        let bytes = match args.role {
-            Role::Save => pattern(h, block_bytes),
-            Role::Load => vec![0xEE; block_bytes],
-        };
-        place(first_page + i as u64, &bytes)?;
+        match args.role {
+            Role::Save => fill_block(h, &mut bytes),
+            Role::Load => bytes.fill(0xEE),
+        }
+        for_each_part(
+            &g,
+            pages,
+            args.per_layer,
+            first_page + i as u64,
+            |r, alloc, off| pool.write(alloc, off, &bytes[r]),
+        )?;
     }
     let mut arg = Vec::with_capacity(hashes.len() * std::mem::size_of::<kvp_block_op>());
     for (i, &h) in hashes.iter().enumerate() {
@@ -271,15 +280,15 @@ pub fn gpu_engine(
     if args.role == Role::Load && c.status == Status::Ok.raw() {
         let mut got = vec![0u8; block_bytes];
         for (i, &h) in hashes.iter().enumerate() {
-            let page = first_page + i as u64;
-            for layer in 0..args.layers {
-                for plane in 0..2 {
-                    let k = (2 * layer + plane) as usize * page_bytes as usize;
-                    let (alloc, off) = at(&g, pages, args.per_layer, layer, plane, page);
-                    pool.read(alloc, off, &mut got[k..k + page_bytes as usize])?;
-                }
-            }
-            if got != pattern(h, block_bytes) {
+            for_each_part(
+                &g,
+                pages,
+                args.per_layer,
+                first_page + i as u64,
+                |r, alloc, off| pool.read(alloc, off, &mut got[r]),
+            )?;
+            fill_block(h, &mut bytes);
+            if got != bytes {
                 mismatched += 1;
             }
         }
