@@ -792,14 +792,21 @@ impl Device for CudaDevice {
         unsafe { result::stream::synchronize(s) }.map_err(drv("cuStreamSynchronize"))
     }
 
-    fn record_event(&self, stream: StreamId) -> Result<EventId, DeviceError> {
+    fn create_event(&self) -> Result<EventId, DeviceError> {
         let mut st = self.lock()?;
-        let s = stream_of(&st, "record_event", stream)?;
+        // No timing: the data path only asks whether work is done, and timing events
+        // cost the device a timestamp write per record.
         let ev = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
             .map_err(drv("cuEventCreate"))?;
-        // SAFETY: fresh event, live stream.
-        unsafe { result::event::record(ev, s) }.map_err(drv("cuEventRecord"))?;
         Ok(insert_event(&mut st, ev))
+    }
+
+    fn record_event_on(&self, stream: StreamId, event: EventId) -> Result<(), DeviceError> {
+        let st = self.lock()?;
+        let s = stream_of(&st, "record_event", stream)?;
+        let ev = event_of(&st, "record_event", event)?;
+        // SAFETY: live event and stream of this context.
+        unsafe { result::event::record(ev, s) }.map_err(drv("cuEventRecord"))
     }
 
     fn stream_wait_event(&self, stream: StreamId, event: EventId) -> Result<(), DeviceError> {
@@ -811,10 +818,24 @@ impl Device for CudaDevice {
             .map_err(drv("cuStreamWaitEvent"))
     }
 
+    fn query_event(&self, event: EventId) -> Result<bool, DeviceError> {
+        let st = self.lock()?;
+        let ev = event_of(&st, "query_event", event)?;
+        drop(st);
+        // SAFETY: a live event; only its owner destroys it, and not while it queries it.
+        match unsafe { result::event::query(ev) } {
+            Ok(()) => Ok(true),
+            Err(result::DriverError(sys::cudaError_enum::CUDA_ERROR_NOT_READY)) => Ok(false),
+            Err(e) => Err(drv("cuEventQuery")(e)),
+        }
+    }
+
     fn sync_event(&self, event: EventId) -> Result<(), DeviceError> {
         let st = self.lock()?;
         let ev = event_of(&st, "sync_event", event)?;
-        // SAFETY: live event.
+        // As in sync_stream: no table lock while the GPU works.
+        drop(st);
+        // SAFETY: a live event; only its owner destroys it, and not while it waits on it.
         unsafe { result::event::synchronize(ev) }.map_err(drv("cuEventSynchronize"))
     }
 

@@ -225,10 +225,28 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     fn destroy_stream(&self, stream: StreamId) -> Result<(), DeviceError>;
     /// Blocks until everything queued on `stream` has finished.
     fn sync_stream(&self, stream: StreamId) -> Result<(), DeviceError>;
-    /// Records an event at the current end of `stream`.
-    fn record_event(&self, stream: StreamId) -> Result<EventId, DeviceError>;
+    /// An event, not yet recorded (complete until it is). One per queue of work that is
+    /// recorded again and again, so the data path creates none per operation.
+    fn create_event(&self) -> Result<EventId, DeviceError>;
+    /// Records `event` at the current end of `stream`: it completes when everything
+    /// queued there so far has.
+    fn record_event_on(&self, stream: StreamId, event: EventId) -> Result<(), DeviceError>;
+    /// Records a new event at the current end of `stream`.
+    fn record_event(&self, stream: StreamId) -> Result<EventId, DeviceError> {
+        let event = self.create_event()?;
+        if let Err(e) = self.record_event_on(stream, event) {
+            let _ = self.destroy_event(event);
+            return Err(e);
+        }
+        Ok(event)
+    }
     /// Makes later work on `stream` wait for `event` (no CPU round trip).
     fn stream_wait_event(&self, stream: StreamId, event: EventId) -> Result<(), DeviceError>;
+    /// Whether the work `event` was recorded after has finished, without waiting
+    /// (`cuEventQuery`): how a data-plane thread learns of completions while it keeps
+    /// serving other sessions. An error is the work's failure (or a bad handle).
+    fn query_event(&self, event: EventId) -> Result<bool, DeviceError>;
+    /// Blocks until `event` has completed.
     fn sync_event(&self, event: EventId) -> Result<(), DeviceError>;
     fn destroy_event(&self, event: EventId) -> Result<(), DeviceError>;
 

@@ -3,7 +3,11 @@
 //! that returns is complete. As on a GPU, operations on one stream run one at a time in
 //! order, and operations on different streams run concurrently: the device-wide table
 //! lock is held only to look up and check handles, never during a copy, so data-plane
-//! threads with a stream each copy in parallel. Events are complete when recorded.
+//! threads with a stream each copy in parallel. Events are complete when recorded,
+//! unless the device was made with a completion delay
+//! ([`HostDevice::with_completion_delay`]): then each operation reports done (to events,
+//! `query_event`, the syncs) only that long after it was launched, as a GPU's queued
+//! work does, so the data plane's completion state machine runs on machines without one.
 
 use crate::device::{
     BackendKind, Device, DeviceBuffer, DeviceError, DeviceRange, EngineImport, EngineWindow,
@@ -14,6 +18,7 @@ use kvplane_kernels::{EngineKv, HostLaunch, PagedLayout};
 use std::collections::HashMap;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Memory allocated here; u128 elements keep it 16-byte aligned for the vector path.
 /// Shared (`Arc`) between the buffer table and every operation running on it, so a
@@ -84,7 +89,26 @@ impl Region {
 /// A stream: operations on it run one at a time, in the order they take this lock (as
 /// work queued on one GPU stream runs in order). Operations on different streams run
 /// concurrently.
-type StreamLock = Arc<Mutex<()>>;
+type StreamLock = Arc<Mutex<StreamClock>>;
+
+/// When the work queued on a stream reports done (`None`: already).
+#[derive(Debug, Default)]
+struct StreamClock {
+    done_at: Option<Instant>,
+}
+
+impl StreamClock {
+    fn pending(&self) -> Option<Instant> {
+        self.done_at.filter(|t| *t > Instant::now())
+    }
+}
+
+/// Blocks until `at` (a delayed completion), if it is still ahead.
+fn wait_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+    }
+}
 
 #[derive(Default)]
 struct State {
@@ -94,7 +118,8 @@ struct State {
     /// Indexed by stream id; `None` for a destroyed stream whose id is in `free_streams`.
     streams: Vec<Option<StreamLock>>,
     free_streams: Vec<u32>,
-    events: HashMap<u64, ()>,
+    /// When each event reports complete (`None`: it has, or was never recorded).
+    events: HashMap<u64, Option<Instant>>,
 }
 
 /// Called by every copy and kernel after its checks, holding only its stream (test hook).
@@ -105,6 +130,8 @@ pub struct HostDevice {
     state: Mutex<State>,
     launch: HostLaunch,
     hook: Option<LaunchHook>,
+    /// How long after its launch an operation reports done (zero: at once).
+    completion_delay: Duration,
 }
 
 impl std::fmt::Debug for HostDevice {
@@ -142,6 +169,19 @@ impl HostDevice {
             }),
             launch,
             hook: None,
+            completion_delay: Duration::ZERO,
+        }
+    }
+
+    /// A device whose operations report done `delay` after they are launched (the bytes
+    /// still move at launch): events stay incomplete, `query_event` says so, and the syncs
+    /// wait, for that long. It stands in for a GPU's asynchronous completions, so the
+    /// data plane's polling of them is exercised without one (`[device]
+    /// host_completion_delay_us`).
+    pub fn with_completion_delay(launch: HostLaunch, delay: Duration) -> Self {
+        Self {
+            completion_delay: delay,
+            ..Self::with_launch(launch)
         }
     }
 
@@ -155,6 +195,18 @@ impl HostDevice {
         }
     }
 
+    fn event_done_at(
+        &self,
+        op: &'static str,
+        event: EventId,
+    ) -> Result<Option<Instant>, DeviceError> {
+        self.lock()
+            .events
+            .get(&event.0)
+            .copied()
+            .ok_or_else(|| unknown(op, "event", event.0))
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic inside an operation leaves only plain data behind: keep going.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -162,10 +214,13 @@ impl HostDevice {
 
     /// Enters `stream` (waits for the operation running on it, if any), then runs the
     /// test hook. The device-wide state lock is not held.
-    fn enter<'a>(&self, op: &'static str, stream: &'a StreamLock) -> MutexGuard<'a, ()> {
-        let guard = stream.lock().unwrap_or_else(|p| p.into_inner());
+    fn enter<'a>(&self, op: &'static str, stream: &'a StreamLock) -> MutexGuard<'a, StreamClock> {
+        let mut guard = stream.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(hook) = &self.hook {
             hook(op);
+        }
+        if !self.completion_delay.is_zero() {
+            guard.done_at = Some(Instant::now() + self.completion_delay);
         }
         guard
     }
@@ -213,8 +268,16 @@ impl Device for HostDevice {
     }
 
     fn describe(&self) -> String {
+        let delayed = if self.completion_delay.is_zero() {
+            String::new()
+        } else {
+            format!(
+                ", completions reported {} us after launch (testing)",
+                self.completion_delay.as_micros()
+            )
+        };
         format!(
-            "host backend: CPU build of kernels/cuda/*.cu, {} thread(s) per launch (no GPU in use)",
+            "host backend: CPU build of kernels/cuda/*.cu, {} thread(s) per launch{delayed} (no GPU in use)",
             self.launch.threads
         )
     }
@@ -315,43 +378,57 @@ impl Device for HostDevice {
 
     fn sync_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
         let s = self.lock().stream("sync_stream", stream)?;
-        // Waits for an operation another thread is running on it.
-        drop(s.lock().unwrap_or_else(|p| p.into_inner()));
+        // Waits for an operation another thread is running on it, then for its delayed
+        // completion.
+        let done_at = s.lock().unwrap_or_else(|p| p.into_inner()).pending();
+        wait_until(done_at);
         Ok(())
     }
 
-    fn record_event(&self, stream: StreamId) -> Result<EventId, DeviceError> {
-        let s = self.lock().stream("record_event", stream)?;
-        // At the end of the stream: after the operation running on it, if any.
-        drop(s.lock().unwrap_or_else(|p| p.into_inner()));
+    fn create_event(&self) -> Result<EventId, DeviceError> {
         let mut st = self.lock();
         let id = st.next_id;
         st.next_id += 1;
-        st.events.insert(id, ());
+        st.events.insert(id, None);
         Ok(EventId(id))
     }
 
+    fn record_event_on(&self, stream: StreamId, event: EventId) -> Result<(), DeviceError> {
+        let s = self.lock().stream("record_event", stream)?;
+        // At the end of the stream: after the operation running on it, if any.
+        let done_at = s.lock().unwrap_or_else(|p| p.into_inner()).pending();
+        let mut st = self.lock();
+        let slot = st
+            .events
+            .get_mut(&event.0)
+            .ok_or_else(|| unknown("record_event", "event", event.0))?;
+        *slot = done_at;
+        Ok(())
+    }
+
     fn stream_wait_event(&self, stream: StreamId, event: EventId) -> Result<(), DeviceError> {
-        let st = self.lock();
-        st.stream("stream_wait_event", stream)?;
-        st.events
-            .get(&event.0)
-            .map(|_| ())
-            .ok_or_else(|| unknown("stream_wait_event", "event", event.0))
+        self.lock().stream("stream_wait_event", stream)?;
+        // Work here runs on the caller's thread at launch: waiting now is what keeps
+        // the stream's later work after the event.
+        wait_until(self.event_done_at("stream_wait_event", event)?);
+        Ok(())
+    }
+
+    fn query_event(&self, event: EventId) -> Result<bool, DeviceError> {
+        let done_at = self.event_done_at("query_event", event)?;
+        Ok(done_at.is_none_or(|t| t <= Instant::now()))
     }
 
     fn sync_event(&self, event: EventId) -> Result<(), DeviceError> {
-        self.lock()
-            .events
-            .get(&event.0)
-            .map(|_| ())
-            .ok_or_else(|| unknown("sync_event", "event", event.0))
+        wait_until(self.event_done_at("sync_event", event)?);
+        Ok(())
     }
 
     fn destroy_event(&self, event: EventId) -> Result<(), DeviceError> {
         self.lock()
             .events
             .remove(&event.0)
+            .map(|_| ())
             .ok_or_else(|| unknown("destroy_event", "event", event.0))
     }
 

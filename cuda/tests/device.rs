@@ -881,3 +881,70 @@ fn destroyed_streams_are_refused_and_their_ids_reused() {
     let d = dev.create_stream().unwrap();
     assert!(d != a && d != b, "a new id once none is free");
 }
+
+/// The completion state machine the data plane polls: with a completion delay the host
+/// device reports queued work unfinished until the delay has passed, through every path
+/// (query, event sync, stream sync, a stream waiting on an event), and an event that is
+/// recorded again tracks the newest work.
+#[test]
+fn host_completion_delay_drives_event_queries() {
+    use std::time::{Duration, Instant};
+    let delay = Duration::from_millis(150);
+    let dev = HostDevice::with_completion_delay(kvplane_kernels::HostLaunch::default(), delay);
+    let stream = dev.create_stream().expect("stream");
+    let other = dev.create_stream().expect("stream");
+    let src = dev.alloc(4096).expect("alloc");
+    let dst = dev.alloc(4096).expect("alloc");
+    let ev = dev.create_event().expect("event");
+    assert!(
+        dev.query_event(ev).expect("query"),
+        "an event never recorded is complete"
+    );
+    dev.record_event_on(stream, ev)
+        .expect("record on an idle stream");
+    assert!(
+        dev.query_event(ev).expect("query"),
+        "an idle stream's event is complete at once"
+    );
+
+    let t0 = Instant::now();
+    dev.copy_device(stream, src.whole(), dst.whole())
+        .expect("copy");
+    dev.record_event_on(stream, ev)
+        .expect("record after the copy");
+    assert!(
+        !dev.query_event(ev).expect("query"),
+        "the copy's completion is still ahead"
+    );
+    // Another stream waiting on the event waits for the copy's completion.
+    dev.stream_wait_event(other, ev).expect("wait");
+    assert!(t0.elapsed() >= delay, "stream_wait_event returned early");
+    assert!(
+        dev.query_event(ev).expect("query"),
+        "complete after the delay"
+    );
+
+    // Recorded again after new work: incomplete again; the syncs wait it out.
+    let t1 = Instant::now();
+    dev.copy_device(stream, dst.whole(), src.whole())
+        .expect("copy");
+    dev.record_event_on(stream, ev).expect("record again");
+    assert!(!dev.query_event(ev).expect("query"));
+    dev.sync_event(ev).expect("sync");
+    assert!(t1.elapsed() >= delay, "sync_event returned early");
+    let t2 = Instant::now();
+    dev.copy_device(stream, src.whole(), dst.whole())
+        .expect("copy");
+    dev.sync_stream(stream).expect("sync");
+    assert!(t2.elapsed() >= delay, "sync_stream returned early");
+
+    dev.destroy_event(ev).expect("destroy");
+    assert!(matches!(
+        dev.query_event(ev),
+        Err(DeviceError::UnknownHandle { .. })
+    ));
+    assert!(matches!(
+        dev.record_event_on(stream, ev),
+        Err(DeviceError::UnknownHandle { .. })
+    ));
+}

@@ -618,6 +618,10 @@ queue_events = {queue_events}
 backend = "{device_backend}"
 # The CUDA device (driver ordinal) the daemon uses.
 ordinal = {device_ordinal}
+# Testing: the host backend reports each copy done only this many microseconds after
+# launching it (as a GPU completes asynchronously), to exercise the data plane's
+# completion polling without one. 0: at once. Ignored by the cuda backend.
+host_completion_delay_us = {device_host_delay_us}
 
 # Namespaces (tenant + model + LoRA) and the uids that may use each. With none listed,
 # any namespace may be used, but only by the daemon's own uid.
@@ -669,6 +673,7 @@ ordinal = {device_ordinal}
             queue_events = d.events.queue_events,
             device_backend = d.device.backend.as_str(),
             device_ordinal = d.device.ordinal,
+            device_host_delay_us = d.device.host_completion_delay_us,
         )
     }
 }
@@ -772,6 +777,7 @@ mod tests {
         full.device = DeviceConfig {
             backend: BackendSetting::Cuda,
             ordinal: 3,
+            host_completion_delay_us: 250,
         };
         full.validate().unwrap();
         let text = full.to_toml().unwrap();
@@ -837,6 +843,10 @@ mod tests {
             ("[device]\nbackend = \"CUDA\"", "device.backend"),
             ("[device]\nbackend = 1", "backend"),
             ("[device]\nordinal = 256", "device.ordinal"),
+            (
+                "[device]\nhost_completion_delay_us = 10000001",
+                "device.host_completion_delay_us",
+            ),
             ("[device]\nordinal = -1", "ordinal"),
             ("[device]\ngpu = 0", "gpu"),
         ];

@@ -41,10 +41,17 @@ impl DaemonDevice {
             BackendSetting::Cuda => BackendChoice::Cuda { ordinal },
             BackendSetting::Host => BackendChoice::Host,
         };
-        let opened = kvplane_cuda::open(choice).map_err(|source| DeviceOpenError {
+        let mut opened = kvplane_cuda::open(choice).map_err(|source| DeviceOpenError {
             ordinal: config.ordinal,
             source,
         })?;
+        if opened.device.backend() == BackendKind::Host && config.host_completion_delay_us > 0 {
+            let delay = std::time::Duration::from_micros(config.host_completion_delay_us);
+            opened.device = Arc::new(kvplane_cuda::host::HostDevice::with_completion_delay(
+                kvplane_kernels::HostLaunch::default(),
+                delay,
+            ));
+        }
         Ok(DaemonDevice {
             device: opened.device,
             choice: config.backend,
@@ -104,6 +111,7 @@ mod tests {
         let d = DaemonDevice::open(&DeviceConfig {
             backend: BackendSetting::Host,
             ordinal: 7,
+            host_completion_delay_us: 0,
         })
         .unwrap();
         assert_eq!(d.backend(), BackendKind::Host);
@@ -120,6 +128,7 @@ mod tests {
         let cuda = DaemonDevice::open(&DeviceConfig {
             backend: BackendSetting::Cuda,
             ordinal: 0,
+            host_completion_delay_us: 0,
         });
         if kvplane_cuda::cuda::driver_present() {
             assert_eq!(auto.backend(), BackendKind::Cuda, "{auto:?}");
@@ -147,6 +156,7 @@ mod tests {
         let missing = DeviceConfig {
             backend: BackendSetting::Cuda,
             ordinal: crate::config::MAX_DEVICE_ORDINAL,
+            host_completion_delay_us: 0,
         };
         assert!(DaemonDevice::open(&missing).is_err());
         let auto_missing = DaemonDevice::open(&DeviceConfig {

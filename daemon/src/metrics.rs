@@ -158,6 +158,16 @@ impl DataPlaneMetrics {
         InFlight(self)
     }
 
+    /// Keeps an operation counted in flight past its `begin` guard: its copy is on the
+    /// device. Paired with [`Self::release_in_flight`] when it completes.
+    pub fn hold_in_flight(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn release_in_flight(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
     pub fn record_op(&self, op: Opcode, elapsed: Duration) {
         self.op_latency[opcode_index(op)].record(elapsed);
     }

@@ -330,28 +330,31 @@ fn sessions_coming_and_going_do_not_grow_the_devices_stream_table() {
         engine.save(&[0xE001]);
         drop(engine);
     }
-    // Each session's stream goes when the daemon reclaims it. Without that, the 40
-    // sessions' streams fill 40 slots past `first` and every new stream takes one more;
-    // with it, all come back and a new stream takes a freed one.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut held = Vec::new();
-    loop {
-        held.clear();
-        for _ in 0..SESSIONS {
-            held.push(device.create_stream().unwrap());
-        }
-        let highest = held.iter().map(|s| s.raw_for_tests()).max().unwrap();
-        for s in held.drain(..) {
-            device.destroy_stream(s).unwrap();
-        }
-        if highest < first.raw_for_tests() + SESSIONS {
-            break;
-        }
+    // Each session's stream goes when the daemon reclaims it. Wait for that first: a probe
+    // while sessions still hold streams would push the table up itself (and freed ids are
+    // reused last-in first-out, so the probe would keep getting its own high ones back).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !daemon.sessions().is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
-            "{SESSIONS} new streams reach id {highest} (first {first:?}): ended sessions' streams were not destroyed"
+            "{} sessions never ended",
+            daemon.sessions().len()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Without the streams destroyed, the 40 sessions' streams fill 40 slots past `first`
+    // and every new stream takes one more; with it, all came back and new streams take
+    // the freed ones.
+    let held: Vec<_> = (0..SESSIONS)
+        .map(|_| device.create_stream().unwrap())
+        .collect();
+    let highest = held.iter().map(|s| s.raw_for_tests()).max().unwrap();
+    for s in held {
+        device.destroy_stream(s).unwrap();
+    }
+    assert!(
+        highest < first.raw_for_tests() + SESSIONS,
+        "{SESSIONS} new streams reach id {highest} (first {first:?}): ended sessions' streams were not destroyed"
+    );
     drop(daemon);
 }

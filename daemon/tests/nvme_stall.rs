@@ -119,26 +119,11 @@ fn a_stalled_nvme_write_does_not_delay_another_sessions_nops_on_the_same_thread(
         save_took >= Duration::from_millis(u64::from(STALL_MS)),
         "the write-through SAVE took {save_took:?}: the stall did not hold it"
     );
-    rtts.sort_unstable();
-    let p99 = rtts[(rtts.len() * 99 / 100).min(rtts.len() - 1)];
-    let max = *rtts.last().unwrap();
-    eprintln!(
-        "stalled NVMe: SAVE took {save_took:?}; meanwhile {} NOPs of another session on the same data-plane thread: p50 {:?}, p99 {p99:?}, max {max:?}",
-        rtts.len(),
-        rtts[rtts.len() / 2]
-    );
-    assert!(
-        rtts.len() >= 100,
-        "only {} NOPs completed during a {save_took:?} stall",
-        rtts.len()
-    );
-    assert!(
-        p99 < NOP_P99_BOUND,
-        "NOP p99 {p99:?} over {NOP_P99_BOUND:?} while another session's write stalled"
-    );
-    assert!(
-        max < NOP_MAX_BOUND,
-        "slowest NOP {max:?} over {NOP_MAX_BOUND:?} while another session's write stalled"
+    common::assert_nops_kept_flowing(
+        &mut rtts,
+        &format!("a write-through SAVE stalled on NVMe for {save_took:?}"),
+        NOP_P99_BOUND,
+        Some(NOP_MAX_BOUND),
     );
     drop((qa, qb, b));
     daemon.shutdown();

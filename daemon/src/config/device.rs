@@ -55,6 +55,10 @@ impl<'de> Deserialize<'de> for BackendSetting {
 /// that a typo (a byte count, a PCI id) is an error here, not a confusing "no device".
 pub const MAX_DEVICE_ORDINAL: u32 = 255;
 
+/// The longest `host_completion_delay_us` accepted (10 s): longer would stall sessions
+/// past their engines' timeouts.
+pub const MAX_HOST_COMPLETION_DELAY_US: u64 = 10_000_000;
+
 /// `[device]`: the device the data plane runs on.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -63,6 +67,11 @@ pub struct DeviceConfig {
     pub backend: BackendSetting,
     /// The CUDA device (driver ordinal) the daemon uses; ignored by the host backend.
     pub ordinal: u32,
+    /// Testing: the host backend reports each copy done only this long after launching
+    /// it, as a GPU's asynchronous copies complete later, so the data plane's polling of
+    /// device completions runs on machines without one. 0 (the default): at once.
+    /// Ignored by the cuda backend.
+    pub host_completion_delay_us: u64,
 }
 
 impl DeviceConfig {
@@ -71,6 +80,15 @@ impl DeviceConfig {
             return Err(ConfigError::Invalid {
                 key: "device.ordinal".into(),
                 reason: format!("must be in 0..={MAX_DEVICE_ORDINAL}, got {}", self.ordinal),
+            });
+        }
+        if self.host_completion_delay_us > MAX_HOST_COMPLETION_DELAY_US {
+            return Err(ConfigError::Invalid {
+                key: "device.host_completion_delay_us".into(),
+                reason: format!(
+                    "must be at most {MAX_HOST_COMPLETION_DELAY_US} (10 s), got {}",
+                    self.host_completion_delay_us
+                ),
             });
         }
         Ok(())

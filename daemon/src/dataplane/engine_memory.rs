@@ -15,7 +15,7 @@
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use kvplane_cuda::{Device, DeviceBuffer, DeviceError, EngineImport, LayoutId, StreamId};
+use kvplane_cuda::{Device, DeviceBuffer, DeviceError, EngineImport, EventId, LayoutId, StreamId};
 use kvplane_ffi::{RegionKind, kvp_kv_layout};
 use kvplane_kernels::layout::{LayoutError, PagedLayout, RegionSpan, resolve_regions};
 use kvplane_shm::handshake::KvRegion;
@@ -71,10 +71,17 @@ struct DeviceView {
     owns_window: bool,
     layout: Option<LayoutId>,
     stream: StreamId,
+    /// Recorded after each batch on `stream`; the data-plane thread polls it.
+    event: EventId,
 }
 
 impl Drop for DeviceView {
     fn drop(&mut self) {
+        // A session ends only once its batch in flight has completed; waiting here anyway
+        // keeps the memory below alive for any copy still queued (a no-op when idle).
+        if let Err(e) = self.device.sync_stream(self.stream) {
+            tracing::warn!(error = %e, "waiting for a session's stream before releasing its memory");
+        }
         if let Some(layout) = self.layout.take() {
             let _ = self.device.free_layout(layout);
         }
@@ -88,7 +95,9 @@ impl Drop for DeviceView {
                 tracing::warn!(error = %e, "releasing an engine's KV region");
             }
         }
-        // Every copy on the stream has been waited for (the mover syncs each batch).
+        if let Err(e) = self.device.destroy_event(self.event) {
+            tracing::warn!(error = %e, "destroying a session's event");
+        }
         if let Err(e) = self.device.destroy_stream(self.stream) {
             tracing::warn!(error = %e, "destroying a session's stream");
         }
@@ -213,6 +222,13 @@ impl EngineMemory {
             }
         }
         let stream = device.create_stream().map_err(RegionError::Device)?;
+        let event = match device.create_event() {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = device.destroy_stream(stream);
+                return Err(RegionError::Device(e));
+            }
+        };
         // The view owns every part from the moment it exists, so an error below releases
         // what was imported so far (its drop).
         let mut view = DeviceView {
@@ -222,6 +238,7 @@ impl EngineMemory {
             owns_window: false,
             layout: None,
             stream,
+            event,
         };
         // Which part each region lives in.
         let mut part_of = vec![0usize; regions.len()];
@@ -303,6 +320,7 @@ impl EngineMemory {
             buffer: v.window?,
             layout: v.layout?,
             stream: v.stream,
+            event: v.event,
         })
     }
 

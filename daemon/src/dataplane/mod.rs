@@ -1,8 +1,15 @@
 //! The data plane: what each validated request does. Runs on the session threads, never
 //! on tokio. Requests arrive already validated against the segment geometry
 //! (`kvplane_shm::server::validate_sqe`); what is checked here is their meaning: the KV
-//! layout, page ids, namespaces. Block bytes move between the engine's KV buffer and the
-//! block manager's slots through the host builds of the CUDA kernels.
+//! layout, page ids, namespaces. Block bytes move between the engine's KV memory and the
+//! block manager's slots through the mover, on the daemon's device.
+//!
+//! A SAVE or LOAD runs in two halves. [`DataPlane::submit`] plans it, launches its copy
+//! on the session's stream and records the session's event: the operation is then in
+//! flight ([`Submitted::InFlight`]) and the data-plane thread goes on serving other
+//! sessions. [`DataPlane::poll`] asks the device whether the event has completed (never
+//! waiting) and, once it has, commits the plan and returns the completion. Nothing is
+//! published, and no completion is posted, before the copy has landed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,6 +87,8 @@ pub struct SessionData {
     /// Set when a copy faulted in the engine's KV buffer: the session is ended after the
     /// batch, and no further copy touches the buffer.
     engine_fault: Option<KernelError>,
+    /// The operation whose copy is on the device (at most one per session).
+    in_flight: Option<InFlight>,
 }
 
 impl SessionData {
@@ -101,7 +110,14 @@ impl SessionData {
             pages: Vec::new(),
             scratch: MoveScratch::default(),
             engine_fault: None,
+            in_flight: None,
         }
+    }
+
+    /// Whether an operation's copy is still on the device: the session takes no other
+    /// submission, and does not end, until [`DataPlane::poll`] has completed it.
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.is_some()
     }
 
     /// The fault that made the engine's KV buffer unusable, if one did: the session must
@@ -109,6 +125,32 @@ impl SessionData {
     pub fn engine_fault(&self) -> Option<&KernelError> {
         self.engine_fault.as_ref()
     }
+}
+
+/// What [`DataPlane::submit`] did with a request.
+#[derive(Debug, Clone, Copy)]
+pub enum Submitted {
+    /// Served: post this completion.
+    Done(kvp_cqe),
+    /// Its copy is on the device; [`DataPlane::poll`] returns the completion.
+    InFlight,
+}
+
+/// A SAVE or LOAD between launch and completion: the plan it commits, the engine whose
+/// event says when, and what its completion needs.
+#[derive(Debug)]
+struct InFlight {
+    req: Request,
+    target: EngineTarget,
+    half: Half,
+    /// When the request was submitted (op latency, the completion's `detail` in us).
+    t0: Instant,
+}
+
+#[derive(Debug)]
+enum Half {
+    Save(transfer::SaveStarted),
+    Load(transfer::LoadStarted),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +212,21 @@ fn engine_fault(e: &BlockError) -> Option<(usize, &KernelError)> {
         .downcast_ref::<MoveError>()
         .and_then(MoveError::engine_fault)
         .map(|k| (index, k))
+}
+
+/// Runs `launch` (queueing a batch's copies on the engine's stream) and records the
+/// engine's event after them. A failure after part of the batch was queued waits for that
+/// part first: its slots are about to be given back and must not be written afterwards.
+fn launch_and_record(
+    mover: &Mover,
+    target: EngineTarget,
+    launch: impl FnOnce(&Mover) -> Result<(), MoveError>,
+) -> Result<(), MoveError> {
+    let r = launch(mover).and_then(|()| mover.record(target));
+    if r.is_err() {
+        let _ = mover.wait(target);
+    }
+    r
 }
 
 fn micros_since(t0: Instant) -> u32 {
@@ -247,29 +304,104 @@ impl DataPlane {
         Ok(ids)
     }
 
-    /// Serve one validated request; the returned completion carries its user_data. The
-    /// caller accounts the completion with `count` (once per batch, not per op).
+    /// Serves one validated request to the end, waiting for its copy if it launched one
+    /// (the I/O executors, which may wait; data-plane threads use `submit` and `poll`).
+    /// The completion carries its user_data; the caller accounts it with `count` (once
+    /// per batch, not per op).
     pub fn handle(&self, session: &mut SessionData, seg: &Segment, req: &Request) -> kvp_cqe {
+        match self.submit(session, seg, req) {
+            Submitted::Done(cqe) => cqe,
+            Submitted::InFlight => self.wait(session, seg),
+        }
+    }
+
+    /// Serves a validated request as far as it goes without waiting: done, or its copy
+    /// launched and in flight (then `poll` until it returns the completion; the session
+    /// must submit nothing else meanwhile).
+    pub fn submit(&self, session: &mut SessionData, seg: &Segment, req: &Request) -> Submitted {
         // NOPs (liveness pings, ring benchmarks) skip the latency histogram: two clock
         // reads and three atomics would double what a NOP costs the daemon.
         if req.opcode == Opcode::Nop {
-            return completion(req.user_data, Status::Ok);
+            return Submitted::Done(completion(req.user_data, Status::Ok));
         }
+        assert!(
+            session.in_flight.is_none(),
+            "a session submits nothing while an operation is in flight"
+        );
         let _in_flight = self.counters.metrics.begin();
         let t0 = Instant::now();
-        let cqe = self.dispatch(session, seg, req);
-        self.counters.metrics.record_op(req.opcode, t0.elapsed());
-        cqe
+        let submitted = self.dispatch(session, seg, req, t0);
+        match submitted {
+            Submitted::Done(_) => self.counters.metrics.record_op(req.opcode, t0.elapsed()),
+            // Counted in flight until `poll` completes it.
+            Submitted::InFlight => self.counters.metrics.hold_in_flight(),
+        }
+        submitted
     }
 
-    fn dispatch(&self, session: &mut SessionData, seg: &Segment, req: &Request) -> kvp_cqe {
+    /// The completion of the session's operation in flight once its copy has landed
+    /// (the plan committed), `None` while it is still on the device. Never waits.
+    pub fn poll(&self, session: &mut SessionData, seg: &Segment) -> Option<kvp_cqe> {
+        let op = session.in_flight.as_ref()?;
+        let mover = self.mover.as_ref().expect("in flight implies a mover");
+        let launched = match &op.half {
+            Half::Save(h) => h.launched(),
+            Half::Load(h) => h.launched(),
+        };
+        let landed = match launched.then(|| mover.landed(op.target)) {
+            Some(Ok(false)) => return None,
+            None | Some(Ok(true)) => Ok(()),
+            Some(Err(e)) => Err(e),
+        };
+        let op = session.in_flight.take().expect("checked above");
+        let blocks = self.blocks.as_ref().expect("in flight implies blocks");
+        let cqe = match op.half {
+            Half::Save(started) => {
+                let r = transfer::finish_save(blocks, mover, started, landed);
+                self.save_done(blocks, session, &op.req, r, op.t0)
+            }
+            Half::Load(started) => {
+                let r = transfer::finish_load(blocks, started, landed);
+                self.load_done(blocks, session, seg, &op.req, r, op.t0)
+            }
+        };
+        self.counters.metrics.release_in_flight();
+        self.counters
+            .metrics
+            .record_op(op.req.opcode, op.t0.elapsed());
+        Some(cqe)
+    }
+
+    /// Waits for the session's operation in flight and returns its completion.
+    fn wait(&self, session: &mut SessionData, seg: &Segment) -> kvp_cqe {
+        loop {
+            if let Some(cqe) = self.poll(session, seg) {
+                return cqe;
+            }
+            let (mover, op) = (
+                self.mover.as_ref().expect("in flight implies a mover"),
+                session.in_flight.as_ref().expect("not yet completed"),
+            );
+            // An error here shows again in the next poll, which completes the op with it.
+            let _ = mover.device().sync_event(op.target.event);
+        }
+    }
+
+    fn dispatch(
+        &self,
+        session: &mut SessionData,
+        seg: &Segment,
+        req: &Request,
+        t0: Instant,
+    ) -> Submitted {
+        let done = Submitted::Done;
         match req.opcode {
-            Opcode::Nop => completion(req.user_data, Status::Ok),
-            Opcode::Stats => self.stats(session, seg, req),
-            Opcode::AttachLayout => self.attach_layout(session, seg, req),
+            Opcode::Nop => done(completion(req.user_data, Status::Ok)),
+            Opcode::Stats => done(self.stats(session, seg, req)),
+            Opcode::AttachLayout => done(self.attach_layout(session, seg, req)),
             _ => match &self.blocks {
-                None => completion(req.user_data, Status::Unsupported),
-                Some(blocks) => self.block_op(blocks, session, seg, req),
+                None => done(completion(req.user_data, Status::Unsupported)),
+                Some(blocks) => self.block_op(blocks, session, seg, req, t0),
             },
         }
     }
@@ -358,6 +490,23 @@ impl DataPlane {
         session: &mut SessionData,
         seg: &Segment,
         req: &Request,
+        t0: Instant,
+    ) -> Submitted {
+        match req.opcode {
+            Opcode::Save => return self.save(blocks, session, seg, req, t0),
+            Opcode::Load => return self.load(blocks, session, seg, req, t0),
+            _ => {}
+        }
+        Submitted::Done(self.registry_op(blocks, session, seg, req))
+    }
+
+    /// The block operations that move no bytes through the device.
+    fn registry_op(
+        &self,
+        blocks: &BlockManager,
+        session: &mut SessionData,
+        seg: &Segment,
+        req: &Request,
     ) -> kvp_cqe {
         let ud = req.user_data;
         let mover = self
@@ -390,8 +539,6 @@ impl DataPlane {
                 let slowest = session.tiers[..hits].iter().copied().max().flatten();
                 done(ud, Status::Ok, hits, 0, Tier::raw_or_none(slowest), 0)
             }
-            Opcode::Save => self.save(blocks, mover, session, req, ns),
-            Opcode::Load => self.load(blocks, mover, session, seg, req, ns),
             Opcode::Pin => {
                 let n = blocks.pin(session.id, ns, &session.hashes);
                 self.counters
@@ -412,6 +559,20 @@ impl DataPlane {
             }
             _ => done(ud, Status::Internal, 0, 0, 0, 0),
         }
+    }
+
+    /// A SAVE's or LOAD's namespace and engine target, its ops read; otherwise the
+    /// completion to return.
+    fn batch(
+        session: &mut SessionData,
+        seg: &Segment,
+        req: &Request,
+    ) -> Result<(u32, EngineTarget), kvp_cqe> {
+        let ud = req.user_data;
+        let ns = Self::read_ops(session, seg, req)
+            .ok_or_else(|| done(ud, Status::Namespace, 0, 0, 0, 0))?;
+        let target = Self::engine_pages(&session.engine, &session.engine_fault, &session.ops, ud)?;
+        Ok((ns, target))
     }
 
     /// The engine buffer and its layout, with every page id of the batch checked to
@@ -442,20 +603,24 @@ impl DataPlane {
         }
     }
 
+    /// Launches a SAVE: host slots reserved, one gather from the engine's pages into them
+    /// queued on the session's stream, its event recorded. In flight from there.
     fn save(
         &self,
         blocks: &BlockManager,
-        mover: &Mover,
         session: &mut SessionData,
+        seg: &Segment,
         req: &Request,
-        ns: u32,
-    ) -> kvp_cqe {
-        let ud = req.user_data;
-        let target =
-            match Self::engine_pages(&session.engine, &session.engine_fault, &session.ops, ud) {
-                Ok(x) => x,
-                Err(cqe) => return cqe,
-            };
+        t0: Instant,
+    ) -> Submitted {
+        let mover = self
+            .mover
+            .as_ref()
+            .expect("a data plane with blocks has a mover");
+        let (ns, target) = match Self::batch(session, seg, req) {
+            Ok(x) => x,
+            Err(cqe) => return Submitted::Done(cqe),
+        };
         session.chain.clear();
         session.chain.extend(
             session
@@ -468,8 +633,7 @@ impl DataPlane {
         let ops = &session.ops;
         let pages = &mut session.pages;
         let scratch = &mut session.scratch;
-        let t0 = Instant::now();
-        let result = transfer::save(
+        let started = transfer::begin_save(
             blocks,
             mover,
             ns,
@@ -479,9 +643,28 @@ impl DataPlane {
             |m, stores| {
                 pages.clear();
                 pages.extend(stores.iter().map(|s| ops[s.index].engine_block));
-                m.gather(target, pages, stores, scratch)
+                launch_and_record(m, target, |m| {
+                    m.launch_gather(target, pages, stores, scratch)
+                })
             },
         );
+        match started {
+            Ok(started) => self.in_flight(session, req, target, Half::Save(started), t0),
+            Err(e) => Submitted::Done(self.save_done(blocks, session, req, Err(e), t0)),
+        }
+    }
+
+    /// A SAVE's completion, once its copy has landed (or failed).
+    fn save_done(
+        &self,
+        blocks: &BlockManager,
+        session: &mut SessionData,
+        req: &Request,
+        result: Result<crate::block::SaveReport, BlockError>,
+        t0: Instant,
+    ) -> kvp_cqe {
+        let ud = req.user_data;
+        let write_through = req.flags & ffi::SQE_F_WRITE_THROUGH != 0;
         let us = micros_since(t0);
         match result {
             Ok(r) => {
@@ -517,21 +700,26 @@ impl DataPlane {
         }
     }
 
+    /// Launches a LOAD: blocks held (staged from NVMe first where needed), one scatter
+    /// per tier buffer into the engine's pages queued on the session's stream, its event
+    /// recorded. In flight from there.
     fn load(
         &self,
         blocks: &BlockManager,
-        mover: &Mover,
         session: &mut SessionData,
         seg: &Segment,
         req: &Request,
-        ns: u32,
-    ) -> kvp_cqe {
+        t0: Instant,
+    ) -> Submitted {
         let ud = req.user_data;
-        let target =
-            match Self::engine_pages(&session.engine, &session.engine_fault, &session.ops, ud) {
-                Ok(x) => x,
-                Err(cqe) => return cqe,
-            };
+        let mover = self
+            .mover
+            .as_ref()
+            .expect("a data plane with blocks has a mover");
+        let (ns, target) = match Self::batch(session, seg, req) {
+            Ok(x) => x,
+            Err(cqe) => return Submitted::Done(cqe),
+        };
         // Two blocks into one page in one batch is a bug in the engine (and a race on a GPU).
         session.pages.clear();
         session
@@ -539,17 +727,36 @@ impl DataPlane {
             .extend(session.ops.iter().map(|o| o.engine_block));
         session.pages.sort_unstable();
         if session.pages.windows(2).any(|w| w[0] == w[1]) {
-            return done(ud, Status::BadArg, 0, 0, 0, 0);
+            return Submitted::Done(done(ud, Status::BadArg, 0, 0, 0, 0));
         }
         let ops = &session.ops;
         let pages = &mut session.pages;
         let scratch = &mut session.scratch;
-        let t0 = Instant::now();
-        let result = transfer::load(blocks, mover, ns, &session.hashes, |m, items| {
+        let started = transfer::begin_load(blocks, mover, ns, &session.hashes, |m, items| {
             pages.clear();
             pages.extend(items.iter().map(|i| ops[i.index].engine_block));
-            m.scatter(target, pages, items, scratch)
+            launch_and_record(m, target, |m| {
+                m.launch_scatter(target, pages, items, scratch)
+            })
         });
+        match started {
+            Ok(started) => self.in_flight(session, req, target, Half::Load(started), t0),
+            Err(e) => Submitted::Done(self.load_done(blocks, session, seg, req, Err(e), t0)),
+        }
+    }
+
+    /// A LOAD's completion, once its copies have landed (or failed): each op's tier and
+    /// status written back to the engine's array.
+    fn load_done(
+        &self,
+        blocks: &BlockManager,
+        session: &mut SessionData,
+        seg: &Segment,
+        req: &Request,
+        result: Result<crate::block::LoadReport, BlockError>,
+        t0: Instant,
+    ) -> kvp_cqe {
+        let ud = req.user_data;
         let us = micros_since(t0);
         let r = match result {
             Ok(r) => r,
@@ -602,6 +809,24 @@ impl DataPlane {
             Tier::raw_or_none(r.slowest),
             detail,
         )
+    }
+
+    /// Parks a launched operation on the session until `poll` sees its event complete.
+    fn in_flight(
+        &self,
+        session: &mut SessionData,
+        req: &Request,
+        target: EngineTarget,
+        half: Half,
+        t0: Instant,
+    ) -> Submitted {
+        session.in_flight = Some(InFlight {
+            req: *req,
+            target,
+            half,
+            t0,
+        });
+        Submitted::InFlight
     }
 
     /// A copy faulted in the engine's KV buffer: its memory is gone (or was never there).

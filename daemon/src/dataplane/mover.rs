@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use kvplane_cuda::{Device, DeviceBuffer, DeviceError, LayoutId, StreamId};
+use kvplane_cuda::{Device, DeviceBuffer, DeviceError, EventId, LayoutId, StreamId};
 use kvplane_ffi::kvp_copy_desc;
 use kvplane_kernels::KernelError;
 
@@ -59,12 +59,14 @@ impl MoveError {
 }
 
 /// An engine's KV memory as the device sees it: the registered buffer, the uploaded
-/// layout, and the stream its copies run on.
+/// layout, the stream its copies run on, and the event recorded after each batch (its
+/// completion is what the data-plane thread polls).
 #[derive(Debug, Clone, Copy)]
 pub struct EngineTarget {
     pub buffer: DeviceBuffer,
     pub layout: LayoutId,
     pub stream: StreamId,
+    pub event: EventId,
 }
 
 /// Reusable vectors of one caller (a session), so steady-state batches do not allocate.
@@ -113,9 +115,10 @@ impl Mover {
         &self.stores
     }
 
-    /// Gathers engine pages `pages[k]` into the reserved host slots of `stores[k]` (one
-    /// launch) and waits for it.
-    pub fn gather(
+    /// Queues the gather of engine pages `pages[k]` into the reserved host slots of
+    /// `stores[k]` (one launch) on the engine's stream; it is done once [`Mover::landed`]
+    /// says so after a [`Mover::record`], or after [`Mover::wait`].
+    pub fn launch_gather(
         &self,
         engine: EngineTarget,
         pages: &[u32],
@@ -127,9 +130,10 @@ impl Mover {
         self.paged(engine, pages, slots, scratch, true)
     }
 
-    /// Scatters each item's block into engine page `pages[k]` (one launch per tier the
-    /// blocks are in) and waits for it.
-    pub fn scatter(
+    /// Queues the scatter of each item's block into engine page `pages[k]` (one launch
+    /// per tier the blocks are in) on the engine's stream; done as for
+    /// [`Mover::launch_gather`].
+    pub fn launch_scatter(
         &self,
         engine: EngineTarget,
         pages: &[u32],
@@ -143,8 +147,7 @@ impl Mover {
 
     /// One gather (`to_slots`) or scatter launch per device buffer between engine pages
     /// and tier slots (one for the whole batch unless its slots span tiers, a load from
-    /// G1 and G2, or a pool registered in several chunks), then a wait for the engine's
-    /// stream.
+    /// G1 and G2, or a pool registered in several chunks). Nothing waits here.
     fn paged(
         &self,
         engine: EngineTarget,
@@ -193,7 +196,32 @@ impl Mover {
                 launch(buffer, &scratch.group_pages, &scratch.group_offsets, k)?;
             }
         }
-        device
+        Ok(())
+    }
+
+    /// Records the engine's event after the work queued on its stream so far.
+    pub fn record(&self, engine: EngineTarget) -> Result<(), MoveError> {
+        self.stores
+            .device
+            .record_event_on(engine.stream, engine.event)
+            .map_err(|source| MoveError::Device { index: 0, source })
+    }
+
+    /// Whether the work before the engine's last [`Mover::record`] is done (never waits:
+    /// a data-plane thread polls this between its other sessions). An error is the
+    /// work's failure, reported against the batch's first block.
+    pub fn landed(&self, engine: EngineTarget) -> Result<bool, MoveError> {
+        self.stores
+            .device
+            .query_event(engine.event)
+            .map_err(|source| MoveError::Device { index: 0, source })
+    }
+
+    /// Blocks until the work queued on the engine's stream is done (the I/O executors,
+    /// tools and tests; never a data-plane thread).
+    pub fn wait(&self, engine: EngineTarget) -> Result<(), MoveError> {
+        self.stores
+            .device
             .sync_stream(engine.stream)
             .map_err(|source| MoveError::Device { index: 0, source })
     }

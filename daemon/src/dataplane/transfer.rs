@@ -7,7 +7,7 @@
 //! gather/scatter for an engine session, or the mover's closure variants for tools and
 //! tests that are their own engine.
 
-use crate::block::plan::{LoadItem, StoreItem};
+use crate::block::plan::{LoadItem, LoadPlan, SavePlan, StoreItem};
 use crate::block::{BlockError, BlockManager, LoadReport, SaveReport, Tier};
 
 use super::mover::{MoveError, Mover};
@@ -40,18 +40,33 @@ fn acquire(
     out
 }
 
-/// Saves a chain: host slots for the blocks not stored yet (demoting as policy says),
-/// `fill` copies the engine's pages into them, and with `write_through` (or the config's)
-/// the blocks reach NVMe before they are published.
-pub fn save(
+/// A save whose copy from the engine has been launched (or needed none): its slots are
+/// reserved, nothing is published until [`finish_save`] learns the copy landed.
+#[derive(Debug)]
+pub struct SaveStarted {
+    plan: SavePlan,
+    write_through: bool,
+}
+
+impl SaveStarted {
+    /// Whether device work was launched for it (else it can be finished at once).
+    pub fn launched(&self) -> bool {
+        !self.plan.stores.is_empty()
+    }
+}
+
+/// The first half of a save: host slots for the blocks not stored yet (demoting as
+/// policy says), then `launch` queues the copy of the engine's pages into them. A launch
+/// that fails gives every reservation back.
+pub fn begin_save(
     blocks: &BlockManager,
     mover: &Mover,
     namespace: u32,
     chain: &[(u64, Option<u64>)],
     priority: u8,
     write_through: bool,
-    fill: impl FnOnce(&Mover, &[StoreItem]) -> Result<(), MoveError>,
-) -> Result<SaveReport, BlockError> {
+    launch: impl FnOnce(&Mover, &[StoreItem]) -> Result<(), MoveError>,
+) -> Result<SaveStarted, BlockError> {
     let mut plan = blocks.begin_save(namespace, chain, priority);
     let slots = acquire(
         blocks,
@@ -63,14 +78,31 @@ pub fn save(
     );
     blocks.reserve_save(&mut plan, slots);
     if !plan.stores.is_empty()
-        && let Err(e) = fill(mover, &plan.stores)
+        && let Err(e) = launch(mover, &plan.stores)
     {
-        let index = plan.stores.get(e.index()).map_or(0, |s| s.index);
-        blocks.abort_save(plan);
-        return Err(BlockError::Fill {
-            index,
-            source: Box::new(e),
-        });
+        return Err(fill_failed(blocks, plan, e));
+    }
+    Ok(SaveStarted {
+        plan,
+        write_through,
+    })
+}
+
+/// The second half, once the launched copy is done (`landed`): with `write_through` (or
+/// the config's) the blocks reach NVMe before they are published. A copy that failed
+/// publishes nothing.
+pub fn finish_save(
+    blocks: &BlockManager,
+    mover: &Mover,
+    started: SaveStarted,
+    landed: Result<(), MoveError>,
+) -> Result<SaveReport, BlockError> {
+    let SaveStarted {
+        mut plan,
+        write_through,
+    } = started;
+    if let Err(e) = landed {
+        return Err(fill_failed(blocks, plan, e));
     }
     if write_through || blocks.writes_through() {
         blocks.plan_write_through(&mut plan);
@@ -79,16 +111,62 @@ pub fn save(
     Ok(blocks.commit_save(plan, results))
 }
 
-/// Loads the leading stored blocks of a chain: blocks only on NVMe are staged into host
-/// slots and verified first, then `drain` copies every block to the engine, in chain
-/// order.
-pub fn load(
+fn fill_failed(blocks: &BlockManager, plan: SavePlan, e: MoveError) -> BlockError {
+    let index = plan.stores.get(e.index()).map_or(0, |s| s.index);
+    blocks.abort_save(plan);
+    BlockError::Fill {
+        index,
+        source: Box::new(e),
+    }
+}
+
+/// Saves a chain in one go: [`begin_save`] with `fill` (which completes the copy before
+/// it returns), then [`finish_save`].
+pub fn save(
+    blocks: &BlockManager,
+    mover: &Mover,
+    namespace: u32,
+    chain: &[(u64, Option<u64>)],
+    priority: u8,
+    write_through: bool,
+    fill: impl FnOnce(&Mover, &[StoreItem]) -> Result<(), MoveError>,
+) -> Result<SaveReport, BlockError> {
+    let started = begin_save(
+        blocks,
+        mover,
+        namespace,
+        chain,
+        priority,
+        write_through,
+        fill,
+    )?;
+    finish_save(blocks, mover, started, Ok(()))
+}
+
+/// A load whose copies to the engine have been launched (or needed none): the blocks
+/// are held busy until [`finish_load`].
+#[derive(Debug)]
+pub struct LoadStarted {
+    plan: LoadPlan,
+}
+
+impl LoadStarted {
+    /// Whether device work was launched for it (else it can be finished at once).
+    pub fn launched(&self) -> bool {
+        !self.plan.items.is_empty()
+    }
+}
+
+/// The first half of a load of the leading stored blocks of a chain: blocks only on
+/// NVMe are staged into host slots and verified, then `launch` queues the copy of every
+/// block to the engine, in chain order. A launch that fails releases the blocks.
+pub fn begin_load(
     blocks: &BlockManager,
     mover: &Mover,
     namespace: u32,
     hashes: &[u64],
-    drain: impl FnOnce(&Mover, &[LoadItem]) -> Result<(), MoveError>,
-) -> Result<LoadReport, BlockError> {
+    launch: impl FnOnce(&Mover, &[LoadItem]) -> Result<(), MoveError>,
+) -> Result<LoadStarted, BlockError> {
     let mut plan = blocks.plan_load(namespace, hashes);
     if plan.needs_staging() > 0 {
         let mut unused = SaveReport::default();
@@ -106,23 +184,51 @@ pub fn load(
         mover.erase_nvme(&erase);
         blocks.commit_erase(&erase);
     }
-    if plan.items.is_empty() {
-        return Ok(blocks.commit_load(plan, 0));
+    if !plan.items.is_empty()
+        && let Err(e) = launch(mover, &plan.items)
+    {
+        return Err(drain_failed(blocks, plan, e));
     }
-    match drain(mover, &plan.items) {
+    Ok(LoadStarted { plan })
+}
+
+/// The second half, once the launched copies are done (`landed`): the blocks are
+/// released and the load reported; a copy that failed is the load's error.
+pub fn finish_load(
+    blocks: &BlockManager,
+    started: LoadStarted,
+    landed: Result<(), MoveError>,
+) -> Result<LoadReport, BlockError> {
+    let LoadStarted { plan } = started;
+    match landed {
         Ok(()) => {
             let served = plan.items.len();
             Ok(blocks.commit_load(plan, served))
         }
-        Err(e) => {
-            let index = plan.items.get(e.index()).map_or(0, |i| i.index);
-            let _ = blocks.commit_load(plan, 0);
-            Err(BlockError::Drain {
-                index,
-                source: Box::new(e),
-            })
-        }
+        Err(e) => Err(drain_failed(blocks, plan, e)),
     }
+}
+
+fn drain_failed(blocks: &BlockManager, plan: LoadPlan, e: MoveError) -> BlockError {
+    let index = plan.items.get(e.index()).map_or(0, |i| i.index);
+    let _ = blocks.commit_load(plan, 0);
+    BlockError::Drain {
+        index,
+        source: Box::new(e),
+    }
+}
+
+/// Loads in one go: [`begin_load`] with `drain` (which completes the copies before it
+/// returns), then [`finish_load`].
+pub fn load(
+    blocks: &BlockManager,
+    mover: &Mover,
+    namespace: u32,
+    hashes: &[u64],
+    drain: impl FnOnce(&Mover, &[LoadItem]) -> Result<(), MoveError>,
+) -> Result<LoadReport, BlockError> {
+    let started = begin_load(blocks, mover, namespace, hashes, drain)?;
+    finish_load(blocks, started, Ok(()))
 }
 
 /// Copies the leading host-resident blocks of a chain into G1 (evicting G1 leaves), one

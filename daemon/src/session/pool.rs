@@ -6,6 +6,10 @@
 //! every one is idle. Operations that may wait on NVMe go to the I/O executors
 //! (`dataplane::io`) with their session checked out; the session takes no further
 //! submission until the completion comes back, every other session keeps being served.
+//! A SAVE or LOAD served here launches its copy and is then in flight on the device: the
+//! thread polls its event each pass (`DataPlane::poll`, never a blocking sync) and posts
+//! the completion when it has landed; meanwhile that session takes nothing new, the
+//! others are served, and an idle thread sleeps at most [`DEVICE_POLL`] at a time.
 //!
 //! Liveness (socket hang-up, pidfd, stop) is checked for every owned session at least
 //! every [`LIVENESS_PERIOD`]; a session ends (detach, death, violation, engine memory
@@ -27,6 +31,7 @@ use kvplane_shm::{Geometry, Segment, ShmError};
 use super::{
     BATCH, DaemonError, DaemonShared, End, HANGUP_GRACE, SessionGuard, engine_exited, field_code,
 };
+use crate::dataplane::Submitted;
 use crate::dataplane::io::{IoDone, IoJob, IoReturn, IoSubmitter};
 
 /// Sessions one thread serves: FUTEX_WAITV takes at most 128 words, one is the thread's
@@ -40,6 +45,10 @@ const LIVENESS_PERIOD: Duration = Duration::from_millis(100);
 /// The longest sleep while a session waits for something no doorbell announces: room in
 /// a completion ring its engine does not drain, or room in the full I/O queue.
 const BLOCKED_RETRY: Duration = Duration::from_millis(1);
+
+/// The longest sleep while a session's copy is on the device: a completion is noticed at
+/// most this late (a 5 MiB block crosses PCIe in about 100 us).
+pub const DEVICE_POLL: Duration = Duration::from_micros(20);
 
 /// An admitted session whose reply was sent, handed to its data-plane thread.
 pub(super) struct Attached {
@@ -270,6 +279,9 @@ struct Served {
     stash_qp: usize,
     /// An operation is with the I/O executors (the session's data with it).
     out: bool,
+    /// The queue pair of the session's operation whose copy is on the device (its plan in
+    /// the session's data), polled each pass.
+    in_flight_qp: Option<usize>,
     /// A job the full I/O queue refused, retried each pass.
     parked: Option<IoJob>,
     /// Why the session ends, once known; it ends when nothing is out.
@@ -325,6 +337,7 @@ impl Served {
             stash_at: 0,
             stash_qp: 0,
             out: false,
+            in_flight_qp: None,
             parked: None,
             ending: None,
             hung_up: None,
@@ -343,9 +356,15 @@ impl Served {
         self.qps.iter_mut().any(|q| q.can_take().unwrap_or(true))
     }
 
-    /// Still taking submissions (not ending, socket open, nothing out).
+    /// Still taking submissions (not ending, socket open, nothing out or in flight).
     fn serving(&self) -> bool {
-        self.ending.is_none() && self.hung_up.is_none() && !self.out
+        self.ending.is_none() && self.hung_up.is_none() && !self.busy()
+    }
+
+    /// An operation is out (I/O executors) or in flight (device): the session can end
+    /// only once it is back, since its plan holds slots and its copy our memory.
+    fn busy(&self) -> bool {
+        self.out || self.in_flight_qp.is_some()
     }
 
     /// Waiting for something no doorbell announces: room in the I/O queue or in a
@@ -355,7 +374,7 @@ impl Served {
         self.ending.is_none()
             && (self.parked.is_some()
                 || self.hung_up.is_some()
-                || (!self.out && self.qps.iter().any(|q| q.has_submissions())))
+                || (!self.busy() && self.qps.iter().any(|q| q.has_submissions())))
     }
 
     /// A hung-up socket's verdict once known: the engine exited (death), or the grace
@@ -442,6 +461,9 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
         let now = Instant::now();
         for (i, slot) in slots[..high].iter_mut().enumerate() {
             let Some(s) = slot else { continue };
+            if let Some(qp) = s.in_flight_qp {
+                worked |= poll_in_flight(shared, s, qp, &mut scratch);
+            }
             if s.serving() {
                 worked |= serve(shared, s, i as u32, io, &back, &mut scratch);
             }
@@ -449,7 +471,7 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
             if stop && s.ending.is_none() {
                 s.ending = Some(End::Shutdown);
             }
-            if s.ending.is_some() && !s.out {
+            if s.ending.is_some() && !s.busy() {
                 let s = slot.take().expect("checked above");
                 finish(shared, s);
                 me.load.fetch_sub(1, Ordering::AcqRel);
@@ -491,16 +513,20 @@ fn sleep(me: &PoolThread, slots: &mut [Option<Served>], until_check: Duration) {
     let wake_seq = me.wake.load(Ordering::Acquire);
     me.sleeping.store(1, Ordering::SeqCst);
     let mut blocked = false;
+    let mut polling = false;
     for s in slots.iter_mut().flatten() {
         let bell = s.header.doorbell;
         s.bell_seq = bell.word().load(Ordering::Acquire);
         bell.sleeping_flag().store(1, Ordering::SeqCst);
         blocked |= s.blocked();
+        polling |= s.in_flight_qp.is_some();
     }
     fence(Ordering::SeqCst);
     let ready = me.has_work() || slots.iter_mut().flatten().any(Served::ready);
     if !ready {
-        let timeout = if blocked {
+        let timeout = if polling {
+            DEVICE_POLL
+        } else if blocked {
             BLOCKED_RETRY
         } else {
             until_check.max(Duration::from_millis(1))
@@ -561,7 +587,7 @@ fn serve(
             s.ending = Some(end);
             return true;
         }
-        if s.out || s.parked.is_some() {
+        if s.busy() || s.parked.is_some() {
             return true;
         }
     }
@@ -584,7 +610,7 @@ fn serve(
             s.ending = Some(end);
             return true;
         }
-        if s.out || s.parked.is_some() {
+        if s.busy() || s.parked.is_some() {
             return true;
         }
     }
@@ -616,10 +642,20 @@ fn run_stash(
             }
             Ok(req) => {
                 let data = s.guard.data.as_mut().expect("held while nothing is out");
+                // Launched copies are polled once at once: on the host backend (no
+                // completion delay) they have landed already, and the batch goes on.
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    dp.handle(data, &s.seg, &req)
+                    match dp.submit(data, &s.seg, &req) {
+                        Submitted::Done(c) => Some(c),
+                        Submitted::InFlight => dp.poll(data, &s.seg),
+                    }
                 })) {
-                    Ok(c) => c,
+                    Ok(Some(c)) => c,
+                    Ok(None) => {
+                        // On the device: the rest of the stash waits for its completion.
+                        s.in_flight_qp = Some(qp);
+                        break;
+                    }
                     Err(_) => {
                         tracing::error!(session = s.id, opcode = ?req.opcode, "an operation panicked; ending the session");
                         scratch
@@ -659,6 +695,40 @@ fn run_stash(
         }
     }
     Ok(())
+}
+
+/// Polls the session's operation in flight on queue pair `qp`; once its copy has landed,
+/// posts its completion (room was reserved when it was taken). Returns whether it did.
+fn poll_in_flight(shared: &DaemonShared, s: &mut Served, qp: usize, scratch: &mut Scratch) -> bool {
+    let dp = &shared.dataplane;
+    let data = s.guard.data.as_mut().expect("held while in flight");
+    let cqe = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dp.poll(data, &s.seg)))
+    {
+        Ok(Some(c)) => c,
+        Ok(None) => return false,
+        Err(_) => {
+            tracing::error!(
+                session = s.id,
+                "completing an operation panicked; ending the session"
+            );
+            s.in_flight_qp = None;
+            s.ending.get_or_insert(End::Panicked);
+            return true;
+        }
+    };
+    s.in_flight_qp = None;
+    scratch.cqes.clear();
+    scratch.cqes.push(cqe);
+    let posted = post(shared, s, qp, scratch);
+    if s.ending.is_some() {
+        return true;
+    }
+    if let Err(end) = posted {
+        s.ending = Some(end);
+    } else if let Some(fault) = s.guard.data.as_ref().and_then(|d| d.engine_fault()) {
+        s.ending = Some(End::EngineMemoryFault(fault.to_string()));
+    }
+    true
 }
 
 /// Posts the completions in `scratch` on queue pair `qp` (room was reserved by `take`).

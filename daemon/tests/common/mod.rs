@@ -39,19 +39,23 @@ pub fn config(dir: &Path, engine: EngineKind) -> Config {
     config.tiers.nvme.capacity_bytes = SLOTS * SLOT_BYTES;
     config.tiers.nvme.engine = engine;
     config.control.metrics_addr = String::new();
+    // The host backend even on a GPU machine: these tests check the data plane's logic.
+    config.device.backend = kvplane_daemon::config::BackendSetting::Host;
     config
 }
 
-/// A daemon in this process serving `config`, its NVMe engines wrapped by `plan`'s
-/// injector when given.
+/// A daemon in this process serving `config` on the device its `[device]` opens, its
+/// NVMe engines wrapped by `plan`'s injector when given.
 pub fn start(config: Config, plan: Option<Arc<FaultPlan>>) -> (Daemon, Arc<BlockManager>) {
     config.validate().expect("config");
+    let device = kvplane_daemon::device::DaemonDevice::open(&config.device).expect("device");
     let blocks = Arc::new(
         BlockManager::new(
             &config.blocks,
             &config.tiers,
             ManagerOptions {
                 faults: plan,
+                device: Some(device.device),
                 ..ManagerOptions::default()
             },
         )
@@ -82,4 +86,40 @@ pub fn attach_with_kv(socket: &Path, namespace: &str) -> (Session, QueuePair, Se
     let c = qp.call(s, Duration::from_secs(10)).expect("layout");
     assert_eq!(c.status, Status::Ok.raw(), "layout: {c:?}");
     (session, qp, kv)
+}
+
+/// Checks the NOP round trips another session got while one session's operation was held
+/// up (`what`): at least 100 of them, p99 under `p99_bound`, and (when given) none over
+/// `max_bound`. Prints the distribution.
+#[allow(dead_code)]
+pub fn assert_nops_kept_flowing(
+    rtts: &mut [Duration],
+    what: &str,
+    p99_bound: Duration,
+    max_bound: Option<Duration>,
+) {
+    assert!(!rtts.is_empty(), "no NOPs completed while {what}");
+    rtts.sort_unstable();
+    let p99 = rtts[(rtts.len() * 99 / 100).min(rtts.len() - 1)];
+    let max = *rtts.last().unwrap();
+    eprintln!(
+        "{what}; meanwhile {} NOPs of another session on the same data-plane thread: p50 {:?}, p99 {p99:?}, max {max:?}",
+        rtts.len(),
+        rtts[rtts.len() / 2]
+    );
+    assert!(
+        rtts.len() >= 100,
+        "only {} NOPs completed while {what}",
+        rtts.len()
+    );
+    assert!(
+        p99 < p99_bound,
+        "NOP p99 {p99:?} over {p99_bound:?} while {what}"
+    );
+    if let Some(bound) = max_bound {
+        assert!(
+            max < bound,
+            "slowest NOP {max:?} over {bound:?} while {what}"
+        );
+    }
 }

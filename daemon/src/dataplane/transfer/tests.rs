@@ -871,17 +871,20 @@ fn a_load_from_g1_and_host_scatters_each_block_into_its_page() {
         buffer,
         layout: device.upload_layout(&layout).unwrap(),
         stream: device.create_stream().unwrap(),
+        event: device.create_event().unwrap(),
     };
     let hashes = [1, 2, 3, 4];
     let pages = [6u32, 0, 3, 5];
     let mut scratch = MoveScratch::default();
     let r = super::load(&m.blocks, &m.mover, 5, &hashes, |mv, items| {
-        mv.scatter(target, &pages[..items.len()], items, &mut scratch)
+        mv.launch_scatter(target, &pages[..items.len()], items, &mut scratch)?;
+        mv.wait(target)
     })
     .unwrap();
     assert_eq!(r.loaded, 4);
     assert_eq!(r.tiers, [Tier::Hbm, Tier::Hbm, Tier::Host, Tier::Host]);
     device.free_layout(target.layout).unwrap();
+    device.destroy_event(target.event).unwrap();
     device.free(buffer).unwrap();
     let mut want = vec![0u8; bytes];
     let want_base = std::ptr::NonNull::new(want.as_mut_ptr()).unwrap();

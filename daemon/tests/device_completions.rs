@@ -1,0 +1,293 @@
+//! Device completions, polled: a SAVE or LOAD served on a data-plane thread launches its
+//! copy and is then in flight until the device's event says it landed. The device here
+//! is the host backend with a completion delay (`[device] host_completion_delay_us`),
+//! which reports each copy done only `DELAY` after launch, as a GPU's queued copies
+//! complete later. These tests fail if the thread waits on the device (another session's
+//! NOPs on the same thread would stall for `DELAY`), if a completion is posted or a block
+//! published before its copy has landed, if a session's later submissions overtake its
+//! copy in flight, or if a session that ends with a copy in flight leaks what it held.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvplane_daemon::block::BlockManager;
+use kvplane_daemon::session::Daemon;
+use kvplane_daemon::tier::nvme::EngineKind;
+use kvplane_ffi::{Opcode, Pod, Status, kvp_block_op, kvp_cqe};
+use kvplane_shm::{AttachOptions, QueuePair, Session, ShmError, client};
+
+mod common;
+use common::PAGE_BYTES;
+
+/// How long after launch each copy reports done.
+const DELAY: Duration = Duration::from_millis(300);
+/// The bound on another session's NOP round trip while a copy is in flight.
+const NOP_P99_BOUND: Duration = Duration::from_millis(50);
+const NAMESPACE: &str = "inflight";
+
+/// The daemon on one data-plane thread, no NVMe tier (so SAVE and LOAD are served on the
+/// data-plane thread, not the I/O executors), its device the host backend with `DELAY`.
+fn start(dir: &Path) -> (Daemon, Arc<BlockManager>) {
+    let mut config = common::config(dir, EngineKind::Sync);
+    config.tiers.nvme.paths.clear();
+    config.tiers.nvme.capacity_bytes = 0;
+    config.serve.dataplane_threads = 1;
+    config.device.host_completion_delay_us = DELAY.as_micros() as u64;
+    let (daemon, blocks) = common::start(config, None);
+    let described = blocks.device().describe();
+    assert!(
+        described.contains("after launch"),
+        "the delay reached the device: {described}"
+    );
+    (daemon, blocks)
+}
+
+/// A plain session in the test's namespace (NOPs and LOOKUPs).
+fn attach_plain(socket: &Path) -> (Session, QueuePair) {
+    let mut o = AttachOptions::new(socket);
+    o.namespaces = vec![NAMESPACE.into()];
+    let mut s = Session::attach(o).expect("attach");
+    let qp = s.take_queue_pairs().unwrap().remove(0);
+    (s, qp)
+}
+
+/// Writes `ops` for `hashes` (pages `first_page..`) to the arena at 0: a chained batch.
+fn write_ops(qp: &mut QueuePair, hashes: &[u64], first_page: u32) -> u32 {
+    let mut arg = Vec::new();
+    for (i, &h) in hashes.iter().enumerate() {
+        let parent = if i == 0 { 0 } else { hashes[i - 1] };
+        arg.extend_from_slice(kvplane_ffi::as_bytes(&kvp_block_op::new(
+            h,
+            parent,
+            first_page + i as u32,
+        )));
+    }
+    qp.write_arena(0, &arg).unwrap();
+    arg.len() as u32
+}
+
+fn block_sqe(op: Opcode, user_data: u64, count: usize, arg_len: u32) -> kvplane_ffi::kvp_sqe {
+    let mut s = client::sqe(op, user_data);
+    s.count = count as u32;
+    s.arg_len = arg_len;
+    s
+}
+
+/// How many of `hashes` a LOOKUP through `qp` finds (its arena at 0 is overwritten).
+fn lookup_hits(qp: &mut QueuePair, hashes: &[u64]) -> u32 {
+    let len = write_ops(qp, hashes, 0);
+    let c = qp
+        .call(
+            block_sqe(Opcode::Lookup, 0x100C, hashes.len(), len),
+            Duration::from_secs(10),
+        )
+        .expect("lookup");
+    assert_eq!(c.status, Status::Ok.raw(), "lookup: {c:?}");
+    c.blocks
+}
+
+/// Waits for `want` completions on `qp`, while `during` runs between polls; returns them
+/// with when each arrived.
+fn collect(qp: &mut QueuePair, want: usize, mut during: impl FnMut()) -> Vec<(kvp_cqe, Instant)> {
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let mut cqe = [Pod::zeroed(); 4];
+    while got.len() < want {
+        let n = qp.poll(&mut cqe).unwrap();
+        got.extend(cqe[..n].iter().map(|c| (*c, Instant::now())));
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "completions never came"
+        );
+        if n == 0 {
+            during();
+        }
+    }
+    got
+}
+
+#[test]
+fn a_copy_in_flight_completes_when_its_event_does_and_other_sessions_are_served_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, blocks) = start(dir.path());
+    let socket = daemon.socket_path().to_path_buf();
+    let (_a, mut qa, kv) = common::attach_with_kv(&socket, NAMESPACE);
+    let (_b, mut qb) = attach_plain(&socket);
+    assert_eq!(
+        daemon.sessions().len(),
+        2,
+        "both on the one data-plane thread"
+    );
+
+    // A: SAVE pages 0 and 1, then a NOP on the same queue pair.
+    let hashes = [0xF1A6_0001u64, 0xF1A6_0002];
+    for (i, _) in hashes.iter().enumerate() {
+        kv.write_bytes(
+            i as u64 * PAGE_BYTES,
+            &vec![0xA0 + i as u8; PAGE_BYTES as usize],
+        )
+        .unwrap();
+    }
+    let len = write_ops(&mut qa, &hashes, 0);
+    let t0 = Instant::now();
+    let save = block_sqe(Opcode::Save, 1, hashes.len(), len);
+    assert_eq!(qa.submit(&[save, client::sqe(Opcode::Nop, 2)]).unwrap(), 2);
+
+    // B, meanwhile: NOP round trips, and LOOKUPs that must not see the blocks before A's
+    // SAVE completes.
+    let mut rtts: Vec<Duration> = Vec::new();
+    let mut early_hits = 0;
+    let mut lookups = 0;
+    let got = collect(&mut qa, 2, || {
+        let t = Instant::now();
+        let c = qb
+            .call(
+                client::sqe(Opcode::Nop, rtts.len() as u64),
+                Duration::from_secs(10),
+            )
+            .map_err(|e: ShmError| e.to_string())
+            .expect("NOP of B");
+        assert_eq!(c.status, Status::Ok.raw());
+        rtts.push(t.elapsed());
+        if rtts.len() % 16 == 0 && t0.elapsed() + Duration::from_millis(30) < DELAY {
+            lookups += 1;
+            early_hits += lookup_hits(&mut qb, &hashes);
+        }
+    });
+    let (save_cqe, save_at) = got[0];
+    let (nop_cqe, _) = got[1];
+    assert_eq!(
+        (save_cqe.user_data, nop_cqe.user_data),
+        (1, 2),
+        "the NOP submitted after the SAVE completes after it"
+    );
+    assert_eq!(save_cqe.status, Status::Ok.raw(), "SAVE: {save_cqe:?}");
+    assert_eq!(save_cqe.blocks, 2);
+    let save_took = save_at - t0;
+    assert!(
+        save_took >= DELAY,
+        "the SAVE completed after {save_took:?}, before its copy reported done ({DELAY:?})"
+    );
+    assert!(lookups > 0, "B looked up while the SAVE was in flight");
+    assert_eq!(
+        early_hits, 0,
+        "blocks were published before their copy landed"
+    );
+    assert_eq!(lookup_hits(&mut qb, &hashes), 2, "published once it landed");
+    common::assert_nops_kept_flowing(
+        &mut rtts,
+        &format!("a SAVE was in flight on the device for {save_took:?}"),
+        NOP_P99_BOUND,
+        None,
+    );
+
+    // A: LOAD both blocks into pages 5 and 6; the bytes are there when it completes, and
+    // not before DELAY.
+    let len = write_ops(&mut qa, &hashes, 5);
+    let t1 = Instant::now();
+    assert_eq!(
+        qa.submit(&[block_sqe(Opcode::Load, 3, hashes.len(), len)])
+            .unwrap(),
+        1
+    );
+    let got = collect(&mut qa, 1, std::thread::yield_now);
+    let (load_cqe, load_at) = got[0];
+    assert_eq!(load_cqe.status, Status::Ok.raw(), "LOAD: {load_cqe:?}");
+    assert_eq!(load_cqe.blocks, 2);
+    assert!(
+        load_at - t1 >= DELAY,
+        "the LOAD completed after {:?}, before its copy reported done",
+        load_at - t1
+    );
+    for i in 0..hashes.len() as u64 {
+        for layer_plane in 0..(common::LAYERS as u64 * 2) {
+            let at = layer_plane * common::PAGES * PAGE_BYTES + (5 + i) * PAGE_BYTES;
+            let mut page = vec![0u8; PAGE_BYTES as usize];
+            kv.read_bytes(at, &mut page).unwrap();
+            if layer_plane == 0 {
+                assert!(
+                    page.iter().all(|b| *b == 0xA0 + i as u8),
+                    "block {i} landed in page {}",
+                    5 + i
+                );
+            }
+        }
+    }
+    let dp = &daemon.shared().dataplane;
+    assert_eq!(
+        dp.counters
+            .metrics
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "no operation counted in flight once all completed"
+    );
+    blocks.check_invariants().unwrap();
+    drop((qa, qb));
+    daemon.shutdown();
+}
+
+#[test]
+fn a_session_that_ends_with_a_copy_in_flight_ends_after_it_lands_holding_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, blocks) = start(dir.path());
+    let socket = daemon.socket_path().to_path_buf();
+    let (a, mut qa, _kv) = common::attach_with_kv(&socket, NAMESPACE);
+    let hashes = [0xDEAD_0001u64, 0xDEAD_0002, 0xDEAD_0003];
+    let len = write_ops(&mut qa, &hashes, 0);
+    // Pin nothing, save three blocks, and go away at once: the socket closes with the
+    // copy on the device.
+    let t0 = Instant::now();
+    assert_eq!(
+        qa.submit(&[block_sqe(Opcode::Save, 1, hashes.len(), len)])
+            .unwrap(),
+        1
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    drop((qa, a));
+    let ended_after = loop {
+        if daemon.sessions().is_empty() {
+            break t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the session never ended"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(
+        ended_after >= DELAY,
+        "the session ended after {ended_after:?}, with its copy still on the device ({DELAY:?})"
+    );
+    // Its SAVE landed and was committed (the copy finished); nothing is held or leaked.
+    let (_b, mut qb) = attach_plain(&socket);
+    assert_eq!(lookup_hits(&mut qb, &hashes), 3);
+    let dp = &daemon.shared().dataplane;
+    assert_eq!(
+        dp.counters
+            .leases_held
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(
+        dp.counters
+            .metrics
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    let host = blocks
+        .stats()
+        .tiers
+        .into_iter()
+        .find(|t| t.tier == kvplane_daemon::block::Tier::Host)
+        .unwrap();
+    assert_eq!(
+        host.used_slots, 3,
+        "the three saved blocks, no stray reservation"
+    );
+    blocks.check_invariants().unwrap();
+    drop(qb);
+    daemon.shutdown();
+}
