@@ -16,9 +16,11 @@
 #      by CUDA IPC handle, the other, a different process with one allocation, loading it
 #      into its own pool and comparing every byte; the same with VMM allocations exported
 #      as file descriptors;
-#   3. the same chain saved with write-through, the daemon restarted, and loaded from NVMe;
-#   4. compute-sanitizer (memcheck) over a daemon serving one small save/load round;
-#   5. `kvplane bench transfer --quick --json` (its paths are host ones today; the kernel
+#   3. a chain kept on the GPU (KVP_SQE_F_KEEP_ON_GPU: into G1, device to device) and
+#      loaded by the other process from G1 (its report's tier must be 1, HBM);
+#   4. the same chain saved with write-through, the daemon restarted, and loaded from NVMe;
+#   5. compute-sanitizer (memcheck) over a daemon serving one small save/load round;
+#   6. `kvplane bench transfer --quick --json` (its paths are host ones today; the kernel
 #      and offload tables against the PCIe ceiling are gpu_check's, scripts/gpu/device-run.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -117,10 +119,12 @@ if started serve-cuda; then
     # One block: the engine-visible cost of a SAVE and a LOAD.
     engine save-one --role save --memory ipc --first-hash 3000 "${BLOCKS[@]}" --blocks 1
     engine load-one --role load --memory ipc --first-hash 3000 "${BLOCKS[@]}" --blocks 1
+    engine save-g1 --role save --memory ipc --per-layer --keep-on-gpu --expect-tier hbm --first-hash 3500 "${BLOCKS[@]}"
+    engine load-g1 --role load --memory vmm --expect-tier hbm --first-hash 3500 "${BLOCKS[@]}"
     engine save-nvme --role save --memory ipc --per-layer --write-through --first-hash 4000 "${BLOCKS[@]}"
     stop_daemon
     if started restart-cuda; then
-        engine load-nvme --role load --memory ipc --first-hash 4000 "${BLOCKS[@]}"
+        engine load-nvme --role load --memory ipc --expect-tier nvme --first-hash 4000 "${BLOCKS[@]}"
     fi
     stop_daemon
 fi

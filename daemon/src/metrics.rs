@@ -84,15 +84,18 @@ pub enum Link {
     NvmeToHost = 3,
     /// Loads served from the G1 arena (host memory standing in for HBM on the host backend).
     G1ToEngine = 4,
+    /// Saves kept on the GPU (`KVP_SQE_F_KEEP_ON_GPU`): the engine's pages into G1.
+    EngineToG1 = 5,
 }
 
 impl Link {
-    pub const ALL: [Link; 5] = [
+    pub const ALL: [Link; 6] = [
         Link::EngineToHost,
         Link::HostToEngine,
         Link::HostToNvme,
         Link::NvmeToHost,
         Link::G1ToEngine,
+        Link::EngineToG1,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -101,6 +104,7 @@ impl Link {
             Link::HostToNvme => "host_to_nvme",
             Link::NvmeToHost => "nvme_to_host",
             Link::G1ToEngine => "g1_to_engine",
+            Link::EngineToG1 => "engine_to_g1",
         }
     }
 }
@@ -121,7 +125,7 @@ pub struct DataPlaneMetrics {
     op_latency: [LatencyHistogram; 10],
     /// Operations being executed right now (the data plane's queue depth).
     pub in_flight: AtomicU64,
-    link_bytes: [AtomicU64; 5],
+    link_bytes: [AtomicU64; Link::ALL.len()],
     lookups: Mutex<BTreeMap<u32, NamespaceLookups>>,
 }
 
@@ -208,6 +212,7 @@ impl DataPlaneMetrics {
     pub fn record_save(&self, r: &SaveReport, block_bytes: usize) {
         self.add_link_bytes(Link::EngineToHost, r.bytes);
         self.add_link_bytes(Link::HostToNvme, (r.nvme_written * block_bytes) as u64);
+        self.add_link_bytes(Link::EngineToG1, (r.hbm_stored * block_bytes) as u64);
     }
 
     /// Bytes a load moved: NVMe -> host for staged blocks, then each block to the engine.

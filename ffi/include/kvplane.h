@@ -123,7 +123,14 @@ enum kvp_opcode {
 #define KVP_SQE_F_WRITE_THROUGH (1u << 1)
 /* SAVE: priority hint; blocks with it are evicted after those without. */
 #define KVP_SQE_F_HIGH_PRIORITY (1u << 2)
-#define KVP_SQE_F_ALL (KVP_SQE_F_PREFIX_ONLY | KVP_SQE_F_WRITE_THROUGH | KVP_SQE_F_HIGH_PRIORITY)
+/* SAVE: also keep the blocks in the daemon's GPU tier (G1: HBM on the engine's GPU), where
+ * any engine on that GPU loads them at device bandwidth. The host copy is kept as well
+ * (a G1 victim is dropped, not copied down). Without a G1 tier, the same as without the
+ * flag; the completion's tier is KVP_TIER_HBM when the blocks went to G1. */
+#define KVP_SQE_F_KEEP_ON_GPU (1u << 3)
+#define KVP_SQE_F_ALL                                                                   \
+    (KVP_SQE_F_PREFIX_ONLY | KVP_SQE_F_WRITE_THROUGH | KVP_SQE_F_HIGH_PRIORITY |        \
+     KVP_SQE_F_KEEP_ON_GPU)
 
 enum kvp_status {
     KVP_OK = 0,

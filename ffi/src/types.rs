@@ -21,6 +21,7 @@ pub const RING_HEADER_BYTES: usize = core::mem::size_of::<b::kvp_ring_header>();
 pub const SQE_F_PREFIX_ONLY: u16 = b::KVP_SQE_F_PREFIX_ONLY as u16;
 pub const SQE_F_WRITE_THROUGH: u16 = b::KVP_SQE_F_WRITE_THROUGH as u16;
 pub const SQE_F_HIGH_PRIORITY: u16 = b::KVP_SQE_F_HIGH_PRIORITY as u16;
+pub const SQE_F_KEEP_ON_GPU: u16 = b::KVP_SQE_F_KEEP_ON_GPU as u16;
 pub const SQE_F_ALL: u16 = b::KVP_SQE_F_ALL as u16;
 
 macro_rules! c_enum {

@@ -71,6 +71,52 @@ fn per_layer_host_regions_save_and_another_process_loads_byte_for_byte() {
     assert!(!ok && json["status"] != 0, "{json}");
 }
 
+/// `--keep-on-gpu`: the save lands in G1 (the completion says HBM) and the other process
+/// loads from G1; `--expect-tier` fails the tool when the tier is not the one named.
+#[test]
+fn blocks_kept_on_the_gpu_load_from_g1_in_another_process() {
+    let dir = temp_dir("gpu-engine-g1");
+    let config = small_config(dir.path(), |c| {
+        c.tiers.hbm.capacity_bytes = 16 * 64 * 1024;
+    });
+    let config = config.to_str().unwrap().to_string();
+    let daemon = DaemonProc::start(dir.path(), &["--config", &config]);
+    let save = engine(
+        &daemon.socket,
+        &[
+            "--role",
+            "save",
+            "--memory",
+            "host",
+            "--per-layer",
+            "--keep-on-gpu",
+            "--expect-tier",
+            "hbm",
+        ],
+    );
+    assert_eq!(save.1["tier"], 1, "stored to G1: {}", save.1);
+    let load = engine(
+        &daemon.socket,
+        &["--role", "load", "--memory", "host", "--expect-tier", "hbm"],
+    );
+    let l = assert_round_trip(save, load);
+    assert_eq!(l["tier"], 1, "served from G1: {l}");
+    // The same chain, expecting the host tier: the tool fails and names both tiers.
+    let (ok, _, stderr) = engine(
+        &daemon.socket,
+        &[
+            "--role",
+            "load",
+            "--memory",
+            "host",
+            "--expect-tier",
+            "host",
+        ],
+    );
+    assert!(!ok, "a tier other than the expected one fails");
+    assert!(stderr.contains("expected 2 (host)"), "{stderr}");
+}
+
 #[test]
 fn write_through_blocks_load_from_nvme_after_a_restart() {
     let dir = temp_dir("gpu-engine-nvme");

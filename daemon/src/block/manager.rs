@@ -21,8 +21,8 @@ use kvplane_cuda::SlotStore;
 use serde::Deserialize;
 
 use super::plan::{
-    DropPlan, LoadItem, LoadPlan, NvmeRead, NvmeWrite, PromotePlan, RoomPlan, SavePlan, StoreItem,
-    TierCopy,
+    DropPlan, HbmCopy, LoadItem, LoadPlan, NvmeRead, NvmeWrite, PromotePlan, RoomPlan, SavePlan,
+    StoreItem, TierCopy,
 };
 use super::registry::{BlockEvent, BlockKey, Registry, RemoveReason, SessionId};
 use crate::tier::host::{HostError, HostPool, HostPoolReport};
@@ -126,6 +126,8 @@ pub struct SaveReport {
     pub nvme_written: usize,
     /// First NVMe error this call met (the operation went on without NVMe).
     pub nvme_error: Option<NvmeError>,
+    /// Stored blocks also kept in G1 (a save that asked to keep its blocks on the GPU).
+    pub hbm_stored: usize,
 }
 
 #[derive(Debug, Default)]
@@ -636,6 +638,51 @@ impl BlockManager {
         }
     }
 
+    /// Reserves G1 slots for a second copy of the blocks the save stores (the engine asked
+    /// to keep them on its GPU, where any engine on it loads them at device bandwidth),
+    /// evicting G1's least valuable leaves as promotion does; stops at the first block
+    /// that gets none. The host copies stay: a G1 victim is dropped, never copied down.
+    /// Nothing without a G1 tier.
+    pub fn reserve_save_hbm(&self, plan: &mut SavePlan) {
+        if self.stores.hbm.is_none() {
+            return;
+        }
+        let mut reg = self.lock();
+        for (store, item) in plan.stores.iter().enumerate() {
+            let Some(slot) = Self::hbm_slot(&mut reg, plan.namespace) else {
+                break;
+            };
+            if reg
+                .reserve(item.key, item.parent, plan.priority, Tier::Hbm, slot)
+                .is_err()
+            {
+                reg.free_unused(Tier::Hbm, slot);
+                break;
+            }
+            plan.hbm.push(HbmCopy {
+                store,
+                hbm_slot: slot,
+            });
+        }
+        self.flush_events(&mut reg);
+    }
+
+    /// A free G1 slot for `namespace`, evicting a G1 victim (the namespace's own at its
+    /// quota) when none is free; `None` when every G1 block is leased or in use.
+    fn hbm_slot(reg: &mut Registry, namespace: u32) -> Option<u32> {
+        let at_quota = reg.quota_room(namespace, Tier::Hbm) == 0;
+        if !at_quota && let Some(s) = reg.alloc_free(Tier::Hbm) {
+            return Some(s);
+        }
+        let victim = if at_quota {
+            reg.victim_in(namespace, Tier::Hbm)
+        } else {
+            reg.victim(Tier::Hbm)
+        }?;
+        let _ = reg.evict(victim, Tier::Hbm, RemoveReason::Evicted);
+        reg.alloc_free(Tier::Hbm)
+    }
+
     /// Reserves NVMe slots for a write-through copy of every block the save stores (after
     /// the mover filled their host slots); the mover writes `plan.writes`.
     pub fn plan_write_through(&self, plan: &mut SavePlan) {
@@ -680,6 +727,9 @@ impl BlockManager {
         for w in &plan.writes {
             let _ = reg.abort(w.key, Tier::Nvme);
         }
+        for c in &plan.hbm {
+            let _ = reg.abort(plan.stores[c.store].key, Tier::Hbm);
+        }
         for item in &plan.stores {
             let _ = reg.abort(item.key, Tier::Host);
         }
@@ -700,6 +750,7 @@ impl BlockManager {
         self.note_write_errors(&write_results);
         let SavePlan {
             stores,
+            hbm,
             writes,
             mut report,
             ..
@@ -709,6 +760,11 @@ impl BlockManager {
             reg.publish(item.key, Tier::Host, 0)
                 .expect("reserved by this save");
         }
+        for c in &hbm {
+            reg.publish(stores[c.store].key, Tier::Hbm, 0)
+                .expect("reserved by this save");
+        }
+        report.hbm_stored = hbm.len();
         for (w, r) in writes.iter().zip(write_results) {
             match r {
                 Ok(()) => {
@@ -948,27 +1004,8 @@ impl BlockManager {
             let Some(host_slot) = v.present[Tier::Host] else {
                 break;
             };
-            let at_quota = reg.quota_room(namespace, Tier::Hbm) == 0;
-            let free = if at_quota {
-                None
-            } else {
-                reg.alloc_free(Tier::Hbm)
-            };
-            let slot = match free {
-                Some(s) => s,
-                None => {
-                    let victim = if at_quota {
-                        reg.victim_in(namespace, Tier::Hbm)
-                    } else {
-                        reg.victim(Tier::Hbm)
-                    };
-                    let Some(victim) = victim else { break };
-                    let _ = reg.evict(victim, Tier::Hbm, RemoveReason::Evicted);
-                    match reg.alloc_free(Tier::Hbm) {
-                        Some(s) => s,
-                        None => break,
-                    }
-                }
+            let Some(slot) = Self::hbm_slot(&mut reg, namespace) else {
+                break;
             };
             if reg
                 .reserve(key, v.parent, v.priority, Tier::Hbm, slot)

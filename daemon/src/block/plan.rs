@@ -60,8 +60,17 @@ pub struct StoreItem {
     pub host_slot: u32,
 }
 
-/// A save: the host slots reserved for the blocks to store (chain order), and, for a
-/// write-through save once filled, their NVMe copies.
+/// A stored block's second copy in G1, for a save that asked to keep its blocks on the GPU:
+/// `stores[store]` is also gathered into G1 slot `hbm_slot`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HbmCopy {
+    pub store: usize,
+    pub hbm_slot: u32,
+}
+
+/// A save: the host slots reserved for the blocks to store (chain order), their G1 copies
+/// when the engine asked to keep them on the GPU, and, for a write-through save once
+/// filled, their NVMe copies.
 #[must_use = "hand the plan back with commit_save or abort_save"]
 #[derive(Debug, Default)]
 pub struct SavePlan {
@@ -69,6 +78,8 @@ pub struct SavePlan {
     pub(super) priority: u8,
     /// Blocks to store, in chain order.
     pub stores: Vec<StoreItem>,
+    /// G1 copies of a leading run of `stores` (after `reserve_save_hbm`).
+    pub hbm: Vec<HbmCopy>,
     /// Write-through copies of stored blocks (after `plan_write_through`).
     pub writes: Vec<NvmeWrite>,
     /// Blocks that need a host slot (before `reserve_save`).

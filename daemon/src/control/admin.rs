@@ -76,7 +76,7 @@ const TCP_BACKLOG: u32 = 1024;
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// One sample of the link byte counters, for throughput.
-type Sample = (Instant, [u64; 5]);
+type Sample = (Instant, [u64; Link::ALL.len()]);
 
 struct State {
     shared: Arc<DaemonShared>,
@@ -391,7 +391,7 @@ fn gpu_topology() -> Result<Vec<GpuStatus>, String> {
     }
 }
 
-fn link_counters(state: &State) -> [u64; 5] {
+fn link_counters(state: &State) -> [u64; Link::ALL.len()] {
     let m = &state.shared.dataplane.counters.metrics;
     Link::ALL.map(|l| m.link_bytes(l))
 }

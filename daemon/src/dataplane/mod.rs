@@ -628,8 +628,11 @@ impl DataPlane {
                 .iter()
                 .map(|o| (o.hash, (o.parent_hash != 0).then_some(o.parent_hash))),
         );
-        let priority = u8::from(req.flags & ffi::SQE_F_HIGH_PRIORITY != 0);
-        let write_through = req.flags & ffi::SQE_F_WRITE_THROUGH != 0;
+        let options = transfer::SaveOptions {
+            priority: u8::from(req.flags & ffi::SQE_F_HIGH_PRIORITY != 0),
+            write_through: req.flags & ffi::SQE_F_WRITE_THROUGH != 0,
+            keep_on_gpu: req.flags & ffi::SQE_F_KEEP_ON_GPU != 0,
+        };
         let ops = &session.ops;
         let pages = &mut session.pages;
         let scratch = &mut session.scratch;
@@ -638,13 +641,13 @@ impl DataPlane {
             mover,
             ns,
             &session.chain,
-            priority,
-            write_through,
-            |m, stores| {
+            options,
+            |m, stores, hbm| {
                 pages.clear();
                 pages.extend(stores.iter().map(|s| ops[s.index].engine_block));
+                pages.extend(hbm.iter().map(|c| ops[stores[c.store].index].engine_block));
                 launch_and_record(m, target, |m| {
-                    m.launch_gather(target, pages, stores, scratch)
+                    m.launch_gather(target, pages, stores, hbm, scratch)
                 })
             },
         );
@@ -676,8 +679,12 @@ impl DataPlane {
                     .bytes_saved
                     .fetch_add(r.bytes, Ordering::Relaxed);
                 self.counters.metrics.record_save(&r, blocks.block_bytes());
+                // Where the blocks landed: NVMe for a write-through that reached it, G1
+                // when kept on the GPU, else the host tier.
                 let tier = if write_through && r.nvme_written > 0 {
                     Tier::Nvme
+                } else if r.hbm_stored > 0 {
+                    Tier::Hbm
                 } else {
                     Tier::Host
                 };

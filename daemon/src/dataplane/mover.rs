@@ -10,7 +10,7 @@ use kvplane_cuda::{Device, DeviceBuffer, DeviceError, EventId, LayoutId, StreamI
 use kvplane_ffi::kvp_copy_desc;
 use kvplane_kernels::KernelError;
 
-use crate::block::plan::{LoadItem, NvmeRead, NvmeWrite, StoreItem, TierCopy};
+use crate::block::plan::{HbmCopy, LoadItem, NvmeRead, NvmeWrite, StoreItem, TierCopy};
 use crate::tier::nvme::NvmeError;
 use crate::tier::nvme::header::SlotHeader;
 use crate::tier::{Stores, Tier};
@@ -118,15 +118,27 @@ impl Mover {
     /// Queues the gather of engine pages `pages[k]` into the reserved host slots of
     /// `stores[k]` (one launch) on the engine's stream; it is done once [`Mover::landed`]
     /// says so after a [`Mover::record`], or after [`Mover::wait`].
+    ///
+    /// `hbm` lists blocks that also go to G1: `pages` then holds the page of each store,
+    /// followed by the page of each G1 copy (the launch into G1 is a device-to-device
+    /// gather on a GPU).
     pub fn launch_gather(
         &self,
         engine: EngineTarget,
         pages: &[u32],
         stores: &[StoreItem],
+        hbm: &[HbmCopy],
         scratch: &mut MoveScratch,
     ) -> Result<(), MoveError> {
-        assert_eq!(pages.len(), stores.len(), "one page per block");
-        let slots = stores.iter().map(|s| (Tier::Host, s.host_slot));
+        assert_eq!(
+            pages.len(),
+            stores.len() + hbm.len(),
+            "one page per block and per G1 copy"
+        );
+        let slots = stores
+            .iter()
+            .map(|s| (Tier::Host, s.host_slot))
+            .chain(hbm.iter().map(|c| (Tier::Hbm, c.hbm_slot)));
         self.paged(engine, pages, slots, scratch, true)
     }
 

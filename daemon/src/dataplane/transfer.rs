@@ -7,7 +7,7 @@
 //! gather/scatter for an engine session, or the mover's closure variants for tools and
 //! tests that are their own engine.
 
-use crate::block::plan::{LoadItem, LoadPlan, SavePlan, StoreItem};
+use crate::block::plan::{HbmCopy, LoadItem, LoadPlan, SavePlan, StoreItem};
 use crate::block::{BlockError, BlockManager, LoadReport, SaveReport, Tier};
 
 use super::mover::{MoveError, Mover};
@@ -55,19 +55,29 @@ impl SaveStarted {
     }
 }
 
+/// How a save stores its blocks beyond the host tier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SaveOptions {
+    pub priority: u8,
+    /// Copy them to NVMe before they are published (the config may say so for all).
+    pub write_through: bool,
+    /// Also keep them in G1 on the engine's GPU (when the daemon has a G1 tier).
+    pub keep_on_gpu: bool,
+}
+
 /// The first half of a save: host slots for the blocks not stored yet (demoting as
-/// policy says), then `launch` queues the copy of the engine's pages into them. A launch
-/// that fails gives every reservation back.
+/// policy says) and, with `keep_on_gpu`, G1 slots for a leading run of them; then
+/// `launch` queues the copy of the engine's pages into the host slots and the G1 ones.
+/// A launch that fails gives every reservation back.
 pub fn begin_save(
     blocks: &BlockManager,
     mover: &Mover,
     namespace: u32,
     chain: &[(u64, Option<u64>)],
-    priority: u8,
-    write_through: bool,
-    launch: impl FnOnce(&Mover, &[StoreItem]) -> Result<(), MoveError>,
+    options: SaveOptions,
+    launch: impl FnOnce(&Mover, &[StoreItem], &[HbmCopy]) -> Result<(), MoveError>,
 ) -> Result<SaveStarted, BlockError> {
-    let mut plan = blocks.begin_save(namespace, chain, priority);
+    let mut plan = blocks.begin_save(namespace, chain, options.priority);
     let slots = acquire(
         blocks,
         mover,
@@ -77,14 +87,17 @@ pub fn begin_save(
         &mut plan.report,
     );
     blocks.reserve_save(&mut plan, slots);
+    if options.keep_on_gpu {
+        blocks.reserve_save_hbm(&mut plan);
+    }
     if !plan.stores.is_empty()
-        && let Err(e) = launch(mover, &plan.stores)
+        && let Err(e) = launch(mover, &plan.stores, &plan.hbm)
     {
         return Err(fill_failed(blocks, plan, e));
     }
     Ok(SaveStarted {
         plan,
-        write_through,
+        write_through: options.write_through,
     })
 }
 
@@ -120,8 +133,8 @@ fn fill_failed(blocks: &BlockManager, plan: SavePlan, e: MoveError) -> BlockErro
     }
 }
 
-/// Saves a chain in one go: [`begin_save`] with `fill` (which completes the copy before
-/// it returns), then [`finish_save`].
+/// Saves a chain into the host tier in one go: [`begin_save`] with `fill` (which fills
+/// the host slots before it returns), then [`finish_save`].
 pub fn save(
     blocks: &BlockManager,
     mover: &Mover,
@@ -131,15 +144,14 @@ pub fn save(
     write_through: bool,
     fill: impl FnOnce(&Mover, &[StoreItem]) -> Result<(), MoveError>,
 ) -> Result<SaveReport, BlockError> {
-    let started = begin_save(
-        blocks,
-        mover,
-        namespace,
-        chain,
+    let options = SaveOptions {
         priority,
         write_through,
-        fill,
-    )?;
+        keep_on_gpu: false,
+    };
+    let started = begin_save(blocks, mover, namespace, chain, options, |m, stores, _| {
+        fill(m, stores)
+    })?;
     finish_save(blocks, mover, started, Ok(()))
 }
 

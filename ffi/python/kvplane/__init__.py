@@ -64,7 +64,12 @@ class Stats(ctypes.Structure):
 
 
 MAX_LAYERS = 256
+# kvp_sqe.flags (KVP_SQE_F_* in kvplane.h).
 SQE_F_PREFIX_ONLY = 1 << 0
+SQE_F_WRITE_THROUGH = 1 << 1
+SQE_F_HIGH_PRIORITY = 1 << 2
+# SAVE: also keep the blocks in G1 (the daemon's HBM arena on the engine's GPU).
+SQE_F_KEEP_ON_GPU = 1 << 3
 
 
 class KvLayout(ctypes.Structure):

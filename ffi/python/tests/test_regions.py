@@ -385,3 +385,13 @@ def test_client_hands_regions_and_fds_to_the_library(tmp_path):
     # Well-formed: the attach gets as far as connecting (nobody listens).
     with pytest.raises(kvplane.KvplaneError, match="connect"):
         kvplane.Client(sock, lib=l, regions=[(kvplane.KvRegion.host_memfd(4096), buf.fd)])
+
+
+def test_sqe_flags_match_the_header():
+    import re
+    header = (ROOT / "ffi" / "include" / "kvplane.h").read_text()
+    flags = {m.group(1): 1 << int(m.group(2))
+             for m in re.finditer(r"#define KVP_SQE_F_(\w+) \(1u << (\d+)\)", header)}
+    assert set(flags) >= {"PREFIX_ONLY", "WRITE_THROUGH", "HIGH_PRIORITY", "KEEP_ON_GPU"}
+    for name, value in flags.items():
+        assert getattr(kvplane, "SQE_F_" + name) == value, name

@@ -74,9 +74,33 @@ pub struct GpuEngineArgs {
     /// SAVE with KVP_SQE_F_WRITE_THROUGH (lands on NVMe now).
     #[arg(long)]
     pub write_through: bool,
+    /// SAVE with KVP_SQE_F_KEEP_ON_GPU (also lands in G1, the daemon's HBM arena).
+    #[arg(long)]
+    pub keep_on_gpu: bool,
+    /// Fail unless the completion names this tier (a LOAD's slowest source, a SAVE's
+    /// destination): `hbm`, `host` or `nvme`.
+    #[arg(long)]
+    pub expect_tier: Option<ExpectTier>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExpectTier {
+    Hbm,
+    Host,
+    Nvme,
+}
+
+impl ExpectTier {
+    fn tier(self) -> kvplane_ffi::Tier {
+        match self {
+            ExpectTier::Hbm => kvplane_ffi::Tier::Hbm,
+            ExpectTier::Host => kvplane_ffi::Tier::Host,
+            ExpectTier::Nvme => kvplane_ffi::Tier::Nvme,
+        }
+    }
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -270,8 +294,13 @@ pub fn gpu_engine(
     );
     s.arg_len = arg.len() as u32;
     s.count = args.blocks;
-    if args.write_through && args.role == Role::Save {
-        s.flags = kvplane_ffi::SQE_F_WRITE_THROUGH;
+    if args.role == Role::Save {
+        if args.write_through {
+            s.flags |= kvplane_ffi::SQE_F_WRITE_THROUGH;
+        }
+        if args.keep_on_gpu {
+            s.flags |= kvplane_ffi::SQE_F_KEEP_ON_GPU;
+        }
     }
     let t0 = Instant::now();
     let c = qp.call(s, timeout)?;
@@ -335,6 +364,18 @@ pub fn run(args: GpuEngineArgs) -> CliResult {
         return Err(format!(
             "{} failed: status {}, {} of {} blocks, {} mismatched",
             r.role, r.status, r.blocks_done, r.blocks, r.mismatched_blocks
+        )
+        .into());
+    }
+    if let Some(want) = args.expect_tier
+        && r.tier != want.tier().raw()
+    {
+        return Err(format!(
+            "{} completed from/to tier {}, expected {} ({})",
+            r.role,
+            r.tier,
+            want.tier().raw(),
+            want.tier().name()
         )
         .into());
     }

@@ -846,33 +846,78 @@ fn a_slot_rewritten_without_the_key_never_reaches_the_victim() {
     m.check_invariants().unwrap();
 }
 
+/// An engine's KV pool (2 layers x K,V x 16 tokens x one 64-byte head: `BLOCK` bytes a
+/// block, 8 pages) registered with a manager's device, its layout uploaded.
+struct TestEngine {
+    mem: Vec<u8>,
+    layout: kvplane_kernels::PagedLayout,
+    target: crate::dataplane::mover::EngineTarget,
+    device: Arc<dyn kvplane_cuda::Device>,
+}
+
+impl TestEngine {
+    fn new(m: &LocalBlocks) -> Box<TestEngine> {
+        let raw = kvplane_kernels::layout::planes_per_layer(2, 16, 1, 64, 8);
+        let layout = kvplane_kernels::PagedLayout::new(&raw).unwrap();
+        assert_eq!(layout.info().block_bytes, BLOCK as u64);
+        let mut mem = vec![0u8; raw.buffer_bytes as usize];
+        let device = Arc::clone(m.mover.device());
+        let base = std::ptr::NonNull::new(mem.as_mut_ptr()).unwrap();
+        // SAFETY: `mem` lives in the returned box, is never resized, and is unregistered
+        // in Drop before it is freed; it is touched only through the device meanwhile
+        // (tests read it after the copies they wait for).
+        let buffer = unsafe { device.register_host_memory(base, mem.len()) }.unwrap();
+        let target = crate::dataplane::mover::EngineTarget {
+            buffer,
+            layout: device.upload_layout(&layout).unwrap(),
+            stream: device.create_stream().unwrap(),
+            event: device.create_event().unwrap(),
+        };
+        Box::new(TestEngine {
+            mem,
+            layout,
+            target,
+            device,
+        })
+    }
+
+    /// Writes `expect(ns, hash)` into page `page`, as the reference scatter puts it.
+    fn write_block(&mut self, ns: u32, hash: u64, page: u32) {
+        let base = std::ptr::NonNull::new(self.mem.as_mut_ptr()).unwrap();
+        // SAFETY: the pool is live and no device copy runs on it now.
+        let kv = unsafe { kvplane_kernels::EngineKv::new(base, self.mem.len()) };
+        kvplane_kernels::host::scatter(
+            &kv,
+            &self.layout,
+            &[page],
+            &expect(ns, hash),
+            kvplane_kernels::HostLaunch::default(),
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for TestEngine {
+    fn drop(&mut self) {
+        self.device.sync_stream(self.target.stream).unwrap();
+        self.device.free_layout(self.target.layout).unwrap();
+        self.device.destroy_event(self.target.event).unwrap();
+        self.device.destroy_stream(self.target.stream).unwrap();
+        self.device.free(self.target.buffer).unwrap();
+    }
+}
+
 /// A load served partly from G1 and partly from the host tier (two device buffers): the
 /// mover launches one scatter per buffer, and every block lands in its engine page exactly
 /// as the reference kernel puts it there.
 #[test]
 fn a_load_from_g1_and_host_scatters_each_block_into_its_page() {
-    use crate::dataplane::mover::{EngineTarget, MoveScratch};
-    use kvplane_kernels::{EngineKv, HostLaunch, PagedLayout};
+    use crate::dataplane::mover::MoveScratch;
     let m = manager(None, 8, 0);
     save(&m, 5, &chain(1, 4), false);
     assert_eq!(m.promote(5, &[1, 2]), 2);
-    // 2 layers x K,V x 16 tokens x one 64-byte head: `BLOCK` bytes a block.
-    let raw = kvplane_kernels::layout::planes_per_layer(2, 16, 1, 64, 8);
-    let layout = PagedLayout::new(&raw).unwrap();
-    assert_eq!(layout.info().block_bytes, BLOCK as u64);
-    let bytes = raw.buffer_bytes as usize;
-    let mut engine = vec![0u8; bytes];
-    let device = m.mover.device();
-    let base = std::ptr::NonNull::new(engine.as_mut_ptr()).unwrap();
-    // SAFETY: `engine` outlives the registration (freed below, before it is read or
-    // dropped) and is not touched meanwhile except through the device.
-    let buffer = unsafe { device.register_host_memory(base, bytes) }.unwrap();
-    let target = EngineTarget {
-        buffer,
-        layout: device.upload_layout(&layout).unwrap(),
-        stream: device.create_stream().unwrap(),
-        event: device.create_event().unwrap(),
-    };
+    let mut engine = TestEngine::new(&m);
+    let target = engine.target;
     let hashes = [1, 2, 3, 4];
     let pages = [6u32, 0, 3, 5];
     let mut scratch = MoveScratch::default();
@@ -883,25 +928,92 @@ fn a_load_from_g1_and_host_scatters_each_block_into_its_page() {
     .unwrap();
     assert_eq!(r.loaded, 4);
     assert_eq!(r.tiers, [Tier::Hbm, Tier::Hbm, Tier::Host, Tier::Host]);
-    device.free_layout(target.layout).unwrap();
-    device.destroy_event(target.event).unwrap();
-    device.free(buffer).unwrap();
-    let mut want = vec![0u8; bytes];
-    let want_base = std::ptr::NonNull::new(want.as_mut_ptr()).unwrap();
-    // SAFETY: `want` is live for the view's life and borrowed by nothing else meanwhile.
-    let kv = unsafe { EngineKv::new(want_base, bytes) };
+    let got = std::mem::take(&mut engine.mem);
+    engine.mem = vec![0u8; got.len()];
     for (h, page) in hashes.iter().zip(pages) {
-        kvplane_kernels::host::scatter(
-            &kv,
-            &layout,
-            &[page],
-            &expect(5, *h),
-            HostLaunch::default(),
-        )
-        .unwrap();
+        engine.write_block(5, *h, page);
     }
     assert!(
-        engine == want,
+        got == engine.mem,
         "engine pages differ from the reference scatter"
     );
+    engine.mem = got; // unregistered (Drop) before it goes
+}
+
+/// A SAVE that keeps its blocks on the GPU (`KVP_SQE_F_KEEP_ON_GPU`) gathers each into a
+/// host slot and a G1 slot (one launch per buffer); once committed, lookups find them in
+/// G1 and a load is served from G1, byte for byte. With G1 full (2 slots here), a further
+/// save evicts G1's least valuable block, whose host copy stays, and a save without the
+/// flag never touches G1.
+#[test]
+fn a_save_kept_on_the_gpu_lands_in_g1_and_the_host_tier() {
+    use crate::dataplane::mover::MoveScratch;
+    let m = manager(None, 8, 0);
+    let mut engine = TestEngine::new(&m);
+    let target = engine.target;
+    let mut scratch = MoveScratch::default();
+    let mut pages = Vec::new();
+    let mut save_from_pages = |blocks: &[(u64, Option<u64>)], first_page: u32, keep: bool| {
+        let options = SaveOptions {
+            keep_on_gpu: keep,
+            ..SaveOptions::default()
+        };
+        let started = begin_save(
+            &m.blocks,
+            &m.mover,
+            5,
+            blocks,
+            options,
+            |mv, stores, hbm| {
+                pages.clear();
+                pages.extend(stores.iter().map(|s| first_page + s.index as u32));
+                pages.extend(
+                    hbm.iter()
+                        .map(|c| first_page + stores[c.store].index as u32),
+                );
+                mv.launch_gather(target, &pages, stores, hbm, &mut scratch)?;
+                mv.wait(target)
+            },
+        )
+        .unwrap();
+        finish_save(&m.blocks, &m.mover, started, Ok(())).unwrap()
+    };
+    for (i, h) in [11u64, 12, 13, 14].iter().enumerate() {
+        engine.write_block(5, *h, i as u32);
+    }
+    let r = save_from_pages(&chain(11, 2), 0, true);
+    assert_eq!((r.stored, r.hbm_stored), (2, 2));
+    let mut tiers = [None; 2];
+    assert_eq!(m.lookup(5, &[11, 12], &mut tiers), 2);
+    assert_eq!(tiers, [Some(Tier::Hbm); 2], "found in G1 first");
+    let l = load(&m, 5, &[11, 12]);
+    assert_eq!(
+        l.tiers,
+        [Tier::Hbm, Tier::Hbm],
+        "served from G1, bytes checked"
+    );
+
+    // A save without the flag stays out of G1.
+    let r = save_from_pages(&[(13, None)], 2, false);
+    assert_eq!((r.stored, r.hbm_stored), (1, 0));
+    let mut t = [None; 1];
+    m.lookup(5, &[13], &mut t);
+    assert_eq!(t, [Some(Tier::Host)]);
+
+    // G1 is full: keeping block 14 evicts a G1 block, whose host copy stays loadable.
+    let r = save_from_pages(&[(14, None)], 3, true);
+    assert_eq!((r.stored, r.hbm_stored), (1, 1));
+    m.lookup(5, &[14], &mut t);
+    assert_eq!(t, [Some(Tier::Hbm)]);
+    let l = load(&m, 5, &[11, 12]);
+    assert_eq!(
+        l.loaded, 2,
+        "the evicted G1 block is still in the host tier"
+    );
+    assert!(
+        l.tiers.contains(&Tier::Host),
+        "one of 11, 12 left G1: {:?}",
+        l.tiers
+    );
+    m.check_invariants().unwrap();
 }

@@ -1,0 +1,123 @@
+//! `KVP_SQE_F_KEEP_ON_GPU` through a real session: engine A saves with the flag, the
+//! completion says the blocks went to G1, and engine B (another session, its own pool)
+//! finds them in G1 and loads them from there into its own pages, byte for byte. On this
+//! machine G1 is host memory standing in for HBM; on a GPU it is the daemon's device
+//! arena and the copies are device-to-device (`scripts/gpu-e2e.sh`).
+
+use std::time::Duration;
+
+use kvplane_daemon::tier::nvme::EngineKind;
+use kvplane_ffi::{Opcode, SQE_F_KEEP_ON_GPU, Status, Tier, kvp_block_op, kvp_cqe};
+use kvplane_shm::{QueuePair, client};
+
+mod common;
+use common::{BLOCK_BYTES, PAGE_BYTES};
+
+const NAMESPACE: &str = "g1";
+
+fn block_op(
+    qp: &mut QueuePair,
+    op: Opcode,
+    flags: u16,
+    hashes: &[u64],
+    first_page: u32,
+) -> (kvp_cqe, Vec<kvp_block_op>) {
+    let ops: Vec<kvp_block_op> = hashes
+        .iter()
+        .enumerate()
+        .map(|(i, &h)| {
+            let parent = if i == 0 { 0 } else { hashes[i - 1] };
+            kvp_block_op::new(h, parent, first_page + i as u32)
+        })
+        .collect();
+    qp.write_arena(0, kvplane_ffi::slice_as_bytes(&ops))
+        .unwrap();
+    let mut s = client::sqe(op, 9);
+    s.flags = flags;
+    s.count = ops.len() as u32;
+    s.arg_len = std::mem::size_of_val(&ops[..]) as u32;
+    let c = qp.call(s, Duration::from_secs(10)).expect("block op");
+    let mut back = ops.clone();
+    qp.read_arena(0, kvplane_ffi::slice_as_bytes_mut(&mut back))
+        .unwrap();
+    (c, back)
+}
+
+#[test]
+fn blocks_kept_on_the_gpu_are_loaded_by_another_engine_from_g1() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path(), EngineKind::Sync);
+    config.tiers.nvme.paths.clear();
+    config.tiers.nvme.capacity_bytes = 0;
+    config.tiers.hbm.capacity_bytes = 4 * BLOCK_BYTES;
+    let (daemon, _blocks) = common::start(config, None);
+    let socket = daemon.socket_path().to_path_buf();
+    let (_a, mut qa, kv_a) = common::attach_with_kv(&socket, NAMESPACE);
+    let (_b, mut qb, kv_b) = common::attach_with_kv(&socket, NAMESPACE);
+
+    // A fills pages 0..3 (every layer and plane) and saves them, kept on the GPU.
+    let hashes = [0x61_0001u64, 0x61_0002, 0x61_0003];
+    let planes = common::LAYERS as u64 * 2;
+    let page_at = |plane: u64, page: u64| plane * common::PAGES * PAGE_BYTES + page * PAGE_BYTES;
+    for page in 0..hashes.len() as u64 {
+        for plane in 0..planes {
+            let fill = vec![(0x30 + page * 8 + plane) as u8; PAGE_BYTES as usize];
+            kv_a.write_bytes(page_at(plane, page), &fill).unwrap();
+        }
+    }
+    let (c, _) = block_op(&mut qa, Opcode::Save, SQE_F_KEEP_ON_GPU, &hashes, 0);
+    assert_eq!(c.status, Status::Ok.raw(), "SAVE: {c:?}");
+    assert_eq!(c.blocks, 3);
+    assert_eq!(
+        c.tier,
+        Tier::Hbm.raw() as u16,
+        "the completion says they went to G1"
+    );
+
+    // B finds them in G1 and loads them into its pages 7..10.
+    let (c, ops) = block_op(&mut qb, Opcode::Lookup, 0, &hashes, 0);
+    assert_eq!((c.status, c.blocks), (Status::Ok.raw(), 3));
+    assert!(
+        ops.iter().all(|o| o.tier == Tier::Hbm.raw() as u8),
+        "found in G1: {:?}",
+        ops.iter().map(|o| o.tier).collect::<Vec<_>>()
+    );
+    let (c, ops) = block_op(&mut qb, Opcode::Load, 0, &hashes, 7);
+    assert_eq!((c.status, c.blocks), (Status::Ok.raw(), 3), "LOAD: {c:?}");
+    assert_eq!(c.tier, Tier::Hbm.raw() as u16, "served from G1");
+    assert!(ops.iter().all(|o| o.tier == Tier::Hbm.raw() as u8));
+    for page in 0..hashes.len() as u64 {
+        for plane in 0..planes {
+            let mut got = vec![0u8; PAGE_BYTES as usize];
+            kv_b.read_bytes(page_at(plane, 7 + page), &mut got).unwrap();
+            let want = (0x30 + page * 8 + plane) as u8;
+            assert!(
+                got.iter().all(|b| *b == want),
+                "block {page}, layer/plane {plane}: B's page holds A's bytes"
+            );
+        }
+    }
+    // A save without the flag goes to the host tier only; the flag is refused on a LOAD.
+    let (c, _) = block_op(&mut qa, Opcode::Save, 0, &[0x61_0009], 5);
+    assert_eq!(
+        (c.status, c.tier),
+        (Status::Ok.raw(), Tier::Host.raw() as u16)
+    );
+    let (c, _) = block_op(&mut qb, Opcode::Load, SQE_F_KEEP_ON_GPU, &hashes, 7);
+    assert_eq!(
+        c.status,
+        Status::BadFlags.raw(),
+        "KEEP_ON_GPU is a SAVE flag"
+    );
+    let links = &daemon.shared().dataplane.counters.metrics;
+    assert_eq!(
+        links.link_bytes(kvplane_daemon::metrics::Link::EngineToG1),
+        3 * BLOCK_BYTES
+    );
+    assert_eq!(
+        links.link_bytes(kvplane_daemon::metrics::Link::G1ToEngine),
+        3 * BLOCK_BYTES
+    );
+    drop((qa, qb));
+    daemon.shutdown();
+}
