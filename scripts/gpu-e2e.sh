@@ -18,9 +18,12 @@
 #      as file descriptors;
 #   3. a chain kept on the GPU (KVP_SQE_F_KEEP_ON_GPU: into G1, device to device) and
 #      loaded by the other process from G1 (its report's tier must be 1, HBM);
-#   4. the same chain saved with write-through, the daemon restarted, and loaded from NVMe;
-#   5. compute-sanitizer (memcheck) over a daemon serving one small save/load round;
-#   6. `kvplane bench transfer --quick --json` (its paths are host ones today; the kernel
+#   4. a chain saved and loaded with the engines' IPC events (KVP_OP_REGISTER_EVENTS): the
+#      SAVE's copy waits for the saver's event on the GPU, the LOAD completes when queued
+#      and the loader waits on its event before comparing;
+#   5. the same chain saved with write-through, the daemon restarted, and loaded from NVMe;
+#   6. compute-sanitizer (memcheck) over a daemon serving one small save/load round;
+#   7. `kvplane bench transfer --quick --json` (its paths are host ones today; the kernel
 #      and offload tables against the PCIe ceiling are gpu_check's, scripts/gpu/device-run.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -121,6 +124,8 @@ if started serve-cuda; then
     engine load-one --role load --memory ipc --first-hash 3000 "${BLOCKS[@]}" --blocks 1
     engine save-g1 --role save --memory ipc --per-layer --keep-on-gpu --expect-tier hbm --first-hash 3500 "${BLOCKS[@]}"
     engine load-g1 --role load --memory vmm --expect-tier hbm --first-hash 3500 "${BLOCKS[@]}"
+    engine save-event --role save --memory ipc --per-layer --ipc-event --first-hash 3700 "${BLOCKS[@]}"
+    engine load-event --role load --memory vmm --ipc-event --first-hash 3700 "${BLOCKS[@]}"
     engine save-nvme --role save --memory ipc --per-layer --write-through --first-hash 4000 "${BLOCKS[@]}"
     stop_daemon
     if started restart-cuda; then

@@ -413,54 +413,6 @@ impl CudaDevice {
         Ok(dev)
     }
 
-    /// Opens an engine's interprocess event (cudaIpcGetEventHandle's 64 bytes).
-    pub fn import_ipc_event(&self, handle: &[u8; 64]) -> Result<EventId, DeviceError> {
-        let mut st = self.lock()?;
-        let mut h = sys::CUipcEventHandle_st { reserved: [0; 64] };
-        for (d, s) in h.reserved.iter_mut().zip(handle) {
-            *d = *s as _;
-        }
-        let mut ev: sys::CUevent = std::ptr::null_mut();
-        // SAFETY: valid out pointer; the driver validates the handle.
-        unsafe { sys::cuIpcOpenEventHandle(&mut ev, h) }
-            .result()
-            .map_err(drv("cuIpcOpenEventHandle"))?;
-        Ok(insert_event(&mut st, ev))
-    }
-
-    /// Creates an interprocess event and its handle for an engine, so the engine's stream
-    /// can wait for a load (record it with [`CudaDevice::record_into`]) with no CPU round
-    /// trip.
-    pub fn create_ipc_event(&self) -> Result<(EventId, [u8; 64]), DeviceError> {
-        let mut st = self.lock()?;
-        let mut ev: sys::CUevent = std::ptr::null_mut();
-        let flags = sys::CUevent_flags::CU_EVENT_INTERPROCESS as u32
-            | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
-        // SAFETY: valid out pointer; interprocess events require DISABLE_TIMING (given).
-        unsafe { sys::cuEventCreate(&mut ev, flags) }
-            .result()
-            .map_err(drv("cuEventCreate"))?;
-        let mut h = sys::CUipcEventHandle_st { reserved: [0; 64] };
-        // SAFETY: a live interprocess event and a valid out pointer.
-        unsafe { sys::cuIpcGetEventHandle(&mut h, ev) }
-            .result()
-            .map_err(drv("cuIpcGetEventHandle"))?;
-        let mut out = [0u8; 64];
-        for (d, s) in out.iter_mut().zip(h.reserved) {
-            *d = s as u8;
-        }
-        Ok((insert_event(&mut st, ev), out))
-    }
-
-    /// Records an existing event (e.g. an IPC event) at the end of `stream`.
-    pub fn record_into(&self, stream: StreamId, event: EventId) -> Result<(), DeviceError> {
-        let st = self.lock()?;
-        let s = stream_of(&st, "record_into", stream)?;
-        let ev = event_of(&st, "record_into", event)?;
-        // SAFETY: live event and stream of this context.
-        unsafe { result::event::record(ev, s) }.map_err(drv("cuEventRecord"))
-    }
-
     /// Uploads `parts` into `stream`'s scratch table (grown as needed), each at the
     /// offset [`scratch_align`] gives it (16-byte aligned), and returns the table's
     /// address. Stream-ordered, so the previous launch on the stream has consumed the old
@@ -807,6 +759,21 @@ impl Device for CudaDevice {
         let ev = event_of(&st, "record_event", event)?;
         // SAFETY: live event and stream of this context.
         unsafe { result::event::record(ev, s) }.map_err(drv("cuEventRecord"))
+    }
+
+    fn import_ipc_event(&self, handle: &[u8; 64]) -> Result<EventId, DeviceError> {
+        let mut st = self.lock()?;
+        let mut h = sys::CUipcEventHandle_st { reserved: [0; 64] };
+        for (d, s) in h.reserved.iter_mut().zip(handle) {
+            *d = *s as _;
+        }
+        let mut ev: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: valid out pointer; the driver validates the handle (another process's
+        // interprocess event on this context's device, or an error).
+        unsafe { sys::cuIpcOpenEventHandle(&mut ev, h) }
+            .result()
+            .map_err(drv("cuIpcOpenEventHandle"))?;
+        Ok(insert_event(&mut st, ev))
     }
 
     fn stream_wait_event(&self, stream: StreamId, event: EventId) -> Result<(), DeviceError> {

@@ -240,6 +240,11 @@ pub trait Device: Send + Sync + std::fmt::Debug {
         }
         Ok(event)
     }
+    /// Opens an engine's CUDA IPC event (cuIpcGetEventHandle's 64 bytes; the event was
+    /// created with CU_EVENT_INTERPROCESS on this GPU): the daemon's streams can wait on
+    /// it and record it. Undo with [`Device::destroy_event`]. The host backend has no
+    /// GPU events to open and says so.
+    fn import_ipc_event(&self, handle: &[u8; 64]) -> Result<EventId, DeviceError>;
     /// Makes later work on `stream` wait for `event` (no CPU round trip).
     fn stream_wait_event(&self, stream: StreamId, event: EventId) -> Result<(), DeviceError>;
     /// Whether the work `event` was recorded after has finished, without waiting

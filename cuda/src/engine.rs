@@ -255,6 +255,86 @@ impl EngineAlloc {
     }
 }
 
+/// An engine's interprocess event (`CU_EVENT_INTERPROCESS | CU_EVENT_DISABLE_TIMING`),
+/// registered with the daemon by [`EngineEvent::describe`] (KVP_OP_REGISTER_EVENTS): the
+/// engine records it after writing KV a SAVE reads, and waits on it after a LOAD that
+/// names it.
+#[derive(Debug)]
+pub struct EngineEvent {
+    gpu: Arc<EngineGpu>,
+    event: sys::CUevent,
+}
+
+// SAFETY: a CUevent is a driver handle usable from any thread with the context bound
+// (every method binds it first).
+unsafe impl Send for EngineEvent {}
+
+impl EngineGpu {
+    /// A new interprocess event on this GPU (recorded once before any wait on it, so a
+    /// wait before the first record does not block).
+    pub fn event(self: &Arc<Self>) -> Result<EngineEvent, DeviceError> {
+        self.bind()?;
+        let flags = sys::CUevent_flags::CU_EVENT_INTERPROCESS as u32
+            | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+        let mut event: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: a valid out pointer in the bound context.
+        unsafe { sys::cuEventCreate(&mut event, flags) }
+            .result()
+            .map_err(drv("cuEventCreate"))?;
+        let e = EngineEvent {
+            gpu: Arc::clone(self),
+            event,
+        };
+        e.record()?;
+        Ok(e)
+    }
+}
+
+impl EngineEvent {
+    /// What KVP_OP_REGISTER_EVENTS takes for this event: its GPU and IPC handle.
+    pub fn describe(&self) -> Result<kvplane_ffi::kvp_ipc_event, DeviceError> {
+        self.gpu.bind()?;
+        let mut h = sys::CUipcEventHandle_st { reserved: [0; 64] };
+        // SAFETY: a valid out pointer; a live interprocess event of the bound context.
+        unsafe { sys::cuIpcGetEventHandle(&mut h, self.event) }
+            .result()
+            .map_err(drv("cuIpcGetEventHandle"))?;
+        let mut e: kvplane_ffi::kvp_ipc_event = kvplane_ffi::Pod::zeroed();
+        e.gpu_uuid = self.gpu.uuid;
+        for (d, s) in e.handle.iter_mut().zip(h.reserved) {
+            *d = s as u8;
+        }
+        Ok(e)
+    }
+
+    /// Records the event on the default stream (after the engine's writes so far).
+    pub fn record(&self) -> Result<(), DeviceError> {
+        self.gpu.bind()?;
+        // SAFETY: a live event; the null stream of the bound context.
+        unsafe { sys::cuEventRecord(self.event, std::ptr::null_mut()) }
+            .result()
+            .map_err(drv("cuEventRecord"))
+    }
+
+    /// Blocks until the event's last record (here or in the daemon) has completed.
+    pub fn synchronize(&self) -> Result<(), DeviceError> {
+        self.gpu.bind()?;
+        // SAFETY: a live event.
+        unsafe { sys::cuEventSynchronize(self.event) }
+            .result()
+            .map_err(drv("cuEventSynchronize"))
+    }
+}
+
+impl Drop for EngineEvent {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_ok() {
+            // SAFETY: destroyed once, by its owner.
+            let _ = unsafe { sys::cuEventDestroy_v2(self.event) };
+        }
+    }
+}
+
 impl Drop for EngineAlloc {
     fn drop(&mut self) {
         if self.gpu.bind().is_err() {

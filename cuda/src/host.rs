@@ -122,6 +122,10 @@ struct State {
     events: HashMap<u64, Option<Instant>>,
 }
 
+/// The GPU UUID of a host device made `with_ipc_events_for_tests` (events name it).
+#[doc(hidden)]
+pub const TEST_GPU_UUID: [u8; 16] = *b"kvplane-host-gpu";
+
 /// Called by every copy and kernel after its checks, holding only its stream (test hook).
 pub type LaunchHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
@@ -132,6 +136,8 @@ pub struct HostDevice {
     hook: Option<LaunchHook>,
     /// How long after its launch an operation reports done (zero: at once).
     completion_delay: Duration,
+    /// Tests only: `import_ipc_event` opens any handle as a fresh event of this device.
+    ipc_events_for_tests: bool,
 }
 
 impl std::fmt::Debug for HostDevice {
@@ -170,6 +176,18 @@ impl HostDevice {
             launch,
             hook: None,
             completion_delay: Duration::ZERO,
+            ipc_events_for_tests: false,
+        }
+    }
+
+    /// This device, opening any CUDA IPC event handle as a fresh event of its own (no other
+    /// process can wait on or record it): tests of the data plane's logic around engines'
+    /// IPC events run on it without a GPU. Never in the daemon.
+    #[doc(hidden)]
+    pub fn with_ipc_events_for_tests(self) -> Self {
+        Self {
+            ipc_events_for_tests: true,
+            ..self
         }
     }
 
@@ -319,7 +337,8 @@ impl Device for HostDevice {
     }
 
     fn gpu_uuid(&self) -> Option<[u8; 16]> {
-        None
+        // The test stand-in for IPC events has a GPU identity for them to name.
+        self.ipc_events_for_tests.then_some(TEST_GPU_UUID)
     }
 
     fn import_engine_memory(
@@ -404,6 +423,16 @@ impl Device for HostDevice {
             .ok_or_else(|| unknown("record_event", "event", event.0))?;
         *slot = done_at;
         Ok(())
+    }
+
+    fn import_ipc_event(&self, _handle: &[u8; 64]) -> Result<EventId, DeviceError> {
+        if self.ipc_events_for_tests {
+            return self.create_event();
+        }
+        Err(DeviceError::Unsupported {
+            op: "a CUDA IPC event",
+            backend: "host",
+        })
     }
 
     fn stream_wait_event(&self, stream: StreamId, event: EventId) -> Result<(), DeviceError> {

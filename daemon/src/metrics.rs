@@ -122,7 +122,7 @@ pub struct NamespaceLookups {
 #[derive(Debug, Default)]
 pub struct DataPlaneMetrics {
     /// Per opcode, in `Opcode::ALL` order.
-    op_latency: [LatencyHistogram; 10],
+    op_latency: [LatencyHistogram; Opcode::ALL.len()],
     /// Operations being executed right now (the data plane's queue depth).
     pub in_flight: AtomicU64,
     link_bytes: [AtomicU64; Link::ALL.len()],
@@ -145,6 +145,7 @@ pub(crate) fn opcode_name(op: Opcode) -> &'static str {
         Opcode::Unpin => "unpin",
         Opcode::Drop => "drop",
         Opcode::ClearNamespace => "clear_namespace",
+        Opcode::RegisterEvents => "register_events",
     }
 }
 

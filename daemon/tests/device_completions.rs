@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use kvplane_daemon::block::BlockManager;
 use kvplane_daemon::session::Daemon;
 use kvplane_daemon::tier::nvme::EngineKind;
-use kvplane_ffi::{Opcode, Pod, Status, kvp_block_op, kvp_cqe};
+use kvplane_ffi::{Opcode, Pod, Status, kvp_cqe};
 use kvplane_shm::{AttachOptions, QueuePair, Session, ShmError, client};
 
 mod common;
@@ -52,37 +52,10 @@ fn attach_plain(socket: &Path) -> (Session, QueuePair) {
     (s, qp)
 }
 
-/// Writes `ops` for `hashes` (pages `first_page..`) to the arena at 0: a chained batch.
-fn write_ops(qp: &mut QueuePair, hashes: &[u64], first_page: u32) -> u32 {
-    let mut arg = Vec::new();
-    for (i, &h) in hashes.iter().enumerate() {
-        let parent = if i == 0 { 0 } else { hashes[i - 1] };
-        arg.extend_from_slice(kvplane_ffi::as_bytes(&kvp_block_op::new(
-            h,
-            parent,
-            first_page + i as u32,
-        )));
-    }
-    qp.write_arena(0, &arg).unwrap();
-    arg.len() as u32
-}
-
-fn block_sqe(op: Opcode, user_data: u64, count: usize, arg_len: u32) -> kvplane_ffi::kvp_sqe {
-    let mut s = client::sqe(op, user_data);
-    s.count = count as u32;
-    s.arg_len = arg_len;
-    s
-}
-
 /// How many of `hashes` a LOOKUP through `qp` finds (its arena at 0 is overwritten).
 fn lookup_hits(qp: &mut QueuePair, hashes: &[u64]) -> u32 {
-    let len = write_ops(qp, hashes, 0);
-    let c = qp
-        .call(
-            block_sqe(Opcode::Lookup, 0x100C, hashes.len(), len),
-            Duration::from_secs(10),
-        )
-        .expect("lookup");
+    let s = common::chain_sqe(qp, Opcode::Lookup, 0x100C, hashes, 0);
+    let c = qp.call(s, Duration::from_secs(10)).expect("lookup");
     assert_eq!(c.status, Status::Ok.raw(), "lookup: {c:?}");
     c.blocks
 }
@@ -129,9 +102,8 @@ fn a_copy_in_flight_completes_when_its_event_does_and_other_sessions_are_served_
         )
         .unwrap();
     }
-    let len = write_ops(&mut qa, &hashes, 0);
+    let save = common::chain_sqe(&mut qa, Opcode::Save, 1, &hashes, 0);
     let t0 = Instant::now();
-    let save = block_sqe(Opcode::Save, 1, hashes.len(), len);
     assert_eq!(qa.submit(&[save, client::sqe(Opcode::Nop, 2)]).unwrap(), 2);
 
     // B, meanwhile: NOP round trips, and LOOKUPs that must not see the blocks before A's
@@ -184,13 +156,9 @@ fn a_copy_in_flight_completes_when_its_event_does_and_other_sessions_are_served_
 
     // A: LOAD both blocks into pages 5 and 6; the bytes are there when it completes, and
     // not before DELAY.
-    let len = write_ops(&mut qa, &hashes, 5);
+    let load = common::chain_sqe(&mut qa, Opcode::Load, 3, &hashes, 5);
     let t1 = Instant::now();
-    assert_eq!(
-        qa.submit(&[block_sqe(Opcode::Load, 3, hashes.len(), len)])
-            .unwrap(),
-        1
-    );
+    assert_eq!(qa.submit(&[load]).unwrap(), 1);
     let got = collect(&mut qa, 1, std::thread::yield_now);
     let (load_cqe, load_at) = got[0];
     assert_eq!(load_cqe.status, Status::Ok.raw(), "LOAD: {load_cqe:?}");
@@ -235,15 +203,11 @@ fn a_session_that_ends_with_a_copy_in_flight_ends_after_it_lands_holding_nothing
     let socket = daemon.socket_path().to_path_buf();
     let (a, mut qa, _kv) = common::attach_with_kv(&socket, NAMESPACE);
     let hashes = [0xDEAD_0001u64, 0xDEAD_0002, 0xDEAD_0003];
-    let len = write_ops(&mut qa, &hashes, 0);
+    let save = common::chain_sqe(&mut qa, Opcode::Save, 1, &hashes, 0);
     // Pin nothing, save three blocks, and go away at once: the socket closes with the
     // copy on the device.
     let t0 = Instant::now();
-    assert_eq!(
-        qa.submit(&[block_sqe(Opcode::Save, 1, hashes.len(), len)])
-            .unwrap(),
-        1
-    );
+    assert_eq!(qa.submit(&[save]).unwrap(), 1);
     std::thread::sleep(Duration::from_millis(20));
     drop((qa, a));
     let ended_after = loop {

@@ -7,8 +7,9 @@
 use std::time::Duration;
 
 use kvplane_daemon::tier::nvme::EngineKind;
+use kvplane_ffi::Pod;
 use kvplane_ffi::{Opcode, SQE_F_KEEP_ON_GPU, Status, Tier, kvp_block_op, kvp_cqe};
-use kvplane_shm::{QueuePair, client};
+use kvplane_shm::QueuePair;
 
 mod common;
 use common::{BLOCK_BYTES, PAGE_BYTES};
@@ -22,22 +23,10 @@ fn block_op(
     hashes: &[u64],
     first_page: u32,
 ) -> (kvp_cqe, Vec<kvp_block_op>) {
-    let ops: Vec<kvp_block_op> = hashes
-        .iter()
-        .enumerate()
-        .map(|(i, &h)| {
-            let parent = if i == 0 { 0 } else { hashes[i - 1] };
-            kvp_block_op::new(h, parent, first_page + i as u32)
-        })
-        .collect();
-    qp.write_arena(0, kvplane_ffi::slice_as_bytes(&ops))
-        .unwrap();
-    let mut s = client::sqe(op, 9);
+    let mut s = common::chain_sqe(qp, op, 9, hashes, first_page);
     s.flags = flags;
-    s.count = ops.len() as u32;
-    s.arg_len = std::mem::size_of_val(&ops[..]) as u32;
     let c = qp.call(s, Duration::from_secs(10)).expect("block op");
-    let mut back = ops.clone();
+    let mut back = vec![kvp_block_op::zeroed(); hashes.len()];
     qp.read_arena(0, kvplane_ffi::slice_as_bytes_mut(&mut back))
         .unwrap();
     (c, back)

@@ -96,6 +96,8 @@ extern "C" {
 #define KVP_MAX_KV_REGIONS 512u
 #define KVP_GPU_UUID_BYTES 16u
 #define KVP_CUDA_IPC_HANDLE_BYTES 64u
+/* IPC events one session registers (KVP_OP_REGISTER_EVENTS). */
+#define KVP_MAX_IPC_EVENTS 64u
 
 /* ---------------------------------------------------------------------------------- */
 /* Opcodes, flags, status codes, tiers, states                                         */
@@ -112,7 +114,10 @@ enum kvp_opcode {
     KVP_OP_UNPIN = 7,           /* arg: kvp_block_op[count]; release leases */
     KVP_OP_DROP = 8,            /* arg: kvp_block_op[count]; remove blocks */
     KVP_OP_CLEAR_NAMESPACE = 9, /* no arg; removes every block of sqe.namespace_id */
-    KVP_OP_COUNT = 10
+    KVP_OP_REGISTER_EVENTS = 10, /* arg: kvp_ipc_event[count] (count 0..KVP_MAX_IPC_EVENTS):
+                                  * the session's CUDA IPC events, replacing those before;
+                                  * SAVE and LOAD name them in param0 */
+    KVP_OP_COUNT = 11
 };
 
 /* kvp_sqe.flags */
@@ -184,6 +189,19 @@ enum kvp_session_state {
 /* Ring entries                                                                        */
 /* ---------------------------------------------------------------------------------- */
 
+/* SAVE and LOAD param0: 0, or 1 + the index of an event registered with
+ * KVP_OP_REGISTER_EVENTS.
+ * SAVE: the daemon's copy waits for that event on the GPU before it reads the engine's
+ * pages (record it on your stream after the KV is written; no host synchronisation).
+ * LOAD: the daemon records that event after its copy into the engine's pages, and
+ * completes the LOAD as soon as the copy is queued (blocks, bytes, tiers as final): make
+ * your stream wait on the event before reading the pages. A copy that then fails on the
+ * GPU ends the session (state DEAD). */
+#define KVP_EVENT_NONE 0u
+/* cqe.detail of a SAVE or LOAD refused with KVP_E_BAD_ARG because param0 names no
+ * registered event. */
+#define KVP_DETAIL_BAD_EVENT 0xFFFFFFFFu
+
 /* Submission entry, written by the engine. 64 bytes. */
 struct kvp_sqe {
     uint64_t user_data;    /* returned unchanged in the completion */
@@ -193,7 +211,7 @@ struct kvp_sqe {
     uint64_t arg_offset;   /* byte offset of the argument, relative to the QP's arena slice */
     uint32_t arg_len;      /* argument bytes */
     uint32_t count;        /* number of elements in the argument (blocks) */
-    uint64_t param0;       /* opcode-specific */
+    uint64_t param0;       /* opcode-specific; SAVE and LOAD: KVP_EVENT_* */
     uint64_t param1;       /* opcode-specific */
     uint8_t reserved[14];  /* must be zero */
     uint16_t seq;          /* ring protocol (see the top of this file); set by the ring code */
@@ -375,6 +393,15 @@ struct kvp_kv_region {
     uint8_t reserved[16];  /* must be zero */
 };
 
+/* One CUDA IPC event of the engine (KVP_OP_REGISTER_EVENTS): cuIpcGetEventHandle of an
+ * event created with CU_EVENT_INTERPROCESS | CU_EVENT_DISABLE_TIMING on the GPU the
+ * session's KV memory is on. 96 bytes. */
+struct kvp_ipc_event {
+    uint8_t gpu_uuid[KVP_GPU_UUID_BYTES]; /* the event's GPU (cuDeviceGetUuid) */
+    uint8_t handle[KVP_CUDA_IPC_HANDLE_BYTES];
+    uint8_t reserved[16]; /* must be zero */
+};
+
 /* Daemon -> engine reply; a memfd for the segment comes with it (SCM_RIGHTS) when
  * status is KVP_OK. */
 struct kvp_attach_reply {
@@ -460,6 +487,7 @@ KVP_STATIC_ASSERT(sizeof(struct kvp_block_op) == 24, "block op");
 KVP_STATIC_ASSERT(sizeof(struct kvp_copy_desc) == 24, "copy desc");
 KVP_STATIC_ASSERT(sizeof(struct kvp_kv_layout) == 64 + 2 * 10 * KVP_MAX_LAYERS, "layout");
 KVP_STATIC_ASSERT(sizeof(struct kvp_kv_region) == 128, "kv region");
+KVP_STATIC_ASSERT(sizeof(struct kvp_ipc_event) == 96, "ipc event");
 #endif
 
 #ifdef __cplusplus

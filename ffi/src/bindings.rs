@@ -16,12 +16,15 @@ pub const KVP_NAMESPACE_NAME_BYTES: u32 = 64;
 pub const KVP_MAX_KV_REGIONS: u32 = 512;
 pub const KVP_GPU_UUID_BYTES: u32 = 16;
 pub const KVP_CUDA_IPC_HANDLE_BYTES: u32 = 64;
+pub const KVP_MAX_IPC_EVENTS: u32 = 64;
 pub const KVP_SQE_F_NONE: u32 = 0;
 pub const KVP_SQE_F_PREFIX_ONLY: u32 = 1;
 pub const KVP_SQE_F_WRITE_THROUGH: u32 = 2;
 pub const KVP_SQE_F_HIGH_PRIORITY: u32 = 4;
 pub const KVP_SQE_F_KEEP_ON_GPU: u32 = 8;
 pub const KVP_SQE_F_ALL: u32 = 15;
+pub const KVP_EVENT_NONE: u32 = 0;
+pub const KVP_DETAIL_BAD_EVENT: u32 = 4294967295;
 pub const kvp_opcode_KVP_OP_NOP: kvp_opcode = 0;
 pub const kvp_opcode_KVP_OP_STATS: kvp_opcode = 1;
 pub const kvp_opcode_KVP_OP_ATTACH_LAYOUT: kvp_opcode = 2;
@@ -32,7 +35,8 @@ pub const kvp_opcode_KVP_OP_PIN: kvp_opcode = 6;
 pub const kvp_opcode_KVP_OP_UNPIN: kvp_opcode = 7;
 pub const kvp_opcode_KVP_OP_DROP: kvp_opcode = 8;
 pub const kvp_opcode_KVP_OP_CLEAR_NAMESPACE: kvp_opcode = 9;
-pub const kvp_opcode_KVP_OP_COUNT: kvp_opcode = 10;
+pub const kvp_opcode_KVP_OP_REGISTER_EVENTS: kvp_opcode = 10;
+pub const kvp_opcode_KVP_OP_COUNT: kvp_opcode = 11;
 pub type kvp_opcode = ::core::ffi::c_uint;
 pub const kvp_status_KVP_OK: kvp_status = 0;
 pub const kvp_status_KVP_E_BAD_OPCODE: kvp_status = 1;
@@ -474,6 +478,24 @@ const _: () = {
         [::core::mem::offset_of!(kvp_kv_region, handle) - 48usize];
     ["Offset of field: kvp_kv_region::reserved"]
         [::core::mem::offset_of!(kvp_kv_region, reserved) - 112usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct kvp_ipc_event {
+    pub gpu_uuid: [u8; 16usize],
+    pub handle: [u8; 64usize],
+    pub reserved: [u8; 16usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of kvp_ipc_event"][::core::mem::size_of::<kvp_ipc_event>() - 96usize];
+    ["Alignment of kvp_ipc_event"][::core::mem::align_of::<kvp_ipc_event>() - 1usize];
+    ["Offset of field: kvp_ipc_event::gpu_uuid"]
+        [::core::mem::offset_of!(kvp_ipc_event, gpu_uuid) - 0usize];
+    ["Offset of field: kvp_ipc_event::handle"]
+        [::core::mem::offset_of!(kvp_ipc_event, handle) - 16usize];
+    ["Offset of field: kvp_ipc_event::reserved"]
+        [::core::mem::offset_of!(kvp_ipc_event, reserved) - 80usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

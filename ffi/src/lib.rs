@@ -18,8 +18,8 @@ pub mod bindings;
 
 pub use bindings::{
     kvp_attach_reply, kvp_attach_request, kvp_block_op, kvp_copy_desc, kvp_cqe, kvp_index_line,
-    kvp_kv_layout, kvp_kv_region, kvp_queue_pair_desc, kvp_ring_header, kvp_segment_header,
-    kvp_sqe, kvp_stats,
+    kvp_ipc_event, kvp_kv_layout, kvp_kv_region, kvp_queue_pair_desc, kvp_ring_header,
+    kvp_segment_header, kvp_sqe, kvp_stats,
 };
 
 mod types;
@@ -51,5 +51,6 @@ const _: () = {
     assert!(size_of::<kvp_copy_desc>() == 24);
     assert!(size_of::<kvp_kv_layout>() == 64 + 2 * 10 * MAX_LAYERS);
     assert!(size_of::<kvp_kv_region>() == 128);
+    assert!(size_of::<kvp_ipc_event>() == 96);
     assert!(core::mem::align_of::<kvp_segment_header>() == 8);
 };

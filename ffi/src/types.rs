@@ -23,6 +23,8 @@ pub const SQE_F_WRITE_THROUGH: u16 = b::KVP_SQE_F_WRITE_THROUGH as u16;
 pub const SQE_F_HIGH_PRIORITY: u16 = b::KVP_SQE_F_HIGH_PRIORITY as u16;
 pub const SQE_F_KEEP_ON_GPU: u16 = b::KVP_SQE_F_KEEP_ON_GPU as u16;
 pub const SQE_F_ALL: u16 = b::KVP_SQE_F_ALL as u16;
+pub const MAX_IPC_EVENTS: usize = b::KVP_MAX_IPC_EVENTS as usize;
+pub const DETAIL_BAD_EVENT: u32 = b::KVP_DETAIL_BAD_EVENT;
 
 macro_rules! c_enum {
     ($(#[$m:meta])* $name:ident : $repr:ty { $($variant:ident = $c:path),+ $(,)? }) => {
@@ -56,6 +58,7 @@ c_enum!(
         Unpin = b::kvp_opcode_KVP_OP_UNPIN,
         Drop = b::kvp_opcode_KVP_OP_DROP,
         ClearNamespace = b::kvp_opcode_KVP_OP_CLEAR_NAMESPACE,
+        RegisterEvents = b::kvp_opcode_KVP_OP_REGISTER_EVENTS,
     }
 );
 
@@ -172,6 +175,7 @@ pod!(
     b::kvp_block_op,
     b::kvp_kv_layout,
     b::kvp_kv_region,
+    b::kvp_ipc_event,
     b::kvp_stats,
     b::kvp_attach_request,
     b::kvp_attach_reply,

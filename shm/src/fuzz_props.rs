@@ -103,7 +103,7 @@ pub fn assert_accepted_sqe_is_sound(
     assert_eq!(sqe.reserved, [0; 14], "reserved bytes must be zero");
     assert_eq!(sqe.flags & !ffi::SQE_F_ALL, 0, "unknown flag accepted");
     match r.opcode {
-        Opcode::Nop | Opcode::Stats | Opcode::AttachLayout => {}
+        Opcode::Nop | Opcode::Stats | Opcode::AttachLayout | Opcode::RegisterEvents => {}
         _ => assert!(r.namespace_id < num_namespaces, "namespace not bound"),
     }
     match r.opcode {
@@ -112,6 +112,13 @@ pub fn assert_accepted_sqe_is_sound(
             assert_eq!(r.arg_len as usize, std::mem::size_of::<kvp_kv_layout>())
         }
         Opcode::Nop | Opcode::ClearNamespace => {}
+        Opcode::RegisterEvents => {
+            assert!(r.count as usize <= ffi::MAX_IPC_EVENTS);
+            assert_eq!(
+                r.arg_len as usize,
+                r.count as usize * std::mem::size_of::<ffi::kvp_ipc_event>()
+            );
+        }
         Opcode::Lookup
         | Opcode::Save
         | Opcode::Load
@@ -124,6 +131,9 @@ pub fn assert_accepted_sqe_is_sound(
                 r.count as usize * std::mem::size_of::<kvp_block_op>()
             );
             assert_eq!(r.arg_offset % 8, 0, "block ops must be 8-byte aligned");
+            if matches!(r.opcode, Opcode::Save | Opcode::Load) {
+                assert!(r.param0 <= ffi::MAX_IPC_EVENTS as u64, "event index range");
+            }
         }
     }
     if r.opcode != Opcode::Load {

@@ -37,6 +37,10 @@ fn reject(status: Status, field: &'static str) -> Rejection {
     Rejection { status, field }
 }
 
+fn ipc_event_bytes() -> u64 {
+    std::mem::size_of::<ffi::kvp_ipc_event>() as u64
+}
+
 /// Validate one submission entry read from shared memory.
 pub fn validate_sqe(
     sqe: &kvp_sqe,
@@ -58,7 +62,10 @@ pub fn validate_sqe(
     if sqe.reserved != [0; 14] {
         return Err(reject(Status::BadArg, "reserved"));
     }
-    let needs_namespace = !matches!(opcode, Opcode::Nop | Opcode::Stats | Opcode::AttachLayout);
+    let needs_namespace = !matches!(
+        opcode,
+        Opcode::Nop | Opcode::Stats | Opcode::AttachLayout | Opcode::RegisterEvents
+    );
     if needs_namespace && sqe.namespace_id >= num_namespaces {
         return Err(reject(Status::Namespace, "namespace_id"));
     }
@@ -80,6 +87,14 @@ pub fn validate_sqe(
                 return Err(reject(Status::BadArg, "arg_len"));
             }
         }
+        Opcode::RegisterEvents => {
+            if sqe.count as usize > ffi::MAX_IPC_EVENTS {
+                return Err(reject(Status::BadArg, "count"));
+            }
+            if sqe.arg_len as u64 != sqe.count as u64 * ipc_event_bytes() {
+                return Err(reject(Status::BadArg, "arg_len"));
+            }
+        }
         Opcode::Lookup
         | Opcode::Save
         | Opcode::Load
@@ -94,6 +109,12 @@ pub fn validate_sqe(
             }
             if sqe.arg_offset % 8 != 0 {
                 return Err(reject(Status::BadRange, "arg_offset"));
+            }
+            // SAVE and LOAD name a registered IPC event (1 + its index) or none.
+            if matches!(opcode, Opcode::Save | Opcode::Load)
+                && sqe.param0 > ffi::MAX_IPC_EVENTS as u64
+            {
+                return Err(reject(Status::BadArg, "param0"));
             }
         }
     }
@@ -295,5 +316,52 @@ mod tests {
             r.arg_offset, q.arena_offset,
             "absolute offset inside the slice"
         );
+    }
+
+    #[test]
+    fn ipc_events_are_bounded_and_named_in_range() {
+        let q = qp();
+        let bytes = std::mem::size_of::<ffi::kvp_ipc_event>() as u32;
+        // REGISTER_EVENTS needs no namespace; count 0 (release) to the maximum.
+        let mut r = sqe(Opcode::RegisterEvents.raw());
+        assert!(
+            validate_sqe(&r, &q, 0).is_ok(),
+            "count 0 releases the events"
+        );
+        r.count = ffi::MAX_IPC_EVENTS as u32;
+        r.arg_len = r.count * bytes;
+        assert!(validate_sqe(&r, &q, 0).is_ok());
+        r.count += 1;
+        r.arg_len = r.count * bytes;
+        assert_eq!(
+            validate_sqe(&r, &q, 0).unwrap_err(),
+            reject(Status::BadArg, "count")
+        );
+        r.count = 2;
+        r.arg_len = bytes;
+        assert_eq!(
+            validate_sqe(&r, &q, 0).unwrap_err(),
+            reject(Status::BadArg, "arg_len")
+        );
+        // SAVE and LOAD: param0 is 0 or 1 + an index below the maximum.
+        for op in [Opcode::Save, Opcode::Load] {
+            let mut s = sqe(op.raw());
+            s.count = 1;
+            s.arg_len = 24;
+            s.param0 = ffi::MAX_IPC_EVENTS as u64;
+            assert!(validate_sqe(&s, &q, 1).is_ok(), "{op:?}");
+            s.param0 += 1;
+            assert_eq!(
+                validate_sqe(&s, &q, 1).unwrap_err(),
+                reject(Status::BadArg, "param0"),
+                "{op:?}"
+            );
+        }
+        // Other block operations ignore param0 (as before events existed).
+        let mut l = sqe(Opcode::Lookup.raw());
+        l.count = 1;
+        l.arg_len = 24;
+        l.param0 = u64::MAX;
+        assert!(validate_sqe(&l, &q, 1).is_ok());
     }
 }

@@ -115,6 +115,15 @@ fn blocks_kept_on_the_gpu_load_from_g1_in_another_process() {
     );
     assert!(!ok, "a tier other than the expected one fails");
     assert!(stderr.contains("expected 2 (host)"), "{stderr}");
+    // IPC events are GPU events: with host memory the tool refuses before attaching.
+    let (ok, _, stderr) = engine(
+        &daemon.socket,
+        &["--role", "save", "--memory", "host", "--ipc-event"],
+    );
+    assert!(
+        !ok && stderr.contains("--ipc-event needs GPU memory"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -21,8 +21,8 @@ use kvplane_cuda::SlotStore;
 use serde::Deserialize;
 
 use super::plan::{
-    DropPlan, HbmCopy, LoadItem, LoadPlan, NvmeRead, NvmeWrite, PromotePlan, RoomPlan, SavePlan,
-    StoreItem, TierCopy,
+    DropPlan, HbmCopy, LoadHolds, LoadItem, LoadPlan, NvmeRead, NvmeWrite, PromotePlan, RoomPlan,
+    SavePlan, StoreItem, TierCopy,
 };
 use super::registry::{BlockEvent, BlockKey, Registry, RemoveReason, SessionId};
 use crate::tier::host::{HostError, HostPool, HostPoolReport};
@@ -958,13 +958,16 @@ impl BlockManager {
     /// Ends a load: `served` leading items of the plan reached the engine (all of them
     /// unless the mover failed). Every block the plan held is released.
     pub fn commit_load(&self, plan: LoadPlan, served: usize) -> LoadReport {
+        let (report, holds) = self.report_load(plan, served);
+        self.release_load(holds);
+        report
+    }
+
+    /// The report of a load whose copies are queued but not landed (a LOAD completed to
+    /// an engine that waits on an IPC event instead): its blocks stay held until
+    /// [`Self::release_load`].
+    pub fn report_load(&self, plan: LoadPlan, served: usize) -> (LoadReport, LoadHolds) {
         let LoadPlan { items, failure, .. } = plan;
-        {
-            let mut reg = self.lock();
-            for item in &items {
-                reg.end_use(item.key);
-            }
-        }
         let served = served.min(items.len());
         let tiers: Vec<Tier> = items[..served].iter().map(|i| i.found).collect();
         let report = LoadReport {
@@ -977,7 +980,15 @@ impl BlockManager {
         self.counters
             .loads_served
             .fetch_add(report.loaded as u64, Ordering::Relaxed);
-        report
+        (report, LoadHolds { items })
+    }
+
+    /// Releases a reported load's blocks once its copies have landed (or failed).
+    pub fn release_load(&self, holds: LoadHolds) {
+        let mut reg = self.lock();
+        for item in &holds.items {
+            reg.end_use(item.key);
+        }
     }
 
     // ---- promotion ------------------------------------------------------------------

@@ -129,6 +129,13 @@ impl LoadPlan {
     }
 }
 
+/// The blocks a reported load still holds busy while its copies land.
+#[must_use = "hand the holds back with release_load"]
+#[derive(Debug, Default)]
+pub struct LoadHolds {
+    pub(super) items: Vec<LoadItem>,
+}
+
 /// One copy between two tiers' slots (promotion G2 -> G1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TierCopy {

@@ -48,6 +48,37 @@ pub enum RegionError {
     Device(#[source] DeviceError),
 }
 
+/// Why an engine's IPC events (KVP_OP_REGISTER_EVENTS) were refused; the events
+/// registered before stay. The index is the event's, in the engine's array.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("IPC event #{index}: reserved bytes are not zero")]
+    Reserved { index: usize },
+    #[error("IPC event #{index}: a GPU event, but the daemon runs the host backend")]
+    NoGpu { index: usize },
+    #[error("IPC event #{index}: GPU {event_gpu}, daemon's GPU is {daemon_gpu}")]
+    OtherGpu {
+        index: usize,
+        event_gpu: String,
+        daemon_gpu: String,
+    },
+    #[error("IPC event #{index}: import failed: {source}")]
+    Import {
+        index: usize,
+        #[source]
+        source: DeviceError,
+    },
+    #[error("IPC events: the session registered no KV memory to copy with them")]
+    NoMemory,
+}
+
+/// The engine's IPC event a SAVE or LOAD names, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NamedEvent {
+    None,
+    Ipc(EventId),
+}
+
 /// A GPU UUID as `nvidia-smi -L` prints it.
 fn uuid_text(u: &[u8; 16]) -> String {
     let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
@@ -73,6 +104,8 @@ struct DeviceView {
     stream: StreamId,
     /// Recorded after each batch on `stream`; the data-plane thread polls it.
     event: EventId,
+    /// The engine's CUDA IPC events (KVP_OP_REGISTER_EVENTS), by its index.
+    ipc_events: Vec<EventId>,
 }
 
 impl Drop for DeviceView {
@@ -97,6 +130,9 @@ impl Drop for DeviceView {
         }
         if let Err(e) = self.device.destroy_event(self.event) {
             tracing::warn!(error = %e, "destroying a session's event");
+        }
+        for ev in self.ipc_events.drain(..) {
+            let _ = self.device.destroy_event(ev);
         }
         if let Err(e) = self.device.destroy_stream(self.stream) {
             tracing::warn!(error = %e, "destroying a session's stream");
@@ -239,6 +275,7 @@ impl EngineMemory {
             layout: None,
             stream,
             event,
+            ipc_events: Vec::new(),
         };
         // Which part each region lives in.
         let mut part_of = vec![0usize; regions.len()];
@@ -322,6 +359,62 @@ impl EngineMemory {
             stream: v.stream,
             event: v.event,
         })
+    }
+
+    /// Opens the engine's IPC events, replacing those registered before once every new one
+    /// is open (on any refusal the old set stays and nothing new is kept). Only between
+    /// operations: none of the session's copies is in flight.
+    pub fn register_events(
+        &mut self,
+        events: &[kvplane_ffi::kvp_ipc_event],
+    ) -> Result<(), EventError> {
+        let view = self.view.as_mut().ok_or(EventError::NoMemory)?;
+        let daemon_gpu = view.device.gpu_uuid();
+        for (index, e) in events.iter().enumerate() {
+            if e.reserved != [0; 16] {
+                return Err(EventError::Reserved { index });
+            }
+            match daemon_gpu {
+                None => return Err(EventError::NoGpu { index }),
+                Some(g) if g != e.gpu_uuid => {
+                    return Err(EventError::OtherGpu {
+                        index,
+                        event_gpu: uuid_text(&e.gpu_uuid),
+                        daemon_gpu: uuid_text(&g),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        let mut opened = Vec::with_capacity(events.len());
+        for (index, e) in events.iter().enumerate() {
+            match view.device.import_ipc_event(&e.handle) {
+                Ok(ev) => opened.push(ev),
+                Err(source) => {
+                    for ev in opened {
+                        let _ = view.device.destroy_event(ev);
+                    }
+                    return Err(EventError::Import { index, source });
+                }
+            }
+        }
+        for old in std::mem::replace(&mut view.ipc_events, opened) {
+            let _ = view.device.destroy_event(old);
+        }
+        Ok(())
+    }
+
+    /// The IPC event a SAVE or LOAD names in `param0` (1 + its index; 0: none); `None`
+    /// for an index the engine did not register.
+    pub fn ipc_event(&self, param0: u64) -> Option<NamedEvent> {
+        if param0 == 0 {
+            return Some(NamedEvent::None);
+        }
+        let events = self.view.as_ref().map_or(&[][..], |v| &v.ipc_events[..]);
+        usize::try_from(param0 - 1)
+            .ok()
+            .and_then(|i| events.get(i))
+            .map(|e| NamedEvent::Ipc(*e))
     }
 
     /// The regions, as the engine registered them (their places in the window).

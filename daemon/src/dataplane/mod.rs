@@ -33,7 +33,7 @@ pub mod io;
 pub mod mapped;
 pub mod mover;
 pub mod transfer;
-pub use engine_memory::{EngineMemory, RegionError};
+pub use engine_memory::{EngineMemory, EventError, NamedEvent, RegionError};
 pub use mapped::{MapLimitError, MappedCharge, MappedLedger, NamespaceLimit};
 pub use mover::{EngineTarget, MoveError, MoveScratch, Mover};
 
@@ -89,6 +89,9 @@ pub struct SessionData {
     engine_fault: Option<KernelError>,
     /// The operation whose copy is on the device (at most one per session).
     in_flight: Option<InFlight>,
+    /// Set when a copy failed on the device after its LOAD had been completed early:
+    /// the session ends.
+    device_fault: Option<String>,
 }
 
 impl SessionData {
@@ -111,7 +114,14 @@ impl SessionData {
             scratch: MoveScratch::default(),
             engine_fault: None,
             in_flight: None,
+            device_fault: None,
         }
+    }
+
+    /// A device failure the engine could not be told through a completion (see
+    /// `device_fault`): the session must end.
+    pub fn device_fault(&self) -> Option<&str> {
+        self.device_fault.as_deref()
     }
 
     /// Whether an operation's copy is still on the device: the session takes no other
@@ -125,6 +135,16 @@ impl SessionData {
     pub fn engine_fault(&self) -> Option<&KernelError> {
         self.engine_fault.as_ref()
     }
+}
+
+/// What [`DataPlane::poll`] found.
+#[derive(Debug, Clone, Copy)]
+pub enum Polled {
+    /// The copy is still on the device.
+    InFlight,
+    /// Landed and committed: post this completion (`None`: it was posted early, or there
+    /// was nothing in flight).
+    Done(Option<kvp_cqe>),
 }
 
 /// What [`DataPlane::submit`] did with a request.
@@ -143,6 +163,8 @@ struct InFlight {
     req: Request,
     target: EngineTarget,
     half: Half,
+    /// A completion due before the copy lands (see `DataPlane::take_early_completion`).
+    early: Option<kvp_cqe>,
     /// When the request was submitted (op latency, the completion's `detail` in us).
     t0: Instant,
 }
@@ -151,6 +173,8 @@ struct InFlight {
 enum Half {
     Save(transfer::SaveStarted),
     Load(transfer::LoadStarted),
+    /// A LOAD completed early (IPC event): its blocks are held until the copy lands.
+    LoadReported(crate::block::plan::LoadHolds),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -311,8 +335,19 @@ impl DataPlane {
     pub fn handle(&self, session: &mut SessionData, seg: &Segment, req: &Request) -> kvp_cqe {
         match self.submit(session, seg, req) {
             Submitted::Done(cqe) => cqe,
-            Submitted::InFlight => self.wait(session, seg),
+            Submitted::InFlight => {
+                let early = self.take_early_completion(session);
+                let last = self.wait(session, seg);
+                early.or(last).expect("an operation completes once")
+            }
         }
+    }
+
+    /// The completion of the session's operation in flight that is due before its copy
+    /// lands: a LOAD whose engine waits on an IPC event the daemon recorded after the
+    /// copy. Post it now; `poll` then completes the operation with nothing to post.
+    pub fn take_early_completion(&self, session: &mut SessionData) -> Option<kvp_cqe> {
+        session.in_flight.as_mut()?.early.take()
     }
 
     /// Serves a validated request as far as it goes without waiting: done, or its copy
@@ -339,17 +374,20 @@ impl DataPlane {
         submitted
     }
 
-    /// The completion of the session's operation in flight once its copy has landed
-    /// (the plan committed), `None` while it is still on the device. Never waits.
-    pub fn poll(&self, session: &mut SessionData, seg: &Segment) -> Option<kvp_cqe> {
-        let op = session.in_flight.as_ref()?;
+    /// Whether the session's operation in flight has landed (then its plan is committed
+    /// and its completion returned, unless it was posted early). Never waits.
+    pub fn poll(&self, session: &mut SessionData, seg: &Segment) -> Polled {
+        let Some(op) = session.in_flight.as_ref() else {
+            return Polled::Done(None);
+        };
         let mover = self.mover.as_ref().expect("in flight implies a mover");
         let launched = match &op.half {
             Half::Save(h) => h.launched(),
             Half::Load(h) => h.launched(),
+            Half::LoadReported(_) => true,
         };
         let landed = match launched.then(|| mover.landed(op.target)) {
-            Some(Ok(false)) => return None,
+            Some(Ok(false)) => return Polled::InFlight,
             None | Some(Ok(true)) => Ok(()),
             Some(Err(e)) => Err(e),
         };
@@ -358,24 +396,35 @@ impl DataPlane {
         let cqe = match op.half {
             Half::Save(started) => {
                 let r = transfer::finish_save(blocks, mover, started, landed);
-                self.save_done(blocks, session, &op.req, r, op.t0)
+                Some(self.save_done(blocks, session, &op.req, r, op.t0))
             }
             Half::Load(started) => {
                 let r = transfer::finish_load(blocks, started, landed);
-                self.load_done(blocks, session, seg, &op.req, r, op.t0)
+                Some(self.load_done(blocks, session, seg, &op.req, r, op.t0))
+            }
+            Half::LoadReported(holds) => {
+                if let Err(e) = transfer::finish_reported_load(blocks, holds, landed) {
+                    // The engine was told the LOAD succeeded and may read the pages once
+                    // its event fires: the session cannot go on.
+                    tracing::warn!(session = session.id, error = %e, "a LOAD's copy failed after its completion");
+                    session.device_fault = Some(e.to_string());
+                }
+                // Posted when it was queued (an early completion not yet taken goes now).
+                op.early
             }
         };
         self.counters.metrics.release_in_flight();
         self.counters
             .metrics
             .record_op(op.req.opcode, op.t0.elapsed());
-        Some(cqe)
+        Polled::Done(cqe)
     }
 
-    /// Waits for the session's operation in flight and returns its completion.
-    fn wait(&self, session: &mut SessionData, seg: &Segment) -> kvp_cqe {
+    /// Waits for the session's operation in flight and returns its completion (`None`:
+    /// it was taken early).
+    fn wait(&self, session: &mut SessionData, seg: &Segment) -> Option<kvp_cqe> {
         loop {
-            if let Some(cqe) = self.poll(session, seg) {
+            if let Polled::Done(cqe) = self.poll(session, seg) {
                 return cqe;
             }
             let (mover, op) = (
@@ -399,6 +448,7 @@ impl DataPlane {
             Opcode::Nop => done(completion(req.user_data, Status::Ok)),
             Opcode::Stats => done(self.stats(session, seg, req)),
             Opcode::AttachLayout => done(self.attach_layout(session, seg, req)),
+            Opcode::RegisterEvents => done(self.register_events(session, seg, req)),
             _ => match &self.blocks {
                 None => done(completion(req.user_data, Status::Unsupported)),
                 Some(blocks) => self.block_op(blocks, session, seg, req, t0),
@@ -464,6 +514,55 @@ impl DataPlane {
             return fail(Status::Internal, 0);
         }
         done(req.user_data, Status::Ok, 0, 0, 0, 0)
+    }
+
+    /// KVP_OP_REGISTER_EVENTS: opens the engine's IPC events on the device, replacing the
+    /// set before (or releasing it: count 0). BadArg with detail 1 when the session has no
+    /// KV memory, else the refused event's index; Unsupported on the host backend.
+    fn register_events(&self, session: &mut SessionData, seg: &Segment, req: &Request) -> kvp_cqe {
+        let fail = |status, detail| done(req.user_data, status, 0, 0, 0, detail);
+        let mut events = [ffi::kvp_ipc_event::zeroed(); ffi::MAX_IPC_EVENTS];
+        let events = &mut events[..req.count as usize];
+        if seg
+            .read_bytes(req.arg_offset, ffi::slice_as_bytes_mut(events))
+            .is_err()
+        {
+            return fail(Status::Internal, 0);
+        }
+        let Some(engine) = session.engine.as_mut() else {
+            return fail(Status::BadArg, 1);
+        };
+        match engine.register_events(events) {
+            Ok(()) => done(req.user_data, Status::Ok, events.len(), 0, 0, 0),
+            Err(e) => {
+                tracing::warn!(session = session.id, error = %e, "IPC events refused");
+                match e {
+                    EventError::NoGpu { index } => fail(Status::Unsupported, index as u32),
+                    EventError::Reserved { index }
+                    | EventError::OtherGpu { index, .. }
+                    | EventError::Import { index, .. } => fail(Status::BadArg, index as u32),
+                    EventError::NoMemory => fail(Status::BadArg, 1),
+                }
+            }
+        }
+    }
+
+    /// The IPC event a SAVE or LOAD names (`param0`), or the completion refusing it.
+    fn named_event(session: &SessionData, req: &Request) -> Result<NamedEvent, kvp_cqe> {
+        session
+            .engine
+            .as_ref()
+            .and_then(|e| e.ipc_event(req.param0))
+            .ok_or_else(|| {
+                done(
+                    req.user_data,
+                    Status::BadArg,
+                    0,
+                    0,
+                    0,
+                    ffi::DETAIL_BAD_EVENT,
+                )
+            })
     }
 
     /// Copy the request's block ops out of shared memory (never re-read: the engine may
@@ -621,6 +720,10 @@ impl DataPlane {
             Ok(x) => x,
             Err(cqe) => return Submitted::Done(cqe),
         };
+        let wait_for = match Self::named_event(session, req) {
+            Ok(e) => e,
+            Err(cqe) => return Submitted::Done(cqe),
+        };
         session.chain.clear();
         session.chain.extend(
             session
@@ -647,6 +750,11 @@ impl DataPlane {
                 pages.extend(stores.iter().map(|s| ops[s.index].engine_block));
                 pages.extend(hbm.iter().map(|c| ops[stores[c.store].index].engine_block));
                 launch_and_record(m, target, |m| {
+                    // The engine's KV is written once its event fires, not when it
+                    // submitted: the gather waits for it on the GPU.
+                    if let NamedEvent::Ipc(ev) = wait_for {
+                        m.wait_for_engine(target, ev)?;
+                    }
                     m.launch_gather(target, pages, stores, hbm, scratch)
                 })
             },
@@ -727,6 +835,10 @@ impl DataPlane {
             Ok(x) => x,
             Err(cqe) => return Submitted::Done(cqe),
         };
+        let signal = match Self::named_event(session, req) {
+            Ok(e) => e,
+            Err(cqe) => return Submitted::Done(cqe),
+        };
         // Two blocks into one page in one batch is a bug in the engine (and a race on a GPU).
         session.pages.clear();
         session
@@ -743,10 +855,25 @@ impl DataPlane {
             pages.clear();
             pages.extend(items.iter().map(|i| ops[i.index].engine_block));
             launch_and_record(m, target, |m| {
-                m.launch_scatter(target, pages, items, scratch)
+                m.launch_scatter(target, pages, items, scratch)?;
+                if let NamedEvent::Ipc(ev) = signal {
+                    m.signal_engine(target, ev)?;
+                }
+                Ok(())
             })
         });
         match started {
+            Ok(started) if signal != NamedEvent::None && started.launched() => {
+                // The engine waits on its event on the GPU: complete now, hold the
+                // blocks until the copy lands.
+                let (report, holds) = started.report_early(blocks);
+                let cqe = self.load_done(blocks, session, seg, req, Ok(report), t0);
+                let submitted = self.in_flight(session, req, target, Half::LoadReported(holds), t0);
+                if let Some(op) = session.in_flight.as_mut() {
+                    op.early = Some(cqe);
+                }
+                submitted
+            }
             Ok(started) => self.in_flight(session, req, target, Half::Load(started), t0),
             Err(e) => Submitted::Done(self.load_done(blocks, session, seg, req, Err(e), t0)),
         }
@@ -831,6 +958,7 @@ impl DataPlane {
             req: *req,
             target,
             half,
+            early: None,
             t0,
         });
         Submitted::InFlight

@@ -211,6 +211,24 @@ impl Mover {
         Ok(())
     }
 
+    /// Makes the engine's stream wait, on the device, for one of the engine's IPC events
+    /// (what it records once its KV is written) before the work queued next.
+    pub fn wait_for_engine(&self, engine: EngineTarget, event: EventId) -> Result<(), MoveError> {
+        self.stores
+            .device
+            .stream_wait_event(engine.stream, event)
+            .map_err(|source| MoveError::Device { index: 0, source })
+    }
+
+    /// Records one of the engine's IPC events after the work queued on its stream (the
+    /// engine's stream waits on it before reading what was copied).
+    pub fn signal_engine(&self, engine: EngineTarget, event: EventId) -> Result<(), MoveError> {
+        self.stores
+            .device
+            .record_event_on(engine.stream, event)
+            .map_err(|source| MoveError::Device { index: 0, source })
+    }
+
     /// Records the engine's event after the work queued on its stream so far.
     pub fn record(&self, engine: EngineTarget) -> Result<(), MoveError> {
         self.stores

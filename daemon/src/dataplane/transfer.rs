@@ -7,7 +7,7 @@
 //! gather/scatter for an engine session, or the mover's closure variants for tools and
 //! tests that are their own engine.
 
-use crate::block::plan::{HbmCopy, LoadItem, LoadPlan, SavePlan, StoreItem};
+use crate::block::plan::{HbmCopy, LoadHolds, LoadItem, LoadPlan, SavePlan, StoreItem};
 use crate::block::{BlockError, BlockManager, LoadReport, SaveReport, Tier};
 
 use super::mover::{MoveError, Mover};
@@ -167,6 +167,26 @@ impl LoadStarted {
     pub fn launched(&self) -> bool {
         !self.plan.items.is_empty()
     }
+
+    /// Reports the load before its launched copies land (the engine waits on an IPC
+    /// event the daemon recorded after them); the blocks stay held until
+    /// [`finish_reported_load`].
+    pub fn report_early(self, blocks: &BlockManager) -> (LoadReport, LoadHolds) {
+        let served = self.plan.items.len();
+        blocks.report_load(self.plan, served)
+    }
+}
+
+/// Releases an early-reported load's blocks once its copies are done (`landed`); the
+/// copy's failure, if it failed, is returned for the caller to act on (the engine was
+/// told it succeeded).
+pub fn finish_reported_load(
+    blocks: &BlockManager,
+    holds: LoadHolds,
+    landed: Result<(), MoveError>,
+) -> Result<(), MoveError> {
+    blocks.release_load(holds);
+    landed
 }
 
 /// The first half of a load of the leading stored blocks of a chain: blocks only on

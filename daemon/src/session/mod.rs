@@ -645,6 +645,7 @@ pub fn field_code(field: &str) -> u32 {
         "arg_len" => 5,
         "count" => 6,
         "reserved" => 7,
+        "param0" => 8,
         _ => 0,
     }
 }

@@ -31,8 +31,8 @@ use kvplane_shm::{Geometry, Segment, ShmError};
 use super::{
     BATCH, DaemonError, DaemonShared, End, HANGUP_GRACE, SessionGuard, engine_exited, field_code,
 };
-use crate::dataplane::Submitted;
 use crate::dataplane::io::{IoDone, IoJob, IoReturn, IoSubmitter};
+use crate::dataplane::{Polled, Submitted};
 
 /// Sessions one thread serves: FUTEX_WAITV takes at most 128 words, one is the thread's
 /// own wake word.
@@ -644,17 +644,30 @@ fn run_stash(
                 let data = s.guard.data.as_mut().expect("held while nothing is out");
                 // Launched copies are polled once at once: on the host backend (no
                 // completion delay) they have landed already, and the batch goes on.
+                // An early completion (a LOAD whose engine waits on an IPC event) is posted
+                // at once, before its copy lands.
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     match dp.submit(data, &s.seg, &req) {
-                        Submitted::Done(c) => Some(c),
-                        Submitted::InFlight => dp.poll(data, &s.seg),
+                        Submitted::Done(c) => (Some(c), Polled::Done(None)),
+                        Submitted::InFlight => {
+                            let early = dp.take_early_completion(data);
+                            (early, dp.poll(data, &s.seg))
+                        }
                     }
                 })) {
-                    Ok(Some(c)) => c,
-                    Ok(None) => {
-                        // On the device: the rest of the stash waits for its completion.
-                        s.in_flight_qp = Some(qp);
-                        break;
+                    Ok((early, polled)) => {
+                        scratch.cqes.extend(early);
+                        match polled {
+                            Polled::Done(last) => {
+                                scratch.cqes.extend(last);
+                                continue;
+                            }
+                            Polled::InFlight => {
+                                // On the device: the rest of the stash waits for it.
+                                s.in_flight_qp = Some(qp);
+                                break;
+                            }
+                        }
                     }
                     Err(_) => {
                         tracing::error!(session = s.id, opcode = ?req.opcode, "an operation panicked; ending the session");
@@ -676,8 +689,8 @@ fn run_stash(
         scratch.cqes.push(cqe);
     }
     post(shared, s, qp, scratch)?;
-    if let Some(fault) = s.guard.data.as_ref().and_then(|d| d.engine_fault()) {
-        return Err(End::EngineMemoryFault(fault.to_string()));
+    if let Some(end) = s.guard.data.as_ref().and_then(data_fault) {
+        return Err(end);
     }
     if let Some(req) = handoff {
         let data = s.guard.data.take().expect("held while nothing is out");
@@ -704,8 +717,8 @@ fn poll_in_flight(shared: &DaemonShared, s: &mut Served, qp: usize, scratch: &mu
     let data = s.guard.data.as_mut().expect("held while in flight");
     let cqe = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dp.poll(data, &s.seg)))
     {
-        Ok(Some(c)) => c,
-        Ok(None) => return false,
+        Ok(Polled::Done(c)) => c,
+        Ok(Polled::InFlight) => return false,
         Err(_) => {
             tracing::error!(
                 session = s.id,
@@ -718,17 +731,28 @@ fn poll_in_flight(shared: &DaemonShared, s: &mut Served, qp: usize, scratch: &mu
     };
     s.in_flight_qp = None;
     scratch.cqes.clear();
-    scratch.cqes.push(cqe);
+    scratch.cqes.extend(cqe);
     let posted = post(shared, s, qp, scratch);
     if s.ending.is_some() {
         return true;
     }
     if let Err(end) = posted {
         s.ending = Some(end);
-    } else if let Some(fault) = s.guard.data.as_ref().and_then(|d| d.engine_fault()) {
-        s.ending = Some(End::EngineMemoryFault(fault.to_string()));
+    } else if let Some(end) = s.guard.data.as_ref().and_then(data_fault) {
+        s.ending = Some(end);
     }
     true
+}
+
+/// Why the session must end after an operation, if one of its copies failed in a way
+/// that leaves it unusable: its engine's memory faulted, or a copy failed on the device
+/// after its LOAD had been completed early.
+fn data_fault(data: &crate::dataplane::SessionData) -> Option<End> {
+    if let Some(fault) = data.engine_fault() {
+        return Some(End::EngineMemoryFault(fault.to_string()));
+    }
+    data.device_fault()
+        .map(|e| End::EngineMemoryFault(format!("device copy failed after completion: {e}")))
 }
 
 /// Posts the completions in `scratch` on queue pair `qp` (room was reserved by `take`).
@@ -771,8 +795,8 @@ fn returned(shared: &DaemonShared, s: &mut Served, d: IoDone, scratch: &mut Scra
         s.ending = Some(End::Panicked);
     } else if let Err(end) = posted {
         s.ending = Some(end);
-    } else if let Some(fault) = s.guard.data.as_ref().and_then(|d| d.engine_fault()) {
-        s.ending = Some(End::EngineMemoryFault(fault.to_string()));
+    } else if let Some(end) = s.guard.data.as_ref().and_then(data_fault) {
+        s.ending = Some(end);
     }
 }
 

@@ -13,7 +13,7 @@ use kvplane_daemon::session::Daemon;
 use kvplane_daemon::tier::host::HugepageMode;
 use kvplane_daemon::tier::nvme::EngineKind;
 use kvplane_daemon::tier::nvme::engine::FaultPlan;
-use kvplane_ffi::{Opcode, Status, kvp_kv_layout};
+use kvplane_ffi::{Opcode, Status, kvp_block_op, kvp_kv_layout, kvp_sqe};
 use kvplane_shm::{AttachOptions, QueuePair, Segment, Session, client};
 
 /// Engine geometry: 2 layers x 2 planes x 16 tokens x 1 head x 128 bytes = 8 KiB blocks.
@@ -49,13 +49,23 @@ pub fn config(dir: &Path, engine: EngineKind) -> Config {
 pub fn start(config: Config, plan: Option<Arc<FaultPlan>>) -> (Daemon, Arc<BlockManager>) {
     config.validate().expect("config");
     let device = kvplane_daemon::device::DaemonDevice::open(&config.device).expect("device");
+    start_on(config, plan, device.device)
+}
+
+/// A daemon in this process serving `config` on `device` (a test device).
+pub fn start_on(
+    config: Config,
+    plan: Option<Arc<FaultPlan>>,
+    device: Arc<dyn kvplane_cuda::Device>,
+) -> (Daemon, Arc<BlockManager>) {
+    config.validate().expect("config");
     let blocks = Arc::new(
         BlockManager::new(
             &config.blocks,
             &config.tiers,
             ManagerOptions {
                 faults: plan,
-                device: Some(device.device),
+                device: Some(device),
                 ..ManagerOptions::default()
             },
         )
@@ -122,4 +132,30 @@ pub fn assert_nops_kept_flowing(
             "slowest NOP {max:?} over {bound:?} while {what}"
         );
     }
+}
+
+/// A submission of `op` over the chain `hashes` (each block's parent the one before it),
+/// block `i` in engine page `first_page + i`; its ops are written to the arena at 0.
+#[allow(dead_code)]
+pub fn chain_sqe(
+    qp: &mut QueuePair,
+    op: Opcode,
+    user_data: u64,
+    hashes: &[u64],
+    first_page: u32,
+) -> kvp_sqe {
+    let ops: Vec<kvp_block_op> = hashes
+        .iter()
+        .enumerate()
+        .map(|(i, &h)| {
+            let parent = if i == 0 { 0 } else { hashes[i - 1] };
+            kvp_block_op::new(h, parent, first_page + i as u32)
+        })
+        .collect();
+    qp.write_arena(0, kvplane_ffi::slice_as_bytes(&ops))
+        .unwrap();
+    let mut s = client::sqe(op, user_data);
+    s.count = ops.len() as u32;
+    s.arg_len = std::mem::size_of_val(&ops[..]) as u32;
+    s
 }

@@ -15,7 +15,7 @@ from pathlib import Path
 
 # Opcodes, statuses, tiers (enum values from kvplane.h).
 OP_NOP, OP_STATS, OP_ATTACH_LAYOUT, OP_LOOKUP, OP_SAVE, OP_LOAD = 0, 1, 2, 3, 4, 5
-OP_PIN, OP_UNPIN, OP_DROP, OP_CLEAR_NAMESPACE = 6, 7, 8, 9
+OP_PIN, OP_UNPIN, OP_DROP, OP_CLEAR_NAMESPACE, OP_REGISTER_EVENTS = 6, 7, 8, 9, 10
 STATUS_NAMES = {
     0: "ok", 1: "bad opcode", 2: "bad flags", 3: "bad range", 4: "bad argument",
     5: "namespace", 6: "no layout", 7: "not found", 8: "no space", 9: "I/O error",

@@ -395,3 +395,13 @@ def test_sqe_flags_match_the_header():
     assert set(flags) >= {"PREFIX_ONLY", "WRITE_THROUGH", "HIGH_PRIORITY", "KEEP_ON_GPU"}
     for name, value in flags.items():
         assert getattr(kvplane, "SQE_F_" + name) == value, name
+
+
+def test_opcodes_match_the_header():
+    import re
+    header = (ROOT / "ffi" / "include" / "kvplane.h").read_text()
+    ops = {m.group(1): int(m.group(2))
+           for m in re.finditer(r"KVP_OP_(\w+) = (\d+),", header)}
+    assert "REGISTER_EVENTS" in ops
+    for name, value in ops.items():
+        assert getattr(kvplane, "OP_" + name) == value, name

@@ -77,6 +77,12 @@ pub struct GpuEngineArgs {
     /// SAVE with KVP_SQE_F_KEEP_ON_GPU (also lands in G1, the daemon's HBM arena).
     #[arg(long)]
     pub keep_on_gpu: bool,
+    /// Register an interprocess CUDA event (KVP_OP_REGISTER_EVENTS) and name it: the
+    /// SAVE's copy waits for it on the GPU (recorded after the pages are written), the
+    /// LOAD completes when its copy is queued and the tool waits on the event before it
+    /// reads the pages. GPU memory only.
+    #[arg(long)]
+    pub ipc_event: bool,
     /// Fail unless the completion names this tier (a LOAD's slowest source, a SAVE's
     /// destination): `hbm`, `host` or `nvme`.
     #[arg(long)]
@@ -123,21 +129,22 @@ pub struct GpuEngineReport {
 
 /// The engine's pool: allocations and, per layer, (allocation, offset of its tensor).
 enum Pool {
-    Gpu(Vec<EngineAlloc>),
+    /// The allocations and their GPU (for the tool's IPC event).
+    Gpu(Vec<EngineAlloc>, Arc<EngineGpu>),
     Host(Vec<Segment>),
 }
 
 impl Pool {
     fn write(&self, alloc: usize, offset: u64, data: &[u8]) -> CliResult {
         match self {
-            Pool::Gpu(a) => a[alloc].write(offset as usize, data)?,
+            Pool::Gpu(a, _) => a[alloc].write(offset as usize, data)?,
             Pool::Host(s) => s[alloc].write_bytes(offset, data)?,
         }
         Ok(())
     }
     fn read(&self, alloc: usize, offset: u64, out: &mut [u8]) -> CliResult {
         match self {
-            Pool::Gpu(a) => a[alloc].read(offset as usize, out)?,
+            Pool::Gpu(a, _) => a[alloc].read(offset as usize, out)?,
             Pool::Host(s) => s[alloc].read_bytes(offset, out)?,
         }
         Ok(())
@@ -222,8 +229,13 @@ pub fn gpu_engine(
                 regions.push(EngineRegion { desc, fd });
                 a.push(alloc);
             }
-            Pool::Gpu(a)
+            Pool::Gpu(a, gpu)
         }
+    };
+    let event = match (&pool, args.ipc_event) {
+        (Pool::Gpu(_, gpu), true) => Some(gpu.event()?),
+        (_, true) => return Err("--ipc-event needs GPU memory (--memory ipc or vmm)".into()),
+        _ => None,
     };
     let region_count = regions.len();
     let mut opts = AttachOptions::new(&args.socket);
@@ -254,6 +266,22 @@ pub fn gpu_engine(
             g.block_bytes()
         )
         .into());
+    }
+
+    if let Some(e) = &event {
+        let desc = e.describe()?;
+        qp.write_arena(0, kvplane_ffi::as_bytes(&desc))?;
+        let mut s = client::sqe(Opcode::RegisterEvents, 3);
+        s.count = 1;
+        s.arg_len = std::mem::size_of_val(&desc) as u32;
+        let c = qp.call(s, timeout)?;
+        if c.status != Status::Ok.raw() {
+            return Err(format!(
+                "REGISTER_EVENTS refused: status {} detail {}",
+                c.status, c.detail
+            )
+            .into());
+        }
     }
 
     let block_bytes = g.block_bytes() as usize;
@@ -294,6 +322,13 @@ pub fn gpu_engine(
     );
     s.arg_len = arg.len() as u32;
     s.count = args.blocks;
+    if let Some(e) = &event {
+        // SAVE: after the pages were written; LOAD: the daemon records it.
+        if args.role == Role::Save {
+            e.record()?;
+        }
+        s.param0 = 1;
+    }
     if args.role == Role::Save {
         if args.write_through {
             s.flags |= kvplane_ffi::SQE_F_WRITE_THROUGH;
@@ -305,6 +340,11 @@ pub fn gpu_engine(
     let t0 = Instant::now();
     let c = qp.call(s, timeout)?;
     let op_us = t0.elapsed().as_secs_f64() * 1e6;
+    if let (Some(e), Role::Load) = (&event, args.role) {
+        // The LOAD completed when its copy was queued: the pages are there once the
+        // event the daemon recorded after it has fired.
+        e.synchronize()?;
+    }
     let mut mismatched = 0u32;
     if args.role == Role::Load && c.status == Status::Ok.raw() {
         let mut got = vec![0u8; block_bytes];

@@ -1,0 +1,223 @@
+//! Engines' CUDA IPC events (KVP_OP_REGISTER_EVENTS, SAVE/LOAD `param0`). On the plain
+//! host backend registering them is refused as unsupported and naming an unregistered
+//! one is a clear BAD_ARG. The data plane's handling of them runs here on a host device
+//! that opens any handle as an event of its own (`with_ipc_events_for_tests`) and reports
+//! copies done `DELAY` after launch: a LOAD that signals an engine event completes as soon
+//! as its copy is queued, while its blocks stay held (a DROP finds them busy) and its
+//! session takes nothing new until the copy has landed; a SAVE waiting on an engine event
+//! completes as before. Opening real IPC events needs a GPU (`scripts/gpu-e2e.sh`).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvplane_cuda::host::{HostDevice, TEST_GPU_UUID};
+use kvplane_daemon::tier::nvme::EngineKind;
+use kvplane_ffi::{Opcode, Pod, Status, kvp_cqe, kvp_ipc_event};
+use kvplane_shm::{AttachOptions, QueuePair, Session, client};
+
+mod common;
+use common::PAGE_BYTES;
+
+const DELAY: Duration = Duration::from_millis(300);
+const NAMESPACE: &str = "events";
+
+fn config(dir: &Path) -> kvplane_daemon::config::Config {
+    let mut config = common::config(dir, EngineKind::Sync);
+    config.tiers.nvme.paths.clear();
+    config.tiers.nvme.capacity_bytes = 0;
+    config.serve.dataplane_threads = 1;
+    config
+}
+
+fn event(gpu_uuid: [u8; 16], tag: u8) -> kvp_ipc_event {
+    let mut e = kvp_ipc_event::zeroed();
+    e.gpu_uuid = gpu_uuid;
+    e.handle = [tag; 64];
+    e
+}
+
+fn register(qp: &mut QueuePair, events: &[kvp_ipc_event]) -> kvp_cqe {
+    qp.write_arena(0, kvplane_ffi::slice_as_bytes(events))
+        .unwrap();
+    let mut s = client::sqe(Opcode::RegisterEvents, 0xE7);
+    s.count = events.len() as u32;
+    s.arg_len = std::mem::size_of_val(events) as u32;
+    qp.call(s, Duration::from_secs(10))
+        .expect("register events")
+}
+
+/// A SAVE/LOAD/DROP of `hashes` (pages from `first_page`) naming event `param0`.
+fn block_sqe(
+    qp: &mut QueuePair,
+    op: Opcode,
+    ud: u64,
+    hashes: &[u64],
+    first_page: u32,
+    param0: u64,
+) -> kvplane_ffi::kvp_sqe {
+    let mut s = common::chain_sqe(qp, op, ud, hashes, first_page);
+    s.param0 = param0;
+    s
+}
+
+fn next(qp: &mut QueuePair) -> (kvp_cqe, Instant) {
+    let t0 = Instant::now();
+    let mut c = [Pod::zeroed(); 1];
+    loop {
+        if qp.poll(&mut c).unwrap() == 1 {
+            return (c[0], Instant::now());
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "no completion");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn events_are_refused_on_the_host_backend_and_unknown_ones_are_bad_args() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, _) = common::start(config(dir.path()), None);
+    let socket = daemon.socket_path().to_path_buf();
+    let (_a, mut qa, _kv) = common::attach_with_kv(&socket, NAMESPACE);
+    let c = register(&mut qa, &[event([7; 16], 1)]);
+    assert_eq!(
+        (c.status, c.detail),
+        (Status::Unsupported.raw(), 0),
+        "no GPU events on the host backend: {c:?}"
+    );
+    let c = register(&mut qa, &[]);
+    assert_eq!(c.status, Status::Ok.raw(), "count 0 releases (none here)");
+    for op in [Opcode::Save, Opcode::Load] {
+        let s = block_sqe(&mut qa, op, 1, &[0x1], 0, 1);
+        let c = qa.call(s, Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            (c.status, c.detail),
+            (Status::BadArg.raw(), kvplane_ffi::DETAIL_BAD_EVENT),
+            "{op:?} naming event 0, never registered"
+        );
+    }
+    // Without the event, the SAVE goes through.
+    let s = block_sqe(&mut qa, Opcode::Save, 2, &[0x1], 0, 0);
+    assert_eq!(
+        qa.call(s, Duration::from_secs(10)).unwrap().status,
+        Status::Ok.raw()
+    );
+    // A session without KV memory has nothing to copy with events.
+    let mut o = AttachOptions::new(&socket);
+    o.namespaces = vec![NAMESPACE.into()];
+    let mut b = Session::attach(o).unwrap();
+    let mut qb = b.take_queue_pairs().unwrap().remove(0);
+    let c = register(&mut qb, &[]);
+    assert_eq!((c.status, c.detail), (Status::BadArg.raw(), 1));
+    drop((qa, qb));
+    daemon.shutdown();
+}
+
+#[test]
+fn a_load_signalling_an_engine_event_completes_when_queued_and_holds_its_blocks_until_it_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(
+        HostDevice::with_completion_delay(kvplane_kernels::HostLaunch::default(), DELAY)
+            .with_ipc_events_for_tests(),
+    );
+    let (daemon, blocks) = common::start_on(config(dir.path()), None, device);
+    let socket = daemon.socket_path().to_path_buf();
+    let (_a, mut qa, kv) = common::attach_with_kv(&socket, NAMESPACE);
+    let mut o = AttachOptions::new(&socket);
+    o.namespaces = vec![NAMESPACE.into()];
+    let mut b = Session::attach(o).unwrap();
+    let mut qb = b.take_queue_pairs().unwrap().remove(0);
+
+    // Registration is checked field by field; a refused set keeps the one before.
+    let mut bad = event(TEST_GPU_UUID, 2);
+    bad.reserved[3] = 1;
+    let c = register(&mut qa, &[event(TEST_GPU_UUID, 1), bad]);
+    assert_eq!((c.status, c.detail), (Status::BadArg.raw(), 1), "reserved");
+    let c = register(&mut qa, &[event([9; 16], 1)]);
+    assert_eq!(
+        (c.status, c.detail),
+        (Status::BadArg.raw(), 0),
+        "another GPU's"
+    );
+    let c = register(&mut qa, &[event(TEST_GPU_UUID, 1), event(TEST_GPU_UUID, 2)]);
+    assert_eq!((c.status, c.blocks), (Status::Ok.raw(), 2), "{c:?}");
+    let s = block_sqe(&mut qa, Opcode::Save, 3, &[0x1], 0, 3);
+    let c = qa.call(s, Duration::from_secs(10)).unwrap();
+    assert_eq!(c.detail, kvplane_ffi::DETAIL_BAD_EVENT, "only 2 registered");
+
+    // SAVE pages 0, 1 waiting on event 1: completes once its copy lands.
+    let hashes = [0xEE_0001u64, 0xEE_0002];
+    for i in 0..2u64 {
+        kv.write_bytes(i * PAGE_BYTES, &vec![0x50 + i as u8; PAGE_BYTES as usize])
+            .unwrap();
+    }
+    let t0 = Instant::now();
+    let s = block_sqe(&mut qa, Opcode::Save, 4, &hashes, 0, 1);
+    assert_eq!(qa.submit(&[s]).unwrap(), 1);
+    let (c, at) = next(&mut qa);
+    assert_eq!(
+        (c.user_data, c.status, c.blocks),
+        (4, Status::Ok.raw(), 2),
+        "{c:?}"
+    );
+    assert!(
+        at - t0 >= DELAY,
+        "the SAVE completed before its copy landed"
+    );
+
+    // LOAD into pages 8, 9 signalling event 2, then a NOP on the same queue pair.
+    let t1 = Instant::now();
+    let load = block_sqe(&mut qa, Opcode::Load, 5, &hashes, 8, 2);
+    assert_eq!(qa.submit(&[load, client::sqe(Opcode::Nop, 6)]).unwrap(), 2);
+    let (c, load_at) = next(&mut qa);
+    assert_eq!(
+        (c.user_data, c.status, c.blocks),
+        (5, Status::Ok.raw(), 2),
+        "{c:?}"
+    );
+    assert!(
+        load_at - t1 < DELAY / 2,
+        "the LOAD completed after {:?}: not when its copy was queued",
+        load_at - t1
+    );
+    // While the copy is on the device its blocks are held: another session's DROP finds
+    // both busy.
+    let drop_sqe = block_sqe(&mut qb, Opcode::Drop, 7, &hashes, 0, 0);
+    let d = qb.call(drop_sqe, Duration::from_secs(10)).unwrap();
+    if Instant::now() - t1 < DELAY {
+        assert_eq!((d.blocks, d.detail), (0, 2), "held while in flight: {d:?}");
+    }
+    let (nop, nop_at) = next(&mut qa);
+    assert_eq!(nop.user_data, 6);
+    assert!(
+        nop_at - t1 >= DELAY,
+        "the session took a new submission before the LOAD's copy landed"
+    );
+    let mut page = vec![0u8; PAGE_BYTES as usize];
+    kv.read_bytes(8 * PAGE_BYTES, &mut page).unwrap();
+    assert!(page.iter().all(|b| *b == 0x50), "block 0 in page 8");
+    // Landed: the holds are gone.
+    let drop_sqe = block_sqe(&mut qb, Opcode::Drop, 8, &hashes, 0, 0);
+    let d = qb.call(drop_sqe, Duration::from_secs(10)).unwrap();
+    assert_eq!((d.blocks, d.detail), (2, 0), "released once landed: {d:?}");
+    assert_eq!(
+        daemon
+            .shared()
+            .dataplane
+            .counters
+            .metrics
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    blocks.check_invariants().unwrap();
+    // Count 0 releases the events: naming one is refused again.
+    assert_eq!(register(&mut qa, &[]).status, Status::Ok.raw());
+    let s = block_sqe(&mut qa, Opcode::Load, 9, &hashes, 8, 1);
+    assert_eq!(
+        qa.call(s, Duration::from_secs(10)).unwrap().detail,
+        kvplane_ffi::DETAIL_BAD_EVENT
+    );
+    drop((qa, qb));
+    daemon.shutdown();
+}
