@@ -7,7 +7,7 @@
 #
 #   OUT=/tmp/gpu-e2e scripts/gpu-e2e.sh
 #
-# Steps, each under its own timeout (about 5 minutes in all); output in $OUT/steps.log,
+# Steps, each under its own timeout (about 6 minutes in all, the offload benches 1-2 minutes each); output in $OUT/steps.log,
 # each engine's JSON report in $OUT/engines.jsonl, one summary in $OUT/summary.json:
 #   1. `kvplane serve` on the cuda backend (refuses to start without one), a pinned host
 #      tier, a G1 arena in HBM and an NVMe tier file;
@@ -23,8 +23,10 @@
 #      and the loader waits on its event before comparing;
 #   5. the same chain saved with write-through, the daemon restarted, and loaded from NVMe;
 #   6. compute-sanitizer (memcheck) over a daemon serving one small save/load round;
-#   7. `kvplane bench transfer --quick --json` (its paths are host ones today; the kernel
-#      and offload tables against the PCIe ceiling are gpu_check's, scripts/gpu/device-run.sh).
+#   7. `kvplane bench offload` through a cuda `kvplane serve` and a session with its pool in
+#      HBM (Llama-3.1-8B in 16- and 64-token pages, -70B in 16-token pages, with G1; 1 to
+#      512 blocks), each path next to a bulk copy and per-page copies of the same bytes
+#      measured in the same run; JSON in $OUT/offload-*.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-gpu-bin}
@@ -149,7 +151,16 @@ if command -v compute-sanitizer >/dev/null; then
 else
     status[compute-sanitizer]="127 0"
 fi
-step bench-transfer 150 "$KV" bench transfer --quick --json
+offload() { # name args...
+    local name=$1; shift
+    step "offload-$name" 150 "$KV" --log warn bench offload --memory ipc --g1 --json \
+        --iters 2 --dir "$WORK" "$@"
+    # The JSON is the step's last line of output.
+    grep '"bench":"offload"' "$OUT/steps.log" | tail -1 >"$OUT/offload-$name.json"
+}
+offload 8b-16 --model llama8b --page-tokens 16
+offload 8b-64 --model llama8b --page-tokens 64 --batches 1,4,16,64,256
+offload 70b-16 --model llama70b --page-tokens 16
 {
     echo "{"
     steps_json

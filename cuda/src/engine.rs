@@ -255,6 +255,128 @@ impl EngineAlloc {
     }
 }
 
+/// Page-locked host memory of the engine's context (`cuMemHostAlloc`): where the
+/// offload benchmark's ceilings copy to and from, as the daemon's pinned tier would be.
+#[derive(Debug)]
+pub struct PinnedHost {
+    gpu: Arc<EngineGpu>,
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: plain page-locked memory owned by this value; every driver call binds the
+// context first.
+unsafe impl Send for PinnedHost {}
+
+impl EngineGpu {
+    /// `bytes` of page-locked host memory.
+    pub fn pinned(self: &Arc<Self>, bytes: usize) -> Result<PinnedHost, DeviceError> {
+        self.bind()?;
+        let mut ptr: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: a valid out pointer in the bound context.
+        unsafe { sys::cuMemHostAlloc(&mut ptr, bytes.max(1), 0) }
+            .result()
+            .map_err(|_| DeviceError::OutOfMemory {
+                op: "cuMemHostAlloc",
+                bytes,
+            })?;
+        Ok(PinnedHost {
+            gpu: Arc::clone(self),
+            ptr: ptr.cast(),
+            bytes,
+        })
+    }
+
+    /// Waits for everything queued in the context (the null stream's copies).
+    pub fn synchronize(&self) -> Result<(), DeviceError> {
+        self.bind()?;
+        // SAFETY: the bound context.
+        unsafe { sys::cuCtxSynchronize() }
+            .result()
+            .map_err(drv("cuCtxSynchronize"))
+    }
+}
+
+impl PinnedHost {
+    pub fn len_bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for PinnedHost {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_ok() {
+            // SAFETY: allocated by cuMemHostAlloc, freed once by its owner.
+            let _ = unsafe { sys::cuMemFreeHost(self.ptr.cast()) };
+        }
+    }
+}
+
+/// Which way a copy between an allocation and pinned host memory goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostCopy {
+    ToHost,
+    FromHost,
+}
+
+impl EngineAlloc {
+    /// Queues a copy of `len` bytes between `offset` of this allocation and `host_offset`
+    /// of `host` on the null stream (`cuMemcpyAsync`, what vLLM's `swap_blocks` issues per
+    /// page); complete after [`EngineGpu::synchronize`].
+    pub fn copy_host_async(
+        &self,
+        way: HostCopy,
+        offset: usize,
+        host: &PinnedHost,
+        host_offset: usize,
+        len: usize,
+    ) -> Result<(), DeviceError> {
+        crate::device::check_range("EngineAlloc::copy_host_async", offset, len, self.bytes)?;
+        crate::device::check_range("PinnedHost", host_offset, len, host.bytes)?;
+        self.gpu.bind()?;
+        let dev = self.ptr + offset as u64;
+        // SAFETY: both ranges were checked to lie inside live allocations (the pinned one
+        // page-locked, so an async copy may use it); the null stream of the bound context.
+        let r = unsafe {
+            let h = host.ptr.add(host_offset);
+            match way {
+                HostCopy::ToHost => {
+                    sys::cuMemcpyDtoHAsync_v2(h.cast(), dev, len, std::ptr::null_mut())
+                }
+                HostCopy::FromHost => {
+                    sys::cuMemcpyHtoDAsync_v2(dev, h.cast(), len, std::ptr::null_mut())
+                }
+            }
+        };
+        r.result().map_err(drv("cuMemcpyAsync"))
+    }
+
+    /// Queues a device-to-device copy of `len` bytes from `offset` of this allocation to
+    /// `dst_offset` of `dst` on the null stream.
+    pub fn copy_device_async(
+        &self,
+        offset: usize,
+        dst: &EngineAlloc,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<(), DeviceError> {
+        crate::device::check_range("EngineAlloc::copy_device_async", offset, len, self.bytes)?;
+        crate::device::check_range("EngineAlloc (dst)", dst_offset, len, dst.bytes)?;
+        self.gpu.bind()?;
+        // SAFETY: both ranges checked inside live allocations of the bound context.
+        unsafe {
+            sys::cuMemcpyDtoDAsync_v2(
+                dst.ptr + dst_offset as u64,
+                self.ptr + offset as u64,
+                len,
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(drv("cuMemcpyDtoDAsync"))
+    }
+}
+
 /// An engine's interprocess event (`CU_EVENT_INTERPROCESS | CU_EVENT_DISABLE_TIMING`),
 /// registered with the daemon by [`EngineEvent::describe`] (KVP_OP_REGISTER_EVENTS): the
 /// engine records it after writing KV a SAVE reads, and waits on it after a LOAD that

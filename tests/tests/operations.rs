@@ -518,3 +518,84 @@ fn bench_host_times_save_and_load_through_a_daemon_child() {
         assert!(x.is_finite() && x > 0.0, "{k}: {v}");
     }
 }
+
+/// `bench offload` goes through a `kvplane serve` child and an engine session per batch
+/// size, checks the loaded bytes, takes the G1 path when asked (it fails if a load is not
+/// served from G1), and reports each path next to its references. With GPU memory on a
+/// machine without a driver it fails and says why.
+#[test]
+fn bench_offload_reports_each_batch_against_its_references() {
+    let dir = temp_dir("ops-bench-offload");
+    let out = Command::new(kvplane_bin())
+        .args([
+            "--log",
+            "warn",
+            "bench",
+            "offload",
+            "--json",
+            "--no-lock",
+            "--g1",
+        ])
+        .args(["--batches", "1,3", "--iters", "1", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(
+        v["backend"].as_str().unwrap().starts_with("host backend"),
+        "{v}"
+    );
+    // Llama-3.1-8B in 16-token pages: 32 layers x K,V x 16 x 8 x 256 bytes.
+    assert_eq!(v["block_bytes"], 32 * 2 * 16 * 8 * 256);
+    assert_eq!(
+        v["blocks_verified"], 4,
+        "the first measured round of 1 and of 3"
+    );
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["batch_blocks"].clone())
+            .collect::<Vec<_>>(),
+        [1, 3]
+    );
+    for r in rows {
+        for k in [
+            "save_gbps",
+            "load_gbps",
+            "bulk_d2h_gbps",
+            "per_page_d2h_gbps",
+            "save_vs_bulk",
+            "load_vs_per_page",
+        ] {
+            let x = r[k].as_f64().unwrap();
+            assert!(x.is_finite() && x > 0.0, "{k}: {r}");
+        }
+        let g1 = r["g1"]["load_vs_bulk_d2d"].as_f64().unwrap();
+        assert!(g1.is_finite() && g1 > 0.0, "{r}");
+    }
+    if !kvplane_cuda::cuda::driver_present() {
+        let out = Command::new(kvplane_bin())
+            .args([
+                "--log",
+                "warn",
+                "bench",
+                "offload",
+                "--memory",
+                "ipc",
+                "--batches",
+                "1",
+            ])
+            .args(["--iters", "1", "--no-lock", "--dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "GPU memory without a GPU must fail");
+        assert!(err.contains("driver") || err.contains("cuda"), "{err}");
+    }
+}

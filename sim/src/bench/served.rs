@@ -12,8 +12,10 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use kvplane_cuda::engine::{EngineAlloc, EngineGpu};
 use kvplane_ffi::{self as ffi, Opcode, Pod, Status, kvp_block_op, kvp_cqe, kvp_kv_layout};
 use kvplane_shm::{AttachOptions, QueuePair, Segment, Session, ShmError, client, sys};
+use std::sync::Arc;
 
 use super::serve_child::{ServeChild, ServeChildError};
 use kvplane_daemon::config::Config;
@@ -47,6 +49,8 @@ pub enum ServedError {
     },
     #[error("page {page}: {what}")]
     Content { page: u32, what: String },
+    #[error("engine GPU: {0}")]
+    Gpu(#[source] kvplane_cuda::DeviceError),
 }
 
 fn shm(what: &'static str) -> impl FnOnce(ShmError) -> ServedError {
@@ -190,9 +194,25 @@ pub struct ServedOptions {
     pub lock: bool,
     /// Engine sessions that will attach.
     pub sessions: u32,
+    /// The daemon's `[device] backend` (the host-path benches: host) and CUDA device.
+    pub backend: kvplane_daemon::config::BackendSetting,
+    pub gpu_ordinal: u32,
+    /// G1 size in blocks (0: no G1).
+    pub hbm_blocks: u64,
 }
 
-/// A running `kvplane serve` with a host tier and no NVMe or G1, in its own directory.
+/// Where an engine session's KV pool lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolMemory {
+    /// A sealed memfd, the layers' tensors back to back.
+    Host,
+    /// One `cuMemAlloc` per layer on GPU `ordinal`, registered by CUDA IPC handle.
+    GpuIpc { ordinal: usize },
+    /// One VMM allocation per layer, registered by file descriptor.
+    GpuVmm { ordinal: usize },
+}
+
+/// A running `kvplane serve` with a host tier, G1 when asked, no NVMe, in its own directory.
 pub struct ServedDaemon {
     child: ServeChild,
     socket: PathBuf,
@@ -222,7 +242,7 @@ impl ServedDaemon {
         config.serve.socket_path = socket.clone();
         config.serve.max_sessions = o.sessions + 4;
         config.blocks.block_bytes = o.block_bytes as usize;
-        config.tiers.hbm.capacity_bytes = 0;
+        config.tiers.hbm.capacity_bytes = o.hbm_blocks * o.block_bytes;
         // Host slots are NVMe-slot sized (block + its 4 KiB header), so a demotion
         // writes one slot as is.
         config.tiers.host.capacity_bytes =
@@ -230,9 +250,10 @@ impl ServedDaemon {
         config.tiers.host.lock = o.lock;
         config.tiers.host.touch_threads = 0;
         config.control.metrics_addr = String::new();
-        // The host path is what `bench host` and `bench transfer` time and label ("host
-        // backend"), GPU or not; the device paths are measured by `gpu_check`.
-        config.device.backend = kvplane_daemon::config::BackendSetting::Host;
+        // The host-path benches pin the host backend, GPU or not ("host backend" in their
+        // labels); `bench offload` asks for the GPU its engine's pool is on.
+        config.device.backend = o.backend;
+        config.device.ordinal = o.gpu_ordinal;
         let child = ServeChild::start(
             &o.exe,
             &dir.path().join("kvplane.toml"),
@@ -282,27 +303,67 @@ impl ServedDaemon {
         geometry: EngineGeometry,
         pages: u32,
     ) -> Result<EngineSession, ServedError> {
+        self.attach_pool(geometry, pages, PoolMemory::Host)
+    }
+
+    /// [`ServedDaemon::attach`] with the pool in `memory` (GPU pools: one allocation per
+    /// layer, as vLLM's per-layer tensors, each a region of the session).
+    pub fn attach_pool(
+        &self,
+        geometry: EngineGeometry,
+        pages: u32,
+        memory: PoolMemory,
+    ) -> Result<EngineSession, ServedError> {
         geometry.validate()?;
         let pages64 = u64::from(pages.max(1));
         let bytes = pages64 * geometry.block_bytes();
-        let fd = sys::memfd_create_sealed("kvplane-bench-engine-kv", bytes).map_err(|e| {
-            ServedError::Shm {
-                what: "engine KV memfd",
-                source: ShmError::io("memfd_create", e),
-            }
-        })?;
-        let kv = Segment::map_fd(
-            fd.try_clone().map_err(|e| ServedError::Shm {
-                what: "engine KV memfd",
-                source: ShmError::io("dup", e),
-            })?,
-            bytes,
-        )
-        .map_err(shm("map the engine KV memfd"))?;
         let mut o = AttachOptions::new(&self.socket);
         o.namespaces = vec![NAMESPACE.to_owned()];
         o.arena_bytes = 1 << 20;
-        o.host_kv_buffer(fd, bytes);
+        let mut layout = geometry.layout(pages64);
+        let pool = match memory {
+            PoolMemory::Host => {
+                let fd =
+                    sys::memfd_create_sealed("kvplane-bench-engine-kv", bytes).map_err(|e| {
+                        ServedError::Shm {
+                            what: "engine KV memfd",
+                            source: ShmError::io("memfd_create", e),
+                        }
+                    })?;
+                let kv = Segment::map_fd(
+                    fd.try_clone().map_err(|e| ServedError::Shm {
+                        what: "engine KV memfd",
+                        source: ShmError::io("dup", e),
+                    })?,
+                    bytes,
+                )
+                .map_err(shm("map the engine KV memfd"))?;
+                o.host_kv_buffer(fd, bytes);
+                EnginePool::Memfd(kv)
+            }
+            PoolMemory::GpuIpc { ordinal } | PoolMemory::GpuVmm { ordinal } => {
+                let gpu = EngineGpu::open(ordinal).map_err(ServedError::Gpu)?;
+                let layer_bytes = 2 * pages64 * geometry.run_bytes();
+                let mut allocs = Vec::with_capacity(geometry.layers as usize);
+                for layer in 0..geometry.layers {
+                    let a = match memory {
+                        PoolMemory::GpuVmm { .. } => gpu.alloc_vmm(layer_bytes as usize),
+                        _ => gpu.alloc(layer_bytes as usize),
+                    }
+                    .map_err(ServedError::Gpu)?;
+                    let (desc, fd) = a.region(0, layer_bytes).map_err(ServedError::Gpu)?;
+                    o.kv_regions
+                        .push(kvplane_shm::handshake::EngineRegion { desc, fd });
+                    for plane in 0..2u32 {
+                        layout.plane_region[plane as usize][layer as usize] = layer as u16;
+                        layout.plane_offset[plane as usize][layer as usize] =
+                            u64::from(plane) * pages64 * geometry.run_bytes();
+                    }
+                    allocs.push(a);
+                }
+                EnginePool::Gpu { allocs, gpu }
+            }
+        };
         let mut session = Session::attach(o).map_err(shm("attach"))?;
         let qp = session
             .take_queue_pairs()
@@ -313,7 +374,7 @@ impl ServedDaemon {
         let mut s = EngineSession {
             _session: session,
             qp,
-            kv,
+            pool,
             geometry,
             pages: pages64,
             next_user_data: 1,
@@ -321,7 +382,6 @@ impl ServedDaemon {
             scratch: vec![0; geometry.run_bytes() as usize],
             check: vec![0; geometry.run_bytes() as usize],
         };
-        let layout = geometry.layout(pages64);
         s.qp.write_arena(0, ffi::as_bytes(&layout))
             .map_err(shm("write the layout"))?;
         let mut sqe = client::sqe(Opcode::AttachLayout, 0);
@@ -347,11 +407,23 @@ fn op_error(op: &'static str, c: &kvp_cqe, want: usize) -> ServedError {
     }
 }
 
+/// An engine session's KV pool.
+pub enum EnginePool {
+    /// A sealed memfd mapped here, the layers' tensors back to back.
+    Memfd(Segment),
+    /// One GPU allocation per layer (`[2, pages, ...]`).
+    Gpu {
+        allocs: Vec<EngineAlloc>,
+        gpu: Arc<EngineGpu>,
+    },
+}
+
 /// One engine session: its KV pool and one queue pair.
 pub struct EngineSession {
+    // Field order is drop order: the session (and the daemon's imports) before the pool.
     _session: Session,
     qp: QueuePair,
-    kv: Segment,
+    pool: EnginePool,
     geometry: EngineGeometry,
     pages: u64,
     next_user_data: u64,
@@ -419,8 +491,47 @@ impl EngineSession {
         Ok(t)
     }
 
-    fn run_offset(&self, layer: u32, plane: u32, page: u32) -> u64 {
-        self.geometry.run_offset(self.pages, layer, plane, page)
+    /// The pool, for ceilings measured on the same memory.
+    pub fn pool(&self) -> &EnginePool {
+        &self.pool
+    }
+
+    /// (allocation, offset) of run (layer, plane) of `page`: the memfd holds every layer
+    /// (allocation 0); a GPU pool has one allocation per layer.
+    pub fn run_at(&self, layer: u32, plane: u32, page: u32) -> (usize, u64) {
+        match self.pool {
+            EnginePool::Memfd(_) => (0, self.geometry.run_offset(self.pages, layer, plane, page)),
+            EnginePool::Gpu { .. } => (
+                layer as usize,
+                (u64::from(plane) * self.pages + u64::from(page)) * self.geometry.run_bytes(),
+            ),
+        }
+    }
+
+    fn write_run(&self, layer: u32, plane: u32, page: u32, data: &[u8]) -> Result<(), ServedError> {
+        let (alloc, off) = self.run_at(layer, plane, page);
+        match &self.pool {
+            EnginePool::Memfd(kv) => kv.write_bytes(off, data).map_err(shm("write a page")),
+            EnginePool::Gpu { allocs, .. } => allocs[alloc]
+                .write(off as usize, data)
+                .map_err(ServedError::Gpu),
+        }
+    }
+
+    fn read_run(
+        &self,
+        layer: u32,
+        plane: u32,
+        page: u32,
+        out: &mut [u8],
+    ) -> Result<(), ServedError> {
+        let (alloc, off) = self.run_at(layer, plane, page);
+        match &self.pool {
+            EnginePool::Memfd(kv) => kv.read_bytes(off, out).map_err(shm("read a page")),
+            EnginePool::Gpu { allocs, .. } => allocs[alloc]
+                .read(off as usize, out)
+                .map_err(ServedError::Gpu),
+        }
     }
 
     fn runs(&self) -> impl Iterator<Item = (u32, u32)> + use<> {
@@ -433,10 +544,7 @@ impl EngineSession {
     pub fn fill_page(&mut self, page: u32, seed: u64) -> Result<(), ServedError> {
         for (i, (l, p)) in self.runs().enumerate() {
             pattern(seed, i as u64, &mut self.scratch);
-            let off = self.run_offset(l, p, page);
-            self.kv
-                .write_bytes(off, &self.scratch)
-                .map_err(shm("write a page"))?;
+            self.write_run(l, p, page, &self.scratch)?;
         }
         Ok(())
     }
@@ -445,10 +553,7 @@ impl EngineSession {
     pub fn poison_page(&mut self, page: u32) -> Result<(), ServedError> {
         self.scratch.fill(0xA5);
         for (l, p) in self.runs() {
-            let off = self.run_offset(l, p, page);
-            self.kv
-                .write_bytes(off, &self.scratch)
-                .map_err(shm("poison a page"))?;
+            self.write_run(l, p, page, &self.scratch)?;
         }
         Ok(())
     }
@@ -457,10 +562,10 @@ impl EngineSession {
     pub fn check_page(&mut self, page: u32, seed: u64) -> Result<(), ServedError> {
         for (i, (l, p)) in self.runs().enumerate() {
             pattern(seed, i as u64, &mut self.scratch);
-            let off = self.run_offset(l, p, page);
-            self.kv
-                .read_bytes(off, &mut self.check)
-                .map_err(shm("read a page"))?;
+            let mut check = std::mem::take(&mut self.check);
+            let read = self.read_run(l, p, page, &mut check);
+            self.check = check;
+            read?;
             if let Some(at) = self
                 .check
                 .iter()

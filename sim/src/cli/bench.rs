@@ -3,8 +3,8 @@
 use clap::Subcommand;
 
 use super::{
-    CliResult, bench_gather, bench_host, bench_lookup, bench_nvme, bench_ring, bench_soak,
-    bench_transfer,
+    CliResult, bench_gather, bench_host, bench_lookup, bench_nvme, bench_offload, bench_ring,
+    bench_soak, bench_transfer,
 };
 
 #[derive(Debug, Subcommand)]
@@ -16,6 +16,10 @@ pub enum BenchCommand {
     Nvme(bench_nvme::NvmeArgs),
     /// Host tier save/load throughput against memcpy.
     Host(bench_host::HostArgs),
+    /// The offload path through a real serve and session: engine pages (HBM with
+    /// --memory ipc|vmm) -> pinned host tier and back (and G1), per batch size, against a
+    /// bulk copy and per-page copies of the same bytes measured in the same run.
+    Offload(bench_offload::OffloadArgs),
     /// Registry prefix lookups per second.
     Lookup(bench_lookup::LookupArgs),
     /// Paged gather/scatter kernels against memcpy.
@@ -33,6 +37,7 @@ pub fn run(cmd: BenchCommand) -> CliResult {
         BenchCommand::Ring(args) => bench_ring::run(args),
         BenchCommand::Nvme(args) => bench_nvme::run(args),
         BenchCommand::Host(args) => bench_host::run(args),
+        BenchCommand::Offload(args) => bench_offload::run(args),
         BenchCommand::Lookup(args) => bench_lookup::run(args),
         BenchCommand::Gather(args) => bench_gather::run(args),
         BenchCommand::Transfer(args) => bench_transfer::run(args),

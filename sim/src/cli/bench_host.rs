@@ -86,6 +86,9 @@ pub fn run(args: HostArgs) -> CliResult {
         host_blocks: 2 * u64::from(n) + 1,
         lock: !args.no_lock,
         sessions: 1,
+        backend: kvplane_daemon::config::BackendSetting::Host,
+        gpu_ordinal: 0,
+        hbm_blocks: 0,
     })?;
     // Pages [0, n) are the engine's computed pages; [n, 2n) receive the loads.
     let mut e = daemon.attach(g, 2 * n)?;

@@ -712,6 +712,9 @@ fn run_point(
                 host_blocks: blocks + 1,
                 lock: false,
                 sessions: shape.threads as u32,
+                backend: kvplane_daemon::config::BackendSetting::Host,
+                gpu_ordinal: 0,
+                hbm_blocks: 0,
             })?;
             let mut sessions = Vec::with_capacity(shape.threads);
             for t in 0..shape.threads {

@@ -6,6 +6,7 @@ pub mod bench_gather;
 pub mod bench_host;
 pub mod bench_lookup;
 pub mod bench_nvme;
+pub mod bench_offload;
 pub mod bench_ring;
 pub mod bench_soak;
 pub mod bench_transfer;
