@@ -181,8 +181,10 @@ impl HostDevice {
     }
 
     /// This device, opening any CUDA IPC event handle as a fresh event of its own (no other
-    /// process can wait on or record it): tests of the data plane's logic around engines'
-    /// IPC events run on it without a GPU. Never in the daemon.
+    /// process can wait on or record it), complete the number of milliseconds after its
+    /// import that bytes 8..16 of the handle say (little-endian; 0: at once, u64::MAX:
+    /// never): tests of the data plane's logic around engines' IPC events run on it
+    /// without a GPU. Never in the daemon.
     #[doc(hidden)]
     pub fn with_ipc_events_for_tests(self) -> Self {
         Self {
@@ -425,9 +427,22 @@ impl Device for HostDevice {
         Ok(())
     }
 
-    fn import_ipc_event(&self, _handle: &[u8; 64]) -> Result<EventId, DeviceError> {
+    fn import_ipc_event(&self, handle: &[u8; 64]) -> Result<EventId, DeviceError> {
         if self.ipc_events_for_tests {
-            return self.create_event();
+            // Bytes 8..16 of a test handle: milliseconds from the import until the event
+            // completes, as if its engine had just recorded it behind that much work
+            // (u64::MAX: never).
+            let ms = u64::from_le_bytes(handle[8..16].try_into().expect("8 bytes"));
+            let done_at = (ms > 0).then(|| {
+                let never = Duration::from_secs(1 << 30);
+                let wait = Duration::from_millis(ms).min(never);
+                Instant::now()
+                    .checked_add(wait)
+                    .unwrap_or_else(Instant::now)
+            });
+            let ev = self.create_event()?;
+            self.lock().events.insert(ev.0, done_at);
+            return Ok(ev);
         }
         Err(DeviceError::Unsupported {
             op: "a CUDA IPC event",

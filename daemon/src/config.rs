@@ -79,6 +79,9 @@ pub struct ServeConfig {
     pub max_queue_pairs: u32,
     /// How long a data-plane thread spins on an idle session before sleeping.
     pub spin_us: u64,
+    /// How long a SAVE waits for the engine's IPC event it names before it is refused
+    /// (BUSY); nothing is held meanwhile.
+    pub engine_event_timeout_ms: u64,
     /// After set-up (pool locked, NVMe opened, sockets bound), give up every capability
     /// and set no_new_privs and non-dumpable (see `crate::privileges`).
     pub drop_privileges: bool,
@@ -155,6 +158,7 @@ impl Default for ServeConfig {
             max_arena_bytes: 256 << 20,
             max_queue_pairs: 16,
             spin_us: 50,
+            engine_event_timeout_ms: 10_000,
             drop_privileges: true,
             run_as_uid: None,
             run_as_gid: None,
@@ -366,6 +370,15 @@ impl Config {
                 format!("at most 10000 (10 ms), got {}", s.spin_us),
             ));
         }
+        if !(1..=600_000).contains(&s.engine_event_timeout_ms) {
+            return Err(invalid(
+                "serve.engine_event_timeout_ms",
+                format!(
+                    "must be in 1..=600000 (10 min), got {}",
+                    s.engine_event_timeout_ms
+                ),
+            ));
+        }
         if s.dataplane_threads > 64 {
             return Err(invalid(
                 "serve.dataplane_threads",
@@ -514,6 +527,9 @@ max_arena_bytes = {max_arena}
 max_queue_pairs = {max_qp}
 # Microseconds a data-plane thread spins on an idle session before sleeping on its futex.
 spin_us = {spin}
+# Milliseconds a SAVE waits for the engine's CUDA IPC event it names (the KV written)
+# before it is refused with BUSY; nothing is held while it waits.
+engine_event_timeout_ms = {engine_event_ms}
 # After set-up (pool locked, NVMe opened, sockets bound): drop every capability, set
 # no_new_privs, and make the process non-dumpable (KV blocks are user prompts).
 drop_privileges = {drop}
@@ -650,6 +666,7 @@ host_completion_delay_us = {device_host_delay_us}
             max_arena = s.max_arena_bytes,
             max_qp = s.max_queue_pairs,
             spin = s.spin_us,
+            engine_event_ms = s.engine_event_timeout_ms,
             drop = s.drop_privileges,
             hugetlb = s.allow_hugetlb_kv_buffers,
             dp_threads = s.dataplane_threads,
@@ -713,6 +730,7 @@ mod tests {
                 max_arena_bytes: 1 << 20,
                 max_queue_pairs: 4,
                 spin_us: 7,
+                engine_event_timeout_ms: 2500,
                 drop_privileges: true,
                 run_as_uid: Some(65534),
                 run_as_gid: Some(65534),
@@ -792,6 +810,10 @@ mod tests {
             ("[serve]\nmax_sessions = 0", "serve.max_sessions"),
             ("[serve]\nmax_queue_pairs = 17", "serve.max_queue_pairs"),
             ("[serve]\nspin_us = 99999", "serve.spin_us"),
+            (
+                "[serve]\nengine_event_timeout_ms = 0",
+                "serve.engine_event_timeout_ms",
+            ),
             ("[serve]\ndataplane_threads = 65", "serve.dataplane_threads"),
             (
                 "[serve]\ndataplane_cpus = [0, 5000]",

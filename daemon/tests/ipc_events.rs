@@ -30,10 +30,13 @@ fn config(dir: &Path) -> kvplane_daemon::config::Config {
     config
 }
 
-fn event(gpu_uuid: [u8; 16], tag: u8) -> kvp_ipc_event {
+/// An event description; on the test device it completes `ms` after registration
+/// (handle bytes 8..16; u64::MAX: never).
+fn event(gpu_uuid: [u8; 16], tag: u8, ms: u64) -> kvp_ipc_event {
     let mut e = kvp_ipc_event::zeroed();
     e.gpu_uuid = gpu_uuid;
     e.handle = [tag; 64];
+    e.handle[8..16].copy_from_slice(&ms.to_le_bytes());
     e
 }
 
@@ -79,7 +82,7 @@ fn events_are_refused_on_the_host_backend_and_unknown_ones_are_bad_args() {
     let (daemon, _) = common::start(config(dir.path()), None);
     let socket = daemon.socket_path().to_path_buf();
     let (_a, mut qa, _kv) = common::attach_with_kv(&socket, NAMESPACE);
-    let c = register(&mut qa, &[event([7; 16], 1)]);
+    let c = register(&mut qa, &[event([7; 16], 1, 0)]);
     assert_eq!(
         (c.status, c.detail),
         (Status::Unsupported.raw(), 0),
@@ -129,17 +132,20 @@ fn a_load_signalling_an_engine_event_completes_when_queued_and_holds_its_blocks_
     let mut qb = b.take_queue_pairs().unwrap().remove(0);
 
     // Registration is checked field by field; a refused set keeps the one before.
-    let mut bad = event(TEST_GPU_UUID, 2);
+    let mut bad = event(TEST_GPU_UUID, 2, 0);
     bad.reserved[3] = 1;
-    let c = register(&mut qa, &[event(TEST_GPU_UUID, 1), bad]);
+    let c = register(&mut qa, &[event(TEST_GPU_UUID, 1, 0), bad]);
     assert_eq!((c.status, c.detail), (Status::BadArg.raw(), 1), "reserved");
-    let c = register(&mut qa, &[event([9; 16], 1)]);
+    let c = register(&mut qa, &[event([9; 16], 1, 0)]);
     assert_eq!(
         (c.status, c.detail),
         (Status::BadArg.raw(), 0),
         "another GPU's"
     );
-    let c = register(&mut qa, &[event(TEST_GPU_UUID, 1), event(TEST_GPU_UUID, 2)]);
+    let c = register(
+        &mut qa,
+        &[event(TEST_GPU_UUID, 1, 0), event(TEST_GPU_UUID, 2, 0)],
+    );
     assert_eq!((c.status, c.blocks), (Status::Ok.raw(), 2), "{c:?}");
     let s = block_sqe(&mut qa, Opcode::Save, 3, &[0x1], 0, 3);
     let c = qa.call(s, Duration::from_secs(10)).unwrap();
@@ -218,6 +224,109 @@ fn a_load_signalling_an_engine_event_completes_when_queued_and_holds_its_blocks_
         qa.call(s, Duration::from_secs(10)).unwrap().detail,
         kvplane_ffi::DETAIL_BAD_EVENT
     );
+    drop((qa, qb));
+    daemon.shutdown();
+}
+
+/// A SAVE naming an engine event that has not completed waits for it, polled, with
+/// nothing reserved and the thread serving others meanwhile; one that never completes is
+/// refused with BUSY at `serve.engine_event_timeout_ms`, nothing stored. (The daemon
+/// never queues its stream behind an engine's event: a tenant could hold it forever.)
+#[test]
+fn a_save_waits_for_its_engine_event_holding_nothing_and_gives_up_at_the_deadline() {
+    const ENGINE_MS: u64 = 300;
+    const TIMEOUT_MS: u64 = 700;
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(
+        HostDevice::with_launch(kvplane_kernels::HostLaunch::default()).with_ipc_events_for_tests(),
+    );
+    let mut cfg = config(dir.path());
+    cfg.serve.engine_event_timeout_ms = TIMEOUT_MS;
+    let (daemon, blocks) = common::start_on(cfg, None, device);
+    let socket = daemon.socket_path().to_path_buf();
+    let (_a, mut qa, _kv) = common::attach_with_kv(&socket, NAMESPACE);
+    let mut o = AttachOptions::new(&socket);
+    o.namespaces = vec![NAMESPACE.into()];
+    let mut b = Session::attach(o).unwrap();
+    let mut qb = b.take_queue_pairs().unwrap().remove(0);
+    let host_used = || {
+        blocks
+            .stats()
+            .tiers
+            .into_iter()
+            .find(|t| t.tier == kvplane_daemon::block::Tier::Host)
+            .unwrap()
+            .used_slots
+    };
+
+    let t0 = Instant::now();
+    let c = register(
+        &mut qa,
+        &[
+            event(TEST_GPU_UUID, 1, ENGINE_MS),
+            event(TEST_GPU_UUID, 2, u64::MAX),
+        ],
+    );
+    assert_eq!(c.status, Status::Ok.raw(), "{c:?}");
+    let hashes = [0xAA_0001u64, 0xAA_0002];
+    let s = block_sqe(&mut qa, Opcode::Save, 1, &hashes, 0, 1);
+    assert_eq!(qa.submit(&[s]).unwrap(), 1);
+    let mut rtts = Vec::new();
+    let mut reserved_while_waiting = None;
+    let mut got = [Pod::zeroed(); 1];
+    let save_at = loop {
+        if qa.poll(&mut got).unwrap() == 1 {
+            break Instant::now();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "no completion");
+        let t = Instant::now();
+        let c = qb
+            .call(client::sqe(Opcode::Nop, 0), Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(c.status, Status::Ok.raw());
+        rtts.push(t.elapsed());
+        if reserved_while_waiting.is_none() && t0.elapsed() > Duration::from_millis(100) {
+            reserved_while_waiting = Some(host_used());
+        }
+    };
+    assert_eq!(
+        (got[0].status, got[0].blocks),
+        (Status::Ok.raw(), 2),
+        "{:?}",
+        got[0]
+    );
+    assert!(
+        save_at - t0 >= Duration::from_millis(ENGINE_MS),
+        "the SAVE read the pages {:?} after registration, before its event completed",
+        save_at - t0
+    );
+    assert_eq!(
+        reserved_while_waiting,
+        Some(0),
+        "nothing is reserved while the SAVE waits for its engine"
+    );
+    common::assert_nops_kept_flowing(
+        &mut rtts,
+        "a SAVE waited for its engine's event",
+        Duration::from_millis(50),
+        None,
+    );
+
+    // An event that never completes: refused at the deadline, nothing stored or held.
+    let stuck = [0xBB_0001u64];
+    let t1 = Instant::now();
+    let s = block_sqe(&mut qa, Opcode::Save, 2, &stuck, 2, 2);
+    let c = qa.call(s, Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        (c.status, c.detail),
+        (Status::Busy.raw(), kvplane_ffi::DETAIL_BAD_EVENT),
+        "{c:?}"
+    );
+    assert!(t1.elapsed() >= Duration::from_millis(TIMEOUT_MS));
+    assert_eq!(host_used(), 2, "only the first SAVE's blocks");
+    let s = block_sqe(&mut qb, Opcode::Lookup, 3, &stuck, 0, 0);
+    assert_eq!(qb.call(s, Duration::from_secs(10)).unwrap().blocks, 0);
+    blocks.check_invariants().unwrap();
     drop((qa, qb));
     daemon.shutdown();
 }

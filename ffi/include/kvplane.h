@@ -191,12 +191,16 @@ enum kvp_session_state {
 
 /* SAVE and LOAD param0: 0, or 1 + the index of an event registered with
  * KVP_OP_REGISTER_EVENTS.
- * SAVE: the daemon's copy waits for that event on the GPU before it reads the engine's
- * pages (record it on your stream after the KV is written; no host synchronisation).
- * LOAD: the daemon records that event after its copy into the engine's pages, and
- * completes the LOAD as soon as the copy is queued (blocks, bytes, tiers as final): make
- * your stream wait on the event before reading the pages. A copy that then fails on the
- * GPU ends the session (state DEAD). */
+ * SAVE: record the event on your stream after the KV is written and submit at once (no
+ * host synchronisation): the daemon reads the pages once the event has completed. It
+ * polls the event and holds nothing meanwhile (it never queues its own stream behind an
+ * engine's event); one not complete within 10 s fails the SAVE with KVP_E_BUSY, detail
+ * KVP_DETAIL_BAD_EVENT.
+ * LOAD: the daemon records the event after its copy into the engine's pages and, on a
+ * daemon without an NVMe tier, completes the LOAD as soon as the copy is queued (blocks,
+ * bytes, tiers as final; with an NVMe tier the completion comes when the copy has
+ * landed): make your stream wait on the event before reading the pages. A copy that then
+ * fails on the GPU ends the session (state DEAD). */
 #define KVP_EVENT_NONE 0u
 /* cqe.detail of a SAVE or LOAD refused with KVP_E_BAD_ARG because param0 names no
  * registered event. */

@@ -171,6 +171,13 @@ struct InFlight {
 
 #[derive(Debug)]
 enum Half {
+    /// A SAVE waiting for the engine's IPC event before anything is planned: polled from
+    /// the host (the daemon never queues its stream behind a tenant's event, which the
+    /// tenant could keep from ever completing), given up at `deadline`.
+    AwaitEngine {
+        event: kvplane_cuda::EventId,
+        deadline: Instant,
+    },
     Save(transfer::SaveStarted),
     Load(transfer::LoadStarted),
     /// A LOAD completed early (IPC event): its blocks are held until the copy lands.
@@ -197,6 +204,8 @@ pub struct DataPlane {
     blocks: Option<Arc<BlockManager>>,
     /// Executes the block manager's plans (present with `blocks`).
     mover: Option<Mover>,
+    /// `serve.engine_event_timeout_ms` (0 until set: the default applies).
+    engine_event_timeout_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -253,6 +262,12 @@ fn launch_and_record(
     r
 }
 
+/// How long a SAVE waits for the engine's IPC event it names before it is refused
+/// (KVP_E_BUSY, detail KVP_DETAIL_BAD_EVENT) unless `serve.engine_event_timeout_ms` says
+/// otherwise: an engine records it right after writing the KV, so this is far past any
+/// real wait.
+pub const DEFAULT_ENGINE_EVENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn micros_since(t0: Instant) -> u32 {
     t0.elapsed().as_micros().min(u32::MAX as u128) as u32
 }
@@ -271,6 +286,19 @@ impl DataPlane {
             blocks: Some(blocks),
             mover: Some(mover),
             ..Self::default()
+        }
+    }
+
+    /// How long a SAVE waits for the engine's IPC event (`serve.engine_event_timeout_ms`).
+    pub fn set_engine_event_timeout(&self, timeout: std::time::Duration) {
+        self.engine_event_timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn engine_event_timeout(&self) -> std::time::Duration {
+        match self.engine_event_timeout_ms.load(Ordering::Relaxed) {
+            0 => DEFAULT_ENGINE_EVENT_TIMEOUT,
+            ms => std::time::Duration::from_millis(ms),
         }
     }
 
@@ -381,7 +409,11 @@ impl DataPlane {
             return Polled::Done(None);
         };
         let mover = self.mover.as_ref().expect("in flight implies a mover");
+        if let Half::AwaitEngine { event, deadline } = op.half {
+            return self.poll_engine_event(session, seg, event, deadline);
+        }
         let launched = match &op.half {
+            Half::AwaitEngine { .. } => unreachable!("polled above"),
             Half::Save(h) => h.launched(),
             Half::Load(h) => h.launched(),
             Half::LoadReported(_) => true,
@@ -394,6 +426,7 @@ impl DataPlane {
         let op = session.in_flight.take().expect("checked above");
         let blocks = self.blocks.as_ref().expect("in flight implies blocks");
         let cqe = match op.half {
+            Half::AwaitEngine { .. } => unreachable!("polled above"),
             Half::Save(started) => {
                 let r = transfer::finish_save(blocks, mover, started, landed);
                 Some(self.save_done(blocks, session, &op.req, r, op.t0))
@@ -420,8 +453,50 @@ impl DataPlane {
         Polled::Done(cqe)
     }
 
+    /// A SAVE waiting for the engine's event: still waiting, given up (its deadline
+    /// passed, or the event failed), or started now that the engine's KV is written.
+    fn poll_engine_event(
+        &self,
+        session: &mut SessionData,
+        seg: &Segment,
+        event: kvplane_cuda::EventId,
+        deadline: Instant,
+    ) -> Polled {
+        let device = self.device().expect("in flight implies a device");
+        let ready = device.query_event(event);
+        if matches!(ready, Ok(false)) && Instant::now() < deadline {
+            return Polled::InFlight;
+        }
+        let op = session.in_flight.take().expect("checked by the caller");
+        let blocks = self.blocks.as_ref().expect("in flight implies blocks");
+        let cqe = match ready {
+            Ok(true) => match self.save(blocks, session, seg, &op.req, op.t0, true) {
+                // Planned and launched: in flight as any SAVE (still counted in flight).
+                Submitted::InFlight => return Polled::InFlight,
+                Submitted::Done(c) => c,
+            },
+            not_ready => {
+                tracing::warn!(session = session.id, result = ?not_ready, timeout_ms = self.engine_event_timeout().as_millis() as u64, "a SAVE's engine event did not complete; SAVE refused");
+                done(
+                    op.req.user_data,
+                    Status::Busy,
+                    0,
+                    0,
+                    0,
+                    ffi::DETAIL_BAD_EVENT,
+                )
+            }
+        };
+        self.counters.metrics.release_in_flight();
+        self.counters
+            .metrics
+            .record_op(op.req.opcode, op.t0.elapsed());
+        Polled::Done(Some(cqe))
+    }
+
     /// Waits for the session's operation in flight and returns its completion (`None`:
-    /// it was taken early).
+    /// it was taken early). Bounded: the daemon's own copies, or an engine event until
+    /// its deadline.
     fn wait(&self, session: &mut SessionData, seg: &Segment) -> Option<kvp_cqe> {
         loop {
             if let Polled::Done(cqe) = self.poll(session, seg) {
@@ -431,6 +506,10 @@ impl DataPlane {
                 self.mover.as_ref().expect("in flight implies a mover"),
                 session.in_flight.as_ref().expect("not yet completed"),
             );
+            if matches!(op.half, Half::AwaitEngine { .. }) {
+                std::thread::sleep(crate::session::pool::DEVICE_POLL);
+                continue;
+            }
             // An error here shows again in the next poll, which completes the op with it.
             let _ = mover.device().sync_event(op.target.event);
         }
@@ -592,7 +671,7 @@ impl DataPlane {
         t0: Instant,
     ) -> Submitted {
         match req.opcode {
-            Opcode::Save => return self.save(blocks, session, seg, req, t0),
+            Opcode::Save => return self.save(blocks, session, seg, req, t0, false),
             Opcode::Load => return self.load(blocks, session, seg, req, t0),
             _ => {}
         }
@@ -703,7 +782,9 @@ impl DataPlane {
     }
 
     /// Launches a SAVE: host slots reserved, one gather from the engine's pages into them
-    /// queued on the session's stream, its event recorded. In flight from there.
+    /// queued on the session's stream, its event recorded. In flight from there. A SAVE
+    /// naming an engine event whose work is not done yet (unless `engine_ready`) waits for
+    /// it first, holding nothing.
     fn save(
         &self,
         blocks: &BlockManager,
@@ -711,6 +792,7 @@ impl DataPlane {
         seg: &Segment,
         req: &Request,
         t0: Instant,
+        engine_ready: bool,
     ) -> Submitted {
         let mover = self
             .mover
@@ -720,10 +802,32 @@ impl DataPlane {
             Ok(x) => x,
             Err(cqe) => return Submitted::Done(cqe),
         };
-        let wait_for = match Self::named_event(session, req) {
-            Ok(e) => e,
+        match Self::named_event(session, req) {
+            Ok(NamedEvent::Ipc(event)) if !engine_ready => {
+                match mover.device().query_event(event) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        let deadline = Instant::now() + self.engine_event_timeout();
+                        let half = Half::AwaitEngine { event, deadline };
+                        return self.in_flight(session, req, target, half, t0);
+                    }
+                    Err(e) => {
+                        tracing::warn!(session = session.id, error = %e, "querying a SAVE's engine event");
+                        let detail = ffi::DETAIL_BAD_EVENT;
+                        return Submitted::Done(done(
+                            req.user_data,
+                            Status::BadArg,
+                            0,
+                            0,
+                            0,
+                            detail,
+                        ));
+                    }
+                }
+            }
+            Ok(_) => {}
             Err(cqe) => return Submitted::Done(cqe),
-        };
+        }
         session.chain.clear();
         session.chain.extend(
             session
@@ -750,11 +854,6 @@ impl DataPlane {
                 pages.extend(stores.iter().map(|s| ops[s.index].engine_block));
                 pages.extend(hbm.iter().map(|c| ops[stores[c.store].index].engine_block));
                 launch_and_record(m, target, |m| {
-                    // The engine's KV is written once its event fires, not when it
-                    // submitted: the gather waits for it on the GPU.
-                    if let NamedEvent::Ipc(ev) = wait_for {
-                        m.wait_for_engine(target, ev)?;
-                    }
                     m.launch_gather(target, pages, stores, hbm, scratch)
                 })
             },
@@ -1017,8 +1116,29 @@ impl DataPlane {
         }
     }
 
-    /// The session is gone (detached, killed or cut off): release what it held.
-    pub fn session_ended(&self, session: &SessionData) {
+    /// The session is gone (detached, killed or cut off): release what it held. An
+    /// operation still in flight (normally a session ends only after it lands; after a
+    /// panic it may not have) is waited for on the session's stream, which holds only the
+    /// daemon's own copies, and then given up.
+    pub fn session_ended(&self, session: &mut SessionData) {
+        if let (Some(op), Some(blocks), Some(mover)) =
+            (session.in_flight.take(), &self.blocks, &self.mover)
+        {
+            if let Err(e) = mover.wait(op.target) {
+                tracing::warn!(session = session.id, error = %e, "waiting for an abandoned copy");
+            }
+            match op.half {
+                Half::AwaitEngine { .. } => {}
+                Half::Save(started) => transfer::abandon_save(blocks, started),
+                Half::Load(started) => transfer::abandon_load(blocks, started),
+                Half::LoadReported(holds) => blocks.release_load(holds),
+            }
+            self.counters.metrics.release_in_flight();
+            tracing::warn!(
+                session = session.id,
+                "an operation in flight was abandoned with its session"
+            );
+        }
         if let Some(blocks) = &self.blocks {
             let released = blocks.release_session(session.id);
             self.counters

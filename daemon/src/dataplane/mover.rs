@@ -211,15 +211,6 @@ impl Mover {
         Ok(())
     }
 
-    /// Makes the engine's stream wait, on the device, for one of the engine's IPC events
-    /// (what it records once its KV is written) before the work queued next.
-    pub fn wait_for_engine(&self, engine: EngineTarget, event: EventId) -> Result<(), MoveError> {
-        self.stores
-            .device
-            .stream_wait_event(engine.stream, event)
-            .map_err(|source| MoveError::Device { index: 0, source })
-    }
-
     /// Records one of the engine's IPC events after the work queued on its stream (the
     /// engine's stream waits on it before reading what was copied).
     pub fn signal_engine(&self, engine: EngineTarget, event: EventId) -> Result<(), MoveError> {

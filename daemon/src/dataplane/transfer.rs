@@ -124,8 +124,29 @@ pub fn finish_save(
     Ok(blocks.commit_save(plan, results))
 }
 
+/// Gives up a started save whose session is gone (its copy waited for): nothing is
+/// published, every reservation is released.
+pub fn abandon_save(blocks: &BlockManager, started: SaveStarted) {
+    blocks.abort_save(started.plan);
+}
+
+/// Gives up a started load whose session is gone (its copy waited for): the blocks are
+/// released.
+pub fn abandon_load(blocks: &BlockManager, started: LoadStarted) {
+    let _ = blocks.commit_load(started.plan, 0);
+}
+
 fn fill_failed(blocks: &BlockManager, plan: SavePlan, e: MoveError) -> BlockError {
-    let index = plan.stores.get(e.index()).map_or(0, |s| s.index);
+    // Launch positions past the stores are their G1 copies (see `Mover::launch_gather`).
+    let at = e.index();
+    let store = if at < plan.stores.len() {
+        Some(at)
+    } else {
+        plan.hbm.get(at - plan.stores.len()).map(|c| c.store)
+    };
+    let index = store
+        .and_then(|k| plan.stores.get(k))
+        .map_or(0, |s| s.index);
     blocks.abort_save(plan);
     BlockError::Fill {
         index,

@@ -138,6 +138,9 @@ impl Daemon {
         // SAFETY: geteuid has no preconditions and cannot fail.
         let daemon_uid = unsafe { libc::geteuid() };
         let (listener, socket) = socket::bind(&config.serve.socket_path, socket_owner(&config))?;
+        dataplane.set_engine_event_timeout(std::time::Duration::from_millis(
+            config.serve.engine_event_timeout_ms,
+        ));
         Ok(BoundDaemon {
             config,
             dataplane,
@@ -356,7 +359,7 @@ struct SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        if let Some(data) = &self.data {
+        if let Some(data) = &mut self.data {
             self.shared.dataplane.session_ended(data);
             self.shared
                 .sessions

@@ -280,8 +280,9 @@ struct Served {
     /// An operation is with the I/O executors (the session's data with it).
     out: bool,
     /// The queue pair of the session's operation whose copy is on the device (its plan in
-    /// the session's data), polled each pass.
+    /// the session's data), polled each pass, and that operation's user_data.
     in_flight_qp: Option<usize>,
+    in_flight_user_data: u64,
     /// A job the full I/O queue refused, retried each pass.
     parked: Option<IoJob>,
     /// Why the session ends, once known; it ends when nothing is out.
@@ -338,6 +339,7 @@ impl Served {
             stash_qp: 0,
             out: false,
             in_flight_qp: None,
+            in_flight_user_data: 0,
             parked: None,
             ending: None,
             hung_up: None,
@@ -665,6 +667,7 @@ fn run_stash(
                             Polled::InFlight => {
                                 // On the device: the rest of the stash waits for it.
                                 s.in_flight_qp = Some(qp);
+                                s.in_flight_user_data = req.user_data;
                                 break;
                             }
                         }
@@ -726,6 +729,14 @@ fn poll_in_flight(shared: &DaemonShared, s: &mut Served, qp: usize, scratch: &mu
             );
             s.in_flight_qp = None;
             s.ending.get_or_insert(End::Panicked);
+            // Its completion, so the engine does not wait for it; what the operation
+            // held is released when the session ends (`DataPlane::session_ended`).
+            scratch.cqes.clear();
+            scratch.cqes.push(completion(
+                s.in_flight_user_data,
+                kvplane_ffi::Status::Internal,
+            ));
+            let _ = post(shared, s, qp, scratch);
             return true;
         }
     };

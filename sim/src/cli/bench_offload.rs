@@ -160,18 +160,22 @@ impl Ceilings {
         let t0 = Instant::now();
         match (self, e.pool()) {
             (Ceilings::Host { dst, .. }, EnginePool::Memfd(kv)) => {
-                let out = dst.bytes_mut();
+                let buf = dst.bytes_mut();
                 let mut k = 0;
                 for page in first..first + n {
                     for layer in 0..g.layers {
                         for plane in 0..2 {
                             let (_, off) = e.run_at(layer, plane, page);
-                            kv.read_bytes(off, &mut out[k * run..(k + 1) * run])?;
+                            let part = &mut buf[k * run..(k + 1) * run];
+                            match way {
+                                HostCopy::ToHost => kv.read_bytes(off, part)?,
+                                HostCopy::FromHost => kv.write_bytes(off, part)?,
+                            }
                             k += 1;
                         }
                     }
                 }
-                std::hint::black_box(&out[..]);
+                std::hint::black_box(&buf[..]);
             }
             (Ceilings::Gpu { pinned, .. }, EnginePool::Gpu { allocs, gpu }) => {
                 let mut k = 0;
@@ -347,7 +351,18 @@ pub fn run(args: OffloadArgs) -> CliResult {
             if args.g1 {
                 let hashes: Vec<u64> = (0..n).map(|i| block_hash(n, round, i, 0x61)).collect();
                 let keep = e.op(Opcode::Save, SQE_F_KEEP_ON_GPU, &chain_ops(&hashes, 0, 0))?;
+                if verify {
+                    for i in 0..n {
+                        e.poison_page(max_n + i)?;
+                    }
+                }
                 let load_g1 = e.op_all("LOAD (G1)", Opcode::Load, &chain_ops(&hashes, 0, max_n))?;
+                if verify {
+                    for i in 0..n {
+                        e.check_page(max_n + i, 0x5eed_0000 + u64::from(i))?;
+                        verified += 1;
+                    }
+                }
                 if keep.cqe.status != Status::Ok.raw()
                     || u32::from(load_g1.cqe.tier) != Tier::Hbm.raw()
                 {
@@ -357,7 +372,14 @@ pub fn run(args: OffloadArgs) -> CliResult {
                     )
                     .into());
                 }
-                e.op(Opcode::Drop, 0, &chain_ops(&hashes, 0, 0))?;
+                let dropped = e.op(Opcode::Drop, 0, &chain_ops(&hashes, 0, 0))?;
+                if dropped.cqe.blocks != n {
+                    return Err(format!(
+                        "bench offload: DROP after the G1 round freed {} of {n} blocks",
+                        dropped.cqe.blocks
+                    )
+                    .into());
+                }
                 if measured {
                     s.save_keep.push(keep.seconds);
                     s.load_g1.push(load_g1.seconds);
