@@ -255,3 +255,93 @@ fn a_session_that_ends_with_a_copy_in_flight_ends_after_it_lands_holding_nothing
     drop(qb);
     daemon.shutdown();
 }
+
+/// A panic inside an operation's launch (a daemon bug) ends only that session, and what
+/// its plan held goes with it: the SAVE's reserved slots and the LOAD's held blocks are
+/// given back, the daemon keeps serving, the registry's invariants hold.
+#[test]
+fn a_panic_in_a_launch_ends_the_session_and_gives_its_plan_back() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path(), EngineKind::Sync);
+    config.tiers.nvme.paths.clear();
+    config.tiers.nvme.capacity_bytes = 0;
+    config.serve.dataplane_threads = 1;
+    let armed = Arc::new(AtomicBool::new(false));
+    let trip = Arc::clone(&armed);
+    let hook: kvplane_cuda::host::LaunchHook = Arc::new(move |op| {
+        if matches!(op, "gather" | "scatter") && trip.swap(false, Ordering::SeqCst) {
+            panic!("injected panic in a {op} launch");
+        }
+    });
+    let device = Arc::new(kvplane_cuda::host::HostDevice::with_launch_hook_for_tests(
+        kvplane_kernels::HostLaunch::default(),
+        hook,
+    ));
+    let (daemon, blocks) = common::start_on(config, None, device);
+    let socket = daemon.socket_path().to_path_buf();
+    let host_used = || {
+        blocks
+            .stats()
+            .tiers
+            .into_iter()
+            .find(|t| t.tier == kvplane_daemon::block::Tier::Host)
+            .unwrap()
+            .used_slots
+    };
+    let kept = [0x9A_0001u64, 0x9A_0002];
+    let (_a, mut qa, _kv) = common::attach_with_kv(&socket, NAMESPACE);
+    let s = common::chain_sqe(&mut qa, Opcode::Save, 1, &kept, 0);
+    assert_eq!(
+        qa.call(s, Duration::from_secs(10)).unwrap().status,
+        Status::Ok.raw()
+    );
+    assert_eq!(host_used(), 2);
+
+    // SAVE whose gather panics: INTERNAL, the session ends, no slot stays reserved.
+    armed.store(true, Ordering::SeqCst);
+    let s = common::chain_sqe(&mut qa, Opcode::Save, 2, &[0x9B_0001, 0x9B_0002], 2);
+    let c = qa.call(s, Duration::from_secs(10)).unwrap();
+    assert_eq!(c.status, Status::Internal.raw(), "{c:?}");
+    let wait_for_sessions = |n: usize| {
+        let t0 = Instant::now();
+        while daemon.sessions().len() != n {
+            assert!(t0.elapsed() < Duration::from_secs(10), "sessions never {n}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for_sessions(0);
+    assert_eq!(
+        host_used(),
+        2,
+        "the panicked SAVE's reservations were given back"
+    );
+
+    // LOAD whose scatter panics: the blocks it held are released (a DROP frees them).
+    let (_b, mut qb, _kvb) = common::attach_with_kv(&socket, NAMESPACE);
+    armed.store(true, Ordering::SeqCst);
+    let s = common::chain_sqe(&mut qb, Opcode::Load, 3, &kept, 4);
+    assert_eq!(
+        qb.call(s, Duration::from_secs(10)).unwrap().status,
+        Status::Internal.raw()
+    );
+    wait_for_sessions(0);
+    let (_c, mut qc, _kvc) = common::attach_with_kv(&socket, NAMESPACE);
+    let s = common::chain_sqe(&mut qc, Opcode::Drop, 4, &kept, 0);
+    let d = qc.call(s, Duration::from_secs(10)).unwrap();
+    assert_eq!((d.blocks, d.detail), (2, 0), "no hold left behind: {d:?}");
+    assert_eq!(host_used(), 0);
+    assert_eq!(
+        daemon
+            .shared()
+            .dataplane
+            .counters
+            .metrics
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    blocks.check_invariants().unwrap();
+    drop((qa, qb, qc));
+    daemon.shutdown();
+}

@@ -90,10 +90,20 @@ pub fn begin_save(
     if options.keep_on_gpu {
         blocks.reserve_save_hbm(&mut plan);
     }
-    if !plan.stores.is_empty()
-        && let Err(e) = launch(mover, &plan.stores, &plan.hbm)
-    {
-        return Err(fill_failed(blocks, plan, e));
+    if !plan.stores.is_empty() {
+        let launched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            launch(mover, &plan.stores, &plan.hbm)
+        }));
+        match launched {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(fill_failed(blocks, plan, e)),
+            Err(panic) => {
+                // The session ends (its thread catches the panic); the registry must not
+                // keep the plan's reservations for ever.
+                blocks.abort_save(plan);
+                std::panic::resume_unwind(panic);
+            }
+        }
     }
     Ok(SaveStarted {
         plan,
@@ -237,10 +247,18 @@ pub fn begin_load(
         mover.erase_nvme(&erase);
         blocks.commit_erase(&erase);
     }
-    if !plan.items.is_empty()
-        && let Err(e) = launch(mover, &plan.items)
-    {
-        return Err(drain_failed(blocks, plan, e));
+    if !plan.items.is_empty() {
+        let launched =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| launch(mover, &plan.items)));
+        match launched {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(drain_failed(blocks, plan, e)),
+            Err(panic) => {
+                // As in `begin_save`: the blocks' holds go with the panicking session.
+                let _ = blocks.commit_load(plan, 0);
+                std::panic::resume_unwind(panic);
+            }
+        }
     }
     Ok(LoadStarted { plan })
 }
