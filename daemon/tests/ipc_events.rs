@@ -330,3 +330,44 @@ fn a_save_waits_for_its_engine_event_holding_nothing_and_gives_up_at_the_deadlin
     drop((qa, qb));
     daemon.shutdown();
 }
+
+/// A session that goes away while its SAVE waits for an engine event that never comes
+/// ends at once: the waiting SAVE holds nothing, so nothing waits for its deadline.
+#[test]
+fn a_session_waiting_for_its_engine_event_ends_without_waiting_for_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(
+        HostDevice::with_launch(kvplane_kernels::HostLaunch::default()).with_ipc_events_for_tests(),
+    );
+    let mut cfg = config(dir.path());
+    cfg.serve.engine_event_timeout_ms = 60_000;
+    let (daemon, blocks) = common::start_on(cfg, None, device);
+    let socket = daemon.socket_path().to_path_buf();
+    let (a, mut qa, _kv) = common::attach_with_kv(&socket, NAMESPACE);
+    let c = register(&mut qa, &[event(TEST_GPU_UUID, 1, u64::MAX)]);
+    assert_eq!(c.status, Status::Ok.raw());
+    let s = block_sqe(&mut qa, Opcode::Save, 1, &[0xCC_0001], 0, 1);
+    assert_eq!(qa.submit(&[s]).unwrap(), 1);
+    std::thread::sleep(Duration::from_millis(50));
+    let t0 = Instant::now();
+    drop((qa, a));
+    while !daemon.sessions().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the session waited for its engine's event after it went away"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        daemon
+            .shared()
+            .dataplane
+            .counters
+            .metrics
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    blocks.check_invariants().unwrap();
+    daemon.shutdown();
+}

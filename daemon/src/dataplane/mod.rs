@@ -130,6 +130,15 @@ impl SessionData {
         self.in_flight.is_some()
     }
 
+    /// Whether the operation in flight (if any) may be dropped at once when the session
+    /// ends: a SAVE still waiting for its engine's event has planned, reserved and
+    /// launched nothing.
+    pub fn in_flight_holds_nothing(&self) -> bool {
+        self.in_flight
+            .as_ref()
+            .is_none_or(|op| matches!(op.half, Half::AwaitEngine { .. }))
+    }
+
     /// The fault that made the engine's KV buffer unusable, if one did: the session must
     /// end (its engine made its own memory vanish).
     pub fn engine_fault(&self) -> Option<&KernelError> {
@@ -1127,17 +1136,29 @@ impl DataPlane {
             if let Err(e) = mover.wait(op.target) {
                 tracing::warn!(session = session.id, error = %e, "waiting for an abandoned copy");
             }
-            match op.half {
-                Half::AwaitEngine { .. } => {}
-                Half::Save(started) => transfer::abandon_save(blocks, started),
-                Half::Load(started) => transfer::abandon_load(blocks, started),
-                Half::LoadReported(holds) => blocks.release_load(holds),
-            }
+            let held = match op.half {
+                // Ended while its SAVE waited for the engine: nothing to give back.
+                Half::AwaitEngine { .. } => false,
+                Half::Save(started) => {
+                    transfer::abandon_save(blocks, started);
+                    true
+                }
+                Half::Load(started) => {
+                    transfer::abandon_load(blocks, started);
+                    true
+                }
+                Half::LoadReported(holds) => {
+                    blocks.release_load(holds);
+                    true
+                }
+            };
             self.counters.metrics.release_in_flight();
-            tracing::warn!(
-                session = session.id,
-                "an operation in flight was abandoned with its session"
-            );
+            if held {
+                tracing::warn!(
+                    session = session.id,
+                    "an operation in flight was abandoned with its session"
+                );
+            }
         }
         if let Some(blocks) = &self.blocks {
             let released = blocks.release_session(session.id);

@@ -369,6 +369,18 @@ impl Served {
         self.out || self.in_flight_qp.is_some()
     }
 
+    /// Busy only with a SAVE waiting for its engine's event, which holds nothing: an
+    /// ending session need not wait for that event (it may never complete).
+    fn in_flight_holds_nothing(&self) -> bool {
+        !self.out
+            && self.in_flight_qp.is_some()
+            && self
+                .guard
+                .data
+                .as_ref()
+                .is_some_and(|d| d.in_flight_holds_nothing())
+    }
+
     /// Waiting for something no doorbell announces: room in the I/O queue or in a
     /// completion ring, or the end of a hang-up's grace period.
     fn blocked(&self) -> bool {
@@ -473,7 +485,7 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
             if stop && s.ending.is_none() {
                 s.ending = Some(End::Shutdown);
             }
-            if s.ending.is_some() && !s.busy() {
+            if s.ending.is_some() && (!s.busy() || s.in_flight_holds_nothing()) {
                 let s = slot.take().expect("checked above");
                 finish(shared, s);
                 me.load.fetch_sub(1, Ordering::AcqRel);
