@@ -86,16 +86,19 @@ pub enum Link {
     G1ToEngine = 4,
     /// Saves kept on the GPU (`KVP_SQE_F_KEEP_ON_GPU`): the engine's pages into G1.
     EngineToG1 = 5,
+    /// G1 blocks with no other copy, copied down to the host tier to make room in G1.
+    G1ToHost = 6,
 }
 
 impl Link {
-    pub const ALL: [Link; 6] = [
+    pub const ALL: [Link; 7] = [
         Link::EngineToHost,
         Link::HostToEngine,
         Link::HostToNvme,
         Link::NvmeToHost,
         Link::G1ToEngine,
         Link::EngineToG1,
+        Link::G1ToHost,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -105,6 +108,7 @@ impl Link {
             Link::NvmeToHost => "nvme_to_host",
             Link::G1ToEngine => "g1_to_engine",
             Link::EngineToG1 => "engine_to_g1",
+            Link::G1ToHost => "g1_to_host",
         }
     }
 }
@@ -214,6 +218,7 @@ impl DataPlaneMetrics {
         self.add_link_bytes(Link::EngineToHost, r.bytes);
         self.add_link_bytes(Link::HostToNvme, (r.nvme_written * block_bytes) as u64);
         self.add_link_bytes(Link::EngineToG1, (r.hbm_stored * block_bytes) as u64);
+        self.add_link_bytes(Link::G1ToHost, (r.g1_copied_down * block_bytes) as u64);
     }
 
     /// Bytes a load moved: NVMe -> host for staged blocks, then each block to the engine.

@@ -32,6 +32,42 @@ fn block_op(
     (c, back)
 }
 
+/// Offset of `page`'s part in (layer, plane) `plane` of an engine's KV buffer.
+fn page_at(plane: u64, page: u64) -> u64 {
+    plane * common::PAGES * PAGE_BYTES + page * PAGE_BYTES
+}
+
+const PLANES: u64 = common::LAYERS as u64 * 2;
+
+/// The byte every part of `page` holds in these tests.
+fn page_byte(page: u64, plane: u64) -> u8 {
+    (0x30 + page * 8 + plane) as u8
+}
+
+fn fill_pages(kv: &kvplane_shm::Segment, pages: std::ops::Range<u64>) {
+    for page in pages {
+        for plane in 0..PLANES {
+            let fill = vec![page_byte(page, plane); PAGE_BYTES as usize];
+            kv.write_bytes(page_at(plane, page), &fill).unwrap();
+        }
+    }
+}
+
+/// Checks `kv`'s pages from `first` hold the bytes of `from_pages` of the saving engine.
+fn check_pages(kv: &kvplane_shm::Segment, first: u64, from_pages: std::ops::Range<u64>) {
+    for (k, page) in from_pages.enumerate() {
+        for plane in 0..PLANES {
+            let mut got = vec![0u8; PAGE_BYTES as usize];
+            kv.read_bytes(page_at(plane, first + k as u64), &mut got)
+                .unwrap();
+            assert!(
+                got.iter().all(|b| *b == page_byte(page, plane)),
+                "saved page {page}, layer/plane {plane}: loaded bytes differ"
+            );
+        }
+    }
+}
+
 #[test]
 fn blocks_kept_on_the_gpu_are_loaded_by_another_engine_from_g1() {
     let dir = tempfile::tempdir().unwrap();
@@ -46,14 +82,7 @@ fn blocks_kept_on_the_gpu_are_loaded_by_another_engine_from_g1() {
 
     // A fills pages 0..3 (every layer and plane) and saves them, kept on the GPU.
     let hashes = [0x61_0001u64, 0x61_0002, 0x61_0003];
-    let planes = common::LAYERS as u64 * 2;
-    let page_at = |plane: u64, page: u64| plane * common::PAGES * PAGE_BYTES + page * PAGE_BYTES;
-    for page in 0..hashes.len() as u64 {
-        for plane in 0..planes {
-            let fill = vec![(0x30 + page * 8 + plane) as u8; PAGE_BYTES as usize];
-            kv_a.write_bytes(page_at(plane, page), &fill).unwrap();
-        }
-    }
+    fill_pages(&kv_a, 0..hashes.len() as u64);
     let (c, _) = block_op(&mut qa, Opcode::Save, SQE_F_KEEP_ON_GPU, &hashes, 0);
     assert_eq!(c.status, Status::Ok.raw(), "SAVE: {c:?}");
     assert_eq!(c.blocks, 3);
@@ -75,17 +104,7 @@ fn blocks_kept_on_the_gpu_are_loaded_by_another_engine_from_g1() {
     assert_eq!((c.status, c.blocks), (Status::Ok.raw(), 3), "LOAD: {c:?}");
     assert_eq!(c.tier, Tier::Hbm.raw() as u16, "served from G1");
     assert!(ops.iter().all(|o| o.tier == Tier::Hbm.raw() as u8));
-    for page in 0..hashes.len() as u64 {
-        for plane in 0..planes {
-            let mut got = vec![0u8; PAGE_BYTES as usize];
-            kv_b.read_bytes(page_at(plane, 7 + page), &mut got).unwrap();
-            let want = (0x30 + page * 8 + plane) as u8;
-            assert!(
-                got.iter().all(|b| *b == want),
-                "block {page}, layer/plane {plane}: B's page holds A's bytes"
-            );
-        }
-    }
+    check_pages(&kv_b, 7, 0..hashes.len() as u64);
     // A save without the flag goes to the host tier only; the flag is refused on a LOAD.
     let (c, _) = block_op(&mut qa, Opcode::Save, 0, &[0x61_0009], 5);
     assert_eq!(
@@ -106,6 +125,67 @@ fn blocks_kept_on_the_gpu_are_loaded_by_another_engine_from_g1() {
     assert_eq!(
         links.link_bytes(kvplane_daemon::metrics::Link::G1ToEngine),
         3 * BLOCK_BYTES
+    );
+    drop((qa, qb));
+    daemon.shutdown();
+}
+
+/// G1 is a tier, not a copy: when a save kept on the GPU needs G1's slots and a G1 block
+/// has no other copy (the host tier evicted it), the block is copied down to the host tier
+/// (the mover's batched copy on the engine's stream) instead of being lost, and another
+/// engine loads it from there byte for byte.
+#[test]
+fn a_g1_block_with_no_other_copy_goes_down_to_the_host_tier_when_g1_needs_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path(), EngineKind::Sync);
+    config.tiers.nvme.paths.clear();
+    config.tiers.nvme.capacity_bytes = 0;
+    config.tiers.host.capacity_bytes = 4 * common::SLOT_BYTES;
+    config.tiers.hbm.capacity_bytes = 2 * BLOCK_BYTES;
+    let (daemon, _blocks) = common::start(config, None);
+    let socket = daemon.socket_path().to_path_buf();
+    let (_a, mut qa, kv_a) = common::attach_with_kv(&socket, NAMESPACE);
+    let (_b, mut qb, kv_b) = common::attach_with_kv(&socket, NAMESPACE);
+    fill_pages(&kv_a, 0..7);
+
+    // Pages 0, 1 saved kept on the GPU: in G1 and the host tier.
+    let kept = [0x62_0001u64, 0x62_0002];
+    let (c, _) = block_op(&mut qa, Opcode::Save, SQE_F_KEEP_ON_GPU, &kept, 0);
+    assert_eq!(
+        (c.status, c.tier),
+        (Status::Ok.raw(), Tier::Hbm.raw() as u16)
+    );
+    // Four more blocks (pages 2..5) fill the 4-slot host tier: G1 now holds the only
+    // copy of the kept two.
+    let more = [0x62_0101u64, 0x62_0102, 0x62_0103, 0x62_0104];
+    let (c, _) = block_op(&mut qa, Opcode::Save, 0, &more, 2);
+    assert_eq!((c.status, c.blocks), (Status::Ok.raw(), 4));
+    let (c, ops) = block_op(&mut qb, Opcode::Lookup, 0, &kept, 0);
+    assert_eq!(c.blocks, 2);
+    assert!(
+        ops.iter().all(|o| o.tier == Tier::Hbm.raw() as u8),
+        "only in G1"
+    );
+
+    // Page 6 kept on the GPU needs a G1 slot: the leaf of the kept chain goes down.
+    let (c, _) = block_op(&mut qa, Opcode::Save, SQE_F_KEEP_ON_GPU, &[0x62_0201], 6);
+    assert_eq!(
+        (c.status, c.tier),
+        (Status::Ok.raw(), Tier::Hbm.raw() as u16)
+    );
+    let (c, ops) = block_op(&mut qb, Opcode::Lookup, 0, &kept, 0);
+    assert_eq!(c.blocks, 2, "the G1 victim was copied down, not lost");
+    assert_eq!(
+        [ops[0].tier, ops[1].tier],
+        [Tier::Hbm.raw() as u8, Tier::Host.raw() as u8]
+    );
+    let (c, _) = block_op(&mut qb, Opcode::Load, 0, &kept, 9);
+    assert_eq!((c.status, c.blocks), (Status::Ok.raw(), 2), "LOAD: {c:?}");
+    check_pages(&kv_b, 9, 0..2);
+    let links = &daemon.shared().dataplane.counters.metrics;
+    assert_eq!(
+        links.link_bytes(kvplane_daemon::metrics::Link::G1ToHost),
+        BLOCK_BYTES
     );
     drop((qa, qb));
     daemon.shutdown();

@@ -129,8 +129,9 @@ enum kvp_opcode {
 /* SAVE: priority hint; blocks with it are evicted after those without. */
 #define KVP_SQE_F_HIGH_PRIORITY (1u << 2)
 /* SAVE: also keep the blocks in the daemon's GPU tier (G1: HBM on the engine's GPU), where
- * any engine on that GPU loads them at device bandwidth. The host copy is kept as well
- * (a G1 victim is dropped, not copied down). Without a G1 tier, the same as without the
+ * any engine on that GPU loads them at device bandwidth. The host copy is kept as well;
+ * a G1 victim whose only copy is left in G1 is copied down to the host tier when G1
+ * needs room. Without a G1 tier, the same as without the
  * flag; the completion's tier is KVP_TIER_HBM when the blocks went to G1. */
 #define KVP_SQE_F_KEEP_ON_GPU (1u << 3)
 #define KVP_SQE_F_ALL                                                                   \

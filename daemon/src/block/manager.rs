@@ -128,6 +128,9 @@ pub struct SaveReport {
     pub nvme_error: Option<NvmeError>,
     /// Stored blocks also kept in G1 (a save that asked to keep its blocks on the GPU).
     pub hbm_stored: usize,
+    /// G1 blocks this call copied down to the host tier to make room in G1 (their only
+    /// copy was in G1).
+    pub g1_copied_down: usize,
 }
 
 #[derive(Debug, Default)]
@@ -399,6 +402,16 @@ impl BlockManager {
             && reg.seen(key) >= self.admit_min_hits
     }
 
+    /// Whether G1 holds the only copy of `key` (none present or coming in a slower tier):
+    /// evicting it from G1 would lose it, so it is copied down instead.
+    fn only_in_g1(reg: &Registry, key: BlockKey) -> bool {
+        reg.view(key).is_some_and(|v| {
+            [Tier::Host, Tier::Nvme]
+                .iter()
+                .all(|&t| v.present[t].is_none() && v.pending[t].is_none())
+        })
+    }
+
     /// An NVMe slot for a block of `namespace`, evicting that namespace's own candidate
     /// when it is at its NVMe quota, else the tier's candidate when the tier is full.
     fn nvme_slot(&self, reg: &mut Registry, namespace: u32) -> Option<u32> {
@@ -453,16 +466,25 @@ impl BlockManager {
     ) -> RoomPlan {
         let mut room = RoomPlan {
             want,
-            demotions: Vec::new(),
+            ..RoomPlan::default()
         };
         let mut reg = self.lock();
-        while out.len() + room.demotions.len() < want {
+        loop {
+            let jobs = room.demotions.len() + room.copies_down.len();
+            if out.len() + jobs >= want {
+                break;
+            }
             // After this round, own demotions will have freed their slots: the namespace
             // then holds `used - own_jobs + out + jobs` slots.
-            let jobs = &room.demotions;
-            let own_jobs = jobs.iter().filter(|j| j.key.namespace == namespace).count();
-            let at_quota = (out.len() + jobs.len() - own_jobs) as u64
-                >= u64::from(reg.quota_room(namespace, tier));
+            let own_jobs = room
+                .demotions
+                .iter()
+                .map(|j| j.key)
+                .chain(room.copies_down.iter().map(|c| c.key))
+                .filter(|k| k.namespace == namespace)
+                .count();
+            let at_quota =
+                (out.len() + jobs - own_jobs) as u64 >= u64::from(reg.quota_room(namespace, tier));
             let v = if at_quota {
                 match reg.victim_in(namespace, tier) {
                     Some(v) => v,
@@ -478,6 +500,17 @@ impl BlockManager {
                     None => break,
                 }
             };
+            if tier == Tier::Hbm && Self::only_in_g1(&reg, v) {
+                let view = reg.view(v).expect("victim exists");
+                let hbm_slot = view.present[Tier::Hbm].expect("victim present");
+                reg.begin_use(v);
+                room.copies_down.push(TierCopy {
+                    key: v,
+                    from: (Tier::Hbm, hbm_slot),
+                    to: (Tier::Host, u32::MAX),
+                });
+                continue;
+            }
             if tier == Tier::Host && self.should_demote(&reg, v) {
                 let view = reg.view(v).expect("victim exists");
                 let host_slot = view.present[Tier::Host].expect("victim present");
@@ -512,11 +545,14 @@ impl BlockManager {
     /// Commits a room plan with the mover's result for each demotion: NVMe copies that
     /// landed are published, the victims leave the host (even when their write failed: the
     /// host needs the space; the block is a cache entry and the error is counted and
-    /// reported), and their slots go to `out`, up to the plan's `want`.
+    /// reported), and their slots go to `out`, up to the plan's `want`. G1 blocks copied
+    /// down (`copied_down`: the batched copy landed) are published in the host tier and
+    /// leave G1; when the copy failed they stay in G1 and free nothing.
     pub fn commit_room(
         &self,
         room: RoomPlan,
         results: Vec<Result<(), NvmeError>>,
+        copied_down: bool,
         out: &mut Vec<u32>,
         report: &mut SaveReport,
     ) {
@@ -559,6 +595,66 @@ impl BlockManager {
                 }
             }
         }
+        for c in &room.copies_down {
+            reg.end_use(c.key);
+            if !copied_down {
+                let _ = reg.abort(c.key, Tier::Host);
+                continue;
+            }
+            reg.publish(c.key, Tier::Host, 0).expect("reserved");
+            report.g1_copied_down += 1;
+            if out.len() < room.want
+                && reg.evict(c.key, Tier::Hbm, RemoveReason::Demoted).is_ok()
+                && let Some(s) = reg.alloc_free(Tier::Hbm)
+            {
+                out.push(s);
+            }
+        }
+        self.flush_events(&mut reg);
+    }
+
+    /// Reserves the host slots found for a room plan's G1 copies-down (`slots[k]` for
+    /// `copies_down[k]`). A block left without one (the host tier has no room it may
+    /// take) is not copied: it leaves G1 (evicted, a cache entry) and its slot goes to
+    /// `out`, up to the plan's `want`.
+    pub fn reserve_copies_down(
+        &self,
+        room: &mut RoomPlan,
+        slots: Vec<Option<u32>>,
+        out: &mut Vec<u32>,
+    ) {
+        assert_eq!(slots.len(), room.copies_down.len(), "one slot per copy");
+        let mut reg = self.lock();
+        let mut kept = Vec::with_capacity(room.copies_down.len());
+        for (c, slot) in room.copies_down.drain(..).zip(slots) {
+            if let Some(host_slot) = slot {
+                let view = reg.view(c.key).expect("held busy by the plan");
+                match reg.reserve(c.key, view.parent, view.priority, Tier::Host, host_slot) {
+                    Ok(()) => {
+                        kept.push(TierCopy {
+                            to: (Tier::Host, host_slot),
+                            ..c
+                        });
+                        continue;
+                    }
+                    // Another save reserved its host copy meanwhile: nothing to copy.
+                    Err(_) => reg.free_unused(Tier::Host, host_slot),
+                }
+            }
+            reg.end_use(c.key);
+            let reason = if Self::only_in_g1(&reg, c.key) {
+                RemoveReason::Evicted
+            } else {
+                RemoveReason::Demoted
+            };
+            if out.len() < room.want
+                && reg.evict(c.key, Tier::Hbm, reason).is_ok()
+                && let Some(s) = reg.alloc_free(Tier::Hbm)
+            {
+                out.push(s);
+            }
+        }
+        room.copies_down = kept;
         self.flush_events(&mut reg);
     }
 
@@ -638,20 +734,16 @@ impl BlockManager {
         }
     }
 
-    /// Reserves G1 slots for a second copy of the blocks the save stores (the engine asked
-    /// to keep them on its GPU, where any engine on it loads them at device bandwidth),
-    /// evicting G1's least valuable leaves as promotion does; stops at the first block
-    /// that gets none. The host copies stay: a G1 victim is dropped, never copied down.
-    /// Nothing without a G1 tier.
-    pub fn reserve_save_hbm(&self, plan: &mut SavePlan) {
-        if self.stores.hbm.is_none() {
-            return;
-        }
+    /// Reserves G1 `slots` (from [`Self::plan_room`] on G1) for a second copy of the
+    /// blocks the save stores, in chain order (the engine asked to keep them on its GPU,
+    /// where any engine on it loads them at device bandwidth); stops at the first block
+    /// that gets none, and frees spare slots. The host copies stay. Nothing without a G1
+    /// tier.
+    pub fn reserve_save_hbm(&self, plan: &mut SavePlan, slots: Vec<u32>) {
         let mut reg = self.lock();
+        let mut spare = slots.into_iter();
         for (store, item) in plan.stores.iter().enumerate() {
-            let Some(slot) = Self::hbm_slot(&mut reg, plan.namespace) else {
-                break;
-            };
+            let Some(slot) = spare.next() else { break };
             if reg
                 .reserve(item.key, item.parent, plan.priority, Tier::Hbm, slot)
                 .is_err()
@@ -664,23 +756,14 @@ impl BlockManager {
                 hbm_slot: slot,
             });
         }
-        self.flush_events(&mut reg);
+        for slot in spare {
+            reg.free_unused(Tier::Hbm, slot);
+        }
     }
 
-    /// A free G1 slot for `namespace`, evicting a G1 victim (the namespace's own at its
-    /// quota) when none is free; `None` when every G1 block is leased or in use.
-    fn hbm_slot(reg: &mut Registry, namespace: u32) -> Option<u32> {
-        let at_quota = reg.quota_room(namespace, Tier::Hbm) == 0;
-        if !at_quota && let Some(s) = reg.alloc_free(Tier::Hbm) {
-            return Some(s);
-        }
-        let victim = if at_quota {
-            reg.victim_in(namespace, Tier::Hbm)
-        } else {
-            reg.victim(Tier::Hbm)
-        }?;
-        let _ = reg.evict(victim, Tier::Hbm, RemoveReason::Evicted);
-        reg.alloc_free(Tier::Hbm)
+    /// Whether the daemon has a G1 tier.
+    pub fn has_g1(&self) -> bool {
+        self.stores.hbm.is_some()
     }
 
     /// Reserves NVMe slots for a write-through copy of every block the save stores (after
@@ -993,14 +1076,29 @@ impl BlockManager {
 
     // ---- promotion ------------------------------------------------------------------
 
-    /// Plans copies of the leading host-resident blocks of a chain into G1 (evicting G1
-    /// leaves): G1 slots reserved, host copies held busy. Stops at the first block that is
-    /// neither in G1 nor in the host tier, or gets no G1 slot.
-    pub fn plan_promote(&self, namespace: u32, hashes: &[u64]) -> PromotePlan {
-        let mut plan = PromotePlan::default();
+    /// How many blocks a promotion of the chain would copy: after its leading blocks
+    /// already in G1, the run of blocks in the host tier and not in G1.
+    pub fn promotable(&self, namespace: u32, hashes: &[u64]) -> usize {
         if self.stores.hbm.is_none() {
-            return plan;
+            return 0;
         }
+        let reg = self.lock();
+        let views = hashes
+            .iter()
+            .map_while(|&h| reg.view(BlockKey::new(namespace, h)));
+        views
+            .skip_while(|v| v.present[Tier::Hbm].is_some())
+            .take_while(|v| v.present[Tier::Hbm].is_none() && v.present[Tier::Host].is_some())
+            .count()
+    }
+
+    /// Plans copies of the leading host-resident blocks of a chain into the G1 `slots`
+    /// (from [`Self::plan_room`] on G1): G1 slots reserved, host copies held busy. Stops
+    /// at the first block that is neither in G1 nor in the host tier, or gets no slot;
+    /// spare slots are freed.
+    pub fn plan_promote(&self, namespace: u32, hashes: &[u64], slots: Vec<u32>) -> PromotePlan {
+        let mut plan = PromotePlan::default();
+        let mut spare = slots.into_iter();
         let mut reg = self.lock();
         for &h in hashes {
             let key = BlockKey::new(namespace, h);
@@ -1015,9 +1113,7 @@ impl BlockManager {
             let Some(host_slot) = v.present[Tier::Host] else {
                 break;
             };
-            let Some(slot) = Self::hbm_slot(&mut reg, namespace) else {
-                break;
-            };
+            let Some(slot) = spare.next() else { break };
             if reg
                 .reserve(key, v.parent, v.priority, Tier::Hbm, slot)
                 .is_err()
@@ -1031,6 +1127,9 @@ impl BlockManager {
                 from: (Tier::Host, host_slot),
                 to: (Tier::Hbm, slot),
             });
+        }
+        for slot in spare {
+            reg.free_unused(Tier::Hbm, slot);
         }
         self.flush_events(&mut reg);
         plan

@@ -35,19 +35,23 @@ pub struct NvmeRead {
 }
 
 /// Making room in a tier: slots already free (allocated to the plan) and the demotions that
-/// free more once their NVMe copies are written.
+/// free more once their copies in the tier below are written.
 #[must_use = "hand the room back with BlockManager::commit_room"]
 #[derive(Debug, Default)]
 pub struct RoomPlan {
     pub(super) want: usize,
     /// Host blocks to copy to NVMe; each victim is held busy until `commit_room`.
     pub demotions: Vec<NvmeWrite>,
+    /// G1 blocks with no copy in any other tier, to copy down to the host tier (one
+    /// batched copy) rather than lose; each held busy until `commit_room`. Their host
+    /// slots are set by `reserve_copies_down` (`to` is `(Host, u32::MAX)` before).
+    pub copies_down: Vec<TierCopy>,
 }
 
 impl RoomPlan {
     /// Nothing left to execute: the room plan is complete as planned.
     pub fn is_settled(&self) -> bool {
-        self.demotions.is_empty()
+        self.demotions.is_empty() && self.copies_down.is_empty()
     }
 }
 
@@ -136,7 +140,7 @@ pub struct LoadHolds {
     pub(super) items: Vec<LoadItem>,
 }
 
-/// One copy between two tiers' slots (promotion G2 -> G1).
+/// One copy between two tiers' slots (promotion G2 -> G1, demotion G1 -> G2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TierCopy {
     pub key: BlockKey,

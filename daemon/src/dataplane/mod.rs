@@ -847,7 +847,7 @@ impl DataPlane {
         let options = transfer::SaveOptions {
             priority: u8::from(req.flags & ffi::SQE_F_HIGH_PRIORITY != 0),
             write_through: req.flags & ffi::SQE_F_WRITE_THROUGH != 0,
-            keep_on_gpu: req.flags & ffi::SQE_F_KEEP_ON_GPU != 0,
+            keep_on_gpu: (req.flags & ffi::SQE_F_KEEP_ON_GPU != 0).then_some(target.stream),
         };
         let ops = &session.ops;
         let pages = &mut session.pages;

@@ -7,16 +7,19 @@
 //! gather/scatter for an engine session, or the mover's closure variants for tools and
 //! tests that are their own engine.
 
-use crate::block::plan::{HbmCopy, LoadHolds, LoadItem, LoadPlan, SavePlan, StoreItem};
+use crate::block::plan::{HbmCopy, LoadHolds, LoadItem, LoadPlan, RoomPlan, SavePlan, StoreItem};
 use crate::block::{BlockError, BlockManager, LoadReport, SaveReport, Tier};
+use kvplane_cuda::StreamId;
 
 use super::mover::{MoveError, Mover};
 
 /// Demotion rounds one operation may run to make room before it settles for less.
 const ROOM_ROUNDS: usize = 8;
 
-/// Gets up to `want` slots of `tier` for `namespace`, writing admitted victims to NVMe
-/// first (demotion). Fewer when everything is leased or in use.
+/// Gets up to `want` slots of `tier` for `namespace`, writing admitted host victims to
+/// NVMe first and copying G1 victims that have no other copy down to the host tier
+/// (demotion; the copy-down runs on `stream`, which making room in G1 needs). Fewer when
+/// everything is leased or in use.
 fn acquire(
     blocks: &BlockManager,
     mover: &Mover,
@@ -24,20 +27,68 @@ fn acquire(
     namespace: u32,
     want: usize,
     report: &mut SaveReport,
+    stream: Option<StreamId>,
 ) -> Vec<u32> {
     let mut out = Vec::with_capacity(want);
     for _ in 0..ROOM_ROUNDS {
-        let room = blocks.plan_room(tier, namespace, want, &mut out);
+        let mut room = blocks.plan_room(tier, namespace, want, &mut out);
         if room.is_settled() {
             break;
         }
         let results = mover.write_nvme(&room.demotions);
-        blocks.commit_room(room, results, &mut out, report);
+        let copied_down = copy_down(blocks, mover, stream, &mut room, &mut out, report);
+        blocks.commit_room(room, results, copied_down, &mut out, report);
         if out.len() >= want {
             break;
         }
     }
     out
+}
+
+/// Copies a G1 room plan's victims down to host slots (found as any host room is, per
+/// victim namespace) in one batched copy on `stream`, and waits for it; whether it
+/// landed. Victims that get no host slot are dropped from G1 by
+/// [`BlockManager::reserve_copies_down`].
+fn copy_down(
+    blocks: &BlockManager,
+    mover: &Mover,
+    stream: Option<StreamId>,
+    room: &mut RoomPlan,
+    out: &mut Vec<u32>,
+    report: &mut SaveReport,
+) -> bool {
+    if room.copies_down.is_empty() {
+        return true;
+    }
+    let stream = stream.expect("G1 room is made on a stream: only G1 victims copy down");
+    let mut slots = vec![None; room.copies_down.len()];
+    let mut namespaces: Vec<u32> = room.copies_down.iter().map(|c| c.key.namespace).collect();
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    for ns in namespaces {
+        let wanted = room.copies_down.iter().filter(|c| c.key.namespace == ns);
+        let got = acquire(blocks, mover, Tier::Host, ns, wanted.count(), report, None);
+        let positions = room
+            .copies_down
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.key.namespace == ns)
+            .map(|(k, _)| k);
+        for (k, slot) in positions.zip(got) {
+            slots[k] = Some(slot);
+        }
+    }
+    blocks.reserve_copies_down(room, slots, out);
+    if room.copies_down.is_empty() {
+        return true;
+    }
+    match mover.copy_tiers(stream, &room.copies_down) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "copying G1 blocks down to the host tier failed; they stay in G1");
+            false
+        }
+    }
 }
 
 /// A save whose copy from the engine has been launched (or needed none): its slots are
@@ -61,8 +112,10 @@ pub struct SaveOptions {
     pub priority: u8,
     /// Copy them to NVMe before they are published (the config may say so for all).
     pub write_through: bool,
-    /// Also keep them in G1 on the engine's GPU (when the daemon has a G1 tier).
-    pub keep_on_gpu: bool,
+    /// Also keep them in G1 on the engine's GPU (when the daemon has a G1 tier); G1
+    /// victims whose only copy is in G1 are copied down to the host tier on this stream
+    /// first (the engine's).
+    pub keep_on_gpu: Option<StreamId>,
 }
 
 /// The first half of a save: host slots for the blocks not stored yet (demoting as
@@ -85,10 +138,24 @@ pub fn begin_save(
         namespace,
         plan.slots_needed(),
         &mut plan.report,
+        None,
     );
     blocks.reserve_save(&mut plan, slots);
-    if options.keep_on_gpu {
-        blocks.reserve_save_hbm(&mut plan);
+    if let Some(stream) = options.keep_on_gpu
+        && blocks.has_g1()
+        && !plan.stores.is_empty()
+    {
+        let want = plan.stores.len();
+        let slots = acquire(
+            blocks,
+            mover,
+            Tier::Hbm,
+            namespace,
+            want,
+            &mut plan.report,
+            Some(stream),
+        );
+        blocks.reserve_save_hbm(&mut plan, slots);
     }
     if !plan.stores.is_empty() {
         let launched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -178,7 +245,7 @@ pub fn save(
     let options = SaveOptions {
         priority,
         write_through,
-        keep_on_gpu: false,
+        keep_on_gpu: None,
     };
     let started = begin_save(blocks, mover, namespace, chain, options, |m, stores, _| {
         fill(m, stores)
@@ -240,6 +307,7 @@ pub fn begin_load(
             namespace,
             plan.needs_staging(),
             &mut unused,
+            None,
         );
         blocks.plan_staging(&mut plan, slots);
         let results = mover.read_nvme(&plan.reads);
@@ -302,16 +370,31 @@ pub fn load(
     finish_load(blocks, started, Ok(()))
 }
 
-/// Copies the leading host-resident blocks of a chain into G1 (evicting G1 leaves), one
-/// batched copy. Returns how many leading blocks are in G1 afterwards.
+/// Copies the leading host-resident blocks of a chain into G1 (making room there as a
+/// save does: G1 victims with no other copy go down to the host tier), one batched copy.
+/// Returns how many leading blocks are in G1 afterwards.
 pub fn promote(
     blocks: &BlockManager,
     mover: &Mover,
-    stream: kvplane_cuda::StreamId,
+    stream: StreamId,
     namespace: u32,
     hashes: &[u64],
 ) -> usize {
-    let plan = blocks.plan_promote(namespace, hashes);
+    let want = blocks.promotable(namespace, hashes);
+    let mut unused = SaveReport::default();
+    let slots = match want {
+        0 => Vec::new(),
+        _ => acquire(
+            blocks,
+            mover,
+            Tier::Hbm,
+            namespace,
+            want,
+            &mut unused,
+            Some(stream),
+        ),
+    };
+    let plan = blocks.plan_promote(namespace, hashes, slots);
     if plan.copies.is_empty() {
         return blocks.commit_promote(plan, true);
     }

@@ -955,7 +955,7 @@ fn a_save_kept_on_the_gpu_lands_in_g1_and_the_host_tier() {
     let mut pages = Vec::new();
     let mut save_from_pages = |blocks: &[(u64, Option<u64>)], first_page: u32, keep: bool| {
         let options = SaveOptions {
-            keep_on_gpu: keep,
+            keep_on_gpu: keep.then_some(target.stream),
             ..SaveOptions::default()
         };
         let started = begin_save(
@@ -1015,5 +1015,56 @@ fn a_save_kept_on_the_gpu_lands_in_g1_and_the_host_tier() {
         "one of 11, 12 left G1: {:?}",
         l.tiers
     );
+    m.check_invariants().unwrap();
+}
+
+/// G1 victims whose only copy is in G1 are not lost when G1 needs room: they are copied
+/// down to the host tier (one batched copy, taking the slots of the host tier's least
+/// valuable blocks) and load from there byte for byte.
+#[test]
+fn g1_victims_with_no_other_copy_are_copied_down_to_the_host_tier() {
+    let m = manager(None, 4, 0);
+    save(&m, 5, &chain(1, 2), false);
+    assert_eq!(m.promote(5, &[1, 2]), 2);
+    // Four newer blocks push 1 and 2 out of the host tier: G1 holds their only copy.
+    save(&m, 5, &chain(100, 4), false);
+    let mut t = [None; 2];
+    assert_eq!(m.lookup(5, &[1, 2], &mut t), 2);
+    assert_eq!(t, [Some(Tier::Hbm); 2]);
+    assert_eq!(m.stats().tiers[1].removed["evicted"], 2);
+
+    // Promoting two more blocks takes both G1 slots: 2 (the leaf), then 1, go down.
+    save(&m, 5, &chain(200, 2), false);
+    assert_eq!(m.promote(5, &[200, 201]), 2);
+    assert_eq!(m.lookup(5, &[1, 2], &mut t), 2, "copied down, not lost");
+    assert_eq!(t, [Some(Tier::Host); 2]);
+    assert_eq!(load(&m, 5, &[1, 2]).tiers, [Tier::Host, Tier::Host]);
+    assert_eq!(m.lookup(5, &[200, 201], &mut t), 2);
+    assert_eq!(t, [Some(Tier::Hbm); 2]);
+    let s = m.stats();
+    assert_eq!(s.tiers[0].removed["demoted"], 2);
+    assert_eq!(s.tiers[0].removed["evicted"], 0);
+    m.check_invariants().unwrap();
+}
+
+/// With every host slot held by a lease, a G1 victim has nowhere to go down to: it is
+/// dropped from G1 (counted as evicted) and the promotion still gets its slot.
+#[test]
+fn a_g1_victim_with_no_host_room_is_dropped() {
+    let m = manager(None, 2, 0);
+    save(&m, 5, &chain(1, 2), false);
+    assert_eq!(m.promote(5, &[1, 2]), 2);
+    save(&m, 5, &chain(100, 2), false);
+    let mut t = [None; 2];
+    assert_eq!(m.lookup(5, &[1, 2], &mut t), 2);
+    assert_eq!(t, [Some(Tier::Hbm); 2], "only in G1");
+    assert_eq!(m.pin(9, 5, &[100, 101]), 2);
+    // 100 and 101 are leased: promoting 100 needs a G1 slot, the host tier has no room.
+    assert_eq!(m.promote(5, &[100]), 1);
+    assert_eq!(m.lookup(5, &[1, 2], &mut t), 1, "the leaf 2 left G1");
+    let s = m.stats();
+    assert_eq!(s.tiers[0].removed["evicted"], 1);
+    assert_eq!(s.tiers[0].removed["demoted"], 0);
+    m.unpin(9, 5, &[100, 101]);
     m.check_invariants().unwrap();
 }
