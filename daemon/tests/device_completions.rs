@@ -29,7 +29,16 @@ const NAMESPACE: &str = "inflight";
 /// The daemon on one data-plane thread, no NVMe tier (so SAVE and LOAD are served on the
 /// data-plane thread, not the I/O executors), its device the host backend with `DELAY`.
 fn start(dir: &Path) -> (Daemon, Arc<BlockManager>) {
+    start_with(dir, |_| {})
+}
+
+/// [`start`] with the test's changes to the config.
+fn start_with(
+    dir: &Path,
+    change: impl FnOnce(&mut kvplane_daemon::config::Config),
+) -> (Daemon, Arc<BlockManager>) {
     let mut config = common::config(dir, EngineKind::Sync);
+    change(&mut config);
     config.tiers.nvme.paths.clear();
     config.tiers.nvme.capacity_bytes = 0;
     config.serve.dataplane_threads = 1;
@@ -343,5 +352,73 @@ fn a_panic_in_a_launch_ends_the_session_and_gives_its_plan_back() {
     );
     blocks.check_invariants().unwrap();
     drop((qa, qb, qc));
+    daemon.shutdown();
+}
+
+/// A SAVE kept on the GPU that must copy a G1 victim down to the host tier waits for that
+/// copy: it is served on an I/O executor, so the data-plane thread goes on serving
+/// another session's NOPs meanwhile (on the data-plane thread the copy-down would stall
+/// them for `DELAY`).
+#[test]
+fn a_save_that_copies_a_g1_victim_down_does_not_hold_up_other_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, blocks) = start_with(dir.path(), |c| {
+        c.tiers.host.capacity_bytes = 4 * common::SLOT_BYTES;
+        c.tiers.hbm.capacity_bytes = 2 * common::BLOCK_BYTES;
+    });
+    let socket = daemon.socket_path().to_path_buf();
+    let (_a, mut qa, _kv) = common::attach_with_kv(&socket, NAMESPACE);
+    let (_b, mut qb) = attach_plain(&socket);
+    let keep = kvplane_ffi::SQE_F_KEEP_ON_GPU;
+    let call = |qa: &mut QueuePair, sqe: kvplane_ffi::kvp_sqe| {
+        let c = qa.call(sqe, Duration::from_secs(10)).expect("A's op");
+        assert_eq!(c.status, Status::Ok.raw(), "{c:?}");
+    };
+    // Two blocks kept on the GPU, then four more that push them out of the 4-slot host
+    // tier: G1 holds their only copy.
+    let kept = [0xD0_0001u64, 0xD0_0002];
+    let mut s = common::chain_sqe(&mut qa, Opcode::Save, 1, &kept, 0);
+    s.flags = keep;
+    call(&mut qa, s);
+    let more = [0xD0_0101, 0xD0_0102, 0xD0_0103, 0xD0_0104];
+    let s = common::chain_sqe(&mut qa, Opcode::Save, 2, &more, 2);
+    call(&mut qa, s);
+    assert_eq!(lookup_hits(&mut qb, &kept), 2);
+
+    // One more kept block needs a G1 slot: the leaf of the kept chain goes down first.
+    let mut s = common::chain_sqe(&mut qa, Opcode::Save, 3, &[0xD0_0201], 6);
+    s.flags = keep;
+    let t0 = Instant::now();
+    assert_eq!(qa.submit(&[s]).unwrap(), 1);
+    let mut rtts: Vec<Duration> = Vec::new();
+    let got = collect(&mut qa, 1, || {
+        let t = Instant::now();
+        let c = qb
+            .call(client::sqe(Opcode::Nop, 9), Duration::from_secs(10))
+            .expect("NOP of B");
+        assert_eq!(c.status, Status::Ok.raw());
+        rtts.push(t.elapsed());
+    });
+    let (save_cqe, save_at) = got[0];
+    assert_eq!(save_cqe.status, Status::Ok.raw(), "SAVE: {save_cqe:?}");
+    let save_took = save_at - t0;
+    assert!(
+        save_took >= 2 * DELAY,
+        "the SAVE waited for the copy-down and its gather: {save_took:?}"
+    );
+    assert_eq!(lookup_hits(&mut qb, &kept), 2, "copied down, not lost");
+    let links = &daemon.shared().dataplane.counters.metrics;
+    assert_eq!(
+        links.link_bytes(kvplane_daemon::metrics::Link::G1ToHost),
+        common::BLOCK_BYTES
+    );
+    common::assert_nops_kept_flowing(
+        &mut rtts,
+        &format!("a SAVE copied a G1 block down for {save_took:?}"),
+        NOP_P99_BOUND,
+        Some(DELAY * 2 / 3),
+    );
+    blocks.check_invariants().unwrap();
+    drop((qa, qb));
     daemon.shutdown();
 }

@@ -159,13 +159,22 @@ impl DataPlane {
     /// Whether serving `req` may wait on NVMe I/O when the daemon has an NVMe tier: a
     /// SAVE (write-through, or a demotion to make room in the host tier), a LOAD (staged
     /// from NVMe), a DROP or CLEAR_NAMESPACE (they erase the NVMe slot headers before
-    /// completing). Such requests go to the [`IoPool`]; everything else is served on the
-    /// data-plane thread.
+    /// completing); or on a copy from G1 down to the host tier: a SAVE kept on the GPU
+    /// when the daemon has G1 (making room there may copy a victim down and wait for
+    /// it). Such requests go to the [`IoPool`]; everything else is served on the
+    /// data-plane thread, which never waits for the device.
     pub fn may_do_io(&self, req: &Request) -> bool {
-        self.mover().is_some_and(|m| m.stores().nvme.is_some())
+        let Some(stores) = self.mover().map(|m| m.stores()) else {
+            return false;
+        };
+        let nvme = stores.nvme.is_some()
             && matches!(
                 req.opcode,
                 Opcode::Save | Opcode::Load | Opcode::Drop | Opcode::ClearNamespace
-            )
+            );
+        let copy_down = stores.hbm.is_some()
+            && req.opcode == Opcode::Save
+            && req.flags & kvplane_ffi::SQE_F_KEEP_ON_GPU != 0;
+        nvme || copy_down
     }
 }
