@@ -283,6 +283,18 @@ fn thousands_of_slow_handshakes_hold_no_threads_and_delay_no_other_uid() {
         ];
     });
     let pid = daemon.pid();
+    // The baseline is taken once the daemon serves (one attach and NOP done): sampled
+    // right after start-up it can miss the threads still being spawned (a loaded CI run
+    // read 1, then failed on the daemon's ordinary threads).
+    {
+        let mut s = Session::attach(opts(&daemon.socket, "a", 1)).expect("first attach");
+        let mut qp = s.take_queue_pairs().unwrap().remove(0);
+        assert_eq!(
+            qp.call(client::sqe(Opcode::Nop, 1), T).unwrap().status,
+            Status::Ok.raw()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
     let baseline = thread_count(pid);
     const CONNS: usize = 2000;
     let (flooder, mut ready) = slow_handshake_flood(&daemon.socket, CONNS);
