@@ -371,3 +371,72 @@ fn a_session_waiting_for_its_engine_event_ends_without_waiting_for_the_deadline(
     blocks.check_invariants().unwrap();
     daemon.shutdown();
 }
+
+/// On a daemon whose SAVEs go to the I/O executors (it has an NVMe tier), a SAVE waiting
+/// for its engine's event waits on the data-plane thread, holding nothing, and reaches an
+/// executor only once the event has completed: an engine whose event never completes
+/// ties up no executor, so another engine's SAVEs (served there) go on meanwhile.
+#[test]
+fn a_save_waiting_for_its_engine_event_ties_up_no_io_executor() {
+    const ENGINE_MS: u64 = 200;
+    const TIMEOUT_MS: u64 = 3000;
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(
+        HostDevice::with_launch(kvplane_kernels::HostLaunch::default()).with_ipc_events_for_tests(),
+    );
+    let mut cfg = common::config(dir.path(), EngineKind::Sync);
+    cfg.serve.dataplane_threads = 1;
+    cfg.serve.io_threads = 1;
+    cfg.serve.engine_event_timeout_ms = TIMEOUT_MS;
+    let (daemon, blocks) = common::start_on(cfg, None, device);
+    let socket = daemon.socket_path().to_path_buf();
+    let (_a, mut qa, _kv_a) = common::attach_with_kv(&socket, NAMESPACE);
+    let (_b, mut qb, _kv_b) = common::attach_with_kv(&socket, NAMESPACE);
+    // The test events count from their registration.
+    let t0 = Instant::now();
+    let c = register(
+        &mut qa,
+        &[
+            event(TEST_GPU_UUID, 1, ENGINE_MS),
+            event(TEST_GPU_UUID, 2, u64::MAX),
+        ],
+    );
+    assert_eq!(c.status, Status::Ok.raw(), "{c:?}");
+
+    // Event 1 completes after ENGINE_MS: the SAVE is handed to the executor then.
+    let s = block_sqe(&mut qa, Opcode::Save, 1, &[0xCC_0001], 0, 1);
+    let c = qa.call(s, Duration::from_secs(10)).unwrap();
+    assert_eq!((c.status, c.blocks), (Status::Ok.raw(), 1), "{c:?}");
+    assert!(t0.elapsed() >= Duration::from_millis(ENGINE_MS));
+
+    // Event 2 never completes: while A's SAVE waits for it, B's SAVEs (on the one
+    // executor) complete at their usual pace.
+    let t1 = Instant::now();
+    let s = block_sqe(&mut qa, Opcode::Save, 2, &[0xCC_0002], 1, 2);
+    assert_eq!(qa.submit(&[s]).unwrap(), 1);
+    for k in 0..5u64 {
+        let t = Instant::now();
+        let s = block_sqe(&mut qb, Opcode::Save, 10 + k, &[0xDD_0000 + k], k as u32, 0);
+        let c = qb.call(s, Duration::from_secs(30)).unwrap();
+        assert_eq!(c.status, Status::Ok.raw(), "{c:?}");
+        assert!(
+            t.elapsed() < Duration::from_millis(1000),
+            "B's SAVE took {:?} while A's SAVE waited for its engine's event",
+            t.elapsed()
+        );
+    }
+    assert!(
+        t1.elapsed() < Duration::from_millis(TIMEOUT_MS),
+        "A is still waiting"
+    );
+    let (c, _) = next(&mut qa);
+    assert_eq!(
+        (c.status, c.detail),
+        (Status::Busy.raw(), kvplane_ffi::DETAIL_BAD_EVENT),
+        "{c:?}"
+    );
+    assert!(t1.elapsed() >= Duration::from_millis(TIMEOUT_MS));
+    blocks.check_invariants().unwrap();
+    drop((qa, qb));
+    daemon.shutdown();
+}

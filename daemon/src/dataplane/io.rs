@@ -163,10 +163,19 @@ impl DataPlane {
     /// when the daemon has G1 (making room there may copy a victim down and wait for
     /// it). Such requests go to the [`IoPool`]; everything else is served on the
     /// data-plane thread, which never waits for the device.
-    pub fn may_do_io(&self, req: &Request) -> bool {
+    ///
+    /// A SAVE that names an engine IPC event is not handed over at first
+    /// (`at_submission`): the data-plane thread polls the event, holding nothing, and
+    /// `poll` hands the SAVE over once the event has completed
+    /// ([`Polled::HandOff`](super::Polled::HandOff)), so
+    /// an engine that never records its event ties up no executor.
+    pub fn may_do_io(&self, req: &Request, at_submission: bool) -> bool {
         let Some(stores) = self.mover().map(|m| m.stores()) else {
             return false;
         };
+        if at_submission && req.opcode == Opcode::Save && req.param0 != 0 {
+            return false;
+        }
         let nvme = stores.nvme.is_some()
             && matches!(
                 req.opcode,

@@ -92,6 +92,10 @@ pub struct SessionData {
     /// Set when a copy failed on the device after its LOAD had been completed early:
     /// the session ends.
     device_fault: Option<String>,
+    /// The SAVE handed to an I/O executor after its engine event completed (its
+    /// user_data): served there without querying the event again, so an engine that
+    /// records it anew cannot make an executor wait.
+    engine_ready_for: Option<u64>,
 }
 
 impl SessionData {
@@ -115,6 +119,7 @@ impl SessionData {
             engine_fault: None,
             in_flight: None,
             device_fault: None,
+            engine_ready_for: None,
         }
     }
 
@@ -154,6 +159,10 @@ pub enum Polled {
     /// Landed and committed: post this completion (`None`: it was posted early, or there
     /// was nothing in flight).
     Done(Option<kvp_cqe>),
+    /// A SAVE whose engine event has now completed, and whose serving may wait (on NVMe,
+    /// or on a copy down from G1): nothing is held; hand it to an I/O executor, which
+    /// serves it without waiting on the event again.
+    HandOff(Request),
 }
 
 /// What [`DataPlane::submit`] did with a request.
@@ -479,6 +488,12 @@ impl DataPlane {
         let op = session.in_flight.take().expect("checked by the caller");
         let blocks = self.blocks.as_ref().expect("in flight implies blocks");
         let cqe = match ready {
+            Ok(true) if self.may_do_io(&op.req, false) => {
+                // Counted again when the executor submits it.
+                self.counters.metrics.release_in_flight();
+                session.engine_ready_for = Some(op.req.user_data);
+                return Polled::HandOff(op.req);
+            }
             Ok(true) => match self.save(blocks, session, seg, &op.req, op.t0, true) {
                 // Planned and launched: in flight as any SAVE (still counted in flight).
                 Submitted::InFlight => return Polled::InFlight,
@@ -508,8 +523,11 @@ impl DataPlane {
     /// its deadline.
     fn wait(&self, session: &mut SessionData, seg: &Segment) -> Option<kvp_cqe> {
         loop {
-            if let Polled::Done(cqe) = self.poll(session, seg) {
-                return cqe;
+            match self.poll(session, seg) {
+                Polled::Done(cqe) => return cqe,
+                // Already where waiting is allowed: serve it here (its event is done).
+                Polled::HandOff(req) => return Some(self.handle(session, seg, &req)),
+                Polled::InFlight => {}
             }
             let (mover, op) = (
                 self.mover.as_ref().expect("in flight implies a mover"),
@@ -680,7 +698,10 @@ impl DataPlane {
         t0: Instant,
     ) -> Submitted {
         match req.opcode {
-            Opcode::Save => return self.save(blocks, session, seg, req, t0, false),
+            Opcode::Save => {
+                let ready = session.engine_ready_for.take() == Some(req.user_data);
+                return self.save(blocks, session, seg, req, t0, ready);
+            }
             Opcode::Load => return self.load(blocks, session, seg, req, t0),
             _ => {}
         }
@@ -814,6 +835,12 @@ impl DataPlane {
         match Self::named_event(session, req) {
             Ok(NamedEvent::Ipc(event)) if !engine_ready => {
                 match mover.device().query_event(event) {
+                    // Serving it may wait: it goes to an I/O executor from `poll`.
+                    Ok(true) if self.may_do_io(req, false) => {
+                        let deadline = Instant::now() + self.engine_event_timeout();
+                        let half = Half::AwaitEngine { event, deadline };
+                        return self.in_flight(session, req, target, half, t0);
+                    }
                     Ok(true) => {}
                     Ok(false) => {
                         let deadline = Instant::now() + self.engine_event_timeout();

@@ -38,7 +38,8 @@ fn acquire(
         let results = mover.write_nvme(&room.demotions);
         let copied_down = copy_down(blocks, mover, stream, &mut room, &mut out, report);
         blocks.commit_room(room, results, copied_down, &mut out, report);
-        if out.len() >= want {
+        // A failed copy-down would pick the same victims again: settle for what is there.
+        if out.len() >= want || !copied_down {
             break;
         }
     }

@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvplane_ffi::{Pod, SessionState, kvp_cqe, kvp_sqe};
-use kvplane_shm::server::{self, ServerHeader, ServerQueuePair, completion, validate_sqe};
+use kvplane_shm::server::{self, Request, ServerHeader, ServerQueuePair, completion, validate_sqe};
 use kvplane_shm::sys::{self, FutexWaiter};
 use kvplane_shm::{Geometry, Segment, ShmError};
 
@@ -49,9 +49,10 @@ const BLOCKED_RETRY: Duration = Duration::from_millis(1);
 /// The longest sleep while a session's copy is on the device: a completion is noticed at
 /// most this late (a 5 MiB block crosses PCIe in about 100 us).
 pub const DEVICE_POLL: Duration = Duration::from_micros(20);
-/// A data-plane thread reads the clock once per this many passes (a pass over idle
-/// sessions is tens of nanoseconds, a clock read ~20 ns: reading it every pass made the
-/// pass, and so the average wait of a submission before it is polled, a third longer).
+/// A data-plane thread reads the clock once per this many idle passes, and after each
+/// pass that worked (a pass over idle sessions is tens of nanoseconds, a clock read ~20 ns:
+/// reading it every pass made the pass, and so the average wait of a submission before it
+/// is polled, a third longer).
 /// Everything timed from it (spin, liveness, hang-up grace) is microseconds or more.
 const PASSES_PER_CLOCK_READ: u32 = 16;
 
@@ -73,8 +74,7 @@ pub(super) struct PoolThread {
     /// Set while the thread sleeps (or is about to): wakers make the system call only then.
     sleeping: AtomicU32,
     /// Set by whoever sends on `inbox` or `done`: the thread looks at the channels only
-    /// then (one load of a line nobody writes meanwhile, instead of two `try_recv`s per
-    /// pass).
+    /// then (one load, instead of two `try_recv`s per pass).
     mail: AtomicBool,
     /// Sessions assigned (reserved at admission, released when the session is gone).
     load: AtomicUsize,
@@ -497,7 +497,8 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
         for (i, slot) in slots[..high].iter_mut().enumerate() {
             let Some(s) = slot else { continue };
             if let Some(qp) = s.in_flight_qp {
-                worked |= poll_in_flight(shared, s, qp, &mut scratch);
+                let at = (i as u32, qp);
+                worked |= poll_in_flight(shared, s, at, io, &back, &mut scratch);
             }
             if s.serving() {
                 worked |= serve(shared, s, i as u32, io, &back, &mut scratch);
@@ -525,6 +526,8 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
             return;
         }
         if worked {
+            // A pass that worked may have taken long: the spin counts from its end.
+            now = Instant::now();
             last_work = now;
             continue;
         }
@@ -672,7 +675,7 @@ fn run_stash(
         s.stash_at += 1;
         let q = &s.qps[qp];
         let cqe = match validate_sqe(&sqe, &q.geometry, s.num_namespaces) {
-            Ok(req) if dp.may_do_io(&req) => {
+            Ok(req) if dp.may_do_io(&req, true) => {
                 handoff = Some(req);
                 break;
             }
@@ -704,6 +707,10 @@ fn run_stash(
                                 s.in_flight_user_data = req.user_data;
                                 break;
                             }
+                            Polled::HandOff(req) => {
+                                handoff = Some(req);
+                                break;
+                            }
                         }
                     }
                     Err(_) => {
@@ -730,32 +737,57 @@ fn run_stash(
         return Err(end);
     }
     if let Some(req) = handoff {
-        let data = s.guard.data.take().expect("held while nothing is out");
-        let job = IoJob {
-            slot,
-            queue_pair: qp as u32,
-            data,
-            seg: Arc::clone(&s.seg),
-            req,
-            back: Arc::clone(back),
-        };
-        match io.try_submit(job) {
-            Ok(()) => s.out = true,
-            Err(job) => s.parked = Some(job),
-        }
+        hand_to_io(s, slot, qp, req, io, back);
     }
     Ok(())
 }
 
+/// Checks the session out to the I/O executors with `req` (parked when their queue is
+/// full; retried on later passes).
+fn hand_to_io(
+    s: &mut Served,
+    slot: u32,
+    qp: usize,
+    req: Request,
+    io: &IoSubmitter,
+    back: &Arc<dyn IoReturn>,
+) {
+    let data = s.guard.data.take().expect("held while nothing is out");
+    let job = IoJob {
+        slot,
+        queue_pair: qp as u32,
+        data,
+        seg: Arc::clone(&s.seg),
+        req,
+        back: Arc::clone(back),
+    };
+    match io.try_submit(job) {
+        Ok(()) => s.out = true,
+        Err(job) => s.parked = Some(job),
+    }
+}
+
 /// Polls the session's operation in flight on queue pair `qp`; once its copy has landed,
 /// posts its completion (room was reserved when it was taken). Returns whether it did.
-fn poll_in_flight(shared: &DaemonShared, s: &mut Served, qp: usize, scratch: &mut Scratch) -> bool {
+fn poll_in_flight(
+    shared: &DaemonShared,
+    s: &mut Served,
+    (slot, qp): (u32, usize),
+    io: &IoSubmitter,
+    back: &Arc<dyn IoReturn>,
+    scratch: &mut Scratch,
+) -> bool {
     let dp = &shared.dataplane;
     let data = s.guard.data.as_mut().expect("held while in flight");
     let cqe = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dp.poll(data, &s.seg)))
     {
         Ok(Polled::Done(c)) => c,
         Ok(Polled::InFlight) => return false,
+        Ok(Polled::HandOff(req)) => {
+            s.in_flight_qp = None;
+            hand_to_io(s, slot, qp, req, io, back);
+            return true;
+        }
         Err(_) => {
             tracing::error!(
                 session = s.id,
