@@ -588,11 +588,7 @@ impl BlockManager {
                 } else {
                     RemoveReason::IoError
                 };
-                if reg.evict(job.key, Tier::Host, reason).is_ok()
-                    && let Some(s) = reg.alloc_free(Tier::Host)
-                {
-                    out.push(s);
-                }
+                Self::evict_into(&mut reg, job.key, Tier::Host, reason, out);
             }
         }
         for c in &room.copies_down {
@@ -603,14 +599,26 @@ impl BlockManager {
             }
             reg.publish(c.key, Tier::Host, 0).expect("reserved");
             report.g1_copied_down += 1;
-            if out.len() < room.want
-                && reg.evict(c.key, Tier::Hbm, RemoveReason::Demoted).is_ok()
-                && let Some(s) = reg.alloc_free(Tier::Hbm)
-            {
-                out.push(s);
+            if out.len() < room.want {
+                Self::evict_into(&mut reg, c.key, Tier::Hbm, RemoveReason::Demoted, out);
             }
         }
         self.flush_events(&mut reg);
+    }
+
+    /// Evicts `key` from `tier` (if it may go) and allocates the freed room into `out`.
+    fn evict_into(
+        reg: &mut Registry,
+        key: BlockKey,
+        tier: Tier,
+        reason: RemoveReason,
+        out: &mut Vec<u32>,
+    ) {
+        if reg.evict(key, tier, reason).is_ok()
+            && let Some(s) = reg.alloc_free(tier)
+        {
+            out.push(s);
+        }
     }
 
     /// Reserves the host slots found for a room plan's G1 copies-down (`slots[k]` for
@@ -647,11 +655,8 @@ impl BlockManager {
             } else {
                 RemoveReason::Demoted
             };
-            if out.len() < room.want
-                && reg.evict(c.key, Tier::Hbm, reason).is_ok()
-                && let Some(s) = reg.alloc_free(Tier::Hbm)
-            {
-                out.push(s);
+            if out.len() < room.want {
+                Self::evict_into(&mut reg, c.key, Tier::Hbm, reason, out);
             }
         }
         room.copies_down = kept;
@@ -1079,7 +1084,7 @@ impl BlockManager {
     /// How many blocks a promotion of the chain would copy: after its leading blocks
     /// already in G1, the run of blocks in the host tier and not in G1.
     pub fn promotable(&self, namespace: u32, hashes: &[u64]) -> usize {
-        if self.stores.hbm.is_none() {
+        if !self.has_g1() {
             return 0;
         }
         let reg = self.lock();

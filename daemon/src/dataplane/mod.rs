@@ -835,18 +835,14 @@ impl DataPlane {
         match Self::named_event(session, req) {
             Ok(NamedEvent::Ipc(event)) if !engine_ready => {
                 match mover.device().query_event(event) {
-                    // Serving it may wait: it goes to an I/O executor from `poll`.
-                    Ok(true) if self.may_do_io(req, false) => {
+                    // Not done yet; or done, but serving it may wait: it then goes to an
+                    // I/O executor from `poll`.
+                    Ok(complete) if !complete || self.may_do_io(req, false) => {
                         let deadline = Instant::now() + self.engine_event_timeout();
                         let half = Half::AwaitEngine { event, deadline };
                         return self.in_flight(session, req, target, half, t0);
                     }
-                    Ok(true) => {}
-                    Ok(false) => {
-                        let deadline = Instant::now() + self.engine_event_timeout();
-                        let half = Half::AwaitEngine { event, deadline };
-                        return self.in_flight(session, req, target, half, t0);
-                    }
+                    Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(session = session.id, error = %e, "querying a SAVE's engine event");
                         let detail = ffi::DETAIL_BAD_EVENT;

@@ -67,15 +67,11 @@ fn copy_down(
     namespaces.sort_unstable();
     namespaces.dedup();
     for ns in namespaces {
-        let wanted = room.copies_down.iter().filter(|c| c.key.namespace == ns);
-        let got = acquire(blocks, mover, Tier::Host, ns, wanted.count(), report, None);
-        let positions = room
-            .copies_down
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.key.namespace == ns)
-            .map(|(k, _)| k);
-        for (k, slot) in positions.zip(got) {
+        let positions: Vec<usize> = (0..room.copies_down.len())
+            .filter(|&k| room.copies_down[k].key.namespace == ns)
+            .collect();
+        let got = acquire(blocks, mover, Tier::Host, ns, positions.len(), report, None);
+        for (k, slot) in positions.into_iter().zip(got) {
             slots[k] = Some(slot);
         }
     }
