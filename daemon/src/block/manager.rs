@@ -453,7 +453,8 @@ impl BlockManager {
 
     /// Plans room for `want` blocks of `namespace` in `tier` (counting those already in
     /// `out`): free slots are allocated into `out` at once (the caller owns them until it
-    /// reserves or frees them); victims NVMe admission accepts become demotions in the
+    /// reserves or frees them, and they count against the namespace's quota until then:
+    /// each consumer of `out` unclaims them); victims NVMe admission accepts become demotions in the
     /// returned plan, to be written by the mover and handed back to [`Self::commit_room`];
     /// other victims are evicted. Fewer when everything is leased or in use. A namespace
     /// at its quota only ever evicts its own blocks.
@@ -466,7 +467,9 @@ impl BlockManager {
     ) -> RoomPlan {
         let mut room = RoomPlan {
             want,
-            ..RoomPlan::default()
+            namespace,
+            demotions: Vec::new(),
+            copies_down: Vec::new(),
         };
         let mut reg = self.lock();
         loop {
@@ -475,7 +478,9 @@ impl BlockManager {
                 break;
             }
             // After this round, own demotions will have freed their slots: the namespace
-            // then holds `used - own_jobs + out + jobs` slots.
+            // then holds `used - own_jobs + claimed + jobs` slots, `claimed` (slots taken
+            // but not yet reserved, by this plan's `out` or a concurrent operation's)
+            // being part of what `quota_room` subtracts.
             let own_jobs = room
                 .demotions
                 .iter()
@@ -483,15 +488,14 @@ impl BlockManager {
                 .chain(room.copies_down.iter().map(|c| c.key))
                 .filter(|k| k.namespace == namespace)
                 .count();
-            let at_quota =
-                (out.len() + jobs - own_jobs) as u64 >= u64::from(reg.quota_room(namespace, tier));
+            let at_quota = (jobs - own_jobs) as u64 >= u64::from(reg.quota_room(namespace, tier));
             let v = if at_quota {
                 match reg.victim_in(namespace, tier) {
                     Some(v) => v,
                     None => break, // its own blocks are all leased or in use
                 }
             } else {
-                if let Some(s) = reg.alloc_free(tier) {
+                if let Some(s) = reg.alloc_claimed(namespace, tier) {
                     out.push(s);
                     continue;
                 }
@@ -588,7 +592,7 @@ impl BlockManager {
                 } else {
                     RemoveReason::IoError
                 };
-                Self::evict_into(&mut reg, job.key, Tier::Host, reason, out);
+                Self::evict_into(&mut reg, job.key, Tier::Host, reason, room.namespace, out);
             }
         }
         for c in &room.copies_down {
@@ -600,22 +604,31 @@ impl BlockManager {
             reg.publish(c.key, Tier::Host, 0).expect("reserved");
             report.g1_copied_down += 1;
             if out.len() < room.want {
-                Self::evict_into(&mut reg, c.key, Tier::Hbm, RemoveReason::Demoted, out);
+                Self::evict_into(
+                    &mut reg,
+                    c.key,
+                    Tier::Hbm,
+                    RemoveReason::Demoted,
+                    room.namespace,
+                    out,
+                );
             }
         }
         self.flush_events(&mut reg);
     }
 
-    /// Evicts `key` from `tier` (if it may go) and allocates the freed room into `out`.
+    /// Evicts `key` from `tier` (if it may go) and allocates the freed room into `out`,
+    /// claimed for `namespace` (the room plan's).
     fn evict_into(
         reg: &mut Registry,
         key: BlockKey,
         tier: Tier,
         reason: RemoveReason,
+        namespace: u32,
         out: &mut Vec<u32>,
     ) {
         if reg.evict(key, tier, reason).is_ok()
-            && let Some(s) = reg.alloc_free(tier)
+            && let Some(s) = reg.alloc_claimed(namespace, tier)
         {
             out.push(s);
         }
@@ -636,6 +649,8 @@ impl BlockManager {
         let mut kept = Vec::with_capacity(room.copies_down.len());
         for (c, slot) in room.copies_down.drain(..).zip(slots) {
             if let Some(host_slot) = slot {
+                // Taken by a host room plan of the victim's namespace.
+                reg.unclaim(c.key.namespace, Tier::Host, 1);
                 let view = reg.view(c.key).expect("held busy by the plan");
                 match reg.reserve(c.key, view.parent, view.priority, Tier::Host, host_slot) {
                     Ok(()) => {
@@ -656,16 +671,17 @@ impl BlockManager {
                 RemoveReason::Demoted
             };
             if out.len() < room.want {
-                Self::evict_into(&mut reg, c.key, Tier::Hbm, reason, out);
+                Self::evict_into(&mut reg, c.key, Tier::Hbm, reason, room.namespace, out);
             }
         }
         room.copies_down = kept;
         self.flush_events(&mut reg);
     }
 
-    /// Gives back slots allocated by [`Self::plan_room`] that were not used.
-    pub fn free_room(&self, tier: Tier, slots: impl IntoIterator<Item = u32>) {
+    /// Gives back slots a [`Self::plan_room`] of `namespace` allocated that were not used.
+    pub fn free_room(&self, namespace: u32, tier: Tier, slots: Vec<u32>) {
         let mut reg = self.lock();
+        reg.unclaim(namespace, tier, slots.len());
         for s in slots {
             reg.free_unused(tier, s);
         }
@@ -717,6 +733,7 @@ impl BlockManager {
     /// block another session reserved meanwhile is skipped.
     pub fn reserve_save(&self, plan: &mut SavePlan, slots: Vec<u32>) {
         let mut reg = self.lock();
+        reg.unclaim(plan.namespace, Tier::Host, slots.len());
         let mut spare = slots.into_iter();
         for item in std::mem::take(&mut plan.need) {
             let Some(slot) = spare.next() else {
@@ -746,6 +763,7 @@ impl BlockManager {
     /// tier.
     pub fn reserve_save_hbm(&self, plan: &mut SavePlan, slots: Vec<u32>) {
         let mut reg = self.lock();
+        reg.unclaim(plan.namespace, Tier::Hbm, slots.len());
         let mut spare = slots.into_iter();
         for (store, item) in plan.stores.iter().enumerate() {
             let Some(slot) = spare.next() else { break };
@@ -884,7 +902,10 @@ impl BlockManager {
     /// from its fastest tier; blocks only on NVMe need staging into the host tier first
     /// ([`LoadPlan::needs_staging`], [`Self::plan_staging`]).
     pub fn plan_load(&self, namespace: u32, hashes: &[u64]) -> LoadPlan {
-        let mut plan = LoadPlan::default();
+        let mut plan = LoadPlan {
+            namespace,
+            ..LoadPlan::default()
+        };
         let mut reg = self.lock();
         for (i, &h) in hashes.iter().enumerate() {
             let key = BlockKey::new(namespace, h);
@@ -927,6 +948,7 @@ impl BlockManager {
     pub fn plan_staging(&self, plan: &mut LoadPlan, slots: Vec<u32>) {
         let mut cut = plan.items.len();
         let mut reg = self.lock();
+        reg.unclaim(plan.namespace, Tier::Host, slots.len());
         let mut spare = slots.into_iter();
         for &i in &plan.staged {
             let key = plan.items[i].key;
@@ -1103,8 +1125,9 @@ impl BlockManager {
     /// spare slots are freed.
     pub fn plan_promote(&self, namespace: u32, hashes: &[u64], slots: Vec<u32>) -> PromotePlan {
         let mut plan = PromotePlan::default();
-        let mut spare = slots.into_iter();
         let mut reg = self.lock();
+        reg.unclaim(namespace, Tier::Hbm, slots.len());
+        let mut spare = slots.into_iter();
         for &h in hashes {
             let key = BlockKey::new(namespace, h);
             let Some(v) = reg.view(key) else { break };
@@ -1322,6 +1345,12 @@ impl BlockManager {
     /// Registry invariants (tests, debug builds of the daemon's admin command).
     pub fn check_invariants(&self) -> Result<(), String> {
         self.lock().check_invariants()
+    }
+
+    /// Slots allocated for namespaces with a quota and not yet reserved or freed (zero
+    /// between operations; a leak otherwise).
+    pub fn claimed_slots(&self) -> u64 {
+        self.lock().claimed_slots()
     }
 
     /// The slot header size in front of each host block (for callers sizing buffers).

@@ -37,9 +37,11 @@ pub struct NvmeRead {
 /// Making room in a tier: slots already free (allocated to the plan) and the demotions that
 /// free more once their copies in the tier below are written.
 #[must_use = "hand the room back with BlockManager::commit_room"]
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RoomPlan {
     pub(super) want: usize,
+    /// The namespace room is made for: slots freed for the plan are claimed for it.
+    pub(super) namespace: u32,
     /// Host blocks to copy to NVMe; each victim is held busy until `commit_room`.
     pub demotions: Vec<NvmeWrite>,
     /// G1 blocks with no copy in any other tier, to copy down to the host tier (one
@@ -116,6 +118,7 @@ pub struct LoadItem {
 #[must_use = "hand the plan back with commit_load"]
 #[derive(Debug, Default)]
 pub struct LoadPlan {
+    pub(super) namespace: u32,
     /// Blocks to serve, chain order; a staged block's slot is set by `plan_staging`.
     pub items: Vec<LoadItem>,
     /// Chain indices of `items` only on NVMe.

@@ -222,6 +222,10 @@ struct NsQuota {
     /// `u32::MAX`: unlimited in that tier.
     max_slots: PerTier<u32>,
     used_slots: PerTier<u32>,
+    /// Slots allocated for the namespace by an operation that has not reserved them yet
+    /// ([`Registry::alloc_claimed`]); they count against the quota so that two
+    /// concurrent operations of one namespace cannot both take its last room.
+    claimed_slots: PerTier<u32>,
     candidates: PerTier<BTreeSet<(u8, u64, u32)>>,
 }
 
@@ -299,6 +303,7 @@ impl Registry {
                 namespace,
                 max_slots,
                 used_slots: PerTier::default(),
+                claimed_slots: PerTier::default(),
                 candidates: Default::default(),
             }),
         }
@@ -323,7 +328,7 @@ impl Registry {
                 if q.max_slots[t] == u32::MAX {
                     u32::MAX
                 } else {
-                    q.max_slots[t].saturating_sub(q.used_slots[t])
+                    q.max_slots[t].saturating_sub(q.used_slots[t] + q.claimed_slots[t])
                 }
             }
         }
@@ -339,6 +344,15 @@ impl Registry {
         self.quotas[q as usize - 1].candidates[tier]
             .first()
             .map(|&(_, _, i)| self.entries[i as usize].key)
+    }
+
+    /// Claimed slots of every namespace and tier (see [`Self::alloc_claimed`]).
+    pub fn claimed_slots(&self) -> u64 {
+        self.quotas
+            .iter()
+            .flat_map(|q| q.claimed_slots.values())
+            .map(|&c| u64::from(c))
+            .sum()
     }
 
     /// Every quota with its current usage.
@@ -602,6 +616,32 @@ impl Registry {
 
     pub fn alloc_free(&mut self, tier: Tier) -> Option<u32> {
         self.alloc[tier].alloc()
+    }
+
+    /// A free slot of `tier` for an operation of `namespace` that reserves it later (in
+    /// another lock hold): until [`Self::unclaim`] it counts against the namespace's
+    /// quota.
+    pub fn alloc_claimed(&mut self, namespace: u32, tier: Tier) -> Option<u32> {
+        let slot = self.alloc[tier].alloc()?;
+        if let q @ 1.. = self.quota_of(namespace) {
+            self.quotas[q as usize - 1].claimed_slots[tier] += 1;
+        }
+        Some(slot)
+    }
+
+    /// Ends the claim on `slots` slots of `tier` taken by [`Self::alloc_claimed`] for
+    /// `namespace`: each is now reserved (counted as used) or freed.
+    pub fn unclaim(&mut self, namespace: u32, tier: Tier, slots: usize) {
+        if let q @ 1.. = self.quota_of(namespace) {
+            let claimed = &mut self.quotas[q as usize - 1].claimed_slots[tier];
+            // A bug, not tenant input: loud in tests, and in release it must not take
+            // the registry (everyone's) down with it.
+            debug_assert!(
+                slots as u64 <= u64::from(*claimed),
+                "namespace {namespace:#x} tier {tier}: unclaiming {slots} of {claimed} claimed slots"
+            );
+            *claimed = claimed.saturating_sub(u32::try_from(slots).unwrap_or(u32::MAX));
+        }
     }
 
     /// Returns a slot obtained from `alloc_free` but never reserved.

@@ -597,6 +597,12 @@ fn simulate(seed: u64, steps: usize, engine: EngineKind) {
         if let Err(e) = m.check_invariants() {
             panic!("seed {seed} step {step} op {op}: {e}");
         }
+        // Between operations no slot is held for a namespace without being reserved.
+        assert_eq!(
+            m.blocks.claimed_slots(),
+            0,
+            "seed {seed} step {step} op {op}: claimed slots left behind"
+        );
         for q in m.stats().namespaces {
             for t in Tier::ALL {
                 let max = q.max_slots[t].unwrap_or(u32::MAX);
@@ -638,23 +644,22 @@ fn quota(ns: u32, blocks: PerTier<Option<u64>>) -> NamespaceQuota {
     }
 }
 
+/// A manager with `host_slots` host slots, no NVMe, and one namespace quota.
+fn manager_with_quota(host_slots: u64, quota: NamespaceQuota) -> LocalBlocks {
+    let (b, t) = config(None, host_slots, 0, EngineKind::Sync);
+    let options = ManagerOptions {
+        quotas: vec![quota],
+        ..ManagerOptions::default()
+    };
+    local(BlockManager::new(&b, &t, options).unwrap())
+}
+
 /// One tenant flooding the host tier at its quota evicts only its own blocks: every block
 /// of the neighbour stays stored and loads back bit-identical, and the flooder's recent
 /// blocks are still served (it keeps a working cache of its quota's size).
 #[test]
 fn quota_bounds_a_flooding_namespace_to_its_own_blocks() {
-    let (b, t) = config(None, 16, 0, EngineKind::Sync);
-    let m = local(
-        BlockManager::new(
-            &b,
-            &t,
-            ManagerOptions {
-                quotas: vec![quota(7, PerTier([Some(0), Some(4), None]))],
-                ..ManagerOptions::default()
-            },
-        )
-        .unwrap(),
-    );
+    let m = manager_with_quota(16, quota(7, PerTier([Some(0), Some(4), None])));
     let quiet = chain(1_000, 8);
     assert_eq!(save(&m, 3, &quiet, false).stored, 8);
     for round in 0..50u64 {
@@ -692,18 +697,7 @@ fn quota_bounds_a_flooding_namespace_to_its_own_blocks() {
 /// is all pinned stores nothing more (`no_space`) rather than taking a neighbour's slot.
 #[test]
 fn quota_full_of_leases_refuses_instead_of_evicting_neighbours() {
-    let (b, t) = config(None, 8, 0, EngineKind::Sync);
-    let m = local(
-        BlockManager::new(
-            &b,
-            &t,
-            ManagerOptions {
-                quotas: vec![quota(7, PerTier([None, Some(2), None]))],
-                ..ManagerOptions::default()
-            },
-        )
-        .unwrap(),
-    );
+    let m = manager_with_quota(8, quota(7, PerTier([None, Some(2), None])));
     assert_eq!(save(&m, 7, &chain(1, 2), false).stored, 2);
     assert_eq!(m.pin(9, 7, &[1, 2]), 2);
     let r = save(&m, 7, &chain(100, 3), false);
@@ -711,6 +705,64 @@ fn quota_full_of_leases_refuses_instead_of_evicting_neighbours() {
     assert_eq!(m.stats().tiers[1].used_slots, 2);
     m.release_session(9);
     assert_eq!(save(&m, 7, &chain(100, 2), false).stored, 2);
+    m.check_invariants().unwrap();
+}
+
+/// Two saves of one namespace in flight at once cannot both take its last room: a save
+/// allocates free slots in one registry lock hold and reserves them in a later one, and
+/// the slots in between count against the namespace's quota. Before, both plans saw the
+/// whole quota free and the namespace ended up holding twice its quota.
+#[test]
+fn two_concurrent_saves_cannot_overshoot_a_namespace_quota() {
+    let m = manager_with_quota(16, quota(7, PerTier([None, Some(4), None])));
+    let blocks = &m.blocks;
+    // Both saves plan before either reserves (as two data-plane threads can).
+    let (first, second) = (chain(100, 4), chain(200, 4));
+    let mut plan_a = blocks.begin_save(7, &first, 0);
+    let mut plan_b = blocks.begin_save(7, &second, 0);
+    let (mut slots_a, mut slots_b) = (Vec::new(), Vec::new());
+    let room_a = blocks.plan_room(Tier::Host, 7, plan_a.slots_needed(), &mut slots_a);
+    let room_b = blocks.plan_room(Tier::Host, 7, plan_b.slots_needed(), &mut slots_b);
+    assert_eq!(slots_a.len(), 4, "the first save gets the quota's room");
+    assert_eq!(
+        slots_b.len(),
+        0,
+        "the second save took slots the first one holds for the namespace"
+    );
+    let mut report = SaveReport::default();
+    blocks.commit_room(room_a, Vec::new(), true, &mut slots_a, &mut report);
+    blocks.commit_room(room_b, Vec::new(), true, &mut slots_b, &mut report);
+    blocks.reserve_save(&mut plan_a, slots_a);
+    blocks.reserve_save(&mut plan_b, slots_b);
+    assert_eq!((plan_a.stores.len(), plan_b.report.no_space), (4, 4));
+    assert_eq!(m.stats().namespaces[0].used_slots[Tier::Host], 4);
+    blocks.abort_save(plan_a);
+    blocks.abort_save(plan_b);
+    m.check_invariants().unwrap();
+    // The claims ended with the plans: the namespace has its whole quota again.
+    assert_eq!(save(&m, 7, &chain(300, 4), false).stored, 4);
+    assert_eq!(m.stats().namespaces[0].used_slots[Tier::Host], 4);
+    m.check_invariants().unwrap();
+}
+
+/// Slots a room plan took but nobody used go back with `free_room`, and with them the
+/// namespace's claim on its quota.
+#[test]
+fn freeing_unused_room_gives_the_quota_back() {
+    let m = manager_with_quota(16, quota(7, PerTier([None, Some(3), None])));
+    let mut slots = Vec::new();
+    let room = m.blocks.plan_room(Tier::Host, 7, 3, &mut slots);
+    let mut report = SaveReport::default();
+    m.blocks
+        .commit_room(room, Vec::new(), true, &mut slots, &mut report);
+    assert_eq!(slots.len(), 3);
+    let mut more = Vec::new();
+    let room = m.blocks.plan_room(Tier::Host, 7, 1, &mut more);
+    m.blocks
+        .commit_room(room, Vec::new(), true, &mut more, &mut report);
+    assert!(more.is_empty(), "the quota's room is claimed");
+    m.blocks.free_room(7, Tier::Host, slots);
+    assert_eq!(save(&m, 7, &chain(1, 3), false).stored, 3);
     m.check_invariants().unwrap();
 }
 
