@@ -24,7 +24,7 @@ use super::plan::{
     DropPlan, HbmCopy, LoadHolds, LoadItem, LoadPlan, NvmeRead, NvmeWrite, PromotePlan, RoomPlan,
     SavePlan, StoreItem, TierCopy,
 };
-use super::registry::{BlockEvent, BlockKey, Registry, RemoveReason, SessionId};
+use super::registry::{BlockEvent, BlockKey, EvictRank, Registry, RemoveReason, SessionId};
 use crate::tier::host::{HostError, HostPool, HostPoolReport};
 use crate::tier::nvme::engine::FaultPlan;
 use crate::tier::nvme::{NvmeError, NvmeStore};
@@ -471,6 +471,11 @@ impl BlockManager {
             demotions: Vec::new(),
             copies_down: Vec::new(),
         };
+        // G1 parents this plan's copies-down will leave without a child in G1, themselves
+        // with no other copy: candidates in their own right once those children go, so
+        // the plan takes them now in eviction order (a G1-only chain comes down in one
+        // round, not one block per round).
+        let mut freed_parents: Vec<(EvictRank, BlockKey)> = Vec::new();
         let mut reg = self.lock();
         loop {
             let jobs = room.demotions.len() + room.copies_down.len();
@@ -490,7 +495,11 @@ impl BlockManager {
                 .count();
             let at_quota = (jobs - own_jobs) as u64 >= u64::from(reg.quota_room(namespace, tier));
             let v = if at_quota {
-                match reg.victim_in(namespace, tier) {
+                match Self::first_victim(
+                    reg.ranked_victim_in(namespace, tier),
+                    &mut freed_parents,
+                    Some(namespace),
+                ) {
                     Some(v) => v,
                     None => break, // its own blocks are all leased or in use
                 }
@@ -499,7 +508,7 @@ impl BlockManager {
                     out.push(s);
                     continue;
                 }
-                match reg.victim(tier) {
+                match Self::first_victim(reg.ranked_victim(tier), &mut freed_parents, None) {
                     Some(v) => v,
                     None => break,
                 }
@@ -507,6 +516,11 @@ impl BlockManager {
             if tier == Tier::Hbm && Self::only_in_g1(&reg, v) {
                 let view = reg.view(v).expect("victim exists");
                 let hbm_slot = view.present[Tier::Hbm].expect("victim present");
+                if let Some(parent) = reg.parent_freed_by(v, Tier::Hbm)
+                    && Self::only_in_g1(&reg, parent.1)
+                {
+                    freed_parents.push(parent);
+                }
                 reg.begin_use(v);
                 room.copies_down.push(TierCopy {
                     key: v,
@@ -544,6 +558,26 @@ impl BlockManager {
         }
         self.flush_events(&mut reg);
         room
+    }
+
+    /// The first in eviction order of the tier's (or `namespace`'s) candidate and the
+    /// parents freed by this plan's copies-down (taken out of `freed` when chosen).
+    fn first_victim(
+        candidate: Option<(EvictRank, BlockKey)>,
+        freed: &mut Vec<(EvictRank, BlockKey)>,
+        namespace: Option<u32>,
+    ) -> Option<BlockKey> {
+        let parent = freed
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, key))| namespace.is_none_or(|ns| key.namespace == ns))
+            .min_by_key(|(_, (rank, _))| *rank)
+            .map(|(at, &(rank, _))| (at, rank));
+        match (candidate, parent) {
+            (Some((rank, key)), Some((_, parent_rank))) if rank < parent_rank => Some(key),
+            (_, Some((at, _))) => Some(freed.swap_remove(at).1),
+            (candidate, None) => candidate.map(|(_, key)| key),
+        }
     }
 
     /// Commits a room plan with the mover's result for each demotion: NVMe copies that

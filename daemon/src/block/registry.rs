@@ -161,6 +161,10 @@ impl Entry {
     }
 }
 
+/// A candidate's place in a tier's eviction order (lowest goes first): priority, last
+/// use, entry index.
+pub type EvictRank = (u8, u64, u32);
+
 /// A read-only view of an entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EntryView {
@@ -337,13 +341,18 @@ impl Registry {
     /// The eviction candidate of `tier` among `namespace`'s own blocks (namespaces with a
     /// quota only).
     pub fn victim_in(&self, namespace: u32, tier: Tier) -> Option<BlockKey> {
+        self.ranked_victim_in(namespace, tier).map(|(_, key)| key)
+    }
+
+    /// [`Self::victim_in`] with its place in the eviction order.
+    pub fn ranked_victim_in(&self, namespace: u32, tier: Tier) -> Option<(EvictRank, BlockKey)> {
         let q = self.quota_of(namespace);
         if q == 0 {
             return None;
         }
         self.quotas[q as usize - 1].candidates[tier]
             .first()
-            .map(|&(_, _, i)| self.entries[i as usize].key)
+            .map(|&rank| (rank, self.entries[rank.2 as usize].key))
     }
 
     /// Claimed slots of every namespace and tier (see [`Self::alloc_claimed`]).
@@ -651,9 +660,29 @@ impl Registry {
 
     /// The next eviction candidate of a tier.
     pub fn victim(&self, tier: Tier) -> Option<BlockKey> {
+        self.ranked_victim(tier).map(|(_, key)| key)
+    }
+
+    /// [`Self::victim`] with its place in the eviction order.
+    pub fn ranked_victim(&self, tier: Tier) -> Option<(EvictRank, BlockKey)> {
         self.candidates[tier]
             .first()
-            .map(|&(_, _, i)| self.entries[i as usize].key)
+            .map(|&rank| (rank, self.entries[rank.2 as usize].key))
+    }
+
+    /// The parent of `child` when it would be an eviction candidate of `tier` once
+    /// `child` (present there, about to leave it) is gone: present in `tier` with no
+    /// other child there, not leased, not in use. With its place in the eviction order,
+    /// so that a plan making room can take it in the same round as the child.
+    pub fn parent_freed_by(&self, child: BlockKey, tier: Tier) -> Option<(EvictRank, BlockKey)> {
+        let parent = BlockKey::new(
+            child.namespace,
+            self.entries[self.idx(child)? as usize].parent?,
+        );
+        let i = self.idx(parent)?;
+        let e = &self.entries[i as usize];
+        (e.present(tier) && e.children[tier] == 1 && e.leases == 0 && e.busy == 0)
+            .then_some(((e.priority, e.last_use, i), parent))
     }
 
     /// Whether `key` could be evicted from `tier` now.

@@ -1099,6 +1099,46 @@ fn g1_victims_with_no_other_copy_are_copied_down_to_the_host_tier() {
     m.check_invariants().unwrap();
 }
 
+/// A chain whose only copy is in G1 comes down to the host tier whole in one round when
+/// G1 needs all its slots: each block copied down frees its parent as a candidate in the
+/// same plan. Before, a held child kept its parent from being a G1 leaf, so one block
+/// came down per round and after eight rounds the promotion settled for eight slots.
+#[test]
+fn a_g1_only_chain_comes_down_in_one_round() {
+    const G1_BLOCKS: usize = 12;
+    let (b, mut t) = config(None, 2 * G1_BLOCKS as u64, 0, EngineKind::Sync);
+    t.hbm.capacity_bytes = (G1_BLOCKS * BLOCK) as u64;
+    let m = local(BlockManager::new(&b, &t, ManagerOptions::default()).unwrap());
+    let old: Vec<u64> = (1..=G1_BLOCKS as u64).collect();
+    save(&m, 5, &chain(1, G1_BLOCKS), false);
+    assert_eq!(m.promote(5, &old), G1_BLOCKS);
+    // Two newer chains fill the host tier: G1 now holds the old chain's only copy.
+    save(&m, 5, &chain(100, G1_BLOCKS), false);
+    save(&m, 5, &chain(200, G1_BLOCKS), false);
+    let mut t = vec![None; G1_BLOCKS];
+    assert_eq!(m.lookup(5, &old, &mut t), G1_BLOCKS);
+    assert!(t.iter().all(|&t| t == Some(Tier::Hbm)), "only in G1: {t:?}");
+
+    // Promoting the newest chain needs every G1 slot.
+    let new: Vec<u64> = (200..200 + G1_BLOCKS as u64).collect();
+    assert_eq!(
+        m.promote(5, &new),
+        G1_BLOCKS,
+        "the promotion got fewer G1 slots than the old chain held"
+    );
+    assert_eq!(
+        m.lookup(5, &old, &mut t),
+        G1_BLOCKS,
+        "copied down, not lost"
+    );
+    assert!(t.iter().all(|&t| t == Some(Tier::Host)), "{t:?}");
+    assert_eq!(load(&m, 5, &old).loaded, G1_BLOCKS);
+    let s = m.stats();
+    assert_eq!(s.tiers[0].removed["demoted"], G1_BLOCKS as u64);
+    assert_eq!(s.tiers[0].removed["evicted"], 0);
+    m.check_invariants().unwrap();
+}
+
 /// With every host slot held by a lease, a G1 victim has nowhere to go down to: it is
 /// dropped from G1 (counted as evicted) and the promotion still gets its slot.
 #[test]
