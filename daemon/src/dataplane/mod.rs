@@ -400,11 +400,6 @@ impl DataPlane {
     /// launched and in flight (then `poll` until it returns the completion; the session
     /// must submit nothing else meanwhile).
     pub fn submit(&self, session: &mut SessionData, seg: &Segment, req: &Request) -> Submitted {
-        // NOPs (liveness pings, ring benchmarks) skip the latency histogram: two clock
-        // reads and three atomics would double what a NOP costs the daemon.
-        if req.opcode == Opcode::Nop {
-            return Submitted::Done(completion(req.user_data, Status::Ok));
-        }
         assert!(
             session.in_flight.is_none(),
             "a session submits nothing while an operation is in flight"
