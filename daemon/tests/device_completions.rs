@@ -205,6 +205,81 @@ fn a_copy_in_flight_completes_when_its_event_does_and_other_sessions_are_served_
     daemon.shutdown();
 }
 
+/// One operation in flight per queue pair, not per session: while a SAVE's copy is on
+/// the device on one queue pair, the session's other queue pair is served (a LOOKUP at
+/// once, a LOAD side by side with the SAVE), and each queue pair's completion carries
+/// its own ops back even though the other queue pair's submissions came in between.
+#[test]
+fn a_second_queue_pair_is_served_while_the_first_has_a_copy_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, blocks) = start(dir.path());
+    let socket = daemon.socket_path().to_path_buf();
+    let (_a, mut qps, kv) = common::attach_with_kv_qps(&socket, NAMESPACE, 2);
+    let mut q1 = qps.pop().unwrap();
+    let mut q0 = qps.pop().unwrap();
+    let stored = [0x5EC0_0001u64, 0x5EC0_0002];
+    let fresh = [0x5EC0_0011u64, 0x5EC0_0012];
+    for i in 0..4u64 {
+        kv.write_bytes(i * PAGE_BYTES, &vec![0xB0 + i as u8; PAGE_BYTES as usize])
+            .unwrap();
+    }
+    let save = common::chain_sqe(&mut q0, Opcode::Save, 1, &stored, 0);
+    let c = q0.call(save, Duration::from_secs(10)).expect("first save");
+    assert_eq!(c.status, Status::Ok.raw(), "{c:?}");
+
+    // Queue pair 1: LOAD the stored blocks into pages 5 and 6, in flight for DELAY.
+    let load = common::chain_sqe(&mut q1, Opcode::Load, 3, &stored, 5);
+    let t1 = Instant::now();
+    assert_eq!(q1.submit(&[load]).unwrap(), 1);
+    // Queue pair 0, meanwhile: a LOOKUP of three other blocks is answered at once, not
+    // after the LOAD's copy (and the session's scratch copy of its ops now holds these).
+    assert_eq!(lookup_hits(&mut q0, &[0x1, 0x2, 0x3]), 0);
+    let lookup_took = t1.elapsed();
+    assert!(
+        lookup_took < DELAY / 2,
+        "the LOOKUP on queue pair 0 waited {lookup_took:?} for queue pair 1's copy"
+    );
+    // ... and a SAVE of two more blocks (pages 2 and 3) runs beside the LOAD.
+    let save = common::chain_sqe(&mut q0, Opcode::Save, 2, &fresh, 2);
+    let t0 = Instant::now();
+    assert_eq!(q0.submit(&[save]).unwrap(), 1);
+    let loaded = collect(&mut q1, 1, std::thread::yield_now);
+    let (load_cqe, load_at) = loaded[0];
+    assert_eq!(load_cqe.status, Status::Ok.raw(), "LOAD: {load_cqe:?}");
+    assert!(
+        load_at - t1 >= DELAY,
+        "the LOAD completed before its copy landed"
+    );
+    let saved = collect(&mut q0, 1, std::thread::yield_now);
+    let (save_cqe, save_at) = saved[0];
+    assert_eq!(save_cqe.status, Status::Ok.raw(), "SAVE: {save_cqe:?}");
+    assert!(
+        save_at - t0 >= DELAY,
+        "the SAVE completed before its copy landed"
+    );
+    assert!(
+        save_at - t1 < DELAY * 2 - DELAY / 4,
+        "the SAVE waited for the LOAD: both done {:?} after the LOAD was submitted",
+        save_at - t1
+    );
+    // The LOAD's ops came back with their own hashes and tiers.
+    let mut ops = [kvplane_ffi::kvp_block_op::zeroed(); 2];
+    q1.read_block_ops(0, &mut ops).unwrap();
+    for (op, &h) in ops.iter().zip(&stored) {
+        assert_eq!(op.hash, h, "queue pair 1's ops were overwritten: {ops:?}");
+        assert_eq!(op.tier, kvplane_ffi::Tier::Host.raw() as u8, "{ops:?}");
+    }
+    for i in 0..2u64 {
+        let mut page = vec![0u8; PAGE_BYTES as usize];
+        kv.read_bytes((5 + i) * PAGE_BYTES, &mut page).unwrap();
+        assert!(page.iter().all(|b| *b == 0xB0 + i as u8), "page {}", 5 + i);
+    }
+    assert_eq!(lookup_hits(&mut q1, &fresh), 2, "the SAVE was published");
+    blocks.check_invariants().unwrap();
+    drop((q0, q1));
+    daemon.shutdown();
+}
+
 #[test]
 fn a_session_that_ends_with_a_copy_in_flight_ends_after_it_lands_holding_nothing() {
     let dir = tempfile::tempdir().unwrap();

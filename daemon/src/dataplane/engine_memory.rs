@@ -101,19 +101,23 @@ struct DeviceView {
     window: Option<DeviceBuffer>,
     owns_window: bool,
     layout: Option<LayoutId>,
-    stream: StreamId,
-    /// Recorded after each batch on `stream`; the data-plane thread polls it.
-    event: EventId,
+    /// One stream per queue pair, with the event recorded after each batch on it (the
+    /// data-plane thread polls it): a queue pair's operations run in order, those of
+    /// different queue pairs side by side (a LOAD need not wait for a SAVE's copy).
+    lanes: Vec<(StreamId, EventId)>,
     /// The engine's CUDA IPC events (KVP_OP_REGISTER_EVENTS), by its index.
     ipc_events: Vec<EventId>,
 }
 
 impl Drop for DeviceView {
     fn drop(&mut self) {
-        // A session ends only once its batch in flight has completed; waiting here anyway
-        // keeps the memory below alive for any copy still queued (a no-op when idle).
-        if let Err(e) = self.device.sync_stream(self.stream) {
-            tracing::warn!(error = %e, "waiting for a session's stream before releasing its memory");
+        // A session ends only once its batches in flight have completed; waiting here
+        // anyway keeps the memory below alive for any copy still queued (a no-op when
+        // idle).
+        for &(stream, _) in &self.lanes {
+            if let Err(e) = self.device.sync_stream(stream) {
+                tracing::warn!(error = %e, "waiting for a session's stream before releasing its memory");
+            }
         }
         if let Some(layout) = self.layout.take() {
             let _ = self.device.free_layout(layout);
@@ -128,14 +132,16 @@ impl Drop for DeviceView {
                 tracing::warn!(error = %e, "releasing an engine's KV region");
             }
         }
-        if let Err(e) = self.device.destroy_event(self.event) {
-            tracing::warn!(error = %e, "destroying a session's event");
-        }
         for ev in self.ipc_events.drain(..) {
             let _ = self.device.destroy_event(ev);
         }
-        if let Err(e) = self.device.destroy_stream(self.stream) {
-            tracing::warn!(error = %e, "destroying a session's stream");
+        for (stream, event) in self.lanes.drain(..) {
+            if let Err(e) = self.device.destroy_event(event) {
+                tracing::warn!(error = %e, "destroying a session's event");
+            }
+            if let Err(e) = self.device.destroy_stream(stream) {
+                tracing::warn!(error = %e, "destroying a session's stream");
+            }
         }
     }
 }
@@ -170,6 +176,7 @@ impl EngineMemory {
     pub fn import(
         device: Option<&Arc<dyn Device>>,
         regions: &[KvRegion],
+        queue_pairs: usize,
         charge: MappedCharge,
     ) -> Result<Self, RegionError> {
         let host: Vec<(usize, &KvRegion)> = regions
@@ -219,8 +226,13 @@ impl EngineMemory {
                 _charge: charge,
             });
         };
-        let (view, spans, window_bytes) =
-            Self::register(device, regions, host_window.as_ref(), &host_start)?;
+        let (view, spans, window_bytes) = Self::register(
+            device,
+            regions,
+            queue_pairs,
+            host_window.as_ref(),
+            &host_start,
+        )?;
         Ok(EngineMemory {
             view: Some(view),
             spans,
@@ -236,6 +248,7 @@ impl EngineMemory {
     fn register(
         device: &Arc<dyn Device>,
         regions: &[KvRegion],
+        queue_pairs: usize,
         host_window: Option<&HostWindow>,
         host_start: &[u64],
     ) -> Result<(DeviceView, Vec<RegionSpan>, u64), RegionError> {
@@ -257,14 +270,6 @@ impl EngineMemory {
                 Some(_) => {}
             }
         }
-        let stream = device.create_stream().map_err(RegionError::Device)?;
-        let event = match device.create_event() {
-            Ok(e) => e,
-            Err(e) => {
-                let _ = device.destroy_stream(stream);
-                return Err(RegionError::Device(e));
-            }
-        };
         // The view owns every part from the moment it exists, so an error below releases
         // what was imported so far (its drop).
         let mut view = DeviceView {
@@ -273,10 +278,19 @@ impl EngineMemory {
             window: None,
             owns_window: false,
             layout: None,
-            stream,
-            event,
+            lanes: Vec::with_capacity(queue_pairs),
             ipc_events: Vec::new(),
         };
+        for _ in 0..queue_pairs.max(1) {
+            let stream = device.create_stream().map_err(RegionError::Device)?;
+            match device.create_event() {
+                Ok(event) => view.lanes.push((stream, event)),
+                Err(e) => {
+                    let _ = device.destroy_stream(stream);
+                    return Err(RegionError::Device(e));
+                }
+            }
+        }
         // Which part each region lives in.
         let mut part_of = vec![0usize; regions.len()];
         if let Some(w) = host_window {
@@ -350,14 +364,16 @@ impl EngineMemory {
         Ok(())
     }
 
-    /// What the mover's launches take, once a layout is attached.
-    pub fn target(&self) -> Option<EngineTarget> {
+    /// What the mover's launches for queue pair `qp` take (its stream and event), once
+    /// a layout is attached.
+    pub fn target(&self, qp: usize) -> Option<EngineTarget> {
         let v = self.view.as_ref()?;
+        let &(stream, event) = v.lanes.get(qp)?;
         Some(EngineTarget {
             buffer: v.window?,
             layout: v.layout?,
-            stream: v.stream,
-            event: v.event,
+            stream,
+            event,
         })
     }
 

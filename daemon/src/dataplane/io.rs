@@ -130,7 +130,7 @@ impl IoSubmitter {
 
 fn run(dp: &DataPlane, mut job: IoJob) {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        dp.handle(&mut job.data, &job.seg, &job.req)
+        dp.handle(&mut job.data, &job.seg, &job.req, job.queue_pair as usize)
     }));
     let (cqe, panicked) = match r {
         Ok(c) => (c, false),

@@ -5,9 +5,10 @@
 //! block manager's slots through the mover, on the daemon's device.
 //!
 //! A SAVE or LOAD runs in two halves. [`DataPlane::submit`] plans it, launches its copy
-//! on the session's stream and records the session's event: the operation is then in
-//! flight ([`Submitted::InFlight`]) and the data-plane thread goes on serving other
-//! sessions. [`DataPlane::poll`] asks the device whether the event has completed (never
+//! on its queue pair's stream and records that queue pair's event: the operation is then
+//! in flight ([`Submitted::InFlight`]) and the data-plane thread goes on serving other
+//! sessions and the session's other queue pairs (one operation in flight per queue pair:
+//! a queue pair's operations complete in order, different queue pairs' side by side). [`DataPlane::poll`] asks the device whether the event has completed (never
 //! waiting) and, once it has, commits the plan and returns the completion. Nothing is
 //! published, and no completion is posted, before the copy has landed.
 
@@ -87,15 +88,15 @@ pub struct SessionData {
     /// Set when a copy faulted in the engine's KV buffer: the session is ended after the
     /// batch, and no further copy touches the buffer.
     engine_fault: Option<KernelError>,
-    /// The operation whose copy is on the device (at most one per session).
-    in_flight: Option<InFlight>,
+    /// The operation whose copy is on the device, per queue pair (at most one each).
+    in_flight: Vec<Option<InFlight>>,
     /// Set when a copy failed on the device after its LOAD had been completed early:
     /// the session ends.
     device_fault: Option<String>,
-    /// The SAVE handed to an I/O executor after its engine event completed (its
-    /// user_data): served there without querying the event again, so an engine that
-    /// records it anew cannot make an executor wait.
-    engine_ready_for: Option<u64>,
+    /// The SAVE handed to an I/O executor after its engine event completed (its queue
+    /// pair and user_data): served there without querying the event again, so an engine
+    /// that records it anew cannot make an executor wait.
+    engine_ready_for: Option<(usize, u64)>,
 }
 
 impl SessionData {
@@ -104,6 +105,7 @@ impl SessionData {
         peer: PeerCred,
         namespaces: Vec<u32>,
         engine: Option<EngineMemory>,
+        queue_pairs: usize,
     ) -> Self {
         SessionData {
             id,
@@ -117,7 +119,7 @@ impl SessionData {
             pages: Vec::new(),
             scratch: MoveScratch::default(),
             engine_fault: None,
-            in_flight: None,
+            in_flight: (0..queue_pairs.max(1)).map(|_| None).collect(),
             device_fault: None,
             engine_ready_for: None,
         }
@@ -129,10 +131,16 @@ impl SessionData {
         self.device_fault.as_deref()
     }
 
-    /// Whether an operation's copy is still on the device: the session takes no other
-    /// submission, and does not end, until [`DataPlane::poll`] has completed it.
+    /// Whether an operation's copy is still on the device on queue pair `qp`: that queue
+    /// pair takes no other submission until [`DataPlane::poll`] has completed it.
+    pub fn in_flight_on(&self, qp: usize) -> bool {
+        self.in_flight.get(qp).is_some_and(Option::is_some)
+    }
+
+    /// Whether any queue pair has an operation in flight: the session does not end
+    /// until each has been completed.
     pub fn in_flight(&self) -> bool {
-        self.in_flight.is_some()
+        self.in_flight.iter().any(Option::is_some)
     }
 
     /// Whether the operation in flight (if any) may be dropped at once when the session
@@ -140,8 +148,9 @@ impl SessionData {
     /// launched nothing.
     pub fn in_flight_holds_nothing(&self) -> bool {
         self.in_flight
-            .as_ref()
-            .is_none_or(|op| matches!(op.half, Half::AwaitEngine { .. }))
+            .iter()
+            .flatten()
+            .all(|op| matches!(op.half, Half::AwaitEngine { .. }))
     }
 
     /// The fault that made the engine's KV buffer unusable, if one did: the session must
@@ -378,12 +387,18 @@ impl DataPlane {
     /// (the I/O executors, which may wait; data-plane threads use `submit` and `poll`).
     /// The completion carries its user_data; the caller accounts it with `count` (once
     /// per batch, not per op).
-    pub fn handle(&self, session: &mut SessionData, seg: &Segment, req: &Request) -> kvp_cqe {
-        match self.submit(session, seg, req) {
+    pub fn handle(
+        &self,
+        session: &mut SessionData,
+        seg: &Segment,
+        req: &Request,
+        qp: usize,
+    ) -> kvp_cqe {
+        match self.submit(session, seg, req, qp) {
             Submitted::Done(cqe) => cqe,
             Submitted::InFlight => {
-                let early = self.take_early_completion(session);
-                let last = self.wait(session, seg);
+                let early = self.take_early_completion(session, qp);
+                let last = self.wait(session, seg, qp);
                 early.or(last).expect("an operation completes once")
             }
         }
@@ -392,21 +407,27 @@ impl DataPlane {
     /// The completion of the session's operation in flight that is due before its copy
     /// lands: a LOAD whose engine waits on an IPC event the daemon recorded after the
     /// copy. Post it now; `poll` then completes the operation with nothing to post.
-    pub fn take_early_completion(&self, session: &mut SessionData) -> Option<kvp_cqe> {
-        session.in_flight.as_mut()?.early.take()
+    pub fn take_early_completion(&self, session: &mut SessionData, qp: usize) -> Option<kvp_cqe> {
+        session.in_flight.get_mut(qp)?.as_mut()?.early.take()
     }
 
     /// Serves a validated request as far as it goes without waiting: done, or its copy
-    /// launched and in flight (then `poll` until it returns the completion; the session
-    /// must submit nothing else meanwhile).
-    pub fn submit(&self, session: &mut SessionData, seg: &Segment, req: &Request) -> Submitted {
+    /// launched and in flight on queue pair `qp` (then `poll` it until it returns the
+    /// completion; that queue pair submits nothing else meanwhile).
+    pub fn submit(
+        &self,
+        session: &mut SessionData,
+        seg: &Segment,
+        req: &Request,
+        qp: usize,
+    ) -> Submitted {
         assert!(
-            session.in_flight.is_none(),
-            "a session submits nothing while an operation is in flight"
+            qp < session.in_flight.len() && !session.in_flight_on(qp),
+            "a queue pair submits nothing while its operation is in flight"
         );
         let _in_flight = self.counters.metrics.begin();
         let t0 = Instant::now();
-        let submitted = self.dispatch(session, seg, req, t0);
+        let submitted = self.dispatch(session, seg, req, qp, t0);
         match submitted {
             Submitted::Done(_) => self.counters.metrics.record_op(req.opcode, t0.elapsed()),
             // Counted in flight until `poll` completes it.
@@ -415,15 +436,15 @@ impl DataPlane {
         submitted
     }
 
-    /// Whether the session's operation in flight has landed (then its plan is committed
-    /// and its completion returned, unless it was posted early). Never waits.
-    pub fn poll(&self, session: &mut SessionData, seg: &Segment) -> Polled {
-        let Some(op) = session.in_flight.as_ref() else {
+    /// Whether the operation in flight on queue pair `qp` has landed (then its plan is
+    /// committed and its completion returned, unless it was posted early). Never waits.
+    pub fn poll(&self, session: &mut SessionData, seg: &Segment, qp: usize) -> Polled {
+        let Some(op) = session.in_flight.get(qp).and_then(Option::as_ref) else {
             return Polled::Done(None);
         };
         let mover = self.mover.as_ref().expect("in flight implies a mover");
         if let Half::AwaitEngine { event, deadline } = op.half {
-            return self.poll_engine_event(session, seg, event, deadline);
+            return self.poll_engine_event(session, seg, qp, event, deadline);
         }
         let launched = match &op.half {
             Half::AwaitEngine { .. } => unreachable!("polled above"),
@@ -436,7 +457,7 @@ impl DataPlane {
             None | Some(Ok(true)) => Ok(()),
             Some(Err(e)) => Err(e),
         };
-        let op = session.in_flight.take().expect("checked above");
+        let op = session.in_flight[qp].take().expect("checked above");
         let blocks = self.blocks.as_ref().expect("in flight implies blocks");
         let cqe = match op.half {
             Half::AwaitEngine { .. } => unreachable!("polled above"),
@@ -472,6 +493,7 @@ impl DataPlane {
         &self,
         session: &mut SessionData,
         seg: &Segment,
+        qp: usize,
         event: kvplane_cuda::EventId,
         deadline: Instant,
     ) -> Polled {
@@ -480,20 +502,24 @@ impl DataPlane {
         if matches!(ready, Ok(false)) && Instant::now() < deadline {
             return Polled::InFlight;
         }
-        let op = session.in_flight.take().expect("checked by the caller");
+        let op = session.in_flight[qp].take().expect("checked by the caller");
         let blocks = self.blocks.as_ref().expect("in flight implies blocks");
         let cqe = match ready {
             Ok(true) if self.may_do_io(&op.req, false) => {
                 // Counted again when the executor submits it.
                 self.counters.metrics.release_in_flight();
-                session.engine_ready_for = Some(op.req.user_data);
+                session.engine_ready_for = Some((qp, op.req.user_data));
                 return Polled::HandOff(op.req);
             }
-            Ok(true) => match self.save(blocks, session, seg, &op.req, op.t0, true) {
-                // Planned and launched: in flight as any SAVE (still counted in flight).
-                Submitted::InFlight => return Polled::InFlight,
-                Submitted::Done(c) => c,
-            },
+            Ok(true) => {
+                session.engine_ready_for = Some((qp, op.req.user_data));
+                match self.save(blocks, session, seg, &op.req, qp, op.t0) {
+                    // Planned and launched: in flight as any SAVE (still counted in
+                    // flight).
+                    Submitted::InFlight => return Polled::InFlight,
+                    Submitted::Done(c) => c,
+                }
+            }
             not_ready => {
                 tracing::warn!(session = session.id, result = ?not_ready, timeout_ms = self.engine_event_timeout().as_millis() as u64, "a SAVE's engine event did not complete; SAVE refused");
                 done(
@@ -516,17 +542,17 @@ impl DataPlane {
     /// Waits for the session's operation in flight and returns its completion (`None`:
     /// it was taken early). Bounded: the daemon's own copies, or an engine event until
     /// its deadline.
-    fn wait(&self, session: &mut SessionData, seg: &Segment) -> Option<kvp_cqe> {
+    fn wait(&self, session: &mut SessionData, seg: &Segment, qp: usize) -> Option<kvp_cqe> {
         loop {
-            match self.poll(session, seg) {
+            match self.poll(session, seg, qp) {
                 Polled::Done(cqe) => return cqe,
                 // Already where waiting is allowed: serve it here (its event is done).
-                Polled::HandOff(req) => return Some(self.handle(session, seg, &req)),
+                Polled::HandOff(req) => return Some(self.handle(session, seg, &req, qp)),
                 Polled::InFlight => {}
             }
             let (mover, op) = (
                 self.mover.as_ref().expect("in flight implies a mover"),
-                session.in_flight.as_ref().expect("not yet completed"),
+                session.in_flight[qp].as_ref().expect("not yet completed"),
             );
             if matches!(op.half, Half::AwaitEngine { .. }) {
                 std::thread::sleep(crate::session::pool::DEVICE_POLL);
@@ -542,6 +568,7 @@ impl DataPlane {
         session: &mut SessionData,
         seg: &Segment,
         req: &Request,
+        qp: usize,
         t0: Instant,
     ) -> Submitted {
         let done = Submitted::Done;
@@ -552,7 +579,7 @@ impl DataPlane {
             Opcode::RegisterEvents => done(self.register_events(session, seg, req)),
             _ => match &self.blocks {
                 None => done(completion(req.user_data, Status::Unsupported)),
-                Some(blocks) => self.block_op(blocks, session, seg, req, t0),
+                Some(blocks) => self.block_op(blocks, session, seg, req, qp, t0),
             },
         }
     }
@@ -690,14 +717,12 @@ impl DataPlane {
         session: &mut SessionData,
         seg: &Segment,
         req: &Request,
+        qp: usize,
         t0: Instant,
     ) -> Submitted {
         match req.opcode {
-            Opcode::Save => {
-                let ready = session.engine_ready_for.take() == Some(req.user_data);
-                return self.save(blocks, session, seg, req, t0, ready);
-            }
-            Opcode::Load => return self.load(blocks, session, seg, req, t0),
+            Opcode::Save => return self.save(blocks, session, seg, req, qp, t0),
+            Opcode::Load => return self.load(blocks, session, seg, req, qp, t0),
             _ => {}
         }
         Submitted::Done(self.registry_op(blocks, session, seg, req))
@@ -770,11 +795,13 @@ impl DataPlane {
         session: &mut SessionData,
         seg: &Segment,
         req: &Request,
+        qp: usize,
     ) -> Result<(u32, EngineTarget), kvp_cqe> {
         let ud = req.user_data;
         let ns = Self::read_ops(session, seg, req)
             .ok_or_else(|| done(ud, Status::Namespace, 0, 0, 0, 0))?;
-        let target = Self::engine_pages(&session.engine, &session.engine_fault, &session.ops, ud)?;
+        let target =
+            Self::engine_pages(&session.engine, &session.engine_fault, &session.ops, qp, ud)?;
         Ok((ns, target))
     }
 
@@ -785,6 +812,7 @@ impl DataPlane {
         engine: &Option<EngineMemory>,
         fault: &Option<KernelError>,
         ops: &[kvp_block_op],
+        qp: usize,
         user_data: u64,
     ) -> Result<EngineTarget, kvp_cqe> {
         if fault.is_some() {
@@ -794,7 +822,7 @@ impl DataPlane {
         let Some(engine) = engine.as_ref() else {
             return Err(done(user_data, Status::NoLayout, 0, 0, 0, 0));
         };
-        let (Some(layout), Some(target)) = (engine.layout.as_ref(), engine.target()) else {
+        let (Some(layout), Some(target)) = (engine.layout.as_ref(), engine.target(qp)) else {
             return Err(done(user_data, Status::NoLayout, 0, 0, 0, 0));
         };
         match ops
@@ -807,23 +835,25 @@ impl DataPlane {
     }
 
     /// Launches a SAVE: host slots reserved, one gather from the engine's pages into them
-    /// queued on the session's stream, its event recorded. In flight from there. A SAVE
-    /// naming an engine event whose work is not done yet (unless `engine_ready`) waits for
-    /// it first, holding nothing.
+    /// queued on the queue pair's stream, its event recorded. In flight from there. A SAVE
+    /// naming an engine event whose work is not done yet waits for it first, holding
+    /// nothing (unless `engine_ready_for` says it was seen done: then it is not queried
+    /// again).
     fn save(
         &self,
         blocks: &BlockManager,
         session: &mut SessionData,
         seg: &Segment,
         req: &Request,
+        qp: usize,
         t0: Instant,
-        engine_ready: bool,
     ) -> Submitted {
+        let engine_ready = session.engine_ready_for.take() == Some((qp, req.user_data));
         let mover = self
             .mover
             .as_ref()
             .expect("a data plane with blocks has a mover");
-        let (ns, target) = match Self::batch(session, seg, req) {
+        let (ns, target) = match Self::batch(session, seg, req, qp) {
             Ok(x) => x,
             Err(cqe) => return Submitted::Done(cqe),
         };
@@ -835,7 +865,7 @@ impl DataPlane {
                     Ok(complete) if !complete || self.may_do_io(req, false) => {
                         let deadline = Instant::now() + self.engine_event_timeout();
                         let half = Half::AwaitEngine { event, deadline };
-                        return self.in_flight(session, req, target, half, t0);
+                        return self.in_flight(session, qp, req, target, half, t0);
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -886,7 +916,7 @@ impl DataPlane {
             },
         );
         match started {
-            Ok(started) => self.in_flight(session, req, target, Half::Save(started), t0),
+            Ok(started) => self.in_flight(session, qp, req, target, Half::Save(started), t0),
             Err(e) => Submitted::Done(self.save_done(blocks, session, req, Err(e), t0)),
         }
     }
@@ -942,7 +972,7 @@ impl DataPlane {
     }
 
     /// Launches a LOAD: blocks held (staged from NVMe first where needed), one scatter
-    /// per tier buffer into the engine's pages queued on the session's stream, its event
+    /// per tier buffer into the engine's pages queued on the queue pair's stream, its event
     /// recorded. In flight from there.
     fn load(
         &self,
@@ -950,6 +980,7 @@ impl DataPlane {
         session: &mut SessionData,
         seg: &Segment,
         req: &Request,
+        qp: usize,
         t0: Instant,
     ) -> Submitted {
         let ud = req.user_data;
@@ -957,7 +988,7 @@ impl DataPlane {
             .mover
             .as_ref()
             .expect("a data plane with blocks has a mover");
-        let (ns, target) = match Self::batch(session, seg, req) {
+        let (ns, target) = match Self::batch(session, seg, req, qp) {
             Ok(x) => x,
             Err(cqe) => return Submitted::Done(cqe),
         };
@@ -994,13 +1025,14 @@ impl DataPlane {
                 // blocks until the copy lands.
                 let (report, holds) = started.report_early(blocks);
                 let cqe = self.load_done(blocks, session, seg, req, Ok(report), t0);
-                let submitted = self.in_flight(session, req, target, Half::LoadReported(holds), t0);
-                if let Some(op) = session.in_flight.as_mut() {
+                let half = Half::LoadReported(holds);
+                let submitted = self.in_flight(session, qp, req, target, half, t0);
+                if let Some(op) = session.in_flight[qp].as_mut() {
                     op.early = Some(cqe);
                 }
                 submitted
             }
-            Ok(started) => self.in_flight(session, req, target, Half::Load(started), t0),
+            Ok(started) => self.in_flight(session, qp, req, target, Half::Load(started), t0),
             Err(e) => Submitted::Done(self.load_done(blocks, session, seg, req, Err(e), t0)),
         }
     }
@@ -1035,6 +1067,13 @@ impl DataPlane {
             .bytes_loaded
             .fetch_add(r.bytes, Ordering::Relaxed);
         self.counters.metrics.record_load(&r, blocks.block_bytes());
+        // Another queue pair may have reused `session.ops` while this LOAD was on the
+        // device: read its ops again from its own arena slice (only written back; the
+        // range was validated at submission).
+        session
+            .ops
+            .resize(req.count as usize, kvp_block_op::zeroed());
+        let _ = seg.read_bytes(req.arg_offset, ffi::slice_as_bytes_mut(&mut session.ops));
         for (i, op) in session.ops.iter_mut().enumerate() {
             op.tier = r.tiers.get(i).map_or(Tier::NONE_RAW, |t| t.raw()) as u8;
             op.status = 0;
@@ -1071,16 +1110,17 @@ impl DataPlane {
         )
     }
 
-    /// Parks a launched operation on the session until `poll` sees its event complete.
+    /// Parks a launched operation on its queue pair until `poll` sees its event complete.
     fn in_flight(
         &self,
         session: &mut SessionData,
+        qp: usize,
         req: &Request,
         target: EngineTarget,
         half: Half,
         t0: Instant,
     ) -> Submitted {
-        session.in_flight = Some(InFlight {
+        session.in_flight[qp] = Some(InFlight {
             req: *req,
             target,
             half,
@@ -1144,13 +1184,14 @@ impl DataPlane {
     }
 
     /// The session is gone (detached, killed or cut off): release what it held. An
-    /// operation still in flight (normally a session ends only after it lands; after a
-    /// panic it may not have) is waited for on the session's stream, which holds only the
-    /// daemon's own copies, and then given up.
+    /// operation still in flight (normally a session ends only after they land; after a
+    /// panic one may not have) is waited for on its queue pair's stream, which holds only
+    /// the daemon's own copies, and then given up.
     pub fn session_ended(&self, session: &mut SessionData) {
-        if let (Some(op), Some(blocks), Some(mover)) =
-            (session.in_flight.take(), &self.blocks, &self.mover)
-        {
+        let (Some(blocks), Some(mover)) = (&self.blocks, &self.mover) else {
+            return self.release_leases(session);
+        };
+        for op in session.in_flight.iter_mut().filter_map(Option::take) {
             if let Err(e) = mover.wait(op.target) {
                 tracing::warn!(session = session.id, error = %e, "waiting for an abandoned copy");
             }
@@ -1178,6 +1219,11 @@ impl DataPlane {
                 );
             }
         }
+        self.release_leases(session);
+    }
+
+    /// The session's leases, given back when it ends.
+    fn release_leases(&self, session: &SessionData) {
         if let Some(blocks) = &self.blocks {
             let released = blocks.release_session(session.id);
             self.counters

@@ -540,7 +540,13 @@ fn admit(
     } else {
         Some(import_kv_regions(shared, req, &namespaces)?)
     };
-    let data = SessionData::new(session_id, req.peer, namespaces, engine);
+    let data = SessionData::new(
+        session_id,
+        req.peer,
+        namespaces,
+        engine,
+        geometry.queue_pairs.len(),
+    );
     Ok(Admitted {
         seg,
         geometry,
@@ -595,7 +601,14 @@ fn import_kv_regions(
         .mapped
         .charge(host_bytes, cfg.mapped_bytes_limit(), &limits)
         .map_err(|e| (Status::NoSpace, e.to_string()))?;
-    EngineMemory::import(shared.dataplane.device(), &req.kv_regions, charge).map_err(|e| {
+    let queue_pairs = req.num_queue_pairs as usize;
+    EngineMemory::import(
+        shared.dataplane.device(),
+        &req.kv_regions,
+        queue_pairs,
+        charge,
+    )
+    .map_err(|e| {
         let status = match e {
             RegionError::Device(_) => Status::Internal,
             RegionError::NoGpu { .. } => Status::Unsupported,

@@ -283,19 +283,16 @@ struct Served {
     engine_pid: i32,
     id: u64,
     num_namespaces: u32,
-    /// Submissions taken from queue pair `stash_qp` (`stash[stash_at..stash_len]` not yet
-    /// served: an operation went to the I/O pool in the middle of the batch); served
-    /// first when it returns.
-    stash: Box<[kvp_sqe]>,
-    stash_len: usize,
-    stash_at: usize,
-    stash_qp: usize,
+    /// Submissions taken from each queue pair and not yet served (an operation went in
+    /// flight or to the I/O pool in the middle of the batch): served first, in order,
+    /// once that queue pair may go on.
+    stashes: Vec<Stash>,
     /// An operation is with the I/O executors (the session's data with it).
     out: bool,
-    /// The queue pair of the session's operation whose copy is on the device (its plan in
-    /// the session's data), polled each pass, and that operation's user_data.
-    in_flight_qp: Option<usize>,
-    in_flight_user_data: u64,
+    /// Bit q: queue pair q has an operation whose copy is on the device (its plan in the
+    /// session's data), polled each pass; `in_flight_user_data[q]` is its user_data.
+    in_flight: u32,
+    in_flight_user_data: Vec<u64>,
     /// A job the full I/O queue refused, retried each pass.
     parked: Option<IoJob>,
     /// Why the session ends, once known; it ends when nothing is out.
@@ -333,6 +330,7 @@ impl Served {
             .data
             .as_ref()
             .map_or(0, |d| d.namespaces.len() as u32);
+        let queue_pairs = qps.len();
         Ok(Served {
             qps,
             header,
@@ -346,13 +344,10 @@ impl Served {
             engine_pid: a.engine_pid,
             id: a.id,
             num_namespaces,
-            stash: vec![Pod::zeroed(); BATCH].into_boxed_slice(),
-            stash_len: 0,
-            stash_at: 0,
-            stash_qp: 0,
+            stashes: (0..queue_pairs).map(|_| Stash::default()).collect(),
             out: false,
-            in_flight_qp: None,
-            in_flight_user_data: 0,
+            in_flight: 0,
+            in_flight_user_data: vec![0; queue_pairs],
             parked: None,
             ending: None,
             hung_up: None,
@@ -365,28 +360,32 @@ impl Served {
         if !self.serving() {
             return false;
         }
-        if self.stash_at < self.stash_len {
-            return true;
-        }
-        self.qps.iter_mut().any(|q| q.can_take().unwrap_or(true))
+        let in_flight = self.in_flight;
+        self.qps
+            .iter_mut()
+            .zip(&self.stashes)
+            .enumerate()
+            .filter(|&(q, _)| in_flight & (1 << q) == 0)
+            .any(|(_, (qp, stash))| stash.pending() || qp.can_take().unwrap_or(true))
     }
 
-    /// Still taking submissions (not ending, socket open, nothing out or in flight).
+    /// Still taking submissions (not ending, socket open, nothing out); a queue pair
+    /// with an operation in flight takes none until it completes.
     fn serving(&self) -> bool {
-        self.ending.is_none() && self.hung_up.is_none() && !self.busy()
+        self.ending.is_none() && self.hung_up.is_none() && !self.out
     }
 
     /// An operation is out (I/O executors) or in flight (device): the session can end
-    /// only once it is back, since its plan holds slots and its copy our memory.
+    /// only once each is back, since its plan holds slots and its copy our memory.
     fn busy(&self) -> bool {
-        self.out || self.in_flight_qp.is_some()
+        self.out || self.in_flight != 0
     }
 
     /// Busy only with a SAVE waiting for its engine's event, which holds nothing: an
     /// ending session need not wait for that event (it may never complete).
     fn in_flight_holds_nothing(&self) -> bool {
         !self.out
-            && self.in_flight_qp.is_some()
+            && self.in_flight != 0
             && self
                 .guard
                 .data
@@ -401,7 +400,9 @@ impl Served {
         self.ending.is_none()
             && (self.parked.is_some()
                 || self.hung_up.is_some()
-                || (!self.busy() && self.qps.iter().any(|q| q.has_submissions())))
+                || (!self.out
+                    && (0..self.qps.len())
+                        .any(|q| self.in_flight & (1 << q) == 0 && self.qps[q].has_submissions())))
     }
 
     /// A hung-up socket's verdict once known: the engine exited (death), or the grace
@@ -433,6 +434,21 @@ impl Served {
         {
             self.ending = Some(End::EngineDied);
         }
+    }
+}
+
+/// Submissions taken from one queue pair, `entries[at..len]` not served yet. The buffer
+/// is allocated when the queue pair is first used (most engines use one or two).
+#[derive(Default)]
+struct Stash {
+    entries: Box<[kvp_sqe]>,
+    len: usize,
+    at: usize,
+}
+
+impl Stash {
+    fn pending(&self) -> bool {
+        self.at < self.len
     }
 }
 
@@ -496,9 +512,12 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
         }
         for (i, slot) in slots[..high].iter_mut().enumerate() {
             let Some(s) = slot else { continue };
-            if let Some(qp) = s.in_flight_qp {
-                let at = (i as u32, qp);
-                worked |= poll_in_flight(shared, s, at, io, &back, &mut scratch);
+            // The session's data (which holds the operations in flight) may be with an
+            // I/O executor: polled again once it is back.
+            for qp in 0..s.qps.len() {
+                if s.in_flight & (1 << qp) != 0 && !s.out {
+                    worked |= poll_in_flight(shared, s, (i as u32, qp), io, &back, &mut scratch);
+                }
             }
             if s.serving() {
                 worked |= serve(shared, s, i as u32, io, &back, &mut scratch);
@@ -558,7 +577,7 @@ fn sleep(me: &PoolThread, slots: &mut [Option<Served>], until_check: Duration) {
         s.bell_seq = bell.word().load(Ordering::Acquire);
         bell.sleeping_flag().store(1, Ordering::SeqCst);
         blocked |= s.blocked();
-        polling |= s.in_flight_qp.is_some();
+        polling |= s.in_flight != 0;
     }
     fence(Ordering::SeqCst);
     let ready = me.has_work() || slots.iter_mut().flatten().any(Served::ready);
@@ -619,37 +638,34 @@ fn serve(
         }
     }
     let mut worked = false;
-    if s.stash_at < s.stash_len {
-        worked = true;
-        let qp = s.stash_qp;
-        if let Err(end) = run_stash(shared, s, qp, slot, io, back, scratch) {
-            s.ending = Some(end);
-            return true;
-        }
-        if s.busy() || s.parked.is_some() {
-            return true;
-        }
-    }
     for qp in 0..s.qps.len() {
-        let n = match s.qps[qp].take(&mut s.stash) {
-            Ok(n) => n,
-            Err(e) => {
-                s.ending = Some(End::Violation(e));
-                return true;
+        if s.in_flight & (1 << qp) != 0 {
+            continue; // its next submissions wait for the one on the device
+        }
+        if !s.stashes[qp].pending() {
+            let stash = &mut s.stashes[qp];
+            if stash.entries.is_empty() {
+                // Once per queue pair and session, not per operation.
+                stash.entries = vec![Pod::zeroed(); BATCH].into_boxed_slice();
             }
-        };
-        if n == 0 {
-            continue;
+            let n = match s.qps[qp].take(&mut stash.entries) {
+                Ok(n) => n,
+                Err(e) => {
+                    s.ending = Some(End::Violation(e));
+                    return true;
+                }
+            };
+            if n == 0 {
+                continue;
+            }
+            (stash.len, stash.at) = (n, 0);
         }
         worked = true;
-        s.stash_len = n;
-        s.stash_at = 0;
-        s.stash_qp = qp;
         if let Err(end) = run_stash(shared, s, qp, slot, io, back, scratch) {
             s.ending = Some(end);
             return true;
         }
-        if s.busy() || s.parked.is_some() {
+        if s.out || s.parked.is_some() {
             return true;
         }
     }
@@ -670,9 +686,10 @@ fn run_stash(
     scratch.cqes.clear();
     let dp = &shared.dataplane;
     let mut handoff = None;
-    while s.stash_at < s.stash_len {
-        let sqe = s.stash[s.stash_at];
-        s.stash_at += 1;
+    while s.stashes[qp].pending() {
+        let stash = &mut s.stashes[qp];
+        let sqe = stash.entries[stash.at];
+        stash.at += 1;
         let q = &s.qps[qp];
         let cqe = match validate_sqe(&sqe, &q.geometry, s.num_namespaces) {
             // A NOP (liveness ping, the ring benchmark) is answered right here, outside
@@ -694,11 +711,11 @@ fn run_stash(
                 // An early completion (a LOAD whose engine waits on an IPC event) is posted
                 // at once, before its copy lands.
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    match dp.submit(data, &s.seg, &req) {
+                    match dp.submit(data, &s.seg, &req, qp) {
                         Submitted::Done(c) => (Some(c), Polled::Done(None)),
                         Submitted::InFlight => {
-                            let early = dp.take_early_completion(data);
-                            (early, dp.poll(data, &s.seg))
+                            let early = dp.take_early_completion(data, qp);
+                            (early, dp.poll(data, &s.seg, qp))
                         }
                     }
                 })) {
@@ -710,9 +727,10 @@ fn run_stash(
                                 continue;
                             }
                             Polled::InFlight => {
-                                // On the device: the rest of the stash waits for it.
-                                s.in_flight_qp = Some(qp);
-                                s.in_flight_user_data = req.user_data;
+                                // On the device: the rest of this queue pair's stash
+                                // waits for it.
+                                s.in_flight |= 1 << qp;
+                                s.in_flight_user_data[qp] = req.user_data;
                                 break;
                             }
                             Polled::HandOff(req) => {
@@ -787,12 +805,13 @@ fn poll_in_flight(
 ) -> bool {
     let dp = &shared.dataplane;
     let data = s.guard.data.as_mut().expect("held while in flight");
-    let cqe = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dp.poll(data, &s.seg)))
-    {
+    let polled =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dp.poll(data, &s.seg, qp)));
+    let cqe = match polled {
         Ok(Polled::Done(c)) => c,
         Ok(Polled::InFlight) => return false,
         Ok(Polled::HandOff(req)) => {
-            s.in_flight_qp = None;
+            s.in_flight &= !(1 << qp);
             hand_to_io(s, slot, qp, req, io, back);
             return true;
         }
@@ -801,20 +820,20 @@ fn poll_in_flight(
                 session = s.id,
                 "completing an operation panicked; ending the session"
             );
-            s.in_flight_qp = None;
+            s.in_flight &= !(1 << qp);
             s.ending.get_or_insert(End::Panicked);
             // Its completion, so the engine does not wait for it; what the operation
             // held is released when the session ends (`DataPlane::session_ended`).
             scratch.cqes.clear();
             scratch.cqes.push(completion(
-                s.in_flight_user_data,
+                s.in_flight_user_data[qp],
                 kvplane_ffi::Status::Internal,
             ));
             let _ = post(shared, s, qp, scratch);
             return true;
         }
     };
-    s.in_flight_qp = None;
+    s.in_flight &= !(1 << qp);
     scratch.cqes.clear();
     scratch.cqes.extend(cqe);
     let posted = post(shared, s, qp, scratch);

@@ -80,14 +80,27 @@ pub fn start_on(
 /// plane (a sealed memfd, also mapped here as the returned segment) and its layout
 /// attached.
 pub fn attach_with_kv(socket: &Path, namespace: &str) -> (Session, QueuePair, Segment) {
+    let (session, mut qps, kv) = attach_with_kv_qps(socket, namespace, 1);
+    (session, qps.remove(0), kv)
+}
+
+/// [`attach_with_kv`] with `queue_pairs` queue pairs (the layout attached through the
+/// first).
+pub fn attach_with_kv_qps(
+    socket: &Path,
+    namespace: &str,
+    queue_pairs: u32,
+) -> (Session, Vec<QueuePair>, Segment) {
     let bytes = LAYERS as u64 * 2 * PAGES * PAGE_BYTES;
     let fd = kvplane_shm::sys::memfd_create_sealed("kv", bytes).unwrap();
     let kv = Segment::map_fd(fd.try_clone().unwrap(), bytes).unwrap();
     let mut o = AttachOptions::new(socket);
     o.namespaces = vec![namespace.into()];
+    o.queue_pairs = queue_pairs;
     o.host_kv_buffer(fd, bytes);
     let mut session = Session::attach(o).expect("attach");
-    let mut qp = session.take_queue_pairs().unwrap().remove(0);
+    let mut qps = session.take_queue_pairs().unwrap();
+    let qp = &mut qps[0];
     let l = kvplane_kernels::layout::planes_per_layer(LAYERS as u32, 16, 1, 128, PAGES);
     assert_eq!(l.buffer_bytes, bytes);
     qp.write_arena(0, kvplane_ffi::as_bytes(&l)).unwrap();
@@ -95,7 +108,7 @@ pub fn attach_with_kv(socket: &Path, namespace: &str) -> (Session, QueuePair, Se
     s.arg_len = std::mem::size_of::<kvp_kv_layout>() as u32;
     let c = qp.call(s, Duration::from_secs(10)).expect("layout");
     assert_eq!(c.status, Status::Ok.raw(), "layout: {c:?}");
-    (session, qp, kv)
+    (session, qps, kv)
 }
 
 /// Checks the NOP round trips another session got while one session's operation was held
