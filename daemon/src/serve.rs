@@ -73,6 +73,13 @@ pub fn run(args: ServeArgs) -> ServeResult {
     };
     let blocks = Arc::new(BlockManager::new(&config.blocks, &config.tiers, options)?);
     let pool = blocks.host_pool().report();
+    let tiers = blocks.stats().tiers;
+    let has_nvme = tiers
+        .iter()
+        .any(|t| t.tier == crate::tier::Tier::Nvme && t.capacity_slots > 0);
+    if blocks.has_g1() && has_nvme {
+        tracing::info!(path = %device.nvme_g1_path, "NVMe <-> G1");
+    }
     tracing::info!(
         block_bytes = config.blocks.block_bytes,
         host_pool_bytes = pool.bytes,

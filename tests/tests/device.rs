@@ -14,7 +14,7 @@ use kvplane_daemon::config::BackendSetting;
 use kvplane_shm::{AttachOptions, Session};
 use kvplane_tests::{
     DaemonProc, control_addr, http_get, kvplane_bin, serve_until_exit, small_config, stats,
-    status_json, temp_dir, with_ephemeral_metrics,
+    status_json, temp_dir, with_ephemeral_metrics, with_nvme,
 };
 
 /// What one running daemon reports about its device, from every place that reports it.
@@ -36,6 +36,9 @@ fn start(dir: &Path, backend: BackendSetting) -> DaemonProc {
     let cfg = small_config(dir, |c| {
         c.device.backend = backend;
         with_ephemeral_metrics(c);
+        // G1 and NVMe, so the start-up log says how blocks travel between them.
+        c.tiers.hbm.capacity_bytes = 1 << 20;
+        with_nvme(c, &dir.join("g3.kvp"), 8 << 20);
     });
     DaemonProc::start(dir, &["--config", cfg.to_str().unwrap()])
 }
@@ -109,6 +112,15 @@ fn host_backend_is_reported_as_host_everywhere() {
         r.status
     );
     assert!(!r.table.contains("because"), "{}", r.table);
+    // NVMe <-> G1 goes through the pinned host tier: the start-up log and `/status` say
+    // so.
+    let path = r.status["device"]["nvme_g1_path"].as_str().unwrap();
+    assert!(path.starts_with("through the pinned host tier"), "{path}");
+    assert!(
+        r.log.contains("NVMe <-> G1") && r.log.contains(path),
+        "{}",
+        r.log
+    );
     assert!(daemon.terminate(Duration::from_secs(10)));
 }
 

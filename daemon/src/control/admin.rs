@@ -688,6 +688,10 @@ pub struct DeviceStatus {
     pub gpus: Vec<GpuStatus>,
     /// Why `gpus` is empty, e.g. "no NVIDIA driver (...)".
     pub gpu_note: Option<String>,
+    /// How blocks travel between the NVMe tier and G1 (through the pinned host tier;
+    /// whether cuFile would be available here).
+    #[serde(default)]
+    pub nvme_g1_path: String,
 }
 
 impl DeviceStatus {
@@ -705,6 +709,7 @@ impl DeviceStatus {
             describe: d.device.describe(),
             gpus,
             gpu_note,
+            nvme_g1_path: d.nvme_g1_path.clone(),
         }
     }
 }

@@ -477,6 +477,7 @@ mod tests {
             describe: "host backend".into(),
             gpus: Vec::new(),
             gpu_note: Some("no NVIDIA driver".into()),
+            nvme_g1_path: crate::device::nvme_g1_path(kvplane_cuda::BackendKind::Host),
         }
     }
 

@@ -212,6 +212,9 @@ pub fn render(s: &StatusReport) -> String {
     if let Some(reason) = &d.fallback_reason {
         o += &format!("  {} backend because: {reason}\n", d.backend);
     }
+    if !d.nvme_g1_path.is_empty() {
+        o += &format!("  NVMe <-> G1: {}\n", d.nvme_g1_path);
+    }
     o += &format!(
         "block {} KiB, {} blocks stored; lookups: {} hits, {} misses, hit rate {}\n\n",
         s.block_bytes / 1024,
@@ -403,8 +406,15 @@ mod tests {
                 "memory_total_bytes": 150_000_000_000u64, "pci_bus_id": "00000000:19:00.0",
                 "pcie_link_gen": 5, "pcie_link_width": 16, "nvlink_peers": []}],
             "gpu_note": null,
+            "nvme_g1_path": "through the pinned host tier, MACs checked on the CPU",
         })));
         assert!(cuda.contains("backend: cuda  socket"), "{cuda}");
+        assert!(
+            cuda.contains(
+                "\n  NVMe <-> G1: through the pinned host tier, MACs checked on the CPU\n"
+            ),
+            "{cuda}"
+        );
         assert!(
             cuda.contains(
                 "device: cuda backend: NVIDIA H200 (sm_90, 139.8 GiB)  ([device] backend = \"cuda\", ordinal 1)\n"
