@@ -116,6 +116,57 @@ fn events_are_refused_on_the_host_backend_and_unknown_ones_are_bad_args() {
     daemon.shutdown();
 }
 
+/// Each open is driver work: an engine that re-registers its events in a loop gets BUSY,
+/// with how many milliseconds until the call would be admitted, once past its burst;
+/// another engine's registration is not affected.
+#[test]
+fn registering_events_in_a_loop_is_refused_past_the_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(HostDevice::new().with_ipc_events_for_tests());
+    let (daemon, _) = common::start_on(config(dir.path()), None, device);
+    let socket = daemon.socket_path().to_path_buf();
+    let (_a, mut qa, _kva) = common::attach_with_kv(&socket, NAMESPACE);
+    let (_b, mut qb, _kvb) = common::attach_with_kv(&socket, NAMESPACE);
+    let full: Vec<kvp_ipc_event> = (0..kvplane_ffi::MAX_IPC_EVENTS as u8)
+        .map(|i| event(TEST_GPU_UUID, i, 0))
+        .collect();
+    let burst = kvplane_daemon::dataplane::EVENT_OPEN_BURST as usize / full.len();
+    let t0 = Instant::now();
+    for call in 0..burst {
+        let c = register(&mut qa, &full);
+        assert_eq!(
+            c.status,
+            Status::Ok.raw(),
+            "call {call} of the burst: {c:?}"
+        );
+    }
+    let c = register(&mut qa, &full);
+    let within = t0.elapsed();
+    assert_eq!(
+        c.status,
+        Status::Busy.raw(),
+        "past the burst after {within:?}: {c:?}"
+    );
+    assert!(
+        (1..=1000).contains(&c.detail),
+        "detail: ms until admitted (a second's worth of opens), got {}",
+        c.detail
+    );
+    // The events registered before stay usable: a SAVE naming one goes through.
+    let s = block_sqe(&mut qa, Opcode::Save, 7, &[0x7], 0, 1);
+    assert_eq!(
+        qa.call(s, Duration::from_secs(10)).unwrap().status,
+        Status::Ok.raw()
+    );
+    // Another session has its own budget.
+    assert_eq!(register(&mut qb, &full).status, Status::Ok.raw());
+    // Once the wait has passed, the call is admitted.
+    std::thread::sleep(Duration::from_millis(u64::from(c.detail) + 20));
+    assert_eq!(register(&mut qa, &full).status, Status::Ok.raw());
+    drop((qa, qb));
+    daemon.shutdown();
+}
+
 #[test]
 fn a_load_signalling_an_engine_event_completes_when_queued_and_holds_its_blocks_until_it_lands() {
     let dir = tempfile::tempdir().unwrap();

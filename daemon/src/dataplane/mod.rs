@@ -97,6 +97,39 @@ pub struct SessionData {
     /// pair and user_data): served there without querying the event again, so an engine
     /// that records it anew cannot make an executor wait.
     engine_ready_for: Option<(usize, u64)>,
+    /// How fast the engine may open IPC events (KVP_OP_REGISTER_EVENTS).
+    event_opens: OpenRate,
+}
+
+/// IPC event opens a session may make in a burst, and per second after that: each is
+/// driver work (`cuIpcOpenEventHandle`), so an engine that re-registers in a loop gets
+/// BUSY rather than keeping the driver busy for everyone. An engine registers its events
+/// once (again after a CUDA graph is recaptured, say): far below either.
+pub const EVENT_OPEN_BURST: u32 = 4 * ffi::MAX_IPC_EVENTS as u32;
+pub const EVENT_OPENS_PER_S: u32 = ffi::MAX_IPC_EVENTS as u32;
+
+/// A rate limit as a virtual schedule (GCRA): each open moves `due` one interval later;
+/// a call is admitted while `due` stays within the burst of now.
+#[derive(Debug, Default)]
+struct OpenRate {
+    /// When the opens admitted so far would have been paid for; None: never used.
+    due: Option<Instant>,
+}
+
+impl OpenRate {
+    const INTERVAL: std::time::Duration =
+        std::time::Duration::from_micros(1_000_000 / EVENT_OPENS_PER_S as u64);
+
+    /// Admits `opens` at `now`, or says how long until it would be.
+    fn admit(&mut self, opens: u32, now: Instant) -> Result<(), std::time::Duration> {
+        let due = self.due.map_or(now, |d| d.max(now)) + Self::INTERVAL * opens;
+        let limit = now + Self::INTERVAL * EVENT_OPEN_BURST;
+        if due > limit {
+            return Err(due - limit);
+        }
+        self.due = Some(due);
+        Ok(())
+    }
 }
 
 impl SessionData {
@@ -122,6 +155,7 @@ impl SessionData {
             in_flight: (0..queue_pairs.max(1)).map(|_| None).collect(),
             device_fault: None,
             engine_ready_for: None,
+            event_opens: OpenRate::default(),
         }
     }
 
@@ -646,7 +680,9 @@ impl DataPlane {
 
     /// KVP_OP_REGISTER_EVENTS: opens the engine's IPC events on the device, replacing the
     /// set before (or releasing it: count 0). BadArg with detail 1 when the session has no
-    /// KV memory, else the refused event's index; Unsupported on the host backend.
+    /// KV memory, else the refused event's index; Unsupported on the host backend; Busy
+    /// past the session's rate of opens (`EVENT_OPEN_BURST`, `EVENT_OPENS_PER_S`), detail
+    /// the milliseconds until the call would be admitted.
     fn register_events(&self, session: &mut SessionData, seg: &Segment, req: &Request) -> kvp_cqe {
         let fail = |status, detail| done(req.user_data, status, 0, 0, 0, detail);
         let mut events = [ffi::kvp_ipc_event::zeroed(); ffi::MAX_IPC_EVENTS];
@@ -660,6 +696,18 @@ impl DataPlane {
         let Some(engine) = session.engine.as_mut() else {
             return fail(Status::BadArg, 1);
         };
+        if let Err(wait) = session
+            .event_opens
+            .admit(events.len() as u32, Instant::now())
+        {
+            tracing::debug!(
+                session = session.id,
+                wait_ms = wait.as_millis() as u64,
+                "IPC event opens over the rate"
+            );
+            let wait_ms = wait.as_millis().clamp(1, u32::MAX as u128) as u32;
+            return fail(Status::Busy, wait_ms);
+        }
         match engine.register_events(events) {
             Ok(()) => done(req.user_data, Status::Ok, events.len(), 0, 0, 0),
             Err(e) => {
@@ -1243,4 +1291,32 @@ impl DataPlane {
 /// Human name of a status, for logs.
 pub fn status_name(raw: i32) -> &'static str {
     ffi::Status::from_raw(raw).map_or("unknown", |s| s.name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A burst of `EVENT_OPEN_BURST` opens goes through, the next one waits an interval,
+    /// and after a second `EVENT_OPENS_PER_S` more go through.
+    #[test]
+    fn event_opens_are_rate_limited_after_a_burst() {
+        let t0 = Instant::now();
+        let mut rate = OpenRate::default();
+        let per_call = ffi::MAX_IPC_EVENTS as u32;
+        for call in 0..EVENT_OPEN_BURST / per_call {
+            assert_eq!(rate.admit(per_call, t0), Ok(()), "call {call} of the burst");
+        }
+        let wait = rate.admit(1, t0).unwrap_err();
+        assert_eq!(wait, OpenRate::INTERVAL, "one open past the burst");
+        assert_eq!(rate.admit(0, t0), Ok(()), "releasing opens nothing");
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(rate.admit(EVENT_OPENS_PER_S, later), Ok(()));
+        assert!(rate.admit(1, later).is_err(), "the second's worth is used");
+        // Idle for longer than the burst takes: the whole burst again, not more.
+        let idle = later + Duration::from_secs(60);
+        assert_eq!(rate.admit(EVENT_OPEN_BURST, idle), Ok(()));
+        assert!(rate.admit(1, idle).is_err());
+    }
 }
