@@ -69,6 +69,10 @@ fn short_soak_verifies_blocks_and_loses_none() {
     }
     assert!(num(&v, &["ceiling", "ops_per_s"]) > 0.0);
     assert!(num(&v, &["ratio_to_ceiling"]) > 0.0);
+    // The block work alone, measured in the same run: it moved and verified blocks.
+    assert!(num(&v, &["block_work", "ops_per_s"]) > 0.0, "{v}");
+    assert!(num(&v, &["block_work", "blocks_verified"]) > 0.0, "{v}");
+    assert!(num(&v, &["ratio_to_block_work"]) > 0.0, "{v}");
     // Both tiers took part: the host tier demoted blocks to NVMe, nothing was removed
     // without a lower copy, and the daemon shut down cleanly.
     assert_eq!(num(&v, &["daemon_removed_without_copy"]), 0.0, "{v}");

@@ -37,6 +37,15 @@
 //! driver threads: NOP round trips per second (ring + daemon dispatch with no block work).
 //! `ratio_to_ceiling` is the mixed workload's ops/s over that.
 //!
+//! That ceiling is no longer one the mix can approach: one polling thread answers
+//! millions of NOPs a second, and the mix moves about 90 KB of verified block data per
+//! op. So the run also measures, before the daemon starts, the **block work** itself: the
+//! same seeded mix (same op kinds, chains, flags, pattern fill and byte-for-byte check)
+//! run by `threads` threads in this process straight on the daemon library (block
+//! manager, host tier, mover, NVMe engine of the same config, on a file of its own; no
+//! rings, sessions or data-plane threads). `ratio_to_block_work` is the mixed workload's
+//! ops/s over that: what serving the work to 64 sessions through rings costs.
+//!
 //! NOP latency under load: during the mixed phase one more session (a probe, not counted
 //! in the mix's ops) sends one NOP at a time, a millisecond apart, and times each round
 //! trip: what an engine's liveness ping or cheap call waits while the daemon is busy.
@@ -1231,11 +1240,15 @@ pub struct SoakReport {
     pub mix: &'static str,
     pub seconds: f64,
     pub ceiling: CeilingReport,
+    /// The same mix done in this process on the daemon library, no sessions.
+    pub block_work: BlockWorkReport,
     pub nop_under_load: NopUnderLoadReport,
     pub ops: u64,
     pub ops_per_s: f64,
     /// ops_per_s / ceiling.ops_per_s.
     pub ratio_to_ceiling: f64,
+    /// ops_per_s / block_work.ops_per_s.
+    pub ratio_to_block_work: f64,
     /// Bytes saved + loaded per second.
     pub data_bytes_per_s: f64,
     pub by_op: BTreeMap<&'static str, KindReport>,
@@ -1281,6 +1294,164 @@ pub struct SoakReport {
     pub daemon_status: Option<StatusReport>,
     pub passed: bool,
     pub failures: Vec<String>,
+}
+
+/// The mix's block work done in this process, no daemon (see the module docs).
+#[derive(Clone, Debug, Serialize)]
+pub struct BlockWorkReport {
+    pub what: &'static str,
+    pub threads: u32,
+    pub seconds: f64,
+    pub ops: u64,
+    pub ops_per_s: f64,
+    pub data_bytes_per_s: f64,
+    pub blocks_verified: u64,
+}
+
+const BLOCK_WORK: &str = "the mix's op kinds, chains, flags, fill and byte-for-byte check, run by the driver threads in this process on the daemon library (block manager, host tier, mover, NVMe engine of the same config on a file of its own), no rings, sessions or data-plane threads; measured before the daemon starts, after as long again uncounted to fill the tiers";
+
+/// Runs the mix's block work for `seconds` on `threads` threads straight on the daemon
+/// library built from `cfg` (its NVMe tier moved to `nvme_path`), no daemon.
+fn block_work(
+    o: &SoakOptions,
+    cfg: &Config,
+    nvme_path: &Path,
+    threads: usize,
+    seconds: f64,
+) -> Result<BlockWorkReport, SoakError> {
+    use kvplane_daemon::block::{BlockManager, ManagerOptions};
+    use kvplane_daemon::dataplane::transfer::LocalBlocks;
+    let mut tiers = cfg.tiers.clone();
+    tiers.nvme.paths = vec![nvme_path.to_path_buf()];
+    let daemon_err = |reason: String| SoakError::Daemon {
+        reason,
+        log: nvme_path.to_path_buf(),
+        tail: String::new(),
+    };
+    let manager = BlockManager::new(&cfg.blocks, &tiers, ManagerOptions::default())
+        .map_err(|e| daemon_err(format!("block work: the daemon library: {e}")))?;
+    let local = LocalBlocks::new(manager)
+        .map_err(|e| daemon_err(format!("block work: the device: {e}")))?;
+    let universe = Universe::new(o);
+    let ids: Vec<u32> = (0..o.namespaces)
+        .map(|ns| kvplane_daemon::dataplane::namespace_id(&namespace_name(ns)))
+        .collect();
+    // As long again before counting, so the tiers hold what a running mix finds in them
+    // (LOADs of a cold start miss and cost nothing).
+    let t0 = Instant::now() + Duration::from_secs_f64(seconds);
+    let deadline = t0 + Duration::from_secs_f64(seconds);
+    let totals = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (local, universe, ids) = (&local, &universe, &ids);
+                scope.spawn(move || {
+                    let mut rng = Rng(splitmix(o.seed ^ 0xB10C_0000 ^ t as u64));
+                    let (mut ops, mut bytes, mut verified, mut bad) = (0u64, 0u64, 0u64, 0u64);
+                    let mut chain_buf = Vec::with_capacity(o.chain_blocks as usize);
+                    let mut tiers_buf = vec![None; o.chain_blocks as usize];
+                    loop {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            break;
+                        }
+                        if now < t0 {
+                            (ops, bytes, verified) = (0, 0, 0);
+                        }
+                        let ns = rng.below(u64::from(o.namespaces)) as u32;
+                        let hot = (universe.sequences / 5).max(1);
+                        let seq = if rng.below(100) < 80 {
+                            rng.below(u64::from(hot)) as u32
+                        } else {
+                            rng.below(u64::from(universe.sequences)) as u32
+                        };
+                        let roll = rng.below(100);
+                        let len = 1 + rng.below(u64::from(o.chain_blocks)) as u32;
+                        let flags_roll = rng.below(100);
+                        let drop_from = rng.below(u64::from(o.chain_blocks)) as u32;
+                        let first = universe.index(ns, seq, 0);
+                        let hashes = &universe.hashes[first..first + o.chain_blocks as usize];
+                        let id = ids[ns as usize];
+                        match roll {
+                            0..30 => {
+                                chain_buf.clear();
+                                chain_buf.extend(
+                                    (0..len as usize)
+                                        .map(|j| (hashes[j], (j > 0).then(|| hashes[j - 1]))),
+                                );
+                                let r = local.save_with(
+                                    id,
+                                    &chain_buf,
+                                    u8::from((10..20).contains(&flags_roll)),
+                                    flags_roll < 10,
+                                    |i, buf: &mut [u8]| {
+                                        fill_pattern(pattern_key(ns, hashes[i]), 0, buf);
+                                        Ok::<(), std::io::Error>(())
+                                    },
+                                );
+                                if let Ok(r) = r {
+                                    bytes += r.stored as u64 * o.block_bytes as u64;
+                                }
+                            }
+                            30..65 => {
+                                let r = local.load_with(
+                                    id,
+                                    &hashes[..len as usize],
+                                    |i, data: &[u8]| {
+                                        if check_pattern(pattern_key(ns, hashes[i]), 0, data)
+                                            .is_some()
+                                        {
+                                            bad += 1;
+                                        }
+                                        Ok::<(), std::io::Error>(())
+                                    },
+                                );
+                                if let Ok(r) = r {
+                                    bytes += r.bytes;
+                                    verified += r.loaded as u64;
+                                }
+                            }
+                            65..95 => {
+                                local.blocks.lookup(
+                                    id,
+                                    &hashes[..len as usize],
+                                    &mut tiers_buf[..len as usize],
+                                );
+                            }
+                            _ => {
+                                local.drop_blocks(id, &hashes[drop_from as usize..]);
+                            }
+                        }
+                        ops += 1;
+                    }
+                    (ops, bytes, verified, bad)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or((0, 0, 0, 1)))
+            .fold((0, 0, 0, 0), |a, b| {
+                (a.0 + b.0, a.1 + b.1, a.2 + b.2, a.3 + b.3)
+            })
+    });
+    let elapsed = t0.elapsed().as_secs_f64();
+    drop(local);
+    let _ = std::fs::remove_file(nvme_path);
+    let (ops, bytes, verified, bad) = totals;
+    if bad > 0 {
+        return Err(daemon_err(format!(
+            "block work: {bad} blocks read back wrong from the daemon library"
+        )));
+    }
+    Ok(BlockWorkReport {
+        what: BLOCK_WORK,
+        threads: threads as u32,
+        seconds: (elapsed * 100.0).round() / 100.0,
+        ops,
+        ops_per_s: (ops as f64 / elapsed).round(),
+        data_bytes_per_s: (bytes as f64 / elapsed).round(),
+        blocks_verified: verified,
+    })
 }
 
 /// NOP round trips of the probe session during the mixed phase.
@@ -1329,6 +1500,15 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
         .uid();
     let port = free_loopback_port();
     let (cfg, host_blocks, nvme_blocks) = daemon_config(o, dir, uid, port);
+    // The block work alone first, while nothing else runs (the ceiling phase's length).
+    let threads = o.threads.min(o.sessions) as usize;
+    let block_work = block_work(
+        o,
+        &cfg,
+        &dir.join("block-work.slots"),
+        threads,
+        o.ceiling_seconds.max(1.0),
+    )?;
     let mut daemon = ServeChild::start(
         &o.exe,
         &dir.join("kvplane.toml"),
@@ -1376,7 +1556,6 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
 
     let universe = Universe::new(o);
     let live = Live::default();
-    let threads = o.threads.min(o.sessions) as usize;
     let region_bytes = o.block_bytes / (LAYERS * PLANES);
     let mut drivers: Vec<Driver> = (0..threads)
         .map(|_| Driver {
@@ -1669,6 +1848,8 @@ pub fn run(o: &SoakOptions) -> Result<SoakReport, SoakError> {
         mix: MIX,
         seconds: (soak_s * 100.0).round() / 100.0,
         ceiling,
+        ratio_to_block_work: (ops_per_s / block_work.ops_per_s.max(1e-9) * 1000.0).round() / 1000.0,
+        block_work,
         nop_under_load,
         ops,
         ops_per_s: ops_per_s.round(),

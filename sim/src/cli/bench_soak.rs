@@ -139,6 +139,14 @@ pub fn render(r: &SoakReport) -> String {
         "ceiling: {:.0} NOP round trips/s on the same sessions (p50 {:.1} us, p99 {:.1} us); soak / ceiling = {:.3}",
         r.ceiling.ops_per_s, r.ceiling.p50_us, r.ceiling.p99_us, r.ratio_to_ceiling
     );
+    let _ = writeln!(
+        s,
+        "block work: {:.0} ops/s, {:.1} MB/s, the same mix on the daemon library in this process ({} threads, no sessions); soak / block work = {:.3}",
+        r.block_work.ops_per_s,
+        r.block_work.data_bytes_per_s / 1e6,
+        r.block_work.threads,
+        r.ratio_to_block_work
+    );
     let n = &r.nop_under_load;
     let _ = writeln!(
         s,
