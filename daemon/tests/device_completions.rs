@@ -239,20 +239,38 @@ fn a_second_queue_pair_is_served_while_the_first_has_a_copy_in_flight() {
         lookup_took < DELAY / 2,
         "the LOOKUP on queue pair 0 waited {lookup_took:?} for queue pair 1's copy"
     );
+    // What a copy in flight uses is not replaced under it: ATTACH_LAYOUT and
+    // REGISTER_EVENTS answer BUSY while another queue pair has one.
+    let mut s = client::sqe(Opcode::RegisterEvents, 40);
+    s.count = 0;
+    let c = q0.call(s, Duration::from_secs(10)).unwrap();
+    assert_eq!((c.user_data, c.status), (40, Status::Busy.raw()), "{c:?}");
+    let mut s = client::sqe(Opcode::AttachLayout, 41);
+    s.arg_len = std::mem::size_of::<kvplane_ffi::kvp_kv_layout>() as u32;
+    let c = q0.call(s, Duration::from_secs(10)).unwrap();
+    assert_eq!((c.user_data, c.status), (41, Status::Busy.raw()), "{c:?}");
     // ... and a SAVE of two more blocks (pages 2 and 3) runs beside the LOAD.
     let save = common::chain_sqe(&mut q0, Opcode::Save, 2, &fresh, 2);
     let t0 = Instant::now();
     assert_eq!(q0.submit(&[save]).unwrap(), 1);
     let loaded = collect(&mut q1, 1, std::thread::yield_now);
     let (load_cqe, load_at) = loaded[0];
-    assert_eq!(load_cqe.status, Status::Ok.raw(), "LOAD: {load_cqe:?}");
+    assert_eq!(
+        (load_cqe.user_data, load_cqe.status),
+        (3, Status::Ok.raw()),
+        "LOAD: {load_cqe:?}"
+    );
     assert!(
         load_at - t1 >= DELAY,
         "the LOAD completed before its copy landed"
     );
     let saved = collect(&mut q0, 1, std::thread::yield_now);
     let (save_cqe, save_at) = saved[0];
-    assert_eq!(save_cqe.status, Status::Ok.raw(), "SAVE: {save_cqe:?}");
+    assert_eq!(
+        (save_cqe.user_data, save_cqe.status),
+        (2, Status::Ok.raw()),
+        "SAVE: {save_cqe:?}"
+    );
     assert!(
         save_at - t0 >= DELAY,
         "the SAVE completed before its copy landed"

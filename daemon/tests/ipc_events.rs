@@ -64,6 +64,29 @@ fn block_sqe(
     s
 }
 
+/// A daemon with an NVMe tier (its SAVEs run on the I/O executors), one data-plane
+/// thread and one executor, on a host device that opens test events, engine events given
+/// up after `timeout_ms`; `change` edits the config, `plan` injects NVMe faults.
+fn nvme_daemon_with_events(
+    dir: &Path,
+    timeout_ms: u64,
+    change: impl FnOnce(&mut kvplane_daemon::config::Config),
+    plan: Option<Arc<kvplane_daemon::tier::nvme::engine::FaultPlan>>,
+) -> (
+    kvplane_daemon::session::Daemon,
+    Arc<kvplane_daemon::block::BlockManager>,
+) {
+    let device = Arc::new(
+        HostDevice::with_launch(kvplane_kernels::HostLaunch::default()).with_ipc_events_for_tests(),
+    );
+    let mut cfg = common::config(dir, EngineKind::Sync);
+    cfg.serve.dataplane_threads = 1;
+    cfg.serve.io_threads = 1;
+    cfg.serve.engine_event_timeout_ms = timeout_ms;
+    change(&mut cfg);
+    common::start_on(cfg, plan, device)
+}
+
 fn next(qp: &mut QueuePair) -> (kvp_cqe, Instant) {
     let t0 = Instant::now();
     let mut c = [Pod::zeroed(); 1];
@@ -432,14 +455,7 @@ fn a_save_waiting_for_its_engine_event_ties_up_no_io_executor() {
     const ENGINE_MS: u64 = 200;
     const TIMEOUT_MS: u64 = 3000;
     let dir = tempfile::tempdir().unwrap();
-    let device = Arc::new(
-        HostDevice::with_launch(kvplane_kernels::HostLaunch::default()).with_ipc_events_for_tests(),
-    );
-    let mut cfg = common::config(dir.path(), EngineKind::Sync);
-    cfg.serve.dataplane_threads = 1;
-    cfg.serve.io_threads = 1;
-    cfg.serve.engine_event_timeout_ms = TIMEOUT_MS;
-    let (daemon, blocks) = common::start_on(cfg, None, device);
+    let (daemon, blocks) = nvme_daemon_with_events(dir.path(), TIMEOUT_MS, |_| {}, None);
     let socket = daemon.socket_path().to_path_buf();
     let (_a, mut qa, _kv_a) = common::attach_with_kv(&socket, NAMESPACE);
     let (_b, mut qb, _kv_b) = common::attach_with_kv(&socket, NAMESPACE);
@@ -489,5 +505,84 @@ fn a_save_waiting_for_its_engine_event_ties_up_no_io_executor() {
     assert!(t1.elapsed() >= Duration::from_millis(TIMEOUT_MS));
     blocks.check_invariants().unwrap();
     drop((qa, qb));
+    daemon.shutdown();
+}
+
+/// A SAVE whose engine event has completed goes to the I/O executors; when their queue
+/// is full it is parked, and the job carries the session's data. The session's other
+/// queue pair meanwhile has a SAVE in flight waiting for its own event: it is polled
+/// only once the data is home again, and answered at its deadline. Before, the
+/// data-plane thread polled it with the data away and its thread died (every session on
+/// it stopped being served).
+#[test]
+fn an_operation_in_flight_beside_a_parked_io_job_waits_for_the_data_to_come_home() {
+    const STALL_MS: u32 = 600;
+    const ENGINE_MS: u64 = 100;
+    const TIMEOUT_MS: u64 = 3000;
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, blocks) = nvme_daemon_with_events(
+        dir.path(),
+        TIMEOUT_MS,
+        |c| c.serve.io_queue = 1,
+        Some(common::stalled_writes(STALL_MS)),
+    );
+    let socket = daemon.socket_path().to_path_buf();
+    let (_a, mut qps, _kv_a) = common::attach_with_kv_qps(&socket, NAMESPACE, 2);
+    let mut qa1 = qps.pop().unwrap();
+    let mut qa0 = qps.pop().unwrap();
+    let (_b, mut qb, _kv_b) = common::attach_with_kv(&socket, NAMESPACE);
+    let (_c, mut qc, _kv_c) = common::attach_with_kv(&socket, NAMESPACE);
+
+    // B's write-through SAVE stalls the one executor; C's fills its queue of one.
+    for (q, ud, h) in [(&mut qb, 20u64, 0xB0_0001u64), (&mut qc, 30, 0xC0_0001)] {
+        let mut s = block_sqe(q, Opcode::Save, ud, &[h], 0, 0);
+        s.flags = kvplane_ffi::SQE_F_WRITE_THROUGH;
+        assert_eq!(q.submit(&[s]).unwrap(), 1);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    // A: event 1 completes ENGINE_MS after registration, event 2 never.
+    let c = register(
+        &mut qa0,
+        &[
+            event(TEST_GPU_UUID, 1, ENGINE_MS),
+            event(TEST_GPU_UUID, 2, u64::MAX),
+        ],
+    );
+    assert_eq!(c.status, Status::Ok.raw(), "{c:?}");
+    let t0 = Instant::now();
+    // Queue pair 1 waits for event 2 (in flight, holding nothing); queue pair 0's SAVE
+    // waits for event 1, then goes to the executors, whose queue is full: parked.
+    let s = block_sqe(&mut qa1, Opcode::Save, 2, &[0xA1_0001], 1, 2);
+    assert_eq!(qa1.submit(&[s]).unwrap(), 1);
+    let s = block_sqe(&mut qa0, Opcode::Save, 1, &[0xA0_0001], 0, 1);
+    assert_eq!(qa0.submit(&[s]).unwrap(), 1);
+
+    for (q, ud) in [(&mut qb, 20u64), (&mut qc, 30)] {
+        let (c, _) = next(q);
+        assert_eq!((c.user_data, c.status), (ud, Status::Ok.raw()), "{c:?}");
+    }
+    let (c, _) = next(&mut qa0);
+    assert_eq!(
+        (c.user_data, c.status, c.blocks),
+        (1, Status::Ok.raw(), 1),
+        "{c:?}"
+    );
+    let (c, at) = next(&mut qa1);
+    assert_eq!(
+        (c.user_data, c.status, c.detail),
+        (2, Status::Busy.raw(), kvplane_ffi::DETAIL_BAD_EVENT),
+        "{c:?}"
+    );
+    assert!(
+        at - t0 >= Duration::from_millis(TIMEOUT_MS),
+        "answered at its deadline"
+    );
+    // The data-plane thread still serves everyone.
+    let c = qb
+        .call(client::sqe(Opcode::Nop, 99), Duration::from_secs(5))
+        .expect("a NOP after it all");
+    assert_eq!(c.status, Status::Ok.raw());
+    blocks.check_invariants().unwrap();
+    drop((qa0, qa1, qb, qc));
     daemon.shutdown();
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use kvplane_daemon::session::Daemon;
 use kvplane_daemon::tier::nvme::EngineKind;
-use kvplane_daemon::tier::nvme::engine::{FaultEffect, FaultPlan, FaultRule, IoKind};
+use kvplane_daemon::tier::nvme::engine::FaultPlan;
 use kvplane_ffi::{Opcode, Pod, SQE_F_WRITE_THROUGH, Status, kvp_block_op};
 use kvplane_shm::{AttachOptions, QueuePair, Segment, Session, ShmError, client};
 
@@ -42,13 +42,7 @@ fn attach_with_kv(socket: &Path) -> (Session, QueuePair, Segment) {
 #[test]
 fn a_stalled_nvme_write_does_not_delay_another_sessions_nops_on_the_same_thread() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = Arc::new(FaultPlan::default());
-    plan.add(FaultRule {
-        kind: Some(IoKind::Write),
-        skip: 0,
-        count: u64::MAX,
-        effect: FaultEffect::Delay { ms: STALL_MS },
-    });
+    let plan = common::stalled_writes(STALL_MS);
     let daemon = start(dir.path(), plan.clone());
     let socket = daemon.socket_path().to_path_buf();
     let (_a, mut qa, kv) = attach_with_kv(&socket);

@@ -117,8 +117,10 @@ enum kvp_opcode {
     KVP_OP_REGISTER_EVENTS = 10, /* arg: kvp_ipc_event[count] (count 0..KVP_MAX_IPC_EVENTS):
                                   * the session's CUDA IPC events, replacing those before;
                                   * SAVE and LOAD name them in param0. KVP_E_BUSY past
-                                  * 256 opens in a burst, then 64 per second; detail: ms
-                                  * until the call would be admitted */
+                                  * 256 opens in a burst, then 64 per second (detail: ms
+                                  * until the call would be admitted), and (detail 0, as
+                                  * ATTACH_LAYOUT) while another queue pair of the session
+                                  * has an operation in flight */
     KVP_OP_COUNT = 11
 };
 

@@ -608,6 +608,12 @@ impl DataPlane {
         let done = Submitted::Done;
         match req.opcode {
             Opcode::Nop => done(completion(req.user_data, Status::Ok)),
+            // Both replace what a copy in flight on another queue pair may still use (the
+            // layout on the device, the engine events it waits on or records): only
+            // between operations.
+            Opcode::AttachLayout | Opcode::RegisterEvents if session.in_flight() => {
+                done(completion(req.user_data, Status::Busy))
+            }
             Opcode::Stats => done(self.stats(session, seg, req)),
             Opcode::AttachLayout => done(self.attach_layout(session, seg, req)),
             Opcode::RegisterEvents => done(self.register_events(session, seg, req)),
@@ -741,8 +747,10 @@ impl DataPlane {
             })
     }
 
-    /// Copy the request's block ops out of shared memory (never re-read: the engine may
-    /// change them under us) and resolve the namespace.
+    /// Copy the request's block ops out of shared memory (what the operation acts on is
+    /// this copy, never a re-read: the engine may change them under us; a LOAD reads them
+    /// again only to write its results back into the engine's own slice) and resolve the
+    /// namespace.
     fn read_ops(session: &mut SessionData, seg: &Segment, req: &Request) -> Option<u32> {
         let ns = *session.namespaces.get(req.namespace_id as usize)?;
         let n = req.count as usize;

@@ -512,11 +512,21 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
         }
         for (i, slot) in slots[..high].iter_mut().enumerate() {
             let Some(s) = slot else { continue };
+            // An ending session's job still waiting for room in the I/O queue will not be
+            // served: its data comes home, so that its operations in flight are polled
+            // and it can end.
+            if s.ending.is_some()
+                && let Some(job) = s.parked.take()
+            {
+                s.guard.data = Some(job.data);
+            }
             // The session's data (which holds the operations in flight) may be with an
-            // I/O executor: polled again once it is back.
+            // I/O executor, or in a job parked for one (a hand-off from the previous
+            // queue pair's poll, too): polled again once it is home.
             for qp in 0..s.qps.len() {
-                if s.in_flight & (1 << qp) != 0 && !s.out {
-                    worked |= poll_in_flight(shared, s, (i as u32, qp), io, &back, &mut scratch);
+                if s.in_flight & (1 << qp) != 0 && s.guard.data.is_some() {
+                    let at = (i as u32, qp);
+                    worked |= poll_in_flight(shared, s, at, io, &back, &mut scratch);
                 }
             }
             if s.serving() {
@@ -577,7 +587,7 @@ fn sleep(me: &PoolThread, slots: &mut [Option<Served>], until_check: Duration) {
         s.bell_seq = bell.word().load(Ordering::Acquire);
         bell.sleeping_flag().store(1, Ordering::SeqCst);
         blocked |= s.blocked();
-        polling |= s.in_flight != 0;
+        polling |= s.in_flight != 0 && s.guard.data.is_some();
     }
     fence(Ordering::SeqCst);
     let ready = me.has_work() || slots.iter_mut().flatten().any(Served::ready);

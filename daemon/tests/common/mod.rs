@@ -172,3 +172,17 @@ pub fn chain_sqe(
     s.arg_len = std::mem::size_of_val(&ops[..]) as u32;
     s
 }
+
+/// A fault plan under which every NVMe write takes `ms` milliseconds (a stalled device).
+#[allow(dead_code)]
+pub fn stalled_writes(ms: u32) -> Arc<kvplane_daemon::tier::nvme::engine::FaultPlan> {
+    use kvplane_daemon::tier::nvme::engine::{FaultEffect, FaultPlan, FaultRule, IoKind};
+    let plan = Arc::new(FaultPlan::default());
+    plan.add(FaultRule {
+        kind: Some(IoKind::Write),
+        skip: 0,
+        count: u64::MAX,
+        effect: FaultEffect::Delay { ms },
+    });
+    plan
+}
