@@ -652,7 +652,9 @@ impl BlockManager {
     }
 
     /// Evicts `key` from `tier` (if it may go) and allocates the freed room into `out`,
-    /// claimed for `namespace` (the room plan's).
+    /// claimed for `namespace` (the room plan's), if its quota still has room: a
+    /// concurrent plan of the same namespace may have freed its share meanwhile (demotions
+    /// are written outside the registry lock), and the freed slot then stays free.
     fn evict_into(
         reg: &mut Registry,
         key: BlockKey,
@@ -662,6 +664,7 @@ impl BlockManager {
         out: &mut Vec<u32>,
     ) {
         if reg.evict(key, tier, reason).is_ok()
+            && reg.quota_room(namespace, tier) > 0
             && let Some(s) = reg.alloc_claimed(namespace, tier)
         {
             out.push(s);

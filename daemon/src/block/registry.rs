@@ -653,7 +653,8 @@ impl Registry {
         }
     }
 
-    /// Returns a slot obtained from `alloc_free` but never reserved.
+    /// Returns a slot obtained from `alloc_free` or `alloc_claimed` (unclaimed first) but
+    /// never reserved.
     pub fn free_unused(&mut self, tier: Tier, slot: u32) {
         self.alloc[tier].free(slot);
     }

@@ -745,6 +745,51 @@ fn two_concurrent_saves_cannot_overshoot_a_namespace_quota() {
     m.check_invariants().unwrap();
 }
 
+/// The same when the room comes from demoting other namespaces' blocks: both plans find
+/// the tier full and plan demotions (written outside the registry lock), and the slots
+/// they free go to a plan only while its namespace's quota has room.
+#[test]
+fn two_concurrent_saves_making_room_by_demotion_cannot_overshoot_a_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, t) = config(Some(dir.path()), 8, 32, EngineKind::Sync);
+    let options = ManagerOptions {
+        quotas: vec![quota(7, PerTier([None, Some(2), None]))],
+        ..ManagerOptions::default()
+    };
+    let m = local(BlockManager::new(&b, &t, options).unwrap());
+    // Namespace 3 fills the host tier with blocks NVMe admission takes (seen twice).
+    for i in 0..8u64 {
+        save(&m, 3, &chain(1_000 + i * 10, 1), false);
+        assert_eq!(load(&m, 3, &[1_000 + i * 10]).loaded, 1);
+    }
+    let blocks = &m.blocks;
+    let (first, second) = (chain(100, 2), chain(200, 2));
+    let mut plan_a = blocks.begin_save(7, &first, 0);
+    let mut plan_b = blocks.begin_save(7, &second, 0);
+    let (mut slots_a, mut slots_b) = (Vec::new(), Vec::new());
+    let room_a = blocks.plan_room(Tier::Host, 7, 2, &mut slots_a);
+    let room_b = blocks.plan_room(Tier::Host, 7, 2, &mut slots_b);
+    assert_eq!(
+        (room_a.demotions.len(), room_b.demotions.len()),
+        (2, 2),
+        "both plans make room by demotion"
+    );
+    let mut report = SaveReport::default();
+    let written = m.mover.write_nvme(&room_a.demotions);
+    blocks.commit_room(room_a, written, true, &mut slots_a, &mut report);
+    let written = m.mover.write_nvme(&room_b.demotions);
+    blocks.commit_room(room_b, written, true, &mut slots_b, &mut report);
+    blocks.reserve_save(&mut plan_a, slots_a);
+    blocks.reserve_save(&mut plan_b, slots_b);
+    let used = m.stats().namespaces[0].used_slots[Tier::Host];
+    assert!(used <= 2, "namespace 7 holds {used} host slots, quota 2");
+    assert_eq!(plan_a.stores.len() + plan_b.stores.len(), 2);
+    blocks.abort_save(plan_a);
+    blocks.abort_save(plan_b);
+    assert_eq!(blocks.claimed_slots(), 0);
+    m.check_invariants().unwrap();
+}
+
 /// Slots a room plan took but nobody used go back with `free_room`, and with them the
 /// namespace's claim on its quota.
 #[test]
