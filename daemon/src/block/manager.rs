@@ -651,6 +651,24 @@ impl BlockManager {
         self.flush_events(&mut reg);
     }
 
+    /// Gives back a room plan whose execution failed without results (the mover panicked):
+    /// its victims' holds, their NVMe reservations and the host slots reserved for its
+    /// copies-down. Nothing is published; the victims stay where they were.
+    pub fn abort_room(&self, room: RoomPlan) {
+        let mut reg = self.lock();
+        for job in &room.demotions {
+            reg.end_use(job.key);
+            let _ = reg.abort(job.key, Tier::Nvme);
+        }
+        for c in &room.copies_down {
+            reg.end_use(c.key);
+            if c.to.1 != u32::MAX {
+                let _ = reg.abort(c.key, Tier::Host);
+            }
+        }
+        self.flush_events(&mut reg);
+    }
+
     /// Evicts `key` from `tier` (if it may go) and allocates the freed room into `out`,
     /// claimed for `namespace` (the room plan's), if its quota still has room: a
     /// concurrent plan of the same namespace may have freed its share meanwhile (demotions

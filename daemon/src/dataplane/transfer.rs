@@ -35,8 +35,22 @@ fn acquire(
         if room.is_settled() {
             break;
         }
-        let results = mover.write_nvme(&room.demotions);
-        let copied_down = copy_down(blocks, mover, stream, &mut room, &mut out, report);
+        let moved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let results = mover.write_nvme(&room.demotions);
+            let copied_down = copy_down(blocks, mover, stream, &mut room, &mut out, report);
+            (results, copied_down)
+        }));
+        let (results, copied_down) = match moved {
+            Ok(x) => x,
+            Err(panic) => {
+                // A bug in the mover: the operation's session ends with the panic, but
+                // what it holds must not stay held until restart (the victims, their
+                // reservations, the slots taken and the namespace's quota claims).
+                blocks.abort_room(room);
+                blocks.free_room(namespace, tier, std::mem::take(&mut out));
+                std::panic::resume_unwind(panic);
+            }
+        };
         blocks.commit_room(room, results, copied_down, &mut out, report);
         // A failed copy-down would pick the same victims again: settle for what is there.
         if out.len() >= want || !copied_down {

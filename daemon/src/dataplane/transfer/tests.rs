@@ -273,6 +273,46 @@ fn restart_restores_nvme_blocks_and_corruption_is_never_served() {
     assert_eq!(m.lookup(3, &hashes, &mut tiers), 3);
 }
 
+/// A bug in the mover while making room (an NVMe demotion write that panics) gives back
+/// what the operation held before the panic goes on: the room plan's victims and their
+/// NVMe reservations, the slots taken and the namespace's quota claims. Before, they all
+/// stayed held until restart, and the namespace's quota shrank for good.
+#[test]
+fn a_panic_while_making_room_gives_back_the_plan_and_its_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, t) = config(Some(dir.path()), 5, 16, EngineKind::Sync);
+    b.nvme_admit_min_hits = 0;
+    let plan = Arc::new(FaultPlan::default());
+    let options = ManagerOptions {
+        faults: Some(plan.clone()),
+        quotas: vec![quota(7, PerTier([None, Some(4), None]))],
+        ..ManagerOptions::default()
+    };
+    let m = local(BlockManager::new(&b, &t, options).unwrap());
+    // Namespace 3 holds 2 of the 5 host slots, namespace 7 2 of its quota of 4; 1 is free.
+    assert_eq!(save(&m, 3, &chain(300, 2), false).stored, 2);
+    assert_eq!(save(&m, 7, &chain(700, 2), false).stored, 2);
+    plan.add(FaultRule {
+        kind: Some(IoKind::Write),
+        skip: 0,
+        count: 1,
+        effect: FaultEffect::Panic,
+    });
+    // Two more blocks of 7: the free slot (claimed for 7), then a victim to demote, whose
+    // NVMe write panics.
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        save(&m, 7, &chain(710, 2), false)
+    }));
+    assert!(panicked.is_err(), "the injected fault panicked the save");
+    assert_eq!(plan.fired(), 1);
+    assert_eq!(m.blocks.claimed_slots(), 0, "quota claims given back");
+    m.check_invariants().unwrap();
+    // Nothing stayed held: the victim can go, and namespace 7 stores its whole quota.
+    let r = save(&m, 7, &chain(720, 4), false);
+    assert_eq!((r.stored, r.no_space), (4, 0), "{r:?}");
+    m.check_invariants().unwrap();
+}
+
 #[test]
 fn nvme_faults_fail_the_operation_and_the_manager_keeps_going() {
     let dir = tempfile::tempdir().unwrap();

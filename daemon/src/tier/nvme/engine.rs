@@ -155,6 +155,9 @@ pub enum FaultEffect {
     /// Let the op succeed after `ms` milliseconds: a stalled or very slow device (the
     /// calling thread waits, as it would on a disk that takes that long).
     Delay { ms: u32 },
+    /// Panic instead of running the op: a bug in the I/O path, for tests of what the
+    /// daemon gives back when an operation panics.
+    Panic,
 }
 
 /// A rule: skip `skip` matching ops, then apply `effect` to the next `count`.
@@ -238,6 +241,7 @@ impl IoEngine for FaultInjector {
                     unsafe { self.inner.run(std::slice::from_mut(op))? }
                 }
                 Some(FaultEffect::Errno(e)) => op.result = -e,
+                Some(FaultEffect::Panic) => panic!("injected fault: {:?} panics", op.kind),
                 Some(FaultEffect::Delay { ms }) => {
                     std::thread::sleep(std::time::Duration::from_millis(u64::from(ms)));
                     // SAFETY: forwarded contract.
