@@ -356,6 +356,39 @@ impl Rng {
     }
 }
 
+/// The mix's random choices for one op after its namespace, in the order they are drawn
+/// (the soak's queue pairs and the block-work reference draw the same way).
+struct Pick {
+    /// The chain: 80 % of picks from the hottest 20 % of chains.
+    seq: u32,
+    /// 0..100: which op kind.
+    roll: u64,
+    /// Blocks of the chain the op covers (1..=chain).
+    len: u32,
+    /// 0..100: the op's flags.
+    flags_roll: u64,
+    /// Where a DROP's suffix starts.
+    drop_from: u32,
+}
+
+impl Pick {
+    fn draw(rng: &mut Rng, sequences: u32, chain: u32) -> Pick {
+        let hot = (sequences / 5).max(1);
+        let seq = if rng.below(100) < 80 {
+            rng.below(u64::from(hot)) as u32
+        } else {
+            rng.below(u64::from(sequences)) as u32
+        };
+        Pick {
+            seq,
+            roll: rng.below(100),
+            len: 1 + rng.below(u64::from(chain)) as u32,
+            flags_roll: rng.below(100),
+            drop_from: rng.below(u64::from(chain)) as u32,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OpKind {
@@ -676,16 +709,13 @@ impl Driver<'_> {
         let ns_slot = qp.rng.below(sess.namespaces.len() as u64) as u32;
         let ns = sess.namespaces[ns_slot as usize];
         // Skewed reuse: 80 % of picks from the hottest 20 % of chains.
-        let hot = (u.sequences / 5).max(1);
-        let seq = if qp.rng.below(100) < 80 {
-            qp.rng.below(u64::from(hot)) as u32
-        } else {
-            qp.rng.below(u64::from(u.sequences)) as u32
-        };
-        let roll = qp.rng.below(100);
-        let len = 1 + qp.rng.below(u64::from(chain)) as u32;
-        let flags_roll = qp.rng.below(100);
-        let drop_from = qp.rng.below(u64::from(chain)) as u32;
+        let Pick {
+            seq,
+            roll,
+            len,
+            flags_roll,
+            drop_from,
+        } = Pick::draw(&mut qp.rng, u.sequences, chain);
         let mut kind = match roll {
             0..30 => OpKind::Save,
             30..65 => OpKind::Load,
@@ -1358,16 +1388,13 @@ fn block_work(
                             (ops, bytes, verified) = (0, 0, 0);
                         }
                         let ns = rng.below(u64::from(o.namespaces)) as u32;
-                        let hot = (universe.sequences / 5).max(1);
-                        let seq = if rng.below(100) < 80 {
-                            rng.below(u64::from(hot)) as u32
-                        } else {
-                            rng.below(u64::from(universe.sequences)) as u32
-                        };
-                        let roll = rng.below(100);
-                        let len = 1 + rng.below(u64::from(o.chain_blocks)) as u32;
-                        let flags_roll = rng.below(100);
-                        let drop_from = rng.below(u64::from(o.chain_blocks)) as u32;
+                        let Pick {
+                            seq,
+                            roll,
+                            len,
+                            flags_roll,
+                            drop_from,
+                        } = Pick::draw(&mut rng, universe.sequences, o.chain_blocks);
                         let first = universe.index(ns, seq, 0);
                         let hashes = &universe.hashes[first..first + o.chain_blocks as usize];
                         let id = ids[ns as usize];
