@@ -1128,6 +1128,19 @@ impl BlockManager {
         report
     }
 
+    /// Gives up a load whose mover work panicked: host slots reserved for staging reads
+    /// not yet committed are freed, and every block the plan held is released.
+    pub fn abort_load(&self, mut plan: LoadPlan) {
+        {
+            let mut reg = self.lock();
+            for read in plan.reads.drain(..) {
+                let _ = reg.abort(read.key, Tier::Host);
+            }
+            self.flush_events(&mut reg);
+        }
+        let _ = self.commit_load(plan, 0);
+    }
+
     /// The report of a load whose copies are queued but not landed (a LOAD completed to
     /// an engine that waits on an IPC event instead): its blocks stay held until
     /// [`Self::release_load`].

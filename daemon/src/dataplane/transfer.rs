@@ -16,6 +16,25 @@ use super::mover::{MoveError, Mover};
 /// Demotion rounds one operation may run to make room before it settles for less.
 const ROOM_ROUNDS: usize = 8;
 
+/// Runs `step`, mover work for an operation that holds registry state (`held`: its
+/// plan). A panic there is a bug in the mover: the session ends with it (its thread
+/// catches it), but what the operation holds (slots reserved, blocks held busy, quota
+/// claims) must not stay held until restart, so `give_back` returns it before the
+/// unwind goes on.
+fn give_back_on_panic<H, T>(
+    mut held: H,
+    step: impl FnOnce(&mut H) -> T,
+    give_back: impl FnOnce(H),
+) -> (H, T) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step(&mut held))) {
+        Ok(t) => (held, t),
+        Err(panic) => {
+            give_back(held);
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
 /// Gets up to `want` slots of `tier` for `namespace`, writing admitted host victims to
 /// NVMe first and copying G1 victims that have no other copy down to the host tier
 /// (demotion; the copy-down runs on `stream`, which making room in G1 needs). Fewer when
@@ -31,26 +50,24 @@ fn acquire(
 ) -> Vec<u32> {
     let mut out = Vec::with_capacity(want);
     for _ in 0..ROOM_ROUNDS {
-        let mut room = blocks.plan_room(tier, namespace, want, &mut out);
+        let room = blocks.plan_room(tier, namespace, want, &mut out);
         if room.is_settled() {
             break;
         }
-        let moved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let results = mover.write_nvme(&room.demotions);
-            let copied_down = copy_down(blocks, mover, stream, &mut room, &mut out, report);
-            (results, copied_down)
-        }));
-        let (results, copied_down) = match moved {
-            Ok(x) => x,
-            Err(panic) => {
-                // A bug in the mover: the operation's session ends with the panic, but
-                // what it holds must not stay held until restart (the victims, their
-                // reservations, the slots taken and the namespace's quota claims).
+        let ((room, taken), (results, copied_down)) = give_back_on_panic(
+            (room, out),
+            |(room, out)| {
+                let results = mover.write_nvme(&room.demotions);
+                let copied_down = copy_down(blocks, mover, stream, room, out, report);
+                (results, copied_down)
+            },
+            // The victims, their reservations, the slots taken and their quota claims.
+            |(room, out)| {
                 blocks.abort_room(room);
-                blocks.free_room(namespace, tier, std::mem::take(&mut out));
-                std::panic::resume_unwind(panic);
-            }
-        };
+                blocks.free_room(namespace, tier, out);
+            },
+        );
+        out = taken;
         blocks.commit_room(room, results, copied_down, &mut out, report);
         // A failed copy-down would pick the same victims again: settle for what is there.
         if out.len() >= want || !copied_down {
@@ -141,47 +158,45 @@ pub fn begin_save(
     options: SaveOptions,
     launch: impl FnOnce(&Mover, &[StoreItem], &[HbmCopy]) -> Result<(), MoveError>,
 ) -> Result<SaveStarted, BlockError> {
-    let mut plan = blocks.begin_save(namespace, chain, options.priority);
-    let slots = acquire(
-        blocks,
-        mover,
-        Tier::Host,
-        namespace,
-        plan.slots_needed(),
-        &mut plan.report,
-        None,
-    );
-    blocks.reserve_save(&mut plan, slots);
-    if let Some(stream) = options.keep_on_gpu
-        && blocks.has_g1()
-        && !plan.stores.is_empty()
-    {
-        let want = plan.stores.len();
-        let slots = acquire(
-            blocks,
-            mover,
-            Tier::Hbm,
-            namespace,
-            want,
-            &mut plan.report,
-            Some(stream),
-        );
-        blocks.reserve_save_hbm(&mut plan, slots);
-    }
-    if !plan.stores.is_empty() {
-        let launched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            launch(mover, &plan.stores, &plan.hbm)
-        }));
-        match launched {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(fill_failed(blocks, plan, e)),
-            Err(panic) => {
-                // The session ends (its thread catches the panic); the registry must not
-                // keep the plan's reservations for ever.
-                blocks.abort_save(plan);
-                std::panic::resume_unwind(panic);
+    let plan = blocks.begin_save(namespace, chain, options.priority);
+    let (plan, launched) = give_back_on_panic(
+        plan,
+        |plan| {
+            let slots = acquire(
+                blocks,
+                mover,
+                Tier::Host,
+                namespace,
+                plan.slots_needed(),
+                &mut plan.report,
+                None,
+            );
+            blocks.reserve_save(plan, slots);
+            if let Some(stream) = options.keep_on_gpu
+                && blocks.has_g1()
+                && !plan.stores.is_empty()
+            {
+                let want = plan.stores.len();
+                let slots = acquire(
+                    blocks,
+                    mover,
+                    Tier::Hbm,
+                    namespace,
+                    want,
+                    &mut plan.report,
+                    Some(stream),
+                );
+                blocks.reserve_save_hbm(plan, slots);
             }
-        }
+            match plan.stores.is_empty() {
+                true => Ok(()),
+                false => launch(mover, &plan.stores, &plan.hbm),
+            }
+        },
+        |plan| blocks.abort_save(plan),
+    );
+    if let Err(e) = launched {
+        return Err(fill_failed(blocks, plan, e));
     }
     Ok(SaveStarted {
         plan,
@@ -208,7 +223,11 @@ pub fn finish_save(
     if write_through || blocks.writes_through() {
         blocks.plan_write_through(&mut plan);
     }
-    let results = mover.write_nvme(&plan.writes);
+    let (plan, results) = give_back_on_panic(
+        plan,
+        |plan| mover.write_nvme(&plan.writes),
+        |plan| blocks.abort_save(plan),
+    );
     Ok(blocks.commit_save(plan, results))
 }
 
@@ -308,36 +327,36 @@ pub fn begin_load(
     hashes: &[u64],
     launch: impl FnOnce(&Mover, &[LoadItem]) -> Result<(), MoveError>,
 ) -> Result<LoadStarted, BlockError> {
-    let mut plan = blocks.plan_load(namespace, hashes);
-    if plan.needs_staging() > 0 {
-        let mut unused = SaveReport::default();
-        let slots = acquire(
-            blocks,
-            mover,
-            Tier::Host,
-            namespace,
-            plan.needs_staging(),
-            &mut unused,
-            None,
-        );
-        blocks.plan_staging(&mut plan, slots);
-        let results = mover.read_nvme(&plan.reads);
-        let erase = blocks.commit_staging(&mut plan, results);
-        mover.erase_nvme(&erase);
-        blocks.commit_erase(&erase);
-    }
-    if !plan.items.is_empty() {
-        let launched =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| launch(mover, &plan.items)));
-        match launched {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(drain_failed(blocks, plan, e)),
-            Err(panic) => {
-                // As in `begin_save`: the blocks' holds go with the panicking session.
-                let _ = blocks.commit_load(plan, 0);
-                std::panic::resume_unwind(panic);
+    let plan = blocks.plan_load(namespace, hashes);
+    let (plan, launched) = give_back_on_panic(
+        plan,
+        |plan| {
+            if plan.needs_staging() > 0 {
+                let mut unused = SaveReport::default();
+                let slots = acquire(
+                    blocks,
+                    mover,
+                    Tier::Host,
+                    namespace,
+                    plan.needs_staging(),
+                    &mut unused,
+                    None,
+                );
+                blocks.plan_staging(plan, slots);
+                let results = mover.read_nvme(&plan.reads);
+                let erase = blocks.commit_staging(plan, results);
+                mover.erase_nvme(&erase);
+                blocks.commit_erase(&erase);
             }
-        }
+            match plan.items.is_empty() {
+                true => Ok(()),
+                false => launch(mover, &plan.items),
+            }
+        },
+        |plan| blocks.abort_load(plan),
+    );
+    if let Err(e) = launched {
+        return Err(drain_failed(blocks, plan, e));
     }
     Ok(LoadStarted { plan })
 }
@@ -409,13 +428,19 @@ pub fn promote(
     if plan.copies.is_empty() {
         return blocks.commit_promote(plan, true);
     }
-    let copied = match mover.copy_tiers(stream, &plan.copies) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(error = %e, "promotion to G1 failed; nothing promoted");
-            false
-        }
-    };
+    let (plan, copied) = give_back_on_panic(
+        plan,
+        |plan| match mover.copy_tiers(stream, &plan.copies) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "promotion to G1 failed; nothing promoted");
+                false
+            }
+        },
+        |plan| {
+            blocks.commit_promote(plan, false);
+        },
+    );
     blocks.commit_promote(plan, copied)
 }
 

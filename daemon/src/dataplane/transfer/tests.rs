@@ -313,6 +313,123 @@ fn a_panic_while_making_room_gives_back_the_plan_and_its_claims() {
     m.check_invariants().unwrap();
 }
 
+fn panic_rule(kind: IoKind) -> FaultRule {
+    FaultRule {
+        kind: Some(kind),
+        skip: 0,
+        count: 1,
+        effect: FaultEffect::Panic,
+    }
+}
+
+/// How many slots of `tier` are taken (stored, reserved or claimed).
+fn used_slots(m: &LocalBlocks, tier: Tier) -> u32 {
+    let s = m.stats();
+    s.tiers.iter().find(|t| t.tier == tier).unwrap().used_slots
+}
+
+#[test]
+fn a_panic_in_a_write_through_gives_back_the_save() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, t) = config(Some(dir.path()), 4, 16, EngineKind::Sync);
+    let plan = Arc::new(FaultPlan::default());
+    let options = ManagerOptions {
+        faults: Some(plan.clone()),
+        ..ManagerOptions::default()
+    };
+    let m = local(BlockManager::new(&b, &t, options).unwrap());
+    plan.add(panic_rule(IoKind::Write));
+    let c = chain(10, 4);
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| save(&m, 1, &c, true)));
+    assert!(panicked.is_err(), "the injected fault panicked the save");
+    assert_eq!(plan.fired(), 1);
+    m.check_invariants().unwrap();
+    assert_eq!(
+        used_slots(&m, Tier::Host),
+        0,
+        "the save's host slots given back"
+    );
+    assert_eq!(used_slots(&m, Tier::Nvme), 0, "its NVMe slots given back");
+    // Nothing stayed reserved: the same chain stores whole, host and NVMe.
+    let r = save(&m, 1, &c, true);
+    assert_eq!((r.stored, r.nvme_written, r.no_space), (4, 4, 0), "{r:?}");
+    assert_eq!(load(&m, 1, &[10, 11, 12, 13]).loaded, 4);
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn a_panic_in_a_staging_read_gives_back_the_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, t) = config(Some(dir.path()), 2, 16, EngineKind::Sync);
+    b.nvme_admit_min_hits = 0;
+    let plan = Arc::new(FaultPlan::default());
+    let options = ManagerOptions {
+        faults: Some(plan.clone()),
+        ..ManagerOptions::default()
+    };
+    let m = local(BlockManager::new(&b, &t, options).unwrap());
+    // Chain 1 is demoted to NVMe by chain 2; the host tier (2 slots) holds chain 2.
+    save(&m, 1, &chain(1, 2), false);
+    save(&m, 1, &chain(50, 2), false);
+    let mut tiers = [None; 2];
+    assert_eq!(m.lookup(1, &[1, 2], &mut tiers), 2);
+    assert_eq!(tiers, [Some(Tier::Nvme); 2]);
+    plan.add(panic_rule(IoKind::Read));
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(&m, 1, &[1, 2])));
+    assert!(panicked.is_err(), "the injected fault panicked the load");
+    assert_eq!(plan.fired(), 1);
+    m.check_invariants().unwrap();
+    // The staging slots and the held blocks were given back: chain 2 can be dropped (a
+    // held block is kept busy) and chain 1 loads whole from NVMe.
+    let d = m.drop_blocks(1, &[1, 2, 50, 51]);
+    assert_eq!(d.busy, 0, "no block stayed held: {d:?}");
+    save(&m, 1, &chain(1, 2), true);
+    save(&m, 1, &chain(50, 2), false);
+    let r = load(&m, 1, &[1, 2]);
+    assert_eq!((r.loaded, r.slowest), (2, Some(Tier::Nvme)), "{r:?}");
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn a_panic_in_a_promotion_copy_gives_back_the_g1_slots() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (b, t) = config(None, 8, 0, EngineKind::Sync);
+    let armed = Arc::new(AtomicBool::new(false));
+    let trip = Arc::clone(&armed);
+    let hook: kvplane_cuda::host::LaunchHook = Arc::new(move |op| {
+        if op == "copy_batch" && trip.swap(false, Ordering::SeqCst) {
+            panic!("injected panic in a {op}");
+        }
+    });
+    let device = Arc::new(kvplane_cuda::host::HostDevice::with_launch_hook_for_tests(
+        kvplane_kernels::HostLaunch::default(),
+        hook,
+    ));
+    let options = ManagerOptions {
+        device: Some(device),
+        ..ManagerOptions::default()
+    };
+    let m = local(BlockManager::new(&b, &t, options).unwrap());
+    save(&m, 5, &chain(1, 2), false);
+    armed.store(true, Ordering::SeqCst);
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.promote(5, &[1, 2])));
+    assert!(
+        panicked.is_err(),
+        "the injected fault panicked the promotion"
+    );
+    m.check_invariants().unwrap();
+    assert_eq!(used_slots(&m, Tier::Hbm), 0, "the G1 slots given back");
+    let d = m.drop_blocks(5, &[1, 2]);
+    assert_eq!(d.busy, 0, "the host copies are not held: {d:?}");
+    save(&m, 5, &chain(1, 2), false);
+    assert_eq!(
+        m.promote(5, &[1, 2]),
+        2,
+        "G1 (2 slots) takes the chain whole"
+    );
+    m.check_invariants().unwrap();
+}
+
 #[test]
 fn nvme_faults_fail_the_operation_and_the_manager_keeps_going() {
     let dir = tempfile::tempdir().unwrap();
