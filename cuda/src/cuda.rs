@@ -92,7 +92,7 @@ struct State {
 /// Parameter sizes in bytes of every kernel, in order, as the launches below pass them.
 /// `tests/kernel_compile.rs` checks this table against the PTX NVRTC produces, so a
 /// signature change in a `.cu` file that is not mirrored here fails on the CPU.
-pub const KERNEL_PARAM_BYTES: [(&str, &[usize]); 5] = [
+pub const KERNEL_PARAM_BYTES: [(&str, &[usize]); 7] = [
     // engine, blocks, layout, pages, block_offsets (0 = contiguous), num_batch_pages
     ("kvp_paged_gather", &[8, 8, 8, 8, 8, 4]),
     ("kvp_paged_scatter", &[8, 8, 8, 8, 8, 4]),
@@ -102,6 +102,10 @@ pub const KERNEL_PARAM_BYTES: [(&str, &[usize]); 5] = [
     ("kvp_checksum_partial", &[8, 8, 4, 8]),
     // descs, num_descs, sums
     ("kvp_checksum_finalize", &[8, 4, 8]),
+    // base, descs, num_descs, key, cvs
+    ("kvp_mac_chunks", &[8, 8, 4, 8, 8]),
+    // descs, num_descs, key, cvs, level
+    ("kvp_mac_parents", &[8, 4, 8, 8, 4]),
 ];
 
 struct Kernels {
@@ -110,6 +114,8 @@ struct Kernels {
     copy: CudaFunction,
     checksum_partial: CudaFunction,
     checksum_finalize: CudaFunction,
+    mac_chunks: CudaFunction,
+    mac_parents: CudaFunction,
     _modules: Vec<Arc<CudaModule>>,
 }
 
@@ -200,6 +206,8 @@ impl CudaDevice {
             copy: take("kvp_copy_batch"),
             checksum_partial: take("kvp_checksum_partial"),
             checksum_finalize: take("kvp_checksum_finalize"),
+            mac_chunks: take("kvp_mac_chunks"),
+            mac_parents: take("kvp_mac_parents"),
             _modules: modules,
         };
         Ok(Self {
@@ -423,12 +431,28 @@ impl CudaDevice {
         stream: StreamId,
         parts: &[&[u8]],
     ) -> Result<sys::CUdeviceptr, DeviceError> {
+        self.scratch_table(st, stream, parts, 0)
+    }
+
+    /// [`Self::scratch_upload`], then `reserve_bytes` more after the parts (at the next
+    /// aligned offset) that the kernels fill themselves: nothing is uploaded there.
+    fn scratch_table(
+        &self,
+        st: &mut State,
+        stream: StreamId,
+        parts: &[&[u8]],
+        reserve_bytes: usize,
+    ) -> Result<sys::CUdeviceptr, DeviceError> {
         let (s, scratch) = stream_slot(st, "launch", stream)?
             .as_mut()
             .ok_or_else(|| unknown_stream("launch", stream))?;
-        let total = parts
+        let uploaded = parts
             .iter()
             .fold(0usize, |at, p| scratch_align(at) + p.len());
+        let total = match reserve_bytes {
+            0 => uploaded,
+            n => scratch_align(uploaded) + n,
+        };
         if scratch.bytes < total {
             let s_raw = s.cu_stream();
             if scratch.ptr != 0 {
@@ -1080,6 +1104,82 @@ impl Device for CudaDevice {
             result::memcpy_dtoh_sync(&mut sums, sums_dev).map_err(drv("cuMemcpyDtoH"))?;
         }
         Ok(sums)
+    }
+
+    fn mac(
+        &self,
+        stream: StreamId,
+        base: DeviceBuffer,
+        descs: &[kvp_copy_desc],
+        key: &[u8; 32],
+    ) -> Result<Vec<[u8; 32]>, DeviceError> {
+        let op = "mac";
+        let mut st = self.lock()?;
+        let mut b_dev = dev_of(&st, op, base)?;
+        validate_descs(op, descs, base, None)?;
+        if descs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let s = stream_of(&st, op, stream)?;
+        // One table: the descriptors with their chaining-value offsets, the key words,
+        // then room for the chaining values (32 bytes per 1 KiB chunk), which the chunk
+        // kernel writes before anything reads them.
+        let (table, entries, levels) = kvplane_kernels::mac_table(descs);
+        let key_words = kvplane_kernels::mac_key_words(key);
+        let key_bytes: Vec<u8> = key_words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let table_bytes = std::mem::size_of_val(table.as_slice());
+        let cv_bytes = entries as usize * kvplane_kernels::host::MAC_BYTES;
+        let mut table_dev =
+            self.scratch_table(&mut st, stream, &[as_bytes(&table), &key_bytes], cv_bytes)?;
+        let mut key_dev = table_dev + scratch_align(table_bytes) as u64;
+        let mut cvs_dev = key_dev + scratch_align(key_bytes.len()) as u64;
+        let mut n = table.len() as u32;
+        let p1 = [
+            arg(&mut b_dev),
+            arg(&mut table_dev),
+            arg(&mut n),
+            arg(&mut key_dev),
+            arg(&mut cvs_dev),
+        ];
+        self.launch(
+            "kvp_mac_chunks",
+            &self.kernels.mac_chunks,
+            geometry::mac_chunks(&table),
+            s,
+            &p1,
+        )?;
+        for level in 0..levels {
+            let mut level_arg = level;
+            let p = [
+                arg(&mut table_dev),
+                arg(&mut n),
+                arg(&mut key_dev),
+                arg(&mut cvs_dev),
+                arg(&mut level_arg),
+            ];
+            self.launch(
+                "kvp_mac_parents",
+                &self.kernels.mac_parents,
+                geometry::mac_parents(&table, level),
+                s,
+                &p,
+            )?;
+        }
+        drop(st);
+        let mut macs = vec![[0u8; 32]; descs.len()];
+        let mut root = [0u8; 32];
+        // SAFETY: each descriptor's root chaining value is 32 bytes at cvs_dev +
+        // dst_offset inside the scratch; the stream is drained first, and the scratch is
+        // this stream's alone (as in `checksum`).
+        unsafe {
+            result::stream::synchronize(s).map_err(drv("cuStreamSynchronize"))?;
+            for (mac, d) in macs.iter_mut().zip(&table) {
+                result::memcpy_dtoh_sync(&mut root, cvs_dev + d.dst_offset)
+                    .map_err(drv("cuMemcpyDtoH"))?;
+                *mac = root;
+            }
+        }
+        Ok(macs)
     }
 }
 

@@ -342,6 +342,17 @@ pub trait Device: Send + Sync + std::fmt::Debug {
         base: DeviceBuffer,
         descs: &[kvp_copy_desc],
     ) -> Result<Vec<u64>, DeviceError>;
+    /// Slot MACs (keyed BLAKE3 under `key`: the NVMe tier's data MAC) of every
+    /// descriptor's source range of `base`, so a block that reached device memory
+    /// without the CPU can be authenticated there; complete when this returns. The key
+    /// goes to the stream's own scratch memory, never to memory an engine shares.
+    fn mac(
+        &self,
+        stream: StreamId,
+        base: DeviceBuffer,
+        descs: &[kvp_copy_desc],
+        key: &[u8; 32],
+    ) -> Result<Vec<[u8; 32]>, DeviceError>;
 }
 
 /// Checks `[offset, offset + len)` against a buffer of `buffer_bytes`.

@@ -2,7 +2,8 @@
 //! `cargo run --release -p kvplane-cuda --example gpu_check`): on a real device it runs
 //! the batched-copy kernel against the copy-engine path (one cudaMemcpyAsync per block)
 //! on random data, verifies both with the checksum kernel against the host's
-//! `checksum64`, checks gather/scatter against the CPU build of the same kernels, and
+//! `checksum64`, checks gather/scatter against the CPU build of the same kernels and the
+//! slot MAC kernels against the `blake3` crate, and
 //! prints GB/s with the percentage of a bulk device-to-device copy of the same bytes
 //! measured in the same run, for block sizes from 8 KiB to 4 MiB and batches from 1 to
 //! 4096. These are device-to-device figures (the G1 tier's copies); the offload path to
@@ -83,6 +84,24 @@ pub struct Report {
     /// Layouts whose slot-addressed gather and scatter (non-contiguous, out-of-order,
     /// unaligned offsets) matched the contiguous kernels on the same device.
     pub slot_layouts_verified: u32,
+    /// The slot MAC kernels (keyed BLAKE3) against the `blake3` crate.
+    pub mac: MacCheck,
+}
+
+/// The device MAC of blocks in device memory, equal to the CPU's, and its rate next to
+/// the CPU's (one core, the crate's SIMD code) in the same run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MacCheck {
+    /// Blocks whose device MAC equalled `blake3::keyed_hash` (odd sizes included).
+    pub blocks_verified: u32,
+    /// Bytes per timed pass: `timed_blocks` blocks of `timed_block_bytes`.
+    pub timed_block_bytes: usize,
+    pub timed_blocks: usize,
+    /// Device MAC rate (each `Device::mac` call includes its table upload, the launches
+    /// and the read back of the results).
+    pub device_gbps: f64,
+    /// `blake3::keyed_hash` of the same blocks on one CPU core.
+    pub cpu_gbps: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +119,8 @@ pub enum CheckError {
         got: u64,
         want: u64,
     },
+    #[error("mac: block {index} of {block_bytes} B: device MAC differs from keyed BLAKE3")]
+    MacMismatch { index: usize, block_bytes: usize },
     #[error("paged {what} differs from the CPU build for layout {layout}")]
     PagedMismatch {
         what: &'static str,
@@ -167,6 +188,92 @@ pub(crate) fn timed(
     }
     dev.sync_stream(stream)?;
     Ok(t.elapsed().as_secs_f64())
+}
+
+/// Device MACs of blocks of several sizes (1 KiB boundaries, odd lengths, 2 MiB) against
+/// the `blake3` crate, then the rate of `Device::mac` over 16 blocks of 2 MiB next to
+/// the CPU's on the same bytes.
+fn check_mac(dev: &dyn Device, stream: StreamId, iters: u32) -> Result<MacCheck, CheckError> {
+    const TIMED_BLOCK: usize = 2 << 20;
+    const TIMED_BLOCKS: usize = 16;
+    let key: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37) ^ 0x5c);
+    let sizes = [
+        0usize,
+        1,
+        1023,
+        1024,
+        1025,
+        3 * 1024 + 5,
+        64 << 10,
+        TIMED_BLOCK,
+    ];
+    let total = TIMED_BLOCK * TIMED_BLOCKS;
+    let mut host = vec![0u8; total];
+    fill_random(&mut host, 0x6d61_6321);
+    let buf = dev.alloc(total)?;
+    let result = (|| {
+        dev.copy_to_device(stream, &host, buf.whole())?;
+        // Odd sizes at odd offsets, each its own tree shape.
+        let mut at = 0u64;
+        let descs: Vec<kvp_copy_desc> = sizes
+            .iter()
+            .map(|&bytes| {
+                let d = kvp_copy_desc {
+                    src_offset: at + 3,
+                    dst_offset: 0,
+                    bytes: bytes as u64,
+                };
+                at += bytes as u64 + 4096;
+                d
+            })
+            .collect();
+        let macs = dev.mac(stream, buf, &descs, &key)?;
+        for (index, (d, mac)) in descs.iter().zip(&macs).enumerate() {
+            let r = d.src_offset as usize..(d.src_offset + d.bytes) as usize;
+            if *mac != *blake3::keyed_hash(&key, &host[r]).as_bytes() {
+                return Err(CheckError::MacMismatch {
+                    index,
+                    block_bytes: d.bytes as usize,
+                });
+            }
+        }
+        let timed_descs: Vec<kvp_copy_desc> = (0..TIMED_BLOCKS)
+            .map(|i| kvp_copy_desc {
+                src_offset: (i * TIMED_BLOCK) as u64,
+                dst_offset: 0,
+                bytes: TIMED_BLOCK as u64,
+            })
+            .collect();
+        let mut timed_macs = Vec::new();
+        let device_s = timed(dev, stream, iters, || {
+            timed_macs = dev.mac(stream, buf, &timed_descs, &key)?;
+            Ok(())
+        })?;
+        let t = Instant::now();
+        let mut cpu_macs = Vec::new();
+        for _ in 0..iters {
+            cpu_macs = host
+                .chunks_exact(TIMED_BLOCK)
+                .map(|b| *blake3::keyed_hash(&key, b).as_bytes())
+                .collect();
+        }
+        let cpu_s = t.elapsed().as_secs_f64();
+        if let Some(index) = (0..TIMED_BLOCKS).find(|&i| timed_macs[i] != cpu_macs[i]) {
+            return Err(CheckError::MacMismatch {
+                index,
+                block_bytes: TIMED_BLOCK,
+            });
+        }
+        Ok(MacCheck {
+            blocks_verified: (descs.len() + TIMED_BLOCKS) as u32,
+            timed_block_bytes: TIMED_BLOCK,
+            timed_blocks: TIMED_BLOCKS,
+            device_gbps: gbps(total, iters, device_s),
+            cpu_gbps: gbps(total, iters, cpu_s),
+        })
+    })();
+    dev.free(buf)?;
+    result
 }
 
 fn run_case(dev: &dyn Device, stream: StreamId, case: Case, iters: u32) -> Result<Row, CheckError> {
@@ -471,6 +578,7 @@ pub fn run(dev: &dyn Device, cfg: &CheckConfig) -> Result<Report, CheckError> {
     let stream = dev.create_stream()?;
     let paged_layouts_verified = check_paged(dev, stream)?;
     let slot_layouts_verified = check_slots(dev, stream)?;
+    let mac = check_mac(dev, stream, cfg.iters.max(1))?;
     let (cases, skipped) = plan(cfg);
     let mut rows = Vec::new();
     for case in cases {
@@ -483,6 +591,7 @@ pub fn run(dev: &dyn Device, cfg: &CheckConfig) -> Result<Report, CheckError> {
         skipped,
         paged_layouts_verified,
         slot_layouts_verified,
+        mac,
     })
 }
 
@@ -511,6 +620,14 @@ pub fn format_report(r: &Report) -> String {
     s.push_str(&format!(
         "gather_to_slots/scatter_from_slots (out-of-order, unaligned slots) equal to the contiguous kernels on {} layouts\n\n",
         r.slot_layouts_verified
+    ));
+    s.push_str(&format!(
+        "slot MAC (keyed BLAKE3) on the device equal to the CPU's on {} blocks; {} x {}: device {:.1} GB/s, one CPU core {:.1} GB/s\n\n",
+        r.mac.blocks_verified,
+        r.mac.timed_blocks,
+        size_label(r.mac.timed_block_bytes),
+        r.mac.device_gbps,
+        r.mac.cpu_gbps,
     ));
     s.push_str("device to device (G1 copies): batched-copy kernel and one cuMemcpyAsync per block vs one bulk copy\n\n");
     s.push_str("| block | batch | kernel GB/s | % d2d | copy engine GB/s | % d2d | d2d GB/s |\n");
@@ -588,6 +705,8 @@ mod tests {
         assert_eq!(report.backend, "host");
         assert_eq!(report.paged_layouts_verified, 3);
         assert_eq!(report.slot_layouts_verified, 3);
+        assert_eq!(report.mac.blocks_verified, 8 + 16);
+        assert!(report.mac.device_gbps > 0.0 && report.mac.cpu_gbps > 0.0);
         assert_eq!(report.rows.len(), 6);
         assert!(report.skipped.is_empty());
         for row in &report.rows {
@@ -597,6 +716,7 @@ mod tests {
         }
         let table = format_report(&report);
         assert!(table.contains("backend: host"));
+        assert!(table.contains("equal to the CPU's on 24 blocks"), "{table}");
         assert!(table.contains("| 24 KiB | 64 |"), "{table}");
         assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 1 + 6);
     }

@@ -694,6 +694,35 @@ impl Device for HostDevice {
         .map_err(|source| DeviceError::Kernel { op, source })?;
         Ok(sums)
     }
+
+    fn mac(
+        &self,
+        stream: StreamId,
+        base: DeviceBuffer,
+        descs: &[kvp_copy_desc],
+        key: &[u8; 32],
+    ) -> Result<Vec<[u8; 32]>, DeviceError> {
+        let op = "mac";
+        let (s, b) = {
+            let st = self.lock();
+            (st.stream(op, stream)?, st.region(op, base)?)
+        };
+        let mut macs = vec![[0u8; 32]; descs.len()];
+        let _in_stream = self.enter(op, &s);
+        // SAFETY: a region of base.len_bytes kept alive by `b`, only read.
+        unsafe {
+            kvplane_kernels::mac_batch_raw(
+                b.ptr,
+                base.len_bytes,
+                descs,
+                key,
+                &mut macs,
+                self.launch,
+            )
+        }
+        .map_err(|source| DeviceError::Kernel { op, source })?;
+        Ok(macs)
+    }
 }
 
 impl HostDevice {

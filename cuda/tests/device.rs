@@ -119,6 +119,8 @@ fn host_backend_save_and_load_through_a_slot_arena() {
     let sums = dev
         .checksum(stream, arena.buffer(), &descs)
         .expect("checksum");
+    let key = [0x5Au8; 32];
+    let macs = dev.mac(stream, arena.buffer(), &descs, &key).expect("mac");
     for (i, o) in slot_offsets.iter().enumerate() {
         let mut block = vec![0u8; block_bytes];
         dev.copy_to_host(
@@ -128,6 +130,11 @@ fn host_backend_save_and_load_through_a_slot_arena() {
         )
         .expect("to host");
         assert_eq!(sums[i], checksum64(&block));
+        assert_eq!(
+            macs[i],
+            *blake3::keyed_hash(&key, &block).as_bytes(),
+            "the device MAC of slot block {i} is the NVMe tier's"
+        );
         // Each block starts with its page's layer-0 K run.
         let at =
             raw.plane_offset[0][0] as usize + pages[i] as usize * raw.page_stride_bytes as usize;

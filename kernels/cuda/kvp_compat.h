@@ -23,6 +23,15 @@
 
 #define KVP_FN static __device__ __forceinline__
 
+/* Fully unroll the next loop on the GPU, so small arrays indexed by its counter stay in
+ * registers (a dynamic index would put them in local memory); the host compiler decides
+ * for itself. */
+#ifdef KVP_DEVICE_BUILD
+#define KVP_UNROLL _Pragma("unroll")
+#else
+#define KVP_UNROLL
+#endif
+
 /* Widest access width (16, 8, 4, 2 or 1 bytes) that divides every argument: the copy
  * loops pick it per contiguous run, so aligned runs move as 16-byte vectors and
  * unaligned ones still copy exactly. */

@@ -23,6 +23,7 @@ thread_local kvp_dim3 threadIdx = {0, 0, 0};
 #include "paged.cu"
 #include "copy.cu"
 #include "checksum.cu"
+#include "mac.cu"
 
 /* Must match `HostGrid` in kernels/src/host.rs. */
 struct kvp_host_grid {
@@ -208,6 +209,18 @@ void kvp_host_checksum_partial(const kvp_host_grid* g, const unsigned char* base
 void kvp_host_checksum_finalize(const kvp_host_grid* g, const struct kvp_copy_desc* descs,
                                 uint32_t num_descs, unsigned long long* sums) {
     kvp_host_run(g, [&] { kvp_checksum_finalize(descs, num_descs, sums); });
+}
+
+void kvp_host_mac_chunks(const kvp_host_grid* g, const unsigned char* base,
+                         const struct kvp_copy_desc* descs, uint32_t num_descs,
+                         const uint32_t* key, unsigned char* cvs) {
+    kvp_host_run(g, [&] { kvp_mac_chunks(base, descs, num_descs, key, cvs); });
+}
+
+void kvp_host_mac_parents(const kvp_host_grid* g, const struct kvp_copy_desc* descs,
+                          uint32_t num_descs, const uint32_t* key, unsigned char* cvs,
+                          uint32_t level) {
+    kvp_host_run(g, [&] { kvp_mac_parents(descs, num_descs, key, cvs, level); });
 }
 
 } /* extern "C" */

@@ -90,6 +90,48 @@ pub fn checksum_finalize(num_descs: usize) -> GpuLaunch {
     }
 }
 
+/// Largest chunk count (1 KiB BLAKE3 chunks, at least one) of the descriptors.
+fn max_mac_chunks(descs: &[kvp_copy_desc]) -> u64 {
+    descs
+        .iter()
+        .map(|d| d.bytes.div_ceil(1024).max(1))
+        .max()
+        .unwrap_or(1)
+}
+
+/// MAC chunk hashing: one thread per 1 KiB chunk (a 2 MiB block is 2048 threads), up
+/// to 1024 blocks per descriptor.
+pub fn mac_chunks(descs: &[kvp_copy_desc]) -> GpuLaunch {
+    GpuLaunch {
+        grid: (
+            clamp_u32(
+                max_mac_chunks(descs).div_ceil(u64::from(THREADS_PER_BLOCK)),
+                1,
+                1024,
+            ),
+            clamp_u32(descs.len() as u64, 1, MAX_GRID_Y),
+            1,
+        ),
+        block: (THREADS_PER_BLOCK, 1, 1),
+    }
+}
+
+/// One level of MAC parent merges: one thread per pair of the level's nodes.
+pub fn mac_parents(descs: &[kvp_copy_desc], level: u32) -> GpuLaunch {
+    let pairs = max_mac_chunks(descs)
+        .checked_shr(level + 1)
+        .unwrap_or(0)
+        .max(1);
+    GpuLaunch {
+        grid: (
+            clamp_u32(pairs.div_ceil(u64::from(THREADS_PER_BLOCK)), 1, 1024),
+            clamp_u32(descs.len() as u64, 1, MAX_GRID_Y),
+            1,
+        ),
+        block: (THREADS_PER_BLOCK, 1, 1),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,6 +74,22 @@ unsafe extern "C" {
         num_descs: u32,
         sums: *mut u64,
     );
+    fn kvp_host_mac_chunks(
+        g: *const HostGrid,
+        base: *const u8,
+        descs: *const kvp_copy_desc,
+        num_descs: u32,
+        key: *const u32,
+        cvs: *mut u8,
+    );
+    fn kvp_host_mac_parents(
+        g: *const HostGrid,
+        descs: *const kvp_copy_desc,
+        num_descs: u32,
+        key: *const u32,
+        cvs: *mut u8,
+        level: u32,
+    );
 }
 
 /// Errors of a launch; nothing was copied when one is returned.
@@ -154,8 +170,12 @@ pub enum KernelError {
     },
     #[error("copy: descriptor {index}: source and destination ranges overlap")]
     DescOverlap { index: usize },
-    #[error("checksum: {descs} descriptors but {sums} result slots")]
-    SumsLength { descs: usize, sums: usize },
+    #[error("{op}: {descs} descriptors but {sums} result slots")]
+    SumsLength {
+        op: &'static str,
+        descs: usize,
+        sums: usize,
+    },
     /// The engine's memory faulted under the copy (its backing vanished: a punched-out
     /// hugetlb page, a poisoned page). Part of the batch may have been copied.
     #[error(
@@ -865,13 +885,7 @@ pub unsafe fn checksum_batch_raw(
     sums: &mut [u64],
     launch: HostLaunch,
 ) -> Result<(), KernelError> {
-    check_descs("checksum", descs, base_len, None)?;
-    if sums.len() != descs.len() {
-        return Err(KernelError::SumsLength {
-            descs: descs.len(),
-            sums: sums.len(),
-        });
-    }
+    check_reduction("checksum", descs, base_len, sums.len())?;
     if descs.is_empty() {
         return Ok(());
     }
@@ -911,6 +925,156 @@ pub unsafe fn checksum_batch_raw(
         kvp_host_checksum_finalize(&one, descs.as_ptr(), descs.len() as u32, sums.as_mut_ptr())
     };
     Ok(())
+}
+
+/// The checks of a launch that reduces each descriptor's source range to one result
+/// (checksum, MAC): ranges inside the `base_len` buffer, one result slot per descriptor.
+fn check_reduction(
+    op: &'static str,
+    descs: &[kvp_copy_desc],
+    base_len: usize,
+    results: usize,
+) -> Result<(), KernelError> {
+    check_descs(op, descs, base_len, None)?;
+    if results != descs.len() {
+        return Err(KernelError::SumsLength {
+            op,
+            descs: descs.len(),
+            sums: results,
+        });
+    }
+    Ok(())
+}
+
+/// Bytes of a slot MAC (keyed BLAKE3's default output).
+pub const MAC_BYTES: usize = 32;
+
+/// The MAC kernels' table for `descs` (see `mac.cu`): each descriptor's `dst_offset` set
+/// to its place in the chaining-value scratch, the scratch's length in 32-byte entries
+/// and the levels of parent merges the largest descriptor needs. Shared by the host
+/// wrappers and the cuda backend.
+pub fn mac_table(descs: &[kvp_copy_desc]) -> (Vec<kvp_copy_desc>, u64, u32) {
+    let mut entries = 0u64;
+    let mut max_chunks = 1u64;
+    let table = descs
+        .iter()
+        .map(|d| {
+            let chunks = mac_chunks(d.bytes);
+            let at = entries;
+            entries += chunks;
+            max_chunks = max_chunks.max(chunks);
+            kvp_copy_desc {
+                src_offset: d.src_offset,
+                dst_offset: at * MAC_BYTES as u64,
+                bytes: d.bytes,
+            }
+        })
+        .collect();
+    // Levels until one node is left: ceil(log2(max_chunks)).
+    let levels = u64::BITS - (max_chunks - 1).leading_zeros();
+    (table, entries, levels)
+}
+
+/// BLAKE3 chunks (1 KiB) of an input of `bytes` (an empty input is one chunk).
+fn mac_chunks(bytes: u64) -> u64 {
+    bytes.div_ceil(1024).max(1)
+}
+
+/// The key as the kernels take it: 8 little-endian words.
+pub fn mac_key_words(key: &[u8; 32]) -> [u32; 8] {
+    std::array::from_fn(|i| u32::from_le_bytes(key[4 * i..4 * i + 4].try_into().expect("4")))
+}
+
+/// Slot MACs (keyed BLAKE3 under `key`, equal to `blake3::keyed_hash`) of the ranges
+/// `base[src_offset .. src_offset + bytes]` of every descriptor, by the MAC kernels.
+pub fn mac_batch(
+    base: &[u8],
+    descs: &[kvp_copy_desc],
+    key: &[u8; 32],
+    macs: &mut [[u8; MAC_BYTES]],
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    // SAFETY: a live shared slice is valid for reads of its length.
+    unsafe { mac_batch_raw(base.as_ptr(), base.len(), descs, key, macs, launch) }
+}
+
+/// [`mac_batch`] over a raw buffer (device memory of the host backend).
+///
+/// # Safety
+/// `base` must be valid for reads of `base_len` bytes and not written during the call.
+pub unsafe fn mac_batch_raw(
+    base: *const u8,
+    base_len: usize,
+    descs: &[kvp_copy_desc],
+    key: &[u8; 32],
+    macs: &mut [[u8; MAC_BYTES]],
+    launch: HostLaunch,
+) -> Result<(), KernelError> {
+    check_reduction("mac", descs, base_len, macs.len())?;
+    if descs.is_empty() {
+        return Ok(());
+    }
+    let (table, entries, levels) = mac_table(descs);
+    let key = mac_key_words(key);
+    // Chaining values as u32 words: the kernels store them as words.
+    let mut cvs = vec![0u32; entries as usize * 8];
+    let cvs_ptr = SendPtr(cvs.as_mut_ptr() as *mut u8);
+    let base_ptr = SendPtr(base as *mut u8);
+    run_split(
+        launch.threads,
+        entries,
+        |g| {
+            let (cvs_ptr, base_ptr) = (&cvs_ptr, &base_ptr);
+            // SAFETY: ranges checked against `base_len` (caller: readable); each
+            // descriptor's scratch lies inside `cvs` (mac_table), and the threads of one
+            // launch write disjoint chunks.
+            unsafe {
+                kvp_host_mac_chunks(
+                    &g,
+                    base_ptr.0,
+                    table.as_ptr(),
+                    table.len() as u32,
+                    key.as_ptr(),
+                    cvs_ptr.0,
+                )
+            }
+        },
+        true,
+    );
+    for level in 0..levels {
+        run_split(
+            launch.threads,
+            entries >> (level + 1),
+            |g| {
+                let cvs_ptr = &cvs_ptr;
+                // SAFETY: as above; pairs of one level touch disjoint entries, and the
+                // previous level's launch has finished (scope joined).
+                unsafe {
+                    kvp_host_mac_parents(
+                        &g,
+                        table.as_ptr(),
+                        table.len() as u32,
+                        key.as_ptr(),
+                        cvs_ptr.0,
+                        level,
+                    )
+                }
+            },
+            true,
+        );
+    }
+    mac_results(&cvs, &table, macs);
+    Ok(())
+}
+
+/// Each descriptor's MAC: the root chaining value left first in its scratch.
+fn mac_results(cvs: &[u32], table: &[kvp_copy_desc], macs: &mut [[u8; MAC_BYTES]]) {
+    for (mac, d) in macs.iter_mut().zip(table) {
+        let at = d.dst_offset as usize / 4;
+        for (i, w) in cvs[at..at + 8].iter().enumerate() {
+            mac[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+        }
+    }
 }
 
 /// The checksum kernel over one buffer.
@@ -1030,6 +1194,48 @@ pub mod emulate {
         Ok(())
     }
 
+    /// [`mac_batch`] with the cuda backend's launch shapes (`geometry::mac_chunks`,
+    /// `geometry::mac_parents`).
+    pub fn mac_batch(
+        base: &[u8],
+        descs: &[kvp_copy_desc],
+        key: &[u8; 32],
+        macs: &mut [[u8; MAC_BYTES]],
+    ) -> Result<(), KernelError> {
+        check_reduction("mac", descs, base.len(), macs.len())?;
+        let (table, entries, levels) = mac_table(descs);
+        let key = mac_key_words(key);
+        let mut cvs = vec![0u32; entries as usize * 8];
+        let g = grid(crate::geometry::mac_chunks(&table));
+        // SAFETY: ranges checked; each descriptor's scratch lies inside `cvs`.
+        unsafe {
+            kvp_host_mac_chunks(
+                &g,
+                base.as_ptr(),
+                table.as_ptr(),
+                table.len() as u32,
+                key.as_ptr(),
+                cvs.as_mut_ptr() as *mut u8,
+            );
+        }
+        for level in 0..levels {
+            let g = grid(crate::geometry::mac_parents(&table, level));
+            // SAFETY: as above.
+            unsafe {
+                kvp_host_mac_parents(
+                    &g,
+                    table.as_ptr(),
+                    table.len() as u32,
+                    key.as_ptr(),
+                    cvs.as_mut_ptr() as *mut u8,
+                    level,
+                );
+            }
+        }
+        mac_results(&cvs, &table, macs);
+        Ok(())
+    }
+
     /// [`checksum_batch`] with launch shapes `partial` and `finalize`.
     pub fn checksum_batch(
         base: &[u8],
@@ -1038,13 +1244,7 @@ pub mod emulate {
         partial: GpuLaunch,
         finalize: GpuLaunch,
     ) -> Result<(), KernelError> {
-        check_descs("checksum", descs, base.len(), None)?;
-        if sums.len() != descs.len() {
-            return Err(KernelError::SumsLength {
-                descs: descs.len(),
-                sums: sums.len(),
-            });
-        }
+        check_reduction("checksum", descs, base.len(), sums.len())?;
         sums.fill(0);
         let (p, f) = (grid(partial), grid(finalize));
         // SAFETY: ranges checked; one sum slot per descriptor.

@@ -32,8 +32,14 @@ pub const CHECKSUM: KernelSource = KernelSource {
     kernels: &["kvp_checksum_partial", "kvp_checksum_finalize"],
 };
 
+pub const MAC: KernelSource = KernelSource {
+    file: "mac.cu",
+    text: include_str!("../cuda/mac.cu"),
+    kernels: &["kvp_mac_chunks", "kvp_mac_parents"],
+};
+
 /// Every kernel source, in a fixed order.
-pub const ALL: [KernelSource; 3] = [PAGED, COPY, CHECKSUM];
+pub const ALL: [KernelSource; 4] = [PAGED, COPY, CHECKSUM, MAC];
 
 /// Repository-relative include directories a `.cu` file needs when compiled in place.
 pub const INCLUDE_DIRS: [&str; 2] = ["ffi/include", "kernels/cuda"];
