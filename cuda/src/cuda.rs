@@ -128,6 +128,8 @@ pub struct CudaDevice {
     total_mem_bytes: usize,
     kernels: Kernels,
     ptx_from_cache: bool,
+    /// cuFile, opened on the first `read_file` (the reason when it cannot be).
+    gds: std::sync::OnceLock<Result<crate::gds::Gds, String>>,
     state: Mutex<State>,
 }
 
@@ -218,6 +220,7 @@ impl CudaDevice {
             total_mem_bytes,
             kernels,
             ptx_from_cache: all_cached,
+            gds: std::sync::OnceLock::new(),
             state: Mutex::new(State {
                 next_id: 1,
                 buffers: HashMap::new(),
@@ -1180,6 +1183,36 @@ impl Device for CudaDevice {
             }
         }
         Ok(macs)
+    }
+
+    fn read_file(
+        &self,
+        stream: StreamId,
+        dst: DeviceRange,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_offset: u64,
+    ) -> Result<(), DeviceError> {
+        let gds = self
+            .gds
+            .get_or_init(|| crate::gds::Gds::open().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|detail| DeviceError::Driver {
+                op: "cuFileDriverOpen",
+                detail: detail.clone(),
+            })?;
+        // cuFile reads are not stream-ordered: what is queued before goes first.
+        self.sync_stream(stream)?;
+        // Registered per call: the tier's files are few, but a handle kept would have to
+        // outlive the store's descriptors, which the device does not own.
+        let file = gds.register(fd).map_err(|e| DeviceError::Driver {
+            op: "cuFileHandleRegister",
+            detail: e.to_string(),
+        })?;
+        file.read(self, dst, file_offset)
+            .map_err(|e| DeviceError::Driver {
+                op: "cuFileRead",
+                detail: e.to_string(),
+            })
     }
 }
 

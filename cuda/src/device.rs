@@ -151,6 +151,13 @@ pub enum DeviceError {
         block_bytes: usize,
         reason: &'static str,
     },
+    #[error("{op}: reading {len_bytes} bytes at file offset {file_offset}: {source}")]
+    FileRead {
+        op: &'static str,
+        file_offset: u64,
+        len_bytes: usize,
+        source: std::io::Error,
+    },
     #[error("{op} is not available on the {backend} backend")]
     Unsupported {
         op: &'static str,
@@ -353,6 +360,17 @@ pub trait Device: Send + Sync + std::fmt::Debug {
         descs: &[kvp_copy_desc],
         key: &[u8; 32],
     ) -> Result<Vec<[u8; 32]>, DeviceError>;
+    /// Reads `dst.len_bytes` at `file_offset` of `fd` (an NVMe tier file, opened with
+    /// O_DIRECT) straight into `dst`, after the work queued on `stream`; complete when
+    /// this returns. The cuda backend reads with cuFile (GPUDirect Storage: the bytes
+    /// never pass through host memory), the host backend with pread.
+    fn read_file(
+        &self,
+        stream: StreamId,
+        dst: DeviceRange,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_offset: u64,
+    ) -> Result<(), DeviceError>;
 }
 
 /// Checks `[offset, offset + len)` against a buffer of `buffer_bytes`.

@@ -723,6 +723,95 @@ impl Device for HostDevice {
         .map_err(|source| DeviceError::Kernel { op, source })?;
         Ok(macs)
     }
+
+    fn read_file(
+        &self,
+        stream: StreamId,
+        dst: DeviceRange,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_offset: u64,
+    ) -> Result<(), DeviceError> {
+        let op = "read_file";
+        let (s, (_held, p)) = {
+            let st = self.lock();
+            (st.stream(op, stream)?, st.range(op, dst)?)
+        };
+        let _in_stream = self.enter(op, &s);
+        let failed = |source| DeviceError::FileRead {
+            op,
+            file_offset,
+            len_bytes: dst.len_bytes,
+            source,
+        };
+        // The tier's files are O_DIRECT: reads go through an aligned bounce buffer, whole
+        // 4 KiB pages at 4 KiB offsets (what a GPU's DMA would do without the CPU).
+        const PAGE: u64 = 4096;
+        const BOUNCE_BYTES: usize = 1 << 20;
+        let start = file_offset - file_offset % PAGE;
+        let end = file_offset + dst.len_bytes as u64;
+        let layout = std::alloc::Layout::from_size_align(BOUNCE_BYTES, PAGE as usize)
+            .expect("a valid layout");
+        // SAFETY: a non-zero size layout; freed below.
+        let bounce = unsafe { std::alloc::alloc(layout) };
+        if bounce.is_null() {
+            return Err(DeviceError::OutOfMemory {
+                op,
+                bytes: BOUNCE_BYTES,
+            });
+        }
+        let mut at = start;
+        let mut result = Ok(());
+        while at < end && result.is_ok() {
+            let want = (end - at).div_ceil(PAGE) * PAGE;
+            let want = want.min(BOUNCE_BYTES as u64) as usize;
+            // SAFETY: `bounce` is valid for BOUNCE_BYTES >= want bytes.
+            let got = unsafe {
+                libc::pread(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    bounce as *mut libc::c_void,
+                    want,
+                    at as libc::off_t,
+                )
+            };
+            if got < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    result = Err(failed(e));
+                }
+                continue;
+            }
+            // The bytes of [at, at + got) that `dst` wants.
+            let got = got as u64;
+            let from = file_offset.max(at);
+            let to = end.min(at + got);
+            if to > from {
+                // SAFETY: [from - at, to - at) lies inside what pread filled; the
+                // destination [from - file_offset, to - file_offset) lies inside `dst`,
+                // checked by `range` and kept alive by `_held`; no one else writes it
+                // during the call.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        bounce.add((from - at) as usize),
+                        p.add((from - file_offset) as usize),
+                        (to - from) as usize,
+                    )
+                };
+            }
+            if at + got >= end {
+                break;
+            }
+            if got < want as u64 {
+                // Short before the end of what was asked: the file ends there.
+                result = Err(failed(std::io::Error::from(
+                    std::io::ErrorKind::UnexpectedEof,
+                )));
+            }
+            at += got;
+        }
+        // SAFETY: allocated above with this layout.
+        unsafe { std::alloc::dealloc(bounce, layout) };
+        result
+    }
 }
 
 impl HostDevice {

@@ -955,3 +955,57 @@ fn host_completion_delay_drives_event_queries() {
         Err(DeviceError::UnknownHandle { .. })
     ));
 }
+
+/// `read_file` on the host backend: any offset and length (the O_DIRECT-safe bounce reads
+/// whole aligned pages around them), into any range of a buffer, after the stream's
+/// work; a read past the end of the file or outside the buffer is an error.
+#[test]
+fn host_backend_reads_a_file_into_device_memory() {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    let dev = HostDevice::new();
+    let stream = dev.create_stream().unwrap();
+    let data = random((3 << 20) + 123, 0xf11e);
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(&data).unwrap();
+    let buf = dev.alloc(4 << 20).unwrap();
+    for (file_offset, len, dst_offset) in [
+        (0usize, 4096usize, 0usize),
+        (4096, 2 << 20, 256),
+        (3, 5000, 7),
+        (8191, (1 << 20) + 2, 4096),
+        (data.len() - 10, 10, 100),
+        ((1 << 20) - 1, (2 << 20) + 5, 1),
+    ] {
+        dev.read_file(
+            stream,
+            buf.range(dst_offset, len),
+            file.as_fd(),
+            file_offset as u64,
+        )
+        .unwrap_or_else(|e| panic!("{len} bytes at {file_offset}: {e}"));
+        let mut back = vec![0u8; len];
+        dev.copy_to_host(stream, buf.range(dst_offset, len), &mut back)
+            .unwrap();
+        assert!(
+            back == data[file_offset..file_offset + len],
+            "{len} bytes at {file_offset} into {dst_offset}"
+        );
+    }
+    let past_end = dev.read_file(
+        stream,
+        buf.range(0, 100),
+        file.as_fd(),
+        data.len() as u64 - 50,
+    );
+    assert!(
+        matches!(past_end, Err(DeviceError::FileRead { .. })),
+        "{past_end:?}"
+    );
+    let outside = dev.read_file(stream, buf.range(4 << 20, 1), file.as_fd(), 0);
+    assert!(
+        matches!(outside, Err(DeviceError::OutOfRange { .. })),
+        "{outside:?}"
+    );
+    dev.free(buf).unwrap();
+}
