@@ -598,6 +598,11 @@ verify_on_scan = {verify}
 # File with the key that authenticates NVMe slots (created 0600 on first start; losing it
 # empties the NVMe cache). Unset: "<first path>.key"; required for block devices.
 # key_path = "/var/lib/kvplane/slot.key"
+# How a LOAD's blocks read from NVMe reach G1: "auto" (straight into G1 with cuFile,
+# checksums and MACs checked on the GPU, where GPUDirect Storage works; else through the
+# pinned host tier), "off" (always through the host tier) or "on" (straight into G1, or
+# the start-up fails).
+direct_to_g1 = "{direct_to_g1}"
 
 [control]
 # Loopback TCP port for Prometheus: GET /metrics (daemon-wide aggregates: no namespace,
@@ -684,6 +689,7 @@ host_completion_delay_us = {device_host_delay_us}
             batch = n.batch_size,
             direct = n.direct,
             verify = n.verify_on_scan,
+            direct_to_g1 = n.direct_to_g1.as_str(),
             metrics_addr = d.control.metrics_addr,
             control_mode = d.control.socket_mode,
             tcp_tenant_data = d.control.tcp_tenant_data,
@@ -762,6 +768,7 @@ mod tests {
         full.tiers.nvme.direct = false;
         full.tiers.nvme.checksum_threads = 1;
         full.tiers.nvme.key_path = Some("/var/lib/kvp-test/slot.key".into());
+        full.tiers.nvme.direct_to_g1 = crate::tier::nvme::DirectToG1::Off;
         full.namespaces = vec![
             NamespaceConfig {
                 name: "tenant-a/llama-70b".into(),

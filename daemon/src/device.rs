@@ -29,29 +29,9 @@ pub struct DaemonDevice {
     /// Why `auto` runs on the host backend (e.g. "no NVIDIA driver: libcuda.so could not
     /// be loaded ..."); `None` when the device is the one asked for.
     pub fallback_reason: Option<String>,
-    /// How blocks travel between the NVMe tier and G1, decided at start-up (logged, and
-    /// in `/status`): see [`nvme_g1_path`].
+    /// How blocks travel between the NVMe tier and G1 (logged, and in `/status`): set by
+    /// `serve` once the tiers are open, from [`crate::tier::NvmeG1Path`].
     pub nvme_g1_path: String,
-}
-
-/// How blocks travel between the NVMe tier and G1 on a daemon whose device is `backend`:
-/// through the pinned host tier, where each block read from NVMe has its MAC checked on
-/// the CPU before anything serves it. GPUDirect Storage (cuFile straight into G1) would
-/// skip that check, so the daemon does not use it even where it works; on the cuda
-/// backend the line says whether it would have (libcufile loaded, its driver opened), so
-/// an operator knows what the machine offers.
-pub fn nvme_g1_path(backend: BackendKind) -> String {
-    const STAGED: &str = "through the pinned host tier, MACs checked on the CPU";
-    match backend {
-        BackendKind::Host => format!("{STAGED} (host backend: G1 is host memory)"),
-        BackendKind::Cuda => match kvplane_cuda::gds::Gds::open() {
-            Ok(_) => format!(
-                "{STAGED}; cuFile is available here (libcufile loaded, driver opened) but \
-                 not used: a direct read into G1 would bypass the MAC check"
-            ),
-            Err(e) => format!("{STAGED}; GPUDirect Storage unavailable: {e}"),
-        },
-    }
 }
 
 impl DaemonDevice {
@@ -75,13 +55,12 @@ impl DaemonDevice {
                 delay,
             ));
         }
-        let nvme_g1_path = nvme_g1_path(opened.device.backend());
         Ok(DaemonDevice {
             device: opened.device,
             choice: config.backend,
             ordinal: config.ordinal,
             fallback_reason: opened.fallback_reason,
-            nvme_g1_path,
+            nvme_g1_path: String::new(),
         })
     }
 

@@ -88,10 +88,12 @@ pub enum Link {
     EngineToG1 = 5,
     /// G1 blocks with no other copy, copied down to the host tier to make room in G1.
     G1ToHost = 6,
+    /// Blocks a load read from NVMe straight into G1 (`tiers.nvme.direct_to_g1`).
+    NvmeToG1 = 7,
 }
 
 impl Link {
-    pub const ALL: [Link; 7] = [
+    pub const ALL: [Link; 8] = [
         Link::EngineToHost,
         Link::HostToEngine,
         Link::HostToNvme,
@@ -99,6 +101,7 @@ impl Link {
         Link::G1ToEngine,
         Link::EngineToG1,
         Link::G1ToHost,
+        Link::NvmeToG1,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -109,6 +112,7 @@ impl Link {
             Link::G1ToEngine => "g1_to_engine",
             Link::EngineToG1 => "engine_to_g1",
             Link::G1ToHost => "g1_to_host",
+            Link::NvmeToG1 => "nvme_to_g1",
         }
     }
 }
@@ -221,12 +225,17 @@ impl DataPlaneMetrics {
         self.add_link_bytes(Link::G1ToHost, (r.g1_copied_down * block_bytes) as u64);
     }
 
-    /// Bytes a load moved: NVMe -> host for staged blocks, then each block to the engine.
+    /// Bytes a load moved: NVMe -> host (or straight into G1) for staged blocks, then
+    /// each block to the engine.
     pub fn record_load(&self, r: &LoadReport, block_bytes: usize) {
         let b = block_bytes as u64;
-        for t in &r.tiers {
+        for (k, t) in r.tiers.iter().enumerate() {
             match t {
                 Tier::Hbm => self.add_link_bytes(Link::G1ToEngine, b),
+                Tier::Nvme if r.staged_to_g1.get(k).copied().unwrap_or(false) => {
+                    self.add_link_bytes(Link::NvmeToG1, b);
+                    self.add_link_bytes(Link::G1ToEngine, b);
+                }
                 Tier::Nvme => {
                     self.add_link_bytes(Link::NvmeToHost, b);
                     self.add_link_bytes(Link::HostToEngine, b);

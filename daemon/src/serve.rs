@@ -63,7 +63,7 @@ pub fn run(args: ServeArgs) -> ServeResult {
         .collect();
     // Before any tier: G1 is allocated on this device and the host pool registered with
     // it. `backend = "cuda"` without a driver or that GPU ends the start-up here.
-    let device = DaemonDevice::open(&config.device)?;
+    let mut device = DaemonDevice::open(&config.device)?;
     device.log();
     let options = ManagerOptions {
         events: streaming.then_some(events_tx),
@@ -72,6 +72,7 @@ pub fn run(args: ServeArgs) -> ServeResult {
         ..ManagerOptions::default()
     };
     let blocks = Arc::new(BlockManager::new(&config.blocks, &config.tiers, options)?);
+    device.nvme_g1_path = blocks.stores().nvme_g1.describe.clone();
     let pool = blocks.host_pool().report();
     let tiers = blocks.stats().tiers;
     let has_nvme = tiers

@@ -190,3 +190,65 @@ fn a_g1_block_with_no_other_copy_goes_down_to_the_host_tier_when_g1_needs_room()
     drop((qa, qb));
     daemon.shutdown();
 }
+
+/// `tiers.nvme.direct_to_g1 = "on"` through real sessions: engine A's blocks are
+/// demoted to NVMe; engine B's LOAD reads them from the NVMe file straight into G1
+/// slots (checksum and MAC computed there by the kernels; on this machine G1 is host
+/// memory and the read a pread, on a GPU cuFile), then scatters them into its pages from
+/// G1, byte for byte; the host tier's blocks stay where they were, and the link counters
+/// say NVMe -> G1 -> engine.
+#[test]
+fn a_load_reads_nvme_blocks_straight_into_g1() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path(), EngineKind::Sync);
+    config.tiers.host.capacity_bytes = 3 * common::SLOT_BYTES;
+    config.tiers.hbm.capacity_bytes = 4 * BLOCK_BYTES;
+    config.blocks.nvme_admit_min_hits = 0;
+    config.tiers.nvme.direct_to_g1 = kvplane_daemon::tier::nvme::DirectToG1::On;
+    let (daemon, blocks) = common::start(config, None);
+    assert!(blocks.stores().nvme_g1.direct);
+    let socket = daemon.socket_path().to_path_buf();
+    let (_a, mut qa, kv_a) = common::attach_with_kv(&socket, NAMESPACE);
+    let (_b, mut qb, kv_b) = common::attach_with_kv(&socket, NAMESPACE);
+    fill_pages(&kv_a, 0..6);
+    // Pages 0..3 saved, then pages 3..6 push them out of the 3-slot host tier to NVMe.
+    let cold = [0x63_0001u64, 0x63_0002, 0x63_0003];
+    let hot = [0x63_0101u64, 0x63_0102, 0x63_0103];
+    for (hashes, first) in [(&cold, 0), (&hot, 3)] {
+        let (c, _) = block_op(&mut qa, Opcode::Save, 0, hashes, first);
+        assert_eq!((c.status, c.blocks), (Status::Ok.raw(), 3), "SAVE: {c:?}");
+    }
+    let (c, ops) = block_op(&mut qb, Opcode::Lookup, 0, &cold, 0);
+    assert_eq!(c.blocks, 3);
+    assert!(
+        ops.iter().all(|o| o.tier == Tier::Nvme.raw() as u8),
+        "on NVMe only"
+    );
+
+    let (c, ops) = block_op(&mut qb, Opcode::Load, 0, &cold, 8);
+    assert_eq!((c.status, c.blocks), (Status::Ok.raw(), 3), "LOAD: {c:?}");
+    assert!(
+        ops.iter().all(|o| o.tier == Tier::Nvme.raw() as u8),
+        "found on NVMe"
+    );
+    check_pages(&kv_b, 8, 0..3);
+    let (_, ops) = block_op(&mut qb, Opcode::Lookup, 0, &cold, 0);
+    assert!(
+        ops.iter().all(|o| o.tier == Tier::Hbm.raw() as u8),
+        "staged into G1: {:?}",
+        ops.iter().map(|o| o.tier).collect::<Vec<_>>()
+    );
+    let (_, ops) = block_op(&mut qb, Opcode::Lookup, 0, &hot, 0);
+    assert!(
+        ops.iter().all(|o| o.tier == Tier::Host.raw() as u8),
+        "host tier untouched"
+    );
+    let links = &daemon.shared().dataplane.counters.metrics;
+    use kvplane_daemon::metrics::Link;
+    assert_eq!(links.link_bytes(Link::NvmeToG1), 3 * BLOCK_BYTES);
+    assert_eq!(links.link_bytes(Link::G1ToEngine), 3 * BLOCK_BYTES);
+    assert_eq!(links.link_bytes(Link::NvmeToHost), 0);
+    blocks.check_invariants().unwrap();
+    drop((qa, qb));
+    daemon.shutdown();
+}

@@ -137,8 +137,11 @@ pub struct SaveReport {
 pub struct LoadReport {
     /// Leading blocks handed to `drain`.
     pub loaded: usize,
-    /// Tier each loaded block was found in (`Nvme` when it was staged through the host).
+    /// Tier each loaded block was found in (`Nvme` when it was staged from NVMe).
     pub tiers: Vec<Tier>,
+    /// Per loaded block: staged from NVMe straight into G1 (`tiers.nvme.direct_to_g1`)
+    /// rather than through the host tier.
+    pub staged_to_g1: Vec<bool>,
     pub bytes: u64,
     /// Slowest tier used (`Tier::None` when nothing was loaded).
     pub slowest: Option<Tier>,
@@ -282,6 +285,11 @@ impl BlockManager {
             )?;
             (Some(store), Some(scan))
         };
+        let nvme_g1 = crate::tier::NvmeG1Path::decide(
+            tiers.nvme.direct_to_g1,
+            device.backend(),
+            hbm.is_some() && nvme.is_some(),
+        )?;
         let caps = PerTier([
             hbm.as_ref().map(|a| a.slot_count()).unwrap_or(0),
             host.slot_count(),
@@ -332,6 +340,7 @@ impl BlockManager {
                 host,
                 block_bytes: block.block_bytes,
                 device,
+                nvme_g1,
             }),
             reg: Mutex::new(reg),
             block_bytes: block.block_bytes,
@@ -996,51 +1005,64 @@ impl BlockManager {
         plan
     }
 
-    /// Reserves host slots (from [`Self::plan_room`]) for the blocks a load stages from
-    /// NVMe and lists the reads in `plan.reads`. The load is cut at the first block that
-    /// gets no slot (no space) or is being staged by another load (busy); spare slots are
-    /// freed.
-    pub fn plan_staging(&self, plan: &mut LoadPlan, slots: Vec<u32>) {
+    /// Reserves slots (from [`Self::plan_room`]) for the blocks a load stages from NVMe,
+    /// in chain order: the `g1` slots first (read straight into G1, see
+    /// `Stores::nvme_g1`), then the `host` ones, and lists the reads in `plan.reads`. The
+    /// load is cut at the first block that gets no slot (no space) or is being staged by
+    /// another load (busy); spare slots are freed.
+    pub fn plan_staging(&self, plan: &mut LoadPlan, g1: Vec<u32>, host: Vec<u32>) {
         let mut cut = plan.items.len();
         let mut reg = self.lock();
-        reg.unclaim(plan.namespace, Tier::Host, slots.len());
-        let mut spare = slots.into_iter();
+        reg.unclaim(plan.namespace, Tier::Hbm, g1.len());
+        reg.unclaim(plan.namespace, Tier::Host, host.len());
+        let mut spare_g1 = g1.into_iter();
+        let mut spare_host = host.into_iter();
         for &i in &plan.staged {
             let key = plan.items[i].key;
             let v = reg.view(key).expect("held busy");
-            if let Some(s) = v.present[Tier::Host] {
+            if let Some(t) = [Tier::Hbm, Tier::Host]
+                .into_iter()
+                .find(|&t| v.present[t].is_some())
+            {
                 // Another load staged it meanwhile.
-                plan.items[i].slot = s;
+                plan.items[i].tier = t;
+                plan.items[i].slot = v.present[t].expect("present");
                 continue;
             }
-            let Some(slot) = spare.next() else {
+            let Some((tier, slot)) = spare_g1
+                .next()
+                .map(|s| (Tier::Hbm, s))
+                .or_else(|| spare_host.next().map(|s| (Tier::Host, s)))
+            else {
                 cut = cut.min(i);
                 if plan.failure.as_ref().is_none_or(|f| f.0 > i) {
                     plan.failure = Some((i, LoadFailure::NoSpace));
                 }
                 break;
             };
-            if reg
-                .reserve(key, v.parent, v.priority, Tier::Host, slot)
-                .is_err()
-            {
+            if reg.reserve(key, v.parent, v.priority, tier, slot).is_err() {
                 // Being staged by another load right now: stop here rather than wait (the
                 // engine retries; the block is not missing and space is not short).
-                reg.free_unused(Tier::Host, slot);
+                reg.free_unused(tier, slot);
                 cut = cut.min(i);
                 plan.failure = Some((i, LoadFailure::Busy));
                 break;
             }
+            plan.items[i].tier = tier;
             plan.items[i].slot = slot;
             plan.reads.push(NvmeRead {
                 index: i,
                 key,
                 nvme_slot: v.present[Tier::Nvme].expect("on NVMe"),
-                host_slot: slot,
+                tier,
+                slot,
                 generation: v.nvme_generation,
             });
         }
-        for slot in spare {
+        for slot in spare_g1 {
+            reg.free_unused(Tier::Hbm, slot);
+        }
+        for slot in spare_host {
             reg.free_unused(Tier::Host, slot);
         }
         plan.staged.clear();
@@ -1075,10 +1097,10 @@ impl BlockManager {
         for (read, result) in plan.reads.iter().zip(results) {
             match result {
                 Ok(()) => {
-                    reg.publish(read.key, Tier::Host, 0).expect("reserved");
+                    reg.publish(read.key, read.tier, 0).expect("reserved");
                 }
                 Err(e) => {
-                    let _ = reg.abort(read.key, Tier::Host);
+                    let _ = reg.abort(read.key, read.tier);
                     let failure = if matches!(e, NvmeError::Corrupt { .. }) {
                         self.counters
                             .nvme_corrupt_dropped
@@ -1134,7 +1156,7 @@ impl BlockManager {
         {
             let mut reg = self.lock();
             for read in plan.reads.drain(..) {
-                let _ = reg.abort(read.key, Tier::Host);
+                let _ = reg.abort(read.key, read.tier);
             }
             self.flush_events(&mut reg);
         }
@@ -1148,11 +1170,16 @@ impl BlockManager {
         let LoadPlan { items, failure, .. } = plan;
         let served = served.min(items.len());
         let tiers: Vec<Tier> = items[..served].iter().map(|i| i.found).collect();
+        let staged_to_g1 = items[..served]
+            .iter()
+            .map(|i| i.found == Tier::Nvme && i.tier == Tier::Hbm)
+            .collect();
         let report = LoadReport {
             loaded: served,
             slowest: tiers.iter().copied().max(),
             bytes: (served * self.block_bytes) as u64,
             tiers,
+            staged_to_g1,
             failure,
         };
         self.counters

@@ -29,7 +29,10 @@ pub struct NvmeRead {
     pub index: usize,
     pub key: BlockKey,
     pub nvme_slot: u32,
-    pub host_slot: u32,
+    /// The slot reserved for the copy: a host slot, or a G1 slot when the block is read
+    /// straight into G1 (`Stores::nvme_g1`).
+    pub tier: Tier,
+    pub slot: u32,
     /// Generation the registry knows for the copy; the header must carry it.
     pub generation: u64,
 }

@@ -477,7 +477,13 @@ mod tests {
             describe: "host backend".into(),
             gpus: Vec::new(),
             gpu_note: Some("no NVIDIA driver".into()),
-            nvme_g1_path: crate::device::nvme_g1_path(kvplane_cuda::BackendKind::Host),
+            nvme_g1_path: crate::tier::NvmeG1Path::decide(
+                crate::tier::nvme::DirectToG1::Auto,
+                kvplane_cuda::BackendKind::Host,
+                true,
+            )
+            .unwrap()
+            .describe,
         }
     }
 

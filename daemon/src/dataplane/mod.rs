@@ -1064,17 +1064,19 @@ impl DataPlane {
         let ops = &session.ops;
         let pages = &mut session.pages;
         let scratch = &mut session.scratch;
-        let started = transfer::begin_load(blocks, mover, ns, &session.hashes, |m, items| {
-            pages.clear();
-            pages.extend(items.iter().map(|i| ops[i.index].engine_block));
-            launch_and_record(m, target, |m| {
-                m.launch_scatter(target, pages, items, scratch)?;
-                if let NamedEvent::Ipc(ev) = signal {
-                    m.signal_engine(target, ev)?;
-                }
-                Ok(())
-            })
-        });
+        let stream = Some(target.stream);
+        let started =
+            transfer::begin_load(blocks, mover, ns, &session.hashes, stream, |m, items| {
+                pages.clear();
+                pages.extend(items.iter().map(|i| ops[i.index].engine_block));
+                launch_and_record(m, target, |m| {
+                    m.launch_scatter(target, pages, items, scratch)?;
+                    if let NamedEvent::Ipc(ev) = signal {
+                        m.signal_engine(target, ev)?;
+                    }
+                    Ok(())
+                })
+            });
         match started {
             Ok(started) if signal != NamedEvent::None && started.launched() => {
                 // The engine waits on its event on the GPU: complete now, hold the

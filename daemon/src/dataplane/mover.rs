@@ -364,6 +364,132 @@ impl Mover {
         results
     }
 
+    /// Reads NVMe slots into their reserved slots and verifies each (key, namespace,
+    /// hash, generation, checksum, MAC): host slots through the NVMe engine
+    /// ([`Self::read_nvme`]), G1 slots straight from the file ([`Self::read_nvme_to_g1`],
+    /// on `stream`). One result per read, in order.
+    pub fn read_staged(
+        &self,
+        stream: Option<StreamId>,
+        reads: &[NvmeRead],
+    ) -> Vec<Result<(), NvmeError>> {
+        let (g1, host): (Vec<NvmeRead>, Vec<NvmeRead>) =
+            reads.iter().partition(|r| r.tier == Tier::Hbm);
+        let mut g1_results = match g1.is_empty() {
+            true => Vec::new(),
+            false => self.read_nvme_to_g1(
+                stream.expect("G1 staging is planned only for a load with a stream"),
+                &g1,
+            ),
+        }
+        .into_iter();
+        let mut host_results = self.read_nvme(&host).into_iter();
+        reads
+            .iter()
+            .map(|r| {
+                let next = match r.tier {
+                    Tier::Hbm => g1_results.next(),
+                    _ => host_results.next(),
+                };
+                next.expect("one result per read")
+            })
+            .collect()
+    }
+
+    /// Reads NVMe slots straight into their reserved G1 slots (GPUDirect Storage on the
+    /// cuda backend): the header pages through the NVMe engine, checked on the CPU (MAC,
+    /// key, generation, length), then each block's data with `Device::read_file`, then
+    /// the checksum and MAC of every block that arrived, computed on the device in one
+    /// batch each and compared with its header. Nothing read here is served unless all
+    /// of that passed. One result per read.
+    pub fn read_nvme_to_g1(
+        &self,
+        stream: StreamId,
+        reads: &[NvmeRead],
+    ) -> Vec<Result<(), NvmeError>> {
+        let store = self
+            .stores
+            .nvme
+            .as_ref()
+            .expect("NVMe blocks imply an NVMe tier");
+        let bb = self.stores.block_bytes;
+        let expect: Vec<(u32, u32, u64, u64)> = reads
+            .iter()
+            .map(|r| (r.nvme_slot, r.key.namespace, r.key.hash, r.generation))
+            .collect();
+        let headers = store.read_headers(&expect);
+        let device = &self.stores.device;
+        // Data of the blocks whose header passed, straight into their G1 slots.
+        let mut landed: Vec<Result<SlotHeader, NvmeError>> = reads
+            .iter()
+            .zip(headers)
+            .map(|(r, header)| {
+                let h = header?;
+                let (buffer, offset) = slot_of(&self.stores, Tier::Hbm, r.slot);
+                let (fd, file_offset) = store.data_at(r.nvme_slot);
+                device
+                    .read_file(stream, buffer.range(offset as usize, bb), fd, file_offset)
+                    .map_err(|source| NvmeError::Device {
+                        slot: r.nvme_slot,
+                        source,
+                    })?;
+                Ok(h)
+            })
+            .collect();
+        // Checksums and MACs where the blocks landed: one batch per G1 buffer.
+        let arrived: Vec<usize> = (0..reads.len()).filter(|&k| landed[k].is_ok()).collect();
+        let mut groups: Vec<(DeviceBuffer, Vec<usize>)> = Vec::new();
+        for &k in &arrived {
+            let (buffer, _) = slot_of(&self.stores, Tier::Hbm, reads[k].slot);
+            match groups.iter_mut().find(|g| g.0 == buffer) {
+                Some(g) => g.1.push(k),
+                None => groups.push((buffer, vec![k])),
+            }
+        }
+        for (buffer, members) in groups {
+            let descs: Vec<kvp_copy_desc> = members
+                .iter()
+                .map(|&k| kvp_copy_desc {
+                    src_offset: slot_of(&self.stores, Tier::Hbm, reads[k].slot).1,
+                    dst_offset: 0,
+                    bytes: bb as u64,
+                })
+                .collect();
+            let sums = device
+                .checksum(stream, buffer, &descs)
+                .and_then(|c| Ok((c, device.mac(stream, buffer, &descs, store.data_mac_key())?)));
+            match sums {
+                Ok((checksums, macs)) => {
+                    for (j, &k) in members.iter().enumerate() {
+                        let checked = match &landed[k] {
+                            Ok(h) => {
+                                store.check_sums(reads[k].nvme_slot, h, checksums[j], &macs[j])
+                            }
+                            Err(_) => continue,
+                        };
+                        if let Err(e) = checked {
+                            landed[k] = Err(e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Unchecked blocks are never served.
+                    let detail = e.to_string();
+                    for &k in &members {
+                        landed[k] = Err(NvmeError::Device {
+                            slot: reads[k].nvme_slot,
+                            source: DeviceError::Driver {
+                                op: "checksum and MAC of blocks read into G1",
+                                detail: detail.clone(),
+                            },
+                        });
+                    }
+                }
+            }
+        }
+        landed.into_iter().map(|r| r.map(|_| ())).collect()
+    }
+
     /// Reads NVMe slots into their reserved host slots, each verified (key, namespace,
     /// hash, generation, checksum, MAC) as soon as its read completes while the others
     /// are in flight. One result per read.
@@ -380,7 +506,7 @@ impl Mover {
         let host = &self.stores.host;
         let ios: Vec<(u32, *mut u8)> = reads
             .iter()
-            .map(|r| (r.nvme_slot, host.slot_ptr(r.host_slot)))
+            .map(|r| (r.nvme_slot, host.slot_ptr(r.slot)))
             .collect();
         let mut verified: Vec<Option<Result<(), NvmeError>>> =
             (0..reads.len()).map(|_| None).collect();

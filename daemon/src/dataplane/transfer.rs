@@ -318,13 +318,16 @@ pub fn finish_reported_load(
 }
 
 /// The first half of a load of the leading stored blocks of a chain: blocks only on
-/// NVMe are staged into host slots and verified, then `launch` queues the copy of every
-/// block to the engine, in chain order. A launch that fails releases the blocks.
+/// NVMe are staged and verified (straight into G1 slots where the daemon reads NVMe into
+/// G1 and the load has a `stream` to make G1 room on, else, and for what G1 cannot take,
+/// into host slots), then `launch` queues the copy of every block to the engine, in
+/// chain order. A launch that fails releases the blocks.
 pub fn begin_load(
     blocks: &BlockManager,
     mover: &Mover,
     namespace: u32,
     hashes: &[u64],
+    stream: Option<StreamId>,
     launch: impl FnOnce(&Mover, &[LoadItem]) -> Result<(), MoveError>,
 ) -> Result<LoadStarted, BlockError> {
     let plan = blocks.plan_load(namespace, hashes);
@@ -333,17 +336,33 @@ pub fn begin_load(
         |plan| {
             if plan.needs_staging() > 0 {
                 let mut unused = SaveReport::default();
-                let slots = acquire(
-                    blocks,
-                    mover,
-                    Tier::Host,
-                    namespace,
-                    plan.needs_staging(),
-                    &mut unused,
-                    None,
-                );
-                blocks.plan_staging(plan, slots);
-                let results = mover.read_nvme(&plan.reads);
+                let want = plan.needs_staging();
+                let g1 = match stream {
+                    Some(stream) if mover.stores().nvme_g1.direct => acquire(
+                        blocks,
+                        mover,
+                        Tier::Hbm,
+                        namespace,
+                        want,
+                        &mut unused,
+                        Some(stream),
+                    ),
+                    _ => Vec::new(),
+                };
+                let host = match want - g1.len() {
+                    0 => Vec::new(),
+                    rest => acquire(
+                        blocks,
+                        mover,
+                        Tier::Host,
+                        namespace,
+                        rest,
+                        &mut unused,
+                        None,
+                    ),
+                };
+                blocks.plan_staging(plan, g1, host);
+                let results = mover.read_staged(stream, &plan.reads);
                 let erase = blocks.commit_staging(plan, results);
                 mover.erase_nvme(&erase);
                 blocks.commit_erase(&erase);
@@ -394,9 +413,10 @@ pub fn load(
     mover: &Mover,
     namespace: u32,
     hashes: &[u64],
+    stream: Option<StreamId>,
     drain: impl FnOnce(&Mover, &[LoadItem]) -> Result<(), MoveError>,
 ) -> Result<LoadReport, BlockError> {
-    let started = begin_load(blocks, mover, namespace, hashes, drain)?;
+    let started = begin_load(blocks, mover, namespace, hashes, stream, drain)?;
     finish_load(blocks, started, Ok(()))
 }
 
@@ -533,9 +553,14 @@ impl LocalBlocks {
         hashes: &[u64],
         mut drain: impl FnMut(usize, &[u8]) -> Result<(), E>,
     ) -> Result<LoadReport, BlockError> {
-        load(&self.blocks, &self.mover, namespace, hashes, |m, items| {
-            m.drain_with(self.stream, items, |k, bytes| drain(items[k].index, bytes))
-        })
+        load(
+            &self.blocks,
+            &self.mover,
+            namespace,
+            hashes,
+            Some(self.stream),
+            |m, items| m.drain_with(self.stream, items, |k, bytes| drain(items[k].index, bytes)),
+        )
     }
 
     pub fn promote(&self, namespace: u32, hashes: &[u64]) -> usize {

@@ -27,6 +27,72 @@ pub struct Stores {
     pub block_bytes: usize,
     /// The device the memory tiers are allocated on or registered with.
     pub device: std::sync::Arc<dyn kvplane_cuda::Device>,
+    /// How a LOAD's blocks read from NVMe reach G1.
+    pub nvme_g1: NvmeG1Path,
+}
+
+/// How blocks read from NVMe reach G1, decided at start-up from
+/// `tiers.nvme.direct_to_g1` and what the machine offers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NvmeG1Path {
+    /// A LOAD stages NVMe blocks straight into G1 slots ([`kvplane_cuda::Device::read_file`]),
+    /// each block's checksum and MAC computed there by the kernels before it is served;
+    /// otherwise into pinned host slots, checked on the CPU.
+    pub direct: bool,
+    /// The start-up log's, `/status`'s and `kvplane status`'s line.
+    pub describe: String,
+}
+
+impl NvmeG1Path {
+    /// Decides the path for a daemon on `backend` (`has_both`: it has G1 and an NVMe
+    /// tier; without both nothing moves between them). `on` where it cannot be done is
+    /// a configuration error.
+    pub fn decide(
+        choice: nvme::DirectToG1,
+        backend: kvplane_cuda::BackendKind,
+        has_both: bool,
+    ) -> Result<NvmeG1Path, ConfigError> {
+        use kvplane_cuda::BackendKind;
+        use nvme::DirectToG1;
+        const STAGED: &str = "through the pinned host tier, MACs checked on the CPU";
+        let staged = |why: String| NvmeG1Path {
+            direct: false,
+            describe: format!("{STAGED} ({why})"),
+        };
+        let direct = |how: &str| NvmeG1Path {
+            direct: has_both,
+            describe: format!(
+                "straight into G1 ({how}), checksums and MACs checked there by the kernels"
+            ),
+        };
+        let gds = || match backend {
+            BackendKind::Cuda => kvplane_cuda::gds::Gds::open()
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            BackendKind::Host => Err("host backend".to_string()),
+        };
+        Ok(match (choice, backend) {
+            (DirectToG1::Off, _) => staged("tiers.nvme.direct_to_g1 = off".into()),
+            (DirectToG1::Auto, BackendKind::Host) => {
+                staged("host backend: G1 is host memory".into())
+            }
+            (DirectToG1::On, BackendKind::Host) => {
+                direct("host backend: G1 is host memory, read with pread")
+            }
+            (_, BackendKind::Cuda) => match gds() {
+                Ok(()) => direct("cuFile, GPUDirect Storage"),
+                Err(e) if choice == DirectToG1::Auto => {
+                    staged(format!("GPUDirect Storage unavailable: {e}"))
+                }
+                Err(e) => {
+                    return Err(invalid(
+                        "tiers.nvme.direct_to_g1",
+                        format!("is on, but GPUDirect Storage is unavailable: {e}"),
+                    ));
+                }
+            },
+        })
+    }
 }
 
 impl Stores {
@@ -275,5 +341,30 @@ mod tests {
             toml::from_str::<TiersConfig>("[host]\nlocked = true").is_err(),
             "unknown keys are errors"
         );
+    }
+
+    #[test]
+    fn the_nvme_g1_path_follows_the_choice_and_says_why() {
+        use kvplane_cuda::BackendKind;
+        use nvme::DirectToG1;
+        let decide = |c, both| NvmeG1Path::decide(c, BackendKind::Host, both).unwrap();
+        let auto = decide(DirectToG1::Auto, true);
+        assert!(!auto.direct);
+        assert!(auto.describe.contains("host backend"), "{}", auto.describe);
+        let off = decide(DirectToG1::Off, true);
+        assert!(!off.direct);
+        assert!(
+            off.describe.contains("direct_to_g1 = off"),
+            "{}",
+            off.describe
+        );
+        let on = decide(DirectToG1::On, true);
+        assert!(on.direct);
+        assert!(on.describe.contains("straight into G1"), "{}", on.describe);
+        // Without both G1 and NVMe nothing moves between them.
+        assert!(!decide(DirectToG1::On, false).direct);
+        let t: TiersConfig = toml::from_str("[nvme]\ndirect_to_g1 = \"on\"\n").unwrap();
+        assert_eq!(t.nvme.direct_to_g1, DirectToG1::On);
+        assert!(toml::from_str::<TiersConfig>("[nvme]\ndirect_to_g1 = \"yes\"\n").is_err());
     }
 }

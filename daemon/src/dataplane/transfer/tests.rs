@@ -1175,7 +1175,7 @@ fn a_load_from_g1_and_host_scatters_each_block_into_its_page() {
     let hashes = [1, 2, 3, 4];
     let pages = [6u32, 0, 3, 5];
     let mut scratch = MoveScratch::default();
-    let r = super::load(&m.blocks, &m.mover, 5, &hashes, |mv, items| {
+    let r = super::load(&m.blocks, &m.mover, 5, &hashes, None, |mv, items| {
         mv.launch_scatter(target, &pages[..items.len()], items, &mut scratch)?;
         mv.wait(target)
     })
@@ -1360,5 +1360,187 @@ fn a_g1_victim_with_no_host_room_is_dropped() {
     assert_eq!(s.tiers[0].removed["evicted"], 1);
     assert_eq!(s.tiers[0].removed["demoted"], 0);
     m.unpin(9, 5, &[100, 101]);
+    m.check_invariants().unwrap();
+}
+
+/// A manager whose LOADs read NVMe blocks straight into G1 (`direct_to_g1 = "on"`: on
+/// the host backend G1 is host memory, read with pread, checked by the MAC kernels'
+/// CPU build), with `g1_slots` G1 slots, 2 host slots and 16 NVMe slots, every demoted
+/// block admitted to NVMe.
+fn direct_manager(dir: &Path, g1_slots: u64, faults: Option<Arc<FaultPlan>>) -> LocalBlocks {
+    let (mut b, mut t) = config(Some(dir), 2, 16, EngineKind::Sync);
+    b.nvme_admit_min_hits = 0;
+    t.hbm.capacity_bytes = g1_slots * BLOCK as u64;
+    t.nvme.direct_to_g1 = crate::tier::nvme::DirectToG1::On;
+    let options = ManagerOptions {
+        faults,
+        ..ManagerOptions::default()
+    };
+    local(BlockManager::new(&b, &t, options).unwrap())
+}
+
+/// Chain (1, 2) only on NVMe, chain (50, 51) in the two host slots.
+fn demote_first_chain(m: &LocalBlocks) {
+    save(m, 1, &chain(1, 2), false);
+    save(m, 1, &chain(50, 2), false);
+    let mut tiers = [None; 2];
+    assert_eq!(m.lookup(1, &[1, 2], &mut tiers), 2);
+    assert_eq!(tiers, [Some(Tier::Nvme); 2]);
+}
+
+#[test]
+fn loads_read_nvme_blocks_straight_into_g1_and_check_them_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = direct_manager(dir.path(), 4, None);
+    let path = &m.stores().nvme_g1;
+    assert!(path.direct, "{path:?}");
+    assert!(
+        path.describe.contains("straight into G1"),
+        "{}",
+        path.describe
+    );
+    demote_first_chain(&m);
+    // Byte for byte what was saved (the `load` helper checks every block).
+    let r = load(&m, 1, &[1, 2]);
+    assert_eq!(
+        (r.loaded, r.tiers.clone()),
+        (2, vec![Tier::Nvme; 2]),
+        "{r:?}"
+    );
+    let mut tiers = [None; 2];
+    assert_eq!(m.lookup(1, &[1, 2], &mut tiers), 2);
+    assert_eq!(
+        tiers,
+        [Some(Tier::Hbm); 2],
+        "staged into G1, not the host tier"
+    );
+    assert_eq!(m.lookup(1, &[50, 51], &mut tiers), 2);
+    assert_eq!(
+        tiers,
+        [Some(Tier::Host); 2],
+        "the host tier kept its blocks"
+    );
+    assert_eq!(used_slots(&m, Tier::Hbm), 2);
+    // Served again from G1.
+    let r = load(&m, 1, &[1, 2]);
+    assert_eq!(r.tiers, vec![Tier::Hbm; 2]);
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn what_g1_cannot_take_is_staged_through_the_host_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = direct_manager(dir.path(), 1, None);
+    demote_first_chain(&m);
+    let r = load(&m, 1, &[1, 2]);
+    assert_eq!(r.loaded, 2, "{r:?}");
+    let mut tiers = [None; 2];
+    assert_eq!(m.lookup(1, &[1, 2], &mut tiers), 2);
+    assert_eq!(tiers, [Some(Tier::Hbm), Some(Tier::Host)]);
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn a_block_tampered_on_disk_is_caught_where_it_landed_in_g1() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let m = direct_manager(dir.path(), 4, None);
+    demote_first_chain(&m);
+    let path = dir.path().join("g3.kvp");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let slot_of = |hash: u64| {
+        (0..16u64)
+            .find(|s| {
+                let mut page = [0u8; 32];
+                f.read_exact_at(&mut page, s * SLOT).unwrap();
+                page[16..20] == 1u32.to_le_bytes() && page[24..32] == hash.to_le_bytes()
+            })
+            .expect("slot on disk")
+    };
+    // Block 2 rewritten with its checksum kept (only the MAC can tell), block 1 with one
+    // bit flipped (the checksum tells).
+    let (s1, s2) = (slot_of(1), slot_of(2));
+    let mut original = vec![0u8; BLOCK];
+    f.read_exact_at(&mut original, s2 * SLOT + 4096).unwrap();
+    let mut forged = vec![0xeeu8; BLOCK];
+    crate::tier::nvme::tests::keep_checksum(&original, &mut forged);
+    f.write_all_at(&forged, s2 * SLOT + 4096).unwrap();
+    let r = m
+        .load_with(1, &[1, 2], |i, bytes: &[u8]| {
+            assert_ne!(bytes, &forged[..], "the forged block was served");
+            assert_eq!(bytes, &expect(1, [1, 2][i])[..], "block {i}");
+            Ok::<(), std::io::Error>(())
+        })
+        .unwrap();
+    assert_eq!(r.loaded, 1, "{r:?}");
+    assert!(
+        matches!(&r.failure, Some((1, LoadFailure::Corrupt(e))) if e.to_string().contains("data MAC")),
+        "{:?}",
+        r.failure
+    );
+    let mut tiers = [None; 2];
+    assert_eq!(
+        m.lookup(1, &[1, 2], &mut tiers),
+        1,
+        "the forged copy is gone"
+    );
+    m.drop_blocks(1, &[1]);
+    save(&m, 1, &chain(1, 1), true);
+    save(&m, 1, &chain(60, 2), false); // block 1 back on NVMe only
+    let mut word = [0u8; 1];
+    let s1 = [s1, slot_of(1)][1];
+    f.read_exact_at(&mut word, s1 * SLOT + 4096 + 100).unwrap();
+    f.write_all_at(&[word[0] ^ 4], s1 * SLOT + 4096 + 100)
+        .unwrap();
+    let r = m
+        .load_with(1, &[1], |_, _: &[u8]| Ok::<(), std::io::Error>(()))
+        .unwrap();
+    assert_eq!(r.loaded, 0);
+    assert!(
+        matches!(&r.failure, Some((0, LoadFailure::Corrupt(e))) if e.to_string().contains("checksum")),
+        "{:?}",
+        r.failure
+    );
+    assert_eq!(
+        used_slots(&m, Tier::Hbm),
+        0,
+        "no G1 slot kept for a refused block"
+    );
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn a_failed_header_read_fails_the_load_at_that_block_and_frees_its_g1_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = Arc::new(FaultPlan::default());
+    let m = direct_manager(dir.path(), 4, Some(plan.clone()));
+    demote_first_chain(&m);
+    plan.add(FaultRule {
+        kind: Some(IoKind::Read),
+        skip: 0,
+        count: 1,
+        effect: FaultEffect::Errno(libc::EIO),
+    });
+    let r = m
+        .load_with(1, &[1, 2], |_, _: &[u8]| Ok::<(), std::io::Error>(()))
+        .unwrap();
+    assert_eq!(plan.fired(), 1);
+    assert_eq!(r.loaded, 0, "{r:?}");
+    assert!(
+        matches!(r.failure, Some((0, LoadFailure::Io(_)))),
+        "{:?}",
+        r.failure
+    );
+    assert_eq!(
+        used_slots(&m, Tier::Hbm),
+        1,
+        "block 2 (read fine) stays staged in G1"
+    );
+    let r = load(&m, 1, &[1, 2]);
+    assert_eq!(r.loaded, 2, "{r:?}");
     m.check_invariants().unwrap();
 }

@@ -68,6 +68,11 @@ impl SlotKey {
         }
     }
 
+    /// The key of the data MAC, for MAC kernels run where a block landed.
+    pub(crate) fn data_key(&self) -> &[u8; 32] {
+        &self.data
+    }
+
     /// MAC of a block's bytes.
     pub fn data_mac(&self, data: &[u8]) -> [u8; MAC_BYTES] {
         *blake3::keyed_hash(&self.data, data).as_bytes()

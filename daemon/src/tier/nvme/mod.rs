@@ -71,6 +71,34 @@ pub struct NvmeConfig {
     /// first path is a block device. Whoever can read it can forge slots: keep it on a file
     /// system only the daemon's user can write.
     pub key_path: Option<PathBuf>,
+    /// How a LOAD's blocks read from NVMe reach a daemon that has G1: `auto` reads them
+    /// straight into G1 (cuFile, GPUDirect Storage) where libcufile works on the cuda
+    /// backend, each block's checksum and MAC checked on the GPU, else through the
+    /// pinned host tier (checked on the CPU); `off` always through the host tier; `on`
+    /// straight into G1 or the start-up fails. On the host backend G1 is host memory:
+    /// `on` runs the same path with pread and the CPU build of the MAC kernels.
+    pub direct_to_g1: DirectToG1,
+}
+
+/// `[tiers.nvme] direct_to_g1`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DirectToG1 {
+    #[default]
+    Auto,
+    Off,
+    On,
+}
+
+impl DirectToG1 {
+    /// The config file's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirectToG1::Auto => "auto",
+            DirectToG1::Off => "off",
+            DirectToG1::On => "on",
+        }
+    }
 }
 
 impl Default for NvmeConfig {
@@ -85,6 +113,7 @@ impl Default for NvmeConfig {
             verify_on_scan: false,
             checksum_threads: 2,
             key_path: None,
+            direct_to_g1: DirectToG1::Auto,
         }
     }
 }
@@ -183,6 +212,13 @@ pub enum NvmeError {
     },
     #[error("NVMe slot {slot} is corrupt: {reason}")]
     Corrupt { slot: u32, reason: String },
+    /// Reading a slot straight into G1, or checking it there, failed on the device.
+    #[error("NVMe slot {slot} into G1: {source}")]
+    Device {
+        slot: u32,
+        #[source]
+        source: kvplane_cuda::DeviceError,
+    },
     /// A path refused before anything was written to it (link, owner, mode, directory).
     #[error("NVMe tier: {0}")]
     Path(PathError),
@@ -721,12 +757,31 @@ impl NvmeStore {
         generation: u64,
     ) -> Result<SlotHeader, NvmeError> {
         let corrupt = |reason: String| NvmeError::Corrupt { slot, reason };
-        let h = SlotHeader::decode(
+        let h = self.check_header(
+            slot,
             &slot_buf[..SLOT_HEADER_BYTES],
-            self.slot_bytes - SLOT_HEADER_BYTES,
-            &self.key,
-        )
-        .map_err(|e| corrupt(e.to_string()))?;
+            namespace,
+            hash,
+            generation,
+        )?;
+        let data = &slot_buf[SLOT_HEADER_BYTES..SLOT_HEADER_BYTES + h.length as usize];
+        self.check_data(&h, data).map_err(corrupt)?;
+        Ok(h)
+    }
+
+    /// Decodes a slot's header page (its MAC under the key) and checks it holds the block
+    /// and generation the index expects.
+    fn check_header(
+        &self,
+        slot: u32,
+        page: &[u8],
+        namespace: u32,
+        hash: u64,
+        generation: u64,
+    ) -> Result<SlotHeader, NvmeError> {
+        let corrupt = |reason: String| NvmeError::Corrupt { slot, reason };
+        let h = SlotHeader::decode(page, self.slot_bytes - SLOT_HEADER_BYTES, &self.key)
+            .map_err(|e| corrupt(e.to_string()))?;
         if h.namespace != namespace || h.hash != hash {
             return Err(corrupt(format!(
                 "holds ({}, {:#x}), expected ({namespace}, {hash:#x})",
@@ -739,22 +794,112 @@ impl NvmeStore {
                 h.generation
             )));
         }
-        let data = &slot_buf[SLOT_HEADER_BYTES..SLOT_HEADER_BYTES + h.length as usize];
-        self.check_data(&h, data).map_err(corrupt)?;
         Ok(h)
+    }
+
+    /// Reads the header pages of `slots` (`(slot, namespace, hash, generation)`, one I/O
+    /// batch through the tier's engine) and checks each against what the index expects;
+    /// a header must describe exactly one block (it is read into a G1 slot of that
+    /// size). The data is not read: [`Self::data_at`] says where it lies, and
+    /// [`Self::check_sums`] checks its checksum and MAC computed elsewhere (on the GPU).
+    pub fn read_headers(
+        &self,
+        slots: &[(u32, u32, u64, u64)],
+    ) -> Vec<Result<SlotHeader, NvmeError>> {
+        if slots.is_empty() {
+            return Vec::new();
+        }
+        let mut results = Vec::with_capacity(slots.len());
+        let pages = AlignedBuf::new(slots.len() * SLOT_HEADER_BYTES);
+        let items: Vec<(u32, *mut u8)> = slots
+            .iter()
+            .enumerate()
+            // SAFETY: page i lies inside the buffer of slots.len() pages.
+            .map(|(i, s)| (s.0, unsafe { pages.ptr.add(i * SLOT_HEADER_BYTES) }))
+            .collect();
+        self.io(
+            IoKind::Read,
+            &items,
+            SLOT_HEADER_BYTES,
+            &mut |_| {},
+            &mut |_| {},
+            &mut results,
+        );
+        let bytes = pages.slice();
+        slots
+            .iter()
+            .zip(results)
+            .enumerate()
+            .map(|(i, (&(slot, namespace, hash, generation), io))| {
+                io?;
+                let page = &bytes[i * SLOT_HEADER_BYTES..(i + 1) * SLOT_HEADER_BYTES];
+                let h = self.check_header(slot, page, namespace, hash, generation)?;
+                if h.length != self.block_bytes as u64 {
+                    return Err(NvmeError::Corrupt {
+                        slot,
+                        reason: format!(
+                            "length {} is not one block ({})",
+                            h.length, self.block_bytes
+                        ),
+                    });
+                }
+                Ok(h)
+            })
+            .collect()
+    }
+
+    /// Where a slot's block data lies: the tier file's descriptor and the byte offset.
+    pub fn data_at(&self, slot: u32) -> (std::os::fd::BorrowedFd<'_>, u64) {
+        use std::os::fd::AsFd;
+        let (file, offset) = self.locate(slot);
+        (
+            self._files[file as usize].as_fd(),
+            offset + SLOT_HEADER_BYTES as u64,
+        )
+    }
+
+    /// The key of the slot data MAC, for MAC kernels that check blocks where they landed
+    /// (the GPU's own memory, never memory an engine shares).
+    pub(crate) fn data_mac_key(&self) -> &[u8; key::MAC_BYTES] {
+        self.key.data_key()
+    }
+
+    /// Checks a block's checksum and MAC, computed wherever it landed, against its
+    /// header (from [`Self::read_headers`]).
+    pub fn check_sums(
+        &self,
+        slot: u32,
+        h: &SlotHeader,
+        checksum: u64,
+        mac: &[u8; key::MAC_BYTES],
+    ) -> Result<(), NvmeError> {
+        self.compare_sums(h, checksum, mac)
+            .map_err(|reason| NvmeError::Corrupt { slot, reason })
     }
 
     /// The data checksum (torn or failing disk), then the data MAC (tampering: a rewrite
     /// can keep the checksum, not the MAC).
     fn check_data(&self, h: &SlotHeader, data: &[u8]) -> Result<(), String> {
-        let sum = kvplane_kernels::checksum64(data);
+        self.compare_sums(
+            h,
+            kvplane_kernels::checksum64(data),
+            &self.key.data_mac(data),
+        )
+    }
+
+    fn compare_sums(
+        &self,
+        h: &SlotHeader,
+        sum: u64,
+        mac: &[u8; key::MAC_BYTES],
+    ) -> Result<(), String> {
         if sum != h.data_checksum {
             return Err(format!(
                 "data checksum {sum:#018x} != header {:#018x} (torn or corrupt block)",
                 h.data_checksum
             ));
         }
-        if !SlotKey::mac_eq(&self.key.data_mac(data), &h.data_mac) {
+        if !SlotKey::mac_eq(mac, &h.data_mac) {
             return Err(
                 "data MAC mismatch (block rewritten without this daemon's key: tampered)".into(),
             );
