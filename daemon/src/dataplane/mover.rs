@@ -487,6 +487,20 @@ impl Mover {
                 }
             }
         }
+        if let Some(e) = landed.iter().find_map(|r| match r {
+            Err(e @ NvmeError::Device { .. }) => Some(e),
+            _ => None,
+        }) && !self
+            .stores
+            .nvme_g1_failed
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                error = %e,
+                "reading NVMe blocks straight into G1 failed on the device; from now on \
+                 loads stage them through the pinned host tier (MACs checked on the CPU)"
+            );
+        }
         landed.into_iter().map(|r| r.map(|_| ())).collect()
     }
 

@@ -338,7 +338,7 @@ pub fn begin_load(
                 let mut unused = SaveReport::default();
                 let want = plan.needs_staging();
                 let g1 = match stream {
-                    Some(stream) if mover.stores().nvme_g1.direct => acquire(
+                    Some(stream) if mover.stores().nvme_direct_to_g1() => acquire(
                         blocks,
                         mover,
                         Tier::Hbm,

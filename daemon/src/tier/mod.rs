@@ -29,6 +29,20 @@ pub struct Stores {
     pub device: std::sync::Arc<dyn kvplane_cuda::Device>,
     /// How a LOAD's blocks read from NVMe reach G1.
     pub nvme_g1: NvmeG1Path,
+    /// Set when a read straight into G1 failed on the device (cuFile refused, a read
+    /// error): later loads stage through the host tier instead, so a machine whose
+    /// GPUDirect Storage misbehaves keeps serving.
+    pub nvme_g1_failed: std::sync::atomic::AtomicBool,
+}
+
+impl Stores {
+    /// Whether a LOAD reads NVMe blocks straight into G1 now.
+    pub fn nvme_direct_to_g1(&self) -> bool {
+        self.nvme_g1.direct
+            && !self
+                .nvme_g1_failed
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// How blocks read from NVMe reach G1, decided at start-up from

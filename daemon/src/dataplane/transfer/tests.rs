@@ -1544,3 +1544,53 @@ fn a_failed_header_read_fails_the_load_at_that_block_and_frees_its_g1_slot() {
     assert_eq!(r.loaded, 2, "{r:?}");
     m.check_invariants().unwrap();
 }
+
+#[test]
+fn a_device_read_failure_turns_loads_to_the_host_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = direct_manager(dir.path(), 4, None);
+    demote_first_chain(&m); // (1, 2) on NVMe, (50, 51) in the host tier
+    save(&m, 1, &chain(60, 2), false); // (50, 51) to NVMe after (1, 2)
+    let mut tiers = [None; 2];
+    assert_eq!(m.lookup(1, &[50, 51], &mut tiers), 2);
+    assert_eq!(tiers, [Some(Tier::Nvme); 2]);
+    // The file ends inside the data of whichever of 50, 51 lies last (its header page
+    // still there): that block's read into G1 fails on the device.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.path().join("g3.kvp"))
+        .unwrap();
+    let slot_of = |hash: u64| {
+        (0..16u64)
+            .find(|s| {
+                let mut page = [0u8; 32];
+                f.read_exact_at(&mut page, s * SLOT).unwrap();
+                page[16..20] == 1u32.to_le_bytes() && page[24..32] == hash.to_le_bytes()
+            })
+            .expect("slot on disk")
+    };
+    let slots = [slot_of(50), slot_of(51)];
+    let last = usize::from(slots[1] > slots[0]);
+    f.set_len(slots[last] * SLOT + 4096 + 100).unwrap();
+    let r = m
+        .load_with(1, &[50, 51], |_, _: &[u8]| Ok::<(), std::io::Error>(()))
+        .unwrap();
+    assert_eq!(r.loaded, last, "{r:?}");
+    assert!(
+        matches!(&r.failure, Some((k, LoadFailure::Io(e))) if *k == last && e.to_string().contains("into G1")),
+        "{:?}",
+        r.failure
+    );
+    assert!(
+        !m.stores().nvme_direct_to_g1(),
+        "the direct path is off from now on"
+    );
+    // The next load stages through the host tier.
+    let r = load(&m, 1, &[1, 2]);
+    assert_eq!(r.loaded, 2, "{r:?}");
+    assert_eq!(m.lookup(1, &[1, 2], &mut tiers), 2);
+    assert_eq!(tiers, [Some(Tier::Host); 2]);
+    m.check_invariants().unwrap();
+}
