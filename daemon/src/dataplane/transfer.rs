@@ -93,19 +93,34 @@ fn copy_down(
         return true;
     }
     let stream = stream.expect("G1 room is made on a stream: only G1 victims copy down");
-    let mut slots = vec![None; room.copies_down.len()];
-    let mut namespaces: Vec<u32> = room.copies_down.iter().map(|c| c.key.namespace).collect();
+    let victim_ns: Vec<u32> = room.copies_down.iter().map(|c| c.key.namespace).collect();
+    let mut namespaces = victim_ns.clone();
     namespaces.sort_unstable();
     namespaces.dedup();
-    for ns in namespaces {
-        let positions: Vec<usize> = (0..room.copies_down.len())
-            .filter(|&k| room.copies_down[k].key.namespace == ns)
-            .collect();
-        let got = acquire(blocks, mover, Tier::Host, ns, positions.len(), report, None);
-        for (k, slot) in positions.into_iter().zip(got) {
-            slots[k] = Some(slot);
-        }
-    }
+    // Host room per victim namespace, each making room as it must; a panic while making
+    // one namespace's room gives back the slots the earlier namespaces got (the
+    // panicking one gives back its own).
+    let (slots, ()) = give_back_on_panic(
+        vec![None; victim_ns.len()],
+        |slots| {
+            for ns in namespaces {
+                let positions: Vec<usize> = (0..victim_ns.len())
+                    .filter(|&k| victim_ns[k] == ns)
+                    .collect();
+                let got = acquire(blocks, mover, Tier::Host, ns, positions.len(), report, None);
+                for (k, slot) in positions.into_iter().zip(got) {
+                    slots[k] = Some(slot);
+                }
+            }
+        },
+        |slots| {
+            for (k, slot) in slots.into_iter().enumerate() {
+                if let Some(slot) = slot {
+                    blocks.free_room(victim_ns[k], Tier::Host, vec![slot]);
+                }
+            }
+        },
+    );
     blocks.reserve_copies_down(room, slots, out);
     if room.copies_down.is_empty() {
         return true;
@@ -364,6 +379,9 @@ pub fn begin_load(
                 blocks.plan_staging(plan, g1, host);
                 let results = mover.read_staged(stream, &plan.reads);
                 let erase = blocks.commit_staging(plan, results);
+                // A panic while erasing leaves these slots detached until restart:
+                // freeing them could let a restart index a corrupt block's header that
+                // is still on disk in a slot nobody rewrote.
                 mover.erase_nvme(&erase);
                 blocks.commit_erase(&erase);
             }

@@ -430,6 +430,63 @@ fn a_panic_in_a_promotion_copy_gives_back_the_g1_slots() {
     m.check_invariants().unwrap();
 }
 
+/// A save kept on the GPU (the test's stream) of `blocks`, filled with their patterns.
+fn save_kept_on_gpu(m: &LocalBlocks, ns: u32, blocks: &[(u64, Option<u64>)]) -> SaveReport {
+    let options = SaveOptions {
+        priority: 0,
+        write_through: false,
+        keep_on_gpu: Some(m.stream),
+    };
+    let started = begin_save(&m.blocks, &m.mover, ns, blocks, options, |mv, stores, _| {
+        mv.fill_with(stores, |k, buf: &mut [u8]| {
+            pattern(ns, blocks[stores[k].index].0, buf);
+            Ok::<(), std::io::Error>(())
+        })
+    })
+    .unwrap();
+    finish_save(&m.blocks, &m.mover, started, Ok(())).unwrap()
+}
+
+/// Making G1 room copies down victims of two namespaces, each needing host room of its
+/// own; the second namespace's room-making panics (its demotion write): the host slot
+/// the first namespace already got is given back too. (Found by a review.)
+#[test]
+fn a_panic_while_copying_down_two_namespaces_gives_back_both_rooms() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, t) = config(Some(dir.path()), 4, 16, EngineKind::Sync);
+    let plan = Arc::new(FaultPlan::default());
+    let options = ManagerOptions {
+        faults: Some(plan.clone()),
+        ..ManagerOptions::default()
+    };
+    let m = local(BlockManager::new(&b, &t, options).unwrap());
+    assert_eq!(save_kept_on_gpu(&m, 1, &chain(100, 1)).hbm_stored, 1);
+    assert_eq!(save_kept_on_gpu(&m, 2, &chain(200, 1)).hbm_stored, 1);
+    // Their host copies are evicted (seen once: not admitted to NVMe); G1 holds the only
+    // copy of each.
+    assert_eq!(save(&m, 3, &chain(300, 4), false).stored, 4);
+    let mut tiers = [None; 1];
+    m.lookup(1, &[100], &mut tiers);
+    assert_eq!(tiers[0], Some(Tier::Hbm));
+    // Namespace 3's blocks are seen again: admitted, so making host room demotes them
+    // (NVMe writes), the fourth of which panics.
+    let mut tiers = [None; 4];
+    assert_eq!(m.lookup(3, &[300, 301, 302, 303], &mut tiers), 4);
+    plan.add(FaultRule {
+        kind: Some(IoKind::Write),
+        skip: 3,
+        count: 1,
+        effect: FaultEffect::Panic,
+    });
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        save_kept_on_gpu(&m, 4, &chain(400, 2))
+    }));
+    assert!(panicked.is_err(), "the injected fault panicked the save");
+    assert_eq!(plan.fired(), 1);
+    assert_eq!(m.blocks.claimed_slots(), 0, "quota claims given back");
+    m.check_invariants().unwrap();
+}
+
 #[test]
 fn nvme_faults_fail_the_operation_and_the_manager_keeps_going() {
     let dir = tempfile::tempdir().unwrap();

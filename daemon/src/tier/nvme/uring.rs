@@ -134,13 +134,43 @@ impl IoEngine for UringEngine {
         before: &mut dyn FnMut(usize),
         after: &mut dyn FnMut(usize, &IoOp),
     ) -> std::io::Result<()> {
-        let (mut next, mut inflight, mut done) = (0usize, 0usize, 0usize);
+        let mut inflight = 0usize;
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: forwarded contract.
+            unsafe { self.run_ops(ops, before, after, &mut inflight) }
+        }));
+        match run {
+            Ok(r) => r,
+            Err(panic) => {
+                // A callback panicked (a bug): the kernel may still be reading or writing
+                // the buffers of the ops in flight, which the caller gives back as it
+                // unwinds; wait for them first.
+                self.drain(None, &mut inflight);
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+}
+
+impl UringEngine {
+    /// [`IoEngine::run_with`]'s loop; `inflight` counts the ops queued and not reaped.
+    ///
+    /// # Safety
+    /// As for [`IoEngine::run_with`].
+    unsafe fn run_ops(
+        &mut self,
+        ops: &mut [IoOp],
+        before: &mut dyn FnMut(usize),
+        after: &mut dyn FnMut(usize, &IoOp),
+        inflight: &mut usize,
+    ) -> std::io::Result<()> {
+        let (mut next, mut done) = (0usize, 0usize);
         let mut unsubmitted = 0usize;
         // Bytes each op has moved so far (short transfers are continued, see `reap`).
         let mut moved = vec![0u32; ops.len()];
         while done < ops.len() {
             // Prepare and queue ops while there is room.
-            while next < ops.len() && inflight < self.queue_depth {
+            while next < ops.len() && *inflight < self.queue_depth {
                 before(next);
                 let sqe = self.sqe(&ops[next], 0, next as u64);
                 // SAFETY: buffers valid until completion per the trait contract; every
@@ -149,31 +179,44 @@ impl IoEngine for UringEngine {
                     break;
                 }
                 next += 1;
-                inflight += 1;
+                *inflight += 1;
                 unsubmitted += 1;
                 // Batch submissions only while the device already has a batch queued;
                 // otherwise submit at once so it never idles while we prepare the next op.
-                if unsubmitted >= self.batch_size || inflight - unsubmitted < self.batch_size {
-                    self.submit(ops, &mut inflight, 0)?;
+                if unsubmitted >= self.batch_size || *inflight - unsubmitted < self.batch_size {
+                    self.submit(ops, inflight, 0)?;
                     unsubmitted = 0;
                 }
                 // Completions that are already there: hand them over early.
-                done += self.reap(ops, &mut moved, &mut inflight, after);
+                done += self.reap(ops, &mut moved, inflight, after);
             }
-            let want = if done < ops.len() && inflight > 0 {
+            let want = if done < ops.len() && *inflight > 0 {
                 1
             } else {
                 0
             };
-            self.submit(ops, &mut inflight, want)?;
+            self.submit(ops, inflight, want)?;
             unsubmitted = 0;
-            done += self.reap(ops, &mut moved, &mut inflight, after);
+            done += self.reap(ops, &mut moved, inflight, after);
         }
         Ok(())
     }
-}
 
-impl UringEngine {
+    /// Waits for every op in flight to complete (recording results in `ops` when given).
+    fn drain(&mut self, mut ops: Option<&mut [IoOp]>, inflight: &mut usize) {
+        while *inflight > 0 {
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            for cqe in self.ring.completion() {
+                if let Some(ops) = ops.as_deref_mut() {
+                    ops[cqe.user_data() as usize].result = cqe.result();
+                }
+                *inflight -= 1;
+            }
+        }
+    }
+
     fn submit(
         &mut self,
         ops: &mut [IoOp],
@@ -188,15 +231,7 @@ impl UringEngine {
                 }
                 Err(e) => {
                     // In-flight ops point into caller buffers: drain them before failing.
-                    while *inflight > 0 {
-                        if self.ring.submit_and_wait(1).is_err() {
-                            break;
-                        }
-                        for cqe in self.ring.completion() {
-                            ops[cqe.user_data() as usize].result = cqe.result();
-                            *inflight -= 1;
-                        }
-                    }
+                    self.drain(Some(ops), inflight);
                     return Err(e);
                 }
             }
