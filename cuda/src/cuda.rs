@@ -102,10 +102,10 @@ pub const KERNEL_PARAM_BYTES: [(&str, &[usize]); 7] = [
     ("kvp_checksum_partial", &[8, 8, 4, 8]),
     // descs, num_descs, sums
     ("kvp_checksum_finalize", &[8, 4, 8]),
-    // base, descs, num_descs, key, cvs
-    ("kvp_mac_chunks", &[8, 8, 4, 8, 8]),
-    // descs, num_descs, key, cvs, level
-    ("kvp_mac_parents", &[8, 4, 8, 8, 4]),
+    // base, descs, num_descs, key, cvs, roots
+    ("kvp_mac_chunks", &[8, 8, 4, 8, 8, 8]),
+    // descs, num_descs, key, cvs, roots, level
+    ("kvp_mac_parents", &[8, 4, 8, 8, 8, 4]),
 ];
 
 struct Kernels {
@@ -1125,17 +1125,25 @@ impl Device for CudaDevice {
         }
         let s = stream_of(&st, op, stream)?;
         // One table: the descriptors with their chaining-value offsets, the key words,
-        // then room for the chaining values (32 bytes per 1 KiB chunk), which the chunk
-        // kernel writes before anything reads them.
+        // then room the kernels fill before anything reads it: the packed results (32
+        // bytes per descriptor, one copy back) and the chaining values (32 bytes per
+        // 1 KiB chunk).
         let (table, entries, levels) = kvplane_kernels::mac_table(descs);
         let key_words = kvplane_kernels::mac_key_words(key);
         let key_bytes: Vec<u8> = key_words.iter().flat_map(|w| w.to_le_bytes()).collect();
         let table_bytes = std::mem::size_of_val(table.as_slice());
-        let cv_bytes = entries as usize * kvplane_kernels::host::MAC_BYTES;
-        let mut table_dev =
-            self.scratch_table(&mut st, stream, &[as_bytes(&table), &key_bytes], cv_bytes)?;
+        let mac_bytes = kvplane_kernels::host::MAC_BYTES;
+        let roots_bytes = table.len() * mac_bytes;
+        let cv_bytes = entries as usize * mac_bytes;
+        let mut table_dev = self.scratch_table(
+            &mut st,
+            stream,
+            &[as_bytes(&table), &key_bytes],
+            roots_bytes + cv_bytes,
+        )?;
         let mut key_dev = table_dev + scratch_align(table_bytes) as u64;
-        let mut cvs_dev = key_dev + scratch_align(key_bytes.len()) as u64;
+        let mut roots_dev = key_dev + scratch_align(key_bytes.len()) as u64;
+        let mut cvs_dev = roots_dev + roots_bytes as u64;
         let mut n = table.len() as u32;
         let p1 = [
             arg(&mut b_dev),
@@ -1143,6 +1151,7 @@ impl Device for CudaDevice {
             arg(&mut n),
             arg(&mut key_dev),
             arg(&mut cvs_dev),
+            arg(&mut roots_dev),
         ];
         self.launch(
             "kvp_mac_chunks",
@@ -1158,6 +1167,7 @@ impl Device for CudaDevice {
                 arg(&mut n),
                 arg(&mut key_dev),
                 arg(&mut cvs_dev),
+                arg(&mut roots_dev),
                 arg(&mut level_arg),
             ];
             self.launch(
@@ -1169,19 +1179,16 @@ impl Device for CudaDevice {
             )?;
         }
         drop(st);
-        let mut macs = vec![[0u8; 32]; descs.len()];
-        let mut root = [0u8; 32];
-        // SAFETY: each descriptor's root chaining value is 32 bytes at cvs_dev +
-        // dst_offset inside the scratch; the stream is drained first, and the scratch is
-        // this stream's alone (as in `checksum`).
+        let mut roots = vec![0u32; table.len() * 8];
+        // SAFETY: roots_dev holds table.len() results of 8 words, written by the kernels
+        // queued above; the stream is drained first, and the scratch is this stream's
+        // alone (as in `checksum`).
         unsafe {
             result::stream::synchronize(s).map_err(drv("cuStreamSynchronize"))?;
-            for (mac, d) in macs.iter_mut().zip(&table) {
-                result::memcpy_dtoh_sync(&mut root, cvs_dev + d.dst_offset)
-                    .map_err(drv("cuMemcpyDtoH"))?;
-                *mac = root;
-            }
+            result::memcpy_dtoh_sync(&mut roots, roots_dev).map_err(drv("cuMemcpyDtoH"))?;
         }
+        let mut macs = vec![[0u8; 32]; descs.len()];
+        kvplane_kernels::host::mac_results(&roots, &mut macs);
         Ok(macs)
     }
 

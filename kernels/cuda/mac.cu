@@ -17,7 +17,8 @@
  * Pairs of one level touch disjoint positions, so a level needs no synchronisation; the
  * launches of one stream run in order. The merge that leaves one node is the root (the
  * ROOT flag; a one-chunk input gets it on its last block instead), and its chaining
- * value is the 32-byte MAC, left at `cvs + dst_offset`. Descriptor i covers
+ * value is the 32-byte MAC, written to `roots + 32 * i` (packed, so the results come
+ * back in one copy) as well as left at `cvs + dst_offset`. Descriptor i covers
  * [src_offset, src_offset + bytes) of `base`; dst_offset (a multiple of 32) reserves
  * 32 * max(1, ceil(bytes / 1024)) bytes of `cvs` for it. `key` is the 32-byte key as 8
  * little-endian words.
@@ -102,7 +103,8 @@ KVP_FN void kvp_b3_load_block(const unsigned char* p, uint32_t len, uint32_t* bl
 
 extern "C" __global__ void kvp_mac_chunks(const unsigned char* base,
                                           const struct kvp_copy_desc* descs, uint32_t num_descs,
-                                          const uint32_t* key, unsigned char* cvs) {
+                                          const uint32_t* key, unsigned char* cvs,
+                                          unsigned char* roots) {
     const uint64_t threads_per_block = (uint64_t)blockDim.x * blockDim.y;
     const uint64_t tid = (uint64_t)blockIdx.x * threads_per_block +
                          (uint64_t)threadIdx.y * blockDim.x + threadIdx.x;
@@ -135,13 +137,18 @@ extern "C" __global__ void kvp_mac_chunks(const unsigned char* base,
             }
             KVP_UNROLL
             for (int i = 0; i < 8; ++i) out[c * 8u + i] = cv[i];
+            if (chunks == 1u) {
+                uint32_t* root = (uint32_t*)(roots + d * 32u);
+                KVP_UNROLL
+                for (int i = 0; i < 8; ++i) root[i] = cv[i];
+            }
         }
     }
 }
 
 extern "C" __global__ void kvp_mac_parents(const struct kvp_copy_desc* descs, uint32_t num_descs,
                                            const uint32_t* key, unsigned char* cvs,
-                                           uint32_t level) {
+                                           unsigned char* roots, uint32_t level) {
     const uint64_t threads_per_block = (uint64_t)blockDim.x * blockDim.y;
     const uint64_t tid = (uint64_t)blockIdx.x * threads_per_block +
                          (uint64_t)threadIdx.y * blockDim.x + threadIdx.x;
@@ -165,6 +172,11 @@ extern "C" __global__ void kvp_mac_parents(const struct kvp_copy_desc* descs, ui
                 block[i + 8] = right[i];
             }
             kvp_b3_compress(key, block, 0u, KVP_B3_BLOCK_BYTES, flags, left);
+            if (nodes == 2u) {
+                uint32_t* root = (uint32_t*)(roots + d * 32u);
+                KVP_UNROLL
+                for (int i = 0; i < 8; ++i) root[i] = left[i];
+            }
         }
     }
 }

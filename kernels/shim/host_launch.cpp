@@ -213,14 +213,14 @@ void kvp_host_checksum_finalize(const kvp_host_grid* g, const struct kvp_copy_de
 
 void kvp_host_mac_chunks(const kvp_host_grid* g, const unsigned char* base,
                          const struct kvp_copy_desc* descs, uint32_t num_descs,
-                         const uint32_t* key, unsigned char* cvs) {
-    kvp_host_run(g, [&] { kvp_mac_chunks(base, descs, num_descs, key, cvs); });
+                         const uint32_t* key, unsigned char* cvs, unsigned char* roots) {
+    kvp_host_run(g, [&] { kvp_mac_chunks(base, descs, num_descs, key, cvs, roots); });
 }
 
 void kvp_host_mac_parents(const kvp_host_grid* g, const struct kvp_copy_desc* descs,
                           uint32_t num_descs, const uint32_t* key, unsigned char* cvs,
-                          uint32_t level) {
-    kvp_host_run(g, [&] { kvp_mac_parents(descs, num_descs, key, cvs, level); });
+                          unsigned char* roots, uint32_t level) {
+    kvp_host_run(g, [&] { kvp_mac_parents(descs, num_descs, key, cvs, roots, level); });
 }
 
 } /* extern "C" */

@@ -81,6 +81,7 @@ unsafe extern "C" {
         num_descs: u32,
         key: *const u32,
         cvs: *mut u8,
+        roots: *mut u8,
     );
     fn kvp_host_mac_parents(
         g: *const HostGrid,
@@ -88,6 +89,7 @@ unsafe extern "C" {
         num_descs: u32,
         key: *const u32,
         cvs: *mut u8,
+        roots: *mut u8,
         level: u32,
     );
 }
@@ -1016,18 +1018,20 @@ pub unsafe fn mac_batch_raw(
     }
     let (table, entries, levels) = mac_table(descs);
     let key = mac_key_words(key);
-    // Chaining values as u32 words: the kernels store them as words.
+    // Chaining values and the packed results as u32 words: the kernels store words.
     let mut cvs = vec![0u32; entries as usize * 8];
+    let mut roots = vec![0u32; descs.len() * 8];
     let cvs_ptr = SendPtr(cvs.as_mut_ptr() as *mut u8);
+    let roots_ptr = SendPtr(roots.as_mut_ptr() as *mut u8);
     let base_ptr = SendPtr(base as *mut u8);
     run_split(
         launch.threads,
         entries,
         |g| {
-            let (cvs_ptr, base_ptr) = (&cvs_ptr, &base_ptr);
+            let (cvs_ptr, base_ptr, roots_ptr) = (&cvs_ptr, &base_ptr, &roots_ptr);
             // SAFETY: ranges checked against `base_len` (caller: readable); each
-            // descriptor's scratch lies inside `cvs` (mac_table), and the threads of one
-            // launch write disjoint chunks.
+            // descriptor's scratch lies inside `cvs` (mac_table) and its result inside
+            // `roots` (8 words each); the threads of one launch write disjoint chunks.
             unsafe {
                 kvp_host_mac_chunks(
                     &g,
@@ -1036,6 +1040,7 @@ pub unsafe fn mac_batch_raw(
                     table.len() as u32,
                     key.as_ptr(),
                     cvs_ptr.0,
+                    roots_ptr.0,
                 )
             }
         },
@@ -1046,7 +1051,7 @@ pub unsafe fn mac_batch_raw(
             launch.threads,
             entries >> (level + 1),
             |g| {
-                let cvs_ptr = &cvs_ptr;
+                let (cvs_ptr, roots_ptr) = (&cvs_ptr, &roots_ptr);
                 // SAFETY: as above; pairs of one level touch disjoint entries, and the
                 // previous level's launch has finished (scope joined).
                 unsafe {
@@ -1056,6 +1061,7 @@ pub unsafe fn mac_batch_raw(
                         table.len() as u32,
                         key.as_ptr(),
                         cvs_ptr.0,
+                        roots_ptr.0,
                         level,
                     )
                 }
@@ -1063,15 +1069,14 @@ pub unsafe fn mac_batch_raw(
             true,
         );
     }
-    mac_results(&cvs, &table, macs);
+    mac_results(&roots, macs);
     Ok(())
 }
 
-/// Each descriptor's MAC: the root chaining value left first in its scratch.
-fn mac_results(cvs: &[u32], table: &[kvp_copy_desc], macs: &mut [[u8; MAC_BYTES]]) {
-    for (mac, d) in macs.iter_mut().zip(table) {
-        let at = d.dst_offset as usize / 4;
-        for (i, w) in cvs[at..at + 8].iter().enumerate() {
+/// Each descriptor's MAC from the kernels' packed results (8 words each).
+pub fn mac_results(roots: &[u32], macs: &mut [[u8; MAC_BYTES]]) {
+    for (mac, root) in macs.iter_mut().zip(roots.chunks_exact(8)) {
+        for (i, w) in root.iter().enumerate() {
             mac[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
         }
     }
@@ -1206,6 +1211,7 @@ pub mod emulate {
         let (table, entries, levels) = mac_table(descs);
         let key = mac_key_words(key);
         let mut cvs = vec![0u32; entries as usize * 8];
+        let mut roots = vec![0u32; descs.len() * 8];
         let g = grid(crate::geometry::mac_chunks(&table));
         // SAFETY: ranges checked; each descriptor's scratch lies inside `cvs`.
         unsafe {
@@ -1216,6 +1222,7 @@ pub mod emulate {
                 table.len() as u32,
                 key.as_ptr(),
                 cvs.as_mut_ptr() as *mut u8,
+                roots.as_mut_ptr() as *mut u8,
             );
         }
         for level in 0..levels {
@@ -1228,11 +1235,12 @@ pub mod emulate {
                     table.len() as u32,
                     key.as_ptr(),
                     cvs.as_mut_ptr() as *mut u8,
+                    roots.as_mut_ptr() as *mut u8,
                     level,
                 );
             }
         }
-        mac_results(&cvs, &table, macs);
+        mac_results(&roots, macs);
         Ok(())
     }
 
