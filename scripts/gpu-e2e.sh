@@ -21,7 +21,10 @@
 #   4. a chain saved and loaded with the engines' IPC events (KVP_OP_REGISTER_EVENTS): the
 #      SAVE's copy waits for the saver's event on the GPU, the LOAD completes when queued
 #      and the loader waits on its event before comparing;
-#   5. the same chain saved with write-through, the daemon restarted, and loaded from NVMe;
+#   5. the same chain saved with write-through, the daemon restarted, and loaded from NVMe
+#      (straight into G1 with cuFile where libcufile opens, each block's checksum and MAC
+#      checked by the kernels in G1; the daemon's "NVMe <-> G1" log line, copied to
+#      steps.log, says which path ran);
 #   6. compute-sanitizer (memcheck) over a daemon serving one small save/load round;
 #   7. `kvplane bench offload` through a cuda `kvplane serve` and a session with its pool in
 #      HBM (Llama-3.1-8B in 16- and 64-token pages, -70B in 16-token pages, with G1; 1 to
@@ -132,6 +135,7 @@ if started serve-cuda; then
     stop_daemon
     if started restart-cuda; then
         engine load-nvme --role load --memory ipc --expect-tier nvme --first-hash 4000 "${BLOCKS[@]}"
+        grep "NVMe <-> G1" "$OUT/daemon.log" | tail -1 >>"$OUT/steps.log"
     fi
     stop_daemon
 fi
