@@ -108,11 +108,79 @@ mod x86 {
         super::word_sum_lanes::<32>(data)
     }
 
+    use std::arch::x86_64::{
+        __m256i, _mm256_add_epi64, _mm256_loadu_si256, _mm256_mul_epu32, _mm256_set_epi64x,
+        _mm256_set1_epi64x, _mm256_setzero_si256, _mm256_slli_epi64, _mm256_srli_epi64,
+        _mm256_storeu_si256, _mm256_xor_si256,
+    };
+
+    /// Words per iteration: 4 vectors of 4, independent accumulators so the multiplies of
+    /// one vector overlap the others'.
+    const GROUP_WORDS: usize = 16;
+
+    /// `x * c` (wrapping) per 64-bit lane; AVX2 multiplies 32 x 32 -> 64 only:
+    /// lo(x)lo(c) + (hi(x)lo(c) + lo(x)hi(c)) << 32. `c_lo` holds c, `c_hi` c >> 32.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn mul64(x: __m256i, c_lo: __m256i, c_hi: __m256i) -> __m256i {
+        let low = _mm256_mul_epu32(x, c_lo);
+        let cross = _mm256_add_epi64(
+            _mm256_mul_epu32(_mm256_srli_epi64::<32>(x), c_lo),
+            _mm256_mul_epu32(x, c_hi),
+        );
+        _mm256_add_epi64(low, _mm256_slli_epi64::<32>(cross))
+    }
+
+    /// Explicit AVX2: lane k of vector v takes words 16i + 4v + k, loaded 32 bytes at a
+    /// time (the compiler's own vectorisation of the portable loop gathered each vector
+    /// from four groups with scalar loads and spilled its accumulators: 8.5 GB/s on the
+    /// development VM's AVX2 core).
+    ///
     /// # Safety
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
     pub unsafe fn word_sum_avx2(data: &[u8]) -> u64 {
-        super::word_sum_lanes::<8>(data)
+        use super::{GOLDEN, word_sum_from};
+        let m1 = 0xBF58_476D_1CE4_E5B9u64;
+        let m2 = 0x94D0_49BB_1331_11EBu64;
+        let (m1_lo, m1_hi) = (
+            _mm256_set1_epi64x(m1 as i64),
+            _mm256_set1_epi64x((m1 >> 32) as i64),
+        );
+        let (m2_lo, m2_hi) = (
+            _mm256_set1_epi64x(m2 as i64),
+            _mm256_set1_epi64x((m2 >> 32) as i64),
+        );
+        let g = |w: u64| w.wrapping_mul(GOLDEN) as i64;
+        let mut golden: [__m256i; 4] = std::array::from_fn(|v| {
+            let w = 4 * v as u64;
+            _mm256_set_epi64x(g(w + 3), g(w + 2), g(w + 1), g(w))
+        });
+        let step = _mm256_set1_epi64x(g(GROUP_WORDS as u64));
+        let mut acc = [_mm256_setzero_si256(); 4];
+        let mut groups = data.chunks_exact(8 * GROUP_WORDS);
+        for group in &mut groups {
+            for v in 0..4 {
+                // SAFETY: the group holds 128 bytes; vector v reads [32v, 32v + 32).
+                let w = unsafe { _mm256_loadu_si256(group.as_ptr().add(32 * v) as *const __m256i) };
+                let mut x = _mm256_xor_si256(w, golden[v]);
+                x = _mm256_xor_si256(x, _mm256_srli_epi64::<30>(x));
+                x = mul64(x, m1_lo, m1_hi);
+                x = _mm256_xor_si256(x, _mm256_srli_epi64::<27>(x));
+                x = mul64(x, m2_lo, m2_hi);
+                x = _mm256_xor_si256(x, _mm256_srli_epi64::<31>(x));
+                acc[v] = _mm256_add_epi64(acc[v], x);
+                golden[v] = _mm256_add_epi64(golden[v], step);
+            }
+        }
+        let mut lanes = [0u64; 4];
+        let mut sum = 0u64;
+        for a in acc {
+            // SAFETY: `lanes` is 32 writable bytes.
+            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, a) };
+            sum = lanes.iter().fold(sum, |s, &l| s.wrapping_add(l));
+        }
+        word_sum_from(data, data.len() - groups.remainder().len(), sum)
     }
 }
 
