@@ -130,6 +130,10 @@ pub struct CudaDevice {
     ptx_from_cache: bool,
     /// cuFile, opened on the first `read_file` (the reason when it cannot be).
     gds: std::sync::OnceLock<Result<crate::gds::Gds, String>>,
+    /// cuFile handles of the files read so far, by (device, inode, descriptor): cuFile
+    /// takes one registration per descriptor, shared by every reader; kept for the
+    /// device's lifetime (the NVMe tier's files live as long as the daemon).
+    gds_files: Mutex<HashMap<(u64, u64, i32), crate::gds::GdsHandle>>,
     state: Mutex<State>,
 }
 
@@ -221,6 +225,7 @@ impl CudaDevice {
             kernels,
             ptx_from_cache: all_cached,
             gds: std::sync::OnceLock::new(),
+            gds_files: Mutex::new(HashMap::new()),
             state: Mutex::new(State {
                 next_id: 1,
                 buffers: HashMap::new(),
@@ -230,6 +235,35 @@ impl CudaDevice {
                 events: HashMap::new(),
             }),
         })
+    }
+
+    /// The cuFile handle of `fd`, registered on its first use (see `gds_files`).
+    fn gds_file(
+        &self,
+        gds: &crate::gds::Gds,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<crate::gds::GdsHandle, DeviceError> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fstat fills a zeroed stat of a live descriptor.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(DeviceError::Driver {
+                op: "fstat",
+                detail: std::io::Error::last_os_error().to_string(),
+            });
+        }
+        let key = (st.st_dev, st.st_ino, fd.as_raw_fd());
+        let mut files = self.gds_files.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = files.get(&key) {
+            return Ok(*h);
+        }
+        let h = gds.register_handle(fd).map_err(|e| DeviceError::Driver {
+            op: "cuFileHandleRegister",
+            detail: e.to_string(),
+        })?;
+        files.insert(key, h);
+        Ok(h)
     }
 
     /// Device base address of `range`'s buffer and the checked offset into it (for
@@ -1209,17 +1243,29 @@ impl Device for CudaDevice {
             })?;
         // cuFile reads are not stream-ordered: what is queued before goes first.
         self.sync_stream(stream)?;
-        // Registered per call: the tier's files are few, but a handle kept would have to
-        // outlive the store's descriptors, which the device does not own.
-        let file = gds.register(fd).map_err(|e| DeviceError::Driver {
-            op: "cuFileHandleRegister",
-            detail: e.to_string(),
-        })?;
-        file.read(self, dst, file_offset)
-            .map_err(|e| DeviceError::Driver {
+        let file = self.gds_file(gds, fd)?;
+        gds.read(file, self, dst, file_offset).map_err(|e| match e {
+            // An errno (cuFile's own errors are numbered from 5000) or a short read: the
+            // file's failure, not the device's.
+            crate::gds::GdsError::Io { ret, .. } if (-4999..0).contains(&ret) => {
+                DeviceError::FileRead {
+                    op: "cuFileRead",
+                    file_offset,
+                    len_bytes: dst.len_bytes,
+                    source: std::io::Error::from_raw_os_error(-ret as i32),
+                }
+            }
+            crate::gds::GdsError::Io { ret, .. } if ret >= 0 => DeviceError::FileRead {
+                op: "cuFileRead",
+                file_offset,
+                len_bytes: dst.len_bytes,
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            },
+            e => DeviceError::Driver {
                 op: "cuFileRead",
                 detail: e.to_string(),
-            })
+            },
+        })
     }
 }
 

@@ -180,23 +180,109 @@ impl Gds {
         Ok(gds)
     }
 
-    /// Registers an O_DIRECT file descriptor with cuFile.
+    /// Registers an O_DIRECT file descriptor with cuFile; the handle is deregistered
+    /// when the returned file is dropped.
     pub fn register(&self, fd: BorrowedFd<'_>) -> Result<GdsFile<'_>, GdsError> {
+        Ok(GdsFile {
+            gds: self,
+            handle: self.register_handle(fd)?,
+        })
+    }
+
+    /// Registers `fd` with cuFile and returns the bare handle, for a caller that keeps it
+    /// as long as the descriptor lives (cuFile refuses a second registration of the
+    /// same descriptor, so concurrent readers must share one).
+    pub fn register_handle(&self, fd: BorrowedFd<'_>) -> Result<GdsHandle, GdsError> {
         let mut descr = CuFileDescr {
             type_: 1, // CU_FILE_HANDLE_TYPE_OPAQUE_FD
             handle: fd.as_raw_fd() as usize as *mut c_void,
             fs_ops: std::ptr::null(),
         };
         let mut handle: *mut c_void = std::ptr::null_mut();
-        // SAFETY: valid out pointer and descriptor; the fd outlives the GdsFile (borrow).
+        // SAFETY: valid out pointer and descriptor.
         check("cuFileHandleRegister", unsafe {
             (self.register)(&mut handle, &mut descr)
         })?;
-        Ok(GdsFile {
-            gds: self,
-            handle,
+        Ok(GdsHandle {
+            raw: handle,
             fd: fd.as_raw_fd(),
         })
+    }
+
+    /// Reads `dst.len_bytes` at `file_offset` of `file` straight into device memory.
+    pub fn read(
+        &self,
+        file: GdsHandle,
+        dev: &CudaDevice,
+        dst: DeviceRange,
+        file_offset: u64,
+    ) -> Result<(), GdsError> {
+        let (base, offset) = dev.raw_range("cuFileRead", dst)?;
+        // SAFETY: a checked range of a live device buffer; a registered handle.
+        let ret = unsafe {
+            (self.read)(
+                file.raw,
+                base as *mut c_void,
+                dst.len_bytes,
+                file_offset as i64,
+                offset as i64,
+            )
+        };
+        done(file, "cuFileRead", ret, dst.len_bytes)
+    }
+
+    /// Writes `src.len_bytes` of device memory at `file_offset` of `file`.
+    pub fn write(
+        &self,
+        file: GdsHandle,
+        dev: &CudaDevice,
+        src: DeviceRange,
+        file_offset: u64,
+    ) -> Result<(), GdsError> {
+        let (base, offset) = dev.raw_range("cuFileWrite", src)?;
+        // SAFETY: as in read.
+        let ret = unsafe {
+            (self.write)(
+                file.raw,
+                base as *const c_void,
+                src.len_bytes,
+                file_offset as i64,
+                offset as i64,
+            )
+        };
+        done(file, "cuFileWrite", ret, src.len_bytes)
+    }
+}
+
+/// A cuFile handle of a registered descriptor.
+#[derive(Debug, Clone, Copy)]
+pub struct GdsHandle {
+    raw: *mut c_void,
+    fd: i32,
+}
+
+// SAFETY: a cuFile handle is an opaque token cuFile accepts from any thread.
+unsafe impl Send for GdsHandle {}
+// SAFETY: as above.
+unsafe impl Sync for GdsHandle {}
+
+fn done(file: GdsHandle, op: &'static str, ret: isize, want: usize) -> Result<(), GdsError> {
+    if ret < 0 {
+        Err(GdsError::Io {
+            op,
+            fd: file.fd,
+            what: "error",
+            ret,
+        })
+    } else if ret as usize != want {
+        Err(GdsError::Io {
+            op,
+            fd: file.fd,
+            what: "short transfer",
+            ret,
+        })
+    } else {
+        Ok(())
     }
 }
 
@@ -210,13 +296,14 @@ impl Drop for Gds {
 /// A file registered with cuFile.
 pub struct GdsFile<'a> {
     gds: &'a Gds,
-    handle: *mut c_void,
-    fd: i32,
+    handle: GdsHandle,
 }
 
 impl std::fmt::Debug for GdsFile<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GdsFile").field("fd", &self.fd).finish()
+        f.debug_struct("GdsFile")
+            .field("fd", &self.handle.fd)
+            .finish()
     }
 }
 
@@ -228,18 +315,7 @@ impl GdsFile<'_> {
         dst: DeviceRange,
         file_offset: u64,
     ) -> Result<(), GdsError> {
-        let (base, offset) = dev.raw_range("cuFileRead", dst)?;
-        // SAFETY: a checked range of a live device buffer; registered handle.
-        let ret = unsafe {
-            (self.gds.read)(
-                self.handle,
-                base as *mut c_void,
-                dst.len_bytes,
-                file_offset as i64,
-                offset as i64,
-            )
-        };
-        self.done("cuFileRead", ret, dst.len_bytes)
+        self.gds.read(self.handle, dev, dst, file_offset)
     }
 
     /// Writes `src.len_bytes` of device memory at `file_offset`.
@@ -249,45 +325,14 @@ impl GdsFile<'_> {
         src: DeviceRange,
         file_offset: u64,
     ) -> Result<(), GdsError> {
-        let (base, offset) = dev.raw_range("cuFileWrite", src)?;
-        // SAFETY: as in read.
-        let ret = unsafe {
-            (self.gds.write)(
-                self.handle,
-                base as *const c_void,
-                src.len_bytes,
-                file_offset as i64,
-                offset as i64,
-            )
-        };
-        self.done("cuFileWrite", ret, src.len_bytes)
-    }
-
-    fn done(&self, op: &'static str, ret: isize, want: usize) -> Result<(), GdsError> {
-        if ret < 0 {
-            Err(GdsError::Io {
-                op,
-                fd: self.fd,
-                what: "error",
-                ret,
-            })
-        } else if ret as usize != want {
-            Err(GdsError::Io {
-                op,
-                fd: self.fd,
-                what: "short transfer",
-                ret,
-            })
-        } else {
-            Ok(())
-        }
+        self.gds.write(self.handle, dev, src, file_offset)
     }
 }
 
 impl Drop for GdsFile<'_> {
     fn drop(&mut self) {
         // SAFETY: registered in Gds::register, deregistered once.
-        unsafe { (self.gds.deregister)(self.handle) };
+        unsafe { (self.gds.deregister)(self.handle.raw) };
     }
 }
 

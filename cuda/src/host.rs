@@ -138,6 +138,8 @@ pub struct HostDevice {
     completion_delay: Duration,
     /// Tests only: `import_ipc_event` opens any handle as a fresh event of this device.
     ipc_events_for_tests: bool,
+    /// Tests only: operations that fail with an injected driver error.
+    failing_ops_for_tests: &'static [&'static str],
 }
 
 impl std::fmt::Debug for HostDevice {
@@ -177,6 +179,27 @@ impl HostDevice {
             hook: None,
             completion_delay: Duration::ZERO,
             ipc_events_for_tests: false,
+            failing_ops_for_tests: &[],
+        }
+    }
+
+    /// A device whose `ops` (e.g. "read_file") fail with a driver error, as a GPU's
+    /// driver or cuFile may: tests of what the daemon does then.
+    #[doc(hidden)]
+    pub fn with_failing_ops_for_tests(ops: &'static [&'static str]) -> Self {
+        Self {
+            failing_ops_for_tests: ops,
+            ..Self::new()
+        }
+    }
+
+    fn injected_failure(&self, op: &'static str) -> Result<(), DeviceError> {
+        match self.failing_ops_for_tests.contains(&op) {
+            true => Err(DeviceError::Driver {
+                op,
+                detail: "injected failure (test device)".into(),
+            }),
+            false => Ok(()),
         }
     }
 
@@ -732,6 +755,7 @@ impl Device for HostDevice {
         file_offset: u64,
     ) -> Result<(), DeviceError> {
         let op = "read_file";
+        self.injected_failure(op)?;
         let (s, (_held, p)) = {
             let st = self.lock();
             (st.stream(op, stream)?, st.range(op, dst)?)

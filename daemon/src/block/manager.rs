@@ -1025,7 +1025,8 @@ impl BlockManager {
                 .into_iter()
                 .find(|&t| v.present[t].is_some())
             {
-                // Another load staged it meanwhile.
+                // Another load staged it meanwhile: this one serves it from there.
+                plan.items[i].found = t;
                 plan.items[i].tier = t;
                 plan.items[i].slot = v.present[t].expect("present");
                 continue;

@@ -429,9 +429,16 @@ impl Mover {
                 let (fd, file_offset) = store.data_at(r.nvme_slot);
                 device
                     .read_file(stream, buffer.range(offset as usize, bb), fd, file_offset)
-                    .map_err(|source| NvmeError::Device {
-                        slot: r.nvme_slot,
-                        source,
+                    .map_err(|e| match e {
+                        // The disk's failure (EIO, a file cut short): an I/O error of the
+                        // slot, as a read into the host tier would report it.
+                        DeviceError::FileRead { source, .. } => {
+                            store.io_failure("read into G1", r.nvme_slot, source)
+                        }
+                        source => NvmeError::Device {
+                            slot: r.nvme_slot,
+                            source,
+                        },
                     })?;
                 Ok(h)
             })

@@ -364,18 +364,23 @@ pub fn begin_load(
                     ),
                     _ => Vec::new(),
                 };
-                let host = match want - g1.len() {
-                    0 => Vec::new(),
-                    rest => acquire(
-                        blocks,
-                        mover,
-                        Tier::Host,
-                        namespace,
-                        rest,
-                        &mut unused,
-                        None,
-                    ),
-                };
+                // A panic while making host room gives back the G1 slots taken.
+                let (g1, host) = give_back_on_panic(
+                    g1,
+                    |g1| match want - g1.len() {
+                        0 => Vec::new(),
+                        rest => acquire(
+                            blocks,
+                            mover,
+                            Tier::Host,
+                            namespace,
+                            rest,
+                            &mut unused,
+                            None,
+                        ),
+                    },
+                    |g1| blocks.free_room(namespace, Tier::Hbm, g1),
+                );
                 blocks.plan_staging(plan, g1, host);
                 let results = mover.read_staged(stream, &plan.reads);
                 let erase = blocks.commit_staging(plan, results);

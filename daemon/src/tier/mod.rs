@@ -73,11 +73,17 @@ impl NvmeG1Path {
             direct: false,
             describe: format!("{STAGED} ({why})"),
         };
-        let direct = |how: &str| NvmeG1Path {
-            direct: has_both,
-            describe: format!(
-                "straight into G1 ({how}), checksums and MACs checked there by the kernels"
-            ),
+        let direct = |how: &str| match has_both {
+            true => NvmeG1Path {
+                direct: true,
+                describe: format!(
+                    "straight into G1 ({how}), checksums and MACs checked there by the kernels"
+                ),
+            },
+            false => NvmeG1Path {
+                direct: false,
+                describe: "nothing moves between NVMe and G1 (the daemon lacks one of them)".into(),
+            },
         };
         let gds = || match backend {
             BackendKind::Cuda => kvplane_cuda::gds::Gds::open()

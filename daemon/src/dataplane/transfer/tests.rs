@@ -6,7 +6,7 @@ use crate::tier::host::HostConfig;
 use crate::tier::nvme::engine::FaultPlan;
 use crate::tier::nvme::engine::{FaultEffect, FaultRule, IoKind};
 use crate::tier::nvme::header::SlotHeader;
-use crate::tier::nvme::{EngineKind, NvmeConfig};
+use crate::tier::nvme::{EngineKind, NvmeConfig, NvmeError};
 use crate::tier::{PerTier, TiersConfig};
 use std::collections::HashMap;
 use std::path::Path;
@@ -1425,12 +1425,23 @@ fn a_g1_victim_with_no_host_room_is_dropped() {
 /// CPU build), with `g1_slots` G1 slots, 2 host slots and 16 NVMe slots, every demoted
 /// block admitted to NVMe.
 fn direct_manager(dir: &Path, g1_slots: u64, faults: Option<Arc<FaultPlan>>) -> LocalBlocks {
+    direct_manager_on(dir, g1_slots, faults, None)
+}
+
+/// [`direct_manager`] on `device` (a test device) when given.
+fn direct_manager_on(
+    dir: &Path,
+    g1_slots: u64,
+    faults: Option<Arc<FaultPlan>>,
+    device: Option<Arc<dyn kvplane_cuda::Device>>,
+) -> LocalBlocks {
     let (mut b, mut t) = config(Some(dir), 2, 16, EngineKind::Sync);
     b.nvme_admit_min_hits = 0;
     t.hbm.capacity_bytes = g1_slots * BLOCK as u64;
     t.nvme.direct_to_g1 = crate::tier::nvme::DirectToG1::On;
     let options = ManagerOptions {
         faults,
+        device,
         ..ManagerOptions::default()
     };
     local(BlockManager::new(&b, &t, options).unwrap())
@@ -1602,8 +1613,11 @@ fn a_failed_header_read_fails_the_load_at_that_block_and_frees_its_g1_slot() {
     m.check_invariants().unwrap();
 }
 
+/// A tier file cut short inside a block's data: that block's read into G1 fails as a
+/// disk error of its slot (as a read into the host tier would), and the direct path
+/// stays on (a file someone can damage must not switch it off).
 #[test]
-fn a_device_read_failure_turns_loads_to_the_host_tier() {
+fn a_file_cut_short_fails_that_block_as_a_disk_error() {
     let dir = tempfile::tempdir().unwrap();
     let m = direct_manager(dir.path(), 4, None);
     demote_first_chain(&m); // (1, 2) on NVMe, (50, 51) in the host tier
@@ -1612,7 +1626,7 @@ fn a_device_read_failure_turns_loads_to_the_host_tier() {
     assert_eq!(m.lookup(1, &[50, 51], &mut tiers), 2);
     assert_eq!(tiers, [Some(Tier::Nvme); 2]);
     // The file ends inside the data of whichever of 50, 51 lies last (its header page
-    // still there): that block's read into G1 fails on the device.
+    // still there).
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -1636,7 +1650,36 @@ fn a_device_read_failure_turns_loads_to_the_host_tier() {
         .unwrap();
     assert_eq!(r.loaded, last, "{r:?}");
     assert!(
-        matches!(&r.failure, Some((k, LoadFailure::Io(e))) if *k == last && e.to_string().contains("into G1")),
+        matches!(&r.failure, Some((k, LoadFailure::Io(NvmeError::Io { op: "read into G1", .. }))) if *k == last),
+        "{:?}",
+        r.failure
+    );
+    assert!(
+        m.stores().nvme_direct_to_g1(),
+        "a disk error leaves the path on"
+    );
+    m.check_invariants().unwrap();
+}
+
+/// A read into G1 that fails on the device (the driver, cuFile) fails that load's block
+/// and turns later loads to the host tier.
+#[test]
+fn a_device_read_failure_turns_loads_to_the_host_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(kvplane_cuda::host::HostDevice::with_failing_ops_for_tests(
+        &["read_file"],
+    ));
+    let m = direct_manager_on(dir.path(), 4, None, Some(device));
+    demote_first_chain(&m);
+    let r = m
+        .load_with(1, &[1, 2], |_, _: &[u8]| Ok::<(), std::io::Error>(()))
+        .unwrap();
+    assert_eq!(r.loaded, 0, "{r:?}");
+    assert!(
+        matches!(
+            &r.failure,
+            Some((0, LoadFailure::Io(NvmeError::Device { .. })))
+        ),
         "{:?}",
         r.failure
     );
@@ -1644,10 +1687,43 @@ fn a_device_read_failure_turns_loads_to_the_host_tier() {
         !m.stores().nvme_direct_to_g1(),
         "the direct path is off from now on"
     );
-    // The next load stages through the host tier.
+    assert_eq!(
+        used_slots(&m, Tier::Hbm),
+        0,
+        "no G1 slot kept for a failed read"
+    );
+    // The next load stages through the host tier, byte for byte.
     let r = load(&m, 1, &[1, 2]);
     assert_eq!(r.loaded, 2, "{r:?}");
+    let mut tiers = [None; 2];
     assert_eq!(m.lookup(1, &[1, 2], &mut tiers), 2);
     assert_eq!(tiers, [Some(Tier::Host); 2]);
+    m.check_invariants().unwrap();
+}
+
+/// A load takes G1 slots, then host room for the rest, whose demotion write panics: the
+/// G1 slots (and their quota claims) go back too. (Found by a review.)
+#[test]
+fn a_panic_while_making_host_room_gives_back_the_g1_slots_a_load_took() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = Arc::new(FaultPlan::default());
+    let (mut b, mut t) = config(Some(dir.path()), 2, 16, EngineKind::Sync);
+    b.nvme_admit_min_hits = 0;
+    t.hbm.capacity_bytes = BLOCK as u64;
+    t.nvme.direct_to_g1 = crate::tier::nvme::DirectToG1::On;
+    let options = ManagerOptions {
+        faults: Some(plan.clone()),
+        quotas: vec![quota(1, PerTier([Some(4), Some(4), None]))],
+        ..ManagerOptions::default()
+    };
+    let m = local(BlockManager::new(&b, &t, options).unwrap());
+    demote_first_chain(&m); // (1, 2) on NVMe, (50, 51) fill the host tier
+    // Load (1, 2): the one G1 slot, then a host slot whose making demotes 50 or 51.
+    plan.add(panic_rule(IoKind::Write));
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(&m, 1, &[1, 2])));
+    assert!(panicked.is_err(), "the injected fault panicked the load");
+    assert_eq!(plan.fired(), 1);
+    assert_eq!(m.blocks.claimed_slots(), 0, "quota claims given back");
+    assert_eq!(used_slots(&m, Tier::Hbm), 0, "the G1 slot given back");
     m.check_invariants().unwrap();
 }

@@ -535,13 +535,18 @@ impl NvmeStore {
     }
 
     fn io_error(&self, op: &'static str, slot: u32, errno: i32) -> NvmeError {
+        self.io_failure(op, slot, std::io::Error::from_raw_os_error(errno))
+    }
+
+    /// An I/O error of `op` on `slot`, naming its file and offset.
+    pub fn io_failure(&self, op: &'static str, slot: u32, source: std::io::Error) -> NvmeError {
         let (file, offset) = self.locate(slot);
         NvmeError::Io {
             op,
             slot,
             path: self.paths[file as usize].clone(),
             offset,
-            source: std::io::Error::from_raw_os_error(errno),
+            source,
         }
     }
 
