@@ -963,7 +963,13 @@ fn status_report(state: &State, view: &View) -> StatusReport {
             .into_iter()
             .filter(|n| view.sees_namespace(&n.namespace))
             .collect(),
-        device: state.device.clone(),
+        device: DeviceStatus {
+            nvme_g1_path: match state.shared.dataplane.blocks() {
+                Some(b) => b.stores().nvme_g1_now(),
+                None => state.device.nvme_g1_path.clone(),
+            },
+            ..state.device.clone()
+        },
     }
 }
 

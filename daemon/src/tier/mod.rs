@@ -43,6 +43,17 @@ impl Stores {
                 .nvme_g1_failed
                 .load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// How NVMe blocks reach G1 now, for `/status`: the start-up decision, or that a
+    /// device failure turned the direct path off since.
+    pub fn nvme_g1_now(&self) -> String {
+        match self.nvme_g1.direct && !self.nvme_direct_to_g1() {
+            true => "through the pinned host tier, MACs checked on the CPU (reading straight \
+                     into G1 failed on the device since start-up; see the log)"
+                .into(),
+            false => self.nvme_g1.describe.clone(),
+        }
+    }
 }
 
 /// How blocks read from NVMe reach G1, decided at start-up from

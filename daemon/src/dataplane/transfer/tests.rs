@@ -1687,6 +1687,10 @@ fn a_device_read_failure_turns_loads_to_the_host_tier() {
         !m.stores().nvme_direct_to_g1(),
         "the direct path is off from now on"
     );
+    assert!(
+        m.stores().nvme_g1_now().contains("failed on the device"),
+        "/status says so"
+    );
     assert_eq!(
         used_slots(&m, Tier::Hbm),
         0,
