@@ -282,13 +282,7 @@ fn a_panic_while_making_room_gives_back_the_plan_and_its_claims() {
     let dir = tempfile::tempdir().unwrap();
     let (mut b, t) = config(Some(dir.path()), 5, 16, EngineKind::Sync);
     b.nvme_admit_min_hits = 0;
-    let plan = Arc::new(FaultPlan::default());
-    let options = ManagerOptions {
-        faults: Some(plan.clone()),
-        quotas: vec![quota(7, PerTier([None, Some(4), None]))],
-        ..ManagerOptions::default()
-    };
-    let m = local(BlockManager::new(&b, &t, options).unwrap());
+    let (m, plan) = with_faults(&b, &t, vec![quota(7, PerTier([None, Some(4), None]))]);
     // Namespace 3 holds 2 of the 5 host slots, namespace 7 2 of its quota of 4; 1 is free.
     assert_eq!(save(&m, 3, &chain(300, 2), false).stored, 2);
     assert_eq!(save(&m, 7, &chain(700, 2), false).stored, 2);
@@ -322,6 +316,22 @@ fn panic_rule(kind: IoKind) -> FaultRule {
     }
 }
 
+/// A manager over `b` and `t` with `quotas`, its NVMe engines driven by the fault plan
+/// returned with it.
+fn with_faults(
+    b: &BlockConfig,
+    t: &TiersConfig,
+    quotas: Vec<NamespaceQuota>,
+) -> (LocalBlocks, Arc<FaultPlan>) {
+    let plan = Arc::new(FaultPlan::default());
+    let options = ManagerOptions {
+        faults: Some(plan.clone()),
+        quotas,
+        ..ManagerOptions::default()
+    };
+    (local(BlockManager::new(b, t, options).unwrap()), plan)
+}
+
 /// How many slots of `tier` are taken (stored, reserved or claimed).
 fn used_slots(m: &LocalBlocks, tier: Tier) -> u32 {
     let s = m.stats();
@@ -332,12 +342,7 @@ fn used_slots(m: &LocalBlocks, tier: Tier) -> u32 {
 fn a_panic_in_a_write_through_gives_back_the_save() {
     let dir = tempfile::tempdir().unwrap();
     let (b, t) = config(Some(dir.path()), 4, 16, EngineKind::Sync);
-    let plan = Arc::new(FaultPlan::default());
-    let options = ManagerOptions {
-        faults: Some(plan.clone()),
-        ..ManagerOptions::default()
-    };
-    let m = local(BlockManager::new(&b, &t, options).unwrap());
+    let (m, plan) = with_faults(&b, &t, Vec::new());
     plan.add(panic_rule(IoKind::Write));
     let c = chain(10, 4);
     let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| save(&m, 1, &c, true)));
@@ -362,12 +367,7 @@ fn a_panic_in_a_staging_read_gives_back_the_load() {
     let dir = tempfile::tempdir().unwrap();
     let (mut b, t) = config(Some(dir.path()), 2, 16, EngineKind::Sync);
     b.nvme_admit_min_hits = 0;
-    let plan = Arc::new(FaultPlan::default());
-    let options = ManagerOptions {
-        faults: Some(plan.clone()),
-        ..ManagerOptions::default()
-    };
-    let m = local(BlockManager::new(&b, &t, options).unwrap());
+    let (m, plan) = with_faults(&b, &t, Vec::new());
     // Chain 1 is demoted to NVMe by chain 2; the host tier (2 slots) holds chain 2.
     save(&m, 1, &chain(1, 2), false);
     save(&m, 1, &chain(50, 2), false);
@@ -454,12 +454,7 @@ fn save_kept_on_gpu(m: &LocalBlocks, ns: u32, blocks: &[(u64, Option<u64>)]) -> 
 fn a_panic_while_copying_down_two_namespaces_gives_back_both_rooms() {
     let dir = tempfile::tempdir().unwrap();
     let (b, t) = config(Some(dir.path()), 4, 16, EngineKind::Sync);
-    let plan = Arc::new(FaultPlan::default());
-    let options = ManagerOptions {
-        faults: Some(plan.clone()),
-        ..ManagerOptions::default()
-    };
-    let m = local(BlockManager::new(&b, &t, options).unwrap());
+    let (m, plan) = with_faults(&b, &t, Vec::new());
     assert_eq!(save_kept_on_gpu(&m, 1, &chain(100, 1)).hbm_stored, 1);
     assert_eq!(save_kept_on_gpu(&m, 2, &chain(200, 1)).hbm_stored, 1);
     // Their host copies are evicted (seen once: not admitted to NVMe); G1 holds the only
@@ -1710,17 +1705,11 @@ fn a_device_read_failure_turns_loads_to_the_host_tier() {
 #[test]
 fn a_panic_while_making_host_room_gives_back_the_g1_slots_a_load_took() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = Arc::new(FaultPlan::default());
     let (mut b, mut t) = config(Some(dir.path()), 2, 16, EngineKind::Sync);
     b.nvme_admit_min_hits = 0;
     t.hbm.capacity_bytes = BLOCK as u64;
     t.nvme.direct_to_g1 = crate::tier::nvme::DirectToG1::On;
-    let options = ManagerOptions {
-        faults: Some(plan.clone()),
-        quotas: vec![quota(1, PerTier([Some(4), Some(4), None]))],
-        ..ManagerOptions::default()
-    };
-    let m = local(BlockManager::new(&b, &t, options).unwrap());
+    let (m, plan) = with_faults(&b, &t, vec![quota(1, PerTier([Some(4), Some(4), None]))]);
     demote_first_chain(&m); // (1, 2) on NVMe, (50, 51) fill the host tier
     // Load (1, 2): the one G1 slot, then a host slot whose making demotes 50 or 51.
     plan.add(panic_rule(IoKind::Write));
