@@ -1031,6 +1031,17 @@ impl BlockManager {
                 plan.items[i].slot = v.present[t].expect("present");
                 continue;
             }
+            if [Tier::Hbm, Tier::Host]
+                .into_iter()
+                .any(|t| v.pending[t].is_some())
+            {
+                // Being staged by another load right now (into G1 or the host tier): stop
+                // here rather than wait or read it twice (the engine retries; the block
+                // is not missing and space is not short).
+                cut = cut.min(i);
+                plan.failure = Some((i, LoadFailure::Busy));
+                break;
+            }
             let Some((tier, slot)) = spare_g1
                 .next()
                 .map(|s| (Tier::Hbm, s))

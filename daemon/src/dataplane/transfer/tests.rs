@@ -1720,3 +1720,38 @@ fn a_panic_while_making_host_room_gives_back_the_g1_slots_a_load_took() {
     assert_eq!(used_slots(&m, Tier::Hbm), 0, "the G1 slot given back");
     m.check_invariants().unwrap();
 }
+
+/// A block another load is staging into G1 right now is busy for a load that would
+/// stage it into the host tier (one read of it at a time, as before G1 staging).
+#[test]
+fn a_block_being_staged_into_g1_is_busy_for_another_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = direct_manager(dir.path(), 4, None);
+    demote_first_chain(&m);
+    m.drop_blocks(1, &[50, 51]); // host room for the second load
+    let b = &m.blocks;
+    let mut first = b.plan_load(1, &[1]);
+    let mut g1 = Vec::new();
+    let _settled = b.plan_room(Tier::Hbm, 1, 1, &mut g1);
+    b.plan_staging(&mut first, g1, Vec::new());
+    assert_eq!(
+        first.reads.len(),
+        1,
+        "block 1 reserved in G1 for the first load"
+    );
+    let mut second = b.plan_load(1, &[1]);
+    let mut host = Vec::new();
+    let _settled = b.plan_room(Tier::Host, 1, 1, &mut host);
+    b.plan_staging(&mut second, Vec::new(), host);
+    assert!(second.reads.is_empty(), "not read a second time");
+    let r = b.commit_load(second, 0);
+    assert!(
+        matches!(r.failure, Some((0, LoadFailure::Busy))),
+        "{:?}",
+        r.failure
+    );
+    b.abort_load(first);
+    assert_eq!(b.claimed_slots(), 0);
+    m.check_invariants().unwrap();
+    assert_eq!(load(&m, 1, &[1, 2]).loaded, 2);
+}
