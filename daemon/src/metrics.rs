@@ -229,20 +229,13 @@ impl DataPlaneMetrics {
     /// each block to the engine.
     pub fn record_load(&self, r: &LoadReport, block_bytes: usize) {
         let b = block_bytes as u64;
-        for (k, t) in r.tiers.iter().enumerate() {
-            match t {
-                Tier::Hbm => self.add_link_bytes(Link::G1ToEngine, b),
-                Tier::Nvme if r.staged_to_g1.get(k).copied().unwrap_or(false) => {
-                    self.add_link_bytes(Link::NvmeToG1, b);
-                    self.add_link_bytes(Link::G1ToEngine, b);
-                }
-                Tier::Nvme => {
-                    self.add_link_bytes(Link::NvmeToHost, b);
-                    self.add_link_bytes(Link::HostToEngine, b);
-                }
-                _ => self.add_link_bytes(Link::HostToEngine, b),
-            }
-        }
+        let count = |tier: Tier| r.tiers.iter().filter(|&&t| t == tier).count() as u64;
+        let (g1, host, nvme) = (count(Tier::Hbm), count(Tier::Host), count(Tier::Nvme));
+        let into_g1 = r.staged_to_g1 as u64;
+        self.add_link_bytes(Link::NvmeToG1, into_g1 * b);
+        self.add_link_bytes(Link::NvmeToHost, (nvme - into_g1) * b);
+        self.add_link_bytes(Link::G1ToEngine, (g1 + into_g1) * b);
+        self.add_link_bytes(Link::HostToEngine, (host + nvme - into_g1) * b);
     }
 }
 

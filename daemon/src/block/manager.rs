@@ -139,9 +139,9 @@ pub struct LoadReport {
     pub loaded: usize,
     /// Tier each loaded block was found in (`Nvme` when it was staged from NVMe).
     pub tiers: Vec<Tier>,
-    /// Per loaded block: staged from NVMe straight into G1 (`tiers.nvme.direct_to_g1`)
-    /// rather than through the host tier.
-    pub staged_to_g1: Vec<bool>,
+    /// How many of the blocks found on NVMe (`tiers`) were staged straight into G1
+    /// (`tiers.nvme.direct_to_g1`) rather than through the host tier.
+    pub staged_to_g1: usize,
     pub bytes: u64,
     /// Slowest tier used (`Tier::None` when nothing was loaded).
     pub slowest: Option<Tier>,
@@ -1185,8 +1185,8 @@ impl BlockManager {
         let tiers: Vec<Tier> = items[..served].iter().map(|i| i.found).collect();
         let staged_to_g1 = items[..served]
             .iter()
-            .map(|i| i.found == Tier::Nvme && i.tier == Tier::Hbm)
-            .collect();
+            .filter(|i| i.found == Tier::Nvme && i.tier == Tier::Hbm)
+            .count();
         let report = LoadReport {
             loaded: served,
             slowest: tiers.iter().copied().max(),

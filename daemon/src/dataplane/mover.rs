@@ -419,13 +419,17 @@ impl Mover {
             .collect();
         let headers = store.read_headers(&expect);
         let device = &self.stores.device;
+        let g1_slots: Vec<(DeviceBuffer, u64)> = reads
+            .iter()
+            .map(|r| slot_of(&self.stores, Tier::Hbm, r.slot))
+            .collect();
         // Data of the blocks whose header passed, straight into their G1 slots.
         let mut landed: Vec<Result<SlotHeader, NvmeError>> = reads
             .iter()
             .zip(headers)
-            .map(|(r, header)| {
+            .zip(&g1_slots)
+            .map(|((r, header), &(buffer, offset))| {
                 let h = header?;
-                let (buffer, offset) = slot_of(&self.stores, Tier::Hbm, r.slot);
                 let (fd, file_offset) = store.data_at(r.nvme_slot);
                 device
                     .read_file(stream, buffer.range(offset as usize, bb), fd, file_offset)
@@ -447,7 +451,7 @@ impl Mover {
         let arrived: Vec<usize> = (0..reads.len()).filter(|&k| landed[k].is_ok()).collect();
         let mut groups: Vec<(DeviceBuffer, Vec<usize>)> = Vec::new();
         for &k in &arrived {
-            let (buffer, _) = slot_of(&self.stores, Tier::Hbm, reads[k].slot);
+            let buffer = g1_slots[k].0;
             match groups.iter_mut().find(|g| g.0 == buffer) {
                 Some(g) => g.1.push(k),
                 None => groups.push((buffer, vec![k])),
@@ -457,7 +461,7 @@ impl Mover {
             let descs: Vec<kvp_copy_desc> = members
                 .iter()
                 .map(|&k| kvp_copy_desc {
-                    src_offset: slot_of(&self.stores, Tier::Hbm, reads[k].slot).1,
+                    src_offset: g1_slots[k].1,
                     dst_offset: 0,
                     bytes: bb as u64,
                 })

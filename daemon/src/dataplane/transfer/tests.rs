@@ -332,6 +332,19 @@ fn with_faults(
     (local(BlockManager::new(b, t, options).unwrap()), plan)
 }
 
+/// The NVMe slot whose header names (`namespace`, `hash`), found by reading the
+/// unauthenticated header fields of the tier file `f` as an attacker would.
+fn slot_on_disk(f: &std::fs::File, namespace: u32, hash: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    (0..16u64)
+        .find(|s| {
+            let mut page = [0u8; 32];
+            f.read_exact_at(&mut page, s * SLOT).unwrap();
+            page[16..20] == namespace.to_le_bytes() && page[24..32] == hash.to_le_bytes()
+        })
+        .expect("the block's slot on disk")
+}
+
 /// How many slots of `tier` are taken (stored, reserved or claimed).
 fn used_slots(m: &LocalBlocks, tier: Tier) -> u32 {
     let s = m.stats();
@@ -1077,15 +1090,7 @@ fn a_slot_rewritten_without_the_key_never_reaches_the_victim() {
         .open(&t.nvme.paths[0])
         .unwrap();
     // The attacker reads the unauthenticated fields to find the victim's slots.
-    let slot_of = |hash: u64| {
-        (0..16u64)
-            .find(|s| {
-                let mut page = [0u8; 32];
-                f.read_exact_at(&mut page, s * SLOT).unwrap();
-                page[16..20] == 3u32.to_le_bytes() && page[24..32] == hash.to_le_bytes()
-            })
-            .expect("victim slot on disk")
-    };
+    let slot_of = |hash: u64| slot_on_disk(&f, 3, hash);
     let attacker = vec![0xeeu8; BLOCK];
     let mut forged = attacker.clone();
     let s12 = slot_of(12);
@@ -1515,15 +1520,7 @@ fn a_block_tampered_on_disk_is_caught_where_it_landed_in_g1() {
         .write(true)
         .open(&path)
         .unwrap();
-    let slot_of = |hash: u64| {
-        (0..16u64)
-            .find(|s| {
-                let mut page = [0u8; 32];
-                f.read_exact_at(&mut page, s * SLOT).unwrap();
-                page[16..20] == 1u32.to_le_bytes() && page[24..32] == hash.to_le_bytes()
-            })
-            .expect("slot on disk")
-    };
+    let slot_of = |hash: u64| slot_on_disk(&f, 1, hash);
     // Block 2 rewritten with its checksum kept (only the MAC can tell), block 1 with one
     // bit flipped (the checksum tells).
     let (s1, s2) = (slot_of(1), slot_of(2));
@@ -1622,21 +1619,12 @@ fn a_file_cut_short_fails_that_block_as_a_disk_error() {
     assert_eq!(tiers, [Some(Tier::Nvme); 2]);
     // The file ends inside the data of whichever of 50, 51 lies last (its header page
     // still there).
-    use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(dir.path().join("g3.kvp"))
         .unwrap();
-    let slot_of = |hash: u64| {
-        (0..16u64)
-            .find(|s| {
-                let mut page = [0u8; 32];
-                f.read_exact_at(&mut page, s * SLOT).unwrap();
-                page[16..20] == 1u32.to_le_bytes() && page[24..32] == hash.to_le_bytes()
-            })
-            .expect("slot on disk")
-    };
+    let slot_of = |hash: u64| slot_on_disk(&f, 1, hash);
     let slots = [slot_of(50), slot_of(51)];
     let last = usize::from(slots[1] > slots[0]);
     f.set_len(slots[last] * SLOT + 4096 + 100).unwrap();
