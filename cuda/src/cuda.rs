@@ -1233,6 +1233,32 @@ impl Device for CudaDevice {
         fd: std::os::fd::BorrowedFd<'_>,
         file_offset: u64,
     ) -> Result<(), DeviceError> {
+        let (gds, file) = self.gds_for(stream, fd)?;
+        gds.read(file, self, dst, file_offset)
+            .map_err(|e| file_error(e, false, file_offset, dst.len_bytes))
+    }
+
+    fn write_file(
+        &self,
+        stream: StreamId,
+        src: DeviceRange,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_offset: u64,
+    ) -> Result<(), DeviceError> {
+        let (gds, file) = self.gds_for(stream, fd)?;
+        gds.write(file, self, src, file_offset)
+            .map_err(|e| file_error(e, true, file_offset, src.len_bytes))
+    }
+}
+
+impl CudaDevice {
+    /// cuFile (opened on first use) and `fd`'s registered handle, once the work queued
+    /// on `stream` is done: cuFile I/O is not stream-ordered.
+    fn gds_for(
+        &self,
+        stream: StreamId,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(&crate::gds::Gds, crate::gds::GdsHandle), DeviceError> {
         let gds = self
             .gds
             .get_or_init(|| crate::gds::Gds::open().map_err(|e| e.to_string()))
@@ -1241,31 +1267,52 @@ impl Device for CudaDevice {
                 op: "cuFileDriverOpen",
                 detail: detail.clone(),
             })?;
-        // cuFile reads are not stream-ordered: what is queued before goes first.
         self.sync_stream(stream)?;
         let file = self.gds_file(gds, fd)?;
-        gds.read(file, self, dst, file_offset).map_err(|e| match e {
-            // An errno (cuFile's own errors are numbered from 5000) or a short read: the
-            // file's failure, not the device's.
-            crate::gds::GdsError::Io { ret, .. } if (-4999..0).contains(&ret) => {
-                DeviceError::FileRead {
-                    op: "cuFileRead",
-                    file_offset,
-                    len_bytes: dst.len_bytes,
-                    source: std::io::Error::from_raw_os_error(-ret as i32),
-                }
-            }
-            crate::gds::GdsError::Io { ret, .. } if ret >= 0 => DeviceError::FileRead {
-                op: "cuFileRead",
-                file_offset,
-                len_bytes: dst.len_bytes,
-                source: std::io::ErrorKind::UnexpectedEof.into(),
-            },
-            e => DeviceError::Driver {
-                op: "cuFileRead",
+        Ok((gds, file))
+    }
+}
+
+/// A cuFile transfer's error: an errno (cuFile's own errors are numbered from 5000) or a
+/// short transfer is the file's failure, not the device's.
+fn file_error(
+    e: crate::gds::GdsError,
+    writing: bool,
+    file_offset: u64,
+    len_bytes: usize,
+) -> DeviceError {
+    let op = match writing {
+        true => "cuFileWrite",
+        false => "cuFileRead",
+    };
+    let source = match e {
+        crate::gds::GdsError::Io { ret, .. } if (-4999..0).contains(&ret) => {
+            std::io::Error::from_raw_os_error(-ret as i32)
+        }
+        crate::gds::GdsError::Io { ret, .. } if ret >= 0 => match writing {
+            true => std::io::ErrorKind::WriteZero.into(),
+            false => std::io::ErrorKind::UnexpectedEof.into(),
+        },
+        e => {
+            return DeviceError::Driver {
+                op,
                 detail: e.to_string(),
-            },
-        })
+            };
+        }
+    };
+    match writing {
+        true => DeviceError::FileWrite {
+            op,
+            file_offset,
+            len_bytes,
+            source,
+        },
+        false => DeviceError::FileRead {
+            op,
+            file_offset,
+            len_bytes,
+            source,
+        },
     }
 }
 

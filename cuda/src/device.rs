@@ -158,6 +158,13 @@ pub enum DeviceError {
         len_bytes: usize,
         source: std::io::Error,
     },
+    #[error("{op}: writing {len_bytes} bytes at file offset {file_offset}: {source}")]
+    FileWrite {
+        op: &'static str,
+        file_offset: u64,
+        len_bytes: usize,
+        source: std::io::Error,
+    },
     #[error("{op} is not available on the {backend} backend")]
     Unsupported {
         op: &'static str,
@@ -368,6 +375,19 @@ pub trait Device: Send + Sync + std::fmt::Debug {
         &self,
         stream: StreamId,
         dst: DeviceRange,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_offset: u64,
+    ) -> Result<(), DeviceError>;
+    /// Writes `src` at `file_offset` of `fd` (an NVMe tier file, opened with O_DIRECT),
+    /// after the work queued on `stream`; complete when this returns. The cuda backend
+    /// writes with cuFile (GPUDirect Storage), the host backend with pwrite. Bytes of the
+    /// file outside `[file_offset, file_offset + len)` are left as they were (partial
+    /// pages are read, overlaid and written back; a file that ends inside the last page
+    /// grows to that page's end, zero-filled).
+    fn write_file(
+        &self,
+        stream: StreamId,
+        src: DeviceRange,
         fd: std::os::fd::BorrowedFd<'_>,
         file_offset: u64,
     ) -> Result<(), DeviceError>;

@@ -183,7 +183,7 @@ impl HostDevice {
         }
     }
 
-    /// A device whose `ops` (e.g. "read_file") fail with a driver error, as a GPU's
+    /// A device whose `ops` ("read_file", "write_file", "checksum", "mac") fail with a driver error, as a GPU's
     /// driver or cuFile may: tests of what the daemon does then.
     #[doc(hidden)]
     pub fn with_failing_ops_for_tests(ops: &'static [&'static str]) -> Self {
@@ -698,6 +698,7 @@ impl Device for HostDevice {
         descs: &[kvp_copy_desc],
     ) -> Result<Vec<u64>, DeviceError> {
         let op = "checksum";
+        self.injected_failure(op)?;
         let (s, b) = {
             let st = self.lock();
             (st.stream(op, stream)?, st.region(op, base)?)
@@ -726,6 +727,7 @@ impl Device for HostDevice {
         key: &[u8; 32],
     ) -> Result<Vec<[u8; 32]>, DeviceError> {
         let op = "mac";
+        self.injected_failure(op)?;
         let (s, b) = {
             let st = self.lock();
             (st.stream(op, stream)?, st.region(op, base)?)
@@ -769,43 +771,14 @@ impl Device for HostDevice {
         };
         // The tier's files are O_DIRECT: reads go through an aligned bounce buffer, whole
         // 4 KiB pages at 4 KiB offsets (what a GPU's DMA would do without the CPU).
-        const PAGE: u64 = 4096;
-        const BOUNCE_BYTES: usize = 1 << 20;
-        let start = file_offset - file_offset % PAGE;
+        let start = file_offset - file_offset % FILE_PAGE;
         let end = file_offset + dst.len_bytes as u64;
-        let layout = std::alloc::Layout::from_size_align(BOUNCE_BYTES, PAGE as usize)
-            .expect("a valid layout");
-        // SAFETY: a non-zero size layout; freed below.
-        let bounce = unsafe { std::alloc::alloc(layout) };
-        if bounce.is_null() {
-            return Err(DeviceError::OutOfMemory {
-                op,
-                bytes: BOUNCE_BYTES,
-            });
-        }
+        let bounce = Bounce::new(op)?;
         let mut at = start;
-        let mut result = Ok(());
-        while at < end && result.is_ok() {
-            let want = (end - at).div_ceil(PAGE) * PAGE;
-            let want = want.min(BOUNCE_BYTES as u64) as usize;
-            // SAFETY: `bounce` is valid for BOUNCE_BYTES >= want bytes.
-            let got = unsafe {
-                libc::pread(
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    bounce as *mut libc::c_void,
-                    want,
-                    at as libc::off_t,
-                )
-            };
-            if got < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    result = Err(failed(e));
-                }
-                continue;
-            }
+        while at < end {
+            let want = ((end - at).div_ceil(FILE_PAGE) * FILE_PAGE).min(BOUNCE_BYTES as u64);
+            let got = bounce.pread(fd, want as usize, at).map_err(failed)? as u64;
             // The bytes of [at, at + got) that `dst` wants.
-            let got = got as u64;
             let from = file_offset.max(at);
             let to = end.min(at + got);
             if to > from {
@@ -815,7 +788,7 @@ impl Device for HostDevice {
                 // during the call.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
-                        bounce.add((from - at) as usize),
+                        bounce.ptr.add((from - at) as usize),
                         p.add((from - file_offset) as usize),
                         (to - from) as usize,
                     )
@@ -824,17 +797,166 @@ impl Device for HostDevice {
             if at + got >= end {
                 break;
             }
-            if got < want as u64 {
+            if got < want {
                 // Short before the end of what was asked: the file ends there.
-                result = Err(failed(std::io::Error::from(
-                    std::io::ErrorKind::UnexpectedEof,
-                )));
+                return Err(failed(std::io::ErrorKind::UnexpectedEof.into()));
             }
             at += got;
         }
-        // SAFETY: allocated above with this layout.
-        unsafe { std::alloc::dealloc(bounce, layout) };
-        result
+        Ok(())
+    }
+
+    fn write_file(
+        &self,
+        stream: StreamId,
+        src: DeviceRange,
+        fd: std::os::fd::BorrowedFd<'_>,
+        file_offset: u64,
+    ) -> Result<(), DeviceError> {
+        let op = "write_file";
+        self.injected_failure(op)?;
+        let (s, (_held, p)) = {
+            let st = self.lock();
+            (st.stream(op, stream)?, st.range(op, src)?)
+        };
+        let _in_stream = self.enter(op, &s);
+        let failed = |source| DeviceError::FileWrite {
+            op,
+            file_offset,
+            len_bytes: src.len_bytes,
+            source,
+        };
+        // Whole aligned pages through the bounce buffer (O_DIRECT); a page `src` covers
+        // only in part is read first so the file keeps its other bytes.
+        let start = file_offset - file_offset % FILE_PAGE;
+        let end = file_offset + src.len_bytes as u64;
+        let bounce = Bounce::new(op)?;
+        let mut at = start;
+        while at < end {
+            let want = ((end - at).div_ceil(FILE_PAGE) * FILE_PAGE).min(BOUNCE_BYTES as u64);
+            let from = file_offset.max(at);
+            let to = end.min(at + want);
+            if from > at || to < at + want {
+                bounce.zero(want as usize);
+                // Past the end of the file stays zero.
+                bounce.pread(fd, want as usize, at).map_err(failed)?;
+            }
+            // SAFETY: the source [from - file_offset, to - file_offset) lies inside `src`
+            // (checked by `range`, kept alive by `_held`); the destination
+            // [from - at, to - at) inside the bounce buffer's `want` <= BOUNCE_BYTES bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    p.add((from - file_offset) as usize),
+                    bounce.ptr.add((from - at) as usize),
+                    (to - from) as usize,
+                )
+            };
+            bounce.pwrite(fd, want as usize, at).map_err(failed)?;
+            at += want;
+        }
+        Ok(())
+    }
+}
+
+/// Pages of the NVMe tier's O_DIRECT files: offsets and lengths of their I/O.
+const FILE_PAGE: u64 = 4096;
+/// The host backend's file I/O goes through this much aligned memory at a time.
+const BOUNCE_BYTES: usize = 1 << 20;
+
+/// An aligned buffer for the host backend's O_DIRECT file I/O.
+struct Bounce {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl Bounce {
+    fn new(op: &'static str) -> Result<Self, DeviceError> {
+        let layout = std::alloc::Layout::from_size_align(BOUNCE_BYTES, FILE_PAGE as usize)
+            .expect("a valid layout");
+        // SAFETY: a non-zero size layout; freed in drop.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        match ptr.is_null() {
+            true => Err(DeviceError::OutOfMemory {
+                op,
+                bytes: BOUNCE_BYTES,
+            }),
+            false => Ok(Self { ptr, layout }),
+        }
+    }
+
+    fn zero(&self, len: usize) {
+        assert!(len <= BOUNCE_BYTES);
+        // SAFETY: `ptr` is valid for BOUNCE_BYTES >= len bytes, owned by self.
+        unsafe { std::ptr::write_bytes(self.ptr, 0, len) };
+    }
+
+    /// Reads up to `len` bytes at `offset` (retrying on EINTR); how many it got (fewer
+    /// only at the end of the file).
+    fn pread(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+        offset: u64,
+    ) -> std::io::Result<usize> {
+        assert!(len <= BOUNCE_BYTES);
+        loop {
+            // SAFETY: `ptr` is valid for BOUNCE_BYTES >= len bytes, owned by self.
+            let got = unsafe {
+                libc::pread(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    self.ptr as *mut libc::c_void,
+                    len,
+                    offset as libc::off_t,
+                )
+            };
+            if got >= 0 {
+                return Ok(got as usize);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Writes all `len` bytes at `offset` (retrying on EINTR and short writes).
+    fn pwrite(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+        offset: u64,
+    ) -> std::io::Result<()> {
+        assert!(len <= BOUNCE_BYTES);
+        let mut done = 0;
+        while done < len {
+            // SAFETY: [done, len) lies inside the buffer's BOUNCE_BYTES bytes.
+            let put = unsafe {
+                libc::pwrite(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    self.ptr.add(done) as *const libc::c_void,
+                    len - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            match put {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
     }
 }
 

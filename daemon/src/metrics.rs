@@ -90,10 +90,13 @@ pub enum Link {
     G1ToHost = 6,
     /// Blocks a load read from NVMe straight into G1 (`tiers.nvme.direct_to_g1`).
     NvmeToG1 = 7,
+    /// G1 blocks with no other copy written straight from G1 to NVMe to make room in G1
+    /// when the host tier had none for them (`tiers.nvme.direct_to_g1`).
+    G1ToNvme = 8,
 }
 
 impl Link {
-    pub const ALL: [Link; 8] = [
+    pub const ALL: [Link; 9] = [
         Link::EngineToHost,
         Link::HostToEngine,
         Link::HostToNvme,
@@ -102,6 +105,7 @@ impl Link {
         Link::EngineToG1,
         Link::G1ToHost,
         Link::NvmeToG1,
+        Link::G1ToNvme,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -113,6 +117,7 @@ impl Link {
             Link::EngineToG1 => "engine_to_g1",
             Link::G1ToHost => "g1_to_host",
             Link::NvmeToG1 => "nvme_to_g1",
+            Link::G1ToNvme => "g1_to_nvme",
         }
     }
 }
@@ -216,17 +221,27 @@ impl DataPlaneMetrics {
             .clone()
     }
 
-    /// Bytes a save moved: engine -> host for stored blocks, host -> NVMe for the blocks
-    /// it wrote through or demoted.
+    /// Bytes a save moved: engine -> host for stored blocks, then what making room
+    /// moved ([`Self::record_room`]).
     pub fn record_save(&self, r: &SaveReport, block_bytes: usize) {
         self.add_link_bytes(Link::EngineToHost, r.bytes);
-        self.add_link_bytes(Link::HostToNvme, (r.nvme_written * block_bytes) as u64);
         self.add_link_bytes(Link::EngineToG1, (r.hbm_stored * block_bytes) as u64);
-        self.add_link_bytes(Link::G1ToHost, (r.g1_copied_down * block_bytes) as u64);
+        self.record_room(r, block_bytes);
+    }
+
+    /// Bytes moved between tiers by an operation (a save, a load making room for what it
+    /// stages): host -> NVMe for blocks written through or demoted, G1 -> host for G1
+    /// blocks copied down, G1 -> NVMe for those written straight from G1.
+    pub fn record_room(&self, r: &SaveReport, block_bytes: usize) {
+        let b = block_bytes as u64;
+        let from_g1 = r.g1_written_to_nvme as u64;
+        self.add_link_bytes(Link::HostToNvme, (r.nvme_written as u64 - from_g1) * b);
+        self.add_link_bytes(Link::G1ToNvme, from_g1 * b);
+        self.add_link_bytes(Link::G1ToHost, r.g1_copied_down as u64 * b);
     }
 
     /// Bytes a load moved: NVMe -> host (or straight into G1) for staged blocks, then
-    /// each block to the engine.
+    /// each block to the engine, and what making room for them moved.
     pub fn record_load(&self, r: &LoadReport, block_bytes: usize) {
         let b = block_bytes as u64;
         let count = |tier: Tier| r.tiers.iter().filter(|&&t| t == tier).count() as u64;
@@ -236,12 +251,36 @@ impl DataPlaneMetrics {
         self.add_link_bytes(Link::NvmeToHost, (nvme - into_g1) * b);
         self.add_link_bytes(Link::G1ToEngine, (g1 + into_g1) * b);
         self.add_link_bytes(Link::HostToEngine, (host + nvme - into_g1) * b);
+        self.record_room(&r.room, block_bytes);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What making room moved is counted on its own links, for saves and for loads (a
+    /// load staging NVMe blocks makes room too): host -> NVMe apart from the blocks
+    /// written straight from G1.
+    #[test]
+    fn room_making_bytes_go_to_their_links_for_saves_and_loads() {
+        let m = DataPlaneMetrics::default();
+        let room = || SaveReport {
+            nvme_written: 3,
+            g1_written_to_nvme: 1,
+            g1_copied_down: 2,
+            ..SaveReport::default()
+        };
+        m.record_save(&room(), 10);
+        let load = LoadReport {
+            room: room(),
+            ..LoadReport::default()
+        };
+        m.record_load(&load, 10);
+        assert_eq!(m.link_bytes(Link::HostToNvme), 2 * 20);
+        assert_eq!(m.link_bytes(Link::G1ToNvme), 2 * 10);
+        assert_eq!(m.link_bytes(Link::G1ToHost), 2 * 20);
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative_and_quantiles_bound_the_samples() {

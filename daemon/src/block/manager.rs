@@ -131,6 +131,9 @@ pub struct SaveReport {
     /// G1 blocks this call copied down to the host tier to make room in G1 (their only
     /// copy was in G1).
     pub g1_copied_down: usize,
+    /// Of `nvme_written`, the G1 blocks written straight from G1 (their only copy was in
+    /// G1 and the host tier had no room for them).
+    pub g1_written_to_nvme: usize,
 }
 
 #[derive(Debug, Default)]
@@ -147,6 +150,9 @@ pub struct LoadReport {
     pub slowest: Option<Tier>,
     /// Why the load stopped early, with the chain index, if it did.
     pub failure: Option<(usize, LoadFailure)>,
+    /// What making room for the blocks staged from NVMe moved between tiers (host
+    /// victims demoted, G1 victims copied down or written from G1).
+    pub room: SaveReport,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -549,7 +555,7 @@ impl BlockManager {
                     room.demotions.push(NvmeWrite {
                         key: v,
                         parent: view.parent,
-                        host_slot,
+                        from: (Tier::Host, host_slot),
                         nvme_slot,
                         generation: self.next_generation(),
                     });
@@ -591,9 +597,10 @@ impl BlockManager {
     }
 
     /// Commits a room plan with the mover's result for each demotion: NVMe copies that
-    /// landed are published, the victims leave the host (even when their write failed: the
-    /// host needs the space; the block is a cache entry and the error is counted and
-    /// reported), and their slots go to `out`, up to the plan's `want`. G1 blocks copied
+    /// landed are published, the victims leave the tier they were written from (the host,
+    /// or G1 for those written straight from G1), even when their write failed: the tier
+    /// needs the space; the block is a cache entry and the error is counted and
+    /// reported; and their slots go to `out`, up to the plan's `want`. G1 blocks copied
     /// down (`copied_down`: the batched copy landed) are published in the host tier and
     /// leave G1; when the copy failed they stay in G1 and free nothing.
     pub fn commit_room(
@@ -613,11 +620,13 @@ impl BlockManager {
         let mut reg = self.lock();
         for (job, result) in room.demotions.iter().zip(results) {
             reg.end_use(job.key);
+            let from = job.from.0;
             match result {
                 Ok(()) => {
                     reg.publish(job.key, Tier::Nvme, job.generation)
                         .expect("reserved");
                     report.nvme_written += 1;
+                    report.g1_written_to_nvme += usize::from(from == Tier::Hbm);
                 }
                 Err(e) => {
                     reg.abort(job.key, Tier::Nvme).expect("reserved");
@@ -626,17 +635,19 @@ impl BlockManager {
                     }
                 }
             }
-            if out.len() < room.want && reg.evictable(job.key, Tier::Host) {
-                let reason = if reg.fastest(job.key) != Some(Tier::Host)
-                    || reg
-                        .view(job.key)
-                        .is_some_and(|v| v.present[Tier::Nvme].is_some())
-                {
+            if out.len() < room.want && reg.evictable(job.key, from) {
+                // Demoted while another tier still holds it; lost to the failed write
+                // otherwise.
+                let reason = if reg.view(job.key).is_some_and(|v| {
+                    v.present
+                        .iter()
+                        .any(|(t, slot)| t != from && slot.is_some())
+                }) {
                     RemoveReason::Demoted
                 } else {
                     RemoveReason::IoError
                 };
-                Self::evict_into(&mut reg, job.key, Tier::Host, reason, room.namespace, out);
+                Self::evict_into(&mut reg, job.key, from, reason, room.namespace, out);
             }
         }
         for c in &room.copies_down {
@@ -701,8 +712,10 @@ impl BlockManager {
 
     /// Reserves the host slots found for a room plan's G1 copies-down (`slots[k]` for
     /// `copies_down[k]`). A block left without one (the host tier has no room it may
-    /// take) is not copied: it leaves G1 (evicted, a cache entry) and its slot goes to
-    /// `out`, up to the plan's `want`.
+    /// take) is written from G1 straight to NVMe where the daemon moves blocks between
+    /// them directly and NVMe admits it (an NVMe slot is reserved and the write joins the
+    /// plan's `demotions`); otherwise it is not copied: it leaves G1 (evicted, a cache
+    /// entry) and its slot goes to `out`, up to the plan's `want`.
     pub fn reserve_copies_down(
         &self,
         room: &mut RoomPlan,
@@ -710,6 +723,7 @@ impl BlockManager {
         out: &mut Vec<u32>,
     ) {
         assert_eq!(slots.len(), room.copies_down.len(), "one slot per copy");
+        let direct_to_nvme = self.stores.nvme_direct_to_g1();
         let mut reg = self.lock();
         let mut kept = Vec::with_capacity(room.copies_down.len());
         for (c, slot) in room.copies_down.drain(..).zip(slots) {
@@ -728,6 +742,23 @@ impl BlockManager {
                     // Another save reserved its host copy meanwhile: nothing to copy.
                     Err(_) => reg.free_unused(Tier::Host, host_slot),
                 }
+            } else if direct_to_nvme
+                && Self::only_in_g1(&reg, c.key)
+                && self.should_demote(&reg, c.key)
+                && let Some(nvme_slot) = self.nvme_slot(&mut reg, c.key.namespace)
+            {
+                // Held busy until commit_room, as the host demotions are.
+                let view = reg.view(c.key).expect("held busy by the plan");
+                reg.reserve(c.key, view.parent, view.priority, Tier::Nvme, nvme_slot)
+                    .expect("checked: no NVMe copy");
+                room.demotions.push(NvmeWrite {
+                    key: c.key,
+                    parent: view.parent,
+                    from: c.from,
+                    nvme_slot,
+                    generation: self.next_generation(),
+                });
+                continue;
             }
             reg.end_use(c.key);
             let reason = if Self::only_in_g1(&reg, c.key) {
@@ -878,7 +909,7 @@ impl BlockManager {
             plan.writes.push(NvmeWrite {
                 key: item.key,
                 parent: item.parent,
-                host_slot: item.host_slot,
+                from: (Tier::Host, item.host_slot),
                 nvme_slot,
                 generation: self.next_generation(),
             });
@@ -1194,6 +1225,7 @@ impl BlockManager {
             tiers,
             staged_to_g1,
             failure,
+            room: SaveReport::default(),
         };
         self.counters
             .loads_served

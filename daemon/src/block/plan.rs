@@ -11,12 +11,15 @@
 use super::registry::BlockKey;
 use crate::tier::Tier;
 
-/// One host block to copy to an NVMe slot (a demotion, or a write-through save).
+/// One block to copy to an NVMe slot: a host block (a demotion, or a write-through
+/// save), or a G1 block written straight from the GPU (a G1 victim the host tier has no
+/// room for, where the daemon moves NVMe <-> G1 directly: `Stores::nvme_g1`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NvmeWrite {
     pub key: BlockKey,
     pub parent: Option<u64>,
-    pub host_slot: u32,
+    /// Tier (`Host` or `Hbm`) and slot holding the bytes to write.
+    pub from: (Tier, u32),
     pub nvme_slot: u32,
     /// Generation written in the slot header (orders copies across restarts).
     pub generation: u64,
@@ -45,7 +48,8 @@ pub struct RoomPlan {
     pub(super) want: usize,
     /// The namespace room is made for: slots freed for the plan are claimed for it.
     pub(super) namespace: u32,
-    /// Host blocks to copy to NVMe; each victim is held busy until `commit_room`.
+    /// Blocks to copy to NVMe: host victims, and G1 victims written straight from G1
+    /// (added by `reserve_copies_down`); each held busy until `commit_room`.
     pub demotions: Vec<NvmeWrite>,
     /// G1 blocks with no copy in any other tier, to copy down to the host tier (one
     /// batched copy) rather than lose; each held busy until `commit_room`. Their host

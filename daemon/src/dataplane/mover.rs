@@ -95,6 +95,23 @@ impl std::fmt::Debug for Mover {
 }
 
 /// Where a planned slot of a memory tier lies on the device.
+/// A failed `Device::read_file` / `write_file` of an NVMe slot: the disk's failure (EIO,
+/// ENOSPC, a file cut short) is an I/O error of the slot, as the NVMe engine would report
+/// it; anything else is the device's.
+fn slot_error(
+    store: &crate::tier::nvme::NvmeStore,
+    op: &'static str,
+    slot: u32,
+    e: DeviceError,
+) -> NvmeError {
+    match e {
+        DeviceError::FileRead { source, .. } | DeviceError::FileWrite { source, .. } => {
+            store.io_failure(op, slot, source)
+        }
+        source => NvmeError::Device { slot, source },
+    }
+}
+
 fn slot_of(stores: &Stores, tier: Tier, slot: u32) -> (DeviceBuffer, u64) {
     stores
         .memory_tier(tier)
@@ -327,19 +344,54 @@ impl Mover {
         self.stores.device.sync_stream(stream)
     }
 
+    /// Writes blocks to their NVMe slots: host slots through the NVMe engine
+    /// ([`Self::write_host_to_nvme`]), G1 slots straight from G1
+    /// ([`Self::write_g1_to_nvme`], on `stream`). One result per write, in order.
+    pub fn write_nvme(
+        &self,
+        stream: Option<StreamId>,
+        writes: &[NvmeWrite],
+    ) -> Vec<Result<(), NvmeError>> {
+        let (g1, host): (Vec<NvmeWrite>, Vec<NvmeWrite>) =
+            writes.iter().partition(|w| w.from.0 == Tier::Hbm);
+        let mut g1_results = match g1.is_empty() {
+            true => Vec::new(),
+            false => self.write_g1_to_nvme(
+                stream.expect("G1 blocks are written to NVMe only while making G1 room"),
+                &g1,
+            ),
+        }
+        .into_iter();
+        let mut host_results = self.write_host_to_nvme(&host).into_iter();
+        writes
+            .iter()
+            .map(|w| {
+                let next = match w.from.0 {
+                    Tier::Hbm => g1_results.next(),
+                    _ => host_results.next(),
+                };
+                next.expect("one result per write")
+            })
+            .collect()
+    }
+
     /// Writes host slots to their NVMe slots (the header page, with the data checksum and
     /// MAC, is made right before each write is submitted, overlapping the writes in
     /// flight). One result per write.
-    pub fn write_nvme(&self, writes: &[NvmeWrite]) -> Vec<Result<(), NvmeError>> {
+    fn write_host_to_nvme(&self, writes: &[NvmeWrite]) -> Vec<Result<(), NvmeError>> {
         let mut results = Vec::with_capacity(writes.len());
         if writes.is_empty() {
             return results;
         }
         let store = self.stores.nvme.as_ref().expect("NVMe tier configured");
         let host = &self.stores.host;
+        let slot = |w: &NvmeWrite| {
+            assert_eq!(w.from.0, Tier::Host, "a host block");
+            w.from.1
+        };
         let ios: Vec<(u32, *mut u8)> = writes
             .iter()
-            .map(|w| (w.nvme_slot, host.slot_ptr(w.host_slot)))
+            .map(|w| (w.nvme_slot, host.slot_ptr(slot(w))))
             .collect();
         let prepare = |i: usize| {
             let w = writes[i];
@@ -355,7 +407,7 @@ impl Mover {
             // SAFETY: the registry holds the block busy or pending (no writer of its data),
             // and only this write touches its header page (one NVMe copy of a block in
             // flight); each item is prepared once, by one thread.
-            let (page, data) = unsafe { (host.header_mut(w.host_slot), host.data(w.host_slot)) };
+            let (page, data) = unsafe { (host.header_mut(slot(&w)), host.data(slot(&w))) };
             store.encode_header(page, data, header);
         };
         // SAFETY: host slots are valid for slot_bytes and not written by anyone during the
@@ -433,25 +485,128 @@ impl Mover {
                 let (fd, file_offset) = store.data_at(r.nvme_slot);
                 device
                     .read_file(stream, buffer.range(offset as usize, bb), fd, file_offset)
-                    .map_err(|e| match e {
-                        // The disk's failure (EIO, a file cut short): an I/O error of the
-                        // slot, as a read into the host tier would report it.
-                        DeviceError::FileRead { source, .. } => {
-                            store.io_failure("read into G1", r.nvme_slot, source)
-                        }
-                        source => NvmeError::Device {
-                            slot: r.nvme_slot,
-                            source,
-                        },
-                    })?;
+                    .map_err(|e| slot_error(store, "read into G1", r.nvme_slot, e))?;
                 Ok(h)
             })
             .collect();
         // Checksums and MACs where the blocks landed: one batch per G1 buffer.
         let arrived: Vec<usize> = (0..reads.len()).filter(|&k| landed[k].is_ok()).collect();
+        let sums = self.g1_sums(stream, &g1_slots, &arrived, store.data_mac_key());
+        for (k, sums) in sums.into_iter().enumerate() {
+            let (Some(sums), Ok(h)) = (sums, &landed[k]) else {
+                continue;
+            };
+            let slot = reads[k].nvme_slot;
+            let checked = match sums {
+                Ok((checksum, mac)) => store.check_sums(slot, h, checksum, &mac),
+                // Unchecked blocks are never served.
+                Err(detail) => Err(NvmeError::Device {
+                    slot,
+                    source: DeviceError::Driver {
+                        op: "checksum and MAC of blocks read into G1",
+                        detail,
+                    },
+                }),
+            };
+            if let Err(e) = checked {
+                landed[k] = Err(e);
+            }
+        }
+        self.note_g1_failure(&landed, "reading NVMe blocks straight into G1");
+        landed.into_iter().map(|r| r.map(|_| ())).collect()
+    }
+
+    /// Writes G1 slots straight to their NVMe slots (GPUDirect Storage on the cuda
+    /// backend): each block's checksum and MAC computed on the device in one batch per
+    /// G1 buffer, the slot's old header erased (a crash part-way then leaves no header
+    /// rather than the previous block's over new data), the data written with
+    /// `Device::write_file`, then the header pages, sealed on the CPU, in one batch. One
+    /// result per write.
+    pub fn write_g1_to_nvme(
+        &self,
+        stream: StreamId,
+        writes: &[NvmeWrite],
+    ) -> Vec<Result<(), NvmeError>> {
+        let store = self.stores.nvme.as_ref().expect("NVMe tier configured");
+        let bb = self.stores.block_bytes;
+        let device = &self.stores.device;
+        let g1_slots: Vec<(DeviceBuffer, u64)> = writes
+            .iter()
+            .map(|w| {
+                assert_eq!(w.from.0, Tier::Hbm, "a G1 block");
+                slot_of(&self.stores, Tier::Hbm, w.from.1)
+            })
+            .collect();
+        let all: Vec<usize> = (0..writes.len()).collect();
+        let sums = self.g1_sums(stream, &g1_slots, &all, store.data_mac_key());
+        let nvme_slots: Vec<u32> = writes.iter().map(|w| w.nvme_slot).collect();
+        store.clear_headers(&nvme_slots);
+        let mut written: Vec<Result<(u32, SlotHeader), NvmeError>> = writes
+            .iter()
+            .zip(sums)
+            .zip(&g1_slots)
+            .map(|((w, sums), &(buffer, offset))| {
+                let (checksum, mac) =
+                    sums.expect("every block summed")
+                        .map_err(|detail| NvmeError::Device {
+                            slot: w.nvme_slot,
+                            source: DeviceError::Driver {
+                                op: "checksum and MAC of G1 blocks written to NVMe",
+                                detail,
+                            },
+                        })?;
+                let (fd, file_offset) = store.data_at(w.nvme_slot);
+                device
+                    .write_file(stream, buffer.range(offset as usize, bb), fd, file_offset)
+                    .map_err(|e| slot_error(store, "write from G1", w.nvme_slot, e))?;
+                Ok((
+                    w.nvme_slot,
+                    SlotHeader {
+                        namespace: w.key.namespace,
+                        hash: w.key.hash,
+                        parent: w.parent,
+                        length: bb as u64,
+                        generation: w.generation,
+                        data_checksum: checksum,
+                        data_mac: mac,
+                    },
+                ))
+            })
+            .collect();
+        let headers: Vec<(u32, SlotHeader)> = written
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
+        let mut sealed = store.write_headers(&headers).into_iter();
+        for r in written.iter_mut() {
+            if r.is_ok() {
+                let header = sealed.next().expect("one result per header");
+                if let Err(e) = header {
+                    *r = Err(e);
+                }
+            }
+        }
+        self.note_g1_failure(&written, "writing G1 blocks straight to NVMe");
+        written.into_iter().map(|r| r.map(|_| ())).collect()
+    }
+
+    /// Checksums and MACs (under `key`) of the G1 slots `slots[k]` for each k in
+    /// `which`, computed on the device, one batch per G1 buffer: entry k is `None` for a
+    /// slot not asked for, else its sums or why the device could not compute them.
+    #[allow(clippy::type_complexity)]
+    fn g1_sums(
+        &self,
+        stream: StreamId,
+        slots: &[(DeviceBuffer, u64)],
+        which: &[usize],
+        key: &[u8; 32],
+    ) -> Vec<Option<Result<(u64, [u8; 32]), String>>> {
+        let bb = self.stores.block_bytes as u64;
+        let device = &self.stores.device;
+        let mut out: Vec<Option<Result<(u64, [u8; 32]), String>>> = vec![None; slots.len()];
         let mut groups: Vec<(DeviceBuffer, Vec<usize>)> = Vec::new();
-        for &k in &arrived {
-            let buffer = g1_slots[k].0;
+        for &k in which {
+            let buffer = slots[k].0;
             match groups.iter_mut().find(|g| g.0 == buffer) {
                 Some(g) => g.1.push(k),
                 None => groups.push((buffer, vec![k])),
@@ -461,44 +616,35 @@ impl Mover {
             let descs: Vec<kvp_copy_desc> = members
                 .iter()
                 .map(|&k| kvp_copy_desc {
-                    src_offset: g1_slots[k].1,
+                    src_offset: slots[k].1,
                     dst_offset: 0,
-                    bytes: bb as u64,
+                    bytes: bb,
                 })
                 .collect();
             let sums = device
                 .checksum(stream, buffer, &descs)
-                .and_then(|c| Ok((c, device.mac(stream, buffer, &descs, store.data_mac_key())?)));
+                .and_then(|c| Ok((c, device.mac(stream, buffer, &descs, key)?)));
             match sums {
                 Ok((checksums, macs)) => {
                     for (j, &k) in members.iter().enumerate() {
-                        let checked = match &landed[k] {
-                            Ok(h) => {
-                                store.check_sums(reads[k].nvme_slot, h, checksums[j], &macs[j])
-                            }
-                            Err(_) => continue,
-                        };
-                        if let Err(e) = checked {
-                            landed[k] = Err(e);
-                        }
+                        out[k] = Some(Ok((checksums[j], macs[j])));
                     }
                 }
                 Err(e) => {
-                    // Unchecked blocks are never served.
                     let detail = e.to_string();
                     for &k in &members {
-                        landed[k] = Err(NvmeError::Device {
-                            slot: reads[k].nvme_slot,
-                            source: DeviceError::Driver {
-                                op: "checksum and MAC of blocks read into G1",
-                                detail: detail.clone(),
-                            },
-                        });
+                        out[k] = Some(Err(detail.clone()));
                     }
                 }
             }
         }
-        if let Some(e) = landed.iter().find_map(|r| match r {
+        out
+    }
+
+    /// Turns the direct NVMe <-> G1 path off (once, logged) when `what` failed on the
+    /// device for any block: later loads and G1 victims go through the host tier.
+    fn note_g1_failure<T>(&self, results: &[Result<T, NvmeError>], what: &str) {
+        if let Some(e) = results.iter().find_map(|r| match r {
             Err(e @ NvmeError::Device { .. }) => Some(e),
             _ => None,
         }) && !self
@@ -508,11 +654,10 @@ impl Mover {
         {
             tracing::warn!(
                 error = %e,
-                "reading NVMe blocks straight into G1 failed on the device; from now on \
-                 loads stage them through the pinned host tier (MACs checked on the CPU)"
+                "{what} failed on the device; from now on blocks move between NVMe and G1 \
+                 through the pinned host tier (MACs checked on the CPU)"
             );
         }
-        landed.into_iter().map(|r| r.map(|_| ())).collect()
     }
 
     /// Reads NVMe slots into their reserved host slots, each verified (key, namespace,

@@ -37,8 +37,9 @@ fn give_back_on_panic<H, T>(
 
 /// Gets up to `want` slots of `tier` for `namespace`, writing admitted host victims to
 /// NVMe first and copying G1 victims that have no other copy down to the host tier
-/// (demotion; the copy-down runs on `stream`, which making room in G1 needs). Fewer when
-/// everything is leased or in use.
+/// (demotion; the copy-down runs on `stream`, which making room in G1 needs), or, when
+/// the host tier has no room for them and the daemon moves NVMe <-> G1 directly, writing
+/// them from G1 to NVMe on `stream`. Fewer when everything is leased or in use.
 fn acquire(
     blocks: &BlockManager,
     mover: &Mover,
@@ -57,8 +58,10 @@ fn acquire(
         let ((room, taken), (results, copied_down)) = give_back_on_panic(
             (room, out),
             |(room, out)| {
-                let results = mover.write_nvme(&room.demotions);
+                // G1 victims the host tier cannot take join the demotions here, to be
+                // written straight from G1 (a host room plan has no copies-down).
                 let copied_down = copy_down(blocks, mover, stream, room, out, report);
+                let results = mover.write_nvme(stream, &room.demotions);
                 (results, copied_down)
             },
             // The victims, their reservations, the slots taken and their quota claims.
@@ -79,8 +82,8 @@ fn acquire(
 
 /// Copies a G1 room plan's victims down to host slots (found as any host room is, per
 /// victim namespace) in one batched copy on `stream`, and waits for it; whether it
-/// landed. Victims that get no host slot are dropped from G1 by
-/// [`BlockManager::reserve_copies_down`].
+/// landed. Victims that get no host slot are written from G1 to NVMe or dropped from G1
+/// by [`BlockManager::reserve_copies_down`].
 fn copy_down(
     blocks: &BlockManager,
     mover: &Mover,
@@ -240,7 +243,7 @@ pub fn finish_save(
     }
     let (plan, results) = give_back_on_panic(
         plan,
-        |plan| mover.write_nvme(&plan.writes),
+        |plan| mover.write_nvme(None, &plan.writes),
         |plan| blocks.abort_save(plan),
     );
     Ok(blocks.commit_save(plan, results))
@@ -303,6 +306,8 @@ pub fn save(
 #[derive(Debug)]
 pub struct LoadStarted {
     plan: LoadPlan,
+    /// What making room for the staged blocks moved between tiers.
+    room: SaveReport,
 }
 
 impl LoadStarted {
@@ -316,7 +321,9 @@ impl LoadStarted {
     /// [`finish_reported_load`].
     pub fn report_early(self, blocks: &BlockManager) -> (LoadReport, LoadHolds) {
         let served = self.plan.items.len();
-        blocks.report_load(self.plan, served)
+        let (mut report, holds) = blocks.report_load(self.plan, served);
+        report.room = self.room;
+        (report, holds)
     }
 }
 
@@ -346,11 +353,11 @@ pub fn begin_load(
     launch: impl FnOnce(&Mover, &[LoadItem]) -> Result<(), MoveError>,
 ) -> Result<LoadStarted, BlockError> {
     let plan = blocks.plan_load(namespace, hashes);
+    let mut room = SaveReport::default();
     let (plan, launched) = give_back_on_panic(
         plan,
         |plan| {
             if plan.needs_staging() > 0 {
-                let mut unused = SaveReport::default();
                 let want = plan.needs_staging();
                 let g1 = match stream {
                     Some(stream) if mover.stores().nvme_direct_to_g1() => acquire(
@@ -359,7 +366,7 @@ pub fn begin_load(
                         Tier::Hbm,
                         namespace,
                         want,
-                        &mut unused,
+                        &mut room,
                         Some(stream),
                     ),
                     _ => Vec::new(),
@@ -369,15 +376,9 @@ pub fn begin_load(
                     g1,
                     |g1| match want - g1.len() {
                         0 => Vec::new(),
-                        rest => acquire(
-                            blocks,
-                            mover,
-                            Tier::Host,
-                            namespace,
-                            rest,
-                            &mut unused,
-                            None,
-                        ),
+                        rest => {
+                            acquire(blocks, mover, Tier::Host, namespace, rest, &mut room, None)
+                        }
                     },
                     |g1| blocks.free_room(namespace, Tier::Hbm, g1),
                 );
@@ -400,7 +401,7 @@ pub fn begin_load(
     if let Err(e) = launched {
         return Err(drain_failed(blocks, plan, e));
     }
-    Ok(LoadStarted { plan })
+    Ok(LoadStarted { plan, room })
 }
 
 /// The second half, once the launched copies are done (`landed`): the blocks are
@@ -410,11 +411,13 @@ pub fn finish_load(
     started: LoadStarted,
     landed: Result<(), MoveError>,
 ) -> Result<LoadReport, BlockError> {
-    let LoadStarted { plan } = started;
+    let LoadStarted { plan, room } = started;
     match landed {
         Ok(()) => {
             let served = plan.items.len();
-            Ok(blocks.commit_load(plan, served))
+            let mut report = blocks.commit_load(plan, served);
+            report.room = room;
+            Ok(report)
         }
         Err(e) => Err(drain_failed(blocks, plan, e)),
     }

@@ -29,14 +29,16 @@ pub struct Stores {
     pub device: std::sync::Arc<dyn kvplane_cuda::Device>,
     /// How a LOAD's blocks read from NVMe reach G1.
     pub nvme_g1: NvmeG1Path,
-    /// Set when a read straight into G1 failed on the device (cuFile refused, a read
-    /// error): later loads stage through the host tier instead, so a machine whose
-    /// GPUDirect Storage misbehaves keeps serving.
+    /// Set when a read into or a write from G1 failed on the device (cuFile refused, the
+    /// kernels that check or seal blocks there failed): later loads stage through the
+    /// host tier and G1 victims go down through it instead, so a machine whose GPUDirect
+    /// Storage misbehaves keeps serving.
     pub nvme_g1_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Stores {
-    /// Whether a LOAD reads NVMe blocks straight into G1 now.
+    /// Whether blocks move straight between NVMe and G1 now: a LOAD reads NVMe blocks
+    /// into G1, and G1 victims the host tier has no room for are written from G1.
     pub fn nvme_direct_to_g1(&self) -> bool {
         self.nvme_g1.direct
             && !self
@@ -48,8 +50,9 @@ impl Stores {
     /// device failure turned the direct path off since.
     pub fn nvme_g1_now(&self) -> String {
         match self.nvme_g1.direct && !self.nvme_direct_to_g1() {
-            true => "through the pinned host tier, MACs checked on the CPU (reading straight \
-                     into G1 failed on the device since start-up; see the log)"
+            true => "through the pinned host tier, MACs checked on the CPU (moving blocks \
+                     straight between NVMe and G1 failed on the device since start-up; see \
+                     the log)"
                 .into(),
             false => self.nvme_g1.describe.clone(),
         }
@@ -61,8 +64,10 @@ impl Stores {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NvmeG1Path {
     /// A LOAD stages NVMe blocks straight into G1 slots ([`kvplane_cuda::Device::read_file`]),
-    /// each block's checksum and MAC computed there by the kernels before it is served;
-    /// otherwise into pinned host slots, checked on the CPU.
+    /// each block's checksum and MAC computed there by the kernels before it is served,
+    /// and a G1 victim the host tier has no room for is written from G1
+    /// ([`kvplane_cuda::Device::write_file`]) with its checksum and MAC computed there;
+    /// otherwise blocks pass through pinned host slots, checked on the CPU.
     pub direct: bool,
     /// The start-up log's, `/status`'s and `kvplane status`'s line.
     pub describe: String,
@@ -88,7 +93,8 @@ impl NvmeG1Path {
             true => NvmeG1Path {
                 direct: true,
                 describe: format!(
-                    "straight into G1 ({how}), checksums and MACs checked there by the kernels"
+                    "straight into G1 ({how}), checksums and MACs checked there by the kernels; \
+                     G1 victims the host tier cannot take are written from G1 the same way"
                 ),
             },
             false => NvmeG1Path {

@@ -997,9 +997,9 @@ fn two_concurrent_saves_making_room_by_demotion_cannot_overshoot_a_quota() {
         "both plans make room by demotion"
     );
     let mut report = SaveReport::default();
-    let written = m.mover.write_nvme(&room_a.demotions);
+    let written = m.mover.write_nvme(None, &room_a.demotions);
     blocks.commit_room(room_a, written, true, &mut slots_a, &mut report);
-    let written = m.mover.write_nvme(&room_b.demotions);
+    let written = m.mover.write_nvme(None, &room_b.demotions);
     blocks.commit_room(room_b, written, true, &mut slots_b, &mut report);
     blocks.reserve_save(&mut plan_a, slots_a);
     blocks.reserve_save(&mut plan_b, slots_b);
@@ -1435,8 +1435,19 @@ fn direct_manager_on(
     faults: Option<Arc<FaultPlan>>,
     device: Option<Arc<dyn kvplane_cuda::Device>>,
 ) -> LocalBlocks {
+    direct_manager_admitting(dir, g1_slots, 0, faults, device)
+}
+
+/// [`direct_manager_on`] admitting to NVMe only blocks seen `admit_min_hits` times.
+fn direct_manager_admitting(
+    dir: &Path,
+    g1_slots: u64,
+    admit_min_hits: u32,
+    faults: Option<Arc<FaultPlan>>,
+    device: Option<Arc<dyn kvplane_cuda::Device>>,
+) -> LocalBlocks {
     let (mut b, mut t) = config(Some(dir), 2, 16, EngineKind::Sync);
-    b.nvme_admit_min_hits = 0;
+    b.nvme_admit_min_hits = admit_min_hits;
     t.hbm.capacity_bytes = g1_slots * BLOCK as u64;
     t.nvme.direct_to_g1 = crate::tier::nvme::DirectToG1::On;
     let options = ManagerOptions {
@@ -1742,4 +1753,191 @@ fn a_block_being_staged_into_g1_is_busy_for_another_load() {
     assert_eq!(b.claimed_slots(), 0);
     m.check_invariants().unwrap();
     assert_eq!(load(&m, 1, &[1, 2]).loaded, 2);
+}
+
+/// A manager that moves blocks straight between NVMe and G1 (2 G1 slots) admitting to
+/// NVMe only blocks seen 3 times: host victims seen less are evicted, so G1 can hold a
+/// block's only copy beside an NVMe tier.
+fn direct_manager_admitting_at_3(
+    dir: &Path,
+    device: Option<Arc<dyn kvplane_cuda::Device>>,
+    faults: Option<Arc<FaultPlan>>,
+) -> LocalBlocks {
+    direct_manager_admitting(dir, 2, 3, faults, device)
+}
+
+/// Chain (1, 2) only in G1 and seen often enough for NVMe; chain (100, 101) in the two
+/// host slots, leased by session 9: the host tier has no room G1 victims may take.
+fn g1_only_chain_beside_a_leased_host_tier(m: &LocalBlocks) {
+    save(m, 5, &chain(1, 2), false);
+    assert_eq!(m.promote(5, &[1, 2]), 2);
+    save(m, 5, &chain(100, 2), false);
+    let mut tiers = [None; 2];
+    assert_eq!(m.lookup(5, &[1, 2], &mut tiers), 2);
+    assert_eq!(tiers, [Some(Tier::Hbm); 2], "only in G1");
+    assert_eq!(used_slots(m, Tier::Nvme), 0, "not admitted to NVMe yet");
+    for _ in 0..3 {
+        m.lookup(5, &[1, 2], &mut tiers);
+    }
+    assert_eq!(m.pin(9, 5, &[100, 101]), 2);
+}
+
+/// Where blocks move straight between NVMe and G1, a G1 victim the host tier has no room
+/// for is written from G1 to NVMe (checksum and MAC computed where it is, by the MAC
+/// kernels' CPU build on the host backend; the data with `Device::write_file`, the
+/// header sealed on the CPU) instead of being dropped: it loads back byte for byte, and
+/// a restart finds it on disk under its key. Compare
+/// `a_g1_victim_with_no_host_room_is_dropped`.
+#[test]
+fn a_g1_victim_with_no_host_room_is_written_from_g1_to_nvme() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = direct_manager_admitting_at_3(dir.path(), None, None);
+    g1_only_chain_beside_a_leased_host_tier(&m);
+    // Promoting 100 needs a G1 slot: the leaf 2 goes, straight to NVMe.
+    let mut room = SaveReport::default();
+    let got = acquire(
+        &m.blocks,
+        &m.mover,
+        Tier::Hbm,
+        5,
+        1,
+        &mut room,
+        Some(m.stream),
+    );
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (
+            room.nvme_written,
+            room.g1_written_to_nvme,
+            room.g1_copied_down
+        ),
+        (1, 1, 0),
+        "{room:?}"
+    );
+    assert!(room.nvme_error.is_none(), "{room:?}");
+    m.blocks.free_room(5, Tier::Hbm, got);
+    let mut tiers = [None; 2];
+    assert_eq!(m.lookup(5, &[1, 2], &mut tiers), 2, "written, not lost");
+    assert_eq!(tiers, [Some(Tier::Hbm), Some(Tier::Nvme)]);
+    let s = m.stats();
+    assert_eq!(s.tiers[0].removed["demoted"], 1);
+    assert_eq!(s.tiers[0].removed["evicted"], 0);
+    m.unpin(9, 5, &[100, 101]);
+    // Byte for byte (the `load` helper checks), 2 read back from the slot G1 wrote.
+    assert_eq!(load(&m, 5, &[1, 2]).tiers, [Tier::Hbm, Tier::Nvme]);
+    m.check_invariants().unwrap();
+    drop(m);
+
+    // The slot's header was sealed under the daemon's key: a restart indexes it.
+    let m = direct_manager_admitting_at_3(dir.path(), None, None);
+    let mut tiers = [None; 1];
+    assert_eq!(
+        m.lookup(5, &[2], &mut tiers),
+        1,
+        "found on disk after a restart"
+    );
+    assert_eq!(tiers, [Some(Tier::Nvme)]);
+    assert_eq!(load(&m, 5, &[2]).loaded, 1);
+    m.check_invariants().unwrap();
+}
+
+/// A G1 victim whose write from G1 fails on the device (cuFile or the MAC kernels refused)
+/// is dropped as before, its NVMe slot given back with no header left on disk, and the
+/// direct path turns off: later G1 victims go down through the host tier.
+#[test]
+fn a_device_write_failure_turns_g1_victims_to_the_host_tier() {
+    const FAILING: [&[&str]; 2] = [&["write_file"], &["mac"]];
+    for (failing, ops) in ["write_file", "mac"].into_iter().zip(FAILING) {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Arc::new(kvplane_cuda::host::HostDevice::with_failing_ops_for_tests(
+            ops,
+        ));
+        let m = direct_manager_admitting_at_3(dir.path(), Some(device), None);
+        g1_only_chain_beside_a_leased_host_tier(&m);
+        let mut room = SaveReport::default();
+        let got = acquire(
+            &m.blocks,
+            &m.mover,
+            Tier::Hbm,
+            5,
+            1,
+            &mut room,
+            Some(m.stream),
+        );
+        assert_eq!(got.len(), 1, "{failing}: G1 still makes its room");
+        assert!(
+            matches!(room.nvme_error, Some(NvmeError::Device { .. })),
+            "{failing}: {room:?}"
+        );
+        assert_eq!(room.nvme_written, 0, "{failing}");
+        m.blocks.free_room(5, Tier::Hbm, got);
+        assert!(
+            !m.stores().nvme_direct_to_g1(),
+            "{failing}: the path is off"
+        );
+        assert!(m.stores().nvme_g1_now().contains("failed on the device"));
+        assert_eq!(used_slots(&m, Tier::Nvme), 0, "{failing}: slot given back");
+        let mut tiers = [None; 2];
+        assert_eq!(m.lookup(5, &[1, 2], &mut tiers), 1, "{failing}: 2 dropped");
+        let s = m.stats();
+        assert_eq!(
+            s.tiers[0].removed["io_error"], 1,
+            "{failing}: {:?}",
+            s.tiers[0]
+        );
+        m.unpin(9, 5, &[100, 101]);
+        m.check_invariants().unwrap();
+        drop(m);
+        let m = direct_manager_admitting_at_3(dir.path(), None, None);
+        assert_eq!(
+            m.lookup(5, &[2], &mut tiers[..1]),
+            0,
+            "{failing}: nothing of 2 on disk after a restart"
+        );
+    }
+}
+
+/// The header write after a G1 block's data fails on the disk: the block is not
+/// published, its slot's header is erased (a restart finds nothing), and the path stays
+/// on (a disk error is not the device's).
+#[test]
+fn a_failed_header_write_after_a_write_from_g1_publishes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = Arc::new(FaultPlan::default());
+    let m = direct_manager_admitting_at_3(dir.path(), None, Some(plan.clone()));
+    g1_only_chain_beside_a_leased_host_tier(&m);
+    // The header erasure before the data, then the header write: fail the second.
+    plan.add(FaultRule {
+        kind: Some(IoKind::Write),
+        skip: 1,
+        count: 1,
+        effect: FaultEffect::Errno(libc::EIO),
+    });
+    let mut room = SaveReport::default();
+    let got = acquire(
+        &m.blocks,
+        &m.mover,
+        Tier::Hbm,
+        5,
+        1,
+        &mut room,
+        Some(m.stream),
+    );
+    assert_eq!(plan.fired(), 1);
+    assert!(
+        matches!(room.nvme_error, Some(NvmeError::Io { .. })),
+        "{room:?}"
+    );
+    m.blocks.free_room(5, Tier::Hbm, got);
+    assert!(
+        m.stores().nvme_direct_to_g1(),
+        "a disk error leaves the path on"
+    );
+    assert_eq!(used_slots(&m, Tier::Nvme), 0);
+    m.unpin(9, 5, &[100, 101]);
+    m.check_invariants().unwrap();
+    drop(m);
+    let m = direct_manager_admitting_at_3(dir.path(), None, None);
+    let mut tiers = [None; 1];
+    assert_eq!(m.lookup(5, &[2], &mut tiers), 0, "no header of 2 on disk");
 }

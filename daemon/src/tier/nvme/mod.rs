@@ -853,6 +853,60 @@ impl NvmeStore {
             .collect()
     }
 
+    /// Writes the header pages of slots whose data was written elsewhere (from G1, with
+    /// [`Self::data_at`]); each header carries the block's checksum and MAC computed
+    /// where the data was (the GPU) and is sealed here (header checksum and MAC). One I/O
+    /// batch; one result per item. A header that failed to write is erased, as after a
+    /// failed slot write.
+    pub fn write_headers(&self, items: &[(u32, SlotHeader)]) -> Vec<Result<(), NvmeError>> {
+        let mut results = Vec::with_capacity(items.len());
+        if items.is_empty() {
+            return results;
+        }
+        let pages = AlignedBuf::new(items.len() * SLOT_HEADER_BYTES);
+        let ios: Vec<(u32, *mut u8)> = items
+            .iter()
+            .enumerate()
+            .map(|(i, &(slot, header))| {
+                assert_eq!(header.length, self.block_bytes as u64, "one whole block");
+                // SAFETY: page i lies inside the buffer of items.len() pages, zeroed, and
+                // nothing else refers to it yet.
+                let page = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        pages.ptr.add(i * SLOT_HEADER_BYTES),
+                        SLOT_HEADER_BYTES,
+                    )
+                };
+                header.encode(page, &self.key);
+                (slot, page.as_mut_ptr())
+            })
+            .collect();
+        self.io(
+            IoKind::Write,
+            &ios,
+            SLOT_HEADER_BYTES,
+            &mut |_| {},
+            &mut |_| {},
+            &mut results,
+        );
+        let failed: Vec<u32> = items
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_err())
+            .map(|(&(slot, _), _)| slot)
+            .collect();
+        self.erase_headers(&failed, true);
+        results
+    }
+
+    /// Zeroes the header pages of slots about to be written apart from their headers
+    /// (data from G1, then [`Self::write_headers`]): a crash between the two then leaves
+    /// no header rather than the previous block's over new data. Best effort, as after a
+    /// failed write.
+    pub fn clear_headers(&self, slots: &[u32]) {
+        self.erase_headers(slots, true);
+    }
+
     /// Where a slot's block data lies: the tier file's descriptor and the byte offset.
     pub fn data_at(&self, slot: u32) -> (std::os::fd::BorrowedFd<'_>, u64) {
         use std::os::fd::AsFd;
