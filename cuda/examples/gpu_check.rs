@@ -1,6 +1,7 @@
 //! GPU check: `cargo run --release -p kvplane-cuda --example gpu_check -- [--backend cuda|host]
 //! [--device N] [--max-batch-mib M] [--iters K] [--offload-only] [--no-offload]
-//! [--offload-max-case-mib M] [--json] [--json-out PATH]` (or `scripts/gpu-check.sh`).
+//! [--offload-max-case-mib M] [--file-dir DIR] [--no-file] [--json] [--json-out PATH]`
+//! (or `scripts/gpu-check.sh`).
 //!
 //! Runs the kernels' correctness and device-to-device check (`kvplane_cuda::gpu_check`),
 //! then the offload path (`kvplane_cuda::offload`: engine pages <-> pinned host and G1
@@ -54,6 +55,14 @@ fn main() -> ExitCode {
             }
             "--offload-only" => {
                 check = false;
+                Ok(())
+            }
+            "--file-dir" => {
+                cfg.file_dir = Some(value("--file-dir").into());
+                Ok(())
+            }
+            "--no-file" => {
+                cfg.file_dir = None;
                 Ok(())
             }
             "--no-offload" => {

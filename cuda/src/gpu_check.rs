@@ -29,6 +29,10 @@ pub struct CheckConfig {
     pub max_batch_bytes: usize,
     /// Timed repetitions per measurement.
     pub iters: u32,
+    /// Where the file check puts its scratch file (opened O_DIRECT, unlinked at once):
+    /// a directory on the NVMe tier's file system shows what cuFile does there. `None`:
+    /// the check is not run (it says so).
+    pub file_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for CheckConfig {
@@ -39,6 +43,7 @@ impl Default for CheckConfig {
             batch_sizes: vec![1, 4, 16, 64, 256, 1024, 4096],
             max_batch_bytes: 2 << 30,
             iters: 10,
+            file_dir: Some(std::env::temp_dir()),
         }
     }
 }
@@ -86,6 +91,41 @@ pub struct Report {
     pub slot_layouts_verified: u32,
     /// The slot MAC kernels (keyed BLAKE3) against the `blake3` crate.
     pub mac: MacCheck,
+    /// Device memory to a file and back (`Device::write_file` / `read_file`: cuFile on
+    /// the cuda backend), the NVMe <-> G1 path.
+    pub file: FileCheck,
+}
+
+/// Device memory written to an O_DIRECT file and read back into other device memory,
+/// compared byte for byte, and the rates each way (each call synchronous, one block at a
+/// time, as the daemon moves them).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FileCheck {
+    /// The directory of the scratch file.
+    pub dir: String,
+    /// Why the check did not run (no O_DIRECT there, cuFile cannot open or register the
+    /// file); `None` when it ran.
+    pub not_run: Option<String>,
+    /// Transfers compared byte for byte (odd offsets and lengths, then the timed blocks).
+    pub transfers_verified: u32,
+    pub timed_block_bytes: usize,
+    pub timed_blocks: usize,
+    pub write_gbps: f64,
+    pub read_gbps: f64,
+}
+
+impl FileCheck {
+    fn not_run(dir: &str, why: &str) -> Self {
+        Self {
+            dir: dir.into(),
+            not_run: Some(why.into()),
+            transfers_verified: 0,
+            timed_block_bytes: 0,
+            timed_blocks: 0,
+            write_gbps: 0.0,
+            read_gbps: 0.0,
+        }
+    }
 }
 
 /// The device MAC of blocks in device memory, equal to the CPU's, and its rate next to
@@ -119,6 +159,10 @@ pub enum CheckError {
         got: u64,
         want: u64,
     },
+    #[error(
+        "file: {len_bytes} B at file offset {file_offset}: read back differs from what was written"
+    )]
+    FileMismatch { file_offset: u64, len_bytes: usize },
     #[error("mac: block {index} of {block_bytes} B: device MAC differs from keyed BLAKE3")]
     MacMismatch { index: usize, block_bytes: usize },
     #[error("paged {what} differs from the CPU build for layout {layout}")]
@@ -188,6 +232,123 @@ pub(crate) fn timed(
     }
     dev.sync_stream(stream)?;
     Ok(t.elapsed().as_secs_f64())
+}
+
+/// An O_DIRECT scratch file in `dir`, 0600, unlinked at once (nothing is left behind).
+fn scratch_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(format!("kvplane-gpu-check-{}.bin", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(file)
+}
+
+/// Device memory to an O_DIRECT file in `dir` and back into another buffer: odd offsets
+/// and lengths first, then 16 blocks of 2 MiB each way, timed, every transfer compared
+/// byte for byte. It says it did not run, and why, where the file cannot be opened
+/// O_DIRECT or cuFile cannot open or register it; any other failure is the check's.
+fn check_file(
+    dev: &dyn Device,
+    stream: StreamId,
+    dir: &std::path::Path,
+    iters: u32,
+) -> Result<FileCheck, CheckError> {
+    use std::os::fd::AsFd;
+    const TIMED_BLOCK: usize = 2 << 20;
+    const TIMED_BLOCKS: usize = 16;
+    let mut report = FileCheck {
+        timed_block_bytes: TIMED_BLOCK,
+        timed_blocks: TIMED_BLOCKS,
+        not_run: None,
+        ..FileCheck::not_run(&dir.display().to_string(), "")
+    };
+    let file = match scratch_file(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            report.not_run = Some(format!("cannot open an O_DIRECT file there: {e}"));
+            return Ok(report);
+        }
+    };
+    let fd = file.as_fd();
+    let total = TIMED_BLOCK * TIMED_BLOCKS;
+    let mut host = vec![0u8; total];
+    fill_random(&mut host, 0x6669_6c65);
+    let src = dev.alloc(total)?;
+    let dst = match dev.alloc(total) {
+        Ok(b) => b,
+        Err(e) => {
+            dev.free(src)?;
+            return Err(e.into());
+        }
+    };
+    let result = (|| -> Result<(), CheckError> {
+        dev.copy_to_device(stream, &host, src.whole())?;
+        let mut back = vec![0u8; total];
+        // Compares `len` bytes read back into dst at `at` with the source at `at`.
+        let mut same = |at: usize, len: usize, file_offset: u64| -> Result<(), CheckError> {
+            dev.copy_to_host(stream, dst.range(at, len), &mut back[..len])?;
+            match back[..len] == host[at..at + len] {
+                true => Ok(()),
+                false => Err(CheckError::FileMismatch {
+                    file_offset,
+                    len_bytes: len,
+                }),
+            }
+        };
+        // (file offset, length, buffer offset): unaligned everywhere, and a block with a
+        // ragged tail.
+        for (file_offset, len, at) in [
+            (3 * 4096 + 7u64, 5000usize, 3usize),
+            (0, TIMED_BLOCK + 123, 4096),
+        ] {
+            dev.write_file(stream, src.range(at, len), fd, file_offset)?;
+            dev.read_file(stream, dst.range(at, len), fd, file_offset)?;
+            same(at, len, file_offset)?;
+            report.transfers_verified += 1;
+        }
+        let block = |i: usize| (i * TIMED_BLOCK, (i * TIMED_BLOCK) as u64);
+        let write_s = timed(dev, stream, iters, || {
+            (0..TIMED_BLOCKS).try_for_each(|i| {
+                let (at, file_offset) = block(i);
+                dev.write_file(stream, src.range(at, TIMED_BLOCK), fd, file_offset)
+            })
+        })?;
+        let read_s = timed(dev, stream, iters, || {
+            (0..TIMED_BLOCKS).try_for_each(|i| {
+                let (at, file_offset) = block(i);
+                dev.read_file(stream, dst.range(at, TIMED_BLOCK), fd, file_offset)
+            })
+        })?;
+        for i in 0..TIMED_BLOCKS {
+            let (at, file_offset) = block(i);
+            same(at, TIMED_BLOCK, file_offset)?;
+            report.transfers_verified += 1;
+        }
+        report.write_gbps = gbps(total, iters, write_s);
+        report.read_gbps = gbps(total, iters, read_s);
+        Ok(())
+    })();
+    dev.free(src)?;
+    dev.free(dst)?;
+    match result {
+        // cuFile is not there, or refuses this file system: say so, as the daemon's
+        // start-up does (`tiers.nvme.direct_to_g1 = auto` then stages through the host).
+        Err(CheckError::Device(DeviceError::Driver { op, detail }))
+            if op == "cuFileDriverOpen" || op == "cuFileHandleRegister" =>
+        {
+            report.not_run = Some(format!("{op}: {detail}"));
+            report.transfers_verified = 0;
+            Ok(report)
+        }
+        Err(e) => Err(e),
+        Ok(()) => Ok(report),
+    }
 }
 
 /// Device MACs of blocks of several sizes (1 KiB boundaries, odd lengths, 2 MiB) against
@@ -579,6 +740,10 @@ pub fn run(dev: &dyn Device, cfg: &CheckConfig) -> Result<Report, CheckError> {
     let paged_layouts_verified = check_paged(dev, stream)?;
     let slot_layouts_verified = check_slots(dev, stream)?;
     let mac = check_mac(dev, stream, cfg.iters.max(1))?;
+    let file = match &cfg.file_dir {
+        Some(dir) => check_file(dev, stream, dir, cfg.iters.max(1))?,
+        None => FileCheck::not_run("", "not asked for (--no-file)"),
+    };
     let (cases, skipped) = plan(cfg);
     let mut rows = Vec::new();
     for case in cases {
@@ -592,6 +757,7 @@ pub fn run(dev: &dyn Device, cfg: &CheckConfig) -> Result<Report, CheckError> {
         paged_layouts_verified,
         slot_layouts_verified,
         mac,
+        file,
     })
 }
 
@@ -629,6 +795,21 @@ pub fn format_report(r: &Report) -> String {
         r.mac.device_gbps,
         r.mac.cpu_gbps,
     ));
+    match &r.file.not_run {
+        None => s.push_str(&format!(
+            "device memory <-> O_DIRECT file in {} (write_file/read_file): {} transfers equal byte for byte; {} x {}: write {:.2} GB/s, read {:.2} GB/s\n\n",
+            r.file.dir,
+            r.file.transfers_verified,
+            r.file.timed_blocks,
+            size_label(r.file.timed_block_bytes),
+            r.file.write_gbps,
+            r.file.read_gbps,
+        )),
+        Some(why) => s.push_str(&format!(
+            "device memory <-> file in {}: NOT RUN ({why})\n\n",
+            r.file.dir
+        )),
+    }
     s.push_str("device to device (G1 copies): batched-copy kernel and one cuMemcpyAsync per block vs one bulk copy\n\n");
     s.push_str("| block | batch | kernel GB/s | % d2d | copy engine GB/s | % d2d | d2d GB/s |\n");
     s.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
@@ -695,11 +876,19 @@ mod tests {
     #[test]
     fn whole_check_runs_on_the_host_backend() {
         let dev = HostDevice::new();
+        // Beside the test binary: on the disk under target/, where O_DIRECT works (a
+        // tmpfs /tmp refuses it).
+        let file_dir = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_path_buf();
         let cfg = CheckConfig {
             block_sizes: vec![8 << 10, 24 << 10],
             batch_sizes: vec![1, 3, 64],
             max_batch_bytes: 2 << 20,
             iters: 2,
+            file_dir: Some(file_dir),
         };
         let report = run(&dev, &cfg).expect("check");
         assert_eq!(report.backend, "host");
@@ -707,6 +896,9 @@ mod tests {
         assert_eq!(report.slot_layouts_verified, 3);
         assert_eq!(report.mac.blocks_verified, 8 + 16);
         assert!(report.mac.device_gbps > 0.0 && report.mac.cpu_gbps > 0.0);
+        assert_eq!(report.file.not_run, None, "{:?}", report.file);
+        assert_eq!(report.file.transfers_verified, 2 + 16);
+        assert!(report.file.write_gbps > 0.0 && report.file.read_gbps > 0.0);
         assert_eq!(report.rows.len(), 6);
         assert!(report.skipped.is_empty());
         for row in &report.rows {
@@ -717,6 +909,10 @@ mod tests {
         let table = format_report(&report);
         assert!(table.contains("backend: host"));
         assert!(table.contains("equal to the CPU's on 24 blocks"), "{table}");
+        assert!(
+            table.contains("18 transfers equal byte for byte"),
+            "{table}"
+        );
         assert!(table.contains("| 24 KiB | 64 |"), "{table}");
         assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 1 + 6);
     }

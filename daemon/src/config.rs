@@ -598,10 +598,11 @@ verify_on_scan = {verify}
 # File with the key that authenticates NVMe slots (created 0600 on first start; losing it
 # empties the NVMe cache). Unset: "<first path>.key"; required for block devices.
 # key_path = "/var/lib/kvplane/slot.key"
-# How a LOAD's blocks read from NVMe reach G1: "auto" (straight into G1 with cuFile,
-# checksums and MACs checked on the GPU, where GPUDirect Storage works; else through the
-# pinned host tier), "off" (always through the host tier) or "on" (straight into G1, or
-# the start-up fails).
+# How blocks move between NVMe and G1: "auto" (straight, with cuFile, where GPUDirect
+# Storage works: a LOAD reads NVMe blocks into G1, checksums and MACs checked on the GPU,
+# and a G1 victim the host tier has no room for is written from G1, its checksum and MAC
+# computed there; else through the pinned host tier), "off" (always through the host
+# tier) or "on" (straight, or the start-up fails).
 direct_to_g1 = "{direct_to_g1}"
 
 [control]

@@ -8,7 +8,8 @@
 #
 # Each step runs under its own timeout; its output goes to $OUT/steps.log, results to
 # $OUT/gpu_check.json and $OUT/torch.json, and summary.json says which steps passed. Steps: nvidia-smi; the kvplane-cuda tests with the driver present;
-# gpu_check (kernels equal to the CPU build, device-to-device table, offload table);
+# gpu_check (kernels equal to the CPU build, device memory <-> O_DIRECT file through
+# cuFile, device-to-device table, offload table);
 # compute-sanitizer memcheck on a short gpu_check; PyTorch reference (c) if torch is
 # importable.
 set -uo pipefail
@@ -32,7 +33,7 @@ for t in "$BIN"/tests/*; do
 done
 if command -v compute-sanitizer >/dev/null; then
     step sanitizer 100 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        "$BIN/gpu_check" --iters 1 --max-batch-mib 4 --offload-max-case-mib 16
+        "$BIN/gpu_check" --iters 1 --max-batch-mib 4 --offload-max-case-mib 16 --no-file
 fi
 
 {
