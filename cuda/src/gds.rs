@@ -267,6 +267,17 @@ unsafe impl Send for GdsHandle {}
 unsafe impl Sync for GdsHandle {}
 
 fn done(file: GdsHandle, op: &'static str, ret: isize, want: usize) -> Result<(), GdsError> {
+    // -1: a POSIX error, its cause in errno (cuFile's own errors are other negatives):
+    // reported as -errno, as the callers read an errno.
+    let ret = match ret {
+        -1 => {
+            -(std::io::Error::last_os_error()
+                .raw_os_error()
+                .filter(|&e| e > 0)
+                .unwrap_or(libc::EIO) as isize)
+        }
+        ret => ret,
+    };
     if ret < 0 {
         Err(GdsError::Io {
             op,

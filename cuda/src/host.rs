@@ -183,13 +183,27 @@ impl HostDevice {
         }
     }
 
-    /// A device whose `ops` ("read_file", "write_file", "checksum", "mac") fail with a driver error, as a GPU's
-    /// driver or cuFile may: tests of what the daemon does then.
+    /// A device whose `ops` ("read_file", "write_file", "checksum", "mac") fail with a
+    /// driver error, as a GPU's driver or cuFile may (or, named "read_file: EIO" /
+    /// "write_file: EIO", with the disk's EIO): tests of what the daemon does then.
     #[doc(hidden)]
     pub fn with_failing_ops_for_tests(ops: &'static [&'static str]) -> Self {
         Self {
             failing_ops_for_tests: ops,
             ..Self::new()
+        }
+    }
+
+    /// The disk's error a test device injects for `op` ("read_file" / "write_file"):
+    /// EIO when its failing ops name "<op>: EIO".
+    fn injected_file_error(&self, op: &'static str) -> std::io::Result<()> {
+        match self
+            .failing_ops_for_tests
+            .iter()
+            .any(|f| f.strip_suffix(": EIO") == Some(op))
+        {
+            true => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+            false => Ok(()),
         }
     }
 
@@ -769,6 +783,7 @@ impl Device for HostDevice {
             len_bytes: dst.len_bytes,
             source,
         };
+        self.injected_file_error(op).map_err(failed)?;
         // The tier's files are O_DIRECT: reads go through an aligned bounce buffer, whole
         // 4 KiB pages at 4 KiB offsets (what a GPU's DMA would do without the CPU).
         let start = file_offset - file_offset % FILE_PAGE;
@@ -826,8 +841,8 @@ impl Device for HostDevice {
             len_bytes: src.len_bytes,
             source,
         };
-        // Whole aligned pages through the bounce buffer (O_DIRECT); a page `src` covers
-        // only in part is read first so the file keeps its other bytes.
+        self.injected_file_error(op).map_err(failed)?;
+        // Whole aligned pages through the bounce buffer (O_DIRECT).
         let start = file_offset - file_offset % FILE_PAGE;
         let end = file_offset + src.len_bytes as u64;
         let bounce = Bounce::new(op)?;
@@ -836,10 +851,20 @@ impl Device for HostDevice {
             let want = ((end - at).div_ceil(FILE_PAGE) * FILE_PAGE).min(BOUNCE_BYTES as u64);
             let from = file_offset.max(at);
             let to = end.min(at + want);
-            if from > at || to < at + want {
-                bounce.zero(want as usize);
-                // Past the end of the file stays zero.
-                bounce.pread(fd, want as usize, at).map_err(failed)?;
+            // The pages `src` covers in part: read first (past the end of the file they
+            // stay zero), so the file keeps its other bytes.
+            let first = from - from % FILE_PAGE;
+            let last = (to - 1) - (to - 1) % FILE_PAGE;
+            let pages = if first == last { 1 } else { 2 };
+            for page in [first, last].into_iter().take(pages) {
+                let partial = from > page || to < page + FILE_PAGE;
+                if partial {
+                    let at_in_bounce = (page - at) as usize;
+                    bounce.zero(at_in_bounce, FILE_PAGE as usize);
+                    bounce
+                        .pread_into(at_in_bounce, fd, FILE_PAGE as usize, page)
+                        .map_err(failed)?;
+                }
             }
             // SAFETY: the source [from - file_offset, to - file_offset) lies inside `src`
             // (checked by `range`, kept alive by `_held`); the destination
@@ -884,27 +909,38 @@ impl Bounce {
         }
     }
 
-    fn zero(&self, len: usize) {
-        assert!(len <= BOUNCE_BYTES);
-        // SAFETY: `ptr` is valid for BOUNCE_BYTES >= len bytes, owned by self.
-        unsafe { std::ptr::write_bytes(self.ptr, 0, len) };
+    fn zero(&self, at: usize, len: usize) {
+        assert!(at + len <= BOUNCE_BYTES);
+        // SAFETY: [at, at + len) lies inside the BOUNCE_BYTES owned by self.
+        unsafe { std::ptr::write_bytes(self.ptr.add(at), 0, len) };
     }
 
-    /// Reads up to `len` bytes at `offset` (retrying on EINTR); how many it got (fewer
-    /// only at the end of the file).
+    /// Reads up to `len` bytes at `offset` into the start of the buffer (retrying on
+    /// EINTR); how many it got (fewer only at the end of the file).
     fn pread(
         &self,
         fd: std::os::fd::BorrowedFd<'_>,
         len: usize,
         offset: u64,
     ) -> std::io::Result<usize> {
-        assert!(len <= BOUNCE_BYTES);
+        self.pread_into(0, fd, len, offset)
+    }
+
+    /// [`Self::pread`] into the buffer at `at` (a page boundary).
+    fn pread_into(
+        &self,
+        at: usize,
+        fd: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+        offset: u64,
+    ) -> std::io::Result<usize> {
+        assert!(at + len <= BOUNCE_BYTES && at % FILE_PAGE as usize == 0);
         loop {
-            // SAFETY: `ptr` is valid for BOUNCE_BYTES >= len bytes, owned by self.
+            // SAFETY: [at, at + len) lies inside the BOUNCE_BYTES owned by self.
             let got = unsafe {
                 libc::pread(
                     std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    self.ptr as *mut libc::c_void,
+                    self.ptr.add(at) as *mut libc::c_void,
                     len,
                     offset as libc::off_t,
                 )

@@ -1013,71 +1013,81 @@ fn host_backend_reads_a_file_into_device_memory() {
 /// `write_file` on the host backend: any offset and length, from any range of a buffer;
 /// the file's bytes around what was written stay as they were (partial pages are read,
 /// overlaid and written back), a write past the end extends the file, and a descriptor
-/// that cannot be written is the file's error.
+/// that cannot be written is the file's error. On a buffered descriptor and on an
+/// O_DIRECT one (as the NVMe tier opens its files), beside the test binary on the disk.
 #[test]
 fn host_backend_writes_device_memory_into_a_file() {
-    use std::io::{Read, Seek, Write};
+    use std::io::Write;
     use std::os::fd::AsFd;
+    use std::os::unix::fs::OpenOptionsExt;
     let dev = HostDevice::new();
     let stream = dev.create_stream().unwrap();
-    let mut expect = random((3 << 20) + 123, 0xf11e);
-    let mut file = tempfile::tempfile().unwrap();
-    file.write_all(&expect).unwrap();
     let src = random(4 << 20, 0x5eed);
     let buf = dev.alloc(src.len()).unwrap();
     dev.copy_to_device(stream, &src, buf.range(0, src.len()))
         .unwrap();
-    for (file_offset, len, src_offset) in [
-        (0usize, 4096usize, 0usize),
-        (4096, 2 << 20, 256),
-        (3, 5000, 7),
-        (8191, (1 << 20) + 2, 4096),
-        (expect.len() - 10, 10, 100),
-        ((1 << 20) - 1, (2 << 20) + 5, 1),
-        // Past the end of the file: it grows.
-        (expect.len() + 5000, 7000, 33),
-    ] {
-        dev.write_file(
-            stream,
-            buf.range(src_offset, len),
-            file.as_fd(),
-            file_offset as u64,
-        )
-        .unwrap_or_else(|e| panic!("{len} bytes at {file_offset}: {e}"));
-        if expect.len() < file_offset + len {
-            expect.resize(file_offset + len, 0);
+    let dir = tempfile::tempdir_in(std::env::current_exe().unwrap().parent().unwrap()).unwrap();
+    for direct in [false, true] {
+        let path = dir.path().join(format!("direct-{direct}"));
+        let mut expect = random((3 << 20) + 123, 0xf11e);
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&expect)
+            .unwrap();
+        let flags = if direct { libc::O_DIRECT } else { 0 };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(&path)
+            .unwrap();
+        for (file_offset, len, src_offset) in [
+            (0usize, 4096usize, 0usize),
+            (4096, 2 << 20, 256),
+            (3, 5000, 7),
+            (8191, (1 << 20) + 2, 4096),
+            (expect.len() - 10, 10, 100),
+            ((1 << 20) - 1, (2 << 20) + 5, 1),
+            // Inside one page, touching neither of its ends.
+            (5 * 4096 + 100, 200, 9),
+            // Past the end of the file: it grows.
+            (expect.len() + 5000, 7000, 33),
+        ] {
+            let what = format!("direct {direct}: {len} bytes at {file_offset} from {src_offset}");
+            dev.write_file(
+                stream,
+                buf.range(src_offset, len),
+                file.as_fd(),
+                file_offset as u64,
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+            if expect.len() < file_offset + len {
+                expect.resize(file_offset + len, 0);
+            }
+            expect[file_offset..file_offset + len]
+                .copy_from_slice(&src[src_offset..src_offset + len]);
+            let back = std::fs::read(&path).unwrap();
+            // Whole pages are written: a file that grows ends on a page boundary, zero-filled.
+            assert!(
+                back.len() == expect.len() || back.len() == expect.len().next_multiple_of(4096),
+                "{what}: {} bytes for {}",
+                back.len(),
+                expect.len()
+            );
+            assert!(back[expect.len()..].iter().all(|&b| b == 0), "{what}");
+            assert!(back[..expect.len()] == expect[..], "{what}");
         }
-        expect[file_offset..file_offset + len].copy_from_slice(&src[src_offset..src_offset + len]);
-        let mut back = Vec::new();
-        file.rewind().unwrap();
-        file.read_to_end(&mut back).unwrap();
-        // Whole pages are written: a file that grows ends on a page boundary, zero-filled.
+        let read_only = std::fs::File::open(&path).unwrap();
+        let refused = dev.write_file(stream, buf.range(0, 100), read_only.as_fd(), 0);
         assert!(
-            back.len() == expect.len() || back.len() == expect.len().next_multiple_of(4096),
-            "{} bytes for {}",
-            back.len(),
-            expect.len()
+            matches!(refused, Err(DeviceError::FileWrite { .. })),
+            "{refused:?}"
         );
-        assert!(back[expect.len()..].iter().all(|&b| b == 0));
+        let outside = dev.write_file(stream, buf.range(4 << 20, 1), file.as_fd(), 0);
         assert!(
-            back[..expect.len()] == expect[..],
-            "{len} bytes at {file_offset} from {src_offset}"
+            matches!(outside, Err(DeviceError::OutOfRange { .. })),
+            "{outside:?}"
         );
     }
-    let read_only = std::fs::File::open(format!("/proc/self/fd/{}", {
-        use std::os::fd::AsRawFd;
-        file.as_raw_fd()
-    }))
-    .unwrap();
-    let refused = dev.write_file(stream, buf.range(0, 100), read_only.as_fd(), 0);
-    assert!(
-        matches!(refused, Err(DeviceError::FileWrite { .. })),
-        "{refused:?}"
-    );
-    let outside = dev.write_file(stream, buf.range(4 << 20, 1), file.as_fd(), 0);
-    assert!(
-        matches!(outside, Err(DeviceError::OutOfRange { .. })),
-        "{outside:?}"
-    );
     dev.free(buf).unwrap();
 }

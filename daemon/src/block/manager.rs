@@ -618,6 +618,27 @@ impl BlockManager {
         );
         self.note_write_errors(&results);
         let mut reg = self.lock();
+        // Copies-down first: a child copied down leaves G1 before its parent, which a
+        // write from G1 may have taken, is considered for eviction below.
+        for c in &room.copies_down {
+            reg.end_use(c.key);
+            if !copied_down {
+                let _ = reg.abort(c.key, Tier::Host);
+                continue;
+            }
+            reg.publish(c.key, Tier::Host, 0).expect("reserved");
+            report.g1_copied_down += 1;
+            if out.len() < room.want {
+                Self::evict_into(
+                    &mut reg,
+                    c.key,
+                    Tier::Hbm,
+                    RemoveReason::Demoted,
+                    room.namespace,
+                    out,
+                );
+            }
+        }
         for (job, result) in room.demotions.iter().zip(results) {
             reg.end_use(job.key);
             let from = job.from.0;
@@ -648,25 +669,6 @@ impl BlockManager {
                     RemoveReason::IoError
                 };
                 Self::evict_into(&mut reg, job.key, from, reason, room.namespace, out);
-            }
-        }
-        for c in &room.copies_down {
-            reg.end_use(c.key);
-            if !copied_down {
-                let _ = reg.abort(c.key, Tier::Host);
-                continue;
-            }
-            reg.publish(c.key, Tier::Host, 0).expect("reserved");
-            report.g1_copied_down += 1;
-            if out.len() < room.want {
-                Self::evict_into(
-                    &mut reg,
-                    c.key,
-                    Tier::Hbm,
-                    RemoveReason::Demoted,
-                    room.namespace,
-                    out,
-                );
             }
         }
         self.flush_events(&mut reg);

@@ -94,7 +94,6 @@ impl std::fmt::Debug for Mover {
     }
 }
 
-/// Where a planned slot of a memory tier lies on the device.
 /// A failed `Device::read_file` / `write_file` of an NVMe slot: the disk's failure (EIO,
 /// ENOSPC, a file cut short) is an I/O error of the slot, as the NVMe engine would report
 /// it; anything else is the device's.
@@ -112,6 +111,7 @@ fn slot_error(
     }
 }
 
+/// Where a planned slot of a memory tier lies on the device.
 fn slot_of(stores: &Stores, tier: Tier, slot: u32) -> (DeviceBuffer, u64) {
     stores
         .memory_tier(tier)
@@ -518,10 +518,11 @@ impl Mover {
 
     /// Writes G1 slots straight to their NVMe slots (GPUDirect Storage on the cuda
     /// backend): each block's checksum and MAC computed on the device in one batch per
-    /// G1 buffer, the slot's old header erased (a crash part-way then leaves no header
-    /// rather than the previous block's over new data), the data written with
-    /// `Device::write_file`, then the header pages, sealed on the CPU, in one batch. One
-    /// result per write.
+    /// G1 buffer, the slot's old header erased (a slot whose erasure failed is not
+    /// written: a daemon crash part-way then leaves no header rather than the previous
+    /// block's over new data; a power loss that reorders the disk's cache is caught by
+    /// the data checksum and MAC on load), the data written with `Device::write_file`,
+    /// then the header pages, sealed on the CPU, in one batch. One result per write.
     pub fn write_g1_to_nvme(
         &self,
         stream: StreamId,
@@ -540,12 +541,15 @@ impl Mover {
         let all: Vec<usize> = (0..writes.len()).collect();
         let sums = self.g1_sums(stream, &g1_slots, &all, store.data_mac_key());
         let nvme_slots: Vec<u32> = writes.iter().map(|w| w.nvme_slot).collect();
-        store.clear_headers(&nvme_slots);
+        let cleared = store.clear_headers(&nvme_slots);
         let mut written: Vec<Result<(u32, SlotHeader), NvmeError>> = writes
             .iter()
             .zip(sums)
             .zip(&g1_slots)
-            .map(|((w, sums), &(buffer, offset))| {
+            .zip(cleared)
+            .map(|(((w, sums), &(buffer, offset)), cleared)| {
+                // Data is never written over a header that may still name another block.
+                cleared?;
                 let (checksum, mac) =
                     sums.expect("every block summed")
                         .map_err(|detail| NvmeError::Device {

@@ -1513,6 +1513,12 @@ fn what_g1_cannot_take_is_staged_through_the_host_tier() {
     demote_first_chain(&m);
     let r = load(&m, 1, &[1, 2]);
     assert_eq!(r.loaded, 2, "{r:?}");
+    // Block 2's host slot came from demoting one of 50, 51: the load reports that room.
+    assert_eq!(
+        (r.room.nvme_written, r.room.g1_written_to_nvme),
+        (1, 0),
+        "{r:?}"
+    );
     let mut tiers = [None; 2];
     assert_eq!(m.lookup(1, &[1, 2], &mut tiers), 2);
     assert_eq!(tiers, [Some(Tier::Hbm), Some(Tier::Host)]);
@@ -1886,6 +1892,26 @@ fn a_device_write_failure_turns_g1_victims_to_the_host_tier() {
             s.tiers[0]
         );
         m.unpin(9, 5, &[100, 101]);
+        // The next G1 victim (1, its only copy in G1) goes down to the host tier.
+        let mut room = SaveReport::default();
+        let got = acquire(
+            &m.blocks,
+            &m.mover,
+            Tier::Hbm,
+            5,
+            2,
+            &mut room,
+            Some(m.stream),
+        );
+        assert_eq!(got.len(), 2, "{failing}");
+        assert_eq!(
+            (room.g1_copied_down, room.g1_written_to_nvme),
+            (1, 0),
+            "{failing}: {room:?}"
+        );
+        m.blocks.free_room(5, Tier::Hbm, got);
+        assert_eq!(m.lookup(5, &[1], &mut tiers[..1]), 1);
+        assert_eq!(tiers[0], Some(Tier::Host), "{failing}");
         m.check_invariants().unwrap();
         drop(m);
         let m = direct_manager_admitting_at_3(dir.path(), None, None);
@@ -1897,21 +1923,23 @@ fn a_device_write_failure_turns_g1_victims_to_the_host_tier() {
     }
 }
 
-/// The header write after a G1 block's data fails on the disk: the block is not
-/// published, its slot's header is erased (a restart finds nothing), and the path stays
-/// on (a disk error is not the device's).
+/// The header write after a G1 block's data fails on the disk (after its page landed):
+/// the block is not published, its slot's header is erased (a restart finds nothing),
+/// and the path stays on (a disk error is not the device's).
 #[test]
 fn a_failed_header_write_after_a_write_from_g1_publishes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let plan = Arc::new(FaultPlan::default());
     let m = direct_manager_admitting_at_3(dir.path(), None, Some(plan.clone()));
     g1_only_chain_beside_a_leased_host_tier(&m);
-    // The header erasure before the data, then the header write: fail the second.
+    // The header erasure before the data, then the header write: the second puts the
+    // whole header page on disk, then fails (EIO), so only erasing it again after the
+    // failure keeps a restart from indexing the block.
     plan.add(FaultRule {
         kind: Some(IoKind::Write),
         skip: 1,
         count: 1,
-        effect: FaultEffect::Errno(libc::EIO),
+        effect: FaultEffect::TornWrite { bytes: 4096 },
     });
     let mut room = SaveReport::default();
     let got = acquire(
@@ -1940,4 +1968,39 @@ fn a_failed_header_write_after_a_write_from_g1_publishes_nothing() {
     let m = direct_manager_admitting_at_3(dir.path(), None, None);
     let mut tiers = [None; 1];
     assert_eq!(m.lookup(5, &[2], &mut tiers), 0, "no header of 2 on disk");
+}
+
+/// The disk fails the data write from G1 (EIO from cuFile or pwrite): that slot's I/O
+/// error, the block dropped as a failed host demotion's is, and the path stays on.
+#[test]
+fn a_disk_error_writing_from_g1_fails_that_block_and_leaves_the_path_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(kvplane_cuda::host::HostDevice::with_failing_ops_for_tests(
+        &["write_file: EIO"],
+    ));
+    let m = direct_manager_admitting_at_3(dir.path(), Some(device), None);
+    g1_only_chain_beside_a_leased_host_tier(&m);
+    let mut room = SaveReport::default();
+    let got = acquire(
+        &m.blocks,
+        &m.mover,
+        Tier::Hbm,
+        5,
+        1,
+        &mut room,
+        Some(m.stream),
+    );
+    assert_eq!(got.len(), 1);
+    assert!(
+        matches!(&room.nvme_error, Some(NvmeError::Io { source, .. }) if source.raw_os_error() == Some(libc::EIO)),
+        "{room:?}"
+    );
+    m.blocks.free_room(5, Tier::Hbm, got);
+    assert!(
+        m.stores().nvme_direct_to_g1(),
+        "a disk error leaves the path on"
+    );
+    assert_eq!(used_slots(&m, Tier::Nvme), 0);
+    m.unpin(9, 5, &[100, 101]);
+    m.check_invariants().unwrap();
 }

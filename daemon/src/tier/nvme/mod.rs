@@ -901,10 +901,24 @@ impl NvmeStore {
 
     /// Zeroes the header pages of slots about to be written apart from their headers
     /// (data from G1, then [`Self::write_headers`]): a crash between the two then leaves
-    /// no header rather than the previous block's over new data. Best effort, as after a
-    /// failed write.
-    pub fn clear_headers(&self, slots: &[u32]) {
-        self.erase_headers(slots, true);
+    /// no header rather than the previous block's over new data. One result per slot: a
+    /// slot whose header could not be zeroed must not be written.
+    pub fn clear_headers(&self, slots: &[u32]) -> Vec<Result<(), NvmeError>> {
+        let mut results = Vec::with_capacity(slots.len());
+        if slots.is_empty() {
+            return results;
+        }
+        let zeros = AlignedBuf::new(SLOT_HEADER_BYTES);
+        let items: Vec<(u32, *mut u8)> = slots.iter().map(|&s| (s, zeros.ptr)).collect();
+        self.io(
+            IoKind::Write,
+            &items,
+            SLOT_HEADER_BYTES,
+            &mut |_| {},
+            &mut |_| {},
+            &mut results,
+        );
+        results
     }
 
     /// Where a slot's block data lies: the tier file's descriptor and the byte offset.
