@@ -1772,6 +1772,24 @@ fn direct_manager_admitting_at_3(
     direct_manager_admitting(dir, 2, 3, faults, device)
 }
 
+/// Makes room for `want` G1 slots of namespace 5 on the manager's stream, as a save kept
+/// on the GPU does, and gives the slots back: how many it got and what the room moved.
+fn g1_room(m: &LocalBlocks, want: usize) -> (usize, SaveReport) {
+    let mut room = SaveReport::default();
+    let got = acquire(
+        &m.blocks,
+        &m.mover,
+        Tier::Hbm,
+        5,
+        want,
+        &mut room,
+        Some(m.stream),
+    );
+    let n = got.len();
+    m.blocks.free_room(5, Tier::Hbm, got);
+    (n, room)
+}
+
 /// Chain (1, 2) only in G1 and seen often enough for NVMe; chain (100, 101) in the two
 /// host slots, leased by session 9: the host tier has no room G1 victims may take.
 fn g1_only_chain_beside_a_leased_host_tier(m: &LocalBlocks) {
@@ -1800,17 +1818,8 @@ fn a_g1_victim_with_no_host_room_is_written_from_g1_to_nvme() {
     let m = direct_manager_admitting_at_3(dir.path(), None, None);
     g1_only_chain_beside_a_leased_host_tier(&m);
     // Promoting 100 needs a G1 slot: the leaf 2 goes, straight to NVMe.
-    let mut room = SaveReport::default();
-    let got = acquire(
-        &m.blocks,
-        &m.mover,
-        Tier::Hbm,
-        5,
-        1,
-        &mut room,
-        Some(m.stream),
-    );
-    assert_eq!(got.len(), 1);
+    let (got, room) = g1_room(&m, 1);
+    assert_eq!(got, 1);
     assert_eq!(
         (
             room.nvme_written,
@@ -1821,7 +1830,6 @@ fn a_g1_victim_with_no_host_room_is_written_from_g1_to_nvme() {
         "{room:?}"
     );
     assert!(room.nvme_error.is_none(), "{room:?}");
-    m.blocks.free_room(5, Tier::Hbm, got);
     let mut tiers = [None; 2];
     assert_eq!(m.lookup(5, &[1, 2], &mut tiers), 2, "written, not lost");
     assert_eq!(tiers, [Some(Tier::Hbm), Some(Tier::Nvme)]);
@@ -1860,23 +1868,13 @@ fn a_device_write_failure_turns_g1_victims_to_the_host_tier() {
         ));
         let m = direct_manager_admitting_at_3(dir.path(), Some(device), None);
         g1_only_chain_beside_a_leased_host_tier(&m);
-        let mut room = SaveReport::default();
-        let got = acquire(
-            &m.blocks,
-            &m.mover,
-            Tier::Hbm,
-            5,
-            1,
-            &mut room,
-            Some(m.stream),
-        );
-        assert_eq!(got.len(), 1, "{failing}: G1 still makes its room");
+        let (got, room) = g1_room(&m, 1);
+        assert_eq!(got, 1, "{failing}: G1 still makes its room");
         assert!(
             matches!(room.nvme_error, Some(NvmeError::Device { .. })),
             "{failing}: {room:?}"
         );
         assert_eq!(room.nvme_written, 0, "{failing}");
-        m.blocks.free_room(5, Tier::Hbm, got);
         assert!(
             !m.stores().nvme_direct_to_g1(),
             "{failing}: the path is off"
@@ -1893,23 +1891,13 @@ fn a_device_write_failure_turns_g1_victims_to_the_host_tier() {
         );
         m.unpin(9, 5, &[100, 101]);
         // The next G1 victim (1, its only copy in G1) goes down to the host tier.
-        let mut room = SaveReport::default();
-        let got = acquire(
-            &m.blocks,
-            &m.mover,
-            Tier::Hbm,
-            5,
-            2,
-            &mut room,
-            Some(m.stream),
-        );
-        assert_eq!(got.len(), 2, "{failing}");
+        let (got, room) = g1_room(&m, 2);
+        assert_eq!(got, 2, "{failing}");
         assert_eq!(
             (room.g1_copied_down, room.g1_written_to_nvme),
             (1, 0),
             "{failing}: {room:?}"
         );
-        m.blocks.free_room(5, Tier::Hbm, got);
         assert_eq!(m.lookup(5, &[1], &mut tiers[..1]), 1);
         assert_eq!(tiers[0], Some(Tier::Host), "{failing}");
         m.check_invariants().unwrap();
@@ -1941,22 +1929,12 @@ fn a_failed_header_write_after_a_write_from_g1_publishes_nothing() {
         count: 1,
         effect: FaultEffect::TornWrite { bytes: 4096 },
     });
-    let mut room = SaveReport::default();
-    let got = acquire(
-        &m.blocks,
-        &m.mover,
-        Tier::Hbm,
-        5,
-        1,
-        &mut room,
-        Some(m.stream),
-    );
+    let (got, room) = g1_room(&m, 1);
     assert_eq!(plan.fired(), 1);
     assert!(
         matches!(room.nvme_error, Some(NvmeError::Io { .. })),
         "{room:?}"
     );
-    m.blocks.free_room(5, Tier::Hbm, got);
     assert!(
         m.stores().nvme_direct_to_g1(),
         "a disk error leaves the path on"
@@ -1980,22 +1958,12 @@ fn a_disk_error_writing_from_g1_fails_that_block_and_leaves_the_path_on() {
     ));
     let m = direct_manager_admitting_at_3(dir.path(), Some(device), None);
     g1_only_chain_beside_a_leased_host_tier(&m);
-    let mut room = SaveReport::default();
-    let got = acquire(
-        &m.blocks,
-        &m.mover,
-        Tier::Hbm,
-        5,
-        1,
-        &mut room,
-        Some(m.stream),
-    );
-    assert_eq!(got.len(), 1);
+    let (got, room) = g1_room(&m, 1);
+    assert_eq!(got, 1);
     assert!(
         matches!(&room.nvme_error, Some(NvmeError::Io { source, .. }) if source.raw_os_error() == Some(libc::EIO)),
         "{room:?}"
     );
-    m.blocks.free_room(5, Tier::Hbm, got);
     assert!(
         m.stores().nvme_direct_to_g1(),
         "a disk error leaves the path on"
