@@ -1930,6 +1930,7 @@ fn a_failed_header_write_after_a_write_from_g1_publishes_nothing() {
         effect: FaultEffect::TornWrite { bytes: 4096 },
     });
     let (got, room) = g1_room(&m, 1);
+    assert_eq!(got, 1);
     assert_eq!(plan.fired(), 1);
     assert!(
         matches!(room.nvme_error, Some(NvmeError::Io { .. })),
