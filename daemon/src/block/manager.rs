@@ -124,6 +124,11 @@ pub struct SaveReport {
     pub bytes: u64,
     /// Blocks written to NVMe by this call (write-through and demotions it caused).
     pub nvme_written: usize,
+    /// Of the blocks this save stored, how many its write-through put on NVMe, and how
+    /// many it failed to (the rest of `nvme_written` and `nvme_error` may be demotions
+    /// of other blocks, made to find room: not this save's outcome).
+    pub written_through: usize,
+    pub write_through_failed: usize,
     /// First NVMe error this call met (the operation went on without NVMe).
     pub nvme_error: Option<NvmeError>,
     /// Stored blocks also kept in G1 (a save that asked to keep its blocks on the GPU).
@@ -975,9 +980,11 @@ impl BlockManager {
                     reg.publish(w.key, Tier::Nvme, w.generation)
                         .expect("reserved by this save");
                     report.nvme_written += 1;
+                    report.written_through += 1;
                 }
                 Err(e) => {
                     let _ = reg.abort(w.key, Tier::Nvme);
+                    report.write_through_failed += 1;
                     if report.nvme_error.is_none() {
                         report.nvme_error = Some(e);
                     }

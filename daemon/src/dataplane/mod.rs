@@ -999,22 +999,7 @@ impl DataPlane {
                     .bytes_saved
                     .fetch_add(r.bytes, Ordering::Relaxed);
                 self.counters.metrics.record_save(&r, blocks.block_bytes());
-                // Where the blocks landed: NVMe for a write-through that reached it, G1
-                // when kept on the GPU, else the host tier.
-                let tier = if write_through && r.nvme_written > 0 {
-                    Tier::Nvme
-                } else if r.hbm_stored > 0 {
-                    Tier::Hbm
-                } else {
-                    Tier::Host
-                };
-                let status = if r.no_space > 0 {
-                    Status::NoSpace
-                } else if write_through && r.nvme_error.is_some() {
-                    Status::Io
-                } else {
-                    Status::Ok
-                };
+                let (status, tier) = save_outcome(write_through, &r);
                 done(ud, status, saved, r.bytes, tier.raw(), us)
             }
             Err(e) => {
@@ -1303,10 +1288,70 @@ pub fn status_name(raw: i32) -> &'static str {
     ffi::Status::from_raw(raw).map_or("unknown", |s| s.name())
 }
 
+/// A SAVE's completion status and tier from its report: where its blocks landed (NVMe
+/// for a write-through that reached it, G1 when kept on the GPU, else the host tier),
+/// and `Io` only when its own write-through failed (a demotion of another block, made to
+/// find room, failing is counted and logged, not this save's outcome).
+fn save_outcome(write_through: bool, r: &crate::block::SaveReport) -> (Status, Tier) {
+    let tier = if write_through && r.written_through > 0 {
+        Tier::Nvme
+    } else if r.hbm_stored > 0 {
+        Tier::Hbm
+    } else {
+        Tier::Host
+    };
+    let status = if r.no_space > 0 {
+        Status::NoSpace
+    } else if write_through && r.write_through_failed > 0 {
+        Status::Io
+    } else {
+        Status::Ok
+    };
+    (status, tier)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A write-through SAVE reports `Io` only for its own blocks' writes: a failed
+    /// demotion of another block, made to find it room, leaves it `Ok` on NVMe.
+    #[test]
+    fn a_save_is_judged_by_its_own_write_through() {
+        use crate::block::SaveReport;
+        let demotion_failed = SaveReport {
+            stored: 2,
+            nvme_written: 2,
+            written_through: 2,
+            nvme_error: Some(crate::tier::nvme::NvmeError::Corrupt {
+                slot: 0,
+                reason: "a demotion's".into(),
+            }),
+            ..SaveReport::default()
+        };
+        assert_eq!(
+            save_outcome(true, &demotion_failed),
+            (Status::Ok, Tier::Nvme)
+        );
+        let own_failed = SaveReport {
+            stored: 2,
+            written_through: 1,
+            write_through_failed: 1,
+            ..SaveReport::default()
+        };
+        assert_eq!(save_outcome(true, &own_failed), (Status::Io, Tier::Nvme));
+        // Without write-through, demotions it caused say nothing of where it landed.
+        assert_eq!(
+            save_outcome(false, &demotion_failed),
+            (Status::Ok, Tier::Host)
+        );
+        let kept = SaveReport {
+            hbm_stored: 1,
+            ..SaveReport::default()
+        };
+        assert_eq!(save_outcome(false, &kept), (Status::Ok, Tier::Hbm));
+    }
 
     /// A burst of `EVENT_OPEN_BURST` opens goes through, the next one waits an interval,
     /// and after a second `EVENT_OPENS_PER_S` more go through.

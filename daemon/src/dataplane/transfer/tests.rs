@@ -1973,3 +1973,32 @@ fn a_disk_error_writing_from_g1_fails_that_block_and_leaves_the_path_on() {
     m.unpin(9, 5, &[100, 101]);
     m.check_invariants().unwrap();
 }
+
+/// A write-through save that needs room demotes a host block first; that demotion's
+/// write fails, the save's own succeeds: the report keeps them apart (the save's
+/// completion is judged by its own, `dataplane::save_outcome`).
+#[test]
+fn a_failed_demotion_is_not_the_write_through_saves_own_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, t) = config(Some(dir.path()), 2, 16, EngineKind::Sync);
+    let (m, plan) = with_faults(&b, &t, Vec::new());
+    save(&m, 1, &chain(1, 2), false);
+    let mut tiers = [None; 2];
+    m.lookup(1, &[1, 2], &mut tiers);
+    plan.add(FaultRule {
+        kind: Some(IoKind::Write),
+        skip: 0,
+        count: 1,
+        effect: FaultEffect::Errno(libc::EIO),
+    });
+    let r = save(&m, 1, &[(10, None)], true);
+    assert_eq!(plan.fired(), 1, "the demotion's write failed");
+    assert!(r.nvme_error.is_some(), "{r:?}");
+    assert_eq!(
+        (r.stored, r.written_through, r.write_through_failed),
+        (1, 1, 0),
+        "{r:?}"
+    );
+    assert_eq!(load(&m, 1, &[10]).loaded, 1);
+    m.check_invariants().unwrap();
+}
