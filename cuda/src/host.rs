@@ -138,8 +138,9 @@ pub struct HostDevice {
     completion_delay: Duration,
     /// Tests only: `import_ipc_event` opens any handle as a fresh event of this device.
     ipc_events_for_tests: bool,
-    /// Tests only: operations that fail with an injected driver error.
+    /// Tests only: operations that fail with an injected driver error (while not paused).
     failing_ops_for_tests: &'static [&'static str],
+    failures_paused_for_tests: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for HostDevice {
@@ -180,6 +181,7 @@ impl HostDevice {
             completion_delay: Duration::ZERO,
             ipc_events_for_tests: false,
             failing_ops_for_tests: &[],
+            failures_paused_for_tests: Default::default(),
         }
     }
 
@@ -194,21 +196,33 @@ impl HostDevice {
         }
     }
 
+    /// Pauses (or resumes) the failures of [`Self::with_failing_ops_for_tests`]: a
+    /// device that fails for a while, then works.
+    #[doc(hidden)]
+    pub fn pause_failures_for_tests(&self, paused: bool) {
+        self.failures_paused_for_tests
+            .store(paused, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a test device fails `op` (named as `failing`) now.
+    fn injects(&self, failing: impl Fn(&str) -> bool) -> bool {
+        !self
+            .failures_paused_for_tests
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && self.failing_ops_for_tests.iter().any(|f| failing(f))
+    }
+
     /// The disk's error a test device injects for `op` ("read_file" / "write_file"):
     /// EIO when its failing ops name "<op>: EIO".
     fn injected_file_error(&self, op: &'static str) -> std::io::Result<()> {
-        match self
-            .failing_ops_for_tests
-            .iter()
-            .any(|f| f.strip_suffix(": EIO") == Some(op))
-        {
+        match self.injects(|f| f.strip_suffix(": EIO") == Some(op)) {
             true => Err(std::io::Error::from_raw_os_error(libc::EIO)),
             false => Ok(()),
         }
     }
 
     fn injected_failure(&self, op: &'static str) -> Result<(), DeviceError> {
-        match self.failing_ops_for_tests.contains(&op) {
+        match self.injects(|f| f == op) {
             true => Err(DeviceError::Driver {
                 op,
                 detail: "injected failure (test device)".into(),

@@ -352,7 +352,7 @@ impl BlockManager {
                 block_bytes: block.block_bytes,
                 device,
                 nvme_g1,
-                nvme_g1_failed: Default::default(),
+                nvme_g1_backoff: Default::default(),
             }),
             reg: Mutex::new(reg),
             block_bytes: block.block_bytes,

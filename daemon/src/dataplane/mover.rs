@@ -645,22 +645,33 @@ impl Mover {
         out
     }
 
-    /// Turns the direct NVMe <-> G1 path off (once, logged) when `what` failed on the
-    /// device for any block: later loads and G1 victims go through the host tier.
+    /// Turns the direct NVMe <-> G1 path off for a while (logged once per back-off) when
+    /// `what` failed on the device for any block: meanwhile loads and G1 victims go
+    /// through the host tier. When none failed on the device and some block moved, the
+    /// path works: a back-off is over.
     fn note_g1_failure<T>(&self, results: &[Result<T, NvmeError>], what: &str) {
-        if let Some(e) = results.iter().find_map(|r| match r {
+        let backoff = &self.stores.nvme_g1_backoff;
+        let device_error = results.iter().find_map(|r| match r {
             Err(e @ NvmeError::Device { .. }) => Some(e),
             _ => None,
-        }) && !self
-            .stores
-            .nvme_g1_failed
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
-            tracing::warn!(
-                error = %e,
-                "{what} failed on the device; from now on blocks move between NVMe and G1 \
-                 through the pinned host tier (MACs checked on the CPU)"
-            );
+        });
+        match device_error {
+            Some(e) => {
+                if let Some(wait_ms) = backoff.failed() {
+                    tracing::warn!(
+                        error = %e,
+                        failures_in_a_row = backoff.failures(),
+                        "{what} failed on the device; for the next {} s blocks move \
+                         between NVMe and G1 through the pinned host tier (MACs checked on \
+                         the CPU), then the direct path is tried again",
+                        wait_ms.div_ceil(1000)
+                    );
+                }
+            }
+            None if results.iter().any(|r| r.is_ok()) && backoff.worked() => {
+                tracing::info!("{what} works again: the direct NVMe <-> G1 path is back on");
+            }
+            None => {}
         }
     }
 

@@ -29,31 +29,133 @@ pub struct Stores {
     pub device: std::sync::Arc<dyn kvplane_cuda::Device>,
     /// How a LOAD's blocks read from NVMe reach G1.
     pub nvme_g1: NvmeG1Path,
-    /// Set when a read into or a write from G1 failed on the device (cuFile refused, the
-    /// kernels that check or seal blocks there failed): later loads stage through the
-    /// host tier and G1 victims go down through it instead, so a machine whose GPUDirect
-    /// Storage misbehaves keeps serving.
-    pub nvme_g1_failed: std::sync::atomic::AtomicBool,
+    /// Whether a device failure (cuFile refused, the kernels that check or seal blocks
+    /// in G1 failed) turned the direct NVMe <-> G1 path off for a while: later loads
+    /// stage through the host tier and G1 victims go down through it instead, so a
+    /// machine whose GPUDirect Storage misbehaves keeps serving.
+    pub nvme_g1_backoff: G1Backoff,
+}
+
+/// The direct NVMe <-> G1 path's back-off after device failures: off for
+/// `retry_ms` after the first failure, doubling with each failure in a row (at most
+/// [`G1Backoff::MAX_DOUBLINGS`] times), on again for the next operation once that has
+/// passed; a success resets it.
+#[derive(Debug)]
+pub struct G1Backoff {
+    origin: std::time::Instant,
+    /// Failures in a row (0: the path is on).
+    failures: std::sync::atomic::AtomicU32,
+    /// Milliseconds after `origin` until which the path stays off.
+    off_until_ms: std::sync::atomic::AtomicU64,
+    /// The first wait, in milliseconds.
+    pub retry_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for G1Backoff {
+    fn default() -> Self {
+        Self {
+            origin: std::time::Instant::now(),
+            failures: Default::default(),
+            off_until_ms: Default::default(),
+            retry_ms: std::sync::atomic::AtomicU64::new(Self::RETRY_MS),
+        }
+    }
+}
+
+impl G1Backoff {
+    /// The first wait after a failure: a minute.
+    pub const RETRY_MS: u64 = 60_000;
+    /// The wait doubles at most this often (a minute becomes at most about an hour).
+    pub const MAX_DOUBLINGS: u32 = 6;
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    /// Milliseconds the path stays off for now (0: it is on).
+    pub fn off_for_ms(&self) -> u64 {
+        self.off_for_ms_at(self.now_ms())
+    }
+
+    fn off_for_ms_at(&self, now_ms: u64) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.off_until_ms.load(Relaxed) {
+            0 => 0,
+            until => until.saturating_sub(now_ms),
+        }
+    }
+
+    /// Ends the current wait now, as if it had passed (tests of what follows it).
+    #[doc(hidden)]
+    pub fn expire_for_tests(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.off_until_ms.load(Relaxed) != 0 {
+            self.off_until_ms.store(1, Relaxed);
+        }
+    }
+
+    /// The wait after the `failures`-th failure in a row.
+    pub fn wait_ms(retry_ms: u64, failures: u32) -> u64 {
+        let doublings = failures.saturating_sub(1).min(Self::MAX_DOUBLINGS);
+        retry_ms.saturating_mul(1 << doublings)
+    }
+
+    /// A device failure: turns the path off and returns for how long, unless a
+    /// concurrent failure already did (then `None`: one log line per back-off).
+    pub fn failed(&self) -> Option<u64> {
+        self.failed_at(self.now_ms())
+    }
+
+    fn failed_at(&self, now_ms: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.off_for_ms_at(now_ms) > 0 {
+            return None;
+        }
+        let failures = self.failures.fetch_add(1, Relaxed).saturating_add(1);
+        let wait = Self::wait_ms(self.retry_ms.load(Relaxed), failures);
+        // At least 2: 0 means "on", 1 "the wait is over".
+        self.off_until_ms
+            .store(now_ms.saturating_add(wait).max(2), Relaxed);
+        Some(wait)
+    }
+
+    /// A direct transfer worked: the back-off is over. Whether it had failed before (to
+    /// log that it works again).
+    pub fn worked(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.failures.load(Relaxed) == 0 {
+            return false;
+        }
+        self.failures.store(0, Relaxed);
+        self.off_until_ms.store(0, Relaxed);
+        true
+    }
+
+    /// Failures in a row so far.
+    pub fn failures(&self) -> u32 {
+        self.failures.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Stores {
     /// Whether blocks move straight between NVMe and G1 now: a LOAD reads NVMe blocks
     /// into G1, and G1 victims the host tier has no room for are written from G1.
     pub fn nvme_direct_to_g1(&self) -> bool {
-        self.nvme_g1.direct
-            && !self
-                .nvme_g1_failed
-                .load(std::sync::atomic::Ordering::Relaxed)
+        self.nvme_g1.direct && self.nvme_g1_backoff.off_for_ms() == 0
     }
 
     /// How NVMe blocks reach G1 now, for `/status`: the start-up decision, or that a
-    /// device failure turned the direct path off since.
+    /// device failure turned the direct path off for a while.
     pub fn nvme_g1_now(&self) -> String {
-        match self.nvme_g1.direct && !self.nvme_direct_to_g1() {
-            true => "through the pinned host tier, MACs checked on the CPU (moving blocks \
-                     straight between NVMe and G1 failed on the device since start-up; see \
-                     the log)"
-                .into(),
+        let off_ms = self.nvme_g1_backoff.off_for_ms();
+        match self.nvme_g1.direct && off_ms > 0 {
+            true => format!(
+                "through the pinned host tier, MACs checked on the CPU (moving blocks \
+                 straight between NVMe and G1 failed on the device {} time(s) in a row; \
+                 tried again in {} s; see the log)",
+                self.nvme_g1_backoff.failures(),
+                off_ms.div_ceil(1000)
+            ),
             false => self.nvme_g1.describe.clone(),
         }
     }
@@ -378,6 +480,37 @@ mod tests {
             toml::from_str::<TiersConfig>("[host]\nlocked = true").is_err(),
             "unknown keys are errors"
         );
+    }
+
+    /// The direct path's back-off: off for the first wait after a failure, one log line
+    /// per back-off (a concurrent failure adds nothing), doubling per failure in a row up
+    /// to the cap, and over at the first success.
+    #[test]
+    fn the_direct_path_backs_off_after_device_failures_and_recovers() {
+        assert_eq!(G1Backoff::wait_ms(100, 1), 100);
+        assert_eq!(G1Backoff::wait_ms(100, 2), 200);
+        assert_eq!(G1Backoff::wait_ms(100, 4), 800);
+        assert_eq!(
+            G1Backoff::wait_ms(100, 50),
+            100 << G1Backoff::MAX_DOUBLINGS,
+            "capped"
+        );
+        let b = G1Backoff::default();
+        assert_eq!(b.off_for_ms(), 0);
+        assert!(!b.worked(), "nothing to recover from");
+        b.retry_ms.store(40, std::sync::atomic::Ordering::Relaxed);
+        // Times in ms after the back-off's origin.
+        assert_eq!(b.failed_at(1000), Some(40));
+        assert_eq!(b.off_for_ms_at(1010), 30);
+        assert_eq!(b.failed_at(1010), None, "already off: no second log line");
+        assert_eq!(b.failures(), 1);
+        assert_eq!(b.off_for_ms_at(1040), 0, "tried again after the wait");
+        assert_eq!(b.failed_at(1050), Some(80), "failed again: twice the wait");
+        assert_eq!(b.off_for_ms_at(1100), 30);
+        assert_eq!(b.failures(), 2);
+        assert!(b.worked(), "a success ends it");
+        assert_eq!((b.off_for_ms(), b.failures()), (0, 0));
+        assert_eq!(b.failed(), Some(40), "a new run of failures starts over");
     }
 
     #[test]

@@ -2002,3 +2002,37 @@ fn a_failed_demotion_is_not_the_write_through_saves_own_failure() {
     assert_eq!(load(&m, 1, &[10]).loaded, 1);
     m.check_invariants().unwrap();
 }
+
+/// A device failure turns the direct path off for a while, not for good: once the wait
+/// has passed (and the device works again) the next load reads NVMe straight into G1,
+/// and the back-off is over.
+#[test]
+fn the_direct_path_is_tried_again_after_its_back_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Arc::new(kvplane_cuda::host::HostDevice::with_failing_ops_for_tests(
+        &["read_file"],
+    ));
+    let m = direct_manager_on(dir.path(), 4, None, Some(device.clone()));
+    let backoff = &m.stores().nvme_g1_backoff;
+    demote_first_chain(&m);
+    let r = m
+        .load_with(1, &[1, 2], |_, _: &[u8]| Ok::<(), std::io::Error>(()))
+        .unwrap();
+    assert_eq!(r.loaded, 0, "{r:?}");
+    assert!(!m.stores().nvme_direct_to_g1(), "off for now");
+    assert!(
+        m.stores().nvme_g1_now().contains("tried again in 60 s"),
+        "{}",
+        m.stores().nvme_g1_now()
+    );
+    device.pause_failures_for_tests(true);
+    backoff.expire_for_tests();
+    assert!(m.stores().nvme_direct_to_g1(), "on again after the wait");
+    let r = load(&m, 1, &[1, 2]);
+    assert_eq!(r.loaded, 2, "{r:?}");
+    let mut tiers = [None; 2];
+    assert_eq!(m.lookup(1, &[1, 2], &mut tiers), 2);
+    assert_eq!(tiers, [Some(Tier::Hbm); 2], "read straight into G1 again");
+    assert_eq!(backoff.failures(), 0, "the back-off is over");
+    m.check_invariants().unwrap();
+}
