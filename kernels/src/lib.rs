@@ -16,7 +16,7 @@ pub mod host;
 pub mod layout;
 pub mod sources;
 
-pub use checksum::checksum64;
+pub use checksum::{Checksum64, checksum64};
 pub use host::{
     EngineKv, HostLaunch, KernelError, check_paged_batch, checksum_batch, checksum_batch_raw,
     checksum_block, copy_batch, copy_batch_raw, copy_within, gather, gather_raw, gather_slots,

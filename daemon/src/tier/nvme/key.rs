@@ -78,6 +78,12 @@ impl SlotKey {
         *blake3::keyed_hash(&self.data, data).as_bytes()
     }
 
+    /// The data MAC computed piece by piece (equal to [`Self::data_mac`] of the pieces
+    /// joined).
+    pub fn data_hasher(&self) -> blake3::Hasher {
+        blake3::Hasher::new_keyed(&self.data)
+    }
+
     /// MAC of a header's authenticated bytes.
     pub fn header_mac(&self, bytes: &[u8]) -> [u8; MAC_BYTES] {
         *blake3::keyed_hash(&self.header, bytes).as_bytes()
