@@ -188,7 +188,12 @@ mod x86 {
         let g = |w: u64| w.wrapping_mul(GOLDEN) as i64;
         let mut golden: [__m256i; 4] = std::array::from_fn(|v| {
             let w = first_word.wrapping_add(4 * v as u64);
-            _mm256_set_epi64x(g(w + 3), g(w + 2), g(w + 1), g(w))
+            _mm256_set_epi64x(
+                g(w.wrapping_add(3)),
+                g(w.wrapping_add(2)),
+                g(w.wrapping_add(1)),
+                g(w),
+            )
         });
         let step = _mm256_set1_epi64x(g(GROUP_WORDS as u64));
         let mut acc = [_mm256_setzero_si256(); 4];
@@ -284,7 +289,7 @@ mod tests {
                 for len in (0..600).chain([4095, 4096, 4097, 65_536 + 5]) {
                     let d = &data[start..start + len];
                     // From the first word, and as a later piece of a whole.
-                    for first_word in [0, 1, 7, 12_345, u64::MAX - 3] {
+                    for first_word in [0, 1, 7, 12_345, u64::MAX - 3, u64::MAX - 1] {
                         assert_eq!(
                             sum(d, first_word),
                             word_sum_from(d, 0, 0, first_word),

@@ -28,7 +28,9 @@ use super::registry::{BlockEvent, BlockKey, EvictRank, Registry, RemoveReason, S
 use crate::tier::host::{HostError, HostPool, HostPoolReport};
 use crate::tier::nvme::engine::FaultPlan;
 use crate::tier::nvme::{NvmeError, NvmeStore};
-use crate::tier::{ConfigError, PerTier, SLOT_HEADER_BYTES, Stores, Tier, TiersConfig, invalid};
+use crate::tier::{
+    ConfigError, G1Direction, PerTier, SLOT_HEADER_BYTES, Stores, Tier, TiersConfig, invalid,
+};
 
 /// `[blocks]`: block geometry and placement policy.
 #[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
@@ -129,6 +131,9 @@ pub struct SaveReport {
     /// of other blocks, made to find room: not this save's outcome).
     pub written_through: usize,
     pub write_through_failed: usize,
+    /// Of the blocks this save stored, how many its write-through found no NVMe slot for
+    /// (everything there it may evict leased or in use).
+    pub write_through_no_slot: usize,
     /// First NVMe error this call met (the operation went on without NVMe).
     pub nvme_error: Option<NvmeError>,
     /// Stored blocks also kept in G1 (a save that asked to keep its blocks on the GPU).
@@ -730,7 +735,8 @@ impl BlockManager {
         out: &mut Vec<u32>,
     ) {
         assert_eq!(slots.len(), room.copies_down.len(), "one slot per copy");
-        let direct_to_nvme = self.stores.nvme_direct_to_g1();
+        // Asked only for a victim that needs it: asking may claim the path's probe.
+        let mut direct_to_nvme = None;
         let mut reg = self.lock();
         let mut kept = Vec::with_capacity(room.copies_down.len());
         for (c, slot) in room.copies_down.drain(..).zip(slots) {
@@ -749,8 +755,9 @@ impl BlockManager {
                     // Another save reserved its host copy meanwhile: nothing to copy.
                     Err(_) => reg.free_unused(Tier::Host, host_slot),
                 }
-            } else if direct_to_nvme
-                && Self::only_in_g1(&reg, c.key)
+            } else if Self::only_in_g1(&reg, c.key)
+                && *direct_to_nvme
+                    .get_or_insert_with(|| self.stores.direct_now(G1Direction::G1ToNvme))
                 && self.should_demote(&reg, c.key)
                 && let Some(nvme_slot) = self.nvme_slot(&mut reg, c.key.namespace)
             {
@@ -899,8 +906,10 @@ impl BlockManager {
             return;
         }
         let mut reg = self.lock();
-        for item in &plan.stores {
+        for (k, item) in plan.stores.iter().enumerate() {
             let Some(nvme_slot) = self.nvme_slot(&mut reg, plan.namespace) else {
+                // Everything on NVMe this namespace may evict is leased or in use.
+                plan.report.write_through_no_slot = plan.stores.len() - k;
                 break;
             };
             if reg

@@ -987,7 +987,7 @@ impl DataPlane {
         t0: Instant,
     ) -> kvp_cqe {
         let ud = req.user_data;
-        let write_through = req.flags & ffi::SQE_F_WRITE_THROUGH != 0;
+        let write_through = req.flags & ffi::SQE_F_WRITE_THROUGH != 0 || blocks.writes_through();
         let us = micros_since(t0);
         match result {
             Ok(r) => {
@@ -1288,10 +1288,12 @@ pub fn status_name(raw: i32) -> &'static str {
     ffi::Status::from_raw(raw).map_or("unknown", |s| s.name())
 }
 
-/// A SAVE's completion status and tier from its report: where its blocks landed (NVMe
-/// for a write-through that reached it, G1 when kept on the GPU, else the host tier),
-/// and `Io` only when its own write-through failed (a demotion of another block, made to
-/// find room, failing is counted and logged, not this save's outcome).
+/// A SAVE's completion status and tier from its report (`write_through`: asked for by
+/// the SQE or the configuration): where its blocks landed (NVMe for a write-through that
+/// reached it, G1 when kept on the GPU, else the host tier); `Io` only when its own
+/// write-through failed (a demotion of another block, made to find room, failing is
+/// counted and logged, not this save's outcome), `NoSpace` when it found no NVMe slot.
+/// So a SAVE that completes `Ok` with write-through has every block it stored on NVMe.
 fn save_outcome(write_through: bool, r: &crate::block::SaveReport) -> (Status, Tier) {
     let tier = if write_through && r.written_through > 0 {
         Tier::Nvme
@@ -1304,6 +1306,8 @@ fn save_outcome(write_through: bool, r: &crate::block::SaveReport) -> (Status, T
         Status::NoSpace
     } else if write_through && r.write_through_failed > 0 {
         Status::Io
+    } else if write_through && r.write_through_no_slot > 0 {
+        Status::NoSpace
     } else {
         Status::Ok
     };
@@ -1341,6 +1345,13 @@ mod tests {
             ..SaveReport::default()
         };
         assert_eq!(save_outcome(true, &own_failed), (Status::Io, Tier::Nvme));
+        let no_slot = SaveReport {
+            stored: 2,
+            written_through: 1,
+            write_through_no_slot: 1,
+            ..SaveReport::default()
+        };
+        assert_eq!(save_outcome(true, &no_slot), (Status::NoSpace, Tier::Nvme));
         // Without write-through, demotions it caused say nothing of where it landed.
         assert_eq!(
             save_outcome(false, &demotion_failed),

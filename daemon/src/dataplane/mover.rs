@@ -13,7 +13,7 @@ use kvplane_kernels::KernelError;
 use crate::block::plan::{HbmCopy, LoadItem, NvmeRead, NvmeWrite, StoreItem, TierCopy};
 use crate::tier::nvme::NvmeError;
 use crate::tier::nvme::header::SlotHeader;
-use crate::tier::{Stores, Tier};
+use crate::tier::{G1Direction, Stores, Tier};
 
 /// Errors from a caller's fill/drain closure (tools and tests that are their own engine).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -469,6 +469,7 @@ impl Mover {
             .iter()
             .map(|r| (r.nvme_slot, r.key.namespace, r.key.hash, r.generation))
             .collect();
+        let epoch = self.stores.backoff(G1Direction::NvmeToG1).epoch();
         let headers = store.read_headers(&expect);
         let device = &self.stores.device;
         let g1_slots: Vec<(DeviceBuffer, u64)> = reads
@@ -512,7 +513,7 @@ impl Mover {
                 landed[k] = Err(e);
             }
         }
-        self.note_g1_failure(&landed, "reading NVMe blocks straight into G1");
+        self.note_g1_failure(&landed, G1Direction::NvmeToG1, epoch);
         landed.into_iter().map(|r| r.map(|_| ())).collect()
     }
 
@@ -538,6 +539,7 @@ impl Mover {
                 slot_of(&self.stores, Tier::Hbm, w.from.1)
             })
             .collect();
+        let epoch = self.stores.backoff(G1Direction::G1ToNvme).epoch();
         let all: Vec<usize> = (0..writes.len()).collect();
         let sums = self.g1_sums(stream, &g1_slots, &all, store.data_mac_key());
         let nvme_slots: Vec<u32> = writes.iter().map(|w| w.nvme_slot).collect();
@@ -590,7 +592,7 @@ impl Mover {
                 }
             }
         }
-        self.note_g1_failure(&written, "writing G1 blocks straight to NVMe");
+        self.note_g1_failure(&written, G1Direction::G1ToNvme, epoch);
         written.into_iter().map(|r| r.map(|_| ())).collect()
     }
 
@@ -645,31 +647,40 @@ impl Mover {
         out
     }
 
-    /// Turns the direct NVMe <-> G1 path off for a while (logged once per back-off) when
-    /// `what` failed on the device for any block: meanwhile loads and G1 victims go
-    /// through the host tier. When none failed on the device and some block moved, the
-    /// path works: a back-off is over.
-    fn note_g1_failure<T>(&self, results: &[Result<T, NvmeError>], what: &str) {
-        let backoff = &self.stores.nvme_g1_backoff;
+    /// Turns `direction` of the direct NVMe <-> G1 path off for a while (logged once
+    /// per back-off) when any block failed on the device in an operation that began in
+    /// `epoch`: meanwhile loads or G1 victims go through the host tier. When none failed
+    /// on the device and some block moved, the path works: a back-off is over.
+    fn note_g1_failure<T>(
+        &self,
+        results: &[Result<T, NvmeError>],
+        direction: G1Direction,
+        epoch: u64,
+    ) {
+        let backoff = self.stores.backoff(direction);
         let device_error = results.iter().find_map(|r| match r {
             Err(e @ NvmeError::Device { .. }) => Some(e),
             _ => None,
         });
         match device_error {
             Some(e) => {
-                if let Some(wait_ms) = backoff.failed() {
+                if let Some(wait) = backoff.failed(epoch) {
                     tracing::warn!(
                         error = %e,
+                        ?direction,
                         failures_in_a_row = backoff.failures(),
-                        "{what} failed on the device; for the next {} s blocks move \
-                         between NVMe and G1 through the pinned host tier (MACs checked on \
-                         the CPU), then the direct path is tried again",
-                        wait_ms.div_ceil(1000)
+                        "moving blocks straight between NVMe and G1 failed on the device; \
+                         for the next {} s they go this way through the pinned host tier \
+                         (MACs checked on the CPU), then the direct path is tried again",
+                        wait.as_secs().max(1)
                     );
                 }
             }
-            None if results.iter().any(|r| r.is_ok()) && backoff.worked() => {
-                tracing::info!("{what} works again: the direct NVMe <-> G1 path is back on");
+            None if results.iter().any(|r| r.is_ok()) && backoff.worked(epoch) => {
+                tracing::info!(
+                    ?direction,
+                    "the direct NVMe <-> G1 path works again this way: back on"
+                );
             }
             None => {}
         }

@@ -9,6 +9,7 @@
 
 use crate::block::plan::{HbmCopy, LoadHolds, LoadItem, LoadPlan, RoomPlan, SavePlan, StoreItem};
 use crate::block::{BlockError, BlockManager, LoadReport, SaveReport, Tier};
+use crate::tier::G1Direction;
 use kvplane_cuda::StreamId;
 
 use super::mover::{MoveError, Mover};
@@ -360,7 +361,7 @@ pub fn begin_load(
             if plan.needs_staging() > 0 {
                 let want = plan.needs_staging();
                 let g1 = match stream {
-                    Some(stream) if mover.stores().nvme_direct_to_g1() => acquire(
+                    Some(stream) if mover.stores().direct_now(G1Direction::NvmeToG1) => acquire(
                         blocks,
                         mover,
                         Tier::Hbm,

@@ -29,34 +29,63 @@ pub struct Stores {
     pub device: std::sync::Arc<dyn kvplane_cuda::Device>,
     /// How a LOAD's blocks read from NVMe reach G1.
     pub nvme_g1: NvmeG1Path,
-    /// Whether a device failure (cuFile refused, the kernels that check or seal blocks
-    /// in G1 failed) turned the direct NVMe <-> G1 path off for a while: later loads
-    /// stage through the host tier and G1 victims go down through it instead, so a
-    /// machine whose GPUDirect Storage misbehaves keeps serving.
-    pub nvme_g1_backoff: G1Backoff,
+    /// Back-offs of the direct NVMe <-> G1 path after device failures (cuFile refused,
+    /// the kernels that check or seal blocks in G1 failed), one per direction
+    /// ([`G1Direction`]): meanwhile loads stage through the host tier, or G1 victims go
+    /// down through it, so a machine whose GPUDirect Storage misbehaves keeps serving.
+    pub nvme_g1_backoff: [G1Backoff; 2],
 }
 
-/// The direct NVMe <-> G1 path's back-off after device failures: off for
-/// `retry_ms` after the first failure, doubling with each failure in a row (at most
-/// [`G1Backoff::MAX_DOUBLINGS`] times), on again for the next operation once that has
-/// passed; a success resets it.
+/// Which way blocks move straight between NVMe and G1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum G1Direction {
+    /// A LOAD reads NVMe blocks into G1 (cuFileRead).
+    NvmeToG1 = 0,
+    /// G1 victims the host tier has no room for are written from G1 (cuFileWrite).
+    G1ToNvme = 1,
+}
+
+impl G1Direction {
+    pub const ALL: [G1Direction; 2] = [G1Direction::NvmeToG1, G1Direction::G1ToNvme];
+
+    fn what(self) -> &'static str {
+        match self {
+            G1Direction::NvmeToG1 => "reading NVMe blocks straight into G1",
+            G1Direction::G1ToNvme => "writing G1 blocks straight to NVMe",
+        }
+    }
+}
+
+/// One direction's back-off after device failures: off for `retry_ms` after the first
+/// failure, doubling with each failure in a row (at most [`G1Backoff::MAX_DOUBLINGS`]
+/// times). Once the wait has passed one operation probes the path (others keep to the
+/// host tier for up to [`G1Backoff::PROBE_MS`] while it does); a success ends the
+/// back-off. Failures and successes of operations that began before the latest failure
+/// are that failure's, not news: each operation carries the [`G1Backoff::epoch`] it
+/// began in.
 #[derive(Debug)]
 pub struct G1Backoff {
-    origin: std::time::Instant,
-    /// Failures in a row (0: the path is on).
-    failures: std::sync::atomic::AtomicU32,
-    /// Milliseconds after `origin` until which the path stays off.
-    off_until_ms: std::sync::atomic::AtomicU64,
+    state: std::sync::Mutex<BackoffState>,
     /// The first wait, in milliseconds.
     pub retry_ms: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct BackoffState {
+    /// Failures in a row (0: the path is on).
+    failures: u32,
+    /// Off until then (`None`: on).
+    off_until: Option<std::time::Instant>,
+    /// A probe of the path runs until then at the latest.
+    probe_until: Option<std::time::Instant>,
+    /// Bumped by each failure that starts a back-off.
+    epoch: u64,
 }
 
 impl Default for G1Backoff {
     fn default() -> Self {
         Self {
-            origin: std::time::Instant::now(),
-            failures: Default::default(),
-            off_until_ms: Default::default(),
+            state: Default::default(),
             retry_ms: std::sync::atomic::AtomicU64::new(Self::RETRY_MS),
         }
     }
@@ -67,31 +96,12 @@ impl G1Backoff {
     pub const RETRY_MS: u64 = 60_000;
     /// The wait doubles at most this often (a minute becomes at most about an hour).
     pub const MAX_DOUBLINGS: u32 = 6;
+    /// How long one probe keeps the others on the host tier at most (a probe that never
+    /// reaches the device, e.g. a load that got no G1 slot, lets another try after it).
+    pub const PROBE_MS: u64 = 10_000;
 
-    fn now_ms(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
-    }
-
-    /// Milliseconds the path stays off for now (0: it is on).
-    pub fn off_for_ms(&self) -> u64 {
-        self.off_for_ms_at(self.now_ms())
-    }
-
-    fn off_for_ms_at(&self, now_ms: u64) -> u64 {
-        use std::sync::atomic::Ordering::Relaxed;
-        match self.off_until_ms.load(Relaxed) {
-            0 => 0,
-            until => until.saturating_sub(now_ms),
-        }
-    }
-
-    /// Ends the current wait now, as if it had passed (tests of what follows it).
-    #[doc(hidden)]
-    pub fn expire_for_tests(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.off_until_ms.load(Relaxed) != 0 {
-            self.off_until_ms.store(1, Relaxed);
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, BackoffState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The wait after the `failures`-th failure in a row.
@@ -100,64 +110,130 @@ impl G1Backoff {
         retry_ms.saturating_mul(1 << doublings)
     }
 
-    /// A device failure: turns the path off and returns for how long, unless a
-    /// concurrent failure already did (then `None`: one log line per back-off).
-    pub fn failed(&self) -> Option<u64> {
-        self.failed_at(self.now_ms())
+    /// Whether an operation may move blocks this way now: the path is on, or its wait
+    /// has passed and no other operation is probing it (this one then probes).
+    pub fn try_now(&self) -> bool {
+        self.try_at(std::time::Instant::now())
     }
 
-    fn failed_at(&self, now_ms: u64) -> Option<u64> {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.off_for_ms_at(now_ms) > 0 {
+    fn try_at(&self, now: std::time::Instant) -> bool {
+        let mut s = self.lock();
+        match (s.off_until, s.probe_until) {
+            (None, _) => true,
+            (Some(until), _) if now < until => false,
+            (Some(_), Some(probe)) if now < probe => false,
+            (Some(_), _) => {
+                s.probe_until = Some(now + std::time::Duration::from_millis(Self::PROBE_MS));
+                true
+            }
+        }
+    }
+
+    /// How long the path stays off (`None`: on, or its wait has passed). Observes only.
+    pub fn off_for(&self) -> Option<std::time::Duration> {
+        let now = std::time::Instant::now();
+        self.lock()
+            .off_until
+            .and_then(|until| until.checked_duration_since(now))
+            .filter(|d| !d.is_zero())
+    }
+
+    /// The epoch an operation that is about to move blocks this way begins in.
+    pub fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    /// A device failure of an operation that began in `epoch`: turns the path off and
+    /// returns for how long, unless a failure since `epoch` already did (then `None`:
+    /// one back-off, and one log line, per incident).
+    pub fn failed(&self, epoch: u64) -> Option<std::time::Duration> {
+        self.failed_at(epoch, std::time::Instant::now())
+    }
+
+    fn failed_at(&self, epoch: u64, now: std::time::Instant) -> Option<std::time::Duration> {
+        let mut s = self.lock();
+        if s.epoch != epoch {
             return None;
         }
-        let failures = self.failures.fetch_add(1, Relaxed).saturating_add(1);
-        let wait = Self::wait_ms(self.retry_ms.load(Relaxed), failures);
-        // At least 2: 0 means "on", 1 "the wait is over".
-        self.off_until_ms
-            .store(now_ms.saturating_add(wait).max(2), Relaxed);
+        s.epoch += 1;
+        s.failures = s.failures.saturating_add(1);
+        let wait = std::time::Duration::from_millis(Self::wait_ms(
+            self.retry_ms.load(std::sync::atomic::Ordering::Relaxed),
+            s.failures,
+        ));
+        s.off_until = Some(now + wait);
+        s.probe_until = None;
         Some(wait)
     }
 
-    /// A direct transfer worked: the back-off is over. Whether it had failed before (to
-    /// log that it works again).
-    pub fn worked(&self) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.failures.load(Relaxed) == 0 {
+    /// An operation that began in `epoch` moved blocks this way: the back-off is over,
+    /// unless a failure came since it began. Whether it ended one (to log that).
+    pub fn worked(&self, epoch: u64) -> bool {
+        let mut s = self.lock();
+        if s.epoch != epoch || s.failures == 0 {
             return false;
         }
-        self.failures.store(0, Relaxed);
-        self.off_until_ms.store(0, Relaxed);
+        *s = BackoffState {
+            epoch: s.epoch,
+            ..BackoffState::default()
+        };
         true
     }
 
     /// Failures in a row so far.
     pub fn failures(&self) -> u32 {
-        self.failures.load(std::sync::atomic::Ordering::Relaxed)
+        self.lock().failures
+    }
+
+    /// Ends the current wait now, as if it had passed (tests of what follows it).
+    #[doc(hidden)]
+    pub fn expire_for_tests(&self) {
+        let mut s = self.lock();
+        if s.off_until.is_some() {
+            s.off_until = Some(std::time::Instant::now());
+            s.probe_until = None;
+        }
     }
 }
 
 impl Stores {
-    /// Whether blocks move straight between NVMe and G1 now: a LOAD reads NVMe blocks
-    /// into G1, and G1 victims the host tier has no room for are written from G1.
-    pub fn nvme_direct_to_g1(&self) -> bool {
-        self.nvme_g1.direct && self.nvme_g1_backoff.off_for_ms() == 0
+    /// A direction's back-off.
+    pub fn backoff(&self, direction: G1Direction) -> &G1Backoff {
+        &self.nvme_g1_backoff[direction as usize]
     }
 
-    /// How NVMe blocks reach G1 now, for `/status`: the start-up decision, or that a
-    /// device failure turned the direct path off for a while.
+    /// Whether an operation may move blocks straight between NVMe and G1 this way now
+    /// (the daemon does so, and no back-off keeps it from it; see [`G1Backoff::try_now`]).
+    pub fn direct_now(&self, direction: G1Direction) -> bool {
+        self.nvme_g1.direct && self.backoff(direction).try_now()
+    }
+
+    /// Whether the daemon moves blocks straight this way and no back-off's wait is
+    /// running (observes only: no probe is claimed).
+    pub fn direct_on(&self, direction: G1Direction) -> bool {
+        self.nvme_g1.direct && self.backoff(direction).off_for().is_none()
+    }
+
+    /// How NVMe blocks reach G1 now, for `/status`: the start-up decision, and each
+    /// direction a device failure turned off for a while.
     pub fn nvme_g1_now(&self) -> String {
-        let off_ms = self.nvme_g1_backoff.off_for_ms();
-        match self.nvme_g1.direct && off_ms > 0 {
-            true => format!(
-                "through the pinned host tier, MACs checked on the CPU (moving blocks \
-                 straight between NVMe and G1 failed on the device {} time(s) in a row; \
-                 tried again in {} s; see the log)",
-                self.nvme_g1_backoff.failures(),
-                off_ms.div_ceil(1000)
-            ),
-            false => self.nvme_g1.describe.clone(),
+        let mut now = self.nvme_g1.describe.clone();
+        if !self.nvme_g1.direct {
+            return now;
         }
+        for d in G1Direction::ALL {
+            if let Some(off) = self.backoff(d).off_for() {
+                now.push_str(&format!(
+                    "; {} failed on the device {} time(s) in a row: through the pinned host \
+                     tier (MACs checked on the CPU) for the next {} s, then tried again; \
+                     see the log",
+                    d.what(),
+                    self.backoff(d).failures(),
+                    off.as_secs().max(1)
+                ));
+            }
+        }
+        now
     }
 }
 
@@ -482,35 +558,62 @@ mod tests {
         );
     }
 
-    /// The direct path's back-off: off for the first wait after a failure, one log line
-    /// per back-off (a concurrent failure adds nothing), doubling per failure in a row up
-    /// to the cap, and over at the first success.
+    /// The direct path's back-off: off for the first wait after a failure, one back-off
+    /// per incident (failures of operations that began before it add nothing, nor do
+    /// their successes end it), one probe once the wait has passed (another after the
+    /// probe window), doubling per failure in a row up to the cap, over at the first
+    /// success of an operation that began after the last failure.
     #[test]
     fn the_direct_path_backs_off_after_device_failures_and_recovers() {
+        use std::time::{Duration, Instant};
+        let ms = Duration::from_millis;
         assert_eq!(G1Backoff::wait_ms(100, 1), 100);
         assert_eq!(G1Backoff::wait_ms(100, 2), 200);
         assert_eq!(G1Backoff::wait_ms(100, 4), 800);
         assert_eq!(
-            G1Backoff::wait_ms(100, 50),
+            G1Backoff::wait_ms(100, u32::MAX),
             100 << G1Backoff::MAX_DOUBLINGS,
             "capped"
         );
         let b = G1Backoff::default();
-        assert_eq!(b.off_for_ms(), 0);
-        assert!(!b.worked(), "nothing to recover from");
         b.retry_ms.store(40, std::sync::atomic::Ordering::Relaxed);
-        // Times in ms after the back-off's origin.
-        assert_eq!(b.failed_at(1000), Some(40));
-        assert_eq!(b.off_for_ms_at(1010), 30);
-        assert_eq!(b.failed_at(1010), None, "already off: no second log line");
+        let t0 = Instant::now();
+        assert!(b.try_at(t0) && b.off_for().is_none());
+        let (early, late) = (b.epoch(), b.epoch());
+        assert!(!b.worked(early), "nothing to recover from");
+        assert_eq!(b.failed_at(early, t0), Some(ms(40)));
+        assert_eq!(b.failed_at(late, t0 + ms(1)), None, "the same incident");
+        assert!(!b.worked(late), "began before the failure: not news");
         assert_eq!(b.failures(), 1);
-        assert_eq!(b.off_for_ms_at(1040), 0, "tried again after the wait");
-        assert_eq!(b.failed_at(1050), Some(80), "failed again: twice the wait");
-        assert_eq!(b.off_for_ms_at(1100), 30);
+        assert!(!b.try_at(t0 + ms(10)), "off during the wait");
+        // After the wait: one probe; the others stay on the host tier meanwhile.
+        assert!(b.try_at(t0 + ms(41)));
+        assert!(!b.try_at(t0 + ms(42)), "one probe at a time");
+        let probe = b.epoch();
+        assert!(
+            b.try_at(t0 + ms(41) + ms(G1Backoff::PROBE_MS)),
+            "a probe that never reported lets another try"
+        );
+        assert_eq!(
+            b.failed_at(probe, t0 + ms(50)),
+            Some(ms(80)),
+            "failed again: twice the wait"
+        );
+        assert!(!b.try_at(t0 + ms(100)));
         assert_eq!(b.failures(), 2);
-        assert!(b.worked(), "a success ends it");
-        assert_eq!((b.off_for_ms(), b.failures()), (0, 0));
-        assert_eq!(b.failed(), Some(40), "a new run of failures starts over");
+        let probe = b.epoch();
+        assert!(b.try_at(t0 + ms(131)));
+        assert!(b.worked(probe), "a success ends it");
+        assert_eq!((b.off_for(), b.failures()), (None, 0));
+        assert!(
+            b.try_at(t0 + ms(132)) && b.try_at(t0 + ms(132)),
+            "on for all"
+        );
+        assert_eq!(
+            b.failed_at(b.epoch(), t0 + ms(200)),
+            Some(ms(40)),
+            "a new run of failures starts over"
+        );
     }
 
     #[test]

@@ -405,12 +405,12 @@ fn save_pass(
                     detail: e.to_string(),
                 })?;
             lat.push(t0.elapsed().as_secs_f64() * 1e6);
-            if r.stored != shape.batch || (write_through && r.nvme_written != shape.batch) {
+            if r.stored != shape.batch || (write_through && r.written_through != shape.batch) {
                 return Err(TransferError::Op {
                     path: "save".into(),
                     detail: format!(
-                        "stored {} of {} (nvme {}; no space {}; {:?})",
-                        r.stored, shape.batch, r.nvme_written, r.no_space, r.nvme_error
+                        "stored {} of {} (written through {}; no space {}; {:?})",
+                        r.stored, shape.batch, r.written_through, r.no_space, r.nvme_error
                     ),
                 });
             }

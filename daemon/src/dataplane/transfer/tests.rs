@@ -1655,7 +1655,7 @@ fn a_file_cut_short_fails_that_block_as_a_disk_error() {
         r.failure
     );
     assert!(
-        m.stores().nvme_direct_to_g1(),
+        m.stores().direct_on(crate::tier::G1Direction::NvmeToG1),
         "a disk error leaves the path on"
     );
     m.check_invariants().unwrap();
@@ -1684,7 +1684,7 @@ fn a_device_read_failure_turns_loads_to_the_host_tier() {
         r.failure
     );
     assert!(
-        !m.stores().nvme_direct_to_g1(),
+        !m.stores().direct_on(crate::tier::G1Direction::NvmeToG1),
         "the direct path is off from now on"
     );
     assert!(
@@ -1876,7 +1876,7 @@ fn a_device_write_failure_turns_g1_victims_to_the_host_tier() {
         );
         assert_eq!(room.nvme_written, 0, "{failing}");
         assert!(
-            !m.stores().nvme_direct_to_g1(),
+            !m.stores().direct_on(crate::tier::G1Direction::G1ToNvme),
             "{failing}: the path is off"
         );
         assert!(m.stores().nvme_g1_now().contains("failed on the device"));
@@ -1911,33 +1911,46 @@ fn a_device_write_failure_turns_g1_victims_to_the_host_tier() {
     }
 }
 
+/// Chain (1, 2) only in G1 beside a leased host tier, the NVMe engine failing its
+/// `skip`-th write from now with `effect` while G1 room is made (writing block 2 from
+/// G1): the manager and what the room moved.
+fn g1_room_with_a_write_fault(
+    dir: &Path,
+    skip: u64,
+    effect: FaultEffect,
+) -> (LocalBlocks, SaveReport) {
+    let plan = Arc::new(FaultPlan::default());
+    let m = direct_manager_admitting_at_3(dir, None, Some(plan.clone()));
+    g1_only_chain_beside_a_leased_host_tier(&m);
+    plan.add(FaultRule {
+        kind: Some(IoKind::Write),
+        skip,
+        count: 1,
+        effect,
+    });
+    let (got, room) = g1_room(&m, 1);
+    assert_eq!(got, 1);
+    assert_eq!(plan.fired(), 1);
+    (m, room)
+}
+
 /// The header write after a G1 block's data fails on the disk (after its page landed):
 /// the block is not published, its slot's header is erased (a restart finds nothing),
 /// and the path stays on (a disk error is not the device's).
 #[test]
 fn a_failed_header_write_after_a_write_from_g1_publishes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = Arc::new(FaultPlan::default());
-    let m = direct_manager_admitting_at_3(dir.path(), None, Some(plan.clone()));
-    g1_only_chain_beside_a_leased_host_tier(&m);
     // The header erasure before the data, then the header write: the second puts the
     // whole header page on disk, then fails (EIO), so only erasing it again after the
     // failure keeps a restart from indexing the block.
-    plan.add(FaultRule {
-        kind: Some(IoKind::Write),
-        skip: 1,
-        count: 1,
-        effect: FaultEffect::TornWrite { bytes: 4096 },
-    });
-    let (got, room) = g1_room(&m, 1);
-    assert_eq!(got, 1);
-    assert_eq!(plan.fired(), 1);
+    let (m, room) =
+        g1_room_with_a_write_fault(dir.path(), 1, FaultEffect::TornWrite { bytes: 4096 });
     assert!(
         matches!(room.nvme_error, Some(NvmeError::Io { .. })),
         "{room:?}"
     );
     assert!(
-        m.stores().nvme_direct_to_g1(),
+        m.stores().direct_on(crate::tier::G1Direction::G1ToNvme),
         "a disk error leaves the path on"
     );
     assert_eq!(used_slots(&m, Tier::Nvme), 0);
@@ -1966,7 +1979,7 @@ fn a_disk_error_writing_from_g1_fails_that_block_and_leaves_the_path_on() {
         "{room:?}"
     );
     assert!(
-        m.stores().nvme_direct_to_g1(),
+        m.stores().direct_on(crate::tier::G1Direction::G1ToNvme),
         "a disk error leaves the path on"
     );
     assert_eq!(used_slots(&m, Tier::Nvme), 0);
@@ -2013,26 +2026,73 @@ fn the_direct_path_is_tried_again_after_its_back_off() {
         &["read_file"],
     ));
     let m = direct_manager_on(dir.path(), 4, None, Some(device.clone()));
-    let backoff = &m.stores().nvme_g1_backoff;
+    let backoff = m.stores().backoff(crate::tier::G1Direction::NvmeToG1);
     demote_first_chain(&m);
     let r = m
         .load_with(1, &[1, 2], |_, _: &[u8]| Ok::<(), std::io::Error>(()))
         .unwrap();
     assert_eq!(r.loaded, 0, "{r:?}");
-    assert!(!m.stores().nvme_direct_to_g1(), "off for now");
     assert!(
-        m.stores().nvme_g1_now().contains("tried again in 60 s"),
+        !m.stores().direct_on(crate::tier::G1Direction::NvmeToG1),
+        "off for now"
+    );
+    assert!(
+        m.stores()
+            .nvme_g1_now()
+            .contains("reading NVMe blocks straight into G1 failed on the device 1 time(s)"),
         "{}",
         m.stores().nvme_g1_now()
     );
     device.pause_failures_for_tests(true);
     backoff.expire_for_tests();
-    assert!(m.stores().nvme_direct_to_g1(), "on again after the wait");
+    assert!(
+        m.stores().direct_on(crate::tier::G1Direction::NvmeToG1),
+        "on again after the wait"
+    );
     let r = load(&m, 1, &[1, 2]);
     assert_eq!(r.loaded, 2, "{r:?}");
     let mut tiers = [None; 2];
     assert_eq!(m.lookup(1, &[1, 2], &mut tiers), 2);
     assert_eq!(tiers, [Some(Tier::Hbm); 2], "read straight into G1 again");
     assert_eq!(backoff.failures(), 0, "the back-off is over");
+    m.check_invariants().unwrap();
+}
+
+/// A write-through save that finds no NVMe slot (every block there leased) stores its
+/// block on the host tier and says how many it could not write through: its completion
+/// is then `NoSpace`, not an `Ok` that promises an NVMe copy (`save_outcome`).
+#[test]
+fn a_write_through_save_that_finds_no_nvme_slot_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager(Some(dir.path()), 8, 2);
+    let r = save(&m, 1, &chain(1, 2), true);
+    assert_eq!((r.stored, r.written_through), (2, 2), "{r:?}");
+    assert_eq!(m.pin(9, 1, &[1, 2]), 2);
+    let r = save(&m, 1, &[(10, None)], true);
+    assert_eq!(
+        (r.stored, r.written_through, r.write_through_no_slot),
+        (1, 0, 1),
+        "{r:?}"
+    );
+    m.unpin(9, 1, &[1, 2]);
+    m.check_invariants().unwrap();
+}
+
+/// Zeroing a slot's old header fails on the disk: its data is never written (a slot
+/// must not hold new bytes under a header that may still name another block).
+#[test]
+fn a_slot_whose_old_header_cannot_be_erased_is_not_written_from_g1() {
+    let dir = tempfile::tempdir().unwrap();
+    // The first write through the NVMe engine is the header erasure.
+    let (m, room) = g1_room_with_a_write_fault(dir.path(), 0, FaultEffect::Errno(libc::EIO));
+    assert!(
+        matches!(room.nvme_error, Some(NvmeError::Io { .. })),
+        "{room:?}"
+    );
+    assert_eq!(room.nvme_written, 0);
+    // Nothing was written to the tier file: no data, no header.
+    let file = std::fs::read(dir.path().join("g3.kvp")).unwrap();
+    assert!(file.iter().all(|&b| b == 0), "bytes reached the tier file");
+    m.unpin(9, 5, &[100, 101]);
     m.check_invariants().unwrap();
 }
