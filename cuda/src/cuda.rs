@@ -1273,8 +1273,22 @@ impl CudaDevice {
     }
 }
 
-/// A cuFile transfer's error: an errno (cuFile's own errors are numbered from 5000) or a
-/// short transfer is the file's failure, not the device's.
+/// Errnos that are the file's or the disk's failure (the slot's I/O error); any other
+/// errno from cuFile (EINVAL, EFAULT, ENOMEM, ...) says the driver or the DMA path
+/// refused, which is the device's (the daemon backs off its direct path for those).
+const FILE_ERRNOS: [i32; 7] = [
+    libc::EIO,
+    libc::ENOSPC,
+    libc::EDQUOT,
+    libc::EROFS,
+    libc::EFBIG,
+    libc::ENXIO,
+    libc::ENODEV,
+];
+
+/// A cuFile transfer's error: an errno of [`FILE_ERRNOS`] or a short transfer is the
+/// file's failure, not the device's; cuFile's own errors (numbered from 5000) and other
+/// errnos are the device's.
 fn file_error(
     e: crate::gds::GdsError,
     writing: bool,
@@ -1286,7 +1300,9 @@ fn file_error(
         false => "cuFileRead",
     };
     let source = match e {
-        crate::gds::GdsError::Io { ret, .. } if (-4999..0).contains(&ret) => {
+        crate::gds::GdsError::Io { ret, .. }
+            if (-4999..0).contains(&ret) && FILE_ERRNOS.contains(&(-ret as i32)) =>
+        {
             std::io::Error::from_raw_os_error(-ret as i32)
         }
         crate::gds::GdsError::Io { ret, .. } if ret >= 0 => match writing {
@@ -1508,4 +1524,47 @@ pub fn topology() -> Result<Vec<GpuInfo>, DeviceError> {
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(ret: isize) -> crate::gds::GdsError {
+        crate::gds::GdsError::Io {
+            op: "cuFileRead",
+            fd: 3,
+            what: "error",
+            ret,
+        }
+    }
+
+    /// A disk's errno or a short transfer is the file's failure (the slot's I/O error);
+    /// a driver's errno (EINVAL) or cuFile's own error is the device's.
+    #[test]
+    fn cufile_errors_split_into_the_files_and_the_devices() {
+        let errno = |e: i32| io(-(e as isize));
+        for e in [libc::EIO, libc::ENOSPC] {
+            assert!(matches!(
+                file_error(errno(e), true, 0, 1),
+                DeviceError::FileWrite { .. }
+            ));
+            assert!(matches!(
+                file_error(errno(e), false, 0, 1),
+                DeviceError::FileRead { .. }
+            ));
+        }
+        assert!(matches!(
+            file_error(io(5), false, 0, 8),
+            DeviceError::FileRead { .. }
+        ));
+        assert!(matches!(
+            file_error(errno(libc::EINVAL), true, 0, 1),
+            DeviceError::Driver { .. }
+        ));
+        assert!(matches!(
+            file_error(io(-5011), false, 0, 1),
+            DeviceError::Driver { .. }
+        ));
+    }
 }

@@ -798,6 +798,9 @@ impl Device for HostDevice {
             source,
         };
         self.injected_file_error(op).map_err(failed)?;
+        if dst.len_bytes == 0 {
+            return Ok(());
+        }
         // The tier's files are O_DIRECT: reads go through an aligned bounce buffer, whole
         // 4 KiB pages at 4 KiB offsets (what a GPU's DMA would do without the CPU).
         let start = file_offset - file_offset % FILE_PAGE;
@@ -856,6 +859,9 @@ impl Device for HostDevice {
             source,
         };
         self.injected_file_error(op).map_err(failed)?;
+        if src.len_bytes == 0 {
+            return Ok(());
+        }
         // Whole aligned pages through the bounce buffer (O_DIRECT).
         let start = file_offset - file_offset % FILE_PAGE;
         let end = file_offset + src.len_bytes as u64;

@@ -1041,6 +1041,15 @@ fn host_backend_writes_device_memory_into_a_file() {
             .custom_flags(flags)
             .open(&path)
             .unwrap();
+        // Nothing to write: the file is left as it is (its partial last page too).
+        dev.write_file(
+            stream,
+            buf.range(5, 0),
+            file.as_fd(),
+            expect.len() as u64 - 3,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), expect, "direct {direct}");
         for (file_offset, len, src_offset) in [
             (0usize, 4096usize, 0usize),
             (4096, 2 << 20, 256),
