@@ -94,6 +94,33 @@ impl std::fmt::Debug for Mover {
     }
 }
 
+/// Runs the items of `items` that are G1's (`in_g1`) through `g1` (only if there are
+/// any) and the others through `host`, one batch each; one result per item, in order.
+fn split_by_g1<T: Copy, R>(
+    items: &[T],
+    in_g1: impl Fn(&T) -> bool,
+    g1: impl FnOnce(&[T]) -> Vec<R>,
+    host: impl FnOnce(&[T]) -> Vec<R>,
+) -> Vec<R> {
+    let (on_g1, on_host): (Vec<T>, Vec<T>) = items.iter().partition(|t| in_g1(t));
+    let mut g1_results = match on_g1.is_empty() {
+        true => Vec::new(),
+        false => g1(&on_g1),
+    }
+    .into_iter();
+    let mut host_results = host(&on_host).into_iter();
+    items
+        .iter()
+        .map(|t| {
+            let next = match in_g1(t) {
+                true => g1_results.next(),
+                false => host_results.next(),
+            };
+            next.expect("one result per item")
+        })
+        .collect()
+}
+
 /// A failed `Device::read_file` / `write_file` of an NVMe slot: the disk's failure (EIO,
 /// ENOSPC, a file cut short) is an I/O error of the slot, as the NVMe engine would report
 /// it; anything else is the device's.
@@ -352,27 +379,17 @@ impl Mover {
         stream: Option<StreamId>,
         writes: &[NvmeWrite],
     ) -> Vec<Result<(), NvmeError>> {
-        let (g1, host): (Vec<NvmeWrite>, Vec<NvmeWrite>) =
-            writes.iter().partition(|w| w.from.0 == Tier::Hbm);
-        let mut g1_results = match g1.is_empty() {
-            true => Vec::new(),
-            false => self.write_g1_to_nvme(
-                stream.expect("G1 blocks are written to NVMe only while making G1 room"),
-                &g1,
-            ),
-        }
-        .into_iter();
-        let mut host_results = self.write_host_to_nvme(&host).into_iter();
-        writes
-            .iter()
-            .map(|w| {
-                let next = match w.from.0 {
-                    Tier::Hbm => g1_results.next(),
-                    _ => host_results.next(),
-                };
-                next.expect("one result per write")
-            })
-            .collect()
+        split_by_g1(
+            writes,
+            |w| w.from.0 == Tier::Hbm,
+            |g1| {
+                self.write_g1_to_nvme(
+                    stream.expect("G1 blocks are written to NVMe only while making G1 room"),
+                    g1,
+                )
+            },
+            |host| self.write_host_to_nvme(host),
+        )
     }
 
     /// Writes host slots to their NVMe slots (the header page, with the data checksum and
@@ -425,27 +442,17 @@ impl Mover {
         stream: Option<StreamId>,
         reads: &[NvmeRead],
     ) -> Vec<Result<(), NvmeError>> {
-        let (g1, host): (Vec<NvmeRead>, Vec<NvmeRead>) =
-            reads.iter().partition(|r| r.tier == Tier::Hbm);
-        let mut g1_results = match g1.is_empty() {
-            true => Vec::new(),
-            false => self.read_nvme_to_g1(
-                stream.expect("G1 staging is planned only for a load with a stream"),
-                &g1,
-            ),
-        }
-        .into_iter();
-        let mut host_results = self.read_nvme(&host).into_iter();
-        reads
-            .iter()
-            .map(|r| {
-                let next = match r.tier {
-                    Tier::Hbm => g1_results.next(),
-                    _ => host_results.next(),
-                };
-                next.expect("one result per read")
-            })
-            .collect()
+        split_by_g1(
+            reads,
+            |r| r.tier == Tier::Hbm,
+            |g1| {
+                self.read_nvme_to_g1(
+                    stream.expect("G1 staging is planned only for a load with a stream"),
+                    g1,
+                )
+            },
+            |host| self.read_nvme(host),
+        )
     }
 
     /// Reads NVMe slots straight into their reserved G1 slots (GPUDirect Storage on the

@@ -1661,20 +1661,29 @@ fn a_file_cut_short_fails_that_block_as_a_disk_error() {
     m.check_invariants().unwrap();
 }
 
-/// A read into G1 that fails on the device (the driver, cuFile) fails that load's block
-/// and turns later loads to the host tier.
-#[test]
-fn a_device_read_failure_turns_loads_to_the_host_tier() {
-    let dir = tempfile::tempdir().unwrap();
+/// A direct manager on a test device whose `read_file` fails, chain (1, 2) only on
+/// NVMe, and a load of it that read nothing (its first block failed on the device).
+fn a_load_failing_on_the_device(
+    dir: &Path,
+) -> (LocalBlocks, Arc<kvplane_cuda::host::HostDevice>, LoadReport) {
     let device = Arc::new(kvplane_cuda::host::HostDevice::with_failing_ops_for_tests(
         &["read_file"],
     ));
-    let m = direct_manager_on(dir.path(), 4, None, Some(device));
+    let m = direct_manager_on(dir, 4, None, Some(device.clone()));
     demote_first_chain(&m);
     let r = m
         .load_with(1, &[1, 2], |_, _: &[u8]| Ok::<(), std::io::Error>(()))
         .unwrap();
     assert_eq!(r.loaded, 0, "{r:?}");
+    (m, device, r)
+}
+
+/// A read into G1 that fails on the device (the driver, cuFile) fails that load's block
+/// and turns later loads to the host tier.
+#[test]
+fn a_device_read_failure_turns_loads_to_the_host_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _, r) = a_load_failing_on_the_device(dir.path());
     assert!(
         matches!(
             &r.failure,
@@ -1934,6 +1943,19 @@ fn g1_room_with_a_write_fault(
     (m, room)
 }
 
+/// After a write from G1 that failed on the disk: the path is still on, the NVMe slot
+/// was given back, and with the host leases of [`g1_only_chain_beside_a_leased_host_tier`]
+/// released the registry is consistent.
+fn a_disk_error_left_the_path_on(m: &LocalBlocks) {
+    assert!(
+        m.stores().direct_on(crate::tier::G1Direction::G1ToNvme),
+        "a disk error leaves the path on"
+    );
+    assert_eq!(used_slots(m, Tier::Nvme), 0);
+    m.unpin(9, 5, &[100, 101]);
+    m.check_invariants().unwrap();
+}
+
 /// The header write after a G1 block's data fails on the disk (after its page landed):
 /// the block is not published, its slot's header is erased (a restart finds nothing),
 /// and the path stays on (a disk error is not the device's).
@@ -1949,13 +1971,7 @@ fn a_failed_header_write_after_a_write_from_g1_publishes_nothing() {
         matches!(room.nvme_error, Some(NvmeError::Io { .. })),
         "{room:?}"
     );
-    assert!(
-        m.stores().direct_on(crate::tier::G1Direction::G1ToNvme),
-        "a disk error leaves the path on"
-    );
-    assert_eq!(used_slots(&m, Tier::Nvme), 0);
-    m.unpin(9, 5, &[100, 101]);
-    m.check_invariants().unwrap();
+    a_disk_error_left_the_path_on(&m);
     drop(m);
     let m = direct_manager_admitting_at_3(dir.path(), None, None);
     let mut tiers = [None; 1];
@@ -1978,13 +1994,7 @@ fn a_disk_error_writing_from_g1_fails_that_block_and_leaves_the_path_on() {
         matches!(&room.nvme_error, Some(NvmeError::Io { source, .. }) if source.raw_os_error() == Some(libc::EIO)),
         "{room:?}"
     );
-    assert!(
-        m.stores().direct_on(crate::tier::G1Direction::G1ToNvme),
-        "a disk error leaves the path on"
-    );
-    assert_eq!(used_slots(&m, Tier::Nvme), 0);
-    m.unpin(9, 5, &[100, 101]);
-    m.check_invariants().unwrap();
+    a_disk_error_left_the_path_on(&m);
 }
 
 /// A write-through save that needs room demotes a host block first; that demotion's
@@ -2022,16 +2032,8 @@ fn a_failed_demotion_is_not_the_write_through_saves_own_failure() {
 #[test]
 fn the_direct_path_is_tried_again_after_its_back_off() {
     let dir = tempfile::tempdir().unwrap();
-    let device = Arc::new(kvplane_cuda::host::HostDevice::with_failing_ops_for_tests(
-        &["read_file"],
-    ));
-    let m = direct_manager_on(dir.path(), 4, None, Some(device.clone()));
+    let (m, device, _) = a_load_failing_on_the_device(dir.path());
     let backoff = m.stores().backoff(crate::tier::G1Direction::NvmeToG1);
-    demote_first_chain(&m);
-    let r = m
-        .load_with(1, &[1, 2], |_, _: &[u8]| Ok::<(), std::io::Error>(()))
-        .unwrap();
-    assert_eq!(r.loaded, 0, "{r:?}");
     assert!(
         !m.stores().direct_on(crate::tier::G1Direction::NvmeToG1),
         "off for now"

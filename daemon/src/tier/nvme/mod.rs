@@ -1018,37 +1018,14 @@ impl NvmeStore {
     /// anything on disk (a full file system cannot take the erasure either), and a header
     /// that did land is still caught by its data checksum on load.
     fn erase_headers(&self, slots: &[u32], after_failed_write: bool) {
-        if slots.is_empty() {
-            return;
-        }
-        let buf = AlignedBuf::new(SLOT_HEADER_BYTES);
-        let mut ops: Vec<IoOp> = slots
-            .iter()
-            .map(|&s| {
-                let (file, offset) = self.locate(s);
-                IoOp::new(
-                    IoKind::Write,
-                    file,
-                    offset,
-                    buf.ptr,
-                    SLOT_HEADER_BYTES as u32,
-                )
-            })
-            .collect();
-        match self.run(&mut ops, &mut |_| {}, &mut |_, _| {}) {
-            Ok(()) => {
-                for (op, s) in ops.iter().zip(slots) {
-                    if let Err(e) = op.outcome() {
-                        let e = std::io::Error::from_raw_os_error(e);
-                        if after_failed_write {
-                            tracing::debug!(slot = s, "erasing the header of a failed write: {e}");
-                        } else {
-                            tracing::warn!(slot = s, "tombstoning NVMe slot: {e}");
-                        }
-                    }
+        for (s, result) in slots.iter().zip(self.clear_headers(slots)) {
+            if let Err(e) = result {
+                if after_failed_write {
+                    tracing::debug!(slot = s, "erasing the header of a failed write: {e}");
+                } else {
+                    tracing::warn!(slot = s, "tombstoning NVMe slot: {e}");
                 }
             }
-            Err(e) => tracing::warn!("tombstoning NVMe slots: {e}"),
         }
     }
 
