@@ -304,9 +304,10 @@ impl Drop for AlignedBuf {
 }
 
 /// A block's data checksum and MAC (under `key`) in one pass: each 64 KiB piece is
-/// checksummed, then MACed while it is still in cache (over 2 MiB blocks on one core of the
-/// development VM, 1.25x as fast as the two passes one after the other: 2.8 against 2.2
-/// GB/s). What every slot write computes and every load from NVMe verifies on the CPU.
+/// checksummed, then MACed while it is still in cache (`kvplane bench nvme` reports its
+/// rate on one core as `sums_gbps`, beside the two passes alone: 2.47-2.85 GB/s against
+/// 2.3-2.6 for both one after the other on the development VM, 2026-12-06). What every
+/// slot write computes and every load from NVMe verifies on the CPU.
 pub fn data_sums(key: &SlotKey, data: &[u8]) -> (u64, [u8; key::MAC_BYTES]) {
     const PIECE_BYTES: usize = 64 << 10;
     let mut checksum = kvplane_kernels::Checksum64::new();
