@@ -20,7 +20,9 @@
 #      loaded by the other process from G1 (its report's tier must be 1, HBM);
 #   4. a chain saved and loaded with the engines' IPC events (KVP_OP_REGISTER_EVENTS): the
 #      SAVE's copy waits for the saver's event on the GPU, the LOAD completes when queued
-#      and the loader waits on its event before comparing;
+#      and the loader waits on its event before comparing; then the same through the vLLM
+#      connector's in-place code (kvplane.pages.DirectPages, python3 with torch: per-layer
+#      bf16 tensors in vLLM's FlashAttention layout), JSON in $OUT/direct-pages.json;
 #   5. the same chain saved with write-through, the daemon restarted, and loaded from NVMe
 #      (straight into G1 with cuFile where libcufile opens, each block's checksum and MAC
 #      checked by the kernels in G1; the daemon's "NVMe <-> G1" log line, copied to
@@ -131,6 +133,16 @@ if started serve-cuda; then
     engine load-g1 --role load --memory vmm --expect-tier hbm --first-hash 3500 "${BLOCKS[@]}"
     engine save-event --role save --memory ipc --per-layer --ipc-event --first-hash 3700 "${BLOCKS[@]}"
     engine load-event --role load --memory vmm --ipc-event --first-hash 3700 "${BLOCKS[@]}"
+    # The vLLM connector's in-place path (kvplane.pages.DirectPages) with torch tensors in
+    # vLLM's layout, saver and loader in separate processes; needs python3 with torch.
+    if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+        step direct-pages 120 env KVPLANE_LIB="$BIN/libkvplane.so" \
+            python3 ffi/python/examples/direct_pages_gpu.py --socket "$SOCK"
+        grep '"save":' "$OUT/steps.log" | tail -1 >"$OUT/direct-pages.json"
+    else
+        echo "step direct-pages: did not run: no python3 with CUDA torch"
+        status[direct-pages]="127 0"
+    fi
     engine save-nvme --role save --memory ipc --per-layer --write-through --first-hash 4000 "${BLOCKS[@]}"
     stop_daemon
     if started restart-cuda; then

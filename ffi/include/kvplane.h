@@ -457,7 +457,11 @@ int32_t kvp_queue_read_arena(struct kvp_queue *queue, uint64_t offset, void *out
                              uint64_t len);
 /* Submit up to `count` entries; returns how many were queued (0 when the ring is full). */
 int32_t kvp_queue_submit(struct kvp_queue *queue, const struct kvp_sqe *sqes, uint32_t count);
-/* Completions ready now (poll) or after waiting up to timeout_ms for at least one. */
+/* Completions ready now (poll) or after waiting up to timeout_ms for at least one.
+ * kvp_queue_wait returns KVP_WAIT_TIMED_OUT (negative; kvp_last_error() says so) when
+ * none came in time and the daemon was still alive: the operations may still complete
+ * (and read or write KV memory they name), unlike after -1, a dead or ended session. */
+#define KVP_WAIT_TIMED_OUT (-2)
 int32_t kvp_queue_poll(struct kvp_queue *queue, struct kvp_cqe *out, uint32_t max);
 int32_t kvp_queue_wait(struct kvp_queue *queue, struct kvp_cqe *out, uint32_t max,
                        uint32_t timeout_ms);

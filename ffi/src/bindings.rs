@@ -25,6 +25,7 @@ pub const KVP_SQE_F_KEEP_ON_GPU: u32 = 8;
 pub const KVP_SQE_F_ALL: u32 = 15;
 pub const KVP_EVENT_NONE: u32 = 0;
 pub const KVP_DETAIL_BAD_EVENT: u32 = 4294967295;
+pub const KVP_WAIT_TIMED_OUT: i32 = -2;
 pub const kvp_opcode_KVP_OP_NOP: kvp_opcode = 0;
 pub const kvp_opcode_KVP_OP_STATS: kvp_opcode = 1;
 pub const kvp_opcode_KVP_OP_ATTACH_LAYOUT: kvp_opcode = 2;

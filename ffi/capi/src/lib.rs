@@ -411,7 +411,14 @@ unsafe fn wait_impl(
             None => q.qp.poll(o),
             Some(t) => q.qp.wait(o, t),
         };
-        r.map(|n| n as i32).map_err(|e| e.to_string())
+        match r {
+            Ok(n) => Ok(n as i32),
+            Err(e @ kvplane_shm::ShmError::Timeout { .. }) => {
+                set_error(e.to_string());
+                Ok(kvplane_ffi::bindings::KVP_WAIT_TIMED_OUT)
+            }
+            Err(e) => Err(e.to_string()),
+        }
     })
 }
 
@@ -455,6 +462,7 @@ pub fn abi_layout(name: &str) -> Option<usize> {
         kvp_stats { session_id, ops_completed, ops_failed, blocks_saved, blocks_loaded, bytes_saved, bytes_loaded, sessions_active, tier_capacity_blocks, tier_used_blocks, lookup_hits, lookup_misses, backend, reserved0, reserved }
         kvp_kv_layout { num_layers, kv_planes, page_tokens, kv_heads, head_bytes, dtype_bytes, num_pages, page_stride_bytes, token_stride_bytes, head_stride_bytes, buffer_bytes, plane_offset, plane_region }
         kvp_kv_region { kind, flags, alloc_bytes, offset_bytes, len_bytes, gpu_uuid, handle, reserved }
+        kvp_ipc_event { gpu_uuid, handle, reserved }
     )
 }
 
@@ -632,5 +640,7 @@ mod tests {
             ))
         );
         assert_eq!(abi_layout("kvp_kv_region.nonexistent"), None);
+        assert_eq!(abi_layout("kvp_ipc_event"), Some(96));
+        assert_eq!(abi_layout("kvp_ipc_event.handle"), Some(16));
     }
 }

@@ -132,12 +132,44 @@ class KvRegion(ctypes.Structure):
                 f"offset_bytes={self.offset_bytes}, len_bytes={self.len_bytes})")
 
 
+class IpcEvent(ctypes.Structure):
+    """kvp_ipc_event: one CUDA IPC event of the engine (OP_REGISTER_EVENTS takes an array),
+    `cuIpcGetEventHandle` of an interprocess event (`torch.cuda.Event(interprocess=True)
+    .ipc_handle()`) on the GPU `gpu_uuid`. SAVE and LOAD name one by `param0` =
+    1 + its index (`EVENT_NONE`: none)."""
+    _fields_ = [
+        ("gpu_uuid", ctypes.c_uint8 * GPU_UUID_BYTES),
+        ("handle", ctypes.c_uint8 * CUDA_IPC_HANDLE_BYTES), ("reserved", ctypes.c_uint8 * 16),
+    ]
+
+    @classmethod
+    def of(cls, handle, gpu_uuid):
+        if len(handle) != CUDA_IPC_HANDLE_BYTES or len(gpu_uuid) != GPU_UUID_BYTES:
+            raise ValueError(f"IPC event: handle is {len(handle)} bytes (need "
+                             f"{CUDA_IPC_HANDLE_BYTES}), uuid {len(gpu_uuid)} (need {GPU_UUID_BYTES})")
+        e = cls()
+        ctypes.memmove(e.handle, bytes(handle), CUDA_IPC_HANDLE_BYTES)
+        ctypes.memmove(e.gpu_uuid, bytes(gpu_uuid), GPU_UUID_BYTES)
+        return e
+
+
+EVENT_NONE = 0
+MAX_IPC_EVENTS = 64
+
 _MIRRORS = {"kvp_sqe": Sqe, "kvp_cqe": Cqe, "kvp_block_op": BlockOp, "kvp_stats": Stats,
-            "kvp_kv_layout": KvLayout, "kvp_kv_region": KvRegion}
+            "kvp_kv_layout": KvLayout, "kvp_kv_region": KvRegion, "kvp_ipc_event": IpcEvent}
 
 
 class KvplaneError(RuntimeError):
     pass
+
+
+class TimedOut(KvplaneError):
+    """`Queue.wait` saw no completion in time while the daemon was alive: the operations
+    may still complete, and still read or write the KV memory they name."""
+
+
+WAIT_TIMED_OUT = -2  # KVP_WAIT_TIMED_OUT
 
 
 def _find_library():
@@ -238,8 +270,13 @@ class Queue:
         return _check(self._lib, self._lib.kvp_queue_submit(self._h, arr, len(sqes)), "submit")
 
     def wait(self, max_completions=64, timeout_ms=5000):
+        """Completions, after waiting up to timeout_ms for at least one; TimedOut if none
+        came and the daemon is alive, KvplaneError if the session is over."""
         out = (Cqe * max_completions)()
-        n = _check(self._lib, self._lib.kvp_queue_wait(self._h, out, max_completions, timeout_ms), "wait")
+        rc = self._lib.kvp_queue_wait(self._h, out, max_completions, timeout_ms)
+        if rc == WAIT_TIMED_OUT:
+            raise TimedOut(f"wait: {self._lib.kvp_last_error().decode(errors='replace')}")
+        n = _check(self._lib, rc, "wait")
         return list(out[:n])
 
     def poll(self, max_completions=64):

@@ -130,7 +130,8 @@ def host_buffer(nbytes, name="kvplane-kv"):
     return HostBuffer(nbytes, name)
 
 
-def _host_buffer_holding(start, end):
+def host_buffer_holding(start, end):
+    """The live host_buffer holding [start, end), or None."""
     for buf in list(_HOST_BUFFERS.values()):
         if not buf.closed and buf.address <= start and end <= buf.address + buf.nbytes:
             return buf
@@ -507,7 +508,7 @@ def _host_regions(planes):
     [(region, fd, device, buffer)] and {(layer, plane): (region index, region start)}."""
     regions, index_of, origin_of = [], {}, {}
     for li, p, base, extent, t in planes:
-        buf = _host_buffer_holding(base, base + extent)
+        buf = host_buffer_holding(base, base + extent)
         if buf is None:
             raise KvplaneError(
                 f"layer {li} plane {p}: the CPU tensor at {base:#x} (+{extent} bytes) is not in "

@@ -16,8 +16,16 @@ daemon cannot map, so the connector stages through one registered region, a seal
 LMCache does with its CPU buffer. The daemon moves blocks between the region and its
 tiers with its own gather/scatter (the region's layout is described to it with
 ATTACH_LAYOUT), so its stored blocks are in the canonical order
-[layers][K|V][tokens][heads][head_bytes]. A GPU build registers vLLM's tensors as device
-regions instead, with no staging copy: `_region_for` is where that choice is made.
+[layers][K|V][tokens][heads][head_bytes].
+
+GPU (and CPU tensors in `kvplane.host_buffer` memory): vLLM's own per-layer tensors are
+registered in place (`kvplane.register_kv`, CUDA IPC regions; `DirectPages`), and SAVE
+and LOAD name vLLM's block ids: the daemon's gather and scatter kernels read and write
+vLLM's pages, with no copy here and no host synchronisation (interprocess CUDA events
+order the daemon's copies against vLLM's stream). Since the daemon reads pages after the
+SAVE is submitted, a finished request whose SAVE is still in flight keeps its blocks:
+`request_finished` delays their release and `get_finished` reports the request once no op
+touches them. `_region_for` makes the choice.
 
 Block keys are the chained hash of `kvplane.hashing` (NVIDIA Dynamo's scheme, the same as
 the router's). Namespace: model name, LoRA and salt (`namespace_name`).
@@ -47,6 +55,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 import kvplane
 from kvplane import hashing
+from kvplane.pages import (  # noqa: F401 - BlockBatch, _block_op_bytes, _Session: tests import them here
+    DIRECT_ARENA_BYTES, BlockBatch, DirectPages, OpTimeout, RingFull, _block_op_bytes, _Session,
+    vllm_device_layout,
+)
 
 # Under "vllm." so it goes through vLLM's own logging configuration.
 logger = logging.getLogger("vllm.kvplane")
@@ -89,93 +101,12 @@ class _Once:
 
 
 @dataclass
-class BlockBatch:
-    """Blocks of one request to move: chained hashes, parents and vLLM block ids."""
-
-    ns_id: int
-    hashes: list
-    parents: list
-    block_ids: list
-    req_id: str = ""
-
-
-@dataclass
 class KvplaneMetadata(KVConnectorMetadata):
     loads: list = field(default_factory=list)
     saves: list = field(default_factory=list)
-
-
-def _block_op_bytes(batch, engine_pages):
-    ops = (kvplane.BlockOp * len(batch.hashes))()
-    for i, (h, p, page) in enumerate(zip(batch.hashes, batch.parents, engine_pages)):
-        ops[i].hash, ops[i].parent_hash, ops[i].engine_block = h, p, page
-    return bytes(ops)
-
-
-class RingFull(kvplane.KvplaneError):
-    """The submission ring is full: back pressure, not a failed session."""
-
-
-class _Session:
-    """One daemon session and its queue pair, used from one thread."""
-
-    def __init__(self, socket, namespaces, kv_fd=-1, kv_bytes=0, arena_bytes=1 << 20):
-        regions = [(kvplane.KvRegion.host_memfd(kv_bytes), kv_fd)] if kv_fd >= 0 else []
-        self.client = kvplane.Client(socket, namespaces=namespaces, ring_entries=256,
-                                     arena_bytes=arena_bytes, regions=regions)
-        self.queue = self.client.queue(0)
-        self._next = 1
-        self._early = {}  # completions read while waiting for another
-        self._arena_next = 0
-
-    def submit(self, opcode, ns_id=0, arg=b"", count=0, flags=0):
-        """Queue one op (its argument copied into the arena) and return its user data.
-
-        The arena is used as a ring of argument slots. The daemon takes submissions of a
-        queue pair in order and copies each argument out when it takes it, so a slot can
-        be reused once the bytes submitted after it exceed what may still be waiting in
-        the ring; the arena is sized for that (`_arena_bytes`).
-        """
-        arg = bytes(arg)
-        size = max(len(arg), 1)
-        if self._arena_next + size > self.queue.arena_bytes:
-            self._arena_next = 0
-        if size > self.queue.arena_bytes:
-            raise kvplane.KvplaneError(f"argument of {size} bytes exceeds the arena")
-        off = self._arena_next
-        self._arena_next = (off + size + 63) & ~63
-        if arg:
-            self.queue.write_arena(off, arg)
-        ud = self._next
-        self._next += 1
-        sqe = kvplane.Sqe(user_data=ud, opcode=opcode, flags=flags, namespace_id=ns_id,
-                          arg_offset=off, arg_len=len(arg), count=count)
-        if self.queue.submit([sqe]) != 1:
-            raise RingFull("submission ring full")
-        return ud, off
-
-    def wait_for(self, ud, timeout_ms):
-        deadline = time.monotonic() + timeout_ms / 1000
-        while ud not in self._early:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                raise kvplane.KvplaneError(f"no completion for op {ud} in {timeout_ms} ms")
-            for c in self.queue.wait(timeout_ms=left_ms):
-                self._early[c.user_data] = c
-        return self._early.pop(ud)
-
-    def take_ready(self):
-        for c in self.queue.poll():
-            self._early[c.user_data] = c
-        ready, self._early = self._early, {}
-        return ready
-
-    def close(self):
-        try:
-            self.queue.close()
-            self.client.close()
-        except Exception:  # noqa: BLE001 - closing a dead session must not raise
-            pass
+    # Requests whose blocks the scheduler kept at request_finished (direct pages): the
+    # worker reports each in get_finished once no op of it is in flight.
+    delayed: list = field(default_factory=list)
 
 
 class _Ranges:
@@ -332,6 +263,7 @@ class _ReqState:
     in_daemon: int = 0  # leading blocks the daemon holds (hit, loaded or saved)
     local_tokens: int = 0  # tokens vLLM had locally when the lookup was made
     load: tuple = None  # (first block, count) to load in the next step
+    moved: bool = False  # a LOAD or SAVE of its blocks was scheduled
 
 
 class KvplaneConnector(KVConnectorBase_V1):
@@ -358,9 +290,12 @@ class KvplaneConnector(KVConnectorBase_V1):
             logger.warning("kvplane: kv_load_failure_policy is %r: a block that fails to load "
                            "fails its request; set \"recompute\" to recompute it instead",
                            self._kv_transfer_config.kv_load_failure_policy)
-        # Scheduler side.
+        # Scheduler side. KV on a GPU is registered in place (DirectPages): a finished
+        # request's blocks are kept until the worker says the daemon is done with them.
         self._reqs = {}
         self._lookup_cache = {}
+        self._pages_in_place = vllm_config.device_config.device_type != "cpu"
+        self._delayed = []
         # Worker side.
         self._layers = []
         self._kv_u8 = []
@@ -372,6 +307,9 @@ class KvplaneConnector(KVConnectorBase_V1):
         self._pending_saves = []  # (batch, staging start) copied this step
         self._copied_layers = set()
         self._inflight = {}  # user data -> (staging start, pages, blocks)
+        self._direct = None  # DirectPages when vLLM's KV is registered in place
+        self._awaiting = set()  # delayed requests not yet reported by get_finished
+        self._finishing = set()  # of those, the ones vLLM has named finished
         if role == KVConnectorRole.SCHEDULER:
             self._connect()
 
@@ -385,7 +323,20 @@ class KvplaneConnector(KVConnectorBase_V1):
             return False
         self._next_attach = time.monotonic() + self._reconnect_s
         try:
-            if self.role == KVConnectorRole.WORKER:
+            if self.role == KVConnectorRole.WORKER and self._direct is not None:
+                s = _Session(self._socket, self._namespaces, regions=self._direct.reg,
+                             arena_bytes=DIRECT_ARENA_BYTES)
+                try:
+                    refused = self._direct.attach(s, self._timeout_ms)
+                except kvplane.KvplaneError:
+                    s.close()
+                    raise
+                if refused:
+                    s.close()
+                    self._disabled = refused
+                    logger.error("kvplane: %s; the connector is off for this engine", refused)
+                    return False
+            elif self.role == KVConnectorRole.WORKER:
                 if not self._layers:
                     return False
                 # A new region for each session: ops of a dead session can never touch
@@ -433,9 +384,16 @@ class KvplaneConnector(KVConnectorBase_V1):
         self._once(("lost",), logging.WARNING,
                    "kvplane: %s daemon session lost (%s): recomputing what cannot be loaded, "
                    "retrying every %.0f s", self.role.name.lower(), err, self._reconnect_s)
+        answered = True
         if self._session is not None:
+            if self._direct is not None and self._direct.ops:
+                # Ops may still touch vLLM's pages: give their completions (or the news
+                # that the daemon ended the session) a bounded chance first.
+                answered = self._direct_drain()
             self._session.close()
         self._session = None
+        if self._direct is not None:
+            self._direct.release_all(keep_unanswered=not answered)
         for start, pages, blocks in self._inflight.values():
             self.stats.save_failed_blocks += blocks
         self._inflight.clear()
@@ -553,6 +511,7 @@ class KvplaneConnector(KVConnectorBase_V1):
                     st.ns_id, hashes[first:first + count],
                     ([hashes[first - 1]] if first else [0]) + hashes[first:first + count - 1],
                     st.block_ids[first:first + count], rid))
+                st.moved = True
             end = computed + scheduler_output.num_scheduled_tokens.get(rid, 0)
             full = min(end // b, len(st.block_ids), len(st.request.all_token_ids) // b)
             if full > st.in_daemon:
@@ -568,13 +527,21 @@ class KvplaneConnector(KVConnectorBase_V1):
                         st.ns_id, hashes[first:full],
                         ([hashes[first - 1]] if first else [0]) + hashes[first:full - 1],
                         st.block_ids[first:full], rid))
+                    st.moved = True
                 st.in_daemon = full
+        meta.delayed, self._delayed = self._delayed, []
         return meta
 
     def request_finished(self, request, block_ids):
-        self._reqs.pop(request.request_id, None)
+        st = self._reqs.pop(request.request_id, None)
         self._lookup_cache.pop(request.request_id, None)
-        return False, None  # saves read the staging copy, never vLLM's pages later
+        # Staged saves read the staging copy, never vLLM's pages later. In place, a SAVE
+        # (or a LOAD given up on) may still read or write them: the worker reports the
+        # request in get_finished once none is in flight, and vLLM frees its blocks then.
+        delay = self._pages_in_place and st is not None and st.moved
+        if delay:
+            self._delayed.append(request.request_id)
+        return delay, None
 
     # ------------------------------------------------------------------ worker side
 
@@ -582,13 +549,20 @@ class KvplaneConnector(KVConnectorBase_V1):
         mc = self._vllm_config.model_config
         pc = self._vllm_config.parallel_config
         try:
-            self._geometry = _region_for(kv_caches, self._block_tokens,
-                                         mc.get_num_kv_heads(pc), mc.get_head_size())
+            how = _region_for(kv_caches, self._block_tokens, mc.get_num_kv_heads(pc),
+                              mc.get_head_size(), self.stats)
         except ValueError as e:
             self._disabled = str(e)
             logger.error("kvplane: %s; the connector is off for this engine", e)
             return
         self._layers = list(kv_caches)
+        if isinstance(how, DirectPages):
+            self._direct = how
+            logger.info("kvplane: registered vLLM's KV in place: %s, %d bytes per block",
+                        how.reg.describe(), how.block_bytes)
+            self._connect()
+            return
+        self._geometry = how
         self._kv_u8 = [self._geometry.block_view(t) for t in kv_caches.values()]
         logger.info("kvplane: registered %d KV layers, %d bytes per block, staging %d blocks",
                     len(self._layers), self._geometry.block_bytes, self._staging_blocks)
@@ -596,6 +570,11 @@ class KvplaneConnector(KVConnectorBase_V1):
 
     def _reap(self):
         """Free the staging pages of saves the daemon completed."""
+        if self._direct is not None and self._session is not None:
+            err = self._direct.reap(self._session, self._once)
+            if err is not None:
+                self._lost(err)
+            return
         if self._session is None or not self._inflight:
             return
         try:
@@ -620,9 +599,13 @@ class KvplaneConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         self._pending_saves = []
         self._copied_layers = set()
+        self._awaiting.update(meta.delayed)
         if self._session is None:
             self._connect()
         self._reap()
+        if self._direct is not None:
+            self._direct_start(meta)
+            return
         for batch in meta.loads:
             self._load(batch)
         # Reserve staging pages for this step's saves; save_kv_layer fills them.
@@ -638,6 +621,45 @@ class KvplaneConnector(KVConnectorBase_V1):
                            "daemon catches up (raise staging_blocks)", self._staging_blocks)
                 continue
             self._pending_saves.append((batch, start))
+
+    def _direct_start(self, meta):
+        """In place: this step's LOADs into vLLM's pages (waited for here, before the
+        forward pass reads them) and its SAVEs kept for wait_for_save."""
+        if meta.loads:
+            if self._session is None:
+                for batch in meta.loads:
+                    self._fail_load(batch, 0, "no daemon session")
+            else:
+                t0 = time.perf_counter()
+                results, error = self._direct.load(self._session, meta.loads, self._timeout_ms)
+                self.stats.load_wait_s += time.perf_counter() - t0
+                for batch, landed, reason in results:
+                    self.stats.loaded_blocks += landed
+                    if landed < len(batch.hashes):
+                        self._fail_load(batch, landed, reason or "not found")
+                if error is not None:
+                    self._lost(error)
+        self._pending_saves = list(meta.saves)
+
+    def _direct_drain(self):
+        """Waits (bounded by the op timeout) for the completions of ops that may still touch
+        vLLM's pages."""
+        deadline = time.monotonic() + self._timeout_ms / 1000
+        while self._direct.ops and time.monotonic() < deadline:
+            try:
+                for c in self._session.queue.wait(timeout_ms=max(1, int((deadline - time.monotonic()) * 1000))):
+                    self._session._early[c.user_data] = c
+            except kvplane.TimedOut:
+                break
+            except kvplane.KvplaneError:
+                return True  # the session is over: the daemon is done with the pages
+            if self._direct.reap(self._session, self._once) is not None:
+                return True
+        if self._direct.ops:
+            logger.error("kvplane: %d op(s) on vLLM's pages unanswered after %d ms; their "
+                         "requests keep their blocks", len(self._direct.ops), self._timeout_ms)
+            return False
+        return True
 
     def _load(self, batch):
         n = len(batch.hashes)
@@ -720,8 +742,9 @@ class KvplaneConnector(KVConnectorBase_V1):
         self._copied_layers.add(layer)
 
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs):
-        # Layer by layer, as soon as vLLM wrote this layer's KV for the step.
-        if not self._pending_saves:
+        # Layer by layer, as soon as vLLM wrote this layer's KV for the step (staging only:
+        # in place, the daemon reads every layer after wait_for_save).
+        if not self._pending_saves or self._direct is not None:
             return
         try:
             layer = self._layers.index(layer_name)
@@ -731,6 +754,20 @@ class KvplaneConnector(KVConnectorBase_V1):
 
     def wait_for_save(self):
         if not self._pending_saves:
+            return
+        if self._direct is not None:
+            batches, self._pending_saves = self._pending_saves, []
+            if self._session is None:
+                self.stats.save_skipped_blocks += sum(len(b.hashes) for b in batches)
+                return
+            t0 = time.perf_counter()
+            try:
+                if self._direct.save(self._session, batches):
+                    self._once(("ring-full",), logging.WARNING,
+                               "kvplane: submission ring full: saves skipped while the daemon catches up")
+            except kvplane.KvplaneError as e:
+                self._lost(e)
+            self.stats.save_submit_s += time.perf_counter() - t0
             return
         for layer, kv in enumerate(self._kv_u8):
             if layer not in self._copied_layers:
@@ -760,11 +797,27 @@ class KvplaneConnector(KVConnectorBase_V1):
                 return
             self._inflight[ud] = (start, n, n)
 
+    def get_finished(self, finished_req_ids):
+        """Requests whose blocks the scheduler kept (request_finished said so) and that no
+        op touches any more: vLLM may free their blocks now."""
+        if not self._awaiting:
+            return None, None
+        self._reap()
+        busy = self._direct.per_request if self._direct is not None else {}
+        # vLLM names a finished request once; one still busy is reported in a later step.
+        self._finishing |= self._awaiting & set(finished_req_ids)
+        done = {r for r in self._finishing if r not in busy}
+        self._finishing -= done
+        self._awaiting -= done
+        return (done or None), None
+
     def get_block_ids_with_load_errors(self):
         errors, self._load_errors = self._load_errors, set()
         return errors
 
     def shutdown(self):
+        if self._session is not None and self._direct is not None and self._direct.ops:
+            self._direct_drain()
         if self._session is not None and self._inflight:
             # Let the last saves land before detaching (bounded by the op timeout).
             deadline = time.monotonic() + self._timeout_ms / 1000
@@ -783,8 +836,24 @@ def _arena_bytes(staging_blocks):
     return max(1 << 20, 4 * (staging_blocks * ctypes.sizeof(kvplane.BlockOp) + 256 * 64))
 
 
-def _region_for(kv_caches, block_tokens, kv_heads, head_size):
-    """How vLLM's KV tensors reach the daemon. Host tensors: staged through a registered
-    memfd region (StagingRegion). Device tensors register as device regions once the
-    GPU data path lands; until then they are refused here, by name."""
+def _region_for(kv_caches, block_tokens, kv_heads, head_size, stats):
+    """How vLLM's KV tensors reach the daemon: in place (DirectPages) when the daemon can
+    map their memory (CUDA tensors, CPU tensors in a kvplane.host_buffer), else staged
+    through a registered memfd (the CPU backend's Geometry). ValueError names what does
+    not fit."""
+    tensors = list(kv_caches.values())
+    if any(t.is_cuda for t in tensors) or all(_in_host_buffer(t) for t in tensors):
+        layout = vllm_device_layout(kv_caches, block_tokens, kv_heads, head_size)
+        try:
+            return DirectPages(kvplane.register_kv(tensors, layout=layout), stats)
+        except kvplane.KvplaneError as e:
+            raise ValueError(f"registering vLLM's KV tensors in place: {e}") from e
     return host_geometry(kv_caches, block_tokens, kv_heads, head_size)
+
+
+def _in_host_buffer(t):
+    if t.is_cuda:
+        return False
+    storage = t.untyped_storage()
+    base = storage.data_ptr()
+    return kvplane.regions.host_buffer_holding(base, base + storage.nbytes()) is not None
