@@ -9,11 +9,11 @@ hand-built step metadata, the interface the scheduler side fills:
 
 - engine A saves pages in place; engine B, another session, loads them into other pages
   of its own pool, byte for byte, with no staging copy counted;
-- a finished request whose SAVE the daemon has not completed (the daemon is stopped
-  with SIGSTOP) is not reported to vLLM by get_finished, so its blocks are not freed
-  under the daemon's copy; it is once the daemon answers;
-- a LOAD that times out fails its blocks (vLLM recomputes them) but keeps its request's
-  blocks held until the daemon answers;
+- with the daemon stopped (SIGSTOP): a LOAD that times out fails its blocks (vLLM
+  recomputes them) but its finished request is not reported by get_finished, so its
+  blocks are not freed under the daemon's late copy, until the daemon answers; and the
+  step after a SAVE the daemon has not read waits for it before the forward pass
+  (vLLM frees a preempted request's blocks without asking the connector);
 - the scheduler side delays freeing exactly the requests it moved blocks for.
 
 The CUDA-only parts (IPC regions, the interprocess events ordering the daemon's copies
@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -165,32 +166,40 @@ def test_save_in_place_then_another_engine_loads_in_place(vllm_config):
     b.shutdown()
 
 
-def test_blocks_stay_held_while_the_daemon_may_still_touch_them(vllm_config):
+def test_pages_are_not_reused_while_the_daemon_may_still_touch_them(vllm_config):
     src, dst = pool(3), pool(0)
     a, b = worker(vllm_config, src), worker(vllm_config, dst)
     hashes, parents = chain(3, 4)
     pid = vllm_config.daemon.proc.pid
     os.kill(pid, signal.SIGSTOP)
+    resume = threading.Timer(2.5, os.kill, (pid, signal.SIGCONT))
     try:
         stopped(pid)
-        step(a, saves=[batch(hashes, parents, [0, 1, 2, 3], "s1")])
-        # Finished while its SAVE is unanswered: not reported, over several steps.
-        assert step(a, delayed=["s1"], finished=["s1"]) == set()
-        for _ in range(3):
-            assert step(a) == set()
-        assert a._direct.per_request == {"s1": 1}
-        # A LOAD that times out: its blocks fail (recomputed by vLLM) but the request's
-        # blocks stay held: the daemon may still write them.
+        # A LOAD that times out: its blocks fail (recomputed by vLLM), the session stays,
+        # and the request keeps its blocks, over several steps: the daemon may still
+        # write them.
         t0 = time.monotonic()
         step(b, loads=[batch(hashes[:2], parents[:2], [4, 5], "l1")])
         assert time.monotonic() - t0 >= OP_TIMEOUT_MS / 1000 * 0.9
         assert b.get_block_ids_with_load_errors() == {4, 5}
         assert b._session is not None, "a timeout does not drop a live session"
         assert step(b, delayed=["l1"], finished=["l1"]) == set()
+        for _ in range(3):
+            assert step(b) == set()
+        # A SAVE the daemon has not read: the next step's forward pass may write pages
+        # vLLM reallocated (a preempted request's), so it starts only once the SAVE is
+        # done, here after the daemon resumes.
+        step(a, saves=[batch(hashes, parents, [0, 1, 2, 3], "s1")])
+        assert a.stats.saved_blocks == 0 and a._direct.saving() == 1
+        resume.start()
+        t0 = time.monotonic()
+        sending = step(a, delayed=["s1"], finished=["s1"])
+        assert time.monotonic() - t0 >= 1.0, "the step waited for the stopped daemon"
+        assert a.stats.saved_blocks == 4 and a._direct.saving() == 0
+        assert sending == {"s1"}
     finally:
+        resume.cancel()
         os.kill(pid, signal.SIGCONT)
-    assert wait_finished(a, "s1"), "reported once the daemon answered"
-    assert a.stats.saved_blocks == 4
     assert wait_finished(b, "l1"), "the late LOAD's completion releases its request"
     a.shutdown()
     b.shutdown()

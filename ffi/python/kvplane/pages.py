@@ -197,6 +197,10 @@ class DirectPages:
                         f"({kvplane.STATUS_NAMES.get(c.status, c.status)}, detail {c.detail})")
         return None
 
+    def saving(self):
+        """SAVEs in flight."""
+        return sum(1 for kind, _, _ in self.ops.values() if kind == "save")
+
     def _track(self, ud, kind, req_id, blocks):
         self.ops[ud] = (kind, req_id, blocks)
         self.per_request[req_id] = self.per_request.get(req_id, 0) + 1

@@ -247,6 +247,7 @@ class _Stats:
         self.copy_s = 0.0  # staging copies, both directions
         self.copied_bytes = 0
         self.lookup_s = self.load_wait_s = self.save_submit_s = 0.0  # time in daemon ops
+        self.save_wait_s = 0.0  # in place: waiting for SAVEs before a forward pass
         self.disconnects = self.attach_failures = 0
 
     def as_dict(self):
@@ -623,8 +624,12 @@ class KvplaneConnector(KVConnectorBase_V1):
             self._pending_saves.append((batch, start))
 
     def _direct_start(self, meta):
-        """In place: this step's LOADs into vLLM's pages (waited for here, before the
-        forward pass reads them) and its SAVEs kept for wait_for_save."""
+        """In place: the previous steps' SAVEs finished (before this forward pass may
+        write pages vLLM reallocated: a preempted request's blocks are freed at once),
+        this step's LOADs into vLLM's pages (waited for here, before the forward pass
+        reads them), and its SAVEs kept for wait_for_save."""
+        if self._session is not None and self._direct.saving():
+            self._direct_wait_saves()
         if meta.loads:
             if self._session is None:
                 for batch in meta.loads:
@@ -640,6 +645,29 @@ class KvplaneConnector(KVConnectorBase_V1):
                 if error is not None:
                     self._lost(error)
         self._pending_saves = list(meta.saves)
+
+    def _direct_wait_saves(self):
+        """Blocks until no SAVE is in flight: vLLM frees a preempted request's blocks
+        without asking its connector, and this step's forward pass may write them. The
+        daemon reads a SAVE's pages soon after the step that wrote them, so this usually
+        returns at once. A live daemon that does not answer is waited for (logged each
+        op timeout): the alternative, writing pages it may be reading, could store wrong
+        KV under a block's hash. A session that ends releases the wait."""
+        t0 = time.perf_counter()
+        while self._session is not None and self._direct.saving():
+            try:
+                for c in self._session.queue.wait(timeout_ms=self._timeout_ms):
+                    self._session._early[c.user_data] = c
+            except kvplane.TimedOut:
+                logger.warning("kvplane: waiting for the daemon to finish reading %d SAVE(s) "
+                               "of vLLM's pages before the forward pass (%.1f s so far)",
+                               self._direct.saving(), time.perf_counter() - t0)
+                continue
+            except kvplane.KvplaneError as e:
+                self._lost(e)
+                break
+            self._reap()
+        self.stats.save_wait_s += time.perf_counter() - t0
 
     def _direct_drain(self):
         """Waits (bounded by the op timeout) for the completions of ops that may still touch
