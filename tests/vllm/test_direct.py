@@ -57,11 +57,12 @@ def vllm_config():
         work.mkdir()
         daemon = Daemon(work, BLOCK_BYTES)
         try:
-            def make(socket=daemon.socket):
+            def make(in_place=True):
                 kv = KVTransferConfig(
                     kv_connector="KvplaneConnector", kv_role="kv_both",
                     kv_connector_module_path="kvplane.vllm", kv_load_failure_policy="recompute",
-                    kv_connector_extra_config={"socket": str(socket), "op_timeout_ms": OP_TIMEOUT_MS})
+                    kv_connector_extra_config={"socket": str(daemon.socket), "op_timeout_ms": OP_TIMEOUT_MS,
+                                               "host_buffer_in_place": in_place})
                 return VllmConfig(model_config=ModelConfig(model=str(model), skip_tokenizer_init=True,
                                                            dtype="float32"),
                                   kv_transfer_config=kv, cache_config=CacheConfig(block_size=BLOCK_TOKENS))
@@ -93,11 +94,14 @@ def worker(cfg, kv):
     return w
 
 
-def step(w, saves=(), loads=(), delayed=(), finished=()):
-    """One vLLM step on the worker side; returns get_finished's sending set."""
+def step(w, saves=(), loads=(), delayed=(), finished=(), preempted=()):
+    """One vLLM step on the worker side, in vLLM's order; returns get_finished's sending set."""
     from kvplane.vllm import KvplaneMetadata
 
-    w.bind_connector_metadata(KvplaneMetadata(loads=list(loads), saves=list(saves), delayed=list(delayed)))
+    meta = KvplaneMetadata(loads=list(loads), saves=list(saves), delayed=list(delayed),
+                           preempted=list(preempted))
+    w.handle_preemptions(meta)
+    w.bind_connector_metadata(meta)
     w.start_load_kv(None)
     w.wait_for_save()
     sending, recving = w.get_finished(set(finished))
@@ -186,14 +190,16 @@ def test_pages_are_not_reused_while_the_daemon_may_still_touch_them(vllm_config)
         assert step(b, delayed=["l1"], finished=["l1"]) == set()
         for _ in range(3):
             assert step(b) == set()
-        # A SAVE the daemon has not read: the next step's forward pass may write pages
-        # vLLM reallocated (a preempted request's), so it starts only once the SAVE is
-        # done, here after the daemon resumes.
+        # A SAVE the daemon has not read, of a request that finishes: not reported.
         step(a, saves=[batch(hashes, parents, [0, 1, 2, 3], "s1")])
+        assert step(a, delayed=["s1"], finished=["s1"]) == set()
         assert a.stats.saved_blocks == 0 and a._direct.saving() == 1
+        # A request is preempted (vLLM frees its blocks at once, and this step's forward
+        # pass may write them): the step waits for every op on the pages, here until the
+        # daemon resumes.
         resume.start()
         t0 = time.monotonic()
-        sending = step(a, delayed=["s1"], finished=["s1"])
+        sending = step(a, preempted=["p1"])
         assert time.monotonic() - t0 >= 1.0, "the step waited for the stopped daemon"
         assert a.stats.saved_blocks == 4 and a._direct.saving() == 0
         assert sending == {"s1"}
@@ -209,21 +215,31 @@ def test_the_scheduler_delays_freeing_only_what_it_moved(vllm_config):
     from kvplane.vllm import KvplaneConnector, _ReqState
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
+    staged = KvplaneConnector(vllm_config.make(in_place=False), KVConnectorRole.SCHEDULER)
+    assert staged._pages_in_place is False, "vLLM's CPU build, staged: nothing delayed"
+    staged.shutdown()
     s = KvplaneConnector(vllm_config.make(), KVConnectorRole.SCHEDULER)
-    assert s._pages_in_place is False, "vLLM's CPU build: staged, nothing delayed"
-    s._pages_in_place = True  # what a GPU build's device_config gives
-    moved, idle = SimpleNamespace(request_id="m"), SimpleNamespace(request_id="i")
-    s._reqs["m"] = _ReqState(request=moved, ns_id=0, salt=0, moved=True)
+    assert s._pages_in_place is True, "the worker's choice, from the same config"
+    moved = SimpleNamespace(request_id="m", all_token_ids=list(range(3 * BLOCK_TOKENS)))
+    idle = SimpleNamespace(request_id="i", all_token_ids=[])
+    s._reqs["m"] = _ReqState(request=moved, ns_id=0, salt=hashing.salt_hash())
     s._reqs["i"] = _ReqState(request=idle, ns_id=0, salt=0)
-    assert s.request_finished(moved, [1, 2]) == (True, None)
+
+    def output(new=(), preempted=()):
+        return SimpleNamespace(scheduled_new_reqs=list(new), preempted_req_ids=set(preempted),
+                               num_scheduled_tokens={r.req_id: 3 * BLOCK_TOKENS for r in new},
+                               scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[],
+                                                                     resumed_req_ids=set(),
+                                                                     num_computed_tokens=[]))
+
+    meta = s.build_connector_meta(output([SimpleNamespace(req_id="m", block_ids=([5, 6, 7],),
+                                                          num_computed_tokens=0)], ["x"]))
+    assert [b.block_ids for b in meta.saves] == [[5, 6, 7]] and meta.preempted == ["x"]
+    assert s.request_finished(moved, [5, 6, 7]) == (True, None)
     assert s.request_finished(idle, [3]) == (False, None)
     assert s.request_finished(SimpleNamespace(request_id="never-seen"), []) == (False, None)
-    out = SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={},
-                          scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[],
-                                                                resumed_req_ids=set(),
-                                                                num_computed_tokens=[]))
-    assert s.build_connector_meta(out).delayed == ["m"]
-    assert s.build_connector_meta(out).delayed == [], "sent once"
+    assert s.build_connector_meta(output()).delayed == ["m"]
+    assert s.build_connector_meta(output()).delayed == [], "sent once"
     s.shutdown()
 
 

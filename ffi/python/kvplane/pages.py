@@ -82,6 +82,10 @@ class _Session:
         while ud not in self._early:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
+                for c in self.queue.poll():  # what came meanwhile, before giving up
+                    self._early[c.user_data] = c
+                if ud in self._early:
+                    break
                 raise OpTimeout(f"no completion for op {ud} in {timeout_ms} ms")
             for c in self.queue.wait(timeout_ms=left_ms):
                 self._early[c.user_data] = c
@@ -176,7 +180,11 @@ class DirectPages:
         if self._events is None:
             import torch.cuda
 
-            self._events = [torch.cuda.Event(interprocess=True) for _ in range(SAVE_EVENTS + 1)]
+            # Created on the KV's GPU (torch makes an event on the current device).
+            with torch.cuda.device(torch.device(self.reg.device)):
+                self._events = [torch.cuda.Event(interprocess=True) for _ in range(SAVE_EVENTS + 1)]
+                for e in self._events:
+                    e.ipc_handle()
         return self._events
 
     def attach(self, s, timeout_ms):
@@ -264,7 +272,7 @@ class DirectPages:
                 subs.append((ud, part))
             submitted.append((b, subs))
         deadline = time.monotonic() + timeout_ms / 1000
-        results, any_landed = [], False
+        results, any_copied = [], False
         for b, subs in submitted:
             landed, reason = 0, None
             for ud, part in subs:
@@ -286,18 +294,22 @@ class DirectPages:
                     continue
                 n = len(part.hashes)
                 got = c.blocks if c.status == kvplane.OK and c.blocks <= n else 0
+                any_copied |= c.blocks > 0  # queued copies, used or not, precede vLLM's writes
                 if reason is None:
                     landed += got
-                    any_landed |= got > 0
                     if got < n:
                         reason = kvplane.STATUS_NAMES.get(c.status, c.status) if c.status else "not found"
             results.append((b, landed, reason))
-        if any_landed and self.cuda:
-            # The daemon recorded the event after each copy, in order on its stream.
-            import torch.cuda
-
-            torch.cuda.current_stream().wait_event(self._cuda_events()[SAVE_EVENTS])
+        if any_copied and self.cuda:
+            self._wait_load_event()
         return results, error
+
+    def _wait_load_event(self):
+        """vLLM's current stream waits for the daemon's copies into its pages (the daemon
+        records the LOAD event after each, in order on its stream)."""
+        import torch.cuda
+
+        torch.cuda.current_stream().wait_event(self._cuda_events()[SAVE_EVENTS])
 
     def reap(self, s, once):
         """Read the completions that arrived; returns the session error if reading failed."""
@@ -312,7 +324,11 @@ class DirectPages:
                 continue
             kind, blocks = self._untrack(ud)
             if kind != "save":
-                continue  # a LOAD given up on at its timeout: its pages are free now
+                # A LOAD given up on at its timeout. Its completion may come when the copy
+                # is only queued: vLLM's stream waits for it before the pages go back.
+                if c.blocks and self.cuda:
+                    self._wait_load_event()
+                continue
             if c.status == kvplane.OK:
                 self.stats.saved_blocks += blocks
             else:

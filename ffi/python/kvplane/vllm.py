@@ -107,6 +107,8 @@ class KvplaneMetadata(KVConnectorMetadata):
     # Requests whose blocks the scheduler kept at request_finished (direct pages): the
     # worker reports each in get_finished once no op of it is in flight.
     delayed: list = field(default_factory=list)
+    # Requests vLLM preempted this step (their blocks are freed at once).
+    preempted: list = field(default_factory=list)
 
 
 class _Ranges:
@@ -247,7 +249,7 @@ class _Stats:
         self.copy_s = 0.0  # staging copies, both directions
         self.copied_bytes = 0
         self.lookup_s = self.load_wait_s = self.save_submit_s = 0.0  # time in daemon ops
-        self.save_wait_s = 0.0  # in place: waiting for SAVEs before a forward pass
+        self.save_wait_s = 0.0  # in place: waiting for ops before a forward pass (preemption)
         self.disconnects = self.attach_failures = 0
 
     def as_dict(self):
@@ -295,7 +297,9 @@ class KvplaneConnector(KVConnectorBase_V1):
         # request's blocks are kept until the worker says the daemon is done with them.
         self._reqs = {}
         self._lookup_cache = {}
-        self._pages_in_place = vllm_config.device_config.device_type != "cpu"
+        # Both roles decide alike: GPU builds, or host_buffer KV when configured (tests).
+        self._host_in_place = bool(extra.get("host_buffer_in_place", False))
+        self._pages_in_place = vllm_config.device_config.device_type != "cpu" or self._host_in_place
         self._delayed = []
         # Worker side.
         self._layers = []
@@ -531,6 +535,7 @@ class KvplaneConnector(KVConnectorBase_V1):
                     st.moved = True
                 st.in_daemon = full
         meta.delayed, self._delayed = self._delayed, []
+        meta.preempted = sorted(getattr(scheduler_output, "preempted_req_ids", None) or ())
         return meta
 
     def request_finished(self, request, block_ids):
@@ -551,7 +556,7 @@ class KvplaneConnector(KVConnectorBase_V1):
         pc = self._vllm_config.parallel_config
         try:
             how = _region_for(kv_caches, self._block_tokens, mc.get_num_kv_heads(pc),
-                              mc.get_head_size(), self.stats)
+                              mc.get_head_size(), self.stats, self._host_in_place)
         except ValueError as e:
             self._disabled = str(e)
             logger.error("kvplane: %s; the connector is off for this engine", e)
@@ -623,13 +628,17 @@ class KvplaneConnector(KVConnectorBase_V1):
                 continue
             self._pending_saves.append((batch, start))
 
+    def handle_preemptions(self, kv_connector_metadata):
+        """Before the forward pass: vLLM frees a preempted request's blocks without
+        asking the connector, and this step may write them. With pages in place, every
+        op still in flight is waited for then (held while the daemon lives)."""
+        if (self._direct is not None and self._session is not None and self._direct.ops
+                and kv_connector_metadata.preempted):
+            self._direct_wait_ops()
+
     def _direct_start(self, meta):
-        """In place: the previous steps' SAVEs finished (before this forward pass may
-        write pages vLLM reallocated: a preempted request's blocks are freed at once),
-        this step's LOADs into vLLM's pages (waited for here, before the forward pass
-        reads them), and its SAVEs kept for wait_for_save."""
-        if self._session is not None and self._direct.saving():
-            self._direct_wait_saves()
+        """In place: this step's LOADs into vLLM's pages (waited for here, before the
+        forward pass reads them), and its SAVEs kept for wait_for_save."""
         if meta.loads:
             if self._session is None:
                 for batch in meta.loads:
@@ -646,22 +655,20 @@ class KvplaneConnector(KVConnectorBase_V1):
                     self._lost(error)
         self._pending_saves = list(meta.saves)
 
-    def _direct_wait_saves(self):
-        """Blocks until no SAVE is in flight: vLLM frees a preempted request's blocks
-        without asking its connector, and this step's forward pass may write them. The
-        daemon reads a SAVE's pages soon after the step that wrote them, so this usually
-        returns at once. A live daemon that does not answer is waited for (logged each
-        op timeout): the alternative, writing pages it may be reading, could store wrong
-        KV under a block's hash. A session that ends releases the wait."""
+    def _direct_wait_ops(self):
+        """Blocks until no op is in flight on vLLM's pages. A live daemon that does not
+        answer is waited for (logged each op timeout): the alternative, writing pages it
+        may be reading, could store wrong KV under a block's hash. A session that ends
+        releases the wait."""
         t0 = time.perf_counter()
-        while self._session is not None and self._direct.saving():
+        while self._session is not None and self._direct.ops:
             try:
                 for c in self._session.queue.wait(timeout_ms=self._timeout_ms):
                     self._session._early[c.user_data] = c
             except kvplane.TimedOut:
-                logger.warning("kvplane: waiting for the daemon to finish reading %d SAVE(s) "
-                               "of vLLM's pages before the forward pass (%.1f s so far)",
-                               self._direct.saving(), time.perf_counter() - t0)
+                logger.warning("kvplane: a request was preempted: waiting for the daemon to "
+                               "finish %d op(s) on vLLM's pages before the forward pass "
+                               "(%.1f s so far)", len(self._direct.ops), time.perf_counter() - t0)
                 continue
             except kvplane.KvplaneError as e:
                 self._lost(e)
@@ -864,13 +871,14 @@ def _arena_bytes(staging_blocks):
     return max(1 << 20, 4 * (staging_blocks * ctypes.sizeof(kvplane.BlockOp) + 256 * 64))
 
 
-def _region_for(kv_caches, block_tokens, kv_heads, head_size, stats):
+def _region_for(kv_caches, block_tokens, kv_heads, head_size, stats, host_in_place=False):
     """How vLLM's KV tensors reach the daemon: in place (DirectPages) when the daemon can
-    map their memory (CUDA tensors, CPU tensors in a kvplane.host_buffer), else staged
-    through a registered memfd (the CPU backend's Geometry). ValueError names what does
-    not fit."""
+    map their memory (CUDA tensors; CPU tensors in a kvplane.host_buffer when
+    `host_in_place`, the `host_buffer_in_place` option, which the scheduler sees too),
+    else staged through a registered memfd (the CPU backend's Geometry). ValueError
+    names what does not fit."""
     tensors = list(kv_caches.values())
-    if any(t.is_cuda for t in tensors) or all(_in_host_buffer(t) for t in tensors):
+    if any(t.is_cuda for t in tensors) or (host_in_place and all(_in_host_buffer(t) for t in tensors)):
         layout = vllm_device_layout(kv_caches, block_tokens, kv_heads, head_size)
         try:
             return DirectPages(kvplane.register_kv(tensors, layout=layout), stats)
