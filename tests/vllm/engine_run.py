@@ -48,6 +48,36 @@ def dead(pid):
         return True
 
 
+def kv_in_host_buffers():
+    """vLLM's CPU build allocates its KV cache with torch.zeros (one int8 buffer, viewed
+    per layer): here that buffer comes from a kvplane.host_buffer instead, which the
+    daemon can map, so the connector registers vLLM's pages in place, as it does with a
+    GPU build's CUDA tensors. Test scaffolding: vLLM's code is otherwise unchanged."""
+    import torch
+
+    import kvplane
+    import vllm.v1.worker.gpu_model_runner as runner
+
+    allocate, keep = runner.allocate_kv_cache, []
+
+    def allocate_in_host_buffer(*a, **kw):
+        zeros = torch.zeros
+
+        def host_zeros(size, *za, dtype=None, device=None, **zkw):
+            if dtype == torch.int8 and isinstance(size, int) and torch.device(device).type == "cpu":
+                keep.append(kvplane.host_buffer(size, "vllm-kv"))  # a fresh memfd reads as zeros
+                return torch.frombuffer(keep[-1], dtype=torch.int8)
+            return zeros(size, *za, dtype=dtype, device=device, **zkw)
+
+        torch.zeros = host_zeros
+        try:
+            return allocate(*a, **kw)
+        finally:
+            torch.zeros = zeros
+
+    runner.allocate_kv_cache = allocate_in_host_buffer
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -59,7 +89,14 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--multiprocess", action="store_true", help="vLLM's default process layout")
+    ap.add_argument("--in-place", action="store_true",
+                    help="vLLM's KV cache in kvplane.host_buffer memory, registered in place")
+    ap.add_argument("--salt", help="the connector's salt (its own namespace)")
     args = ap.parse_args()
+    if args.in_place:
+        if args.multiprocess:
+            ap.error("--in-place patches the in-process engine's KV allocation")
+        kv_in_host_buffers()
 
     t0 = time.monotonic()
     from vllm import LLM, SamplingParams
@@ -73,7 +110,8 @@ def main():
             kv_connector_module_path="kvplane.vllm",
             kv_role="kv_both",
             kv_load_failure_policy="recompute",
-            kv_connector_extra_config={"socket": args.socket, "staging_blocks": args.staging_blocks},
+            kv_connector_extra_config={"socket": args.socket, "staging_blocks": args.staging_blocks,
+                                       "host_buffer_in_place": args.in_place, "salt": args.salt},
         )
     llm = LLM(model=args.model, load_format="dummy", skip_tokenizer_init=True, dtype="float32",
               seed=0, enforce_eager=True, block_size=args.block_size, max_model_len=4096,
@@ -110,6 +148,17 @@ def main():
     t1 = time.monotonic()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     gen_s = time.monotonic() - t1
+    requests_left = None
+    if sched_conn is not None:
+        # generate() returns with the last outputs; requests whose blocks the connector
+        # keeps (pages in place) are freed by later steps: run them, bounded.
+        core = llm.llm_engine.engine_core.engine_core
+        for _ in range(1000):
+            if not core.scheduler.has_requests():
+                break
+            core.step()
+            time.sleep(0.001)
+        requests_left = len(core.scheduler.requests)
     by_source, ttft = metric_values(llm)
     result = {
         "connector": bool(args.socket),
@@ -120,6 +169,7 @@ def main():
         "init_s": init_s,
         "generate_s": gen_s,
         "killed_at": killed_at,
+        "requests_left": requests_left,  # in the scheduler after draining (None: not seen)
     }
     if worker_conn is not None:
         result["worker_stats"] = worker_conn.stats.as_dict()

@@ -53,7 +53,8 @@ def prompts():
     return [prefix + [r.randrange(3, 1024) for _ in range(200 + 13 * i)] for i in range(8)]
 
 
-def run_engine(work, name, socket_path=None, kill_pid=None, multiprocess=False):
+def run_engine(work, name, socket_path=None, kill_pid=None, multiprocess=False, in_place=False,
+               salt=None):
     out = work / f"{name}.json"
     log = work / f"{name}.log"
     cmd = [sys.executable, str(ENGINE), "--model", str(work / "model"), "--prompts",
@@ -64,6 +65,10 @@ def run_engine(work, name, socket_path=None, kill_pid=None, multiprocess=False):
         cmd += ["--kill-daemon-pid", str(kill_pid)]
     if multiprocess:
         cmd += ["--multiprocess"]
+    if in_place:
+        cmd += ["--in-place"]
+    if salt:
+        cmd += ["--salt", salt]
     env = dict(os.environ)
     env.setdefault("KVPLANE_LIB", str(ROOT / "target" / "debug" / "libkvplane.so"))
     with open(log, "w") as f:
@@ -124,6 +129,29 @@ def test_vllm_on_kvplane(work):
         assert computed(b) * 5 <= computed(base), (computed(b), computed(base))
         assert daemon.proc.poll() is None, "the daemon must still be serving"
 
+        # vLLM's pages registered in place (its KV cache in host_buffer memory, as a GPU
+        # build's CUDA tensors are registered): C loads what A saved through staging; D
+        # saves in place into a namespace of its own (its salt), E loads that through
+        # staging. Every output must equal the baseline's; nothing is copied in place.
+        c = run_engine(work, "engine_c_in_place", daemon.socket, in_place=True)
+        assert "registered vLLM's KV in place" in c["log"], c["log"][-4000:]
+        assert c["outputs"] == base["outputs"], "in place: outputs differ from the baseline"
+        ws = c["worker_stats"]
+        assert ws["loaded_blocks"] > 0 and ws["load_failed_blocks"] == 0 and ws["copied_bytes"] == 0, ws
+        assert computed(c) * 5 <= computed(base), (computed(c), computed(base))
+        d = run_engine(work, "engine_d_in_place_saves", daemon.socket, in_place=True, salt="in-place")
+        assert d["outputs"] == base["outputs"]
+        ws = d["worker_stats"]
+        assert ws["saved_blocks"] > 0 and ws["save_failed_blocks"] == 0 and ws["copied_bytes"] == 0, ws
+        assert d["prompt_tokens_by_source"].get("external_kv_transfer", 0) == 0, "a namespace of its own"
+        # Every request kept its blocks until its SAVEs were done, and was released.
+        held = d["scheduler_stats"]["delayed_frees"]
+        assert held == n and d["worker_stats"]["released_frees"] == held, (held, d["worker_stats"])
+        assert d["requests_left"] == 0, "vLLM freed every request's blocks"
+        e = run_engine(work, "engine_e_loads_in_place_saves", daemon.socket, salt="in-place")
+        assert e["outputs"] == base["outputs"], "blocks saved in place load wrong"
+        assert e["worker_stats"]["loaded_blocks"] > 0 and computed(e) * 5 <= computed(base)
+
         kill = run_engine(work, "engine_b_kill", daemon.socket, kill_pid=daemon.proc.pid)
         assert kill["killed_at"] is not None, "the daemon was never killed (no LOOKUP hit)"
         daemon.proc.wait(10)
@@ -150,7 +178,9 @@ def test_vllm_on_kvplane(work):
         "runs": {},
     }
     for name, r in [("baseline (no connector)", base), ("A: kvplane, empty daemon", a),
-                    ("B: kvplane, warm daemon", b), ("B: daemon killed at first hit", kill),
+                    ("B: kvplane, warm daemon", b), ("C: in place, warm daemon", c),
+                    ("D: in place, own namespace (saves)", d), ("E: staged, loads D's saves", e),
+                    ("B: daemon killed at first hit", kill),
                     ("daemon absent", absent)]:
         figures["runs"][name] = {
             "prefill_tokens_computed": computed(r),

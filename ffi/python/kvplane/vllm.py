@@ -251,6 +251,8 @@ class _Stats:
         self.lookup_s = self.load_wait_s = self.save_submit_s = 0.0  # time in daemon ops
         self.save_wait_s = 0.0  # in place: waiting for ops before a forward pass (preemption)
         self.disconnects = self.attach_failures = 0
+        # In place: requests whose blocks the scheduler kept, and those the worker released.
+        self.delayed_frees = self.released_frees = 0
 
     def as_dict(self):
         return dict(self.__dict__)
@@ -547,6 +549,7 @@ class KvplaneConnector(KVConnectorBase_V1):
         delay = self._pages_in_place and st is not None and st.moved
         if delay:
             self._delayed.append(request.request_id)
+            self.stats.delayed_frees += 1
         return delay, None
 
     # ------------------------------------------------------------------ worker side
@@ -844,6 +847,7 @@ class KvplaneConnector(KVConnectorBase_V1):
         done = {r for r in self._finishing if r not in busy}
         self._finishing -= done
         self._awaiting -= done
+        self.stats.released_frees += len(done)
         return (done or None), None
 
     def get_block_ids_with_load_errors(self):
@@ -879,7 +883,14 @@ def _region_for(kv_caches, block_tokens, kv_heads, head_size, stats, host_in_pla
     names what does not fit."""
     tensors = list(kv_caches.values())
     if any(t.is_cuda for t in tensors) or (host_in_place and all(_in_host_buffer(t) for t in tensors)):
-        layout = vllm_device_layout(kv_caches, block_tokens, kv_heads, head_size)
+        if not tensors[0].is_cuda and tensors[0].dim() == 4:
+            # The CPU backend's [blocks, heads, tokens, 2 * dim] holds, per (block, head),
+            # the K rows then the V rows (host_geometry): [blocks, heads, 2, tokens, dim].
+            host_geometry(kv_caches, block_tokens, kv_heads, head_size)  # checks the shape
+            tensors = [t.view(t.shape[0], kv_heads, 2, block_tokens, head_size) for t in tensors]
+            layout = ("page", "head", "plane", "token", "dim")
+        else:
+            layout = vllm_device_layout(kv_caches, block_tokens, kv_heads, head_size)
         try:
             return DirectPages(kvplane.register_kv(tensors, layout=layout), stats)
         except kvplane.KvplaneError as e:
