@@ -37,6 +37,8 @@ def metric_values(llm):
             ttft = {"sum_s": m.sum, "count": m.count}
         elif isinstance(m, Counter) and m.name == "vllm:prompt_tokens":
             by_source["_total"] = m.value
+        elif isinstance(m, Counter) and m.name == "vllm:num_preemptions":
+            by_source["_preemptions"] = by_source.get("_preemptions", 0) + m.value
     return by_source, ttft
 
 
@@ -92,6 +94,10 @@ def main():
     ap.add_argument("--in-place", action="store_true",
                     help="vLLM's KV cache in kvplane.host_buffer memory, registered in place")
     ap.add_argument("--salt", help="the connector's salt (its own namespace)")
+    ap.add_argument("--kv-cache-bytes", type=int, default=256 << 20,
+                    help="vLLM's KV cache (small: vLLM preempts requests)")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--no-prefix-caching", action="store_true")
     args = ap.parse_args()
     if args.in_place:
         if args.multiprocess:
@@ -114,9 +120,10 @@ def main():
                                        "host_buffer_in_place": args.in_place, "salt": args.salt},
         )
     llm = LLM(model=args.model, load_format="dummy", skip_tokenizer_init=True, dtype="float32",
-              seed=0, enforce_eager=True, block_size=args.block_size, max_model_len=4096,
-              max_num_seqs=4, gpu_memory_utilization=0.05, kv_cache_memory_bytes=256 << 20,
-              disable_log_stats=False, kv_transfer_config=kv)
+              seed=0, enforce_eager=True, block_size=args.block_size, max_model_len=args.max_model_len,
+              max_num_seqs=4, gpu_memory_utilization=0.05, kv_cache_memory_bytes=args.kv_cache_bytes,
+              disable_log_stats=False, kv_transfer_config=kv,
+              enable_prefix_caching=not args.no_prefix_caching)
     init_s = time.monotonic() - t0
 
     sched_conn = worker_conn = None

@@ -54,7 +54,7 @@ def prompts():
 
 
 def run_engine(work, name, socket_path=None, kill_pid=None, multiprocess=False, in_place=False,
-               salt=None):
+               salt=None, preempting=False):
     out = work / f"{name}.json"
     log = work / f"{name}.log"
     cmd = [sys.executable, str(ENGINE), "--model", str(work / "model"), "--prompts",
@@ -69,6 +69,12 @@ def run_engine(work, name, socket_path=None, kill_pid=None, multiprocess=False, 
         cmd += ["--in-place"]
     if salt:
         cmd += ["--salt", salt]
+    if preempting:
+        # A KV cache of 40 blocks: two prompts of 19 blocks fit, and their 128 tokens
+        # out do not (no prefix caching, so no blocks are shared): vLLM preempts. The
+        # model length fits the small cache (the prompts are under 700 tokens).
+        cmd += ["--kv-cache-bytes", str(40 * BLOCK_BYTES), "--max-model-len", "1024",
+                "--no-prefix-caching", "--max-tokens", "128"]
     env = dict(os.environ)
     env.setdefault("KVPLANE_LIB", str(ROOT / "target" / "debug" / "libkvplane.so"))
     with open(log, "w") as f:
@@ -151,6 +157,17 @@ def test_vllm_on_kvplane(work):
         e = run_engine(work, "engine_e_loads_in_place_saves", daemon.socket, salt="in-place")
         assert e["outputs"] == base["outputs"], "blocks saved in place load wrong"
         assert e["worker_stats"]["loaded_blocks"] > 0 and computed(e) * 5 <= computed(base)
+        # In place with a KV cache too small for the batch: vLLM preempts requests and
+        # frees their blocks at once (handle_preemptions waits for the daemon first);
+        # the first 16 of 128 greedy tokens still equal the baseline's, and every request
+        # is freed in the end.
+        f = run_engine(work, "engine_f_in_place_preempted", daemon.socket, in_place=True,
+                       salt="preempted", preempting=True)
+        assert f["prompt_tokens_by_source"].get("_preemptions", 0) > 0, "vLLM never preempted"
+        assert [o[:16] for o in f["outputs"]] == base["outputs"], "in place under preemption: outputs differ"
+        ws = f["worker_stats"]
+        assert ws["saved_blocks"] > 0 and ws["save_failed_blocks"] == 0, ws
+        assert f["requests_left"] == 0
 
         kill = run_engine(work, "engine_b_kill", daemon.socket, kill_pid=daemon.proc.pid)
         assert kill["killed_at"] is not None, "the daemon was never killed (no LOOKUP hit)"
@@ -180,6 +197,7 @@ def test_vllm_on_kvplane(work):
     for name, r in [("baseline (no connector)", base), ("A: kvplane, empty daemon", a),
                     ("B: kvplane, warm daemon", b), ("C: in place, warm daemon", c),
                     ("D: in place, own namespace (saves)", d), ("E: staged, loads D's saves", e),
+                    ("F: in place, 40-block KV cache, 128 tokens out (preemptions)", f),
                     ("B: daemon killed at first hit", kill),
                     ("daemon absent", absent)]:
         figures["runs"][name] = {
