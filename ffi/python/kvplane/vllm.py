@@ -31,9 +31,9 @@ Block keys are the chained hash of `kvplane.hashing` (NVIDIA Dynamo's scheme, th
 the router's). Namespace: model name, LoRA and salt (`namespace_name`).
 
 Failures never give vLLM wrong KV and never stop it serving: a daemon that is absent or
-dies makes lookups report no hits and saves be skipped; a load is copied into vLLM's
-pages only after the daemon reported every block of it done, and a load that failed is
-reported to vLLM (`get_block_ids_with_load_errors`), which recomputes those blocks
+dies makes lookups report no hits and saves be skipped; only the leading blocks the
+daemon reported done are used (staged: copied into vLLM's pages only then), and a load
+that failed is reported to vLLM (`get_block_ids_with_load_errors`), which recomputes those blocks
 (`"kv_load_failure_policy": "recompute"`). Each change of state is logged once.
 """
 
