@@ -160,9 +160,8 @@ def main():
         # generate() returns with the last outputs; requests whose blocks the connector
         # keeps (pages in place) are freed by later steps: run them, bounded.
         core = llm.llm_engine.engine_core.engine_core
-        for _ in range(1000):
-            if not core.scheduler.has_requests():
-                break
+        deadline = time.monotonic() + 60
+        while core.scheduler.has_requests() and time.monotonic() < deadline:
             core.step()
             time.sleep(0.001)
         requests_left = len(core.scheduler.requests)

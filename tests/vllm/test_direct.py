@@ -211,6 +211,50 @@ def test_pages_are_not_reused_while_the_daemon_may_still_touch_them(vllm_config)
     b.shutdown()
 
 
+def test_completions_read_while_waiting_for_a_load_are_not_lost(vllm_config):
+    src = pool(4)
+    a = worker(vllm_config, src)
+    hashes, parents = chain(4, 3)
+    pid = vllm_config.daemon.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    resume = threading.Timer(0.3, os.kill, (pid, signal.SIGCONT))
+    try:
+        stopped(pid)
+        step(a, saves=[batch(hashes[:2], parents[:2], [0, 1], "s")])
+        # The LOAD's wait reads the SAVE's completion too (the daemon resumes meanwhile).
+        resume.start()
+        step(a, loads=[batch(hashes[2:], parents[2:], [5], "l")])
+    finally:
+        resume.cancel()
+        os.kill(pid, signal.SIGCONT)
+    assert a._direct.ops == {} and a.stats.saved_blocks == 2, "the SAVE's completion was used"
+    t0 = time.monotonic()
+    step(a, preempted=["x"])
+    assert time.monotonic() - t0 < OP_TIMEOUT_MS / 1000 / 2, "nothing left to wait for"
+    a.shutdown()
+
+
+def test_in_place_is_off_for_kv_caches_vllm_frees_from_running_requests(vllm_config):
+    from kvplane.vllm import KvplaneConnector
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    def config(spec):
+        return SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec)])
+
+    common = dict(block_size=BLOCK_TOKENS, num_kv_heads=HEADS, head_size=DIM, dtype=torch.float32)
+    full = KvplaneConnector(vllm_config.make(), KVConnectorRole.WORKER, config(FullAttentionSpec(**common)))
+    assert full._disabled is None
+    window = KvplaneConnector(vllm_config.make(), KVConnectorRole.WORKER,
+                              config(SlidingWindowSpec(sliding_window=64, **common)))
+    assert "SlidingWindowSpec" in (window._disabled or "")
+    window.register_kv_caches(pool(0))
+    assert window._direct is None and window._session is None
+    staged = KvplaneConnector(vllm_config.make(in_place=False), KVConnectorRole.WORKER,
+                              config(SlidingWindowSpec(sliding_window=64, **common)))
+    assert staged._disabled is None, "staged saves never read vLLM's pages later"
+
+
 def test_the_scheduler_delays_freeing_only_what_it_moved(vllm_config):
     from kvplane.vllm import KvplaneConnector, _ReqState
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole

@@ -164,6 +164,9 @@ def test_vllm_on_kvplane(work):
         f = run_engine(work, "engine_f_in_place_preempted", daemon.socket, in_place=True,
                        salt="preempted", preempting=True)
         assert f["prompt_tokens_by_source"].get("_preemptions", 0) > 0, "vLLM never preempted"
+        assert f["worker_stats"]["preempted_steps"] > 0, "the preemption reached the worker"
+        assert f["worker_stats"]["loaded_blocks"] > 0, "resumed requests load their own saves"
+        assert f["scheduler_stats"]["delayed_frees"] == f["worker_stats"]["released_frees"] > 0
         assert [o[:16] for o in f["outputs"]] == base["outputs"], "in place under preemption: outputs differ"
         ws = f["worker_stats"]
         assert ws["saved_blocks"] > 0 and ws["save_failed_blocks"] == 0, ws

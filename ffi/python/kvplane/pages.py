@@ -81,14 +81,16 @@ class _Session:
         deadline = time.monotonic() + timeout_ms / 1000
         while ud not in self._early:
             left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
+            try:
+                if left_ms <= 0:
+                    raise kvplane.TimedOut("deadline passed")
+                for c in self.queue.wait(timeout_ms=left_ms):
+                    self._early[c.user_data] = c
+            except kvplane.TimedOut:
                 for c in self.queue.poll():  # what came meanwhile, before giving up
                     self._early[c.user_data] = c
-                if ud in self._early:
-                    break
-                raise OpTimeout(f"no completion for op {ud} in {timeout_ms} ms")
-            for c in self.queue.wait(timeout_ms=left_ms):
-                self._early[c.user_data] = c
+                if ud not in self._early:
+                    raise OpTimeout(f"no completion for op {ud} in {timeout_ms} ms") from None
         return self._early.pop(ud)
 
     def take_ready(self):

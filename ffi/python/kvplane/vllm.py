@@ -250,6 +250,8 @@ class _Stats:
         self.copied_bytes = 0
         self.lookup_s = self.load_wait_s = self.save_submit_s = 0.0  # time in daemon ops
         self.save_wait_s = 0.0  # in place: waiting for ops before a forward pass (preemption)
+        self.preempted_steps = 0  # in place: steps in which vLLM preempted a request
+        self.preemption_waits = 0  # of those, the ones with ops in flight (waited for)
         self.disconnects = self.attach_failures = 0
         # In place: requests whose blocks the scheduler kept, and those the worker released.
         self.delayed_frees = self.released_frees = 0
@@ -317,6 +319,13 @@ class KvplaneConnector(KVConnectorBase_V1):
         self._direct = None  # DirectPages when vLLM's KV is registered in place
         self._awaiting = set()  # delayed requests not yet reported by get_finished
         self._finishing = set()  # of those, the ones vLLM has named finished
+        unsafe = _unsafe_in_place(kv_cache_config) if self._pages_in_place else None
+        if unsafe:
+            # vLLM frees a running request's out-of-window blocks without asking the
+            # connector: a SAVE in flight could read pages already reused.
+            self._disabled = (f"KV cache group of {unsafe}: vLLM frees blocks of running "
+                              "requests, which in-place SAVEs may still read")
+            logger.error("kvplane: %s; the connector is off for this engine", self._disabled)
         if role == KVConnectorRole.SCHEDULER:
             self._connect()
 
@@ -537,7 +546,7 @@ class KvplaneConnector(KVConnectorBase_V1):
                     st.moved = True
                 st.in_daemon = full
         meta.delayed, self._delayed = self._delayed, []
-        meta.preempted = sorted(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        meta.preempted = sorted(scheduler_output.preempted_req_ids or ())
         return meta
 
     def request_finished(self, request, block_ids):
@@ -546,7 +555,7 @@ class KvplaneConnector(KVConnectorBase_V1):
         # Staged saves read the staging copy, never vLLM's pages later. In place, a SAVE
         # (or a LOAD given up on) may still read or write them: the worker reports the
         # request in get_finished once none is in flight, and vLLM frees its blocks then.
-        delay = self._pages_in_place and st is not None and st.moved
+        delay = self._pages_in_place and not self._disabled and st is not None and st.moved
         if delay:
             self._delayed.append(request.request_id)
             self.stats.delayed_frees += 1
@@ -555,6 +564,8 @@ class KvplaneConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------ worker side
 
     def register_kv_caches(self, kv_caches):
+        if self._disabled:
+            return
         mc = self._vllm_config.model_config
         pc = self._vllm_config.parallel_config
         try:
@@ -635,8 +646,10 @@ class KvplaneConnector(KVConnectorBase_V1):
         """Before the forward pass: vLLM frees a preempted request's blocks without
         asking the connector, and this step may write them. With pages in place, every
         op still in flight is waited for then (held while the daemon lives)."""
-        if (self._direct is not None and self._session is not None and self._direct.ops
-                and kv_connector_metadata.preempted):
+        if self._direct is None or not kv_connector_metadata.preempted:
+            return
+        self.stats.preempted_steps += 1
+        if self._session is not None and self._direct.ops:
             self._direct_wait_ops()
 
     def _direct_start(self, meta):
@@ -657,6 +670,7 @@ class KvplaneConnector(KVConnectorBase_V1):
                 if error is not None:
                     self._lost(error)
         self._pending_saves = list(meta.saves)
+        self._reap()  # completions of other ops that the LOADs' waits read
 
     def _direct_wait_ops(self):
         """Blocks until no op is in flight on vLLM's pages. A live daemon that does not
@@ -664,7 +678,12 @@ class KvplaneConnector(KVConnectorBase_V1):
         may be reading, could store wrong KV under a block's hash. A session that ends
         releases the wait."""
         t0 = time.perf_counter()
-        while self._session is not None and self._direct.ops:
+        self.stats.preemption_waits += 1
+        while True:
+            # Completions read while waiting for others (a LOAD's wait parks them) first.
+            self._reap()
+            if self._session is None or not self._direct.ops:
+                break
             try:
                 for c in self._session.queue.wait(timeout_ms=self._timeout_ms):
                     self._session._early[c.user_data] = c
@@ -676,13 +695,14 @@ class KvplaneConnector(KVConnectorBase_V1):
             except kvplane.KvplaneError as e:
                 self._lost(e)
                 break
-            self._reap()
         self.stats.save_wait_s += time.perf_counter() - t0
 
     def _direct_drain(self):
         """Waits (bounded by the op timeout) for the completions of ops that may still touch
         vLLM's pages."""
         deadline = time.monotonic() + self._timeout_ms / 1000
+        if self._direct.reap(self._session, self._once) is not None:
+            return True
         while self._direct.ops and time.monotonic() < deadline:
             try:
                 for c in self._session.queue.wait(timeout_ms=max(1, int((deadline - time.monotonic()) * 1000))):
@@ -896,6 +916,23 @@ def _region_for(kv_caches, block_tokens, kv_heads, head_size, stats, host_in_pla
         except kvplane.KvplaneError as e:
             raise ValueError(f"registering vLLM's KV tensors in place: {e}") from e
     return host_geometry(kv_caches, block_tokens, kv_heads, head_size)
+
+
+def _unsafe_in_place(kv_cache_config):
+    """The name of a KV cache spec whose blocks vLLM may free while a request runs
+    (sliding window, chunked local attention, ...), or None: in place, only full
+    attention and MLA are safe. Unknown (no config given): None."""
+    if kv_cache_config is None:
+        return None
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+    for group in kv_cache_config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        specs = getattr(spec, "kv_cache_specs", None)
+        for s in (specs.values() if isinstance(specs, dict) else [spec]):
+            if type(s) not in (FullAttentionSpec, MLAAttentionSpec):
+                return type(s).__name__
+    return None
 
 
 def _in_host_buffer(t):
