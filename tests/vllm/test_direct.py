@@ -19,6 +19,7 @@ hand-built step metadata, the interface the scheduler side fills:
 The CUDA-only parts (IPC regions, the interprocess events ordering the daemon's copies
 against vLLM's stream) run only on a GPU: scripts/gpu-e2e.sh.
 """
+import contextlib
 import json
 import os
 import signal
@@ -136,6 +137,21 @@ def stopped(pid, timeout_s=5):
     pytest.fail(f"daemon {pid} not stopped within {timeout_s} s")
 
 
+@contextlib.contextmanager
+def daemon_stopped(cfg, resume_after_s):
+    """The daemon stopped (SIGSTOP, waited for) until the yielded timer, once started,
+    resumes it after `resume_after_s`; resumed at the end in any case."""
+    pid = cfg.daemon.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    resume = threading.Timer(resume_after_s, os.kill, (pid, signal.SIGCONT))
+    try:
+        stopped(pid)
+        yield resume
+    finally:
+        resume.cancel()
+        os.kill(pid, signal.SIGCONT)
+
+
 def wait_finished(w, rid, timeout_s=10):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -174,11 +190,7 @@ def test_pages_are_not_reused_while_the_daemon_may_still_touch_them(vllm_config)
     src, dst = pool(3), pool(0)
     a, b = worker(vllm_config, src), worker(vllm_config, dst)
     hashes, parents = chain(3, 4)
-    pid = vllm_config.daemon.proc.pid
-    os.kill(pid, signal.SIGSTOP)
-    resume = threading.Timer(2.5, os.kill, (pid, signal.SIGCONT))
-    try:
-        stopped(pid)
+    with daemon_stopped(vllm_config, 2.5) as resume:
         # A LOAD that times out: its blocks fail (recomputed by vLLM), the session stays,
         # and the request keeps its blocks, over several steps: the daemon may still
         # write them.
@@ -203,9 +215,6 @@ def test_pages_are_not_reused_while_the_daemon_may_still_touch_them(vllm_config)
         assert time.monotonic() - t0 >= 1.0, "the step waited for the stopped daemon"
         assert a.stats.saved_blocks == 4 and a._direct.saving() == 0
         assert sending == {"s1"}
-    finally:
-        resume.cancel()
-        os.kill(pid, signal.SIGCONT)
     assert wait_finished(b, "l1"), "the late LOAD's completion releases its request"
     a.shutdown()
     b.shutdown()
@@ -215,18 +224,11 @@ def test_completions_read_while_waiting_for_a_load_are_not_lost(vllm_config):
     src = pool(4)
     a = worker(vllm_config, src)
     hashes, parents = chain(4, 3)
-    pid = vllm_config.daemon.proc.pid
-    os.kill(pid, signal.SIGSTOP)
-    resume = threading.Timer(0.3, os.kill, (pid, signal.SIGCONT))
-    try:
-        stopped(pid)
+    with daemon_stopped(vllm_config, 0.3) as resume:
         step(a, saves=[batch(hashes[:2], parents[:2], [0, 1], "s")])
         # The LOAD's wait reads the SAVE's completion too (the daemon resumes meanwhile).
         resume.start()
         step(a, loads=[batch(hashes[2:], parents[2:], [5], "l")])
-    finally:
-        resume.cancel()
-        os.kill(pid, signal.SIGCONT)
     assert a._direct.ops == {} and a.stats.saved_blocks == 2, "the SAVE's completion was used"
     t0 = time.monotonic()
     step(a, preempted=["x"])
