@@ -68,8 +68,11 @@ def role(args):
         pages.save(s, [BlockBatch(0, hashes, parents, src_ids, "r")])
         deadline = time.monotonic() + 30
         while pages.ops and time.monotonic() < deadline:
-            for c in s.queue.wait(timeout_ms=1000):
-                s._early[c.user_data] = c
+            try:
+                for c in s.queue.wait(timeout_ms=1000):
+                    s._early[c.user_data] = c
+            except kvplane.TimedOut:
+                continue
             pages.reap(s, lambda *a: print(*a, file=sys.stderr))
         report["save_submit_to_completion_ms"] = (time.perf_counter() - t0) * 1000
         report["saved_blocks"] = stats.saved_blocks
