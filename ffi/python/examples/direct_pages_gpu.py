@@ -69,8 +69,7 @@ def role(args):
         deadline = time.monotonic() + 30
         while pages.ops and time.monotonic() < deadline:
             try:
-                for c in s.queue.wait(timeout_ms=1000):
-                    s._early[c.user_data] = c
+                s.collect(1000)
             except kvplane.TimedOut:
                 continue
             pages.reap(s, lambda *a: print(*a, file=sys.stderr))

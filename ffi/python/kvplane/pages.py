@@ -80,22 +80,26 @@ class _Session:
     def wait_for(self, ud, timeout_ms):
         deadline = time.monotonic() + timeout_ms / 1000
         while ud not in self._early:
-            left_ms = int((deadline - time.monotonic()) * 1000)
             try:
-                if left_ms <= 0:
+                if time.monotonic() >= deadline:
                     raise kvplane.TimedOut("deadline passed")
-                for c in self.queue.wait(timeout_ms=left_ms):
-                    self._early[c.user_data] = c
+                self.collect(ms_until(deadline))
             except kvplane.TimedOut:
-                for c in self.queue.poll():  # what came meanwhile, before giving up
-                    self._early[c.user_data] = c
+                self.collect()  # what came meanwhile, before giving up
                 if ud not in self._early:
                     raise OpTimeout(f"no completion for op {ud} in {timeout_ms} ms") from None
         return self._early.pop(ud)
 
-    def take_ready(self):
-        for c in self.queue.poll():
+    def collect(self, timeout_ms=None):
+        """Reads the completions that arrived, kept for wait_for and take_ready; with
+        `timeout_ms`, waits up to that long for one (TimedOut if none came while the
+        daemon lives)."""
+        got = self.queue.poll() if timeout_ms is None else self.queue.wait(timeout_ms=timeout_ms)
+        for c in got:
             self._early[c.user_data] = c
+
+    def take_ready(self):
+        self.collect()
         ready, self._early = self._early, {}
         return ready
 
@@ -284,7 +288,7 @@ class DirectPages:
                 c = None
                 if error is None:
                     try:
-                        c = s.wait_for(ud, max(1, int((deadline - time.monotonic()) * 1000)))
+                        c = s.wait_for(ud, ms_until(deadline))
                     except kvplane.TimedOut as e:
                         reason = reason or str(e)
                     except kvplane.KvplaneError as e:
@@ -351,6 +355,11 @@ class DirectPages:
                 self.stuck[req_id] = self.stuck.get(req_id, 0) + 1
         self.ops.clear()
         self.per_request = dict(self.stuck)
+
+
+def ms_until(deadline):
+    """Milliseconds from now to a time.monotonic() deadline, at least 1."""
+    return max(1, int((deadline - time.monotonic()) * 1000))
 
 
 def _chunks(batch, n):

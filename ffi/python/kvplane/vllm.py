@@ -57,7 +57,7 @@ import kvplane
 from kvplane import hashing
 from kvplane.pages import (  # noqa: F401 - BlockBatch, _block_op_bytes, _Session: tests import them here
     DIRECT_ARENA_BYTES, BlockBatch, DirectPages, OpTimeout, RingFull, _block_op_bytes, _Session,
-    vllm_device_layout,
+    ms_until, vllm_device_layout,
 )
 
 # Under "vllm." so it goes through vLLM's own logging configuration.
@@ -685,8 +685,7 @@ class KvplaneConnector(KVConnectorBase_V1):
             if self._session is None or not self._direct.ops:
                 break
             try:
-                for c in self._session.queue.wait(timeout_ms=self._timeout_ms):
-                    self._session._early[c.user_data] = c
+                self._session.collect(self._timeout_ms)
             except kvplane.TimedOut:
                 logger.warning("kvplane: a request was preempted: waiting for the daemon to "
                                "finish %d op(s) on vLLM's pages before the forward pass "
@@ -701,17 +700,16 @@ class KvplaneConnector(KVConnectorBase_V1):
         """Waits (bounded by the op timeout) for the completions of ops that may still touch
         vLLM's pages."""
         deadline = time.monotonic() + self._timeout_ms / 1000
-        if self._direct.reap(self._session, self._once) is not None:
-            return True
-        while self._direct.ops and time.monotonic() < deadline:
+        while True:
+            if self._direct.reap(self._session, self._once) is not None:
+                return True  # the session is over: the daemon is done with the pages
+            if not self._direct.ops or time.monotonic() >= deadline:
+                break
             try:
-                for c in self._session.queue.wait(timeout_ms=max(1, int((deadline - time.monotonic()) * 1000))):
-                    self._session._early[c.user_data] = c
+                self._session.collect(ms_until(deadline))
             except kvplane.TimedOut:
                 break
             except kvplane.KvplaneError:
-                return True  # the session is over: the daemon is done with the pages
-            if self._direct.reap(self._session, self._once) is not None:
                 return True
         if self._direct.ops:
             logger.error("kvplane: %d op(s) on vLLM's pages unanswered after %d ms; their "
@@ -772,8 +770,7 @@ class KvplaneConnector(KVConnectorBase_V1):
                 self._lost(kvplane.KvplaneError(f"SAVEs not completed in {self._timeout_ms} ms"))
                 return
             try:
-                for c in self._session.queue.wait(timeout_ms=max(1, int((deadline - time.monotonic()) * 1000))):
-                    self._session._early[c.user_data] = c
+                self._session.collect(ms_until(deadline))
             except kvplane.KvplaneError as e:
                 self._lost(e)
                 return
