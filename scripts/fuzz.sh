@@ -5,6 +5,7 @@
 #   FUZZ_SECONDS      seconds per target (default 60)
 #   FUZZ_TARGETS      space-separated subset of targets (default: all of `cargo fuzz list`)
 #   FUZZ_TARGET_DIR   cargo target directory for the instrumented build (default fuzz/target)
+#   FUZZ_JOBS         targets fuzzed at once (default: the CPU count)
 #
 # The corpus is copied to a temporary directory first, so the inputs libFuzzer adds never
 # dirty the checkout. A crash fails the run; libFuzzer leaves the input in
@@ -32,15 +33,12 @@ build_start=$SECONDS
 cargo fuzz build --target-dir "$target_dir" >&2
 echo "fuzz: built ${#targets[@]} targets in $((SECONDS - build_start)) s" >&2
 
-failed=()
-summary=()
-for t in "${targets[@]}"; do
-    corpus="$work/$t"
+# One target: its corpus, its log, its status line in $work/$t.status.
+fuzz_one() {
+    local t=$1 corpus="$work/$1" log="$work/$1.log" status extra=()
     mkdir -p "$corpus"
     cp -r "fuzz/corpus/$t/." "$corpus/"
-    extra=()
     [[ -d fuzz/regressions/$t ]] && extra+=("fuzz/regressions/$t")
-    log="$work/$t.log"
     echo "fuzz: $t for ${seconds} s" >&2
     if cargo fuzz run --target-dir "$target_dir" "$t" "$corpus" "${extra[@]}" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
@@ -48,14 +46,34 @@ for t in "${targets[@]}"; do
         status=ok
     else
         status=CRASH
-        failed+=("$t")
         tail -n 60 "$log" >&2
     fi
+    local execs rate inputs
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
     inputs=$(find "$corpus" -type f | wc -l)
-    summary+=("$(printf '%-16s %-6s %12s execs %9s execs/s %6s corpus inputs' \
-        "$t" "$status" "${execs:-?}" "${rate:-?}" "$inputs")")
+    printf '%-16s %-6s %12s execs %9s execs/s %6s corpus inputs\n' \
+        "$t" "$status" "${execs:-?}" "${rate:-?}" "$inputs" >"$work/$t.status"
+}
+
+# Each libFuzzer process is single-threaded: run one per CPU at a time, so every target
+# still gets its full time on a core of its own and the whole run takes a CPU count's
+# fraction of the time.
+parallel=${FUZZ_JOBS:-$(nproc)}
+for t in "${targets[@]}"; do
+    while (($(jobs -rp | wc -l) >= parallel)); do
+        wait -n || true
+    done
+    fuzz_one "$t" &
+done
+wait
+
+failed=()
+summary=()
+for t in "${targets[@]}"; do
+    line=$(cat "$work/$t.status" 2>/dev/null || echo "$t (no status: the run did not finish)")
+    summary+=("$line")
+    [[ $line == *" ok "* ]] || failed+=("$t")
 done
 
 printf 'fuzz: %s\n' "${summary[@]}" >&2

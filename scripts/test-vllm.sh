@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=$(scripts/install-vllm.sh)
-cargo build --locked -p kvplane -p kvplane-capi
+# --workspace: the same features as scripts/test.sh's build, so after it this builds nothing.
+cargo build --locked --workspace
 timeout "${KVPLANE_VLLM_TEST_TIMEOUT_S:-2400}" "$python" -m pytest -q -s -p no:cacheprovider \
     ffi/python/tests tests/vllm
