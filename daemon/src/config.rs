@@ -12,6 +12,9 @@ pub use control::{ControlConfig, default_socket_path};
 pub use device::{BackendSetting, DeviceConfig, MAX_DEVICE_ORDINAL};
 pub use events::EventsConfig;
 
+/// A config file larger than this is refused (the default with comments is ~10 KiB).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config {path}: {source}")]
@@ -259,23 +262,12 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        use std::io::Read;
-        let spec = crate::secure_open::OpenSpec {
-            flags: libc::O_RDONLY,
-            create_mode: 0,
-            kinds: &[crate::secure_open::Kind::Regular],
-            forbidden_mode: 0o022,
-            follow_final_link: true,
-        };
-        let mut file = crate::secure_open::open(path, &spec)
-            .map_err(ConfigError::Path)?
-            .file;
-        let mut text = String::new();
-        file.read_to_string(&mut text)
-            .map_err(|source| ConfigError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let bytes = crate::secure_open::read_regular(path, 0o022, MAX_CONFIG_BYTES)
+            .map_err(ConfigError::Path)?;
+        let text = String::from_utf8(bytes).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
         Self::from_toml(&text, path)
     }
 
@@ -631,6 +623,27 @@ worker_id = 0
 # Events queued between the data plane and the publisher (overflow: dropped, counted,
 # repaired by the next snapshot).
 queue_events = {queue_events}
+# A NATS JetStream server (cluster: comma-separated URLs) to publish KV events to, in
+# Dynamo's format, with the stream named after namespace and component; changes buffered
+# while NATS is away (beyond it: the full state is re-published). Unset: no NATS.
+# nats_url = "nats://nats.example:4222"
+# nats_namespace = "kvplane"
+# nats_component = "kvplane"
+# nats_queue_events = 65536
+# Credentials and TLS for NATS, as files the daemon reads at start-up, before it drops
+# privileges (only root's or the daemon's links are followed; a token, password or key
+# file readable by group or others is refused). A token, or a user and password file;
+# the CA that signed the server's certificate (else the system's roots); a client
+# certificate and key for servers that verify clients; tls_required refuses a plain
+# connection (a tls:// URL implies it). /metrics: kvplane_nats_*.
+# [events.nats_auth]
+# token_file = "/etc/kvplane/nats.token"
+# user = "kvplane"
+# password_file = "/etc/kvplane/nats.password"
+# tls_ca_file = "/etc/kvplane/nats-ca.pem"
+# tls_cert_file = "/etc/kvplane/nats-client.pem"
+# tls_key_file = "/etc/kvplane/nats-client.key"
+# tls_required = true
 
 [device]
 # The device the data plane runs on: "auto" (the CUDA device below when an NVIDIA driver
@@ -799,7 +812,14 @@ mod tests {
             nats_namespace: "ns".into(),
             nats_component: "comp".into(),
             nats_queue_events: 2048,
+            nats_auth: Default::default(),
         };
+        let auth = &mut full.events.nats_auth;
+        auth.token_file = Some("/etc/kvplane/nats.token".into());
+        auth.tls_ca_file = Some("/etc/kvplane/nats-ca.pem".into());
+        auth.tls_cert_file = Some("/etc/kvplane/nats.pem".into());
+        auth.tls_key_file = Some("/etc/kvplane/nats.key".into());
+        auth.tls_required = true;
         full.device = DeviceConfig {
             backend: BackendSetting::Cuda,
             ordinal: 3,

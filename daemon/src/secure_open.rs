@@ -239,6 +239,44 @@ fn push_components(pending: &mut VecDeque<OsString>, path: &Path) {
     }
 }
 
+/// Reads a small regular file the daemon trusts (its config, credentials): opened as
+/// [`open`] does, following only root's or the daemon's links, refused if any of
+/// `forbidden_mode`'s bits is set (`0o022`: nobody else may change it; `0o077`: a secret,
+/// nobody else may read it either) or if it is over `max_bytes`.
+pub fn read_regular(
+    path: &Path,
+    forbidden_mode: u32,
+    max_bytes: u64,
+) -> Result<Vec<u8>, PathError> {
+    use std::io::Read;
+    let spec = OpenSpec {
+        flags: libc::O_RDONLY,
+        create_mode: 0,
+        kinds: &[Kind::Regular],
+        forbidden_mode,
+        follow_final_link: true,
+    };
+    let opened = open(path, &spec)?;
+    let io_err = |source| PathError::Io {
+        path: path.to_path_buf(),
+        op: "read",
+        at: opened.resolved.clone(),
+        source,
+    };
+    let mut bytes = Vec::new();
+    (&opened.file)
+        .take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(io_err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {max_bytes} bytes"),
+        )));
+    }
+    Ok(bytes)
+}
+
 /// Opens `path` as described in the module documentation and checks the result against
 /// `spec`. A relative path is taken from the current directory (as `getcwd` names it) and
 /// resolved from `/` like any other.

@@ -46,7 +46,9 @@ pub fn run(args: ServeArgs) -> ServeResult {
         print!("{}", Config::default_toml());
         return Ok(());
     }
-    let config = load_config(&args)?;
+    let mut config = load_config(&args)?;
+    // NATS credentials are root's files: read them now, before privileges are dropped.
+    config.events.load_nats_auth()?;
     signals::block_termination()?;
     let t0 = std::time::Instant::now();
     let (events_tx, events_rx) = crossbeam::channel::bounded(config.events.queue_events);
@@ -132,7 +134,8 @@ pub fn run(args: ServeArgs) -> ServeResult {
         None
     };
     let daemon = bound.start()?;
-    let control = crate::control::admin::start_for(&daemon, control, &device);
+    let nats_stats = events.as_ref().and_then(EventStream::nats_stats);
+    let control = crate::control::admin::start_for(&daemon, control, &device, nats_stats);
     let sig = signals::wait_termination()?;
     tracing::info!(signal = sig, "shutting down: finishing in-flight batches");
     crate::control::admin::shutdown(daemon, control);

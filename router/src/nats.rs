@@ -28,6 +28,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -48,6 +49,8 @@ pub struct NatsStreamConfig {
     pub max_age_s: u64,
     /// Server round trip limit for a publish acknowledgement or an API request.
     pub request_timeout_ms: u64,
+    /// How this client proves itself to the server and checks the server's certificate.
+    pub auth: NatsAuth,
 }
 
 impl Default for NatsStreamConfig {
@@ -58,6 +61,7 @@ impl Default for NatsStreamConfig {
             component: "kvplane".into(),
             max_age_s: 3600,
             request_timeout_ms: 2_000,
+            auth: NatsAuth::default(),
         }
     }
 }
@@ -73,6 +77,275 @@ impl NatsStreamConfig {
     }
 }
 
+/// NATS credentials and TLS settings: file paths in the configuration, read by
+/// [`NatsAuth::load`] (the daemon loads them before it drops privileges, through its
+/// no-link open; a router that did not load them reads them at each connection, so a
+/// rotated token or certificate is picked up on reconnect). No secret is ever written in
+/// the configuration itself, and `Debug` never shows one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsAuth {
+    /// File holding the server's authorization token (`nats-server --auth`).
+    pub token_file: Option<PathBuf>,
+    /// User name; with `password_file`.
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// PEM certificates of the CAs that sign the server's certificate (instead of the
+    /// system's roots). Setting it, a client certificate or `tls_required` uses TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and its private key, for servers that verify clients
+    /// (`verify: true`).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse a server that does not upgrade the connection to TLS (`tls://` URLs imply it).
+    pub tls_required: bool,
+    #[serde(skip)]
+    loaded: Option<Arc<LoadedAuth>>,
+}
+
+/// What a file of [`NatsAuth`] holds, for the reader's checks: a secret must be readable
+/// by its owner only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthFile {
+    Secret,
+    Public,
+}
+
+/// The contents of [`NatsAuth`]'s files, checked.
+#[derive(PartialEq, Eq)]
+struct LoadedAuth {
+    token: Option<String>,
+    password: Option<String>,
+    /// PEM, each parsed once at load.
+    tls_ca: Option<Vec<u8>>,
+    tls_cert: Option<Vec<u8>>,
+    tls_key: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for LoadedAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadedAuth(<redacted>)")
+    }
+}
+
+impl Drop for LoadedAuth {
+    fn drop(&mut self) {
+        // Best effort: the copies async-nats and rustls keep are out of reach.
+        for v in [self.token.take(), self.password.take()]
+            .into_iter()
+            .flatten()
+        {
+            wipe(v.into_bytes());
+        }
+        for v in [self.tls_key.take()].into_iter().flatten() {
+            wipe(v);
+        }
+    }
+}
+
+fn wipe(mut bytes: Vec<u8>) {
+    for b in bytes.iter_mut() {
+        // SAFETY: `b` is a valid, aligned &mut u8; volatile so the wipe is not elided.
+        unsafe { std::ptr::write_volatile(b, 0) };
+    }
+}
+
+impl NatsAuth {
+    /// Whether anything is configured.
+    pub fn is_empty(&self) -> bool {
+        self.token_file.is_none()
+            && self.user.is_none()
+            && self.password_file.is_none()
+            && !self.uses_tls_files()
+            && !self.tls_required
+    }
+
+    fn uses_tls_files(&self) -> bool {
+        self.tls_ca_file.is_some() || self.tls_cert_file.is_some() || self.tls_key_file.is_some()
+    }
+
+    /// The settings that go together: one of a token or a user and password, a client
+    /// certificate with its key.
+    pub fn validate(&self) -> Result<(), NatsError> {
+        let bad = |what: &'static str, reason: &str| {
+            Err(NatsError::Auth {
+                what,
+                reason: reason.into(),
+            })
+        };
+        if self.token_file.is_some() && (self.user.is_some() || self.password_file.is_some()) {
+            return bad(
+                "token_file",
+                "set either a token or a user and password, not both",
+            );
+        }
+        if self.user.is_some() != self.password_file.is_some() {
+            return bad("user", "user and password_file go together");
+        }
+        if let Some(u) = &self.user
+            && (u.is_empty() || u.len() > 256 || u.chars().any(|c| c.is_control()))
+        {
+            return bad(
+                "user",
+                "must be 1-256 characters, none of them control characters",
+            );
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return bad(
+                "tls_cert_file",
+                "tls_cert_file and tls_key_file go together",
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads and checks every configured file with `read` (the daemon's reader refuses
+    /// links and a secret that others may read); the result connects without touching
+    /// the files again.
+    pub fn load(
+        &self,
+        read: &mut dyn FnMut(&Path, AuthFile) -> std::io::Result<Vec<u8>>,
+    ) -> Result<NatsAuth, NatsError> {
+        self.validate()?;
+        let mut file = |what: &'static str, path: &Option<PathBuf>, kind| {
+            path.as_deref()
+                .map(|p| {
+                    read(p, kind).map_err(|e| NatsError::Auth {
+                        what,
+                        reason: format!("{}: {e}", p.display()),
+                    })
+                })
+                .transpose()
+        };
+        let secret = |what: &'static str, bytes: Option<Vec<u8>>| -> Result<_, NatsError> {
+            let Some(bytes) = bytes else { return Ok(None) };
+            let text = String::from_utf8(bytes).map_err(|_| NatsError::Auth {
+                what,
+                reason: "not UTF-8".into(),
+            })?;
+            // One trailing newline is how such files are written; nothing else may surround it.
+            let trimmed = text.strip_suffix('\n').unwrap_or(&text);
+            if trimmed.is_empty() || trimmed.chars().any(|c| c.is_control() || c == ' ') {
+                return Err(NatsError::Auth {
+                    what,
+                    reason: "must be one line of printable characters without spaces".into(),
+                });
+            }
+            let out = trimmed.to_owned();
+            wipe(text.into_bytes());
+            Ok(Some(out))
+        };
+        let loaded = LoadedAuth {
+            token: secret(
+                "token_file",
+                file("token_file", &self.token_file, AuthFile::Secret)?,
+            )?,
+            password: secret(
+                "password_file",
+                file("password_file", &self.password_file, AuthFile::Secret)?,
+            )?,
+            tls_ca: file("tls_ca_file", &self.tls_ca_file, AuthFile::Public)?,
+            tls_cert: file("tls_cert_file", &self.tls_cert_file, AuthFile::Public)?,
+            tls_key: file("tls_key_file", &self.tls_key_file, AuthFile::Secret)?,
+        };
+        // Parse now, so a bad file fails at start-up with its name, not at each reconnect.
+        tls_config(&loaded)?;
+        Ok(NatsAuth {
+            loaded: Some(Arc::new(loaded)),
+            ..self.clone()
+        })
+    }
+
+    /// `opts` with these credentials and TLS settings.
+    fn apply(
+        &self,
+        mut opts: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, NatsError> {
+        let loaded = match &self.loaded {
+            Some(l) => Arc::clone(l),
+            None if self.is_empty() => return Ok(opts),
+            // A router reads its files at each connection.
+            None => match self.load(&mut |p, _| std::fs::read(p))?.loaded {
+                Some(l) => l,
+                None => return Ok(opts),
+            },
+        };
+        if let Some(t) = &loaded.token {
+            opts = opts.token(t.clone());
+        }
+        if let (Some(u), Some(p)) = (&self.user, &loaded.password) {
+            opts = opts.user_and_password(u.clone(), p.clone());
+        }
+        if let Some(config) = tls_config(&loaded)? {
+            opts = opts.tls_client_config(config).require_tls(true);
+        }
+        if self.tls_required {
+            opts = opts.require_tls(true);
+        }
+        Ok(opts)
+    }
+}
+
+/// A TLS client configuration from the loaded CA and client certificate, or `None`
+/// when neither is set (async-nats then uses the system's roots if TLS is needed).
+fn tls_config(loaded: &LoadedAuth) -> Result<Option<async_nats::rustls::ClientConfig>, NatsError> {
+    use async_nats::rustls::{self, RootCertStore, pki_types};
+    use pki_types::pem::PemObject;
+    use pki_types::{CertificateDer, PrivateKeyDer};
+    if loaded.tls_ca.is_none() && loaded.tls_cert.is_none() {
+        return Ok(None);
+    }
+    let bad = |what: &'static str, e: &dyn std::fmt::Display| NatsError::Auth {
+        what,
+        reason: e.to_string(),
+    };
+    let certs =
+        |what: &'static str, pem: &[u8]| -> Result<Vec<CertificateDer<'static>>, NatsError> {
+            let certs = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(what, &e))?;
+            if certs.is_empty() {
+                return Err(bad(what, &"no PEM certificate in it"));
+            }
+            Ok(certs)
+        };
+    let mut roots = RootCertStore::empty();
+    match &loaded.tls_ca {
+        Some(pem) => {
+            for c in certs("tls_ca_file", pem)? {
+                roots.add(c).map_err(|e| bad("tls_ca_file", &e))?;
+            }
+        }
+        // A client certificate without a CA file: the server is checked against the
+        // system's roots, as async-nats does.
+        None => {
+            let native = rustls_native_certs::load_native_certs().map_err(|e| {
+                bad(
+                    "tls_ca_file",
+                    &format!("unset, and the system's roots: {e}"),
+                )
+            })?;
+            roots.add_parsable_certificates(native);
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("tls", &e))?
+        .with_root_certificates(roots);
+    let config = match (&loaded.tls_cert, &loaded.tls_key) {
+        (Some(cert), Some(key)) => {
+            let chain = certs("tls_cert_file", cert)?;
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("tls_key_file", &e))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| bad("tls_cert_file", &e))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Some(config))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
     #[error("connect to NATS at {url}")]
@@ -81,6 +354,8 @@ pub enum NatsError {
         #[source]
         source: async_nats::ConnectError,
     },
+    #[error("NATS auth {what}: {reason}")]
+    Auth { what: &'static str, reason: String },
     #[error("JetStream stream {stream}: {reason}")]
     Stream { stream: String, reason: String },
     #[error("router snapshot: {0}")]
@@ -104,7 +379,7 @@ async fn connect_watching(
     retry_initial: bool,
     reconnects: Option<tokio::sync::watch::Sender<u64>>,
 ) -> Result<async_nats::Client, NatsError> {
-    let mut opts = async_nats::ConnectOptions::new()
+    let opts = async_nats::ConnectOptions::new()
         .name(name)
         .request_timeout(Some(Duration::from_millis(cfg.request_timeout_ms.max(1))))
         .connection_timeout(Duration::from_millis(cfg.request_timeout_ms.max(1)))
@@ -113,17 +388,33 @@ async fn connect_watching(
             Duration::from_millis((50u64 << attempts.min(5)).min(1_000))
         })
         .max_reconnects(None);
+    let mut opts = cfg.auth.apply(opts)?;
     if retry_initial {
         opts = opts.retry_on_initial_connect();
     }
-    if let Some(tx) = reconnects {
-        opts = opts.event_callback(move |event| {
-            if matches!(event, async_nats::Event::Connected) {
-                tx.send_modify(|n| *n += 1);
+    // A refused connection (wrong credentials, an unverifiable certificate, no server) is
+    // retried every second at most: say so in the log at the 1st, 2nd, 4th, 8th ... failure
+    // in a row, not at each.
+    let failures = AtomicU64::new(0);
+    let url = cfg.url.clone();
+    opts = opts.event_callback(move |event| {
+        match &event {
+            async_nats::Event::Connected => {
+                failures.store(0, Ordering::Relaxed);
+                if let Some(tx) = &reconnects {
+                    tx.send_modify(|n| *n += 1);
+                }
             }
-            std::future::ready(())
-        });
-    }
+            async_nats::Event::ServerError(_) | async_nats::Event::ClientError(_) => {
+                let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(%url, failures = n, error = %event, "NATS connection failing");
+                }
+            }
+            _ => {}
+        }
+        std::future::ready(())
+    });
     opts.connect(cfg.url.as_str())
         .await
         .map_err(|source| NatsError::Connect {
@@ -854,5 +1145,175 @@ pub(crate) fn apply_to_index(index: &crate::index::Index, namespace: &str, ev: &
             index.remove(namespace, worker, Some(tier), &r.block_hashes);
         }
         KvCacheEventData::Cleared => index.remove_worker(worker, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A reader over in-memory files, recording what each was read as.
+    fn files(entries: &[(&str, &str)]) -> HashMap<PathBuf, Vec<u8>> {
+        entries
+            .iter()
+            .map(|(p, c)| (PathBuf::from(p), c.as_bytes().to_vec()))
+            .collect()
+    }
+
+    fn load(auth: &NatsAuth, fs: &HashMap<PathBuf, Vec<u8>>) -> Result<NatsAuth, NatsError> {
+        let mut kinds = Vec::new();
+        let r = auth.load(&mut |p, kind| {
+            kinds.push((p.to_path_buf(), kind));
+            fs.get(p)
+                .cloned()
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+        });
+        // Tokens, passwords and keys are read as secrets, certificates as public files.
+        for (p, kind) in kinds {
+            let secret = p.to_string_lossy().contains("secret");
+            assert_eq!(
+                kind == AuthFile::Secret,
+                secret,
+                "{} read as {kind:?}",
+                p.display()
+            );
+        }
+        r
+    }
+
+    fn what(r: Result<NatsAuth, NatsError>) -> &'static str {
+        match r {
+            Err(NatsError::Auth { what, .. }) => what,
+            other => panic!("expected an auth error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn token_is_one_line_and_never_shown() {
+        let fs = files(&[
+            ("/k/secret-token", "t0k3n-Value\n"),
+            ("/k/secret-spaced", "two words\n"),
+            ("/k/secret-lines", "a\nb\n"),
+            ("/k/secret-empty", "\n"),
+        ]);
+        let auth = NatsAuth {
+            token_file: Some("/k/secret-token".into()),
+            ..NatsAuth::default()
+        };
+        let loaded = load(&auth, &fs).unwrap();
+        let l = loaded.loaded.as_ref().unwrap();
+        assert_eq!(
+            l.token.as_deref(),
+            Some("t0k3n-Value"),
+            "one trailing newline dropped"
+        );
+        let shown = format!(
+            "{loaded:?} {:?}",
+            NatsStreamConfig {
+                auth: loaded.clone(),
+                ..NatsStreamConfig::default()
+            }
+        );
+        assert!(!shown.contains("t0k3n"), "Debug shows no secret: {shown}");
+        for bad in ["/k/secret-spaced", "/k/secret-lines", "/k/secret-empty"] {
+            let a = NatsAuth {
+                token_file: Some(bad.into()),
+                ..NatsAuth::default()
+            };
+            assert_eq!(what(load(&a, &fs)), "token_file", "{bad}");
+        }
+        let missing = NatsAuth {
+            token_file: Some("/k/secret-none".into()),
+            ..NatsAuth::default()
+        };
+        match load(&missing, &fs) {
+            Err(NatsError::Auth { what, reason }) => {
+                assert_eq!(what, "token_file");
+                assert!(reason.contains("/k/secret-none"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn settings_that_go_together() {
+        let both = NatsAuth {
+            token_file: Some("/k/secret-t".into()),
+            user: Some("u".into()),
+            password_file: Some("/k/secret-p".into()),
+            ..NatsAuth::default()
+        };
+        assert_eq!(what(both.validate().map(|()| both.clone())), "token_file");
+        let user_only = NatsAuth {
+            user: Some("u".into()),
+            ..NatsAuth::default()
+        };
+        assert_eq!(
+            what(user_only.validate().map(|()| NatsAuth::default())),
+            "user"
+        );
+        let cert_only = NatsAuth {
+            tls_cert_file: Some("/k/c.pem".into()),
+            ..NatsAuth::default()
+        };
+        assert_eq!(
+            what(cert_only.validate().map(|()| NatsAuth::default())),
+            "tls_cert_file"
+        );
+        let fs = files(&[("/k/secret-p", "pw\n")]);
+        let ok = NatsAuth {
+            user: Some("svc".into()),
+            password_file: Some("/k/secret-p".into()),
+            ..NatsAuth::default()
+        };
+        let loaded = load(&ok, &fs).unwrap();
+        assert_eq!(
+            loaded.loaded.as_ref().unwrap().password.as_deref(),
+            Some("pw")
+        );
+        assert!(NatsAuth::default().is_empty());
+        assert!(!ok.is_empty());
+    }
+
+    #[test]
+    fn a_bad_certificate_fails_at_load_naming_its_file() {
+        let fs = files(&[
+            ("/k/ca.pem", "not a certificate\n"),
+            (
+                "/k/broken.pem",
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            ),
+        ]);
+        for f in ["/k/ca.pem", "/k/broken.pem"] {
+            let a = NatsAuth {
+                tls_ca_file: Some(f.into()),
+                ..NatsAuth::default()
+            };
+            assert_eq!(what(load(&a, &fs)), "tls_ca_file", "{f}");
+        }
+    }
+
+    /// The router's `[nats.auth]` table parses into the stream's settings (the router
+    /// reads `[nats]` flattened).
+    #[test]
+    fn router_config_takes_an_auth_table() {
+        let cfg: RouterNatsConfig = toml::from_str(
+            "url = \"tls://n:4222\"\n[auth]\ntoken_file = \"/k/t\"\ntls_ca_file = \"/k/ca.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.stream.url, "tls://n:4222");
+        assert_eq!(
+            cfg.stream.auth.token_file.as_deref(),
+            Some(Path::new("/k/t"))
+        );
+        assert_eq!(
+            cfg.stream.auth.tls_ca_file.as_deref(),
+            Some(Path::new("/k/ca.pem"))
+        );
+        assert!(
+            toml::from_str::<RouterNatsConfig>("[auth]\ntoken = \"inline\"\n").is_err(),
+            "a secret written in the config itself is refused"
+        );
     }
 }

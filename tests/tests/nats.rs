@@ -63,15 +63,22 @@ struct NatsServer {
     port: u16,
     store: PathBuf,
     log: PathBuf,
+    /// More `nats-server` arguments (auth, TLS).
+    extra: Vec<String>,
 }
 
 impl NatsServer {
     fn start(dir: &Path) -> NatsServer {
+        Self::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, extra: &[&str]) -> NatsServer {
         let mut s = NatsServer {
             child: None,
             port: free_port(),
             store: dir.join("jetstream"),
             log: dir.join("nats.log"),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         s.spawn();
         s
@@ -93,6 +100,7 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(&self.store)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -133,6 +141,11 @@ impl Drop for RouterProc {
 }
 
 fn start_router(nats_url: &str, snapshot_ms: u64, log: &Path) -> RouterProc {
+    start_router_with(nats_url, snapshot_ms, log, &[])
+}
+
+/// [`start_router`] with more arguments (`--config FILE`).
+fn start_router_with(nats_url: &str, snapshot_ms: u64, log: &Path, extra: &[&str]) -> RouterProc {
     let http = free_port();
     let child = Command::new(kvplane_bin())
         .args([
@@ -146,6 +159,7 @@ fn start_router(nats_url: &str, snapshot_ms: u64, log: &Path) -> RouterProc {
             "--snapshot-interval-ms",
             &snapshot_ms.to_string(),
         ])
+        .args(extra)
         .env("KVPLANE_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
@@ -837,5 +851,280 @@ fn daemon_started_while_nats_is_down_publishes_when_it_comes_up() {
         chains.len(),
         t.as_millis(),
         up.elapsed().as_millis()
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 it signed, made with the `openssl` tool:
+/// (ca.pem, server.pem, server.key).
+fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("the `openssl` tool is needed to make test certificates: {e}")
+            });
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=kvplane test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+fn write_mode(path: &Path, text: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// One `/metrics` sample of a daemon, read on its control socket.
+fn daemon_metric(d: &DaemonProc, name: &str) -> Option<u64> {
+    let (code, body) = kvplane_tests::http(
+        &kvplane_tests::control_addr(d),
+        b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(code, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A server that wants a token, over TLS with a CA of its own: a daemon and a router
+/// that present both (the daemon reads its files as root at start-up) exchange the
+/// stream; a daemon with the wrong token publishes nothing and says so on `/metrics`,
+/// and the router never sees it; a token file others may read stops the daemon at
+/// start-up, naming the key; a router without the CA cannot connect.
+#[test]
+fn token_and_tls_auth() {
+    let dir = temp_dir("nats-auth");
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let (ca, cert, key) = test_pki(&pki);
+    let token = "kvp-T0ken_for.tests";
+    let nats = NatsServer::start_with(
+        dir.path(),
+        &[
+            "--auth",
+            token,
+            "--tls",
+            "--tlscert",
+            cert.to_str().unwrap(),
+            "--tlskey",
+            key.to_str().unwrap(),
+        ],
+    );
+    let url = nats.url();
+    let good = dir.path().join("token");
+    write_mode(&good, &format!("{token}\n"), 0o600);
+    let wrong = dir.path().join("wrong-token");
+    write_mode(&wrong, "not-the-token\n", 0o600);
+    let readable = dir.path().join("readable-token");
+    write_mode(&readable, &format!("{token}\n"), 0o644);
+
+    let router_cfg = |name: &str, ca: Option<&Path>| {
+        let mut text = format!("[nats.auth]\ntoken_file = \"{}\"\n", good.display());
+        if let Some(ca) = ca {
+            text += &format!("tls_ca_file = \"{}\"\n", ca.display());
+        }
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let with_ca = router_cfg("router.toml", Some(&ca));
+    let r1 = start_router_with(
+        &url,
+        0,
+        &dir.path().join("r1.log"),
+        &["--config", with_ca.to_str().unwrap()],
+    );
+    let no_ca = router_cfg("router-no-ca.toml", None);
+    let r_no_ca = start_router_with(
+        &url,
+        0,
+        &dir.path().join("r-no-ca.log"),
+        &["--config", no_ca.to_str().unwrap()],
+    );
+
+    let daemon = |name: &str, worker: u64, token_file: &Path| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let cfg = daemon_config(&d, &url, worker, |c| {
+            c.events.nats_auth.token_file = Some(token_file.to_path_buf());
+            c.events.nats_auth.tls_ca_file = Some(ca.clone());
+            c.events.nats_auth.tls_required = true;
+        });
+        (d, cfg)
+    };
+    let (d1_dir, d1_cfg) = daemon("d1", 801, &good);
+    let d1 = DaemonProc::start(&d1_dir, &["--config", d1_cfg.to_str().unwrap()]);
+    let (d2_dir, d2_cfg) = daemon("d2", 802, &wrong);
+    let d2 = DaemonProc::start(&d2_dir, &["--config", d2_cfg.to_str().unwrap()]);
+    let w1 = Workload::start(&d1.socket, NS, 21);
+    let w2 = Workload::start(&d2.socket, NS, 22);
+    w1.wait_saved(40);
+    w2.wait_saved(40);
+    let chains = w1.finish();
+    let truth = daemon_truth(NS, &chains, &[(801, &d1.socket)]);
+    assert!(truth.iter().filter(|(_, m)| !m.is_empty()).count() > 10);
+    let t = converge(&[&r1], NS, &truth);
+    w2.finish();
+    assert!(daemon_metric(&d1, "kvplane_nats_published_total").unwrap() > 0);
+    assert_eq!(daemon_metric(&d1, "kvplane_nats_healthy"), Some(1));
+    // The wrong token: the server refused d2 (its log says so), and it published nothing.
+    let t0 = Instant::now();
+    while !d2.log_text().contains("NATS connection failing") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "d2 does not log the refused connection:\n{}",
+            d2.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        d2.log_text()
+            .to_lowercase()
+            .contains("authorization violation"),
+        "the log names the cause:\n{}",
+        d2.log_text()
+    );
+    assert_eq!(
+        daemon_metric(&d2, "kvplane_nats_published_total"),
+        Some(0),
+        "nothing published with the wrong token"
+    );
+    assert_eq!(daemon_metric(&d2, "kvplane_nats_healthy"), Some(0));
+    let workers = http(
+        r1.http,
+        "GET /workers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&workers).unwrap();
+    let ids: Vec<u64> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["worker"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [801],
+        "only the daemon with the token reached the router"
+    );
+    // The router without the CA (system roots only) never reads the stream.
+    assert_eq!(
+        scores(r_no_ca.http, NS, &truth[0].0).unwrap_or_default(),
+        HashMap::new(),
+        "a router that cannot verify the server learns nothing"
+    );
+    let r_log = std::fs::read_to_string(dir.path().join("r-no-ca.log")).unwrap();
+    assert!(
+        r_log.to_lowercase().contains("certificate") || r_log.to_lowercase().contains("tls"),
+        "the router says why it cannot connect:\n{r_log}"
+    );
+
+    // A token file that others may read: the daemon refuses to start, naming the key.
+    let (d3_dir, d3_cfg) = daemon("d3", 803, &readable);
+    let mut child = Command::new(kvplane_bin())
+        .args(["serve", "--config", d3_cfg.to_str().unwrap(), "--socket"])
+        .arg(d3_dir.join("kvplane.sock"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("the daemon started with a token file others may read");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("token_file") && err.contains("0644"),
+        "the refusal names the key and the mode:\n{err}"
+    );
+    eprintln!(
+        "nats-summary token_and_tls chains={} converge_ms={}",
+        chains.len(),
+        t.as_millis()
     );
 }

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 
 use kvplane_router::WorkerId;
+use kvplane_router::nats::{AuthFile, NatsAuth, NatsError};
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
@@ -28,7 +29,16 @@ pub struct EventsConfig {
     /// Changes buffered while NATS is away; beyond it the daemon re-publishes its full
     /// state once NATS is back.
     pub nats_queue_events: usize,
+    /// `[events.nats_auth]`: credentials and TLS for NATS, as files (`token_file`, or
+    /// `user` and `password_file`; `tls_ca_file`, `tls_cert_file` and `tls_key_file`,
+    /// `tls_required`). Read at start-up, before privileges are dropped, without following
+    /// another user's links; a token, password or key file must be readable by its owner
+    /// only.
+    pub nats_auth: NatsAuth,
 }
+
+/// Auth files larger than this are refused (a certificate chain is a few KiB).
+const MAX_AUTH_FILE_BYTES: u64 = 1 << 20;
 
 impl Default for EventsConfig {
     fn default() -> Self {
@@ -40,6 +50,7 @@ impl Default for EventsConfig {
             nats_namespace: "kvplane".into(),
             nats_component: "kvplane".into(),
             nats_queue_events: 65_536,
+            nats_auth: NatsAuth::default(),
         }
     }
 }
@@ -79,12 +90,46 @@ impl EventsConfig {
                 reason: format!("must be in 1..=16777216, got {}", self.nats_queue_events),
             });
         }
+        self.nats_auth.validate().map_err(|e| match e {
+            NatsError::Auth { what, reason } => ConfigError::Invalid {
+                key: format!("events.nats_auth.{what}"),
+                reason,
+            },
+            other => ConfigError::Invalid {
+                key: "events.nats_auth".into(),
+                reason: other.to_string(),
+            },
+        })?;
+        if !self.nats_auth.is_empty() && self.nats_url.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "events.nats_auth".into(),
+                reason: "set without events.nats_url".into(),
+            });
+        }
         if self.queue_events == 0 || self.queue_events > 1 << 24 {
             return Err(ConfigError::Invalid {
                 key: "events.queue_events".into(),
                 reason: format!("must be in 1..=16777216, got {}", self.queue_events),
             });
         }
+        Ok(())
+    }
+
+    /// `nats_auth` with its files read (as root, before privileges are dropped): secrets
+    /// must be the daemon's or root's and unreadable by others, certificates unwritable by
+    /// others.
+    pub fn load_nats_auth(&mut self) -> Result<(), NatsError> {
+        if self.nats_url.is_none() || self.nats_auth.is_empty() {
+            return Ok(());
+        }
+        self.nats_auth = self.nats_auth.load(&mut |path, kind| {
+            let forbidden = match kind {
+                AuthFile::Secret => 0o077,
+                AuthFile::Public => 0o022,
+            };
+            crate::secure_open::read_regular(path, forbidden, MAX_AUTH_FILE_BYTES)
+                .map_err(std::io::Error::other)
+        })?;
         Ok(())
     }
 

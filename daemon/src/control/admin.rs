@@ -40,6 +40,7 @@ use crate::device::DaemonDevice;
 use crate::session::DaemonShared;
 use crate::session::socket::{SocketFile, SocketPathError};
 use crate::tier::PerTier;
+use kvplane_router::nats::NatsPublisherStats;
 
 /// The `[control]` table and the control socket's default path live with the config
 /// (below the control plane); re-exported here under their old names.
@@ -88,6 +89,8 @@ struct State {
     /// while).
     device: DeviceStatus,
     samples: Mutex<VecDeque<Sample>>,
+    /// The NATS publisher's counters, when the daemon publishes to NATS.
+    nats: Option<Arc<NatsPublisherStats>>,
 }
 
 enum Listener {
@@ -188,6 +191,7 @@ impl BoundControl {
         self,
         shared: Arc<DaemonShared>,
         device: &DaemonDevice,
+        nats: Option<Arc<NatsPublisherStats>>,
     ) -> Result<ControlServer, AdminError> {
         let BoundControl {
             runtime,
@@ -204,6 +208,7 @@ impl BoundControl {
             started: Instant::now(),
             device: DeviceStatus::of(device),
             samples: Mutex::new(VecDeque::new()),
+            nats,
         });
         let (tx, rx) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new()
@@ -331,9 +336,10 @@ pub fn start_for(
     daemon: &crate::session::Daemon,
     bound: Option<BoundControl>,
     device: &DaemonDevice,
+    nats: Option<Arc<NatsPublisherStats>>,
 ) -> Option<ControlServer> {
     let shared = Arc::clone(daemon.shared());
-    match bound?.start(shared, device) {
+    match bound?.start(shared, device, nats) {
         Ok(server) => Some(server),
         Err(e) => {
             tracing::error!(error = %e, "control server not started: no /metrics or /status");
@@ -629,6 +635,7 @@ fn render_metrics(state: &State, view: &View) -> String {
         namespace_names: &names,
         uptime_s: state.started.elapsed().as_secs_f64(),
         device: &state.device,
+        nats: state.nats.as_deref(),
         view,
     })
 }

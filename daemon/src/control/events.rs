@@ -15,7 +15,9 @@ use kvplane_router::WorkerId;
 use kvplane_router::events::{
     NamespaceBlocks, Publisher, PublisherConfig, SnapshotBlock, WorkerBlocks,
 };
-use kvplane_router::nats::{NatsPublisher, NatsPublisherConfig, NatsStreamConfig};
+use kvplane_router::nats::{
+    NatsPublisher, NatsPublisherConfig, NatsPublisherStats, NatsStreamConfig,
+};
 
 use crate::block::{BlockEvent, BlockManager, Tier};
 use crate::dataplane::DataPlane;
@@ -74,6 +76,7 @@ impl EventStream {
                 url: url.clone(),
                 namespace: config.nats_namespace.clone(),
                 component: config.nats_component.clone(),
+                auth: config.nats_auth.clone(),
                 ..NatsStreamConfig::default()
             };
             let mut c = NatsPublisherConfig::new(stream, node, worker);
@@ -95,6 +98,11 @@ impl EventStream {
             nats,
             worker,
         })
+    }
+
+    /// The NATS publisher's counters, when publishing to NATS.
+    pub fn nats_stats(&self) -> Option<Arc<NatsPublisherStats>> {
+        self.nats.as_ref().map(NatsPublisher::stats)
     }
 
     pub fn stop(mut self) {

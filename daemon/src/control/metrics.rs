@@ -44,6 +44,8 @@ pub struct Scrape<'a> {
     pub uptime_s: f64,
     /// The data-plane device (`/status` `device`).
     pub device: &'a super::admin::DeviceStatus,
+    /// The NATS publisher's counters (absent without `events.nats_url`).
+    pub nats: Option<&'a kvplane_router::nats::NatsPublisherStats>,
     /// Who asks: namespace-labelled series are rendered only for namespaces it may see
     /// (`sessions` is already filtered).
     pub view: &'a View,
@@ -290,6 +292,44 @@ pub fn render(s: &Scrape<'_>) -> String {
         o.sample("kvplane_events_dropped_total", &[], b.events_dropped);
     }
 
+    if let Some(n) = s.nats {
+        for (name, help, value) in [
+            (
+                "kvplane_nats_published_total",
+                "KV event messages JetStream acknowledged (snapshot messages included).",
+                n.published.load(Ordering::Relaxed),
+            ),
+            (
+                "kvplane_nats_dropped_total",
+                "KV changes dropped from the full NATS queue (a full re-publication follows).",
+                n.dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "kvplane_nats_snapshots_total",
+                "Full re-publications of this worker (start-up and after each overflow).",
+                n.snapshots.load(Ordering::Relaxed),
+            ),
+            (
+                "kvplane_nats_publish_errors_total",
+                "Failed NATS publish attempts (each is retried).",
+                n.publish_errors.load(Ordering::Relaxed),
+            ),
+        ] {
+            o.family(name, "counter", help);
+            o.sample(name, &[], value);
+        }
+        o.family(
+            "kvplane_nats_healthy",
+            "gauge",
+            "1 if the last NATS publish attempt succeeded.",
+        );
+        o.sample(
+            "kvplane_nats_healthy",
+            &[],
+            u8::from(n.healthy.load(Ordering::Relaxed)),
+        );
+    }
+
     o.family(
         "kvplane_lookup_blocks_total",
         "counter",
@@ -506,6 +546,7 @@ mod tests {
             namespace_names: &names,
             uptime_s: 1.0,
             device: &host_fallback(),
+            nats: None,
             view: &View::All,
         });
         assert!(
@@ -578,6 +619,7 @@ mod tests {
                 namespace_names: &names,
                 uptime_s: 1.0,
                 device: &host_fallback(),
+                nats: None,
                 view,
             })
         };

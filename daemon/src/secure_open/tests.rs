@@ -256,3 +256,23 @@ fn follows_root_links_in_trusted_directories_but_not_when_told_not_to() {
     let e = open(&dir.path().join("loop"), &SECRET_RW).unwrap_err();
     assert!(matches!(e, PathError::TooManyLinks { .. }), "{e}");
 }
+
+#[test]
+fn read_regular_reads_whole_small_files_and_refuses_large_or_readable_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("secret");
+    std::fs::write(&p, b"0123456789").unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(read_regular(&p, 0o077, 10).unwrap(), b"0123456789");
+    // One byte over the limit.
+    let e = read_regular(&p, 0o077, 9).unwrap_err();
+    assert!(e.to_string().contains("larger than 9 bytes"), "{e}");
+    // A secret others may read.
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(matches!(
+        read_regular(&p, 0o077, 10),
+        Err(PathError::Mode { mode: 0o644, .. })
+    ));
+    // The same file as a public one (nobody else may write it) is fine.
+    assert_eq!(read_regular(&p, 0o022, 10).unwrap().len(), 10);
+}
