@@ -630,6 +630,9 @@ queue_events = {queue_events}
 # nats_namespace = "kvplane"
 # nats_component = "kvplane"
 # nats_queue_events = 65536
+# Heartbeat period on NATS (0: none): routers leave a worker they have not heard from for
+# their heartbeat_timeout_ms (default 5000) out of routing until it beats again.
+# nats_heartbeat_ms = 1000
 # Credentials and TLS for NATS, as files the daemon reads at start-up, before it drops
 # privileges (only root's or the daemon's links are followed; a token, password or key
 # file readable by group or others is refused). A token, or a user and password file;
@@ -812,6 +815,7 @@ mod tests {
             nats_namespace: "ns".into(),
             nats_component: "comp".into(),
             nats_queue_events: 2048,
+            nats_heartbeat_ms: 250,
             nats_auth: Default::default(),
         };
         let auth = &mut full.events.nats_auth;

@@ -75,6 +75,17 @@ impl NatsStreamConfig {
     pub fn snapshot_bucket(&self) -> String {
         format!("{}-router-state", self.stream())
     }
+
+    /// Subject of `worker`'s heartbeats: core NATS, outside the stream (`{stream}.*`), so
+    /// liveness never enters the event history.
+    pub fn heartbeat_subject(&self, worker: WorkerId) -> String {
+        format!("{}-heartbeat.{worker}", self.stream())
+    }
+
+    /// What routers subscribe to for every worker's heartbeats.
+    pub fn heartbeat_wildcard(&self) -> String {
+        format!("{}-heartbeat.*", self.stream())
+    }
 }
 
 /// NATS credentials and TLS settings: file paths in the configuration, read by
@@ -479,6 +490,9 @@ pub struct NatsPublisherConfig {
     pub window: usize,
     /// Blocks per `Stored` message of a snapshot (keeps messages far below NATS's 1 MiB).
     pub snapshot_chunk_blocks: usize,
+    /// Heartbeat period (0: none): routers leave a kvplane publisher out of routing when
+    /// they have not heard it for their `heartbeat_timeout_ms`.
+    pub heartbeat_ms: u64,
 }
 
 impl NatsPublisherConfig {
@@ -490,6 +504,7 @@ impl NatsPublisherConfig {
             queue_events: 65_536,
             window: 256,
             snapshot_chunk_blocks: 1_024,
+            heartbeat_ms: 1_000,
         }
     }
 }
@@ -737,11 +752,24 @@ async fn publish_task(
             }
         }
     };
-    let js = jetstream::new(client);
-    let subject = dynamo::publish_subject(&cfg.stream.stream());
     let epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
+    if cfg.heartbeat_ms > 0 {
+        let beat = Heartbeat {
+            worker: cfg.worker,
+            epoch,
+        };
+        tokio::spawn(heartbeat_task(
+            client.clone(),
+            cfg.stream.heartbeat_subject(cfg.worker),
+            serde_json::to_vec(&beat).map_or_else(|_| bytes::Bytes::new(), bytes::Bytes::from),
+            Duration::from_millis(cfg.heartbeat_ms),
+            shared.stop.subscribe(),
+        ));
+    }
+    let js = jetstream::new(client);
+    let subject = dynamo::publish_subject(&cfg.stream.stream());
     let mut enc = Encoder {
         worker: cfg.worker,
         epoch,
@@ -823,6 +851,37 @@ async fn publish_task(
     }
 }
 
+/// A kvplane publisher's heartbeat message.
+#[derive(Debug, Serialize, Deserialize)]
+struct Heartbeat {
+    worker: WorkerId,
+    epoch: u64,
+}
+
+/// Publishes `payload` on `subject` every `period` while connected, until stopped. A beat
+/// due while NATS is away is skipped, not queued: a late heartbeat says nothing.
+async fn heartbeat_task(
+    client: async_nats::Client,
+    subject: String,
+    payload: bytes::Bytes,
+    period: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if client.connection_state() == async_nats::connection::State::Connected {
+                    let publish = client.publish(subject.clone(), payload.clone());
+                    let _ = tokio::time::timeout(period, publish).await;
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 /// Sleeps for the backoff (doubling it up to 1 s) unless stopped; false = stop.
 async fn pause(stop: &mut tokio::sync::watch::Receiver<bool>, backoff_ms: &mut u64) -> bool {
     let ms = *backoff_ms;
@@ -881,6 +940,9 @@ pub struct RouterNatsConfig {
     /// How often this replica writes its index to the object store (0 = never; such a
     /// replica still rebuilds from other replicas' snapshots).
     pub snapshot_interval_ms: u64,
+    /// A kvplane publisher not heard from for this long is left out of routing until its
+    /// heartbeat comes back (0: never; Dynamo publishers send none and are never left out).
+    pub heartbeat_timeout_ms: u64,
 }
 
 impl Default for RouterNatsConfig {
@@ -888,6 +950,7 @@ impl Default for RouterNatsConfig {
         RouterNatsConfig {
             stream: NatsStreamConfig::default(),
             snapshot_interval_ms: 10_000,
+            heartbeat_timeout_ms: 5_000,
         }
     }
 }
@@ -1016,6 +1079,14 @@ pub async fn run_consumer(state: Arc<RouterState>, cfg: RouterNatsConfig) {
                 continue;
             }
         };
+        let mut heartbeats = match client.subscribe(cfg.stream.heartbeat_wildcard()).await {
+            Ok(s) => s,
+            Err(err) => {
+                tracing::debug!(%err, "router: heartbeat subscription failed");
+                pause(&mut stop, &mut backoff_ms).await;
+                continue;
+            }
+        };
         let js = jetstream::new(client);
         let stream = match ensure_stream(&js, &cfg.stream).await {
             Ok(s) => s,
@@ -1064,6 +1135,7 @@ pub async fn run_consumer(state: Arc<RouterState>, cfg: RouterNatsConfig) {
             }
         };
         backoff_ms = 50;
+        state.nats_connected();
         let period = Duration::from_millis(cfg.snapshot_interval_ms.max(1));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1103,6 +1175,14 @@ pub async fn run_consumer(state: Arc<RouterState>, cfg: RouterNatsConfig) {
                         }
                     }
                     state.nats_seq.store(seq, Ordering::Relaxed);
+                }
+                Some(beat) = heartbeats.next() => {
+                    match serde_json::from_slice::<Heartbeat>(&beat.payload) {
+                        Ok(h) => state.nats_heartbeat(h.worker),
+                        Err(_) => {
+                            m.nats_bad_messages.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
                 Ok(()) = reconnected.changed() => {
                     // 1 is this client's first connection; more is a reconnect.

@@ -113,6 +113,8 @@ pub struct Metrics {
     pub nats_event_gaps: AtomicU64,
     pub nats_snapshots_written: AtomicU64,
     pub nats_snapshots_restored: AtomicU64,
+    /// kvplane publishers' heartbeats received.
+    pub nats_heartbeats: AtomicU64,
 }
 
 /// What the router knows about one worker.
@@ -130,10 +132,19 @@ pub struct WorkerInfo {
     pub decode_blocks: u64,
     /// Boot epoch of the worker's NATS publisher (0 for other sources).
     pub epoch: u64,
+    /// Milliseconds since this kvplane NATS publisher's heartbeat was due and did not come
+    /// (the worker is left out of routing meanwhile; its blocks stay indexed, so every
+    /// replica's index stays a function of the stream). `None`: on time, or not a kvplane
+    /// NATS publisher.
+    #[serde(default)]
+    pub silent_for_ms: Option<u64>,
     #[serde(skip)]
     conn: u64,
     #[serde(skip)]
     disconnected_at_ms: Option<u64>,
+    /// When this router last heard the worker's NATS heartbeat.
+    #[serde(skip)]
+    heartbeat_at_ms: Option<u64>,
 }
 
 /// Shared router state.
@@ -149,6 +160,9 @@ pub struct RouterState {
     start: Instant,
     /// Stream sequence of the last NATS message applied.
     pub nats_seq: AtomicU64,
+    /// When this router's NATS consumer last (re)connected, +1 (0: never): heartbeats
+    /// missed while the router itself was cut off do not count against a worker.
+    nats_live_since_ms: AtomicU64,
 }
 
 enum Seq {
@@ -172,7 +186,40 @@ impl RouterState {
             next_conn: AtomicU64::new(1),
             start: Instant::now(),
             nats_seq: AtomicU64::new(0),
+            nats_live_since_ms: AtomicU64::new(0),
         }
+    }
+
+    /// How long `w`'s heartbeat is overdue, if it is: only kvplane NATS publishers
+    /// (a boot epoch) send heartbeats, and only while this router's consumer is connected
+    /// is their absence news.
+    fn heartbeat_overdue(&self, w: &WorkerInfo, now: u64) -> Option<u64> {
+        let timeout = self.config.nats.as_ref()?.heartbeat_timeout_ms;
+        let live_since = self
+            .nats_live_since_ms
+            .load(Ordering::Relaxed)
+            .checked_sub(1)?;
+        if timeout == 0 || w.source != "nats" || w.epoch == 0 {
+            return None;
+        }
+        let last = w.heartbeat_at_ms.unwrap_or(0).max(live_since);
+        let silent = now.saturating_sub(last);
+        (silent > timeout).then_some(silent)
+    }
+
+    /// The NATS consumer is (again) reading: heartbeats count from now.
+    pub fn nats_connected(&self) {
+        self.nats_live_since_ms
+            .store(self.now_ms() + 1, Ordering::Relaxed);
+    }
+
+    /// A kvplane publisher's heartbeat (its worker and boot epoch).
+    pub fn nats_heartbeat(&self, worker: WorkerId) {
+        let now = self.now_ms();
+        if let Some(e) = self.workers().get_mut(&worker) {
+            e.heartbeat_at_ms = Some(now);
+        }
+        self.metrics.nats_heartbeats.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -192,6 +239,7 @@ impl RouterState {
             .map(|w| {
                 let mut w = w.clone();
                 w.disconnected_for_ms = w.disconnected_at_ms.map(|t| now.saturating_sub(t));
+                w.silent_for_ms = self.heartbeat_overdue(&w, now);
                 w
             })
             .collect();
@@ -214,6 +262,8 @@ impl RouterState {
             epoch: 0,
             conn,
             disconnected_at_ms: None,
+            silent_for_ms: None,
+            heartbeat_at_ms: None,
         });
         e.node = node.to_owned();
         e.source = source;
@@ -415,6 +465,8 @@ impl RouterState {
                 epoch: meta.epoch,
                 conn: 0,
                 disconnected_at_ms: None,
+                silent_for_ms: None,
+                heartbeat_at_ms: None,
             });
             if meta.snapshot {
                 e.epoch = meta.epoch;
@@ -508,6 +560,8 @@ impl RouterState {
                     epoch: w.epoch,
                     conn: 0,
                     disconnected_at_ms: None,
+                    silent_for_ms: None,
+                    heartbeat_at_ms: None,
                 },
             );
         }
@@ -520,11 +574,14 @@ impl RouterState {
         }
     }
 
-    /// Candidate workers with their load.
+    /// Candidate workers with their load: every known worker but those whose NATS
+    /// heartbeat is overdue.
     pub fn candidates(&self) -> Vec<WorkerLoad> {
+        let now = self.now_ms();
         let mut v: Vec<WorkerLoad> = self
             .workers()
             .values()
+            .filter(|w| self.heartbeat_overdue(w, now).is_none())
             .map(|w| WorkerLoad {
                 worker: w.worker,
                 active_requests: w.active_requests,
@@ -641,6 +698,11 @@ impl RouterState {
                 &m.nats_bad_messages,
             ),
             (
+                "nats_heartbeats_total",
+                "kvplane publishers' heartbeats received.",
+                &m.nats_heartbeats,
+            ),
+            (
                 "nats_history_gaps_total",
                 "Stream sequences never read (aged out or purged).",
                 &m.nats_history_gaps,
@@ -700,6 +762,11 @@ impl RouterState {
             workers.len(),
         );
         gauge("workers_connected", "Connected workers.", connected);
+        gauge(
+            "workers_silent",
+            "kvplane NATS publishers whose heartbeat is overdue (left out of routing).",
+            workers.iter().filter(|w| w.silent_for_ms.is_some()).count(),
+        );
         gauge(
             "predictions",
             "Live predicted routing decisions.",

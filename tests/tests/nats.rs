@@ -1128,3 +1128,119 @@ fn token_and_tls_auth() {
         t.as_millis()
     );
 }
+
+/// A daemon that stops (SIGKILL) is left out of routing once its heartbeats are overdue
+/// (the router's `heartbeat_timeout_ms`), while its blocks stay in the index; restarted
+/// with its NVMe cache it beats again and is routed to again, with its restored blocks.
+#[test]
+fn silent_daemon_is_left_out_of_routing_until_it_beats_again() {
+    const TIMEOUT_MS: u64 = 600;
+    const BEAT_MS: u64 = 100;
+    let c = Cluster::new("nats-heartbeat");
+    let url = c.nats.url();
+    let router_cfg = c.dir.path().join("router.toml");
+    std::fs::write(
+        &router_cfg,
+        format!("[nats]\nheartbeat_timeout_ms = {TIMEOUT_MS}\n"),
+    )
+    .unwrap();
+    let r1 = start_router_with(
+        &url,
+        0,
+        &c.dir.path().join("r1.log"),
+        &["--config", router_cfg.to_str().unwrap()],
+    );
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let d = c.sub("d1");
+    let cfg = daemon_config(&d, &url, 901, |c| {
+        with_nvme(c, &d.join("nvme.slots"), 8 << 20);
+        c.namespaces = vec![NamespaceConfig::new(NS, vec![uid])];
+        c.events.nats_heartbeat_ms = BEAT_MS;
+    });
+    let cfg = cfg.to_str().unwrap();
+    let d2 = c.daemon("d2", 902, &url, |c| c.events.nats_heartbeat_ms = BEAT_MS);
+    let chains: Vec<Vec<u64>> = (0..20).map(|i| chain_of(31, i)).collect();
+    let other: Vec<Vec<u64>> = (0..20).map(|i| chain_of(32, i)).collect();
+    let save = |socket: &Path, chains: &[Vec<u64>]| {
+        let mut e = TestEngine::attach(socket, NS).unwrap();
+        for ch in chains {
+            let c = e
+                .block_op(
+                    Opcode::Save,
+                    kvplane_ffi::SQE_F_WRITE_THROUGH,
+                    &chain_ops(ch, 0),
+                )
+                .0;
+            assert_eq!((c.status, c.blocks), (0, 3));
+        }
+    };
+    save(&d2.socket, &other);
+    let silent_workers = || metric(r1.http, "kvplane_router_workers_silent");
+    let killed = {
+        let daemon = DaemonProc::start(&d, &["--config", cfg]);
+        save(&daemon.socket, &chains);
+        let mut all = chains.clone();
+        all.extend(other.iter().cloned());
+        let truth = daemon_truth(NS, &all, &[(901, &daemon.socket), (902, &d2.socket)]);
+        converge(&[&r1], NS, &truth);
+        // Both beat on time for several timeouts.
+        std::thread::sleep(Duration::from_millis(3 * TIMEOUT_MS));
+        assert_eq!(silent_workers(), 0, "no worker is overdue while both beat");
+        assert_eq!(scores(r1.http, NS, &chains[0]).unwrap()[&901], 3);
+        kvplane_tests::signal(daemon.pid(), libc::SIGKILL);
+        Instant::now()
+    };
+    // Left out once overdue: not before the timeout (less the last beat's age), and soon after.
+    let left_out = loop {
+        let s = scores(r1.http, NS, &chains[0]).unwrap_or_default();
+        if !s.contains_key(&901) {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_millis(TIMEOUT_MS * 10),
+            "the dead daemon is still routed to: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        left_out >= Duration::from_millis(TIMEOUT_MS - BEAT_MS),
+        "left out after {left_out:?}, before its heartbeat was overdue"
+    );
+    assert_eq!(silent_workers(), 1);
+    let workers = http(
+        r1.http,
+        "GET /workers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&workers).unwrap();
+    let w901 = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["worker"] == 901)
+        .expect("the silent worker is still known");
+    assert!(w901["silent_for_ms"].as_u64().unwrap() > TIMEOUT_MS);
+    // The other daemon is routed to as before.
+    assert_eq!(scores(r1.http, NS, &other[0]).unwrap()[&902], 3);
+    // Restarted (its NVMe cache restored): it beats again and its blocks are routed to.
+    let daemon = DaemonProc::start(&d, &["--config", cfg]);
+    let mut all = chains.clone();
+    all.extend(other.iter().cloned());
+    let truth = daemon_truth(NS, &all, &[(901, &daemon.socket), (902, &d2.socket)]);
+    assert!(
+        truth
+            .iter()
+            .take(chains.len())
+            .all(|(_, m)| m.get(&901) == Some(&3))
+    );
+    let back = converge(&[&r1], NS, &truth);
+    assert_eq!(silent_workers(), 0);
+    assert!(metric(r1.http, "kvplane_router_nats_heartbeats_total") > 0);
+    eprintln!(
+        "nats-summary heartbeat timeout_ms={TIMEOUT_MS} beat_ms={BEAT_MS} \
+         left_out_ms_after_kill={} routed_again_ms_after_ready={}",
+        left_out.as_millis(),
+        back.as_millis()
+    );
+}

@@ -320,6 +320,7 @@ fn main() {
         RouterNatsConfig {
             stream: stream_cfg.clone(),
             snapshot_interval_ms: 0,
+            ..RouterNatsConfig::default()
         },
     ));
     while state.nats_seq.load(Ordering::Relaxed) < last_seq {

@@ -29,6 +29,9 @@ pub struct EventsConfig {
     /// Changes buffered while NATS is away; beyond it the daemon re-publishes its full
     /// state once NATS is back.
     pub nats_queue_events: usize,
+    /// Heartbeat period on NATS (0: none); routers leave this worker out of routing when
+    /// they miss its heartbeats (their `heartbeat_timeout_ms`, default 5 s).
+    pub nats_heartbeat_ms: u64,
     /// `[events.nats_auth]`: credentials and TLS for NATS, as files (`token_file`, or
     /// `user` and `password_file`; `tls_ca_file`, `tls_cert_file` and `tls_key_file`,
     /// `tls_required`). Read at start-up, before privileges are dropped, without following
@@ -50,6 +53,7 @@ impl Default for EventsConfig {
             nats_namespace: "kvplane".into(),
             nats_component: "kvplane".into(),
             nats_queue_events: 65_536,
+            nats_heartbeat_ms: 1_000,
             nats_auth: NatsAuth::default(),
         }
     }
@@ -104,6 +108,12 @@ impl EventsConfig {
             return Err(ConfigError::Invalid {
                 key: "events.nats_auth".into(),
                 reason: "set without events.nats_url".into(),
+            });
+        }
+        if self.nats_heartbeat_ms != 0 && !(10..=60_000).contains(&self.nats_heartbeat_ms) {
+            return Err(ConfigError::Invalid {
+                key: "events.nats_heartbeat_ms".into(),
+                reason: format!("must be 0 or 10..=60000, got {}", self.nats_heartbeat_ms),
             });
         }
         if self.queue_events == 0 || self.queue_events > 1 << 24 {

@@ -81,6 +81,7 @@ impl EventStream {
             };
             let mut c = NatsPublisherConfig::new(stream, node, worker);
             c.queue_events = config.nats_queue_events;
+            c.heartbeat_ms = config.nats_heartbeat_ms;
             NatsPublisher::start(c, provider, runtime.handle())
         });
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

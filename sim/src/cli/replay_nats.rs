@@ -167,6 +167,7 @@ pub fn run(
             RouterNatsConfig {
                 stream: stream.clone(),
                 snapshot_interval_ms: snapshot_ms,
+                ..RouterNatsConfig::default()
             },
         ));
         state
