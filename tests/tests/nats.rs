@@ -352,6 +352,21 @@ impl Workload {
     }
 }
 
+/// Saves each 3-block chain write-through (so it reaches NVMe) in namespace [`NS`].
+fn save_write_through(socket: &Path, chains: &[Vec<u64>]) {
+    let mut e = TestEngine::attach(socket, NS).unwrap();
+    for ch in chains {
+        let c = e
+            .block_op(
+                Opcode::Save,
+                kvplane_ffi::SQE_F_WRITE_THROUGH,
+                &chain_ops(ch, 0),
+            )
+            .0;
+        assert_eq!((c.status, c.blocks), (0, 3));
+    }
+}
+
 /// Events to `nats_url` as `worker`, then `edit`.
 fn daemon_config(
     dir: &Path,
@@ -556,17 +571,7 @@ fn daemon_restarted_with_its_nvme_cache_while_routers_run() {
     let chains: Vec<Vec<u64>> = (0..40).map(|i| chain_of(7, i)).collect();
     {
         let daemon = DaemonProc::start(&d, &["--config", cfg]);
-        let mut e = TestEngine::attach(&daemon.socket, NS).unwrap();
-        for ch in &chains {
-            let c = e
-                .block_op(
-                    Opcode::Save,
-                    kvplane_ffi::SQE_F_WRITE_THROUGH,
-                    &chain_ops(ch, 0),
-                )
-                .0;
-            assert_eq!((c.status, c.blocks), (0, 3));
-        }
+        save_write_through(&daemon.socket, &chains);
         let before = daemon_truth(NS, &chains, &[(401, &daemon.socket)]);
         converge(&[&r1, &r2], NS, &before);
         kvplane_tests::signal(daemon.pid(), libc::SIGKILL);
@@ -1162,24 +1167,11 @@ fn silent_daemon_is_left_out_of_routing_until_it_beats_again() {
     let d2 = c.daemon("d2", 902, &url, |c| c.events.nats_heartbeat_ms = BEAT_MS);
     let chains: Vec<Vec<u64>> = (0..20).map(|i| chain_of(31, i)).collect();
     let other: Vec<Vec<u64>> = (0..20).map(|i| chain_of(32, i)).collect();
-    let save = |socket: &Path, chains: &[Vec<u64>]| {
-        let mut e = TestEngine::attach(socket, NS).unwrap();
-        for ch in chains {
-            let c = e
-                .block_op(
-                    Opcode::Save,
-                    kvplane_ffi::SQE_F_WRITE_THROUGH,
-                    &chain_ops(ch, 0),
-                )
-                .0;
-            assert_eq!((c.status, c.blocks), (0, 3));
-        }
-    };
-    save(&d2.socket, &other);
+    save_write_through(&d2.socket, &other);
     let silent_workers = || metric(r1.http, "kvplane_router_workers_silent");
     let killed = {
         let daemon = DaemonProc::start(&d, &["--config", cfg]);
-        save(&daemon.socket, &chains);
+        save_write_through(&daemon.socket, &chains);
         let mut all = chains.clone();
         all.extend(other.iter().cloned());
         let truth = daemon_truth(NS, &all, &[(901, &daemon.socket), (902, &d2.socket)]);
