@@ -635,14 +635,17 @@ queue_events = {queue_events}
 # nats_heartbeat_ms = 1000
 # Credentials and TLS for NATS, as files the daemon reads at start-up, before it drops
 # privileges (only root's or the daemon's links are followed; a token, password or key
-# file readable by group or others is refused). A token, or a user and password file;
-# the CA that signed the server's certificate (else the system's roots); a client
+# file readable by group or others is refused). One of a token, a user and password
+# file, a user nkey seed file or a credentials (.creds: JWT and seed) file; the CA that
+# signed the server's certificate (else the system's roots); a client
 # certificate and key for servers that verify clients; tls_required refuses a plain
 # connection (a tls:// URL implies it). /metrics: kvplane_nats_*.
 # [events.nats_auth]
 # token_file = "/etc/kvplane/nats.token"
 # user = "kvplane"
 # password_file = "/etc/kvplane/nats.password"
+# nkey_seed_file = "/etc/kvplane/nats-user.nk"
+# credentials_file = "/etc/kvplane/nats.creds"
 # tls_ca_file = "/etc/kvplane/nats-ca.pem"
 # tls_cert_file = "/etc/kvplane/nats-client.pem"
 # tls_key_file = "/etc/kvplane/nats-client.key"

@@ -101,6 +101,10 @@ pub struct NatsAuth {
     /// User name; with `password_file`.
     pub user: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// File holding a user nkey seed (`SU...`; the server lists its public key).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A NATS credentials file (`.creds`: user JWT and nkey seed; decentralized auth).
+    pub credentials_file: Option<PathBuf>,
     /// PEM certificates of the CAs that sign the server's certificate (instead of the
     /// system's roots). Setting it, a client certificate or `tls_required` uses TLS.
     pub tls_ca_file: Option<PathBuf>,
@@ -127,6 +131,8 @@ pub enum AuthFile {
 struct LoadedAuth {
     token: Option<String>,
     password: Option<String>,
+    nkey_seed: Option<String>,
+    credentials: Option<String>,
     /// PEM, each parsed once at load.
     tls_ca: Option<Vec<u8>>,
     tls_cert: Option<Vec<u8>>,
@@ -142,14 +148,17 @@ impl std::fmt::Debug for LoadedAuth {
 impl Drop for LoadedAuth {
     fn drop(&mut self) {
         // Best effort: the copies async-nats and rustls keep are out of reach.
-        for v in [self.token.take(), self.password.take()]
-            .into_iter()
-            .flatten()
-        {
+        let texts = [
+            self.token.take(),
+            self.password.take(),
+            self.nkey_seed.take(),
+            self.credentials.take(),
+        ];
+        for v in texts.into_iter().flatten() {
             wipe(v.into_bytes());
         }
-        for v in [self.tls_key.take()].into_iter().flatten() {
-            wipe(v);
+        if let Some(key) = self.tls_key.take() {
+            wipe(key);
         }
     }
 }
@@ -167,6 +176,8 @@ impl NatsAuth {
         self.token_file.is_none()
             && self.user.is_none()
             && self.password_file.is_none()
+            && self.nkey_seed_file.is_none()
+            && self.credentials_file.is_none()
             && !self.uses_tls_files()
             && !self.tls_required
     }
@@ -175,8 +186,8 @@ impl NatsAuth {
         self.tls_ca_file.is_some() || self.tls_cert_file.is_some() || self.tls_key_file.is_some()
     }
 
-    /// The settings that go together: one of a token or a user and password, a client
-    /// certificate with its key.
+    /// The settings that go together: at most one of a token, a user and password, an
+    /// nkey seed or a credentials file; a client certificate with its key.
     pub fn validate(&self) -> Result<(), NatsError> {
         let bad = |what: &'static str, reason: &str| {
             Err(NatsError::Auth {
@@ -184,10 +195,17 @@ impl NatsAuth {
                 reason: reason.into(),
             })
         };
-        if self.token_file.is_some() && (self.user.is_some() || self.password_file.is_some()) {
+        let methods = [
+            self.token_file.is_some(),
+            self.user.is_some() || self.password_file.is_some(),
+            self.nkey_seed_file.is_some(),
+            self.credentials_file.is_some(),
+        ];
+        if methods.iter().filter(|&&m| m).count() > 1 {
             return bad(
                 "token_file",
-                "set either a token or a user and password, not both",
+                "set one of token_file, user and password_file, nkey_seed_file or \
+                 credentials_file",
             );
         }
         if self.user.is_some() != self.password_file.is_some() {
@@ -255,12 +273,44 @@ impl NatsAuth {
                 "password_file",
                 file("password_file", &self.password_file, AuthFile::Secret)?,
             )?,
+            nkey_seed: secret(
+                "nkey_seed_file",
+                file("nkey_seed_file", &self.nkey_seed_file, AuthFile::Secret)?,
+            )?,
+            credentials: file("credentials_file", &self.credentials_file, AuthFile::Secret)?
+                .map(|bytes| {
+                    String::from_utf8(bytes).map_err(|_| NatsError::Auth {
+                        what: "credentials_file",
+                        reason: "not UTF-8".into(),
+                    })
+                })
+                .transpose()?,
             tls_ca: file("tls_ca_file", &self.tls_ca_file, AuthFile::Public)?,
             tls_cert: file("tls_cert_file", &self.tls_cert_file, AuthFile::Public)?,
             tls_key: file("tls_key_file", &self.tls_key_file, AuthFile::Secret)?,
         };
         // Parse now, so a bad file fails at start-up with its name, not at each reconnect.
         tls_config(&loaded)?;
+        if let Some(seed) = &loaded.nkey_seed {
+            match nkeys::KeyPair::from_seed(seed) {
+                Ok(kp) if kp.key_pair_type() == nkeys::KeyPairType::User => {}
+                Ok(_) => {
+                    return Err(NatsError::Auth {
+                        what: "nkey_seed_file",
+                        reason: "not a user seed (SU...)".into(),
+                    });
+                }
+                Err(e) => {
+                    return Err(NatsError::Auth {
+                        what: "nkey_seed_file",
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        if let Some(creds) = &loaded.credentials {
+            credentials_options(async_nats::ConnectOptions::new(), creds)?;
+        }
         Ok(NatsAuth {
             loaded: Some(Arc::new(loaded)),
             ..self.clone()
@@ -287,6 +337,12 @@ impl NatsAuth {
         if let (Some(u), Some(p)) = (&self.user, &loaded.password) {
             opts = opts.user_and_password(u.clone(), p.clone());
         }
+        if let Some(seed) = &loaded.nkey_seed {
+            opts = opts.nkey(seed.clone());
+        }
+        if let Some(creds) = &loaded.credentials {
+            opts = credentials_options(opts, creds)?;
+        }
         if let Some(config) = tls_config(&loaded)? {
             opts = opts.tls_client_config(config).require_tls(true);
         }
@@ -295,6 +351,17 @@ impl NatsAuth {
         }
         Ok(opts)
     }
+}
+
+/// `opts` signing the server's nonce with a credentials file's key and presenting its JWT.
+fn credentials_options(
+    opts: async_nats::ConnectOptions,
+    creds: &str,
+) -> Result<async_nats::ConnectOptions, NatsError> {
+    opts.credentials(creds).map_err(|e| NatsError::Auth {
+        what: "credentials_file",
+        reason: e.to_string(),
+    })
 }
 
 /// A TLS client configuration from the loaded CA and client certificate, or `None`
@@ -1372,6 +1439,52 @@ mod tests {
             };
             assert_eq!(what(load(&a, &fs)), "tls_ca_file", "{f}");
         }
+    }
+
+    #[test]
+    fn nkey_seeds_and_credentials_files_are_checked_at_load() {
+        let user = nkeys::KeyPair::new_user();
+        let seed = user.seed().unwrap();
+        let account_seed = nkeys::KeyPair::new_account().seed().unwrap();
+        let creds = format!(
+            "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.e30.c2ln\n------END NATS USER \
+             JWT------\n\n-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY \
+             SEED------\n"
+        );
+        let seed_line = format!("{seed}\n");
+        let account_line = format!("{account_seed}\n");
+        let fs = files(&[
+            ("/k/secret-seed", &seed_line),
+            ("/k/secret-account-seed", &account_line),
+            ("/k/secret-creds", &creds),
+            ("/k/secret-not-creds", "just text\n"),
+        ]);
+        let with = |seed: Option<&str>, creds: Option<&str>| NatsAuth {
+            nkey_seed_file: seed.map(PathBuf::from),
+            credentials_file: creds.map(PathBuf::from),
+            ..NatsAuth::default()
+        };
+        let loaded = load(&with(Some("/k/secret-seed"), None), &fs).unwrap();
+        assert_eq!(
+            loaded.loaded.as_ref().unwrap().nkey_seed.as_deref(),
+            Some(seed.as_str())
+        );
+        assert!(
+            !format!("{loaded:?}").contains(&seed[4..]),
+            "Debug shows no seed"
+        );
+        assert_eq!(
+            what(load(&with(Some("/k/secret-account-seed"), None), &fs)),
+            "nkey_seed_file",
+            "an account seed is not a user's"
+        );
+        assert!(load(&with(None, Some("/k/secret-creds")), &fs).is_ok());
+        assert_eq!(
+            what(load(&with(None, Some("/k/secret-not-creds")), &fs)),
+            "credentials_file"
+        );
+        let two = with(Some("/k/secret-seed"), Some("/k/secret-creds"));
+        assert!(two.validate().is_err(), "one auth method at a time");
     }
 
     /// The router's `[nats.auth]` table parses into the stream's settings (the router

@@ -1236,3 +1236,54 @@ fn silent_daemon_is_left_out_of_routing_until_it_beats_again() {
         back.as_millis()
     );
 }
+
+/// A server whose only user is an nkey: a daemon and a router with the user's seed file
+/// exchange the stream (the server checks the signature of its nonce, no secret crosses).
+#[test]
+fn nkey_auth() {
+    let dir = temp_dir("nats-nkey");
+    let user = nkeys::KeyPair::new_user();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .unwrap();
+    let nats = NatsServer::start_with(dir.path(), &["-c", conf.to_str().unwrap()]);
+    let url = nats.url();
+    let seed = dir.path().join("user.nk");
+    write_mode(&seed, &format!("{}\n", user.seed().unwrap()), 0o600);
+    let router_cfg = dir.path().join("router.toml");
+    std::fs::write(
+        &router_cfg,
+        format!("[nats.auth]\nnkey_seed_file = \"{}\"\n", seed.display()),
+    )
+    .unwrap();
+    let r1 = start_router_with(
+        &url,
+        0,
+        &dir.path().join("r1.log"),
+        &["--config", router_cfg.to_str().unwrap()],
+    );
+    let d = dir.path().join("d1");
+    std::fs::create_dir_all(&d).unwrap();
+    let cfg = daemon_config(&d, &url, 851, |c| {
+        c.events.nats_auth.nkey_seed_file = Some(seed.clone());
+    });
+    let d1 = DaemonProc::start(&d, &["--config", cfg.to_str().unwrap()]);
+    let w1 = Workload::start(&d1.socket, NS, 23);
+    w1.wait_saved(30);
+    let chains = w1.finish();
+    let truth = daemon_truth(NS, &chains, &[(851, &d1.socket)]);
+    assert!(truth.iter().filter(|(_, m)| !m.is_empty()).count() > 10);
+    let t = converge(&[&r1], NS, &truth);
+    assert_eq!(daemon_metric(&d1, "kvplane_nats_healthy"), Some(1));
+    eprintln!(
+        "nats-summary nkey_auth chains={} converge_ms={}",
+        chains.len(),
+        t.as_millis()
+    );
+}
