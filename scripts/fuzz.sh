@@ -27,7 +27,9 @@ target_dir=${FUZZ_TARGET_DIR:-fuzz/target}
 read -r -a targets <<<"${FUZZ_TARGETS:-$(cargo fuzz list | tr '\n' ' ')}"
 
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# Fuzzers run in the background: stop them with the script, before their corpora go.
+trap 'rc=$?; kill $(jobs -p) 2>/dev/null || true; wait || true; rm -rf "$work"; exit $rc' EXIT
+trap 'exit 130' INT TERM
 
 build_start=$SECONDS
 cargo fuzz build --target-dir "$target_dir" >&2
@@ -60,6 +62,10 @@ fuzz_one() {
 # still gets its full time on a core of its own and the whole run takes a CPU count's
 # fraction of the time.
 parallel=${FUZZ_JOBS:-$(nproc)}
+if [[ ! $parallel =~ ^[1-9][0-9]*$ ]]; then
+    echo "fuzz: FUZZ_JOBS must be a whole number from 1, got '$parallel'" >&2
+    exit 2
+fi
 for t in "${targets[@]}"; do
     while (($(jobs -rp | wc -l) >= parallel)); do
         wait -n || true

@@ -67,6 +67,10 @@ pub enum RouterCliError {
     },
     #[error("start the tokio runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("NATS URL {url}: {reason}")]
+    NatsUrl { url: String, reason: String },
+    #[error(transparent)]
+    Nats(#[from] kvplane_router::nats::NatsError),
 }
 
 pub fn effective_config(args: &RouterArgs) -> Result<ServiceConfig, RouterCliError> {
@@ -123,6 +127,20 @@ pub fn run(args: RouterArgs) -> CliResult {
     if args.print_config {
         println!("{}", serde_json::to_string_pretty(&cfg)?);
         return Ok(());
+    }
+    if let Some(n) = &cfg.nats {
+        // Fail at start-up on a bad URL or auth file; they are read again at each
+        // connection (a rotated token or certificate is picked up).
+        kvplane_router::nats::check_url(&n.stream.url).map_err(|reason| {
+            RouterCliError::NatsUrl {
+                url: n.stream.url.clone(),
+                reason,
+            }
+        })?;
+        n.stream
+            .auth
+            .load(&mut |path, _| std::fs::read(path))
+            .map_err(RouterCliError::from)?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -38,6 +38,9 @@ pub const HEADER_EPOCH: &str = "Kvplane-Epoch";
 pub const HEADER_SNAPSHOT: &str = "Kvplane-Snapshot";
 /// Header: the publishing node's name (shown in the router's `/workers`).
 pub const HEADER_NODE: &str = "Kvplane-Node";
+/// Header: the publisher's heartbeat period in milliseconds (absent or 0: it sends none,
+/// and routers never leave it out for silence).
+pub const HEADER_HEARTBEAT_MS: &str = "Kvplane-Heartbeat-Ms";
 
 /// Dynamo's `Slug::slugify(..).replace('_', '-')`: lower case, anything but
 /// `[a-z0-9-]` becomes `-`.

@@ -93,7 +93,7 @@ impl NatsStreamConfig {
 /// no-link open; a router that did not load them reads them at each connection, so a
 /// rotated token or certificate is picked up on reconnect). No secret is ever written in
 /// the configuration itself, and `Debug` never shows one.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsAuth {
     /// File holding the server's authorization token (`nats-server --auth`).
@@ -118,6 +118,30 @@ pub struct NatsAuth {
     loaded: Option<Arc<LoadedAuth>>,
 }
 
+/// Settings compare by what they name, never by the secrets read.
+impl PartialEq for NatsAuth {
+    fn eq(&self, other: &Self) -> bool {
+        fn names(a: &NatsAuth) -> ([&Option<PathBuf>; 7], &Option<String>, bool) {
+            (
+                [
+                    &a.token_file,
+                    &a.password_file,
+                    &a.nkey_seed_file,
+                    &a.credentials_file,
+                    &a.tls_ca_file,
+                    &a.tls_cert_file,
+                    &a.tls_key_file,
+                ],
+                &a.user,
+                a.tls_required,
+            )
+        }
+        names(self) == names(other)
+    }
+}
+
+impl Eq for NatsAuth {}
+
 /// What a file of [`NatsAuth`] holds, for the reader's checks: a secret must be readable
 /// by its owner only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,7 +151,6 @@ pub enum AuthFile {
 }
 
 /// The contents of [`NatsAuth`]'s files, checked.
-#[derive(PartialEq, Eq)]
 struct LoadedAuth {
     token: Option<String>,
     password: Option<String>,
@@ -426,7 +449,7 @@ fn tls_config(loaded: &LoadedAuth) -> Result<Option<async_nats::rustls::ClientCo
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
-    #[error("connect to NATS at {url}")]
+    #[error("connect to NATS at {url}: {source}")]
     Connect {
         url: String,
         #[source]
@@ -440,6 +463,32 @@ pub enum NatsError {
     Snapshot(String),
 }
 
+/// Checks a NATS URL (or comma-separated list): `nats://` or `tls://`, and no user or
+/// password in it (they would be logged and shown with the URL: use [`NatsAuth`]'s
+/// files). The reason is for the caller's error.
+pub fn check_url(url: &str) -> Result<(), String> {
+    for one in url.split(',').map(str::trim) {
+        let Some(rest) = one
+            .strip_prefix("nats://")
+            .or_else(|| one.strip_prefix("tls://"))
+        else {
+            return Err("not a URL like nats://127.0.0.1:4222 (or tls://...)".into());
+        };
+        let authority = rest.split('/').next().unwrap_or(rest);
+        if authority.is_empty() {
+            return Err("a URL without a host".into());
+        }
+        if authority.contains('@') {
+            return Err(
+                "credentials in the URL are refused (they would be logged): use the auth \
+                 files (token_file, user and password_file, ...)"
+                    .into(),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Connects with reconnects forever; with `retry_initial` the first connection is also
 /// retried in the background (a daemon starts and queues events while NATS is down).
 pub async fn connect(
@@ -447,15 +496,20 @@ pub async fn connect(
     name: &str,
     retry_initial: bool,
 ) -> Result<async_nats::Client, NatsError> {
-    connect_watching(cfg, name, retry_initial, None).await
+    connect_watching(cfg, name, retry_initial, None, None).await
 }
 
-/// [`connect`], bumping `reconnects` each time the connection comes back after a loss.
+/// Told whether the connection is up, at each change (connection events).
+pub type LinkHook = Arc<dyn Fn(bool) + Send + Sync>;
+
+/// [`connect`], bumping `reconnects` each time the connection comes back after a loss and
+/// telling `link` when it goes down or comes back.
 async fn connect_watching(
     cfg: &NatsStreamConfig,
     name: &str,
     retry_initial: bool,
     reconnects: Option<tokio::sync::watch::Sender<u64>>,
+    link: Option<LinkHook>,
 ) -> Result<async_nats::Client, NatsError> {
     let opts = async_nats::ConnectOptions::new()
         .name(name)
@@ -481,6 +535,14 @@ async fn connect_watching(
                 failures.store(0, Ordering::Relaxed);
                 if let Some(tx) = &reconnects {
                     tx.send_modify(|n| *n += 1);
+                }
+                if let Some(l) = &link {
+                    l(true);
+                }
+            }
+            async_nats::Event::Disconnected | async_nats::Event::Closed => {
+                if let Some(l) = &link {
+                    l(false);
                 }
             }
             async_nats::Event::ServerError(_) | async_nats::Event::ClientError(_) => {
@@ -589,6 +651,8 @@ pub struct NatsPublisherStats {
     pub publish_errors: AtomicU64,
     /// Last publish attempt succeeded.
     pub healthy: AtomicBool,
+    /// The connection to NATS is up.
+    pub connected: AtomicBool,
 }
 
 struct PubShared {
@@ -702,6 +766,8 @@ struct Encoder {
     epoch: u64,
     node: String,
     next_id: u64,
+    /// The publisher's heartbeat period, announced in every message.
+    heartbeat_ms: u64,
 }
 
 impl Encoder {
@@ -720,6 +786,12 @@ impl Encoder {
         );
         headers.insert(dynamo::HEADER_EPOCH, self.epoch.to_string().as_str());
         headers.insert(dynamo::HEADER_NODE, self.node.as_str());
+        if self.heartbeat_ms > 0 {
+            headers.insert(
+                dynamo::HEADER_HEARTBEAT_MS,
+                self.heartbeat_ms.to_string().as_str(),
+            );
+        }
         if !namespace.is_empty() {
             headers.insert(dynamo::HEADER_NAMESPACE, namespace);
         }
@@ -808,7 +880,10 @@ async fn publish_task(
     // retries them at once instead of after the request timeout.
     let (reconnect_tx, mut reconnected) = tokio::sync::watch::channel(0u64);
     let client = loop {
-        match connect_watching(&cfg.stream, &cfg.node, true, Some(reconnect_tx.clone())).await {
+        let connected = stats.clone();
+        let link: LinkHook = Arc::new(move |up| connected.connected.store(up, Ordering::Relaxed));
+        let watch = Some(reconnect_tx.clone());
+        match connect_watching(&cfg.stream, &cfg.node, true, watch, Some(link)).await {
             Ok(c) => break c,
             Err(err) => {
                 tracing::warn!(%err, "NATS connect failed; retrying");
@@ -842,6 +917,7 @@ async fn publish_task(
         epoch,
         node: cfg.node.clone(),
         next_id: 1,
+        heartbeat_ms: cfg.heartbeat_ms,
     };
     let mut pending: VecDeque<Outgoing> = VecDeque::new();
     let mut stream_ready = false;
@@ -949,6 +1025,46 @@ async fn heartbeat_task(
     }
 }
 
+/// Reads one client's heartbeat subscription into the router's state until dropped.
+struct HeartbeatReader {
+    task: tokio::task::JoinHandle<()>,
+    state: Arc<RouterState>,
+}
+
+impl HeartbeatReader {
+    fn start(state: Arc<RouterState>, mut sub: async_nats::Subscriber) -> HeartbeatReader {
+        // Subscribed: beats count from now (the client's Connected event came first).
+        state.nats_link(true);
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                // The subject names the worker; a beat that names another is refused, so
+                // per-subject permissions decide who may vouch for whom.
+                let from = msg
+                    .subject
+                    .as_str()
+                    .rsplit('.')
+                    .next()
+                    .and_then(|w| w.parse().ok());
+                match serde_json::from_slice::<Heartbeat>(&msg.payload) {
+                    Ok(h) if from == Some(h.worker) => st.nats_heartbeat(h.worker, h.epoch),
+                    _ => {
+                        st.metrics.nats_bad_messages.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        HeartbeatReader { task, state }
+    }
+}
+
+impl Drop for HeartbeatReader {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.state.nats_link(false);
+    }
+}
+
 /// Sleeps for the backoff (doubling it up to 1 s) unless stopped; false = stop.
 async fn pause(stop: &mut tokio::sync::watch::Receiver<bool>, backoff_ms: &mut u64) -> bool {
     let ms = *backoff_ms;
@@ -1029,6 +1145,8 @@ pub struct MessageMeta {
     pub epoch: u64,
     pub snapshot: bool,
     pub node: Option<String>,
+    /// The publisher's heartbeat period (0: it sends none).
+    pub heartbeat_ms: u64,
 }
 
 impl MessageMeta {
@@ -1041,6 +1159,9 @@ impl MessageMeta {
                 .unwrap_or(0),
             snapshot: get(dynamo::HEADER_SNAPSHOT).is_some(),
             node: get(dynamo::HEADER_NODE),
+            heartbeat_ms: get(dynamo::HEADER_HEARTBEAT_MS)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0),
         }
     }
 }
@@ -1063,6 +1184,9 @@ pub struct SnapshotWorker {
     pub epoch: u64,
     pub last_event_id: u64,
     pub awaiting_snapshot: bool,
+    /// The publisher's heartbeat period (absent in older snapshots: none).
+    #[serde(default)]
+    pub heartbeat_ms: u64,
 }
 
 const SNAPSHOT_OBJECT: &str = "radix-state";
@@ -1126,30 +1250,40 @@ pub async fn run_consumer(state: Arc<RouterState>, cfg: RouterNatsConfig) {
     let m = &state.metrics;
     let mut next_seq: u64 = 0; // 0 = not started yet
     let mut backoff_ms = 50u64;
+    let mut connect_failures = 0u64;
     let (_never, mut stop) = tokio::sync::watch::channel(false);
     loop {
         // A consumer does not survive a server restart; its client would notice only after
         // missed heartbeats (seconds), so a reconnect restarts reading at once instead.
         let (reconnect_tx, mut reconnected) = tokio::sync::watch::channel(0u64);
+        let link_state = state.clone();
+        let link: LinkHook = Arc::new(move |up| link_state.nats_link(up));
         let client = match connect_watching(
             &cfg.stream,
             "kvplane-router",
             false,
             Some(reconnect_tx),
+            Some(link),
         )
         .await
         {
             Ok(c) => c,
             Err(err) => {
-                tracing::debug!(%err, "router: NATS connect failed");
+                connect_failures += 1;
+                if connect_failures.is_power_of_two() {
+                    tracing::warn!(%err, failures = connect_failures, "router: NATS connect failed");
+                }
                 pause(&mut stop, &mut backoff_ms).await;
                 continue;
             }
         };
-        let mut heartbeats = match client.subscribe(cfg.stream.heartbeat_wildcard()).await {
-            Ok(s) => s,
+        connect_failures = 0;
+        // Heartbeats on a task of their own: a slow snapshot write never delays them. The
+        // guard stops it (and this router's liveness clock) when this client is left.
+        let _heartbeats = match client.subscribe(cfg.stream.heartbeat_wildcard()).await {
+            Ok(sub) => HeartbeatReader::start(state.clone(), sub),
             Err(err) => {
-                tracing::debug!(%err, "router: heartbeat subscription failed");
+                tracing::warn!(%err, "router: heartbeat subscription failed");
                 pause(&mut stop, &mut backoff_ms).await;
                 continue;
             }
@@ -1202,7 +1336,6 @@ pub async fn run_consumer(state: Arc<RouterState>, cfg: RouterNatsConfig) {
             }
         };
         backoff_ms = 50;
-        state.nats_connected();
         let period = Duration::from_millis(cfg.snapshot_interval_ms.max(1));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1242,14 +1375,6 @@ pub async fn run_consumer(state: Arc<RouterState>, cfg: RouterNatsConfig) {
                         }
                     }
                     state.nats_seq.store(seq, Ordering::Relaxed);
-                }
-                Some(beat) = heartbeats.next() => {
-                    match serde_json::from_slice::<Heartbeat>(&beat.payload) {
-                        Ok(h) => state.nats_heartbeat(h.worker),
-                        Err(_) => {
-                            m.nats_bad_messages.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
                 }
                 Ok(()) = reconnected.changed() => {
                     // 1 is this client's first connection; more is a reconnect.
@@ -1485,6 +1610,21 @@ mod tests {
         );
         let two = with(Some("/k/secret-seed"), Some("/k/secret-creds"));
         assert!(two.validate().is_err(), "one auth method at a time");
+    }
+
+    #[test]
+    fn urls_with_credentials_are_refused() {
+        assert!(check_url("nats://127.0.0.1:4222").is_ok());
+        assert!(check_url("nats://a:4222, tls://b:4222").is_ok());
+        for bad in [
+            "nats://user:pass@host:4222",
+            "nats://a:4222,nats://token@b:4222",
+            "http://host:4222",
+            "nats://",
+        ] {
+            assert!(check_url(bad).is_err(), "{bad}");
+        }
+        assert!(check_url("nats://u:p@h").unwrap_err().contains("refused"));
     }
 
     /// The router's `[nats.auth]` table parses into the stream's settings (the router

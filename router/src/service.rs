@@ -138,13 +138,35 @@ pub struct WorkerInfo {
     /// NATS publisher.
     #[serde(default)]
     pub silent_for_ms: Option<u64>,
+    /// The NATS publisher's heartbeat period (0: it sends none and is never left out).
+    pub heartbeat_period_ms: u64,
     #[serde(skip)]
     conn: u64,
     #[serde(skip)]
     disconnected_at_ms: Option<u64>,
-    /// When this router last heard the worker's NATS heartbeat.
+    /// [`LiveClock`] reading at the worker's last heartbeat of its current epoch (or when
+    /// this router first learned of it, or of that epoch).
     #[serde(skip)]
-    heartbeat_at_ms: Option<u64>,
+    heartbeat_at: Option<u64>,
+}
+
+/// The router's heartbeat time: milliseconds during which its own heartbeat subscription
+/// was up, so silence while the router itself is cut off never counts against a worker,
+/// and a worker already silent stays so across the router's reconnects.
+#[derive(Debug, Default)]
+struct LiveClock {
+    /// Up-time accumulated before the current stretch.
+    base_ms: u64,
+    /// Start of the current up stretch (`now_ms`), if up.
+    up_since_ms: Option<u64>,
+    /// Clock reading at the last heartbeat from anyone.
+    last_any_beat: Option<u64>,
+}
+
+impl LiveClock {
+    fn read(&self, now_ms: u64) -> u64 {
+        self.base_ms + self.up_since_ms.map_or(0, |t| now_ms.saturating_sub(t))
+    }
 }
 
 /// Shared router state.
@@ -160,9 +182,8 @@ pub struct RouterState {
     start: Instant,
     /// Stream sequence of the last NATS message applied.
     pub nats_seq: AtomicU64,
-    /// When this router's NATS consumer last (re)connected, +1 (0: never): heartbeats
-    /// missed while the router itself was cut off do not count against a worker.
-    nats_live_since_ms: AtomicU64,
+    /// Heartbeat time (see [`LiveClock`]).
+    live: Mutex<LiveClock>,
 }
 
 enum Seq {
@@ -186,38 +207,66 @@ impl RouterState {
             next_conn: AtomicU64::new(1),
             start: Instant::now(),
             nats_seq: AtomicU64::new(0),
-            nats_live_since_ms: AtomicU64::new(0),
+            live: Mutex::new(LiveClock::default()),
         }
     }
 
-    /// How long `w`'s heartbeat is overdue, if it is: only kvplane NATS publishers
-    /// (a boot epoch) send heartbeats, and only while this router's consumer is connected
-    /// is their absence news.
-    fn heartbeat_overdue(&self, w: &WorkerInfo, now: u64) -> Option<u64> {
-        let timeout = self.config.nats.as_ref()?.heartbeat_timeout_ms;
-        let live_since = self
-            .nats_live_since_ms
-            .load(Ordering::Relaxed)
-            .checked_sub(1)?;
-        if timeout == 0 || w.source != "nats" || w.epoch == 0 {
+    fn live(&self) -> std::sync::MutexGuard<'_, LiveClock> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// (heartbeat clock now, clock at the last beat from anyone).
+    fn live_now(&self) -> (u64, Option<u64>) {
+        let now = self.now_ms();
+        let l = self.live();
+        (l.read(now), l.last_any_beat)
+    }
+
+    /// How long `w`'s heartbeat is overdue, if it is: only publishers that announce a
+    /// period are judged, against `max(heartbeat_timeout_ms, 3 periods)` of this router's
+    /// heartbeat time. A router that has heard no beat at all for that long judges no one
+    /// (it cannot tell its own isolation from everyone's death).
+    fn heartbeat_overdue(&self, w: &WorkerInfo, (clock, any): (u64, Option<u64>)) -> Option<u64> {
+        let cfg_timeout = self.config.nats.as_ref()?.heartbeat_timeout_ms;
+        if cfg_timeout == 0 || w.heartbeat_period_ms == 0 {
             return None;
         }
-        let last = w.heartbeat_at_ms.unwrap_or(0).max(live_since);
-        let silent = now.saturating_sub(last);
+        let timeout = cfg_timeout.max(w.heartbeat_period_ms.saturating_mul(3));
+        if clock.saturating_sub(any?) > timeout {
+            return None;
+        }
+        let silent = clock.saturating_sub(w.heartbeat_at.unwrap_or(clock));
         (silent > timeout).then_some(silent)
     }
 
-    /// The NATS consumer is (again) reading: heartbeats count from now.
-    pub fn nats_connected(&self) {
-        self.nats_live_since_ms
-            .store(self.now_ms() + 1, Ordering::Relaxed);
+    /// The router's heartbeat subscription is up (true) or cut off (false).
+    pub fn nats_link(&self, up: bool) {
+        let now = self.now_ms();
+        let mut l = self.live();
+        match (up, l.up_since_ms) {
+            (true, None) => l.up_since_ms = Some(now),
+            (false, Some(t)) => {
+                l.base_ms += now.saturating_sub(t);
+                l.up_since_ms = None;
+            }
+            _ => {}
+        }
     }
 
-    /// A kvplane publisher's heartbeat (its worker and boot epoch).
-    pub fn nats_heartbeat(&self, worker: WorkerId) {
-        let now = self.now_ms();
-        if let Some(e) = self.workers().get_mut(&worker) {
-            e.heartbeat_at_ms = Some(now);
+    /// A kvplane publisher's heartbeat; counted for the worker only when it comes from
+    /// the epoch the router knows (a restarted daemon counts from its snapshot on).
+    pub fn nats_heartbeat(&self, worker: WorkerId, epoch: u64) {
+        let clock = {
+            let now = self.now_ms();
+            let mut l = self.live();
+            let c = l.read(now);
+            l.last_any_beat = Some(c);
+            c
+        };
+        if let Some(e) = self.workers().get_mut(&worker)
+            && e.epoch == epoch
+        {
+            e.heartbeat_at = Some(clock);
         }
         self.metrics.nats_heartbeats.fetch_add(1, Ordering::Relaxed);
     }
@@ -233,13 +282,14 @@ impl RouterState {
     /// Workers currently routable (connected, or disconnected within the grace period).
     pub fn worker_list(&self) -> Vec<WorkerInfo> {
         let now = self.now_ms();
+        let live = self.live_now();
         let mut v: Vec<WorkerInfo> = self
             .workers()
             .values()
             .map(|w| {
                 let mut w = w.clone();
                 w.disconnected_for_ms = w.disconnected_at_ms.map(|t| now.saturating_sub(t));
-                w.silent_for_ms = self.heartbeat_overdue(&w, now);
+                w.silent_for_ms = self.heartbeat_overdue(&w, live);
                 w
             })
             .collect();
@@ -263,7 +313,8 @@ impl RouterState {
             conn,
             disconnected_at_ms: None,
             silent_for_ms: None,
-            heartbeat_at_ms: None,
+            heartbeat_period_ms: 0,
+            heartbeat_at: None,
         });
         e.node = node.to_owned();
         e.source = source;
@@ -445,6 +496,7 @@ impl RouterState {
     pub fn apply_nats(&self, meta: &crate::nats::MessageMeta, ev: &crate::dynamo::RouterEvent) {
         let worker = ev.worker_id;
         let id = ev.event.event_id;
+        let (clock, _) = self.live_now();
         {
             let mut workers = self.workers();
             let e = workers.entry(worker).or_insert_with(|| WorkerInfo {
@@ -466,8 +518,14 @@ impl RouterState {
                 conn: 0,
                 disconnected_at_ms: None,
                 silent_for_ms: None,
-                heartbeat_at_ms: None,
+                heartbeat_period_ms: meta.heartbeat_ms,
+                heartbeat_at: Some(clock),
             });
+            e.heartbeat_period_ms = meta.heartbeat_ms;
+            if meta.epoch != e.epoch {
+                // A new publisher instance: its silence counts from here.
+                e.heartbeat_at = Some(clock);
+            }
             if meta.snapshot {
                 e.epoch = meta.epoch;
                 e.awaiting_snapshot = false;
@@ -514,6 +572,7 @@ impl RouterState {
                 epoch: w.epoch,
                 last_event_id: w.last_seq,
                 awaiting_snapshot: w.awaiting_snapshot,
+                heartbeat_ms: w.heartbeat_period_ms,
             })
             .collect();
         let ids: std::collections::HashSet<WorkerId> = workers.iter().map(|w| w.worker).collect();
@@ -542,6 +601,7 @@ impl RouterState {
 
     /// Loads a snapshot written by any replica (before reading the stream after it).
     pub fn restore_nats_snapshot(&self, snap: &crate::nats::RouterSnapshot) {
+        let (clock, _) = self.live_now();
         self.index.restore(&snap.index);
         let mut workers = self.workers();
         for w in &snap.workers {
@@ -561,7 +621,8 @@ impl RouterState {
                     conn: 0,
                     disconnected_at_ms: None,
                     silent_for_ms: None,
-                    heartbeat_at_ms: None,
+                    heartbeat_period_ms: w.heartbeat_ms,
+                    heartbeat_at: Some(clock),
                 },
             );
         }
@@ -577,11 +638,11 @@ impl RouterState {
     /// Candidate workers with their load: every known worker but those whose NATS
     /// heartbeat is overdue.
     pub fn candidates(&self) -> Vec<WorkerLoad> {
-        let now = self.now_ms();
+        let live = self.live_now();
         let mut v: Vec<WorkerLoad> = self
             .workers()
             .values()
-            .filter(|w| self.heartbeat_overdue(w, now).is_none())
+            .filter(|w| self.heartbeat_overdue(w, live).is_none())
             .map(|w| WorkerLoad {
                 worker: w.worker,
                 active_requests: w.active_requests,

@@ -69,13 +69,11 @@ impl EventsConfig {
                 });
             }
         }
-        if let Some(url) = &self.nats_url
-            && !(url.starts_with("nats://") || url.starts_with("tls://"))
-        {
-            return Err(ConfigError::Invalid {
+        if let Some(url) = &self.nats_url {
+            kvplane_router::nats::check_url(url).map_err(|reason| ConfigError::Invalid {
                 key: "events.nats_url".into(),
-                reason: format!("`{url}` is not a URL like nats://127.0.0.1:4222"),
-            });
+                reason,
+            })?;
         }
         for (key, v) in [
             ("events.nats_namespace", &self.nats_namespace),

@@ -328,6 +328,16 @@ pub fn render(s: &Scrape<'_>) -> String {
             &[],
             u8::from(n.healthy.load(Ordering::Relaxed)),
         );
+        o.family(
+            "kvplane_nats_connected",
+            "gauge",
+            "1 while the connection to NATS is up (0: away, or refused: the log says why).",
+        );
+        o.sample(
+            "kvplane_nats_connected",
+            &[],
+            u8::from(n.connected.load(Ordering::Relaxed)),
+        );
     }
 
     o.family(
