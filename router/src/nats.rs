@@ -82,6 +82,11 @@ impl NatsStreamConfig {
         format!("{}-heartbeat.{worker}", self.stream())
     }
 
+    /// Where routers publish the probe that tells them their subscription works.
+    pub fn heartbeat_probe_subject(&self) -> String {
+        format!("{}-heartbeat.{PROBE_TOKEN}", self.stream())
+    }
+
     /// What routers subscribe to for every worker's heartbeats.
     pub fn heartbeat_wildcard(&self) -> String {
         format!("{}-heartbeat.*", self.stream())
@@ -151,6 +156,7 @@ pub enum AuthFile {
 }
 
 /// The contents of [`NatsAuth`]'s files, checked.
+#[derive(Default)]
 struct LoadedAuth {
     token: Option<String>,
     password: Option<String>,
@@ -219,17 +225,20 @@ impl NatsAuth {
             })
         };
         let methods = [
-            self.token_file.is_some(),
-            self.user.is_some() || self.password_file.is_some(),
-            self.nkey_seed_file.is_some(),
-            self.credentials_file.is_some(),
+            ("token_file", self.token_file.is_some()),
+            ("user", self.user.is_some() || self.password_file.is_some()),
+            ("nkey_seed_file", self.nkey_seed_file.is_some()),
+            ("credentials_file", self.credentials_file.is_some()),
         ];
-        if methods.iter().filter(|&&m| m).count() > 1 {
-            return bad(
-                "token_file",
-                "set one of token_file, user and password_file, nkey_seed_file or \
-                 credentials_file",
-            );
+        let mut set = methods.iter().filter(|(_, on)| *on).map(|(name, _)| *name);
+        if let (Some(first), Some(second)) = (set.next(), set.next()) {
+            return Err(NatsError::Auth {
+                what: second,
+                reason: format!(
+                    "set together with {first}: set one of token_file, user and \
+                     password_file, nkey_seed_file or credentials_file"
+                ),
+            });
         }
         if self.user.is_some() != self.password_file.is_some() {
             return bad("user", "user and password_file go together");
@@ -269,49 +278,53 @@ impl NatsAuth {
                 })
                 .transpose()
         };
-        let secret = |what: &'static str, bytes: Option<Vec<u8>>| -> Result<_, NatsError> {
+        // Text of a secret file; the bytes are wiped whatever happens to them.
+        let text = |what: &'static str, bytes: Option<Vec<u8>>| -> Result<_, NatsError> {
             let Some(bytes) = bytes else { return Ok(None) };
-            let text = String::from_utf8(bytes).map_err(|_| NatsError::Auth {
-                what,
-                reason: "not UTF-8".into(),
-            })?;
+            String::from_utf8(bytes).map(Some).map_err(|e| {
+                wipe(e.into_bytes());
+                NatsError::Auth {
+                    what,
+                    reason: "not UTF-8".into(),
+                }
+            })
+        };
+        let line = |what: &'static str, bytes: Option<Vec<u8>>| -> Result<_, NatsError> {
+            let Some(text) = text(what, bytes)? else {
+                return Ok(None);
+            };
             // One trailing newline is how such files are written; nothing else may surround it.
             let trimmed = text.strip_suffix('\n').unwrap_or(&text);
-            if trimmed.is_empty() || trimmed.chars().any(|c| c.is_control() || c == ' ') {
-                return Err(NatsError::Auth {
-                    what,
-                    reason: "must be one line of printable characters without spaces".into(),
-                });
-            }
-            let out = trimmed.to_owned();
+            let out = (!trimmed.is_empty() && !trimmed.chars().any(|c| c.is_control() || c == ' '))
+                .then(|| trimmed.to_owned());
             wipe(text.into_bytes());
-            Ok(Some(out))
+            out.map(Some).ok_or(NatsError::Auth {
+                what,
+                reason: "must be one line of printable characters without spaces".into(),
+            })
         };
-        let loaded = LoadedAuth {
-            token: secret(
-                "token_file",
-                file("token_file", &self.token_file, AuthFile::Secret)?,
-            )?,
-            password: secret(
-                "password_file",
-                file("password_file", &self.password_file, AuthFile::Secret)?,
-            )?,
-            nkey_seed: secret(
-                "nkey_seed_file",
-                file("nkey_seed_file", &self.nkey_seed_file, AuthFile::Secret)?,
-            )?,
-            credentials: file("credentials_file", &self.credentials_file, AuthFile::Secret)?
-                .map(|bytes| {
-                    String::from_utf8(bytes).map_err(|_| NatsError::Auth {
-                        what: "credentials_file",
-                        reason: "not UTF-8".into(),
-                    })
-                })
-                .transpose()?,
-            tls_ca: file("tls_ca_file", &self.tls_ca_file, AuthFile::Public)?,
-            tls_cert: file("tls_cert_file", &self.tls_cert_file, AuthFile::Public)?,
-            tls_key: file("tls_key_file", &self.tls_key_file, AuthFile::Secret)?,
-        };
+        // Filled one field at a time: on an error, what was read so far is wiped by
+        // LoadedAuth's Drop.
+        let mut loaded = LoadedAuth::default();
+        loaded.token = line(
+            "token_file",
+            file("token_file", &self.token_file, AuthFile::Secret)?,
+        )?;
+        loaded.password = line(
+            "password_file",
+            file("password_file", &self.password_file, AuthFile::Secret)?,
+        )?;
+        loaded.nkey_seed = line(
+            "nkey_seed_file",
+            file("nkey_seed_file", &self.nkey_seed_file, AuthFile::Secret)?,
+        )?;
+        loaded.credentials = text(
+            "credentials_file",
+            file("credentials_file", &self.credentials_file, AuthFile::Secret)?,
+        )?;
+        loaded.tls_ca = file("tls_ca_file", &self.tls_ca_file, AuthFile::Public)?;
+        loaded.tls_cert = file("tls_cert_file", &self.tls_cert_file, AuthFile::Public)?;
+        loaded.tls_key = file("tls_key_file", &self.tls_key_file, AuthFile::Secret)?;
         // Parse now, so a bad file fails at start-up with its name, not at each reconnect.
         tls_config(&loaded)?;
         if let Some(seed) = &loaded.nkey_seed {
@@ -901,6 +914,7 @@ async fn publish_task(
         let beat = Heartbeat {
             worker: cfg.worker,
             epoch,
+            period_ms: cfg.heartbeat_ms,
         };
         tokio::spawn(heartbeat_task(
             client.clone(),
@@ -999,7 +1013,14 @@ async fn publish_task(
 struct Heartbeat {
     worker: WorkerId,
     epoch: u64,
+    /// The beat period (routers that restored an older snapshot learn it here).
+    #[serde(default)]
+    period_ms: u64,
 }
+
+/// The last token of a router's probe subject (`{stream}-heartbeat.router`): a router
+/// that hears its probes knows its heartbeat subscription works.
+const PROBE_TOKEN: &str = "router";
 
 /// Publishes `payload` on `subject` every `period` while connected, until stopped. A beat
 /// due while NATS is away is skipped, not queued: a late heartbeat says nothing.
@@ -1029,39 +1050,78 @@ async fn heartbeat_task(
 struct HeartbeatReader {
     task: tokio::task::JoinHandle<()>,
     state: Arc<RouterState>,
+    link_gen: u64,
 }
 
 impl HeartbeatReader {
-    fn start(state: Arc<RouterState>, mut sub: async_nats::Subscriber) -> HeartbeatReader {
-        // Subscribed: beats count from now (the client's Connected event came first).
-        state.nats_link(true);
+    /// Reads `sub` for the link generation `link_gen`, and publishes this router's probe
+    /// every `probe` on `client`.
+    fn start(
+        state: Arc<RouterState>,
+        link_gen: u64,
+        client: async_nats::Client,
+        mut sub: async_nats::Subscriber,
+        probe_subject: String,
+        probe: Duration,
+    ) -> HeartbeatReader {
+        // Events reach the hook asynchronously: say what the client says now.
+        let up = client.connection_state() == async_nats::connection::State::Connected;
+        state.nats_link(link_gen, up);
         let st = state.clone();
         let task = tokio::spawn(async move {
-            while let Some(msg) = sub.next().await {
-                // The subject names the worker; a beat that names another is refused, so
-                // per-subject permissions decide who may vouch for whom.
-                let from = msg
-                    .subject
-                    .as_str()
-                    .rsplit('.')
-                    .next()
-                    .and_then(|w| w.parse().ok());
-                match serde_json::from_slice::<Heartbeat>(&msg.payload) {
-                    Ok(h) if from == Some(h.worker) => st.nats_heartbeat(h.worker, h.epoch),
-                    _ => {
-                        st.metrics.nats_bad_messages.fetch_add(1, Ordering::Relaxed);
+            let mut tick = tokio::time::interval(probe);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    msg = sub.next() => {
+                        let Some(msg) = msg else { return };
+                        read_beat(&st, &msg);
+                    }
+                    _ = tick.tick() => {
+                        if client.connection_state() == async_nats::connection::State::Connected {
+                            let _ = tokio::time::timeout(
+                                probe,
+                                client.publish(probe_subject.clone(), bytes::Bytes::new()),
+                            )
+                            .await;
+                        }
                     }
                 }
             }
         });
-        HeartbeatReader { task, state }
+        HeartbeatReader {
+            task,
+            state,
+            link_gen,
+        }
+    }
+}
+
+/// One message of the heartbeat subscription: a router's probe or a worker's beat. The
+/// subject names the worker; a beat that names another is refused, so per-subject
+/// permissions decide who may vouch for whom.
+fn read_beat(state: &RouterState, msg: &async_nats::Message) {
+    let token = msg.subject.as_str().rsplit('.').next().unwrap_or("");
+    if token == PROBE_TOKEN {
+        state.nats_probe();
+        return;
+    }
+    let from: Option<WorkerId> = token.parse().ok();
+    match serde_json::from_slice::<Heartbeat>(&msg.payload) {
+        Ok(h) if from == Some(h.worker) => state.nats_heartbeat(h.worker, h.epoch, h.period_ms),
+        _ => {
+            state
+                .metrics
+                .nats_bad_messages
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
 impl Drop for HeartbeatReader {
     fn drop(&mut self) {
         self.task.abort();
-        self.state.nats_link(false);
+        self.state.nats_link(self.link_gen, false);
     }
 }
 
@@ -1256,8 +1316,11 @@ pub async fn run_consumer(state: Arc<RouterState>, cfg: RouterNatsConfig) {
         // A consumer does not survive a server restart; its client would notice only after
         // missed heartbeats (seconds), so a reconnect restarts reading at once instead.
         let (reconnect_tx, mut reconnected) = tokio::sync::watch::channel(0u64);
+        // Events of a client left behind (async-nats keeps reconnecting a dropped one) must
+        // not move the clock: each client reports under a generation of its own.
+        let link_gen = state.nats_new_link();
         let link_state = state.clone();
-        let link: LinkHook = Arc::new(move |up| link_state.nats_link(up));
+        let link: LinkHook = Arc::new(move |up| link_state.nats_link(link_gen, up));
         let client = match connect_watching(
             &cfg.stream,
             "kvplane-router",
@@ -1280,8 +1343,16 @@ pub async fn run_consumer(state: Arc<RouterState>, cfg: RouterNatsConfig) {
         connect_failures = 0;
         // Heartbeats on a task of their own: a slow snapshot write never delays them. The
         // guard stops it (and this router's liveness clock) when this client is left.
+        let probe = Duration::from_millis((cfg.heartbeat_timeout_ms / 4).clamp(50, 1_000));
         let _heartbeats = match client.subscribe(cfg.stream.heartbeat_wildcard()).await {
-            Ok(sub) => HeartbeatReader::start(state.clone(), sub),
+            Ok(sub) => HeartbeatReader::start(
+                state.clone(),
+                link_gen,
+                client.clone(),
+                sub,
+                cfg.stream.heartbeat_probe_subject(),
+                probe,
+            ),
             Err(err) => {
                 tracing::warn!(%err, "router: heartbeat subscription failed");
                 pause(&mut stop, &mut backoff_ms).await;
@@ -1516,7 +1587,14 @@ mod tests {
             password_file: Some("/k/secret-p".into()),
             ..NatsAuth::default()
         };
-        assert_eq!(what(both.validate().map(|()| both.clone())), "token_file");
+        // The error names the second of the two methods set, and the first in its reason.
+        match both.validate() {
+            Err(NatsError::Auth { what, reason }) => {
+                assert_eq!(what, "user");
+                assert!(reason.contains("token_file"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
         let user_only = NatsAuth {
             user: Some("u".into()),
             ..NatsAuth::default()

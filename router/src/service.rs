@@ -140,6 +140,9 @@ pub struct WorkerInfo {
     pub silent_for_ms: Option<u64>,
     /// The NATS publisher's heartbeat period (0: it sends none and is never left out).
     pub heartbeat_period_ms: u64,
+    /// The period its beats state (a router that restored an older snapshot learns it).
+    #[serde(skip)]
+    beat_period_ms: u64,
     #[serde(skip)]
     conn: u64,
     #[serde(skip)]
@@ -159,8 +162,10 @@ struct LiveClock {
     base_ms: u64,
     /// Start of the current up stretch (`now_ms`), if up.
     up_since_ms: Option<u64>,
-    /// Clock reading at the last heartbeat from anyone.
-    last_any_beat: Option<u64>,
+    /// Clock reading when this router last heard its own probe.
+    last_probe: Option<u64>,
+    /// The link generation whose events count (see [`RouterState::nats_new_link`]).
+    generation: u64,
 }
 
 impl LiveClock {
@@ -215,34 +220,51 @@ impl RouterState {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// (heartbeat clock now, clock at the last beat from anyone).
+    /// (heartbeat clock now, clock when this router last heard its own probe).
     fn live_now(&self) -> (u64, Option<u64>) {
         let now = self.now_ms();
         let l = self.live();
-        (l.read(now), l.last_any_beat)
+        (l.read(now), l.last_probe)
     }
 
-    /// How long `w`'s heartbeat is overdue, if it is: only publishers that announce a
+    /// How long `w`'s heartbeat is overdue, if it is: only NATS publishers that announce a
     /// period are judged, against `max(heartbeat_timeout_ms, 3 periods)` of this router's
-    /// heartbeat time. A router that has heard no beat at all for that long judges no one
-    /// (it cannot tell its own isolation from everyone's death).
-    fn heartbeat_overdue(&self, w: &WorkerInfo, (clock, any): (u64, Option<u64>)) -> Option<u64> {
+    /// heartbeat time. A router that has not heard its own probe for that long judges no
+    /// one (its subscription, not the workers, may be what is broken).
+    fn heartbeat_overdue(&self, w: &WorkerInfo, (clock, probe): (u64, Option<u64>)) -> Option<u64> {
         let cfg_timeout = self.config.nats.as_ref()?.heartbeat_timeout_ms;
-        if cfg_timeout == 0 || w.heartbeat_period_ms == 0 {
+        let period = w.heartbeat_period_ms.max(w.beat_period_ms);
+        if cfg_timeout == 0 || period == 0 || w.source != "nats" {
             return None;
         }
-        let timeout = cfg_timeout.max(w.heartbeat_period_ms.saturating_mul(3));
-        if clock.saturating_sub(any?) > timeout {
+        let timeout = cfg_timeout.max(period.saturating_mul(3));
+        if clock.saturating_sub(probe?) > timeout {
             return None;
         }
         let silent = clock.saturating_sub(w.heartbeat_at.unwrap_or(clock));
         (silent > timeout).then_some(silent)
     }
 
-    /// The router's heartbeat subscription is up (true) or cut off (false).
-    pub fn nats_link(&self, up: bool) {
+    /// A new NATS client: its generation, the only one whose link events count from now
+    /// on; the link is down until it says otherwise.
+    pub fn nats_new_link(&self) -> u64 {
         let now = self.now_ms();
         let mut l = self.live();
+        if let Some(t) = l.up_since_ms.take() {
+            l.base_ms += now.saturating_sub(t);
+        }
+        l.generation += 1;
+        l.generation
+    }
+
+    /// The heartbeat subscription of link generation `link_gen` is up (true) or cut off
+    /// (false); events of any other generation are ignored.
+    pub fn nats_link(&self, link_gen: u64, up: bool) {
+        let now = self.now_ms();
+        let mut l = self.live();
+        if link_gen != l.generation {
+            return;
+        }
         match (up, l.up_since_ms) {
             (true, None) => l.up_since_ms = Some(now),
             (false, Some(t)) => {
@@ -253,20 +275,24 @@ impl RouterState {
         }
     }
 
-    /// A kvplane publisher's heartbeat; counted for the worker only when it comes from
-    /// the epoch the router knows (a restarted daemon counts from its snapshot on).
-    pub fn nats_heartbeat(&self, worker: WorkerId, epoch: u64) {
-        let clock = {
-            let now = self.now_ms();
-            let mut l = self.live();
-            let c = l.read(now);
-            l.last_any_beat = Some(c);
-            c
-        };
+    /// This router heard its own probe: its heartbeat subscription works.
+    pub fn nats_probe(&self) {
+        let now = self.now_ms();
+        let mut l = self.live();
+        let c = l.read(now);
+        l.last_probe = Some(c);
+    }
+
+    /// A kvplane publisher's heartbeat. Proof of life for its worker when it comes from
+    /// the epoch the router knows or a later one (a restarted daemon whose snapshot is
+    /// not read yet is alive; an older epoch's beat is a stale message).
+    pub fn nats_heartbeat(&self, worker: WorkerId, epoch: u64, period_ms: u64) {
+        let (clock, _) = self.live_now();
         if let Some(e) = self.workers().get_mut(&worker)
-            && e.epoch == epoch
+            && epoch >= e.epoch
         {
             e.heartbeat_at = Some(clock);
+            e.beat_period_ms = period_ms;
         }
         self.metrics.nats_heartbeats.fetch_add(1, Ordering::Relaxed);
     }
@@ -314,6 +340,7 @@ impl RouterState {
             disconnected_at_ms: None,
             silent_for_ms: None,
             heartbeat_period_ms: 0,
+            beat_period_ms: 0,
             heartbeat_at: None,
         });
         e.node = node.to_owned();
@@ -519,6 +546,7 @@ impl RouterState {
                 disconnected_at_ms: None,
                 silent_for_ms: None,
                 heartbeat_period_ms: meta.heartbeat_ms,
+                beat_period_ms: 0,
                 heartbeat_at: Some(clock),
             });
             e.heartbeat_period_ms = meta.heartbeat_ms;
@@ -622,6 +650,7 @@ impl RouterState {
                     disconnected_at_ms: None,
                     silent_for_ms: None,
                     heartbeat_period_ms: w.heartbeat_ms,
+                    beat_period_ms: 0,
                     heartbeat_at: Some(clock),
                 },
             );
@@ -1243,4 +1272,45 @@ fn handle_route(state: &RouterState, body: &[u8]) -> Response {
             decision,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Link events of a client left behind never move the heartbeat clock: an old
+    /// client's late "up" does not start it, its late "down" does not stop the new one's.
+    #[test]
+    fn only_the_current_link_generation_moves_the_clock() {
+        let state = RouterState::new(ServiceConfig::default());
+        let old = state.nats_new_link();
+        let new = state.nats_new_link();
+        state.nats_link(old, true);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(state.live_now().0, 0, "a stale generation's up is ignored");
+        state.nats_link(new, true);
+        std::thread::sleep(Duration::from_millis(30));
+        let running = state.live_now().0;
+        assert!(
+            running >= 20,
+            "the current generation runs the clock ({running} ms)"
+        );
+        state.nats_link(old, false);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(
+            state.live_now().0 >= running + 20,
+            "a stale generation's down does not stop it"
+        );
+        state.nats_link(new, false);
+        let stopped = state.live_now().0;
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(state.live_now().0, stopped, "down stops it");
+        // A new client starts down.
+        let newer = state.nats_new_link();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(state.live_now().0, stopped);
+        state.nats_link(newer, true);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(state.live_now().0 >= stopped + 20);
+    }
 }

@@ -859,6 +859,35 @@ fn daemon_started_while_nats_is_down_publishes_when_it_comes_up() {
     );
 }
 
+/// One sample of a router's `/metrics`; panics when the router does not answer or has no
+/// such sample (where 0 would pass for a crashed router).
+fn metric_strict(port: u16, name: &str) -> u64 {
+    let text = http(
+        port,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap_or_else(|| panic!("router :{port} does not answer /metrics"));
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("router :{port} has no {name}"))
+}
+
+/// Heals `link` and waits until the router behind it hears heartbeats again.
+fn heal_and_hear_beats(link: &Partition, r: &RouterProc) {
+    let beats = || metric_strict(r.http, "kvplane_router_nats_heartbeats_total");
+    let before = beats();
+    link.heal();
+    let healed = Instant::now();
+    while beats() == before {
+        assert!(
+            healed.elapsed() < Duration::from_secs(20),
+            "the router hears heartbeats again"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A CA and a server certificate for 127.0.0.1 it signed, made with the `openssl` tool:
 /// (ca.pem, server.pem, server.key).
 fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
@@ -1181,7 +1210,7 @@ fn silent_daemon_is_left_out_of_routing_until_it_beats_again() {
     let chains: Vec<Vec<u64>> = (0..20).map(|i| chain_of(31, i)).collect();
     let other: Vec<Vec<u64>> = (0..20).map(|i| chain_of(32, i)).collect();
     save_write_through(&d2.socket, &other);
-    let silent_workers = || metric(r1.http, "kvplane_router_workers_silent");
+    let silent_workers = || metric_strict(r1.http, "kvplane_router_workers_silent");
     let killed = {
         let daemon = DaemonProc::start(&d, &["--config", cfg]);
         save_write_through(&daemon.socket, &chains);
@@ -1197,18 +1226,11 @@ fn silent_daemon_is_left_out_of_routing_until_it_beats_again() {
             let s = scores(r2.http, NS, ch).unwrap_or_default();
             assert_eq!(s.values().sum::<u64>(), 3, "cut-off r2 still routes: {s:?}");
         }
-        link.heal();
-        let healed = Instant::now();
-        let beats = || metric(r2.http, "kvplane_router_nats_heartbeats_total");
-        let before = beats();
-        while beats() == before {
-            assert!(
-                healed.elapsed() < Duration::from_secs(20),
-                "r2 hears beats again"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        heal_and_hear_beats(&link, &r2);
+        for _ in 0..10 {
+            assert_eq!(metric_strict(r2.http, "kvplane_router_workers_silent"), 0);
+            std::thread::sleep(Duration::from_millis(BEAT_MS / 2));
         }
-        assert_eq!(metric(r2.http, "kvplane_router_workers_silent"), 0);
         // Both beat on time for several timeouts.
         std::thread::sleep(Duration::from_millis(2 * TIMEOUT_MS));
         assert_eq!(silent_workers(), 0, "no worker is overdue while both beat");
@@ -1216,10 +1238,12 @@ fn silent_daemon_is_left_out_of_routing_until_it_beats_again() {
         kvplane_tests::signal(daemon.pid(), libc::SIGKILL);
         Instant::now()
     };
-    // Left out once overdue: not before the timeout (less the last beat's age), and soon after.
+    // Left out once overdue, by both routers: not before the timeout (less the last beat's
+    // age), and soon after.
     let left_out = loop {
         let s = scores(r1.http, NS, &chains[0]).unwrap_or_default();
-        if !s.contains_key(&901) {
+        let s2 = scores(r2.http, NS, &chains[0]).unwrap_or_default();
+        if !s.contains_key(&901) && !s2.contains_key(&901) {
             break killed.elapsed();
         }
         assert!(
@@ -1234,7 +1258,21 @@ fn silent_daemon_is_left_out_of_routing_until_it_beats_again() {
         left_out >= Duration::from_millis(TIMEOUT_MS / 2),
         "left out after {left_out:?}, long before its heartbeat was overdue"
     );
-    assert_eq!(silent_workers(), 1);
+    assert_eq!(metric_strict(r1.http, "kvplane_router_workers_silent"), 1);
+    // Silent before r2's own outage, silent after it: the outage neither counts against
+    // 902 nor clears 901.
+    link.cut();
+    std::thread::sleep(Duration::from_millis(2 * TIMEOUT_MS));
+    heal_and_hear_beats(&link, &r2);
+    for _ in 0..10 {
+        let s = scores(r2.http, NS, &chains[0]).unwrap_or_default();
+        assert!(
+            !s.contains_key(&901),
+            "r2 routes to the dead daemon again: {s:?}"
+        );
+        assert_eq!(scores(r2.http, NS, &other[0]).unwrap()[&902], 3);
+        std::thread::sleep(Duration::from_millis(BEAT_MS / 2));
+    }
     let workers = http(
         r1.http,
         "GET /workers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
@@ -1261,7 +1299,7 @@ fn silent_daemon_is_left_out_of_routing_until_it_beats_again() {
             .take(chains.len())
             .all(|(_, m)| m.get(&901) == Some(&3))
     );
-    let back = converge(&[&r1], NS, &truth);
+    let back = converge(&[&r1, &r2], NS, &truth);
     assert_eq!(silent_workers(), 0);
     assert!(metric(r1.http, "kvplane_router_nats_heartbeats_total") > 0);
     eprintln!(
