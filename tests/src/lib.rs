@@ -145,7 +145,12 @@ impl DaemonProc {
                     self.log_text()
                 );
             }
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            // Ready once start-up is over, not when the socket first accepts: the daemon
+            // still checks the socket file it bound (a test that removes it at once would
+            // otherwise race that check).
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+                && self.log_text().contains("kvplane daemon listening")
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
