@@ -1055,21 +1055,22 @@ struct HeartbeatReader {
 
 impl HeartbeatReader {
     /// Reads `sub` for the link generation `link_gen`, and publishes this router's probe
-    /// every `probe` on `client`.
+    /// every `probe` on `client` (`None`: liveness is off, no probe).
     fn start(
         state: Arc<RouterState>,
         link_gen: u64,
         client: async_nats::Client,
         mut sub: async_nats::Subscriber,
         probe_subject: String,
-        probe: Duration,
+        probe: Option<Duration>,
     ) -> HeartbeatReader {
-        // Events reach the hook asynchronously: say what the client says now.
-        let up = client.connection_state() == async_nats::connection::State::Connected;
-        state.nats_link(link_gen, up);
+        // The link state comes from the client's events alone (in order, under this
+        // generation): its state field is updated after the event is sent, so reading it
+        // here could undo a newer event.
         let st = state.clone();
         let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(probe);
+            let period = probe.unwrap_or(Duration::from_secs(3600));
+            let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
                 tokio::select! {
@@ -1077,10 +1078,10 @@ impl HeartbeatReader {
                         let Some(msg) = msg else { return };
                         read_beat(&st, &msg);
                     }
-                    _ = tick.tick() => {
+                    _ = tick.tick(), if probe.is_some() => {
                         if client.connection_state() == async_nats::connection::State::Connected {
                             let _ = tokio::time::timeout(
-                                probe,
+                                period,
                                 client.publish(probe_subject.clone(), bytes::Bytes::new()),
                             )
                             .await;
@@ -1343,7 +1344,8 @@ pub async fn run_consumer(state: Arc<RouterState>, cfg: RouterNatsConfig) {
         connect_failures = 0;
         // Heartbeats on a task of their own: a slow snapshot write never delays them. The
         // guard stops it (and this router's liveness clock) when this client is left.
-        let probe = Duration::from_millis((cfg.heartbeat_timeout_ms / 4).clamp(50, 1_000));
+        let probe = (cfg.heartbeat_timeout_ms > 0)
+            .then(|| Duration::from_millis((cfg.heartbeat_timeout_ms / 4).clamp(50, 1_000)));
         let _heartbeats = match client.subscribe(cfg.stream.heartbeat_wildcard()).await {
             Ok(sub) => HeartbeatReader::start(
                 state.clone(),

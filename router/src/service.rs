@@ -229,8 +229,9 @@ impl RouterState {
 
     /// How long `w`'s heartbeat is overdue, if it is: only NATS publishers that announce a
     /// period are judged, against `max(heartbeat_timeout_ms, 3 periods)` of this router's
-    /// heartbeat time. A router that has not heard its own probe for that long judges no
-    /// one (its subscription, not the workers, may be what is broken).
+    /// heartbeat time. A router that has not heard a probe for half the configured
+    /// timeout (two probes missed) judges no one: its subscription, not the workers, may
+    /// be what is broken, and it stops judging before any live worker could be overdue.
     fn heartbeat_overdue(&self, w: &WorkerInfo, (clock, probe): (u64, Option<u64>)) -> Option<u64> {
         let cfg_timeout = self.config.nats.as_ref()?.heartbeat_timeout_ms;
         let period = w.heartbeat_period_ms.max(w.beat_period_ms);
@@ -238,7 +239,7 @@ impl RouterState {
             return None;
         }
         let timeout = cfg_timeout.max(period.saturating_mul(3));
-        if clock.saturating_sub(probe?) > timeout {
+        if clock.saturating_sub(probe?) > cfg_timeout / 2 {
             return None;
         }
         let silent = clock.saturating_sub(w.heartbeat_at.unwrap_or(clock));
@@ -551,8 +552,10 @@ impl RouterState {
             });
             e.heartbeat_period_ms = meta.heartbeat_ms;
             if meta.epoch != e.epoch {
-                // A new publisher instance: its silence counts from here.
+                // A new publisher instance: its silence counts from here, and only the
+                // period it announces (or its own beats) say whether it beats at all.
                 e.heartbeat_at = Some(clock);
+                e.beat_period_ms = 0;
             }
             if meta.snapshot {
                 e.epoch = meta.epoch;
@@ -1277,6 +1280,56 @@ fn handle_route(state: &RouterState, body: &[u8]) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker whose new epoch announces no period is never judged, even if its earlier
+    /// epoch beat.
+    #[test]
+    fn a_new_epoch_without_a_period_is_never_left_out() {
+        let state = RouterState::new(ServiceConfig {
+            nats: Some(crate::nats::RouterNatsConfig {
+                heartbeat_timeout_ms: 50,
+                ..Default::default()
+            }),
+            ..ServiceConfig::default()
+        });
+        let link = state.nats_new_link();
+        state.nats_link(link, true);
+        let event = |epoch: u64, period: u64, snapshot: bool| {
+            let meta = crate::nats::MessageMeta {
+                epoch,
+                snapshot,
+                heartbeat_ms: period,
+                ..Default::default()
+            };
+            let ev = crate::dynamo::RouterEvent {
+                worker_id: 7,
+                storage_tier: Default::default(),
+                event: crate::dynamo::KvCacheEvent {
+                    event_id: 1,
+                    data: crate::dynamo::KvCacheEventData::Cleared,
+                    dp_rank: 0,
+                },
+            };
+            state.apply_nats(&meta, &ev);
+        };
+        event(1, 20, true);
+        state.nats_heartbeat(7, 1, 20);
+        std::thread::sleep(Duration::from_millis(120));
+        state.nats_probe();
+        assert!(
+            state.candidates().is_empty(),
+            "the beating epoch went silent"
+        );
+        // Restarted without heartbeats: announces period 0.
+        event(2, 0, true);
+        std::thread::sleep(Duration::from_millis(120));
+        state.nats_probe();
+        assert_eq!(
+            state.candidates().len(),
+            1,
+            "a publisher without a period stays routed"
+        );
+    }
 
     /// Link events of a client left behind never move the heartbeat clock: an old
     /// client's late "up" does not start it, its late "down" does not stop the new one's.

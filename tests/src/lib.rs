@@ -148,8 +148,8 @@ impl DaemonProc {
             // Ready once start-up is over, not when the socket first accepts: the daemon
             // still checks the socket file it bound (a test that removes it at once would
             // otherwise race that check).
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
-                && self.log_text().contains("kvplane daemon listening")
+            if self.log_text().contains("kvplane daemon listening")
+                && std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
             {
                 return;
             }
