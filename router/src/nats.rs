@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
+use zeroize::Zeroize;
 
 /// Where the KV event stream lives: shared by publishers and routers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,26 +178,17 @@ impl std::fmt::Debug for LoadedAuth {
 impl Drop for LoadedAuth {
     fn drop(&mut self) {
         // Best effort: the copies async-nats and rustls keep are out of reach.
-        let texts = [
-            self.token.take(),
-            self.password.take(),
-            self.nkey_seed.take(),
-            self.credentials.take(),
-        ];
-        for v in texts.into_iter().flatten() {
-            wipe(v.into_bytes());
-        }
-        if let Some(key) = self.tls_key.take() {
-            wipe(key);
-        }
+        self.token.zeroize();
+        self.password.zeroize();
+        self.nkey_seed.zeroize();
+        self.credentials.zeroize();
+        self.tls_key.zeroize();
     }
 }
 
+/// Wipes `bytes` (a secret file's contents) and drops them.
 fn wipe(mut bytes: Vec<u8>) {
-    for b in bytes.iter_mut() {
-        // SAFETY: `b` is a valid, aligned &mut u8; volatile so the wipe is not elided.
-        unsafe { std::ptr::write_volatile(b, 0) };
-    }
+    bytes.zeroize();
 }
 
 impl NatsAuth {
@@ -1022,7 +1014,8 @@ struct Heartbeat {
 /// that hears its probes knows its heartbeat subscription works.
 const PROBE_TOKEN: &str = "router";
 
-/// Publishes `payload` on `subject` every `period` while connected, until stopped. A beat
+/// Publishes `payload` on `subject` every `period` while connected, until stopped (or
+/// `stop`'s sender is gone). A beat
 /// due while NATS is away is skipped, not queued: a late heartbeat says nothing.
 async fn heartbeat_task(
     client: async_nats::Client,
@@ -1049,6 +1042,8 @@ async fn heartbeat_task(
 /// Reads one client's heartbeat subscription into the router's state until dropped.
 struct HeartbeatReader {
     task: tokio::task::JoinHandle<()>,
+    /// Dropped with the reader: ends the probe task.
+    _probe_stop: tokio::sync::watch::Sender<bool>,
     state: Arc<RouterState>,
     link_gen: u64,
 }
@@ -1067,31 +1062,26 @@ impl HeartbeatReader {
         // The link state comes from the client's events alone (in order, under this
         // generation): its state field is updated after the event is sent, so reading it
         // here could undo a newer event.
+        let (probe_stop, stopped) = tokio::sync::watch::channel(false);
+        if let Some(period) = probe {
+            // The probe is a heartbeat of the router's own, on its probe subject.
+            tokio::spawn(heartbeat_task(
+                client,
+                probe_subject,
+                bytes::Bytes::new(),
+                period,
+                stopped,
+            ));
+        }
         let st = state.clone();
         let task = tokio::spawn(async move {
-            let period = probe.unwrap_or(Duration::from_secs(3600));
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                tokio::select! {
-                    msg = sub.next() => {
-                        let Some(msg) = msg else { return };
-                        read_beat(&st, &msg);
-                    }
-                    _ = tick.tick(), if probe.is_some() => {
-                        if client.connection_state() == async_nats::connection::State::Connected {
-                            let _ = tokio::time::timeout(
-                                period,
-                                client.publish(probe_subject.clone(), bytes::Bytes::new()),
-                            )
-                            .await;
-                        }
-                    }
-                }
+            while let Some(msg) = sub.next().await {
+                read_beat(&st, &msg);
             }
         });
         HeartbeatReader {
             task,
+            _probe_stop: probe_stop,
             state,
             link_gen,
         }

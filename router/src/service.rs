@@ -162,7 +162,7 @@ struct LiveClock {
     base_ms: u64,
     /// Start of the current up stretch (`now_ms`), if up.
     up_since_ms: Option<u64>,
-    /// Clock reading when this router last heard its own probe.
+    /// Clock reading when this router last heard a router probe (its own or a replica's).
     last_probe: Option<u64>,
     /// The link generation whose events count (see [`RouterState::nats_new_link`]).
     generation: u64,
@@ -220,7 +220,7 @@ impl RouterState {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// (heartbeat clock now, clock when this router last heard its own probe).
+    /// (heartbeat clock now, clock when this router last heard a router probe).
     fn live_now(&self) -> (u64, Option<u64>) {
         let now = self.now_ms();
         let l = self.live();
@@ -276,7 +276,7 @@ impl RouterState {
         }
     }
 
-    /// This router heard its own probe: its heartbeat subscription works.
+    /// This router heard a router probe: its heartbeat subscription works.
     pub fn nats_probe(&self) {
         let now = self.now_ms();
         let mut l = self.live();

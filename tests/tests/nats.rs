@@ -219,15 +219,25 @@ fn worker_score(
 }
 
 fn metric(port: u16, name: &str) -> u64 {
-    let text = http(
+    router_metrics(port)
+        .and_then(|text| sample(&text, name))
+        .unwrap_or(0)
+}
+
+/// A router's `/metrics` text, if it answers.
+fn router_metrics(port: u16) -> Option<String> {
+    http(
         port,
         "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
-    .unwrap_or_default();
+}
+
+/// The value of the unlabelled sample `name` in a Prometheus text.
+fn sample(text: &str, name: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+        .map(|v| v as u64)
 }
 
 /// What the daemons hold: per chain, per worker, the leading blocks present (0 omitted).
@@ -862,15 +872,9 @@ fn daemon_started_while_nats_is_down_publishes_when_it_comes_up() {
 /// One sample of a router's `/metrics`; panics when the router does not answer or has no
 /// such sample (where 0 would pass for a crashed router).
 fn metric_strict(port: u16, name: &str) -> u64 {
-    let text = http(
-        port,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .unwrap_or_else(|| panic!("router :{port} does not answer /metrics"));
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("router :{port} has no {name}"))
+    let text =
+        router_metrics(port).unwrap_or_else(|| panic!("router :{port} does not answer /metrics"));
+    sample(&text, name).unwrap_or_else(|| panic!("router :{port} has no {name}"))
 }
 
 /// Heals `link` and waits until the router behind it hears heartbeats again.
@@ -986,9 +990,7 @@ fn daemon_metric(d: &DaemonProc, name: &str) -> Option<u64> {
         b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(code, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
+    sample(&body, name)
 }
 
 /// A server that wants a token, over TLS with a CA of its own: a daemon and a router

@@ -293,51 +293,48 @@ pub fn render(s: &Scrape<'_>) -> String {
     }
 
     if let Some(n) = s.nats {
-        for (name, help, value) in [
+        let flag = |b: &std::sync::atomic::AtomicBool| u64::from(b.load(Ordering::Relaxed));
+        for (name, kind, help, value) in [
             (
                 "kvplane_nats_published_total",
+                "counter",
                 "KV event messages JetStream acknowledged (snapshot messages included).",
                 n.published.load(Ordering::Relaxed),
             ),
             (
                 "kvplane_nats_dropped_total",
+                "counter",
                 "KV changes dropped from the full NATS queue (a full re-publication follows).",
                 n.dropped.load(Ordering::Relaxed),
             ),
             (
                 "kvplane_nats_snapshots_total",
+                "counter",
                 "Full re-publications of this worker (start-up and after each overflow).",
                 n.snapshots.load(Ordering::Relaxed),
             ),
             (
                 "kvplane_nats_publish_errors_total",
+                "counter",
                 "Failed NATS publish attempts (each is retried).",
                 n.publish_errors.load(Ordering::Relaxed),
             ),
+            (
+                "kvplane_nats_healthy",
+                "gauge",
+                "1 if the last NATS publish attempt succeeded.",
+                flag(&n.healthy),
+            ),
+            (
+                "kvplane_nats_connected",
+                "gauge",
+                "1 while the connection to NATS is up (0: away, or refused: the log says why).",
+                flag(&n.connected),
+            ),
         ] {
-            o.family(name, "counter", help);
+            o.family(name, kind, help);
             o.sample(name, &[], value);
         }
-        o.family(
-            "kvplane_nats_healthy",
-            "gauge",
-            "1 if the last NATS publish attempt succeeded.",
-        );
-        o.sample(
-            "kvplane_nats_healthy",
-            &[],
-            u8::from(n.healthy.load(Ordering::Relaxed)),
-        );
-        o.family(
-            "kvplane_nats_connected",
-            "gauge",
-            "1 while the connection to NATS is up (0: away, or refused: the log says why).",
-        );
-        o.sample(
-            "kvplane_nats_connected",
-            &[],
-            u8::from(n.connected.load(Ordering::Relaxed)),
-        );
     }
 
     o.family(

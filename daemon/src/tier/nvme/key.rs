@@ -10,6 +10,8 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use zeroize::Zeroize;
+
 use crate::secure_open::{self, Kind, OpenSpec, PathError};
 
 /// Bytes of key material in the key file.
@@ -52,10 +54,8 @@ impl std::fmt::Debug for SlotKey {
 
 impl Drop for SlotKey {
     fn drop(&mut self) {
-        for b in self.header.iter_mut().chain(self.data.iter_mut()) {
-            // SAFETY: `b` is a valid, aligned &mut u8; volatile so the wipe is not elided.
-            unsafe { std::ptr::write_volatile(b, 0) };
-        }
+        self.header.zeroize();
+        self.data.zeroize();
     }
 }
 
@@ -124,7 +124,7 @@ impl SlotKey {
                     .and_then(|()| file.sync_all())
                     .and_then(|()| opened.sync_dir());
                 let key = SlotKey::from_material(&material);
-                material.fill(0);
+                material.zeroize();
                 r.map_err(|source| KeyError::Io {
                     path: path.to_path_buf(),
                     op: "write",
@@ -163,7 +163,7 @@ impl SlotKey {
                 source,
             })?;
         let key = SlotKey::from_material(&material);
-        material.fill(0);
+        material.zeroize();
         Ok(key)
     }
 }
