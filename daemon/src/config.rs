@@ -76,6 +76,15 @@ pub struct ServeConfig {
     pub max_pending_handshakes: u32,
     /// Connections one uid may have in the handshake at once; more are refused.
     pub max_pending_handshakes_per_uid: u32,
+    /// KV regions that attaches in progress may hold at once, all uids together: each
+    /// costs 128 bytes and may carry a descriptor, held from when it is read until the
+    /// attach is answered. A request whose regions do not fit yet is not read further
+    /// (its bytes and descriptors wait in the socket, charged to the engine) until they
+    /// do or its `handshake_timeout_ms` passes; one announcing more than the limit is
+    /// refused at once. Keep it well under the daemon's descriptor limit.
+    pub max_handshake_regions: u32,
+    /// The same, for one uid's attaches in progress.
+    pub max_handshake_regions_per_uid: u32,
     /// Largest argument arena one session may ask for.
     pub max_arena_bytes: u64,
     /// Most queue pairs per session (at most 16, the ABI's limit).
@@ -158,6 +167,8 @@ impl Default for ServeConfig {
             handshake_workers: 2,
             max_pending_handshakes: 1024,
             max_pending_handshakes_per_uid: 64,
+            max_handshake_regions: 16_384,
+            max_handshake_regions_per_uid: 8_192,
             max_arena_bytes: 256 << 20,
             max_queue_pairs: 16,
             spin_us: 50,
@@ -331,6 +342,23 @@ impl Config {
             return Err(invalid(
                 "serve.max_pending_handshakes",
                 format!("must be in 1..=16384, got {}", s.max_pending_handshakes),
+            ));
+        }
+        if s.max_handshake_regions == 0 || s.max_handshake_regions > 1 << 20 {
+            return Err(invalid(
+                "serve.max_handshake_regions",
+                format!("must be in 1..=1048576, got {}", s.max_handshake_regions),
+            ));
+        }
+        if s.max_handshake_regions_per_uid == 0
+            || s.max_handshake_regions_per_uid > s.max_handshake_regions
+        {
+            return Err(invalid(
+                "serve.max_handshake_regions_per_uid",
+                format!(
+                    "must be in 1..=max_handshake_regions ({}), got {}",
+                    s.max_handshake_regions, s.max_handshake_regions_per_uid
+                ),
             ));
         }
         if s.max_pending_handshakes_per_uid == 0
@@ -513,6 +541,11 @@ handshake_timeout_ms = {hs_timeout}
 handshake_workers = {hs_workers}
 max_pending_handshakes = {hs_pending}
 max_pending_handshakes_per_uid = {hs_pending_uid}
+# KV regions that attaches in progress may hold at once, in all and per uid (each may
+# carry a descriptor): a request whose regions do not fit waits, unread, until they do or
+# its handshake times out; one announcing more is refused.
+max_handshake_regions = {hs_regions}
+max_handshake_regions_per_uid = {hs_regions_uid}
 # Largest argument arena one session may ask for, in bytes.
 max_arena_bytes = {max_arena}
 # Most queue pairs per session (1..=16).
@@ -688,6 +721,8 @@ host_completion_delay_us = {device_host_delay_us}
             hs_workers = s.handshake_workers,
             hs_pending = s.max_pending_handshakes,
             hs_pending_uid = s.max_pending_handshakes_per_uid,
+            hs_regions = s.max_handshake_regions,
+            hs_regions_uid = s.max_handshake_regions_per_uid,
             max_arena = s.max_arena_bytes,
             max_qp = s.max_queue_pairs,
             spin = s.spin_us,
@@ -753,6 +788,8 @@ mod tests {
                 handshake_workers: 3,
                 max_pending_handshakes: 100,
                 max_pending_handshakes_per_uid: 10,
+                max_handshake_regions: 2000,
+                max_handshake_regions_per_uid: 300,
                 max_arena_bytes: 1 << 20,
                 max_queue_pairs: 4,
                 spin_us: 7,

@@ -69,6 +69,8 @@ pub fn check_config(data: &[u8]) -> bool {
     assert!((100..=60_000).contains(&s.handshake_timeout_ms));
     assert!((1..=s.max_pending_handshakes).contains(&s.max_pending_handshakes_per_uid));
     assert!(s.max_pending_handshakes <= 16_384);
+    assert!((1..=s.max_handshake_regions).contains(&s.max_handshake_regions_per_uid));
+    assert!(s.max_handshake_regions <= 1 << 20);
     let block_bytes = config.blocks.block_bytes;
     assert!(
         (1..=1 << 30).contains(&block_bytes),

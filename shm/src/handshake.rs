@@ -47,7 +47,7 @@ pub struct KvRegion {
     /// and reserved bytes are zero, and the uuid/handle fields are set as `kind` needs.
     pub desc: kvp_kv_region,
     /// Present exactly when `kind.carries_fd()`.
-    pub fd: Option<OwnedFd>,
+    pub fd: Option<sys::TenantFd>,
     /// Host memfds: what backs the memory (whether hugetlb is acceptable is the daemon's
     /// policy: its pages can fault when the pool runs dry).
     pub backing: Option<sys::Backing>,
@@ -74,7 +74,7 @@ impl EngineRegion {
 /// daemon's mapping is refused here. The seals are read first: once
 /// `F_SEAL_SHRINK` is set it can never be removed, so the size read after it is final
 /// (reading the size first would let the engine shrink the file, then seal it).
-fn check_kv_buffer(fd: &OwnedFd, bytes: u64) -> std::result::Result<sys::Backing, String> {
+fn check_kv_buffer(fd: &impl AsRawFd, bytes: u64) -> std::result::Result<sys::Backing, String> {
     let raw = fd.as_raw_fd();
     let seals = sys::memfd_seals(raw).map_err(|e| {
         // Refusals travel in a 96-byte reply: reasons are short, the key words first.
@@ -137,20 +137,29 @@ pub fn read_request(stream: &UnixStream) -> Result<AttachRequest> {
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(|e| ShmError::io("set_read_timeout", e))?;
     let mut reader = RequestReader::new();
-    while !reader.read_more(stream, false)? {}
+    while !reader.read_more(stream, false)? {
+        reader.grant();
+    }
     reader.finish(stream)
 }
 
 /// An attach request read in pieces from a non-blocking socket, so one thread can wait
 /// on many connections at once and a peer that sends a byte at a time holds no thread.
 /// The request comes first; its `num_kv_regions` (checked against the maximum before any
-/// room is made for them) says how many region messages follow.
+/// room is made for them) says how many region messages follow. Those are read only once
+/// the caller [grants](Self::grant) them (the daemon's budget of regions in attaches in
+/// progress): until then their bytes and descriptors stay in the socket, charged to the
+/// sender, not to the daemon.
 pub struct RequestReader {
     buf: Vec<u8>,
     got: usize,
-    /// Bytes expected in all: the request, then the regions once it has been read.
+    /// Bytes expected in all: the request, then the regions once they are granted.
     want: usize,
-    fds: Vec<OwnedFd>,
+    fds: Vec<sys::TenantFd>,
+    /// What one `recvmsg` brought, before it joins `fds`.
+    fresh: Vec<OwnedFd>,
+    /// Regions the request announced, once it is in and before they are granted.
+    awaiting: Option<usize>,
 }
 
 impl Default for RequestReader {
@@ -166,6 +175,22 @@ impl RequestReader {
             got: 0,
             want: REQUEST_BYTES,
             fds: Vec::new(),
+            fresh: Vec::new(),
+            awaiting: None,
+        }
+    }
+
+    /// The regions the request announced, while they wait for [`Self::grant`]
+    /// (`read_more` reads nothing more until then).
+    pub fn awaiting_grant(&self) -> Option<usize> {
+        self.awaiting
+    }
+
+    /// Lets `read_more` read the announced regions (a no-op unless some are awaited).
+    pub fn grant(&mut self) {
+        if let Some(regions) = self.awaiting.take() {
+            self.want = REQUEST_BYTES + regions * REGION_BYTES;
+            self.buf.resize(self.want, 0);
         }
     }
 
@@ -175,57 +200,64 @@ impl RequestReader {
     }
 
     /// Reads what the peer has sent: `Ok(true)` once the request and all its regions are
-    /// in, `Ok(false)` when more is to come (with `dont_wait`, nothing more is there yet).
-    /// A hang-up before the end is an error naming how much came.
+    /// in, `Ok(false)` when more is to come (with `dont_wait`, nothing more is there yet)
+    /// or the announced regions [await a grant](Self::awaiting_grant). A hang-up before
+    /// the end is an error naming how much came.
     pub fn read_more(&mut self, stream: &UnixStream, dont_wait: bool) -> Result<bool> {
-        loop {
-            while self.got < self.want {
-                // One more descriptor than any request may carry, so a surplus is seen.
-                let max_fds = ffi::MAX_KV_REGIONS + 1;
-                match sys::recv_some(
-                    stream,
-                    &mut self.buf[self.got..self.want],
-                    &mut self.fds,
-                    max_fds,
-                    dont_wait,
-                ) {
-                    Ok(0) => {
-                        return Err(self.failed(
-                            stream,
-                            format!(
-                                "reading the attach request: the peer hung up after {} of {} bytes",
-                                self.got, self.want
-                            ),
-                        ));
-                    }
-                    Ok(n) => self.got += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) if dont_wait && e.kind() == std::io::ErrorKind::WouldBlock => {
-                        return Ok(false);
-                    }
-                    Err(e) => {
-                        return Err(self.failed(stream, format!("reading the attach request: {e}")));
-                    }
+        if self.awaiting.is_some() {
+            return Ok(false);
+        }
+        while self.got < self.want {
+            // Each region carries at most one descriptor, the request none: one more
+            // than that is kept so a surplus is seen, the rest closed on arrival, so a
+            // connection holds no more descriptors than it announced regions.
+            let max_fds = (self.want - REQUEST_BYTES) / REGION_BYTES + 1;
+            let got = sys::recv_some(
+                stream,
+                &mut self.buf[self.got..self.want],
+                &mut self.fresh,
+                max_fds.saturating_sub(self.fds.len()),
+                dont_wait,
+            );
+            self.fds
+                .extend(self.fresh.drain(..).map(sys::TenantFd::new));
+            match got {
+                Ok(0) => {
+                    return Err(self.failed(
+                        stream,
+                        format!(
+                            "reading the attach request: the peer hung up after {} of {} bytes",
+                            self.got, self.want
+                        ),
+                    ));
+                }
+                Ok(n) => self.got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if dont_wait && e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Ok(false);
+                }
+                Err(e) => {
+                    return Err(self.failed(stream, format!("reading the attach request: {e}")));
                 }
             }
-            if self.want > REQUEST_BYTES {
-                return Ok(true);
-            }
-            // The request is in: make room for the regions it announces (bounded first).
-            let req: kvp_attach_request = ffi::read_pod(&self.buf).expect("one whole request");
-            let regions = req.num_kv_regions as usize;
-            if regions > ffi::MAX_KV_REGIONS {
-                return Err(self.failed(
-                    stream,
-                    format!("{regions} KV regions (at most {})", ffi::MAX_KV_REGIONS),
-                ));
-            }
-            if regions == 0 {
-                return Ok(true);
-            }
-            self.want = REQUEST_BYTES + regions * REGION_BYTES;
-            self.buf.resize(self.want, 0);
         }
+        if self.want > REQUEST_BYTES {
+            return Ok(true);
+        }
+        // The request is in: the regions it announces (bounded first) wait for a grant.
+        let req: kvp_attach_request = ffi::read_pod(&self.buf).expect("one whole request");
+        let regions = req.num_kv_regions as usize;
+        if regions > ffi::MAX_KV_REGIONS {
+            return Err(self.failed(
+                stream,
+                format!("{regions} KV regions (at most {})", ffi::MAX_KV_REGIONS),
+            ));
+        }
+        if regions == 0 {
+            return Ok(true);
+        }
+        self.awaiting = Some(regions);
+        Ok(false)
     }
 
     fn failed(&self, stream: &UnixStream, reason: String) -> ShmError {
@@ -286,7 +318,7 @@ fn check_region(r: &kvp_kv_region) -> std::result::Result<RegionKind, String> {
 
 /// Validates a complete request from `peer`: the request, its regions, and the
 /// descriptors that came with them, in order.
-fn parse_request(peer: PeerCred, buf: &[u8], fds: Vec<OwnedFd>) -> Result<AttachRequest> {
+fn parse_request(peer: PeerCred, buf: &[u8], fds: Vec<sys::TenantFd>) -> Result<AttachRequest> {
     let who = || format!("pid {} uid {}", peer.pid, peer.uid);
     let req: kvp_attach_request = ffi::read_pod(buf).expect("buffer holds one request");
     let bad = |reason: String| ShmError::Handshake {
@@ -508,7 +540,18 @@ mod tests {
         // The request ends and the first region starts inside one piece.
         engine.write_all(&bytes[500..REQUEST_BYTES + 3]).unwrap();
         assert!(!reader.read_more(&daemon, true).unwrap());
+        // The request is in; its regions are not read until granted.
+        assert_eq!(reader.received(), REQUEST_BYTES);
+        assert_eq!(reader.awaiting_grant(), Some(2));
         engine.write_all(&bytes[REQUEST_BYTES + 3..]).unwrap();
+        assert!(!reader.read_more(&daemon, true).unwrap());
+        assert_eq!(
+            reader.received(),
+            REQUEST_BYTES,
+            "nothing read before the grant"
+        );
+        reader.grant();
+        assert_eq!(reader.awaiting_grant(), None);
         assert!(
             !reader.read_more(&daemon, true).unwrap(),
             "one region to come"

@@ -490,7 +490,10 @@ pub fn recv_some(
                     let fd = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
                     if received.len() < max_fds {
                         received.push(fd);
-                    } // else: dropped here, closing the extra fd.
+                    } else {
+                        // A surplus: closed without blocking this thread on it.
+                        close_untrusted(fd);
+                    }
                 }
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
@@ -587,4 +590,187 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
 /// CPUs this process may run on.
 pub fn cpus_allowed() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A descriptor a tenant sent (SCM_RIGHTS). Closing one can block: a TCP socket with
+/// `SO_LINGER` set waits for a peer that may never read, a file on a FUSE mount flushes
+/// to a server that may never answer. So it is never closed on the thread that drops it
+/// unless it is known to close at once (a memfd, or a socket once its lingering is
+/// turned off); anything else goes to a closer thread of its own.
+#[derive(Debug)]
+pub struct TenantFd(Option<OwnedFd>);
+
+impl TenantFd {
+    pub fn new(fd: OwnedFd) -> TenantFd {
+        TenantFd(Some(fd))
+    }
+}
+
+impl std::os::fd::AsFd for TenantFd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_ref().expect("present until dropped").as_fd()
+    }
+}
+
+impl AsRawFd for TenantFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_ref().expect("present until dropped").as_raw_fd()
+    }
+}
+
+impl Drop for TenantFd {
+    fn drop(&mut self) {
+        if let Some(fd) = self.0.take() {
+            close_untrusted(fd);
+        }
+    }
+}
+
+/// Descriptors queued for the closer thread at most; past that they are kept open
+/// (counted in [`untrusted_fds_leaked`]) rather than closed where they would block.
+const CLOSER_QUEUE: usize = 4096;
+static CLOSER_BACKLOG: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static CLOSER_LEAKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Descriptors waiting for the closer thread (one stuck close holds up the rest).
+pub fn untrusted_fds_backlog() -> usize {
+    CLOSER_BACKLOG.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// True while the closer thread is keeping up: a caller about to take in more tenant
+/// descriptors (the attach handshake) waits while it is not.
+pub fn untrusted_closer_has_room() -> bool {
+    untrusted_fds_backlog() < CLOSER_QUEUE / 2
+}
+
+/// Descriptors left open because the closer's queue was full.
+pub fn untrusted_fds_leaked() -> u64 {
+    CLOSER_LEAKED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Closes `fd` without blocking the caller (see [`TenantFd`]).
+pub fn close_untrusted(fd: OwnedFd) {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::{OnceLock, mpsc};
+    let raw = fd.as_raw_fd();
+    // A memfd (shmem or hugetlbfs: the only files with seals) has no flush to wait for.
+    if memfd_seals(raw).is_ok() {
+        drop(fd);
+        return;
+    }
+    // A socket: reset instead of lingering; ENOTSOCK for anything else.
+    let off = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads a linger struct of the given size from a live value.
+    let rc = unsafe {
+        libc::setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&off as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        drop(fd);
+        return;
+    }
+    static CLOSER: OnceLock<Option<mpsc::SyncSender<OwnedFd>>> = OnceLock::new();
+    let closer = CLOSER.get_or_init(|| {
+        let (tx, rx) = mpsc::sync_channel::<OwnedFd>(CLOSER_QUEUE);
+        std::thread::Builder::new()
+            .name("kvp-fd-closer".into())
+            .spawn(move || {
+                for fd in rx {
+                    drop(fd);
+                    CLOSER_BACKLOG.fetch_sub(1, Relaxed);
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    let Some(tx) = closer else {
+        // No thread to close on (spawn failed at start-up): keep it rather than block.
+        std::mem::forget(fd);
+        CLOSER_LEAKED.fetch_add(1, Relaxed);
+        return;
+    };
+    CLOSER_BACKLOG.fetch_add(1, Relaxed);
+    if let Err(e) = tx.try_send(fd) {
+        CLOSER_BACKLOG.fetch_sub(1, Relaxed);
+        CLOSER_LEAKED.fetch_add(1, Relaxed);
+        let fd = match e {
+            mpsc::TrySendError::Full(fd) | mpsc::TrySendError::Disconnected(fd) => fd,
+        };
+        std::mem::forget(fd);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::time::Instant;
+
+    /// A TCP socket set to linger for a minute, with unsent data its peer never reads:
+    /// a plain close would block for the minute; a tenant's descriptor closes at once.
+    #[test]
+    fn a_lingering_socket_a_tenant_sent_closes_without_blocking() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_server, _) = listener.accept().unwrap(); // never reads
+        client.set_nonblocking(true).unwrap();
+        let chunk = vec![0u8; 1 << 16];
+        while (&client).write(&chunk).is_ok() {}
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 60,
+        };
+        // SAFETY: setsockopt reads a linger struct of the given size from a live value.
+        let rc = unsafe {
+            libc::setsockopt(
+                client.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        client.set_nonblocking(false).unwrap();
+        let t0 = Instant::now();
+        drop(TenantFd::new(OwnedFd::from(client)));
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "closing took {:?}",
+            t0.elapsed()
+        );
+    }
+
+    /// Anything that is neither a memfd nor a socket is closed on the closer thread,
+    /// and is closed: the pipe's reader sees its end.
+    #[test]
+    fn other_descriptors_are_closed_on_the_closer_thread() {
+        let mut ends = [0i32; 2];
+        // SAFETY: a two-int array for pipe's out-parameter.
+        assert_eq!(unsafe { libc::pipe(ends.as_mut_ptr()) }, 0);
+        // SAFETY: both ends are fresh descriptors owned by nobody else.
+        let (reader, writer) =
+            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        let mut reader = std::fs::File::from(reader);
+        drop(TenantFd::new(writer));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 1];
+            let _ = tx.send(reader.read(&mut b).map_err(|e| e.to_string()));
+        });
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("the writer was closed"),
+            Ok(0)
+        );
+        assert_eq!(untrusted_fds_leaked(), 0);
+    }
 }

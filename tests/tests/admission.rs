@@ -448,3 +448,133 @@ fn a_burst_of_attaches_admits_exactly_max_sessions() {
     }
     drop((pqp, probe));
 }
+
+/// Descriptors the daemon holds for one attach in progress.
+fn daemon_fds(daemon: &DaemonProc) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .count()
+}
+
+/// The refusal a raw connection got: (status, message).
+fn raw_reply(s: &std::os::unix::net::UnixStream) -> (i32, String) {
+    use std::io::Read;
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut buf = vec![0u8; std::mem::size_of::<kvplane_ffi::kvp_attach_reply>()];
+    (&*s).read_exact(&mut buf).expect("a reply");
+    let r: kvplane_ffi::kvp_attach_reply = kvplane_ffi::read_pod(&buf).unwrap();
+    (r.status, kvplane_shm::handshake::reply_message(&r))
+}
+
+#[test]
+fn attaches_in_progress_hold_no_more_regions_or_descriptors_than_the_budget() {
+    use kvplane_shm::handshake::{build_request, send_request};
+    use kvplane_shm::sys;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    let dir = temp_dir("region-budget");
+    let daemon = start(dir.path(), |c| {
+        c.serve.handshake_timeout_ms = 3000;
+        c.serve.max_handshake_regions = 4;
+        c.serve.max_handshake_regions_per_uid = 4;
+    });
+    let before = daemon_fds(&daemon);
+    let kv = sys::memfd_create_sealed("kv", 4096).unwrap();
+
+    // A stalls after announcing 3 regions, sending a descriptor with every few bytes: the
+    // daemon keeps at most one per announced region and one more (to see the surplus).
+    let a = UnixStream::connect(&daemon.socket).unwrap();
+    let a_started = Instant::now();
+    let req = build_request(1, 64, 64, 1 << 16, &[], 3).unwrap();
+    sys::send_with_fd(&a, kvplane_ffi::as_bytes(&req), None).unwrap();
+    let region = kvplane_ffi::kvp_kv_region::host_memfd(4096);
+    let bytes = kvplane_ffi::as_bytes(&region);
+    for piece in bytes.chunks(4).take(25) {
+        sys::send_with_fd(&a, piece, Some(kv.as_raw_fd())).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let held = daemon_fds(&daemon) - before;
+    assert!(
+        held <= 1 + 4,
+        "25 descriptors sent with 3 regions announced: the daemon holds {held} more (its socket and at most 4)"
+    );
+
+    // C announces more regions than the budget: refused at once, saying why.
+    let c = UnixStream::connect(&daemon.socket).unwrap();
+    let req = build_request(1, 64, 64, 1 << 16, &[], 5).unwrap();
+    send_request(&c, &req, &[]).unwrap();
+    let (status, message) = raw_reply(&c);
+    assert_eq!(status, Status::BadArg.raw(), "{message}");
+    assert!(
+        message.contains("at most 4"),
+        "the refusal names the limit: {message}"
+    );
+
+    // B needs 2 regions while A holds 3 of the 4: it waits (not refused) until A's
+    // deadline frees them, then attaches.
+    std::thread::sleep(Duration::from_millis(1200));
+    let mut o = opts(&daemon.socket, "tenant-a", 1);
+    for _ in 0..2 {
+        o.host_kv_buffer(sys::memfd_create_sealed("kv", 4096).unwrap(), 4096);
+    }
+    let b = Session::attach(o).expect("B attaches once A's regions are given back");
+    let a_gone = Instant::now().duration_since(a_started);
+    assert!(
+        a_gone >= Duration::from_millis(2900),
+        "B got room only once A timed out ({a_gone:?} after A started)"
+    );
+    let (status, message) = raw_reply(&a);
+    assert_eq!(status, Status::Busy.raw(), "{message}");
+    assert!(message.contains("did not arrive in time"), "{message}");
+    drop(b);
+
+    // A request parked for want of room past its deadline is told why: E connects
+    // first, D (connected later, so with the later deadline) takes 3 regions, then E
+    // asks for 2.
+    let e = UnixStream::connect(&daemon.socket).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let d = UnixStream::connect(&daemon.socket).unwrap();
+    let req = build_request(1, 64, 64, 1 << 16, &[], 3).unwrap();
+    sys::send_with_fd(&d, kvplane_ffi::as_bytes(&req), None).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let req = build_request(1, 64, 64, 1 << 16, &[], 2).unwrap();
+    sys::send_with_fd(&e, kvplane_ffi::as_bytes(&req), None).unwrap();
+    let (status, message) = raw_reply(&e);
+    assert_eq!(status, Status::Busy.raw(), "{message}");
+    assert!(
+        message.contains("max_handshake_regions"),
+        "a request that never got room is told why: {message}"
+    );
+    let (status, _) = raw_reply(&d);
+    assert_eq!(status, Status::Busy.raw());
+    let t0 = Instant::now();
+    while daemon_fds(&daemon) > before && t0.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = daemon_fds(&daemon);
+    assert!(
+        after <= before,
+        "every descriptor given back: {after} > {before}"
+    );
+}
+
+/// Where namespaces are configured, a session naming none would escape every
+/// per-namespace limit (sessions, queue pairs, mapped bytes): it is refused.
+#[test]
+fn a_session_naming_no_namespace_is_refused_where_namespaces_set_the_limits() {
+    let dir = temp_dir("no-namespace-named");
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let daemon = start(dir.path(), |c| {
+        let mut ns = NamespaceConfig::new("a", vec![me]);
+        ns.max_sessions = Some(1);
+        c.namespaces = vec![ns];
+    });
+    let mut o = AttachOptions::new(&daemon.socket);
+    o.arena_bytes = 64 * 1024;
+    let (status, message) = refused(o);
+    assert_eq!(status, Status::Namespace.raw(), "{message}");
+    assert!(message.contains("at least one namespace"), "{message}");
+    let _a = Session::attach(opts(&daemon.socket, "a", 1)).expect("naming `a` attaches");
+}

@@ -52,10 +52,92 @@ impl Waker {
     }
 }
 
+/// KV regions held by attaches in progress (read, or being admitted), in all and per
+/// uid: what bounds the descriptors and bytes the handshake holds for engines. Shared by
+/// the accept loop, which takes from it, and the workers, whose [`RegionCharge`]s give
+/// back when dropped.
+pub(super) struct RegionBudget {
+    max_total: usize,
+    max_per_uid: usize,
+    held: std::sync::Mutex<(usize, HashMap<u32, usize>)>,
+}
+
+impl RegionBudget {
+    pub(super) fn new(max_total: u32, max_per_uid: u32) -> Arc<RegionBudget> {
+        Arc::new(RegionBudget {
+            max_total: max_total as usize,
+            max_per_uid: max_per_uid as usize,
+            held: std::sync::Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    /// Why `regions` can never fit, or `None`.
+    fn never_fits(&self, uid: u32, regions: usize) -> Option<String> {
+        if regions > self.max_per_uid {
+            Some(format!(
+                "{regions} KV regions: uid {uid}'s attaches may hold at most {} at once (serve.max_handshake_regions_per_uid)",
+                self.max_per_uid
+            ))
+        } else if regions > self.max_total {
+            Some(format!(
+                "{regions} KV regions: attaches may hold at most {} at once (serve.max_handshake_regions)",
+                self.max_total
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// `regions` for `uid`, if they fit now.
+    fn take(self: &Arc<Self>, uid: u32, regions: usize) -> Option<RegionCharge> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let (total, per_uid) = &mut *held;
+        let mine = per_uid.get(&uid).copied().unwrap_or(0);
+        if *total + regions > self.max_total || mine + regions > self.max_per_uid {
+            return None;
+        }
+        *total += regions;
+        *per_uid.entry(uid).or_insert(0) += regions;
+        Some(RegionCharge {
+            budget: Arc::clone(self),
+            uid,
+            regions,
+        })
+    }
+
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+}
+
+/// Regions taken from a [`RegionBudget`], given back on drop.
+pub(super) struct RegionCharge {
+    budget: Arc<RegionBudget>,
+    uid: u32,
+    regions: usize,
+}
+
+impl Drop for RegionCharge {
+    fn drop(&mut self) {
+        let mut held = self.budget.held.lock().unwrap_or_else(|e| e.into_inner());
+        let (total, per_uid) = &mut *held;
+        *total -= self.regions;
+        if let Some(n) = per_uid.get_mut(&self.uid) {
+            *n -= self.regions;
+            if *n == 0 {
+                per_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
 /// A connection whose request is complete and well-formed, for a worker to admit.
 pub(super) struct Complete {
     pub stream: UnixStream,
     pub req: AttachRequest,
+    /// The request's regions in the handshake's budget, until the worker is done.
+    pub regions: Option<RegionCharge>,
 }
 
 struct Pending {
@@ -63,6 +145,7 @@ struct Pending {
     uid: u32,
     deadline: Instant,
     reader: RequestReader,
+    regions: Option<RegionCharge>,
 }
 
 /// Connections taken from the listen queue per wake-up, so pending handshakes are read
@@ -72,6 +155,8 @@ const ACCEPT_BATCH: usize = 64;
 const POLL_SLICE: Duration = Duration::from_millis(500);
 /// Refusals of the same kind are logged at most this often (a flood must not flood the log).
 const LOG_EVERY: Duration = Duration::from_secs(1);
+/// How often a request whose regions wait for room in the budget looks again.
+const BUDGET_RETRY: Duration = Duration::from_millis(10);
 
 /// Rate-limited warning: the first of a burst is logged, the rest are counted into the
 /// next one.
@@ -104,6 +189,7 @@ pub(super) fn accept_loop(
     listener: UnixListener,
     waker: &Waker,
     work: Sender<Complete>,
+    budget: &Arc<RegionBudget>,
 ) {
     let cfg = &shared.config.serve;
     let timeout = Duration::from_millis(cfg.handshake_timeout_ms);
@@ -132,13 +218,22 @@ pub(super) fn accept_loop(
             break;
         }
         pfds.clear();
-        for fd in [waker.0.as_raw_fd(), listener.as_raw_fd()]
-            .into_iter()
-            .chain(pending.iter().map(|p| p.stream.as_raw_fd()))
-        {
+        // A request waiting for budget is not polled for input (what it sends next stays
+        // in the socket); it is looked at again every BUDGET_RETRY.
+        let mut waiting = false;
+        for (fd, events) in [
+            (waker.0.as_raw_fd(), libc::POLLIN),
+            (listener.as_raw_fd(), libc::POLLIN),
+        ]
+        .into_iter()
+        .chain(pending.iter().map(|p| {
+            let parked = p.reader.awaiting_grant().is_some();
+            waiting |= parked;
+            (p.stream.as_raw_fd(), if parked { 0 } else { libc::POLLIN })
+        })) {
             pfds.push(libc::pollfd {
                 fd,
-                events: libc::POLLIN,
+                events,
                 revents: 0,
             });
         }
@@ -148,7 +243,7 @@ pub(super) fn accept_loop(
             .map(|p| p.deadline.saturating_duration_since(now))
             .min()
             .unwrap_or(POLL_SLICE)
-            .min(POLL_SLICE);
+            .min(if waiting { BUDGET_RETRY } else { POLL_SLICE });
         // Round up so a deadline is not polled for again a hair early.
         let wait_ms = wait.as_millis() as i32 + 1;
         // SAFETY: pfds is a live array of initialised pollfds of the given length.
@@ -172,7 +267,43 @@ pub(super) fn accept_loop(
         // already looked at.
         let now = Instant::now();
         for i in (0..pending.len()).rev() {
-            let ready = pfds[i + 2].revents != 0;
+            let mut ready = pfds[i + 2].revents != 0;
+            if let Some(regions) = pending[i].reader.awaiting_grant() {
+                if ready {
+                    // Polled for no input: the peer hung up or the socket failed.
+                    let p = pending.swap_remove(i);
+                    release(&mut per_uid, p.uid);
+                    tracing::debug!(
+                        uid = p.uid,
+                        "connection closed while its regions waited for room"
+                    );
+                    continue;
+                }
+                if now < pending[i].deadline {
+                    let p = &mut pending[i];
+                    if let Some(why) = budget.never_fits(p.uid, regions) {
+                        let p = pending.swap_remove(i);
+                        release(&mut per_uid, p.uid);
+                        bad_log.warn(|more| {
+                            tracing::warn!(uid = p.uid, more, "{why}; attach refused")
+                        });
+                        send_refusal(&p.stream, Status::BadArg, &why);
+                        continue;
+                    }
+                    // Taking in more descriptors waits while the closer is behind (a
+                    // descriptor whose close blocks is holding it up).
+                    if !sys::untrusted_closer_has_room() {
+                        continue;
+                    }
+                    let Some(charge) = budget.take(p.uid, regions) else {
+                        continue;
+                    };
+                    p.regions = Some(charge);
+                    p.reader.grant();
+                    // Read what already came now rather than a poll later.
+                    ready = true;
+                }
+            }
             if !ready {
                 if now >= pending[i].deadline {
                     let p = pending.swap_remove(i);
@@ -186,11 +317,12 @@ pub(super) fn accept_loop(
                             "attach handshake timed out; connection closed"
                         )
                     });
-                    send_refusal(
-                        &p.stream,
-                        Status::Busy,
-                        "the attach request did not arrive in time",
-                    );
+                    let why = if p.reader.awaiting_grant().is_some() {
+                        "the daemon had no room for the attach's KV regions in time (serve.max_handshake_regions); retry"
+                    } else {
+                        "the attach request did not arrive in time"
+                    };
+                    send_refusal(&p.stream, Status::Busy, why);
                 }
                 continue;
             }
@@ -273,6 +405,7 @@ pub(super) fn accept_loop(
                 uid,
                 deadline: Instant::now() + timeout,
                 reader: RequestReader::new(),
+                regions: None,
             });
         }
     }
@@ -286,6 +419,7 @@ fn hand_on(shared: &DaemonShared, p: Pending, work: &Sender<Complete>, bad_log: 
         stream,
         reader,
         uid,
+        regions,
         ..
     } = p;
     let req = match reader.finish(&stream) {
@@ -307,7 +441,11 @@ fn hand_on(shared: &DaemonShared, p: Pending, work: &Sender<Complete>, bad_log: 
     {
         return;
     }
-    match work.try_send(Complete { stream, req }) {
+    match work.try_send(Complete {
+        stream,
+        req,
+        regions,
+    }) {
         Ok(()) => {}
         Err(TrySendError::Full(c)) => refuse(
             &c.stream,
@@ -315,5 +453,32 @@ fn hand_on(shared: &DaemonShared, p: Pending, work: &Sender<Complete>, bad_log: 
             "the daemon has its maximum of attaches in progress",
         ),
         Err(TrySendError::Disconnected(_)) => {}
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn charges_bound_regions_in_all_and_per_uid_and_are_given_back_on_drop() {
+        let b = RegionBudget::new(10, 6);
+        let a1 = b.take(1, 4).expect("fits");
+        assert!(b.take(1, 3).is_none(), "uid 1 would hold 7 of its 6");
+        let a2 = b.take(1, 2).expect("uid 1 at 6 of 6");
+        let c = b.take(2, 4).expect("uid 2: 4, 10 of 10 in all");
+        assert!(b.take(3, 1).is_none(), "the total is spent");
+        assert_eq!(b.held(), 10);
+        drop(a1);
+        assert_eq!(b.held(), 6);
+        assert!(b.take(2, 3).is_none(), "uid 2 would hold 7 of its 6");
+        let d = b.take(3, 4).expect("room again");
+        drop((a2, c, d));
+        assert_eq!(b.held(), 0);
+        assert!(b.held.lock().unwrap().1.is_empty(), "no uid left counted");
+        assert!(b.never_fits(1, 7).unwrap().contains("max_handshake_regions_per_uid"));
+        assert!(b.never_fits(1, 6).is_none());
+        let tight = RegionBudget::new(5, 5);
+        assert!(tight.never_fits(1, 6).is_some());
     }
 }

@@ -230,9 +230,13 @@ impl BoundDaemon {
         }
         drop(rx);
         let (s, w) = (Arc::clone(&shared), Arc::clone(&waker));
+        let budget = handshake::RegionBudget::new(
+            s.config.serve.max_handshake_regions,
+            s.config.serve.max_handshake_regions_per_uid,
+        );
         let accept = match spawn(
             "kvp-accept".into(),
-            Box::new(move || handshake::accept_loop(&s, listener, &w, tx)),
+            Box::new(move || handshake::accept_loop(&s, listener, &w, tx, &budget)),
         ) {
             Ok(a) => a,
             Err(e) => {
@@ -383,7 +387,13 @@ impl Drop for SessionGuard {
 /// A handshake worker's part: admit a complete request (reserving its slot and a place on
 /// a data-plane thread), reply, then hand the session to that thread, which serves it.
 fn start_session(shared: &Arc<DaemonShared>, c: Complete) {
-    let Complete { stream, req } = c;
+    // The request's regions stay charged to the handshake's budget until this returns
+    // (their descriptors are closed by then, or owned by the session's memory).
+    let Complete {
+        stream,
+        req,
+        regions: _regions,
+    } = c;
     if shared.stop.load(Ordering::SeqCst) {
         return;
     }
@@ -500,6 +510,15 @@ fn admit(
                 "arena of {} bytes asked, at most {}",
                 req.arena_bytes, cfg.max_arena_bytes
             ),
+        ));
+    }
+    // Per-namespace limits (sessions, queue pairs, mapped bytes) bind a session through
+    // the namespaces it names: where namespaces are configured, one naming none would
+    // be bound by none of them.
+    if req.namespaces.is_empty() && !shared.config.namespaces.is_empty() {
+        return Err((
+            Status::Namespace,
+            "name at least one namespace: this daemon's limits are per namespace".into(),
         ));
     }
     for ns in &req.namespaces {
