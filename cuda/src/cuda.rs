@@ -663,7 +663,10 @@ impl Device for CudaDevice {
         ptr: NonNull<u8>,
         len_bytes: usize,
     ) -> Result<DeviceBuffer, DeviceError> {
-        let mut st = self.lock()?;
+        // Registering pins (faults in and locks) every page: seconds for a large engine
+        // buffer, so it runs without the table lock every launch and event query of
+        // every session takes; the context is bound to this thread all the same.
+        self.ctx.bind_to_thread().map_err(drv("cuCtxSetCurrent"))?;
         let host = ptr.as_ptr() as *mut c_void;
         // Portable (all contexts) and mapped (kernels can address it).
         let flags = 0x01 | 0x02;
@@ -673,9 +676,12 @@ impl Device for CudaDevice {
             .map_err(drv("cuMemHostRegister"))?;
         let mut dev: sys::CUdeviceptr = 0;
         // SAFETY: registered just above with the DEVICEMAP flag.
-        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host, 0) }
-            .result()
-            .map_err(drv("cuMemHostGetDevicePointer"))?;
+        if let Err(e) = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host, 0) }.result() {
+            // SAFETY: registered above, by this call only; undone once.
+            let _ = unsafe { sys::cuMemHostUnregister(host) };
+            return Err(drv("cuMemHostGetDevicePointer")(e));
+        }
+        let mut st = self.lock()?;
         Ok(insert_buffer(
             &mut st,
             Region::Registered { host, dev },
@@ -684,15 +690,18 @@ impl Device for CudaDevice {
     }
 
     fn free(&self, buf: DeviceBuffer) -> Result<(), DeviceError> {
-        let mut st = self.lock()?;
-        let (region, _) = st
-            .buffers
-            .remove(&buf.id)
-            .ok_or(DeviceError::UnknownHandle {
-                op: "free",
-                what: "buffer",
-                id: buf.id,
-            })?;
+        let (region, _) =
+            self.lock()?
+                .buffers
+                .remove(&buf.id)
+                .ok_or(DeviceError::UnknownHandle {
+                    op: "free",
+                    what: "buffer",
+                    id: buf.id,
+                })?;
+        // Released after the table lock is dropped (unpinning a large registration takes
+        // long; the context stays bound to this thread): the handle is out of the table,
+        // so nothing else reaches the region.
         // SAFETY: each region is released exactly once, by the call matching how it was
         // obtained; callers synchronise work using it first (as with cudaFree).
         unsafe {

@@ -442,13 +442,15 @@ pub fn recv_with_fd(stream: &UnixStream, buf: &mut [u8]) -> io::Result<Option<Ow
     Ok(received.pop())
 }
 
-/// Descriptors one `recvmsg` can carry into [`recv_some`]'s control buffer. Senders in
-/// this crate attach at most one per message.
-const RECV_FDS_PER_CALL: usize = 16;
+/// Descriptors one `recvmsg` can carry into [`recv_some`]'s control buffer: the most the
+/// kernel passes in one message (SCM_MAX_FD). Senders in this crate attach at most one
+/// per message, but a smaller buffer would let the kernel release the rest itself, on
+/// this thread, where a tenant's descriptor could block it (see [`TenantFd`]).
+const RECV_FDS_PER_CALL: usize = 253;
 
 /// One `recvmsg` into `buf` (non-blocking with `dont_wait`: `WouldBlock` when nothing is
 /// there). Descriptors that arrive are appended to `received`, in order, while it holds
-/// fewer than `max_fds`; any other is closed, never leaked (a caller that must notice
+/// fewer than `max_fds`; any other goes to [`close_untrusted`] (a caller that must notice
 /// surplus descriptors passes one more than it expects and checks the length). Returns
 /// the bytes read (0: the peer hung up).
 pub fn recv_some(
@@ -463,7 +465,7 @@ pub fn recv_some(
         iov_len: buf.len(),
     };
     // Room for RECV_FDS_PER_CALL descriptors in one SCM_RIGHTS message, 8-byte aligned.
-    let mut cmsg_buf = [0u64; 2 + RECV_FDS_PER_CALL / 2];
+    let mut cmsg_buf = [0u64; 2 + RECV_FDS_PER_CALL.div_ceil(2)];
     // SAFETY: zeroed msghdr is valid; fields set below point to live buffers.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -594,9 +596,10 @@ pub fn cpus_allowed() -> usize {
 
 /// A descriptor a tenant sent (SCM_RIGHTS). Closing one can block: a TCP socket with
 /// `SO_LINGER` set waits for a peer that may never read, a file on a FUSE mount flushes
-/// to a server that may never answer. So it is never closed on the thread that drops it
-/// unless it is known to close at once (a memfd, or a socket once its lingering is
-/// turned off); anything else goes to a closer thread of its own.
+/// to a server that may never answer, a Unix socket releases the descriptors queued in
+/// it. So it is never closed on the thread that drops it unless it is known to close at
+/// once (a memfd, or a TCP socket once its lingering is turned off); anything else goes
+/// to a closer thread of its own.
 #[derive(Debug)]
 pub struct TenantFd(Option<OwnedFd>);
 
@@ -626,6 +629,33 @@ impl Drop for TenantFd {
     }
 }
 
+/// The daemon's end of an engine's connection. What the engine sent and the daemon has
+/// not read (descriptors too: a request parked for room, messages after the attach) is
+/// released when it closes, so it closes like a [`TenantFd`].
+#[derive(Debug)]
+pub struct TenantStream(Option<UnixStream>);
+
+impl TenantStream {
+    pub fn new(stream: UnixStream) -> TenantStream {
+        TenantStream(Some(stream))
+    }
+}
+
+impl std::ops::Deref for TenantStream {
+    type Target = UnixStream;
+    fn deref(&self) -> &UnixStream {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for TenantStream {
+    fn drop(&mut self) {
+        if let Some(stream) = self.0.take() {
+            close_untrusted(stream.into());
+        }
+    }
+}
+
 /// Descriptors queued for the closer thread at most; past that they are kept open
 /// (counted in [`untrusted_fds_leaked`]) rather than closed where they would block.
 const CLOSER_QUEUE: usize = 4096;
@@ -648,6 +678,31 @@ pub fn untrusted_fds_leaked() -> u64 {
     CLOSER_LEAKED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// An int socket option of `fd`, or `None` (not a socket, or the option is unknown).
+fn socket_option(fd: RawFd, name: libc::c_int) -> Option<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into a live int.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(value)
+}
+
+/// Whether `fd` is a TCP socket (IPv4 or IPv6).
+fn is_tcp(fd: RawFd) -> bool {
+    matches!(
+        socket_option(fd, libc::SO_DOMAIN),
+        Some(libc::AF_INET | libc::AF_INET6)
+    ) && socket_option(fd, libc::SO_PROTOCOL) == Some(libc::IPPROTO_TCP)
+}
+
 /// Closes `fd` without blocking the caller (see [`TenantFd`]).
 pub fn close_untrusted(fd: OwnedFd) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -658,24 +713,27 @@ pub fn close_untrusted(fd: OwnedFd) {
         drop(fd);
         return;
     }
-    // A socket: reset instead of lingering; ENOTSOCK for anything else.
-    let off = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt reads a linger struct of the given size from a live value.
-    let rc = unsafe {
-        libc::setsockopt(
-            raw,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&off as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        drop(fd);
-        return;
+    // A TCP socket: reset instead of lingering. Any other socket goes to the closer: a
+    // Unix socket's queue may hold descriptors of its own, released when it closes.
+    if is_tcp(raw) {
+        let off = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt reads a linger struct of the given size from a live value.
+        let rc = unsafe {
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&off as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            drop(fd);
+            return;
+        }
     }
     static CLOSER: OnceLock<Option<mpsc::SyncSender<OwnedFd>>> = OnceLock::new();
     let closer = CLOSER.get_or_init(|| {
@@ -718,15 +776,27 @@ mod tests {
     /// a plain close would block for the minute; a tenant's descriptor closes at once.
     #[test]
     fn a_lingering_socket_a_tenant_sent_closes_without_blocking() {
+        let (client, _server) = lingering_tcp(60);
+        let t0 = Instant::now();
+        drop(TenantFd::new(OwnedFd::from(client)));
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "closing took {:?}",
+            t0.elapsed()
+        );
+    }
+
+    /// A TCP socket set to linger for `secs` with unsent data its peer never reads.
+    fn lingering_tcp(secs: i32) -> (std::net::TcpStream, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (_server, _) = listener.accept().unwrap(); // never reads
+        let (server, _) = listener.accept().unwrap();
         client.set_nonblocking(true).unwrap();
         let chunk = vec![0u8; 1 << 16];
         while (&client).write(&chunk).is_ok() {}
         let linger = libc::linger {
             l_onoff: 1,
-            l_linger: 60,
+            l_linger: secs,
         };
         // SAFETY: setsockopt reads a linger struct of the given size from a live value.
         let rc = unsafe {
@@ -740,8 +810,19 @@ mod tests {
         };
         assert_eq!(rc, 0);
         client.set_nonblocking(false).unwrap();
+        (client, server)
+    }
+
+    /// A Unix socket whose queue holds the only reference to a lingering TCP socket:
+    /// closing it releases that one, so it is not closed in place.
+    #[test]
+    fn a_unix_socket_carrying_a_lingering_socket_closes_without_blocking() {
+        let (tcp, _server) = lingering_tcp(10);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        send_with_fd(&ours, b"x", Some(tcp.as_raw_fd())).unwrap();
+        drop(tcp);
         let t0 = Instant::now();
-        drop(TenantFd::new(OwnedFd::from(client)));
+        drop(TenantStream::new(theirs));
         assert!(
             t0.elapsed() < Duration::from_secs(5),
             "closing took {:?}",
@@ -749,13 +830,15 @@ mod tests {
         );
     }
 
-    /// Anything that is neither a memfd nor a socket is closed on the closer thread,
-    /// and is closed: the pipe's reader sees its end.
+    /// Anything that is neither a memfd nor a TCP socket is closed on the closer thread,
+    /// and is closed: the pipe's reader sees its end (after whatever the closer had,
+    /// such as the test above's socket, lingering for up to 10 s).
     #[test]
     fn other_descriptors_are_closed_on_the_closer_thread() {
         let mut ends = [0i32; 2];
-        // SAFETY: a two-int array for pipe's out-parameter.
-        assert_eq!(unsafe { libc::pipe(ends.as_mut_ptr()) }, 0);
+        // SAFETY: a two-int array for pipe2's out-parameter.
+        let rc = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(rc, 0);
         // SAFETY: both ends are fresh descriptors owned by nobody else.
         let (reader, writer) =
             unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
@@ -767,7 +850,7 @@ mod tests {
             let _ = tx.send(reader.read(&mut b).map_err(|e| e.to_string()));
         });
         assert_eq!(
-            rx.recv_timeout(Duration::from_secs(5))
+            rx.recv_timeout(Duration::from_secs(30))
                 .expect("the writer was closed"),
             Ok(0)
         );

@@ -531,7 +531,13 @@ fn attaches_in_progress_hold_no_more_regions_or_descriptors_than_the_budget() {
 
     // A request parked for want of room past its deadline is told why: E connects
     // first, D (connected later, so with the later deadline) takes 3 regions, then E
-    // asks for 2.
+    // asks for 2. Nothing E sends while parked is read: its descriptors are not the
+    // daemon's.
+    let t0 = Instant::now();
+    while daemon_fds(&daemon) > before && t0.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let base = daemon_fds(&daemon);
     let e = UnixStream::connect(&daemon.socket).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let d = UnixStream::connect(&daemon.socket).unwrap();
@@ -540,6 +546,15 @@ fn attaches_in_progress_hold_no_more_regions_or_descriptors_than_the_budget() {
     std::thread::sleep(Duration::from_millis(200));
     let req = build_request(1, 64, 64, 1 << 16, &[], 2).unwrap();
     sys::send_with_fd(&e, kvplane_ffi::as_bytes(&req), None).unwrap();
+    for piece in bytes.chunks(4).take(10) {
+        sys::send_with_fd(&e, piece, Some(kv.as_raw_fd())).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let held = daemon_fds(&daemon) - base;
+    assert!(
+        held <= 2,
+        "a parked request's 10 descriptors stay in its socket: the daemon holds {held} more than its 2 sockets"
+    );
     let (status, message) = raw_reply(&e);
     assert_eq!(status, Status::Busy.raw(), "{message}");
     assert!(

@@ -880,7 +880,12 @@ impl Registry {
         for &h in hashes {
             let key = BlockKey::new(namespace, h);
             let Some(i) = self.idx(key) else { break };
-            if self.entries[i as usize].fastest().is_none() {
+            // A block at the most leases a count can hold pins no further (the same
+            // hash repeated in PINs must not wrap it to 0, unprotecting everyone's).
+            // A session's own count is at most the block's, so it cannot wrap either.
+            if self.entries[i as usize].fastest().is_none()
+                || self.entries[i as usize].leases == u32::MAX
+            {
                 break;
             }
             self.entries[i as usize].leases += 1;

@@ -118,6 +118,27 @@ pub fn render(s: &Scrape<'_>) -> String {
         "Seconds since the daemon started.",
     );
     o.sample("kvplane_uptime_seconds", &[], format!("{:.3}", s.uptime_s));
+    o.family(
+        "kvplane_tenant_fds_closing",
+        "gauge",
+        "Descriptors engines sent that wait for the closer thread (one whose close blocks \
+         holds up the rest; attaches take in nothing more while it is behind).",
+    );
+    o.sample(
+        "kvplane_tenant_fds_closing",
+        &[],
+        kvplane_shm::sys::untrusted_fds_backlog(),
+    );
+    o.family(
+        "kvplane_tenant_fds_leaked_total",
+        "counter",
+        "Descriptors engines sent that were left open because the closer's queue was full.",
+    );
+    o.sample(
+        "kvplane_tenant_fds_leaked_total",
+        &[],
+        kvplane_shm::sys::untrusted_fds_leaked(),
+    );
 
     if let Some(b) = s.blocks {
         o.family("kvplane_block_bytes", "gauge", "Bytes of one KV block.");

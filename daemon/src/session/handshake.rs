@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -72,15 +72,15 @@ impl RegionBudget {
     }
 
     /// Why `regions` can never fit, or `None`.
-    fn never_fits(&self, uid: u32, regions: usize) -> Option<String> {
+    fn never_fits(&self, regions: usize) -> Option<String> {
         if regions > self.max_per_uid {
             Some(format!(
-                "{regions} KV regions: uid {uid}'s attaches may hold at most {} at once (serve.max_handshake_regions_per_uid)",
+                "{regions} KV regions, at most {} (serve.max_handshake_regions_per_uid)",
                 self.max_per_uid
             ))
         } else if regions > self.max_total {
             Some(format!(
-                "{regions} KV regions: attaches may hold at most {} at once (serve.max_handshake_regions)",
+                "{regions} KV regions, at most {} (serve.max_handshake_regions)",
                 self.max_total
             ))
         } else {
@@ -134,14 +134,14 @@ impl Drop for RegionCharge {
 
 /// A connection whose request is complete and well-formed, for a worker to admit.
 pub(super) struct Complete {
-    pub stream: UnixStream,
+    pub stream: sys::TenantStream,
     pub req: AttachRequest,
     /// The request's regions in the handshake's budget, until the worker is done.
     pub regions: Option<RegionCharge>,
 }
 
 struct Pending {
-    stream: UnixStream,
+    stream: sys::TenantStream,
     uid: u32,
     deadline: Instant,
     reader: RequestReader,
@@ -219,17 +219,21 @@ pub(super) fn accept_loop(
         }
         pfds.clear();
         // A request waiting for budget is not polled for input (what it sends next stays
-        // in the socket); it is looked at again every BUDGET_RETRY.
-        let mut waiting = false;
+        // in the socket); it is looked at again every BUDGET_RETRY. While the closer of
+        // tenants' descriptors is behind (one of them blocks it), nothing more is taken in:
+        // no connection is accepted or read.
+        let closer_ok = sys::untrusted_closer_has_room();
+        let mut waiting = !closer_ok;
+        let input = |yes: bool| if yes && closer_ok { libc::POLLIN } else { 0 };
         for (fd, events) in [
             (waker.0.as_raw_fd(), libc::POLLIN),
-            (listener.as_raw_fd(), libc::POLLIN),
+            (listener.as_raw_fd(), input(true)),
         ]
         .into_iter()
         .chain(pending.iter().map(|p| {
             let parked = p.reader.awaiting_grant().is_some();
             waiting |= parked;
-            (p.stream.as_raw_fd(), if parked { 0 } else { libc::POLLIN })
+            (p.stream.as_raw_fd(), input(!parked))
         })) {
             pfds.push(libc::pollfd {
                 fd,
@@ -281,7 +285,7 @@ pub(super) fn accept_loop(
                 }
                 if now < pending[i].deadline {
                     let p = &mut pending[i];
-                    if let Some(why) = budget.never_fits(p.uid, regions) {
+                    if let Some(why) = budget.never_fits(regions) {
                         let p = pending.swap_remove(i);
                         release(&mut per_uid, p.uid);
                         bad_log.warn(|more| {
@@ -317,8 +321,9 @@ pub(super) fn accept_loop(
                             "attach handshake timed out; connection closed"
                         )
                     });
+                    // Replies carry 95 bytes of text.
                     let why = if p.reader.awaiting_grant().is_some() {
-                        "the daemon had no room for the attach's KV regions in time (serve.max_handshake_regions); retry"
+                        "no room in time for the attach's KV regions (serve.max_handshake_regions); retry"
                     } else {
                         "the attach request did not arrive in time"
                     };
@@ -354,7 +359,7 @@ pub(super) fn accept_loop(
         }
         for _ in 0..ACCEPT_BATCH {
             let stream = match listener.accept() {
-                Ok((s, _)) => s,
+                Ok((s, _)) => sys::TenantStream::new(s),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -476,9 +481,13 @@ mod budget_tests {
         drop((a2, c, d));
         assert_eq!(b.held(), 0);
         assert!(b.held.lock().unwrap().1.is_empty(), "no uid left counted");
-        assert!(b.never_fits(1, 7).unwrap().contains("max_handshake_regions_per_uid"));
-        assert!(b.never_fits(1, 6).is_none());
+        assert!(
+            b.never_fits(7)
+                .unwrap()
+                .contains("max_handshake_regions_per_uid")
+        );
+        assert!(b.never_fits(6).is_none());
         let tight = RegionBudget::new(5, 5);
-        assert!(tight.never_fits(1, 6).is_some());
+        assert!(tight.never_fits(6).is_some());
     }
 }

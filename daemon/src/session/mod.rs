@@ -390,9 +390,9 @@ fn start_session(shared: &Arc<DaemonShared>, c: Complete) {
     // The request's regions stay charged to the handshake's budget until this returns
     // (their descriptors are closed by then, or owned by the session's memory).
     let Complete {
+        regions: _regions,
         stream,
         req,
-        regions: _regions,
     } = c;
     if shared.stop.load(Ordering::SeqCst) {
         return;

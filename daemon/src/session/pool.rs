@@ -17,7 +17,6 @@
 //! `SessionGuard`, as a session thread did before.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering, fence};
 use std::thread::JoinHandle;
@@ -59,7 +58,7 @@ const PASSES_PER_CLOCK_READ: u32 = 16;
 /// An admitted session whose reply was sent, handed to its data-plane thread.
 pub(super) struct Attached {
     pub guard: SessionGuard,
-    pub stream: UnixStream,
+    pub stream: sys::TenantStream,
     pub seg: Segment,
     pub geometry: Geometry,
     pub engine_pid: i32,
@@ -278,7 +277,7 @@ struct Served {
     seg: Arc<Segment>,
     geometry: Geometry,
     guard: SessionGuard,
-    stream: UnixStream,
+    stream: sys::TenantStream,
     pidfd: Option<OwnedFd>,
     engine_pid: i32,
     id: u64,
@@ -287,6 +286,9 @@ struct Served {
     /// flight or to the I/O pool in the middle of the batch): served first, in order,
     /// once that queue pair may go on.
     stashes: Vec<Stash>,
+    /// The queue pair a pass starts at, moved on each pass: a pass may end early (its
+    /// PASS_BLOCKS spent), and must not always end before the same queue pairs.
+    first_qp: usize,
     /// An operation is with the I/O executors (the session's data with it).
     out: bool,
     /// Bit q: queue pair q has an operation whose copy is on the device (its plan in the
@@ -345,6 +347,7 @@ impl Served {
             id: a.id,
             num_namespaces,
             stashes: (0..queue_pairs).map(|_| Stash::default()).collect(),
+            first_qp: 0,
             out: false,
             in_flight: 0,
             in_flight_user_data: vec![0; queue_pairs],
@@ -648,7 +651,15 @@ fn serve(
         }
     }
     let mut worked = false;
-    for qp in 0..s.qps.len() {
+    // Blocks this pass may touch inline over all queue pairs (see PASS_BLOCKS).
+    let mut blocks_left = PASS_BLOCKS;
+    let n = s.qps.len();
+    let first = s.first_qp % n.max(1);
+    s.first_qp = first + 1;
+    for qp in (first..n).chain(0..first) {
+        if blocks_left == 0 {
+            break;
+        }
         if s.in_flight & (1 << qp) != 0 {
             continue; // its next submissions wait for the one on the device
         }
@@ -671,7 +682,7 @@ fn serve(
             (stash.len, stash.at) = (n, 0);
         }
         worked = true;
-        if let Err(end) = run_stash(shared, s, qp, slot, io, back, scratch) {
+        if let Err(end) = run_stash(shared, s, qp, slot, io, back, scratch, &mut blocks_left) {
             s.ending = Some(end);
             return true;
         }
@@ -682,8 +693,16 @@ fn serve(
     worked
 }
 
+/// Blocks one pass over a session may name in the operations it serves inline (each
+/// counts at least one): a pass is bounded by its work, not only by entries, so a session
+/// whose every entry names 65,536 blocks holds its data-plane thread, and so the other
+/// sessions on it, for one such batch of blocks at a time, not 64 per queue pair.
+const PASS_BLOCKS: u64 = 1 << 16;
+
 /// Serves the stashed submissions of queue pair `qp` in order, inline, until one that may
-/// wait on NVMe: the completions so far are posted and that one goes to the I/O pool.
+/// wait on NVMe (the completions so far are posted and that one goes to the I/O pool) or
+/// until the pass's `blocks_left` are spent (the rest stay stashed for the next pass).
+#[allow(clippy::too_many_arguments)]
 fn run_stash(
     shared: &DaemonShared,
     s: &mut Served,
@@ -692,11 +711,12 @@ fn run_stash(
     io: &IoSubmitter,
     back: &Arc<dyn IoReturn>,
     scratch: &mut Scratch,
+    blocks_left: &mut u64,
 ) -> Result<(), End> {
     scratch.cqes.clear();
     let dp = &shared.dataplane;
     let mut handoff = None;
-    while s.stashes[qp].pending() {
+    while s.stashes[qp].pending() && *blocks_left > 0 {
         let stash = &mut s.stashes[qp];
         let sqe = stash.entries[stash.at];
         stash.at += 1;
@@ -715,6 +735,7 @@ fn run_stash(
                 break;
             }
             Ok(req) => {
+                *blocks_left = blocks_left.saturating_sub(u64::from(req.count).max(1));
                 let data = s.guard.data.as_mut().expect("held while nothing is out");
                 // Launched copies are polled once at once: on the host backend (no
                 // completion delay) they have landed already, and the batch goes on.

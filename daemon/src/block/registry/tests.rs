@@ -298,3 +298,24 @@ proptest! {
         }
     }
 }
+
+/// The same hash pinned again and again stops at the most a lease count holds instead
+/// of wrapping to 0 (which would leave the block unprotected for every session).
+#[test]
+fn a_lease_count_at_its_maximum_pins_no_further() {
+    let mut r = Registry::new(PerTier([0, 2, 0]));
+    assert!(store(&mut r, k(1), None, 0, H));
+    assert_eq!(r.pin(7, 1, &[1]), 1);
+    let i = r.idx(k(1)).unwrap() as usize;
+    // As if pinned u32::MAX - 1 times by session 7.
+    r.entries[i].leases = u32::MAX - 1;
+    *r.sessions.get_mut(&7).unwrap().get_mut(&k(1)).unwrap() = u32::MAX - 1;
+    assert_eq!(r.pin(7, 1, &[1]), 1, "one more fits");
+    assert_eq!(r.pin(7, 1, &[1, 1, 1]), 0, "none past the maximum");
+    assert_eq!(r.entries[i].leases, u32::MAX);
+    assert!(
+        r.evict(k(1), H, RemoveReason::Evicted).is_err(),
+        "still leased"
+    );
+    r.check_invariants().unwrap();
+}
