@@ -15,14 +15,17 @@
 #      (Llama-3.1-8B geometry, 16-token pages) from per-layer cudaMalloc tensors registered
 #      by CUDA IPC handle, the other, a different process with one allocation, loading it
 #      into its own pool and comparing every byte; the same with VMM allocations exported
-#      as file descriptors;
+#      as file descriptors, and with a pool of 2 MiB VMM chunks mapped back to back as
+#      PyTorch's expandable segments map theirs (a region per chunk, KVP_REGION_F_CONTINUES);
 #   3. a chain kept on the GPU (KVP_SQE_F_KEEP_ON_GPU: into G1, device to device) and
 #      loaded by the other process from G1 (its report's tier must be 1, HBM);
 #   4. a chain saved and loaded with the engines' IPC events (KVP_OP_REGISTER_EVENTS): the
 #      SAVE's copy waits for the saver's event on the GPU, the LOAD completes when queued
 #      and the loader waits on its event before comparing; then the same through the vLLM
 #      connector's in-place code (kvplane.pages.DirectPages, python3 with torch: per-layer
-#      bf16 tensors in vLLM's FlashAttention layout), JSON in $OUT/direct-pages.json;
+#      bf16 tensors in vLLM's FlashAttention layout), JSON in $OUT/direct-pages.json,
+#      then again under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+#      ($OUT/direct-pages-expandable.json);
 #   5. the same chain saved with write-through, the daemon restarted, and loaded from NVMe
 #      (straight into G1 with cuFile where libcufile opens, each block's checksum and MAC
 #      checked by the kernels in G1; the daemon's "NVMe <-> G1" log line, copied to
@@ -126,6 +129,8 @@ if started serve-cuda; then
     engine load-ipc --role load --memory ipc --first-hash 1000 "${BLOCKS[@]}"
     engine save-vmm --role save --memory vmm --per-layer --first-hash 2000 "${BLOCKS[@]}"
     engine load-vmm --role load --memory vmm --first-hash 2000 "${BLOCKS[@]}"
+    engine save-chunks --role save --memory vmm-chunks --first-hash 2500 "${BLOCKS[@]}"
+    engine load-chunks --role load --memory vmm-chunks --per-layer --first-hash 2500 "${BLOCKS[@]}"
     # One block: the engine-visible cost of a SAVE and a LOAD.
     engine save-one --role save --memory ipc --first-hash 3000 "${BLOCKS[@]}" --blocks 1
     engine load-one --role load --memory ipc --first-hash 3000 "${BLOCKS[@]}" --blocks 1
@@ -139,9 +144,15 @@ if started serve-cuda; then
         step direct-pages 120 env KVPLANE_LIB="$BIN/libkvplane.so" \
             python3 ffi/python/examples/direct_pages_gpu.py --socket "$SOCK"
         grep '"save":' "$OUT/steps.log" | tail -1 >"$OUT/direct-pages.json"
+        step direct-pages-expandable 120 env KVPLANE_LIB="$BIN/libkvplane.so" \
+            PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+            python3 ffi/python/examples/direct_pages_gpu.py --socket "$SOCK" \
+            --namespace direct-pages-expandable --seed 11
+        grep '"save":' "$OUT/steps.log" | tail -1 >"$OUT/direct-pages-expandable.json"
     else
         echo "step direct-pages: did not run: no python3 with CUDA torch"
         status[direct-pages]="127 0"
+        status[direct-pages-expandable]="127 0"
     fi
     engine save-nvme --role save --memory ipc --per-layer --write-through --first-hash 4000 "${BLOCKS[@]}"
     stop_daemon

@@ -51,9 +51,13 @@ enum Region {
     /// A peer device's allocation, addressed over NVLink/PCIe peer access; owned by the
     /// peer (freeing this handle only forgets the mapping).
     Peer(sys::CUdeviceptr),
-    /// Another process's VMM allocation, imported from its file descriptor and mapped at
-    /// `dev` (a reservation of `bytes` this device made).
-    Vmm { dev: sys::CUdeviceptr, bytes: usize },
+    /// Another process's VMM allocations, imported from their file descriptors and mapped
+    /// back to back at `dev` (a reservation of their total size this device made), one
+    /// mapping of `chunk_bytes[i]` each.
+    Vmm {
+        dev: sys::CUdeviceptr,
+        chunk_bytes: Box<[usize]>,
+    },
     /// The device's whole address space, as one buffer at address 0: how one kernel
     /// launch reaches an engine's regions wherever the driver put them. Owns nothing.
     Window,
@@ -383,61 +387,82 @@ impl CudaDevice {
         Ok(insert_buffer(&mut st, Region::Ipc(dev), len_bytes))
     }
 
-    /// Imports a VMM allocation exported as a POSIX file descriptor and maps `len_bytes`
-    /// of it into a reservation of this device's address space, readable and writable
-    /// by this device. The driver refuses a mapping longer than the allocation.
-    pub fn import_vmm_fd(
+    /// Imports VMM allocations from their POSIX descriptors, each with its size in
+    /// bytes, and maps them back to back in one reservation with read/write access for
+    /// this device: one buffer of their total size. Refused (and all undone) unless the
+    /// driver maps each at its size; the mappings hold the allocations, so the engine
+    /// may close its descriptors. Undo with [`Device::free`].
+    pub fn import_vmm(
         &self,
-        fd: std::os::fd::BorrowedFd<'_>,
-        len_bytes: usize,
+        chunks: &[(std::os::fd::BorrowedFd<'_>, u64)],
     ) -> Result<DeviceBuffer, DeviceError> {
         use std::os::fd::AsRawFd;
-        let mut st = self.lock()?;
-        let mut handle: sys::CUmemGenericAllocationHandle = 0;
-        // SAFETY: valid out pointer; for POSIX descriptors the driver takes the fd number
-        // in the pointer argument and dups what it needs (the caller keeps its fd).
-        unsafe {
-            sys::cuMemImportFromShareableHandle(
-                &mut handle,
-                fd.as_raw_fd() as usize as *mut c_void,
-                sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
-            )
-        }
-        .result()
-        .map_err(drv("cuMemImportFromShareableHandle"))?;
-        let mapped = self.map_vmm(handle, len_bytes);
-        // The mapping holds its own reference to the allocation; ours goes either way.
-        // SAFETY: handle was imported above and is released exactly once.
-        let _ = unsafe { sys::cuMemRelease(handle) };
-        let dev = mapped?;
-        Ok(insert_buffer(
-            &mut st,
-            Region::Vmm {
-                dev,
-                bytes: len_bytes,
-            },
-            len_bytes,
-        ))
-    }
-
-    /// Reserves `len_bytes` of address space, maps `handle` there and grants this device
-    /// read/write access; undoes what it did on failure.
-    fn map_vmm(
-        &self,
-        handle: sys::CUmemGenericAllocationHandle,
-        len_bytes: usize,
-    ) -> Result<sys::CUdeviceptr, DeviceError> {
+        let too_big = || DeviceError::OutOfRange {
+            op: "import_engine_memory",
+            offset_bytes: 0,
+            len_bytes: usize::MAX,
+            buffer_bytes: usize::MAX,
+        };
+        let sizes: Vec<usize> = chunks
+            .iter()
+            .map(|&(_, b)| usize::try_from(b).map_err(|_| too_big()))
+            .collect::<Result<_, _>>()?;
+        let total = sizes
+            .iter()
+            .try_fold(0usize, |t, &b| t.checked_add(b))
+            .ok_or_else(too_big)?;
+        // Thousands of chunks are thousands of driver calls: made without the table lock
+        // every launch and event query takes (the context bound to this thread all the
+        // same); the lock is taken to enter the result.
+        self.ctx.bind_to_thread().map_err(drv("cuCtxSetCurrent"))?;
         let mut dev: sys::CUdeviceptr = 0;
         // SAFETY: valid out pointer; a fresh reservation (no fixed address).
-        unsafe { sys::cuMemAddressReserve(&mut dev, len_bytes, 0, 0, 0) }
+        unsafe { sys::cuMemAddressReserve(&mut dev, total, 0, 0, 0) }
             .result()
             .map_err(drv("cuMemAddressReserve"))?;
-        // SAFETY: dev..dev+len_bytes is our reservation; the driver checks len_bytes
-        // against the allocation's size and fails rather than map past it.
-        if let Err(e) = unsafe { sys::cuMemMap(dev, len_bytes, 0, handle, 0) }.result() {
-            // SAFETY: the reservation made above, unused.
-            let _ = unsafe { sys::cuMemAddressFree(dev, len_bytes) };
-            return Err(drv("cuMemMap")(e));
+        let mut mapped = 0usize;
+        let mut at = 0usize;
+        let undo = |mapped: usize| {
+            // SAFETY: undoing the maps (each whole, in the order made) and the
+            // reservation made above; nothing else uses them yet.
+            unsafe {
+                let mut off = 0usize;
+                for &b in &sizes[..mapped] {
+                    let _ = sys::cuMemUnmap(dev + off as u64, b);
+                    off += b;
+                }
+                let _ = sys::cuMemAddressFree(dev, total);
+            }
+        };
+        for (&(fd, _), &bytes) in chunks.iter().zip(&sizes) {
+            let mut handle: sys::CUmemGenericAllocationHandle = 0;
+            // SAFETY: valid out pointer; for POSIX descriptors the driver takes the fd
+            // number in the pointer argument and dups what it needs (the caller keeps
+            // its fd).
+            let imported = unsafe {
+                sys::cuMemImportFromShareableHandle(
+                    &mut handle,
+                    fd.as_raw_fd() as usize as *mut c_void,
+                    sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                )
+            }
+            .result();
+            if let Err(e) = imported {
+                undo(mapped);
+                return Err(drv("cuMemImportFromShareableHandle")(e));
+            }
+            // SAFETY: dev+at..dev+at+bytes lies in our reservation, unmapped; the driver
+            // checks bytes against the allocation's size and fails rather than map past it.
+            let map = unsafe { sys::cuMemMap(dev + at as u64, bytes, 0, handle, 0) }.result();
+            // The mapping holds its own reference to the allocation; ours goes either way.
+            // SAFETY: handle was imported above and is released exactly once.
+            let _ = unsafe { sys::cuMemRelease(handle) };
+            if let Err(e) = map {
+                undo(mapped);
+                return Err(drv("cuMemMap")(e));
+            }
+            mapped += 1;
+            at += bytes;
         }
         let access = sys::CUmemAccessDesc_st {
             location: sys::CUmemLocation_st {
@@ -446,16 +471,26 @@ impl CudaDevice {
             },
             flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
         };
-        // SAFETY: the range was mapped just above; one valid access descriptor.
-        if let Err(e) = unsafe { sys::cuMemSetAccess(dev, len_bytes, &access, 1) }.result() {
-            // SAFETY: undoing the map and reservation made above, in reverse order.
-            unsafe {
-                let _ = sys::cuMemUnmap(dev, len_bytes);
-                let _ = sys::cuMemAddressFree(dev, len_bytes);
-            }
+        // SAFETY: the whole range was mapped just above; one valid access descriptor.
+        if let Err(e) = unsafe { sys::cuMemSetAccess(dev, total, &access, 1) }.result() {
+            undo(mapped);
             return Err(drv("cuMemSetAccess")(e));
         }
-        Ok(dev)
+        let mut st = match self.lock() {
+            Ok(st) => st,
+            Err(e) => {
+                undo(mapped);
+                return Err(e);
+            }
+        };
+        Ok(insert_buffer(
+            &mut st,
+            Region::Vmm {
+                dev,
+                chunk_bytes: sizes.into_boxed_slice(),
+            },
+            total,
+        ))
     }
 
     /// Uploads `parts` into `stream`'s scratch table (grown as needed), each at the
@@ -713,14 +748,24 @@ impl Device for CudaDevice {
                 Region::Ipc(d) => sys::cuIpcCloseMemHandle(d)
                     .result()
                     .map_err(drv("cuIpcCloseMemHandle")),
-                Region::Vmm { dev, bytes } => sys::cuMemUnmap(dev, bytes)
-                    .result()
-                    .map_err(drv("cuMemUnmap"))
-                    .and_then(|()| {
-                        sys::cuMemAddressFree(dev, bytes)
+                Region::Vmm { dev, chunk_bytes } => {
+                    // Each mapping whole (a driver may refuse to unmap part of one or
+                    // several at once), then the reservation.
+                    let mut off = 0usize;
+                    let mut unmapped = Ok(());
+                    for &b in chunk_bytes.iter() {
+                        let r = sys::cuMemUnmap(dev + off as u64, b)
+                            .result()
+                            .map_err(drv("cuMemUnmap"));
+                        unmapped = unmapped.and(r);
+                        off += b;
+                    }
+                    unmapped.and_then(|()| {
+                        sys::cuMemAddressFree(dev, off)
                             .result()
                             .map_err(drv("cuMemAddressFree"))
-                    }),
+                    })
+                }
                 Region::Peer(_) | Region::Window => Ok(()),
             }
         }
@@ -743,7 +788,21 @@ impl Device for CudaDevice {
         })?;
         match what {
             EngineImport::CudaIpc { handle } => self.import_ipc_memory(handle, len_bytes),
-            EngineImport::CudaVmmFd { fd } => self.import_vmm_fd(fd, len_bytes),
+            EngineImport::CudaVmm { chunks } => {
+                let sum = chunks
+                    .iter()
+                    .try_fold(0u64, |t, &(_, b)| t.checked_add(b))
+                    .unwrap_or(u64::MAX);
+                if sum != alloc_bytes {
+                    return Err(DeviceError::OutOfRange {
+                        op: "import_engine_memory",
+                        offset_bytes: 0,
+                        len_bytes,
+                        buffer_bytes: usize::try_from(sum).unwrap_or(usize::MAX),
+                    });
+                }
+                self.import_vmm(chunks)
+            }
         }
     }
 

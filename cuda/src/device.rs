@@ -177,8 +177,13 @@ pub enum DeviceError {
 pub enum EngineImport<'a> {
     /// The legacy CUDA IPC handle of a `cudaMalloc` allocation's base.
     CudaIpc { handle: &'a [u8; 64] },
-    /// A VMM allocation (`cuMemCreate`) exported as a POSIX file descriptor.
-    CudaVmmFd { fd: std::os::fd::BorrowedFd<'a> },
+    /// VMM allocations (`cuMemCreate`), each exported as a POSIX file descriptor, with
+    /// its size: mapped back to back in one reservation, in order (an allocator that maps
+    /// its memory in chunks, such as PyTorch's expandable segments, gives a run of them;
+    /// most engines one).
+    CudaVmm {
+        chunks: &'a [(std::os::fd::BorrowedFd<'a>, u64)],
+    },
 }
 
 /// One buffer through which a device's kernels address several others (an engine's

@@ -27,10 +27,12 @@ fn drv(op: &'static str) -> impl Fn(result::DriverError) -> DeviceError {
 enum Backing {
     /// `cuMemAlloc` (what `cudaMalloc` and PyTorch's caching allocator use).
     Alloc,
-    /// `cuMemCreate` with POSIX-descriptor export, mapped at the pointer.
+    /// `cuMemCreate` allocations of `chunk_bytes` each with POSIX-descriptor export,
+    /// mapped back to back from the pointer (one, or a run of them as PyTorch's
+    /// expandable segments map theirs).
     Vmm {
-        handle: sys::CUmemGenericAllocationHandle,
-        bytes: usize,
+        handles: Vec<sys::CUmemGenericAllocationHandle>,
+        chunk_bytes: usize,
     },
 }
 
@@ -99,6 +101,18 @@ impl EngineGpu {
     /// At least `bytes` of VMM memory (rounded up to the allocation granularity),
     /// exportable as a POSIX file descriptor, mapped read/write here and zeroed.
     pub fn alloc_vmm(self: &Arc<Self>, bytes: usize) -> Result<EngineAlloc, DeviceError> {
+        self.alloc_vmm_chunked(bytes, bytes)
+    }
+
+    /// At least `bytes` of VMM memory as allocations of `chunk_bytes` each (both rounded
+    /// up to the allocation granularity), mapped back to back from one pointer, as
+    /// PyTorch's expandable segments do; each exportable as a POSIX file descriptor,
+    /// mapped read/write here and zeroed.
+    pub fn alloc_vmm_chunked(
+        self: &Arc<Self>,
+        bytes: usize,
+        chunk_bytes: usize,
+    ) -> Result<EngineAlloc, DeviceError> {
         self.bind()?;
         let dev = self.ctx.cu_device();
         // SAFETY: all-zero is a valid CUmemAllocationProp (plain C struct, null pointer).
@@ -122,48 +136,76 @@ impl EngineGpu {
         .result()
         .map_err(drv("cuMemGetAllocationGranularity"))?;
         let gran = gran.max(1);
-        let size = bytes.max(1).div_ceil(gran) * gran;
-        let mut handle: sys::CUmemGenericAllocationHandle = 0;
-        // SAFETY: valid out pointer and property struct.
-        unsafe { sys::cuMemCreate(&mut handle, size, &prop, 0) }
-            .result()
-            .map_err(|_| DeviceError::OutOfMemory {
-                op: "cuMemCreate",
-                bytes: size,
-            })?;
-        let mut ptr: sys::CUdeviceptr = 0;
-        let mapped = (|| {
-            // SAFETY: valid out pointer; a fresh reservation.
-            unsafe { sys::cuMemAddressReserve(&mut ptr, size, gran, 0, 0) }
-                .result()
-                .map_err(drv("cuMemAddressReserve"))?;
-            // SAFETY: our reservation and allocation, both `size` bytes.
-            unsafe { sys::cuMemMap(ptr, size, 0, handle, 0) }
-                .result()
-                .map_err(drv("cuMemMap"))?;
-            let access = sys::CUmemAccessDesc_st {
-                location: prop.location,
-                flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-            };
-            // SAFETY: the range is mapped; one valid access descriptor.
-            unsafe { sys::cuMemSetAccess(ptr, size, &access, 1) }
-                .result()
-                .map_err(drv("cuMemSetAccess"))
-        })();
-        let a = EngineAlloc {
+        let chunk = chunk_bytes.max(1).div_ceil(gran) * gran;
+        let chunks = bytes.max(1).div_ceil(chunk);
+        let size = chunks * chunk;
+        // From here on `a` owns what exists; dropping it on an error undoes it (unmap and
+        // free ignore failures; ptr 0 means nothing was reserved).
+        let mut a = EngineAlloc {
             gpu: Arc::clone(self),
-            ptr,
+            ptr: 0,
             bytes: size,
             backing: Backing::Vmm {
-                handle,
-                bytes: size,
+                handles: Vec::with_capacity(chunks),
+                chunk_bytes: chunk,
             },
         };
-        // On error, dropping `a` undoes what was done (unmap and free ignore failures).
-        mapped?;
+        // SAFETY: valid out pointer; a fresh reservation.
+        unsafe { sys::cuMemAddressReserve(&mut a.ptr, size, gran, 0, 0) }
+            .result()
+            .map_err(drv("cuMemAddressReserve"))?;
+        for i in 0..chunks {
+            let mut handle: sys::CUmemGenericAllocationHandle = 0;
+            // SAFETY: valid out pointer and property struct.
+            unsafe { sys::cuMemCreate(&mut handle, chunk, &prop, 0) }
+                .result()
+                .map_err(|_| DeviceError::OutOfMemory {
+                    op: "cuMemCreate",
+                    bytes: chunk,
+                })?;
+            // SAFETY: the i-th chunk of our reservation, unmapped, and a fresh allocation
+            // of that size.
+            let mapped =
+                unsafe { sys::cuMemMap(a.ptr + (i * chunk) as u64, chunk, 0, handle, 0) }.result();
+            if let Err(e) = mapped {
+                // SAFETY: created above, mapped nowhere; released once.
+                let _ = unsafe { sys::cuMemRelease(handle) };
+                return Err(drv("cuMemMap")(e));
+            }
+            if let Backing::Vmm { handles, .. } = &mut a.backing {
+                handles.push(handle);
+            }
+        }
+        let access = sys::CUmemAccessDesc_st {
+            location: prop.location,
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the whole range is mapped; one valid access descriptor.
+        unsafe { sys::cuMemSetAccess(a.ptr, size, &access, 1) }
+            .result()
+            .map_err(drv("cuMemSetAccess"))?;
         a.write(0, &vec![0u8; size])?;
         Ok(a)
     }
+}
+
+/// A new POSIX descriptor for the VMM allocation `handle` (made exportable as one).
+fn export_fd(handle: sys::CUmemGenericAllocationHandle) -> Result<OwnedFd, DeviceError> {
+    let mut fd: std::ffi::c_int = -1;
+    // SAFETY: for POSIX descriptors the driver writes an int through the pointer; the
+    // new descriptor is ours.
+    unsafe {
+        sys::cuMemExportToShareableHandle(
+            (&mut fd as *mut std::ffi::c_int).cast(),
+            handle,
+            sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+            0,
+        )
+    }
+    .result()
+    .map_err(drv("cuMemExportToShareableHandle"))?;
+    // SAFETY: a fresh descriptor the driver created for us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl EngineAlloc {
@@ -176,14 +218,15 @@ impl EngineAlloc {
     }
 
     /// The region describing `[offset, offset + len)` of this allocation, and the
-    /// descriptor that must travel with it (VMM allocations).
+    /// descriptor that must travel with it (VMM allocations). A VMM allocation in
+    /// several chunks is several regions: see [`Self::regions`].
     pub fn region(
         &self,
         offset_bytes: u64,
         len_bytes: u64,
     ) -> Result<(kvp_kv_region, Option<OwnedFd>), DeviceError> {
         self.gpu.bind()?;
-        match self.backing {
+        match &self.backing {
             Backing::Alloc => {
                 let mut h = sys::CUipcMemHandle_st { reserved: [0; 64] };
                 // SAFETY: ptr is the base of a live cuMemAlloc allocation.
@@ -202,32 +245,49 @@ impl EngineAlloc {
                     None,
                 ))
             }
-            Backing::Vmm { handle, bytes } => {
-                let mut fd: std::ffi::c_int = -1;
-                // SAFETY: for POSIX descriptors the driver writes an int through the
-                // pointer; the new descriptor is ours.
-                unsafe {
-                    sys::cuMemExportToShareableHandle(
-                        (&mut fd as *mut std::ffi::c_int).cast(),
-                        handle,
-                        sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
-                        0,
-                    )
-                }
-                .result()
-                .map_err(drv("cuMemExportToShareableHandle"))?;
-                // SAFETY: a fresh descriptor the driver created for us.
-                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                Ok((
+            Backing::Vmm { handles, .. } => match handles[..] {
+                [one] => Ok((
                     kvp_kv_region::cuda_vmm_fd(
                         self.gpu.uuid,
-                        bytes as u64,
+                        self.bytes as u64,
                         offset_bytes,
                         len_bytes,
                     ),
-                    Some(fd),
-                ))
+                    Some(export_fd(one)?),
+                )),
+                _ => Err(DeviceError::Unsupported {
+                    op: "one region of a VMM allocation in chunks (use regions())",
+                    backend: "cuda",
+                }),
+            },
+        }
+    }
+
+    /// The regions describing all of this allocation, with their descriptors: one, or
+    /// for VMM memory in chunks one per chunk, each after the first continuing the one
+    /// before (`KVP_REGION_F_CONTINUES`), so a layout may address the allocation as one
+    /// run from the first.
+    pub fn regions(&self) -> Result<Vec<(kvp_kv_region, Option<OwnedFd>)>, DeviceError> {
+        match &self.backing {
+            Backing::Vmm {
+                handles,
+                chunk_bytes,
+            } if handles.len() > 1 => {
+                self.gpu.bind()?;
+                handles
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &h)| {
+                        let chunk = *chunk_bytes as u64;
+                        let mut r = kvp_kv_region::cuda_vmm_fd(self.gpu.uuid, chunk, 0, chunk);
+                        if i > 0 {
+                            r.flags = kvplane_ffi::REGION_F_CONTINUES;
+                        }
+                        Ok((r, Some(export_fd(h)?)))
+                    })
+                    .collect()
             }
+            _ => Ok(vec![self.region(0, self.bytes as u64)?]),
         }
     }
 
@@ -469,12 +529,20 @@ impl Drop for EngineAlloc {
                 Backing::Alloc => {
                     let _ = sys::cuMemFree_v2(self.ptr);
                 }
-                Backing::Vmm { handle, bytes } => {
+                Backing::Vmm {
+                    ref handles,
+                    chunk_bytes,
+                } => {
                     if self.ptr != 0 {
-                        let _ = sys::cuMemUnmap(self.ptr, bytes);
-                        let _ = sys::cuMemAddressFree(self.ptr, bytes);
+                        for i in 0..handles.len() {
+                            let _ =
+                                sys::cuMemUnmap(self.ptr + (i * chunk_bytes) as u64, chunk_bytes);
+                        }
+                        let _ = sys::cuMemAddressFree(self.ptr, self.bytes);
                     }
-                    let _ = sys::cuMemRelease(handle);
+                    for &h in handles {
+                        let _ = sys::cuMemRelease(h);
+                    }
                 }
             }
         }

@@ -21,6 +21,12 @@ const PLANE_BYTES: u64 = PAGES * PAGE_BYTES;
 /// Where the first region's tensor starts inside its memfd (a region need not be a whole
 /// allocation).
 const REGION0_OFFSET: u64 = 8192;
+/// Bytes of one memfd of `Engine::chunked`'s pool: 10 engine pages (20 KiB), so planes
+/// (16 pages) run across chunk boundaries, rounded up to whole memory pages (a continued
+/// memfd must be whole pages).
+fn chunk_bytes() -> u64 {
+    (10 * PAGE_BYTES).next_multiple_of(sys::page_bytes() as u64)
+}
 
 /// An engine and where each (layer, plane) of its pool lives: `planes[k]` is (segment,
 /// offset of page 0) for k = 2 * layer + plane, the block's packing order.
@@ -29,6 +35,9 @@ struct Engine {
     qp: QueuePair,
     segs: Vec<Segment>,
     planes: Vec<(usize, u64)>,
+    /// The pool is `segs` back to back, `chunk_bytes` each (`Engine::chunked`): a plane's
+    /// offset is then into the whole run.
+    chunk_bytes: Option<u64>,
     user_data: u64,
 }
 
@@ -71,6 +80,44 @@ impl Engine {
             planes: (0..2 * LAYERS as u64)
                 .map(|k| (0, k * PLANE_BYTES))
                 .collect(),
+            chunk_bytes: None,
+            user_data: 1,
+        }
+    }
+
+    /// The one-buffer layout over a pool in memfds of `CHUNK_BYTES` each, as an allocator
+    /// that maps its memory in chunks hands it out (PyTorch's expandable segments on a
+    /// GPU): each chunk a region continuing the one before, so planes run across chunks.
+    fn chunked(socket: &Path) -> Engine {
+        let pool = 2 * LAYERS as u64 * PLANE_BYTES;
+        let chunk = chunk_bytes();
+        let chunks = pool.div_ceil(chunk);
+        let mut o = AttachOptions::new(socket);
+        o.namespaces = vec!["regions".into()];
+        let mut segs = Vec::new();
+        for c in 0..chunks {
+            let fd = sys::memfd_create_sealed("kv-chunk", chunk).unwrap();
+            segs.push(Segment::map_fd(fd.try_clone().unwrap(), chunk).unwrap());
+            let mut desc = kvp_kv_region::host_memfd(chunk);
+            if c > 0 {
+                desc.flags = kvplane_ffi::REGION_F_CONTINUES;
+            }
+            o.kv_regions.push(EngineRegion { desc, fd: Some(fd) });
+        }
+        let mut session = Session::attach(o).expect("attach");
+        let mut qp = session.take_queue_pairs().unwrap().remove(0);
+        let mut l = kvplane_kernels::layout::planes_per_layer(LAYERS as u32, 16, 1, 128, PAGES);
+        l.buffer_bytes = 0;
+        let c = attach_layout(&mut qp, &l);
+        assert_eq!(c.status, Status::Ok.raw(), "layout: {c:?}");
+        Engine {
+            _session: session,
+            qp,
+            segs,
+            planes: (0..2 * LAYERS as u64)
+                .map(|k| (0, k * PLANE_BYTES))
+                .collect(),
+            chunk_bytes: Some(chunk),
             user_data: 1,
         }
     }
@@ -107,13 +154,19 @@ impl Engine {
             qp,
             segs,
             planes,
+            chunk_bytes: None,
             user_data: 1,
         }
     }
 
     fn at(&self, k: usize, page: u32) -> (&Segment, u64) {
         let (seg, base) = self.planes[k];
-        (&self.segs[seg], base + u64::from(page) * PAGE_BYTES)
+        let at = base + u64::from(page) * PAGE_BYTES;
+        match self.chunk_bytes {
+            // A page never straddles chunks: they are whole pages of the pool.
+            Some(c) => (&self.segs[(at / c) as usize], at % c),
+            None => (&self.segs[seg], at),
+        }
     }
 
     fn fill(&self, page: u32, bytes: &[u8]) {
@@ -214,6 +267,95 @@ fn per_tensor_regions_and_one_buffer_exchange_blocks_byte_for_byte() {
         head.iter().all(|&b| b == 0),
         "bytes before region 0 written"
     );
+    drop(daemon);
+}
+
+/// A pool in chunks, each a region continuing the one before (the host stand-in for
+/// PyTorch's expandable segments): the daemon maps them back to back, planes run across
+/// chunk boundaries, and blocks go both ways with a one-buffer engine byte for byte.
+#[test]
+fn a_pool_in_continuing_chunks_exchanges_blocks_with_one_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = daemon(dir.path());
+    let socket = dir.path().join("kvplane.sock");
+    let mut chunked = Engine::chunked(&socket);
+    let mut single = Engine::single(&socket);
+    assert!(chunked.segs.len() >= 6, "{} chunks", chunked.segs.len());
+
+    let a: Vec<u64> = (1..=PAGES / 2).map(|i| 0xC000 + i).collect();
+    chunked.save(&a);
+    single.load_and_check(&a, (PAGES / 2) as u32);
+    let b: Vec<u64> = (1..=PAGES / 2).map(|i| 0xD000 + i).collect();
+    single.save(&b);
+    chunked.load_and_check(&b, (PAGES / 2) as u32);
+
+    // A layout may name any region of a run and address on to the run's end, not past it.
+    let chunk = chunk_bytes();
+    let pool = 2 * LAYERS as u64 * PLANE_BYTES;
+    let run = chunked.segs.len() as u64 * chunk;
+    let mut l = kvplane_kernels::layout::planes_per_layer(LAYERS as u32, 16, 1, 128, PAGES);
+    l.buffer_bytes = 0;
+    let last = 2 * LAYERS - 1; // (layer LAYERS - 1, V)
+    let (p, layer) = (last % 2, last / 2);
+    l.plane_region[p][layer] = 1;
+    l.plane_offset[p][layer] = last as u64 * PLANE_BYTES - chunk;
+    assert_eq!(
+        attach_layout(&mut chunked.qp, &l).status,
+        Status::Ok.raw(),
+        "from region 1"
+    );
+    l.plane_offset[p][layer] = run - chunk - PLANE_BYTES + 1;
+    assert!(run >= pool);
+    let c = attach_layout(&mut chunked.qp, &l);
+    assert_eq!(
+        c.status,
+        Status::BadArg.raw(),
+        "one byte past the run: {c:?}"
+    );
+
+    // Without the flag, each chunk is a region of its own and planes may not cross.
+    let mut o = AttachOptions::new(&socket);
+    o.namespaces = vec!["regions".into()];
+    for _ in 0..chunked.segs.len() {
+        let fd = sys::memfd_create_sealed("kv-chunk", chunk_bytes()).unwrap();
+        o.kv_regions
+            .push(EngineRegion::host_memfd(fd, chunk_bytes()));
+    }
+    let mut session = Session::attach(o).expect("attach");
+    let mut qp = session.take_queue_pairs().unwrap().remove(0);
+    let mut l = kvplane_kernels::layout::planes_per_layer(LAYERS as u32, 16, 1, 128, PAGES);
+    l.buffer_bytes = 0;
+    let c = attach_layout(&mut qp, &l);
+    assert_eq!(
+        c.status,
+        Status::BadArg.raw(),
+        "layout across separate regions: {c:?}"
+    );
+    drop(daemon);
+}
+
+/// A memfd that is not a whole number of pages cannot be continued: the next one would
+/// be mapped after a gap.
+#[test]
+fn a_region_cannot_continue_a_memfd_of_part_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = daemon(dir.path());
+    let socket = dir.path().join("kvplane.sock");
+    let mut o = AttachOptions::new(&socket);
+    o.namespaces = vec!["regions".into()];
+    let fd = sys::memfd_create_sealed("kv-odd", 6000).unwrap();
+    o.kv_regions.push(EngineRegion::host_memfd(fd, 6000));
+    let fd = sys::memfd_create_sealed("kv-next", 8192).unwrap();
+    let mut desc = kvp_kv_region::host_memfd(8192);
+    desc.flags = kvplane_ffi::REGION_F_CONTINUES;
+    o.kv_regions.push(EngineRegion { desc, fd: Some(fd) });
+    match Session::attach(o) {
+        Err(ShmError::AttachRefused { message, .. }) => assert!(
+            message.contains("KV region #1: continues #0 but cannot follow it (not whole pages"),
+            "{message}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     drop(daemon);
 }
 

@@ -92,8 +92,11 @@ extern "C" {
 #define KVP_MAX_BLOCKS_PER_OP 65536u
 #define KVP_MAX_NAMESPACES_PER_SESSION 16u
 #define KVP_NAMESPACE_NAME_BYTES 64u
-/* KV memory regions one session may register: one tensor per layer and plane at most. */
-#define KVP_MAX_KV_REGIONS 512u
+/* KV memory regions one session may register: enough for PyTorch's expandable segments
+ * (VMM memory mapped 20 MiB at a time, each chunk a region: 80 GiB of KV in 4,096). */
+#define KVP_MAX_KV_REGIONS 4096u
+/* Of those, host memfds at most (each is one more mapping in the daemon). */
+#define KVP_MAX_HOST_KV_REGIONS 512u
 #define KVP_GPU_UUID_BYTES 16u
 #define KVP_CUDA_IPC_HANDLE_BYTES 64u
 /* IPC events one session registers (KVP_OP_REGISTER_EVENTS). */
@@ -393,7 +396,7 @@ struct kvp_attach_request {
  * it answers; one bad region refuses that attach only, naming the region. */
 struct kvp_kv_region {
     uint32_t kind;         /* enum kvp_region_kind */
-    uint32_t flags;        /* must be zero */
+    uint32_t flags;        /* KVP_REGION_F_*; other bits zero */
     uint64_t alloc_bytes;
     uint64_t offset_bytes;
     uint64_t len_bytes;    /* > 0 */
@@ -401,6 +404,16 @@ struct kvp_kv_region {
     uint8_t handle[KVP_CUDA_IPC_HANDLE_BYTES]; /* KVP_REGION_CUDA_IPC: the IPC handle; else zero */
     uint8_t reserved[16];  /* must be zero */
 };
+
+/* kvp_kv_region.flags. CONTINUES: this region's memory follows the previous region's in
+ * the engine's address space, so a layer's plane may run from one into the next (an
+ * allocator that maps memory in chunks, such as PyTorch's expandable segments: each
+ * chunk is a KVP_REGION_CUDA_VMM_FD region of its own). The daemon maps it right after
+ * the previous one. Only on a region after another of the same kind (host memfd or CUDA
+ * VMM) and GPU, where the previous one reaches the end of its allocation and this one
+ * starts at offset 0; a host memfd before it must be a whole number of pages. A layout
+ * naming a region may then address up to the end of its run of continuing regions. */
+#define KVP_REGION_F_CONTINUES 1u
 
 /* One CUDA IPC event of the engine (KVP_OP_REGISTER_EVENTS): cuIpcGetEventHandle of an
  * event created with CU_EVENT_INTERPROCESS | CU_EVENT_DISABLE_TIMING on the GPU the

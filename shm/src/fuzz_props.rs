@@ -574,6 +574,21 @@ pub fn check_attach_request(data: &[u8]) -> bool {
         );
         assert!(d.len_bytes > 0 && d.offset_bytes + d.len_bytes <= d.alloc_bytes);
         assert_eq!(r.fd.is_some(), r.kind.carries_fd(), "region #{i}");
+        assert_eq!(d.flags & !ffi::REGION_F_CONTINUES, 0, "region #{i}: flags");
+        if d.flags & ffi::REGION_F_CONTINUES != 0 {
+            // It continues a region it can be mapped right after.
+            assert!(i > 0, "the first region continues nothing");
+            let prev = &req.kv_regions[i - 1];
+            assert_ne!(r.kind, RegionKind::CudaIpc, "region #{i}");
+            assert_eq!(prev.kind, r.kind, "region #{i}");
+            assert_eq!(prev.desc.gpu_uuid, d.gpu_uuid, "region #{i}");
+            assert_eq!(
+                prev.desc.offset_bytes + prev.desc.len_bytes,
+                prev.desc.alloc_bytes,
+                "region #{i}"
+            );
+            assert_eq!(d.offset_bytes, 0, "region #{i}");
+        }
         if r.kind == RegionKind::HostMemfd {
             let fd = r.fd.as_ref().expect("checked above").as_raw_fd();
             assert!(

@@ -285,8 +285,8 @@ fn check_region(r: &kvp_kv_region) -> std::result::Result<RegionKind, String> {
     let kind = r
         .region_kind()
         .ok_or_else(|| format!("unknown kind {}", r.kind))?;
-    if r.flags != 0 || r.reserved.iter().any(|&b| b != 0) {
-        return Err("flags and reserved bytes must be zero".into());
+    if r.flags & !ffi::REGION_F_CONTINUES != 0 || r.reserved.iter().any(|&b| b != 0) {
+        return Err("unknown flags, or reserved bytes not zero".into());
     }
     if r.len_bytes == 0 {
         return Err("len_bytes is 0".into());
@@ -314,6 +314,35 @@ fn check_region(r: &kvp_kv_region) -> std::result::Result<RegionKind, String> {
         }
         _ => Ok(kind),
     }
+}
+
+/// Checks a region flagged `REGION_F_CONTINUES` against the one before it (`prev`): the
+/// two must be one run of memory in the engine's address space that the daemon can map
+/// back to back.
+fn check_continues(
+    r: &kvp_kv_region,
+    kind: RegionKind,
+    prev: Option<&KvRegion>,
+) -> std::result::Result<(), String> {
+    let Some(prev) = prev else {
+        return Err("the first region continues nothing".into());
+    };
+    if kind == RegionKind::CudaIpc {
+        return Err("CUDA IPC memory cannot be mapped after another region".into());
+    }
+    if prev.kind != kind {
+        return Err(format!("a {} after a {}", kind.name(), prev.kind.name()));
+    }
+    if prev.desc.gpu_uuid != r.gpu_uuid {
+        return Err("another GPU".into());
+    }
+    if prev.desc.offset_bytes + prev.desc.len_bytes != prev.desc.alloc_bytes {
+        return Err("the previous region stops before its allocation's end".into());
+    }
+    if r.offset_bytes != 0 {
+        return Err(format!("offset {} (must be 0)", r.offset_bytes));
+    }
+    Ok(())
 }
 
 /// Validates a complete request from `peer`: the request, its regions, and the
@@ -364,11 +393,25 @@ fn parse_request(peer: PeerCred, buf: &[u8], fds: Vec<sys::TenantFd>) -> Result<
         )));
     }
     let mut fds = fds.into_iter();
-    let mut kv_regions = Vec::with_capacity(regions);
+    let mut kv_regions: Vec<KvRegion> = Vec::with_capacity(regions);
+    let mut host_regions = 0usize;
     for i in 0..regions {
         let at = REQUEST_BYTES + i * REGION_BYTES;
         let desc: kvp_kv_region = ffi::read_pod(&buf[at..]).expect("bounds checked above");
         let kind = check_region(&desc).map_err(|e| bad(format!("KV region #{i}: {e}")))?;
+        if desc.flags & ffi::REGION_F_CONTINUES != 0 {
+            check_continues(&desc, kind, kv_regions.last())
+                .map_err(|e| bad(format!("KV region #{i} continues #{}: {e}", i.max(1) - 1)))?;
+        }
+        if kind == RegionKind::HostMemfd {
+            host_regions += 1;
+        }
+        if host_regions > ffi::MAX_HOST_KV_REGIONS {
+            return Err(bad(format!(
+                "KV region #{i}: more than {} host memfd regions",
+                ffi::MAX_HOST_KV_REGIONS
+            )));
+        }
         let fd = if kind.carries_fd() {
             Some(fds.next().ok_or_else(|| {
                 bad(format!(
@@ -449,7 +492,7 @@ pub fn build_request(
         return Err(ShmError::Geometry {
             field: "kv_regions",
             value: num_kv_regions as u64,
-            reason: "at most KVP_MAX_KV_REGIONS (512) KV regions per session",
+            reason: "at most KVP_MAX_KV_REGIONS (4096) KV regions per session",
         });
     }
     if namespaces.len() > ffi::MAX_NAMESPACES_PER_SESSION {
@@ -581,12 +624,23 @@ mod tests {
         regions: &[(kvp_kv_region, Option<&OwnedFd>)],
     ) -> std::result::Result<AttachRequest, String> {
         let (engine, daemon) = UnixStream::pair().unwrap();
-        sys::send_with_fd(&engine, ffi::as_bytes(req), None).unwrap();
-        for (desc, fd) in regions {
-            sys::send_with_fd(&engine, ffi::as_bytes(desc), fd.map(|f| f.as_raw_fd())).unwrap();
-        }
-        drop(engine);
-        read_request(&daemon).map_err(|e| e.to_string())
+        // Sent from a thread of its own: many regions fill the socket before the reader
+        // starts, and a refusal stops the reader before the sender is done (its sends then
+        // fail once the daemon's end is closed).
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let _ = sys::send_with_fd(&engine, ffi::as_bytes(req), None);
+                for (desc, fd) in regions {
+                    let fd = fd.map(|f| f.as_raw_fd());
+                    if sys::send_with_fd(&engine, ffi::as_bytes(desc), fd).is_err() {
+                        break;
+                    }
+                }
+            });
+            let got = read_request(&daemon).map_err(|e| e.to_string());
+            drop(daemon);
+            got
+        })
     }
 
     #[test]
@@ -603,8 +657,12 @@ mod tests {
         let cases: Vec<(kvp_kv_region, &str)> = vec![
             (with(|r| r.kind = 0), "unknown kind 0"),
             (with(|r| r.kind = 99), "unknown kind 99"),
-            (with(|r| r.flags = 1), "must be zero"),
-            (with(|r| r.reserved[15] = 1), "must be zero"),
+            (with(|r| r.flags = 2), "unknown flags"),
+            (with(|r| r.reserved[15] = 1), "reserved bytes not zero"),
+            (
+                with(|r| r.flags = ffi::REGION_F_CONTINUES),
+                "CUDA IPC memory cannot be mapped after",
+            ),
             (with(|r| r.len_bytes = 0), "len_bytes is 0"),
             (
                 with(|r| r.offset_bytes = (1 << 20) - 100),
@@ -652,12 +710,113 @@ mod tests {
         assert!(ok.kv_regions[1].fd.is_some());
     }
 
+    /// VMM chunks (or host memfds) mapped back to back in the engine: a region may
+    /// continue the one before it only where the two can be one run.
+    #[test]
+    fn a_continuing_region_must_follow_one_it_can_be_mapped_after() {
+        let kv = sys::memfd_create_sealed("kv", 8192).unwrap();
+        let uuid = [2; 16];
+        let chunk = |offset: u64, len: u64, continues: bool| {
+            let mut r = kvp_kv_region::cuda_vmm_fd(uuid, 1 << 21, offset, len);
+            if continues {
+                r.flags = ffi::REGION_F_CONTINUES;
+            }
+            r
+        };
+        let req2 = build_request(1, 64, 64, 1 << 16, &["a"], 2).unwrap();
+        let req3 = build_request(1, 64, 64, 1 << 16, &["a"], 3).unwrap();
+        // Three chunks of one run, the first used from 1 MiB on: accepted.
+        let ok = exchange(
+            &req3,
+            &[
+                (chunk(1 << 20, 1 << 20, false), Some(&kv)),
+                (chunk(0, 1 << 21, true), Some(&kv)),
+                (chunk(0, 4096, true), Some(&kv)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(ok.kv_regions[2].desc.flags, ffi::REGION_F_CONTINUES);
+        let mut other_gpu = chunk(0, 4096, true);
+        other_gpu.gpu_uuid = [3; 16];
+        type Regions<'a> = Vec<(kvp_kv_region, Option<&'a OwnedFd>)>;
+        let cases: Vec<(Regions, &str)> = vec![
+            (
+                vec![
+                    (chunk(0, 4096, true), Some(&kv)),
+                    (chunk(0, 4096, false), Some(&kv)),
+                ],
+                "KV region #0 continues #0: the first region continues nothing",
+            ),
+            (
+                vec![
+                    (chunk(0, 4096, false), Some(&kv)),
+                    (chunk(0, 4096, true), Some(&kv)),
+                ],
+                "KV region #1 continues #0: the previous region stops before its allocation's end",
+            ),
+            (
+                vec![
+                    (chunk(0, 1 << 21, false), Some(&kv)),
+                    (chunk(4096, 4096, true), Some(&kv)),
+                ],
+                "offset 4096 (must be 0)",
+            ),
+            (
+                vec![
+                    (chunk(0, 1 << 21, false), Some(&kv)),
+                    (other_gpu, Some(&kv)),
+                ],
+                "another GPU",
+            ),
+            (
+                vec![
+                    (kvp_kv_region::host_memfd(8192), Some(&kv)),
+                    (chunk(0, 4096, true), Some(&kv)),
+                ],
+                "a CUDA VMM fd after a host memfd",
+            ),
+        ];
+        for (regions, want) in cases {
+            let e = exchange(&req2, &regions).unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        // Host memfds continue one another too (the daemon checks they meet).
+        let mut second = kvp_kv_region::host_memfd(8192);
+        second.flags = ffi::REGION_F_CONTINUES;
+        exchange(
+            &req2,
+            &[
+                (kvp_kv_region::host_memfd(8192), Some(&kv)),
+                (second, Some(&kv)),
+            ],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn host_memfd_regions_are_bounded_on_their_own() {
+        let kv = sys::memfd_create_sealed("kv", 4096).unwrap();
+        let n = ffi::MAX_HOST_KV_REGIONS + 1;
+        let req = build_request(1, 64, 64, 1 << 16, &[], n).unwrap();
+        let regions: Vec<_> = (0..n)
+            .map(|_| (kvp_kv_region::host_memfd(4096), Some(&kv)))
+            .collect();
+        let e = exchange(&req, &regions).unwrap_err();
+        assert!(
+            e.contains(&format!(
+                "KV region #{}: more than 512 host memfd regions",
+                n - 1
+            )),
+            "{e}"
+        );
+    }
+
     #[test]
     fn region_counts_are_bounded_before_any_room_is_made() {
         let mut req = build_request(1, 64, 64, 1 << 16, &[], 0).unwrap();
         req.num_kv_regions = u32::MAX;
         let e = exchange(&req, &[]).unwrap_err();
-        assert!(e.contains("4294967295 KV regions (at most 512)"), "{e}");
+        assert!(e.contains("4294967295 KV regions (at most 4096)"), "{e}");
         assert!(build_request(1, 64, 64, 1 << 16, &[], ffi::MAX_KV_REGIONS + 1).is_err());
         // Announced regions that never come: the hang-up names the bytes.
         req.num_kv_regions = 3;

@@ -44,6 +44,10 @@ pub enum RegionError {
     },
     #[error("KV regions: mapping host memfds: {0}")]
     Map(#[source] kvplane_shm::ShmError),
+    #[error("KV region #{index}: continues #{} but cannot follow it (not whole pages, or page sizes differ)", index.saturating_sub(1))]
+    NotContiguous { index: usize },
+    #[error("KV regions from #{index}: a run of continuing regions larger than the address space")]
+    RunTooLarge { index: usize },
     #[error("KV regions: registering with the device: {0}")]
     Device(#[source] DeviceError),
 }
@@ -77,6 +81,24 @@ pub enum EventError {
 pub enum NamedEvent {
     None,
     Ipc(EventId),
+}
+
+/// Whether `r` continues the region before it (`KVP_REGION_F_CONTINUES`; the handshake
+/// checked it may).
+fn continues(r: &KvRegion) -> bool {
+    r.desc.flags & kvplane_ffi::REGION_F_CONTINUES != 0
+}
+
+/// Each region's span reaches to the end of its run of continuing regions (mapped back
+/// to back, each after one that ends where its allocation does): a plane may start in
+/// one and run on into the next.
+fn extend_runs(regions: &[KvRegion], mut spans: Vec<RegionSpan>) -> Vec<RegionSpan> {
+    for i in (0..spans.len().saturating_sub(1)).rev() {
+        if continues(&regions[i + 1]) {
+            spans[i].len_bytes += spans[i + 1].len_bytes;
+        }
+    }
+    spans
 }
 
 /// A GPU UUID as `nvidia-smi -L` prints it.
@@ -198,11 +220,20 @@ impl EngineMemory {
                 .collect();
             Some(HostWindow::map(&fds).map_err(RegionError::Map)?)
         };
-        // Where each host memfd starts inside the host window.
+        // Where each host memfd starts inside the host window; one that continues the
+        // memfd before it must start where that one ends.
         let mut host_start = vec![0u64; regions.len()];
         if let Some(w) = &host_window {
             for ((i, _), &at) in host.iter().zip(w.part_offsets()) {
                 host_start[*i] = at;
+            }
+        }
+        for (i, r) in regions.iter().enumerate() {
+            if r.kind == RegionKind::HostMemfd
+                && continues(r)
+                && (i == 0 || host_start[i] != host_start[i - 1] + regions[i - 1].desc.alloc_bytes)
+            {
+                return Err(RegionError::NotContiguous { index: i });
             }
         }
         let Some(device) = device else {
@@ -217,6 +248,7 @@ impl EngineMemory {
                     len_bytes: r.desc.len_bytes,
                 })
                 .collect();
+            let spans = extend_runs(regions, spans);
             return Ok(EngineMemory {
                 view: None,
                 spans,
@@ -302,25 +334,60 @@ impl EngineMemory {
                 .map_err(RegionError::Device)?;
             view.parts.push(part);
         }
-        for (index, r) in regions.iter().enumerate() {
-            let what = match r.kind {
-                RegionKind::HostMemfd => continue,
-                RegionKind::CudaIpc => EngineImport::CudaIpc {
-                    handle: &r.desc.handle,
-                },
-                RegionKind::CudaVmmFd => EngineImport::CudaVmmFd {
-                    fd: r
-                        .fd
-                        .as_ref()
-                        .expect("the handshake checked: VMM regions carry fds")
-                        .as_fd(),
-                },
+        // Where each GPU region starts inside its part: VMM regions that continue one
+        // another are one part, mapped back to back.
+        let mut in_part = vec![0u64; regions.len()];
+        let mut index = 0;
+        while index < regions.len() {
+            let r = &regions[index];
+            let run_end = (index + 1..regions.len())
+                .find(|&j| !continues(&regions[j]))
+                .unwrap_or(regions.len());
+            let (imported, next) = match r.kind {
+                RegionKind::HostMemfd => {
+                    index += 1;
+                    continue;
+                }
+                RegionKind::CudaIpc => (
+                    device.import_engine_memory(
+                        EngineImport::CudaIpc {
+                            handle: &r.desc.handle,
+                        },
+                        r.desc.alloc_bytes,
+                    ),
+                    index + 1,
+                ),
+                RegionKind::CudaVmmFd => {
+                    let run = &regions[index..run_end];
+                    let chunks: Vec<_> = run
+                        .iter()
+                        .map(|c| {
+                            let fd =
+                                c.fd.as_ref()
+                                    .expect("the handshake checked: VMM regions carry fds");
+                            (fd.as_fd(), c.desc.alloc_bytes)
+                        })
+                        .collect();
+                    let total = run
+                        .iter()
+                        .try_fold(0u64, |t, c| t.checked_add(c.desc.alloc_bytes))
+                        .ok_or(RegionError::RunTooLarge { index })?;
+                    (
+                        device
+                            .import_engine_memory(EngineImport::CudaVmm { chunks: &chunks }, total),
+                        run_end,
+                    )
+                }
             };
-            let part = device
-                .import_engine_memory(what, r.desc.alloc_bytes)
-                .map_err(|source| RegionError::Import { index, source })?;
-            part_of[index] = view.parts.len();
+            let part = imported.map_err(|source| RegionError::Import { index, source })?;
+            let mut at = 0;
+            for j in index..next {
+                part_of[j] = view.parts.len();
+                in_part[j] = at;
+                at += regions[j].desc.alloc_bytes;
+            }
             view.parts.push(part);
+            index = next;
         }
         let window = device
             .engine_window(&view.parts)
@@ -332,17 +399,18 @@ impl EngineMemory {
             .enumerate()
             .map(|(i, r)| {
                 let part_at = window.part_offsets[part_of[i]];
-                let in_part = if r.kind == RegionKind::HostMemfd {
+                let at = if r.kind == RegionKind::HostMemfd {
                     host_start[i]
                 } else {
-                    0
+                    in_part[i]
                 };
                 RegionSpan {
-                    window_offset_bytes: part_at + in_part + r.desc.offset_bytes,
+                    window_offset_bytes: part_at + at + r.desc.offset_bytes,
                     len_bytes: r.desc.len_bytes,
                 }
             })
             .collect();
+        let spans = extend_runs(regions, spans);
         let window_bytes = window.buffer.len_bytes() as u64;
         Ok((view, spans, window_bytes))
     }

@@ -654,7 +654,8 @@ fn serve(
     // Blocks this pass may touch inline over all queue pairs (see PASS_BLOCKS).
     let mut blocks_left = PASS_BLOCKS;
     let n = s.qps.len();
-    let first = s.first_qp % n.max(1);
+    // (no division on this path: it runs once per pass, NOPs included)
+    let first = if s.first_qp < n { s.first_qp } else { 0 };
     s.first_qp = first + 1;
     for qp in (first..n).chain(0..first) {
         if blocks_left == 0 {

@@ -1,7 +1,8 @@
 """The vLLM connector's in-place path on a GPU, without vLLM: two processes with KV pools
 in HBM, shaped as vLLM's FlashAttention backend shapes them ([2, pages, tokens, heads,
-dim] per layer, bf16), registered in place by `kvplane.register_kv` (CUDA IPC regions)
-and moved by `kvplane.pages.DirectPages`, the code the connector runs: SAVEs wait on an
+dim] per layer, bf16), registered in place by `kvplane.register_kv` (CUDA IPC regions;
+VMM regions, one per chunk, under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) and
+moved by `kvplane.pages.DirectPages`, the code the connector runs: SAVEs wait on an
 interprocess event recorded on the saver's stream, the loader's stream waits on the event
 the daemon records after its copy.
 

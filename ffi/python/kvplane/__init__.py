@@ -90,7 +90,9 @@ class KvLayout(ctypes.Structure):
 REGION_NONE, REGION_HOST_MEMFD, REGION_CUDA_IPC, REGION_CUDA_VMM_FD = 0, 1, 2, 3
 REGION_KIND_NAMES = {REGION_HOST_MEMFD: "host memfd", REGION_CUDA_IPC: "CUDA IPC",
                      REGION_CUDA_VMM_FD: "CUDA VMM fd"}
-MAX_KV_REGIONS = 512
+MAX_KV_REGIONS = 4096
+MAX_HOST_KV_REGIONS = 512
+REGION_F_CONTINUES = 1
 GPU_UUID_BYTES = 16
 CUDA_IPC_HANDLE_BYTES = 64
 
@@ -120,6 +122,18 @@ class KvRegion(ctypes.Structure):
         r = cls(kind=REGION_CUDA_IPC, alloc_bytes=alloc_bytes, offset_bytes=offset_bytes,
                 len_bytes=len_bytes)
         ctypes.memmove(r.handle, bytes(handle), CUDA_IPC_HANDLE_BYTES)
+        ctypes.memmove(r.gpu_uuid, bytes(gpu_uuid), GPU_UUID_BYTES)
+        return r
+
+    @classmethod
+    def cuda_vmm_fd(cls, gpu_uuid, alloc_bytes, offset_bytes, len_bytes, continues=False):
+        """[offset_bytes, +len_bytes) of a VMM allocation of alloc_bytes exported as a POSIX
+        descriptor (sent alongside) on the GPU `gpu_uuid`; `continues`: its memory follows
+        the previous region's (REGION_F_CONTINUES)."""
+        if len(gpu_uuid) != GPU_UUID_BYTES:
+            raise ValueError(f"CUDA VMM region: uuid is {len(gpu_uuid)} bytes (need {GPU_UUID_BYTES})")
+        r = cls(kind=REGION_CUDA_VMM_FD, flags=REGION_F_CONTINUES if continues else 0,
+                alloc_bytes=alloc_bytes, offset_bytes=offset_bytes, len_bytes=len_bytes)
         ctypes.memmove(r.gpu_uuid, bytes(gpu_uuid), GPU_UUID_BYTES)
         return r
 

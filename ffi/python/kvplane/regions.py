@@ -48,10 +48,15 @@ Where the memory must be:
 - CUDA: any `cudaMalloc` allocation (PyTorch's caching allocator makes those). Each
   tensor's allocation is found with `cuMemGetAddressRange`; tensors in one allocation
   share one `KVP_REGION_CUDA_IPC` region, covering the bytes they use, named by
-  `cuIpcGetMemHandle` of the allocation's base and the GPU's UUID. PyTorch's
-  `expandable_segments` allocations are VMM memory that has no legacy IPC handle:
-  `cuIpcGetMemHandle` then fails, and the error says so. The driver (libcuda.so.1) is
-  reached through ctypes by one `CudaDriver` (tests pass their own).
+  `cuIpcGetMemHandle` of the allocation's base and the GPU's UUID. VMM memory
+  (`cuMemCreate`: PyTorch's `expandable_segments:True`, which maps 20 MiB chunks one
+  after another) has no legacy IPC handle: each mapping a tensor touches is exported as
+  a POSIX descriptor (`cuMemRetainAllocationHandle`, `cuMemExportToShareableHandle`)
+  and becomes a `KVP_REGION_CUDA_VMM_FD` region, and a mapping that follows another
+  in the address space is flagged `REGION_F_CONTINUES`, so the daemon maps the run back
+  to back and a tensor may span chunks. The allocation must allow POSIX descriptors
+  (PyTorch's expandable segments do); the error says so when it does not. The driver
+  (libcuda.so.1) is reached through ctypes by one `CudaDriver` (tests pass their own).
 - CPU: memory the daemon can map, which ordinary process memory is not: a
   `kvplane.host_buffer(nbytes)`, a sealed memfd mapped here, which `torch.frombuffer`
   and `numpy.frombuffer` wrap (`torch.frombuffer(buf, dtype=torch.bfloat16).view(...)`).
@@ -68,6 +73,12 @@ from . import (
     CUDA_IPC_HANDLE_BYTES, GPU_UUID_BYTES, MAX_KV_REGIONS, MAX_LAYERS, REGION_KIND_NAMES,
     KvLayout, KvplaneError, KvRegion, sealed_memfd,
 )
+
+CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE = 10
+CU_POINTER_ATTRIBUTE_ALLOWED_HANDLE_TYPES = 14
+CU_POINTER_ATTRIBUTE_MAPPING_SIZE = 18
+CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR = 19
+CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR = 1
 
 LAYOUTS = {
     "vllm": ("plane", "page", "token", "head", "dim"),
@@ -164,12 +175,19 @@ _PROTOTYPES = {
     "cuIpcGetMemHandle": [_P(_IpcHandle), ctypes.c_uint64],
     "cuDeviceGetUuid_v2": [_P(_Uuid), ctypes.c_int],
     "cuDeviceGetUuid": [_P(_Uuid), ctypes.c_int],
+    "cuMemRetainAllocationHandle": [_P(ctypes.c_uint64), ctypes.c_void_p],
+    "cuMemExportToShareableHandle": [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
+                                     ctypes.c_uint64],
+    "cuMemRelease": [ctypes.c_uint64],
 }
 # Hints for the failures an engine can cause.
 _HINTS = {
-    "cuIpcGetMemHandle": "only cudaMalloc allocations have a legacy IPC handle (PyTorch: "
-                         "unset PYTORCH_CUDA_ALLOC_CONF=expandable_segments)",
+    "cuIpcGetMemHandle": "only cudaMalloc allocations have a legacy IPC handle (VMM memory, "
+                         "such as PyTorch's expandable segments, needs a driver that reports "
+                         "CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE: CUDA 11.3 or later)",
     "cuMemGetAddressRange_v2": "the pointer is not device memory of this process",
+    "cuMemExportToShareableHandle": "the VMM allocation was made without POSIX descriptor "
+                                    "export (cuMemCreate requestedHandleTypes)",
 }
 
 
@@ -243,6 +261,56 @@ class CudaDriver:
         handle = _IpcHandle()
         self._call("cuIpcGetMemHandle", ctypes.byref(handle), base, what=f"allocation {base:#x}")
         return bytes(handle)
+
+    def _attr(self, attribute, ptr, ctype):
+        out = ctype()
+        self._call("cuPointerGetAttribute", ctypes.byref(out), attribute, ptr,
+                   what=f"pointer {ptr:#x}")
+        return out.value
+
+    def legacy_ipc_capable(self, ptr):
+        """Whether `ptr`'s allocation has a legacy IPC handle (cudaMalloc), not VMM
+        memory. A driver that cannot tell (older than CUDA 11.x) is taken to mean yes."""
+        try:
+            return bool(self._attr(CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, ptr,
+                                   ctypes.c_int))
+        except CudaError:
+            return True
+
+    def vmm_mapping(self, ptr):
+        """(base, bytes) of the VMM mapping (one cuMemMap) holding `ptr`, refusing one
+        whose allocation cannot be exported as a POSIX descriptor."""
+        allowed = self._attr(CU_POINTER_ATTRIBUTE_ALLOWED_HANDLE_TYPES, ptr, ctypes.c_uint64)
+        if not allowed & CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR:
+            raise KvplaneError(
+                f"pointer {ptr:#x}: VMM memory that cannot be exported as a POSIX descriptor "
+                f"(allowed handle types {allowed:#x}); allocate it with "
+                "CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR (PyTorch's expandable segments do)")
+        base = self._attr(CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR, ptr, ctypes.c_uint64)
+        size = self._attr(CU_POINTER_ATTRIBUTE_MAPPING_SIZE, ptr, ctypes.c_uint64)
+        if not (base <= ptr < base + size):
+            raise KvplaneError(f"pointer {ptr:#x}: the driver puts it outside its own mapping "
+                               f"[{base:#x}, +{size})")
+        return base, size
+
+    def export_fd(self, base):
+        """A new POSIX descriptor for the VMM allocation mapped at `base` (the caller
+        closes it)."""
+        handle = ctypes.c_uint64()
+        self._call("cuMemRetainAllocationHandle", ctypes.byref(handle), ctypes.c_void_p(base),
+                   what=f"mapping {base:#x}")
+        fd = ctypes.c_int(-1)
+        try:
+            self._call("cuMemExportToShareableHandle", ctypes.byref(fd), handle.value,
+                       CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0, what=f"mapping {base:#x}")
+        finally:
+            try:
+                self._call("cuMemRelease", handle.value)
+            except CudaError:
+                if fd.value >= 0:
+                    os.close(fd.value)
+                raise
+        return fd.value
 
     def uuid(self, ordinal):
         """The 16-byte UUID of GPU `ordinal` (what nvidia-smi shows as GPU-...)."""
@@ -521,12 +589,28 @@ def _host_regions(planes):
     return regions, origin_of
 
 
+class _Fd:
+    """A descriptor this process exported for the daemon: closed when the registration
+    holding it goes."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        self.close()
+
+
 def _cuda_regions(planes, driver):
-    """One CUDA_IPC region per allocation holding planes: the bytes from the first plane's
-    start to the last one's end, handle of the allocation's base."""
+    """Regions for CUDA planes: one CUDA_IPC region per cudaMalloc allocation holding
+    planes (the bytes from the first plane's start to the last one's end, handle of the
+    allocation's base), then one CUDA_VMM_FD region per VMM mapping planes touch, each
+    continuing the one before where the two meet."""
     ordinals = set()
-    allocs = {}  # base -> [size, lo, hi]
-    where_of = {}
     for li, p, base, extent, t in planes:
         ordinal = t.ordinal if t.ordinal is not None else driver.device_of(base)
         if not ordinals:
@@ -535,6 +619,47 @@ def _cuda_regions(planes, driver):
         if len(ordinals) > 1:
             raise KvplaneError(f"layer {li} plane {p} is on GPU {ordinal}, others on "
                                f"{sorted(ordinals - {ordinal})}: one session's KV is on one GPU")
+    (ordinal,) = ordinals
+    uuid = driver.uuid(ordinal)
+    is_legacy = [driver.legacy_ipc_capable(pl[2]) for pl in planes]
+    legacy = [pl for pl, yes in zip(planes, is_legacy) if yes]
+    vmm = [pl for pl, yes in zip(planes, is_legacy) if not yes]
+    regions, origin_of = _ipc_regions(legacy, driver, uuid, ordinal)
+    more, more_origin = _vmm_regions(vmm, driver, uuid, ordinal, first=len(regions))
+    regions += more
+    origin_of.update(more_origin)
+    return regions, origin_of
+
+
+def _vmm_regions(planes, driver, uuid, ordinal, first):
+    """One CUDA_VMM_FD region per VMM mapping the planes touch (all of it), in address
+    order, each flagged as continuing the one before when it starts where that one ends;
+    region indices from `first`."""
+    chunks = {}  # mapping base -> bytes
+    start_of = {}  # (layer, plane) -> base of the mapping its first byte is in
+    for li, p, base, extent, t in planes:
+        at = base
+        while at < base + extent:
+            mbase, msize = driver.vmm_mapping(at)
+            chunks[mbase] = msize
+            start_of.setdefault((li, p), mbase)
+            at = mbase + msize
+    regions, index_of, prev_end = [], {}, None
+    for mbase, msize in sorted(chunks.items()):
+        fd = _Fd(driver.export_fd(mbase))
+        region = KvRegion.cuda_vmm_fd(uuid, msize, 0, msize, continues=prev_end == mbase)
+        index_of[mbase] = first + len(regions)
+        regions.append((region, fd.fd, f"cuda:{ordinal}", fd))
+        prev_end = mbase + msize
+    origin_of = {k: (index_of[m], m) for k, m in start_of.items()}
+    return regions, origin_of
+
+
+def _ipc_regions(planes, driver, uuid, ordinal):
+    """The CUDA_IPC regions of `_cuda_regions`."""
+    allocs = {}  # base -> [size, lo, hi]
+    where_of = {}
+    for li, p, base, extent, t in planes:
         abase, asize = driver.address_range(base)
         if not (abase <= base and base + extent <= abase + asize):
             raise KvplaneError(f"layer {li} plane {p}: [{base:#x}, +{extent}) is not inside its "
@@ -542,8 +667,6 @@ def _cuda_regions(planes, driver):
         span = allocs.setdefault(abase, [asize, base, base + extent])
         span[1], span[2] = min(span[1], base), max(span[2], base + extent)
         where_of[(li, p)] = abase
-    (ordinal,) = ordinals
-    uuid = driver.uuid(ordinal)
     regions, index_of = [], {}
     for abase, (asize, lo, hi) in allocs.items():
         index_of[abase] = len(regions)

@@ -19,7 +19,8 @@ ATTACH_LAYOUT), so its stored blocks are in the canonical order
 [layers][K|V][tokens][heads][head_bytes].
 
 GPU (and CPU tensors in `kvplane.host_buffer` memory): vLLM's own per-layer tensors are
-registered in place (`kvplane.register_kv`, CUDA IPC regions; `DirectPages`), and SAVE
+registered in place (`kvplane.register_kv`: CUDA IPC regions, or VMM regions under
+PyTorch's expandable segments; `DirectPages`), and SAVE
 and LOAD name vLLM's block ids: the daemon's gather and scatter kernels read and write
 vLLM's pages, with no copy here and no host synchronisation (interprocess CUDA events
 order the daemon's copies against vLLM's stream). Since the daemon reads pages after the

@@ -3,6 +3,7 @@ dedupe, IPC handle and UUID bytes, driver errors), the stride arithmetic checked
 byte on host buffers for vLLM's, SGLang's and MLA's layouts, and the ctypes mirrors and
 the attach call against libkvplane."""
 import ctypes
+import os
 import sys
 from pathlib import Path
 
@@ -35,10 +36,16 @@ class FakeCuda:
     """libcuda.so.1 stand-in: real ctypes function pointers (so the driver's prototypes
     and byref arguments are exercised) over a table of allocations {base: size} per GPU."""
 
-    def __init__(self, allocs, fail=None):
-        self.allocs = allocs  # {base: (size, ordinal)}
+    def __init__(self, allocs, fail=None, vmm=None):
+        self.allocs = allocs  # {base: (size, ordinal)}: cudaMalloc allocations
+        # {mapping base: (size, ordinal, allowed handle types)}: VMM mappings, one
+        # cuMemMap each (PyTorch's expandable segments map such chunks back to back).
+        self.vmm = vmm or {}
         self.fail = fail or {}  # call name -> CUresult
         self.calls = []
+        self.attrs = []  # cuPointerGetAttribute's attributes, in order
+        self.exported = []  # (mapping base, fd) per cuMemExportToShareableHandle
+        self.released = 0
         self.ctx = 0
 
         def wrap(name, proto, body):
@@ -56,6 +63,12 @@ class FakeCuda:
                     return base, size, ordinal
             return None
 
+        def find_vmm(ptr):
+            for base, (size, ordinal, allowed) in self.vmm.items():
+                if base <= ptr < base + size:
+                    return base, size, ordinal, allowed
+            return None
+
         def range_(pbase, psize, ptr):
             hit = find(ptr)
             if hit is None:
@@ -64,10 +77,41 @@ class FakeCuda:
             return 0
 
         def attr(data, attribute, ptr):
-            hit = find(ptr)
-            if hit is None or attribute != regions.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL:
+            self.attrs.append(attribute)
+            hit, vhit = find(ptr), find_vmm(ptr)
+            if hit is None and vhit is None:
                 return 1
-            ctypes.cast(data, P(c_int))[0] = hit[2]
+            if attribute == regions.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL:
+                ctypes.cast(data, P(c_int))[0] = hit[2] if hit else vhit[2]
+            elif attribute == regions.CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE:
+                ctypes.cast(data, P(c_int))[0] = 1 if hit else 0
+            elif vhit and attribute == regions.CU_POINTER_ATTRIBUTE_ALLOWED_HANDLE_TYPES:
+                ctypes.cast(data, P(c_u64))[0] = vhit[3]
+            elif vhit and attribute == regions.CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR:
+                ctypes.cast(data, P(c_u64))[0] = vhit[0]
+            elif vhit and attribute == regions.CU_POINTER_ATTRIBUTE_MAPPING_SIZE:
+                ctypes.cast(data, P(c_u64))[0] = vhit[1]
+            else:
+                return 1
+            return 0
+
+        def retain(phandle, ptr):
+            vhit = find_vmm(ptr or 0)
+            if vhit is None:
+                return 1
+            phandle[0] = vhit[0]  # the handle names its mapping here
+            return 0
+
+        def export(pfd, handle, kind, flags):
+            if handle not in self.vmm or kind != 1 or flags != 0 or not self.vmm[handle][2] & 1:
+                return 1
+            fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            self.exported.append((handle, fd))
+            ctypes.cast(pfd, P(c_int))[0] = fd
+            return 0
+
+        def release(handle):
+            self.released += 1
             return 0
 
         def ipc(phandle, base):
@@ -90,7 +134,7 @@ class FakeCuda:
             pctx[0] = self.ctx
             return 0
 
-        def retain(pctx, dev):
+        def primary_retain(pctx, dev):
             pctx[0] = 0x1000 + dev
             return 0
 
@@ -106,12 +150,15 @@ class FakeCuda:
         wrap("cuGetErrorName", FN(c_int, c_int, P(c_cp)), err_name)
         wrap("cuCtxGetCurrent", FN(c_int, P(c_vp)), ctx_get)
         wrap("cuDeviceGet", FN(c_int, P(c_int), c_int), dev_get)
-        wrap("cuDevicePrimaryCtxRetain", FN(c_int, P(c_vp), c_int), retain)
+        wrap("cuDevicePrimaryCtxRetain", FN(c_int, P(c_vp), c_int), primary_retain)
         wrap("cuCtxSetCurrent", FN(c_int, c_vp), ctx_set)
         wrap("cuPointerGetAttribute", FN(c_int, c_vp, c_int, c_u64), attr)
         wrap("cuMemGetAddressRange_v2", FN(c_int, P(c_u64), P(c_size), c_u64), range_)
         wrap("cuIpcGetMemHandle", FN(c_int, P(ctypes.c_uint8 * 64), c_u64), ipc)
         wrap("cuDeviceGetUuid_v2", FN(c_int, P(ctypes.c_uint8 * 16), c_int), uuid)
+        wrap("cuMemRetainAllocationHandle", FN(c_int, P(c_u64), c_vp), retain)
+        wrap("cuMemExportToShareableHandle", FN(c_int, c_vp, c_u64, c_int, c_u64), export)
+        wrap("cuMemRelease", FN(c_int, c_u64), release)
 
 
 class CudaArray:
@@ -189,7 +236,69 @@ def test_sglang_k_and_v_tensors_dedupe_by_allocation():
     assert lay.token_stride_bytes == heads * dim * 2
     assert fake.calls.count("cuIpcGetMemHandle") == 3  # one per allocation, not per tensor
     # The ordinal came from the description: the driver was not asked for it.
-    assert "cuPointerGetAttribute" not in fake.calls
+    assert regions.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL not in fake.attrs
+
+
+def test_expandable_segments_chunks_become_continuing_vmm_regions():
+    """PyTorch's expandable segments: VMM memory mapped 2 MiB (here) at a time, one
+    mapping after another; tensors span mappings. Each mapping a tensor touches is one
+    VMM region with its exported descriptor, flagged as continuing the one before where
+    they meet; a cudaMalloc tensor alongside keeps its IPC region."""
+    nb, bs, heads, dim = 64, 16, 4, 128
+    plane = nb * bs * heads * dim * 2  # 8 MiB / 8 = 1 MiB
+    assert plane == MiB
+    layer_bytes = 2 * plane
+    seg = 0x7D00_0000_0000
+    chunk = 2 * MiB
+    # A run of 4 chunks, a gap, then 1 more: the third layer starts after the gap.
+    vmm = {seg + i * chunk: (chunk, 0, 1) for i in range(4)}
+    far = seg + 64 * MiB
+    vmm[far] = (chunk, 0, 1)
+    legacy = 0x7F00_0000_0000
+    fake = FakeCuda({legacy: (4 * MiB, 0)}, vmm=vmm)
+    start = seg + chunk // 2  # the first layer starts mid-chunk
+    kv = [CudaArray(start, (2, nb, bs, heads, dim)),
+          CudaArray(start + layer_bytes + 3 * MiB // 2, (2, nb, bs, heads, dim)),
+          CudaArray(far, (2, nb, bs, heads, dim)),
+          CudaArray(legacy, (2, nb, bs, heads, dim))]
+    reg = kvplane.register_kv(kv, layout="vllm", driver=regions.CudaDriver(fake))
+    # The cudaMalloc tensor's IPC region comes first; the VMM regions follow.
+    ipc, ipc_fd = reg.regions.pop(0)
+    assert (ipc.kind, ipc_fd, ipc.len_bytes) == (kvplane.REGION_CUDA_IPC, -1, layer_bytes)
+
+    # Layer 0: [1 MiB, 3 MiB) of the run; layer 1: [4.5 MiB, 6.5 MiB): chunks 0-3 all
+    # touched; layer 2 in the far mapping.
+    kinds = [(r.kind, r.flags, r.alloc_bytes, r.offset_bytes, r.len_bytes) for r, _ in reg.regions]
+    V, C = kvplane.REGION_CUDA_VMM_FD, kvplane.REGION_F_CONTINUES
+    assert kinds == [(V, 0, chunk, 0, chunk), (V, C, chunk, 0, chunk), (V, C, chunk, 0, chunk),
+                     (V, C, chunk, 0, chunk), (V, 0, chunk, 0, chunk)]
+    assert all(bytes(r.gpu_uuid) == fake_uuid(0) for r, _ in reg.regions)
+    # Each region carries the descriptor exported for its mapping, in order.
+    assert [fd for _, fd in reg.regions] == [fd for _, fd in fake.exported]
+    assert [m for m, _ in fake.exported] == sorted(vmm)
+    assert fake.released == len(vmm), "every retained handle released"
+    lay = reg.layout
+    # K of layer 0 at 1 MiB (chunk 0), its V at 2 MiB (chunk 1); layer 1's K at 4.5 MiB
+    # (chunk 2), its V at 5.5 MiB, in chunk 2 and on into chunk 3; layer 2 in the far one.
+    assert [list(lay.plane_region[p][:4]) for p in range(2)] == [[1, 3, 5, 0], [2, 3, 5, 0]]
+    assert [list(lay.plane_offset[p][:4]) for p in range(2)] == [
+        [MiB, MiB // 2, 0, 0], [0, 3 * MiB // 2, MiB, MiB]]
+    # The descriptors are this registration's: closed when it goes.
+    fds = [fd for _, fd in reg.regions]
+    del reg
+    import gc
+    gc.collect()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_vmm_memory_that_cannot_be_exported_says_how_to_allocate_it():
+    seg = 0x7D00_0000_0000
+    fake = FakeCuda({}, vmm={seg: (2 * MiB, 0, 0)})  # no POSIX descriptor allowed
+    with pytest.raises(kvplane.KvplaneError, match="cannot be exported as a POSIX descriptor"):
+        kvplane.register_kv([CudaArray(seg, (1, 4, 16))], layout="mla",
+                            driver=regions.CudaDriver(fake))
 
 
 @pytest.mark.parametrize("call,code,name", [

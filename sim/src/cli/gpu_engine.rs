@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvplane_cuda::engine::{EngineAlloc, EngineGpu};
-use kvplane_ffi::{Opcode, Status, kvp_block_op, kvp_kv_layout, kvp_kv_region};
+use kvplane_ffi::{Opcode, Status, kvp_block_op, kvp_kv_layout};
 use kvplane_shm::handshake::EngineRegion;
 use kvplane_shm::{AttachOptions, Segment, Session, client, sys};
 
@@ -35,6 +35,10 @@ pub enum Memory {
     Ipc,
     /// A VMM allocation exported as a file descriptor.
     Vmm,
+    /// VMM allocations of `--chunk-bytes` each mapped back to back, as PyTorch's
+    /// expandable segments map theirs: a region per chunk, each continuing the one
+    /// before.
+    VmmChunks,
     /// A sealed host memfd (no GPU needed).
     Host,
 }
@@ -51,6 +55,9 @@ pub struct GpuEngineArgs {
     /// One allocation per layer (vLLM) instead of one for the whole pool.
     #[arg(long)]
     pub per_layer: bool,
+    /// Bytes of each chunk with `--memory vmm-chunks` (rounded up to the granularity).
+    #[arg(long, default_value_t = 2 << 20)]
+    pub chunk_bytes: usize,
     /// CUDA device ordinal of the engine's memory.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
@@ -207,26 +214,35 @@ pub fn gpu_engine(
     };
     let alloc_bytes = pages * g.block_bytes() / allocs as u64;
     let mut regions = Vec::with_capacity(allocs);
+    // Each allocation's first region: the one the layout names (an allocation in chunks
+    // is a run of regions).
+    let mut first_region = Vec::with_capacity(allocs);
     let pool = match args.memory {
         Memory::Host => {
             let mut segs = Vec::new();
             for _ in 0..allocs {
+                first_region.push(regions.len());
                 let fd = sys::memfd_create_sealed("gpu-engine-kv", alloc_bytes)?;
                 segs.push(Segment::map_fd(fd.try_clone()?, alloc_bytes)?);
                 regions.push(EngineRegion::host_memfd(fd, alloc_bytes));
             }
             Pool::Host(segs)
         }
-        Memory::Ipc | Memory::Vmm => {
+        Memory::Ipc | Memory::Vmm | Memory::VmmChunks => {
             let gpu: Arc<EngineGpu> = EngineGpu::open(args.gpu)?;
             let mut a = Vec::new();
             for _ in 0..allocs {
                 let alloc = match args.memory {
                     Memory::Vmm => gpu.alloc_vmm(alloc_bytes as usize)?,
+                    Memory::VmmChunks => {
+                        gpu.alloc_vmm_chunked(alloc_bytes as usize, args.chunk_bytes)?
+                    }
                     _ => gpu.alloc(alloc_bytes as usize)?,
                 };
-                let (desc, fd): (kvp_kv_region, _) = alloc.region(0, alloc_bytes)?;
-                regions.push(EngineRegion { desc, fd });
+                first_region.push(regions.len());
+                for (desc, fd) in alloc.regions()? {
+                    regions.push(EngineRegion { desc, fd });
+                }
                 a.push(alloc);
             }
             Pool::Gpu(a, gpu)
@@ -250,7 +266,7 @@ pub fn gpu_engine(
     for layer in 0..args.layers {
         for plane in 0..2 {
             let (alloc, off) = at(&g, pages, args.per_layer, layer, plane, 0);
-            l.plane_region[plane as usize][layer as usize] = alloc as u16;
+            l.plane_region[plane as usize][layer as usize] = first_region[alloc] as u16;
             l.plane_offset[plane as usize][layer as usize] = off;
         }
     }
