@@ -389,12 +389,13 @@ impl CudaDevice {
 
     /// Imports VMM allocations from their POSIX descriptors, each with its size in
     /// bytes, and maps them back to back in one reservation with read/write access for
-    /// this device: one buffer of their total size. Refused (and all undone) unless the
+    /// this device: one buffer of their total size, which must be `len_bytes`. Refused (and all undone) unless the
     /// driver maps each at its size; the mappings hold the allocations, so the engine
     /// may close its descriptors. Undo with [`Device::free`].
     pub fn import_vmm(
         &self,
         chunks: &[(std::os::fd::BorrowedFd<'_>, u64)],
+        len_bytes: usize,
     ) -> Result<DeviceBuffer, DeviceError> {
         use std::os::fd::AsRawFd;
         let too_big = || DeviceError::OutOfRange {
@@ -411,6 +412,14 @@ impl CudaDevice {
             .iter()
             .try_fold(0usize, |t, &b| t.checked_add(b))
             .ok_or_else(too_big)?;
+        if total != len_bytes {
+            return Err(DeviceError::OutOfRange {
+                op: "import_engine_memory",
+                offset_bytes: 0,
+                len_bytes,
+                buffer_bytes: total,
+            });
+        }
         // Thousands of chunks are thousands of driver calls: made without the table lock
         // every launch and event query takes (the context bound to this thread all the
         // same); the lock is taken to enter the result.
@@ -788,21 +797,7 @@ impl Device for CudaDevice {
         })?;
         match what {
             EngineImport::CudaIpc { handle } => self.import_ipc_memory(handle, len_bytes),
-            EngineImport::CudaVmm { chunks } => {
-                let sum = chunks
-                    .iter()
-                    .try_fold(0u64, |t, &(_, b)| t.checked_add(b))
-                    .unwrap_or(u64::MAX);
-                if sum != alloc_bytes {
-                    return Err(DeviceError::OutOfRange {
-                        op: "import_engine_memory",
-                        offset_bytes: 0,
-                        len_bytes,
-                        buffer_bytes: usize::try_from(sum).unwrap_or(usize::MAX),
-                    });
-                }
-                self.import_vmm(chunks)
-            }
+            EngineImport::CudaVmm { chunks } => self.import_vmm(chunks, len_bytes),
         }
     }
 

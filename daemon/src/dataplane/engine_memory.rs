@@ -340,9 +340,6 @@ impl EngineMemory {
         let mut index = 0;
         while index < regions.len() {
             let r = &regions[index];
-            let run_end = (index + 1..regions.len())
-                .find(|&j| !continues(&regions[j]))
-                .unwrap_or(regions.len());
             let (imported, next) = match r.kind {
                 RegionKind::HostMemfd => {
                     index += 1;
@@ -358,6 +355,9 @@ impl EngineMemory {
                     index + 1,
                 ),
                 RegionKind::CudaVmmFd => {
+                    let run_end = (index + 1..regions.len())
+                        .find(|&j| !continues(&regions[j]))
+                        .unwrap_or(regions.len());
                     let run = &regions[index..run_end];
                     let chunks: Vec<_> = run
                         .iter()

@@ -64,6 +64,7 @@ pub(super) struct RegionBudget {
 
 impl RegionBudget {
     pub(super) fn new(max_total: u32, max_per_uid: u32) -> Arc<RegionBudget> {
+        debug_assert!(max_per_uid <= max_total, "the config checks it");
         Arc::new(RegionBudget {
             max_total: max_total as usize,
             max_per_uid: max_per_uid as usize,
@@ -71,21 +72,15 @@ impl RegionBudget {
         })
     }
 
-    /// Why `regions` can never fit, or `None`.
+    /// Why `regions` can never fit, or `None` (the per-uid limit is at most the total,
+    /// as the config checks, so it is the one that binds).
     fn never_fits(&self, regions: usize) -> Option<String> {
-        if regions > self.max_per_uid {
-            Some(format!(
+        (regions > self.max_per_uid).then(|| {
+            format!(
                 "{regions} KV regions, at most {} (serve.max_handshake_regions_per_uid)",
                 self.max_per_uid
-            ))
-        } else if regions > self.max_total {
-            Some(format!(
-                "{regions} KV regions, at most {} (serve.max_handshake_regions)",
-                self.max_total
-            ))
-        } else {
-            None
-        }
+            )
+        })
     }
 
     /// `regions` for `uid`, if they fit now.
