@@ -32,6 +32,10 @@ use crate::tier::{
     ConfigError, G1Direction, PerTier, SLOT_HEADER_BYTES, Stores, Tier, TiersConfig, invalid,
 };
 
+/// Blocks a DROP or a CLEAR plans per hold of the registry lock, so that dropping 65,536
+/// blocks or clearing a large namespace lets other sessions' operations in between.
+pub const DROP_CHUNK_BLOCKS: u32 = 4096;
+
 /// `[blocks]`: block geometry and placement policy.
 #[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -1365,53 +1369,65 @@ impl BlockManager {
             .collect()
     }
 
-    fn plan_drop_keys(
-        &self,
-        keys: impl IntoIterator<Item = BlockKey>,
-        reason: RemoveReason,
-    ) -> DropPlan {
-        let mut plan = DropPlan::default();
-        let mut reg = self.lock();
-        for key in keys {
-            if reg
-                .view(key)
-                .is_none_or(|v| v.fastest().is_none() && v.pending.values().all(|s| s.is_none()))
-            {
-                plan.report.missing += 1;
-                continue;
-            }
-            if !reg.droppable(key) {
-                plan.report.busy += 1;
-                continue;
-            }
-            for t in Tier::ALL {
-                // NVMe slots stay allocated until their header is erased, so a restart
-                // does not bring the block back and the slot is not reused meanwhile.
-                if let Ok(slot) = reg.remove_tier(key, t, reason, t == Tier::Nvme)
-                    && t == Tier::Nvme
-                {
-                    plan.erase_nvme.push(slot);
-                }
-            }
-            plan.report.dropped += 1;
+    /// Plans removing one block from every tier, counting it dropped, busy (leased or in
+    /// use: kept) or missing.
+    fn plan_drop_one(reg: &mut Registry, key: BlockKey, reason: RemoveReason, plan: &mut DropPlan) {
+        if reg
+            .view(key)
+            .is_none_or(|v| v.fastest().is_none() && v.pending.values().all(|s| s.is_none()))
+        {
+            plan.report.missing += 1;
+            return;
         }
-        self.flush_events(&mut reg);
-        plan
+        if !reg.droppable(key) {
+            plan.report.busy += 1;
+            return;
+        }
+        for t in Tier::ALL {
+            // NVMe slots stay allocated until their header is erased, so a restart does not
+            // bring the block back and the slot is not reused meanwhile.
+            if let Ok(slot) = reg.remove_tier(key, t, reason, t == Tier::Nvme)
+                && t == Tier::Nvme
+            {
+                plan.erase_nvme.push(slot);
+            }
+        }
+        plan.report.dropped += 1;
     }
 
     /// Plans removing blocks from every tier (leased or in-use blocks are kept and counted
     /// busy); the mover erases `erase_nvme`, then [`Self::commit_drop`].
     pub fn plan_drop(&self, namespace: u32, hashes: &[u64]) -> DropPlan {
-        self.plan_drop_keys(
-            hashes.iter().map(|&h| BlockKey::new(namespace, h)),
-            RemoveReason::Dropped,
-        )
+        let mut plan = DropPlan::default();
+        for chunk in hashes.chunks(DROP_CHUNK_BLOCKS as usize) {
+            let mut reg = self.lock();
+            for &hash in chunk {
+                let key = BlockKey::new(namespace, hash);
+                Self::plan_drop_one(&mut reg, key, RemoveReason::Dropped, &mut plan);
+            }
+            self.flush_events(&mut reg);
+        }
+        plan
     }
 
-    /// Plans removing every block of a namespace (leased or in-use blocks are kept).
+    /// Plans removing every block of a namespace (leased or in-use blocks are kept). Visits
+    /// that namespace's entries only, [`DROP_CHUNK_BLOCKS`] per hold of the lock.
     pub fn plan_clear(&self, namespace: u32) -> DropPlan {
-        let keys = self.lock().keys_in_namespace(namespace);
-        self.plan_drop_keys(keys, RemoveReason::Cleared)
+        let mut plan = DropPlan::default();
+        let mut left = self.lock().namespace_len(namespace);
+        while left > 0 {
+            let mut reg = self.lock();
+            for _ in 0..left.min(DROP_CHUNK_BLOCKS) {
+                left -= 1;
+                let Some(key) = reg.rotate_namespace(namespace) else {
+                    left = 0;
+                    break;
+                };
+                Self::plan_drop_one(&mut reg, key, RemoveReason::Cleared, &mut plan);
+            }
+            self.flush_events(&mut reg);
+        }
+        plan
     }
 
     /// Ends a drop once the mover erased its NVMe headers: the slots are free again.

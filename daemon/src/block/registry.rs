@@ -141,6 +141,23 @@ struct Entry {
     quota: u16,
     cand_priority: u8,
     cand_use: u64,
+    /// Neighbours in its namespace's list ([`NsList`]); `NO_ENTRY` at either end.
+    ns_prev: u32,
+    ns_next: u32,
+}
+
+/// No entry (the end of a namespace list).
+const NO_ENTRY: u32 = u32::MAX;
+
+/// The entries of one namespace, linked through `Entry::ns_prev` / `ns_next`, so that a
+/// CLEAR of a namespace visits that namespace's entries and nothing else (a walk over the
+/// whole map, under the lock every session needs, let any tenant stall all the others
+/// with CLEARs of a namespace holding nothing).
+#[derive(Clone, Copy, Debug)]
+struct NsList {
+    first: u32,
+    last: u32,
+    len: u32,
 }
 
 impl Entry {
@@ -252,6 +269,8 @@ pub struct Registry {
     detached: PerTier<Vec<u32>>,
     /// Namespaces with a quota (set at start-up, before any block exists).
     quotas: Vec<NsQuota>,
+    /// Each namespace's entries (namespaces with none have no list).
+    ns_lists: HashMap<u32, NsList>,
     clock: u64,
     events: Vec<BlockEvent>,
     pub record_events: bool,
@@ -270,6 +289,7 @@ impl Registry {
             sessions: HashMap::default(),
             detached: Default::default(),
             quotas: Vec::new(),
+            ns_lists: HashMap::new(),
             clock: 1,
             events: Vec::new(),
             record_events: false,
@@ -508,6 +528,8 @@ impl Registry {
             } else {
                 self.quota_of(key.namespace)
             },
+            ns_prev: NO_ENTRY,
+            ns_next: NO_ENTRY,
         };
         let i = match self.free_entries.pop() {
             Some(i) => {
@@ -527,16 +549,71 @@ impl Registry {
                 hits: 0,
             },
         );
+        self.ns_push_back(i);
         i
     }
 
     fn gc(&mut self, i: u32) {
         if self.entries[i as usize].garbage() {
             self.uncand(i);
+            self.ns_unlink(i);
             let key = self.entries[i as usize].key;
             self.map.remove(&key);
             self.free_entries.push(i);
         }
+    }
+
+    /// Appends entry `i` (not in any list) to its namespace's list.
+    fn ns_push_back(&mut self, i: u32) {
+        let ns = self.entries[i as usize].key.namespace;
+        let list = self.ns_lists.entry(ns).or_insert(NsList {
+            first: NO_ENTRY,
+            last: NO_ENTRY,
+            len: 0,
+        });
+        let last = list.last;
+        list.last = i;
+        list.len += 1;
+        if last == NO_ENTRY {
+            list.first = i;
+        }
+        let e = &mut self.entries[i as usize];
+        e.ns_prev = last;
+        e.ns_next = NO_ENTRY;
+        if last != NO_ENTRY {
+            self.entries[last as usize].ns_next = i;
+        }
+    }
+
+    /// Takes entry `i` out of its namespace's list (dropping the list when it empties).
+    fn ns_unlink(&mut self, i: u32) {
+        let (ns, prev, next) = {
+            let e = &self.entries[i as usize];
+            (e.key.namespace, e.ns_prev, e.ns_next)
+        };
+        if prev != NO_ENTRY {
+            self.entries[prev as usize].ns_next = next;
+        }
+        if next != NO_ENTRY {
+            self.entries[next as usize].ns_prev = prev;
+        }
+        let list = self
+            .ns_lists
+            .get_mut(&ns)
+            .expect("a live entry is in its namespace's list");
+        if list.first == i {
+            list.first = next;
+        }
+        if list.last == i {
+            list.last = prev;
+        }
+        list.len -= 1;
+        if list.len == 0 {
+            self.ns_lists.remove(&ns);
+        }
+        let e = &mut self.entries[i as usize];
+        e.ns_prev = NO_ENTRY;
+        e.ns_next = NO_ENTRY;
     }
 
     /// Parent's child count in tier `t` changes by `delta` (creating a ghost parent entry
@@ -975,13 +1052,20 @@ impl Registry {
             .collect()
     }
 
-    /// Keys of a namespace (for clear).
-    pub fn keys_in_namespace(&self, namespace: u32) -> Vec<BlockKey> {
-        self.map
-            .keys()
-            .filter(|k| k.namespace == namespace)
-            .copied()
-            .collect()
+    /// Entries of a namespace (stored blocks and the prefixes their children keep).
+    pub fn namespace_len(&self, namespace: u32) -> u32 {
+        self.ns_lists.get(&namespace).map_or(0, |l| l.len)
+    }
+
+    /// The key of the namespace's first entry, which moves to the end of the list: a CLEAR
+    /// that calls this `namespace_len` times, in chunks with the lock released between
+    /// them, meets every entry the namespace had when it started once (entries it cannot
+    /// drop go to the back instead of being met again; new ones join behind them).
+    pub fn rotate_namespace(&mut self, namespace: u32) -> Option<BlockKey> {
+        let i = self.ns_lists.get(&namespace)?.first;
+        self.ns_unlink(i);
+        self.ns_push_back(i);
+        Some(self.entries[i as usize].key)
     }
 
     /// Whether `key` may be dropped now (no leases, nothing in flight, nothing pending).
@@ -1156,6 +1240,40 @@ impl Registry {
             if !self.map.contains_key(key) {
                 return Err(format!("session lease on {key:?}, which has no entry"));
             }
+        }
+        let mut listed = 0usize;
+        for (&ns, list) in &self.ns_lists {
+            let (mut prev, mut i, mut len) = (NO_ENTRY, list.first, 0u32);
+            while i != NO_ENTRY {
+                let e = self
+                    .entries
+                    .get(i as usize)
+                    .ok_or(format!("namespace {ns:#x}: list index {i} out of range"))?;
+                if e.key.namespace != ns || self.idx(e.key) != Some(i) {
+                    return Err(format!("namespace {ns:#x}: list holds {:?} at {i}", e.key));
+                }
+                if e.ns_prev != prev {
+                    return Err(format!("namespace {ns:#x}: {:?} links back wrongly", e.key));
+                }
+                len += 1;
+                if len > list.len {
+                    return Err(format!("namespace {ns:#x}: list longer than {}", list.len));
+                }
+                (prev, i) = (i, e.ns_next);
+            }
+            if len != list.len || prev != list.last || len == 0 {
+                return Err(format!(
+                    "namespace {ns:#x}: {len} entries listed, {} counted",
+                    list.len
+                ));
+            }
+            listed += len as usize;
+        }
+        if listed != self.map.len() {
+            return Err(format!(
+                "{listed} entries in namespace lists, {} in the map",
+                self.map.len()
+            ));
         }
         Ok(())
     }

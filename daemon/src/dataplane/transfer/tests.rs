@@ -2098,3 +2098,39 @@ fn a_slot_whose_old_header_cannot_be_erased_is_not_written_from_g1() {
     m.unpin(9, 5, &[100, 101]);
     m.check_invariants().unwrap();
 }
+
+/// A CLEAR larger than one chunk of the registry lock drops every block of its namespace
+/// but the leased ones, across chunks, and nothing of another namespace.
+#[test]
+fn clear_of_a_namespace_larger_than_a_chunk_keeps_only_leased_blocks() {
+    let n = crate::block::manager::DROP_CHUNK_BLOCKS as u64 + 100;
+    let m = manager(None, n + 8, 0);
+    for start in (0..n).step_by(512) {
+        let len = 512.min(n - start) as usize;
+        assert_eq!(save(&m, 1, &chain(start, len), false).stored, len);
+    }
+    save(&m, 2, &chain(1, 3), false);
+    let leased: Vec<u64> = (0..n).step_by(500).collect();
+    assert_eq!(m.pin(7, 1, &leased), leased.len());
+    let r = m.clear_namespace(1);
+    assert_eq!(
+        (r.dropped, r.busy),
+        (n as usize - leased.len(), leased.len()),
+        "{r:?}"
+    );
+    let mut t = [None; 3];
+    assert_eq!(
+        m.lookup(2, &[1, 2, 3], &mut t),
+        3,
+        "another namespace is untouched"
+    );
+    for &h in &leased {
+        assert_eq!(m.lookup(1, &[h], &mut t[..1]), 1, "leased block {h} kept");
+    }
+    assert_eq!(m.lookup(1, &[1], &mut t[..1]), 0);
+    m.check_invariants().unwrap();
+    assert_eq!(m.release_session(7), leased.len() as u64);
+    let r = m.clear_namespace(1);
+    assert_eq!((r.dropped, r.busy), (leased.len(), 0), "{r:?}");
+    m.check_invariants().unwrap();
+}
