@@ -510,6 +510,102 @@ fn a_namespace_is_held_to_its_mapped_cap() {
     open.clear();
 }
 
+/// Each host region is one of the daemon's mappings, and past `vm.max_map_count` every
+/// mmap of the daemon fails, its allocator's included: 64 sessions of 512 small memfds
+/// came within a few thousand of the kernel's default 65,530. The regions mapped at once
+/// are capped; an attach past the cap is refused, the other sessions keep serving, and
+/// a session that ends gives its regions back.
+#[test]
+fn host_regions_past_the_mapped_region_cap_are_refused() {
+    let dir = temp_dir("engine-mem-regions");
+    let config = small_config(dir.path(), |c| {
+        with_ephemeral_metrics(c);
+        c.serve.max_mapped_host_regions = Some(3);
+    });
+    let daemon = DaemonProc::start(
+        dir.path(),
+        &["--config", config.to_str().expect("utf-8 path")],
+    );
+    let regions = |n: usize| {
+        let mut opts = AttachOptions::new(&daemon.socket);
+        opts.namespaces = vec!["ns".to_string()];
+        for _ in 0..n {
+            let fd = sys::memfd_create_sealed("kv-part", 4096).expect("memfd");
+            opts.host_kv_buffer(fd, 4096);
+        }
+        Session::attach(opts)
+    };
+    let mut first = TestEngine::attach(&daemon.socket, "ns").expect("one region");
+    let two = regions(2).expect("three of three");
+    expect_refused(regions(1), Status::NoSpace, "serve.max_mapped_host_regions");
+    save_and_verify(&mut first, 0x30_000, 2);
+    let addr = control_addr(&daemon);
+    let (_, metrics) = http_get(&addr, "/metrics");
+    assert!(
+        metrics.contains("kvplane_engine_mapped_host_regions 3\n"),
+        "{metrics}"
+    );
+    drop(two);
+    let t0 = Instant::now();
+    let again = loop {
+        match regions(2) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(5),
+                    "regions not given back: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    expect_refused(regions(1), Status::NoSpace, "serve.max_mapped_host_regions");
+    save_and_verify(&mut first, 0x31_000, 2);
+    drop(again);
+}
+
+/// A cap over half of vm.max_map_count would let engines' regions take the mappings the
+/// daemon needs for itself: such a daemon does not start, and says why.
+#[test]
+fn a_region_cap_over_half_the_kernels_map_count_stops_the_daemon() {
+    let dir = temp_dir("engine-mem-regions-cap");
+    let max_map_count: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .expect("read vm.max_map_count")
+        .trim()
+        .parse()
+        .expect("a number");
+    let over = u32::try_from(max_map_count / 2 + 1).expect("fits a u32");
+    let config = small_config(dir.path(), |c| c.serve.max_mapped_host_regions = Some(over));
+    let log = dir.path().join("serve.log");
+    let mut child = std::process::Command::new(kvplane_tests::kvplane_bin())
+        .args(["serve", "--config", config.to_str().expect("utf-8 path")])
+        .stdout(std::process::Stdio::null())
+        .stderr(File::create(&log).expect("log file"))
+        .spawn()
+        .expect("run kvplane serve");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "kvplane serve started with a region cap over half of vm.max_map_count:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(&log).expect("read the log");
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("serve.max_mapped_host_regions") && stderr.contains("vm.max_map_count"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn a_layout_with_more_pages_than_its_region_is_refused() {
     let dir = temp_dir("engine-mem-layout");

@@ -29,6 +29,8 @@ pub struct SessionCounters {
     pub engine_memory_faults: u64,
     /// Engine KV buffers mapped now (against `serve.max_mapped_bytes`).
     pub engine_mapped_bytes: u64,
+    /// Host memfd regions of engines mapped now (against `serve.max_mapped_host_regions`).
+    pub engine_mapped_host_regions: u32,
     pub ops_completed: u64,
     pub ops_failed: u64,
 }
@@ -505,6 +507,16 @@ pub fn render(s: &Scrape<'_>) -> String {
         "kvplane_engine_mapped_bytes",
         &[],
         s.counters.engine_mapped_bytes,
+    );
+    o.family(
+        "kvplane_engine_mapped_host_regions",
+        "gauge",
+        "Host memfd regions of engines the daemon maps now (each is one of its mappings).",
+    );
+    o.sample(
+        "kvplane_engine_mapped_host_regions",
+        &[],
+        s.counters.engine_mapped_host_regions,
     );
     o.family(
         "kvplane_session_info",

@@ -4,7 +4,8 @@
 //! daemon's 128 TiB of address space and every later attach fails. The ledger charges each
 //! buffer, before it is mapped, to the daemon-wide total and to every namespace its session
 //! binds, and refuses the attach that would pass a limit; the charge is returned when the
-//! mapping goes.
+//! mapping goes. Host memfd regions are also counted: each is a mapping of its own, and
+//! past `vm.max_map_count` every mmap of the daemon fails, its own allocations included.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,8 @@ pub enum MapLimitError {
         held_bytes: u64,
         limit_bytes: u64,
     },
+    #[error("{asked} host regions over serve.max_mapped_host_regions {limit} ({held} mapped)")]
+    HostRegions { asked: u32, held: u32, limit: u32 },
     #[error(
         "namespace `{namespace}` max_mapped_bytes {limit_bytes} B: KV buffer {asked_bytes} B, {held_bytes} B mapped"
     )]
@@ -35,6 +38,7 @@ pub enum MapLimitError {
 #[derive(Debug, Default)]
 struct Held {
     total_bytes: u64,
+    host_regions: u32,
     /// Global namespace id -> bytes mapped for sessions bound to it.
     per_namespace: HashMap<u32, u64>,
 }
@@ -53,11 +57,19 @@ pub struct NamespaceLimit<'a> {
     pub max_mapped_bytes: Option<u64>,
 }
 
+/// The daemon-wide limits of a charge.
+#[derive(Debug, Clone, Copy)]
+pub struct MapLimits {
+    pub bytes: u64,
+    pub host_regions: u32,
+}
+
 /// A charge against the ledger, returned when dropped (with the mapping it paid for).
 #[derive(Debug)]
 pub struct MappedCharge {
     ledger: Arc<MappedLedger>,
     bytes: u64,
+    host_regions: u32,
     namespaces: Vec<u32>,
 }
 
@@ -72,25 +84,41 @@ impl MappedLedger {
         self.lock().total_bytes
     }
 
-    /// Charges `bytes` to the total and to each namespace, or refuses without charging
-    /// anything. Check and charge happen under one lock, so concurrent attaches cannot
-    /// both fit in the last free share.
+    /// Host memfd regions mapped now.
+    pub fn host_regions(&self) -> u32 {
+        self.lock().host_regions
+    }
+
+    /// Charges `bytes` in `host_regions` mappings to the totals and the bytes to each
+    /// namespace, or refuses without charging anything. Check and charge happen under one
+    /// lock, so concurrent attaches cannot both fit in the last free share.
     pub fn charge(
         self: &Arc<Self>,
         bytes: u64,
-        total_limit_bytes: u64,
+        host_regions: u32,
+        limits: MapLimits,
         namespaces: &[NamespaceLimit<'_>],
     ) -> Result<MappedCharge, MapLimitError> {
+        // Whether `asked` more would pass `limit` (an overflow does).
+        let over =
+            |held: u64, asked: u64, limit: u64| held.checked_add(asked).is_none_or(|t| t > limit);
         let mut held = self.lock();
-        if held
-            .total_bytes
-            .checked_add(bytes)
-            .is_none_or(|t| t > total_limit_bytes)
-        {
+        if over(held.total_bytes, bytes, limits.bytes) {
             return Err(MapLimitError::Total {
                 asked_bytes: bytes,
                 held_bytes: held.total_bytes,
-                limit_bytes: total_limit_bytes,
+                limit_bytes: limits.bytes,
+            });
+        }
+        if over(
+            held.host_regions.into(),
+            host_regions.into(),
+            limits.host_regions.into(),
+        ) {
+            return Err(MapLimitError::HostRegions {
+                asked: host_regions,
+                held: held.host_regions,
+                limit: limits.host_regions,
             });
         }
         let mut ids: Vec<u32> = Vec::with_capacity(namespaces.len());
@@ -100,7 +128,7 @@ impl MappedLedger {
             }
             let now = held.per_namespace.get(&ns.id).copied().unwrap_or(0);
             if let Some(limit) = ns.max_mapped_bytes
-                && now.checked_add(bytes).is_none_or(|t| t > limit)
+                && over(now, bytes, limit)
             {
                 return Err(MapLimitError::Namespace {
                     namespace: ns.name.to_string(),
@@ -112,12 +140,14 @@ impl MappedLedger {
             ids.push(ns.id);
         }
         held.total_bytes += bytes;
+        held.host_regions += host_regions;
         for id in &ids {
             *held.per_namespace.entry(*id).or_insert(0) += bytes;
         }
         Ok(MappedCharge {
             ledger: Arc::clone(self),
             bytes,
+            host_regions,
             namespaces: ids,
         })
     }
@@ -127,6 +157,7 @@ impl Drop for MappedCharge {
     fn drop(&mut self) {
         let mut held = self.ledger.lock();
         held.total_bytes -= self.bytes;
+        held.host_regions -= self.host_regions;
         for id in &self.namespaces {
             if let Some(n) = held.per_namespace.get_mut(id) {
                 *n -= self.bytes;
@@ -150,37 +181,86 @@ mod tests {
         }
     }
 
+    fn bytes(limit: u64) -> MapLimits {
+        MapLimits {
+            bytes: limit,
+            host_regions: u32::MAX,
+        }
+    }
+
     #[test]
     fn charges_are_bounded_and_returned() {
         let l = Arc::new(MappedLedger::default());
-        let a = l.charge(60, 100, &[ns(1, Some(80))]).expect("fits");
+        let a = l
+            .charge(60, 1, bytes(100), &[ns(1, Some(80))])
+            .expect("fits");
         // The total refuses first, then the namespace.
         assert!(matches!(
-            l.charge(41, 100, &[ns(2, None)]),
+            l.charge(41, 1, bytes(100), &[ns(2, None)]),
             Err(MapLimitError::Total { held_bytes: 60, .. })
         ));
         assert!(matches!(
-            l.charge(21, 1000, &[ns(2, None), ns(1, Some(80))]),
+            l.charge(21, 1, bytes(1000), &[ns(2, None), ns(1, Some(80))]),
             Err(MapLimitError::Namespace { held_bytes: 60, .. })
         ));
         // A refusal charged nothing.
-        assert_eq!(l.total_bytes(), 60);
+        assert_eq!((l.total_bytes(), l.host_regions()), (60, 1));
         let b = l
-            .charge(20, 100, &[ns(1, Some(80)), ns(1, Some(80))])
+            .charge(20, 1, bytes(100), &[ns(1, Some(80)), ns(1, Some(80))])
             .expect("fits");
         assert_eq!(l.total_bytes(), 80);
         drop(a);
         assert_eq!(l.total_bytes(), 20);
         let c = l
-            .charge(60, 100, &[ns(1, Some(80))])
+            .charge(60, 1, bytes(100), &[ns(1, Some(80))])
             .expect("freed by the drop");
         drop((b, c));
-        assert_eq!(l.total_bytes(), 0);
+        assert_eq!((l.total_bytes(), l.host_regions()), (0, 0));
         assert!(l.lock().per_namespace.is_empty());
         // Overflow is a refusal, not a wrap.
-        let _d = l.charge(10, u64::MAX, &[]).expect("fits");
-        assert!(l.charge(u64::MAX, u64::MAX, &[]).is_err());
-        let msg = l.charge(u64::MAX, 100, &[]).unwrap_err().to_string();
+        let _d = l.charge(10, 1, bytes(u64::MAX), &[]).expect("fits");
+        assert!(l.charge(u64::MAX, 1, bytes(u64::MAX), &[]).is_err());
+        let msg = l
+            .charge(u64::MAX, 1, bytes(100), &[])
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("serve.max_mapped_bytes"), "{msg}");
+    }
+
+    /// Each host region is a mapping of the daemon's, and past vm.max_map_count every
+    /// mmap fails: regions are counted against their own limit, whatever their bytes.
+    #[test]
+    fn host_regions_are_bounded_and_returned() {
+        let l = Arc::new(MappedLedger::default());
+        let limits = MapLimits {
+            bytes: u64::MAX,
+            host_regions: 5,
+        };
+        let a = l.charge(10, 3, limits, &[]).expect("fits");
+        let refused = l.charge(1, 3, limits, &[]).unwrap_err();
+        assert_eq!(
+            refused,
+            MapLimitError::HostRegions {
+                asked: 3,
+                held: 3,
+                limit: 5
+            }
+        );
+        assert!(
+            refused
+                .to_string()
+                .contains("serve.max_mapped_host_regions")
+        );
+        assert_eq!(
+            (l.total_bytes(), l.host_regions()),
+            (10, 3),
+            "a refusal charges nothing"
+        );
+        let b = l.charge(0, 2, limits, &[]).expect("the last two fit");
+        assert!(l.charge(0, u32::MAX, limits, &[]).is_err(), "no wrap");
+        drop(a);
+        let c = l.charge(0, 3, limits, &[]).expect("freed by the drop");
+        drop((b, c));
+        assert_eq!(l.host_regions(), 0);
     }
 }

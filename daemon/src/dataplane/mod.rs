@@ -35,7 +35,7 @@ pub mod mapped;
 pub mod mover;
 pub mod transfer;
 pub use engine_memory::{EngineMemory, EventError, NamedEvent, RegionError};
-pub use mapped::{MapLimitError, MappedCharge, MappedLedger, NamespaceLimit};
+pub use mapped::{MapLimitError, MapLimits, MappedCharge, MappedLedger, NamespaceLimit};
 pub use mover::{EngineTarget, MoveError, MoveScratch, Mover};
 
 /// Global namespace id: stable across restarts (NVMe slots record it), derived from the

@@ -25,7 +25,9 @@ use kvplane_shm::{Geometry, Segment, ShmError, sys};
 
 use crate::config::Config;
 use crate::dataplane::io::{IoPool, IoSpawnError};
-use crate::dataplane::{DataPlane, EngineMemory, NamespaceLimit, RegionError, SessionData};
+use crate::dataplane::{
+    DataPlane, EngineMemory, MapLimits, NamespaceLimit, RegionError, SessionData,
+};
 use admission::{Admission, Reservation};
 use handshake::{Complete, Waker};
 use socket::{SocketFile, SocketOwner, SocketPathError};
@@ -56,6 +58,8 @@ pub enum DaemonError {
         "the data-plane threads sleep on many sessions' doorbells at once with futex_waitv, which this kernel lacks (Linux >= 5.16 needed): {0}"
     )]
     FutexWaitv(#[source] io::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// What the daemon shares between the accept loop and session threads. Its tables hold
@@ -71,6 +75,8 @@ pub struct DaemonShared {
     pool: pool::Pool,
     admission: Arc<Admission>,
     daemon_uid: u32,
+    /// `serve.max_mapped_host_regions`, resolved against vm.max_map_count at start-up.
+    host_regions_limit: u32,
 }
 
 /// A live session, as `status` shows it.
@@ -176,6 +182,9 @@ impl BoundDaemon {
             crossbeam::channel::bounded::<Complete>(config.serve.max_pending_handshakes as usize);
         let workers_n = config.serve.handshake_workers;
         sys::futex_waitv_available().map_err(DaemonError::FutexWaitv)?;
+        let host_regions_limit = config
+            .serve
+            .mapped_host_regions_limit(crate::config::max_map_count())?;
         let mut io = IoPool::start(
             &dataplane,
             config.serve.io_threads as usize,
@@ -190,6 +199,7 @@ impl BoundDaemon {
             next_session: AtomicU64::new(1),
             sessions: Mutex::new(HashMap::new()),
             daemon_uid,
+            host_regions_limit,
         });
         let dataplane_threads = match pool::start_threads(&shared, || io.submitter()) {
             Ok(t) => t,
@@ -610,15 +620,21 @@ fn import_kv_regions(
                 .and_then(|n| n.max_mapped_bytes),
         })
         .collect();
-    let host_bytes = req
-        .kv_regions
-        .iter()
-        .filter(|r| r.kind == kvplane_ffi::RegionKind::HostMemfd)
-        .fold(0u64, |sum, r| sum.saturating_add(r.desc.alloc_bytes));
+    let host = || {
+        req.kv_regions
+            .iter()
+            .filter(|r| r.kind == kvplane_ffi::RegionKind::HostMemfd)
+    };
+    let host_bytes = host().fold(0u64, |sum, r| sum.saturating_add(r.desc.alloc_bytes));
+    let host_regions = u32::try_from(host().count()).unwrap_or(u32::MAX);
+    let map_limits = MapLimits {
+        bytes: cfg.mapped_bytes_limit(),
+        host_regions: shared.host_regions_limit,
+    };
     let charge = shared
         .dataplane
         .mapped
-        .charge(host_bytes, cfg.mapped_bytes_limit(), &limits)
+        .charge(host_bytes, host_regions, map_limits, &limits)
         .map_err(|e| (Status::NoSpace, e.to_string()))?;
     let queue_pairs = req.num_queue_pairs as usize;
     EngineMemory::import(
