@@ -104,12 +104,13 @@ pub struct ServeConfig {
     /// buffer's full memfd size counts, sparse or not). Unset: the machine's physical
     /// memory. An attach past it is refused.
     pub max_mapped_bytes: Option<u64>,
-    /// Host memfd regions of engines' KV memory the daemon maps at once, all sessions
-    /// together. Each is a mapping of its own, and the kernel caps a process's mappings
-    /// at `vm.max_map_count` (65,530 by default): past that cap every mmap fails, the
-    /// daemon's own allocations included. An attach past it is refused. Unset: half of
-    /// `vm.max_map_count` as read at start-up; a daemon set above that half does not start.
-    pub max_mapped_host_regions: Option<u32>,
+    /// Mappings the daemon holds for engines' KV memory at once, all sessions together:
+    /// each host memfd region, and each gap page alignment leaves between two (one
+    /// session's regions are mapped back to back). The kernel caps a process's mappings at `vm.max_map_count`
+    /// (65,530 by default): past that cap every mmap fails, the daemon's own allocations
+    /// included. An attach past it is refused. Unset: half of `vm.max_map_count` as read
+    /// at start-up; a daemon set above that half does not start.
+    pub max_engine_mappings: Option<u32>,
     /// Accept hugetlb (`MFD_HUGETLB`) KV buffers. Their pages can vanish under the daemon
     /// (punched out while the hugepage pool is empty); the copies survive that (the
     /// session ends), but the default refuses such buffers at attach.
@@ -171,16 +172,17 @@ impl ServeConfig {
         self.max_mapped_bytes.unwrap_or_else(physical_memory_bytes)
     }
 
-    /// `max_mapped_host_regions`, resolved against a `vm.max_map_count`: at most half of
-    /// it, so that the daemon's own mappings (threads, libraries, heap, session segments,
-    /// io_uring rings) always have the other half.
-    pub fn mapped_host_regions_limit(&self, max_map_count: u64) -> Result<u32, ConfigError> {
+    /// `max_engine_mappings`, resolved against a `vm.max_map_count`: at most half of
+    /// it, so that the daemon's own mappings (threads, libraries, heap, tiers, io_uring
+    /// rings, session segments: at most `max_sessions`, 4,096; and what GPU imports map,
+    /// which is not counted) have the other half.
+    pub fn engine_mappings_limit(&self, max_map_count: u64) -> Result<u32, ConfigError> {
         let half = u32::try_from(max_map_count / 2).unwrap_or(u32::MAX);
-        match self.max_mapped_host_regions {
+        match self.max_engine_mappings {
             None => Ok(half),
             Some(n) if n <= half => Ok(n),
             Some(n) => Err(invalid(
-                "serve.max_mapped_host_regions",
+                "serve.max_engine_mappings",
                 format!(
                     "{n} is over half of vm.max_map_count ({max_map_count}): past that the daemon's own mmaps fail; raise vm.max_map_count or lower this"
                 ),
@@ -212,7 +214,7 @@ impl Default for ServeConfig {
             run_as_uid: None,
             run_as_gid: None,
             max_mapped_bytes: None,
-            max_mapped_host_regions: None,
+            max_engine_mappings: None,
             allow_hugetlb_kv_buffers: false,
             dataplane_threads: 0,
             dataplane_cpus: Vec::new(),
@@ -380,9 +382,9 @@ impl Config {
                 format!("must be in 1..=16384, got {}", s.max_pending_handshakes),
             ));
         }
-        if s.max_mapped_host_regions == Some(0) {
+        if s.max_engine_mappings == Some(0) {
             return Err(invalid(
-                "serve.max_mapped_host_regions",
+                "serve.max_engine_mappings",
                 "must be at least 1 (unset: half of vm.max_map_count)".to_string(),
             ));
         }
@@ -608,9 +610,9 @@ drop_privileges = {drop}
 # Bytes of engine KV buffers mapped at once, all sessions together (a buffer's full memfd
 # size counts, sparse or not); an attach past it is refused. Unset: physical memory.
 # max_mapped_bytes = 1099511627776
-# Host memfd regions mapped at once, all sessions together (each is a mapping, and past
+# Mappings of engines' host memfd KV regions held at once, all sessions together (past
 # vm.max_map_count every mmap of the daemon fails). Unset: half of vm.max_map_count.
-# max_mapped_host_regions = 16384
+# max_engine_mappings = 16384
 # Accept hugetlb KV buffers (their pages can vanish; a fault then ends that session).
 allow_hugetlb_kv_buffers = {hugetlb}
 # Data-plane threads polling all sessions' queue pairs, each serving up to 127 sessions
@@ -843,7 +845,7 @@ mod tests {
                 run_as_uid: Some(65534),
                 run_as_gid: Some(65534),
                 max_mapped_bytes: Some(1 << 34),
-                max_mapped_host_regions: Some(1000),
+                max_engine_mappings: Some(1000),
                 allow_hugetlb_kv_buffers: true,
                 dataplane_threads: 2,
                 dataplane_cpus: vec![1, 0],
@@ -929,8 +931,8 @@ mod tests {
             ("[serve]\nmax_queue_pairs = 17", "serve.max_queue_pairs"),
             ("[serve]\nspin_us = 99999", "serve.spin_us"),
             (
-                "[serve]\nmax_mapped_host_regions = 0",
-                "serve.max_mapped_host_regions",
+                "[serve]\nmax_engine_mappings = 0",
+                "serve.max_engine_mappings",
             ),
             (
                 "[serve]\nengine_event_timeout_ms = 0",
@@ -1096,17 +1098,17 @@ mod tests {
     }
 
     #[test]
-    fn the_host_region_cap_keeps_half_the_kernels_mappings_for_the_daemon() {
+    fn the_session_mapping_cap_keeps_half_the_kernels_mappings_for_the_daemon() {
         let mut s = ServeConfig::default();
-        assert_eq!(s.mapped_host_regions_limit(65_530).unwrap(), 32_765);
-        s.max_mapped_host_regions = Some(32_765);
-        assert_eq!(s.mapped_host_regions_limit(65_530).unwrap(), 32_765);
-        s.max_mapped_host_regions = Some(32_766);
-        let e = s.mapped_host_regions_limit(65_530).unwrap_err().to_string();
+        assert_eq!(s.engine_mappings_limit(65_530).unwrap(), 32_765);
+        s.max_engine_mappings = Some(32_765);
+        assert_eq!(s.engine_mappings_limit(65_530).unwrap(), 32_765);
+        s.max_engine_mappings = Some(32_766);
+        let e = s.engine_mappings_limit(65_530).unwrap_err().to_string();
         assert!(
-            e.contains("serve.max_mapped_host_regions") && e.contains("vm.max_map_count"),
+            e.contains("serve.max_engine_mappings") && e.contains("vm.max_map_count"),
             "{e}"
         );
-        assert_eq!(s.mapped_host_regions_limit(1 << 40).unwrap(), 32_766);
+        assert_eq!(s.engine_mappings_limit(1 << 40).unwrap(), 32_766);
     }
 }

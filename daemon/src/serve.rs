@@ -47,6 +47,11 @@ pub fn run(args: ServeArgs) -> ServeResult {
         return Ok(());
     }
     let mut config = load_config(&args)?;
+    // Before the tiers are built: a cap on engines' mappings the kernel cannot honour
+    // stops the start-up at once (the daemon resolves it again when it starts serving).
+    config
+        .serve
+        .engine_mappings_limit(crate::config::max_map_count())?;
     // NATS credentials are root's files: read them now, before privileges are dropped.
     config.events.load_nats_auth()?;
     signals::block_termination()?;

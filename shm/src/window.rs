@@ -5,7 +5,11 @@
 //! The whole range is reserved first (no access, no memory), then each memfd is mapped
 //! over its part with `MAP_FIXED`, which only ever replaces our own reservation. Each part
 //! starts at a multiple of its file's page size (2 MiB or 1 GiB for hugetlbfs), as mmap
-//! requires. The range is unmapped as a whole on drop.
+//! requires. What the alignment left of the reservation before the first part and after
+//! the last is unmapped at once, so the window holds one mapping per part and one per gap
+//! between parts ([`HostWindow::mappings`], which the daemon charges before mapping: every
+//! mapping counts against the kernel's `vm.max_map_count`). The range is unmapped as a
+//! whole on drop.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
@@ -16,9 +20,6 @@ use crate::sys;
 /// Several memfds in one contiguous mapping.
 #[derive(Debug)]
 pub struct HostWindow {
-    /// The reservation: what drop unmaps.
-    reserved: NonNull<u8>,
-    reserved_bytes: usize,
     /// The first part's address (the reservation rounded up to the largest page size).
     base: NonNull<u8>,
     len_bytes: usize,
@@ -35,10 +36,16 @@ fn round_up(x: usize, to: usize) -> Option<usize> {
     x.checked_add(to - 1).map(|v| v / to * to)
 }
 
-impl HostWindow {
-    /// Maps `parts` (a memfd and its size in bytes each) read/write and shared, in order,
-    /// into one window. An empty list is an error.
-    pub fn map(parts: &[(BorrowedFd<'_>, u64)]) -> Result<Self> {
+/// Where each part of a window goes.
+struct Layout {
+    /// Each part's offset from the window's base, and its mapped length.
+    parts: Vec<(u64, usize)>,
+    len_bytes: usize,
+    max_align: usize,
+}
+
+impl Layout {
+    fn new(parts: &[(BorrowedFd<'_>, u64)]) -> Result<Self> {
         let too_big = |what: &'static str, value: u64| ShmError::Geometry {
             field: what,
             value,
@@ -51,9 +58,7 @@ impl HostWindow {
                 reason: "a host window needs at least one memfd",
             });
         }
-        // Where each part goes, relative to an aligned base.
-        let mut part_offsets = Vec::with_capacity(parts.len());
-        let mut lens = Vec::with_capacity(parts.len());
+        let mut placed = Vec::with_capacity(parts.len());
         let mut cursor = 0usize;
         let mut max_align = sys::page_bytes();
         for (fd, bytes) in parts {
@@ -62,34 +67,78 @@ impl HostWindow {
             let bytes_usize = usize::try_from(*bytes).map_err(|_| too_big("len_bytes", *bytes))?;
             let len = round_up(bytes_usize.max(1), align).ok_or(too_big("len_bytes", *bytes))?;
             let at = round_up(cursor, align).ok_or(too_big("window", cursor as u64))?;
-            part_offsets.push(at as u64);
-            lens.push(len);
+            placed.push((at as u64, len));
             cursor = at.checked_add(len).ok_or(too_big("window", at as u64))?;
             max_align = max_align.max(align);
         }
-        let len_bytes = cursor;
-        let reserved_bytes = len_bytes
-            .checked_add(max_align)
-            .ok_or(too_big("window", len_bytes as u64))?;
+        Ok(Layout {
+            parts: placed,
+            len_bytes: cursor,
+            max_align,
+        })
+    }
+
+    /// Mappings the window holds: each part, and each gap alignment leaves before one.
+    fn mappings(&self) -> u32 {
+        let mut end = 0u64;
+        let mut n = 0u32;
+        for &(at, len) in &self.parts {
+            n = n.saturating_add(if at > end { 2 } else { 1 });
+            end = at + len as u64;
+        }
+        n
+    }
+}
+
+impl HostWindow {
+    /// How many mappings [`HostWindow::map`] of `parts` makes (at most: the kernel may
+    /// merge neighbours), without mapping anything.
+    pub fn mappings(parts: &[(BorrowedFd<'_>, u64)]) -> Result<u32> {
+        Ok(Layout::new(parts)?.mappings())
+    }
+
+    /// Maps `parts` (a memfd and its size in bytes each) read/write and shared, in order,
+    /// into one window. An empty list is an error.
+    pub fn map(parts: &[(BorrowedFd<'_>, u64)]) -> Result<Self> {
+        let layout = Layout::new(parts)?;
+        let reserved_bytes =
+            layout
+                .len_bytes
+                .checked_add(layout.max_align)
+                .ok_or(ShmError::Geometry {
+                    field: "window",
+                    value: layout.len_bytes as u64,
+                    reason: "host window larger than the address space",
+                })?;
         let reserved = sys::reserve_address_space(reserved_bytes)
             .map_err(|e| ShmError::io("reserve host window", e))?;
-        let skip = (max_align - (reserved.as_ptr() as usize % max_align)) % max_align;
+        let skip =
+            (layout.max_align - (reserved.as_ptr() as usize % layout.max_align)) % layout.max_align;
         // SAFETY: skip < max_align and the reservation is len_bytes + max_align long.
         let base = unsafe { reserved.add(skip) };
+        // SAFETY: [reserved, base) and [base + len_bytes, reserved + reserved_bytes) are
+        // this reservation's own unused ends (skip + len_bytes <= reserved_bytes); the
+        // window keeps [base, base + len_bytes).
+        unsafe {
+            if skip > 0 {
+                sys::unmap(reserved, skip);
+            }
+            let tail = reserved_bytes - skip - layout.len_bytes;
+            if tail > 0 {
+                sys::unmap(base.add(layout.len_bytes), tail);
+            }
+        }
         let window = HostWindow {
-            reserved,
-            reserved_bytes,
             base,
-            len_bytes,
-            part_offsets,
+            len_bytes: layout.len_bytes,
+            part_offsets: layout.parts.iter().map(|&(at, _)| at).collect(),
         };
-        for (i, (fd, _)) in parts.iter().enumerate() {
-            let off = window.part_offsets[i] as usize;
-            // SAFETY: [base + off, base + off + lens[i]) lies inside the reservation this
-            // window owns (offsets computed above, each part before the next), so the fixed
-            // mapping replaces only our own reserved, unused pages. On failure `window`
-            // is dropped, unmapping the whole reservation.
-            unsafe { sys::map_shared_fixed(window.base.add(off), lens[i], fd.as_raw_fd()) }
+        for (&(off, len), (fd, _)) in layout.parts.iter().zip(parts) {
+            // SAFETY: [base + off, base + off + len) lies inside the window's reservation
+            // (offsets computed above, each part before the next), so the fixed mapping
+            // replaces only our own reserved, unused pages. On failure `window` is
+            // dropped, unmapping the whole range.
+            unsafe { sys::map_shared_fixed(window.base.add(off as usize), len, fd.as_raw_fd()) }
                 .map_err(|e| ShmError::io("mmap host region into its window", e))?;
         }
         Ok(window)
@@ -113,9 +162,9 @@ impl HostWindow {
 
 impl Drop for HostWindow {
     fn drop(&mut self) {
-        // SAFETY: the reservation (and every part mapped over it) is this value's alone;
-        // users hold the window while they use its memory.
-        unsafe { sys::unmap(self.reserved, self.reserved_bytes) };
+        // SAFETY: the range (every part and gap of it) is this value's alone; users hold
+        // the window while they use its memory.
+        unsafe { sys::unmap(self.base, self.len_bytes) };
     }
 }
 
@@ -152,6 +201,70 @@ mod tests {
         assert_eq!(unsafe { w.base().as_ptr().add(off_b + 100).read() }, 0x42);
         assert!(HostWindow::map(&[]).is_err());
     }
+    /// The window holds the mappings it says it will, which is what the daemon charges
+    /// against vm.max_map_count: one per part here (no gaps between 4 KiB-page files).
+    #[test]
+    fn a_window_holds_the_mappings_it_counts() {
+        let fds: Vec<_> = (0..5)
+            .map(|i| sys::memfd_create_sealed("part", 4096 * (i + 1)).unwrap())
+            .collect();
+        let parts: Vec<_> = fds
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.as_fd(), 4096 * (i as u64 + 1)))
+            .collect();
+        assert_eq!(HostWindow::mappings(&parts).unwrap(), 5);
+        let w = HostWindow::map(&parts).unwrap();
+        let (lo, hi) = (
+            w.base().as_ptr() as u64,
+            w.base().as_ptr() as u64 + w.len_bytes() as u64,
+        );
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let inside = maps
+            .lines()
+            .filter_map(|l| {
+                let (range, _) = l.split_once(' ')?;
+                let (a, b) = range.split_once('-')?;
+                Some((
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                ))
+            })
+            .filter(|&(a, b)| a < hi && b > lo)
+            .collect::<Vec<_>>();
+        assert_eq!(inside.len(), 5, "{inside:x?}");
+        assert!(
+            inside.iter().all(|&(a, b)| a >= lo && b <= hi),
+            "{inside:x?}"
+        );
+        // The reservation's unused tail went at once (it would be a sixth mapping).
+        let tail = format!("{hi:x}-");
+        assert!(
+            !maps
+                .lines()
+                .any(|l| l.starts_with(&tail) && l.contains(" ---p ")),
+            "the reservation's tail is still mapped:\n{maps}"
+        );
+    }
+
+    /// A part aligned past the end of the one before (a hugetlb file after a small one)
+    /// leaves a gap of reservation between them: a mapping too.
+    #[test]
+    fn gaps_between_parts_are_mappings() {
+        let mib2 = 2u64 << 20;
+        let layout = Layout {
+            parts: vec![
+                (0, 4096),
+                (mib2, mib2 as usize),
+                (2 * mib2, 4096),
+                (4 * mib2, 4096),
+            ],
+            len_bytes: 4 * mib2 as usize + 4096,
+            max_align: mib2 as usize,
+        };
+        assert_eq!(layout.mappings(), 4 + 2);
+    }
+
     // hugetlb parts (aligned to their huge page) are exercised through the daemon by
     // tests/tests/engine_memory.rs, which reserves the hugepages they need.
 }

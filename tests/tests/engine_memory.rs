@@ -516,11 +516,11 @@ fn a_namespace_is_held_to_its_mapped_cap() {
 /// are capped; an attach past the cap is refused, the other sessions keep serving, and
 /// a session that ends gives its regions back.
 #[test]
-fn host_regions_past_the_mapped_region_cap_are_refused() {
+fn mappings_past_the_mapped_region_cap_are_refused() {
     let dir = temp_dir("engine-mem-regions");
     let config = small_config(dir.path(), |c| {
         with_ephemeral_metrics(c);
-        c.serve.max_mapped_host_regions = Some(3);
+        c.serve.max_engine_mappings = Some(3);
     });
     let daemon = DaemonProc::start(
         dir.path(),
@@ -537,14 +537,11 @@ fn host_regions_past_the_mapped_region_cap_are_refused() {
     };
     let mut first = TestEngine::attach(&daemon.socket, "ns").expect("one region");
     let two = regions(2).expect("three of three");
-    expect_refused(regions(1), Status::NoSpace, "serve.max_mapped_host_regions");
+    expect_refused(regions(1), Status::NoSpace, "serve.max_engine_mappings");
     save_and_verify(&mut first, 0x30_000, 2);
     let addr = control_addr(&daemon);
     let (_, metrics) = http_get(&addr, "/metrics");
-    assert!(
-        metrics.contains("kvplane_engine_mapped_host_regions 3\n"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("kvplane_engine_mappings 3\n"), "{metrics}");
     drop(two);
     let t0 = Instant::now();
     let again = loop {
@@ -559,7 +556,7 @@ fn host_regions_past_the_mapped_region_cap_are_refused() {
             }
         }
     };
-    expect_refused(regions(1), Status::NoSpace, "serve.max_mapped_host_regions");
+    expect_refused(regions(1), Status::NoSpace, "serve.max_engine_mappings");
     save_and_verify(&mut first, 0x31_000, 2);
     drop(again);
 }
@@ -575,7 +572,7 @@ fn a_region_cap_over_half_the_kernels_map_count_stops_the_daemon() {
         .parse()
         .expect("a number");
     let over = u32::try_from(max_map_count / 2 + 1).expect("fits a u32");
-    let config = small_config(dir.path(), |c| c.serve.max_mapped_host_regions = Some(over));
+    let config = small_config(dir.path(), |c| c.serve.max_engine_mappings = Some(over));
     let log = dir.path().join("serve.log");
     let mut child = std::process::Command::new(kvplane_tests::kvplane_bin())
         .args(["serve", "--config", config.to_str().expect("utf-8 path")])
@@ -601,7 +598,7 @@ fn a_region_cap_over_half_the_kernels_map_count_stops_the_daemon() {
     let stderr = std::fs::read_to_string(&log).expect("read the log");
     assert!(!status.success(), "{stderr}");
     assert!(
-        stderr.contains("serve.max_mapped_host_regions") && stderr.contains("vm.max_map_count"),
+        stderr.contains("serve.max_engine_mappings") && stderr.contains("vm.max_map_count"),
         "{stderr}"
     );
 }

@@ -1199,12 +1199,11 @@ impl BlockManager {
 
     /// Frees NVMe slots whose headers the mover erased (after a drop or a corrupt copy).
     pub fn commit_erase(&self, slots: &[u32]) {
-        if slots.is_empty() {
-            return;
-        }
-        let mut reg = self.lock();
-        for &s in slots {
-            reg.free_detached(Tier::Nvme, s);
+        for chunk in slots.chunks(DROP_CHUNK_BLOCKS as usize) {
+            let mut reg = self.lock();
+            for &s in chunk {
+                reg.free_detached(Tier::Nvme, s);
+            }
         }
     }
 
@@ -1414,12 +1413,15 @@ impl BlockManager {
     /// that namespace's entries only, [`DROP_CHUNK_BLOCKS`] per hold of the lock.
     pub fn plan_clear(&self, namespace: u32) -> DropPlan {
         let mut plan = DropPlan::default();
-        let mut left = self.lock().namespace_len(namespace);
+        let (mut left, walk) = {
+            let mut reg = self.lock();
+            (reg.namespace_len(namespace), reg.begin_walk())
+        };
         while left > 0 {
             let mut reg = self.lock();
             for _ in 0..left.min(DROP_CHUNK_BLOCKS) {
                 left -= 1;
-                let Some(key) = reg.rotate_namespace(namespace) else {
+                let Some(key) = reg.rotate_namespace(namespace, walk) else {
                     left = 0;
                     break;
                 };

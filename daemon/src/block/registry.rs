@@ -7,7 +7,7 @@
 //! prefixes), no leases and no operation in flight; they are ordered by (priority, last use)
 //! so low priority goes first and LRU decides within a class.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 
 use crate::tier::{PerTier, SlotAllocator, Tier};
@@ -144,6 +144,8 @@ struct Entry {
     /// Neighbours in its namespace's list ([`NsList`]); `NO_ENTRY` at either end.
     ns_prev: u32,
     ns_next: u32,
+    /// The last namespace walk that met this entry ([`Registry::begin_walk`]; 0: none).
+    walk: u64,
 }
 
 /// No entry (the end of a namespace list).
@@ -266,11 +268,13 @@ pub struct Registry {
     candidates: PerTier<BTreeSet<(u8, u64, u32)>>,
     sessions: HashMap<SessionId, HashMap<BlockKey, u32, BuildKeyHasher>>,
     /// Slots taken out of an entry but not yet freed (e.g. an NVMe slot being tombstoned).
-    detached: PerTier<Vec<u32>>,
+    detached: PerTier<HashSet<u32>>,
     /// Namespaces with a quota (set at start-up, before any block exists).
     quotas: Vec<NsQuota>,
     /// Each namespace's entries (namespaces with none have no list).
     ns_lists: HashMap<u32, NsList>,
+    /// The last namespace walk begun (walks are numbered from 1).
+    walks: u64,
     clock: u64,
     events: Vec<BlockEvent>,
     pub record_events: bool,
@@ -290,6 +294,7 @@ impl Registry {
             detached: Default::default(),
             quotas: Vec::new(),
             ns_lists: HashMap::new(),
+            walks: 0,
             clock: 1,
             events: Vec::new(),
             record_events: false,
@@ -530,6 +535,7 @@ impl Registry {
             },
             ns_prev: NO_ENTRY,
             ns_next: NO_ENTRY,
+            walk: 0,
         };
         let i = match self.free_entries.pop() {
             Some(i) => {
@@ -870,7 +876,7 @@ impl Registry {
         let parent = e.parent;
         self.count_slot(i, t, false);
         if detach {
-            self.detached[t].push(slot);
+            self.detached[t].insert(slot);
         } else {
             self.alloc[t].free(slot);
         }
@@ -904,10 +910,8 @@ impl Registry {
     }
 
     pub fn free_detached(&mut self, tier: Tier, slot: u32) {
-        let t = tier;
-        if let Some(pos) = self.detached[t].iter().position(|&s| s == slot) {
-            self.detached[t].swap_remove(pos);
-            self.alloc[t].free(slot);
+        if self.detached[tier].remove(&slot) {
+            self.alloc[tier].free(slot);
         }
     }
 
@@ -1057,12 +1061,28 @@ impl Registry {
         self.ns_lists.get(&namespace).map_or(0, |l| l.len)
     }
 
-    /// The key of the namespace's first entry, which moves to the end of the list: a CLEAR
-    /// that calls this `namespace_len` times, in chunks with the lock released between
-    /// them, meets every entry the namespace had when it started once (entries it cannot
-    /// drop go to the back instead of being met again; new ones join behind them).
-    pub fn rotate_namespace(&mut self, namespace: u32) -> Option<BlockKey> {
+    /// A new walk of a namespace's entries, for [`Registry::rotate_namespace`].
+    pub fn begin_walk(&mut self) -> u64 {
+        self.walks += 1;
+        self.walks
+    }
+
+    /// The key of the namespace's first entry, which `walk` meets now and which moves to
+    /// the end of the list; `None` once the first entry is one `walk` met already (it
+    /// came round) or the list is empty. A CLEAR calls this in chunks, with the lock
+    /// released between them: it meets each entry the namespace had when it began once,
+    /// wherever entries are collected meanwhile, and stops at the first one it kept (new
+    /// entries join the list behind those it kept, and are met too only if they came
+    /// before any was kept). Only another walk of the same namespace in between (a
+    /// second CLEAR) can make it meet an entry twice; callers also stop after
+    /// `namespace_len` at the walk's start.
+    pub fn rotate_namespace(&mut self, namespace: u32, walk: u64) -> Option<BlockKey> {
         let i = self.ns_lists.get(&namespace)?.first;
+        let e = &mut self.entries[i as usize];
+        if e.walk == walk {
+            return None;
+        }
+        e.walk = walk;
         self.ns_unlink(i);
         self.ns_push_back(i);
         Some(self.entries[i as usize].key)

@@ -615,7 +615,7 @@ fn session_counters(state: &State) -> SessionCounters {
         protocol_violations: c.protocol_violations.load(Ordering::Relaxed),
         engine_memory_faults: c.engine_memory_faults.load(Ordering::Relaxed),
         engine_mapped_bytes: state.shared.dataplane.mapped.total_bytes(),
-        engine_mapped_host_regions: state.shared.dataplane.mapped.host_regions(),
+        engine_mappings: state.shared.dataplane.mapped.mappings(),
         ops_completed: c.ops_completed.load(Ordering::Relaxed),
         ops_failed: c.ops_failed.load(Ordering::Relaxed),
     }

@@ -29,8 +29,8 @@ pub struct SessionCounters {
     pub engine_memory_faults: u64,
     /// Engine KV buffers mapped now (against `serve.max_mapped_bytes`).
     pub engine_mapped_bytes: u64,
-    /// Host memfd regions of engines mapped now (against `serve.max_mapped_host_regions`).
-    pub engine_mapped_host_regions: u32,
+    /// Mappings of engines' host KV regions held now (against `serve.max_engine_mappings`).
+    pub engine_mappings: u32,
     pub ops_completed: u64,
     pub ops_failed: u64,
 }
@@ -509,15 +509,11 @@ pub fn render(s: &Scrape<'_>) -> String {
         s.counters.engine_mapped_bytes,
     );
     o.family(
-        "kvplane_engine_mapped_host_regions",
+        "kvplane_engine_mappings",
         "gauge",
-        "Host memfd regions of engines the daemon maps now (each is one of its mappings).",
+        "Mappings the daemon holds for engines' host KV regions now (regions and the gaps between them).",
     );
-    o.sample(
-        "kvplane_engine_mapped_host_regions",
-        &[],
-        s.counters.engine_mapped_host_regions,
-    );
+    o.sample("kvplane_engine_mappings", &[], s.counters.engine_mappings);
     o.family(
         "kvplane_session_info",
         "gauge",

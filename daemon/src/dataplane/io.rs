@@ -161,8 +161,10 @@ impl DataPlane {
     /// from NVMe), a DROP or CLEAR_NAMESPACE (they erase the NVMe slot headers before
     /// completing); or on a copy from G1 down to the host tier: a SAVE kept on the GPU
     /// when the daemon has G1 (making room there may copy a victim down and wait for
-    /// it). Such requests go to the [`IoPool`]; everything else is served on the
-    /// data-plane thread, which never waits for the device.
+    /// it). A CLEAR_NAMESPACE goes to the pool with or without an NVMe tier: it visits
+    /// every entry of its namespace, which a data-plane thread serving other sessions
+    /// must not wait for. Such requests go to the [`IoPool`]; everything else is served
+    /// on the data-plane thread, which never waits for the device.
     ///
     /// A SAVE that names an engine IPC event is not handed over at first
     /// (`at_submission`): the data-plane thread polls the event, holding nothing, and
@@ -184,6 +186,6 @@ impl DataPlane {
         let copy_down = stores.hbm.is_some()
             && req.opcode == Opcode::Save
             && req.flags & kvplane_ffi::SQE_F_KEEP_ON_GPU != 0;
-        nvme || copy_down
+        nvme || copy_down || req.opcode == Opcode::ClearNamespace
     }
 }

@@ -4,8 +4,9 @@
 //! daemon's 128 TiB of address space and every later attach fails. The ledger charges each
 //! buffer, before it is mapped, to the daemon-wide total and to every namespace its session
 //! binds, and refuses the attach that would pass a limit; the charge is returned when the
-//! mapping goes. Host memfd regions are also counted: each is a mapping of its own, and
-//! past `vm.max_map_count` every mmap of the daemon fails, its own allocations included.
+//! mapping goes. The mappings a session's host window costs (each host memfd region and
+//! the gaps between them) are counted too: past `vm.max_map_count` every mmap of the
+//! daemon fails, its own allocations included.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,8 +23,8 @@ pub enum MapLimitError {
         held_bytes: u64,
         limit_bytes: u64,
     },
-    #[error("{asked} host regions over serve.max_mapped_host_regions {limit} ({held} mapped)")]
-    HostRegions { asked: u32, held: u32, limit: u32 },
+    #[error("{asked} mappings over serve.max_engine_mappings {limit} ({held} held)")]
+    Mappings { asked: u32, held: u32, limit: u32 },
     #[error(
         "namespace `{namespace}` max_mapped_bytes {limit_bytes} B: KV buffer {asked_bytes} B, {held_bytes} B mapped"
     )]
@@ -38,7 +39,7 @@ pub enum MapLimitError {
 #[derive(Debug, Default)]
 struct Held {
     total_bytes: u64,
-    host_regions: u32,
+    mappings: u32,
     /// Global namespace id -> bytes mapped for sessions bound to it.
     per_namespace: HashMap<u32, u64>,
 }
@@ -61,7 +62,7 @@ pub struct NamespaceLimit<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct MapLimits {
     pub bytes: u64,
-    pub host_regions: u32,
+    pub mappings: u32,
 }
 
 /// A charge against the ledger, returned when dropped (with the mapping it paid for).
@@ -69,7 +70,7 @@ pub struct MapLimits {
 pub struct MappedCharge {
     ledger: Arc<MappedLedger>,
     bytes: u64,
-    host_regions: u32,
+    mappings: u32,
     namespaces: Vec<u32>,
 }
 
@@ -84,18 +85,18 @@ impl MappedLedger {
         self.lock().total_bytes
     }
 
-    /// Host memfd regions mapped now.
-    pub fn host_regions(&self) -> u32 {
-        self.lock().host_regions
+    /// Mappings of engines' host windows held now.
+    pub fn mappings(&self) -> u32 {
+        self.lock().mappings
     }
 
-    /// Charges `bytes` in `host_regions` mappings to the totals and the bytes to each
+    /// Charges `bytes` in `mappings` mappings to the totals and the bytes to each
     /// namespace, or refuses without charging anything. Check and charge happen under one
     /// lock, so concurrent attaches cannot both fit in the last free share.
     pub fn charge(
         self: &Arc<Self>,
         bytes: u64,
-        host_regions: u32,
+        mappings: u32,
         limits: MapLimits,
         namespaces: &[NamespaceLimit<'_>],
     ) -> Result<MappedCharge, MapLimitError> {
@@ -111,14 +112,14 @@ impl MappedLedger {
             });
         }
         if over(
-            held.host_regions.into(),
-            host_regions.into(),
-            limits.host_regions.into(),
+            held.mappings.into(),
+            mappings.into(),
+            limits.mappings.into(),
         ) {
-            return Err(MapLimitError::HostRegions {
-                asked: host_regions,
-                held: held.host_regions,
-                limit: limits.host_regions,
+            return Err(MapLimitError::Mappings {
+                asked: mappings,
+                held: held.mappings,
+                limit: limits.mappings,
             });
         }
         let mut ids: Vec<u32> = Vec::with_capacity(namespaces.len());
@@ -140,14 +141,14 @@ impl MappedLedger {
             ids.push(ns.id);
         }
         held.total_bytes += bytes;
-        held.host_regions += host_regions;
+        held.mappings += mappings;
         for id in &ids {
             *held.per_namespace.entry(*id).or_insert(0) += bytes;
         }
         Ok(MappedCharge {
             ledger: Arc::clone(self),
             bytes,
-            host_regions,
+            mappings,
             namespaces: ids,
         })
     }
@@ -157,7 +158,7 @@ impl Drop for MappedCharge {
     fn drop(&mut self) {
         let mut held = self.ledger.lock();
         held.total_bytes -= self.bytes;
-        held.host_regions -= self.host_regions;
+        held.mappings -= self.mappings;
         for id in &self.namespaces {
             if let Some(n) = held.per_namespace.get_mut(id) {
                 *n -= self.bytes;
@@ -184,7 +185,7 @@ mod tests {
     fn bytes(limit: u64) -> MapLimits {
         MapLimits {
             bytes: limit,
-            host_regions: u32::MAX,
+            mappings: u32::MAX,
         }
     }
 
@@ -204,7 +205,7 @@ mod tests {
             Err(MapLimitError::Namespace { held_bytes: 60, .. })
         ));
         // A refusal charged nothing.
-        assert_eq!((l.total_bytes(), l.host_regions()), (60, 1));
+        assert_eq!((l.total_bytes(), l.mappings()), (60, 1));
         let b = l
             .charge(20, 1, bytes(100), &[ns(1, Some(80)), ns(1, Some(80))])
             .expect("fits");
@@ -215,7 +216,7 @@ mod tests {
             .charge(60, 1, bytes(100), &[ns(1, Some(80))])
             .expect("freed by the drop");
         drop((b, c));
-        assert_eq!((l.total_bytes(), l.host_regions()), (0, 0));
+        assert_eq!((l.total_bytes(), l.mappings()), (0, 0));
         assert!(l.lock().per_namespace.is_empty());
         // Overflow is a refusal, not a wrap.
         let _d = l.charge(10, 1, bytes(u64::MAX), &[]).expect("fits");
@@ -230,29 +231,25 @@ mod tests {
     /// Each host region is a mapping of the daemon's, and past vm.max_map_count every
     /// mmap fails: regions are counted against their own limit, whatever their bytes.
     #[test]
-    fn host_regions_are_bounded_and_returned() {
+    fn mappings_are_bounded_and_returned() {
         let l = Arc::new(MappedLedger::default());
         let limits = MapLimits {
             bytes: u64::MAX,
-            host_regions: 5,
+            mappings: 5,
         };
         let a = l.charge(10, 3, limits, &[]).expect("fits");
         let refused = l.charge(1, 3, limits, &[]).unwrap_err();
         assert_eq!(
             refused,
-            MapLimitError::HostRegions {
+            MapLimitError::Mappings {
                 asked: 3,
                 held: 3,
                 limit: 5
             }
         );
-        assert!(
-            refused
-                .to_string()
-                .contains("serve.max_mapped_host_regions")
-        );
+        assert!(refused.to_string().contains("serve.max_engine_mappings"));
         assert_eq!(
-            (l.total_bytes(), l.host_regions()),
+            (l.total_bytes(), l.mappings()),
             (10, 3),
             "a refusal charges nothing"
         );
@@ -261,6 +258,6 @@ mod tests {
         drop(a);
         let c = l.charge(0, 3, limits, &[]).expect("freed by the drop");
         drop((b, c));
-        assert_eq!(l.host_regions(), 0);
+        assert_eq!(l.mappings(), 0);
     }
 }

@@ -1364,6 +1364,45 @@ mod tests {
         assert_eq!(save_outcome(false, &kept), (Status::Ok, Tier::Hbm));
     }
 
+    /// A CLEAR_NAMESPACE visits every entry of its namespace, so it never runs on a
+    /// data-plane thread, NVMe tier or not; a LOOKUP or a host-only SAVE does.
+    #[test]
+    fn a_clear_goes_to_the_io_threads_without_an_nvme_tier() {
+        let mut tiers = crate::tier::TiersConfig::default();
+        tiers.hbm.capacity_bytes = 0;
+        tiers.host.capacity_bytes = 4 * (4096 + 8192);
+        tiers.host.lock = false;
+        tiers.host.touch_threads = 1;
+        let blocks = crate::block::BlockConfig {
+            block_bytes: 8192,
+            ..crate::block::BlockConfig::default()
+        };
+        let manager = crate::block::BlockManager::new(
+            &blocks,
+            &tiers,
+            crate::block::ManagerOptions::default(),
+        )
+        .unwrap();
+        let dp = DataPlane::with_blocks(Arc::new(manager));
+        let req = |opcode| Request {
+            user_data: 1,
+            opcode,
+            flags: 0,
+            namespace_id: 0,
+            arg_offset: 0,
+            arg_len: 0,
+            count: 0,
+            param0: 0,
+            param1: 0,
+        };
+        assert!(dp.may_do_io(&req(Opcode::ClearNamespace), true));
+        assert!(!dp.may_do_io(&req(Opcode::Lookup), true));
+        assert!(
+            !dp.may_do_io(&req(Opcode::Save), true),
+            "no NVMe tier to wait on"
+        );
+    }
+
     /// A burst of `EVENT_OPEN_BURST` opens goes through, the next one waits an interval,
     /// and after a second `EVENT_OPENS_PER_S` more go through.
     #[test]

@@ -11,7 +11,7 @@ pub mod socket;
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use kvplane_ffi::{self as ffi, Pod, Status, kvp_attach_reply};
 use kvplane_shm::handshake::AttachRequest;
+use kvplane_shm::window::HostWindow;
 use kvplane_shm::{Geometry, Segment, ShmError, sys};
 
 use crate::config::Config;
@@ -75,8 +76,8 @@ pub struct DaemonShared {
     pool: pool::Pool,
     admission: Arc<Admission>,
     daemon_uid: u32,
-    /// `serve.max_mapped_host_regions`, resolved against vm.max_map_count at start-up.
-    host_regions_limit: u32,
+    /// `serve.max_engine_mappings`, resolved against vm.max_map_count at start-up.
+    mappings_limit: u32,
 }
 
 /// A live session, as `status` shows it.
@@ -182,9 +183,9 @@ impl BoundDaemon {
             crossbeam::channel::bounded::<Complete>(config.serve.max_pending_handshakes as usize);
         let workers_n = config.serve.handshake_workers;
         sys::futex_waitv_available().map_err(DaemonError::FutexWaitv)?;
-        let host_regions_limit = config
+        let mappings_limit = config
             .serve
-            .mapped_host_regions_limit(crate::config::max_map_count())?;
+            .engine_mappings_limit(crate::config::max_map_count())?;
         let mut io = IoPool::start(
             &dataplane,
             config.serve.io_threads as usize,
@@ -199,7 +200,7 @@ impl BoundDaemon {
             next_session: AtomicU64::new(1),
             sessions: Mutex::new(HashMap::new()),
             daemon_uid,
-            host_regions_limit,
+            mappings_limit,
         });
         let dataplane_threads = match pool::start_threads(&shared, || io.submitter()) {
             Ok(t) => t,
@@ -586,9 +587,10 @@ fn admit(
 
 /// Imports an engine's KV regions, which the handshake checked field by field: refuses
 /// hugetlb host memory unless the operator allowed it, charges the host mappings to the
-/// daemon's and the namespaces' limits of mapped engine memory first, then maps and
+/// daemon's and the namespaces' limits of mapped engine memory, and the host window's
+/// mappings to `serve.max_engine_mappings`, first, then maps and
 /// imports everything (see [`EngineMemory::import`]). GPU memory is not charged: it takes
-/// no daemon address space.
+/// no daemon address space (what a CUDA import maps has not been counted on a GPU).
 fn import_kv_regions(
     shared: &DaemonShared,
     req: &AttachRequest,
@@ -626,15 +628,25 @@ fn import_kv_regions(
             .filter(|r| r.kind == kvplane_ffi::RegionKind::HostMemfd)
     };
     let host_bytes = host().fold(0u64, |sum, r| sum.saturating_add(r.desc.alloc_bytes));
-    let host_regions = u32::try_from(host().count()).unwrap_or(u32::MAX);
+    // The host window's parts and the gaps between them (the session's segment, one
+    // mapping, is bounded by serve.max_sessions and left to the other half).
+    let parts: Vec<_> = host()
+        .filter_map(|r| r.fd.as_ref().map(|fd| (fd.as_fd(), r.desc.alloc_bytes)))
+        .collect();
+    let window = if parts.is_empty() {
+        0
+    } else {
+        HostWindow::mappings(&parts).map_err(|e| (Status::BadArg, e.to_string()))?
+    };
+    let mappings = window;
     let map_limits = MapLimits {
         bytes: cfg.mapped_bytes_limit(),
-        host_regions: shared.host_regions_limit,
+        mappings: shared.mappings_limit,
     };
     let charge = shared
         .dataplane
         .mapped
-        .charge(host_bytes, host_regions, map_limits, &limits)
+        .charge(host_bytes, mappings, map_limits, &limits)
         .map_err(|e| (Status::NoSpace, e.to_string()))?;
     let queue_pairs = req.num_queue_pairs as usize;
     EngineMemory::import(

@@ -2100,16 +2100,20 @@ fn a_slot_whose_old_header_cannot_be_erased_is_not_written_from_g1() {
 }
 
 /// A CLEAR larger than one chunk of the registry lock drops every block of its namespace
-/// but the leased ones, across chunks, and nothing of another namespace.
+/// but the leased ones, across chunks, and nothing of another namespace; the NVMe slots
+/// it erases (freed chunk by chunk) are free again and stay cleared across a restart.
 #[test]
 fn clear_of_a_namespace_larger_than_a_chunk_keeps_only_leased_blocks() {
     let n = crate::block::manager::DROP_CHUNK_BLOCKS as u64 + 100;
-    let m = manager(None, n + 8, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let (b, t) = config(Some(dir.path()), n + 8, n + 8, EngineKind::Sync);
+    let m = local(BlockManager::new(&b, &t, ManagerOptions::default()).unwrap());
     for start in (0..n).step_by(512) {
         let len = 512.min(n - start) as usize;
-        assert_eq!(save(&m, 1, &chain(start, len), false).stored, len);
+        assert_eq!(save(&m, 1, &chain(start, len), true).stored, len);
     }
-    save(&m, 2, &chain(1, 3), false);
+    save(&m, 2, &chain(1, 3), true);
+    assert_eq!(used_slots(&m, Tier::Nvme), n as u32 + 3, "written through");
     let leased: Vec<u64> = (0..n).step_by(500).collect();
     assert_eq!(m.pin(7, 1, &leased), leased.len());
     let r = m.clear_namespace(1);
@@ -2118,19 +2122,25 @@ fn clear_of_a_namespace_larger_than_a_chunk_keeps_only_leased_blocks() {
         (n as usize - leased.len(), leased.len()),
         "{r:?}"
     );
-    let mut t = [None; 3];
+    let mut t3 = [None; 3];
     assert_eq!(
-        m.lookup(2, &[1, 2, 3], &mut t),
+        m.lookup(2, &[1, 2, 3], &mut t3),
         3,
         "another namespace is untouched"
     );
     for &h in &leased {
-        assert_eq!(m.lookup(1, &[h], &mut t[..1]), 1, "leased block {h} kept");
+        assert_eq!(m.lookup(1, &[h], &mut t3[..1]), 1, "leased block {h} kept");
     }
-    assert_eq!(m.lookup(1, &[1], &mut t[..1]), 0);
+    assert_eq!(m.lookup(1, &[1], &mut t3[..1]), 0);
+    assert_eq!(used_slots(&m, Tier::Nvme), (leased.len() + 3) as u32);
     m.check_invariants().unwrap();
     assert_eq!(m.release_session(7), leased.len() as u64);
     let r = m.clear_namespace(1);
     assert_eq!((r.dropped, r.busy), (leased.len(), 0), "{r:?}");
     m.check_invariants().unwrap();
+    drop(m);
+    let m = local(BlockManager::new(&b, &t, ManagerOptions::default()).unwrap());
+    assert_eq!(used_slots(&m, Tier::Nvme), 3, "only namespace 2 comes back");
+    assert_eq!(m.lookup(1, &[0, 500], &mut t3[..2]), 0);
+    assert_eq!(m.lookup(2, &[1, 2, 3], &mut t3), 3);
 }
