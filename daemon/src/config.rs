@@ -122,8 +122,9 @@ pub struct ServeConfig {
     /// CPUs to pin the data-plane threads to (thread i on `dataplane_cpus[i % len]`).
     /// Empty: not pinned.
     pub dataplane_cpus: Vec<usize>,
-    /// Threads running operations that may wait on NVMe (SAVE, LOAD with an NVMe tier), so
-    /// that a slow disk never holds up a thread that polls rings.
+    /// Threads running operations that may wait on NVMe (SAVE, LOAD with an NVMe tier) or
+    /// walk a whole namespace (CLEAR_NAMESPACE), so that neither a slow disk nor a large
+    /// namespace ever holds up a thread that polls rings.
     pub io_threads: u32,
     /// Operations queued for the I/O threads at once; when full, the sessions with such an
     /// operation wait (the others keep being served).
@@ -620,8 +621,9 @@ allow_hugetlb_kv_buffers = {hugetlb}
 dataplane_threads = {dp_threads}
 # CPUs to pin them to (thread i on dataplane_cpus[i % len]); empty: not pinned.
 dataplane_cpus = []
-# Threads running the operations that may wait on NVMe (SAVE and LOAD with an NVMe tier),
-# and how many such operations may wait for them (then their sessions wait, no one else).
+# Threads running the operations that may wait on NVMe (SAVE and LOAD with an NVMe tier)
+# or walk a namespace (CLEAR_NAMESPACE), and how many such operations may wait for them
+# (then their sessions wait, no one else).
 io_threads = {io_threads}
 io_queue = {io_queue}
 

@@ -516,7 +516,7 @@ fn a_namespace_is_held_to_its_mapped_cap() {
 /// are capped; an attach past the cap is refused, the other sessions keep serving, and
 /// a session that ends gives its regions back.
 #[test]
-fn mappings_past_the_mapped_region_cap_are_refused() {
+fn host_regions_past_the_mapping_cap_are_refused() {
     let dir = temp_dir("engine-mem-regions");
     let config = small_config(dir.path(), |c| {
         with_ephemeral_metrics(c);
@@ -564,7 +564,7 @@ fn mappings_past_the_mapped_region_cap_are_refused() {
 /// A cap over half of vm.max_map_count would let engines' regions take the mappings the
 /// daemon needs for itself: such a daemon does not start, and says why.
 #[test]
-fn a_region_cap_over_half_the_kernels_map_count_stops_the_daemon() {
+fn a_mapping_cap_over_half_the_kernels_map_count_stops_the_daemon() {
     let dir = temp_dir("engine-mem-regions-cap");
     let max_map_count: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
         .expect("read vm.max_map_count")

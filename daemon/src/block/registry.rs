@@ -1071,11 +1071,11 @@ impl Registry {
     /// the end of the list; `None` once the first entry is one `walk` met already (it
     /// came round) or the list is empty. A CLEAR calls this in chunks, with the lock
     /// released between them: it meets each entry the namespace had when it began once,
-    /// wherever entries are collected meanwhile, and stops at the first one it kept (new
-    /// entries join the list behind those it kept, and are met too only if they came
-    /// before any was kept). Only another walk of the same namespace in between (a
-    /// second CLEAR) can make it meet an entry twice; callers also stop after
-    /// `namespace_len` at the walk's start.
+    /// wherever entries are collected meanwhile, and stops at the first entry it met
+    /// before that is still there. Entries made meanwhile join the list's end and may be
+    /// met too (when every entry met before them went). Only another walk of the same
+    /// namespace in between (a second CLEAR) can make it meet an entry twice; callers
+    /// also stop after `namespace_len` at the walk's start.
     pub fn rotate_namespace(&mut self, namespace: u32, walk: u64) -> Option<BlockKey> {
         let i = self.ns_lists.get(&namespace)?.first;
         let e = &mut self.entries[i as usize];

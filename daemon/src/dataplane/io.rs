@@ -1,6 +1,7 @@
 //! The I/O executors: a fixed pool of threads that run the operations that may wait on
-//! NVMe (a write-through save, a demotion to make room, a load staged from NVMe), so that
-//! a slow or stalled disk never holds up a thread that polls rings. A data-plane thread
+//! NVMe (a write-through save, a demotion to make room, a load staged from NVMe) or walk
+//! a whole namespace (a CLEAR), so that neither a slow or stalled disk nor a large
+//! namespace ever holds up a thread that polls rings. A data-plane thread
 //! checks a session out to the pool with one such operation; the executor runs it with
 //! the ordinary synchronous [`DataPlane::handle`] and hands the completion and the session
 //! back (the completion ring has one producer: only the owning thread posts it).
