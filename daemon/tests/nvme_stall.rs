@@ -122,3 +122,65 @@ fn a_stalled_nvme_write_does_not_delay_another_sessions_nops_on_the_same_thread(
     drop((qa, qb, b));
     daemon.shutdown();
 }
+
+/// An engine that gave up on an operation the daemon never answered may reuse the pages
+/// it names only once the daemon is done with them: after `begin_detach` the daemon ends
+/// the session once its copies have landed, and only then closes its end of the
+/// connection (`daemon_done`). Here the write-through SAVE is out on an I/O executor for
+/// at least `STALL_MS` when the engine begins to detach.
+#[test]
+fn a_detaching_session_is_done_only_once_its_operation_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = common::stalled_writes(STALL_MS);
+    let mut config = common::config(dir.path(), EngineKind::Sync);
+    config.serve.dataplane_threads = 1;
+    let (daemon, blocks) = common::start(config, Some(plan.clone()));
+    let socket = daemon.socket_path().to_path_buf();
+    let (a, mut qa, kv) = attach_with_kv(&socket);
+    let h = 0xDE7A_C401u64;
+    kv.write_bytes(0, &vec![9u8; PAGE_BYTES as usize]).unwrap();
+    let mut s = common::chain_sqe(&mut qa, Opcode::Save, 1, &[h], 0);
+    s.flags = SQE_F_WRITE_THROUGH;
+    let t0 = Instant::now();
+    assert_eq!(qa.submit(&[s]).unwrap(), 1);
+    // The SAVE reaches its I/O executor and its stalled write.
+    while plan.fired() == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the write never started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    a.begin_detach().expect("begin to detach");
+    let detach_at = Instant::now();
+    assert!(!a.daemon_done(), "done at once, with the SAVE still out");
+    while !a.daemon_done() {
+        assert!(
+            detach_at.elapsed() < Duration::from_secs(30),
+            "the daemon never closed its end"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let done_after = t0.elapsed();
+    eprintln!(
+        "SAVE submitted, detach begun {:?} later, daemon done {done_after:?} after the SAVE",
+        detach_at - t0
+    );
+    assert!(
+        done_after >= Duration::from_millis(u64::from(STALL_MS)),
+        "the daemon was done after {done_after:?}, before its {STALL_MS} ms write landed"
+    );
+    assert!(daemon.sessions().is_empty(), "the session ended");
+    let mut tiers = [None; 1];
+    assert_eq!(
+        blocks.lookup(
+            kvplane_daemon::dataplane::namespace_id("stall"),
+            &[h],
+            &mut tiers
+        ),
+        1,
+        "the SAVE out when the engine left completed"
+    );
+    drop((qa, a));
+    daemon.shutdown();
+}

@@ -459,6 +459,13 @@ int32_t kvp_client_attach(const char *socket_path, uint32_t num_queue_pairs,
 uint64_t kvp_client_session_id(const struct kvp_client *client);
 /* Detach: the daemon reclaims the session. Queues taken from it stay valid to free. */
 void kvp_client_detach(struct kvp_client *client);
+/* Detach but keep the connection, for an engine that gave up on operations the daemon
+ * never answered (they may still touch its KV memory): the daemon ends the session once
+ * no copy of it is in flight, then closes its end. kvp_client_daemon_done() returns 1 from
+ * then on (the daemon touches none of the engine's memory any more), 0 before. Free the
+ * client with kvp_client_detach() afterwards. */
+int32_t kvp_client_begin_detach(const struct kvp_client *client);
+int32_t kvp_client_daemon_done(const struct kvp_client *client);
 /* Take queue pair `index` (each once); NULL on error. */
 struct kvp_queue *kvp_client_queue(struct kvp_client *client, uint32_t index);
 void kvp_queue_free(struct kvp_queue *queue);

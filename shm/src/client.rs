@@ -187,6 +187,25 @@ impl Session {
         &self.shared.seg
     }
 
+    /// Ends the session from this side but keeps the connection: the daemon sees the
+    /// hang-up, ends the session once no copy of it is in flight, and only then closes
+    /// its end ([`Session::daemon_done`]). For an engine that gave up on operations the
+    /// daemon never answered: until the daemon is done, they may still read or write the
+    /// engine's KV memory.
+    pub fn begin_detach(&self) -> Result<()> {
+        self.shared
+            .stream
+            .shutdown(std::net::Shutdown::Write)
+            .map_err(|e| ShmError::io("shut down the session connection", e))
+    }
+
+    /// Whether the daemon has closed its end of the connection: after
+    /// [`Session::begin_detach`], it has ended the session and touches none of the
+    /// engine's memory any more.
+    pub fn daemon_done(&self) -> bool {
+        sys::socket_hung_up(&self.shared.stream)
+    }
+
     /// The queue pairs, once: each goes to one engine thread.
     pub fn take_queue_pairs(&mut self) -> Result<Vec<QueuePair>> {
         assert!(!self.taken, "queue pairs were already taken");

@@ -237,6 +237,29 @@ pub unsafe extern "C" fn kvp_client_session_id(client: *const KvpClient) -> u64 
 }
 
 /// # Safety
+/// `client` is a live client.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvp_client_begin_detach(client: *const KvpClient) -> i32 {
+    guard(|| {
+        // SAFETY: NULL or a live client per the contract.
+        let c = unsafe { client.as_ref() }.ok_or("kvp_client_begin_detach: NULL client")?;
+        c.session.begin_detach().map_err(|e| e.to_string())?;
+        Ok(0)
+    })
+}
+
+/// # Safety
+/// `client` is a live client.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvp_client_daemon_done(client: *const KvpClient) -> i32 {
+    guard(|| {
+        // SAFETY: NULL or a live client per the contract.
+        let c = unsafe { client.as_ref() }.ok_or("kvp_client_daemon_done: NULL client")?;
+        Ok(i32::from(c.session.daemon_done()))
+    })
+}
+
+/// # Safety
 /// `client` is NULL or from `kvp_client_attach`; it is not used afterwards.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvp_client_detach(client: *mut KvpClient) {

@@ -211,6 +211,10 @@ def load(path=None):
     lib.kvp_client_session_id.restype = u64
     lib.kvp_client_detach.argtypes = [vp]
     lib.kvp_client_detach.restype = None
+    lib.kvp_client_begin_detach.argtypes = [vp]
+    lib.kvp_client_begin_detach.restype = i32
+    lib.kvp_client_daemon_done.argtypes = [vp]
+    lib.kvp_client_daemon_done.restype = i32
     lib.kvp_client_queue.argtypes = [vp, u32]
     lib.kvp_client_queue.restype = vp
     lib.kvp_queue_free.argtypes = [vp]
@@ -338,6 +342,18 @@ class Client:
         if not h:
             raise KvplaneError(f"queue {index}: {self._lib.kvp_last_error().decode()}")
         return Queue(self._lib, h)
+
+    def begin_detach(self):
+        """End the session but keep the connection, after giving up on operations the
+        daemon never answered (they may still touch the KV memory): the daemon ends the
+        session once no copy of it is in flight, then closes its end (`daemon_done`).
+        Close the client afterwards."""
+        _check(self._lib, self._lib.kvp_client_begin_detach(self._h), "begin_detach")
+
+    def daemon_done(self):
+        """After `begin_detach`: whether the daemon has closed its end, so it touches none
+        of this session's KV memory any more."""
+        return _check(self._lib, self._lib.kvp_client_daemon_done(self._h), "daemon_done") == 1
 
     def close(self):
         if self._h:

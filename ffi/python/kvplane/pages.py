@@ -103,6 +103,18 @@ class _Session:
         ready, self._early = self._early, {}
         return ready
 
+    def begin_detach(self):
+        """Ends the session but keeps the connection (see `kvplane.Client.begin_detach`)."""
+        self.client.begin_detach()
+
+    def daemon_done(self):
+        """After `begin_detach`: the daemon ended the session and touches none of its
+        memory any more. A connection that cannot be asked counts as not done."""
+        try:
+            return self.client.daemon_done()
+        except kvplane.KvplaneError:
+            return False
+
     def close(self):
         try:
             self.queue.close()
@@ -179,8 +191,11 @@ class DirectPages:
         self._events = None  # SAVE_EVENTS + 1 torch.cuda.Event(interprocess=True)
         self._next_event = 0
         self.ops = {}  # user data -> (kind, request id, blocks)
-        self.per_request = {}  # request id -> ops in flight (and stuck ones)
-        self.stuck = {}  # request id -> ops of a closed session never answered
+        self.per_request = {}  # request id -> ops in flight (and unanswered ones)
+        self.stuck = {}  # request id -> ops of a session that could not detach, unanswered
+        # Sessions that began to detach with ops unanswered, each with {request id: ops}:
+        # their requests keep their blocks until the daemon has ended the session.
+        self.detaching = []
 
     def _cuda_events(self):
         if self._events is None:
@@ -343,18 +358,51 @@ class DirectPages:
                      kvplane.STATUS_NAMES.get(c.status, c.status), c.detail)
         return None
 
-    def release_all(self, keep_unanswered=False):
-        """The session is closed. The daemon no longer touches the pages once it has ended
-        the session; `keep_unanswered`: that is not known (ops went unanswered while it was
-        alive), so their requests keep their blocks for good (`stuck`), never reused
-        under a late copy."""
+    def release_all(self, session=None):
+        """The session is over for us, its ops are forgotten. `session`: given when ops
+        went unanswered while the daemon was alive, so it may still touch their pages: the
+        session begins to detach, and their requests keep their blocks until the daemon
+        has ended it (`reap_detached`), never reused under a late copy. Without it, the
+        daemon already ended the session (or every op was answered)."""
+        unanswered = {}
         for kind, req_id, blocks in self.ops.values():
             if kind == "save":
                 self.stats.save_failed_blocks += blocks
-            if keep_unanswered:
-                self.stuck[req_id] = self.stuck.get(req_id, 0) + 1
+            unanswered[req_id] = unanswered.get(req_id, 0) + 1
         self.ops.clear()
-        self.per_request = dict(self.stuck)
+        if session is not None and unanswered:
+            try:
+                session.begin_detach()
+                self.detaching.append((session, unanswered))
+            except kvplane.KvplaneError:
+                # Cannot tell when the daemon is done: the requests keep their blocks.
+                for req_id, n in unanswered.items():
+                    self.stuck[req_id] = self.stuck.get(req_id, 0) + n
+                session.close()
+        elif session is not None:
+            session.close()
+        self._recount()
+
+    def reap_detached(self):
+        """Closes the sessions whose daemon has ended them since they began to detach, and
+        releases their requests' blocks. Returns how many."""
+        done = [d for d in self.detaching if d[0].daemon_done()]
+        if not done:
+            return 0
+        for d in done:
+            d[0].close()
+            self.detaching.remove(d)
+        self._recount()
+        return len(done)
+
+    def _recount(self):
+        per = dict(self.stuck)
+        for _, unanswered in self.detaching:
+            for req_id, n in unanswered.items():
+                per[req_id] = per.get(req_id, 0) + n
+        for _, req_id, _ in self.ops.values():
+            per[req_id] = per.get(req_id, 0) + 1
+        self.per_request = per
 
 
 def ms_until(deadline):

@@ -256,6 +256,9 @@ class _Stats:
         self.disconnects = self.attach_failures = 0
         # In place: requests whose blocks the scheduler kept, and those the worker released.
         self.delayed_frees = self.released_frees = 0
+        # In place: sessions given up with ops unanswered that the daemon ended later (their
+        # requests' blocks released then).
+        self.detached_late = 0
 
     def as_dict(self):
         return dict(self.__dict__)
@@ -402,15 +405,19 @@ class KvplaneConnector(KVConnectorBase_V1):
                    "kvplane: %s daemon session lost (%s): recomputing what cannot be loaded, "
                    "retrying every %.0f s", self.role.name.lower(), err, self._reconnect_s)
         answered = True
-        if self._session is not None:
-            if self._direct is not None and self._direct.ops:
-                # Ops may still touch vLLM's pages: give their completions (or the news
-                # that the daemon ended the session) a bounded chance first.
-                answered = self._direct_drain()
-            self._session.close()
-        self._session = None
+        if self._session is not None and self._direct is not None and self._direct.ops:
+            # Ops may still touch vLLM's pages: give their completions (or the news that
+            # the daemon ended the session) a bounded chance first.
+            answered = self._direct_drain()
+        session, self._session = self._session, None
         if self._direct is not None:
-            self._direct.release_all(keep_unanswered=not answered)
+            # Unanswered: the session detaches, and their requests keep their blocks until
+            # the daemon has ended it (checked each step, `_reap`).
+            self._direct.release_all(None if answered else session)
+            if answered and session is not None:
+                session.close()
+        elif session is not None:
+            session.close()
         for start, pages, blocks in self._inflight.values():
             self.stats.save_failed_blocks += blocks
         self._inflight.clear()
@@ -591,6 +598,8 @@ class KvplaneConnector(KVConnectorBase_V1):
 
     def _reap(self):
         """Free the staging pages of saves the daemon completed."""
+        if self._direct is not None and self._direct.detaching:
+            self.stats.detached_late += self._direct.reap_detached()
         if self._direct is not None and self._session is not None:
             err = self._direct.reap(self._session, self._once)
             if err is not None:
