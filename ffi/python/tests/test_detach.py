@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "ffi" / "python"))
 sys.path.insert(0, str(ROOT / "tests" / "vllm"))
 
 import kvplane  # noqa: E402
