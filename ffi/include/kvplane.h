@@ -460,10 +460,12 @@ uint64_t kvp_client_session_id(const struct kvp_client *client);
 /* Detach: the daemon reclaims the session. Queues taken from it stay valid to free. */
 void kvp_client_detach(struct kvp_client *client);
 /* Detach but keep the connection, for an engine that gave up on operations the daemon
- * never answered (they may still touch its KV memory): the daemon ends the session once
- * no copy of it is in flight, then closes its end. kvp_client_daemon_done() returns 1 from
- * then on (the daemon touches none of the engine's memory any more), 0 before. Free the
- * client with kvp_client_detach() afterwards. */
+ * never answered (they may still touch its KV memory); submit nothing afterwards. The
+ * daemon ends the session once no copy of it is in flight, then closes its end:
+ * kvp_client_daemon_done() returns 1 from then on, 0 before (a daemon that ends a session
+ * with an operation still out, which only a crashing data-plane thread does, never
+ * closes it). Both return -1 on error (kvp_last_error()). Free the client with
+ * kvp_client_detach() afterwards. */
 int32_t kvp_client_begin_detach(const struct kvp_client *client);
 int32_t kvp_client_daemon_done(const struct kvp_client *client);
 /* Take queue pair `index` (each once); NULL on error. */

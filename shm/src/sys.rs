@@ -639,6 +639,17 @@ impl TenantStream {
     pub fn new(stream: UnixStream) -> TenantStream {
         TenantStream(Some(stream))
     }
+
+    /// Never closes the connection (its descriptor is leaked, counted in
+    /// [`untrusted_fds_leaked`]): for a session dropped while an operation may still
+    /// touch its engine's memory, so that an engine waiting for the daemon's close before
+    /// it reuses that memory never does.
+    pub fn keep_open(&mut self) {
+        if let Some(stream) = self.0.take() {
+            std::mem::forget(stream);
+            CLOSER_LEAKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl std::ops::Deref for TenantStream {

@@ -306,6 +306,19 @@ struct Served {
     bell_seq: u32,
 }
 
+impl Drop for Served {
+    fn drop(&mut self) {
+        // `finish` drops a session only with nothing out or parked. Otherwise its thread
+        // is unwinding from a panic, and the operation out (or the copy a parked job's
+        // data holds) may still touch the engine's memory: its connection stays open for
+        // good, so an engine that waits for the daemon's close before reusing that memory
+        // (kvp_client_daemon_done) never does.
+        if self.out || self.parked.is_some() {
+            self.stream.keep_open();
+        }
+    }
+}
+
 impl Served {
     /// The session's views into its segment; on a bad segment, the session back (to end
     /// it) with the reason. Runs once per attach, so the large error is no burden.

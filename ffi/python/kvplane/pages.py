@@ -373,8 +373,14 @@ class DirectPages:
         if session is not None and unanswered:
             try:
                 session.begin_detach()
-                self.detaching.append((session, unanswered))
+                begun = True
             except kvplane.KvplaneError:
+                begun = False  # e.g. the connection is gone already: daemon_done tells
+            if session.daemon_done():
+                session.close()  # the daemon closed its end: done with the pages
+            elif begun:
+                self.detaching.append((session, unanswered))
+            else:
                 # Cannot tell when the daemon is done: the requests keep their blocks.
                 for req_id, n in unanswered.items():
                     self.stuck[req_id] = self.stuck.get(req_id, 0) + n

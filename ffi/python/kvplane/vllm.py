@@ -411,10 +411,12 @@ class KvplaneConnector(KVConnectorBase_V1):
             answered = self._direct_drain()
         session, self._session = self._session, None
         if self._direct is not None:
-            # Unanswered: the session detaches, and their requests keep their blocks until
-            # the daemon has ended it (checked each step, `_reap`).
-            self._direct.release_all(None if answered else session)
-            if answered and session is not None:
+            # Ops left (unanswered, or the session's state read DEAD before they were):
+            # the session detaches, and their requests keep their blocks until the daemon
+            # has closed its end (checked each step, `_reap`, and before a preemption).
+            left = bool(self._direct.ops)
+            self._direct.release_all(session if left else None)
+            if not left and session is not None:
                 session.close()
         elif session is not None:
             session.close()
@@ -661,6 +663,27 @@ class KvplaneConnector(KVConnectorBase_V1):
         self.stats.preempted_steps += 1
         if self._session is not None and self._direct.ops:
             self._direct_wait_ops()
+        if self._direct.detaching:
+            self._direct_wait_detached()
+
+    def _direct_wait_detached(self):
+        """Blocks until every session given up on with ops unanswered has been ended by
+        the daemon (it closed its end): until then those ops may still touch pages that
+        vLLM just freed. Logged each op timeout, like a live daemon's unanswered ops."""
+        t0 = time.perf_counter()
+        next_log = time.monotonic() + self._timeout_ms / 1000
+        while True:
+            self.stats.detached_late += self._direct.reap_detached()
+            if not self._direct.detaching:
+                break
+            if time.monotonic() >= next_log:
+                logger.warning("kvplane: a request was preempted: waiting for the daemon to "
+                               "end %d session(s) given up on with ops on vLLM's pages "
+                               "(%.1f s so far)", len(self._direct.detaching),
+                               time.perf_counter() - t0)
+                next_log = time.monotonic() + self._timeout_ms / 1000
+            time.sleep(0.001)
+        self.stats.save_wait_s += time.perf_counter() - t0
 
     def _direct_start(self, meta):
         """In place: this step's LOADs into vLLM's pages (waited for here, before the
@@ -723,7 +746,8 @@ class KvplaneConnector(KVConnectorBase_V1):
                 return True
         if self._direct.ops:
             logger.error("kvplane: %d op(s) on vLLM's pages unanswered after %d ms; their "
-                         "requests keep their blocks", len(self._direct.ops), self._timeout_ms)
+                         "requests keep their blocks until the daemon ends the session",
+                         len(self._direct.ops), self._timeout_ms)
             return False
         return True
 

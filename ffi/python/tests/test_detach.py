@@ -73,6 +73,39 @@ def test_a_session_that_cannot_detach_keeps_its_requests_blocks():
     assert d.per_request == {"req-a": 1}, "never released: when the daemon is done is unknown"
 
 
+def test_a_session_the_daemon_already_closed_keeps_nothing():
+    d, _ = direct_pages()
+    d._track(1, "save", "req-a", 1)
+    s = FakeSession(refuse=True)
+    s.done = True  # shutting down a connection the daemon closed may fail; it is done
+    d.release_all(s)
+    assert s.closed and not d.detaching and d.per_request == {}
+
+
+def test_a_preemption_waits_until_the_daemon_has_ended_the_sessions_given_up_on():
+    """The connector's wait before a forward pass that may write freed blocks: a request
+    with an unanswered op in a detaching session must not have its pages reused before
+    the daemon is done."""
+    pytest.importorskip("vllm")  # installed by scripts/test-vllm.sh, which runs this file
+    import threading
+
+    from kvplane import vllm as connector
+
+    d, _ = direct_pages()
+    d._track(1, "load", "req-a", 1)
+    s = FakeSession()
+    d.release_all(s)
+    c = object.__new__(connector.KvplaneConnector)
+    c._direct, c._session, c._timeout_ms = d, None, 50
+    c.stats = connector._Stats()
+    threading.Timer(0.3, lambda: setattr(s, "done", True)).start()
+    t0 = time.monotonic()
+    c.handle_preemptions(connector.KvplaneMetadata(preempted=["req-a"]))
+    assert time.monotonic() - t0 >= 0.25, "returned before the daemon was done"
+    assert s.closed and not d.detaching and d.per_request == {}
+    assert c.stats.detached_late == 1
+
+
 def test_ops_answered_or_ended_by_the_daemon_keep_nothing():
     d, _ = direct_pages()
     d._track(1, "save", "req-a", 1)
