@@ -263,9 +263,10 @@ impl NatsAuth {
         let mut file = |what: &'static str, path: &Option<PathBuf>, kind| {
             path.as_deref()
                 .map(|p| {
-                    read(p, kind).map_err(|e| NatsError::Auth {
+                    read(p, kind).map_err(|source| NatsError::AuthFile {
                         what,
-                        reason: format!("{}: {e}", p.display()),
+                        path: p.to_path_buf(),
+                        source,
                     })
                 })
                 .transpose()
@@ -462,6 +463,13 @@ pub enum NatsError {
     },
     #[error("NATS auth {what}: {reason}")]
     Auth { what: &'static str, reason: String },
+    #[error("NATS auth {what}: {}: {source}", path.display())]
+    AuthFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("JetStream stream {stream}: {reason}")]
     Stream { stream: String, reason: String },
     #[error("router snapshot: {0}")]
@@ -1519,7 +1527,7 @@ mod tests {
 
     fn what(r: Result<NatsAuth, NatsError>) -> &'static str {
         match r {
-            Err(NatsError::Auth { what, .. }) => what,
+            Err(NatsError::Auth { what, .. } | NatsError::AuthFile { what, .. }) => what,
             other => panic!("expected an auth error, got {other:?}"),
         }
     }
@@ -1563,9 +1571,16 @@ mod tests {
             ..NatsAuth::default()
         };
         match load(&missing, &fs) {
-            Err(NatsError::Auth { what, reason }) => {
+            Err(e @ NatsError::AuthFile { what, .. }) => {
                 assert_eq!(what, "token_file");
-                assert!(reason.contains("/k/secret-none"), "{reason}");
+                // The reader's error stays a source (kind and all), and the message names
+                // the file.
+                let source = std::error::Error::source(&e).expect("a source");
+                let io = source
+                    .downcast_ref::<std::io::Error>()
+                    .expect("an io::Error");
+                assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+                assert!(e.to_string().contains("/k/secret-none"), "{e}");
             }
             other => panic!("{other:?}"),
         }
