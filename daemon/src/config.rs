@@ -106,10 +106,11 @@ pub struct ServeConfig {
     pub max_mapped_bytes: Option<u64>,
     /// Mappings the daemon holds for engines' KV memory at once, all sessions together:
     /// each host memfd region, and each gap page alignment leaves between two (one
-    /// session's regions are mapped back to back). The kernel caps a process's mappings at `vm.max_map_count`
-    /// (65,530 by default): past that cap every mmap fails, the daemon's own allocations
-    /// included. An attach past it is refused. Unset: half of `vm.max_map_count` as read
-    /// at start-up; a daemon set above that half does not start.
+    /// session's regions are mapped back to back). The kernel caps a process's mappings
+    /// at `vm.max_map_count` (65,530 by default): past that cap every mmap fails, the
+    /// daemon's own allocations included. An attach past it is refused. Unset: half of
+    /// `vm.max_map_count` as read at start-up; a daemon set above that half does not
+    /// start.
     pub max_engine_mappings: Option<u32>,
     /// Accept hugetlb (`MFD_HUGETLB`) KV buffers. Their pages can vanish under the daemon
     /// (punched out while the hugepage pool is empty); the copies survive that (the

@@ -462,10 +462,10 @@ void kvp_client_detach(struct kvp_client *client);
 /* Detach but keep the connection, for an engine that gave up on operations the daemon
  * never answered (they may still touch its KV memory); submit nothing afterwards. The
  * daemon ends the session once no copy of it is in flight, then closes its end:
- * kvp_client_daemon_done() returns 1 from then on, 0 before (a daemon that ends a session
- * with an operation still out, which only a crashing data-plane thread does, never
- * closes it). Both return -1 on error (kvp_last_error()). Free the client with
- * kvp_client_detach() afterwards. */
+ * kvp_client_daemon_done() returns 1 from then on, 0 before. Some daemons never close it:
+ * one that never answers, one whose closer thread is wedged or full, one whose data-plane
+ * thread crashed with an operation of the session out. Both return -1 on error
+ * (kvp_last_error()). Free the client with kvp_client_detach() afterwards. */
 int32_t kvp_client_begin_detach(const struct kvp_client *client);
 int32_t kvp_client_daemon_done(const struct kvp_client *client);
 /* Take queue pair `index` (each once); NULL on error. */

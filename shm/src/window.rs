@@ -42,6 +42,8 @@ struct Layout {
     parts: Vec<(u64, usize)>,
     len_bytes: usize,
     max_align: usize,
+    /// What to reserve: the window and room to align its base to `max_align`.
+    reserved_bytes: usize,
 }
 
 impl Layout {
@@ -75,6 +77,9 @@ impl Layout {
             parts: placed,
             len_bytes: cursor,
             max_align,
+            reserved_bytes: cursor
+                .checked_add(max_align)
+                .ok_or(too_big("window", cursor as u64))?,
         })
     }
 
@@ -92,8 +97,11 @@ impl Layout {
 
 impl HostWindow {
     /// How many mappings [`HostWindow::map`] of `parts` makes (at most: the kernel may
-    /// merge neighbours), without mapping anything.
+    /// merge neighbours), without mapping anything; none for no parts.
     pub fn mappings(parts: &[(BorrowedFd<'_>, u64)]) -> Result<u32> {
+        if parts.is_empty() {
+            return Ok(0);
+        }
         Ok(Layout::new(parts)?.mappings())
     }
 
@@ -101,15 +109,7 @@ impl HostWindow {
     /// into one window. An empty list is an error.
     pub fn map(parts: &[(BorrowedFd<'_>, u64)]) -> Result<Self> {
         let layout = Layout::new(parts)?;
-        let reserved_bytes =
-            layout
-                .len_bytes
-                .checked_add(layout.max_align)
-                .ok_or(ShmError::Geometry {
-                    field: "window",
-                    value: layout.len_bytes as u64,
-                    reason: "host window larger than the address space",
-                })?;
+        let reserved_bytes = layout.reserved_bytes;
         let reserved = sys::reserve_address_space(reserved_bytes)
             .map_err(|e| ShmError::io("reserve host window", e))?;
         let skip =
@@ -261,6 +261,7 @@ mod tests {
             ],
             len_bytes: 4 * mib2 as usize + 4096,
             max_align: mib2 as usize,
+            reserved_bytes: 5 * mib2 as usize + 4096,
         };
         assert_eq!(layout.mappings(), 4 + 2);
     }

@@ -566,11 +566,7 @@ fn host_regions_past_the_mapping_cap_are_refused() {
 #[test]
 fn a_mapping_cap_over_half_the_kernels_map_count_stops_the_daemon() {
     let dir = temp_dir("engine-mem-regions-cap");
-    let max_map_count: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
-        .expect("read vm.max_map_count")
-        .trim()
-        .parse()
-        .expect("a number");
+    let max_map_count = kvplane_daemon::config::max_map_count();
     let over = u32::try_from(max_map_count / 2 + 1).expect("fits a u32");
     let config = small_config(dir.path(), |c| c.serve.max_engine_mappings = Some(over));
     let log = dir.path().join("serve.log");
@@ -589,7 +585,7 @@ fn a_mapping_cap_over_half_the_kernels_map_count_stops_the_daemon() {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "kvplane serve started with a region cap over half of vm.max_map_count:\n{}",
+                "kvplane serve started with a mapping cap over half of vm.max_map_count:\n{}",
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         }

@@ -12,7 +12,7 @@
 //! attach is answered, so a bad region refuses that attach, naming the region, and
 //! nothing else.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use kvplane_cuda::{Device, DeviceBuffer, DeviceError, EngineImport, EventId, LayoutId, StreamId};
@@ -168,6 +168,21 @@ impl Drop for DeviceView {
     }
 }
 
+/// The host memfd regions, in order, as the parts of the session's host window: each
+/// one's descriptor and size.
+pub fn host_parts(regions: &[KvRegion]) -> Vec<(BorrowedFd<'_>, u64)> {
+    regions
+        .iter()
+        .filter(|r| r.kind == RegionKind::HostMemfd)
+        .map(|r| {
+            let fd =
+                r.fd.as_ref()
+                    .expect("the handshake checked: memfds carry fds");
+            (fd.as_fd(), r.desc.alloc_bytes)
+        })
+        .collect()
+}
+
 /// An engine's KV memory, imported, and the layout attached to it.
 pub struct EngineMemory {
     // Field order is drop order: the device's registrations and imports go first, then
@@ -206,19 +221,11 @@ impl EngineMemory {
             .enumerate()
             .filter(|(_, r)| r.kind == RegionKind::HostMemfd)
             .collect();
-        let host_window = if host.is_empty() {
+        let parts = host_parts(regions);
+        let host_window = if parts.is_empty() {
             None
         } else {
-            let fds: Vec<_> = host
-                .iter()
-                .map(|(_, r)| {
-                    let fd =
-                        r.fd.as_ref()
-                            .expect("the handshake checked: memfds carry fds");
-                    (fd.as_fd(), r.desc.alloc_bytes)
-                })
-                .collect();
-            Some(HostWindow::map(&fds).map_err(RegionError::Map)?)
+            Some(HostWindow::map(&parts).map_err(RegionError::Map)?)
         };
         // Where each host memfd starts inside the host window; one that continues the
         // memfd before it must start where that one ends.

@@ -34,7 +34,7 @@ pub mod io;
 pub mod mapped;
 pub mod mover;
 pub mod transfer;
-pub use engine_memory::{EngineMemory, EventError, NamedEvent, RegionError};
+pub use engine_memory::{EngineMemory, EventError, NamedEvent, RegionError, host_parts};
 pub use mapped::{MapLimitError, MapLimits, MappedCharge, MappedLedger, NamespaceLimit};
 pub use mover::{EngineTarget, MoveError, MoveScratch, Mover};
 

@@ -11,7 +11,7 @@ pub mod socket;
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,7 +27,7 @@ use kvplane_shm::{Geometry, Segment, ShmError, sys};
 use crate::config::Config;
 use crate::dataplane::io::{IoPool, IoSpawnError};
 use crate::dataplane::{
-    DataPlane, EngineMemory, MapLimits, NamespaceLimit, RegionError, SessionData,
+    DataPlane, EngineMemory, MapLimits, NamespaceLimit, RegionError, SessionData, host_parts,
 };
 use admission::{Admission, Reservation};
 use handshake::{Complete, Waker};
@@ -622,23 +622,13 @@ fn import_kv_regions(
                 .and_then(|n| n.max_mapped_bytes),
         })
         .collect();
-    let host = || {
-        req.kv_regions
-            .iter()
-            .filter(|r| r.kind == kvplane_ffi::RegionKind::HostMemfd)
-    };
-    let host_bytes = host().fold(0u64, |sum, r| sum.saturating_add(r.desc.alloc_bytes));
+    let parts = host_parts(&req.kv_regions);
+    let host_bytes = parts
+        .iter()
+        .fold(0u64, |sum, &(_, bytes)| sum.saturating_add(bytes));
     // The host window's parts and the gaps between them (the session's segment, one
     // mapping, is bounded by serve.max_sessions and left to the other half).
-    let parts: Vec<_> = host()
-        .filter_map(|r| r.fd.as_ref().map(|fd| (fd.as_fd(), r.desc.alloc_bytes)))
-        .collect();
-    let window = if parts.is_empty() {
-        0
-    } else {
-        HostWindow::mappings(&parts).map_err(|e| (Status::BadArg, e.to_string()))?
-    };
-    let mappings = window;
+    let mappings = HostWindow::mappings(&parts).map_err(|e| (Status::BadArg, e.to_string()))?;
     let map_limits = MapLimits {
         bytes: cfg.mapped_bytes_limit(),
         mappings: shared.mappings_limit,

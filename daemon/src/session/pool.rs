@@ -312,7 +312,9 @@ impl Drop for Served {
         // is unwinding from a panic, and the operation out (or the copy a parked job's
         // data holds) may still touch the engine's memory: its connection stays open for
         // good, so an engine that waits for the daemon's close before reusing that memory
-        // (kvp_client_daemon_done) never does.
+        // (kvp_client_daemon_done) never does. Copies in flight with the session's data
+        // at home need no check here: `guard` drops before `stream` (field order) and
+        // waits for them.
         if self.out || self.parked.is_some() {
             self.stream.keep_open();
         }

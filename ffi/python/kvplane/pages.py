@@ -194,7 +194,9 @@ class DirectPages:
         self.per_request = {}  # request id -> ops in flight (and unanswered ones)
         self.stuck = {}  # request id -> ops of a session that could not detach, unanswered
         # Sessions that began to detach with ops unanswered, each with {request id: ops}:
-        # their requests keep their blocks until the daemon has ended the session.
+        # their requests keep their blocks until the daemon has ended the session. One per
+        # session given up on (each holds its socket and segment mapping meanwhile): the
+        # daemon's own limits on sessions bound them.
         self.detaching = []
 
     def _cuda_events(self):
@@ -392,14 +394,17 @@ class DirectPages:
     def reap_detached(self):
         """Closes the sessions whose daemon has ended them since they began to detach, and
         releases their requests' blocks. Returns how many."""
-        done = [d for d in self.detaching if d[0].daemon_done()]
-        if not done:
-            return 0
-        for d in done:
-            d[0].close()
-            self.detaching.remove(d)
-        self._recount()
-        return len(done)
+        still = []
+        for session, unanswered in self.detaching:
+            if session.daemon_done():
+                session.close()
+            else:
+                still.append((session, unanswered))
+        done = len(self.detaching) - len(still)
+        if done:
+            self.detaching = still
+            self._recount()
+        return done
 
     def _recount(self):
         per = dict(self.stuck)

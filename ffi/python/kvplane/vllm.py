@@ -250,7 +250,9 @@ class _Stats:
         self.copy_s = 0.0  # staging copies, both directions
         self.copied_bytes = 0
         self.lookup_s = self.load_wait_s = self.save_submit_s = 0.0  # time in daemon ops
-        self.save_wait_s = 0.0  # in place: waiting for ops before a forward pass (preemption)
+        # In place: waiting before a forward pass (preemption) for ops in flight, and for
+        # the daemon to end sessions given up on.
+        self.save_wait_s = 0.0
         self.preempted_steps = 0  # in place: steps in which vLLM preempted a request
         self.preemption_waits = 0  # of those, the ones with ops in flight (waited for)
         self.disconnects = self.attach_failures = 0
@@ -404,20 +406,16 @@ class KvplaneConnector(KVConnectorBase_V1):
         self._once(("lost",), logging.WARNING,
                    "kvplane: %s daemon session lost (%s): recomputing what cannot be loaded, "
                    "retrying every %.0f s", self.role.name.lower(), err, self._reconnect_s)
-        answered = True
         if self._session is not None and self._direct is not None and self._direct.ops:
             # Ops may still touch vLLM's pages: give their completions (or the news that
             # the daemon ended the session) a bounded chance first.
-            answered = self._direct_drain()
+            self._direct_drain()
         session, self._session = self._session, None
         if self._direct is not None:
             # Ops left (unanswered, or the session's state read DEAD before they were):
             # the session detaches, and their requests keep their blocks until the daemon
             # has closed its end (checked each step, `_reap`, and before a preemption).
-            left = bool(self._direct.ops)
-            self._direct.release_all(session if left else None)
-            if not left and session is not None:
-                session.close()
+            self._direct.release_all(session)
         elif session is not None:
             session.close()
         for start, pages, blocks in self._inflight.values():
@@ -657,7 +655,9 @@ class KvplaneConnector(KVConnectorBase_V1):
     def handle_preemptions(self, kv_connector_metadata):
         """Before the forward pass: vLLM frees a preempted request's blocks without
         asking the connector, and this step may write them. With pages in place, every
-        op still in flight is waited for then (held while the daemon lives)."""
+        op still in flight is waited for then (held while the daemon lives), and every
+        session given up on with ops unanswered until the daemon has closed it (held for
+        as long as it does not: vLLM's step waits, logged each op timeout)."""
         if self._direct is None or not kv_connector_metadata.preempted:
             return
         self.stats.preempted_steps += 1
@@ -735,7 +735,7 @@ class KvplaneConnector(KVConnectorBase_V1):
         deadline = time.monotonic() + self._timeout_ms / 1000
         while True:
             if self._direct.reap(self._session, self._once) is not None:
-                return True  # the session is over: the daemon is done with the pages
+                return  # the session is over
             if not self._direct.ops or time.monotonic() >= deadline:
                 break
             try:
@@ -743,13 +743,11 @@ class KvplaneConnector(KVConnectorBase_V1):
             except kvplane.TimedOut:
                 break
             except kvplane.KvplaneError:
-                return True
+                return
         if self._direct.ops:
             logger.error("kvplane: %d op(s) on vLLM's pages unanswered after %d ms; their "
                          "requests keep their blocks until the daemon ends the session",
                          len(self._direct.ops), self._timeout_ms)
-            return False
-        return True
 
     def _load(self, batch):
         n = len(batch.hashes)
