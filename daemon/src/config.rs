@@ -112,6 +112,9 @@ pub struct ServeConfig {
     /// `vm.max_map_count` as read at start-up; a daemon set above that half does not
     /// start.
     pub max_engine_mappings: Option<u32>,
+    /// The same, for the sessions of one uid together, so that no tenant takes every
+    /// mapping. Unset: half of `max_engine_mappings` (resolved).
+    pub max_engine_mappings_per_uid: Option<u32>,
     /// Accept hugetlb (`MFD_HUGETLB`) KV buffers. Their pages can vanish under the daemon
     /// (punched out while the hugepage pool is empty); the copies survive that (the
     /// session ends), but the default refuses such buffers at attach.
@@ -148,6 +151,13 @@ pub fn physical_memory_bytes() -> u64 {
     (pages as u64).saturating_mul(page_size as u64)
 }
 
+/// `serve.max_engine_mappings` and its per-uid share, resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MappingLimits {
+    pub total: u32,
+    pub per_uid: u32,
+}
+
 /// The kernel's default `vm.max_map_count`.
 pub const DEFAULT_MAX_MAP_COUNT: u64 = 65_530;
 
@@ -174,22 +184,36 @@ impl ServeConfig {
         self.max_mapped_bytes.unwrap_or_else(physical_memory_bytes)
     }
 
-    /// `max_engine_mappings`, resolved against a `vm.max_map_count`: at most half of
-    /// it, so that the daemon's own mappings (threads, libraries, heap, tiers, io_uring
-    /// rings, session segments: at most `max_sessions`, 4,096; and what GPU imports map,
-    /// which is not counted) have the other half.
-    pub fn engine_mappings_limit(&self, max_map_count: u64) -> Result<u32, ConfigError> {
+    /// `max_engine_mappings` and `max_engine_mappings_per_uid`, resolved against a
+    /// `vm.max_map_count`: the total at most half of it, so that the daemon's own
+    /// mappings (threads, libraries, heap, tiers, io_uring rings, session segments: at
+    /// most `max_sessions`, 4,096; and what GPU imports map, which is not counted) have
+    /// the other half; one uid's share at most the total.
+    pub fn engine_mapping_limits(&self, max_map_count: u64) -> Result<MappingLimits, ConfigError> {
         let half = u32::try_from(max_map_count / 2).unwrap_or(u32::MAX);
-        match self.max_engine_mappings {
-            None => Ok(half),
-            Some(n) if n <= half => Ok(n),
-            Some(n) => Err(invalid(
-                "serve.max_engine_mappings",
-                format!(
-                    "{n} is over half of vm.max_map_count ({max_map_count}): past that the daemon's own mmaps fail; raise vm.max_map_count or lower this"
-                ),
-            )),
-        }
+        let total = match self.max_engine_mappings {
+            None => half,
+            Some(n) if n <= half => n,
+            Some(n) => {
+                return Err(invalid(
+                    "serve.max_engine_mappings",
+                    format!(
+                        "{n} is over half of vm.max_map_count ({max_map_count}): past that the daemon's own mmaps fail; raise vm.max_map_count or lower this"
+                    ),
+                ));
+            }
+        };
+        let per_uid = match self.max_engine_mappings_per_uid {
+            None => (total / 2).max(1),
+            Some(n) if n <= total => n,
+            Some(n) => {
+                return Err(invalid(
+                    "serve.max_engine_mappings_per_uid",
+                    format!("{n} is over serve.max_engine_mappings ({total})"),
+                ));
+            }
+        };
+        Ok(MappingLimits { total, per_uid })
     }
 }
 
@@ -217,6 +241,7 @@ impl Default for ServeConfig {
             run_as_gid: None,
             max_mapped_bytes: None,
             max_engine_mappings: None,
+            max_engine_mappings_per_uid: None,
             allow_hugetlb_kv_buffers: false,
             dataplane_threads: 0,
             dataplane_cpus: Vec::new(),
@@ -388,6 +413,12 @@ impl Config {
             return Err(invalid(
                 "serve.max_engine_mappings",
                 "must be at least 1 (unset: half of vm.max_map_count)".to_string(),
+            ));
+        }
+        if s.max_engine_mappings_per_uid == Some(0) {
+            return Err(invalid(
+                "serve.max_engine_mappings_per_uid",
+                "must be at least 1 (unset: half of serve.max_engine_mappings)".to_string(),
             ));
         }
         if s.max_handshake_regions == 0 || s.max_handshake_regions > 1 << 20 {
@@ -615,6 +646,8 @@ drop_privileges = {drop}
 # Mappings of engines' host memfd KV regions held at once, all sessions together (past
 # vm.max_map_count every mmap of the daemon fails). Unset: half of vm.max_map_count.
 # max_engine_mappings = 16384
+# The same for one uid's sessions together. Unset: half of max_engine_mappings.
+# max_engine_mappings_per_uid = 8192
 # Accept hugetlb KV buffers (their pages can vanish; a fault then ends that session).
 allow_hugetlb_kv_buffers = {hugetlb}
 # Data-plane threads polling all sessions' queue pairs, each serving up to 127 sessions
@@ -849,6 +882,7 @@ mod tests {
                 run_as_gid: Some(65534),
                 max_mapped_bytes: Some(1 << 34),
                 max_engine_mappings: Some(1000),
+                max_engine_mappings_per_uid: Some(400),
                 allow_hugetlb_kv_buffers: true,
                 dataplane_threads: 2,
                 dataplane_cpus: vec![1, 0],
@@ -936,6 +970,10 @@ mod tests {
             (
                 "[serve]\nmax_engine_mappings = 0",
                 "serve.max_engine_mappings",
+            ),
+            (
+                "[serve]\nmax_engine_mappings_per_uid = 0",
+                "serve.max_engine_mappings_per_uid",
             ),
             (
                 "[serve]\nengine_event_timeout_ms = 0",
@@ -1103,15 +1141,33 @@ mod tests {
     #[test]
     fn the_session_mapping_cap_keeps_half_the_kernels_mappings_for_the_daemon() {
         let mut s = ServeConfig::default();
-        assert_eq!(s.engine_mappings_limit(65_530).unwrap(), 32_765);
+        let limits = |total, per_uid| MappingLimits { total, per_uid };
+        assert_eq!(
+            s.engine_mapping_limits(65_530).unwrap(),
+            limits(32_765, 16_382)
+        );
         s.max_engine_mappings = Some(32_765);
-        assert_eq!(s.engine_mappings_limit(65_530).unwrap(), 32_765);
+        assert_eq!(
+            s.engine_mapping_limits(65_530).unwrap(),
+            limits(32_765, 16_382)
+        );
         s.max_engine_mappings = Some(32_766);
-        let e = s.engine_mappings_limit(65_530).unwrap_err().to_string();
+        let e = s.engine_mapping_limits(65_530).unwrap_err().to_string();
         assert!(
             e.contains("serve.max_engine_mappings") && e.contains("vm.max_map_count"),
             "{e}"
         );
-        assert_eq!(s.engine_mappings_limit(1 << 40).unwrap(), 32_766);
+        assert_eq!(
+            s.engine_mapping_limits(1 << 40).unwrap(),
+            limits(32_766, 16_383)
+        );
+        s.max_engine_mappings_per_uid = Some(32_766);
+        assert_eq!(
+            s.engine_mapping_limits(1 << 40).unwrap(),
+            limits(32_766, 32_766)
+        );
+        s.max_engine_mappings_per_uid = Some(32_767);
+        let e = s.engine_mapping_limits(1 << 40).unwrap_err().to_string();
+        assert!(e.contains("serve.max_engine_mappings_per_uid"), "{e}");
     }
 }

@@ -51,7 +51,7 @@ pub fn run(args: ServeArgs) -> ServeResult {
     // stops the start-up at once (the daemon resolves it again when it starts serving).
     config
         .serve
-        .engine_mappings_limit(crate::config::max_map_count())?;
+        .engine_mapping_limits(crate::config::max_map_count())?;
     // NATS credentials are root's files: read them now, before privileges are dropped.
     config.events.load_nats_auth()?;
     signals::block_termination()?;

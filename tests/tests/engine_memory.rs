@@ -521,6 +521,7 @@ fn host_regions_past_the_mapping_cap_are_refused() {
     let config = small_config(dir.path(), |c| {
         with_ephemeral_metrics(c);
         c.serve.max_engine_mappings = Some(3);
+        c.serve.max_engine_mappings_per_uid = Some(3);
     });
     let daemon = DaemonProc::start(
         dir.path(),
@@ -559,6 +560,46 @@ fn host_regions_past_the_mapping_cap_are_refused() {
     expect_refused(regions(1), Status::NoSpace, "serve.max_engine_mappings");
     save_and_verify(&mut first, 0x31_000, 2);
     drop(again);
+}
+
+/// One uid's sessions hold at most their share of the mappings (default: half of the
+/// total), so that no tenant takes all of them: here 3 of 10, and its fourth region is
+/// refused naming the share while the total has room.
+#[test]
+fn one_uids_host_regions_are_held_to_its_share_of_the_mappings() {
+    let dir = temp_dir("engine-mem-uid-share");
+    let config = small_config(dir.path(), |c| {
+        c.serve.max_engine_mappings = Some(10);
+        c.serve.max_engine_mappings_per_uid = Some(3);
+    });
+    let daemon = DaemonProc::start(
+        dir.path(),
+        &["--config", config.to_str().expect("utf-8 path")],
+    );
+    let regions = |n: usize| {
+        let mut opts = AttachOptions::new(&daemon.socket);
+        opts.namespaces = vec!["ns".to_string()];
+        for _ in 0..n {
+            let fd = sys::memfd_create_sealed("kv-part", 4096).expect("memfd");
+            opts.host_kv_buffer(fd, 4096);
+        }
+        Session::attach(opts)
+    };
+    let first = regions(3).expect("three of this uid's three");
+    expect_refused(
+        regions(1),
+        Status::NoSpace,
+        "serve.max_engine_mappings_per_uid",
+    );
+    drop(first);
+    let t0 = Instant::now();
+    while let Err(e) = regions(3) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the share was not given back: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A cap over half of vm.max_map_count would let engines' regions take the mappings the

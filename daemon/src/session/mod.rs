@@ -76,8 +76,9 @@ pub struct DaemonShared {
     pool: pool::Pool,
     admission: Arc<Admission>,
     daemon_uid: u32,
-    /// `serve.max_engine_mappings`, resolved against vm.max_map_count at start-up.
-    mappings_limit: u32,
+    /// `serve.max_engine_mappings` and its per-uid share, resolved against
+    /// vm.max_map_count at start-up.
+    mapping_limits: crate::config::MappingLimits,
 }
 
 /// A live session, as `status` shows it.
@@ -183,9 +184,9 @@ impl BoundDaemon {
             crossbeam::channel::bounded::<Complete>(config.serve.max_pending_handshakes as usize);
         let workers_n = config.serve.handshake_workers;
         sys::futex_waitv_available().map_err(DaemonError::FutexWaitv)?;
-        let mappings_limit = config
+        let mapping_limits = config
             .serve
-            .engine_mappings_limit(crate::config::max_map_count())?;
+            .engine_mapping_limits(crate::config::max_map_count())?;
         let mut io = IoPool::start(
             &dataplane,
             config.serve.io_threads as usize,
@@ -200,7 +201,7 @@ impl BoundDaemon {
             next_session: AtomicU64::new(1),
             sessions: Mutex::new(HashMap::new()),
             daemon_uid,
-            mappings_limit,
+            mapping_limits,
         });
         let dataplane_threads = match pool::start_threads(&shared, || io.submitter()) {
             Ok(t) => t,
@@ -631,12 +632,13 @@ fn import_kv_regions(
     let mappings = HostWindow::mappings(&parts).map_err(|e| (Status::BadArg, e.to_string()))?;
     let map_limits = MapLimits {
         bytes: cfg.mapped_bytes_limit(),
-        mappings: shared.mappings_limit,
+        mappings: shared.mapping_limits.total,
+        mappings_per_uid: shared.mapping_limits.per_uid,
     };
     let charge = shared
         .dataplane
         .mapped
-        .charge(host_bytes, mappings, map_limits, &limits)
+        .charge(host_bytes, mappings, req.peer.uid, map_limits, &limits)
         .map_err(|e| (Status::NoSpace, e.to_string()))?;
     let queue_pairs = req.num_queue_pairs as usize;
     EngineMemory::import(
