@@ -84,6 +84,17 @@ fn expect_refused(r: Result<Session, ShmError>, status: Status, says: &str) {
     }
 }
 
+/// An attach in namespace "ns" with `n` host memfd regions of one page each.
+fn attach_regions(socket: &Path, n: usize) -> Result<Session, ShmError> {
+    let mut opts = AttachOptions::new(socket);
+    opts.namespaces = vec!["ns".to_string()];
+    for _ in 0..n {
+        let fd = sys::memfd_create_sealed("kv-part", 4096).expect("memfd");
+        opts.host_kv_buffer(fd, 4096);
+    }
+    Session::attach(opts)
+}
+
 /// Saves pages `0..n` of `e` under hashes from `base`, loads them back into pages
 /// `n..2n`, and checks every byte.
 fn save_and_verify(e: &mut TestEngine, base: u64, n: u32) {
@@ -527,15 +538,7 @@ fn host_regions_past_the_mapping_cap_are_refused() {
         dir.path(),
         &["--config", config.to_str().expect("utf-8 path")],
     );
-    let regions = |n: usize| {
-        let mut opts = AttachOptions::new(&daemon.socket);
-        opts.namespaces = vec!["ns".to_string()];
-        for _ in 0..n {
-            let fd = sys::memfd_create_sealed("kv-part", 4096).expect("memfd");
-            opts.host_kv_buffer(fd, 4096);
-        }
-        Session::attach(opts)
-    };
+    let regions = |n: usize| attach_regions(&daemon.socket, n);
     let mut first = TestEngine::attach(&daemon.socket, "ns").expect("one region");
     let two = regions(2).expect("three of three");
     expect_refused(regions(1), Status::NoSpace, "serve.max_engine_mappings");
@@ -576,15 +579,7 @@ fn one_uids_host_regions_are_held_to_its_share_of_the_mappings() {
         dir.path(),
         &["--config", config.to_str().expect("utf-8 path")],
     );
-    let regions = |n: usize| {
-        let mut opts = AttachOptions::new(&daemon.socket);
-        opts.namespaces = vec!["ns".to_string()];
-        for _ in 0..n {
-            let fd = sys::memfd_create_sealed("kv-part", 4096).expect("memfd");
-            opts.host_kv_buffer(fd, 4096);
-        }
-        Session::attach(opts)
-    };
+    let regions = |n: usize| attach_regions(&daemon.socket, n);
     let first = regions(3).expect("three of this uid's three");
     expect_refused(
         regions(1),
