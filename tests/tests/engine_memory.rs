@@ -84,6 +84,19 @@ fn expect_refused(r: Result<Session, ShmError>, status: Status, says: &str) {
     }
 }
 
+/// Retries `attach` for up to 5 s: what a detached session held comes back once the
+/// daemon has ended it, a moment after the engine let go.
+fn attach_within_5s<T>(what: &str, mut attach: impl FnMut() -> Result<T, ShmError>) -> T {
+    let t0 = Instant::now();
+    loop {
+        match attach() {
+            Ok(attached) => return attached,
+            Err(e) => assert!(t0.elapsed() < Duration::from_secs(5), "{what}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// An attach in namespace "ns" with `n` host memfd regions of one page each.
 fn attach_regions(socket: &Path, n: usize) -> Result<Session, ShmError> {
     let mut opts = AttachOptions::new(socket);
@@ -504,19 +517,9 @@ fn a_namespace_is_held_to_its_mapped_cap() {
     save_and_verify(&mut open[3], 0x21_000, 2);
     // The charge goes with the session: once `first` detaches, another fits.
     drop(first);
-    let t0 = Instant::now();
-    let mut again = loop {
-        match TestEngine::attach(&daemon.socket, "capped") {
-            Ok(e) => break e,
-            Err(e) => {
-                assert!(
-                    t0.elapsed() < Duration::from_secs(5),
-                    "cap not released: {e}"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
+    let mut again = attach_within_5s("cap not released", || {
+        TestEngine::attach(&daemon.socket, "capped")
+    });
     save_and_verify(&mut again, 0x22_000, 2);
     open.clear();
 }
@@ -547,19 +550,7 @@ fn host_regions_past_the_mapping_cap_are_refused() {
     let (_, metrics) = http_get(&addr, "/metrics");
     assert!(metrics.contains("kvplane_engine_mappings 3\n"), "{metrics}");
     drop(two);
-    let t0 = Instant::now();
-    let again = loop {
-        match regions(2) {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(
-                    t0.elapsed() < Duration::from_secs(5),
-                    "regions not given back: {e}"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
+    let again = attach_within_5s("regions not given back", || regions(2));
     expect_refused(regions(1), Status::NoSpace, "serve.max_engine_mappings");
     save_and_verify(&mut first, 0x31_000, 2);
     drop(again);
@@ -587,14 +578,7 @@ fn one_uids_host_regions_are_held_to_its_share_of_the_mappings() {
         "serve.max_engine_mappings_per_uid",
     );
     drop(first);
-    let t0 = Instant::now();
-    while let Err(e) = regions(3) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "the share was not given back: {e}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    attach_within_5s("the share was not given back", || regions(3));
 }
 
 /// A cap over half of vm.max_map_count would let engines' regions take the mappings the
