@@ -1073,13 +1073,15 @@ impl Registry {
     /// released between them: it meets each entry the namespace had when it began once,
     /// wherever entries are collected meanwhile, and stops at the first entry it met
     /// before that is still there. Entries made meanwhile join the list's end and may be
-    /// met too (when every entry met before them went). Only another walk of the same
-    /// namespace in between (a second CLEAR) can make it meet an entry twice; callers
-    /// also stop after `namespace_len` at the walk's start.
+    /// met too (when every entry met before them went). A walk begun later (a second
+    /// CLEAR of the namespace in between) restamps what it meets; this walk stops at such
+    /// an entry too, since everything ahead of it when it was moved back has been met by
+    /// one walk or the other since: no walk meets an entry twice, and each entry is met
+    /// by one of them. Callers also stop after `namespace_len` at the walk's start.
     pub fn rotate_namespace(&mut self, namespace: u32, walk: u64) -> Option<BlockKey> {
         let i = self.ns_lists.get(&namespace)?.first;
         let e = &mut self.entries[i as usize];
-        if e.walk == walk {
+        if e.walk >= walk {
             return None;
         }
         e.walk = walk;
