@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use kvplane_daemon::session::Daemon;
 use kvplane_daemon::tier::nvme::EngineKind;
 use kvplane_daemon::tier::nvme::engine::FaultPlan;
-use kvplane_ffi::{Opcode, Pod, SQE_F_WRITE_THROUGH, Status, kvp_block_op};
+use kvplane_ffi::{Opcode, Pod, SQE_F_WRITE_THROUGH, Status};
 use kvplane_shm::{AttachOptions, QueuePair, Segment, Session, ShmError, client};
 
 mod common;
@@ -55,30 +55,68 @@ fn a_stalled_nvme_write_does_not_delay_another_sessions_nops_on_the_same_thread(
         2,
         "both sessions on the daemon's one data-plane thread"
     );
+    nops_flow_during_a_stalled_save(&plan, &mut qa, &kv, &mut qb, "another session's");
+    drop((qa, qb, b));
+    daemon.shutdown();
+}
 
-    // A: a write-through SAVE of two blocks; each NVMe write stalls for STALL_MS.
+/// The session whose SAVE is out with an I/O executor (its data with it) still answers
+/// NOPs on its other queue pairs: only the queue pair of the operation out waits for it.
+/// Before, a session with an operation out took nothing from any of its queue pairs, so a
+/// stalled disk (or another tenant's jobs ahead of its own in the I/O queue) stopped its
+/// liveness pings too.
+#[test]
+fn a_stalled_nvme_write_does_not_delay_nops_on_the_sessions_other_queue_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = common::stalled_writes(STALL_MS);
+    let daemon = start(dir.path(), plan.clone());
+    let socket = daemon.socket_path().to_path_buf();
+    let (_a, mut qps, kv) = common::attach_with_kv_qps(&socket, "stall", 2);
+    // The SAVE on the second queue pair, the NOPs on the first (the daemon must skip the
+    // queue pair of the operation out, not always the first).
+    let (mut q0, mut q1) = (qps.remove(0), qps.remove(0));
+    nops_flow_during_a_stalled_save(&plan, &mut q1, &kv, &mut q0, "the same session's");
+    // The queue pair that went on with NOPs meanwhile serves a LOAD once the data is
+    // home: the saved block lands in its page again.
+    kv.write_bytes(0, &vec![0; PAGE_BYTES as usize]).unwrap();
+    let load = common::chain_sqe(&mut q0, Opcode::Load, 9, &[0x5EED_0001], 0);
+    let c = q0
+        .call(load, Duration::from_secs(10))
+        .expect("LOAD on the first queue pair");
+    assert_eq!((c.status, c.blocks), (Status::Ok.raw(), 1), "LOAD: {c:?}");
+    let mut page = vec![0u8; PAGE_BYTES as usize];
+    kv.read_bytes(0, &mut page).unwrap();
+    assert!(
+        page.iter().all(|&b| b == 1),
+        "the loaded page holds the saved block"
+    );
+    drop((q0, q1));
+    daemon.shutdown();
+}
+
+/// Submits a write-through SAVE of two blocks on `qa` (each NVMe write stalls for
+/// `STALL_MS`) and sends NOP round trips on `qb` (`whose` queue pair) until it completes;
+/// asserts that the SAVE was held by the stall and that the NOPs kept flowing.
+fn nops_flow_during_a_stalled_save(
+    plan: &FaultPlan,
+    qa: &mut QueuePair,
+    kv: &Segment,
+    qb: &mut QueuePair,
+    whose: &str,
+) {
     let hashes = [0x5EED_0001u64, 0x5EED_0002];
-    let mut arg = Vec::new();
-    for (i, &h) in hashes.iter().enumerate() {
+    for i in 0..hashes.len() {
         kv.write_bytes(
             i as u64 * PAGE_BYTES,
             &vec![i as u8 + 1; PAGE_BYTES as usize],
         )
         .unwrap();
-        let parent = if i == 0 { 0 } else { hashes[i - 1] };
-        arg.extend_from_slice(kvplane_ffi::as_bytes(&kvp_block_op::new(
-            h, parent, i as u32,
-        )));
     }
-    qa.write_arena(0, &arg).unwrap();
-    let mut s = client::sqe(Opcode::Save, 7);
+    let mut s = common::chain_sqe(qa, Opcode::Save, 7, &hashes, 0);
     s.flags = SQE_F_WRITE_THROUGH;
-    s.count = hashes.len() as u32;
-    s.arg_len = arg.len() as u32;
     let t0 = Instant::now();
     assert_eq!(qa.submit(&[s]).unwrap(), 1);
 
-    // B: NOP round trips for as long as A's SAVE is in flight.
     let mut rtts: Vec<Duration> = Vec::new();
     let mut cqe = [Pod::zeroed(); 1];
     let save = loop {
@@ -97,7 +135,7 @@ fn a_stalled_nvme_write_does_not_delay_another_sessions_nops_on_the_same_thread(
                 Duration::from_secs(10),
             )
             .map_err(|e: ShmError| e.to_string())
-            .expect("NOP of B");
+            .expect("NOP");
         assert_eq!(c.status, Status::Ok.raw());
         rtts.push(t.elapsed());
     };
@@ -115,12 +153,12 @@ fn a_stalled_nvme_write_does_not_delay_another_sessions_nops_on_the_same_thread(
     );
     common::assert_nops_kept_flowing(
         &mut rtts,
-        &format!("a write-through SAVE stalled on NVMe for {save_took:?}"),
+        &format!(
+            "a write-through SAVE stalled on NVMe for {save_took:?}, NOPs on {whose} queue pair"
+        ),
         NOP_P99_BOUND,
         Some(NOP_MAX_BOUND),
     );
-    drop((qa, qb, b));
-    daemon.shutdown();
 }
 
 /// An engine that gave up on an operation the daemon never answered may reuse the pages

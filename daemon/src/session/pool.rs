@@ -4,11 +4,12 @@
 //! their queue pairs round-robin (at most `BATCH` submissions per queue pair per pass),
 //! and sleeps on all their doorbells at once (FUTEX_WAITV) plus its own wake word when
 //! every one is idle. Operations that may wait on NVMe go to the I/O executors
-//! (`dataplane::io`) with their session checked out; the session takes no further
-//! submission until the completion comes back, every other session keeps being served.
+//! (`dataplane::io`) with their session's data checked out; until the completion comes
+//! back, that queue pair takes nothing, the session's other queue pairs are answered what
+//! needs none of its data (NOPs, refusals), and every other session keeps being served.
 //! A SAVE or LOAD served here launches its copy and is then in flight on the device: the
 //! thread polls its event each pass (`DataPlane::poll`, never a blocking sync) and posts
-//! the completion when it has landed; meanwhile that session takes nothing new, the
+//! the completion when it has landed; meanwhile that queue pair takes nothing new, the
 //! others are served, and an idle thread sleeps at most [`DEVICE_POLL`] at a time.
 //!
 //! Liveness (socket hang-up, pidfd, stop) is checked for every owned session at least
@@ -22,10 +23,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering, fence};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvplane_ffi::{Pod, SessionState, kvp_cqe, kvp_sqe};
+use kvplane_ffi::{Opcode, Pod, SessionState, Status, kvp_cqe, kvp_sqe};
 use kvplane_shm::server::{self, Request, ServerHeader, ServerQueuePair, completion, validate_sqe};
 use kvplane_shm::sys::{self, FutexWaiter};
-use kvplane_shm::{Geometry, Segment, ShmError};
+use kvplane_shm::{Geometry, QpGeometry, Segment, ShmError};
 
 use super::{
     BATCH, DaemonError, DaemonShared, End, HANGUP_GRACE, SessionGuard, engine_exited, field_code,
@@ -291,6 +292,9 @@ struct Served {
     first_qp: usize,
     /// An operation is with the I/O executors (the session's data with it).
     out: bool,
+    /// The queue pair of the operation out or parked: it takes nothing until that one is
+    /// back. The others go on with what needs none of the session's data.
+    away_qp: usize,
     /// Bit q: queue pair q has an operation whose copy is on the device (its plan in the
     /// session's data), polled each pass; `in_flight_user_data[q]` is its user_data.
     in_flight: u32,
@@ -364,6 +368,7 @@ impl Served {
             stashes: (0..queue_pairs).map(|_| Stash::default()).collect(),
             first_qp: 0,
             out: false,
+            away_qp: 0,
             in_flight: 0,
             in_flight_user_data: vec![0; queue_pairs],
             parked: None,
@@ -378,19 +383,34 @@ impl Served {
         if !self.serving() {
             return false;
         }
-        let in_flight = self.in_flight;
+        let away = self.away();
+        let (in_flight, away_qp) = (self.in_flight, self.away_qp);
+        let num_namespaces = self.num_namespaces;
         self.qps
             .iter_mut()
             .zip(&self.stashes)
             .enumerate()
-            .filter(|&(q, _)| in_flight & (1 << q) == 0)
-            .any(|(_, (qp, stash))| stash.pending() || qp.can_take().unwrap_or(true))
+            .filter(|&(q, _)| in_flight & (1 << q) == 0 && !(away && q == away_qp))
+            .any(|(_, (qp, stash))| {
+                if stash.pending() {
+                    // With the data away, a stash whose next operation needs it waits
+                    // for the data's return (which wakes the thread), not for a pass.
+                    !away || !needs_data(&stash.entries[stash.at], &qp.geometry, num_namespaces)
+                } else {
+                    qp.can_take().unwrap_or(true)
+                }
+            })
     }
 
-    /// Still taking submissions (not ending, socket open, nothing out); a queue pair
-    /// with an operation in flight takes none until it completes.
+    /// Still taking submissions (not ending, socket open); a queue pair with an operation
+    /// in flight or away takes none until it completes.
     fn serving(&self) -> bool {
-        self.ending.is_none() && self.hung_up.is_none() && !self.out
+        self.ending.is_none() && self.hung_up.is_none()
+    }
+
+    /// The session's data is away: out with an I/O executor or in a job parked for one.
+    fn away(&self) -> bool {
+        self.out || self.parked.is_some()
     }
 
     /// An operation is out (I/O executors) or in flight (device): the session can end
@@ -643,8 +663,9 @@ fn sleep(me: &PoolThread, slots: &mut [Option<Served>], until_check: Duration) {
     me.sleeping.store(0, Ordering::Relaxed);
 }
 
-/// One pass over a session: its parked job, the rest of its stash, then each queue pair's
-/// next batch. Returns whether it did anything.
+/// One pass over a session: its parked job, then each queue pair's stash and next batch
+/// (with the session's data away, only what needs none of it). Returns whether it did
+/// anything.
 fn serve(
     shared: &DaemonShared,
     s: &mut Served,
@@ -653,19 +674,16 @@ fn serve(
     back: &Arc<dyn IoReturn>,
     scratch: &mut Scratch,
 ) -> bool {
+    let mut worked = false;
     if let Some(job) = s.parked.take() {
         match io.try_submit(job) {
             Ok(()) => {
                 s.out = true;
-                return true;
+                worked = true;
             }
-            Err(job) => {
-                s.parked = Some(job);
-                return false;
-            }
+            Err(job) => s.parked = Some(job),
         }
     }
-    let mut worked = false;
     // Blocks this pass may touch inline over all queue pairs (see PASS_BLOCKS).
     let mut blocks_left = PASS_BLOCKS;
     let n = s.qps.len();
@@ -676,9 +694,10 @@ fn serve(
         if blocks_left == 0 {
             break;
         }
-        if s.in_flight & (1 << qp) != 0 {
-            continue; // its next submissions wait for the one on the device
+        if s.in_flight & (1 << qp) != 0 || (s.away() && qp == s.away_qp) {
+            continue; // its next submissions wait for the one on the device or away
         }
+        let at = s.stashes[qp].at;
         if !s.stashes[qp].pending() {
             let stash = &mut s.stashes[qp];
             if stash.entries.is_empty() {
@@ -696,17 +715,22 @@ fn serve(
                 continue;
             }
             (stash.len, stash.at) = (n, 0);
+            worked = true;
         }
-        worked = true;
         if let Err(end) = run_stash(shared, s, qp, slot, io, back, scratch, &mut blocks_left) {
             s.ending = Some(end);
             return true;
         }
-        if s.out || s.parked.is_some() {
-            return true;
-        }
+        // Nothing served: the stash waits for the session's data (see `ready`).
+        worked |= s.stashes[qp].at != at;
     }
     worked
+}
+
+/// Whether serving `sqe` needs the session's data (the block manager, its plans, its
+/// engine memory): everything but a NOP and a submission refused on its face.
+fn needs_data(sqe: &kvp_sqe, geometry: &QpGeometry, num_namespaces: u32) -> bool {
+    validate_sqe(sqe, geometry, num_namespaces).is_ok_and(|req| req.opcode != Opcode::Nop)
 }
 
 /// Blocks one pass over a session may name in the operations it serves inline (each
@@ -743,8 +767,12 @@ fn run_stash(
             // below (panic guard, the session's data, clock reads, the in-flight poll)
             // would be most of what a NOP costs (`bench ring`: p50 / floor 1.8-1.9x
             // through it, 1.6x here).
-            Ok(req) if req.opcode == kvplane_ffi::Opcode::Nop => {
-                completion(req.user_data, kvplane_ffi::Status::Ok)
+            Ok(req) if req.opcode == Opcode::Nop => completion(req.user_data, Status::Ok),
+            // The session's data is away (another queue pair's operation is with the I/O
+            // executors, or this batch just sent one): this one waits for it, stashed.
+            Ok(_) if s.guard.data.is_none() => {
+                s.stashes[qp].at -= 1;
+                break;
             }
             Ok(req) if dp.may_do_io(&req, true) => {
                 handoff = Some(req);
@@ -790,7 +818,7 @@ fn run_stash(
                         tracing::error!(session = s.id, opcode = ?req.opcode, "an operation panicked; ending the session");
                         scratch
                             .cqes
-                            .push(completion(req.user_data, kvplane_ffi::Status::Internal));
+                            .push(completion(req.user_data, Status::Internal));
                         post(shared, s, qp, scratch)?;
                         return Err(End::Panicked);
                     }
@@ -826,6 +854,7 @@ fn hand_to_io(
     back: &Arc<dyn IoReturn>,
 ) {
     let data = s.guard.data.take().expect("held while nothing is out");
+    s.away_qp = qp;
     let job = IoJob {
         slot,
         queue_pair: qp as u32,
@@ -872,10 +901,9 @@ fn poll_in_flight(
             // Its completion, so the engine does not wait for it; what the operation
             // held is released when the session ends (`DataPlane::session_ended`).
             scratch.cqes.clear();
-            scratch.cqes.push(completion(
-                s.in_flight_user_data[qp],
-                kvplane_ffi::Status::Internal,
-            ));
+            scratch
+                .cqes
+                .push(completion(s.in_flight_user_data[qp], Status::Internal));
             let _ = post(shared, s, qp, scratch);
             return true;
         }

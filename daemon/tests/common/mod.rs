@@ -126,7 +126,7 @@ pub fn assert_nops_kept_flowing(
     let p99 = rtts[(rtts.len() * 99 / 100).min(rtts.len() - 1)];
     let max = *rtts.last().unwrap();
     eprintln!(
-        "{what}; meanwhile {} NOPs of another session on the same data-plane thread: p50 {:?}, p99 {p99:?}, max {max:?}",
+        "{what}; meanwhile {} NOPs on the same data-plane thread: p50 {:?}, p99 {p99:?}, max {max:?}",
         rtts.len(),
         rtts[rtts.len() / 2]
     );
