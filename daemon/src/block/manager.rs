@@ -1095,6 +1095,13 @@ impl BlockManager {
                 plan.failure = Some((i, LoadFailure::Busy));
                 break;
             }
+            let Some(nvme_slot) = v.present[Tier::Nvme] else {
+                // Another load found its NVMe copy corrupt and dropped it meanwhile (our
+                // hold keeps the entry, not the copy): there is nothing left to stage.
+                cut = cut.min(i);
+                plan.failure = Some((i, LoadFailure::Missing));
+                break;
+            };
             let Some((tier, slot)) = spare_g1
                 .next()
                 .map(|s| (Tier::Hbm, s))
@@ -1119,7 +1126,7 @@ impl BlockManager {
             plan.reads.push(NvmeRead {
                 index: i,
                 key,
-                nvme_slot: v.present[Tier::Nvme].expect("on NVMe"),
+                nvme_slot,
                 tier,
                 slot,
                 generation: v.nvme_generation,

@@ -1770,6 +1770,59 @@ fn a_block_being_staged_into_g1_is_busy_for_another_load() {
     assert_eq!(load(&m, 1, &[1, 2]).loaded, 2);
 }
 
+/// Two loads of a block found only on NVMe: the second stages it first and finds the copy
+/// corrupt, which drops it; the first, planned before that, is then told the block is
+/// missing. It used to panic planning its read (under the registry lock), leaking its
+/// slots and leaving the block pending for good. (Found by a review.)
+#[test]
+fn a_load_planned_before_another_dropped_the_corrupt_copy_finds_the_block_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager(Some(dir.path()), 4, 16);
+    save(&m, 1, &chain(1, 2), false);
+    let mut t = [None; 2];
+    assert_eq!(m.lookup(1, &[1, 2], &mut t), 2); // seen twice: admitted to NVMe
+    save(&m, 1, &chain(200, 4), false);
+    assert_eq!(m.lookup(1, &[1], &mut t[..1]), 1);
+    assert_eq!(t[0], Some(Tier::Nvme));
+    let b = &m.blocks;
+    let mut first = b.plan_load(1, &[1]);
+    let mut second = b.plan_load(1, &[1]);
+    let mut host = Vec::new();
+    let _settled = b.plan_room(Tier::Host, 1, 1, &mut host);
+    b.plan_staging(&mut second, Vec::new(), host);
+    assert_eq!(second.reads.len(), 1, "the second load reads block 1");
+    let corrupt = NvmeError::Corrupt {
+        slot: second.reads[0].nvme_slot,
+        reason: "torn (test)".into(),
+    };
+    let erase = b.commit_staging(&mut second, vec![Err(corrupt)]);
+    assert_eq!(erase.len(), 1, "the corrupt copy is dropped");
+    b.commit_erase(&erase);
+    let r = b.commit_load(second, 0);
+    assert!(
+        matches!(r.failure, Some((0, LoadFailure::Corrupt(_)))),
+        "{:?}",
+        r.failure
+    );
+    let mut host = Vec::new();
+    let _settled = b.plan_room(Tier::Host, 1, 1, &mut host);
+    b.plan_staging(&mut first, Vec::new(), host);
+    assert!(first.reads.is_empty() && first.items.is_empty());
+    let r = b.commit_load(first, 0);
+    assert!(
+        matches!(r.failure, Some((0, LoadFailure::Missing))),
+        "{:?}",
+        r.failure
+    );
+    assert_eq!(b.claimed_slots(), 0, "no slot kept for either load");
+    m.check_invariants().unwrap();
+    assert_eq!(m.lookup(1, &[1], &mut t[..1]), 0, "block 1 is gone");
+    // Nothing stays pending: the block can be saved and loaded again.
+    assert_eq!(save(&m, 1, &chain(1, 1), false).stored, 1);
+    assert_eq!(load(&m, 1, &[1]).loaded, 1);
+    m.check_invariants().unwrap();
+}
+
 /// A manager that moves blocks straight between NVMe and G1 (2 G1 slots) admitting to
 /// NVMe only blocks seen 3 times: host victims seen less are evicted, so G1 can hold a
 /// block's only copy beside an NVMe tier.
