@@ -13,6 +13,8 @@
 //!   verified; a corrupt slot is dropped and reported, never served).
 //! - G1 is filled by `promote` from G2; evicting from G1 drops that copy.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -108,6 +110,47 @@ pub enum LoadFailure {
     Corrupt(NvmeError),
     #[error("NVMe read failed: {0}")]
     Io(NvmeError),
+}
+
+/// The G1 parents a room plan's copies-down leave without a child in G1 (see
+/// [`BlockManager::plan_room`]), in eviction order, the plan's own namespace's apart (a
+/// namespace at its quota takes only its own): a heap each, so that choosing a victim
+/// costs a plan of n blocks O(log n), not a scan of all freed so far.
+#[derive(Default)]
+struct FreedParents {
+    own: BinaryHeap<Reverse<(EvictRank, BlockKey)>>,
+    others: BinaryHeap<Reverse<(EvictRank, BlockKey)>>,
+}
+
+impl FreedParents {
+    fn push(&mut self, namespace: u32, parent: (EvictRank, BlockKey)) {
+        match parent.1.namespace == namespace {
+            true => self.own.push(Reverse(parent)),
+            false => self.others.push(Reverse(parent)),
+        }
+    }
+
+    /// The first in eviction order of `candidate` (the tier's, or the namespace's) and
+    /// the freed parents (only the namespace's own with `own_only`); a parent chosen is
+    /// taken out.
+    fn first_victim(
+        &mut self,
+        candidate: Option<(EvictRank, BlockKey)>,
+        own_only: bool,
+    ) -> Option<BlockKey> {
+        let own = self.own.peek().map(|p| p.0.0);
+        let others = self.others.peek().map(|p| p.0.0).filter(|_| !own_only);
+        let (heap, parent_rank) = match (own, others) {
+            (Some(a), Some(b)) if b < a => (&mut self.others, b),
+            (Some(a), _) => (&mut self.own, a),
+            (None, Some(b)) => (&mut self.others, b),
+            (None, None) => return candidate.map(|(_, key)| key),
+        };
+        match candidate {
+            Some((rank, key)) if rank < parent_rank => Some(key),
+            _ => heap.pop().map(|p| p.0.1),
+        }
+    }
 }
 
 /// One block of [`BlockManager::snapshot`].
@@ -505,7 +548,11 @@ impl BlockManager {
         // with no other copy: candidates in their own right once those children go, so
         // the plan takes them now in eviction order (a G1-only chain comes down in one
         // round, not one block per round).
-        let mut freed_parents: Vec<(EvictRank, BlockKey)> = Vec::new();
+        let mut freed_parents = FreedParents::default();
+        // Demotions and copies-down of this plan that are the namespace's own blocks
+        // (counted as they are planned: a recount each round made a large SAVE's room
+        // quadratic under the registry lock).
+        let mut own_jobs = 0usize;
         let mut reg = self.lock();
         loop {
             let jobs = room.demotions.len() + room.copies_down.len();
@@ -516,20 +563,9 @@ impl BlockManager {
             // then holds `used - own_jobs + claimed + jobs` slots, `claimed` (slots taken
             // but not yet reserved, by this plan's `out` or a concurrent operation's)
             // being part of what `quota_room` subtracts.
-            let own_jobs = room
-                .demotions
-                .iter()
-                .map(|j| j.key)
-                .chain(room.copies_down.iter().map(|c| c.key))
-                .filter(|k| k.namespace == namespace)
-                .count();
             let at_quota = (jobs - own_jobs) as u64 >= u64::from(reg.quota_room(namespace, tier));
             let v = if at_quota {
-                match Self::first_victim(
-                    reg.ranked_victim_in(namespace, tier),
-                    &mut freed_parents,
-                    Some(namespace),
-                ) {
+                match freed_parents.first_victim(reg.ranked_victim_in(namespace, tier), true) {
                     Some(v) => v,
                     None => break, // its own blocks are all leased or in use
                 }
@@ -538,7 +574,7 @@ impl BlockManager {
                     out.push(s);
                     continue;
                 }
-                match Self::first_victim(reg.ranked_victim(tier), &mut freed_parents, None) {
+                match freed_parents.first_victim(reg.ranked_victim(tier), false) {
                     Some(v) => v,
                     None => break,
                 }
@@ -549,9 +585,10 @@ impl BlockManager {
                 if let Some(parent) = reg.parent_freed_by(v, Tier::Hbm)
                     && Self::only_in_g1(&reg, parent.1)
                 {
-                    freed_parents.push(parent);
+                    freed_parents.push(namespace, parent);
                 }
                 reg.begin_use(v);
+                own_jobs += usize::from(v.namespace == namespace);
                 room.copies_down.push(TierCopy {
                     key: v,
                     from: (Tier::Hbm, hbm_slot),
@@ -566,6 +603,7 @@ impl BlockManager {
                     reg.reserve(v, view.parent, view.priority, Tier::Nvme, nvme_slot)
                         .expect("checked: no NVMe slot");
                     reg.begin_use(v);
+                    own_jobs += usize::from(v.namespace == namespace);
                     room.demotions.push(NvmeWrite {
                         key: v,
                         parent: view.parent,
@@ -588,26 +626,6 @@ impl BlockManager {
         }
         self.flush_events(&mut reg);
         room
-    }
-
-    /// The first in eviction order of the tier's (or `namespace`'s) candidate and the
-    /// parents freed by this plan's copies-down (taken out of `freed` when chosen).
-    fn first_victim(
-        candidate: Option<(EvictRank, BlockKey)>,
-        freed: &mut Vec<(EvictRank, BlockKey)>,
-        namespace: Option<u32>,
-    ) -> Option<BlockKey> {
-        let parent = freed
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, key))| namespace.is_none_or(|ns| key.namespace == ns))
-            .min_by_key(|(_, (rank, _))| *rank)
-            .map(|(at, &(rank, _))| (at, rank));
-        match (candidate, parent) {
-            (Some((rank, key)), Some((_, parent_rank))) if rank < parent_rank => Some(key),
-            (_, Some((at, _))) => Some(freed.swap_remove(at).1),
-            (candidate, None) => candidate.map(|(_, key)| key),
-        }
     }
 
     /// Commits a room plan with the mover's result for each demotion: NVMe copies that
