@@ -151,6 +151,11 @@ struct Entry {
 /// No entry (the end of a namespace list).
 const NO_ENTRY: u32 = u32::MAX;
 
+/// How far up its would-be parent's chain a ghost looks for itself before it adopts that
+/// parent ([`Registry::may_descend_from`]): 256 blocks is 4,096 tokens at vLLM's 16 per
+/// block. Bounds what one block of a SAVE may cost under the registry lock.
+const PARENT_WALK_BLOCKS: usize = 256;
+
 /// The entries of one namespace, linked through `Entry::ns_prev` / `ns_next`, so that a
 /// CLEAR of a namespace visits that namespace's entries and nothing else (a walk over the
 /// whole map, under the lock every session needs, let any tenant stall all the others
@@ -508,9 +513,17 @@ impl Registry {
         // A block cannot be its own prefix; treat such input as a root.
         let parent = parent.filter(|&p| p != key.hash);
         if let Some(i) = self.idx(key) {
-            let e = &mut self.entries[i as usize];
-            if e.parent.is_none() {
-                e.parent = parent; // a ghost made for its children learns its own parent
+            // A ghost made for its children learns its own parent, unless it holds a slot
+            // (its parent's child counts never counted that slot, and would be taken
+            // down when it goes) or the parent descends from it (a cycle: none of its
+            // blocks would ever be a leaf, so none could be evicted).
+            let e = &self.entries[i as usize];
+            if let Some(p) = parent
+                && e.parent.is_none()
+                && e.slots.values().all(|&s| s == NO_SLOT)
+                && !self.may_descend_from(key.namespace, p, key.hash)
+            {
+                self.entries[i as usize].parent = Some(p);
             }
             return i;
         }
@@ -620,6 +633,27 @@ impl Registry {
         let e = &mut self.entries[i as usize];
         e.ns_prev = NO_ENTRY;
         e.ns_next = NO_ENTRY;
+    }
+
+    /// Whether block `hash` of `namespace` may have `ancestor` among its prefixes (itself
+    /// included): its parent links are followed up to [`PARENT_WALK_BLOCKS`] steps; a
+    /// chain longer than that counts as may (the link it guards is then not made: only an
+    /// eviction-order hint and the parent its events name are lost), so a tenant's long
+    /// chains cannot make each adoption cost more.
+    fn may_descend_from(&self, namespace: u32, hash: u64, ancestor: u64) -> bool {
+        let mut at = Some(hash);
+        for _ in 0..PARENT_WALK_BLOCKS {
+            match at {
+                None => return false,
+                Some(h) if h == ancestor => return true,
+                Some(h) => {
+                    at = self
+                        .idx(BlockKey::new(namespace, h))
+                        .and_then(|i| self.entries[i as usize].parent);
+                }
+            }
+        }
+        at.is_some()
     }
 
     /// Parent's child count in tier `t` changes by `delta` (creating a ghost parent entry

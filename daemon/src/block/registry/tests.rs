@@ -109,6 +109,81 @@ fn ghost_parent_keeps_child_counts() {
     r.check_invariants().unwrap();
 }
 
+/// A SAVE that names its blocks each other's prefix ([(A, parent B), (B, parent A)], or a
+/// longer ring) made a cycle: every block of it had a child, none was ever a leaf, so
+/// none could be evicted, and they outlived the session. The ghost that would close the
+/// ring keeps no parent; the blocks go leaf first as any chain does. (Found by a review.)
+#[test]
+fn a_ghost_never_adopts_a_parent_that_descends_from_it() {
+    for ring in [2u64, 3, 40] {
+        let mut r = Registry::new(PerTier([0, 64, 0]));
+        // Block h names h + 1 as its prefix; the last names the first.
+        for h in 0..ring {
+            let parent = (h + 1) % ring;
+            assert!(store(&mut r, k(h), Some(parent), 0, H));
+            r.check_invariants().unwrap();
+        }
+        assert_eq!(
+            r.view(k(ring - 1)).unwrap().parent,
+            None,
+            "ring of {ring}: the link closing it is not made"
+        );
+        let mut evicted = 0;
+        while let Some(v) = r.victim(H) {
+            r.evict(v, H, RemoveReason::Evicted).unwrap();
+            evicted += 1;
+        }
+        assert_eq!(
+            evicted, ring,
+            "ring of {ring}: every block evictable, leaf first"
+        );
+        assert!(r.is_empty());
+        r.check_invariants().unwrap();
+    }
+}
+
+/// A ghost adopts a parent that does not descend from it, however its chain came to be;
+/// one whose chain is longer than the walk's bound keeps none.
+#[test]
+fn a_ghost_adopts_a_parent_unless_its_chain_is_too_long_to_check() {
+    let mut r = Registry::new(PerTier([0, 1024, 0]));
+    // Block 1000 saved first, naming 999: 999 is a ghost with no parent of its own.
+    assert!(store(&mut r, k(1000), Some(999), 0, H));
+    for h in 0..PARENT_WALK_BLOCKS as u64 - 1 {
+        assert!(store(&mut r, k(h), h.checked_sub(1), 0, H));
+    }
+    // The chain 0..=254 is 255 blocks: 999 sees its root within the bound and adopts 254.
+    let tip = PARENT_WALK_BLOCKS as u64 - 2;
+    assert!(store(&mut r, k(999), Some(tip), 0, H));
+    assert_eq!(r.view(k(999)).unwrap().parent, Some(tip));
+    // 999's chain is now 256 blocks; one more on top: a ghost naming that one as parent
+    // would walk past the bound before it sees a root, and keeps no parent.
+    assert!(store(&mut r, k(1998), Some(999), 0, H));
+    assert!(store(&mut r, k(2000), Some(1999), 0, H));
+    assert!(store(&mut r, k(1999), Some(1998), 0, H));
+    assert_eq!(r.view(k(1999)).unwrap().parent, None);
+    r.check_invariants().unwrap();
+}
+
+/// A block stored as a root and then saved again naming a parent keeps no parent: the
+/// parent's child count never counted its slot, and would have been taken down when that
+/// slot went (a second SAVE racing the first did this). (Found by a review.)
+#[test]
+fn a_stored_block_does_not_adopt_a_parent() {
+    let mut r = Registry::new(PerTier([0, 4, 4]));
+    assert!(store(&mut r, k(5), None, 0, H));
+    assert!(store(&mut r, k(4), None, 0, H));
+    assert!(store(&mut r, k(5), Some(4), 0, N));
+    assert_eq!(r.view(k(5)).unwrap().parent, None);
+    r.check_invariants().unwrap();
+    r.remove_tier(k(5), H, RemoveReason::Dropped, false)
+        .unwrap();
+    r.remove_tier(k(5), N, RemoveReason::Dropped, false)
+        .unwrap();
+    r.check_invariants().unwrap();
+    assert_eq!(r.victim(H), Some(k(4)));
+}
+
 #[test]
 fn events_are_recorded() {
     let mut r = Registry::new(PerTier([0, 1, 0]));
