@@ -26,7 +26,9 @@ use super::plan::{
     DropPlan, HbmCopy, LoadHolds, LoadItem, LoadPlan, NvmeRead, NvmeWrite, PromotePlan, RoomPlan,
     SavePlan, StoreItem, TierCopy,
 };
-use super::registry::{BlockEvent, BlockKey, EvictRank, Registry, RemoveReason, SessionId};
+use super::registry::{
+    BlockEvent, BlockKey, EvictRank, Registry, RemoveReason, RestoredBlock, SessionId,
+};
 use crate::tier::host::{HostError, HostPool, HostPoolReport};
 use crate::tier::nvme::engine::FaultPlan;
 use crate::tier::nvme::{NvmeError, NvmeStore};
@@ -374,17 +376,17 @@ impl BlockManager {
             let mut valid = scan.valid;
             valid.sort_unstable_by_key(|v| v.header.generation); // oldest first = LRU order
             scan_counts = (valid.len() as u64, scan.corrupt, scan.duplicates);
-            for v in valid {
-                let h = v.header;
-                if let Err(e) = reg.restore(
-                    BlockKey::new(h.namespace, h.hash),
-                    h.parent,
-                    Tier::Nvme,
-                    v.slot,
-                    h.generation,
-                ) {
-                    tracing::warn!(slot = v.slot, "NVMe scan: {e}");
-                }
+            let blocks: Vec<RestoredBlock> = valid
+                .iter()
+                .map(|v| RestoredBlock {
+                    key: BlockKey::new(v.header.namespace, v.header.hash),
+                    parent: v.header.parent,
+                    slot: v.slot,
+                    generation: v.header.generation,
+                })
+                .collect();
+            for (b, e) in reg.restore_all(Tier::Nvme, &blocks) {
+                tracing::warn!(slot = b.slot, "NVMe scan: {e}");
             }
             tracing::info!(
                 blocks = scan_counts.0,

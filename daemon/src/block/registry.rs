@@ -185,6 +185,15 @@ impl Entry {
     }
 }
 
+/// A block an NVMe scan found, for [`Registry::restore_all`].
+#[derive(Clone, Copy, Debug)]
+pub struct RestoredBlock {
+    pub key: BlockKey,
+    pub parent: Option<u64>,
+    pub slot: u32,
+    pub generation: u64,
+}
+
 /// A candidate's place in a tier's eviction order (lowest goes first): priority, last
 /// use, entry index.
 pub type EvictRank = (u8, u64, u32);
@@ -949,23 +958,32 @@ impl Registry {
         }
     }
 
-    /// Restores a slot found by the NVMe scan (present, LRU order by generation).
-    pub fn restore(
+    /// Restores the blocks the NVMe scan found in `tier`'s slots, in order (oldest
+    /// first: LRU order by generation). Their slots are claimed at once; a block whose
+    /// slot was taken, or which cannot be reserved, gives its slot back and is returned
+    /// with the error.
+    pub fn restore_all(
         &mut self,
-        key: BlockKey,
-        parent: Option<u64>,
         tier: Tier,
-        slot: u32,
-        generation: u64,
-    ) -> Result<(), RegistryError> {
-        if !self.alloc[tier].claim(slot) {
-            return Err(RegistryError::AlreadyInTier(key, tier));
+        blocks: &[RestoredBlock],
+    ) -> Vec<(RestoredBlock, RegistryError)> {
+        let slots: Vec<u32> = blocks.iter().map(|b| b.slot).collect();
+        let taken = self.alloc[tier].claim_many(&slots);
+        let mut refused = Vec::new();
+        for (b, taken) in blocks.iter().zip(taken) {
+            if !taken {
+                refused.push((*b, RegistryError::AlreadyInTier(b.key, tier)));
+                continue;
+            }
+            let restored = self
+                .reserve(b.key, b.parent, 0, tier, b.slot)
+                .inspect_err(|_| self.alloc[tier].free(b.slot))
+                .and_then(|()| self.publish(b.key, tier, b.generation));
+            if let Err(e) = restored {
+                refused.push((*b, e));
+            }
         }
-        if let Err(e) = self.reserve(key, parent, 0, tier, slot) {
-            self.alloc[tier].free(slot);
-            return Err(e);
-        }
-        self.publish(key, tier, generation)
+        refused
     }
 
     // ---- in-flight operations ----------------------------------------------------------

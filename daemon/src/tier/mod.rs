@@ -415,28 +415,25 @@ impl SlotAllocator {
         Some(slot)
     }
 
-    /// Takes a specific slot (rebuilding the index after a restart). False if taken.
-    pub fn claim(&mut self, slot: u32) -> bool {
-        if slot >= self.capacity || self.is_used(slot) {
-            return false;
-        }
-        if let Some(pos) = self.free.iter().position(|&s| s == slot) {
-            self.free.swap_remove(pos);
-        }
-        self.used[slot as usize / 64] |= 1 << (slot % 64);
-        true
-    }
-
-    /// Claims many slots at once (O(capacity), for start-up), keeping the free list ordered.
-    pub fn claim_all(&mut self, slots: &[u32]) {
-        for &slot in slots {
-            if slot < self.capacity {
-                self.used[slot as usize / 64] |= 1 << (slot % 64);
-            }
-        }
+    /// Takes specific slots (rebuilding the index after a restart): `taken[i]` says whether
+    /// `slots[i]` was free (false: out of range, or taken, by an earlier one of `slots`
+    /// too). One pass over the free list for all of them, keeping its order: a search of
+    /// it per slot made a restart quadratic in the tier's size.
+    pub fn claim_many(&mut self, slots: &[u32]) -> Vec<bool> {
+        let taken = slots
+            .iter()
+            .map(|&slot| {
+                let free = slot < self.capacity && !self.is_used(slot);
+                if free {
+                    self.used[slot as usize / 64] |= 1 << (slot % 64);
+                }
+                free
+            })
+            .collect();
         let used = &self.used;
         self.free
             .retain(|&s| used[s as usize / 64] & (1 << (s % 64)) == 0);
+        taken
     }
 
     /// Returns a slot. Panics on a double free or a foreign slot: that is a registry bug
@@ -491,9 +488,12 @@ mod tests {
         let mut a = SlotAllocator::new(130);
         let s0 = a.alloc().unwrap();
         assert_eq!(s0, 0);
-        assert!(a.claim(77));
-        assert!(!a.claim(77));
-        a.claim_all(&[5, 6, 129]);
+        assert_eq!(a.claim_many(&[77]), [true]);
+        assert_eq!(
+            a.claim_many(&[77, 5, 6, 129, 6, 130, 0]),
+            [false, true, true, true, false, false, false],
+            "taken before, free, free, free, taken by an earlier one, out of range, allocated"
+        );
         assert_eq!(a.used(), 5);
         a.check().unwrap();
         a.free(77);
