@@ -30,7 +30,10 @@ impl BlockKey {
 
 /// Keys are already xxh3 hashes: one folded multiply spreads them over both the high bits
 /// (hashbrown's tag) and the low bits (its bucket index), and also copes with test keys like
-/// 0, 1, 2. Not DoS resistant, which is fine: keys come from our own hashing of token ids.
+/// 0, 1, 2. The hashes come from engines, not from our own hashing, so a per-process random
+/// seed goes into the multiply (as foldhash does): an engine that chose its hashes offline
+/// to share buckets would make every probe of the registry, under the lock all sessions
+/// take, walk a long chain.
 #[derive(Clone, Copy, Default, Debug)]
 pub struct KeyHasher(u64);
 
@@ -56,12 +59,26 @@ impl Hasher for KeyHasher {
     }
 }
 
-#[derive(Clone, Copy, Default, Debug)]
-pub struct BuildKeyHasher;
+/// Builds [`KeyHasher`]s seeded with the process's random seed.
+#[derive(Clone, Copy, Debug)]
+pub struct BuildKeyHasher {
+    seed: u64,
+}
+
+impl Default for BuildKeyHasher {
+    fn default() -> Self {
+        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        // std's RandomState is keyed from the OS's random source.
+        let seed =
+            *SEED.get_or_init(|| std::hash::RandomState::new().hash_one(0x6b76_706c_616e_6500u64));
+        BuildKeyHasher { seed }
+    }
+}
+
 impl BuildHasher for BuildKeyHasher {
     type Hasher = KeyHasher;
     fn build_hasher(&self) -> KeyHasher {
-        KeyHasher(0)
+        KeyHasher(self.seed)
     }
 }
 
@@ -299,7 +316,7 @@ impl Registry {
     /// A registry for tiers of `capacity[t]` slots.
     pub fn new(capacity: PerTier<u32>) -> Self {
         Registry {
-            map: HashMap::with_hasher(BuildKeyHasher),
+            map: HashMap::with_hasher(BuildKeyHasher::default()),
             entries: Vec::new(),
             free_entries: Vec::new(),
             alloc: capacity.map(SlotAllocator::new),

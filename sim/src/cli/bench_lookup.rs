@@ -120,7 +120,7 @@ pub fn run(args: LookupArgs) -> CliResult {
 
     // Ceiling: one probe per key in a plain map of the same keys and hasher.
     let mut map: HashMap<BlockKey, u32, BuildKeyHasher> =
-        HashMap::with_capacity_and_hasher(hashes.len(), BuildKeyHasher);
+        HashMap::with_capacity_and_hasher(hashes.len(), BuildKeyHasher::default());
     for (i, &h) in hashes.iter().enumerate() {
         map.insert(BlockKey::new(ns, h), i as u32);
     }
