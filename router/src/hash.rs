@@ -112,3 +112,70 @@ mod tests {
         assert_eq!(block_hash(&a[16..], 1337), block_hash(&b[16..], 1337));
     }
 }
+
+/// The hasher of maps keyed by block hashes (the router's index, the daemon's registry).
+/// The keys are xxh3 hashes already: one folded multiply spreads them over both the high
+/// bits (hashbrown's tag) and the low bits (its bucket index), and copes with test keys
+/// like 0, 1, 2. They come from engines, though, not from our own hashing, so a
+/// per-process random seed goes into the multiply (as foldhash does): hashes an engine
+/// chose offline to share buckets would otherwise make every probe walk a long chain
+/// (the registry's under the lock every session takes).
+#[derive(Clone, Copy, Debug)]
+pub struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        let m = u128::from(self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (m as u64) ^ ((m >> 64) as u64)
+    }
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    #[inline]
+    fn write_u32(&mut self, n: u32) {
+        self.0 ^= u64::from(n).rotate_left(32);
+    }
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+}
+
+/// Builds [`KeyHasher`]s seeded with the process's random seed (one per process, so every
+/// map of it agrees).
+#[derive(Clone, Copy, Debug)]
+pub struct BuildKeyHasher {
+    seed: u64,
+}
+
+impl BuildKeyHasher {
+    /// A fixed seed: tests, and what an attacker would target with seed 0.
+    pub fn with_seed(seed: u64) -> Self {
+        BuildKeyHasher { seed }
+    }
+}
+
+impl Default for BuildKeyHasher {
+    fn default() -> Self {
+        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        // std's RandomState is keyed from the OS's random source.
+        let seed = *SEED.get_or_init(|| {
+            std::hash::BuildHasher::hash_one(
+                &std::hash::RandomState::new(),
+                0x6b76_706c_616e_6500u64,
+            )
+        });
+        BuildKeyHasher { seed }
+    }
+}
+
+impl std::hash::BuildHasher for BuildKeyHasher {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(self.seed)
+    }
+}

@@ -21,7 +21,6 @@
 use crate::{Tier, WorkerId};
 use kvplane_ffi::PerTier;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -29,26 +28,7 @@ type NodeId = u32;
 const ROOT: NodeId = 0;
 const TIER_MASK_ALL: u8 = 0b111;
 
-/// Hasher for keys that already are well-mixed 64-bit hashes (xxh3 sequence hashes).
-#[derive(Default)]
-pub struct PassThroughHasher(u64);
-
-impl Hasher for PassThroughHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        // Keys are xxh3 outputs; one multiply spreads any weak bits of synthetic ids.
-        self.0 = v.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-pub type HashMapU64<V> = HashMap<u64, V, BuildHasherDefault<PassThroughHasher>>;
+pub type HashMapU64<V> = HashMap<u64, V, crate::hash::BuildKeyHasher>;
 
 /// A node's children keyed by first hash: a short vector for the common 0-2 children,
 /// a hash map once a node fans out (the root of a busy namespace has thousands).

@@ -7,8 +7,8 @@
 //! prefixes), no leases and no operation in flight; they are ordered by (priority, last use)
 //! so low priority goes first and LRU decides within a class.
 
+pub use kvplane_router::hash::{BuildKeyHasher, KeyHasher};
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::hash::{BuildHasher, Hasher};
 
 use crate::tier::{PerTier, SlotAllocator, Tier};
 
@@ -25,60 +25,6 @@ pub struct BlockKey {
 impl BlockKey {
     pub fn new(namespace: u32, hash: u64) -> Self {
         BlockKey { namespace, hash }
-    }
-}
-
-/// Keys are already xxh3 hashes: one folded multiply spreads them over both the high bits
-/// (hashbrown's tag) and the low bits (its bucket index), and also copes with test keys like
-/// 0, 1, 2. The hashes come from engines, not from our own hashing, so a per-process random
-/// seed goes into the multiply (as foldhash does): an engine that chose its hashes offline
-/// to share buckets would make every probe of the registry, under the lock all sessions
-/// take, walk a long chain.
-#[derive(Clone, Copy, Default, Debug)]
-pub struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    #[inline]
-    fn finish(&self) -> u64 {
-        let m = (self.0 as u128).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (m as u64) ^ ((m >> 64) as u64)
-    }
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8)) ^ b as u64;
-        }
-    }
-    #[inline]
-    fn write_u32(&mut self, n: u32) {
-        self.0 ^= (n as u64).rotate_left(32);
-    }
-    #[inline]
-    fn write_u64(&mut self, n: u64) {
-        self.0 ^= n;
-    }
-}
-
-/// Builds [`KeyHasher`]s seeded with the process's random seed.
-#[derive(Clone, Copy, Debug)]
-pub struct BuildKeyHasher {
-    seed: u64,
-}
-
-impl Default for BuildKeyHasher {
-    fn default() -> Self {
-        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-        // std's RandomState is keyed from the OS's random source.
-        let seed =
-            *SEED.get_or_init(|| std::hash::RandomState::new().hash_one(0x6b76_706c_616e_6500u64));
-        BuildKeyHasher { seed }
-    }
-}
-
-impl BuildHasher for BuildKeyHasher {
-    type Hasher = KeyHasher;
-    fn build_hasher(&self) -> KeyHasher {
-        KeyHasher(self.seed)
     }
 }
 

@@ -229,14 +229,10 @@ fn restoring_a_large_tier_takes_linear_time_and_refuses_bad_slots() {
 /// goes in; maps built in one process agree.
 #[test]
 fn chosen_hashes_do_not_share_buckets_under_the_seeded_hasher() {
-    use std::hash::{BuildHasher, Hash};
-    let unseeded = |key: BlockKey| {
-        let mut h = KeyHasher(0);
-        key.hash(&mut h);
-        h.finish()
-    };
+    use std::hash::BuildHasher;
+    let unseeded = |key: BlockKey| BuildKeyHasher::with_seed(0).hash_one(key);
     let chosen: Vec<BlockKey> = (0u64..)
-        .map(|h| k(h))
+        .map(k)
         .filter(|&key| unseeded(key) & 0xfff == 0)
         .take(64)
         .collect();
