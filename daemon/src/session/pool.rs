@@ -502,6 +502,8 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
     // all of them (about 1.4 KiB apart) costs a pass a few hundred ns of cache misses, which
     // a submission waits for on average half of before the thread polls its ring.
     let mut high = 0usize;
+    // Where a pass begins: after the session that spent the last pass's block budget.
+    let mut first_slot = 0usize;
     let mut scratch = Scratch {
         cqes: Vec::with_capacity(BATCH),
     };
@@ -548,7 +550,14 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
         if passes % PASSES_PER_CLOCK_READ == 0 {
             now = Instant::now();
         }
-        for (i, slot) in slots[..high].iter_mut().enumerate() {
+        // Blocks this pass may touch inline, all sessions together (PASS_BLOCKS). Once
+        // they are spent, the sessions after are served only what needs none of their
+        // data (NOPs, refusals), and the next pass starts with the first of them, so each
+        // session's operations get their turn and a NOP waits for one budget at most.
+        let mut blocks_left = PASS_BLOCKS;
+        let start = if first_slot < high { first_slot } else { 0 };
+        for i in (start..high).chain(0..start) {
+            let slot = &mut slots[i];
             let Some(s) = slot else { continue };
             // An ending session's job still waiting for room in the I/O queue will not be
             // served: its data comes home, so that its operations in flight are polled
@@ -568,7 +577,19 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
                 }
             }
             if s.serving() {
-                worked |= serve(shared, s, i as u32, io, &back, &mut scratch);
+                let had_blocks = blocks_left > 0;
+                worked |= serve(
+                    shared,
+                    s,
+                    i as u32,
+                    io,
+                    &back,
+                    &mut scratch,
+                    &mut blocks_left,
+                );
+                if had_blocks && blocks_left == 0 {
+                    first_slot = i + 1;
+                }
             }
             s.judge_hangup(now);
             if stop && s.ending.is_none() {
@@ -673,6 +694,7 @@ fn serve(
     io: &IoSubmitter,
     back: &Arc<dyn IoReturn>,
     scratch: &mut Scratch,
+    blocks_left: &mut u64,
 ) -> bool {
     let mut worked = false;
     if let Some(job) = s.parked.take() {
@@ -684,16 +706,11 @@ fn serve(
             Err(job) => s.parked = Some(job),
         }
     }
-    // Blocks this pass may touch inline over all queue pairs (see PASS_BLOCKS).
-    let mut blocks_left = PASS_BLOCKS;
     let n = s.qps.len();
     // (no division on this path: it runs once per pass, NOPs included)
     let first = if s.first_qp < n { s.first_qp } else { 0 };
     s.first_qp = first + 1;
     for qp in (first..n).chain(0..first) {
-        if blocks_left == 0 {
-            break;
-        }
         if s.in_flight & (1 << qp) != 0 || (s.away() && qp == s.away_qp) {
             continue; // its next submissions wait for the one on the device or away
         }
@@ -717,7 +734,7 @@ fn serve(
             (stash.len, stash.at) = (n, 0);
             worked = true;
         }
-        if let Err(end) = run_stash(shared, s, qp, slot, io, back, scratch, &mut blocks_left) {
+        if let Err(end) = run_stash(shared, s, qp, slot, io, back, scratch, blocks_left) {
             s.ending = Some(end);
             return true;
         }
@@ -733,15 +750,17 @@ fn needs_data(sqe: &kvp_sqe, geometry: &QpGeometry, num_namespaces: u32) -> bool
     validate_sqe(sqe, geometry, num_namespaces).is_ok_and(|req| req.opcode != Opcode::Nop)
 }
 
-/// Blocks one pass over a session may name in the operations it serves inline (each
-/// counts at least one): a pass is bounded by its work, not only by entries, so a session
-/// whose every entry names 65,536 blocks holds its data-plane thread, and so the other
-/// sessions on it, for one such batch of blocks at a time, not 64 per queue pair.
+/// Blocks one pass of a data-plane thread may name in the operations it serves inline,
+/// all its sessions together (each operation counts at least one, and one begun is served
+/// whole): a pass is bounded by its work, not by entries or sessions, so sessions whose
+/// every entry names 65,536 blocks hold the thread, and the NOPs of the others on it, for
+/// one such batch of blocks at a time, not 64 per queue pair and session.
 const PASS_BLOCKS: u64 = 1 << 16;
 
 /// Serves the stashed submissions of queue pair `qp` in order, inline, until one that may
 /// wait on NVMe (the completions so far are posted and that one goes to the I/O pool) or
-/// until the pass's `blocks_left` are spent (the rest stay stashed for the next pass).
+/// one that needs the session's data while it is away or the pass's `blocks_left` are
+/// spent (it and the rest stay stashed for a later pass).
 #[allow(clippy::too_many_arguments)]
 fn run_stash(
     shared: &DaemonShared,
@@ -756,7 +775,7 @@ fn run_stash(
     scratch.cqes.clear();
     let dp = &shared.dataplane;
     let mut handoff = None;
-    while s.stashes[qp].pending() && *blocks_left > 0 {
+    while s.stashes[qp].pending() {
         let stash = &mut s.stashes[qp];
         let sqe = stash.entries[stash.at];
         stash.at += 1;
@@ -769,8 +788,9 @@ fn run_stash(
             // through it, 1.6x here).
             Ok(req) if req.opcode == Opcode::Nop => completion(req.user_data, Status::Ok),
             // The session's data is away (another queue pair's operation is with the I/O
-            // executors, or this batch just sent one): this one waits for it, stashed.
-            Ok(_) if s.guard.data.is_none() => {
+            // executors, or this batch just sent one), or the pass's blocks are spent:
+            // this one waits, stashed.
+            Ok(_) if s.guard.data.is_none() || *blocks_left == 0 => {
                 s.stashes[qp].at -= 1;
                 break;
             }
