@@ -141,6 +141,8 @@ pub struct HostDevice {
     /// Tests only: operations that fail with an injected driver error (while not paused).
     failing_ops_for_tests: &'static [&'static str],
     failures_paused_for_tests: std::sync::atomic::AtomicBool,
+    /// Tests only: how long freeing registered host memory takes.
+    unregister_delay_for_tests: Duration,
 }
 
 impl std::fmt::Debug for HostDevice {
@@ -182,6 +184,18 @@ impl HostDevice {
             ipc_events_for_tests: false,
             failing_ops_for_tests: &[],
             failures_paused_for_tests: Default::default(),
+            unregister_delay_for_tests: Duration::ZERO,
+        }
+    }
+
+    /// A device on which freeing registered host memory (an engine's KV buffer) takes
+    /// `delay`, as `cuMemHostUnregister` of a large pinned window does on a GPU: tests
+    /// that a session's release does not hold up the threads that poll rings.
+    #[doc(hidden)]
+    pub fn with_slow_unregister_for_tests(self, delay: Duration) -> Self {
+        Self {
+            unregister_delay_for_tests: delay,
+            ..self
         }
     }
 
@@ -384,6 +398,9 @@ impl Device for HostDevice {
             .buffers
             .remove(&buf.id)
             .ok_or_else(|| unknown("free", "buffer", buf.id))?;
+        if matches!(region, Region::External { .. }) && !self.unregister_delay_for_tests.is_zero() {
+            std::thread::sleep(self.unregister_delay_for_tests);
+        }
         // Outside the lock: the last reference (if no operation holds one) unmaps here.
         drop(region);
         Ok(())

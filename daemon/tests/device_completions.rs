@@ -15,7 +15,7 @@ use kvplane_daemon::block::BlockManager;
 use kvplane_daemon::session::Daemon;
 use kvplane_daemon::tier::nvme::EngineKind;
 use kvplane_ffi::{Opcode, Pod, Status, kvp_cqe};
-use kvplane_shm::{AttachOptions, QueuePair, Session, ShmError, client};
+use kvplane_shm::{AttachOptions, QueuePair, Session, client};
 
 mod common;
 use common::PAGE_BYTES;
@@ -121,16 +121,7 @@ fn a_copy_in_flight_completes_when_its_event_does_and_other_sessions_are_served_
     let mut early_hits = 0;
     let mut lookups = 0;
     let got = collect(&mut qa, 2, || {
-        let t = Instant::now();
-        let c = qb
-            .call(
-                client::sqe(Opcode::Nop, rtts.len() as u64),
-                Duration::from_secs(10),
-            )
-            .map_err(|e: ShmError| e.to_string())
-            .expect("NOP of B");
-        assert_eq!(c.status, Status::Ok.raw());
-        rtts.push(t.elapsed());
+        rtts.push(common::timed_nop(&mut qb));
         if rtts.len() % 16 == 0 && t0.elapsed() + Duration::from_millis(30) < DELAY {
             lookups += 1;
             early_hits += lookup_hits(&mut qb, &hashes);
@@ -485,12 +476,7 @@ fn a_save_that_copies_a_g1_victim_down_does_not_hold_up_other_sessions() {
     assert_eq!(qa.submit(&[s]).unwrap(), 1);
     let mut rtts: Vec<Duration> = Vec::new();
     let got = collect(&mut qa, 1, || {
-        let t = Instant::now();
-        let c = qb
-            .call(client::sqe(Opcode::Nop, 9), Duration::from_secs(10))
-            .expect("NOP of B");
-        assert_eq!(c.status, Status::Ok.raw());
-        rtts.push(t.elapsed());
+        rtts.push(common::timed_nop(&mut qb));
     });
     let (save_cqe, save_at) = got[0];
     assert_eq!(save_cqe.status, Status::Ok.raw(), "SAVE: {save_cqe:?}");

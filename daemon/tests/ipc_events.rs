@@ -353,12 +353,7 @@ fn a_save_waits_for_its_engine_event_holding_nothing_and_gives_up_at_the_deadlin
             break Instant::now();
         }
         assert!(t0.elapsed() < Duration::from_secs(30), "no completion");
-        let t = Instant::now();
-        let c = qb
-            .call(client::sqe(Opcode::Nop, 0), Duration::from_secs(10))
-            .unwrap();
-        assert_eq!(c.status, Status::Ok.raw());
-        rtts.push(t.elapsed());
+        rtts.push(common::timed_nop(&mut qb));
         if reserved_while_waiting.is_none() && t0.elapsed() > Duration::from_millis(100) {
             reserved_while_waiting = Some(host_used());
         }

@@ -13,7 +13,7 @@ use kvplane_daemon::session::Daemon;
 use kvplane_daemon::tier::nvme::EngineKind;
 use kvplane_daemon::tier::nvme::engine::FaultPlan;
 use kvplane_ffi::{Opcode, Pod, SQE_F_WRITE_THROUGH, Status};
-use kvplane_shm::{AttachOptions, QueuePair, Segment, Session, ShmError, client};
+use kvplane_shm::{AttachOptions, QueuePair, Segment, Session};
 
 mod common;
 use common::PAGE_BYTES;
@@ -128,16 +128,7 @@ fn nops_flow_during_a_stalled_save(
             t0.elapsed() < Duration::from_secs(60),
             "the SAVE never completed"
         );
-        let t = Instant::now();
-        let c = qb
-            .call(
-                client::sqe(Opcode::Nop, rtts.len() as u64),
-                Duration::from_secs(10),
-            )
-            .map_err(|e: ShmError| e.to_string())
-            .expect("NOP");
-        assert_eq!(c.status, Status::Ok.raw());
-        rtts.push(t.elapsed());
+        rtts.push(common::timed_nop(qb));
     };
     let save_took = t0.elapsed();
     assert_eq!(save.status, Status::Ok.raw(), "SAVE: {save:?}");

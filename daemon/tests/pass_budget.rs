@@ -122,12 +122,7 @@ fn lookups_beside_nops(heavy: usize) -> Run {
             "the LOOKUPs never completed"
         );
         if done < heavy * OPS {
-            let t = Instant::now();
-            let c = qb
-                .call(client::sqe(Opcode::Nop, 1), Duration::from_secs(60))
-                .expect("NOP of B");
-            assert_eq!(c.status, Status::Ok.raw());
-            rtts.push(t.elapsed());
+            rtts.push(common::timed_nop(&mut qb));
         }
     }
     let took = t0.elapsed();

@@ -640,6 +640,11 @@ impl TenantStream {
         TenantStream(Some(stream))
     }
 
+    /// The connection, leaving this one without it (its drop then closes nothing).
+    pub fn take(&mut self) -> TenantStream {
+        TenantStream(self.0.take())
+    }
+
     /// Never closes the connection (its descriptor is leaked, counted in
     /// [`untrusted_fds_leaked`]): for a session dropped while an operation may still
     /// touch its engine's memory, so that an engine waiting for the daemon's close before

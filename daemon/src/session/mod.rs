@@ -373,6 +373,17 @@ struct SessionGuard {
     reservation: Option<Reservation>,
 }
 
+impl SessionGuard {
+    /// What this guard releases, leaving it releasing nothing (for the reaper thread).
+    fn take(&mut self) -> SessionGuard {
+        SessionGuard {
+            shared: Arc::clone(&self.shared),
+            data: self.data.take(),
+            reservation: self.reservation.take(),
+        }
+    }
+}
+
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         if let Some(data) = &mut self.data {

@@ -218,19 +218,62 @@ impl Pool {
     }
 }
 
-/// Starts the data-plane threads of `shared.pool`, pinned per `serve.dataplane_cpus`.
+/// What is left of a session once its data-plane thread is done with it: the release of
+/// what it held (the engine's memory, whose unmapping, or unregistering from a GPU, takes
+/// long for a large buffer; its leases and in-flight plans; its admission slot), then the
+/// close of its connection, in that order (an engine that waits for the close may then
+/// reuse that memory). The reaper thread drops it, so no release holds up a thread that
+/// polls rings.
+struct Remains {
+    // Held only to be dropped; field order is drop order.
+    _guard: SessionGuard,
+    _stream: sys::TenantStream,
+}
+
+/// Hands `remains` to the reaper, or releases them here when it is that far behind.
+fn reap(reaper: &crossbeam::channel::Sender<Remains>, remains: Remains) {
+    if let Err(full) = reaper.try_send(remains) {
+        drop(full.into_inner());
+    }
+}
+
+/// Sessions' remains waiting for the reaper at most; past that, a data-plane thread
+/// releases a session's itself.
+const REAPER_QUEUE: usize = 1024;
+
+/// Starts the data-plane threads of `shared.pool`, pinned per `serve.dataplane_cpus`, and
+/// the reaper thread they hand ended sessions to (the last handle: joined after them, it
+/// has released every session's remains when it returns).
 pub(super) fn start_threads(
     shared: &Arc<DaemonShared>,
     io: impl Fn() -> Option<IoSubmitter>,
 ) -> Result<Vec<JoinHandle<()>>, DaemonError> {
     let cpus = shared.config.serve.dataplane_cpus.clone();
+    let (reap_tx, reap_rx) = crossbeam::channel::bounded::<Remains>(REAPER_QUEUE);
+    let reaper = std::thread::Builder::new()
+        .name("kvp-reaper".into())
+        .spawn(move || reap_rx.iter().for_each(drop))
+        .map_err(|source| DaemonError::Spawn {
+            name: "kvp-reaper".into(),
+            source,
+        })?;
     let mut handles = Vec::new();
+    // On a failure: the threads started end (they own no session yet), then the reaper.
+    let abandon = |handles: Vec<JoinHandle<()>>, reap_tx, reaper: JoinHandle<()>| {
+        shared.pool.close();
+        for h in handles {
+            let _ = h.join();
+        }
+        drop(reap_tx);
+        let _ = reaper.join();
+    };
     for t in &shared.pool.threads {
         let (s, t) = (Arc::clone(shared), Arc::clone(t));
         let cpu = (!cpus.is_empty()).then(|| cpus[t.index % cpus.len()]);
         let Some(io) = io() else {
             break;
         };
+        let reap = reap_tx.clone();
         let name = format!("kvp-dataplane-{}", t.index);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let h = std::thread::Builder::new()
@@ -243,29 +286,24 @@ pub(super) fn start_threads(
                     return;
                 }
                 let _ = ready_tx.send(Ok(()));
-                run_thread(&s, &t, &io);
+                run_thread(&s, &t, &io, &reap);
             })
             .map_err(|source| DaemonError::Spawn { name, source });
         let h = match h {
             Ok(h) => h,
             Err(e) => {
-                shared.pool.close();
-                handles.into_iter().for_each(|h: JoinHandle<()>| {
-                    let _ = h.join();
-                });
+                abandon(handles, reap_tx, reaper);
                 return Err(e);
             }
         };
         let pinned = ready_rx.recv().unwrap_or(Ok(()));
         handles.push(h);
         if let Err((cpu, source)) = pinned {
-            shared.pool.close();
-            for h in handles {
-                let _ = h.join();
-            }
+            abandon(handles, reap_tx, reaper);
             return Err(DaemonError::Pin { cpu, source });
         }
     }
+    handles.push(reaper);
     Ok(handles)
 }
 
@@ -495,7 +533,12 @@ struct Scratch {
     cqes: Vec<kvp_cqe>,
 }
 
-fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
+fn run_thread(
+    shared: &DaemonShared,
+    me: &Arc<PoolThread>,
+    io: &IoSubmitter,
+    reaper: &crossbeam::channel::Sender<Remains>,
+) {
     let back: Arc<dyn IoReturn> = Arc::clone(me) as Arc<dyn IoReturn>;
     let mut slots: Vec<Option<Served>> = (0..MAX_SESSIONS_PER_THREAD).map(|_| None).collect();
     // Every slot at or past `high` is empty. A pass visits only `slots[..high]`: walking
@@ -533,7 +576,11 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
                 Err((a, end)) => {
                     let _ = server::mark_dead(&a.seg, &a.geometry);
                     log_end(shared, a.id, &end);
-                    drop(a);
+                    let remains = Remains {
+                        _guard: a.guard,
+                        _stream: a.stream,
+                    };
+                    reap(reaper, remains);
                     me.load.fetch_sub(1, Ordering::AcqRel);
                 }
             }
@@ -597,7 +644,7 @@ fn run_thread(shared: &DaemonShared, me: &Arc<PoolThread>, io: &IoSubmitter) {
             }
             if s.ending.is_some() && (!s.busy() || s.in_flight_holds_nothing()) {
                 let s = slot.take().expect("checked above");
-                finish(shared, s);
+                finish(shared, s, reaper);
                 me.load.fetch_sub(1, Ordering::AcqRel);
             }
         }
@@ -1001,8 +1048,9 @@ fn returned(shared: &DaemonShared, s: &mut Served, d: IoDone, scratch: &mut Scra
 }
 
 /// The session is over: tell the engine (state DEAD, its waiters woken), log why, and
-/// release what it held (the guard, dropped with `s`).
-fn finish(shared: &DaemonShared, mut s: Served) {
+/// hand what it held, and then its connection, to the reaper to release ([`Remains`]);
+/// when the reaper is that far behind, release them here.
+fn finish(shared: &DaemonShared, mut s: Served, reaper: &crossbeam::channel::Sender<Remains>) {
     if let Some(job) = s.parked.take() {
         // Never queued: its session data comes home, so the guard releases it.
         s.guard.data = Some(job.data);
@@ -1011,7 +1059,14 @@ fn finish(shared: &DaemonShared, mut s: Served) {
     if let Some(end) = &s.ending {
         log_end(shared, s.id, end);
     }
+    let remains = Remains {
+        _guard: s.guard.take(),
+        _stream: s.stream.take(),
+    };
+    // Nothing is out or parked (`finish` is called only then): the views and the segment
+    // go here, before the guard, as they always did.
     drop(s);
+    reap(reaper, remains);
 }
 
 pub(super) fn log_end(shared: &DaemonShared, session: u64, end: &End) {

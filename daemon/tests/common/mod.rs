@@ -46,6 +46,7 @@ pub fn config(dir: &Path, engine: EngineKind) -> Config {
 
 /// A daemon in this process serving `config` on the device its `[device]` opens, its
 /// NVMe engines wrapped by `plan`'s injector when given.
+#[allow(dead_code)]
 pub fn start(config: Config, plan: Option<Arc<FaultPlan>>) -> (Daemon, Arc<BlockManager>) {
     config.validate().expect("config");
     let device = kvplane_daemon::device::DaemonDevice::open(&config.device).expect("device");
@@ -109,6 +110,17 @@ pub fn attach_with_kv_qps(
     let c = qp.call(s, Duration::from_secs(10)).expect("layout");
     assert_eq!(c.status, Status::Ok.raw(), "layout: {c:?}");
     (session, qps, kv)
+}
+
+/// One NOP round trip on `qp` (answered OK within 60 s): how long it took.
+#[allow(dead_code)]
+pub fn timed_nop(qp: &mut QueuePair) -> Duration {
+    let t = std::time::Instant::now();
+    let c = qp
+        .call(client::sqe(Opcode::Nop, 0), Duration::from_secs(60))
+        .expect("NOP");
+    assert_eq!(c.status, Status::Ok.raw(), "NOP: {c:?}");
+    t.elapsed()
 }
 
 /// Checks the NOP round trips another session got while one session's operation was held
