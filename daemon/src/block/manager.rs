@@ -155,6 +155,15 @@ impl FreedParents {
     }
 }
 
+/// [`BlockManager::usage`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockUsage {
+    /// Per tier: (capacity, used) in slots.
+    pub slots: PerTier<(u32, u32)>,
+    pub lookup_hits: u64,
+    pub lookup_misses: u64,
+}
+
 /// One block of [`BlockManager::snapshot`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotEntry {
@@ -1463,6 +1472,19 @@ impl BlockManager {
     pub fn commit_drop(&self, plan: DropPlan) -> DropReport {
         self.commit_erase(&plan.erase_nvme);
         plan.report
+    }
+
+    /// What an engine's STATS reports of the blocks: each tier's slots (capacity, used)
+    /// and the lookup counters. A few loads under the lock and nothing allocated: engines
+    /// may ask as often as they like ([`Self::stats`] formats and allocates, for the
+    /// control endpoints).
+    pub fn usage(&self) -> BlockUsage {
+        let reg = self.lock();
+        BlockUsage {
+            slots: PerTier(Tier::ALL.map(|t| (reg.capacity(t), reg.used(t)))),
+            lookup_hits: reg.counters.lookup_hits,
+            lookup_misses: reg.counters.lookup_misses,
+        }
     }
 
     pub fn stats(&self) -> BlockStats {

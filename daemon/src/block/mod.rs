@@ -6,7 +6,7 @@ pub mod registry;
 
 pub use crate::tier::Tier;
 pub use manager::{
-    BlockConfig, BlockError, BlockManager, BlockStats, DropReport, LoadFailure, LoadReport,
-    ManagerOptions, NamespaceQuota, NamespaceStats, SaveReport,
+    BlockConfig, BlockError, BlockManager, BlockStats, BlockUsage, DropReport, LoadFailure,
+    LoadReport, ManagerOptions, NamespaceQuota, NamespaceStats, SaveReport,
 };
 pub use registry::{BlockEvent, BlockKey, Registry, RemoveReason, SessionId};

@@ -1204,16 +1204,14 @@ impl DataPlane {
         st.bytes_loaded = c.bytes_loaded.load(Ordering::Relaxed);
         st.backend = crate::device::abi_backend(self.blocks.as_ref());
         if let Some(blocks) = &self.blocks {
-            let s = blocks.stats();
-            for t in &s.tiers {
-                let i = t.tier.raw() as usize;
-                if i < 4 {
-                    st.tier_capacity_blocks[i] = t.capacity_slots as u64;
-                    st.tier_used_blocks[i] = t.used_slots as u64;
-                }
+            let u = blocks.usage();
+            for t in crate::tier::Tier::ALL {
+                let (capacity, used) = u.slots[t];
+                st.tier_capacity_blocks[t.raw() as usize] = u64::from(capacity);
+                st.tier_used_blocks[t.raw() as usize] = u64::from(used);
             }
-            st.lookup_hits = s.lookup_hits;
-            st.lookup_misses = s.lookup_misses;
+            st.lookup_hits = u.lookup_hits;
+            st.lookup_misses = u.lookup_misses;
         }
         match seg.write_pod(req.arg_offset, &st) {
             Ok(()) => {
