@@ -13,7 +13,7 @@ use kvplane_daemon::session::Daemon;
 use kvplane_daemon::tier::nvme::EngineKind;
 use kvplane_daemon::tier::nvme::engine::FaultPlan;
 use kvplane_ffi::{Opcode, Pod, SQE_F_WRITE_THROUGH, Status};
-use kvplane_shm::{AttachOptions, QueuePair, Segment, Session};
+use kvplane_shm::{AttachOptions, QueuePair, Segment, Session, client};
 
 mod common;
 use common::PAGE_BYTES;
@@ -89,6 +89,70 @@ fn a_stalled_nvme_write_does_not_delay_nops_on_the_sessions_other_queue_pair() {
     assert!(
         page.iter().all(|&b| b == 1),
         "the loaded page holds the saved block"
+    );
+    drop((q0, q1));
+    daemon.shutdown();
+}
+
+/// With the session's data out, a queue pair whose completion ring is full has a NOP it
+/// cannot take yet; once the engine drains that ring (which rings no doorbell), the
+/// daemon takes and answers it within a few milliseconds. The thread used to sleep until
+/// its next liveness check (up to 100 ms), as if the session waited only for the data.
+#[test]
+fn a_drained_completion_ring_is_served_soon_while_the_data_is_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = common::stalled_writes(STALL_MS);
+    let daemon = start(dir.path(), plan.clone());
+    let socket = daemon.socket_path().to_path_buf();
+    let (_a, mut qps, kv) = common::attach_with_kv_qps(&socket, "stall", 2);
+    let (mut q0, mut q1) = (qps.remove(0), qps.remove(0));
+    kv.write_bytes(0, &vec![1; PAGE_BYTES as usize]).unwrap();
+    let mut s = common::chain_sqe(&mut q0, Opcode::Save, 7, &[0x5EED_0009], 0);
+    s.flags = SQE_F_WRITE_THROUGH;
+    assert_eq!(q0.submit(&[s]).unwrap(), 1);
+    let t0 = Instant::now();
+    while plan.fired() == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the SAVE never reached the disk"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let cq_entries = AttachOptions::new(&socket).cq_entries as usize;
+    let nop = client::sqe(Opcode::Nop, 1);
+    let mut cqes = vec![Pod::zeroed(); cq_entries + 1];
+    let mut waits = Vec::new();
+    for _ in 0..10 {
+        // A full completion ring, then one more NOP, which waits in the submission ring.
+        for _ in 0..cq_entries {
+            assert_eq!(q1.submit(&[nop]).unwrap(), 1);
+        }
+        std::thread::sleep(Duration::from_millis(30)); // all answered
+        assert_eq!(q1.submit(&[nop]).unwrap(), 1);
+        std::thread::sleep(Duration::from_millis(20)); // the thread goes back to sleep
+        assert_eq!(
+            q1.poll(&mut cqes).unwrap(),
+            cq_entries,
+            "the ring was full, and the last NOP not taken"
+        );
+        let drained = Instant::now();
+        while q1.poll(&mut cqes[..1]).unwrap() == 0 {
+            assert!(
+                drained.elapsed() < Duration::from_secs(5),
+                "the NOP was never taken"
+            );
+            std::hint::spin_loop();
+        }
+        waits.push(drained.elapsed());
+    }
+    assert!(
+        plan.fired() == 1 && t0.elapsed() < Duration::from_millis(u64::from(STALL_MS)),
+        "the SAVE was out throughout"
+    );
+    let slowest = waits.iter().max().unwrap();
+    assert!(
+        *slowest < Duration::from_millis(30),
+        "a NOP waited {slowest:?} after its ring was drained: {waits:?}"
     );
     drop((q0, q1));
     daemon.shutdown();

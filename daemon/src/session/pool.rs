@@ -14,8 +14,8 @@
 //!
 //! Liveness (socket hang-up, pidfd, stop) is checked for every owned session at least
 //! every [`LIVENESS_PERIOD`]; a session ends (detach, death, violation, engine memory
-//! fault, a panic in its operation) by releasing what it held through its
-//! `SessionGuard`, as a session thread did before.
+//! fault, a panic in its operation): its thread marks it dead and logs why, and the
+//! reaper thread releases what it held (its `SessionGuard`), then closes its connection.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -470,15 +470,20 @@ impl Served {
     }
 
     /// Waiting for something no doorbell announces: room in the I/O queue or in a
-    /// completion ring, or the end of a hang-up's grace period.
+    /// completion ring, or the end of a hang-up's grace period. (A queue pair waiting for
+    /// the operation out, or for the data to come home with it, is not: its return wakes
+    /// the thread.)
     fn blocked(&self) -> bool {
-        // A session with an operation out is not: its return wakes the thread.
+        let away = self.away();
         self.ending.is_none()
             && (self.parked.is_some()
                 || self.hung_up.is_some()
-                || (!self.out
-                    && (0..self.qps.len())
-                        .any(|q| self.in_flight & (1 << q) == 0 && self.qps[q].has_submissions())))
+                || (0..self.qps.len()).any(|q| {
+                    self.in_flight & (1 << q) == 0
+                        && !(away && q == self.away_qp)
+                        && !self.stashes[q].pending()
+                        && self.qps[q].has_submissions()
+                }))
     }
 
     /// A hung-up socket's verdict once known: the engine exited (death), or the grace
@@ -756,7 +761,12 @@ fn serve(
     let n = s.qps.len();
     // (no division on this path: it runs once per pass, NOPs included)
     let first = if s.first_qp < n { s.first_qp } else { 0 };
-    s.first_qp = first + 1;
+    // Moved on only in a pass with blocks left for this session: moved on in every pass,
+    // it could line up with the passes in which the session gets the thread's budget and
+    // always hand that budget to the same queue pairs.
+    if *blocks_left > 0 {
+        s.first_qp = first + 1;
+    }
     for qp in (first..n).chain(0..first) {
         if s.in_flight & (1 << qp) != 0 || (s.away() && qp == s.away_qp) {
             continue; // its next submissions wait for the one on the device or away
