@@ -459,7 +459,9 @@ impl BlockManager {
     fn lock(&self) -> MutexGuard<'_, Registry> {
         // A panic in a caller's closure never happens under this lock, so a poisoned lock
         // still guards consistent data.
-        self.reg.lock().unwrap_or_else(|e| e.into_inner())
+        let mut reg = self.reg.lock().unwrap_or_else(|e| e.into_inner());
+        reg.refill_walk_steps();
+        reg
     }
 
     /// Sends recorded events (called with the lock held; try_send never blocks).

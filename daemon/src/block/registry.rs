@@ -115,9 +115,15 @@ struct Entry {
 const NO_ENTRY: u32 = u32::MAX;
 
 /// How far up its would-be parent's chain a ghost looks for itself before it adopts that
-/// parent ([`Registry::may_descend_from`]): 256 blocks is 4,096 tokens at vLLM's 16 per
-/// block. Bounds what one block of a SAVE may cost under the registry lock.
-const PARENT_WALK_BLOCKS: usize = 256;
+/// parent ([`Registry::may_descend_from`]): 65,536 blocks is a million tokens at vLLM's
+/// 16 per block, so a real prefix is always checked to its root.
+pub const PARENT_WALK_BLOCKS: usize = 1 << 16;
+
+/// Steps of such walks one hold of the registry lock may take, all adoptions together
+/// ([`Registry::refill_walk_steps`]): a SAVE of ghosts that each name a parent deep in
+/// a chain costs the lock what one block per block of the SAVE costs, not 65,536 each.
+/// A walk the steps left cannot finish counts as a cycle (the link is not made).
+pub const WALK_STEPS_PER_HOLD: usize = 1 << 16;
 
 /// The entries of one namespace, linked through `Entry::ns_prev` / `ns_next`, so that a
 /// CLEAR of a namespace visits that namespace's entries and nothing else (a walk over the
@@ -252,6 +258,8 @@ pub struct Registry {
     ns_lists: HashMap<u32, NsList>,
     /// The last namespace walk begun (walks are numbered from 1).
     walks: u64,
+    /// Steps left to this hold of the lock for ghosts' parent walks.
+    walk_steps_left: usize,
     clock: u64,
     events: Vec<BlockEvent>,
     pub record_events: bool,
@@ -272,6 +280,7 @@ impl Registry {
             quotas: Vec::new(),
             ns_lists: HashMap::new(),
             walks: 0,
+            walk_steps_left: WALK_STEPS_PER_HOLD,
             clock: 1,
             events: Vec::new(),
             record_events: false,
@@ -608,16 +617,24 @@ impl Registry {
     }
 
     /// Whether block `hash` of `namespace` may have `ancestor` among its prefixes (itself
-    /// included): its parent links are followed up to [`PARENT_WALK_BLOCKS`] steps; a
-    /// chain longer than that counts as may (the link it guards is then not made: only an
-    /// eviction-order hint and the parent its events name are lost), so a tenant's long
-    /// chains cannot make each adoption cost more.
-    fn may_descend_from(&self, namespace: u32, hash: u64, ancestor: u64) -> bool {
+    /// included): its parent links are followed up to [`PARENT_WALK_BLOCKS`] steps, and
+    /// no further than the steps left to this hold of the lock; a chain longer than that
+    /// counts as may (the link it guards is then not made: the block's eviction order and
+    /// the parent its events name lose it), so a tenant's long chains cannot make
+    /// adoptions cost the lock more than the steps of one hold.
+    fn may_descend_from(&mut self, namespace: u32, hash: u64, ancestor: u64) -> bool {
+        let steps = PARENT_WALK_BLOCKS.min(self.walk_steps_left);
         let mut at = Some(hash);
-        for _ in 0..PARENT_WALK_BLOCKS {
+        for step in 0..steps {
             match at {
-                None => return false,
-                Some(h) if h == ancestor => return true,
+                None => {
+                    self.walk_steps_left -= step;
+                    return false;
+                }
+                Some(h) if h == ancestor => {
+                    self.walk_steps_left -= step;
+                    return true;
+                }
                 Some(h) => {
                     at = self
                         .idx(BlockKey::new(namespace, h))
@@ -625,7 +642,14 @@ impl Registry {
                 }
             }
         }
+        self.walk_steps_left -= steps;
         at.is_some()
+    }
+
+    /// A new hold of the lock: its ghosts' parent walks may take [`WALK_STEPS_PER_HOLD`]
+    /// steps again.
+    pub fn refill_walk_steps(&mut self) {
+        self.walk_steps_left = WALK_STEPS_PER_HOLD;
     }
 
     /// Parent's child count in tier `t` changes by `delta` (creating a ghost parent entry

@@ -142,26 +142,69 @@ fn a_ghost_never_adopts_a_parent_that_descends_from_it() {
     }
 }
 
-/// A ghost adopts a parent that does not descend from it, however its chain came to be;
-/// one whose chain is longer than the walk's bound keeps none.
+/// A ghost adopts a parent that does not descend from it, however long the parent's
+/// chain (a real prefix of a long context), up to the walk's bound: one whose chain is
+/// longer keeps none.
 #[test]
 fn a_ghost_adopts_a_parent_unless_its_chain_is_too_long_to_check() {
-    let mut r = Registry::new(PerTier([0, 1024, 0]));
-    // Block 1000 saved first, naming 999: 999 is a ghost with no parent of its own.
-    assert!(store(&mut r, k(1000), Some(999), 0, H));
-    for h in 0..PARENT_WALK_BLOCKS as u64 - 1 {
+    let n = PARENT_WALK_BLOCKS as u64;
+    let mut r = Registry::new(PerTier([0, n as u32 + 16, 0]));
+    // Block n + 1 saved first, naming n: n is a ghost with no parent of its own.
+    assert!(store(&mut r, k(n + 1), Some(n), 0, H));
+    for h in 0..n - 1 {
         assert!(store(&mut r, k(h), h.checked_sub(1), 0, H));
     }
-    // The chain 0..=254 is 255 blocks: 999 sees its root within the bound and adopts 254.
-    let tip = PARENT_WALK_BLOCKS as u64 - 2;
-    assert!(store(&mut r, k(999), Some(tip), 0, H));
-    assert_eq!(r.view(k(999)).unwrap().parent, Some(tip));
-    // 999's chain is now 256 blocks; one more on top: a ghost naming that one as parent
-    // would walk past the bound before it sees a root, and keeps no parent.
-    assert!(store(&mut r, k(1998), Some(999), 0, H));
-    assert!(store(&mut r, k(2000), Some(1999), 0, H));
-    assert!(store(&mut r, k(1999), Some(1998), 0, H));
-    assert_eq!(r.view(k(1999)).unwrap().parent, None);
+    // The chain 0..n - 1 is n - 1 blocks: ghost n sees its root within the bound (n
+    // steps, its own included) and adopts the chain's tip.
+    r.refill_walk_steps();
+    assert!(store(&mut r, k(n), Some(n - 2), 0, H));
+    assert_eq!(r.view(k(n)).unwrap().parent, Some(n - 2));
+    // n's chain is now n blocks; one more on top: a ghost naming that one as parent would
+    // walk past the bound before it sees a root, and keeps no parent.
+    assert!(store(&mut r, k(n + 2), Some(n), 0, H));
+    assert!(store(&mut r, k(n + 4), Some(n + 3), 0, H));
+    r.refill_walk_steps();
+    assert!(store(&mut r, k(n + 3), Some(n + 2), 0, H));
+    assert_eq!(r.view(k(n + 3)).unwrap().parent, None);
+    r.check_invariants().unwrap();
+}
+
+/// Adoptions in one hold of the registry lock share its walk steps: ghosts naming a
+/// parent 1,000 blocks deep adopt it until the steps left cannot finish a walk, and the
+/// rest keep no parent; the next hold adopts again. (Each of 65,536 ghosts in one SAVE
+/// could walk a long chain under the lock every session takes.)
+#[test]
+fn ghosts_adopting_parents_share_the_walk_steps_of_one_hold() {
+    const DEPTH: u64 = 1000;
+    let per_hold = (WALK_STEPS_PER_HOLD as u64) / (DEPTH + 1);
+    let mut r = Registry::new(PerTier([0, 4 * (DEPTH as u32 + per_hold as u32), 0]));
+    for h in 0..DEPTH {
+        assert!(store(&mut r, k(h), h.checked_sub(1), 0, H));
+    }
+    // Ghosts 10_000 + i, each made by a child naming it.
+    let ghost = |i: u64| 10_000 + 2 * i;
+    for i in 0..per_hold + 2 {
+        assert!(store(&mut r, k(ghost(i) + 1), Some(ghost(i)), 0, H));
+    }
+    r.refill_walk_steps();
+    for i in 0..per_hold + 1 {
+        assert!(store(&mut r, k(ghost(i)), Some(DEPTH - 1), 0, H));
+    }
+    let adopted = (0..per_hold + 1)
+        .filter(|&i| r.view(k(ghost(i))).unwrap().parent.is_some())
+        .count() as u64;
+    assert_eq!(
+        adopted, per_hold,
+        "one hold's steps adopt {per_hold} such ghosts"
+    );
+    r.refill_walk_steps();
+    let last = ghost(per_hold + 1);
+    assert!(store(&mut r, k(last), Some(DEPTH - 1), 0, H));
+    assert_eq!(
+        r.view(k(last)).unwrap().parent,
+        Some(DEPTH - 1),
+        "a new hold adopts again"
+    );
     r.check_invariants().unwrap();
 }
 
