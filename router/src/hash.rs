@@ -137,7 +137,9 @@ impl std::hash::Hasher for KeyHasher {
     }
     #[inline]
     fn write_u32(&mut self, n: u32) {
-        self.0 ^= u64::from(n).rotate_left(32);
+        // Multiplied in, not only xored: (namespace, hash) keys whose xor agreed would
+        // share a hash whatever the seed.
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0xA076_1D64_78BD_642F);
     }
     #[inline]
     fn write_u64(&mut self, n: u64) {

@@ -295,6 +295,23 @@ fn chosen_hashes_do_not_share_buckets_under_the_seeded_hasher() {
     assert!(fullest <= 4, "{fullest} of 64 chosen keys share a bucket");
 }
 
+/// Keys of two namespaces whose namespace and hash bits xor to the same word (which
+/// made them one hash whatever the seed) hash apart.
+#[test]
+fn keys_of_two_namespaces_do_not_collide_by_construction() {
+    use std::hash::BuildHasher;
+    let built = BuildKeyHasher::default();
+    let (a, b) = (1u32, 2u32);
+    let spread = (0u64..64)
+        .map(|h| {
+            let twin = h ^ (u64::from(a) << 32) ^ (u64::from(b) << 32);
+            built.hash_one(BlockKey::new(a, h)) == built.hash_one(BlockKey::new(b, twin))
+        })
+        .filter(|&same| same)
+        .count();
+    assert_eq!(spread, 0);
+}
+
 #[test]
 fn events_are_recorded() {
     let mut r = Registry::new(PerTier([0, 1, 0]));
