@@ -125,6 +125,10 @@ pub const PARENT_WALK_BLOCKS: usize = 1 << 16;
 /// A walk the steps left cannot finish counts as a cycle (the link is not made).
 pub const WALK_STEPS_PER_HOLD: usize = 1 << 16;
 
+/// Steps of such walks a restart's restore may take per block restored, on top of one
+/// hold's: bounds start-up however the chains on disk were made.
+const RESTORE_WALK_STEPS_PER_BLOCK: usize = 16;
+
 /// The entries of one namespace, linked through `Entry::ns_prev` / `ns_next`, so that a
 /// CLEAR of a namespace visits that namespace's entries and nothing else (a walk over the
 /// whole map, under the lock every session needs, let any tenant stall all the others
@@ -954,6 +958,11 @@ impl Registry {
         tier: Tier,
         blocks: &[RestoredBlock],
     ) -> Vec<(RestoredBlock, RegistryError)> {
+        // Start-up is one hold: its ghosts' parent walks get steps in proportion to the
+        // blocks. (Blocks reach NVMe leaf first, so children come back before their
+        // parents, each parent adopting its own when its turn comes: one step each.)
+        self.walk_steps_left = WALK_STEPS_PER_HOLD
+            .saturating_add(blocks.len().saturating_mul(RESTORE_WALK_STEPS_PER_BLOCK));
         let slots: Vec<u32> = blocks.iter().map(|b| b.slot).collect();
         let taken = self.alloc[tier].claim_many(&slots);
         let mut refused = Vec::new();

@@ -325,8 +325,9 @@ struct Served {
     /// flight or to the I/O pool in the middle of the batch): served first, in order,
     /// once that queue pair may go on.
     stashes: Vec<Stash>,
-    /// The queue pair a pass starts at, moved on each pass: a pass may end early (its
-    /// PASS_BLOCKS spent), and must not always end before the same queue pairs.
+    /// The queue pair a pass starts at, moved on in each pass that had blocks left for
+    /// the session: the thread's PASS_BLOCKS may run out within it, and must not always
+    /// run out before the same queue pairs.
     first_qp: usize,
     /// An operation is with the I/O executors (the session's data with it).
     out: bool,

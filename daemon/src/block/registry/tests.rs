@@ -295,6 +295,36 @@ fn chosen_hashes_do_not_share_buckets_under_the_seeded_hasher() {
     assert!(fullest <= 4, "{fullest} of 64 chosen keys share a bucket");
 }
 
+/// A restart restores a chain longer than one hold's walk steps child first (as blocks
+/// reach NVMe leaf first), each parent adopting its own when its turn comes: every link
+/// is made. With one hold's steps for the whole restore, the last few thousand were not.
+/// (Found by a review.)
+#[test]
+fn a_restart_restores_every_parent_link_of_a_long_chain() {
+    let n = WALK_STEPS_PER_HOLD as u32 + 4096;
+    let mut r = Registry::new(PerTier([0, 0, n]));
+    let blocks: Vec<RestoredBlock> = (0..n)
+        .rev()
+        .map(|i| RestoredBlock {
+            key: k(u64::from(i)),
+            parent: i.checked_sub(1).map(u64::from),
+            slot: i,
+            generation: u64::from(n - i),
+        })
+        .collect();
+    assert!(r.restore_all(N, &blocks).is_empty());
+    let unlinked = (1..n)
+        .filter(|&i| r.view(k(u64::from(i))).unwrap().parent.is_none())
+        .count();
+    assert_eq!(unlinked, 0, "blocks restored without their parent link");
+    assert_eq!(
+        r.victim(N),
+        Some(k(u64::from(n - 1))),
+        "the leaf goes first"
+    );
+    r.check_invariants().unwrap();
+}
+
 /// Keys of two namespaces whose namespace and hash bits xor to the same word (which
 /// made them one hash whatever the seed) hash apart.
 #[test]
