@@ -1,10 +1,10 @@
-//! A session's release (its engine memory unregistered and unmapped, its leases, its
-//! admission slot, then its connection) runs on the reaper thread, not on the data-plane
-//! thread that served it. Here freeing an engine's registered KV buffer takes 2 s (the
-//! host device stands in for a GPU's `cuMemHostUnregister` of a large pinned window, or
-//! the unmapping of a large engine buffer whose pages the daemon touched), and another
-//! session's NOPs on the same thread go on meanwhile. Released on the data-plane thread,
-//! they waited the full 2 s.
+//! A session's release (its leases and plans, its admission slot, its engine memory
+//! unregistered and unmapped, then its connection) runs on the reaper thread, not on the
+//! data-plane thread that served it. Here freeing an engine's registered KV buffer takes
+//! 2 s (the host device stands in for a GPU's `cuMemHostUnregister` of a large pinned
+//! window, or the unmapping of a large engine buffer whose pages the daemon touched), and
+//! another session's NOPs on the same thread go on meanwhile. Released on the data-plane
+//! thread, they waited the full 2 s.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -219,10 +219,10 @@ impl Pool {
 }
 
 /// What is left of a session once its data-plane thread is done with it: the release of
-/// what it held (the engine's memory, whose unmapping, or unregistering from a GPU, takes
-/// long for a large buffer; its leases and in-flight plans; its admission slot), then the
-/// close of its connection, in that order (an engine that waits for the close may then
-/// reuse that memory). The reaper thread drops it, so no release holds up a thread that
+/// what it held (its in-flight plans and leases, its admission slot, then the engine's
+/// memory, whose unmapping, or unregistering from a GPU, takes long for a large buffer),
+/// then the close of its connection, in that order (an engine that waits for the close
+/// may then reuse that memory). The reaper thread drops it, so no release holds up a thread that
 /// polls rings.
 struct Remains {
     // Held only to be dropped; field order is drop order.
