@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use kvplane_cuda::host::{HostDevice, TEST_GPU_UUID};
 use kvplane_daemon::tier::nvme::EngineKind;
 use kvplane_ffi::{Opcode, Pod, Status, kvp_cqe, kvp_ipc_event};
-use kvplane_shm::{AttachOptions, QueuePair, Session, client};
+use kvplane_shm::{QueuePair, client};
 
 mod common;
 use common::PAGE_BYTES;
@@ -129,10 +129,7 @@ fn events_are_refused_on_the_host_backend_and_unknown_ones_are_bad_args() {
         Status::Ok.raw()
     );
     // A session without KV memory has nothing to copy with events.
-    let mut o = AttachOptions::new(&socket);
-    o.namespaces = vec![NAMESPACE.into()];
-    let mut b = Session::attach(o).unwrap();
-    let mut qb = b.take_queue_pairs().unwrap().remove(0);
+    let (_b, mut qb) = common::attach_plain(&socket, NAMESPACE);
     let c = register(&mut qb, &[]);
     assert_eq!((c.status, c.detail), (Status::BadArg.raw(), 1));
     drop((qa, qb));
@@ -200,10 +197,7 @@ fn a_load_signalling_an_engine_event_completes_when_queued_and_holds_its_blocks_
     let (daemon, blocks) = common::start_on(config(dir.path()), None, device);
     let socket = daemon.socket_path().to_path_buf();
     let (_a, mut qa, kv) = common::attach_with_kv(&socket, NAMESPACE);
-    let mut o = AttachOptions::new(&socket);
-    o.namespaces = vec![NAMESPACE.into()];
-    let mut b = Session::attach(o).unwrap();
-    let mut qb = b.take_queue_pairs().unwrap().remove(0);
+    let (_b, mut qb) = common::attach_plain(&socket, NAMESPACE);
 
     // Registration is checked field by field; a refused set keeps the one before.
     let mut bad = event(TEST_GPU_UUID, 2, 0);
@@ -319,10 +313,7 @@ fn a_save_waits_for_its_engine_event_holding_nothing_and_gives_up_at_the_deadlin
     let (daemon, blocks) = common::start_on(cfg, None, device);
     let socket = daemon.socket_path().to_path_buf();
     let (_a, mut qa, _kv) = common::attach_with_kv(&socket, NAMESPACE);
-    let mut o = AttachOptions::new(&socket);
-    o.namespaces = vec![NAMESPACE.into()];
-    let mut b = Session::attach(o).unwrap();
-    let mut qb = b.take_queue_pairs().unwrap().remove(0);
+    let (_b, mut qb) = common::attach_plain(&socket, NAMESPACE);
     let host_used = || {
         blocks
             .stats()

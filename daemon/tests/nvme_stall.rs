@@ -46,10 +46,7 @@ fn a_stalled_nvme_write_does_not_delay_another_sessions_nops_on_the_same_thread(
     let daemon = start(dir.path(), plan.clone());
     let socket = daemon.socket_path().to_path_buf();
     let (_a, mut qa, kv) = attach_with_kv(&socket);
-    let mut ob = AttachOptions::new(&socket);
-    ob.namespaces = vec!["stall".into()];
-    let mut b = Session::attach(ob).expect("attach B");
-    let mut qb = b.take_queue_pairs().unwrap().remove(0);
+    let (b, mut qb) = common::attach_plain(&socket, "stall");
     assert_eq!(
         daemon.sessions().len(),
         2,

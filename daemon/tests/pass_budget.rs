@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kvplane_daemon::tier::nvme::EngineKind;
 use kvplane_ffi::{Opcode, Pod, Status, kvp_block_op};
-use kvplane_shm::{AttachOptions, Session, client};
+use kvplane_shm::client;
 
 mod common;
 
@@ -170,10 +170,7 @@ fn lookups_beside_nops(heavy: usize) -> Run {
     let mut sessions: Vec<_> = (0..heavy)
         .map(|_| common::attach_with_kv(&socket, "budget"))
         .collect();
-    let mut ob = AttachOptions::new(&socket);
-    ob.namespaces = vec!["budget".into()];
-    let mut b = Session::attach(ob).expect("attach B");
-    let mut qb = b.take_queue_pairs().unwrap().remove(0);
+    let (b, mut qb) = common::attach_plain(&socket, "budget");
 
     let batch = {
         let (_, qa, kv) = &mut sessions[0];

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use kvplane_cuda::host::HostDevice;
 use kvplane_daemon::tier::nvme::EngineKind;
-use kvplane_shm::{AttachOptions, Session};
 
 mod common;
 
@@ -33,10 +32,7 @@ fn a_slow_release_of_an_ended_session_does_not_delay_another_sessions_nops() {
     let (daemon, blocks) = common::start_on(config, None, device);
     let socket = daemon.socket_path().to_path_buf();
     let (a, qa, _kv) = common::attach_with_kv(&socket, "reap");
-    let mut ob = AttachOptions::new(&socket);
-    ob.namespaces = vec!["reap".into()];
-    let mut b = Session::attach(ob).expect("attach B");
-    let mut qb = b.take_queue_pairs().unwrap().remove(0);
+    let (b, mut qb) = common::attach_plain(&socket, "reap");
     assert_eq!(
         daemon.sessions().len(),
         2,

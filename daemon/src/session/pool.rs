@@ -423,13 +423,13 @@ impl Served {
             return false;
         }
         let away = self.away();
-        let (in_flight, away_qp) = (self.in_flight, self.away_qp);
+        let waiting = self.waiting_qps();
         let num_namespaces = self.num_namespaces;
         self.qps
             .iter_mut()
             .zip(&self.stashes)
             .enumerate()
-            .filter(|&(q, _)| in_flight & (1 << q) == 0 && !(away && q == away_qp))
+            .filter(|&(q, _)| waiting & (1 << q) == 0)
             .any(|(_, (qp, stash))| {
                 if stash.pending() {
                     // With the data away, a stash whose next operation needs it waits
@@ -450,6 +450,12 @@ impl Served {
     /// The session's data is away: out with an I/O executor or in a job parked for one.
     fn away(&self) -> bool {
         self.out || self.parked.is_some()
+    }
+
+    /// Bit q: queue pair q takes no submission now, its operation in flight on the device
+    /// or away with the session's data.
+    fn waiting_qps(&self) -> u32 {
+        self.in_flight | if self.away() { 1 << self.away_qp } else { 0 }
     }
 
     /// An operation is out (I/O executors) or in flight (device): the session can end
@@ -475,13 +481,12 @@ impl Served {
     /// the operation out, or for the data to come home with it, is not: its return wakes
     /// the thread.)
     fn blocked(&self) -> bool {
-        let away = self.away();
+        let waiting = self.waiting_qps();
         self.ending.is_none()
             && (self.parked.is_some()
                 || self.hung_up.is_some()
                 || (0..self.qps.len()).any(|q| {
-                    self.in_flight & (1 << q) == 0
-                        && !(away && q == self.away_qp)
+                    waiting & (1 << q) == 0
                         && !self.stashes[q].pending()
                         && self.qps[q].has_submissions()
                 }))
@@ -769,7 +774,7 @@ fn serve(
         s.first_qp = first + 1;
     }
     for qp in (first..n).chain(0..first) {
-        if s.in_flight & (1 << qp) != 0 || (s.away() && qp == s.away_qp) {
+        if s.waiting_qps() & (1 << qp) != 0 {
             continue; // its next submissions wait for the one on the device or away
         }
         let at = s.stashes[qp].at;

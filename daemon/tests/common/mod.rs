@@ -85,6 +85,16 @@ pub fn attach_with_kv(socket: &Path, namespace: &str) -> (Session, QueuePair, Se
     (session, qps.remove(0), kv)
 }
 
+/// An engine with no KV buffer and one queue pair on `namespace` (NOPs, LOOKUPs).
+#[allow(dead_code)]
+pub fn attach_plain(socket: &Path, namespace: &str) -> (Session, QueuePair) {
+    let mut o = AttachOptions::new(socket);
+    o.namespaces = vec![namespace.into()];
+    let mut session = Session::attach(o).expect("attach");
+    let qp = session.take_queue_pairs().unwrap().remove(0);
+    (session, qp)
+}
+
 /// [`attach_with_kv`] with `queue_pairs` queue pairs (the layout attached through the
 /// first).
 pub fn attach_with_kv_qps(
