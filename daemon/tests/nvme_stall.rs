@@ -103,18 +103,8 @@ fn a_drained_completion_ring_is_served_soon_while_the_data_is_out() {
     let socket = daemon.socket_path().to_path_buf();
     let (_a, mut qps, kv) = common::attach_with_kv_qps(&socket, "stall", 2);
     let (mut q0, mut q1) = (qps.remove(0), qps.remove(0));
-    kv.write_bytes(0, &vec![1; PAGE_BYTES as usize]).unwrap();
-    let mut s = common::chain_sqe(&mut q0, Opcode::Save, 7, &[0x5EED_0009], 0);
-    s.flags = SQE_F_WRITE_THROUGH;
-    assert_eq!(q0.submit(&[s]).unwrap(), 1);
     let t0 = Instant::now();
-    while plan.fired() == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the SAVE never reached the disk"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    common::submit_stalled_save(&plan, &mut q0, &kv, (7, 0x5EED_0009, 1));
     let cq_entries = AttachOptions::new(&socket).cq_entries as usize;
     let nop = client::sqe(Opcode::Nop, 1);
     let mut cqes = vec![Pod::zeroed(); cq_entries + 1];

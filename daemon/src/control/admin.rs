@@ -614,6 +614,8 @@ fn session_counters(state: &State) -> SessionCounters {
         sessions_reclaimed: c.sessions_reclaimed.load(Ordering::Relaxed),
         protocol_violations: c.protocol_violations.load(Ordering::Relaxed),
         engine_memory_faults: c.engine_memory_faults.load(Ordering::Relaxed),
+        sessions_panicked: c.sessions_panicked.load(Ordering::Relaxed),
+        dataplane_thread_panics: c.dataplane_thread_panics.load(Ordering::Relaxed),
         engine_mapped_bytes: state.shared.dataplane.mapped.total_bytes(),
         engine_mappings: state.shared.dataplane.mapped.mappings(),
         ops_completed: c.ops_completed.load(Ordering::Relaxed),

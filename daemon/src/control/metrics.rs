@@ -27,6 +27,10 @@ pub struct SessionCounters {
     pub protocol_violations: u64,
     /// Sessions ended because a copy faulted in the engine's own KV buffer.
     pub engine_memory_faults: u64,
+    /// Sessions ended because serving them panicked (a daemon bug).
+    pub sessions_panicked: u64,
+    /// Data-plane thread panics outside an operation (each ended that thread's sessions).
+    pub dataplane_thread_panics: u64,
     /// Engine KV buffers mapped now (against `serve.max_mapped_bytes`).
     pub engine_mapped_bytes: u64,
     /// Mappings of engines' host KV regions held now (against `serve.max_engine_mappings`).
@@ -497,6 +501,26 @@ pub fn render(s: &Scrape<'_>) -> String {
         "kvplane_engine_memory_faults_total",
         &[],
         s.counters.engine_memory_faults,
+    );
+    o.family(
+        "kvplane_sessions_panicked_total",
+        "counter",
+        "Sessions ended because serving them panicked (a daemon bug; see the error log).",
+    );
+    o.sample(
+        "kvplane_sessions_panicked_total",
+        &[],
+        s.counters.sessions_panicked,
+    );
+    o.family(
+        "kvplane_dataplane_thread_panics_total",
+        "counter",
+        "Data-plane thread panics outside an operation; each ended that thread's sessions.",
+    );
+    o.sample(
+        "kvplane_dataplane_thread_panics_total",
+        &[],
+        s.counters.dataplane_thread_panics,
     );
     o.family(
         "kvplane_engine_mapped_bytes",

@@ -64,6 +64,11 @@ pub struct Counters {
     /// Copies that faulted in an engine's KV buffer (its backing vanished); each ended
     /// its session.
     pub engine_memory_faults: AtomicU64,
+    /// Sessions ended because serving them panicked (a daemon bug, logged as an error).
+    pub sessions_panicked: AtomicU64,
+    /// Panics of a data-plane thread outside the guard around each operation: each ended
+    /// every session of that thread, which went on serving new ones.
+    pub dataplane_thread_panics: AtomicU64,
     /// Latency histograms, link bytes, per-namespace lookups (for `/metrics`).
     pub metrics: crate::metrics::DataPlaneMetrics,
 }
@@ -267,6 +272,9 @@ pub struct DataPlane {
     mover: Option<Mover>,
     /// `serve.engine_event_timeout_ms` (0 until set: the default applies).
     engine_event_timeout_ms: AtomicU64,
+    /// Set by [`Self::inject_thread_panic_for_tests`]; taken by the first data-plane thread
+    /// at its next liveness check.
+    injected_thread_panic: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -354,6 +362,22 @@ impl DataPlane {
     pub fn set_engine_event_timeout(&self, timeout: std::time::Duration) {
         self.engine_event_timeout_ms
             .store(timeout.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Makes one data-plane thread panic outside any operation at its next liveness check
+    /// (within 100 ms): stands in for a bug in the threads' own loop, whose containment
+    /// the daemon's tests check.
+    pub fn inject_thread_panic_for_tests(&self) {
+        self.injected_thread_panic.store(true, Ordering::SeqCst);
+    }
+
+    /// Panics once after [`Self::inject_thread_panic_for_tests`]. Called off the hot path.
+    pub(crate) fn injected_thread_panic_point(&self) {
+        if self.injected_thread_panic.load(Ordering::Relaxed)
+            && self.injected_thread_panic.swap(false, Ordering::SeqCst)
+        {
+            panic!("injected data-plane thread panic");
+        }
     }
 
     fn engine_event_timeout(&self) -> std::time::Duration {

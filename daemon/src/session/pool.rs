@@ -16,6 +16,9 @@
 //! every [`LIVENESS_PERIOD`]; a session ends (detach, death, violation, engine memory
 //! fault, a panic in its operation): its thread marks it dead and logs why, and the
 //! reaper thread releases what it held (its `SessionGuard`), then closes its connection.
+//! A panic in a thread's loop outside every operation's guard ends all of that thread's
+//! sessions the same way (one with an operation out once it is back), and the thread
+//! goes on serving the sessions assigned to it later.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -225,8 +228,9 @@ impl Pool {
 /// may then reuse that memory). The reaper thread drops it, so no release holds up a thread that
 /// polls rings.
 struct Remains {
-    // Held only to be dropped; field order is drop order.
-    _guard: SessionGuard,
+    // Held to be dropped (field order is drop order); the guard gets back the session's
+    // data when it comes home after the session ended.
+    guard: SessionGuard,
     _stream: sys::TenantStream,
 }
 
@@ -544,14 +548,110 @@ struct Scratch {
     cqes: Vec<kvp_cqe>,
 }
 
+/// A data-plane thread: serves its sessions until the pool closes. A panic outside the
+/// guard around each operation (a bug in the loop itself) ends every session the thread
+/// holds, since any of them may be half-updated, and the thread goes on with an empty
+/// table: the sessions of other threads never notice, and new sessions assigned to this
+/// one are served.
 fn run_thread(
-    shared: &DaemonShared,
+    shared: &Arc<DaemonShared>,
     me: &Arc<PoolThread>,
     io: &IoSubmitter,
     reaper: &crossbeam::channel::Sender<Remains>,
 ) {
+    let mut table = Table {
+        slots: (0..MAX_SESSIONS_PER_THREAD).map(|_| None).collect(),
+        orphans: Vec::with_capacity(MAX_SESSIONS_PER_THREAD),
+    };
+    while let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        serve_sessions(shared, me, io, reaper, &mut table)
+    })) {
+        let what = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        tracing::error!(
+            thread = me.index,
+            sessions = table.slots.iter().flatten().count(),
+            panic = what,
+            "data-plane thread panicked outside an operation; ending its sessions and going on"
+        );
+        shared
+            .dataplane
+            .counters
+            .dataplane_thread_panics
+            .fetch_add(1, Ordering::Relaxed);
+        for mut s in table.slots.iter_mut().filter_map(Option::take) {
+            s.ending.get_or_insert(End::Panicked);
+            if s.out {
+                // Its operation is still with an I/O executor, holding the session's data
+                // (and so its plans): released, and the connection closed, when it comes
+                // back.
+                let _ = server::mark_dead(&s.seg, &s.geometry);
+                log_end(shared, s.id, &End::Panicked);
+                let remains = Remains {
+                    guard: s.guard.take(),
+                    _stream: s.stream.take(),
+                };
+                table.orphans.push((s.id, remains));
+            } else {
+                finish(shared, s, reaper);
+            }
+            me.load.fetch_sub(1, Ordering::AcqRel);
+        }
+        // A bug that panics every pass must not flood the log at full speed.
+        std::thread::sleep(BLOCKED_RETRY);
+    }
+}
+
+/// The sessions of one data-plane thread.
+struct Table {
+    /// Served sessions; a session's slot is its handle with the I/O executors.
+    slots: Vec<Option<Served>>,
+    /// Sessions ended after a panic while an operation was out with the I/O executors,
+    /// by id: released when it comes back with their data. At most one per slot.
+    orphans: Vec<(u64, Remains)>,
+}
+
+/// An I/O executor's result for a session not in its slot any more (its thread ended it
+/// after a panic): the session's data goes back to what it held, and all of it to the
+/// reaper.
+fn release_orphan(
+    shared: &Arc<DaemonShared>,
+    orphans: &mut Vec<(u64, Remains)>,
+    d: IoDone,
+    reaper: &crossbeam::channel::Sender<Remains>,
+) {
+    let id = d.data.id;
+    let Some(k) = orphans.iter().position(|(o, _)| *o == id) else {
+        // Unreachable: a session with an operation out is in its slot or an orphan.
+        tracing::error!(
+            session = id,
+            "an operation came back for an unknown session"
+        );
+        drop(SessionGuard {
+            shared: Arc::clone(shared),
+            data: Some(d.data),
+            reservation: None,
+        });
+        return;
+    };
+    let mut remains = orphans.swap_remove(k).1;
+    remains.guard.data = Some(d.data);
+    reap(reaper, remains);
+}
+
+/// The loop of [`run_thread`] over `slots` (empty when it starts).
+fn serve_sessions(
+    shared: &Arc<DaemonShared>,
+    me: &Arc<PoolThread>,
+    io: &IoSubmitter,
+    reaper: &crossbeam::channel::Sender<Remains>,
+    table: &mut Table,
+) {
+    let Table { slots, orphans } = table;
     let back: Arc<dyn IoReturn> = Arc::clone(me) as Arc<dyn IoReturn>;
-    let mut slots: Vec<Option<Served>> = (0..MAX_SESSIONS_PER_THREAD).map(|_| None).collect();
     // Every slot at or past `high` is empty. A pass visits only `slots[..high]`: walking
     // all of them (about 1.4 KiB apart) costs a pass a few hundred ns of cache misses, which
     // a submission waits for on average half of before the thread polls its ring.
@@ -588,7 +688,7 @@ fn run_thread(
                     let _ = server::mark_dead(&a.seg, &a.geometry);
                     log_end(shared, a.id, &end);
                     let remains = Remains {
-                        _guard: a.guard,
+                        guard: a.guard,
                         _stream: a.stream,
                     };
                     reap(reaper, remains);
@@ -598,10 +698,10 @@ fn run_thread(
         }
         while let Some(d) = mail.then(|| me.done_rx.try_recv().ok()).flatten() {
             worked = true;
-            let Some(s) = slots.get_mut(d.slot as usize).and_then(Option::as_mut) else {
-                continue;
-            };
-            returned(shared, s, d, &mut scratch);
+            match slots.get_mut(d.slot as usize).and_then(Option::as_mut) {
+                Some(s) if s.out && s.id == d.data.id => returned(shared, s, d, &mut scratch),
+                _ => release_orphan(shared, orphans, d, reaper),
+            }
         }
         let stop = shared.stop.load(Ordering::Relaxed);
         passes = passes.wrapping_add(1);
@@ -664,11 +764,16 @@ fn run_thread(
         }
         if now >= next_check {
             next_check = now + LIVENESS_PERIOD;
+            shared.dataplane.injected_thread_panic_point();
             for s in slots[..high].iter_mut().flatten() {
                 s.check_liveness(stop, now);
             }
         }
-        if shared.pool.closed.load(Ordering::SeqCst) && high == 0 && me.inbox_rx.is_empty() {
+        if shared.pool.closed.load(Ordering::SeqCst)
+            && high == 0
+            && orphans.is_empty()
+            && me.inbox_rx.is_empty()
+        {
             return;
         }
         if worked {
@@ -1076,7 +1181,7 @@ fn finish(shared: &DaemonShared, mut s: Served, reaper: &crossbeam::channel::Sen
         log_end(shared, s.id, end);
     }
     let remains = Remains {
-        _guard: s.guard.take(),
+        guard: s.guard.take(),
         _stream: s.stream.take(),
     };
     // Nothing is out or parked (`finish` is called only then): the views and the segment
@@ -1103,10 +1208,8 @@ pub(super) fn log_end(shared: &DaemonShared, session: u64, end: &End) {
             tracing::warn!(session, error = %e, "protocol violation; session ended")
         }
         End::Panicked => {
-            tracing::error!(
-                session,
-                "an operation of the session panicked; session ended"
-            )
+            c.sessions_panicked.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(session, "serving the session panicked; session ended")
         }
     }
 }

@@ -208,3 +208,27 @@ pub fn stalled_writes(ms: u32) -> Arc<kvplane_daemon::tier::nvme::engine::FaultP
     });
     plan
 }
+
+/// Submits a write-through SAVE of the one block `hash` from engine page 0 (filled with
+/// `fill` first) on `qp`, and waits until its write reached `plan`'s injector (an I/O
+/// executor holds the session's data from then on, until the write is back).
+#[allow(dead_code)]
+pub fn submit_stalled_save(
+    plan: &FaultPlan,
+    qp: &mut QueuePair,
+    kv: &Segment,
+    (user_data, hash, fill): (u64, u64, u8),
+) {
+    kv.write_bytes(0, &vec![fill; PAGE_BYTES as usize]).unwrap();
+    let mut s = chain_sqe(qp, Opcode::Save, user_data, &[hash], 0);
+    s.flags = kvplane_ffi::SQE_F_WRITE_THROUGH;
+    assert_eq!(qp.submit(&[s]).unwrap(), 1);
+    let t0 = std::time::Instant::now();
+    while plan.fired() == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the SAVE's write never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
