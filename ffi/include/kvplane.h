@@ -113,7 +113,11 @@ enum kvp_opcode {
     KVP_OP_LOOKUP = 3,          /* arg: kvp_block_op[count]; cqe.blocks = leading hits */
     KVP_OP_SAVE = 4,            /* arg: kvp_block_op[count]; engine pages -> daemon */
     KVP_OP_LOAD = 5,            /* arg: kvp_block_op[count]; daemon -> engine pages */
-    KVP_OP_PIN = 6,             /* arg: kvp_block_op[count]; take a lease on each block */
+    KVP_OP_PIN = 6,             /* arg: kvp_block_op[count]; take a lease on each block;
+                                  * cqe.blocks = leading blocks leased (stops at the first
+                                  * not stored); KVP_E_NO_SPACE (detail: the cap) when the
+                                  * session holds blocks.max_pinned_blocks_per_session
+                                  * distinct blocks pinned (those leased stay leased) */
     KVP_OP_UNPIN = 7,           /* arg: kvp_block_op[count]; release leases */
     KVP_OP_DROP = 8,            /* arg: kvp_block_op[count]; remove blocks */
     KVP_OP_CLEAR_NAMESPACE = 9, /* no arg; removes every block of sqe.namespace_id */

@@ -27,7 +27,7 @@ use super::plan::{
     SavePlan, StoreItem, TierCopy,
 };
 use super::registry::{
-    BlockEvent, BlockKey, EvictRank, Registry, RemoveReason, RestoredBlock, SessionId,
+    BlockEvent, BlockKey, EvictRank, Pinned, Registry, RemoveReason, RestoredBlock, SessionId,
 };
 use crate::tier::host::{HostError, HostPool, HostPoolReport};
 use crate::tier::nvme::engine::FaultPlan;
@@ -40,6 +40,11 @@ use crate::tier::{
 /// blocks or clearing a large namespace lets other sessions' operations in between.
 pub const DROP_CHUNK_BLOCKS: u32 = 4096;
 
+/// `blocks.max_pinned_blocks_per_session` by default: an engine pins the prefixes of the
+/// requests it runs, far fewer blocks than this (65,536 x 2 MiB = 128 GiB); the daemon's
+/// pin records stay under ~2.5 MiB per session.
+pub const DEFAULT_MAX_PINNED_BLOCKS_PER_SESSION: u32 = 1 << 16;
+
 /// `[blocks]`: block geometry and placement policy.
 #[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -51,6 +56,10 @@ pub struct BlockConfig {
     pub nvme_admit_min_hits: u32,
     /// Write every save through to NVMe before it completes (durable across restarts).
     pub write_through: bool,
+    /// Distinct blocks one session may hold pinned at once (PIN past it: NO_SPACE). Each
+    /// costs a registry entry and is a block no eviction may take, so an engine cannot
+    /// grow the daemon's memory, or freeze a tier, without bound by pinning.
+    pub max_pinned_blocks_per_session: u32,
 }
 
 impl Default for BlockConfig {
@@ -59,6 +68,7 @@ impl Default for BlockConfig {
             block_bytes: 2 << 20,
             nvme_admit_min_hits: 1,
             write_through: false,
+            max_pinned_blocks_per_session: DEFAULT_MAX_PINNED_BLOCKS_PER_SESSION,
         }
     }
 }
@@ -317,6 +327,7 @@ pub struct BlockManager {
     block_bytes: usize,
     admit_min_hits: u32,
     write_through: bool,
+    max_pinned_blocks_per_session: u32,
     events: Option<Sender<BlockEvent>>,
     counters: Counters,
     scan: (u64, u64, u64),
@@ -421,6 +432,7 @@ impl BlockManager {
             block_bytes: block.block_bytes,
             admit_min_hits: block.nvme_admit_min_hits,
             write_through: block.write_through,
+            max_pinned_blocks_per_session: block.max_pinned_blocks_per_session,
             events: options.events,
             counters: Counters::default(),
             scan: scan_counts,
@@ -1378,9 +1390,16 @@ impl BlockManager {
         plan.already + if copied { plan.copies.len() } else { 0 }
     }
 
-    /// Leases the leading stored blocks for `session`; returns how many.
-    pub fn pin(&self, session: SessionId, namespace: u32, hashes: &[u64]) -> usize {
-        self.lock().pin(session, namespace, hashes)
+    /// Leases the leading stored blocks for `session`, up to its cap on pinned blocks
+    /// (`blocks.max_pinned_blocks_per_session`).
+    pub fn pin(&self, session: SessionId, namespace: u32, hashes: &[u64]) -> Pinned {
+        let cap = self.max_pinned_blocks_per_session as usize;
+        self.lock().pin(session, namespace, hashes, cap)
+    }
+
+    /// `blocks.max_pinned_blocks_per_session`.
+    pub fn max_pinned_blocks_per_session(&self) -> u32 {
+        self.max_pinned_blocks_per_session
     }
 
     pub fn unpin(&self, session: SessionId, namespace: u32, hashes: &[u64]) -> usize {

@@ -239,6 +239,14 @@ struct NsQuota {
     candidates: PerTier<BTreeSet<(u8, u64, u32)>>,
 }
 
+/// What a PIN leased: the leading `leased` blocks of its chain. It stopped at the first
+/// block not stored, or (`at_cap`) at the session's cap on distinct pinned blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pinned {
+    pub leased: usize,
+    pub at_cap: bool,
+}
+
 /// A namespace's quota and usage, for stats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QuotaUsage {
@@ -1003,12 +1011,30 @@ impl Registry {
 
     // ---- leases ---------------------------------------------------------------------
 
-    /// Pins the leading present blocks of the chain for `session`; returns how many.
-    pub fn pin(&mut self, session: SessionId, namespace: u32, hashes: &[u64]) -> usize {
+    /// Pins the leading present blocks of the chain for `session`, holding at most
+    /// `max_blocks` distinct blocks pinned at once.
+    pub fn pin(
+        &mut self,
+        session: SessionId,
+        namespace: u32,
+        hashes: &[u64],
+        max_blocks: usize,
+    ) -> Pinned {
         let mut n = 0;
         for &h in hashes {
             let key = BlockKey::new(namespace, h);
             let Some(i) = self.idx(key) else { break };
+            // The session's distinct pinned blocks are capped: each costs the registry
+            // a map entry, and each is a block no eviction may take.
+            let held = self.sessions.get(&session);
+            if held.map_or(0, HashMap::len) >= max_blocks
+                && !held.is_some_and(|m| m.contains_key(&key))
+            {
+                return Pinned {
+                    leased: n,
+                    at_cap: true,
+                };
+            }
             // A block at the most leases a count can hold pins no further (the same
             // hash repeated in PINs must not wrap it to 0, unprotecting everyone's).
             // A session's own count is at most the block's, so it cannot wrap either.
@@ -1027,7 +1053,10 @@ impl Registry {
                 .or_insert(0) += 1;
             n += 1;
         }
-        n
+        Pinned {
+            leased: n,
+            at_cap: false,
+        }
     }
 
     /// Drops one lease of `session` on each block it holds; returns how many.

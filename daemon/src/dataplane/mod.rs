@@ -848,11 +848,22 @@ impl DataPlane {
                 done(ud, Status::Ok, hits, 0, Tier::raw_or_none(slowest), 0)
             }
             Opcode::Pin => {
-                let n = blocks.pin(session.id, ns, &session.hashes);
+                let pinned = blocks.pin(session.id, ns, &session.hashes);
                 self.counters
                     .leases_held
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                done(ud, Status::Ok, n, 0, 0, 0)
+                    .fetch_add(pinned.leased as u64, Ordering::Relaxed);
+                match pinned.at_cap {
+                    // The blocks leased before the cap stay leased.
+                    true => done(
+                        ud,
+                        Status::NoSpace,
+                        pinned.leased,
+                        0,
+                        0,
+                        blocks.max_pinned_blocks_per_session(),
+                    ),
+                    false => done(ud, Status::Ok, pinned.leased, 0, 0, 0),
+                }
             }
             Opcode::Unpin => {
                 let n = blocks.unpin(session.id, ns, &session.hashes);

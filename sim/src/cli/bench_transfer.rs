@@ -359,7 +359,7 @@ fn manager(
     let block = BlockConfig {
         block_bytes: shape.block,
         nvme_admit_min_hits: 0,
-        write_through: false,
+        ..BlockConfig::default()
     };
     let setup = |detail: String| TransferError::Op {
         path: "setup".into(),

@@ -75,10 +75,10 @@ fn low_priority_goes_first_and_leases_block_eviction() {
         Some(k(2)),
         "lowest priority first, though newest-but-one"
     );
-    assert_eq!(r.pin(7, 1, &[2, 1]), 2);
+    assert_eq!(r.pin(7, 1, &[2, 1], usize::MAX).leased, 2);
     assert_eq!(r.victim(H), Some(k(3)));
     assert!(r.evict(k(2), H, RemoveReason::Evicted).is_err(), "leased");
-    assert_eq!(r.pin(8, 1, &[3]), 1);
+    assert_eq!(r.pin(8, 1, &[3], usize::MAX).leased, 1);
     assert_eq!(r.victim(H), None);
     assert!(
         !store(&mut r, k(4), None, 0, H),
@@ -470,7 +470,7 @@ proptest! {
                 Op::Pin { session, chain: c, len } => {
                     let (ns, blocks) = chain(c);
                     let hashes: Vec<u64> = blocks.iter().take(len as usize).map(|b| b.0).collect();
-                    let n = r.pin(session as u64, ns, &hashes);
+                    let n = r.pin(session as u64, ns, &hashes, usize::MAX).leased;
                     for &h in &hashes[..n] {
                         *pins.entry((session, BlockKey::new(ns, h))).or_default() += 1;
                     }
@@ -550,19 +550,70 @@ proptest! {
     }
 }
 
+/// A session holds at most `max_blocks` distinct blocks pinned: a PIN stops at the first
+/// new block past it (those before stay leased), blocks it holds can be pinned again, an
+/// unpin makes room, and other sessions have caps of their own.
+#[test]
+fn a_session_pins_at_most_its_cap_of_distinct_blocks() {
+    let mut r = Registry::new(PerTier([0, 8, 0]));
+    let mut parent = None;
+    for h in 1..=6 {
+        assert!(store(&mut r, k(h), parent, 0, H));
+        parent = Some(h);
+    }
+    let cap = 3;
+    assert_eq!(
+        r.pin(7, 1, &[1, 2, 3, 4, 5], cap),
+        Pinned {
+            leased: 3,
+            at_cap: true
+        }
+    );
+    assert_eq!(r.session_leases(7), 3);
+    assert_eq!(
+        r.pin(7, 1, &[1, 2, 3], cap),
+        Pinned {
+            leased: 3,
+            at_cap: false
+        },
+        "blocks it holds pin again"
+    );
+    assert_eq!(r.session_leases(7), 6);
+    assert!(r.pin(7, 1, &[4], cap).at_cap, "still at its cap");
+    assert_eq!(
+        r.view(k(4)).unwrap().leases,
+        0,
+        "a block refused by the cap is not leased"
+    );
+    assert_eq!(r.unpin(7, 1, &[3, 3]), 2);
+    assert_eq!(r.pin(7, 1, &[5], cap).leased, 1, "an unpin made room");
+    assert_eq!(
+        r.pin(8, 1, &[1, 2, 3], cap).leased,
+        3,
+        "another session's cap is its own"
+    );
+    assert_eq!(r.release_session(7), 5);
+    assert_eq!(r.release_session(8), 3);
+    r.check_invariants().unwrap();
+}
+
 /// The same hash pinned again and again stops at the most a lease count holds instead
 /// of wrapping to 0 (which would leave the block unprotected for every session).
 #[test]
 fn a_lease_count_at_its_maximum_pins_no_further() {
     let mut r = Registry::new(PerTier([0, 2, 0]));
     assert!(store(&mut r, k(1), None, 0, H));
-    assert_eq!(r.pin(7, 1, &[1]), 1);
+    assert_eq!(r.pin(7, 1, &[1], usize::MAX).leased, 1);
     let i = r.idx(k(1)).unwrap() as usize;
     // As if pinned u32::MAX - 1 times by session 7.
     r.entries[i].leases = u32::MAX - 1;
     *r.sessions.get_mut(&7).unwrap().get_mut(&k(1)).unwrap() = u32::MAX - 1;
-    assert_eq!(r.pin(7, 1, &[1]), 1, "one more fits");
-    assert_eq!(r.pin(7, 1, &[1, 1, 1]), 0, "none past the maximum");
+    assert_eq!(r.pin(7, 1, &[1], usize::MAX).leased, 1, "one more fits");
+    assert_eq!(
+        r.pin(7, 1, &[1, 1, 1], usize::MAX).leased,
+        0,
+        "none past the maximum"
+    );
     assert_eq!(r.entries[i].leases, u32::MAX);
     assert!(
         r.evict(k(1), H, RemoveReason::Evicted).is_err(),
@@ -594,7 +645,7 @@ fn a_namespace_walk_meets_its_own_entries_once() {
         None,
         "no list for a namespace holding nothing"
     );
-    assert_eq!(r.pin(9, 2, &[4]), 1);
+    assert_eq!(r.pin(9, 2, &[4], usize::MAX).leased, 1);
     let mut met = Vec::new();
     for _ in 0..r.namespace_len(2) {
         let key = r.rotate_namespace(2, walk).unwrap();
@@ -643,7 +694,7 @@ fn two_walks_of_one_namespace_never_meet_an_entry_twice() {
         assert!(store(&mut r, k(h), None, 0, H));
     }
     // Every block leased: the walks keep them all, as CLEARs keep what an engine holds.
-    assert_eq!(r.pin(1, 1, &hashes), 10);
+    assert_eq!(r.pin(1, 1, &hashes, usize::MAX).leased, 10);
     let len = r.namespace_len(1);
     let first = r.begin_walk();
     let mut met_first: Vec<u64> = (0..3)
@@ -700,7 +751,7 @@ fn a_walk_meets_a_kept_block_once_when_entries_vanish_under_it() {
     assert!(store(&mut r, ns3(10), Some(9), 0, H));
     assert!(store(&mut r, ns3(20), None, 0, H));
     assert_eq!(r.namespace_len(3), 3);
-    assert_eq!(r.pin(1, 3, &[20]), 1);
+    assert_eq!(r.pin(1, 3, &[20], usize::MAX).leased, 1);
     let walk = r.begin_walk();
     let (mut dropped, mut kept) = (0, 0);
     for _ in 0..r.namespace_len(3) {

@@ -38,8 +38,7 @@ fn config(
 ) -> (BlockConfig, TiersConfig) {
     let block = BlockConfig {
         block_bytes: BLOCK,
-        nvme_admit_min_hits: 1,
-        write_through: false,
+        ..BlockConfig::default()
     };
     let tiers = TiersConfig {
         hbm: HbmConfig {
@@ -579,7 +578,7 @@ fn nvme_faults_fail_the_operation_and_the_manager_keeps_going() {
 fn leases_block_eviction_until_the_session_is_released() {
     let m = manager(None, 4, 0);
     save(&m, 1, &chain(1, 4), false);
-    assert_eq!(m.pin(42, 1, &[1, 2, 3, 4, 5]), 4);
+    assert_eq!(m.pin(42, 1, &[1, 2, 3, 4, 5]).leased, 4);
     let r = save(&m, 1, &chain(10, 2), false);
     assert_eq!((r.stored, r.no_space), (0, 2), "all host slots leased");
     assert_eq!(
@@ -773,7 +772,7 @@ fn simulate(seed: u64, steps: usize, engine: EngineKind) {
             }
             65..=72 => {
                 let session = next(3);
-                let n = m.pin(session, ns, &hashes);
+                let n = m.pin(session, ns, &hashes).leased;
                 for &h in &hashes[..n] {
                     *pins.entry((session, ns, h)).or_default() += 1;
                 }
@@ -921,7 +920,7 @@ fn quota_bounds_a_flooding_namespace_to_its_own_blocks() {
 fn quota_full_of_leases_refuses_instead_of_evicting_neighbours() {
     let m = manager_with_quota(8, quota(7, PerTier([None, Some(2), None])));
     assert_eq!(save(&m, 7, &chain(1, 2), false).stored, 2);
-    assert_eq!(m.pin(9, 7, &[1, 2]), 2);
+    assert_eq!(m.pin(9, 7, &[1, 2]).leased, 2);
     let r = save(&m, 7, &chain(100, 3), false);
     assert_eq!((r.stored, r.no_space), (0, 3));
     assert_eq!(m.stats().tiers[1].used_slots, 2);
@@ -1409,7 +1408,7 @@ fn a_g1_victim_with_no_host_room_is_dropped() {
     let mut t = [None; 2];
     assert_eq!(m.lookup(5, &[1, 2], &mut t), 2);
     assert_eq!(t, [Some(Tier::Hbm); 2], "only in G1");
-    assert_eq!(m.pin(9, 5, &[100, 101]), 2);
+    assert_eq!(m.pin(9, 5, &[100, 101]).leased, 2);
     // 100 and 101 are leased: promoting 100 needs a G1 slot, the host tier has no room.
     assert_eq!(m.promote(5, &[100]), 1);
     assert_eq!(m.lookup(5, &[1, 2], &mut t), 1, "the leaf 2 left G1");
@@ -1889,7 +1888,7 @@ fn g1_only_chain_beside_a_leased_host_tier(m: &LocalBlocks) {
     for _ in 0..3 {
         m.lookup(5, &[1, 2], &mut tiers);
     }
-    assert_eq!(m.pin(9, 5, &[100, 101]), 2);
+    assert_eq!(m.pin(9, 5, &[100, 101]).leased, 2);
 }
 
 /// Where blocks move straight between NVMe and G1, a G1 victim the host tier has no room
@@ -2146,7 +2145,7 @@ fn a_write_through_save_that_finds_no_nvme_slot_says_so() {
     let m = manager(Some(dir.path()), 8, 2);
     let r = save(&m, 1, &chain(1, 2), true);
     assert_eq!((r.stored, r.written_through), (2, 2), "{r:?}");
-    assert_eq!(m.pin(9, 1, &[1, 2]), 2);
+    assert_eq!(m.pin(9, 1, &[1, 2]).leased, 2);
     let r = save(&m, 1, &[(10, None)], true);
     assert_eq!(
         (r.stored, r.written_through, r.write_through_no_slot),
@@ -2192,7 +2191,7 @@ fn clear_of_a_namespace_larger_than_a_chunk_keeps_only_leased_blocks() {
     save(&m, 2, &chain(1, 3), true);
     assert_eq!(used_slots(&m, Tier::Nvme), n as u32 + 3, "written through");
     let leased: Vec<u64> = (0..n).step_by(500).collect();
-    assert_eq!(m.pin(7, 1, &leased), leased.len());
+    assert_eq!(m.pin(7, 1, &leased).leased, leased.len());
     let r = m.clear_namespace(1);
     assert_eq!(
         (r.dropped, r.busy),
