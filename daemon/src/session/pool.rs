@@ -126,7 +126,9 @@ impl PoolThread {
 
 impl IoReturn for PoolThread {
     fn io_done(&self, done: IoDone) {
-        // Never full: one operation out per session, at most MAX_SESSIONS_PER_THREAD.
+        // Full only when sessions ended by a panic still had operations out beyond the
+        // sessions the thread serves (one out per session): this executor then waits
+        // for the thread to drain it.
         if self.done_tx.send(done).is_ok() {
             self.wake();
         }
@@ -562,6 +564,7 @@ fn run_thread(
     let mut table = Table {
         slots: (0..MAX_SESSIONS_PER_THREAD).map(|_| None).collect(),
         orphans: Vec::with_capacity(MAX_SESSIONS_PER_THREAD),
+        owned: 0,
     };
     while let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         serve_sessions(shared, me, io, reaper, &mut table)
@@ -582,24 +585,40 @@ fn run_thread(
             .counters
             .dataplane_thread_panics
             .fetch_add(1, Ordering::Relaxed);
-        for mut s in table.slots.iter_mut().filter_map(Option::take) {
+        let Table {
+            slots,
+            orphans,
+            owned,
+        } = &mut table;
+        for mut s in slots.iter_mut().filter_map(Option::take) {
+            give_back_place(me, owned);
             s.ending.get_or_insert(End::Panicked);
-            if s.out {
+            // Ending it may panic too (the same bad state): then what unwinding drops is
+            // released on this thread, and the next session is ended all the same.
+            let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if !s.out {
+                    return finish(shared, s, reaper);
+                }
                 // Its operation is still with an I/O executor, holding the session's data
                 // (and so its plans): released, and the connection closed, when it comes
                 // back.
                 let _ = server::mark_dead(&s.seg, &s.geometry);
-                log_end(shared, s.id, &End::Panicked);
+                if let Some(end) = &s.ending {
+                    log_end(shared, s.id, end);
+                }
                 let remains = Remains {
                     guard: s.guard.take(),
                     _stream: s.stream.take(),
                 };
-                table.orphans.push((s.id, remains));
-            } else {
-                finish(shared, s, reaper);
+                orphans.push((s.id, remains));
+            }));
+            if ended.is_err() {
+                tracing::error!(thread = me.index, "ending a session after a panic panicked");
             }
-            me.load.fetch_sub(1, Ordering::AcqRel);
         }
+        // Sessions the panic caught between the inbox and a slot, or between a slot and
+        // the reaper: unwinding released them, their places are given back here.
+        me.load.fetch_sub(std::mem::take(owned), Ordering::AcqRel);
         // A bug that panics every pass must not flood the log at full speed.
         std::thread::sleep(BLOCKED_RETRY);
     }
@@ -610,8 +629,18 @@ struct Table {
     /// Served sessions; a session's slot is its handle with the I/O executors.
     slots: Vec<Option<Served>>,
     /// Sessions ended after a panic while an operation was out with the I/O executors,
-    /// by id: released when it comes back with their data. At most one per slot.
+    /// by id: released when it comes back with their data (one per such session; their
+    /// places on the thread are given back at once).
     orphans: Vec<(u64, Remains)>,
+    /// Sessions taken from the inbox whose place on the thread (`load`) is not given
+    /// back yet: a panic may catch one in neither a slot nor the reaper.
+    owned: usize,
+}
+
+/// Gives back the place on the thread of a session taken from its inbox.
+fn give_back_place(me: &PoolThread, owned: &mut usize) {
+    *owned -= 1;
+    me.load.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// An I/O executor's result for a session not in its slot any more (its thread ended it
@@ -650,7 +679,14 @@ fn serve_sessions(
     reaper: &crossbeam::channel::Sender<Remains>,
     table: &mut Table,
 ) {
-    let Table { slots, orphans } = table;
+    let Table {
+        slots,
+        orphans,
+        owned,
+    } = table;
+    // The mail flag may have been taken by a pass a panic cut short: look at the
+    // channels once in any case.
+    me.mail.store(true, Ordering::Relaxed);
     let back: Arc<dyn IoReturn> = Arc::clone(me) as Arc<dyn IoReturn>;
     // Every slot at or past `high` is empty. A pass visits only `slots[..high]`: walking
     // all of them (about 1.4 KiB apart) costs a pass a few hundred ns of cache misses, which
@@ -673,10 +709,11 @@ fn serve_sessions(
         let mail = me.mail.load(Ordering::Relaxed) && me.mail.swap(false, Ordering::Acquire);
         while let Some(a) = mail.then(|| me.inbox_rx.try_recv().ok()).flatten() {
             worked = true;
+            *owned += 1;
             let Some(free) = slots.iter().position(Option::is_none) else {
                 // Unreachable: the load reservation bounds the sessions.
                 tracing::error!(session = a.id, "data-plane thread full");
-                me.load.fetch_sub(1, Ordering::AcqRel);
+                give_back_place(me, owned);
                 continue;
             };
             match Served::new(a) {
@@ -685,6 +722,7 @@ fn serve_sessions(
                     high = high.max(free + 1);
                 }
                 Err((a, end)) => {
+                    give_back_place(me, owned);
                     let _ = server::mark_dead(&a.seg, &a.geometry);
                     log_end(shared, a.id, &end);
                     let remains = Remains {
@@ -692,7 +730,6 @@ fn serve_sessions(
                         _stream: a.stream,
                     };
                     reap(reaper, remains);
-                    me.load.fetch_sub(1, Ordering::AcqRel);
                 }
             }
         }
@@ -755,8 +792,8 @@ fn serve_sessions(
             }
             if s.ending.is_some() && (!s.busy() || s.in_flight_holds_nothing()) {
                 let s = slot.take().expect("checked above");
+                give_back_place(me, owned);
                 finish(shared, s, reaper);
-                me.load.fetch_sub(1, Ordering::AcqRel);
             }
         }
         while high > 0 && slots[high - 1].is_none() {
