@@ -802,6 +802,7 @@ impl NvmeStore {
         let corrupt = |reason: String| NvmeError::Corrupt { slot, reason };
         let h = SlotHeader::decode(page, self.slot_bytes - SLOT_HEADER_BYTES, &self.key)
             .map_err(|e| corrupt(e.to_string()))?;
+        self.check_length(&h).map_err(corrupt)?;
         if h.namespace != namespace || h.hash != hash {
             return Err(corrupt(format!(
                 "holds ({}, {:#x}), expected ({namespace}, {hash:#x})",
@@ -815,6 +816,21 @@ impl NvmeStore {
             )));
         }
         Ok(h)
+    }
+
+    /// Every slot this daemon writes holds exactly one block of `blocks.block_bytes`. A
+    /// header of another length was written under another block size (the same file and
+    /// key after `block_bytes` changed, which moves every slot boundary): its data MAC
+    /// covers only its own length, so serving it as a block of ours would hand out the
+    /// bytes after it (the next old slot's, any namespace's) unchecked.
+    fn check_length(&self, h: &SlotHeader) -> Result<(), String> {
+        if h.length == self.block_bytes as u64 {
+            return Ok(());
+        }
+        Err(format!(
+            "length {} is not one block ({}): written under another block size",
+            h.length, self.block_bytes
+        ))
     }
 
     /// Reads the header pages of `slots` (`(slot, namespace, hash, generation)`, one I/O
@@ -853,17 +869,7 @@ impl NvmeStore {
             .map(|(i, (&(slot, namespace, hash, generation), io))| {
                 io?;
                 let page = &bytes[i * SLOT_HEADER_BYTES..(i + 1) * SLOT_HEADER_BYTES];
-                let h = self.check_header(slot, page, namespace, hash, generation)?;
-                if h.length != self.block_bytes as u64 {
-                    return Err(NvmeError::Corrupt {
-                        slot,
-                        reason: format!(
-                            "length {} is not one block ({})",
-                            h.length, self.block_bytes
-                        ),
-                    });
-                }
-                Ok(h)
+                self.check_header(slot, page, namespace, hash, generation)
             })
             .collect()
     }
@@ -1080,6 +1086,13 @@ impl NvmeStore {
                         // A lost key makes every slot fail: name the first few only.
                         if report.corrupt < 16 {
                             tracing::warn!(slot = s, "scan: corrupt NVMe slot dropped: {e}");
+                        }
+                        report.corrupt += 1;
+                        corrupt.push(s);
+                    }
+                    Ok(h) if let Err(e) = self.check_length(&h) => {
+                        if report.corrupt < 16 {
+                            tracing::warn!(slot = s, "scan: NVMe slot dropped: {e}");
                         }
                         report.corrupt += 1;
                         corrupt.push(s);

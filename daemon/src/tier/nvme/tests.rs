@@ -663,3 +663,43 @@ fn cleared_headers_are_not_indexed_and_headers_written_apart_verify() {
         "indexed after a restart"
     );
 }
+
+/// The same file and key opened after `block_bytes` changed: every new slot boundary
+/// falls on an old slot's header here (20 KiB blocks take two old 8 KiB slots), whose
+/// MAC is good but whose length is the old block's. Indexed, a load would check the old
+/// 8 KiB and serve 20 KiB: the next old slot's header and data, any namespace's. They are
+/// dropped as written under another block size.
+#[test]
+fn slots_written_under_another_block_size_are_not_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(16);
+    let (store, _) = NvmeStore::open(
+        &config(dir.path(), EngineKind::Sync),
+        BLOCK,
+        p.regions(1 << 30),
+        None,
+    )
+    .unwrap();
+    write_blocks(&store, &p, 16);
+    drop(store);
+
+    const BIGGER: usize = 2 * BLOCK + 4096;
+    assert_eq!(slot_bytes(BIGGER), 2 * slot_bytes(BLOCK));
+    let cfg = HostConfig {
+        capacity_bytes: 4 * slot_bytes(BIGGER) as u64,
+        lock: false,
+        touch_threads: 1,
+        ..HostConfig::default()
+    };
+    let p2 = HostPool::new(&cfg, slot_bytes(BIGGER)).unwrap();
+    let (store, report) = NvmeStore::open(
+        &config(dir.path(), EngineKind::Sync),
+        BIGGER,
+        p2.regions(1 << 30),
+        None,
+    )
+    .unwrap();
+    assert_eq!(store.slot_count(), 8);
+    assert!(report.valid.is_empty(), "indexed: {:?}", report.valid.len());
+    assert_eq!(report.corrupt, 8, "each new slot starts with an old header");
+}
