@@ -142,6 +142,12 @@ pub enum PathError {
         found: &'static str,
         expected: String,
     },
+    #[error(
+        "{path}: a regular file with {links} hard links, opened for writing: another name may \
+         belong to a file the daemon must not change (a link planted in a sticky directory); \
+         refused"
+    )]
+    HardLinked { path: PathBuf, links: u64 },
     #[error("{path}: mode {mode:04o}, but {rule} (bits {bits:04o} set); refused")]
     Mode {
         path: PathBuf,
@@ -481,6 +487,16 @@ fn open_final(
             path: shown.to_path_buf(),
             uid: stat.st_uid,
             euid,
+        });
+    }
+    // The owner and mode checks pass a hard link to any root-owned file: one planted at
+    // the path (in a sticky directory, with fs.protected_hardlinks off) would have that
+    // file grown, zeroed and overwritten.
+    let writes = spec.flags & libc::O_ACCMODE != libc::O_RDONLY;
+    if writes && stat.st_mode & libc::S_IFMT == libc::S_IFREG && stat.st_nlink != 1 {
+        return Err(PathError::HardLinked {
+            path: shown.to_path_buf(),
+            links: stat.st_nlink as u64,
         });
     }
     let bits = stat.st_mode & spec.forbidden_mode;

@@ -117,6 +117,29 @@ fn creates_0600_and_reopens_its_own_file() {
     assert_eq!(o.stat.st_uid, euid());
 }
 
+/// A hard link at the path to a file of the right owner and mode (planted in a sticky
+/// directory where fs.protected_hardlinks is off) passes every other check: opened to be
+/// written, it is refused and its target untouched; read-only opens are not affected.
+#[test]
+fn refuses_a_hard_linked_file_for_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("ssh_host_key");
+    std::fs::write(&victim, b"secret").unwrap();
+    chmod(&victim, 0o600);
+    let sticky = sticky_dir(dir.path(), "tmp");
+    let planted = sticky.join("nvme.kvp");
+    std::fs::hard_link(&victim, &planted).unwrap();
+    let e = open(&planted, &SECRET_RW).unwrap_err();
+    assert!(matches!(e, PathError::HardLinked { links: 2, .. }), "{e}");
+    assert!(e.to_string().contains("2 hard links"), "{e}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"secret");
+    let read_only = OpenSpec {
+        flags: libc::O_RDONLY,
+        ..SECRET_RW
+    };
+    open(&planted, &read_only).expect("read-only opens of a linked file are not refused");
+}
+
 #[test]
 fn refuses_group_or_other_bits_and_the_wrong_type() {
     let dir = tempfile::tempdir().unwrap();
