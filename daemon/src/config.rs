@@ -737,7 +737,7 @@ routers = []
 # Worker id this daemon's tiers appear under (0 = derived from host name and socket path).
 worker_id = 0
 # Events queued between the data plane and the publisher (overflow: dropped, counted,
-# repaired by the next snapshot).
+# and every router sent a fresh snapshot).
 queue_events = {queue_events}
 # A NATS JetStream server (cluster: comma-separated URLs) to publish KV events to, in
 # Dynamo's format, with the stream named after namespace and component; changes buffered

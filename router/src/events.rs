@@ -257,6 +257,8 @@ struct Link {
     addr: SocketAddr,
     tx: mpsc::Sender<Arc<[u8]>>,
     overflow: AtomicBool,
+    /// Wakes a connected link to send a snapshot ([`Publisher::resync`]).
+    resync: tokio::sync::Notify,
     stats: Arc<LinkStats>,
 }
 
@@ -304,6 +306,7 @@ impl Publisher {
                 addr,
                 tx,
                 overflow: AtomicBool::new(false),
+                resync: tokio::sync::Notify::new(),
                 stats: Arc::default(),
             });
             receivers.push(rx);
@@ -326,6 +329,19 @@ impl Publisher {
         self.shared.stop.send_replace(true);
         for link in &self.shared.links {
             link.stats.connected.store(false, Ordering::Release);
+        }
+    }
+
+    /// Sends every connected router a fresh snapshot as soon as it can, dropping the
+    /// frames queued for it: for a caller that lost events before they reached the
+    /// publisher (they never got a sequence number, so no router can see the gap). The
+    /// caller discards what it still holds from before the loss first; what it publishes
+    /// afterwards is a contiguous part of the history, which a snapshot taken later
+    /// covers and replaying it after that snapshot does not undo.
+    pub fn resync(&self) {
+        for link in &self.shared.links {
+            link.overflow.store(true, Ordering::Release);
+            link.resync.notify_one();
         }
     }
 
@@ -583,6 +599,11 @@ async fn run_link(
                 if msg.is_none() {
                     return Ok(());
                 }
+                send_snapshot(shared, link, rx, &mut w).await?;
+                flush(&mut w).await?;
+            }
+            // A permit left from before this connection only repeats its snapshot.
+            () = link.resync.notified() => {
                 send_snapshot(shared, link, rx, &mut w).await?;
                 flush(&mut w).await?;
             }

@@ -671,6 +671,8 @@ pub struct NatsPublisherStats {
 struct PubShared {
     tx: mpsc::Sender<Change>,
     overflow: AtomicBool,
+    /// Wakes the publishing task to act on `overflow` ([`NatsPublisher::resync`]).
+    nudge: tokio::sync::Notify,
     stats: Arc<NatsPublisherStats>,
     stop: tokio::sync::watch::Sender<bool>,
 }
@@ -700,6 +702,7 @@ impl NatsPublisher {
         let shared = Arc::new(PubShared {
             tx,
             overflow: AtomicBool::new(false),
+            nudge: tokio::sync::Notify::new(),
             stats: Arc::default(),
             stop: tokio::sync::watch::Sender::new(false),
         });
@@ -713,6 +716,14 @@ impl NatsPublisher {
 
     pub fn shutdown(&self) {
         self.shared.stop.send_replace(true);
+    }
+
+    /// Re-publishes the worker's full state as soon as it can, discarding the changes
+    /// queued: for a caller that lost changes before they reached the publisher (see
+    /// `events::Publisher::resync`).
+    pub fn resync(&self) {
+        self.shared.overflow.store(true, Ordering::Release);
+        self.shared.nudge.notify_one();
     }
 
     fn enqueue(&self, change: Change) {
@@ -972,6 +983,8 @@ async fn publish_task(
                     None => return,
                 },
                 _ = stop.changed() => return,
+                // A resync: the loop's top takes the snapshot.
+                () = shared.nudge.notified() => continue,
             }
         }
         while pending.len() < cfg.window.max(1) {

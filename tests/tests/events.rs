@@ -112,6 +112,32 @@ fn daemon_events_reach_the_router_and_a_restarted_router_converges() {
     wait_for(http, 42, &hashes, 4);
 }
 
+/// Events the daemon's own event channel drops (a burst larger than `events.queue_events`
+/// while the forwarder lags) never got a sequence number, so the router cannot see the
+/// gap: the daemon resends a snapshot, and the router shows every block. It used to show
+/// only the blocks whose events got through, for good.
+#[test]
+fn events_lost_in_the_daemons_own_queue_are_repaired_by_a_snapshot() {
+    let dir = temp_dir("events-lost");
+    let (ev, http) = (free_port(), free_port());
+    let config = small_config(dir.path(), |c| {
+        c.events.routers = vec![format!("127.0.0.1:{ev}")];
+        c.events.worker_id = 42;
+        c.events.queue_events = 1;
+    });
+    let _router = start_router(ev, http);
+    let daemon = DaemonProc::start(dir.path(), &["--config", config.to_str().unwrap()]);
+    let mut e = TestEngine::attach(&daemon.socket, "ev").unwrap();
+    let hashes: Vec<u64> = (0..32).map(|i| 0xF00D_0000 + i).collect();
+    let ops = chain_ops(&hashes, 0);
+    // One SAVE: 32 events under one hold of the registry lock into a queue of one.
+    assert_eq!(e.block_op(Opcode::Save, 0, &ops).0.blocks, 32);
+    wait_for(http, 42, &hashes, 32);
+    // The same after a burst of removals: the router forgets what was dropped.
+    assert_eq!(e.block_op(Opcode::Drop, 0, &ops[8..]).0.blocks, 24);
+    wait_for(http, 42, &hashes, 8);
+}
+
 /// Blocks restored from NVMe after a daemon crash reach the router under their configured
 /// namespace name before any engine attaches (the config's names are known at start-up).
 #[test]

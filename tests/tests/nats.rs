@@ -727,6 +727,39 @@ fn daemon_partitioned_from_nats_overflows_then_republishes_its_state() {
     drop(d2);
 }
 
+/// Events the daemon's own event channel drops (`events.queue_events = 1`: a SAVE's 32
+/// events under one hold of the registry lock) never reach the NATS publisher, so no
+/// event id is skipped: the daemon re-publishes its state, and the router shows every
+/// block, then forgets the dropped ones. It used to show only those whose events got
+/// through.
+#[test]
+fn events_lost_in_the_daemons_own_queue_are_republished_over_nats() {
+    let c = Cluster::new("nats-lost");
+    let r = c.router("r", 0);
+    let d = c.daemon("d", 601, &c.nats.url(), |c| c.events.queue_events = 1);
+    let mut e = TestEngine::attach(&d.socket, NS).unwrap();
+    let hashes: Vec<u64> = (0..32).map(|i| 0x601_0000 + i).collect();
+    let ops = chain_ops(&hashes, 0);
+    let cached = |want: u64| {
+        let t0 = Instant::now();
+        loop {
+            let got = worker_score(r.http, NS, &hashes, 601, "cached_blocks").unwrap_or(0);
+            if got == want {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "router shows {got} cached blocks, want {want}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(e.block_op(Opcode::Save, 0, &ops).0.blocks, 32);
+    cached(32);
+    assert_eq!(e.block_op(Opcode::Drop, 0, &ops[8..]).0.blocks, 24);
+    cached(8);
+}
+
 /// The stream read by a plain JetStream consumer decodes with the `dynamo-kv-router`
 /// crate's own `RouterEvent`; fed to Dynamo's indexer it gives the same overlap as
 /// kvplane's router for every prefix of every chain.

@@ -480,11 +480,18 @@ impl BlockManager {
     fn flush_events(&self, reg: &mut Registry) {
         if let Some(tx) = &self.events {
             for ev in reg.drain_events() {
+                // The forwarder resyncs the routers when it sees the count move (no
+                // sequence number was given, so they cannot see the gap themselves).
                 if tx.try_send(ev).is_err() {
-                    self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.counters.events_dropped.fetch_add(1, Ordering::Release);
                 }
             }
         }
+    }
+
+    /// Events the full event channel refused so far (see [`Self::flush_events`]).
+    pub fn events_dropped(&self) -> u64 {
+        self.counters.events_dropped.load(Ordering::Acquire)
     }
 
     /// Leading blocks of the chain stored anywhere; `out_tiers[i]` = fastest tier of block i.

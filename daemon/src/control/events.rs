@@ -5,7 +5,8 @@
 //! resends a full snapshot on each (re)connect, and, with `nats_url` set, to
 //! `kvplane_router::nats::NatsPublisher`, which publishes them to a NATS JetStream stream
 //! in NVIDIA Dynamo's KV event format. Control plane only: a full channel drops events
-//! (counted by the manager) and the next snapshot repairs the routers' view.
+//! (counted by the manager); the forwarder then discards what is still queued and has
+//! every router sent a fresh snapshot, which repairs its view.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -90,7 +91,15 @@ impl EventStream {
         let s = Arc::clone(&stop);
         let forwarder = std::thread::Builder::new()
             .name("kvp-events-fwd".into())
-            .spawn(move || forward(&events, &p, n.as_ref(), worker, &dataplane, &s))?;
+            .spawn(move || {
+                let sinks = Sinks {
+                    publisher: &p,
+                    nats: n.as_ref(),
+                    worker,
+                    dataplane: &dataplane,
+                };
+                forward(&events, &sinks, &|| blocks.events_dropped(), &s)
+            })?;
         Ok(EventStream {
             _runtime: runtime,
             forwarder: Some(forwarder),
@@ -175,14 +184,32 @@ fn order_parents_first(blocks: Vec<SnapshotBlock>) -> Vec<SnapshotBlock> {
     out
 }
 
+/// Where the forwarder sends the events.
+struct Sinks<'a> {
+    publisher: &'a Publisher,
+    nats: Option<&'a NatsPublisher>,
+    worker: WorkerId,
+    dataplane: &'a DataPlane,
+}
+
+/// Translates the manager's events for the publishers, in order. When the manager's
+/// channel refused events (`dropped` moved), what is still queued is older than the loss
+/// and would, published after the routers' next snapshot, undo part of it (a block stored
+/// then removed, the removal lost, comes back): it is discarded and every router gets a
+/// fresh snapshot, which covers it all.
 fn forward(
     events: &Receiver<BlockEvent>,
-    publisher: &Publisher,
-    nats: Option<&NatsPublisher>,
-    worker: WorkerId,
-    dataplane: &DataPlane,
+    sinks: &Sinks,
+    dropped: &dyn Fn() -> u64,
     stop: &std::sync::atomic::AtomicBool,
 ) {
+    let Sinks {
+        publisher,
+        nats,
+        worker,
+        dataplane,
+    } = *sinks;
+    let mut dropped_seen = dropped();
     // Consecutive stored events of one chain (same namespace and tier) travel as one.
     let mut run: Vec<(u64, Option<u64>)> = Vec::new();
     let mut run_key: Option<(u32, Tier)> = None;
@@ -197,7 +224,27 @@ fn forward(
         run.clear();
     };
     loop {
-        match events.recv_timeout(std::time::Duration::from_millis(100)) {
+        let event = events.recv_timeout(std::time::Duration::from_millis(100));
+        let now_dropped = dropped();
+        if now_dropped != dropped_seen {
+            tracing::warn!(
+                events = now_dropped - dropped_seen,
+                "the event channel was full: events lost; resending the routers a snapshot"
+            );
+            dropped_seen = now_dropped;
+            // Everything queued now predates the count just read, and with it the loss.
+            for _ in 0..events.len() {
+                let _ = events.try_recv();
+            }
+            run.clear();
+            run_key = None;
+            publisher.resync();
+            if let Some(n) = nats {
+                n.resync();
+            }
+            continue;
+        }
+        match event {
             Ok(BlockEvent::Stored {
                 namespace,
                 hash,
