@@ -225,6 +225,12 @@ pub struct PublisherConfig {
     /// Frames queued per router while it is slow or away. Overflow drops events and
     /// schedules a snapshot instead, so memory stays bounded and the router converges.
     pub queue_frames: usize,
+    /// Bytes of frames queued per router at most (a frame may carry a chain of thousands
+    /// of blocks): past it, the same as a full queue.
+    pub queue_bytes: usize,
+    /// A write to a router that takes longer (it stopped reading without closing) ends
+    /// the connection; the next one starts with a snapshot.
+    pub write_timeout_ms: u64,
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
     pub connect_timeout_ms: u64,
@@ -236,6 +242,8 @@ impl Default for PublisherConfig {
             routers: Vec::new(),
             node: "kvplane".into(),
             queue_frames: 65_536,
+            queue_bytes: 64 << 20,
+            write_timeout_ms: 30_000,
             backoff_initial_ms: 100,
             backoff_max_ms: 5_000,
             connect_timeout_ms: 2_000,
@@ -259,6 +267,8 @@ struct Link {
     overflow: AtomicBool,
     /// Wakes a connected link to send a snapshot ([`Publisher::resync`]).
     resync: tokio::sync::Notify,
+    /// Bytes of the frames in `tx` (against `queue_bytes`).
+    queued_bytes: std::sync::atomic::AtomicUsize,
     stats: Arc<LinkStats>,
 }
 
@@ -307,6 +317,7 @@ impl Publisher {
                 tx,
                 overflow: AtomicBool::new(false),
                 resync: tokio::sync::Notify::new(),
+                queued_bytes: std::sync::atomic::AtomicUsize::new(0),
                 stats: Arc::default(),
             });
             receivers.push(rx);
@@ -446,7 +457,10 @@ impl Shared {
                 // The reconnect snapshot covers it; do not fill the queue with stale frames.
                 continue;
             }
-            if link.tx.try_send(bytes.clone()).is_err() {
+            let len = bytes.len();
+            let queued = link.queued_bytes.fetch_add(len, Ordering::AcqRel);
+            if queued + len > self.config.queue_bytes || link.tx.try_send(bytes.clone()).is_err() {
+                link.queued_bytes.fetch_sub(len, Ordering::AcqRel);
                 link.stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
                 link.overflow.store(true, Ordering::Release);
             }
@@ -508,6 +522,7 @@ async fn link_task(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<Arc
             }
         };
         let _ = stream.set_nodelay(true);
+        keep_alive(&stream);
         link.stats.connects.fetch_add(1, Ordering::Relaxed);
         let result = tokio::select! {
             r = run_link(&shared, link, stream, &mut rx) => r,
@@ -525,6 +540,20 @@ async fn link_task(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<Arc
     }
 }
 
+/// TCP keepalive on an event connection: a peer that vanished without closing (a host
+/// that lost power, a cut link) is noticed within about 25 s instead of never, on both
+/// ends (the router marks its workers disconnected; the daemon reconnects instead of
+/// queueing for a router that will not read).
+pub fn keep_alive(stream: &tokio::net::TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    if let Err(err) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!(%err, "TCP keepalive not set");
+    }
+}
+
 async fn send_snapshot(
     shared: &Shared,
     link: &Link,
@@ -532,13 +561,12 @@ async fn send_snapshot(
     w: &mut (impl AsyncWrite + Unpin),
 ) -> Result<(), WireError> {
     // Queued frames predate the sequence numbers the snapshot is taken at: drop them.
-    while rx.try_recv().is_ok() {}
+    while let Ok(frame) = rx.try_recv() {
+        link.dequeued(&frame);
+    }
     link.overflow.store(false, Ordering::Release);
     let bytes = shared.snapshot_frame()?;
-    w.write_all(&bytes).await.map_err(|source| WireError::Io {
-        op: "write snapshot",
-        source,
-    })?;
+    write_timed(shared, w, &bytes, "write snapshot").await?;
     link.stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
@@ -564,7 +592,7 @@ async fn run_link(
     // the snapshot already covers is ignored by the router (its sequence is not newer).
     link.stats.connected.store(true, Ordering::Release);
     send_snapshot(shared, link, rx, &mut w).await?;
-    flush(&mut w).await?;
+    flush_timed(shared, &mut w).await?;
     // Only Resync frames come back. When the router closes, the reader ends and drops
     // `resync_tx`, which ends the loop below.
     let (resync_tx, mut resync_rx) = mpsc::channel::<()>(1);
@@ -579,33 +607,31 @@ async fn run_link(
         tokio::select! {
             frame = rx.recv() => {
                 let Some(frame) = frame else { return Ok(()) };
-                if let Err(source) = w.write_all(&frame).await {
-                    return Err(WireError::Io { op: "write event", source });
-                }
+                link.dequeued(&frame);
+                write_timed(shared, &mut w, &frame, "write event").await?;
                 link.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
                 // Batch whatever else is queued before flushing.
                 while let Ok(frame) = rx.try_recv() {
-                    if let Err(source) = w.write_all(&frame).await {
-                        return Err(WireError::Io { op: "write event", source });
-                    }
+                    link.dequeued(&frame);
+                    write_timed(shared, &mut w, &frame, "write event").await?;
                     link.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
                 }
                 if link.overflow.load(Ordering::Acquire) {
                     send_snapshot(shared, link, rx, &mut w).await?;
                 }
-                flush(&mut w).await?;
+                flush_timed(shared, &mut w).await?;
             }
             msg = resync_rx.recv() => {
                 if msg.is_none() {
                     return Ok(());
                 }
                 send_snapshot(shared, link, rx, &mut w).await?;
-                flush(&mut w).await?;
+                flush_timed(shared, &mut w).await?;
             }
             // A permit left from before this connection only repeats its snapshot.
             () = link.resync.notified() => {
                 send_snapshot(shared, link, rx, &mut w).await?;
-                flush(&mut w).await?;
+                flush_timed(shared, &mut w).await?;
             }
         }
     }
@@ -619,9 +645,46 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn flush(w: &mut (impl AsyncWrite + Unpin)) -> Result<(), WireError> {
-    w.flush().await.map_err(|source| WireError::Io {
-        op: "flush",
-        source,
-    })
+impl Link {
+    /// A frame left the queue.
+    fn dequeued(&self, frame: &[u8]) {
+        self.queued_bytes.fetch_sub(frame.len(), Ordering::AcqRel);
+    }
+}
+
+/// The error of a write that took longer than `write_timeout_ms`.
+fn timed_out(op: &'static str) -> WireError {
+    WireError::Io {
+        op,
+        source: std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the router did not take the bytes in time",
+        ),
+    }
+}
+
+/// Writes `bytes` unless the router takes longer than `write_timeout_ms` to accept them.
+async fn write_timed(
+    shared: &Shared,
+    w: &mut (impl AsyncWrite + Unpin),
+    bytes: &[u8],
+    op: &'static str,
+) -> Result<(), WireError> {
+    let limit = Duration::from_millis(shared.config.write_timeout_ms);
+    match tokio::time::timeout(limit, w.write_all(bytes)).await {
+        Ok(r) => r.map_err(|source| WireError::Io { op, source }),
+        Err(_) => Err(timed_out(op)),
+    }
+}
+
+/// Flushes unless the router takes longer than `write_timeout_ms`.
+async fn flush_timed(shared: &Shared, w: &mut (impl AsyncWrite + Unpin)) -> Result<(), WireError> {
+    let limit = Duration::from_millis(shared.config.write_timeout_ms);
+    match tokio::time::timeout(limit, w.flush()).await {
+        Ok(r) => r.map_err(|source| WireError::Io {
+            op: "flush",
+            source,
+        }),
+        Err(_) => Err(timed_out("flush")),
+    }
 }

@@ -49,6 +49,11 @@ pub struct ServiceConfig {
     pub http_timeout_ms: u64,
     /// Concurrent HTTP connections; beyond it new ones get 503 at once.
     pub max_http_connections: usize,
+    /// Concurrent event connections; beyond it new ones are closed at once (each may
+    /// hold a frame of up to `MAX_FRAME_BYTES` being read).
+    pub max_event_connections: usize,
+    /// An event connection that has not sent its Hello by then is closed.
+    pub hello_timeout_ms: u64,
     /// Seed of the tie-breaking RNG.
     pub seed: u64,
     pub route: RouteConfig,
@@ -67,6 +72,8 @@ impl Default for ServiceConfig {
             max_body_bytes: 4 << 20,
             http_timeout_ms: 10_000,
             max_http_connections: 256,
+            max_event_connections: 256,
+            hello_timeout_ms: 5_000,
             seed: 0x006b_7670_6c61_6e65,
             route: RouteConfig::default(),
             nats: None,
@@ -89,6 +96,10 @@ pub enum ServiceError {
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub connections: AtomicU64,
+    /// Event connections closed at once: `max_event_connections` were open.
+    pub connections_refused: AtomicU64,
+    /// Frames naming a worker another live connection (or NATS) announced: ignored.
+    pub frames_foreign_worker: AtomicU64,
     pub frames: AtomicU64,
     pub bad_frames: AtomicU64,
     pub events_applied: AtomicU64,
@@ -324,8 +335,26 @@ impl RouterState {
         v
     }
 
-    fn register(&self, worker: WorkerId, node: &str, source: &'static str, conn: u64) {
+    /// Takes `worker` for connection `conn`; false (and nothing changes) when another
+    /// live connection, or NATS, announced it: a worker id belongs to one connection while
+    /// that connection lives, so another cannot rewrite, silence or wipe its blocks. A
+    /// disconnected worker's id is free to take again (its daemon reconnecting).
+    fn register(&self, worker: WorkerId, node: &str, source: &'static str, conn: u64) -> bool {
         let mut workers = self.workers();
+        if workers
+            .get(&worker)
+            .is_some_and(|e| e.connected && e.conn != conn)
+        {
+            self.metrics
+                .frames_foreign_worker
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                worker,
+                conn,
+                "worker announced by another live connection; ignored"
+            );
+            return false;
+        }
         let e = workers.entry(worker).or_insert_with(|| WorkerInfo {
             worker,
             node: node.to_owned(),
@@ -349,6 +378,18 @@ impl RouterState {
         e.conn = conn;
         e.connected = true;
         e.disconnected_at_ms = None;
+        true
+    }
+
+    /// Whether connection `conn` announced `worker` (its events and loads are applied).
+    fn owns(&self, worker: WorkerId, conn: u64) -> bool {
+        let owned = self.workers().get(&worker).is_none_or(|e| e.conn == conn);
+        if !owned {
+            self.metrics
+                .frames_foreign_worker
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        owned
     }
 
     /// Replaces the node's state with the snapshot: listed workers get exactly the listed
@@ -359,8 +400,11 @@ impl RouterState {
             let gone: Vec<WorkerId> = table
                 .values()
                 .filter(|w| {
+                    // Another live connection's workers are not this node's to drop,
+                    // whatever node name it gives.
                     w.node == node
                         && w.source == "kvplane"
+                        && (w.conn == conn || !w.connected)
                         && !workers.iter().any(|s| s.state.worker == w.worker)
                 })
                 .map(|w| w.worker)
@@ -375,7 +419,9 @@ impl RouterState {
         }
         for ws in workers {
             let worker = ws.state.worker;
-            self.register(worker, node, "kvplane", conn);
+            if !self.register(worker, node, "kvplane", conn) {
+                continue;
+            }
             self.index.remove_worker(worker, None);
             for ns in &ws.state.namespaces {
                 let blocks = &ns.blocks;
@@ -428,8 +474,12 @@ impl RouterState {
         Seq::Apply
     }
 
-    /// Applies one event; returns false when a resync is needed.
-    pub fn apply_event(&self, worker: WorkerId, seq: u64, event: &KvEvent) -> bool {
+    /// Applies one event of connection `conn`; returns false when a resync is needed.
+    /// An event for a worker another connection announced is ignored.
+    pub fn apply_event(&self, conn: u64, worker: WorkerId, seq: u64, event: &KvEvent) -> bool {
+        if !self.owns(worker, conn) {
+            return true;
+        }
         match self.check_seq(worker, seq) {
             Seq::Ignore => {
                 self.metrics.events_stale.fetch_add(1, Ordering::Relaxed);
@@ -700,6 +750,16 @@ impl RouterState {
             "Event connections accepted.",
             l(&m.connections),
         );
+        counter(
+            "event_connections_refused_total",
+            "Event connections closed at once: max_event_connections were open.",
+            l(&m.connections_refused),
+        );
+        counter(
+            "frames_foreign_worker_total",
+            "Event frames naming a worker another live connection announced (ignored).",
+            l(&m.frames_foreign_worker),
+        );
         counter("frames_total", "Event frames received.", l(&m.frames));
         counter(
             "bad_frames_total",
@@ -942,7 +1002,18 @@ async fn accept_events(listener: TcpListener, state: Arc<RouterState>) {
                 continue;
             }
         };
+        let open = state.conns.lock().unwrap_or_else(|e| e.into_inner()).len();
+        if open >= state.config.max_event_connections {
+            state
+                .metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, open, "event connection refused: at max_event_connections");
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
+        crate::events::keep_alive(&stream);
         state.metrics.connections.fetch_add(1, Ordering::Relaxed);
         let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
         let st = state.clone();
@@ -974,6 +1045,10 @@ enum ConnError {
     NoHello,
     #[error("vLLM frame shorter than its 8-byte sequence number")]
     ShortVllmFrame,
+    #[error("no Hello within {0} ms")]
+    HelloTimeout(u64),
+    #[error("worker {0} belongs to another live connection")]
+    ForeignWorker(WorkerId),
 }
 
 async fn event_connection(
@@ -983,7 +1058,15 @@ async fn event_connection(
 ) -> Result<(), ConnError> {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::with_capacity(1 << 16, r);
-    let Some(body) = read_frame_body(&mut r, MAX_FRAME_BYTES).await? else {
+    // A Hello is a few dozen bytes: a peer that has not sent it soon is not a publisher.
+    let timeout_ms = state.config.hello_timeout_ms;
+    let hello = tokio::time::timeout(
+        Duration::from_millis(timeout_ms),
+        read_frame_body(&mut r, 64 << 10),
+    )
+    .await
+    .map_err(|_| ConnError::HelloTimeout(timeout_ms))?;
+    let Some(body) = hello? else {
         return Ok(());
     };
     state.metrics.frames.fetch_add(1, Ordering::Relaxed);
@@ -1021,7 +1104,7 @@ async fn event_connection(
         match frame {
             Frame::Snapshot { workers } => state.apply_snapshot(&node, conn, &workers),
             Frame::Event { worker, seq, event } => {
-                if !state.apply_event(worker, seq, &event) {
+                if !state.apply_event(conn, worker, seq, &event) {
                     state
                         .metrics
                         .resyncs_requested
@@ -1033,7 +1116,11 @@ async fn event_connection(
                 worker,
                 active_requests,
                 decode_blocks,
-            } => state.set_load(worker, active_requests, decode_blocks),
+            } => {
+                if state.owns(worker, conn) {
+                    state.set_load(worker, active_requests, decode_blocks);
+                }
+            }
             Frame::Hello { .. } | Frame::Resync => {}
         }
     }
@@ -1049,7 +1136,9 @@ async fn vllm_connection(
     namespace: &str,
     block_size: u32,
 ) -> Result<(), ConnError> {
-    state.register(worker, node, "vllm", conn);
+    if !state.register(worker, node, "vllm", conn) {
+        return Err(ConnError::ForeignWorker(worker));
+    }
     // The feed has no snapshot: start from empty and apply from the first batch on.
     state.index.remove_worker(worker, None);
     if let Some(e) = state.workers().get_mut(&worker) {

@@ -529,3 +529,230 @@ async fn publisher_queue_overflow_falls_back_to_a_snapshot() {
     );
     svc.shutdown();
 }
+
+fn snapshot_of(worker: u64, hashes: &[u64], seq: u64) -> Frame {
+    Frame::Snapshot {
+        workers: vec![WorkerSnapshot {
+            seq,
+            state: WorkerBlocks {
+                worker,
+                namespaces: vec![NamespaceBlocks {
+                    namespace: "ns".into(),
+                    blocks: hashes
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &hash)| SnapshotBlock {
+                            hash,
+                            parent: (i > 0).then(|| hashes[i - 1]),
+                            tiers: Tier::Host.bit(),
+                        })
+                        .collect(),
+                }],
+            },
+        }],
+    }
+}
+
+/// A worker id belongs to the connection that announced it while that connection lives:
+/// another connection's snapshot naming it (with the highest sequence number, which
+/// would have silenced the real one's events), its events and loads for it, a snapshot
+/// under the same node name that leaves it out, and a vLLM feed claiming it change
+/// nothing, and the owner's events still apply. Before, each of these rewrote, wiped or
+/// silenced the victim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_connection_cannot_rewrite_or_silence_a_live_workers_blocks() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let svc = RouterService::start(config(60_000)).await.unwrap();
+    let state = svc.state.clone();
+    let held = |h| {
+        state
+            .index
+            .with_tree("ns", |t| t.holds(9, h, Some(Tier::Host)))
+            .unwrap_or(false)
+    };
+    let mut owner = raw_client(svc.events_addr, Source::Kvplane).await;
+    write_frame(&mut owner, &snapshot_of(9, &[1, 2, 3], 0))
+        .await
+        .unwrap();
+    eventually("the owner's snapshot", || held(3)).await;
+
+    // Same node name ("raw"), as any client may claim.
+    let mut spoof = raw_client(svc.events_addr, Source::Kvplane).await;
+    write_frame(&mut spoof, &snapshot_of(9, &[], u64::MAX))
+        .await
+        .unwrap();
+    write_frame(&mut spoof, &snapshot_of(10, &[7], 0))
+        .await
+        .unwrap();
+    let removed = KvEvent::Removed {
+        namespace: "ns".into(),
+        hashes: vec![1, 2, 3],
+        tier: Some(Tier::Host),
+    };
+    let event = Frame::Event {
+        worker: 9,
+        seq: 1,
+        event: removed,
+    };
+    write_frame(&mut spoof, &event).await.unwrap();
+    let load = Frame::Load {
+        worker: 9,
+        active_requests: 0,
+        decode_blocks: u64::MAX,
+    };
+    write_frame(&mut spoof, &load).await.unwrap();
+    let mut vllm = raw_client(
+        svc.events_addr,
+        Source::Vllm {
+            worker: 9,
+            namespace: "ns".into(),
+            block_size: 16,
+        },
+    )
+    .await;
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), vllm.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "a vLLM feed claiming a live worker is closed"
+    );
+    eventually("the spoofed frames seen", || {
+        state.metrics.frames_foreign_worker.load(Relaxed) >= 4
+    })
+    .await;
+    // The spoofer's own worker 10 is in; its frames are all behind it.
+    eventually("the spoofer's own snapshot", || {
+        state
+            .index
+            .with_tree("ns", |t| t.holds(10, 7, Some(Tier::Host)))
+            .unwrap_or(false)
+    })
+    .await;
+    assert!((1..=3).all(held), "the owner's blocks are untouched");
+    let w9 = state
+        .worker_list()
+        .into_iter()
+        .find(|w| w.worker == 9)
+        .unwrap();
+    assert_eq!(w9.decode_blocks, 0, "the spoofed load is ignored");
+    // The owner's next event still applies (its sequence was not pushed to u64::MAX).
+    let event = Frame::Event {
+        worker: 9,
+        seq: 1,
+        event: stored(vec![4], Some(3)),
+    };
+    write_frame(&mut owner, &event).await.unwrap();
+    eventually("the owner's event", || held(4)).await;
+    svc.shutdown();
+}
+
+/// At most `max_event_connections` event connections: one more is closed at once; a
+/// connection that sends no Hello within `hello_timeout_ms` is closed, which frees its
+/// place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_connections_are_capped_and_must_say_hello_in_time() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let svc = RouterService::start(ServiceConfig {
+        max_event_connections: 2,
+        hello_timeout_ms: 300,
+        ..config(60_000)
+    })
+    .await
+    .unwrap();
+    let state = svc.state.clone();
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(TcpStream::connect(svc.events_addr).await.unwrap());
+        let n = idle.len() as u64;
+        eventually("accepted", || state.metrics.connections.load(Relaxed) == n).await;
+    }
+    let t0 = Instant::now();
+    let mut third = TcpStream::connect(svc.events_addr).await.unwrap();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut buf))
+        .await
+        .expect("the third connection is closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        t0.elapsed() < Duration::from_millis(250),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(state.metrics.connections_refused.load(Relaxed), 1);
+    // The silent two are closed after the Hello timeout.
+    for s in &mut idle {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .expect("a connection without a Hello is closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t0.elapsed()
+    );
+    // Their places are free again: a publisher connects and its snapshot lands.
+    let mut s = raw_client(svc.events_addr, Source::Kvplane).await;
+    write_frame(&mut s, &snapshot_of(3, &[1], 0)).await.unwrap();
+    eventually("a worker after the idle ones left", || {
+        state.worker_list().iter().any(|w| w.worker == 3)
+    })
+    .await;
+    svc.shutdown();
+}
+
+/// A router that accepts and then never reads: the publisher's writes time out
+/// (`write_timeout_ms`) and it reconnects, and while it waits the frames it queues stay
+/// under `queue_bytes` (the rest dropped, a snapshot scheduled). Before, the write
+/// blocked for as long as the router lived, with up to `queue_frames` frames of any
+/// size queued behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_stops_reading_costs_the_publisher_a_bounded_queue_and_a_reconnect() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let keep = held.clone();
+    let accept = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            keep.lock().unwrap().push(s); // never read
+        }
+    });
+    let model: Model = Arc::default();
+    model.lock().unwrap().insert(1, Vec::new());
+    let publisher = Publisher::start(
+        PublisherConfig {
+            routers: vec![addr],
+            node: "node-stuck".into(),
+            queue_bytes: 1 << 20,
+            write_timeout_ms: 300,
+            backoff_initial_ms: 10,
+            ..PublisherConfig::default()
+        },
+        provider(model),
+        &tokio::runtime::Handle::current(),
+    );
+    let link = publisher.link_stats(addr).unwrap();
+    eventually("connected", || link.connected.load(Relaxed)).await;
+    // 4,096-block chains, ~40 KB a frame, until the socket buffers are full and a write
+    // times out.
+    let t0 = Instant::now();
+    let mut start = 0u64;
+    while link.connects.load(Relaxed) < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the publisher never gave up on the stuck router"
+        );
+        publisher.stored(1, "ns", &chain(start, 4096), Tier::Hbm);
+        start += 4096;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        link.frames_dropped.load(Relaxed) > 0,
+        "the byte budget dropped frames"
+    );
+    publisher.shutdown();
+    accept.abort();
+}
