@@ -564,6 +564,30 @@ impl Config {
                 "0 (root) is not a privilege drop; leave it unset to keep the current uid",
             ));
         }
+        // (uid_t)-1 and (gid_t)-1 mean "leave unchanged" to setresuid/setresgid: taken as
+        // an id, the daemon would silently keep root's.
+        for (key, id) in [
+            ("serve.run_as_uid", s.run_as_uid),
+            ("serve.run_as_gid", s.run_as_gid),
+        ] {
+            if id == Some(u32::MAX) {
+                return Err(invalid(
+                    key,
+                    "4294967295 is (uid_t)-1, which the kernel reads as \"leave unchanged\"",
+                ));
+            }
+        }
+        if self
+            .control
+            .socket_path
+            .as_ref()
+            .is_some_and(|p| *p == s.socket_path)
+        {
+            return Err(invalid(
+                "control.socket_path",
+                "is serve.socket_path, the engines' socket: give the control socket its own path",
+            ));
+        }
         Ok(())
     }
 
@@ -1047,6 +1071,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_sessions"), "{err}");
+    }
+
+    /// (uid_t)-1 as a run-as id keeps root's (setresuid/setresgid read it as "unchanged"),
+    /// and a control socket at the engines' socket path fails later with a misleading
+    /// "in use": both are refused when the config is read, naming the key.
+    #[test]
+    fn run_as_minus_one_and_a_shared_socket_path_are_refused() {
+        for key in ["run_as_uid", "run_as_gid"] {
+            let err = parse(&format!(
+                "[serve]\ndrop_privileges = true\n{key} = 4294967295"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains(&format!("serve.{key}")) && err.contains("unchanged"),
+                "{err}"
+            );
+        }
+        assert!(parse("[serve]\ndrop_privileges = true\nrun_as_gid = 4294967294").is_ok());
+        let err = parse(
+            "[serve]\nsocket_path = \"/run/k/k.sock\"\n[control]\nsocket_path = \"/run/k/k.sock\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("control.socket_path"), "{err}");
     }
 
     #[test]
