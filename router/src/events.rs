@@ -231,6 +231,10 @@ pub struct PublisherConfig {
     /// A write to a router that takes longer (it stopped reading without closing) ends
     /// the connection; the next one starts with a snapshot.
     pub write_timeout_ms: u64,
+    /// Snapshots sent to one router at most this often: each walks every block the daemon
+    /// holds under its registry lock, and a peer that reconnects or asks for a Resync in a
+    /// loop must not turn that into a stall of every session. One asked for sooner waits.
+    pub min_snapshot_interval_ms: u64,
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
     pub connect_timeout_ms: u64,
@@ -244,6 +248,7 @@ impl Default for PublisherConfig {
             queue_frames: 65_536,
             queue_bytes: 64 << 20,
             write_timeout_ms: 30_000,
+            min_snapshot_interval_ms: 1_000,
             backoff_initial_ms: 100,
             backoff_max_ms: 5_000,
             connect_timeout_ms: 2_000,
@@ -269,6 +274,8 @@ struct Link {
     resync: tokio::sync::Notify,
     /// Bytes of the frames in `tx` (against `queue_bytes`).
     queued_bytes: std::sync::atomic::AtomicUsize,
+    /// When this link last took a snapshot (`min_snapshot_interval_ms`).
+    last_snapshot: Mutex<Option<tokio::time::Instant>>,
     stats: Arc<LinkStats>,
 }
 
@@ -318,6 +325,7 @@ impl Publisher {
                 overflow: AtomicBool::new(false),
                 resync: tokio::sync::Notify::new(),
                 queued_bytes: std::sync::atomic::AtomicUsize::new(0),
+                last_snapshot: Mutex::new(None),
                 stats: Arc::default(),
             });
             receivers.push(rx);
@@ -560,6 +568,13 @@ async fn send_snapshot(
     rx: &mut mpsc::Receiver<Arc<[u8]>>,
     w: &mut (impl AsyncWrite + Unpin),
 ) -> Result<(), WireError> {
+    let last = *link.last_snapshot.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(last) = last {
+        let interval = Duration::from_millis(shared.config.min_snapshot_interval_ms);
+        tokio::time::sleep_until(last + interval).await;
+    }
+    *link.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(tokio::time::Instant::now());
     // Queued frames predate the sequence numbers the snapshot is taken at: drop them.
     while let Ok(frame) = rx.try_recv() {
         link.dequeued(&frame);

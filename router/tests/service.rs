@@ -756,3 +756,53 @@ async fn a_router_that_stops_reading_costs_the_publisher_a_bounded_queue_and_a_r
     publisher.shutdown();
     accept.abort();
 }
+
+/// A peer that asks for a Resync in a loop gets at most one snapshot per
+/// `min_snapshot_interval_ms`: each costs the daemon a walk of its registry under the lock
+/// every session waits on. It used to get one per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_requests_in_a_loop_get_at_most_one_snapshot_per_interval() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let model: Model = Arc::default();
+    model.lock().unwrap().insert(1, chain(1, 8));
+    let publisher = Publisher::start(
+        PublisherConfig {
+            routers: vec![addr],
+            node: "node-resync".into(),
+            min_snapshot_interval_ms: 500,
+            ..PublisherConfig::default()
+        },
+        provider(model),
+        &tokio::runtime::Handle::current(),
+    );
+    let (s, _) = listener.accept().await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let asker = tokio::spawn(async move {
+        for _ in 0..200 {
+            if write_frame(&mut w, &Frame::Resync).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let t0 = Instant::now();
+    let mut snapshots = 0;
+    while t0.elapsed() < Duration::from_millis(1_200) {
+        let left = Duration::from_millis(1_200).saturating_sub(t0.elapsed());
+        let Ok(Ok(Some(body))) = tokio::time::timeout(left, read_frame_body(&mut r, 1 << 20)).await
+        else {
+            break;
+        };
+        if matches!(Frame::decode(&body), Ok(Frame::Snapshot { .. })) {
+            snapshots += 1;
+        }
+    }
+    // The connect snapshot, then at most one per 500 ms of a 1.2 s window of requests.
+    assert!(
+        (2..=4).contains(&snapshots),
+        "{snapshots} snapshots for ~200 Resyncs in 1.2 s"
+    );
+    asker.abort();
+    publisher.shutdown();
+}

@@ -1420,8 +1420,10 @@ impl BlockManager {
 
     /// Every stored block with its parent and the tiers it is in (router snapshots).
     pub fn snapshot(&self) -> Vec<SnapshotEntry> {
-        self.lock()
-            .snapshot()
+        // Only the walk holds the lock (a temporary guard would live through the
+        // conversion below, an allocation per block, stalling every session meanwhile).
+        let entries = self.lock().snapshot();
+        entries
             .into_iter()
             .map(|(key, parent, present)| SnapshotEntry {
                 namespace: key.namespace,
