@@ -167,6 +167,18 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(
     r: &mut R,
     max_bytes: usize,
 ) -> Result<Option<Vec<u8>>, WireError> {
+    match read_frame_len(r, max_bytes).await? {
+        Some(len) => read_frame_rest(r, len).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads a frame's length prefix (at most `max_bytes`). `Ok(None)` on a clean end of
+/// stream. The body follows ([`read_frame_rest`]).
+pub async fn read_frame_len<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_bytes: usize,
+) -> Result<Option<usize>, WireError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -185,6 +197,14 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(
             max: max_bytes,
         });
     }
+    Ok(Some(len))
+}
+
+/// Reads the `len` body bytes of a frame whose length [`read_frame_len`] read.
+pub async fn read_frame_rest<R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+) -> Result<Vec<u8>, WireError> {
     // Grow with the data actually received: a bogus length cannot reserve the maximum.
     let mut body = Vec::with_capacity(len.min(1 << 20));
     let got = r
@@ -201,7 +221,7 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(
             source: std::io::ErrorKind::UnexpectedEof.into(),
         });
     }
-    Ok(Some(body))
+    Ok(body)
 }
 
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<(), WireError> {

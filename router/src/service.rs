@@ -13,7 +13,8 @@
 //! - `GET /healthz`: `ok`.
 
 use crate::events::{
-    Frame, KvEvent, MAX_FRAME_BYTES, Source, WorkerSnapshot, read_frame_body, write_frame,
+    Frame, KvEvent, MAX_FRAME_BYTES, Source, WorkerSnapshot, read_frame_body, read_frame_len,
+    read_frame_rest, write_frame,
 };
 use crate::hash;
 use crate::http::{self, Response};
@@ -54,6 +55,10 @@ pub struct ServiceConfig {
     pub max_event_connections: usize,
     /// An event connection that has not sent its Hello by then is closed.
     pub hello_timeout_ms: u64,
+    /// Memory the event connections' frames may take at once, read and decoded, all
+    /// connections together (a frame of n bytes is charged `n x` its decoding's
+    /// expansion, and waits for room; one larger than all of it runs alone).
+    pub max_frame_memory_bytes: usize,
     /// Seed of the tie-breaking RNG.
     pub seed: u64,
     pub route: RouteConfig,
@@ -74,6 +79,7 @@ impl Default for ServiceConfig {
             max_http_connections: 256,
             max_event_connections: 256,
             hello_timeout_ms: 5_000,
+            max_frame_memory_bytes: 1 << 30,
             seed: 0x006b_7670_6c61_6e65,
             route: RouteConfig::default(),
             nats: None,
@@ -195,6 +201,10 @@ pub struct RouterState {
     workers: Mutex<HashMap<WorkerId, WorkerInfo>>,
     conns: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
     next_conn: AtomicU64,
+    /// `max_frame_memory_bytes` in MiB permits ([`RouterState::read_frame`]), of
+    /// `frame_memory_mib` in all.
+    frame_memory: tokio::sync::Semaphore,
+    frame_memory_mib: usize,
     start: Instant,
     /// Stream sequence of the last NATS message applied.
     pub nats_seq: AtomicU64,
@@ -210,6 +220,7 @@ enum Seq {
 
 impl RouterState {
     pub fn new(config: ServiceConfig) -> Self {
+        let frame_memory_mib = (config.max_frame_memory_bytes >> 20).clamp(1, u32::MAX as usize);
         let index = Arc::new(Index::new(IndexConfig {
             max_nodes_per_namespace: config.max_nodes_per_namespace,
         }));
@@ -221,10 +232,37 @@ impl RouterState {
             workers: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            frame_memory: tokio::sync::Semaphore::new(frame_memory_mib),
+            frame_memory_mib,
             start: Instant::now(),
             nats_seq: AtomicU64::new(0),
             live: Mutex::new(LiveClock::default()),
         }
+    }
+
+    /// Reads one frame of at most `max_bytes` once the frames in flight leave room for
+    /// it in `max_frame_memory_bytes`, charged `expansion` times its size (what decoding
+    /// it may take); the permit is held while the caller decodes and applies it. Frames
+    /// under 64 KiB are not charged. `Ok(None)` on a clean end of stream.
+    async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        r: &mut R,
+        max_bytes: usize,
+        expansion: usize,
+    ) -> Result<Option<(Vec<u8>, Option<tokio::sync::SemaphorePermit<'_>>)>, ConnError> {
+        let Some(len) = read_frame_len(r, max_bytes).await? else {
+            return Ok(None);
+        };
+        let permit = if len < 64 << 10 {
+            None
+        } else {
+            let mib = (len.saturating_mul(expansion) >> 20).max(1);
+            let want = u32::try_from(mib.min(self.frame_memory_mib)).unwrap_or(u32::MAX);
+            // Never closed: the semaphore lives as long as the state.
+            self.frame_memory.acquire_many(want).await.ok()
+        };
+        let body = read_frame_rest(r, len).await?;
+        Ok(Some((body, permit)))
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, LiveClock> {
@@ -1090,7 +1128,8 @@ async fn event_connection(
         };
         return vllm_connection(state, r, &node, conn, worker, &namespace, bs).await;
     }
-    while let Some(body) = read_frame_body(&mut r, MAX_FRAME_BYTES).await? {
+    // A frame decodes to up to ~8x its bytes (a 1-byte hash becomes a u64).
+    while let Some((body, _permit)) = state.read_frame(&mut r, MAX_FRAME_BYTES, 8).await? {
         state.metrics.frames.fetch_add(1, Ordering::Relaxed);
         let frame = match Frame::decode(&body) {
             Ok(f) => f,
@@ -1127,6 +1166,9 @@ async fn event_connection(
     Ok(())
 }
 
+/// Largest vLLM feed frame: a batch of a few thousand events, each a few hundred bytes.
+pub const MAX_VLLM_FRAME_BYTES: usize = 16 << 20;
+
 async fn vllm_connection(
     state: &RouterState,
     mut r: BufReader<tokio::net::tcp::OwnedReadHalf>,
@@ -1146,7 +1188,9 @@ async fn vllm_connection(
     }
     let mut tr = VllmTranslator::new(worker, block_size, 16 << 20);
     let mut last_seq: Option<u64> = None;
-    while let Some(body) = read_frame_body(&mut r, MAX_FRAME_BYTES).await? {
+    // A msgpack batch decodes into `rmpv::Value`s, up to ~48x its bytes (a 1-byte
+    // integer becomes a 48-byte value), so its frames are smaller too.
+    while let Some((body, _permit)) = state.read_frame(&mut r, MAX_VLLM_FRAME_BYTES, 48).await? {
         state.metrics.frames.fetch_add(1, Ordering::Relaxed);
         if body.len() < 8 {
             state.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);

@@ -806,3 +806,61 @@ async fn resync_requests_in_a_loop_get_at_most_one_snapshot_per_interval() {
     asker.abort();
     publisher.shutdown();
 }
+
+/// Frames in flight share `max_frame_memory_bytes`, charged at what decoding them may
+/// take: while one connection's 1 MiB frame (8 MiB decoded, the whole budget here) is
+/// still arriving, another's 100 KB snapshot waits, and lands once the first is done. A
+/// vLLM frame over 16 MiB ends its connection. Before, every connection could hold and
+/// decode a 256 MiB frame at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_in_flight_share_one_memory_budget() {
+    let svc = RouterService::start(ServiceConfig {
+        max_frame_memory_bytes: 8 << 20,
+        ..config(60_000)
+    })
+    .await
+    .unwrap();
+    let state = svc.state.clone();
+    let mut big = raw_client(svc.events_addr, Source::Kvplane).await;
+    big.write_all(&(1u32 << 20).to_be_bytes()).await.unwrap();
+    big.write_all(&[0xc1; 10]).await.unwrap();
+    big.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let hashes: Vec<u64> = (1..=4_000).map(|h| h << 40).collect();
+    let mut small = raw_client(svc.events_addr, Source::Kvplane).await;
+    let snapshot = snapshot_of(5, &hashes, 0);
+    assert!(snapshot.encode().unwrap().len() > 64 << 10);
+    write_frame(&mut small, &snapshot).await.unwrap();
+    small.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !state.worker_list().iter().any(|w| w.worker == 5),
+        "the second frame was read while the first held the whole budget"
+    );
+    big.write_all(&vec![0xc1; (1 << 20) - 10]).await.unwrap();
+    big.flush().await.unwrap();
+    eventually("the second frame once the first is done", || {
+        state.worker_list().iter().any(|w| w.worker == 5)
+    })
+    .await;
+
+    let mut vllm = raw_client(
+        svc.events_addr,
+        Source::Vllm {
+            worker: 6,
+            namespace: "ns".into(),
+            block_size: 16,
+        },
+    )
+    .await;
+    vllm.write_all(&((16u32 << 20) + 1).to_be_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), vllm.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "a vLLM frame over 16 MiB ends its connection"
+    );
+    svc.shutdown();
+}
