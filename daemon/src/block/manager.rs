@@ -740,12 +740,16 @@ impl BlockManager {
 
     /// Gives back a room plan whose execution failed without results (the mover panicked):
     /// its victims' holds, their NVMe reservations and the host slots reserved for its
-    /// copies-down. Nothing is published; the victims stay where they were.
-    pub fn abort_room(&self, room: RoomPlan) {
+    /// copies-down. Nothing is published; the victims stay where they were. Returns the
+    /// NVMe slots set aside for the mover to erase before [`Self::commit_erase`] frees
+    /// them (a demotion's write may have landed).
+    #[must_use = "erase the returned NVMe slots, then commit_erase them"]
+    pub fn abort_room(&self, room: RoomPlan) -> Vec<u32> {
         let mut reg = self.lock();
+        let mut erase = Vec::new();
         for job in &room.demotions {
             reg.end_use(job.key);
-            let _ = reg.abort(job.key, Tier::Nvme);
+            erase.extend(reg.abort_detached(job.key, Tier::Nvme));
         }
         for c in &room.copies_down {
             reg.end_use(c.key);
@@ -754,6 +758,7 @@ impl BlockManager {
             }
         }
         self.flush_events(&mut reg);
+        erase
     }
 
     /// Evicts `key` from `tier` (if it may go) and allocates the freed room into `out`,
@@ -954,10 +959,15 @@ impl BlockManager {
     }
 
     /// Reserves NVMe slots for a write-through copy of every block the save stores (after
-    /// the mover filled their host slots); the mover writes `plan.writes`.
-    pub fn plan_write_through(&self, plan: &mut SavePlan) {
+    /// the mover filled their host slots); the mover writes `plan.writes`. Returns slots
+    /// taken and not used, set aside for the mover to erase before [`Self::commit_erase`]
+    /// frees them: each may still hold the header of the block evicted to free it, which
+    /// would otherwise come back at the next restart, after a DROP or CLEAR too.
+    #[must_use = "erase the returned NVMe slots, then commit_erase them"]
+    pub fn plan_write_through(&self, plan: &mut SavePlan) -> Vec<u32> {
+        let mut erase = Vec::new();
         if self.stores.nvme.is_none() {
-            return;
+            return erase;
         }
         let mut reg = self.lock();
         for (k, item) in plan.stores.iter().enumerate() {
@@ -973,7 +983,8 @@ impl BlockManager {
                 // The block reached NVMe meanwhile (an in-flight demotion can land it
                 // while the host copy is filled): its NVMe copy exists, so give the slot
                 // back rather than panic.
-                reg.free_unused(Tier::Nvme, nvme_slot);
+                reg.detach_unused(Tier::Nvme, nvme_slot);
+                erase.push(nvme_slot);
                 continue;
             }
             plan.writes.push(NvmeWrite {
@@ -985,6 +996,7 @@ impl BlockManager {
             });
         }
         self.flush_events(&mut reg);
+        erase
     }
 
     /// Whether saves write through to NVMe by configuration.
@@ -992,19 +1004,25 @@ impl BlockManager {
         self.write_through && self.stores.nvme.is_some()
     }
 
-    /// The mover could not fill the save's slots (the engine's memory faulted): every
-    /// reservation is given up, nothing is published.
-    pub fn abort_save(&self, plan: SavePlan) {
+    /// The mover could not fill the save's slots (the engine's memory faulted), or its
+    /// write-through panicked: every reservation is given up, nothing is published.
+    /// Returns the NVMe slots of its writes, set aside for the mover to erase before
+    /// [`Self::commit_erase`] frees them (a write may have landed).
+    #[must_use = "erase the returned NVMe slots, then commit_erase them"]
+    pub fn abort_save(&self, plan: SavePlan) -> Vec<u32> {
         let mut reg = self.lock();
-        for w in &plan.writes {
-            let _ = reg.abort(w.key, Tier::Nvme);
-        }
+        let erase = plan
+            .writes
+            .iter()
+            .filter_map(|w| reg.abort_detached(w.key, Tier::Nvme).ok())
+            .collect();
         for c in &plan.hbm {
             let _ = reg.abort(plan.stores[c.store].key, Tier::Hbm);
         }
         for item in &plan.stores {
             let _ = reg.abort(item.key, Tier::Host);
         }
+        erase
     }
 
     /// Publishes what the save stored (the mover filled every host slot of `plan.stores`)

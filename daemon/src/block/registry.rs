@@ -880,6 +880,28 @@ impl Registry {
 
     /// Gives up a reservation (the slot returns to the free list).
     pub fn abort(&mut self, key: BlockKey, tier: Tier) -> Result<(), RegistryError> {
+        self.abort_slot(key, tier, false).map(drop)
+    }
+
+    /// [`Self::abort`], the slot staying allocated and detached until
+    /// [`Self::free_detached`] (an NVMe slot whose header must be erased first: the
+    /// aborted write may have landed, or it may still hold the block evicted for it).
+    pub fn abort_detached(&mut self, key: BlockKey, tier: Tier) -> Result<u32, RegistryError> {
+        self.abort_slot(key, tier, true)
+    }
+
+    /// Sets aside a slot taken by `alloc_free`/`alloc_claimed` and never reserved, as
+    /// [`Self::abort_detached`] does.
+    pub fn detach_unused(&mut self, tier: Tier, slot: u32) {
+        self.detached[tier].insert(slot);
+    }
+
+    fn abort_slot(
+        &mut self,
+        key: BlockKey,
+        tier: Tier,
+        detach: bool,
+    ) -> Result<u32, RegistryError> {
         let t = tier;
         let i = self.idx(key).ok_or(RegistryError::Unknown(key))?;
         let e = &mut self.entries[i as usize];
@@ -889,11 +911,15 @@ impl Registry {
         let slot = e.slots[t];
         e.slots[t] = NO_SLOT;
         e.pending &= !t.bit();
-        self.alloc[t].free(slot);
+        if detach {
+            self.detached[t].insert(slot);
+        } else {
+            self.alloc[t].free(slot);
+        }
         self.count_slot(i, t, false);
         self.recand(i);
         self.gc(i);
-        Ok(())
+        Ok(slot)
     }
 
     /// Takes `key` out of `tier` (present, not pending); frees the slot unless `detach`, in

@@ -1275,7 +1275,7 @@ impl DataPlane {
                 // Ended while its SAVE waited for the engine: nothing to give back.
                 Half::AwaitEngine { .. } => false,
                 Half::Save(started) => {
-                    transfer::abandon_save(blocks, started);
+                    transfer::abandon_save(blocks, mover, started);
                     true
                 }
                 Half::Load(started) => {

@@ -67,7 +67,7 @@ fn acquire(
             },
             // The victims, their reservations, the slots taken and their quota claims.
             |(room, out)| {
-                blocks.abort_room(room);
+                erase_nvme(blocks, mover, &blocks.abort_room(room));
                 blocks.free_room(namespace, tier, out);
             },
         );
@@ -212,10 +212,10 @@ pub fn begin_save(
                 false => launch(mover, &plan.stores, &plan.hbm),
             }
         },
-        |plan| blocks.abort_save(plan),
+        |plan| give_up_save(blocks, mover, plan),
     );
     if let Err(e) = launched {
-        return Err(fill_failed(blocks, plan, e));
+        return Err(fill_failed(blocks, mover, plan, e));
     }
     Ok(SaveStarted {
         plan,
@@ -237,23 +237,38 @@ pub fn finish_save(
         write_through,
     } = started;
     if let Err(e) = landed {
-        return Err(fill_failed(blocks, plan, e));
+        return Err(fill_failed(blocks, mover, plan, e));
     }
     if write_through || blocks.writes_through() {
-        blocks.plan_write_through(&mut plan);
+        let unused = blocks.plan_write_through(&mut plan);
+        erase_nvme(blocks, mover, &unused);
     }
     let (plan, results) = give_back_on_panic(
         plan,
         |plan| mover.write_nvme(None, &plan.writes),
-        |plan| blocks.abort_save(plan),
+        |plan| give_up_save(blocks, mover, plan),
     );
     Ok(blocks.commit_save(plan, results))
 }
 
 /// Gives up a started save whose session is gone (its copy waited for): nothing is
 /// published, every reservation is released.
-pub fn abandon_save(blocks: &BlockManager, started: SaveStarted) {
-    blocks.abort_save(started.plan);
+pub fn abandon_save(blocks: &BlockManager, mover: &Mover, started: SaveStarted) {
+    give_up_save(blocks, mover, started.plan);
+}
+
+/// Gives every reservation of a save back ([`BlockManager::abort_save`]), erasing the
+/// headers of its NVMe slots before they are free again.
+fn give_up_save(blocks: &BlockManager, mover: &Mover, plan: SavePlan) {
+    erase_nvme(blocks, mover, &blocks.abort_save(plan));
+}
+
+/// Erases the headers of NVMe slots the manager set aside, then frees them: a slot freed
+/// unwritten may hold a valid header (a write that landed before its plan was given up,
+/// or the block evicted to free it), which the next restart would index.
+fn erase_nvme(blocks: &BlockManager, mover: &Mover, slots: &[u32]) {
+    mover.erase_nvme(slots);
+    blocks.commit_erase(slots);
 }
 
 /// Gives up a started load whose session is gone (its copy waited for): the blocks are
@@ -262,7 +277,7 @@ pub fn abandon_load(blocks: &BlockManager, started: LoadStarted) {
     let _ = blocks.commit_load(started.plan, 0);
 }
 
-fn fill_failed(blocks: &BlockManager, plan: SavePlan, e: MoveError) -> BlockError {
+fn fill_failed(blocks: &BlockManager, mover: &Mover, plan: SavePlan, e: MoveError) -> BlockError {
     // Launch positions past the stores are their G1 copies (see `Mover::launch_gather`).
     let at = e.index();
     let store = if at < plan.stores.len() {
@@ -273,7 +288,7 @@ fn fill_failed(blocks: &BlockManager, plan: SavePlan, e: MoveError) -> BlockErro
     let index = store
         .and_then(|k| plan.stores.get(k))
         .map_or(0, |s| s.index);
-    blocks.abort_save(plan);
+    give_up_save(blocks, mover, plan);
     BlockError::Fill {
         index,
         source: Box::new(e),
@@ -389,8 +404,7 @@ pub fn begin_load(
                 // A panic while erasing leaves these slots detached until restart:
                 // freeing them could let a restart index a corrupt block's header that
                 // is still on disk in a slot nobody rewrote.
-                mover.erase_nvme(&erase);
-                blocks.commit_erase(&erase);
+                erase_nvme(blocks, mover, &erase);
             }
             match plan.items.is_empty() {
                 true => Ok(()),

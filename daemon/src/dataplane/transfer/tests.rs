@@ -374,6 +374,42 @@ fn a_panic_in_a_write_through_gives_back_the_save() {
     m.check_invariants().unwrap();
 }
 
+/// A write-through save whose NVMe write panics after its first block landed gives the
+/// save back, and that block's header is erased before its slot is free: a restart
+/// brings back no block the save never stored. (The slot used to be freed as it was,
+/// its header valid.)
+#[test]
+fn a_write_through_given_back_after_a_write_landed_leaves_nothing_for_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, t) = config(Some(dir.path()), 4, 16, EngineKind::Sync);
+    {
+        let (m, plan) = with_faults(&b, &t, Vec::new());
+        plan.add(FaultRule {
+            skip: 1,
+            ..panic_rule(IoKind::Write)
+        });
+        let c = chain(10, 4);
+        let panicked =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| save(&m, 1, &c, true)));
+        assert!(panicked.is_err(), "the injected fault panicked the save");
+        assert_eq!(
+            plan.fired(),
+            1,
+            "the second write panicked, the first landed"
+        );
+        m.check_invariants().unwrap();
+        assert_eq!(used_slots(&m, Tier::Nvme), 0, "its NVMe slots given back");
+    }
+    let m = local(BlockManager::new(&b, &t, ManagerOptions::default()).unwrap());
+    let mut tiers = [None; 4];
+    assert_eq!(
+        m.lookup(1, &[10, 11, 12, 13], &mut tiers),
+        0,
+        "restored after the restart: {tiers:?}"
+    );
+    m.check_invariants().unwrap();
+}
+
 #[test]
 fn a_panic_in_a_staging_read_gives_back_the_load() {
     let dir = tempfile::tempdir().unwrap();
@@ -957,8 +993,8 @@ fn two_concurrent_saves_cannot_overshoot_a_namespace_quota() {
     blocks.reserve_save(&mut plan_b, slots_b);
     assert_eq!((plan_a.stores.len(), plan_b.report.no_space), (4, 4));
     assert_eq!(m.stats().namespaces[0].used_slots[Tier::Host], 4);
-    blocks.abort_save(plan_a);
-    blocks.abort_save(plan_b);
+    assert!(blocks.abort_save(plan_a).is_empty(), "no NVMe writes");
+    assert!(blocks.abort_save(plan_b).is_empty(), "no NVMe writes");
     m.check_invariants().unwrap();
     // The claims ended with the plans: the namespace has its whole quota again.
     assert_eq!(save(&m, 7, &chain(300, 4), false).stored, 4);
@@ -1005,8 +1041,8 @@ fn two_concurrent_saves_making_room_by_demotion_cannot_overshoot_a_quota() {
     let used = m.stats().namespaces[0].used_slots[Tier::Host];
     assert!(used <= 2, "namespace 7 holds {used} host slots, quota 2");
     assert_eq!(plan_a.stores.len() + plan_b.stores.len(), 2);
-    blocks.abort_save(plan_a);
-    blocks.abort_save(plan_b);
+    assert!(blocks.abort_save(plan_a).is_empty(), "no NVMe writes");
+    assert!(blocks.abort_save(plan_b).is_empty(), "no NVMe writes");
     assert_eq!(blocks.claimed_slots(), 0);
     m.check_invariants().unwrap();
 }
@@ -1842,7 +1878,9 @@ fn room_for_a_large_save_is_planned_in_linear_time() {
     let took = t0.elapsed();
     assert_eq!((out.len(), room.demotions.len()), (0, n));
     assert!(took < std::time::Duration::from_secs(1), "{took:?}");
-    m.blocks.abort_room(room);
+    let erase = m.blocks.abort_room(room);
+    assert_eq!(erase.len(), n, "each demotion's NVMe slot set aside");
+    m.blocks.commit_erase(&erase);
     m.check_invariants().unwrap();
 }
 
