@@ -176,6 +176,15 @@ pub fn slot_bytes(block_bytes: usize) -> usize {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NvmeError {
+    #[error(
+        "NVMe paths {path} and {other} are the same {what}: their slots would overwrite \
+         each other; name it once"
+    )]
+    SameFile {
+        path: PathBuf,
+        other: PathBuf,
+        what: &'static str,
+    },
     #[error("opening NVMe path {path}: {source}")]
     Open {
         path: PathBuf,
@@ -322,12 +331,16 @@ pub fn data_sums(key: &SlotKey, data: &[u8]) -> (u64, [u8; key::MAC_BYTES]) {
 /// Opens one tier path: a new file is created 0600; an existing file or device must be owned
 /// by root or the daemon's user, with no group/other access (see [`crate::secure_open`]).
 /// The checks are made on the descriptor that is then used, before anything is written.
+/// What a tier path is, whatever name reached it: (device, inode) of a file, the device
+/// number of a block device.
+type FileIdentity = (bool, u64, u64);
+
 fn open_path(
     path: &Path,
     capacity: u64,
     direct: bool,
     slot_bytes: usize,
-) -> Result<(File, u32, bool), NvmeError> {
+) -> Result<(File, u32, bool, FileIdentity), NvmeError> {
     let mut flags = libc::O_RDWR | libc::O_CREAT;
     if direct {
         flags |= libc::O_DIRECT;
@@ -342,6 +355,11 @@ fn open_path(
     };
     let opened = secure_open::open(path, &spec).map_err(NvmeError::Path)?;
     let is_dev = opened.is_block_device();
+    let identity = if is_dev {
+        (true, opened.stat.st_rdev, 0)
+    } else {
+        (false, opened.stat.st_dev, opened.stat.st_ino)
+    };
     let file = opened.file;
     let size = if is_dev {
         let mut bytes: u64 = 0;
@@ -388,7 +406,12 @@ fn open_path(
             slot_bytes,
         });
     }
-    Ok((file, slots.min(u32::MAX as u64 / 2) as u32, is_dev))
+    Ok((
+        file,
+        slots.min(u32::MAX as u64 / 2) as u32,
+        is_dev,
+        identity,
+    ))
 }
 
 /// The key file a config names: `key_path`, else `<first path>.key`.
@@ -416,9 +439,19 @@ impl NvmeStore {
         let mut files = Vec::new();
         let mut first = vec![0u32];
         let mut first_is_dev = false;
+        let mut identities: Vec<FileIdentity> = Vec::new();
         for (i, path) in config.paths.iter().enumerate() {
-            let (file, slots, is_dev) =
+            let (file, slots, is_dev, identity) =
                 open_path(path, config.capacity_bytes, config.direct, slot_bytes)?;
+            // Two spellings, or a root's link, can name one file: compared as opened.
+            if let Some(k) = identities.iter().position(|&x| x == identity) {
+                return Err(NvmeError::SameFile {
+                    path: path.clone(),
+                    other: config.paths[k].clone(),
+                    what: if is_dev { "block device" } else { "file" },
+                });
+            }
+            identities.push(identity);
             first_is_dev |= i == 0 && is_dev;
             files.push(file);
             first.push(first.last().copied().unwrap_or(0).saturating_add(slots));
@@ -1046,14 +1079,16 @@ impl NvmeStore {
         } else {
             SLOT_HEADER_BYTES
         };
-        const BATCH: u32 = 64;
-        let buf = AlignedBuf::new(read_len * BATCH as usize);
+        // 64 slots a batch, but at most 64 MiB of buffer: with 1 GiB blocks, 64 whole slots
+        // (verify_data) would be 64 GiB at start-up.
+        let batch = (64u32).min(((64usize << 20) / read_len).max(1) as u32);
+        let buf = AlignedBuf::new(read_len * batch as usize);
         let mut report = ScanReport::default();
         let mut corrupt = Vec::new();
         let mut results = Vec::new();
         let mut slot = 0;
         while slot < total {
-            let n = BATCH.min(total - slot);
+            let n = batch.min(total - slot);
             let items: Vec<(u32, *mut u8)> = (0..n)
                 .map(|i| (slot + i, buf.ptr.wrapping_add(i as usize * read_len)))
                 .collect();

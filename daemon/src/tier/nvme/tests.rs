@@ -703,3 +703,23 @@ fn slots_written_under_another_block_size_are_not_indexed() {
     assert!(report.valid.is_empty(), "indexed: {:?}", report.valid.len());
     assert_eq!(report.corrupt, 8, "each new slot starts with an old header");
 }
+
+/// Two tier paths that name one file (another spelling, or a link root made) would put
+/// two slots at each offset: each write would overwrite the other's block, and the scan
+/// would erase one of the pair. Refused at open, naming both.
+#[test]
+fn two_paths_naming_one_file_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(16);
+    let mut cfg = config(dir.path(), EngineKind::Sync);
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    cfg.paths = vec![dir.path().join("a.kvp"), dir.path().join("sub/../a.kvp")];
+    let e = NvmeStore::open(&cfg, BLOCK, p.regions(1 << 30), None)
+        .err()
+        .expect("one file named twice");
+    assert!(matches!(e, NvmeError::SameFile { .. }), "{e}");
+    assert!(e.to_string().contains("sub/../a.kvp"), "{e}");
+    // Two files are fine.
+    cfg.paths = vec![dir.path().join("a.kvp"), dir.path().join("b.kvp")];
+    NvmeStore::open(&cfg, BLOCK, p.regions(1 << 30), None).unwrap();
+}
