@@ -645,6 +645,15 @@ impl RouterState {
                 e.heartbeat_at = Some(clock);
                 e.beat_period_ms = 0;
             }
+            if meta.epoch != 0 && meta.epoch == e.epoch && e.last_seq != 0 && id <= e.last_seq {
+                // A kvplane publisher's message this replica applied already (a
+                // redelivery past the duplicate window, a replayed message): applied again
+                // it could undo a later change (a block stored, removed, then stored again
+                // by the replay). Its ids only grow within an epoch; a restart is a new
+                // epoch. (Dynamo's publishers have no epoch: their ids restart with them.)
+                self.metrics.events_stale.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             if meta.snapshot {
                 e.epoch = meta.epoch;
                 e.awaiting_snapshot = false;
@@ -653,7 +662,7 @@ impl RouterState {
                 e.epoch = meta.epoch;
                 e.awaiting_snapshot = true;
                 self.metrics.nats_event_gaps.fetch_add(1, Ordering::Relaxed);
-            } else if e.last_seq != 0 && id != e.last_seq + 1 {
+            } else if e.last_seq != 0 && id != e.last_seq.wrapping_add(1) {
                 e.awaiting_snapshot |= meta.epoch != 0;
                 self.metrics.nats_event_gaps.fetch_add(1, Ordering::Relaxed);
             }
@@ -1413,6 +1422,49 @@ fn handle_route(state: &RouterState, body: &[u8]) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kvplane publisher's message that this replica applied already (same epoch, an
+    /// id it has passed) is skipped: replayed after a later removal, a "stored" would
+    /// bring the block back. Before, it was applied and moved the worker's last id back.
+    /// A Dynamo publisher (no epoch) restarts its ids, so its messages are applied.
+    #[test]
+    fn a_replayed_nats_event_does_not_undo_a_later_one() {
+        let state = RouterState::new(ServiceConfig::default());
+        let meta = |epoch, snapshot| crate::nats::MessageMeta {
+            epoch,
+            snapshot,
+            namespace: Some("ns".into()),
+            ..Default::default()
+        };
+        let held = |worker| {
+            state
+                .index
+                .with_tree("ns", |t| t.holds(worker, 0xA, Some(Tier::Host)))
+                .unwrap_or(false)
+        };
+        use crate::dynamo::RouterEvent;
+        for (worker, epoch) in [(7u64, 5u64), (8, 0)] {
+            state.apply_nats(&meta(epoch, true), &RouterEvent::cleared(worker, 1));
+            let stored = RouterEvent::stored(worker, 2, Tier::Host, None, &[0xA]);
+            state.apply_nats(&meta(epoch, false), &stored);
+            assert!(held(worker));
+            let removed = RouterEvent::removed(worker, 3, Tier::Host, &[0xA]);
+            state.apply_nats(&meta(epoch, false), &removed);
+            assert!(!held(worker));
+            state.apply_nats(&meta(epoch, false), &stored);
+            if epoch != 0 {
+                assert!(!held(worker), "the replayed store undid the removal");
+                let w = state.worker_list().into_iter().find(|w| w.worker == worker);
+                assert_eq!(w.unwrap().last_seq, 3, "the last id stays");
+            } else {
+                assert!(
+                    held(worker),
+                    "a Dynamo publisher's restarted ids still apply"
+                );
+            }
+        }
+        assert_eq!(state.metrics.events_stale.load(Ordering::Relaxed), 1);
+    }
 
     /// A worker whose new epoch announces no period is never judged, even if its earlier
     /// epoch beat.
