@@ -58,6 +58,9 @@ pub struct RouteConfig {
     pub prediction_ttl_ms: u64,
     /// Cap on remembered decisions (memory bound under a request flood).
     pub max_predictions: usize,
+    /// Cap on the block hashes those decisions keep, all together (one request may name
+    /// millions; every route compares against them under the router's lock).
+    pub max_predicted_blocks: usize,
     /// Cap on tracked requests ([`Router::route_request`]); the oldest is dropped beyond.
     pub max_tracked_requests: usize,
 }
@@ -72,6 +75,7 @@ impl Default for RouteConfig {
             temperature: 0.0,
             prediction_ttl_ms: 2_000,
             max_predictions: 8_192,
+            max_predicted_blocks: 1 << 20,
             max_tracked_requests: 65_536,
         }
     }
@@ -138,9 +142,20 @@ struct WorkerActive {
     requests: u32,
 }
 
+impl State {
+    /// Forgets the oldest prediction.
+    fn pop_prediction(&mut self) {
+        if let Some(p) = self.predictions.pop_front() {
+            self.predicted_blocks -= p.hashes.len();
+        }
+    }
+}
+
 #[derive(Debug)]
 struct State {
     predictions: VecDeque<Prediction>,
+    /// Hashes the predictions hold, all together (`max_predicted_blocks`).
+    predicted_blocks: usize,
     rng: SmallRng,
     tracked: HashMap<u64, Tracked>,
     /// Tracked request ids, oldest first (may hold ids already finished).
@@ -183,6 +198,7 @@ impl Router {
             config,
             state: Mutex::new(State {
                 predictions: VecDeque::new(),
+                predicted_blocks: 0,
                 rng: SmallRng::seed_from_u64(seed),
                 tracked: HashMap::new(),
                 tracked_order: VecDeque::new(),
@@ -271,7 +287,7 @@ impl Router {
             .front()
             .is_some_and(|p| p.expires_ms <= now_ms)
         {
-            st.predictions.pop_front();
+            st.pop_prediction();
         }
         let cfg = &self.config;
         let n = hashes.len();
@@ -396,14 +412,20 @@ impl Router {
                 st.tracked_order.retain(|i| tracked.contains_key(i));
             }
         } else if cfg.prediction_ttl_ms > 0 && n > 0 {
-            if st.predictions.len() >= cfg.max_predictions.max(1) {
-                st.predictions.pop_front();
+            // A prediction's credit is the prefix a later request shares with it: one
+            // past the cap keeps its leading blocks.
+            let kept = n.min(cfg.max_predicted_blocks.max(1));
+            while st.predictions.len() >= cfg.max_predictions.max(1)
+                || st.predicted_blocks + kept > cfg.max_predicted_blocks.max(1)
+            {
+                st.pop_prediction();
             }
+            st.predicted_blocks += kept;
             st.predictions.push_back(Prediction {
                 expires_ms: now_ms + cfg.prediction_ttl_ms,
                 worker,
                 namespace: namespace.to_owned(),
-                hashes: hashes.to_vec(),
+                hashes: hashes[..kept].to_vec(),
                 prefill_blocks: uncached as u64,
             });
         }
@@ -567,6 +589,29 @@ mod tests {
         assert!(st.tracked_order.len() <= 8);
         let held: usize = st.active.values().map(|w| w.blocks.len()).sum();
         assert_eq!(held, 2 * st.tracked.len());
+    }
+
+    /// The predictions keep at most `max_predicted_blocks` hashes together, however long
+    /// the requests: the oldest go first, and one longer than the cap keeps its prefix.
+    #[test]
+    fn predictions_are_bounded_in_blocks() {
+        let index = Arc::new(Index::new(IndexConfig::default()));
+        let cfg = RouteConfig {
+            max_predicted_blocks: 100,
+            ..Default::default()
+        };
+        let r = Router::new(index, cfg, 1);
+        let long: Vec<u64> = (0..1_000).collect();
+        for i in 0..20u64 {
+            let hashes: Vec<u64> = (0..30).map(|h| h + i * 1_000).collect();
+            r.route("ns", &hashes, &loads(2), 0).unwrap();
+        }
+        r.route("ns", &long, &loads(2), 0).unwrap();
+        let st = r.state.lock().unwrap();
+        let held: usize = st.predictions.iter().map(|p| p.hashes.len()).sum();
+        assert_eq!(held, st.predicted_blocks);
+        assert!(held <= 100, "{held} hashes kept");
+        assert_eq!(st.predictions.back().unwrap().hashes, long[..100]);
     }
 
     #[test]
