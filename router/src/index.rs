@@ -332,8 +332,9 @@ impl Tree {
         p
     }
 
-    /// After holders of `n` shrank: frees empty leaves upwards, then re-merges.
-    fn cleanup_up(&mut self, mut n: NodeId) {
+    /// After holders of `n` shrank: frees empty leaves upwards, then re-merges. Returns
+    /// the node it stopped at (alive, or ROOT).
+    fn cleanup_up(&mut self, mut n: NodeId) -> NodeId {
         while n != ROOT && self.nodes[n as usize].alive {
             let node = &self.nodes[n as usize];
             if node.holders.is_empty() && node.children.is_empty() {
@@ -347,8 +348,9 @@ impl Tree {
                 n = cur;
                 continue;
             }
-            break;
+            return cur;
         }
+        n
     }
 
     /// Isolates blocks `[k, k + run)` of node `n` into their own node and returns it.
@@ -497,7 +499,7 @@ impl Tree {
                 }
             }
             changed += run;
-            self.cleanup_up(target);
+            let _ = self.cleanup_up(target);
         }
         changed
     }
@@ -517,7 +519,7 @@ impl Tree {
         for &n in &affected {
             // Freed ids are not reused until the next allocation, so `alive` is reliable.
             if self.nodes[n as usize].alive {
-                self.cleanup_up(n);
+                let _ = self.cleanup_up(n);
             }
         }
         affected.len()
@@ -611,40 +613,42 @@ impl Tree {
     }
 
     /// Evicts least recently used leaves until at most `target_nodes` nodes remain.
-    /// Returns (nodes evicted, blocks evicted).
+    /// Returns (nodes evicted, blocks evicted). One scan finds the leaves; a node that an
+    /// eviction leaves childless joins them in the heap (rescanning every node for each
+    /// eviction made a tree that is one long path cost nodes x evictions, under the
+    /// namespace's write lock).
     pub fn evict_to(&mut self, target_nodes: usize) -> (usize, usize) {
+        use std::cmp::Reverse;
         let (mut nodes, mut blocks) = (0, 0);
+        let leaf = |t: &Tree, i: NodeId| {
+            i != ROOT && t.nodes[i as usize].alive && t.nodes[i as usize].children.is_empty()
+        };
+        let used = |t: &Tree, i: NodeId| t.nodes[i as usize].last_use.load(Ordering::Relaxed);
+        let mut heap: std::collections::BinaryHeap<Reverse<(u64, NodeId)>> = (1..self.nodes.len())
+            .map(|i| i as NodeId)
+            .filter(|&i| leaf(self, i))
+            .map(|i| Reverse((used(self, i), i)))
+            .collect();
         while self.live_nodes > target_nodes {
-            let mut leaves: Vec<(u64, NodeId)> = self
-                .nodes
-                .iter()
-                .enumerate()
-                .skip(1)
-                .filter(|(_, n)| n.alive && n.children.is_empty())
-                .map(|(i, n)| (n.last_use.load(Ordering::Relaxed), i as NodeId))
-                .collect();
-            if leaves.is_empty() {
+            let Some(Reverse((_, n))) = heap.pop() else {
                 break;
+            };
+            // Merged away or given a child since it was pushed.
+            if !leaf(self, n) {
+                continue;
             }
-            leaves.sort_unstable();
-            let excess = self.live_nodes - target_nodes;
-            for &(_, leaf) in leaves.iter().take(excess) {
-                if !self.nodes[leaf as usize].alive
-                    || !self.nodes[leaf as usize].children.is_empty()
-                {
-                    continue;
-                }
-                blocks += self.nodes[leaf as usize].hashes.len();
-                let before = self.live_nodes;
-                let p = self.delete_leaf(leaf);
-                if p != ROOT && self.nodes[p as usize].alive {
-                    self.cleanup_up(p);
-                }
-                nodes += before - self.live_nodes;
-                if self.live_nodes <= target_nodes {
-                    break;
-                }
+            blocks += self.nodes[n as usize].hashes.len();
+            let before = self.live_nodes;
+            let p = self.delete_leaf(n);
+            let rest = if p != ROOT && self.nodes[p as usize].alive {
+                self.cleanup_up(p)
+            } else {
+                p
+            };
+            if leaf(self, rest) {
+                heap.push(Reverse((used(self, rest), rest)));
             }
+            nodes += before - self.live_nodes;
         }
         (nodes, blocks)
     }
@@ -893,6 +897,30 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A namespace that is one long chain of single-block nodes (tiers alternating, so
+    /// none merge) has one leaf at a time: eviction used to rescan every node for each
+    /// node it evicted (seconds here, under the namespace's write lock). With the heap it
+    /// is linear, and the tree stays consistent.
+    #[test]
+    fn evicting_a_long_single_path_is_linear() {
+        let n = 40_000u64;
+        let mut t = Tree::default();
+        let mut parent = None;
+        for h in 1..=n {
+            let tier = if h % 2 == 0 { Tier::Hbm } else { Tier::Host };
+            assert_eq!(t.store(1, tier, parent, &[h], h), StoreOutcome::Applied);
+            parent = Some(h);
+        }
+        assert_eq!(t.node_count(), n as usize);
+        let t0 = std::time::Instant::now();
+        let (nodes, blocks) = t.evict_to(n as usize / 2);
+        let took = t0.elapsed();
+        assert_eq!((nodes, blocks), (n as usize / 2, n as usize / 2));
+        assert_eq!(t.node_count(), n as usize / 2);
+        t.check_invariants().unwrap();
+        assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+    }
 
     fn chain(start: u64, n: u64) -> Vec<u64> {
         (start..start + n).collect()
