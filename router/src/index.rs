@@ -180,6 +180,8 @@ pub struct Overlap {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreOutcome {
     Applied,
+    /// A new namespace past `max_namespaces`: nothing stored.
+    NamespaceLimit,
     /// The event's parent hash is unknown (never stored or already removed): the blocks
     /// after it cannot be placed and were skipped.
     UnknownParent,
@@ -192,6 +194,9 @@ pub struct Tree {
     free: Vec<NodeId>,
     lookup: HashMapU64<(NodeId, u32)>,
     live_nodes: usize,
+    /// Taken out of the index (it was empty): a writer that got it just before retries
+    /// with the namespace's current tree.
+    retired: bool,
 }
 
 impl Default for Tree {
@@ -207,6 +212,7 @@ impl Tree {
             free: Vec::new(),
             lookup: HashMapU64::default(),
             live_nodes: 0,
+            retired: false,
         }
     }
 
@@ -612,12 +618,13 @@ impl Tree {
         done
     }
 
-    /// Evicts least recently used leaves until at most `target_nodes` nodes remain.
+    /// Evicts least recently used leaves until at most `target_nodes` nodes holding at
+    /// most `target_blocks` blocks remain.
     /// Returns (nodes evicted, blocks evicted). One scan finds the leaves; a node that an
     /// eviction leaves childless joins them in the heap (rescanning every node for each
     /// eviction made a tree that is one long path cost nodes x evictions, under the
     /// namespace's write lock).
-    pub fn evict_to(&mut self, target_nodes: usize) -> (usize, usize) {
+    pub fn evict_to(&mut self, target_nodes: usize, target_blocks: usize) -> (usize, usize) {
         use std::cmp::Reverse;
         let (mut nodes, mut blocks) = (0, 0);
         let leaf = |t: &Tree, i: NodeId| {
@@ -629,7 +636,7 @@ impl Tree {
             .filter(|&i| leaf(self, i))
             .map(|i| Reverse((used(self, i), i)))
             .collect();
-        while self.live_nodes > target_nodes {
+        while self.live_nodes > target_nodes || self.block_count() > target_blocks {
             let Some(Reverse((_, n))) = heap.pop() else {
                 break;
             };
@@ -717,12 +724,20 @@ pub struct IndexConfig {
     /// Node cap per namespace; beyond it the coldest leaves are evicted (to 90 % of it,
     /// so the O(nodes) scan is amortised over many inserts).
     pub max_nodes_per_namespace: usize,
+    /// Block cap per namespace, evicted the same way (a node holds a run of any length:
+    /// one event of millions of blocks is one node).
+    pub max_blocks_per_namespace: usize,
+    /// Namespaces at once; a store into another is refused (counted). A namespace whose
+    /// last block is removed is forgotten.
+    pub max_namespaces: usize,
 }
 
 impl Default for IndexConfig {
     fn default() -> Self {
         IndexConfig {
             max_nodes_per_namespace: 1 << 20,
+            max_blocks_per_namespace: 1 << 22,
+            max_namespaces: 4096,
         }
     }
 }
@@ -733,6 +748,8 @@ pub struct IndexStats {
     pub evicted_nodes: AtomicU64,
     pub evicted_blocks: AtomicU64,
     pub unknown_parent_events: AtomicU64,
+    /// Stores refused: a new namespace past `max_namespaces`.
+    pub namespace_limit_events: AtomicU64,
 }
 
 /// The concurrent index: a tree per namespace.
@@ -770,14 +787,35 @@ impl Index {
         read(&self.trees).get(namespace).cloned()
     }
 
-    fn tree_or_create(&self, namespace: &str) -> Arc<RwLock<Tree>> {
+    /// The namespace's tree, made if it has none and `max_namespaces` leaves room.
+    fn tree_or_create(&self, namespace: &str) -> Option<Arc<RwLock<Tree>>> {
         if let Some(t) = self.tree(namespace) {
-            return t;
+            return Some(t);
         }
-        write(&self.trees)
-            .entry(namespace.to_owned())
-            .or_default()
-            .clone()
+        let mut trees = write(&self.trees);
+        if !trees.contains_key(namespace) && trees.len() >= self.config.max_namespaces.max(1) {
+            return None;
+        }
+        Some(trees.entry(namespace.to_owned()).or_default().clone())
+    }
+
+    /// Forgets `tree` (the namespace's current one) if it holds nothing.
+    fn retire_if_empty(&self, namespace: &str, tree: &Arc<RwLock<Tree>>) {
+        if read(tree).node_count() != 0 {
+            return;
+        }
+        // Map, then tree: the order every path that holds both takes.
+        let mut trees = write(&self.trees);
+        let mut t = write(tree);
+        if t.node_count() == 0
+            && !t.retired
+            && trees
+                .get(namespace)
+                .is_some_and(|cur| Arc::ptr_eq(cur, tree))
+        {
+            t.retired = true;
+            trees.remove(namespace);
+        }
     }
 
     pub fn store(
@@ -789,8 +827,18 @@ impl Index {
         hashes: &[u64],
     ) -> StoreOutcome {
         let now = self.tick();
-        let tree = self.tree_or_create(namespace);
+        let Some(tree) = self.tree_or_create(namespace) else {
+            self.stats
+                .namespace_limit_events
+                .fetch_add(1, Ordering::Relaxed);
+            return StoreOutcome::NamespaceLimit;
+        };
         let mut t = write(&tree);
+        if t.retired {
+            // Emptied and forgotten since we looked it up: the namespace's next tree.
+            drop(t);
+            return self.store(namespace, worker, tier, parent, hashes);
+        }
         let out = t.store(worker, tier, parent, hashes, now);
         if out == StoreOutcome::UnknownParent {
             self.stats
@@ -798,8 +846,9 @@ impl Index {
                 .fetch_add(1, Ordering::Relaxed);
         }
         let cap = self.config.max_nodes_per_namespace.max(1);
-        if t.node_count() > cap {
-            let (n, b) = t.evict_to(cap - cap / 10);
+        let block_cap = self.config.max_blocks_per_namespace.max(1);
+        if t.node_count() > cap || t.block_count() > block_cap {
+            let (n, b) = t.evict_to(cap - cap / 10, block_cap - block_cap / 10);
             self.stats
                 .evicted_nodes
                 .fetch_add(n as u64, Ordering::Relaxed);
@@ -817,20 +866,30 @@ impl Index {
         tier: Option<Tier>,
         hashes: &[u64],
     ) -> usize {
-        match self.tree(namespace) {
-            Some(tree) => write(&tree).remove(worker, tier, hashes),
-            None => 0,
-        }
+        let Some(tree) = self.tree(namespace) else {
+            return 0;
+        };
+        let n = write(&tree).remove(worker, tier, hashes);
+        self.retire_if_empty(namespace, &tree);
+        n
     }
 
     /// Drops `worker`'s blocks in one namespace, or everywhere with `None`.
     pub fn remove_worker(&self, worker: WorkerId, namespace: Option<&str>) {
-        let trees: Vec<_> = match namespace {
-            Some(ns) => self.tree(ns).into_iter().collect(),
-            None => read(&self.trees).values().cloned().collect(),
+        let trees: Vec<(String, Arc<RwLock<Tree>>)> = match namespace {
+            Some(ns) => self
+                .tree(ns)
+                .map(|t| (ns.to_owned(), t))
+                .into_iter()
+                .collect(),
+            None => read(&self.trees)
+                .iter()
+                .map(|(ns, t)| (ns.clone(), t.clone()))
+                .collect(),
         };
-        for tree in trees {
+        for (ns, tree) in trees {
             write(&tree).remove_worker(worker);
+            self.retire_if_empty(&ns, &tree);
         }
     }
 
@@ -914,7 +973,7 @@ mod tests {
         }
         assert_eq!(t.node_count(), n as usize);
         let t0 = std::time::Instant::now();
-        let (nodes, blocks) = t.evict_to(n as usize / 2);
+        let (nodes, blocks) = t.evict_to(n as usize / 2, usize::MAX);
         let took = t0.elapsed();
         assert_eq!((nodes, blocks), (n as usize / 2, n as usize / 2));
         assert_eq!(t.node_count(), n as usize / 2);
@@ -1076,10 +1135,52 @@ mod tests {
         assert_eq!(t.node_count(), 0);
     }
 
+    /// A namespace's blocks are capped, not only its nodes: one event of many blocks is
+    /// one node. Namespaces are capped too, and one whose last block goes is forgotten,
+    /// which frees its place.
+    #[test]
+    fn blocks_and_namespaces_are_capped_and_empty_namespaces_forgotten() {
+        let idx = Index::new(IndexConfig {
+            max_blocks_per_namespace: 1_000,
+            max_namespaces: 2,
+            ..IndexConfig::default()
+        });
+        for i in 0..10u64 {
+            idx.store("a", 1, Tier::Hbm, None, &chain(i * 10_000, 500));
+        }
+        assert!(idx.block_count() <= 1_000, "{}", idx.block_count());
+        assert_eq!(
+            idx.store("b", 1, Tier::Hbm, None, &[1]),
+            StoreOutcome::Applied
+        );
+        assert_eq!(
+            idx.store("c", 1, Tier::Hbm, None, &[1]),
+            StoreOutcome::NamespaceLimit
+        );
+        assert_eq!(idx.stats.namespace_limit_events.load(Ordering::Relaxed), 1);
+        assert_eq!(idx.remove("b", 1, None, &[1]), 1);
+        assert_eq!(
+            idx.namespace_count(),
+            1,
+            "the emptied namespace is forgotten"
+        );
+        assert_eq!(
+            idx.store("c", 1, Tier::Hbm, None, &[1]),
+            StoreOutcome::Applied
+        );
+        idx.remove_worker(1, None);
+        assert_eq!(idx.namespace_count(), 0);
+        assert_eq!(
+            idx.store("b", 1, Tier::Hbm, None, &[1]),
+            StoreOutcome::Applied
+        );
+    }
+
     #[test]
     fn cap_evicts_coldest() {
         let idx = Index::new(IndexConfig {
             max_nodes_per_namespace: 10,
+            ..IndexConfig::default()
         });
         for i in 0..20u64 {
             idx.store("ns", i, Tier::Hbm, None, &chain(i * 1000, 4));

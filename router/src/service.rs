@@ -46,6 +46,10 @@ pub struct ServiceConfig {
     /// Block size for `token_ids` queries that do not name one.
     pub block_size: u32,
     pub max_nodes_per_namespace: usize,
+    /// Blocks per namespace in the index (a node may hold a long run of them).
+    pub max_blocks_per_namespace: usize,
+    /// Namespaces in the index at once; stores into another are refused and counted.
+    pub max_namespaces: usize,
     pub max_body_bytes: usize,
     pub http_timeout_ms: u64,
     /// Concurrent HTTP connections; beyond it new ones get 503 at once.
@@ -74,6 +78,8 @@ impl Default for ServiceConfig {
             grace_ms: 10_000,
             block_size: 16,
             max_nodes_per_namespace: 1 << 20,
+            max_blocks_per_namespace: 1 << 22,
+            max_namespaces: 4096,
             max_body_bytes: 4 << 20,
             http_timeout_ms: 10_000,
             max_http_connections: 256,
@@ -223,6 +229,8 @@ impl RouterState {
         let frame_memory_mib = (config.max_frame_memory_bytes >> 20).clamp(1, u32::MAX as usize);
         let index = Arc::new(Index::new(IndexConfig {
             max_nodes_per_namespace: config.max_nodes_per_namespace,
+            max_blocks_per_namespace: config.max_blocks_per_namespace,
+            max_namespaces: config.max_namespaces,
         }));
         RouterState {
             router: Router::new(index.clone(), config.route.clone(), config.seed),
@@ -878,13 +886,18 @@ impl RouterState {
         );
         counter(
             "index_evicted_blocks_total",
-            "Blocks evicted by the node cap.",
+            "Blocks evicted by the node or block cap.",
             l(&s.evicted_blocks),
         );
         counter(
             "index_unknown_parent_total",
             "Store events whose parent was unknown.",
             l(&s.unknown_parent_events),
+        );
+        counter(
+            "index_namespace_limit_total",
+            "Store events refused: a new namespace past max_namespaces.",
+            l(&s.namespace_limit_events),
         );
         for (name, help, v) in [
             (

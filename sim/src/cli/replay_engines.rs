@@ -738,6 +738,7 @@ fn run_in(ctx: &RunContext<'_>, spec: RunSpec, work: &WorkDir) -> Result<RunRepo
     }
     let index = Arc::new(Index::new(IndexConfig {
         max_nodes_per_namespace: 1 << 22,
+        ..IndexConfig::default()
     }));
     let daemon_events = if daemons_n > 0 {
         Some(DaemonEvents::start(index.clone(), daemon_workers.clone())?)
