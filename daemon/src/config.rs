@@ -694,6 +694,8 @@ block_bytes = {block_bytes}
 nvme_admit_min_hits = {admit}
 # Write every save through to NVMe before it completes.
 write_through = {write_through}
+# Distinct blocks one session may hold pinned at once (a PIN past it: NO_SPACE).
+max_pinned_blocks_per_session = {max_pins}
 
 [tiers.hbm]
 # G1 arena bytes (on the host backend, host memory standing in for HBM). 0 disables G1.
@@ -842,6 +844,7 @@ host_completion_delay_us = {device_host_delay_us}
             block_bytes = b.block_bytes,
             admit = b.nvme_admit_min_hits,
             write_through = b.write_through,
+            max_pins = b.max_pinned_blocks_per_session,
             hbm = d.tiers.hbm.capacity_bytes,
             host = h.capacity_bytes,
             lock = h.lock,
@@ -918,6 +921,7 @@ mod tests {
         full.blocks.block_bytes = 128 << 10;
         full.blocks.write_through = !full.blocks.write_through;
         full.blocks.nvme_admit_min_hits += 1;
+        full.blocks.max_pinned_blocks_per_session = 7;
         full.tiers.hbm.capacity_bytes = 1 << 30;
         full.tiers.host.capacity_bytes = 64 << 20;
         full.tiers.host.lock = false;
