@@ -72,13 +72,21 @@ fn a_panicking_data_plane_thread_ends_its_own_sessions_and_serves_new_ones() {
     );
     assert!(!live.daemon_done(), "the other thread's session was ended");
     assert!(answers(&mut live_qp));
+    // The panicked thread gave its session's place back.
+    let loads = daemon.dataplane_loads();
+    assert_eq!(loads.iter().sum::<usize>(), 1, "one place held: {loads:?}");
 
-    // The panicked thread serves again: a new session goes to it (it holds none) and is
-    // answered.
+    // The panicked thread serves again: a new session goes to it (the least loaded)
+    // and is answered.
     let (c, mut qc) = common::attach_plain(&socket, "panic");
     for _ in 0..100 {
         assert!(answers(&mut qc), "a session attached after the panic");
     }
+    assert_eq!(
+        daemon.dataplane_loads(),
+        vec![1, 1],
+        "one session on each thread"
+    );
     assert_eq!(
         daemon.sessions().len(),
         2,
@@ -138,6 +146,7 @@ fn a_session_with_an_operation_out_at_a_thread_panic_is_released_when_it_comes_b
     assert_eq!(dp.mapped.total_bytes(), 0, "A's KV buffer is unmapped");
     assert_eq!(dp.counters.sessions_active.load(Ordering::SeqCst), 0);
     assert_eq!(dp.counters.leases_held.load(Ordering::SeqCst), 0);
+    assert_eq!(daemon.dataplane_loads(), vec![0], "both places given back");
     assert_eq!(dp.counters.sessions_panicked.load(Ordering::SeqCst), 2);
     blocks.check_invariants().unwrap();
     // The thread serves again, and the SAVE's block, committed by its executor, loads.

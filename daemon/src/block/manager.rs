@@ -56,9 +56,10 @@ pub struct BlockConfig {
     pub nvme_admit_min_hits: u32,
     /// Write every save through to NVMe before it completes (durable across restarts).
     pub write_through: bool,
-    /// Distinct blocks one session may hold pinned at once (PIN past it: NO_SPACE). Each
-    /// costs a registry entry and is a block no eviction may take, so an engine cannot
-    /// grow the daemon's memory, or freeze a tier, without bound by pinning.
+    /// Distinct blocks one session may hold pinned at once (PIN past it: NO_SPACE; 0
+    /// refuses every PIN). Each costs a registry entry and is a block no eviction may
+    /// take, so an engine cannot grow the daemon's memory, or freeze a tier, without
+    /// bound by pinning.
     pub max_pinned_blocks_per_session: u32,
 }
 

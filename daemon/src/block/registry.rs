@@ -1050,6 +1050,14 @@ impl Registry {
         for &h in hashes {
             let key = BlockKey::new(namespace, h);
             let Some(i) = self.idx(key) else { break };
+            // A block at the most leases a count can hold pins no further (the same
+            // hash repeated in PINs must not wrap it to 0, unprotecting everyone's).
+            // A session's own count is at most the block's, so it cannot wrap either.
+            if self.entries[i as usize].fastest().is_none()
+                || self.entries[i as usize].leases == u32::MAX
+            {
+                break;
+            }
             // The session's distinct pinned blocks are capped: each costs the registry
             // a map entry, and each is a block no eviction may take.
             let held = self.sessions.get(&session);
@@ -1060,14 +1068,6 @@ impl Registry {
                     leased: n,
                     at_cap: true,
                 };
-            }
-            // A block at the most leases a count can hold pins no further (the same
-            // hash repeated in PINs must not wrap it to 0, unprotecting everyone's).
-            // A session's own count is at most the block's, so it cannot wrap either.
-            if self.entries[i as usize].fastest().is_none()
-                || self.entries[i as usize].leases == u32::MAX
-            {
-                break;
             }
             self.entries[i as usize].leases += 1;
             self.recand(i);

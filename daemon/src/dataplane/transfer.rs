@@ -67,8 +67,11 @@ fn acquire(
             },
             // The victims, their reservations, the slots taken and their quota claims.
             |(room, out)| {
-                erase_nvme(blocks, mover, &blocks.abort_room(room));
+                // Registry first: the erase is I/O through the mover that just panicked,
+                // and may panic again.
+                let erase = blocks.abort_room(room);
                 blocks.free_room(namespace, tier, out);
+                erase_nvme(blocks, mover, &erase);
             },
         );
         out = taken;

@@ -286,6 +286,12 @@ impl Daemon {
         self.shared.sessions()
     }
 
+    /// Sessions each data-plane thread holds a place for (assigned and not yet given
+    /// back), by thread index.
+    pub fn dataplane_loads(&self) -> Vec<usize> {
+        self.shared.pool.loads()
+    }
+
     /// Stop accepting, end every session (engines see state DEAD and a closed socket),
     /// wait for the data-plane threads to finish their in-flight batches.
     pub fn shutdown(mut self) {

@@ -204,6 +204,14 @@ impl Pool {
         }
     }
 
+    /// Places taken on each thread, by index.
+    pub fn loads(&self) -> Vec<usize> {
+        self.threads
+            .iter()
+            .map(|t| t.load.load(Ordering::Acquire))
+            .collect()
+    }
+
     /// Most sessions the threads serve together.
     pub fn capacity(&self) -> usize {
         self.threads.len() * MAX_SESSIONS_PER_THREAD
@@ -357,13 +365,14 @@ struct Served {
 
 impl Drop for Served {
     fn drop(&mut self) {
-        // `finish` drops a session only with nothing out or parked. Otherwise its thread
-        // is unwinding from a panic, and the operation out (or the copy a parked job's
-        // data holds) may still touch the engine's memory: its connection stays open for
-        // good, so an engine that waits for the daemon's close before reusing that memory
-        // (kvp_client_daemon_done) never does. Copies in flight with the session's data
-        // at home need no check here: `guard` drops before `stream` (field order) and
-        // waits for them.
+        // `finish` drops a session only with nothing out or parked, and a thread that
+        // panicked moves a session with an operation out to its orphans first (taking
+        // its guard and connection). Anything else dropped with an operation out (a
+        // panic that escaped even that) may still have the operation touch the engine's
+        // memory: its connection stays open for good, so an engine that waits for the
+        // daemon's close before reusing that memory (kvp_client_daemon_done) never does.
+        // Copies in flight with the session's data at home need no check here: `guard`
+        // drops before `stream` (field order) and waits for them.
         if self.out || self.parked.is_some() {
             self.stream.keep_open();
         }
@@ -566,20 +575,26 @@ fn run_thread(
         orphans: Vec::with_capacity(MAX_SESSIONS_PER_THREAD),
         owned: 0,
     };
+    let mut panics = 0u32;
     while let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         serve_sessions(shared, me, io, reaper, &mut table)
     })) {
+        panics = panics.saturating_add(1);
         let what = panic
             .downcast_ref::<&str>()
             .copied()
             .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
             .unwrap_or("(no message)");
-        tracing::error!(
-            thread = me.index,
-            sessions = table.slots.iter().flatten().count(),
-            panic = what,
-            "data-plane thread panicked outside an operation; ending its sessions and going on"
-        );
+        // A bug that panics every pass must not flood the log: the 1st, 2nd, 4th, ...
+        if panics.is_power_of_two() {
+            tracing::error!(
+                thread = me.index,
+                sessions = table.slots.iter().flatten().count(),
+                panics,
+                panic = what,
+                "data-plane thread panicked outside an operation; ending its sessions and going on"
+            );
+        }
         shared
             .dataplane
             .counters
@@ -619,8 +634,9 @@ fn run_thread(
         // Sessions the panic caught between the inbox and a slot, or between a slot and
         // the reaper: unwinding released them, their places are given back here.
         me.load.fetch_sub(std::mem::take(owned), Ordering::AcqRel);
-        // A bug that panics every pass must not flood the log at full speed.
-        std::thread::sleep(BLOCKED_RETRY);
+        // Nor spin: each panic in a row waits longer before the thread goes on (1 ms,
+        // doubling, at most 1 s; the thread's sessions are gone meanwhile anyway).
+        std::thread::sleep(BLOCKED_RETRY * (1u32 << panics.min(10)).min(1000));
     }
 }
 

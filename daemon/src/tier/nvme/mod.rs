@@ -328,13 +328,13 @@ pub fn data_sums(key: &SlotKey, data: &[u8]) -> (u64, [u8; key::MAC_BYTES]) {
     (checksum.finish(), *mac.finalize().as_bytes())
 }
 
-/// Opens one tier path: a new file is created 0600; an existing file or device must be owned
-/// by root or the daemon's user, with no group/other access (see [`crate::secure_open`]).
-/// The checks are made on the descriptor that is then used, before anything is written.
 /// What a tier path is, whatever name reached it: (device, inode) of a file, the device
 /// number of a block device.
 type FileIdentity = (bool, u64, u64);
 
+/// Opens one tier path: a new file is created 0600; an existing file or device must be owned
+/// by root or the daemon's user, with no group/other access (see [`crate::secure_open`]).
+/// The checks are made on the descriptor that is then used, before anything is written.
 fn open_path(
     path: &Path,
     capacity: u64,
@@ -1079,8 +1079,9 @@ impl NvmeStore {
         } else {
             SLOT_HEADER_BYTES
         };
-        // 64 slots a batch, but at most 64 MiB of buffer: with 1 GiB blocks, 64 whole slots
-        // (verify_data) would be 64 GiB at start-up.
+        // 64 slots a batch, but no more than 64 MiB of buffer unless one slot is larger
+        // (then one slot a batch): with 1 GiB blocks, 64 whole slots (verify_data) were
+        // 64 GiB at start-up.
         let batch = (64u32).min(((64usize << 20) / read_len).max(1) as u32);
         let buf = AlignedBuf::new(read_len * batch as usize);
         let mut report = ScanReport::default();
@@ -1125,14 +1126,15 @@ impl NvmeStore {
                         report.corrupt += 1;
                         corrupt.push(s);
                     }
-                    Ok(h) if let Err(e) = self.check_length(&h) => {
-                        if report.corrupt < 16 {
-                            tracing::warn!(slot = s, "scan: NVMe slot dropped: {e}");
-                        }
-                        report.corrupt += 1;
-                        corrupt.push(s);
-                    }
                     Ok(h) => {
+                        if let Err(e) = self.check_length(&h) {
+                            if report.corrupt < 16 {
+                                tracing::warn!(slot = s, "scan: NVMe slot dropped: {e}");
+                            }
+                            report.corrupt += 1;
+                            corrupt.push(s);
+                            continue;
+                        }
                         if verify_data {
                             let data =
                                 &page[SLOT_HEADER_BYTES..SLOT_HEADER_BYTES + h.length as usize];

@@ -336,13 +336,13 @@ mod tests {
         unsafe { ring.submission().push(&sqe).unwrap() };
         ring.submit().unwrap();
         let mut inflight = 1;
+        let t0 = Instant::now();
         let writer = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
             // SAFETY: 8 valid bytes; write_fd is the pipe's open write end.
             let n = unsafe { libc::write(write_fd, b"landed!!".as_ptr().cast(), 8) };
             assert_eq!(n, 8);
         });
-        let t0 = Instant::now();
         let mut calls = 0;
         drain_ring(&mut ring, None, &mut inflight, &mut |ring| {
             calls += 1;
