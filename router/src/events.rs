@@ -623,6 +623,9 @@ async fn run_link(
         },
     )
     .await?;
+    // Sent at once: the router closes a connection without a Hello within its timeout,
+    // and the snapshot may wait (`min_snapshot_interval_ms`) or take long to build.
+    flush_timed(shared, &mut w).await?;
     // Mark connected before the snapshot: events from now on are queued, and any of them
     // the snapshot already covers is ignored by the router (its sequence is not newer).
     link.stats.connected.store(true, Ordering::Release);
@@ -672,7 +675,8 @@ async fn run_link(
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Aborts a task when dropped (a connection's helper task ends with it).
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -804,9 +804,13 @@ impl Index {
         if read(tree).node_count() != 0 {
             return;
         }
-        // Map, then tree: the order every path that holds both takes.
+        // Map, then tree: the order every path that holds both takes. The tree only if
+        // it is free now: waiting for its writer while holding the map would stall every
+        // namespace's lookups (a writer busy with it is about to use it anyway).
         let mut trees = write(&self.trees);
-        let mut t = write(tree);
+        let Ok(mut t) = tree.try_write() else {
+            return;
+        };
         if t.node_count() == 0
             && !t.retired
             && trees
@@ -855,6 +859,13 @@ impl Index {
             self.stats
                 .evicted_blocks
                 .fetch_add(b as u64, Ordering::Relaxed);
+        }
+        // A store that left nothing (an unknown parent, or evicted whole) must not keep
+        // the namespace's place.
+        let empty = t.node_count() == 0;
+        drop(t);
+        if empty {
+            self.retire_if_empty(namespace, &tree);
         }
         out
     }

@@ -13,8 +13,8 @@
 //! - `GET /healthz`: `ok`.
 
 use crate::events::{
-    Frame, KvEvent, MAX_FRAME_BYTES, Source, WorkerSnapshot, read_frame_body, read_frame_len,
-    read_frame_rest, write_frame,
+    AbortOnDrop, Frame, KvEvent, MAX_FRAME_BYTES, Source, WorkerSnapshot, read_frame_body,
+    read_frame_len, read_frame_rest, write_frame,
 };
 use crate::hash;
 use crate::http::{self, Response};
@@ -83,7 +83,7 @@ impl Default for ServiceConfig {
             max_body_bytes: 4 << 20,
             http_timeout_ms: 10_000,
             max_http_connections: 256,
-            max_event_connections: 256,
+            max_event_connections: 4096,
             hello_timeout_ms: 5_000,
             max_frame_memory_bytes: 1 << 30,
             seed: 0x006b_7670_6c61_6e65,
@@ -207,6 +207,10 @@ pub struct RouterState {
     workers: Mutex<HashMap<WorkerId, WorkerInfo>>,
     conns: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
     next_conn: AtomicU64,
+    /// Connections refused a worker id another live connection held.
+    refused_claimants: Mutex<std::collections::HashSet<u64>>,
+    /// Per kvplane event connection: rung to make it send a Resync.
+    resync_bells: Mutex<HashMap<u64, Arc<tokio::sync::Notify>>>,
     /// `max_frame_memory_bytes` in MiB permits ([`RouterState::read_frame`]), of
     /// `frame_memory_mib` in all.
     frame_memory: tokio::sync::Semaphore,
@@ -222,6 +226,21 @@ enum Seq {
     Apply,
     Ignore,
     Gap,
+}
+
+/// Whose a worker id is, as a frame of one connection finds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Claim {
+    /// This connection's (or nobody's yet).
+    Owned,
+    /// Another live event connection's.
+    Foreign,
+    /// Its connection is gone (or only NATS announced it): a snapshot takes it.
+    Free,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl RouterState {
@@ -240,6 +259,8 @@ impl RouterState {
             workers: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            refused_claimants: Mutex::default(),
+            resync_bells: Mutex::default(),
             frame_memory: tokio::sync::Semaphore::new(frame_memory_mib),
             frame_memory_mib,
             start: Instant::now(),
@@ -266,11 +287,29 @@ impl RouterState {
         } else {
             let mib = (len.saturating_mul(expansion) >> 20).max(1);
             let want = u32::try_from(mib.min(self.frame_memory_mib)).unwrap_or(u32::MAX);
-            // Never closed: the semaphore lives as long as the state.
-            self.frame_memory.acquire_many(want).await.ok()
+            // Bounded: frames that cannot get room soon end their connection (the
+            // publisher reconnects and snapshots) rather than queue behind a peer that
+            // holds the budget.
+            let wait = Duration::from_millis(FRAME_MEMORY_WAIT_MS);
+            match tokio::time::timeout(wait, self.frame_memory.acquire_many(want)).await {
+                // Never closed: the semaphore lives as long as the state.
+                Ok(p) => p.ok(),
+                Err(_) => return Err(ConnError::FrameMemory { len }),
+            }
         };
-        let body = read_frame_rest(r, len).await?;
+        // A peer must send the body at a minimum rate while it holds the budget's room:
+        // one trickling a large frame would otherwise hold it for good.
+        let deadline = Duration::from_millis(FRAME_MEMORY_WAIT_MS)
+            + Duration::from_secs((len / MIN_FRAME_BYTES_PER_SEC) as u64);
+        let body = tokio::time::timeout(deadline, read_frame_rest(r, len))
+            .await
+            .map_err(|_| ConnError::SlowFrame { len })??;
         Ok(Some((body, permit)))
+    }
+
+    /// MiB of the frame memory budget free now (tests, introspection).
+    pub fn frame_memory_free_mib(&self) -> usize {
+        self.frame_memory.available_permits()
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, LiveClock> {
@@ -382,15 +421,19 @@ impl RouterState {
     }
 
     /// Takes `worker` for connection `conn`; false (and nothing changes) when another
-    /// live connection, or NATS, announced it: a worker id belongs to one connection while
+    /// live event connection announced it: a worker id belongs to one connection while
     /// that connection lives, so another cannot rewrite, silence or wipe its blocks. A
-    /// disconnected worker's id is free to take again (its daemon reconnecting).
+    /// disconnected worker's id is free to take again (its daemon reconnecting), and so is
+    /// one only NATS announced (a daemon's own TCP link takes precedence over the stream).
+    /// A refused connection is asked for a snapshot again when some connection closes
+    /// (the owner may have been its own earlier connection, not yet seen closed).
     fn register(&self, worker: WorkerId, node: &str, source: &'static str, conn: u64) -> bool {
         let mut workers = self.workers();
         if workers
             .get(&worker)
-            .is_some_and(|e| e.connected && e.conn != conn)
+            .is_some_and(|e| e.connected && e.conn != conn && e.source != "nats")
         {
+            lock(&self.refused_claimants).insert(conn);
             self.metrics
                 .frames_foreign_worker
                 .fetch_add(1, Ordering::Relaxed);
@@ -428,14 +471,19 @@ impl RouterState {
     }
 
     /// Whether connection `conn` announced `worker` (its events and loads are applied).
-    fn owns(&self, worker: WorkerId, conn: u64) -> bool {
-        let owned = self.workers().get(&worker).is_none_or(|e| e.conn == conn);
-        if !owned {
+    fn owns(&self, worker: WorkerId, conn: u64) -> Claim {
+        let claim = match self.workers().get(&worker) {
+            None => Claim::Owned,
+            Some(e) if e.conn == conn => Claim::Owned,
+            Some(e) if e.connected && e.source != "nats" => Claim::Foreign,
+            Some(_) => Claim::Free,
+        };
+        if claim != Claim::Owned {
             self.metrics
                 .frames_foreign_worker
                 .fetch_add(1, Ordering::Relaxed);
         }
-        owned
+        claim
     }
 
     /// Replaces the node's state with the snapshot: listed workers get exactly the listed
@@ -521,10 +569,13 @@ impl RouterState {
     }
 
     /// Applies one event of connection `conn`; returns false when a resync is needed.
-    /// An event for a worker another connection announced is ignored.
+    /// An event for a worker another live connection announced is ignored; one for a
+    /// worker whose connection is gone asks this one for a snapshot, which takes it.
     pub fn apply_event(&self, conn: u64, worker: WorkerId, seq: u64, event: &KvEvent) -> bool {
-        if !self.owns(worker, conn) {
-            return true;
+        match self.owns(worker, conn) {
+            Claim::Owned => {}
+            Claim::Foreign => return true,
+            Claim::Free => return false,
         }
         match self.check_seq(worker, seq) {
             Seq::Ignore => {
@@ -585,6 +636,15 @@ impl RouterState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&conn);
+        lock(&self.resync_bells).remove(&conn);
+        // Connections refused a worker may now take it: each is asked for a snapshot.
+        let refused: Vec<u64> = lock(&self.refused_claimants).drain().collect();
+        let bells = lock(&self.resync_bells);
+        for c in refused {
+            if let Some(bell) = bells.get(&c) {
+                bell.notify_one();
+            }
+        }
     }
 
     /// Drops workers whose grace period ended. Returns how many.
@@ -623,6 +683,16 @@ impl RouterState {
         let (clock, _) = self.live_now();
         {
             let mut workers = self.workers();
+            if workers
+                .get(&worker)
+                .is_some_and(|e| e.connected && e.source != "nats")
+            {
+                // A live event connection's worker: the stream does not rewrite it.
+                self.metrics
+                    .frames_foreign_worker
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             let e = workers.entry(worker).or_insert_with(|| WorkerInfo {
                 worker,
                 node: meta
@@ -1064,11 +1134,14 @@ async fn accept_events(listener: TcpListener, state: Arc<RouterState>) {
         };
         let open = state.conns.lock().unwrap_or_else(|e| e.into_inner()).len();
         if open >= state.config.max_event_connections {
-            state
+            let refused = state
                 .metrics
                 .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%peer, open, "event connection refused: at max_event_connections");
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(%peer, open, refused, "event connection refused: at max_event_connections");
+            }
             drop(stream);
             continue;
         }
@@ -1107,6 +1180,10 @@ enum ConnError {
     ShortVllmFrame,
     #[error("no Hello within {0} ms")]
     HelloTimeout(u64),
+    #[error("no room in the frame memory budget for a frame of {len} bytes in time")]
+    FrameMemory { len: usize },
+    #[error("a frame of {len} bytes arrived slower than the minimum rate")]
+    SlowFrame { len: usize },
     #[error("worker {0} belongs to another live connection")]
     ForeignWorker(WorkerId),
 }
@@ -1116,7 +1193,7 @@ async fn event_connection(
     stream: TcpStream,
     conn: u64,
 ) -> Result<(), ConnError> {
-    let (r, mut w) = stream.into_split();
+    let (r, w) = stream.into_split();
     let mut r = BufReader::with_capacity(1 << 16, r);
     // A Hello is a few dozen bytes: a peer that has not sent it soon is not a publisher.
     let timeout_ms = state.config.hello_timeout_ms;
@@ -1150,6 +1227,26 @@ async fn event_connection(
         };
         return vllm_connection(state, r, &node, conn, worker, &namespace, bs).await;
     }
+    // Resyncs come from this loop (a sequence gap) and from a bell (a worker this
+    // connection was refused is free now): one writer for both.
+    let w = Arc::new(tokio::sync::Mutex::new(w));
+    let bell = Arc::new(tokio::sync::Notify::new());
+    lock(&state.resync_bells).insert(conn, bell.clone());
+    let ringer = {
+        let w = w.clone();
+        tokio::spawn(async move {
+            loop {
+                bell.notified().await;
+                if write_frame(&mut *w.lock().await, &Frame::Resync)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+    };
+    let _ringer = AbortOnDrop(ringer);
     // A frame decodes to up to ~8x its bytes (a 1-byte hash becomes a u64).
     while let Some((body, _permit)) = state.read_frame(&mut r, MAX_FRAME_BYTES, 8).await? {
         state.metrics.frames.fetch_add(1, Ordering::Relaxed);
@@ -1170,7 +1267,7 @@ async fn event_connection(
                         .metrics
                         .resyncs_requested
                         .fetch_add(1, Ordering::Relaxed);
-                    write_frame(&mut w, &Frame::Resync).await?;
+                    write_frame(&mut *w.lock().await, &Frame::Resync).await?;
                 }
             }
             Frame::Load {
@@ -1178,7 +1275,7 @@ async fn event_connection(
                 active_requests,
                 decode_blocks,
             } => {
-                if state.owns(worker, conn) {
+                if state.owns(worker, conn) == Claim::Owned {
                     state.set_load(worker, active_requests, decode_blocks);
                 }
             }
@@ -1187,6 +1284,13 @@ async fn event_connection(
     }
     Ok(())
 }
+
+/// How long a frame waits for room in `max_frame_memory_bytes`, and the grace of its
+/// body's read before the minimum rate applies.
+const FRAME_MEMORY_WAIT_MS: u64 = 10_000;
+
+/// The slowest a frame's body may arrive while it holds room in the frame budget.
+const MIN_FRAME_BYTES_PER_SEC: usize = 4 << 20;
 
 /// Largest vLLM feed frame: a batch of a few thousand events, each a few hundred bytes.
 pub const MAX_VLLM_FRAME_BYTES: usize = 16 << 20;

@@ -660,6 +660,7 @@ async fn event_connections_are_capped_and_must_say_hello_in_time() {
     .await
     .unwrap();
     let state = svc.state.clone();
+    let started = Instant::now();
     let mut idle = Vec::new();
     for _ in 0..2 {
         idle.push(TcpStream::connect(svc.events_addr).await.unwrap());
@@ -688,10 +689,11 @@ async fn event_connections_are_capped_and_must_say_hello_in_time() {
             .unwrap_or(0);
         assert_eq!(n, 0);
     }
+    // (Accepted after `started`, each closed 300 ms after its accept.)
     assert!(
-        t0.elapsed() >= Duration::from_millis(250),
+        started.elapsed() >= Duration::from_millis(300),
         "{:?}",
-        t0.elapsed()
+        started.elapsed()
     );
     // Their places are free again: a publisher connects and its snapshot lands.
     let mut s = raw_client(svc.events_addr, Source::Kvplane).await;
@@ -753,6 +755,10 @@ async fn a_router_that_stops_reading_costs_the_publisher_a_bounded_queue_and_a_r
         link.frames_dropped.load(Relaxed) > 0,
         "the byte budget dropped frames"
     );
+    eventually("a snapshot on the new connection", || {
+        link.snapshots_sent.load(Relaxed) >= 2
+    })
+    .await;
     publisher.shutdown();
     accept.abort();
 }
@@ -825,7 +831,10 @@ async fn frames_in_flight_share_one_memory_budget() {
     big.write_all(&(1u32 << 20).to_be_bytes()).await.unwrap();
     big.write_all(&[0xc1; 10]).await.unwrap();
     big.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually("the big frame holds the whole budget", || {
+        state.frame_memory_free_mib() == 0
+    })
+    .await;
     let hashes: Vec<u64> = (1..=4_000).map(|h| h << 40).collect();
     let mut small = raw_client(svc.events_addr, Source::Kvplane).await;
     let snapshot = snapshot_of(5, &hashes, 0);
@@ -863,4 +872,116 @@ async fn frames_in_flight_share_one_memory_budget() {
         "a vLLM frame over 16 MiB ends its connection"
     );
     svc.shutdown();
+}
+
+/// A daemon that reconnects before the router has seen its old connection close (a
+/// half-open socket after a partition): the new connection's snapshot is refused while
+/// the old one lives, and once it closes the new one is asked for a snapshot, which
+/// takes the worker; an event for a worker whose connection is gone asks for one too.
+/// Before, the new connection's events and snapshot were ignored for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnected_daemon_takes_its_worker_back_once_the_old_link_closes() {
+    let svc = RouterService::start(config(60_000)).await.unwrap();
+    let state = svc.state.clone();
+    let held = |h| {
+        state
+            .index
+            .with_tree("ns", |t| t.holds(9, h, Some(Tier::Host)))
+            .unwrap_or(false)
+    };
+    let mut old = raw_client(svc.events_addr, Source::Kvplane).await;
+    write_frame(&mut old, &snapshot_of(9, &[1], 0))
+        .await
+        .unwrap();
+    eventually("the old link's snapshot", || held(1)).await;
+    let mut new = raw_client(svc.events_addr, Source::Kvplane).await;
+    write_frame(&mut new, &snapshot_of(9, &[1, 2], 5))
+        .await
+        .unwrap();
+    eventually("the new link's claim refused", || {
+        state
+            .metrics
+            .frames_foreign_worker
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    })
+    .await;
+    assert!(!held(2));
+    drop(old);
+    let body = tokio::time::timeout(Duration::from_secs(5), read_frame_body(&mut new, 1 << 20))
+        .await
+        .expect("a Resync once the old link closed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(Frame::decode(&body).unwrap(), Frame::Resync);
+    write_frame(&mut new, &snapshot_of(9, &[1, 2], 5))
+        .await
+        .unwrap();
+    eventually("the new link's snapshot", || held(2)).await;
+    let event = Frame::Event {
+        worker: 9,
+        seq: 6,
+        event: stored(vec![3], Some(2)),
+    };
+    write_frame(&mut new, &event).await.unwrap();
+    eventually("the new link's event", || held(3)).await;
+
+    // An event naming a worker whose link is gone asks for a snapshot.
+    let mut third = raw_client(svc.events_addr, Source::Kvplane).await;
+    drop(new);
+    eventually("the second link closed", || {
+        !state
+            .worker_list()
+            .iter()
+            .any(|w| w.worker == 9 && w.connected)
+    })
+    .await;
+    let event = Frame::Event {
+        worker: 9,
+        seq: 7,
+        event: stored(vec![4], Some(3)),
+    };
+    write_frame(&mut third, &event).await.unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(5), read_frame_body(&mut third, 1 << 20))
+        .await
+        .expect("a Resync for a worker whose link is gone")
+        .unwrap()
+        .unwrap();
+    assert_eq!(Frame::decode(&body).unwrap(), Frame::Resync);
+    svc.shutdown();
+}
+
+/// The publisher's Hello leaves at once, not with the snapshot: a snapshot slow to build
+/// (here 1 s) must not make the router close the link for a missing Hello.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publishers_hello_is_not_held_back_by_its_snapshot() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let slow: kvplane_router::events::SnapshotProvider = Arc::new(|| {
+        std::thread::sleep(Duration::from_millis(1_000));
+        Vec::new()
+    });
+    let publisher = Publisher::start(
+        PublisherConfig {
+            routers: vec![addr],
+            node: "node-slow".into(),
+            ..PublisherConfig::default()
+        },
+        slow,
+        &tokio::runtime::Handle::current(),
+    );
+    let (mut s, _) = listener.accept().await.unwrap();
+    let t0 = Instant::now();
+    let body = tokio::time::timeout(Duration::from_secs(5), read_frame_body(&mut s, 1 << 20))
+        .await
+        .expect("a frame")
+        .unwrap()
+        .unwrap();
+    assert!(matches!(Frame::decode(&body).unwrap(), Frame::Hello { .. }));
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "the Hello came {:?} after the accept",
+        t0.elapsed()
+    );
+    publisher.shutdown();
 }
