@@ -556,12 +556,26 @@ async fn link_task(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<Arc
             r = run_link(&shared, link, stream, &mut rx) => r,
             _ = stop.changed() => Ok(()),
         };
+        let too_large = matches!(result, Err(WireError::TooLarge { .. }));
         match result {
             Ok(()) => tracing::info!(router = %link.addr, "event connection closed"),
+            Err(WireError::TooLarge { len, max }) => tracing::error!(
+                router = %link.addr,
+                len,
+                max,
+                "the snapshot does not fit one frame: this router cannot be synced over \
+                 TCP (NATS, `events.nats_url`, sends snapshots in chunks)"
+            ),
             Err(err) => tracing::warn!(%err, router = %link.addr, "event connection lost"),
         }
         link.stats.connected.store(false, Ordering::Release);
-        backoff_ms = cfg.backoff_initial_ms.max(1);
+        // A snapshot too large walks the whole registry for nothing each try: back off,
+        // doubling up to a minute, instead of retrying at once.
+        backoff_ms = if too_large {
+            (backoff_ms * 2).min(cfg.backoff_max_ms.max(60_000))
+        } else {
+            cfg.backoff_initial_ms.max(1)
+        };
         if !pause(&mut stop, backoff_ms).await {
             return;
         }
