@@ -985,3 +985,57 @@ async fn the_publishers_hello_is_not_held_back_by_its_snapshot() {
     );
     publisher.shutdown();
 }
+
+/// A frame that cannot get room in the frame budget ends its own connection after
+/// waiting 10 s, and a peer that took room and then sends its frame no further is cut
+/// off once its body is late (10 s plus 1 s per 4 MiB), rather than either waiting, or
+/// holding up every other connection's large frames, for good. The budget is whole
+/// again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_that_stalls_or_cannot_get_room_ends_its_connection_in_bounded_time() {
+    let svc = RouterService::start(ServiceConfig {
+        max_frame_memory_bytes: 8 << 20,
+        ..config(60_000)
+    })
+    .await
+    .unwrap();
+    let state = svc.state.clone();
+    let t0 = Instant::now();
+    let mut stalled = raw_client(svc.events_addr, Source::Kvplane).await;
+    // 8 MiB: its body is late after 10 + 2 s, after the other frame's 10 s wait.
+    stalled
+        .write_all(&(8u32 << 20).to_be_bytes())
+        .await
+        .unwrap();
+    stalled.write_all(&[0xc1; 10]).await.unwrap();
+    stalled.flush().await.unwrap();
+    eventually("the stalled frame holds the whole budget", || {
+        state.frame_memory_free_mib() == 0
+    })
+    .await;
+    let mut waiting = raw_client(svc.events_addr, Source::Kvplane).await;
+    let hashes: Vec<u64> = (1..=4_000).map(|h| h << 40).collect();
+    write_frame(&mut waiting, &snapshot_of(5, &hashes, 0))
+        .await
+        .unwrap();
+    waiting.flush().await.unwrap();
+    let mut buf = Vec::new();
+    for (s, what) in [
+        (&mut waiting, "waiting for room"),
+        (&mut stalled, "stalled"),
+    ] {
+        let closed = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "the {what} connection was never closed");
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(10) && took < Duration::from_secs(20),
+        "closed after {took:?}"
+    );
+    eventually("the budget whole again", || {
+        state.frame_memory_free_mib() == 8
+    })
+    .await;
+    assert!(!state.worker_list().iter().any(|w| w.worker == 5));
+    svc.shutdown();
+}
