@@ -675,11 +675,9 @@ async fn event_connections_are_capped_and_must_say_hello_in_time() {
         .expect("the third connection is closed at once")
         .unwrap_or(0);
     assert_eq!(n, 0);
-    assert!(
-        t0.elapsed() < Duration::from_millis(250),
-        "{:?}",
-        t0.elapsed()
-    );
+    // Refused, not timed out: the counter below says which; the bound only keeps a
+    // loaded machine from failing it.
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     assert_eq!(state.metrics.connections_refused.load(Relaxed), 1);
     // The silent two are closed after the Hello timeout.
     for s in &mut idle {
@@ -961,6 +959,13 @@ async fn the_publishers_hello_is_not_held_back_by_its_snapshot() {
         std::thread::sleep(Duration::from_millis(1_000));
         Vec::new()
     });
+    // The publisher on a runtime of its own, as in the daemon: the provider blocks its
+    // thread, which on this test's runtime could hold up the reading task too.
+    let publisher_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let publisher = Publisher::start(
         PublisherConfig {
             routers: vec![addr],
@@ -968,7 +973,7 @@ async fn the_publishers_hello_is_not_held_back_by_its_snapshot() {
             ..PublisherConfig::default()
         },
         slow,
-        &tokio::runtime::Handle::current(),
+        publisher_rt.handle(),
     );
     let (mut s, _) = listener.accept().await.unwrap();
     let t0 = Instant::now();
@@ -984,6 +989,7 @@ async fn the_publishers_hello_is_not_held_back_by_its_snapshot() {
         t0.elapsed()
     );
     publisher.shutdown();
+    publisher_rt.shutdown_background();
 }
 
 /// A frame that cannot get room in the frame budget ends its own connection after
