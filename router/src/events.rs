@@ -705,39 +705,37 @@ impl Link {
     }
 }
 
-/// The error of a write that took longer than `write_timeout_ms`.
-fn timed_out(op: &'static str) -> WireError {
-    WireError::Io {
-        op,
-        source: std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "the router did not take the bytes in time",
-        ),
+/// Runs a write to the router (`op`) unless the router takes longer than
+/// `write_timeout_ms` to accept the bytes.
+async fn timed(
+    shared: &Shared,
+    op: &'static str,
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> Result<(), WireError> {
+    let limit = Duration::from_millis(shared.config.write_timeout_ms);
+    match tokio::time::timeout(limit, write).await {
+        Ok(r) => r.map_err(|source| WireError::Io { op, source }),
+        Err(_) => Err(WireError::Io {
+            op,
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the router did not take the bytes in time",
+            ),
+        }),
     }
 }
 
-/// Writes `bytes` unless the router takes longer than `write_timeout_ms` to accept them.
+/// Writes `bytes` within `write_timeout_ms`.
 async fn write_timed(
     shared: &Shared,
     w: &mut (impl AsyncWrite + Unpin),
     bytes: &[u8],
     op: &'static str,
 ) -> Result<(), WireError> {
-    let limit = Duration::from_millis(shared.config.write_timeout_ms);
-    match tokio::time::timeout(limit, w.write_all(bytes)).await {
-        Ok(r) => r.map_err(|source| WireError::Io { op, source }),
-        Err(_) => Err(timed_out(op)),
-    }
+    timed(shared, op, w.write_all(bytes)).await
 }
 
-/// Flushes unless the router takes longer than `write_timeout_ms`.
+/// Flushes within `write_timeout_ms`.
 async fn flush_timed(shared: &Shared, w: &mut (impl AsyncWrite + Unpin)) -> Result<(), WireError> {
-    let limit = Duration::from_millis(shared.config.write_timeout_ms);
-    match tokio::time::timeout(limit, w.flush()).await {
-        Ok(r) => r.map_err(|source| WireError::Io {
-            op: "flush",
-            source,
-        }),
-        Err(_) => Err(timed_out("flush")),
-    }
+    timed(shared, "flush", w.flush()).await
 }

@@ -239,6 +239,22 @@ enum Claim {
     Free,
 }
 
+impl Claim {
+    /// Whose `entry` is, to connection `conn` (`NATS_CONN` for the stream).
+    fn of(entry: Option<&WorkerInfo>, conn: u64) -> Claim {
+        match entry {
+            None => Claim::Owned,
+            Some(e) if e.conn == conn => Claim::Owned,
+            Some(e) if e.connected && e.source != "nats" => Claim::Foreign,
+            Some(_) => Claim::Free,
+        }
+    }
+}
+
+/// The connection id of workers the NATS stream announced (event connections count
+/// from 1).
+const NATS_CONN: u64 = 0;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -429,10 +445,7 @@ impl RouterState {
     /// (the owner may have been its own earlier connection, not yet seen closed).
     fn register(&self, worker: WorkerId, node: &str, source: &'static str, conn: u64) -> bool {
         let mut workers = self.workers();
-        if workers
-            .get(&worker)
-            .is_some_and(|e| e.connected && e.conn != conn && e.source != "nats")
-        {
+        if Claim::of(workers.get(&worker), conn) == Claim::Foreign {
             lock(&self.refused_claimants).insert(conn);
             self.metrics
                 .frames_foreign_worker
@@ -472,12 +485,7 @@ impl RouterState {
 
     /// Whether connection `conn` announced `worker` (its events and loads are applied).
     fn owns(&self, worker: WorkerId, conn: u64) -> Claim {
-        let claim = match self.workers().get(&worker) {
-            None => Claim::Owned,
-            Some(e) if e.conn == conn => Claim::Owned,
-            Some(e) if e.connected && e.source != "nats" => Claim::Foreign,
-            Some(_) => Claim::Free,
-        };
+        let claim = Claim::of(self.workers().get(&worker), conn);
         if claim != Claim::Owned {
             self.metrics
                 .frames_foreign_worker
@@ -683,10 +691,7 @@ impl RouterState {
         let (clock, _) = self.live_now();
         {
             let mut workers = self.workers();
-            if workers
-                .get(&worker)
-                .is_some_and(|e| e.connected && e.source != "nats")
-            {
+            if Claim::of(workers.get(&worker), NATS_CONN) == Claim::Foreign {
                 // A live event connection's worker: the stream does not rewrite it.
                 self.metrics
                     .frames_foreign_worker
@@ -709,7 +714,7 @@ impl RouterState {
                 active_requests: 0,
                 decode_blocks: 0,
                 epoch: meta.epoch,
-                conn: 0,
+                conn: NATS_CONN,
                 disconnected_at_ms: None,
                 silent_for_ms: None,
                 heartbeat_period_ms: meta.heartbeat_ms,

@@ -530,6 +530,24 @@ async fn publisher_queue_overflow_falls_back_to_a_snapshot() {
     svc.shutdown();
 }
 
+/// Whether `worker` holds block `h` of namespace "ns" on the host tier.
+fn holds_on_host(state: &kvplane_router::service::RouterState, worker: u64, h: u64) -> bool {
+    state
+        .index
+        .with_tree("ns", |t| t.holds(worker, h, Some(Tier::Host)))
+        .unwrap_or(false)
+}
+
+/// The next frame `r` carries, within 5 s (`what` names it if it does not come).
+async fn next_frame(r: &mut (impl tokio::io::AsyncRead + Unpin), what: &str) -> Frame {
+    let body = tokio::time::timeout(Duration::from_secs(5), read_frame_body(r, 1 << 20))
+        .await
+        .expect(what)
+        .unwrap()
+        .unwrap();
+    Frame::decode(&body).unwrap()
+}
+
 fn snapshot_of(worker: u64, hashes: &[u64], seq: u64) -> Frame {
     Frame::Snapshot {
         workers: vec![WorkerSnapshot {
@@ -564,12 +582,7 @@ async fn another_connection_cannot_rewrite_or_silence_a_live_workers_blocks() {
     use std::sync::atomic::Ordering::Relaxed;
     let svc = RouterService::start(config(60_000)).await.unwrap();
     let state = svc.state.clone();
-    let held = |h| {
-        state
-            .index
-            .with_tree("ns", |t| t.holds(9, h, Some(Tier::Host)))
-            .unwrap_or(false)
-    };
+    let held = |h| holds_on_host(&state, 9, h);
     let mut owner = raw_client(svc.events_addr, Source::Kvplane).await;
     write_frame(&mut owner, &snapshot_of(9, &[1, 2, 3], 0))
         .await
@@ -622,10 +635,7 @@ async fn another_connection_cannot_rewrite_or_silence_a_live_workers_blocks() {
     .await;
     // The spoofer's own worker 10 is in; its frames are all behind it.
     eventually("the spoofer's own snapshot", || {
-        state
-            .index
-            .with_tree("ns", |t| t.holds(10, 7, Some(Tier::Host)))
-            .unwrap_or(false)
+        holds_on_host(&state, 10, 7)
     })
     .await;
     assert!((1..=3).all(held), "the owner's blocks are untouched");
@@ -881,12 +891,7 @@ async fn frames_in_flight_share_one_memory_budget() {
 async fn a_reconnected_daemon_takes_its_worker_back_once_the_old_link_closes() {
     let svc = RouterService::start(config(60_000)).await.unwrap();
     let state = svc.state.clone();
-    let held = |h| {
-        state
-            .index
-            .with_tree("ns", |t| t.holds(9, h, Some(Tier::Host)))
-            .unwrap_or(false)
-    };
+    let held = |h| holds_on_host(&state, 9, h);
     let mut old = raw_client(svc.events_addr, Source::Kvplane).await;
     write_frame(&mut old, &snapshot_of(9, &[1], 0))
         .await
@@ -906,12 +911,10 @@ async fn a_reconnected_daemon_takes_its_worker_back_once_the_old_link_closes() {
     .await;
     assert!(!held(2));
     drop(old);
-    let body = tokio::time::timeout(Duration::from_secs(5), read_frame_body(&mut new, 1 << 20))
-        .await
-        .expect("a Resync once the old link closed")
-        .unwrap()
-        .unwrap();
-    assert_eq!(Frame::decode(&body).unwrap(), Frame::Resync);
+    assert_eq!(
+        next_frame(&mut new, "a Resync once the old link closed").await,
+        Frame::Resync
+    );
     write_frame(&mut new, &snapshot_of(9, &[1, 2], 5))
         .await
         .unwrap();
@@ -940,12 +943,10 @@ async fn a_reconnected_daemon_takes_its_worker_back_once_the_old_link_closes() {
         event: stored(vec![4], Some(3)),
     };
     write_frame(&mut third, &event).await.unwrap();
-    let body = tokio::time::timeout(Duration::from_secs(5), read_frame_body(&mut third, 1 << 20))
-        .await
-        .expect("a Resync for a worker whose link is gone")
-        .unwrap()
-        .unwrap();
-    assert_eq!(Frame::decode(&body).unwrap(), Frame::Resync);
+    assert_eq!(
+        next_frame(&mut third, "a Resync for a worker whose link is gone").await,
+        Frame::Resync
+    );
     svc.shutdown();
 }
 
@@ -977,12 +978,10 @@ async fn the_publishers_hello_is_not_held_back_by_its_snapshot() {
     );
     let (mut s, _) = listener.accept().await.unwrap();
     let t0 = Instant::now();
-    let body = tokio::time::timeout(Duration::from_secs(5), read_frame_body(&mut s, 1 << 20))
-        .await
-        .expect("a frame")
-        .unwrap()
-        .unwrap();
-    assert!(matches!(Frame::decode(&body).unwrap(), Frame::Hello { .. }));
+    assert!(matches!(
+        next_frame(&mut s, "a frame").await,
+        Frame::Hello { .. }
+    ));
     assert!(
         t0.elapsed() < Duration::from_millis(500),
         "the Hello came {:?} after the accept",

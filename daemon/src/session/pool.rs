@@ -617,14 +617,7 @@ fn run_thread(
                 // Its operation is still with an I/O executor, holding the session's data
                 // (and so its plans): released, and the connection closed, when it comes
                 // back.
-                let _ = server::mark_dead(&s.seg, &s.geometry);
-                if let Some(end) = &s.ending {
-                    log_end(shared, s.id, end);
-                }
-                let remains = Remains {
-                    guard: s.guard.take(),
-                    _stream: s.stream.take(),
-                };
+                let remains = end_session(shared, &mut s);
                 orphans.push((s.id, remains));
             }));
             if ended.is_err() {
@@ -1229,18 +1222,24 @@ fn finish(shared: &DaemonShared, mut s: Served, reaper: &crossbeam::channel::Sen
         // Never queued: its session data comes home, so the guard releases it.
         s.guard.data = Some(job.data);
     }
-    let _ = server::mark_dead(&s.seg, &s.geometry);
-    if let Some(end) = &s.ending {
-        log_end(shared, s.id, end);
-    }
-    let remains = Remains {
-        guard: s.guard.take(),
-        _stream: s.stream.take(),
-    };
+    let remains = end_session(shared, &mut s);
     // Nothing is out or parked (`finish` is called only then): the views and the segment
     // go here, before the guard, as they always did.
     drop(s);
     reap(reaper, remains);
+}
+
+/// Tells the engine its session is over (state DEAD, waiters woken), logs why, and takes
+/// what the session holds and its connection, to be released in that order.
+fn end_session(shared: &DaemonShared, s: &mut Served) -> Remains {
+    let _ = server::mark_dead(&s.seg, &s.geometry);
+    if let Some(end) = &s.ending {
+        log_end(shared, s.id, end);
+    }
+    Remains {
+        guard: s.guard.take(),
+        _stream: s.stream.take(),
+    }
 }
 
 pub(super) fn log_end(shared: &DaemonShared, session: u64, end: &End) {
