@@ -792,6 +792,15 @@ queue_events = {queue_events}
 # tls_cert_file = "/etc/kvplane/nats-client.pem"
 # tls_key_file = "/etc/kvplane/nats-client.key"
 # tls_required = true
+# Mutual TLS to the routers' event port (the routers' [events_tls]): the CA that signs
+# their certificates, this daemon's certificate and key (read at start-up like the NATS
+# files), and the name their certificates carry (unset: each router's IP address). Unset:
+# plain TCP, and anyone who reaches a router's event port can steer its routing.
+# [events.tls]
+# ca_file = "/etc/kvplane/router-ca.pem"
+# cert_file = "/etc/kvplane/daemon.pem"
+# key_file = "/etc/kvplane/daemon.key"
+# server_name = "router.example"
 
 [device]
 # The device the data plane runs on: "auto" (the CUDA device below when an NVIDIA driver
@@ -970,6 +979,12 @@ mod tests {
             nats_queue_events: 2048,
             nats_heartbeat_ms: 250,
             nats_auth: Default::default(),
+            tls: kvplane_router::tls::EventsTls {
+                ca_file: Some("/etc/kvplane/router-ca.pem".into()),
+                cert_file: Some("/etc/kvplane/daemon.pem".into()),
+                key_file: Some("/etc/kvplane/daemon.key".into()),
+                server_name: Some("router.example".into()),
+            },
         };
         let auth = &mut full.events.nats_auth;
         auth.token_file = Some("/etc/kvplane/nats.token".into());
@@ -1064,6 +1079,19 @@ mod tests {
             ),
             ("[device]\nordinal = -1", "ordinal"),
             ("[device]\ngpu = 0", "gpu"),
+            (
+                "[events]\nrouters = [\"127.0.0.1:7470\"]\n[events.tls]\nca_file = \"/k/ca.pem\"",
+                "events.tls.cert_file",
+            ),
+            (
+                "[events]\nrouters = [\"127.0.0.1:7470\"]\n[events.tls]\nca_file = \"/a\"\n\
+                 cert_file = \"/b\"\nkey_file = \"/c\"\nserver_name = \"no such name!\"",
+                "events.tls.server_name",
+            ),
+            (
+                "[events.tls]\nca_file = \"/a\"\ncert_file = \"/b\"\nkey_file = \"/c\"",
+                "`events.tls`: set without events.routers",
+            ),
         ];
         for (text, key) in cases {
             let err = parse(text).unwrap_err().to_string();

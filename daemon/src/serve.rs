@@ -56,8 +56,22 @@ pub fn run(args: ServeArgs) -> ServeResult {
     config
         .serve
         .engine_mapping_limits(crate::config::max_map_count())?;
-    // NATS credentials are root's files: read them now, before privileges are dropped.
+    // NATS credentials and the routers' TLS files are root's: read them now, before
+    // privileges are dropped.
     config.events.load_nats_auth()?;
+    let events_tls = config.events.load_tls()?;
+    if events_tls.is_none()
+        && config
+            .events
+            .router_addrs()
+            .iter()
+            .any(|a| !a.ip().is_loopback())
+    {
+        tracing::warn!(
+            routers = ?config.events.routers,
+            "KV events go to routers off loopback in plain TCP (set [events.tls])"
+        );
+    }
     signals::block_termination()?;
     let t0 = std::time::Instant::now();
     let (events_tx, events_rx) = crossbeam::channel::bounded(config.events.queue_events);
@@ -149,6 +163,7 @@ pub fn run(args: ServeArgs) -> ServeResult {
     let events = if streaming {
         let s = EventStream::start(
             &config.events,
+            events_tls,
             worker,
             Arc::clone(&blocks),
             Arc::clone(&dataplane),

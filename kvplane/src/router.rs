@@ -9,9 +9,10 @@ use std::path::PathBuf;
 pub struct RouterArgs {
     /// TOML config file (keys of `ServiceConfig`: events_addr, http_addr, grace_ms,
     /// block_size, max_nodes_per_namespace, max_body_bytes, http_timeout_ms,
-    /// max_http_connections, seed and a
-    /// [route] table: prefill_weight, decode_weight, active_weight, tier_credit,
-    /// temperature, prediction_ttl_ms, max_predictions). Flags override it.
+    /// max_http_connections, seed; a [route] table: prefill_weight, decode_weight,
+    /// active_weight, tier_credit, temperature, prediction_ttl_ms, max_predictions; an
+    /// [events_tls] table for mutual TLS on the event port: ca_file, cert_file,
+    /// key_file). Flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Address daemons and vLLM feed forwarders connect to.
@@ -139,7 +140,7 @@ pub fn run(args: RouterArgs) -> CliResult {
         })?;
         n.stream
             .auth
-            .load(&mut |path, _| std::fs::read(path))
+            .load(&mut kvplane_router::tls::read_file)
             .map_err(RouterCliError::from)?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -148,6 +149,13 @@ pub fn run(args: RouterArgs) -> CliResult {
         .build()
         .map_err(RouterCliError::Runtime)?;
     rt.block_on(async move {
+        if cfg.events_tls.is_empty() && !cfg.events_addr.ip().is_loopback() {
+            tracing::warn!(
+                events = %cfg.events_addr,
+                "the event port is plain TCP off loopback: any peer that reaches it can \
+                 announce workers and steer routing (set [events_tls])"
+            );
+        }
         let svc = RouterService::start(cfg).await?;
         tracing::info!(
             events = %svc.events_addr,

@@ -257,7 +257,10 @@ pub struct PublisherConfig {
     pub min_snapshot_interval_ms: u64,
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
+    /// The TCP connect, and the TLS handshake after it, each at most this long.
     pub connect_timeout_ms: u64,
+    /// Mutual TLS to every router ([`crate::tls::EventsTls::connector`]); `None`: plain TCP.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl Default for PublisherConfig {
@@ -272,6 +275,7 @@ impl Default for PublisherConfig {
             backoff_initial_ms: 100,
             backoff_max_ms: 5_000,
             connect_timeout_ms: 2_000,
+            tls: None,
         }
     }
 }
@@ -280,6 +284,9 @@ impl Default for PublisherConfig {
 #[derive(Debug, Default)]
 pub struct LinkStats {
     pub connects: AtomicU64,
+    /// TLS handshakes with this router that failed (its certificate not trusted, ours
+    /// refused) or timed out.
+    pub tls_failures: AtomicU64,
     pub snapshots_sent: AtomicU64,
     pub frames_sent: AtomicU64,
     pub frames_dropped: AtomicU64,
@@ -532,25 +539,24 @@ async fn link_task(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<Arc
         )
         .await;
         let stream = match connect {
-            Ok(Ok(s)) => s,
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                keep_alive(&s);
+                secure(cfg, link, s).await
+            }
             Ok(Err(err)) => {
                 tracing::debug!(%err, router = %link.addr, "router connect failed");
-                if !pause(&mut stop, backoff_ms).await {
-                    return;
-                }
-                backoff_ms = (backoff_ms * 2).min(cfg.backoff_max_ms.max(1));
-                continue;
+                None
             }
-            Err(_) => {
-                if !pause(&mut stop, backoff_ms).await {
-                    return;
-                }
-                backoff_ms = (backoff_ms * 2).min(cfg.backoff_max_ms.max(1));
-                continue;
-            }
+            Err(_) => None,
         };
-        let _ = stream.set_nodelay(true);
-        keep_alive(&stream);
+        let Some(stream) = stream else {
+            if !pause(&mut stop, backoff_ms).await {
+                return;
+            }
+            backoff_ms = (backoff_ms * 2).min(cfg.backoff_max_ms.max(1));
+            continue;
+        };
         link.stats.connects.fetch_add(1, Ordering::Relaxed);
         let result = tokio::select! {
             r = run_link(&shared, link, stream, &mut rx) => r,
@@ -580,6 +586,38 @@ async fn link_task(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<Arc
             return;
         }
     }
+}
+
+/// A connected event stream, plain or TLS.
+trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
+
+/// `stream` as the link runs on it: itself without TLS, else after a handshake within
+/// `connect_timeout_ms` (`None` when it fails: logged at powers of two, counted).
+async fn secure(
+    cfg: &PublisherConfig,
+    link: &Link,
+    stream: tokio::net::TcpStream,
+) -> Option<Box<dyn Duplex>> {
+    let Some(tls) = &cfg.tls else {
+        return Some(Box::new(stream));
+    };
+    let handshake = tls
+        .connector
+        .connect(tls.server_name_for(link.addr), stream);
+    let err = match tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), handshake)
+        .await
+    {
+        Ok(Ok(s)) => return Some(Box::new(s)),
+        Ok(Err(err)) => err,
+        Err(_) => std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"),
+    };
+    // A certificate problem repeats on every try: say so, without a line per retry.
+    let n = link.stats.tls_failures.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        tracing::warn!(%err, router = %link.addr, failures = n, "TLS handshake with router failed");
+    }
+    None
 }
 
 /// TCP keepalive on an event connection: a peer that vanished without closing (a host
@@ -623,10 +661,10 @@ async fn send_snapshot(
 async fn run_link(
     shared: &Shared,
     link: &Link,
-    stream: tokio::net::TcpStream,
+    stream: Box<dyn Duplex>,
     rx: &mut mpsc::Receiver<Arc<[u8]>>,
 ) -> Result<(), WireError> {
-    let (mut r, w) = stream.into_split();
+    let (mut r, w) = tokio::io::split(stream);
     let mut w = tokio::io::BufWriter::new(w);
     write_frame(
         &mut w,

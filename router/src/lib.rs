@@ -13,6 +13,7 @@ pub mod nats;
 pub mod replay;
 pub mod route;
 pub mod service;
+pub mod tls;
 pub mod vllm;
 
 /// A routable worker (one engine or GPU behind a daemon), unique across the cluster.

@@ -97,7 +97,8 @@ impl NatsStreamConfig {
 /// NATS credentials and TLS settings: file paths in the configuration, read by
 /// [`NatsAuth::load`] (the daemon loads them before it drops privileges, through its
 /// no-link open; a router that did not load them reads them at each connection, so a
-/// rotated token or certificate is picked up on reconnect). No secret is ever written in
+/// rotated token or certificate is picked up on reconnect, refusing a secret others can
+/// read, as [`crate::tls::read_file`] does). No secret is ever written in
 /// the configuration itself, and `Debug` never shows one.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -355,7 +356,7 @@ impl NatsAuth {
             Some(l) => Arc::clone(l),
             None if self.is_empty() => return Ok(opts),
             // A router reads its files at each connection.
-            None => match self.load(&mut |p, _| std::fs::read(p))?.loaded {
+            None => match self.load(&mut crate::tls::read_file)?.loaded {
                 Some(l) => l,
                 None => return Ok(opts),
             },
@@ -408,13 +409,7 @@ fn tls_config(loaded: &LoadedAuth) -> Result<Option<async_nats::rustls::ClientCo
     };
     let certs =
         |what: &'static str, pem: &[u8]| -> Result<Vec<CertificateDer<'static>>, NatsError> {
-            let certs = CertificateDer::pem_slice_iter(pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(what, &e))?;
-            if certs.is_empty() {
-                return Err(bad(what, &"no PEM certificate in it"));
-            }
-            Ok(certs)
+            crate::tls::pem_certs(pem).map_err(|e| bad(what, &e))
         };
     let mut roots = RootCertStore::empty();
     match &loaded.tls_ca {

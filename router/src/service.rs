@@ -68,6 +68,9 @@ pub struct ServiceConfig {
     pub route: RouteConfig,
     /// Read KV events from this NATS JetStream stream (in addition to the TCP listener).
     pub nats: Option<crate::nats::RouterNatsConfig>,
+    /// `[events_tls]`: mutual TLS on the event port (`ca_file` signs the peers' client
+    /// certificates; `cert_file` and `key_file` are the router's). Unset: plain TCP.
+    pub events_tls: crate::tls::EventsTls,
 }
 
 impl Default for ServiceConfig {
@@ -89,12 +92,15 @@ impl Default for ServiceConfig {
             seed: 0x006b_7670_6c61_6e65,
             route: RouteConfig::default(),
             nats: None,
+            events_tls: crate::tls::EventsTls::default(),
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("bind {what} on {addr}")]
     Bind {
         what: &'static str,
@@ -110,6 +116,9 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// Event connections closed at once: `max_event_connections` were open.
     pub connections_refused: AtomicU64,
+    /// Event connections whose TLS handshake failed or did not finish by the Hello's
+    /// deadline (no certificate, another CA's, not TLS at all).
+    pub tls_refused: AtomicU64,
     /// Frames naming a worker another live connection (or NATS) announced: ignored.
     pub frames_foreign_worker: AtomicU64,
     pub frames: AtomicU64,
@@ -886,6 +895,11 @@ impl RouterState {
             l(&m.connections_refused),
         );
         counter(
+            "event_connections_tls_refused_total",
+            "Event connections whose TLS handshake failed or did not finish in time.",
+            l(&m.tls_refused),
+        );
+        counter(
             "frames_foreign_worker_total",
             "Event frames naming a worker another live connection announced (ignored).",
             l(&m.frames_foreign_worker),
@@ -1076,6 +1090,12 @@ pub struct RouterService {
 impl RouterService {
     /// Binds both listeners (port 0 picks a free port) and starts serving.
     pub async fn start(config: ServiceConfig) -> Result<RouterService, ServiceError> {
+        // Before binding: a bad file fails the start-up with its name.
+        let tls = if config.events_tls.is_empty() {
+            None
+        } else {
+            Some(config.events_tls.acceptor(&mut crate::tls::read_file)?)
+        };
         let events = TcpListener::bind(config.events_addr)
             .await
             .map_err(|source| ServiceError::Bind {
@@ -1095,7 +1115,7 @@ impl RouterService {
         let nats = config.nats.clone();
         let state = Arc::new(RouterState::new(config));
         let mut tasks = vec![
-            tokio::spawn(accept_events(events, state.clone())),
+            tokio::spawn(accept_events(events, state.clone(), tls)),
             tokio::spawn(accept_http(http, state.clone())),
             tokio::spawn(reaper(state.clone())),
         ];
@@ -1127,7 +1147,11 @@ async fn reaper(state: Arc<RouterState>) {
     }
 }
 
-async fn accept_events(listener: TcpListener, state: Arc<RouterState>) {
+async fn accept_events(
+    listener: TcpListener,
+    state: Arc<RouterState>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -1155,9 +1179,33 @@ async fn accept_events(listener: TcpListener, state: Arc<RouterState>) {
         state.metrics.connections.fetch_add(1, Ordering::Relaxed);
         let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
         let st = state.clone();
+        let tls = tls.clone();
         let task = tokio::spawn(async move {
-            if let Err(err) = event_connection(&st, stream, conn).await {
-                tracing::warn!(%err, %peer, "event connection ended");
+            // The handshake and the Hello share one deadline: a peer holds a connection
+            // place at most that long before it has shown anything.
+            let timeout_ms = st.config.hello_timeout_ms;
+            let hello_by = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+            let result = match tls {
+                None => event_connection(&st, stream, conn, hello_by).await,
+                Some(tls) => match tokio::time::timeout_at(hello_by, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => event_connection(&st, stream, conn, hello_by).await,
+                    Ok(Err(err)) => Err(ConnError::Tls(err)),
+                    Err(_) => Err(ConnError::Tls(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no handshake within {timeout_ms} ms"),
+                    ))),
+                },
+            };
+            match result {
+                Ok(()) => {}
+                Err(err @ ConnError::Tls(_)) => {
+                    // Anyone can knock: warn at powers of two, count them all.
+                    let n = st.metrics.tls_refused.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        tracing::warn!(%err, %peer, refused = n, "event connection refused");
+                    }
+                }
+                Err(err) => tracing::warn!(%err, %peer, "event connection ended"),
             }
         });
         let abort = task.abort_handle();
@@ -1191,23 +1239,27 @@ enum ConnError {
     SlowFrame { len: usize },
     #[error("worker {0} belongs to another live connection")]
     ForeignWorker(WorkerId),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
 }
 
-async fn event_connection(
+/// One event connection (plain TCP or TLS), from its Hello on.
+async fn event_connection<S>(
     state: &RouterState,
-    stream: TcpStream,
+    stream: S,
     conn: u64,
-) -> Result<(), ConnError> {
-    let (r, w) = stream.into_split();
+    hello_by: tokio::time::Instant,
+) -> Result<(), ConnError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (r, w) = tokio::io::split(stream);
     let mut r = BufReader::with_capacity(1 << 16, r);
     // A Hello is a few dozen bytes: a peer that has not sent it soon is not a publisher.
     let timeout_ms = state.config.hello_timeout_ms;
-    let hello = tokio::time::timeout(
-        Duration::from_millis(timeout_ms),
-        read_frame_body(&mut r, 64 << 10),
-    )
-    .await
-    .map_err(|_| ConnError::HelloTimeout(timeout_ms))?;
+    let hello = tokio::time::timeout_at(hello_by, read_frame_body(&mut r, 64 << 10))
+        .await
+        .map_err(|_| ConnError::HelloTimeout(timeout_ms))?;
     let Some(body) = hello? else {
         return Ok(());
     };
@@ -1302,7 +1354,7 @@ pub const MAX_VLLM_FRAME_BYTES: usize = 16 << 20;
 
 async fn vllm_connection(
     state: &RouterState,
-    mut r: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    mut r: BufReader<impl tokio::io::AsyncRead + Unpin>,
     node: &str,
     conn: u64,
     worker: WorkerId,

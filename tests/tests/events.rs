@@ -30,6 +30,10 @@ impl Drop for RouterProc {
 }
 
 fn start_router(events: u16, http: u16) -> RouterProc {
+    start_router_with(events, http, &[])
+}
+
+fn start_router_with(events: u16, http: u16, extra_args: &[&str]) -> RouterProc {
     let child = Command::new(kvplane_bin())
         .args([
             "router",
@@ -38,6 +42,7 @@ fn start_router(events: u16, http: u16) -> RouterProc {
             "--http-addr",
             &format!("127.0.0.1:{http}"),
         ])
+        .args(extra_args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -266,4 +271,112 @@ fn router_kill_campaign(seed: u64) {
          chains_saved_while_down={missed} chains={chains} tail_drops={drops} \
          chains_converged={checked}"
     );
+}
+
+/// A CA's certificate and key, and the leaf certificates it signs as PEM files.
+struct TestCa(rcgen::Certificate, rcgen::KeyPair);
+
+impl TestCa {
+    fn new() -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        TestCa(p.self_signed(&key).unwrap(), key)
+    }
+
+    /// `{name}.pem` and `{name}.key` (0600) in `dir`, for `sans`.
+    fn issue(&self, dir: &std::path::Path, name: &str, sans: &[&str]) -> [std::path::PathBuf; 2] {
+        use std::os::unix::fs::PermissionsExt;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let cert = rcgen::CertificateParams::new(sans)
+            .unwrap()
+            .signed_by(&key, &self.0, &self.1)
+            .unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+        [c, k]
+    }
+}
+
+/// A counter of the router's `/metrics`.
+fn router_counter(http: u16, name: &str) -> u64 {
+    let mut s = TcpStream::connect(("127.0.0.1", http)).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{resp}"))
+}
+
+/// With `[events_tls]` on the router and `[events.tls]` on a daemon, the daemon's blocks
+/// become routable over mutual TLS; a daemon streaming in plain TCP to the same router is
+/// refused and its blocks never become routable.
+#[test]
+fn events_reach_a_tls_router_and_a_plain_daemons_do_not() {
+    let dir = temp_dir("events-tls");
+    let plain_dir = temp_dir("events-tls-plain");
+    let (ev, http) = (free_port(), free_port());
+    let ca = TestCa::new();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.0.pem()).unwrap();
+    let [router_cert, router_key] = ca.issue(dir.path(), "router", &["127.0.0.1"]);
+    let [daemon_cert, daemon_key] = ca.issue(dir.path(), "daemon", &["daemon-42"]);
+    let router_toml = dir.path().join("router.toml");
+    std::fs::write(
+        &router_toml,
+        format!(
+            "[events_tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            ca_file.display(),
+            router_cert.display(),
+            router_key.display()
+        ),
+    )
+    .unwrap();
+    let _router = start_router_with(ev, http, &["--config", router_toml.to_str().unwrap()]);
+    let tls_config = small_config(dir.path(), |c| {
+        c.events.routers = vec![format!("127.0.0.1:{ev}")];
+        c.events.worker_id = 42;
+        c.events.tls.ca_file = Some(ca_file.clone());
+        c.events.tls.cert_file = Some(daemon_cert.clone());
+        c.events.tls.key_file = Some(daemon_key.clone());
+    });
+    let plain_config = small_config(plain_dir.path(), |c| {
+        c.events.routers = vec![format!("127.0.0.1:{ev}")];
+        c.events.worker_id = 43;
+    });
+    let daemon = DaemonProc::start(dir.path(), &["--config", tls_config.to_str().unwrap()]);
+    let plain = DaemonProc::start(
+        plain_dir.path(),
+        &["--config", plain_config.to_str().unwrap()],
+    );
+    let hashes: Vec<u64> = (0..6).map(|i| 0x71_5000 + i).collect();
+    let ops = chain_ops(&hashes, 0);
+    let mut e = TestEngine::attach(&daemon.socket, "ev").unwrap();
+    assert_eq!(e.block_op(Opcode::Save, 0, &ops).0.blocks, 6);
+    let mut p = TestEngine::attach(&plain.socket, "ev").unwrap();
+    assert_eq!(p.block_op(Opcode::Save, 0, &ops).0.blocks, 6);
+    wait_for(http, 42, &hashes, 6);
+    // The plain daemon retries: refused each time, its blocks never routable.
+    let refused = "kvplane_router_event_connections_tls_refused_total";
+    let t0 = Instant::now();
+    while router_counter(http, refused) < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the plain daemon was not refused"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(cached_on(http, 43, &hashes), 0);
+    assert_eq!(cached_on(http, 42, &hashes), 6);
 }

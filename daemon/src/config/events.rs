@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use kvplane_router::WorkerId;
 use kvplane_router::nats::{AuthFile, NatsAuth, NatsError};
+use kvplane_router::tls::{ClientTls, EventsTls, MAX_AUTH_FILE_BYTES, Side, TlsError};
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
@@ -38,10 +39,12 @@ pub struct EventsConfig {
     /// another user's links; a token, password or key file must be readable by its owner
     /// only.
     pub nats_auth: NatsAuth,
+    /// `[events.tls]`: mutual TLS to the routers (`ca_file` signs the routers'
+    /// certificates; `cert_file` and `key_file` are this daemon's; `server_name` the
+    /// name the routers' certificates carry, else each router's IP). Read at start-up
+    /// like `nats_auth`. Unset: plain TCP.
+    pub tls: EventsTls,
 }
-
-/// Auth files larger than this are refused (a certificate chain is a few KiB).
-const MAX_AUTH_FILE_BYTES: u64 = 1 << 20;
 
 impl Default for EventsConfig {
     fn default() -> Self {
@@ -55,7 +58,33 @@ impl Default for EventsConfig {
             nats_queue_events: 65_536,
             nats_heartbeat_ms: 1_000,
             nats_auth: NatsAuth::default(),
+            tls: EventsTls::default(),
         }
+    }
+}
+
+/// An auth or TLS file, through the daemon's no-link open: a secret must be the daemon's
+/// or root's and unreadable by others, a certificate unwritable by others.
+fn read_auth_file(path: &std::path::Path, kind: AuthFile) -> std::io::Result<Vec<u8>> {
+    let forbidden = match kind {
+        AuthFile::Secret => 0o077,
+        AuthFile::Public => 0o022,
+    };
+    crate::secure_open::read_regular(path, forbidden, MAX_AUTH_FILE_BYTES)
+        .map_err(std::io::Error::other)
+}
+
+/// A `[events.tls]` setting's error, keyed like the others.
+fn tls_config_error(e: &TlsError) -> ConfigError {
+    match e {
+        TlsError::Invalid { what, reason } => ConfigError::Invalid {
+            key: format!("events.tls.{what}"),
+            reason: reason.clone(),
+        },
+        TlsError::File { what, .. } => ConfigError::Invalid {
+            key: format!("events.tls.{what}"),
+            reason: e.to_string(),
+        },
     }
 }
 
@@ -108,6 +137,15 @@ impl EventsConfig {
                 reason: "set without events.nats_url".into(),
             });
         }
+        self.tls
+            .validate(Side::Daemon)
+            .map_err(|e| tls_config_error(&e))?;
+        if !self.tls.is_empty() && self.routers.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "events.tls".into(),
+                reason: "set without events.routers".into(),
+            });
+        }
         if self.nats_heartbeat_ms != 0 && !(10..=60_000).contains(&self.nats_heartbeat_ms) {
             return Err(ConfigError::Invalid {
                 key: "events.nats_heartbeat_ms".into(),
@@ -130,15 +168,17 @@ impl EventsConfig {
         if self.nats_url.is_none() || self.nats_auth.is_empty() {
             return Ok(());
         }
-        self.nats_auth = self.nats_auth.load(&mut |path, kind| {
-            let forbidden = match kind {
-                AuthFile::Secret => 0o077,
-                AuthFile::Public => 0o022,
-            };
-            crate::secure_open::read_regular(path, forbidden, MAX_AUTH_FILE_BYTES)
-                .map_err(std::io::Error::other)
-        })?;
+        self.nats_auth = self.nats_auth.load(&mut read_auth_file)?;
         Ok(())
+    }
+
+    /// The routers' TLS connector from `tls`'s files, read like `nats_auth`'s (as root,
+    /// before privileges are dropped); `None` without TLS.
+    pub fn load_tls(&self) -> Result<Option<ClientTls>, TlsError> {
+        if self.tls.is_empty() {
+            return Ok(None);
+        }
+        self.tls.connector(&mut read_auth_file).map(Some)
     }
 
     /// Whether any event stream is configured.

@@ -46,8 +46,10 @@ impl std::fmt::Debug for EventStream {
 
 impl EventStream {
     /// Start streaming `events` (from the manager) to the configured routers.
+    /// `tls`: [`EventsConfig::load_tls`]'s, loaded before privileges were dropped.
     pub fn start(
         config: &EventsConfig,
+        tls: Option<kvplane_router::tls::ClientTls>,
         worker: WorkerId,
         blocks: Arc<BlockManager>,
         dataplane: Arc<DataPlane>,
@@ -67,6 +69,7 @@ impl EventStream {
             PublisherConfig {
                 routers: config.router_addrs(),
                 node: node.clone(),
+                tls,
                 ..PublisherConfig::default()
             },
             provider.clone(),
@@ -339,6 +342,53 @@ mod tests {
                 .contains("events.nats_queue_events")
         );
         assert!(!EventsConfig::default().enabled());
+    }
+
+    /// The routers' TLS files are read through the daemon's no-link open: a key others
+    /// can read is refused before anything is parsed.
+    #[test]
+    fn tls_files_are_read_like_the_nats_secrets() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, b"not PEM").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let mut c = EventsConfig {
+            routers: vec!["127.0.0.1:7470".into()],
+            ..EventsConfig::default()
+        };
+        assert!(c.load_tls().unwrap().is_none(), "no TLS, nothing read");
+        c.tls.ca_file = Some(file("ca.pem", 0o644));
+        c.tls.cert_file = Some(file("d.pem", 0o644));
+        c.tls.key_file = Some(file("d.key", 0o640));
+        c.validate().unwrap();
+        let err = c.load_tls().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                kvplane_router::tls::TlsError::File {
+                    what: "key_file",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Readable by its owner only, the files are parsed (and these hold no certificate).
+        c.tls.key_file = Some(file("d.key", 0o600));
+        let err = c.load_tls().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                kvplane_router::tls::TlsError::Invalid {
+                    what: "ca_file",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

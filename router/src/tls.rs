@@ -1,0 +1,375 @@
+//! Mutual TLS on the router's event port (rustls with ring, PEM files).
+//!
+//! Without it, any peer that reaches the port can announce worker ids, take a
+//! disconnected worker's id in its grace period and fill the index with blocks no worker
+//! holds, steering requests. With it, the router presents `cert_file` and accepts only
+//! peers whose client certificate chains to its `ca_file`; a daemon presents its own and
+//! accepts only a router whose certificate chains to the daemon's `ca_file` and names
+//! `server_name` (default: the router address's IP). Files are read once, at start-up.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio_rustls::rustls::{self, RootCertStore, pki_types};
+use zeroize::Zeroize;
+
+use crate::nats::AuthFile;
+
+use pki_types::pem::PemObject;
+use pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// `[events_tls]` of the router, `[events.tls]` of a daemon: PEM files. All three files,
+/// or none (plain TCP).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsTls {
+    /// CA certificates that sign the other side's certificate: for the router, the
+    /// daemons' (and feed forwarders') client certificates; for a daemon, the router's.
+    pub ca_file: Option<PathBuf>,
+    /// This side's certificate chain, and its private key (readable by its owner only).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// A daemon's only: the name the router's certificate must carry (a DNS name or an
+    /// IP address). Unset: the IP address of each router in `routers`.
+    pub server_name: Option<String>,
+}
+
+/// Which end of the event connection a configuration is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Router,
+    Daemon,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("events TLS {what}: {reason}")]
+    Invalid { what: &'static str, reason: String },
+    #[error("events TLS {what}: {}: {source}", path.display())]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn invalid(what: &'static str, reason: impl std::fmt::Display) -> TlsError {
+    TlsError::Invalid {
+        what,
+        reason: reason.to_string(),
+    }
+}
+
+/// A daemon's side, loaded: what each connection to a router needs.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub connector: tokio_rustls::TlsConnector,
+    /// `None`: each router's IP address.
+    pub server_name: Option<ServerName<'static>>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// The name the certificate of the router at `addr` must carry.
+    pub fn server_name_for(&self, addr: std::net::SocketAddr) -> ServerName<'static> {
+        self.server_name
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
+    }
+}
+
+impl EventsTls {
+    /// Whether TLS is off (no file set).
+    pub fn is_empty(&self) -> bool {
+        self.ca_file.is_none()
+            && self.cert_file.is_none()
+            && self.key_file.is_none()
+            && self.server_name.is_none()
+    }
+
+    /// All three files together; `server_name` a valid name, and a daemon's only.
+    pub fn validate(&self, side: Side) -> Result<(), TlsError> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        for (what, path) in [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ] {
+            if path.is_none() {
+                return Err(invalid(
+                    what,
+                    "unset: ca_file, cert_file and key_file go together (TLS on the event \
+                     port is mutual)",
+                ));
+            }
+        }
+        if let Some(name) = &self.server_name {
+            if side == Side::Router {
+                return Err(invalid(
+                    "server_name",
+                    "a daemon's setting (the name it expects in the router's certificate)",
+                ));
+            }
+            ServerName::try_from(name.as_str())
+                .map_err(|e| invalid("server_name", format!("`{name}`: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The three files' contents, read with `read` (a daemon's reader refuses links and a
+    /// key others may read; [`read_file`] for the router).
+    fn read(
+        &self,
+        read: &mut dyn FnMut(&Path, AuthFile) -> std::io::Result<Vec<u8>>,
+    ) -> Result<Pem, TlsError> {
+        let mut file = |what: &'static str, path: &Option<PathBuf>, kind| {
+            let path = path.as_deref().ok_or_else(|| invalid(what, "unset"))?;
+            read(path, kind).map_err(|source| TlsError::File {
+                what,
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        Ok(Pem {
+            ca: file("ca_file", &self.ca_file, AuthFile::Public)?,
+            cert: file("cert_file", &self.cert_file, AuthFile::Public)?,
+            key: file("key_file", &self.key_file, AuthFile::Secret)?,
+        })
+    }
+
+    /// The router's acceptor: client certificates required, chained to `ca_file`.
+    pub fn acceptor(
+        &self,
+        read: &mut dyn FnMut(&Path, AuthFile) -> std::io::Result<Vec<u8>>,
+    ) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+        self.validate(Side::Router)?;
+        let pem = self.read(read)?;
+        let provider = provider();
+        let roots = Arc::new(pem.roots()?);
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|e| invalid("ca_file", e))?;
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid("protocol versions", e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(pem.chain()?, pem.key()?)
+            .map_err(|e| invalid("cert_file", e))?;
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+
+    /// A daemon's connector: the router's certificate chained to `ca_file`, this side's
+    /// certificate presented.
+    pub fn connector(
+        &self,
+        read: &mut dyn FnMut(&Path, AuthFile) -> std::io::Result<Vec<u8>>,
+    ) -> Result<ClientTls, TlsError> {
+        self.validate(Side::Daemon)?;
+        let pem = self.read(read)?;
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid("protocol versions", e))?
+            .with_root_certificates(pem.roots()?)
+            .with_client_auth_cert(pem.chain()?, pem.key()?)
+            .map_err(|e| invalid("cert_file", e))?;
+        let server_name = match &self.server_name {
+            Some(n) => Some(
+                ServerName::try_from(n.clone())
+                    .map_err(|e| invalid("server_name", format!("`{n}`: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(ClientTls {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Files read for one configuration; the key is wiped when dropped.
+struct Pem {
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl Drop for Pem {
+    fn drop(&mut self) {
+        self.key.zeroize();
+    }
+}
+
+impl Pem {
+    fn roots(&self) -> Result<RootCertStore, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in pem_certs(&self.ca).map_err(|e| invalid("ca_file", e))? {
+            roots.add(c).map_err(|e| invalid("ca_file", e))?;
+        }
+        Ok(roots)
+    }
+
+    fn chain(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        pem_certs(&self.cert).map_err(|e| invalid("cert_file", e))
+    }
+
+    fn key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
+        PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| invalid("key_file", e))
+    }
+}
+
+/// Every certificate of a PEM file; at least one.
+pub(crate) fn pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no PEM certificate in it".into());
+    }
+    Ok(certs)
+}
+
+/// Auth and TLS files larger than this are refused (a certificate chain is a few KiB).
+pub const MAX_AUTH_FILE_BYTES: u64 = 1 << 20;
+
+/// The router's reader: a regular file of at most [`MAX_AUTH_FILE_BYTES`]; a key (a
+/// [`AuthFile::Secret`]) readable by group or others is refused, as ssh does.
+pub fn read_file(path: &Path, kind: AuthFile) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if kind == AuthFile::Secret && meta.permissions().mode() & 0o077 != 0 {
+        return Err(std::io::Error::other(format!(
+            "mode {:o}: readable by group or others (chmod 600)",
+            meta.permissions().mode() & 0o777
+        )));
+    }
+    if meta.len() > MAX_AUTH_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "{} bytes, more than {MAX_AUTH_FILE_BYTES}",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_AUTH_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> EventsTls {
+        EventsTls {
+            ca_file: Some("/k/ca.pem".into()),
+            cert_file: Some("/k/c.pem".into()),
+            key_file: Some("/k/c.key".into()),
+            server_name: None,
+        }
+    }
+
+    fn what(r: Result<(), TlsError>) -> &'static str {
+        match r {
+            Err(TlsError::Invalid { what, .. }) => what,
+            other => panic!("expected an invalid setting, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_three_files_go_together() {
+        assert!(EventsTls::default().validate(Side::Router).is_ok());
+        assert!(all().validate(Side::Router).is_ok());
+        let mut t = all();
+        t.key_file = None;
+        assert_eq!(what(t.validate(Side::Daemon)), "key_file");
+        let t = EventsTls {
+            server_name: Some("router.example".into()),
+            ..EventsTls::default()
+        };
+        assert_eq!(what(t.validate(Side::Daemon)), "ca_file");
+    }
+
+    #[test]
+    fn server_name_is_a_daemons_and_must_be_a_name() {
+        let mut t = all();
+        t.server_name = Some("router.example".into());
+        assert!(t.validate(Side::Daemon).is_ok());
+        assert_eq!(what(t.validate(Side::Router)), "server_name");
+        t.server_name = Some("not a name!".into());
+        assert_eq!(what(t.validate(Side::Daemon)), "server_name");
+        t.server_name = Some("10.0.0.7".into());
+        assert!(t.validate(Side::Daemon).is_ok());
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let Err(err) = all().acceptor(&mut |_, _| Err(std::io::ErrorKind::NotFound.into())) else {
+            panic!("an acceptor without its files");
+        };
+        assert!(
+            matches!(
+                err,
+                TlsError::File {
+                    what: "ca_file",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_file_without_a_certificate_is_refused() {
+        let err = all()
+            .connector(&mut |_, _| Ok(b"not PEM".to_vec()))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TlsError::Invalid {
+                    what: "ca_file",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn the_routers_reader_refuses_a_key_others_can_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.pem");
+        std::fs::write(&key, b"secret").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = read_file(&key, AuthFile::Secret).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        // A certificate may be read by anyone.
+        assert_eq!(read_file(&key, AuthFile::Public).unwrap(), b"secret");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_file(&key, AuthFile::Secret).unwrap(), b"secret");
+        assert!(
+            read_file(dir.path(), AuthFile::Public).is_err(),
+            "a directory"
+        );
+    }
+}

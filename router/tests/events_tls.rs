@@ -1,0 +1,363 @@
+//! Mutual TLS on the router's event port, over real TCP on 127.0.0.1: a daemon with a
+//! certificate of the router's CA streams; a plain peer, a peer without a certificate,
+//! one of another CA, and a daemon facing a router it does not trust never get a worker
+//! into the index; a peer that never handshakes is closed by the Hello's deadline.
+
+use kvplane_router::Tier;
+use kvplane_router::events::{
+    Frame, NamespaceBlocks, PROTOCOL_VERSION, Publisher, PublisherConfig, SnapshotBlock, Source,
+    WorkerBlocks, WorkerSnapshot, write_frame,
+};
+use kvplane_router::service::{RouterService, RouterState, ServiceConfig, ServiceError};
+use kvplane_router::tls::{EventsTls, TlsError};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// A CA and what it signs, as PEM files in a directory of the test.
+struct Ca {
+    key: rcgen::KeyPair,
+    cert: rcgen::Certificate,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("kvplane test CA {name}"));
+        let cert = p.self_signed(&key).unwrap();
+        Ca { key, cert }
+    }
+
+    /// Writes `{name}.pem` and `{name}.key` (0600) for a leaf with these names, and
+    /// `{name}-ca.pem` holding `trusts`' certificate; returns the configuration naming them.
+    fn issue(&self, dir: &Path, name: &str, sans: &[&str], trusts: &Ca) -> EventsTls {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let cert = rcgen::CertificateParams::new(sans)
+            .unwrap()
+            .signed_by(&key, &self.cert, &self.key)
+            .unwrap();
+        let cert_file = dir.join(format!("{name}.pem"));
+        let key_file = dir.join(format!("{name}.key"));
+        let ca_file = dir.join(format!("{name}-ca.pem"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&ca_file, trusts.cert.pem()).unwrap();
+        EventsTls {
+            ca_file: Some(ca_file),
+            cert_file: Some(cert_file),
+            key_file: Some(key_file),
+            server_name: None,
+        }
+    }
+}
+
+fn config(tls: EventsTls, hello_timeout_ms: u64) -> ServiceConfig {
+    ServiceConfig {
+        events_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        hello_timeout_ms,
+        events_tls: tls,
+        ..ServiceConfig::default()
+    }
+}
+
+fn publisher(router: std::net::SocketAddr, tls: &EventsTls, worker: u64) -> Publisher {
+    let tls = tls
+        .connector(&mut kvplane_router::tls::read_file)
+        .expect("the daemon's TLS files load");
+    Publisher::start(
+        PublisherConfig {
+            routers: vec![router],
+            node: format!("node-{worker}"),
+            backoff_initial_ms: 10,
+            backoff_max_ms: 50,
+            tls: Some(tls),
+            ..PublisherConfig::default()
+        },
+        Arc::new(move || {
+            vec![WorkerBlocks {
+                worker,
+                namespaces: vec![NamespaceBlocks {
+                    namespace: "ns".into(),
+                    blocks: vec![SnapshotBlock {
+                        hash: 7,
+                        parent: None,
+                        tiers: Tier::Hbm.bit(),
+                    }],
+                }],
+            }]
+        }),
+        &tokio::runtime::Handle::current(),
+    )
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn holds(state: &RouterState, worker: u64) -> bool {
+    state
+        .index
+        .with_tree("ns", |t| t.holds(worker, 7, None))
+        .unwrap_or(false)
+}
+
+fn refused(state: &RouterState) -> u64 {
+    state.metrics.tls_refused.load(Ordering::Relaxed)
+}
+
+/// The frames a daemon would send, in plain TCP or on `stream`.
+async fn hello_and_snapshot(stream: &mut (impl tokio::io::AsyncWrite + Unpin), worker: u64) {
+    let frames = [
+        Frame::Hello {
+            node: "intruder".into(),
+            protocol: PROTOCOL_VERSION,
+            source: Source::Kvplane,
+        },
+        Frame::Snapshot {
+            workers: vec![WorkerSnapshot {
+                seq: 0,
+                state: WorkerBlocks {
+                    worker,
+                    namespaces: vec![NamespaceBlocks {
+                        namespace: "ns".into(),
+                        blocks: vec![SnapshotBlock {
+                            hash: 7,
+                            parent: None,
+                            tiers: Tier::Hbm.bit(),
+                        }],
+                    }],
+                },
+            }],
+        },
+    ];
+    for f in &frames {
+        // The router may already have closed: what counts is what it took in.
+        if write_frame(stream, f).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_of_the_routers_ca_streams_and_no_one_else_gets_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("a");
+    let other = Ca::new("b");
+    let router_tls = ca.issue(dir.path(), "router", &["127.0.0.1"], &ca);
+    let daemon_tls = ca.issue(dir.path(), "daemon", &["daemon-1"], &ca);
+    let svc = RouterService::start(config(router_tls, 5_000))
+        .await
+        .unwrap();
+    let state = svc.state.clone();
+
+    // A daemon with a certificate of the router's CA: its snapshot lands, and events after it.
+    let good = publisher(svc.events_addr, &daemon_tls, 1);
+    eventually("the TLS daemon's snapshot applied", || holds(&state, 1)).await;
+    good.stored(1, "ns", &[(8, Some(7))], Tier::Hbm);
+    eventually("an event over TLS applied", || {
+        state
+            .index
+            .with_tree("ns", |t| t.holds(1, 8, None))
+            .unwrap_or(false)
+    })
+    .await;
+    assert_eq!(refused(&state), 0);
+
+    // Plain TCP: the daemon's frames in the clear are not a TLS handshake.
+    let mut plain = TcpStream::connect(svc.events_addr).await.unwrap();
+    hello_and_snapshot(&mut plain, 2).await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), plain.read(&mut buf))
+        .await
+        .expect("the router closes a plain peer at once");
+    // Whatever comes back is a TLS alert, never a frame of the protocol.
+    assert!(
+        n.is_err() || n.as_ref().is_ok_and(|&n| n == 0 || buf[0] == 0x15),
+        "{n:?} {buf:?}"
+    );
+    eventually("the plain peer counted", || refused(&state) >= 1).await;
+
+    // TLS without a client certificate.
+    let no_cert = {
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        roots
+            .add(ca.cert.der().clone())
+            .expect("the CA's certificate");
+        tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+    };
+    let tcp = TcpStream::connect(svc.events_addr).await.unwrap();
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    // TLS 1.3 ends the client's side of the handshake before the server checks it: the
+    // refusal shows on the first read.
+    if let Ok(mut s) = tokio_rustls::TlsConnector::from(Arc::new(no_cert))
+        .connect(name, tcp)
+        .await
+    {
+        hello_and_snapshot(&mut s, 3).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    }
+    eventually("the peer without a certificate counted", || {
+        refused(&state) >= 2
+    })
+    .await;
+
+    // A client certificate of another CA (trusting the router's, so only ours fails).
+    let intruder_tls = other.issue(dir.path(), "intruder", &["daemon-1"], &ca);
+    let intruder = publisher(svc.events_addr, &intruder_tls, 4);
+    eventually("the other CA's peer refused again and again", || {
+        refused(&state) >= 5
+    })
+    .await;
+
+    // None of them is a worker, nor in the index; the real daemon still is.
+    let workers: Vec<u64> = state.worker_list().iter().map(|w| w.worker).collect();
+    assert_eq!(workers, vec![1], "only the TLS daemon's worker");
+    for w in [2, 3, 4] {
+        assert!(!holds(&state, w), "worker {w} got into the index");
+    }
+    assert!(holds(&state, 1));
+    let text = state.render_metrics();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("kvplane_router_event_connections_tls_refused_total ")),
+        "{text}"
+    );
+    intruder.shutdown();
+    good.shutdown();
+    svc.shutdown();
+}
+
+/// A daemon with `tls` never gets a connection to `svc` up: each handshake fails on its
+/// side, and the router never sees its snapshot.
+async fn daemon_refuses(svc: &RouterService, tls: &EventsTls, what: &str) {
+    let p = publisher(svc.events_addr, tls, 1);
+    let link = p.link_stats(svc.events_addr).unwrap();
+    eventually(&format!("the daemon refused {what}"), || {
+        link.tls_failures.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    assert_eq!(link.connects.load(Ordering::Relaxed), 0, "{what}");
+    assert!(!holds(&svc.state, 1), "a snapshot went past {what}");
+    p.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_does_not_stream_to_a_router_it_does_not_trust() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("a");
+    let other = Ca::new("b");
+    // The router's certificate is another CA's; it would accept the daemon's.
+    let router_tls = other.issue(dir.path(), "router", &["127.0.0.1"], &ca);
+    let daemon_tls = ca.issue(dir.path(), "daemon", &["daemon-1"], &ca);
+    let svc = RouterService::start(config(router_tls, 5_000))
+        .await
+        .unwrap();
+    daemon_refuses(&svc, &daemon_tls, "a router certificate of another CA").await;
+    svc.shutdown();
+
+    // The router's certificate of the right CA, but for another name than the daemon
+    // expects.
+    let router_tls = ca.issue(dir.path(), "router2", &["127.0.0.1"], &ca);
+    let svc = RouterService::start(config(router_tls, 5_000))
+        .await
+        .unwrap();
+    let named = EventsTls {
+        server_name: Some("router.example".into()),
+        ..daemon_tls.clone()
+    };
+    daemon_refuses(&svc, &named, "a router certificate for another name").await;
+    let state = svc.state.clone();
+    // The same files with the default name (the router's IP) connect.
+    let p = publisher(svc.events_addr, &daemon_tls, 1);
+    eventually("the daemon streams under the right name", || {
+        holds(&state, 1)
+    })
+    .await;
+    p.shutdown();
+    svc.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_handshakes_is_closed_by_the_hello_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("a");
+    let router_tls = ca.issue(dir.path(), "router", &["127.0.0.1"], &ca);
+    let svc = RouterService::start(config(router_tls, 300)).await.unwrap();
+    let state = svc.state.clone();
+    let mut silent = TcpStream::connect(svc.events_addr).await.unwrap();
+    let t0 = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("closed by the deadline, not left open");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed before the deadline: {waited:?}"
+    );
+    eventually("counted", || refused(&state) == 1).await;
+    svc.shutdown();
+}
+
+#[tokio::test]
+async fn bad_files_stop_the_router_at_start_up_with_their_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("a");
+    let tls = ca.issue(dir.path(), "router", &["127.0.0.1"], &ca);
+    // A key others can read.
+    let key = tls.key_file.clone().unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    match RouterService::start(config(tls.clone(), 5_000)).await {
+        Err(ServiceError::Tls(TlsError::File {
+            what: "key_file", ..
+        })) => {}
+        Err(other) => panic!("expected the key file named, got {other}"),
+        Ok(_) => panic!("started with a key others can read"),
+    }
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Only two of the three files.
+    let partial = EventsTls {
+        ca_file: None,
+        ..tls.clone()
+    };
+    match RouterService::start(config(partial, 5_000)).await {
+        Err(ServiceError::Tls(TlsError::Invalid {
+            what: "ca_file", ..
+        })) => {}
+        Err(other) => panic!("expected ca_file named, got {other}"),
+        Ok(_) => panic!("started with TLS half set"),
+    }
+    // A certificate file that holds a key.
+    let swapped = EventsTls {
+        cert_file: tls.key_file.clone(),
+        ..tls
+    };
+    match RouterService::start(config(swapped, 5_000)).await {
+        Err(ServiceError::Tls(TlsError::Invalid {
+            what: "cert_file", ..
+        })) => {}
+        Err(other) => panic!("expected cert_file named, got {other}"),
+        Ok(_) => panic!("started with a key as its certificate"),
+    }
+}
