@@ -984,6 +984,7 @@ mod tests {
                 cert_file: Some("/etc/kvplane/daemon.pem".into()),
                 key_file: Some("/etc/kvplane/daemon.key".into()),
                 server_name: Some("router.example".into()),
+                crl_file: None,
             },
         };
         let auth = &mut full.events.nats_auth;

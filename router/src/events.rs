@@ -141,6 +141,18 @@ pub enum WireError {
     Encode(#[from] rmp_serde::encode::Error),
 }
 
+impl WireError {
+    /// Whether TLS ended the connection (an alert from the peer, a bad record), not TCP.
+    pub fn is_tls(&self) -> bool {
+        match self {
+            WireError::Io { source, .. } => source
+                .get_ref()
+                .is_some_and(|e| e.is::<tokio_rustls::rustls::Error>()),
+            _ => false,
+        }
+    }
+}
+
 impl Frame {
     /// Encodes with the length prefix, ready to write.
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
@@ -224,12 +236,16 @@ pub async fn read_frame_rest<R: AsyncRead + Unpin>(
     Ok(body)
 }
 
+/// Writes one frame and flushes it (over TLS, a record may wait in the session's buffer
+/// until flushed).
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Result<(), WireError> {
     let bytes = frame.encode()?;
-    w.write_all(&bytes).await.map_err(|source| WireError::Io {
+    let io = |source| WireError::Io {
         op: "write frame",
         source,
-    })
+    };
+    w.write_all(&bytes).await.map_err(io)?;
+    w.flush().await.map_err(io)
 }
 
 /// Builds the snapshot the daemon's provider describes, as of `seqs`.
@@ -284,8 +300,9 @@ impl Default for PublisherConfig {
 #[derive(Debug, Default)]
 pub struct LinkStats {
     pub connects: AtomicU64,
-    /// TLS handshakes with this router that failed (its certificate not trusted, ours
-    /// refused) or timed out.
+    /// TLS failures with this router: a handshake that failed or timed out (its
+    /// certificate not trusted), or a connection it ended with a TLS alert (ours refused:
+    /// under TLS 1.3 that shows only after the handshake).
     pub tls_failures: AtomicU64,
     pub snapshots_sent: AtomicU64,
     pub frames_sent: AtomicU64,
@@ -558,6 +575,7 @@ async fn link_task(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<Arc
             continue;
         };
         link.stats.connects.fetch_add(1, Ordering::Relaxed);
+        let connected_at = tokio::time::Instant::now();
         let result = tokio::select! {
             r = run_link(&shared, link, stream, &mut rx) => r,
             _ = stop.changed() => Ok(()),
@@ -565,6 +583,12 @@ async fn link_task(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<Arc
         let too_large = matches!(result, Err(WireError::TooLarge { .. }));
         match result {
             Ok(()) => tracing::info!(router = %link.addr, "event connection closed"),
+            Err(err) if err.is_tls() => {
+                let n = link.stats.tls_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(%err, router = %link.addr, failures = n, "router ended the connection over TLS (is this daemon's certificate one it trusts?)");
+                }
+            }
             Err(WireError::TooLarge { len, max }) => tracing::error!(
                 router = %link.addr,
                 len,
@@ -579,6 +603,10 @@ async fn link_task(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<Arc
         // doubling up to a minute, instead of retrying at once.
         backoff_ms = if too_large {
             (backoff_ms * 2).min(cfg.backoff_max_ms.max(60_000))
+        } else if connected_at.elapsed() < SHORT_CONNECTION {
+            // Refused right after connecting (a certificate, a claim): the next try
+            // fares the same, so keep backing off.
+            (backoff_ms * 2).min(cfg.backoff_max_ms.max(1))
         } else {
             cfg.backoff_initial_ms.max(1)
         };
@@ -587,6 +615,9 @@ async fn link_task(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<Arc
         }
     }
 }
+
+/// A connection that ends sooner backs the next try off further instead of starting over.
+const SHORT_CONNECTION: Duration = Duration::from_secs(10);
 
 /// A connected event stream, plain or TLS.
 trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -666,62 +697,88 @@ async fn run_link(
 ) -> Result<(), WireError> {
     let (mut r, w) = tokio::io::split(stream);
     let mut w = tokio::io::BufWriter::new(w);
-    write_frame(
-        &mut w,
-        &Frame::Hello {
-            node: shared.config.node.clone(),
-            protocol: PROTOCOL_VERSION,
-            source: Source::Kvplane,
-        },
-    )
-    .await?;
+    let hello = Frame::Hello {
+        node: shared.config.node.clone(),
+        protocol: PROTOCOL_VERSION,
+        source: Source::Kvplane,
+    }
+    .encode()?;
+    write_timed(shared, &mut w, &hello, "write hello").await?;
     // Sent at once: the router closes a connection without a Hello within its timeout,
     // and the snapshot may wait (`min_snapshot_interval_ms`) or take long to build.
     flush_timed(shared, &mut w).await?;
-    // Mark connected before the snapshot: events from now on are queued, and any of them
-    // the snapshot already covers is ignored by the router (its sequence is not newer).
-    link.stats.connected.store(true, Ordering::Release);
-    send_snapshot(shared, link, rx, &mut w).await?;
-    flush_timed(shared, &mut w).await?;
-    // Only Resync frames come back. When the router closes, the reader ends and drops
-    // `resync_tx`, which ends the loop below.
+    // Only Resync frames come back, or the reason the router ended the connection (a TLS
+    // alert). When the router closes, the reader ends and drops `resync_tx`, which ends
+    // the loop below with the reader's error, if any.
     let (resync_tx, mut resync_rx) = mpsc::channel::<()>(1);
+    let (ended_tx, mut ended_rx) = tokio::sync::oneshot::channel::<WireError>();
     let _reader = AbortOnDrop(tokio::spawn(async move {
-        while let Ok(Some(body)) = read_frame_body(&mut r, 1 << 20).await {
-            if let Ok(Frame::Resync) = Frame::decode(&body) {
-                let _ = resync_tx.try_send(());
+        loop {
+            match read_frame_body(&mut r, 1 << 20).await {
+                Ok(Some(body)) => {
+                    if let Ok(Frame::Resync) = Frame::decode(&body) {
+                        let _ = resync_tx.try_send(());
+                    }
+                }
+                Ok(None) => return,
+                Err(err) => {
+                    let _ = ended_tx.send(err);
+                    return;
+                }
             }
         }
     }));
+    let written = write_link(shared, link, rx, &mut resync_rx, &mut w).await;
+    // What the reader saw explains the end better than a write into a closed socket.
+    match ended_rx.try_recv() {
+        Ok(err) => Err(err),
+        Err(_) => written,
+    }
+}
+
+/// A link's writing side: its snapshot, then queued frames and snapshots asked for, until
+/// the queue or the reader ends (`Ok`) or a write fails.
+async fn write_link(
+    shared: &Shared,
+    link: &Link,
+    rx: &mut mpsc::Receiver<Arc<[u8]>>,
+    resync_rx: &mut mpsc::Receiver<()>,
+    w: &mut (impl AsyncWrite + Unpin),
+) -> Result<(), WireError> {
+    // Mark connected before the snapshot: events from now on are queued, and any of them
+    // the snapshot already covers is ignored by the router (its sequence is not newer).
+    link.stats.connected.store(true, Ordering::Release);
+    send_snapshot(shared, link, rx, w).await?;
+    flush_timed(shared, w).await?;
     loop {
         tokio::select! {
             frame = rx.recv() => {
                 let Some(frame) = frame else { return Ok(()) };
                 link.dequeued(&frame);
-                write_timed(shared, &mut w, &frame, "write event").await?;
+                write_timed(shared, w, &frame, "write event").await?;
                 link.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
                 // Batch whatever else is queued before flushing.
                 while let Ok(frame) = rx.try_recv() {
                     link.dequeued(&frame);
-                    write_timed(shared, &mut w, &frame, "write event").await?;
+                    write_timed(shared, w, &frame, "write event").await?;
                     link.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
                 }
                 if link.overflow.load(Ordering::Acquire) {
-                    send_snapshot(shared, link, rx, &mut w).await?;
+                    send_snapshot(shared, link, rx, w).await?;
                 }
-                flush_timed(shared, &mut w).await?;
+                flush_timed(shared, w).await?;
             }
             msg = resync_rx.recv() => {
                 if msg.is_none() {
                     return Ok(());
                 }
-                send_snapshot(shared, link, rx, &mut w).await?;
-                flush_timed(shared, &mut w).await?;
+                send_snapshot(shared, link, rx, w).await?;
+                flush_timed(shared, w).await?;
             }
             // A permit left from before this connection only repeats its snapshot.
             () = link.resync.notified() => {
-                send_snapshot(shared, link, rx, &mut w).await?;
-                flush_timed(shared, &mut w).await?;
+                send_snapshot(shared, link, rx, w).await?;
+                flush_timed(shared, w).await?;
             }
         }
     }

@@ -157,6 +157,17 @@ pub enum AuthFile {
     Public,
 }
 
+impl AuthFile {
+    /// Mode bits such a file must not have: a secret readable (or writable) by group or
+    /// others; a certificate others could rewrite (to plant their own CA).
+    pub fn forbidden_mode(self) -> u32 {
+        match self {
+            AuthFile::Secret => 0o077,
+            AuthFile::Public => 0o022,
+        }
+    }
+}
+
 /// The contents of [`NatsAuth`]'s files, checked.
 #[derive(Default)]
 struct LoadedAuth {

@@ -57,8 +57,14 @@ pub struct ServiceConfig {
     /// Concurrent event connections; beyond it new ones are closed at once (each may
     /// hold a frame of up to `MAX_FRAME_BYTES` being read).
     pub max_event_connections: usize,
-    /// An event connection that has not sent its Hello by then is closed.
+    /// An event connection that has not sent its Hello by then (its TLS handshake
+    /// included) is closed.
     pub hello_timeout_ms: u64,
+    /// Event connections still proving themselves (TLS handshake, Hello), in all and from
+    /// one IP address; past either, a new one is closed at once and counted with the
+    /// refused. A flood of peers that prove nothing keeps these places, not every one.
+    pub max_pending_event_connections: usize,
+    pub max_pending_event_connections_per_ip: usize,
     /// Memory the event connections' frames may take at once, read and decoded, all
     /// connections together (a frame of n bytes is charged `n x` its decoding's
     /// expansion, and waits for room; one larger than all of it runs alone).
@@ -88,6 +94,8 @@ impl Default for ServiceConfig {
             max_http_connections: 256,
             max_event_connections: 4096,
             hello_timeout_ms: 5_000,
+            max_pending_event_connections: 256,
+            max_pending_event_connections_per_ip: 32,
             max_frame_memory_bytes: 1 << 30,
             seed: 0x006b_7670_6c61_6e65,
             route: RouteConfig::default(),
@@ -114,7 +122,8 @@ pub enum ServiceError {
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub connections: AtomicU64,
-    /// Event connections closed at once: `max_event_connections` were open.
+    /// Event connections closed at once: `max_event_connections` were open, or
+    /// `max_pending_event_connections` (in all or from the peer's address) were pending.
     pub connections_refused: AtomicU64,
     /// Event connections whose TLS handshake failed or did not finish by the Hello's
     /// deadline (no certificate, another CA's, not TLS at all).
@@ -215,6 +224,8 @@ pub struct RouterState {
     pub config: ServiceConfig,
     workers: Mutex<HashMap<WorkerId, WorkerInfo>>,
     conns: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    /// Event connections before their Hello, per peer address ([`PendingPlace`]).
+    pending: Mutex<HashMap<std::net::IpAddr, usize>>,
     next_conn: AtomicU64,
     /// Connections refused a worker id another live connection held.
     refused_claimants: Mutex<std::collections::HashSet<u64>>,
@@ -260,6 +271,44 @@ impl Claim {
     }
 }
 
+/// A place among the event connections before their Hello; given back when dropped.
+struct PendingPlace {
+    state: Arc<RouterState>,
+    ip: std::net::IpAddr,
+}
+
+impl PendingPlace {
+    /// A place for a connection from `ip`, unless `max_pending_event_connections` are
+    /// pending in all or `..._per_ip` from `ip`.
+    fn take(state: &Arc<RouterState>, ip: std::net::IpAddr) -> Option<PendingPlace> {
+        let mut pending = lock(&state.pending);
+        let all: usize = pending.values().sum();
+        let mine = pending.get(&ip).copied().unwrap_or(0);
+        if all >= state.config.max_pending_event_connections
+            || mine >= state.config.max_pending_event_connections_per_ip
+        {
+            return None;
+        }
+        *pending.entry(ip).or_insert(0) += 1;
+        Some(PendingPlace {
+            state: state.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PendingPlace {
+    fn drop(&mut self) {
+        let mut pending = lock(&self.state.pending);
+        if let Some(n) = pending.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                pending.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// The connection id of workers the NATS stream announced (event connections count
 /// from 1).
 const NATS_CONN: u64 = 0;
@@ -283,6 +332,7 @@ impl RouterState {
             config,
             workers: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
+            pending: Mutex::default(),
             next_conn: AtomicU64::new(1),
             refused_claimants: Mutex::default(),
             resync_bells: Mutex::default(),
@@ -891,7 +941,8 @@ impl RouterState {
         );
         counter(
             "event_connections_refused_total",
-            "Event connections closed at once: max_event_connections were open.",
+            "Event connections closed at once: max_event_connections open, or \
+             max_pending_event_connections pending (in all or from one address).",
             l(&m.connections_refused),
         );
         counter(
@@ -1162,18 +1213,26 @@ async fn accept_events(
             }
         };
         let open = state.conns.lock().unwrap_or_else(|e| e.into_inner()).len();
-        if open >= state.config.max_event_connections {
-            let refused = state
-                .metrics
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed)
-                + 1;
-            if refused.is_power_of_two() {
-                tracing::warn!(%peer, open, refused, "event connection refused: at max_event_connections");
+        let pending = if open >= state.config.max_event_connections {
+            Err("at max_event_connections")
+        } else {
+            PendingPlace::take(&state, peer.ip()).ok_or("at max_pending_event_connections")
+        };
+        let pending = match pending {
+            Ok(p) => p,
+            Err(why) => {
+                let refused = state
+                    .metrics
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(%peer, open, refused, "event connection refused: {why}");
+                }
+                drop(stream);
+                continue;
             }
-            drop(stream);
-            continue;
-        }
+        };
         let _ = stream.set_nodelay(true);
         crate::events::keep_alive(&stream);
         state.metrics.connections.fetch_add(1, Ordering::Relaxed);
@@ -1186,9 +1245,11 @@ async fn accept_events(
             let timeout_ms = st.config.hello_timeout_ms;
             let hello_by = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
             let result = match tls {
-                None => event_connection(&st, stream, conn, hello_by).await,
+                None => event_connection(&st, stream, conn, (hello_by, pending)).await,
                 Some(tls) => match tokio::time::timeout_at(hello_by, tls.accept(stream)).await {
-                    Ok(Ok(stream)) => event_connection(&st, stream, conn, hello_by).await,
+                    Ok(Ok(stream)) => {
+                        event_connection(&st, stream, conn, (hello_by, pending)).await
+                    }
                     Ok(Err(err)) => Err(ConnError::Tls(err)),
                     Err(_) => Err(ConnError::Tls(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
@@ -1243,12 +1304,13 @@ enum ConnError {
     Tls(std::io::Error),
 }
 
-/// One event connection (plain TCP or TLS), from its Hello on.
+/// One event connection (plain TCP or TLS), from its Hello on; its pending place is
+/// given back once the Hello is in.
 async fn event_connection<S>(
     state: &RouterState,
     stream: S,
     conn: u64,
-    hello_by: tokio::time::Instant,
+    (hello_by, pending): (tokio::time::Instant, PendingPlace),
 ) -> Result<(), ConnError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
@@ -1263,6 +1325,7 @@ where
     let Some(body) = hello? else {
         return Ok(());
     };
+    drop(pending);
     state.metrics.frames.fetch_add(1, Ordering::Relaxed);
     let (node, source) = match Frame::decode(&body) {
         Ok(Frame::Hello { node, source, .. }) => (node, source),

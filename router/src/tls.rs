@@ -6,6 +6,9 @@
 //! peers whose client certificate chains to its `ca_file`; a daemon presents its own and
 //! accepts only a router whose certificate chains to the daemon's `ca_file` and names
 //! `server_name` (default: the router address's IP). Files are read once, at start-up.
+//! Both ends speak TLS 1.3 only, without session resumption (a resumed session would skip
+//! the check of a certificate that has since expired or been revoked; these connections
+//! live for hours, so a full handshake each time costs nothing).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,6 +36,9 @@ pub struct EventsTls {
     /// A daemon's only: the name the router's certificate must carry (a DNS name or an
     /// IP address). Unset: the IP address of each router in `routers`.
     pub server_name: Option<String>,
+    /// The router's only: PEM certificate revocation lists of `ca_file`'s CAs; a client
+    /// certificate they list is refused.
+    pub crl_file: Option<PathBuf>,
 }
 
 /// Which end of the event connection a configuration is for.
@@ -94,6 +100,7 @@ impl EventsTls {
             && self.cert_file.is_none()
             && self.key_file.is_none()
             && self.server_name.is_none()
+            && self.crl_file.is_none()
     }
 
     /// All three files together; `server_name` a valid name, and a daemon's only.
@@ -114,17 +121,30 @@ impl EventsTls {
                 ));
             }
         }
-        if let Some(name) = &self.server_name {
-            if side == Side::Router {
-                return Err(invalid(
-                    "server_name",
-                    "a daemon's setting (the name it expects in the router's certificate)",
-                ));
-            }
-            ServerName::try_from(name.as_str())
-                .map_err(|e| invalid("server_name", format!("`{name}`: {e}")))?;
+        if self.server_name.is_some() && side == Side::Router {
+            return Err(invalid(
+                "server_name",
+                "a daemon's setting (the name it expects in the router's certificate)",
+            ));
         }
+        if self.crl_file.is_some() && side == Side::Daemon {
+            return Err(invalid(
+                "crl_file",
+                "a router's setting (it revokes daemons' client certificates)",
+            ));
+        }
+        self.server_name()?;
         Ok(())
+    }
+
+    /// `server_name`, parsed.
+    fn server_name(&self) -> Result<Option<ServerName<'static>>, TlsError> {
+        let Some(name) = &self.server_name else {
+            return Ok(None);
+        };
+        ServerName::try_from(name.clone())
+            .map(Some)
+            .map_err(|e| invalid("server_name", format!("`{name}`: {e}")))
     }
 
     /// The three files' contents, read with `read` (a daemon's reader refuses links and a
@@ -141,10 +161,15 @@ impl EventsTls {
                 source,
             })
         };
+        let crl = match &self.crl_file {
+            Some(_) => Some(file("crl_file", &self.crl_file, AuthFile::Public)?),
+            None => None,
+        };
         Ok(Pem {
             ca: file("ca_file", &self.ca_file, AuthFile::Public)?,
             cert: file("cert_file", &self.cert_file, AuthFile::Public)?,
             key: file("key_file", &self.key_file, AuthFile::Secret)?,
+            crl,
         })
     }
 
@@ -157,16 +182,26 @@ impl EventsTls {
         let pem = self.read(read)?;
         let provider = provider();
         let roots = Arc::new(pem.roots()?);
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-                .build()
-                .map_err(|e| invalid("ca_file", e))?;
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+        let mut verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+        if let Some(crl) = &pem.crl {
+            let crls = pki_types::CertificateRevocationListDer::pem_slice_iter(crl)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid("crl_file", e))?;
+            if crls.is_empty() {
+                return Err(invalid("crl_file", "no PEM revocation list in it"));
+            }
+            verifier = verifier.with_crls(crls);
+        }
+        let verifier = verifier.build().map_err(|e| invalid("ca_file", e))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| invalid("protocol versions", e))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(pem.chain()?, pem.key()?)
             .map_err(|e| invalid("cert_file", e))?;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
     }
 
@@ -178,22 +213,16 @@ impl EventsTls {
     ) -> Result<ClientTls, TlsError> {
         self.validate(Side::Daemon)?;
         let pem = self.read(read)?;
-        let config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| invalid("protocol versions", e))?
             .with_root_certificates(pem.roots()?)
             .with_client_auth_cert(pem.chain()?, pem.key()?)
             .map_err(|e| invalid("cert_file", e))?;
-        let server_name = match &self.server_name {
-            Some(n) => Some(
-                ServerName::try_from(n.clone())
-                    .map_err(|e| invalid("server_name", format!("`{n}`: {e}")))?,
-            ),
-            None => None,
-        };
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(ClientTls {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
-            server_name,
+            server_name: self.server_name()?,
         })
     }
 }
@@ -207,6 +236,7 @@ struct Pem {
     ca: Vec<u8>,
     cert: Vec<u8>,
     key: Vec<u8>,
+    crl: Option<Vec<u8>>,
 }
 
 impl Drop for Pem {
@@ -247,30 +277,42 @@ pub(crate) fn pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Stri
 /// Auth and TLS files larger than this are refused (a certificate chain is a few KiB).
 pub const MAX_AUTH_FILE_BYTES: u64 = 1 << 20;
 
-/// The router's reader: a regular file of at most [`MAX_AUTH_FILE_BYTES`]; a key (a
-/// [`AuthFile::Secret`]) readable by group or others is refused, as ssh does.
+/// The router's reader, with the daemon's rules short of its link checks: a regular file
+/// (a FIFO fails at once, never blocks) of at most [`MAX_AUTH_FILE_BYTES`], owned by this
+/// process's user or root, without [`AuthFile::forbidden_mode`]'s bits (a key others can
+/// read, a CA file others can rewrite). Links are followed (secret volumes are links).
 pub fn read_file(path: &Path, kind: AuthFile) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    use std::os::unix::fs::PermissionsExt;
-    let file = std::fs::File::open(path)?;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
     let meta = file.metadata()?;
+    let refuse = |why: String| Err(std::io::Error::other(why));
     if !meta.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
+        return refuse("not a regular file".into());
     }
-    if kind == AuthFile::Secret && meta.permissions().mode() & 0o077 != 0 {
-        return Err(std::io::Error::other(format!(
-            "mode {:o}: readable by group or others (chmod 600)",
-            meta.permissions().mode() & 0o777
-        )));
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != euid && meta.uid() != 0 {
+        return refuse(format!(
+            "owned by uid {}, neither this process's ({euid}) nor root",
+            meta.uid()
+        ));
     }
-    if meta.len() > MAX_AUTH_FILE_BYTES {
-        return Err(std::io::Error::other(format!(
-            "{} bytes, more than {MAX_AUTH_FILE_BYTES}",
-            meta.len()
-        )));
+    let mode = meta.mode() & 0o777;
+    if mode & kind.forbidden_mode() != 0 {
+        return refuse(match kind {
+            AuthFile::Secret => format!("mode {mode:o}: readable by group or others (chmod 600)"),
+            AuthFile::Public => format!("mode {mode:o}: writable by group or others"),
+        });
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    let mut bytes = Vec::with_capacity(meta.len().min(MAX_AUTH_FILE_BYTES) as usize);
     file.take(MAX_AUTH_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_AUTH_FILE_BYTES {
+        return refuse(format!("larger than {MAX_AUTH_FILE_BYTES} bytes"));
+    }
     Ok(bytes)
 }
 
@@ -284,6 +326,7 @@ mod tests {
             cert_file: Some("/k/c.pem".into()),
             key_file: Some("/k/c.key".into()),
             server_name: None,
+            crl_file: None,
         }
     }
 
@@ -318,6 +361,10 @@ mod tests {
         assert_eq!(what(t.validate(Side::Daemon)), "server_name");
         t.server_name = Some("10.0.0.7".into());
         assert!(t.validate(Side::Daemon).is_ok());
+        let mut t = all();
+        t.crl_file = Some("/k/crl.pem".into());
+        assert!(t.validate(Side::Router).is_ok());
+        assert_eq!(what(t.validate(Side::Daemon)), "crl_file");
     }
 
     #[test]
@@ -371,5 +418,19 @@ mod tests {
             read_file(dir.path(), AuthFile::Public).is_err(),
             "a directory"
         );
+        // A CA file others could rewrite.
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o646)).unwrap();
+        let err = read_file(&key, AuthFile::Public).unwrap_err();
+        assert!(
+            err.to_string().contains("writable by group or others"),
+            "{err}"
+        );
+        // A FIFO fails at once instead of waiting for a writer.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = read_file(&fifo, AuthFile::Public).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 }

@@ -38,12 +38,25 @@ impl Ca {
     /// Writes `{name}.pem` and `{name}.key` (0600) for a leaf with these names, and
     /// `{name}-ca.pem` holding `trusts`' certificate; returns the configuration naming them.
     fn issue(&self, dir: &Path, name: &str, sans: &[&str], trusts: &Ca) -> EventsTls {
+        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1000);
+        let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
+        self.issue_numbered(dir, name, sans, trusts, serial)
+    }
+
+    /// [`Ca::issue`] with this serial number (for a revocation list to name).
+    fn issue_numbered(
+        &self,
+        dir: &Path,
+        name: &str,
+        sans: &[&str],
+        trusts: &Ca,
+        serial: u64,
+    ) -> EventsTls {
         let key = rcgen::KeyPair::generate().unwrap();
         let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
-        let cert = rcgen::CertificateParams::new(sans)
-            .unwrap()
-            .signed_by(&key, &self.cert, &self.key)
-            .unwrap();
+        let mut params = rcgen::CertificateParams::new(sans).unwrap();
+        params.serial_number = Some(serial.into());
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         let cert_file = dir.join(format!("{name}.pem"));
         let key_file = dir.join(format!("{name}.key"));
         let ca_file = dir.join(format!("{name}-ca.pem"));
@@ -56,7 +69,36 @@ impl Ca {
             cert_file: Some(cert_file),
             key_file: Some(key_file),
             server_name: None,
+            crl_file: None,
         }
+    }
+}
+
+impl Ca {
+    /// `crl.pem` in `dir`: this CA's revocation list naming `serials`.
+    fn revoke(&self, dir: &Path, serials: &[u64]) -> std::path::PathBuf {
+        let now = rcgen::date_time_ymd(2026, 1, 1);
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: rcgen::date_time_ymd(2126, 1, 1),
+            crl_number: 1u64.into(),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|&s| rcgen::RevokedCertParams {
+                    serial_number: s.into(),
+                    revocation_time: now,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.cert, &self.key)
+        .unwrap();
+        let path = dir.join("crl.pem");
+        std::fs::write(&path, crl.pem().unwrap()).unwrap();
+        path
     }
 }
 
@@ -228,6 +270,13 @@ async fn a_daemon_of_the_routers_ca_streams_and_no_one_else_gets_in() {
         refused(&state) >= 5
     })
     .await;
+    // And the refused daemon knows why (under TLS 1.3 its handshake completes first; the
+    // router's alert ends the connection).
+    let link = intruder.link_stats(svc.events_addr).unwrap();
+    eventually("the refused daemon counted the router's alerts", || {
+        link.tls_failures.load(Ordering::Relaxed) >= 2
+    })
+    .await;
 
     // None of them is a worker, nor in the index; the real daemon still is.
     let workers: Vec<u64> = state.worker_list().iter().map(|w| w.worker).collect();
@@ -317,6 +366,66 @@ async fn a_peer_that_never_handshakes_is_closed_by_the_hello_deadline() {
         "closed before the deadline: {waited:?}"
     );
     eventually("counted", || refused(&state) == 1).await;
+    svc.shutdown();
+}
+
+/// The handshake and the Hello share one deadline: a peer that takes most of it to start
+/// its handshake gets only the rest for its Hello.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handshake_and_the_hello_share_one_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("a");
+    let router_tls = ca.issue(dir.path(), "router", &["127.0.0.1"], &ca);
+    let daemon_tls = ca.issue(dir.path(), "daemon", &["daemon-1"], &ca);
+    let svc = RouterService::start(config(router_tls, 1_000))
+        .await
+        .unwrap();
+    let tls = daemon_tls
+        .connector(&mut kvplane_router::tls::read_file)
+        .unwrap();
+    let t0 = Instant::now();
+    let tcp = TcpStream::connect(svc.events_addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut s = tls
+        .connector
+        .connect(tls.server_name_for(svc.events_addr), tcp)
+        .await
+        .expect("a handshake within the deadline succeeds");
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed at the deadline");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let waited = t0.elapsed();
+    // At 1 s from the connection, not 1 s after the handshake (1.6 s).
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(1_450),
+        "{waited:?}"
+    );
+    svc.shutdown();
+}
+
+/// A client certificate on the router's revocation list is refused; another of the same
+/// CA is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("a");
+    let mut router_tls = ca.issue(dir.path(), "router", &["127.0.0.1"], &ca);
+    let revoked = ca.issue_numbered(dir.path(), "revoked", &["daemon-1"], &ca, 77);
+    let good = ca.issue_numbered(dir.path(), "good", &["daemon-2"], &ca, 78);
+    router_tls.crl_file = Some(ca.revoke(dir.path(), &[77]));
+    let svc = RouterService::start(config(router_tls, 5_000))
+        .await
+        .unwrap();
+    let state = svc.state.clone();
+    let bad = publisher(svc.events_addr, &revoked, 1);
+    eventually("the revoked certificate refused", || refused(&state) >= 2).await;
+    let ok = publisher(svc.events_addr, &good, 2);
+    eventually("the other certificate streams", || holds(&state, 2)).await;
+    assert!(!holds(&state, 1), "a revoked daemon's snapshot landed");
+    bad.shutdown();
+    ok.shutdown();
     svc.shutdown();
 }
 

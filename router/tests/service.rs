@@ -713,6 +713,82 @@ async fn event_connections_are_capped_and_must_say_hello_in_time() {
     svc.shutdown();
 }
 
+/// Connections that have not sent their Hello hold places of their own: past
+/// `max_pending_event_connections` (in all, or from one address) a new one is closed at
+/// once, while connections past their Hello do not count against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_before_their_hello_are_capped_in_all_and_per_address() {
+    use std::sync::atomic::Ordering::Relaxed;
+    for (all, per_ip) in [(2, 100), (100, 2)] {
+        let svc = RouterService::start(ServiceConfig {
+            hello_timeout_ms: 2_000,
+            max_pending_event_connections: all,
+            max_pending_event_connections_per_ip: per_ip,
+            ..config(60_000)
+        })
+        .await
+        .unwrap();
+        let state = svc.state.clone();
+        // Two publishers past their Hello do not count.
+        let mut publishers = Vec::new();
+        for w in [1, 2] {
+            let mut s = raw_client(svc.events_addr, Source::Kvplane).await;
+            write_frame(&mut s, &snapshot_of(w, &[w], 0)).await.unwrap();
+            publishers.push(s);
+            eventually("a publisher's worker", || {
+                state.worker_list().iter().any(|x| x.worker == w)
+            })
+            .await;
+        }
+        let mut silent = Vec::new();
+        for _ in 0..2 {
+            silent.push(TcpStream::connect(svc.events_addr).await.unwrap());
+            let n = 2 + silent.len() as u64;
+            eventually("accepted", || state.metrics.connections.load(Relaxed) == n).await;
+        }
+        let mut third = TcpStream::connect(svc.events_addr).await.unwrap();
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(Duration::from_millis(1_500), third.read_to_end(&mut buf))
+            .await
+            .expect("closed at once, well before the 2 s Hello timeout")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert_eq!(
+            state.metrics.connections_refused.load(Relaxed),
+            1,
+            "all {all}, per address {per_ip}"
+        );
+        // One of the silent two says Hello: its place is free for the next.
+        write_frame(
+            &mut silent[0],
+            &Frame::Hello {
+                node: "late".into(),
+                protocol: PROTOCOL_VERSION,
+                source: Source::Kvplane,
+            },
+        )
+        .await
+        .unwrap();
+        write_frame(&mut silent[0], &snapshot_of(3, &[3], 0))
+            .await
+            .unwrap();
+        eventually("the late publisher's worker", || {
+            state.worker_list().iter().any(|x| x.worker == 3)
+        })
+        .await;
+        let mut next = raw_client(svc.events_addr, Source::Kvplane).await;
+        write_frame(&mut next, &snapshot_of(4, &[4], 0))
+            .await
+            .unwrap();
+        eventually("a connection in the freed place", || {
+            state.worker_list().iter().any(|x| x.worker == 4)
+        })
+        .await;
+        assert_eq!(state.metrics.connections_refused.load(Relaxed), 1);
+        svc.shutdown();
+    }
+}
+
 /// A router that accepts and then never reads: the publisher's writes time out
 /// (`write_timeout_ms`) and it reconnects, and while it waits the frames it queues stay
 /// under `queue_bytes` (the rest dropped, a snapshot scheduled). Before, the write

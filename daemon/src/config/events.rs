@@ -66,11 +66,7 @@ impl Default for EventsConfig {
 /// An auth or TLS file, through the daemon's no-link open: a secret must be the daemon's
 /// or root's and unreadable by others, a certificate unwritable by others.
 fn read_auth_file(path: &std::path::Path, kind: AuthFile) -> std::io::Result<Vec<u8>> {
-    let forbidden = match kind {
-        AuthFile::Secret => 0o077,
-        AuthFile::Public => 0o022,
-    };
-    crate::secure_open::read_regular(path, forbidden, MAX_AUTH_FILE_BYTES)
+    crate::secure_open::read_regular(path, kind.forbidden_mode(), MAX_AUTH_FILE_BYTES)
         .map_err(std::io::Error::other)
 }
 
