@@ -12,10 +12,6 @@ use crate::device::DaemonDevice;
 use crate::privileges::{DropPlan, drop_privileges};
 use crate::session::Daemon;
 
-/// Blocks one TCP snapshot frame carries, roughly (`kvplane_router::events::MAX_FRAME_BYTES`
-/// at ~40 bytes a block of named msgpack).
-const TCP_SNAPSHOT_BLOCKS: u64 = (kvplane_router::events::MAX_FRAME_BYTES / 40) as u64;
-
 /// What `kvplane serve` returns: any start-up error, printed with its context by the binary.
 pub type ServeResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -143,23 +139,6 @@ pub fn run(args: ServeArgs) -> ServeResult {
         );
     }
     let worker = config.events.resolve_worker_id(&config.serve.socket_path);
-    // A TCP snapshot is one frame of at most 256 MiB, ~40 bytes a block: past ~6 M
-    // blocks (the tiers' slots) a full daemon cannot sync a router over TCP.
-    let slots: u64 = blocks
-        .usage()
-        .slots
-        .values()
-        .map(|&(capacity, _)| u64::from(capacity))
-        .sum();
-    if !config.events.routers.is_empty() && slots > TCP_SNAPSHOT_BLOCKS {
-        tracing::warn!(
-            slots,
-            "the tiers hold more blocks than one TCP snapshot frame carries (~{} M): once \
-             they are that full, routers on events.routers cannot be synced; use NATS \
-             (events.nats_url), which sends snapshots in chunks",
-            TCP_SNAPSHOT_BLOCKS >> 20
-        );
-    }
     let events = if streaming {
         let s = EventStream::start(
             &config.events,

@@ -8,8 +8,10 @@
 //! Bodies are [`Frame`]s encoded with named fields, so either side may add fields later.
 //!
 //! A connection starts with [`Frame::Hello`]. For a kvplane daemon, the daemon then sends
-//! a [`Frame::Snapshot`] of every worker it hosts and afterwards [`Frame::Event`]s, each
-//! with a per-worker sequence number. The router answers a sequence gap with
+//! a snapshot of every worker it hosts ([`Frame::SnapshotBegin`], its blocks in
+//! [`Frame::SnapshotBlocks`] of at most `snapshot_chunk_blocks` each, [`Frame::SnapshotEnd`];
+//! protocol 1 sent one [`Frame::Snapshot`], which routers still take) and afterwards
+//! [`Frame::Event`]s, each with a per-worker sequence number. The router answers a sequence gap with
 //! [`Frame::Resync`] and ignores that worker's events until the next snapshot. Events are
 //! idempotent set operations, so replaying ones already covered by a snapshot is harmless;
 //! this is what lets the publisher take a snapshot without stopping the daemon.
@@ -30,9 +32,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-/// Protocol version in [`Frame::Hello`].
-pub const PROTOCOL_VERSION: u32 = 1;
-/// Largest frame accepted (a snapshot of a few million blocks fits).
+/// Protocol version in [`Frame::Hello`]. 2: snapshots in frames of bounded size (routers
+/// take version 1's one-frame snapshots too; upgrade routers before daemons).
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Largest frame accepted (a version-1 snapshot of a few million blocks fits).
 pub const MAX_FRAME_BYTES: usize = 256 << 20;
 
 /// One KV cache change on one worker.
@@ -86,6 +89,13 @@ pub struct WorkerSnapshot {
     pub state: WorkerBlocks,
 }
 
+/// A worker's sequence number as of a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerSeq {
+    pub worker: WorkerId,
+    pub seq: u64,
+}
+
 /// Who is on the other end of an event connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Source {
@@ -108,8 +118,21 @@ pub enum Frame {
         protocol: u32,
         source: Source,
     },
-    /// Full state of the listed workers; replaces what the router knew about them.
+    /// Full state of the listed workers; replaces what the router knew about them
+    /// (protocol 1; a daemon now sends the three frames below).
     Snapshot { workers: Vec<WorkerSnapshot> },
+    /// Starts a snapshot of the listed workers: the router forgets their blocks (and the
+    /// node's workers not listed), takes the [`Frame::SnapshotBlocks`] that follow and
+    /// ignores their events until [`Frame::SnapshotEnd`].
+    SnapshotBegin { workers: Vec<WorkerSeq> },
+    /// Blocks of one worker of the snapshot begun, in one namespace, parents first.
+    SnapshotBlocks {
+        worker: WorkerId,
+        namespace: String,
+        blocks: Vec<SnapshotBlock>,
+    },
+    /// Ends the snapshot: its workers are current to their `seq`s.
+    SnapshotEnd,
     Event {
         worker: WorkerId,
         seq: u64,
@@ -277,6 +300,9 @@ pub struct PublisherConfig {
     pub connect_timeout_ms: u64,
     /// Mutual TLS to every router ([`crate::tls::EventsTls::connector`]); `None`: plain TCP.
     pub tls: Option<crate::tls::ClientTls>,
+    /// Blocks per [`Frame::SnapshotBlocks`] (about 40 bytes each on the wire): a snapshot
+    /// of any size goes in frames of bounded size.
+    pub snapshot_chunk_blocks: usize,
 }
 
 impl Default for PublisherConfig {
@@ -292,6 +318,7 @@ impl Default for PublisherConfig {
             backoff_max_ms: 5_000,
             connect_timeout_ms: 2_000,
             tls: None,
+            snapshot_chunk_blocks: 65_536,
         }
     }
 }
@@ -519,18 +546,20 @@ impl Shared {
         }
     }
 
-    /// Snapshot frame as of now: sequence numbers are read *before* the provider runs, so
-    /// every change the snapshot may miss has a later sequence number and is still sent.
-    fn snapshot_frame(&self) -> Result<Vec<u8>, WireError> {
+    /// The snapshot as of now, with each worker's sequence number: those are read *before*
+    /// the provider runs, so every change the snapshot may miss has a later sequence
+    /// number and is still sent.
+    fn snapshot(&self) -> (Vec<WorkerSeq>, Vec<WorkerBlocks>) {
         let seqs = self.seqs.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let workers = (self.provider)()
-            .into_iter()
-            .map(|state| WorkerSnapshot {
-                seq: seqs.get(&state.worker).copied().unwrap_or(0),
-                state,
+        let workers = (self.provider)();
+        let begin = workers
+            .iter()
+            .map(|w| WorkerSeq {
+                worker: w.worker,
+                seq: seqs.get(&w.worker).copied().unwrap_or(0),
             })
             .collect();
-        Frame::Snapshot { workers }.encode()
+        (begin, workers)
     }
 }
 
@@ -580,7 +609,6 @@ async fn link_task(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<Arc
             r = run_link(&shared, link, stream, &mut rx) => r,
             _ = stop.changed() => Ok(()),
         };
-        let too_large = matches!(result, Err(WireError::TooLarge { .. }));
         match result {
             Ok(()) => tracing::info!(router = %link.addr, "event connection closed"),
             Err(err) if err.is_tls() => {
@@ -589,21 +617,10 @@ async fn link_task(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<Arc
                     tracing::warn!(%err, router = %link.addr, failures = n, "router ended the connection over TLS (is this daemon's certificate one it trusts?)");
                 }
             }
-            Err(WireError::TooLarge { len, max }) => tracing::error!(
-                router = %link.addr,
-                len,
-                max,
-                "the snapshot does not fit one frame: this router cannot be synced over \
-                 TCP (NATS, `events.nats_url`, sends snapshots in chunks)"
-            ),
             Err(err) => tracing::warn!(%err, router = %link.addr, "event connection lost"),
         }
         link.stats.connected.store(false, Ordering::Release);
-        // A snapshot too large walks the whole registry for nothing each try: back off,
-        // doubling up to a minute, instead of retrying at once.
-        backoff_ms = if too_large {
-            (backoff_ms * 2).min(cfg.backoff_max_ms.max(60_000))
-        } else if connected_at.elapsed() < SHORT_CONNECTION {
+        backoff_ms = if connected_at.elapsed() < SHORT_CONNECTION {
             // Refused right after connecting (a certificate, a claim): the next try
             // fares the same, so keep backing off.
             (backoff_ms * 2).min(cfg.backoff_max_ms.max(1))
@@ -683,8 +700,24 @@ async fn send_snapshot(
         link.dequeued(&frame);
     }
     link.overflow.store(false, Ordering::Release);
-    let bytes = shared.snapshot_frame()?;
-    write_timed(shared, w, &bytes, "write snapshot").await?;
+    let (begin, workers) = shared.snapshot();
+    let frame = Frame::SnapshotBegin { workers: begin }.encode()?;
+    write_timed(shared, w, &frame, "write snapshot").await?;
+    let chunk_blocks = shared.config.snapshot_chunk_blocks.max(1);
+    for wb in &workers {
+        for ns in &wb.namespaces {
+            for blocks in ns.blocks.chunks(chunk_blocks) {
+                let frame = Frame::SnapshotBlocks {
+                    worker: wb.worker,
+                    namespace: ns.namespace.clone(),
+                    blocks: blocks.to_vec(),
+                }
+                .encode()?;
+                write_timed(shared, w, &frame, "write snapshot").await?;
+            }
+        }
+    }
+    write_timed(shared, w, &Frame::SnapshotEnd.encode()?, "write snapshot").await?;
     link.stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }

@@ -15,7 +15,7 @@ use rmpv::Value;
 
 use crate::events::{
     Frame, KvEvent, MAX_FRAME_BYTES, NamespaceBlocks, PROTOCOL_VERSION, SnapshotBlock, Source,
-    WorkerBlocks, WorkerSnapshot, read_frame_body,
+    WorkerBlocks, WorkerSeq, WorkerSnapshot, read_frame_body,
 };
 use crate::vllm::{IndexOp, VllmBatch, VllmEvent, VllmTranslator, decode_batch};
 use crate::{Tier, WorkerId};
@@ -145,8 +145,33 @@ pub fn seeds_router_frames() -> Vec<Seed> {
             decode_blocks: 1024,
         },
     ];
-    let mut daemon = vec![hello, snapshot];
-    daemon.extend(events);
+    // Protocol 2 (what the publisher sends) and protocol 1's one-frame snapshot.
+    let Frame::Snapshot { workers } = &snapshot else {
+        unreachable!("built above as a snapshot")
+    };
+    let mut daemon = vec![
+        hello,
+        Frame::SnapshotBegin {
+            workers: vec![WorkerSeq {
+                worker: 7,
+                seq: workers[0].seq,
+            }],
+        },
+        Frame::SnapshotBlocks {
+            worker: 7,
+            namespace: workers[0].state.namespaces[0].namespace.clone(),
+            blocks: workers[0].state.namespaces[0].blocks.clone(),
+        },
+        Frame::SnapshotEnd,
+    ];
+    daemon.extend(events.iter().cloned());
+    let hello_v1 = Frame::Hello {
+        node: "node-a".into(),
+        protocol: 1,
+        source: Source::Kvplane,
+    };
+    let mut daemon_v1 = vec![hello_v1, snapshot.clone()];
+    daemon_v1.extend(events);
     let vllm_hello = Frame::Hello {
         node: "vllm-0".into(),
         protocol: PROTOCOL_VERSION,
@@ -158,6 +183,7 @@ pub fn seeds_router_frames() -> Vec<Seed> {
     };
     vec![
         ("seed-daemon-connection".into(), enc(&daemon)),
+        ("seed-daemon-connection-v1".into(), enc(&daemon_v1)),
         ("seed-resync".into(), enc(&[Frame::Resync])),
         ("seed-vllm-hello".into(), enc(&[vllm_hello])),
     ]

@@ -13,8 +13,8 @@
 //! - `GET /healthz`: `ok`.
 
 use crate::events::{
-    AbortOnDrop, Frame, KvEvent, MAX_FRAME_BYTES, Source, WorkerSnapshot, read_frame_body,
-    read_frame_len, read_frame_rest, write_frame,
+    AbortOnDrop, Frame, KvEvent, MAX_FRAME_BYTES, SnapshotBlock, Source, WorkerSeq, WorkerSnapshot,
+    read_frame_body, read_frame_len, read_frame_rest, write_frame,
 };
 use crate::hash;
 use crate::http::{self, Response};
@@ -186,6 +186,10 @@ pub struct WorkerInfo {
     beat_period_ms: u64,
     #[serde(skip)]
     conn: u64,
+    /// The sequence number the snapshot its connection is sending brings it to (between
+    /// `SnapshotBegin` and `SnapshotEnd`).
+    #[serde(skip)]
+    snapshot_seq: Option<u64>,
     #[serde(skip)]
     disconnected_at_ms: Option<u64>,
     /// [`LiveClock`] reading at the worker's last heartbeat of its current epoch (or when
@@ -528,6 +532,7 @@ impl RouterState {
             decode_blocks: 0,
             epoch: 0,
             conn,
+            snapshot_seq: None,
             disconnected_at_ms: None,
             silent_for_ms: None,
             heartbeat_period_ms: 0,
@@ -536,6 +541,10 @@ impl RouterState {
         });
         e.node = node.to_owned();
         e.source = source;
+        if e.conn != conn {
+            // Another connection's snapshot in progress is not this one's to end.
+            e.snapshot_seq = None;
+        }
         e.conn = conn;
         e.connected = true;
         e.disconnected_at_ms = None;
@@ -553,9 +562,30 @@ impl RouterState {
         claim
     }
 
-    /// Replaces the node's state with the snapshot: listed workers get exactly the listed
-    /// blocks, and workers this node announced before but no longer lists are dropped.
+    /// Replaces the node's state with a snapshot in one frame (protocol 1): the same as
+    /// its begin, blocks and end in frames of their own.
     pub fn apply_snapshot(&self, node: &str, conn: u64, workers: &[WorkerSnapshot]) {
+        let seqs: Vec<WorkerSeq> = workers
+            .iter()
+            .map(|w| WorkerSeq {
+                worker: w.state.worker,
+                seq: w.seq,
+            })
+            .collect();
+        self.begin_snapshot(node, conn, &seqs);
+        for ws in workers {
+            for ns in &ws.state.namespaces {
+                self.snapshot_blocks(conn, ws.state.worker, &ns.namespace, &ns.blocks);
+            }
+        }
+        self.end_snapshot(conn);
+    }
+
+    /// Starts a snapshot of connection `conn`: listed workers lose every block (their
+    /// blocks arrive with [`RouterState::snapshot_blocks`]) and ignore events until
+    /// [`RouterState::end_snapshot`]; workers this node announced before but no longer
+    /// lists are dropped.
+    pub fn begin_snapshot(&self, node: &str, conn: u64, workers: &[WorkerSeq]) {
         let gone: Vec<WorkerId> = {
             let mut table = self.workers();
             let gone: Vec<WorkerId> = table
@@ -566,7 +596,7 @@ impl RouterState {
                     w.node == node
                         && w.source == "kvplane"
                         && (w.conn == conn || !w.connected)
-                        && !workers.iter().any(|s| s.state.worker == w.worker)
+                        && !workers.iter().any(|s| s.worker == w.worker)
                 })
                 .map(|w| w.worker)
                 .collect();
@@ -579,40 +609,66 @@ impl RouterState {
             self.index.remove_worker(w, None);
         }
         for ws in workers {
-            let worker = ws.state.worker;
-            if !self.register(worker, node, "kvplane", conn) {
+            if !self.register(ws.worker, node, "kvplane", conn) {
                 continue;
             }
-            self.index.remove_worker(worker, None);
-            for ns in &ws.state.namespaces {
-                let blocks = &ns.blocks;
-                let mut i = 0;
-                while i < blocks.len() {
-                    // Chains of consecutive blocks with equal tiers go in as one store.
-                    let mut j = i + 1;
-                    while j < blocks.len()
-                        && blocks[j].parent == Some(blocks[j - 1].hash)
-                        && blocks[j].tiers == blocks[i].tiers
-                    {
-                        j += 1;
-                    }
-                    let hashes: Vec<u64> = blocks[i..j].iter().map(|b| b.hash).collect();
-                    for tier in Tier::ALL {
-                        if blocks[i].tiers & tier.bit() != 0 {
-                            self.index.store(
-                                &ns.namespace,
-                                worker,
-                                tier,
-                                blocks[i].parent,
-                                &hashes,
-                            );
-                        }
-                    }
-                    i = j;
+            self.index.remove_worker(ws.worker, None);
+            if let Some(e) = self.workers().get_mut(&ws.worker) {
+                e.awaiting_snapshot = true;
+                e.snapshot_seq = Some(ws.seq);
+            }
+        }
+    }
+
+    /// Blocks of `worker` in `namespace`, part of the snapshot connection `conn` began;
+    /// ignored (and counted as foreign) for a worker that snapshot does not cover.
+    pub fn snapshot_blocks(
+        &self,
+        conn: u64,
+        worker: WorkerId,
+        namespace: &str,
+        blocks: &[SnapshotBlock],
+    ) {
+        let covered = self
+            .workers()
+            .get(&worker)
+            .is_some_and(|e| e.conn == conn && e.snapshot_seq.is_some());
+        if !covered {
+            self.metrics
+                .frames_foreign_worker
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut i = 0;
+        while i < blocks.len() {
+            // Chains of consecutive blocks with equal tiers go in as one store.
+            let mut j = i + 1;
+            while j < blocks.len()
+                && blocks[j].parent == Some(blocks[j - 1].hash)
+                && blocks[j].tiers == blocks[i].tiers
+            {
+                j += 1;
+            }
+            let hashes: Vec<u64> = blocks[i..j].iter().map(|b| b.hash).collect();
+            for tier in Tier::ALL {
+                if blocks[i].tiers & tier.bit() != 0 {
+                    self.index
+                        .store(namespace, worker, tier, blocks[i].parent, &hashes);
                 }
             }
-            if let Some(e) = self.workers().get_mut(&worker) {
-                e.last_seq = ws.seq;
+            i = j;
+        }
+    }
+
+    /// Ends connection `conn`'s snapshot: its workers are current to their sequence
+    /// numbers and take events again.
+    pub fn end_snapshot(&self, conn: u64) {
+        for e in self.workers().values_mut() {
+            if e.conn != conn {
+                continue;
+            }
+            if let Some(seq) = e.snapshot_seq.take() {
+                e.last_seq = seq;
                 e.awaiting_snapshot = false;
             }
         }
@@ -774,6 +830,7 @@ impl RouterState {
                 decode_blocks: 0,
                 epoch: meta.epoch,
                 conn: NATS_CONN,
+                snapshot_seq: None,
                 disconnected_at_ms: None,
                 silent_for_ms: None,
                 heartbeat_period_ms: meta.heartbeat_ms,
@@ -889,6 +946,7 @@ impl RouterState {
                     decode_blocks: 0,
                     epoch: w.epoch,
                     conn: 0,
+                    snapshot_seq: None,
                     disconnected_at_ms: None,
                     silent_for_ms: None,
                     heartbeat_period_ms: w.heartbeat_ms,
@@ -1381,6 +1439,13 @@ where
         };
         match frame {
             Frame::Snapshot { workers } => state.apply_snapshot(&node, conn, &workers),
+            Frame::SnapshotBegin { workers } => state.begin_snapshot(&node, conn, &workers),
+            Frame::SnapshotBlocks {
+                worker,
+                namespace,
+                blocks,
+            } => state.snapshot_blocks(conn, worker, &namespace, &blocks),
+            Frame::SnapshotEnd => state.end_snapshot(conn),
             Frame::Event { worker, seq, event } => {
                 if !state.apply_event(conn, worker, seq, &event) {
                     state

@@ -884,7 +884,7 @@ async fn resync_requests_in_a_loop_get_at_most_one_snapshot_per_interval() {
         else {
             break;
         };
-        if matches!(Frame::decode(&body), Ok(Frame::Snapshot { .. })) {
+        if matches!(Frame::decode(&body), Ok(Frame::SnapshotBegin { .. })) {
             snapshots += 1;
         }
     }
@@ -1118,5 +1118,235 @@ async fn a_frame_that_stalls_or_cannot_get_room_ends_its_connection_in_bounded_t
     })
     .await;
     assert!(!state.worker_list().iter().any(|w| w.worker == 5));
+    svc.shutdown();
+}
+
+/// A provider of `workers` x 2 namespaces x `n` blocks, chains of 350 on host.
+fn big_provider(workers: &[u64], n: u64) -> kvplane_router::events::SnapshotProvider {
+    let workers = workers.to_vec();
+    Arc::new(move || {
+        workers
+            .iter()
+            .map(|&worker| WorkerBlocks {
+                worker,
+                namespaces: ["ns", "other"]
+                    .iter()
+                    .map(|ns| NamespaceBlocks {
+                        namespace: (*ns).into(),
+                        blocks: (0..n)
+                            .map(|i| {
+                                let hash = (worker << 32) | i;
+                                SnapshotBlock {
+                                    hash,
+                                    parent: (i % 350 != 0).then(|| hash - 1),
+                                    tiers: Tier::Host.bit(),
+                                }
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    })
+}
+
+/// A snapshot goes in frames of at most `snapshot_chunk_blocks` blocks (it used to be one
+/// frame of at most 256 MiB, ~6 M blocks: a fuller daemon could not sync a router over
+/// TCP), the frames carry every block once, and a router takes them whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_goes_in_frames_of_bounded_size_and_lands_whole() {
+    // A listener standing in for the router sees the frames.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let chunked = |routers| PublisherConfig {
+        routers,
+        node: "big".into(),
+        backoff_initial_ms: 10,
+        backoff_max_ms: 50,
+        snapshot_chunk_blocks: 100,
+        ..PublisherConfig::default()
+    };
+    let p = Publisher::start(
+        chunked(vec![addr]),
+        big_provider(&[1, 2], 1_050),
+        &tokio::runtime::Handle::current(),
+    );
+    let (mut s, _) = listener.accept().await.unwrap();
+    assert!(matches!(
+        next_frame(&mut s, "hello").await,
+        Frame::Hello { protocol: 2, .. }
+    ));
+    match next_frame(&mut s, "snapshot begin").await {
+        Frame::SnapshotBegin { workers } => {
+            let ids: Vec<u64> = workers.iter().map(|w| w.worker).collect();
+            assert_eq!(ids, vec![1, 2]);
+        }
+        other => panic!("expected SnapshotBegin, got {other:?}"),
+    }
+    let mut got: BTreeMap<(u64, String), Vec<u64>> = BTreeMap::new();
+    let mut frames = 0;
+    loop {
+        match next_frame(&mut s, "snapshot blocks").await {
+            Frame::SnapshotBlocks {
+                worker,
+                namespace,
+                blocks,
+            } => {
+                assert!(
+                    !blocks.is_empty() && blocks.len() <= 100,
+                    "{}",
+                    blocks.len()
+                );
+                frames += 1;
+                got.entry((worker, namespace))
+                    .or_default()
+                    .extend(blocks.iter().map(|b| b.hash));
+            }
+            Frame::SnapshotEnd => break,
+            other => panic!("expected SnapshotBlocks or SnapshotEnd, got {other:?}"),
+        }
+    }
+    assert_eq!(frames, 2 * 2 * 11, "1,050 blocks in frames of 100");
+    for w in [1u64, 2] {
+        for ns in ["ns", "other"] {
+            let want: Vec<u64> = (0..1_050).map(|i| (w << 32) | i).collect();
+            assert_eq!(got[&(w, ns.to_string())], want, "worker {w} {ns}");
+        }
+    }
+    p.shutdown();
+
+    // A router takes such a snapshot whole, and the events after it.
+    let svc = RouterService::start(config(60_000)).await.unwrap();
+    let state = svc.state.clone();
+    let p = Publisher::start(
+        chunked(vec![svc.events_addr]),
+        big_provider(&[1, 2], 1_050),
+        &tokio::runtime::Handle::current(),
+    );
+    let holds = |w: u64, ns: &str, i: u64| {
+        state
+            .index
+            .with_tree(ns, |t| t.holds(w, (w << 32) | i, None))
+            .unwrap_or(false)
+    };
+    eventually("every block of the chunked snapshot", || {
+        [1u64, 2].iter().all(|&w| {
+            ["ns", "other"].iter().all(|ns| {
+                [0, 99, 100, 349, 350, 1_049]
+                    .iter()
+                    .all(|&i| holds(w, ns, i))
+            })
+        })
+    })
+    .await;
+    assert!(
+        state
+            .worker_list()
+            .iter()
+            .all(|w| !w.awaiting_snapshot && w.connected)
+    );
+    p.stored(
+        1,
+        "ns",
+        &[((1 << 32) | 5_000, Some((1 << 32) | 1_049))],
+        Tier::Host,
+    );
+    eventually("an event after the chunked snapshot", || {
+        holds(1, "ns", 5_000)
+    })
+    .await;
+    p.shutdown();
+    svc.shutdown();
+}
+
+/// A snapshot cut short (its connection gone before `SnapshotEnd`) leaves its workers
+/// waiting for the next one, ignoring events meanwhile; blocks for a worker the snapshot
+/// did not begin are ignored and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_cut_short_leaves_its_workers_waiting_for_the_next() {
+    use kvplane_router::events::WorkerSeq;
+    use std::sync::atomic::Ordering::Relaxed;
+    let svc = RouterService::start(config(60_000)).await.unwrap();
+    let state = svc.state.clone();
+    let blocks = |hashes: &[u64]| -> Vec<SnapshotBlock> {
+        hashes
+            .iter()
+            .map(|&hash| SnapshotBlock {
+                hash,
+                parent: (hash > 1).then(|| hash - 1),
+                tiers: Tier::Host.bit(),
+            })
+            .collect()
+    };
+    let part = |worker, hashes: &[u64]| Frame::SnapshotBlocks {
+        worker,
+        namespace: "ns".into(),
+        blocks: blocks(hashes),
+    };
+    let holds = |h| {
+        state
+            .index
+            .with_tree("ns", |t| t.holds(9, h, None))
+            .unwrap_or(false)
+    };
+    let mut s = raw_client(svc.events_addr, Source::Kvplane).await;
+    let begin = |seq| Frame::SnapshotBegin {
+        workers: vec![WorkerSeq { worker: 9, seq }],
+    };
+    write_frame(&mut s, &begin(5)).await.unwrap();
+    write_frame(&mut s, &part(9, &[1, 2])).await.unwrap();
+    write_frame(&mut s, &part(10, &[7])).await.unwrap();
+    write_frame(
+        &mut s,
+        &Frame::Event {
+            worker: 9,
+            seq: 6,
+            event: stored(vec![3], Some(2)),
+        },
+    )
+    .await
+    .unwrap();
+    eventually("the blocks sent so far", || holds(2)).await;
+    eventually("the frames read", || {
+        state.metrics.frames.load(Relaxed) >= 5
+    })
+    .await;
+    drop(s);
+    eventually("the connection gone", || {
+        state.worker_list().iter().all(|w| !w.connected)
+    })
+    .await;
+    let w = state
+        .worker_list()
+        .into_iter()
+        .find(|w| w.worker == 9)
+        .unwrap();
+    assert!(w.awaiting_snapshot, "a snapshot cut short is not current");
+    assert!(!holds(3), "an event during the snapshot was applied");
+    assert!(state.worker_list().iter().all(|w| w.worker != 10));
+    assert!(state.metrics.frames_foreign_worker.load(Relaxed) >= 1);
+
+    // The next connection's whole snapshot makes it current; its events apply again.
+    let mut s = raw_client(svc.events_addr, Source::Kvplane).await;
+    write_frame(&mut s, &begin(6)).await.unwrap();
+    write_frame(&mut s, &part(9, &[1, 2, 3])).await.unwrap();
+    write_frame(&mut s, &Frame::SnapshotEnd).await.unwrap();
+    write_frame(
+        &mut s,
+        &Frame::Event {
+            worker: 9,
+            seq: 7,
+            event: stored(vec![4], Some(3)),
+        },
+    )
+    .await
+    .unwrap();
+    eventually("current again, and the next event applied", || holds(4)).await;
+    let w = state
+        .worker_list()
+        .into_iter()
+        .find(|w| w.worker == 9)
+        .unwrap();
+    assert!(!w.awaiting_snapshot && w.last_seq == 7, "{w:?}");
     svc.shutdown();
 }
