@@ -12,7 +12,7 @@ pub struct RouterArgs {
     /// max_http_connections, seed; a [route] table: prefill_weight, decode_weight,
     /// active_weight, tier_credit, temperature, prediction_ttl_ms, max_predictions; an
     /// [events_tls] table for mutual TLS on the event port: ca_file, cert_file,
-    /// key_file). Flags override it.
+    /// key_file, crl_file; `--print-config` lists every key). Flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Address daemons and vLLM feed forwarders connect to.
