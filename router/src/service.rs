@@ -190,6 +190,10 @@ pub struct WorkerInfo {
     /// `SnapshotBegin` and `SnapshotEnd`).
     #[serde(skip)]
     snapshot_seq: Option<u64>,
+    /// The client certificate of the TLS connection that announced it
+    /// ([`RouterState::register`]).
+    #[serde(skip)]
+    owner: Option<CertId>,
     #[serde(skip)]
     disconnected_at_ms: Option<u64>,
     /// [`LiveClock`] reading at the worker's last heartbeat of its current epoch (or when
@@ -228,6 +232,8 @@ pub struct RouterState {
     pub config: ServiceConfig,
     workers: Mutex<HashMap<WorkerId, WorkerInfo>>,
     conns: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    /// The client certificate of each TLS event connection.
+    identities: Mutex<HashMap<u64, CertId>>,
     /// Event connections before their Hello, per peer address ([`PendingPlace`]).
     pending: Mutex<HashMap<std::net::IpAddr, usize>>,
     next_conn: AtomicU64,
@@ -313,6 +319,9 @@ impl Drop for PendingPlace {
     }
 }
 
+/// A client certificate: the BLAKE3 hash of its DER bytes.
+type CertId = [u8; 32];
+
 /// The connection id of workers the NATS stream announced (event connections count
 /// from 1).
 const NATS_CONN: u64 = 0;
@@ -336,6 +345,7 @@ impl RouterState {
             config,
             workers: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
+            identities: Mutex::default(),
             pending: Mutex::default(),
             next_conn: AtomicU64::new(1),
             refused_claimants: Mutex::default(),
@@ -507,8 +517,21 @@ impl RouterState {
     /// A refused connection is asked for a snapshot again when some connection closes
     /// (the owner may have been its own earlier connection, not yet seen closed).
     fn register(&self, worker: WorkerId, node: &str, source: &'static str, conn: u64) -> bool {
+        let identity = lock(&self.identities).get(&conn).copied();
         let mut workers = self.workers();
-        if Claim::of(workers.get(&worker), conn) == Claim::Foreign {
+        let entry = workers.get(&worker);
+        // Over TLS a disconnected worker's id stays its certificate's until the grace
+        // period ends: another certificate holder cannot take it over meanwhile.
+        let claim = match Claim::of(entry, conn) {
+            Claim::Free
+                if entry.is_some_and(|e| e.conn != NATS_CONN && e.owner.is_some())
+                    && entry.and_then(|e| e.owner) != identity =>
+            {
+                Claim::Foreign
+            }
+            claim => claim,
+        };
+        if claim == Claim::Foreign {
             lock(&self.refused_claimants).insert(conn);
             self.metrics
                 .frames_foreign_worker
@@ -533,6 +556,7 @@ impl RouterState {
             epoch: 0,
             conn,
             snapshot_seq: None,
+            owner: None,
             disconnected_at_ms: None,
             silent_for_ms: None,
             heartbeat_period_ms: 0,
@@ -546,6 +570,7 @@ impl RouterState {
             e.snapshot_seq = None;
         }
         e.conn = conn;
+        e.owner = identity;
         e.connected = true;
         e.disconnected_at_ms = None;
         true
@@ -760,7 +785,13 @@ impl RouterState {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&conn);
         lock(&self.resync_bells).remove(&conn);
-        // Connections refused a worker may now take it: each is asked for a snapshot.
+        lock(&self.identities).remove(&conn);
+        self.ring_refused_claimants();
+    }
+
+    /// Connections refused a worker may now take it (its connection closed, or its grace
+    /// period ended): each is asked for a snapshot.
+    fn ring_refused_claimants(&self) {
         let refused: Vec<u64> = lock(&self.refused_claimants).drain().collect();
         let bells = lock(&self.resync_bells);
         for c in refused {
@@ -796,6 +827,9 @@ impl RouterState {
         self.metrics
             .workers_dropped
             .fetch_add(expired.len() as u64, Ordering::Relaxed);
+        if !expired.is_empty() {
+            self.ring_refused_claimants();
+        }
         expired.len()
     }
 
@@ -831,6 +865,7 @@ impl RouterState {
                 epoch: meta.epoch,
                 conn: NATS_CONN,
                 snapshot_seq: None,
+                owner: None,
                 disconnected_at_ms: None,
                 silent_for_ms: None,
                 heartbeat_period_ms: meta.heartbeat_ms,
@@ -947,6 +982,7 @@ impl RouterState {
                     epoch: w.epoch,
                     conn: 0,
                     snapshot_seq: None,
+                    owner: None,
                     disconnected_at_ms: None,
                     silent_for_ms: None,
                     heartbeat_period_ms: w.heartbeat_ms,
@@ -1306,6 +1342,16 @@ async fn accept_events(
                 None => event_connection(&st, stream, conn, (hello_by, pending)).await,
                 Some(tls) => match tokio::time::timeout_at(hello_by, tls.accept(stream)).await {
                     Ok(Ok(stream)) => {
+                        // Verified by the handshake: the chain's first is the client's own.
+                        if let Some(cert) = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                        {
+                            let id = *blake3::hash(cert.as_ref()).as_bytes();
+                            lock(&st.identities).insert(conn, id);
+                        }
                         event_connection(&st, stream, conn, (hello_by, pending)).await
                     }
                     Ok(Err(err)) => Err(ConnError::Tls(err)),

@@ -113,6 +113,16 @@ fn config(tls: EventsTls, hello_timeout_ms: u64) -> ServiceConfig {
 }
 
 fn publisher(router: std::net::SocketAddr, tls: &EventsTls, worker: u64) -> Publisher {
+    publisher_holding(router, tls, worker, 7)
+}
+
+/// A daemon whose `worker` holds the one block `hash` in namespace "ns".
+fn publisher_holding(
+    router: std::net::SocketAddr,
+    tls: &EventsTls,
+    worker: u64,
+    hash: u64,
+) -> Publisher {
     let tls = tls
         .connector(&mut kvplane_router::tls::read_file)
         .expect("the daemon's TLS files load");
@@ -131,7 +141,7 @@ fn publisher(router: std::net::SocketAddr, tls: &EventsTls, worker: u64) -> Publ
                 namespaces: vec![NamespaceBlocks {
                     namespace: "ns".into(),
                     blocks: vec![SnapshotBlock {
-                        hash: 7,
+                        hash,
                         parent: None,
                         tiers: Tier::Hbm.bit(),
                     }],
@@ -366,6 +376,73 @@ async fn a_peer_that_never_handshakes_is_closed_by_the_hello_deadline() {
         "closed before the deadline: {waited:?}"
     );
     eventually("counted", || refused(&state) == 1).await;
+    svc.shutdown();
+}
+
+/// Over TLS a disconnected worker's id stays its certificate's for the grace period:
+/// another certificate of the same CA cannot take it over meanwhile (it used to be free
+/// to any connection), the same certificate takes it back at once, and once the grace
+/// period ends the other may have it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnected_workers_id_stays_its_certificates_for_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("a");
+    let router_tls = ca.issue(dir.path(), "router", &["127.0.0.1"], &ca);
+    let first = ca.issue(dir.path(), "first", &["daemon-1"], &ca);
+    let second = ca.issue(dir.path(), "second", &["daemon-2"], &ca);
+    let svc = RouterService::start(ServiceConfig {
+        grace_ms: 1_500,
+        ..config(router_tls, 5_000)
+    })
+    .await
+    .unwrap();
+    let state = svc.state.clone();
+    let holds_hash = |h| {
+        state
+            .index
+            .with_tree("ns", |t| t.holds(1, h, None))
+            .unwrap_or(false)
+    };
+    let connected = || {
+        state
+            .worker_list()
+            .iter()
+            .any(|w| w.worker == 1 && w.connected)
+    };
+    let owner = publisher_holding(svc.events_addr, &first, 1, 7);
+    eventually("the first daemon's worker 1", || holds_hash(7)).await;
+    owner.shutdown();
+    eventually("worker 1 disconnected", || !connected()).await;
+
+    // Another certificate claims worker 1 during the grace period: refused.
+    let t0 = Instant::now();
+    let other = publisher_holding(svc.events_addr, &second, 1, 8);
+    let foreign = || state.metrics.frames_foreign_worker.load(Ordering::Relaxed);
+    eventually("the other certificate's claim refused", || foreign() >= 1).await;
+    assert!(
+        holds_hash(7) && !holds_hash(8),
+        "taken over in its grace period"
+    );
+    other.shutdown();
+
+    // The same certificate, a new connection: worker 1 is its again at once.
+    let back = publisher_holding(svc.events_addr, &first, 1, 9);
+    eventually("the owner's reconnect takes it back", || holds_hash(9)).await;
+    back.shutdown();
+    eventually("worker 1 disconnected again", || !connected()).await;
+
+    // Once the grace period ends, the other certificate may have it.
+    let other = publisher_holding(svc.events_addr, &second, 1, 8);
+    eventually("the other certificate's after the grace period", || {
+        holds_hash(8)
+    })
+    .await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1_500),
+        "{:?}",
+        t0.elapsed()
+    );
+    other.shutdown();
     svc.shutdown();
 }
 
