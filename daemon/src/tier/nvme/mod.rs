@@ -624,6 +624,16 @@ impl NvmeStore {
         let next = AtomicUsize::new(0);
         let ready: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
         let done = AtomicBool::new(false);
+        // Set by a helper whose `prepare` panicked: the item it held never becomes ready.
+        let helper_panicked = AtomicBool::new(false);
+        struct Poison<'a>(&'a AtomicBool);
+        impl Drop for Poison<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.store(true, Ordering::Release);
+                }
+            }
+        }
         // Claims the next unprepared item, prepares it and marks it ready.
         let work = || -> bool {
             let k = next.fetch_add(1, Ordering::Relaxed);
@@ -637,6 +647,7 @@ impl NvmeStore {
         std::thread::scope(|scope| {
             for _ in 0..helpers {
                 scope.spawn(|| {
+                    let _poison = Poison(&helper_panicked);
                     // Not a busy wait: each `work()` prepares one item; stops when none is left.
                     loop {
                         if done.load(Ordering::Relaxed) || !work() {
@@ -649,6 +660,13 @@ impl NvmeStore {
                 // Help until item i is ready (it is claimed by us or a helper).
                 while !ready[i].load(Ordering::Acquire) {
                     if !work() {
+                        // Every item is claimed; one a helper dropped in a panic is never
+                        // ready: fail this call (the engine waits for the writes in
+                        // flight as it unwinds) instead of spinning for good.
+                        assert!(
+                            !helper_panicked.load(Ordering::Acquire),
+                            "a checksum helper thread panicked preparing slot header {i}"
+                        );
                         std::hint::spin_loop();
                     }
                 }

@@ -723,3 +723,41 @@ fn two_paths_naming_one_file_are_refused() {
     cfg.paths = vec![dir.path().join("a.kvp"), dir.path().join("b.kvp")];
     NvmeStore::open(&cfg, BLOCK, p.regions(1 << 30), None).unwrap();
 }
+
+/// A checksum helper thread whose `prepare` panics fails the write call: the caller used
+/// to spin for good waiting for the item that helper held.
+#[test]
+fn a_panicking_checksum_helper_fails_the_write_instead_of_hanging_it() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The write runs on a thread of its own: before the fix it never returned.
+    std::thread::spawn(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = NvmeConfig {
+            checksum_threads: 2,
+            ..config(dir.path(), EngineKind::Sync)
+        };
+        let pool = pool(16);
+        let (store, _) = NvmeStore::open(&cfg, BLOCK, pool.regions(1 << 30), None).unwrap();
+        let items: Vec<(u32, *mut u8)> = (0..16u32).map(|s| (s, pool.slot_ptr(s))).collect();
+        let caller = std::thread::current().id();
+        // The caller is slow to prepare, so the helper claims items; the helper panics on
+        // the first it takes.
+        let prepare = |_: usize| {
+            if std::thread::current().id() == caller {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            } else {
+                panic!("injected: helper prepare");
+            }
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut results = vec![];
+            // SAFETY: the pool's slots are valid and used by nothing else.
+            unsafe { store.write_slots_with(&items, &prepare, &mut results) };
+        }));
+        let _ = tx.send(outcome.is_err());
+    });
+    let failed = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the write call returned instead of spinning");
+    assert!(failed, "a helper's panic must fail the call");
+}
