@@ -621,8 +621,8 @@ async fn link_task(shared: Arc<Shared>, index: usize, mut rx: mpsc::Receiver<Arc
         }
         link.stats.connected.store(false, Ordering::Release);
         backoff_ms = if connected_at.elapsed() < SHORT_CONNECTION {
-            // Refused right after connecting (a certificate, a claim): the next try
-            // fares the same, so keep backing off.
+            // Ended right after connecting (a certificate refused, a router going
+            // down again): the next try may fare the same, so keep backing off.
             (backoff_ms * 2).min(cfg.backoff_max_ms.max(1))
         } else {
             cfg.backoff_initial_ms.max(1)
@@ -693,6 +693,8 @@ async fn send_snapshot(
         let interval = Duration::from_millis(shared.config.min_snapshot_interval_ms);
         tokio::time::sleep_until(last + interval).await;
     }
+    // Stamped again once written: the interval runs from a snapshot's end, so one that
+    // takes longer to write is not followed by another at once.
     *link.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) =
         Some(tokio::time::Instant::now());
     // Queued frames predate the sequence numbers the snapshot is taken at: drop them.
@@ -718,6 +720,8 @@ async fn send_snapshot(
         }
     }
     write_timed(shared, w, &Frame::SnapshotEnd.encode()?, "write snapshot").await?;
+    *link.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(tokio::time::Instant::now());
     link.stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
@@ -762,10 +766,15 @@ async fn run_link(
         }
     }));
     let written = write_link(shared, link, rx, &mut resync_rx, &mut w).await;
-    // What the reader saw explains the end better than a write into a closed socket.
-    match ended_rx.try_recv() {
-        Ok(err) => Err(err),
-        Err(_) => written,
+    // What the reader saw explains the end better than a write into a closed socket (a
+    // TLS alert, say); after a failed write, give the reader a moment to see it.
+    if written.is_err() {
+        match tokio::time::timeout(Duration::from_millis(100), ended_rx).await {
+            Ok(Ok(err)) => Err(err),
+            _ => written,
+        }
+    } else {
+        ended_rx.try_recv().map_or(written, Err)
     }
 }
 

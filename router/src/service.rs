@@ -65,6 +65,9 @@ pub struct ServiceConfig {
     /// refused. A flood of peers that prove nothing keeps these places, not every one.
     pub max_pending_event_connections: usize,
     pub max_pending_event_connections_per_ip: usize,
+    /// Workers one event connection's snapshot may list (a daemon hosts one per engine);
+    /// a snapshot listing more ends the connection.
+    pub max_workers_per_connection: usize,
     /// Memory the event connections' frames may take at once, read and decoded, all
     /// connections together (a frame of n bytes is charged `n x` its decoding's
     /// expansion, and waits for room; one larger than all of it runs alone).
@@ -96,6 +99,7 @@ impl Default for ServiceConfig {
             hello_timeout_ms: 5_000,
             max_pending_event_connections: 256,
             max_pending_event_connections_per_ip: 32,
+            max_workers_per_connection: 1024,
             max_frame_memory_bytes: 1 << 30,
             seed: 0x006b_7670_6c61_6e65,
             route: RouteConfig::default(),
@@ -270,6 +274,22 @@ enum Claim {
 }
 
 impl Claim {
+    /// [`Claim::of`] for connection `conn` holding client certificate `identity`: over
+    /// TLS a disconnected worker's id stays its certificate's until its grace period
+    /// ends, so another certificate holder cannot take it over (nor drop it) meanwhile.
+    fn of_peer(entry: Option<&WorkerInfo>, conn: u64, identity: Option<CertId>) -> Claim {
+        match Claim::of(entry, conn) {
+            Claim::Free
+                if entry.is_some_and(|e| {
+                    e.conn != NATS_CONN && e.owner.is_some() && e.owner != identity
+                }) =>
+            {
+                Claim::Foreign
+            }
+            claim => claim,
+        }
+    }
+
     /// Whose `entry` is, to connection `conn` (`NATS_CONN` for the stream).
     fn of(entry: Option<&WorkerInfo>, conn: u64) -> Claim {
         match entry {
@@ -517,30 +537,24 @@ impl RouterState {
     /// A refused connection is asked for a snapshot again when some connection closes
     /// (the owner may have been its own earlier connection, not yet seen closed).
     fn register(&self, worker: WorkerId, node: &str, source: &'static str, conn: u64) -> bool {
-        let identity = lock(&self.identities).get(&conn).copied();
+        let identity = self.identity(conn);
         let mut workers = self.workers();
-        let entry = workers.get(&worker);
-        // Over TLS a disconnected worker's id stays its certificate's until the grace
-        // period ends: another certificate holder cannot take it over meanwhile.
-        let claim = match Claim::of(entry, conn) {
-            Claim::Free
-                if entry.is_some_and(|e| e.conn != NATS_CONN && e.owner.is_some())
-                    && entry.and_then(|e| e.owner) != identity =>
-            {
-                Claim::Foreign
-            }
-            claim => claim,
-        };
-        if claim == Claim::Foreign {
+        if Claim::of_peer(workers.get(&worker), conn, identity) == Claim::Foreign {
             lock(&self.refused_claimants).insert(conn);
-            self.metrics
+            let n = self
+                .metrics
                 .frames_foreign_worker
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                worker,
-                conn,
-                "worker announced by another live connection; ignored"
-            );
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    worker,
+                    conn,
+                    refused = n,
+                    "worker announced by another live connection (or, over TLS, another \
+                     certificate's in its grace period); ignored"
+                );
+            }
             return false;
         }
         let e = workers.entry(worker).or_insert_with(|| WorkerInfo {
@@ -589,7 +603,12 @@ impl RouterState {
 
     /// Replaces the node's state with a snapshot in one frame (protocol 1): the same as
     /// its begin, blocks and end in frames of their own.
-    pub fn apply_snapshot(&self, node: &str, conn: u64, workers: &[WorkerSnapshot]) {
+    pub fn apply_snapshot(
+        &self,
+        node: &str,
+        conn: u64,
+        workers: &[WorkerSnapshot],
+    ) -> Result<(), TooManyWorkers> {
         let seqs: Vec<WorkerSeq> = workers
             .iter()
             .map(|w| WorkerSeq {
@@ -597,31 +616,45 @@ impl RouterState {
                 seq: w.seq,
             })
             .collect();
-        self.begin_snapshot(node, conn, &seqs);
+        self.begin_snapshot(node, conn, &seqs)?;
         for ws in workers {
             for ns in &ws.state.namespaces {
                 self.snapshot_blocks(conn, ws.state.worker, &ns.namespace, &ns.blocks);
             }
         }
         self.end_snapshot(conn);
+        Ok(())
     }
 
     /// Starts a snapshot of connection `conn`: listed workers lose every block (their
     /// blocks arrive with [`RouterState::snapshot_blocks`]) and ignore events until
     /// [`RouterState::end_snapshot`]; workers this node announced before but no longer
     /// lists are dropped.
-    pub fn begin_snapshot(&self, node: &str, conn: u64, workers: &[WorkerSeq]) {
+    /// More workers than `max_workers_per_connection` refuse the whole snapshot.
+    pub fn begin_snapshot(
+        &self,
+        node: &str,
+        conn: u64,
+        workers: &[WorkerSeq],
+    ) -> Result<(), TooManyWorkers> {
+        if workers.len() > self.config.max_workers_per_connection {
+            return Err(TooManyWorkers(workers.len()));
+        }
+        let listed: std::collections::HashSet<WorkerId> =
+            workers.iter().map(|w| w.worker).collect();
+        let identity = self.identity(conn);
         let gone: Vec<WorkerId> = {
             let mut table = self.workers();
             let gone: Vec<WorkerId> = table
                 .values()
                 .filter(|w| {
                     // Another live connection's workers are not this node's to drop,
-                    // whatever node name it gives.
+                    // whatever node name it gives, nor (over TLS) another certificate's
+                    // in their grace period.
                     w.node == node
                         && w.source == "kvplane"
-                        && (w.conn == conn || !w.connected)
-                        && !workers.iter().any(|s| s.worker == w.worker)
+                        && Claim::of_peer(Some(w), conn, identity) != Claim::Foreign
+                        && !listed.contains(&w.worker)
                 })
                 .map(|w| w.worker)
                 .collect();
@@ -634,15 +667,25 @@ impl RouterState {
             self.index.remove_worker(w, None);
         }
         for ws in workers {
+            let known = self.workers().contains_key(&ws.worker);
             if !self.register(ws.worker, node, "kvplane", conn) {
                 continue;
             }
-            self.index.remove_worker(ws.worker, None);
+            // (A scan of every namespace: only for a worker the index may hold.)
+            if known {
+                self.index.remove_worker(ws.worker, None);
+            }
             if let Some(e) = self.workers().get_mut(&ws.worker) {
                 e.awaiting_snapshot = true;
                 e.snapshot_seq = Some(ws.seq);
             }
         }
+        Ok(())
+    }
+
+    /// The client certificate of TLS connection `conn`.
+    fn identity(&self, conn: u64) -> Option<CertId> {
+        lock(&self.identities).get(&conn).copied()
     }
 
     /// Blocks of `worker` in `namespace`, part of the snapshot connection `conn` began;
@@ -688,6 +731,7 @@ impl RouterState {
     /// Ends connection `conn`'s snapshot: its workers are current to their sequence
     /// numbers and take events again.
     pub fn end_snapshot(&self, conn: u64) {
+        let mut ended = false;
         for e in self.workers().values_mut() {
             if e.conn != conn {
                 continue;
@@ -695,9 +739,12 @@ impl RouterState {
             if let Some(seq) = e.snapshot_seq.take() {
                 e.last_seq = seq;
                 e.awaiting_snapshot = false;
+                ended = true;
             }
         }
-        self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+        if ended {
+            self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn check_seq(&self, worker: WorkerId, seq: u64) -> Seq {
@@ -1406,7 +1453,14 @@ enum ConnError {
     ForeignWorker(WorkerId),
     #[error("TLS handshake: {0}")]
     Tls(std::io::Error),
+    #[error(transparent)]
+    TooManyWorkers(#[from] TooManyWorkers),
 }
+
+/// A snapshot listing more workers than `max_workers_per_connection`.
+#[derive(Debug, thiserror::Error)]
+#[error("a snapshot of {0} workers, more than max_workers_per_connection")]
+pub struct TooManyWorkers(pub usize);
 
 /// One event connection (plain TCP or TLS), from its Hello on; its pending place is
 /// given back once the Hello is in.
@@ -1484,8 +1538,8 @@ where
             }
         };
         match frame {
-            Frame::Snapshot { workers } => state.apply_snapshot(&node, conn, &workers),
-            Frame::SnapshotBegin { workers } => state.begin_snapshot(&node, conn, &workers),
+            Frame::Snapshot { workers } => state.apply_snapshot(&node, conn, &workers)?,
+            Frame::SnapshotBegin { workers } => state.begin_snapshot(&node, conn, &workers)?,
             Frame::SnapshotBlocks {
                 worker,
                 namespace,

@@ -37,7 +37,8 @@ pub struct EventsTls {
     /// IP address). Unset: the IP address of each router in `routers`.
     pub server_name: Option<String>,
     /// The router's only: PEM certificate revocation lists of `ca_file`'s CAs; a client
-    /// certificate they list is refused.
+    /// certificate its issuer's list names is refused (intermediates are not checked; a
+    /// certificate whose issuer has no list here passes).
     pub crl_file: Option<PathBuf>,
 }
 
@@ -191,7 +192,13 @@ impl EventsTls {
             if crls.is_empty() {
                 return Err(invalid("crl_file", "no PEM revocation list in it"));
             }
-            verifier = verifier.with_crls(crls);
+            // The client's own certificate is checked against the lists of its issuer;
+            // one whose issuer has no list here passes (as with no `crl_file`). A list
+            // past its next update still applies (it is read at start-up only).
+            verifier = verifier
+                .with_crls(crls)
+                .only_check_end_entity_revocation()
+                .allow_unknown_revocation_status();
         }
         let verifier = verifier.build().map_err(|e| invalid("ca_file", e))?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)

@@ -1229,22 +1229,19 @@ async fn a_snapshot_goes_in_frames_of_bounded_size_and_lands_whole() {
             .with_tree(ns, |t| t.holds(w, (w << 32) | i, None))
             .unwrap_or(false)
     };
-    eventually("every block of the chunked snapshot", || {
+    eventually("every block of the chunked snapshot, and its end", || {
         [1u64, 2].iter().all(|&w| {
             ["ns", "other"].iter().all(|ns| {
                 [0, 99, 100, 349, 350, 1_049]
                     .iter()
                     .all(|&i| holds(w, ns, i))
             })
-        })
-    })
-    .await;
-    assert!(
-        state
+        }) && state
             .worker_list()
             .iter()
             .all(|w| !w.awaiting_snapshot && w.connected)
-    );
+    })
+    .await;
     p.stored(
         1,
         "ns",
@@ -1348,5 +1345,40 @@ async fn a_snapshot_cut_short_leaves_its_workers_waiting_for_the_next() {
         .find(|w| w.worker == 9)
         .unwrap();
     assert!(!w.awaiting_snapshot && w.last_seq == 7, "{w:?}");
+    svc.shutdown();
+}
+
+/// A snapshot listing more workers than `max_workers_per_connection` ends its
+/// connection and registers none of them (each would cost the router a worker entry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_too_many_workers_ends_its_connection() {
+    use kvplane_router::events::WorkerSeq;
+    let svc = RouterService::start(ServiceConfig {
+        max_workers_per_connection: 4,
+        ..config(60_000)
+    })
+    .await
+    .unwrap();
+    let state = svc.state.clone();
+    let mut s = raw_client(svc.events_addr, Source::Kvplane).await;
+    let workers = (1..=5).map(|worker| WorkerSeq { worker, seq: 0 }).collect();
+    write_frame(&mut s, &Frame::SnapshotBegin { workers })
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("the connection is ended")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(state.worker_list().is_empty());
+    // Four are fine.
+    let mut s = raw_client(svc.events_addr, Source::Kvplane).await;
+    let workers = (1..=4).map(|worker| WorkerSeq { worker, seq: 0 }).collect();
+    write_frame(&mut s, &Frame::SnapshotBegin { workers })
+        .await
+        .unwrap();
+    write_frame(&mut s, &Frame::SnapshotEnd).await.unwrap();
+    eventually("four workers", || state.worker_list().len() == 4).await;
     svc.shutdown();
 }

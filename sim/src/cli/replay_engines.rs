@@ -572,7 +572,7 @@ fn read_daemon_stream(
     daemon_workers: &[Vec<usize>],
     applied: &std::sync::atomic::AtomicU64,
 ) {
-    use kvplane_router::events::{Frame, KvEvent, MAX_FRAME_BYTES};
+    use kvplane_router::events::{Frame, KvEvent, MAX_FRAME_BYTES, SnapshotBlock};
     use std::io::Read;
     let engines_of = |worker: u64| -> &[usize] {
         worker
@@ -603,28 +603,31 @@ fn read_daemon_stream(
         let Ok(frame) = Frame::decode(&body) else {
             continue;
         };
-        match frame {
-            Frame::Snapshot { workers } => {
-                for ws in workers {
-                    for ns in &ws.state.namespaces {
-                        for b in &ns.blocks {
-                            for t in [Tier::Host, Tier::Nvme] {
-                                if b.tiers & t.bit() != 0 {
-                                    for &w in engines_of(ws.state.worker) {
-                                        index.store(
-                                            &ns.namespace,
-                                            w as u64,
-                                            t,
-                                            b.parent,
-                                            &[b.hash],
-                                        );
-                                    }
-                                }
-                            }
+        // A snapshot's blocks (either protocol) add to the index; nothing is cleared.
+        let add = |worker: u64, namespace: &str, blocks: &[SnapshotBlock]| {
+            for b in blocks {
+                for t in [Tier::Host, Tier::Nvme] {
+                    if b.tiers & t.bit() != 0 {
+                        for &w in engines_of(worker) {
+                            index.store(namespace, w as u64, t, b.parent, &[b.hash]);
                         }
                     }
                 }
             }
+        };
+        match frame {
+            Frame::Snapshot { workers } => {
+                for ws in workers {
+                    for ns in &ws.state.namespaces {
+                        add(ws.state.worker, &ns.namespace, &ns.blocks);
+                    }
+                }
+            }
+            Frame::SnapshotBlocks {
+                worker,
+                namespace,
+                blocks,
+            } => add(worker, &namespace, &blocks),
             Frame::Event { worker, event, .. } => {
                 match event {
                     KvEvent::Stored {
