@@ -89,6 +89,31 @@ pub struct WorkerSnapshot {
     pub state: WorkerBlocks,
 }
 
+/// The runs of `blocks` that go in as one store: each block the child of the one before
+/// it, with the same tiers, at most `max_len` (at least 1) long. Index ranges, in order.
+pub fn chain_runs(
+    blocks: &[SnapshotBlock],
+    max_len: usize,
+) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if i >= blocks.len() {
+            return None;
+        }
+        let mut j = i + 1;
+        while j < blocks.len()
+            && j - i < max_len.max(1)
+            && blocks[j].parent == Some(blocks[j - 1].hash)
+            && blocks[j].tiers == blocks[i].tiers
+        {
+            j += 1;
+        }
+        let run = i..j;
+        i = j;
+        Some(run)
+    })
+}
+
 /// A worker's sequence number as of a snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerSeq {

@@ -872,26 +872,17 @@ impl Encoder {
             }
             for ns in &w.namespaces {
                 let blocks = &ns.blocks;
-                let mut i = 0;
-                while i < blocks.len() {
-                    let mut j = i + 1;
-                    while j < blocks.len()
-                        && j - i < chunk.max(1)
-                        && blocks[j].parent == Some(blocks[j - 1].hash)
-                        && blocks[j].tiers == blocks[i].tiers
-                    {
-                        j += 1;
-                    }
-                    let hashes: Vec<u64> = blocks[i..j].iter().map(|b| b.hash).collect();
+                for run in crate::events::chain_runs(blocks, chunk) {
+                    let first = blocks[run.start];
+                    let hashes: Vec<u64> = blocks[run].iter().map(|b| b.hash).collect();
                     for tier in Tier::ALL {
-                        if blocks[i].tiers & tier.bit() != 0 {
-                            let parent = blocks[i].parent;
+                        if first.tiers & tier.bit() != 0 {
+                            let parent = first.parent;
                             out.push_back(self.encode(&ns.namespace, false, |id| {
                                 RouterEvent::stored(worker, id, tier, parent, &hashes)
                             }));
                         }
                     }
-                    i = j;
                 }
             }
         }

@@ -707,24 +707,15 @@ impl RouterState {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let mut i = 0;
-        while i < blocks.len() {
-            // Chains of consecutive blocks with equal tiers go in as one store.
-            let mut j = i + 1;
-            while j < blocks.len()
-                && blocks[j].parent == Some(blocks[j - 1].hash)
-                && blocks[j].tiers == blocks[i].tiers
-            {
-                j += 1;
-            }
-            let hashes: Vec<u64> = blocks[i..j].iter().map(|b| b.hash).collect();
+        for run in crate::events::chain_runs(blocks, usize::MAX) {
+            let first = blocks[run.start];
+            let hashes: Vec<u64> = blocks[run].iter().map(|b| b.hash).collect();
             for tier in Tier::ALL {
-                if blocks[i].tiers & tier.bit() != 0 {
+                if first.tiers & tier.bit() != 0 {
                     self.index
-                        .store(namespace, worker, tier, blocks[i].parent, &hashes);
+                        .store(namespace, worker, tier, first.parent, &hashes);
                 }
             }
-            i = j;
         }
     }
 
