@@ -1652,6 +1652,65 @@ pub fn run(input: ReplayInput, args: EngineReplayArgs) -> CliResult {
 mod tests {
     use super::*;
 
+    /// The replay's reader of a daemon's event stream takes a chunked (protocol 2)
+    /// snapshot's blocks, and a protocol-1 snapshot's, for every engine of that daemon.
+    #[test]
+    fn the_daemon_stream_reader_takes_both_snapshot_forms() {
+        use kvplane_router::events::{
+            Frame, NamespaceBlocks, SnapshotBlock, WorkerBlocks, WorkerSeq, WorkerSnapshot,
+        };
+        use std::io::Write;
+        let block = |hash, parent| SnapshotBlock {
+            hash,
+            parent,
+            tiers: Tier::Host.bit(),
+        };
+        let worker = DAEMON_WORKER_BASE;
+        let frames = [
+            Frame::SnapshotBegin {
+                workers: vec![WorkerSeq { worker, seq: 0 }],
+            },
+            Frame::SnapshotBlocks {
+                worker,
+                namespace: NAMESPACE.into(),
+                blocks: vec![block(1, None), block(2, Some(1))],
+            },
+            Frame::SnapshotEnd,
+            Frame::Snapshot {
+                workers: vec![WorkerSnapshot {
+                    seq: 0,
+                    state: WorkerBlocks {
+                        worker,
+                        namespaces: vec![NamespaceBlocks {
+                            namespace: NAMESPACE.into(),
+                            blocks: vec![block(3, Some(2))],
+                        }],
+                    },
+                }],
+            },
+        ];
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (rx, _) = listener.accept().unwrap();
+        for f in &frames {
+            tx.write_all(&f.encode().unwrap()).unwrap();
+        }
+        drop(tx);
+        let index = Index::new(IndexConfig::default());
+        let applied = std::sync::atomic::AtomicU64::new(0);
+        read_daemon_stream(rx, &index, &[vec![0, 1]], &applied);
+        for engine in [0u64, 1] {
+            for hash in [1, 2, 3] {
+                assert!(
+                    index
+                        .with_tree(NAMESPACE, |t| t.holds(engine, hash, Some(Tier::Host)))
+                        .unwrap_or(false),
+                    "engine {engine} block {hash}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn percentiles_and_ceiling() {
         let s = summarize((1..=100).map(f64::from).collect());
