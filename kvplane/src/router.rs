@@ -166,7 +166,19 @@ pub fn run(args: RouterArgs) -> CliResult {
             "kvplane router: events on {}, HTTP on {} (Ctrl-C to stop)",
             svc.events_addr, svc.http_addr
         );
-        tokio::signal::ctrl_c().await?;
+        // SIGHUP: read the event port's TLS files again (a renewed certificate, a new
+        // revocation list) without dropping the index.
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => { r?; break; }
+                _ = hangup.recv() => match svc.reload_tls() {
+                    Ok(()) => tracing::info!("event port TLS files read again"),
+                    Err(err) => tracing::error!(%err, "event port TLS files not reloaded; the previous ones stay"),
+                },
+            }
+        }
         svc.shutdown();
         Ok(())
     })

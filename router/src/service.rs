@@ -1262,13 +1262,26 @@ impl RouterState {
 }
 
 /// A running router.
-#[derive(Debug)]
 pub struct RouterService {
     pub state: Arc<RouterState>,
     pub events_addr: SocketAddr,
     pub http_addr: SocketAddr,
     tasks: Vec<JoinHandle<()>>,
+    /// The event port's TLS acceptor, replaced by [`RouterService::reload_tls`].
+    tls: SharedAcceptor,
 }
+
+impl std::fmt::Debug for RouterService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterService")
+            .field("events_addr", &self.events_addr)
+            .field("http_addr", &self.http_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The event port's current TLS acceptor (`None`: plain TCP).
+type SharedAcceptor = Arc<std::sync::RwLock<Option<tokio_rustls::TlsAcceptor>>>;
 
 impl RouterService {
     /// Binds both listeners (port 0 picks a free port) and starts serving.
@@ -1279,6 +1292,7 @@ impl RouterService {
         } else {
             Some(config.events_tls.acceptor(&mut crate::tls::read_file)?)
         };
+        let tls: SharedAcceptor = Arc::new(std::sync::RwLock::new(tls));
         let events = TcpListener::bind(config.events_addr)
             .await
             .map_err(|source| ServiceError::Bind {
@@ -1298,7 +1312,7 @@ impl RouterService {
         let nats = config.nats.clone();
         let state = Arc::new(RouterState::new(config));
         let mut tasks = vec![
-            tokio::spawn(accept_events(events, state.clone(), tls)),
+            tokio::spawn(accept_events(events, state.clone(), tls.clone())),
             tokio::spawn(accept_http(http, state.clone())),
             tokio::spawn(reaper(state.clone())),
         ];
@@ -1310,7 +1324,21 @@ impl RouterService {
             events_addr,
             http_addr,
             tasks,
+            tls,
         })
+    }
+
+    /// Reads `[events_tls]`'s files again (a renewed certificate, a new revocation list)
+    /// for the connections accepted from now on; connections already up keep theirs. On
+    /// an error the files in use stay. TLS cannot be turned on or off this way.
+    pub fn reload_tls(&self) -> Result<(), crate::tls::TlsError> {
+        let config = &self.state.config.events_tls;
+        if config.is_empty() {
+            return Ok(());
+        }
+        let acceptor = config.acceptor(&mut crate::tls::read_file)?;
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = Some(acceptor);
+        Ok(())
     }
 
     pub fn shutdown(self) {
@@ -1330,11 +1358,7 @@ async fn reaper(state: Arc<RouterState>) {
     }
 }
 
-async fn accept_events(
-    listener: TcpListener,
-    state: Arc<RouterState>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) {
+async fn accept_events(listener: TcpListener, state: Arc<RouterState>, tls: SharedAcceptor) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -1370,7 +1394,7 @@ async fn accept_events(
         state.metrics.connections.fetch_add(1, Ordering::Relaxed);
         let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
         let st = state.clone();
-        let tls = tls.clone();
+        let tls = tls.read().unwrap_or_else(|e| e.into_inner()).clone();
         let task = tokio::spawn(async move {
             // The handshake and the Hello share one deadline: a peer holds a connection
             // place at most that long before it has shown anything.

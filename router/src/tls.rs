@@ -5,7 +5,8 @@
 //! holds, steering requests. With it, the router presents `cert_file` and accepts only
 //! peers whose client certificate chains to its `ca_file`; a daemon presents its own and
 //! accepts only a router whose certificate chains to the daemon's `ca_file` and names
-//! `server_name` (default: the router address's IP). Files are read once, at start-up.
+//! `server_name` (default: the router address's IP). Files are read at start-up (the
+//! router's again on SIGHUP, `RouterService::reload_tls`).
 //! Both ends speak TLS 1.3 only, without session resumption (a resumed session would skip
 //! the check of a certificate that has since expired or been revoked; these connections
 //! live for hours, so a full handshake each time costs nothing).
@@ -194,7 +195,7 @@ impl EventsTls {
             }
             // The client's own certificate is checked against the lists of its issuer;
             // one whose issuer has no list here passes (as with no `crl_file`). A list
-            // past its next update still applies (it is read at start-up only).
+            // past its next update still applies (a new one is read on SIGHUP).
             verifier = verifier
                 .with_crls(crls)
                 .only_check_end_entity_revocation()

@@ -590,6 +590,41 @@ async fn a_revoked_client_certificate_is_refused() {
     svc.shutdown();
 }
 
+/// `reload_tls` (the router's SIGHUP) reads the files again: a certificate taken off the
+/// revocation list gets in without a restart, and a broken file on reload leaves the
+/// files in use in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_files_reload_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("a");
+    let mut router_tls = ca.issue(dir.path(), "router", &["127.0.0.1"], &ca);
+    let revoked = ca.issue_numbered(dir.path(), "revoked", &["daemon-1"], &ca, 77);
+    let good = ca.issue_numbered(dir.path(), "good", &["daemon-2"], &ca, 78);
+    let crl = ca.revoke(dir.path(), &[77]);
+    router_tls.crl_file = Some(crl.clone());
+    let svc = RouterService::start(config(router_tls, 5_000))
+        .await
+        .unwrap();
+    let state = svc.state.clone();
+    let p = publisher(svc.events_addr, &revoked, 1);
+    eventually("refused while revoked", || refused(&state) >= 2).await;
+    assert!(!holds(&state, 1));
+    // A broken revocation list: the reload fails and the one in use stays.
+    std::fs::write(&crl, b"not a CRL").unwrap();
+    assert!(svc.reload_tls().is_err());
+    let before = refused(&state);
+    eventually("still refused", || refused(&state) >= before + 2).await;
+    let ok = publisher(svc.events_addr, &good, 2);
+    eventually("others still get in", || holds(&state, 2)).await;
+    // Taken off the list and reloaded: it gets in.
+    ca.revoke(dir.path(), &[]);
+    svc.reload_tls().unwrap();
+    eventually("in after the reload", || holds(&state, 1)).await;
+    p.shutdown();
+    ok.shutdown();
+    svc.shutdown();
+}
+
 #[tokio::test]
 async fn bad_files_stop_the_router_at_start_up_with_their_name() {
     let dir = tempfile::tempdir().unwrap();
