@@ -154,8 +154,14 @@ pub fn run(args: ServeArgs) -> ServeResult {
         None
     };
     let daemon = bound.start()?;
-    let nats_stats = events.as_ref().and_then(EventStream::nats_stats);
-    let control = crate::control::admin::start_for(&daemon, control, &device, nats_stats);
+    let links = crate::control::admin::EventLinks {
+        nats: events.as_ref().and_then(EventStream::nats_stats),
+        routers: events
+            .as_ref()
+            .map(EventStream::router_links)
+            .unwrap_or_default(),
+    };
+    let control = crate::control::admin::start_for(&daemon, control, &device, links);
     let sig = signals::wait_termination()?;
     tracing::info!(signal = sig, "shutting down: finishing in-flight batches");
     crate::control::admin::shutdown(daemon, control);

@@ -460,6 +460,15 @@ impl Publisher {
         }
     }
 
+    /// Every router and its link's counters, in `routers` order.
+    pub fn links(&self) -> Vec<(SocketAddr, Arc<LinkStats>)> {
+        self.shared
+            .links
+            .iter()
+            .map(|l| (l.addr, l.stats.clone()))
+            .collect()
+    }
+
     /// Counters of the link to `router`.
     pub fn link_stats(&self, router: SocketAddr) -> Option<Arc<LinkStats>> {
         self.shared

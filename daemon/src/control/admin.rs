@@ -89,8 +89,8 @@ struct State {
     /// while).
     device: DeviceStatus,
     samples: Mutex<VecDeque<Sample>>,
-    /// The NATS publisher's counters, when the daemon publishes to NATS.
-    nats: Option<Arc<NatsPublisherStats>>,
+    /// The NATS publisher's and the router links' counters.
+    events: EventLinks,
 }
 
 enum Listener {
@@ -191,7 +191,7 @@ impl BoundControl {
         self,
         shared: Arc<DaemonShared>,
         device: &DaemonDevice,
-        nats: Option<Arc<NatsPublisherStats>>,
+        events: EventLinks,
     ) -> Result<ControlServer, AdminError> {
         let BoundControl {
             runtime,
@@ -208,7 +208,7 @@ impl BoundControl {
             started: Instant::now(),
             device: DeviceStatus::of(device),
             samples: Mutex::new(VecDeque::new()),
-            nats,
+            events,
         });
         let (tx, rx) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new()
@@ -330,16 +330,24 @@ pub fn bind_for(config: &Config) -> Option<BoundControl> {
     bound
 }
 
+/// What the event stream shows in `/metrics`: the NATS publisher's counters, and each
+/// router link's.
+#[derive(Debug, Default)]
+pub struct EventLinks {
+    pub nats: Option<Arc<NatsPublisherStats>>,
+    pub routers: Vec<(std::net::SocketAddr, Arc<kvplane_router::events::LinkStats>)>,
+}
+
 /// Starts the control server for a running daemon on the listeners [`bind_for`] bound;
 /// it reports `device`, the one the daemon's data plane runs on.
 pub fn start_for(
     daemon: &crate::session::Daemon,
     bound: Option<BoundControl>,
     device: &DaemonDevice,
-    nats: Option<Arc<NatsPublisherStats>>,
+    events: EventLinks,
 ) -> Option<ControlServer> {
     let shared = Arc::clone(daemon.shared());
-    match bound?.start(shared, device, nats) {
+    match bound?.start(shared, device, events) {
         Ok(server) => Some(server),
         Err(e) => {
             tracing::error!(error = %e, "control server not started: no /metrics or /status");
@@ -638,7 +646,8 @@ fn render_metrics(state: &State, view: &View) -> String {
         namespace_names: &names,
         uptime_s: state.started.elapsed().as_secs_f64(),
         device: &state.device,
-        nats: state.nats.as_deref(),
+        nats: state.events.nats.as_deref(),
+        routers: &state.events.routers,
         view,
     })
 }

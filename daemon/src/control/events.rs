@@ -113,6 +113,13 @@ impl EventStream {
         })
     }
 
+    /// Each router of `events.routers` and its link's counters.
+    pub fn router_links(
+        &self,
+    ) -> Vec<(std::net::SocketAddr, Arc<kvplane_router::events::LinkStats>)> {
+        self.publisher.links()
+    }
+
     /// The NATS publisher's counters, when publishing to NATS.
     pub fn nats_stats(&self) -> Option<Arc<NatsPublisherStats>> {
         self.nats.as_ref().map(NatsPublisher::stats)

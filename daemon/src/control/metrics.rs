@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use kvplane_ffi::Opcode;
@@ -52,6 +53,8 @@ pub struct Scrape<'a> {
     pub device: &'a super::admin::DeviceStatus,
     /// The NATS publisher's counters (absent without `events.nats_url`).
     pub nats: Option<&'a kvplane_router::nats::NatsPublisherStats>,
+    /// Each router of `events.routers` and its link's counters.
+    pub routers: &'a [(std::net::SocketAddr, Arc<kvplane_router::events::LinkStats>)],
     /// Who asks: namespace-labelled series are rendered only for namespaces it may see
     /// (`sessions` is already filtered).
     pub view: &'a View,
@@ -317,6 +320,54 @@ pub fn render(s: &Scrape<'_>) -> String {
             "Block events dropped (full channel).",
         );
         o.sample("kvplane_events_dropped_total", &[], b.events_dropped);
+    }
+
+    if !s.routers.is_empty() {
+        type Get = fn(&kvplane_router::events::LinkStats) -> u64;
+        let families: [(&str, &str, &str, Get); 6] = [
+            (
+                "kvplane_router_link_connected",
+                "gauge",
+                "1 while the event connection to this router is up.",
+                |l| u64::from(l.connected.load(Ordering::Relaxed)),
+            ),
+            (
+                "kvplane_router_link_connects_total",
+                "counter",
+                "Event connections to this router established (TLS handshake included).",
+                |l| l.connects.load(Ordering::Relaxed),
+            ),
+            (
+                "kvplane_router_link_snapshots_total",
+                "counter",
+                "Full snapshots sent to this router (each (re)connect, each Resync or overflow).",
+                |l| l.snapshots_sent.load(Ordering::Relaxed),
+            ),
+            (
+                "kvplane_router_link_frames_sent_total",
+                "counter",
+                "Event frames sent to this router.",
+                |l| l.frames_sent.load(Ordering::Relaxed),
+            ),
+            (
+                "kvplane_router_link_frames_dropped_total",
+                "counter",
+                "Event frames dropped from this router's full queue (a snapshot follows).",
+                |l| l.frames_dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "kvplane_router_link_tls_failures_total",
+                "counter",
+                "TLS failures with this router: its certificate not trusted, or ours refused.",
+                |l| l.tls_failures.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, get) in families {
+            o.family(name, kind, help);
+            for (addr, link) in s.routers {
+                o.sample(name, &[("router", &addr.to_string())], get(link));
+            }
+        }
     }
 
     if let Some(n) = s.nats {
@@ -598,6 +649,12 @@ mod tests {
             sessions_active: 1,
             ..Default::default()
         };
+        let link = Arc::new(kvplane_router::events::LinkStats::default());
+        link.connected
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        link.tls_failures
+            .store(3, std::sync::atomic::Ordering::Relaxed);
+        let routers = [("10.0.0.5:7470".parse().unwrap(), link)];
         let text = render(&Scrape {
             blocks: None,
             metrics: &m,
@@ -607,10 +664,19 @@ mod tests {
             uptime_s: 1.0,
             device: &host_fallback(),
             nats: None,
+            routers: &routers,
             view: &View::All,
         });
         assert!(
             text.contains("kvplane_link_bytes_total{link=\"engine_to_host\"} 4096\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kvplane_router_link_connected{router=\"10.0.0.5:7470\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kvplane_router_link_tls_failures_total{router=\"10.0.0.5:7470\"} 3\n"),
             "{text}"
         );
         assert!(text.contains(
@@ -680,6 +746,7 @@ mod tests {
                 uptime_s: 1.0,
                 device: &host_fallback(),
                 nats: None,
+                routers: &[],
                 view,
             })
         };
