@@ -985,6 +985,7 @@ mod tests {
                 key_file: Some("/etc/kvplane/daemon.key".into()),
                 server_name: Some("router.example".into()),
                 crl_file: None,
+                bind_worker_ids: false,
             },
         };
         let auth = &mut full.events.nats_auth;

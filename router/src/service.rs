@@ -132,6 +132,9 @@ pub struct Metrics {
     /// Event connections whose TLS handshake failed or did not finish by the Hello's
     /// deadline (no certificate, another CA's, not TLS at all).
     pub tls_refused: AtomicU64,
+    /// Workers announced by a TLS connection whose certificate does not name them
+    /// (`bind_worker_ids`): ignored.
+    pub workers_not_in_certificate: AtomicU64,
     /// Frames naming a worker another live connection (or NATS) announced: ignored.
     pub frames_foreign_worker: AtomicU64,
     pub frames: AtomicU64,
@@ -237,7 +240,7 @@ pub struct RouterState {
     workers: Mutex<HashMap<WorkerId, WorkerInfo>>,
     conns: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
     /// The client certificate of each TLS event connection.
-    identities: Mutex<HashMap<u64, CertId>>,
+    identities: Mutex<HashMap<u64, Peer>>,
     /// Event connections before their Hello, per peer address ([`PendingPlace`]).
     pending: Mutex<HashMap<std::net::IpAddr, usize>>,
     next_conn: AtomicU64,
@@ -341,6 +344,13 @@ impl Drop for PendingPlace {
 
 /// A client certificate: the BLAKE3 hash of its DER bytes.
 type CertId = [u8; 32];
+
+/// A TLS event connection's client certificate, verified by the handshake.
+#[derive(Debug)]
+struct Peer {
+    id: CertId,
+    der: tokio_rustls::rustls::pki_types::CertificateDer<'static>,
+}
 
 /// The connection id of workers the NATS stream announced (event connections count
 /// from 1).
@@ -538,6 +548,23 @@ impl RouterState {
     /// (the owner may have been its own earlier connection, not yet seen closed).
     fn register(&self, worker: WorkerId, node: &str, source: &'static str, conn: u64) -> bool {
         let identity = self.identity(conn);
+        if self.config.events_tls.bind_worker_ids && !self.certificate_names(conn, worker) {
+            let n = self
+                .metrics
+                .workers_not_in_certificate
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    worker,
+                    conn,
+                    refused = n,
+                    name = crate::tls::worker_dns_name(worker),
+                    "worker not named in the connection's certificate; ignored"
+                );
+            }
+            return false;
+        }
         let mut workers = self.workers();
         if Claim::of_peer(workers.get(&worker), conn, identity) == Claim::Foreign {
             lock(&self.refused_claimants).insert(conn);
@@ -683,9 +710,17 @@ impl RouterState {
         Ok(())
     }
 
+    /// Whether TLS connection `conn`'s client certificate names `worker`
+    /// (`bind_worker_ids`); a connection without one names none.
+    fn certificate_names(&self, conn: u64, worker: WorkerId) -> bool {
+        lock(&self.identities)
+            .get(&conn)
+            .is_some_and(|p| crate::tls::certificate_names_worker(&p.der, worker))
+    }
+
     /// The client certificate of TLS connection `conn`.
     fn identity(&self, conn: u64) -> Option<CertId> {
-        lock(&self.identities).get(&conn).copied()
+        lock(&self.identities).get(&conn).map(|p| p.id)
     }
 
     /// Blocks of `worker` in `namespace`, part of the snapshot connection `conn` began;
@@ -1083,6 +1118,11 @@ impl RouterState {
             l(&m.tls_refused),
         );
         counter(
+            "workers_not_in_certificate_total",
+            "Workers announced over TLS whose certificate does not name them (ignored).",
+            l(&m.workers_not_in_certificate),
+        );
+        counter(
             "frames_foreign_worker_total",
             "Event frames naming a worker another live connection announced (ignored).",
             l(&m.frames_foreign_worker),
@@ -1411,8 +1451,11 @@ async fn accept_events(listener: TcpListener, state: Arc<RouterState>, tls: Shar
                             .peer_certificates()
                             .and_then(|c| c.first())
                         {
-                            let id = *blake3::hash(cert.as_ref()).as_bytes();
-                            lock(&st.identities).insert(conn, id);
+                            let peer = Peer {
+                                id: *blake3::hash(cert.as_ref()).as_bytes(),
+                                der: cert.clone().into_owned(),
+                            };
+                            lock(&st.identities).insert(conn, peer);
                         }
                         event_connection(&st, stream, conn, (hello_by, pending)).await
                     }

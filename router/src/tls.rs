@@ -37,6 +37,11 @@ pub struct EventsTls {
     /// A daemon's only: the name the router's certificate must carry (a DNS name or an
     /// IP address). Unset: the IP address of each router in `routers`.
     pub server_name: Option<String>,
+    /// The router's only: a worker id a connection announces must be named in its client
+    /// certificate, as the DNS name [`worker_dns_name`] (`worker-<id in hex>.workers.kvplane`;
+    /// `*.workers.kvplane` names them all). Without it, any certificate of the CA may announce
+    /// any new worker id.
+    pub bind_worker_ids: bool,
     /// The router's only: PEM certificate revocation lists of `ca_file`'s CAs; a client
     /// certificate its issuer's list names is refused (intermediates are not checked; a
     /// certificate whose issuer has no list here passes).
@@ -103,6 +108,7 @@ impl EventsTls {
             && self.key_file.is_none()
             && self.server_name.is_none()
             && self.crl_file.is_none()
+            && !self.bind_worker_ids
     }
 
     /// All three files together; `server_name` a valid name, and a daemon's only.
@@ -127,6 +133,12 @@ impl EventsTls {
             return Err(invalid(
                 "server_name",
                 "a daemon's setting (the name it expects in the router's certificate)",
+            ));
+        }
+        if self.bind_worker_ids && side == Side::Daemon {
+            return Err(invalid(
+                "bind_worker_ids",
+                "a router's setting (it checks the names in daemons' certificates)",
             ));
         }
         if self.crl_file.is_some() && side == Side::Daemon {
@@ -271,6 +283,23 @@ impl Pem {
     }
 }
 
+/// The DNS name a client certificate carries to announce `worker` under
+/// `bind_worker_ids`.
+pub fn worker_dns_name(worker: crate::WorkerId) -> String {
+    format!("worker-{worker:x}.workers.kvplane")
+}
+
+/// Whether the client certificate `der` (verified by the handshake) names `worker`.
+pub fn certificate_names_worker(der: &CertificateDer<'_>, worker: crate::WorkerId) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(der) else {
+        return false;
+    };
+    let Ok(name) = ServerName::try_from(worker_dns_name(worker)) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
 /// Every certificate of a PEM file; at least one.
 pub(crate) fn pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_slice_iter(pem)
@@ -335,6 +364,7 @@ mod tests {
             key_file: Some("/k/c.key".into()),
             server_name: None,
             crl_file: None,
+            bind_worker_ids: false,
         }
     }
 
@@ -373,6 +403,17 @@ mod tests {
         t.crl_file = Some("/k/crl.pem".into());
         assert!(t.validate(Side::Router).is_ok());
         assert_eq!(what(t.validate(Side::Daemon)), "crl_file");
+        let t = EventsTls {
+            bind_worker_ids: true,
+            ..EventsTls::default()
+        };
+        assert_eq!(what(t.validate(Side::Router)), "ca_file", "needs the files");
+        let t = EventsTls {
+            bind_worker_ids: true,
+            ..all()
+        };
+        assert!(t.validate(Side::Router).is_ok());
+        assert_eq!(what(t.validate(Side::Daemon)), "bind_worker_ids");
     }
 
     #[test]

@@ -70,6 +70,7 @@ impl Ca {
             key_file: Some(key_file),
             server_name: None,
             crl_file: None,
+            bind_worker_ids: false,
         }
     }
 }
@@ -622,6 +623,52 @@ async fn the_tls_files_reload_in_place() {
     eventually("in after the reload", || holds(&state, 1)).await;
     p.shutdown();
     ok.shutdown();
+    svc.shutdown();
+}
+
+/// With `bind_worker_ids`, a connection announces only the workers its certificate
+/// names (`worker-<hex>.workers.kvplane`, or all under `*.workers.kvplane`); others are ignored and
+/// counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bound_worker_ids_must_be_named_in_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("a");
+    let mut router_tls = ca.issue(dir.path(), "router", &["127.0.0.1"], &ca);
+    router_tls.bind_worker_ids = true;
+    let one = ca.issue(dir.path(), "one", &["worker-1.workers.kvplane"], &ca);
+    let all = ca.issue(dir.path(), "all", &["*.workers.kvplane"], &ca);
+    let svc = RouterService::start(config(router_tls, 5_000))
+        .await
+        .unwrap();
+    let state = svc.state.clone();
+    let not_named = || {
+        state
+            .metrics
+            .workers_not_in_certificate
+            .load(Ordering::Relaxed)
+    };
+    let named = publisher(svc.events_addr, &one, 1);
+    eventually("the named worker", || holds(&state, 1)).await;
+    let other = publisher(svc.events_addr, &one, 2);
+    eventually("a worker the certificate does not name, refused", || {
+        not_named() >= 1
+    })
+    .await;
+    assert!(!holds(&state, 2));
+    assert!(state.worker_list().iter().all(|w| w.worker != 2));
+    let wildcard = publisher(svc.events_addr, &all, 0x2a);
+    eventually("every worker under *.workers.kvplane", || {
+        holds(&state, 0x2a)
+    })
+    .await;
+    assert!(
+        state
+            .render_metrics()
+            .contains("kvplane_router_workers_not_in_certificate_total")
+    );
+    for p in [named, other, wildcard] {
+        p.shutdown();
+    }
     svc.shutdown();
 }
 
