@@ -548,41 +548,28 @@ impl RouterState {
     /// (the owner may have been its own earlier connection, not yet seen closed).
     fn register(&self, worker: WorkerId, node: &str, source: &'static str, conn: u64) -> bool {
         let identity = self.identity(conn);
-        if self.config.events_tls.bind_worker_ids && !self.certificate_names(conn, worker) {
-            let n = self
-                .metrics
-                .workers_not_in_certificate
-                .fetch_add(1, Ordering::Relaxed)
-                + 1;
+        // Counted; logged at powers of two (a peer may repeat a refused claim forever).
+        let refuse = |counter: &AtomicU64, why: &str| {
+            let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
-                tracing::warn!(
-                    worker,
-                    conn,
-                    refused = n,
-                    name = crate::tls::worker_dns_name(worker),
-                    "worker not named in the connection's certificate; ignored"
-                );
+                tracing::warn!(worker, conn, refused = n, "{why}; ignored");
             }
-            return false;
+            false
+        };
+        if self.config.events_tls.bind_worker_ids && !self.certificate_names(conn, worker) {
+            return refuse(
+                &self.metrics.workers_not_in_certificate,
+                "worker not named in the connection's certificate",
+            );
         }
         let mut workers = self.workers();
         if Claim::of_peer(workers.get(&worker), conn, identity) == Claim::Foreign {
             lock(&self.refused_claimants).insert(conn);
-            let n = self
-                .metrics
-                .frames_foreign_worker
-                .fetch_add(1, Ordering::Relaxed)
-                + 1;
-            if n.is_power_of_two() {
-                tracing::warn!(
-                    worker,
-                    conn,
-                    refused = n,
-                    "worker announced by another live connection (or, over TLS, another \
-                     certificate's in its grace period); ignored"
-                );
-            }
-            return false;
+            return refuse(
+                &self.metrics.frames_foreign_worker,
+                "worker announced by another live connection (or, over TLS, another \
+                 certificate's in its grace period)",
+            );
         }
         let e = workers.entry(worker).or_insert_with(|| WorkerInfo {
             worker,
