@@ -1091,6 +1091,10 @@ mod tests {
                 "events.tls.server_name",
             ),
             (
+                "[events]\nrouters = [\"127.0.0.1:7470\", \"127.0.0.1:7470\"]",
+                "events.routers[1]",
+            ),
+            (
                 "[events.tls]\nca_file = \"/a\"\ncert_file = \"/b\"\nkey_file = \"/c\"",
                 "`events.tls`: set without events.routers",
             ),

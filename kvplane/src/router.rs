@@ -149,6 +149,15 @@ pub fn run(args: RouterArgs) -> CliResult {
         .build()
         .map_err(RouterCliError::Runtime)?;
     rt.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Before the ports open: a SIGHUP sent as soon as they do (a certificate renewer
+        // watching the port) must not kill the router. SIGHUP reads the event port's TLS
+        // files again (a renewed certificate, a new revocation list) without dropping
+        // the index; SIGINT or SIGTERM stops the router.
+        let mut hangup = signal(SignalKind::hangup())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let tls_on = !cfg.events_tls.is_empty();
         if cfg.events_tls.is_empty() && !cfg.events_addr.ip().is_loopback() {
             tracing::warn!(
                 events = %cfg.events_addr,
@@ -166,17 +175,20 @@ pub fn run(args: RouterArgs) -> CliResult {
             "kvplane router: events on {}, HTTP on {} (Ctrl-C to stop)",
             svc.events_addr, svc.http_addr
         );
-        // SIGHUP: read the event port's TLS files again (a renewed certificate, a new
-        // revocation list) without dropping the index.
-        let mut hangup =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         loop {
             tokio::select! {
-                r = tokio::signal::ctrl_c() => { r?; break; }
-                _ = hangup.recv() => match svc.reload_tls() {
-                    Ok(()) => tracing::info!("event port TLS files read again"),
-                    Err(err) => tracing::error!(%err, "event port TLS files not reloaded; the previous ones stay"),
-                },
+                _ = interrupt.recv() => break,
+                _ = terminate.recv() => break,
+                got = hangup.recv() => {
+                    if got.is_none() {
+                        break;
+                    }
+                    match svc.reload_tls() {
+                        Ok(()) if tls_on => tracing::info!("event port TLS files read again"),
+                        Ok(()) => tracing::info!("SIGHUP: the event port has no TLS files to read"),
+                        Err(err) => tracing::error!(%err, "event port TLS files not reloaded; the previous ones stay"),
+                    }
+                }
             }
         }
         svc.shutdown();

@@ -557,9 +557,10 @@ impl RouterState {
             false
         };
         if self.config.events_tls.bind_worker_ids && !self.certificate_names(conn, worker) {
+            let name = crate::tls::worker_dns_name(worker);
             return refuse(
                 &self.metrics.workers_not_in_certificate,
-                "worker not named in the connection's certificate",
+                &format!("worker not named in the connection's certificate (as {name})"),
             );
         }
         let mut workers = self.workers();
@@ -606,7 +607,22 @@ impl RouterState {
 
     /// Whether connection `conn` announced `worker` (its events and loads are applied).
     fn owns(&self, worker: WorkerId, conn: u64) -> Claim {
-        let claim = Claim::of(self.workers().get(&worker), conn);
+        let (claim, known) = {
+            let workers = self.workers();
+            let entry = workers.get(&worker);
+            (Claim::of(entry, conn), entry.is_some())
+        };
+        // A worker this connection's certificate does not name is never its: its events
+        // must not ask for a snapshot that would be refused again, every second.
+        let claim = if claim == Claim::Owned
+            && !known
+            && self.config.events_tls.bind_worker_ids
+            && !self.certificate_names(conn, worker)
+        {
+            Claim::Foreign
+        } else {
+            claim
+        };
         if claim != Claim::Owned {
             self.metrics
                 .frames_foreign_worker
@@ -1494,7 +1510,10 @@ enum ConnError {
     FrameMemory { len: usize },
     #[error("a frame of {len} bytes arrived slower than the minimum rate")]
     SlowFrame { len: usize },
-    #[error("worker {0} belongs to another live connection")]
+    #[error(
+        "worker {0} refused: another live connection's, or not named in this connection's \
+         certificate"
+    )]
     ForeignWorker(WorkerId),
     #[error("TLS handshake: {0}")]
     Tls(std::io::Error),

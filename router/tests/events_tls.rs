@@ -635,7 +635,9 @@ async fn bound_worker_ids_must_be_named_in_the_certificate() {
     let ca = Ca::new("a");
     let mut router_tls = ca.issue(dir.path(), "router", &["127.0.0.1"], &ca);
     router_tls.bind_worker_ids = true;
-    let one = ca.issue(dir.path(), "one", &["worker-1.workers.kvplane"], &ca);
+    // Worker 42 = 0x2a: named in hex, so a decimal name would not match.
+    let named_cert = ca.issue(dir.path(), "named", &["worker-2a.workers.kvplane"], &ca);
+    let decimal = ca.issue(dir.path(), "decimal", &["worker-42.workers.kvplane"], &ca);
     let all = ca.issue(dir.path(), "all", &["*.workers.kvplane"], &ca);
     let svc = RouterService::start(config(router_tls, 5_000))
         .await
@@ -647,28 +649,46 @@ async fn bound_worker_ids_must_be_named_in_the_certificate() {
             .workers_not_in_certificate
             .load(Ordering::Relaxed)
     };
-    let named = publisher(svc.events_addr, &one, 1);
-    eventually("the named worker", || holds(&state, 1)).await;
-    let other = publisher(svc.events_addr, &one, 2);
-    eventually("a worker the certificate does not name, refused", || {
-        not_named() >= 1
+    let named = publisher(svc.events_addr, &named_cert, 42);
+    eventually("the named worker", || holds(&state, 42)).await;
+    named.shutdown();
+    eventually("its connection gone", || {
+        state.worker_list().iter().all(|w| !w.connected)
     })
     .await;
+    // The same id under a decimal name is not named (and the worker is not its to take).
+    let wrong = publisher(svc.events_addr, &decimal, 42);
+    eventually("a decimal name refused", || not_named() >= 1).await;
+    wrong.shutdown();
+    // Another worker, refused, keeps publishing events: they are ignored, and do not ask
+    // for snapshot after snapshot (each refused again).
+    let other = publisher(svc.events_addr, &named_cert, 2);
+    let link = other.link_stats(svc.events_addr).unwrap();
+    eventually("connected", || link.connects.load(Ordering::Relaxed) >= 1).await;
+    for i in 0..30u64 {
+        other.stored(2, "ns", &[(100 + i, None)], Tier::Hbm);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(!holds(&state, 2));
     assert!(state.worker_list().iter().all(|w| w.worker != 2));
-    let wildcard = publisher(svc.events_addr, &all, 0x2a);
-    eventually("every worker under *.workers.kvplane", || {
-        holds(&state, 0x2a)
-    })
-    .await;
+    assert_eq!(
+        state.metrics.resyncs_requested.load(Ordering::Relaxed),
+        0,
+        "events of a refused worker asked for snapshots"
+    );
+    assert!(
+        link.snapshots_sent.load(Ordering::Relaxed) <= 1,
+        "snapshots were sent again for a refused worker"
+    );
+    let wildcard = publisher(svc.events_addr, &all, 7);
+    eventually("every worker under *.workers.kvplane", || holds(&state, 7)).await;
     assert!(
         state
             .render_metrics()
             .contains("kvplane_router_workers_not_in_certificate_total")
     );
-    for p in [named, other, wildcard] {
-        p.shutdown();
-    }
+    other.shutdown();
+    wildcard.shutdown();
     svc.shutdown();
 }
 

@@ -86,11 +86,18 @@ fn tls_config_error(e: &TlsError) -> ConfigError {
 
 impl EventsConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
         for (i, r) in self.routers.iter().enumerate() {
-            if r.parse::<SocketAddr>().is_err() {
+            let Ok(addr) = r.parse::<SocketAddr>() else {
                 return Err(ConfigError::Invalid {
                     key: format!("events.routers[{i}]"),
                     reason: format!("`{r}` is not an address like 127.0.0.1:7070"),
+                });
+            };
+            if !seen.insert(addr) {
+                return Err(ConfigError::Invalid {
+                    key: format!("events.routers[{i}]"),
+                    reason: format!("`{r}` is listed twice"),
                 });
             }
         }
