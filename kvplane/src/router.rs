@@ -184,8 +184,8 @@ pub fn run(args: RouterArgs) -> CliResult {
                         break;
                     }
                     match svc.reload_tls() {
-                        Ok(()) if tls_on => tracing::info!("event port TLS files read again"),
-                        Ok(()) => tracing::info!("SIGHUP: the event port has no TLS files to read"),
+                        Ok(ended) if tls_on => tracing::info!(ended, "event port TLS files read again; connections they no longer admit ended"),
+                        Ok(_) => tracing::info!("SIGHUP: the event port has no TLS files to read"),
                         Err(err) => tracing::error!(%err, "event port TLS files not reloaded; the previous ones stay"),
                     }
                 }

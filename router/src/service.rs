@@ -349,7 +349,8 @@ type CertId = [u8; 32];
 #[derive(Debug)]
 struct Peer {
     id: CertId,
-    der: tokio_rustls::rustls::pki_types::CertificateDer<'static>,
+    /// Its certificate chain as sent, its own first.
+    chain: Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// The connection id of workers the NATS stream announced (event connections count
@@ -716,9 +717,11 @@ impl RouterState {
     /// Whether TLS connection `conn`'s client certificate names `worker`
     /// (`bind_worker_ids`); a connection without one names none.
     fn certificate_names(&self, conn: u64, worker: WorkerId) -> bool {
-        lock(&self.identities)
-            .get(&conn)
-            .is_some_and(|p| crate::tls::certificate_names_worker(&p.der, worker))
+        lock(&self.identities).get(&conn).is_some_and(|p| {
+            p.chain
+                .first()
+                .is_some_and(|c| crate::tls::certificate_names_worker(c, worker))
+        })
     }
 
     /// The client certificate of TLS connection `conn`.
@@ -1333,7 +1336,12 @@ impl RouterService {
         let tls = if config.events_tls.is_empty() {
             None
         } else {
-            Some(config.events_tls.acceptor(&mut crate::tls::read_file)?)
+            Some(
+                config
+                    .events_tls
+                    .acceptor(&mut crate::tls::read_file)?
+                    .acceptor,
+            )
         };
         let tls: SharedAcceptor = Arc::new(std::sync::RwLock::new(tls));
         let events = TcpListener::bind(config.events_addr)
@@ -1372,16 +1380,28 @@ impl RouterService {
     }
 
     /// Reads `[events_tls]`'s files again (a renewed certificate, a new revocation list)
-    /// for the connections accepted from now on; connections already up keep theirs. On
-    /// an error the files in use stay. TLS cannot be turned on or off this way.
-    pub fn reload_tls(&self) -> Result<(), crate::tls::TlsError> {
+    /// for the connections accepted from now on, and ends each connection already up
+    /// whose certificate they no longer admit (revoked, expired, another CA); returns how
+    /// many. On an error the files in use stay. TLS cannot be turned on or off this way.
+    pub fn reload_tls(&self) -> Result<usize, crate::tls::TlsError> {
         let config = &self.state.config.events_tls;
         if config.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
-        let acceptor = config.acceptor(&mut crate::tls::read_file)?;
-        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = Some(acceptor);
-        Ok(())
+        let server = config.acceptor(&mut crate::tls::read_file)?;
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = Some(server.acceptor.clone());
+        let refused: Vec<u64> = lock(&self.state.identities)
+            .iter()
+            .filter(|(_, p)| !server.admits(&p.chain))
+            .map(|(&conn, _)| conn)
+            .collect();
+        let conns = lock(&self.state.conns);
+        for conn in &refused {
+            if let Some(task) = conns.get(conn) {
+                task.abort();
+            }
+        }
+        Ok(refused.len())
     }
 
     pub fn shutdown(self) {
@@ -1448,15 +1468,11 @@ async fn accept_events(listener: TcpListener, state: Arc<RouterState>, tls: Shar
                 Some(tls) => match tokio::time::timeout_at(hello_by, tls.accept(stream)).await {
                     Ok(Ok(stream)) => {
                         // Verified by the handshake: the chain's first is the client's own.
-                        if let Some(cert) = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|c| c.first())
-                        {
+                        let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
+                        if let Some(cert) = chain.first() {
                             let peer = Peer {
                                 id: *blake3::hash(cert.as_ref()).as_bytes(),
-                                der: cert.clone().into_owned(),
+                                chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
                             };
                             lock(&st.identities).insert(conn, peer);
                         }

@@ -75,6 +75,27 @@ fn invalid(what: &'static str, reason: impl std::fmt::Display) -> TlsError {
     }
 }
 
+/// The router's side, loaded: the acceptor, and its client verifier to check the
+/// certificates of connections already up against files read again.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl ServerTls {
+    /// Whether a client's certificate chain (its own first) passes this configuration
+    /// now: its CA, its issuer's revocation list, its validity period.
+    pub fn admits(&self, chain: &[CertificateDer<'_>]) -> bool {
+        let Some((end_entity, intermediates)) = chain.split_first() else {
+            return false;
+        };
+        self.verifier
+            .verify_client_cert(end_entity, intermediates, pki_types::UnixTime::now())
+            .is_ok()
+    }
+}
+
 /// A daemon's side, loaded: what each connection to a router needs.
 #[derive(Clone)]
 pub struct ClientTls {
@@ -191,7 +212,7 @@ impl EventsTls {
     pub fn acceptor(
         &self,
         read: &mut dyn FnMut(&Path, AuthFile) -> std::io::Result<Vec<u8>>,
-    ) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    ) -> Result<ServerTls, TlsError> {
         self.validate(Side::Router)?;
         let pem = self.read(read)?;
         let provider = provider();
@@ -217,12 +238,15 @@ impl EventsTls {
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| invalid("protocol versions", e))?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(verifier.clone())
             .with_single_cert(pem.chain()?, pem.key()?)
             .map_err(|e| invalid("cert_file", e))?;
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
-        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+        Ok(ServerTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            verifier,
+        })
     }
 
     /// A daemon's connector: the router's certificate chained to `ca_file`, this side's

@@ -592,8 +592,8 @@ async fn a_revoked_client_certificate_is_refused() {
 }
 
 /// `reload_tls` (the router's SIGHUP) reads the files again: a certificate taken off the
-/// revocation list gets in without a restart, and a broken file on reload leaves the
-/// files in use in place.
+/// revocation list gets in without a restart, one revoked while connected is cut off,
+/// and a broken file on reload leaves the files in use in place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tls_files_reload_in_place() {
     let dir = tempfile::tempdir().unwrap();
@@ -619,8 +619,21 @@ async fn the_tls_files_reload_in_place() {
     eventually("others still get in", || holds(&state, 2)).await;
     // Taken off the list and reloaded: it gets in.
     ca.revoke(dir.path(), &[]);
-    svc.reload_tls().unwrap();
+    assert_eq!(svc.reload_tls().unwrap(), 0, "no connection up was refused");
     eventually("in after the reload", || holds(&state, 1)).await;
+    // The other revoked while connected: the reload ends its connection, and it stays out.
+    ca.revoke(dir.path(), &[78]);
+    assert_eq!(svc.reload_tls().unwrap(), 1, "the revoked connection ended");
+    let connected = |w: u64| {
+        state
+            .worker_list()
+            .iter()
+            .any(|x| x.worker == w && x.connected)
+    };
+    eventually("the revoked daemon disconnected", || !connected(2)).await;
+    let before = refused(&state);
+    eventually("its reconnects refused", || refused(&state) >= before + 2).await;
+    assert!(!connected(2) && connected(1));
     p.shutdown();
     ok.shutdown();
     svc.shutdown();
