@@ -196,10 +196,11 @@ impl EventsTls {
                 source,
             })
         };
-        let crl = match &self.crl_file {
-            Some(_) => Some(file("crl_file", &self.crl_file, AuthFile::Public)?),
-            None => None,
-        };
+        let crl = self
+            .crl_file
+            .is_some()
+            .then(|| file("crl_file", &self.crl_file, AuthFile::Public))
+            .transpose()?;
         Ok(Pem {
             ca: file("ca_file", &self.ca_file, AuthFile::Public)?,
             cert: file("cert_file", &self.cert_file, AuthFile::Public)?,

@@ -1290,19 +1290,16 @@ async fn a_snapshot_cut_short_leaves_its_workers_waiting_for_the_next() {
     let begin = |seq| Frame::SnapshotBegin {
         workers: vec![WorkerSeq { worker: 9, seq }],
     };
+    // Worker 9's event `seq`, storing block `hash` after `hash - 1`.
+    let event = |seq, hash: u64| Frame::Event {
+        worker: 9,
+        seq,
+        event: stored(vec![hash], Some(hash - 1)),
+    };
     write_frame(&mut s, &begin(5)).await.unwrap();
     write_frame(&mut s, &part(9, &[1, 2])).await.unwrap();
     write_frame(&mut s, &part(10, &[7])).await.unwrap();
-    write_frame(
-        &mut s,
-        &Frame::Event {
-            worker: 9,
-            seq: 6,
-            event: stored(vec![3], Some(2)),
-        },
-    )
-    .await
-    .unwrap();
+    write_frame(&mut s, &event(6, 3)).await.unwrap();
     eventually("the blocks sent so far", || holds(2)).await;
     eventually("the frames read", || {
         state.metrics.frames.load(Relaxed) >= 5
@@ -1328,16 +1325,7 @@ async fn a_snapshot_cut_short_leaves_its_workers_waiting_for_the_next() {
     write_frame(&mut s, &begin(6)).await.unwrap();
     write_frame(&mut s, &part(9, &[1, 2, 3])).await.unwrap();
     write_frame(&mut s, &Frame::SnapshotEnd).await.unwrap();
-    write_frame(
-        &mut s,
-        &Frame::Event {
-            worker: 9,
-            seq: 7,
-            event: stored(vec![4], Some(3)),
-        },
-    )
-    .await
-    .unwrap();
+    write_frame(&mut s, &event(7, 4)).await.unwrap();
     eventually("current again, and the next event applied", || holds(4)).await;
     let w = state
         .worker_list()
